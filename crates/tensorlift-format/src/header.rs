@@ -1,0 +1,233 @@
+//! Parsing and validation of one safetensors header.
+//!
+//! A safetensors file is `[u64 little-endian N][N bytes of JSON header][data]`. The parser
+//! here looks at those first `8 + N` bytes only: the caller reads them (see
+//! [`header_len`] to learn `N` from the first 8) and passes the file's length, which the
+//! validation needs to check that the data ends exactly at the end of the file.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+
+use safetensors::Dtype;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::FormatError;
+
+/// Bytes of the little-endian header-length prefix.
+pub const HEADER_PREFIX_LEN: u64 = 8;
+/// Largest header the format allows (the reference reader's cap).
+pub const MAX_HEADER_LEN: u64 = 100_000_000;
+
+/// One tensor as its header describes it, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
+    /// The tensor's name, unique within its file.
+    pub name: String,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Dimensions, row-major. Empty for a scalar.
+    pub shape: Vec<usize>,
+    /// `[begin, end)` relative to the start of the data section.
+    pub data_offsets: (u64, u64),
+}
+
+impl TensorInfo {
+    /// Number of bytes of data.
+    pub fn len(&self) -> u64 {
+        self.data_offsets.1 - self.data_offsets.0
+    }
+
+    /// Whether the tensor holds no bytes (a dimension of 0).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Number of elements (1 for a scalar). Cannot overflow: validation checked it.
+    pub fn num_elements(&self) -> u64 {
+        self.shape.iter().map(|&d| d as u64).product()
+    }
+}
+
+/// A validated header: the tensors sorted by data offset, and the free-form metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// `N`, the length of the JSON text.
+    pub header_len: u64,
+    /// `__metadata__`, if present.
+    pub metadata: Option<BTreeMap<String, String>>,
+    /// Tensors in file order (ascending data offset).
+    pub tensors: Vec<TensorInfo>,
+}
+
+impl Header {
+    /// File offset where the data section begins (`8 + N`).
+    pub fn data_start(&self) -> u64 {
+        HEADER_PREFIX_LEN + self.header_len
+    }
+
+    /// Length of the data section.
+    pub fn data_len(&self) -> u64 {
+        self.tensors.last().map_or(0, |t| t.data_offsets.1)
+    }
+}
+
+/// Reads `N` from the first 8 bytes of a file of `file_len` bytes, and checks it against
+/// the cap and the file's length, so the caller knows how many more bytes to read.
+pub fn header_len(file: &Path, prefix: &[u8], file_len: u64) -> Result<u64, FormatError> {
+    let Some(first8) = prefix.get(..HEADER_PREFIX_LEN as usize) else {
+        return Err(FormatError::HeaderTooSmall { file: file.to_path_buf(), len: prefix.len() as u64 });
+    };
+    if file_len < HEADER_PREFIX_LEN {
+        return Err(FormatError::HeaderTooSmall { file: file.to_path_buf(), len: file_len });
+    }
+    let mut arr = [0u8; 8];
+    arr.copy_from_slice(first8);
+    let n = u64::from_le_bytes(arr);
+    if n > MAX_HEADER_LEN {
+        return Err(FormatError::HeaderTooLarge { file: file.to_path_buf(), header_len: n });
+    }
+    // n <= 1e8, so the sum cannot overflow.
+    if HEADER_PREFIX_LEN + n > file_len {
+        return Err(FormatError::HeaderIncomplete { file: file.to_path_buf(), header_len: n, available: file_len });
+    }
+    Ok(n)
+}
+
+/// Parses and validates the header of a file of `file_len` bytes whose first bytes are
+/// `bytes` (at least `8 + N` of them; more are ignored).
+pub fn parse_header(file: &Path, bytes: &[u8], file_len: u64) -> Result<Header, FormatError> {
+    let n = header_len(file, bytes, file_len)?;
+    let end = (HEADER_PREFIX_LEN + n) as usize;
+    let Some(json) = bytes.get(HEADER_PREFIX_LEN as usize..end) else {
+        return Err(FormatError::HeaderIncomplete {
+            file: file.to_path_buf(),
+            header_len: n,
+            available: bytes.len() as u64,
+        });
+    };
+    let text = std::str::from_utf8(json)
+        .map_err(|e| FormatError::HeaderNotUtf8 { file: file.to_path_buf(), valid_up_to: e.valid_up_to() })?;
+    let entries = parse_entries(text)
+        .map_err(|e| FormatError::HeaderJson { file: file.to_path_buf(), message: e.to_string() })?;
+
+    let mut metadata = None;
+    let mut tensors = Vec::with_capacity(entries.0.len());
+    let mut seen = std::collections::HashSet::with_capacity(entries.0.len());
+    for (name, raw) in &entries.0 {
+        let name: &str = name;
+        if !seen.insert(name) {
+            return Err(FormatError::DuplicateTensor { file: file.to_path_buf(), tensor: name.to_owned() });
+        }
+        if name == "__metadata__" {
+            let map: BTreeMap<String, String> = serde_json::from_str(raw.get())
+                .map_err(|e| FormatError::InvalidMetadata { file: file.to_path_buf(), message: e.to_string() })?;
+            metadata = Some(map);
+        } else {
+            tensors.push(parse_tensor(file, name, raw)?);
+        }
+    }
+
+    // Writers order by offset, but the format does not require it (nor does the reference).
+    tensors.sort_by_key(|t| t.data_offsets);
+    let mut expected_begin = 0u64;
+    for t in &tensors {
+        let (begin, end) = t.data_offsets;
+        if begin != expected_begin || end < begin {
+            return Err(FormatError::InvalidOffsets {
+                file: file.to_path_buf(),
+                tensor: t.name.clone(),
+                begin,
+                end,
+                expected_begin,
+            });
+        }
+        let expected = byte_size(file, t)?;
+        if end - begin != expected {
+            return Err(FormatError::SizeMismatch {
+                file: file.to_path_buf(),
+                tensor: t.name.clone(),
+                begin,
+                end,
+                expected,
+            });
+        }
+        expected_begin = end;
+    }
+
+    let header = Header { header_len: n, metadata, tensors };
+    let data_len = header.data_len();
+    if header.data_start().checked_add(data_len) != Some(file_len) {
+        return Err(FormatError::DataLengthMismatch { file: file.to_path_buf(), header_len: n, data_len, file_len });
+    }
+    Ok(header)
+}
+
+/// Bytes that `shape` elements of `dtype` take, with checked arithmetic.
+fn byte_size(file: &Path, t: &TensorInfo) -> Result<u64, FormatError> {
+    let overflow = || FormatError::SizeOverflow { file: file.to_path_buf(), tensor: t.name.clone() };
+    let elements = t.shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d as u64)).ok_or_else(overflow)?;
+    let bits = elements.checked_mul(t.dtype.bitsize() as u64).ok_or_else(overflow)?;
+    if bits % 8 != 0 {
+        return Err(FormatError::PartialByte { file: file.to_path_buf(), tensor: t.name.clone(), bits });
+    }
+    Ok(bits / 8)
+}
+
+#[derive(Deserialize)]
+struct RawTensor {
+    dtype: String,
+    shape: Vec<usize>,
+    data_offsets: (u64, u64),
+}
+
+fn parse_tensor(file: &Path, name: &str, raw: &RawValue) -> Result<TensorInfo, FormatError> {
+    let t: RawTensor = serde_json::from_str(raw.get()).map_err(|e| FormatError::InvalidTensorEntry {
+        file: file.to_path_buf(),
+        tensor: name.to_owned(),
+        message: e.to_string(),
+    })?;
+    let dtype = parse_dtype(&t.dtype).ok_or_else(|| FormatError::UnknownDtype {
+        file: file.to_path_buf(),
+        tensor: name.to_owned(),
+        dtype: t.dtype.clone(),
+    })?;
+    Ok(TensorInfo { name: name.to_owned(), dtype, shape: t.shape, data_offsets: t.data_offsets })
+}
+
+/// The dtype for a header's dtype string, by the reference crate's own names.
+pub fn parse_dtype(s: &str) -> Option<Dtype> {
+    Dtype::deserialize(de::value::StrDeserializer::<de::value::Error>::new(s)).ok()
+}
+
+/// The top-level object as an ordered list of (key, raw value), keeping duplicates so that
+/// they can be reported rather than silently collapsed as a map would.
+struct Entries<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+fn parse_entries(text: &str) -> Result<Entries<'_>, serde_json::Error> {
+    // from_str rejects trailing bytes other than JSON whitespace, as the reference does.
+    serde_json::from_str(text)
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Entries<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Entries<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object of tensor entries")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::with_capacity(map.size_hint().unwrap_or(0).min(4096));
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    out.push((key, map.next_value::<&'de RawValue>()?));
+                }
+                Ok(Entries(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}

@@ -1,0 +1,114 @@
+//! `model.safetensors.index.json`: which shard holds each tensor.
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path};
+
+use serde::Deserialize;
+
+use crate::FormatError;
+
+/// Conventional file name of a sharded checkpoint's index.
+pub const INDEX_FILE_NAME: &str = "model.safetensors.index.json";
+/// Largest index file accepted; real indexes of 100,000 tensors are a few MB.
+pub const MAX_INDEX_LEN: u64 = 100_000_000;
+
+/// A parsed index: tensor name to shard file name, in name order, plus shard names in
+/// first-appearance order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Index {
+    /// `metadata` as written (often `{"total_size": ...}`); kept verbatim.
+    pub metadata: Option<serde_json::Value>,
+    /// Tensor name to shard file name (relative to the index's folder).
+    pub weight_map: BTreeMap<String, String>,
+}
+
+impl Index {
+    /// Shard names, deduplicated, in natural order.
+    pub fn shard_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.weight_map.values().map(String::as_str).collect();
+        names.sort_by(|a, b| natural_cmp(a, b));
+        names.dedup();
+        names
+    }
+}
+
+#[derive(Deserialize)]
+struct RawIndex {
+    #[serde(default)]
+    metadata: Option<serde_json::Value>,
+    weight_map: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Parses an index file's bytes and checks that every shard name is a plain relative path
+/// that cannot leave the index's folder (no absolute paths, no `..`).
+pub fn parse_index(file: &Path, bytes: &[u8]) -> Result<Index, FormatError> {
+    let invalid = |message: String| FormatError::InvalidIndex { file: file.to_path_buf(), message };
+    let text = std::str::from_utf8(bytes).map_err(|e| invalid(format!("not UTF-8: {e}")))?;
+    let raw: RawIndex = serde_json::from_str(text).map_err(|e| invalid(e.to_string()))?;
+    let mut weight_map = BTreeMap::new();
+    for (tensor, shard) in raw.weight_map {
+        let serde_json::Value::String(shard) = shard else {
+            return Err(invalid(format!("weight_map entry for '{tensor}' is not a string")));
+        };
+        check_relative(file, &shard)?;
+        weight_map.insert(tensor, shard);
+    }
+    Ok(Index { metadata: raw.metadata, weight_map })
+}
+
+/// Rejects shard names that are absolute or climb out of the folder, before any file
+/// system look-up. Links that point outside are caught later, on the resolved path.
+pub fn check_relative(file: &Path, shard: &str) -> Result<(), FormatError> {
+    let outside =
+        |reason| FormatError::ShardOutsideFolder { file: file.to_path_buf(), shard: shard.to_owned(), reason };
+    if shard.is_empty() {
+        return Err(outside("empty path"));
+    }
+    if shard.contains('\0') {
+        return Err(outside("NUL in path"));
+    }
+    for c in Path::new(shard).components() {
+        match c {
+            Component::Normal(_) | Component::CurDir => {}
+            Component::ParentDir => return Err(outside("'..' in path")),
+            Component::RootDir | Component::Prefix(_) => return Err(outside("absolute path")),
+        }
+    }
+    Ok(())
+}
+
+/// Orders names so that digit runs compare as numbers: `shard-2` before `shard-10`.
+pub fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    use std::cmp::Ordering;
+    let (mut a, mut b) = (a.as_bytes(), b.as_bytes());
+    loop {
+        match (a.first(), b.first()) {
+            (None, None) => return Ordering::Equal,
+            (None, Some(_)) => return Ordering::Less,
+            (Some(_), None) => return Ordering::Greater,
+            (Some(x), Some(y)) if x.is_ascii_digit() && y.is_ascii_digit() => {
+                let da = a.iter().take_while(|c| c.is_ascii_digit()).count();
+                let db = b.iter().take_while(|c| c.is_ascii_digit()).count();
+                let (na, nb) = (trim_zeros(&a[..da]), trim_zeros(&b[..db]));
+                let ord = na.len().cmp(&nb.len()).then_with(|| na.cmp(nb)).then_with(|| da.cmp(&db));
+                if ord != Ordering::Equal {
+                    return ord;
+                }
+                a = &a[da..];
+                b = &b[db..];
+            }
+            (Some(x), Some(y)) => {
+                if x != y {
+                    return x.cmp(y);
+                }
+                a = &a[1..];
+                b = &b[1..];
+            }
+        }
+    }
+}
+
+fn trim_zeros(d: &[u8]) -> &[u8] {
+    let z = d.iter().take_while(|&&c| c == b'0').count();
+    &d[z..]
+}

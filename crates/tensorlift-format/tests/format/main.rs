@@ -1,0 +1,7 @@
+//! Integration tests of tensorlift-format, one module per area.
+
+mod header_rules;
+mod properties;
+mod reference;
+mod resolve;
+mod support;

@@ -1,0 +1,14 @@
+//! The index parser on arbitrary bytes: it may reject, never panic; accepted shard names never escape.
+#![no_main]
+
+use std::path::{Component, Path};
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(index) = tensorlift_format::parse_index(Path::new("model.safetensors.index.json"), data) {
+        for shard in index.weight_map.values() {
+            assert!(Path::new(shard).components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir)));
+        }
+    }
+});
