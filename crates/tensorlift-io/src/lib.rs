@@ -1,9 +1,48 @@
-//! Bytes from files into caller-owned buffers.
+//! Bytes from files into caller-owned buffers, as fast as the storage allows.
 //!
-//! This crate knows nothing of CUDA. It turns (file, byte range) requests into bytes in
-//! buffers that the caller owns and lends by value for the duration of a read.
+//! A [`Reader`] turns (file, byte range) requests into bytes in buffers that the caller
+//! lends by value ([`IoBufMut`]) and gets back with the result. It knows nothing of CUDA.
+//!
+//! Backends, chosen at run time ([`ReaderBuilder::build`] never fails):
+//! - **io_uring**: one ring per worker thread, reads at depth across files, O_DIRECT for the
+//!   aligned part of each range (alignment from `statx`), buffered reads for the rest,
+//!   short reads resubmitted, fixed buffers when registered;
+//! - **pread**: a thread pool, used when io_uring is refused (ENOSYS, EPERM, ENOMEM);
+//! - **mmap**: zero-copy views and copies out of a mapping.
+//!
+//! `TENSORLIFT_IO=uring|pread|mmap` overrides the choice; [`Reader::report`] says what was
+//! chosen and why.
+//!
+//! ```
+//! use tensorlift_io::{AlignedBuf, Reader};
+//! # let dir = std::env::temp_dir().join(format!("tl-io-doc-{}", std::process::id()));
+//! # std::fs::create_dir_all(&dir)?;
+//! # let path = dir.join("f.bin");
+//! # std::fs::write(&path, vec![7u8; 10_000])?;
+//! let reader = Reader::builder().build();
+//! let file = reader.open(&path)?;
+//! let buf = AlignedBuf::zeroed(8192, 4096).unwrap();
+//! let buf = reader.read(&file, 4096, buf, 0, 5904).wait().map_err(|f| f.error)?;
+//! assert!(buf.as_slice()[..5904].iter().all(|&b| b == 7));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+mod buf;
+pub mod cache;
+mod error;
+mod file;
+mod mmap;
+mod op;
+mod pread;
+mod probe;
+mod reader;
 mod source;
+mod uring;
 
+pub use buf::{AlignedBuf, IoBufMut, PAGE};
+pub use error::{IoError, ReadFailed, ReadResult};
+pub use file::{DioAlign, OpenFile};
+pub use probe::{kernel_release, memlock, uring_status, Memlock, UringStatus};
+pub use reader::{BackendKind, Faults, FixedBuffers, IoReport, ReadFuture, Reader, ReaderBuilder, IO_ENV};
 pub use source::FsSource;

@@ -1,0 +1,40 @@
+//! Page-cache control for cold and warm measurements: no root needed.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+/// Drops a file's clean pages from the page cache (`posix_fadvise(POSIX_FADV_DONTNEED)`),
+/// after flushing dirty ones, so the next read comes from the storage device.
+pub fn evict(path: &Path) -> io::Result<()> {
+    let f = File::open(path)?;
+    f.sync_data()?;
+    // SAFETY: advice on a descriptor we own; no memory is involved.
+    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
+}
+
+/// Fraction of a file's pages resident in the page cache (0.0 to 1.0), from `mincore`.
+pub fn resident_fraction(path: &Path) -> io::Result<f64> {
+    let f = File::open(path)?;
+    let len = f.metadata()?.len() as usize;
+    if len == 0 {
+        return Ok(1.0);
+    }
+    // SAFETY: a read-only private mapping of a file we hold open; only mincore looks at it.
+    let map = unsafe { memmap2::MmapOptions::new().len(len).map(&f) }?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize;
+    let pages = len.div_ceil(page);
+    let mut vec = vec![0u8; pages];
+    // SAFETY: the range is the whole live mapping, and vec has one byte per page of it.
+    let rc = unsafe { libc::mincore(map.as_ptr() as *mut libc::c_void, len, vec.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(vec.iter().filter(|&&b| b & 1 == 1).count() as f64 / pages as f64)
+}

@@ -1,0 +1,156 @@
+//! An open shard: a buffered descriptor, and a direct (O_DIRECT) one where the file system allows.
+
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use crate::IoError;
+
+/// Direct-I/O alignment of a file: offsets and lengths must be multiples of `offset`, and
+/// memory addresses multiples of `memory`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DioAlign {
+    /// Required alignment of memory addresses.
+    pub memory: u32,
+    /// Required alignment of file offsets and lengths.
+    pub offset: u32,
+}
+
+impl DioAlign {
+    /// What to assume when the kernel cannot say (statx without STATX_DIOALIGN).
+    pub const UNKNOWN: DioAlign = DioAlign { memory: 4096, offset: 4096 };
+}
+
+/// A file opened for reading by a [`Reader`](crate::Reader).
+#[derive(Debug)]
+pub struct OpenFile {
+    path: PathBuf,
+    buffered: File,
+    direct: Option<File>,
+    direct_enabled: AtomicBool,
+    buffered_reason: Mutex<Option<String>>,
+    align: DioAlign,
+    len: u64,
+    pub(crate) map: OnceLock<memmap2::Mmap>,
+}
+
+impl OpenFile {
+    pub(crate) fn open(path: &Path, want_direct: bool, refuse_direct: bool) -> Result<OpenFile, IoError> {
+        let open_err = |source| IoError::Open { file: path.to_path_buf(), source };
+        let buffered = File::open(path).map_err(open_err)?;
+        let meta = buffered.metadata().map_err(open_err)?;
+        if !meta.is_file() {
+            return Err(open_err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file")));
+        }
+        // SAFETY: advice only; the descriptor is open and owned by `buffered`.
+        unsafe { libc::posix_fadvise(buffered.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
+        let (align, mut reason) = match dio_align(path) {
+            Ok(Some(a)) if a.offset == 0 => {
+                (DioAlign::UNKNOWN, Some("the file system does not support O_DIRECT (statx)".to_owned()))
+            }
+            Ok(Some(a)) => (a, None),
+            Ok(None) | Err(_) => (DioAlign::UNKNOWN, None),
+        };
+        let mut direct = None;
+        if !want_direct {
+            reason = Some("direct I/O not requested".into());
+        } else if refuse_direct {
+            reason = Some("O_DIRECT refused: Invalid argument (os error 22) (injected)".into());
+        } else if reason.is_none() {
+            match OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path) {
+                Ok(f) => direct = Some(f),
+                Err(e) => reason = Some(format!("O_DIRECT refused: {e}")),
+            }
+        }
+        Ok(OpenFile {
+            path: path.to_path_buf(),
+            buffered,
+            direct_enabled: AtomicBool::new(direct.is_some()),
+            direct,
+            buffered_reason: Mutex::new(reason),
+            align,
+            len: meta.len(),
+            map: OnceLock::new(),
+        })
+    }
+
+    /// The path it was opened with.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Length when opened.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the file was empty when opened.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Direct-I/O alignment (the kernel's answer, or 4096 when unknown).
+    pub fn dio_align(&self) -> DioAlign {
+        self.align
+    }
+
+    /// Whether reads still use O_DIRECT for aligned ranges.
+    pub fn is_direct(&self) -> bool {
+        self.direct_enabled.load(Ordering::Relaxed)
+    }
+
+    /// Why reads of this file are buffered, if they are.
+    pub fn buffered_reason(&self) -> Option<String> {
+        self.buffered_reason.lock().map_or(None, |r| r.clone())
+    }
+
+    /// The length of the file now, which differs from [`len`](Self::len) if it was
+    /// truncated or replaced in place since it was opened.
+    pub fn current_len(&self) -> io::Result<u64> {
+        Ok(self.buffered.metadata()?.len())
+    }
+
+    pub(crate) fn buffered_fd(&self) -> RawFd {
+        self.buffered.as_raw_fd()
+    }
+
+    pub(crate) fn direct_fd(&self) -> Option<RawFd> {
+        self.direct.as_ref().filter(|_| self.is_direct()).map(AsRawFd::as_raw_fd)
+    }
+
+    pub(crate) fn buffered_file(&self) -> &File {
+        &self.buffered
+    }
+
+    /// Called when the kernel refuses a direct read: later reads of this file are buffered.
+    pub(crate) fn disable_direct(&self, why: String) {
+        if self.direct_enabled.swap(false, Ordering::Relaxed) {
+            tracing::debug!(file = %self.path.display(), %why, "falling back to buffered reads");
+            if let Ok(mut r) = self.buffered_reason.lock() {
+                *r = Some(why);
+            }
+        }
+    }
+}
+
+/// The file's direct-I/O alignment from statx, `None` when the kernel does not report it.
+fn dio_align(path: &Path) -> io::Result<Option<DioAlign>> {
+    let c = CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: statx is plain data; all-zero is a valid value.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: c is a valid NUL-terminated path and stx a valid, writable statx struct.
+    let rc = unsafe { libc::statx(libc::AT_FDCWD, c.as_ptr(), 0, libc::STATX_DIOALIGN, &mut stx) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if stx.stx_mask & libc::STATX_DIOALIGN == 0 {
+        return Ok(None);
+    }
+    Ok(Some(DioAlign { memory: stx.stx_dio_mem_align, offset: stx.stx_dio_offset_align }))
+}

@@ -1,0 +1,109 @@
+//! One read request and the state machine every backend drives it with: a direct body for
+//! the aligned part, buffered reads for the rest, short reads resubmitted, a refused direct
+//! read retried buffered.
+
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use crate::{IoError, OpenFile};
+
+/// Largest single read handed to the kernel (Linux caps one read near 2 GiB).
+const MAX_SEGMENT: usize = 1 << 30;
+
+/// A raw destination pointer that travels to a worker thread with the buffer that owns it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SendPtr(pub *mut u8);
+// SAFETY: the pointer is only dereferenced (by the kernel or a pread) while the ReadOp that
+// carries it also owns the buffer it points into, which is Send.
+unsafe impl Send for SendPtr {}
+
+pub(crate) type Completion = Box<dyn FnOnce(Result<(), IoError>) + Send>;
+
+/// A read in progress. Owns the destination buffer (inside `complete`) until it finishes.
+pub(crate) struct ReadOp {
+    pub file: Arc<OpenFile>,
+    pub dst: SendPtr,
+    pub offset: u64,
+    pub len: usize,
+    pub done: usize,
+    pub fixed: Option<u16>,
+    pub max_segment: usize,
+    pub complete: Option<Completion>,
+}
+
+/// One system call's worth of a read.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Segment {
+    pub fd: RawFd,
+    pub direct: bool,
+    pub dst: *mut u8,
+    pub len: u32,
+    pub offset: u64,
+}
+
+pub(crate) enum Step {
+    /// Issue the next segment.
+    Continue,
+    /// The read is finished, successfully or not.
+    Done(Result<(), IoError>),
+}
+
+impl ReadOp {
+    /// The next segment to read; callers only ask while `done < len`.
+    pub fn next_segment(&self) -> Segment {
+        let pos = self.offset + self.done as u64;
+        // SAFETY: done < len and the buffer holds len bytes from dst (checked at submission).
+        let dst = unsafe { self.dst.0.add(self.done) };
+        let rem = self.len - self.done;
+        let align = self.file.dio_align();
+        let (off_a, mem_a) = (align.offset as usize, align.memory.max(1) as usize);
+        let cap = self.max_segment.min(MAX_SEGMENT);
+        if let Some(fd) = self.file.direct_fd() {
+            if pos % off_a as u64 == 0 && (dst as usize) % mem_a == 0 && rem >= off_a {
+                let aligned = rem - rem % off_a;
+                let cap = (cap - cap % off_a).max(off_a);
+                return Segment { fd, direct: true, dst, len: aligned.min(cap) as u32, offset: pos };
+            }
+        }
+        Segment { fd: self.file.buffered_fd(), direct: false, dst, len: rem.min(cap) as u32, offset: pos }
+    }
+
+    /// Accounts for the result of `seg` and says what to do next.
+    pub fn advance(&mut self, seg: &Segment, result: io::Result<usize>) -> Step {
+        match result {
+            Ok(0) => Step::Done(Err(IoError::UnexpectedEof {
+                file: self.file.path().to_path_buf(),
+                offset: self.offset,
+                len: self.len as u64,
+                at: seg.offset,
+            })),
+            Ok(n) => {
+                self.done += n.min(seg.len as usize);
+                if self.done >= self.len {
+                    Step::Done(Ok(()))
+                } else {
+                    Step::Continue
+                }
+            }
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) => Step::Continue,
+            Err(e) if seg.direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                self.file.disable_direct(format!("O_DIRECT read refused: {e}"));
+                Step::Continue
+            }
+            Err(source) => Step::Done(Err(IoError::Read {
+                file: self.file.path().to_path_buf(),
+                offset: self.offset,
+                len: self.len as u64,
+                source,
+            })),
+        }
+    }
+
+    /// Hands the result (and so the buffer) back to the caller.
+    pub fn finish(mut self, result: Result<(), IoError>) {
+        if let Some(complete) = self.complete.take() {
+            complete(result);
+        }
+    }
+}

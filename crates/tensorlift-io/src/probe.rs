@@ -1,0 +1,98 @@
+//! Run-time facts about the I/O environment, probed once and reported with reasons.
+
+use std::fmt;
+use std::io;
+use std::sync::OnceLock;
+
+/// Whether io_uring can be used here, and if not, why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UringStatus {
+    /// A ring could be created and supports the reads we issue.
+    Available,
+    /// It cannot be used.
+    Unavailable {
+        /// The errno the kernel returned, if the failure came from a system call.
+        errno: Option<i32>,
+        /// What it means and what to do about it.
+        reason: String,
+    },
+}
+
+impl fmt::Display for UringStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UringStatus::Available => f.write_str("available"),
+            UringStatus::Unavailable { reason, .. } => write!(f, "unavailable: {reason}"),
+        }
+    }
+}
+
+/// The io_uring status of this process, probed on first use.
+pub fn uring_status() -> &'static UringStatus {
+    static STATUS: OnceLock<UringStatus> = OnceLock::new();
+    STATUS.get_or_init(probe_uring)
+}
+
+fn probe_uring() -> UringStatus {
+    let ring = match io_uring::IoUring::new(8) {
+        Ok(r) => r,
+        Err(e) => return unavailable(&e),
+    };
+    let mut probe = io_uring::Probe::new();
+    if let Err(e) = ring.submitter().register_probe(&mut probe) {
+        return unavailable(&e);
+    }
+    for (code, name) in [(io_uring::opcode::Read::CODE, "READ"), (io_uring::opcode::ReadFixed::CODE, "READ_FIXED")] {
+        if !probe.is_supported(code) {
+            return UringStatus::Unavailable {
+                errno: None,
+                reason: format!("the kernel's io_uring lacks IORING_OP_{name} (needs Linux 5.6 or later)"),
+            };
+        }
+    }
+    UringStatus::Available
+}
+
+/// Classifies a failure to create or use a ring.
+pub(crate) fn unavailable(e: &io::Error) -> UringStatus {
+    UringStatus::Unavailable { errno: e.raw_os_error(), reason: unavailable_reason(e) }
+}
+
+/// What a failure to create or use a ring means, and what to do about it.
+pub(crate) fn unavailable_reason(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::ENOSYS) => "the kernel has no io_uring (ENOSYS)".to_owned(),
+        Some(libc::EPERM) => {
+            "io_uring is refused (EPERM): a seccomp profile such as Docker's default, or the kernel.io_uring_disabled sysctl".to_owned()
+        }
+        Some(libc::ENOMEM) => {
+            "io_uring memory is refused (ENOMEM): RLIMIT_MEMLOCK is too low (raise `ulimit -l`, or run Docker with --ulimit memlock=-1)".to_owned()
+        }
+        _ => format!("io_uring setup failed: {e}"),
+    }
+}
+
+/// RLIMIT_MEMLOCK in bytes (`None` means unlimited).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Memlock {
+    /// The soft limit, which applies.
+    pub soft: Option<u64>,
+    /// The hard limit, up to which a process may raise the soft one.
+    pub hard: Option<u64>,
+}
+
+/// The process's RLIMIT_MEMLOCK, or `None` if it cannot be read.
+pub fn memlock() -> Option<Memlock> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the valid rlimit struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } != 0 {
+        return None;
+    }
+    let v = |x: libc::rlim_t| (x != libc::RLIM_INFINITY).then_some(x);
+    Some(Memlock { soft: v(lim.rlim_cur), hard: v(lim.rlim_max) })
+}
+
+/// The running kernel's release string (`uname -r`).
+pub fn kernel_release() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").ok().map(|s| s.trim().to_owned())
+}

@@ -1,0 +1,415 @@
+//! The front end: choosing a backend, opening files, issuing reads.
+
+use std::fmt;
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
+
+use tokio::sync::oneshot;
+
+use crate::op::{ReadOp, SendPtr};
+use crate::pread::{run_to_end, PreadPool};
+use crate::probe::{unavailable, unavailable_reason, uring_status, UringStatus};
+use crate::uring::UringPool;
+use crate::{IoBufMut, IoError, OpenFile, ReadFailed, ReadResult};
+
+/// An I/O backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum BackendKind {
+    /// io_uring rings on worker threads, O_DIRECT where the file system allows.
+    Uring,
+    /// A pool of threads doing `pread`, O_DIRECT where the file system allows.
+    Pread,
+    /// Memory maps: zero-copy views, and copies out of the mapping for reads.
+    Mmap,
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackendKind::Uring => "uring",
+            BackendKind::Pread => "pread",
+            BackendKind::Mmap => "mmap",
+        })
+    }
+}
+
+impl FromStr for BackendKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "uring" | "io_uring" | "io-uring" => Ok(BackendKind::Uring),
+            "pread" => Ok(BackendKind::Pread),
+            "mmap" => Ok(BackendKind::Mmap),
+            other => Err(format!("unknown I/O backend '{other}' (expected uring, pread or mmap)")),
+        }
+    }
+}
+
+/// The environment variable that overrides the automatic choice.
+pub const IO_ENV: &str = "TENSORLIFT_IO";
+
+/// State of io_uring fixed-buffer registration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FixedBuffers {
+    /// Nothing was registered.
+    None,
+    /// Regions totalling `bytes` are registered with every ring.
+    Registered { regions: usize, bytes: u64 },
+    /// Registration was refused; reads go unregistered.
+    Refused(String),
+}
+
+/// What a reader chose and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IoReport {
+    /// The backend in use.
+    pub backend: BackendKind,
+    /// Why this backend (a request, or the fallback reason).
+    pub reason: String,
+    /// What the io_uring probe found.
+    pub uring: UringStatus,
+    /// Fixed-buffer registration.
+    pub fixed_buffers: FixedBuffers,
+}
+
+/// Faults to inject, for testing the fallbacks without a hostile kernel.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct Faults {
+    /// Pretend io_uring setup failed with this errno.
+    pub refuse_uring: Option<i32>,
+    /// Pretend every file system refuses O_DIRECT.
+    pub refuse_direct: bool,
+    /// Cap each system call's read at this many bytes, forcing short reads.
+    pub max_read: Option<usize>,
+    /// Pretend buffer registration failed with this errno.
+    pub refuse_register: Option<i32>,
+}
+
+/// Configures a [`Reader`].
+#[derive(Debug, Clone)]
+pub struct ReaderBuilder {
+    backend: Option<BackendKind>,
+    queue_depth: u32,
+    workers: usize,
+    pread_threads: usize,
+    direct: bool,
+    faults: Faults,
+}
+
+impl Default for ReaderBuilder {
+    fn default() -> Self {
+        ReaderBuilder {
+            backend: None,
+            queue_depth: 64,
+            workers: 2,
+            pread_threads: 8,
+            direct: true,
+            faults: Faults::default(),
+        }
+    }
+}
+
+impl ReaderBuilder {
+    /// Forces a backend (otherwise `TENSORLIFT_IO`, else io_uring when available, else pread).
+    pub fn backend(mut self, backend: BackendKind) -> Self {
+        self.backend = Some(backend);
+        self
+    }
+    /// Reads in flight across all rings (io_uring); default 64.
+    pub fn queue_depth(mut self, depth: u32) -> Self {
+        self.queue_depth = depth.clamp(1, 4096);
+        self
+    }
+    /// io_uring worker threads, one ring each; default 2.
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.workers = workers.clamp(1, 64);
+        self
+    }
+    /// pread threads; default 8.
+    pub fn pread_threads(mut self, threads: usize) -> Self {
+        self.pread_threads = threads.clamp(1, 256);
+        self
+    }
+    /// Whether to use O_DIRECT for aligned ranges; default true.
+    pub fn direct(mut self, direct: bool) -> Self {
+        self.direct = direct;
+        self
+    }
+    /// Injects faults (tests of the fallbacks).
+    pub fn faults(mut self, faults: Faults) -> Self {
+        self.faults = faults;
+        self
+    }
+
+    /// Builds the reader. Never fails: a refused backend falls back, with the reason in
+    /// [`Reader::report`].
+    pub fn build(self) -> Reader {
+        let (requested, why) = match (self.backend, std::env::var(IO_ENV)) {
+            (Some(b), _) => (Some(b), format!("{b} requested")),
+            (None, Ok(v)) => match v.parse::<BackendKind>() {
+                Ok(b) => (Some(b), format!("{IO_ENV}={v}")),
+                Err(e) => {
+                    tracing::warn!("{IO_ENV}: {e}; choosing automatically");
+                    (None, format!("{IO_ENV} ignored ({e})"))
+                }
+            },
+            (None, Err(_)) => (None, String::new()),
+        };
+        let uring = match self.faults.refuse_uring {
+            Some(errno) => unavailable(&std::io::Error::from_raw_os_error(errno)),
+            None => uring_status().clone(),
+        };
+        let join = |a: &str, b: String| if a.is_empty() { b } else { format!("{a}; {b}") };
+        let (backend, reason) = match requested {
+            Some(BackendKind::Mmap) => (Backend::Mmap, why),
+            Some(BackendKind::Pread) => (pread(self.pread_threads), why),
+            Some(BackendKind::Uring) | None => match &uring {
+                UringStatus::Available => {
+                    let depth = self.queue_depth.div_ceil(self.workers as u32).max(1);
+                    match UringPool::new(self.workers, depth) {
+                        Ok(pool) => (Backend::Uring(pool), join(&why, "io_uring available".into())),
+                        Err(e) => (pread(self.pread_threads), join(&why, format!("pread: {}", unavailable_reason(&e)))),
+                    }
+                }
+                UringStatus::Unavailable { reason, .. } => {
+                    (pread(self.pread_threads), join(&why, format!("pread: {reason}")))
+                }
+            },
+        };
+        let kind = backend.kind();
+        tracing::debug!(backend = %kind, %reason, "I/O backend chosen");
+        Reader {
+            backend,
+            direct: self.direct,
+            faults: self.faults,
+            report: Mutex::new(IoReport { backend: kind, reason, uring, fixed_buffers: FixedBuffers::None }),
+        }
+    }
+}
+
+fn pread(threads: usize) -> Backend {
+    match PreadPool::new(threads) {
+        Ok(p) => Backend::Pread(Some(p)),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start pread threads; reading on the caller's thread");
+            Backend::Pread(None)
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Backend {
+    Uring(UringPool),
+    /// `None` when no thread could be started: reads run on the caller's thread.
+    Pread(Option<PreadPool>),
+    Mmap,
+}
+
+impl Backend {
+    fn kind(&self) -> BackendKind {
+        match self {
+            Backend::Uring(_) => BackendKind::Uring,
+            Backend::Pread(_) => BackendKind::Pread,
+            Backend::Mmap => BackendKind::Mmap,
+        }
+    }
+}
+
+/// Reads byte ranges of files into caller-owned buffers.
+///
+/// Dropping the reader waits for reads still in flight, so no buffer is freed while the
+/// kernel writes into it.
+#[derive(Debug)]
+pub struct Reader {
+    backend: Backend,
+    direct: bool,
+    faults: Faults,
+    report: Mutex<IoReport>,
+}
+
+impl Reader {
+    /// A builder with the defaults.
+    pub fn builder() -> ReaderBuilder {
+        ReaderBuilder::default()
+    }
+
+    /// What this reader chose and why.
+    pub fn report(&self) -> IoReport {
+        self.report.lock().map(|r| r.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// The backend in use.
+    pub fn backend(&self) -> BackendKind {
+        self.backend.kind()
+    }
+
+    /// Opens a file for reading: a buffered descriptor, plus an O_DIRECT one where the file
+    /// system allows it (the mmap backend never uses direct I/O).
+    pub fn open(&self, path: &Path) -> Result<Arc<OpenFile>, IoError> {
+        let direct = self.direct && !matches!(self.backend, Backend::Mmap);
+        OpenFile::open(path, direct, self.faults.refuse_direct).map(Arc::new)
+    }
+
+    /// Registers memory regions as io_uring fixed buffers, so that reads into buffers whose
+    /// [`IoBufMut::fixed_slot`] names a region skip per-read page pinning. A no-op for other
+    /// backends. On failure, reads still work, unregistered, and the report says why.
+    ///
+    /// # Safety
+    ///
+    /// Each region must be valid for writes and stay allocated (not freed or unmapped) for as
+    /// long as this reader lives.
+    pub unsafe fn register_buffers(&self, regions: &[(*mut u8, usize)]) -> Result<(), IoError> {
+        let Backend::Uring(pool) = &self.backend else { return Ok(()) };
+        let plain: Vec<(usize, usize)> = regions.iter().map(|&(p, l)| (p as usize, l)).collect();
+        let result = match self.faults.refuse_register {
+            Some(errno) => Err(std::io::Error::from_raw_os_error(errno)),
+            None => pool.register(&plain),
+        };
+        let state = match &result {
+            Ok(()) => FixedBuffers::Registered { regions: plain.len(), bytes: plain.iter().map(|r| r.1 as u64).sum() },
+            Err(e) => FixedBuffers::Refused(format!("{e}")),
+        };
+        if let Ok(mut r) = self.report.lock() {
+            r.fixed_buffers = state;
+        }
+        result.map_err(|source| IoError::Register { source })
+    }
+
+    /// Reads `len` bytes at `offset` of `file` into `buf[buf_offset..]`, taking the buffer
+    /// and handing it back when done. Dropping the returned future does not cancel the
+    /// kernel's read: the buffer stays with the worker until it completes.
+    pub fn read<B: IoBufMut>(
+        &self,
+        file: &Arc<OpenFile>,
+        offset: u64,
+        mut buf: B,
+        buf_offset: usize,
+        len: usize,
+    ) -> ReadFuture<B> {
+        if buf_offset.checked_add(len).is_none_or(|end| end > buf.capacity()) {
+            let error =
+                IoError::BufferTooSmall { file: file.path().to_path_buf(), buf_offset, len, capacity: buf.capacity() };
+            return ReadFuture::ready(Err(ReadFailed { error, buf: Some(buf) }));
+        }
+        if len == 0 {
+            return ReadFuture::ready(Ok(buf));
+        }
+        // SAFETY: buf_offset + len <= capacity was checked above.
+        let dst = unsafe { buf.stable_mut_ptr().add(buf_offset) };
+        if let Backend::Mmap = self.backend {
+            let r = crate::mmap::copy_out(file, offset, dst, len);
+            return ReadFuture::ready(with_buf(r, buf));
+        }
+        let fixed = buf.fixed_slot();
+        let (tx, rx) = oneshot::channel();
+        let op = ReadOp {
+            file: Arc::clone(file),
+            dst: SendPtr(dst),
+            offset,
+            len,
+            done: 0,
+            fixed,
+            max_segment: self.faults.max_read.unwrap_or(usize::MAX).max(1),
+            complete: Some(Box::new(move |r: Result<(), IoError>| {
+                let _ = tx.send(with_buf(r, buf));
+            })),
+        };
+        let pending = Pending { rx, file: file.path().to_path_buf(), offset, len: len as u64 };
+        match &self.backend {
+            Backend::Uring(pool) => pool.submit(op),
+            Backend::Pread(Some(pool)) => pool.submit(op),
+            Backend::Pread(None) | Backend::Mmap => run_to_end(op),
+        }
+        ReadFuture { state: State::Waiting(pending) }
+    }
+
+    /// The memory map of `file`, created on first use: a zero-copy view of its bytes.
+    ///
+    /// The view is of the file as it was when mapped; the engine checks its length against
+    /// the plan. As with every memory-mapped reader, truncating the file while a view is in
+    /// use makes accesses past the new end fault.
+    pub fn map<'f>(&self, file: &'f OpenFile) -> Result<&'f memmap2::Mmap, IoError> {
+        crate::mmap::map(file)
+    }
+}
+
+fn with_buf<B>(r: Result<(), IoError>, buf: B) -> ReadResult<B> {
+    match r {
+        Ok(()) => Ok(buf),
+        Err(error) => Err(ReadFailed { error, buf: Some(buf) }),
+    }
+}
+
+/// A read in flight. Resolves to the buffer, filled, or the failure with the buffer.
+#[derive(Debug)]
+pub struct ReadFuture<B> {
+    state: State<B>,
+}
+
+#[derive(Debug)]
+enum State<B> {
+    Ready(Option<ReadResult<B>>),
+    Waiting(Pending<B>),
+}
+
+#[derive(Debug)]
+struct Pending<B> {
+    rx: oneshot::Receiver<ReadResult<B>>,
+    file: std::path::PathBuf,
+    offset: u64,
+    len: u64,
+}
+
+impl<B> ReadFuture<B> {
+    fn ready(r: ReadResult<B>) -> Self {
+        ReadFuture { state: State::Ready(Some(r)) }
+    }
+
+    /// Blocks the current thread until the read completes. Safe to call anywhere, also
+    /// inside an async runtime (where it blocks that worker thread).
+    pub fn wait(mut self) -> ReadResult<B> {
+        struct Unpark(std::thread::Thread);
+        impl Wake for Unpark {
+            fn wake(self: Arc<Self>) {
+                self.0.unpark();
+            }
+        }
+        let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+        let mut cx = Context::from_waker(&waker);
+        loop {
+            if let Poll::Ready(r) = Pin::new(&mut self).poll(&mut cx) {
+                return r;
+            }
+            std::thread::park();
+        }
+    }
+}
+
+impl<B> Unpin for ReadFuture<B> {}
+
+impl<B> Future for ReadFuture<B> {
+    type Output = ReadResult<B>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.state {
+            State::Ready(r) => match r.take() {
+                Some(r) => Poll::Ready(r),
+                None => Poll::Pending,
+            },
+            State::Waiting(p) => match Pin::new(&mut p.rx).poll(cx) {
+                Poll::Ready(Ok(r)) => Poll::Ready(r),
+                Poll::Ready(Err(_)) => {
+                    let error = IoError::WorkerGone { file: p.file.clone(), offset: p.offset, len: p.len };
+                    Poll::Ready(Err(ReadFailed { error, buf: None }))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}

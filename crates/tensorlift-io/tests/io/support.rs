@@ -1,0 +1,44 @@
+use std::path::{Path, PathBuf};
+
+use tensorlift_io::{BackendKind, Faults, Reader};
+
+/// Deterministic bytes that differ at every offset, so a misplaced byte shows.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// A scratch folder on the same file system as the build (a real disk, where O_DIRECT
+/// works), or under /dev/shm (tmpfs) when `tmpfs` is set.
+pub fn scratch(tmpfs: bool) -> Option<PathBuf> {
+    let base = if tmpfs { PathBuf::from("/dev/shm") } else { PathBuf::from(env!("CARGO_TARGET_TMPDIR")) };
+    if !base.is_dir() {
+        return None;
+    }
+    Some(tempfile::Builder::new().prefix("tl-io-").tempdir_in(base).ok()?.keep())
+}
+
+pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+pub const BACKENDS: [BackendKind; 3] = [BackendKind::Uring, BackendKind::Pread, BackendKind::Mmap];
+
+pub fn reader(backend: BackendKind, faults: Faults) -> Reader {
+    Reader::builder().backend(backend).queue_depth(16).faults(faults).build()
+}
+
+pub fn faults(f: impl FnOnce(&mut Faults)) -> Faults {
+    let mut x = Faults::default();
+    f(&mut x);
+    x
+}
