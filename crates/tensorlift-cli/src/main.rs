@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 mod inspect;
+mod load;
 
 use std::io::{self, Write};
 use std::path::PathBuf;
@@ -29,9 +30,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Load every tensor through the engine and report the speed (and digests).
+    Load(load::Args),
 }
 
 fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("TENSORLIFT_LOG"))
+        .with_writer(io::stderr)
+        .init();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -44,6 +51,7 @@ fn main() -> ExitCode {
     let mut out = io::BufWriter::new(stdout.lock());
     let result = match cli.command {
         Command::Inspect { path, json } => inspect::run(&path, json, &mut out),
+        Command::Load(args) => load::run(&args, &mut out),
     };
     let result = result.and_then(|()| out.flush().map_err(anyhow::Error::from));
     match result {

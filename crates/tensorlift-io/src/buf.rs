@@ -103,8 +103,10 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        // SAFETY: allocated in `zeroed` with exactly this layout (which was valid then).
-        unsafe { dealloc(self.ptr.as_ptr(), Layout::from_size_align_unchecked(self.len.max(1), self.align)) }
+        // SAFETY: `zeroed` built this same layout with from_size_align, which checked it.
+        let layout = unsafe { Layout::from_size_align_unchecked(self.len.max(1), self.align) };
+        // SAFETY: allocated in `zeroed` with exactly this layout, and freed only here.
+        unsafe { dealloc(self.ptr.as_ptr(), layout) }
     }
 }
 

@@ -124,6 +124,11 @@ impl OpenFile {
         self.direct.as_ref().filter(|_| self.is_direct()).map(AsRawFd::as_raw_fd)
     }
 
+    /// The file's bytes through its memory map, if the mmap backend has mapped it.
+    pub fn mapped(&self) -> Option<&[u8]> {
+        self.map.get().map(|m| &m[..])
+    }
+
     pub(crate) fn buffered_file(&self) -> &File {
         &self.buffered
     }

@@ -28,6 +28,7 @@
 //! ```
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+mod arena;
 mod buf;
 pub mod cache;
 mod error;
@@ -40,9 +41,10 @@ mod reader;
 mod source;
 mod uring;
 
+pub use arena::{ArenaChunk, HostArena};
 pub use buf::{AlignedBuf, IoBufMut, PAGE};
 pub use error::{IoError, ReadFailed, ReadResult};
 pub use file::{DioAlign, OpenFile};
 pub use probe::{kernel_release, memlock, uring_status, Memlock, UringStatus};
-pub use reader::{BackendKind, Faults, FixedBuffers, IoReport, ReadFuture, Reader, ReaderBuilder, IO_ENV};
+pub use reader::{block_on, BackendKind, Faults, FixedBuffers, IoReport, ReadFuture, Reader, ReaderBuilder, IO_ENV};
 pub use source::FsSource;

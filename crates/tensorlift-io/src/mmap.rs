@@ -34,8 +34,10 @@ pub(crate) fn copy_out(file: &OpenFile, offset: u64, dst: *mut u8, len: usize) -
     if end > now {
         return Err(eof(now));
     }
+    // SAFETY: offset < end <= the mapping's length, so the pointer stays inside it.
+    let src = unsafe { m.as_ptr().add(offset as usize) };
     // SAFETY: [offset, end) lies inside the mapping, dst points to len writable bytes owned by
     // the caller's buffer, and a private mapping never overlaps a caller's buffer.
-    unsafe { std::ptr::copy_nonoverlapping(m.as_ptr().add(offset as usize), dst, len) };
+    unsafe { std::ptr::copy_nonoverlapping(src, dst, len) };
     Ok(())
 }

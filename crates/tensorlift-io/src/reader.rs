@@ -253,7 +253,13 @@ impl Reader {
     /// Opens a file for reading: a buffered descriptor, plus an O_DIRECT one where the file
     /// system allows it (the mmap backend never uses direct I/O).
     pub fn open(&self, path: &Path) -> Result<Arc<OpenFile>, IoError> {
-        let direct = self.direct && !matches!(self.backend, Backend::Mmap);
+        self.open_with(path, true)
+    }
+
+    /// Opens a file, using O_DIRECT only if `direct` is set (and the reader allows it): a
+    /// file already in the page cache reads faster buffered.
+    pub fn open_with(&self, path: &Path, direct: bool) -> Result<Arc<OpenFile>, IoError> {
+        let direct = direct && self.direct && !matches!(self.backend, Backend::Mmap);
         OpenFile::open(path, direct, self.faults.refuse_direct).map(Arc::new)
     }
 
@@ -374,21 +380,30 @@ impl<B> ReadFuture<B> {
 
     /// Blocks the current thread until the read completes. Safe to call anywhere, also
     /// inside an async runtime (where it blocks that worker thread).
-    pub fn wait(mut self) -> ReadResult<B> {
-        struct Unpark(std::thread::Thread);
-        impl Wake for Unpark {
-            fn wake(self: Arc<Self>) {
-                self.0.unpark();
-            }
+    pub fn wait(self) -> ReadResult<B> {
+        block_on(self)
+    }
+}
+
+/// Runs a future to completion on the current thread, parking between polls.
+///
+/// The futures of this crate (and the engine's pipeline built on them) need no reactor: a
+/// worker thread completes them and wakes the waiter, so no async runtime is required.
+pub fn block_on<F: Future>(fut: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
         }
-        let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
-        let mut cx = Context::from_waker(&waker);
-        loop {
-            if let Poll::Ready(r) = Pin::new(&mut self).poll(&mut cx) {
-                return r;
-            }
-            std::thread::park();
+    }
+    let mut fut = std::pin::pin!(fut);
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    loop {
+        if let Poll::Ready(r) = fut.as_mut().poll(&mut cx) {
+            return r;
         }
+        std::thread::park();
     }
 }
 

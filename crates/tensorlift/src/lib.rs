@@ -1,10 +1,45 @@
 //! Load safetensors checkpoints into GPU or host memory at the speed of the hardware.
+//!
+//! The API is a builder, an immutable engine, and tensors delivered as they land:
+//!
+//! ```no_run
+//! use tensorlift::{Device, Loader};
+//!
+//! # fn main() -> Result<(), tensorlift::LoadError> {
+//! let loader = Loader::builder().device(Device::Cpu).filter(["model.layers.0.*"]).build()?;
+//! let model = loader.load_blocking("models/llama")?;
+//! let w = model.get("model.layers.0.mlp.up_proj.weight").unwrap();
+//! let values: &[half::bf16] = w.as_slice().unwrap();
+//! println!("{} {:?} {} values, {:.1} GB/s", w.name(), w.shape(), values.len(), model.stats().gbps());
+//! # Ok(()) }
+//! ```
+//!
+//! In async code, `loader.load(path).await`, or `loader.stream(path)?` and
+//! `stream.next().await` for each tensor as soon as its bytes are in memory.
+//!
+//! Checkpoints are untrusted input: every header is validated before any data is read
+//! ([`tensorlift_format`]), shards must stay inside the model folder, and host memory is the
+//! tensors' own size plus page padding; reads in flight never exceed the staging budget.
 #![forbid(unsafe_code)]
+
+mod device;
+mod error;
+mod loader;
+mod pipeline;
+mod stats;
+mod tensor;
 
 use std::path::Path;
 
+pub use device::{Device, DEVICE_ENV};
+pub use error::LoadError;
+pub use loader::{DirectIo, Loader, LoaderBuilder, DEFAULT_CHUNK_SIZE, DEFAULT_STAGING_BUDGET};
+pub use pipeline::TensorStream;
+pub use stats::{LoadStats, Progress};
+pub use tensor::{Element, Model, Tensor, ViewError};
 pub use tensorlift_format as format;
 pub use tensorlift_format::{Dtype, FormatError, LoadPlan};
+pub use tensorlift_io as io;
 
 /// Resolves `path` (a `.safetensors` file, an index JSON or a folder) and validates every
 /// shard's header, reading headers only.

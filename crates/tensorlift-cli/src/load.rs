@@ -1,0 +1,152 @@
+//! `tensorlift load`: a whole checkpoint through the engine, with speed and digests.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tensorlift::io::BackendKind;
+use tensorlift::{Device, Loader, Model, Tensor};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The checkpoint: a .safetensors file, an index JSON or a folder.
+    path: PathBuf,
+    /// Where to load: auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Print each tensor's digest of its bytes as loaded.
+    #[arg(long, value_enum)]
+    digest: Option<DigestKind>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// I/O backend (default: io_uring when available, else pread).
+    #[arg(long, value_parser = parse_backend)]
+    io: Option<BackendKind>,
+    /// Only tensors matching these names or globs (repeatable).
+    #[arg(long = "filter", value_name = "GLOB")]
+    filters: Vec<String>,
+    /// Bytes per read, in MiB.
+    #[arg(long, value_name = "MIB")]
+    chunk_mib: Option<usize>,
+    /// Bytes in flight at most, in MiB.
+    #[arg(long, value_name = "MIB")]
+    budget_mib: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum DigestKind {
+    Sha256,
+}
+
+fn parse_backend(s: &str) -> Result<BackendKind, String> {
+    s.parse()
+}
+
+pub fn run(args: &Args, out: &mut dyn Write) -> anyhow::Result<()> {
+    let device: Device = args.device.parse()?;
+    let mut builder = Loader::builder().device(device).filter(args.filters.iter().cloned());
+    if let Some(b) = args.io {
+        builder = builder.io_backend(b);
+    }
+    if let Some(c) = args.chunk_mib {
+        builder = builder.chunk_size(c << 20);
+    }
+    if let Some(b) = args.budget_mib {
+        builder = builder.staging_budget(b << 20);
+    }
+    let bar = progress_bar();
+    if let Some(bar) = bar.clone() {
+        builder = builder.progress(move |p| {
+            bar.set_length(p.total);
+            bar.set_position(p.done);
+        });
+    }
+    let loader = builder.build()?;
+    let model = loader.load_blocking(&args.path).with_context(|| format!("loading {}", args.path.display()))?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let digests = args.digest.map(|_| digest_all(model.tensors()));
+    if args.json {
+        serde_json::to_writer_pretty(&mut *out, &to_json(&model, digests.as_deref()))?;
+        writeln!(out)?;
+    } else {
+        write_human(&model, digests.as_deref(), out)?;
+    }
+    Ok(())
+}
+
+fn progress_bar() -> Option<ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = ProgressBar::new(0);
+    let style = ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}").ok()?;
+    bar.set_style(style);
+    bar.enable_steady_tick(Duration::from_millis(100));
+    Some(bar)
+}
+
+/// SHA-256 of each tensor's bytes, on every core.
+fn digest_all(tensors: &[Tensor]) -> Vec<String> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(tensors.len().max(1));
+    let per = tensors.len().div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = tensors
+            .chunks(per)
+            .map(|part| {
+                s.spawn(move || part.iter().map(|t| format!("{:x}", Sha256::digest(t.bytes()))).collect::<Vec<_>>())
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
+    })
+}
+
+fn io_line(model: &Model) -> String {
+    let s = model.stats();
+    format!("{} ({}); {} shards direct, {} buffered", s.io.backend, s.io.reason, s.direct_shards, s.buffered_shards)
+}
+
+fn write_human(model: &Model, digests: Option<&[String]>, out: &mut dyn Write) -> std::io::Result<()> {
+    if let Some(d) = digests {
+        for (t, d) in model.tensors().iter().zip(d) {
+            writeln!(out, "{d}  {}", t.name())?;
+        }
+    }
+    let s = model.stats();
+    writeln!(
+        out,
+        "loaded {} tensors, {} bytes in {:.3} s ({:.2} GB/s)",
+        s.tensors,
+        s.bytes,
+        s.wall.as_secs_f64(),
+        s.gbps()
+    )?;
+    writeln!(out, "device: {} ({})", s.device, s.device_reason)?;
+    writeln!(out, "io: {}", io_line(model))
+}
+
+fn to_json(model: &Model, digests: Option<&[String]>) -> serde_json::Value {
+    let s = model.stats();
+    let mut v = json!({
+        "device": s.device,
+        "io": s.io.backend.to_string(),
+        "bytes": s.bytes,
+        "seconds": s.wall.as_secs_f64(),
+        "gbps": s.gbps(),
+    });
+    if let Some(d) = digests {
+        v["tensors"] = model
+            .tensors()
+            .iter()
+            .zip(d)
+            .map(|(t, d)| json!({"name": t.name(), "dtype": t.dtype().to_string(), "shape": t.shape(), "sha256": d}))
+            .collect();
+    }
+    v
+}

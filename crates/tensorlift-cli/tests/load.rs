@@ -1,0 +1,92 @@
+//! `tensorlift load` end to end: digests match the reference reader, JSON shape, exit codes.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn tensorlift(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tensorlift")).args(args).output().unwrap()
+}
+
+fn reference_fixture() -> std::path::PathBuf {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/reference/make_fixture.py");
+    let out =
+        Command::new("python3").arg(script).arg(&dir).output().expect("python3 is needed for the reference tests");
+    assert!(out.status.success(), "pip install -r requirements-test.txt: {}", String::from_utf8_lossy(&out.stderr));
+    dir
+}
+
+#[test]
+fn json_digests_match_the_reference_reader() {
+    let dir = reference_fixture();
+    let manifest: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    for io in ["uring", "pread", "mmap"] {
+        let out = tensorlift(&[
+            "load",
+            dir.join("sharded").to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--digest",
+            "sha256",
+            "--json",
+            "--io",
+            io,
+        ]);
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["device"], "cpu");
+        assert_eq!(v["io"], io);
+        assert!(v["seconds"].as_f64().unwrap() > 0.0 && v["gbps"].as_f64().unwrap() > 0.0);
+        let tensors = v["tensors"].as_array().unwrap();
+        let sharded: Vec<_> = manifest.iter().filter(|m| m["file"] != "single.safetensors").collect();
+        assert_eq!(tensors.len(), sharded.len());
+        assert_eq!(v["bytes"].as_u64().unwrap(), sharded.iter().map(|m| m["nbytes"].as_u64().unwrap()).sum::<u64>());
+        for m in sharded {
+            let t = tensors.iter().find(|t| t["name"] == m["name"]).unwrap();
+            assert_eq!(t["sha256"], m["sha256"], "{io}: {}", m["name"]);
+            assert_eq!(t["dtype"], m["dtype"]);
+            assert_eq!(t["shape"], m["shape"]);
+        }
+    }
+}
+
+#[test]
+fn without_digest_json_has_no_tensor_list() {
+    let dir = reference_fixture();
+    let out = tensorlift(&["load", dir.join("single.safetensors").to_str().unwrap(), "--json"]);
+    assert_eq!(out.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v.get("tensors").is_none());
+    assert_eq!(v["bytes"], 540);
+}
+
+#[test]
+fn human_output_lists_digest_then_summary() {
+    let dir = reference_fixture();
+    let out =
+        tensorlift(&["load", dir.join("single.safetensors").to_str().unwrap(), "--digest", "sha256", "--filter", "f*"]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<_> = text.lines().collect();
+    assert_eq!(lines.len(), 3 + 3, "{text}");
+    assert!(lines[0].ends_with("  f16") && lines[0].len() == 64 + 2 + 3);
+    assert!(lines[3].starts_with("loaded 3 tensors"));
+}
+
+#[test]
+fn unavailable_device_and_bad_input_exit_1() {
+    let dir = reference_fixture();
+    let p = dir.join("single.safetensors");
+    let out = tensorlift(&["load", p.to_str().unwrap(), "--device", "cuda:0"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.starts_with("error: ") && err.contains("CUDA") && err.lines().count() == 1, "{err}");
+    let out = tensorlift(&["load", p.to_str().unwrap(), "--device", "tpu"]);
+    assert_eq!(out.status.code(), Some(1));
+    std::fs::write(dir.join("bad.safetensors"), b"garbage!garbage").unwrap();
+    let out = tensorlift(&["load", dir.join("bad.safetensors").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(tensorlift(&["load", p.to_str().unwrap(), "--digest", "md5"]).status.code(), Some(2));
+    assert_eq!(tensorlift(&["load", p.to_str().unwrap(), "--io", "floppy"]).status.code(), Some(2));
+}

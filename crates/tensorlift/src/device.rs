@@ -1,0 +1,47 @@
+use std::fmt;
+use std::str::FromStr;
+
+use crate::LoadError;
+
+/// Where tensors are loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Device {
+    /// A CUDA device when one is usable, else the host; the reason is in the stats.
+    #[default]
+    Auto,
+    /// Host memory.
+    Cpu,
+    /// CUDA device by ordinal.
+    Cuda(usize),
+}
+
+/// The environment variable that overrides the device when the builder did not set one.
+pub const DEVICE_ENV: &str = "TENSORLIFT_DEVICE";
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Auto => f.write_str("auto"),
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl FromStr for Device {
+    type Err = LoadError;
+    fn from_str(s: &str) -> Result<Self, LoadError> {
+        let t = s.trim().to_ascii_lowercase();
+        match t.as_str() {
+            "auto" => Ok(Device::Auto),
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => t
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| LoadError::InvalidDevice(s.to_owned())),
+        }
+    }
+}

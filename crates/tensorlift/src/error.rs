@@ -1,0 +1,39 @@
+use std::path::PathBuf;
+
+use tensorlift_format::FormatError;
+use tensorlift_io::IoError;
+
+/// Why a load failed. Every variant names the file, and the tensor where there is one.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoadError {
+    /// The checkpoint is invalid (bad header, bad index, shard outside the folder, ...).
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    /// Opening a shard failed.
+    #[error(transparent)]
+    Open(IoError),
+    /// Reading a shard failed; `tensor` is the first tensor the failed range holds.
+    #[error("{}: tensor '{tensor}': {source}", file.display())]
+    Read {
+        file: PathBuf,
+        tensor: String,
+        #[source]
+        source: IoError,
+    },
+    /// A shard changed between planning and loading (different length or header).
+    #[error("{}: shard changed since it was planned: {what}", file.display())]
+    ShardChanged { file: PathBuf, what: String },
+    /// Host memory for the tensors could not be allocated.
+    #[error("{}: cannot allocate {bytes} bytes of host memory for its tensors", file.display())]
+    OutOfMemory { file: PathBuf, bytes: u64 },
+    /// A CUDA device was asked for and cannot be used.
+    #[error("CUDA device {ordinal} is unavailable: {reason}")]
+    CudaUnavailable { ordinal: usize, reason: String },
+    /// A tensor filter pattern is not a valid glob.
+    #[error("invalid tensor filter '{pattern}': {message}")]
+    InvalidFilter { pattern: String, message: String },
+    /// A device string could not be parsed.
+    #[error("invalid device '{0}' (expected auto, cpu, cuda or cuda:N)")]
+    InvalidDevice(String),
+}

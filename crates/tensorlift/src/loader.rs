@@ -1,0 +1,304 @@
+//! `LoaderBuilder` -> `Loader` -> tensors.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use tensorlift_format::LoadPlan;
+use tensorlift_io::{BackendKind, Faults, Reader};
+use tracing::Instrument;
+
+use crate::device::DEVICE_ENV;
+use crate::{Device, LoadError, LoadStats, Model, Progress, TensorStream};
+
+pub(crate) type ProgressFn = Arc<dyn Fn(Progress) + Send + Sync>;
+
+/// When to read with O_DIRECT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum DirectIo {
+    /// For shards not already in the page cache (cached ones read faster buffered).
+    #[default]
+    Auto,
+    /// Always, where the file system allows it.
+    Always,
+    /// Never: every read goes through the page cache.
+    Never,
+}
+
+#[derive(Clone)]
+pub(crate) struct Config {
+    pub device: Option<Device>,
+    pub staging_budget: usize,
+    pub chunk_size: usize,
+    pub queue_depth: u32,
+    pub io_backend: Option<BackendKind>,
+    pub io_workers: usize,
+    pub direct: DirectIo,
+    pub filter: Vec<String>,
+    pub progress: Option<ProgressFn>,
+    pub faults: Faults,
+}
+
+/// Configures a [`Loader`]. Every option has a default that suits a large checkpoint.
+#[derive(Clone)]
+pub struct LoaderBuilder {
+    cfg: Config,
+}
+
+impl std::fmt::Debug for LoaderBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoaderBuilder")
+            .field("device", &self.cfg.device)
+            .field("staging_budget", &self.cfg.staging_budget)
+            .field("chunk_size", &self.cfg.chunk_size)
+            .field("queue_depth", &self.cfg.queue_depth)
+            .field("io_backend", &self.cfg.io_backend)
+            .field("filter", &self.cfg.filter)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Default staging budget: bytes in flight at once.
+pub const DEFAULT_STAGING_BUDGET: usize = 256 << 20;
+/// Default chunk size.
+pub const DEFAULT_CHUNK_SIZE: usize = 8 << 20;
+
+impl Default for LoaderBuilder {
+    fn default() -> Self {
+        LoaderBuilder {
+            cfg: Config {
+                device: None,
+                staging_budget: DEFAULT_STAGING_BUDGET,
+                chunk_size: DEFAULT_CHUNK_SIZE,
+                queue_depth: 64,
+                io_backend: None,
+                io_workers: 2,
+                direct: DirectIo::Auto,
+                filter: Vec::new(),
+                progress: None,
+                faults: Faults::default(),
+            },
+        }
+    }
+}
+
+impl LoaderBuilder {
+    /// Where tensors go (default: `TENSORLIFT_DEVICE`, else `Auto`).
+    pub fn device(mut self, device: Device) -> Self {
+        self.cfg.device = Some(device);
+        self
+    }
+    /// Bytes the pipeline may have in flight at once (default 256 MiB). Memory for staging
+    /// never exceeds it, however large the checkpoint.
+    pub fn staging_budget(mut self, bytes: usize) -> Self {
+        self.cfg.staging_budget = bytes.max(tensorlift_io::PAGE);
+        self
+    }
+    /// Bytes per read (default 8 MiB), rounded up to a whole page.
+    pub fn chunk_size(mut self, bytes: usize) -> Self {
+        self.cfg.chunk_size = bytes.clamp(tensorlift_io::PAGE, 1 << 30).next_multiple_of(tensorlift_io::PAGE);
+        self
+    }
+    /// Reads in flight at most (default 64), across all shards.
+    pub fn queue_depth(mut self, depth: u32) -> Self {
+        self.cfg.queue_depth = depth.clamp(1, 4096);
+        self
+    }
+    /// Forces an I/O backend (default: `TENSORLIFT_IO`, else io_uring when available, else pread).
+    pub fn io_backend(mut self, backend: BackendKind) -> Self {
+        self.cfg.io_backend = Some(backend);
+        self
+    }
+    /// io_uring worker threads, one ring each (default 2).
+    pub fn io_workers(mut self, workers: usize) -> Self {
+        self.cfg.io_workers = workers.max(1);
+        self
+    }
+    /// When to use O_DIRECT (default: for shards not in the page cache).
+    pub fn direct_io(mut self, direct: DirectIo) -> Self {
+        self.cfg.direct = direct;
+        self
+    }
+    /// Loads only tensors whose name matches one of these names or globs (`*`, `?`, `[..]`,
+    /// `{a,b}`). Applied to the plan, before any tensor data is read.
+    pub fn filter<I, S>(mut self, patterns: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.cfg.filter.extend(patterns.into_iter().map(Into::into));
+        self
+    }
+    /// Called as data lands, with bytes done and the total.
+    pub fn progress(mut self, f: impl Fn(Progress) + Send + Sync + 'static) -> Self {
+        self.cfg.progress = Some(Arc::new(f));
+        self
+    }
+    /// Injects I/O faults, to test the fallbacks and error paths.
+    #[doc(hidden)]
+    pub fn io_faults(mut self, faults: Faults) -> Self {
+        self.cfg.faults = faults;
+        self
+    }
+
+    /// Builds the loader: probes the environment once and starts the I/O workers.
+    pub fn build(self) -> Result<Loader, LoadError> {
+        let filter = compile_filter(&self.cfg.filter)?;
+        let requested = match self.cfg.device {
+            Some(d) => (d, "requested".to_owned()),
+            None => match std::env::var(DEVICE_ENV) {
+                Ok(v) => (v.parse()?, format!("{DEVICE_ENV}={v}")),
+                Err(_) => (Device::Auto, "default".to_owned()),
+            },
+        };
+        let (device, device_reason) = resolve_device(requested.0, requested.1)?;
+        let mut io = Reader::builder()
+            .queue_depth(self.cfg.queue_depth)
+            .workers(self.cfg.io_workers)
+            .direct(self.cfg.direct != DirectIo::Never)
+            .faults(self.cfg.faults.clone());
+        if let Some(b) = self.cfg.io_backend {
+            io = io.backend(b);
+        }
+        Ok(Loader { reader: Arc::new(io.build()), cfg: self.cfg, filter, device, device_reason })
+    }
+}
+
+/// Decides where tensors go. The CUDA path is not built yet, so a CUDA request fails
+/// with the reason and `Auto` chooses the host, saying why.
+fn resolve_device(requested: Device, why: String) -> Result<(Device, String), LoadError> {
+    const NO_CUDA: &str = "the CUDA path is not available in this build yet";
+    match requested {
+        Device::Cpu => Ok((Device::Cpu, why)),
+        Device::Auto => Ok((Device::Cpu, format!("auto: {NO_CUDA}"))),
+        Device::Cuda(ordinal) => Err(LoadError::CudaUnavailable { ordinal, reason: NO_CUDA.into() }),
+    }
+}
+
+fn compile_filter(patterns: &[String]) -> Result<Option<GlobSet>, LoadError> {
+    if patterns.is_empty() {
+        return Ok(None);
+    }
+    let mut set = GlobSetBuilder::new();
+    for p in patterns {
+        let glob =
+            Glob::new(p).map_err(|e| LoadError::InvalidFilter { pattern: p.clone(), message: e.kind().to_string() })?;
+        set.add(glob);
+    }
+    set.build().map(Some).map_err(|e| LoadError::InvalidFilter { pattern: patterns.join(","), message: e.to_string() })
+}
+
+/// Loads checkpoints. Immutable and cheap to share: one loader serves many loads, on any
+/// thread, and owns the I/O workers.
+pub struct Loader {
+    reader: Arc<Reader>,
+    cfg: Config,
+    filter: Option<GlobSet>,
+    device: Device,
+    device_reason: String,
+}
+
+impl std::fmt::Debug for Loader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loader")
+            .field("device", &self.device)
+            .field("io", &self.reader.report())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Loader {
+    /// A builder with the defaults.
+    pub fn builder() -> LoaderBuilder {
+        LoaderBuilder::default()
+    }
+
+    /// The device tensors go to.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// What the I/O layer chose and why.
+    pub fn io_report(&self) -> tensorlift_io::IoReport {
+        self.reader.report()
+    }
+
+    /// The validated plan for `path`, with the filter applied. Reads headers only.
+    pub fn plan(&self, path: impl AsRef<Path>) -> Result<LoadPlan, LoadError> {
+        let _span = tracing::info_span!("plan", path = %path.as_ref().display()).entered();
+        let mut plan = crate::plan(path)?;
+        if let Some(set) = &self.filter {
+            plan.retain(|t| set.is_match(&t.name));
+        }
+        Ok(plan)
+    }
+
+    /// Starts loading `path` and yields tensors as their bytes land.
+    pub fn stream(&self, path: impl AsRef<Path>) -> Result<TensorStream, LoadError> {
+        let started = Instant::now();
+        self.start(self.plan(path)?, started)
+    }
+
+    /// Starts loading a plan made earlier (by [`plan`](Self::plan) or [`crate::plan`]). A
+    /// shard that changed since is refused with [`LoadError::ShardChanged`].
+    pub fn stream_plan(&self, plan: LoadPlan) -> Result<TensorStream, LoadError> {
+        self.start(plan, Instant::now())
+    }
+
+    /// `started` is when the load began (before planning, where the caller planned), so that
+    /// the wall time in the stats covers planning, opening and reading.
+    fn start(&self, plan: LoadPlan, started: Instant) -> Result<TensorStream, LoadError> {
+        let stats = LoadStats {
+            bytes: 0,
+            bytes_read: 0,
+            tensors: 0,
+            shards: 0,
+            wall: Default::default(),
+            read_wait: Default::default(),
+            copy: Default::default(),
+            device: self.device.to_string(),
+            device_reason: self.device_reason.clone(),
+            io: self.reader.report(),
+            direct_shards: 0,
+            buffered_shards: 0,
+            max_in_flight_bytes: 0,
+        };
+        TensorStream::start(Arc::clone(&self.reader), plan, &self.cfg, stats, started)
+    }
+
+    /// Loads every (selected) tensor of `path`.
+    pub async fn load(&self, path: impl AsRef<Path>) -> Result<Model, LoadError> {
+        let stream = self.stream(path)?;
+        collect(stream).await
+    }
+
+    /// Loads a plan made earlier.
+    pub async fn load_plan(&self, plan: LoadPlan) -> Result<Model, LoadError> {
+        collect(self.stream_plan(plan)?).await
+    }
+
+    /// [`load_plan`](Self::load_plan) for callers without an async runtime.
+    pub fn load_blocking_plan(&self, plan: LoadPlan) -> Result<Model, LoadError> {
+        tensorlift_io::block_on(self.load_plan(plan))
+    }
+
+    /// [`load`](Self::load) for callers without an async runtime: blocks this thread.
+    pub fn load_blocking(&self, path: impl AsRef<Path>) -> Result<Model, LoadError> {
+        tensorlift_io::block_on(self.load(path))
+    }
+}
+
+async fn collect(mut stream: TensorStream) -> Result<Model, LoadError> {
+    let span = tracing::info_span!("read", tensors = stream.plan().tensors().len());
+    async move {
+        let mut tensors = Vec::with_capacity(stream.plan().tensors().len());
+        while let Some(t) = stream.next().await {
+            tensors.push(t?);
+        }
+        Ok(Model::new(tensors, stream.stats().clone()))
+    }
+    .instrument(span)
+    .await
+}

@@ -1,0 +1,56 @@
+use std::time::Duration;
+
+use tensorlift_io::IoReport;
+
+/// Bytes done out of the total, reported as chunks land.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Bytes landed so far.
+    pub done: u64,
+    /// Bytes the load will move.
+    pub total: u64,
+}
+
+/// What a load did and how long it took.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct LoadStats {
+    /// Bytes of tensor data loaded.
+    pub bytes: u64,
+    /// Bytes read from files (tensor data plus alignment padding and gaps read through).
+    pub bytes_read: u64,
+    /// Tensors delivered.
+    pub tensors: usize,
+    /// Shards read.
+    pub shards: usize,
+    /// Wall time from the start of the load (planning included) to the last tensor.
+    pub wall: Duration,
+    /// Time the pipeline spent waiting for reads.
+    pub read_wait: Duration,
+    /// Time spent copying to the device (zero on the CPU path, which reads in place).
+    pub copy: Duration,
+    /// Where the tensors live (`cpu`, `cuda:N`).
+    pub device: String,
+    /// Why that device (a request, or the fallback reason).
+    pub device_reason: String,
+    /// The I/O backend and why it was chosen.
+    pub io: IoReport,
+    /// Shards read with O_DIRECT.
+    pub direct_shards: usize,
+    /// Shards read through the page cache.
+    pub buffered_shards: usize,
+    /// Most bytes ever in flight at once; never more than the staging budget.
+    pub max_in_flight_bytes: u64,
+}
+
+impl LoadStats {
+    /// Tensor bytes per second of wall time, in GB/s (10^9).
+    pub fn gbps(&self) -> f64 {
+        let s = self.wall.as_secs_f64();
+        if s > 0.0 {
+            self.bytes as f64 / s / 1e9
+        } else {
+            0.0
+        }
+    }
+}

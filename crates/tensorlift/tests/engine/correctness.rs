@@ -1,0 +1,172 @@
+//! Loaded bytes are identical to an independent reading of the file.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+use tensorlift::Dtype;
+
+use crate::support::*;
+
+#[test]
+fn single_file_every_dtype_every_backend() {
+    let dir = scratch();
+    let path = dir.join("quirky.safetensors");
+    let truth = write_shard(&path, &quirky());
+    for chunk in [4096, 1 << 20] {
+        for (what, loader) in loaders(chunk) {
+            let model = loader.load_blocking(&path).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_identical(&model, &truth, &what);
+            assert_eq!(model.get("scalar_f32").unwrap().shape(), &[] as &[usize]);
+            assert!(model.get("empty").unwrap().is_empty());
+        }
+    }
+}
+
+#[test]
+fn sharded_folder_every_backend() {
+    let dir = scratch();
+    let a: Vec<Spec<'_>> = vec![("embed", Dtype::BF16, &[1000, 64]), ("l0.w", Dtype::F16, &[64, 300])];
+    let b: Vec<Spec<'_>> = vec![("l1.w", Dtype::F16, &[64, 300]), ("norm", Dtype::F32, &[64])];
+    let c: Vec<Spec<'_>> = vec![("head", Dtype::BF16, &[513, 64])];
+    let truth = write_sharded(&dir, &[&a, &b, &c]);
+    for (what, loader) in loaders(64 << 10) {
+        let model = loader.load_blocking(&dir).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_identical(&model, &truth, &what);
+        assert_eq!(model.stats().shards, 3);
+        assert_eq!(model.stats().bytes, truth.values().map(|v| v.len() as u64).sum::<u64>());
+    }
+    // The index file and the folder name the same checkpoint.
+    let m = base().build().unwrap().load_blocking(dir.join("model.safetensors.index.json")).unwrap();
+    assert_identical(&m, &truth, "via index");
+}
+
+#[test]
+fn async_load_and_stream_match() {
+    let dir = scratch();
+    let path = dir.join("m.safetensors");
+    let truth = write_shard(&path, &quirky());
+    let loader = base().chunk_size(4096).build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).build().unwrap();
+    let model = rt.block_on(loader.load(&path)).unwrap();
+    assert_identical(&model, &truth, "async");
+    // The load future can be spawned (it is Send).
+    let loader = Arc::new(loader);
+    let l2 = Arc::clone(&loader);
+    let p2 = path.clone();
+    let spawned = rt.block_on(rt.spawn(async move { l2.load(&p2).await.map(|m| m.len()) })).unwrap().unwrap();
+    assert_eq!(spawned, truth.len());
+    let mut stream = loader.stream(&path).unwrap();
+    let mut seen = 0;
+    while let Some(t) = tensorlift::io::block_on(stream.next()) {
+        let t = t.unwrap();
+        assert!(t.bytes() == truth[t.name()].as_slice(), "{}", t.name());
+        seen += 1;
+    }
+    assert_eq!(seen, truth.len());
+    assert_eq!(stream.stats().tensors, truth.len());
+}
+
+#[test]
+fn stream_yields_tensors_before_the_load_ends() {
+    let dir = scratch();
+    let specs: Vec<(String, Dtype, Vec<usize>)> =
+        (0..32).map(|i| (format!("t{i:02}"), Dtype::F32, vec![64, 1024])).collect();
+    let specs_ref: Vec<Spec<'_>> = specs.iter().map(|(n, d, s)| (n.as_str(), *d, s.as_slice())).collect();
+    let path = dir.join("m.safetensors");
+    write_shard(&path, &specs_ref);
+    let done = Arc::new(AtomicU64::new(0));
+    let total = Arc::new(AtomicU64::new(0));
+    let (d, t) = (Arc::clone(&done), Arc::clone(&total));
+    let loader = base()
+        .chunk_size(64 << 10)
+        .staging_budget(128 << 10)
+        .progress(move |p| {
+            d.store(p.done, Ordering::SeqCst);
+            t.store(p.total, Ordering::SeqCst);
+        })
+        .build()
+        .unwrap();
+    let mut stream = loader.stream(&path).unwrap();
+    let first = tensorlift::io::block_on(stream.next()).unwrap().unwrap();
+    assert_eq!(first.name(), "t00");
+    let (d, t) = (done.load(Ordering::SeqCst), total.load(Ordering::SeqCst));
+    assert!(d < t / 4, "first tensor came after {d} of {t} bytes");
+    while tensorlift::io::block_on(stream.next()).is_some() {}
+    assert_eq!(done.load(Ordering::SeqCst), total.load(Ordering::SeqCst));
+}
+
+#[test]
+fn staging_budget_bounds_bytes_in_flight() {
+    let dir = scratch();
+    let path = dir.join("m.safetensors");
+    write_shard(&path, &[("a", Dtype::U8, &[5 << 20]), ("b", Dtype::U8, &[3 << 20])]);
+    for budget in [64 << 10, 1 << 20, 3 << 20] {
+        let loader = base().chunk_size(256 << 10).staging_budget(budget).queue_depth(1024).build().unwrap();
+        let model = loader.load_blocking(&path).unwrap();
+        let peak = model.stats().max_in_flight_bytes;
+        assert!(peak <= budget.max(256 << 10) as u64, "budget {budget}: peak {peak}");
+        assert!(peak > 0);
+    }
+}
+
+#[test]
+fn filter_reads_only_selected_tensors() {
+    let dir = scratch();
+    let a: Vec<Spec<'_>> =
+        vec![("model.layers.0.w", Dtype::F16, &[64, 64]), ("model.layers.1.w", Dtype::F16, &[1024, 1024])];
+    let b: Vec<Spec<'_>> = vec![("model.layers.10.w", Dtype::F16, &[64, 64]), ("lm_head", Dtype::F32, &[8])];
+    let truth = write_sharded(&dir, &[&a, &b]);
+    let loader = base().filter(["model.layers.?.w", "lm_head"]).build().unwrap();
+    let model = loader.load_blocking(&dir).unwrap();
+    let names: Vec<_> = model.tensors().iter().map(|t| t.name().to_owned()).collect();
+    assert_eq!(names, ["lm_head", "model.layers.0.w", "model.layers.1.w"]);
+    for n in &names {
+        assert!(model.get(n).unwrap().bytes() == truth[n].as_slice());
+    }
+    // Only the selected tensors' bytes (plus page padding) were read.
+    let selected: u64 = names.iter().map(|n| truth[n].len() as u64).sum();
+    assert!(model.stats().bytes_read < selected + 4 * 4096 + 2 * (1 << 20), "{}", model.stats().bytes_read);
+    let only_b = base().filter(["lm_head"]).build().unwrap().load_blocking(&dir).unwrap();
+    assert_eq!(only_b.stats().shards, 1);
+    assert!(matches!(base().filter(["[oops"]).build(), Err(tensorlift::LoadError::InvalidFilter { .. })));
+}
+
+#[test]
+fn reference_python_files_load_identically() {
+    let dir = scratch();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/reference/make_fixture.py");
+    let out =
+        Command::new("python3").arg(&script).arg(&dir).output().expect("python3 is needed for the reference tests");
+    assert!(out.status.success(), "pip install -r requirements-test.txt: {}", String::from_utf8_lossy(&out.stderr));
+    let manifest: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    for (what, loader) in loaders(4096) {
+        let single = loader.load_blocking(dir.join("single.safetensors")).unwrap();
+        let sharded = loader.load_blocking(dir.join("sharded")).unwrap();
+        assert_eq!(single.len() + sharded.len(), manifest.len());
+        for m in &manifest {
+            let name = m["name"].as_str().unwrap();
+            let model = if m["file"] == "single.safetensors" { &single } else { &sharded };
+            let t = model.get(name).unwrap();
+            let digest = format!("{:x}", Sha256::digest(t.bytes()));
+            assert_eq!(digest, m["sha256"].as_str().unwrap(), "{what}: {name}");
+            assert_eq!(t.dtype().to_string(), m["dtype"].as_str().unwrap());
+        }
+    }
+}
+
+#[test]
+fn device_choice() {
+    use tensorlift::{Device, LoadError, Loader};
+    assert_eq!(Loader::builder().device(Device::Auto).build().unwrap().device(), Device::Cpu);
+    match Loader::builder().device(Device::Cuda(0)).build() {
+        Err(LoadError::CudaUnavailable { ordinal: 0, reason }) => assert!(!reason.is_empty()),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!("cuda:3".parse::<Device>().unwrap(), Device::Cuda(3));
+    assert_eq!("cuda".parse::<Device>().unwrap(), Device::Cuda(0));
+    assert!("gpu".parse::<Device>().is_err());
+}

@@ -1,0 +1,100 @@
+//! Faults end the load cleanly with an error naming file and tensor.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tensorlift::io::BackendKind;
+use tensorlift::{Dtype, LoadError};
+
+use crate::support::*;
+
+#[test]
+fn truncated_during_the_load() {
+    let dir = scratch();
+    let path = dir.join("t.safetensors");
+    write_shard(
+        &path,
+        &[("first", Dtype::U8, &[64 << 10]), ("second", Dtype::U8, &[1 << 20]), ("third", Dtype::U8, &[100])],
+    );
+    for backend in [BackendKind::Uring, BackendKind::Pread] {
+        let original = std::fs::read(&path).unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let (c, p) = (Arc::clone(&cut), path.clone());
+        let loader = base()
+            .io_backend(backend)
+            .chunk_size(4096)
+            .staging_budget(4096)
+            .progress(move |_| {
+                // After the first chunk lands, cut the file inside "second".
+                if !c.swap(true, Ordering::SeqCst) {
+                    std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(200_000).unwrap();
+                }
+            })
+            .build()
+            .unwrap();
+        match loader.load_blocking(&path) {
+            Err(LoadError::Read { file, tensor, .. }) => {
+                assert_eq!(file, path.canonicalize().unwrap());
+                assert_eq!(tensor, "second", "{backend:?}");
+            }
+            other => panic!("{backend:?}: {other:?}"),
+        }
+        std::fs::write(&path, original).unwrap();
+    }
+}
+
+#[test]
+fn replaced_between_plan_and_load() {
+    let dir = scratch();
+    let path = dir.join("r.safetensors");
+    write_shard(&path, &[("a", Dtype::F32, &[100])]);
+    let loader = base().build().unwrap();
+    let plan = loader.plan(&path).unwrap();
+    // Same length, different header: another tensor name.
+    write_shard(&path, &[("b", Dtype::F32, &[100])]);
+    match loader.load_blocking_plan(plan.clone()) {
+        Err(LoadError::ShardChanged { what, .. }) => assert!(what.contains("header"), "{what}"),
+        other => panic!("{other:?}"),
+    }
+    // Different length.
+    write_shard(&path, &[("a", Dtype::F32, &[101])]);
+    match loader.load_blocking_plan(plan) {
+        Err(LoadError::ShardChanged { what, .. }) => assert!(what.contains("length"), "{what}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn missing_shard_and_bad_checkpoint() {
+    let dir = scratch();
+    let loader = base().build().unwrap();
+    let err = loader.load_blocking(dir.join("nope.safetensors")).unwrap_err();
+    assert!(matches!(err, LoadError::Format(_)), "{err}");
+    let json = br#"{"a":1}"#;
+    let mut bad = (json.len() as u64).to_le_bytes().to_vec();
+    bad.extend_from_slice(json);
+    std::fs::write(dir.join("bad.safetensors"), bad).unwrap();
+    let err = loader.load_blocking(dir.join("bad.safetensors")).unwrap_err();
+    assert!(err.to_string().contains("bad.safetensors") && err.to_string().contains("'a'"), "{err}");
+}
+
+#[test]
+fn io_fallbacks_still_load_identically() {
+    let dir = scratch();
+    let path = dir.join("f.safetensors");
+    let truth = write_shard(&path, &quirky());
+    let mut f = tensorlift::io::Faults::default();
+    f.refuse_uring = Some(libc_eperm());
+    f.refuse_direct = true;
+    f.max_read = Some(1000);
+    let loader = base().chunk_size(8192).io_faults(f).build().unwrap();
+    assert_eq!(loader.io_report().backend, BackendKind::Pread);
+    let model = loader.load_blocking(&path).unwrap();
+    assert_identical(&model, &truth, "pread, buffered, short reads");
+    assert_eq!(model.stats().direct_shards, 0);
+    assert!(model.stats().io.reason.contains("seccomp"));
+}
+
+fn libc_eperm() -> i32 {
+    1
+}

@@ -1,0 +1,6 @@
+//! Integration tests of the engine, one module per area.
+
+mod correctness;
+mod faults;
+mod support;
+mod views;

@@ -1,0 +1,114 @@
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use tensorlift::format::encode_header;
+use tensorlift::io::BackendKind;
+use tensorlift::{DirectIo, Dtype, Loader, LoaderBuilder, Model};
+
+pub type Spec<'a> = (&'a str, Dtype, &'a [usize]);
+
+/// Deterministic bytes, different for every tensor and offset.
+pub fn bytes_for(name: &str, len: usize) -> Vec<u8> {
+    let mut x = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3)) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 32) as u8
+        })
+        .collect()
+}
+
+/// Writes one shard and returns each tensor's bytes as written: the independent truth the
+/// loaded bytes are compared with.
+pub fn write_shard(path: &Path, tensors: &[Spec<'_>]) -> BTreeMap<String, Vec<u8>> {
+    let enc = encode_header(tensors, None).unwrap();
+    let mut file = enc.bytes.clone();
+    let mut truth = BTreeMap::new();
+    for ((name, _, _), (b, e)) in tensors.iter().zip(&enc.offsets) {
+        let data = bytes_for(name, (e - b) as usize);
+        file.extend_from_slice(&data);
+        truth.insert((*name).to_owned(), data);
+    }
+    std::fs::write(path, file).unwrap();
+    truth
+}
+
+/// A sharded folder with an index.
+pub fn write_sharded(dir: &Path, shards: &[&[Spec<'_>]]) -> BTreeMap<String, Vec<u8>> {
+    let mut truth = BTreeMap::new();
+    let mut map = serde_json::Map::new();
+    for (i, tensors) in shards.iter().enumerate() {
+        let name = format!("model-{:05}-of-{:05}.safetensors", i + 1, shards.len());
+        for (t, _, _) in *tensors {
+            map.insert((*t).to_owned(), name.clone().into());
+        }
+        truth.extend(write_shard(&dir.join(&name), tensors));
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(dir.join("model.safetensors.index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    truth
+}
+
+/// A scratch folder on the build's disk (where O_DIRECT works).
+pub fn scratch() -> PathBuf {
+    tempfile::Builder::new().prefix("tl-engine-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap().keep()
+}
+
+pub fn assert_identical(model: &Model, truth: &BTreeMap<String, Vec<u8>>, what: &str) {
+    assert_eq!(model.len(), truth.len(), "{what}: tensor count");
+    for (name, want) in truth {
+        let t = model.get(name).unwrap_or_else(|| panic!("{what}: {name} missing"));
+        assert!(t.bytes() == want.as_slice(), "{what}: {name} differs ({} vs {} bytes)", t.bytes().len(), want.len());
+    }
+}
+
+/// Every combination of backend and direct-I/O policy, with small chunks so that tensors
+/// span chunks and chunks span tensors.
+pub fn loaders(chunk: usize) -> Vec<(String, Loader)> {
+    let mut out = Vec::new();
+    for backend in [BackendKind::Uring, BackendKind::Pread, BackendKind::Mmap] {
+        for direct in [DirectIo::Always, DirectIo::Never, DirectIo::Auto] {
+            let l = base().io_backend(backend).direct_io(direct).chunk_size(chunk).build().unwrap();
+            out.push((format!("{backend}/{direct:?}/chunk {chunk}"), l));
+        }
+    }
+    out
+}
+
+pub fn base() -> LoaderBuilder {
+    Loader::builder().device(tensorlift::Device::Cpu).queue_depth(8)
+}
+
+/// Every dtype, scalars, zero-size tensors, odd sizes that misalign what follows.
+pub fn quirky() -> Vec<Spec<'static>> {
+    vec![
+        ("bool", Dtype::BOOL, &[3]),
+        ("f32_after_3_bytes", Dtype::F32, &[5, 7]),
+        ("u8", Dtype::U8, &[4097]),
+        ("i8", Dtype::I8, &[9]),
+        ("f8_e5m2", Dtype::F8_E5M2, &[11]),
+        ("f8_e4m3", Dtype::F8_E4M3, &[3, 3]),
+        ("f8_e8m0", Dtype::F8_E8M0, &[2]),
+        ("f8_e4m3fnuz", Dtype::F8_E4M3FNUZ, &[5]),
+        ("f8_e5m2fnuz", Dtype::F8_E5M2FNUZ, &[5]),
+        ("i16", Dtype::I16, &[33]),
+        ("u16", Dtype::U16, &[2, 2]),
+        ("f16", Dtype::F16, &[64, 65]),
+        ("bf16", Dtype::BF16, &[3000]),
+        ("scalar_f32", Dtype::F32, &[]),
+        ("empty", Dtype::F32, &[0, 16]),
+        ("i32", Dtype::I32, &[7]),
+        ("u32", Dtype::U32, &[1]),
+        ("f64", Dtype::F64, &[2, 3, 4]),
+        ("c64", Dtype::C64, &[3]),
+        ("i64", Dtype::I64, &[5]),
+        ("u64", Dtype::U64, &[2]),
+        ("f4", Dtype::F4, &[6]),
+        ("f6_e2m3", Dtype::F6_E2M3, &[4]),
+        ("f6_e3m2", Dtype::F6_E3M2, &[8]),
+        ("big", Dtype::F32, &[300, 1000]),
+        ("tail_u8", Dtype::U8, &[13]),
+    ]
+}
