@@ -38,14 +38,9 @@ impl HostArena {
     /// the page size). `None` if the memory cannot be allocated.
     pub fn new(len: usize, chunk: usize) -> Option<Arc<HostArena>> {
         let chunk = chunk.max(PAGE).next_multiple_of(PAGE);
-        let huge = len >= 2 << 20;
-        let mut mem = AlignedBuf::zeroed(len, if huge { 2 << 20 } else { PAGE })?;
+        // Large arenas are lazily zeroed huge-page maps (see AlignedBuf): no pass over memory.
+        let mut mem = AlignedBuf::zeroed(len, PAGE)?;
         let base = mem.stable_mut_ptr();
-        if huge {
-            // Fewer page faults while the kernel fills it; advice only, so failure is harmless.
-            // SAFETY: madvise on a range inside our own allocation changes no contents.
-            unsafe { libc::madvise(base.cast(), len, libc::MADV_HUGEPAGE) };
-        }
         let chunks = len.div_ceil(chunk);
         LIVE.fetch_add(1, Ordering::Relaxed);
         Some(Arc::new(HostArena {

@@ -49,15 +49,24 @@ unsafe impl IoBufMut for Box<[u8]> {
     }
 }
 
-/// A zero-filled heap buffer aligned for direct I/O (a page, by default).
+/// A zero-filled buffer aligned for direct I/O (a page, by default).
 ///
-/// Large buffers come from the allocator's `mmap` path, so their pages cost nothing until
-/// a read fills them.
+/// Buffers of [`MAP_THRESHOLD`] bytes or more are anonymous memory maps: the kernel supplies
+/// zero pages lazily, so creating one touches no memory (the allocator's `alloc_zeroed` would
+/// write zeros over every page of an over-aligned block first), and those of 2 MiB or more
+/// are 2 MiB-aligned and advised to use transparent huge pages, so filling them takes one
+/// page fault per 2 MiB instead of one per 4 KiB.
 #[derive(Debug)]
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     len: usize,
-    align: usize,
+    storage: Storage,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Storage {
+    Heap { align: usize },
+    Mapped { map_len: usize, map_start: NonNull<u8> },
 }
 
 // SAFETY: AlignedBuf uniquely owns its allocation, like a Box<[u8]>.
@@ -67,15 +76,54 @@ unsafe impl Sync for AlignedBuf {}
 
 /// Alignment suited to O_DIRECT on every common file system.
 pub const PAGE: usize = 4096;
+/// Buffers at least this large are memory maps rather than heap blocks.
+pub const MAP_THRESHOLD: usize = 256 << 10;
+const HUGE: usize = 2 << 20;
 
 impl AlignedBuf {
     /// `len` zero bytes aligned to `align` (a power of two). `None` if the layout is
     /// invalid or the allocation fails: the caller decides, nothing aborts.
     pub fn zeroed(len: usize, align: usize) -> Option<Self> {
+        if !align.is_power_of_two() {
+            return None;
+        }
+        if len >= MAP_THRESHOLD && align <= HUGE {
+            return Self::mapped(len, if len >= HUGE { HUGE } else { align.max(PAGE) });
+        }
         let layout = Layout::from_size_align(len.max(1), align).ok()?;
         // SAFETY: the layout has a non-zero size.
         let ptr = unsafe { alloc_zeroed(layout) };
-        Some(Self { ptr: NonNull::new(ptr)?, len, align })
+        Some(Self { ptr: NonNull::new(ptr)?, len, storage: Storage::Heap { align } })
+    }
+
+    fn mapped(len: usize, align: usize) -> Option<Self> {
+        // Map `align` extra bytes so that an aligned start lies inside; the slack stays
+        // mapped (never touched, so it costs no memory) and is unmapped with the rest.
+        let map_len = len.checked_add(align)?.next_multiple_of(PAGE);
+        // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return None;
+        }
+        let map_start = NonNull::new(p.cast::<u8>())?;
+        let skip = (align - (p as usize) % align) % align;
+        // SAFETY: skip < align, and the mapping is len + align bytes long.
+        let ptr = unsafe { map_start.add(skip) };
+        if align >= HUGE {
+            // Advice only: failure (THP disabled) leaves ordinary pages.
+            // SAFETY: the range lies inside our mapping and madvise changes no contents.
+            unsafe { libc::madvise(ptr.as_ptr().cast(), len, libc::MADV_HUGEPAGE) };
+        }
+        Some(Self { ptr, len, storage: Storage::Mapped { map_len, map_start } })
     }
 
     /// Number of bytes.
@@ -103,10 +151,18 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        // SAFETY: `zeroed` built this same layout with from_size_align, which checked it.
-        let layout = unsafe { Layout::from_size_align_unchecked(self.len.max(1), self.align) };
-        // SAFETY: allocated in `zeroed` with exactly this layout, and freed only here.
-        unsafe { dealloc(self.ptr.as_ptr(), layout) }
+        match self.storage {
+            Storage::Heap { align } => {
+                // SAFETY: `zeroed` built this same layout with from_size_align, which checked it.
+                let layout = unsafe { Layout::from_size_align_unchecked(self.len.max(1), align) };
+                // SAFETY: allocated in `zeroed` with exactly this layout, and freed only here.
+                unsafe { dealloc(self.ptr.as_ptr(), layout) }
+            }
+            Storage::Mapped { map_len, map_start } => {
+                // SAFETY: unmaps exactly the mapping made in `mapped`, once.
+                unsafe { libc::munmap(map_start.as_ptr().cast(), map_len) };
+            }
+        }
     }
 }
 

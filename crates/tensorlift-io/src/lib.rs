@@ -42,7 +42,7 @@ mod source;
 mod uring;
 
 pub use arena::{ArenaChunk, HostArena};
-pub use buf::{AlignedBuf, IoBufMut, PAGE};
+pub use buf::{AlignedBuf, IoBufMut, MAP_THRESHOLD, PAGE};
 pub use error::{IoError, ReadFailed, ReadResult};
 pub use file::{DioAlign, OpenFile};
 pub use probe::{kernel_release, memlock, uring_status, Memlock, UringStatus};

@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""tensorlift's CPU path against the reference Python reader, side by side in one run.
+
+Generates (once) a Llama-like sharded checkpoint of --size-gib with the reference writer,
+then alternates, for each cache mode:
+  - reference: safetensors.numpy.load_file over each shard, in this process;
+  - tensorlift: `tensorlift load --device cpu --json PATH` as a subprocess, timed from
+    outside, so its process start is counted against it.
+Cold runs evict every shard from the page cache first (posix_fadvise DONTNEED, no root);
+warm runs read every shard once first. Prints medians and the ratio, and with --json-out
+writes them as JSON.
+
+  python3 benches/cpu_vs_reference.py --tensorlift target/release/tensorlift
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+
+def make_checkpoint(folder, size_gib, shards):
+    index_path = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index_path):
+        return
+    os.makedirs(folder, exist_ok=True)
+    hidden, inter, vocab = 2048, 5632, 32000
+    layer = {"q": (hidden, hidden), "k": (hidden, hidden), "v": (hidden, hidden), "o": (hidden, hidden),
+             "gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter), "norm": (hidden,)}
+    per_layer = sum(int(np.prod(s)) * 2 for s in layer.values())
+    embed = vocab * hidden * 2
+    layers = max(1, int((size_gib * 2**30 - 2 * embed) // per_layer))
+    tensors = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        tensors += [(f"model.layers.{i}.{k}.weight", s) for k, s in layer.items()]
+    tensors += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+    rng = np.random.default_rng(0)
+    total = sum(int(np.prod(s)) * 2 for _, s in tensors)
+    per_shard = total / shards
+    weight_map, shard, acc, n = {}, {}, 0, 1
+    names = [f"model-{i:05d}-of-{shards:05d}.safetensors" for i in range(1, shards + 1)]
+    for name, shape in tensors:
+        shard[name] = rng.integers(0, 65535, size=shape, dtype=np.uint16).view(np.float16)
+        acc += shard[name].nbytes
+        if acc >= per_shard * n and n < shards:
+            save_file(shard, os.path.join(folder, names[n - 1]))
+            weight_map.update({k: names[n - 1] for k in shard})
+            shard, n = {}, n + 1
+    save_file(shard, os.path.join(folder, names[n - 1]))
+    weight_map.update({k: names[n - 1] for k in shard})
+    with open(index_path, "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+
+
+def shard_paths(folder):
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors"))
+
+
+def evict(paths):
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
+
+def warm(paths):
+    for p in paths:
+        with open(p, "rb") as f:
+            while f.read(16 << 20):
+                pass
+
+
+def run_reference(paths):
+    t = time.perf_counter()
+    loaded = [load_file(p) for p in paths]
+    dt = time.perf_counter() - t
+    nbytes = sum(a.nbytes for d in loaded for a in d.values())
+    del loaded
+    return dt, nbytes
+
+
+def run_tensorlift(binary, folder, extra):
+    t = time.perf_counter()
+    out = subprocess.run([binary, "load", "--device", "cpu", "--json", *extra, folder], check=True, capture_output=True, text=True)
+    dt = time.perf_counter() - t
+    return dt, json.loads(out.stdout)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tensorlift", default="target/release/tensorlift")
+    ap.add_argument("--dir", default="target/bench-checkpoints/cpu-vs-reference")
+    ap.add_argument("--size-gib", type=float, default=1.0)
+    ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--cache", choices=["warm", "cold", "both"], default="both")
+    ap.add_argument("--extra", default="", help="extra arguments for tensorlift load")
+    ap.add_argument("--json-out")
+    a = ap.parse_args()
+    folder = os.path.join(a.dir, f"{a.size_gib:g}GiB-{a.shards}shards")
+    make_checkpoint(folder, a.size_gib, a.shards)
+    paths = shard_paths(folder)
+    total = sum(os.path.getsize(p) for p in paths)
+    modes = ["warm", "cold"] if a.cache == "both" else [a.cache]
+    results = {"machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()},
+               "checkpoint": {"path": folder, "shards": len(paths), "bytes": total}, "modes": {}}
+    print(f"checkpoint: {folder}: {len(paths)} shards, {total / 1e9:.3f} GB; {a.runs} runs per engine and mode")
+    for mode in modes:
+        ref, tl, tl_inner = [], [], []
+        for _ in range(a.runs):
+            for engine in ("reference", "tensorlift"):
+                evict(paths) if mode == "cold" else warm(paths)
+                if engine == "reference":
+                    dt, nbytes = run_reference(paths)
+                    ref.append(dt)
+                else:
+                    dt, out = run_tensorlift(a.tensorlift, folder, a.extra.split())
+                    tl.append(dt)
+                    tl_inner.append(out["seconds"])
+                    nbytes_tl = out["bytes"]
+        assert nbytes == nbytes_tl, (nbytes, nbytes_tl)
+        r, t = statistics.median(ref), statistics.median(tl)
+        results["modes"][mode] = {"reference_s": r, "tensorlift_s": t, "tensorlift_in_process_s": statistics.median(tl_inner),
+                                  "reference_gbps": nbytes / r / 1e9, "tensorlift_gbps": nbytes / t / 1e9, "speedup": r / t,
+                                  "reference_runs": ref, "tensorlift_runs": tl}
+        print(f"{mode:>5}: reference {r:.3f} s ({nbytes / r / 1e9:.2f} GB/s)  tensorlift {t:.3f} s ({nbytes / t / 1e9:.2f} GB/s, "
+              f"{statistics.median(tl_inner):.3f} s in process)  speedup {r / t:.2f}x")
+    if a.json_out:
+        with open(a.json_out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
