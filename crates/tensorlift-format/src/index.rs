@@ -25,9 +25,10 @@ pub struct Index {
 impl Index {
     /// Shard names, deduplicated, in natural order.
     pub fn shard_names(&self) -> Vec<&str> {
-        let mut names: Vec<&str> = self.weight_map.values().map(String::as_str).collect();
+        // Deduplicate first: a few shards are named by 100,000s of entries.
+        let unique: std::collections::HashSet<&str> = self.weight_map.values().map(String::as_str).collect();
+        let mut names: Vec<&str> = unique.into_iter().collect();
         names.sort_by(|a, b| natural_cmp(a, b));
-        names.dedup();
         names
     }
 }

@@ -1,6 +1,6 @@
 //! Resolving a user's path into a validated [`LoadPlan`] over one or more shards.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -213,11 +213,12 @@ fn read_shard(source: &dyn CheckpointSource, path: PathBuf, name: String) -> Res
 /// Checks the index and the shard headers agree: every indexed tensor is in the shard the
 /// index names, and every shard tensor is indexed.
 fn check_against_index(index_path: &Path, index: &Index, shards: &[Shard]) -> Result<(), FormatError> {
-    let by_name: HashMap<&str, &Shard> = shards.iter().map(|s| (s.name.as_str(), s)).collect();
+    // Each shard's tensor names as a set: the index can list 100,000s of tensors.
+    let by_name: HashMap<&str, HashSet<&str>> =
+        shards.iter().map(|s| (s.name.as_str(), s.header.tensors.iter().map(|t| t.name.as_str()).collect())).collect();
     for (tensor, shard_name) in &index.weight_map {
         // Every shard name comes from this same weight_map, so the look-up always succeeds.
-        let shard = by_name[shard_name.as_str()];
-        if !shard.header.tensors.iter().any(|t| &t.name == tensor) {
+        if !by_name.get(shard_name.as_str()).is_some_and(|names| names.contains(tensor.as_str())) {
             return Err(FormatError::TensorNotInShard {
                 file: index_path.to_path_buf(),
                 tensor: tensor.clone(),
@@ -246,8 +247,9 @@ fn from_shards(
     index: Option<PathBuf>,
     shards: Vec<Shard>,
 ) -> Result<LoadPlan, FormatError> {
-    let mut owner: BTreeMap<&str, usize> = BTreeMap::new();
-    let mut tensors = Vec::new();
+    let count = shards.iter().map(|s| s.header.tensors.len()).sum();
+    let mut owner: HashMap<&str, usize> = HashMap::with_capacity(count);
+    let mut tensors = Vec::with_capacity(count);
     for (i, shard) in shards.iter().enumerate() {
         for t in &shard.header.tensors {
             if let Some(&first) = owner.get(t.name.as_str()) {

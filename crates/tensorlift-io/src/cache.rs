@@ -38,3 +38,16 @@ pub fn resident_fraction(path: &Path) -> io::Result<f64> {
     }
     Ok(vec.iter().filter(|&&b| b & 1 == 1).count() as f64 / pages as f64)
 }
+
+/// Bytes available to an unprivileged user on the file system holding `path` (statvfs).
+pub fn free_space(path: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: statvfs is plain data; all-zero is a valid value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c is a valid NUL-terminated path and st a writable statvfs.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}

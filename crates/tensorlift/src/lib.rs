@@ -46,3 +46,8 @@ pub use tensorlift_io as io;
 pub fn plan(path: impl AsRef<Path>) -> Result<LoadPlan, FormatError> {
     tensorlift_format::resolve(&tensorlift_io::FsSource, path.as_ref())
 }
+
+/// The README's examples, compiled as doctests so that they stay true to the API.
+#[doc = include_str!("../../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""Python loaders against tensorlift, on one GPU host, in one run.
+
+Times each installed Python loader loading every tensor of FOLDER onto a CUDA device,
+after CUDA is initialised (so no loader pays for context creation), and with
+--tensorlift, also `tensorlift load --device cuda:N --json FOLDER` on the same files:
+
+  safetensors           safe_open(..., device=...) + get_tensor (the reference)
+  fastsafetensors       SafeTensorsFileLoader(...).copy_files_to_device()
+  instanttensor         instanttensor.safe_open(..., device=...) + tensors(), cloned
+  runai-model-streamer  SafetensorsStreamer().stream_file() + get_tensors(), .to(device)
+
+A package that is not installed is skipped with a note; one whose API differs from what
+this script expects is reported as failed, with the exception. Cold runs evict every
+shard from the page cache first (posix_fadvise DONTNEED); warm runs read them once first.
+
+  python3 benches/peers/compare.py /models/llama --tensorlift ./tensorlift --runs 3
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+
+def shards(folder):
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors"))
+
+
+def evict(paths):
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
+
+def warm(paths):
+    for p in paths:
+        with open(p, "rb") as f:
+            while f.read(64 << 20):
+                pass
+
+
+def nbytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def load_safetensors(paths, device):
+    from safetensors import safe_open
+    out = []
+    for p in paths:
+        with safe_open(p, framework="pt", device=device) as f:
+            out += [f.get_tensor(k) for k in f.keys()]
+    return out
+
+
+def load_fastsafetensors(paths, device):
+    import torch
+    from fastsafetensors import SafeTensorsFileLoader, SingleGroup
+    loader = SafeTensorsFileLoader(SingleGroup(), torch.device(device), nogds=True)
+    loader.add_filenames({0: paths})
+    fb = loader.copy_files_to_device()
+    keys = list(fb.key_to_rank_lidx.keys()) if hasattr(fb, "key_to_rank_lidx") else None
+    if keys is None:
+        from safetensors import safe_open
+        keys = [k for p in paths for k in safe_open(p, framework="pt").keys()]
+    out = [fb.get_tensor(k).clone() for k in keys]
+    fb.close()
+    loader.close()
+    return out
+
+
+def load_instanttensor(paths, device):
+    from instanttensor import safe_open
+    index = int(device.split(":")[1]) if ":" in device else 0
+    out = []
+    for p in paths:
+        with safe_open(p, framework="pt", device=index) as f:
+            # The yielded tensors live in the loader's reusable buffers: copy them out.
+            out += [t.clone() for _, t in f.tensors()]
+    return out
+
+
+def load_runai(paths, device):
+    from runai_model_streamer import SafetensorsStreamer
+    out = []
+    with SafetensorsStreamer() as streamer:
+        for p in paths:
+            streamer.stream_file(p)
+            out += [t.to(device) for _, t in streamer.get_tensors()]
+    return out
+
+
+PEERS = {
+    "safetensors": ("safetensors", load_safetensors),
+    "fastsafetensors": ("fastsafetensors", load_fastsafetensors),
+    "instanttensor": ("instanttensor", load_instanttensor),
+    "runai-model-streamer": ("runai_model_streamer", load_runai),
+}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folder")
+    ap.add_argument("--device", default="cuda:0")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--cache", choices=["warm", "cold", "both"], default="both")
+    ap.add_argument("--tensorlift", help="path to the tensorlift binary, to time it in the same run")
+    ap.add_argument("--json-out")
+    a = ap.parse_args()
+    try:
+        import torch
+    except ImportError:
+        print("torch is not installed: this script needs PyTorch with CUDA", file=sys.stderr)
+        return 1
+    if not torch.cuda.is_available():
+        print("no CUDA device is visible to torch", file=sys.stderr)
+        return 1
+    torch.empty(1, device=a.device)
+    torch.cuda.synchronize()
+    paths = shards(a.folder)
+    total = sum(os.path.getsize(p) for p in paths)
+    print(f"{a.folder}: {len(paths)} shards, {total / 1e9:.2f} GB; device {torch.cuda.get_device_name(a.device)}")
+    import importlib.util
+    engines, notes = {}, {}
+    for name, (module, fn) in PEERS.items():
+        if importlib.util.find_spec(module) is None:
+            notes[name] = f"skipped: python package '{module}' is not installed"
+        else:
+            engines[name] = fn
+    results = {"folder": a.folder, "bytes": total, "device": torch.cuda.get_device_name(a.device), "modes": {}, "notes": notes}
+    modes = ["warm", "cold"] if a.cache == "both" else [a.cache]
+    for mode in modes:
+        times = {n: [] for n in engines}
+        if a.tensorlift:
+            times["tensorlift"] = []
+        moved = {}
+        for _ in range(a.runs):
+            for name in list(times):
+                evict(paths) if mode == "cold" else warm(paths)
+                try:
+                    t = time.perf_counter()
+                    if name == "tensorlift":
+                        out = subprocess.run([a.tensorlift, "load", "--device", a.device, "--json", a.folder], check=True, capture_output=True, text=True)
+                        moved[name] = json.loads(out.stdout)["bytes"]
+                    else:
+                        tensors = engines[name](paths, a.device)
+                        torch.cuda.synchronize()
+                        moved[name] = nbytes(tensors)
+                    times[name].append(time.perf_counter() - t)
+                    tensors = None
+                    torch.cuda.empty_cache()
+                except Exception as e:  # a peer's API changed, or it does not run here
+                    notes[name] = f"failed: {type(e).__name__}: {e}"
+                    times.pop(name)
+        results["modes"][mode] = {n: {"median_s": statistics.median(v), "gbps": moved[n] / statistics.median(v) / 1e9, "runs_s": v} for n, v in times.items() if v}
+        print(f"\n{mode} cache, median of {a.runs} runs")
+        for n, r in sorted(results["modes"][mode].items(), key=lambda kv: kv[1]["median_s"]):
+            print(f"  {n:<22} {r['median_s']:8.3f} s {r['gbps']:8.2f} GB/s")
+    for n, why in notes.items():
+        print(f"{n}: {why}")
+    if a.json_out:
+        with open(a.json_out, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+//! What is measured: tensorlift, the baselines, and the limits.
+
+use std::any::Any;
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use tensorlift::io::{AlignedBuf, BackendKind, OpenFile, Reader};
+use tensorlift::Loader;
+
+/// Something to time: loads the checkpoint and returns the bytes moved, plus whatever holds
+/// the loaded memory (dropped after the clock stops, as a server would keep it).
+pub type Run = Box<dyn Fn(&Checkpoint) -> anyhow::Result<(u64, Box<dyn Any>)>>;
+
+/// The checkpoint under test.
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub shards: Vec<PathBuf>,
+    pub bytes: u64,
+    pub file_bytes: u64,
+    pub tensors: usize,
+}
+
+impl Checkpoint {
+    pub fn open(dir: &Path) -> anyhow::Result<Checkpoint> {
+        let plan = tensorlift::plan(dir)?;
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            shards: plan.shards().iter().map(|s| s.path.clone()).collect(),
+            bytes: plan.total_bytes(),
+            file_bytes: plan.shards().iter().map(|s| s.file_len).sum(),
+            tensors: plan.tensors().len(),
+        })
+    }
+}
+
+/// Whether an entry is an engine (loads tensors) or a limit (moves bytes into nothing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Engine,
+    Limit,
+}
+
+pub struct Entry {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub run: Run,
+}
+
+pub fn tensorlift(loader: Arc<Loader>) -> Entry {
+    Entry {
+        name: "tensorlift",
+        kind: Kind::Engine,
+        run: Box::new(move |c| {
+            let model = loader.load_blocking(&c.dir)?;
+            Ok((model.stats().bytes, Box::new(model)))
+        }),
+    }
+}
+
+/// Reads each shard whole into a Vec, parses the header with the reference crate, copies
+/// each tensor out.
+pub fn std_read() -> Entry {
+    Entry {
+        name: "std-read",
+        kind: Kind::Engine,
+        run: Box::new(|c| {
+            let mut out: Vec<Vec<u8>> = Vec::new();
+            let mut bytes = 0;
+            for p in &c.shards {
+                let buf = std::fs::read(p).with_context(|| p.display().to_string())?;
+                let (n, meta) = safetensors::SafeTensors::read_metadata(&buf)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+                for info in meta.tensors().values() {
+                    let (b, e) = info.data_offsets;
+                    out.push(buf[8 + n + b..8 + n + e].to_vec());
+                    bytes += (e - b) as u64;
+                }
+            }
+            Ok((bytes, Box::new(out)))
+        }),
+    }
+}
+
+fn map_shards(c: &Checkpoint) -> anyhow::Result<(Reader, Vec<Arc<OpenFile>>)> {
+    let r = Reader::builder().backend(BackendKind::Mmap).build();
+    let files = c.shards.iter().map(|p| r.open(p)).collect::<Result<Vec<_>, _>>()?;
+    for f in &files {
+        r.map(f)?;
+    }
+    Ok((r, files))
+}
+
+/// Memory-maps each shard and copies each tensor out, by offsets from tensorlift's plan.
+pub fn mmap_copy() -> Entry {
+    Entry {
+        name: "mmap-copy",
+        kind: Kind::Engine,
+        run: Box::new(|c| {
+            let plan = tensorlift::plan(&c.dir)?;
+            let (_r, files) = map_shards(c)?;
+            let mut out = Vec::with_capacity(plan.tensors().len());
+            for t in plan.tensors() {
+                let map = files[t.shard].mapped().context("mapping vanished")?;
+                out.push(map[t.file_range.start as usize..t.file_range.end as usize].to_vec());
+            }
+            Ok((plan.total_bytes(), Box::new(out)))
+        }),
+    }
+}
+
+/// The reference crate: `SafeTensors::deserialize` on a memory map, then a copy per tensor.
+pub fn safetensors_crate() -> Entry {
+    Entry {
+        name: "safetensors-crate",
+        kind: Kind::Engine,
+        run: Box::new(|c| {
+            let (_r, files) = map_shards(c)?;
+            let mut out = Vec::new();
+            let mut bytes = 0;
+            for f in &files {
+                let map = f.mapped().context("mapping vanished")?;
+                let st = safetensors::SafeTensors::deserialize(map)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", f.path().display()))?;
+                for (_, view) in st.tensors() {
+                    bytes += view.data().len() as u64;
+                    out.push(view.data().to_vec());
+                }
+            }
+            Ok((bytes, Box::new(out)))
+        }),
+    }
+}
+
+/// Sequential reads of every shard at depth into reused buffers: O_DIRECT when cold (the
+/// storage limit), buffered when warm (the page-cache copy limit; O_DIRECT would bypass it).
+pub fn read_limit(direct: bool) -> Entry {
+    Entry {
+        name: "read-limit",
+        kind: Kind::Limit,
+        run: Box::new(move |c| {
+            const CHUNK: usize = 4 << 20;
+            const WINDOW: usize = 32;
+            let r = Reader::builder().backend(BackendKind::Uring).queue_depth(WINDOW as u32).direct(direct).build();
+            let files = c.shards.iter().map(|p| r.open(p)).collect::<Result<Vec<_>, _>>()?;
+            let mut jobs: VecDeque<(usize, u64, usize)> = VecDeque::new();
+            let mut offsets = vec![0u64; files.len()];
+            while offsets.iter().zip(&files).any(|(o, f)| *o < f.len()) {
+                for (i, f) in files.iter().enumerate() {
+                    if offsets[i] < f.len() {
+                        let n = (f.len() - offsets[i]).min(CHUNK as u64) as usize;
+                        jobs.push_back((i, offsets[i], n));
+                        offsets[i] += n as u64;
+                    }
+                }
+            }
+            let mut pool: Vec<AlignedBuf> = (0..WINDOW).filter_map(|_| AlignedBuf::zeroed(CHUNK, 4096)).collect();
+            let mut in_flight = VecDeque::new();
+            let mut bytes = 0;
+            while !jobs.is_empty() || !in_flight.is_empty() {
+                while !jobs.is_empty() && !pool.is_empty() {
+                    let (Some((i, off, n)), Some(buf)) = (jobs.pop_front(), pool.pop()) else { break };
+                    in_flight.push_back(r.read(&files[i], off, buf, 0, n));
+                    bytes += n as u64;
+                }
+                if let Some(f) = in_flight.pop_front() {
+                    pool.push(f.wait().map_err(|e| e.error)?);
+                }
+            }
+            Ok((bytes, Box::new(())))
+        }),
+    }
+}

@@ -1,0 +1,187 @@
+//! `loader-bench`: tensorlift's load time against baselines and hardware limits, measured
+//! side by side in one run on the same files.
+//!
+//! With no arguments it generates (once) a Llama-like synthetic checkpoint sized to the
+//! machine and measures it warm and cold. See docs/BENCHMARKS.md for the method.
+#![forbid(unsafe_code)]
+
+mod engines;
+mod report;
+mod synthetic;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use tensorlift::{Device, Loader};
+
+use crate::engines::{Checkpoint, Entry};
+use crate::report::{Mode, Report};
+use crate::synthetic::SynthDtype;
+
+#[derive(Debug, Parser)]
+#[command(name = "loader-bench", version, about = "Measure tensorlift's load time against baselines and limits")]
+struct Args {
+    /// Generate (once, then reuse) a synthetic checkpoint of this size: 512M, 2G, 16GiB.
+    /// The default, without --dir, is sized to the machine.
+    #[arg(long, value_parser = synthetic::parse_size, conflicts_with = "dir")]
+    synthetic: Option<u64>,
+    /// Shards of the synthetic checkpoint.
+    #[arg(long, default_value_t = 4)]
+    shards: usize,
+    /// Element type of the synthetic checkpoint.
+    #[arg(long, value_enum, default_value = "bf16")]
+    dtype: SynthDtype,
+    /// Measure this checkpoint (a folder, an index JSON or a .safetensors file) instead.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Where synthetic checkpoints are kept.
+    #[arg(long, env = "TENSORLIFT_BENCH_CACHE")]
+    cache_dir: Option<PathBuf>,
+    /// Where tensorlift loads: auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Runs of each engine per cache mode (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Page-cache state before each run.
+    #[arg(long, value_enum, default_value = "both")]
+    cache: CacheArg,
+    /// Baselines to run, comma-separated: std-read, mmap-copy, safetensors-crate,
+    /// per-tensor-htod (GPU), or `none`.
+    #[arg(long, value_delimiter = ',', default_value = "std-read,mmap-copy,safetensors-crate,per-tensor-htod")]
+    baselines: Vec<String>,
+    /// Print one JSON object instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum CacheArg {
+    Warm,
+    Cold,
+    Both,
+}
+
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+        }
+    };
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+const KNOWN: [&str; 4] = ["std-read", "mmap-copy", "safetensors-crate", "per-tensor-htod"];
+
+fn run(args: &Args) -> anyhow::Result<()> {
+    for b in &args.baselines {
+        if b != "none" && !KNOWN.contains(&b.as_str()) {
+            bail!("unknown baseline '{b}' (known: {}, none)", KNOWN.join(", "));
+        }
+    }
+    let device: Device = args.device.parse()?;
+    let loader = Arc::new(Loader::builder().device(device).build()?);
+    let dir = match &args.dir {
+        Some(d) => d.clone(),
+        None => {
+            let cache = args.cache_dir.clone().unwrap_or_else(default_cache);
+            let size = args.synthetic.unwrap_or_else(|| synthetic::default_size(&cache));
+            synthetic::ensure(&cache, size, args.shards, args.dtype)?
+        }
+    };
+    let ckpt = Checkpoint::open(&dir).with_context(|| format!("planning {}", dir.display()))?;
+    let modes: Vec<Mode> = match args.cache {
+        CacheArg::Warm => vec![Mode::Warm],
+        CacheArg::Cold => vec![Mode::Cold],
+        CacheArg::Both => vec![Mode::Warm, Mode::Cold],
+    };
+    let gpu = loader.device() != Device::Cpu;
+    let mut report = Report::new(&ckpt, &loader, args.runs.max(1));
+    for b in &args.baselines {
+        if b == "per-tensor-htod" && !gpu {
+            report.skip(b, "needs a CUDA device; tensorlift is loading to the host");
+        }
+    }
+    if !gpu {
+        report.skip("h2d-limit", "needs a CUDA device; tensorlift is loading to the host");
+    }
+    let bar = progress(modes.len() as u64 * args.runs.max(1) as u64 * (2 + args.baselines.len() as u64));
+    for mode in modes {
+        let mut entries: Vec<Entry> = vec![engines::tensorlift(Arc::clone(&loader))];
+        for b in &args.baselines {
+            match b.as_str() {
+                "std-read" => entries.push(engines::std_read()),
+                "mmap-copy" => entries.push(engines::mmap_copy()),
+                "safetensors-crate" => entries.push(engines::safetensors_crate()),
+                _ => {}
+            }
+        }
+        entries.push(engines::read_limit(mode == Mode::Cold));
+        for _ in 0..args.runs.max(1) {
+            // Engines alternate within each round, so all of them meet the same conditions.
+            for e in &entries {
+                prepare(&ckpt, mode)?;
+                let t = Instant::now();
+                let (bytes, held) = (e.run)(&ckpt).with_context(|| format!("{} ({})", e.name, mode.name()))?;
+                let secs = t.elapsed().as_secs_f64();
+                drop(held);
+                report.record(mode, e.name, e.kind, bytes, secs);
+                if let Some(b) = &bar {
+                    b.inc(1);
+                }
+            }
+        }
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report.to_json())?);
+    } else {
+        print!("{}", report.to_text());
+    }
+    Ok(())
+}
+
+/// Puts every shard in the page-cache state the mode needs.
+fn prepare(ckpt: &Checkpoint, mode: Mode) -> anyhow::Result<()> {
+    for p in &ckpt.shards {
+        match mode {
+            Mode::Cold => tensorlift::io::cache::evict(p).with_context(|| format!("evicting {}", p.display()))?,
+            Mode::Warm => {
+                std::io::copy(&mut std::fs::File::open(p)?, &mut std::io::sink())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn default_cache() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("tensorlift/bench")
+}
+
+fn progress(steps: u64) -> Option<indicatif::ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(steps);
+    bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} runs, eta {eta}").ok()?);
+    Some(bar)
+}

@@ -1,0 +1,196 @@
+//! Tables and JSON of what was measured.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use serde_json::json;
+use tensorlift::Loader;
+
+use crate::engines::{Checkpoint, Kind};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Mode {
+    Warm,
+    Cold,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Warm => "warm",
+            Mode::Cold => "cold",
+        }
+    }
+}
+
+struct Measured {
+    kind: Kind,
+    bytes: u64,
+    secs: Vec<f64>,
+}
+
+impl Measured {
+    fn median(&self) -> f64 {
+        let mut v = self.secs.clone();
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        }
+    }
+    fn gbps(&self) -> f64 {
+        self.bytes as f64 / self.median() / 1e9
+    }
+}
+
+pub struct Report {
+    checkpoint: serde_json::Value,
+    machine: serde_json::Value,
+    backends: serde_json::Value,
+    runs: usize,
+    // Insertion order of names, per mode.
+    modes: BTreeMap<Mode, Vec<(&'static str, Measured)>>,
+    skipped: Vec<(String, String)>,
+}
+
+impl Report {
+    pub fn new(c: &Checkpoint, loader: &Loader, runs: usize) -> Report {
+        let io = loader.io_report();
+        Report {
+            checkpoint: json!({"path": c.dir.display().to_string(), "shards": c.shards.len(), "tensors": c.tensors, "bytes": c.bytes, "file_bytes": c.file_bytes}),
+            machine: machine(),
+            backends: json!({"device": loader.device().to_string(), "io": io.backend.to_string(), "io_reason": io.reason, "io_uring": io.uring.to_string()}),
+            runs,
+            modes: BTreeMap::new(),
+            skipped: Vec::new(),
+        }
+    }
+
+    pub fn skip(&mut self, name: &str, why: &str) {
+        self.skipped.push((name.to_owned(), why.to_owned()));
+    }
+
+    pub fn record(&mut self, mode: Mode, name: &'static str, kind: Kind, bytes: u64, secs: f64) {
+        let list = self.modes.entry(mode).or_default();
+        match list.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, m)) => m.secs.push(secs),
+            None => list.push((name, Measured { kind, bytes, secs: vec![secs] })),
+        }
+    }
+
+    fn tensorlift(list: &[(&'static str, Measured)]) -> Option<f64> {
+        list.iter().find(|(n, _)| *n == "tensorlift").map(|(_, m)| m.gbps())
+    }
+
+    pub fn to_text(&self) -> String {
+        let mut s = String::new();
+        let c = &self.checkpoint;
+        let _ = writeln!(
+            s,
+            "checkpoint: {} ({} shards, {} tensors, {:.3} GB)",
+            c["path"].as_str().unwrap_or(""),
+            c["shards"],
+            c["tensors"],
+            c["bytes"].as_f64().unwrap_or(0.0) / 1e9
+        );
+        let _ = writeln!(s, "machine: {}", self.machine["summary"].as_str().unwrap_or(""));
+        let _ = writeln!(
+            s,
+            "tensorlift: device {}, io {} ({})",
+            self.backends["device"].as_str().unwrap_or(""),
+            self.backends["io"].as_str().unwrap_or(""),
+            self.backends["io_reason"].as_str().unwrap_or("")
+        );
+        for (mode, list) in &self.modes {
+            let tl = Self::tensorlift(list).unwrap_or(f64::NAN);
+            let _ = writeln!(s, "\n{} cache, median of {} runs", mode.name(), self.runs);
+            let _ = writeln!(s, "  {:<20} {:>9} {:>10} {:>14}", "engine", "seconds", "GB/s", "vs tensorlift");
+            for (name, m) in list.iter().filter(|(_, m)| m.kind == Kind::Engine) {
+                let _ = writeln!(s, "  {:<20} {:>9.3} {:>10.2} {:>13.2}x", name, m.median(), m.gbps(), m.gbps() / tl);
+            }
+            let _ = writeln!(s, "  {:<20} {:>9} {:>10} {:>14}", "limit", "seconds", "GB/s", "tensorlift at");
+            for (name, m) in list.iter().filter(|(_, m)| m.kind == Kind::Limit) {
+                let _ = writeln!(
+                    s,
+                    "  {:<20} {:>9.3} {:>10.2} {:>13.0}%",
+                    name,
+                    m.median(),
+                    m.gbps(),
+                    100.0 * tl / m.gbps()
+                );
+            }
+        }
+        if !self.skipped.is_empty() {
+            let _ = writeln!(s);
+            for (n, why) in &self.skipped {
+                let _ = writeln!(s, "skipped {n}: {why}");
+            }
+        }
+        s
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut modes = serde_json::Map::new();
+        for (mode, list) in &self.modes {
+            let tl = Self::tensorlift(list);
+            let entry = |m: &Measured| json!({"median_seconds": m.median(), "gbps": m.gbps(), "bytes": m.bytes, "runs_seconds": m.secs});
+            let engines: serde_json::Map<_, _> = list
+                .iter()
+                .filter(|(_, m)| m.kind == Kind::Engine)
+                .map(|(n, m)| {
+                    let mut e = entry(m);
+                    e["ratio_to_tensorlift"] = json!(tl.map(|t| m.gbps() / t));
+                    ((*n).to_owned(), e)
+                })
+                .collect();
+            let limits: serde_json::Map<_, _> = list
+                .iter()
+                .filter(|(_, m)| m.kind == Kind::Limit)
+                .map(|(n, m)| {
+                    let mut e = entry(m);
+                    e["tensorlift_fraction"] = json!(tl.map(|t| t / m.gbps()));
+                    ((*n).to_owned(), e)
+                })
+                .collect();
+            modes.insert(mode.name().into(), json!({"engines": engines, "limits": limits}));
+        }
+        let skipped: serde_json::Map<_, _> = self.skipped.iter().map(|(n, w)| (n.clone(), json!(w))).collect();
+        json!({
+            "checkpoint": self.checkpoint,
+            "machine": self.machine,
+            "backends": self.backends,
+            "runs": self.runs,
+            "modes": modes,
+            "skipped": skipped,
+        })
+    }
+}
+
+fn machine() -> serde_json::Value {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map_or("unknown", str::trim)
+        .to_owned();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib << 10);
+    let kernel = tensorlift::io::kernel_release().unwrap_or_default();
+    json!({
+        "cpus": cpus,
+        "cpu_model": model,
+        "memory_bytes": mem,
+        "kernel": kernel,
+        "summary": format!("{cpus} CPUs ({model}), {:.0} GiB, Linux {kernel}", mem as f64 / (1u64 << 30) as f64),
+    })
+}

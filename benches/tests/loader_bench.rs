@@ -1,0 +1,70 @@
+//! loader-bench end to end on a small synthetic checkpoint: the report holds every engine
+//! and limit with consistent numbers, and bad arguments are refused.
+
+use std::process::Command;
+
+fn bench(args: &[&str], cache: &std::path::Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_loader-bench")).args(args).arg("--cache-dir").arg(cache).output().unwrap()
+}
+
+#[test]
+fn json_report_has_engines_limits_and_skips() {
+    let cache = tempfile::tempdir().unwrap();
+    let out = bench(
+        &["--synthetic", "24M", "--shards", "3", "--dtype", "mixed", "--runs", "2", "--device", "cpu", "--json"],
+        cache.path(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["checkpoint"]["shards"], 3);
+    let bytes = v["checkpoint"]["bytes"].as_u64().unwrap();
+    assert!(bytes > 16 << 20 && bytes < 40 << 20, "{bytes}");
+    assert_eq!(v["backends"]["device"], "cpu");
+    for mode in ["warm", "cold"] {
+        let m = &v["modes"][mode];
+        for e in ["tensorlift", "std-read", "mmap-copy", "safetensors-crate"] {
+            let e = &m["engines"][e];
+            assert_eq!(e["bytes"].as_u64(), Some(bytes), "{mode}: every engine moves every tensor byte");
+            assert_eq!(e["runs_seconds"].as_array().unwrap().len(), 2);
+            assert!(e["gbps"].as_f64().unwrap() > 0.0);
+        }
+        assert!((m["engines"]["tensorlift"]["ratio_to_tensorlift"].as_f64().unwrap() - 1.0).abs() < 1e-9);
+        let limit = &m["limits"]["read-limit"];
+        assert!(limit["bytes"].as_u64().unwrap() >= bytes, "reads whole files");
+        assert!(limit["tensorlift_fraction"].as_f64().unwrap() > 0.0);
+    }
+    assert!(v["skipped"]["per-tensor-htod"].as_str().unwrap().contains("CUDA"));
+    assert!(v["skipped"]["h2d-limit"].is_string());
+    // The second run reuses the generated checkpoint.
+    let out = bench(
+        &[
+            "--synthetic",
+            "24M",
+            "--shards",
+            "3",
+            "--dtype",
+            "mixed",
+            "--runs",
+            "1",
+            "--cache",
+            "warm",
+            "--baselines",
+            "none",
+        ],
+        cache.path(),
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("generating"), "regenerated");
+    assert!(text.contains("warm cache") && !text.contains("cold cache") && !text.contains("std-read"), "{text}");
+}
+
+#[test]
+fn bad_arguments() {
+    let cache = tempfile::tempdir().unwrap();
+    assert_eq!(bench(&["--baselines", "torch"], cache.path()).status.code(), Some(1));
+    assert_eq!(bench(&["--synthetic", "lots"], cache.path()).status.code(), Some(2));
+    assert_eq!(bench(&["--dir", "/nonexistent/model"], cache.path()).status.code(), Some(1));
+    let out = bench(&["--synthetic", "24M", "--device", "cuda:0"], cache.path());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("CUDA"));
+}
