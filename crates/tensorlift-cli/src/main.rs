@@ -4,6 +4,7 @@
 //! 2 usage.
 #![forbid(unsafe_code)]
 
+mod doctor;
 mod inspect;
 mod load;
 
@@ -32,6 +33,15 @@ enum Command {
     },
     /// Load every tensor through the engine and report the speed (and digests).
     Load(load::Args),
+    /// Report the GPU, io_uring, O_DIRECT, memlock, and what a load would choose.
+    Doctor {
+        /// Where checkpoints live, to test O_DIRECT on (a file or a folder).
+        #[arg(long, default_value = ".")]
+        path: PathBuf,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -52,6 +62,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Inspect { path, json } => inspect::run(&path, json, &mut out),
         Command::Load(args) => load::run(&args, &mut out),
+        Command::Doctor { path, json } => doctor::run(&path, json, &mut out),
     };
     let result = result.and_then(|()| out.flush().map_err(anyhow::Error::from));
     match result {

@@ -8,7 +8,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::IoError;
 
@@ -158,4 +158,59 @@ fn dio_align(path: &Path) -> io::Result<Option<DioAlign>> {
         return Ok(None);
     }
     Ok(Some(DioAlign { memory: stx.stx_dio_mem_align, offset: stx.stx_dio_offset_align }))
+}
+
+/// Whether O_DIRECT works for a path, found by doing it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectSupport {
+    /// The file that was tried.
+    pub tried: PathBuf,
+    /// Its direct-I/O alignment (statx, or 4096 when unknown).
+    pub align: DioAlign,
+    /// `None` if a direct read worked, else why not.
+    pub refused: Option<String>,
+}
+
+/// Tries a direct read on `path`: the file itself, or for a folder its first
+/// `.safetensors` file, or else a scratch file created there (and removed).
+pub fn direct_io_support(path: &Path) -> Result<DirectSupport, IoError> {
+    let open_err = |source| IoError::Open { file: path.to_path_buf(), source };
+    let meta = std::fs::metadata(path).map_err(open_err)?;
+    let mut scratch = None;
+    let file = if meta.is_dir() {
+        let found = std::fs::read_dir(path)
+            .map_err(open_err)?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|e| e == "safetensors") && p.is_file());
+        match found {
+            Some(f) => f,
+            None => {
+                let f = path.join(format!(".tensorlift-direct-probe-{}", std::process::id()));
+                std::fs::write(&f, vec![0u8; 8192]).map_err(open_err)?;
+                scratch = Some(f.clone());
+                f
+            }
+        }
+    } else {
+        path.to_path_buf()
+    };
+    let result = try_direct(&file);
+    if let Some(s) = scratch {
+        let _ = std::fs::remove_file(s);
+    }
+    result
+}
+
+fn try_direct(file: &Path) -> Result<DirectSupport, IoError> {
+    let reader = crate::Reader::builder().backend(crate::BackendKind::Pread).pread_threads(1).build();
+    let f = Arc::new(OpenFile::open(file, true, false)?);
+    if f.is_direct() && f.len() >= f.align.offset as u64 {
+        let n = f.align.offset as usize;
+        let buf = crate::AlignedBuf::zeroed(n, (f.align.memory as usize).max(crate::PAGE)).ok_or_else(|| {
+            IoError::Open { file: file.to_path_buf(), source: io::Error::from(io::ErrorKind::OutOfMemory) }
+        })?;
+        reader.read(&f, 0, buf, 0, n).wait().map_err(|e| e.error)?;
+    }
+    Ok(DirectSupport { tried: file.to_path_buf(), align: f.align, refused: f.buffered_reason() })
 }

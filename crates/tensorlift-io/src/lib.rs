@@ -44,7 +44,7 @@ mod uring;
 pub use arena::{ArenaChunk, HostArena};
 pub use buf::{AlignedBuf, IoBufMut, MAP_THRESHOLD, PAGE};
 pub use error::{IoError, ReadFailed, ReadResult};
-pub use file::{DioAlign, OpenFile};
+pub use file::{direct_io_support, DioAlign, DirectSupport, OpenFile};
 pub use probe::{kernel_release, memlock, uring_status, Memlock, UringStatus};
 pub use reader::{block_on, BackendKind, Faults, FixedBuffers, IoReport, ReadFuture, Reader, ReaderBuilder, IO_ENV};
 pub use source::FsSource;

@@ -166,14 +166,20 @@ impl LoaderBuilder {
     }
 }
 
-/// Decides where tensors go. The CUDA path is not built yet, so a CUDA request fails
-/// with the reason and `Auto` chooses the host, saying why.
+/// Decides where tensors go. The CUDA copy engine is not built yet: a CUDA request fails
+/// with the reason (the probe's, when there is no usable driver), and `Auto` chooses the
+/// host, saying why.
 fn resolve_device(requested: Device, why: String) -> Result<(Device, String), LoadError> {
-    const NO_CUDA: &str = "the CUDA path is not available in this build yet";
+    let cuda = match tensorlift_cuda::cuda_status() {
+        tensorlift_cuda::CudaStatus::Available(d) => {
+            format!("CUDA driver {} is present, but this build has no CUDA copy engine yet", d.version_string())
+        }
+        tensorlift_cuda::CudaStatus::Unavailable(reason) => reason.clone(),
+    };
     match requested {
         Device::Cpu => Ok((Device::Cpu, why)),
-        Device::Auto => Ok((Device::Cpu, format!("auto: {NO_CUDA}"))),
-        Device::Cuda(ordinal) => Err(LoadError::CudaUnavailable { ordinal, reason: NO_CUDA.into() }),
+        Device::Auto => Ok((Device::Cpu, format!("auto: {cuda}"))),
+        Device::Cuda(ordinal) => Err(LoadError::CudaUnavailable { ordinal, reason: cuda }),
     }
 }
 

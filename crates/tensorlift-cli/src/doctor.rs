@@ -1,0 +1,104 @@
+//! `tensorlift doctor`: every run-time fact a load depends on, and what it would choose.
+
+use std::io::Write;
+use std::path::Path;
+
+use serde_json::json;
+use tensorlift::io::{direct_io_support, kernel_release, memlock, Memlock};
+use tensorlift_cuda::CudaStatus;
+
+pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
+    let cuda = tensorlift_cuda::cuda_status();
+    let loader = tensorlift::Loader::builder().build()?;
+    let io = loader.io_report();
+    let direct = direct_io_support(path);
+    let memlock = memlock();
+    let kernel = kernel_release().unwrap_or_else(|| "unknown".into());
+    let limit = |v: Option<u64>| v.map_or_else(|| "unlimited".to_owned(), |b| format!("{} KiB", b >> 10));
+    if json {
+        let gpu = match cuda {
+            CudaStatus::Available(d) => json!({
+                "available": true,
+                "driver_version": d.version_string(),
+                "library": d.library.display().to_string(),
+                "devices": d.devices.iter().map(|x| json!({
+                    "ordinal": x.ordinal, "name": x.name, "memory_bytes": x.total_memory, "pci_bus_id": x.pci_bus_id,
+                    "pcie_link": x.pcie_link.as_ref().map(|(s, w)| json!({"speed": s, "width": w})),
+                })).collect::<Vec<_>>(),
+            }),
+            CudaStatus::Unavailable(why) => json!({"available": false, "reason": why}),
+        };
+        let direct = match &direct {
+            Ok(d) => {
+                json!({"path": path.display().to_string(), "tried": d.tried.display().to_string(), "supported": d.refused.is_none(),
+                             "reason": d.refused, "offset_align": d.align.offset, "memory_align": d.align.memory})
+            }
+            Err(e) => json!({"path": path.display().to_string(), "supported": false, "reason": e.to_string()}),
+        };
+        let v = json!({
+            "kernel": kernel,
+            "gpu": gpu,
+            "io_uring": {"available": matches!(io.uring, tensorlift::io::UringStatus::Available), "status": io.uring.to_string()},
+            "o_direct": direct,
+            "memlock": memlock.map(|Memlock { soft, hard }| json!({"soft_bytes": soft, "hard_bytes": hard})),
+            "would_use": {"device": loader.device().to_string(), "device_reason": device_reason(cuda), "io": io.backend.to_string(), "io_reason": io.reason},
+        });
+        serde_json::to_writer_pretty(&mut *out, &v)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    writeln!(out, "kernel      Linux {kernel}")?;
+    match cuda {
+        CudaStatus::Available(d) => {
+            writeln!(out, "gpu         CUDA driver {} ({})", d.version_string(), d.library.display())?;
+            for x in &d.devices {
+                let link = x.pcie_link.as_ref().map_or_else(String::new, |(s, w)| format!(", PCIe {s} x{w}"));
+                let bus = x.pci_bus_id.as_deref().map_or_else(String::new, |b| format!(" at {b}"));
+                writeln!(
+                    out,
+                    "            cuda:{} {}, {:.1} GiB{bus}{link}",
+                    x.ordinal,
+                    x.name,
+                    x.total_memory as f64 / (1u64 << 30) as f64
+                )?;
+            }
+        }
+        CudaStatus::Unavailable(why) => writeln!(out, "gpu         none: {why}")?,
+    }
+    writeln!(out, "io_uring    {}", io.uring)?;
+    match &direct {
+        Ok(d) => match &d.refused {
+            None => writeln!(
+                out,
+                "O_DIRECT    works on {} (alignment: offsets {}, memory {})",
+                d.tried.display(),
+                d.align.offset,
+                d.align.memory
+            )?,
+            Some(why) => {
+                writeln!(out, "O_DIRECT    not used on {}: {why}; reads go through the page cache", d.tried.display())?
+            }
+        },
+        Err(e) => writeln!(out, "O_DIRECT    cannot test {}: {e}", path.display())?,
+    }
+    match memlock {
+        Some(m) => writeln!(out, "memlock     soft {}, hard {}", limit(m.soft), limit(m.hard))?,
+        None => writeln!(out, "memlock     unknown")?,
+    }
+    writeln!(
+        out,
+        "would use   device {} ({}), io {} ({})",
+        loader.device(),
+        device_reason(cuda),
+        io.backend,
+        io.reason
+    )?;
+    Ok(())
+}
+
+fn device_reason(cuda: &CudaStatus) -> String {
+    match cuda {
+        CudaStatus::Available(_) => "the CUDA copy engine is not built yet".to_owned(),
+        CudaStatus::Unavailable(why) => why.clone(),
+    }
+}

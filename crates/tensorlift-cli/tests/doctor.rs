@@ -1,0 +1,76 @@
+//! `tensorlift doctor`: reports every fact, honours the overrides, never fails for a
+//! missing GPU.
+
+use std::process::Command;
+
+fn doctor(env: &[(&str, &str)], args: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_tensorlift"))
+        .arg("doctor")
+        .arg("--json")
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn reports_every_fact() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = doctor(&[], &["--path", dir.path().to_str().unwrap()]);
+    for key in ["kernel", "gpu", "io_uring", "o_direct", "memlock", "would_use"] {
+        assert!(!v[key].is_null(), "{key} missing: {v}");
+    }
+    if v["gpu"]["available"] == false {
+        assert!(!v["gpu"]["reason"].as_str().unwrap().is_empty());
+        assert_eq!(v["would_use"]["device"], "cpu");
+    }
+    assert_eq!(v["o_direct"]["path"], dir.path().to_str().unwrap());
+    // The probe's scratch file is gone afterwards.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn overrides_are_honoured_and_explained() {
+    let v = doctor(&[("TENSORLIFT_IO", "pread")], &[]);
+    assert_eq!(v["would_use"]["io"], "pread");
+    assert!(v["would_use"]["io_reason"].as_str().unwrap().contains("TENSORLIFT_IO=pread"));
+    let v = doctor(&[("TENSORLIFT_LIBCUDA", "/nonexistent/libcuda.so.1")], &[]);
+    assert_eq!(v["gpu"]["available"], false);
+    assert!(v["gpu"]["reason"].as_str().unwrap().contains("/nonexistent/libcuda.so.1"));
+}
+
+#[test]
+fn a_driver_with_devices_is_described() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("fake.c");
+    std::fs::write(
+        &src,
+        r#"#include <string.h>
+#include <stddef.h>
+int cuInit(unsigned f) { return 0; }
+int cuDriverGetVersion(int *v) { *v = 12080; return 0; }
+int cuDeviceGetCount(int *c) { *c = 1; return 0; }
+int cuDeviceGet(int *d, int o) { *d = o; return 0; }
+int cuDeviceGetName(char *n, int l, int d) { strncpy(n, "Fake GPU", l); return 0; }
+int cuDeviceTotalMem_v2(size_t *m, int d) { *m = (size_t)80 << 30; return 0; }
+"#,
+    )
+    .unwrap();
+    let so = dir.path().join("libcuda.so.1");
+    let cc = Command::new("cc").args(["-shared", "-fPIC", "-o"]).arg(&so).arg(&src).output().expect("cc is needed");
+    assert!(cc.status.success());
+    let v = doctor(&[("TENSORLIFT_LIBCUDA", so.to_str().unwrap())], &[]);
+    assert_eq!(v["gpu"]["available"], true);
+    assert_eq!(v["gpu"]["driver_version"], "12.8");
+    assert_eq!(v["gpu"]["devices"][0]["name"], "Fake GPU");
+    assert_eq!(v["gpu"]["devices"][0]["memory_bytes"], 80u64 << 30);
+    // With a driver but no copy engine yet, loads still go to the host and say why.
+    assert_eq!(v["would_use"]["device"], "cpu");
+    assert!(v["would_use"]["device_reason"].as_str().unwrap().contains("not built"));
+    let human =
+        Command::new(env!("CARGO_BIN_EXE_tensorlift")).arg("doctor").env("TENSORLIFT_LIBCUDA", &so).output().unwrap();
+    let text = String::from_utf8(human.stdout).unwrap();
+    assert!(text.contains("cuda:0 Fake GPU, 80.0 GiB"), "{text}");
+}

@@ -1,0 +1,200 @@
+//! The driver probe: opens libcuda itself, before anything touches cudarc (which panics
+//! when the library is missing), and turns every failure into a reason.
+
+use std::ffi::{c_char, c_int, c_uint, CStr};
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+/// The library names tried, in order, unless `TENSORLIFT_LIBCUDA` names a path.
+pub const LIBCUDA_NAMES: [&str; 2] = ["libcuda.so.1", "libcuda.so"];
+/// Overrides the driver library path (for tests and unusual installs).
+pub const LIBCUDA_ENV: &str = "TENSORLIFT_LIBCUDA";
+
+/// One CUDA device as the driver describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// Ordinal, as `cuda:N` names it.
+    pub ordinal: usize,
+    /// Marketing name (`NVIDIA H100 80GB HBM3`).
+    pub name: String,
+    /// Device memory in bytes.
+    pub total_memory: u64,
+    /// PCI address (`0000:1b:00.0`), when the driver reports it.
+    pub pci_bus_id: Option<String>,
+    /// Current PCIe link from sysfs, when readable: (speed, width), e.g. ("32.0 GT/s PCIe", 16).
+    pub pcie_link: Option<(String, u32)>,
+}
+
+/// What the driver reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriverInfo {
+    /// The library that was opened.
+    pub library: PathBuf,
+    /// `cuDriverGetVersion`: 12080 is CUDA 12.8.
+    pub version: i32,
+    /// Every visible device.
+    pub devices: Vec<DeviceInfo>,
+}
+
+impl DriverInfo {
+    /// The driver's CUDA version as `major.minor`.
+    pub fn version_string(&self) -> String {
+        format!("{}.{}", self.version / 1000, (self.version % 1000) / 10)
+    }
+}
+
+/// Whether CUDA can be used, with the facts or the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CudaStatus {
+    /// The driver initialised and at least one device is visible.
+    Available(DriverInfo),
+    /// It cannot be used, and why.
+    Unavailable(String),
+}
+
+impl fmt::Display for CudaStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CudaStatus::Available(d) => {
+                write!(f, "CUDA driver {} with {} device(s)", d.version_string(), d.devices.len())
+            }
+            CudaStatus::Unavailable(why) => write!(f, "unavailable: {why}"),
+        }
+    }
+}
+
+/// The process's CUDA status, probed once.
+pub fn cuda_status() -> &'static CudaStatus {
+    static STATUS: OnceLock<CudaStatus> = OnceLock::new();
+    STATUS.get_or_init(|| {
+        let s = match std::env::var_os(LIBCUDA_ENV) {
+            Some(p) => probe_library(&[PathBuf::from(p)]),
+            None => probe_library(&LIBCUDA_NAMES.map(PathBuf::from)),
+        };
+        tracing::debug!(status = %s, "CUDA probed");
+        s
+    })
+}
+
+type CuResult = c_int;
+type CuInit = unsafe extern "C" fn(c_uint) -> CuResult;
+type CuDriverGetVersion = unsafe extern "C" fn(*mut c_int) -> CuResult;
+type CuDeviceGetCount = unsafe extern "C" fn(*mut c_int) -> CuResult;
+type CuDeviceGet = unsafe extern "C" fn(*mut c_int, c_int) -> CuResult;
+type CuDeviceGetName = unsafe extern "C" fn(*mut c_char, c_int, c_int) -> CuResult;
+type CuDeviceTotalMem = unsafe extern "C" fn(*mut usize, c_int) -> CuResult;
+type CuDeviceGetPciBusId = unsafe extern "C" fn(*mut c_char, c_int, c_int) -> CuResult;
+type CuGetErrorName = unsafe extern "C" fn(CuResult, *mut *const c_char) -> CuResult;
+
+/// Probes the first library of `candidates` that opens. Never panics: every failure
+/// becomes [`CudaStatus::Unavailable`] with the reason.
+pub fn probe_library(candidates: &[PathBuf]) -> CudaStatus {
+    let mut errors = Vec::new();
+    for path in candidates {
+        // SAFETY: loading the NVIDIA driver library runs its initialisers, which is what
+        // every CUDA program does; we call nothing in it before resolving symbols.
+        match unsafe { libloading::Library::new(path) } {
+            Ok(lib) => return probe_loaded(&lib, path.clone()),
+            Err(e) => {
+                // libloading's message is generic; dlerror's text is in the source.
+                let detail = std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string());
+                errors.push(detail);
+            }
+        }
+    }
+    CudaStatus::Unavailable(format!("no NVIDIA driver library could be loaded ({})", errors.join("; ")))
+}
+
+fn probe_loaded(lib: &libloading::Library, path: PathBuf) -> CudaStatus {
+    match query(lib, path) {
+        Ok(info) if info.devices.is_empty() => {
+            let visible = std::env::var("CUDA_VISIBLE_DEVICES")
+                .map_or_else(|_| String::new(), |v| format!(" (CUDA_VISIBLE_DEVICES={v})"));
+            CudaStatus::Unavailable(format!("the driver sees no CUDA device{visible}"))
+        }
+        Ok(info) => CudaStatus::Available(info),
+        Err(why) => CudaStatus::Unavailable(why),
+    }
+}
+
+fn symbol<T: Copy>(lib: &libloading::Library, name: &str) -> Result<T, String> {
+    // SAFETY: each call site names the symbol with the exact C signature of the CUDA driver
+    // API (cuda.h), so the function pointer has the right type.
+    unsafe { lib.get::<T>(name.as_bytes()) }.map(|s| *s).map_err(|e| format!("the driver library lacks {name}: {e}"))
+}
+
+fn query(lib: &libloading::Library, library: PathBuf) -> Result<DriverInfo, String> {
+    let init: CuInit = symbol(lib, "cuInit")?;
+    let version_fn: CuDriverGetVersion = symbol(lib, "cuDriverGetVersion")?;
+    let count_fn: CuDeviceGetCount = symbol(lib, "cuDeviceGetCount")?;
+    let error_name: Option<CuGetErrorName> = symbol(lib, "cuGetErrorName").ok();
+    let check = |what: &str, r: CuResult| -> Result<(), String> {
+        if r == 0 {
+            return Ok(());
+        }
+        let mut name: *const c_char = std::ptr::null();
+        let named = error_name.is_some_and(|f| {
+            // SAFETY: cuGetErrorName writes a pointer to a static string, or fails.
+            unsafe { f(r, &mut name) == 0 && !name.is_null() }
+        });
+        let text = if named {
+            // SAFETY: the driver returned a pointer to a NUL-terminated static string.
+            unsafe { CStr::from_ptr(name) }.to_string_lossy().into_owned()
+        } else {
+            "unknown error".to_owned()
+        };
+        Err(format!("{what} failed: {text} ({r})"))
+    };
+    // SAFETY: cuInit takes a flags word that must be 0.
+    check("cuInit", unsafe { init(0) })?;
+    let mut version = 0;
+    // SAFETY: writes one int into `version`.
+    check("cuDriverGetVersion", unsafe { version_fn(&mut version) })?;
+    let mut count = 0;
+    // SAFETY: writes one int into `count`.
+    check("cuDeviceGetCount", unsafe { count_fn(&mut count) })?;
+    let device_get: CuDeviceGet = symbol(lib, "cuDeviceGet")?;
+    let name_fn: CuDeviceGetName = symbol(lib, "cuDeviceGetName")?;
+    let mem_fn: CuDeviceTotalMem = symbol(lib, "cuDeviceTotalMem_v2")?;
+    let bus_fn: Option<CuDeviceGetPciBusId> = symbol(lib, "cuDeviceGetPCIBusId").ok();
+    let mut devices = Vec::new();
+    for ordinal in 0..count.max(0) {
+        let mut dev = 0;
+        // SAFETY: writes one device handle; ordinal < count.
+        check("cuDeviceGet", unsafe { device_get(&mut dev, ordinal) })?;
+        let mut name = [0 as c_char; 256];
+        // SAFETY: the driver writes at most `len` bytes, NUL-terminated, into `name`.
+        check("cuDeviceGetName", unsafe { name_fn(name.as_mut_ptr(), name.len() as c_int, dev) })?;
+        let mut mem = 0usize;
+        // SAFETY: writes one size_t into `mem`.
+        check("cuDeviceTotalMem", unsafe { mem_fn(&mut mem, dev) })?;
+        let pci_bus_id = bus_fn.and_then(|f| {
+            let mut id = [0 as c_char; 64];
+            // SAFETY: the driver writes at most `len` bytes, NUL-terminated, into `id`.
+            (unsafe { f(id.as_mut_ptr(), id.len() as c_int, dev) } == 0).then(|| c_string(&id).to_ascii_lowercase())
+        });
+        let pcie_link = pci_bus_id.as_deref().and_then(pcie_link);
+        devices.push(DeviceInfo {
+            ordinal: ordinal as usize,
+            name: c_string(&name),
+            total_memory: mem as u64,
+            pci_bus_id,
+            pcie_link,
+        });
+    }
+    Ok(DriverInfo { library, version, devices })
+}
+
+fn c_string(buf: &[c_char]) -> String {
+    let bytes: Vec<u8> = buf.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// The current PCIe link speed and width from sysfs.
+fn pcie_link(bus_id: &str) -> Option<(String, u32)> {
+    let dir = PathBuf::from("/sys/bus/pci/devices").join(bus_id);
+    let speed = std::fs::read_to_string(dir.join("current_link_speed")).ok()?.trim().to_owned();
+    let width = std::fs::read_to_string(dir.join("current_link_width")).ok()?.trim().parse().ok()?;
+    Some((speed, width))
+}
