@@ -58,6 +58,24 @@ struct Args {
     /// Print one JSON object instead of tables.
     #[arg(long)]
     json: bool,
+    /// tensorlift: bytes per read, in MiB (default 8).
+    #[arg(long, value_name = "MIB")]
+    chunk_mib: Option<usize>,
+    /// tensorlift: bytes in flight at most, in MiB (default 256).
+    #[arg(long, value_name = "MIB")]
+    budget_mib: Option<usize>,
+    /// tensorlift: reads in flight at most (default 64).
+    #[arg(long)]
+    queue_depth: Option<u32>,
+    /// tensorlift: I/O backend, uring, pread or mmap (default: uring when available).
+    #[arg(long, value_parser = |s: &str| s.parse::<tensorlift::io::BackendKind>())]
+    io: Option<tensorlift::io::BackendKind>,
+    /// tensorlift: io_uring worker threads, one ring each (default 2).
+    #[arg(long)]
+    io_workers: Option<usize>,
+    /// tensorlift: O_DIRECT policy, auto, always or never (default auto).
+    #[arg(long, value_parser = |s: &str| s.parse::<tensorlift::DirectIo>())]
+    direct: Option<tensorlift::DirectIo>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -93,7 +111,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         }
     }
     let device: Device = args.device.parse()?;
-    let loader = Arc::new(Loader::builder().device(device).build()?);
+    let loader = Arc::new(configure(args, Loader::builder().device(device)).build()?);
     let dir = match &args.dir {
         Some(d) => d.clone(),
         None => {
@@ -109,7 +127,14 @@ fn run(args: &Args) -> anyhow::Result<()> {
         CacheArg::Both => vec![Mode::Warm, Mode::Cold],
     };
     let gpu = loader.device() != Device::Cpu;
-    let mut report = Report::new(&ckpt, &loader, args.runs.max(1));
+    let settings = serde_json::json!({
+        "chunk_bytes": args.chunk_mib.map_or(tensorlift::DEFAULT_CHUNK_SIZE, |m| m << 20),
+        "budget_bytes": args.budget_mib.map_or(tensorlift::DEFAULT_STAGING_BUDGET, |m| m << 20),
+        "queue_depth": args.queue_depth.unwrap_or(tensorlift::DEFAULT_QUEUE_DEPTH),
+        "io_workers": args.io_workers.unwrap_or(tensorlift::DEFAULT_IO_WORKERS),
+        "direct": format!("{:?}", args.direct.unwrap_or_default()).to_lowercase(),
+    });
+    let mut report = Report::new(&ckpt, &loader, args.runs.max(1), settings);
     for b in &args.baselines {
         if b == "per-tensor-htod" && !gpu {
             report.skip(b, "needs a CUDA device; tensorlift is loading to the host");
@@ -154,6 +179,29 @@ fn run(args: &Args) -> anyhow::Result<()> {
         print!("{}", report.to_text());
     }
     Ok(())
+}
+
+/// Applies the tuning flags to tensorlift's loader.
+fn configure(args: &Args, mut b: tensorlift::LoaderBuilder) -> tensorlift::LoaderBuilder {
+    if let Some(c) = args.chunk_mib {
+        b = b.chunk_size(c << 20);
+    }
+    if let Some(m) = args.budget_mib {
+        b = b.staging_budget(m << 20);
+    }
+    if let Some(d) = args.queue_depth {
+        b = b.queue_depth(d);
+    }
+    if let Some(io) = args.io {
+        b = b.io_backend(io);
+    }
+    if let Some(w) = args.io_workers {
+        b = b.io_workers(w);
+    }
+    if let Some(d) = args.direct {
+        b = b.direct_io(d);
+    }
+    b
 }
 
 /// Puts every shard in the page-cache state the mode needs.

@@ -56,12 +56,13 @@ pub struct Report {
 }
 
 impl Report {
-    pub fn new(c: &Checkpoint, loader: &Loader, runs: usize) -> Report {
+    pub fn new(c: &Checkpoint, loader: &Loader, runs: usize, settings: serde_json::Value) -> Report {
         let io = loader.io_report();
         Report {
             checkpoint: json!({"path": c.dir.display().to_string(), "shards": c.shards.len(), "tensors": c.tensors, "bytes": c.bytes, "file_bytes": c.file_bytes}),
             machine: machine(),
-            backends: json!({"device": loader.device().to_string(), "io": io.backend.to_string(), "io_reason": io.reason, "io_uring": io.uring.to_string()}),
+            backends: json!({"device": loader.device().to_string(), "io": io.backend.to_string(), "io_reason": io.reason,
+                             "io_uring": io.uring.to_string(), "settings": settings}),
             runs,
             modes: BTreeMap::new(),
             skipped: Vec::new(),

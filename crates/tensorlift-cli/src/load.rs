@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use tensorlift::io::BackendKind;
-use tensorlift::{Device, Loader, Model, Tensor};
+use tensorlift::{Device, DirectIo, Loader, Model, Tensor};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -36,6 +36,16 @@ pub struct Args {
     /// Bytes in flight at most, in MiB.
     #[arg(long, value_name = "MIB")]
     budget_mib: Option<usize>,
+    /// Reads in flight at most.
+    #[arg(long)]
+    queue_depth: Option<u32>,
+    /// O_DIRECT policy: auto (for shards not in the page cache), always, never.
+    #[arg(long, value_parser = parse_direct)]
+    direct: Option<DirectIo>,
+}
+
+fn parse_direct(s: &str) -> Result<DirectIo, String> {
+    s.parse()
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -58,6 +68,12 @@ pub fn run(args: &Args, out: &mut dyn Write) -> anyhow::Result<()> {
     }
     if let Some(b) = args.budget_mib {
         builder = builder.staging_budget(b << 20);
+    }
+    if let Some(d) = args.queue_depth {
+        builder = builder.queue_depth(d);
+    }
+    if let Some(d) = args.direct {
+        builder = builder.direct_io(d);
     }
     let bar = progress_bar();
     if let Some(bar) = bar.clone() {

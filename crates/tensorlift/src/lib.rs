@@ -33,7 +33,10 @@ use std::path::Path;
 
 pub use device::{Device, DEVICE_ENV};
 pub use error::LoadError;
-pub use loader::{DirectIo, Loader, LoaderBuilder, DEFAULT_CHUNK_SIZE, DEFAULT_STAGING_BUDGET};
+pub use loader::{
+    DirectIo, Loader, LoaderBuilder, DEFAULT_CHUNK_SIZE, DEFAULT_IO_WORKERS, DEFAULT_QUEUE_DEPTH,
+    DEFAULT_STAGING_BUDGET,
+};
 pub use pipeline::TensorStream;
 pub use stats::{LoadStats, Progress};
 pub use tensor::{Element, Model, Tensor, ViewError};

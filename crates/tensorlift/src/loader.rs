@@ -27,6 +27,18 @@ pub enum DirectIo {
     Never,
 }
 
+impl std::str::FromStr for DirectIo {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(DirectIo::Auto),
+            "always" => Ok(DirectIo::Always),
+            "never" => Ok(DirectIo::Never),
+            other => Err(format!("unknown direct-I/O policy '{other}' (expected auto, always or never)")),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub(crate) struct Config {
     pub device: Option<Device>,
@@ -64,6 +76,10 @@ impl std::fmt::Debug for LoaderBuilder {
 pub const DEFAULT_STAGING_BUDGET: usize = 256 << 20;
 /// Default chunk size.
 pub const DEFAULT_CHUNK_SIZE: usize = 8 << 20;
+/// Default reads in flight at most.
+pub const DEFAULT_QUEUE_DEPTH: u32 = 64;
+/// Default io_uring worker threads.
+pub const DEFAULT_IO_WORKERS: usize = 2;
 
 impl Default for LoaderBuilder {
     fn default() -> Self {
@@ -72,9 +88,9 @@ impl Default for LoaderBuilder {
                 device: None,
                 staging_budget: DEFAULT_STAGING_BUDGET,
                 chunk_size: DEFAULT_CHUNK_SIZE,
-                queue_depth: 64,
+                queue_depth: DEFAULT_QUEUE_DEPTH,
                 io_backend: None,
-                io_workers: 2,
+                io_workers: DEFAULT_IO_WORKERS,
                 direct: DirectIo::Auto,
                 filter: Vec::new(),
                 progress: None,

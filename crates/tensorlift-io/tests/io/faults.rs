@@ -204,3 +204,49 @@ fn drop_cap_ipc_lock() {
     let rc = unsafe { libc::syscall(libc::SYS_capset, &mut h as *mut Header, d.as_ptr()) };
     assert_eq!(rc, 0);
 }
+
+/// Runs in a child process: a real seccomp filter refuses io_uring_setup with EPERM, as
+/// Docker's default profile does. The reader must fall back to pread, say why, and read
+/// exact bytes.
+#[test]
+fn real_seccomp_refusal() {
+    if std::env::var_os("TL_SECCOMP_CHILD").is_some() {
+        return seccomp_child();
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "faults::real_seccomp_refusal", "--nocapture", "--test-threads=1"])
+        .env("TL_SECCOMP_CHILD", "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("seccomp child done"), "{text}");
+}
+
+fn seccomp_child() {
+    const IO_URING_SETUP: u32 = 425; // the same number on x86_64 and aarch64
+                                     // BPF: load the syscall number; if io_uring_setup, fail with EPERM; else allow.
+    let filter = [
+        libc::sock_filter { code: 0x20, jt: 0, jf: 0, k: 0 },
+        libc::sock_filter { code: 0x15, jt: 0, jf: 1, k: IO_URING_SETUP },
+        libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: 0x0005_0000 | libc::EPERM as u32 },
+        libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: 0x7fff_0000 },
+    ];
+    let prog = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr() as *mut _ };
+    // SAFETY: PR_SET_NO_NEW_PRIVS takes plain integer arguments.
+    assert_eq!(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) }, 0);
+    // SAFETY: prog points to a valid filter program that outlives the call (the kernel copies it).
+    let rc = unsafe { libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &prog as *const libc::sock_fprog) };
+    assert_eq!(rc, 0);
+    let dir = scratch(false).unwrap();
+    let data = pattern(3 << 20, 21);
+    let path = write_file(&dir, "f.bin", &data);
+    let r = Reader::builder().build();
+    let report = r.report();
+    assert_eq!(report.backend, BackendKind::Pread, "{report:?}");
+    assert!(report.reason.contains("EPERM") && report.reason.contains("seccomp"), "{}", report.reason);
+    let file = r.open(&path).unwrap();
+    let buf = r.read(&file, 5, AlignedBuf::zeroed(3 << 20, 4096).unwrap(), 0, (3 << 20) - 5).wait().unwrap();
+    assert!(buf.as_slice()[..(3 << 20) - 5] == data[5..]);
+    println!("seccomp child done: {}", report.reason);
+}
