@@ -24,6 +24,9 @@ import time
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pagecache import evict, shard_paths, warm  # noqa: E402
+
 
 def make_checkpoint(folder, size_gib, shards):
     index_path = os.path.join(folder, "model.safetensors.index.json")
@@ -56,25 +59,6 @@ def make_checkpoint(folder, size_gib, shards):
     weight_map.update({k: names[n - 1] for k in shard})
     with open(index_path, "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
-
-
-def shard_paths(folder):
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors"))
-
-
-def evict(paths):
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
-
-
-def warm(paths):
-    for p in paths:
-        with open(p, "rb") as f:
-            while f.read(16 << 20):
-                pass
 
 
 def run_reference(paths):

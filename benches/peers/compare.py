@@ -24,23 +24,8 @@ import subprocess
 import sys
 import time
 
-
-def shards(folder):
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors"))
-
-
-def evict(paths):
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
-
-
-def warm(paths):
-    for p in paths:
-        with open(p, "rb") as f:
-            while f.read(64 << 20):
-                pass
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from pagecache import evict, shard_paths, warm  # noqa: E402
 
 
 def nbytes(tensors):
@@ -120,7 +105,7 @@ def main():
         return 1
     torch.empty(1, device=a.device)
     torch.cuda.synchronize()
-    paths = shards(a.folder)
+    paths = shard_paths(a.folder)
     total = sum(os.path.getsize(p) for p in paths)
     print(f"{a.folder}: {len(paths)} shards, {total / 1e9:.2f} GB; device {torch.cuda.get_device_name(a.device)}")
     import importlib.util

@@ -111,7 +111,8 @@ fn run(args: &Args) -> anyhow::Result<()> {
         }
     }
     let device: Device = args.device.parse()?;
-    let loader = Arc::new(configure(args, Loader::builder().device(device)).build()?);
+    let tuning = tuning(args);
+    let loader = Arc::new(Loader::builder().device(device).tuning(&tuning).build()?);
     let dir = match &args.dir {
         Some(d) => d.clone(),
         None => {
@@ -128,11 +129,11 @@ fn run(args: &Args) -> anyhow::Result<()> {
     };
     let gpu = loader.device() != Device::Cpu;
     let settings = serde_json::json!({
-        "chunk_bytes": args.chunk_mib.map_or(tensorlift::DEFAULT_CHUNK_SIZE, |m| m << 20),
-        "budget_bytes": args.budget_mib.map_or(tensorlift::DEFAULT_STAGING_BUDGET, |m| m << 20),
-        "queue_depth": args.queue_depth.unwrap_or(tensorlift::DEFAULT_QUEUE_DEPTH),
-        "io_workers": args.io_workers.unwrap_or(tensorlift::DEFAULT_IO_WORKERS),
-        "direct": format!("{:?}", args.direct.unwrap_or_default()).to_lowercase(),
+        "chunk_bytes": tuning.chunk_size.unwrap_or(tensorlift::DEFAULT_CHUNK_SIZE),
+        "budget_bytes": tuning.staging_budget.unwrap_or(tensorlift::DEFAULT_STAGING_BUDGET),
+        "queue_depth": tuning.queue_depth.unwrap_or(tensorlift::DEFAULT_QUEUE_DEPTH),
+        "io_workers": tuning.io_workers.unwrap_or(tensorlift::DEFAULT_IO_WORKERS),
+        "direct": format!("{:?}", tuning.direct_io.unwrap_or_default()).to_lowercase(),
     });
     let mut report = Report::new(&ckpt, &loader, args.runs.max(1), settings);
     for b in &args.baselines {
@@ -181,27 +182,16 @@ fn run(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Applies the tuning flags to tensorlift's loader.
-fn configure(args: &Args, mut b: tensorlift::LoaderBuilder) -> tensorlift::LoaderBuilder {
-    if let Some(c) = args.chunk_mib {
-        b = b.chunk_size(c << 20);
-    }
-    if let Some(m) = args.budget_mib {
-        b = b.staging_budget(m << 20);
-    }
-    if let Some(d) = args.queue_depth {
-        b = b.queue_depth(d);
-    }
-    if let Some(io) = args.io {
-        b = b.io_backend(io);
-    }
-    if let Some(w) = args.io_workers {
-        b = b.io_workers(w);
-    }
-    if let Some(d) = args.direct {
-        b = b.direct_io(d);
-    }
-    b
+/// tensorlift's knobs as the flags set them.
+fn tuning(args: &Args) -> tensorlift::Tuning {
+    let mut t = tensorlift::Tuning::default();
+    t.chunk_size = args.chunk_mib.map(|m| m << 20);
+    t.staging_budget = args.budget_mib.map(|m| m << 20);
+    t.queue_depth = args.queue_depth;
+    t.io_backend = args.io;
+    t.io_workers = args.io_workers;
+    t.direct_io = args.direct;
+    t
 }
 
 /// Puts every shard in the page-cache state the mode needs.

@@ -178,14 +178,7 @@ fn machine() -> serde_json::Value {
         .and_then(|l| l.split(':').nth(1))
         .map_or("unknown", str::trim)
         .to_owned();
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map_or(0, |kib| kib << 10);
+    let mem = crate::synthetic::mem_total().unwrap_or(0);
     let kernel = tensorlift::io::kernel_release().unwrap_or_default();
     json!({
         "cpus": cpus,

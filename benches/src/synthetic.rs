@@ -164,18 +164,18 @@ fn write_random(f: &mut impl Write, mut len: u64, seed: &mut u64) -> std::io::Re
 /// A size that suits the machine: an eighth of its memory, between 1 and 16 GiB, and at
 /// most a quarter of the free space where the cache lives.
 pub fn default_size(cache: &Path) -> u64 {
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map_or(8 << 30, |kib| kib << 10);
+    let mem = mem_total().unwrap_or(8 << 30);
     let mut probe = cache.to_path_buf();
     while !probe.exists() && probe.pop() {}
     let disk = tensorlift::io::cache::free_space(&probe).unwrap_or(u64::MAX) / 4;
     (mem / 8).clamp(1 << 30, 16 << 30).min(disk).max(256 << 20) >> 20 << 20
+}
+
+/// The machine's memory in bytes, from /proc/meminfo.
+pub fn mem_total() -> Option<u64> {
+    let m = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = m.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib << 10)
 }
 
 /// Parses `1G`, `512M`, `2.5GiB`, `1073741824`.

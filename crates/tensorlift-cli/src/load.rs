@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use tensorlift::io::BackendKind;
-use tensorlift::{Device, DirectIo, Loader, Model, Tensor};
+use tensorlift::{Device, DirectIo, Loader, Model, Tensor, Tuning};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -59,22 +59,13 @@ fn parse_backend(s: &str) -> Result<BackendKind, String> {
 
 pub fn run(args: &Args, out: &mut dyn Write) -> anyhow::Result<()> {
     let device: Device = args.device.parse()?;
-    let mut builder = Loader::builder().device(device).filter(args.filters.iter().cloned());
-    if let Some(b) = args.io {
-        builder = builder.io_backend(b);
-    }
-    if let Some(c) = args.chunk_mib {
-        builder = builder.chunk_size(c << 20);
-    }
-    if let Some(b) = args.budget_mib {
-        builder = builder.staging_budget(b << 20);
-    }
-    if let Some(d) = args.queue_depth {
-        builder = builder.queue_depth(d);
-    }
-    if let Some(d) = args.direct {
-        builder = builder.direct_io(d);
-    }
+    let mut tuning = Tuning::default();
+    tuning.chunk_size = args.chunk_mib.map(|m| m << 20);
+    tuning.staging_budget = args.budget_mib.map(|m| m << 20);
+    tuning.queue_depth = args.queue_depth;
+    tuning.io_backend = args.io;
+    tuning.direct_io = args.direct;
+    let mut builder = Loader::builder().device(device).filter(args.filters.iter().cloned()).tuning(&tuning);
     let bar = progress_bar();
     if let Some(bar) = bar.clone() {
         builder = builder.progress(move |p| {

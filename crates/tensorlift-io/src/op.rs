@@ -100,6 +100,13 @@ impl ReadOp {
         }
     }
 
+    /// Fails the read because no worker can serve it (a bug, never an environment fact).
+    pub fn fail_worker_gone(self) {
+        let err =
+            IoError::WorkerGone { file: self.file.path().to_path_buf(), offset: self.offset, len: self.len as u64 };
+        self.finish(Err(err));
+    }
+
     /// Hands the result (and so the buffer) back to the caller.
     pub fn finish(mut self, result: Result<(), IoError>) {
         if let Some(complete) = self.complete.take() {

@@ -34,12 +34,7 @@ impl PreadPool {
     pub fn submit(&self, op: ReadOp) {
         let Some(tx) = &self.tx else { return };
         if let Err(mpsc::SendError(op)) = tx.send(op) {
-            let err = crate::IoError::WorkerGone {
-                file: op.file.path().to_path_buf(),
-                offset: op.offset,
-                len: op.len as u64,
-            };
-            op.finish(Err(err));
+            op.fail_worker_gone();
         }
     }
 }

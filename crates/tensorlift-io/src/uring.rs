@@ -73,12 +73,7 @@ impl UringPool {
         let w = &self.workers[self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len()];
         if let Err(mpsc::SendError(Msg::Read(op))) = w.tx.send(Msg::Read(op)) {
             // Only possible if the worker thread died; the op's completion reports it.
-            let err = crate::IoError::WorkerGone {
-                file: op.file.path().to_path_buf(),
-                offset: op.offset,
-                len: op.len as u64,
-            };
-            op.finish(Err(err));
+            op.fail_worker_gone();
             return;
         }
         wake(&w.wake);
@@ -136,12 +131,7 @@ impl State {
         let seg = op.next_segment();
         let Some(slot) = self.free.pop() else {
             // Callers check for a free slot first; finish rather than panic if that ever changes.
-            let err = crate::IoError::WorkerGone {
-                file: op.file.path().to_path_buf(),
-                offset: op.offset,
-                len: op.len as u64,
-            };
-            op.finish(Err(err));
+            op.fail_worker_gone();
             return;
         };
         let fd = types::Fd(seg.fd);

@@ -34,7 +34,7 @@ use std::path::Path;
 pub use device::{Device, DEVICE_ENV};
 pub use error::LoadError;
 pub use loader::{
-    DirectIo, Loader, LoaderBuilder, DEFAULT_CHUNK_SIZE, DEFAULT_IO_WORKERS, DEFAULT_QUEUE_DEPTH,
+    DirectIo, Loader, LoaderBuilder, Tuning, DEFAULT_CHUNK_SIZE, DEFAULT_IO_WORKERS, DEFAULT_QUEUE_DEPTH,
     DEFAULT_STAGING_BUDGET,
 };
 pub use pipeline::TensorStream;

@@ -39,6 +39,25 @@ impl std::str::FromStr for DirectIo {
     }
 }
 
+/// Overrides of the loader's knobs, each optional, as a command-line tool collects them
+/// (`LoaderBuilder::tuning` applies the ones that are set).
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct Tuning {
+    /// See [`LoaderBuilder::chunk_size`].
+    pub chunk_size: Option<usize>,
+    /// See [`LoaderBuilder::staging_budget`].
+    pub staging_budget: Option<usize>,
+    /// See [`LoaderBuilder::queue_depth`].
+    pub queue_depth: Option<u32>,
+    /// See [`LoaderBuilder::io_backend`].
+    pub io_backend: Option<BackendKind>,
+    /// See [`LoaderBuilder::io_workers`].
+    pub io_workers: Option<usize>,
+    /// See [`LoaderBuilder::direct_io`].
+    pub direct_io: Option<DirectIo>,
+}
+
 #[derive(Clone)]
 pub(crate) struct Config {
     pub device: Option<Device>,
@@ -152,6 +171,29 @@ impl LoaderBuilder {
         self.cfg.progress = Some(Arc::new(f));
         self
     }
+    /// Applies every override that `tuning` sets.
+    pub fn tuning(mut self, tuning: &Tuning) -> Self {
+        if let Some(v) = tuning.chunk_size {
+            self = self.chunk_size(v);
+        }
+        if let Some(v) = tuning.staging_budget {
+            self = self.staging_budget(v);
+        }
+        if let Some(v) = tuning.queue_depth {
+            self = self.queue_depth(v);
+        }
+        if let Some(v) = tuning.io_backend {
+            self = self.io_backend(v);
+        }
+        if let Some(v) = tuning.io_workers {
+            self = self.io_workers(v);
+        }
+        if let Some(v) = tuning.direct_io {
+            self = self.direct_io(v);
+        }
+        self
+    }
+
     /// Injects I/O faults, to test the fallbacks and error paths.
     #[doc(hidden)]
     pub fn io_faults(mut self, faults: Faults) -> Self {
