@@ -1,0 +1,60 @@
+//! Opening a device, only after the probe says there is one.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaStream};
+
+use crate::error::Call;
+use crate::{cuda_status, CudaError, CudaStatus};
+
+/// An open CUDA device (its primary context).
+#[derive(Debug, Clone)]
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    name: String,
+}
+
+impl Gpu {
+    /// Opens device `ordinal`. Fails with the probe's reason when there is no usable driver,
+    /// so cudarc, which panics without libcuda, is never reached in that case.
+    pub fn open(ordinal: usize) -> Result<Gpu, CudaError> {
+        let info = match cuda_status() {
+            CudaStatus::Unavailable(why) => return Err(CudaError::Unavailable(why.clone())),
+            CudaStatus::Available(info) => info,
+        };
+        let dev = info.devices.get(ordinal).ok_or(CudaError::NoSuchDevice { ordinal, count: info.devices.len() })?;
+        // cudarc loads the driver by its standard names and panics if that fails; the probe
+        // may have used another path (TENSORLIFT_LIBCUDA), so contain that case too.
+        let ctx = std::panic::catch_unwind(|| CudaContext::new(ordinal)).map_err(|_| {
+            CudaError::Unavailable(format!(
+                "cudarc could not load the driver by its standard names ({})",
+                crate::LIBCUDA_NAMES.join(", ")
+            ))
+        })?;
+        let ctx = ctx.call("cuDevicePrimaryCtxRetain")?;
+        Ok(Gpu { ctx, name: dev.name.clone() })
+    }
+
+    /// The device ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.ctx.ordinal()
+    }
+
+    /// The device's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A new non-default stream.
+    pub fn new_stream(&self) -> Result<Arc<CudaStream>, CudaError> {
+        self.ctx.new_stream().call("cuStreamCreate")
+    }
+
+    pub(crate) fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    pub(crate) fn bind(&self) -> Result<(), CudaError> {
+        self.ctx.bind_to_thread().call("cuCtxSetCurrent")
+    }
+}

@@ -1,0 +1,186 @@
+//! Pinned staging memory: one anonymous mapping registered with CUDA, carved into chunks
+//! that reads fill and copies drain.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use cudarc::driver::sys;
+use tensorlift_io::{AlignedBuf, IoBufMut, IoError, Reader, PAGE};
+
+use crate::error::check;
+use crate::{CudaError, Gpu};
+
+/// A fixed budget of page-locked host memory in equal chunks.
+///
+/// The memory is an anonymous mapping registered with `cuMemHostRegister` (PORTABLE, not
+/// write-combined), which io_uring can register as fixed buffers too; memory from
+/// `cuMemHostAlloc` cannot be registered with io_uring on every kernel.
+#[derive(Debug)]
+pub struct PinnedPool {
+    gpu: Gpu,
+    mem: Mutex<Option<AlignedBuf>>,
+    base: *mut u8,
+    chunk: usize,
+    count: usize,
+    fixed: AtomicBool,
+    free: Mutex<Vec<usize>>,
+    returned: Condvar,
+}
+
+// SAFETY: the memory is only written through PinnedChunks, each owned by one holder at a
+// time (the free list hands an index out once until it is returned).
+unsafe impl Send for PinnedPool {}
+// SAFETY: as above; the pool's own state is behind mutexes.
+unsafe impl Sync for PinnedPool {}
+
+impl PinnedPool {
+    /// `budget` bytes (rounded down to whole chunks, at least one) in chunks of `chunk` bytes.
+    pub fn new(gpu: &Gpu, budget: usize, chunk: usize) -> Result<Arc<PinnedPool>, CudaError> {
+        let chunk = chunk.max(PAGE).next_multiple_of(PAGE);
+        let count = (budget / chunk).max(1);
+        let len = count * chunk;
+        let mut mem = AlignedBuf::zeroed(len, PAGE)
+            .ok_or(CudaError::OutOfMemory { what: "staging memory", bytes: len as u64 })?;
+        let base = mem.stable_mut_ptr();
+        gpu.bind()?;
+        // SAFETY: [base, base + len) is a live mapping owned by `mem`, which the pool keeps
+        // until Drop unregisters it first.
+        let r = unsafe { sys::cuMemHostRegister_v2(base.cast(), len, sys::CU_MEMHOSTREGISTER_PORTABLE) };
+        check(r, "cuMemHostRegister")?;
+        Ok(Arc::new(PinnedPool {
+            gpu: gpu.clone(),
+            mem: Mutex::new(Some(mem)),
+            base,
+            chunk,
+            count,
+            fixed: AtomicBool::new(false),
+            free: Mutex::new((0..count).rev().collect()),
+            returned: Condvar::new(),
+        }))
+    }
+
+    /// Registers every chunk with `reader` as an io_uring fixed buffer (slot = chunk index),
+    /// so reads into them skip per-read page pinning. On refusal reads still work.
+    ///
+    /// # Safety
+    ///
+    /// The pool must outlive `reader`: the kernel keeps the registration until the reader's
+    /// rings are gone.
+    pub unsafe fn register_with(&self, reader: &Reader) -> Result<(), IoError> {
+        let regions: Vec<(*mut u8, usize)> = (0..self.count).map(|i| (self.chunk_ptr(i), self.chunk)).collect();
+        // SAFETY: each region lies in the registered mapping, which lives as long as the
+        // pool; the caller promised the pool outlives the reader.
+        let r = unsafe { reader.register_buffers(&regions) };
+        self.fixed.store(r.is_ok(), Ordering::Release);
+        r
+    }
+
+    /// Chunk size in bytes.
+    pub fn chunk_size(&self) -> usize {
+        self.chunk
+    }
+
+    /// Number of chunks.
+    pub fn chunks(&self) -> usize {
+        self.count
+    }
+
+    /// A free chunk, waiting until one is returned: back-pressure, never growth.
+    pub fn acquire(self: &Arc<Self>) -> PinnedChunk {
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(index) = free.pop() {
+                return PinnedChunk { pool: Arc::clone(self), index };
+            }
+            free = self.returned.wait(free).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// A free chunk if one is available now.
+    pub fn try_acquire(self: &Arc<Self>) -> Option<PinnedChunk> {
+        let index = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop()?;
+        Some(PinnedChunk { pool: Arc::clone(self), index })
+    }
+
+    /// Chunks not currently lent out.
+    pub fn free_chunks(&self) -> usize {
+        self.free.lock().map_or(0, |f| f.len())
+    }
+
+    fn chunk_ptr(&self, index: usize) -> *mut u8 {
+        // SAFETY: index < count, so the offset stays inside the mapping.
+        unsafe { self.base.add(index * self.chunk) }
+    }
+
+    fn release(&self, index: usize) {
+        if let Ok(mut free) = self.free.lock() {
+            free.push(index);
+        }
+        self.returned.notify_one();
+    }
+}
+
+impl Drop for PinnedPool {
+    fn drop(&mut self) {
+        // Every chunk holds an Arc to the pool, so none is lent out (and no copy from one is
+        // in flight: the copy engine holds chunks until their copies complete).
+        if self.gpu.bind().is_ok() {
+            // SAFETY: unregisters exactly the range registered in `new`, once.
+            let _ = unsafe { sys::cuMemHostUnregister(self.base.cast()) };
+        }
+        if let Ok(mut m) = self.mem.lock() {
+            m.take();
+        }
+    }
+}
+
+/// One chunk of a [`PinnedPool`], returned to the pool when dropped.
+#[derive(Debug)]
+pub struct PinnedChunk {
+    pool: Arc<PinnedPool>,
+    index: usize,
+}
+
+impl PinnedChunk {
+    /// The chunk's index in its pool.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    pub(crate) fn ptr(&self) -> *const u8 {
+        self.pool.chunk_ptr(self.index)
+    }
+
+    /// The chunk's bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: the chunk is owned by this value; nobody writes it while it is borrowed here.
+        unsafe { std::slice::from_raw_parts(self.ptr(), self.pool.chunk) }
+    }
+
+    /// The chunk's bytes, mutably.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in as_slice, and &mut self makes this the only access.
+        unsafe { std::slice::from_raw_parts_mut(self.pool.chunk_ptr(self.index), self.pool.chunk) }
+    }
+}
+
+impl Drop for PinnedChunk {
+    fn drop(&mut self) {
+        self.pool.release(self.index);
+    }
+}
+
+// SAFETY: the chunk's bytes lie in the pool's mapping, which the chunk keeps alive and which
+// never moves; the free list lends each index to one chunk at a time; when `fixed`, chunk
+// `i` is exactly the region registered as slot `i`.
+unsafe impl IoBufMut for PinnedChunk {
+    fn stable_mut_ptr(&mut self) -> *mut u8 {
+        self.pool.chunk_ptr(self.index)
+    }
+    fn capacity(&self) -> usize {
+        self.pool.chunk
+    }
+    fn fixed_slot(&self) -> Option<u16> {
+        (self.pool.fixed.load(Ordering::Acquire) && self.index <= u16::MAX as usize).then_some(self.index as u16)
+    }
+}
