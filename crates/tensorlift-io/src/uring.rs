@@ -200,7 +200,11 @@ fn run(ring: IoUring, rx: Receiver<Msg>, wake_fd: i32, depth: usize) {
             Ok(_) => {}
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)) => {}
             Err(e) => {
-                tracing::error!(error = %e, "io_uring_enter failed; finishing in-flight reads");
+                // Not expected from a healthy ring. Completions may still arrive, and the
+                // buffers must stay alive until they do, so back off and try again rather
+                // than spin.
+                tracing::error!(error = %e, "io_uring_enter failed; retrying");
+                std::thread::sleep(std::time::Duration::from_millis(1));
             }
         }
         let done: Vec<(u64, i32)> = st.ring.completion().map(|c| (c.user_data(), c.result())).collect();

@@ -42,6 +42,7 @@ struct Extent {
 
 struct Job {
     extent: usize,
+    file: Arc<OpenFile>,
     chunk: ArenaChunk,
     file_offset: u64,
     len: usize,
@@ -173,6 +174,13 @@ impl TensorStream {
         let mut per_extent: Vec<VecDeque<Job>> = Vec::with_capacity(spans.len());
         let mut extents = Vec::with_capacity(spans.len());
         for (ei, span) in spans.into_iter().enumerate() {
+            // Every shard with a span was opened in `start`.
+            let Some(file) = self.files[span.shard].clone() else {
+                return Err(LoadError::Open(tensorlift_io::IoError::Open {
+                    file: self.plan.shards()[span.shard].path.clone(),
+                    source: std::io::Error::other("shard was not opened"),
+                }));
+            };
             let len = (span.end - span.base) as usize;
             let arena = HostArena::new(len.next_multiple_of(PAGE), chunk_size).ok_or_else(|| {
                 LoadError::OutOfMemory { file: self.plan.shards()[span.shard].path.clone(), bytes: len as u64 }
@@ -186,7 +194,13 @@ impl TensorStream {
             for chunk in arena.take_chunks() {
                 let r = chunk.range();
                 let read = len.min(r.end).saturating_sub(r.start);
-                jobs.push_back(Job { extent: ei, file_offset: span.base + r.start as u64, len: read, chunk });
+                jobs.push_back(Job {
+                    extent: ei,
+                    file: Arc::clone(&file),
+                    file_offset: span.base + r.start as u64,
+                    len: read,
+                    chunk,
+                });
             }
             per_extent.push(jobs);
             extents.push(Extent { span, arena, remaining });
@@ -233,8 +247,7 @@ impl TensorStream {
                 break;
             }
             let Some(job) = self.jobs.pop_front() else { break };
-            let Some(file) = &self.files[self.extents[job.extent].span.shard] else { continue };
-            let fut = self.reader.read(file, job.file_offset, job.chunk, 0, job.len);
+            let fut = self.reader.read(&job.file, job.file_offset, job.chunk, 0, job.len);
             self.in_flight_bytes += len;
             self.stats.max_in_flight_bytes = self.stats.max_in_flight_bytes.max(self.in_flight_bytes);
             self.in_flight.push_back(InFlight { extent: job.extent, file_offset: job.file_offset, len: job.len, fut });
