@@ -103,6 +103,7 @@ fn main() -> ExitCode {
 }
 
 const KNOWN: [&str; 4] = ["std-read", "mmap-copy", "safetensors-crate", "per-tensor-htod"];
+const CPU_BASELINES: [&str; 3] = ["std-read", "mmap-copy", "safetensors-crate"];
 
 fn run(args: &Args) -> anyhow::Result<()> {
     for b in &args.baselines {
@@ -144,7 +145,9 @@ fn run(args: &Args) -> anyhow::Result<()> {
     if !gpu {
         report.skip("h2d-limit", "needs a CUDA device; tensorlift is loading to the host");
     }
-    let bar = progress(modes.len() as u64 * args.runs.max(1) as u64 * (2 + args.baselines.len() as u64));
+    // tensorlift, read-limit, and the CPU baselines asked for are what each round runs.
+    let cpu_baselines = args.baselines.iter().filter(|b| CPU_BASELINES.contains(&b.as_str())).count() as u64;
+    let bar = progress(modes.len() as u64 * args.runs.max(1) as u64 * (2 + cpu_baselines));
     for mode in modes {
         let mut entries: Vec<Entry> = vec![engines::tensorlift(Arc::clone(&loader))];
         for b in &args.baselines {
