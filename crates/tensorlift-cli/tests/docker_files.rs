@@ -63,3 +63,29 @@ fn compose_mounts_the_model_read_only_with_the_profile() {
     assert!(c.contains("memlock: -1"));
     assert!(c.contains("loader-bench"));
 }
+
+#[test]
+fn default_profile_plus_io_uring_is_made_at_use_time() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let dir = tempfile::tempdir().unwrap();
+    // Shaped like Docker's default: allow rules, one conditional on arguments, no io_uring.
+    let input = serde_json::json!({"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [
+        {"names": ["read", "write"], "action": "SCMP_ACT_ALLOW"},
+        {"names": ["io_uring_setup"], "action": "SCMP_ACT_ALLOW", "args": [{"index": 0, "value": 0, "op": "SCMP_CMP_EQ"}]},
+    ]});
+    let path = dir.path().join("default.json");
+    std::fs::write(&path, input.to_string()).unwrap();
+    let out = std::process::Command::new("python3")
+        .arg(root.join("docker/seccomp-from-default.py"))
+        .arg("--input")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["defaultAction"], "SCMP_ACT_ERRNO");
+    assert_eq!(v["syscalls"][0], input["syscalls"][0]);
+    assert_eq!(v["syscalls"][1], input["syscalls"][1]);
+    assert_eq!(v["syscalls"][2]["names"], serde_json::json!(["io_uring_enter", "io_uring_register", "io_uring_setup"]));
+    assert_eq!(v["syscalls"][2]["action"], "SCMP_ACT_ALLOW");
+}
