@@ -172,3 +172,48 @@ pub fn read_limit(direct: bool) -> Entry {
         }),
     }
 }
+
+/// The candle way onto a GPU: a memory map, then one device allocation and one synchronous
+/// copy from pageable memory per tensor.
+pub fn per_tensor_htod(gpu: tensorlift_cuda::Gpu) -> Entry {
+    Entry {
+        name: "per-tensor-htod",
+        kind: Kind::Engine,
+        run: Box::new(move |c| {
+            let plan = tensorlift::plan(&c.dir)?;
+            let (_r, files) = map_shards(c)?;
+            let mut out = Vec::with_capacity(plan.tensors().len());
+            for t in plan.tensors() {
+                let map = files[t.shard].mapped().context("mapping vanished")?;
+                let bytes = &map[t.file_range.start as usize..t.file_range.end as usize];
+                let arena = tensorlift_cuda::DeviceArena::new(&gpu, bytes.len())?;
+                arena.copy_from_host(0, bytes)?;
+                out.push(arena);
+            }
+            Ok((plan.total_bytes(), Box::new(out)))
+        }),
+    }
+}
+
+/// Host-to-device bandwidth: as many bytes as the checkpoint holds, moved as large copies
+/// from one pinned buffer to the device.
+pub fn h2d_limit(gpu: tensorlift_cuda::Gpu) -> Entry {
+    Entry {
+        name: "h2d-limit",
+        kind: Kind::Limit,
+        run: Box::new(move |c| {
+            const CHUNK: usize = 256 << 20;
+            let pool = tensorlift_cuda::PinnedPool::new(&gpu, 2 * CHUNK, CHUNK)?;
+            let arena = Arc::new(tensorlift_cuda::DeviceArena::new(&gpu, CHUNK)?);
+            let mut engine = tensorlift_cuda::CopyEngine::new(&gpu, 2)?;
+            let mut moved = 0u64;
+            while moved < c.bytes.max(1) {
+                let piece = tensorlift_cuda::Piece { src_offset: 0, dst_offset: 0, len: CHUNK };
+                engine.copy(pool.acquire(), &arena, &[piece])?;
+                moved += CHUNK as u64;
+            }
+            engine.synchronize()?;
+            Ok((moved, Box::new(())))
+        }),
+    }
+}

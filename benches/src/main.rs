@@ -128,7 +128,13 @@ fn run(args: &Args) -> anyhow::Result<()> {
         CacheArg::Cold => vec![Mode::Cold],
         CacheArg::Both => vec![Mode::Warm, Mode::Cold],
     };
-    let gpu = loader.device() != Device::Cpu;
+    // GPU entries run wherever a GPU is usable, whatever device tensorlift itself loads to;
+    // the report says so when the two differ.
+    let gpu = match device {
+        Device::Cpu => Err("--device cpu".to_owned()),
+        Device::Cuda(n) => tensorlift_cuda::Gpu::open(n).map_err(|e| e.to_string()),
+        _ => tensorlift_cuda::Gpu::open(0).map_err(|e| e.to_string()),
+    };
     let settings = serde_json::json!({
         "chunk_bytes": tuning.chunk_size.unwrap_or(tensorlift::DEFAULT_CHUNK_SIZE),
         "budget_bytes": tuning.staging_budget.unwrap_or(tensorlift::DEFAULT_STAGING_BUDGET),
@@ -137,17 +143,30 @@ fn run(args: &Args) -> anyhow::Result<()> {
         "direct": format!("{:?}", tuning.direct_io.unwrap_or_default()).to_lowercase(),
     });
     let mut report = Report::new(&ckpt, &loader, args.runs.max(1), settings);
-    for b in &args.baselines {
-        if b == "per-tensor-htod" && !gpu {
-            report.skip(b, "needs a CUDA device; tensorlift is loading to the host");
+    match &gpu {
+        Err(why) => {
+            if args.baselines.iter().any(|b| b == "per-tensor-htod") {
+                report.skip("per-tensor-htod", &format!("no usable GPU: {why}"));
+            }
+            report.skip("h2d-limit", &format!("no usable GPU: {why}"));
         }
-    }
-    if !gpu {
-        report.skip("h2d-limit", "needs a CUDA device; tensorlift is loading to the host");
+        Ok(g) if loader.device() == Device::Cpu => {
+            report.note(&format!(
+                "GPU entries ran on cuda:{} ({}); tensorlift loaded into host memory ({})",
+                g.ordinal(),
+                g.name(),
+                report_device_reason(&loader)
+            ));
+        }
+        Ok(_) => {}
     }
     // tensorlift, read-limit, and the CPU baselines asked for are what each round runs.
     let cpu_baselines = args.baselines.iter().filter(|b| CPU_BASELINES.contains(&b.as_str())).count() as u64;
-    let bar = progress(modes.len() as u64 * args.runs.max(1) as u64 * (2 + cpu_baselines));
+    let gpu_entries = match &gpu {
+        Ok(_) => 1 + args.baselines.iter().any(|b| b == "per-tensor-htod") as u64,
+        Err(_) => 0,
+    };
+    let bar = progress(modes.len() as u64 * args.runs.max(1) as u64 * (2 + cpu_baselines + gpu_entries));
     for mode in modes {
         let mut entries: Vec<Entry> = vec![engines::tensorlift(Arc::clone(&loader))];
         for b in &args.baselines {
@@ -155,10 +174,18 @@ fn run(args: &Args) -> anyhow::Result<()> {
                 "std-read" => entries.push(engines::std_read()),
                 "mmap-copy" => entries.push(engines::mmap_copy()),
                 "safetensors-crate" => entries.push(engines::safetensors_crate()),
+                "per-tensor-htod" => {
+                    if let Ok(g) = &gpu {
+                        entries.push(engines::per_tensor_htod(g.clone()));
+                    }
+                }
                 _ => {}
             }
         }
         entries.push(engines::read_limit(mode == Mode::Cold));
+        if let Ok(g) = &gpu {
+            entries.push(engines::h2d_limit(g.clone()));
+        }
         for _ in 0..args.runs.max(1) {
             // Engines alternate within each round, so all of them meet the same conditions.
             for e in &entries {
@@ -208,6 +235,15 @@ fn prepare(ckpt: &Checkpoint, mode: Mode) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn report_device_reason(loader: &Loader) -> String {
+    match tensorlift_cuda::cuda_status() {
+        tensorlift_cuda::CudaStatus::Available(_) => {
+            format!("device {}: the CUDA copy engine is not wired into loads yet", loader.device())
+        }
+        tensorlift_cuda::CudaStatus::Unavailable(why) => why.clone(),
+    }
 }
 
 fn default_cache() -> PathBuf {

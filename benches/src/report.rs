@@ -53,6 +53,7 @@ pub struct Report {
     // Insertion order of names, per mode.
     modes: BTreeMap<Mode, Vec<(&'static str, Measured)>>,
     skipped: Vec<(String, String)>,
+    notes: Vec<String>,
 }
 
 impl Report {
@@ -66,11 +67,16 @@ impl Report {
             runs,
             modes: BTreeMap::new(),
             skipped: Vec::new(),
+            notes: Vec::new(),
         }
     }
 
     pub fn skip(&mut self, name: &str, why: &str) {
         self.skipped.push((name.to_owned(), why.to_owned()));
+    }
+
+    pub fn note(&mut self, text: &str) {
+        self.notes.push(text.to_owned());
     }
 
     pub fn record(&mut self, mode: Mode, name: &'static str, kind: Kind, bytes: u64, secs: f64) {
@@ -123,6 +129,9 @@ impl Report {
                 );
             }
         }
+        for n in &self.notes {
+            let _ = writeln!(s, "\nnote: {n}");
+        }
         if !self.skipped.is_empty() {
             let _ = writeln!(s);
             for (n, why) in &self.skipped {
@@ -165,6 +174,7 @@ impl Report {
             "runs": self.runs,
             "modes": modes,
             "skipped": skipped,
+            "notes": self.notes,
         })
     }
 }

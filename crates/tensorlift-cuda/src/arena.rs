@@ -64,6 +64,24 @@ impl DeviceArena {
     }
 }
 
+impl DeviceArena {
+    /// Copies `src` to `offset` synchronously from pageable memory: the slow way some
+    /// loaders copy each tensor, kept for baselines and checks, never used on the load path.
+    pub fn copy_from_host(&self, offset: usize, src: &[u8]) -> Result<(), CudaError> {
+        if offset.checked_add(src.len()).is_none_or(|end| end > self.len) {
+            return Err(CudaError::OutOfBounds { what: "device arena write", len: src.len() });
+        }
+        if src.is_empty() {
+            return Ok(());
+        }
+        self.gpu.bind()?;
+        // SAFETY: [offset, offset + len) lies inside the allocation, and src is a readable host
+        // buffer of exactly len bytes; the call returns once the copy is done.
+        let r = unsafe { sys::cuMemcpyHtoD_v2(self.ptr + offset as u64, src.as_ptr().cast(), src.len()) };
+        check(r, "cuMemcpyHtoD")
+    }
+}
+
 impl Drop for DeviceArena {
     fn drop(&mut self) {
         if self.gpu.bind().is_ok() {
