@@ -18,7 +18,8 @@ use crate::{CudaError, Gpu};
 #[derive(Debug)]
 pub struct PinnedPool {
     gpu: Gpu,
-    mem: Mutex<Option<AlignedBuf>>,
+    // Freed after Drop::drop has unregistered it (fields drop after the struct's Drop).
+    _mem: AlignedBuf,
     base: *mut u8,
     chunk: usize,
     count: usize,
@@ -49,7 +50,7 @@ impl PinnedPool {
         check(r, "cuMemHostRegister")?;
         Ok(Arc::new(PinnedPool {
             gpu: gpu.clone(),
-            mem: Mutex::new(Some(mem)),
+            _mem: mem,
             base,
             chunk,
             count,
@@ -127,9 +128,6 @@ impl Drop for PinnedPool {
         if self.gpu.bind().is_ok() {
             // SAFETY: unregisters exactly the range registered in `new`, once.
             let _ = unsafe { sys::cuMemHostUnregister(self.base.cast()) };
-        }
-        if let Ok(mut m) = self.mem.lock() {
-            m.take();
         }
     }
 }

@@ -203,9 +203,9 @@ fn read_shard(source: &dyn CheckpointSource, path: PathBuf, name: String) -> Res
         _ => return Err(FormatError::NotACheckpoint { file: path }),
     };
     let prefix_len = HEADER_PREFIX_LEN.min(file_len) as usize;
-    let prefix = source.read_at(&path, 0, prefix_len).map_err(io_err)?;
-    let n = header_len(&path, &prefix, file_len)?;
-    let bytes = source.read_at(&path, 0, (HEADER_PREFIX_LEN + n) as usize).map_err(io_err)?;
+    let mut bytes = source.read_at(&path, 0, prefix_len).map_err(io_err)?;
+    let n = header_len(&path, &bytes, file_len)?;
+    bytes.extend(source.read_at(&path, HEADER_PREFIX_LEN, n as usize).map_err(io_err)?);
     let header = parse_header(&path, &bytes, file_len)?;
     Ok(Shard { path, name, file_len, header })
 }

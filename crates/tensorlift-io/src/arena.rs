@@ -8,7 +8,7 @@
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use crate::{AlignedBuf, IoBufMut, PAGE};
 
@@ -19,7 +19,7 @@ static LIVE: AtomicUsize = AtomicUsize::new(0);
 pub struct HostArena {
     // Never moved or resized once created; only ever accessed through raw pointers derived
     // from `base`, by chunk owners (writes) or through `get` (reads of completed chunks).
-    mem: Mutex<Option<AlignedBuf>>,
+    _mem: AlignedBuf,
     base: *mut u8,
     len: usize,
     chunk: usize,
@@ -44,7 +44,7 @@ impl HostArena {
         let chunks = len.div_ceil(chunk);
         LIVE.fetch_add(1, Ordering::Relaxed);
         Some(Arc::new(HostArena {
-            mem: Mutex::new(Some(mem)),
+            _mem: mem,
             base,
             len,
             chunk,
@@ -122,9 +122,6 @@ impl HostArena {
 impl Drop for HostArena {
     fn drop(&mut self) {
         LIVE.fetch_sub(1, Ordering::Relaxed);
-        if let Ok(mut m) = self.mem.lock() {
-            m.take();
-        }
     }
 }
 

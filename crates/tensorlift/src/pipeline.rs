@@ -4,8 +4,8 @@
 //! page-aligned [`HostArena`] whose base maps to a page-aligned file offset. Aligned file
 //! offsets therefore land at aligned addresses, and O_DIRECT reads go straight into the
 //! final memory: there is no staging copy on the CPU path. Extents are cut into chunks;
-//! chunks of all shards are interleaved so that several files are read at once, and at
-//! most `window` chunks are in flight (the staging budget divided by the chunk size).
+//! chunks of all shards are interleaved so that several files are read at once. Reads in
+//! flight are bounded by the queue depth, and their bytes by the staging budget.
 
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -68,11 +68,10 @@ pub struct TensorStream {
     jobs: VecDeque<Job>,
     in_flight: VecDeque<InFlight>,
     ready: VecDeque<Tensor>,
-    window: usize,
+    queue_depth: usize,
     budget: u64,
     progress: Option<crate::loader::ProgressFn>,
     done_bytes: u64,
-    total_read: u64,
     in_flight_bytes: u64,
     started: Instant,
     read_wait: Duration,
@@ -108,11 +107,10 @@ impl TensorStream {
             jobs: VecDeque::new(),
             in_flight: VecDeque::new(),
             ready: VecDeque::new(),
-            window: (cfg.staging_budget / cfg.chunk_size).clamp(1, cfg.queue_depth as usize),
+            queue_depth: cfg.queue_depth as usize,
             budget: cfg.staging_budget.max(cfg.chunk_size) as u64,
             progress: cfg.progress.clone(),
             done_bytes: 0,
-            total_read: 0,
             in_flight_bytes: 0,
             started,
             read_wait: Duration::ZERO,
@@ -165,8 +163,8 @@ impl TensorStream {
                 self.ready.push_back(Tensor::mapped(&pt.name, pt.dtype, &pt.shape, Arc::clone(&file), range));
             }
         }
-        self.total_read = self.plan.total_bytes();
-        self.done_bytes = self.total_read;
+        self.stats.bytes_read = self.plan.total_bytes();
+        self.done_bytes = self.stats.bytes_read;
         Ok(())
     }
 
@@ -225,7 +223,7 @@ impl TensorStream {
         while by_shard.iter().any(|q| !q.is_empty()) {
             for q in &mut by_shard {
                 if let Some(j) = q.pop_front() {
-                    self.total_read += j.len as u64;
+                    self.stats.bytes_read += j.len as u64;
                     self.jobs.push_back(j);
                 }
             }
@@ -239,9 +237,9 @@ impl TensorStream {
         Tensor::host(&pt.name, pt.dtype, &pt.shape, Arc::clone(&e.arena), arena_range(&e.span, pt))
     }
 
-    /// Issues reads until the window is full.
+    /// Issues reads while the queue depth and the byte budget allow.
     fn fill(&mut self) {
-        while self.in_flight.len() < self.window {
+        while self.in_flight.len() < self.queue_depth {
             let Some(len) = self.jobs.front().map(|j| j.len as u64) else { break };
             if self.in_flight_bytes + len > self.budget {
                 break;
@@ -311,7 +309,7 @@ impl TensorStream {
         }
         self.done_bytes += len as u64;
         if let Some(p) = &self.progress {
-            p(Progress { done: self.done_bytes, total: self.total_read });
+            p(Progress { done: self.done_bytes, total: self.stats.bytes_read });
         }
     }
 
@@ -342,7 +340,6 @@ impl TensorStream {
         self.finished = true;
         self.stats.wall = self.started.elapsed();
         self.stats.read_wait = self.read_wait;
-        self.stats.bytes_read = self.total_read;
     }
 
     /// Statistics so far (complete once `next` has returned `None`).
