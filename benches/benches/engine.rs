@@ -16,10 +16,7 @@ fn names(n: usize, prefix: &str) -> Vec<String> {
 
 fn write_shard(path: &Path, names: &[String], shape: &[usize]) {
     let specs: Vec<_> = names.iter().map(|n| (n.as_str(), Dtype::BF16, shape)).collect();
-    let enc = encode_header(&specs, None).unwrap();
-    let mut f = enc.bytes.clone();
-    f.resize(f.len() + enc.data_len() as usize, 1);
-    std::fs::write(path, f).unwrap();
+    tensorlift_testkit::write_shard(path, &specs);
 }
 
 fn scratch(name: &str) -> PathBuf {

@@ -1,20 +1,13 @@
 //! `tensorlift inspect` end to end: output, exit codes, and no panic on bad input.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
-use tensorlift::format::encode_header;
 use tensorlift::Dtype;
+use tensorlift_testkit::write_shard;
 
 fn tensorlift(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tensorlift")).args(args).output().unwrap()
-}
-
-fn write_shard(path: &Path, tensors: &[(&str, Dtype, &[usize])]) {
-    let enc = encode_header(tensors, None).unwrap();
-    let (mut file, offsets) = (enc.bytes, enc.offsets);
-    file.resize(file.len() + offsets.last().map_or(0, |o| o.1) as usize, 7);
-    std::fs::write(path, file).unwrap();
 }
 
 fn dir() -> PathBuf {

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use tensorlift_cuda::{cuda_status, CopyEngine, CudaError, CudaStatus, DeviceArena, Gpu, Piece, PinnedPool};
 use tensorlift_io::{BackendKind, Reader};
+use tensorlift_testkit::pattern;
 
 fn gpu() -> Option<Gpu> {
     match cuda_status() {
@@ -15,18 +16,6 @@ fn gpu() -> Option<Gpu> {
         }
         CudaStatus::Available(_) => Some(Gpu::open(0).expect("the probe found a device, so it opens")),
     }
-}
-
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
 }
 
 fn wait_all_free(pool: &PinnedPool) {

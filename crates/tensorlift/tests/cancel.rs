@@ -3,21 +3,18 @@
 
 use std::time::{Duration, Instant};
 
-use tensorlift::format::encode_header;
+use std::collections::BTreeMap;
+
 use tensorlift::io::{BackendKind, HostArena};
 use tensorlift::{Device, Dtype, Loader};
 
-fn checkpoint() -> std::path::PathBuf {
+fn checkpoint() -> (std::path::PathBuf, BTreeMap<String, Vec<u8>>) {
     let dir = tempfile::Builder::new().prefix("tl-cancel-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap().keep();
-    let specs: Vec<(String, Dtype, Vec<usize>)> =
-        (0..16).map(|i| (format!("t{i}"), Dtype::U8, vec![4 << 20])).collect();
-    let specs: Vec<_> = specs.iter().map(|(n, d, s)| (n.as_str(), *d, s.as_slice())).collect();
-    let enc = encode_header(&specs, None).unwrap();
-    let mut file = enc.bytes.clone();
-    file.resize(file.len() + enc.data_len() as usize, 0x5a);
+    let names: Vec<String> = (0..16).map(|i| format!("t{i}")).collect();
+    let specs: Vec<_> = names.iter().map(|n| (n.as_str(), Dtype::U8, &[4usize << 20][..])).collect();
     let path = dir.join("m.safetensors");
-    std::fs::write(&path, file).unwrap();
-    path
+    let truth = tensorlift_testkit::write_shard(&path, &specs);
+    (path, truth)
 }
 
 fn wait_for_no_arenas() {
@@ -30,7 +27,7 @@ fn wait_for_no_arenas() {
 
 #[test]
 fn cancelled_loads_free_everything() {
-    let path = checkpoint();
+    let (path, truth) = checkpoint();
     for backend in [BackendKind::Uring, BackendKind::Pread] {
         let loader = Loader::builder().device(Device::Cpu).io_backend(backend).chunk_size(1 << 20).build().unwrap();
         let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
@@ -47,7 +44,8 @@ fn cancelled_loads_free_everything() {
         wait_for_no_arenas();
         // And the loader still works afterwards.
         let m = loader.load_blocking(&path).unwrap();
-        assert!(m.tensors().iter().all(|t| t.bytes().iter().all(|&b| b == 0x5a)));
+        assert_eq!(m.len(), truth.len());
+        assert!(m.tensors().iter().all(|t| t.bytes() == truth[t.name()].as_slice()));
         drop(m);
         drop(loader);
         assert_eq!(HostArena::live_count(), 0, "{backend:?}");

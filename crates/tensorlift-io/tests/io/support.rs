@@ -2,18 +2,7 @@ use std::path::{Path, PathBuf};
 
 use tensorlift_io::{BackendKind, Faults, Reader};
 
-/// Deterministic bytes that differ at every offset, so a misplaced byte shows.
-pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
+pub use tensorlift_testkit::pattern;
 
 /// A scratch folder on the same file system as the build (a real disk, where O_DIRECT
 /// works), or under /dev/shm (tmpfs) when `tmpfs` is set.

@@ -1,55 +1,10 @@
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use tensorlift::format::encode_header;
 use tensorlift::io::BackendKind;
 use tensorlift::{DirectIo, Dtype, Loader, LoaderBuilder, Model};
 
-pub type Spec<'a> = (&'a str, Dtype, &'a [usize]);
-
-/// Deterministic bytes, different for every tensor and offset.
-pub fn bytes_for(name: &str, len: usize) -> Vec<u8> {
-    let mut x = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3)) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 32) as u8
-        })
-        .collect()
-}
-
-/// Writes one shard and returns each tensor's bytes as written: the independent truth the
-/// loaded bytes are compared with.
-pub fn write_shard(path: &Path, tensors: &[Spec<'_>]) -> BTreeMap<String, Vec<u8>> {
-    let enc = encode_header(tensors, None).unwrap();
-    let mut file = enc.bytes.clone();
-    let mut truth = BTreeMap::new();
-    for ((name, _, _), (b, e)) in tensors.iter().zip(&enc.offsets) {
-        let data = bytes_for(name, (e - b) as usize);
-        file.extend_from_slice(&data);
-        truth.insert((*name).to_owned(), data);
-    }
-    std::fs::write(path, file).unwrap();
-    truth
-}
-
-/// A sharded folder with an index.
-pub fn write_sharded(dir: &Path, shards: &[&[Spec<'_>]]) -> BTreeMap<String, Vec<u8>> {
-    let mut truth = BTreeMap::new();
-    let mut map = serde_json::Map::new();
-    for (i, tensors) in shards.iter().enumerate() {
-        let name = format!("model-{:05}-of-{:05}.safetensors", i + 1, shards.len());
-        for (t, _, _) in *tensors {
-            map.insert((*t).to_owned(), name.clone().into());
-        }
-        truth.extend(write_shard(&dir.join(&name), tensors));
-    }
-    let index = serde_json::json!({"metadata": {}, "weight_map": map});
-    std::fs::write(dir.join("model.safetensors.index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
-    truth
-}
+pub use tensorlift_testkit::{write_shard, write_sharded, Spec};
 
 /// A scratch folder on the build's disk (where O_DIRECT works).
 pub fn scratch() -> PathBuf {

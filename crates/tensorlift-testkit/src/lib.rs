@@ -1,0 +1,71 @@
+//! Fixtures for tensorlift's tests (a dev-dependency only): deterministic bytes, and
+//! checkpoints written with the bytes each tensor holds, as the truth that loaded bytes are
+//! compared with.
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use tensorlift_format::{encode_header, Dtype};
+
+/// A tensor to write: name, dtype, shape.
+pub type Spec<'a> = (&'a str, Dtype, &'a [usize]);
+
+/// Deterministic bytes that differ at every offset (xorshift), so a misplaced byte shows.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// [`pattern`] seeded by a name, so each tensor's bytes differ.
+pub fn pattern_for(name: &str, len: usize) -> Vec<u8> {
+    let seed = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    pattern(len, seed)
+}
+
+/// Writes one shard and returns each tensor's bytes as written.
+///
+/// # Panics
+///
+/// If a size overflows or the file cannot be written: this is test code.
+pub fn write_shard(path: &Path, tensors: &[Spec<'_>]) -> BTreeMap<String, Vec<u8>> {
+    let enc = encode_header(tensors, None).expect("sizes fit");
+    let mut file = enc.bytes.clone();
+    let mut truth = BTreeMap::new();
+    for ((name, _, _), (b, e)) in tensors.iter().zip(&enc.offsets) {
+        let data = pattern_for(name, (e - b) as usize);
+        file.extend_from_slice(&data);
+        truth.insert((*name).to_owned(), data);
+    }
+    std::fs::write(path, file).expect("writing a fixture");
+    truth
+}
+
+/// A sharded folder (`model-0000i-of-0000n.safetensors`) with its index; returns every
+/// tensor's bytes.
+///
+/// # Panics
+///
+/// As [`write_shard`].
+pub fn write_sharded(dir: &Path, shards: &[&[Spec<'_>]]) -> BTreeMap<String, Vec<u8>> {
+    let mut truth = BTreeMap::new();
+    let mut map = serde_json::Map::new();
+    for (i, tensors) in shards.iter().enumerate() {
+        let name = format!("model-{:05}-of-{:05}.safetensors", i + 1, shards.len());
+        for (t, _, _) in *tensors {
+            map.insert((*t).to_owned(), name.clone().into());
+        }
+        truth.extend(write_shard(&dir.join(&name), tensors));
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(dir.join("model.safetensors.index.json"), serde_json::to_vec(&index).expect("json"))
+        .expect("writing the index");
+    truth
+}
