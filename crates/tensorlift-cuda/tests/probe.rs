@@ -37,12 +37,24 @@ fn missing_library_is_a_reason() {
 
 #[test]
 fn this_machine_has_a_status_and_never_panics() {
-    // Whatever this machine has, the probe answers; without a driver it says why.
+    // Whatever this machine has, the probe answers: devices described, or the reason.
     let s = tensorlift_cuda::cuda_status();
-    if let CudaStatus::Unavailable(why) = s {
-        assert!(!why.is_empty());
-    }
     println!("{s}");
+    match s {
+        CudaStatus::Available(d) => {
+            assert!(d.version > 0 && !d.devices.is_empty());
+            assert!(d.devices.iter().all(|x| !x.name.is_empty() && x.total_memory > 0));
+        }
+        CudaStatus::Unavailable(why) => {
+            assert!(!why.is_empty());
+            // Opening a device must refuse with the same reason, never reach cudarc (which
+            // panics without libcuda).
+            match tensorlift_cuda::Gpu::open(0) {
+                Err(tensorlift_cuda::CudaError::Unavailable(r)) => assert_eq!(&r, why),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
 }
 
 #[test]

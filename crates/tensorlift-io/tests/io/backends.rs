@@ -84,6 +84,17 @@ fn direct_io_is_used_where_the_file_system_allows() {
     let align = file.dio_align();
     assert!(align.offset.is_power_of_two() && align.memory.is_power_of_two(), "{align:?}");
     eprintln!("O_DIRECT on {}: {} {:?}", dir.display(), file.is_direct(), file.buffered_reason());
+    // The doctor's check, which performs a real direct read, agrees with the open.
+    let support = tensorlift_io::direct_io_support(&path).unwrap();
+    assert_eq!(support.refused.is_none(), file.is_direct(), "{support:?}");
+    if file.is_direct() {
+        // An aligned read stays direct (the kernel did not refuse it) and is exact.
+        let buf = r.read(&file, 0, AlignedBuf::zeroed(1 << 20, 4096).unwrap(), 0, 1 << 20).wait().unwrap();
+        assert!(buf.as_slice() == pattern(1 << 20, 1));
+        assert!(file.is_direct() && file.buffered_reason().is_none());
+    } else {
+        assert!(file.buffered_reason().is_some(), "a buffered file says why");
+    }
 }
 
 #[test]
