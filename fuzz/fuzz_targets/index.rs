@@ -9,6 +9,8 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(index) = tensorlift_format::parse_index(Path::new("model.safetensors.index.json"), data) {
         for shard in index.weight_map.values() {
             assert!(Path::new(shard).components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir)));
+            // Every accepted name names a file: its one spelling is not empty.
+            assert!(!tensorlift_format::normal_name(shard).is_empty());
         }
     }
 });

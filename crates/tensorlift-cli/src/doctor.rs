@@ -71,15 +71,19 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
             None => writeln!(
                 out,
                 "O_DIRECT    works on {} (alignment: offsets {}, memory {})",
-                d.tried.display(),
+                crate::text::path(&d.tried),
                 d.align.offset,
                 d.align.memory
             )?,
             Some(why) => {
-                writeln!(out, "O_DIRECT    not used on {}: {why}; reads go through the page cache", d.tried.display())?
+                let why = crate::text::printable(why);
+                let tried = crate::text::path(&d.tried);
+                writeln!(out, "O_DIRECT    not used on {tried}: {why}; reads go through the page cache")?
             }
         },
-        Err(e) => writeln!(out, "O_DIRECT    cannot test {}: {e}", path.display())?,
+        Err(e) => {
+            writeln!(out, "O_DIRECT    cannot test {}", crate::text::printable(&format!("{}: {e}", path.display())))?
+        }
     }
     match memlock {
         Some(m) => writeln!(out, "memlock     soft {}, hard {}", limit(m.soft), limit(m.hard))?,

@@ -6,13 +6,15 @@ use std::path::Path;
 use serde_json::json;
 use tensorlift::LoadPlan;
 
+use crate::text::printable;
+
 pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
     let plan = tensorlift::plan(path)?;
     for warning in alignment_warnings(&plan) {
-        eprintln!("warning: {warning}");
+        eprintln!("warning: {}", crate::text::printable(&warning));
     }
     if json {
-        serde_json::to_writer_pretty(&mut *out, &to_json(&plan))?;
+        serde_json::to_writer_pretty(&mut *out, &PlanJson(&plan))?;
         writeln!(out)?;
     } else {
         write_table(&plan, out)?;
@@ -45,24 +47,22 @@ fn shape_str(shape: &[usize]) -> String {
     format!("[{}]", dims.join(", "))
 }
 
+/// One tensor's cells, made when printed: a table of a million rows is never held.
+fn cells<'a>(plan: &'a LoadPlan, t: &'a tensorlift::format::PlannedTensor) -> [std::borrow::Cow<'a, str>; 5] {
+    [
+        printable(&t.name),
+        t.dtype.to_string().into(),
+        shape_str(&t.shape).into(),
+        t.len().to_string().into(),
+        printable(&plan.shards()[t.shard].name),
+    ]
+}
+
 fn write_table(plan: &LoadPlan, out: &mut dyn Write) -> std::io::Result<()> {
-    let rows: Vec<[String; 5]> = plan
-        .tensors()
-        .iter()
-        .map(|t| {
-            [
-                t.name.clone(),
-                t.dtype.to_string(),
-                shape_str(&t.shape),
-                t.len().to_string(),
-                plan.shards()[t.shard].name.clone(),
-            ]
-        })
-        .collect();
     let heads = ["NAME", "DTYPE", "SHAPE", "BYTES", "SHARD"];
     let mut widths = heads.map(str::len);
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
+    for t in plan.tensors() {
+        for (w, cell) in widths.iter_mut().zip(cells(plan, t)) {
             *w = (*w).max(cell.len());
         }
     }
@@ -82,8 +82,9 @@ fn write_table(plan: &LoadPlan, out: &mut dyn Write) -> std::io::Result<()> {
         )
     };
     line(out, heads)?;
-    for row in &rows {
-        line(out, [&row[0], &row[1], &row[2], &row[3], &row[4]])?;
+    for t in plan.tensors() {
+        let c = cells(plan, t);
+        line(out, [&c[0], &c[1], &c[2], &c[3], &c[4]])?;
     }
     writeln!(
         out,
@@ -95,23 +96,22 @@ fn write_table(plan: &LoadPlan, out: &mut dyn Write) -> std::io::Result<()> {
     )
 }
 
-fn to_json(plan: &LoadPlan) -> serde_json::Value {
-    let files: Vec<_> = plan
-        .shards()
-        .iter()
-        .map(|s| {
+/// The plan as JSON, written as it is serialized: no tree of the whole plan is built.
+struct PlanJson<'a>(&'a LoadPlan);
+
+impl serde::Serialize for PlanJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let plan = self.0;
+        let files = plan.shards().iter().map(|s| {
             json!({
                 "path": s.path.display().to_string(),
                 "header_bytes": s.data_start(),
                 "data_bytes": s.header.data_len(),
                 "metadata": s.header.metadata,
             })
-        })
-        .collect();
-    let tensors: Vec<_> = plan
-        .tensors()
-        .iter()
-        .map(|t| {
+        });
+        let tensors = plan.tensors().iter().map(|t| {
             let shard = &plan.shards()[t.shard];
             let begin = t.file_range.start - shard.data_start();
             json!({
@@ -121,7 +121,20 @@ fn to_json(plan: &LoadPlan) -> serde_json::Value {
                 "shape": t.shape,
                 "data_offsets": [begin, begin + t.len()],
             })
-        })
-        .collect();
-    json!({ "files": files, "tensors": tensors, "total_bytes": plan.total_bytes() })
+        });
+        let mut m = s.serialize_map(Some(3))?;
+        m.serialize_entry("files", &Seq(std::cell::Cell::new(Some(files))))?;
+        m.serialize_entry("tensors", &Seq(std::cell::Cell::new(Some(tensors))))?;
+        m.serialize_entry("total_bytes", &plan.total_bytes())?;
+        m.end()
+    }
+}
+
+/// A sequence serialized from an iterator, once.
+struct Seq<I>(std::cell::Cell<Option<I>>);
+
+impl<I: Iterator<Item = serde_json::Value>> serde::Serialize for Seq<I> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.take().into_iter().flatten())
+    }
 }

@@ -116,13 +116,19 @@ fn digest_all(tensors: &[Tensor]) -> Vec<String> {
 
 fn io_line(model: &Model) -> String {
     let s = model.stats();
-    format!("{} ({}); {} shards direct, {} buffered", s.io.backend, s.io.reason, s.direct_shards, s.buffered_shards)
+    format!(
+        "{} ({}); {} shards direct, {} buffered",
+        s.io.backend,
+        crate::text::printable(&s.io.reason),
+        s.direct_shards,
+        s.buffered_shards
+    )
 }
 
 fn write_human(model: &Model, digests: Option<&[String]>, out: &mut dyn Write) -> std::io::Result<()> {
     if let Some(d) = digests {
         for (t, d) in model.tensors().iter().zip(d) {
-            writeln!(out, "{d}  {}", t.name())?;
+            writeln!(out, "{d}  {}", crate::text::printable(t.name()))?;
         }
     }
     let s = model.stats();

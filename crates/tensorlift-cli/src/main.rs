@@ -7,6 +7,7 @@
 mod doctor;
 mod inspect;
 mod load;
+mod text;
 
 use std::io::{self, Write};
 use std::path::PathBuf;
@@ -70,7 +71,8 @@ fn main() -> ExitCode {
         // A reader that went away (`| head`) is not a failure of ours.
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // The chain can hold tensor and file names from the checkpoint.
+            eprintln!("error: {}", text::printable(&format!("{e:#}")));
             ExitCode::from(1)
         }
     }

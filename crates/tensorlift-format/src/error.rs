@@ -92,6 +92,22 @@ pub enum FormatError {
     #[error("{}: tensor '{tensor}' appears in two shards: '{first}' and '{second}'", file.display())]
     TensorInTwoShards { file: PathBuf, tensor: String, first: String, second: String },
 
+    /// A shard or index is a FIFO, a device, a socket or a directory, not a regular file.
+    #[error("{}: is a {kind}, not a regular file", file.display())]
+    NotARegularFile { file: PathBuf, kind: &'static str },
+
+    /// The file is a PyTorch checkpoint (`torch.save`), not safetensors.
+    #[error("{}: is a PyTorch checkpoint ({layout}), not a safetensors file; convert it to safetensors first", file.display())]
+    PyTorchCheckpoint { file: PathBuf, layout: &'static str },
+
+    /// The headers a plan would hold exceed the configured budget.
+    #[error("{}: the headers of this checkpoint need {needed} bytes, over the plan's header budget of {limit} bytes (raise it with LoaderBuilder::max_header_bytes)", file.display())]
+    HeaderBudget { file: PathBuf, needed: u64, limit: u64 },
+
+    /// Memory whose size comes from the file could not be allocated.
+    #[error("{}: cannot allocate {bytes} bytes for {what}", file.display())]
+    OutOfMemory { file: PathBuf, what: &'static str, bytes: u64 },
+
     /// The path is a folder with neither an index nor any `.safetensors` file.
     #[error("{}: no model.safetensors.index.json and no .safetensors files in this folder", file.display())]
     NoShards { file: PathBuf },
@@ -134,6 +150,10 @@ impl FormatError {
             | TensorNotInShard { file, .. }
             | TensorNotInIndex { file, .. }
             | TensorInTwoShards { file, .. }
+            | NotARegularFile { file, .. }
+            | PyTorchCheckpoint { file, .. }
+            | HeaderBudget { file, .. }
+            | OutOfMemory { file, .. }
             | NoShards { file }
             | NotACheckpoint { file }
             | Io { file, .. } => file,

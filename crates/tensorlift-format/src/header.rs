@@ -87,14 +87,35 @@ pub fn header_len(file: &Path, prefix: &[u8], file_len: u64) -> Result<u64, Form
     let mut arr = [0u8; 8];
     arr.copy_from_slice(first8);
     let n = u64::from_le_bytes(arr);
+    // A PyTorch file read as safetensors shows a nonsense length: say what it really is.
+    let pytorch =
+        || sniff_pytorch(prefix).map(|layout| FormatError::PyTorchCheckpoint { file: file.to_path_buf(), layout });
     if n > MAX_HEADER_LEN {
-        return Err(FormatError::HeaderTooLarge { file: file.to_path_buf(), header_len: n });
+        return Err(pytorch().unwrap_or(FormatError::HeaderTooLarge { file: file.to_path_buf(), header_len: n }));
     }
     // n <= 1e8, so the sum cannot overflow.
     if HEADER_PREFIX_LEN + n > file_len {
-        return Err(FormatError::HeaderIncomplete { file: file.to_path_buf(), header_len: n, available: file_len });
+        return Err(pytorch().unwrap_or(FormatError::HeaderIncomplete {
+            file: file.to_path_buf(),
+            header_len: n,
+            available: file_len,
+        }));
     }
     Ok(n)
+}
+
+/// What kind of PyTorch file these first bytes start, if they look like one: `torch.save`
+/// writes a zip archive since PyTorch 1.6, and a bare pickle (protocol 2) before that.
+/// Only consulted once the bytes have failed as safetensors: a valid header length can
+/// start with the same bytes.
+pub fn sniff_pytorch(prefix: &[u8]) -> Option<&'static str> {
+    match prefix {
+        [b'P', b'K', 3, 4, ..] | [b'P', b'K', 5, 6, ..] => {
+            Some("a zip archive, as torch.save writes since PyTorch 1.6")
+        }
+        [0x80, 2..=5, ..] => Some("a pickle, as torch.save wrote before PyTorch 1.6"),
+        _ => None,
+    }
 }
 
 /// Parses and validates the header of a file of `file_len` bytes whose first bytes are
@@ -114,18 +135,23 @@ pub fn parse_header(file: &Path, bytes: &[u8], file_len: u64) -> Result<Header, 
     let entries = parse_entries(text)
         .map_err(|e| FormatError::HeaderJson { file: file.to_path_buf(), message: e.to_string() })?;
 
+    let oom = |what, bytes: usize| FormatError::OutOfMemory { file: file.to_path_buf(), what, bytes: bytes as u64 };
     let mut metadata = None;
-    let mut tensors = Vec::with_capacity(entries.0.len());
-    let mut seen = std::collections::HashSet::with_capacity(entries.0.len());
+    let mut tensors: Vec<TensorInfo> = Vec::new();
+    let count = entries.0.len();
+    tensors.try_reserve_exact(count).map_err(|_| oom("the tensor list", count * std::mem::size_of::<TensorInfo>()))?;
+    let mut seen = std::collections::HashSet::new();
+    seen.try_reserve(count).map_err(|_| oom("the tensor names", count * std::mem::size_of::<&str>()))?;
     for (name, raw) in &entries.0 {
         let name: &str = name;
         if !seen.insert(name) {
             return Err(FormatError::DuplicateTensor { file: file.to_path_buf(), tensor: name.to_owned() });
         }
         if name == "__metadata__" {
-            let map: BTreeMap<String, String> = serde_json::from_str(raw.get())
+            // `null` is accepted by the reference reader and means no metadata.
+            let map: Option<BTreeMap<String, String>> = serde_json::from_str(raw.get())
                 .map_err(|e| FormatError::InvalidMetadata { file: file.to_path_buf(), message: e.to_string() })?;
-            metadata = Some(map);
+            metadata = map;
         } else {
             tensors.push(parse_tensor(file, name, raw)?);
         }
@@ -223,6 +249,14 @@ impl<'de: 'a, 'a> Deserialize<'de> for Entries<'a> {
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
                 let mut out = Vec::with_capacity(map.size_hint().unwrap_or(0).min(4096));
                 while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    // The entry count comes from the file: grow fallibly, so that a header of
+                    // millions of entries under a memory limit is an error, not an abort.
+                    if out.len() == out.capacity() && out.try_reserve(out.len().max(16)).is_err() {
+                        return Err(de::Error::custom(format_args!(
+                            "out of memory after {} entries of the header",
+                            out.len()
+                        )));
+                    }
                     out.push((key, map.next_value::<&'de RawValue>()?));
                 }
                 Ok(Entries(out))

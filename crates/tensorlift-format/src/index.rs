@@ -37,7 +37,34 @@ impl Index {
 struct RawIndex {
     #[serde(default)]
     metadata: Option<serde_json::Value>,
-    weight_map: serde_json::Map<String, serde_json::Value>,
+    weight_map: Pairs,
+}
+
+/// A JSON object as its (key, value) pairs in file order, duplicates kept so that they can
+/// be refused: a map would silently keep one of them.
+struct Pairs(Vec<(String, serde_json::Value)>);
+
+impl<'de> Deserialize<'de> for Pairs {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Pairs;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object of tensor names to shard file names")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Pairs, A::Error> {
+                let mut out = Vec::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    if out.len() == out.capacity() && out.try_reserve(out.len().max(16)).is_err() {
+                        return Err(serde::de::Error::custom("out of memory reading weight_map"));
+                    }
+                    out.push((key, map.next_value()?));
+                }
+                Ok(Pairs(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// Parses an index file's bytes and checks that every shard name is a plain relative path
@@ -47,11 +74,14 @@ pub fn parse_index(file: &Path, bytes: &[u8]) -> Result<Index, FormatError> {
     let text = std::str::from_utf8(bytes).map_err(|e| invalid(format!("not UTF-8: {e}")))?;
     let raw: RawIndex = serde_json::from_str(text).map_err(|e| invalid(e.to_string()))?;
     let mut weight_map = BTreeMap::new();
-    for (tensor, shard) in raw.weight_map {
+    for (tensor, shard) in raw.weight_map.0 {
         let serde_json::Value::String(shard) = shard else {
             return Err(invalid(format!("weight_map entry for '{tensor}' is not a string")));
         };
         check_relative(file, &shard)?;
+        if let Some(first) = weight_map.get(&tensor) {
+            return Err(invalid(format!("weight_map lists tensor '{tensor}' twice (in '{first}' and in '{shard}')")));
+        }
         weight_map.insert(tensor, shard);
     }
     Ok(Index { metadata: raw.metadata, weight_map })
@@ -68,14 +98,32 @@ pub fn check_relative(file: &Path, shard: &str) -> Result<(), FormatError> {
     if shard.contains('\0') {
         return Err(outside("NUL in path"));
     }
+    let mut named = false;
     for c in Path::new(shard).components() {
         match c {
-            Component::Normal(_) | Component::CurDir => {}
+            Component::Normal(_) => named = true,
+            Component::CurDir => {}
             Component::ParentDir => return Err(outside("'..' in path")),
             Component::RootDir | Component::Prefix(_) => return Err(outside("absolute path")),
         }
     }
+    if !named {
+        return Err(outside("no file name"));
+    }
     Ok(())
+}
+
+/// A shard name as one spelling: `./a.safetensors` and `a.safetensors` are the same name.
+/// Call on names that passed [`check_relative`].
+pub fn normal_name(shard: &str) -> String {
+    let parts: Vec<&str> = Path::new(shard)
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(p) => p.to_str(),
+            _ => None,
+        })
+        .collect();
+    parts.join("/")
 }
 
 /// Orders names so that digit runs compare as numbers: `shard-2` before `shard-10`.

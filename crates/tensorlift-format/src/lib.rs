@@ -2,14 +2,14 @@
 //!
 //! This crate is pure: it performs no I/O and contains no unsafe code. Callers read the
 //! first `8 + N` bytes of each file (see [`header_len`]) and hand them to
-//! [`parse_header`]; [`resolve`] turns a file, an index or a folder into a plan through a
-//! [`CheckpointSource`] that answers the few file-system questions it asks.
+//! [`parse_header`]; [`LoadPlan::assemble`] checks shards against each other and against
+//! their index. Opening files (links, folders, the hub cache layout) is `tensorlift-io`'s job.
 //!
 //! A checkpoint is untrusted input. Validation follows the reference `safetensors` reader
 //! (header cap, strict UTF-8 and JSON, known dtypes, checked shape arithmetic, offsets
 //! contiguous from 0, data ending exactly at the end of the file) and is stricter where
-//! the reference is lax: duplicate tensor names, shards outside the model folder, and
-//! index/shard disagreements are errors.
+//! the reference is lax: duplicate tensor names (in a header or an index), shard names that
+//! leave the model folder, and index/shard disagreements are errors.
 //!
 //! ```
 //! use std::path::Path;
@@ -33,9 +33,11 @@ mod plan;
 mod writer;
 
 pub use error::FormatError;
-pub use header::{header_len, parse_dtype, parse_header, Header, TensorInfo, HEADER_PREFIX_LEN, MAX_HEADER_LEN};
-pub use index::{check_relative, natural_cmp, parse_index, Index, INDEX_FILE_NAME, MAX_INDEX_LEN};
-pub use plan::{resolve, CheckpointSource, EntryKind, LoadPlan, PlannedTensor, Shard};
+pub use header::{
+    header_len, parse_dtype, parse_header, sniff_pytorch, Header, TensorInfo, HEADER_PREFIX_LEN, MAX_HEADER_LEN,
+};
+pub use index::{check_relative, natural_cmp, normal_name, parse_index, Index, INDEX_FILE_NAME, MAX_INDEX_LEN};
+pub use plan::{FileIdentity, LoadPlan, PlannedTensor, Shard};
 /// Element types, shared with the reference `safetensors` crate.
 pub use safetensors::Dtype;
 pub use writer::{encode_header, EncodedHeader};

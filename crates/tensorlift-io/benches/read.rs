@@ -66,7 +66,7 @@ fn backends(c: &mut Criterion) {
     let chunk = env_or("TL_BENCH_CHUNK_KB", 16 << 10) << 10;
     let window = env_or("TL_BENCH_WINDOW", 8);
     let mut pool: Vec<AlignedBuf> = (0..window).map(|_| AlignedBuf::zeroed(chunk, 4096).unwrap()).collect();
-    for backend in [BackendKind::Uring, BackendKind::Pread, BackendKind::Mmap] {
+    for backend in [BackendKind::Uring, BackendKind::Pread] {
         for cold in [true, false] {
             // Cold reads go direct; warm ones buffered, since O_DIRECT would bypass the cache
             // (the engine makes the same choice per shard).

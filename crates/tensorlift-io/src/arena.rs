@@ -37,10 +37,13 @@ impl HostArena {
     /// An arena of `len` zero bytes to be filled in chunks of `chunk` bytes (a multiple of
     /// the page size). `None` if the memory cannot be allocated.
     pub fn new(len: usize, chunk: usize) -> Option<Arc<HostArena>> {
-        let chunk = chunk.max(PAGE).next_multiple_of(PAGE);
         // Large arenas are lazily zeroed huge-page maps (see AlignedBuf): no pass over memory.
         let mut mem = AlignedBuf::zeroed(len, PAGE)?;
         let base = mem.stable_mut_ptr();
+        // No chunk larger than the arena (rounded to a page): that also keeps the rounding
+        // from overflowing for any `chunk`, since `len` bytes were allocated.
+        let whole = len.checked_next_multiple_of(PAGE)?.max(PAGE);
+        let chunk = chunk.clamp(PAGE, whole).checked_next_multiple_of(PAGE)?;
         let chunks = len.div_ceil(chunk);
         LIVE.fetch_add(1, Ordering::Relaxed);
         Some(Arc::new(HostArena {
@@ -68,11 +71,6 @@ impl HostArena {
         self.len == 0
     }
 
-    /// Chunk size.
-    pub fn chunk_size(&self) -> usize {
-        self.chunk
-    }
-
     /// Every chunk, once: later calls return an empty list, so no range is ever writable twice.
     pub fn take_chunks(self: &Arc<Self>) -> Vec<ArenaChunk> {
         if self.handed_out.swap(true, Ordering::AcqRel) {
@@ -87,11 +85,14 @@ impl HostArena {
             .collect()
     }
 
-    /// Marks a chunk's bytes as final. Returns its index.
-    pub fn complete(&self, chunk: ArenaChunk) -> usize {
-        debug_assert!(std::ptr::eq(self, &*chunk.arena));
+    /// Marks a chunk's bytes as final and returns its index. A chunk of another arena is
+    /// handed back untouched: completing it here would expose bytes its owner may still write.
+    pub fn complete(&self, chunk: ArenaChunk) -> Result<usize, ArenaChunk> {
+        if !std::ptr::eq(self, &*chunk.arena) {
+            return Err(chunk);
+        }
         self.filled[chunk.index].store(true, Ordering::Release);
-        chunk.index
+        Ok(chunk.index)
     }
 
     /// Indices of the chunks that overlap `range`.
@@ -137,10 +138,6 @@ impl ArenaChunk {
     /// Position in the arena.
     pub fn range(&self) -> Range<usize> {
         self.range.clone()
-    }
-    /// The arena it belongs to.
-    pub fn arena(&self) -> &Arc<HostArena> {
-        &self.arena
     }
 }
 

@@ -99,7 +99,7 @@ impl AlignedBuf {
     fn mapped(len: usize, align: usize) -> Option<Self> {
         // Map `align` extra bytes so that an aligned start lies inside; the slack stays
         // mapped (never touched, so it costs no memory) and is unmapped with the rest.
-        let map_len = len.checked_add(align)?.next_multiple_of(PAGE);
+        let map_len = len.checked_add(align)?.checked_next_multiple_of(PAGE)?;
         // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
         let p = unsafe {
             libc::mmap(

@@ -20,17 +20,24 @@ pub fn evict(path: &Path) -> io::Result<()> {
 
 /// Fraction of a file's pages resident in the page cache (0.0 to 1.0), from `mincore`.
 pub fn resident_fraction(path: &Path) -> io::Result<f64> {
-    let f = File::open(path)?;
-    let len = f.metadata()?.len() as usize;
+    resident_fraction_of(&File::open(path)?)
+}
+
+/// [`resident_fraction`] of an open file. `mincore` never touches the mapped pages, so a
+/// file truncated meanwhile cannot fault here.
+pub fn resident_fraction_of(f: &File) -> io::Result<f64> {
+    let len = usize::try_from(f.metadata()?.len()).map_err(io::Error::other)?;
     if len == 0 {
         return Ok(1.0);
     }
     // SAFETY: a read-only private mapping of a file we hold open; only mincore looks at it.
-    let map = unsafe { memmap2::MmapOptions::new().len(len).map(&f) }?;
+    let map = unsafe { memmap2::MmapOptions::new().len(len).map(f) }?;
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize;
     let pages = len.div_ceil(page);
-    let mut vec = vec![0u8; pages];
+    let mut vec = Vec::new();
+    vec.try_reserve_exact(pages).map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
+    vec.resize(pages, 0u8);
     // SAFETY: the range is the whole live mapping, and vec has one byte per page of it.
     let rc = unsafe { libc::mincore(map.as_ptr() as *mut libc::c_void, len, vec.as_mut_ptr()) };
     if rc != 0 {

@@ -36,6 +36,9 @@ pub enum IoError {
         #[source]
         source: io::Error,
     },
+    /// A shard is not the file that was planned, or it changed since.
+    #[error("{}: shard changed since it was planned: {what}", file.display())]
+    Changed { file: PathBuf, what: String },
     /// Memory-mapping the file failed.
     #[error("{}: cannot map: {source}", file.display())]
     Map {

@@ -1,14 +1,12 @@
 //! An open shard: a buffered descriptor, and a direct (O_DIRECT) one where the file system allows.
 
-use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use crate::IoError;
 
@@ -27,30 +25,52 @@ impl DioAlign {
     pub const UNKNOWN: DioAlign = DioAlign { memory: 4096, offset: 4096 };
 }
 
-/// A file opened for reading by a [`Reader`](crate::Reader).
+/// A file opened for reading by a [`Reader`](crate::Reader): one descriptor for buffered
+/// reads and, where the file system allows, a second one with O_DIRECT for the aligned body
+/// of each read. The second is opened through `/proc/self/fd` (the same open file, never a
+/// new look-up of its name) and checked to be the same inode.
 #[derive(Debug)]
 pub struct OpenFile {
     path: PathBuf,
-    buffered: File,
+    buffered: Arc<File>,
     direct: Option<File>,
     direct_enabled: AtomicBool,
     buffered_reason: Mutex<Option<String>>,
     align: DioAlign,
     len: u64,
-    pub(crate) map: OnceLock<memmap2::Mmap>,
 }
 
 impl OpenFile {
+    /// Opens `path` (without blocking: a FIFO is refused, not waited on).
     pub(crate) fn open(path: &Path, want_direct: bool, refuse_direct: bool) -> Result<OpenFile, IoError> {
         let open_err = |source| IoError::Open { file: path.to_path_buf(), source };
-        let buffered = File::open(path).map_err(open_err)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+            .open(path)
+            .map_err(open_err)?;
+        Self::from_file(path, Arc::new(file), want_direct, refuse_direct)
+    }
+
+    /// Reads `file`, a descriptor the caller opened (and checked); `path` names it in errors.
+    pub(crate) fn from_file(
+        path: &Path,
+        buffered: Arc<File>,
+        want_direct: bool,
+        refuse_direct: bool,
+    ) -> Result<OpenFile, IoError> {
+        let open_err = |source| IoError::Open { file: path.to_path_buf(), source };
         let meta = buffered.metadata().map_err(open_err)?;
         if !meta.is_file() {
-            return Err(open_err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file")));
+            let kind = crate::checkpoint::kind_name(&meta);
+            return Err(open_err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("is a {kind}, not a regular file"),
+            )));
         }
         // SAFETY: advice only; the descriptor is open and owned by `buffered`.
         unsafe { libc::posix_fadvise(buffered.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
-        let (align, mut reason) = match dio_align(path) {
+        let (align, mut reason) = match dio_align(&buffered) {
             Ok(Some(a)) if a.offset == 0 => {
                 (DioAlign::UNKNOWN, Some("the file system does not support O_DIRECT (statx)".to_owned()))
             }
@@ -63,7 +83,7 @@ impl OpenFile {
         } else if refuse_direct {
             reason = Some("O_DIRECT refused: Invalid argument (os error 22) (injected)".into());
         } else if reason.is_none() {
-            match OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path) {
+            match reopen_direct(&buffered, &meta) {
                 Ok(f) => direct = Some(f),
                 Err(e) => reason = Some(format!("O_DIRECT refused: {e}")),
             }
@@ -76,7 +96,6 @@ impl OpenFile {
             buffered_reason: Mutex::new(reason),
             align,
             len: meta.len(),
-            map: OnceLock::new(),
         })
     }
 
@@ -116,21 +135,17 @@ impl OpenFile {
         Ok(self.buffered.metadata()?.len())
     }
 
+    /// The buffered descriptor.
+    pub fn file(&self) -> &File {
+        &self.buffered
+    }
+
     pub(crate) fn buffered_fd(&self) -> RawFd {
         self.buffered.as_raw_fd()
     }
 
     pub(crate) fn direct_fd(&self) -> Option<RawFd> {
         self.direct.as_ref().filter(|_| self.is_direct()).map(AsRawFd::as_raw_fd)
-    }
-
-    /// The file's bytes through its memory map, if the mmap backend has mapped it.
-    pub fn mapped(&self) -> Option<&[u8]> {
-        self.map.get().map(|m| &m[..])
-    }
-
-    pub(crate) fn buffered_file(&self) -> &File {
-        &self.buffered
     }
 
     /// Called when the kernel refuses a direct read: later reads of this file are buffered.
@@ -144,13 +159,30 @@ impl OpenFile {
     }
 }
 
+/// A second descriptor of the same open file with O_DIRECT: through `/proc/self/fd`, which
+/// names the open file itself rather than looking its path up again, and checked to be the
+/// same inode.
+fn reopen_direct(file: &File, meta: &std::fs::Metadata) -> io::Result<File> {
+    use std::os::unix::fs::MetadataExt;
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
+    let m = f.metadata()?;
+    if (m.dev(), m.ino()) != (meta.dev(), meta.ino()) {
+        return Err(io::Error::other("/proc/self/fd did not lead back to the same file"));
+    }
+    Ok(f)
+}
+
 /// The file's direct-I/O alignment from statx, `None` when the kernel does not report it.
-fn dio_align(path: &Path) -> io::Result<Option<DioAlign>> {
-    let c = CString::new(path.as_os_str().as_bytes())?;
+fn dio_align(file: &File) -> io::Result<Option<DioAlign>> {
     // SAFETY: statx is plain data; all-zero is a valid value.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-    // SAFETY: c is a valid NUL-terminated path and stx a valid, writable statx struct.
-    let rc = unsafe { libc::statx(libc::AT_FDCWD, c.as_ptr(), 0, libc::STATX_DIOALIGN, &mut stx) };
+    // SAFETY: the descriptor is open, the path is the empty C string (AT_EMPTY_PATH: the
+    // descriptor itself), and stx a valid, writable statx struct.
+    let rc =
+        unsafe { libc::statx(file.as_raw_fd(), c"".as_ptr(), libc::AT_EMPTY_PATH, libc::STATX_DIOALIGN, &mut stx) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }

@@ -7,11 +7,15 @@
 //! - **io_uring**: one ring per worker thread, reads at depth across files, O_DIRECT for the
 //!   aligned part of each range (alignment from `statx`), buffered reads for the rest,
 //!   short reads resubmitted, fixed buffers when registered;
-//! - **pread**: a thread pool, used when io_uring is refused (ENOSYS, EPERM, ENOMEM);
-//! - **mmap**: zero-copy views and copies out of a mapping.
+//! - **pread**: a thread pool, used when io_uring is refused (ENOSYS, EPERM, ENOMEM).
 //!
-//! `TENSORLIFT_IO=uring|pread|mmap` overrides the choice; [`Reader::report`] says what was
+//! `TENSORLIFT_IO=uring|pread` overrides the choice; [`Reader::report`] says what was
 //! chosen and why.
+//!
+//! [`open_checkpoint`] opens a checkpoint's folder and shards once, under the folder and link
+//! policy, and plans it; loads read those same descriptors. Memory maps ([`MappedFile`]) copy
+//! out without a SIGBUS reachable from safe code; zero-copy views need the `unsafe`
+//! [`MapContract`].
 //!
 //! ```
 //! use tensorlift_io::{AlignedBuf, Reader};
@@ -31,6 +35,7 @@
 mod arena;
 mod buf;
 pub mod cache;
+mod checkpoint;
 mod error;
 mod file;
 mod mmap;
@@ -38,13 +43,13 @@ mod op;
 mod pread;
 mod probe;
 mod reader;
-mod source;
 mod uring;
 
 pub use arena::{ArenaChunk, HostArena};
 pub use buf::{AlignedBuf, IoBufMut, MAP_THRESHOLD, PAGE};
+pub use checkpoint::{open_checkpoint, Checkpoint, PlanLimits, DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_OPEN_FILES};
 pub use error::{IoError, ReadFailed, ReadResult};
 pub use file::{direct_io_support, DioAlign, DirectSupport, OpenFile};
-pub use probe::{kernel_release, memlock, uring_status, Memlock, UringStatus};
+pub use mmap::{MapContract, MappedFile};
+pub use probe::{can_allocate, host_memory_available, kernel_release, memlock, uring_status, Memlock, UringStatus};
 pub use reader::{block_on, BackendKind, Faults, FixedBuffers, IoReport, ReadFuture, Reader, ReaderBuilder, IO_ENV};
-pub use source::FsSource;

@@ -1,43 +1,119 @@
-//! The mmap backend: zero-copy views, and copies out of a mapping.
+//! Memory maps, without a SIGBUS reachable from safe code.
+//!
+//! Touching a mapped page whose file was truncated, or whose read fails in the file system
+//! (EIO from FUSE or a network file system), raises SIGBUS and kills the process. So:
+//! - copies out of a mapping ([`MappedFile::copy_to`]) go through `process_vm_readv` on this
+//!   process, which turns such a fault into an `EFAULT` error;
+//! - zero-copy views ([`MappedFile::view`]) need a [`MapContract`], which only an `unsafe`
+//!   call creates: the caller promises what the kernel cannot check.
+
+use std::io;
+use std::path::{Path, PathBuf};
 
 use crate::{IoError, OpenFile};
 
-/// The file's mapping, created once.
-pub(crate) fn map(file: &OpenFile) -> Result<&memmap2::Mmap, IoError> {
-    if let Some(m) = file.map.get() {
-        return Ok(m);
+/// The caller's promise that makes zero-copy views of mapped files sound.
+///
+/// Created only by the `unsafe` [`MapContract::new`]; see its `# Safety` section.
+#[derive(Debug, Clone, Copy)]
+pub struct MapContract(());
+
+impl MapContract {
+    /// Accepts the contract of memory-mapped views.
+    ///
+    /// # Safety
+    ///
+    /// While any view of a file mapped under this contract is alive (a slice from
+    /// [`MappedFile::view`], or a tensor that holds one):
+    /// - the file is not truncated or shrunk, by this process or any other: an access past the
+    ///   new end raises SIGBUS;
+    /// - the file is not written: a view's bytes would change while borrowed;
+    /// - the file system does not fail reads of it (a FUSE or network file system returning
+    ///   EIO raises SIGBUS on access).
+    pub unsafe fn new() -> MapContract {
+        MapContract(())
     }
-    // SAFETY: the mapping is read-only and private to this process. Its bytes can change if
-    // another process writes the file, which changes data but not memory safety for u8
-    // reads; truncation is checked by callers against the current length (see copy_out).
-    let m = unsafe { memmap2::MmapOptions::new().map(file.buffered_file()) }
-        .map_err(|source| IoError::Map { file: file.path().to_path_buf(), source })?;
-    let _ = m.advise(memmap2::Advice::Sequential);
-    Ok(file.map.get_or_init(|| m))
 }
 
-/// Copies `len` bytes at `offset` out of the mapping into `dst`.
-pub(crate) fn copy_out(file: &OpenFile, offset: u64, dst: *mut u8, len: usize) -> Result<(), IoError> {
-    let m = map(file)?;
-    let eof = |at| IoError::UnexpectedEof { file: file.path().to_path_buf(), offset, len: len as u64, at };
-    let end = offset.checked_add(len as u64).ok_or_else(|| eof(m.len() as u64))?;
-    if end > m.len() as u64 {
-        return Err(eof(m.len() as u64));
+/// A file's bytes, mapped read-only and private to this process.
+#[derive(Debug)]
+pub struct MappedFile {
+    map: memmap2::Mmap,
+    path: PathBuf,
+}
+
+impl MappedFile {
+    /// Maps `file` whole. Mapping touches no page: it cannot fault.
+    pub fn map(file: &OpenFile) -> Result<MappedFile, IoError> {
+        let map_err = |source| IoError::Map { file: file.path().to_path_buf(), source };
+        let len = usize::try_from(file.len()).map_err(|e| map_err(io::Error::other(e)))?;
+        // SAFETY: a read-only private mapping of `len` bytes of a file we hold open. Creating
+        // it touches no page; every access goes through `copy_to` (which cannot fault) or
+        // through `view`, which requires the caller's MapContract.
+        let map = unsafe { memmap2::MmapOptions::new().len(len).map(file.file()) }.map_err(map_err)?;
+        let _ = map.advise(memmap2::Advice::Sequential);
+        Ok(MappedFile { map, path: file.path().to_path_buf() })
     }
-    // A file truncated after it was mapped would fault on access: check it is still long enough.
-    let now = file.current_len().map_err(|source| IoError::Read {
-        file: file.path().to_path_buf(),
-        offset,
-        len: len as u64,
-        source,
-    })?;
-    if end > now {
-        return Err(eof(now));
+
+    /// Length of the mapping.
+    pub fn len(&self) -> usize {
+        self.map.len()
     }
-    // SAFETY: offset < end <= the mapping's length, so the pointer stays inside it.
-    let src = unsafe { m.as_ptr().add(offset as usize) };
-    // SAFETY: [offset, end) lies inside the mapping, dst points to len writable bytes owned by
-    // the caller's buffer, and a private mapping never overlaps a caller's buffer.
-    unsafe { std::ptr::copy_nonoverlapping(src, dst, len) };
-    Ok(())
+
+    /// Whether the mapping is empty.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// The file it maps.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Copies `dst.len()` bytes at `offset` out of the mapping. A page that cannot be read
+    /// (the file was truncated, or the file system failed) is an error, never a SIGBUS.
+    pub fn copy_to(&self, offset: u64, dst: &mut [u8]) -> Result<(), IoError> {
+        let len = dst.len();
+        let eof = |at| IoError::UnexpectedEof { file: self.path.clone(), offset, len: len as u64, at };
+        let end = offset.checked_add(len as u64).ok_or_else(|| eof(self.map.len() as u64))?;
+        if end > self.map.len() as u64 {
+            return Err(eof(self.map.len() as u64));
+        }
+        let mut done = 0usize;
+        while done < len {
+            let n = (len - done).min(1 << 30);
+            let local = libc::iovec { iov_base: dst[done..].as_mut_ptr().cast(), iov_len: n };
+            // The remote side is this process's own mapping; the kernel reads it with fault
+            // handling, so a page it cannot bring in is EFAULT here.
+            let remote =
+                libc::iovec { iov_base: self.map[offset as usize + done..].as_ptr().cast_mut().cast(), iov_len: n };
+            let pid = std::process::id() as libc::pid_t;
+            // SAFETY: `local` covers n writable bytes of `dst`, `remote` n bytes inside the
+            // live mapping; process_vm_readv only copies between them and reports faults.
+            let rc = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+            if rc <= 0 {
+                let source =
+                    if rc == 0 { io::Error::from(io::ErrorKind::UnexpectedEof) } else { io::Error::last_os_error() };
+                let at = offset + done as u64;
+                return Err(match source.raw_os_error() {
+                    Some(libc::EFAULT) => IoError::Read {
+                        file: self.path.clone(),
+                        offset: at,
+                        len: (len - done) as u64,
+                        source: io::Error::other(
+                            "a mapped page could not be read (the file was truncated, or the file system failed)",
+                        ),
+                    },
+                    _ => IoError::Read { file: self.path.clone(), offset: at, len: (len - done) as u64, source },
+                });
+            }
+            done += rc as usize;
+        }
+        Ok(())
+    }
+
+    /// The mapped bytes, without a copy, under the caller's [`MapContract`].
+    pub fn view(&self, _contract: MapContract) -> &[u8] {
+        &self.map
+    }
 }

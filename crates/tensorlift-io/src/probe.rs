@@ -96,3 +96,59 @@ pub fn memlock() -> Option<Memlock> {
 pub fn kernel_release() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/osrelease").ok().map(|s| s.trim().to_owned())
 }
+
+/// Host memory this process can fill now, in bytes: the kernel's `MemAvailable` plus free
+/// swap, lowered to what the process's cgroup (v2) still allows. `None` when none of that
+/// can be read.
+///
+/// Anonymous memory is committed when it is first touched, not when it is mapped, so an
+/// allocation larger than this succeeds and the process is killed later, mid-load. Loads
+/// compare the memory a checkpoint asks for with this figure first.
+pub fn host_memory_available() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok();
+    let field = |name: &str| -> Option<u64> {
+        let line = meminfo.as_deref()?.lines().find(|l| l.starts_with(name))?;
+        line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kib| kib << 10)
+    };
+    let system = field("MemAvailable:").map(|a| a + field("SwapFree:").unwrap_or(0));
+    let cgroup = cgroup_headroom();
+    match (system, cgroup) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// What this process's memory cgroup still allows: `memory.max - memory.current` (v2), or
+/// `memory.limit_in_bytes - memory.usage_in_bytes` (v1); `None` without a limit.
+fn cgroup_headroom() -> Option<u64> {
+    let groups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let read = |dir: &std::path::Path, file: &str| -> Option<u64> {
+        // "max" (v2, no limit) does not parse; v1 writes a huge number for no limit.
+        std::fs::read_to_string(dir.join(file)).ok()?.trim().parse().ok()
+    };
+    let under = |root: &str, rel: &str| std::path::Path::new(root).join(rel.trim().trim_start_matches('/'));
+    let v1 = groups.lines().find_map(|l| l.split_once(":memory:").map(|(_, p)| p));
+    let (max, current) = match v1 {
+        Some(rel) => {
+            let dir = under("/sys/fs/cgroup/memory", rel);
+            (read(&dir, "memory.limit_in_bytes")?, read(&dir, "memory.usage_in_bytes")?)
+        }
+        None => {
+            let dir = under("/sys/fs/cgroup", groups.lines().find_map(|l| l.strip_prefix("0::"))?);
+            (read(&dir, "memory.max")?, read(&dir, "memory.current")?)
+        }
+    };
+    Some(max.saturating_sub(current))
+}
+
+/// Whether `bytes` more bytes of memory can be had right now, found by reserving them
+/// (without touching them) and giving them back.
+///
+/// Parsing a header or building a million tensors makes many small allocations, and any of
+/// them failing aborts the process. Reserving their estimated total first, where failure is
+/// an error, turns an address-space or overcommit limit into an error before that work
+/// starts.
+pub fn can_allocate(bytes: u64) -> bool {
+    let Ok(bytes) = usize::try_from(bytes) else { return false };
+    Vec::<u8>::new().try_reserve_exact(bytes).is_ok()
+}

@@ -24,8 +24,6 @@ pub enum BackendKind {
     Uring,
     /// A pool of threads doing `pread`, O_DIRECT where the file system allows.
     Pread,
-    /// Memory maps: zero-copy views, and copies out of the mapping for reads.
-    Mmap,
 }
 
 impl fmt::Display for BackendKind {
@@ -33,7 +31,6 @@ impl fmt::Display for BackendKind {
         f.write_str(match self {
             BackendKind::Uring => "uring",
             BackendKind::Pread => "pread",
-            BackendKind::Mmap => "mmap",
         })
     }
 }
@@ -44,8 +41,11 @@ impl FromStr for BackendKind {
         match s.trim().to_ascii_lowercase().as_str() {
             "uring" | "io_uring" | "io-uring" => Ok(BackendKind::Uring),
             "pread" => Ok(BackendKind::Pread),
-            "mmap" => Ok(BackendKind::Mmap),
-            other => Err(format!("unknown I/O backend '{other}' (expected uring, pread or mmap)")),
+            "mmap" => Err("mmap is not an I/O backend: a file truncated under a memory map kills the process \
+                 (SIGBUS), so zero-copy mapped views are the library's unsafe opt-in (MapContract); \
+                 expected uring or pread"
+                .to_owned()),
+            other => Err(format!("unknown I/O backend '{other}' (expected uring or pread)")),
         }
     }
 }
@@ -168,7 +168,6 @@ impl ReaderBuilder {
         };
         let join = |a: &str, b: String| if a.is_empty() { b } else { format!("{a}; {b}") };
         let (backend, reason) = match requested {
-            Some(BackendKind::Mmap) => (Backend::Mmap, why),
             Some(BackendKind::Pread) => (pread(self.pread_threads), why),
             Some(BackendKind::Uring) | None => match &uring {
                 UringStatus::Available => {
@@ -209,7 +208,6 @@ enum Backend {
     Uring(UringPool),
     /// `None` when no thread could be started: reads run on the caller's thread.
     Pread(Option<PreadPool>),
-    Mmap,
 }
 
 impl Backend {
@@ -217,7 +215,6 @@ impl Backend {
         match self {
             Backend::Uring(_) => BackendKind::Uring,
             Backend::Pread(_) => BackendKind::Pread,
-            Backend::Mmap => BackendKind::Mmap,
         }
     }
 }
@@ -250,8 +247,8 @@ impl Reader {
         self.backend.kind()
     }
 
-    /// Opens a file for reading: a buffered descriptor, plus an O_DIRECT one where the file
-    /// system allows it (the mmap backend never uses direct I/O).
+    /// Opens a file for reading, without blocking (a FIFO or device is refused): a buffered
+    /// descriptor, plus an O_DIRECT one where the file system allows it.
     pub fn open(&self, path: &Path) -> Result<Arc<OpenFile>, IoError> {
         self.open_with(path, true)
     }
@@ -259,8 +256,14 @@ impl Reader {
     /// Opens a file, using O_DIRECT only if `direct` is set (and the reader allows it): a
     /// file already in the page cache reads faster buffered.
     pub fn open_with(&self, path: &Path, direct: bool) -> Result<Arc<OpenFile>, IoError> {
-        let direct = direct && self.direct && !matches!(self.backend, Backend::Mmap);
-        OpenFile::open(path, direct, self.faults.refuse_direct).map(Arc::new)
+        OpenFile::open(path, direct && self.direct, self.faults.refuse_direct).map(Arc::new)
+    }
+
+    /// Reads through a descriptor the caller already opened and checked (a shard from
+    /// [`Checkpoint::take_shard`](crate::Checkpoint::take_shard)): no path is looked up
+    /// again. `path` names it in errors.
+    pub fn open_file(&self, path: &Path, file: Arc<std::fs::File>, direct: bool) -> Result<Arc<OpenFile>, IoError> {
+        OpenFile::from_file(path, file, direct && self.direct, self.faults.refuse_direct).map(Arc::new)
     }
 
     /// Registers memory regions as io_uring fixed buffers, so that reads into buffers whose
@@ -309,10 +312,6 @@ impl Reader {
         }
         // SAFETY: buf_offset + len <= capacity was checked above.
         let dst = unsafe { buf.stable_mut_ptr().add(buf_offset) };
-        if let Backend::Mmap = self.backend {
-            let r = crate::mmap::copy_out(file, offset, dst, len);
-            return ReadFuture::ready(with_buf(r, buf));
-        }
         let fixed = buf.fixed_slot();
         let (tx, rx) = oneshot::channel();
         let op = ReadOp {
@@ -331,18 +330,9 @@ impl Reader {
         match &self.backend {
             Backend::Uring(pool) => pool.submit(op),
             Backend::Pread(Some(pool)) => pool.submit(op),
-            Backend::Pread(None) | Backend::Mmap => run_to_end(op),
+            Backend::Pread(None) => run_to_end(op),
         }
         ReadFuture { state: State::Waiting(pending) }
-    }
-
-    /// The memory map of `file`, created on first use: a zero-copy view of its bytes.
-    ///
-    /// The view is of the file as it was when mapped; the engine checks its length against
-    /// the plan. As with every memory-mapped reader, truncating the file while a view is in
-    /// use makes accesses past the new end fault.
-    pub fn map<'f>(&self, file: &'f OpenFile) -> Result<&'f memmap2::Mmap, IoError> {
-        crate::mmap::map(file)
     }
 }
 

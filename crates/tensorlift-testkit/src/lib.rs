@@ -69,3 +69,18 @@ pub fn write_sharded(dir: &Path, shards: &[&[Spec<'_>]]) -> BTreeMap<String, Vec
         .expect("writing the index");
     truth
 }
+
+/// Writes `dir/model.safetensors.index.json` mapping each tensor to a shard name, in the
+/// order given; returns its path.
+///
+/// # Panics
+///
+/// If the file cannot be written.
+pub fn write_index(dir: &Path, entries: &[(&str, &str)]) -> std::path::PathBuf {
+    let map: serde_json::Map<String, serde_json::Value> =
+        entries.iter().map(|(t, s)| ((*t).to_owned(), (*s).into())).collect();
+    let path = dir.join("model.safetensors.index.json");
+    let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": map});
+    std::fs::write(&path, serde_json::to_vec(&index).expect("json")).expect("writing the index");
+    path
+}

@@ -27,6 +27,11 @@ pub enum LoadError {
     /// Host memory for the tensors could not be allocated.
     #[error("{}: cannot allocate {bytes} bytes of host memory for its tensors", file.display())]
     OutOfMemory { file: PathBuf, bytes: u64 },
+    /// The checkpoint needs more host memory than this process can get now (checked before
+    /// anything is allocated: memory is committed when touched, so a load over it would be
+    /// killed midway rather than fail).
+    #[error("{}: the tensors need {needed} bytes of host memory, but only {available} bytes are available", file.display())]
+    HostMemory { file: PathBuf, needed: u64, available: u64 },
     /// A CUDA device was asked for and cannot be used.
     #[error("CUDA device {ordinal} is unavailable: {reason}")]
     CudaUnavailable { ordinal: usize, reason: String },

@@ -18,8 +18,11 @@
 //! `stream.next().await` for each tensor as soon as its bytes are in memory.
 //!
 //! Checkpoints are untrusted input: every header is validated before any data is read
-//! ([`tensorlift_format`]), shards must stay inside the model folder, and host memory is the
-//! tensors' own size plus page padding; reads in flight never exceed the staging budget.
+//! ([`tensorlift_format`]), shards must stay inside the model folder (see [`tensorlift_io::open_checkpoint`]
+//! for the folder and link policy), each shard is opened once and that descriptor is read,
+//! header memory is bounded ([`PlanLimits`]), and host memory is the tensors' own size plus
+//! page padding; reads in flight never exceed the staging budget. No safe API can reach a
+//! SIGBUS: memory-mapped views are an opt-in that takes an `unsafe`-made [`MapContract`].
 #![forbid(unsafe_code)]
 
 mod device;
@@ -43,11 +46,13 @@ pub use tensor::{Element, Model, Tensor, ViewError};
 pub use tensorlift_format as format;
 pub use tensorlift_format::{Dtype, FormatError, LoadPlan};
 pub use tensorlift_io as io;
+pub use tensorlift_io::{Checkpoint, MapContract, PlanLimits};
 
 /// Resolves `path` (a `.safetensors` file, an index JSON or a folder) and validates every
-/// shard's header, reading headers only.
-pub fn plan(path: impl AsRef<Path>) -> Result<LoadPlan, FormatError> {
-    tensorlift_format::resolve(&tensorlift_io::FsSource, path.as_ref())
+/// shard's header, reading headers only, with the default [`PlanLimits`]. The shards it
+/// opened stay open for a load of the plan ([`Loader::load_plan`]).
+pub fn plan(path: impl AsRef<Path>) -> Result<Checkpoint, FormatError> {
+    tensorlift_io::open_checkpoint(path.as_ref(), &PlanLimits::default())
 }
 
 /// The README's examples, compiled as doctests so that they stay true to the API.

@@ -5,8 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
-use tensorlift_format::LoadPlan;
-use tensorlift_io::{BackendKind, Faults, Reader};
+use tensorlift_io::{BackendKind, Checkpoint, Faults, MapContract, PlanLimits, Reader};
 use tracing::Instrument;
 
 use crate::device::DEVICE_ENV;
@@ -70,6 +69,8 @@ pub(crate) struct Config {
     pub filter: Vec<String>,
     pub progress: Option<ProgressFn>,
     pub faults: Faults,
+    pub limits: PlanLimits,
+    pub map_views: Option<MapContract>,
 }
 
 /// Configures a [`Loader`]. Every option has a default that suits a large checkpoint.
@@ -114,6 +115,8 @@ impl Default for LoaderBuilder {
                 filter: Vec::new(),
                 progress: None,
                 faults: Faults::default(),
+                limits: PlanLimits::default(),
+                map_views: None,
             },
         }
     }
@@ -169,6 +172,27 @@ impl LoaderBuilder {
     /// Called as data lands, with bytes done and the total.
     pub fn progress(mut self, f: impl Fn(Progress) + Send + Sync + 'static) -> Self {
         self.cfg.progress = Some(Arc::new(f));
+        self
+    }
+    /// Most header bytes one plan may hold, all shards together (default 256 MiB, far over
+    /// any real checkpoint's). A checkpoint over it fails to plan with
+    /// [`FormatError::HeaderBudget`](crate::FormatError::HeaderBudget), before its memory is used.
+    pub fn max_header_bytes(mut self, bytes: u64) -> Self {
+        self.cfg.limits.max_header_bytes = bytes;
+        self
+    }
+    /// Most shard files open at once, while planning and while loading (default 128, and
+    /// never over a quarter of the process's `RLIMIT_NOFILE`).
+    pub fn max_open_files(mut self, files: usize) -> Self {
+        self.cfg.limits.max_open_files = files.max(1);
+        self
+    }
+    /// Loads tensors as zero-copy views of memory-mapped shards instead of reading them
+    /// into memory of their own. The [`MapContract`] is the caller's promise that the files
+    /// stay as they are while tensors are alive; only `unsafe` code can make one (see
+    /// [`MapContract::new`]), because a file truncated under a map kills the process.
+    pub fn map_views(mut self, contract: MapContract) -> Self {
+        self.cfg.map_views = Some(contract);
         self
     }
     /// Applies every override that `tuning` sets.
@@ -289,10 +313,11 @@ impl Loader {
         self.reader.report()
     }
 
-    /// The validated plan for `path`, with the filter applied. Reads headers only.
-    pub fn plan(&self, path: impl AsRef<Path>) -> Result<LoadPlan, LoadError> {
+    /// The validated plan for `path`, with the filter applied. Reads headers only; the
+    /// shards it opened stay open (up to [`LoaderBuilder::max_open_files`]) for the load.
+    pub fn plan(&self, path: impl AsRef<Path>) -> Result<Checkpoint, LoadError> {
         let _span = tracing::info_span!("plan", path = %path.as_ref().display()).entered();
-        let mut plan = crate::plan(path)?;
+        let mut plan = tensorlift_io::open_checkpoint(path.as_ref(), &self.cfg.limits)?;
         if let Some(set) = &self.filter {
             plan.retain(|t| set.is_match(&t.name));
         }
@@ -307,13 +332,13 @@ impl Loader {
 
     /// Starts loading a plan made earlier (by [`plan`](Self::plan) or [`crate::plan`]). A
     /// shard that changed since is refused with [`LoadError::ShardChanged`].
-    pub fn stream_plan(&self, plan: LoadPlan) -> Result<TensorStream, LoadError> {
+    pub fn stream_plan(&self, plan: Checkpoint) -> Result<TensorStream, LoadError> {
         self.start(plan, Instant::now())
     }
 
     /// `started` is when the load began (before planning, where the caller planned), so that
     /// the wall time in the stats covers planning, opening and reading.
-    fn start(&self, plan: LoadPlan, started: Instant) -> Result<TensorStream, LoadError> {
+    fn start(&self, plan: Checkpoint, started: Instant) -> Result<TensorStream, LoadError> {
         let stats = LoadStats {
             bytes: 0,
             bytes_read: 0,
@@ -339,12 +364,12 @@ impl Loader {
     }
 
     /// Loads a plan made earlier.
-    pub async fn load_plan(&self, plan: LoadPlan) -> Result<Model, LoadError> {
+    pub async fn load_plan(&self, plan: Checkpoint) -> Result<Model, LoadError> {
         collect(self.stream_plan(plan)?).await
     }
 
     /// [`load_plan`](Self::load_plan) for callers without an async runtime.
-    pub fn load_blocking_plan(&self, plan: LoadPlan) -> Result<Model, LoadError> {
+    pub fn load_blocking_plan(&self, plan: Checkpoint) -> Result<Model, LoadError> {
         tensorlift_io::block_on(self.load_plan(plan))
     }
 

@@ -6,6 +6,11 @@
 //! final memory: there is no staging copy on the CPU path. Extents are cut into chunks;
 //! chunks of all shards are interleaved so that several files are read at once. Reads in
 //! flight are bounded by the queue depth, and their bytes by the staging budget.
+//!
+//! Shards are read through the descriptors their planning opened ([`Checkpoint`]), opened
+//! for reading when their first read is issued and closed after their last one lands, and
+//! interleaved a window of shards at a time, so open files stay bounded however many
+//! shards a checkpoint has.
 
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -13,10 +18,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tensorlift_format::{LoadPlan, PlannedTensor, Shard};
-use tensorlift_io::{cache, ArenaChunk, HostArena, OpenFile, ReadFuture, Reader, PAGE};
+use tensorlift_io::{
+    cache, ArenaChunk, Checkpoint, HostArena, IoError, MappedFile, OpenFile, ReadFuture, Reader, PAGE,
+};
 
 use crate::loader::{Config, DirectIo};
 use crate::{LoadError, LoadStats, Progress, Tensor};
+
+/// Host memory a loaded tensor costs beyond its bytes, at most (name, shape, bookkeeping).
+const TENSOR_OVERHEAD: u64 = 1024;
 
 /// Gaps of unselected tensors up to this size are read through rather than splitting an extent.
 const MAX_GAP: u64 = 1 << 20;
@@ -42,7 +52,7 @@ struct Extent {
 
 struct Job {
     extent: usize,
-    file: Arc<OpenFile>,
+    shard: usize,
     chunk: ArenaChunk,
     file_offset: u64,
     len: usize,
@@ -51,6 +61,7 @@ struct Job {
 /// A read in flight; `len` bytes of the budget are held until it lands.
 struct InFlight {
     extent: usize,
+    shard: usize,
     file_offset: u64,
     len: usize,
     fut: ReadFuture<ArenaChunk>,
@@ -62,8 +73,12 @@ struct InFlight {
 /// then free their memory; nothing is left running or allocated.
 pub struct TensorStream {
     reader: Arc<Reader>,
-    plan: Arc<LoadPlan>,
+    plan: Checkpoint,
+    direct: DirectIo,
+    /// Shards open for reading now, and the reads each still has to land.
     files: Vec<Option<Arc<OpenFile>>>,
+    reads_left: Vec<usize>,
+    window: usize,
     extents: Vec<Extent>,
     jobs: VecDeque<Job>,
     in_flight: VecDeque<InFlight>,
@@ -92,17 +107,19 @@ impl std::fmt::Debug for TensorStream {
 impl TensorStream {
     pub(crate) fn start(
         reader: Arc<Reader>,
-        plan: LoadPlan,
+        plan: Checkpoint,
         cfg: &Config,
         stats: LoadStats,
         started: Instant,
     ) -> Result<TensorStream, LoadError> {
         let _span =
             tracing::info_span!("plan_io", tensors = plan.tensors().len(), shards = plan.shards().len()).entered();
-        let plan = Arc::new(plan);
         let mut stream = TensorStream {
             reader,
+            direct: cfg.direct,
             files: vec![None; plan.shards().len()],
+            reads_left: vec![0; plan.shards().len()],
+            window: cfg.limits.open_files_bound(),
             extents: Vec::new(),
             jobs: VecDeque::new(),
             in_flight: VecDeque::new(),
@@ -116,51 +133,74 @@ impl TensorStream {
             read_wait: Duration::ZERO,
             finished: false,
             stats,
-            plan: Arc::clone(&plan),
+            plan,
         };
-        stream.stats.bytes = plan.total_bytes();
-        let spans = spans(&plan);
-        for (i, shard) in plan.shards().iter().enumerate() {
-            if spans.iter().any(|e| e.shard == i) {
-                stream.open_shard(i, shard, cfg.direct)?;
-            }
+        stream.stats.bytes = stream.plan.total_bytes();
+        // Each tensor costs a few small allocations (its name, shape, the model's index):
+        // check that their total can be had before making them, since each alone would abort.
+        let per_tensor = stream.plan.tensors().len() as u64 * TENSOR_OVERHEAD;
+        if !tensorlift_io::can_allocate(per_tensor) {
+            return Err(LoadError::OutOfMemory { file: stream.plan_file(), bytes: per_tensor });
         }
-        if stream.reader.backend() == tensorlift_io::BackendKind::Mmap {
-            stream.map_all(&spans)?;
-        } else {
-            stream.arrange(spans, cfg.chunk_size)?;
+        let spans = spans(&stream.plan);
+        let mut shards: Vec<usize> = spans.iter().map(|s| s.shard).collect();
+        shards.dedup();
+        stream.stats.shards = shards.len();
+        match cfg.map_views {
+            Some(contract) => stream.map_all(&spans, contract)?,
+            None => stream.arrange(spans, cfg.chunk_size)?,
         }
-        stream.stats.shards = stream.files.iter().filter(|f| f.is_some()).count();
         Ok(stream)
     }
 
-    fn open_shard(&mut self, i: usize, shard: &Shard, policy: DirectIo) -> Result<(), LoadError> {
+    /// The file an error about the whole checkpoint names: its one shard, its index, or its folder.
+    fn plan_file(&self) -> std::path::PathBuf {
+        match (self.plan.shards(), self.plan.index_file()) {
+            ([one], _) => one.path.clone(),
+            (_, Some(index)) => index.to_path_buf(),
+            _ => self.plan.root().to_path_buf(),
+        }
+    }
+
+    /// Opens shard `i` for reading: the descriptor planning opened (or the same file,
+    /// reopened and checked), with O_DIRECT unless the shard is already in the page cache.
+    fn open_shard(&mut self, i: usize, direct: DirectIo) -> Result<Arc<OpenFile>, LoadError> {
+        let file = self.plan.take_shard(i).map_err(open_error)?;
+        let shard = &self.plan.shards()[i];
         // A shard already in the page cache reads faster buffered; O_DIRECT would go to disk.
-        let direct = match policy {
+        let direct = match direct {
             DirectIo::Always => true,
             DirectIo::Never => false,
-            DirectIo::Auto => cache::resident_fraction(&shard.path).map_or(true, |f| f < 0.5),
+            DirectIo::Auto => cache::resident_fraction_of(&file).map_or(true, |f| f < 0.5),
         };
-        let file = self.reader.open_with(&shard.path, direct).map_err(LoadError::Open)?;
-        check_unchanged(&self.reader, shard, &file)?;
+        let file = self.reader.open_file(&shard.path, file, direct).map_err(open_error)?;
+        check_unchanged(shard, &file)?;
         if file.is_direct() {
             self.stats.direct_shards += 1;
         } else {
             self.stats.buffered_shards += 1;
         }
-        self.files[i] = Some(file);
-        Ok(())
+        Ok(file)
     }
 
-    /// The mmap backend: every tensor is a zero-copy view, ready at once.
-    fn map_all(&mut self, spans: &[Span]) -> Result<(), LoadError> {
+    /// Zero-copy views of mapped shards, under the caller's contract: every tensor is ready at once.
+    fn map_all(&mut self, spans: &[Span], contract: tensorlift_io::MapContract) -> Result<(), LoadError> {
+        let mut mapped: Option<(usize, Arc<MappedFile>)> = None;
         for e in spans {
-            let Some(file) = self.files[e.shard].clone() else { continue };
-            self.reader.map(&file).map_err(LoadError::Open)?;
+            let map = match &mapped {
+                Some((s, m)) if *s == e.shard => Arc::clone(m),
+                _ => {
+                    // The mapping keeps no descriptor: the file closes once it is mapped.
+                    let file = self.open_shard(e.shard, DirectIo::Never)?;
+                    let m = Arc::new(MappedFile::map(&file).map_err(LoadError::Open)?);
+                    mapped = Some((e.shard, Arc::clone(&m)));
+                    m
+                }
+            };
             for &t in &e.tensors {
                 let pt = &self.plan.tensors()[t];
                 let range = pt.file_range.start as usize..pt.file_range.end as usize;
-                self.ready.push_back(Tensor::mapped(&pt.name, pt.dtype, &pt.shape, Arc::clone(&file), range));
+                self.ready.push_back(Tensor::mapped(&pt.name, pt.dtype, &pt.shape, Arc::clone(&map), range, contract));
             }
         }
         self.stats.bytes_read = self.plan.total_bytes();
@@ -169,16 +209,13 @@ impl TensorStream {
     }
 
     fn arrange(&mut self, spans: Vec<Span>, chunk_size: usize) -> Result<(), LoadError> {
+        let needed: u64 = spans.iter().map(|s| (s.end - s.base).next_multiple_of(PAGE as u64)).sum();
+        if let Some(available) = tensorlift_io::host_memory_available().filter(|&a| needed > a) {
+            return Err(LoadError::HostMemory { file: self.plan_file(), needed, available });
+        }
         let mut per_extent: Vec<VecDeque<Job>> = Vec::with_capacity(spans.len());
         let mut extents = Vec::with_capacity(spans.len());
         for (ei, span) in spans.into_iter().enumerate() {
-            // Every shard with a span was opened in `start`.
-            let Some(file) = self.files[span.shard].clone() else {
-                return Err(LoadError::Open(tensorlift_io::IoError::Open {
-                    file: self.plan.shards()[span.shard].path.clone(),
-                    source: std::io::Error::other("shard was not opened"),
-                }));
-            };
             let len = (span.end - span.base) as usize;
             let arena = HostArena::new(len.next_multiple_of(PAGE), chunk_size).ok_or_else(|| {
                 LoadError::OutOfMemory { file: self.plan.shards()[span.shard].path.clone(), bytes: len as u64 }
@@ -192,9 +229,10 @@ impl TensorStream {
             for chunk in arena.take_chunks() {
                 let r = chunk.range();
                 let read = len.min(r.end).saturating_sub(r.start);
+                self.reads_left[span.shard] += 1;
                 jobs.push_back(Job {
                     extent: ei,
-                    file: Arc::clone(&file),
+                    shard: span.shard,
                     file_offset: span.base + r.start as u64,
                     len: read,
                     chunk,
@@ -207,11 +245,12 @@ impl TensorStream {
         for e in &extents {
             for (k, &t) in e.span.tensors.iter().enumerate() {
                 if e.remaining[k] == 0 {
-                    self.ready.push_back(self.make(e, t));
+                    self.ready.push_back(make(&self.plan, e, t));
                 }
             }
         }
-        // Interleave shards so reads are in flight on several files at once.
+        // Interleave shards so reads are in flight on several files at once, a window of
+        // shards at a time so that open files stay bounded.
         let mut by_shard: Vec<VecDeque<Job>> = Vec::new();
         for (ei, jobs) in per_extent.into_iter().enumerate() {
             let s = extents[ei].span.shard;
@@ -220,11 +259,14 @@ impl TensorStream {
             }
             by_shard[s].extend(jobs);
         }
-        while by_shard.iter().any(|q| !q.is_empty()) {
-            for q in &mut by_shard {
-                if let Some(j) = q.pop_front() {
-                    self.stats.bytes_read += j.len as u64;
-                    self.jobs.push_back(j);
+        by_shard.retain(|q| !q.is_empty());
+        for window in by_shard.chunks_mut(self.window) {
+            while window.iter().any(|q| !q.is_empty()) {
+                for q in window.iter_mut() {
+                    if let Some(j) = q.pop_front() {
+                        self.stats.bytes_read += j.len as u64;
+                        self.jobs.push_back(j);
+                    }
                 }
             }
         }
@@ -232,24 +274,35 @@ impl TensorStream {
         Ok(())
     }
 
-    fn make(&self, e: &Extent, t: usize) -> Tensor {
-        let pt = &self.plan.tensors()[t];
-        Tensor::host(&pt.name, pt.dtype, &pt.shape, Arc::clone(&e.arena), arena_range(&e.span, pt))
-    }
-
-    /// Issues reads while the queue depth and the byte budget allow.
-    fn fill(&mut self) {
+    /// Issues reads while the queue depth and the byte budget allow, opening each shard
+    /// when its first read is issued.
+    fn fill(&mut self) -> Result<(), LoadError> {
         while self.in_flight.len() < self.queue_depth {
-            let Some(len) = self.jobs.front().map(|j| j.len as u64) else { break };
+            let Some((len, shard)) = self.jobs.front().map(|j| (j.len as u64, j.shard)) else { break };
             if self.in_flight_bytes + len > self.budget {
                 break;
             }
+            let file = match &self.files[shard] {
+                Some(f) => Arc::clone(f),
+                None => {
+                    let f = self.open_shard(shard, self.direct)?;
+                    self.files[shard] = Some(Arc::clone(&f));
+                    f
+                }
+            };
             let Some(job) = self.jobs.pop_front() else { break };
-            let fut = self.reader.read(&job.file, job.file_offset, job.chunk, 0, job.len);
+            let fut = self.reader.read(&file, job.file_offset, job.chunk, 0, job.len);
             self.in_flight_bytes += len;
             self.stats.max_in_flight_bytes = self.stats.max_in_flight_bytes.max(self.in_flight_bytes);
-            self.in_flight.push_back(InFlight { extent: job.extent, file_offset: job.file_offset, len: job.len, fut });
+            self.in_flight.push_back(InFlight {
+                extent: job.extent,
+                shard,
+                file_offset: job.file_offset,
+                len: job.len,
+                fut,
+            });
         }
+        Ok(())
     }
 
     /// The next tensor whose bytes have all landed; `None` when the load is complete.
@@ -262,7 +315,10 @@ impl TensorStream {
             if self.finished {
                 return None;
             }
-            self.fill();
+            if let Err(e) = self.fill() {
+                self.abort().await;
+                return Some(Err(e));
+            }
             let Some(f) = self.in_flight.pop_front() else {
                 self.finish();
                 continue;
@@ -271,6 +327,11 @@ impl TensorStream {
             let result = f.fut.await;
             self.read_wait += t0.elapsed();
             self.in_flight_bytes -= f.len as u64;
+            // The shard's last read has landed: close it.
+            self.reads_left[f.shard] -= 1;
+            if self.reads_left[f.shard] == 0 {
+                self.files[f.shard] = None;
+            }
             match result {
                 Ok(chunk) => self.landed(f.extent, chunk, f.len),
                 Err(failed) => {
@@ -284,9 +345,10 @@ impl TensorStream {
 
     fn landed(&mut self, ei: usize, chunk: ArenaChunk, len: usize) {
         let range = chunk.range();
-        let plan = Arc::clone(&self.plan);
+        let plan = &self.plan;
         let e = &mut self.extents[ei];
-        let index = e.arena.complete(chunk);
+        // Every chunk of an extent was cut from its own arena.
+        let Ok(index) = e.arena.complete(chunk) else { return };
         // Tensors overlapping this chunk, found from the first one ending after its start.
         let span = &e.span;
         let first = span.tensors.partition_point(|&t| arena_range(span, &plan.tensors()[t]).end <= range.start);
@@ -304,7 +366,7 @@ impl TensorStream {
             }
         }
         for t in newly {
-            let t = self.make(&self.extents[ei], t);
+            let t = make(plan, &self.extents[ei], t);
             self.ready.push_back(t);
         }
         self.done_bytes += len as u64;
@@ -331,6 +393,7 @@ impl TensorStream {
         while let Some(f) = self.in_flight.pop_front() {
             let _ = f.fut.await;
         }
+        self.files.iter_mut().for_each(|f| *f = None);
         self.ready.clear();
         self.extents.clear();
         self.finished = true;
@@ -349,7 +412,20 @@ impl TensorStream {
 
     /// The plan being loaded.
     pub fn plan(&self) -> &LoadPlan {
-        &self.plan
+        self.plan.plan()
+    }
+}
+
+fn make(plan: &LoadPlan, e: &Extent, t: usize) -> Tensor {
+    let pt = &plan.tensors()[t];
+    Tensor::host(&pt.name, pt.dtype, &pt.shape, Arc::clone(&e.arena), arena_range(&e.span, pt))
+}
+
+/// A shard that is no longer the planned file is [`LoadError::ShardChanged`].
+fn open_error(e: IoError) -> LoadError {
+    match e {
+        IoError::Changed { file, what } => LoadError::ShardChanged { file, what },
+        e => LoadError::Open(e),
     }
 }
 
@@ -378,15 +454,17 @@ fn spans(plan: &LoadPlan) -> Vec<Span> {
     out
 }
 
-/// Refuses a shard whose length or header differ from what was planned.
-fn check_unchanged(reader: &Reader, shard: &Shard, file: &Arc<OpenFile>) -> Result<(), LoadError> {
+/// Refuses a shard whose length or header differ from what was planned: an edit in place
+/// can keep the modification time that [`Checkpoint::take_shard`] compares.
+fn check_unchanged(shard: &Shard, file: &OpenFile) -> Result<(), LoadError> {
+    use std::os::unix::fs::FileExt;
     let changed = |what: String| LoadError::ShardChanged { file: shard.path.clone(), what };
     if file.len() != shard.file_len {
         return Err(changed(format!("length is {} bytes, planned {}", file.len(), shard.file_len)));
     }
-    let n = shard.data_start() as usize;
-    let buf = tensorlift_io::block_on(reader.read(file, 0, vec![0u8; n], 0, n))
-        .map_err(|f| changed(format!("cannot re-read its header: {}", f.error)))?;
+    // The planned header was held in memory, so this many bytes can be held again.
+    let mut buf = vec![0u8; shard.data_start() as usize];
+    file.file().read_exact_at(&mut buf, 0).map_err(|e| changed(format!("cannot re-read its header: {e}")))?;
     match tensorlift_format::parse_header(&shard.path, &buf, file.len()) {
         Ok(h) if h == shard.header => Ok(()),
         Ok(_) => Err(changed("its header differs from the planned one".into())),

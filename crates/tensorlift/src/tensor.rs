@@ -3,7 +3,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use tensorlift_format::Dtype;
-use tensorlift_io::{HostArena, OpenFile};
+use tensorlift_io::{HostArena, MapContract, MappedFile};
 
 use crate::LoadStats;
 
@@ -34,7 +34,7 @@ pub enum ViewError {
 #[derive(Debug, Clone)]
 enum Storage {
     Host { arena: Arc<HostArena>, range: Range<usize> },
-    Mapped { file: Arc<OpenFile>, range: Range<usize> },
+    Mapped { map: Arc<MappedFile>, range: Range<usize>, contract: MapContract },
 }
 
 /// A loaded tensor: name, dtype, shape and its bytes in host memory.
@@ -63,10 +63,11 @@ impl Tensor {
         name: &str,
         dtype: Dtype,
         shape: &[usize],
-        file: Arc<OpenFile>,
+        map: Arc<MappedFile>,
         range: Range<usize>,
+        contract: MapContract,
     ) -> Tensor {
-        Tensor { name: name.into(), dtype, shape: shape.into(), storage: Storage::Mapped { file, range } }
+        Tensor { name: name.into(), dtype, shape: shape.into(), storage: Storage::Mapped { map, range, contract } }
     }
 
     /// The tensor's name.
@@ -85,7 +86,8 @@ impl Tensor {
     pub fn num_elements(&self) -> usize {
         self.shape.iter().product()
     }
-    /// Whether this tensor is a zero-copy view of a memory-mapped file.
+    /// Whether this tensor is a zero-copy view of a memory-mapped file (only with
+    /// [`LoaderBuilder::map_views`](crate::LoaderBuilder::map_views)).
     pub fn is_mapped(&self) -> bool {
         matches!(self.storage, Storage::Mapped { .. })
     }
@@ -95,7 +97,8 @@ impl Tensor {
         match &self.storage {
             // A tensor is only made once every chunk covering it has landed, so `get` succeeds.
             Storage::Host { arena, range } => arena.get(range.clone()).unwrap_or_default(),
-            Storage::Mapped { file, range } => file.mapped().and_then(|m| m.get(range.clone())).unwrap_or_default(),
+            // The plan checked the range against the file's length, which the load checked again.
+            Storage::Mapped { map, range, contract } => map.view(*contract).get(range.clone()).unwrap_or_default(),
         }
     }
 

@@ -231,3 +231,55 @@ fn errors_name_file_and_tensor() {
     assert!(msg.contains("/models/x.safetensors") && msg.contains("'w.q'"), "{msg}");
     assert_eq!(err.file(), Path::new("/models/x.safetensors"));
 }
+
+#[test]
+fn null_metadata_is_no_metadata() {
+    // The reference reader accepts `"__metadata__": null`.
+    let json = r#"{"__metadata__":null,"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#;
+    let h = parse(&file_with(json, 1)).unwrap();
+    assert_eq!(h.metadata, None);
+    assert_eq!(h.tensors.len(), 1);
+}
+
+#[test]
+fn pytorch_files_are_named_as_such() {
+    // A zip written by torch.save >= 1.6 starts "PK\3\4"; read as a length that is 67324752.
+    let mut zip = b"PK\x03\x04\x00\x00\x08\x08".to_vec();
+    zip.resize(104, 0);
+    match parse(&zip) {
+        Err(FormatError::PyTorchCheckpoint { layout, .. }) => assert!(layout.contains("zip"), "{layout}"),
+        other => panic!("{other:?}"),
+    }
+    // A legacy torch.save file is a protocol-2 pickle that starts with its magic number.
+    let mut pickle = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19".to_vec();
+    pickle.resize(300, 0);
+    match parse(&pickle) {
+        Err(FormatError::PyTorchCheckpoint { layout, .. }) => assert!(layout.contains("pickle"), "{layout}"),
+        other => panic!("{other:?}"),
+    }
+    // The same first two bytes as a pickle can be a valid header length (0x0280 = 640).
+    let json = format!(r#"{{"a":{{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}}}{}"#, " ".repeat(640 - 53));
+    assert_eq!(json.len(), 640);
+    let f = file_with(&json, 1);
+    assert_eq!(&f[..2], b"\x80\x02");
+    assert!(parse(&f).is_ok());
+}
+
+#[test]
+fn index_rules() {
+    use tensorlift_format::{parse_index, FormatError::InvalidIndex};
+    let p = Path::new("model.safetensors.index.json");
+    // A tensor listed twice is refused, not collapsed into one entry.
+    let dup = br#"{"weight_map":{"a":"x.safetensors","a":"y.safetensors"}}"#;
+    match parse_index(p, dup) {
+        Err(InvalidIndex { message, .. }) => assert!(message.contains("'a' twice"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    // Null metadata is fine; a name that names no file is not.
+    assert!(parse_index(p, br#"{"metadata":null,"weight_map":{"a":"x.safetensors"}}"#).is_ok());
+    for bad in [".", "./", "./."] {
+        let json = format!(r#"{{"weight_map":{{"a":"{bad}"}}}}"#);
+        assert!(matches!(parse_index(p, json.as_bytes()), Err(FormatError::ShardOutsideFolder { .. })), "{bad}");
+    }
+    assert_eq!(tensorlift_format::normal_name("././a/./b.safetensors"), "a/b.safetensors");
+}

@@ -3,5 +3,4 @@
 mod header_rules;
 mod properties;
 mod reference;
-mod resolve;
 mod support;

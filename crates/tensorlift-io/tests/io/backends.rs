@@ -51,7 +51,7 @@ fn run(tmpfs: bool, f: Faults) {
         assert_eq!(file.len(), LEN as u64);
         check_all(&r, &file, &data);
         // Aligned reads never made the kernel refuse O_DIRECT (EINVAL would turn it off).
-        if backend != BackendKind::Mmap && f.max_read.is_none() && file.is_direct() {
+        if f.max_read.is_none() && file.is_direct() {
             assert_eq!(file.buffered_reason(), None);
         }
     }

@@ -1,6 +1,8 @@
 //! Integration tests of tensorlift-io, one module per area.
 
 mod backends;
+mod checkpoint;
 mod faults;
+mod hardening;
 mod lifecycle;
 mod support;

@@ -20,7 +20,7 @@ pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
     p
 }
 
-pub const BACKENDS: [BackendKind; 3] = [BackendKind::Uring, BackendKind::Pread, BackendKind::Mmap];
+pub const BACKENDS: [BackendKind; 2] = [BackendKind::Uring, BackendKind::Pread];
 
 pub fn reader(backend: BackendKind, faults: Faults) -> Reader {
     Reader::builder().backend(backend).queue_depth(16).faults(faults).build()

@@ -23,13 +23,24 @@ pub fn assert_identical(model: &Model, truth: &BTreeMap<String, Vec<u8>>, what: 
 /// span chunks and chunks span tensors.
 pub fn loaders(chunk: usize) -> Vec<(String, Loader)> {
     let mut out = Vec::new();
-    for backend in [BackendKind::Uring, BackendKind::Pread, BackendKind::Mmap] {
+    for backend in [BackendKind::Uring, BackendKind::Pread] {
         for direct in [DirectIo::Always, DirectIo::Never, DirectIo::Auto] {
             let l = base().io_backend(backend).direct_io(direct).chunk_size(chunk).build().unwrap();
             out.push((format!("{backend}/{direct:?}/chunk {chunk}"), l));
         }
     }
+    out.push((
+        format!("mapped views/chunk {chunk}"),
+        base().map_views(map_contract()).chunk_size(chunk).build().unwrap(),
+    ));
     out
+}
+
+/// The opt-in to zero-copy mapped views, as a caller makes it.
+pub fn map_contract() -> tensorlift::MapContract {
+    // SAFETY: every file these tests map is private to the test, and no test truncates or
+    // writes a file while tensors mapped from it are alive.
+    unsafe { tensorlift::MapContract::new() }
 }
 
 pub fn base() -> LoaderBuilder {

@@ -1,0 +1,542 @@
+//! Opening a checkpoint: the user's path is looked up once, every shard is opened once
+//! (relative to the opened model folder, never blocking), checked, and the same descriptor
+//! is what a load reads.
+//!
+//! The folder and link policy (docs/ENVIRONMENT.md states it for users):
+//! - a shard name in an index is a plain relative name: no absolute path, no `..`;
+//! - a link (the index file, or a shard) may resolve inside the model folder, or, for a
+//!   Hugging Face hub cache snapshot (`models--ORG--NAME/snapshots/REV/`), into that same
+//!   repository's `blobs/` folder; anywhere else is refused;
+//! - the path the user gives is theirs: links in it are followed, and a single file named
+//!   directly is read wherever it lives;
+//! - a FIFO, device, socket or directory where a shard or the index should be is an error
+//!   naming it;
+//! - the same file reached under two names is one shard (device and inode compared).
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tensorlift_format::{
+    check_relative, header_len, natural_cmp, normal_name, parse_header, parse_index, FileIdentity, FormatError, Header,
+    LoadPlan, Shard, HEADER_PREFIX_LEN, INDEX_FILE_NAME, MAX_INDEX_LEN,
+};
+
+use crate::IoError;
+
+/// Default bound on the header bytes one plan holds (see [`PlanLimits::max_header_bytes`]).
+pub const DEFAULT_MAX_HEADER_BYTES: u64 = 256 << 20;
+/// Default bound on the shard descriptors one plan keeps open (see [`PlanLimits::max_open_files`]).
+pub const DEFAULT_MAX_OPEN_FILES: usize = 128;
+
+/// Memory that parsing and planning use per byte of header, at most: an entry is at least
+/// about 50 bytes of JSON and costs about 350 bytes parsed and planned.
+const PARSE_BYTES_PER_HEADER_BYTE: u64 = 8;
+
+/// Bounds on what planning may hold, whatever the checkpoint says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PlanLimits {
+    /// Header bytes of all shards together (default 256 MiB; a real checkpoint of 100,000
+    /// tensors has about 15 MB). Over it, planning fails with [`FormatError::HeaderBudget`].
+    pub max_header_bytes: u64,
+    /// Shard descriptors kept open between planning and loading (default 128, and never
+    /// more than a quarter of `RLIMIT_NOFILE`). Shards past it are closed after their
+    /// header is read and reopened by the load, which checks that they are the same files.
+    pub max_open_files: usize,
+}
+
+impl Default for PlanLimits {
+    fn default() -> Self {
+        PlanLimits { max_header_bytes: DEFAULT_MAX_HEADER_BYTES, max_open_files: DEFAULT_MAX_OPEN_FILES }
+    }
+}
+
+impl PlanLimits {
+    /// [`max_open_files`](Self::max_open_files), capped by a quarter of the process's
+    /// open-file limit, and at least 1.
+    pub fn open_files_bound(&self) -> usize {
+        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit writes into the struct we pass, nothing else.
+        let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+            usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX)
+        } else {
+            1024
+        };
+        self.max_open_files.min(soft / 4).max(1)
+    }
+}
+
+/// A planned checkpoint and the descriptors its planning opened: the model folder, and the
+/// shards it keeps open. A load reads these same descriptors; shards that were closed to
+/// bound open files are reopened relative to the folder and must be the same files.
+///
+/// It dereferences to its [`LoadPlan`]. Clones share the descriptors.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    plan: LoadPlan,
+    dir: Arc<File>,
+    files: Vec<Option<Arc<File>>>,
+}
+
+impl std::ops::Deref for Checkpoint {
+    type Target = LoadPlan;
+    fn deref(&self) -> &LoadPlan {
+        &self.plan
+    }
+}
+
+impl std::ops::DerefMut for Checkpoint {
+    fn deref_mut(&mut self) -> &mut LoadPlan {
+        &mut self.plan
+    }
+}
+
+impl Checkpoint {
+    /// The plan.
+    pub fn plan(&self) -> &LoadPlan {
+        &self.plan
+    }
+
+    /// The plan, without the descriptors.
+    pub fn into_plan(self) -> LoadPlan {
+        self.plan
+    }
+
+    /// Number of shard descriptors held open.
+    pub fn open_files(&self) -> usize {
+        self.files.iter().filter(|f| f.is_some()).count()
+    }
+
+    /// The descriptor of shard `i`, checked to be the planned file, unchanged: the one
+    /// planning read (it is released by this call), or, for a shard closed after planning,
+    /// reopened by its name relative to the model folder.
+    pub fn take_shard(&mut self, i: usize) -> Result<Arc<File>, IoError> {
+        let shard = self.plan.shards().get(i).ok_or_else(|| IoError::Open {
+            file: self.plan.root().to_path_buf(),
+            source: io::Error::new(io::ErrorKind::InvalidInput, format!("no shard {i} in the plan")),
+        })?;
+        let changed = |what: String| IoError::Changed { file: shard.path.clone(), what };
+        let file = match self.files.get_mut(i).and_then(Option::take) {
+            Some(f) => f,
+            None => {
+                let (f, _) = open_at(&self.dir, &shard.name).map_err(|e| match e {
+                    Entry::Missing(e) | Entry::Io(e) => changed(format!("cannot reopen it: {e}")),
+                    Entry::NotRegular(kind) => changed(format!("it is now a {kind}")),
+                })?;
+                Arc::new(f)
+            }
+        };
+        let now = identity(&file.metadata().map_err(|e| changed(format!("cannot stat it: {e}")))?);
+        let was = shard.identity;
+        if (now.dev, now.ino) != (was.dev, was.ino) {
+            return Err(changed("another file has taken its name".into()));
+        }
+        if now.len != was.len {
+            return Err(changed(format!("length is {} bytes, planned {}", now.len, was.len)));
+        }
+        if now.modified_ns != was.modified_ns {
+            return Err(changed("it was modified after planning".into()));
+        }
+        Ok(file)
+    }
+}
+
+/// Resolves `path` (a `.safetensors` file, an index JSON file, or a folder) into a plan,
+/// reading only headers. A folder uses its `model.safetensors.index.json` when present,
+/// else every `*.safetensors` file in it in natural order.
+pub fn open_checkpoint(path: &Path, limits: &PlanLimits) -> Result<Checkpoint, FormatError> {
+    let io_err = |source| FormatError::Io { file: path.to_path_buf(), source };
+    // The user's own path: links in it are followed. Nothing is opened yet, so nothing blocks.
+    let meta = std::fs::metadata(path).map_err(io_err)?;
+    let mut planner = Planner::new(limits);
+    if meta.is_dir() {
+        let root = std::fs::canonicalize(path).map_err(io_err)?;
+        let dir = open_dir(&root).map_err(io_err)?;
+        let policy = LinkPolicy::for_root(&root);
+        match planner.open_entry(&dir, &root, &policy, INDEX_FILE_NAME, &root.join(INDEX_FILE_NAME))? {
+            Some(opened) => planner.plan_index(dir, root, opened, &policy),
+            None => planner.plan_scan(dir, root, &policy),
+        }
+    } else if !meta.is_file() {
+        Err(FormatError::NotARegularFile { file: path.to_path_buf(), kind: kind_name(&meta) })
+    } else {
+        // The folder is the parent of the path as given, not of where a link resolves.
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_owned)
+            .ok_or_else(|| FormatError::NotACheckpoint { file: path.to_path_buf() })?;
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let root = std::fs::canonicalize(parent).map_err(io_err)?;
+        let dir = open_dir(&root).map_err(io_err)?;
+        if path.extension().is_some_and(|e| e == "json") {
+            let policy = LinkPolicy::for_root(&root);
+            let context = root.join(&name);
+            match planner.open_entry(&dir, &root, &policy, &name, &context)? {
+                Some(opened) => planner.plan_index(dir, root, opened, &policy),
+                None => Err(io_err(io::Error::from(io::ErrorKind::NotFound))),
+            }
+        } else {
+            // A file named directly is read wherever its links lead.
+            let context = root.join(&name);
+            let opened = planner
+                .open_entry(&dir, &root, &LinkPolicy::Anywhere, &name, &context)?
+                .ok_or_else(|| io_err(io::Error::from(io::ErrorKind::NotFound)))?;
+            planner.add_shard(&context, name, opened)?;
+            planner.finish(&context, dir, root, None)
+        }
+    }
+}
+
+/// Where links may lead.
+enum LinkPolicy {
+    Anywhere,
+    Within { root: PathBuf, blobs: Option<PathBuf> },
+}
+
+impl LinkPolicy {
+    fn for_root(root: &Path) -> LinkPolicy {
+        // models--ORG--NAME/snapshots/REV: files are links into models--ORG--NAME/blobs.
+        let repo = root.parent().filter(|p| p.file_name().is_some_and(|n| n == "snapshots")).and_then(Path::parent);
+        let blobs = repo
+            .filter(|r| r.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("models--")))
+            .map(|r| r.join("blobs"));
+        LinkPolicy::Within { root: root.to_path_buf(), blobs }
+    }
+
+    fn allows(&self, real: &Path) -> bool {
+        match self {
+            LinkPolicy::Anywhere => true,
+            LinkPolicy::Within { root, blobs } => {
+                real.starts_with(root) || blobs.as_ref().is_some_and(|b| real.parent() == Some(b.as_path()))
+            }
+        }
+    }
+}
+
+/// An opened regular file: its descriptor, identity and canonical path.
+struct Opened {
+    file: File,
+    identity: FileIdentity,
+    path: PathBuf,
+}
+
+struct Planner<'a> {
+    limits: &'a PlanLimits,
+    open_bound: usize,
+    header_bytes: u64,
+    shards: Vec<Shard>,
+    files: Vec<Option<Arc<File>>>,
+    by_identity: HashMap<(u64, u64), usize>,
+}
+
+impl<'a> Planner<'a> {
+    fn new(limits: &'a PlanLimits) -> Self {
+        Planner {
+            limits,
+            open_bound: limits.open_files_bound(),
+            header_bytes: 0,
+            shards: Vec::new(),
+            files: Vec::new(),
+            by_identity: HashMap::new(),
+        }
+    }
+
+    /// Opens `name` in the folder under `policy`; `None` if there is no such entry.
+    fn open_entry(
+        &self,
+        dir: &File,
+        root: &Path,
+        policy: &LinkPolicy,
+        name: &str,
+        context: &Path,
+    ) -> Result<Option<Opened>, FormatError> {
+        let unreadable =
+            |source| FormatError::ShardUnreadable { file: context.to_path_buf(), shard: name.to_owned(), source };
+        let (file, meta) = match open_at(dir, name) {
+            Ok(x) => x,
+            Err(Entry::Missing(_)) => return Ok(None),
+            Err(Entry::Io(e)) => return Err(unreadable(e)),
+            Err(Entry::NotRegular(kind)) => return Err(FormatError::NotARegularFile { file: root.join(name), kind }),
+        };
+        // Where did the name lead? Resolve it, and check that what was resolved is the very
+        // file that was opened (a swap in between shows as another inode).
+        let path = std::fs::canonicalize(root.join(name)).map_err(unreadable)?;
+        let same = std::fs::metadata(&path).is_ok_and(|m| m.dev() == meta.dev() && m.ino() == meta.ino());
+        if !same {
+            return Err(unreadable(io::Error::other("it was replaced while being opened")));
+        }
+        if !policy.allows(&path) {
+            return Err(FormatError::ShardOutsideFolder {
+                file: context.to_path_buf(),
+                shard: name.to_owned(),
+                reason: "a link resolves outside the folder",
+            });
+        }
+        Ok(Some(Opened { file, identity: identity(&meta), path }))
+    }
+
+    fn plan_index(
+        mut self,
+        dir: File,
+        root: PathBuf,
+        index: Opened,
+        policy: &LinkPolicy,
+    ) -> Result<Checkpoint, FormatError> {
+        let context = root.join(INDEX_FILE_NAME);
+        let len = index.identity.len;
+        if len > MAX_INDEX_LEN {
+            return Err(FormatError::InvalidIndex {
+                file: context,
+                message: format!("{len} bytes is over the {MAX_INDEX_LEN}-byte limit for an index"),
+            });
+        }
+        let bytes = read_exact_at(&index.file, &context, 0, len as usize, "the index")?;
+        drop(index);
+        let parsed = parse_index(&context, &bytes)?;
+        drop(bytes);
+        // One open per spelling at most: `a`, `./a` and `././a` are one name before any look-up.
+        let mut spellings: HashMap<String, Vec<String>> = HashMap::new();
+        for raw in parsed.weight_map.values() {
+            check_relative(&context, raw)?;
+            let list = spellings.entry(normal_name(raw)).or_default();
+            if !list.contains(raw) {
+                list.push(raw.clone());
+            }
+        }
+        let mut names: Vec<String> = spellings.keys().cloned().collect();
+        names.sort_by(|a, b| natural_cmp(a, b));
+        for name in names {
+            let raws = spellings.remove(&name).unwrap_or_default();
+            let opened =
+                self.open_entry(&dir, &root, policy, &name, &context)?.ok_or_else(|| FormatError::ShardUnreadable {
+                    file: context.clone(),
+                    shard: name.clone(),
+                    source: io::Error::from(io::ErrorKind::NotFound),
+                })?;
+            let i = self.add_shard(&context, name.clone(), opened)?;
+            let shard = &mut self.shards[i];
+            for raw in raws {
+                if raw != shard.name && !shard.aliases.contains(&raw) {
+                    shard.aliases.push(raw);
+                }
+            }
+            if name != shard.name && !shard.aliases.contains(&name) {
+                shard.aliases.push(name);
+            }
+        }
+        self.finish(&context, dir, root, Some(parsed))
+    }
+
+    fn plan_scan(mut self, dir: File, root: PathBuf, policy: &LinkPolicy) -> Result<Checkpoint, FormatError> {
+        let io_err = |source| FormatError::Io { file: root.clone(), source };
+        let mut names = Vec::new();
+        let mut pytorch = None;
+        for entry in std::fs::read_dir(&root).map_err(io_err)? {
+            // Names that are not UTF-8 cannot be shard names; skip them in a folder scan.
+            let Ok(name) = entry.map_err(io_err)?.file_name().into_string() else { continue };
+            if name.ends_with(".safetensors") {
+                names.push(name);
+            } else if name == "pytorch_model.bin" || name == "pytorch_model.bin.index.json" {
+                pytorch = Some(name);
+            }
+        }
+        names.sort_by(|a, b| natural_cmp(a, b));
+        if names.is_empty() {
+            return Err(match pytorch {
+                Some(name) => FormatError::PyTorchCheckpoint {
+                    file: root.join(name),
+                    layout: "the folder holds PyTorch .bin weights and no .safetensors files",
+                },
+                None => FormatError::NoShards { file: root },
+            });
+        }
+        for name in names {
+            let context = root.join(&name);
+            // Listed a moment ago; gone now is an error, not a skip.
+            let opened =
+                self.open_entry(&dir, &root, policy, &name, &context)?.ok_or_else(|| FormatError::ShardUnreadable {
+                    file: root.clone(),
+                    shard: name.clone(),
+                    source: io::Error::from(io::ErrorKind::NotFound),
+                })?;
+            let i = self.add_shard(&context, name.clone(), opened)?;
+            if self.shards[i].name != name {
+                self.shards[i].aliases.push(name);
+            }
+        }
+        let context = root.clone();
+        self.finish(&context, dir, root, None)
+    }
+
+    /// Reads and validates a shard's header from its descriptor, or records `name` as
+    /// another name of a file already planned. Returns the shard's index.
+    fn add_shard(&mut self, context: &Path, name: String, opened: Opened) -> Result<usize, FormatError> {
+        let key = (opened.identity.dev, opened.identity.ino);
+        if let Some(&i) = self.by_identity.get(&key) {
+            return Ok(i);
+        }
+        let header = self.read_header(context, &opened)?;
+        let i = self.shards.len();
+        let keep = self.open_files() < self.open_bound;
+        self.shards.push(Shard {
+            path: opened.path,
+            name,
+            aliases: Vec::new(),
+            file_len: opened.identity.len,
+            identity: opened.identity,
+            header,
+        });
+        self.files.push(keep.then(|| Arc::new(opened.file)));
+        self.by_identity.insert(key, i);
+        Ok(i)
+    }
+
+    fn open_files(&self) -> usize {
+        self.files.iter().filter(|f| f.is_some()).count()
+    }
+
+    /// 8 bytes, then N, never the data; N is checked against the file's length and the
+    /// plan's header budget before anything is allocated.
+    fn read_header(&mut self, context: &Path, opened: &Opened) -> Result<Header, FormatError> {
+        let path = &opened.path;
+        let file_len = opened.identity.len;
+        let prefix_len = HEADER_PREFIX_LEN.min(file_len) as usize;
+        let prefix = read_exact_at(&opened.file, path, 0, prefix_len, "a header")?;
+        let n = header_len(path, &prefix, file_len)?;
+        let needed = self.header_bytes + HEADER_PREFIX_LEN + n;
+        if needed > self.limits.max_header_bytes {
+            return Err(FormatError::HeaderBudget {
+                file: context.to_path_buf(),
+                needed,
+                limit: self.limits.max_header_bytes,
+            });
+        }
+        self.header_bytes = needed;
+        // Parsing makes small allocations for every entry (names, shapes, the plan's copy),
+        // which cannot fail gracefully one by one: check their total can be had first.
+        let parse_bytes = n.saturating_mul(PARSE_BYTES_PER_HEADER_BYTE);
+        if !crate::can_allocate(parse_bytes) {
+            return Err(FormatError::OutOfMemory {
+                file: path.clone(),
+                what: "parsing the header",
+                bytes: parse_bytes,
+            });
+        }
+        let mut bytes = read_exact_at(&opened.file, path, 0, (HEADER_PREFIX_LEN + n) as usize, "a header")?;
+        let header = parse_header(path, &bytes, file_len)?;
+        bytes.clear();
+        Ok(header)
+    }
+
+    fn finish(
+        self,
+        context: &Path,
+        dir: File,
+        root: PathBuf,
+        index: Option<tensorlift_format::Index>,
+    ) -> Result<Checkpoint, FormatError> {
+        let index = index.map(|i| (context.to_path_buf(), i));
+        let plan = LoadPlan::assemble(context, root, index, self.shards)?;
+        Ok(Checkpoint { plan, dir: Arc::new(dir), files: self.files })
+    }
+}
+
+/// `len` bytes at `offset`, into memory allocated fallibly.
+fn read_exact_at(
+    file: &File,
+    path: &Path,
+    offset: u64,
+    len: usize,
+    what: &'static str,
+) -> Result<Vec<u8>, FormatError> {
+    let mut buf = Vec::new();
+    buf.try_reserve_exact(len).map_err(|_| FormatError::OutOfMemory {
+        file: path.to_path_buf(),
+        what,
+        bytes: len as u64,
+    })?;
+    buf.resize(len, 0);
+    file.read_exact_at(&mut buf, offset).map_err(|source| FormatError::Io { file: path.to_path_buf(), source })?;
+    Ok(buf)
+}
+
+fn open_dir(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(path)
+}
+
+/// Why an entry could not be opened.
+enum Entry {
+    Missing(io::Error),
+    NotRegular(&'static str),
+    Io(io::Error),
+}
+
+/// Opens `name` relative to `dir` for reading, without blocking (a FIFO would wait for a
+/// writer), and accepts it only if it is a regular file.
+fn open_at(dir: &File, name: &str) -> Result<(File, std::fs::Metadata), Entry> {
+    let c = CString::new(name).map_err(|e| Entry::Io(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+    let flags = libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY;
+    // SAFETY: dir is an open descriptor and c a NUL-terminated name; openat returns a new
+    // descriptor or -1.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), flags) };
+    if fd < 0 {
+        let e = io::Error::last_os_error();
+        return Err(if e.kind() == io::ErrorKind::NotFound { Entry::Missing(e) } else { Entry::Io(e) });
+    }
+    // SAFETY: fd was just returned by openat and nothing else owns it.
+    let file = unsafe { File::from_raw_fd(fd) };
+    let meta = file.metadata().map_err(Entry::Io)?;
+    if !meta.is_file() {
+        return Err(Entry::NotRegular(kind_name(&meta)));
+    }
+    // Reads of a regular file ignore O_NONBLOCK, but the descriptor is lent to others: clear it.
+    // SAFETY: F_GETFL on a descriptor we own.
+    let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if fl >= 0 {
+        // SAFETY: F_SETFL on a descriptor we own, with the flags it had less O_NONBLOCK.
+        unsafe { libc::fcntl(fd, libc::F_SETFL, fl & !libc::O_NONBLOCK) };
+    }
+    Ok((file, meta))
+}
+
+fn identity(m: &std::fs::Metadata) -> FileIdentity {
+    FileIdentity {
+        dev: m.dev(),
+        ino: m.ino(),
+        len: m.len(),
+        modified_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+    }
+}
+
+/// What a non-regular file is, in words.
+pub(crate) fn kind_name(m: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = m.file_type();
+    if t.is_dir() {
+        "directory"
+    } else if t.is_fifo() {
+        "FIFO"
+    } else if t.is_char_device() {
+        "character device"
+    } else if t.is_block_device() {
+        "block device"
+    } else if t.is_socket() {
+        "socket"
+    } else {
+        "special file"
+    }
+}

@@ -1,0 +1,404 @@
+//! Opening checkpoints: files, folders and indexes into plans, the folder and link policy
+//! (with the Hugging Face hub cache layout), and every way a checkpoint can be hostile.
+
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use tensorlift_format::{Dtype, FormatError};
+use tensorlift_io::{open_checkpoint, Checkpoint, IoError, PlanLimits};
+use tensorlift_testkit::{write_index, write_shard};
+
+use crate::support::scratch;
+
+fn dir() -> PathBuf {
+    scratch(false).unwrap()
+}
+
+fn open(path: &Path) -> Result<Checkpoint, FormatError> {
+    open_checkpoint(path, &PlanLimits::default())
+}
+
+fn sharded() -> PathBuf {
+    let dir = dir();
+    write_shard(&dir.join("s-1.safetensors"), &[("a", Dtype::F32, &[4]), ("b", Dtype::U8, &[3])]);
+    write_shard(&dir.join("s-2.safetensors"), &[("c", Dtype::F16, &[2, 2])]);
+    write_index(&dir, &[("a", "s-1.safetensors"), ("b", "s-1.safetensors"), ("c", "s-2.safetensors")]);
+    dir
+}
+
+fn mkfifo(path: &Path) {
+    assert!(Command::new("mkfifo").arg(path).status().unwrap().success());
+}
+
+/// The bytes of every tensor of a plan, read through the descriptors it holds.
+fn read_all(mut ck: Checkpoint) -> Vec<(String, Vec<u8>)> {
+    use std::os::unix::fs::FileExt;
+    let mut out = Vec::new();
+    for i in 0..ck.shards().len() {
+        let f = ck.take_shard(i).unwrap();
+        for t in ck.tensors().iter().filter(|t| t.shard == i) {
+            let mut b = vec![0; t.len() as usize];
+            f.read_exact_at(&mut b, t.file_range.start).unwrap();
+            out.push((t.name.clone(), b));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn single_file() {
+    let dir = dir();
+    let f = dir.join("one.safetensors");
+    write_shard(&f, &[("x", Dtype::I64, &[2])]);
+    let plan = open(&f).unwrap();
+    assert_eq!(plan.shards().len(), 1);
+    assert_eq!(plan.shards()[0].name, "one.safetensors");
+    let t = &plan.tensors()[0];
+    let start = plan.shards()[0].data_start();
+    assert_eq!(t.file_range, start..start + 16);
+}
+
+#[test]
+fn folder_uses_its_index() {
+    let dir = sharded();
+    let plan = open(&dir).unwrap();
+    let names: Vec<_> = plan.tensors().iter().map(|t| (t.name.as_str(), t.shard)).collect();
+    assert_eq!(names, [("a", 0), ("b", 0), ("c", 1)]);
+    assert!(plan.index_file().is_some());
+    assert_eq!(plan.index_metadata().unwrap()["total_size"], 0);
+    assert_eq!(plan.total_bytes(), 16 + 3 + 8);
+    // The index path itself resolves to the same plan.
+    assert_eq!(open(&dir.join("model.safetensors.index.json")).unwrap().plan(), plan.plan());
+}
+
+#[test]
+fn folder_without_index_in_natural_order() {
+    let dir = dir();
+    for i in [10, 2, 1] {
+        write_shard(&dir.join(format!("shard-{i}.safetensors")), &[(&format!("t{i}"), Dtype::U8, &[1])]);
+    }
+    fs::write(dir.join("notes.txt"), "ignored").unwrap();
+    let plan = open(&dir).unwrap();
+    let shards: Vec<_> = plan.shards().iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(shards, ["shard-1.safetensors", "shard-2.safetensors", "shard-10.safetensors"]);
+    assert!(plan.index_file().is_none());
+}
+
+#[test]
+fn empty_folder_and_missing_path() {
+    assert!(matches!(open(&dir()), Err(FormatError::NoShards { .. })));
+    assert!(matches!(open(Path::new("/nonexistent/x.safetensors")), Err(FormatError::Io { .. })));
+}
+
+#[test]
+fn listed_shard_must_exist() {
+    let dir = sharded();
+    write_index(&dir, &[("a", "s-1.safetensors"), ("b", "s-1.safetensors"), ("c", "s-9.safetensors")]);
+    match open(&dir) {
+        Err(FormatError::ShardUnreadable { shard, .. }) => assert_eq!(shard, "s-9.safetensors"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn index_and_shards_must_agree() {
+    let dir = sharded();
+    write_index(
+        &dir,
+        &[("a", "s-1.safetensors"), ("b", "s-1.safetensors"), ("c", "s-1.safetensors"), ("z", "s-2.safetensors")],
+    );
+    match open(&dir) {
+        Err(FormatError::TensorNotInShard { tensor, shard, .. }) => {
+            assert_eq!((tensor.as_str(), shard.as_str()), ("c", "s-1.safetensors"))
+        }
+        other => panic!("{other:?}"),
+    }
+    write_index(&dir, &[("a", "s-1.safetensors"), ("c", "s-2.safetensors")]);
+    match open(&dir) {
+        Err(FormatError::TensorNotInIndex { tensor, .. }) => assert_eq!(tensor, "b"),
+        other => panic!("{other:?}"),
+    }
+    let dir = self::dir();
+    write_shard(&dir.join("a.safetensors"), &[("w", Dtype::U8, &[1])]);
+    write_shard(&dir.join("b.safetensors"), &[("w", Dtype::U8, &[1])]);
+    match open(&dir) {
+        Err(FormatError::TensorInTwoShards { tensor, first, second, .. }) => {
+            assert_eq!((tensor.as_str(), first.as_str(), second.as_str()), ("w", "a.safetensors", "b.safetensors"))
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn shard_paths_stay_in_the_folder() {
+    let outside = dir();
+    write_shard(&outside.join("evil.safetensors"), &[("a", Dtype::U8, &[1])]);
+    let evil = outside.join("evil.safetensors");
+    for shard in [evil.to_str().unwrap(), "../evil.safetensors", "sub/../../evil.safetensors", "", "."] {
+        let dir = dir();
+        write_index(&dir, &[("a", shard)]);
+        let err = open(&dir).unwrap_err();
+        assert!(matches!(err, FormatError::ShardOutsideFolder { .. }), "{shard}: {err}");
+    }
+    // A link inside the folder that points outside it, named by the index or found by a scan.
+    let dir = dir();
+    symlink(&evil, dir.join("link.safetensors")).unwrap();
+    write_index(&dir, &[("a", "link.safetensors")]);
+    assert!(matches!(open(&dir), Err(FormatError::ShardOutsideFolder { .. })));
+    fs::remove_file(dir.join("model.safetensors.index.json")).unwrap();
+    assert!(matches!(open(&dir), Err(FormatError::ShardOutsideFolder { .. })));
+    // A link that stays inside is fine.
+    let dir = sharded();
+    fs::create_dir(dir.join("sub")).unwrap();
+    symlink(dir.join("s-2.safetensors"), dir.join("sub/c.safetensors")).unwrap();
+    write_index(&dir, &[("a", "s-1.safetensors"), ("b", "s-1.safetensors"), ("c", "sub/c.safetensors")]);
+    assert!(open(&dir).is_ok());
+}
+
+/// Defect: an index that is a link to another folder's index loaded that other folder.
+#[test]
+fn a_linked_index_cannot_leave_the_folder() {
+    let other = sharded();
+    let dir = dir();
+    symlink(other.join("model.safetensors.index.json"), dir.join("model.safetensors.index.json")).unwrap();
+    for path in [dir.clone(), dir.join("model.safetensors.index.json")] {
+        match open(&path) {
+            Err(FormatError::ShardOutsideFolder { shard, .. }) => assert_eq!(shard, "model.safetensors.index.json"),
+            other => panic!("{}: {other:?}", path.display()),
+        }
+    }
+}
+
+/// Defect: one shard named under many spellings was parsed and held once per spelling.
+#[test]
+fn one_file_under_many_names_is_one_shard() {
+    let dir = dir();
+    write_shard(&dir.join("a.safetensors"), &[("w0", Dtype::U8, &[3]), ("w1", Dtype::U8, &[3])]);
+    write_shard(&dir.join("b.safetensors"), &[("v", Dtype::U8, &[2])]);
+    fs::hard_link(dir.join("a.safetensors"), dir.join("hard.safetensors")).unwrap();
+    write_index(&dir, &[("w0", "./a.safetensors"), ("w1", "././hard.safetensors"), ("v", "b.safetensors")]);
+    let plan = open(&dir).unwrap();
+    assert_eq!(plan.shards().len(), 2, "{:?}", plan.shards().iter().map(|s| &s.name).collect::<Vec<_>>());
+    let a = plan.shards().iter().find(|s| s.header.tensors.len() == 2).unwrap();
+    assert_eq!(a.name, "a.safetensors");
+    assert_eq!(a.aliases, ["./a.safetensors", "././hard.safetensors", "hard.safetensors"]);
+    assert_eq!(plan.open_files(), 2);
+
+    // Forty spellings of one shard whose header alone is over a tenth of the budget: planned once.
+    let dir = self::dir();
+    let names: Vec<String> = (0..2000).map(|i| format!("t{i:05}")).collect();
+    let specs: Vec<(&str, Dtype, &[usize])> = names.iter().map(|n| (n.as_str(), Dtype::U8, &[1usize][..])).collect();
+    write_shard(&dir.join("a.safetensors"), &specs);
+    let header_len = plan_header_len(&dir.join("a.safetensors"));
+    let spellings: Vec<String> = (0..40).map(|k| format!("{}a.safetensors", "./".repeat(k))).collect();
+    let entries: Vec<(&str, &str)> =
+        names.iter().enumerate().map(|(i, n)| (n.as_str(), spellings[i % 40].as_str())).collect();
+    write_index(&dir, &entries);
+    let mut limits = PlanLimits::default();
+    limits.max_header_bytes = header_len * 10;
+    let plan = open_checkpoint(&dir, &limits).unwrap();
+    assert_eq!(plan.shards().len(), 1);
+    assert_eq!(plan.tensors().len(), 2000);
+
+    // Distinct files are counted against the budget, with an error that names it.
+    let dir = self::dir();
+    write_shard(&dir.join("x.safetensors"), &specs);
+    write_shard(&dir.join("y.safetensors"), &[("other", Dtype::U8, &[1])]);
+    limits.max_header_bytes = header_len;
+    match open_checkpoint(&dir, &limits) {
+        Err(FormatError::HeaderBudget { limit, needed, .. }) => {
+            assert_eq!(limit, header_len);
+            assert!(needed > header_len);
+        }
+        other => panic!("{other:?}"),
+    }
+    let msg = open_checkpoint(&dir, &limits).unwrap_err().to_string();
+    assert!(msg.contains("max_header_bytes"), "{msg}");
+}
+
+fn plan_header_len(path: &Path) -> u64 {
+    let b = fs::read(path).unwrap();
+    8 + u64::from_le_bytes(b[..8].try_into().unwrap())
+}
+
+/// Defect: shards were looked up by name again when loaded, and a FIFO hung the load.
+#[test]
+fn shards_are_read_through_the_descriptors_planning_opened() {
+    let outside = dir();
+    let dir = sharded();
+    let truth = read_all(open(&dir).unwrap());
+
+    // Held descriptors: replacing the files after planning changes nothing that is read.
+    let plan = open(&dir).unwrap();
+    assert_eq!(plan.open_files(), 2);
+    fs::rename(dir.join("s-1.safetensors"), outside.join("moved.safetensors")).unwrap();
+    mkfifo(&dir.join("s-1.safetensors"));
+    assert_eq!(read_all(plan), truth);
+
+    // A shard that was closed to bound open files is reopened and must be the planned file:
+    // a FIFO in its place is an error (never a wait), and so is another file under its name.
+    fs::remove_file(dir.join("s-1.safetensors")).unwrap();
+    fs::rename(outside.join("moved.safetensors"), dir.join("s-1.safetensors")).unwrap();
+    let mut limits = PlanLimits::default();
+    limits.max_open_files = 1;
+    let mut plan = open_checkpoint(&dir, &limits).unwrap();
+    assert_eq!(plan.open_files(), 1);
+    fs::rename(dir.join("s-2.safetensors"), outside.join("s-2.safetensors")).unwrap();
+    mkfifo(&dir.join("s-2.safetensors"));
+    match plan.take_shard(1) {
+        Err(IoError::Changed { what, .. }) => assert!(what.contains("FIFO"), "{what}"),
+        other => panic!("{other:?}"),
+    }
+    fs::remove_file(dir.join("s-2.safetensors")).unwrap();
+    // A link to a copy outside the folder: same bytes, another file.
+    fs::copy(outside.join("s-2.safetensors"), outside.join("copy.safetensors")).unwrap();
+    symlink(outside.join("copy.safetensors"), dir.join("s-2.safetensors")).unwrap();
+    match plan.take_shard(1) {
+        Err(IoError::Changed { what, .. }) => assert!(what.contains("another file"), "{what}"),
+        other => panic!("{other:?}"),
+    }
+    // The held one is still fine.
+    assert!(plan.take_shard(0).is_ok());
+}
+
+#[test]
+fn special_files_are_named_not_waited_on() {
+    // A FIFO found by a folder scan.
+    let dir = dir();
+    write_shard(&dir.join("a.safetensors"), &[("a", Dtype::U8, &[1])]);
+    mkfifo(&dir.join("b.safetensors"));
+    match open(&dir) {
+        Err(FormatError::NotARegularFile { file, kind }) => {
+            assert_eq!((file.file_name().unwrap().to_str().unwrap(), kind), ("b.safetensors", "FIFO"))
+        }
+        other => panic!("{other:?}"),
+    }
+    // A FIFO or a directory where the index should be.
+    let dir = self::dir();
+    mkfifo(&dir.join("model.safetensors.index.json"));
+    assert!(matches!(open(&dir), Err(FormatError::NotARegularFile { kind: "FIFO", .. })));
+    let dir = self::dir();
+    fs::create_dir(dir.join("model.safetensors.index.json")).unwrap();
+    write_shard(&dir.join("a.safetensors"), &[("a", Dtype::U8, &[1])]);
+    assert!(matches!(open(&dir), Err(FormatError::NotARegularFile { kind: "directory", .. })));
+    // An index naming a directory or a device.
+    let dir = self::dir();
+    fs::create_dir(dir.join("d.safetensors")).unwrap();
+    write_index(&dir, &[("a", "d.safetensors")]);
+    assert!(matches!(open(&dir), Err(FormatError::NotARegularFile { kind: "directory", .. })));
+    // A FIFO given directly.
+    let dir = self::dir();
+    mkfifo(&dir.join("f.safetensors"));
+    assert!(matches!(open(&dir.join("f.safetensors")), Err(FormatError::NotARegularFile { kind: "FIFO", .. })));
+    assert!(matches!(open(Path::new("/dev/zero")), Err(FormatError::NotARegularFile { .. })));
+}
+
+#[test]
+fn pytorch_folders_are_named() {
+    let dir = dir();
+    let mut zip = b"PK\x03\x04".to_vec();
+    zip.resize(104, 0);
+    fs::write(dir.join("pytorch_model.bin"), &zip).unwrap();
+    match open(&dir) {
+        Err(FormatError::PyTorchCheckpoint { file, .. }) => assert!(file.ends_with("pytorch_model.bin")),
+        other => panic!("{other:?}"),
+    }
+    let msg = open(&dir.join("pytorch_model.bin")).unwrap_err().to_string();
+    assert!(msg.contains("PyTorch checkpoint") && msg.contains("zip"), "{msg}");
+}
+
+/// The layout `huggingface_hub` writes: `models--ORG--NAME/{blobs,refs,snapshots/REV}`,
+/// every file of a snapshot a relative link to `../../blobs/HASH`.
+fn hub_cache(root: &Path) -> (PathBuf, Vec<(String, Vec<u8>)>) {
+    let repo = root.join("models--org--tiny");
+    let snap = repo.join("snapshots/0123456789abcdef");
+    fs::create_dir_all(repo.join("blobs")).unwrap();
+    fs::create_dir_all(repo.join("refs")).unwrap();
+    fs::create_dir_all(&snap).unwrap();
+    fs::write(repo.join("refs/main"), "0123456789abcdef").unwrap();
+    let staging = dir();
+    let truth = tensorlift_testkit::write_sharded(
+        &staging,
+        &[&[("a", Dtype::F32, &[5, 3]), ("b", Dtype::BF16, &[7])], &[("c", Dtype::U8, &[11])]],
+    );
+    for (k, entry) in fs::read_dir(&staging).unwrap().enumerate() {
+        let entry = entry.unwrap();
+        let blob =
+            format!("{k:02}{}", "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b8".get(2..).unwrap());
+        fs::rename(entry.path(), repo.join("blobs").join(&blob)).unwrap();
+        symlink(format!("../../blobs/{blob}"), snap.join(entry.file_name())).unwrap();
+    }
+    (snap, truth.into_iter().collect())
+}
+
+#[test]
+fn hugging_face_hub_cache_folders_load() {
+    let root = dir();
+    let (snap, truth) = hub_cache(&root);
+    let plan = open(&snap).unwrap();
+    assert_eq!(plan.shards().len(), 2);
+    assert!(plan.index_file().is_some());
+    assert_eq!(read_all(plan), truth);
+    // The index path, and the folder scan without an index.
+    assert_eq!(read_all(open(&snap.join("model.safetensors.index.json")).unwrap()), truth);
+    // The same snapshot through a link to it.
+    let link = root.join("latest");
+    symlink(&snap, &link).unwrap();
+    assert_eq!(read_all(open(&link).unwrap()), truth);
+    // A single file given directly.
+    let one = open(&snap.join("model-00002-of-00002.safetensors")).unwrap();
+    assert_eq!(one.shards()[0].name, "model-00002-of-00002.safetensors");
+    assert_eq!(read_all(one), truth.iter().filter(|(n, _)| n == "c").cloned().collect::<Vec<_>>());
+    // Without the index, the folder scan follows the same links.
+    let index = fs::read_link(snap.join("model.safetensors.index.json")).unwrap();
+    fs::remove_file(snap.join("model.safetensors.index.json")).unwrap();
+    assert_eq!(read_all(open(&snap).unwrap()), truth);
+    symlink(&index, snap.join("model.safetensors.index.json")).unwrap();
+
+    // Links into another repository's blobs, or elsewhere, are still refused.
+    let (other, _) = hub_cache(&dir());
+    let stray = snap.join("stray.safetensors");
+    let other_blob = fs::read_link(other.join("model-00002-of-00002.safetensors")).unwrap();
+    symlink(other.join(&other_blob), &stray).unwrap();
+    fs::remove_file(snap.join("model.safetensors.index.json")).unwrap();
+    assert!(matches!(open(&snap), Err(FormatError::ShardOutsideFolder { .. })), "{:?}", open(&snap));
+    // And `..` in an index is refused in a snapshot too.
+    fs::remove_file(&stray).unwrap();
+    write_index(&snap, &[("a", "../../blobs/x")]);
+    assert!(matches!(open(&snap), Err(FormatError::ShardOutsideFolder { .. })));
+}
+
+/// Defect: every shard was opened at once, so 3000 shards ran out of descriptors.
+#[test]
+fn open_files_stay_bounded() {
+    let dir = dir();
+    let names: Vec<String> = (0..300).map(|i| format!("s{i:04}.safetensors")).collect();
+    for (i, n) in names.iter().enumerate() {
+        write_shard(&dir.join(n), &[(&format!("t{i}"), Dtype::U8, &[2])]);
+    }
+    let mut limits = PlanLimits::default();
+    limits.max_open_files = 16;
+    let mut plan = open_checkpoint(&dir, &limits).unwrap();
+    assert_eq!(plan.shards().len(), 300);
+    assert_eq!(plan.open_files(), 16);
+    for i in 0..300 {
+        plan.take_shard(i).unwrap();
+    }
+    assert_eq!(plan.open_files(), 0);
+}
+
+#[test]
+fn a_header_over_memory_is_an_error() {
+    // A header that claims the 100 MB maximum in a file that has it, all spaces: parsing it
+    // must not need more than its size, and a file shorter than its claim is refused before
+    // anything is allocated.
+    let dir = dir();
+    let f = dir.join("short.safetensors");
+    let mut b = 99_999_999u64.to_le_bytes().to_vec();
+    b.extend_from_slice(b"{}");
+    fs::write(&f, &b).unwrap();
+    assert!(matches!(open(&f), Err(FormatError::HeaderIncomplete { header_len: 99_999_999, .. })));
+}
