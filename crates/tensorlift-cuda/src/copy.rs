@@ -1,8 +1,10 @@
 //! Overlapped host-to-device copies from pinned chunks on several streams.
 //!
-//! Each submitted chunk's copies go on the next stream, followed by an event. A completion
-//! thread waits for those events in submission order and only then drops the chunk, which
-//! returns it to its pool: the host never reuses a buffer with a copy from it in flight.
+//! Each submitted chunk's copies go on the next stream, followed by an event from a small
+//! pool. A completion thread waits for those events in submission order and only then
+//! drops the chunk, which returns it to its pool, and reports the chunk's tag: the host
+//! never reuses a buffer with a copy from it in flight, on success, on error, or when the
+//! engine is dropped.
 
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
@@ -25,10 +27,20 @@ pub struct Piece {
     pub len: usize,
 }
 
-type Pending = (CudaEvent, PinnedChunk, Arc<DeviceArena>);
+/// Called on the completion thread with a chunk's tag once its copies have completed (or
+/// failed); the chunk is back in its pool by then.
+pub type OnCopied = Box<dyn Fn(u64, Result<(), CudaError>) + Send>;
 
-/// Asynchronous copies on `streams` streams with completion tracking.
-#[derive(Debug)]
+struct Pending {
+    event: CudaEvent,
+    chunk: PinnedChunk,
+    arena: Arc<DeviceArena>,
+    tag: u64,
+    /// A copy that failed to queue after others from this chunk had been queued.
+    failed: Option<CudaError>,
+}
+
+/// Asynchronous copies on several streams with completion tracking.
 pub struct CopyEngine {
     gpu: Gpu,
     streams: Vec<Arc<CudaStream>>,
@@ -36,26 +48,55 @@ pub struct CopyEngine {
     tx: Option<Sender<Pending>>,
     done: Option<JoinHandle<()>>,
     failure: Arc<Mutex<Option<CudaError>>>,
+    events: Arc<Mutex<Vec<CudaEvent>>>,
+}
+
+impl std::fmt::Debug for CopyEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CopyEngine").field("streams", &self.streams.len()).finish_non_exhaustive()
+    }
 }
 
 impl CopyEngine {
     /// An engine with `streams` streams (at least one).
     pub fn new(gpu: &Gpu, streams: usize) -> Result<CopyEngine, CudaError> {
+        Self::with_completion(gpu, streams, Box::new(|_, _| {}))
+    }
+
+    /// An engine that reports each chunk's tag to `on_copied` once its copies are done.
+    pub fn with_completion(gpu: &Gpu, streams: usize, on_copied: OnCopied) -> Result<CopyEngine, CudaError> {
         let streams = (0..streams.max(1)).map(|_| gpu.new_stream()).collect::<Result<Vec<_>, _>>()?;
         let (tx, rx) = mpsc::channel();
         let failure = Arc::new(Mutex::new(None));
-        let f = Arc::clone(&failure);
-        let g = gpu.clone();
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let (f, e, g) = (Arc::clone(&failure), Arc::clone(&events), gpu.clone());
         let done = std::thread::Builder::new()
             .name("tensorlift-cuda-done".into())
-            .spawn(move || complete(&g, &rx, &f))
+            .spawn(move || complete(&g, &rx, &f, &e, &on_copied))
             .map_err(|_| CudaError::OutOfMemory { what: "a completion thread", bytes: 0 })?;
-        Ok(CopyEngine { gpu: gpu.clone(), streams, next: 0, tx: Some(tx), done: Some(done), failure })
+        Ok(CopyEngine { gpu: gpu.clone(), streams, next: 0, tx: Some(tx), done: Some(done), failure, events })
+    }
+
+    /// Number of streams.
+    pub fn streams(&self) -> usize {
+        self.streams.len()
     }
 
     /// Queues the copies of `pieces` from `chunk` into `arena`, and takes the chunk until they
     /// have completed. Never waits for the device.
     pub fn copy(&mut self, chunk: PinnedChunk, arena: &Arc<DeviceArena>, pieces: &[Piece]) -> Result<(), CudaError> {
+        self.copy_tagged(chunk, arena, pieces, 0)
+    }
+
+    /// [`copy`](Self::copy), reporting `tag` to the completion callback when done. On an
+    /// error the chunk is still held until every copy already queued from it has completed.
+    pub fn copy_tagged(
+        &mut self,
+        chunk: PinnedChunk,
+        arena: &Arc<DeviceArena>,
+        pieces: &[Piece],
+        tag: u64,
+    ) -> Result<(), CudaError> {
         if let Some(e) = self.failure.lock().ok().and_then(|mut f| f.take()) {
             return Err(e);
         }
@@ -73,6 +114,7 @@ impl CopyEngine {
         let stream = Arc::clone(&self.streams[self.next % self.streams.len()]);
         self.next = self.next.wrapping_add(1);
         self.gpu.bind()?;
+        let mut failed = None;
         for p in pieces.iter().filter(|p| p.len > 0) {
             // SAFETY: src_offset + len <= the chunk's capacity was checked above.
             let src = unsafe { chunk.ptr().add(p.src_offset) };
@@ -88,17 +130,46 @@ impl CopyEngine {
                     stream.cu_stream(),
                 )
             };
-            check(r, "cuMemcpyHtoDAsync")?;
+            if let Err(e) = check(r, "cuMemcpyHtoDAsync") {
+                failed = Some(e);
+                break;
+            }
         }
-        let event =
-            self.gpu.context().new_event(Some(sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC)).call("cuEventCreate")?;
-        event.record(&stream).call("cuEventRecord")?;
-        match &self.tx {
-            Some(tx) => tx
-                .send((event, chunk, Arc::clone(arena)))
-                .map_err(|_| CudaError::Unavailable("the completion thread stopped".into())),
-            None => Err(CudaError::Unavailable("the copy engine is shut down".into())),
+        // Even after a failure, copies queued before it still read the chunk: the chunk goes
+        // back only behind an event.
+        let event = match self.event().and_then(|e| e.record(&stream).call("cuEventRecord").map(|()| e)) {
+            Ok(e) => e,
+            Err(e) => {
+                // No event: wait for the stream here, so that the chunk is free to go back.
+                if stream.synchronize().is_err() {
+                    // The stream's state is unknown: never hand this memory out again.
+                    std::mem::forget(chunk);
+                }
+                return Err(failed.unwrap_or(e));
+            }
+        };
+        let err = failed.clone();
+        let pending = Pending { event, chunk, arena: Arc::clone(arena), tag, failed };
+        let sent = match &self.tx {
+            Some(tx) => tx.send(pending).map_err(|mpsc::SendError(p)| p),
+            None => Err(pending),
+        };
+        if let Err(p) = sent {
+            // The completion thread is gone: wait here instead.
+            let _ = p.event.synchronize();
+            return Err(CudaError::Unavailable("the completion thread stopped".into()));
         }
+        match err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn event(&self) -> Result<CudaEvent, CudaError> {
+        if let Some(e) = self.events.lock().ok().and_then(|mut p| p.pop()) {
+            return Ok(e);
+        }
+        self.gpu.context().new_event(Some(sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC)).call("cuEventCreate")
     }
 
     /// Waits until every queued copy has completed; reports the first failure.
@@ -123,14 +194,30 @@ impl Drop for CopyEngine {
     }
 }
 
-fn complete(gpu: &Gpu, rx: &Receiver<Pending>, failure: &Mutex<Option<CudaError>>) {
+fn complete(
+    gpu: &Gpu,
+    rx: &Receiver<Pending>,
+    failure: &Mutex<Option<CudaError>>,
+    events: &Mutex<Vec<CudaEvent>>,
+    on_copied: &OnCopied,
+) {
     let _ = gpu.bind();
-    for (event, chunk, arena) in rx {
-        if let Err(source) = event.synchronize() {
-            if let Ok(mut f) = failure.lock() {
-                f.get_or_insert(CudaError::Driver { call: "cuEventSynchronize", source });
-            }
+    for p in rx {
+        let mut result = match p.event.synchronize() {
+            Ok(()) => Ok(()),
+            Err(source) => Err(CudaError::Driver { call: "cuEventSynchronize", source }),
+        };
+        if let (Err(e), Ok(mut f)) = (&result, failure.lock()) {
+            f.get_or_insert(e.clone());
         }
-        drop((chunk, arena));
+        if let Some(e) = p.failed {
+            result = Err(e);
+        }
+        // The copies from this chunk are done: it may go back to its pool, and the event too.
+        drop((p.chunk, p.arena));
+        if let Ok(mut pool) = events.lock() {
+            pool.push(p.event);
+        }
+        on_copied(p.tag, result);
     }
 }

@@ -45,6 +45,13 @@ impl Gpu {
         &self.name
     }
 
+    /// Free and total device memory, in bytes (`cuMemGetInfo`).
+    pub fn memory_info(&self) -> Result<(u64, u64), CudaError> {
+        self.bind()?;
+        let (free, total) = cudarc::driver::result::mem_get_info().call("cuMemGetInfo")?;
+        Ok((free as u64, total as u64))
+    }
+
     /// A new non-default stream.
     pub fn new_stream(&self) -> Result<Arc<CudaStream>, CudaError> {
         self.ctx.new_stream().call("cuStreamCreate")

@@ -11,21 +11,27 @@
 //! }
 //! ```
 //!
-//! The copy layer ([`Gpu`], [`PinnedPool`], [`DeviceArena`], [`CopyEngine`]) builds and is
-//! type-checked everywhere but has not yet run on a GPU, and the engine does not use it
-//! yet: loads go to the host.
+//! The copy layer: [`Gpu`] (a device's primary context), [`PinnedPool`] (registered staging
+//! memory in chunks, io_uring fixed buffers), [`DeviceArena`] (one allocation, freed with
+//! its last holder), [`CopyEngine`] (asynchronous copies on several streams, chunks back in
+//! their pool only after their copies' events). The engine's CUDA destination is built on
+//! it. CI runs it against the emulated driver ([`emulator`]); `scripts/gpu-host` against a
+//! real one.
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 mod arena;
 mod copy;
 mod device;
+pub mod emulator;
 mod error;
 mod pinned;
 mod probe;
 
 pub use arena::DeviceArena;
-pub use copy::{CopyEngine, Piece};
+pub use copy::{CopyEngine, OnCopied, Piece};
 pub use device::Gpu;
 pub use error::CudaError;
 pub use pinned::{PinnedChunk, PinnedPool};
-pub use probe::{cuda_status, probe_library, CudaStatus, DeviceInfo, DriverInfo, LIBCUDA_ENV, LIBCUDA_NAMES};
+pub use probe::{
+    cuda_status, probe_library, use_driver_library, CudaStatus, DeviceInfo, DriverInfo, LIBCUDA_ENV, LIBCUDA_NAMES,
+};

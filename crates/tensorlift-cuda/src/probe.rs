@@ -64,17 +64,45 @@ impl fmt::Display for CudaStatus {
     }
 }
 
-/// The process's CUDA status, probed once.
+static DRIVER_OVERRIDE: OnceLock<PathBuf> = OnceLock::new();
+static PROCESS_DRIVER: OnceLock<libloading::Library> = OnceLock::new();
+
+/// Makes the process's probe load the driver library at `path` (as `TENSORLIFT_LIBCUDA`
+/// does, without touching the environment). Effective only before the first
+/// [`cuda_status`]; returns whether it took effect. Tests use it for the emulated driver.
+pub fn use_driver_library(path: PathBuf) -> bool {
+    let wanted = path.clone();
+    let _ = DRIVER_OVERRIDE.set(path);
+    let status = cuda_status();
+    match status {
+        CudaStatus::Available(d) => d.library == wanted,
+        CudaStatus::Unavailable(_) => DRIVER_OVERRIDE.get() == Some(&wanted),
+    }
+}
+
+/// The process's CUDA status, probed once. The driver library it loaded stays loaded for
+/// the life of the process: cudarc then finds that same library by its name.
 pub fn cuda_status() -> &'static CudaStatus {
     static STATUS: OnceLock<CudaStatus> = OnceLock::new();
     STATUS.get_or_init(|| {
-        let s = match std::env::var_os(LIBCUDA_ENV) {
-            Some(p) => probe_library(&[PathBuf::from(p)]),
-            None => probe_library(&LIBCUDA_NAMES.map(PathBuf::from)),
+        let candidates = match (DRIVER_OVERRIDE.get(), std::env::var_os(LIBCUDA_ENV)) {
+            (Some(p), _) => vec![p.clone()],
+            (None, Some(p)) => vec![PathBuf::from(p)],
+            (None, None) => LIBCUDA_NAMES.map(PathBuf::from).to_vec(),
         };
+        let (s, lib) = probe_candidates(&candidates);
+        if let (CudaStatus::Available(_), Some(lib)) = (&s, lib) {
+            let _ = PROCESS_DRIVER.set(lib);
+        }
         tracing::debug!(status = %s, "CUDA probed");
         s
     })
+}
+
+/// The driver library the process's probe loaded, if it found a usable one.
+pub(crate) fn process_driver() -> Option<&'static libloading::Library> {
+    cuda_status();
+    PROCESS_DRIVER.get()
 }
 
 type CuResult = c_int;
@@ -90,12 +118,20 @@ type CuGetErrorName = unsafe extern "C" fn(CuResult, *mut *const c_char) -> CuRe
 /// Probes the first library of `candidates` that opens. Never panics: every failure
 /// becomes [`CudaStatus::Unavailable`] with the reason.
 pub fn probe_library(candidates: &[PathBuf]) -> CudaStatus {
+    probe_candidates(candidates).0
+}
+
+/// [`probe_library`], also returning the library it loaded.
+fn probe_candidates(candidates: &[PathBuf]) -> (CudaStatus, Option<libloading::Library>) {
     let mut errors = Vec::new();
     for path in candidates {
         // SAFETY: loading the NVIDIA driver library runs its initialisers, which is what
         // every CUDA program does; we call nothing in it before resolving symbols.
         match unsafe { libloading::Library::new(path) } {
-            Ok(lib) => return probe_loaded(&lib, path.clone()),
+            Ok(lib) => {
+                let status = probe_loaded(&lib, path.clone());
+                return (status, Some(lib));
+            }
             Err(e) => {
                 // libloading's message is generic; dlerror's text is in the source.
                 let detail = std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string());
@@ -103,7 +139,7 @@ pub fn probe_library(candidates: &[PathBuf]) -> CudaStatus {
             }
         }
     }
-    CudaStatus::Unavailable(format!("no NVIDIA driver library could be loaded ({})", errors.join("; ")))
+    (CudaStatus::Unavailable(format!("no NVIDIA driver library could be loaded ({})", errors.join("; "))), None)
 }
 
 fn probe_loaded(lib: &libloading::Library, path: PathBuf) -> CudaStatus {

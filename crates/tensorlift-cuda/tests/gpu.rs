@@ -1,20 +1,49 @@
-//! The copy layer on a real GPU: bytes go file -> pinned chunk -> device -> host unchanged.
-//! Without a usable GPU each test prints why it skipped.
+//! The copy layer: bytes go file -> pinned chunk -> device -> host unchanged, chunks come
+//! back only after their copies, and nothing leaks. Against the emulated driver by default
+//! (CI has no GPU), and unchanged against a real one with `TENSORLIFT_TEST_DRIVER=real`.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use tensorlift_cuda::emulator::{self, Fault};
 use tensorlift_cuda::{cuda_status, CopyEngine, CudaError, CudaStatus, DeviceArena, Gpu, Piece, PinnedPool};
 use tensorlift_io::{BackendKind, Reader};
 use tensorlift_testkit::pattern;
 
-fn gpu() -> Option<Gpu> {
-    match cuda_status() {
-        CudaStatus::Unavailable(why) => {
-            eprintln!("skipped: no usable GPU: {why}");
-            None
+/// One test at a time: the driver's counts and faults are the process's.
+struct Driver(#[allow(dead_code)] MutexGuard<'static, ()>);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        // Every test ends with nothing of its own left on the device.
+        if let Some(live) = emulator::live() {
+            let t = Instant::now();
+            let mut live = live;
+            while (live.allocations, live.registrations, live.streams, live.events) != (0, 0, 0, 0)
+                && t.elapsed() < Duration::from_secs(5)
+            {
+                std::thread::sleep(Duration::from_millis(5));
+                live = emulator::live().unwrap_or_default();
+            }
+            if !std::thread::panicking() {
+                assert_eq!((live.allocations, live.registrations, live.streams, live.events), (0, 0, 0, 0), "{live:?}");
+            }
         }
-        CudaStatus::Available(_) => Some(Gpu::open(0).expect("the probe found a device, so it opens")),
+        emulator::reset();
+    }
+}
+
+fn gpu() -> (Driver, Gpu) {
+    static ONE: Mutex<()> = Mutex::new(());
+    let guard = Driver(ONE.lock().unwrap_or_else(|p| p.into_inner()));
+    if !tensorlift_testkit::real_driver() {
+        tensorlift_cuda::use_driver_library(tensorlift_testkit::emulated_driver());
+        assert!(emulator::is_emulated(), "{}", cuda_status());
+        emulator::reset();
+    }
+    match cuda_status() {
+        CudaStatus::Available(_) => (guard, Gpu::open(0).expect("the probe found a device, so it opens")),
+        CudaStatus::Unavailable(why) => panic!("no usable CUDA driver: {why}"),
     }
 }
 
@@ -28,11 +57,13 @@ fn wait_all_free(pool: &PinnedPool) {
 
 #[test]
 fn chunks_round_trip_through_the_device() {
-    let Some(gpu) = gpu() else { return };
+    let (_driver, gpu) = gpu();
     const MIB: usize = 1 << 20;
     let pool = PinnedPool::new(&gpu, 4 * MIB, MIB).unwrap();
     let arena = Arc::new(DeviceArena::new(&gpu, 16 * MIB).unwrap());
     let mut engine = CopyEngine::new(&gpu, 3).unwrap();
+    // Slow copies: a chunk handed back before its copy ran would be overwritten first.
+    emulator::set_fault(Fault::CopyDelayMicros(2000));
     let data = pattern(16 * MIB, 1);
     // 16 chunks through a pool of 4: acquire blocks until copies complete.
     for i in 0..16 {
@@ -49,7 +80,7 @@ fn chunks_round_trip_through_the_device() {
 
 #[test]
 fn pieces_scatter_one_chunk() {
-    let Some(gpu) = gpu() else { return };
+    let (_driver, gpu) = gpu();
     let pool = PinnedPool::new(&gpu, 1 << 20, 1 << 20).unwrap();
     let arena = Arc::new(DeviceArena::new(&gpu, 4096).unwrap());
     let mut engine = CopyEngine::new(&gpu, 2).unwrap();
@@ -70,7 +101,7 @@ fn pieces_scatter_one_chunk() {
 
 #[test]
 fn out_of_bounds_copies_are_refused() {
-    let Some(gpu) = gpu() else { return };
+    let (_driver, gpu) = gpu();
     let pool = PinnedPool::new(&gpu, 1 << 20, 1 << 20).unwrap();
     let arena = Arc::new(DeviceArena::new(&gpu, 4096).unwrap());
     let mut engine = CopyEngine::new(&gpu, 1).unwrap();
@@ -87,7 +118,7 @@ fn out_of_bounds_copies_are_refused() {
 
 #[test]
 fn file_to_device_through_registered_pinned_chunks() {
-    let Some(gpu) = gpu() else { return };
+    let (_driver, gpu) = gpu();
     // The system temp folder: this executable also runs from a copy on GPU hosts.
     let dir = tempfile::tempdir().unwrap();
     let data = pattern((8 << 20) + 123, 3);
@@ -114,4 +145,60 @@ fn file_to_device_through_registered_pinned_chunks() {
     assert!(back == data);
     drop(engine);
     drop(reader);
+}
+
+#[test]
+fn a_failed_copy_keeps_its_chunk_until_earlier_copies_finish() {
+    let (_driver, gpu) = gpu();
+    if !emulator::is_emulated() {
+        eprintln!("skipped on a real driver: needs the emulator's injected copy failure");
+        return;
+    }
+    let pool = PinnedPool::new(&gpu, 2 << 20, 1 << 20).unwrap();
+    let arena = Arc::new(DeviceArena::new(&gpu, 4 << 20).unwrap());
+    let mut engine = CopyEngine::new(&gpu, 2).unwrap();
+    emulator::set_fault(Fault::CopyDelayMicros(20_000));
+    emulator::set_fault(Fault::FailCopy(3));
+    let mut c = pool.acquire();
+    c.as_mut_slice().copy_from_slice(&pattern(1 << 20, 9));
+    let want = c.as_slice().to_vec();
+    // Four pieces: the first two are queued (and slow), the third fails.
+    let pieces: Vec<Piece> = (0..4).map(|i| Piece { src_offset: i << 18, dst_offset: i << 18, len: 1 << 18 }).collect();
+    let err = engine.copy(c, &arena, &pieces).unwrap_err();
+    assert!(matches!(err, CudaError::Driver { call: "cuMemcpyHtoDAsync", .. }), "{err}");
+    // The chunk is not back yet: the two queued copies still read it.
+    assert_eq!(pool.free_chunks(), 1);
+    // The failure was the caller's to handle; the engine itself is still usable.
+    engine.synchronize().unwrap();
+    wait_all_free(&pool);
+    let mut back = vec![0u8; 1 << 19];
+    arena.copy_to_host(0, &mut back).unwrap();
+    assert_eq!(back, want[..1 << 19]);
+}
+
+#[test]
+fn device_memory_is_reported_and_runs_out_cleanly() {
+    let (_driver, gpu) = gpu();
+    let (free, total) = gpu.memory_info().unwrap();
+    assert!(free <= total && total > 0);
+    let a = DeviceArena::new(&gpu, 1 << 20).unwrap();
+    let (free2, _) = gpu.memory_info().unwrap();
+    assert!(free2 <= free - (1 << 20) || !emulator::is_emulated());
+    drop(a);
+    let e = DeviceArena::new(&gpu, usize::MAX / 2).unwrap_err();
+    assert!(matches!(e, CudaError::OutOfMemory { .. }), "{e}");
+}
+
+#[test]
+fn async_copies_from_pageable_memory_are_refused_by_the_emulator() {
+    let (_driver, gpu) = gpu();
+    if !emulator::is_emulated() {
+        return;
+    }
+    let pool = PinnedPool::new(&gpu, 1 << 20, 1 << 20).unwrap();
+    drop(pool);
+    // Registration refused: the pool reports it and allocates nothing.
+    emulator::set_fault(Fault::RefuseRegister(true));
+    let e = PinnedPool::new(&gpu, 1 << 20, 1 << 20).unwrap_err();
+    assert!(matches!(e, CudaError::Driver { call: "cuMemHostRegister", .. }), "{e}");
 }

@@ -84,3 +84,31 @@ pub fn write_index(dir: &Path, entries: &[(&str, &str)]) -> std::path::PathBuf {
     std::fs::write(&path, serde_json::to_vec(&index).expect("json")).expect("writing the index");
     path
 }
+
+/// The environment variable that makes CUDA tests use the real driver (`real`) instead of
+/// the emulated one (the default; see `crates/tensorlift-cuda/emulator`).
+pub const TEST_DRIVER_ENV: &str = "TENSORLIFT_TEST_DRIVER";
+
+/// Whether CUDA tests run against the real driver (`TENSORLIFT_TEST_DRIVER=real`).
+pub fn real_driver() -> bool {
+    std::env::var(TEST_DRIVER_ENV).is_ok_and(|v| v == "real")
+}
+
+/// The emulated driver library, `libcuda.so` in the target folder that holds the running
+/// test executable (`scripts/test` builds it before the tests).
+///
+/// # Panics
+///
+/// If it has not been built: CUDA tests must not silently skip.
+pub fn emulated_driver() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test executable's path");
+    // target/<profile>/deps/<test> -> target/<profile>/libcuda.so
+    let lib = exe.parent().and_then(Path::parent).map(|d| d.join("libcuda.so")).expect("a target folder");
+    assert!(
+        lib.is_file(),
+        "the emulated CUDA driver is not built at {}: run `cargo build -p tensorlift-cuda-emulator` \
+         (./scripts/test does), or set {TEST_DRIVER_ENV}=real on a GPU host",
+        lib.display()
+    );
+    lib
+}

@@ -1,0 +1,708 @@
+//! A test-only stand-in for `libcuda.so`: the driver calls tensorlift makes (through cudarc
+//! and its own probe), with the semantics that catch real bugs.
+//!
+//! - Each stream is a worker thread that applies its operations later, in order.
+//! - An event completes when its stream reaches it; `cuEventSynchronize` waits for that.
+//! - A host-to-device copy reads its source when it executes, not when it is queued: a
+//!   staging buffer reused before the copy's event completed corrupts the result.
+//! - An asynchronous copy's source must lie in memory registered with `cuMemHostRegister`,
+//!   and must still be registered when the copy executes.
+//! - Device memory is real memory, at addresses (from `1 << 62` up) that no host pointer
+//!   uses: dereferencing one on the host faults.
+//! - Live allocations, registrations, streams, events and contexts are counted
+//!   (`tlemu_live`), so a test can end by checking that nothing leaked.
+//! - Faults: `TLEMU_DEVICE_MEMORY` (bytes, default 8 GiB), `TLEMU_OOM=1` (every allocation
+//!   fails), `TLEMU_FAIL_COPY=N` (the Nth asynchronous copy fails), `TLEMU_REFUSE_REGISTER=1`,
+//!   `TLEMU_COPY_DELAY_US=N` (each copy waits first), `TLEMU_DEVICES=N`; read at `cuInit`,
+//!   and settable later with `tlemu_set_fault`.
+//!
+//! It is a test double, never shipped: `scripts/test` builds it and the CUDA tests load it
+//! through `TENSORLIFT_LIBCUDA`. The contract of every exported function is the CUDA driver
+//! API's.
+#![allow(non_snake_case, clippy::missing_safety_doc)]
+
+use std::collections::BTreeMap;
+use std::ffi::{c_char, c_int, c_uint, c_void};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+type CUresult = c_int;
+type CUdeviceptr = u64;
+
+const SUCCESS: CUresult = 0;
+const INVALID_VALUE: CUresult = 1;
+const OUT_OF_MEMORY: CUresult = 2;
+const INVALID_DEVICE: CUresult = 101;
+const INVALID_HANDLE: CUresult = 400;
+const NOT_READY: CUresult = 600;
+const ILLEGAL_ADDRESS: CUresult = 700;
+const HOST_MEMORY_ALREADY_REGISTERED: CUresult = 712;
+const HOST_MEMORY_NOT_REGISTERED: CUresult = 713;
+const NOT_PERMITTED: CUresult = 800;
+const UNKNOWN: CUresult = 999;
+
+/// Device addresses start here: far above any user-space host address.
+const DEVICE_BASE: u64 = 1 << 62;
+/// Allocations are aligned like the real driver's (at least 256 bytes).
+const DEVICE_ALIGN: u64 = 512;
+
+/// What `tlemu_live` reports, in this order.
+const LIVE_ALLOCS: usize = 0;
+const LIVE_REGISTRATIONS: usize = 1;
+const LIVE_STREAMS: usize = 2;
+const LIVE_EVENTS: usize = 3;
+const LIVE_CONTEXTS: usize = 4;
+const LIVE_DEVICE_BYTES: usize = 5;
+const LIVE_COUNT: usize = 6;
+
+/// Faults settable with `tlemu_set_fault`, in this order.
+const FAULT_DEVICE_MEMORY: c_uint = 0;
+const FAULT_OOM: c_uint = 1;
+const FAULT_FAIL_COPY: c_uint = 2;
+const FAULT_REFUSE_REGISTER: c_uint = 3;
+const FAULT_COPY_DELAY_US: c_uint = 4;
+const FAULT_DEVICES: c_uint = 5;
+const FAULT_COUNT: usize = 6;
+
+struct Alloc {
+    mem: Vec<u8>,
+}
+
+struct Emu {
+    allocs: Mutex<BTreeMap<u64, Alloc>>,
+    next_addr: AtomicU64,
+    registered: Mutex<BTreeMap<usize, usize>>,
+    copies: AtomicU64,
+    live: [AtomicU64; LIVE_COUNT],
+    faults: [AtomicU64; FAULT_COUNT],
+    sticky: AtomicI32,
+}
+
+fn emu() -> &'static Emu {
+    static EMU: OnceLock<Emu> = OnceLock::new();
+    EMU.get_or_init(|| {
+        let env = |name: &str, default: u64| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+        Emu {
+            allocs: Mutex::new(BTreeMap::new()),
+            next_addr: AtomicU64::new(DEVICE_BASE),
+            registered: Mutex::new(BTreeMap::new()),
+            copies: AtomicU64::new(0),
+            live: Default::default(),
+            faults: [
+                AtomicU64::new(env("TLEMU_DEVICE_MEMORY", 8 << 30)),
+                AtomicU64::new(env("TLEMU_OOM", 0)),
+                AtomicU64::new(env("TLEMU_FAIL_COPY", 0)),
+                AtomicU64::new(env("TLEMU_REFUSE_REGISTER", 0)),
+                AtomicU64::new(env("TLEMU_COPY_DELAY_US", 0)),
+                AtomicU64::new(env("TLEMU_DEVICES", 1)),
+            ],
+            sticky: AtomicI32::new(SUCCESS),
+        }
+    })
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn fault(which: c_uint) -> u64 {
+    emu().faults[which as usize].load(Ordering::Relaxed)
+}
+
+fn count(which: usize, delta: i64) {
+    let c = &emu().live[which];
+    if delta >= 0 {
+        c.fetch_add(delta as u64, Ordering::Relaxed);
+    } else {
+        c.fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
+    }
+}
+
+/// Writes `value` through `out`, refusing a null pointer.
+///
+/// # Safety
+///
+/// `out` is null or valid for a write of `T`.
+unsafe fn put<T>(out: *mut T, value: T) -> CUresult {
+    if out.is_null() {
+        return INVALID_VALUE;
+    }
+    // SAFETY: not null, and the caller promised it is valid for a write.
+    unsafe { out.write(value) };
+    SUCCESS
+}
+
+// ---- Initialisation and devices -------------------------------------------------------
+
+#[no_mangle]
+pub extern "C" fn cuInit(_flags: c_uint) -> CUresult {
+    emu();
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDriverGetVersion(version: *mut c_int) -> CUresult {
+    // SAFETY: the driver API's contract for this out-parameter.
+    unsafe { put(version, 12080) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDeviceGetCount(n: *mut c_int) -> CUresult {
+    // SAFETY: as above.
+    unsafe { put(n, fault(FAULT_DEVICES) as c_int) }
+}
+
+fn valid_device(dev: c_int) -> bool {
+    dev >= 0 && (dev as u64) < fault(FAULT_DEVICES)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDeviceGet(dev: *mut c_int, ordinal: c_int) -> CUresult {
+    if !valid_device(ordinal) {
+        return INVALID_DEVICE;
+    }
+    // SAFETY: as above.
+    unsafe { put(dev, ordinal) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDeviceGetName(name: *mut c_char, len: c_int, dev: c_int) -> CUresult {
+    if !valid_device(dev) {
+        return INVALID_DEVICE;
+    }
+    let text = b"tensorlift emulated device\0";
+    if name.is_null() || len < text.len() as c_int {
+        return INVALID_VALUE;
+    }
+    // SAFETY: `name` holds `len` >= text.len() writable bytes, per the driver API.
+    unsafe { std::ptr::copy_nonoverlapping(text.as_ptr().cast(), name, text.len()) };
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, dev: c_int) -> CUresult {
+    if !valid_device(dev) {
+        return INVALID_DEVICE;
+    }
+    // SAFETY: as above.
+    unsafe { put(bytes, fault(FAULT_DEVICE_MEMORY) as usize) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDeviceGetAttribute(value: *mut c_int, _attribute: c_int, dev: c_int) -> CUresult {
+    if !valid_device(dev) {
+        return INVALID_DEVICE;
+    }
+    // Every attribute reads 0: no memory pools, no unified addressing; enough for cudarc.
+    // SAFETY: as above.
+    unsafe { put(value, 0) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuGetErrorName(error: CUresult, text: *mut *const c_char) -> CUresult {
+    let s: &'static [u8] = match error {
+        SUCCESS => b"CUDA_SUCCESS\0",
+        INVALID_VALUE => b"CUDA_ERROR_INVALID_VALUE\0",
+        OUT_OF_MEMORY => b"CUDA_ERROR_OUT_OF_MEMORY\0",
+        INVALID_DEVICE => b"CUDA_ERROR_INVALID_DEVICE\0",
+        INVALID_HANDLE => b"CUDA_ERROR_INVALID_HANDLE\0",
+        NOT_READY => b"CUDA_ERROR_NOT_READY\0",
+        ILLEGAL_ADDRESS => b"CUDA_ERROR_ILLEGAL_ADDRESS\0",
+        HOST_MEMORY_ALREADY_REGISTERED => b"CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED\0",
+        HOST_MEMORY_NOT_REGISTERED => b"CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED\0",
+        NOT_PERMITTED => b"CUDA_ERROR_NOT_PERMITTED\0",
+        _ => b"CUDA_ERROR_UNKNOWN\0",
+    };
+    // SAFETY: as above; the string is static.
+    unsafe { put(text, s.as_ptr().cast()) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuGetErrorString(error: CUresult, text: *mut *const c_char) -> CUresult {
+    // SAFETY: the same contract.
+    unsafe { cuGetErrorName(error, text) }
+}
+
+// ---- Contexts -------------------------------------------------------------------------
+
+/// The one context handle (any non-null value works for cudarc).
+const CONTEXT: usize = 0x7e1;
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(ctx: *mut *mut c_void, dev: c_int) -> CUresult {
+    if !valid_device(dev) {
+        return INVALID_DEVICE;
+    }
+    count(LIVE_CONTEXTS, 1);
+    // SAFETY: as above.
+    unsafe { put(ctx, CONTEXT as *mut c_void) }
+}
+
+#[no_mangle]
+pub extern "C" fn cuDevicePrimaryCtxRelease_v2(dev: c_int) -> CUresult {
+    if !valid_device(dev) {
+        return INVALID_DEVICE;
+    }
+    count(LIVE_CONTEXTS, -1);
+    SUCCESS
+}
+
+#[no_mangle]
+pub extern "C" fn cuCtxSetCurrent(_ctx: *mut c_void) -> CUresult {
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuCtxGetCurrent(ctx: *mut *mut c_void) -> CUresult {
+    // SAFETY: as above.
+    unsafe { put(ctx, CONTEXT as *mut c_void) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuCtxGetDevice(dev: *mut c_int) -> CUresult {
+    // SAFETY: as above.
+    unsafe { put(dev, 0) }
+}
+
+#[no_mangle]
+pub extern "C" fn cuCtxSynchronize() -> CUresult {
+    let streams: Vec<Arc<Stream>> = lock(streams()).values().cloned().collect();
+    for s in streams {
+        s.drain();
+    }
+    emu().sticky.load(Ordering::Acquire)
+}
+
+// ---- Device memory --------------------------------------------------------------------
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAlloc_v2(out: *mut CUdeviceptr, size: usize) -> CUresult {
+    if out.is_null() || size == 0 {
+        return INVALID_VALUE;
+    }
+    let e = emu();
+    let in_use = e.live[LIVE_DEVICE_BYTES].load(Ordering::Relaxed);
+    if fault(FAULT_OOM) != 0 || in_use.saturating_add(size as u64) > fault(FAULT_DEVICE_MEMORY) {
+        return OUT_OF_MEMORY;
+    }
+    let mut mem = Vec::new();
+    if mem.try_reserve_exact(size).is_err() {
+        return OUT_OF_MEMORY;
+    }
+    // Large zeroed vectors are lazily zeroed pages: untouched device memory costs nothing.
+    mem.resize(size, 0);
+    let span = (size as u64).next_multiple_of(DEVICE_ALIGN) + DEVICE_ALIGN;
+    let addr = e.next_addr.fetch_add(span, Ordering::Relaxed);
+    lock(&e.allocs).insert(addr, Alloc { mem });
+    count(LIVE_ALLOCS, 1);
+    count(LIVE_DEVICE_BYTES, size as i64);
+    // SAFETY: checked not null; the driver API's out-parameter.
+    unsafe { out.write(addr) };
+    SUCCESS
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemFree_v2(ptr: CUdeviceptr) -> CUresult {
+    match lock(&emu().allocs).remove(&ptr) {
+        Some(a) => {
+            count(LIVE_ALLOCS, -1);
+            count(LIVE_DEVICE_BYTES, -(a.mem.len() as i64));
+            SUCCESS
+        }
+        None => INVALID_VALUE,
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) -> CUresult {
+    let total_bytes = fault(FAULT_DEVICE_MEMORY);
+    let used = emu().live[LIVE_DEVICE_BYTES].load(Ordering::Relaxed);
+    // SAFETY: the driver API's out-parameters.
+    let r = unsafe { put(free, total_bytes.saturating_sub(used) as usize) };
+    if r != SUCCESS {
+        return r;
+    }
+    // SAFETY: as above.
+    unsafe { put(total, total_bytes as usize) }
+}
+
+/// Runs `f` on the device bytes `[ptr, ptr + len)`, if they lie in one live allocation.
+fn with_device<R>(ptr: CUdeviceptr, len: usize, f: impl FnOnce(&mut [u8]) -> R) -> Option<R> {
+    let mut allocs = lock(&emu().allocs);
+    let (&base, alloc) = allocs.range_mut(..=ptr).next_back()?;
+    let start = usize::try_from(ptr - base).ok()?;
+    let end = start.checked_add(len)?;
+    let bytes = alloc.mem.get_mut(start..end)?;
+    Some(f(bytes))
+}
+
+/// Whether `[p, p + len)` lies in one registered host range.
+fn registered(p: usize, len: usize) -> bool {
+    let reg = lock(&emu().registered);
+    reg.range(..=p).next_back().is_some_and(|(&start, &rlen)| p.checked_add(len).is_some_and(|e| e <= start + rlen))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyHtoD_v2(dst: CUdeviceptr, src: *const c_void, len: usize) -> CUresult {
+    if len == 0 {
+        return SUCCESS;
+    }
+    if src.is_null() {
+        return INVALID_VALUE;
+    }
+    // SAFETY: the caller's host buffer holds `len` readable bytes (driver API contract).
+    let src = unsafe { std::slice::from_raw_parts(src.cast::<u8>(), len) };
+    with_device(dst, len, |d| d.copy_from_slice(src)).map_or(INVALID_VALUE, |()| SUCCESS)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyDtoH_v2(dst: *mut c_void, src: CUdeviceptr, len: usize) -> CUresult {
+    if len == 0 {
+        return SUCCESS;
+    }
+    if dst.is_null() {
+        return INVALID_VALUE;
+    }
+    // SAFETY: the caller's host buffer holds `len` writable bytes (driver API contract).
+    let dst = unsafe { std::slice::from_raw_parts_mut(dst.cast::<u8>(), len) };
+    with_device(src, len, |d| dst.copy_from_slice(d)).map_or(INVALID_VALUE, |()| SUCCESS)
+}
+
+// ---- Page-locked host memory ----------------------------------------------------------
+
+#[no_mangle]
+pub extern "C" fn cuMemHostRegister_v2(p: *mut c_void, len: usize, _flags: c_uint) -> CUresult {
+    if p.is_null() || len == 0 {
+        return INVALID_VALUE;
+    }
+    if fault(FAULT_REFUSE_REGISTER) != 0 {
+        return NOT_PERMITTED;
+    }
+    let start = p as usize;
+    let mut reg = lock(&emu().registered);
+    let overlaps = reg.range(..start.saturating_add(len)).next_back().is_some_and(|(&s, &l)| s + l > start);
+    if overlaps {
+        return HOST_MEMORY_ALREADY_REGISTERED;
+    }
+    reg.insert(start, len);
+    count(LIVE_REGISTRATIONS, 1);
+    SUCCESS
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemHostUnregister(p: *mut c_void) -> CUresult {
+    match lock(&emu().registered).remove(&(p as usize)) {
+        Some(_) => {
+            count(LIVE_REGISTRATIONS, -1);
+            SUCCESS
+        }
+        None => HOST_MEMORY_NOT_REGISTERED,
+    }
+}
+
+// ---- Streams and events ---------------------------------------------------------------
+
+enum Op {
+    Copy { dst: CUdeviceptr, src: usize, len: usize },
+    Record { event: Arc<Event>, generation: u64 },
+    Marker(Arc<Event>, u64),
+}
+
+/// A stream: a worker thread that applies its operations in order, later.
+struct Stream {
+    tx: Mutex<Option<Sender<Op>>>,
+    worker: Mutex<Option<JoinHandle<()>>>,
+    /// Completed when the worker has applied everything queued before a `drain`.
+    drained: Arc<Event>,
+}
+
+impl Stream {
+    fn push(&self, op: Op) -> CUresult {
+        match lock(&self.tx).as_ref().map(|tx| tx.send(op)) {
+            Some(Ok(())) => SUCCESS,
+            _ => INVALID_HANDLE,
+        }
+    }
+
+    /// Waits until every operation queued so far has been applied.
+    fn drain(&self) {
+        let generation = self.drained.bump();
+        if self.push(Op::Marker(Arc::clone(&self.drained), generation)) == SUCCESS {
+            self.drained.wait(generation);
+        }
+    }
+}
+
+fn streams() -> &'static Mutex<BTreeMap<usize, Arc<Stream>>> {
+    static STREAMS: OnceLock<Mutex<BTreeMap<usize, Arc<Stream>>>> = OnceLock::new();
+    STREAMS.get_or_init(|| Mutex::new(BTreeMap::new()))
+}
+
+fn apply(op: Op) {
+    match op {
+        Op::Copy { dst, src, len } => {
+            let delay = fault(FAULT_COPY_DELAY_US);
+            if delay > 0 {
+                std::thread::sleep(Duration::from_micros(delay));
+            }
+            // The source must still be registered when the copy runs: memory unregistered
+            // (or freed) with a copy still queued is the bug this catches.
+            if !registered(src, len) {
+                emu().sticky.store(ILLEGAL_ADDRESS, Ordering::Release);
+                return;
+            }
+            // SAFETY: the range was registered (checked just now), so it is live host memory
+            // that the registrant promised to keep until unregistering it.
+            let bytes = unsafe { std::slice::from_raw_parts(src as *const u8, len) };
+            if with_device(dst, len, |d| d.copy_from_slice(bytes)).is_none() {
+                emu().sticky.store(ILLEGAL_ADDRESS, Ordering::Release);
+            }
+        }
+        Op::Record { event, generation } | Op::Marker(event, generation) => event.complete(generation),
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamCreate(out: *mut *mut c_void, _flags: c_uint) -> CUresult {
+    if out.is_null() {
+        return INVALID_VALUE;
+    }
+    let (tx, rx) = mpsc::channel::<Op>();
+    let worker = match std::thread::Builder::new().name("tlemu-stream".into()).spawn(move || {
+        for op in rx {
+            apply(op);
+        }
+    }) {
+        Ok(w) => w,
+        Err(_) => return OUT_OF_MEMORY,
+    };
+    let stream = Arc::new(Stream {
+        tx: Mutex::new(Some(tx)),
+        worker: Mutex::new(Some(worker)),
+        drained: Arc::new(Event::default()),
+    });
+    let handle = Arc::as_ptr(&stream) as usize;
+    lock(streams()).insert(handle, stream);
+    count(LIVE_STREAMS, 1);
+    // SAFETY: checked not null; the driver API's out-parameter.
+    unsafe { out.write(handle as *mut c_void) };
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamCreateWithPriority(out: *mut *mut c_void, flags: c_uint, _p: c_int) -> CUresult {
+    // SAFETY: the same contract.
+    unsafe { cuStreamCreate(out, flags) }
+}
+
+fn stream(handle: *mut c_void) -> Option<Arc<Stream>> {
+    lock(streams()).get(&(handle as usize)).cloned()
+}
+
+#[no_mangle]
+pub extern "C" fn cuStreamDestroy_v2(handle: *mut c_void) -> CUresult {
+    let Some(s) = lock(streams()).remove(&(handle as usize)) else { return INVALID_HANDLE };
+    // As the driver does, work already queued still runs; the worker ends after it.
+    lock(&s.tx).take();
+    if let Some(w) = lock(&s.worker).take() {
+        let _ = w.join();
+    }
+    count(LIVE_STREAMS, -1);
+    SUCCESS
+}
+
+#[no_mangle]
+pub extern "C" fn cuStreamSynchronize(handle: *mut c_void) -> CUresult {
+    if handle.is_null() {
+        return cuCtxSynchronize();
+    }
+    let Some(s) = stream(handle) else { return INVALID_HANDLE };
+    s.drain();
+    emu().sticky.load(Ordering::Acquire)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyHtoDAsync_v2(
+    dst: CUdeviceptr,
+    src: *const c_void,
+    len: usize,
+    handle: *mut c_void,
+) -> CUresult {
+    let n = emu().copies.fetch_add(1, Ordering::AcqRel) + 1;
+    if fault(FAULT_FAIL_COPY) == n {
+        return UNKNOWN;
+    }
+    if len == 0 {
+        return SUCCESS;
+    }
+    if src.is_null() || !registered(src as usize, len) {
+        // The real driver would stage pageable memory synchronously; tensorlift promises it
+        // never copies from pageable memory on the load path.
+        return INVALID_VALUE;
+    }
+    if with_device(dst, len, |_| ()).is_none() {
+        return INVALID_VALUE;
+    }
+    let op = Op::Copy { dst, src: src as usize, len };
+    if handle.is_null() {
+        apply(op);
+        return SUCCESS;
+    }
+    match stream(handle) {
+        Some(s) => s.push(op),
+        None => INVALID_HANDLE,
+    }
+}
+
+/// An event: `recorded` generations are queued, `completed` ones reached.
+#[derive(Default)]
+struct Event {
+    state: Mutex<(u64, u64)>,
+    reached: Condvar,
+}
+
+impl Event {
+    fn bump(&self) -> u64 {
+        let mut s = lock(&self.state);
+        s.0 += 1;
+        s.0
+    }
+    fn complete(&self, generation: u64) {
+        let mut s = lock(&self.state);
+        s.1 = s.1.max(generation);
+        self.reached.notify_all();
+    }
+    fn wait(&self, generation: u64) {
+        let mut s = lock(&self.state);
+        while s.1 < generation {
+            s = self.reached.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+fn events() -> &'static Mutex<BTreeMap<usize, Arc<Event>>> {
+    static EVENTS: OnceLock<Mutex<BTreeMap<usize, Arc<Event>>>> = OnceLock::new();
+    EVENTS.get_or_init(|| Mutex::new(BTreeMap::new()))
+}
+
+fn event(handle: *mut c_void) -> Option<Arc<Event>> {
+    lock(events()).get(&(handle as usize)).cloned()
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuEventCreate(out: *mut *mut c_void, _flags: c_uint) -> CUresult {
+    if out.is_null() {
+        return INVALID_VALUE;
+    }
+    let e = Arc::new(Event::default());
+    let handle = Arc::as_ptr(&e) as usize;
+    lock(events()).insert(handle, e);
+    count(LIVE_EVENTS, 1);
+    // SAFETY: checked not null; the driver API's out-parameter.
+    unsafe { out.write(handle as *mut c_void) };
+    SUCCESS
+}
+
+#[no_mangle]
+pub extern "C" fn cuEventDestroy_v2(handle: *mut c_void) -> CUresult {
+    match lock(events()).remove(&(handle as usize)) {
+        Some(_) => {
+            count(LIVE_EVENTS, -1);
+            SUCCESS
+        }
+        None => INVALID_HANDLE,
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn cuEventRecord(handle: *mut c_void, stream_handle: *mut c_void) -> CUresult {
+    let Some(e) = event(handle) else { return INVALID_HANDLE };
+    let generation = e.bump();
+    if stream_handle.is_null() {
+        e.complete(generation);
+        return SUCCESS;
+    }
+    match stream(stream_handle) {
+        Some(s) => s.push(Op::Record { event: e, generation }),
+        None => INVALID_HANDLE,
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn cuEventSynchronize(handle: *mut c_void) -> CUresult {
+    let Some(e) = event(handle) else { return INVALID_HANDLE };
+    let generation = lock(&e.state).0;
+    e.wait(generation);
+    emu().sticky.load(Ordering::Acquire)
+}
+
+#[no_mangle]
+pub extern "C" fn cuEventQuery(handle: *mut c_void) -> CUresult {
+    let Some(e) = event(handle) else { return INVALID_HANDLE };
+    let (recorded, completed) = *lock(&e.state);
+    if completed < recorded {
+        NOT_READY
+    } else {
+        emu().sticky.load(Ordering::Acquire)
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn cuStreamWaitEvent(handle: *mut c_void, event_handle: *mut c_void, _flags: c_uint) -> CUresult {
+    // Cross-stream waits are applied eagerly: the waiting stream's later work is queued
+    // after the event has completed, which is stricter than the driver, never looser.
+    let Some(e) = event(event_handle) else { return INVALID_HANDLE };
+    if !handle.is_null() && stream(handle).is_none() {
+        return INVALID_HANDLE;
+    }
+    let generation = lock(&e.state).0;
+    e.wait(generation);
+    SUCCESS
+}
+
+// ---- Control, for tests ---------------------------------------------------------------
+
+/// Writes the live counts (allocations, registrations, streams, events, contexts, device
+/// bytes) into `out[..n]`.
+#[no_mangle]
+pub unsafe extern "C" fn tlemu_live(out: *mut u64, n: usize) -> CUresult {
+    if out.is_null() {
+        return INVALID_VALUE;
+    }
+    let n = n.min(LIVE_COUNT);
+    // SAFETY: the caller's array holds n values.
+    let out = unsafe { std::slice::from_raw_parts_mut(out, n) };
+    for (o, v) in out.iter_mut().zip(&emu().live) {
+        *o = v.load(Ordering::Relaxed);
+    }
+    SUCCESS
+}
+
+/// Sets a fault (see the crate docs for their meaning and order).
+#[no_mangle]
+pub extern "C" fn tlemu_set_fault(which: c_uint, value: u64) -> CUresult {
+    match emu().faults.get(which as usize) {
+        Some(f) => {
+            f.store(value, Ordering::Relaxed);
+            SUCCESS
+        }
+        None => INVALID_VALUE,
+    }
+}
+
+/// Clears the sticky error and restarts the copy count (for `TLEMU_FAIL_COPY`).
+#[no_mangle]
+pub extern "C" fn tlemu_reset() -> CUresult {
+    emu().sticky.store(SUCCESS, Ordering::Release);
+    emu().copies.store(0, Ordering::Release);
+    SUCCESS
+}
+
+/// Asynchronous copies made since the last reset.
+#[no_mangle]
+pub extern "C" fn tlemu_copies() -> u64 {
+    emu().copies.load(Ordering::Acquire)
+}

@@ -1,0 +1,102 @@
+//! Controls of the emulated driver (`crates/tensorlift-cuda/emulator`), for tests: what is
+//! alive, and faults to inject. Every function is a no-op answering `None` or `false` when
+//! the process's driver is not the emulator (a real GPU), so tests run unchanged on both.
+
+use std::ffi::{c_int, c_uint};
+
+use crate::probe::process_driver;
+
+/// What the emulated driver holds now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Live {
+    /// Device allocations.
+    pub allocations: u64,
+    /// Host ranges registered with `cuMemHostRegister`.
+    pub registrations: u64,
+    /// Streams.
+    pub streams: u64,
+    /// Events.
+    pub events: u64,
+    /// Primary-context references.
+    pub contexts: u64,
+    /// Bytes of device memory allocated.
+    pub device_bytes: u64,
+}
+
+/// A fault for the emulated driver to inject from now on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Fault {
+    /// The device has this many bytes (allocations past it fail).
+    DeviceMemory(u64),
+    /// Every device allocation fails.
+    OutOfMemory(bool),
+    /// The Nth asynchronous copy (counted from [`reset`]) fails; 0 for none.
+    FailCopy(u64),
+    /// Host registration (`cuMemHostRegister`) is refused.
+    RefuseRegister(bool),
+    /// Each copy waits this many microseconds before it runs.
+    CopyDelayMicros(u64),
+}
+
+fn symbol<T: Copy>(name: &[u8]) -> Option<T> {
+    let lib = process_driver()?;
+    // SAFETY: each name is looked up with the signature the emulator exports it with
+    // (crates/tensorlift-cuda/emulator/src/lib.rs); a real driver has no such symbol.
+    unsafe { lib.get::<T>(name) }.ok().map(|s| *s)
+}
+
+/// Whether the process's CUDA driver is the emulator.
+pub fn is_emulated() -> bool {
+    symbol::<unsafe extern "C" fn(*mut u64, usize) -> c_int>(b"tlemu_live").is_some()
+}
+
+/// What the emulated driver holds now; `None` on a real driver.
+pub fn live() -> Option<Live> {
+    let f = symbol::<unsafe extern "C" fn(*mut u64, usize) -> c_int>(b"tlemu_live")?;
+    let mut v = [0u64; 6];
+    // SAFETY: the array holds the 6 values the call writes.
+    (unsafe { f(v.as_mut_ptr(), v.len()) } == 0).then_some(Live {
+        allocations: v[0],
+        registrations: v[1],
+        streams: v[2],
+        events: v[3],
+        contexts: v[4],
+        device_bytes: v[5],
+    })
+}
+
+/// Sets a fault; `false` on a real driver.
+pub fn set_fault(fault: Fault) -> bool {
+    let Some(f) = symbol::<extern "C" fn(c_uint, u64) -> c_int>(b"tlemu_set_fault") else { return false };
+    let (which, value) = match fault {
+        Fault::DeviceMemory(b) => (0, b),
+        Fault::OutOfMemory(on) => (1, u64::from(on)),
+        Fault::FailCopy(n) => (2, n),
+        Fault::RefuseRegister(on) => (3, u64::from(on)),
+        Fault::CopyDelayMicros(us) => (4, us),
+    };
+    f(which, value) == 0
+}
+
+/// Clears every fault's effect so far (the sticky error, the copy count) and the faults
+/// themselves, back to an 8 GiB device.
+pub fn reset() {
+    if let Some(f) = symbol::<extern "C" fn() -> c_int>(b"tlemu_reset") {
+        f();
+    }
+    for fault in [
+        Fault::DeviceMemory(8 << 30),
+        Fault::OutOfMemory(false),
+        Fault::FailCopy(0),
+        Fault::RefuseRegister(false),
+        Fault::CopyDelayMicros(0),
+    ] {
+        set_fault(fault);
+    }
+}
+
+/// Asynchronous copies made since the last [`reset`]; `None` on a real driver.
+pub fn copies() -> Option<u64> {
+    symbol::<extern "C" fn() -> u64>(b"tlemu_copies").map(|f| f())
+}
