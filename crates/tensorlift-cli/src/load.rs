@@ -78,7 +78,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> anyhow::Result<()> {
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    let digests = args.digest.map(|_| digest_all(model.tensors()));
+    let digests = args.digest.map(|_| digest_all(model.tensors())).transpose()?;
     if args.json {
         serde_json::to_writer_pretty(&mut *out, &to_json(&model, digests.as_deref()))?;
         writeln!(out)?;
@@ -99,18 +99,26 @@ fn progress_bar() -> Option<ProgressBar> {
     Some(bar)
 }
 
-/// SHA-256 of each tensor's bytes, on every core.
-fn digest_all(tensors: &[Tensor]) -> Vec<String> {
+/// SHA-256 of each tensor's bytes, on every core; a device tensor is copied back first.
+fn digest_all(tensors: &[Tensor]) -> anyhow::Result<Vec<String>> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(tensors.len().max(1));
     let per = tensors.len().div_ceil(threads).max(1);
     std::thread::scope(|s| {
         let handles: Vec<_> = tensors
             .chunks(per)
             .map(|part| {
-                s.spawn(move || part.iter().map(|t| format!("{:x}", Sha256::digest(t.bytes()))).collect::<Vec<_>>())
+                s.spawn(move || {
+                    part.iter()
+                        .map(|t| Ok(format!("{:x}", Sha256::digest(t.to_host()?))))
+                        .collect::<Result<Vec<_>, tensorlift::ViewError>>()
+                })
             })
             .collect();
-        handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
+        let mut out = Vec::with_capacity(tensors.len());
+        for h in handles {
+            out.extend(h.join().map_err(|_| anyhow::anyhow!("a digest thread panicked"))??);
+        }
+        Ok(out)
     })
 }
 

@@ -61,17 +61,14 @@ impl PinnedPool {
     }
 
     /// Registers every chunk with `reader` as an io_uring fixed buffer (slot = chunk index),
-    /// so reads into them skip per-read page pinning. On refusal reads still work.
-    ///
-    /// # Safety
-    ///
-    /// The pool must outlive `reader`: the kernel keeps the registration until the reader's
-    /// rings are gone.
-    pub unsafe fn register_with(&self, reader: &Reader) -> Result<(), IoError> {
+    /// so reads into them skip per-read page pinning. The reader keeps the pool alive as
+    /// long as the registration lasts. On refusal reads still work, unregistered.
+    pub fn register_with(self: &Arc<Self>, reader: &Reader) -> Result<(), IoError> {
         let regions: Vec<(*mut u8, usize)> = (0..self.count).map(|i| (self.chunk_ptr(i), self.chunk)).collect();
-        // SAFETY: each region lies in the registered mapping, which lives as long as the
-        // pool; the caller promised the pool outlives the reader.
-        let r = unsafe { reader.register_buffers(&regions) };
+        let owner: Arc<dyn std::any::Any + Send + Sync> = Arc::clone(self) as _;
+        // SAFETY: each region lies in the pool's mapping, which lives as long as the pool,
+        // which the reader keeps (`owner`) until its rings are gone.
+        let r = unsafe { reader.register_owned_buffers(&regions, owner) };
         self.fixed.store(r.is_ok(), Ordering::Release);
         r
     }

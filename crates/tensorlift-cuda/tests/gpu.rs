@@ -126,8 +126,7 @@ fn file_to_device_through_registered_pinned_chunks() {
     std::fs::write(&path, &data).unwrap();
     let pool = PinnedPool::new(&gpu, 4 << 20, 1 << 20).unwrap();
     let reader = Reader::builder().backend(BackendKind::Uring).build();
-    // SAFETY: `pool` is declared before `reader`, so it outlives it.
-    let registered = unsafe { pool.register_with(&reader) };
+    let registered = pool.register_with(&reader);
     eprintln!("fixed buffers: {registered:?}, {:?}", reader.report().fixed_buffers);
     let file = reader.open(&path).unwrap();
     let arena = Arc::new(DeviceArena::new(&gpu, data.len()).unwrap());

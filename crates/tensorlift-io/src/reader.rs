@@ -189,6 +189,7 @@ impl ReaderBuilder {
             direct: self.direct,
             faults: self.faults,
             report: Mutex::new(IoReport { backend: kind, reason, uring, fixed_buffers: FixedBuffers::None }),
+            registered_owners: Mutex::new(Vec::new()),
         }
     }
 }
@@ -229,6 +230,9 @@ pub struct Reader {
     direct: bool,
     faults: Faults,
     report: Mutex<IoReport>,
+    /// Owners of memory registered as fixed buffers. Declared last, so dropped after the
+    /// rings (`backend`) that registered it.
+    registered_owners: Mutex<Vec<Arc<dyn std::any::Any + Send + Sync>>>,
 }
 
 impl Reader {
@@ -289,6 +293,26 @@ impl Reader {
             r.fixed_buffers = state;
         }
         result.map_err(|source| IoError::Register { source })
+    }
+
+    /// [`register_buffers`](Self::register_buffers) for regions that `owner` keeps alive:
+    /// the reader holds `owner` until its rings are gone.
+    ///
+    /// # Safety
+    ///
+    /// Each region must be valid for writes and lie in memory that stays allocated for as
+    /// long as `owner` lives.
+    pub unsafe fn register_owned_buffers(
+        &self,
+        regions: &[(*mut u8, usize)],
+        owner: Arc<dyn std::any::Any + Send + Sync>,
+    ) -> Result<(), IoError> {
+        if let Ok(mut owners) = self.registered_owners.lock() {
+            owners.push(owner);
+        }
+        // SAFETY: the regions live as long as `owner`, which the reader now keeps until its
+        // rings are dropped (the field is dropped after `backend`).
+        unsafe { self.register_buffers(regions) }
     }
 
     /// Reads `len` bytes at `offset` of `file` into `buf[buf_offset..]`, taking the buffer

@@ -94,16 +94,17 @@ pub fn real_driver() -> bool {
     std::env::var(TEST_DRIVER_ENV).is_ok_and(|v| v == "real")
 }
 
-/// The emulated driver library, `libcuda.so` in the target folder that holds the running
-/// test executable (`scripts/test` builds it before the tests).
+/// The emulated driver library, `libtensorlift_cuda_emulator.so` in the target folder that
+/// holds the running test executable (`scripts/test` builds it before the tests).
 ///
 /// # Panics
 ///
 /// If it has not been built: CUDA tests must not silently skip.
 pub fn emulated_driver() -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("the test executable's path");
-    // target/<profile>/deps/<test> -> target/<profile>/libcuda.so
-    let lib = exe.parent().and_then(Path::parent).map(|d| d.join("libcuda.so")).expect("a target folder");
+    // target/<profile>/deps/<test> -> target/<profile>/libtensorlift_cuda_emulator.so
+    let lib =
+        exe.parent().and_then(Path::parent).map(|d| d.join("libtensorlift_cuda_emulator.so")).expect("a target folder");
     assert!(
         lib.is_file(),
         "the emulated CUDA driver is not built at {}: run `cargo build -p tensorlift-cuda-emulator` \

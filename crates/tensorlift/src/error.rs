@@ -32,6 +32,25 @@ pub enum LoadError {
     /// killed midway rather than fail).
     #[error("{}: the tensors need {needed} bytes of host memory, but only {available} bytes are available", file.display())]
     HostMemory { file: PathBuf, needed: u64, available: u64 },
+    /// The device has less free memory than the load needs (checked before any read).
+    #[error("{}: the tensors need {needed} bytes on {device}, which has {free} bytes free", file.display())]
+    DeviceMemory { file: PathBuf, device: crate::Device, needed: u64, free: u64 },
+    /// A copy to the device failed; `tensor` is the first tensor the chunk held.
+    #[error("{}: tensor '{tensor}': copy to {device} failed: {source}", file.display())]
+    Copy {
+        file: PathBuf,
+        tensor: String,
+        device: crate::Device,
+        #[source]
+        source: tensorlift_cuda::CudaError,
+    },
+    /// A CUDA call of the load failed (not a copy).
+    #[error("{}: {source}", file.display())]
+    Cuda {
+        file: PathBuf,
+        #[source]
+        source: tensorlift_cuda::CudaError,
+    },
     /// A CUDA device was asked for and cannot be used.
     #[error("CUDA device {ordinal} is unavailable: {reason}")]
     CudaUnavailable { ordinal: usize, reason: String },

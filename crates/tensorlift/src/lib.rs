@@ -25,9 +25,13 @@
 //! SIGBUS: memory-mapped views are an opt-in that takes an `unsafe`-made [`MapContract`].
 #![forbid(unsafe_code)]
 
+mod dest_cuda;
+mod dest_host;
 mod device;
 mod error;
+mod layout;
 mod loader;
+mod open;
 mod pipeline;
 mod stats;
 mod tensor;
@@ -38,7 +42,7 @@ pub use device::{Device, DEVICE_ENV};
 pub use error::LoadError;
 pub use loader::{
     DirectIo, Loader, LoaderBuilder, Tuning, DEFAULT_CHUNK_SIZE, DEFAULT_IO_WORKERS, DEFAULT_QUEUE_DEPTH,
-    DEFAULT_STAGING_BUDGET,
+    DEFAULT_STAGING_BUDGET, DEFAULT_STREAMS,
 };
 pub use pipeline::TensorStream;
 pub use stats::{LoadStats, Progress};

@@ -8,6 +8,7 @@ use globset::{Glob, GlobSet, GlobSetBuilder};
 use tensorlift_io::{BackendKind, Checkpoint, Faults, MapContract, PlanLimits, Reader};
 use tracing::Instrument;
 
+use crate::dest_cuda::CudaTarget;
 use crate::device::DEVICE_ENV;
 use crate::{Device, LoadError, LoadStats, Model, Progress, TensorStream};
 
@@ -71,6 +72,7 @@ pub(crate) struct Config {
     pub faults: Faults,
     pub limits: PlanLimits,
     pub map_views: Option<MapContract>,
+    pub streams: usize,
 }
 
 /// Configures a [`Loader`]. Every option has a default that suits a large checkpoint.
@@ -98,6 +100,8 @@ pub const DEFAULT_STAGING_BUDGET: usize = 256 << 20;
 pub const DEFAULT_CHUNK_SIZE: usize = 8 << 20;
 /// Default reads in flight at most.
 pub const DEFAULT_QUEUE_DEPTH: u32 = 64;
+/// Default CUDA streams that copies are spread over.
+pub const DEFAULT_STREAMS: usize = 2;
 /// Default io_uring worker threads.
 pub const DEFAULT_IO_WORKERS: usize = 2;
 
@@ -117,6 +121,7 @@ impl Default for LoaderBuilder {
                 faults: Faults::default(),
                 limits: PlanLimits::default(),
                 map_views: None,
+                streams: DEFAULT_STREAMS,
             },
         }
     }
@@ -195,6 +200,11 @@ impl LoaderBuilder {
         self.cfg.map_views = Some(contract);
         self
     }
+    /// CUDA streams that copies to the device are spread over (default 2, at least 1).
+    pub fn streams(mut self, streams: usize) -> Self {
+        self.cfg.streams = streams.clamp(1, 64);
+        self
+    }
     /// Applies every override that `tuning` sets.
     pub fn tuning(mut self, tuning: &Tuning) -> Self {
         if let Some(v) = tuning.chunk_size {
@@ -235,7 +245,6 @@ impl LoaderBuilder {
                 Err(_) => (Device::Auto, "default".to_owned()),
             },
         };
-        let (device, device_reason) = resolve_device(requested.0, requested.1)?;
         let mut io = Reader::builder()
             .queue_depth(self.cfg.queue_depth)
             .workers(self.cfg.io_workers)
@@ -244,25 +253,60 @@ impl LoaderBuilder {
         if let Some(b) = self.cfg.io_backend {
             io = io.backend(b);
         }
-        Ok(Loader { reader: Arc::new(io.build()), cfg: self.cfg, filter, device, device_reason })
+        let reader = Arc::new(io.build());
+        let (target, device_reason) = resolve_device(requested.0, requested.1, &self.cfg, &reader)?;
+        let device = match &target {
+            Target::Host => Device::Cpu,
+            Target::Cuda(c) => Device::Cuda(c.gpu.ordinal()),
+        };
+        Ok(Loader { reader, cfg: self.cfg, filter, device, device_reason, target })
     }
 }
 
-/// Decides where tensors go. The CUDA copy engine is not built yet: a CUDA request fails
-/// with the reason (the probe's, when there is no usable driver), and `Auto` chooses the
-/// host, saying why.
-fn resolve_device(requested: Device, why: String) -> Result<(Device, String), LoadError> {
-    let cuda = match tensorlift_cuda::cuda_status() {
-        tensorlift_cuda::CudaStatus::Available(d) => {
-            format!("CUDA driver {} is present, but this build has no CUDA copy engine yet", d.version_string())
-        }
-        tensorlift_cuda::CudaStatus::Unavailable(reason) => reason.clone(),
-    };
+/// Where a loader's tensors go.
+#[derive(Debug)]
+pub(crate) enum Target {
+    Host,
+    Cuda(Arc<CudaTarget>),
+}
+
+/// Decides where tensors go, once, with the reason: `Cpu` is the host; `Cuda(n)` opens
+/// device `n` and its pinned staging memory, or fails saying why; `Auto` does the same for
+/// `cuda:0` and falls back to the host with that reason.
+fn resolve_device(
+    requested: Device,
+    why: String,
+    cfg: &Config,
+    reader: &Reader,
+) -> Result<(Target, String), LoadError> {
     match requested {
-        Device::Cpu => Ok((Device::Cpu, why)),
-        Device::Auto => Ok((Device::Cpu, format!("auto: {cuda}"))),
-        Device::Cuda(ordinal) => Err(LoadError::CudaUnavailable { ordinal, reason: cuda }),
+        Device::Cpu => Ok((Target::Host, why)),
+        Device::Cuda(ordinal) => match open_cuda(ordinal, cfg, reader) {
+            Ok(t) => Ok((Target::Cuda(Arc::new(t)), why)),
+            Err(reason) => Err(LoadError::CudaUnavailable { ordinal, reason }),
+        },
+        Device::Auto => match open_cuda(0, cfg, reader) {
+            Ok(t) => {
+                let name = t.gpu.name().to_owned();
+                Ok((Target::Cuda(Arc::new(t)), format!("auto: cuda:0 ({name}) is usable")))
+            }
+            Err(reason) => Ok((Target::Host, format!("auto: {reason}"))),
+        },
     }
+}
+
+/// Opens a device and the pinned staging pool (registered with io_uring where it can be).
+fn open_cuda(ordinal: usize, cfg: &Config, reader: &Reader) -> Result<CudaTarget, String> {
+    let gpu = tensorlift_cuda::Gpu::open(ordinal).map_err(|e| match e {
+        tensorlift_cuda::CudaError::Unavailable(why) => why,
+        e => e.to_string(),
+    })?;
+    let pool = tensorlift_cuda::PinnedPool::new(&gpu, cfg.staging_budget, cfg.chunk_size)
+        .map_err(|e| format!("cannot pin {} bytes of staging memory: {e}", cfg.staging_budget))?;
+    if let Err(e) = pool.register_with(reader) {
+        tracing::debug!(error = %e, "pinned chunks are not io_uring fixed buffers");
+    }
+    Ok(CudaTarget { gpu, pool, streams: cfg.streams })
 }
 
 fn compile_filter(patterns: &[String]) -> Result<Option<GlobSet>, LoadError> {
@@ -286,6 +330,7 @@ pub struct Loader {
     filter: Option<GlobSet>,
     device: Device,
     device_reason: String,
+    target: Target,
 }
 
 impl std::fmt::Debug for Loader {
@@ -303,9 +348,31 @@ impl Loader {
         LoaderBuilder::default()
     }
 
-    /// The device tensors go to.
+    /// The device tensors go to (`Auto` resolved: `Cpu` or `Cuda(n)`).
     pub fn device(&self) -> Device {
         self.device
+    }
+
+    /// Why that device: a request, a variable, or `auto`'s probe result.
+    pub fn device_reason(&self) -> &str {
+        &self.device_reason
+    }
+
+    /// Free and total memory of the loader's CUDA device, in bytes; `None` on the host.
+    pub fn device_memory(&self) -> Option<(u64, u64)> {
+        match &self.target {
+            Target::Cuda(c) => c.gpu.memory_info().ok(),
+            Target::Host => None,
+        }
+    }
+
+    /// Bytes of pinned staging memory the loader holds (registered with CUDA), and whether
+    /// its chunks are registered as io_uring fixed buffers; `None` on the host.
+    pub fn pinned_staging(&self) -> Option<u64> {
+        match &self.target {
+            Target::Cuda(c) => Some((c.pool.chunks() * c.pool.chunk_size()) as u64),
+            Target::Host => None,
+        }
     }
 
     /// What the I/O layer chose and why.
@@ -354,7 +421,7 @@ impl Loader {
             buffered_shards: 0,
             max_in_flight_bytes: 0,
         };
-        TensorStream::start(Arc::clone(&self.reader), plan, &self.cfg, stats, started)
+        TensorStream::start(Arc::clone(&self.reader), plan, &self.cfg, &self.target, stats, started)
     }
 
     /// Loads every (selected) tensor of `path`.

@@ -1,93 +1,100 @@
-//! The CPU pipeline: plan -> extents -> chunked reads at depth -> tensors as they land.
+//! The scheduler: reads at depth, into buffers that a destination lends, tensors as they land.
 //!
-//! Selected tensors that sit close together in a shard form an *extent*, read into one
-//! page-aligned [`HostArena`] whose base maps to a page-aligned file offset. Aligned file
-//! offsets therefore land at aligned addresses, and O_DIRECT reads go straight into the
-//! final memory: there is no staging copy on the CPU path. Extents are cut into chunks;
-//! chunks of all shards are interleaved so that several files are read at once. Reads in
-//! flight are bounded by the queue depth, and their bytes by the staging budget.
-//!
-//! Shards are read through the descriptors their planning opened ([`Checkpoint`]), opened
-//! for reading when their first read is issued and closed after their last one lands, and
-//! interleaved a window of shards at a time, so open files stay bounded however many
-//! shards a checkpoint has.
+//! The layout ([`crate::layout`]) says which chunks of which files to read and in what
+//! order. The scheduler issues those reads while the queue depth and the staging budget
+//! allow, asking the destination ([`Sink`]) for a buffer for each and handing the filled
+//! buffer back; it does not know where bytes end up. The host destination lends the final
+//! memory itself (no staging copy); the CUDA destination lends pinned chunks and copies
+//! them to the device. Shards are opened when their first read is issued and closed after
+//! their last one lands ([`crate::open`]).
 
 use std::collections::VecDeque;
-use std::ops::Range;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use tensorlift_format::{LoadPlan, PlannedTensor, Shard};
-use tensorlift_io::{
-    cache, ArenaChunk, Checkpoint, HostArena, IoError, MappedFile, OpenFile, ReadFuture, Reader, PAGE,
-};
+use tensorlift_format::LoadPlan;
+use tensorlift_io::{Checkpoint, IoBufMut, OpenFile, ReadFuture, Reader};
 
+use crate::layout::{self, Read, Span};
 use crate::loader::{Config, DirectIo};
 use crate::{LoadError, LoadStats, Progress, Tensor};
 
 /// Host memory a loaded tensor costs beyond its bytes, at most (name, shape, bookkeeping).
 const TENSOR_OVERHEAD: u64 = 1024;
 
-/// Gaps of unselected tensors up to this size are read through rather than splitting an extent.
-const MAX_GAP: u64 = 1 << 20;
-
-/// A run of selected tensors in one shard, read as one piece.
-struct Span {
-    shard: usize,
-    /// Page-aligned file offset that arena byte 0 holds.
-    base: u64,
-    /// End of the last tensor (file offset).
-    end: u64,
-    /// Tensors (indices into the plan), in file order.
-    tensors: Vec<usize>,
+/// Where the bytes of a load go. The scheduler asks for a buffer for each read and hands
+/// it back filled.
+pub(crate) trait Sink {
+    type Buf: IoBufMut;
+    /// A buffer for `read`, or `None` when none is free now (the scheduler then waits for
+    /// reads in flight or for [`poll_progress`](Self::poll_progress)).
+    fn buffer(&mut self, read: &Read) -> Option<Self::Buf>;
+    /// `read` filled `buf`; tensors that are complete go to `ready`.
+    fn landed(
+        &mut self,
+        plan: &LoadPlan,
+        read: &Read,
+        buf: Self::Buf,
+        ready: &mut VecDeque<Tensor>,
+    ) -> Result<u64, LoadError>;
+    /// Background work (device copies) that finished: completed tensors go to `ready`,
+    /// and the bytes that reached their destination are returned. `Pending` registers the
+    /// waker when there is work outstanding; `Ready(Ok(0))` when there is none.
+    fn poll_progress(
+        &mut self,
+        cx: &mut Context<'_>,
+        plan: &LoadPlan,
+        ready: &mut VecDeque<Tensor>,
+    ) -> Poll<Result<u64, LoadError>>;
+    /// Whether background work is outstanding.
+    fn busy(&self) -> bool;
+    /// Ends the load: waits for background work, then frees what the sink holds.
+    fn abort(&mut self);
 }
 
-/// A span with the arena it is read into.
-struct Extent {
-    span: Span,
-    arena: Arc<HostArena>,
-    /// Chunks still to land for each tensor of `span.tensors`.
-    remaining: Vec<usize>,
+/// A read in flight.
+struct InFlight<B> {
+    read: usize,
+    fut: ReadFuture<B>,
 }
 
-struct Job {
-    extent: usize,
-    shard: usize,
-    chunk: ArenaChunk,
-    file_offset: u64,
-    len: usize,
+/// The reads of one load and the files they need.
+struct Scheduler<S: Sink> {
+    sink: S,
+    reads: Vec<Read>,
+    next: usize,
+    in_flight: VecDeque<InFlight<S::Buf>>,
+    files: Vec<Option<Arc<OpenFile>>>,
+    reads_left: Vec<usize>,
+    queue_depth: usize,
+    budget: u64,
+    in_flight_bytes: u64,
 }
 
-/// A read in flight; `len` bytes of the budget are held until it lands.
-struct InFlight {
-    extent: usize,
-    shard: usize,
-    file_offset: u64,
-    len: usize,
-    fut: ReadFuture<ArenaChunk>,
+enum Dest {
+    Host(Scheduler<crate::dest_host::HostSink>),
+    Cuda(Box<Scheduler<crate::dest_cuda::CudaSink>>),
+    /// Zero-copy views, all ready at the start.
+    Mapped,
 }
 
-/// Tensors of one load, yielded as their bytes land.
+/// Tensors of one load, yielded as their bytes land (on the device, for a CUDA load).
 ///
-/// Dropping the stream cancels the load: reads in flight finish in the I/O workers, which
-/// then free their memory; nothing is left running or allocated.
+/// Dropping the stream cancels the load: reads in flight finish in the I/O workers, copies
+/// in flight finish on the device, and then their memory is freed; nothing is left running
+/// or allocated.
 pub struct TensorStream {
     reader: Arc<Reader>,
     plan: Checkpoint,
     direct: DirectIo,
-    /// Shards open for reading now, and the reads each still has to land.
-    files: Vec<Option<Arc<OpenFile>>>,
-    reads_left: Vec<usize>,
-    window: usize,
-    extents: Vec<Extent>,
-    jobs: VecDeque<Job>,
-    in_flight: VecDeque<InFlight>,
+    dest: Dest,
     ready: VecDeque<Tensor>,
-    queue_depth: usize,
-    budget: u64,
     progress: Option<crate::loader::ProgressFn>,
     done_bytes: u64,
-    in_flight_bytes: u64,
+    total_bytes: u64,
     started: Instant,
     read_wait: Duration,
     finished: bool,
@@ -98,9 +105,9 @@ impl std::fmt::Debug for TensorStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TensorStream")
             .field("tensors", &self.plan.tensors().len())
-            .field("in_flight", &self.in_flight.len())
             .field("ready", &self.ready.len())
-            .finish()
+            .field("finished", &self.finished)
+            .finish_non_exhaustive()
     }
 }
 
@@ -109,26 +116,29 @@ impl TensorStream {
         reader: Arc<Reader>,
         plan: Checkpoint,
         cfg: &Config,
+        target: &crate::loader::Target,
         stats: LoadStats,
         started: Instant,
     ) -> Result<TensorStream, LoadError> {
         let _span =
             tracing::info_span!("plan_io", tensors = plan.tensors().len(), shards = plan.shards().len()).entered();
+        // Each tensor costs a few small allocations (its name, shape, the model's index):
+        // check that their total can be had before making them, since each alone would abort.
+        let per_tensor = plan.tensors().len() as u64 * TENSOR_OVERHEAD;
+        if !tensorlift_io::can_allocate(per_tensor) {
+            return Err(LoadError::OutOfMemory { file: plan_file(&plan), bytes: per_tensor });
+        }
+        let spans = layout::spans(&plan);
+        let mut shards: Vec<usize> = spans.iter().map(|s| s.shard).collect();
+        shards.dedup();
         let mut stream = TensorStream {
             reader,
             direct: cfg.direct,
-            files: vec![None; plan.shards().len()],
-            reads_left: vec![0; plan.shards().len()],
-            window: cfg.limits.open_files_bound(),
-            extents: Vec::new(),
-            jobs: VecDeque::new(),
-            in_flight: VecDeque::new(),
+            dest: Dest::Mapped,
             ready: VecDeque::new(),
-            queue_depth: cfg.queue_depth as usize,
-            budget: cfg.staging_budget.max(cfg.chunk_size) as u64,
             progress: cfg.progress.clone(),
             done_bytes: 0,
-            in_flight_bytes: 0,
+            total_bytes: 0,
             started,
             read_wait: Duration::ZERO,
             finished: false,
@@ -136,173 +146,26 @@ impl TensorStream {
             plan,
         };
         stream.stats.bytes = stream.plan.total_bytes();
-        // Each tensor costs a few small allocations (its name, shape, the model's index):
-        // check that their total can be had before making them, since each alone would abort.
-        let per_tensor = stream.plan.tensors().len() as u64 * TENSOR_OVERHEAD;
-        if !tensorlift_io::can_allocate(per_tensor) {
-            return Err(LoadError::OutOfMemory { file: stream.plan_file(), bytes: per_tensor });
-        }
-        let spans = spans(&stream.plan);
-        let mut shards: Vec<usize> = spans.iter().map(|s| s.shard).collect();
-        shards.dedup();
         stream.stats.shards = shards.len();
-        match cfg.map_views {
-            Some(contract) => stream.map_all(&spans, contract)?,
-            None => stream.arrange(spans, cfg.chunk_size)?,
+        let window = cfg.limits.open_files_bound();
+        let reads = layout::reads(&spans, cfg.chunk_size, window);
+        stream.total_bytes = reads.iter().map(|r| r.len as u64).sum();
+        stream.stats.bytes_read = stream.total_bytes;
+        match (cfg.map_views, target) {
+            (Some(contract), crate::loader::Target::Host) => {
+                crate::open::map_all(&mut stream.plan, &spans, contract, &mut stream.ready, &mut stream.stats)?;
+                stream.stats.bytes_read = stream.plan.total_bytes();
+            }
+            (_, crate::loader::Target::Host) => {
+                let sink = crate::dest_host::HostSink::new(&stream.plan, spans, cfg.chunk_size, &mut stream.ready)?;
+                stream.dest = Dest::Host(Scheduler::new(sink, reads, &stream.plan, cfg));
+            }
+            (_, crate::loader::Target::Cuda(cuda)) => {
+                let sink = crate::dest_cuda::CudaSink::new(cuda, &stream.plan, spans, cfg, &mut stream.ready)?;
+                stream.dest = Dest::Cuda(Box::new(Scheduler::new(sink, reads, &stream.plan, cfg)));
+            }
         }
         Ok(stream)
-    }
-
-    /// The file an error about the whole checkpoint names: its one shard, its index, or its folder.
-    fn plan_file(&self) -> std::path::PathBuf {
-        match (self.plan.shards(), self.plan.index_file()) {
-            ([one], _) => one.path.clone(),
-            (_, Some(index)) => index.to_path_buf(),
-            _ => self.plan.root().to_path_buf(),
-        }
-    }
-
-    /// Opens shard `i` for reading: the descriptor planning opened (or the same file,
-    /// reopened and checked), with O_DIRECT unless the shard is already in the page cache.
-    fn open_shard(&mut self, i: usize, direct: DirectIo) -> Result<Arc<OpenFile>, LoadError> {
-        let file = self.plan.take_shard(i).map_err(open_error)?;
-        let shard = &self.plan.shards()[i];
-        // A shard already in the page cache reads faster buffered; O_DIRECT would go to disk.
-        let direct = match direct {
-            DirectIo::Always => true,
-            DirectIo::Never => false,
-            DirectIo::Auto => cache::resident_fraction_of(&file).map_or(true, |f| f < 0.5),
-        };
-        let file = self.reader.open_file(&shard.path, file, direct).map_err(open_error)?;
-        check_unchanged(shard, &file)?;
-        if file.is_direct() {
-            self.stats.direct_shards += 1;
-        } else {
-            self.stats.buffered_shards += 1;
-        }
-        Ok(file)
-    }
-
-    /// Zero-copy views of mapped shards, under the caller's contract: every tensor is ready at once.
-    fn map_all(&mut self, spans: &[Span], contract: tensorlift_io::MapContract) -> Result<(), LoadError> {
-        let mut mapped: Option<(usize, Arc<MappedFile>)> = None;
-        for e in spans {
-            let map = match &mapped {
-                Some((s, m)) if *s == e.shard => Arc::clone(m),
-                _ => {
-                    // The mapping keeps no descriptor: the file closes once it is mapped.
-                    let file = self.open_shard(e.shard, DirectIo::Never)?;
-                    let m = Arc::new(MappedFile::map(&file).map_err(LoadError::Open)?);
-                    mapped = Some((e.shard, Arc::clone(&m)));
-                    m
-                }
-            };
-            for &t in &e.tensors {
-                let pt = &self.plan.tensors()[t];
-                let range = pt.file_range.start as usize..pt.file_range.end as usize;
-                self.ready.push_back(Tensor::mapped(&pt.name, pt.dtype, &pt.shape, Arc::clone(&map), range, contract));
-            }
-        }
-        self.stats.bytes_read = self.plan.total_bytes();
-        self.done_bytes = self.stats.bytes_read;
-        Ok(())
-    }
-
-    fn arrange(&mut self, spans: Vec<Span>, chunk_size: usize) -> Result<(), LoadError> {
-        let needed: u64 = spans.iter().map(|s| (s.end - s.base).next_multiple_of(PAGE as u64)).sum();
-        if let Some(available) = tensorlift_io::host_memory_available().filter(|&a| needed > a) {
-            return Err(LoadError::HostMemory { file: self.plan_file(), needed, available });
-        }
-        let mut per_extent: Vec<VecDeque<Job>> = Vec::with_capacity(spans.len());
-        let mut extents = Vec::with_capacity(spans.len());
-        for (ei, span) in spans.into_iter().enumerate() {
-            let len = (span.end - span.base) as usize;
-            let arena = HostArena::new(len.next_multiple_of(PAGE), chunk_size).ok_or_else(|| {
-                LoadError::OutOfMemory { file: self.plan.shards()[span.shard].path.clone(), bytes: len as u64 }
-            })?;
-            let remaining = span
-                .tensors
-                .iter()
-                .map(|&t| arena.chunks_covering(&arena_range(&span, &self.plan.tensors()[t])).len())
-                .collect();
-            let mut jobs = VecDeque::new();
-            for chunk in arena.take_chunks() {
-                let r = chunk.range();
-                let read = len.min(r.end).saturating_sub(r.start);
-                self.reads_left[span.shard] += 1;
-                jobs.push_back(Job {
-                    extent: ei,
-                    shard: span.shard,
-                    file_offset: span.base + r.start as u64,
-                    len: read,
-                    chunk,
-                });
-            }
-            per_extent.push(jobs);
-            extents.push(Extent { span, arena, remaining });
-        }
-        // Zero-size tensors, and any covered by no chunk, are ready now.
-        for e in &extents {
-            for (k, &t) in e.span.tensors.iter().enumerate() {
-                if e.remaining[k] == 0 {
-                    self.ready.push_back(make(&self.plan, e, t));
-                }
-            }
-        }
-        // Interleave shards so reads are in flight on several files at once, a window of
-        // shards at a time so that open files stay bounded.
-        let mut by_shard: Vec<VecDeque<Job>> = Vec::new();
-        for (ei, jobs) in per_extent.into_iter().enumerate() {
-            let s = extents[ei].span.shard;
-            if by_shard.len() <= s {
-                by_shard.resize_with(s + 1, VecDeque::new);
-            }
-            by_shard[s].extend(jobs);
-        }
-        by_shard.retain(|q| !q.is_empty());
-        for window in by_shard.chunks_mut(self.window) {
-            while window.iter().any(|q| !q.is_empty()) {
-                for q in window.iter_mut() {
-                    if let Some(j) = q.pop_front() {
-                        self.stats.bytes_read += j.len as u64;
-                        self.jobs.push_back(j);
-                    }
-                }
-            }
-        }
-        self.extents = extents;
-        Ok(())
-    }
-
-    /// Issues reads while the queue depth and the byte budget allow, opening each shard
-    /// when its first read is issued.
-    fn fill(&mut self) -> Result<(), LoadError> {
-        while self.in_flight.len() < self.queue_depth {
-            let Some((len, shard)) = self.jobs.front().map(|j| (j.len as u64, j.shard)) else { break };
-            if self.in_flight_bytes + len > self.budget {
-                break;
-            }
-            let file = match &self.files[shard] {
-                Some(f) => Arc::clone(f),
-                None => {
-                    let f = self.open_shard(shard, self.direct)?;
-                    self.files[shard] = Some(Arc::clone(&f));
-                    f
-                }
-            };
-            let Some(job) = self.jobs.pop_front() else { break };
-            let fut = self.reader.read(&file, job.file_offset, job.chunk, 0, job.len);
-            self.in_flight_bytes += len;
-            self.stats.max_in_flight_bytes = self.stats.max_in_flight_bytes.max(self.in_flight_bytes);
-            self.in_flight.push_back(InFlight {
-                extent: job.extent,
-                shard,
-                file_offset: job.file_offset,
-                len: job.len,
-                fut,
-            });
-        }
-        Ok(())
     }
 
     /// The next tensor whose bytes have all landed; `None` when the load is complete.
@@ -315,87 +178,43 @@ impl TensorStream {
             if self.finished {
                 return None;
             }
-            if let Err(e) = self.fill() {
-                self.abort().await;
-                return Some(Err(e));
-            }
-            let Some(f) = self.in_flight.pop_front() else {
-                self.finish();
-                continue;
+            let step = match &mut self.dest {
+                Dest::Host(s) => {
+                    s.step(&self.reader, &mut self.plan, self.direct, &mut self.ready, &mut self.stats).await
+                }
+                Dest::Cuda(s) => {
+                    s.step(&self.reader, &mut self.plan, self.direct, &mut self.ready, &mut self.stats).await
+                }
+                Dest::Mapped => Ok(Step::Done),
             };
-            let t0 = Instant::now();
-            let result = f.fut.await;
-            self.read_wait += t0.elapsed();
-            self.in_flight_bytes -= f.len as u64;
-            // The shard's last read has landed: close it.
-            self.reads_left[f.shard] -= 1;
-            if self.reads_left[f.shard] == 0 {
-                self.files[f.shard] = None;
-            }
-            match result {
-                Ok(chunk) => self.landed(f.extent, chunk, f.len),
-                Err(failed) => {
-                    let err = self.read_error(f.extent, f.file_offset, f.len, failed.error);
+            match step {
+                Ok(Step::Progress { bytes, waited }) => {
+                    self.read_wait += waited;
+                    if bytes > 0 {
+                        self.done_bytes += bytes;
+                        if let Some(p) = &self.progress {
+                            p(Progress { done: self.done_bytes, total: self.total_bytes });
+                        }
+                    }
+                }
+                Ok(Step::Done) => self.finish(),
+                Err(e) => {
                     self.abort().await;
-                    return Some(Err(err));
+                    return Some(Err(e));
                 }
             }
         }
     }
 
-    fn landed(&mut self, ei: usize, chunk: ArenaChunk, len: usize) {
-        let range = chunk.range();
-        let plan = &self.plan;
-        let e = &mut self.extents[ei];
-        // Every chunk of an extent was cut from its own arena.
-        let Ok(index) = e.arena.complete(chunk) else { return };
-        // Tensors overlapping this chunk, found from the first one ending after its start.
-        let span = &e.span;
-        let first = span.tensors.partition_point(|&t| arena_range(span, &plan.tensors()[t]).end <= range.start);
-        let mut newly = Vec::new();
-        for k in first..span.tensors.len() {
-            let ar = arena_range(span, &plan.tensors()[span.tensors[k]]);
-            if ar.start >= range.end {
-                break;
-            }
-            if !ar.is_empty() && e.arena.chunks_covering(&ar).contains(&index) {
-                e.remaining[k] -= 1;
-                if e.remaining[k] == 0 {
-                    newly.push(span.tensors[k]);
-                }
-            }
-        }
-        for t in newly {
-            let t = make(plan, &self.extents[ei], t);
-            self.ready.push_back(t);
-        }
-        self.done_bytes += len as u64;
-        if let Some(p) = &self.progress {
-            p(Progress { done: self.done_bytes, total: self.stats.bytes_read });
-        }
-    }
-
-    fn read_error(&self, ei: usize, offset: u64, len: usize, source: tensorlift_io::IoError) -> LoadError {
-        let e = &self.extents[ei].span;
-        let plan = &self.plan;
-        let tensor = e
-            .tensors
-            .iter()
-            .map(|&t| &plan.tensors()[t])
-            .find(|t| t.file_range.end > offset && t.file_range.start < offset + len as u64)
-            .map_or_else(|| "<padding>".to_owned(), |t| t.name.clone());
-        LoadError::Read { file: plan.shards()[e.shard].path.clone(), tensor, source }
-    }
-
-    /// Ends a failed load: waits for every read in flight, then frees all memory.
+    /// Ends a failed load: waits for every read and copy in flight, then frees all memory.
     async fn abort(&mut self) {
-        self.jobs.clear();
-        while let Some(f) = self.in_flight.pop_front() {
-            let _ = f.fut.await;
+        match &mut self.dest {
+            Dest::Host(s) => s.abort().await,
+            Dest::Cuda(s) => s.abort().await,
+            Dest::Mapped => {}
         }
-        self.files.iter_mut().for_each(|f| *f = None);
+        self.dest = Dest::Mapped;
         self.ready.clear();
-        self.extents.clear();
         self.finished = true;
     }
 
@@ -403,6 +222,9 @@ impl TensorStream {
         self.finished = true;
         self.stats.wall = self.started.elapsed();
         self.stats.read_wait = self.read_wait;
+        if let Dest::Cuda(s) = &self.dest {
+            self.stats.copy = s.sink.copy_time();
+        }
     }
 
     /// Statistics so far (complete once `next` has returned `None`).
@@ -416,58 +238,185 @@ impl TensorStream {
     }
 }
 
-fn make(plan: &LoadPlan, e: &Extent, t: usize) -> Tensor {
-    let pt = &plan.tensors()[t];
-    Tensor::host(&pt.name, pt.dtype, &pt.shape, Arc::clone(&e.arena), arena_range(&e.span, pt))
+/// What one scheduling step did.
+enum Step {
+    /// Bytes reached their destination (0 when only reads were issued or waited for), after
+    /// waiting this long for a read.
+    Progress { bytes: u64, waited: Duration },
+    /// Every read landed and every copy completed.
+    Done,
 }
 
-/// A shard that is no longer the planned file is [`LoadError::ShardChanged`].
-fn open_error(e: IoError) -> LoadError {
-    match e {
-        IoError::Changed { file, what } => LoadError::ShardChanged { file, what },
-        e => LoadError::Open(e),
-    }
+/// What woke a waiting step.
+enum Woken<B> {
+    Read(tensorlift_io::ReadResult<B>),
+    Sink(Result<u64, LoadError>),
 }
 
-/// The tensor's bytes within its extent's arena.
-fn arena_range(e: &Span, t: &PlannedTensor) -> Range<usize> {
-    (t.file_range.start - e.base) as usize..(t.file_range.end - e.base) as usize
-}
-
-/// Groups the plan's tensors into spans: runs within a shard separated by small gaps.
-fn spans(plan: &LoadPlan) -> Vec<Span> {
-    let mut out: Vec<Span> = Vec::new();
-    for (i, t) in plan.tensors().iter().enumerate() {
-        match out.last_mut() {
-            Some(e) if e.shard == t.shard && t.file_range.start >= e.end && t.file_range.start - e.end <= MAX_GAP => {
-                e.end = e.end.max(t.file_range.end);
-                e.tensors.push(i);
-            }
-            _ => out.push(Span {
-                shard: t.shard,
-                base: t.file_range.start - t.file_range.start % PAGE as u64,
-                end: t.file_range.end,
-                tensors: vec![i],
-            }),
+impl<S: Sink> Scheduler<S> {
+    fn new(sink: S, reads: Vec<Read>, plan: &LoadPlan, cfg: &Config) -> Self {
+        let mut reads_left = vec![0; plan.shards().len()];
+        for r in &reads {
+            reads_left[r.shard] += 1;
+        }
+        Scheduler {
+            sink,
+            reads,
+            next: 0,
+            in_flight: VecDeque::new(),
+            files: vec![None; plan.shards().len()],
+            reads_left,
+            queue_depth: cfg.queue_depth as usize,
+            budget: cfg.staging_budget.max(cfg.chunk_size) as u64,
+            in_flight_bytes: 0,
         }
     }
-    out
+
+    /// Issues reads while the queue depth, the budget and the sink's buffers allow,
+    /// opening each shard when its first read is issued.
+    fn fill(
+        &mut self,
+        reader: &Reader,
+        plan: &mut Checkpoint,
+        direct: DirectIo,
+        stats: &mut LoadStats,
+    ) -> Result<(), LoadError> {
+        while self.in_flight.len() < self.queue_depth {
+            let Some(read) = self.reads.get(self.next).copied() else { break };
+            if self.in_flight_bytes + read.len as u64 > self.budget {
+                break;
+            }
+            let file = match &self.files[read.shard] {
+                Some(f) => Arc::clone(f),
+                None => {
+                    let f = crate::open::open_shard(reader, plan, read.shard, direct, stats)?;
+                    self.files[read.shard] = Some(Arc::clone(&f));
+                    f
+                }
+            };
+            let Some(buf) = self.sink.buffer(&read) else { break };
+            let fut = reader.read(&file, read.file_offset, buf, 0, read.len);
+            self.in_flight_bytes += read.len as u64;
+            stats.max_in_flight_bytes = stats.max_in_flight_bytes.max(self.in_flight_bytes);
+            self.in_flight.push_back(InFlight { read: self.next, fut });
+            self.next += 1;
+        }
+        Ok(())
+    }
+
+    async fn step(
+        &mut self,
+        reader: &Reader,
+        plan: &mut Checkpoint,
+        direct: DirectIo,
+        ready: &mut VecDeque<Tensor>,
+        stats: &mut LoadStats,
+    ) -> Result<Step, LoadError> {
+        self.fill(reader, plan, direct, stats)?;
+        if self.in_flight.is_empty() && !self.sink.busy() {
+            if self.next < self.reads.len() {
+                // Nothing in flight and no buffer to be had: the budget is below one chunk.
+                return Err(LoadError::Open(tensorlift_io::IoError::Open {
+                    file: plan.root().to_path_buf(),
+                    source: std::io::Error::other("no staging buffer can be had for the next read"),
+                }));
+            }
+            return Ok(Step::Done);
+        }
+        let t0 = Instant::now();
+        let plan_ref: &LoadPlan = plan;
+        let woken = std::future::poll_fn(|cx| {
+            if self.sink.busy() {
+                if let Poll::Ready(r) = self.sink.poll_progress(cx, plan_ref, ready) {
+                    return Poll::Ready(Woken::Sink(r));
+                }
+            }
+            match self.in_flight.front_mut() {
+                Some(f) => Pin::new(&mut f.fut).poll(cx).map(Woken::Read),
+                None => Poll::Pending,
+            }
+        })
+        .await;
+        let waited = t0.elapsed();
+        match woken {
+            Woken::Sink(r) => Ok(Step::Progress { bytes: r?, waited: Duration::ZERO }),
+            Woken::Read(result) => {
+                let Some(f) = self.in_flight.pop_front() else {
+                    return Ok(Step::Progress { bytes: 0, waited });
+                };
+                let read = self.reads[f.read];
+                self.in_flight_bytes -= read.len as u64;
+                // The shard's last read has landed: close it.
+                self.reads_left[read.shard] -= 1;
+                if self.reads_left[read.shard] == 0 {
+                    self.files[read.shard] = None;
+                }
+                match result {
+                    Ok(buf) => {
+                        let bytes = self.sink.landed(plan, &read, buf, ready)?;
+                        Ok(Step::Progress { bytes, waited })
+                    }
+                    Err(failed) => Err(read_error(plan, &read, failed.error)),
+                }
+            }
+        }
+    }
+
+    /// Waits for every read in flight (their buffers go back), then for the sink's work.
+    async fn abort(&mut self) {
+        self.next = self.reads.len();
+        while let Some(f) = self.in_flight.pop_front() {
+            let _ = f.fut.await;
+        }
+        self.files.iter_mut().for_each(|f| *f = None);
+        self.sink.abort();
+    }
 }
 
-/// Refuses a shard whose length or header differ from what was planned: an edit in place
-/// can keep the modification time that [`Checkpoint::take_shard`] compares.
-fn check_unchanged(shard: &Shard, file: &OpenFile) -> Result<(), LoadError> {
-    use std::os::unix::fs::FileExt;
-    let changed = |what: String| LoadError::ShardChanged { file: shard.path.clone(), what };
-    if file.len() != shard.file_len {
-        return Err(changed(format!("length is {} bytes, planned {}", file.len(), shard.file_len)));
+/// The error of a failed read, naming the first tensor it holds.
+fn read_error(plan: &LoadPlan, read: &Read, source: tensorlift_io::IoError) -> LoadError {
+    let range = read.file_offset..read.file_offset + read.len as u64;
+    let tensor = plan
+        .tensors()
+        .iter()
+        .find(|t| t.shard == read.shard && t.file_range.end > range.start && t.file_range.start < range.end)
+        .map_or_else(|| "<padding>".to_owned(), |t| t.name.clone());
+    LoadError::Read { file: plan.shards()[read.shard].path.clone(), tensor, source }
+}
+
+/// The file an error about the whole checkpoint names: its one shard, its index, or its folder.
+pub(crate) fn plan_file(plan: &LoadPlan) -> std::path::PathBuf {
+    match (plan.shards(), plan.index_file()) {
+        ([one], _) => one.path.clone(),
+        (_, Some(index)) => index.to_path_buf(),
+        _ => plan.root().to_path_buf(),
     }
-    // The planned header was held in memory, so this many bytes can be held again.
-    let mut buf = vec![0u8; shard.data_start() as usize];
-    file.file().read_exact_at(&mut buf, 0).map_err(|e| changed(format!("cannot re-read its header: {e}")))?;
-    match tensorlift_format::parse_header(&shard.path, &buf, file.len()) {
-        Ok(h) if h == shard.header => Ok(()),
-        Ok(_) => Err(changed("its header differs from the planned one".into())),
-        Err(e) => Err(changed(format!("its header no longer parses: {e}"))),
+}
+
+/// The tensors of `span` that chunk `index` (of `chunk` bytes) completes, given how many
+/// chunks each still waits for (decremented here).
+pub(crate) fn completed_by(
+    plan: &LoadPlan,
+    span: &Span,
+    remaining: &mut [usize],
+    index: usize,
+    chunk: usize,
+) -> Vec<usize> {
+    let start = (index * chunk) as u64;
+    let end = start + chunk as u64;
+    let first = span.tensors.partition_point(|&t| span.range_of(&plan.tensors()[t]).end <= start);
+    let mut done = Vec::new();
+    for (&t, left) in span.tensors[first..].iter().zip(&mut remaining[first..]) {
+        let r = span.range_of(&plan.tensors()[t]);
+        if r.start >= end {
+            break;
+        }
+        if !r.is_empty() && layout::chunks_covering(&r, chunk).contains(&index) {
+            *left -= 1;
+            if *left == 0 {
+                done.push(t);
+            }
+        }
     }
+    done
 }

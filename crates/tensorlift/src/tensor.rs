@@ -1,11 +1,13 @@
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 
+use tensorlift_cuda::DeviceArena;
 use tensorlift_format::Dtype;
 use tensorlift_io::{HostArena, MapContract, MappedFile};
 
-use crate::LoadStats;
+use crate::{Device, LoadStats};
 
 /// An element type with a safetensors dtype, for typed views.
 pub trait Element: bytemuck::Pod {
@@ -29,17 +31,25 @@ pub enum ViewError {
     /// The bytes are not aligned for the type (the file placed them so); use `to_vec`.
     #[error("tensor '{tensor}' is not aligned for a {align}-byte type; use to_vec() to copy it")]
     Misaligned { tensor: String, align: usize },
+    /// The tensor lives in device memory: no host view of it exists; copy it with `to_host`.
+    #[error("tensor '{tensor}' is on {device}, not in host memory; use to_host() or to_vec() to copy it back")]
+    OnDevice { tensor: String, device: Device },
+    /// Copying a device tensor back to the host failed.
+    #[error("tensor '{tensor}': copy from {device} failed: {message}")]
+    CopyBack { tensor: String, device: Device, message: String },
 }
 
 #[derive(Debug, Clone)]
 enum Storage {
     Host { arena: Arc<HostArena>, range: Range<usize> },
     Mapped { map: Arc<MappedFile>, range: Range<usize>, contract: MapContract },
+    Device { arena: Arc<DeviceArena>, offset: u64, len: usize },
 }
 
-/// A loaded tensor: name, dtype, shape and its bytes in host memory.
+/// A loaded tensor: name, dtype, shape, and its bytes in host memory or on a CUDA device.
 ///
-/// Cloning is cheap: clones share the memory, which is freed when the last one drops.
+/// Cloning is cheap: clones share the memory (a host arena, a mapping, or the load's device
+/// allocation), which is freed when the last tensor that refers to it drops.
 #[derive(Debug, Clone)]
 pub struct Tensor {
     name: Arc<str>,
@@ -70,6 +80,34 @@ impl Tensor {
         Tensor { name: name.into(), dtype, shape: shape.into(), storage: Storage::Mapped { map, range, contract } }
     }
 
+    pub(crate) fn device(
+        name: &str,
+        dtype: Dtype,
+        shape: &[usize],
+        arena: Arc<DeviceArena>,
+        offset: u64,
+        len: usize,
+    ) -> Tensor {
+        Tensor { name: name.into(), dtype, shape: shape.into(), storage: Storage::Device { arena, offset, len } }
+    }
+
+    /// Where the tensor's bytes are: [`Device::Cpu`] or [`Device::Cuda`].
+    pub fn location(&self) -> Device {
+        match &self.storage {
+            Storage::Device { arena, .. } => Device::Cuda(arena.gpu().ordinal()),
+            _ => Device::Cpu,
+        }
+    }
+
+    /// The device address of the tensor's first byte, for a tensor on a CUDA device (at a
+    /// multiple of 256). It stays valid while this tensor or a clone of it is alive.
+    pub fn device_ptr(&self) -> Option<u64> {
+        match &self.storage {
+            Storage::Device { arena, offset, .. } => Some(arena.device_ptr() + offset),
+            _ => None,
+        }
+    }
+
     /// The tensor's name.
     pub fn name(&self) -> &str {
         &self.name
@@ -92,13 +130,37 @@ impl Tensor {
         matches!(self.storage, Storage::Mapped { .. })
     }
 
-    /// The raw little-endian bytes, exactly as in the file.
-    pub fn bytes(&self) -> &[u8] {
+    /// The raw little-endian bytes, exactly as in the file, without a copy. A tensor on a
+    /// device has no host bytes: [`ViewError::OnDevice`] (see [`to_host`](Self::to_host)).
+    pub fn bytes(&self) -> Result<&[u8], ViewError> {
         match &self.storage {
             // A tensor is only made once every chunk covering it has landed, so `get` succeeds.
-            Storage::Host { arena, range } => arena.get(range.clone()).unwrap_or_default(),
+            Storage::Host { arena, range } => Ok(arena.get(range.clone()).unwrap_or_default()),
             // The plan checked the range against the file's length, which the load checked again.
-            Storage::Mapped { map, range, contract } => map.view(*contract).get(range.clone()).unwrap_or_default(),
+            Storage::Mapped { map, range, contract } => Ok(map.view(*contract).get(range.clone()).unwrap_or_default()),
+            Storage::Device { .. } => {
+                Err(ViewError::OnDevice { tensor: self.name.to_string(), device: self.location() })
+            }
+        }
+    }
+
+    /// The bytes in host memory: borrowed for a host tensor, copied back for a device
+    /// tensor (synchronously; for checks and digests, not for serving).
+    pub fn to_host(&self) -> Result<Cow<'_, [u8]>, ViewError> {
+        match &self.storage {
+            Storage::Device { arena, offset, len } => {
+                let mut out = Vec::new();
+                let fail = |message: String| ViewError::CopyBack {
+                    tensor: self.name.to_string(),
+                    device: self.location(),
+                    message,
+                };
+                out.try_reserve_exact(*len).map_err(|_| fail(format!("cannot allocate {len} bytes")))?;
+                out.resize(*len, 0);
+                arena.copy_to_host(*offset as usize, &mut out).map_err(|e| fail(e.to_string()))?;
+                Ok(Cow::Owned(out))
+            }
+            _ => self.bytes().map(Cow::Borrowed),
         }
     }
 
@@ -106,6 +168,7 @@ impl Tensor {
     pub fn len(&self) -> usize {
         match &self.storage {
             Storage::Host { range, .. } | Storage::Mapped { range, .. } => range.len(),
+            Storage::Device { len, .. } => *len,
         }
     }
 
@@ -125,14 +188,15 @@ impl Tensor {
     /// bytes that are not aligned for `T`.
     pub fn as_slice<T: Element>(&self) -> Result<&[T], ViewError> {
         self.check::<T>()?;
-        bytemuck::try_cast_slice(self.bytes())
+        bytemuck::try_cast_slice(self.bytes()?)
             .map_err(|_| ViewError::Misaligned { tensor: self.name.to_string(), align: std::mem::align_of::<T>() })
     }
 
-    /// The elements, copied: works whatever the alignment.
+    /// The elements, copied (back from the device for a device tensor): works whatever the
+    /// alignment.
     pub fn to_vec<T: Element>(&self) -> Result<Vec<T>, ViewError> {
         self.check::<T>()?;
-        Ok(self.bytes().chunks_exact(std::mem::size_of::<T>()).map(bytemuck::pod_read_unaligned).collect())
+        Ok(self.to_host()?.chunks_exact(std::mem::size_of::<T>()).map(bytemuck::pod_read_unaligned).collect())
     }
 }
 

@@ -16,8 +16,10 @@
 //!   `TLEMU_COPY_DELAY_US=N` (each copy waits first), `TLEMU_DEVICES=N`; read at `cuInit`,
 //!   and settable later with `tlemu_set_fault`.
 //!
-//! It is a test double, never shipped: `scripts/test` builds it and the CUDA tests load it
-//! through `TENSORLIFT_LIBCUDA`. The contract of every exported function is the CUDA driver
+//! It is a test double, never shipped: `scripts/test` builds it
+//! (`target/debug/libtensorlift_cuda_emulator.so`, SONAME `libcuda.so`), and the CUDA tests
+//! load it with `tensorlift_cuda::use_driver_library`, or a process with
+//! `TENSORLIFT_LIBCUDA=PATH`. The contract of every exported function is the CUDA driver
 //! API's.
 #![allow(non_snake_case, clippy::missing_safety_doc)]
 

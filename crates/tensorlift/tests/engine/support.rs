@@ -15,7 +15,12 @@ pub fn assert_identical(model: &Model, truth: &BTreeMap<String, Vec<u8>>, what: 
     assert_eq!(model.len(), truth.len(), "{what}: tensor count");
     for (name, want) in truth {
         let t = model.get(name).unwrap_or_else(|| panic!("{what}: {name} missing"));
-        assert!(t.bytes() == want.as_slice(), "{what}: {name} differs ({} vs {} bytes)", t.bytes().len(), want.len());
+        assert!(
+            t.bytes().unwrap() == want.as_slice(),
+            "{what}: {name} differs ({} vs {} bytes)",
+            t.bytes().unwrap().len(),
+            want.len()
+        );
     }
 }
 

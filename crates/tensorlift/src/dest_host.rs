@@ -1,0 +1,115 @@
+//! The host destination: reads land in their final memory.
+//!
+//! Each span gets a page-aligned [`HostArena`] whose byte 0 holds the span's page-aligned
+//! file offset, so aligned file offsets land at aligned addresses and O_DIRECT reads go
+//! straight into the final memory: there is no staging copy on the CPU path.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tensorlift_format::LoadPlan;
+use tensorlift_io::{ArenaChunk, HostArena, PAGE};
+
+use crate::layout::{chunks_covering, Read, Span};
+use crate::pipeline::{completed_by, plan_file, Sink};
+use crate::{LoadError, Tensor};
+
+struct Extent {
+    span: Span,
+    arena: Arc<HostArena>,
+    /// Chunks not yet lent to a read, by index.
+    chunks: Vec<Option<ArenaChunk>>,
+    /// Chunks still to land for each tensor of `span.tensors`.
+    remaining: Vec<usize>,
+}
+
+pub(crate) struct HostSink {
+    extents: Vec<Extent>,
+    chunk: usize,
+}
+
+impl HostSink {
+    pub(crate) fn new(
+        plan: &LoadPlan,
+        spans: Vec<Span>,
+        chunk: usize,
+        ready: &mut VecDeque<Tensor>,
+    ) -> Result<HostSink, LoadError> {
+        // Memory is committed when touched: a load larger than what the process can get
+        // would be killed midway, so it is refused before anything is allocated.
+        let needed: u64 = spans.iter().map(|s| s.len().next_multiple_of(PAGE as u64)).sum();
+        if let Some(available) = tensorlift_io::host_memory_available().filter(|&a| needed > a) {
+            return Err(LoadError::HostMemory { file: plan_file(plan), needed, available });
+        }
+        let mut extents = Vec::with_capacity(spans.len());
+        for span in spans {
+            let len = span.len() as usize;
+            let arena = HostArena::new(len.next_multiple_of(PAGE), chunk).ok_or_else(|| LoadError::OutOfMemory {
+                file: plan.shards()[span.shard].path.clone(),
+                bytes: len as u64,
+            })?;
+            let remaining: Vec<usize> = span
+                .tensors
+                .iter()
+                .map(|&t| chunks_covering(&span.range_of(&plan.tensors()[t]), chunk).len())
+                .collect();
+            // Zero-size tensors, covered by no chunk, are ready now.
+            for (k, &t) in span.tensors.iter().enumerate() {
+                if remaining[k] == 0 {
+                    ready.push_back(make(plan, &span, &arena, t));
+                }
+            }
+            let chunks = arena.take_chunks().into_iter().map(Some).collect();
+            extents.push(Extent { span, arena, chunks, remaining });
+        }
+        Ok(HostSink { extents, chunk })
+    }
+}
+
+fn make(plan: &LoadPlan, span: &Span, arena: &Arc<HostArena>, t: usize) -> Tensor {
+    let pt = &plan.tensors()[t];
+    let r = span.range_of(pt);
+    Tensor::host(&pt.name, pt.dtype, &pt.shape, Arc::clone(arena), r.start as usize..r.end as usize)
+}
+
+impl Sink for HostSink {
+    type Buf = ArenaChunk;
+
+    fn buffer(&mut self, read: &Read) -> Option<ArenaChunk> {
+        self.extents.get_mut(read.span)?.chunks.get_mut(read.index)?.take()
+    }
+
+    fn landed(
+        &mut self,
+        plan: &LoadPlan,
+        read: &Read,
+        buf: ArenaChunk,
+        ready: &mut VecDeque<Tensor>,
+    ) -> Result<u64, LoadError> {
+        let Some(e) = self.extents.get_mut(read.span) else { return Ok(0) };
+        // Every chunk of an extent was cut from its own arena.
+        let Ok(index) = e.arena.complete(buf) else { return Ok(0) };
+        for t in completed_by(plan, &e.span, &mut e.remaining, index, self.chunk) {
+            ready.push_back(make(plan, &e.span, &e.arena, t));
+        }
+        Ok(read.len as u64)
+    }
+
+    fn poll_progress(
+        &mut self,
+        _cx: &mut Context<'_>,
+        _plan: &LoadPlan,
+        _ready: &mut VecDeque<Tensor>,
+    ) -> Poll<Result<u64, LoadError>> {
+        Poll::Ready(Ok(0))
+    }
+
+    fn busy(&self) -> bool {
+        false
+    }
+
+    fn abort(&mut self) {
+        self.extents.clear();
+    }
+}

@@ -1,0 +1,289 @@
+//! The layout of a load, computed from the plan alone (no I/O): which file bytes are read,
+//! in what order, in which chunks, and where each tensor lands on a device.
+
+use std::ops::Range;
+
+use tensorlift_format::{LoadPlan, PlannedTensor};
+use tensorlift_io::PAGE;
+
+/// Gaps of unselected tensors up to this size are read through rather than splitting a span.
+pub(crate) const MAX_GAP: u64 = 1 << 20;
+/// Every tensor on a device starts at a multiple of this (what CUDA kernels and cuBLAS expect).
+pub(crate) const DEVICE_ALIGN: u64 = 256;
+
+/// A run of selected tensors in one shard, read as one piece.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Span {
+    pub shard: usize,
+    /// Page-aligned file offset where the span's reads start.
+    pub base: u64,
+    /// End of the last tensor (file offset).
+    pub end: u64,
+    /// Tensors (indices into the plan), in file order.
+    pub tensors: Vec<usize>,
+}
+
+impl Span {
+    /// Bytes from `base` to `end`.
+    pub fn len(&self) -> u64 {
+        self.end - self.base
+    }
+
+    /// A tensor's bytes relative to `base`.
+    pub fn range_of(&self, t: &PlannedTensor) -> Range<u64> {
+        t.file_range.start - self.base..t.file_range.end - self.base
+    }
+}
+
+/// Groups the plan's tensors into spans: runs within a shard separated by small gaps.
+pub(crate) fn spans(plan: &LoadPlan) -> Vec<Span> {
+    let mut out: Vec<Span> = Vec::new();
+    for (i, t) in plan.tensors().iter().enumerate() {
+        match out.last_mut() {
+            Some(e) if e.shard == t.shard && t.file_range.start >= e.end && t.file_range.start - e.end <= MAX_GAP => {
+                e.end = e.end.max(t.file_range.end);
+                e.tensors.push(i);
+            }
+            _ => out.push(Span {
+                shard: t.shard,
+                base: t.file_range.start - t.file_range.start % PAGE as u64,
+                end: t.file_range.end,
+                tensors: vec![i],
+            }),
+        }
+    }
+    out
+}
+
+/// One read: chunk `index` of span `span`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Read {
+    pub span: usize,
+    pub shard: usize,
+    pub index: usize,
+    pub file_offset: u64,
+    pub len: usize,
+}
+
+/// Every span cut into chunks of `chunk` bytes (the last one shorter), ordered so that the
+/// shards of a window of `window` shards are read round-robin (several files at once) and
+/// windows one after another (open files stay bounded).
+pub(crate) fn reads(spans: &[Span], chunk: usize, window: usize) -> Vec<Read> {
+    let chunk = chunk.max(1) as u64;
+    let mut by_shard: Vec<(usize, Vec<Read>)> = Vec::new();
+    for (si, s) in spans.iter().enumerate() {
+        let n = s.len().div_ceil(chunk);
+        let reads = (0..n).map(|k| Read {
+            span: si,
+            shard: s.shard,
+            index: k as usize,
+            file_offset: s.base + k * chunk,
+            len: (s.len() - k * chunk).min(chunk) as usize,
+        });
+        match by_shard.last_mut() {
+            Some((shard, list)) if *shard == s.shard => list.extend(reads),
+            _ => by_shard.push((s.shard, reads.collect())),
+        }
+    }
+    let mut out = Vec::with_capacity(by_shard.iter().map(|(_, l)| l.len()).sum());
+    for group in by_shard.chunks(window.max(1)) {
+        let mut cursors = vec![0usize; group.len()];
+        loop {
+            let mut any = false;
+            for (g, (_, list)) in group.iter().enumerate() {
+                if let Some(r) = list.get(cursors[g]) {
+                    out.push(*r);
+                    cursors[g] += 1;
+                    any = true;
+                }
+            }
+            if !any {
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// Indices of the chunks of `chunk` bytes that overlap `range` (relative to the span).
+pub(crate) fn chunks_covering(range: &Range<u64>, chunk: usize) -> Range<usize> {
+    if range.is_empty() {
+        return 0..0;
+    }
+    let chunk = chunk.max(1) as u64;
+    (range.start / chunk) as usize..range.end.div_ceil(chunk) as usize
+}
+
+/// Where each selected tensor lands in one device allocation: at a multiple of
+/// [`DEVICE_ALIGN`], mirroring the file (the gap between two tensors kept) wherever that
+/// keeps the alignment, so that runs of such tensors are one copy. Returns the offset of
+/// each plan tensor (`None` for tensors not selected) and the allocation's length.
+pub(crate) fn device_layout(plan: &LoadPlan, spans: &[Span]) -> (Vec<Option<u64>>, u64) {
+    let mut at = vec![None; plan.tensors().len()];
+    let mut end = 0u64;
+    let mut prev: Option<&PlannedTensor> = None;
+    for s in spans {
+        for &i in &s.tensors {
+            let t = &plan.tensors()[i];
+            let aligned = end.next_multiple_of(DEVICE_ALIGN);
+            let offset = match prev {
+                Some(p) if p.shard == t.shard && t.file_range.start >= p.file_range.end => {
+                    let mirrored = end + (t.file_range.start - p.file_range.end);
+                    if mirrored % DEVICE_ALIGN == 0 && mirrored - end < DEVICE_ALIGN.max(MAX_GAP.min(64 << 10)) {
+                        mirrored
+                    } else {
+                        aligned
+                    }
+                }
+                _ => aligned,
+            };
+            at[i] = Some(offset);
+            end = offset + t.len();
+            prev = Some(t);
+        }
+    }
+    (at, end)
+}
+
+/// One copy from a chunk to the device: `len` bytes at `src` in the chunk to `dst` in the
+/// device allocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Piece {
+    pub src: usize,
+    pub dst: u64,
+    pub len: usize,
+}
+
+/// The copies that move the bytes of `read` to their tensors' places: one per tensor part
+/// in the chunk, merged where they are contiguous on both sides.
+pub(crate) fn pieces(plan: &LoadPlan, span: &Span, placements: &[Option<u64>], read: &Read) -> Vec<Piece> {
+    let chunk = read.file_offset..read.file_offset + read.len as u64;
+    let mut out: Vec<Piece> = Vec::new();
+    // The first tensor ending after the chunk starts.
+    let first = span.tensors.partition_point(|&i| plan.tensors()[i].file_range.end <= chunk.start);
+    for &i in &span.tensors[first..] {
+        let t = &plan.tensors()[i];
+        if t.file_range.start >= chunk.end {
+            break;
+        }
+        let (Some(place), false) = (placements[i], t.is_empty()) else { continue };
+        let from = t.file_range.start.max(chunk.start);
+        let to = t.file_range.end.min(chunk.end);
+        let p = Piece {
+            src: (from - chunk.start) as usize,
+            dst: place + (from - t.file_range.start),
+            len: (to - from) as usize,
+        };
+        match out.last_mut() {
+            Some(q) if q.src + q.len == p.src && q.dst + q.len as u64 == p.dst => q.len += p.len,
+            _ => out.push(p),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::{Path, PathBuf};
+    use tensorlift_format::{Dtype, FileIdentity, Header, Shard, TensorInfo};
+
+    /// A plan of one shard whose tensors have these lengths, back to back from `data_start`.
+    fn plan(data_start: u64, lens: &[u64]) -> LoadPlan {
+        let mut tensors = Vec::new();
+        let mut off = 0;
+        for (i, &len) in lens.iter().enumerate() {
+            tensors.push(TensorInfo {
+                name: format!("t{i}"),
+                dtype: Dtype::U8,
+                shape: vec![len as usize],
+                data_offsets: (off, off + len),
+            });
+            off += len;
+        }
+        let header = Header { header_len: data_start - 8, metadata: None, tensors };
+        let file_len = data_start + off;
+        let shard = Shard {
+            path: PathBuf::from("/m/a.safetensors"),
+            name: "a.safetensors".into(),
+            aliases: vec![],
+            file_len,
+            identity: FileIdentity { dev: 1, ino: 1, len: file_len, modified_ns: 0 },
+            header,
+        };
+        LoadPlan::assemble(Path::new("/m"), PathBuf::from("/m"), None, vec![shard]).unwrap()
+    }
+
+    #[test]
+    fn spans_start_on_a_page_and_reads_cover_them() {
+        let p = plan(5000, &[100, 10_000, 0, 7]);
+        let s = spans(&p);
+        assert_eq!(s.len(), 1);
+        assert_eq!((s[0].base, s[0].end), (4096, 5000 + 10_107));
+        let r = reads(&s, 4096, 4);
+        assert_eq!(r.len(), (s[0].len() as usize).div_ceil(4096));
+        assert_eq!(r.iter().map(|r| r.len as u64).sum::<u64>(), s[0].len());
+        assert!(r.iter().all(|r| r.file_offset % 4096 == 0));
+    }
+
+    #[test]
+    fn device_placements_are_aligned_and_disjoint() {
+        let p = plan(5003, &[100, 10_000, 0, 7, 256, 512]);
+        let s = spans(&p);
+        let (at, total) = device_layout(&p, &s);
+        let mut prev_end = 0;
+        for (i, t) in p.tensors().iter().enumerate() {
+            let o = at[i].unwrap();
+            assert_eq!(o % DEVICE_ALIGN, 0, "{}", t.name);
+            assert!(o >= prev_end, "{} overlaps", t.name);
+            prev_end = o + t.len();
+        }
+        assert_eq!(total, prev_end);
+    }
+
+    #[test]
+    fn aligned_files_mirror_into_one_copy_per_chunk() {
+        // Tensors of 256-multiple lengths after a 256-aligned data start: placement mirrors
+        // the file, so each chunk is one piece.
+        let p = plan(4096, &[256, 1024, 4096, 512]);
+        let s = spans(&p);
+        let (at, total) = device_layout(&p, &s);
+        assert_eq!(at, vec![Some(0), Some(256), Some(1280), Some(5376)]);
+        assert_eq!(total, 5888);
+        for r in reads(&s, 4096, 1) {
+            assert_eq!(pieces(&p, &s[0], &at, &r).len(), 1, "{r:?}");
+        }
+    }
+
+    #[test]
+    fn pieces_move_every_byte_once() {
+        let p = plan(5003, &[100, 10_000, 0, 7, 256, 513, 3]);
+        let s = spans(&p);
+        let (at, total) = device_layout(&p, &s);
+        for chunk in [4096usize, 8192, 1 << 20] {
+            let mut device = vec![0u8; total as usize];
+            let file: Vec<u8> = (0..p.shards()[0].file_len).map(|i| (i % 251) as u8).collect();
+            for r in reads(&s, chunk, 1) {
+                let buf = &file[r.file_offset as usize..r.file_offset as usize + r.len];
+                for q in pieces(&p, &s[0], &at, &r) {
+                    device[q.dst as usize..q.dst as usize + q.len].copy_from_slice(&buf[q.src..q.src + q.len]);
+                }
+            }
+            for (i, t) in p.tensors().iter().enumerate() {
+                let o = at[i].unwrap() as usize;
+                let want = &file[t.file_range.start as usize..t.file_range.end as usize];
+                assert_eq!(&device[o..o + want.len()], want, "{} chunk {chunk}", t.name);
+            }
+        }
+    }
+
+    #[test]
+    fn windows_bound_the_shards_read_at_once() {
+        let spans: Vec<Span> = (0..10).map(|i| Span { shard: i, base: 0, end: 3 * 4096, tensors: vec![] }).collect();
+        let r = reads(&spans, 4096, 3);
+        assert_eq!(r.len(), 30);
+        // The first 9 reads are shards 0..3 round-robin; shard 3 starts only after.
+        assert_eq!(r[..9].iter().map(|r| r.shard).collect::<Vec<_>>(), [0, 1, 2, 0, 1, 2, 0, 1, 2]);
+        assert_eq!(r[9].shard, 3);
+    }
+}

@@ -1,0 +1,291 @@
+//! Every load scenario on the CUDA path: against the emulated driver (CI has no GPU), and
+//! unchanged against a real one with `TENSORLIFT_TEST_DRIVER=real` (`scripts/gpu-host`).
+//! Each test ends by checking, on the emulator, that nothing is left on the device.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tensorlift::io::BackendKind;
+use tensorlift::{Device, DirectIo, Dtype, LoadError, Loader, LoaderBuilder, Model};
+use tensorlift_cuda::emulator::{self, Fault};
+use tensorlift_testkit::{write_shard, write_sharded, Spec};
+
+/// One test at a time (the driver's counts and faults are the process's); on drop, checks
+/// that the test left nothing alive on the device, and clears the faults.
+struct Driver(#[allow(dead_code)] MutexGuard<'static, ()>);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        if let Some(mut live) = emulator::live() {
+            let t = Instant::now();
+            let busy = |l: &emulator::Live| (l.allocations, l.registrations, l.streams, l.events, l.contexts);
+            while busy(&live) != (0, 0, 0, 0, 0) && t.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(5));
+                live = emulator::live().unwrap_or_default();
+            }
+            if !std::thread::panicking() {
+                assert_eq!(busy(&live), (0, 0, 0, 0, 0), "left on the device: {live:?}");
+            }
+        }
+        emulator::reset();
+    }
+}
+
+fn driver() -> Driver {
+    static ONE: Mutex<()> = Mutex::new(());
+    let guard = Driver(ONE.lock().unwrap_or_else(|p| p.into_inner()));
+    if !tensorlift_testkit::real_driver() {
+        tensorlift_cuda::use_driver_library(tensorlift_testkit::emulated_driver());
+        assert!(emulator::is_emulated(), "{}", tensorlift_cuda::cuda_status());
+        emulator::reset();
+    }
+    guard
+}
+
+fn scratch() -> PathBuf {
+    // The system temp folder: this executable also runs from a copy on GPU hosts.
+    tempfile::Builder::new().prefix("tl-cuda-").tempdir().unwrap().keep()
+}
+
+fn base() -> LoaderBuilder {
+    Loader::builder().device(Device::Cuda(0)).queue_depth(8)
+}
+
+/// Every tensor on the device, at a 256-byte aligned address, with the file's bytes.
+fn assert_on_device(model: &Model, truth: &BTreeMap<String, Vec<u8>>, what: &str) {
+    assert_eq!(model.len(), truth.len(), "{what}: tensor count");
+    for (name, want) in truth {
+        let t = model.get(name).unwrap_or_else(|| panic!("{what}: {name} missing"));
+        assert_eq!(t.location(), Device::Cuda(0), "{what}: {name}");
+        let ptr = t.device_ptr().unwrap();
+        assert_eq!(ptr % 256, 0, "{what}: {name} at {ptr:#x}");
+        assert!(t.bytes().is_err(), "{what}: a device tensor has no host view");
+        let got = t.to_host().unwrap();
+        assert!(got.as_ref() == want.as_slice(), "{what}: {name} differs ({} vs {} bytes)", got.len(), want.len());
+    }
+}
+
+fn quirky() -> Vec<Spec<'static>> {
+    vec![
+        ("bool", Dtype::BOOL, &[3]),
+        ("f32_after_3_bytes", Dtype::F32, &[5, 7]),
+        ("u8", Dtype::U8, &[4097]),
+        ("f8_e4m3", Dtype::F8_E4M3, &[3, 3]),
+        ("i16", Dtype::I16, &[33]),
+        ("f16", Dtype::F16, &[64, 65]),
+        ("bf16", Dtype::BF16, &[3000]),
+        ("scalar_f32", Dtype::F32, &[]),
+        ("empty", Dtype::F32, &[0, 16]),
+        ("f64", Dtype::F64, &[2, 3, 4]),
+        ("c64", Dtype::C64, &[3]),
+        ("f4", Dtype::F4, &[6]),
+        ("f6_e2m3", Dtype::F6_E2M3, &[4]),
+        ("big", Dtype::F32, &[300, 1000]),
+        ("tail_u8", Dtype::U8, &[13]),
+    ]
+}
+
+#[test]
+fn every_dtype_and_layout_lands_on_the_device() {
+    let _d = driver();
+    let dir = scratch();
+    let path = dir.join("quirky.safetensors");
+    let truth = write_shard(&path, &quirky());
+    // Slow copies and a small pinned budget: a chunk reused before its copy ran would show.
+    emulator::set_fault(Fault::CopyDelayMicros(300));
+    for chunk in [4096usize, 64 << 10, 1 << 20] {
+        for backend in [BackendKind::Uring, BackendKind::Pread] {
+            for direct in [DirectIo::Always, DirectIo::Never] {
+                let what = format!("{backend}/{direct:?}/chunk {chunk}");
+                let loader = base()
+                    .io_backend(backend)
+                    .direct_io(direct)
+                    .chunk_size(chunk)
+                    .staging_budget(3 * chunk)
+                    .build()
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
+                assert_eq!(loader.device(), Device::Cuda(0));
+                let model = loader.load_blocking(&path).unwrap_or_else(|e| panic!("{what}: {e}"));
+                assert_on_device(&model, &truth, &what);
+                assert!(model.stats().max_in_flight_bytes <= (3 * chunk) as u64, "{what}");
+                assert_eq!(model.stats().device, "cuda:0");
+            }
+        }
+    }
+}
+
+#[test]
+fn sharded_folders_and_filters() {
+    let _d = driver();
+    let dir = scratch();
+    let a: Vec<Spec<'_>> = vec![("embed", Dtype::BF16, &[1000, 64]), ("l0.w", Dtype::F16, &[64, 300])];
+    let b: Vec<Spec<'_>> = vec![("l1.w", Dtype::F16, &[64, 300]), ("norm", Dtype::F32, &[64])];
+    let c: Vec<Spec<'_>> = vec![("head", Dtype::BF16, &[513, 64])];
+    let truth = write_sharded(&dir, &[&a, &b, &c]);
+    let loader = base().chunk_size(64 << 10).streams(3).build().unwrap();
+    let model = loader.load_blocking(&dir).unwrap();
+    assert_on_device(&model, &truth, "sharded");
+    assert_eq!(model.stats().shards, 3);
+    drop(model);
+    let loader = base().chunk_size(16 << 10).filter(["l*.w"]).build().unwrap();
+    let model = loader.load_blocking(&dir).unwrap();
+    let want: BTreeMap<_, _> = truth.into_iter().filter(|(n, _)| n.starts_with('l')).collect();
+    assert_on_device(&model, &want, "filtered");
+}
+
+#[test]
+fn streamed_tensors_are_already_on_the_device() {
+    let _d = driver();
+    let dir = scratch();
+    let path = dir.join("s.safetensors");
+    let names: Vec<String> = (0..12).map(|i| format!("t{i}")).collect();
+    let specs: Vec<Spec<'_>> = names.iter().map(|n| (n.as_str(), Dtype::U8, &[300_000usize][..])).collect();
+    let truth = write_shard(&path, &specs);
+    // Copies run late: a tensor yielded before its copies completed would read back wrong.
+    emulator::set_fault(Fault::CopyDelayMicros(5_000));
+    let loader = base().chunk_size(64 << 10).build().unwrap();
+    let mut stream = loader.stream(&path).unwrap();
+    let mut seen = 0;
+    while let Some(t) = tensorlift::io::block_on(stream.next()) {
+        let t = t.unwrap();
+        assert!(t.to_host().unwrap().as_ref() == truth[t.name()].as_slice(), "{} yielded early", t.name());
+        seen += 1;
+    }
+    assert_eq!(seen, truth.len());
+    assert!(stream.stats().copy > Duration::ZERO);
+}
+
+#[test]
+fn reference_fixtures_have_the_reference_digests() {
+    use sha2::{Digest, Sha256};
+    let _d = driver();
+    let dir = scratch();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/reference/make_fixture.py");
+    let out = std::process::Command::new("python3").arg(script).arg(&dir).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let manifest: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    let loader = base().chunk_size(4096).build().unwrap();
+    for (what, path) in [("single", dir.join("single.safetensors")), ("sharded", dir.join("sharded"))] {
+        let model = loader.load_blocking(&path).unwrap();
+        for t in model.tensors() {
+            let m = manifest.iter().find(|m| m["name"] == t.name()).unwrap();
+            assert_eq!(format!("{:x}", Sha256::digest(t.to_host().unwrap())), m["sha256"].as_str().unwrap(), "{what}");
+        }
+    }
+}
+
+#[test]
+fn device_out_of_memory_is_clear_and_reads_nothing() {
+    let _d = driver();
+    if !emulator::is_emulated() {
+        return;
+    }
+    let dir = scratch();
+    let path = dir.join("m.safetensors");
+    write_shard(&path, &[("a", Dtype::F32, &[1 << 20])]);
+    emulator::set_fault(Fault::DeviceMemory(1 << 20));
+    let loader = base().build().unwrap();
+    match loader.load_blocking(&path) {
+        Err(LoadError::DeviceMemory { needed, free, device, .. }) => {
+            assert_eq!((needed, device), (4 << 20, Device::Cuda(0)));
+            assert!(free <= 1 << 20);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(emulator::copies(), Some(0), "nothing was copied");
+}
+
+#[test]
+fn a_failed_copy_names_the_tensor_and_frees_everything() {
+    let _d = driver();
+    if !emulator::is_emulated() {
+        return;
+    }
+    let dir = scratch();
+    let path = dir.join("m.safetensors");
+    write_shard(&path, &[("first", Dtype::U8, &[100_000]), ("second", Dtype::U8, &[400_000])]);
+    emulator::set_fault(Fault::CopyDelayMicros(1_000));
+    emulator::set_fault(Fault::FailCopy(4));
+    let loader = base().chunk_size(64 << 10).build().unwrap();
+    match loader.load_blocking(&path) {
+        Err(LoadError::Copy { tensor, device, .. }) => {
+            assert_eq!((tensor.as_str(), device), ("second", Device::Cuda(0)))
+        }
+        other => panic!("{other:?}"),
+    }
+    // The loader still works afterwards.
+    emulator::set_fault(Fault::FailCopy(0));
+    assert_eq!(loader.load_blocking(&path).unwrap().len(), 2);
+}
+
+#[test]
+fn truncation_and_changes_end_the_load_cleanly() {
+    let _d = driver();
+    let dir = scratch();
+    let path = dir.join("t.safetensors");
+    write_shard(
+        &path,
+        &[("first", Dtype::U8, &[64 << 10]), ("second", Dtype::U8, &[1 << 20]), ("third", Dtype::U8, &[100])],
+    );
+    let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (c, p) = (cut.clone(), path.clone());
+    let loader = base()
+        .chunk_size(4096)
+        .staging_budget(4096)
+        .progress(move |_| {
+            if !c.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(200_000).unwrap();
+            }
+        })
+        .build()
+        .unwrap();
+    match loader.load_blocking(&path) {
+        Err(LoadError::Read { tensor, .. }) => assert_eq!(tensor, "second"),
+        other => panic!("{other:?}"),
+    }
+    // Changed between planning and loading.
+    write_shard(&path, &[("a", Dtype::F32, &[100])]);
+    let loader = base().build().unwrap();
+    let plan = loader.plan(&path).unwrap();
+    write_shard(&path, &[("a", Dtype::F32, &[101])]);
+    assert!(matches!(loader.load_blocking_plan(plan), Err(LoadError::ShardChanged { .. })));
+}
+
+#[test]
+fn cancelled_loads_leave_nothing_on_the_device() {
+    let _d = driver();
+    let dir = scratch();
+    let path = dir.join("c.safetensors");
+    let names: Vec<String> = (0..8).map(|i| format!("t{i}")).collect();
+    let specs: Vec<Spec<'_>> = names.iter().map(|n| (n.as_str(), Dtype::U8, &[1usize << 20][..])).collect();
+    let truth = write_shard(&path, &specs);
+    emulator::set_fault(Fault::CopyDelayMicros(2_000));
+    let loader = base().chunk_size(256 << 10).build().unwrap();
+    // A stream dropped after its first tensor, with reads and copies in flight.
+    let mut stream = loader.stream(&path).unwrap();
+    let first = tensorlift::io::block_on(stream.next()).unwrap().unwrap();
+    drop(stream);
+    assert!(first.to_host().unwrap().as_ref() == truth[first.name()].as_slice());
+    drop(first);
+    // A load future dropped mid-flight.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    let r = rt.block_on(async { tokio::time::timeout(Duration::from_millis(3), loader.load(&path)).await });
+    drop(r);
+    // The loader still loads everything, and Driver's drop checks nothing is left.
+    let m = loader.load_blocking(&path).unwrap();
+    assert_on_device(&m, &truth, "after cancellations");
+}
+
+#[test]
+fn auto_picks_the_gpu_and_says_why() {
+    let _d = driver();
+    let loader = Loader::builder().device(Device::Auto).build().unwrap();
+    assert_eq!(loader.device(), Device::Cuda(0));
+    assert!(loader.device_reason().contains("cuda:0"), "{}", loader.device_reason());
+    let (free, total) = loader.device_memory().unwrap();
+    assert!(free <= total && total > 0);
+    assert!(loader.pinned_staging().unwrap() > 0);
+}
