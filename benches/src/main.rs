@@ -128,12 +128,11 @@ fn run(args: &Args) -> anyhow::Result<()> {
         CacheArg::Cold => vec![Mode::Cold],
         CacheArg::Both => vec![Mode::Warm, Mode::Cold],
     };
-    // GPU entries run wherever a GPU is usable, whatever device tensorlift itself loads to;
-    // the report says so when the two differ.
-    let gpu = match device {
-        Device::Cpu => Err("--device cpu".to_owned()),
+    // GPU entries run on the device the Loader chose (it decided once, with its reason);
+    // when it chose the host, they are skipped with that reason.
+    let gpu = match loader.device() {
         Device::Cuda(n) => tensorlift_cuda::Gpu::open(n).map_err(|e| e.to_string()),
-        _ => tensorlift_cuda::Gpu::open(0).map_err(|e| e.to_string()),
+        _ => Err(loader.device_reason().to_owned()),
     };
     let settings = serde_json::json!({
         "chunk_bytes": tuning.chunk_size.unwrap_or(tensorlift::DEFAULT_CHUNK_SIZE),
@@ -143,22 +142,12 @@ fn run(args: &Args) -> anyhow::Result<()> {
         "direct": format!("{:?}", tuning.direct_io.unwrap_or_default()).to_lowercase(),
     });
     let mut report = Report::new(&ckpt, &loader, args.runs.max(1), settings);
-    match &gpu {
-        Err(why) => {
-            if args.baselines.iter().any(|b| b == "per-tensor-htod") {
-                report.skip("per-tensor-htod", &format!("no usable GPU: {why}"));
-            }
-            report.skip("h2d-limit", &format!("no usable GPU: {why}"));
+    report.note(&format!("tensorlift loads to {} ({})", loader.device(), loader.device_reason()));
+    if let Err(why) = &gpu {
+        if args.baselines.iter().any(|b| b == "per-tensor-htod") {
+            report.skip("per-tensor-htod", &format!("no usable GPU: {why}"));
         }
-        Ok(g) if loader.device() == Device::Cpu => {
-            report.note(&format!(
-                "GPU entries ran on cuda:{} ({}); tensorlift loaded into host memory ({})",
-                g.ordinal(),
-                g.name(),
-                report_device_reason(&loader)
-            ));
-        }
-        Ok(_) => {}
+        report.skip("h2d-limit", &format!("no usable GPU: {why}"));
     }
     // tensorlift, read-limit, and the CPU baselines asked for are what each round runs.
     let cpu_baselines = args.baselines.iter().filter(|b| CPU_BASELINES.contains(&b.as_str())).count() as u64;
@@ -235,15 +224,6 @@ fn prepare(ckpt: &Checkpoint, mode: Mode) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-fn report_device_reason(loader: &Loader) -> String {
-    match tensorlift_cuda::cuda_status() {
-        tensorlift_cuda::CudaStatus::Available(_) => {
-            format!("device {}: the CUDA copy engine is not wired into loads yet", loader.device())
-        }
-        tensorlift_cuda::CudaStatus::Unavailable(why) => why.clone(),
-    }
 }
 
 fn default_cache() -> PathBuf {

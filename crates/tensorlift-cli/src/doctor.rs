@@ -9,7 +9,15 @@ use tensorlift_cuda::CudaStatus;
 
 pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
     let cuda = tensorlift_cuda::cuda_status();
-    let loader = tensorlift::Loader::builder().build()?;
+    // What a load would choose, decided by the Loader itself (no second probe). A device it
+    // cannot use is reported, never a failure of doctor: then the host's facts are shown.
+    let (loader, refused) = match tensorlift::Loader::builder().build() {
+        Ok(l) => (l, None),
+        Err(e) => (tensorlift::Loader::builder().device(tensorlift::Device::Cpu).build()?, Some(e.to_string())),
+    };
+    let device_reason = refused.clone().unwrap_or_else(|| loader.device_reason().to_owned());
+    let device_memory = loader.device_memory();
+    let pinned = loader.pinned_staging();
     let io = loader.io_report();
     let direct = direct_io_support(path);
     let memlock = memlock();
@@ -41,7 +49,15 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
             "io_uring": {"available": matches!(io.uring, tensorlift::io::UringStatus::Available), "status": io.uring.to_string()},
             "o_direct": direct,
             "memlock": memlock.map(|Memlock { soft, hard }| json!({"soft_bytes": soft, "hard_bytes": hard})),
-            "would_use": {"device": loader.device().to_string(), "device_reason": device_reason(cuda), "io": io.backend.to_string(), "io_reason": io.reason},
+            "would_use": {
+                "device": if refused.is_some() { "none".to_owned() } else { loader.device().to_string() },
+                "device_reason": device_reason,
+                "device_memory": device_memory.map(|(free, total)| json!({"free_bytes": free, "total_bytes": total})),
+                "pinned_staging_bytes": pinned,
+                "fixed_buffers": format!("{:?}", io.fixed_buffers),
+                "io": io.backend.to_string(),
+                "io_reason": io.reason,
+            },
         });
         serde_json::to_writer_pretty(&mut *out, &v)?;
         writeln!(out)?;
@@ -89,20 +105,25 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
         Some(m) => writeln!(out, "memlock     soft {}, hard {}", limit(m.soft), limit(m.hard))?,
         None => writeln!(out, "memlock     unknown")?,
     }
-    writeln!(
-        out,
-        "would use   device {} ({}), io {} ({})",
-        loader.device(),
-        device_reason(cuda),
-        io.backend,
-        io.reason
-    )?;
+    match &refused {
+        Some(why) => writeln!(out, "would use   no device: {}", crate::text::printable(why))?,
+        None => writeln!(out, "would use   device {} ({})", loader.device(), crate::text::printable(&device_reason))?,
+    }
+    if let Some((free, total)) = device_memory {
+        writeln!(out, "            device memory {} free of {}", gib(free), gib(total))?;
+    }
+    if let Some(p) = pinned {
+        let fixed = match &io.fixed_buffers {
+            tensorlift::io::FixedBuffers::Registered { .. } => "registered as io_uring fixed buffers".to_owned(),
+            tensorlift::io::FixedBuffers::Refused(why) => format!("not io_uring fixed buffers: {why}"),
+            _ => "not io_uring fixed buffers".to_owned(),
+        };
+        writeln!(out, "            pinned staging {} ({fixed})", gib(p))?;
+    }
+    writeln!(out, "            io {} ({})", io.backend, crate::text::printable(&io.reason))?;
     Ok(())
 }
 
-fn device_reason(cuda: &CudaStatus) -> String {
-    match cuda {
-        CudaStatus::Available(_) => "the CUDA copy engine is not built yet".to_owned(),
-        CudaStatus::Unavailable(why) => why.clone(),
-    }
+fn gib(bytes: u64) -> String {
+    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
 }

@@ -66,9 +66,10 @@ int cuDeviceTotalMem_v2(size_t *m, int d) { *m = (size_t)80 << 30; return 0; }
     assert_eq!(v["gpu"]["driver_version"], "12.8");
     assert_eq!(v["gpu"]["devices"][0]["name"], "Fake GPU");
     assert_eq!(v["gpu"]["devices"][0]["memory_bytes"], 80u64 << 30);
-    // With a driver but no copy engine yet, loads still go to the host and say why.
+    // This stand-in answers the probe but not the copy layer (and cudarc cannot load it by
+    // name): auto falls back to the host and says why.
     assert_eq!(v["would_use"]["device"], "cpu");
-    assert!(v["would_use"]["device_reason"].as_str().unwrap().contains("not built"));
+    assert!(v["would_use"]["device_reason"].as_str().unwrap().starts_with("auto: "), "{v}");
     let human =
         Command::new(env!("CARGO_BIN_EXE_tensorlift")).arg("doctor").env("TENSORLIFT_LIBCUDA", &so).output().unwrap();
     let text = String::from_utf8(human.stdout).unwrap();

@@ -90,3 +90,38 @@ fn unavailable_device_and_bad_input_exit_1() {
     assert_eq!(tensorlift(&["load", p.to_str().unwrap(), "--digest", "md5"]).status.code(), Some(2));
     assert_eq!(tensorlift(&["load", p.to_str().unwrap(), "--io", "floppy"]).status.code(), Some(2));
 }
+
+/// `--device cuda:0` (and `auto`, which picks it) loads onto the device; digests, computed
+/// by copying back, equal the CPU path's. On the emulated driver unless
+/// `TENSORLIFT_TEST_DRIVER=real`.
+#[test]
+fn cuda_digests_equal_the_cpu_path() {
+    let dir = reference_fixture();
+    let sharded = dir.join("sharded");
+    let run = |device: &str| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tensorlift"));
+        cmd.args(["load", sharded.to_str().unwrap(), "--device", device, "--digest", "sha256", "--json"]);
+        if !tensorlift_testkit::real_driver() {
+            cmd.env("TENSORLIFT_LIBCUDA", tensorlift_testkit::emulated_driver());
+        }
+        let out = cmd.output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{device}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let cpu = run("cpu");
+    for device in ["cuda:0", "auto"] {
+        let gpu = run(device);
+        assert_eq!(gpu["device"], "cuda:0", "{device}");
+        assert_eq!(gpu["tensors"], cpu["tensors"], "{device}");
+    }
+    // The doctor reports the device's memory and the pinned staging the loader holds.
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tensorlift"));
+    cmd.args(["doctor", "--json"]);
+    if !tensorlift_testkit::real_driver() {
+        cmd.env("TENSORLIFT_LIBCUDA", tensorlift_testkit::emulated_driver());
+    }
+    let v: serde_json::Value = serde_json::from_slice(&cmd.output().unwrap().stdout).unwrap();
+    assert_eq!(v["would_use"]["device"], "cuda:0", "{v}");
+    assert!(v["would_use"]["device_memory"]["total_bytes"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["would_use"]["pinned_staging_bytes"].as_u64().unwrap() > 0, "{v}");
+}

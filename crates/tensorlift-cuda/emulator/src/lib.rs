@@ -48,6 +48,8 @@ const UNKNOWN: CUresult = 999;
 
 /// Device addresses start here: far above any user-space host address.
 const DEVICE_BASE: u64 = 1 << 62;
+/// Freed device memory kept for reuse, at most.
+const RECYCLE_BYTES: usize = 4 << 30;
 /// Allocations are aligned like the real driver's (at least 256 bytes).
 const DEVICE_ALIGN: u64 = 512;
 
@@ -75,6 +77,7 @@ struct Alloc {
 
 struct Emu {
     allocs: Mutex<BTreeMap<u64, Alloc>>,
+    recycled: Mutex<Vec<Vec<u8>>>,
     next_addr: AtomicU64,
     registered: Mutex<BTreeMap<usize, usize>>,
     copies: AtomicU64,
@@ -89,6 +92,7 @@ fn emu() -> &'static Emu {
         let env = |name: &str, default: u64| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
         Emu {
             allocs: Mutex::new(BTreeMap::new()),
+            recycled: Mutex::new(Vec::new()),
             next_addr: AtomicU64::new(DEVICE_BASE),
             registered: Mutex::new(BTreeMap::new()),
             copies: AtomicU64::new(0),
@@ -290,12 +294,28 @@ pub unsafe extern "C" fn cuMemAlloc_v2(out: *mut CUdeviceptr, size: usize) -> CU
     if fault(FAULT_OOM) != 0 || in_use.saturating_add(size as u64) > fault(FAULT_DEVICE_MEMORY) {
         return OUT_OF_MEMORY;
     }
-    let mut mem = Vec::new();
-    if mem.try_reserve_exact(size).is_err() {
-        return OUT_OF_MEMORY;
-    }
-    // Large zeroed vectors are lazily zeroed pages: untouched device memory costs nothing.
-    mem.resize(size, 0);
+    // Freed allocations are reused, as the driver reuses device memory: without it, the host
+    // would fault in and zero fresh pages for every load, a cost no GPU has, and emulator
+    // timings would measure the kernel's page zeroing rather than the pipeline.
+    let recycled = {
+        let mut r = lock(&e.recycled);
+        r.iter().position(|m| m.capacity() >= size && m.capacity() <= size.saturating_mul(2)).map(|i| r.swap_remove(i))
+    };
+    let mem = match recycled {
+        Some(mut m) => {
+            m.resize(size, 0);
+            m
+        }
+        None => {
+            let mut mem = Vec::new();
+            if mem.try_reserve_exact(size).is_err() {
+                return OUT_OF_MEMORY;
+            }
+            // Large zeroed vectors are lazily zeroed pages: untouched device memory costs nothing.
+            mem.resize(size, 0);
+            mem
+        }
+    };
     let span = (size as u64).next_multiple_of(DEVICE_ALIGN) + DEVICE_ALIGN;
     let addr = e.next_addr.fetch_add(span, Ordering::Relaxed);
     lock(&e.allocs).insert(addr, Alloc { mem });
@@ -308,14 +328,16 @@ pub unsafe extern "C" fn cuMemAlloc_v2(out: *mut CUdeviceptr, size: usize) -> CU
 
 #[no_mangle]
 pub extern "C" fn cuMemFree_v2(ptr: CUdeviceptr) -> CUresult {
-    match lock(&emu().allocs).remove(&ptr) {
-        Some(a) => {
-            count(LIVE_ALLOCS, -1);
-            count(LIVE_DEVICE_BYTES, -(a.mem.len() as i64));
-            SUCCESS
-        }
-        None => INVALID_VALUE,
+    let Some(a) = lock(&emu().allocs).remove(&ptr) else { return INVALID_VALUE };
+    count(LIVE_ALLOCS, -1);
+    count(LIVE_DEVICE_BYTES, -(a.mem.len() as i64));
+    let mut r = lock(&emu().recycled);
+    r.push(a.mem);
+    // Keep at most RECYCLE_BYTES of freed memory, dropping the oldest first.
+    while r.iter().map(Vec::capacity).sum::<usize>() > RECYCLE_BYTES {
+        r.remove(0);
     }
+    SUCCESS
 }
 
 #[no_mangle]
