@@ -59,8 +59,7 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
                 "io_reason": io.reason,
             },
         });
-        serde_json::to_writer_pretty(&mut *out, &v)?;
-        writeln!(out)?;
+        crate::text::write_json(out, &v)?;
         return Ok(());
     }
     writeln!(out, "kernel      Linux {kernel}")?;

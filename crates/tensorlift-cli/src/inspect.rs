@@ -14,8 +14,7 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
         eprintln!("warning: {}", crate::text::printable(&warning));
     }
     if json {
-        serde_json::to_writer_pretty(&mut *out, &PlanJson(&plan))?;
-        writeln!(out)?;
+        crate::text::write_json(out, &PlanJson(&plan))?;
     } else {
         write_table(&plan, out)?;
     }

@@ -80,8 +80,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> anyhow::Result<()> {
     }
     let digests = args.digest.map(|_| digest_all(model.tensors())).transpose()?;
     if args.json {
-        serde_json::to_writer_pretty(&mut *out, &to_json(&model, digests.as_deref()))?;
-        writeln!(out)?;
+        crate::text::write_json(out, &to_json(&model, digests.as_deref()))?;
     } else {
         write_human(&model, digests.as_deref(), out)?;
     }

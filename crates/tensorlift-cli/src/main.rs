@@ -72,7 +72,7 @@ fn main() -> ExitCode {
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             // The chain can hold tensor and file names from the checkpoint.
-            eprintln!("error: {}", text::printable(&format!("{e:#}")));
+            eprintln!("error: {}", text::printable(&chain(&e)));
             ExitCode::from(1)
         }
     }
@@ -80,4 +80,21 @@ fn main() -> ExitCode {
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
     e.downcast_ref::<io::Error>().is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
+}
+
+/// The error and its causes, each once: library errors already print their source in their
+/// own message, so a cause whose text is already there is not repeated.
+fn chain(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if msg.contains(&text) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&text);
+    }
+    msg
 }

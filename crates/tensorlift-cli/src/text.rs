@@ -8,10 +8,18 @@ use std::borrow::Cow;
 use std::fmt::Write;
 use std::path::Path;
 
-/// `s` with every control character (C0, DEL, C1) written as an escape: `\n`, `\t`, `\r`,
-/// or `\u{1b}`; backslashes are left as they are.
+/// Characters a terminal or a viewer acts on rather than shows: control characters (C0,
+/// DEL, C1), and the invisible format characters that reorder or hide text (bidirectional
+/// overrides and isolates, zero-width characters, line and paragraph separators).
+pub fn is_unsafe(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{061c}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}' | '\u{fff9}'..='\u{fffb}')
+}
+
+/// `s` with every [unsafe](is_unsafe) character written as an escape: `\n`, `\t`, `\r`, or
+/// `\u{1b}`; backslashes are left as they are.
 pub fn printable(s: &str) -> Cow<'_, str> {
-    if !s.chars().any(char::is_control) {
+    if !s.chars().any(is_unsafe) {
         return Cow::Borrowed(s);
     }
     let mut out = String::with_capacity(s.len() + 8);
@@ -20,13 +28,71 @@ pub fn printable(s: &str) -> Cow<'_, str> {
             '\n' => out.push_str("\\n"),
             '\t' => out.push_str("\\t"),
             '\r' => out.push_str("\\r"),
-            c if c.is_control() => {
+            c if is_unsafe(c) => {
                 let _ = write!(out, "\\u{{{:x}}}", c as u32);
             }
             c => out.push(c),
         }
     }
     Cow::Owned(out)
+}
+
+/// Writes `value` as pretty JSON with every [unsafe](is_unsafe) character escaped as
+/// `\uXXXX`, and a final newline.
+pub fn write_json<T: serde::Serialize + ?Sized>(out: &mut dyn std::io::Write, value: &T) -> std::io::Result<()> {
+    let mut ser =
+        serde_json::Serializer::with_formatter(&mut *out, SafePretty(serde_json::ser::PrettyFormatter::new()));
+    // Keep an I/O error's kind (a closed pipe is a quiet exit, see main).
+    value.serialize(&mut ser).map_err(|e| match e.io_error_kind() {
+        Some(kind) => std::io::Error::from(kind),
+        None => std::io::Error::other(e),
+    })?;
+    writeln!(out)
+}
+
+/// serde_json's pretty formatter, escaping what it leaves raw.
+struct SafePretty(serde_json::ser::PrettyFormatter<'static>);
+
+impl serde_json::ser::Formatter for SafePretty {
+    fn write_string_fragment<W: ?Sized + std::io::Write>(&mut self, w: &mut W, fragment: &str) -> std::io::Result<()> {
+        let mut rest = fragment;
+        while let Some((i, c)) = rest.char_indices().find(|&(_, c)| is_unsafe(c)) {
+            w.write_all(&rest.as_bytes()[..i])?;
+            let mut units = [0u16; 2];
+            for u in c.encode_utf16(&mut units) {
+                write!(w, "\\u{:04x}", u)?;
+            }
+            rest = &rest[i + c.len_utf8()..];
+        }
+        w.write_all(rest.as_bytes())
+    }
+    fn begin_array<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.0.begin_array(w)
+    }
+    fn end_array<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.0.end_array(w)
+    }
+    fn begin_array_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+        self.0.begin_array_value(w, first)
+    }
+    fn end_array_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.0.end_array_value(w)
+    }
+    fn begin_object<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.0.begin_object(w)
+    }
+    fn end_object<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.0.end_object(w)
+    }
+    fn begin_object_key<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+        self.0.begin_object_key(w, first)
+    }
+    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.0.begin_object_value(w)
+    }
+    fn end_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.0.end_object_value(w)
+    }
 }
 
 /// A path for text output: lossy UTF-8, control characters escaped.
@@ -46,5 +112,17 @@ mod tests {
             "a\\u{1b}[31mred\\nerror: fake\\r\\t\\u{7f}\\u{9b}"
         );
         assert_eq!(printable("ünïcödé ✓"), "ünïcödé ✓");
+        assert_eq!(printable("a\u{202e}gnp.exe"), "a\\u{202e}gnp.exe");
+    }
+
+    #[test]
+    fn json_escapes_what_serde_json_leaves_raw() {
+        let mut out = Vec::new();
+        super::write_json(&mut out, &serde_json::json!({"n": "a\u{9b}31m\u{7f}\u{202e}x\n", "k\u{200b}": 1})).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.is_ascii(), "{text}");
+        let back: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(back["n"], "a\u{9b}31m\u{7f}\u{202e}x\n");
+        assert_eq!(back["k\u{200b}"], 1);
     }
 }

@@ -68,6 +68,42 @@ fn a_million_tensors_under_a_memory_limit_is_an_error_not_an_abort() {
     }
 }
 
+/// Metadata-heavy headers and indexes (1.5 million short entries, or a huge metadata array)
+/// under a memory limit: an error, never an abort.
+#[test]
+fn metadata_heavy_files_under_a_memory_limit_are_errors_not_aborts() {
+    let dir = scratch();
+    let path = dir.join("meta.safetensors");
+    let mut json = String::from("{\"__metadata__\":{");
+    for i in 0..1_500_000 {
+        json.push_str(&format!("\"k{i}\":\"\","));
+    }
+    json.pop();
+    json.push_str("},\"w\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]}}");
+    let mut f = std::fs::File::create(&path).unwrap();
+    f.write_all(&(json.len() as u64).to_le_bytes()).unwrap();
+    f.write_all(json.as_bytes()).unwrap();
+    f.write_all(&[7]).unwrap();
+    drop(f);
+    let idx = scratch();
+    write_shard(&idx.join("a.safetensors"), &[("w", Dtype::U8, &[1])]);
+    let mut index = String::from("{\"metadata\":[");
+    for _ in 0..10_000_000 {
+        index.push_str("0,");
+    }
+    index.push_str("0],\"weight_map\":{\"w\":\"a.safetensors\"}}");
+    std::fs::write(idx.join("model.safetensors.index.json"), index).unwrap();
+    for (limit, args) in [
+        ("-v 190000", ["inspect", path.to_str().unwrap()]),
+        ("-v 300000", ["load", path.to_str().unwrap()]),
+        ("-v 300000", ["inspect", idx.to_str().unwrap()]),
+    ] {
+        let out = under_ulimit(limit, &args);
+        let code = out.status.code();
+        assert!(code == Some(1) || code == Some(0), "{args:?} under {limit}: {:?} {}", out.status, stderr(&out));
+    }
+}
+
 /// Defect: a sparse file whose header claims more bytes than the machine has (a few KB on
 /// disk) was loaded until the kernel killed the process. The memory is checked first.
 #[test]
@@ -105,6 +141,9 @@ fn thousands_of_shards_under_a_descriptor_limit() {
     let out = under_ulimit("-n 256", &["load", dir.to_str().unwrap(), "--device", "cpu", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["bytes"], 9000);
+    // With O_DIRECT each shard being read holds two descriptors: still within the limit.
+    let out = under_ulimit("-n 128", &["load", dir.to_str().unwrap(), "--device", "cpu", "--direct", "always"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
 
 /// Defect: names from a checkpoint were printed raw, so a file could write terminal escape
@@ -112,7 +151,7 @@ fn thousands_of_shards_under_a_descriptor_limit() {
 #[test]
 fn names_from_the_file_cannot_write_to_the_terminal() {
     let dir = scratch();
-    let evil = "w\x1b[2J\x1b]0;owned\x07\nerror: all is fine";
+    let evil = "w\x1b[2J\x1b]0;owned\x07\nerror: all is fine\u{9b}\u{202e}";
     let path = dir.join("e.safetensors");
     write_shard(&path, &[(evil, Dtype::U8, &[4]), ("x", Dtype::U8, &[1])]);
     let p = path.to_str().unwrap();
@@ -122,7 +161,17 @@ fn names_from_the_file_cannot_write_to_the_terminal() {
         let text = String::from_utf8(out.stdout).unwrap();
         assert!(!text.contains('\x1b') && !text.contains('\x07'), "{args:?}: {text:?}");
         assert!(!text.lines().any(|l| l.starts_with("error:")), "{args:?}: {text:?}");
-        assert!(text.contains("w\\u{1b}[2J\\u{1b}]0;owned\\u{7}\\nerror: all is fine"), "{args:?}: {text:?}");
+        assert!(
+            text.contains("w\\u{1b}[2J\\u{1b}]0;owned\\u{7}\\nerror: all is fine\\u{9b}\\u{202e}"),
+            "{args:?}: {text:?}"
+        );
+    }
+    // JSON output escapes them too (serde_json alone leaves C1, DEL and bidi characters raw).
+    for args in [&["inspect", p, "--json"][..], &["load", p, "--device", "cpu", "--digest", "sha256", "--json"]] {
+        let out = within(30, args);
+        assert!(out.stdout.is_ascii(), "{args:?}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(v["tensors"].as_array().unwrap().iter().any(|t| t["name"] == evil), "{args:?}");
     }
     // In an error line too: a shard the index names that does not hold the tensor.
     let dir = scratch();

@@ -37,7 +37,7 @@ pub use header::{
     header_len, parse_dtype, parse_header, sniff_pytorch, Header, TensorInfo, HEADER_PREFIX_LEN, MAX_HEADER_LEN,
 };
 pub use index::{check_relative, natural_cmp, normal_name, parse_index, Index, INDEX_FILE_NAME, MAX_INDEX_LEN};
-pub use plan::{FileIdentity, LoadPlan, PlannedTensor, Shard};
+pub use plan::{header_hash, FileIdentity, LoadPlan, PlannedTensor, Shard};
 /// Element types, shared with the reference `safetensors` crate.
 pub use safetensors::Dtype;
 pub use writer::{encode_header, EncodedHeader};

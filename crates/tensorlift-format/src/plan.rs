@@ -38,6 +38,9 @@ pub struct Shard {
     pub file_len: u64,
     /// The file's identity when planned.
     pub identity: FileIdentity,
+    /// A hash of the header's bytes as planned ([`header_hash`]): a load compares it with
+    /// the bytes it finds, without parsing them again.
+    pub header_hash: u64,
     /// The validated header.
     pub header: Header,
 }
@@ -47,6 +50,15 @@ impl Shard {
     pub fn data_start(&self) -> u64 {
         self.header.data_start()
     }
+}
+
+/// A hash of a header's `8 + N` bytes, to tell whether a file still holds the header that was
+/// planned (not a defence against a chosen collision: the file was already trusted once).
+pub fn header_hash(bytes: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    h.finish()
 }
 
 /// One tensor to load.

@@ -31,12 +31,17 @@ use crate::IoError;
 
 /// Default bound on the header bytes one plan holds (see [`PlanLimits::max_header_bytes`]).
 pub const DEFAULT_MAX_HEADER_BYTES: u64 = 256 << 20;
+/// Default bound on the distinct shard names of an index (see [`PlanLimits::max_shards`]).
+pub const DEFAULT_MAX_SHARDS: usize = 10_000;
 /// Default bound on the shard descriptors one plan keeps open (see [`PlanLimits::max_open_files`]).
 pub const DEFAULT_MAX_OPEN_FILES: usize = 128;
 
-/// Memory that parsing and planning use per byte of header, at most: an entry is at least
-/// about 50 bytes of JSON and costs about 350 bytes parsed and planned.
-const PARSE_BYTES_PER_HEADER_BYTE: u64 = 8;
+/// Memory that parsing and planning use per byte of header, at most: a tensor entry is at
+/// least about 50 bytes of JSON and costs about 350 bytes parsed and planned; a metadata
+/// entry (`"k":""`, 7 bytes) about 100.
+const PARSE_BYTES_PER_HEADER_BYTE: u64 = 16;
+/// The same for an index, whose values are parsed into a JSON tree.
+const PARSE_BYTES_PER_INDEX_BYTE: u64 = 24;
 
 /// Bounds on what planning may hold, whatever the checkpoint says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,15 +50,26 @@ pub struct PlanLimits {
     /// Header bytes of all shards together (default 256 MiB; a real checkpoint of 100,000
     /// tensors has about 15 MB). Over it, planning fails with [`FormatError::HeaderBudget`].
     pub max_header_bytes: u64,
-    /// Shard descriptors kept open between planning and loading (default 128, and never
-    /// more than a quarter of `RLIMIT_NOFILE`). Shards past it are closed after their
-    /// header is read and reopened by the load, which checks that they are the same files.
+    /// Descriptors of shard files open at once (default 128, and never more than a quarter
+    /// of `RLIMIT_NOFILE`): planning keeps half of them open for the load (shards past that
+    /// are closed after their header is read, and reopened by the load, which checks that
+    /// they are the same files); a load reads a window of a quarter of them at a time (each
+    /// shard can take two, with O_DIRECT).
     pub max_open_files: usize,
+    /// Distinct shard names an index may list (default 10,000; the largest real
+    /// checkpoints have a few hundred shards). Each name is looked up before the index is
+    /// checked against the headers, so the bound keeps a hostile index from making planning
+    /// take minutes.
+    pub max_shards: usize,
 }
 
 impl Default for PlanLimits {
     fn default() -> Self {
-        PlanLimits { max_header_bytes: DEFAULT_MAX_HEADER_BYTES, max_open_files: DEFAULT_MAX_OPEN_FILES }
+        PlanLimits {
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_open_files: DEFAULT_MAX_OPEN_FILES,
+            max_shards: DEFAULT_MAX_SHARDS,
+        }
     }
 }
 
@@ -125,11 +141,17 @@ impl Checkpoint {
         let file = match self.files.get_mut(i).and_then(Option::take) {
             Some(f) => f,
             None => {
-                let (f, _) = open_at(&self.dir, &shard.name).map_err(|e| match e {
-                    Entry::Missing(e) | Entry::Io(e) => changed(format!("cannot reopen it: {e}")),
-                    Entry::NotRegular(kind) => changed(format!("it is now a {kind}")),
-                })?;
-                Arc::new(f)
+                // Looked up again by name: pinned with O_PATH first and compared with the
+                // planned file before it is opened for reading, so a file swapped in under
+                // the name (a device, a FIFO, a link out of the folder) is never opened.
+                let l = locate(&self.dir, &shard.name).map_err(|e| changed(format!("cannot reopen it: {e}")))?;
+                if !l.meta.is_file() {
+                    return Err(changed(format!("it is now a {}", kind_name(&l.meta))));
+                }
+                if (l.meta.dev(), l.meta.ino()) != (shard.identity.dev, shard.identity.ino) {
+                    return Err(changed("another file has taken its name".into()));
+                }
+                Arc::new(l.open_for_reading().map_err(|e| changed(format!("cannot reopen it: {e}")))?)
             }
         };
         let now = identity(&file.metadata().map_err(|e| changed(format!("cannot stat it: {e}")))?);
@@ -160,7 +182,7 @@ pub fn open_checkpoint(path: &Path, limits: &PlanLimits) -> Result<Checkpoint, F
         let dir = open_dir(&root).map_err(io_err)?;
         let policy = LinkPolicy::for_root(&root);
         match planner.open_entry(&dir, &root, &policy, INDEX_FILE_NAME, &root.join(INDEX_FILE_NAME))? {
-            Some(opened) => planner.plan_index(dir, root, opened, &policy),
+            Some(opened) => planner.plan_index(dir, root, INDEX_FILE_NAME, opened, &policy),
             None => planner.plan_scan(dir, root, &policy),
         }
     } else if !meta.is_file() {
@@ -182,7 +204,7 @@ pub fn open_checkpoint(path: &Path, limits: &PlanLimits) -> Result<Checkpoint, F
             let policy = LinkPolicy::for_root(&root);
             let context = root.join(&name);
             match planner.open_entry(&dir, &root, &policy, &name, &context)? {
-                Some(opened) => planner.plan_index(dir, root, opened, &policy),
+                Some(opened) => planner.plan_index(dir, root, &name, opened, &policy),
                 None => Err(io_err(io::Error::from(io::ErrorKind::NotFound))),
             }
         } else {
@@ -205,11 +227,16 @@ enum LinkPolicy {
 
 impl LinkPolicy {
     fn for_root(root: &Path) -> LinkPolicy {
-        // models--ORG--NAME/snapshots/REV: files are links into models--ORG--NAME/blobs.
-        let repo = root.parent().filter(|p| p.file_name().is_some_and(|n| n == "snapshots")).and_then(Path::parent);
-        let blobs = repo
-            .filter(|r| r.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("models--")))
-            .map(|r| r.join("blobs"));
+        // models--ORG--NAME/snapshots/REV[/SUBFOLDER...]: files are links into
+        // models--ORG--NAME/blobs (a subfolder, as diffusers checkpoints have, is in a snapshot too).
+        let blobs = root.ancestors().find_map(|a| {
+            let snapshots = a.parent().filter(|p| p.file_name().is_some_and(|n| n == "snapshots"))?;
+            let repo = snapshots.parent()?;
+            repo.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("models--"))
+                .then(|| repo.join("blobs"))
+        });
         LinkPolicy::Within { root: root.to_path_buf(), blobs }
     }
 
@@ -252,6 +279,12 @@ impl<'a> Planner<'a> {
     }
 
     /// Opens `name` in the folder under `policy`; `None` if there is no such entry.
+    ///
+    /// The name is looked up once, as an `O_PATH` descriptor: that opens nothing for I/O (a
+    /// device or FIFO is neither opened nor waited on). Where it leads is read from that
+    /// descriptor (`/proc/self/fd`), not from a second look-up of the name, and checked
+    /// against the policy before anything else is revealed about it; only then is the same
+    /// file opened for reading, through the descriptor.
     fn open_entry(
         &self,
         dir: &File,
@@ -262,43 +295,52 @@ impl<'a> Planner<'a> {
     ) -> Result<Option<Opened>, FormatError> {
         let unreadable =
             |source| FormatError::ShardUnreadable { file: context.to_path_buf(), shard: name.to_owned(), source };
-        let (file, meta) = match open_at(dir, name) {
-            Ok(x) => x,
-            Err(Entry::Missing(_)) => return Ok(None),
-            Err(Entry::Io(e)) => return Err(unreadable(e)),
-            Err(Entry::NotRegular(kind)) => return Err(FormatError::NotARegularFile { file: root.join(name), kind }),
+        let located = match locate(dir, name) {
+            Ok(l) => l,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // A name that exists as a link leading nowhere is an error, not an absence.
+                return match std::fs::symlink_metadata(root.join(name)) {
+                    Ok(m) if m.file_type().is_symlink() => {
+                        Err(unreadable(io::Error::new(io::ErrorKind::NotFound, "a link that leads nowhere")))
+                    }
+                    _ => Ok(None),
+                };
+            }
+            Err(e) => return Err(unreadable(e)),
         };
-        // Where did the name lead? Resolve it, and check that what was resolved is the very
-        // file that was opened (a swap in between shows as another inode).
-        let path = std::fs::canonicalize(root.join(name)).map_err(unreadable)?;
-        let same = std::fs::metadata(&path).is_ok_and(|m| m.dev() == meta.dev() && m.ino() == meta.ino());
-        if !same {
-            return Err(unreadable(io::Error::other("it was replaced while being opened")));
-        }
-        if !policy.allows(&path) {
+        if !policy.allows(&located.path) {
             return Err(FormatError::ShardOutsideFolder {
                 file: context.to_path_buf(),
                 shard: name.to_owned(),
                 reason: "a link resolves outside the folder",
             });
         }
-        Ok(Some(Opened { file, identity: identity(&meta), path }))
+        if !located.meta.is_file() {
+            return Err(FormatError::NotARegularFile { file: root.join(name), kind: kind_name(&located.meta) });
+        }
+        let file = located.open_for_reading().map_err(unreadable)?;
+        Ok(Some(Opened { file, identity: identity(&located.meta), path: located.path }))
     }
 
     fn plan_index(
         mut self,
         dir: File,
         root: PathBuf,
+        index_name: &str,
         index: Opened,
         policy: &LinkPolicy,
     ) -> Result<Checkpoint, FormatError> {
-        let context = root.join(INDEX_FILE_NAME);
+        let context = root.join(index_name);
         let len = index.identity.len;
         if len > MAX_INDEX_LEN {
             return Err(FormatError::InvalidIndex {
                 file: context,
                 message: format!("{len} bytes is over the {MAX_INDEX_LEN}-byte limit for an index"),
             });
+        }
+        let parse_bytes = len.saturating_mul(PARSE_BYTES_PER_INDEX_BYTE);
+        if !crate::can_allocate(parse_bytes) {
+            return Err(FormatError::OutOfMemory { file: context, what: "parsing the index", bytes: parse_bytes });
         }
         let bytes = read_exact_at(&index.file, &context, 0, len as usize, "the index")?;
         drop(index);
@@ -312,6 +354,16 @@ impl<'a> Planner<'a> {
             if !list.contains(raw) {
                 list.push(raw.clone());
             }
+        }
+        if spellings.len() > self.limits.max_shards {
+            return Err(FormatError::InvalidIndex {
+                file: context,
+                message: format!(
+                    "it names {} shard files, over the limit of {} (PlanLimits::max_shards)",
+                    spellings.len(),
+                    self.limits.max_shards
+                ),
+            });
         }
         let mut names: Vec<String> = spellings.keys().cloned().collect();
         names.sort_by(|a, b| natural_cmp(a, b));
@@ -346,8 +398,8 @@ impl<'a> Planner<'a> {
             let Ok(name) = entry.map_err(io_err)?.file_name().into_string() else { continue };
             if name.ends_with(".safetensors") {
                 names.push(name);
-            } else if name == "pytorch_model.bin" || name == "pytorch_model.bin.index.json" {
-                pytorch = Some(name);
+            } else if [".bin", ".pt", ".pth", ".bin.index.json"].iter().any(|x| name.ends_with(x)) {
+                pytorch.get_or_insert(name);
             }
         }
         names.sort_by(|a, b| natural_cmp(a, b));
@@ -355,7 +407,7 @@ impl<'a> Planner<'a> {
             return Err(match pytorch {
                 Some(name) => FormatError::PyTorchCheckpoint {
                     file: root.join(name),
-                    layout: "the folder holds PyTorch .bin weights and no .safetensors files",
+                    layout: "the folder holds PyTorch weights (.bin, .pt, .pth) and no .safetensors files",
                 },
                 None => FormatError::NoShards { file: root },
             });
@@ -385,15 +437,18 @@ impl<'a> Planner<'a> {
         if let Some(&i) = self.by_identity.get(&key) {
             return Ok(i);
         }
-        let header = self.read_header(context, &opened)?;
+        let (header, header_hash) = self.read_header(context, &opened)?;
         let i = self.shards.len();
-        let keep = self.open_files() < self.open_bound;
+        // Half the bound is held between planning and loading; the load's window of shards
+        // open for reading (two descriptors each with O_DIRECT) takes the other half.
+        let keep = self.open_files() < (self.open_bound / 2).max(1);
         self.shards.push(Shard {
             path: opened.path,
             name,
             aliases: Vec::new(),
             file_len: opened.identity.len,
             identity: opened.identity,
+            header_hash,
             header,
         });
         self.files.push(keep.then(|| Arc::new(opened.file)));
@@ -407,7 +462,7 @@ impl<'a> Planner<'a> {
 
     /// 8 bytes, then N, never the data; N is checked against the file's length and the
     /// plan's header budget before anything is allocated.
-    fn read_header(&mut self, context: &Path, opened: &Opened) -> Result<Header, FormatError> {
+    fn read_header(&mut self, context: &Path, opened: &Opened) -> Result<(Header, u64), FormatError> {
         let path = &opened.path;
         let file_len = opened.identity.len;
         let prefix_len = HEADER_PREFIX_LEN.min(file_len) as usize;
@@ -434,8 +489,9 @@ impl<'a> Planner<'a> {
         }
         let mut bytes = read_exact_at(&opened.file, path, 0, (HEADER_PREFIX_LEN + n) as usize, "a header")?;
         let header = parse_header(path, &bytes, file_len)?;
+        let hash = tensorlift_format::header_hash(&bytes);
         bytes.clear();
-        Ok(header)
+        Ok((header, hash))
     }
 
     fn finish(
@@ -478,39 +534,53 @@ fn open_dir(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
-/// Why an entry could not be opened.
-enum Entry {
-    Missing(io::Error),
-    NotRegular(&'static str),
-    Io(io::Error),
+/// A name looked up in a folder, not yet opened for reading.
+struct Located {
+    /// An `O_PATH` descriptor: it pins the file without opening it for I/O.
+    fd: File,
+    meta: std::fs::Metadata,
+    /// Where the name led, links resolved, read from the descriptor itself.
+    path: PathBuf,
 }
 
-/// Opens `name` relative to `dir` for reading, without blocking (a FIFO would wait for a
-/// writer), and accepts it only if it is a regular file.
-fn open_at(dir: &File, name: &str) -> Result<(File, std::fs::Metadata), Entry> {
-    let c = CString::new(name).map_err(|e| Entry::Io(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
-    let flags = libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY;
+/// Looks `name` up relative to `dir` (following links) as an `O_PATH` descriptor.
+fn locate(dir: &File, name: &str) -> io::Result<Located> {
+    let c = CString::new(name).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     // SAFETY: dir is an open descriptor and c a NUL-terminated name; openat returns a new
     // descriptor or -1.
-    let fd = unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), flags) };
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
     if fd < 0 {
-        let e = io::Error::last_os_error();
-        return Err(if e.kind() == io::ErrorKind::NotFound { Entry::Missing(e) } else { Entry::Io(e) });
+        return Err(io::Error::last_os_error());
     }
     // SAFETY: fd was just returned by openat and nothing else owns it.
-    let file = unsafe { File::from_raw_fd(fd) };
-    let meta = file.metadata().map_err(Entry::Io)?;
-    if !meta.is_file() {
-        return Err(Entry::NotRegular(kind_name(&meta)));
+    let fd = unsafe { File::from_raw_fd(fd) };
+    let meta = fd.metadata()?;
+    // The descriptor's own path: what the look-up led to, links resolved, with no second
+    // look-up that a swap could redirect. (Linux always has it where /proc is mounted.)
+    let path = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(|e| {
+        io::Error::new(e.kind(), format!("cannot tell where the name leads without /proc/self/fd: {e}"))
+    })?;
+    if !path.is_absolute() {
+        return Err(io::Error::other("it was removed while being opened"));
     }
-    // Reads of a regular file ignore O_NONBLOCK, but the descriptor is lent to others: clear it.
-    // SAFETY: F_GETFL on a descriptor we own.
-    let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if fl >= 0 {
-        // SAFETY: F_SETFL on a descriptor we own, with the flags it had less O_NONBLOCK.
-        unsafe { libc::fcntl(fd, libc::F_SETFL, fl & !libc::O_NONBLOCK) };
+    Ok(Located { fd, meta, path })
+}
+
+impl Located {
+    /// The same file opened for reading, through its descriptor (no look-up of any name),
+    /// checked to be the same inode.
+    fn open_for_reading(&self) -> io::Result<File> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOCTTY)
+            .open(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))?;
+        let m = f.metadata()?;
+        if (m.dev(), m.ino()) != (self.meta.dev(), self.meta.ino()) || !m.is_file() {
+            return Err(io::Error::other("it was replaced while being opened"));
+        }
+        Ok(f)
     }
-    Ok((file, meta))
 }
 
 fn identity(m: &std::fs::Metadata) -> FileIdentity {

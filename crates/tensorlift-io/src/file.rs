@@ -210,16 +210,31 @@ pub fn direct_io_support(path: &Path) -> Result<DirectSupport, IoError> {
     let meta = std::fs::metadata(path).map_err(open_err)?;
     let mut scratch = None;
     let file = if meta.is_dir() {
+        // A regular file of the folder itself (links are not followed out of it).
         let found = std::fs::read_dir(path)
             .map_err(open_err)?
             .filter_map(Result::ok)
-            .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|e| e == "safetensors") && p.is_file());
+            .find(|e| {
+                e.path().extension().is_some_and(|x| x == "safetensors") && e.file_type().is_ok_and(|t| t.is_file())
+            })
+            .map(|e| e.path());
         match found {
             Some(f) => f,
             None => {
+                // A new file, never an existing one or a link planted under its name.
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
                 let f = path.join(format!(".tensorlift-direct-probe-{}", std::process::id()));
-                std::fs::write(&f, vec![0u8; 8192]).map_err(open_err)?;
+                let mut out = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                    .open(&f)
+                    .map_err(open_err)?;
+                if let Err(e) = out.write_all(&[0u8; 8192]) {
+                    let _ = std::fs::remove_file(&f);
+                    return Err(open_err(e));
+                }
                 scratch = Some(f.clone());
                 f
             }

@@ -85,8 +85,12 @@ impl MappedFile {
             let local = libc::iovec { iov_base: dst[done..].as_mut_ptr().cast(), iov_len: n };
             // The remote side is this process's own mapping; the kernel reads it with fault
             // handling, so a page it cannot bring in is EFAULT here.
-            let remote =
-                libc::iovec { iov_base: self.map[offset as usize + done..].as_ptr().cast_mut().cast(), iov_len: n };
+            let remote = libc::iovec {
+                // A raw pointer, never a slice of the map: a reference to pages that may have
+                // been truncated away would let the compiler assume they can be read.
+                iov_base: self.map.as_ptr().wrapping_add(offset as usize + done).cast_mut().cast(),
+                iov_len: n,
+            };
             let pid = std::process::id() as libc::pid_t;
             // SAFETY: `local` covers n writable bytes of `dst`, `remote` n bytes inside the
             // live mapping; process_vm_readv only copies between them and reports faults.

@@ -141,14 +141,20 @@ fn cgroup_headroom() -> Option<u64> {
     Some(max.saturating_sub(current))
 }
 
-/// Whether `bytes` more bytes of memory can be had right now, found by reserving them
-/// (without touching them) and giving them back.
+/// Whether `bytes` more bytes of memory can be had right now: within the memory available
+/// ([`host_memory_available`]), and found by reserving them (without touching them) and
+/// giving them back.
 ///
 /// Parsing a header or building a million tensors makes many small allocations, and any of
 /// them failing aborts the process. Reserving their estimated total first, where failure is
 /// an error, turns an address-space or overcommit limit into an error before that work
 /// starts.
 pub fn can_allocate(bytes: u64) -> bool {
+    // Address space (an `RLIMIT_AS`, strict overcommit) answers a reservation; memory that
+    // is committed only when touched (a cgroup limit, overcommit) answers MemAvailable.
+    if host_memory_available().is_some_and(|a| bytes > a) {
+        return false;
+    }
     let Ok(bytes) = usize::try_from(bytes) else { return false };
     Vec::<u8>::new().try_reserve_exact(bytes).is_ok()
 }

@@ -209,6 +209,7 @@ mod tests {
             aliases: vec![],
             file_len,
             identity: FileIdentity { dev: 1, ino: 1, len: file_len, modified_ns: 0 },
+            header_hash: 0,
             header,
         };
         LoadPlan::assemble(Path::new("/m"), PathBuf::from("/m"), None, vec![shard]).unwrap()

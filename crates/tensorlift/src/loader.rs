@@ -186,10 +186,16 @@ impl LoaderBuilder {
         self.cfg.limits.max_header_bytes = bytes;
         self
     }
-    /// Most shard files open at once, while planning and while loading (default 128, and
-    /// never over a quarter of the process's `RLIMIT_NOFILE`).
+    /// Most shard file descriptors open at once, while planning and while loading (default
+    /// 128, and never over a quarter of the process's `RLIMIT_NOFILE`; see
+    /// [`PlanLimits::max_open_files`](crate::PlanLimits)).
     pub fn max_open_files(mut self, files: usize) -> Self {
         self.cfg.limits.max_open_files = files.max(1);
+        self
+    }
+    /// Most distinct shard names an index may list (default 10,000).
+    pub fn max_shards(mut self, shards: usize) -> Self {
+        self.cfg.limits.max_shards = shards.max(1);
         self
     }
     /// Loads tensors as zero-copy views of memory-mapped shards instead of reading them

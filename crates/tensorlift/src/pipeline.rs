@@ -72,6 +72,9 @@ struct Scheduler<S: Sink> {
     queue_depth: usize,
     budget: u64,
     in_flight_bytes: u64,
+    /// Shards open for reading now, and the most that may be.
+    open: usize,
+    window: usize,
 }
 
 enum Dest {
@@ -147,7 +150,9 @@ impl TensorStream {
         };
         stream.stats.bytes = stream.plan.total_bytes();
         stream.stats.shards = shards.len();
-        let window = cfg.limits.open_files_bound();
+        // A quarter of the bound: each shard read can hold two descriptors (O_DIRECT), and
+        // planning may hold up to half of the bound until the load takes them.
+        let window = (cfg.limits.open_files_bound() / 4).max(1);
         let reads = layout::reads(&spans, cfg.chunk_size, window);
         stream.total_bytes = reads.iter().map(|r| r.len as u64).sum();
         stream.stats.bytes_read = stream.total_bytes;
@@ -158,11 +163,11 @@ impl TensorStream {
             }
             (_, crate::loader::Target::Host) => {
                 let sink = crate::dest_host::HostSink::new(&stream.plan, spans, cfg.chunk_size, &mut stream.ready)?;
-                stream.dest = Dest::Host(Scheduler::new(sink, reads, &stream.plan, cfg));
+                stream.dest = Dest::Host(Scheduler::new(sink, reads, &stream.plan, cfg, window));
             }
             (_, crate::loader::Target::Cuda(cuda)) => {
                 let sink = crate::dest_cuda::CudaSink::new(cuda, &stream.plan, spans, cfg, &mut stream.ready)?;
-                stream.dest = Dest::Cuda(Box::new(Scheduler::new(sink, reads, &stream.plan, cfg)));
+                stream.dest = Dest::Cuda(Box::new(Scheduler::new(sink, reads, &stream.plan, cfg, window)));
             }
         }
         Ok(stream)
@@ -254,7 +259,7 @@ enum Woken<B> {
 }
 
 impl<S: Sink> Scheduler<S> {
-    fn new(sink: S, reads: Vec<Read>, plan: &LoadPlan, cfg: &Config) -> Self {
+    fn new(sink: S, reads: Vec<Read>, plan: &LoadPlan, cfg: &Config, window: usize) -> Self {
         let mut reads_left = vec![0; plan.shards().len()];
         for r in &reads {
             reads_left[r.shard] += 1;
@@ -269,6 +274,8 @@ impl<S: Sink> Scheduler<S> {
             queue_depth: cfg.queue_depth as usize,
             budget: cfg.staging_budget.max(cfg.chunk_size) as u64,
             in_flight_bytes: 0,
+            open: 0,
+            window,
         }
     }
 
@@ -288,9 +295,12 @@ impl<S: Sink> Scheduler<S> {
             }
             let file = match &self.files[read.shard] {
                 Some(f) => Arc::clone(f),
+                // A new shard waits until one of the window closes.
+                None if self.open >= self.window => break,
                 None => {
                     let f = crate::open::open_shard(reader, plan, read.shard, direct, stats)?;
                     self.files[read.shard] = Some(Arc::clone(&f));
+                    self.open += 1;
                     f
                 }
             };
@@ -348,8 +358,8 @@ impl<S: Sink> Scheduler<S> {
                 self.in_flight_bytes -= read.len as u64;
                 // The shard's last read has landed: close it.
                 self.reads_left[read.shard] -= 1;
-                if self.reads_left[read.shard] == 0 {
-                    self.files[read.shard] = None;
+                if self.reads_left[read.shard] == 0 && self.files[read.shard].take().is_some() {
+                    self.open -= 1;
                 }
                 match result {
                     Ok(buf) => {
@@ -369,6 +379,7 @@ impl<S: Sink> Scheduler<S> {
             let _ = f.fut.await;
         }
         self.files.iter_mut().for_each(|f| *f = None);
+        self.open = 0;
         self.sink.abort();
     }
 }
