@@ -22,6 +22,7 @@
 mod arena;
 mod copy;
 mod device;
+pub mod dlpack;
 pub mod emulator;
 mod error;
 mod pinned;

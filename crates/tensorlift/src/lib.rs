@@ -47,6 +47,7 @@ pub use loader::{
 pub use pipeline::TensorStream;
 pub use stats::{LoadStats, Progress};
 pub use tensor::{Element, Model, Tensor, ViewError};
+pub use tensorlift_cuda::dlpack;
 pub use tensorlift_format as format;
 pub use tensorlift_format::{Dtype, FormatError, LoadPlan};
 pub use tensorlift_io as io;

@@ -3,7 +3,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 
-use tensorlift_cuda::DeviceArena;
+use tensorlift_cuda::{dlpack, DeviceArena};
 use tensorlift_format::Dtype;
 use tensorlift_io::{HostArena, MapContract, MappedFile};
 
@@ -34,6 +34,9 @@ pub enum ViewError {
     /// The tensor lives in device memory: no host view of it exists; copy it with `to_host`.
     #[error("tensor '{tensor}' is on {device}, not in host memory; use to_host() or to_vec() to copy it back")]
     OnDevice { tensor: String, device: Device },
+    /// DLPack has no element type for this dtype.
+    #[error("tensor '{tensor}': DLPack has no type for {dtype}")]
+    NoDlpackType { tensor: String, dtype: Dtype },
     /// Copying a device tensor back to the host failed.
     #[error("tensor '{tensor}': copy from {device} failed: {message}")]
     CopyBack { tensor: String, device: Device, message: String },
@@ -106,6 +109,42 @@ impl Tensor {
             Storage::Device { arena, offset, .. } => Some(arena.device_ptr() + offset),
             _ => None,
         }
+    }
+
+    /// The tensor as a DLPack 1.x managed tensor (`DLManagedTensorVersioned`), without a
+    /// copy: host memory (read-only) or CUDA device memory. The tensor's memory stays alive
+    /// until the consumer calls the deleter; hand the pointer to exactly one consumer (for
+    /// Python, in a capsule named `dltensor_versioned`).
+    pub fn to_dlpack(&self) -> Result<*mut dlpack::DLManagedTensorVersioned, ViewError> {
+        Ok(dlpack::export_versioned(self.dlpack_export()?))
+    }
+
+    /// [`to_dlpack`](Self::to_dlpack) for consumers older than DLPack 1.0: a
+    /// `DLManagedTensor` (capsule name `dltensor`), which has no read-only flag: consumers
+    /// must not write through host tensors.
+    pub fn to_dlpack_legacy(&self) -> Result<*mut dlpack::DLManagedTensor, ViewError> {
+        Ok(dlpack::export_legacy(self.dlpack_export()?))
+    }
+
+    fn dlpack_export(&self) -> Result<dlpack::Export, ViewError> {
+        let dtype = dlpack_dtype(self.dtype)
+            .ok_or_else(|| ViewError::NoDlpackType { tensor: self.name.to_string(), dtype: self.dtype })?;
+        let (data, device) = match &self.storage {
+            Storage::Device { arena, offset, .. } => (
+                arena.device_ptr() + offset,
+                dlpack::DLDevice { device_type: dlpack::DEVICE_CUDA, device_id: arena.gpu().ordinal() as i32 },
+            ),
+            _ => (self.bytes()?.as_ptr() as u64, dlpack::DLDevice { device_type: dlpack::DEVICE_CPU, device_id: 0 }),
+        };
+        Ok(dlpack::Export {
+            data,
+            device,
+            dtype,
+            shape: self.shape.iter().map(|&d| d as i64).collect(),
+            owner: Box::new(self.clone()),
+            // Host tensors are shared `&[u8]` views; device memory is the consumer's to use.
+            read_only: !matches!(self.storage, Storage::Device { .. }),
+        })
     }
 
     /// The tensor's name.
@@ -198,6 +237,37 @@ impl Tensor {
         self.check::<T>()?;
         Ok(self.to_host()?.chunks_exact(std::mem::size_of::<T>()).map(bytemuck::pod_read_unaligned).collect())
     }
+}
+
+/// DLPack's element type for a safetensors dtype.
+fn dlpack_dtype(d: Dtype) -> Option<dlpack::DLDataType> {
+    use dlpack::code;
+    let (c, bits) = match d {
+        Dtype::BOOL => (code::BOOL, 8),
+        Dtype::U8 => (code::UINT, 8),
+        Dtype::I8 => (code::INT, 8),
+        Dtype::U16 => (code::UINT, 16),
+        Dtype::I16 => (code::INT, 16),
+        Dtype::U32 => (code::UINT, 32),
+        Dtype::I32 => (code::INT, 32),
+        Dtype::U64 => (code::UINT, 64),
+        Dtype::I64 => (code::INT, 64),
+        Dtype::F16 => (code::FLOAT, 16),
+        Dtype::BF16 => (code::BFLOAT, 16),
+        Dtype::F32 => (code::FLOAT, 32),
+        Dtype::F64 => (code::FLOAT, 64),
+        Dtype::C64 => (code::COMPLEX, 64),
+        Dtype::F8_E4M3 => (code::FLOAT8_E4M3FN, 8),
+        Dtype::F8_E5M2 => (code::FLOAT8_E5M2, 8),
+        Dtype::F8_E4M3FNUZ => (code::FLOAT8_E4M3FNUZ, 8),
+        Dtype::F8_E5M2FNUZ => (code::FLOAT8_E5M2FNUZ, 8),
+        Dtype::F8_E8M0 => (code::FLOAT8_E8M0FNU, 8),
+        Dtype::F6_E2M3 => (code::FLOAT6_E2M3FN, 6),
+        Dtype::F6_E3M2 => (code::FLOAT6_E3M2FN, 6),
+        Dtype::F4 => (code::FLOAT4_E2M1FN, 4),
+        _ => return None,
+    };
+    Some(dlpack::DLDataType { code: c, bits, lanes: 1 })
 }
 
 /// Every tensor of a load, by name, with the load's statistics.

@@ -289,3 +289,40 @@ fn auto_picks_the_gpu_and_says_why() {
     assert!(free <= total && total > 0);
     assert!(loader.pinned_staging().unwrap() > 0);
 }
+
+#[test]
+fn dlpack_export_keeps_device_memory_alive_until_the_deleter() {
+    let _d = driver();
+    let dir = scratch();
+    let path = dir.join("d.safetensors");
+    let truth = write_shard(&path, &[("w", Dtype::BF16, &[3, 5]), ("b", Dtype::F32, &[7])]);
+    let loader = base().build().unwrap();
+    let model = loader.load_blocking(&path).unwrap();
+    let t = model.get("w").unwrap();
+    let p = t.to_dlpack().unwrap();
+    // SAFETY: p was just made and is not deleted until below; this reads it as a consumer.
+    let m = unsafe { &*p };
+    assert_eq!((m.dl_tensor.device.device_type, m.dl_tensor.device.device_id), (2, 0));
+    assert_eq!(m.dl_tensor.data as u64, t.device_ptr().unwrap());
+    assert_eq!((m.dl_tensor.dtype.code, m.dl_tensor.dtype.bits), (4, 16));
+    assert_eq!(m.flags & tensorlift::dlpack::FLAG_READ_ONLY, 0, "device memory is the consumer's to use");
+    let deleter = m.deleter.unwrap();
+    drop(model);
+    drop(loader);
+    // The load's device allocation is still alive: the managed tensor holds it.
+    if let Some(live) = emulator::live() {
+        assert_eq!(live.allocations, 1);
+    }
+    // A tensor outlives its loader and model too.
+    let b = tensor_without_its_loader(&path);
+    assert!(b.to_host().unwrap().as_ref() == truth["b"].as_slice());
+    drop(b);
+    // SAFETY: the one deletion of the tensor made above.
+    unsafe { deleter(p) };
+}
+
+/// A tensor loaded by a loader that is dropped at once.
+fn tensor_without_its_loader(path: &std::path::Path) -> tensorlift::Tensor {
+    let loader = base().build().unwrap();
+    loader.load_blocking(path).unwrap().get("b").unwrap().clone()
+}

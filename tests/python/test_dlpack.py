@@ -1,0 +1,125 @@
+"""DLPack from the consumer's side: numpy takes tensorlift's tensors without a copy, and the
+memory lives exactly as long as some array from it does.
+
+The reference fixture is written by the reference `safetensors` package, and read back
+with `safetensors.numpy.load_file` as the truth."""
+
+import ctypes
+import gc
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file as reference_load
+
+import tensorlift
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def fixture(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    subprocess.run([sys.executable, os.path.join(ROOT, "tests/reference/make_fixture.py"), str(out)], check=True)
+    return out
+
+
+def test_numpy_arrays_view_the_loaded_memory(fixture):
+    path = str(fixture / "single.safetensors")
+    want = reference_load(path)
+    got = tensorlift.load_file(path)
+    assert sorted(got) == sorted(want)
+    for name, arr in got.items():
+        ref = want[name]
+        assert arr.dtype == ref.dtype, name
+        assert arr.shape == ref.shape, name
+        assert arr.tobytes() == ref.tobytes(), name
+        # A view of tensorlift's memory, read-only (the DLPack 1.x read-only flag); numpy
+        # makes its own empty array for a tensor of no elements.
+        if arr.size:
+            assert not arr.flags.writeable, name
+
+
+def test_sharded_folders_and_indexes(fixture):
+    folder = fixture / "sharded"
+    want = {}
+    for f in sorted(os.listdir(folder)):
+        if f.endswith(".safetensors"):
+            want.update(reference_load(str(folder / f)))
+    for path in (folder, folder / "model.safetensors.index.json"):
+        got = tensorlift.load_file(str(path))
+        assert sorted(got) == sorted(want)
+        for name in want:
+            assert got[name].tobytes() == want[name].tobytes(), name
+
+
+def test_memory_lives_as_long_as_an_array_does(fixture):
+    path = str(fixture / "single.safetensors")
+    want = reference_load(path)["f32"].copy()
+    tensors = tensorlift.load(path)
+    arr = np.from_dlpack(tensors["f32"])
+    del tensors
+    gc.collect()
+    # Other loads reuse freed memory; the array's memory must not have been freed.
+    for _ in range(3):
+        tensorlift.load(path)
+    assert arr.tobytes() == want.tobytes()
+
+
+def test_legacy_and_versioned_capsules(fixture):
+    t = tensorlift.load(str(fixture / "single.safetensors"))["f32"]
+    assert t.__dlpack_device__() == (1, 0)
+    is_valid = ctypes.pythonapi.PyCapsule_IsValid
+    is_valid.restype = ctypes.c_int
+    is_valid.argtypes = [ctypes.py_object, ctypes.c_char_p]
+    versioned = t.__dlpack__(max_version=(1, 0))
+    legacy = t.__dlpack__()
+    assert is_valid(versioned, b"dltensor_versioned") == 1
+    assert is_valid(legacy, b"dltensor") == 1
+    # Never consumed: dropping them runs the deleters (and must not crash).
+    del versioned, legacy
+    gc.collect()
+
+    class Legacy:
+        """A producer that only speaks DLPack before 1.0."""
+
+        def __dlpack__(self, **kwargs):
+            return t.__dlpack__()
+
+        def __dlpack_device__(self):
+            return t.__dlpack_device__()
+
+    assert np.from_dlpack(Legacy()).tobytes() == np.from_dlpack(t).tobytes()
+
+
+def test_types_and_devices_numpy_cannot_take_are_refused(fixture, tmp_path):
+    import json
+    import struct
+
+    # bfloat16, which the reference numpy writer cannot write: the file is made by hand.
+    header = json.dumps({"x": {"dtype": "BF16", "shape": [8], "data_offsets": [0, 16]}}).encode()
+    path = str(tmp_path / "bf.safetensors")
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header + bytes(range(16)))
+    t = tensorlift.load(path)["x"]
+    assert t.dtype == "BF16"
+    # numpy has no bfloat16: it reads DLPack's type code and refuses, rather than misreading.
+    with pytest.raises(RuntimeError, match="Unsupported dtype"):
+        np.from_dlpack(t)
+    with pytest.raises(BufferError):
+        t.__dlpack__(max_version=(1, 0), dl_device=(2, 0))
+    with pytest.raises(BufferError):
+        t.__dlpack__(max_version=(1, 0), copy=True)
+
+
+def test_errors_have_python_types(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        tensorlift.load_file(str(tmp_path / "missing.safetensors"))
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}x")
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        tensorlift.load_file(str(bad))
+    with pytest.raises(ValueError):
+        tensorlift.load_file(str(bad), device="gpu")
