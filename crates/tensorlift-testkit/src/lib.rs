@@ -94,13 +94,18 @@ pub fn real_driver() -> bool {
     std::env::var(TEST_DRIVER_ENV).is_ok_and(|v| v == "real")
 }
 
-/// The emulated driver library, `libtensorlift_cuda_emulator.so` in the target folder that
-/// holds the running test executable (`scripts/test` builds it before the tests).
+/// The emulated driver library: `TENSORLIFT_EMULATOR` if set, else
+/// `libtensorlift_cuda_emulator.so` in the target folder that holds the running test
+/// executable (`scripts/test` builds it before the tests).
 ///
 /// # Panics
 ///
 /// If it has not been built: CUDA tests must not silently skip.
 pub fn emulated_driver() -> std::path::PathBuf {
+    // A copied test executable (scripts/gpu-host's dry run) names it explicitly.
+    if let Some(p) = std::env::var_os("TENSORLIFT_EMULATOR") {
+        return std::path::PathBuf::from(p);
+    }
     let exe = std::env::current_exe().expect("the test executable's path");
     // target/<profile>/deps/<test> -> target/<profile>/libtensorlift_cuda_emulator.so
     let lib =
@@ -112,4 +117,16 @@ pub fn emulated_driver() -> std::path::PathBuf {
         lib.display()
     );
     lib
+}
+
+/// The reference fixture writer, `tests/reference/make_fixture.py`: in the source tree the
+/// test was built from, or, for a test executable copied elsewhere (a GPU host), under the
+/// current folder.
+pub fn reference_script() -> std::path::PathBuf {
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/reference/make_fixture.py");
+    if built.is_file() {
+        built
+    } else {
+        std::path::PathBuf::from("tests/reference/make_fixture.py")
+    }
 }

@@ -162,8 +162,8 @@ fn reference_fixtures_have_the_reference_digests() {
     use sha2::{Digest, Sha256};
     let _d = driver();
     let dir = scratch();
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/reference/make_fixture.py");
-    let out = std::process::Command::new("python3").arg(script).arg(&dir).output().unwrap();
+    let out =
+        std::process::Command::new("python3").arg(tensorlift_testkit::reference_script()).arg(&dir).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let manifest: Vec<serde_json::Value> =
         serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
