@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use tensorlift::format::{encode_header, parse_header};
 use tensorlift::{Device, Dtype, Loader};
+use tensorlift_format::{encode_header, parse_header};
 
 fn names(n: usize, prefix: &str) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}model.layers.{}.block.{}.weight", i / 16, i % 16)).collect()

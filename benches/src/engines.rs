@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
-use tensorlift::io::{AlignedBuf, BackendKind, MappedFile, Reader};
 use tensorlift::Loader;
+use tensorlift_io::{AlignedBuf, BackendKind, MappedFile, Reader};
 
 /// Something to time: loads the checkpoint and returns the bytes moved, plus whatever holds
 /// the loaded memory (dropped after the clock stops, as a server would keep it).

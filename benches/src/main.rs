@@ -68,8 +68,8 @@ struct Args {
     #[arg(long)]
     queue_depth: Option<u32>,
     /// tensorlift: I/O backend, uring, pread or mmap (default: uring when available).
-    #[arg(long, value_parser = |s: &str| s.parse::<tensorlift::io::BackendKind>())]
-    io: Option<tensorlift::io::BackendKind>,
+    #[arg(long, value_parser = |s: &str| s.parse::<tensorlift::BackendKind>())]
+    io: Option<tensorlift::BackendKind>,
     /// tensorlift: io_uring worker threads, one ring each (default 2).
     #[arg(long)]
     io_workers: Option<usize>,
@@ -112,8 +112,12 @@ fn run(args: &Args) -> anyhow::Result<()> {
         }
     }
     let device: Device = args.device.parse()?;
-    let tuning = tuning(args);
-    let loader = Arc::new(Loader::builder().device(device).tuning(&tuning).build()?);
+    let loader = Arc::new(builder(args).device(device).build()?);
+    // What runs where, before anything long starts.
+    if !args.json {
+        eprintln!("machine: {}", report::machine()["summary"].as_str().unwrap_or(""));
+        eprintln!("tensorlift: {} ({})", loader.device(), loader.device_reason());
+    }
     let dir = match &args.dir {
         Some(d) => d.clone(),
         None => {
@@ -123,6 +127,15 @@ fn run(args: &Args) -> anyhow::Result<()> {
         }
     };
     let ckpt = Checkpoint::open(&dir).with_context(|| format!("planning {}", dir.display()))?;
+    if !args.json {
+        eprintln!(
+            "checkpoint: {} ({} shards, {} tensors, {:.3} GB)",
+            dir.display(),
+            ckpt.shards.len(),
+            ckpt.tensors,
+            ckpt.bytes as f64 / 1e9
+        );
+    }
     let modes: Vec<Mode> = match args.cache {
         CacheArg::Warm => vec![Mode::Warm],
         CacheArg::Cold => vec![Mode::Cold],
@@ -135,11 +148,12 @@ fn run(args: &Args) -> anyhow::Result<()> {
         _ => Err(loader.device_reason().to_owned()),
     };
     let settings = serde_json::json!({
-        "chunk_bytes": tuning.chunk_size.unwrap_or(tensorlift::DEFAULT_CHUNK_SIZE),
-        "budget_bytes": tuning.staging_budget.unwrap_or(tensorlift::DEFAULT_STAGING_BUDGET),
-        "queue_depth": tuning.queue_depth.unwrap_or(tensorlift::DEFAULT_QUEUE_DEPTH),
-        "io_workers": tuning.io_workers.unwrap_or(tensorlift::DEFAULT_IO_WORKERS),
-        "direct": format!("{:?}", tuning.direct_io.unwrap_or_default()).to_lowercase(),
+        "chunk_bytes": loader.settings().chunk_size,
+        "budget_bytes": loader.settings().staging_budget,
+        "queue_depth": loader.settings().queue_depth,
+        "io_workers": loader.settings().io_workers,
+        "direct": format!("{:?}", loader.settings().direct_io).to_lowercase(),
+        "streams": loader.settings().streams,
     });
     let mut report = Report::new(&ckpt, &loader, args.runs.max(1), settings);
     report.note(&format!("tensorlift loads to {} ({})", loader.device(), loader.device_reason()));
@@ -184,8 +198,17 @@ fn run(args: &Args) -> anyhow::Result<()> {
                 let secs = t.elapsed().as_secs_f64();
                 drop(held);
                 report.record(mode, e.name, e.kind, bytes, secs);
-                if let Some(b) = &bar {
-                    b.inc(1);
+                match &bar {
+                    Some(b) => b.inc(1),
+                    // Results as they come, when nobody watches a progress bar.
+                    None if !args.json => eprintln!(
+                        "{} {:<20} {:>8.3} s {:>8.2} GB/s",
+                        mode.name(),
+                        e.name,
+                        secs,
+                        bytes as f64 / secs.max(1e-9) / 1e9
+                    ),
+                    None => {}
                 }
             }
         }
@@ -201,23 +224,35 @@ fn run(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// tensorlift's knobs as the flags set them.
-fn tuning(args: &Args) -> tensorlift::Tuning {
-    let mut t = tensorlift::Tuning::default();
-    t.chunk_size = args.chunk_mib.map(|m| m << 20);
-    t.staging_budget = args.budget_mib.map(|m| m << 20);
-    t.queue_depth = args.queue_depth;
-    t.io_backend = args.io;
-    t.io_workers = args.io_workers;
-    t.direct_io = args.direct;
-    t
+/// A loader builder with tensorlift's knobs as the flags set them.
+fn builder(args: &Args) -> tensorlift::LoaderBuilder {
+    let mut b = Loader::builder();
+    if let Some(m) = args.chunk_mib {
+        b = b.chunk_size(m << 20);
+    }
+    if let Some(m) = args.budget_mib {
+        b = b.staging_budget(m << 20);
+    }
+    if let Some(d) = args.queue_depth {
+        b = b.queue_depth(d);
+    }
+    if let Some(io) = args.io {
+        b = b.io_backend(io);
+    }
+    if let Some(w) = args.io_workers {
+        b = b.io_workers(w);
+    }
+    if let Some(d) = args.direct {
+        b = b.direct_io(d);
+    }
+    b
 }
 
 /// Puts every shard in the page-cache state the mode needs.
 fn prepare(ckpt: &Checkpoint, mode: Mode) -> anyhow::Result<()> {
     for p in &ckpt.shards {
         match mode {
-            Mode::Cold => tensorlift::io::cache::evict(p).with_context(|| format!("evicting {}", p.display()))?,
+            Mode::Cold => tensorlift_io::cache::evict(p).with_context(|| format!("evicting {}", p.display()))?,
             Mode::Warm => {
                 std::io::copy(&mut std::fs::File::open(p)?, &mut std::io::sink())?;
             }

@@ -112,10 +112,12 @@ impl Report {
         );
         for (mode, list) in &self.modes {
             let tl = Self::tensorlift(list).unwrap_or(f64::NAN);
-            let _ = writeln!(s, "\n{} cache, median of {} runs", mode.name(), self.runs);
-            let _ = writeln!(s, "  {:<20} {:>9} {:>10} {:>14}", "engine", "seconds", "GB/s", "vs tensorlift");
+            let runs = if self.runs == 1 { "1 run".to_owned() } else { format!("median of {} runs", self.runs) };
+            let _ = writeln!(s, "\n{} cache, {runs}", mode.name());
+            let _ = writeln!(s, "  {:<20} {:>9} {:>10}   tensorlift is", "engine", "seconds", "GB/s");
             for (name, m) in list.iter().filter(|(_, m)| m.kind == Kind::Engine) {
-                let _ = writeln!(s, "  {:<20} {:>9.3} {:>10.2} {:>13.2}x", name, m.median(), m.gbps(), m.gbps() / tl);
+                let vs = if *name == "tensorlift" { "-".to_owned() } else { ratio(tl / m.gbps()) };
+                let _ = writeln!(s, "  {:<20} {:>9.3} {:>10.2}   {vs}", name, m.median(), m.gbps());
             }
             let _ = writeln!(s, "  {:<20} {:>9} {:>10} {:>14}", "limit", "seconds", "GB/s", "tensorlift at");
             for (name, m) in list.iter().filter(|(_, m)| m.kind == Kind::Limit) {
@@ -134,8 +136,16 @@ impl Report {
         }
         if !self.skipped.is_empty() {
             let _ = writeln!(s);
+            // Entries skipped for the same reason share one line.
+            let mut reasons: Vec<(&str, Vec<&str>)> = Vec::new();
             for (n, why) in &self.skipped {
-                let _ = writeln!(s, "skipped {n}: {why}");
+                match reasons.iter_mut().find(|(w, _)| *w == why.as_str()) {
+                    Some((_, names)) => names.push(n),
+                    None => reasons.push((why, vec![n])),
+                }
+            }
+            for (why, names) in reasons {
+                let _ = writeln!(s, "skipped {}: {why}", names.join(", "));
             }
         }
         s
@@ -179,7 +189,7 @@ impl Report {
     }
 }
 
-fn machine() -> serde_json::Value {
+pub fn machine() -> serde_json::Value {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
@@ -189,7 +199,7 @@ fn machine() -> serde_json::Value {
         .map_or("unknown", str::trim)
         .to_owned();
     let mem = crate::synthetic::mem_total().unwrap_or(0);
-    let kernel = tensorlift::io::kernel_release().unwrap_or_default();
+    let kernel = tensorlift_io::kernel_release().unwrap_or_default();
     json!({
         "cpus": cpus,
         "cpu_model": model,
@@ -197,4 +207,16 @@ fn machine() -> serde_json::Value {
         "kernel": kernel,
         "summary": format!("{cpus} CPUs ({model}), {:.0} GiB, Linux {kernel}", mem as f64 / (1u64 << 30) as f64),
     })
+}
+
+/// "2.31x faster" or "1.25x slower": how tensorlift compares with an engine, from the ratio
+/// of tensorlift's speed to the engine's.
+pub fn ratio(r: f64) -> String {
+    if !r.is_finite() || r <= 0.0 {
+        "-".to_owned()
+    } else if r >= 1.0 {
+        format!("{r:.2}x faster")
+    } else {
+        format!("{:.2}x slower", 1.0 / r)
+    }
 }

@@ -6,8 +6,8 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use tensorlift::format::encode_header;
 use tensorlift::Dtype;
+use tensorlift_format::encode_header;
 
 /// Element types of the generated checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -92,7 +92,7 @@ pub fn ensure(cache: &Path, bytes: u64, shards: usize, dtype: SynthDtype) -> any
     }
     let all = tensors(bytes, dtype);
     let total: u64 = all.iter().map(nbytes).sum();
-    let free = tensorlift::io::cache::free_space(cache.parent().unwrap_or(cache)).unwrap_or(u64::MAX);
+    let free = tensorlift_io::cache::free_space(cache.parent().unwrap_or(cache)).unwrap_or(u64::MAX);
     if total > free {
         bail!("{}: needs {} bytes for the synthetic checkpoint, {} free", cache.display(), total, free);
     }
@@ -113,6 +113,7 @@ pub fn ensure(cache: &Path, bytes: u64, shards: usize, dtype: SynthDtype) -> any
         f.write_all(&enc.bytes)?;
         write_random(&mut f, enc.data_len(), &mut seed)?;
         f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        eprintln!("  wrote {name} ({}/{})", i + 1, groups.len());
         for (n, _, _) in group {
             weight_map.insert(n.clone(), serde_json::Value::from(name.clone()));
         }
@@ -167,7 +168,7 @@ pub fn default_size(cache: &Path) -> u64 {
     let mem = mem_total().unwrap_or(8 << 30);
     let mut probe = cache.to_path_buf();
     while !probe.exists() && probe.pop() {}
-    let disk = tensorlift::io::cache::free_space(&probe).unwrap_or(u64::MAX) / 4;
+    let disk = tensorlift_io::cache::free_space(&probe).unwrap_or(u64::MAX) / 4;
     (mem / 8).clamp(1 << 30, 16 << 30).min(disk).max(256 << 20) >> 20 << 20
 }
 

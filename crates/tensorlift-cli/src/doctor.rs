@@ -4,10 +4,12 @@ use std::io::Write;
 use std::path::Path;
 
 use serde_json::json;
-use tensorlift::io::{direct_io_support, kernel_release, memlock, Memlock};
 use tensorlift_cuda::CudaStatus;
+use tensorlift_io::{direct_io_support, kernel_release, memlock, Memlock};
 
 pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
+    // A path that does not exist is a mistake of the caller's, not a fact to report.
+    std::fs::symlink_metadata(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let cuda = tensorlift_cuda::cuda_status();
     // What a load would choose, decided by the Loader itself (no second probe). A device it
     // cannot use is reported, never a failure of doctor: then the host's facts are shown.
@@ -22,7 +24,32 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
     let direct = direct_io_support(path);
     let memlock = memlock();
     let kernel = kernel_release().unwrap_or_else(|| "unknown".into());
-    let limit = |v: Option<u64>| v.map_or_else(|| "unlimited".to_owned(), |b| format!("{} KiB", b >> 10));
+    let limit = |v: Option<u64>| v.map_or_else(|| "unlimited".to_owned(), crate::text::memory);
+    let budget = loader.settings().staging_budget as u64;
+    // io_uring pins registered fixed buffers against RLIMIT_MEMLOCK (unless CAP_IPC_LOCK).
+    let memlock_note = match memlock {
+        Some(Memlock { soft: Some(soft), .. }) if soft < budget => format!(
+            "below the {} staging budget: staging chunks cannot all be io_uring fixed buffers (reads still work, \
+             each pinning its pages); raise it with `ulimit -l` or `--ulimit memlock=-1`",
+            crate::text::memory(budget)
+        ),
+        Some(_) => format!("enough for the {} staging budget", crate::text::memory(budget)),
+        None => "unknown".to_owned(),
+    };
+    // Why O_DIRECT could not be tried, in words a user can act on.
+    let direct_why = |e: &tensorlift_io::IoError| {
+        let denied = matches!(e, tensorlift_io::IoError::Open { source, .. }
+            if matches!(source.raw_os_error(), Some(13 | 30)));
+        if denied && path.is_dir() {
+            format!(
+                "{}: no .safetensors file there and no scratch file can be created ({e}); \
+                 pass --path a checkpoint file, or a writable folder on the same file system",
+                path.display()
+            )
+        } else {
+            format!("{}: {e}", path.display())
+        }
+    };
     if json {
         let gpu = match cuda {
             CudaStatus::Available(d) => json!({
@@ -41,14 +68,14 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
                 json!({"path": path.display().to_string(), "tried": d.tried.display().to_string(), "supported": d.refused.is_none(),
                              "reason": d.refused, "offset_align": d.align.offset, "memory_align": d.align.memory})
             }
-            Err(e) => json!({"path": path.display().to_string(), "supported": false, "reason": e.to_string()}),
+            Err(e) => json!({"path": path.display().to_string(), "supported": false, "reason": direct_why(e)}),
         };
         let v = json!({
             "kernel": kernel,
             "gpu": gpu,
-            "io_uring": {"available": matches!(io.uring, tensorlift::io::UringStatus::Available), "status": io.uring.to_string()},
+            "io_uring": {"available": matches!(io.uring, tensorlift::UringStatus::Available), "status": io.uring.to_string()},
             "o_direct": direct,
-            "memlock": memlock.map(|Memlock { soft, hard }| json!({"soft_bytes": soft, "hard_bytes": hard})),
+            "memlock": memlock.map(|Memlock { soft, hard }| json!({"soft_bytes": soft, "hard_bytes": hard, "note": memlock_note})),
             "would_use": {
                 "device": if refused.is_some() { "none".to_owned() } else { loader.device().to_string() },
                 "device_reason": device_reason,
@@ -71,10 +98,10 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
                 let bus = x.pci_bus_id.as_deref().map_or_else(String::new, |b| format!(" at {b}"));
                 writeln!(
                     out,
-                    "            cuda:{} {}, {:.1} GiB{bus}{link}",
+                    "            cuda:{} {}, {}{bus}{link}",
                     x.ordinal,
-                    x.name,
-                    x.total_memory as f64 / (1u64 << 30) as f64
+                    crate::text::printable(&x.name),
+                    crate::text::memory(x.total_memory)
                 )?;
             }
         }
@@ -96,12 +123,10 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
                 writeln!(out, "O_DIRECT    not used on {tried}: {why}; reads go through the page cache")?
             }
         },
-        Err(e) => {
-            writeln!(out, "O_DIRECT    cannot test {}", crate::text::printable(&format!("{}: {e}", path.display())))?
-        }
+        Err(e) => writeln!(out, "O_DIRECT    cannot test {}", crate::text::printable(&direct_why(e)))?,
     }
     match memlock {
-        Some(m) => writeln!(out, "memlock     soft {}, hard {}", limit(m.soft), limit(m.hard))?,
+        Some(m) => writeln!(out, "memlock     soft {}, hard {}: {memlock_note}", limit(m.soft), limit(m.hard))?,
         None => writeln!(out, "memlock     unknown")?,
     }
     match &refused {
@@ -109,20 +134,21 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
         None => writeln!(out, "would use   device {} ({})", loader.device(), crate::text::printable(&device_reason))?,
     }
     if let Some((free, total)) = device_memory {
-        writeln!(out, "            device memory {} free of {}", gib(free), gib(total))?;
+        writeln!(
+            out,
+            "            device memory {} free of {}",
+            crate::text::memory(free),
+            crate::text::memory(total)
+        )?;
     }
     if let Some(p) = pinned {
         let fixed = match &io.fixed_buffers {
-            tensorlift::io::FixedBuffers::Registered { .. } => "registered as io_uring fixed buffers".to_owned(),
-            tensorlift::io::FixedBuffers::Refused(why) => format!("not io_uring fixed buffers: {why}"),
+            tensorlift::FixedBuffers::Registered { .. } => "registered as io_uring fixed buffers".to_owned(),
+            tensorlift::FixedBuffers::Refused(why) => format!("not io_uring fixed buffers: {why}"),
             _ => "not io_uring fixed buffers".to_owned(),
         };
-        writeln!(out, "            pinned staging {} ({fixed})", gib(p))?;
+        writeln!(out, "            pinned staging {} ({fixed})", crate::text::memory(p))?;
     }
     writeln!(out, "            io {} ({})", io.backend, crate::text::printable(&io.reason))?;
     Ok(())
-}
-
-fn gib(bytes: u64) -> String {
-    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
 }

@@ -47,7 +47,7 @@ fn shape_str(shape: &[usize]) -> String {
 }
 
 /// One tensor's cells, made when printed: a table of a million rows is never held.
-fn cells<'a>(plan: &'a LoadPlan, t: &'a tensorlift::format::PlannedTensor) -> [std::borrow::Cow<'a, str>; 5] {
+fn cells<'a>(plan: &'a LoadPlan, t: &'a tensorlift::PlannedTensor) -> [std::borrow::Cow<'a, str>; 5] {
     [
         printable(&t.name),
         t.dtype.to_string().into(),

@@ -8,16 +8,15 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use tensorlift::io::BackendKind;
-use tensorlift::{Device, DirectIo, Loader, Model, Tensor, Tuning};
+use tensorlift::{BackendKind, Device, DirectIo, Loader, Model, Tensor};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The checkpoint: a .safetensors file, an index JSON or a folder.
     path: PathBuf,
-    /// Where to load: auto, cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto")]
-    device: String,
+    /// Where to load: auto, cpu, cuda or cuda:N (default: TENSORLIFT_DEVICE, else auto).
+    #[arg(long, value_parser = parse_device)]
+    device: Option<Device>,
     /// Print each tensor's digest of its bytes as loaded.
     #[arg(long, value_enum)]
     digest: Option<DigestKind>,
@@ -57,15 +56,31 @@ fn parse_backend(s: &str) -> Result<BackendKind, String> {
     s.parse()
 }
 
+fn parse_device(s: &str) -> Result<Device, String> {
+    s.parse().map_err(|e: tensorlift::LoadError| e.to_string())
+}
+
 pub fn run(args: &Args, out: &mut dyn Write) -> anyhow::Result<()> {
-    let device: Device = args.device.parse()?;
-    let mut tuning = Tuning::default();
-    tuning.chunk_size = args.chunk_mib.map(|m| m << 20);
-    tuning.staging_budget = args.budget_mib.map(|m| m << 20);
-    tuning.queue_depth = args.queue_depth;
-    tuning.io_backend = args.io;
-    tuning.direct_io = args.direct;
-    let mut builder = Loader::builder().device(device).filter(args.filters.iter().cloned()).tuning(&tuning);
+    // The flag wins over TENSORLIFT_DEVICE, which the builder reads when no device is set.
+    let mut builder = Loader::builder().filter(args.filters.iter().cloned());
+    if let Some(d) = args.device {
+        builder = builder.device(d);
+    }
+    if let Some(m) = args.chunk_mib {
+        builder = builder.chunk_size(m << 20);
+    }
+    if let Some(m) = args.budget_mib {
+        builder = builder.staging_budget(m << 20);
+    }
+    if let Some(d) = args.queue_depth {
+        builder = builder.queue_depth(d);
+    }
+    if let Some(io) = args.io {
+        builder = builder.io_backend(io);
+    }
+    if let Some(d) = args.direct {
+        builder = builder.direct_io(d);
+    }
     let bar = progress_bar();
     if let Some(bar) = bar.clone() {
         builder = builder.progress(move |p| {
@@ -141,13 +156,13 @@ fn write_human(model: &Model, digests: Option<&[String]>, out: &mut dyn Write) -
     let s = model.stats();
     writeln!(
         out,
-        "loaded {} tensors, {} bytes in {:.3} s ({:.2} GB/s)",
+        "loaded {} tensors, {:.3} GB in {:.3} s ({:.2} GB/s)",
         s.tensors,
-        s.bytes,
+        s.bytes as f64 / 1e9,
         s.wall.as_secs_f64(),
         s.gbps()
     )?;
-    writeln!(out, "device: {} ({})", s.device, s.device_reason)?;
+    writeln!(out, "device: {} ({})", s.device, crate::text::printable(&s.device_reason))?;
     writeln!(out, "io: {}", io_line(model))
 }
 
@@ -155,8 +170,15 @@ fn to_json(model: &Model, digests: Option<&[String]>) -> serde_json::Value {
     let s = model.stats();
     let mut v = json!({
         "device": s.device,
+        "device_reason": s.device_reason,
         "io": s.io.backend.to_string(),
+        "io_reason": s.io.reason,
+        "tensors_loaded": s.tensors,
+        "shards": s.shards,
+        "direct_shards": s.direct_shards,
+        "buffered_shards": s.buffered_shards,
         "bytes": s.bytes,
+        "bytes_read": s.bytes_read,
         "seconds": s.wall.as_secs_f64(),
         "gbps": s.gbps(),
     });

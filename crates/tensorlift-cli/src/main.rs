@@ -78,8 +78,9 @@ fn main() -> ExitCode {
     }
 }
 
+/// Whether the error is (or was caused by) writing to a reader that went away.
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<io::Error>().is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
+    e.chain().any(|c| c.downcast_ref::<io::Error>().is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe))
 }
 
 /// The error and its causes, each once: library errors already print their source in their

@@ -95,6 +95,24 @@ impl serde_json::ser::Formatter for SafePretty {
     }
 }
 
+/// A memory size in text output, always in binary units (KiB, MiB, GiB, TiB): memory
+/// (device memory, pinned staging, limits) is sized in powers of two. Data sizes and
+/// speeds are in decimal GB and GB/s, as storage and links are.
+pub fn memory(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["bytes", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} bytes")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
 /// A path for text output: lossy UTF-8, control characters escaped.
 pub fn path(p: &Path) -> String {
     printable(&p.to_string_lossy()).into_owned()

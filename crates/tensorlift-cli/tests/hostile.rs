@@ -110,7 +110,7 @@ fn metadata_heavy_files_under_a_memory_limit_are_errors_not_aborts() {
 fn a_sparse_file_larger_than_memory_is_an_error_not_an_oom_kill() {
     let dir = scratch();
     let path = dir.join("sparse.safetensors");
-    let total = tensorlift::io::host_memory_available().expect("meminfo") + (4 << 30);
+    let total = tensorlift_io::host_memory_available().expect("meminfo") + (4 << 30);
     let json = format!("{{\"w\":{{\"dtype\":\"U8\",\"shape\":[{total}],\"data_offsets\":[0,{total}]}}}}");
     let mut f = std::fs::File::create(&path).unwrap();
     f.write_all(&(json.len() as u64).to_le_bytes()).unwrap();

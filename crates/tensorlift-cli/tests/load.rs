@@ -78,12 +78,17 @@ fn human_output_lists_digest_then_summary() {
 fn unavailable_device_and_bad_input_exit_1() {
     let dir = reference_fixture();
     let p = dir.join("single.safetensors");
-    let out = tensorlift(&["load", p.to_str().unwrap(), "--device", "cuda:0"]);
+    let out = Command::new(env!("CARGO_BIN_EXE_tensorlift"))
+        .args(["load", p.to_str().unwrap(), "--device", "cuda:0"])
+        .env("TENSORLIFT_LIBCUDA", "/nonexistent/libcuda.so.1")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.starts_with("error: ") && err.contains("CUDA") && err.lines().count() == 1, "{err}");
+    // A device that does not parse is a usage error.
     let out = tensorlift(&["load", p.to_str().unwrap(), "--device", "tpu"]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     std::fs::write(dir.join("bad.safetensors"), b"garbage!garbage").unwrap();
     let out = tensorlift(&["load", dir.join("bad.safetensors").to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));

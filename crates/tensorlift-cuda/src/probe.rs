@@ -139,7 +139,15 @@ fn probe_candidates(candidates: &[PathBuf]) -> (CudaStatus, Option<libloading::L
             }
         }
     }
-    (CudaStatus::Unavailable(format!("no NVIDIA driver library could be loaded ({})", errors.join("; "))), None)
+    // One reason, said once, when every candidate failed the same way.
+    let names: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
+    let reasons: Vec<String> =
+        errors.iter().zip(&names).map(|(e, n)| e.strip_prefix(&format!("{n}: ")).unwrap_or(e).to_owned()).collect();
+    let detail = match reasons.first() {
+        Some(first) if reasons.iter().all(|r| r == first) => format!("tried {}: {first}", names.join(", ")),
+        _ => errors.join("; "),
+    };
+    (CudaStatus::Unavailable(format!("no NVIDIA driver library could be loaded ({detail})")), None)
 }
 
 fn probe_loaded(lib: &libloading::Library, path: PathBuf) -> CudaStatus {

@@ -60,7 +60,7 @@ pub enum FormatError {
     InvalidOffsets { file: PathBuf, tensor: String, begin: u64, end: u64, expected_begin: u64 },
 
     /// The data section does not end exactly at the end of the file.
-    #[error("{}: header describes {data_len} data bytes after an {header_len}-byte header, but the file has {file_len} bytes", file.display())]
+    #[error("{}: header describes {data_len} data bytes after a {header_len}-byte header, but the file has {file_len} bytes", file.display())]
     DataLengthMismatch { file: PathBuf, header_len: u64, data_len: u64, file_len: u64 },
 
     /// The index file is not valid JSON of the expected shape.

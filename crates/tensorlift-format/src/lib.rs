@@ -38,6 +38,9 @@ pub use header::{
 };
 pub use index::{check_relative, natural_cmp, normal_name, parse_index, Index, INDEX_FILE_NAME, MAX_INDEX_LEN};
 pub use plan::{header_hash, FileIdentity, LoadPlan, PlannedTensor, Shard};
-/// Element types, shared with the reference `safetensors` crate.
+/// Element types: the reference `safetensors` crate's `Dtype`, whose names are the header's
+/// `dtype` strings (`"BF16"`, `"F8_E4M3"`, ...), shown here as a re-export rather than with
+/// that crate's own notes (its order of variants means nothing to tensorlift).
+#[doc(no_inline)]
 pub use safetensors::Dtype;
 pub use writer::{encode_header, EncodedHeader};

@@ -72,11 +72,13 @@ impl ReadOp {
     /// Accounts for the result of `seg` and says what to do next.
     pub fn advance(&mut self, seg: &Segment, result: io::Result<usize>) -> Step {
         match result {
+            // The file ended early: say where it ends now (it may have been cut well before
+            // this read's offset), not where the read was.
             Ok(0) => Step::Done(Err(IoError::UnexpectedEof {
                 file: self.file.path().to_path_buf(),
                 offset: self.offset,
                 len: self.len as u64,
-                at: seg.offset,
+                at: self.file.current_len().map_or(seg.offset, |now| now.min(seg.offset)),
             })),
             Ok(n) => {
                 self.done += n.min(seg.len as usize);

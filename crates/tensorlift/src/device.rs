@@ -12,7 +12,9 @@ pub enum Device {
     Auto,
     /// Host memory.
     Cpu,
-    /// CUDA device by ordinal.
+    /// CUDA device by ordinal: tensors are loaded into its memory (pinned staging chunks,
+    /// copied on several streams). A loader asking for a device it cannot use fails to build
+    /// with [`LoadError::CudaUnavailable`](crate::LoadError::CudaUnavailable) and the reason.
     Cuda(usize),
 }
 

@@ -54,6 +54,12 @@ pub enum LoadError {
     /// A CUDA device was asked for and cannot be used.
     #[error("CUDA device {ordinal} is unavailable: {reason}")]
     CudaUnavailable { ordinal: usize, reason: String },
+    /// The tensor filter selects no tensor of the checkpoint.
+    #[error("{}: no tensor matches the filter {}", file.display(), patterns.iter().map(|p| format!("'{p}'")).collect::<Vec<_>>().join(", "))]
+    NothingMatched { file: PathBuf, patterns: Vec<String> },
+    /// The planning thread stopped without an answer (a bug in tensorlift: please report it).
+    #[error("planning stopped without an answer (a bug in tensorlift: please report it)")]
+    PlanningFailed,
     /// A tensor filter pattern is not a valid glob.
     #[error("invalid tensor filter '{pattern}': {message}")]
     InvalidFilter { pattern: String, message: String },

@@ -18,7 +18,7 @@
 //! `stream.next().await` for each tensor as soon as its bytes are in memory.
 //!
 //! Checkpoints are untrusted input: every header is validated before any data is read
-//! ([`tensorlift_format`]), shards must stay inside the model folder (see [`tensorlift_io::open_checkpoint`]
+//! (`tensorlift-format`), shards must stay inside the model folder (see `docs/ENVIRONMENT.md`
 //! for the folder and link policy), each shard is opened once and that descriptor is read,
 //! header memory is bounded ([`PlanLimits`]), and host memory is the tensors' own size plus
 //! page padding; reads in flight never exceed the staging budget. No safe API can reach a
@@ -41,17 +41,22 @@ use std::path::Path;
 pub use device::{Device, DEVICE_ENV};
 pub use error::LoadError;
 pub use loader::{
-    DirectIo, Loader, LoaderBuilder, Tuning, DEFAULT_CHUNK_SIZE, DEFAULT_IO_WORKERS, DEFAULT_QUEUE_DEPTH,
+    DirectIo, Loader, LoaderBuilder, Settings, DEFAULT_CHUNK_SIZE, DEFAULT_IO_WORKERS, DEFAULT_QUEUE_DEPTH,
     DEFAULT_STAGING_BUDGET, DEFAULT_STREAMS,
 };
 pub use pipeline::TensorStream;
 pub use stats::{LoadStats, Progress};
 pub use tensor::{Element, Model, Tensor, ViewError};
-pub use tensorlift_cuda::dlpack;
-pub use tensorlift_format as format;
-pub use tensorlift_format::{Dtype, FormatError, LoadPlan};
-pub use tensorlift_io as io;
-pub use tensorlift_io::{Checkpoint, MapContract, PlanLimits};
+pub use tensorlift_cuda::{dlpack, CudaError};
+/// Element types, by the names headers use (`BF16`, `F32`, ...).
+#[doc(no_inline)]
+pub use tensorlift_format::Dtype;
+pub use tensorlift_format::{FormatError, LoadPlan, PlannedTensor, Shard};
+#[doc(hidden)]
+pub use tensorlift_io::Faults;
+pub use tensorlift_io::{
+    block_on, BackendKind, Checkpoint, FixedBuffers, IoError, IoReport, MapContract, PlanLimits, UringStatus,
+};
 
 /// Resolves `path` (a `.safetensors` file, an index JSON or a folder) and validates every
 /// shard's header, reading headers only, with the default [`PlanLimits`]. The shards it

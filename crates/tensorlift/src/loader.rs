@@ -39,25 +39,6 @@ impl std::str::FromStr for DirectIo {
     }
 }
 
-/// Overrides of the loader's knobs, each optional, as a command-line tool collects them
-/// (`LoaderBuilder::tuning` applies the ones that are set).
-#[derive(Debug, Clone, Default)]
-#[non_exhaustive]
-pub struct Tuning {
-    /// See [`LoaderBuilder::chunk_size`].
-    pub chunk_size: Option<usize>,
-    /// See [`LoaderBuilder::staging_budget`].
-    pub staging_budget: Option<usize>,
-    /// See [`LoaderBuilder::queue_depth`].
-    pub queue_depth: Option<u32>,
-    /// See [`LoaderBuilder::io_backend`].
-    pub io_backend: Option<BackendKind>,
-    /// See [`LoaderBuilder::io_workers`].
-    pub io_workers: Option<usize>,
-    /// See [`LoaderBuilder::direct_io`].
-    pub direct_io: Option<DirectIo>,
-}
-
 #[derive(Clone)]
 pub(crate) struct Config {
     pub device: Option<Device>,
@@ -211,29 +192,6 @@ impl LoaderBuilder {
         self.cfg.streams = streams.clamp(1, 64);
         self
     }
-    /// Applies every override that `tuning` sets.
-    pub fn tuning(mut self, tuning: &Tuning) -> Self {
-        if let Some(v) = tuning.chunk_size {
-            self = self.chunk_size(v);
-        }
-        if let Some(v) = tuning.staging_budget {
-            self = self.staging_budget(v);
-        }
-        if let Some(v) = tuning.queue_depth {
-            self = self.queue_depth(v);
-        }
-        if let Some(v) = tuning.io_backend {
-            self = self.io_backend(v);
-        }
-        if let Some(v) = tuning.io_workers {
-            self = self.io_workers(v);
-        }
-        if let Some(v) = tuning.direct_io {
-            self = self.direct_io(v);
-        }
-        self
-    }
-
     /// Injects I/O faults, to test the fallbacks and error paths.
     #[doc(hidden)]
     pub fn io_faults(mut self, faults: Faults) -> Self {
@@ -247,7 +205,10 @@ impl LoaderBuilder {
         let requested = match self.cfg.device {
             Some(d) => (d, "requested".to_owned()),
             None => match std::env::var(DEVICE_ENV) {
-                Ok(v) => (v.parse()?, format!("{DEVICE_ENV}={v}")),
+                Ok(v) => (
+                    v.parse().map_err(|_| LoadError::InvalidDevice(format!("{DEVICE_ENV}={v}")))?,
+                    format!("{DEVICE_ENV}={v}"),
+                ),
                 Err(_) => (Device::Auto, "default".to_owned()),
             },
         };
@@ -328,6 +289,24 @@ fn compile_filter(patterns: &[String]) -> Result<Option<GlobSet>, LoadError> {
     set.build().map(Some).map_err(|e| LoadError::InvalidFilter { pattern: patterns.join(","), message: e.to_string() })
 }
 
+/// The settings a loader runs with, after defaults and clamping.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Settings {
+    /// Bytes per read.
+    pub chunk_size: usize,
+    /// Bytes in flight at most.
+    pub staging_budget: usize,
+    /// Reads in flight at most.
+    pub queue_depth: u32,
+    /// io_uring worker threads.
+    pub io_workers: usize,
+    /// O_DIRECT policy.
+    pub direct_io: DirectIo,
+    /// CUDA streams.
+    pub streams: usize,
+}
+
 /// Loads checkpoints. Immutable and cheap to share: one loader serves many loads, on any
 /// thread, and owns the I/O workers.
 pub struct Loader {
@@ -359,6 +338,18 @@ impl Loader {
         self.device
     }
 
+    /// The settings this loader runs with.
+    pub fn settings(&self) -> Settings {
+        Settings {
+            chunk_size: self.cfg.chunk_size,
+            staging_budget: self.cfg.staging_budget,
+            queue_depth: self.cfg.queue_depth,
+            io_workers: self.cfg.io_workers,
+            direct_io: self.cfg.direct,
+            streams: self.cfg.streams,
+        }
+    }
+
     /// Why that device: a request, a variable, or `auto`'s probe result.
     pub fn device_reason(&self) -> &str {
         &self.device_reason
@@ -388,16 +379,37 @@ impl Loader {
 
     /// The validated plan for `path`, with the filter applied. Reads headers only; the
     /// shards it opened stay open (up to [`LoaderBuilder::max_open_files`]) for the load.
+    ///
+    /// This reads and parses every header on the calling thread (milliseconds for most
+    /// checkpoints, more for 100,000s of tensors); [`load`](Self::load) does it on a
+    /// thread of its own instead.
     pub fn plan(&self, path: impl AsRef<Path>) -> Result<Checkpoint, LoadError> {
-        let _span = tracing::info_span!("plan", path = %path.as_ref().display()).entered();
-        let mut plan = tensorlift_io::open_checkpoint(path.as_ref(), &self.cfg.limits)?;
-        if let Some(set) = &self.filter {
-            plan.retain(|t| set.is_match(&t.name));
-        }
-        Ok(plan)
+        self.planner().plan(path.as_ref())
     }
 
-    /// Starts loading `path` and yields tensors as their bytes land.
+    fn planner(&self) -> Planner {
+        Planner { limits: self.cfg.limits, filter: self.filter.clone(), patterns: self.cfg.filter.clone() }
+    }
+
+    /// [`plan`](Self::plan) on a thread of its own, so that an async caller's thread keeps
+    /// serving other tasks meanwhile.
+    async fn plan_elsewhere(&self, path: &Path) -> Result<Checkpoint, LoadError> {
+        let planner = self.planner();
+        let owned = path.to_path_buf();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new().name("tensorlift-plan".into()).spawn(move || {
+            let _ = tx.send(planner.plan(&owned));
+        });
+        match spawned {
+            // No answer means the thread panicked: a bug, reported as such.
+            Ok(_) => rx.await.unwrap_or(Err(LoadError::PlanningFailed)),
+            // No thread to be had: plan on this one.
+            Err(_) => self.plan(path),
+        }
+    }
+
+    /// Starts loading `path` and yields tensors as their bytes land. Plans on the calling
+    /// thread first (see [`plan`](Self::plan)).
     pub fn stream(&self, path: impl AsRef<Path>) -> Result<TensorStream, LoadError> {
         let started = Instant::now();
         self.start(self.plan(path)?, started)
@@ -430,10 +442,12 @@ impl Loader {
         TensorStream::start(Arc::clone(&self.reader), plan, &self.cfg, &self.target, stats, started)
     }
 
-    /// Loads every (selected) tensor of `path`.
+    /// Loads every (selected) tensor of `path`. Headers are read and parsed on a thread of
+    /// the loader's, reads by its I/O workers: the caller's thread only waits.
     pub async fn load(&self, path: impl AsRef<Path>) -> Result<Model, LoadError> {
-        let stream = self.stream(path)?;
-        collect(stream).await
+        let started = Instant::now();
+        let plan = self.plan_elsewhere(path.as_ref()).await?;
+        collect(self.start(plan, started)?).await
     }
 
     /// Loads a plan made earlier.
@@ -452,6 +466,31 @@ impl Loader {
     }
 }
 
+/// What planning needs of a loader, to plan on another thread.
+struct Planner {
+    limits: PlanLimits,
+    filter: Option<GlobSet>,
+    patterns: Vec<String>,
+}
+
+impl Planner {
+    fn plan(&self, path: &Path) -> Result<Checkpoint, LoadError> {
+        let _span = tracing::info_span!("plan", path = %path.display()).entered();
+        let mut plan = tensorlift_io::open_checkpoint(path, &self.limits)?;
+        if let Some(set) = &self.filter {
+            let before = plan.tensors().len();
+            plan.retain(|t| set.is_match(&t.name));
+            if plan.tensors().is_empty() && before > 0 {
+                return Err(LoadError::NothingMatched {
+                    file: crate::pipeline::plan_file(&plan),
+                    patterns: self.patterns.clone(),
+                });
+            }
+        }
+        Ok(plan)
+    }
+}
+
 async fn collect(mut stream: TensorStream) -> Result<Model, LoadError> {
     let span = tracing::info_span!("read", tensors = stream.plan().tensors().len());
     async move {
@@ -459,7 +498,7 @@ async fn collect(mut stream: TensorStream) -> Result<Model, LoadError> {
         while let Some(t) = stream.next().await {
             tensors.push(t?);
         }
-        Ok(Model::new(tensors, stream.stats().clone()))
+        Ok(Model::new(tensors, stream.stats().clone(), stream.plan()))
     }
     .instrument(span)
     .await

@@ -100,7 +100,11 @@ pub struct TensorStream {
     total_bytes: u64,
     started: Instant,
     read_wait: Duration,
+    /// When the stream last had to wait, for `read_wait`.
+    waiting_since: Option<Instant>,
     finished: bool,
+    /// An error to report once everything in flight has drained.
+    failed: Option<LoadError>,
     stats: LoadStats,
 }
 
@@ -144,7 +148,9 @@ impl TensorStream {
             total_bytes: 0,
             started,
             read_wait: Duration::ZERO,
+            waiting_since: None,
             finished: false,
+            failed: None,
             stats,
             plan,
         };
@@ -155,11 +161,10 @@ impl TensorStream {
         let window = (cfg.limits.open_files_bound() / 4).max(1);
         let reads = layout::reads(&spans, cfg.chunk_size, window);
         stream.total_bytes = reads.iter().map(|r| r.len as u64).sum();
-        stream.stats.bytes_read = stream.total_bytes;
         match (cfg.map_views, target) {
             (Some(contract), crate::loader::Target::Host) => {
+                // Nothing is read: the tensors are views of the files.
                 crate::open::map_all(&mut stream.plan, &spans, contract, &mut stream.ready, &mut stream.stats)?;
-                stream.stats.bytes_read = stream.plan.total_bytes();
             }
             (_, crate::loader::Target::Host) => {
                 let sink = crate::dest_host::HostSink::new(&stream.plan, spans, cfg.chunk_size, &mut stream.ready)?;
@@ -174,27 +179,55 @@ impl TensorStream {
     }
 
     /// The next tensor whose bytes have all landed; `None` when the load is complete.
+    /// (`TensorStream` is also a [`futures_core::Stream`] of the same items.)
     pub async fn next(&mut self) -> Option<Result<Tensor, LoadError>> {
+        std::future::poll_fn(|cx| self.poll_tensor(cx)).await
+    }
+
+    fn poll_tensor(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Tensor, LoadError>>> {
         loop {
+            if let Some(e) = self.failed.take() {
+                // A failed load drains its reads and copies before it reports.
+                let drained = match &mut self.dest {
+                    Dest::Host(s) => s.poll_abort(cx),
+                    Dest::Cuda(s) => s.poll_abort(cx),
+                    Dest::Mapped => Poll::Ready(()),
+                };
+                if drained.is_pending() {
+                    self.failed = Some(e);
+                    return Poll::Pending;
+                }
+                self.dest = Dest::Mapped;
+                self.ready.clear();
+                self.finished = true;
+                return Poll::Ready(Some(Err(e)));
+            }
             if let Some(t) = self.ready.pop_front() {
                 self.stats.tensors += 1;
-                return Some(Ok(t));
+                return Poll::Ready(Some(Ok(t)));
             }
             if self.finished {
-                return None;
+                return Poll::Ready(None);
             }
             let step = match &mut self.dest {
                 Dest::Host(s) => {
-                    s.step(&self.reader, &mut self.plan, self.direct, &mut self.ready, &mut self.stats).await
+                    s.poll_step(cx, &self.reader, &mut self.plan, self.direct, &mut self.ready, &mut self.stats)
                 }
                 Dest::Cuda(s) => {
-                    s.step(&self.reader, &mut self.plan, self.direct, &mut self.ready, &mut self.stats).await
+                    s.poll_step(cx, &self.reader, &mut self.plan, self.direct, &mut self.ready, &mut self.stats)
                 }
-                Dest::Mapped => Ok(Step::Done),
+                Dest::Mapped => Poll::Ready(Ok(Step::Done)),
             };
             match step {
-                Ok(Step::Progress { bytes, waited }) => {
-                    self.read_wait += waited;
+                Poll::Pending => {
+                    self.waiting_since.get_or_insert_with(Instant::now);
+                    return Poll::Pending;
+                }
+                Poll::Ready(Ok(Step::Progress { bytes, read })) => {
+                    if let (true, Some(t0)) = (read, self.waiting_since.take()) {
+                        self.read_wait += t0.elapsed();
+                    }
+                    self.waiting_since = None;
                     if bytes > 0 {
                         self.done_bytes += bytes;
                         if let Some(p) = &self.progress {
@@ -202,25 +235,10 @@ impl TensorStream {
                         }
                     }
                 }
-                Ok(Step::Done) => self.finish(),
-                Err(e) => {
-                    self.abort().await;
-                    return Some(Err(e));
-                }
+                Poll::Ready(Ok(Step::Done)) => self.finish(),
+                Poll::Ready(Err(e)) => self.failed = Some(e),
             }
         }
-    }
-
-    /// Ends a failed load: waits for every read and copy in flight, then frees all memory.
-    async fn abort(&mut self) {
-        match &mut self.dest {
-            Dest::Host(s) => s.abort().await,
-            Dest::Cuda(s) => s.abort().await,
-            Dest::Mapped => {}
-        }
-        self.dest = Dest::Mapped;
-        self.ready.clear();
-        self.finished = true;
     }
 
     fn finish(&mut self) {
@@ -245,17 +263,18 @@ impl TensorStream {
 
 /// What one scheduling step did.
 enum Step {
-    /// Bytes reached their destination (0 when only reads were issued or waited for), after
-    /// waiting this long for a read.
-    Progress { bytes: u64, waited: Duration },
+    /// Bytes reached their destination (0 when only reads were issued); `read` when a read
+    /// completed (rather than background work).
+    Progress { bytes: u64, read: bool },
     /// Every read landed and every copy completed.
     Done,
 }
 
-/// What woke a waiting step.
-enum Woken<B> {
-    Read(tensorlift_io::ReadResult<B>),
-    Sink(Result<u64, LoadError>),
+impl futures_core::Stream for TensorStream {
+    type Item = Result<Tensor, LoadError>;
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.get_mut().poll_tensor(cx)
+    }
 }
 
 impl<S: Sink> Scheduler<S> {
@@ -314,73 +333,71 @@ impl<S: Sink> Scheduler<S> {
         Ok(())
     }
 
-    async fn step(
+    /// Issues what it can, then waits for one event: a read landing or background work
+    /// (device copies) completing.
+    fn poll_step(
         &mut self,
+        cx: &mut Context<'_>,
         reader: &Reader,
         plan: &mut Checkpoint,
         direct: DirectIo,
         ready: &mut VecDeque<Tensor>,
         stats: &mut LoadStats,
-    ) -> Result<Step, LoadError> {
-        self.fill(reader, plan, direct, stats)?;
+    ) -> Poll<Result<Step, LoadError>> {
+        if let Err(e) = self.fill(reader, plan, direct, stats) {
+            return Poll::Ready(Err(e));
+        }
         if self.in_flight.is_empty() && !self.sink.busy() {
             if self.next < self.reads.len() {
                 // Nothing in flight and no buffer to be had: the budget is below one chunk.
-                return Err(LoadError::Open(tensorlift_io::IoError::Open {
+                return Poll::Ready(Err(LoadError::Open(tensorlift_io::IoError::Open {
                     file: plan.root().to_path_buf(),
                     source: std::io::Error::other("no staging buffer can be had for the next read"),
-                }));
+                })));
             }
-            return Ok(Step::Done);
+            return Poll::Ready(Ok(Step::Done));
         }
-        let t0 = Instant::now();
-        let plan_ref: &LoadPlan = plan;
-        let woken = std::future::poll_fn(|cx| {
-            if self.sink.busy() {
-                if let Poll::Ready(r) = self.sink.poll_progress(cx, plan_ref, ready) {
-                    return Poll::Ready(Woken::Sink(r));
-                }
+        if self.sink.busy() {
+            if let Poll::Ready(r) = self.sink.poll_progress(cx, plan, ready) {
+                return Poll::Ready(r.map(|bytes| Step::Progress { bytes, read: false }));
             }
-            match self.in_flight.front_mut() {
-                Some(f) => Pin::new(&mut f.fut).poll(cx).map(Woken::Read),
-                None => Poll::Pending,
-            }
-        })
-        .await;
-        let waited = t0.elapsed();
-        match woken {
-            Woken::Sink(r) => Ok(Step::Progress { bytes: r?, waited: Duration::ZERO }),
-            Woken::Read(result) => {
-                let Some(f) = self.in_flight.pop_front() else {
-                    return Ok(Step::Progress { bytes: 0, waited });
+        }
+        let Some(f) = self.in_flight.front_mut() else { return Poll::Pending };
+        let Poll::Ready(result) = Pin::new(&mut f.fut).poll(cx) else { return Poll::Pending };
+        let Some(f) = self.in_flight.pop_front() else { return Poll::Pending };
+        let read = self.reads[f.read];
+        self.in_flight_bytes -= read.len as u64;
+        // The shard's last read has landed: close it.
+        self.reads_left[read.shard] -= 1;
+        if self.reads_left[read.shard] == 0 && self.files[read.shard].take().is_some() {
+            self.open -= 1;
+        }
+        match result {
+            Ok(buf) => {
+                stats.bytes_read += read.len as u64;
+                let bytes = match self.sink.landed(plan, &read, buf, ready) {
+                    Ok(b) => b,
+                    Err(e) => return Poll::Ready(Err(e)),
                 };
-                let read = self.reads[f.read];
-                self.in_flight_bytes -= read.len as u64;
-                // The shard's last read has landed: close it.
-                self.reads_left[read.shard] -= 1;
-                if self.reads_left[read.shard] == 0 && self.files[read.shard].take().is_some() {
-                    self.open -= 1;
-                }
-                match result {
-                    Ok(buf) => {
-                        let bytes = self.sink.landed(plan, &read, buf, ready)?;
-                        Ok(Step::Progress { bytes, waited })
-                    }
-                    Err(failed) => Err(read_error(plan, &read, failed.error)),
-                }
+                Poll::Ready(Ok(Step::Progress { bytes, read: true }))
             }
+            Err(failed) => Poll::Ready(Err(read_error(plan, &read, failed.error))),
         }
     }
 
     /// Waits for every read in flight (their buffers go back), then for the sink's work.
-    async fn abort(&mut self) {
+    fn poll_abort(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         self.next = self.reads.len();
-        while let Some(f) = self.in_flight.pop_front() {
-            let _ = f.fut.await;
+        while let Some(f) = self.in_flight.front_mut() {
+            if Pin::new(&mut f.fut).poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.in_flight.pop_front();
         }
         self.files.iter_mut().for_each(|f| *f = None);
         self.open = 0;
         self.sink.abort();
+        Poll::Ready(())
     }
 }
 

@@ -1,5 +1,5 @@
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -270,19 +270,46 @@ fn dlpack_dtype(d: Dtype) -> Option<dlpack::DLDataType> {
     Some(dlpack::DLDataType { code: c, bits, lanes: 1 })
 }
 
-/// Every tensor of a load, by name, with the load's statistics.
+/// Every tensor of a load, by name, with the load's statistics and the checkpoint's metadata.
 #[derive(Debug, Clone)]
 pub struct Model {
     tensors: Vec<Tensor>,
     by_name: HashMap<Arc<str>, usize>,
     stats: LoadStats,
+    metadata: BTreeMap<String, String>,
+    shard_metadata: Vec<(String, BTreeMap<String, String>)>,
+    index_metadata: Option<serde_json::Value>,
 }
 
 impl Model {
-    pub(crate) fn new(mut tensors: Vec<Tensor>, stats: LoadStats) -> Model {
+    pub(crate) fn new(mut tensors: Vec<Tensor>, stats: LoadStats, plan: &tensorlift_format::LoadPlan) -> Model {
         tensors.sort_by(|a, b| a.name.cmp(&b.name));
         let by_name = tensors.iter().enumerate().map(|(i, t)| (Arc::clone(&t.name), i)).collect();
-        Model { tensors, by_name, stats }
+        let shard_metadata: Vec<(String, BTreeMap<String, String>)> =
+            plan.shards().iter().map(|s| (s.name.clone(), s.header.metadata.clone().unwrap_or_default())).collect();
+        let mut metadata = BTreeMap::new();
+        for (_, m) in &shard_metadata {
+            for (k, v) in m {
+                metadata.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
+        Model { tensors, by_name, stats, metadata, shard_metadata, index_metadata: plan.index_metadata().cloned() }
+    }
+
+    /// Every shard's `__metadata__`, merged: where shards disagree on a key, the first shard
+    /// (in load order) that has it wins; [`shard_metadata`](Self::shard_metadata) has each.
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+
+    /// Each shard's name and `__metadata__` (empty where it has none), in load order.
+    pub fn shard_metadata(&self) -> &[(String, BTreeMap<String, String>)] {
+        &self.shard_metadata
+    }
+
+    /// The index's `metadata` object (often `{"total_size": ...}`), for a sharded checkpoint.
+    pub fn index_metadata(&self) -> Option<&serde_json::Value> {
+        self.index_metadata.as_ref()
     }
     /// A tensor by name.
     pub fn get(&self, name: &str) -> Option<&Tensor> {

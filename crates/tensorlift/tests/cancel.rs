@@ -5,8 +5,9 @@ use std::time::{Duration, Instant};
 
 use std::collections::BTreeMap;
 
-use tensorlift::io::{BackendKind, HostArena};
+use tensorlift::BackendKind;
 use tensorlift::{Device, Dtype, Loader};
+use tensorlift_io::HostArena;
 
 fn checkpoint() -> (std::path::PathBuf, BTreeMap<String, Vec<u8>>) {
     let dir = tempfile::Builder::new().prefix("tl-cancel-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap().keep();
@@ -36,7 +37,7 @@ fn cancelled_loads_free_everything() {
         assert!(r.is_err() || r.is_ok_and(|m| m.is_ok()));
         // A stream dropped after its first tensor.
         let mut stream = loader.stream(&path).unwrap();
-        let first = tensorlift::io::block_on(stream.next()).unwrap().unwrap();
+        let first = tensorlift::block_on(stream.next()).unwrap().unwrap();
         assert_eq!(first.bytes().unwrap().len(), 4 << 20);
         drop(first);
         drop(stream);

@@ -78,3 +78,26 @@ fn special_files_are_refused_without_waiting() {
     let err = tensorlift_io::direct_io_support(&fifo).unwrap_err().to_string();
     assert!(err.contains("FIFO"), "{err}");
 }
+
+/// A read that starts past the end of a truncated file says where the file ends now, not
+/// where the read was.
+#[test]
+fn end_of_file_errors_name_the_real_end() {
+    let dir = scratch(false).unwrap();
+    let path = write_file(&dir, "t.bin", &pattern(300_000, 4));
+    for backend in crate::support::BACKENDS {
+        let reader = Reader::builder().backend(backend).build();
+        let file = reader.open(&path).unwrap();
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(100_000).unwrap();
+        match reader.read(&file, 204_800, vec![0u8; 4096], 0, 4096).wait() {
+            Err(f) => match f.error {
+                IoError::UnexpectedEof { at, offset, .. } => {
+                    assert_eq!((at, offset), (100_000, 204_800), "{backend:?}")
+                }
+                other => panic!("{backend:?}: {other}"),
+            },
+            Ok(_) => panic!("{backend:?}: read past the end succeeded"),
+        }
+        std::fs::write(&path, pattern(300_000, 4)).unwrap();
+    }
+}

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tensorlift::io::BackendKind;
+use tensorlift::BackendKind;
 use tensorlift::{Device, DirectIo, Dtype, LoadError, Loader, LoaderBuilder, Model};
 use tensorlift_cuda::emulator::{self, Fault};
 use tensorlift_testkit::{write_shard, write_sharded, Spec};
@@ -148,7 +148,7 @@ fn streamed_tensors_are_already_on_the_device() {
     let loader = base().chunk_size(64 << 10).build().unwrap();
     let mut stream = loader.stream(&path).unwrap();
     let mut seen = 0;
-    while let Some(t) = tensorlift::io::block_on(stream.next()) {
+    while let Some(t) = tensorlift::block_on(stream.next()) {
         let t = t.unwrap();
         assert!(t.to_host().unwrap().as_ref() == truth[t.name()].as_slice(), "{} yielded early", t.name());
         seen += 1;
@@ -266,7 +266,7 @@ fn cancelled_loads_leave_nothing_on_the_device() {
     let loader = base().chunk_size(256 << 10).build().unwrap();
     // A stream dropped after its first tensor, with reads and copies in flight.
     let mut stream = loader.stream(&path).unwrap();
-    let first = tensorlift::io::block_on(stream.next()).unwrap().unwrap();
+    let first = tensorlift::block_on(stream.next()).unwrap().unwrap();
     drop(stream);
     assert!(first.to_host().unwrap().as_ref() == truth[first.name()].as_slice());
     drop(first);

@@ -60,7 +60,7 @@ fn async_load_and_stream_match() {
     assert_eq!(spawned, truth.len());
     let mut stream = loader.stream(&path).unwrap();
     let mut seen = 0;
-    while let Some(t) = tensorlift::io::block_on(stream.next()) {
+    while let Some(t) = tensorlift::block_on(stream.next()) {
         let t = t.unwrap();
         assert!(t.bytes().unwrap() == truth[t.name()].as_slice(), "{}", t.name());
         seen += 1;
@@ -90,11 +90,11 @@ fn stream_yields_tensors_before_the_load_ends() {
         .build()
         .unwrap();
     let mut stream = loader.stream(&path).unwrap();
-    let first = tensorlift::io::block_on(stream.next()).unwrap().unwrap();
+    let first = tensorlift::block_on(stream.next()).unwrap().unwrap();
     assert_eq!(first.name(), "t00");
     let (d, t) = (done.load(Ordering::SeqCst), total.load(Ordering::SeqCst));
     assert!(d < t / 4, "first tensor came after {d} of {t} bytes");
-    while tensorlift::io::block_on(stream.next()).is_some() {}
+    while tensorlift::block_on(stream.next()).is_some() {}
     assert_eq!(done.load(Ordering::SeqCst), total.load(Ordering::SeqCst));
 }
 

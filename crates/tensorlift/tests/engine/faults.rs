@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use tensorlift::io::BackendKind;
+use tensorlift::BackendKind;
 use tensorlift::{Dtype, LoadError};
 
 use crate::support::*;
@@ -33,9 +33,14 @@ fn truncated_during_the_load() {
             .build()
             .unwrap();
         match loader.load_blocking(&path) {
-            Err(LoadError::Read { file, tensor, .. }) => {
+            Err(LoadError::Read { file, tensor, source }) => {
                 assert_eq!(file, path.canonicalize().unwrap());
                 assert_eq!(tensor, "second", "{backend:?}");
+                // Where the file ends now, not where the failed read was.
+                match source {
+                    tensorlift::IoError::UnexpectedEof { at, .. } => assert_eq!(at, 200_000, "{backend:?}"),
+                    other => panic!("{backend:?}: {other}"),
+                }
             }
             other => panic!("{backend:?}: {other:?}"),
         }
@@ -86,7 +91,7 @@ fn io_fallbacks_still_load_identically() {
     let dir = scratch();
     let path = dir.join("f.safetensors");
     let truth = write_shard(&path, &quirky());
-    let mut f = tensorlift::io::Faults::default();
+    let mut f = tensorlift::Faults::default();
     f.refuse_uring = Some(libc_eperm());
     f.refuse_direct = true;
     f.max_read = Some(1000);

@@ -1,7 +1,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use tensorlift::io::BackendKind;
+use tensorlift::BackendKind;
 use tensorlift::{DirectIo, Dtype, Loader, LoaderBuilder, Model};
 
 pub use tensorlift_testkit::{write_shard, write_sharded, Spec};

@@ -1,0 +1,103 @@
+//! The library's API does what it says: metadata on the model, the stream as a
+//! `futures_core::Stream`, an async caller's thread kept free, measured statistics.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_core::Stream;
+use tensorlift::Dtype;
+
+use crate::support::*;
+
+#[test]
+fn metadata_is_on_the_model() {
+    let dir = scratch();
+    let truth = write_sharded(&dir, &[&[("a", Dtype::U8, &[3])], &[("b", Dtype::U8, &[4])]]);
+    // Shard metadata, written by hand into the first shard's header.
+    let first = dir.join("model-00001-of-00002.safetensors");
+    let json = r#"{"__metadata__":{"format":"pt","who":"test"},"a":{"dtype":"U8","shape":[3],"data_offsets":[0,3]}}"#;
+    let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(json.as_bytes());
+    bytes.extend_from_slice(&truth["a"]);
+    std::fs::write(&first, bytes).unwrap();
+    let model = base().build().unwrap().load_blocking(&dir).unwrap();
+    assert_eq!(model.metadata().get("format").map(String::as_str), Some("pt"));
+    assert_eq!(model.shard_metadata().len(), 2);
+    assert_eq!(model.shard_metadata()[0].1["who"], "test");
+    assert!(model.shard_metadata()[1].1.is_empty());
+    assert_eq!(model.index_metadata().unwrap()["total_size"], serde_json::Value::Null);
+}
+
+#[test]
+fn the_stream_is_a_futures_stream() {
+    let dir = scratch();
+    let path = dir.join("s.safetensors");
+    let truth = write_shard(&path, &quirky());
+    let mut stream = base().chunk_size(4096).build().unwrap().stream(&path).unwrap();
+    let mut seen = 0;
+    while let Some(t) = tensorlift::block_on(std::future::poll_fn(|cx| Pin::new(&mut stream).poll_next(cx))) {
+        let t = t.unwrap();
+        assert!(t.bytes().unwrap() == truth[t.name()].as_slice());
+        seen += 1;
+    }
+    assert_eq!(seen, truth.len());
+}
+
+/// Defect: `load()` planned on the caller's async thread, stalling a single-threaded
+/// runtime while headers were parsed. The timer here must keep ticking before the first
+/// byte lands, while 150,000 tensor headers are parsed.
+#[test]
+fn an_async_callers_thread_keeps_serving_while_headers_are_parsed() {
+    let dir = scratch();
+    let names: Vec<String> = (0..150_000).map(|i| format!("layer.{i}.weight")).collect();
+    let specs: Vec<Spec<'_>> = names.iter().map(|n| (n.as_str(), Dtype::U8, &[1usize][..])).collect();
+    let path = dir.join("big-header.safetensors");
+    write_shard(&path, &specs);
+    let ticks = Arc::new(AtomicUsize::new(0));
+    let at_first_progress = Arc::new(AtomicUsize::new(usize::MAX));
+    let (t, f) = (Arc::clone(&ticks), Arc::clone(&at_first_progress));
+    let loader = base()
+        .progress(move |_| {
+            let _ = f.compare_exchange(usize::MAX, t.load(Ordering::SeqCst), Ordering::SeqCst, Ordering::SeqCst);
+        })
+        .build()
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    let model = rt.block_on(async {
+        let t = Arc::clone(&ticks);
+        let timer = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                t.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        let m = loader.load(&path).await;
+        timer.abort();
+        m
+    });
+    assert_eq!(model.unwrap().len(), 150_000);
+    let ticked = at_first_progress.load(Ordering::SeqCst);
+    assert!(ticked != usize::MAX && ticked >= 3, "the timer ticked {ticked} times while headers were parsed");
+}
+
+#[test]
+fn statistics_are_measured() {
+    let dir = scratch();
+    let path = dir.join("m.safetensors");
+    write_shard(&path, &[("a", Dtype::U8, &[3 << 20]), ("b", Dtype::U8, &[5 << 20]), ("c", Dtype::U8, &[100])]);
+    let file_len = std::fs::metadata(&path).unwrap().len();
+    let model = base().chunk_size(1 << 20).build().unwrap().load_blocking(&path).unwrap();
+    let s = model.stats();
+    assert_eq!(s.bytes, (8 << 20) + 100);
+    // Every byte from the page-aligned start of the data to its end was read, no more.
+    assert!(s.bytes_read >= s.bytes && s.bytes_read <= file_len, "{} of {file_len}", s.bytes_read);
+    assert_eq!(s.tensors, 3);
+    // With a filter, only the selected tensor's bytes (and page padding) are read.
+    let model = base().filter(["c"]).build().unwrap().load_blocking(&path).unwrap();
+    assert!(model.stats().bytes_read < 2 * 4096, "{}", model.stats().bytes_read);
+    // Zero-copy views read nothing.
+    let model = base().map_views(map_contract()).build().unwrap().load_blocking(&path).unwrap();
+    assert_eq!(model.stats().bytes_read, 0);
+}
