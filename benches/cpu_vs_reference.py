@@ -11,6 +11,7 @@ warm runs read every shard once first. Prints medians and the ratio, and with --
 writes them as JSON.
 
   python3 benches/cpu_vs_reference.py --tensorlift target/release/tensorlift
+  python3 benches/cpu_vs_reference.py --python      # the Python package, in this process
 """
 import argparse
 import json
@@ -77,6 +78,17 @@ def run_tensorlift(binary, folder, extra):
     return dt, json.loads(out.stdout)
 
 
+def run_python(folder):
+    import tensorlift
+
+    t = time.perf_counter()
+    loaded = tensorlift.load_file(folder, framework="np")
+    dt = time.perf_counter() - t
+    nbytes = sum(a.nbytes for a in loaded.values())
+    del loaded
+    return dt, {"seconds": dt, "bytes": nbytes}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tensorlift", default="target/release/tensorlift")
@@ -86,6 +98,9 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--cache", choices=["warm", "cold", "both"], default="both")
     ap.add_argument("--extra", default="", help="extra arguments for tensorlift load")
+    ap.add_argument("--python", action="store_true",
+                    help="time the tensorlift Python package in this process (tensorlift.load_file(framework='np')) "
+                         "instead of the command")
     ap.add_argument("--json-out")
     a = ap.parse_args()
     folder = os.path.join(a.dir, f"{a.size_gib:g}GiB-{a.shards}shards")
@@ -105,7 +120,10 @@ def main():
                     dt, nbytes = run_reference(paths)
                     ref.append(dt)
                 else:
-                    dt, out = run_tensorlift(a.tensorlift, folder, a.extra.split())
+                    if a.python:
+                        dt, out = run_python(folder)
+                    else:
+                        dt, out = run_tensorlift(a.tensorlift, folder, a.extra.split())
                     tl.append(dt)
                     tl_inner.append(out["seconds"])
                     nbytes_tl = out["bytes"]

@@ -6,6 +6,7 @@
 //! holds.
 
 use std::ffi::CStr;
+use std::sync::Arc;
 
 use pyo3::exceptions::{PyBufferError, PyFileNotFoundError, PyRuntimeError, PyValueError};
 use pyo3::ffi;
@@ -54,6 +55,11 @@ impl PyTensor {
     #[getter]
     fn nbytes(&self) -> usize {
         self.inner.len()
+    }
+
+    /// The tensor's bytes as a one-dimensional `uint8` DLPack producer, without a copy.
+    fn raw_bytes(&self) -> PyRawBytes {
+        PyRawBytes { inner: self.inner.clone() }
     }
 
     /// `(device_type, device_id)` as DLPack numbers them: `(1, 0)` for the host, `(2, N)`
@@ -172,24 +178,22 @@ fn py_err(e: LoadError) -> PyErr {
 }
 
 /// Loads every tensor of `path` (a `.safetensors` file, an index, or a folder) onto `device`
-/// (`"cpu"`, `"cuda"`, `"cuda:N"`, `"auto"`), with the GIL released; returns a dict of name
-/// to `Tensor`.
+/// (`"cpu"`, `"cuda"`, `"cuda:N"`, `"auto"`), with the GIL released (Ctrl-C interrupts it);
+/// returns a dict of name to `Tensor`. `filter`: names or globs to load only those;
+/// `progress(done, total)`: called as bytes land.
 #[pyfunction]
-#[pyo3(signature = (path, device="cpu"))]
-fn load(py: Python<'_>, path: std::path::PathBuf, device: &str) -> PyResult<Py<PyDict>> {
-    let device = device_of(device)?;
-    let model = py
-        .detach(|| {
-            let loader = Loader::builder().device(device).build()?;
-            loader.load_blocking(&path)
-        })
-        .map_err(py_err)?;
-    let dict = PyDict::new(py);
-    for t in model.into_tensors() {
-        let name = t.name().to_owned();
-        dict.set_item(name, Py::new(py, PyTensor { inner: t })?)?;
-    }
-    Ok(dict.unbind())
+#[pyo3(signature = (path, device="cpu", filter=None, progress=None))]
+fn load(
+    py: Python<'_>,
+    path: std::path::PathBuf,
+    device: &str,
+    filter: Option<Vec<String>>,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<Py<PyDict>> {
+    let raised = Raised::default();
+    let loader = loader(device, filter, progress, &raised)?;
+    let model = wait(py, loader.load(&path), &raised)?.map_err(py_err)?;
+    tensors_dict(py, model.into_tensors())
 }
 
 /// Where a load with `device` would go, and why: `(device, reason)`.
@@ -201,10 +205,333 @@ fn resolve_device(py: Python<'_>, device: &str) -> PyResult<(String, String)> {
     Ok((loader.device().to_string(), loader.device_reason().to_owned()))
 }
 
+/// A tensor's bytes as a one-dimensional DLPack tensor of `uint8` (for dtypes a consumer
+/// does not know, such as bfloat16 in numpy: it reinterprets them).
+#[pyclass(module = "tensorlift", name = "RawBytes", frozen)]
+struct PyRawBytes {
+    inner: tensorlift::Tensor,
+}
+
+#[pymethods]
+impl PyRawBytes {
+    fn __dlpack_device__(&self) -> (i32, i32) {
+        PyTensor { inner: self.inner.clone() }.__dlpack_device__()
+    }
+
+    #[pyo3(signature = (*, stream=None, max_version=None, dl_device=None, copy=None))]
+    fn __dlpack__(
+        &self,
+        py: Python<'_>,
+        stream: Option<Py<PyAny>>,
+        max_version: Option<(u32, u32)>,
+        dl_device: Option<(i32, i32)>,
+        copy: Option<bool>,
+    ) -> PyResult<Py<PyAny>> {
+        let _ = (stream, max_version, dl_device, copy);
+        let p = self.inner.to_dlpack_bytes().map_err(|e| PyBufferError::new_err(e.to_string()))?;
+        // SAFETY: p is a live DLManagedTensorVersioned owned by the capsule from here on; the
+        // name is a static C string; the destructor matches the name.
+        let capsule = unsafe { ffi::PyCapsule_New(p.cast(), VERSIONED_NAME.as_ptr(), Some(drop_versioned)) };
+        // SAFETY: PyCapsule_New returns a new reference, or null with an exception set.
+        unsafe { Bound::from_owned_ptr_or_err(py, capsule) }.map(Bound::unbind)
+    }
+}
+
+/// Waits for `fut` with the GIL released, waking every 50 ms to let Python handle signals:
+/// Ctrl-C raises `KeyboardInterrupt` promptly, and dropping the future (the caller's
+/// return) cancels the load and frees everything.
+fn wait<F: std::future::Future + Send>(py: Python<'_>, fut: F, raised: &Raised) -> PyResult<F::Output>
+where
+    F::Output: Send,
+{
+    use std::task::{Context, Poll, Wake, Waker};
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let mut fut = std::pin::pin!(fut);
+    loop {
+        let polled = py.detach(|| {
+            let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+            let mut cx = Context::from_waker(&waker);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_millis(50);
+            loop {
+                if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+                    return Some(v);
+                }
+                let now = std::time::Instant::now();
+                if now >= deadline {
+                    return None;
+                }
+                std::thread::park_timeout(deadline - now);
+            }
+        });
+        if let Some(e) = raised.take() {
+            return Err(e);
+        }
+        match polled {
+            Some(v) => return Ok(v),
+            None => py.check_signals()?,
+        }
+    }
+}
+
+/// An exception raised by a Python callback during a load (a progress callback, or Ctrl-C
+/// delivered while it ran): the load stops and the exception is raised to the caller.
+#[derive(Clone, Default)]
+struct Raised(Arc<std::sync::Mutex<Option<PyErr>>>);
+
+impl Raised {
+    fn set(&self, e: PyErr) {
+        if let Ok(mut slot) = self.0.lock() {
+            slot.get_or_insert(e);
+        }
+    }
+    fn take(&self) -> Option<PyErr> {
+        self.0.lock().ok().and_then(|mut slot| slot.take())
+    }
+}
+
+/// A loader for `device`, reporting progress to `progress(done, total)` if given; an
+/// exception the callback raises goes to `raised`.
+fn loader(device: &str, filter: Option<Vec<String>>, progress: Option<Py<PyAny>>, raised: &Raised) -> PyResult<Loader> {
+    let mut b = Loader::builder().device(device_of(device)?);
+    if let Some(f) = filter {
+        b = b.filter(f);
+    }
+    if let Some(cb) = progress {
+        let raised = raised.clone();
+        b = b.progress(move |p| {
+            Python::attach(|py| {
+                if let Err(e) = cb.call1(py, (p.done, p.total)) {
+                    raised.set(e);
+                }
+            })
+        });
+    }
+    b.build().map_err(py_err)
+}
+
+fn tensors_dict(py: Python<'_>, tensors: Vec<tensorlift::Tensor>) -> PyResult<Py<PyDict>> {
+    let dict = PyDict::new(py);
+    for t in tensors {
+        let name = t.name().to_owned();
+        dict.set_item(name, Py::new(py, PyTensor { inner: t })?)?;
+    }
+    Ok(dict.unbind())
+}
+
+/// A checkpoint opened once and planned: its shards stay open, tensors are loaded one by
+/// one or a few at a time, and byte ranges of a tensor can be read on their own (slices).
+#[pyclass(module = "tensorlift", name = "Checkpoint", frozen)]
+struct PyCheckpoint {
+    plan: tensorlift::Checkpoint,
+    loader: Loader,
+}
+
+#[pymethods]
+impl PyCheckpoint {
+    #[new]
+    #[pyo3(signature = (path, device="cpu"))]
+    fn new(py: Python<'_>, path: std::path::PathBuf, device: &str) -> PyResult<Self> {
+        let loader = loader(device, None, None, &Raised::default())?;
+        let plan = py.detach(|| loader.plan(&path)).map_err(py_err)?;
+        Ok(PyCheckpoint { plan, loader })
+    }
+
+    /// Tensor names, in file order.
+    fn keys(&self) -> Vec<String> {
+        self.plan.tensors().iter().map(|t| t.name.clone()).collect()
+    }
+
+    /// Every shard's `__metadata__`, merged (the first shard's value wins on a conflict).
+    fn metadata(&self) -> std::collections::BTreeMap<String, String> {
+        let mut out = std::collections::BTreeMap::new();
+        for s in self.plan.shards() {
+            for (k, v) in s.header.metadata.iter().flatten() {
+                out.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
+        out
+    }
+
+    /// Whether any shard has a `__metadata__` entry.
+    fn has_metadata(&self) -> bool {
+        self.plan.shards().iter().any(|s| s.header.metadata.is_some())
+    }
+
+    /// `(dtype, shape, nbytes)` of a tensor.
+    fn info(&self, name: &str) -> PyResult<(String, Vec<usize>, u64)> {
+        let t = self.find(name)?;
+        Ok((t.dtype.to_string(), t.shape.clone(), t.len()))
+    }
+
+    /// Loads the named tensors (GIL released, interruptible): a dict of name to `Tensor`.
+    fn load(&self, py: Python<'_>, names: Vec<String>) -> PyResult<Py<PyDict>> {
+        for n in &names {
+            self.find(n)?;
+        }
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let mut plan = self.plan.clone();
+        plan.retain(|t| refs.contains(&t.name.as_str()));
+        let model = wait(py, self.loader.load_plan(plan), &Raised::default())?.map_err(py_err)?;
+        tensors_dict(py, model.into_tensors())
+    }
+
+    /// `length` bytes at `start` of a tensor's data, read on their own (GIL released).
+    fn read_bytes<'py>(
+        &self,
+        py: Python<'py>,
+        name: &str,
+        start: u64,
+        length: u64,
+    ) -> PyResult<Bound<'py, pyo3::types::PyBytes>> {
+        use std::os::unix::fs::FileExt;
+        let t = self.find(name)?;
+        if start.checked_add(length).is_none_or(|end| end > t.len()) {
+            return Err(PyValueError::new_err(format!("bytes {start}..+{length} are outside tensor '{name}'")));
+        }
+        let shard = t.shard;
+        let at = t.file_range.start + start;
+        let path = self.plan.shards()[shard].path.clone();
+        let mut plan = self.plan.clone();
+        let bytes = py
+            .detach(|| -> Result<Vec<u8>, String> {
+                let file = plan.take_shard(shard).map_err(|e| e.to_string())?;
+                let mut buf = Vec::new();
+                buf.try_reserve_exact(length as usize).map_err(|_| format!("cannot allocate {length} bytes"))?;
+                buf.resize(length as usize, 0);
+                file.read_exact_at(&mut buf, at).map_err(|e| format!("{}: {e}", path.display()))?;
+                Ok(buf)
+            })
+            .map_err(PyRuntimeError::new_err)?;
+        Ok(pyo3::types::PyBytes::new(py, &bytes))
+    }
+
+    /// The device its tensors load to, and why.
+    fn device(&self) -> (String, String) {
+        (self.loader.device().to_string(), self.loader.device_reason().to_owned())
+    }
+}
+
+impl PyCheckpoint {
+    fn find(&self, name: &str) -> PyResult<&tensorlift::PlannedTensor> {
+        self.plan
+            .tensors()
+            .iter()
+            .find(|t| t.name == name)
+            .ok_or_else(|| pyo3::exceptions::PyKeyError::new_err(name.to_owned()))
+    }
+}
+
+/// Tensors of one load as they land: an iterator of `(name, Tensor)`.
+#[pyclass(module = "tensorlift", name = "TensorIterator")]
+struct PyTensorIterator {
+    stream: Option<tensorlift::TensorStream>,
+    raised: Raised,
+}
+
+#[pymethods]
+impl PyTensorIterator {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__(&mut self, py: Python<'_>) -> PyResult<Option<(String, Py<PyTensor>)>> {
+        let Some(stream) = self.stream.as_mut() else { return Ok(None) };
+        let next = wait(py, stream.next(), &self.raised);
+        match next {
+            Err(interrupted) => {
+                // Dropping the stream cancels the load and frees its memory.
+                self.stream = None;
+                Err(interrupted)
+            }
+            Ok(None) => {
+                self.stream = None;
+                Ok(None)
+            }
+            Ok(Some(Err(e))) => {
+                self.stream = None;
+                Err(py_err(e))
+            }
+            Ok(Some(Ok(t))) => Ok(Some((t.name().to_owned(), Py::new(py, PyTensor { inner: t })?))),
+        }
+    }
+
+    /// Stops the load: what is in flight finishes, and everything is freed.
+    fn close(&mut self) {
+        self.stream = None;
+    }
+}
+
+/// Yields `(name, Tensor)` as each tensor lands, reading in the background.
+#[pyfunction]
+#[pyo3(signature = (path, device="cpu", filter=None, progress=None))]
+fn iter_tensors(
+    py: Python<'_>,
+    path: std::path::PathBuf,
+    device: &str,
+    filter: Option<Vec<String>>,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<PyTensorIterator> {
+    let raised = Raised::default();
+    let loader = loader(device, filter, progress, &raised)?;
+    let stream = py.detach(|| loader.stream(&path)).map_err(py_err)?;
+    Ok(PyTensorIterator { stream: Some(stream), raised })
+}
+
+/// The plan of `path` as plain data: files (path, header bytes, metadata) and tensors
+/// (name, dtype, shape, file, data offsets).
+#[pyfunction]
+fn inspect(py: Python<'_>, path: std::path::PathBuf) -> PyResult<Py<PyDict>> {
+    let plan = py.detach(|| tensorlift::plan(&path)).map_err(|e| py_err(LoadError::Format(e)))?;
+    let out = PyDict::new(py);
+    let files = pyo3::types::PyList::empty(py);
+    for s in plan.shards() {
+        let f = PyDict::new(py);
+        f.set_item("path", s.path.display().to_string())?;
+        f.set_item("name", &s.name)?;
+        f.set_item("header_bytes", s.data_start())?;
+        f.set_item("data_bytes", s.header.data_len())?;
+        f.set_item("metadata", s.header.metadata.clone())?;
+        files.append(f)?;
+    }
+    let tensors = pyo3::types::PyList::empty(py);
+    for t in plan.tensors() {
+        let s = &plan.shards()[t.shard];
+        let begin = t.file_range.start - s.data_start();
+        let d = PyDict::new(py);
+        d.set_item("name", &t.name)?;
+        d.set_item("dtype", t.dtype.to_string())?;
+        d.set_item("shape", t.shape.clone())?;
+        d.set_item("file", &s.name)?;
+        d.set_item("data_offsets", (begin, begin + t.len()))?;
+        tensors.append(d)?;
+    }
+    out.set_item("files", files)?;
+    out.set_item("tensors", tensors)?;
+    out.set_item("total_bytes", plan.total_bytes())?;
+    Ok(out.unbind())
+}
+
+/// Host arenas alive in this process (for tests that check memory is freed).
+#[pyfunction]
+fn _live_host_arenas() -> usize {
+    tensorlift_io::HostArena::live_count()
+}
+
 #[pymodule]
 fn _tensorlift(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyTensor>()?;
+    m.add_class::<PyRawBytes>()?;
+    m.add_class::<PyCheckpoint>()?;
+    m.add_class::<PyTensorIterator>()?;
     m.add_function(wrap_pyfunction!(load, m)?)?;
+    m.add_function(wrap_pyfunction!(iter_tensors, m)?)?;
+    m.add_function(wrap_pyfunction!(inspect, m)?)?;
+    m.add_function(wrap_pyfunction!(_live_host_arenas, m)?)?;
     m.add_function(wrap_pyfunction!(resolve_device, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

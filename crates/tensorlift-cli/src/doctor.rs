@@ -23,6 +23,7 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
     let io = loader.io_report();
     let direct = direct_io_support(path);
     let memlock = memlock();
+    let pages = tensorlift_io::page_probe();
     let kernel = kernel_release().unwrap_or_else(|| "unknown".into());
     let limit = |v: Option<u64>| v.map_or_else(|| "unlimited".to_owned(), crate::text::memory);
     let budget = loader.settings().staging_budget as u64;
@@ -75,6 +76,7 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
             "gpu": gpu,
             "io_uring": {"available": matches!(io.uring, tensorlift::UringStatus::Available), "status": io.uring.to_string()},
             "o_direct": direct,
+            "host_pages": {"huge": pages.huge, "huge_first_touch_gbps": pages.huge_gbps, "base_first_touch_gbps": pages.base_gbps},
             "memlock": memlock.map(|Memlock { soft, hard }| json!({"soft_bytes": soft, "hard_bytes": hard, "note": memlock_note})),
             "would_use": {
                 "device": if refused.is_some() { "none".to_owned() } else { loader.device().to_string() },
@@ -125,6 +127,13 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
         },
         Err(e) => writeln!(out, "O_DIRECT    cannot test {}", crate::text::printable(&direct_why(e)))?,
     }
+    writeln!(
+        out,
+        "host pages  {} (fresh memory fills at {:.2} GB/s with huge pages, {:.2} GB/s with base pages)",
+        if pages.huge { "huge" } else { "base" },
+        pages.huge_gbps,
+        pages.base_gbps
+    )?;
     match memlock {
         Some(m) => writeln!(out, "memlock     soft {}, hard {}: {memlock_note}", limit(m.soft), limit(m.hard))?,
         None => writeln!(out, "memlock     unknown")?,

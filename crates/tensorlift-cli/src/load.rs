@@ -41,6 +41,9 @@ pub struct Args {
     /// O_DIRECT policy: auto (for shards not in the page cache), always, never.
     #[arg(long, value_parser = parse_direct)]
     direct: Option<DirectIo>,
+    /// Huge pages for host memory: auto (measured), always, never.
+    #[arg(long, value_parser = |s: &str| s.parse::<tensorlift::HugePages>())]
+    huge_pages: Option<tensorlift::HugePages>,
 }
 
 fn parse_direct(s: &str) -> Result<DirectIo, String> {
@@ -80,6 +83,9 @@ pub fn run(args: &Args, out: &mut dyn Write) -> anyhow::Result<()> {
     }
     if let Some(d) = args.direct {
         builder = builder.direct_io(d);
+    }
+    if let Some(p) = args.huge_pages {
+        builder = builder.huge_pages(p);
     }
     let bar = progress_bar();
     if let Some(bar) = bar.clone() {
@@ -179,6 +185,7 @@ fn to_json(model: &Model, digests: Option<&[String]>) -> serde_json::Value {
         "buffered_shards": s.buffered_shards,
         "bytes": s.bytes,
         "bytes_read": s.bytes_read,
+        "huge_pages": s.huge_pages,
         "seconds": s.wall.as_secs_f64(),
         "gbps": s.gbps(),
     });

@@ -37,8 +37,13 @@ impl HostArena {
     /// An arena of `len` zero bytes to be filled in chunks of `chunk` bytes (a multiple of
     /// the page size). `None` if the memory cannot be allocated.
     pub fn new(len: usize, chunk: usize) -> Option<Arc<HostArena>> {
-        // Large arenas are lazily zeroed huge-page maps (see AlignedBuf): no pass over memory.
-        let mut mem = AlignedBuf::zeroed(len, PAGE)?;
+        Self::with_pages(len, chunk, true)
+    }
+
+    /// [`new`](Self::new), with transparent huge pages (`huge`) or base pages.
+    pub fn with_pages(len: usize, chunk: usize, huge: bool) -> Option<Arc<HostArena>> {
+        // Large arenas are lazily zeroed maps (see AlignedBuf): no pass over memory.
+        let mut mem = AlignedBuf::zeroed_pages(len, PAGE, huge)?;
         let base = mem.stable_mut_ptr();
         // No chunk larger than the arena (rounded to a page): that also keeps the rounding
         // from overflowing for any `chunk`, since `len` bytes were allocated.

@@ -84,11 +84,18 @@ impl AlignedBuf {
     /// `len` zero bytes aligned to `align` (a power of two). `None` if the layout is
     /// invalid or the allocation fails: the caller decides, nothing aborts.
     pub fn zeroed(len: usize, align: usize) -> Option<Self> {
+        Self::zeroed_pages(len, align, true)
+    }
+
+    /// [`zeroed`](Self::zeroed), asking for transparent huge pages (`huge`) for a large
+    /// mapping or not: which faults in faster depends on the machine's memory state (see
+    /// [`page_probe`](crate::page_probe)).
+    pub fn zeroed_pages(len: usize, align: usize, huge: bool) -> Option<Self> {
         if !align.is_power_of_two() {
             return None;
         }
         if len >= MAP_THRESHOLD && align <= HUGE {
-            return Self::mapped(len, if len >= HUGE { HUGE } else { align.max(PAGE) });
+            return Self::mapped(len, if len >= HUGE { HUGE } else { align.max(PAGE) }, huge);
         }
         let layout = Layout::from_size_align(len.max(1), align).ok()?;
         // SAFETY: the layout has a non-zero size.
@@ -96,7 +103,7 @@ impl AlignedBuf {
         Some(Self { ptr: NonNull::new(ptr)?, len, storage: Storage::Heap { align } })
     }
 
-    fn mapped(len: usize, align: usize) -> Option<Self> {
+    fn mapped(len: usize, align: usize, huge: bool) -> Option<Self> {
         // Map `align` extra bytes so that an aligned start lies inside; the slack stays
         // mapped (never touched, so it costs no memory) and is unmapped with the rest.
         let map_len = len.checked_add(align)?.checked_next_multiple_of(PAGE)?;
@@ -118,7 +125,7 @@ impl AlignedBuf {
         let skip = (align - (p as usize) % align) % align;
         // SAFETY: skip < align, and the mapping is len + align bytes long.
         let ptr = unsafe { map_start.add(skip) };
-        if align >= HUGE {
+        if huge && align >= HUGE {
             // Advice only: failure (THP disabled) leaves ordinary pages.
             // SAFETY: the range lies inside our mapping and madvise changes no contents.
             unsafe { libc::madvise(ptr.as_ptr().cast(), len, libc::MADV_HUGEPAGE) };

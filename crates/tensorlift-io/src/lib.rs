@@ -51,5 +51,8 @@ pub use checkpoint::{open_checkpoint, Checkpoint, PlanLimits, DEFAULT_MAX_HEADER
 pub use error::{IoError, ReadFailed, ReadResult};
 pub use file::{direct_io_support, DioAlign, DirectSupport, OpenFile};
 pub use mmap::{MapContract, MappedFile};
-pub use probe::{can_allocate, host_memory_available, kernel_release, memlock, uring_status, Memlock, UringStatus};
+pub use probe::{
+    can_allocate, host_memory_available, kernel_release, memlock, page_probe, uring_status, Memlock, PageChoice,
+    UringStatus,
+};
 pub use reader::{block_on, BackendKind, Faults, FixedBuffers, IoReport, ReadFuture, Reader, ReaderBuilder, IO_ENV};

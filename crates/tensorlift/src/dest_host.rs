@@ -34,6 +34,8 @@ impl HostSink {
         plan: &LoadPlan,
         spans: Vec<Span>,
         chunk: usize,
+        pages: crate::HugePages,
+        stats: &mut crate::LoadStats,
         ready: &mut VecDeque<Tensor>,
     ) -> Result<HostSink, LoadError> {
         // Memory is committed when touched: a load larger than what the process can get
@@ -42,12 +44,18 @@ impl HostSink {
         if let Some(available) = tensorlift_io::host_memory_available().filter(|&a| needed > a) {
             return Err(LoadError::HostMemory { file: plan_file(plan), needed, available });
         }
+        let huge = match pages {
+            crate::HugePages::Always => true,
+            crate::HugePages::Never => false,
+            // Small loads gain little from huge pages: not worth a measurement.
+            _ => needed >= 256 << 20 && tensorlift_io::page_probe().huge,
+        };
+        stats.huge_pages = Some(huge);
         let mut extents = Vec::with_capacity(spans.len());
         for span in spans {
             let len = span.len() as usize;
-            let arena = HostArena::new(len.next_multiple_of(PAGE), chunk).ok_or_else(|| LoadError::OutOfMemory {
-                file: plan.shards()[span.shard].path.clone(),
-                bytes: len as u64,
+            let arena = HostArena::with_pages(len.next_multiple_of(PAGE), chunk, huge).ok_or_else(|| {
+                LoadError::OutOfMemory { file: plan.shards()[span.shard].path.clone(), bytes: len as u64 }
             })?;
             let remaining: Vec<usize> = span
                 .tensors

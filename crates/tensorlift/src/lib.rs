@@ -41,7 +41,7 @@ use std::path::Path;
 pub use device::{Device, DEVICE_ENV};
 pub use error::LoadError;
 pub use loader::{
-    DirectIo, Loader, LoaderBuilder, Settings, DEFAULT_CHUNK_SIZE, DEFAULT_IO_WORKERS, DEFAULT_QUEUE_DEPTH,
+    DirectIo, HugePages, Loader, LoaderBuilder, Settings, DEFAULT_CHUNK_SIZE, DEFAULT_IO_WORKERS, DEFAULT_QUEUE_DEPTH,
     DEFAULT_STAGING_BUDGET, DEFAULT_STREAMS,
 };
 pub use pipeline::TensorStream;

@@ -39,6 +39,32 @@ impl std::str::FromStr for DirectIo {
     }
 }
 
+/// Whether host arenas use transparent huge pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum HugePages {
+    /// Whichever faults in faster on this machine now, measured once per process
+    /// (`tensorlift_io::page_probe`; `doctor` shows the figures).
+    #[default]
+    Auto,
+    /// Always ask for huge pages.
+    Always,
+    /// Never: base pages.
+    Never,
+}
+
+impl std::str::FromStr for HugePages {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(HugePages::Auto),
+            "always" => Ok(HugePages::Always),
+            "never" => Ok(HugePages::Never),
+            other => Err(format!("unknown huge-pages policy '{other}' (expected auto, always or never)")),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub(crate) struct Config {
     pub device: Option<Device>,
@@ -54,6 +80,7 @@ pub(crate) struct Config {
     pub limits: PlanLimits,
     pub map_views: Option<MapContract>,
     pub streams: usize,
+    pub huge_pages: HugePages,
 }
 
 /// Configures a [`Loader`]. Every option has a default that suits a large checkpoint.
@@ -103,6 +130,7 @@ impl Default for LoaderBuilder {
                 limits: PlanLimits::default(),
                 map_views: None,
                 streams: DEFAULT_STREAMS,
+                huge_pages: HugePages::Auto,
             },
         }
     }
@@ -185,6 +213,11 @@ impl LoaderBuilder {
     /// [`MapContract::new`]), because a file truncated under a map kills the process.
     pub fn map_views(mut self, contract: MapContract) -> Self {
         self.cfg.map_views = Some(contract);
+        self
+    }
+    /// Whether host memory for tensors uses transparent huge pages (default: measured).
+    pub fn huge_pages(mut self, pages: HugePages) -> Self {
+        self.cfg.huge_pages = pages;
         self
     }
     /// CUDA streams that copies to the device are spread over (default 2, at least 1).
@@ -305,6 +338,8 @@ pub struct Settings {
     pub direct_io: DirectIo,
     /// CUDA streams.
     pub streams: usize,
+    /// Huge pages for host memory.
+    pub huge_pages: HugePages,
 }
 
 /// Loads checkpoints. Immutable and cheap to share: one loader serves many loads, on any
@@ -347,6 +382,7 @@ impl Loader {
             io_workers: self.cfg.io_workers,
             direct_io: self.cfg.direct,
             streams: self.cfg.streams,
+            huge_pages: self.cfg.huge_pages,
         }
     }
 
@@ -438,6 +474,7 @@ impl Loader {
             direct_shards: 0,
             buffered_shards: 0,
             max_in_flight_bytes: 0,
+            huge_pages: None,
         };
         TensorStream::start(Arc::clone(&self.reader), plan, &self.cfg, &self.target, stats, started)
     }
@@ -448,6 +485,15 @@ impl Loader {
         let started = Instant::now();
         let plan = self.plan_elsewhere(path.as_ref()).await?;
         collect(self.start(plan, started)?).await
+    }
+
+    /// Loads the tensors of a plan made earlier whose names are in `names` (exact names,
+    /// not globs), reusing the plan's open shards: how a reader that keeps a checkpoint open
+    /// (like Python's `safe_open`) loads one tensor at a time.
+    pub fn load_named_blocking(&self, plan: &Checkpoint, names: &[&str]) -> Result<Model, LoadError> {
+        let mut plan = plan.clone();
+        plan.retain(|t| names.contains(&t.name.as_str()));
+        self.load_blocking_plan(plan)
     }
 
     /// Loads a plan made earlier.

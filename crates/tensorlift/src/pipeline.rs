@@ -167,7 +167,14 @@ impl TensorStream {
                 crate::open::map_all(&mut stream.plan, &spans, contract, &mut stream.ready, &mut stream.stats)?;
             }
             (_, crate::loader::Target::Host) => {
-                let sink = crate::dest_host::HostSink::new(&stream.plan, spans, cfg.chunk_size, &mut stream.ready)?;
+                let sink = crate::dest_host::HostSink::new(
+                    &stream.plan,
+                    spans,
+                    cfg.chunk_size,
+                    cfg.huge_pages,
+                    &mut stream.stats,
+                    &mut stream.ready,
+                )?;
                 stream.dest = Dest::Host(Scheduler::new(sink, reads, &stream.plan, cfg, window));
             }
             (_, crate::loader::Target::Cuda(cuda)) => {

@@ -41,6 +41,8 @@ pub struct LoadStats {
     pub buffered_shards: usize,
     /// Most bytes ever in flight at once; never more than the staging budget.
     pub max_in_flight_bytes: u64,
+    /// Whether host memory used huge pages (`None` when the load had no host memory).
+    pub huge_pages: Option<bool>,
 }
 
 impl LoadStats {

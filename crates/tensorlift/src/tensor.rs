@@ -126,9 +126,22 @@ impl Tensor {
         Ok(dlpack::export_legacy(self.dlpack_export()?))
     }
 
+    /// The tensor's bytes as a DLPack tensor of `uint8`, one dimension of [`len`](Self::len)
+    /// bytes: for consumers that reinterpret them (numpy with `ml_dtypes` for bfloat16 and
+    /// float8, which DLPack consumers may not know).
+    pub fn to_dlpack_bytes(&self) -> Result<*mut dlpack::DLManagedTensorVersioned, ViewError> {
+        let mut e = self.dlpack_export_as(dlpack::DLDataType { code: dlpack::code::UINT, bits: 8, lanes: 1 })?;
+        e.shape = vec![self.len() as i64];
+        Ok(dlpack::export_versioned(e))
+    }
+
     fn dlpack_export(&self) -> Result<dlpack::Export, ViewError> {
         let dtype = dlpack_dtype(self.dtype)
             .ok_or_else(|| ViewError::NoDlpackType { tensor: self.name.to_string(), dtype: self.dtype })?;
+        self.dlpack_export_as(dtype)
+    }
+
+    fn dlpack_export_as(&self, dtype: dlpack::DLDataType) -> Result<dlpack::Export, ViewError> {
         let (data, device) = match &self.storage {
             Storage::Device { arena, offset, .. } => (
                 arena.device_ptr() + offset,

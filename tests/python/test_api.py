@@ -1,0 +1,258 @@
+"""tensorlift's Python API against the reference `safetensors` package: the same tensors,
+slices, metadata and errors, plus what the reference lacks (folders, streaming, threads,
+interruption, memory released)."""
+
+import gc
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import safetensors
+from safetensors.numpy import load_file as reference_load
+from safetensors.numpy import save_file
+
+import tensorlift
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def fixture(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    subprocess.run([sys.executable, os.path.join(ROOT, "tests/reference/make_fixture.py"), str(out)], check=True)
+    return out
+
+
+def same(a, b):
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+def raw_file(path, entries, metadata=None):
+    """A file written by hand, for dtypes the reference numpy writer has no type for."""
+    header, data, off = {}, b"", 0
+    for name, dtype, shape, payload in entries:
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [off, off + len(payload)]}
+        data += payload
+        off += len(payload)
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    h = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h + data)
+
+
+def test_safe_open_matches_the_reference(fixture):
+    path = str(fixture / "single.safetensors")
+    with safetensors.safe_open(path, framework="np") as ref, tensorlift.safe_open(path, framework="np") as ours:
+        assert ours.keys() == sorted(ref.keys())
+        assert ours.metadata() == ref.metadata()
+        for name in ref.keys():
+            assert same(ours.get_tensor(name), ref.get_tensor(name)), name
+            assert ours.get_slice(name).get_shape() == ref.get_slice(name).get_shape(), name
+            assert ours.get_slice(name).get_dtype() == ref.get_slice(name).get_dtype(), name
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        slice(None),
+        slice(1, 3),
+        slice(2, None),
+        slice(None, -1),
+        slice(0, 17, 2),
+        slice(None, None, -1),
+        slice(8, 2, -3),
+        1,
+        -1,
+        (slice(1, 4), slice(0, 2)),
+        (2, 1),
+        (Ellipsis, 0),
+        (slice(5, 5),),
+    ],
+)
+def test_slices_equal_numpy_slicing_of_the_reference(fixture, key):
+    path = str(fixture / "single.safetensors")
+    want = reference_load(path)["f32"]  # shape (17, 3)
+    with tensorlift.safe_open(path, framework="np") as f:
+        got = f.get_slice("f32")[key]
+    assert same(got, np.ascontiguousarray(want[key])), key
+
+
+def test_a_slice_reads_only_its_rows(fixture, tmp_path):
+    path = str(tmp_path / "big.safetensors")
+    save_file({"w": np.arange(1000 * 256, dtype=np.float32).reshape(1000, 256)}, path)
+    with tensorlift.safe_open(path, framework="np") as f:
+        ckpt = f._open()
+        calls = []
+        real = ckpt.read_bytes
+
+        class Spy:
+            def __getattr__(self, a):
+                return getattr(ckpt, a)
+
+            def read_bytes(self, name, start, length):
+                calls.append((start, length))
+                return real(name, start, length)
+
+        f._ckpt = Spy()
+        part = f.get_slice("w")[10:12, 5]
+    assert part.tolist() == [10 * 256 + 5, 11 * 256 + 5]
+    assert calls == [(10 * 256 * 4, 2 * 256 * 4)]
+
+
+def test_every_dtype_numpy_has_and_ml_dtypes_for_the_rest(fixture, tmp_path):
+    import ml_dtypes
+
+    path = str(fixture / "single.safetensors")
+    want = reference_load(path)
+    got = tensorlift.load_file(path, framework="np")
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert same(got[name], want[name]), name
+    bf = np.arange(12, dtype=np.float32).astype(ml_dtypes.bfloat16).reshape(3, 4)
+    f8 = np.linspace(-2, 2, 5).astype(ml_dtypes.float8_e4m3fn)
+    p = str(tmp_path / "ml.safetensors")
+    raw_file(p, [("bf", "BF16", [3, 4], bf.tobytes()), ("f8", "F8_E4M3", [5], f8.tobytes())])
+    got = tensorlift.load_file(p, framework="np")
+    assert same(got["bf"], bf) and same(got["f8"], f8)
+    with tensorlift.safe_open(p, framework="np") as f:
+        assert same(f.get_slice("bf")[1:, 2], np.ascontiguousarray(bf[1:, 2]))
+
+
+def test_folders_indexes_and_metadata(fixture):
+    folder = fixture / "sharded"
+    want = {}
+    for f in sorted(os.listdir(folder)):
+        if f.endswith(".safetensors"):
+            want.update(reference_load(str(folder / f)))
+    for path in (folder, folder / "model.safetensors.index.json"):
+        with tensorlift.safe_open(path, framework="np") as f:
+            assert f.keys() == sorted(want)
+            for name in want:
+                assert same(f.get_tensor(name), want[name]), name
+    info = tensorlift.inspect(folder)
+    assert {t["name"] for t in info["tensors"]} == set(want)
+    assert info["total_bytes"] == sum(v.nbytes for v in want.values())
+    assert all(isinstance(t["shape"], list) and len(t["data_offsets"]) == 2 for t in info["tensors"])
+
+
+def test_iter_tensors_yields_as_they_land(fixture):
+    folder = fixture / "sharded"
+    seen, progress = {}, []
+    for name, arr in tensorlift.iter_tensors(folder, framework="np", progress=lambda d, t: progress.append((d, t))):
+        seen[name] = arr
+    want = {}
+    for f in sorted(os.listdir(folder)):
+        if f.endswith(".safetensors"):
+            want.update(reference_load(str(folder / f)))
+    assert sorted(seen) == sorted(want)
+    assert all(same(seen[n], want[n]) for n in want)
+    assert progress and progress[-1][0] == progress[-1][1]
+    # A filter, and stopping early.
+    names = [n for n, _ in tensorlift.iter_tensors(folder, framework=None, filter=["model.layers.0.*"])]
+    assert names and all(n.startswith("model.layers.0.") for n in names)
+    it = tensorlift.iter_tensors(folder, framework=None)
+    next(it)
+    it.close()
+
+
+def test_memory_is_freed_after_the_last_array(tmp_path):
+    path = str(tmp_path / "m.safetensors")
+    save_file({"a": np.ones((256, 1024), dtype=np.float32), "b": np.zeros(10, dtype=np.int64)}, path)
+    gc.collect()
+    base = tensorlift._live_host_arenas()
+    arrays = tensorlift.load_file(path, framework="np")
+    assert tensorlift._live_host_arenas() > base
+    a = arrays.pop("a")
+    del arrays
+    gc.collect()
+    assert tensorlift._live_host_arenas() > base, "an array still views the load's memory"
+    assert a.sum() == 256 * 1024
+    del a
+    gc.collect()
+    assert tensorlift._live_host_arenas() == base
+
+
+def test_two_threads_load_at_once(fixture):
+    path = str(fixture / "single.safetensors")
+    want = reference_load(path)
+    results, errors = [], []
+
+    def work():
+        try:
+            for _ in range(5):
+                results.append(tensorlift.load_file(path, framework="np"))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 10
+    assert all(same(r[n], want[n]) for r in results for n in want)
+
+
+def test_ctrl_c_interrupts_a_load_and_frees_it(tmp_path):
+    # Many shards, read with slow progress callbacks, so the load outlasts the signal.
+    for i in range(8):
+        save_file({f"w{i}": np.ones((1024, 1024), dtype=np.float32)}, str(tmp_path / f"s{i}.safetensors"))
+    gc.collect()
+    base = tensorlift._live_host_arenas()
+    timer = threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT))
+
+    def slow(done, total):
+        import time
+
+        time.sleep(0.05)
+
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        for _ in range(100):
+            tensorlift.load(str(tmp_path), progress=slow)
+    timer.cancel()
+    gc.collect()
+    import time
+
+    for _ in range(100):
+        if tensorlift._live_host_arenas() == base:
+            break
+        time.sleep(0.05)
+    assert tensorlift._live_host_arenas() == base
+
+
+def test_errors_have_the_documented_types(fixture, tmp_path):
+    with pytest.raises(FileNotFoundError):
+        tensorlift.safe_open(tmp_path / "missing.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}x")
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        tensorlift.load_file(bad, framework="np")
+    with pytest.raises(ValueError):
+        tensorlift.load_file(bad, device="tpu")
+    with pytest.raises(RuntimeError, match="CUDA device 7 is unavailable|cuda:7"):
+        tensorlift.load_file(str(fixture / "single.safetensors"), device="cuda:7", framework="np")
+    with pytest.raises(ValueError, match="framework"):
+        tensorlift.load_file(str(fixture / "single.safetensors"), framework="jax")
+    with tensorlift.safe_open(fixture / "single.safetensors", framework="np") as f:
+        with pytest.raises(KeyError):
+            f.get_tensor("nope")
+        with pytest.raises(IndexError):
+            f.get_slice("f32")[17]
+    p = str(tmp_path / "f4.safetensors")
+    raw_file(p, [("q", "F4", [4], b"\x12\x34")])
+    with pytest.raises(TypeError, match="sub-byte"):
+        tensorlift.load_file(p, framework="np")
+    assert tensorlift.load_file(p, framework=None)["q"].nbytes == 2
+
+
+def test_auto_device_says_why():
+    device, reason = tensorlift.resolve_device("auto")
+    assert device in ("cpu", "cuda:0") and reason.startswith("auto: ")
