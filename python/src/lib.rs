@@ -98,18 +98,11 @@ impl PyTensor {
             return Err(PyBufferError::new_err("tensorlift hands tensors over without a copy (copy=True)"));
         }
         let err = |e: tensorlift::ViewError| PyBufferError::new_err(e.to_string());
-        let capsule = if max_version.is_some_and(|(major, _)| major >= 1) {
-            let p = self.inner.to_dlpack().map_err(err)?;
-            // SAFETY: p is a live DLManagedTensorVersioned owned by the capsule from here on;
-            // the name is a static C string; the destructor matches the name.
-            unsafe { ffi::PyCapsule_New(p.cast(), VERSIONED_NAME.as_ptr(), Some(drop_versioned)) }
+        if max_version.is_some_and(|(major, _)| major >= 1) {
+            versioned_capsule(py, self.inner.to_dlpack().map_err(err)?)
         } else {
-            let p = self.inner.to_dlpack_legacy().map_err(err)?;
-            // SAFETY: as above, for the legacy struct and name.
-            unsafe { ffi::PyCapsule_New(p.cast(), LEGACY_NAME.as_ptr(), Some(drop_legacy)) }
-        };
-        // SAFETY: PyCapsule_New returns a new reference, or null with an exception set.
-        unsafe { Bound::from_owned_ptr_or_err(py, capsule) }.map(Bound::unbind)
+            legacy_capsule(py, self.inner.to_dlpack_legacy().map_err(err)?)
+        }
     }
 
     fn __repr__(&self) -> String {
@@ -167,6 +160,17 @@ fn py_err(e: LoadError) -> PyErr {
         {
             PyFileNotFoundError::new_err(msg)
         }
+        LoadError::Format(tensorlift::FormatError::Io { source, .. })
+        | LoadError::Format(tensorlift::FormatError::ShardUnreadable { source, .. })
+            if source.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
+            pyo3::exceptions::PyPermissionError::new_err(msg)
+        }
+        // Reading failed, or the files changed: the file system's fault, not the checkpoint's.
+        LoadError::Format(tensorlift::FormatError::Io { .. })
+        | LoadError::Open(_)
+        | LoadError::Read { .. }
+        | LoadError::ShardChanged { .. } => pyo3::exceptions::PyOSError::new_err(msg),
         LoadError::CudaUnavailable { .. }
         | LoadError::DeviceMemory { .. }
         | LoadError::Copy { .. }
@@ -227,14 +231,48 @@ impl PyRawBytes {
         dl_device: Option<(i32, i32)>,
         copy: Option<bool>,
     ) -> PyResult<Py<PyAny>> {
-        let _ = (stream, max_version, dl_device, copy);
-        let p = self.inner.to_dlpack_bytes().map_err(|e| PyBufferError::new_err(e.to_string()))?;
-        // SAFETY: p is a live DLManagedTensorVersioned owned by the capsule from here on; the
-        // name is a static C string; the destructor matches the name.
-        let capsule = unsafe { ffi::PyCapsule_New(p.cast(), VERSIONED_NAME.as_ptr(), Some(drop_versioned)) };
-        // SAFETY: PyCapsule_New returns a new reference, or null with an exception set.
-        unsafe { Bound::from_owned_ptr_or_err(py, capsule) }.map(Bound::unbind)
+        let _ = stream;
+        let tensor = PyTensor { inner: self.inner.clone() };
+        if dl_device.is_some_and(|d| d != tensor.__dlpack_device__()) || copy == Some(true) {
+            return Err(PyBufferError::new_err("tensorlift hands bytes over where they are, without a copy"));
+        }
+        let err = |e: tensorlift::ViewError| PyBufferError::new_err(e.to_string());
+        if max_version.is_some_and(|(major, _)| major >= 1) {
+            versioned_capsule(py, self.inner.to_dlpack_bytes().map_err(err)?)
+        } else {
+            legacy_capsule(py, self.inner.to_dlpack_bytes_legacy().map_err(err)?)
+        }
     }
+}
+
+/// A `dltensor` capsule (DLPack before 1.0) that owns `p` and deletes it if no consumer
+/// takes it.
+fn legacy_capsule(py: Python<'_>, p: *mut DLManagedTensor) -> PyResult<Py<PyAny>> {
+    // SAFETY: p is a live DLManagedTensor owned by the capsule from here on; the name is a
+    // static C string; the destructor matches the name.
+    let capsule = unsafe { ffi::PyCapsule_New(p.cast(), LEGACY_NAME.as_ptr(), Some(drop_legacy)) };
+    if capsule.is_null() {
+        // No capsule took it: delete it here.
+        // SAFETY: the one deletion of a pointer no one else holds.
+        unsafe { tensorlift::dlpack::delete_legacy(p) };
+    }
+    // SAFETY: PyCapsule_New returns a new reference, or null with an exception set.
+    unsafe { Bound::from_owned_ptr_or_err(py, capsule) }.map(Bound::unbind)
+}
+
+/// A `dltensor_versioned` capsule that owns `p` (a managed tensor just made by tensorlift)
+/// and deletes it if no consumer takes it.
+fn versioned_capsule(py: Python<'_>, p: *mut DLManagedTensorVersioned) -> PyResult<Py<PyAny>> {
+    // SAFETY: p is a live DLManagedTensorVersioned owned by the capsule from here on; the
+    // name is a static C string; the destructor matches the name.
+    let capsule = unsafe { ffi::PyCapsule_New(p.cast(), VERSIONED_NAME.as_ptr(), Some(drop_versioned)) };
+    if capsule.is_null() {
+        // No capsule took it: delete it here.
+        // SAFETY: the one deletion of a pointer no one else holds.
+        unsafe { tensorlift::dlpack::delete_versioned(p) };
+    }
+    // SAFETY: PyCapsule_New returns a new reference, or null with an exception set.
+    unsafe { Bound::from_owned_ptr_or_err(py, capsule) }.map(Bound::unbind)
 }
 
 /// Waits for `fut` with the GIL released, waking every 50 ms to let Python handle signals:
@@ -406,7 +444,7 @@ impl PyCheckpoint {
                 file.read_exact_at(&mut buf, at).map_err(|e| format!("{}: {e}", path.display()))?;
                 Ok(buf)
             })
-            .map_err(PyRuntimeError::new_err)?;
+            .map_err(pyo3::exceptions::PyOSError::new_err)?;
         Ok(pyo3::types::PyBytes::new(py, &bytes))
     }
 

@@ -148,7 +148,9 @@ def iter_tensors(path, device="cpu", framework="pt", filter=None, progress=None)
 
 
 def _device(device):
-    # torch.device objects and the like print as "cuda:0".
+    # An ordinal means a CUDA device, as in torch; torch.device objects print as "cuda:0".
+    if isinstance(device, int) and not isinstance(device, bool):
+        return f"cuda:{device}"
     return str(device)
 
 
@@ -211,7 +213,9 @@ class _Slice:
     def _finish(self, arr, key):
         import numpy
 
-        out = numpy.ascontiguousarray(arr[key])
+        # A copy of its own: writable, C-ordered, and of the shape numpy gives (a scalar for
+        # an index in every dimension), as the reference returns.
+        out = numpy.array(arr[key], order="C", copy=True)
         if self._framework in ("pt", "torch"):
             import torch
 

@@ -7,8 +7,6 @@ with `safetensors.numpy.load_file` as the truth."""
 import ctypes
 import gc
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,14 +14,7 @@ from safetensors.numpy import load_file as reference_load
 
 import tensorlift
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-@pytest.fixture(scope="module")
-def fixture(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref")
-    subprocess.run([sys.executable, os.path.join(ROOT, "tests/reference/make_fixture.py"), str(out)], check=True)
-    return out
 
 
 def test_numpy_arrays_view_the_loaded_memory(fixture):

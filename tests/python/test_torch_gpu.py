@@ -1,9 +1,6 @@
 """torch takes tensorlift's CUDA tensors through DLPack, without a copy: run on a GPU host
 (`scripts/gpu-host run`); skipped, saying why, where torch or a GPU is missing."""
 
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -14,14 +11,7 @@ if not torch.cuda.is_available():
 import tensorlift  # noqa: E402
 from safetensors.torch import load_file as reference_load  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-@pytest.fixture(scope="module")
-def fixture(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref")
-    subprocess.run([sys.executable, os.path.join(ROOT, "tests/reference/make_fixture.py"), str(out)], check=True)
-    return out
 
 
 def test_cuda_tensors_reach_torch_without_a_copy(fixture):

@@ -84,7 +84,7 @@ impl DeviceArena {
 
 impl Drop for DeviceArena {
     fn drop(&mut self) {
-        if self.gpu.bind().is_ok() {
+        if self.gpu.bind_for_release().is_ok() {
             // SAFETY: frees the allocation made in `new`, once; copies into it were
             // synchronised before the arena could be dropped (the engine holds it until then).
             let _ = unsafe { sys::cuMemFree_v2(self.ptr) };

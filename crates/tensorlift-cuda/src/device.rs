@@ -32,6 +32,13 @@ impl Gpu {
             ))
         })?;
         let ctx = ctx.call("cuDevicePrimaryCtxRetain")?;
+        // cudarc's event tracking orders its own CudaSlice allocations across streams, and
+        // with it every first stream of a context waits for the whole device
+        // (cuCtxSynchronize): tensorlift orders its copies with its own events and uses no
+        // CudaSlice, so a load must not wait for the caller's unrelated GPU work.
+        // SAFETY: no CudaSlice is ever made on this context by tensorlift; cudarc requires
+        // only that slices made without tracking are synchronised by their user.
+        unsafe { ctx.disable_event_tracking() };
         Ok(Gpu { ctx, name: dev.name.clone() })
     }
 
@@ -63,5 +70,13 @@ impl Gpu {
 
     pub(crate) fn bind(&self) -> Result<(), CudaError> {
         self.ctx.bind_to_thread().call("cuCtxSetCurrent")
+    }
+
+    /// Makes the context current for a release (a free, an unregistration): directly, so
+    /// that an error some earlier cudarc call recorded on the context cannot make the
+    /// release be skipped and leak.
+    pub(crate) fn bind_for_release(&self) -> Result<(), CudaError> {
+        // SAFETY: the context is retained by self.ctx for as long as self lives.
+        crate::error::check(unsafe { cudarc::driver::sys::cuCtxSetCurrent(self.ctx.cu_ctx()) }, "cuCtxSetCurrent")
     }
 }

@@ -18,8 +18,8 @@ pub const DEVICE_CUDA: i32 = 2;
 /// `DLPACK_FLAG_BITMASK_READ_ONLY`: the consumer must not write through the tensor.
 pub const FLAG_READ_ONLY: u64 = 1;
 
-/// The DLPack version these structs follow.
-pub const VERSION: DLPackVersion = DLPackVersion { major: 1, minor: 0 };
+/// The DLPack version these structs follow (1.1: the float8, float6 and float4 codes).
+pub const VERSION: DLPackVersion = DLPackVersion { major: 1, minor: 1 };
 
 /// `DLDevice`.
 #[repr(C)]

@@ -26,6 +26,8 @@ pub struct PinnedPool {
     fixed: AtomicBool,
     free: Mutex<Vec<usize>>,
     returned: Condvar,
+    /// Async waiters for a chunk (see `poll_acquire`), woken when one comes back.
+    waiting: Mutex<Vec<std::task::Waker>>,
 }
 
 // SAFETY: the memory is only written through PinnedChunks, each owned by one holder at a
@@ -57,6 +59,7 @@ impl PinnedPool {
             fixed: AtomicBool::new(false),
             free: Mutex::new((0..count).rev().collect()),
             returned: Condvar::new(),
+            waiting: Mutex::new(Vec::new()),
         }))
     }
 
@@ -100,6 +103,24 @@ impl PinnedPool {
         Some(PinnedChunk { pool: Arc::clone(self), index })
     }
 
+    /// A free chunk, or `Pending` with `cx`'s waker kept until one is returned: how an async
+    /// load waits for staging memory that other loads of the same loader hold.
+    pub fn poll_acquire(self: &Arc<Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<PinnedChunk> {
+        if let Some(c) = self.try_acquire() {
+            return std::task::Poll::Ready(c);
+        }
+        if let Ok(mut w) = self.waiting.lock() {
+            if !w.iter().any(|x| x.will_wake(cx.waker())) {
+                w.push(cx.waker().clone());
+            }
+        }
+        // A chunk may have come back between the two looks.
+        match self.try_acquire() {
+            Some(c) => std::task::Poll::Ready(c),
+            None => std::task::Poll::Pending,
+        }
+    }
+
     /// Chunks not currently lent out.
     pub fn free_chunks(&self) -> usize {
         self.free.lock().map_or(0, |f| f.len())
@@ -115,6 +136,10 @@ impl PinnedPool {
             free.push(index);
         }
         self.returned.notify_one();
+        let wakers = self.waiting.lock().map(|mut w| std::mem::take(&mut *w)).unwrap_or_default();
+        for w in wakers {
+            w.wake();
+        }
     }
 }
 
@@ -122,7 +147,7 @@ impl Drop for PinnedPool {
     fn drop(&mut self) {
         // Every chunk holds an Arc to the pool, so none is lent out (and no copy from one is
         // in flight: the copy engine holds chunks until their copies complete).
-        if self.gpu.bind().is_ok() {
+        if self.gpu.bind_for_release().is_ok() {
             // SAFETY: unregisters exactly the range registered in `new`, once.
             let _ = unsafe { sys::cuMemHostUnregister(self.base.cast()) };
         }

@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 use tensorlift_cuda::{CopyEngine, CudaError, DeviceArena, Gpu, PinnedChunk, PinnedPool};
 use tensorlift_format::LoadPlan;
 
-use crate::layout::{self, chunks_covering, Read, Span};
+use crate::layout::{self, Read, Span};
 use crate::loader::Config;
-use crate::pipeline::{completed_by, plan_file, Sink};
+use crate::pipeline::{chunks_to_wait_for, completed_by, plan_file, Sink};
 use crate::{Device, LoadError, Tensor};
 
 /// A CUDA device chosen by a loader, with its staging memory.
@@ -97,21 +97,10 @@ impl CudaSink {
         let engine = CopyEngine::with_completion(&cuda.gpu, cuda.streams, Box::new(move |tag, r| d.push(tag, r)))
             .map_err(cuda_err)?;
         let chunk = cfg.chunk_size;
-        let mut remaining = Vec::with_capacity(spans.len());
-        for span in &spans {
-            let r: Vec<usize> = span
-                .tensors
-                .iter()
-                .map(|&t| chunks_covering(&span.range_of(&plan.tensors()[t]), chunk).len())
-                .collect();
-            // Zero-size tensors, covered by no chunk, are ready now.
-            for (k, &t) in span.tensors.iter().enumerate() {
-                if r[k] == 0 {
-                    ready.push_back(make(plan, &arena, &placements, t));
-                }
-            }
-            remaining.push(r);
-        }
+        let remaining = spans
+            .iter()
+            .map(|span| chunks_to_wait_for(plan, span, chunk, |t| ready.push_back(make(plan, &arena, &placements, t))))
+            .collect();
         Ok(CudaSink {
             device,
             spans,
@@ -164,8 +153,12 @@ fn make(plan: &LoadPlan, arena: &Arc<DeviceArena>, placements: &[Option<u64>], t
 impl Sink for CudaSink {
     type Buf = PinnedChunk;
 
-    fn buffer(&mut self, _read: &Read) -> Option<PinnedChunk> {
-        self.pool.try_acquire()
+    fn buffer(&mut self, _read: &Read, cx: &mut Context<'_>) -> Option<PinnedChunk> {
+        // The pool is the loader's: other loads may hold every chunk for now.
+        match self.pool.poll_acquire(cx) {
+            Poll::Ready(c) => Some(c),
+            Poll::Pending => None,
+        }
     }
 
     fn landed(

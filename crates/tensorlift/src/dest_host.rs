@@ -11,8 +11,8 @@ use std::task::{Context, Poll};
 use tensorlift_format::LoadPlan;
 use tensorlift_io::{ArenaChunk, HostArena, PAGE};
 
-use crate::layout::{chunks_covering, Read, Span};
-use crate::pipeline::{completed_by, plan_file, Sink};
+use crate::layout::{Read, Span};
+use crate::pipeline::{chunks_to_wait_for, completed_by, plan_file, Sink};
 use crate::{LoadError, Tensor};
 
 struct Extent {
@@ -57,17 +57,7 @@ impl HostSink {
             let arena = HostArena::with_pages(len.next_multiple_of(PAGE), chunk, huge).ok_or_else(|| {
                 LoadError::OutOfMemory { file: plan.shards()[span.shard].path.clone(), bytes: len as u64 }
             })?;
-            let remaining: Vec<usize> = span
-                .tensors
-                .iter()
-                .map(|&t| chunks_covering(&span.range_of(&plan.tensors()[t]), chunk).len())
-                .collect();
-            // Zero-size tensors, covered by no chunk, are ready now.
-            for (k, &t) in span.tensors.iter().enumerate() {
-                if remaining[k] == 0 {
-                    ready.push_back(make(plan, &span, &arena, t));
-                }
-            }
+            let remaining = chunks_to_wait_for(plan, &span, chunk, |t| ready.push_back(make(plan, &span, &arena, t)));
             let chunks = arena.take_chunks().into_iter().map(Some).collect();
             extents.push(Extent { span, arena, chunks, remaining });
         }
@@ -84,7 +74,7 @@ fn make(plan: &LoadPlan, span: &Span, arena: &Arc<HostArena>, t: usize) -> Tenso
 impl Sink for HostSink {
     type Buf = ArenaChunk;
 
-    fn buffer(&mut self, read: &Read) -> Option<ArenaChunk> {
+    fn buffer(&mut self, read: &Read, _cx: &mut Context<'_>) -> Option<ArenaChunk> {
         self.extents.get_mut(read.span)?.chunks.get_mut(read.index)?.take()
     }
 

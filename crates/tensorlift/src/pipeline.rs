@@ -29,9 +29,9 @@ const TENSOR_OVERHEAD: u64 = 1024;
 /// it back filled.
 pub(crate) trait Sink {
     type Buf: IoBufMut;
-    /// A buffer for `read`, or `None` when none is free now (the scheduler then waits for
-    /// reads in flight or for [`poll_progress`](Self::poll_progress)).
-    fn buffer(&mut self, read: &Read) -> Option<Self::Buf>;
+    /// A buffer for `read`, or `None` when none is free now, with `cx` woken when one is
+    /// (the scheduler then waits).
+    fn buffer(&mut self, read: &Read, cx: &mut Context<'_>) -> Option<Self::Buf>;
     /// `read` filled `buf`; tensors that are complete go to `ready`.
     fn landed(
         &mut self,
@@ -309,6 +309,7 @@ impl<S: Sink> Scheduler<S> {
     /// opening each shard when its first read is issued.
     fn fill(
         &mut self,
+        cx: &mut Context<'_>,
         reader: &Reader,
         plan: &mut Checkpoint,
         direct: DirectIo,
@@ -330,7 +331,7 @@ impl<S: Sink> Scheduler<S> {
                     f
                 }
             };
-            let Some(buf) = self.sink.buffer(&read) else { break };
+            let Some(buf) = self.sink.buffer(&read, cx) else { break };
             let fut = reader.read(&file, read.file_offset, buf, 0, read.len);
             self.in_flight_bytes += read.len as u64;
             stats.max_in_flight_bytes = stats.max_in_flight_bytes.max(self.in_flight_bytes);
@@ -351,16 +352,14 @@ impl<S: Sink> Scheduler<S> {
         ready: &mut VecDeque<Tensor>,
         stats: &mut LoadStats,
     ) -> Poll<Result<Step, LoadError>> {
-        if let Err(e) = self.fill(reader, plan, direct, stats) {
+        if let Err(e) = self.fill(cx, reader, plan, direct, stats) {
             return Poll::Ready(Err(e));
         }
         if self.in_flight.is_empty() && !self.sink.busy() {
             if self.next < self.reads.len() {
-                // Nothing in flight and no buffer to be had: the budget is below one chunk.
-                return Poll::Ready(Err(LoadError::Open(tensorlift_io::IoError::Open {
-                    file: plan.root().to_path_buf(),
-                    source: std::io::Error::other("no staging buffer can be had for the next read"),
-                })));
+                // Nothing of ours in flight, and no buffer free: other loads of the same
+                // loader hold the staging memory, and the sink wakes us when a chunk is back.
+                return Poll::Pending;
             }
             return Poll::Ready(Ok(Step::Done));
         }
@@ -426,6 +425,27 @@ pub(crate) fn plan_file(plan: &LoadPlan) -> std::path::PathBuf {
         (_, Some(index)) => index.to_path_buf(),
         _ => plan.root().to_path_buf(),
     }
+}
+
+/// How many chunks of `chunk` bytes each tensor of `span` waits for; the tensors that wait
+/// for none (no bytes) are passed to `ready_now`, in order.
+pub(crate) fn chunks_to_wait_for(
+    plan: &LoadPlan,
+    span: &Span,
+    chunk: usize,
+    mut ready_now: impl FnMut(usize),
+) -> Vec<usize> {
+    let remaining: Vec<usize> = span
+        .tensors
+        .iter()
+        .map(|&t| layout::chunks_covering(&span.range_of(&plan.tensors()[t]), chunk).len())
+        .collect();
+    for (k, &t) in span.tensors.iter().enumerate() {
+        if remaining[k] == 0 {
+            ready_now(t);
+        }
+    }
+    remaining
 }
 
 /// The tensors of `span` that chunk `index` (of `chunk` bytes) completes, given how many

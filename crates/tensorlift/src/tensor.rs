@@ -130,9 +130,18 @@ impl Tensor {
     /// bytes: for consumers that reinterpret them (numpy with `ml_dtypes` for bfloat16 and
     /// float8, which DLPack consumers may not know).
     pub fn to_dlpack_bytes(&self) -> Result<*mut dlpack::DLManagedTensorVersioned, ViewError> {
+        Ok(dlpack::export_versioned(self.bytes_export()?))
+    }
+
+    /// [`to_dlpack_bytes`](Self::to_dlpack_bytes) for consumers older than DLPack 1.0.
+    pub fn to_dlpack_bytes_legacy(&self) -> Result<*mut dlpack::DLManagedTensor, ViewError> {
+        Ok(dlpack::export_legacy(self.bytes_export()?))
+    }
+
+    fn bytes_export(&self) -> Result<dlpack::Export, ViewError> {
         let mut e = self.dlpack_export_as(dlpack::DLDataType { code: dlpack::code::UINT, bits: 8, lanes: 1 })?;
         e.shape = vec![self.len() as i64];
-        Ok(dlpack::export_versioned(e))
+        Ok(e)
     }
 
     fn dlpack_export(&self) -> Result<dlpack::Export, ViewError> {

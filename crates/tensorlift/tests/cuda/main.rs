@@ -326,3 +326,39 @@ fn tensor_without_its_loader(path: &std::path::Path) -> tensorlift::Tensor {
     let loader = base().build().unwrap();
     loader.load_blocking(path).unwrap().get("b").unwrap().clone()
 }
+
+/// Loads of one loader share its pinned staging: when another load holds every chunk, a
+/// load waits for one rather than failing.
+#[test]
+fn loads_of_one_loader_share_its_staging() {
+    let _d = driver();
+    let dir = scratch();
+    let path = dir.join("shared.safetensors");
+    let names: Vec<String> = (0..6).map(|i| format!("t{i}")).collect();
+    let specs: Vec<Spec<'_>> = names.iter().map(|n| (n.as_str(), Dtype::U8, &[600_000usize][..])).collect();
+    let truth = write_shard(&path, &specs);
+    emulator::set_fault(Fault::CopyDelayMicros(500));
+    let loader = std::sync::Arc::new(base().chunk_size(64 << 10).staging_budget(2 * (64 << 10)).build().unwrap());
+    let threads: Vec<_> = (0..3)
+        .map(|_| {
+            let (l, p) = (std::sync::Arc::clone(&loader), path.clone());
+            std::thread::spawn(move || {
+                l.load_blocking(&p).map(|m| {
+                    m.tensors()
+                        .iter()
+                        .map(|t| (t.name().to_owned(), t.to_host().unwrap().into_owned()))
+                        .collect::<BTreeMap<_, _>>()
+                })
+            })
+        })
+        .collect();
+    for t in threads {
+        let got = t.join().unwrap().unwrap();
+        assert!(got == truth);
+    }
+    // A stream dropped with reads in flight gives its chunks back to the next load.
+    let mut s = loader.stream(&path).unwrap();
+    let _ = tensorlift::block_on(s.next());
+    drop(s);
+    assert_eq!(loader.load_blocking(&path).unwrap().len(), 6);
+}

@@ -1,0 +1,17 @@
+"""Fixtures shared by the Python tests: checkpoints written by the reference package."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="session")
+def fixture(tmp_path_factory):
+    """A folder with single.safetensors, sharded/ and manifest.json, from the reference writer."""
+    out = tmp_path_factory.mktemp("ref")
+    subprocess.run([sys.executable, os.path.join(ROOT, "tests/reference/make_fixture.py"), str(out)], check=True)
+    return out
