@@ -16,7 +16,7 @@ pub struct DeviceArena {
 impl DeviceArena {
     /// `len` bytes of device memory (uninitialised).
     pub fn new(gpu: &Gpu, len: usize) -> Result<DeviceArena, CudaError> {
-        gpu.bind()?;
+        let _restore = gpu.enter()?;
         let mut ptr: sys::CUdeviceptr = 0;
         // SAFETY: writes one device pointer into `ptr`; a zero-length request asks for one byte.
         let r = unsafe { sys::cuMemAlloc_v2(&mut ptr, len.max(1)) };
@@ -56,7 +56,7 @@ impl DeviceArena {
         if dst.is_empty() {
             return Ok(());
         }
-        self.gpu.bind()?;
+        let _restore = self.gpu.enter()?;
         // SAFETY: [offset, offset + len) lies inside the allocation, which lives as long as
         // self, and dst is a writable host buffer of exactly len bytes.
         let r = unsafe { sys::cuMemcpyDtoH_v2(dst.as_mut_ptr().cast(), self.ptr + offset as u64, dst.len()) };
@@ -74,7 +74,7 @@ impl DeviceArena {
         if src.is_empty() {
             return Ok(());
         }
-        self.gpu.bind()?;
+        let _restore = self.gpu.enter()?;
         // SAFETY: [offset, offset + len) lies inside the allocation, and src is a readable host
         // buffer of exactly len bytes; the call returns once the copy is done.
         let r = unsafe { sys::cuMemcpyHtoD_v2(self.ptr + offset as u64, src.as_ptr().cast(), src.len()) };
@@ -84,7 +84,7 @@ impl DeviceArena {
 
 impl Drop for DeviceArena {
     fn drop(&mut self) {
-        if self.gpu.bind_for_release().is_ok() {
+        if let Ok(_restore) = self.gpu.enter_for_release() {
             // SAFETY: frees the allocation made in `new`, once; copies into it were
             // synchronised before the arena could be dropped (the engine holds it until then).
             let _ = unsafe { sys::cuMemFree_v2(self.ptr) };

@@ -113,7 +113,7 @@ impl CopyEngine {
         }
         let stream = Arc::clone(&self.streams[self.next % self.streams.len()]);
         self.next = self.next.wrapping_add(1);
-        self.gpu.bind()?;
+        let _restore = self.gpu.enter()?;
         let mut failed = None;
         for p in pieces.iter().filter(|p| p.len > 0) {
             // SAFETY: src_offset + len <= the chunk's capacity was checked above.
@@ -174,6 +174,7 @@ impl CopyEngine {
 
     /// Waits until every queued copy has completed; reports the first failure.
     pub fn synchronize(&self) -> Result<(), CudaError> {
+        let _restore = crate::device::Current::save();
         for s in &self.streams {
             s.synchronize().call("cuStreamSynchronize")?;
         }
@@ -190,6 +191,13 @@ impl Drop for CopyEngine {
         self.tx.take();
         if let Some(t) = self.done.take() {
             let _ = t.join();
+        }
+        // Streams and events bind the context when they are destroyed: do it here, with the
+        // thread's own context restored after.
+        let _restore = crate::device::Current::save();
+        self.streams.clear();
+        if let Ok(mut pool) = self.events.lock() {
+            pool.clear();
         }
     }
 }

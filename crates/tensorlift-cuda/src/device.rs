@@ -8,10 +8,47 @@ use crate::error::Call;
 use crate::{cuda_status, CudaError, CudaStatus};
 
 /// An open CUDA device (its primary context).
+///
+/// Every call tensorlift makes on a caller's thread leaves that thread's current CUDA
+/// context as it found it (`Gpu::enter`): a program that works on another device
+/// (`torch.cuda.set_device(1)`) keeps it after a load, or after a tensor is freed.
 #[derive(Debug, Clone)]
 pub struct Gpu {
-    ctx: Arc<CudaContext>,
+    ctx: std::mem::ManuallyDrop<Arc<CudaContext>>,
     name: String,
+}
+
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        // Releasing the primary context binds it to this thread: restore what was current.
+        let _restore = Current::save();
+        // SAFETY: dropped once, here, and never used again.
+        unsafe { std::mem::ManuallyDrop::drop(&mut self.ctx) };
+    }
+}
+
+/// The calling thread's current CUDA context, made current again when dropped.
+#[derive(Debug)]
+pub(crate) struct Current(Option<cudarc::driver::sys::CUcontext>);
+
+impl Current {
+    pub(crate) fn save() -> Current {
+        let mut prev = std::ptr::null_mut();
+        // SAFETY: writes one context handle (possibly null) into `prev`.
+        let ok =
+            unsafe { cudarc::driver::sys::cuCtxGetCurrent(&mut prev) } == cudarc::driver::sys::CUresult::CUDA_SUCCESS;
+        Current(ok.then_some(prev))
+    }
+}
+
+impl Drop for Current {
+    fn drop(&mut self) {
+        if let Some(prev) = self.0 {
+            // SAFETY: prev was this thread's current context (or null) when saved; a context
+            // a caller made current outlives its own use of it.
+            let _ = unsafe { cudarc::driver::sys::cuCtxSetCurrent(prev) };
+        }
+    }
 }
 
 impl Gpu {
@@ -25,7 +62,13 @@ impl Gpu {
         let dev = info.devices.get(ordinal).ok_or(CudaError::NoSuchDevice { ordinal, count: info.devices.len() })?;
         // cudarc loads the driver by its standard names and panics if that fails; the probe
         // may have used another path (TENSORLIFT_LIBCUDA), so contain that case too.
-        let ctx = std::panic::catch_unwind(|| CudaContext::new(ordinal)).map_err(|_| {
+        // cudarc binds the context to this thread: the caller's comes back after. (Inside
+        // the unwind guard: the first driver call through cudarc is what can panic.)
+        let ctx = std::panic::catch_unwind(|| {
+            let _restore = Current::save();
+            CudaContext::new(ordinal)
+        })
+        .map_err(|_| {
             CudaError::Unavailable(format!(
                 "cudarc could not load the driver by its standard names ({})",
                 crate::LIBCUDA_NAMES.join(", ")
@@ -39,7 +82,7 @@ impl Gpu {
         // SAFETY: no CudaSlice is ever made on this context by tensorlift; cudarc requires
         // only that slices made without tracking are synchronised by their user.
         unsafe { ctx.disable_event_tracking() };
-        Ok(Gpu { ctx, name: dev.name.clone() })
+        Ok(Gpu { ctx: std::mem::ManuallyDrop::new(ctx), name: dev.name.clone() })
     }
 
     /// The device ordinal.
@@ -54,13 +97,14 @@ impl Gpu {
 
     /// Free and total device memory, in bytes (`cuMemGetInfo`).
     pub fn memory_info(&self) -> Result<(u64, u64), CudaError> {
-        self.bind()?;
+        let _restore = self.enter()?;
         let (free, total) = cudarc::driver::result::mem_get_info().call("cuMemGetInfo")?;
         Ok((free as u64, total as u64))
     }
 
     /// A new non-default stream.
     pub fn new_stream(&self) -> Result<Arc<CudaStream>, CudaError> {
+        let _restore = Current::save();
         self.ctx.new_stream().call("cuStreamCreate")
     }
 
@@ -68,6 +112,15 @@ impl Gpu {
         &self.ctx
     }
 
+    /// Makes the device's context current on this thread until the returned guard drops,
+    /// then restores the thread's previous one.
+    pub(crate) fn enter(&self) -> Result<Current, CudaError> {
+        let restore = Current::save();
+        self.ctx.bind_to_thread().call("cuCtxSetCurrent")?;
+        Ok(restore)
+    }
+
+    /// Makes the context current for good, on a thread of tensorlift's own.
     pub(crate) fn bind(&self) -> Result<(), CudaError> {
         self.ctx.bind_to_thread().call("cuCtxSetCurrent")
     }
@@ -75,8 +128,11 @@ impl Gpu {
     /// Makes the context current for a release (a free, an unregistration): directly, so
     /// that an error some earlier cudarc call recorded on the context cannot make the
     /// release be skipped and leak.
-    pub(crate) fn bind_for_release(&self) -> Result<(), CudaError> {
+    /// (The guard restores the thread's previous context.)
+    pub(crate) fn enter_for_release(&self) -> Result<Current, CudaError> {
+        let restore = Current::save();
         // SAFETY: the context is retained by self.ctx for as long as self lives.
-        crate::error::check(unsafe { cudarc::driver::sys::cuCtxSetCurrent(self.ctx.cu_ctx()) }, "cuCtxSetCurrent")
+        crate::error::check(unsafe { cudarc::driver::sys::cuCtxSetCurrent(self.ctx.cu_ctx()) }, "cuCtxSetCurrent")?;
+        Ok(restore)
     }
 }

@@ -100,3 +100,20 @@ pub fn reset() {
 pub fn copies() -> Option<u64> {
     symbol::<extern "C" fn() -> u64>(b"tlemu_copies").map(|f| f())
 }
+
+/// The calling thread's current CUDA context handle (0: none); `None` on a real driver.
+pub fn current_context() -> Option<u64> {
+    symbol::<extern "C" fn() -> u64>(b"tlemu_current_context").map(|f| f())
+}
+
+/// Makes `handle` the calling thread's current context, as another library would; `false` on
+/// a real driver.
+pub fn set_current_context(handle: u64) -> bool {
+    match symbol::<extern "C" fn(u64)>(b"tlemu_set_current_context") {
+        Some(f) => {
+            f(handle);
+            true
+        }
+        None => false,
+    }
+}

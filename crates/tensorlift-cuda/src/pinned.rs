@@ -45,7 +45,7 @@ impl PinnedPool {
         let mut mem = AlignedBuf::zeroed(len, PAGE)
             .ok_or(CudaError::OutOfMemory { what: "staging memory", bytes: len as u64 })?;
         let base = mem.stable_mut_ptr();
-        gpu.bind()?;
+        let _restore = gpu.enter()?;
         // SAFETY: [base, base + len) is a live mapping owned by `mem`, which the pool keeps
         // until Drop unregisters it first.
         let r = unsafe { sys::cuMemHostRegister_v2(base.cast(), len, sys::CU_MEMHOSTREGISTER_PORTABLE) };
@@ -147,7 +147,7 @@ impl Drop for PinnedPool {
     fn drop(&mut self) {
         // Every chunk holds an Arc to the pool, so none is lent out (and no copy from one is
         // in flight: the copy engine holds chunks until their copies complete).
-        if self.gpu.bind_for_release().is_ok() {
+        if let Ok(_restore) = self.gpu.enter_for_release() {
             // SAFETY: unregisters exactly the range registered in `new`, once.
             let _ = unsafe { sys::cuMemHostUnregister(self.base.cast()) };
         }

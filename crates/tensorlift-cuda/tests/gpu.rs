@@ -201,3 +201,35 @@ fn async_copies_from_pageable_memory_are_refused_by_the_emulator() {
     let e = PinnedPool::new(&gpu, 1 << 20, 1 << 20).unwrap_err();
     assert!(matches!(e, CudaError::Driver { call: "cuMemHostRegister", .. }), "{e}");
 }
+
+/// A program's own current context (another device, another library's) survives every call
+/// tensorlift makes on its thread, and the drops of what tensorlift made.
+#[test]
+fn the_callers_current_context_is_left_as_it_was() {
+    let (_driver, _) = gpu();
+    if !emulator::is_emulated() {
+        return;
+    }
+    let theirs = 0x5eed_0000;
+    std::thread::spawn(move || {
+        emulator::set_current_context(theirs);
+        let gpu = Gpu::open(0).unwrap();
+        assert_eq!(emulator::current_context(), Some(theirs), "Gpu::open");
+        let (free, _) = gpu.memory_info().unwrap();
+        assert!(free > 0);
+        let pool = PinnedPool::new(&gpu, 1 << 20, 1 << 20).unwrap();
+        let arena = Arc::new(DeviceArena::new(&gpu, 1 << 20).unwrap());
+        let mut engine = CopyEngine::new(&gpu, 2).unwrap();
+        engine.copy(pool.acquire(), &arena, &[Piece { src_offset: 0, dst_offset: 0, len: 4096 }]).unwrap();
+        engine.synchronize().unwrap();
+        arena.copy_to_host(0, &mut [0u8; 16]).unwrap();
+        assert_eq!(emulator::current_context(), Some(theirs), "copies");
+        drop(engine);
+        drop(arena);
+        drop(pool);
+        drop(gpu);
+        assert_eq!(emulator::current_context(), Some(theirs), "drops");
+    })
+    .join()
+    .unwrap();
+}

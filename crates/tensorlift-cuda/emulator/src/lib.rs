@@ -256,15 +256,22 @@ pub extern "C" fn cuDevicePrimaryCtxRelease_v2(dev: c_int) -> CUresult {
     SUCCESS
 }
 
+thread_local! {
+    /// Each thread's current context, as the driver keeps it (none at first).
+    static CURRENT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 #[no_mangle]
-pub extern "C" fn cuCtxSetCurrent(_ctx: *mut c_void) -> CUresult {
+pub extern "C" fn cuCtxSetCurrent(ctx: *mut c_void) -> CUresult {
+    CURRENT.with(|c| c.set(ctx as usize));
     SUCCESS
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn cuCtxGetCurrent(ctx: *mut *mut c_void) -> CUresult {
+    let current = CURRENT.with(std::cell::Cell::get);
     // SAFETY: as above.
-    unsafe { put(ctx, CONTEXT as *mut c_void) }
+    unsafe { put(ctx, current as *mut c_void) }
 }
 
 #[no_mangle]
@@ -729,4 +736,18 @@ pub extern "C" fn tlemu_reset() -> CUresult {
 #[no_mangle]
 pub extern "C" fn tlemu_copies() -> u64 {
     emu().copies.load(Ordering::Acquire)
+}
+
+/// The calling thread's current context handle (0 for none), for tests that check a
+/// library leaves it as it found it.
+#[no_mangle]
+pub extern "C" fn tlemu_current_context() -> u64 {
+    CURRENT.with(std::cell::Cell::get) as u64
+}
+
+/// Sets the calling thread's current context handle, as another library of the process
+/// would (any value: the emulator checks no handle but its own context's).
+#[no_mangle]
+pub extern "C" fn tlemu_set_current_context(handle: u64) {
+    CURRENT.with(|c| c.set(handle as usize));
 }

@@ -362,3 +362,29 @@ fn loads_of_one_loader_share_its_staging() {
     drop(s);
     assert_eq!(loader.load_blocking(&path).unwrap().len(), 6);
 }
+
+/// A load leaves the calling thread's current CUDA context as it found it (a Python thread
+/// that works on another device with torch keeps it), and so do the drops.
+#[test]
+fn a_load_leaves_the_callers_context_alone() {
+    let _d = driver();
+    if !emulator::is_emulated() {
+        return;
+    }
+    let dir = scratch();
+    let path = dir.join("ctx.safetensors");
+    let truth = write_shard(&path, &[("a", Dtype::F32, &[1000]), ("b", Dtype::U8, &[77])]);
+    std::thread::spawn(move || {
+        let theirs = 0x0dd_c0de;
+        emulator::set_current_context(theirs);
+        let loader = base().build().unwrap();
+        let model = loader.load_blocking(&path).unwrap();
+        assert_on_device(&model, &truth, "load");
+        assert_eq!(emulator::current_context(), Some(theirs), "after the load");
+        drop(model);
+        drop(loader);
+        assert_eq!(emulator::current_context(), Some(theirs), "after the drops");
+    })
+    .join()
+    .unwrap();
+}
