@@ -120,7 +120,7 @@ impl LoadPlan {
             what: "the plan's tensor list",
             bytes: (count * std::mem::size_of::<PlannedTensor>()) as u64,
         })?;
-        let mut owner: HashMap<&str, usize> = HashMap::new();
+        let mut owner: HashMap<&str, usize, FastBuild> = HashMap::default();
         owner.try_reserve(count).map_err(|_| FormatError::OutOfMemory {
             file: context.to_path_buf(),
             what: "the plan's name table",
@@ -185,11 +185,32 @@ impl LoadPlan {
     }
 }
 
+/// FNV-1a: names are short and come from files already bounded in size; SipHash's
+/// protection against chosen collisions costs more than the parse here, and a collision
+/// flood only makes planning slower, within the header budget.
+#[derive(Default, Clone, Copy)]
+struct Fnv(u64);
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 { 0xcbf2_9ce4_8422_2325 } else { self.0 };
+        for &b in bytes {
+            h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+        self.0 = h;
+    }
+}
+
+type FastBuild = std::hash::BuildHasherDefault<Fnv>;
+
 fn check_against_index(index_path: &Path, index: &Index, shards: &[Shard]) -> Result<(), FormatError> {
     // Each shard's tensor names as a set: the index can list 100,000s of tensors.
-    let sets: Vec<HashSet<&str>> =
+    let sets: Vec<HashSet<&str, FastBuild>> =
         shards.iter().map(|s| s.header.tensors.iter().map(|t| t.name.as_str()).collect()).collect();
-    let mut by_name: HashMap<&str, usize> = HashMap::new();
+    let mut by_name: HashMap<&str, usize, FastBuild> = HashMap::default();
     for (i, s) in shards.iter().enumerate() {
         by_name.insert(&s.name, i);
         for a in &s.aliases {
@@ -204,6 +225,13 @@ fn check_against_index(index_path: &Path, index: &Index, shards: &[Shard]) -> Re
                 shard: shard_name.clone(),
             });
         }
+    }
+    // Every indexed tensor is in its shard, and no tensor is in two shards (checked when the
+    // plan is assembled): so if the counts agree, every shard tensor is indexed. Only when
+    // they do not is the missing one looked for, to name it.
+    let in_shards: usize = shards.iter().map(|s| s.header.tensors.len()).sum();
+    if in_shards == index.weight_map.len() {
+        return Ok(());
     }
     for shard in shards {
         for t in &shard.header.tensors {
