@@ -25,6 +25,7 @@
 //! SIGBUS: memory-mapped views are an opt-in that takes an `unsafe`-made [`MapContract`].
 #![forbid(unsafe_code)]
 
+pub mod convert;
 mod dest_cuda;
 mod dest_host;
 mod device;

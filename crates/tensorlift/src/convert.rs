@@ -1,0 +1,202 @@
+//! Element type conversion on the host: bf16, f16, f32, f8 e4m3 (fn) and f8 e5m2 into
+//! bf16, f16 or f32.
+//!
+//! Every source value is exactly representable in f32, so a conversion is one decode to f32
+//! (exact) and one rounding to the target, to nearest, ties to even: NaN stays NaN (sign
+//! kept), infinities stay infinite, subnormals are kept where the target can hold them.
+//! The loops are plain element-wise code the compiler vectorizes.
+//!
+//! This is the host half of dtype conversion; loads do not apply it yet.
+//!
+//! ```
+//! use tensorlift::{convert, Dtype};
+//! let src: Vec<u8> = [1.5f32, -0.1].iter().flat_map(|v| v.to_le_bytes()).collect();
+//! let mut dst = vec![0u8; 4];
+//! convert::convert(Dtype::F32, Dtype::BF16, &src, &mut dst)?;
+//! assert_eq!(half::bf16::from_le_bytes([dst[0], dst[1]]).to_f32(), 1.5);
+//! # Ok::<(), tensorlift::convert::ConvertError>(())
+//! ```
+
+use half::{bf16, f16};
+use tensorlift_format::Dtype;
+
+/// Why a conversion was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConvertError {
+    /// The pair of types is not one this module converts.
+    #[error("no conversion from {from} to {to} (sources: BF16, F16, F32, F8_E4M3, F8_E5M2; targets: BF16, F16, F32)")]
+    Unsupported { from: Dtype, to: Dtype },
+    /// The buffers do not hold the same number of elements.
+    #[error("{src} bytes of {from} do not make {dst} bytes of {to}")]
+    Length { from: Dtype, to: Dtype, src: usize, dst: usize },
+}
+
+/// Bytes per element of the types this module handles.
+fn width(d: Dtype) -> Option<usize> {
+    match d {
+        Dtype::F8_E4M3 | Dtype::F8_E5M2 => Some(1),
+        Dtype::BF16 | Dtype::F16 => Some(2),
+        Dtype::F32 => Some(4),
+        _ => None,
+    }
+}
+
+/// Whether `from` converts to `to`.
+pub fn can_convert(from: Dtype, to: Dtype) -> bool {
+    width(from).is_some() && matches!(to, Dtype::BF16 | Dtype::F16 | Dtype::F32)
+}
+
+/// Converts the little-endian elements of `src` (of type `from`) into `dst` (of type `to`).
+pub fn convert(from: Dtype, to: Dtype, src: &[u8], dst: &mut [u8]) -> Result<(), ConvertError> {
+    let (Some(wf), Some(wt)) = (width(from), width(to)) else { return Err(ConvertError::Unsupported { from, to }) };
+    if !can_convert(from, to) {
+        return Err(ConvertError::Unsupported { from, to });
+    }
+    if src.len() % wf != 0 || src.len() / wf * wt != dst.len() {
+        return Err(ConvertError::Length { from, to, src: src.len(), dst: dst.len() });
+    }
+    if from == to {
+        // The same type: the bytes as they are (NaN payloads included).
+        dst.copy_from_slice(src);
+        return Ok(());
+    }
+    let decode: fn(&[u8]) -> f32 = match from {
+        Dtype::F8_E4M3 => |b| f8_e4m3fn_to_f32(b[0]),
+        Dtype::F8_E5M2 => |b| f8_e5m2_to_f32(b[0]),
+        Dtype::BF16 => |b| bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+        Dtype::F16 => |b| f16::from_le_bytes([b[0], b[1]]).to_f32(),
+        _ => |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+    };
+    match to {
+        Dtype::F32 => {
+            for (s, d) in src.chunks_exact(wf).zip(dst.chunks_exact_mut(4)) {
+                d.copy_from_slice(&decode(s).to_le_bytes());
+            }
+        }
+        Dtype::BF16 => {
+            for (s, d) in src.chunks_exact(wf).zip(dst.chunks_exact_mut(2)) {
+                d.copy_from_slice(&bf16::from_f32(decode(s)).to_le_bytes());
+            }
+        }
+        _ => {
+            for (s, d) in src.chunks_exact(wf).zip(dst.chunks_exact_mut(2)) {
+                d.copy_from_slice(&f16::from_f32(decode(s)).to_le_bytes());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// float8 e4m3fn (OCP FP8, as `torch.float8_e4m3fn`): bias 7, no infinities, NaN is
+/// `S.1111.111`, subnormals `m/8 * 2^-6`.
+pub fn f8_e4m3fn_to_f32(b: u8) -> f32 {
+    let sign = if b & 0x80 != 0 { -1.0 } else { 1.0 };
+    let exp = i32::from((b >> 3) & 0xf);
+    let man = f32::from(b & 0x7);
+    if exp == 0xf && b & 0x7 == 0x7 {
+        return f32::from_bits(0x7fc0_0000 | (u32::from(b & 0x80) << 24));
+    }
+    if exp == 0 {
+        return sign * man / 8.0 * 2f32.powi(-6);
+    }
+    sign * (1.0 + man / 8.0) * 2f32.powi(exp - 7)
+}
+
+/// float8 e5m2 (OCP FP8, as `torch.float8_e5m2`): bias 15, IEEE-like infinities and NaNs,
+/// subnormals `m/4 * 2^-14`.
+pub fn f8_e5m2_to_f32(b: u8) -> f32 {
+    // e5m2 is the top byte of an f16.
+    f16::from_bits(u16::from(b) << 8).to_f32()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn same(a: f32, b: f32) -> bool {
+        a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan() && a.is_sign_negative() == b.is_sign_negative())
+    }
+
+    fn one(from: Dtype, to: Dtype, src: &[u8]) -> Vec<u8> {
+        let mut dst = vec![0u8; src.len() / width(from).unwrap() * width(to).unwrap()];
+        convert(from, to, src, &mut dst).unwrap();
+        dst
+    }
+
+    #[test]
+    fn every_16_bit_input_against_half() {
+        let all: Vec<u16> = (0..=u16::MAX).collect();
+        let bytes: Vec<u8> = all.iter().flat_map(|v| v.to_le_bytes()).collect();
+        for from in [Dtype::BF16, Dtype::F16] {
+            let as_f32 =
+                |v: u16| if from == Dtype::BF16 { bf16::from_bits(v).to_f32() } else { f16::from_bits(v).to_f32() };
+            let f32s = one(from, Dtype::F32, &bytes);
+            let bf = one(from, Dtype::BF16, &bytes);
+            let hf = one(from, Dtype::F16, &bytes);
+            for (i, &v) in all.iter().enumerate() {
+                let x = as_f32(v);
+                let got = f32::from_le_bytes(f32s[4 * i..4 * i + 4].try_into().unwrap());
+                assert!(same(got, x), "{from} {v:#06x} -> F32");
+                let got_bf = bf16::from_le_bytes([bf[2 * i], bf[2 * i + 1]]);
+                assert!(same(got_bf.to_f32(), bf16::from_f32(x).to_f32()), "{from} {v:#06x} -> BF16");
+                let got_hf = f16::from_le_bytes([hf[2 * i], hf[2 * i + 1]]);
+                assert!(same(got_hf.to_f32(), f16::from_f32(x).to_f32()), "{from} {v:#06x} -> F16");
+            }
+        }
+        // Same type: the identity, bit for bit (NaN payloads too).
+        assert!(one(Dtype::BF16, Dtype::BF16, &bytes) == bytes);
+        assert!(one(Dtype::F16, Dtype::F16, &bytes) == bytes);
+    }
+
+    #[test]
+    fn f32_rounds_to_nearest_even() {
+        // Halfway between two bf16 values: ties go to the even mantissa.
+        let tie_down = f32::from_bits(0x3f80_8000); // 1 + 2^-8: between 1.0 and 1 + 2^-7
+        let tie_up = f32::from_bits(0x3f81_8000); // between 1 + 2^-7 and 1 + 2^-6
+        let src: Vec<u8> =
+            [tie_down, tie_up, f32::INFINITY, -0.0, f32::NAN, 1e-40].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let bf = one(Dtype::F32, Dtype::BF16, &src);
+        let got: Vec<u16> = bf.chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+        assert_eq!(&got[..4], &[0x3f80, 0x3f82, 0x7f80, 0x8000]);
+        assert!(bf16::from_bits(got[4]).is_nan());
+        // A subnormal f32 stays a (bf16) subnormal, not zero.
+        assert!(got[5] != 0 && got[5] & 0x7f80 == 0);
+    }
+
+    #[test]
+    fn every_8_bit_input() {
+        let all: Vec<u8> = (0..=u8::MAX).collect();
+        for from in [Dtype::F8_E4M3, Dtype::F8_E5M2] {
+            let f32s = one(from, Dtype::F32, &all);
+            let bf = one(from, Dtype::BF16, &all);
+            let hf = one(from, Dtype::F16, &all);
+            for (i, &b) in all.iter().enumerate() {
+                let x = f32::from_le_bytes(f32s[4 * i..4 * i + 4].try_into().unwrap());
+                // fp8 values are exact in bf16 and f16: no rounding at all.
+                assert!(same(bf16::from_le_bytes([bf[2 * i], bf[2 * i + 1]]).to_f32(), x), "{from} {b:#04x} -> BF16");
+                assert!(same(f16::from_le_bytes([hf[2 * i], hf[2 * i + 1]]).to_f32(), x), "{from} {b:#04x} -> F16");
+            }
+        }
+        // Known points of the formats.
+        assert_eq!(f8_e4m3fn_to_f32(0x7e), 448.0);
+        assert_eq!(f8_e4m3fn_to_f32(0x01), 2f32.powi(-9));
+        assert!(f8_e4m3fn_to_f32(0x7f).is_nan() && f8_e4m3fn_to_f32(0xff).is_sign_negative());
+        assert_eq!(f8_e4m3fn_to_f32(0x38), 1.0);
+        assert_eq!(f8_e5m2_to_f32(0x7b), 57344.0);
+        assert_eq!(f8_e5m2_to_f32(0x7c), f32::INFINITY);
+        assert_eq!(f8_e5m2_to_f32(0x01), 2f32.powi(-16));
+        assert!(f8_e5m2_to_f32(0x7d).is_nan());
+    }
+
+    #[test]
+    fn refusals() {
+        assert!(matches!(convert(Dtype::I32, Dtype::F32, &[0; 4], &mut [0; 4]), Err(ConvertError::Unsupported { .. })));
+        assert!(matches!(
+            convert(Dtype::F32, Dtype::F8_E4M3, &[0; 4], &mut [0; 1]),
+            Err(ConvertError::Unsupported { .. })
+        ));
+        assert!(matches!(convert(Dtype::F32, Dtype::BF16, &[0; 4], &mut [0; 4]), Err(ConvertError::Length { .. })));
+        assert!(matches!(convert(Dtype::F16, Dtype::F32, &[0; 3], &mut [0; 4]), Err(ConvertError::Length { .. })));
+    }
+}
