@@ -6,7 +6,8 @@
 //! kept), infinities stay infinite, subnormals are kept where the target can hold them.
 //! The loops are plain element-wise code the compiler vectorizes.
 //!
-//! This is the host half of dtype conversion; loads do not apply it yet.
+//! Loads apply it on the host with `LoaderBuilder::convert_to`; on a CUDA device, the
+//! kernels that would do it there are not built yet.
 //!
 //! ```
 //! use tensorlift::{convert, Dtype};

@@ -60,6 +60,12 @@ pub enum LoadError {
     /// The planning thread stopped without an answer (a bug in tensorlift: please report it).
     #[error("planning stopped without an answer (a bug in tensorlift: please report it)")]
     PlanningFailed,
+    /// An option this build does not support in this combination (the message says which).
+    #[error("not supported: {0}")]
+    Unsupported(String),
+    /// Converting a landed tensor to another dtype failed.
+    #[error("tensor '{tensor}': conversion to {to} failed: {message}")]
+    Convert { tensor: String, to: tensorlift_format::Dtype, message: String },
     /// A tensor filter pattern is not a valid glob.
     #[error("invalid tensor filter '{pattern}': {message}")]
     InvalidFilter { pattern: String, message: String },

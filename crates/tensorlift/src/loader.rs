@@ -81,6 +81,7 @@ pub(crate) struct Config {
     pub map_views: Option<MapContract>,
     pub streams: usize,
     pub huge_pages: HugePages,
+    pub convert_to: Option<tensorlift_format::Dtype>,
 }
 
 /// Configures a [`Loader`]. Every option has a default that suits a large checkpoint.
@@ -131,6 +132,7 @@ impl Default for LoaderBuilder {
                 map_views: None,
                 streams: DEFAULT_STREAMS,
                 huge_pages: HugePages::Auto,
+                convert_to: None,
             },
         }
     }
@@ -215,6 +217,14 @@ impl LoaderBuilder {
         self.cfg.map_views = Some(contract);
         self
     }
+    /// Converts floating-point tensors (BF16, F16, F32, F8_E4M3, F8_E5M2) to `dtype` (BF16,
+    /// F16 or F32) as they land, rounding to nearest even (see [`crate::convert`]); other
+    /// tensors are loaded as stored. Host loads only, for now: building a loader for a CUDA
+    /// device with it fails.
+    pub fn convert_to(mut self, dtype: tensorlift_format::Dtype) -> Self {
+        self.cfg.convert_to = Some(dtype);
+        self
+    }
     /// Whether host memory for tensors uses transparent huge pages (default: measured).
     pub fn huge_pages(mut self, pages: HugePages) -> Self {
         self.cfg.huge_pages = pages;
@@ -259,6 +269,17 @@ impl LoaderBuilder {
             Target::Host => Device::Cpu,
             Target::Cuda(c) => Device::Cuda(c.gpu.ordinal()),
         };
+        if let Some(to) = self.cfg.convert_to {
+            use tensorlift_format::Dtype;
+            if !matches!(to, Dtype::BF16 | Dtype::F16 | Dtype::F32) {
+                return Err(LoadError::Unsupported(format!("conversion to {to} (targets are BF16, F16 and F32)")));
+            }
+            if device != Device::Cpu {
+                return Err(LoadError::Unsupported(format!(
+                    "dtype conversion on {device} (conversion runs on the host for now)"
+                )));
+            }
+        }
         Ok(Loader { reader, cfg: self.cfg, filter, device, device_reason, target })
     }
 }

@@ -105,6 +105,8 @@ pub struct TensorStream {
     finished: bool,
     /// An error to report once everything in flight has drained.
     failed: Option<LoadError>,
+    /// The dtype tensors are converted to as they land, if any.
+    convert_to: Option<tensorlift_format::Dtype>,
     stats: LoadStats,
 }
 
@@ -151,6 +153,7 @@ impl TensorStream {
             waiting_since: None,
             finished: false,
             failed: None,
+            convert_to: cfg.convert_to,
             stats,
             plan,
         };
@@ -210,6 +213,19 @@ impl TensorStream {
                 return Poll::Ready(Some(Err(e)));
             }
             if let Some(t) = self.ready.pop_front() {
+                let t = match self.convert_to {
+                    Some(to) if t.dtype() != to && crate::convert::can_convert(t.dtype(), to) => {
+                        match t.converted(to) {
+                            Ok(c) => c,
+                            Err(e) => {
+                                self.failed =
+                                    Some(LoadError::Convert { tensor: t.name().to_owned(), to, message: e.0 });
+                                continue;
+                            }
+                        }
+                    }
+                    _ => t,
+                };
                 self.stats.tensors += 1;
                 return Poll::Ready(Some(Ok(t)));
             }

@@ -44,9 +44,25 @@ pub enum ViewError {
 
 #[derive(Debug, Clone)]
 enum Storage {
-    Host { arena: Arc<HostArena>, range: Range<usize> },
-    Mapped { map: Arc<MappedFile>, range: Range<usize>, contract: MapContract },
-    Device { arena: Arc<DeviceArena>, offset: u64, len: usize },
+    Host {
+        arena: Arc<HostArena>,
+        range: Range<usize>,
+    },
+    Mapped {
+        map: Arc<MappedFile>,
+        range: Range<usize>,
+        contract: MapContract,
+    },
+    Device {
+        arena: Arc<DeviceArena>,
+        offset: u64,
+        len: usize,
+    },
+    /// Host memory of its own (a tensor converted to another dtype as it landed).
+    Owned {
+        buf: Arc<tensorlift_io::AlignedBuf>,
+        len: usize,
+    },
 }
 
 /// A loaded tensor: name, dtype, shape, and its bytes in host memory or on a CUDA device.
@@ -92,6 +108,23 @@ impl Tensor {
         len: usize,
     ) -> Tensor {
         Tensor { name: name.into(), dtype, shape: shape.into(), storage: Storage::Device { arena, offset, len } }
+    }
+
+    /// `self`, converted to `dtype` into host memory of its own (see [`crate::convert`]).
+    pub(crate) fn converted(&self, dtype: Dtype) -> Result<Tensor, ConvertFailed> {
+        let src = self.bytes().map_err(|e| ConvertFailed(e.to_string()))?;
+        let from_width = (self.dtype.bitsize() / 8).max(1);
+        let len = src.len() / from_width * (dtype.bitsize() / 8);
+        let mut buf = tensorlift_io::AlignedBuf::zeroed_pages(len, 64, false)
+            .ok_or_else(|| ConvertFailed(format!("cannot allocate {len} bytes")))?;
+        crate::convert::convert(self.dtype, dtype, src, &mut buf.as_mut_slice()[..len])
+            .map_err(|e| ConvertFailed(e.to_string()))?;
+        Ok(Tensor {
+            name: Arc::clone(&self.name),
+            dtype,
+            shape: Arc::clone(&self.shape),
+            storage: Storage::Owned { buf: Arc::new(buf), len },
+        })
     }
 
     /// Where the tensor's bytes are: [`Device::Cpu`] or [`Device::Cuda`].
@@ -202,6 +235,7 @@ impl Tensor {
             Storage::Device { .. } => {
                 Err(ViewError::OnDevice { tensor: self.name.to_string(), device: self.location() })
             }
+            Storage::Owned { buf, len } => Ok(&buf.as_slice()[..*len]),
         }
     }
 
@@ -229,7 +263,7 @@ impl Tensor {
     pub fn len(&self) -> usize {
         match &self.storage {
             Storage::Host { range, .. } | Storage::Mapped { range, .. } => range.len(),
-            Storage::Device { len, .. } => *len,
+            Storage::Device { len, .. } | Storage::Owned { len, .. } => *len,
         }
     }
 
@@ -260,6 +294,10 @@ impl Tensor {
         Ok(self.to_host()?.chunks_exact(std::mem::size_of::<T>()).map(bytemuck::pod_read_unaligned).collect())
     }
 }
+
+/// Why a conversion of a landed tensor failed (the message says).
+#[derive(Debug)]
+pub(crate) struct ConvertFailed(pub String);
 
 /// DLPack's element type for a safetensors dtype.
 fn dlpack_dtype(d: Dtype) -> Option<dlpack::DLDataType> {

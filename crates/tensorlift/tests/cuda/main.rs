@@ -388,3 +388,12 @@ fn a_load_leaves_the_callers_context_alone() {
     .join()
     .unwrap();
 }
+
+#[test]
+fn conversion_is_refused_on_the_device_for_now() {
+    let _d = driver();
+    match base().convert_to(Dtype::F32).build() {
+        Err(LoadError::Unsupported(what)) => assert!(what.contains("cuda:0"), "{what}"),
+        other => panic!("{other:?}"),
+    }
+}

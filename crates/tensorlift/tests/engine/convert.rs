@@ -27,3 +27,63 @@ fn every_fp8_value_matches_ml_dtypes() {
         }
     }
 }
+
+/// `convert_to` converts floating-point tensors as they land (checked here against `half`
+/// applied to the written bytes), and leaves the others as stored.
+#[test]
+fn loads_convert_floating_tensors_as_they_land() {
+    use half::{bf16, f16};
+    use tensorlift::{Dtype, Loader};
+    let dir = tempfile::Builder::new().prefix("tl-convert-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap().keep();
+    let path = dir.join("m.safetensors");
+    let truth = tensorlift_testkit::write_shard(
+        &path,
+        &[
+            ("bf", Dtype::BF16, &[33, 7]),
+            ("hf", Dtype::F16, &[100]),
+            ("f", Dtype::F32, &[9]),
+            ("e4", Dtype::F8_E4M3, &[256]),
+            ("ids", Dtype::I32, &[5]),
+            ("mask", Dtype::U8, &[3]),
+        ],
+    );
+    let as_f32 = |name: &str, dtype: Dtype| -> Vec<f32> {
+        let b = &truth[name];
+        match dtype {
+            Dtype::BF16 => b.chunks(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            Dtype::F16 => b.chunks(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            Dtype::F32 => b.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
+            _ => b.iter().map(|&x| tensorlift::convert::f8_e4m3fn_to_f32(x)).collect(),
+        }
+    };
+    let same = |a: f32, b: f32| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+    for to in [Dtype::F32, Dtype::BF16, Dtype::F16] {
+        let loader = Loader::builder().device(tensorlift::Device::Cpu).convert_to(to).chunk_size(4096).build().unwrap();
+        let model = loader.load_blocking(&path).unwrap();
+        for (name, from) in [("bf", Dtype::BF16), ("hf", Dtype::F16), ("f", Dtype::F32), ("e4", Dtype::F8_E4M3)] {
+            let t = model.get(name).unwrap();
+            assert_eq!(t.dtype(), to, "{name}");
+            assert_eq!(t.shape(), model.get(name).unwrap().shape());
+            let want = as_f32(name, from);
+            let got: Vec<f32> = match to {
+                Dtype::F32 => t.to_vec::<f32>().unwrap(),
+                Dtype::BF16 => t.to_vec::<bf16>().unwrap().iter().map(|v| v.to_f32()).collect(),
+                _ => t.to_vec::<f16>().unwrap().iter().map(|v| v.to_f32()).collect(),
+            };
+            assert_eq!(got.len(), want.len(), "{name}");
+            for (g, w) in got.iter().zip(&want) {
+                let w = match to {
+                    Dtype::F32 => *w,
+                    Dtype::BF16 => bf16::from_f32(*w).to_f32(),
+                    _ => f16::from_f32(*w).to_f32(),
+                };
+                assert!(same(*g, w), "{name} -> {to}: {g} vs {w}");
+            }
+        }
+        assert_eq!(model.get("ids").unwrap().dtype(), Dtype::I32);
+        assert!(model.get("ids").unwrap().bytes().unwrap() == truth["ids"].as_slice());
+        assert!(model.get("mask").unwrap().bytes().unwrap() == truth["mask"].as_slice());
+    }
+    // Targets other than BF16, F16 and F32 are refused when the loader is built.
+    assert!(Loader::builder().device(tensorlift::Device::Cpu).convert_to(Dtype::I8).build().is_err());
+}
