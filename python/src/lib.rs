@@ -65,10 +65,7 @@ impl PyTensor {
     /// `(device_type, device_id)` as DLPack numbers them: `(1, 0)` for the host, `(2, N)`
     /// for CUDA device N.
     fn __dlpack_device__(&self) -> (i32, i32) {
-        match self.inner.location() {
-            Device::Cuda(n) => (tensorlift::dlpack::DEVICE_CUDA, n as i32),
-            _ => (tensorlift::dlpack::DEVICE_CPU, 0),
-        }
+        dlpack_device(&self.inner)
     }
 
     /// A DLPack capsule of the tensor, without a copy: `dltensor_versioned` (DLPack 1.x)
@@ -85,18 +82,7 @@ impl PyTensor {
         copy: Option<bool>,
     ) -> PyResult<Py<PyAny>> {
         let _ = stream;
-        if let Some(d) = dl_device {
-            if d != self.__dlpack_device__() {
-                return Err(PyBufferError::new_err(format!(
-                    "tensor '{}' is on {}, and tensorlift does not copy it to DLPack device {d:?}",
-                    self.inner.name(),
-                    self.inner.location()
-                )));
-            }
-        }
-        if copy == Some(true) {
-            return Err(PyBufferError::new_err("tensorlift hands tensors over without a copy (copy=True)"));
-        }
+        check_request(&self.inner, dl_device, copy)?;
         let err = |e: tensorlift::ViewError| PyBufferError::new_err(e.to_string());
         if max_version.is_some_and(|(major, _)| major >= 1) {
             versioned_capsule(py, self.inner.to_dlpack().map_err(err)?)
@@ -219,7 +205,7 @@ struct PyRawBytes {
 #[pymethods]
 impl PyRawBytes {
     fn __dlpack_device__(&self) -> (i32, i32) {
-        PyTensor { inner: self.inner.clone() }.__dlpack_device__()
+        dlpack_device(&self.inner)
     }
 
     #[pyo3(signature = (*, stream=None, max_version=None, dl_device=None, copy=None))]
@@ -232,10 +218,7 @@ impl PyRawBytes {
         copy: Option<bool>,
     ) -> PyResult<Py<PyAny>> {
         let _ = stream;
-        let tensor = PyTensor { inner: self.inner.clone() };
-        if dl_device.is_some_and(|d| d != tensor.__dlpack_device__()) || copy == Some(true) {
-            return Err(PyBufferError::new_err("tensorlift hands bytes over where they are, without a copy"));
-        }
+        check_request(&self.inner, dl_device, copy)?;
         let err = |e: tensorlift::ViewError| PyBufferError::new_err(e.to_string());
         if max_version.is_some_and(|(major, _)| major >= 1) {
             versioned_capsule(py, self.inner.to_dlpack_bytes().map_err(err)?)
@@ -243,6 +226,33 @@ impl PyRawBytes {
             legacy_capsule(py, self.inner.to_dlpack_bytes_legacy().map_err(err)?)
         }
     }
+}
+
+/// `(device_type, device_id)` as DLPack numbers them: `(1, 0)` for the host, `(2, N)` for
+/// CUDA device N.
+fn dlpack_device(t: &tensorlift::Tensor) -> (i32, i32) {
+    match t.location() {
+        Device::Cuda(n) => (tensorlift::dlpack::DEVICE_CUDA, n as i32),
+        _ => (tensorlift::dlpack::DEVICE_CPU, 0),
+    }
+}
+
+/// Refuses a `__dlpack__` request tensorlift cannot honour without a copy: another device,
+/// or `copy=True`.
+fn check_request(t: &tensorlift::Tensor, dl_device: Option<(i32, i32)>, copy: Option<bool>) -> PyResult<()> {
+    if let Some(d) = dl_device {
+        if d != dlpack_device(t) {
+            return Err(PyBufferError::new_err(format!(
+                "tensor '{}' is on {}, and tensorlift does not copy it to DLPack device {d:?}",
+                t.name(),
+                t.location()
+            )));
+        }
+    }
+    if copy == Some(true) {
+        return Err(PyBufferError::new_err("tensorlift hands tensors over without a copy (copy=True)"));
+    }
+    Ok(())
 }
 
 /// A `dltensor` capsule (DLPack before 1.0) that owns `p` and deletes it if no consumer
@@ -386,13 +396,7 @@ impl PyCheckpoint {
 
     /// Every shard's `__metadata__`, merged (the first shard's value wins on a conflict).
     fn metadata(&self) -> std::collections::BTreeMap<String, String> {
-        let mut out = std::collections::BTreeMap::new();
-        for s in self.plan.shards() {
-            for (k, v) in s.header.metadata.iter().flatten() {
-                out.entry(k.clone()).or_insert_with(|| v.clone());
-            }
-        }
-        out
+        self.plan.metadata()
     }
 
     /// Whether any shard has a `__metadata__` entry.

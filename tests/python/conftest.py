@@ -15,3 +15,16 @@ def fixture(tmp_path_factory):
     out = tmp_path_factory.mktemp("ref")
     subprocess.run([sys.executable, os.path.join(ROOT, "tests/reference/make_fixture.py"), str(out)], check=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def sharded_reference(fixture):
+    """Every tensor of fixture/sharded, as the reference package reads the shards one by one."""
+    from safetensors.numpy import load_file as reference_load
+
+    folder = fixture / "sharded"
+    want = {}
+    for f in sorted(os.listdir(folder)):
+        if f.endswith(".safetensors"):
+            want.update(reference_load(str(folder / f)))
+    return want

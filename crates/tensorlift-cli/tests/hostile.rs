@@ -2,7 +2,7 @@
 //! no crash, no hang, no memory or descriptors beyond bounds, no output injection.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -40,6 +40,14 @@ fn within(secs: u64, args: &[&str]) -> Output {
     child.wait_with_output().unwrap()
 }
 
+/// A safetensors file as written by hand: the header's length, the header, the data.
+fn write_header_file(path: &Path, json: &str, data: &[u8]) {
+    let mut f = std::fs::File::create(path).unwrap();
+    f.write_all(&(json.len() as u64).to_le_bytes()).unwrap();
+    f.write_all(json.as_bytes()).unwrap();
+    f.write_all(data).unwrap();
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -56,10 +64,7 @@ fn a_million_tensors_under_a_memory_limit_is_an_error_not_an_abort() {
     }
     json.pop();
     json.push('}');
-    let mut f = std::fs::File::create(&path).unwrap();
-    f.write_all(&(json.len() as u64).to_le_bytes()).unwrap();
-    f.write_all(json.as_bytes()).unwrap();
-    drop(f);
+    write_header_file(&path, &json, &[]);
     for cmd in ["inspect", "load"] {
         let out = under_ulimit("-v 200000", &[cmd, path.to_str().unwrap()]);
         assert_eq!(out.status.code(), Some(1), "{cmd}: {:?} {}", out.status, stderr(&out));
@@ -80,11 +85,7 @@ fn metadata_heavy_files_under_a_memory_limit_are_errors_not_aborts() {
     }
     json.pop();
     json.push_str("},\"w\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]}}");
-    let mut f = std::fs::File::create(&path).unwrap();
-    f.write_all(&(json.len() as u64).to_le_bytes()).unwrap();
-    f.write_all(json.as_bytes()).unwrap();
-    f.write_all(&[7]).unwrap();
-    drop(f);
+    write_header_file(&path, &json, &[7]);
     let idx = scratch();
     write_shard(&idx.join("a.safetensors"), &[("w", Dtype::U8, &[1])]);
     let mut index = String::from("{\"metadata\":[");
@@ -112,11 +113,8 @@ fn a_sparse_file_larger_than_memory_is_an_error_not_an_oom_kill() {
     let path = dir.join("sparse.safetensors");
     let total = tensorlift_io::host_memory_available().expect("meminfo") + (4 << 30);
     let json = format!("{{\"w\":{{\"dtype\":\"U8\",\"shape\":[{total}],\"data_offsets\":[0,{total}]}}}}");
-    let mut f = std::fs::File::create(&path).unwrap();
-    f.write_all(&(json.len() as u64).to_le_bytes()).unwrap();
-    f.write_all(json.as_bytes()).unwrap();
-    f.set_len(8 + json.len() as u64 + total).unwrap();
-    drop(f);
+    write_header_file(&path, &json, &[]);
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(8 + json.len() as u64 + total).unwrap();
     let out = within(120, &["load", path.to_str().unwrap(), "--device", "cpu"]);
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{:?} {err}", out.status);

@@ -166,6 +166,17 @@ impl LoadPlan {
     pub fn index_metadata(&self) -> Option<&serde_json::Value> {
         self.index_metadata.as_ref()
     }
+    /// Every shard's `__metadata__`, merged: where shards disagree on a key, the first shard
+    /// (in load order) that has it wins.
+    pub fn metadata(&self) -> std::collections::BTreeMap<String, String> {
+        let mut out = std::collections::BTreeMap::new();
+        for s in &self.shards {
+            for (k, v) in s.header.metadata.iter().flatten() {
+                out.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
+        out
+    }
     /// The shards, in load order.
     pub fn shards(&self) -> &[Shard] {
         &self.shards

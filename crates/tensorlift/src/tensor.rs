@@ -347,13 +347,14 @@ impl Model {
         let by_name = tensors.iter().enumerate().map(|(i, t)| (Arc::clone(&t.name), i)).collect();
         let shard_metadata: Vec<(String, BTreeMap<String, String>)> =
             plan.shards().iter().map(|s| (s.name.clone(), s.header.metadata.clone().unwrap_or_default())).collect();
-        let mut metadata = BTreeMap::new();
-        for (_, m) in &shard_metadata {
-            for (k, v) in m {
-                metadata.entry(k.clone()).or_insert_with(|| v.clone());
-            }
+        Model {
+            tensors,
+            by_name,
+            stats,
+            metadata: plan.metadata(),
+            shard_metadata,
+            index_metadata: plan.index_metadata().cloned(),
         }
-        Model { tensors, by_name, stats, metadata, shard_metadata, index_metadata: plan.index_metadata().cloned() }
     }
 
     /// Every shard's `__metadata__`, merged: where shards disagree on a key, the first shard
