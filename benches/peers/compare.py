@@ -3,8 +3,10 @@
 
 Times each installed Python loader loading every tensor of FOLDER onto a CUDA device,
 after CUDA is initialised (so no loader pays for context creation), and with
---tensorlift, also `tensorlift load --device cuda:N --json FOLDER` on the same files:
+--tensorlift, also `tensorlift load --device cuda:N --json FOLDER` on the same files
+(a new process each run, so that figure includes process start and CUDA context creation):
 
+  tensorlift            tensorlift.load_file(FOLDER, device=..., framework="pt") in process
   safetensors           safe_open(..., device=...) + get_tensor (the reference)
   fastsafetensors       SafeTensorsFileLoader(...).copy_files_to_device()
   instanttensor         instanttensor.safe_open(..., device=...) + tensors(), cloned
@@ -30,6 +32,11 @@ from pagecache import evict, shard_paths, warm  # noqa: E402
 
 def nbytes(tensors):
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def load_tensorlift(paths, device):
+    import tensorlift
+    return list(tensorlift.load_file(os.path.dirname(paths[0]), device=device, framework="pt").values())
 
 
 def load_safetensors(paths, device):
@@ -79,6 +86,7 @@ def load_runai(paths, device):
 
 
 PEERS = {
+    "tensorlift": ("tensorlift", load_tensorlift),
     "safetensors": ("safetensors", load_safetensors),
     "fastsafetensors": ("fastsafetensors", load_fastsafetensors),
     "instanttensor": ("instanttensor", load_instanttensor),
@@ -120,14 +128,14 @@ def main():
     for mode in modes:
         times = {n: [] for n in engines}
         if a.tensorlift:
-            times["tensorlift"] = []
+            times["tensorlift-cli"] = []
         moved = {}
         for _ in range(a.runs):
             for name in list(times):
                 evict(paths) if mode == "cold" else warm(paths)
                 try:
                     t = time.perf_counter()
-                    if name == "tensorlift":
+                    if name == "tensorlift-cli":
                         out = subprocess.run([a.tensorlift, "load", "--device", a.device, "--json", a.folder], check=True, capture_output=True, text=True)
                         moved[name] = json.loads(out.stdout)["bytes"]
                     else:
