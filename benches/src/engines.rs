@@ -133,16 +133,25 @@ pub fn safetensors_crate() -> Entry {
     }
 }
 
-/// Sequential reads of every shard at depth into reused buffers: O_DIRECT when cold (the
-/// storage limit), buffered when warm (the page-cache copy limit; O_DIRECT would bypass it).
+/// Reads of every shard at depth into reused buffers, one ring per CPU: O_DIRECT when cold
+/// (the storage limit), buffered when warm (the page-cache copy limit; O_DIRECT would bypass
+/// it).
 pub fn read_limit(direct: bool) -> Entry {
     Entry {
         name: "read-limit",
         kind: Kind::Limit,
         run: Box::new(move |c| {
+            // Every CPU reads (cached reads are copies made on the submitting thread), with
+            // four reads in flight each: the most this machine's storage and page cache give.
             const CHUNK: usize = 4 << 20;
-            const WINDOW: usize = 32;
-            let r = Reader::builder().backend(BackendKind::Uring).queue_depth(WINDOW as u32).direct(direct).build();
+            let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+            let window = (4 * workers).max(32);
+            let r = Reader::builder()
+                .backend(BackendKind::Uring)
+                .workers(workers)
+                .queue_depth(window as u32)
+                .direct(direct)
+                .build();
             let files = c.shards.iter().map(|p| r.open(p)).collect::<Result<Vec<_>, _>>()?;
             let mut jobs: VecDeque<(usize, u64, usize)> = VecDeque::new();
             let mut offsets = vec![0u64; files.len()];
@@ -155,7 +164,7 @@ pub fn read_limit(direct: bool) -> Entry {
                     }
                 }
             }
-            let mut pool: Vec<AlignedBuf> = (0..WINDOW).filter_map(|_| AlignedBuf::zeroed(CHUNK, 4096)).collect();
+            let mut pool: Vec<AlignedBuf> = (0..window).filter_map(|_| AlignedBuf::zeroed(CHUNK, 4096)).collect();
             let mut in_flight = VecDeque::new();
             let mut bytes = 0;
             while !jobs.is_empty() || !in_flight.is_empty() {

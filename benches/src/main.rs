@@ -70,7 +70,7 @@ struct Args {
     /// tensorlift: I/O backend, uring, pread or mmap (default: uring when available).
     #[arg(long, value_parser = |s: &str| s.parse::<tensorlift::BackendKind>())]
     io: Option<tensorlift::BackendKind>,
-    /// tensorlift: io_uring worker threads, one ring each (default 2).
+    /// tensorlift: io_uring worker threads, one ring each (default: one per CPU, 2 to 16).
     #[arg(long)]
     io_workers: Option<usize>,
     /// tensorlift: O_DIRECT policy, auto, always or never (default auto).

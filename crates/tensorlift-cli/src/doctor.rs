@@ -86,6 +86,7 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
                 "fixed_buffers": format!("{:?}", io.fixed_buffers),
                 "io": io.backend.to_string(),
                 "io_reason": io.reason,
+                "io_workers": loader.settings().io_workers,
             },
         });
         crate::text::write_json(out, &v)?;
@@ -158,6 +159,11 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
         };
         writeln!(out, "            pinned staging {} ({fixed})", crate::text::memory(p))?;
     }
-    writeln!(out, "            io {} ({})", io.backend, crate::text::printable(&io.reason))?;
+    // Workers are io_uring rings; the pread fallback has a thread pool of its own.
+    let workers = match io.backend {
+        tensorlift::BackendKind::Uring => format!(", {} workers", loader.settings().io_workers),
+        _ => String::new(),
+    };
+    writeln!(out, "            io {} ({}){workers}", io.backend, crate::text::printable(&io.reason))?;
     Ok(())
 }

@@ -42,8 +42,8 @@ use std::path::Path;
 pub use device::{Device, DEVICE_ENV};
 pub use error::LoadError;
 pub use loader::{
-    DirectIo, HugePages, Loader, LoaderBuilder, Settings, DEFAULT_CHUNK_SIZE, DEFAULT_IO_WORKERS, DEFAULT_QUEUE_DEPTH,
-    DEFAULT_STAGING_BUDGET, DEFAULT_STREAMS,
+    default_io_workers, DirectIo, HugePages, Loader, LoaderBuilder, Settings, DEFAULT_CHUNK_SIZE, DEFAULT_QUEUE_DEPTH,
+    DEFAULT_STAGING_BUDGET, DEFAULT_STREAMS, MAX_DEFAULT_IO_WORKERS,
 };
 pub use pipeline::TensorStream;
 pub use stats::{LoadStats, Progress};
