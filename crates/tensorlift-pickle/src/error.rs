@@ -1,0 +1,53 @@
+use std::path::PathBuf;
+
+/// A PyTorch checkpoint that cannot be read, and which file it is.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {kind}", file.display())]
+pub struct TorchError {
+    /// The file.
+    pub file: PathBuf,
+    /// What is wrong with it.
+    pub kind: ErrorKind,
+}
+
+/// Every way a PyTorch checkpoint can be refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// Reading the file failed.
+    #[error("read failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// Neither a zip archive nor the legacy pickle layout.
+    #[error("not a PyTorch checkpoint: {0}")]
+    NotTorch(String),
+    /// The zip archive is malformed, or uses a feature `torch.save` never writes.
+    #[error("invalid zip archive: {0}")]
+    Zip(String),
+    /// The pickle names a global outside the allowlist: nothing was called.
+    #[error("refused global '{module}.{name}' at pickle byte {at}: only the globals a state_dict needs are allowed, and nothing is executed")]
+    RefusedGlobal { module: String, name: String, at: usize },
+    /// The pickle uses an opcode a state_dict never needs (or one this reader refuses).
+    #[error("refused pickle opcode {name} (0x{code:02x}) at byte {at}")]
+    RefusedOpcode { code: u8, name: &'static str, at: usize },
+    /// The pickle is malformed: a stack underflow, a bad memo reference, wrong arguments.
+    #[error("invalid pickle at byte {at}: {message}")]
+    Pickle { at: usize, message: String },
+    /// A bound on memory was reached.
+    #[error("{what} exceeds the limit of {limit} ({setting})")]
+    Limit { what: String, limit: u64, setting: &'static str },
+    /// The pickled object is not a state_dict (a mapping of names to tensors).
+    #[error("not a state_dict: {0}")]
+    NotStateDict(String),
+    /// A tensor refers to bytes its storage does not have, or the storage to bytes the file does not have.
+    #[error("tensor '{tensor}': {message}")]
+    Tensor { tensor: String, message: String },
+    /// Data written on a big-endian machine.
+    #[error("written on a big-endian machine: tensorlift reads little-endian checkpoints only (re-save it on a little-endian machine)")]
+    BigEndian,
+}
+
+impl ErrorKind {
+    pub(crate) fn pickle(at: usize, message: impl Into<String>) -> Self {
+        ErrorKind::Pickle { at, message: message.into() }
+    }
+}

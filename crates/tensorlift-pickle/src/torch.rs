@@ -1,0 +1,507 @@
+//! From a pickled `state_dict` to tensors with byte ranges in the file.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::rc::Rc;
+
+use tensorlift_format::Dtype;
+
+use crate::error::{ErrorKind, TorchError};
+use crate::source::{read_vec, ReadAt};
+use crate::vm::{self, Persistent, StorageRef, Value, Vm, VmLimits};
+use crate::zip;
+
+/// Bounds on what reading one file may allocate, as a safetensors header has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Limits {
+    /// Bytes of pickle (and of zip directory) read into memory (default 256 MiB).
+    pub max_pickle_bytes: u64,
+    /// Tensors (and zip entries) in one file (default 1,000,000).
+    pub max_tensors: usize,
+    /// Entries on the pickle's stack and mark stack (default 1,000,000).
+    pub max_pickle_stack: usize,
+}
+
+impl Limits {
+    /// With this many bytes of pickle at most.
+    pub fn max_pickle_bytes(mut self, bytes: u64) -> Self {
+        self.max_pickle_bytes = bytes;
+        self
+    }
+    /// With this many tensors at most.
+    pub fn max_tensors(mut self, n: usize) -> Self {
+        self.max_tensors = n;
+        self
+    }
+    /// With a pickle stack this deep at most.
+    pub fn max_pickle_stack(mut self, n: usize) -> Self {
+        self.max_pickle_stack = n;
+        self
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_pickle_bytes: 256 << 20, max_tensors: 1_000_000, max_pickle_stack: 1_000_000 }
+    }
+}
+
+/// Which of `torch.save`'s layouts a file has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// A zip archive (PyTorch >= 1.6, the default since).
+    Zip,
+    /// The legacy layout: pickles followed by raw storages (`_use_new_zipfile_serialization=False`).
+    Legacy,
+}
+
+/// One storage's bytes in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Storage {
+    /// The element type its tensors have.
+    pub dtype: Dtype,
+    /// Offset of its first byte in the file.
+    pub offset: u64,
+    /// Its bytes.
+    pub len: u64,
+}
+
+/// One tensor of the state_dict: a view of a storage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TorchTensor {
+    /// Its key in the state_dict.
+    pub name: String,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Strides, in elements.
+    pub strides: Vec<usize>,
+    /// The storage it views (a key of [`TorchCheckpoint::storages`]).
+    pub storage: String,
+    /// Where it starts in the storage, in elements.
+    pub storage_offset: usize,
+}
+
+impl TorchTensor {
+    /// Elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    /// Bytes once made contiguous.
+    pub fn nbytes(&self) -> usize {
+        self.numel() * self.dtype.bitsize() / 8
+    }
+    /// Whether its elements lie in row-major order with no gaps (dimensions of size 1 may
+    /// have any stride).
+    pub fn is_contiguous(&self) -> bool {
+        let mut expect = 1usize;
+        for (&d, &s) in self.shape.iter().zip(&self.strides).rev() {
+            if d != 1 && s != expect {
+                return false;
+            }
+            expect *= d;
+        }
+        true
+    }
+    /// `[first, last]` elements of the storage it touches; `None` when it has no elements.
+    pub fn element_span(&self) -> Option<(usize, usize)> {
+        if self.numel() == 0 {
+            return None;
+        }
+        let last = self.shape.iter().zip(&self.strides).map(|(&d, &s)| (d - 1) * s).sum::<usize>();
+        Some((self.storage_offset, self.storage_offset + last))
+    }
+}
+
+/// A PyTorch checkpoint's tensors, ready to read.
+#[derive(Debug, Clone)]
+pub struct TorchCheckpoint {
+    /// The layout.
+    pub layout: Layout,
+    /// The tensors, in the state_dict's order.
+    pub tensors: Vec<TorchTensor>,
+    /// Every storage a tensor views, by key.
+    pub storages: BTreeMap<String, Storage>,
+    /// Keys of the state_dict whose values are not tensors (skipped).
+    pub skipped: Vec<String>,
+}
+
+impl TorchCheckpoint {
+    /// Reads `src`, named `file` in errors: the layout, the pickle and every tensor's place.
+    /// Nothing in the file is executed; tensor data is not read.
+    pub fn read<R: ReadAt + ?Sized>(src: &R, file: &Path, limits: &Limits) -> Result<Self, TorchError> {
+        read(src, limits).map_err(|kind| TorchError { file: file.to_owned(), kind })
+    }
+
+    /// The tensor's bytes, contiguous, in the file's (little-endian) byte order: one read
+    /// of the span it covers, then a gather for a strided view.
+    pub fn tensor_bytes<R: ReadAt + ?Sized>(
+        &self,
+        src: &R,
+        file: &Path,
+        t: &TorchTensor,
+    ) -> Result<Vec<u8>, TorchError> {
+        let err = |kind| TorchError { file: file.to_owned(), kind };
+        let st = self.storages.get(&t.storage).ok_or_else(|| {
+            err(ErrorKind::Tensor { tensor: t.name.clone(), message: format!("storage '{}' is missing", t.storage) })
+        })?;
+        let es = t.dtype.bitsize() / 8;
+        let Some((first, last)) = t.element_span() else { return Ok(Vec::new()) };
+        let span = read_vec(src, st.offset + (first * es) as u64, ((last - first + 1) * es) as u64)
+            .map_err(|e| err(e.into()))?;
+        if t.is_contiguous() {
+            return Ok(span);
+        }
+        let mut out = Vec::new();
+        out.try_reserve_exact(t.nbytes()).map_err(|_| {
+            err(ErrorKind::Tensor {
+                tensor: t.name.clone(),
+                message: format!("{} bytes could not be allocated", t.nbytes()),
+            })
+        })?;
+        let mut idx = vec![0usize; t.shape.len()];
+        for _ in 0..t.numel() {
+            let e = idx.iter().zip(&t.strides).map(|(&i, &s)| i * s).sum::<usize>();
+            out.extend_from_slice(&span[e * es..(e + 1) * es]);
+            for d in (0..idx.len()).rev() {
+                idx[d] += 1;
+                if idx[d] < t.shape[d] {
+                    break;
+                }
+                idx[d] = 0;
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn vm_limits(l: &Limits) -> VmLimits {
+    VmLimits { max_stack: l.max_pickle_stack }
+}
+
+fn read<R: ReadAt + ?Sized>(src: &R, limits: &Limits) -> Result<TorchCheckpoint, ErrorKind> {
+    if zip::is_zip(src) {
+        read_zip(src, limits)
+    } else {
+        let mut m = [0u8; 2];
+        src.read_exact_at(&mut m, 0).map_err(|_| ErrorKind::NotTorch("the file is empty or too short".into()))?;
+        if m[0] != 0x80 || !(2..=5).contains(&m[1]) {
+            return Err(ErrorKind::NotTorch(
+                "neither a zip archive nor a pickle (a tar archive from PyTorch < 0.4 is not read)".into(),
+            ));
+        }
+        read_legacy(src, limits)
+    }
+}
+
+/// Persistent ids of the zip layout: `('storage', class, key, location, numel)`.
+struct ZipStorages {
+    seen: BTreeMap<String, Rc<StorageRef>>,
+}
+
+fn storage_pid(vm: &Vm, pid: &Value, at: usize, legacy: bool) -> Result<StorageRef, ErrorKind> {
+    let t = vm.tuple(pid).ok_or_else(|| ErrorKind::pickle(at, "persistent id is not a tuple"))?;
+    let bad = |m: &str| ErrorKind::pickle(at, format!("persistent id: {m}"));
+    match t.first() {
+        Some(Value::Str(s)) if &**s == "storage" => {}
+        _ => return Err(bad("not ('storage', ...)")),
+    }
+    let want = if legacy { 6 } else { 5 };
+    if t.len() != want {
+        return Err(bad(&format!("{} fields, expected {want}", t.len())));
+    }
+    let Value::Global(vm::Global::Storage(dtype)) = t[1] else {
+        return Err(bad("the storage type is not a torch storage class"));
+    };
+    let key = match &t[2] {
+        Value::Str(s) => s.to_string(),
+        _ => return Err(bad("the key is not a string")),
+    };
+    let numel = match t[4] {
+        Value::Int(n) if n >= 0 => n as u64,
+        _ => return Err(bad("the size is not a non-negative int")),
+    };
+    let view = if legacy {
+        match &t[5] {
+            Value::None => None,
+            v => match vm.tuple(v) {
+                Some([Value::Str(_), Value::Int(off), Value::Int(n)]) if *off >= 0 && *n >= 0 => {
+                    Some((*off as u64, *n as u64))
+                }
+                _ => return Err(bad("the view is not (key, offset, size)")),
+            },
+        }
+    } else {
+        None
+    };
+    Ok(StorageRef { dtype, key, numel, view })
+}
+
+impl Persistent for ZipStorages {
+    fn load(&mut self, vm: &Vm, pid: &Value, at: usize) -> Result<Value, ErrorKind> {
+        let s = storage_pid(vm, pid, at, false)?;
+        let s = match self.seen.get(&s.key) {
+            Some(prev) if prev.dtype != s.dtype => {
+                return Err(ErrorKind::pickle(at, format!("storage '{}' is named with two types", s.key)));
+            }
+            Some(prev) => Rc::clone(prev),
+            None => {
+                let rc = Rc::new(s);
+                self.seen.insert(rc.key.clone(), Rc::clone(&rc));
+                rc
+            }
+        };
+        Ok(Value::Storage(s))
+    }
+}
+
+fn read_zip<R: ReadAt + ?Sized>(src: &R, limits: &Limits) -> Result<TorchCheckpoint, ErrorKind> {
+    let entries = zip::entries(src, limits.max_tensors.saturating_add(16), limits.max_pickle_bytes)?;
+    // Every entry lives under one top-level folder whose name the writer chose.
+    let (prefix, pkl) = entries
+        .iter()
+        .find_map(|(name, e)| {
+            name.strip_suffix("data.pkl")
+                .filter(|p| p.ends_with('/') && !p[..p.len() - 1].contains('/'))
+                .map(|p| (p.to_owned(), *e))
+        })
+        .ok_or_else(|| ErrorKind::NotTorch("a zip archive without ARCHIVE/data.pkl".into()))?;
+    if let Some(e) = entries.get(&format!("{prefix}byteorder")) {
+        let b = read_vec(src, e.offset, e.len.min(16))?;
+        if b.as_slice() == b"big" {
+            return Err(ErrorKind::BigEndian);
+        }
+        if b.as_slice() != b"little" {
+            return Err(ErrorKind::Zip(format!("{prefix}byteorder says '{}'", String::from_utf8_lossy(&b))));
+        }
+    }
+    if pkl.len > limits.max_pickle_bytes {
+        return Err(ErrorKind::Limit {
+            what: format!("a {}-byte pickle", pkl.len),
+            limit: limits.max_pickle_bytes,
+            setting: "max_pickle_bytes",
+        });
+    }
+    let code = read_vec(src, pkl.offset, pkl.len)?;
+    let mut vm = Vm::default();
+    let mut st = ZipStorages { seen: BTreeMap::new() };
+    let (root, _) = vm.run(&code, vm_limits(limits), &mut st)?;
+    let mut storages = BTreeMap::new();
+    for (key, s) in &st.seen {
+        let e = entries
+            .get(&format!("{prefix}data/{key}"))
+            .ok_or_else(|| ErrorKind::Zip(format!("storage '{key}' has no entry {prefix}data/{key}")))?;
+        let es = s.dtype.bitsize() as u64 / 8;
+        let need =
+            s.numel.checked_mul(es).ok_or_else(|| ErrorKind::pickle(0, format!("storage '{key}' size overflows")))?;
+        if need > e.len {
+            return Err(ErrorKind::Zip(format!(
+                "storage '{key}' holds {} elements ({need} bytes) but its entry has {} bytes",
+                s.numel, e.len
+            )));
+        }
+        storages.insert(key.clone(), Storage { dtype: s.dtype, offset: e.offset, len: need });
+    }
+    let (tensors, skipped) = state_dict(&vm, &root, limits)?;
+    Ok(TorchCheckpoint { layout: Layout::Zip, tensors, storages, skipped })
+}
+
+/// The legacy layout: a magic number, a protocol version and system information, each
+/// pickled, then the state_dict's pickle, then a pickled list of storage keys, then each
+/// storage in that order as an 8-byte element count and its bytes.
+fn read_legacy<R: ReadAt + ?Sized>(src: &R, limits: &Limits) -> Result<TorchCheckpoint, ErrorKind> {
+    const MAGIC: [u8; 10] = [0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19];
+    let len = src.size()?;
+    let head_len = len.min(limits.max_pickle_bytes);
+    let head = read_vec(src, 0, head_len)?;
+    let mut at = 0usize;
+    let mut vm = Vm::default();
+    struct NoPersistent;
+    impl Persistent for NoPersistent {
+        fn load(&mut self, _: &Vm, _: &Value, at: usize) -> Result<Value, ErrorKind> {
+            Err(ErrorKind::pickle(at, "a persistent id outside the state_dict's pickle"))
+        }
+    }
+    let next = |vm: &mut Vm, at: &mut usize, p: &mut dyn Persistent| -> Result<Value, ErrorKind> {
+        let (v, n) = vm.run(&head[*at..], vm_limits(limits), p).map_err(|e| match e {
+            ErrorKind::Pickle { message, at: a } if head_len < len && message.contains("the pickle ends") => {
+                ErrorKind::Limit {
+                    what: format!("pickles longer than {head_len} bytes (at byte {})", *at + a),
+                    limit: limits.max_pickle_bytes,
+                    setting: "max_pickle_bytes",
+                }
+            }
+            ErrorKind::Pickle { message, at: a } => ErrorKind::Pickle { message, at: *at + a },
+            other => other,
+        })?;
+        *at += n;
+        Ok(v)
+    };
+    match next(&mut vm, &mut at, &mut NoPersistent)? {
+        Value::BigInt(b) if *b == MAGIC => {}
+        _ => return Err(ErrorKind::NotTorch("a pickle, but not one torch.save wrote (no magic number)".into())),
+    }
+    match next(&mut vm, &mut at, &mut NoPersistent)? {
+        Value::Int(1001) => {}
+        _ => return Err(ErrorKind::NotTorch("unknown legacy protocol version".into())),
+    }
+    let info = next(&mut vm, &mut at, &mut NoPersistent)?;
+    if let Some(d) = vm.dict(&info) {
+        for (k, v) in &d.items {
+            if matches!((k, v), (Value::Str(k), Value::Bool(false)) if &**k == "little_endian") {
+                return Err(ErrorKind::BigEndian);
+            }
+        }
+    }
+    struct Legacy {
+        seen: BTreeMap<String, Rc<StorageRef>>,
+        views: Vec<Rc<StorageRef>>,
+    }
+    impl Persistent for Legacy {
+        fn load(&mut self, vm: &Vm, pid: &Value, at: usize) -> Result<Value, ErrorKind> {
+            let s = storage_pid(vm, pid, at, true)?;
+            let root = StorageRef { view: None, ..s.clone() };
+            match self.seen.get(&root.key) {
+                Some(prev) if prev.dtype != root.dtype || prev.numel != root.numel => {
+                    return Err(ErrorKind::pickle(
+                        at,
+                        format!("storage '{}' is named with two types or sizes", root.key),
+                    ));
+                }
+                Some(_) => {}
+                None => {
+                    self.seen.insert(root.key.clone(), Rc::new(root));
+                }
+            }
+            let rc = Rc::new(s);
+            if rc.view.is_some() {
+                self.views.push(Rc::clone(&rc));
+            }
+            Ok(Value::Storage(rc))
+        }
+    }
+    let mut lg = Legacy { seen: BTreeMap::new(), views: Vec::new() };
+    let root = next(&mut vm, &mut at, &mut lg)?;
+    let keys = next(&mut vm, &mut at, &mut NoPersistent)?;
+    let keys: Vec<String> = match &keys {
+        Value::List(i) => match &vm.arena[*i] {
+            vm::Container::List(l) => l
+                .iter()
+                .map(|k| match k {
+                    Value::Str(s) => Ok(s.to_string()),
+                    _ => Err(ErrorKind::pickle(at, "a storage key is not a string")),
+                })
+                .collect::<Result<_, _>>()?,
+            _ => return Err(ErrorKind::pickle(at, "storage keys are not a list")),
+        },
+        _ => return Err(ErrorKind::pickle(at, "storage keys are not a list")),
+    };
+    let mut pos = at as u64;
+    let mut storages = BTreeMap::new();
+    for key in &keys {
+        let s = lg
+            .seen
+            .get(key)
+            .ok_or_else(|| ErrorKind::NotTorch(format!("storage '{key}' is listed but no tensor names it")))?;
+        let mut n = [0u8; 8];
+        src.read_exact_at(&mut n, pos)
+            .map_err(|_| ErrorKind::NotTorch(format!("storage '{key}' starts past the end of the file")))?;
+        let numel = u64::from_le_bytes(n);
+        let bytes = numel
+            .checked_mul(s.dtype.bitsize() as u64 / 8)
+            .filter(|b| pos.checked_add(8).and_then(|p| p.checked_add(*b)).is_some_and(|end| end <= len))
+            .ok_or_else(|| {
+                ErrorKind::NotTorch(format!(
+                    "storage '{key}' of {numel} elements runs past the end of the {len}-byte file"
+                ))
+            })?;
+        if numel < s.numel {
+            return Err(ErrorKind::NotTorch(format!(
+                "storage '{key}' holds {numel} elements, the pickle says {}",
+                s.numel
+            )));
+        }
+        storages.insert(key.clone(), Storage { dtype: s.dtype, offset: pos + 8, len: bytes });
+        pos += 8 + bytes;
+    }
+    if let Some(k) = lg.seen.keys().find(|k| !storages.contains_key(*k)) {
+        return Err(ErrorKind::NotTorch(format!("storage '{k}' is named by a tensor but the file does not store it")));
+    }
+    for v in &lg.views {
+        if let Some((off, n)) = v.view {
+            let root = lg.seen.get(&v.key).map_or(0, |r| r.numel);
+            if off.checked_add(n).is_none_or(|end| end > root) {
+                return Err(ErrorKind::NotTorch(format!(
+                    "a view of storage '{}' at {off}+{n} runs past its {root} elements",
+                    v.key
+                )));
+            }
+        }
+    }
+    let (tensors, skipped) = state_dict(&vm, &root, limits)?;
+    Ok(TorchCheckpoint { layout: Layout::Legacy, tensors, storages, skipped })
+}
+
+/// The state_dict's tensors, in order, checked against their storages' sizes.
+fn state_dict(vm: &Vm, root: &Value, limits: &Limits) -> Result<(Vec<TorchTensor>, Vec<String>), ErrorKind> {
+    let d = vm.dict(root).ok_or_else(|| ErrorKind::NotStateDict("the pickle holds no dict at its top".into()))?;
+    if d.items.len() > limits.max_tensors {
+        return Err(ErrorKind::Limit {
+            what: format!("{} entries", d.items.len()),
+            limit: limits.max_tensors as u64,
+            setting: "max_tensors",
+        });
+    }
+    let mut tensors = Vec::new();
+    let mut skipped = Vec::new();
+    for (k, v) in &d.items {
+        let Value::Str(name) = k else { return Err(ErrorKind::NotStateDict("a key is not a string".into())) };
+        let Value::Tensor(t) = v else {
+            skipped.push(name.to_string());
+            continue;
+        };
+        let tensor_err = |m: String| ErrorKind::Tensor { tensor: name.to_string(), message: m };
+        let s = &t.storage;
+        let (base, avail) = match s.view {
+            Some((off, n)) => (off, n),
+            None => (0, s.numel),
+        };
+        let to_usize = |x: u64| usize::try_from(x).map_err(|_| tensor_err("a size over the address space".into()));
+        let shape = t.shape.iter().map(|&x| to_usize(x)).collect::<Result<Vec<_>, _>>()?;
+        let strides = t.stride.iter().map(|&x| to_usize(x)).collect::<Result<Vec<_>, _>>()?;
+        // The last element it touches, checked, must lie inside the storage (or its view).
+        let numel = shape
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d as u64))
+            .ok_or_else(|| tensor_err("element count overflows".into()))?;
+        if numel > 0 {
+            let last = shape
+                .iter()
+                .zip(&strides)
+                .try_fold(t.offset, |a, (&d, &s)| a.checked_add((d as u64 - 1).checked_mul(s as u64)?))
+                .ok_or_else(|| tensor_err("offset overflows".into()))?;
+            if last >= avail {
+                return Err(tensor_err(format!("its elements reach {last} but storage '{}' holds {avail}", s.key)));
+            }
+            // Overlapping views (a stride of 0, as `expand` makes) would be larger than their
+            // storage once made contiguous: refused, so that no tensor outgrows the file.
+            if numel > avail {
+                return Err(tensor_err(format!(
+                    "{numel} elements over {avail} in storage '{}': overlapping views are not read",
+                    s.key
+                )));
+            }
+        }
+        tensors.push(TorchTensor {
+            name: name.to_string(),
+            dtype: s.dtype,
+            shape,
+            strides,
+            storage: s.key.clone(),
+            storage_offset: to_usize(base.checked_add(t.offset).ok_or_else(|| tensor_err("offset overflows".into()))?)?,
+        });
+    }
+    Ok((tensors, skipped))
+}

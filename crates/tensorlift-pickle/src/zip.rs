@@ -1,0 +1,155 @@
+//! The zip container `torch.save` writes (PyTorch >= 1.6): stored entries only, found
+//! through the central directory, zip64 included. Compressed or encrypted entries are
+//! refused: `torch.save` never writes them, and refusing them rules out zip bombs.
+
+use std::collections::BTreeMap;
+
+use crate::error::ErrorKind;
+use crate::source::{read_vec, ReadAt};
+
+const EOCD: u32 = 0x0605_4b50;
+const ZIP64_LOCATOR: u32 = 0x0706_4b50;
+const ZIP64_EOCD: u32 = 0x0606_4b50;
+const CENTRAL: u32 = 0x0201_4b50;
+const LOCAL: u32 = 0x0403_4b50;
+
+/// Where one entry's bytes lie in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    /// Offset of the first data byte.
+    pub offset: u64,
+    /// Bytes of data.
+    pub len: u64,
+}
+
+fn bad(message: impl Into<String>) -> ErrorKind {
+    ErrorKind::Zip(message.into())
+}
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    b.get(at..at + 2).map_or(0, |s| u16::from_le_bytes([s[0], s[1]]))
+}
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    b.get(at..at + 4).map_or(0, |s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+}
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    b.get(at..at + 8).map_or(0, |s| u64::from_le_bytes(s.try_into().unwrap_or([0; 8])))
+}
+
+/// Whether the source starts like a zip archive.
+pub fn is_zip<R: ReadAt + ?Sized>(src: &R) -> bool {
+    let mut m = [0u8; 4];
+    src.read_exact_at(&mut m, 0).is_ok() && u32::from_le_bytes(m) == LOCAL
+}
+
+/// The archive's entries by name. `max_entries` and `max_directory` bound the memory the
+/// central directory may take.
+pub fn entries<R: ReadAt + ?Sized>(
+    src: &R,
+    max_entries: usize,
+    max_directory: u64,
+) -> Result<BTreeMap<String, Entry>, ErrorKind> {
+    let len = src.size()?;
+    // The end record is in the last 22 + 65535 bytes (its comment is at most 65535).
+    let tail_len = len.min(22 + 65535);
+    let tail = read_vec(src, len - tail_len, tail_len)?;
+    let at = (0..tail.len().saturating_sub(21))
+        .rev()
+        .find(|&i| u32_at(&tail, i) == EOCD)
+        .ok_or_else(|| bad("no end of central directory record (truncated?)"))?;
+    let eocd_pos = len - tail_len + at as u64;
+    let mut count = u64::from(u16_at(&tail, at + 10));
+    let mut dir_len = u64::from(u32_at(&tail, at + 12));
+    let mut dir_at = u64::from(u32_at(&tail, at + 16));
+    if u16_at(&tail, at + 4) != 0 || u16_at(&tail, at + 6) != 0 {
+        return Err(bad("multi-disk archives are not supported"));
+    }
+    if count == 0xFFFF || dir_len == 0xFFFF_FFFF || dir_at == 0xFFFF_FFFF {
+        // Zip64: the locator sits just before the end record.
+        let loc = eocd_pos.checked_sub(20).ok_or_else(|| bad("zip64 locator missing"))?;
+        let l = read_vec(src, loc, 20)?;
+        if u32_at(&l, 0) != ZIP64_LOCATOR {
+            return Err(bad("zip64 locator missing"));
+        }
+        let z = read_vec(src, u64_at(&l, 8), 56).map_err(|_| bad("zip64 end record out of the file"))?;
+        if u32_at(&z, 0) != ZIP64_EOCD {
+            return Err(bad("zip64 end record missing"));
+        }
+        count = u64_at(&z, 32);
+        dir_len = u64_at(&z, 40);
+        dir_at = u64_at(&z, 48);
+    }
+    if count > max_entries as u64 {
+        return Err(ErrorKind::Limit {
+            what: format!("{count} zip entries"),
+            limit: max_entries as u64,
+            setting: "max_tensors",
+        });
+    }
+    if dir_len > max_directory {
+        return Err(ErrorKind::Limit {
+            what: format!("a {dir_len}-byte zip directory"),
+            limit: max_directory,
+            setting: "max_pickle_bytes",
+        });
+    }
+    let dir = read_vec(src, dir_at, dir_len).map_err(|_| bad("central directory out of the file"))?;
+    let mut out = BTreeMap::new();
+    let mut p = 0usize;
+    for _ in 0..count {
+        if u32_at(&dir, p) != CENTRAL || p + 46 > dir.len() {
+            return Err(bad(format!("central directory entry at {} is malformed", dir_at + p as u64)));
+        }
+        let flags = u16_at(&dir, p + 8);
+        let method = u16_at(&dir, p + 10);
+        let mut csize = u64::from(u32_at(&dir, p + 20));
+        let mut usize_ = u64::from(u32_at(&dir, p + 24));
+        let name_len = usize::from(u16_at(&dir, p + 28));
+        let extra_len = usize::from(u16_at(&dir, p + 30));
+        let comment_len = usize::from(u16_at(&dir, p + 32));
+        let mut local = u64::from(u32_at(&dir, p + 42));
+        let name_bytes = dir.get(p + 46..p + 46 + name_len).ok_or_else(|| bad("entry name runs past the directory"))?;
+        let name = std::str::from_utf8(name_bytes).map_err(|_| bad("entry name is not UTF-8"))?.to_owned();
+        let extra = dir
+            .get(p + 46 + name_len..p + 46 + name_len + extra_len)
+            .ok_or_else(|| bad("extra field runs past the directory"))?;
+        // Zip64 sizes and offset, for the fields that hold 0xFFFFFFFF, in this order.
+        let mut e = 0;
+        while e + 4 <= extra.len() {
+            let (id, n) = (u16_at(extra, e), usize::from(u16_at(extra, e + 2)));
+            if id == 1 {
+                let mut q = e + 4;
+                for field in [&mut usize_, &mut csize, &mut local] {
+                    if *field == 0xFFFF_FFFF {
+                        *field = u64_at(extra, q);
+                        q += 8;
+                    }
+                }
+            }
+            e += 4 + n;
+        }
+        if flags & 1 != 0 {
+            return Err(bad(format!("entry '{name}' is encrypted")));
+        }
+        if method != 0 || csize != usize_ {
+            return Err(bad(format!(
+                "entry '{name}' is compressed (method {method}): torch.save stores entries uncompressed, and compressed ones are refused"
+            )));
+        }
+        let lh = read_vec(src, local, 30).map_err(|_| bad(format!("entry '{name}': local header out of the file")))?;
+        if u32_at(&lh, 0) != LOCAL {
+            return Err(bad(format!("entry '{name}': no local header at {local}")));
+        }
+        let data = local + 30 + u64::from(u16_at(&lh, 26)) + u64::from(u16_at(&lh, 28)); // local + 30 <= len: read above
+        if data.checked_add(csize).is_none_or(|end| end > len) {
+            return Err(bad(format!(
+                "entry '{name}': {csize} bytes at {data} run past the end of the {len}-byte file"
+            )));
+        }
+        if out.insert(name.clone(), Entry { offset: data, len: csize }).is_some() {
+            return Err(bad(format!("entry '{name}' appears twice")));
+        }
+        p += 46 + name_len + extra_len + comment_len;
+    }
+    Ok(out)
+}

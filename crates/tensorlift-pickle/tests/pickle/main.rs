@@ -1,0 +1,258 @@
+//! tensorlift-pickle against files written as `torch.save` writes them
+//! (`scripts/make-torch-fixtures.py`), and against hostile ones.
+
+use std::path::{Path, PathBuf};
+
+use tensorlift_pickle::{ErrorKind, Layout, Limits, TorchCheckpoint};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+fn read(name: &str) -> Result<TorchCheckpoint, tensorlift_pickle::TorchError> {
+    let path = fixture(name);
+    let f = std::fs::File::open(&path).unwrap();
+    TorchCheckpoint::read(&f, &path, &Limits::default())
+}
+
+fn read_bytes(bytes: &[u8]) -> Result<TorchCheckpoint, tensorlift_pickle::TorchError> {
+    TorchCheckpoint::read(bytes, Path::new("test.bin"), &Limits::default())
+}
+
+/// Every tensor's dtype, shape and contiguous bytes equal numpy's reading of the same
+/// data, in the state_dict's order; non-tensor entries are listed as skipped.
+fn check_against_numpy(case: &str, layout: Layout, file: &str) {
+    let ck = read(file).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(ck.layout, layout);
+    let want: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(fixture(&format!("{case}.expect.json"))).unwrap()).unwrap();
+    let path = fixture(file);
+    let f = std::fs::File::open(&path).unwrap();
+    let mut names: Vec<_> = ck.tensors.iter().map(|t| t.name.clone()).collect();
+    names.sort();
+    let mut want_names: Vec<_> = want.keys().cloned().collect();
+    want_names.sort();
+    assert_eq!(names, want_names, "{file}");
+    for t in &ck.tensors {
+        let w = &want[&t.name];
+        assert_eq!(t.dtype.to_string(), w["dtype"].as_str().unwrap(), "{file}: {}", t.name);
+        let shape: Vec<usize> = w["shape"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
+        assert_eq!(t.shape, shape, "{file}: {}", t.name);
+        let bytes = ck.tensor_bytes(&f, &path, t).unwrap();
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, w["hex"].as_str().unwrap(), "{file}: {}", t.name);
+        assert_eq!(bytes.len(), t.nbytes());
+    }
+}
+
+#[test]
+fn every_dtype_in_both_layouts() {
+    check_against_numpy("every_dtype", Layout::Zip, "every_dtype.zip.bin");
+    check_against_numpy("every_dtype", Layout::Legacy, "every_dtype.legacy.bin");
+    let ck = read("every_dtype.zip.bin").unwrap();
+    // The state_dict's order is kept, and _metadata (set by BUILD) is not a tensor.
+    assert_eq!(ck.tensors[0].name, "float64.matrix");
+    assert!(ck.skipped.is_empty());
+    let scalar = ck.tensors.iter().find(|t| t.name == "bfloat16.scalar").unwrap();
+    assert!(scalar.shape.is_empty() && scalar.nbytes() == 2);
+}
+
+#[test]
+fn views_tied_weights_and_strides_in_both_layouts() {
+    for (layout, file) in [(Layout::Zip, "views.zip.bin"), (Layout::Legacy, "views.legacy.bin")] {
+        check_against_numpy("views", layout, file);
+        let ck = read(file).unwrap();
+        let get = |n: &str| ck.tensors.iter().find(|t| t.name == n).unwrap();
+        assert!(get("embed.weight").is_contiguous());
+        assert!(!get("transposed").is_contiguous());
+        assert!(!get("column_slice").is_contiguous());
+        assert!(get("row_slice").is_contiguous());
+        assert_eq!(get("row_slice").storage_offset, 12);
+        // Tied weights view one storage, which appears once.
+        assert_eq!(get("embed.weight").storage, get("lm_head.weight").storage);
+        assert_eq!(ck.storages.len(), 2);
+        assert_eq!(ck.skipped, vec!["epoch".to_owned()]);
+    }
+}
+
+fn kind(r: Result<TorchCheckpoint, tensorlift_pickle::TorchError>) -> (ErrorKind, String) {
+    let e = r.expect_err("the file must be refused");
+    let s = e.to_string();
+    (e.kind, s)
+}
+
+#[test]
+fn forbidden_globals_are_named_and_never_called() {
+    for (file, module, name) in [
+        // Protocol 2 writes Python 3 names as Python 2 spelled them.
+        ("evil_system.bin", "posix", "system"),
+        ("evil_eval.bin", "__builtin__", "eval"),
+        ("evil_subprocess.bin", "commands", "check_output"),
+    ] {
+        let (k, s) = kind(read(file));
+        match k {
+            ErrorKind::RefusedGlobal { module: m, name: n, .. } => {
+                assert_eq!((m.as_str(), n.as_str()), (module, name), "{s}")
+            }
+            other => panic!("{file}: {other:?}"),
+        }
+        assert!(s.contains(&format!("refused global '{module}.{name}'")), "{s}");
+        assert!(s.starts_with(&fixture(file).display().to_string()), "{s}");
+    }
+}
+
+#[test]
+fn an_allowed_global_with_wrong_arguments_is_refused() {
+    let (k, s) = kind(read("evil_rebuild_args.bin"));
+    assert!(matches!(k, ErrorKind::Pickle { .. }), "{s}");
+    assert!(s.contains("torch._utils._rebuild_tensor_v2 with wrong arguments: the first is not a storage"), "{s}");
+}
+
+#[test]
+fn big_endian_compressed_truncated_and_short_storages_are_refused() {
+    let (k, _) = kind(read("big_endian.bin"));
+    assert!(matches!(k, ErrorKind::BigEndian));
+    let (k, s) = kind(read("compressed.bin"));
+    assert!(matches!(k, ErrorKind::Zip(_)) && s.contains("is compressed (method 8)"), "{s}");
+    let (k, s) = kind(read("truncated.bin"));
+    assert!(matches!(k, ErrorKind::Zip(_)) && s.contains("no end of central directory"), "{s}");
+    let (_, s) = kind(read("storage_past_entry.bin"));
+    assert!(s.contains("storage '0' holds 2 elements (8 bytes) but its entry has 4 bytes"), "{s}");
+}
+
+/// A legacy file around `pickle`: magic number, protocol version, system information,
+/// then `pickle` and an empty list of storage keys.
+fn legacy(pickle: &[u8]) -> Vec<u8> {
+    let mut v = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19.".to_vec();
+    v.extend_from_slice(b"\x80\x02M\xe9\x03.");
+    v.extend_from_slice(b"\x80\x02}.");
+    v.extend_from_slice(pickle);
+    v.extend_from_slice(b"\x80\x02].");
+    v
+}
+
+#[test]
+fn opcodes_that_build_objects_are_refused() {
+    for (code, name) in [
+        (&b"\x80\x02(cos\nsystem\nS'ls'\ni."[..], "refused global 'os.system'"),
+        (b"\x80\x02(i__main__\nX\n.", "refused pickle opcode INST"),
+        (b"\x80\x02)\x81.", "refused pickle opcode NEWOBJ"),
+        (b"\x80\x02(o.", "refused pickle opcode OBJ"),
+        (b"\x80\x02\x82\x01.", "refused pickle opcode EXT"),
+        (b"\x80\x02I1\n.", "protocol-0 text opcode"),
+        (b"\x80\x02c__builtin__\ngetattr\n.", "refused global '__builtin__.getattr'"),
+        (b"\x80\x02\x8c\x02os\x8c\x06system\x93.", "refused global 'os.system'"),
+    ] {
+        let (_, s) = kind(read_bytes(&legacy(code)));
+        assert!(s.contains(name), "{s}");
+    }
+}
+
+#[test]
+fn reduce_and_build_act_only_on_allowed_values() {
+    // OrderedDict called with arguments; BUILD on a list; REDUCE on a string.
+    for (code, want) in [
+        (&b"\x80\x02ccollections\nOrderedDict\nK\x01\x85R."[..], "collections.OrderedDict with wrong arguments"),
+        (b"\x80\x02]}b.", "BUILD on a list is refused"),
+        (b"\x80\x02X\x01\x00\x00\x00a)R.", "REDUCE calls a str"),
+        (b"\x80\x02ctorch\nFloatStorage\n)R.", "storages are not built by REDUCE"),
+    ] {
+        let (_, s) = kind(read_bytes(&legacy(code)));
+        assert!(s.contains(want), "{s}");
+    }
+}
+
+#[test]
+fn deep_nesting_and_huge_memo_indexes_are_bounded() {
+    // A million lists, each inside the last (through the memo): no recursion walks or
+    // drops them, so this is an ordinary "not a state_dict", not a stack overflow.
+    let mut p = b"\x80\x02]q\x00".to_vec();
+    for _ in 0..1_000_000 {
+        // Push the deepest list, push a new one (memo 1), append it, pop; the new one
+        // becomes the deepest (memo 0).
+        p.extend_from_slice(b"h\x00]q\x01a0h\x01q\x000");
+    }
+    p.push(b'.');
+    let (k, s) = kind(read_bytes(&legacy(&p)));
+    assert!(matches!(k, ErrorKind::NotStateDict(_)), "{s}");
+    // A memo index of 2^32-1 is one entry, not a 4-billion-entry table.
+    let ck = read_bytes(&legacy(b"\x80\x02}r\xff\xff\xff\xffj\xff\xff\xff\xff.")).unwrap();
+    assert!(ck.tensors.is_empty());
+    // A reference to a memo entry never stored.
+    let (_, s) = kind(read_bytes(&legacy(b"\x80\x02h\x05.")));
+    assert!(s.contains("memo entry 5 was never stored"), "{s}");
+    // Marks without end.
+    let limits = Limits::default().max_pickle_stack(1000);
+    let mut marks = b"\x80\x02".to_vec();
+    marks.extend(std::iter::repeat_n(b'(', 5000));
+    marks.push(b'.');
+    let e = TorchCheckpoint::read(&legacy(&marks)[..], Path::new("m.bin"), &limits).unwrap_err();
+    assert!(e.to_string().contains("max_pickle_stack"), "{e}");
+}
+
+#[test]
+fn sizes_in_the_pickle_are_checked_against_the_file() {
+    // A tensor of 2^40 elements over a storage of 4: refused before any allocation.
+    let pid = b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x04NtQ";
+    let mut p = b"\x80\x02}X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n(".to_vec();
+    p.extend_from_slice(pid);
+    p.extend_from_slice(b"K\x00\x8a\x06\x00\x00\x00\x00\x00\x01\x85K\x01\x85\x89}tRs.");
+    let mut v = legacy(&p);
+    // The storage keys list names storage '0', whose bytes are 4 floats.
+    v.truncate(v.len() - 4);
+    v.extend_from_slice(b"\x80\x02]X\x01\x00\x00\x000a.");
+    v.extend_from_slice(&4u64.to_le_bytes());
+    v.extend_from_slice(&[0u8; 16]);
+    let (_, s) = kind(read_bytes(&v));
+    assert!(s.contains("tensor 'w': its elements reach 1099511627775 but storage '0' holds 4"), "{s}");
+    // Eight elements with a stride of 0 over the same 4-element storage (as `expand` makes):
+    // refused, since made contiguous it would outgrow its storage.
+    let mut q = b"\x80\x02}X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n(".to_vec();
+    q.extend_from_slice(pid);
+    q.extend_from_slice(b"K\x00K\x08\x85K\x00\x85\x89}tRs.");
+    let mut x = legacy(&q);
+    x.truncate(x.len() - 4);
+    x.extend_from_slice(b"\x80\x02]X\x01\x00\x00\x000a.");
+    x.extend_from_slice(&4u64.to_le_bytes());
+    x.extend_from_slice(&[0u8; 16]);
+    let (_, s) = kind(read_bytes(&x));
+    assert!(s.contains("tensor 'w': 8 elements over 4 in storage '0': overlapping views are not read"), "{s}");
+    // The same storage claiming 2^40 elements in the file's size field.
+    let mut w = v[..v.len() - 24].to_vec();
+    w.extend_from_slice(&(1u64 << 40).to_le_bytes());
+    w.extend_from_slice(&[0u8; 16]);
+    let (_, s) = kind(read_bytes(&w));
+    assert!(s.contains("runs past the end of the"), "{s}");
+}
+
+#[test]
+fn not_torch_files_say_what_they_are_not() {
+    let (k, s) = kind(read_bytes(b""));
+    assert!(matches!(k, ErrorKind::NotTorch(_)), "{s}");
+    let (_, s) = kind(read_bytes(b"\x80\x02}."));
+    assert!(s.contains("no magic number"), "{s}");
+    let (_, s) = kind(read_bytes(b"ustar and some tar-looking bytes"));
+    assert!(s.contains("neither a zip archive nor a pickle"), "{s}");
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+    /// Any bytes after a valid legacy preamble: an error or a checkpoint, never a panic.
+    #[test]
+    fn arbitrary_pickles_never_panic(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+        let _ = read_bytes(&legacy(&body));
+    }
+
+    /// Damaging any byte of a valid zip checkpoint: an error or a checkpoint, never a panic.
+    #[test]
+    fn damaged_zips_never_panic(at in 0usize..1743, byte in proptest::prelude::any::<u8>()) {
+        let mut v = std::fs::read(fixture("views.zip.bin")).unwrap();
+        let i = at % v.len();
+        v[i] = byte;
+        if let Ok(ck) = read_bytes(&v) {
+            for t in &ck.tensors {
+                let _ = ck.tensor_bytes(&v[..], Path::new("x"), t);
+            }
+        }
+    }
+}
