@@ -8,6 +8,7 @@ mod doctor;
 mod inspect;
 mod load;
 mod text;
+mod torch;
 
 use std::io::{self, Write};
 use std::path::PathBuf;
@@ -24,7 +25,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// List the tensors of a checkpoint (a .safetensors file, an index JSON or a folder).
+    /// List the tensors of a checkpoint (a .safetensors file, an index JSON or a folder; a
+    /// PyTorch .bin/.pt file or folder too, read without executing it).
     Inspect {
         /// The checkpoint.
         path: PathBuf,
@@ -34,6 +36,17 @@ enum Command {
     },
     /// Load every tensor through the engine and report the speed (and digests).
     Load(load::Args),
+    /// Convert a PyTorch checkpoint (a .bin/.pt file, or a folder with pytorch_model.bin or
+    /// its index) to safetensors, without executing anything in it.
+    Convert {
+        /// The PyTorch checkpoint.
+        src: PathBuf,
+        /// The folder to write (new, or empty).
+        dst: PathBuf,
+        /// Largest shard: 5GB, 500MB, 2GiB.
+        #[arg(long, default_value = "5GB", value_parser = torch::parse_size)]
+        max_shard_size: u64,
+    },
     /// Report the GPU, io_uring, O_DIRECT, memlock, and what a load would choose.
     Doctor {
         /// Where checkpoints live, to test O_DIRECT on (a file or a folder).
@@ -61,7 +74,9 @@ fn main() -> ExitCode {
     let stdout = io::stdout();
     let mut out = io::BufWriter::new(stdout.lock());
     let result = match cli.command {
+        Command::Inspect { path, json } if torch::is_torch(&path) => torch::inspect(&path, json, &mut out),
         Command::Inspect { path, json } => inspect::run(&path, json, &mut out),
+        Command::Convert { src, dst, max_shard_size } => torch::convert(&src, &dst, max_shard_size, &mut out),
         Command::Load(args) => load::run(&args, &mut out),
         Command::Doctor { path, json } => doctor::run(&path, json, &mut out),
     };

@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 /// A PyTorch checkpoint that cannot be read, and which file it is.
 #[derive(Debug, thiserror::Error)]
-#[error("{}: {kind}", file.display())]
+#[error("{} (read as a PyTorch checkpoint): {kind}", file.display())]
 pub struct TorchError {
     /// The file.
     pub file: PathBuf,

@@ -1,0 +1,265 @@
+//! PyTorch `.bin` checkpoints: `inspect` them and `convert` them to safetensors, read by
+//! tensorlift-pickle (nothing in them is executed).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde_json::json;
+use tensorlift_pickle::{Limits, TorchCheckpoint, TorchTensor};
+
+use crate::text::printable;
+
+const INDEX: &str = "pytorch_model.bin.index.json";
+const SINGLE: &str = "pytorch_model.bin";
+
+/// Whether `path` names a PyTorch checkpoint rather than a safetensors one: a `.bin`,
+/// `.pt` or `.pth` file, or a folder with `pytorch_model.bin` (or its index) and no
+/// safetensors.
+pub fn is_torch(path: &Path) -> bool {
+    if path.is_file() {
+        return path.file_name().and_then(|n| n.to_str()).is_some_and(tensorlift_pickle::is_torch_file_name);
+    }
+    if !path.is_dir() {
+        return false;
+    }
+    let has_safetensors = std::fs::read_dir(path).is_ok_and(|mut d| {
+        d.any(|e| {
+            e.is_ok_and(|e| {
+                e.file_name()
+                    .to_str()
+                    .is_some_and(|n| n.ends_with(".safetensors") || n == "model.safetensors.index.json")
+            })
+        })
+    });
+    !has_safetensors && (path.join(INDEX).is_file() || path.join(SINGLE).is_file())
+}
+
+/// The files of a PyTorch checkpoint: the file itself, or a folder's index's shards (names
+/// checked by the safetensors index rules: plain names inside the folder), or its
+/// `pytorch_model.bin`.
+fn files(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    if path.is_file() {
+        return Ok(vec![path.to_owned()]);
+    }
+    let index = path.join(INDEX);
+    if index.is_file() {
+        let bytes = std::fs::read(&index).with_context(|| format!("reading {}", index.display()))?;
+        let parsed = tensorlift_format::parse_index(&index, &bytes)?;
+        let mut shards: Vec<&String> = parsed.weight_map.values().collect();
+        shards.sort();
+        shards.dedup();
+        return Ok(shards.into_iter().map(|s| path.join(s)).collect());
+    }
+    if path.join(SINGLE).is_file() {
+        return Ok(vec![path.join(SINGLE)]);
+    }
+    bail!("{}: no {SINGLE} and no {INDEX}", path.display())
+}
+
+struct Opened {
+    path: PathBuf,
+    file: File,
+    ck: TorchCheckpoint,
+}
+
+fn open_all(path: &Path) -> anyhow::Result<Vec<Opened>> {
+    files(path)?
+        .into_iter()
+        .map(|p| {
+            let file = File::open(&p).with_context(|| format!("opening {}", p.display()))?;
+            if !file.metadata()?.is_file() {
+                bail!("{}: not a regular file", p.display());
+            }
+            let ck = TorchCheckpoint::read(&file, &p, &Limits::default())?;
+            Ok(Opened { path: p, file, ck })
+        })
+        .collect()
+}
+
+fn shape_str(shape: &[usize]) -> String {
+    let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
+    format!("[{}]", dims.join(", "))
+}
+
+pub fn inspect(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
+    let opened = open_all(path)?;
+    if json {
+        let tensors: Vec<_> = opened
+            .iter()
+            .flat_map(|o| {
+                o.ck.tensors.iter().map(move |t| {
+                    json!({"name": t.name, "dtype": t.dtype.to_string(), "shape": t.shape, "bytes": t.nbytes(),
+                           "contiguous": t.is_contiguous(), "file": o.path.file_name().map(|n| n.to_string_lossy())})
+                })
+            })
+            .collect();
+        let layouts: Vec<_> = opened.iter().map(|o| format!("{:?}", o.ck.layout).to_lowercase()).collect();
+        let skipped: Vec<_> = opened.iter().flat_map(|o| o.ck.skipped.iter()).collect();
+        crate::text::write_json(
+            out,
+            &json!({"format": "pytorch", "layouts": layouts, "tensors": tensors, "skipped": skipped}),
+        )?;
+        return Ok(());
+    }
+    writeln!(out, "{:<48} {:<6} {:<20} {:>12}  file", "tensor", "dtype", "shape", "bytes")?;
+    let (mut count, mut bytes) = (0usize, 0usize);
+    for o in &opened {
+        for t in &o.ck.tensors {
+            let name = o.path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+            let view = if t.is_contiguous() { "" } else { " (strided view)" };
+            writeln!(
+                out,
+                "{:<48} {:<6} {:<20} {:>12}  {}{view}",
+                printable(&t.name),
+                t.dtype.to_string(),
+                shape_str(&t.shape),
+                t.nbytes(),
+                printable(&name)
+            )?;
+            count += 1;
+            bytes += t.nbytes();
+        }
+    }
+    let layouts: Vec<_> = opened.iter().map(|o| format!("{:?}", o.ck.layout).to_lowercase()).collect();
+    writeln!(
+        out,
+        "{count} tensors, {bytes} bytes, {} PyTorch file(s) ({}), read without executing them",
+        opened.len(),
+        layouts.join(", ")
+    )?;
+    for o in &opened {
+        if !o.ck.skipped.is_empty() {
+            writeln!(
+                out,
+                "{}: not tensors, skipped: {}",
+                printable(&o.path.display().to_string()),
+                printable(&o.ck.skipped.join(", "))
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// `5GB`, `500MB`, `2GiB`, `1000`: bytes, as the hub's `max_shard_size` spells them.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("'{s}' is not a size (examples: 5GB, 500MB, 2GiB)"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1048576.0,
+        "gib" => 1073741824.0,
+        _ => return Err(format!("'{s}': unknown unit (B, KB, MB, GB, KiB, MiB, GiB)")),
+    };
+    let v = n * mult;
+    if !(1.0..=1.8e19).contains(&v) {
+        return Err(format!("'{s}' is out of range"));
+    }
+    Ok(v as u64)
+}
+
+/// A tensor's place: file, storage, offset, shape and strides. Two names with one place are
+/// tied weights.
+type ViewKey = (usize, String, usize, Vec<usize>, Vec<usize>);
+
+/// Writes `src` (a PyTorch checkpoint) to `dst` as safetensors: one `model.safetensors`,
+/// or shards of at most `max_shard` bytes named as the hub names them with
+/// `model.safetensors.index.json`. Tied weights (several names over the same storage and
+/// view) are written once, under the first name, as the reference `convert.py` does;
+/// strided views are written contiguous.
+pub fn convert(src: &Path, dst: &Path, max_shard: u64, out: &mut dyn Write) -> anyhow::Result<()> {
+    let opened = open_all(src)?;
+    if dst.exists() && std::fs::read_dir(dst).map(|mut d| d.next().is_some()).unwrap_or(true) {
+        bail!("{}: exists and is not an empty folder (nothing was written)", dst.display());
+    }
+    // Every tensor to write, in order; tied duplicates dropped.
+    let mut seen: HashMap<ViewKey, String> = HashMap::new();
+    let mut names = std::collections::HashSet::new();
+    let mut todo: Vec<(usize, &TorchTensor)> = Vec::new();
+    let mut dropped = Vec::new();
+    for (i, o) in opened.iter().enumerate() {
+        for t in &o.ck.tensors {
+            if !names.insert(t.name.clone()) {
+                bail!("tensor '{}' appears in more than one file", printable(&t.name));
+            }
+            let key = (i, t.storage.clone(), t.storage_offset, t.shape.clone(), t.strides.clone());
+            if t.nbytes() > 0 {
+                if let Some(first) = seen.get(&key) {
+                    dropped.push((t.name.clone(), first.clone()));
+                    continue;
+                }
+                seen.insert(key, t.name.clone());
+            }
+            todo.push((i, t));
+        }
+    }
+    // Shards in order: a new one when the next tensor would pass the limit (a tensor
+    // larger than the limit gets a shard of its own).
+    let mut shards: Vec<Vec<(usize, &TorchTensor)>> = vec![Vec::new()];
+    let mut size = 0u64;
+    for (i, t) in todo {
+        let n = t.nbytes() as u64;
+        if size > 0 && size + n > max_shard {
+            shards.push(Vec::new());
+            size = 0;
+        }
+        size += n;
+        shards.last_mut().expect("one shard at least").push((i, t));
+    }
+    std::fs::create_dir_all(dst).with_context(|| format!("creating {}", dst.display()))?;
+    let count = shards.len();
+    let metadata: BTreeMap<String, String> = [("format".to_owned(), "pt".to_owned())].into();
+    let mut weight_map = BTreeMap::new();
+    let mut total = 0u64;
+    for (k, shard) in shards.iter().enumerate() {
+        let name = if count == 1 {
+            "model.safetensors".to_owned()
+        } else {
+            format!("model-{:05}-of-{count:05}.safetensors", k + 1)
+        };
+        let specs: Vec<(&str, tensorlift_format::Dtype, &[usize])> =
+            shard.iter().map(|(_, t)| (t.name.as_str(), t.dtype, t.shape.as_slice())).collect();
+        let enc = tensorlift_format::encode_header(&specs, Some(&metadata)).context("a header size overflows")?;
+        let tmp = dst.join(format!(".{name}.partial"));
+        let mut w = BufWriter::with_capacity(
+            8 << 20,
+            File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?,
+        );
+        w.write_all(&enc.bytes)?;
+        for (i, t) in shard {
+            let o = &opened[*i];
+            let bytes = o.ck.tensor_bytes(&o.file, &o.path, t)?;
+            w.write_all(&bytes)?;
+            total += bytes.len() as u64;
+            weight_map.insert(t.name.clone(), name.clone());
+        }
+        let f = w.into_inner().map_err(|e| e.into_error())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, dst.join(&name))?;
+        writeln!(out, "wrote {name} ({} tensors)", shard.len())?;
+    }
+    if count > 1 {
+        let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        std::fs::write(dst.join("model.safetensors.index.json"), serde_json::to_vec_pretty(&index)?)?;
+        writeln!(out, "wrote model.safetensors.index.json")?;
+    }
+    for (name, first) in &dropped {
+        writeln!(
+            out,
+            "tied: '{}' shares its data with '{}' and was not written again",
+            printable(name),
+            printable(first)
+        )?;
+    }
+    writeln!(out, "{} tensors, {total} bytes, from {} PyTorch file(s)", weight_map.len(), opened.len())?;
+    Ok(())
+}

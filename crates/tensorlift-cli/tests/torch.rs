@@ -1,0 +1,137 @@
+//! `tensorlift inspect` and `tensorlift convert` on PyTorch checkpoints written as
+//! `torch.save` writes them (tensorlift-pickle's fixtures): what `convert` writes loads back
+//! to the bytes numpy made, and hostile files are refused with the global named.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use sha2::{Digest, Sha256};
+
+fn tensorlift(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tensorlift")).args(args).output().unwrap()
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tensorlift-pickle/tests/fixtures").join(name)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// name -> sha256 of the contiguous bytes numpy wrote beside the fixture.
+fn expected(case: &str) -> BTreeMap<String, String> {
+    let v: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(fixture(&format!("{case}.expect.json"))).unwrap()).unwrap();
+    v.into_iter()
+        .map(|(k, t)| {
+            let hex = t["hex"].as_str().unwrap();
+            let bytes: Vec<u8> =
+                (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+            (k, format!("{:x}", Sha256::digest(&bytes)))
+        })
+        .collect()
+}
+
+/// name -> sha256 of each tensor `tensorlift load` reads from `dir`.
+fn loaded(dir: &Path) -> BTreeMap<String, String> {
+    let out = tensorlift(&["load", "--device", "cpu", "--digest", "sha256", "--json", s(dir)]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["name"].as_str().unwrap().to_owned(), t["sha256"].as_str().unwrap().to_owned()))
+        .collect()
+}
+
+#[test]
+fn converted_checkpoints_load_back_to_numpys_bytes() {
+    for file in ["every_dtype.zip.bin", "every_dtype.legacy.bin"] {
+        for max in ["5GB", "100B"] {
+            let dst = tempfile::tempdir().unwrap().keep().join("out");
+            let out = tensorlift(&["convert", s(&fixture(file)), s(&dst), "--max-shard-size", max]);
+            assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+            assert_eq!(loaded(&dst), expected("every_dtype"), "{file} {max}");
+            let sharded = dst.join("model.safetensors.index.json").exists();
+            assert_eq!(sharded, max == "100B", "{file} {max}");
+            assert_eq!(dst.join("model.safetensors").exists(), !sharded);
+            if sharded {
+                assert!(dst.join("model-00001-of-00006.safetensors").exists());
+            }
+        }
+    }
+}
+
+#[test]
+fn tied_weights_are_written_once_and_views_made_contiguous() {
+    for file in ["views.zip.bin", "views.legacy.bin"] {
+        let dst = tempfile::tempdir().unwrap().keep().join("out");
+        let out = tensorlift(&["convert", s(&fixture(file)), s(&dst)]);
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            text.contains("tied: 'lm_head.weight' shares its data with 'embed.weight' and was not written again"),
+            "{text}"
+        );
+        let mut want = expected("views");
+        want.remove("lm_head.weight");
+        assert_eq!(loaded(&dst), want, "{file}");
+        // The reference writer's metadata.
+        let header = std::fs::read(dst.join("model.safetensors")).unwrap();
+        assert!(String::from_utf8_lossy(&header[..200]).contains(r#""__metadata__":{"format":"pt"}"#));
+    }
+}
+
+#[test]
+fn inspect_reads_pytorch_files_and_folders() {
+    let out = tensorlift(&["inspect", "--json", s(&fixture("views.zip.bin"))]);
+    assert_eq!(out.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["format"], "pytorch");
+    assert_eq!(v["tensors"].as_array().unwrap().len(), 6);
+    assert_eq!(v["skipped"], serde_json::json!(["epoch"]));
+    let t = &v["tensors"][2];
+    assert_eq!((t["name"].as_str(), t["contiguous"].as_bool()), (Some("transposed"), Some(false)));
+    // A folder with pytorch_model.bin and no safetensors.
+    let d = tempfile::tempdir().unwrap().keep();
+    std::fs::copy(fixture("every_dtype.legacy.bin"), d.join("pytorch_model.bin")).unwrap();
+    let out = tensorlift(&["inspect", s(&d)]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("22 tensors, 453 bytes, 1 PyTorch file(s) (legacy)"), "{text}");
+}
+
+#[test]
+fn hostile_and_misused_inputs_are_refused() {
+    for (file, want) in [
+        ("evil_system.bin", "refused global 'posix.system'"),
+        ("evil_eval.bin", "refused global '__builtin__.eval'"),
+        ("compressed.bin", "is compressed"),
+        ("big_endian.bin", "big-endian"),
+    ] {
+        for cmd in ["inspect", "convert"] {
+            let dst = tempfile::tempdir().unwrap().keep().join("out");
+            let out = if cmd == "inspect" {
+                tensorlift(&[cmd, s(&fixture(file))])
+            } else {
+                tensorlift(&[cmd, s(&fixture(file)), s(&dst)])
+            };
+            assert_eq!(out.status.code(), Some(1), "{cmd} {file}");
+            let err = String::from_utf8(out.stderr).unwrap();
+            assert!(err.contains(want), "{cmd} {file}: {err}");
+            assert!(!dst.exists(), "{cmd} {file}: nothing is written");
+        }
+    }
+    // An existing, non-empty destination is never written into.
+    let d = tempfile::tempdir().unwrap().keep();
+    std::fs::write(d.join("keep"), b"x").unwrap();
+    let out = tensorlift(&["convert", s(&fixture("views.zip.bin")), s(&d)]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("exists and is not an empty folder"));
+    assert_eq!(std::fs::read_dir(&d).unwrap().count(), 1);
+    let out = tensorlift(&["convert", s(&fixture("views.zip.bin")), s(&d), "--max-shard-size", "lots"]);
+    assert_eq!(out.status.code(), Some(2));
+}
