@@ -97,7 +97,7 @@ pub enum FormatError {
     NotARegularFile { file: PathBuf, kind: &'static str },
 
     /// The file is a PyTorch checkpoint (`torch.save`), not safetensors.
-    #[error("{}: is a PyTorch checkpoint ({layout}), not a safetensors file; convert it to safetensors first", file.display())]
+    #[error("{}: is a PyTorch checkpoint ({layout}), not a safetensors file; convert it to safetensors first (`tensorlift convert` reads it without executing it: tensorlift convert SRC DST)", file.display())]
     PyTorchCheckpoint { file: PathBuf, layout: &'static str },
 
     /// The headers a plan would hold exceed the configured budget.
