@@ -135,3 +135,24 @@ fn hostile_and_misused_inputs_are_refused() {
     let out = tensorlift(&["convert", s(&fixture("views.zip.bin")), s(&d), "--max-shard-size", "lots"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn a_file_torch_wrote_converts_and_loads_back_to_torchs_bytes() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tensorlift-pickle/tests/fixtures-torch");
+    let want: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("expect.json")).unwrap()).unwrap();
+    let dst = tempfile::tempdir().unwrap().keep().join("out");
+    let out = tensorlift(&["convert", s(&dir.join("state_dict.zip.bin")), s(&dst), "--max-shard-size", "500B"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let got = loaded(&dst);
+    for (name, w) in want["tensors"].as_object().unwrap() {
+        if name == "tied.b" {
+            assert!(!got.contains_key(name), "tied.b is tied.a's data, written once");
+            continue;
+        }
+        let hex = w["hex"].as_str().unwrap();
+        let bytes: Vec<u8> =
+            (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+        assert_eq!(got[name], format!("{:x}", Sha256::digest(&bytes)), "{name}");
+    }
+    assert_eq!(got.len(), want["tensors"].as_object().unwrap().len() - 1);
+}

@@ -212,8 +212,10 @@ fn storage_pid(vm: &Vm, pid: &Value, at: usize, legacy: bool) -> Result<StorageR
     if t.len() != want {
         return Err(bad(&format!("{} fields, expected {want}", t.len())));
     }
-    let Value::Global(vm::Global::Storage(dtype)) = t[1] else {
-        return Err(bad("the storage type is not a torch storage class"));
+    let (dtype, untyped) = match t[1] {
+        Value::Global(vm::Global::Storage(dtype)) => (dtype, false),
+        Value::Global(vm::Global::UntypedStorage) if !legacy => (Dtype::U8, true),
+        _ => return Err(bad("the storage type is not a torch storage class")),
     };
     let key = match &t[2] {
         Value::Str(s) => s.to_string(),
@@ -236,14 +238,14 @@ fn storage_pid(vm: &Vm, pid: &Value, at: usize, legacy: bool) -> Result<StorageR
     } else {
         None
     };
-    Ok(StorageRef { dtype, key, numel, view })
+    Ok(StorageRef { dtype, key, numel, view, untyped })
 }
 
 impl Persistent for ZipStorages {
     fn load(&mut self, vm: &Vm, pid: &Value, at: usize) -> Result<Value, ErrorKind> {
         let s = storage_pid(vm, pid, at, false)?;
         let s = match self.seen.get(&s.key) {
-            Some(prev) if prev.dtype != s.dtype => {
+            Some(prev) if prev.dtype != s.dtype || prev.untyped != s.untyped => {
                 return Err(ErrorKind::pickle(at, format!("storage '{}' is named with two types", s.key)));
             }
             Some(prev) => Rc::clone(prev),
@@ -464,10 +466,16 @@ fn state_dict(vm: &Vm, root: &Value, limits: &Limits) -> Result<(Vec<TorchTensor
         };
         let tensor_err = |m: String| ErrorKind::Tensor { tensor: name.to_string(), message: m };
         let s = &t.storage;
-        let (base, avail) = match s.view {
+        let (base, mut avail) = match s.view {
             Some((off, n)) => (off, n),
             None => (0, s.numel),
         };
+        let dtype = t.dtype.unwrap_or(s.dtype);
+        if t.dtype.is_some() {
+            // An untyped storage counts bytes; the tensor's offset and strides count its
+            // own elements.
+            avail /= (dtype.bitsize() / 8).max(1) as u64;
+        }
         let to_usize = |x: u64| usize::try_from(x).map_err(|_| tensor_err("a size over the address space".into()));
         let shape = t.shape.iter().map(|&x| to_usize(x)).collect::<Result<Vec<_>, _>>()?;
         let strides = t.stride.iter().map(|&x| to_usize(x)).collect::<Result<Vec<_>, _>>()?;
@@ -496,7 +504,7 @@ fn state_dict(vm: &Vm, root: &Value, limits: &Limits) -> Result<(Vec<TorchTensor
         }
         tensors.push(TorchTensor {
             name: name.to_string(),
-            dtype: s.dtype,
+            dtype,
             shape,
             strides,
             storage: s.key.clone(),

@@ -20,10 +20,15 @@ use crate::error::ErrorKind;
 pub(crate) enum Global {
     OrderedDict,
     RebuildTensorV2,
+    RebuildTensorV3,
     RebuildTensor,
     RebuildParameter,
     RebuildParameterWithState,
     Storage(Dtype),
+    /// `torch.storage.UntypedStorage`: bytes, viewed by `_rebuild_tensor_v3` with a dtype.
+    UntypedStorage,
+    /// A dtype object (`torch.float8_e4m3fn`), an argument of `_rebuild_tensor_v3`.
+    Dtype(Dtype),
     Device,
     Size,
 }
@@ -32,12 +37,15 @@ fn allowed(module: &str, name: &str) -> Option<Global> {
     Some(match (module, name) {
         ("collections", "OrderedDict") => Global::OrderedDict,
         ("torch._utils", "_rebuild_tensor_v2") => Global::RebuildTensorV2,
+        ("torch._utils", "_rebuild_tensor_v3") => Global::RebuildTensorV3,
+        ("torch.storage", "UntypedStorage") => Global::UntypedStorage,
         ("torch._utils", "_rebuild_tensor") => Global::RebuildTensor,
         ("torch._utils", "_rebuild_parameter") => Global::RebuildParameter,
         ("torch._utils", "_rebuild_parameter_with_state") => Global::RebuildParameterWithState,
         ("torch", "device") => Global::Device,
         ("torch", "Size") => Global::Size,
-        ("torch", storage) => Global::Storage(storage_dtype(storage)?),
+        ("torch", class) if class.ends_with("Storage") => Global::Storage(storage_dtype(class)?),
+        ("torch", dtype) => Global::Dtype(torch_dtype(dtype)?),
         _ => return None,
     })
 }
@@ -55,6 +63,33 @@ pub(crate) fn storage_dtype(class: &str) -> Option<Dtype> {
         "CharStorage" => Dtype::I8,
         "ByteStorage" => Dtype::U8,
         "BoolStorage" => Dtype::BOOL,
+        "ComplexFloatStorage" => Dtype::C64,
+        _ => return None,
+    })
+}
+
+/// The element type a `torch.dtype` object names.
+fn torch_dtype(name: &str) -> Option<Dtype> {
+    Some(match name {
+        "float64" | "double" => Dtype::F64,
+        "float32" | "float" => Dtype::F32,
+        "float16" | "half" => Dtype::F16,
+        "bfloat16" => Dtype::BF16,
+        "int64" | "long" => Dtype::I64,
+        "int32" | "int" => Dtype::I32,
+        "int16" | "short" => Dtype::I16,
+        "int8" => Dtype::I8,
+        "uint8" => Dtype::U8,
+        "uint16" => Dtype::U16,
+        "uint32" => Dtype::U32,
+        "uint64" => Dtype::U64,
+        "bool" => Dtype::BOOL,
+        "complex64" => Dtype::C64,
+        "float8_e4m3fn" => Dtype::F8_E4M3,
+        "float8_e5m2" => Dtype::F8_E5M2,
+        "float8_e4m3fnuz" => Dtype::F8_E4M3FNUZ,
+        "float8_e5m2fnuz" => Dtype::F8_E5M2FNUZ,
+        "float8_e8m0fnu" => Dtype::F8_E8M0,
         _ => return None,
     })
 }
@@ -70,12 +105,17 @@ pub(crate) struct StorageRef {
     /// Legacy files only: this storage is a view of `key` starting at this element, and
     /// holding this many.
     pub view: Option<(u64, u64)>,
+    /// An `UntypedStorage` (bytes, `dtype` U8), which only `_rebuild_tensor_v3` views.
+    pub untyped: bool,
 }
 
 /// A tensor as `_rebuild_tensor_v2` would build it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct TensorRef {
     pub storage: Rc<StorageRef>,
+    /// The element type `_rebuild_tensor_v3` names (over an untyped storage); `None` for
+    /// the storage's own.
+    pub dtype: Option<Dtype>,
     pub offset: u64,
     pub shape: Vec<u64>,
     pub stride: Vec<u64>,
@@ -439,11 +479,20 @@ impl Vm {
                 }
                 Ok(Value::Dict(self.push_container(Container::Dict(Dict::default()))))
             }
-            Global::RebuildTensorV2 | Global::RebuildTensor => {
-                let n = if g == Global::RebuildTensor { 4 } else { 6 };
-                if a.len() < n || (g == Global::RebuildTensorV2 && a.len() > 7) {
+            Global::RebuildTensorV2 | Global::RebuildTensorV3 | Global::RebuildTensor => {
+                let (n, most) = match g {
+                    Global::RebuildTensor => (4, 4),
+                    Global::RebuildTensorV2 => (6, 7),
+                    _ => (7, 8),
+                };
+                if a.len() < n || a.len() > most {
                     return Err(wrong(&format!("expected {n} arguments, got {}", a.len())));
                 }
+                let dtype = match (g, &a.get(6)) {
+                    (Global::RebuildTensorV3, Some(Value::Global(Global::Dtype(d)))) => Some(*d),
+                    (Global::RebuildTensorV3, _) => return Err(wrong("the seventh is not a torch dtype")),
+                    _ => None,
+                };
                 let Value::Storage(storage) = &a[0] else { return Err(wrong("the first is not a storage")) };
                 let Value::Int(offset) = a[1] else { return Err(wrong("the offset is not an int")) };
                 let offset = u64::try_from(offset).map_err(|_| wrong("negative offset"))?;
@@ -452,7 +501,10 @@ impl Vm {
                 if shape.len() != stride.len() {
                     return Err(wrong("size and stride differ in length"));
                 }
-                Ok(Value::Tensor(Rc::new(TensorRef { storage: Rc::clone(storage), offset, shape, stride })))
+                if (dtype.is_some()) != (storage.dtype == Dtype::U8 && storage.untyped) {
+                    return Err(wrong("_rebuild_tensor_v3 goes with an untyped storage, and only it"));
+                }
+                Ok(Value::Tensor(Rc::new(TensorRef { storage: Rc::clone(storage), dtype, offset, shape, stride })))
             }
             Global::RebuildParameter | Global::RebuildParameterWithState => match a.first() {
                 Some(Value::Tensor(t)) if a.len() == 3 || (a.len() == 4 && g == Global::RebuildParameterWithState) => {
@@ -468,7 +520,8 @@ impl Vm {
                 [t @ Value::Tuple(_)] if self.ints(t).is_some() => Ok(t.clone()),
                 _ => Err(wrong("expected a tuple of ints")),
             },
-            Global::Storage(_) => Err(wrong("storages are not built by REDUCE")),
+            Global::Storage(_) | Global::UntypedStorage => Err(wrong("storages are not built by REDUCE")),
+            Global::Dtype(_) => Err(wrong("dtypes are not called")),
         }
     }
 }
@@ -494,10 +547,12 @@ fn global_name(g: Global) -> &'static str {
     match g {
         Global::OrderedDict => "collections.OrderedDict",
         Global::RebuildTensorV2 => "torch._utils._rebuild_tensor_v2",
+        Global::RebuildTensorV3 => "torch._utils._rebuild_tensor_v3",
         Global::RebuildTensor => "torch._utils._rebuild_tensor",
         Global::RebuildParameter => "torch._utils._rebuild_parameter",
         Global::RebuildParameterWithState => "torch._utils._rebuild_parameter_with_state",
-        Global::Storage(_) => "a torch storage type",
+        Global::Storage(_) | Global::UntypedStorage => "a torch storage type",
+        Global::Dtype(_) => "a torch dtype",
         Global::Device => "torch.device",
         Global::Size => "torch.Size",
     }
