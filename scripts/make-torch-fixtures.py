@@ -228,6 +228,10 @@ def main():
         write_zip(os.path.join(out, f"{name}.zip.bin"), sd)
         write_legacy(os.path.join(out, f"{name}.legacy.bin"), sd)
         expect(os.path.join(out, f"{name}.expect.json"), sd)
+    # A second shard for an index (pytorch_model.bin.index.json), contiguous tensors only.
+    second = state_dict([("extra.weight", Tensor(Storage("0", "float16", np.arange(8, dtype=np.float16)), 2, [2, 3], [3, 1]))])
+    write_zip(os.path.join(out, "second_shard.zip.bin"), second)
+    expect(os.path.join(out, "second_shard.expect.json"), second)
     import builtins
     import subprocess
     ok = Tensor(Storage("0", "float32", np.ones(2, np.float32)), 0, [2], [1])

@@ -156,3 +156,84 @@ fn a_file_torch_wrote_converts_and_loads_back_to_torchs_bytes() {
     }
     assert_eq!(got.len(), want["tensors"].as_object().unwrap().len() - 1);
 }
+
+/// `tensorlift load` of a folder with PyTorch weights and no safetensors: the pickle reader
+/// plans it, the engine reads it (on the host and on the CUDA path), and the bytes equal
+/// numpy's; TENSORLIFT_USE_SAFETENSORS=1 refuses it saying how to convert.
+#[test]
+fn folders_with_pytorch_weights_load_through_the_pickle_reader() {
+    let run = |dir: &Path, device: &str, env: Option<(&str, &str)>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tensorlift"));
+        cmd.args(["load", s(dir), "--device", device, "--digest", "sha256", "--json"]);
+        if !tensorlift_testkit::real_driver() {
+            cmd.env("TENSORLIFT_LIBCUDA", tensorlift_testkit::emulated_driver());
+        }
+        if let Some((k, v)) = env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let digests = |out: &Output| -> BTreeMap<String, String> {
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| (t["name"].as_str().unwrap().to_owned(), t["sha256"].as_str().unwrap().to_owned()))
+            .collect()
+    };
+    for file in ["every_dtype.zip.bin", "every_dtype.legacy.bin"] {
+        let d = tempfile::tempdir().unwrap().keep();
+        std::fs::copy(fixture(file), d.join("pytorch_model.bin")).unwrap();
+        // Another pickle beside the weights is not read.
+        std::fs::copy(fixture("evil_system.bin"), d.join("training_args.bin")).unwrap();
+        for device in ["cpu", "cuda:0"] {
+            assert_eq!(digests(&run(&d, device, None)), expected("every_dtype"), "{file} {device}");
+        }
+        let out = run(&d, "cpu", Some(("TENSORLIFT_USE_SAFETENSORS", "1")));
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("TENSORLIFT_USE_SAFETENSORS=1 asks for safetensors only")
+                && err.contains("tensorlift convert"),
+            "{err}"
+        );
+    }
+    // Shards through pytorch_model.bin.index.json.
+    let d = tempfile::tempdir().unwrap().keep();
+    std::fs::copy(fixture("every_dtype.zip.bin"), d.join("pytorch_model-00001-of-00002.bin")).unwrap();
+    std::fs::copy(fixture("second_shard.zip.bin"), d.join("pytorch_model-00002-of-00002.bin")).unwrap();
+    let mut want = expected("every_dtype");
+    let mut map: serde_json::Map<String, serde_json::Value> =
+        want.keys().map(|k| (k.clone(), "pytorch_model-00001-of-00002.bin".into())).collect();
+    map.insert("extra.weight".into(), "pytorch_model-00002-of-00002.bin".into());
+    want.extend(expected("second_shard"));
+    std::fs::write(
+        d.join("pytorch_model.bin.index.json"),
+        serde_json::to_vec(&serde_json::json!({"metadata": {}, "weight_map": map})).unwrap(),
+    )
+    .unwrap();
+    for device in ["cpu", "cuda:0"] {
+        assert_eq!(digests(&run(&d, device, None)), want, "index {device}");
+    }
+    // A strided view cannot be one byte range: refused, naming it and the way out.
+    let d = tempfile::tempdir().unwrap().keep();
+    std::fs::copy(fixture("views.zip.bin"), d.join("pytorch_model.bin")).unwrap();
+    let out = run(&d, "cpu", None);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tensor 'transposed' is a strided view") && err.contains("tensorlift convert"), "{err}");
+    // Only other pickles: not weights.
+    let d = tempfile::tempdir().unwrap().keep();
+    std::fs::copy(fixture("evil_system.bin"), d.join("training_args.bin")).unwrap();
+    let out = run(&d, "cpu", None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("neither pytorch_model.bin nor its index"));
+    // A hostile pytorch_model.bin: refused with the global named, nothing run.
+    let d = tempfile::tempdir().unwrap().keep();
+    std::fs::copy(fixture("evil_system.bin"), d.join("pytorch_model.bin")).unwrap();
+    let out = run(&d, "cpu", None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("refused global 'posix.system'"));
+}

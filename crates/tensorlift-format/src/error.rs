@@ -100,6 +100,11 @@ pub enum FormatError {
     #[error("{}: is a PyTorch checkpoint ({layout}), not a safetensors file; convert it to safetensors first (`tensorlift convert` reads it without executing it: tensorlift convert SRC DST)", file.display())]
     PyTorchCheckpoint { file: PathBuf, layout: &'static str },
 
+    /// A PyTorch checkpoint that tensorlift's pickle reader refused, or cannot load as
+    /// byte ranges (a strided view).
+    #[error("{}: {message}", file.display())]
+    PyTorch { file: PathBuf, message: String },
+
     /// The headers a plan would hold exceed the configured budget.
     #[error("{}: the headers of this checkpoint need {needed} bytes, over the plan's header budget of {limit} bytes (raise it with LoaderBuilder::max_header_bytes)", file.display())]
     HeaderBudget { file: PathBuf, needed: u64, limit: u64 },
@@ -152,6 +157,7 @@ impl FormatError {
             | TensorInTwoShards { file, .. }
             | NotARegularFile { file, .. }
             | PyTorchCheckpoint { file, .. }
+            | PyTorch { file, .. }
             | HeaderBudget { file, .. }
             | OutOfMemory { file, .. }
             | NoShards { file }

@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use tensorlift_format::{
     check_relative, header_len, natural_cmp, normal_name, parse_header, parse_index, FileIdentity, FormatError, Header,
-    LoadPlan, Shard, HEADER_PREFIX_LEN, INDEX_FILE_NAME, MAX_INDEX_LEN,
+    LoadPlan, Shard, TensorInfo, HEADER_PREFIX_LEN, INDEX_FILE_NAME, MAX_INDEX_LEN,
 };
 
 use crate::IoError;
@@ -219,6 +219,19 @@ pub fn open_checkpoint(path: &Path, limits: &PlanLimits) -> Result<Checkpoint, F
     }
 }
 
+/// `TENSORLIFT_USE_SAFETENSORS=1` asks for safetensors only: PyTorch checkpoints are refused
+/// (saying how to convert them) instead of read by the pickle reader, as transformers'
+/// `use_safetensors=True` does.
+pub const USE_SAFETENSORS_ENV: &str = "TENSORLIFT_USE_SAFETENSORS";
+
+const TORCH_INDEX: &str = "pytorch_model.bin.index.json";
+const TORCH_SINGLE: &str = "pytorch_model.bin";
+const SAFETENSORS_ONLY: &str = "TENSORLIFT_USE_SAFETENSORS=1 asks for safetensors only";
+
+fn safetensors_only() -> bool {
+    std::env::var(USE_SAFETENSORS_ENV).is_ok_and(|v| matches!(v.trim(), "1" | "true" | "TRUE" | "True" | "yes"))
+}
+
 /// Where links may lead.
 enum LinkPolicy {
     Anywhere,
@@ -392,25 +405,39 @@ impl<'a> Planner<'a> {
     fn plan_scan(mut self, dir: File, root: PathBuf, policy: &LinkPolicy) -> Result<Checkpoint, FormatError> {
         let io_err = |source| FormatError::Io { file: root.clone(), source };
         let mut names = Vec::new();
-        let mut pytorch = None;
+        let mut pytorch = Vec::new();
         for entry in std::fs::read_dir(&root).map_err(io_err)? {
             // Names that are not UTF-8 cannot be shard names; skip them in a folder scan.
             let Ok(name) = entry.map_err(io_err)?.file_name().into_string() else { continue };
             if name.ends_with(".safetensors") {
                 names.push(name);
             } else if [".bin", ".pt", ".pth", ".bin.index.json"].iter().any(|x| name.ends_with(x)) {
-                pytorch.get_or_insert(name);
+                pytorch.push(name);
             }
         }
         names.sort_by(|a, b| natural_cmp(a, b));
         if names.is_empty() {
-            return Err(match pytorch {
-                Some(name) => FormatError::PyTorchCheckpoint {
-                    file: root.join(name),
-                    layout: "the folder holds PyTorch weights (.bin, .pt, .pth) and no .safetensors files",
-                },
-                None => FormatError::NoShards { file: root },
-            });
+            pytorch.sort();
+            let Some(first) = pytorch.first() else { return Err(FormatError::NoShards { file: root }) };
+            if safetensors_only() {
+                return Err(FormatError::PyTorchCheckpoint { file: root.join(first), layout: SAFETENSORS_ONLY });
+            }
+            // The hub's names only: a folder also holds other pickles (training_args.bin)
+            // that are not weights.
+            if pytorch.iter().any(|n| n == TORCH_INDEX) {
+                let context = root.join(TORCH_INDEX);
+                if let Some(opened) = self.open_entry(&dir, &root, policy, TORCH_INDEX, &context)? {
+                    return self.plan_index(dir, root, TORCH_INDEX, opened, policy);
+                }
+            }
+            if pytorch.iter().any(|n| n == TORCH_SINGLE) {
+                names.push(TORCH_SINGLE.to_owned());
+            } else {
+                return Err(FormatError::PyTorchCheckpoint {
+                    file: root.join(first),
+                    layout: "the folder holds PyTorch files but neither pytorch_model.bin nor its index, and no .safetensors files",
+                });
+            }
         }
         for name in names {
             let context = root.join(&name);
@@ -467,7 +494,15 @@ impl<'a> Planner<'a> {
         let file_len = opened.identity.len;
         let prefix_len = HEADER_PREFIX_LEN.min(file_len) as usize;
         let prefix = read_exact_at(&opened.file, path, 0, prefix_len, "a header")?;
-        let n = header_len(path, &prefix, file_len)?;
+        let n = match header_len(path, &prefix, file_len) {
+            Err(FormatError::PyTorchCheckpoint { .. }) if !safetensors_only() => {
+                return self.read_torch(context, opened)
+            }
+            Err(FormatError::PyTorchCheckpoint { file, .. }) => {
+                return Err(FormatError::PyTorchCheckpoint { file, layout: SAFETENSORS_ONLY });
+            }
+            other => other?,
+        };
         let needed = self.header_bytes + HEADER_PREFIX_LEN + n;
         if needed > self.limits.max_header_bytes {
             return Err(FormatError::HeaderBudget {
@@ -492,6 +527,76 @@ impl<'a> Planner<'a> {
         let hash = tensorlift_format::header_hash(&bytes);
         bytes.clear();
         Ok((header, hash))
+    }
+
+    /// A PyTorch checkpoint (`torch.save`), read by tensorlift-pickle without executing
+    /// anything: a header whose tensors are the state_dict's, each a byte range of its
+    /// storage in the file, and whose "header bytes" are everything before the first
+    /// tensor (the zip's directory entries and the pickle), hashed like a safetensors
+    /// header so that a load notices a changed file.
+    fn read_torch(&mut self, context: &Path, opened: &Opened) -> Result<(Header, u64), FormatError> {
+        let path = &opened.path;
+        let pytorch = |message: String| FormatError::PyTorch { file: path.clone(), message };
+        let left = self.limits.max_header_bytes.saturating_sub(self.header_bytes);
+        let limits = tensorlift_pickle::Limits::default().max_pickle_bytes(left);
+        let ck = tensorlift_pickle::TorchCheckpoint::read(&opened.file, path, &limits)
+            .map_err(|e| pytorch(format!("read as a PyTorch checkpoint (nothing in it was executed): {}", e.kind)))?;
+        tracing::info!(
+            "{}: a PyTorch checkpoint ({:?} layout), read by tensorlift's pickle reader, which executes nothing",
+            path.display(),
+            ck.layout
+        );
+        let mut ranges = Vec::new();
+        ranges.try_reserve_exact(ck.tensors.len()).map_err(|_| FormatError::OutOfMemory {
+            file: path.clone(),
+            what: "the PyTorch checkpoint's tensors",
+            bytes: ck.tensors.len() as u64 * 64,
+        })?;
+        for t in &ck.tensors {
+            if !t.is_contiguous() {
+                return Err(pytorch(format!(
+                    "tensor '{}' is a strided view of its storage and cannot be loaded as one byte range; \
+                     `tensorlift convert` writes it contiguous, as safetensors",
+                    t.name
+                )));
+            }
+            let st =
+                ck.storages.get(&t.storage).ok_or_else(|| pytorch(format!("storage '{}' is missing", t.storage)))?;
+            let start = st.offset + (t.storage_offset * (t.dtype.bitsize() / 8)) as u64;
+            ranges.push((start, t.nbytes() as u64, t));
+        }
+        ranges.sort_by_key(|r| r.0);
+        let data_start =
+            ranges.first().map_or(HEADER_PREFIX_LEN, |r| r.0).max(HEADER_PREFIX_LEN).min(opened.identity.len);
+        let needed = self.header_bytes + data_start;
+        if needed > self.limits.max_header_bytes {
+            return Err(FormatError::HeaderBudget {
+                file: context.to_path_buf(),
+                needed,
+                limit: self.limits.max_header_bytes,
+            });
+        }
+        self.header_bytes = needed;
+        let mut tensors = Vec::new();
+        tensors.try_reserve_exact(ranges.len()).map_err(|_| FormatError::OutOfMemory {
+            file: path.clone(),
+            what: "the PyTorch checkpoint's tensors",
+            bytes: ranges.len() as u64 * 64,
+        })?;
+        for (start, len, t) in ranges {
+            let begin = start
+                .checked_sub(data_start)
+                .ok_or_else(|| pytorch(format!("tensor '{}' starts at byte {start}", t.name)))?;
+            tensors.push(TensorInfo {
+                name: t.name.clone(),
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+                data_offsets: (begin, begin + len),
+            });
+        }
+        let bytes = read_exact_at(&opened.file, path, 0, data_start as usize, "the PyTorch checkpoint's header")?;
+        let header = Header { header_len: data_start - HEADER_PREFIX_LEN, metadata: None, tensors };
+        Ok((header, tensorlift_format::header_hash(&bytes)))
     }
 
     fn finish(

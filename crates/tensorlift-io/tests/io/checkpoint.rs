@@ -302,12 +302,23 @@ fn pytorch_folders_are_named() {
     let mut zip = b"PK\x03\x04".to_vec();
     zip.resize(104, 0);
     fs::write(dir.join("pytorch_model.bin"), &zip).unwrap();
+    // Read by the pickle reader (which refuses this broken zip), in a folder or by name;
+    // TENSORLIFT_USE_SAFETENSORS=1 is covered by the CLI's tests (it is the environment).
     match open(&dir) {
-        Err(FormatError::PyTorchCheckpoint { file, .. }) => assert!(file.ends_with("pytorch_model.bin")),
+        Err(FormatError::PyTorch { file, .. }) => assert!(file.ends_with("pytorch_model.bin")),
         other => panic!("{other:?}"),
     }
     let msg = open(&dir.join("pytorch_model.bin")).unwrap_err().to_string();
-    assert!(msg.contains("PyTorch checkpoint") && msg.contains("zip"), "{msg}");
+    assert!(msg.contains("read as a PyTorch checkpoint") && msg.contains("invalid zip archive"), "{msg}");
+    // Other PyTorch files, and no weights: named, with the way to convert.
+    let dir = self::dir();
+    fs::write(dir.join("training_args.bin"), &zip).unwrap();
+    match open(&dir) {
+        Err(e @ FormatError::PyTorchCheckpoint { .. }) => {
+            assert!(e.to_string().contains("neither pytorch_model.bin nor its index"), "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 /// The layout `huggingface_hub` writes: `models--ORG--NAME/{blobs,refs,snapshots/REV}`,
