@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""Python loaders against tensorlift, on one GPU host, in one run.
+"""Python loaders against tensorlift, side by side in one run, on a GPU or on the CPU.
 
-Times each installed Python loader loading every tensor of FOLDER onto a CUDA device,
-after CUDA is initialised (so no loader pays for context creation), and with
---tensorlift, also `tensorlift load --device cuda:N --json FOLDER` on the same files
-(a new process each run, so that figure includes process start and CUDA context creation):
+On a CUDA device (--device cuda:N, the default), times each installed loader loading every
+tensor of FOLDER onto it, after CUDA is initialised (so no loader pays for context
+creation), synchronizing before the clock stops; with --tensorlift, also
+`tensorlift load --device cuda:N --json FOLDER` on the same files (a new process each run,
+so that figure includes process start and CUDA context creation):
 
   tensorlift            tensorlift.load_file(FOLDER, device=..., framework="pt") in process
   safetensors           safe_open(..., device=...) + get_tensor (the reference)
@@ -12,11 +13,22 @@ after CUDA is initialised (so no loader pays for context creation), and with
   instanttensor         instanttensor.safe_open(..., device=...) + tensors(), cloned
   runai-model-streamer  SafetensorsStreamer().stream_file() + get_tensors(), .to(device)
 
+With --device cpu, every engine materializes every byte in private host memory (no
+engine may leave tensors as views of a memory map or of a reused buffer):
+
+  tensorlift            tensorlift.load_file(FOLDER, framework=None) (its own host memory)
+  safetensors.numpy     safetensors.numpy.load_file (needs no torch)
+  safetensors.torch-mmap  safetensors.torch.load_file (a memory map) + clone
+  safetensors.torch-read  safetensors.torch.load(open(f).read()): one read, then parsed
+  fastsafetensors       copy_files_to_device to torch.device("cpu"), nogds, cloned
+  runai-model-streamer  get_tensors(), cloned
+
 A package that is not installed is skipped with a note; one whose API differs from what
 this script expects is reported as failed, with the exception. Cold runs evict every
 shard from the page cache first (posix_fadvise DONTNEED); warm runs read them once first.
 
   python3 benches/peers/compare.py /models/llama --tensorlift ./tensorlift --runs 3
+  python3 benches/peers/compare.py /models/llama --device cpu --runs 5
 """
 import argparse
 import json
@@ -31,7 +43,9 @@ from pagecache import evict, shard_paths, warm  # noqa: E402
 
 
 def nbytes(tensors):
-    return sum(t.numel() * t.element_size() for t in tensors)
+    """Bytes held: torch tensors by element size, numpy arrays and tensorlift tensors by
+    their nbytes."""
+    return sum(t.numel() * t.element_size() if hasattr(t, "element_size") else t.nbytes for t in tensors)
 
 
 def load_tensorlift(paths, device):
@@ -85,6 +99,53 @@ def load_runai(paths, device):
     return out
 
 
+def load_tensorlift_cpu(paths, device):
+    import tensorlift
+    return list(tensorlift.load_file(os.path.dirname(paths[0]), device="cpu", framework=None).values())
+
+
+def load_st_numpy(paths, device):
+    from safetensors.numpy import load_file
+    return [a for p in paths for a in load_file(p).values()]
+
+
+def load_st_torch_mmap(paths, device):
+    from safetensors.torch import load_file
+    return [t.clone() for p in paths for t in load_file(p).values()]
+
+
+def load_st_torch_read(paths, device):
+    from safetensors.torch import load
+    out = []
+    for p in paths:
+        with open(p, "rb") as f:
+            out += list(load(f.read()).values())
+    return out
+
+
+def load_fastsafetensors_cpu(paths, device):
+    return load_fastsafetensors(paths, "cpu")
+
+
+def load_runai_cpu(paths, device):
+    from runai_model_streamer import SafetensorsStreamer
+    out = []
+    with SafetensorsStreamer() as streamer:
+        for p in paths:
+            streamer.stream_file(p)
+            out += [t.clone() for _, t in streamer.get_tensors()]
+    return out
+
+
+CPU_PEERS = {
+    "tensorlift": ("tensorlift", load_tensorlift_cpu),
+    "safetensors.numpy": ("safetensors", load_st_numpy),
+    "safetensors.torch-mmap": ("torch", load_st_torch_mmap),
+    "safetensors.torch-read": ("torch", load_st_torch_read),
+    "fastsafetensors": ("fastsafetensors", load_fastsafetensors_cpu),
+    "runai-model-streamer": ("runai_model_streamer", load_runai_cpu),
+}
+
 PEERS = {
     "tensorlift": ("tensorlift", load_tensorlift),
     "safetensors": ("safetensors", load_safetensors),
@@ -103,27 +164,32 @@ def main():
     ap.add_argument("--tensorlift", help="path to the tensorlift binary, to time it in the same run")
     ap.add_argument("--json-out")
     a = ap.parse_args()
+    cpu = a.device == "cpu"
+    torch = None
     try:
         import torch
     except ImportError:
-        print("torch is not installed: this script needs PyTorch with CUDA", file=sys.stderr)
-        return 1
-    if not torch.cuda.is_available():
-        print("no CUDA device is visible to torch", file=sys.stderr)
-        return 1
-    torch.empty(1, device=a.device)
-    torch.cuda.synchronize()
+        if not cpu:
+            print("torch is not installed: this script needs PyTorch with CUDA (or --device cpu)", file=sys.stderr)
+            return 1
+    if not cpu:
+        if not torch.cuda.is_available():
+            print("no CUDA device is visible to torch", file=sys.stderr)
+            return 1
+        torch.empty(1, device=a.device)
+        torch.cuda.synchronize()
     paths = shard_paths(a.folder)
     total = sum(os.path.getsize(p) for p in paths)
-    print(f"{a.folder}: {len(paths)} shards, {total / 1e9:.2f} GB; device {torch.cuda.get_device_name(a.device)}")
+    device_name = "cpu" if cpu else torch.cuda.get_device_name(a.device)
+    print(f"{a.folder}: {len(paths)} shards, {total / 1e9:.2f} GB; device {device_name}")
     import importlib.util
     engines, notes = {}, {}
-    for name, (module, fn) in PEERS.items():
+    for name, (module, fn) in (CPU_PEERS if cpu else PEERS).items():
         if importlib.util.find_spec(module) is None:
             notes[name] = f"skipped: python package '{module}' is not installed"
         else:
             engines[name] = fn
-    results = {"folder": a.folder, "bytes": total, "device": torch.cuda.get_device_name(a.device), "modes": {}, "notes": notes}
+    results = {"folder": a.folder, "bytes": total, "device": device_name, "modes": {}, "notes": notes}
     modes = ["warm", "cold"] if a.cache == "both" else [a.cache]
     for mode in modes:
         times = {n: [] for n in engines}
@@ -140,11 +206,13 @@ def main():
                         moved[name] = json.loads(out.stdout)["bytes"]
                     else:
                         tensors = engines[name](paths, a.device)
-                        torch.cuda.synchronize()
+                        if not cpu:
+                            torch.cuda.synchronize()
                         moved[name] = nbytes(tensors)
                     times[name].append(time.perf_counter() - t)
                     tensors = None
-                    torch.cuda.empty_cache()
+                    if not cpu:
+                        torch.cuda.empty_cache()
                 except Exception as e:  # a peer's API changed, or it does not run here
                     notes[name] = f"failed: {type(e).__name__}: {e}"
                     times.pop(name)

@@ -112,6 +112,11 @@ fn an_allowed_global_with_wrong_arguments_is_refused() {
 fn big_endian_compressed_truncated_and_short_storages_are_refused() {
     let (k, _) = kind(read("big_endian.bin"));
     assert!(matches!(k, ErrorKind::BigEndian));
+    // The legacy layout says so in its system information.
+    let mut v = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19.\x80\x02M\xe9\x03.".to_vec();
+    v.extend_from_slice(b"\x80\x02}X\x0d\x00\x00\x00little_endian\x89s.\x80\x02}.\x80\x02].");
+    let (k, s) = kind(read_bytes(&v));
+    assert!(matches!(k, ErrorKind::BigEndian), "{s}");
     let (k, s) = kind(read("compressed.bin"));
     assert!(matches!(k, ErrorKind::Zip(_)) && s.contains("is compressed (method 8)"), "{s}");
     let (k, s) = kind(read("truncated.bin"));
