@@ -16,7 +16,8 @@ so that figure includes process start and CUDA context creation):
 With --device cpu, every engine materializes every byte in private host memory (no
 engine may leave tensors as views of a memory map or of a reused buffer):
 
-  tensorlift            tensorlift.load_file(FOLDER, framework=None) (its own host memory)
+  tensorlift            tensorlift.load_file(FOLDER, framework=None) with reuse_host_memory()
+                        (the others reuse what malloc kept from their last run)
   safetensors.numpy     safetensors.numpy.load_file (needs no torch)
   safetensors.torch-mmap  safetensors.torch.load_file (a memory map) + clone
   safetensors.torch-read  safetensors.torch.load(open(f).read()): one read, then parsed
@@ -101,6 +102,10 @@ def load_runai(paths, device):
 
 def load_tensorlift_cpu(paths, device):
     import tensorlift
+    # In a loop of loads, the other engines get the memory their last run freed back from
+    # malloc, already faulted in; tensorlift's equivalent is opt-in. (Fresh-memory figures,
+    # a server's first load, are loader-bench's and cpu_vs_reference.py's.)
+    tensorlift.reuse_host_memory(True)
     return list(tensorlift.load_file(os.path.dirname(paths[0]), device="cpu", framework=None).values())
 
 

@@ -48,14 +48,35 @@ pub struct Entry {
     pub run: Run,
 }
 
-pub fn tensorlift(loader: Arc<Loader>) -> Entry {
+pub fn tensorlift(loader: Arc<Loader>, reuse_host_memory: bool) -> Entry {
     Entry {
         name: "tensorlift",
         kind: Kind::Engine,
         run: Box::new(move |c| {
             let model = loader.load_blocking(&c.dir)?;
-            Ok((model.stats().bytes, Box::new(model)))
+            Ok((
+                model.stats().bytes,
+                Box::new(Held { model: Some(model), loader: Arc::clone(&loader), reuse_host_memory }),
+            ))
         }),
+    }
+}
+
+/// A loaded model, dropped after the clock stopped; unless memory reuse was asked for, the
+/// memory its tensors leave is given back too, so that every run loads into fresh memory,
+/// as a server's first load does.
+struct Held {
+    model: Option<tensorlift::Model>,
+    loader: Arc<Loader>,
+    reuse_host_memory: bool,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        drop(self.model.take());
+        if !self.reuse_host_memory {
+            self.loader.release_host_memory();
+        }
     }
 }
 

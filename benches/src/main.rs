@@ -73,6 +73,10 @@ struct Args {
     /// tensorlift: io_uring worker threads, one ring each (default: one per CPU, 2 to 16).
     #[arg(long)]
     io_workers: Option<usize>,
+    /// tensorlift: keep the host memory of one run's tensors for the next run (as a server
+    /// that loads again does); by default every run loads into fresh memory.
+    #[arg(long)]
+    reuse_host_memory: bool,
     /// tensorlift: O_DIRECT policy, auto, always or never (default auto).
     #[arg(long, value_parser = |s: &str| s.parse::<tensorlift::DirectIo>())]
     direct: Option<tensorlift::DirectIo>,
@@ -171,7 +175,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
     };
     let bar = progress(modes.len() as u64 * args.runs.max(1) as u64 * (2 + cpu_baselines + gpu_entries));
     for mode in modes {
-        let mut entries: Vec<Entry> = vec![engines::tensorlift(Arc::clone(&loader))];
+        let mut entries: Vec<Entry> = vec![engines::tensorlift(Arc::clone(&loader), args.reuse_host_memory)];
         for b in &args.baselines {
             match b.as_str() {
                 "std-read" => entries.push(engines::std_read()),

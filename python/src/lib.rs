@@ -344,8 +344,47 @@ impl Raised {
 
 /// A loader for `device`, reporting progress to `progress(done, total)` if given; an
 /// exception the callback raises goes to `raised`.
+/// Host memory kept across loads, when `reuse_host_memory()` asked for it.
+static HOST_POOL: std::sync::Mutex<Option<Arc<tensorlift::ArenaPool>>> = std::sync::Mutex::new(None);
+
+fn host_pool() -> Option<Arc<tensorlift::ArenaPool>> {
+    HOST_POOL.lock().ok().and_then(|g| g.clone())
+}
+
+/// Keeps the host memory of dropped tensors for the next load (`enable=False`: stops, and
+/// gives it back). Off by default: memory goes back to the system when tensors are dropped.
+#[pyfunction]
+#[pyo3(signature = (enable=true))]
+fn reuse_host_memory(enable: bool) {
+    if let Ok(mut g) = HOST_POOL.lock() {
+        if enable {
+            g.get_or_insert_with(|| tensorlift::ArenaPool::new(usize::MAX));
+        } else if let Some(p) = g.take() {
+            p.release();
+        }
+    }
+}
+
+/// Gives kept host memory back to the system now.
+#[pyfunction]
+fn release_host_memory() {
+    if let Some(p) = host_pool() {
+        p.release();
+    }
+}
+
+/// Bytes of host memory kept for the next load.
+#[pyfunction]
+fn retained_host_memory() -> usize {
+    host_pool().map_or(0, |p| p.retained_bytes())
+}
+
 fn loader(device: &str, filter: Option<Vec<String>>, progress: Option<Py<PyAny>>, raised: &Raised) -> PyResult<Loader> {
     let mut b = Loader::builder().device(device_of(device)?);
+    b = match host_pool() {
+        Some(p) => b.host_memory_pool(p),
+        None => b.reuse_host_memory(false),
+    };
     if let Some(f) = filter {
         b = b.filter(f);
     }
@@ -575,6 +614,9 @@ fn _tensorlift(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
     m.add_function(wrap_pyfunction!(_live_host_arenas, m)?)?;
     m.add_function(wrap_pyfunction!(resolve_device, m)?)?;
+    m.add_function(wrap_pyfunction!(reuse_host_memory, m)?)?;
+    m.add_function(wrap_pyfunction!(release_host_memory, m)?)?;
+    m.add_function(wrap_pyfunction!(retained_host_memory, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -15,7 +15,10 @@ from ._tensorlift import (
     _live_host_arenas,
     inspect,
     load,
+    release_host_memory,
     resolve_device,
+    retained_host_memory,
+    reuse_host_memory,
 )
 from ._tensorlift import iter_tensors as _iter_tensors
 
@@ -27,7 +30,10 @@ __all__ = [
     "iter_tensors",
     "load",
     "load_file",
+    "release_host_memory",
     "resolve_device",
+    "retained_host_memory",
+    "reuse_host_memory",
     "safe_open",
 ]
 

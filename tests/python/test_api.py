@@ -244,3 +244,29 @@ def test_errors_have_the_documented_types(fixture, tmp_path):
 def test_auto_device_says_why():
     device, reason = tensorlift.resolve_device("auto")
     assert device in ("cpu", "cuda:0") and reason.startswith("auto: ")
+
+
+def test_host_memory_reuse_is_opt_in_and_given_back(fixture, sharded_reference):
+    import tensorlift as tl
+
+    folder, want = fixture / "sharded", sharded_reference
+    assert tl.retained_host_memory() == 0
+    got = tl.load_file(str(folder), framework="np")
+    del got
+    assert tl.retained_host_memory() == 0, "off by default: dropped tensors give memory back"
+    tl.reuse_host_memory()
+    try:
+        del_me = tl.load_file(str(folder), framework="np")
+        del del_me
+        kept = tl.retained_host_memory()
+        assert kept > 0
+        again = tl.load_file(str(folder), framework="np")
+        assert tl.retained_host_memory() == 0, "the next load took it"
+        for name, arr in want.items():
+            assert again[name].tobytes() == arr.tobytes(), name
+        del again
+        tl.release_host_memory()
+        assert tl.retained_host_memory() == 0
+    finally:
+        tl.reuse_host_memory(False)
+    assert tl._live_host_arenas() == 0

@@ -186,6 +186,7 @@ fn to_json(model: &Model, digests: Option<&[String]>) -> serde_json::Value {
         "bytes": s.bytes,
         "bytes_read": s.bytes_read,
         "huge_pages": s.huge_pages,
+        "reused_host_bytes": s.reused_host_bytes,
         "seconds": s.wall.as_secs_f64(),
         "gbps": s.gbps(),
     });

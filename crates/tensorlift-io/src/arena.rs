@@ -8,7 +8,7 @@
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 
 use crate::{AlignedBuf, IoBufMut, PAGE};
 
@@ -17,9 +17,11 @@ static LIVE: AtomicUsize = AtomicUsize::new(0);
 /// Page-aligned host memory filled by reads, chunk by chunk.
 #[derive(Debug)]
 pub struct HostArena {
-    // Never moved or resized once created; only ever accessed through raw pointers derived
-    // from `base`, by chunk owners (writes) or through `get` (reads of completed chunks).
-    _mem: AlignedBuf,
+    // Never moved or resized while the arena lives; only ever accessed through raw pointers
+    // derived from `base`, by chunk owners (writes) or through `get` (reads of completed
+    // chunks). `None` only inside `drop`, which hands it back to the pool.
+    mem: Option<AlignedBuf>,
+    pool: Option<Weak<ArenaPool>>,
     base: *mut u8,
     len: usize,
     chunk: usize,
@@ -43,7 +45,39 @@ impl HostArena {
     /// [`new`](Self::new), with transparent huge pages (`huge`) or base pages.
     pub fn with_pages(len: usize, chunk: usize, huge: bool) -> Option<Arc<HostArena>> {
         // Large arenas are lazily zeroed maps (see AlignedBuf): no pass over memory.
-        let mut mem = AlignedBuf::zeroed_pages(len, PAGE, huge)?;
+        let mem = AlignedBuf::zeroed_pages(len, PAGE, huge)?;
+        Self::from_mem(mem, None, len, chunk)
+    }
+
+    /// [`with_pages`](Self::with_pages), taking memory a dropped arena left in `pool` when
+    /// one fits (already faulted in: no page faults, no zeroing; its bytes are the old
+    /// arena's until reads overwrite them, and only completed chunks are ever readable),
+    /// and leaving this arena's memory there when it is dropped.
+    ///
+    /// `kept` is what [`ArenaPool::take_for`] found for this arena, if anything.
+    pub fn pooled(
+        pool: &Arc<ArenaPool>,
+        kept: Option<AlignedBuf>,
+        len: usize,
+        chunk: usize,
+        huge: bool,
+    ) -> Option<Arc<HostArena>> {
+        let mem = match kept {
+            Some(m) if m.len() >= len => m,
+            _ => AlignedBuf::zeroed_pages(len, PAGE, huge)?,
+        };
+        Self::from_mem(mem, Some(Arc::downgrade(pool)), len, chunk)
+    }
+
+    fn from_mem(
+        mut mem: AlignedBuf,
+        pool: Option<Weak<ArenaPool>>,
+        len: usize,
+        chunk: usize,
+    ) -> Option<Arc<HostArena>> {
+        if mem.len() < len {
+            return None;
+        }
         let base = mem.stable_mut_ptr();
         // No chunk larger than the arena (rounded to a page): that also keeps the rounding
         // from overflowing for any `chunk`, since `len` bytes were allocated.
@@ -52,7 +86,8 @@ impl HostArena {
         let chunks = len.div_ceil(chunk);
         LIVE.fetch_add(1, Ordering::Relaxed);
         Some(Arc::new(HostArena {
-            _mem: mem,
+            mem: Some(mem),
+            pool,
             base,
             len,
             chunk,
@@ -128,6 +163,91 @@ impl HostArena {
 impl Drop for HostArena {
     fn drop(&mut self) {
         LIVE.fetch_sub(1, Ordering::Relaxed);
+        // No chunk or reader is left (they hold the Arc): the memory can serve another arena.
+        if let (Some(mem), Some(pool)) = (self.mem.take(), self.pool.as_ref().and_then(Weak::upgrade)) {
+            pool.give(mem);
+        }
+    }
+}
+
+/// Host memory that dropped arenas leave for the next ones, up to a byte budget: a process
+/// that loads again (a server swapping models, a benchmark loop) gets memory that is already
+/// faulted in, instead of paying the kernel's page faults and zeroing again (about 0.5 s of
+/// CPU per GB on a small VM). The memory is the caller's own peak: it was held by tensors
+/// until they were dropped. [`release`](Self::release) returns it to the system.
+#[derive(Debug)]
+pub struct ArenaPool {
+    state: Mutex<PoolState>,
+}
+
+#[derive(Debug, Default)]
+struct PoolState {
+    bufs: Vec<AlignedBuf>,
+    bytes: usize,
+    max_bytes: usize,
+}
+
+impl ArenaPool {
+    /// A pool that keeps at most `max_bytes` (0: keeps nothing).
+    pub fn new(max_bytes: usize) -> Arc<ArenaPool> {
+        Arc::new(ArenaPool { state: Mutex::new(PoolState { max_bytes, ..PoolState::default() }) })
+    }
+
+    /// Bytes kept now.
+    pub fn retained_bytes(&self) -> usize {
+        self.state.lock().map_or(0, |s| s.bytes)
+    }
+
+    /// Frees everything kept.
+    pub fn release(&self) {
+        let bufs = match self.state.lock() {
+            Ok(mut s) => {
+                s.bytes = 0;
+                std::mem::take(&mut s.bufs)
+            }
+            Err(_) => Vec::new(),
+        };
+        drop(bufs);
+    }
+
+    /// For each of `lens`, a kept buffer that fits it (see `take`), and then frees every
+    /// buffer left: memory kept for a load of another shape is given back before the new
+    /// load allocates, so a process never holds more than its largest load.
+    pub fn take_for(&self, lens: &[usize]) -> Vec<Option<AlignedBuf>> {
+        let out = lens.iter().map(|&l| self.take(l)).collect();
+        self.release();
+        out
+    }
+
+    /// The smallest kept buffer of at least `len` bytes and not much more (a quarter, plus
+    /// 2 MiB), so that a small load does not pin a large one.
+    fn take(&self, len: usize) -> Option<AlignedBuf> {
+        let mut s = self.state.lock().ok()?;
+        let most = len.saturating_add(len / 4).saturating_add(2 << 20);
+        let i =
+            (0..s.bufs.len()).filter(|&i| (len..=most).contains(&s.bufs[i].len())).min_by_key(|&i| s.bufs[i].len())?;
+        let buf = s.bufs.swap_remove(i);
+        s.bytes -= buf.len();
+        Some(buf)
+    }
+
+    /// Keeps `buf` if the budget allows, dropping the oldest kept buffers to make room.
+    fn give(&self, buf: AlignedBuf) {
+        let Ok(mut s) = self.state.lock() else { return };
+        if buf.len() > s.max_bytes {
+            return;
+        }
+        let mut freed = Vec::new();
+        while s.bytes + buf.len() > s.max_bytes && !s.bufs.is_empty() {
+            let old = s.bufs.remove(0);
+            s.bytes -= old.len();
+            freed.push(old);
+        }
+        s.bytes += buf.len();
+        s.bufs.push(buf);
+        drop(s);
+        // Unmapped outside the lock.
+        drop(freed);
     }
 }
 

@@ -45,7 +45,7 @@ mod probe;
 mod reader;
 mod uring;
 
-pub use arena::{ArenaChunk, HostArena};
+pub use arena::{ArenaChunk, ArenaPool, HostArena};
 pub use buf::{AlignedBuf, IoBufMut, MAP_THRESHOLD, PAGE};
 pub use checkpoint::{open_checkpoint, Checkpoint, PlanLimits, DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_OPEN_FILES};
 pub use error::{IoError, ReadFailed, ReadResult};

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tensorlift_format::LoadPlan;
-use tensorlift_io::{ArenaChunk, HostArena, PAGE};
+use tensorlift_io::{ArenaChunk, ArenaPool, HostArena, PAGE};
 
 use crate::layout::{Read, Span};
 use crate::pipeline::{chunks_to_wait_for, completed_by, plan_file, Sink};
@@ -35,12 +35,19 @@ impl HostSink {
         spans: Vec<Span>,
         chunk: usize,
         pages: crate::HugePages,
+        pool: &Arc<ArenaPool>,
         stats: &mut crate::LoadStats,
         ready: &mut VecDeque<Tensor>,
     ) -> Result<HostSink, LoadError> {
+        // Memory an earlier load left, where it fits a span; the rest of it is given back
+        // before anything new is allocated.
+        let lens: Vec<usize> = spans.iter().map(|s| (s.len() as usize).next_multiple_of(PAGE)).collect();
+        let mut kept = pool.take_for(&lens);
+        let reused: u64 = kept.iter().flatten().map(|m| m.len() as u64).sum();
+        stats.reused_host_bytes = reused;
         // Memory is committed when touched: a load larger than what the process can get
         // would be killed midway, so it is refused before anything is allocated.
-        let needed: u64 = spans.iter().map(|s| s.len().next_multiple_of(PAGE as u64)).sum();
+        let needed: u64 = lens.iter().map(|&l| l as u64).sum::<u64>().saturating_sub(reused);
         if let Some(available) = tensorlift_io::host_memory_available().filter(|&a| needed > a) {
             return Err(LoadError::HostMemory { file: plan_file(plan), needed, available });
         }
@@ -52,11 +59,12 @@ impl HostSink {
         };
         stats.huge_pages = Some(huge);
         let mut extents = Vec::with_capacity(spans.len());
-        for span in spans {
+        for (span, kept) in spans.into_iter().zip(kept.iter_mut()) {
             let len = span.len() as usize;
-            let arena = HostArena::with_pages(len.next_multiple_of(PAGE), chunk, huge).ok_or_else(|| {
-                LoadError::OutOfMemory { file: plan.shards()[span.shard].path.clone(), bytes: len as u64 }
-            })?;
+            let arena =
+                HostArena::pooled(pool, kept.take(), len.next_multiple_of(PAGE), chunk, huge).ok_or_else(|| {
+                    LoadError::OutOfMemory { file: plan.shards()[span.shard].path.clone(), bytes: len as u64 }
+                })?;
             let remaining = chunks_to_wait_for(plan, &span, chunk, |t| ready.push_back(make(plan, &span, &arena, t)));
             let chunks = arena.take_chunks().into_iter().map(Some).collect();
             extents.push(Extent { span, arena, chunks, remaining });

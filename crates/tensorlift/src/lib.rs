@@ -53,11 +53,11 @@ pub use tensorlift_cuda::{dlpack, CudaError};
 #[doc(no_inline)]
 pub use tensorlift_format::Dtype;
 pub use tensorlift_format::{FormatError, LoadPlan, PlannedTensor, Shard};
-#[doc(hidden)]
-pub use tensorlift_io::Faults;
 pub use tensorlift_io::{
     block_on, BackendKind, Checkpoint, FixedBuffers, IoError, IoReport, MapContract, PlanLimits, UringStatus,
 };
+#[doc(hidden)]
+pub use tensorlift_io::{ArenaPool, Faults};
 
 /// Resolves `path` (a `.safetensors` file, an index JSON or a folder) and validates every
 /// shard's header, reading headers only, with the default [`PlanLimits`]. The shards it

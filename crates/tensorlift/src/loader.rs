@@ -82,6 +82,7 @@ pub(crate) struct Config {
     pub streams: usize,
     pub huge_pages: HugePages,
     pub convert_to: Option<tensorlift_format::Dtype>,
+    pub host_pool: Arc<tensorlift_io::ArenaPool>,
 }
 
 /// Configures a [`Loader`]. Every option has a default that suits a large checkpoint.
@@ -144,6 +145,7 @@ impl Default for LoaderBuilder {
                 streams: DEFAULT_STREAMS,
                 huge_pages: HugePages::Auto,
                 convert_to: None,
+                host_pool: tensorlift_io::ArenaPool::new(usize::MAX),
             },
         }
     }
@@ -240,6 +242,21 @@ impl LoaderBuilder {
     /// Whether host memory for tensors uses transparent huge pages (default: measured).
     pub fn huge_pages(mut self, pages: HugePages) -> Self {
         self.cfg.huge_pages = pages;
+        self
+    }
+    /// Whether host memory of dropped tensors is kept for this loader's next load (default
+    /// true). A load takes kept memory of the right size, already faulted in, instead of
+    /// paying the kernel's page faults and zeroing again; memory kept for another shape is
+    /// given back before a load allocates, so a process holds no more than its largest
+    /// load. [`Loader::release_host_memory`] and dropping the loader give it all back.
+    pub fn reuse_host_memory(mut self, reuse: bool) -> Self {
+        self.cfg.host_pool = tensorlift_io::ArenaPool::new(if reuse { usize::MAX } else { 0 });
+        self
+    }
+    /// Shares kept host memory with other loaders (see
+    /// [`reuse_host_memory`](Self::reuse_host_memory)).
+    pub fn host_memory_pool(mut self, pool: Arc<tensorlift_io::ArenaPool>) -> Self {
+        self.cfg.host_pool = pool;
         self
     }
     /// CUDA streams that copies to the device are spread over (default 2, at least 1).
@@ -406,6 +423,16 @@ impl Loader {
         self.device
     }
 
+    /// Host memory of dropped tensors kept for the next load, in bytes.
+    pub fn retained_host_memory(&self) -> usize {
+        self.cfg.host_pool.retained_bytes()
+    }
+
+    /// Gives kept host memory back to the system now.
+    pub fn release_host_memory(&self) {
+        self.cfg.host_pool.release();
+    }
+
     /// The settings this loader runs with.
     pub fn settings(&self) -> Settings {
         Settings {
@@ -508,6 +535,7 @@ impl Loader {
             buffered_shards: 0,
             max_in_flight_bytes: 0,
             huge_pages: None,
+            reused_host_bytes: 0,
         };
         TensorStream::start(Arc::clone(&self.reader), plan, &self.cfg, &self.target, stats, started)
     }

@@ -175,6 +175,7 @@ impl TensorStream {
                     spans,
                     cfg.chunk_size,
                     cfg.huge_pages,
+                    &cfg.host_pool,
                     &mut stream.stats,
                     &mut stream.ready,
                 )?;

@@ -43,6 +43,8 @@ pub struct LoadStats {
     pub max_in_flight_bytes: u64,
     /// Whether host memory used huge pages (`None` when the load had no host memory).
     pub huge_pages: Option<bool>,
+    /// Bytes of host memory a previous load left and this one reused (already faulted in).
+    pub reused_host_bytes: u64,
 }
 
 impl LoadStats {

@@ -101,3 +101,61 @@ fn statistics_are_measured() {
     let model = base().map_views(map_contract()).build().unwrap().load_blocking(&path).unwrap();
     assert_eq!(model.stats().bytes_read, 0);
 }
+
+/// A loader's second load takes the memory its first load's dropped tensors left (already
+/// faulted in), and still yields the second checkpoint's bytes, not the first's; memory of
+/// another shape is given back before a load allocates; release and the option work.
+#[test]
+fn host_memory_is_reused_across_loads_and_given_back() {
+    let dir = scratch();
+    let spec: Vec<tensorlift_testkit::Spec<'_>> = vec![("a", Dtype::F32, &[300, 700]), ("b", Dtype::U8, &[4 << 20])];
+    let first = write_shard(&dir.join("one.safetensors"), &spec);
+    // The same layout, other bytes (names pick the pattern).
+    let other: Vec<tensorlift_testkit::Spec<'_>> = vec![("c", Dtype::F32, &[300, 700]), ("d", Dtype::U8, &[4 << 20])];
+    let second = write_shard(&dir.join("two").join("two.safetensors").tap_dir(), &other);
+    let loader = base().build().unwrap();
+    let live = tensorlift_io::HostArena::live_count();
+    let m = loader.load_blocking(dir.join("one.safetensors")).unwrap();
+    assert_identical(&m, &first, "first load");
+    assert_eq!(m.stats().reused_host_bytes, 0);
+    assert_eq!(loader.retained_host_memory(), 0, "nothing is kept while tensors live");
+    drop(m);
+    let kept = loader.retained_host_memory();
+    assert!(kept >= 300 * 700 * 4 + (4 << 20), "{kept}");
+    let m = loader.load_blocking(dir.join("two").join("two.safetensors")).unwrap();
+    assert_eq!(m.stats().reused_host_bytes, kept as u64);
+    assert_identical(&m, &second, "second load, in reused memory");
+    assert_eq!(loader.retained_host_memory(), 0);
+    drop(m);
+    // A small load of another shape: the large memory is given back, not held beside it.
+    let small = write_shard(&dir.join("small.safetensors"), &[("s", Dtype::U8, &[10])]);
+    let m = loader.load_blocking(dir.join("small.safetensors")).unwrap();
+    assert_identical(&m, &small, "small load");
+    assert_eq!(m.stats().reused_host_bytes, 0);
+    assert_eq!(loader.retained_host_memory(), 0, "the large memory was freed before the small load");
+    drop(m);
+    assert!(loader.retained_host_memory() > 0);
+    loader.release_host_memory();
+    assert_eq!(loader.retained_host_memory(), 0);
+    // Turned off, nothing is kept.
+    let off = base().reuse_host_memory(false).build().unwrap();
+    drop(off.load_blocking(dir.join("one.safetensors")).unwrap());
+    assert_eq!(off.retained_host_memory(), 0);
+    // Dropping the loader frees what it kept, and tensors outliving it free theirs.
+    let m = loader.load_blocking(dir.join("one.safetensors")).unwrap();
+    drop(loader);
+    drop(m);
+    assert_eq!(tensorlift_io::HostArena::live_count(), live);
+}
+
+trait TapDir {
+    fn tap_dir(self) -> Self;
+}
+
+impl TapDir for std::path::PathBuf {
+    /// Creates the parent folder, for a path about to be written.
+    fn tap_dir(self) -> Self {
+        std::fs::create_dir_all(self.parent().unwrap()).unwrap();
+        self
+    }
+}
