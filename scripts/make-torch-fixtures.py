@@ -255,6 +255,30 @@ def main():
         for n in names:
             info = zipfile.ZipInfo(n, date_time=(1980, 1, 1, 0, 0, 0))
             z.writestr(info, data[n][:4] if n.endswith("data/0") else data[n])
+    # A tensor named like the safetensors header's metadata entry: cannot be converted.
+    meta = state_dict([("__metadata__", Tensor(Storage("0", "float32", np.ones(2, np.float32)), 0, [2], [1]))])
+    write_zip(os.path.join(out, "name_metadata.bin"), meta)
+    # Two archives in one zip: readers could disagree on which one is the checkpoint.
+    with open(os.path.join(out, "zip_two_archives.bin"), "wb") as f, zipfile.ZipFile(f, "w") as z:
+        for prefix in ("z", "a"):
+            pkl, _ = dump(state_dict([]), legacy=False)
+            z.writestr(zipfile.ZipInfo(f"{prefix}/data.pkl", date_time=(1980, 1, 1, 0, 0, 0)), pkl)
+    # An entry whose central record points at another entry's local header (data.pkl's):
+    # its "data" would be the pickle.
+    with open(os.path.join(out, "views.zip.bin"), "rb") as f:
+        raw_zip = bytearray(f.read())
+    at = raw_zip.find(b"PK\x01\x02")
+    first_local = None
+    while at >= 0:
+        name_len, extra_len, comment_len = struct.unpack_from("<HHH", raw_zip, at + 28)
+        name = bytes(raw_zip[at + 46:at + 46 + name_len])
+        if first_local is None:
+            first_local = struct.unpack_from("<I", raw_zip, at + 42)[0]
+        if name.endswith(b"data/0"):
+            struct.pack_into("<I", raw_zip, at + 42, first_local)
+        at = raw_zip.find(b"PK\x01\x02", at + 46 + name_len + extra_len + comment_len)
+    with open(os.path.join(out, "zip_alias.bin"), "wb") as f:
+        f.write(raw_zip)
     with open(os.path.join(out, "views.zip.bin"), "rb") as f:
         whole = f.read()
     with open(os.path.join(out, "truncated.bin"), "wb") as f:

@@ -37,46 +37,46 @@ pub fn is_torch(path: &Path) -> bool {
     !has_safetensors && (path.join(INDEX).is_file() || path.join(SINGLE).is_file())
 }
 
-/// The files of a PyTorch checkpoint: the file itself, or a folder's index's shards (names
-/// checked by the safetensors index rules: plain names inside the folder), or its
-/// `pytorch_model.bin`.
-fn files(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    if path.is_file() {
-        return Ok(vec![path.to_owned()]);
-    }
-    let index = path.join(INDEX);
-    if index.is_file() {
-        let bytes = std::fs::read(&index).with_context(|| format!("reading {}", index.display()))?;
-        let parsed = tensorlift_format::parse_index(&index, &bytes)?;
-        let mut shards: Vec<&String> = parsed.weight_map.values().collect();
-        shards.sort();
-        shards.dedup();
-        return Ok(shards.into_iter().map(|s| path.join(s)).collect());
-    }
-    if path.join(SINGLE).is_file() {
-        return Ok(vec![path.join(SINGLE)]);
-    }
-    bail!("{}: no {SINGLE} and no {INDEX}", path.display())
-}
-
 struct Opened {
     path: PathBuf,
     file: File,
     ck: TorchCheckpoint,
 }
 
+/// Opens the checkpoint's files under the rules a load applies (links kept inside the
+/// folder, regular files only, the index bounded: `tensorlift_io::open_pytorch`), reads
+/// each, and checks an index against what the files hold.
 fn open_all(path: &Path) -> anyhow::Result<Vec<Opened>> {
-    files(path)?
-        .into_iter()
-        .map(|p| {
-            let file = File::open(&p).with_context(|| format!("opening {}", p.display()))?;
-            if !file.metadata()?.is_file() {
-                bail!("{}: not a regular file", p.display());
+    let found = tensorlift_io::open_pytorch(path, &tensorlift_io::PlanLimits::default())?;
+    let mut opened = Vec::new();
+    let mut held: HashMap<String, String> = HashMap::new();
+    for (name, p, file) in found.files {
+        let ck = TorchCheckpoint::read(&file, &p, &Limits::default())?;
+        for t in &ck.tensors {
+            if let Some(first) = held.insert(t.name.clone(), name.clone()) {
+                bail!("tensor '{}' is in both {} and {name}", printable(&t.name), printable(&first));
             }
-            let ck = TorchCheckpoint::read(&file, &p, &Limits::default())?;
-            Ok(Opened { path: p, file, ck })
-        })
-        .collect()
+        }
+        opened.push(Opened { path: p, file, ck });
+    }
+    if let Some(map) = &found.weight_map {
+        for (tensor, file) in map {
+            match held.get(tensor) {
+                Some(f) if f == file => {}
+                Some(f) => bail!(
+                    "the index puts '{}' in {}, but it is in {}",
+                    printable(tensor),
+                    printable(file),
+                    printable(f)
+                ),
+                None => bail!("the index lists '{}' in {}, which does not hold it", printable(tensor), printable(file)),
+            }
+        }
+        if let Some(t) = held.keys().find(|t| !map.contains_key(*t)) {
+            bail!("tensor '{}' is not in the index", printable(t));
+        }
+    }
+    Ok(opened)
 }
 
 fn shape_str(shape: &[usize]) -> String {
@@ -167,9 +167,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok(v as u64)
 }
 
-/// A tensor's place: file, storage, offset, shape and strides. Two names with one place are
+/// A tensor's place: file, storage, dtype, offset, shape and strides. Two names with one place are
 /// tied weights.
-type ViewKey = (usize, String, usize, Vec<usize>, Vec<usize>);
+type ViewKey = (usize, String, String, usize, Vec<usize>, Vec<usize>);
 
 /// Writes `src` (a PyTorch checkpoint) to `dst` as safetensors: one `model.safetensors`,
 /// or shards of at most `max_shard` bytes named as the hub names them with
@@ -191,7 +191,7 @@ pub fn convert(src: &Path, dst: &Path, max_shard: u64, out: &mut dyn Write) -> a
             if !names.insert(t.name.clone()) {
                 bail!("tensor '{}' appears in more than one file", printable(&t.name));
             }
-            let key = (i, t.storage.clone(), t.storage_offset, t.shape.clone(), t.strides.clone());
+            let key = (i, t.storage.clone(), t.dtype.to_string(), t.storage_offset, t.shape.clone(), t.strides.clone());
             if t.nbytes() > 0 {
                 if let Some(first) = seen.get(&key) {
                     dropped.push((t.name.clone(), first.clone()));
@@ -215,11 +215,11 @@ pub fn convert(src: &Path, dst: &Path, max_shard: u64, out: &mut dyn Write) -> a
         size += n;
         shards.last_mut().expect("one shard at least").push((i, t));
     }
-    std::fs::create_dir_all(dst).with_context(|| format!("creating {}", dst.display()))?;
     let count = shards.len();
     let metadata: BTreeMap<String, String> = [("format".to_owned(), "pt".to_owned())].into();
-    let mut weight_map = BTreeMap::new();
-    let mut total = 0u64;
+    // Every header is made and checked before anything is written: what is written must
+    // read back, so names the format cannot hold (`__metadata__`) are refused up front.
+    let mut headers = Vec::with_capacity(count);
     for (k, shard) in shards.iter().enumerate() {
         let name = if count == 1 {
             "model.safetensors".to_owned()
@@ -229,6 +229,15 @@ pub fn convert(src: &Path, dst: &Path, max_shard: u64, out: &mut dyn Write) -> a
         let specs: Vec<(&str, tensorlift_format::Dtype, &[usize])> =
             shard.iter().map(|(_, t)| (t.name.as_str(), t.dtype, t.shape.as_slice())).collect();
         let enc = tensorlift_format::encode_header(&specs, Some(&metadata)).context("a header size overflows")?;
+        let written_len = enc.bytes.len() as u64 + enc.data_len();
+        tensorlift_format::parse_header(&dst.join(&name), &enc.bytes, written_len)
+            .context("these tensors cannot be written as safetensors (nothing was written)")?;
+        headers.push((name, enc));
+    }
+    std::fs::create_dir_all(dst).with_context(|| format!("creating {}", dst.display()))?;
+    let mut weight_map = BTreeMap::new();
+    let mut total = 0u64;
+    for (shard, (name, enc)) in shards.iter().zip(headers) {
         let tmp = dst.join(format!(".{name}.partial"));
         let mut w = BufWriter::with_capacity(
             8 << 20,

@@ -237,3 +237,36 @@ fn folders_with_pytorch_weights_load_through_the_pickle_reader() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("refused global 'posix.system'"));
 }
+
+/// inspect and convert open PyTorch files under the rules a load applies: links out of
+/// the folder and FIFOs are refused (they followed links and blocked on FIFOs before), and
+/// a name safetensors cannot hold is refused before anything is written.
+#[test]
+fn inspect_and_convert_keep_to_the_folder_rules() {
+    let outside = tempfile::tempdir().unwrap().keep();
+    std::fs::copy(fixture("every_dtype.zip.bin"), outside.join("secret.bin")).unwrap();
+    let linked = tempfile::tempdir().unwrap().keep();
+    std::os::unix::fs::symlink(outside.join("secret.bin"), linked.join("pytorch_model.bin")).unwrap();
+    let fifo = tempfile::tempdir().unwrap().keep();
+    assert!(Command::new("mkfifo").arg(fifo.join("pytorch_model.bin")).status().unwrap().success());
+    for (dir, want) in [(&linked, "outside the model folder"), (&fifo, "is a FIFO")] {
+        for cmd in ["inspect", "convert"] {
+            let dst = tempfile::tempdir().unwrap().keep().join("out");
+            let mut c = Command::new(env!("CARGO_BIN_EXE_tensorlift"));
+            c.arg(cmd).arg(dir);
+            if cmd == "convert" {
+                c.arg(&dst);
+            }
+            let out = c.output().unwrap();
+            assert_eq!(out.status.code(), Some(1), "{cmd} {}", dir.display());
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains(want), "{cmd}: {err}");
+            assert!(!dst.exists());
+        }
+    }
+    let dst = tempfile::tempdir().unwrap().keep().join("out");
+    let out = tensorlift(&["convert", s(&fixture("name_metadata.bin")), s(&dst)]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be written as safetensors (nothing was written)"));
+    assert!(!dst.exists());
+}

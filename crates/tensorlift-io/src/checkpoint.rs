@@ -344,21 +344,7 @@ impl<'a> Planner<'a> {
         policy: &LinkPolicy,
     ) -> Result<Checkpoint, FormatError> {
         let context = root.join(index_name);
-        let len = index.identity.len;
-        if len > MAX_INDEX_LEN {
-            return Err(FormatError::InvalidIndex {
-                file: context,
-                message: format!("{len} bytes is over the {MAX_INDEX_LEN}-byte limit for an index"),
-            });
-        }
-        let parse_bytes = len.saturating_mul(PARSE_BYTES_PER_INDEX_BYTE);
-        if !crate::can_allocate(parse_bytes) {
-            return Err(FormatError::OutOfMemory { file: context, what: "parsing the index", bytes: parse_bytes });
-        }
-        let bytes = read_exact_at(&index.file, &context, 0, len as usize, "the index")?;
-        drop(index);
-        let parsed = parse_index(&context, &bytes)?;
-        drop(bytes);
+        let parsed = read_index(&context, index)?;
         // One open per spelling at most: `a`, `./a` and `././a` are one name before any look-up.
         let mut spellings: HashMap<String, Vec<String>> = HashMap::new();
         for raw in parsed.weight_map.values() {
@@ -562,7 +548,10 @@ impl<'a> Planner<'a> {
             }
             let st =
                 ck.storages.get(&t.storage).ok_or_else(|| pytorch(format!("storage '{}' is missing", t.storage)))?;
-            let start = st.offset + (t.storage_offset * (t.dtype.bitsize() / 8)) as u64;
+            let start = (t.storage_offset as u64)
+                .checked_mul((t.dtype.bitsize() / 8) as u64)
+                .and_then(|b| b.checked_add(st.offset))
+                .ok_or_else(|| pytorch(format!("tensor '{}': its offset overflows", t.name)))?;
             ranges.push((start, t.nbytes() as u64, t));
         }
         ranges.sort_by_key(|r| r.0);
@@ -610,6 +599,120 @@ impl<'a> Planner<'a> {
         let plan = LoadPlan::assemble(context, root, index, self.shards)?;
         Ok(Checkpoint { plan, dir: Arc::new(dir), files: self.files })
     }
+}
+
+/// An index's bytes, bounded, parsed.
+fn read_index(context: &Path, index: Opened) -> Result<tensorlift_format::Index, FormatError> {
+    let len = index.identity.len;
+    if len > MAX_INDEX_LEN {
+        return Err(FormatError::InvalidIndex {
+            file: context.to_path_buf(),
+            message: format!("{len} bytes is over the {MAX_INDEX_LEN}-byte limit for an index"),
+        });
+    }
+    let parse_bytes = len.saturating_mul(PARSE_BYTES_PER_INDEX_BYTE);
+    if !crate::can_allocate(parse_bytes) {
+        return Err(FormatError::OutOfMemory {
+            file: context.to_path_buf(),
+            what: "parsing the index",
+            bytes: parse_bytes,
+        });
+    }
+    let bytes = read_exact_at(&index.file, context, 0, len as usize, "the index")?;
+    drop(index);
+    parse_index(context, &bytes)
+}
+
+/// The files of a PyTorch checkpoint, opened under the rules a plan's shards are.
+#[derive(Debug)]
+pub struct PyTorchFiles {
+    /// Each file once (under its first name), in natural name order: its name relative to
+    /// the folder, its path, and the descriptor to read.
+    pub files: Vec<(String, PathBuf, File)>,
+    /// The index's map of tensor name to file name (names normalized), when the folder
+    /// has `pytorch_model.bin.index.json`.
+    pub weight_map: Option<std::collections::BTreeMap<String, String>>,
+}
+
+/// Opens the PyTorch files of `path` for a tool that reads them itself (`tensorlift
+/// inspect` and `convert`, which also take tensors no plan can hold, strided views): a
+/// file named directly, or a folder's `pytorch_model.bin.index.json` shards, or its
+/// `pytorch_model.bin`. The rules are a plan's: links stay inside the folder, regular files
+/// only (opened without blocking), one file under several names is opened once, and the
+/// index is bounded.
+pub fn open_pytorch(path: &Path, limits: &PlanLimits) -> Result<PyTorchFiles, FormatError> {
+    let io_err = |source| FormatError::Io { file: path.to_path_buf(), source };
+    let meta = std::fs::metadata(path).map_err(io_err)?;
+    let planner = Planner::new(limits);
+    let mut out = PyTorchFiles { files: Vec::new(), weight_map: None };
+    let mut seen = std::collections::HashSet::new();
+    let mut add = |name: String, o: Opened| {
+        if seen.insert((o.identity.dev, o.identity.ino)) {
+            out.files.push((name, o.path, o.file));
+        }
+    };
+    if meta.is_dir() {
+        let root = std::fs::canonicalize(path).map_err(io_err)?;
+        let dir = open_dir(&root).map_err(io_err)?;
+        let policy = LinkPolicy::for_root(&root);
+        let context = root.join(TORCH_INDEX);
+        if let Some(index) = planner.open_entry(&dir, &root, &policy, TORCH_INDEX, &context)? {
+            let parsed = read_index(&context, index)?;
+            let mut map = std::collections::BTreeMap::new();
+            for (tensor, raw) in &parsed.weight_map {
+                check_relative(&context, raw)?;
+                map.insert(tensor.clone(), normal_name(raw));
+            }
+            let mut names: Vec<String> = map.values().cloned().collect();
+            names.sort_by(|a, b| natural_cmp(a, b));
+            names.dedup();
+            if names.len() > limits.max_shards {
+                return Err(FormatError::InvalidIndex {
+                    file: context,
+                    message: format!("it names {} files, over the limit of {}", names.len(), limits.max_shards),
+                });
+            }
+            for name in names {
+                let opened = planner.open_entry(&dir, &root, &policy, &name, &context)?.ok_or_else(|| {
+                    FormatError::ShardUnreadable {
+                        file: context.clone(),
+                        shard: name.clone(),
+                        source: io::Error::from(io::ErrorKind::NotFound),
+                    }
+                })?;
+                add(name, opened);
+            }
+            out.weight_map = Some(map);
+        } else if let Some(o) = planner.open_entry(&dir, &root, &policy, TORCH_SINGLE, &root.join(TORCH_SINGLE))? {
+            add(TORCH_SINGLE.to_owned(), o);
+        } else {
+            return Err(FormatError::PyTorch {
+                file: root,
+                message: format!("no {TORCH_SINGLE} and no {TORCH_INDEX}"),
+            });
+        }
+    } else if !meta.is_file() {
+        return Err(FormatError::NotARegularFile { file: path.to_path_buf(), kind: kind_name(&meta) });
+    } else {
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_owned)
+            .ok_or_else(|| FormatError::NotACheckpoint { file: path.to_path_buf() })?;
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let root = std::fs::canonicalize(parent).map_err(io_err)?;
+        let dir = open_dir(&root).map_err(io_err)?;
+        let context = root.join(&name);
+        // A file named directly is read wherever its links lead, as for a plan.
+        let o = planner
+            .open_entry(&dir, &root, &LinkPolicy::Anywhere, &name, &context)?
+            .ok_or_else(|| io_err(io::Error::from(io::ErrorKind::NotFound)))?;
+        add(name, o);
+    }
+    Ok(out)
 }
 
 /// `len` bytes at `offset`, into memory allocated fallibly.

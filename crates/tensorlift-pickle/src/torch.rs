@@ -21,6 +21,13 @@ pub struct Limits {
     pub max_tensors: usize,
     /// Entries on the pickle's stack and mark stack (default 1,000,000).
     pub max_pickle_stack: usize,
+    /// Lists, tuples and dicts one file's pickles may build (default 4,000,000: about
+    /// 130 MB; a state_dict builds about five per tensor).
+    pub max_pickle_containers: usize,
+    /// Bytes of tensors (made contiguous) per byte of file (default 16): overlapping views
+    /// of one storage cannot make a small file expand without bound. Tied weights count
+    /// once per name.
+    pub max_expansion: u64,
 }
 
 impl Limits {
@@ -34,6 +41,16 @@ impl Limits {
         self.max_tensors = n;
         self
     }
+    /// With at most this many lists, tuples and dicts built.
+    pub fn max_pickle_containers(mut self, n: usize) -> Self {
+        self.max_pickle_containers = n;
+        self
+    }
+    /// With at most this many tensor bytes per file byte.
+    pub fn max_expansion(mut self, n: u64) -> Self {
+        self.max_expansion = n;
+        self
+    }
     /// With a pickle stack this deep at most.
     pub fn max_pickle_stack(mut self, n: usize) -> Self {
         self.max_pickle_stack = n;
@@ -43,7 +60,13 @@ impl Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_pickle_bytes: 256 << 20, max_tensors: 1_000_000, max_pickle_stack: 1_000_000 }
+        Limits {
+            max_pickle_bytes: 256 << 20,
+            max_tensors: 1_000_000,
+            max_pickle_stack: 1_000_000,
+            max_pickle_containers: 4_000_000,
+            max_expansion: 16,
+        }
     }
 }
 
@@ -87,7 +110,12 @@ pub struct TorchTensor {
 impl TorchTensor {
     /// Elements.
     pub fn numel(&self) -> usize {
-        self.shape.iter().product()
+        // Checked when read: the non-zero dimensions' product fits.
+        if self.shape.contains(&0) {
+            0
+        } else {
+            self.shape.iter().product()
+        }
     }
     /// Bytes once made contiguous.
     pub fn nbytes(&self) -> usize {
@@ -96,12 +124,15 @@ impl TorchTensor {
     /// Whether its elements lie in row-major order with no gaps (dimensions of size 1 may
     /// have any stride).
     pub fn is_contiguous(&self) -> bool {
+        if self.numel() == 0 {
+            return true;
+        }
         let mut expect = 1usize;
         for (&d, &s) in self.shape.iter().zip(&self.strides).rev() {
             if d != 1 && s != expect {
                 return false;
             }
-            expect *= d;
+            expect = expect.saturating_mul(d);
         }
         true
     }
@@ -262,14 +293,17 @@ impl Persistent for ZipStorages {
 fn read_zip<R: ReadAt + ?Sized>(src: &R, limits: &Limits) -> Result<TorchCheckpoint, ErrorKind> {
     let entries = zip::entries(src, limits.max_tensors.saturating_add(16), limits.max_pickle_bytes)?;
     // Every entry lives under one top-level folder whose name the writer chose.
-    let (prefix, pkl) = entries
-        .iter()
-        .find_map(|(name, e)| {
-            name.strip_suffix("data.pkl")
-                .filter(|p| p.ends_with('/') && !p[..p.len() - 1].contains('/'))
-                .map(|p| (p.to_owned(), *e))
-        })
-        .ok_or_else(|| ErrorKind::NotTorch("a zip archive without ARCHIVE/data.pkl".into()))?;
+    let mut pickles = entries.iter().filter_map(|(name, e)| {
+        name.strip_suffix("data.pkl")
+            .filter(|p| p.ends_with('/') && !p[..p.len() - 1].contains('/'))
+            .map(|p| (p.to_owned(), *e))
+    });
+    let (prefix, pkl) =
+        pickles.next().ok_or_else(|| ErrorKind::NotTorch("a zip archive without ARCHIVE/data.pkl".into()))?;
+    // Two archives in one zip: readers could disagree on which is the checkpoint.
+    if let Some((other, _)) = pickles.next() {
+        return Err(ErrorKind::Zip(format!("two pickles, {prefix}data.pkl and {other}data.pkl")));
+    }
     if let Some(e) = entries.get(&format!("{prefix}byteorder")) {
         let b = read_vec(src, e.offset, e.len.min(16))?;
         if b.as_slice() == b"big" {
@@ -287,7 +321,7 @@ fn read_zip<R: ReadAt + ?Sized>(src: &R, limits: &Limits) -> Result<TorchCheckpo
         });
     }
     let code = read_vec(src, pkl.offset, pkl.len)?;
-    let mut vm = Vm::default();
+    let mut vm = Vm::new(limits.max_pickle_containers);
     let mut st = ZipStorages { seen: BTreeMap::new() };
     let (root, _) = vm.run(&code, vm_limits(limits), &mut st)?;
     let mut storages = BTreeMap::new();
@@ -306,7 +340,7 @@ fn read_zip<R: ReadAt + ?Sized>(src: &R, limits: &Limits) -> Result<TorchCheckpo
         }
         storages.insert(key.clone(), Storage { dtype: s.dtype, offset: e.offset, len: need });
     }
-    let (tensors, skipped) = state_dict(&vm, &root, limits)?;
+    let (tensors, skipped) = state_dict(&vm, &root, limits, src.size()?)?;
     Ok(TorchCheckpoint { layout: Layout::Zip, tensors, storages, skipped })
 }
 
@@ -314,12 +348,30 @@ fn read_zip<R: ReadAt + ?Sized>(src: &R, limits: &Limits) -> Result<TorchCheckpo
 /// pickled, then the state_dict's pickle, then a pickled list of storage keys, then each
 /// storage in that order as an 8-byte element count and its bytes.
 fn read_legacy<R: ReadAt + ?Sized>(src: &R, limits: &Limits) -> Result<TorchCheckpoint, ErrorKind> {
+    // The pickles come first and are small: read 1 MiB of the file, and more only if they
+    // run past it (up to max_pickle_bytes), rather than the whole bound at once.
+    let cap = src.size()?.min(limits.max_pickle_bytes);
+    let mut window = cap.min(1 << 20);
+    loop {
+        match read_legacy_window(src, limits, window) {
+            Err(ErrorKind::Limit { setting: "max_pickle_bytes", .. }) if window < cap => {
+                window = window.saturating_mul(8).min(cap);
+            }
+            r => return r,
+        }
+    }
+}
+
+fn read_legacy_window<R: ReadAt + ?Sized>(
+    src: &R,
+    limits: &Limits,
+    head_len: u64,
+) -> Result<TorchCheckpoint, ErrorKind> {
     const MAGIC: [u8; 10] = [0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19];
     let len = src.size()?;
-    let head_len = len.min(limits.max_pickle_bytes);
     let head = read_vec(src, 0, head_len)?;
     let mut at = 0usize;
-    let mut vm = Vm::default();
+    let mut vm = Vm::new(limits.max_pickle_containers);
     struct NoPersistent;
     impl Persistent for NoPersistent {
         fn load(&mut self, _: &Vm, _: &Value, at: usize) -> Result<Value, ErrorKind> {
@@ -442,12 +494,17 @@ fn read_legacy<R: ReadAt + ?Sized>(src: &R, limits: &Limits) -> Result<TorchChec
             }
         }
     }
-    let (tensors, skipped) = state_dict(&vm, &root, limits)?;
+    let (tensors, skipped) = state_dict(&vm, &root, limits, src.size()?)?;
     Ok(TorchCheckpoint { layout: Layout::Legacy, tensors, storages, skipped })
 }
 
 /// The state_dict's tensors, in order, checked against their storages' sizes.
-fn state_dict(vm: &Vm, root: &Value, limits: &Limits) -> Result<(Vec<TorchTensor>, Vec<String>), ErrorKind> {
+fn state_dict(
+    vm: &Vm,
+    root: &Value,
+    limits: &Limits,
+    file_len: u64,
+) -> Result<(Vec<TorchTensor>, Vec<String>), ErrorKind> {
     let d = vm.dict(root).ok_or_else(|| ErrorKind::NotStateDict("the pickle holds no dict at its top".into()))?;
     if d.items.len() > limits.max_tensors {
         return Err(ErrorKind::Limit {
@@ -458,6 +515,8 @@ fn state_dict(vm: &Vm, root: &Value, limits: &Limits) -> Result<(Vec<TorchTensor
     }
     let mut tensors = Vec::new();
     let mut skipped = Vec::new();
+    let most = file_len.saturating_mul(limits.max_expansion);
+    let mut total = 0u64;
     for (k, v) in &d.items {
         let Value::Str(name) = k else { return Err(ErrorKind::NotStateDict("a key is not a string".into())) };
         let Value::Tensor(t) = v else {
@@ -479,11 +538,18 @@ fn state_dict(vm: &Vm, root: &Value, limits: &Limits) -> Result<(Vec<TorchTensor
         let to_usize = |x: u64| usize::try_from(x).map_err(|_| tensor_err("a size over the address space".into()));
         let shape = t.shape.iter().map(|&x| to_usize(x)).collect::<Result<Vec<_>, _>>()?;
         let strides = t.stride.iter().map(|&x| to_usize(x)).collect::<Result<Vec<_>, _>>()?;
-        // The last element it touches, checked, must lie inside the storage (or its view).
-        let numel = shape
+        // The product of the non-zero dimensions must fit, whatever their order, so that
+        // no later product of this shape overflows; an empty tensor still starts inside
+        // its storage.
+        shape
             .iter()
+            .filter(|&&d| d != 0)
             .try_fold(1u64, |a, &d| a.checked_mul(d as u64))
             .ok_or_else(|| tensor_err("element count overflows".into()))?;
+        let numel = shape.iter().map(|&d| d as u64).product::<u64>();
+        if numel == 0 && t.offset > avail {
+            return Err(tensor_err(format!("it starts at element {} but storage '{}' holds {avail}", t.offset, s.key)));
+        }
         if numel > 0 {
             let last = shape
                 .iter()
@@ -501,6 +567,14 @@ fn state_dict(vm: &Vm, root: &Value, limits: &Limits) -> Result<(Vec<TorchTensor
                     s.key
                 )));
             }
+        }
+        total = total.saturating_add(numel.saturating_mul(dtype.bitsize() as u64 / 8));
+        if total > most {
+            return Err(ErrorKind::Limit {
+                what: format!("tensors of more than {total} bytes from a {file_len}-byte file (overlapping views)"),
+                limit: most,
+                setting: "max_expansion",
+            });
         }
         tensors.push(TorchTensor {
             name: name.to_string(),

@@ -185,7 +185,8 @@ impl Dict {
 pub(crate) enum Container {
     List(Vec<Value>),
     Tuple(Vec<Value>),
-    Dict(Dict),
+    // Boxed: a dict is larger than a vector, and most containers are tuples.
+    Dict(Box<Dict>),
 }
 
 /// Resolves persistent ids (storages) while the pickle runs.
@@ -199,9 +200,22 @@ pub(crate) struct VmLimits {
     pub max_stack: usize,
 }
 
-#[derive(Debug, Default)]
+/// Dimensions a tensor may have (PyTorch itself stops at 64 in practice); longer size or
+/// stride tuples are refused.
+pub(crate) const MAX_DIMS: usize = 64;
+
+#[derive(Debug)]
 pub(crate) struct Vm {
     pub arena: Vec<Container>,
+    max_containers: usize,
+}
+
+impl Vm {
+    /// A machine that builds at most `max_containers` lists, tuples and dicts (about 32
+    /// bytes each, empty), across every pickle it runs.
+    pub fn new(max_containers: usize) -> Vm {
+        Vm { arena: Vec::new(), max_containers }
+    }
 }
 
 impl Vm {
@@ -223,13 +237,25 @@ impl Vm {
             _ => None,
         }
     }
-    fn push_container(&mut self, c: Container) -> usize {
+    fn push_container(&mut self, c: Container) -> Result<usize, ErrorKind> {
+        if self.arena.len() >= self.max_containers {
+            return Err(ErrorKind::Limit {
+                what: format!("a pickle of more than {} lists, tuples and dicts", self.max_containers),
+                limit: self.max_containers as u64,
+                setting: "max_pickle_containers",
+            });
+        }
         self.arena.push(c);
-        self.arena.len() - 1
+        Ok(self.arena.len() - 1)
     }
+    /// A tuple of at most [`MAX_DIMS`] non-negative ints (a size or a stride): longer ones
+    /// are refused before anything is copied, so no REDUCE costs more than a few words.
     fn ints(&self, v: &Value) -> Option<Vec<u64>> {
-        self.tuple(v)?
-            .iter()
+        let t = self.tuple(v)?;
+        if t.len() > MAX_DIMS {
+            return None;
+        }
+        t.iter()
             .map(|x| match x {
                 Value::Int(i) => u64::try_from(*i).ok(),
                 _ => None,
@@ -328,30 +354,30 @@ impl Vm {
                     stack.push(Value::Bytes);
                 }
                 b']' => {
-                    let i = self.push_container(Container::List(Vec::new()));
+                    let i = self.push_container(Container::List(Vec::new()))?;
                     stack.push(Value::List(i));
                 }
                 b')' => {
-                    let i = self.push_container(Container::Tuple(Vec::new()));
+                    let i = self.push_container(Container::Tuple(Vec::new()))?;
                     stack.push(Value::Tuple(i));
                 }
                 b'}' => {
-                    let i = self.push_container(Container::Dict(Dict::default()));
+                    let i = self.push_container(Container::Dict(Box::default()))?;
                     stack.push(Value::Dict(i));
                 }
                 b'l' | b't' | b'd' => {
                     let m = marks.pop().ok_or_else(|| ErrorKind::pickle(at, "missing MARK"))?;
                     let items = take_from(&mut stack, m, at)?;
                     let v = match op {
-                        b'l' => Value::List(self.push_container(Container::List(items))),
-                        b't' => Value::Tuple(self.push_container(Container::Tuple(items))),
+                        b'l' => Value::List(self.push_container(Container::List(items))?),
+                        b't' => Value::Tuple(self.push_container(Container::Tuple(items))?),
                         _ => {
                             let mut d = Dict::default();
                             let mut it = items.into_iter();
                             while let (Some(k), Some(v)) = (it.next(), it.next()) {
                                 d.insert(k, v);
                             }
-                            Value::Dict(self.push_container(Container::Dict(d)))
+                            Value::Dict(self.push_container(Container::Dict(Box::new(d)))?)
                         }
                     };
                     stack.push(v);
@@ -360,7 +386,7 @@ impl Vm {
                     let n = usize::from(op - 0x84);
                     let m = stack.len().checked_sub(n).ok_or_else(underflow)?;
                     let items = take_from(&mut stack, m, at)?;
-                    let i = self.push_container(Container::Tuple(items));
+                    let i = self.push_container(Container::Tuple(items))?;
                     stack.push(Value::Tuple(i));
                 }
                 b'a' | b'e' => {
@@ -470,14 +496,20 @@ impl Vm {
                 return Err(ErrorKind::pickle(at, format!("REDUCE calls {}, not an allowed global", other.kind())))
             }
         };
-        let a = self.tuple(args).ok_or_else(|| ErrorKind::pickle(at, "REDUCE arguments are not a tuple"))?.to_vec();
+        let a = self.tuple(args).ok_or_else(|| ErrorKind::pickle(at, "REDUCE arguments are not a tuple"))?;
+        // No allowed global takes more than 8 arguments: longer tuples are refused before
+        // they are copied (a memoized tuple can be passed again and again).
+        if a.len() > 8 {
+            return Err(ErrorKind::pickle(at, format!("{} with {} arguments", global_name(g), a.len())));
+        }
+        let a = a.to_vec();
         let wrong = |what: &str| ErrorKind::pickle(at, format!("{} with wrong arguments: {what}", global_name(g)));
         match g {
             Global::OrderedDict => {
                 if !a.is_empty() {
                     return Err(wrong("expected ()"));
                 }
-                Ok(Value::Dict(self.push_container(Container::Dict(Dict::default()))))
+                Ok(Value::Dict(self.push_container(Container::Dict(Box::default()))?))
             }
             Global::RebuildTensorV2 | Global::RebuildTensorV3 | Global::RebuildTensor => {
                 let (n, most) = match g {
@@ -496,8 +528,11 @@ impl Vm {
                 let Value::Storage(storage) = &a[0] else { return Err(wrong("the first is not a storage")) };
                 let Value::Int(offset) = a[1] else { return Err(wrong("the offset is not an int")) };
                 let offset = u64::try_from(offset).map_err(|_| wrong("negative offset"))?;
-                let shape = self.ints(&a[2]).ok_or_else(|| wrong("the size is not a tuple of non-negative ints"))?;
-                let stride = self.ints(&a[3]).ok_or_else(|| wrong("the stride is not a tuple of non-negative ints"))?;
+                let shape =
+                    self.ints(&a[2]).ok_or_else(|| wrong("the size is not a tuple of at most 64 non-negative ints"))?;
+                let stride = self
+                    .ints(&a[3])
+                    .ok_or_else(|| wrong("the stride is not a tuple of at most 64 non-negative ints"))?;
                 if shape.len() != stride.len() {
                     return Err(wrong("size and stride differ in length"));
                 }

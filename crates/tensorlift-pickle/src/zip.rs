@@ -95,6 +95,7 @@ pub fn entries<R: ReadAt + ?Sized>(
     }
     let dir = read_vec(src, dir_at, dir_len).map_err(|_| bad("central directory out of the file"))?;
     let mut out = BTreeMap::new();
+    let mut spans: Vec<(u64, u64, String)> = Vec::new();
     let mut p = 0usize;
     for _ in 0..count {
         if u32_at(&dir, p) != CENTRAL || p + 46 > dir.len() {
@@ -121,6 +122,9 @@ pub fn entries<R: ReadAt + ?Sized>(
                 let mut q = e + 4;
                 for field in [&mut usize_, &mut csize, &mut local] {
                     if *field == 0xFFFF_FFFF {
+                        if q + 8 > (e + 4 + n).min(extra.len()) {
+                            return Err(bad(format!("entry '{name}': zip64 extra field too short")));
+                        }
                         *field = u64_at(extra, q);
                         q += 8;
                     }
@@ -140,16 +144,32 @@ pub fn entries<R: ReadAt + ?Sized>(
         if u32_at(&lh, 0) != LOCAL {
             return Err(bad(format!("entry '{name}': no local header at {local}")));
         }
-        let data = local + 30 + u64::from(u16_at(&lh, 26)) + u64::from(u16_at(&lh, 28)); // local + 30 <= len: read above
-        if data.checked_add(csize).is_none_or(|end| end > len) {
+        // The local header names the same entry: no entry may borrow another's bytes.
+        let local_name_len = u64::from(u16_at(&lh, 26));
+        let local_name = read_vec(src, local + 30, local_name_len)
+            .map_err(|_| bad(format!("entry '{name}': local name out of the file")))?;
+        if local_name != name_bytes {
+            return Err(bad(format!("entry '{name}': its local header names another entry")));
+        }
+        let data = local + 30 + local_name_len + u64::from(u16_at(&lh, 28)); // local + 30 <= len: read above
+                                                                             // Entries lie before the central directory, which they may not overlap.
+        if data.checked_add(csize).is_none_or(|end| end > dir_at) {
             return Err(bad(format!(
-                "entry '{name}': {csize} bytes at {data} run past the end of the {len}-byte file"
+                "entry '{name}': {csize} bytes at {data} run into the central directory at {dir_at}"
             )));
         }
+        spans.push((local, data + csize, name.clone()));
         if out.insert(name.clone(), Entry { offset: data, len: csize }).is_some() {
             return Err(bad(format!("entry '{name}' appears twice")));
         }
         p += 46 + name_len + extra_len + comment_len;
+    }
+    // No two entries (local header through data) overlap.
+    spans.sort_unstable();
+    for w in spans.windows(2) {
+        if w[1].0 < w[0].1 {
+            return Err(bad(format!("entries '{}' and '{}' overlap", w[0].2, w[1].2)));
+        }
     }
     Ok(out)
 }

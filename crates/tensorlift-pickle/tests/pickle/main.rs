@@ -301,3 +301,96 @@ fn files_written_by_torch_itself_read_as_torch_reads_them() {
     let e = TorchCheckpoint::read(&f, &path, &Limits::default()).unwrap_err();
     assert!(e.to_string().contains("refused global 'torch.nn.modules.linear.Linear'"), "{e}");
 }
+
+/// Pickle builders for hostile shapes: one FloatStorage '0' of `numel` elements, and
+/// tensors over it as (name, offset, size, stride), in a legacy file holding the storage.
+fn long(v: u64) -> Vec<u8> {
+    assert!(v < 1 << 63, "eight bytes hold it as a non-negative int");
+    let mut b = vec![0x8a, 8];
+    b.extend_from_slice(&v.to_le_bytes());
+    b
+}
+
+fn ints(v: &[u64]) -> Vec<u8> {
+    let mut b = vec![b'('];
+    for &x in v {
+        b.extend(long(x));
+    }
+    b.push(b't');
+    b
+}
+
+fn views_file(numel: u64, tensors: &[(&str, u64, Vec<u64>, Vec<u64>)]) -> Vec<u8> {
+    let mut p = b"\x80\x02}".to_vec();
+    for (name, offset, size, stride) in tensors {
+        p.push(b'X');
+        p.extend_from_slice(&(name.len() as u32).to_le_bytes());
+        p.extend_from_slice(name.as_bytes());
+        p.extend_from_slice(b"ctorch._utils\n_rebuild_tensor_v2\n(");
+        p.extend_from_slice(b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpu");
+        p.extend(long(numel));
+        p.extend_from_slice(b"NtQ");
+        p.extend(long(*offset));
+        p.extend(ints(size));
+        p.extend(ints(stride));
+        p.extend_from_slice(b"\x89}tRs");
+    }
+    p.push(b'.');
+    let mut v = legacy(&p);
+    v.truncate(v.len() - 4); // the empty key list `legacy` wrote
+    v.extend_from_slice(b"\x80\x02]X\x01\x00\x00\x000a.");
+    v.extend_from_slice(&numel.to_le_bytes());
+    v.extend(std::iter::repeat_n(0u8, numel as usize * 4));
+    v
+}
+
+/// Findings of a red-team pass, each of which panicked, aborted, hung or expanded memory
+/// before it was fixed; each is now an error naming what is wrong, quickly.
+#[test]
+fn red_team_shapes_are_refused_quickly() {
+    // A valid file through the builder, so that the refusals below are about their point.
+    let ok = read_bytes(&views_file(4, &[("w", 0, vec![2, 2], vec![2, 1])])).unwrap();
+    assert_eq!(ck_names(&ok), ["w"]);
+    for (tensors, want) in [
+        // An empty tensor far past its storage (was an overflow panic in planning).
+        (vec![("e", 1u64 << 62, vec![0], vec![1])], "it starts at element 4611686018427387904 but storage '0' holds 4"),
+        // An empty tensor whose other dimensions overflow (was a panic in is_contiguous).
+        (vec![("e", 0, vec![0, 1 << 33, 1 << 33], vec![0, 1 << 33, 1])], "element count overflows"),
+        // 100 dimensions (a memoized 100,000-entry tuple made REDUCE quadratic).
+        (vec![("d", 0, vec![1; 100], vec![1; 100])], "not a tuple of at most 64 non-negative ints"),
+    ] {
+        let (_, s) = kind(read_bytes(&views_file(4, &tensors)));
+        assert!(s.contains(want), "{s}");
+    }
+    // 300 overlapping views of one storage: 300x the file, refused by max_expansion.
+    let many: Vec<(String, u64, Vec<u64>, Vec<u64>)> =
+        (0..300).map(|i| (format!("v{i}"), i as u64, vec![4096], vec![1])).collect();
+    let many: Vec<(&str, u64, Vec<u64>, Vec<u64>)> =
+        many.iter().map(|(n, o, a, b)| (n.as_str(), *o, a.clone(), b.clone())).collect();
+    let (k, s) = kind(read_bytes(&views_file(4400, &many)));
+    assert!(matches!(k, ErrorKind::Limit { setting: "max_expansion", .. }), "{s}");
+    // Empty dicts built and dropped: the arena is bounded.
+    let mut p = b"\x80\x02".to_vec();
+    for _ in 0..5000 {
+        p.extend_from_slice(b"}0");
+    }
+    p.extend_from_slice(b"}.");
+    let limits = Limits::default().max_pickle_containers(1000);
+    let e = TorchCheckpoint::read(&legacy(&p)[..], Path::new("d.bin"), &limits).unwrap_err();
+    assert!(e.to_string().contains("max_pickle_containers"), "{e}");
+}
+
+fn ck_names(ck: &TorchCheckpoint) -> Vec<&str> {
+    ck.tensors.iter().map(|t| t.name.as_str()).collect()
+}
+
+#[test]
+fn zips_whose_entries_borrow_or_overlap_are_refused() {
+    for (file, want) in
+        [("zip_alias.bin", "its local header names another entry"), ("zip_two_archives.bin", "two pickles")]
+    {
+        let (k, s) = kind(read(file));
+        assert!(matches!(k, ErrorKind::Zip(_)), "{s}");
+        assert!(s.contains(want), "{s}");
+    }
+}
