@@ -77,6 +77,11 @@ struct Args {
     /// that loads again does); by default every run loads into fresh memory.
     #[arg(long)]
     reuse_host_memory: bool,
+    /// Also measure warm runs after this many seconds of idle memory (`warm-idle`): on a
+    /// VM that hands idle memory back to its host, the next load's first touch of memory
+    /// is much slower; 0 (the default) skips the mode.
+    #[arg(long, default_value_t = 0, value_name = "SECS")]
+    idle_secs: u64,
     /// tensorlift: O_DIRECT policy, auto, always or never (default auto).
     #[arg(long, value_parser = |s: &str| s.parse::<tensorlift::DirectIo>())]
     direct: Option<tensorlift::DirectIo>,
@@ -140,11 +145,14 @@ fn run(args: &Args) -> anyhow::Result<()> {
             ckpt.bytes as f64 / 1e9
         );
     }
-    let modes: Vec<Mode> = match args.cache {
+    let mut modes: Vec<Mode> = match args.cache {
         CacheArg::Warm => vec![Mode::Warm],
         CacheArg::Cold => vec![Mode::Cold],
         CacheArg::Both => vec![Mode::Warm, Mode::Cold],
     };
+    if args.idle_secs > 0 && args.cache != CacheArg::Cold {
+        modes.insert(1, Mode::WarmIdle);
+    }
     // GPU entries run on the device the Loader chose (it decided once, with its reason);
     // when it chose the host, they are skipped with that reason.
     let gpu = match loader.device() {
@@ -197,6 +205,11 @@ fn run(args: &Args) -> anyhow::Result<()> {
             // Engines alternate within each round, so all of them meet the same conditions.
             for e in &entries {
                 prepare(&ckpt, mode)?;
+                if mode == Mode::WarmIdle {
+                    // The previous run's memory was freed when it was dropped; left idle, a
+                    // VM's host may take it (and memory like it) back.
+                    std::thread::sleep(std::time::Duration::from_secs(args.idle_secs));
+                }
                 let t = Instant::now();
                 let (bytes, held) = (e.run)(&ckpt).with_context(|| format!("{} ({})", e.name, mode.name()))?;
                 let secs = t.elapsed().as_secs_f64();
@@ -257,7 +270,7 @@ fn prepare(ckpt: &Checkpoint, mode: Mode) -> anyhow::Result<()> {
     for p in &ckpt.shards {
         match mode {
             Mode::Cold => tensorlift_io::cache::evict(p).with_context(|| format!("evicting {}", p.display()))?,
-            Mode::Warm => {
+            Mode::Warm | Mode::WarmIdle => {
                 std::io::copy(&mut std::fs::File::open(p)?, &mut std::io::sink())?;
             }
         }

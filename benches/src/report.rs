@@ -11,6 +11,9 @@ use crate::engines::{Checkpoint, Kind};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Mode {
     Warm,
+    /// Warm, after a pause in which a virtual machine's host may take idle memory back
+    /// (free-page reporting): the first touch of memory then costs a fault in the host too.
+    WarmIdle,
     Cold,
 }
 
@@ -18,6 +21,7 @@ impl Mode {
     pub fn name(self) -> &'static str {
         match self {
             Mode::Warm => "warm",
+            Mode::WarmIdle => "warm-idle",
             Mode::Cold => "cold",
         }
     }
