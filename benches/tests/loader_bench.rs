@@ -69,3 +69,31 @@ fn bad_arguments() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("CUDA"));
 }
+
+#[test]
+fn idle_memory_is_a_mode_of_its_own() {
+    let cache = tempfile::tempdir().unwrap();
+    let out = bench(
+        &[
+            "--synthetic",
+            "8M",
+            "--runs",
+            "1",
+            "--device",
+            "cpu",
+            "--cache",
+            "warm",
+            "--baselines",
+            "none",
+            "--idle-secs",
+            "1",
+            "--json",
+        ],
+        cache.path(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let modes: Vec<&String> = v["modes"].as_object().unwrap().keys().collect();
+    assert_eq!(modes, ["warm", "warm-idle"]);
+    assert!(v["modes"]["warm-idle"]["engines"]["tensorlift"]["gbps"].as_f64().unwrap() > 0.0);
+}
