@@ -198,6 +198,20 @@ def every_dtype():
     return state_dict(items)
 
 
+def tied():
+    """Contiguous views only, tied and overlapping: each is one byte range, so it loads."""
+    base = Storage("0", "float32", np.arange(24, dtype=np.float32))
+    return state_dict([
+        ("embed.weight", Tensor(base, 0, [4, 6], [6, 1])),
+        ("lm_head.weight", Tensor(base, 0, [4, 6], [6, 1])),
+        ("row_slice", Tensor(base, 12, [2, 6], [6, 1])),
+        ("overlap", Tensor(base, 3, [10], [1])),
+        ("tail", Tensor(base, 19, [5], [1])),
+        ("empty", Tensor(base, 24, [0], [1])),
+        ("other", Tensor(Storage("1", "int16", np.arange(7, dtype=np.int16)), 2, [5], [1])),
+    ])
+
+
 def views():
     base = Storage("0", "float32", np.arange(24, dtype=np.float32))
     return state_dict([
@@ -224,7 +238,7 @@ class Call:
 def main():
     out = sys.argv[1] if len(sys.argv) > 1 else "crates/tensorlift-pickle/tests/fixtures"
     os.makedirs(out, exist_ok=True)
-    for name, sd in [("every_dtype", every_dtype()), ("views", views())]:
+    for name, sd in [("every_dtype", every_dtype()), ("views", views()), ("tied", tied())]:
         write_zip(os.path.join(out, f"{name}.zip.bin"), sd)
         write_legacy(os.path.join(out, f"{name}.legacy.bin"), sd)
         expect(os.path.join(out, f"{name}.expect.json"), sd)

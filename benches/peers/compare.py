@@ -14,7 +14,8 @@ so that figure includes process start and CUDA context creation):
   runai-model-streamer  SafetensorsStreamer().stream_file() + get_tensors(), .to(device)
 
 With --device cpu, every engine materializes every byte in private host memory (no
-engine may leave tensors as views of a memory map or of a reused buffer):
+engine may leave tensors as views of a memory map or of a loader's internal buffer;
+memory an engine's allocator kept from its own last run may be reused, as malloc's is):
 
   tensorlift            tensorlift.load_file(FOLDER, framework=None) with reuse_host_memory()
                         (the others reuse what malloc kept from their last run)

@@ -234,14 +234,60 @@ pub fn convert(src: &Path, dst: &Path, max_shard: u64, out: &mut dyn Write) -> a
             .context("these tensors cannot be written as safetensors (nothing was written)")?;
         headers.push((name, enc));
     }
-    std::fs::create_dir_all(dst).with_context(|| format!("creating {}", dst.display()))?;
+    // Everything is written into a folder beside DST and renamed to DST at the end: an
+    // error or an interruption leaves no partial checkpoint that would load as a whole one.
+    let parent = match dst.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let base = dst.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    let staging = parent.join(format!(".{base}.partial-{}", std::process::id()));
+    std::fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
+    let written = write_shards(&staging, &shards, headers, &opened, out);
+    let result = written.and_then(|(tensors, total)| {
+        if dst.exists() {
+            // Empty (checked above): rename replaces an empty folder.
+            std::fs::remove_dir(dst).with_context(|| format!("replacing {}", dst.display()))?;
+        }
+        std::fs::rename(&staging, dst)
+            .with_context(|| format!("renaming {} to {}", staging.display(), dst.display()))?;
+        Ok((tensors, total))
+    });
+    let (tensors, total) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(e);
+        }
+    };
+    for (name, first) in &dropped {
+        writeln!(
+            out,
+            "tied: '{}' shares its data with '{}' and was not written again",
+            printable(name),
+            printable(first)
+        )?;
+    }
+    writeln!(out, "{tensors} tensors, {total} bytes, from {} PyTorch file(s)", opened.len())?;
+    Ok(())
+}
+
+/// Writes every shard (and the index, for more than one) into `dir`, synced; returns the
+/// tensors and bytes written.
+fn write_shards(
+    dir: &Path,
+    shards: &[Vec<(usize, &TorchTensor)>],
+    headers: Vec<(String, tensorlift_format::EncodedHeader)>,
+    opened: &[Opened],
+    out: &mut dyn Write,
+) -> anyhow::Result<(usize, u64)> {
     let mut weight_map = BTreeMap::new();
     let mut total = 0u64;
     for (shard, (name, enc)) in shards.iter().zip(headers) {
-        let tmp = dst.join(format!(".{name}.partial"));
+        let path = dir.join(&name);
         let mut w = BufWriter::with_capacity(
             8 << 20,
-            File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?,
+            File::create(&path).with_context(|| format!("creating {}", path.display()))?,
         );
         w.write_all(&enc.bytes)?;
         for (i, t) in shard {
@@ -251,24 +297,16 @@ pub fn convert(src: &Path, dst: &Path, max_shard: u64, out: &mut dyn Write) -> a
             total += bytes.len() as u64;
             weight_map.insert(t.name.clone(), name.clone());
         }
-        let f = w.into_inner().map_err(|e| e.into_error())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, dst.join(&name))?;
+        w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
         writeln!(out, "wrote {name} ({} tensors)", shard.len())?;
     }
-    if count > 1 {
+    if shards.len() > 1 {
         let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-        std::fs::write(dst.join("model.safetensors.index.json"), serde_json::to_vec_pretty(&index)?)?;
+        let path = dir.join("model.safetensors.index.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(&index)?)?;
+        File::open(&path)?.sync_all()?;
         writeln!(out, "wrote model.safetensors.index.json")?;
     }
-    for (name, first) in &dropped {
-        writeln!(
-            out,
-            "tied: '{}' shares its data with '{}' and was not written again",
-            printable(name),
-            printable(first)
-        )?;
-    }
-    writeln!(out, "{} tensors, {total} bytes, from {} PyTorch file(s)", weight_map.len(), opened.len())?;
-    Ok(())
+    File::open(dir)?.sync_all()?;
+    Ok((weight_map.len(), total))
 }

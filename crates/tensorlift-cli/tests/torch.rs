@@ -55,6 +55,9 @@ fn converted_checkpoints_load_back_to_numpys_bytes() {
             let out = tensorlift(&["convert", s(&fixture(file)), s(&dst), "--max-shard-size", max]);
             assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
             assert_eq!(loaded(&dst), expected("every_dtype"), "{file} {max}");
+            let leftovers: Vec<_> =
+                std::fs::read_dir(dst.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
+            assert_eq!(leftovers, [std::ffi::OsString::from("out")], "written in a folder beside, then renamed");
             let sharded = dst.join("model.safetensors.index.json").exists();
             assert_eq!(sharded, max == "100B", "{file} {max}");
             assert_eq!(dst.join("model.safetensors").exists(), !sharded);
@@ -199,6 +202,14 @@ fn folders_with_pytorch_weights_load_through_the_pickle_reader() {
                 && err.contains("tensorlift convert"),
             "{err}"
         );
+    }
+    // Tied and overlapping contiguous views: each name gets its bytes, on both paths.
+    for file in ["tied.zip.bin", "tied.legacy.bin"] {
+        let d = tempfile::tempdir().unwrap().keep();
+        std::fs::copy(fixture(file), d.join("pytorch_model.bin")).unwrap();
+        for device in ["cpu", "cuda:0"] {
+            assert_eq!(digests(&run(&d, device, None)), expected("tied"), "{file} {device}");
+        }
     }
     // Shards through pytorch_model.bin.index.json.
     let d = tempfile::tempdir().unwrap().keep();

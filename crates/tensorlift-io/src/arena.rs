@@ -185,6 +185,8 @@ struct PoolState {
     bufs: Vec<AlignedBuf>,
     bytes: usize,
     max_bytes: usize,
+    /// The largest load's arenas together: the pool never keeps more.
+    peak: usize,
 }
 
 impl ArenaPool {
@@ -195,17 +197,21 @@ impl ArenaPool {
 
     /// Bytes kept now.
     pub fn retained_bytes(&self) -> usize {
-        self.state.lock().map_or(0, |s| s.bytes)
+        self.lock().bytes
+    }
+
+    // A panic while the lock was held cannot leave the state inconsistent (every update is
+    // a push or a pop with its byte count), so a poisoned lock is used as it is.
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Frees everything kept.
     pub fn release(&self) {
-        let bufs = match self.state.lock() {
-            Ok(mut s) => {
-                s.bytes = 0;
-                std::mem::take(&mut s.bufs)
-            }
-            Err(_) => Vec::new(),
+        let bufs = {
+            let mut s = self.lock();
+            s.bytes = 0;
+            std::mem::take(&mut s.bufs)
         };
         drop(bufs);
     }
@@ -214,6 +220,10 @@ impl ArenaPool {
     /// buffer left: memory kept for a load of another shape is given back before the new
     /// load allocates, so a process never holds more than its largest load.
     pub fn take_for(&self, lens: &[usize]) -> Vec<Option<AlignedBuf>> {
+        {
+            let mut s = self.lock();
+            s.peak = s.peak.max(lens.iter().fold(0usize, |a, &l| a.saturating_add(l)));
+        }
         let out = lens.iter().map(|&l| self.take(l)).collect();
         self.release();
         out
@@ -222,7 +232,7 @@ impl ArenaPool {
     /// The smallest kept buffer of at least `len` bytes and not much more (a quarter, plus
     /// 2 MiB), so that a small load does not pin a large one.
     fn take(&self, len: usize) -> Option<AlignedBuf> {
-        let mut s = self.state.lock().ok()?;
+        let mut s = self.lock();
         let most = len.saturating_add(len / 4).saturating_add(2 << 20);
         let i =
             (0..s.bufs.len()).filter(|&i| (len..=most).contains(&s.bufs[i].len())).min_by_key(|&i| s.bufs[i].len())?;
@@ -231,14 +241,16 @@ impl ArenaPool {
         Some(buf)
     }
 
-    /// Keeps `buf` if the budget allows, dropping the oldest kept buffers to make room.
+    /// Keeps `buf` if the budget allows (the smaller of `max_bytes` and the largest load's
+    /// arenas), dropping the oldest kept buffers to make room.
     fn give(&self, buf: AlignedBuf) {
-        let Ok(mut s) = self.state.lock() else { return };
-        if buf.len() > s.max_bytes {
+        let mut s = self.lock();
+        let most = s.max_bytes.min(s.peak);
+        if buf.len() > most {
             return;
         }
         let mut freed = Vec::new();
-        while s.bytes + buf.len() > s.max_bytes && !s.bufs.is_empty() {
+        while s.bytes + buf.len() > most && !s.bufs.is_empty() {
             let old = s.bufs.remove(0);
             s.bytes -= old.len();
             freed.push(old);

@@ -43,7 +43,8 @@ impl HostSink {
         // before anything new is allocated.
         let lens: Vec<usize> = spans.iter().map(|s| (s.len() as usize).next_multiple_of(PAGE)).collect();
         let mut kept = pool.take_for(&lens);
-        let reused: u64 = kept.iter().flatten().map(|m| m.len() as u64).sum();
+        // A kept buffer may be larger than its span; only the span's bytes are spared.
+        let reused: u64 = kept.iter().zip(&lens).filter(|(k, _)| k.is_some()).map(|(_, &l)| l as u64).sum();
         stats.reused_host_bytes = reused;
         // Memory is committed when touched: a load larger than what the process can get
         // would be killed midway, so it is refused before anything is allocated.

@@ -120,8 +120,8 @@ pub const MAX_DEFAULT_IO_WORKERS: usize = 16;
 ///
 /// Reads of cached data are copies that the kernel makes on the thread that submitted them,
 /// so a warm load runs at about one thread's copy rate per worker: on a 16-CPU H100 host,
-/// 2 workers loaded 8.6 GB/s and 16 loaded 28 GB/s, against a 31 GB/s host-to-device limit
-/// (docs/BENCHMARKS.md). Reads from the disk need few workers; more cost them nothing.
+/// 2 workers loaded 8.98 GB/s and 16 loaded 22.96-28.14 GB/s, against a host-to-device limit
+/// of 28.9-34.5 GB/s measured in the same runs (docs/BENCHMARKS.md). Reads from the disk need few workers; more cost them nothing.
 pub fn default_io_workers() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, MAX_DEFAULT_IO_WORKERS)
 }
@@ -246,9 +246,10 @@ impl LoaderBuilder {
     }
     /// Whether host memory of dropped tensors is kept for this loader's next load (default
     /// true). A load takes kept memory of the right size, already faulted in, instead of
-    /// paying the kernel's page faults and zeroing again; memory kept for another shape is
-    /// given back before a load allocates, so a process holds no more than its largest
-    /// load. [`Loader::release_host_memory`] and dropping the loader give it all back.
+    /// paying the kernel's page faults and zeroing again. The loader keeps at most as much
+    /// as its largest single load used, and memory kept for another shape is given back
+    /// before a load allocates. [`Loader::release_host_memory`] and dropping the loader
+    /// give it all back.
     pub fn reuse_host_memory(mut self, reuse: bool) -> Self {
         self.cfg.host_pool = tensorlift_io::ArenaPool::new(if reuse { usize::MAX } else { 0 });
         self

@@ -137,6 +137,17 @@ fn host_memory_is_reused_across_loads_and_given_back() {
     assert!(loader.retained_host_memory() > 0);
     loader.release_host_memory();
     assert_eq!(loader.retained_host_memory(), 0);
+    // Two loads alive at once, then dropped: no more is kept than one load used.
+    let a = loader.load_blocking(dir.join("one.safetensors")).unwrap();
+    let b = loader.load_blocking(dir.join("two").join("two.safetensors")).unwrap();
+    drop((a, b));
+    assert!(
+        loader.retained_host_memory() <= kept,
+        "{} kept, the largest load used {kept}",
+        loader.retained_host_memory()
+    );
+    assert!(loader.retained_host_memory() > 0);
+    loader.release_host_memory();
     // Turned off, nothing is kept.
     let off = base().reuse_host_memory(false).build().unwrap();
     drop(off.load_blocking(dir.join("one.safetensors")).unwrap());
