@@ -275,6 +275,25 @@ fn inspect_and_convert_keep_to_the_folder_rules() {
             assert!(!dst.exists());
         }
     }
+    // One file under two hard-linked names in an index is one file, as a load treats it.
+    let d = tempfile::tempdir().unwrap().keep();
+    std::fs::copy(fixture("every_dtype.zip.bin"), d.join("a.bin")).unwrap();
+    std::fs::hard_link(d.join("a.bin"), d.join("b.bin")).unwrap();
+    let names: Vec<String> = expected("every_dtype").into_keys().collect();
+    let map: serde_json::Map<String, serde_json::Value> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.clone(), if i % 2 == 0 { "a.bin" } else { "./b.bin" }.into()))
+        .collect();
+    std::fs::write(
+        d.join("pytorch_model.bin.index.json"),
+        serde_json::to_vec(&serde_json::json!({"weight_map": map})).unwrap(),
+    )
+    .unwrap();
+    let dst = tempfile::tempdir().unwrap().keep().join("out");
+    let out = tensorlift(&["convert", s(&d), s(&dst)]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(loaded(&dst), expected("every_dtype"));
     let dst = tempfile::tempdir().unwrap().keep().join("out");
     let out = tensorlift(&["convert", s(&fixture("name_metadata.bin")), s(&dst)]);
     assert_eq!(out.status.code(), Some(1));

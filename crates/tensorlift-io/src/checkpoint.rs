@@ -645,9 +645,16 @@ pub fn open_pytorch(path: &Path, limits: &PlanLimits) -> Result<PyTorchFiles, Fo
     let meta = std::fs::metadata(path).map_err(io_err)?;
     let planner = Planner::new(limits);
     let mut out = PyTorchFiles { files: Vec::new(), weight_map: None };
-    let mut seen = std::collections::HashSet::new();
-    let mut add = |name: String, o: Opened| {
-        if seen.insert((o.identity.dev, o.identity.ino)) {
+    // One file under several names (hard links, links) is opened once, under its first
+    // name; the others are recorded so that the index's names can be mapped to it.
+    let mut seen: HashMap<(u64, u64), String> = HashMap::new();
+    let mut alias: HashMap<String, String> = HashMap::new();
+    let mut add = |name: String, o: Opened| match seen.get(&(o.identity.dev, o.identity.ino)) {
+        Some(first) => {
+            alias.insert(name, first.clone());
+        }
+        None => {
+            seen.insert((o.identity.dev, o.identity.ino), name.clone());
             out.files.push((name, o.path, o.file));
         }
     };
@@ -681,6 +688,11 @@ pub fn open_pytorch(path: &Path, limits: &PlanLimits) -> Result<PyTorchFiles, Fo
                     }
                 })?;
                 add(name, opened);
+            }
+            for file in map.values_mut() {
+                if let Some(first) = alias.get(file) {
+                    file.clone_from(first);
+                }
             }
             out.weight_map = Some(map);
         } else if let Some(o) = planner.open_entry(&dir, &root, &policy, TORCH_SINGLE, &root.join(TORCH_SINGLE))? {
