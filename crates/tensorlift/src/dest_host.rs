@@ -48,7 +48,8 @@ impl HostSink {
         stats.reused_host_bytes = reused;
         // Memory is committed when touched: a load larger than what the process can get
         // would be killed midway, so it is refused before anything is allocated.
-        let needed: u64 = lens.iter().map(|&l| l as u64).sum::<u64>().saturating_sub(reused);
+        let total: u64 = lens.iter().map(|&l| l as u64).sum();
+        let needed = total.saturating_sub(reused);
         if let Some(available) = tensorlift_io::host_memory_available().filter(|&a| needed > a) {
             return Err(LoadError::HostMemory { file: plan_file(plan), needed, available });
         }
@@ -56,9 +57,10 @@ impl HostSink {
             crate::HugePages::Always => true,
             crate::HugePages::Never => false,
             // Small loads gain little from huge pages: not worth a measurement.
-            _ => needed >= 256 << 20 && tensorlift_io::page_probe().huge,
+            _ => total >= 256 << 20 && tensorlift_io::page_probe().huge,
         };
-        stats.huge_pages = Some(huge);
+        // Reused memory keeps whatever pages it had: the choice is reported for new memory.
+        stats.huge_pages = (needed > 0).then_some(huge);
         let mut extents = Vec::with_capacity(spans.len());
         for (span, kept) in spans.into_iter().zip(kept.iter_mut()) {
             let len = span.len() as usize;

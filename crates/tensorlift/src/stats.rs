@@ -41,7 +41,8 @@ pub struct LoadStats {
     pub buffered_shards: usize,
     /// Most bytes ever in flight at once; never more than the staging budget.
     pub max_in_flight_bytes: u64,
-    /// Whether host memory used huge pages (`None` when the load had no host memory).
+    /// Whether new host memory used huge pages (`None` when the load allocated none: no
+    /// host memory, or all of it reused).
     pub huge_pages: Option<bool>,
     /// Bytes of host memory a previous load left and this one reused (already faulted in).
     pub reused_host_bytes: u64,

@@ -124,6 +124,7 @@ fn host_memory_is_reused_across_loads_and_given_back() {
     assert!(kept >= 300 * 700 * 4 + (4 << 20), "{kept}");
     let m = loader.load_blocking(dir.join("two").join("two.safetensors")).unwrap();
     assert_eq!(m.stats().reused_host_bytes, kept as u64);
+    assert_eq!(m.stats().huge_pages, None, "no new memory: no page choice to report");
     assert_identical(&m, &second, "second load, in reused memory");
     assert_eq!(loader.retained_host_memory(), 0);
     drop(m);
