@@ -132,30 +132,12 @@ pub fn parse_header(file: &Path, bytes: &[u8], file_len: u64) -> Result<Header, 
     };
     let text = std::str::from_utf8(json)
         .map_err(|e| FormatError::HeaderNotUtf8 { file: file.to_path_buf(), valid_up_to: e.valid_up_to() })?;
-    let entries = parse_entries(text)
-        .map_err(|e| FormatError::HeaderJson { file: file.to_path_buf(), message: e.to_string() })?;
-
-    let oom = |what, bytes: usize| FormatError::OutOfMemory { file: file.to_path_buf(), what, bytes: bytes as u64 };
-    let mut metadata = None;
-    let mut tensors: Vec<TensorInfo> = Vec::new();
-    let count = entries.0.len();
-    tensors.try_reserve_exact(count).map_err(|_| oom("the tensor list", count * std::mem::size_of::<TensorInfo>()))?;
-    let mut seen = std::collections::HashSet::new();
-    seen.try_reserve(count).map_err(|_| oom("the tensor names", count * std::mem::size_of::<&str>()))?;
-    for (name, raw) in &entries.0 {
-        let name: &str = name;
-        if !seen.insert(name) {
-            return Err(FormatError::DuplicateTensor { file: file.to_path_buf(), tensor: name.to_owned() });
-        }
-        if name == "__metadata__" {
-            // `null` is accepted by the reference reader and means no metadata.
-            let map: Option<BTreeMap<String, String>> = serde_json::from_str(raw.get())
-                .map_err(|e| FormatError::InvalidMetadata { file: file.to_path_buf(), message: e.to_string() })?;
-            metadata = map;
-        } else {
-            tensors.push(parse_tensor(file, name, raw)?);
-        }
-    }
+    // The common case in one pass; any error is found again by the two-pass reading,
+    // which names the entry it is in.
+    let (metadata, mut tensors) = match parse_fast(text) {
+        Some(parsed) => parsed,
+        None => parse_checked(file, text)?,
+    };
 
     // Writers order by offset, but the format does not require it (nor does the reference).
     tensors.sort_by_key(|t| t.data_offsets);
@@ -190,6 +172,98 @@ pub fn parse_header(file: &Path, bytes: &[u8], file_len: u64) -> Result<Header, 
         return Err(FormatError::DataLengthMismatch { file: file.to_path_buf(), header_len: n, data_len, file_len });
     }
     Ok(header)
+}
+
+/// The two-pass reading: every entry as raw JSON first (syntax errors are the header's),
+/// then each entry on its own (errors name the tensor). Used to report an error precisely.
+#[allow(clippy::type_complexity)]
+fn parse_checked(file: &Path, text: &str) -> Result<(Option<BTreeMap<String, String>>, Vec<TensorInfo>), FormatError> {
+    let entries = parse_entries(text)
+        .map_err(|e| FormatError::HeaderJson { file: file.to_path_buf(), message: e.to_string() })?;
+
+    let oom = |what, bytes: usize| FormatError::OutOfMemory { file: file.to_path_buf(), what, bytes: bytes as u64 };
+    let mut metadata = None;
+    let mut tensors: Vec<TensorInfo> = Vec::new();
+    let count = entries.0.len();
+    tensors.try_reserve_exact(count).map_err(|_| oom("the tensor list", count * std::mem::size_of::<TensorInfo>()))?;
+    let mut seen = std::collections::HashSet::new();
+    seen.try_reserve(count).map_err(|_| oom("the tensor names", count * std::mem::size_of::<&str>()))?;
+    for (name, raw) in &entries.0 {
+        let name: &str = name;
+        if !seen.insert(name) {
+            return Err(FormatError::DuplicateTensor { file: file.to_path_buf(), tensor: name.to_owned() });
+        }
+        if name == "__metadata__" {
+            // `null` is accepted by the reference reader and means no metadata.
+            let map: Option<BTreeMap<String, String>> = serde_json::from_str(raw.get())
+                .map_err(|e| FormatError::InvalidMetadata { file: file.to_path_buf(), message: e.to_string() })?;
+            metadata = map;
+        } else {
+            tensors.push(parse_tensor(file, name, raw)?);
+        }
+    }
+
+    Ok((metadata, tensors))
+}
+
+#[derive(Deserialize)]
+struct FastTensor<'a> {
+    #[serde(borrow)]
+    dtype: Cow<'a, str>,
+    shape: Vec<usize>,
+    data_offsets: (u64, u64),
+}
+
+/// One pass over a header that is valid: each entry straight into its typed form, with no
+/// second parse of each entry and no copy of its dtype string. `None` on any problem
+/// (syntax, a wrong type, a duplicate name, an unknown dtype, memory), which the two-pass
+/// reading then reports.
+#[allow(clippy::type_complexity)]
+fn parse_fast(text: &str) -> Option<(Option<BTreeMap<String, String>>, Vec<TensorInfo>)> {
+    struct V;
+    impl<'de> Visitor<'de> for V {
+        type Value = (Option<BTreeMap<String, String>>, Vec<TensorInfo>);
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a JSON object of tensor entries")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut metadata = None;
+            let mut tensors: Vec<TensorInfo> = Vec::new();
+            let mut seen = std::collections::HashSet::new();
+            let fail = || de::Error::custom("");
+            while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                if tensors.len() == tensors.capacity() && tensors.try_reserve(tensors.len().max(16)).is_err() {
+                    return Err(fail());
+                }
+                if key == "__metadata__" {
+                    if !seen.insert(key) {
+                        return Err(fail());
+                    }
+                    metadata = map.next_value::<Option<BTreeMap<String, String>>>()?;
+                } else {
+                    let t: FastTensor<'de> = map.next_value()?;
+                    let dtype = parse_dtype(&t.dtype).ok_or_else(fail)?;
+                    let name = key.into_owned();
+                    tensors.push(TensorInfo { name, dtype, shape: t.shape, data_offsets: t.data_offsets });
+                }
+            }
+            // Duplicate tensor names, checked once all are read (without a second copy).
+            if seen.try_reserve(tensors.len()).is_err() {
+                return Err(fail());
+            }
+            for t in &tensors {
+                if !seen.insert(Cow::Borrowed(t.name.as_str())) {
+                    return Err(fail());
+                }
+            }
+            Ok((metadata, tensors))
+        }
+    }
+    let mut d = serde_json::Deserializer::from_str(text);
+    let parsed = d.deserialize_map(V).ok()?;
+    // Trailing bytes other than JSON whitespace are refused, as the reference does.
+    d.end().ok()?;
+    Some(parsed)
 }
 
 /// Bytes that `shape` elements of `dtype` take, with checked arithmetic.

@@ -1,7 +1,7 @@
 //! A validated [`LoadPlan`] over one or more shards, assembled from headers that the caller
 //! read (this crate does no I/O: `tensorlift-io` opens the files).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -110,9 +110,6 @@ impl LoadPlan {
         index: Option<(PathBuf, Index)>,
         shards: Vec<Shard>,
     ) -> Result<LoadPlan, FormatError> {
-        if let Some((path, index)) = &index {
-            check_against_index(path, index, &shards)?;
-        }
         let count: usize = shards.iter().map(|s| s.header.tensors.len()).sum();
         let mut tensors: Vec<PlannedTensor> = Vec::new();
         tensors.try_reserve_exact(count).map_err(|_| FormatError::OutOfMemory {
@@ -128,7 +125,7 @@ impl LoadPlan {
         })?;
         for (i, shard) in shards.iter().enumerate() {
             for t in &shard.header.tensors {
-                if let Some(&first) = owner.get(t.name.as_str()) {
+                if let Some(first) = owner.insert(&t.name, i) {
                     return Err(FormatError::TensorInTwoShards {
                         file: context.to_path_buf(),
                         tensor: t.name.clone(),
@@ -136,7 +133,14 @@ impl LoadPlan {
                         second: shard.name.clone(),
                     });
                 }
-                owner.insert(&t.name, i);
+            }
+        }
+        // The index is checked against the names' owners, the one table of every name.
+        if let Some((path, index)) = &index {
+            check_against_index(path, index, &shards, &owner)?;
+        }
+        for (i, shard) in shards.iter().enumerate() {
+            for t in &shard.header.tensors {
                 let start = shard.data_start() + t.data_offsets.0;
                 tensors.push(PlannedTensor {
                     name: t.name.clone(),
@@ -217,10 +221,12 @@ impl std::hash::Hasher for Fnv {
 
 type FastBuild = std::hash::BuildHasherDefault<Fnv>;
 
-fn check_against_index(index_path: &Path, index: &Index, shards: &[Shard]) -> Result<(), FormatError> {
-    // Each shard's tensor names as a set: the index can list 100,000s of tensors.
-    let sets: Vec<HashSet<&str, FastBuild>> =
-        shards.iter().map(|s| s.header.tensors.iter().map(|t| t.name.as_str()).collect()).collect();
+fn check_against_index(
+    index_path: &Path,
+    index: &Index,
+    shards: &[Shard],
+    owner: &HashMap<&str, usize, FastBuild>,
+) -> Result<(), FormatError> {
     let mut by_name: HashMap<&str, usize, FastBuild> = HashMap::default();
     for (i, s) in shards.iter().enumerate() {
         by_name.insert(&s.name, i);
@@ -229,7 +235,7 @@ fn check_against_index(index_path: &Path, index: &Index, shards: &[Shard]) -> Re
         }
     }
     for (tensor, shard_name) in &index.weight_map {
-        if !by_name.get(shard_name.as_str()).is_some_and(|&i| sets[i].contains(tensor.as_str())) {
+        if by_name.get(shard_name.as_str()).is_none_or(|i| owner.get(tensor.as_str()) != Some(i)) {
             return Err(FormatError::TensorNotInShard {
                 file: index_path.to_path_buf(),
                 tensor: tensor.clone(),

@@ -346,12 +346,18 @@ impl<'a> Planner<'a> {
         let context = root.join(index_name);
         let parsed = read_index(&context, index)?;
         // One open per spelling at most: `a`, `./a` and `././a` are one name before any look-up.
-        let mut spellings: HashMap<String, Vec<String>> = HashMap::new();
+        // The index repeats each shard's name once per tensor: each distinct name is checked
+        // and spelled once, not once per tensor.
+        let mut distinct: std::collections::BTreeSet<&str> = std::collections::BTreeSet::new();
         for raw in parsed.weight_map.values() {
+            distinct.insert(raw.as_str());
+        }
+        let mut spellings: HashMap<String, Vec<String>> = HashMap::new();
+        for raw in distinct {
             check_relative(&context, raw)?;
             let list = spellings.entry(normal_name(raw)).or_default();
-            if !list.contains(raw) {
-                list.push(raw.clone());
+            if !list.iter().any(|r| r == raw) {
+                list.push(raw.to_owned());
             }
         }
         if spellings.len() > self.limits.max_shards {
