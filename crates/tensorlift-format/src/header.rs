@@ -339,3 +339,37 @@ impl<'de: 'a, 'a> Deserialize<'de> for Entries<'a> {
         d.deserialize_map(V)
     }
 }
+
+#[cfg(test)]
+mod fast_and_checked {
+    use super::*;
+
+    /// The one-pass reading accepts exactly what the two-pass reading accepts, with the
+    /// same result, and declines (for the two-pass reading to report) everything else.
+    #[test]
+    fn both_readings_agree() {
+        let cases = [
+            r#"{}"#,
+            r#"{"__metadata__":null}"#,
+            r#"{"__metadata__":{"format":"pt"},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
+            r#"{"b\u00e9\n":{"dtype":"F\u0033\u0032","shape":[],"data_offsets":[0,4],"extra":[1,{"x":2}]}}"#,
+            r#"{"a":{"data_offsets":[0,1],"shape":[1],"dtype":"U8"},"b":{"dtype":"BF16","shape":[0,3],"data_offsets":[1,1]}}"#,
+            r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#,
+            r#"{"__metadata__":{},"__metadata__":{}}"#,
+            r#"{"__metadata__":{"n":1}}"#,
+            r#"{"a":{"dtype":"F17","shape":[1],"data_offsets":[0,4]}}"#,
+            r#"{"a":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}"#,
+            r#"{"a":5}"#,
+            r#"[1]"#,
+            r#"{"a":{"dtype":"F32","shape":[],"data_offsets":[0,4]}} x"#,
+            r#"{"a":{"dtype":"F32","shape":[],"data_offsets":[0,4]},}"#,
+        ];
+        for text in cases {
+            let checked = parse_checked(Path::new("h"), text);
+            match parse_fast(text) {
+                Some(fast) => assert_eq!(Some(fast), checked.ok(), "{text}"),
+                None => assert!(checked.is_err(), "the fast reading declined a valid header: {text}"),
+            }
+        }
+    }
+}
