@@ -74,15 +74,29 @@ pub fn parse_index(file: &Path, bytes: &[u8]) -> Result<Index, FormatError> {
     let text = std::str::from_utf8(bytes).map_err(|e| invalid(format!("not UTF-8: {e}")))?;
     let raw: RawIndex = serde_json::from_str(text).map_err(|e| invalid(e.to_string()))?;
     let mut weight_map = BTreeMap::new();
+    // An index names a few shards 100,000s of times, mostly in runs: a name is checked
+    // when it differs from the last one checked.
+    let mut checked: Option<String> = None;
     for (tensor, shard) in raw.weight_map.0 {
         let serde_json::Value::String(shard) = shard else {
             return Err(invalid(format!("weight_map entry for '{tensor}' is not a string")));
         };
-        check_relative(file, &shard)?;
-        if let Some(first) = weight_map.get(&tensor) {
-            return Err(invalid(format!("weight_map lists tensor '{tensor}' twice (in '{first}' and in '{shard}')")));
+        if checked.as_deref() != Some(shard.as_str()) {
+            check_relative(file, &shard)?;
+            checked = Some(shard.clone());
         }
-        weight_map.insert(tensor, shard);
+        match weight_map.entry(tensor) {
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(shard);
+            }
+            std::collections::btree_map::Entry::Occupied(o) => {
+                return Err(invalid(format!(
+                    "weight_map lists tensor '{}' twice (in '{}' and in '{shard}')",
+                    o.key(),
+                    o.get()
+                )));
+            }
+        }
     }
     Ok(Index { metadata: raw.metadata, weight_map })
 }
