@@ -264,7 +264,7 @@ def main():
     # The storage's entry is cut to 4 bytes while the pickle says 2 floats (8 bytes).
     with zipfile.ZipFile(os.path.join(out, "storage_past_entry.bin")) as z:
         names = z.namelist()
-    data = {n: zipfile.ZipFile(os.path.join(out, "storage_past_entry.bin")).read(n) for n in names}
+        data = {n: z.read(n) for n in names}
     with open(os.path.join(out, "storage_past_entry.bin"), "wb") as f, zipfile.ZipFile(f, "w") as z:
         for n in names:
             info = zipfile.ZipInfo(n, date_time=(1980, 1, 1, 0, 0, 0))

@@ -12,8 +12,7 @@ use tensorlift_pickle::{Limits, TorchCheckpoint, TorchTensor};
 
 use crate::text::printable;
 
-const INDEX: &str = "pytorch_model.bin.index.json";
-const SINGLE: &str = "pytorch_model.bin";
+use tensorlift_io::{TORCH_INDEX, TORCH_SINGLE};
 
 /// Whether `path` names a PyTorch checkpoint rather than a safetensors one: a `.bin`,
 /// `.pt` or `.pth` file, or a folder with `pytorch_model.bin` (or its index) and no
@@ -34,7 +33,7 @@ pub fn is_torch(path: &Path) -> bool {
             })
         })
     });
-    !has_safetensors && (path.join(INDEX).is_file() || path.join(SINGLE).is_file())
+    !has_safetensors && (path.join(TORCH_INDEX).is_file() || path.join(TORCH_SINGLE).is_file())
 }
 
 struct Opened {

@@ -24,19 +24,22 @@ fn s(p: &Path) -> &str {
 fn expected(case: &str) -> BTreeMap<String, String> {
     let v: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(&std::fs::read(fixture(&format!("{case}.expect.json"))).unwrap()).unwrap();
-    v.into_iter()
-        .map(|(k, t)| {
-            let hex = t["hex"].as_str().unwrap();
-            let bytes: Vec<u8> =
-                (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
-            (k, format!("{:x}", Sha256::digest(&bytes)))
-        })
-        .collect()
+    v.into_iter().map(|(k, t)| (k, sha256_of_hex(t["hex"].as_str().unwrap()))).collect()
+}
+
+/// The sha256 (hex) of the bytes a hex string spells.
+fn sha256_of_hex(hex: &str) -> String {
+    let bytes: Vec<u8> = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+    format!("{:x}", Sha256::digest(&bytes))
 }
 
 /// name -> sha256 of each tensor `tensorlift load` reads from `dir`.
 fn loaded(dir: &Path) -> BTreeMap<String, String> {
-    let out = tensorlift(&["load", "--device", "cpu", "--digest", "sha256", "--json", s(dir)]);
+    digests(&tensorlift(&["load", "--device", "cpu", "--digest", "sha256", "--json", s(dir)]))
+}
+
+/// name -> sha256 from the output of a successful `tensorlift load --digest sha256 --json`.
+fn digests(out: &Output) -> BTreeMap<String, String> {
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     v["tensors"]
@@ -152,10 +155,7 @@ fn a_file_torch_wrote_converts_and_loads_back_to_torchs_bytes() {
             assert!(!got.contains_key(name), "tied.b is tied.a's data, written once");
             continue;
         }
-        let hex = w["hex"].as_str().unwrap();
-        let bytes: Vec<u8> =
-            (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
-        assert_eq!(got[name], format!("{:x}", Sha256::digest(&bytes)), "{name}");
+        assert_eq!(got[name], sha256_of_hex(w["hex"].as_str().unwrap()), "{name}");
     }
     assert_eq!(got.len(), want["tensors"].as_object().unwrap().len() - 1);
 }
@@ -175,16 +175,6 @@ fn folders_with_pytorch_weights_load_through_the_pickle_reader() {
             cmd.env(k, v);
         }
         cmd.output().unwrap()
-    };
-    let digests = |out: &Output| -> BTreeMap<String, String> {
-        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        v["tensors"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|t| (t["name"].as_str().unwrap().to_owned(), t["sha256"].as_str().unwrap().to_owned()))
-            .collect()
     };
     for file in ["every_dtype.zip.bin", "every_dtype.legacy.bin"] {
         let d = tempfile::tempdir().unwrap().keep();

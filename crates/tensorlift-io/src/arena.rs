@@ -172,8 +172,8 @@ impl Drop for HostArena {
 
 /// Host memory that dropped arenas leave for the next ones, up to a byte budget: a process
 /// that loads again (a server swapping models, a benchmark loop) gets memory that is already
-/// faulted in, instead of paying the kernel's page faults and zeroing again (about 0.5 s of
-/// CPU per GB on a small VM). The memory is the caller's own peak: it was held by tensors
+/// faulted in, instead of paying the kernel's page faults and zeroing again (0.35 s of CPU
+/// per GB on the development VM: `benches/fresh_memory.py`). The memory is the caller's own peak: it was held by tensors
 /// until they were dropped. [`release`](Self::release) returns it to the system.
 #[derive(Debug)]
 pub struct ArenaPool {

@@ -188,18 +188,7 @@ pub fn open_checkpoint(path: &Path, limits: &PlanLimits) -> Result<Checkpoint, F
     } else if !meta.is_file() {
         Err(FormatError::NotARegularFile { file: path.to_path_buf(), kind: kind_name(&meta) })
     } else {
-        // The folder is the parent of the path as given, not of where a link resolves.
-        let name = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .map(str::to_owned)
-            .ok_or_else(|| FormatError::NotACheckpoint { file: path.to_path_buf() })?;
-        let parent = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        let root = std::fs::canonicalize(parent).map_err(io_err)?;
-        let dir = open_dir(&root).map_err(io_err)?;
+        let (name, root, dir) = named_file(path)?;
         if path.extension().is_some_and(|e| e == "json") {
             let policy = LinkPolicy::for_root(&root);
             let context = root.join(&name);
@@ -219,13 +208,64 @@ pub fn open_checkpoint(path: &Path, limits: &PlanLimits) -> Result<Checkpoint, F
     }
 }
 
+/// A file named directly: its name, and its folder (canonical, and opened). The folder is
+/// the parent of the path as given, not of where a link resolves.
+fn named_file(path: &Path) -> Result<(String, PathBuf, File), FormatError> {
+    let io_err = |source| FormatError::Io { file: path.to_path_buf(), source };
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .map(str::to_owned)
+        .ok_or_else(|| FormatError::NotACheckpoint { file: path.to_path_buf() })?;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let root = std::fs::canonicalize(parent).map_err(io_err)?;
+    let dir = open_dir(&root).map_err(io_err)?;
+    Ok((name, root, dir))
+}
+
+/// The shard files an index names: each distinct name checked (relative, inside the
+/// folder) and spelled once (`a`, `./a` and `././a` are one file before any look-up), with
+/// the spellings the index uses for it, in natural order of the spelled names; at most
+/// `max_shards` of them. The index repeats each name once per tensor: the work here is
+/// once per distinct name, not per tensor.
+fn index_shards(
+    context: &Path,
+    index: &tensorlift_format::Index,
+    limits: &PlanLimits,
+) -> Result<Vec<(String, Vec<String>)>, FormatError> {
+    let distinct: std::collections::BTreeSet<&str> = index.weight_map.values().map(String::as_str).collect();
+    let mut spellings: HashMap<String, Vec<String>> = HashMap::new();
+    for raw in distinct {
+        check_relative(context, raw)?;
+        spellings.entry(normal_name(raw)).or_default().push(raw.to_owned());
+    }
+    if spellings.len() > limits.max_shards {
+        return Err(FormatError::InvalidIndex {
+            file: context.to_path_buf(),
+            message: format!(
+                "it names {} shard files, over the limit of {} (PlanLimits::max_shards)",
+                spellings.len(),
+                limits.max_shards
+            ),
+        });
+    }
+    let mut names: Vec<(String, Vec<String>)> = spellings.into_iter().collect();
+    names.sort_by(|a, b| natural_cmp(&a.0, &b.0));
+    Ok(names)
+}
+
 /// `TENSORLIFT_USE_SAFETENSORS=1` asks for safetensors only: PyTorch checkpoints are refused
 /// (saying how to convert them) instead of read by the pickle reader, as transformers'
 /// `use_safetensors=True` does.
 pub const USE_SAFETENSORS_ENV: &str = "TENSORLIFT_USE_SAFETENSORS";
 
-const TORCH_INDEX: &str = "pytorch_model.bin.index.json";
-const TORCH_SINGLE: &str = "pytorch_model.bin";
+/// The index of a sharded PyTorch checkpoint, as the hub names it.
+pub const TORCH_INDEX: &str = "pytorch_model.bin.index.json";
+/// A single-file PyTorch checkpoint, as the hub names it.
+pub const TORCH_SINGLE: &str = "pytorch_model.bin";
 const SAFETENSORS_ONLY: &str = "TENSORLIFT_USE_SAFETENSORS=1 asks for safetensors only";
 
 fn safetensors_only() -> bool {
@@ -335,6 +375,22 @@ impl<'a> Planner<'a> {
         Ok(Some(Opened { file, identity: identity(&located.meta), path: located.path }))
     }
 
+    /// A shard an index names, which must be there.
+    fn open_shard(
+        &self,
+        dir: &File,
+        root: &Path,
+        policy: &LinkPolicy,
+        name: &str,
+        context: &Path,
+    ) -> Result<Opened, FormatError> {
+        self.open_entry(dir, root, policy, name, context)?.ok_or_else(|| FormatError::ShardUnreadable {
+            file: context.to_path_buf(),
+            shard: name.to_owned(),
+            source: io::Error::from(io::ErrorKind::NotFound),
+        })
+    }
+
     fn plan_index(
         mut self,
         dir: File,
@@ -345,41 +401,8 @@ impl<'a> Planner<'a> {
     ) -> Result<Checkpoint, FormatError> {
         let context = root.join(index_name);
         let parsed = read_index(&context, index)?;
-        // One open per spelling at most: `a`, `./a` and `././a` are one name before any look-up.
-        // The index repeats each shard's name once per tensor: each distinct name is checked
-        // and spelled once, not once per tensor.
-        let mut distinct: std::collections::BTreeSet<&str> = std::collections::BTreeSet::new();
-        for raw in parsed.weight_map.values() {
-            distinct.insert(raw.as_str());
-        }
-        let mut spellings: HashMap<String, Vec<String>> = HashMap::new();
-        for raw in distinct {
-            check_relative(&context, raw)?;
-            let list = spellings.entry(normal_name(raw)).or_default();
-            if !list.iter().any(|r| r == raw) {
-                list.push(raw.to_owned());
-            }
-        }
-        if spellings.len() > self.limits.max_shards {
-            return Err(FormatError::InvalidIndex {
-                file: context,
-                message: format!(
-                    "it names {} shard files, over the limit of {} (PlanLimits::max_shards)",
-                    spellings.len(),
-                    self.limits.max_shards
-                ),
-            });
-        }
-        let mut names: Vec<String> = spellings.keys().cloned().collect();
-        names.sort_by(|a, b| natural_cmp(a, b));
-        for name in names {
-            let raws = spellings.remove(&name).unwrap_or_default();
-            let opened =
-                self.open_entry(&dir, &root, policy, &name, &context)?.ok_or_else(|| FormatError::ShardUnreadable {
-                    file: context.clone(),
-                    shard: name.clone(),
-                    source: io::Error::from(io::ErrorKind::NotFound),
-                })?;
+        for (name, raws) in index_shards(&context, &parsed, self.limits)? {
+            let opened = self.open_shard(&dir, &root, policy, &name, &context)?;
             let i = self.add_shard(&context, name.clone(), opened)?;
             let shard = &mut self.shards[i];
             for raw in raws {
@@ -495,15 +518,7 @@ impl<'a> Planner<'a> {
             }
             other => other?,
         };
-        let needed = self.header_bytes + HEADER_PREFIX_LEN + n;
-        if needed > self.limits.max_header_bytes {
-            return Err(FormatError::HeaderBudget {
-                file: context.to_path_buf(),
-                needed,
-                limit: self.limits.max_header_bytes,
-            });
-        }
-        self.header_bytes = needed;
+        self.spend_header_budget(context, HEADER_PREFIX_LEN + n)?;
         // Parsing makes small allocations for every entry (names, shapes, the plan's copy),
         // which cannot fail gracefully one by one: check their total can be had first.
         let parse_bytes = n.saturating_mul(PARSE_BYTES_PER_HEADER_BYTE);
@@ -519,6 +534,20 @@ impl<'a> Planner<'a> {
         let hash = tensorlift_format::header_hash(&bytes);
         bytes.clear();
         Ok((header, hash))
+    }
+
+    /// Counts `bytes` of header against the plan's budget, or says it is spent.
+    fn spend_header_budget(&mut self, context: &Path, bytes: u64) -> Result<(), FormatError> {
+        let needed = self.header_bytes.saturating_add(bytes);
+        if needed > self.limits.max_header_bytes {
+            return Err(FormatError::HeaderBudget {
+                file: context.to_path_buf(),
+                needed,
+                limit: self.limits.max_header_bytes,
+            });
+        }
+        self.header_bytes = needed;
+        Ok(())
     }
 
     /// A PyTorch checkpoint (`torch.save`), read by tensorlift-pickle without executing
@@ -538,13 +567,14 @@ impl<'a> Planner<'a> {
             path.display(),
             ck.layout
         );
-        let mut ranges = Vec::new();
-        ranges.try_reserve_exact(ck.tensors.len()).map_err(|_| FormatError::OutOfMemory {
+        // The tensors, moved out of the checkpoint, at absolute file offsets first.
+        let mut tensors = Vec::new();
+        tensors.try_reserve_exact(ck.tensors.len()).map_err(|_| FormatError::OutOfMemory {
             file: path.clone(),
             what: "the PyTorch checkpoint's tensors",
             bytes: ck.tensors.len() as u64 * 64,
         })?;
-        for t in &ck.tensors {
+        for t in ck.tensors {
             if !t.is_contiguous() {
                 return Err(pytorch(format!(
                     "tensor '{}' is a strided view of its storage and cannot be loaded as one byte range; \
@@ -558,36 +588,28 @@ impl<'a> Planner<'a> {
                 .checked_mul((t.dtype.bitsize() / 8) as u64)
                 .and_then(|b| b.checked_add(st.offset))
                 .ok_or_else(|| pytorch(format!("tensor '{}': its offset overflows", t.name)))?;
-            ranges.push((start, t.nbytes() as u64, t));
-        }
-        ranges.sort_by_key(|r| r.0);
-        let data_start =
-            ranges.first().map_or(HEADER_PREFIX_LEN, |r| r.0).max(HEADER_PREFIX_LEN).min(opened.identity.len);
-        let needed = self.header_bytes + data_start;
-        if needed > self.limits.max_header_bytes {
-            return Err(FormatError::HeaderBudget {
-                file: context.to_path_buf(),
-                needed,
-                limit: self.limits.max_header_bytes,
+            let len = t.nbytes() as u64;
+            tensors.push(TensorInfo {
+                name: t.name,
+                dtype: t.dtype,
+                shape: t.shape,
+                data_offsets: (start, start + len),
             });
         }
-        self.header_bytes = needed;
-        let mut tensors = Vec::new();
-        tensors.try_reserve_exact(ranges.len()).map_err(|_| FormatError::OutOfMemory {
-            file: path.clone(),
-            what: "the PyTorch checkpoint's tensors",
-            bytes: ranges.len() as u64 * 64,
-        })?;
-        for (start, len, t) in ranges {
+        tensors.sort_by_key(|t| t.data_offsets.0);
+        let data_start = tensors
+            .first()
+            .map_or(HEADER_PREFIX_LEN, |t| t.data_offsets.0)
+            .max(HEADER_PREFIX_LEN)
+            .min(opened.identity.len);
+        self.spend_header_budget(context, data_start)?;
+        // Then relative to where the "header" ends, as a safetensors header's are.
+        for t in &mut tensors {
+            let (start, end) = t.data_offsets;
             let begin = start
                 .checked_sub(data_start)
                 .ok_or_else(|| pytorch(format!("tensor '{}' starts at byte {start}", t.name)))?;
-            tensors.push(TensorInfo {
-                name: t.name.clone(),
-                dtype: t.dtype,
-                shape: t.shape.clone(),
-                data_offsets: (begin, begin + len),
-            });
+            t.data_offsets = (begin, end - data_start);
         }
         let bytes = read_exact_at(&opened.file, path, 0, data_start as usize, "the PyTorch checkpoint's header")?;
         let header = Header { header_len: data_start - HEADER_PREFIX_LEN, metadata: None, tensors };
@@ -652,17 +674,14 @@ pub fn open_pytorch(path: &Path, limits: &PlanLimits) -> Result<PyTorchFiles, Fo
     let planner = Planner::new(limits);
     let mut out = PyTorchFiles { files: Vec::new(), weight_map: None };
     // One file under several names (hard links, links) is opened once, under its first
-    // name; the others are recorded so that the index's names can be mapped to it.
+    // name, which `add` returns, so that the index's names can be mapped to it.
     let mut seen: HashMap<(u64, u64), String> = HashMap::new();
-    let mut alias: HashMap<String, String> = HashMap::new();
-    let mut add = |name: String, o: Opened| match seen.get(&(o.identity.dev, o.identity.ino)) {
-        Some(first) => {
-            alias.insert(name, first.clone());
-        }
-        None => {
-            seen.insert((o.identity.dev, o.identity.ino), name.clone());
+    let mut add = |name: String, o: Opened| -> String {
+        let first = seen.entry((o.identity.dev, o.identity.ino)).or_insert_with(|| name.clone()).clone();
+        if first == name {
             out.files.push((name, o.path, o.file));
         }
+        first
     };
     if meta.is_dir() {
         let root = std::fs::canonicalize(path).map_err(io_err)?;
@@ -671,35 +690,23 @@ pub fn open_pytorch(path: &Path, limits: &PlanLimits) -> Result<PyTorchFiles, Fo
         let context = root.join(TORCH_INDEX);
         if let Some(index) = planner.open_entry(&dir, &root, &policy, TORCH_INDEX, &context)? {
             let parsed = read_index(&context, index)?;
-            let mut map = std::collections::BTreeMap::new();
-            for (tensor, raw) in &parsed.weight_map {
-                check_relative(&context, raw)?;
-                map.insert(tensor.clone(), normal_name(raw));
-            }
-            let mut names: Vec<String> = map.values().cloned().collect();
-            names.sort_by(|a, b| natural_cmp(a, b));
-            names.dedup();
-            if names.len() > limits.max_shards {
-                return Err(FormatError::InvalidIndex {
-                    file: context,
-                    message: format!("it names {} files, over the limit of {}", names.len(), limits.max_shards),
-                });
-            }
-            for name in names {
-                let opened = planner.open_entry(&dir, &root, &policy, &name, &context)?.ok_or_else(|| {
-                    FormatError::ShardUnreadable {
-                        file: context.clone(),
-                        shard: name.clone(),
-                        source: io::Error::from(io::ErrorKind::NotFound),
-                    }
-                })?;
-                add(name, opened);
-            }
-            for file in map.values_mut() {
-                if let Some(first) = alias.get(file) {
-                    file.clone_from(first);
+            // Each spelling the index uses, to the name its file is kept under.
+            let mut spelled: HashMap<String, String> = HashMap::new();
+            for (name, raws) in index_shards(&context, &parsed, limits)? {
+                let opened = planner.open_shard(&dir, &root, &policy, &name, &context)?;
+                let kept = add(name, opened);
+                for raw in raws {
+                    spelled.insert(raw, kept.clone());
                 }
             }
+            let map = parsed
+                .weight_map
+                .into_iter()
+                .map(|(tensor, raw)| {
+                    let file = spelled.get(&raw).cloned().unwrap_or(raw);
+                    (tensor, file)
+                })
+                .collect();
             out.weight_map = Some(map);
         } else if let Some(o) = planner.open_entry(&dir, &root, &policy, TORCH_SINGLE, &root.join(TORCH_SINGLE))? {
             add(TORCH_SINGLE.to_owned(), o);
@@ -712,17 +719,7 @@ pub fn open_pytorch(path: &Path, limits: &PlanLimits) -> Result<PyTorchFiles, Fo
     } else if !meta.is_file() {
         return Err(FormatError::NotARegularFile { file: path.to_path_buf(), kind: kind_name(&meta) });
     } else {
-        let name = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .map(str::to_owned)
-            .ok_or_else(|| FormatError::NotACheckpoint { file: path.to_path_buf() })?;
-        let parent = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        let root = std::fs::canonicalize(parent).map_err(io_err)?;
-        let dir = open_dir(&root).map_err(io_err)?;
+        let (name, root, dir) = named_file(path)?;
         let context = root.join(&name);
         // A file named directly is read wherever its links lead, as for a plan.
         let o = planner

@@ -49,7 +49,7 @@ pub use arena::{ArenaChunk, ArenaPool, HostArena};
 pub use buf::{AlignedBuf, IoBufMut, MAP_THRESHOLD, PAGE};
 pub use checkpoint::{
     open_checkpoint, open_pytorch, Checkpoint, PlanLimits, PyTorchFiles, DEFAULT_MAX_HEADER_BYTES,
-    DEFAULT_MAX_OPEN_FILES, USE_SAFETENSORS_ENV,
+    DEFAULT_MAX_OPEN_FILES, TORCH_INDEX, TORCH_SINGLE, USE_SAFETENSORS_ENV,
 };
 pub use error::{IoError, ReadFailed, ReadResult};
 pub use file::{direct_io_support, DioAlign, DirectSupport, OpenFile};

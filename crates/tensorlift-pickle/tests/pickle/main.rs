@@ -34,15 +34,27 @@ fn check_against_numpy(case: &str, layout: Layout, file: &str) {
     want_names.sort();
     assert_eq!(names, want_names, "{file}");
     for t in &ck.tensors {
-        let w = &want[&t.name];
-        assert_eq!(t.dtype.to_string(), w["dtype"].as_str().unwrap(), "{file}: {}", t.name);
-        let shape: Vec<usize> = w["shape"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
-        assert_eq!(t.shape, shape, "{file}: {}", t.name);
-        let bytes = ck.tensor_bytes(&f, &path, t).unwrap();
-        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        assert_eq!(hex, w["hex"].as_str().unwrap(), "{file}: {}", t.name);
-        assert_eq!(bytes.len(), t.nbytes());
+        assert_tensor_is(&ck, &f, &path, t, &want[&t.name]);
     }
+}
+
+/// The tensor's dtype, shape and contiguous bytes are what `want` (an expect.json entry:
+/// dtype, shape, hex) says.
+fn assert_tensor_is(
+    ck: &TorchCheckpoint,
+    f: &std::fs::File,
+    path: &Path,
+    t: &tensorlift_pickle::TorchTensor,
+    want: &serde_json::Value,
+) {
+    let what = format!("{}: {}", path.display(), t.name);
+    assert_eq!(t.dtype.to_string(), want["dtype"].as_str().unwrap(), "{what}");
+    let shape: Vec<usize> = want["shape"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
+    assert_eq!(t.shape, shape, "{what}");
+    let bytes = ck.tensor_bytes(f, path, t).unwrap();
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(hex, want["hex"].as_str().unwrap(), "{what}");
+    assert_eq!(bytes.len(), t.nbytes(), "{what}");
 }
 
 #[test]
@@ -283,13 +295,7 @@ fn files_written_by_torch_itself_read_as_torch_reads_them() {
             .collect();
         assert_eq!(ck.tensors.len(), expected.len(), "{file}");
         for t in &ck.tensors {
-            let w = &want[&t.name];
-            assert_eq!(t.dtype.to_string(), w["dtype"].as_str().unwrap(), "{file}: {}", t.name);
-            let shape: Vec<usize> =
-                w["shape"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
-            assert_eq!(t.shape, shape, "{file}: {}", t.name);
-            let hex: String = ck.tensor_bytes(&f, &path, t).unwrap().iter().map(|b| format!("{b:02x}")).collect();
-            assert_eq!(hex, w["hex"].as_str().unwrap(), "{file}: {}", t.name);
+            assert_tensor_is(&ck, &f, &path, t, &want[&t.name]);
         }
         let get = |n: &str| ck.tensors.iter().find(|t| t.name == n).unwrap();
         assert_eq!(get("tied.a").storage, get("tied.b").storage);
