@@ -240,7 +240,7 @@ pub fn h2d_limit(gpu: tensorlift_cuda::Gpu) -> Entry {
             let mut engine = tensorlift_cuda::CopyEngine::new(&gpu, 2)?;
             let mut moved = 0u64;
             while moved < c.bytes.max(1) {
-                let piece = tensorlift_cuda::Piece { src_offset: 0, dst_offset: 0, len: CHUNK };
+                let piece = tensorlift_cuda::Piece::flat(0, 0, CHUNK);
                 engine.copy(pool.acquire(), &arena, &[piece])?;
                 moved += CHUNK as u64;
             }

@@ -15,16 +15,43 @@ use cudarc::driver::{sys, CudaEvent, CudaStream};
 use crate::error::{check, Call};
 use crate::{CudaError, DeviceArena, Gpu, PinnedChunk};
 
-/// One piece of a chunk: `len` bytes at `src_offset` in the chunk go to `dst_offset` in the
-/// arena.
+/// One piece of a chunk: `rows` rows of `len` bytes; row `k` at `src_offset + k *
+/// src_pitch` in the chunk goes to `dst_offset + k * dst_pitch` in the arena. One row is a
+/// plain copy; more are one 2D copy (`cuMemcpy2DAsync`), which is how a slice of an inner
+/// dimension is gathered without a kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Piece {
     /// Offset in the pinned chunk.
     pub src_offset: usize,
     /// Offset in the device arena.
     pub dst_offset: usize,
-    /// Bytes.
+    /// Bytes per row.
     pub len: usize,
+    /// Rows (1 for a plain copy).
+    pub rows: usize,
+    /// Bytes from one row's start to the next in the chunk (at least `len`).
+    pub src_pitch: usize,
+    /// Bytes from one row's start to the next in the arena (at least `len`).
+    pub dst_pitch: usize,
+}
+
+impl Piece {
+    /// A plain copy of `len` bytes.
+    pub const fn flat(src_offset: usize, dst_offset: usize, len: usize) -> Piece {
+        Piece { src_offset, dst_offset, len, rows: 1, src_pitch: len, dst_pitch: len }
+    }
+
+    /// Where the last row ends, from the start, on each side; `None` on overflow or when
+    /// rows would overlap.
+    fn extents(&self) -> Option<(usize, usize)> {
+        if self.rows > 1 && (self.src_pitch < self.len || self.dst_pitch < self.len) {
+            return None;
+        }
+        let last = self.rows.max(1) - 1;
+        let src = self.src_offset.checked_add(last.checked_mul(self.src_pitch)?)?.checked_add(self.len)?;
+        let dst = self.dst_offset.checked_add(last.checked_mul(self.dst_pitch)?)?.checked_add(self.len)?;
+        Some((src, dst))
+    }
 }
 
 /// Called on the completion thread with a chunk's tag once its copies have completed (or
@@ -102,8 +129,9 @@ impl CopyEngine {
         }
         let cap = chunk.as_slice().len();
         for p in pieces {
-            let src_ok = p.src_offset.checked_add(p.len).is_some_and(|e| e <= cap);
-            let dst_ok = p.dst_offset.checked_add(p.len).is_some_and(|e| e <= arena.len());
+            let ends = p.extents();
+            let src_ok = ends.is_some_and(|(s, _)| s <= cap);
+            let dst_ok = ends.is_some_and(|(_, d)| d <= arena.len());
             if !src_ok || !dst_ok {
                 return Err(CudaError::OutOfBounds {
                     what: if src_ok { "device arena" } else { "pinned chunk" },
@@ -115,22 +143,42 @@ impl CopyEngine {
         self.next = self.next.wrapping_add(1);
         let _restore = self.gpu.enter()?;
         let mut failed = None;
-        for p in pieces.iter().filter(|p| p.len > 0) {
+        for p in pieces.iter().filter(|p| p.len > 0 && p.rows > 0) {
             // SAFETY: src_offset + len <= the chunk's capacity was checked above.
             let src = unsafe { chunk.ptr().add(p.src_offset) };
-            // SAFETY: both ranges were checked against the chunk and the arena; the chunk is
-            // page-locked (registered) memory that this engine keeps, unmoved and untouched,
-            // until the event recorded after this copy completes; the arena is kept alive
-            // alongside it.
-            let r = unsafe {
-                sys::cuMemcpyHtoDAsync_v2(
-                    arena.device_ptr() + p.dst_offset as u64,
-                    src.cast(),
-                    p.len,
-                    stream.cu_stream(),
-                )
+            let dst = arena.device_ptr() + p.dst_offset as u64;
+            let (r, call) = if p.rows == 1 {
+                // SAFETY: both ranges were checked against the chunk and the arena; the chunk
+                // is page-locked (registered) memory that this engine keeps, unmoved and
+                // untouched, until the event recorded after this copy completes; the arena is
+                // kept alive alongside it.
+                (unsafe { sys::cuMemcpyHtoDAsync_v2(dst, src.cast(), p.len, stream.cu_stream()) }, "cuMemcpyHtoDAsync")
+            } else {
+                let copy = sys::CUDA_MEMCPY2D {
+                    srcXInBytes: 0,
+                    srcY: 0,
+                    srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_HOST,
+                    srcHost: src.cast(),
+                    srcDevice: 0,
+                    srcArray: std::ptr::null_mut(),
+                    srcPitch: p.src_pitch,
+                    dstXInBytes: 0,
+                    dstY: 0,
+                    dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+                    dstHost: std::ptr::null_mut(),
+                    dstDevice: dst,
+                    dstArray: std::ptr::null_mut(),
+                    dstPitch: p.dst_pitch,
+                    WidthInBytes: p.len,
+                    Height: p.rows,
+                };
+                // SAFETY: every row of both sides was checked against the chunk and the arena
+                // (pitches at least the row length, no overflow); the chunk stays pinned and
+                // untouched until the event after this copy completes, as for a plain copy,
+                // and the descriptor is read by the call, which does not keep it.
+                (unsafe { sys::cuMemcpy2DAsync_v2(&copy, stream.cu_stream()) }, "cuMemcpy2DAsync")
             };
-            if let Err(e) = check(r, "cuMemcpyHtoDAsync") {
+            if let Err(e) = check(r, call) {
                 failed = Some(e);
                 break;
             }

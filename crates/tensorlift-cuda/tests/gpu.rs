@@ -69,7 +69,7 @@ fn chunks_round_trip_through_the_device() {
     for i in 0..16 {
         let mut c = pool.acquire();
         c.as_mut_slice().copy_from_slice(&data[i * MIB..(i + 1) * MIB]);
-        engine.copy(c, &arena, &[Piece { src_offset: 0, dst_offset: i * MIB, len: MIB }]).unwrap();
+        engine.copy(c, &arena, &[Piece::flat(0, i * MIB, MIB)]).unwrap();
     }
     engine.synchronize().unwrap();
     wait_all_free(&pool);
@@ -87,8 +87,7 @@ fn pieces_scatter_one_chunk() {
     let mut c = pool.acquire();
     c.as_mut_slice()[..300].copy_from_slice(&pattern(300, 2));
     let want = c.as_slice()[..300].to_vec();
-    let pieces =
-        [Piece { src_offset: 0, dst_offset: 256, len: 100 }, Piece { src_offset: 100, dst_offset: 1024, len: 200 }];
+    let pieces = [Piece::flat(0, 256, 100), Piece::flat(100, 1024, 200)];
     engine.copy(c, &arena, &pieces).unwrap();
     engine.synchronize().unwrap();
     let mut a = vec![0u8; 100];
@@ -105,11 +104,9 @@ fn out_of_bounds_copies_are_refused() {
     let pool = PinnedPool::new(&gpu, 1 << 20, 1 << 20).unwrap();
     let arena = Arc::new(DeviceArena::new(&gpu, 4096).unwrap());
     let mut engine = CopyEngine::new(&gpu, 1).unwrap();
-    let e = engine.copy(pool.acquire(), &arena, &[Piece { src_offset: 0, dst_offset: 4000, len: 200 }]).unwrap_err();
+    let e = engine.copy(pool.acquire(), &arena, &[Piece::flat(0, 4000, 200)]).unwrap_err();
     assert!(matches!(e, CudaError::OutOfBounds { what: "device arena", .. }));
-    let e = engine
-        .copy(pool.acquire(), &arena, &[Piece { src_offset: (1 << 20) - 10, dst_offset: 0, len: 20 }])
-        .unwrap_err();
+    let e = engine.copy(pool.acquire(), &arena, &[Piece::flat((1 << 20) - 10, 0, 20)]).unwrap_err();
     assert!(matches!(e, CudaError::OutOfBounds { what: "pinned chunk", .. }));
     assert!(matches!(arena.copy_to_host(4090, &mut [0u8; 10]), Err(CudaError::OutOfBounds { .. })));
     // The refused copies gave their chunks back.
@@ -135,7 +132,7 @@ fn file_to_device_through_registered_pinned_chunks() {
     while offset < data.len() {
         let n = (data.len() - offset).min(1 << 20);
         let c = reader.read(&file, offset as u64, pool.acquire(), 0, n).wait().map_err(|f| f.error).unwrap();
-        engine.copy(c, &arena, &[Piece { src_offset: 0, dst_offset: offset, len: n }]).unwrap();
+        engine.copy(c, &arena, &[Piece::flat(0, offset, n)]).unwrap();
         offset += n;
     }
     engine.synchronize().unwrap();
@@ -162,7 +159,7 @@ fn a_failed_copy_keeps_its_chunk_until_earlier_copies_finish() {
     c.as_mut_slice().copy_from_slice(&pattern(1 << 20, 9));
     let want = c.as_slice().to_vec();
     // Four pieces: the first two are queued (and slow), the third fails.
-    let pieces: Vec<Piece> = (0..4).map(|i| Piece { src_offset: i << 18, dst_offset: i << 18, len: 1 << 18 }).collect();
+    let pieces: Vec<Piece> = (0..4).map(|i| Piece::flat(i << 18, i << 18, 1 << 18)).collect();
     let err = engine.copy(c, &arena, &pieces).unwrap_err();
     assert!(matches!(err, CudaError::Driver { call: "cuMemcpyHtoDAsync", .. }), "{err}");
     // The chunk is not back yet: the two queued copies still read it.
@@ -220,7 +217,7 @@ fn the_callers_current_context_is_left_as_it_was() {
         let pool = PinnedPool::new(&gpu, 1 << 20, 1 << 20).unwrap();
         let arena = Arc::new(DeviceArena::new(&gpu, 1 << 20).unwrap());
         let mut engine = CopyEngine::new(&gpu, 2).unwrap();
-        engine.copy(pool.acquire(), &arena, &[Piece { src_offset: 0, dst_offset: 0, len: 4096 }]).unwrap();
+        engine.copy(pool.acquire(), &arena, &[Piece::flat(0, 0, 4096)]).unwrap();
         engine.synchronize().unwrap();
         arena.copy_to_host(0, &mut [0u8; 16]).unwrap();
         assert_eq!(emulator::current_context(), Some(theirs), "copies");

@@ -30,6 +30,7 @@ mod error;
 mod header;
 mod index;
 mod plan;
+mod slice;
 mod writer;
 
 pub use error::FormatError;
@@ -43,4 +44,5 @@ pub use plan::{header_hash, FileIdentity, LoadPlan, PlannedTensor, Shard};
 /// that crate's own notes (its order of variants means nothing to tensorlift).
 #[doc(no_inline)]
 pub use safetensors::Dtype;
+pub use slice::{Gather, SliceError, SliceLayout, TensorSlice};
 pub use writer::{encode_header, EncodedHeader};

@@ -9,6 +9,7 @@ use safetensors::Dtype;
 
 use crate::header::Header;
 use crate::index::Index;
+use crate::slice::{Gather, SliceError, TensorSlice};
 use crate::FormatError;
 
 /// Which file a shard is, as the file system identifies it, and its state when planned: a
@@ -72,19 +73,39 @@ pub struct PlannedTensor {
     pub shape: Vec<usize>,
     /// Index into [`LoadPlan::shards`].
     pub shard: usize,
-    /// Absolute byte range in the shard file.
+    /// Absolute byte range in the shard file: the bytes read for this tensor (for a slice,
+    /// the range that covers it).
     pub file_range: Range<u64>,
+    /// For a slice that is not one contiguous range: which bytes of `file_range` are its.
+    pub gather: Option<Box<Gather>>,
 }
 
 impl PlannedTensor {
-    /// Bytes of data.
+    /// Bytes of the tensor as loaded (for a slice, the slice's).
     pub fn len(&self) -> u64 {
-        self.file_range.end - self.file_range.start
+        match &self.gather {
+            Some(g) => g.len(),
+            None => self.file_range.end - self.file_range.start,
+        }
     }
 
     /// Whether the tensor holds no bytes.
     pub fn is_empty(&self) -> bool {
-        self.file_range.is_empty()
+        self.len() == 0
+    }
+
+    /// Narrows the tensor to `slice`: its shape becomes the slice's, and its file range the
+    /// bytes that cover the slice (see [`TensorSlice::layout`]).
+    pub fn slice(&mut self, slice: &TensorSlice) -> Result<(), SliceError> {
+        if self.gather.is_some() {
+            return Err(SliceError::AlreadySliced);
+        }
+        let l = slice.layout(&self.shape, self.dtype.bitsize())?;
+        let start = self.file_range.start + l.first;
+        self.file_range = start..start + l.len;
+        self.shape = l.shape;
+        self.gather = l.gather.map(Box::new);
+        Ok(())
     }
 }
 
@@ -148,6 +169,7 @@ impl LoadPlan {
                     shape: t.shape.clone(),
                     shard: i,
                     file_range: start..start + t.len(),
+                    gather: None,
                 });
             }
         }
@@ -197,6 +219,27 @@ impl LoadPlan {
     /// headers are still part of the checkpoint) but have nothing to read.
     pub fn retain(&mut self, mut keep: impl FnMut(&PlannedTensor) -> bool) {
         self.tensors.retain(|t| keep(t));
+    }
+    /// Narrows tensors to slices: `choose` gives each tensor's slice (or `None` to keep it
+    /// whole), and a slice that does not fit its tensor is `refused`'s error. Stops at the
+    /// first error, leaving the tensors before it sliced.
+    pub fn slice_with<E>(
+        &mut self,
+        mut choose: impl FnMut(&PlannedTensor) -> Result<Option<TensorSlice>, E>,
+        mut refused: impl FnMut(&PlannedTensor, SliceError) -> E,
+    ) -> Result<(), E> {
+        for t in &mut self.tensors {
+            if let Some(s) = choose(t)? {
+                let mut sliced = t.clone();
+                sliced.slice(&s).map_err(|e| refused(t, e))?;
+                *t = sliced;
+            }
+        }
+        Ok(())
+    }
+    /// Bytes of every tensor the shards hold, loaded or not, before any slice.
+    pub fn checkpoint_bytes(&self) -> u64 {
+        self.shards.iter().flat_map(|s| &s.header.tensors).map(|t| t.len()).sum()
     }
 }
 

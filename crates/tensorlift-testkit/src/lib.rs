@@ -130,3 +130,23 @@ pub fn reference_script() -> std::path::PathBuf {
         std::path::PathBuf::from("tests/reference/make_fixture.py")
     }
 }
+
+/// The bytes of `ranges` (one per leading dimension; whole dimensions after) of a tensor of
+/// `shape` whose elements are `elem` bytes, by visiting every element: an independent
+/// reading to hold slicing code to.
+pub fn slice_bytes(full: &[u8], shape: &[usize], elem: usize, ranges: &[std::ops::Range<usize>]) -> Vec<u8> {
+    let count: usize = shape.iter().product();
+    let mut out = Vec::new();
+    let mut idx = vec![0usize; shape.len()];
+    for k in 0..count {
+        let mut rem = k;
+        for d in (0..shape.len()).rev() {
+            idx[d] = rem % shape[d];
+            rem /= shape[d];
+        }
+        if ranges.iter().zip(&idx).all(|(r, i)| r.contains(i)) {
+            out.extend_from_slice(&full[k * elem..(k + 1) * elem]);
+        }
+    }
+    out
+}

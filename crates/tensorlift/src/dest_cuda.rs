@@ -171,7 +171,14 @@ impl Sink for CudaSink {
         let Some(span) = self.spans.get(read.span) else { return Ok(0) };
         let pieces: Vec<tensorlift_cuda::Piece> = layout::pieces(plan, span, &self.placements, read)
             .into_iter()
-            .map(|p| tensorlift_cuda::Piece { src_offset: p.src, dst_offset: p.dst as usize, len: p.len })
+            .map(|p| tensorlift_cuda::Piece {
+                src_offset: p.src,
+                dst_offset: p.dst as usize,
+                len: p.len,
+                rows: p.rows,
+                src_pitch: p.src_pitch,
+                dst_pitch: p.dst_pitch as usize,
+            })
             .collect();
         let Some(engine) = self.engine.as_mut() else { return Ok(0) };
         self.first_copy.get_or_insert_with(Instant::now);

@@ -68,7 +68,11 @@ impl HostSink {
                 HostArena::pooled(pool, kept.take(), len.next_multiple_of(PAGE), chunk, huge).ok_or_else(|| {
                     LoadError::OutOfMemory { file: plan.shards()[span.shard].path.clone(), bytes: len as u64 }
                 })?;
-            let remaining = chunks_to_wait_for(plan, &span, chunk, |t| ready.push_back(make(plan, &span, &arena, t)));
+            let mut now = Vec::new();
+            let remaining = chunks_to_wait_for(plan, &span, chunk, |t| now.push(t));
+            for t in now {
+                ready.push_back(make(plan, &span, &arena, t)?);
+            }
             let chunks = arena.take_chunks().into_iter().map(Some).collect();
             extents.push(Extent { span, arena, chunks, remaining });
         }
@@ -76,10 +80,20 @@ impl HostSink {
     }
 }
 
-fn make(plan: &LoadPlan, span: &Span, arena: &Arc<HostArena>, t: usize) -> Tensor {
+/// Tensor `t`, whose bytes have all landed in `arena`: a view of them, or for a gathered
+/// slice, its runs copied out.
+fn make(plan: &LoadPlan, span: &Span, arena: &Arc<HostArena>, t: usize) -> Result<Tensor, LoadError> {
     let pt = &plan.tensors()[t];
     let r = span.range_of(pt);
-    Tensor::host(&pt.name, pt.dtype, &pt.shape, Arc::clone(arena), r.start as usize..r.end as usize)
+    let range = r.start as usize..r.end as usize;
+    match &pt.gather {
+        None => Ok(Tensor::host(&pt.name, pt.dtype, &pt.shape, Arc::clone(arena), range)),
+        Some(g) => {
+            let covering = arena.get(range).unwrap_or_default();
+            Tensor::gathered(&pt.name, pt.dtype, &pt.shape, covering, g)
+                .ok_or_else(|| LoadError::OutOfMemory { file: plan.shards()[pt.shard].path.clone(), bytes: g.len() })
+        }
+    }
 }
 
 impl Sink for HostSink {
@@ -100,7 +114,7 @@ impl Sink for HostSink {
         // Every chunk of an extent was cut from its own arena.
         let Ok(index) = e.arena.complete(buf) else { return Ok(0) };
         for t in completed_by(plan, &e.span, &mut e.remaining, index, self.chunk) {
-            ready.push_back(make(plan, &e.span, &e.arena, t));
+            ready.push_back(make(plan, &e.span, &e.arena, t)?);
         }
         Ok(read.len as u64)
     }

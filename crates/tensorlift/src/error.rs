@@ -66,6 +66,9 @@ pub enum LoadError {
     /// Converting a landed tensor to another dtype failed.
     #[error("tensor '{tensor}': conversion to {to} failed: {message}")]
     Convert { tensor: String, to: tensorlift_format::Dtype, message: String },
+    /// A slice does not fit its tensor, or a slice rule refused the tensor.
+    #[error("{}: tensor '{tensor}': cannot slice: {message}", file.display())]
+    Slice { file: std::path::PathBuf, tensor: String, message: String },
     /// A tensor filter pattern is not a valid glob.
     #[error("invalid tensor filter '{pattern}': {message}")]
     InvalidFilter { pattern: String, message: String },

@@ -127,6 +127,8 @@ pub(crate) fn device_layout(plan: &LoadPlan, spans: &[Span]) -> (Vec<Option<u64>
             let t = &plan.tensors()[i];
             let aligned = end.next_multiple_of(DEVICE_ALIGN);
             let offset = match prev {
+                // A gathered slice is packed: its place has nothing to do with its file range.
+                Some(p) if p.gather.is_some() || t.gather.is_some() => aligned,
                 Some(p) if p.shard == t.shard && t.file_range.start >= p.file_range.end => {
                     let mirrored = end + (t.file_range.start - p.file_range.end);
                     if mirrored % DEVICE_ALIGN == 0 && mirrored - end < DEVICE_ALIGN.max(MAX_GAP.min(64 << 10)) {
@@ -145,20 +147,64 @@ pub(crate) fn device_layout(plan: &LoadPlan, spans: &[Span]) -> (Vec<Option<u64>
     (at, end)
 }
 
-/// One copy from a chunk to the device: `len` bytes at `src` in the chunk to `dst` in the
-/// device allocation.
+/// One copy from a chunk to the device: `rows` rows of `len` bytes, row `k` from
+/// `src + k * src_pitch` in the chunk to `dst + k * dst_pitch` in the device allocation
+/// (one row: a plain copy).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Piece {
     pub src: usize,
     pub dst: u64,
     pub len: usize,
+    pub rows: usize,
+    pub src_pitch: usize,
+    pub dst_pitch: u64,
+}
+
+impl Piece {
+    fn flat(src: usize, dst: u64, len: usize) -> Piece {
+        Piece { src, dst, len, rows: 1, src_pitch: len, dst_pitch: len as u64 }
+    }
+
+    /// Appends `p` to `self` if it continues it: right after a single row on both sides (a
+    /// longer row), or as one more row of the same length at the same pitches.
+    fn absorb(&mut self, p: Piece) -> bool {
+        if self.rows == 1 && self.src + self.len == p.src && self.dst + self.len as u64 == p.dst {
+            self.len += p.len;
+            self.src_pitch = self.len;
+            self.dst_pitch = self.len as u64;
+            return true;
+        }
+        if p.len != self.len {
+            return false;
+        }
+        let last_src = self.src + (self.rows - 1) * self.src_pitch;
+        let last_dst = self.dst + (self.rows as u64 - 1) * self.dst_pitch;
+        let (Some(sp), Some(dp)) = (p.src.checked_sub(last_src), p.dst.checked_sub(last_dst)) else { return false };
+        // Rows must not overlap (what a 2D copy requires of its pitches).
+        if sp < self.len || dp < self.len as u64 {
+            return false;
+        }
+        if self.rows == 1 {
+            (self.src_pitch, self.dst_pitch) = (sp, dp);
+        } else if (sp, dp) != (self.src_pitch, self.dst_pitch) {
+            return false;
+        }
+        self.rows += 1;
+        true
+    }
 }
 
 /// The copies that move the bytes of `read` to their tensors' places: one per tensor part
-/// in the chunk, merged where they are contiguous on both sides.
+/// (or, for a gathered slice, per run) in the chunk, merged where they are contiguous on
+/// both sides, and rows of equal length at equal pitches merged into one 2D copy.
 pub(crate) fn pieces(plan: &LoadPlan, span: &Span, placements: &[Option<u64>], read: &Read) -> Vec<Piece> {
     let chunk = read.file_offset..read.file_offset + read.len as u64;
     let mut out: Vec<Piece> = Vec::new();
+    let mut push = |p: Piece| {
+        if !out.last_mut().is_some_and(|q| q.absorb(p)) {
+            out.push(p);
+        }
+    };
     // The first tensor ending after the chunk starts.
     let first = span.tensors.partition_point(|&i| plan.tensors()[i].file_range.end <= chunk.start);
     for &i in &span.tensors[first..] {
@@ -169,14 +215,20 @@ pub(crate) fn pieces(plan: &LoadPlan, span: &Span, placements: &[Option<u64>], r
         let (Some(place), false) = (placements[i], t.is_empty()) else { continue };
         let from = t.file_range.start.max(chunk.start);
         let to = t.file_range.end.min(chunk.end);
-        let p = Piece {
-            src: (from - chunk.start) as usize,
-            dst: place + (from - t.file_range.start),
-            len: (to - from) as usize,
+        let Some(g) = &t.gather else {
+            push(Piece::flat((from - chunk.start) as usize, place + (from - t.file_range.start), (to - from) as usize));
+            continue;
         };
-        match out.last_mut() {
-            Some(q) if q.src + q.len == p.src && q.dst + q.len as u64 == p.dst => q.len += p.len,
-            _ => out.push(p),
+        // Covering offsets of this chunk's part of the tensor, and the runs in it.
+        let (lo, hi) = (from - t.file_range.start, to - t.file_range.start);
+        for r in g.first_run_ending_after(lo)..g.runs() {
+            let at = g.offset(r);
+            if at >= hi {
+                break;
+            }
+            let (s, e) = (at.max(lo), (at + g.run).min(hi));
+            let src = (t.file_range.start + s - chunk.start) as usize;
+            push(Piece::flat(src, place + r as u64 * g.run + (s - at), (e - s) as usize));
         }
     }
     out
@@ -256,6 +308,14 @@ mod tests {
         }
     }
 
+    /// What the device does with a piece: each row copied.
+    fn apply(q: &Piece, chunk: &[u8], device: &mut [u8]) {
+        for k in 0..q.rows {
+            let (s, d) = (q.src + k * q.src_pitch, (q.dst + k as u64 * q.dst_pitch) as usize);
+            device[d..d + q.len].copy_from_slice(&chunk[s..s + q.len]);
+        }
+    }
+
     #[test]
     fn pieces_move_every_byte_once() {
         let p = plan(5003, &[100, 10_000, 0, 7, 256, 513, 3]);
@@ -267,7 +327,7 @@ mod tests {
             for r in reads(&s, chunk, 1) {
                 let buf = &file[r.file_offset as usize..r.file_offset as usize + r.len];
                 for q in pieces(&p, &s[0], &at, &r) {
-                    device[q.dst as usize..q.dst as usize + q.len].copy_from_slice(&buf[q.src..q.src + q.len]);
+                    apply(&q, buf, &mut device);
                 }
             }
             for (i, t) in p.tensors().iter().enumerate() {

@@ -34,6 +34,7 @@ mod layout;
 mod loader;
 mod open;
 mod pipeline;
+pub mod slicing;
 mod stats;
 mod tensor;
 
@@ -46,6 +47,7 @@ pub use loader::{
     DEFAULT_STAGING_BUDGET, DEFAULT_STREAMS, MAX_DEFAULT_IO_WORKERS,
 };
 pub use pipeline::TensorStream;
+pub use slicing::{Sharding, SliceRule, Split, TensorSlice};
 pub use stats::{LoadStats, Progress};
 pub use tensor::{Element, Model, Tensor, ViewError};
 pub use tensorlift_cuda::{dlpack, CudaError};

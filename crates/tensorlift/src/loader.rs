@@ -10,7 +10,7 @@ use tracing::Instrument;
 
 use crate::dest_cuda::CudaTarget;
 use crate::device::DEVICE_ENV;
-use crate::{Device, LoadError, LoadStats, Model, Progress, TensorStream};
+use crate::{Device, LoadError, LoadStats, Model, Progress, Sharding, SliceRule, TensorSlice, TensorStream};
 
 pub(crate) type ProgressFn = Arc<dyn Fn(Progress) + Send + Sync>;
 
@@ -82,6 +82,7 @@ pub(crate) struct Config {
     pub streams: usize,
     pub huge_pages: HugePages,
     pub convert_to: Option<tensorlift_format::Dtype>,
+    pub slices: crate::slicing::Slices,
     pub host_pool: Arc<tensorlift_io::ArenaPool>,
 }
 
@@ -145,6 +146,7 @@ impl Default for LoaderBuilder {
                 streams: DEFAULT_STREAMS,
                 huge_pages: HugePages::Auto,
                 convert_to: None,
+                slices: Default::default(),
                 host_pool: tensorlift_io::ArenaPool::new(usize::MAX),
             },
         }
@@ -230,6 +232,24 @@ impl LoaderBuilder {
     pub fn map_views(mut self, contract: MapContract) -> Self {
         self.cfg.map_views = Some(contract);
         self
+    }
+    /// Loads only `slice` of tensor `name` (its exact name): for a slice of the first
+    /// dimension only those rows are read; see [`crate::slicing`]. A name the load does not
+    /// have is an error. Takes precedence over [`slice_with`](Self::slice_with) and
+    /// [`shard`](Self::shard) for that tensor.
+    pub fn slice(mut self, name: impl Into<String>, slice: TensorSlice) -> Self {
+        self.cfg.slices.named.insert(name.into(), slice);
+        self
+    }
+    /// Loads, of each tensor, the part `rule` chooses (a closure
+    /// `Fn(&str, &[usize]) -> Result<Option<TensorSlice>, String>`, or any [`SliceRule`]).
+    pub fn slice_with(mut self, rule: impl SliceRule + 'static) -> Self {
+        self.cfg.slices.rule = Some(Arc::new(rule));
+        self
+    }
+    /// Loads one tensor-parallel rank's part of each tensor (see [`Sharding`]).
+    pub fn shard(self, sharding: Sharding) -> Self {
+        self.slice_with(sharding)
     }
     /// Converts floating-point tensors (BF16, F16, F32, F8_E4M3, F8_E5M2) to `dtype` (BF16,
     /// F16 or F32) as they land, rounding to nearest even (see [`crate::convert`]); other
@@ -485,7 +505,12 @@ impl Loader {
     }
 
     fn planner(&self) -> Planner {
-        Planner { limits: self.cfg.limits, filter: self.filter.clone(), patterns: self.cfg.filter.clone() }
+        Planner {
+            limits: self.cfg.limits,
+            filter: self.filter.clone(),
+            patterns: self.cfg.filter.clone(),
+            slices: self.cfg.slices.clone(),
+        }
     }
 
     /// [`plan`](Self::plan) on a thread of its own, so that an async caller's thread keeps
@@ -524,6 +549,7 @@ impl Loader {
         let stats = LoadStats {
             bytes: 0,
             bytes_read: 0,
+            checkpoint_bytes: 0,
             tensors: 0,
             shards: 0,
             wall: Default::default(),
@@ -579,6 +605,7 @@ struct Planner {
     limits: PlanLimits,
     filter: Option<GlobSet>,
     patterns: Vec<String>,
+    slices: crate::slicing::Slices,
 }
 
 impl Planner {
@@ -595,6 +622,7 @@ impl Planner {
                 });
             }
         }
+        self.slices.apply(&mut plan)?;
         Ok(plan)
     }
 }

@@ -61,7 +61,17 @@ pub(crate) fn map_all(
         for &t in &e.tensors {
             let pt = &plan.tensors()[t];
             let range = pt.file_range.start as usize..pt.file_range.end as usize;
-            ready.push_back(Tensor::mapped(&pt.name, pt.dtype, &pt.shape, Arc::clone(&map), range, contract));
+            let tensor = match &pt.gather {
+                None => Tensor::mapped(&pt.name, pt.dtype, &pt.shape, Arc::clone(&map), range, contract),
+                // A gathered slice is not one range of the file: its runs are copied out.
+                Some(g) => {
+                    let covering = map.view(contract).get(range).unwrap_or_default();
+                    Tensor::gathered(&pt.name, pt.dtype, &pt.shape, covering, g).ok_or_else(|| {
+                        LoadError::OutOfMemory { file: plan.shards()[pt.shard].path.clone(), bytes: g.len() }
+                    })?
+                }
+            };
+            ready.push_back(tensor);
         }
     }
     Ok(())

@@ -158,6 +158,7 @@ impl TensorStream {
             plan,
         };
         stream.stats.bytes = stream.plan.total_bytes();
+        stream.stats.checkpoint_bytes = stream.plan.checkpoint_bytes();
         stream.stats.shards = shards.len();
         // A quarter of the bound: each shard read can hold two descriptors (O_DIRECT), and
         // planning may hold up to half of the bound until the load takes them.

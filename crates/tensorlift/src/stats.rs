@@ -19,6 +19,9 @@ pub struct LoadStats {
     pub bytes: u64,
     /// Bytes read from files (tensor data plus alignment padding and gaps read through).
     pub bytes_read: u64,
+    /// Bytes of every tensor in the checkpoint, whole, whether this load selected it or
+    /// not: with `bytes_read`, what filters and slices saved.
+    pub checkpoint_bytes: u64,
     /// Tensors delivered.
     pub tensors: usize,
     /// Shards read.

@@ -110,6 +110,26 @@ impl Tensor {
         Tensor { name: name.into(), dtype, shape: shape.into(), storage: Storage::Device { arena, offset, len } }
     }
 
+    /// The runs of a slice (`gather`) out of the `covering` bytes, into host memory of its
+    /// own; `None` when that memory cannot be had.
+    pub(crate) fn gathered(
+        name: &str,
+        dtype: Dtype,
+        shape: &[usize],
+        covering: &[u8],
+        gather: &tensorlift_format::Gather,
+    ) -> Option<Tensor> {
+        let len = usize::try_from(gather.len()).ok()?;
+        let mut buf = tensorlift_io::AlignedBuf::zeroed_pages(len, 64, false)?;
+        gather.gather_into(covering, &mut buf.as_mut_slice()[..len]);
+        Some(Tensor {
+            name: name.into(),
+            dtype,
+            shape: shape.into(),
+            storage: Storage::Owned { buf: Arc::new(buf), len },
+        })
+    }
+
     /// `self`, converted to `dtype` into host memory of its own (see [`crate::convert`]).
     pub(crate) fn converted(&self, dtype: Dtype) -> Result<Tensor, ConvertFailed> {
         let src = self.bytes().map_err(|e| ConvertFailed(e.to_string()))?;

@@ -6,7 +6,8 @@
 //! - A host-to-device copy reads its source when it executes, not when it is queued: a
 //!   staging buffer reused before the copy's event completed corrupts the result.
 //! - An asynchronous copy's source must lie in memory registered with `cuMemHostRegister`,
-//!   and must still be registered when the copy executes.
+//!   and must still be registered when the copy executes; a 2D copy's rows likewise, with
+//!   pitches no shorter than a row.
 //! - Device memory is real memory, at addresses (from `1 << 62` up) that no host pointer
 //!   uses: dereferencing one on the host faults.
 //! - Live allocations, registrations, streams, events and contexts are counted
@@ -437,8 +438,24 @@ pub extern "C" fn cuMemHostUnregister(p: *mut c_void) -> CUresult {
 // ---- Streams and events ---------------------------------------------------------------
 
 enum Op {
-    Copy { dst: CUdeviceptr, src: usize, len: usize },
-    Record { event: Arc<Event>, generation: u64 },
+    Copy {
+        dst: CUdeviceptr,
+        src: usize,
+        len: usize,
+    },
+    /// `rows` rows of `len` bytes, `src_pitch` apart on the host and `dst_pitch` on the device.
+    Copy2D {
+        dst: CUdeviceptr,
+        dst_pitch: usize,
+        src: usize,
+        src_pitch: usize,
+        len: usize,
+        rows: usize,
+    },
+    Record {
+        event: Arc<Event>,
+        generation: u64,
+    },
     Marker(Arc<Event>, u64),
 }
 
@@ -490,6 +507,11 @@ fn apply(op: Op) {
             let bytes = unsafe { std::slice::from_raw_parts(src as *const u8, len) };
             if with_device(dst, len, |d| d.copy_from_slice(bytes)).is_none() {
                 emu().sticky.store(ILLEGAL_ADDRESS, Ordering::Release);
+            }
+        }
+        Op::Copy2D { dst, dst_pitch, src, src_pitch, len, rows } => {
+            for k in 0..rows {
+                apply(Op::Copy { dst: dst + (k * dst_pitch) as u64, src: src + k * src_pitch, len });
             }
         }
         Op::Record { event, generation } | Op::Marker(event, generation) => event.complete(generation),
@@ -578,6 +600,72 @@ pub unsafe extern "C" fn cuMemcpyHtoDAsync_v2(
         return INVALID_VALUE;
     }
     let op = Op::Copy { dst, src: src as usize, len };
+    if handle.is_null() {
+        apply(op);
+        return SUCCESS;
+    }
+    match stream(handle) {
+        Some(s) => s.push(op),
+        None => INVALID_HANDLE,
+    }
+}
+
+/// `CUDA_MEMCPY2D`, field for field.
+#[repr(C)]
+#[derive(Debug)]
+pub struct Memcpy2D {
+    src_x_in_bytes: usize,
+    src_y: usize,
+    src_memory_type: c_uint,
+    src_host: *const c_void,
+    src_device: CUdeviceptr,
+    src_array: *mut c_void,
+    src_pitch: usize,
+    dst_x_in_bytes: usize,
+    dst_y: usize,
+    dst_memory_type: c_uint,
+    dst_host: *mut c_void,
+    dst_device: CUdeviceptr,
+    dst_array: *mut c_void,
+    dst_pitch: usize,
+    width_in_bytes: usize,
+    height: usize,
+}
+
+const MEMORYTYPE_HOST: c_uint = 1;
+const MEMORYTYPE_DEVICE: c_uint = 2;
+
+/// A 2D copy, host to device only (the one kind tensorlift makes): every row's source must
+/// be registered host memory, and every row's destination inside one allocation, with
+/// pitches at least the row's width, as the driver requires.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpy2DAsync_v2(copy: *const Memcpy2D, handle: *mut c_void) -> CUresult {
+    let n = emu().copies.fetch_add(1, Ordering::AcqRel) + 1;
+    if fault(FAULT_FAIL_COPY) == n {
+        return UNKNOWN;
+    }
+    if copy.is_null() {
+        return INVALID_VALUE;
+    }
+    // SAFETY: not null; the caller's descriptor is valid for reads during the call.
+    let c = unsafe { &*copy };
+    if c.src_memory_type != MEMORYTYPE_HOST || c.dst_memory_type != MEMORYTYPE_DEVICE {
+        return INVALID_VALUE;
+    }
+    let (len, rows) = (c.width_in_bytes, c.height);
+    if len == 0 || rows == 0 {
+        return SUCCESS;
+    }
+    if c.src_pitch < len || c.dst_pitch < len || c.src_x_in_bytes != 0 || c.dst_x_in_bytes != 0 {
+        return INVALID_VALUE;
+    }
+    let (src, dst) = (c.src_host as usize + c.src_y * c.src_pitch, c.dst_device + (c.dst_y * c.dst_pitch) as u64);
+    let extent = |pitch: usize| (rows - 1).checked_mul(pitch).and_then(|e| e.checked_add(len));
+    let (Some(src_len), Some(dst_len)) = (extent(c.src_pitch), extent(c.dst_pitch)) else { return INVALID_VALUE };
+    if c.src_host.is_null() || !registered(src, src_len) || with_device(dst, dst_len, |_| ()).is_none() {
+        return INVALID_VALUE;
+    }
+    let op = Op::Copy2D { dst, dst_pitch: c.dst_pitch, src, src_pitch: c.src_pitch, len, rows };
     if handle.is_null() {
         apply(op);
         return SUCCESS;

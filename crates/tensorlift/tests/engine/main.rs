@@ -4,5 +4,6 @@ mod api;
 mod convert;
 mod correctness;
 mod faults;
+mod slices;
 mod support;
 mod views;

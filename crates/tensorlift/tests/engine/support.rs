@@ -27,16 +27,21 @@ pub fn assert_identical(model: &Model, truth: &BTreeMap<String, Vec<u8>>, what: 
 /// Every combination of backend and direct-I/O policy, with small chunks so that tensors
 /// span chunks and chunks span tensors.
 pub fn loaders(chunk: usize) -> Vec<(String, Loader)> {
+    loaders_with(chunk, |b| b)
+}
+
+/// [`loaders`], each with `more` options.
+pub fn loaders_with(chunk: usize, more: impl Fn(LoaderBuilder) -> LoaderBuilder) -> Vec<(String, Loader)> {
     let mut out = Vec::new();
     for backend in [BackendKind::Uring, BackendKind::Pread] {
         for direct in [DirectIo::Always, DirectIo::Never, DirectIo::Auto] {
-            let l = base().io_backend(backend).direct_io(direct).chunk_size(chunk).build().unwrap();
+            let l = more(base().io_backend(backend).direct_io(direct).chunk_size(chunk)).build().unwrap();
             out.push((format!("{backend}/{direct:?}/chunk {chunk}"), l));
         }
     }
     out.push((
         format!("mapped views/chunk {chunk}"),
-        base().map_views(map_contract()).chunk_size(chunk).build().unwrap(),
+        more(base().map_views(map_contract()).chunk_size(chunk)).build().unwrap(),
     ));
     out
 }

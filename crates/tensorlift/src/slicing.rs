@@ -1,0 +1,206 @@
+//! Loading parts of tensors: per-tensor slices, and the tensor-parallel helper [`Sharding`].
+//!
+//! A slice is applied to the plan, before a byte is read: a slice of the first dimension
+//! reads only its rows (one contiguous read), a slice of an inner dimension reads the rows
+//! that cover it and gathers its runs (on the host by copying; on a CUDA device with 2D
+//! copies straight from the pinned staging chunk). [`LoadStats::bytes_read`] against
+//! [`LoadStats::checkpoint_bytes`] shows what was saved.
+//!
+//! ```no_run
+//! use tensorlift::{Loader, Sharding, Split};
+//! # fn main() -> Result<(), tensorlift::LoadError> {
+//! // Rank 1 of 4, with the rules vLLM and Megatron-LM use for a Llama model.
+//! let loader = Loader::builder().shard(Sharding::llama(1, 4)?).build()?;
+//! let model = loader.load_blocking("models/llama")?;
+//! let q = model.get("model.layers.0.self_attn.q_proj.weight").unwrap();
+//! assert_eq!(q.shape()[0] * 4, 4096);
+//! # Ok(()) }
+//! ```
+//!
+//! [`LoadStats::bytes_read`]: crate::LoadStats::bytes_read
+//! [`LoadStats::checkpoint_bytes`]: crate::LoadStats::checkpoint_bytes
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use globset::{Glob, GlobMatcher};
+pub use tensorlift_format::TensorSlice;
+
+use crate::LoadError;
+
+/// Chooses, for each tensor of a load, the part of it to load.
+pub trait SliceRule: Send + Sync {
+    /// The slice of tensor `name` (whose stored shape is `shape`) to load: `Ok(None)` for
+    /// all of it, `Err` (a sentence) to refuse the load.
+    fn slice(&self, name: &str, shape: &[usize]) -> Result<Option<TensorSlice>, String>;
+}
+
+impl<F> SliceRule for F
+where
+    F: Fn(&str, &[usize]) -> Result<Option<TensorSlice>, String> + Send + Sync,
+{
+    fn slice(&self, name: &str, shape: &[usize]) -> Result<Option<TensorSlice>, String> {
+        self(name, shape)
+    }
+}
+
+/// How a tensor is split across tensor-parallel ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Split {
+    /// Column-parallel (a linear layer's output features, a vocabulary-parallel
+    /// embedding): dimension 0 of every matched tensor, bias included.
+    Column,
+    /// Row-parallel (a linear layer's input features): the last dimension of a matrix;
+    /// one-dimensional tensors (the bias) are replicated.
+    Row,
+    /// Every rank loads the whole tensor.
+    Replicated,
+    /// This dimension of every matched tensor.
+    Dim(usize),
+}
+
+/// The part of a checkpoint that one rank of a tensor-parallel group loads, from rules
+/// that map tensor-name globs to a [`Split`]. The first rule that matches a name decides;
+/// tensors no rule matches are replicated.
+///
+/// Rank `r` of `world_size` gets indices `r * n / world_size .. (r + 1) * n / world_size`
+/// of a split dimension of length `n`. A dimension that does not divide evenly is an error
+/// naming the tensor, as in vLLM's and Megatron-LM's linear layers (both assert
+/// divisibility); no rank silently gets a different share.
+#[derive(Clone)]
+pub struct Sharding {
+    rank: usize,
+    world_size: usize,
+    rules: Vec<(String, GlobMatcher, Split)>,
+}
+
+impl std::fmt::Debug for Sharding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let rules: Vec<(&str, Split)> = self.rules.iter().map(|(p, _, s)| (p.as_str(), *s)).collect();
+        f.debug_struct("Sharding")
+            .field("rank", &self.rank)
+            .field("world_size", &self.world_size)
+            .field("rules", &rules)
+            .finish()
+    }
+}
+
+impl Sharding {
+    /// Rank `rank` of `world_size`, with no rules yet (everything replicated).
+    pub fn new(rank: usize, world_size: usize) -> Result<Sharding, LoadError> {
+        if world_size == 0 || rank >= world_size {
+            return Err(LoadError::Unsupported(format!("rank {rank} of a tensor-parallel group of {world_size}")));
+        }
+        Ok(Sharding { rank, world_size, rules: Vec::new() })
+    }
+
+    /// Adds a rule: tensors whose name matches the glob `pattern` are split by `split`.
+    pub fn rule(mut self, pattern: &str, split: Split) -> Result<Sharding, LoadError> {
+        let glob = Glob::new(pattern)
+            .map_err(|e| LoadError::InvalidFilter { pattern: pattern.to_owned(), message: e.kind().to_string() })?;
+        self.rules.push((pattern.to_owned(), glob.compile_matcher(), split));
+        Ok(self)
+    }
+
+    /// The rules vLLM and Megatron-LM apply to Llama-family checkpoints (Llama, Mistral,
+    /// Qwen2): attention q/k/v and MLP gate/up are column-parallel, attention output and
+    /// MLP down are row-parallel, the token embedding and the LM head are split by
+    /// vocabulary; norms are replicated. A model with fewer key/value heads than ranks is
+    /// refused (vLLM replicates those heads instead).
+    pub fn llama(rank: usize, world_size: usize) -> Result<Sharding, LoadError> {
+        let mut s = Sharding::new(rank, world_size)?;
+        for (pattern, split) in [
+            ("*.self_attn.{q,k,v}_proj.*", Split::Column),
+            ("*.mlp.{gate,up}_proj.*", Split::Column),
+            ("*.self_attn.o_proj.*", Split::Row),
+            ("*.mlp.down_proj.*", Split::Row),
+            ("*embed_tokens.weight", Split::Column),
+            ("lm_head.weight", Split::Column),
+        ] {
+            s = s.rule(pattern, split)?;
+        }
+        Ok(s)
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Ranks in the group.
+    pub fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    /// The split the rules give tensor `name`.
+    pub fn split_of(&self, name: &str) -> Split {
+        self.rules.iter().find(|(_, m, _)| m.is_match(name)).map_or(Split::Replicated, |r| r.2)
+    }
+}
+
+impl SliceRule for Sharding {
+    fn slice(&self, name: &str, shape: &[usize]) -> Result<Option<TensorSlice>, String> {
+        let dim = match (self.split_of(name), shape.len()) {
+            (Split::Replicated, _) | (_, 0) | (Split::Row, 1) => return Ok(None),
+            (Split::Column, _) => 0,
+            (Split::Row, n) => n - 1,
+            (Split::Dim(d), n) if d < n => d,
+            (Split::Dim(d), n) => {
+                return Err(format!("the sharding rules split dimension {d} of a {n}-dimensional tensor"));
+            }
+        };
+        let n = shape[dim];
+        if n % self.world_size != 0 {
+            return Err(format!(
+                "dimension {dim} ({n}) does not divide evenly into {} ranks (vLLM and Megatron-LM require \
+                 tensor-parallel splits to be even)",
+                self.world_size
+            ));
+        }
+        let share = n / self.world_size;
+        Ok(Some(TensorSlice::along(shape, dim, self.rank * share..(self.rank + 1) * share)))
+    }
+}
+
+/// The slices a loader applies: exact names first, then the rule.
+#[derive(Clone, Default)]
+pub(crate) struct Slices {
+    pub named: HashMap<String, TensorSlice>,
+    pub rule: Option<Arc<dyn SliceRule>>,
+}
+
+impl Slices {
+    pub fn is_empty(&self) -> bool {
+        self.named.is_empty() && self.rule.is_none()
+    }
+
+    /// Narrows every tensor of `plan` that a slice applies to.
+    pub fn apply(&self, plan: &mut tensorlift_io::Checkpoint) -> Result<(), LoadError> {
+        if self.is_empty() {
+            return Ok(());
+        }
+        let file = crate::pipeline::plan_file(plan);
+        let fail =
+            |tensor: &str, message: String| LoadError::Slice { file: file.clone(), tensor: tensor.to_owned(), message };
+        let mut unused: Vec<&str> = self.named.keys().map(String::as_str).collect();
+        plan.slice_with(
+            |t| match self.named.get(&t.name) {
+                Some(s) => {
+                    unused.retain(|n| *n != t.name);
+                    Ok(Some(s.clone()))
+                }
+                None => match &self.rule {
+                    Some(r) => r.slice(&t.name, &t.shape).map_err(|m| fail(&t.name, m)),
+                    None => Ok(None),
+                },
+            },
+            |t, e| fail(&t.name, e.to_string()),
+        )?;
+        // A slice asked for by name of a tensor the load does not have is a mistake to say.
+        match unused.first() {
+            Some(n) => Err(fail(n, "no such tensor in the load".into())),
+            None => Ok(()),
+        }
+    }
+}
