@@ -48,12 +48,23 @@ pub struct Entry {
     pub run: Run,
 }
 
-pub fn tensorlift(loader: Arc<Loader>, reuse_host_memory: bool) -> Entry {
+/// tensorlift's engine; `report_read` prints each run's bytes read against the checkpoint's.
+pub fn tensorlift(loader: Arc<Loader>, reuse_host_memory: bool, report_read: bool) -> Entry {
     Entry {
         name: "tensorlift",
         kind: Kind::Engine,
         run: Box::new(move |c| {
             let model = loader.load_blocking(&c.dir)?;
+            if report_read {
+                let s = model.stats();
+                eprintln!(
+                    "tensorlift: loaded {} bytes, read {} of the checkpoint's {} ({:.1}%)",
+                    s.bytes,
+                    s.bytes_read,
+                    s.checkpoint_bytes,
+                    100.0 * s.bytes_read as f64 / s.checkpoint_bytes.max(1) as f64
+                );
+            }
             Ok((
                 model.stats().bytes,
                 Box::new(Held { model: Some(model), loader: Arc::clone(&loader), reuse_host_memory }),

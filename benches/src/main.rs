@@ -85,6 +85,33 @@ struct Args {
     /// tensorlift: O_DIRECT policy, auto, always or never (default auto).
     #[arg(long, value_parser = |s: &str| s.parse::<tensorlift::DirectIo>())]
     direct: Option<tensorlift::DirectIo>,
+    /// tensorlift: convert floating-point tensors to bf16, f16 or f32 as they land (on the
+    /// GPU by its kernels); GB/s counts the bytes as stored.
+    #[arg(long, value_parser = parse_dtype)]
+    convert_to: Option<tensorlift::Dtype>,
+    /// tensorlift: load one tensor-parallel rank's share, RANK/WORLD (Llama rules, as vLLM
+    /// splits); GB/s counts the bytes loaded, and each run prints the bytes it read.
+    #[arg(long, value_name = "RANK/WORLD", value_parser = parse_tp)]
+    tp: Option<(usize, usize)>,
+}
+
+fn parse_dtype(s: &str) -> Result<tensorlift::Dtype, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "bf16" => Ok(tensorlift::Dtype::BF16),
+        "f16" => Ok(tensorlift::Dtype::F16),
+        "f32" => Ok(tensorlift::Dtype::F32),
+        _ => Err(format!("'{s}' is not bf16, f16 or f32")),
+    }
+}
+
+fn parse_tp(s: &str) -> Result<(usize, usize), String> {
+    let (r, w) = s.split_once('/').ok_or_else(|| format!("'{s}' is not RANK/WORLD"))?;
+    let (r, w) =
+        (r.parse().map_err(|_| format!("bad rank '{r}'"))?, w.parse().map_err(|_| format!("bad world '{w}'"))?);
+    if w == 0 || r >= w {
+        return Err(format!("rank {r} of {w}"));
+    }
+    Ok((r, w))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -183,7 +210,8 @@ fn run(args: &Args) -> anyhow::Result<()> {
     };
     let bar = progress(modes.len() as u64 * args.runs.max(1) as u64 * (2 + cpu_baselines + gpu_entries));
     for mode in modes {
-        let mut entries: Vec<Entry> = vec![engines::tensorlift(Arc::clone(&loader), args.reuse_host_memory)];
+        let mut entries: Vec<Entry> =
+            vec![engines::tensorlift(Arc::clone(&loader), args.reuse_host_memory, args.tp.is_some())];
         for b in &args.baselines {
             match b.as_str() {
                 "std-read" => entries.push(engines::std_read()),
@@ -261,6 +289,12 @@ fn builder(args: &Args) -> tensorlift::LoaderBuilder {
     }
     if let Some(d) = args.direct {
         b = b.direct_io(d);
+    }
+    if let Some(to) = args.convert_to {
+        b = b.convert_to(to);
+    }
+    if let Some(sharding) = args.tp.and_then(|(rank, world)| tensorlift::Sharding::llama(rank, world).ok()) {
+        b = b.shard(sharding);
     }
     b
 }

@@ -13,6 +13,7 @@ use std::thread::JoinHandle;
 use cudarc::driver::{sys, CudaEvent, CudaStream};
 
 use crate::error::{check, Call};
+use crate::kernels::{KernelType, Kernels};
 use crate::{CudaError, DeviceArena, Gpu, PinnedChunk};
 
 /// One piece of a chunk: `rows` rows of `len` bytes; row `k` at `src_offset + k *
@@ -59,9 +60,13 @@ impl Piece {
 pub type OnCopied = Box<dyn Fn(u64, Result<(), CudaError>) + Send>;
 
 struct Pending {
-    event: CudaEvent,
-    chunk: PinnedChunk,
-    arena: Arc<DeviceArena>,
+    /// Recorded after the work (always set before the entry is sent).
+    event: Option<CudaEvent>,
+    /// The chunk copied from (none for a kernel launch).
+    chunk: Option<PinnedChunk>,
+    /// Device memory the work reads or writes, and the kernels it runs: kept until it is done.
+    arenas: Vec<Arc<DeviceArena>>,
+    kernels: Option<Arc<Kernels>>,
     tag: u64,
     /// A copy that failed to queue after others from this chunk had been queued.
     failed: Option<CudaError>,
@@ -124,11 +129,24 @@ impl CopyEngine {
         pieces: &[Piece],
         tag: u64,
     ) -> Result<(), CudaError> {
+        self.copy_to(chunk, &[(arena, pieces)], tag)
+    }
+
+    /// [`copy_tagged`](Self::copy_tagged) into several arenas: each with its pieces.
+    pub fn copy_to(
+        &mut self,
+        chunk: PinnedChunk,
+        targets: &[(&Arc<DeviceArena>, &[Piece])],
+        tag: u64,
+    ) -> Result<(), CudaError> {
         if let Some(e) = self.failure.lock().ok().and_then(|mut f| f.take()) {
             return Err(e);
         }
         let cap = chunk.as_slice().len();
-        for p in pieces {
+        for (arena, p) in targets.iter().flat_map(|&(a, ps)| ps.iter().map(move |p| (a, p))) {
+            if arena.gpu().ordinal() != self.gpu.ordinal() {
+                return Err(CudaError::OutOfBounds { what: "another device's memory", len: p.len });
+            }
             let ends = p.extents();
             let src_ok = ends.is_some_and(|(s, _)| s <= cap);
             let dst_ok = ends.is_some_and(|(_, d)| d <= arena.len());
@@ -143,7 +161,8 @@ impl CopyEngine {
         self.next = self.next.wrapping_add(1);
         let _restore = self.gpu.enter()?;
         let mut failed = None;
-        for p in pieces.iter().filter(|p| p.len > 0 && p.rows > 0) {
+        let all = targets.iter().flat_map(|&(a, ps)| ps.iter().map(move |p| (a, p)));
+        for (arena, p) in all.filter(|(_, p)| p.len > 0 && p.rows > 0) {
             // SAFETY: src_offset + len <= the chunk's capacity was checked above.
             let src = unsafe { chunk.ptr().add(p.src_offset) };
             let dst = arena.device_ptr() + p.dst_offset as u64;
@@ -185,26 +204,87 @@ impl CopyEngine {
         }
         // Even after a failure, copies queued before it still read the chunk: the chunk goes
         // back only behind an event.
-        let event = match self.event().and_then(|e| e.record(&stream).call("cuEventRecord").map(|()| e)) {
+        let arenas = targets.iter().map(|(a, _)| Arc::clone(a)).collect();
+        self.track(&stream, Pending { event: None, chunk: Some(chunk), arenas, kernels: None, tag, failed })
+    }
+
+    /// Queues a conversion of `n` elements of `from` at `src_offset` in `src` into `to` at
+    /// `dst_offset` in `dst`, on the next stream, reporting `tag` when it has completed; the
+    /// arenas and the kernels are kept until then. The work queued before it on other
+    /// streams is not waited for: call it once the copies it reads have completed.
+    #[allow(clippy::too_many_arguments)] // Two (arena, offset) pairs, a count, two types, a tag.
+    pub fn convert_tagged(
+        &mut self,
+        kernels: &Arc<Kernels>,
+        (from, to): (KernelType, KernelType),
+        (src, src_offset): (&Arc<DeviceArena>, usize),
+        (dst, dst_offset): (&Arc<DeviceArena>, usize),
+        n: usize,
+        tag: u64,
+    ) -> Result<(), CudaError> {
+        if let Some(e) = self.failure.lock().ok().and_then(|mut f| f.take()) {
+            return Err(e);
+        }
+        let ordinal = self.gpu.ordinal();
+        if [kernels.gpu(), src.gpu(), dst.gpu()].iter().any(|g| g.ordinal() != ordinal) {
+            return Err(CudaError::OutOfBounds { what: "another device's memory", len: n });
+        }
+        let end = |offset: usize, width: usize| n.checked_mul(width).and_then(|b| b.checked_add(offset));
+        let (Some(src_end), Some(dst_end)) = (end(src_offset, from.width()), end(dst_offset, to.width())) else {
+            return Err(CudaError::OutOfBounds { what: "a conversion's size", len: n });
+        };
+        if src_end > src.len() || dst_end > dst.len() {
+            return Err(CudaError::OutOfBounds { what: "a conversion's arena", len: n });
+        }
+        let same = Arc::ptr_eq(src, dst) && src_offset < dst_end && dst_offset < src_end;
+        if same || !kernels.converts(from, to) {
+            return Err(CudaError::OutOfBounds { what: "a conversion's ranges (overlapping or unsupported)", len: n });
+        }
+        let stream = Arc::clone(&self.streams[self.next % self.streams.len()]);
+        self.next = self.next.wrapping_add(1);
+        let _restore = self.gpu.enter()?;
+        let (s, d) = (src.device_ptr() + src_offset as u64, dst.device_ptr() + dst_offset as u64);
+        // SAFETY: both ranges were checked to lie in their arenas, on this device, and not to
+        // overlap; the arenas (and the kernels) are kept by the pending entry below until the
+        // event recorded after the launch has completed.
+        let failed = unsafe { kernels.launch_convert(stream.cu_stream(), from, to, s, d, n as u64) }.err();
+        let pending = Pending {
+            event: None,
+            chunk: None,
+            arenas: vec![Arc::clone(src), Arc::clone(dst)],
+            kernels: Some(Arc::clone(kernels)),
+            tag,
+            failed,
+        };
+        self.track(&stream, pending)
+    }
+
+    /// Records an event after the work just queued on `stream` and hands `pending` to the
+    /// completion thread, which releases what it holds once the event has completed.
+    fn track(&mut self, stream: &Arc<CudaStream>, mut pending: Pending) -> Result<(), CudaError> {
+        let event = match self.event().and_then(|e| e.record(stream).call("cuEventRecord").map(|()| e)) {
             Ok(e) => e,
             Err(e) => {
-                // No event: wait for the stream here, so that the chunk is free to go back.
+                // No event: wait for the stream here, so that the memory is free to go back.
                 if stream.synchronize().is_err() {
                     // The stream's state is unknown: never hand this memory out again.
-                    std::mem::forget(chunk);
+                    std::mem::forget(pending.chunk.take());
+                    std::mem::forget(std::mem::take(&mut pending.arenas));
                 }
-                return Err(failed.unwrap_or(e));
+                return Err(pending.failed.unwrap_or(e));
             }
         };
-        let err = failed.clone();
-        let pending = Pending { event, chunk, arena: Arc::clone(arena), tag, failed };
+        pending.event = Some(event);
+        let err = pending.failed.clone();
         let sent = match &self.tx {
             Some(tx) => tx.send(pending).map_err(|mpsc::SendError(p)| p),
             None => Err(pending),
         };
         if let Err(p) = sent {
             // The completion thread is gone: wait here instead.
-            let _ = p.event.synchronize();
+            if let Some(e) = &p.event {
+                let _ = e.synchronize();
+            }
             return Err(CudaError::Unavailable("the completion thread stopped".into()));
         }
         match err {
@@ -259,7 +339,8 @@ fn complete(
 ) {
     let _ = gpu.bind();
     for p in rx {
-        let mut result = match p.event.synchronize() {
+        let Some(event) = p.event else { continue };
+        let mut result = match event.synchronize() {
             Ok(()) => Ok(()),
             Err(source) => Err(CudaError::Driver { call: "cuEventSynchronize", source }),
         };
@@ -269,10 +350,11 @@ fn complete(
         if let Some(e) = p.failed {
             result = Err(e);
         }
-        // The copies from this chunk are done: it may go back to its pool, and the event too.
-        drop((p.chunk, p.arena));
+        // The work is done: the chunk may go back to its pool, the memory and the kernels be
+        // released, and the event reused.
+        drop((p.chunk, p.arenas, p.kernels));
         if let Ok(mut pool) = events.lock() {
-            pool.push(p.event);
+            pool.push(event);
         }
         on_copied(p.tag, result);
     }

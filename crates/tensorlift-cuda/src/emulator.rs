@@ -21,6 +21,8 @@ pub struct Live {
     pub contexts: u64,
     /// Bytes of device memory allocated.
     pub device_bytes: u64,
+    /// Loaded modules.
+    pub modules: u64,
 }
 
 /// A fault for the emulated driver to inject from now on.
@@ -54,8 +56,8 @@ pub fn is_emulated() -> bool {
 /// What the emulated driver holds now; `None` on a real driver.
 pub fn live() -> Option<Live> {
     let f = symbol::<unsafe extern "C" fn(*mut u64, usize) -> c_int>(b"tlemu_live")?;
-    let mut v = [0u64; 6];
-    // SAFETY: the array holds the 6 values the call writes.
+    let mut v = [0u64; 7];
+    // SAFETY: the array holds the 7 values the call writes.
     (unsafe { f(v.as_mut_ptr(), v.len()) } == 0).then_some(Live {
         allocations: v[0],
         registrations: v[1],
@@ -63,6 +65,7 @@ pub fn live() -> Option<Live> {
         events: v[3],
         contexts: v[4],
         device_bytes: v[5],
+        modules: v[6],
     })
 }
 

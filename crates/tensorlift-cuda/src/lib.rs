@@ -25,6 +25,7 @@ mod device;
 pub mod dlpack;
 pub mod emulator;
 mod error;
+mod kernels;
 mod pinned;
 mod probe;
 
@@ -32,6 +33,7 @@ pub use arena::DeviceArena;
 pub use copy::{CopyEngine, OnCopied, Piece};
 pub use device::Gpu;
 pub use error::CudaError;
+pub use kernels::{KernelType, Kernels};
 pub use pinned::{PinnedChunk, PinnedPool};
 pub use probe::{
     cuda_status, probe_library, use_driver_library, CudaStatus, DeviceInfo, DriverInfo, LIBCUDA_ENV, LIBCUDA_NAMES,

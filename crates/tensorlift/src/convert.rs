@@ -4,10 +4,11 @@
 //! Every source value is exactly representable in f32, so a conversion is one decode to f32
 //! (exact) and one rounding to the target, to nearest, ties to even: NaN stays NaN (sign
 //! kept), infinities stay infinite, subnormals are kept where the target can hold them.
-//! The loops are plain element-wise code the compiler vectorizes.
+//! Elements go through f32 in blocks, each loop over one pair of types so that the compiler
+//! vectorizes it; f16 uses `half`'s slice conversions (F16C where the CPU has it).
 //!
-//! Loads apply it on the host with `LoaderBuilder::convert_to`; on a CUDA device, the
-//! kernels that would do it there are not built yet.
+//! Loads apply it with `LoaderBuilder::convert_to`: here on the host, and on a CUDA device
+//! by the kernels of `kernels/convert.cu`, which compute the same bits.
 //!
 //! ```
 //! use tensorlift::{convert, Dtype};
@@ -18,7 +19,7 @@
 //! # Ok::<(), tensorlift::convert::ConvertError>(())
 //! ```
 
-use half::{bf16, f16};
+use half::f16;
 use tensorlift_format::Dtype;
 
 /// Why a conversion was refused.
@@ -62,31 +63,112 @@ pub fn convert(from: Dtype, to: Dtype, src: &[u8], dst: &mut [u8]) -> Result<(),
         dst.copy_from_slice(src);
         return Ok(());
     }
-    let decode: fn(&[u8]) -> f32 = match from {
-        Dtype::F8_E4M3 => |b| f8_e4m3fn_to_f32(b[0]),
-        Dtype::F8_E5M2 => |b| f8_e5m2_to_f32(b[0]),
-        Dtype::BF16 => |b| bf16::from_le_bytes([b[0], b[1]]).to_f32(),
-        Dtype::F16 => |b| f16::from_le_bytes([b[0], b[1]]).to_f32(),
-        _ => |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-    };
-    match to {
-        Dtype::F32 => {
-            for (s, d) in src.chunks_exact(wf).zip(dst.chunks_exact_mut(4)) {
-                d.copy_from_slice(&decode(s).to_le_bytes());
+    // Blocks of elements go through f32: each loop below is over one pair of types, plain
+    // enough for the compiler to vectorize, and f16 uses `half`'s slice conversions (F16C
+    // where the CPU has it).
+    let mut wide = [0f32; BLOCK];
+    for (s, d) in src.chunks(BLOCK * wf).zip(dst.chunks_mut(BLOCK * wt)) {
+        let block = &mut wide[..s.len() / wf];
+        decode(from, s, block);
+        encode(to, block, d);
+    }
+    Ok(())
+}
+
+/// Elements converted at a time.
+const BLOCK: usize = 1024;
+
+/// `src`'s elements of type `from`, exactly, as f32.
+fn decode(from: Dtype, src: &[u8], out: &mut [f32]) {
+    match from {
+        Dtype::BF16 => {
+            for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
+                *o = f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16);
             }
         }
-        Dtype::BF16 => {
-            for (s, d) in src.chunks_exact(wf).zip(dst.chunks_exact_mut(2)) {
-                d.copy_from_slice(&bf16::from_f32(decode(s)).to_le_bytes());
+        Dtype::F16 => {
+            let mut halves = [f16::ZERO; BLOCK];
+            let halves = &mut halves[..out.len()];
+            for (h, c) in halves.iter_mut().zip(src.chunks_exact(2)) {
+                *h = f16::from_le_bytes([c[0], c[1]]);
+            }
+            half::slice::HalfFloatSliceExt::convert_to_f32_slice(&*halves, out);
+        }
+        Dtype::F8_E4M3 => {
+            let table = fp8_table(Fp8::E4M3);
+            for (o, &b) in out.iter_mut().zip(src) {
+                *o = table[usize::from(b)];
+            }
+        }
+        Dtype::F8_E5M2 => {
+            let table = fp8_table(Fp8::E5M2);
+            for (o, &b) in out.iter_mut().zip(src) {
+                *o = table[usize::from(b)];
             }
         }
         _ => {
-            for (s, d) in src.chunks_exact(wf).zip(dst.chunks_exact_mut(2)) {
-                d.copy_from_slice(&f16::from_f32(decode(s)).to_le_bytes());
+            for (o, c) in out.iter_mut().zip(src.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
             }
         }
     }
-    Ok(())
+}
+
+/// `values` rounded to `to` (to nearest, ties to even), into `dst`.
+fn encode(to: Dtype, values: &[f32], dst: &mut [u8]) {
+    match to {
+        Dtype::F32 => {
+            for (v, d) in values.iter().zip(dst.chunks_exact_mut(4)) {
+                d.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        Dtype::BF16 => {
+            for (v, d) in values.iter().zip(dst.chunks_exact_mut(2)) {
+                d.copy_from_slice(&f32_to_bf16_bits(*v).to_le_bytes());
+            }
+        }
+        _ => {
+            let mut halves = [f16::ZERO; BLOCK];
+            let halves = &mut halves[..values.len()];
+            half::slice::HalfFloatSliceExt::convert_from_f32_slice(halves, values);
+            for (h, d) in halves.iter().zip(dst.chunks_exact_mut(2)) {
+                d.copy_from_slice(&h.to_le_bytes());
+            }
+        }
+    }
+}
+
+/// `half`'s `bf16::from_f32`, without branches: NaN keeps its sign and top mantissa bits
+/// with the quiet bit set; anything else rounds to nearest, ties to even (adding `0x7fff`
+/// plus the kept part's lowest bit carries exactly when the dropped half is over a half,
+/// or a half with an odd kept part).
+#[inline]
+fn f32_to_bf16_bits(v: f32) -> u16 {
+    let x = v.to_bits();
+    let rounded = (x.wrapping_add(0x7fff + ((x >> 16) & 1)) >> 16) as u16;
+    let nan = ((x >> 16) | 0x0040) as u16;
+    if x & 0x7fff_ffff > 0x7f80_0000 {
+        nan
+    } else {
+        rounded
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Fp8 {
+    E4M3,
+    E5M2,
+}
+
+/// Every value of an fp8 type, as f32, computed once.
+fn fp8_table(kind: Fp8) -> &'static [f32; 256] {
+    static E4M3: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+    static E5M2: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+    let (cell, f): (_, fn(u8) -> f32) = match kind {
+        Fp8::E4M3 => (&E4M3, f8_e4m3fn_to_f32),
+        Fp8::E5M2 => (&E5M2, f8_e5m2_to_f32),
+    };
+    cell.get_or_init(|| std::array::from_fn(|i| f(i as u8)))
 }
 
 /// float8 e4m3fn (OCP FP8, as `torch.float8_e4m3fn`): bias 7, no infinities, NaN is
@@ -114,6 +196,7 @@ pub fn f8_e5m2_to_f32(b: u8) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::bf16;
 
     fn same(a: f32, b: f32) -> bool {
         a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan() && a.is_sign_negative() == b.is_sign_negative())

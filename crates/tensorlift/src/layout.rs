@@ -114,11 +114,27 @@ pub(crate) fn chunks_covering(range: &Range<u64>, chunk: usize) -> Range<usize> 
     (range.start / chunk) as usize..range.end.div_ceil(chunk) as usize
 }
 
+/// How [`device_layout`] places a tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Place {
+    /// Not in this allocation.
+    No,
+    /// Its bytes as loaded, mirroring the file where it can.
+    AsLoaded,
+    /// This many bytes (a converted tensor's), at the next aligned offset.
+    Packed(u64),
+}
+
 /// Where each selected tensor lands in one device allocation: at a multiple of
 /// [`DEVICE_ALIGN`], mirroring the file (the gap between two tensors kept) wherever that
 /// keeps the alignment, so that runs of such tensors are one copy. Returns the offset of
-/// each plan tensor (`None` for tensors not selected) and the allocation's length.
-pub(crate) fn device_layout(plan: &LoadPlan, spans: &[Span]) -> (Vec<Option<u64>>, u64) {
+/// each plan tensor (`None` for tensors not selected, or placed [`Place::No`]) and the
+/// allocation's length.
+pub(crate) fn device_layout(
+    plan: &LoadPlan,
+    spans: &[Span],
+    place: impl Fn(usize) -> Place,
+) -> (Vec<Option<u64>>, u64) {
     let mut at = vec![None; plan.tensors().len()];
     let mut end = 0u64;
     let mut prev: Option<&PlannedTensor> = None;
@@ -126,6 +142,16 @@ pub(crate) fn device_layout(plan: &LoadPlan, spans: &[Span]) -> (Vec<Option<u64>
         for &i in &s.tensors {
             let t = &plan.tensors()[i];
             let aligned = end.next_multiple_of(DEVICE_ALIGN);
+            let len = match place(i) {
+                Place::No => continue,
+                Place::Packed(len) => {
+                    at[i] = Some(aligned);
+                    end = aligned + len;
+                    prev = None;
+                    continue;
+                }
+                Place::AsLoaded => t.len(),
+            };
             let offset = match prev {
                 // A gathered slice is packed: its place has nothing to do with its file range.
                 Some(p) if p.gather.is_some() || t.gather.is_some() => aligned,
@@ -140,7 +166,7 @@ pub(crate) fn device_layout(plan: &LoadPlan, spans: &[Span]) -> (Vec<Option<u64>
                 _ => aligned,
             };
             at[i] = Some(offset);
-            end = offset + t.len();
+            end = offset + len;
             prev = Some(t);
         }
     }
@@ -283,7 +309,7 @@ mod tests {
     fn device_placements_are_aligned_and_disjoint() {
         let p = plan(5003, &[100, 10_000, 0, 7, 256, 512]);
         let s = spans(&p);
-        let (at, total) = device_layout(&p, &s);
+        let (at, total) = device_layout(&p, &s, |_| Place::AsLoaded);
         let mut prev_end = 0;
         for (i, t) in p.tensors().iter().enumerate() {
             let o = at[i].unwrap();
@@ -300,7 +326,7 @@ mod tests {
         // the file, so each chunk is one piece.
         let p = plan(4096, &[256, 1024, 4096, 512]);
         let s = spans(&p);
-        let (at, total) = device_layout(&p, &s);
+        let (at, total) = device_layout(&p, &s, |_| Place::AsLoaded);
         assert_eq!(at, vec![Some(0), Some(256), Some(1280), Some(5376)]);
         assert_eq!(total, 5888);
         for r in reads(&s, 4096, 1) {
@@ -320,7 +346,7 @@ mod tests {
     fn pieces_move_every_byte_once() {
         let p = plan(5003, &[100, 10_000, 0, 7, 256, 513, 3]);
         let s = spans(&p);
-        let (at, total) = device_layout(&p, &s);
+        let (at, total) = device_layout(&p, &s, |_| Place::AsLoaded);
         for chunk in [4096usize, 8192, 1 << 20] {
             let mut device = vec![0u8; total as usize];
             let file: Vec<u8> = (0..p.shards()[0].file_len).map(|i| (i % 251) as u8).collect();

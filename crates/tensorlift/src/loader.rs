@@ -253,8 +253,9 @@ impl LoaderBuilder {
     }
     /// Converts floating-point tensors (BF16, F16, F32, F8_E4M3, F8_E5M2) to `dtype` (BF16,
     /// F16 or F32) as they land, rounding to nearest even (see [`crate::convert`]); other
-    /// tensors are loaded as stored. Host loads only, for now: building a loader for a CUDA
-    /// device with it fails.
+    /// tensors are loaded as stored. On a CUDA device a kernel converts each tensor once its
+    /// stored bytes are on the device (in a scratch allocation the size of the converted
+    /// tensors as stored, which lives until the load ends), bit for bit as the host does.
     pub fn convert_to(mut self, dtype: tensorlift_format::Dtype) -> Self {
         self.cfg.convert_to = Some(dtype);
         self
@@ -324,11 +325,6 @@ impl LoaderBuilder {
             if !matches!(to, Dtype::BF16 | Dtype::F16 | Dtype::F32) {
                 return Err(LoadError::Unsupported(format!("conversion to {to} (targets are BF16, F16 and F32)")));
             }
-            if device != Device::Cpu {
-                return Err(LoadError::Unsupported(format!(
-                    "dtype conversion on {device} (conversion runs on the host for now)"
-                )));
-            }
         }
         Ok(Loader { reader, cfg: self.cfg, filter, device, device_reason, target })
     }
@@ -377,7 +373,14 @@ fn open_cuda(ordinal: usize, cfg: &Config, reader: &Reader) -> Result<CudaTarget
     if let Err(e) = pool.register_with(reader) {
         tracing::debug!(error = %e, "pinned chunks are not io_uring fixed buffers");
     }
-    Ok(CudaTarget { gpu, pool, streams: cfg.streams })
+    // The kernels only when they are needed: loading them costs the driver a compilation.
+    let kernels = match cfg.convert_to {
+        Some(_) => Some(Arc::new(
+            tensorlift_cuda::Kernels::load(&gpu).map_err(|e| format!("cannot load the conversion kernels: {e}"))?,
+        )),
+        None => None,
+    };
+    Ok(CudaTarget { gpu, pool, streams: cfg.streams, kernels })
 }
 
 fn compile_filter(patterns: &[String]) -> Result<Option<GlobSet>, LoadError> {

@@ -10,7 +10,12 @@
 //!   pitches no shorter than a row.
 //! - Device memory is real memory, at addresses (from `1 << 62` up) that no host pointer
 //!   uses: dereferencing one on the host faults.
-//! - Live allocations, registrations, streams, events and contexts are counted
+//! - Kernels are implemented by name on the CPU: `cuModuleLoadData` takes PTX text (refusing
+//!   an ISA newer than the driver version it claims, as a real driver does), and a launch
+//!   of `tl_convert_<from>_<to>` converts on the stream's worker, later and in order like a
+//!   copy, reading and writing device memory (with `half`, independently of tensorlift's
+//!   own conversion code).
+//! - Live allocations, registrations, streams, events, contexts and modules are counted
 //!   (`tlemu_live`), so a test can end by checking that nothing leaked.
 //! - Faults: `TLEMU_DEVICE_MEMORY` (bytes, default 8 GiB), `TLEMU_OOM=1` (every allocation
 //!   fails), `TLEMU_FAIL_COPY=N` (the Nth asynchronous copy fails), `TLEMU_REFUSE_REGISTER=1`,
@@ -22,7 +27,7 @@
 //! load it with `tensorlift_cuda::use_driver_library`, or a process with
 //! `TENSORLIFT_LIBCUDA=PATH`. The contract of every exported function is the CUDA driver
 //! API's.
-#![allow(non_snake_case, clippy::missing_safety_doc)]
+#![allow(non_snake_case, clippy::missing_safety_doc, clippy::too_many_arguments)]
 
 use std::collections::BTreeMap;
 use std::ffi::{c_char, c_int, c_uint, c_void};
@@ -40,6 +45,9 @@ const INVALID_VALUE: CUresult = 1;
 const OUT_OF_MEMORY: CUresult = 2;
 const INVALID_DEVICE: CUresult = 101;
 const INVALID_HANDLE: CUresult = 400;
+const INVALID_IMAGE: CUresult = 200;
+const UNSUPPORTED_PTX_VERSION: CUresult = 222;
+const NOT_FOUND: CUresult = 500;
 const NOT_READY: CUresult = 600;
 const ILLEGAL_ADDRESS: CUresult = 700;
 const HOST_MEMORY_ALREADY_REGISTERED: CUresult = 712;
@@ -61,7 +69,8 @@ const LIVE_STREAMS: usize = 2;
 const LIVE_EVENTS: usize = 3;
 const LIVE_CONTEXTS: usize = 4;
 const LIVE_DEVICE_BYTES: usize = 5;
-const LIVE_COUNT: usize = 6;
+const LIVE_MODULES: usize = 6;
+const LIVE_COUNT: usize = 7;
 
 /// Faults settable with `tlemu_set_fault`, in this order.
 const FAULT_DEVICE_MEMORY: c_uint = 0;
@@ -217,6 +226,9 @@ pub unsafe extern "C" fn cuGetErrorName(error: CUresult, text: *mut *const c_cha
         INVALID_DEVICE => b"CUDA_ERROR_INVALID_DEVICE\0",
         INVALID_HANDLE => b"CUDA_ERROR_INVALID_HANDLE\0",
         NOT_READY => b"CUDA_ERROR_NOT_READY\0",
+        INVALID_IMAGE => b"CUDA_ERROR_INVALID_IMAGE\0",
+        UNSUPPORTED_PTX_VERSION => b"CUDA_ERROR_UNSUPPORTED_PTX_VERSION\0",
+        NOT_FOUND => b"CUDA_ERROR_NOT_FOUND\0",
         ILLEGAL_ADDRESS => b"CUDA_ERROR_ILLEGAL_ADDRESS\0",
         HOST_MEMORY_ALREADY_REGISTERED => b"CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED\0",
         HOST_MEMORY_NOT_REGISTERED => b"CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED\0",
@@ -437,7 +449,89 @@ pub extern "C" fn cuMemHostUnregister(p: *mut c_void) -> CUresult {
 
 // ---- Streams and events ---------------------------------------------------------------
 
+/// A kernel the emulator implements: a conversion, by element type names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Convert {
+    from: Elem,
+    to: Elem,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Elem {
+    Bf16,
+    F16,
+    F32,
+    F8E4M3,
+    F8E5M2,
+}
+
+impl Elem {
+    fn parse(s: &str) -> Option<Elem> {
+        Some(match s {
+            "bf16" => Elem::Bf16,
+            "f16" => Elem::F16,
+            "f32" => Elem::F32,
+            "f8e4m3" => Elem::F8E4M3,
+            "f8e5m2" => Elem::F8E5M2,
+            _ => return None,
+        })
+    }
+    fn width(self) -> usize {
+        match self {
+            Elem::F8E4M3 | Elem::F8E5M2 => 1,
+            Elem::Bf16 | Elem::F16 => 2,
+            Elem::F32 => 4,
+        }
+    }
+    fn decode(self, b: &[u8]) -> f32 {
+        match self {
+            Elem::Bf16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+            Elem::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
+            Elem::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            Elem::F8E5M2 => half::f16::from_bits(u16::from(b[0]) << 8).to_f32(),
+            Elem::F8E4M3 => {
+                let (sign, exp, man) = (b[0] >> 7, (b[0] >> 3) & 0xf, b[0] & 7);
+                let magnitude = match (exp, man) {
+                    (0xf, 7) => f32::NAN,
+                    (0, m) => f32::from(m) * 2f32.powi(-9),
+                    (e, m) => (8.0 + f32::from(m)) * 2f32.powi(i32::from(e) - 10),
+                };
+                if sign == 1 {
+                    -magnitude
+                } else {
+                    magnitude
+                }
+            }
+        }
+    }
+    fn encode(self, x: f32, out: &mut [u8]) {
+        match self {
+            Elem::Bf16 => out.copy_from_slice(&half::bf16::from_f32(x).to_le_bytes()),
+            Elem::F16 => out.copy_from_slice(&half::f16::from_f32(x).to_le_bytes()),
+            Elem::F32 => out.copy_from_slice(&x.to_le_bytes()),
+            // Not a target of any kernel.
+            Elem::F8E4M3 | Elem::F8E5M2 => {}
+        }
+    }
+}
+
+impl Convert {
+    /// `tl_convert_<from>_<to>`, for a target of bf16, f16 or f32.
+    fn by_name(name: &str) -> Option<Convert> {
+        let (from, to) = name.strip_prefix("tl_convert_")?.split_once('_')?;
+        let (from, to) = (Elem::parse(from)?, Elem::parse(to)?);
+        (from != to && matches!(to, Elem::Bf16 | Elem::F16 | Elem::F32)).then_some(Convert { from, to })
+    }
+}
+
 enum Op {
+    /// A conversion kernel over `n` elements.
+    Launch {
+        kernel: Convert,
+        src: CUdeviceptr,
+        dst: CUdeviceptr,
+        n: usize,
+    },
     Copy {
         dst: CUdeviceptr,
         src: usize,
@@ -514,7 +608,154 @@ fn apply(op: Op) {
                 apply(Op::Copy { dst: dst + (k * dst_pitch) as u64, src: src + k * src_pitch, len });
             }
         }
+        Op::Launch { kernel, src, dst, n } => {
+            // A kernel reads and writes only device memory: an address outside a live
+            // allocation is the illegal access a real kernel would fault on.
+            let (wf, wt) = (kernel.from.width(), kernel.to.width());
+            let input = n.checked_mul(wf).and_then(|len| with_device(src, len, |b| b.to_vec()));
+            let done = input.and_then(|input| {
+                with_device(dst, n * wt, |out| {
+                    for (s, d) in input.chunks_exact(wf).zip(out.chunks_exact_mut(wt)) {
+                        kernel.to.encode(kernel.from.decode(s), d);
+                    }
+                })
+            });
+            if done.is_none() {
+                emu().sticky.store(ILLEGAL_ADDRESS, Ordering::Release);
+            }
+        }
         Op::Record { event, generation } | Op::Marker(event, generation) => event.complete(generation),
+    }
+}
+
+// ---- Modules and kernels --------------------------------------------------------------
+
+/// Loaded modules: handle -> the entry points their PTX declares.
+fn modules() -> &'static Mutex<BTreeMap<usize, Vec<String>>> {
+    static MODULES: OnceLock<Mutex<BTreeMap<usize, Vec<String>>>> = OnceLock::new();
+    MODULES.get_or_init(|| Mutex::new(BTreeMap::new()))
+}
+
+/// Functions: handle -> (module, kernel).
+fn functions() -> &'static Mutex<BTreeMap<usize, (usize, Convert)>> {
+    static FUNCTIONS: OnceLock<Mutex<BTreeMap<usize, (usize, Convert)>>> = OnceLock::new();
+    FUNCTIONS.get_or_init(|| Mutex::new(BTreeMap::new()))
+}
+
+/// Handles for modules and functions: distinct, never reused, never null.
+fn next_handle() -> usize {
+    static NEXT: AtomicU64 = AtomicU64::new(0x10_0000);
+    NEXT.fetch_add(16, Ordering::Relaxed) as usize
+}
+
+/// The newest PTX ISA this emulated driver (CUDA 12.8) compiles.
+const PTX_ISA_MAX: (u32, u32) = (8, 7);
+
+#[no_mangle]
+pub unsafe extern "C" fn cuModuleLoadData(module: *mut *mut c_void, image: *const c_void) -> CUresult {
+    if module.is_null() || image.is_null() {
+        return INVALID_VALUE;
+    }
+    // SAFETY: a PTX image is NUL-terminated text (driver API contract).
+    let text = unsafe { std::ffi::CStr::from_ptr(image.cast()) };
+    let Ok(text) = text.to_str() else { return INVALID_IMAGE };
+    let version = text.lines().find_map(|l| l.trim().strip_prefix(".version ")).and_then(|v| {
+        let (major, minor) = v.trim().split_once('.')?;
+        Some((major.parse::<u32>().ok()?, minor.parse::<u32>().ok()?))
+    });
+    match version {
+        None => return INVALID_IMAGE,
+        Some(v) if v > PTX_ISA_MAX => return UNSUPPORTED_PTX_VERSION,
+        Some(_) => {}
+    }
+    let entries: Vec<String> = text
+        .split(".entry ")
+        .skip(1)
+        .filter_map(|rest| rest.split(|c: char| c == '(' || c.is_whitespace()).next().map(str::to_owned))
+        .collect();
+    let handle = next_handle();
+    lock(modules()).insert(handle, entries);
+    count(LIVE_MODULES, 1);
+    // SAFETY: checked not null; the driver API's out-parameter.
+    unsafe { module.write(handle as *mut c_void) };
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuModuleGetFunction(
+    function: *mut *mut c_void,
+    module: *mut c_void,
+    name: *const c_char,
+) -> CUresult {
+    if function.is_null() || name.is_null() {
+        return INVALID_VALUE;
+    }
+    // SAFETY: a NUL-terminated name (driver API contract).
+    let Ok(name) = unsafe { std::ffi::CStr::from_ptr(name) }.to_str() else { return NOT_FOUND };
+    let modules = lock(modules());
+    let Some(entries) = modules.get(&(module as usize)) else { return INVALID_HANDLE };
+    // The PTX must declare it, and the emulator must know how to run it.
+    let Some(kernel) = Convert::by_name(name).filter(|_| entries.iter().any(|e| e == name)) else { return NOT_FOUND };
+    let handle = next_handle();
+    lock(functions()).insert(handle, (module as usize, kernel));
+    // SAFETY: checked not null; the driver API's out-parameter.
+    unsafe { function.write(handle as *mut c_void) };
+    SUCCESS
+}
+
+#[no_mangle]
+pub extern "C" fn cuModuleUnload(module: *mut c_void) -> CUresult {
+    if lock(modules()).remove(&(module as usize)).is_none() {
+        return INVALID_HANDLE;
+    }
+    lock(functions()).retain(|_, (m, _)| *m != module as usize);
+    count(LIVE_MODULES, -1);
+    SUCCESS
+}
+
+/// Runs a conversion kernel: its three arguments (source, destination, count) are read now,
+/// as the driver reads them at the call; the work runs on the stream, later.
+#[no_mangle]
+pub unsafe extern "C" fn cuLaunchKernel(
+    function: *mut c_void,
+    grid_x: c_uint,
+    grid_y: c_uint,
+    grid_z: c_uint,
+    block_x: c_uint,
+    block_y: c_uint,
+    block_z: c_uint,
+    _shared_bytes: c_uint,
+    handle: *mut c_void,
+    params: *mut *mut c_void,
+    extra: *mut *mut c_void,
+) -> CUresult {
+    let Some(&(_, kernel)) = lock(functions()).get(&(function as usize)) else { return INVALID_HANDLE };
+    let dims = [grid_x, grid_y, grid_z, block_x, block_y, block_z];
+    if params.is_null() || !extra.is_null() || dims.contains(&0) || block_x * block_y * block_z > 1024 {
+        return INVALID_VALUE;
+    }
+    let mut args = [0u64; 3];
+    for (i, a) in args.iter_mut().enumerate() {
+        // SAFETY: the kernel takes three 8-byte arguments; `params` holds a pointer to each
+        // (driver API contract), so entry `i` is in the array.
+        let entry = unsafe { params.add(i) };
+        // SAFETY: as above: the entry is readable.
+        let p = unsafe { *entry };
+        if p.is_null() {
+            return INVALID_VALUE;
+        }
+        // SAFETY: as above: each points at its argument's value.
+        *a = unsafe { p.cast::<u64>().read_unaligned() };
+    }
+    let Ok(n) = usize::try_from(args[2]) else { return INVALID_VALUE };
+    let op = Op::Launch { kernel, src: args[0], dst: args[1], n };
+    if handle.is_null() {
+        apply(op);
+        return SUCCESS;
+    }
+    match stream(handle) {
+        Some(s) => s.push(op),
+        None => INVALID_HANDLE,
     }
 }
 
