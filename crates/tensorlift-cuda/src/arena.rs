@@ -5,12 +5,67 @@ use cudarc::driver::sys;
 use crate::error::check;
 use crate::{CudaError, Gpu};
 
-/// One `cuMemAlloc` allocation on a device.
-#[derive(Debug)]
+/// Device memory a caller owns (a framework's tensor, a caching allocator's block), lent
+/// to tensorlift for tensors to be placed in.
+pub struct LentMemory {
+    ptr: u64,
+    len: usize,
+    owner: Box<dyn std::any::Any + Send + Sync>,
+}
+
+impl std::fmt::Debug for LentMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LentMemory").field("ptr", &format_args!("{:#x}", self.ptr)).field("len", &self.len).finish()
+    }
+}
+
+impl LentMemory {
+    /// `len` bytes of device memory at `ptr`, kept allocated by `owner` (which tensorlift
+    /// keeps until it is done with the memory, and then drops).
+    ///
+    /// # Safety
+    ///
+    /// The range stays allocated while `owner` is alive, and nothing but tensorlift reads
+    /// or writes it while a load that places tensors there runs (its copies and kernels are
+    /// asynchronous). Which device it is on is checked with the driver when it is used.
+    pub unsafe fn new(ptr: u64, len: usize, owner: impl std::any::Any + Send + Sync) -> LentMemory {
+        LentMemory { ptr, len, owner: Box::new(owner) }
+    }
+
+    /// The device address of byte 0.
+    pub fn device_ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    /// Bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// One `cuMemAlloc` allocation on a device, or device memory a caller lent.
 pub struct DeviceArena {
     gpu: Gpu,
     ptr: sys::CUdeviceptr,
     len: usize,
+    /// For lent memory: what keeps it allocated (dropped instead of freeing).
+    owner: Option<Box<dyn std::any::Any + Send + Sync>>,
+}
+
+impl std::fmt::Debug for DeviceArena {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceArena")
+            .field("device", &self.gpu.ordinal())
+            .field("ptr", &format_args!("{:#x}", self.ptr))
+            .field("len", &self.len)
+            .field("lent", &self.owner.is_some())
+            .finish()
+    }
 }
 
 impl DeviceArena {
@@ -24,7 +79,38 @@ impl DeviceArena {
             return Err(CudaError::OutOfMemory { what: "device memory", bytes: len as u64 });
         }
         check(r, "cuMemAlloc")?;
-        Ok(DeviceArena { gpu: gpu.clone(), ptr, len })
+        Ok(DeviceArena { gpu: gpu.clone(), ptr, len, owner: None })
+    }
+
+    /// An arena over device memory a caller lent ([`LentMemory`]), for loads to place
+    /// tensors in. The driver is asked what the address is: memory that is not one
+    /// allocation of `gpu` covering the whole range is refused. The memory's owner is kept
+    /// until the arena drops, and dropped then instead of a free.
+    pub fn lent(gpu: &Gpu, memory: LentMemory) -> Result<DeviceArena, CudaError> {
+        let LentMemory { ptr, len, owner } = memory;
+        let _restore = gpu.enter()?;
+        let foreign = |why: String| CudaError::Foreign(format!("{ptr:#x} + {len} bytes: {why}"));
+        let attribute = |attr: sys::CUpointer_attribute, out: *mut std::ffi::c_void| {
+            // SAFETY: `out` points at a value of the type the attribute writes (below).
+            check(unsafe { sys::cuPointerGetAttribute(out, attr, ptr) }, "cuPointerGetAttribute")
+        };
+        let (mut start, mut size, mut ordinal): (sys::CUdeviceptr, usize, std::ffi::c_int) = (0, 0, -1);
+        let known = attribute(sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR, (&raw mut start).cast())
+            .and_then(|()| attribute(sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_SIZE, (&raw mut size).cast()))
+            .and_then(|()| {
+                attribute(sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, (&raw mut ordinal).cast())
+            });
+        if known.is_err() {
+            return Err(foreign("not device memory the driver knows".into()));
+        }
+        if usize::try_from(ordinal).ok() != Some(gpu.ordinal()) {
+            return Err(foreign(format!("on device {ordinal}, not cuda:{}", gpu.ordinal())));
+        }
+        let end = ptr.checked_add(len as u64).ok_or_else(|| foreign("overflows".into()))?;
+        if end > start + size as u64 {
+            return Err(foreign(format!("its allocation ends at {:#x}", start + size as u64)));
+        }
+        Ok(DeviceArena { gpu: gpu.clone(), ptr, len, owner: Some(owner) })
     }
 
     /// The device address of byte 0.
@@ -84,6 +170,10 @@ impl DeviceArena {
 
 impl Drop for DeviceArena {
     fn drop(&mut self) {
+        if self.owner.is_some() {
+            // Lent memory goes back to its owner, with the owner's value.
+            return;
+        }
         if let Ok(_restore) = self.gpu.enter_for_release() {
             // SAFETY: frees the allocation made in `new`, once; copies into it were
             // synchronised before the arena could be dropped (the engine holds it until then).

@@ -20,6 +20,9 @@ pub enum CudaError {
     /// Host or device memory could not be had.
     #[error("cannot allocate {bytes} bytes of {what}")]
     OutOfMemory { what: &'static str, bytes: u64 },
+    /// Memory a caller lent is not what it was said to be.
+    #[error("caller's device memory at {0}")]
+    Foreign(String),
     /// A copy named bytes outside its source chunk or its device arena.
     #[error("copy of {len} bytes out of bounds ({what})")]
     OutOfBounds { what: &'static str, len: usize },

@@ -29,7 +29,7 @@ mod kernels;
 mod pinned;
 mod probe;
 
-pub use arena::DeviceArena;
+pub use arena::{DeviceArena, LentMemory};
 pub use copy::{CopyEngine, OnCopied, Piece};
 pub use device::Gpu;
 pub use error::CudaError;

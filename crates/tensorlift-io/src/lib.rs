@@ -35,6 +35,7 @@
 mod arena;
 mod buf;
 pub mod cache;
+mod caller;
 mod checkpoint;
 mod error;
 mod file;
@@ -47,6 +48,7 @@ mod uring;
 
 pub use arena::{ArenaChunk, ArenaPool, HostArena};
 pub use buf::{AlignedBuf, IoBufMut, MAP_THRESHOLD, PAGE};
+pub use caller::{CallerChunk, CallerMemory, CallerRegion, Claim, ClaimError, HostChunk};
 pub use checkpoint::{
     open_checkpoint, open_pytorch, Checkpoint, PlanLimits, PyTorchFiles, DEFAULT_MAX_HEADER_BYTES,
     DEFAULT_MAX_OPEN_FILES, TORCH_INDEX, TORCH_SINGLE, USE_SAFETENSORS_ENV,

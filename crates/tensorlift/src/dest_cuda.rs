@@ -81,8 +81,13 @@ impl Completions {
 pub(crate) struct CudaSink {
     device: Device,
     spans: Vec<Span>,
-    placements: Vec<Option<u64>>,
-    arena: Arc<DeviceArena>,
+    /// The allocations tensors land in: the load's own first, then the scratch allocation
+    /// of a converting load, then the caller's.
+    targets: Vec<Arc<DeviceArena>>,
+    /// Each tensor's final place: (target, offset).
+    places: Vec<Option<(usize, u64)>>,
+    /// Each tensor's claim on caller memory, for tensors the caller placed.
+    claims: Vec<Option<Arc<crate::place::DeviceClaim>>>,
     /// For a converting load: each tensor's conversion, and where its stored bytes land.
     conversion: Option<Conversion>,
     pool: Arc<PinnedPool>,
@@ -102,9 +107,9 @@ struct Conversion {
     to: Dtype,
     /// Each tensor's (from, to) kernel types, for the tensors converted.
     kinds: Vec<Option<(KernelType, KernelType)>>,
-    /// Where converted tensors' stored bytes land in `scratch`.
+    /// Where converted tensors' stored bytes land in the scratch allocation (a target).
     raw: Vec<Option<u64>>,
-    scratch: Arc<DeviceArena>,
+    scratch: usize,
 }
 
 impl CudaSink {
@@ -112,6 +117,7 @@ impl CudaSink {
         cuda: &CudaTarget,
         plan: &LoadPlan,
         spans: Vec<Span>,
+        dests: Vec<Option<crate::place::Resolved>>,
         cfg: &Config,
         ready: &mut VecDeque<Tensor>,
     ) -> Result<CudaSink, LoadError> {
@@ -127,9 +133,27 @@ impl CudaSink {
                 _ => None,
             })
             .collect();
-        let (placements, total) = layout::device_layout(plan, &spans, |i| match kinds[i] {
-            Some((f, t)) => Place::Packed(plan.tensors()[i].len() / f.width() as u64 * t.width() as u64),
-            None => Place::AsLoaded,
+        // Tensors the caller placed take no room in the load's own allocation.
+        let mut targets: Vec<Arc<DeviceArena>> = Vec::new();
+        let mut caller: Vec<Option<(usize, u64)>> = vec![None; plan.tensors().len()];
+        let mut claims = vec![None; plan.tensors().len()];
+        for (i, d) in dests.into_iter().enumerate() {
+            if let Some(crate::place::Resolved::Device { arena, offset, claim }) = d {
+                let k = match targets.iter().position(|a| Arc::ptr_eq(a, &arena)) {
+                    Some(k) => k,
+                    None => {
+                        targets.push(arena);
+                        targets.len() - 1
+                    }
+                };
+                caller[i] = Some((k, offset));
+                claims[i] = Some(claim);
+            }
+        }
+        let (own, total) = layout::device_layout(plan, &spans, |i| match (caller[i], kinds[i]) {
+            (Some(_), _) => Place::No,
+            (None, Some((f, t))) => Place::Packed(plan.tensors()[i].len() / f.width() as u64 * t.width() as u64),
+            (None, None) => Place::AsLoaded,
         });
         let (raw, scratch_len) =
             layout::device_layout(plan, &spans, |i| if kinds[i].is_some() { Place::AsLoaded } else { Place::No });
@@ -145,44 +169,68 @@ impl CudaSink {
             Err(CudaError::OutOfMemory { .. }) => Err(no_room()),
             Err(e) => Err(cuda_err(e)),
         };
-        let arena = alloc(total)?;
-        let chunk = cfg.chunk_size;
-        // Tensors with no bytes wait for nothing (and need no kernel: an empty tensor's
-        // conversion is its new dtype).
-        let remaining = spans
-            .iter()
-            .map(|span| {
-                chunks_to_wait_for(plan, span, chunk, |t| {
-                    let kind = to.zip(kinds[t]).map(|((to, _), k)| (to, k));
-                    ready.push_back(make(plan, &arena, &placements, t, kind));
-                })
-            })
-            .collect();
+        // The load's own allocation is target 0, the caller's after it, the scratch one last.
+        targets.insert(0, alloc(total)?);
+        let places: Vec<Option<(usize, u64)>> =
+            own.iter().zip(&caller).map(|(o, c)| c.map(|(k, off)| (k + 1, off)).or(o.map(|off| (0, off)))).collect();
         let conversion = match (to, &cuda.kernels) {
             (Some((to, _)), Some(kernels)) if kinds.iter().any(Option::is_some) => {
-                Some(Conversion { kernels: Arc::clone(kernels), to, kinds, raw, scratch: alloc(scratch_len)? })
+                targets.push(alloc(scratch_len)?);
+                Some(Conversion { kernels: Arc::clone(kernels), to, kinds, raw, scratch: targets.len() - 1 })
             }
             _ => None,
         };
-        let done = Arc::new(Completions::default());
-        let d = Arc::clone(&done);
-        let engine = CopyEngine::with_completion(&cuda.gpu, cuda.streams, Box::new(move |tag, r| d.push(tag, r)))
-            .map_err(cuda_err)?;
-        Ok(CudaSink {
+        let mut sink = CudaSink {
             device,
-            spans,
-            placements,
-            arena,
+            spans: Vec::new(),
+            targets,
+            places,
+            claims,
             conversion,
             pool: Arc::clone(&cuda.pool),
-            engine: Some(engine),
-            done,
-            remaining,
+            engine: None,
+            done: Arc::new(Completions::default()),
+            remaining: Vec::new(),
             pending: 0,
-            chunk,
+            chunk: cfg.chunk_size,
             first_copy: None,
             last_done: None,
-        })
+        };
+        // Tensors with no bytes wait for nothing (and need no kernel: an empty tensor's
+        // conversion is its new dtype).
+        sink.remaining = spans
+            .iter()
+            .map(|span| chunks_to_wait_for(plan, span, sink.chunk, |t| ready.push_back(sink.make(plan, t, true))))
+            .collect();
+        sink.spans = spans;
+        let d = Arc::clone(&sink.done);
+        let engine = CopyEngine::with_completion(&cuda.gpu, cuda.streams, Box::new(move |tag, r| d.push(tag, r)))
+            .map_err(cuda_err)?;
+        sink.engine = Some(engine);
+        Ok(sink)
+    }
+
+    /// Tensor `t` in its final place: as loaded, or, when `converted` (its kernel has
+    /// completed, or it has no bytes), in its new dtype.
+    fn make(&self, plan: &LoadPlan, t: usize, converted: bool) -> Tensor {
+        let pt = &plan.tensors()[t];
+        let (target, offset) = self.places[t].unwrap_or((0, 0));
+        let kind = self.conversion.as_ref().filter(|_| converted).and_then(|c| Some((c.to, c.kinds[t]?)));
+        let (dtype, len) = match kind {
+            Some((to, (f, k))) => (to, pt.len() / f.width() as u64 * k.width() as u64),
+            None => (pt.dtype, pt.len()),
+        };
+        Tensor::device(&pt.name, dtype, &pt.shape, Arc::clone(&self.targets[target]), offset, len as usize)
+            .with_device_claim(self.claims[t].clone())
+    }
+
+    /// Where tensor `t`'s stored bytes are copied: the scratch allocation for a tensor to
+    /// convert, else its final place.
+    fn copy_place(&self, t: usize) -> Option<(usize, u64)> {
+        match &self.conversion {
+            Some(c) if c.kinds[t].is_some() => c.raw[t].map(|r| (c.scratch, r)),
+            _ => self.places[t],
+        }
     }
 
     /// From the first copy queued to the last one completed.
@@ -195,19 +243,16 @@ impl CudaSink {
 
     /// Tensor `t`'s bytes have all landed: yields it, or launches its conversion.
     fn converted_or_ready(&mut self, plan: &LoadPlan, t: usize, ready: &mut VecDeque<Tensor>) -> Result<(), LoadError> {
-        let (Some(c), Some(engine)) = (&self.conversion, self.engine.as_mut()) else {
-            ready.push_back(make(plan, &self.arena, &self.placements, t, None));
-            return Ok(());
-        };
-        let (Some(kind), Some(raw), Some(place)) = (c.kinds[t], c.raw[t], self.placements[t]) else {
-            ready.push_back(make(plan, &self.arena, &self.placements, t, None));
+        let launch = self.conversion.as_ref().and_then(|c| Some((c, c.kinds[t]?, c.raw[t]?, self.places[t]?)));
+        let (Some((c, kind, raw, (target, place))), Some(engine)) = (launch, self.engine.as_mut()) else {
+            ready.push_back(self.make(plan, t, false));
             return Ok(());
         };
         let pt = &plan.tensors()[t];
         let n = (pt.len() / kind.0.width() as u64) as usize;
         let tag = CONVERTED | t as u64;
-        let launched =
-            engine.convert_tagged(&c.kernels, kind, (&c.scratch, raw as usize), (&self.arena, place as usize), n, tag);
+        let (src, dst) = (&self.targets[c.scratch], &self.targets[target]);
+        let launched = engine.convert_tagged(&c.kernels, kind, (src, raw as usize), (dst, place as usize), n, tag);
         match launched {
             Ok(()) => {
                 self.pending += 1;
@@ -241,23 +286,6 @@ impl CudaSink {
     }
 }
 
-/// Tensor `t` in `arena`: as loaded, or converted to `converted` (its kernel types).
-fn make(
-    plan: &LoadPlan,
-    arena: &Arc<DeviceArena>,
-    placements: &[Option<u64>],
-    t: usize,
-    converted: Option<(Dtype, (KernelType, KernelType))>,
-) -> Tensor {
-    let pt = &plan.tensors()[t];
-    let offset = placements[t].unwrap_or(0);
-    let (dtype, len) = match converted {
-        Some((to, (f, k))) => (to, pt.len() / f.width() as u64 * k.width() as u64),
-        None => (pt.dtype, pt.len()),
-    };
-    Tensor::device(&pt.name, dtype, &pt.shape, Arc::clone(arena), offset, len as usize)
-}
-
 impl Sink for CudaSink {
     type Buf = PinnedChunk;
 
@@ -277,35 +305,25 @@ impl Sink for CudaSink {
         _ready: &mut VecDeque<Tensor>,
     ) -> Result<u64, LoadError> {
         let Some(span) = self.spans.get(read.span) else { return Ok(0) };
-        let cuda_pieces = |placements: &[Option<u64>]| -> Vec<tensorlift_cuda::Piece> {
-            layout::pieces(plan, span, placements, read)
-                .into_iter()
-                .map(|p| tensorlift_cuda::Piece {
-                    src_offset: p.src,
-                    dst_offset: p.dst as usize,
-                    len: p.len,
-                    rows: p.rows,
-                    src_pitch: p.src_pitch,
-                    dst_pitch: p.dst_pitch as usize,
-                })
-                .collect()
-        };
-        // Tensors to convert go to the scratch allocation, the others to their places.
-        let (direct, raw) = match &self.conversion {
-            Some(c) => {
-                let direct: Vec<Option<u64>> =
-                    self.placements.iter().zip(&c.kinds).map(|(p, k)| if k.is_some() { None } else { *p }).collect();
-                (cuda_pieces(&direct), cuda_pieces(&c.raw))
-            }
-            None => (cuda_pieces(&self.placements), Vec::new()),
-        };
+        // Tensors to convert go to the scratch allocation, the others to their places; the
+        // pieces are grouped by allocation.
+        let mut by_target: Vec<Vec<tensorlift_cuda::Piece>> = vec![Vec::new(); self.targets.len()];
+        for (target, p) in layout::pieces(plan, span, |t| self.copy_place(t), read) {
+            by_target[target].push(tensorlift_cuda::Piece {
+                src_offset: p.src,
+                dst_offset: p.dst as usize,
+                len: p.len,
+                rows: p.rows,
+                src_pitch: p.src_pitch,
+                dst_pitch: p.dst_pitch as usize,
+            });
+        }
+        let targets: Vec<(&Arc<DeviceArena>, &[tensorlift_cuda::Piece])> =
+            self.targets.iter().zip(&by_target).filter(|(_, p)| !p.is_empty()).map(|(a, p)| (a, &p[..])).collect();
         let Some(engine) = self.engine.as_mut() else { return Ok(0) };
         self.first_copy.get_or_insert_with(Instant::now);
         let tag = Self::tag(read);
-        let copied = match &self.conversion {
-            Some(c) => engine.copy_to(buf, &[(&self.arena, &direct), (&c.scratch, &raw)], tag),
-            None => engine.copy_tagged(buf, &self.arena, &direct, tag),
-        };
+        let copied = engine.copy_to(buf, &targets, tag);
         match copied {
             Ok(()) => {
                 self.pending += 1;
@@ -344,8 +362,7 @@ impl Sink for CudaSink {
             if tag & CONVERTED != 0 {
                 // A conversion completed: its tensor is ready, in its new dtype.
                 let t = (tag & !CONVERTED) as usize;
-                let kind = self.conversion.as_ref().and_then(|c| Some((c.to, c.kinds[t]?)));
-                ready.push_back(make(plan, &self.arena, &self.placements, t, kind));
+                ready.push_back(self.make(plan, t, true));
                 continue;
             }
             let (si, index) = ((tag >> 32) as usize, (tag & 0xffff_ffff) as usize);

@@ -3,45 +3,71 @@
 //! Each span gets a page-aligned [`HostArena`] whose byte 0 holds the span's page-aligned
 //! file offset, so aligned file offsets land at aligned addresses and O_DIRECT reads go
 //! straight into the final memory: there is no staging copy on the CPU path.
+//!
+//! A tensor the caller placed in its own memory ([`crate::place`]) is a span of its own,
+//! read straight into its claim of that memory; one that must be gathered (a slice) or
+//! converted first lands in an arena, and its gather or conversion writes the claim.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use tensorlift_format::LoadPlan;
-use tensorlift_io::{ArenaChunk, ArenaPool, HostArena, PAGE};
+use tensorlift_format::{Dtype, LoadPlan};
+use tensorlift_io::{ArenaPool, Claim, HostArena, HostChunk, PAGE};
 
 use crate::layout::{Read, Span};
 use crate::pipeline::{chunks_to_wait_for, completed_by, plan_file, Sink};
+use crate::place::Resolved;
 use crate::{LoadError, Tensor};
+
+/// Where a span's reads land.
+enum Memory {
+    Arena(Arc<HostArena>),
+    /// A solo span's tensor, in caller memory.
+    Caller(Arc<Claim>),
+}
 
 struct Extent {
     span: Span,
-    arena: Arc<HostArena>,
+    memory: Memory,
     /// Chunks not yet lent to a read, by index.
-    chunks: Vec<Option<ArenaChunk>>,
+    chunks: Vec<Option<HostChunk>>,
     /// Chunks still to land for each tensor of `span.tensors`.
     remaining: Vec<usize>,
 }
 
 pub(crate) struct HostSink {
     extents: Vec<Extent>,
+    /// Each tensor's claim on caller memory, for tensors the caller placed.
+    claims: Vec<Option<Arc<Claim>>>,
+    convert_to: Option<Dtype>,
     chunk: usize,
 }
 
 impl HostSink {
+    #[allow(clippy::too_many_arguments)] // The load's parts, each used once here.
     pub(crate) fn new(
         plan: &LoadPlan,
         spans: Vec<Span>,
+        dests: Vec<Option<Resolved>>,
+        convert_to: Option<Dtype>,
         chunk: usize,
         pages: crate::HugePages,
         pool: &Arc<ArenaPool>,
         stats: &mut crate::LoadStats,
         ready: &mut VecDeque<Tensor>,
     ) -> Result<HostSink, LoadError> {
+        // `dests` is empty when the caller placed nothing.
+        let mut claims: Vec<Option<Arc<Claim>>> = vec![None; plan.tensors().len()];
+        for (claim, d) in claims.iter_mut().zip(dests) {
+            if let Some(Resolved::Host(c)) = d {
+                *claim = Some(c);
+            }
+        }
         // Memory an earlier load left, where it fits a span; the rest of it is given back
-        // before anything new is allocated.
-        let lens: Vec<usize> = spans.iter().map(|s| (s.len() as usize).next_multiple_of(PAGE)).collect();
+        // before anything new is allocated. Solo spans need none: they read into the caller's.
+        let lens: Vec<usize> =
+            spans.iter().map(|s| if s.solo { 0 } else { (s.len() as usize).next_multiple_of(PAGE) }).collect();
         let mut kept = pool.take_for(&lens);
         // A kept buffer may be larger than its span; only the span's bytes are spared.
         let reused: u64 = kept.iter().zip(&lens).filter(|(k, _)| k.is_some()).map(|(_, &l)| l as u64).sum();
@@ -61,45 +87,96 @@ impl HostSink {
         };
         // Reused memory keeps whatever pages it had: the choice is reported for new memory.
         stats.huge_pages = (needed > 0).then_some(huge);
-        let mut extents = Vec::with_capacity(spans.len());
+        let mut sink = HostSink { extents: Vec::with_capacity(spans.len()), claims, convert_to, chunk };
         for (span, kept) in spans.into_iter().zip(kept.iter_mut()) {
             let len = span.len() as usize;
-            let arena =
-                HostArena::pooled(pool, kept.take(), len.next_multiple_of(PAGE), chunk, huge).ok_or_else(|| {
-                    LoadError::OutOfMemory { file: plan.shards()[span.shard].path.clone(), bytes: len as u64 }
-                })?;
+            let (memory, chunks) = match sink.claims[span.tensors[0]].as_ref().filter(|_| span.solo) {
+                Some(claim) => {
+                    let chunks = claim.take_chunks(chunk).into_iter().map(|c| Some(HostChunk::Caller(c))).collect();
+                    (Memory::Caller(Arc::clone(claim)), chunks)
+                }
+                None => {
+                    let arena = HostArena::pooled(pool, kept.take(), len.next_multiple_of(PAGE), chunk, huge)
+                        .ok_or_else(|| LoadError::OutOfMemory {
+                            file: plan.shards()[span.shard].path.clone(),
+                            bytes: len as u64,
+                        })?;
+                    let chunks = arena.take_chunks().into_iter().map(|c| Some(HostChunk::Arena(c))).collect();
+                    (Memory::Arena(arena), chunks)
+                }
+            };
             let mut now = Vec::new();
             let remaining = chunks_to_wait_for(plan, &span, chunk, |t| now.push(t));
+            let extent = Extent { span, memory, chunks, remaining };
             for t in now {
-                ready.push_back(make(plan, &span, &arena, t)?);
+                ready.push_back(sink.make(plan, &extent, t)?);
             }
-            let chunks = arena.take_chunks().into_iter().map(Some).collect();
-            extents.push(Extent { span, arena, chunks, remaining });
+            sink.extents.push(extent);
         }
-        Ok(HostSink { extents, chunk })
+        Ok(sink)
     }
-}
 
-/// Tensor `t`, whose bytes have all landed in `arena`: a view of them, or for a gathered
-/// slice, its runs copied out.
-fn make(plan: &LoadPlan, span: &Span, arena: &Arc<HostArena>, t: usize) -> Result<Tensor, LoadError> {
-    let pt = &plan.tensors()[t];
-    let r = span.range_of(pt);
-    let range = r.start as usize..r.end as usize;
-    match &pt.gather {
-        None => Ok(Tensor::host(&pt.name, pt.dtype, &pt.shape, Arc::clone(arena), range)),
-        Some(g) => {
-            let covering = arena.get(range).unwrap_or_default();
-            Tensor::gathered(&pt.name, pt.dtype, &pt.shape, covering, g)
-                .ok_or_else(|| LoadError::OutOfMemory { file: plan.shards()[pt.shard].path.clone(), bytes: g.len() })
+    /// Tensor `t`, whose bytes have all landed in the extent's memory: a view of them; for
+    /// a gathered slice, its runs copied out; for a tensor in caller memory, that memory
+    /// (written by the reads, or here by its gather and conversion).
+    fn make(&self, plan: &LoadPlan, e: &Extent, t: usize) -> Result<Tensor, LoadError> {
+        let pt = &plan.tensors()[t];
+        let arena = match &e.memory {
+            Memory::Caller(claim) => {
+                return Ok(Tensor::in_caller_host(&pt.name, pt.dtype, &pt.shape, Arc::clone(claim)))
+            }
+            Memory::Arena(a) => a,
+        };
+        let r = e.span.range_of(pt);
+        let range = r.start as usize..r.end as usize;
+        let oom = |bytes: u64| LoadError::OutOfMemory { file: plan.shards()[pt.shard].path.clone(), bytes };
+        if let Some(claim) = &self.claims[t] {
+            let (dtype, _) = crate::place::loaded_as(pt, self.convert_to);
+            let stored = arena.get(range).unwrap_or_default();
+            let gathered;
+            let src = match &pt.gather {
+                Some(g) => {
+                    let mut v = Vec::new();
+                    v.try_reserve_exact(g.len() as usize).map_err(|_| oom(g.len()))?;
+                    v.resize(g.len() as usize, 0);
+                    g.gather_into(stored, &mut v);
+                    gathered = v;
+                    &gathered[..]
+                }
+                None => stored,
+            };
+            let mut failed = None;
+            let written = claim.write(|out| {
+                if dtype == pt.dtype {
+                    out.copy_from_slice(src);
+                } else if let Err(e) = crate::convert::convert(pt.dtype, dtype, src, out) {
+                    failed = Some(e);
+                }
+            });
+            return match (written, failed) {
+                (true, None) => Ok(Tensor::in_caller_host(&pt.name, dtype, &pt.shape, Arc::clone(claim))),
+                (_, Some(e)) => Err(LoadError::Convert { tensor: pt.name.clone(), to: dtype, message: e.to_string() }),
+                (false, None) => Err(LoadError::Destination {
+                    file: plan.shards()[pt.shard].path.clone(),
+                    tensor: pt.name.clone(),
+                    message: "its memory was already being written".into(),
+                }),
+            };
+        }
+        match &pt.gather {
+            None => Ok(Tensor::host(&pt.name, pt.dtype, &pt.shape, Arc::clone(arena), range)),
+            Some(g) => {
+                let covering = arena.get(range).unwrap_or_default();
+                Tensor::gathered(&pt.name, pt.dtype, &pt.shape, covering, g).ok_or_else(|| oom(g.len()))
+            }
         }
     }
 }
 
 impl Sink for HostSink {
-    type Buf = ArenaChunk;
+    type Buf = HostChunk;
 
-    fn buffer(&mut self, read: &Read, _cx: &mut Context<'_>) -> Option<ArenaChunk> {
+    fn buffer(&mut self, read: &Read, _cx: &mut Context<'_>) -> Option<HostChunk> {
         self.extents.get_mut(read.span)?.chunks.get_mut(read.index)?.take()
     }
 
@@ -107,14 +184,26 @@ impl Sink for HostSink {
         &mut self,
         plan: &LoadPlan,
         read: &Read,
-        buf: ArenaChunk,
+        buf: HostChunk,
         ready: &mut VecDeque<Tensor>,
     ) -> Result<u64, LoadError> {
         let Some(e) = self.extents.get_mut(read.span) else { return Ok(0) };
-        // Every chunk of an extent was cut from its own arena.
-        let Ok(index) = e.arena.complete(buf) else { return Ok(0) };
-        for t in completed_by(plan, &e.span, &mut e.remaining, index, self.chunk) {
-            ready.push_back(make(plan, &e.span, &e.arena, t)?);
+        let index = match (&e.memory, buf) {
+            // Every chunk of an extent was cut from its own memory.
+            (Memory::Arena(a), HostChunk::Arena(c)) => match a.complete(c) {
+                Ok(i) => i,
+                Err(_) => return Ok(0),
+            },
+            (Memory::Caller(claim), HostChunk::Caller(c)) => {
+                claim.complete(c);
+                read.index
+            }
+            _ => return Ok(0),
+        };
+        let done = completed_by(plan, &e.span, &mut e.remaining, index, self.chunk);
+        let e = &self.extents[read.span];
+        for t in done {
+            ready.push_back(self.make(plan, e, t)?);
         }
         Ok(read.len as u64)
     }
@@ -134,5 +223,6 @@ impl Sink for HostSink {
 
     fn abort(&mut self) {
         self.extents.clear();
+        self.claims.clear();
     }
 }

@@ -66,6 +66,10 @@ pub enum LoadError {
     /// Converting a landed tensor to another dtype failed.
     #[error("tensor '{tensor}': conversion to {to} failed: {message}")]
     Convert { tensor: String, to: tensorlift_format::Dtype, message: String },
+    /// A caller's destination for a tensor is misused (too small, on another device,
+    /// overlapping another tensor's), or the placement rule refused the tensor.
+    #[error("{}: tensor '{tensor}': cannot place it: {message}", file.display())]
+    Destination { file: std::path::PathBuf, tensor: String, message: String },
     /// A slice does not fit its tensor, or a slice rule refused the tensor.
     #[error("{}: tensor '{tensor}': cannot slice: {message}", file.display())]
     Slice { file: std::path::PathBuf, tensor: String, message: String },

@@ -21,6 +21,9 @@ pub(crate) struct Span {
     pub end: u64,
     /// Tensors (indices into the plan), in file order.
     pub tensors: Vec<usize>,
+    /// A tensor read on its own, from its first byte (into caller memory): `base` is that
+    /// byte, not a page boundary.
+    pub solo: bool,
 }
 
 impl Span {
@@ -35,20 +38,29 @@ impl Span {
     }
 }
 
-/// Groups the plan's tensors into spans: runs within a shard separated by small gaps.
-pub(crate) fn spans(plan: &LoadPlan) -> Vec<Span> {
+/// Groups the plan's tensors into spans: runs within a shard separated by small gaps;
+/// tensors for which `solo` holds are spans of their own, from their first byte.
+pub(crate) fn spans(plan: &LoadPlan, solo: impl Fn(usize) -> bool) -> Vec<Span> {
     let mut out: Vec<Span> = Vec::new();
     for (i, t) in plan.tensors().iter().enumerate() {
+        let alone = solo(i);
         match out.last_mut() {
-            Some(e) if e.shard == t.shard && t.file_range.start >= e.end && t.file_range.start - e.end <= MAX_GAP => {
+            Some(e)
+                if !alone
+                    && !e.solo
+                    && e.shard == t.shard
+                    && t.file_range.start >= e.end
+                    && t.file_range.start - e.end <= MAX_GAP =>
+            {
                 e.end = e.end.max(t.file_range.end);
                 e.tensors.push(i);
             }
             _ => out.push(Span {
                 shard: t.shard,
-                base: t.file_range.start - t.file_range.start % PAGE as u64,
+                base: if alone { t.file_range.start } else { t.file_range.start - t.file_range.start % PAGE as u64 },
                 end: t.file_range.end,
                 tensors: vec![i],
+                solo: alone,
             }),
         }
     }
@@ -220,15 +232,22 @@ impl Piece {
     }
 }
 
-/// The copies that move the bytes of `read` to their tensors' places: one per tensor part
-/// (or, for a gathered slice, per run) in the chunk, merged where they are contiguous on
-/// both sides, and rows of equal length at equal pitches merged into one 2D copy.
-pub(crate) fn pieces(plan: &LoadPlan, span: &Span, placements: &[Option<u64>], read: &Read) -> Vec<Piece> {
+/// The copies that move the bytes of `read` to their tensors' places, each with the target
+/// (allocation) `place` gives its tensor, with the offset there (`None`: not copied): one
+/// per tensor part (or, for a gathered slice, per run) in the chunk, merged where they are
+/// contiguous on both sides in the same target, and rows of equal length at equal pitches
+/// merged into one 2D copy.
+pub(crate) fn pieces(
+    plan: &LoadPlan,
+    span: &Span,
+    place: impl Fn(usize) -> Option<(usize, u64)>,
+    read: &Read,
+) -> Vec<(usize, Piece)> {
     let chunk = read.file_offset..read.file_offset + read.len as u64;
-    let mut out: Vec<Piece> = Vec::new();
-    let mut push = |p: Piece| {
-        if !out.last_mut().is_some_and(|q| q.absorb(p)) {
-            out.push(p);
+    let mut out: Vec<(usize, Piece)> = Vec::new();
+    let mut push = |target: usize, p: Piece| {
+        if !out.last_mut().is_some_and(|(t, q)| *t == target && q.absorb(p)) {
+            out.push((target, p));
         }
     };
     // The first tensor ending after the chunk starts.
@@ -238,11 +257,13 @@ pub(crate) fn pieces(plan: &LoadPlan, span: &Span, placements: &[Option<u64>], r
         if t.file_range.start >= chunk.end {
             break;
         }
-        let (Some(place), false) = (placements[i], t.is_empty()) else { continue };
+        let (Some((target, place)), false) = (place(i), t.is_empty()) else { continue };
         let from = t.file_range.start.max(chunk.start);
         let to = t.file_range.end.min(chunk.end);
         let Some(g) = &t.gather else {
-            push(Piece::flat((from - chunk.start) as usize, place + (from - t.file_range.start), (to - from) as usize));
+            let p =
+                Piece::flat((from - chunk.start) as usize, place + (from - t.file_range.start), (to - from) as usize);
+            push(target, p);
             continue;
         };
         // Covering offsets of this chunk's part of the tensor, and the runs in it.
@@ -254,7 +275,7 @@ pub(crate) fn pieces(plan: &LoadPlan, span: &Span, placements: &[Option<u64>], r
             }
             let (s, e) = (at.max(lo), (at + g.run).min(hi));
             let src = (t.file_range.start + s - chunk.start) as usize;
-            push(Piece::flat(src, place + r as u64 * g.run + (s - at), (e - s) as usize));
+            push(target, Piece::flat(src, place + r as u64 * g.run + (s - at), (e - s) as usize));
         }
     }
     out
@@ -296,7 +317,7 @@ mod tests {
     #[test]
     fn spans_start_on_a_page_and_reads_cover_them() {
         let p = plan(5000, &[100, 10_000, 0, 7]);
-        let s = spans(&p);
+        let s = spans(&p, |_| false);
         assert_eq!(s.len(), 1);
         assert_eq!((s[0].base, s[0].end), (4096, 5000 + 10_107));
         let r = reads(&s, 4096, 4);
@@ -308,7 +329,7 @@ mod tests {
     #[test]
     fn device_placements_are_aligned_and_disjoint() {
         let p = plan(5003, &[100, 10_000, 0, 7, 256, 512]);
-        let s = spans(&p);
+        let s = spans(&p, |_| false);
         let (at, total) = device_layout(&p, &s, |_| Place::AsLoaded);
         let mut prev_end = 0;
         for (i, t) in p.tensors().iter().enumerate() {
@@ -325,12 +346,12 @@ mod tests {
         // Tensors of 256-multiple lengths after a 256-aligned data start: placement mirrors
         // the file, so each chunk is one piece.
         let p = plan(4096, &[256, 1024, 4096, 512]);
-        let s = spans(&p);
+        let s = spans(&p, |_| false);
         let (at, total) = device_layout(&p, &s, |_| Place::AsLoaded);
         assert_eq!(at, vec![Some(0), Some(256), Some(1280), Some(5376)]);
         assert_eq!(total, 5888);
         for r in reads(&s, 4096, 1) {
-            assert_eq!(pieces(&p, &s[0], &at, &r).len(), 1, "{r:?}");
+            assert_eq!(pieces(&p, &s[0], |i| at[i].map(|o| (0, o)), &r).len(), 1, "{r:?}");
         }
     }
 
@@ -345,14 +366,14 @@ mod tests {
     #[test]
     fn pieces_move_every_byte_once() {
         let p = plan(5003, &[100, 10_000, 0, 7, 256, 513, 3]);
-        let s = spans(&p);
+        let s = spans(&p, |_| false);
         let (at, total) = device_layout(&p, &s, |_| Place::AsLoaded);
         for chunk in [4096usize, 8192, 1 << 20] {
             let mut device = vec![0u8; total as usize];
             let file: Vec<u8> = (0..p.shards()[0].file_len).map(|i| (i % 251) as u8).collect();
             for r in reads(&s, chunk, 1) {
                 let buf = &file[r.file_offset as usize..r.file_offset as usize + r.len];
-                for q in pieces(&p, &s[0], &at, &r) {
+                for (_, q) in pieces(&p, &s[0], |i| at[i].map(|o| (0, o)), &r) {
                     apply(&q, buf, &mut device);
                 }
             }
@@ -366,7 +387,8 @@ mod tests {
 
     #[test]
     fn windows_bound_the_shards_read_at_once() {
-        let spans: Vec<Span> = (0..10).map(|i| Span { shard: i, base: 0, end: 3 * 4096, tensors: vec![] }).collect();
+        let spans: Vec<Span> =
+            (0..10).map(|i| Span { shard: i, base: 0, end: 3 * 4096, tensors: vec![], solo: false }).collect();
         let r = reads(&spans, 4096, 3);
         assert_eq!(r.len(), 30);
         // The first 9 reads are shards 0..3 round-robin; shard 3 starts only after.

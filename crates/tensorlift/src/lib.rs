@@ -34,6 +34,7 @@ mod layout;
 mod loader;
 mod open;
 mod pipeline;
+pub mod place;
 pub mod slicing;
 mod stats;
 mod tensor;

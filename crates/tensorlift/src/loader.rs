@@ -83,6 +83,7 @@ pub(crate) struct Config {
     pub huge_pages: HugePages,
     pub convert_to: Option<tensorlift_format::Dtype>,
     pub slices: crate::slicing::Slices,
+    pub place: Option<Arc<dyn crate::place::PlaceRule>>,
     pub host_pool: Arc<tensorlift_io::ArenaPool>,
 }
 
@@ -147,6 +148,7 @@ impl Default for LoaderBuilder {
                 huge_pages: HugePages::Auto,
                 convert_to: None,
                 slices: Default::default(),
+                place: None,
                 host_pool: tensorlift_io::ArenaPool::new(usize::MAX),
             },
         }
@@ -250,6 +252,14 @@ impl LoaderBuilder {
     /// Loads one tensor-parallel rank's part of each tensor (see [`Sharding`]).
     pub fn shard(self, sharding: Sharding) -> Self {
         self.slice_with(sharding)
+    }
+    /// Places tensors in memory the caller owns: `rule` (a closure
+    /// `Fn(&TensorRequest) -> Result<Option<Destination>, String>`, or any
+    /// [`PlaceRule`](crate::place::PlaceRule)) says where each goes, or `None` for
+    /// tensorlift's own memory. See [`crate::place`].
+    pub fn place_with(mut self, rule: impl crate::place::PlaceRule + 'static) -> Self {
+        self.cfg.place = Some(Arc::new(rule));
+        self
     }
     /// Converts floating-point tensors (BF16, F16, F32, F8_E4M3, F8_E5M2) to `dtype` (BF16,
     /// F16 or F32) as they land, rounding to nearest even (see [`crate::convert`]); other

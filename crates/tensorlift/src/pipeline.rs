@@ -78,7 +78,7 @@ struct Scheduler<S: Sink> {
 }
 
 enum Dest {
-    Host(Scheduler<crate::dest_host::HostSink>),
+    Host(Box<Scheduler<crate::dest_host::HostSink>>),
     Cuda(Box<Scheduler<crate::dest_cuda::CudaSink>>),
     /// Zero-copy views, all ready at the start.
     Mapped,
@@ -137,7 +137,29 @@ impl TensorStream {
         if !tensorlift_io::can_allocate(per_tensor) {
             return Err(LoadError::OutOfMemory { file: plan_file(&plan), bytes: per_tensor });
         }
-        let spans = layout::spans(&plan);
+        // Where the caller wants tensors, checked before anything is read or allocated.
+        let dests = match &cfg.place {
+            Some(rule) => {
+                if cfg.map_views.is_some() {
+                    return Err(LoadError::Unsupported("caller destinations with mapped views".into()));
+                }
+                let gpu = match target {
+                    crate::loader::Target::Cuda(c) => Some(&c.gpu),
+                    crate::loader::Target::Host => None,
+                };
+                crate::place::resolve(rule.as_ref(), &plan, cfg.convert_to, gpu)?
+            }
+            None => Vec::new(),
+        };
+        // A tensor read straight into caller host memory is a span of its own; one that is
+        // gathered or converted first lands in an arena like the others.
+        let direct = |i: usize| {
+            let t = &plan.tensors()[i];
+            matches!(dests.get(i), Some(Some(crate::place::Resolved::Host(_))))
+                && t.gather.is_none()
+                && crate::place::loaded_as(t, cfg.convert_to).0 == t.dtype
+        };
+        let spans = layout::spans(&plan, direct);
         let mut shards: Vec<usize> = spans.iter().map(|s| s.shard).collect();
         shards.dedup();
         let mut stream = TensorStream {
@@ -174,16 +196,18 @@ impl TensorStream {
                 let sink = crate::dest_host::HostSink::new(
                     &stream.plan,
                     spans,
+                    dests,
+                    cfg.convert_to,
                     cfg.chunk_size,
                     cfg.huge_pages,
                     &cfg.host_pool,
                     &mut stream.stats,
                     &mut stream.ready,
                 )?;
-                stream.dest = Dest::Host(Scheduler::new(sink, reads, &stream.plan, cfg, window));
+                stream.dest = Dest::Host(Box::new(Scheduler::new(sink, reads, &stream.plan, cfg, window)));
             }
             (_, crate::loader::Target::Cuda(cuda)) => {
-                let sink = crate::dest_cuda::CudaSink::new(cuda, &stream.plan, spans, cfg, &mut stream.ready)?;
+                let sink = crate::dest_cuda::CudaSink::new(cuda, &stream.plan, spans, dests, cfg, &mut stream.ready)?;
                 stream.dest = Dest::Cuda(Box::new(Scheduler::new(sink, reads, &stream.plan, cfg, window)));
             }
         }

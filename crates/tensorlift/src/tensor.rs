@@ -57,6 +57,12 @@ enum Storage {
         arena: Arc<DeviceArena>,
         offset: u64,
         len: usize,
+        /// For caller-owned device memory: the tensor's claim on its range.
+        claim: Option<Arc<crate::place::DeviceClaim>>,
+    },
+    /// The caller's host memory ([`crate::place::HostBuffer`]).
+    Caller {
+        claim: Arc<tensorlift_io::Claim>,
     },
     /// Host memory of its own (a tensor converted to another dtype as it landed).
     Owned {
@@ -107,7 +113,30 @@ impl Tensor {
         offset: u64,
         len: usize,
     ) -> Tensor {
-        Tensor { name: name.into(), dtype, shape: shape.into(), storage: Storage::Device { arena, offset, len } }
+        Tensor {
+            name: name.into(),
+            dtype,
+            shape: shape.into(),
+            storage: Storage::Device { arena, offset, len, claim: None },
+        }
+    }
+
+    /// A tensor in caller-owned memory: host (its claim, written), or device (at `offset`
+    /// of the caller's arena, holding its claim).
+    pub(crate) fn in_caller_host(
+        name: &str,
+        dtype: Dtype,
+        shape: &[usize],
+        claim: Arc<tensorlift_io::Claim>,
+    ) -> Tensor {
+        Tensor { name: name.into(), dtype, shape: shape.into(), storage: Storage::Caller { claim } }
+    }
+
+    pub(crate) fn with_device_claim(mut self, c: Option<Arc<crate::place::DeviceClaim>>) -> Tensor {
+        if let Storage::Device { claim, .. } = &mut self.storage {
+            *claim = c;
+        }
+        self
     }
 
     /// The runs of a slice (`gather`) out of the `covering` bytes, into host memory of its
@@ -256,6 +285,8 @@ impl Tensor {
                 Err(ViewError::OnDevice { tensor: self.name.to_string(), device: self.location() })
             }
             Storage::Owned { buf, len } => Ok(&buf.as_slice()[..*len]),
+            // A caller tensor is only made once its whole claim is written.
+            Storage::Caller { claim } => Ok(claim.get().unwrap_or_default()),
         }
     }
 
@@ -263,7 +294,7 @@ impl Tensor {
     /// tensor (synchronously; for checks and digests, not for serving).
     pub fn to_host(&self) -> Result<Cow<'_, [u8]>, ViewError> {
         match &self.storage {
-            Storage::Device { arena, offset, len } => {
+            Storage::Device { arena, offset, len, .. } => {
                 let mut out = Vec::new();
                 let fail = |message: String| ViewError::CopyBack {
                     tensor: self.name.to_string(),
@@ -284,6 +315,7 @@ impl Tensor {
         match &self.storage {
             Storage::Host { range, .. } | Storage::Mapped { range, .. } => range.len(),
             Storage::Device { len, .. } | Storage::Owned { len, .. } => *len,
+            Storage::Caller { claim } => claim.len(),
         }
     }
 

@@ -415,6 +415,39 @@ pub unsafe extern "C" fn cuMemcpyDtoH_v2(dst: *mut c_void, src: CUdeviceptr, len
     with_device(src, len, |d| dst.copy_from_slice(d)).map_or(INVALID_VALUE, |()| SUCCESS)
 }
 
+const POINTER_ATTRIBUTE_MEMORY_TYPE: c_int = 2;
+const POINTER_ATTRIBUTE_DEVICE_ORDINAL: c_int = 9;
+const POINTER_ATTRIBUTE_RANGE_START_ADDR: c_int = 11;
+const POINTER_ATTRIBUTE_RANGE_SIZE: c_int = 12;
+
+/// What the driver knows of a device address: its allocation's start and size, its device
+/// (the one context's: 0), its memory type. Other addresses (host memory, freed memory) are
+/// `CUDA_ERROR_INVALID_VALUE`, as the driver answers.
+#[no_mangle]
+pub unsafe extern "C" fn cuPointerGetAttribute(data: *mut c_void, attribute: c_int, ptr: CUdeviceptr) -> CUresult {
+    let found = {
+        let allocs = lock(&emu().allocs);
+        allocs
+            .range(..=ptr)
+            .next_back()
+            .filter(|(&base, a)| ptr < base + a.mem.len() as u64)
+            .map(|(&base, a)| (base, a.mem.len()))
+    };
+    let Some((base, size)) = found else { return INVALID_VALUE };
+    match attribute {
+        // `data` points at a value of the type each attribute writes (driver API contract).
+        // SAFETY: as just said.
+        POINTER_ATTRIBUTE_MEMORY_TYPE => unsafe { put(data.cast::<c_uint>(), MEMORYTYPE_DEVICE) },
+        // SAFETY: as above.
+        POINTER_ATTRIBUTE_DEVICE_ORDINAL => unsafe { put(data.cast::<c_int>(), 0) },
+        // SAFETY: as above.
+        POINTER_ATTRIBUTE_RANGE_START_ADDR => unsafe { put(data.cast::<CUdeviceptr>(), base) },
+        // SAFETY: as above.
+        POINTER_ATTRIBUTE_RANGE_SIZE => unsafe { put(data.cast::<usize>(), size) },
+        _ => INVALID_VALUE,
+    }
+}
+
 // ---- Page-locked host memory ----------------------------------------------------------
 
 #[no_mangle]

@@ -543,3 +543,122 @@ fn slices_are_gathered_on_the_device() {
         }
     }
 }
+
+/// Caller-owned device memory: q, k and v copied straight into one fused allocation of the
+/// caller's, a sliced tensor gathered into it by 2D copies, a converted one written there by
+/// the kernel; misuse refused before any copy.
+#[test]
+fn tensors_land_in_the_callers_device_memory() {
+    use tensorlift::place::{Destination, DeviceBuffer, LentMemory, TensorRequest};
+    use tensorlift::TensorSlice;
+    let _d = driver();
+    let dir = scratch();
+    let path = dir.join("model.safetensors");
+    let specs: &[Spec<'static>] = &[
+        ("q", Dtype::F32, &[16, 8]),
+        ("k", Dtype::F32, &[8, 8]),
+        ("v", Dtype::F32, &[8, 8]),
+        ("m", Dtype::F32, &[6, 10]),
+        ("h", Dtype::F16, &[33]),
+        ("ids", Dtype::I32, &[100]),
+    ];
+    let full = write_shard(&path, specs);
+    let gpu = tensorlift_cuda::Gpu::open(0).unwrap();
+    let mem = std::sync::Arc::new(tensorlift_cuda::DeviceArena::new(&gpu, 4096).unwrap());
+    let (ptr, keep) = (mem.device_ptr(), std::sync::Arc::clone(&mem));
+    // SAFETY: `keep` holds the allocation; only the loads below touch it until they end.
+    let buf = DeviceBuffer::new(Device::Cuda(0), unsafe { LentMemory::new(ptr, 4096, keep) });
+    let (q, k) = (512u64, 256u64);
+    let b = buf.clone();
+    let rule = move |t: &TensorRequest<'_>| -> Result<Option<Destination>, String> {
+        Ok(match t.name {
+            "q" => Some(Destination::device(&b, 0)),
+            "k" => Some(Destination::device(&b, q as usize)),
+            "v" => Some(Destination::device(&b, (q + k) as usize)),
+            "m" => Some(Destination::device(&b, 1024)),
+            "h" => Some(Destination::device(&b, 2048)),
+            _ => None,
+        })
+    };
+    emulator::set_fault(Fault::CopyDelayMicros(200));
+    for chunk in [4096usize, 1 << 20] {
+        let loader = base()
+            .chunk_size(chunk)
+            .staging_budget(2 * chunk)
+            .place_with(rule.clone())
+            .slice("m", TensorSlice::new([1..5, 2..9]))
+            .convert_to(Dtype::F32)
+            .build()
+            .unwrap();
+        let model = loader.load_blocking(&path).unwrap();
+        let m = tensorlift_testkit::slice_bytes(&full["m"], &[6, 10], 4, &[1..5, 2..9]);
+        let h: Vec<u8> =
+            full["h"].chunks(2).flat_map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32().to_le_bytes()).collect();
+        for (name, at, want) in
+            [("q", 0, &full["q"]), ("k", q, &full["k"]), ("v", q + k, &full["v"]), ("m", 1024, &m), ("h", 2048, &h)]
+        {
+            let t = model.get(name).unwrap();
+            assert_eq!(t.device_ptr(), Some(ptr + at), "chunk {chunk}: {name} is in the caller's memory");
+            assert!(t.to_host().unwrap().as_ref() == want.as_slice(), "chunk {chunk}: {name}");
+            let mut direct = vec![0u8; want.len()];
+            mem.copy_to_host(at as usize, &mut direct).unwrap();
+            assert!(direct == *want, "chunk {chunk}: {name} read from the caller's pointer");
+        }
+        assert!(model.get("ids").unwrap().to_host().unwrap().as_ref() == full["ids"].as_slice());
+        assert_eq!(model.get("ids").unwrap().dtype(), Dtype::I32);
+        if chunk == 1 << 20 {
+            assert!(emulator::copies().is_none_or(|c| c <= 8), "{:?} copies", emulator::copies());
+        }
+        drop((model, loader));
+        emulator::reset();
+    }
+    // Misuse: each refused before a copy, naming the tensor.
+    type Rule = Box<dyn Fn(&TensorRequest<'_>) -> Option<Destination> + Send + Sync>;
+    let refuse = |rule: Rule, says: &str| {
+        let e = base()
+            .place_with(move |t: &TensorRequest<'_>| Ok(rule(t)))
+            .build()
+            .unwrap()
+            .load_blocking(&path)
+            .unwrap_err();
+        assert!(matches!(e, LoadError::Destination { .. }) && e.to_string().contains(says), "{says}: {e}");
+        assert_eq!(emulator::copies().unwrap_or(0), 0, "{says}: nothing copied");
+    };
+    let b = buf.clone();
+    refuse(Box::new(move |t| (t.name == "q").then(|| Destination::device(&b, 4000))), "do not fit in 4096 bytes");
+    let b = buf.clone();
+    refuse(
+        Box::new(move |t| match t.name {
+            "q" => Some(Destination::device(&b, 0)),
+            "k" => Some(Destination::device(&b, 256)),
+            _ => None,
+        }),
+        "overlap",
+    );
+    // The same memory lent twice: caught by address.
+    // SAFETY: as above; `mem` outlives the loads.
+    let twice = DeviceBuffer::new(Device::Cuda(0), unsafe { LentMemory::new(ptr, 4096, ()) });
+    let b = buf.clone();
+    refuse(
+        Box::new(move |t| match t.name {
+            "q" => Some(Destination::device(&b, 0)),
+            "k" => Some(Destination::device(&twice, 256)),
+            _ => None,
+        }),
+        "overlaps tensor 'q'",
+    );
+    let b = buf.clone();
+    refuse(Box::new(move |t| (t.name == "q").then(|| Destination::device(&b, 2))), "not aligned");
+    // SAFETY: never used: the driver says it is not device memory before any copy.
+    let host = DeviceBuffer::new(Device::Cuda(0), unsafe { LentMemory::new(0x1000, 4096, ()) });
+    refuse(Box::new(move |t| (t.name == "q").then(|| Destination::device(&host, 0))), "not device memory");
+    // SAFETY: as above; the range runs past the allocation, which the driver tells.
+    let past = DeviceBuffer::new(Device::Cuda(0), unsafe { LentMemory::new(ptr + 2048, 4096, ()) });
+    refuse(Box::new(move |t| (t.name == "q").then(|| Destination::device(&past, 0))), "allocation ends");
+    // SAFETY: as above: refused for its device before it is used.
+    let other = DeviceBuffer::new(Device::Cuda(1), unsafe { LentMemory::new(ptr, 4096, ()) });
+    refuse(Box::new(move |t| (t.name == "q").then(|| Destination::device(&other, 0))), "is on cuda:1");
+    drop((buf, rule));
+    // Every owner was dropped: only the test's own handle keeps the allocation.
+    assert_eq!(std::sync::Arc::strong_count(&mem), 1);
+}

@@ -4,6 +4,7 @@ mod api;
 mod convert;
 mod correctness;
 mod faults;
+mod place;
 mod slices;
 mod support;
 mod views;
