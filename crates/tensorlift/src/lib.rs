@@ -25,6 +25,8 @@
 //! SIGBUS: memory-mapped views are an opt-in that takes an `unsafe`-made [`MapContract`].
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod convert;
 mod dest_cuda;
 mod dest_host;

@@ -1,0 +1,157 @@
+//! tensorlift's candle integration: a BERT written by the reference writer gives the same
+//! outputs through tensorlift as through candle's own loader; slices, conversion and every
+//! dtype reach candle as the file holds them; what candle cannot hold is a clear error.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use candle_core::{DType, Device};
+use candle_nn::var_builder::SimpleBackend;
+use tensorlift::candle::{CandleError, Handover};
+use tensorlift::{Dtype, Loader, TensorSlice};
+use tensorlift_testkit::{slice_bytes, write_shard};
+
+fn scratch() -> PathBuf {
+    tempfile::Builder::new().prefix("tl-candle-").tempdir().unwrap().keep()
+}
+
+fn host() -> tensorlift::LoaderBuilder {
+    Loader::builder().device(tensorlift::Device::Cpu)
+}
+
+#[test]
+fn a_bert_gives_the_same_outputs_as_with_candles_own_loader() {
+    let dir = scratch();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/make_model.py");
+    // The reference writer, from the Python environment the test command puts first on PATH.
+    let out = Command::new("python3").arg(script).arg(&dir).output().expect("python3 runs the reference writer");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let c = candle_bert::compare(&dir).unwrap();
+    assert_eq!(c.shape, [2, 8, 64]);
+    assert_eq!(c.max_abs_diff, 0.0, "the two models differ");
+    assert_eq!(c.handover, Handover::Moved);
+}
+
+#[test]
+fn tensors_reach_candle_as_the_file_holds_them() {
+    let dir = scratch();
+    let path = dir.join("m.safetensors");
+    let specs: &[(&str, Dtype, &[usize])] = &[
+        ("u8", Dtype::U8, &[5]),
+        ("u32", Dtype::U32, &[3]),
+        ("i16", Dtype::I16, &[4]),
+        ("i32", Dtype::I32, &[2, 2]),
+        ("i64", Dtype::I64, &[3]),
+        ("bf16", Dtype::BF16, &[3, 5]),
+        ("f16", Dtype::F16, &[7]),
+        ("f32", Dtype::F32, &[2, 3]),
+        ("f64", Dtype::F64, &[2]),
+        ("e4m3", Dtype::F8_E4M3, &[6]),
+        ("empty", Dtype::F32, &[0, 3]),
+    ];
+    let full = write_shard(&path, specs);
+    let model = tensorlift::candle::load(host(), &path).unwrap();
+    assert_eq!(model.len(), specs.len());
+    assert_eq!(model.handover(), Handover::Moved);
+    for &(name, dtype, shape) in specs {
+        let t = model.get(name).unwrap();
+        assert_eq!(t.dims(), shape, "{name}");
+        assert_eq!(t.dtype(), DType::try_from(dtype).unwrap(), "{name}");
+        // The bytes candle holds, read back through its own F32/U8 views.
+        let bytes: Vec<u8> = match dtype {
+            Dtype::U8 => t.flatten_all().unwrap().to_vec1::<u8>().unwrap(),
+            Dtype::U32 => {
+                t.flatten_all().unwrap().to_vec1::<u32>().unwrap().iter().flat_map(|v| v.to_le_bytes()).collect()
+            }
+            Dtype::I16 => {
+                t.flatten_all().unwrap().to_vec1::<i16>().unwrap().iter().flat_map(|v| v.to_le_bytes()).collect()
+            }
+            Dtype::I32 => {
+                t.flatten_all().unwrap().to_vec1::<i32>().unwrap().iter().flat_map(|v| v.to_le_bytes()).collect()
+            }
+            Dtype::I64 => {
+                t.flatten_all().unwrap().to_vec1::<i64>().unwrap().iter().flat_map(|v| v.to_le_bytes()).collect()
+            }
+            Dtype::BF16 => {
+                t.flatten_all().unwrap().to_vec1::<half::bf16>().unwrap().iter().flat_map(|v| v.to_le_bytes()).collect()
+            }
+            Dtype::F16 => {
+                t.flatten_all().unwrap().to_vec1::<half::f16>().unwrap().iter().flat_map(|v| v.to_le_bytes()).collect()
+            }
+            Dtype::F32 => {
+                t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().flat_map(|v| v.to_le_bytes()).collect()
+            }
+            Dtype::F64 => {
+                t.flatten_all().unwrap().to_vec1::<f64>().unwrap().iter().flat_map(|v| v.to_le_bytes()).collect()
+            }
+            // fp8 is raw bytes in candle: compare its F32 values with the file's, decoded.
+            _ => {
+                let got = t.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+                let want: Vec<f32> = full[name].iter().map(|&b| tensorlift::convert::f8_e4m3fn_to_f32(b)).collect();
+                assert!(got.iter().zip(&want).all(|(a, b)| a == b || (a.is_nan() && b.is_nan())), "{name}");
+                continue;
+            }
+        };
+        assert!(bytes == full[name], "{name}");
+    }
+}
+
+#[test]
+fn slices_and_conversion_reach_candle_through_the_var_builder() {
+    let dir = scratch();
+    let path = dir.join("m.safetensors");
+    let full = write_shard(&path, &[("w", Dtype::F32, &[8, 6]), ("b", Dtype::F32, &[8])]);
+    let builder = host().slice("w", TensorSlice::new([2..6, 1..4])).convert_to(Dtype::BF16);
+    let model = tensorlift::candle::load(builder, &path).unwrap();
+    let w = model.get("w").unwrap();
+    assert_eq!((w.dims(), w.dtype()), (&[4usize, 3][..], DType::BF16));
+    let want: Vec<half::bf16> = slice_bytes(&full["w"], &[8, 6], 4, &[2..6, 1..4])
+        .chunks(4)
+        .map(|c| half::bf16::from_f32(f32::from_le_bytes(c.try_into().unwrap())))
+        .collect();
+    let got = w.flatten_all().unwrap().to_vec1::<half::bf16>().unwrap();
+    assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())));
+    // Through the backend: its shape is checked, its dtype converted by candle on request.
+    assert!(model.contains_tensor("w") && !model.contains_tensor("nope"));
+    let as_f32 = model.get_unchecked("w", DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(as_f32.dtype(), DType::F32);
+    let wrong = SimpleBackend::get(&model, (8, 6).into(), "w", candle_nn::Init::Const(0.0), DType::F32, &Device::Cpu);
+    assert!(wrong.unwrap_err().to_string().contains("shape mismatch for w"));
+    let vb = model.into_var_builder(DType::F32, Device::Cpu);
+    assert_eq!(vb.get((4, 3), "w").unwrap().dtype(), DType::F32);
+}
+
+#[test]
+fn what_candle_cannot_hold_is_an_error_naming_the_tensor() {
+    let dir = scratch();
+    let path = dir.join("m.safetensors");
+    write_shard(&path, &[("flags", Dtype::BOOL, &[4]), ("w", Dtype::F32, &[2])]);
+    match tensorlift::candle::load(host(), &path) {
+        Err(CandleError::Unsupported { tensor, dtype }) => assert_eq!((tensor.as_str(), dtype), ("flags", Dtype::BOOL)),
+        other => panic!("{other:?}"),
+    }
+    match tensorlift::candle::load(host(), dir.join("missing")) {
+        Err(CandleError::Load(_)) => {}
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A load onto a GPU (the emulated driver here, a real one on a GPU host) is copied back to
+/// the host for candle, and says so.
+#[test]
+fn a_device_load_is_copied_back_for_candle() {
+    if !tensorlift_testkit::real_driver() {
+        tensorlift_cuda::use_driver_library(tensorlift_testkit::emulated_driver());
+    }
+    let dir = scratch();
+    let path = dir.join("m.safetensors");
+    let full = write_shard(&path, &[("w", Dtype::F16, &[3, 4])]);
+    let builder = Loader::builder().device(tensorlift::Device::Cuda(0)).convert_to(Dtype::F32);
+    let model = tensorlift::candle::load(builder, &path).unwrap();
+    assert_eq!(model.handover(), Handover::CopiedFromDevice);
+    let w = model.get("w").unwrap();
+    assert_eq!((w.dims(), w.dtype()), (&[3usize, 4][..], DType::F32));
+    let want: Vec<f32> = full["w"].chunks(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect();
+    let got = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())));
+}
