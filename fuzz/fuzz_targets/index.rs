@@ -7,10 +7,17 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(index) = tensorlift_format::parse_index(Path::new("model.safetensors.index.json"), data) {
-        for shard in index.weight_map.values() {
+        for shard in index.shards() {
             assert!(Path::new(shard).components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir)));
             // Every accepted name names a file: its one spelling is not empty.
             assert!(!tensorlift_format::normal_name(shard).is_empty());
         }
+        // Every entry's shard number names one of them, and no tensor is listed twice.
+        let mut names = std::collections::HashSet::new();
+        for (tensor, shard) in index.numbered_entries() {
+            assert!((*shard as usize) < index.shards().len());
+            assert!(names.insert(tensor.as_str()));
+        }
+        assert_eq!(index.entries().count(), index.len());
     }
 });

@@ -186,7 +186,8 @@ fn parse_checked(file: &Path, text: &str) -> Result<(Option<BTreeMap<String, Str
     let mut tensors: Vec<TensorInfo> = Vec::new();
     let count = entries.0.len();
     tensors.try_reserve_exact(count).map_err(|_| oom("the tensor list", count * std::mem::size_of::<TensorInfo>()))?;
-    let mut seen = std::collections::HashSet::new();
+    // Names come from a file bounded in size: a fast hash (see `plan::Fnv`).
+    let mut seen: std::collections::HashSet<&str, crate::plan::FastBuild> = Default::default();
     seen.try_reserve(count).map_err(|_| oom("the tensor names", count * std::mem::size_of::<&str>()))?;
     for (name, raw) in &entries.0 {
         let name: &str = name;
@@ -229,7 +230,7 @@ fn parse_fast(text: &str) -> Option<(Option<BTreeMap<String, String>>, Vec<Tenso
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
             let mut metadata = None;
             let mut tensors: Vec<TensorInfo> = Vec::new();
-            let mut seen = std::collections::HashSet::new();
+            let mut seen: std::collections::HashSet<Cow<'_, str>, crate::plan::FastBuild> = Default::default();
             let fail = || de::Error::custom("");
             while let Some(key) = map.next_key::<Cow<'de, str>>()? {
                 if tensors.len() == tensors.capacity() && tensors.try_reserve(tensors.len().max(16)).is_err() {

@@ -1,6 +1,5 @@
 //! `model.safetensors.index.json`: which shard holds each tensor.
 
-use std::collections::BTreeMap;
 use std::path::{Component, Path};
 
 use serde::Deserialize;
@@ -12,93 +11,155 @@ pub const INDEX_FILE_NAME: &str = "model.safetensors.index.json";
 /// Largest index file accepted; real indexes of 100,000 tensors are a few MB.
 pub const MAX_INDEX_LEN: u64 = 100_000_000;
 
-/// A parsed index: tensor name to shard file name, in name order, plus shard names in
-/// first-appearance order.
+/// A parsed index: each tensor's shard, in the order the file lists them, and the shard
+/// names it uses, each once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Index {
     /// `metadata` as written (often `{"total_size": ...}`); kept verbatim.
     pub metadata: Option<serde_json::Value>,
-    /// Tensor name to shard file name (relative to the index's folder).
-    pub weight_map: BTreeMap<String, String>,
+    /// (tensor name, shard number): numbers index `shards`.
+    entries: Vec<(String, u32)>,
+    /// Shard file names (relative to the index's folder), as spelled, in order of first
+    /// appearance.
+    shards: Vec<String>,
 }
 
 impl Index {
+    /// Number of tensors listed.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no tensor is listed.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Every (tensor name, shard file name), in the order the file lists them.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        self.entries.iter().map(|(t, s)| (t.as_str(), self.shards[*s as usize].as_str()))
+    }
+
+    /// Every (tensor name, shard number), numbers indexing [`shards`](Self::shards).
+    pub fn numbered_entries(&self) -> &[(String, u32)] {
+        &self.entries
+    }
+
+    /// Shard names as spelled, each once, in order of first appearance.
+    pub fn shards(&self) -> &[String] {
+        &self.shards
+    }
+
     /// Shard names, deduplicated, in natural order.
     pub fn shard_names(&self) -> Vec<&str> {
-        // Deduplicate first: a few shards are named by 100,000s of entries.
-        let unique: std::collections::HashSet<&str> = self.weight_map.values().map(String::as_str).collect();
-        let mut names: Vec<&str> = unique.into_iter().collect();
+        let mut names: Vec<&str> = self.shards.iter().map(String::as_str).collect();
         names.sort_by(|a, b| natural_cmp(a, b));
         names
     }
 }
 
 #[derive(Deserialize)]
-struct RawIndex {
+struct RawIndex<'a> {
     #[serde(default)]
     metadata: Option<serde_json::Value>,
-    weight_map: Pairs,
+    #[serde(borrow)]
+    weight_map: Pairs<'a>,
 }
 
-/// A JSON object as its (key, value) pairs in file order, duplicates kept so that they can
-/// be refused: a map would silently keep one of them.
-struct Pairs(Vec<(String, serde_json::Value)>);
+/// The weight map as listed: names owned, shard names interned as they are read (an index
+/// repeats a few names 100,000s of times, one after another).
+struct Pairs<'a> {
+    entries: Vec<(String, u32)>,
+    shards: Vec<String>,
+    _text: std::marker::PhantomData<&'a str>,
+}
 
-impl<'de> Deserialize<'de> for Pairs {
+impl<'de: 'a, 'a> Deserialize<'de> for Pairs<'a> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = Pairs;
+        struct V<'a>(std::marker::PhantomData<&'a str>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+            type Value = Pairs<'a>;
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str("an object of tensor names to shard file names")
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Pairs, A::Error> {
-                let mut out = Vec::new();
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Pairs<'a>, A::Error> {
+                let mut entries: Vec<(String, u32)> = Vec::new();
+                let mut shards: Vec<String> = Vec::new();
+                let mut by_name: std::collections::HashMap<String, u32> = std::collections::HashMap::new();
                 while let Some(key) = map.next_key::<String>()? {
-                    if out.len() == out.capacity() && out.try_reserve(out.len().max(16)).is_err() {
+                    if entries.len() == entries.capacity() && entries.try_reserve(entries.len().max(16)).is_err() {
                         return Err(serde::de::Error::custom("out of memory reading weight_map"));
                     }
-                    out.push((key, map.next_value()?));
+                    let shard = map.next_value::<ShardName<'de>>()?.0;
+                    // The same shard as the entry before: the common case, no look-up.
+                    let id = match entries.last() {
+                        Some(&(_, last)) if shards[last as usize] == *shard => last,
+                        _ => match by_name.get(shard.as_ref()) {
+                            Some(&id) => id,
+                            None => {
+                                let id = u32::try_from(shards.len())
+                                    .map_err(|_| serde::de::Error::custom("too many shard names"))?;
+                                shards.push(shard.clone().into_owned());
+                                by_name.insert(shard.into_owned(), id);
+                                id
+                            }
+                        },
+                    };
+                    entries.push((key, id));
                 }
-                Ok(Pairs(out))
+                Ok(Pairs { entries, shards, _text: std::marker::PhantomData })
             }
         }
-        d.deserialize_map(V)
+        d.deserialize_map(V(std::marker::PhantomData))
     }
 }
 
-/// Parses an index file's bytes and checks that every shard name is a plain relative path
-/// that cannot leave the index's folder (no absolute paths, no `..`).
+/// A shard name: a JSON string, borrowed from the text where it has no escapes.
+struct ShardName<'a>(std::borrow::Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for ShardName<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a str>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+            type Value = ShardName<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a shard file name (a string)")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<ShardName<'a>, E> {
+                Ok(ShardName(std::borrow::Cow::Borrowed(v)))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ShardName<'a>, E> {
+                Ok(ShardName(std::borrow::Cow::Owned(v.to_owned())))
+            }
+        }
+        d.deserialize_str(V(std::marker::PhantomData))
+    }
+}
+
+/// Parses and validates an index file's bytes: strict UTF-8 and JSON, `weight_map` an
+/// object of strings, every shard name a plain relative path (no `..`, not absolute), no
+/// tensor listed twice. `file` is the path errors name.
 pub fn parse_index(file: &Path, bytes: &[u8]) -> Result<Index, FormatError> {
     let invalid = |message: String| FormatError::InvalidIndex { file: file.to_path_buf(), message };
     let text = std::str::from_utf8(bytes).map_err(|e| invalid(format!("not UTF-8: {e}")))?;
-    let raw: RawIndex = serde_json::from_str(text).map_err(|e| invalid(e.to_string()))?;
-    let mut weight_map = BTreeMap::new();
-    // An index names a few shards 100,000s of times, mostly in runs: a name is checked
-    // when it differs from the last one checked.
-    let mut checked: Option<String> = None;
-    for (tensor, shard) in raw.weight_map.0 {
-        let serde_json::Value::String(shard) = shard else {
-            return Err(invalid(format!("weight_map entry for '{tensor}' is not a string")));
-        };
-        if checked.as_deref() != Some(shard.as_str()) {
-            check_relative(file, &shard)?;
-            checked = Some(shard.clone());
-        }
-        match weight_map.entry(tensor) {
-            std::collections::btree_map::Entry::Vacant(v) => {
-                v.insert(shard);
-            }
-            std::collections::btree_map::Entry::Occupied(o) => {
-                return Err(invalid(format!(
-                    "weight_map lists tensor '{}' twice (in '{}' and in '{shard}')",
-                    o.key(),
-                    o.get()
-                )));
-            }
+    let raw: RawIndex<'_> = serde_json::from_str(text).map_err(|e| invalid(e.to_string()))?;
+    let Pairs { entries, shards, .. } = raw.weight_map;
+    for shard in &shards {
+        check_relative(file, shard)?;
+    }
+    // No tensor listed twice: a set of the names, by a fast hash (names come from a file
+    // already bounded in size).
+    let mut seen: std::collections::HashMap<&str, u32, crate::plan::FastBuild> = Default::default();
+    seen.try_reserve(entries.len()).map_err(|_| invalid("out of memory checking names".into()))?;
+    for (tensor, shard) in &entries {
+        if let Some(first) = seen.insert(tensor, *shard) {
+            return Err(invalid(format!(
+                "weight_map lists tensor '{tensor}' twice (in '{}' and in '{}')",
+                shards[first as usize], shards[*shard as usize]
+            )));
         }
     }
-    Ok(Index { metadata: raw.metadata, weight_map })
+    Ok(Index { metadata: raw.metadata, entries, shards })
 }
 
 /// Rejects shard names that are absolute or climb out of the folder, before any file

@@ -247,7 +247,7 @@ impl LoadPlan {
 /// protection against chosen collisions costs more than the parse here, and a collision
 /// flood only makes planning slower, within the header budget.
 #[derive(Default, Clone, Copy)]
-struct Fnv(u64);
+pub(crate) struct Fnv(u64);
 
 impl std::hash::Hasher for Fnv {
     fn finish(&self) -> u64 {
@@ -262,7 +262,7 @@ impl std::hash::Hasher for Fnv {
     }
 }
 
-type FastBuild = std::hash::BuildHasherDefault<Fnv>;
+pub(crate) type FastBuild = std::hash::BuildHasherDefault<Fnv>;
 
 fn check_against_index(
     index_path: &Path,
@@ -270,6 +270,7 @@ fn check_against_index(
     shards: &[Shard],
     owner: &HashMap<&str, usize, FastBuild>,
 ) -> Result<(), FormatError> {
+    // Each name the index spells, to its shard in the plan: once per distinct name.
     let mut by_name: HashMap<&str, usize, FastBuild> = HashMap::default();
     for (i, s) in shards.iter().enumerate() {
         by_name.insert(&s.name, i);
@@ -277,12 +278,14 @@ fn check_against_index(
             by_name.insert(a, i);
         }
     }
-    for (tensor, shard_name) in &index.weight_map {
-        if by_name.get(shard_name.as_str()).is_none_or(|i| owner.get(tensor.as_str()) != Some(i)) {
+    let planned: Vec<Option<usize>> = index.shards().iter().map(|n| by_name.get(n.as_str()).copied()).collect();
+    for (tensor, shard) in index.numbered_entries() {
+        let want = planned[*shard as usize];
+        if want.is_none() || owner.get(tensor.as_str()).copied() != want {
             return Err(FormatError::TensorNotInShard {
                 file: index_path.to_path_buf(),
                 tensor: tensor.clone(),
-                shard: shard_name.clone(),
+                shard: index.shards()[*shard as usize].clone(),
             });
         }
     }
@@ -290,12 +293,13 @@ fn check_against_index(
     // plan is assembled): so if the counts agree, every shard tensor is indexed. Only when
     // they do not is the missing one looked for, to name it.
     let in_shards: usize = shards.iter().map(|s| s.header.tensors.len()).sum();
-    if in_shards == index.weight_map.len() {
+    if in_shards == index.len() {
         return Ok(());
     }
+    let indexed: std::collections::HashSet<&str> = index.entries().map(|(t, _)| t).collect();
     for shard in shards {
         for t in &shard.header.tensors {
-            if !index.weight_map.contains_key(&t.name) {
+            if !indexed.contains(t.name.as_str()) {
                 return Err(FormatError::TensorNotInIndex {
                     file: index_path.to_path_buf(),
                     tensor: t.name.clone(),

@@ -236,7 +236,7 @@ fn index_shards(
     index: &tensorlift_format::Index,
     limits: &PlanLimits,
 ) -> Result<Vec<(String, Vec<String>)>, FormatError> {
-    let distinct: std::collections::BTreeSet<&str> = index.weight_map.values().map(String::as_str).collect();
+    let distinct: std::collections::BTreeSet<&str> = index.shards().iter().map(String::as_str).collect();
     let mut spellings: HashMap<String, Vec<String>> = HashMap::new();
     for raw in distinct {
         check_relative(context, raw)?;
@@ -301,6 +301,51 @@ impl LinkPolicy {
             }
         }
     }
+}
+
+/// A shard's header as read: bytes to parse, or (a PyTorch file) already read.
+enum HeaderWork {
+    Parse(Vec<u8>),
+    Done(Header, u64),
+}
+
+/// Parses the headers read for `new`, on up to one thread per CPU (8 at most), in order.
+fn parse_all(new: &[(String, Opened, HeaderWork)]) -> Vec<Result<(Header, u64), FormatError>> {
+    let one = |(_, opened, work): &(String, Opened, HeaderWork)| match work {
+        HeaderWork::Parse(bytes) => {
+            parse_header(&opened.path, bytes, opened.identity.len).map(|h| (h, tensorlift_format::header_hash(bytes)))
+        }
+        HeaderWork::Done(h, hash) => Ok((h.clone(), *hash)),
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8).min(new.len());
+    // A thread costs more than a small header: only batches worth it are split.
+    let bytes: usize = new.iter().map(|(_, _, w)| if let HeaderWork::Parse(b) = w { b.len() } else { 0 }).sum();
+    if threads < 2 || bytes < 1 << 20 {
+        return new.iter().map(one).collect();
+    }
+    let per = new.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        // A thread that cannot be had (a process at its limit) leaves its part to this one.
+        let handles: Vec<_> = new
+            .chunks(per)
+            .map(|part| {
+                std::thread::Builder::new()
+                    .name("tensorlift-plan".into())
+                    .spawn_scoped(s, move || part.iter().map(one).collect::<Vec<_>>())
+                    .ok()
+            })
+            .collect();
+        let mut out = Vec::with_capacity(new.len());
+        for (h, part) in handles.into_iter().zip(new.chunks(per)) {
+            match h.map(|h| h.join()) {
+                Some(Ok(results)) => out.extend(results),
+                // Not started, or a parser that panicked (a bug): those headers are parsed
+                // here, where a panic that comes back is the caller's to see.
+                _ => out.extend(part.iter().map(one)),
+            }
+        }
+        out
+    })
 }
 
 /// An opened regular file: its descriptor, identity and canonical path.
@@ -401,9 +446,16 @@ impl<'a> Planner<'a> {
     ) -> Result<Checkpoint, FormatError> {
         let context = root.join(index_name);
         let parsed = read_index(&context, index)?;
-        for (name, raws) in index_shards(&context, &parsed, self.limits)? {
-            let opened = self.open_shard(&dir, &root, policy, &name, &context)?;
-            let i = self.add_shard(&context, name.clone(), opened)?;
+        let names = index_shards(&context, &parsed, self.limits)?;
+        let mut added = Vec::with_capacity(names.len());
+        for batch in names.chunks(self.batch()) {
+            let mut opened = Vec::with_capacity(batch.len());
+            for (name, _) in batch {
+                opened.push((context.clone(), name.clone(), self.open_shard(&dir, &root, policy, name, &context)?));
+            }
+            added.extend(self.add_shards(opened)?);
+        }
+        for ((name, raws), i) in names.into_iter().zip(added) {
             let shard = &mut self.shards[i];
             for raw in raws {
                 if raw != shard.name && !shard.aliases.contains(&raw) {
@@ -454,16 +506,24 @@ impl<'a> Planner<'a> {
                 });
             }
         }
-        for name in names {
-            let context = root.join(&name);
-            // Listed a moment ago; gone now is an error, not a skip.
-            let opened =
-                self.open_entry(&dir, &root, policy, &name, &context)?.ok_or_else(|| FormatError::ShardUnreadable {
-                    file: root.clone(),
-                    shard: name.clone(),
-                    source: io::Error::from(io::ErrorKind::NotFound),
+        let mut added = Vec::with_capacity(names.len());
+        for batch in names.chunks(self.batch()) {
+            let mut opened = Vec::with_capacity(batch.len());
+            for name in batch {
+                let context = root.join(name);
+                // Listed a moment ago; gone now is an error, not a skip.
+                let o = self.open_entry(&dir, &root, policy, name, &context)?.ok_or_else(|| {
+                    FormatError::ShardUnreadable {
+                        file: root.clone(),
+                        shard: name.clone(),
+                        source: io::Error::from(io::ErrorKind::NotFound),
+                    }
                 })?;
-            let i = self.add_shard(&context, name.clone(), opened)?;
+                opened.push((context, name.clone(), o));
+            }
+            added.extend(self.add_shards(opened)?);
+        }
+        for (name, i) in names.into_iter().zip(added) {
             if self.shards[i].name != name {
                 self.shards[i].aliases.push(name);
             }
@@ -475,11 +535,55 @@ impl<'a> Planner<'a> {
     /// Reads and validates a shard's header from its descriptor, or records `name` as
     /// another name of a file already planned. Returns the shard's index.
     fn add_shard(&mut self, context: &Path, name: String, opened: Opened) -> Result<usize, FormatError> {
-        let key = (opened.identity.dev, opened.identity.ino);
-        if let Some(&i) = self.by_identity.get(&key) {
-            return Ok(i);
+        Ok(self.add_shards(vec![(context.to_path_buf(), name, opened)])?[0])
+    }
+
+    /// [`add_shard`](Self::add_shard) for several files, (context, name, file) each: headers
+    /// are read one after another (the header budget is spent in order), then parsed on
+    /// several threads, which is most of planning for 100,000s of tensors. The first error,
+    /// in the files' order, is the one returned.
+    fn add_shards(&mut self, items: Vec<(PathBuf, String, Opened)>) -> Result<Vec<usize>, FormatError> {
+        // Files already planned, or twice in this batch, are the same shard.
+        enum Slot {
+            Known(usize),
+            New(usize),
         }
-        let (header, header_hash) = self.read_header(context, &opened)?;
+        let mut slots = Vec::with_capacity(items.len());
+        let mut new: Vec<(String, Opened, HeaderWork)> = Vec::new();
+        let mut batch: HashMap<(u64, u64), usize> = HashMap::new();
+        for (context, name, opened) in items {
+            let key = (opened.identity.dev, opened.identity.ino);
+            if let Some(&i) = self.by_identity.get(&key) {
+                slots.push(Slot::Known(i));
+                continue;
+            }
+            if let Some(&k) = batch.get(&key) {
+                slots.push(Slot::New(k));
+                continue;
+            }
+            let work = self.read_header(&context, &opened)?;
+            batch.insert(key, new.len());
+            slots.push(Slot::New(new.len()));
+            new.push((name, opened, work));
+        }
+        let parsed = parse_all(&new);
+        let mut first = Vec::with_capacity(new.len());
+        for ((name, opened, _), header) in new.into_iter().zip(parsed) {
+            let (header, header_hash) = header?;
+            first.push(self.push_shard(name, opened, header, header_hash));
+        }
+        Ok(slots
+            .into_iter()
+            .map(|s| match s {
+                Slot::Known(i) => i,
+                Slot::New(k) => first[k],
+            })
+            .collect())
+    }
+
+    /// Adds a shard whose header is validated; returns its index.
+    fn push_shard(&mut self, name: String, opened: Opened, header: Header, header_hash: u64) -> usize {
+        let key = (opened.identity.dev, opened.identity.ino);
         let i = self.shards.len();
         // Half the bound is held between planning and loading; the load's window of shards
         // open for reading (two descriptors each with O_DIRECT) takes the other half.
@@ -495,7 +599,13 @@ impl<'a> Planner<'a> {
         });
         self.files.push(keep.then(|| Arc::new(opened.file)));
         self.by_identity.insert(key, i);
-        Ok(i)
+        i
+    }
+
+    /// Shards opened at once for [`add_shards`](Self::add_shards): with the half of the
+    /// bound that planning keeps open, within three quarters of it.
+    fn batch(&self) -> usize {
+        (self.open_bound / 4).max(1)
     }
 
     fn open_files(&self) -> usize {
@@ -503,15 +613,16 @@ impl<'a> Planner<'a> {
     }
 
     /// 8 bytes, then N, never the data; N is checked against the file's length and the
-    /// plan's header budget before anything is allocated.
-    fn read_header(&mut self, context: &Path, opened: &Opened) -> Result<(Header, u64), FormatError> {
+    /// plan's header budget before anything is allocated. A safetensors header is left to
+    /// parse; a PyTorch file is read whole here.
+    fn read_header(&mut self, context: &Path, opened: &Opened) -> Result<HeaderWork, FormatError> {
         let path = &opened.path;
         let file_len = opened.identity.len;
         let prefix_len = HEADER_PREFIX_LEN.min(file_len) as usize;
         let prefix = read_exact_at(&opened.file, path, 0, prefix_len, "a header")?;
         let n = match header_len(path, &prefix, file_len) {
             Err(FormatError::PyTorchCheckpoint { .. }) if !safetensors_only() => {
-                return self.read_torch(context, opened)
+                return self.read_torch(context, opened).map(|(h, hash)| HeaderWork::Done(h, hash))
             }
             Err(FormatError::PyTorchCheckpoint { file, .. }) => {
                 return Err(FormatError::PyTorchCheckpoint { file, layout: SAFETENSORS_ONLY });
@@ -529,11 +640,8 @@ impl<'a> Planner<'a> {
                 bytes: parse_bytes,
             });
         }
-        let mut bytes = read_exact_at(&opened.file, path, 0, (HEADER_PREFIX_LEN + n) as usize, "a header")?;
-        let header = parse_header(path, &bytes, file_len)?;
-        let hash = tensorlift_format::header_hash(&bytes);
-        bytes.clear();
-        Ok((header, hash))
+        let bytes = read_exact_at(&opened.file, path, 0, (HEADER_PREFIX_LEN + n) as usize, "a header")?;
+        Ok(HeaderWork::Parse(bytes))
     }
 
     /// Counts `bytes` of header against the plan's budget, or says it is spent.
@@ -700,11 +808,10 @@ pub fn open_pytorch(path: &Path, limits: &PlanLimits) -> Result<PyTorchFiles, Fo
                 }
             }
             let map = parsed
-                .weight_map
-                .into_iter()
+                .entries()
                 .map(|(tensor, raw)| {
-                    let file = spelled.get(&raw).cloned().unwrap_or(raw);
-                    (tensor, file)
+                    let file = spelled.get(raw).cloned().unwrap_or_else(|| raw.to_owned());
+                    (tensor.to_owned(), file)
                 })
                 .collect();
             out.weight_map = Some(map);
