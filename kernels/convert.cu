@@ -1,7 +1,8 @@
 // Element type conversion on the device: bf16, f16, f32, f8 e4m3fn and f8 e5m2 into bf16,
-// f16 or f32, bit for bit what the host path computes (tensorlift::convert, which follows the
-// `half` crate): one exact decode to f32, one rounding to the target, to nearest, ties to
-// even; NaN keeps its sign and gets the quiet bit, infinities stay infinite, subnormals are
+// f16 or f32, computing what the host path computes (tensorlift::convert, which follows the
+// `half` crate's software conversions; bit for bit, NaN payloads aside, which the host may
+// quiet in hardware): one exact decode to f32, one rounding to the target, to nearest, ties
+// to even; NaN keeps its sign and gets the quiet bit, infinities stay infinite, subnormals are
 // kept where the target can hold them.
 //
 // Written with integer operations only and no headers, so that NVRTC compiles it with no

@@ -90,7 +90,8 @@ struct Args {
     #[arg(long, value_parser = parse_dtype)]
     convert_to: Option<tensorlift::Dtype>,
     /// tensorlift: load one tensor-parallel rank's share, RANK/WORLD (Llama rules, as vLLM
-    /// splits); GB/s counts the bytes loaded, and each run prints the bytes it read.
+    /// splits, with as many key/value heads as ranks); GB/s counts the bytes loaded, and
+    /// each run prints the bytes it read.
     #[arg(long, value_name = "RANK/WORLD", value_parser = parse_tp)]
     tp: Option<(usize, usize)>,
 }
@@ -148,7 +149,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         }
     }
     let device: Device = args.device.parse()?;
-    let loader = Arc::new(builder(args).device(device).build()?);
+    let loader = Arc::new(builder(args)?.device(device).build()?);
     // What runs where, before anything long starts.
     if !args.json {
         eprintln!("machine: {}", report::machine()["summary"].as_str().unwrap_or(""));
@@ -270,7 +271,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
 }
 
 /// A loader builder with tensorlift's knobs as the flags set them.
-fn builder(args: &Args) -> tensorlift::LoaderBuilder {
+fn builder(args: &Args) -> anyhow::Result<tensorlift::LoaderBuilder> {
     let mut b = Loader::builder();
     if let Some(m) = args.chunk_mib {
         b = b.chunk_size(m << 20);
@@ -293,10 +294,11 @@ fn builder(args: &Args) -> tensorlift::LoaderBuilder {
     if let Some(to) = args.convert_to {
         b = b.convert_to(to);
     }
-    if let Some(sharding) = args.tp.and_then(|(rank, world)| tensorlift::Sharding::llama(rank, world).ok()) {
-        b = b.shard(sharding);
+    if let Some((rank, world)) = args.tp {
+        // As many key/value heads as ranks: one whole head each.
+        b = b.shard(tensorlift::Sharding::llama(rank, world, world)?);
     }
-    b
+    Ok(b)
 }
 
 /// Puts every shard in the page-cache state the mode needs.

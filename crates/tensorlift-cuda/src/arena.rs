@@ -95,12 +95,16 @@ impl DeviceArena {
             check(unsafe { sys::cuPointerGetAttribute(out, attr, ptr) }, "cuPointerGetAttribute")
         };
         let (mut start, mut size, mut ordinal): (sys::CUdeviceptr, usize, std::ffi::c_int) = (0, 0, -1);
-        let known = attribute(sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR, (&raw mut start).cast())
+        let mut kind: std::ffi::c_uint = 0;
+        let known = attribute(sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE, (&raw mut kind).cast())
+            .and_then(|()| {
+                attribute(sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR, (&raw mut start).cast())
+            })
             .and_then(|()| attribute(sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_SIZE, (&raw mut size).cast()))
             .and_then(|()| {
                 attribute(sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, (&raw mut ordinal).cast())
             });
-        if known.is_err() {
+        if known.is_err() || kind != sys::CUmemorytype::CU_MEMORYTYPE_DEVICE as std::ffi::c_uint {
             return Err(foreign("not device memory the driver knows".into()));
         }
         if usize::try_from(ordinal).ok() != Some(gpu.ordinal()) {

@@ -59,9 +59,8 @@ impl Piece {
 /// failed); the chunk is back in its pool by then.
 pub type OnCopied = Box<dyn Fn(u64, Result<(), CudaError>) + Send>;
 
-struct Pending {
-    /// Recorded after the work (always set before the entry is sent).
-    event: Option<CudaEvent>,
+/// Work queued on a stream: what it holds until it is done.
+struct Work {
     /// The chunk copied from (none for a kernel launch).
     chunk: Option<PinnedChunk>,
     /// Device memory the work reads or writes, and the kernels it runs: kept until it is done.
@@ -70,6 +69,13 @@ struct Pending {
     tag: u64,
     /// A copy that failed to queue after others from this chunk had been queued.
     failed: Option<CudaError>,
+}
+
+/// Work and the event recorded behind it: the completion thread releases the work once
+/// the event has completed.
+struct Pending {
+    event: CudaEvent,
+    work: Work,
 }
 
 /// Asynchronous copies on several streams with completion tracking.
@@ -205,7 +211,7 @@ impl CopyEngine {
         // Even after a failure, copies queued before it still read the chunk: the chunk goes
         // back only behind an event.
         let arenas = targets.iter().map(|(a, _)| Arc::clone(a)).collect();
-        self.track(&stream, Pending { event: None, chunk: Some(chunk), arenas, kernels: None, tag, failed })
+        self.track(&stream, Work { chunk: Some(chunk), arenas, kernels: None, tag, failed })
     }
 
     /// Queues a conversion of `n` elements of `from` at `src_offset` in `src` into `to` at
@@ -236,6 +242,12 @@ impl CopyEngine {
         if src_end > src.len() || dst_end > dst.len() {
             return Err(CudaError::OutOfBounds { what: "a conversion's arena", len: n });
         }
+        // Kernels load and store whole elements: a misaligned address is a device fault that
+        // poisons the context, so it is refused here.
+        let (s, d) = (src.device_ptr() + src_offset as u64, dst.device_ptr() + dst_offset as u64);
+        if s % from.width() as u64 != 0 || d % to.width() as u64 != 0 {
+            return Err(CudaError::OutOfBounds { what: "a conversion's misaligned elements", len: n });
+        }
         let same = Arc::ptr_eq(src, dst) && src_offset < dst_end && dst_offset < src_end;
         if same || !kernels.converts(from, to) {
             return Err(CudaError::OutOfBounds { what: "a conversion's ranges (overlapping or unsupported)", len: n });
@@ -243,13 +255,11 @@ impl CopyEngine {
         let stream = Arc::clone(&self.streams[self.next % self.streams.len()]);
         self.next = self.next.wrapping_add(1);
         let _restore = self.gpu.enter()?;
-        let (s, d) = (src.device_ptr() + src_offset as u64, dst.device_ptr() + dst_offset as u64);
         // SAFETY: both ranges were checked to lie in their arenas, on this device, and not to
         // overlap; the arenas (and the kernels) are kept by the pending entry below until the
         // event recorded after the launch has completed.
         let failed = unsafe { kernels.launch_convert(stream.cu_stream(), from, to, s, d, n as u64) }.err();
-        let pending = Pending {
-            event: None,
+        let pending = Work {
             chunk: None,
             arenas: vec![Arc::clone(src), Arc::clone(dst)],
             kernels: Some(Arc::clone(kernels)),
@@ -261,30 +271,28 @@ impl CopyEngine {
 
     /// Records an event after the work just queued on `stream` and hands `pending` to the
     /// completion thread, which releases what it holds once the event has completed.
-    fn track(&mut self, stream: &Arc<CudaStream>, mut pending: Pending) -> Result<(), CudaError> {
+    fn track(&mut self, stream: &Arc<CudaStream>, mut work: Work) -> Result<(), CudaError> {
         let event = match self.event().and_then(|e| e.record(stream).call("cuEventRecord").map(|()| e)) {
             Ok(e) => e,
             Err(e) => {
                 // No event: wait for the stream here, so that the memory is free to go back.
                 if stream.synchronize().is_err() {
                     // The stream's state is unknown: never hand this memory out again.
-                    std::mem::forget(pending.chunk.take());
-                    std::mem::forget(std::mem::take(&mut pending.arenas));
+                    std::mem::forget(work.chunk.take());
+                    std::mem::forget(std::mem::take(&mut work.arenas));
                 }
-                return Err(pending.failed.unwrap_or(e));
+                return Err(work.failed.unwrap_or(e));
             }
         };
-        pending.event = Some(event);
-        let err = pending.failed.clone();
+        let err = work.failed.clone();
+        let pending = Pending { event, work };
         let sent = match &self.tx {
             Some(tx) => tx.send(pending).map_err(|mpsc::SendError(p)| p),
             None => Err(pending),
         };
         if let Err(p) = sent {
             // The completion thread is gone: wait here instead.
-            if let Some(e) = &p.event {
-                let _ = e.synchronize();
-            }
+            let _ = p.event.synchronize();
             return Err(CudaError::Unavailable("the completion thread stopped".into()));
         }
         match err {
@@ -338,8 +346,7 @@ fn complete(
     on_copied: &OnCopied,
 ) {
     let _ = gpu.bind();
-    for p in rx {
-        let Some(event) = p.event else { continue };
+    for Pending { event, work: p } in rx {
         let mut result = match event.synchronize() {
             Ok(()) => Ok(()),
             Err(source) => Err(CudaError::Driver { call: "cuEventSynchronize", source }),

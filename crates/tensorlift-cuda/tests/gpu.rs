@@ -230,3 +230,37 @@ fn the_callers_current_context_is_left_as_it_was() {
     .join()
     .unwrap();
 }
+
+/// The kernels convert on the device; launches outside their arenas, misaligned,
+/// overlapping, or of a pair no kernel converts are refused before they reach the device.
+#[test]
+fn conversion_kernels_run_and_misuse_is_refused() {
+    use tensorlift_cuda::{KernelType, Kernels};
+    let (_driver, gpu) = gpu();
+    let kernels = Arc::new(Kernels::load(&gpu).unwrap());
+    let src = Arc::new(DeviceArena::new(&gpu, 4096).unwrap());
+    let dst = Arc::new(DeviceArena::new(&gpu, 8192).unwrap());
+    let values: Vec<u8> =
+        [1.5f32, -2.0, 0.0, 65504.0].iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect();
+    src.copy_from_host(0, &values).unwrap();
+    let mut engine = CopyEngine::new(&gpu, 2).unwrap();
+    let bf16_f32 = (KernelType::BF16, KernelType::F32);
+    engine.convert_tagged(&kernels, bf16_f32, (&src, 0), (&dst, 256), 4, 7).unwrap();
+    engine.synchronize().unwrap();
+    let mut out = [0u8; 16];
+    dst.copy_to_host(256, &mut out).unwrap();
+    let got: Vec<f32> = out.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    assert_eq!(got, [1.5, -2.0, 0.0, 65536.0]);
+    let refused = |e: Result<(), CudaError>| matches!(e, Err(CudaError::OutOfBounds { .. }));
+    assert!(refused(engine.convert_tagged(&kernels, bf16_f32, (&src, 4094), (&dst, 0), 2, 0)), "past the source");
+    assert!(refused(engine.convert_tagged(&kernels, bf16_f32, (&src, 0), (&dst, 8190), 2, 0)), "past the target");
+    assert!(refused(engine.convert_tagged(&kernels, bf16_f32, (&src, 1), (&dst, 0), 2, 0)), "misaligned source");
+    assert!(refused(engine.convert_tagged(&kernels, bf16_f32, (&src, 0), (&dst, 2), 2, 0)), "misaligned target");
+    assert!(refused(engine.convert_tagged(&kernels, bf16_f32, (&src, 0), (&src, 0), 2, 0)), "overlapping");
+    let to_fp8 = (KernelType::F32, KernelType::F8E4M3);
+    assert!(refused(engine.convert_tagged(&kernels, to_fp8, (&dst, 0), (&src, 0), 2, 0)), "no such kernel");
+    drop((engine, kernels));
+    if let Some(live) = emulator::live() {
+        assert_eq!(live.modules, 0, "the module is unloaded with the kernels");
+    }
+}

@@ -232,6 +232,10 @@ impl ArenaPool {
     /// The smallest kept buffer of at least `len` bytes and not much more (a quarter, plus
     /// 2 MiB), so that a small load does not pin a large one.
     fn take(&self, len: usize) -> Option<AlignedBuf> {
+        // No memory asked for (a span read into the caller's memory): nothing to give.
+        if len == 0 {
+            return None;
+        }
         let mut s = self.lock();
         let most = len.saturating_add(len / 4).saturating_add(2 << 20);
         let i =

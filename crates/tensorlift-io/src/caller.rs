@@ -47,9 +47,12 @@ pub enum ClaimError {
 
 /// Caller memory that tensors are placed in.
 pub struct CallerRegion {
-    // The owner's value, untouched while the region lives: every access goes through `base`,
-    // taken from the one `bytes_mut` call, to ranges that claims keep disjoint.
-    mem: Mutex<Option<Box<dyn CallerMemory>>>,
+    // The owner's value, held as a raw pointer from `Box::into_raw` (a `Box` moved after the
+    // bytes were borrowed would assert unique access to them, and bytes inside the value
+    // itself, as in an array, would be invalidated): untouched while the region lives,
+    // every access goes through `base`, taken from the one `bytes_mut` call, to ranges
+    // that claims keep disjoint. Rebuilt into a `Box` once, by `into_inner` or `drop`.
+    mem: Mutex<Option<RawMemory>>,
     base: *mut u8,
     len: usize,
     claimed: Mutex<Vec<Range<usize>>>,
@@ -68,13 +71,26 @@ impl std::fmt::Debug for CallerRegion {
     }
 }
 
+/// The owner's value, leaked from its `Box` until it is rebuilt.
+struct RawMemory(*mut dyn CallerMemory);
+
+impl RawMemory {
+    fn into_box(self) -> Box<dyn CallerMemory> {
+        // SAFETY: the pointer came from `Box::into_raw` (in `CallerRegion::new`), and this
+        // value, which is not `Clone`, is consumed: the box is rebuilt once.
+        unsafe { Box::from_raw(self.0) }
+    }
+}
+
 impl CallerRegion {
     /// Takes `mem` to place tensors in.
     pub fn new(mem: impl CallerMemory) -> Arc<CallerRegion> {
-        let mut mem: Box<dyn CallerMemory> = Box::new(mem);
-        let bytes = mem.bytes_mut();
+        let raw: *mut dyn CallerMemory = Box::into_raw(Box::new(mem));
+        // SAFETY: `raw` is the only pointer to the value, just leaked from its box and valid
+        // until it is rebuilt; this `&mut` ends with this statement.
+        let bytes = unsafe { (*raw).bytes_mut() };
         let (base, len) = (bytes.as_mut_ptr(), bytes.len());
-        Arc::new(CallerRegion { mem: Mutex::new(Some(mem)), base, len, claimed: Mutex::new(Vec::new()) })
+        Arc::new(CallerRegion { mem: Mutex::new(Some(RawMemory(raw))), base, len, claimed: Mutex::new(Vec::new()) })
     }
 
     /// Bytes of memory.
@@ -120,7 +136,15 @@ impl CallerRegion {
         let region = Arc::try_unwrap(self)?;
         let mem = region.mem.lock().unwrap_or_else(|p| p.into_inner()).take();
         // Set at construction and taken only here, from the one owner left.
-        Ok(mem.map_or_else(|| Box::new(()) as Box<dyn Any + Send + Sync>, CallerMemory::into_any))
+        Ok(mem.map_or_else(|| Box::new(()) as Box<dyn Any + Send + Sync>, |m| m.into_box().into_any()))
+    }
+}
+
+impl Drop for CallerRegion {
+    fn drop(&mut self) {
+        if let Some(m) = self.mem.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
+            drop(m.into_box());
+        }
     }
 }
 

@@ -81,8 +81,8 @@ impl Completions {
 pub(crate) struct CudaSink {
     device: Device,
     spans: Vec<Span>,
-    /// The allocations tensors land in: the load's own first, then the scratch allocation
-    /// of a converting load, then the caller's.
+    /// The allocations tensors land in: the load's own first, then the caller's, then the
+    /// scratch allocation of a converting load.
     targets: Vec<Arc<DeviceArena>>,
     /// Each tensor's final place: (target, offset).
     places: Vec<Option<(usize, u64)>>,
@@ -340,6 +340,7 @@ impl Sink for CudaSink {
         ready: &mut VecDeque<Tensor>,
     ) -> Poll<Result<u64, LoadError>> {
         let mut bytes = 0u64;
+        let queued = ready.len();
         loop {
             let next = match self.done.state.lock() {
                 Ok(mut s) => match s.0.pop_front() {
@@ -374,7 +375,9 @@ impl Sink for CudaSink {
                 }
             }
         }
-        if bytes > 0 || self.pending == 0 {
+        // A converted tensor is ready with no bytes to report: it goes out now, not with the
+        // next completion.
+        if bytes > 0 || self.pending == 0 || ready.len() > queued {
             Poll::Ready(Ok(bytes))
         } else {
             Poll::Pending

@@ -8,6 +8,9 @@ use tensorlift_io::PAGE;
 
 /// Gaps of unselected tensors up to this size are read through rather than splitting a span.
 pub(crate) const MAX_GAP: u64 = 1 << 20;
+/// The longest pitch a 2D copy takes (`CU_DEVICE_ATTRIBUTE_MAX_PITCH` is 2^31 - 1 on every
+/// CUDA device); rows farther apart are copied one by one.
+pub(crate) const MAX_PITCH: u64 = (1 << 31) - 1;
 /// Every tensor on a device starts at a multiple of this (what CUDA kernels and cuBLAS expect).
 pub(crate) const DEVICE_ALIGN: u64 = 256;
 
@@ -218,8 +221,9 @@ impl Piece {
         let last_src = self.src + (self.rows - 1) * self.src_pitch;
         let last_dst = self.dst + (self.rows as u64 - 1) * self.dst_pitch;
         let (Some(sp), Some(dp)) = (p.src.checked_sub(last_src), p.dst.checked_sub(last_dst)) else { return false };
-        // Rows must not overlap (what a 2D copy requires of its pitches).
-        if sp < self.len || dp < self.len as u64 {
+        // Rows must not overlap (what a 2D copy requires of its pitches), and the driver
+        // takes pitches up to its maximum (2^31 - 1 bytes on every CUDA device).
+        if sp < self.len || dp < self.len as u64 || sp > MAX_PITCH as usize || dp > MAX_PITCH {
             return false;
         }
         if self.rows == 1 {
@@ -361,6 +365,19 @@ mod tests {
             let (s, d) = (q.src + k * q.src_pitch, (q.dst + k as u64 * q.dst_pitch) as usize);
             device[d..d + q.len].copy_from_slice(&chunk[s..s + q.len]);
         }
+    }
+
+    #[test]
+    fn rows_merge_into_2d_copies_only_at_pitches_the_driver_takes() {
+        let mut p = Piece::flat(0, 0, 64);
+        assert!(p.absorb(Piece::flat(100, 64, 64)), "packed rows, 100 bytes apart in the chunk");
+        assert!(p.absorb(Piece::flat(200, 128, 64)));
+        assert!(!p.absorb(Piece::flat(310, 192, 64)), "another pitch");
+        assert_eq!((p.rows, p.src_pitch, p.dst_pitch), (3, 100, 64));
+        // Rows farther apart than the largest pitch stay separate copies.
+        let mut far = Piece::flat(0, 0, 64);
+        assert!(!far.absorb(Piece::flat(64, MAX_PITCH + 1, 64)));
+        assert!(!far.absorb(Piece::flat(32, 64, 64)), "overlapping rows");
     }
 
     #[test]

@@ -245,11 +245,15 @@ impl LoaderBuilder {
     }
     /// Loads, of each tensor, the part `rule` chooses (a closure
     /// `Fn(&str, &[usize]) -> Result<Option<TensorSlice>, String>`, or any [`SliceRule`]).
+    /// One rule per loader: this replaces an earlier `slice_with` or [`shard`](Self::shard).
+    /// Slices apply to the plans this loader makes ([`Loader::plan`], [`Loader::load`]); a
+    /// plan made elsewhere is loaded as it is.
     pub fn slice_with(mut self, rule: impl SliceRule + 'static) -> Self {
         self.cfg.slices.rule = Some(Arc::new(rule));
         self
     }
-    /// Loads one tensor-parallel rank's part of each tensor (see [`Sharding`]).
+    /// Loads one tensor-parallel rank's part of each tensor (see [`Sharding`]); replaces an
+    /// earlier [`slice_with`](Self::slice_with).
     pub fn shard(self, sharding: Sharding) -> Self {
         self.slice_with(sharding)
     }
@@ -265,7 +269,7 @@ impl LoaderBuilder {
     /// F16 or F32) as they land, rounding to nearest even (see [`crate::convert`]); other
     /// tensors are loaded as stored. On a CUDA device a kernel converts each tensor once its
     /// stored bytes are on the device (in a scratch allocation the size of the converted
-    /// tensors as stored, which lives until the load ends), bit for bit as the host does.
+    /// tensors as stored, which lives until the load ends), the same values as the host (bit for bit, NaN payloads aside).
     pub fn convert_to(mut self, dtype: tensorlift_format::Dtype) -> Self {
         self.cfg.convert_to = Some(dtype);
         self

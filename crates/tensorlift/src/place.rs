@@ -10,7 +10,10 @@
 //! there for converted tensors).
 //!
 //! Misuse is an error before a byte is read: a destination too small for its tensor, on
-//! another device (or host memory for a device load), or overlapping another tensor's.
+//! another device (or host memory for a device load), misaligned for its elements (device
+//! memory, where kernels write it), or overlapping another tensor's: in the same buffer
+//! while that tensor is alive, or, within one load, at the same device address through two
+//! buffers lending the same memory.
 //!
 //! ```
 //! use tensorlift::place::{Destination, HostBuffer};
@@ -143,12 +146,15 @@ impl DeviceBuffer {
         if let Some(a) = self.0.arena.get() {
             return Ok(Arc::clone(a));
         }
-        let memory = self.0.memory.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let Some(memory) = memory else {
-            // Another load is making it, or made it and failed: the answer is its.
-            return self.0.arena.get().map(Arc::clone).ok_or_else(|| "the driver refused this memory".to_owned());
+        // Held while the driver is asked: a second load waits for the first one's answer.
+        let mut memory = self.0.memory.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(a) = self.0.arena.get() {
+            return Ok(Arc::clone(a));
+        }
+        let Some(lent) = memory.take() else {
+            return Err("the driver refused this memory when a load first used it".to_owned());
         };
-        let arena = tensorlift_cuda::DeviceArena::lent(gpu, memory).map_err(|e| e.to_string())?;
+        let arena = tensorlift_cuda::DeviceArena::lent(gpu, lent).map_err(|e| e.to_string())?;
         Ok(Arc::clone(self.0.arena.get_or_init(|| Arc::new(arena))))
     }
 
@@ -296,13 +302,17 @@ pub(crate) fn resolve(
                 if buf.device() != load_device {
                     return Err(fail(&t.name, format!("its buffer is on {}, the load on {load_device}", buf.device())));
                 }
+                let claim = buf.claim(offset as u64..end(offset)?).map_err(|m| fail(&t.name, m))?;
+                // In range of the buffer (claimed): the address does not overflow.
+                let at = buf.device_ptr() + offset as u64;
                 let width = (dtype.bitsize() / 8).max(1) as u64;
-                if (buf.device_ptr() + offset as u64) % width != 0 {
+                if at % width != 0 {
                     return Err(fail(&t.name, format!("offset {offset} is not aligned for {dtype} elements")));
                 }
                 let arena = buf.arena(gpu).map_err(|m| fail(&t.name, m))?;
-                let claim = buf.claim(offset as u64..end(offset)?).map_err(|m| fail(&t.name, m))?;
-                device_ranges.push((buf.device_ptr() + offset as u64, bytes, i));
+                if bytes > 0 {
+                    device_ranges.push((at, bytes, i));
+                }
                 Resolved::Device { arena, offset: offset as u64, claim: Arc::new(claim) }
             }
             (Dest::Host(..), Some(_)) => {
@@ -317,13 +327,17 @@ pub(crate) fn resolve(
         };
         out.push(Some(resolved));
     }
-    // Two buffers may lend the same memory: ranges are checked by address as well.
+    // Two buffers may lend the same memory: this load's ranges are checked by address as
+    // well, each against the farthest-reaching one before it.
     device_ranges.sort_unstable();
-    for w in device_ranges.windows(2) {
-        let ((a, alen, ai), (b, blen, bi)) = (w[0], w[1]);
-        if alen > 0 && blen > 0 && a + alen > b {
-            let other = &plan.tensors()[ai].name;
-            return Err(fail(&plan.tensors()[bi].name, format!("its device memory overlaps tensor '{other}''s")));
+    let mut reach: Option<(u64, usize)> = None;
+    for &(at, len, i) in &device_ranges {
+        if let Some((_, j)) = reach.filter(|&(end, _)| end > at) {
+            let other = &plan.tensors()[j].name;
+            return Err(fail(&plan.tensors()[i].name, format!("its device memory overlaps tensor '{other}''s")));
+        }
+        if reach.is_none_or(|(end, _)| at + len > end) {
+            reach = Some((at + len, i));
         }
     }
     Ok(out)

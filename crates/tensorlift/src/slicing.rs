@@ -10,7 +10,7 @@
 //! use tensorlift::{Loader, Sharding, Split};
 //! # fn main() -> Result<(), tensorlift::LoadError> {
 //! // Rank 1 of 4, with the rules vLLM and Megatron-LM use for a Llama model.
-//! let loader = Loader::builder().shard(Sharding::llama(1, 4)?).build()?;
+//! let loader = Loader::builder().shard(Sharding::llama(1, 4, 8)?).build()?;
 //! let model = loader.load_blocking("models/llama")?;
 //! let q = model.get("model.layers.0.self_attn.q_proj.weight").unwrap();
 //! assert_eq!(q.shape()[0] * 4, 4096);
@@ -58,6 +58,11 @@ pub enum Split {
     Replicated,
     /// This dimension of every matched tensor.
     Dim(usize),
+    /// A vocabulary-parallel embedding or LM head, as vLLM splits it: the vocabulary is
+    /// padded to a multiple of 64, each rank takes an equal part of the padded rows, and
+    /// keeps those that exist (the last rank may get fewer rows than the others, or none;
+    /// the server pads them, as vLLM's `VocabParallelEmbedding` does).
+    Vocab,
 }
 
 /// The part of a checkpoint that one rank of a tensor-parallel group loads, from rules
@@ -67,7 +72,8 @@ pub enum Split {
 /// Rank `r` of `world_size` gets indices `r * n / world_size .. (r + 1) * n / world_size`
 /// of a split dimension of length `n`. A dimension that does not divide evenly is an error
 /// naming the tensor, as in vLLM's and Megatron-LM's linear layers (both assert
-/// divisibility); no rank silently gets a different share.
+/// divisibility); no rank silently gets a different share. [`Split::Vocab`] pads first, as
+/// vLLM's vocabulary-parallel layers do.
 #[derive(Clone)]
 pub struct Sharding {
     rank: usize,
@@ -103,20 +109,28 @@ impl Sharding {
         Ok(self)
     }
 
-    /// The rules vLLM and Megatron-LM apply to Llama-family checkpoints (Llama, Mistral,
-    /// Qwen2): attention q/k/v and MLP gate/up are column-parallel, attention output and
-    /// MLP down are row-parallel, the token embedding and the LM head are split by
-    /// vocabulary; norms are replicated. A model with fewer key/value heads than ranks is
-    /// refused (vLLM replicates those heads instead).
-    pub fn llama(rank: usize, world_size: usize) -> Result<Sharding, LoadError> {
+    /// The rules vLLM applies to unquantized Llama-family checkpoints (Llama, Mistral,
+    /// Qwen2), for a model with `num_key_value_heads` key/value heads: attention q/k/v and
+    /// MLP gate/up weights and biases are column-parallel, attention output and MLP down
+    /// weights row-parallel (their biases replicated), the token embedding and the LM head
+    /// vocabulary-parallel ([`Split::Vocab`]); everything else (norms, and tensors of other
+    /// layouts: quantized `qweight`s, scales, LoRA adapters) is replicated. Fewer key/value
+    /// heads than ranks, or a number the ranks do not divide, is refused (vLLM replicates
+    /// such heads across ranks; that layout is not built here).
+    pub fn llama(rank: usize, world_size: usize, num_key_value_heads: usize) -> Result<Sharding, LoadError> {
         let mut s = Sharding::new(rank, world_size)?;
+        if num_key_value_heads < world_size || num_key_value_heads % world_size != 0 {
+            return Err(LoadError::Unsupported(format!(
+                "{num_key_value_heads} key/value heads over {world_size} ranks (each rank needs whole heads of its own)"
+            )));
+        }
         for (pattern, split) in [
-            ("*.self_attn.{q,k,v}_proj.*", Split::Column),
-            ("*.mlp.{gate,up}_proj.*", Split::Column),
-            ("*.self_attn.o_proj.*", Split::Row),
-            ("*.mlp.down_proj.*", Split::Row),
-            ("*embed_tokens.weight", Split::Column),
-            ("lm_head.weight", Split::Column),
+            ("*.self_attn.{q,k,v}_proj.{weight,bias}", Split::Column),
+            ("*.mlp.{gate,up}_proj.{weight,bias}", Split::Column),
+            ("*.self_attn.o_proj.weight", Split::Row),
+            ("*.mlp.down_proj.weight", Split::Row),
+            ("*embed_tokens.weight", Split::Vocab),
+            ("lm_head.weight", Split::Vocab),
         ] {
             s = s.rule(pattern, split)?;
         }
@@ -143,6 +157,20 @@ impl SliceRule for Sharding {
     fn slice(&self, name: &str, shape: &[usize]) -> Result<Option<TensorSlice>, String> {
         let dim = match (self.split_of(name), shape.len()) {
             (Split::Replicated, _) | (_, 0) | (Split::Row, 1) => return Ok(None),
+            (Split::Vocab, _) => {
+                // vLLM pads the vocabulary to a multiple of 64 and splits the padded rows.
+                let padded = shape[0].next_multiple_of(64);
+                if padded % self.world_size != 0 {
+                    return Err(format!(
+                        "the padded vocabulary ({padded}) does not divide evenly into {} ranks",
+                        self.world_size
+                    ));
+                }
+                let per = padded / self.world_size;
+                let start = (self.rank * per).min(shape[0]);
+                let end = ((self.rank + 1) * per).min(shape[0]);
+                return Ok(Some(TensorSlice::rows(start..end)));
+            }
             (Split::Column, _) => 0,
             (Split::Row, n) => n - 1,
             (Split::Dim(d), n) if d < n => d,

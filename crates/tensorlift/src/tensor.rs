@@ -185,7 +185,8 @@ impl Tensor {
     }
 
     /// The device address of the tensor's first byte, for a tensor on a CUDA device (at a
-    /// multiple of 256). It stays valid while this tensor or a clone of it is alive.
+    /// multiple of 256 in tensorlift's own memory; where the caller said in memory it lent).
+    /// It stays valid while this tensor or a clone of it is alive.
     pub fn device_ptr(&self) -> Option<u64> {
         match &self.storage {
             Storage::Device { arena, offset, .. } => Some(arena.device_ptr() + offset),

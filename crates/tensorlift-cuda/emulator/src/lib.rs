@@ -50,6 +50,7 @@ const UNSUPPORTED_PTX_VERSION: CUresult = 222;
 const NOT_FOUND: CUresult = 500;
 const NOT_READY: CUresult = 600;
 const ILLEGAL_ADDRESS: CUresult = 700;
+const MISALIGNED_ADDRESS: CUresult = 716;
 const HOST_MEMORY_ALREADY_REGISTERED: CUresult = 712;
 const HOST_MEMORY_NOT_REGISTERED: CUresult = 713;
 const NOT_PERMITTED: CUresult = 800;
@@ -230,6 +231,7 @@ pub unsafe extern "C" fn cuGetErrorName(error: CUresult, text: *mut *const c_cha
         UNSUPPORTED_PTX_VERSION => b"CUDA_ERROR_UNSUPPORTED_PTX_VERSION\0",
         NOT_FOUND => b"CUDA_ERROR_NOT_FOUND\0",
         ILLEGAL_ADDRESS => b"CUDA_ERROR_ILLEGAL_ADDRESS\0",
+        MISALIGNED_ADDRESS => b"CUDA_ERROR_MISALIGNED_ADDRESS\0",
         HOST_MEMORY_ALREADY_REGISTERED => b"CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED\0",
         HOST_MEMORY_NOT_REGISTERED => b"CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED\0",
         NOT_PERMITTED => b"CUDA_ERROR_NOT_PERMITTED\0",
@@ -645,9 +647,14 @@ fn apply(op: Op) {
             // A kernel reads and writes only device memory: an address outside a live
             // allocation is the illegal access a real kernel would fault on.
             let (wf, wt) = (kernel.from.width(), kernel.to.width());
+            // Element loads and stores must be aligned, as on a GPU.
+            if src % wf as u64 != 0 || dst % wt as u64 != 0 {
+                emu().sticky.store(MISALIGNED_ADDRESS, Ordering::Release);
+                return;
+            }
             let input = n.checked_mul(wf).and_then(|len| with_device(src, len, |b| b.to_vec()));
-            let done = input.and_then(|input| {
-                with_device(dst, n * wt, |out| {
+            let done = input.zip(n.checked_mul(wt)).and_then(|(input, out_len)| {
+                with_device(dst, out_len, |out| {
                     for (s, d) in input.chunks_exact(wf).zip(out.chunks_exact_mut(wt)) {
                         kernel.to.encode(kernel.from.decode(s), d);
                     }
@@ -764,7 +771,8 @@ pub unsafe extern "C" fn cuLaunchKernel(
 ) -> CUresult {
     let Some(&(_, kernel)) = lock(functions()).get(&(function as usize)) else { return INVALID_HANDLE };
     let dims = [grid_x, grid_y, grid_z, block_x, block_y, block_z];
-    if params.is_null() || !extra.is_null() || dims.contains(&0) || block_x * block_y * block_z > 1024 {
+    let threads = block_x.checked_mul(block_y).and_then(|t| t.checked_mul(block_z));
+    if params.is_null() || !extra.is_null() || dims.contains(&0) || threads.is_none_or(|t| t > 1024) {
         return INVALID_VALUE;
     }
     let mut args = [0u64; 3];
@@ -930,7 +938,10 @@ pub unsafe extern "C" fn cuMemcpy2DAsync_v2(copy: *const Memcpy2D, handle: *mut 
     if len == 0 || rows == 0 {
         return SUCCESS;
     }
-    if c.src_pitch < len || c.dst_pitch < len || c.src_x_in_bytes != 0 || c.dst_x_in_bytes != 0 {
+    // The driver's pitch limit (CU_DEVICE_ATTRIBUTE_MAX_PITCH) is 2^31 - 1 bytes.
+    const MAX_PITCH: usize = (1 << 31) - 1;
+    let pitches_ok = c.src_pitch >= len && c.dst_pitch >= len && c.src_pitch <= MAX_PITCH && c.dst_pitch <= MAX_PITCH;
+    if !pitches_ok || c.src_x_in_bytes != 0 || c.dst_x_in_bytes != 0 {
         return INVALID_VALUE;
     }
     let (src, dst) = (c.src_host as usize + c.src_y * c.src_pitch, c.dst_device + (c.dst_y * c.dst_pitch) as u64);

@@ -561,6 +561,7 @@ fn tensors_land_in_the_callers_device_memory() {
         ("m", Dtype::F32, &[6, 10]),
         ("h", Dtype::F16, &[33]),
         ("ids", Dtype::I32, &[100]),
+        ("empty", Dtype::F32, &[0]),
     ];
     let full = write_shard(&path, specs);
     let gpu = tensorlift_cuda::Gpu::open(0).unwrap();
@@ -643,6 +644,19 @@ fn tensors_land_in_the_callers_device_memory() {
         Box::new(move |t| match t.name {
             "q" => Some(Destination::device(&b, 0)),
             "k" => Some(Destination::device(&twice, 256)),
+            _ => None,
+        }),
+        "overlaps tensor 'q'",
+    );
+    // An empty tensor between two that overlap by address hides nothing.
+    // SAFETY: as above; `mem` outlives the loads.
+    let again = DeviceBuffer::new(Device::Cuda(0), unsafe { LentMemory::new(ptr, 4096, ()) });
+    let b = buf.clone();
+    refuse(
+        Box::new(move |t| match t.name {
+            "q" => Some(Destination::device(&b, 0)),
+            "empty" => Some(Destination::device(&b, 256)),
+            "k" => Some(Destination::device(&again, 300)),
             _ => None,
         }),
         "overlaps tensor 'q'",

@@ -91,12 +91,14 @@ fn each_rank_gets_its_share_and_the_shares_make_the_whole() {
     let world = 4;
     let mut joined: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
     for rank in 0..world {
-        let sharding = Sharding::llama(rank, world).unwrap();
+        // 16 key/value rows: 4 heads of 4.
+        let sharding = Sharding::llama(rank, world, 4).unwrap();
         let model = base().shard(sharding.clone()).chunk_size(4096).build().unwrap().load_blocking(&path).unwrap();
         for &(name, dtype, shape) in LLAMA {
             let t = model.get(name).unwrap();
             let dim = match sharding.split_of(name) {
-                Split::Column => Some(0),
+                // 128 rows pad to 128: the vocabulary split is the even one here.
+                Split::Column | Split::Vocab => Some(0),
                 Split::Row if shape.len() > 1 => Some(shape.len() - 1),
                 _ => None,
             };
@@ -193,4 +195,27 @@ fn bad_slices_are_refused_before_reading_naming_the_tensor() {
     assert!(Sharding::new(2, 2).is_err());
     assert!(Sharding::new(0, 0).is_err());
     assert!(Sharding::new(0, 2).unwrap().rule("[", Split::Row).is_err());
+}
+
+#[test]
+fn vocabulary_shares_are_padded_as_vllm_pads_them() {
+    let dir = scratch();
+    let path = dir.join("model.safetensors");
+    // 100 rows pad to 128: 32 per rank, and the last rank keeps the 4 that exist.
+    let full = write_shard(&path, &[("lm_head.weight", Dtype::F32, &[100, 4])]);
+    for (rank, rows) in [(0, 0..32), (2, 64..96), (3, 96..100)] {
+        let model = base().shard(Sharding::llama(rank, 4, 4).unwrap()).build().unwrap().load_blocking(&path).unwrap();
+        let t = model.get("lm_head.weight").unwrap();
+        assert_eq!(t.shape(), &[rows.len(), 4], "rank {rank}");
+        assert!(t.bytes().unwrap() == &full["lm_head.weight"][rows.start * 16..rows.end * 16], "rank {rank}");
+    }
+    // Fewer key/value heads than ranks, or a number they do not divide: refused.
+    assert!(Sharding::llama(0, 8, 4).is_err());
+    assert!(Sharding::llama(0, 4, 6).is_err());
+    // Quantized and adapter tensors are not split by the Llama rules.
+    let s = Sharding::llama(0, 4, 4).unwrap();
+    for name in ["model.layers.0.self_attn.q_proj.qweight", "model.layers.0.self_attn.q_proj.lora_A.weight"] {
+        assert_eq!(s.split_of(name), Split::Replicated, "{name}");
+    }
+    assert_eq!(s.split_of("model.layers.0.self_attn.o_proj.bias"), Split::Replicated);
 }
