@@ -170,18 +170,24 @@ fn py_err(e: LoadError) -> PyErr {
 /// Loads every tensor of `path` (a `.safetensors` file, an index, or a folder) onto `device`
 /// (`"cpu"`, `"cuda"`, `"cuda:N"`, `"auto"`), with the GIL released (Ctrl-C interrupts it);
 /// returns a dict of name to `Tensor`. `filter`: names or globs to load only those;
-/// `progress(done, total)`: called as bytes land.
+/// `progress(done, total)`: called as bytes land. `dtype`: convert floating-point tensors
+/// to `"bfloat16"`, `"float16"` or `"float32"` as they land (on the GPU by its kernels).
+/// `tp=(rank, world_size, num_key_value_heads)`: load only that tensor-parallel rank's part
+/// of each tensor, split as vLLM splits a Llama-family model.
 #[pyfunction]
-#[pyo3(signature = (path, device="cpu", filter=None, progress=None))]
+#[pyo3(signature = (path, device="cpu", filter=None, progress=None, *, dtype=None, tp=None))]
+#[allow(clippy::too_many_arguments)] // Python keyword arguments.
 fn load(
     py: Python<'_>,
     path: std::path::PathBuf,
     device: &str,
     filter: Option<Vec<String>>,
     progress: Option<Py<PyAny>>,
+    dtype: Option<&str>,
+    tp: Option<(usize, usize, usize)>,
 ) -> PyResult<Py<PyDict>> {
     let raised = Raised::default();
-    let loader = loader(device, filter, progress, &raised)?;
+    let loader = loader(device, filter, progress, &raised, Options { dtype, tp })?;
     let model = wait(py, loader.load(&path), &raised)?.map_err(py_err)?;
     tensors_dict(py, model.into_tensors())
 }
@@ -379,8 +385,39 @@ fn retained_host_memory() -> usize {
     host_pool().map_or(0, |p| p.retained_bytes())
 }
 
-fn loader(device: &str, filter: Option<Vec<String>>, progress: Option<Py<PyAny>>, raised: &Raised) -> PyResult<Loader> {
+/// Options of a load beyond the device, filter and progress.
+#[derive(Default)]
+struct Options<'a> {
+    dtype: Option<&'a str>,
+    tp: Option<(usize, usize, usize)>,
+}
+
+fn loader(
+    device: &str,
+    filter: Option<Vec<String>>,
+    progress: Option<Py<PyAny>>,
+    raised: &Raised,
+    options: Options<'_>,
+) -> PyResult<Loader> {
     let mut b = Loader::builder().device(device_of(device)?);
+    if let Some(d) = options.dtype {
+        let to = match d.trim_start_matches("torch.") {
+            "bfloat16" | "bf16" => tensorlift::Dtype::BF16,
+            "float16" | "half" | "f16" => tensorlift::Dtype::F16,
+            "float32" | "float" | "f32" => tensorlift::Dtype::F32,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "dtype '{other}': tensors convert to 'bfloat16', 'float16' or 'float32'"
+                )))
+            }
+        };
+        b = b.convert_to(to);
+    }
+    if let Some((rank, world, kv_heads)) = options.tp {
+        b = b.shard(
+            tensorlift::Sharding::llama(rank, world, kv_heads).map_err(|e| PyValueError::new_err(e.to_string()))?,
+        );
+    }
     b = match host_pool() {
         Some(p) => b.host_memory_pool(p),
         None => b.reuse_host_memory(false),
@@ -423,7 +460,7 @@ impl PyCheckpoint {
     #[new]
     #[pyo3(signature = (path, device="cpu"))]
     fn new(py: Python<'_>, path: std::path::PathBuf, device: &str) -> PyResult<Self> {
-        let loader = loader(device, None, None, &Raised::default())?;
+        let loader = loader(device, None, None, &Raised::default(), Options::default())?;
         let plan = py.detach(|| loader.plan(&path)).map_err(py_err)?;
         Ok(PyCheckpoint { plan, loader })
     }
@@ -549,16 +586,19 @@ impl PyTensorIterator {
 
 /// Yields `(name, Tensor)` as each tensor lands, reading in the background.
 #[pyfunction]
-#[pyo3(signature = (path, device="cpu", filter=None, progress=None))]
+#[pyo3(signature = (path, device="cpu", filter=None, progress=None, *, dtype=None, tp=None))]
+#[allow(clippy::too_many_arguments)] // Python keyword arguments.
 fn iter_tensors(
     py: Python<'_>,
     path: std::path::PathBuf,
     device: &str,
     filter: Option<Vec<String>>,
     progress: Option<Py<PyAny>>,
+    dtype: Option<&str>,
+    tp: Option<(usize, usize, usize)>,
 ) -> PyResult<PyTensorIterator> {
     let raised = Raised::default();
-    let loader = loader(device, filter, progress, &raised)?;
+    let loader = loader(device, filter, progress, &raised, Options { dtype, tp })?;
     let stream = py.detach(|| loader.stream(&path)).map_err(py_err)?;
     Ok(PyTensorIterator { stream: Some(stream), raised })
 }

@@ -124,7 +124,7 @@ def _check_framework(framework):
         raise ValueError(f"unknown framework {framework!r} (expected 'pt', 'np' or None)")
 
 
-def load_file(path, device="cpu", framework="pt"):
+def load_file(path, device="cpu", framework="pt", *, dtype=None, tp=None):
     """Loads every tensor of ``path`` (a ``.safetensors`` file, an index, or a folder).
 
     A drop-in for ``safetensors.torch.load_file`` (``framework="pt"``) and
@@ -132,25 +132,38 @@ def load_file(path, device="cpu", framework="pt"):
     viewing the loaded memory without a copy. ``framework=None`` returns tensorlift
     ``Tensor`` objects, which any DLPack consumer takes. ``device``: ``"cpu"``,
     ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
+
+    ``dtype``: convert floating-point tensors to ``"bfloat16"``, ``"float16"`` or
+    ``"float32"`` (or the torch dtype) as they land. ``tp=(rank, world_size,
+    num_key_value_heads)``: load only that tensor-parallel rank's part of each tensor, split
+    as vLLM splits a Llama-family model (only the bytes it needs are read).
     """
     _check_framework(framework)
-    tensors = load(str(path), device=_device(device))
+    tensors = load(str(path), device=_device(device), dtype=_dtype(dtype), tp=tp)
     return {name: _convert(t, framework) for name, t in tensors.items()}
 
 
-def iter_tensors(path, device="cpu", framework="pt", filter=None, progress=None):
+def iter_tensors(path, device="cpu", framework="pt", filter=None, progress=None, *, dtype=None, tp=None):
     """Yields ``(name, tensor)`` as each tensor lands, the shape of a serving engine's
-    weights iterator. ``filter``: names or globs; ``progress(done, total)``: bytes landed.
+    weights iterator. ``filter``: names or globs; ``progress(done, total)``: bytes landed;
+    ``dtype`` and ``tp`` as for ``load_file``.
 
     Stopping early (``break``) cancels the rest of the load.
     """
     _check_framework(framework)
-    it = _iter_tensors(str(path), device=_device(device), filter=filter, progress=progress)
+    it = _iter_tensors(
+        str(path), device=_device(device), filter=filter, progress=progress, dtype=_dtype(dtype), tp=tp
+    )
     try:
         for name, t in it:
             yield name, _convert(t, framework)
     finally:
         it.close()
+
+
+def _dtype(dtype):
+    # torch dtypes print as "torch.bfloat16"; the native side takes the name.
+    return None if dtype is None else str(dtype)
 
 
 def _device(device):

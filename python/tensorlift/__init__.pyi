@@ -44,13 +44,23 @@ def load(
     filter: Optional[Sequence[str]] = None,
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> Dict[str, Tensor]: ...
-def load_file(path: _Path, device: _Device = "cpu", framework: _Framework = "pt") -> Dict[str, Any]: ...
+def load_file(
+    path: _Path,
+    device: _Device = "cpu",
+    framework: _Framework = "pt",
+    *,
+    dtype: Optional[Any] = None,
+    tp: Optional[Tuple[int, int, int]] = None,
+) -> Dict[str, Any]: ...
 def iter_tensors(
     path: _Path,
     device: _Device = "cpu",
     framework: _Framework = "pt",
     filter: Optional[Sequence[str]] = None,
     progress: Optional[Callable[[int, int], None]] = None,
+    *,
+    dtype: Optional[Any] = None,
+    tp: Optional[Tuple[int, int, int]] = None,
 ) -> Iterator[Tuple[str, Any]]: ...
 def inspect(path: _Path) -> Dict[str, Any]: ...
 def resolve_device(device: str = "auto") -> Tuple[str, str]: ...

@@ -270,3 +270,36 @@ def test_host_memory_reuse_is_opt_in_and_given_back(fixture, sharded_reference):
     finally:
         tl.reuse_host_memory(False)
     assert tl._live_host_arenas() == 0
+
+
+def test_tensor_parallel_shares_and_dtype_conversion(tmp_path):
+    # A small Llama-named checkpoint, written by the reference writer.
+    rng = np.random.default_rng(3)
+    t = {
+        "model.embed_tokens.weight": rng.standard_normal((100, 8)).astype(np.float16),
+        "model.layers.0.self_attn.q_proj.weight": rng.standard_normal((16, 8)).astype(np.float32),
+        "model.layers.0.self_attn.o_proj.weight": rng.standard_normal((8, 16)).astype(np.float32),
+        "model.layers.0.input_layernorm.weight": rng.standard_normal((8,)).astype(np.float32),
+    }
+    path = tmp_path / "model.safetensors"
+    save_file(t, str(path))
+    for rank in range(4):
+        got = tensorlift.load_file(path, framework="np", tp=(rank, 4, 4))
+        q = t["model.layers.0.self_attn.q_proj.weight"]
+        assert same(got["model.layers.0.self_attn.q_proj.weight"], q[rank * 4 : (rank + 1) * 4])
+        o = t["model.layers.0.self_attn.o_proj.weight"]
+        assert same(got["model.layers.0.self_attn.o_proj.weight"], o[:, rank * 4 : (rank + 1) * 4])
+        # The vocabulary pads to 128 rows, 32 a rank: the last keeps the 4 that exist.
+        rows = slice(rank * 32, min((rank + 1) * 32, 100))
+        assert same(got["model.embed_tokens.weight"], t["model.embed_tokens.weight"][rows])
+        assert same(got["model.layers.0.input_layernorm.weight"], t["model.layers.0.input_layernorm.weight"])
+    # float16 to float32 is exact: the same values as numpy's conversion.
+    got = tensorlift.load_file(path, framework="np", dtype="float32")
+    assert got["model.embed_tokens.weight"].dtype == np.float32
+    assert np.array_equal(got["model.embed_tokens.weight"], t["model.embed_tokens.weight"].astype(np.float32))
+    streamed = dict(tensorlift.iter_tensors(path, framework="np", dtype="float32", tp=(1, 2, 2)))
+    assert streamed["model.embed_tokens.weight"].shape == (36, 8)  # rows 64..100 of the padded 128
+    with pytest.raises(ValueError, match="bfloat16"):
+        tensorlift.load_file(path, dtype="int8")
+    with pytest.raises(ValueError, match="key/value heads"):
+        tensorlift.load_file(path, tp=(0, 8, 4))
