@@ -63,16 +63,49 @@ pub fn convert(from: Dtype, to: Dtype, src: &[u8], dst: &mut [u8]) -> Result<(),
         dst.copy_from_slice(src);
         return Ok(());
     }
-    // Blocks of elements go through f32: each loop below is over one pair of types, plain
-    // enough for the compiler to vectorize, and f16 uses `half`'s slice conversions (F16C
-    // where the CPU has it).
+    // A large tensor is cut into parts that this thread and helpers take from a list: the
+    // work (and the page faults of fresh output memory) spreads over the CPUs, and a helper
+    // that cannot be had leaves its share to the others.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_THREADS);
+    if threads < 2 || src.len().max(dst.len()) < PARALLEL_BYTES {
+        run(from, to, src, dst);
+        return Ok(());
+    }
+    let per = (src.len() / wf).div_ceil(threads * 4).next_multiple_of(BLOCK);
+    let parts: std::sync::Mutex<Vec<(&[u8], &mut [u8])>> =
+        std::sync::Mutex::new(src.chunks(per * wf).zip(dst.chunks_mut(per * wt)).collect());
+    let work = || loop {
+        let part = parts.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let Some((s, d)) = part else { break };
+        run(from, to, s, d);
+    };
+    std::thread::scope(|scope| {
+        for _ in 1..threads {
+            if std::thread::Builder::new().name("tensorlift-convert".into()).spawn_scoped(scope, work).is_err() {
+                break;
+            }
+        }
+        work();
+    });
+    Ok(())
+}
+
+/// Tensors at least this large are converted on several threads.
+const PARALLEL_BYTES: usize = 8 << 20;
+/// The most threads one conversion uses.
+const MAX_THREADS: usize = 8;
+
+/// Converts on this thread. Blocks of elements go through f32: each loop below is over one
+/// pair of types, plain enough for the compiler to vectorize, and f16 uses `half`'s slice
+/// conversions (F16C where the CPU has it).
+fn run(from: Dtype, to: Dtype, src: &[u8], dst: &mut [u8]) {
+    let (wf, wt) = (from.bitsize() / 8, to.bitsize() / 8);
     let mut wide = [0f32; BLOCK];
     for (s, d) in src.chunks(BLOCK * wf).zip(dst.chunks_mut(BLOCK * wt)) {
         let block = &mut wide[..s.len() / wf];
         decode(from, s, block);
         encode(to, block, d);
     }
-    Ok(())
 }
 
 /// Elements converted at a time.
@@ -271,6 +304,20 @@ mod tests {
         assert_eq!(f8_e5m2_to_f32(0x7c), f32::INFINITY);
         assert_eq!(f8_e5m2_to_f32(0x01), 2f32.powi(-16));
         assert!(f8_e5m2_to_f32(0x7d).is_nan());
+    }
+
+    #[test]
+    fn large_tensors_convert_on_several_threads_to_the_same_bytes() {
+        // Over PARALLEL_BYTES, with an odd element count: parts end mid-block.
+        let n = (PARALLEL_BYTES / 4) * 3 + 1001;
+        let src: Vec<u8> = (0..n as u32).flat_map(|i| (i.wrapping_mul(2_654_435_761)).to_le_bytes()).collect();
+        for to in [Dtype::BF16, Dtype::F16] {
+            let mut parallel = vec![0u8; n * 2];
+            convert(Dtype::F32, to, &src, &mut parallel).unwrap();
+            let mut serial = vec![0u8; n * 2];
+            run(Dtype::F32, to, &src, &mut serial);
+            assert!(parallel == serial, "{to}");
+        }
     }
 
     #[test]
