@@ -790,14 +790,7 @@ pub unsafe extern "C" fn cuLaunchKernel(
     }
     let Ok(n) = usize::try_from(args[2]) else { return INVALID_VALUE };
     let op = Op::Launch { kernel, src: args[0], dst: args[1], n };
-    if handle.is_null() {
-        apply(op);
-        return SUCCESS;
-    }
-    match stream(handle) {
-        Some(s) => s.push(op),
-        None => INVALID_HANDLE,
-    }
+    enqueue(handle, op)
 }
 
 #[no_mangle]
@@ -831,6 +824,18 @@ pub unsafe extern "C" fn cuStreamCreate(out: *mut *mut c_void, _flags: c_uint) -
 pub unsafe extern "C" fn cuStreamCreateWithPriority(out: *mut *mut c_void, flags: c_uint, _p: c_int) -> CUresult {
     // SAFETY: the same contract.
     unsafe { cuStreamCreate(out, flags) }
+}
+
+/// Queues `op` on the stream `handle`, or applies it now on the null stream.
+fn enqueue(handle: *mut c_void, op: Op) -> CUresult {
+    if handle.is_null() {
+        apply(op);
+        return SUCCESS;
+    }
+    match stream(handle) {
+        Some(s) => s.push(op),
+        None => INVALID_HANDLE,
+    }
 }
 
 fn stream(handle: *mut c_void) -> Option<Arc<Stream>> {
@@ -882,14 +887,7 @@ pub unsafe extern "C" fn cuMemcpyHtoDAsync_v2(
         return INVALID_VALUE;
     }
     let op = Op::Copy { dst, src: src as usize, len };
-    if handle.is_null() {
-        apply(op);
-        return SUCCESS;
-    }
-    match stream(handle) {
-        Some(s) => s.push(op),
-        None => INVALID_HANDLE,
-    }
+    enqueue(handle, op)
 }
 
 /// `CUDA_MEMCPY2D`, field for field.
@@ -951,14 +949,7 @@ pub unsafe extern "C" fn cuMemcpy2DAsync_v2(copy: *const Memcpy2D, handle: *mut 
         return INVALID_VALUE;
     }
     let op = Op::Copy2D { dst, dst_pitch: c.dst_pitch, src, src_pitch: c.src_pitch, len, rows };
-    if handle.is_null() {
-        apply(op);
-        return SUCCESS;
-    }
-    match stream(handle) {
-        Some(s) => s.push(op),
-        None => INVALID_HANDLE,
-    }
+    enqueue(handle, op)
 }
 
 /// An event: `recorded` generations are queued, `completed` ones reached.
