@@ -309,13 +309,17 @@ enum HeaderWork {
     Done(Header, u64),
 }
 
-/// Parses the headers read for `new`, on up to one thread per CPU (8 at most), in order.
-fn parse_all(new: &[(String, Opened, HeaderWork)]) -> Vec<Result<(Header, u64), FormatError>> {
+/// Parses a header's bytes, with the hash a load compares.
+fn parse(opened: &Opened, bytes: &[u8]) -> Result<(Header, u64), FormatError> {
+    parse_header(&opened.path, bytes, opened.identity.len).map(|h| (h, tensorlift_format::header_hash(bytes)))
+}
+
+/// Parses the headers read for `new`, on up to one thread per CPU (8 at most), in order;
+/// `None` for a header already read (a PyTorch file's).
+fn parse_all(new: &[(String, Opened, HeaderWork)]) -> Vec<Option<Result<(Header, u64), FormatError>>> {
     let one = |(_, opened, work): &(String, Opened, HeaderWork)| match work {
-        HeaderWork::Parse(bytes) => {
-            parse_header(&opened.path, bytes, opened.identity.len).map(|h| (h, tensorlift_format::header_hash(bytes)))
-        }
-        HeaderWork::Done(h, hash) => Ok((h.clone(), *hash)),
+        HeaderWork::Parse(bytes) => Some(parse(opened, bytes)),
+        HeaderWork::Done(..) => None,
     };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8).min(new.len());
     // A thread costs more than a small header: only batches worth it are split.
@@ -568,8 +572,12 @@ impl<'a> Planner<'a> {
         }
         let parsed = parse_all(&new);
         let mut first = Vec::with_capacity(new.len());
-        for ((name, opened, _), header) in new.into_iter().zip(parsed) {
-            let (header, header_hash) = header?;
+        for ((name, opened, work), parsed) in new.into_iter().zip(parsed) {
+            let (header, header_hash) = match (work, parsed) {
+                (HeaderWork::Done(header, hash), _) => (header, hash),
+                (HeaderWork::Parse(_), Some(r)) => r?,
+                (HeaderWork::Parse(bytes), None) => parse(&opened, &bytes)?,
+            };
             first.push(self.push_shard(name, opened, header, header_hash));
         }
         Ok(slots

@@ -152,7 +152,7 @@ impl CudaSink {
         }
         let (own, total) = layout::device_layout(plan, &spans, |i| match (caller[i], kinds[i]) {
             (Some(_), _) => Place::No,
-            (None, Some((f, t))) => Place::Packed(plan.tensors()[i].len() / f.width() as u64 * t.width() as u64),
+            (None, Some(_)) => Place::Packed(crate::place::loaded_as(&plan.tensors()[i], cfg.convert_to).1),
             (None, None) => Place::AsLoaded,
         });
         let (raw, scratch_len) =
@@ -215,11 +215,8 @@ impl CudaSink {
     fn make(&self, plan: &LoadPlan, t: usize, converted: bool) -> Tensor {
         let pt = &plan.tensors()[t];
         let (target, offset) = self.places[t].unwrap_or((0, 0));
-        let kind = self.conversion.as_ref().filter(|_| converted).and_then(|c| Some((c.to, c.kinds[t]?)));
-        let (dtype, len) = match kind {
-            Some((to, (f, k))) => (to, pt.len() / f.width() as u64 * k.width() as u64),
-            None => (pt.dtype, pt.len()),
-        };
+        let to = self.conversion.as_ref().filter(|c| converted && c.kinds[t].is_some()).map(|c| c.to);
+        let (dtype, len) = crate::place::loaded_as(pt, to);
         Tensor::device(&pt.name, dtype, &pt.shape, Arc::clone(&self.targets[target]), offset, len as usize)
             .with_device_claim(self.claims[t].clone())
     }

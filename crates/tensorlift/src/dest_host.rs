@@ -4,9 +4,11 @@
 //! file offset, so aligned file offsets land at aligned addresses and O_DIRECT reads go
 //! straight into the final memory: there is no staging copy on the CPU path.
 //!
-//! A tensor the caller placed in its own memory ([`crate::place`]) is a span of its own,
-//! read straight into its claim of that memory; one that must be gathered (a slice) or
-//! converted first lands in an arena, and its gather or conversion writes the claim.
+//! A gathered slice or a converted tensor lands in an arena like the others, and is then
+//! written once, gathered and converted in one pass ([`crate::tensor::produce`]), into
+//! memory of its own or the caller's. A tensor the caller placed in its own memory
+//! ([`crate::place`]) and that needs neither is a span of its own, read straight into its
+//! claim of that memory.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -116,9 +118,9 @@ impl HostSink {
         Ok(sink)
     }
 
-    /// Tensor `t`, whose bytes have all landed in the extent's memory: a view of them; for
-    /// a gathered slice, its runs copied out; for a tensor in caller memory, that memory
-    /// (written by the reads, or here by its gather and conversion).
+    /// Tensor `t`, whose bytes have all landed in the extent's memory: a view of them, or,
+    /// for a gathered slice or a converted tensor, its bytes as loaded in memory of its own;
+    /// for a tensor in caller memory, that memory (written by the reads, or here).
     fn make(&self, plan: &LoadPlan, e: &Extent, t: usize) -> Result<Tensor, LoadError> {
         let pt = &plan.tensors()[t];
         let arena = match &e.memory {
@@ -129,47 +131,24 @@ impl HostSink {
         };
         let r = e.span.range_of(pt);
         let range = r.start as usize..r.end as usize;
-        let oom = |bytes: u64| LoadError::OutOfMemory { file: plan.shards()[pt.shard].path.clone(), bytes };
-        if let Some(claim) = &self.claims[t] {
-            let (dtype, _) = crate::place::loaded_as(pt, self.convert_to);
-            let stored = arena.get(range).unwrap_or_default();
-            let gathered;
-            let src = match &pt.gather {
-                Some(g) => {
-                    let mut v = Vec::new();
-                    v.try_reserve_exact(g.len() as usize).map_err(|_| oom(g.len()))?;
-                    v.resize(g.len() as usize, 0);
-                    g.gather_into(stored, &mut v);
-                    gathered = v;
-                    &gathered[..]
-                }
-                None => stored,
-            };
-            let mut failed = None;
-            let written = claim.write(|out| {
-                if dtype == pt.dtype {
-                    out.copy_from_slice(src);
-                } else if let Err(e) = crate::convert::convert(pt.dtype, dtype, src, out) {
-                    failed = Some(e);
-                }
-            });
-            return match (written, failed) {
-                (true, None) => Ok(Tensor::in_caller_host(&pt.name, dtype, &pt.shape, Arc::clone(claim))),
-                (_, Some(e)) => Err(LoadError::Convert { tensor: pt.name.clone(), to: dtype, message: e.to_string() }),
-                (false, None) => Err(LoadError::Destination {
-                    file: plan.shards()[pt.shard].path.clone(),
-                    tensor: pt.name.clone(),
-                    message: "its memory was already being written".into(),
-                }),
-            };
-        }
-        match &pt.gather {
-            None => Ok(Tensor::host(&pt.name, pt.dtype, &pt.shape, Arc::clone(arena), range)),
-            Some(g) => {
-                let covering = arena.get(range).unwrap_or_default();
-                Tensor::gathered(&pt.name, pt.dtype, &pt.shape, covering, g).ok_or_else(|| oom(g.len()))
+        let (dtype, _) = crate::place::loaded_as(pt, self.convert_to);
+        let Some(claim) = &self.claims[t] else {
+            if pt.gather.is_none() && dtype == pt.dtype {
+                return Ok(Tensor::host(&pt.name, pt.dtype, &pt.shape, Arc::clone(arena), range));
             }
+            return Tensor::produced(plan, pt, dtype, arena.get(range).unwrap_or_default());
+        };
+        let stored = arena.get(range).unwrap_or_default();
+        let mut produced = Ok(());
+        if !claim.write(|out| produced = crate::tensor::produce(pt, dtype, stored, out)) {
+            return Err(LoadError::Destination {
+                file: plan.shards()[pt.shard].path.clone(),
+                tensor: pt.name.clone(),
+                message: "its memory was already being written".into(),
+            });
         }
+        produced.map_err(|e| LoadError::Convert { tensor: pt.name.clone(), to: dtype, message: e.to_string() })?;
+        Ok(Tensor::in_caller_host(&pt.name, dtype, &pt.shape, Arc::clone(claim)))
     }
 }
 

@@ -42,6 +42,7 @@ pub(crate) fn map_all(
     plan: &mut Checkpoint,
     spans: &[Span],
     contract: MapContract,
+    convert_to: Option<tensorlift_format::Dtype>,
     ready: &mut VecDeque<Tensor>,
     stats: &mut LoadStats,
 ) -> Result<(), LoadError> {
@@ -61,15 +62,13 @@ pub(crate) fn map_all(
         for &t in &e.tensors {
             let pt = &plan.tensors()[t];
             let range = pt.file_range.start as usize..pt.file_range.end as usize;
-            let tensor = match &pt.gather {
-                None => Tensor::mapped(&pt.name, pt.dtype, &pt.shape, Arc::clone(&map), range, contract),
-                // A gathered slice is not one range of the file: its runs are copied out.
-                Some(g) => {
-                    let covering = map.view(contract).get(range).unwrap_or_default();
-                    Tensor::gathered(&pt.name, pt.dtype, &pt.shape, covering, g).ok_or_else(|| {
-                        LoadError::OutOfMemory { file: plan.shards()[pt.shard].path.clone(), bytes: g.len() }
-                    })?
-                }
+            let (dtype, _) = crate::place::loaded_as(pt, convert_to);
+            let tensor = if pt.gather.is_none() && dtype == pt.dtype {
+                Tensor::mapped(&pt.name, pt.dtype, &pt.shape, Arc::clone(&map), range, contract)
+            } else {
+                // A gathered slice is not one range of the file, nor a converted tensor the
+                // file's bytes: they are written out of the mapping.
+                Tensor::produced(plan.plan(), pt, dtype, map.view(contract).get(range).unwrap_or_default())?
             };
             ready.push_back(tensor);
         }

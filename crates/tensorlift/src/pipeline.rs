@@ -105,8 +105,6 @@ pub struct TensorStream {
     finished: bool,
     /// An error to report once everything in flight has drained.
     failed: Option<LoadError>,
-    /// The dtype tensors are converted to as they land, if any.
-    convert_to: Option<tensorlift_format::Dtype>,
     stats: LoadStats,
 }
 
@@ -175,7 +173,6 @@ impl TensorStream {
             waiting_since: None,
             finished: false,
             failed: None,
-            convert_to: cfg.convert_to,
             stats,
             plan,
         };
@@ -190,7 +187,14 @@ impl TensorStream {
         match (cfg.map_views, target) {
             (Some(contract), crate::loader::Target::Host) => {
                 // Nothing is read: the tensors are views of the files.
-                crate::open::map_all(&mut stream.plan, &spans, contract, &mut stream.ready, &mut stream.stats)?;
+                crate::open::map_all(
+                    &mut stream.plan,
+                    &spans,
+                    contract,
+                    cfg.convert_to,
+                    &mut stream.ready,
+                    &mut stream.stats,
+                )?;
             }
             (_, crate::loader::Target::Host) => {
                 let sink = crate::dest_host::HostSink::new(
@@ -239,19 +243,6 @@ impl TensorStream {
                 return Poll::Ready(Some(Err(e)));
             }
             if let Some(t) = self.ready.pop_front() {
-                let t = match self.convert_to {
-                    Some(to) if t.dtype() != to && crate::convert::can_convert(t.dtype(), to) => {
-                        match t.converted(to) {
-                            Ok(c) => c,
-                            Err(e) => {
-                                self.failed =
-                                    Some(LoadError::Convert { tensor: t.name().to_owned(), to, message: e.0 });
-                                continue;
-                            }
-                        }
-                    }
-                    _ => t,
-                };
                 self.stats.tensors += 1;
                 return Poll::Ready(Some(Ok(t)));
             }

@@ -139,39 +139,27 @@ impl Tensor {
         self
     }
 
-    /// The runs of a slice (`gather`) out of the `covering` bytes, into host memory of its
-    /// own; `None` when that memory cannot be had.
-    pub(crate) fn gathered(
-        name: &str,
+    /// Tensor `pt` as loaded, `dtype` and all (see [`produce`]), from its `stored` bytes
+    /// (its file range), into host memory of its own.
+    pub(crate) fn produced(
+        plan: &tensorlift_format::LoadPlan,
+        pt: &tensorlift_format::PlannedTensor,
         dtype: Dtype,
-        shape: &[usize],
-        covering: &[u8],
-        gather: &tensorlift_format::Gather,
-    ) -> Option<Tensor> {
-        let len = usize::try_from(gather.len()).ok()?;
-        let mut buf = tensorlift_io::AlignedBuf::zeroed_pages(len, 64, false)?;
-        gather.gather_into(covering, &mut buf.as_mut_slice()[..len]);
-        Some(Tensor {
-            name: name.into(),
-            dtype,
-            shape: shape.into(),
-            storage: Storage::Owned { buf: Arc::new(buf), len },
-        })
-    }
-
-    /// `self`, converted to `dtype` into host memory of its own (see [`crate::convert`]).
-    pub(crate) fn converted(&self, dtype: Dtype) -> Result<Tensor, ConvertFailed> {
-        let src = self.bytes().map_err(|e| ConvertFailed(e.to_string()))?;
-        let from_width = (self.dtype.bitsize() / 8).max(1);
-        let len = src.len() / from_width * (dtype.bitsize() / 8);
-        let mut buf = tensorlift_io::AlignedBuf::zeroed_pages(len, 64, false)
-            .ok_or_else(|| ConvertFailed(format!("cannot allocate {len} bytes")))?;
-        crate::convert::convert(self.dtype, dtype, src, &mut buf.as_mut_slice()[..len])
-            .map_err(|e| ConvertFailed(e.to_string()))?;
+        stored: &[u8],
+    ) -> Result<Tensor, crate::LoadError> {
+        let len = crate::place::loaded_as(pt, Some(dtype)).1 as usize;
+        let mut buf = tensorlift_io::AlignedBuf::zeroed_pages(len, 64, false).ok_or_else(|| {
+            crate::LoadError::OutOfMemory { file: plan.shards()[pt.shard].path.clone(), bytes: len as u64 }
+        })?;
+        produce(pt, dtype, stored, &mut buf.as_mut_slice()[..len]).map_err(|e| crate::LoadError::Convert {
+            tensor: pt.name.clone(),
+            to: dtype,
+            message: e.to_string(),
+        })?;
         Ok(Tensor {
-            name: Arc::clone(&self.name),
+            name: pt.name.as_str().into(),
             dtype,
-            shape: Arc::clone(&self.shape),
+            shape: pt.shape.as_slice().into(),
             storage: Storage::Owned { buf: Arc::new(buf), len },
         })
     }
@@ -348,9 +336,31 @@ impl Tensor {
     }
 }
 
-/// Why a conversion of a landed tensor failed (the message says).
-#[derive(Debug)]
-pub(crate) struct ConvertFailed(pub String);
+/// Writes tensor `pt` as loaded into `out`, from its `stored` bytes (its file range): the
+/// runs of a slice gathered, and the elements converted to `dtype` (run by run: no copy in
+/// between). `out` holds the loaded bytes ([`crate::place::loaded_as`]).
+pub(crate) fn produce(
+    pt: &tensorlift_format::PlannedTensor,
+    dtype: Dtype,
+    stored: &[u8],
+    out: &mut [u8],
+) -> Result<(), crate::convert::ConvertError> {
+    let convert = |src: &[u8], dst: &mut [u8]| match dtype == pt.dtype {
+        true => {
+            dst.copy_from_slice(src);
+            Ok(())
+        }
+        false => crate::convert::convert(pt.dtype, dtype, src, dst),
+    };
+    let Some(g) = &pt.gather else { return convert(stored, out) };
+    let run = g.run as usize;
+    let run_out = crate::place::loaded_as(pt, Some(dtype)).1 as usize / g.runs().max(1);
+    for (i, dst) in out.chunks_exact_mut(run_out.max(1)).enumerate().take(g.runs()) {
+        let at = g.offset(i) as usize;
+        convert(&stored[at..at + run], dst)?;
+    }
+    Ok(())
+}
 
 /// DLPack's element type for a safetensors dtype.
 fn dlpack_dtype(d: Dtype) -> Option<dlpack::DLDataType> {

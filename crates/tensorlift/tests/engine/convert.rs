@@ -57,8 +57,12 @@ fn loads_convert_floating_tensors_as_they_land() {
         }
     };
     let same = |a: f32, b: f32| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
-    for to in [Dtype::F32, Dtype::BF16, Dtype::F16] {
-        let loader = Loader::builder().device(tensorlift::Device::Cpu).convert_to(to).chunk_size(4096).build().unwrap();
+    // Reads into tensorlift's memory, and zero-copy mapped views (converted out of the map).
+    let loaders = |to| {
+        let b = Loader::builder().device(tensorlift::Device::Cpu).convert_to(to).chunk_size(4096);
+        [b.clone().build().unwrap(), b.map_views(crate::support::map_contract()).build().unwrap()]
+    };
+    for (to, loader) in [Dtype::F32, Dtype::BF16, Dtype::F16].into_iter().flat_map(|to| loaders(to).map(|l| (to, l))) {
         let model = loader.load_blocking(&path).unwrap();
         for (name, from) in [("bf", Dtype::BF16), ("hf", Dtype::F16), ("f", Dtype::F32), ("e4", Dtype::F8_E4M3)] {
             let t = model.get(name).unwrap();
