@@ -12,11 +12,14 @@ fuzz_target!(|data: &[u8]| {
             // Every accepted name names a file: its one spelling is not empty.
             assert!(!tensorlift_format::normal_name(shard).is_empty());
         }
-        // Every entry's shard number names one of them, and no tensor is listed twice.
+        // Every entry's shard number names one of them, no tensor is listed twice, and
+        // each is found by name.
         let mut names = std::collections::HashSet::new();
         for (tensor, shard) in index.numbered_entries() {
-            assert!((*shard as usize) < index.shards().len());
-            assert!(names.insert(tensor.as_str()));
+            assert!((shard as usize) < index.shards().len());
+            assert!(names.insert(tensor));
+            // The look-up finds every listed tensor in its shard.
+            assert_eq!(index.shard_of(tensor), Some(shard));
         }
         assert_eq!(index.entries().count(), index.len());
     }

@@ -477,7 +477,7 @@ impl PyCheckpoint {
 
     /// Whether any shard has a `__metadata__` entry.
     fn has_metadata(&self) -> bool {
-        self.plan.shards().iter().any(|s| s.header.metadata.is_some())
+        self.plan.shards().iter().any(|s| s.metadata.is_some())
     }
 
     /// `(dtype, shape, nbytes)` of a tensor.
@@ -615,8 +615,8 @@ fn inspect(py: Python<'_>, path: std::path::PathBuf) -> PyResult<Py<PyDict>> {
         f.set_item("path", s.path.display().to_string())?;
         f.set_item("name", &s.name)?;
         f.set_item("header_bytes", s.data_start())?;
-        f.set_item("data_bytes", s.header.data_len())?;
-        f.set_item("metadata", s.header.metadata.clone())?;
+        f.set_item("data_bytes", s.data_len)?;
+        f.set_item("metadata", s.metadata.clone())?;
         files.append(f)?;
     }
     let tensors = pyo3::types::PyList::empty(py);

@@ -106,8 +106,8 @@ impl serde::Serialize for PlanJson<'_> {
             json!({
                 "path": s.path.display().to_string(),
                 "header_bytes": s.data_start(),
-                "data_bytes": s.header.data_len(),
-                "metadata": s.header.metadata,
+                "data_bytes": s.data_len,
+                "metadata": s.metadata,
             })
         });
         let tensors = plan.tensors().iter().map(|t| {

@@ -139,8 +139,11 @@ pub fn parse_header(file: &Path, bytes: &[u8], file_len: u64) -> Result<Header, 
         None => parse_checked(file, text)?,
     };
 
-    // Writers order by offset, but the format does not require it (nor does the reference).
-    tensors.sort_by_key(|t| t.data_offsets);
+    // The reference writer lists tensors by offset, but the format does not require it
+    // (nor does the reference reader). Stable: empty tensors at one offset keep their order.
+    if !tensors.is_sorted_by_key(|t| t.data_offsets) {
+        tensors.sort_by_key(|t| t.data_offsets);
+    }
     let mut expected_begin = 0u64;
     for t in &tensors {
         let (begin, end) = t.data_offsets;
@@ -186,8 +189,7 @@ fn parse_checked(file: &Path, text: &str) -> Result<(Option<BTreeMap<String, Str
     let mut tensors: Vec<TensorInfo> = Vec::new();
     let count = entries.0.len();
     tensors.try_reserve_exact(count).map_err(|_| oom("the tensor list", count * std::mem::size_of::<TensorInfo>()))?;
-    // Names come from a file bounded in size: a fast hash (see `plan::Fnv`).
-    let mut seen: std::collections::HashSet<&str, crate::plan::FastBuild> = Default::default();
+    let mut seen: hashbrown::HashSet<&str> = Default::default();
     seen.try_reserve(count).map_err(|_| oom("the tensor names", count * std::mem::size_of::<&str>()))?;
     for (name, raw) in &entries.0 {
         let name: &str = name;
@@ -229,15 +231,15 @@ fn parse_fast(text: &str) -> Option<(Option<BTreeMap<String, String>>, Vec<Tenso
         }
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
             let mut metadata = None;
+            let mut has_metadata = false;
             let mut tensors: Vec<TensorInfo> = Vec::new();
-            let mut seen: std::collections::HashSet<Cow<'_, str>, crate::plan::FastBuild> = Default::default();
             let fail = || de::Error::custom("");
             while let Some(key) = map.next_key::<Cow<'de, str>>()? {
                 if tensors.len() == tensors.capacity() && tensors.try_reserve(tensors.len().max(16)).is_err() {
                     return Err(fail());
                 }
                 if key == "__metadata__" {
-                    if !seen.insert(key) {
+                    if std::mem::replace(&mut has_metadata, true) {
                         return Err(fail());
                     }
                     metadata = map.next_value::<Option<BTreeMap<String, String>>>()?;
@@ -249,13 +251,8 @@ fn parse_fast(text: &str) -> Option<(Option<BTreeMap<String, String>>, Vec<Tenso
                 }
             }
             // Duplicate tensor names, checked once all are read (without a second copy).
-            if seen.try_reserve(tensors.len()).is_err() {
+            if !unique_names(&tensors) {
                 return Err(fail());
-            }
-            for t in &tensors {
-                if !seen.insert(Cow::Borrowed(t.name.as_str())) {
-                    return Err(fail());
-                }
             }
             Ok((metadata, tensors))
         }
@@ -265,6 +262,12 @@ fn parse_fast(text: &str) -> Option<(Option<BTreeMap<String, String>>, Vec<Tenso
     // Trailing bytes other than JSON whitespace are refused, as the reference does.
     d.end().ok()?;
     Some(parsed)
+}
+
+/// Whether no two tensors share a name (false also when the set cannot be had).
+fn unique_names(tensors: &[TensorInfo]) -> bool {
+    let mut seen: hashbrown::HashSet<&str> = Default::default();
+    seen.try_reserve(tensors.len()).is_ok() && tensors.iter().all(|t| seen.insert(t.name.as_str()))
 }
 
 /// Bytes that `shape` elements of `dtype` take, with checked arithmetic.

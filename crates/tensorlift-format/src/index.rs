@@ -2,6 +2,10 @@
 
 use std::path::{Component, Path};
 
+use std::hash::BuildHasher;
+
+use hashbrown::hash_table::{Entry, HashTable};
+use hashbrown::DefaultHashBuilder;
 use serde::Deserialize;
 
 use crate::FormatError;
@@ -13,15 +17,41 @@ pub const MAX_INDEX_LEN: u64 = 100_000_000;
 
 /// A parsed index: each tensor's shard, in the order the file lists them, and the shard
 /// names it uses, each once.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct Index {
     /// `metadata` as written (often `{"total_size": ...}`); kept verbatim.
     pub metadata: Option<serde_json::Value>,
-    /// (tensor name, shard number): numbers index `shards`.
-    entries: Vec<(String, u32)>,
+    /// Every tensor name, one after another (one allocation, not one per name).
+    names: String,
+    /// (end of the name in `names`, shard number), in file order: a name starts where the
+    /// one before it ends. Numbers index `shards`.
+    entries: Vec<(u32, u32)>,
     /// Shard file names (relative to the index's folder), as spelled, in order of first
     /// appearance.
     shards: Vec<String>,
+    /// Entry numbers, by the hash of their names.
+    lookup: HashTable<u32>,
+    hasher: DefaultHashBuilder,
+}
+
+impl PartialEq for Index {
+    fn eq(&self, other: &Index) -> bool {
+        // The look-up is made from the entries.
+        (&self.metadata, &self.names, &self.entries, &self.shards)
+            == (&other.metadata, &other.names, &other.entries, &other.shards)
+    }
+}
+
+impl Eq for Index {}
+
+impl std::fmt::Debug for Index {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Index")
+            .field("metadata", &self.metadata)
+            .field("tensors", &self.entries.len())
+            .field("shards", &self.shards)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Index {
@@ -37,12 +67,18 @@ impl Index {
 
     /// Every (tensor name, shard file name), in the order the file lists them.
     pub fn entries(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
-        self.entries.iter().map(|(t, s)| (t.as_str(), self.shards[*s as usize].as_str()))
+        self.numbered_entries().map(|(t, s)| (t, self.shards[s as usize].as_str()))
     }
 
     /// Every (tensor name, shard number), numbers indexing [`shards`](Self::shards).
-    pub fn numbered_entries(&self) -> &[(String, u32)] {
-        &self.entries
+    pub fn numbered_entries(&self) -> impl Iterator<Item = (&str, u32)> + '_ {
+        (0..self.entries.len()).map(|i| (self.name(i), self.entries[i].1))
+    }
+
+    /// The number of the shard (in [`shards`](Self::shards)) that lists `tensor`.
+    pub fn shard_of(&self, tensor: &str) -> Option<u32> {
+        let hash = self.hasher.hash_one(tensor);
+        self.lookup.find(hash, |&i| self.name(i as usize) == tensor).map(|&i| self.entries[i as usize].1)
     }
 
     /// Shard names as spelled, each once, in order of first appearance.
@@ -56,6 +92,11 @@ impl Index {
         names.sort_by(|a, b| natural_cmp(a, b));
         names
     }
+
+    fn name(&self, i: usize) -> &str {
+        let start = if i == 0 { 0 } else { self.entries[i - 1].0 as usize };
+        &self.names[start..self.entries[i].0 as usize]
+    }
 }
 
 #[derive(Deserialize)]
@@ -66,10 +107,12 @@ struct RawIndex<'a> {
     weight_map: Pairs<'a>,
 }
 
-/// The weight map as listed: names owned, shard names interned as they are read (an index
-/// repeats a few names 100,000s of times, one after another).
+/// The weight map as listed: names copied one after another into one string, shard names
+/// interned as they are read (an index repeats a few names 100,000s of times, one after
+/// another).
 struct Pairs<'a> {
-    entries: Vec<(String, u32)>,
+    names: String,
+    entries: Vec<(u32, u32)>,
     shards: Vec<String>,
     _text: std::marker::PhantomData<&'a str>,
 }
@@ -83,13 +126,25 @@ impl<'de: 'a, 'a> Deserialize<'de> for Pairs<'a> {
                 f.write_str("an object of tensor names to shard file names")
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Pairs<'a>, A::Error> {
-                let mut entries: Vec<(String, u32)> = Vec::new();
+                let oom = || serde::de::Error::custom("out of memory reading weight_map");
+                let mut names = String::new();
+                let mut entries: Vec<(u32, u32)> = Vec::new();
                 let mut shards: Vec<String> = Vec::new();
                 let mut by_name: std::collections::HashMap<String, u32> = std::collections::HashMap::new();
-                while let Some(key) = map.next_key::<String>()? {
+                while let Some(key) = map.next_key::<ShardName<'de>>()? {
+                    // Sizes come from the file: grow fallibly, so that an index of millions
+                    // of entries under a memory limit is an error, not an abort.
                     if entries.len() == entries.capacity() && entries.try_reserve(entries.len().max(16)).is_err() {
-                        return Err(serde::de::Error::custom("out of memory reading weight_map"));
+                        return Err(oom());
                     }
+                    if names.len() + key.0.len() > names.capacity()
+                        && names.try_reserve(names.len().max(key.0.len()).max(1024)).is_err()
+                    {
+                        return Err(oom());
+                    }
+                    names.push_str(&key.0);
+                    // The text is at most MAX_INDEX_LEN bytes, far below 4 GiB.
+                    let end = u32::try_from(names.len()).map_err(|_| oom())?;
                     let shard = map.next_value::<ShardName<'de>>()?.0;
                     // The same shard as the entry before: the common case, no look-up.
                     let id = match entries.last() {
@@ -105,16 +160,16 @@ impl<'de: 'a, 'a> Deserialize<'de> for Pairs<'a> {
                             }
                         },
                     };
-                    entries.push((key, id));
+                    entries.push((end, id));
                 }
-                Ok(Pairs { entries, shards, _text: std::marker::PhantomData })
+                Ok(Pairs { names, entries, shards, _text: std::marker::PhantomData })
             }
         }
         d.deserialize_map(V(std::marker::PhantomData))
     }
 }
 
-/// A shard name: a JSON string, borrowed from the text where it has no escapes.
+/// A JSON string, borrowed from the text where it has no escapes.
 struct ShardName<'a>(std::borrow::Cow<'a, str>);
 
 impl<'de: 'a, 'a> Deserialize<'de> for ShardName<'a> {
@@ -123,7 +178,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for ShardName<'a> {
         impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
             type Value = ShardName<'a>;
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a shard file name (a string)")
+                f.write_str("a string")
             }
             fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<ShardName<'a>, E> {
                 Ok(ShardName(std::borrow::Cow::Borrowed(v)))
@@ -143,23 +198,40 @@ pub fn parse_index(file: &Path, bytes: &[u8]) -> Result<Index, FormatError> {
     let invalid = |message: String| FormatError::InvalidIndex { file: file.to_path_buf(), message };
     let text = std::str::from_utf8(bytes).map_err(|e| invalid(format!("not UTF-8: {e}")))?;
     let raw: RawIndex<'_> = serde_json::from_str(text).map_err(|e| invalid(e.to_string()))?;
-    let Pairs { entries, shards, .. } = raw.weight_map;
+    let Pairs { names, entries, shards, .. } = raw.weight_map;
     for shard in &shards {
         check_relative(file, shard)?;
     }
-    // No tensor listed twice: a set of the names, by a fast hash (names come from a file
-    // already bounded in size).
-    let mut seen: std::collections::HashMap<&str, u32, crate::plan::FastBuild> = Default::default();
-    seen.try_reserve(entries.len()).map_err(|_| invalid("out of memory checking names".into()))?;
-    for (tensor, shard) in &entries {
-        if let Some(first) = seen.insert(tensor, *shard) {
-            return Err(invalid(format!(
-                "weight_map lists tensor '{tensor}' twice (in '{}' and in '{}')",
-                shards[first as usize], shards[*shard as usize]
-            )));
+    let mut index = Index {
+        metadata: raw.metadata,
+        names,
+        entries,
+        shards,
+        lookup: HashTable::new(),
+        hasher: DefaultHashBuilder::default(),
+    };
+    // No tensor listed twice, found while the look-up is built.
+    let mut lookup = HashTable::new();
+    let hash_of = |i: &u32| index.hasher.hash_one(index.name(*i as usize));
+    lookup.try_reserve(index.entries.len(), hash_of).map_err(|_| invalid("out of memory checking names".into()))?;
+    for i in 0..index.entries.len() {
+        let name = index.name(i);
+        match lookup.entry(index.hasher.hash_one(name), |&j| index.name(j as usize) == name, hash_of) {
+            Entry::Occupied(first) => {
+                let first = index.entries[*first.get() as usize].1;
+                return Err(invalid(format!(
+                    "weight_map lists tensor '{name}' twice (in '{}' and in '{}')",
+                    index.shards[first as usize], index.shards[index.entries[i].1 as usize]
+                )));
+            }
+            // Entry numbers fit: the entries were counted in u32 offsets.
+            Entry::Vacant(v) => {
+                v.insert(i as u32);
+            }
         }
     }
-    Ok(Index { metadata: raw.metadata, entries, shards })
+    index.lookup = lookup;
+    Ok(index)
 }
 
 /// Rejects shard names that are absolute or climb out of the folder, before any file

@@ -1,13 +1,13 @@
 //! A validated [`LoadPlan`] over one or more shards, assembled from headers that the caller
 //! read (this crate does no I/O: `tensorlift-io` opens the files).
 
-use std::collections::HashMap;
+use hashbrown::HashMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use safetensors::Dtype;
 
-use crate::header::Header;
+use crate::header::{Header, TensorInfo, HEADER_PREFIX_LEN};
 use crate::index::Index;
 use crate::slice::{Gather, SliceError, TensorSlice};
 use crate::FormatError;
@@ -26,7 +26,8 @@ pub struct FileIdentity {
     pub modified_ns: i128,
 }
 
-/// One shard of a plan.
+/// One shard of a plan: the file, and what its header says of it as a whole (its tensors
+/// are the plan's, see [`LoadPlan::tensors`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Shard {
     /// Canonical path of the file (links resolved).
@@ -42,24 +43,55 @@ pub struct Shard {
     /// A hash of the header's bytes as planned ([`header_hash`]): a load compares it with
     /// the bytes it finds, without parsing them again.
     pub header_hash: u64,
-    /// The validated header.
-    pub header: Header,
+    /// `N`, the length of the header's JSON text.
+    pub header_len: u64,
+    /// The header's `__metadata__`, if present.
+    pub metadata: Option<std::collections::BTreeMap<String, String>>,
+    /// Length of the data section (for a PyTorch file, up to the end of its last tensor).
+    pub data_len: u64,
+    /// Number of tensors the header lists, loaded or not.
+    pub tensor_count: usize,
 }
 
 impl Shard {
+    /// A shard of the file at `path`, named `name`, whose validated header is `header`: the
+    /// shard, and the header's tensors, which [`LoadPlan::assemble`] takes.
+    pub fn from_header(
+        path: PathBuf,
+        name: String,
+        identity: FileIdentity,
+        header_hash: u64,
+        header: Header,
+    ) -> (Shard, Vec<TensorInfo>) {
+        let shard = Shard {
+            path,
+            name,
+            aliases: Vec::new(),
+            file_len: identity.len,
+            identity,
+            header_hash,
+            header_len: header.header_len,
+            data_len: header.data_len(),
+            tensor_count: header.tensors.len(),
+            metadata: header.metadata,
+        };
+        (shard, header.tensors)
+    }
+
     /// File offset where the data section begins.
     pub fn data_start(&self) -> u64 {
-        self.header.data_start()
+        HEADER_PREFIX_LEN + self.header_len
     }
 }
 
 /// A hash of a header's `8 + N` bytes, to tell whether a file still holds the header that was
 /// planned (not a defence against a chosen collision: the file was already trusted once).
 pub fn header_hash(bytes: &[u8]) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    bytes.hash(&mut h);
-    h.finish()
+    use std::hash::BuildHasher;
+    // A fixed seed: the hash is compared within one process only, but must not change
+    // between planning and loading. foldhash reads 16 bytes a step (SipHash showed in the
+    // profile of planning 100,000 tensors).
+    foldhash::quality::FixedState::with_seed(0x7e45_0c1f_d1ff_7a3b).hash_one(bytes)
 }
 
 /// One tensor to load.
@@ -118,66 +150,61 @@ pub struct LoadPlan {
     index_metadata: Option<serde_json::Value>,
     shards: Vec<Shard>,
     tensors: Vec<PlannedTensor>,
+    checkpoint_bytes: u64,
 }
 
 impl LoadPlan {
-    /// Builds a plan from validated shard headers: checks that no tensor name is in two
-    /// shards and, for a sharded checkpoint, that the index and the headers agree (every
-    /// indexed tensor is in the shard the index names, under any of that shard's names, and
-    /// every shard tensor is indexed). `context` is the file errors name.
+    /// Builds a plan from shards and their validated headers' tensors (see
+    /// [`Shard::from_header`]): checks that no tensor name is in two shards and, for a
+    /// sharded checkpoint, that the index and the headers agree (every indexed tensor is in
+    /// the shard the index names, under any of that shard's names, and every shard tensor
+    /// is indexed). `context` is the file errors name.
     pub fn assemble(
         context: &Path,
         root: PathBuf,
         index: Option<(PathBuf, Index)>,
-        shards: Vec<Shard>,
+        shards: Vec<(Shard, Vec<TensorInfo>)>,
     ) -> Result<LoadPlan, FormatError> {
-        let count: usize = shards.iter().map(|s| s.header.tensors.len()).sum();
+        let count: usize = shards.iter().map(|(_, t)| t.len()).sum();
         let mut tensors: Vec<PlannedTensor> = Vec::new();
         tensors.try_reserve_exact(count).map_err(|_| FormatError::OutOfMemory {
             file: context.to_path_buf(),
             what: "the plan's tensor list",
             bytes: (count * std::mem::size_of::<PlannedTensor>()) as u64,
         })?;
-        let mut owner: HashMap<&str, usize, FastBuild> = HashMap::default();
-        owner.try_reserve(count).map_err(|_| FormatError::OutOfMemory {
-            file: context.to_path_buf(),
-            what: "the plan's name table",
-            bytes: (count * 2 * std::mem::size_of::<(&str, usize)>()) as u64,
-        })?;
-        for (i, shard) in shards.iter().enumerate() {
-            for t in &shard.header.tensors {
-                if let Some(first) = owner.insert(&t.name, i) {
-                    return Err(FormatError::TensorInTwoShards {
-                        file: context.to_path_buf(),
-                        tensor: t.name.clone(),
-                        first: shards[first].name.clone(),
-                        second: shard.name.clone(),
-                    });
-                }
+        match &index {
+            // The index's own look-up answers for every name: no table of the plan's names.
+            Some((path, index)) if !agrees_with_index(index, &shards) => {
+                return Err(disagreement(context, path, index, &shards));
             }
+            Some(_) => {}
+            None if shards.len() > 1 => check_unique(context, &shards)?,
+            None => {}
         }
-        // The index is checked against the names' owners, the one table of every name.
-        if let Some((path, index)) = &index {
-            check_against_index(path, index, &shards, &owner)?;
-        }
-        for (i, shard) in shards.iter().enumerate() {
-            for t in &shard.header.tensors {
-                let start = shard.data_start() + t.data_offsets.0;
+        let mut checkpoint_bytes = 0u64;
+        let mut kept = Vec::with_capacity(shards.len());
+        for (i, (shard, infos)) in shards.into_iter().enumerate() {
+            let start = shard.data_start();
+            // Names and shapes move from the header into the plan: no copy of either.
+            for t in infos {
+                checkpoint_bytes += t.len();
+                let first = start + t.data_offsets.0;
                 tensors.push(PlannedTensor {
-                    name: t.name.clone(),
+                    file_range: first..first + t.len(),
+                    name: t.name,
                     dtype: t.dtype,
-                    shape: t.shape.clone(),
+                    shape: t.shape,
                     shard: i,
-                    file_range: start..start + t.len(),
                     gather: None,
                 });
             }
+            kept.push(shard);
         }
         let (index, index_metadata) = match index {
             Some((path, index)) => (Some(path), index.metadata),
             None => (None, None),
         };
-        Ok(LoadPlan { root, index, index_metadata, shards, tensors })
+        Ok(LoadPlan { root, index, index_metadata, shards: kept, tensors, checkpoint_bytes })
     }
 
     /// The model folder.
@@ -197,7 +224,7 @@ impl LoadPlan {
     pub fn metadata(&self) -> std::collections::BTreeMap<String, String> {
         let mut out = std::collections::BTreeMap::new();
         for s in &self.shards {
-            for (k, v) in s.header.metadata.iter().flatten() {
+            for (k, v) in s.metadata.iter().flatten() {
                 out.entry(k.clone()).or_insert_with(|| v.clone());
             }
         }
@@ -239,74 +266,120 @@ impl LoadPlan {
     }
     /// Bytes of every tensor the shards hold, loaded or not, before any slice.
     pub fn checkpoint_bytes(&self) -> u64 {
-        self.shards.iter().flat_map(|s| &s.header.tensors).map(|t| t.len()).sum()
+        self.checkpoint_bytes
     }
 }
 
-/// FNV-1a: names are short and come from files already bounded in size; SipHash's
-/// protection against chosen collisions costs more than the parse here, and a collision
-/// flood only makes planning slower, within the header budget.
-#[derive(Default, Clone, Copy)]
-pub(crate) struct Fnv(u64);
-
-impl std::hash::Hasher for Fnv {
-    fn finish(&self) -> u64 {
-        self.0
+/// Whether the index and the headers agree, by one look-up in the index per shard tensor:
+/// each must be listed, in a shard that is this one under one of its names. Header names
+/// are unique within a header, so a name in two shards fails in one of them; and once every
+/// shard tensor is a distinct index entry, equal counts mean every entry is a shard tensor.
+fn agrees_with_index(index: &Index, shards: &[(Shard, Vec<TensorInfo>)]) -> bool {
+    let count: usize = shards.iter().map(|(_, t)| t.len()).sum();
+    if count != index.len() {
+        return false;
     }
-    fn write(&mut self, bytes: &[u8]) {
-        let mut h = if self.0 == 0 { 0xcbf2_9ce4_8422_2325 } else { self.0 };
-        for &b in bytes {
-            h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+    let planned = planned_shards(index, shards);
+    let check = |(i, infos): (usize, &[TensorInfo])| {
+        infos.iter().all(|t| index.shard_of(&t.name).is_some_and(|n| planned[n as usize] == Some(i)))
+    };
+    let parts: Vec<(usize, &[TensorInfo])> = shards.iter().map(|(_, t)| t.as_slice()).enumerate().collect();
+    // A look-up is a cache miss or two: 100,000s of them are worth a few threads.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8).min(parts.len());
+    if threads < 2 || count < 1 << 14 {
+        return parts.into_iter().all(check);
+    }
+    let per = parts.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        // A thread that cannot be had leaves its part to this one.
+        let handles: Vec<_> = parts
+            .chunks(per)
+            .map(|part| {
+                let h = std::thread::Builder::new()
+                    .name("tensorlift-plan".into())
+                    .spawn_scoped(s, move || part.iter().copied().all(check));
+                (part, h.ok())
+            })
+            .collect();
+        let mut agree = true;
+        for (part, h) in handles {
+            agree &= match h.map(|h| h.join()) {
+                Some(Ok(ok)) => ok,
+                _ => part.iter().copied().all(check),
+            };
         }
-        self.0 = h;
-    }
+        agree
+    })
 }
 
-pub(crate) type FastBuild = std::hash::BuildHasherDefault<Fnv>;
-
-fn check_against_index(
-    index_path: &Path,
-    index: &Index,
-    shards: &[Shard],
-    owner: &HashMap<&str, usize, FastBuild>,
-) -> Result<(), FormatError> {
-    // Each name the index spells, to its shard in the plan: once per distinct name.
-    let mut by_name: HashMap<&str, usize, FastBuild> = HashMap::default();
-    for (i, s) in shards.iter().enumerate() {
+/// For each shard name of the index, by number, the plan's shard it names.
+fn planned_shards(index: &Index, shards: &[(Shard, Vec<TensorInfo>)]) -> Vec<Option<usize>> {
+    let mut by_name: HashMap<&str, usize> = HashMap::default();
+    for (i, (s, _)) in shards.iter().enumerate() {
         by_name.insert(&s.name, i);
         for a in &s.aliases {
             by_name.insert(a, i);
         }
     }
-    let planned: Vec<Option<usize>> = index.shards().iter().map(|n| by_name.get(n.as_str()).copied()).collect();
-    for (tensor, shard) in index.numbered_entries() {
-        let want = planned[*shard as usize];
-        if want.is_none() || owner.get(tensor.as_str()).copied() != want {
-            return Err(FormatError::TensorNotInShard {
-                file: index_path.to_path_buf(),
-                tensor: tensor.clone(),
-                shard: index.shards()[*shard as usize].clone(),
-            });
-        }
-    }
-    // Every indexed tensor is in its shard, and no tensor is in two shards (checked when the
-    // plan is assembled): so if the counts agree, every shard tensor is indexed. Only when
-    // they do not is the missing one looked for, to name it.
-    let in_shards: usize = shards.iter().map(|s| s.header.tensors.len()).sum();
-    if in_shards == index.len() {
-        return Ok(());
-    }
-    let indexed: std::collections::HashSet<&str> = index.entries().map(|(t, _)| t).collect();
-    for shard in shards {
-        for t in &shard.header.tensors {
-            if !indexed.contains(t.name.as_str()) {
-                return Err(FormatError::TensorNotInIndex {
-                    file: index_path.to_path_buf(),
+    index.shards().iter().map(|n| by_name.get(n.as_str()).copied()).collect()
+}
+
+/// No tensor name in two shards: a table of every name, for a checkpoint without an index.
+fn check_unique(context: &Path, shards: &[(Shard, Vec<TensorInfo>)]) -> Result<(), FormatError> {
+    let count: usize = shards.iter().map(|(_, t)| t.len()).sum();
+    let mut owner: HashMap<&str, usize> = HashMap::default();
+    owner.try_reserve(count).map_err(|_| FormatError::OutOfMemory {
+        file: context.to_path_buf(),
+        what: "the plan's name table",
+        bytes: (count * 2 * std::mem::size_of::<(&str, usize)>()) as u64,
+    })?;
+    for (i, (shard, infos)) in shards.iter().enumerate() {
+        for t in infos {
+            if let Some(first) = owner.insert(&t.name, i) {
+                return Err(FormatError::TensorInTwoShards {
+                    file: context.to_path_buf(),
                     tensor: t.name.clone(),
-                    shard: shard.name.clone(),
+                    first: shards[first].0.name.clone(),
+                    second: shard.name.clone(),
                 });
             }
         }
     }
     Ok(())
+}
+
+/// The error for an index and headers that disagree, found again in the order a reader
+/// expects it: a name in two shards first, then the index's entries in the file's order,
+/// then the first shard tensor the index does not list.
+fn disagreement(context: &Path, index_path: &Path, index: &Index, shards: &[(Shard, Vec<TensorInfo>)]) -> FormatError {
+    if let Err(e) = check_unique(context, shards) {
+        return e;
+    }
+    let owner: HashMap<&str, usize> =
+        shards.iter().enumerate().flat_map(|(i, (_, infos))| infos.iter().map(move |t| (t.name.as_str(), i))).collect();
+    let planned = planned_shards(index, shards);
+    for (tensor, shard) in index.numbered_entries() {
+        let want = planned[shard as usize];
+        if want.is_none() || owner.get(tensor).copied() != want {
+            return FormatError::TensorNotInShard {
+                file: index_path.to_path_buf(),
+                tensor: tensor.to_owned(),
+                shard: index.shards()[shard as usize].clone(),
+            };
+        }
+    }
+    for (shard, infos) in shards {
+        if let Some(t) = infos.iter().find(|t| index.shard_of(&t.name).is_none()) {
+            return FormatError::TensorNotInIndex {
+                file: index_path.to_path_buf(),
+                tensor: t.name.clone(),
+                shard: shard.name.clone(),
+            };
+        }
+    }
+    // Unreachable by the argument of `agrees_with_index`; an error all the same.
+    FormatError::InvalidIndex {
+        file: index_path.to_path_buf(),
+        message: "the index and the shards' headers disagree".into(),
+    }
 }

@@ -363,7 +363,7 @@ struct Planner<'a> {
     limits: &'a PlanLimits,
     open_bound: usize,
     header_bytes: u64,
-    shards: Vec<Shard>,
+    shards: Vec<(Shard, Vec<TensorInfo>)>,
     files: Vec<Option<Arc<File>>>,
     by_identity: HashMap<(u64, u64), usize>,
 }
@@ -460,7 +460,7 @@ impl<'a> Planner<'a> {
             added.extend(self.add_shards(opened)?);
         }
         for ((name, raws), i) in names.into_iter().zip(added) {
-            let shard = &mut self.shards[i];
+            let shard = &mut self.shards[i].0;
             for raw in raws {
                 if raw != shard.name && !shard.aliases.contains(&raw) {
                     shard.aliases.push(raw);
@@ -528,8 +528,8 @@ impl<'a> Planner<'a> {
             added.extend(self.add_shards(opened)?);
         }
         for (name, i) in names.into_iter().zip(added) {
-            if self.shards[i].name != name {
-                self.shards[i].aliases.push(name);
+            if self.shards[i].0.name != name {
+                self.shards[i].0.aliases.push(name);
             }
         }
         let context = root.clone();
@@ -596,15 +596,7 @@ impl<'a> Planner<'a> {
         // Half the bound is held between planning and loading; the load's window of shards
         // open for reading (two descriptors each with O_DIRECT) takes the other half.
         let keep = self.open_files() < (self.open_bound / 2).max(1);
-        self.shards.push(Shard {
-            path: opened.path,
-            name,
-            aliases: Vec::new(),
-            file_len: opened.identity.len,
-            identity: opened.identity,
-            header_hash,
-            header,
-        });
+        self.shards.push(Shard::from_header(opened.path, name, opened.identity, header_hash, header));
         self.files.push(keep.then(|| Arc::new(opened.file)));
         self.by_identity.insert(key, i);
         i

@@ -306,15 +306,8 @@ mod tests {
         }
         let header = Header { header_len: data_start - 8, metadata: None, tensors };
         let file_len = data_start + off;
-        let shard = Shard {
-            path: PathBuf::from("/m/a.safetensors"),
-            name: "a.safetensors".into(),
-            aliases: vec![],
-            file_len,
-            identity: FileIdentity { dev: 1, ino: 1, len: file_len, modified_ns: 0 },
-            header_hash: 0,
-            header,
-        };
+        let identity = FileIdentity { dev: 1, ino: 1, len: file_len, modified_ns: 0 };
+        let shard = Shard::from_header(PathBuf::from("/m/a.safetensors"), "a.safetensors".into(), identity, 0, header);
         LoadPlan::assemble(Path::new("/m"), PathBuf::from("/m"), None, vec![shard]).unwrap()
     }
 

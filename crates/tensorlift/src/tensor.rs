@@ -409,7 +409,7 @@ impl Model {
         tensors.sort_by(|a, b| a.name.cmp(&b.name));
         let by_name = tensors.iter().enumerate().map(|(i, t)| (Arc::clone(&t.name), i)).collect();
         let shard_metadata: Vec<(String, BTreeMap<String, String>)> =
-            plan.shards().iter().map(|s| (s.name.clone(), s.header.metadata.clone().unwrap_or_default())).collect();
+            plan.shards().iter().map(|s| (s.name.clone(), s.metadata.clone().unwrap_or_default())).collect();
         Model {
             tensors,
             by_name,
