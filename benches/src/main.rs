@@ -82,6 +82,10 @@ struct Args {
     /// is much slower; 0 (the default) skips the mode.
     #[arg(long, default_value_t = 0, value_name = "SECS")]
     idle_secs: u64,
+    /// tensorlift: do not fault in new host memory ahead of the reads on threads of its own
+    /// (on by default; see `LoaderBuilder::prefault`).
+    #[arg(long)]
+    no_prefault: bool,
     /// tensorlift: O_DIRECT policy, auto, always or never (default auto).
     #[arg(long, value_parser = |s: &str| s.parse::<tensorlift::DirectIo>())]
     direct: Option<tensorlift::DirectIo>,
@@ -194,6 +198,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         "io_workers": loader.settings().io_workers,
         "direct": format!("{:?}", loader.settings().direct_io).to_lowercase(),
         "streams": loader.settings().streams,
+        "prefault_threads": loader.settings().prefault_threads,
     });
     let mut report = Report::new(&ckpt, &loader, args.runs.max(1), settings);
     report.note(&format!("tensorlift loads to {} ({})", loader.device(), loader.device_reason()));
@@ -290,6 +295,9 @@ fn builder(args: &Args) -> anyhow::Result<tensorlift::LoaderBuilder> {
     }
     if let Some(d) = args.direct {
         b = b.direct_io(d);
+    }
+    if args.no_prefault {
+        b = b.prefault(false);
     }
     if let Some(to) = args.convert_to {
         b = b.convert_to(to);

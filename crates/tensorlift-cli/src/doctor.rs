@@ -24,6 +24,7 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
     let direct = direct_io_support(path);
     let memlock = memlock();
     let pages = tensorlift_io::page_probe();
+    let residency = tensorlift_io::cache::residency_probe();
     let kernel = kernel_release().unwrap_or_else(|| "unknown".into());
     let limit = |v: Option<u64>| v.map_or_else(|| "unlimited".to_owned(), crate::text::memory);
     let budget = loader.settings().staging_budget as u64;
@@ -76,6 +77,7 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
             "gpu": gpu,
             "io_uring": {"available": matches!(io.uring, tensorlift::UringStatus::Available), "status": io.uring.to_string()},
             "o_direct": direct,
+            "page_cache_residency": {"cachestat": residency == tensorlift_io::cache::ResidencyProbe::Cachestat, "method": residency.to_string()},
             "host_pages": {"huge": pages.huge, "huge_first_touch_gbps": pages.huge_gbps, "base_first_touch_gbps": pages.base_gbps},
             "memlock": memlock.map(|Memlock { soft, hard }| json!({"soft_bytes": soft, "hard_bytes": hard, "note": memlock_note})),
             "would_use": {
@@ -87,6 +89,7 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
                 "io": io.backend.to_string(),
                 "io_reason": io.reason,
                 "io_workers": loader.settings().io_workers,
+                "prefault_threads": loader.settings().prefault_threads,
             },
         });
         crate::text::write_json(out, &v)?;
@@ -128,6 +131,7 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
         },
         Err(e) => writeln!(out, "O_DIRECT    cannot test {}", crate::text::printable(&direct_why(e)))?,
     }
+    writeln!(out, "page cache  residency by {residency}")?;
     writeln!(
         out,
         "host pages  {} (fresh memory fills at {:.2} GB/s with huge pages, {:.2} GB/s with base pages)",
@@ -165,5 +169,12 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
         _ => String::new(),
     };
     writeln!(out, "            io {} ({}){workers}", io.backend, crate::text::printable(&io.reason))?;
+    match loader.settings().prefault_threads {
+        0 => writeln!(out, "            new host memory faulted in by the reads (prefault off)")?,
+        n => writeln!(
+            out,
+            "            new host memory faulted in ahead of the reads by {n} thread(s) (MADV_POPULATE_WRITE)"
+        )?,
+    }
     Ok(())
 }

@@ -44,6 +44,9 @@ pub struct Args {
     /// Huge pages for host memory: auto (measured), always, never.
     #[arg(long, value_parser = |s: &str| s.parse::<tensorlift::HugePages>())]
     huge_pages: Option<tensorlift::HugePages>,
+    /// Do not fault in new host memory ahead of the reads (on by default).
+    #[arg(long)]
+    no_prefault: bool,
 }
 
 fn parse_direct(s: &str) -> Result<DirectIo, String> {
@@ -86,6 +89,9 @@ pub fn run(args: &Args, out: &mut dyn Write) -> anyhow::Result<()> {
     }
     if let Some(p) = args.huge_pages {
         builder = builder.huge_pages(p);
+    }
+    if args.no_prefault {
+        builder = builder.prefault(false);
     }
     let bar = progress_bar();
     if let Some(bar) = bar.clone() {
@@ -187,6 +193,8 @@ fn to_json(model: &Model, digests: Option<&[String]>) -> serde_json::Value {
         "bytes_read": s.bytes_read,
         "huge_pages": s.huge_pages,
         "reused_host_bytes": s.reused_host_bytes,
+        "prefaulted_bytes": s.prefaulted_bytes,
+        "prefault_failure": s.prefault_failure,
         "seconds": s.wall.as_secs_f64(),
         "gbps": s.gbps(),
     });

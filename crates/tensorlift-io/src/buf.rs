@@ -138,6 +138,11 @@ impl AlignedBuf {
         self.len
     }
 
+    /// Whether the buffer is an anonymous map of its own (not a heap block).
+    pub(crate) fn is_mapped(&self) -> bool {
+        matches!(self.storage, Storage::Mapped { .. })
+    }
+
     /// Whether the buffer holds no bytes.
     pub fn is_empty(&self) -> bool {
         self.len == 0

@@ -18,7 +18,8 @@ pub fn evict(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Fraction of a file's pages resident in the page cache (0.0 to 1.0), from `mincore`.
+/// Fraction of a file's pages resident in the page cache (0.0 to 1.0), exactly: from
+/// `cachestat(2)` where the kernel has it, else `mincore` over the whole file.
 pub fn resident_fraction(path: &Path) -> io::Result<f64> {
     resident_fraction_of(&File::open(path)?)
 }
@@ -26,24 +27,162 @@ pub fn resident_fraction(path: &Path) -> io::Result<f64> {
 /// [`resident_fraction`] of an open file. `mincore` never touches the mapped pages, so a
 /// file truncated meanwhile cannot fault here.
 pub fn resident_fraction_of(f: &File) -> io::Result<f64> {
-    let len = usize::try_from(f.metadata()?.len()).map_err(io::Error::other)?;
+    let len = file_len(f)?;
     if len == 0 {
         return Ok(1.0);
     }
-    // SAFETY: a read-only private mapping of a file we hold open; only mincore looks at it.
-    let map = unsafe { memmap2::MmapOptions::new().len(len).map(f) }?;
+    match cachestat(f) {
+        Ok(cached) => Ok(fraction(cached, len)),
+        Err(_) => mincore_sampled(f, len, usize::MAX),
+    }
+}
+
+/// How the engine tells whether a shard is in the page cache, before choosing between
+/// O_DIRECT and buffered reads for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ResidencyProbe {
+    /// `cachestat(2)` (Linux 6.5): the kernel counts the cached pages of the whole file,
+    /// in tens of microseconds for a GB (it counts folios, not pages).
+    Cachestat,
+    /// `mincore` on [`SAMPLED_PAGES`] pages spread over the file, for kernels (or seccomp
+    /// profiles) without `cachestat`; the reason it is not available.
+    MincoreSampled(String),
+}
+
+impl std::fmt::Display for ResidencyProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ResidencyProbe::Cachestat => f.write_str("cachestat(2), the whole file"),
+            ResidencyProbe::MincoreSampled(why) => {
+                write!(f, "mincore on {SAMPLED_PAGES} sampled pages a file (cachestat(2): {why})")
+            }
+        }
+    }
+}
+
+/// Pages that a sampled `mincore` looks at in a file, at most: in runs of 16, spread evenly.
+pub const SAMPLED_PAGES: usize = 1024;
+
+/// Which [`ResidencyProbe`] this process uses, tried once (on the running executable's
+/// file) and remembered.
+pub fn residency_probe() -> ResidencyProbe {
+    static PROBE: std::sync::OnceLock<ResidencyProbe> = std::sync::OnceLock::new();
+    PROBE
+        .get_or_init(|| {
+            let tried = std::env::current_exe().and_then(File::open).and_then(|f| cachestat(&f));
+            match tried {
+                Ok(_) => ResidencyProbe::Cachestat,
+                Err(e) => ResidencyProbe::MincoreSampled(match e.raw_os_error() {
+                    Some(libc::ENOSYS) => "not in this kernel".to_owned(),
+                    Some(libc::EPERM) => "refused (a seccomp profile)".to_owned(),
+                    _ => e.to_string(),
+                }),
+            }
+        })
+        .clone()
+}
+
+/// The fraction of `f` in the page cache as the engine estimates it before reading: exact
+/// with `cachestat`, else from [`SAMPLED_PAGES`] sampled pages. Never a scan of every page
+/// on the load's path: a multi-GB shard takes microseconds either way.
+pub fn resident_estimate(f: &File) -> io::Result<f64> {
+    let len = file_len(f)?;
+    if len == 0 {
+        return Ok(1.0);
+    }
+    if residency_probe() == ResidencyProbe::Cachestat {
+        if let Ok(cached) = cachestat(f) {
+            return Ok(fraction(cached, len));
+        }
+    }
+    mincore_sampled(f, len, SAMPLED_PAGES)
+}
+
+fn file_len(f: &File) -> io::Result<usize> {
+    usize::try_from(f.metadata()?.len()).map_err(io::Error::other)
+}
+
+fn page_size() -> usize {
     // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize;
-    let pages = len.div_ceil(page);
-    let mut vec = Vec::new();
-    vec.try_reserve_exact(pages).map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
-    vec.resize(pages, 0u8);
-    // SAFETY: the range is the whole live mapping, and vec has one byte per page of it.
-    let rc = unsafe { libc::mincore(map.as_ptr() as *mut libc::c_void, len, vec.as_mut_ptr()) };
+    unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize
+}
+
+fn fraction(cached_pages: u64, len: usize) -> f64 {
+    let pages = len.div_ceil(page_size()) as f64;
+    (cached_pages as f64 / pages).min(1.0)
+}
+
+/// `cachestat(2)`'s number on the architectures tensorlift builds for (the syscall table
+/// shared by new syscalls since Linux 5.1; the libc crate does not name it for glibc).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64", target_arch = "riscv64"))]
+const SYS_CACHESTAT: libc::c_long = 451;
+
+/// Pages of `f` in the page cache, from `cachestat(2)` over the whole file.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64", target_arch = "riscv64"))]
+fn cachestat(f: &File) -> io::Result<u64> {
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct Stat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+    // A length of 0 means to the end of the file.
+    let range = Range { off: 0, len: 0 };
+    let mut stat = Stat::default();
+    // SAFETY: cachestat reads `range` and writes `stat`, both live and of the kernel's
+    // layout (struct cachestat_range, struct cachestat); the descriptor is ours; flags 0.
+    let rc =
+        unsafe { libc::syscall(SYS_CACHESTAT, f.as_raw_fd(), &range as *const Range, &mut stat as *mut Stat, 0u32) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(vec.iter().filter(|&&b| b & 1 == 1).count() as f64 / pages as f64)
+    Ok(stat.nr_cache)
+}
+
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64", target_arch = "riscv64")))]
+fn cachestat(_: &File) -> io::Result<u64> {
+    Err(io::Error::from_raw_os_error(libc::ENOSYS))
+}
+
+/// The fraction of `f`'s pages in the page cache, from `mincore` on at most `budget` pages:
+/// every page when the file has no more, else runs of 16 pages spread evenly.
+fn mincore_sampled(f: &File, len: usize, budget: usize) -> io::Result<f64> {
+    const RUN: usize = 16;
+    // SAFETY: a read-only private mapping of a file we hold open; only mincore looks at it.
+    let map = unsafe { memmap2::MmapOptions::new().len(len).map(f) }?;
+    let page = page_size();
+    let pages = len.div_ceil(page);
+    let (runs, run) = if pages <= budget { (1, pages) } else { ((budget / RUN).max(1), RUN) };
+    let mut vec = Vec::new();
+    vec.try_reserve_exact(run).map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
+    vec.resize(run, 0u8);
+    let (mut resident, mut seen) = (0usize, 0usize);
+    for k in 0..runs {
+        // Evenly spaced starts, the last run ending at the last page.
+        let first = if runs == 1 { 0 } else { k * (pages - run) / (runs - 1) };
+        let bytes = (run * page).min(len - first * page);
+        let n = bytes.div_ceil(page);
+        // SAFETY: [first page, + bytes) lies in the live mapping, and vec has a byte for
+        // each of its n pages.
+        let rc = unsafe {
+            libc::mincore(map.as_ptr().wrapping_add(first * page) as *mut libc::c_void, bytes, vec.as_mut_ptr())
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        resident += vec[..n].iter().filter(|&&b| b & 1 == 1).count();
+        seen += n;
+    }
+    Ok(resident as f64 / seen.max(1) as f64)
 }
 
 /// Bytes available to an unprivileged user on the file system holding `path` (statvfs).
@@ -57,4 +196,47 @@ pub fn free_space(path: &Path) -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both ways of counting agree with the file's state, whole and sampled, cached and
+    /// evicted (a file on tmpfs cannot be evicted: it is skipped there).
+    #[test]
+    fn probes_agree_with_the_cache() {
+        let dir = std::env::temp_dir().join(format!("tensorlift-cache-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f");
+        std::fs::write(&path, vec![7u8; 64 << 20]).unwrap();
+        let f = File::open(&path).unwrap();
+        let len = file_len(&f).unwrap();
+        // Just written: cached.
+        assert!(mincore_sampled(&f, len, usize::MAX).unwrap() > 0.99);
+        assert!(mincore_sampled(&f, len, SAMPLED_PAGES).unwrap() > 0.99);
+        assert!(resident_estimate(&f).unwrap() > 0.99);
+        if let Ok(cached) = cachestat(&f) {
+            assert!(fraction(cached, len) > 0.99);
+        }
+        evict(&path).unwrap();
+        let left = mincore_sampled(&f, len, usize::MAX).unwrap();
+        if left < 0.01 {
+            assert!(mincore_sampled(&f, len, SAMPLED_PAGES).unwrap() < 0.01);
+            assert!(resident_estimate(&f).unwrap() < 0.01);
+            if let Ok(cached) = cachestat(&f) {
+                assert!(fraction(cached, len) < 0.01);
+            }
+        }
+        // Half cached, the second half: the sample sees about half.
+        use std::os::unix::fs::FileExt;
+        let mut half = vec![0u8; 32 << 20];
+        f.read_exact_at(&mut half, 32 << 20).unwrap();
+        if left < 0.01 {
+            let sampled = mincore_sampled(&f, len, SAMPLED_PAGES).unwrap();
+            assert!((0.4..0.6).contains(&sampled), "{sampled}");
+            assert!((0.4..0.6).contains(&resident_estimate(&f).unwrap()));
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

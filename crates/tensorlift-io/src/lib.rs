@@ -46,7 +46,7 @@ mod probe;
 mod reader;
 mod uring;
 
-pub use arena::{ArenaChunk, ArenaPool, HostArena};
+pub use arena::{ArenaChunk, ArenaPool, HostArena, Prefaulter};
 pub use buf::{AlignedBuf, IoBufMut, MAP_THRESHOLD, PAGE};
 pub use caller::{CallerChunk, CallerMemory, CallerRegion, Claim, ClaimError, HostChunk};
 pub use checkpoint::{

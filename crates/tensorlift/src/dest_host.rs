@@ -44,6 +44,8 @@ pub(crate) struct HostSink {
     claims: Vec<Option<Arc<Claim>>>,
     convert_to: Option<Dtype>,
     chunk: usize,
+    /// Faults in fresh arenas ahead of the reads, when the load asked for it.
+    prefault: Option<tensorlift_io::Prefaulter>,
 }
 
 impl HostSink {
@@ -55,6 +57,8 @@ impl HostSink {
         convert_to: Option<Dtype>,
         chunk: usize,
         pages: crate::HugePages,
+        prefault_threads: usize,
+        reads: &[Read],
         pool: &Arc<ArenaPool>,
         stats: &mut crate::LoadStats,
         ready: &mut VecDeque<Tensor>,
@@ -89,8 +93,10 @@ impl HostSink {
         };
         // Reused memory keeps whatever pages it had: the choice is reported for new memory.
         stats.huge_pages = (needed > 0).then_some(huge);
-        let mut sink = HostSink { extents: Vec::with_capacity(spans.len()), claims, convert_to, chunk };
+        let mut sink = HostSink { extents: Vec::with_capacity(spans.len()), claims, convert_to, chunk, prefault: None };
+        let mut fresh = Vec::with_capacity(spans.len());
         for (span, kept) in spans.into_iter().zip(kept.iter_mut()) {
+            fresh.push(kept.is_none());
             let len = span.len() as usize;
             let (memory, chunks) = match sink.claims[span.tensors[0]].as_ref().filter(|_| span.solo) {
                 Some(claim) => {
@@ -115,7 +121,25 @@ impl HostSink {
             }
             sink.extents.push(extent);
         }
+        if prefault_threads > 0 {
+            // Fresh arenas only, chunk by chunk in the order the reads are issued; memory
+            // reused from an earlier load is already faulted in.
+            let work = reads
+                .iter()
+                .filter(|r| fresh.get(r.span).copied().unwrap_or(false))
+                .filter_map(|r| match &sink.extents.get(r.span)?.memory {
+                    Memory::Arena(a) => Some((Arc::clone(a), r.index)),
+                    Memory::Caller(_) => None,
+                })
+                .collect();
+            sink.prefault = tensorlift_io::Prefaulter::start(work, prefault_threads);
+        }
         Ok(sink)
+    }
+
+    /// Bytes the prefaulting thread faulted in, and why it stopped early if it did.
+    pub(crate) fn prefaulted(&self) -> (u64, Option<String>) {
+        self.prefault.as_ref().map_or((0, None), |p| (p.bytes(), p.failure()))
     }
 
     /// Tensor `t`, whose bytes have all landed in the extent's memory: a view of them, or,
@@ -201,6 +225,8 @@ impl Sink for HostSink {
     }
 
     fn abort(&mut self) {
+        // The prefaulting thread holds arenas: it is stopped before they are let go.
+        self.prefault = None;
         self.extents.clear();
         self.claims.clear();
     }

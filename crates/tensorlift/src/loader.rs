@@ -81,10 +81,23 @@ pub(crate) struct Config {
     pub map_views: Option<MapContract>,
     pub streams: usize,
     pub huge_pages: HugePages,
+    pub prefault: bool,
     pub convert_to: Option<tensorlift_format::Dtype>,
     pub slices: crate::slicing::Slices,
     pub place: Option<Arc<dyn crate::place::PlaceRule>>,
     pub host_pool: Arc<tensorlift_io::ArenaPool>,
+}
+
+impl Config {
+    /// Threads that prefault host memory: the CPUs the I/O workers leave, one at least,
+    /// four at most (faulting is bound by the memory system well before that).
+    pub(crate) fn prefault_threads(&self) -> usize {
+        if !self.prefault {
+            return 0;
+        }
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        cpus.saturating_sub(self.io_workers).clamp(1, 4)
+    }
 }
 
 /// Configures a [`Loader`]. Every option has a default that suits a large checkpoint.
@@ -146,6 +159,7 @@ impl Default for LoaderBuilder {
                 map_views: None,
                 streams: DEFAULT_STREAMS,
                 huge_pages: HugePages::Auto,
+                prefault: true,
                 convert_to: None,
                 slices: Default::default(),
                 place: None,
@@ -277,6 +291,16 @@ impl LoaderBuilder {
     /// Whether host memory for tensors uses transparent huge pages (default: measured).
     pub fn huge_pages(mut self, pages: HugePages) -> Self {
         self.cfg.huge_pages = pages;
+        self
+    }
+    /// Whether new host memory is faulted in ahead of the reads, on threads of its own
+    /// (default true; `MADV_POPULATE_WRITE`, Linux 5.14). Reads into memory never touched
+    /// pay the kernel's page faults and zeroing themselves, and with O_DIRECT they wait for
+    /// them; prefaulting moves that work off the reads' path, onto the CPUs the I/O workers
+    /// leave (one thread at least, four at most). [`LoadStats::prefaulted_bytes`] says how
+    /// much it did.
+    pub fn prefault(mut self, on: bool) -> Self {
+        self.cfg.prefault = on;
         self
     }
     /// Whether host memory of dropped tensors is kept for this loader's next load (default
@@ -428,6 +452,9 @@ pub struct Settings {
     pub streams: usize,
     /// Huge pages for host memory.
     pub huge_pages: HugePages,
+    /// Threads that fault in new host memory ahead of the reads (0: none, see
+    /// [`LoaderBuilder::prefault`]).
+    pub prefault_threads: usize,
 }
 
 /// Loads checkpoints. Immutable and cheap to share: one loader serves many loads, on any
@@ -481,6 +508,7 @@ impl Loader {
             direct_io: self.cfg.direct,
             streams: self.cfg.streams,
             huge_pages: self.cfg.huge_pages,
+            prefault_threads: self.cfg.prefault_threads(),
         }
     }
 
@@ -579,6 +607,8 @@ impl Loader {
             buffered_shards: 0,
             max_in_flight_bytes: 0,
             huge_pages: None,
+            prefaulted_bytes: 0,
+            prefault_failure: None,
             reused_host_bytes: 0,
         };
         TensorStream::start(Arc::clone(&self.reader), plan, &self.cfg, &self.target, stats, started)

@@ -25,7 +25,7 @@ pub(crate) fn open_shard(
     let direct = match direct {
         DirectIo::Always => true,
         DirectIo::Never => false,
-        DirectIo::Auto => cache::resident_fraction_of(&file).map_or(true, |f| f < 0.5),
+        DirectIo::Auto => cache::resident_estimate(&file).map_or(true, |f| f < 0.5),
     };
     let file = reader.open_file(&shard.path, file, direct).map_err(open_error)?;
     check_unchanged(shard, &file)?;

@@ -204,6 +204,8 @@ impl TensorStream {
                     cfg.convert_to,
                     cfg.chunk_size,
                     cfg.huge_pages,
+                    cfg.prefault_threads(),
+                    &reads,
                     &cfg.host_pool,
                     &mut stream.stats,
                     &mut stream.ready,
@@ -285,8 +287,10 @@ impl TensorStream {
         self.finished = true;
         self.stats.wall = self.started.elapsed();
         self.stats.read_wait = self.read_wait;
-        if let Dest::Cuda(s) = &self.dest {
-            self.stats.copy = s.sink.copy_time();
+        match &self.dest {
+            Dest::Cuda(s) => self.stats.copy = s.sink.copy_time(),
+            Dest::Host(s) => (self.stats.prefaulted_bytes, self.stats.prefault_failure) = s.sink.prefaulted(),
+            Dest::Mapped => {}
         }
     }
 

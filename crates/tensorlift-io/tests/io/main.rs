@@ -5,4 +5,5 @@ mod checkpoint;
 mod faults;
 mod hardening;
 mod lifecycle;
+mod prefault;
 mod support;

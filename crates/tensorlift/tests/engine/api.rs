@@ -102,6 +102,44 @@ fn statistics_are_measured() {
     assert_eq!(model.stats().bytes_read, 0);
 }
 
+/// New host memory is faulted in ahead of the reads: while the reads wait (the progress
+/// callback holds the load after its first chunk, one read in flight), the prefaulting
+/// thread goes on; the bytes are the file's all the same. Off, nothing is prefaulted.
+#[test]
+fn new_memory_is_prefaulted_ahead_of_the_reads() {
+    let dir = scratch();
+    let spec: Vec<tensorlift_testkit::Spec<'_>> = vec![("a", Dtype::U8, &[40 << 20]), ("b", Dtype::F32, &[3, 5])];
+    let truth = write_shard(&dir.join("m.safetensors"), &spec);
+    let load = |on: bool| {
+        let paused = Arc::new(AtomicUsize::new(0));
+        let p = Arc::clone(&paused);
+        let loader = base()
+            .queue_depth(1)
+            .chunk_size(4 << 20)
+            .prefault(on)
+            .progress(move |_| {
+                if p.fetch_add(1, Ordering::Relaxed) == 0 {
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+            })
+            .build()
+            .unwrap();
+        assert_eq!(loader.settings().prefault_threads > 0, on);
+        loader.load_blocking(dir.join("m.safetensors")).unwrap()
+    };
+    let m = load(true);
+    assert_identical(&m, &truth, "prefaulted");
+    let s = m.stats();
+    assert_eq!(s.prefault_failure, None);
+    // 300 ms is far more than faulting in 36 MiB takes: most chunks are done before their
+    // reads, whole.
+    assert!(s.prefaulted_bytes >= 16 << 20, "{} bytes prefaulted", s.prefaulted_bytes);
+    assert!(s.prefaulted_bytes <= (40 << 20) + 2 * 4096, "{}", s.prefaulted_bytes);
+    let m = load(false);
+    assert_identical(&m, &truth, "not prefaulted");
+    assert_eq!(m.stats().prefaulted_bytes, 0);
+}
+
 /// A loader's second load takes the memory its first load's dropped tensors left (already
 /// faulted in), and still yields the second checkpoint's bytes, not the first's; memory of
 /// another shape is given back before a load allocates; release and the option work.
@@ -125,6 +163,7 @@ fn host_memory_is_reused_across_loads_and_given_back() {
     let m = loader.load_blocking(dir.join("two").join("two.safetensors")).unwrap();
     assert_eq!(m.stats().reused_host_bytes, kept as u64);
     assert_eq!(m.stats().huge_pages, None, "no new memory: no page choice to report");
+    assert_eq!(m.stats().prefaulted_bytes, 0, "reused memory is already faulted in");
     assert_identical(&m, &second, "second load, in reused memory");
     assert_eq!(loader.retained_host_memory(), 0);
     drop(m);
