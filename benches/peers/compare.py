@@ -18,12 +18,18 @@ engine may leave tensors as views of a memory map or of a loader's internal buff
 memory an engine's allocator kept from its own last run may be reused, as malloc's is):
 
   tensorlift            tensorlift.load_file(FOLDER, framework=None) with reuse_host_memory()
-                        (the others reuse what malloc kept from their last run)
+                        (the others reuse what malloc kept from their last run); with
+                        --tensorlift-fresh, into new memory every run
   safetensors.numpy     safetensors.numpy.load_file (needs no torch)
   safetensors.torch-mmap  safetensors.torch.load_file (a memory map) + clone
   safetensors.torch-read  safetensors.torch.load(open(f).read()): one read, then parsed
   fastsafetensors       copy_files_to_device to torch.device("cpu"), nogds, cloned
   runai-model-streamer  get_tensors(), cloned
+
+With --idle-secs N, a third mode, warm-idle, warms the shards and then waits N seconds
+before each run: a VM that hands idle memory back to its host (virtio-balloon free-page
+reporting) makes the next first touch of memory much slower, and this is the state a
+server's cold start often meets.
 
 A package that is not installed is skipped with a note; one whose API differs from what
 this script expects is reported as failed, with the exception. Cold runs evict every
@@ -101,12 +107,15 @@ def load_runai(paths, device):
     return out
 
 
+FRESH = False
+
+
 def load_tensorlift_cpu(paths, device):
     import tensorlift
     # In a loop of loads, the other engines get the memory their last run freed back from
-    # malloc, already faulted in; tensorlift's equivalent is opt-in. (Fresh-memory figures,
-    # a server's first load, are loader-bench's and cpu_vs_reference.py's.)
-    tensorlift.reuse_host_memory(True)
+    # malloc, already faulted in; tensorlift's equivalent is opt-in. --tensorlift-fresh
+    # turns it off: every run then loads into new memory, a server's first load.
+    tensorlift.reuse_host_memory(not FRESH)
     return list(tensorlift.load_file(os.path.dirname(paths[0]), device="cpu", framework=None).values())
 
 
@@ -167,9 +176,13 @@ def main():
     ap.add_argument("--device", default="cuda:0")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--cache", choices=["warm", "cold", "both"], default="both")
+    ap.add_argument("--tensorlift-fresh", action="store_true", help="--device cpu: tensorlift loads into new memory every run (no reuse_host_memory)")
+    ap.add_argument("--idle-secs", type=float, default=0, help="also run warm-idle: warm, then wait this long before each run")
     ap.add_argument("--tensorlift", help="path to the tensorlift binary, to time it in the same run")
     ap.add_argument("--json-out")
     a = ap.parse_args()
+    global FRESH
+    FRESH = a.tensorlift_fresh
     cpu = a.device == "cpu"
     torch = None
     try:
@@ -197,6 +210,8 @@ def main():
             engines[name] = fn
     results = {"folder": a.folder, "bytes": total, "device": device_name, "modes": {}, "notes": notes}
     modes = ["warm", "cold"] if a.cache == "both" else [a.cache]
+    if a.idle_secs > 0 and a.cache != "cold":
+        modes.insert(modes.index("warm") + 1, "warm-idle")
     for mode in modes:
         times = {n: [] for n in engines}
         if a.tensorlift:
@@ -205,6 +220,8 @@ def main():
         for _ in range(a.runs):
             for name in list(times):
                 evict(paths) if mode == "cold" else warm(paths)
+                if mode == "warm-idle":
+                    time.sleep(a.idle_secs)
                 try:
                     t = time.perf_counter()
                     if name == "tensorlift-cli":

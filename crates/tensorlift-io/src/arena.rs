@@ -417,6 +417,18 @@ impl ArenaChunk {
     pub fn range(&self) -> Range<usize> {
         self.range.clone()
     }
+
+    /// The chunk's bytes, to write (zeroes in new memory, an earlier load's bytes in reused
+    /// memory).
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        let len = self.range.len();
+        let ptr = self.stable_mut_ptr();
+        // SAFETY: the chunk's bytes lie inside the live arena allocation (the chunk holds
+        // its Arc) and are initialised (zero pages, or bytes written before); chunks are
+        // disjoint and handed out once, no view of them exists before `complete` consumes
+        // the chunk, and &mut self makes this the only access meanwhile.
+        unsafe { std::slice::from_raw_parts_mut(ptr, len) }
+    }
 }
 
 // SAFETY: the chunk's bytes lie inside the arena's allocation, which the chunk keeps alive

@@ -5,8 +5,10 @@
 //! straight into the final memory: there is no staging copy on the CPU path.
 //!
 //! A gathered slice or a converted tensor lands in an arena like the others, and is then
-//! written once, gathered and converted in one pass ([`crate::tensor::produce`]), into
-//! memory of its own or the caller's. A tensor the caller placed in its own memory
+//! written once, gathered and converted in one pass ([`crate::tensor::produce`]), into the
+//! caller's memory or an arena of its own: one chunk sized as loaded, taken from the
+//! loader's pool with the spans' arenas (so a loader's next load reuses it, already faulted
+//! in) and prefaulted with them. A tensor the caller placed in its own memory
 //! ([`crate::place`]) and that needs neither is a span of its own, read straight into its
 //! claim of that memory.
 
@@ -15,7 +17,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tensorlift_format::{Dtype, LoadPlan};
-use tensorlift_io::{ArenaPool, Claim, HostArena, HostChunk, PAGE};
+use tensorlift_io::{ArenaChunk, ArenaPool, Claim, HostArena, HostChunk, PAGE};
 
 use crate::layout::{Read, Span};
 use crate::pipeline::{chunks_to_wait_for, completed_by, plan_file, Sink};
@@ -42,6 +44,9 @@ pub(crate) struct HostSink {
     extents: Vec<Extent>,
     /// Each tensor's claim on caller memory, for tensors the caller placed.
     claims: Vec<Option<Arc<Claim>>>,
+    /// For each gathered or converted tensor (by plan index; empty when there are none),
+    /// the memory it is written into as loaded, until it is.
+    outputs: Vec<Option<(Arc<HostArena>, ArenaChunk)>>,
     convert_to: Option<Dtype>,
     chunk: usize,
     /// Faults in fresh arenas ahead of the reads, when the load asked for it.
@@ -70,10 +75,26 @@ impl HostSink {
                 *claim = Some(c);
             }
         }
+        // Gathered slices and converted tensors are written once more, into memory of
+        // their own (unless the caller placed them): an arena of one chunk each, sized as
+        // loaded, taken from the pool like the spans' and counted with them.
+        let outputs: Vec<(usize, usize)> = spans
+            .iter()
+            .flat_map(|s| &s.tensors)
+            .filter(|&&t| claims[t].is_none())
+            .filter_map(|&t| {
+                let pt = &plan.tensors()[t];
+                let (dtype, len) = crate::place::loaded_as(pt, convert_to);
+                (len > 0 && (pt.gather.is_some() || dtype != pt.dtype)).then_some((t, len as usize))
+            })
+            .collect();
         // Memory an earlier load left, where it fits a span; the rest of it is given back
         // before anything new is allocated. Solo spans need none: they read into the caller's.
-        let lens: Vec<usize> =
-            spans.iter().map(|s| if s.solo { 0 } else { (s.len() as usize).next_multiple_of(PAGE) }).collect();
+        let lens: Vec<usize> = spans
+            .iter()
+            .map(|s| if s.solo { 0 } else { (s.len() as usize).next_multiple_of(PAGE) })
+            .chain(outputs.iter().map(|&(_, len)| len.next_multiple_of(PAGE)))
+            .collect();
         let mut kept = pool.take_for(&lens);
         // A kept buffer may be larger than its span; only the span's bytes are spared.
         let reused: u64 = kept.iter().zip(&lens).filter(|(k, _)| k.is_some()).map(|(_, &l)| l as u64).sum();
@@ -93,10 +114,40 @@ impl HostSink {
         };
         // Reused memory keeps whatever pages it had: the choice is reported for new memory.
         stats.huge_pages = (needed > 0).then_some(huge);
-        let mut sink = HostSink { extents: Vec::with_capacity(spans.len()), claims, convert_to, chunk, prefault: None };
-        let mut fresh = Vec::with_capacity(spans.len());
-        for (span, kept) in spans.into_iter().zip(kept.iter_mut()) {
-            fresh.push(kept.is_none());
+        let mut sink = HostSink {
+            extents: Vec::with_capacity(spans.len()),
+            claims,
+            outputs: Vec::new(),
+            convert_to,
+            chunk,
+            prefault: None,
+        };
+        let (kept_spans, kept_outputs) = kept.split_at_mut(spans.len());
+        // Fresh memory, in the order it is written: each read's chunk, then the outputs of
+        // the tensors that chunk completes.
+        let mut fresh_spans = Vec::with_capacity(spans.len());
+        let mut fresh_outputs: Vec<Option<Arc<HostArena>>> = Vec::new();
+        if !outputs.is_empty() {
+            sink.outputs = (0..plan.tensors().len()).map(|_| None).collect();
+            fresh_outputs = (0..plan.tensors().len()).map(|_| None).collect();
+        }
+        for (&(t, len), kept) in outputs.iter().zip(kept_outputs.iter_mut()) {
+            let was_kept = kept.is_some();
+            let arena =
+                HostArena::pooled(pool, kept.take(), len.next_multiple_of(PAGE), len, huge).ok_or_else(|| {
+                    LoadError::OutOfMemory {
+                        file: plan.shards()[plan.tensors()[t].shard].path.clone(),
+                        bytes: len as u64,
+                    }
+                })?;
+            let chunk = arena.take_chunks().pop();
+            if !was_kept {
+                fresh_outputs[t] = Some(Arc::clone(&arena));
+            }
+            sink.outputs[t] = chunk.map(|c| (arena, c));
+        }
+        for (span, kept) in spans.into_iter().zip(kept_spans.iter_mut()) {
+            fresh_spans.push(kept.is_none());
             let len = span.len() as usize;
             let (memory, chunks) = match sink.claims[span.tensors[0]].as_ref().filter(|_| span.solo) {
                 Some(claim) => {
@@ -117,21 +168,46 @@ impl HostSink {
             let remaining = chunks_to_wait_for(plan, &span, chunk, |t| now.push(t));
             let extent = Extent { span, memory, chunks, remaining };
             for t in now {
-                ready.push_back(sink.make(plan, &extent, t)?);
+                let out = sink.outputs.get_mut(t).and_then(Option::take);
+                ready.push_back(sink.make(plan, &extent, t, out)?);
             }
             sink.extents.push(extent);
         }
         if prefault_threads > 0 {
-            // Fresh arenas only, chunk by chunk in the order the reads are issued; memory
-            // reused from an earlier load is already faulted in.
-            let work = reads
-                .iter()
-                .filter(|r| fresh.get(r.span).copied().unwrap_or(false))
-                .filter_map(|r| match &sink.extents.get(r.span)?.memory {
-                    Memory::Arena(a) => Some((Arc::clone(a), r.index)),
-                    Memory::Caller(_) => None,
-                })
-                .collect();
+            let mut work = Vec::new();
+            // The tensors each chunk of a span completes, by the chunk's index.
+            let mut completes: Vec<Vec<Vec<usize>>> = Vec::new();
+            if !fresh_outputs.is_empty() {
+                completes = sink
+                    .extents
+                    .iter()
+                    .map(|e| {
+                        let mut by_chunk = vec![Vec::new(); e.chunks.len()];
+                        for &t in &e.span.tensors {
+                            let r = e.span.range_of(&plan.tensors()[t]);
+                            if fresh_outputs[t].is_some() && !r.is_empty() {
+                                let last = ((r.end - 1) / chunk as u64) as usize;
+                                if let Some(list) = by_chunk.get_mut(last) {
+                                    list.push(t);
+                                }
+                            }
+                        }
+                        by_chunk
+                    })
+                    .collect();
+            }
+            for r in reads {
+                if let (Some(true), Some(Memory::Arena(a))) =
+                    (fresh_spans.get(r.span), sink.extents.get(r.span).map(|e| &e.memory))
+                {
+                    work.push((Arc::clone(a), r.index));
+                }
+                for &t in completes.get(r.span).and_then(|c| c.get(r.index)).into_iter().flatten() {
+                    if let Some(a) = &fresh_outputs[t] {
+                        work.push((Arc::clone(a), 0));
+                    }
+                }
+            }
             sink.prefault = tensorlift_io::Prefaulter::start(work, prefault_threads);
         }
         Ok(sink)
@@ -145,7 +221,15 @@ impl HostSink {
     /// Tensor `t`, whose bytes have all landed in the extent's memory: a view of them, or,
     /// for a gathered slice or a converted tensor, its bytes as loaded in memory of its own;
     /// for a tensor in caller memory, that memory (written by the reads, or here).
-    fn make(&self, plan: &LoadPlan, e: &Extent, t: usize) -> Result<Tensor, LoadError> {
+    /// `out`: the memory of its own it is written into, when it needs it (taken from
+    /// `outputs`).
+    fn make(
+        &self,
+        plan: &LoadPlan,
+        e: &Extent,
+        t: usize,
+        out: Option<(Arc<HostArena>, ArenaChunk)>,
+    ) -> Result<Tensor, LoadError> {
         let pt = &plan.tensors()[t];
         let arena = match &e.memory {
             Memory::Caller(claim) => {
@@ -160,7 +244,19 @@ impl HostSink {
             if pt.gather.is_none() && dtype == pt.dtype {
                 return Ok(Tensor::host(&pt.name, pt.dtype, &pt.shape, Arc::clone(arena), range));
             }
-            return Tensor::produced(plan, pt, dtype, arena.get(range).unwrap_or_default());
+            let stored = arena.get(range).unwrap_or_default();
+            let Some((memory, mut chunk)) = out else { return Tensor::produced(plan, pt, dtype, stored) };
+            let len = crate::place::loaded_as(pt, Some(dtype)).1 as usize;
+            let written = chunk.as_mut_slice().get_mut(..len).map(|o| crate::tensor::produce(pt, dtype, stored, o));
+            let converted = |message: String| LoadError::Convert { tensor: pt.name.clone(), to: dtype, message };
+            match written {
+                Some(r) => r.map_err(|e| converted(e.to_string()))?,
+                None => return Err(converted(format!("its memory holds fewer than {len} bytes"))),
+            }
+            if memory.complete(chunk).is_err() {
+                return Err(converted("its memory is another arena's".into()));
+            }
+            return Ok(Tensor::host(&pt.name, dtype, &pt.shape, memory, 0..len));
         };
         let stored = arena.get(range).unwrap_or_default();
         let mut produced = Ok(());
@@ -206,7 +302,8 @@ impl Sink for HostSink {
         let done = completed_by(plan, &e.span, &mut e.remaining, index, self.chunk);
         let e = &self.extents[read.span];
         for t in done {
-            ready.push_back(self.make(plan, e, t)?);
+            let out = self.outputs.get_mut(t).and_then(Option::take);
+            ready.push_back(self.make(plan, e, t, out)?);
         }
         Ok(read.len as u64)
     }
@@ -229,5 +326,6 @@ impl Sink for HostSink {
         self.prefault = None;
         self.extents.clear();
         self.claims.clear();
+        self.outputs.clear();
     }
 }

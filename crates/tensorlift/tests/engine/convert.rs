@@ -91,3 +91,55 @@ fn loads_convert_floating_tensors_as_they_land() {
     // Targets other than BF16, F16 and F32 are refused when the loader is built.
     assert!(Loader::builder().device(tensorlift::Device::Cpu).convert_to(Dtype::I8).build().is_err());
 }
+
+/// Converted tensors are written into memory of their own, which a loader's next load
+/// takes back (as it takes the stored bytes' memory): the second load's values are its own
+/// file's, not the first's left in reused memory.
+#[test]
+fn converted_tensors_reuse_memory_across_loads() {
+    use half::{bf16, f16};
+    use tensorlift::{Dtype, Loader};
+    let dir = tempfile::Builder::new().prefix("tl-convert-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap().keep();
+    // The same layout twice, other bytes (the names pick the pattern).
+    let first = tensorlift_testkit::write_shard(
+        &dir.join("one.safetensors"),
+        &[("a", Dtype::BF16, &[300, 700]), ("b", Dtype::F16, &[1 << 18]), ("n", Dtype::I32, &[9])],
+    );
+    let second = tensorlift_testkit::write_shard(
+        &dir.join("two.safetensors"),
+        &[("c", Dtype::BF16, &[300, 700]), ("d", Dtype::F16, &[1 << 18]), ("m", Dtype::I32, &[9])],
+    );
+    let want = |bytes: &[u8], from: Dtype| -> Vec<u32> {
+        bytes
+            .chunks(2)
+            .map(|c| match from {
+                Dtype::BF16 => bf16::from_le_bytes([c[0], c[1]]).to_f32().to_bits(),
+                _ => f16::from_le_bytes([c[0], c[1]]).to_f32().to_bits(),
+            })
+            .collect()
+    };
+    let loader = Loader::builder().device(tensorlift::Device::Cpu).convert_to(Dtype::F32).build().unwrap();
+    let check = |model: &tensorlift::Model, truth: &std::collections::BTreeMap<String, Vec<u8>>, names: [&str; 3]| {
+        for (name, from) in [(names[0], Dtype::BF16), (names[1], Dtype::F16)] {
+            let t = model.get(name).unwrap();
+            assert_eq!(t.dtype(), Dtype::F32);
+            let got: Vec<u32> = t.to_vec::<f32>().unwrap().iter().map(|v| v.to_bits()).collect();
+            let w = want(&truth[name], from);
+            assert_eq!(got.len(), w.len(), "{name}");
+            // Bit for bit, NaN payloads aside.
+            let nan = |b: u32| f32::from_bits(b).is_nan();
+            let bad = got.iter().zip(&w).position(|(&g, &w)| g != w && !(nan(g) && nan(w)));
+            assert_eq!(bad, None, "{name}: first difference");
+        }
+        assert!(model.get(names[2]).unwrap().bytes().unwrap() == truth[names[2]].as_slice());
+    };
+    let m = loader.load_blocking(dir.join("one.safetensors")).unwrap();
+    check(&m, &first, ["a", "b", "n"]);
+    assert_eq!(m.stats().reused_host_bytes, 0);
+    drop(m);
+    let m = loader.load_blocking(dir.join("two.safetensors")).unwrap();
+    check(&m, &second, ["c", "d", "m"]);
+    // The converted tensors' memory (4 bytes an element) came back, and the stored bytes'.
+    let converted = (300 * 700 * 4 + (1 << 18) * 4) as u64;
+    assert!(m.stats().reused_host_bytes >= converted + (300 * 700 * 2), "{}", m.stats().reused_host_bytes);
+}
