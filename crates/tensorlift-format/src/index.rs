@@ -143,8 +143,9 @@ impl<'de: 'a, 'a> Deserialize<'de> for Pairs<'a> {
                         return Err(oom());
                     }
                     names.push_str(&key.0);
-                    // The text is at most MAX_INDEX_LEN bytes, far below 4 GiB.
-                    let end = u32::try_from(names.len()).map_err(|_| oom())?;
+                    // parse_index refuses texts over MAX_INDEX_LEN bytes, far below 4 GiB.
+                    let end = u32::try_from(names.len())
+                        .map_err(|_| serde::de::Error::custom("weight_map's names are over 4 GiB"))?;
                     let shard = map.next_value::<ShardName<'de>>()?.0;
                     // The same shard as the entry before: the common case, no look-up.
                     let id = match entries.last() {
@@ -196,6 +197,9 @@ impl<'de: 'a, 'a> Deserialize<'de> for ShardName<'a> {
 /// tensor listed twice. `file` is the path errors name.
 pub fn parse_index(file: &Path, bytes: &[u8]) -> Result<Index, FormatError> {
     let invalid = |message: String| FormatError::InvalidIndex { file: file.to_path_buf(), message };
+    if bytes.len() as u64 > MAX_INDEX_LEN {
+        return Err(invalid(format!("{} bytes is over the {MAX_INDEX_LEN}-byte limit for an index", bytes.len())));
+    }
     let text = std::str::from_utf8(bytes).map_err(|e| invalid(format!("not UTF-8: {e}")))?;
     let raw: RawIndex<'_> = serde_json::from_str(text).map_err(|e| invalid(e.to_string()))?;
     let Pairs { names, entries, shards, .. } = raw.weight_map;

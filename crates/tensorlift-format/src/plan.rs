@@ -159,6 +159,10 @@ impl LoadPlan {
     /// sharded checkpoint, that the index and the headers agree (every indexed tensor is in
     /// the shard the index names, under any of that shard's names, and every shard tensor
     /// is indexed). `context` is the file errors name.
+    ///
+    /// Each shard's tensors must be as [`parse_header`](crate::parse_header) validated them
+    /// (names unique within the shard, offsets contiguous): the checks here are across
+    /// shards, and rely on that (debug builds assert it).
     pub fn assemble(
         context: &Path,
         root: PathBuf,
@@ -172,6 +176,9 @@ impl LoadPlan {
             what: "the plan's tensor list",
             bytes: (count * std::mem::size_of::<PlannedTensor>()) as u64,
         })?;
+        // The one rule within a shard that the checks across shards rely on, for lists that
+        // did not come from `parse_header` (debug builds; a header's names are unique).
+        debug_assert!(shards.iter().all(|(_, t)| unique(t)), "a shard lists a tensor name twice");
         match &index {
             // The index's own look-up answers for every name: no table of the plan's names.
             Some((path, index)) if !agrees_with_index(index, &shards) => {
@@ -312,6 +319,11 @@ fn agrees_with_index(index: &Index, shards: &[(Shard, Vec<TensorInfo>)]) -> bool
     })
 }
 
+fn unique(tensors: &[TensorInfo]) -> bool {
+    let mut seen: hashbrown::HashSet<&str> = Default::default();
+    tensors.iter().all(|t| seen.insert(t.name.as_str()))
+}
+
 /// For each shard name of the index, by number, the plan's shard it names.
 fn planned_shards(index: &Index, shards: &[(Shard, Vec<TensorInfo>)]) -> Vec<Option<usize>> {
     let mut by_name: HashMap<&str, usize> = HashMap::default();
@@ -355,8 +367,16 @@ fn disagreement(context: &Path, index_path: &Path, index: &Index, shards: &[(Sha
     if let Err(e) = check_unique(context, shards) {
         return e;
     }
-    let owner: HashMap<&str, usize> =
-        shards.iter().enumerate().flat_map(|(i, (_, infos))| infos.iter().map(move |t| (t.name.as_str(), i))).collect();
+    let count: usize = shards.iter().map(|(_, t)| t.len()).sum();
+    let mut owner: HashMap<&str, usize> = HashMap::default();
+    if owner.try_reserve(count).is_err() {
+        return FormatError::OutOfMemory {
+            file: context.to_path_buf(),
+            what: "the plan's name table",
+            bytes: (count * 2 * std::mem::size_of::<(&str, usize)>()) as u64,
+        };
+    }
+    owner.extend(shards.iter().enumerate().flat_map(|(i, (_, infos))| infos.iter().map(move |t| (t.name.as_str(), i))));
     let planned = planned_shards(index, shards);
     for (tensor, shard) in index.numbered_entries() {
         let want = planned[shard as usize];

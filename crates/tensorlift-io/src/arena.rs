@@ -234,6 +234,12 @@ impl Prefaulter {
     /// threads that take the next chunk in turn. `None` when there is nothing to do or no
     /// thread can be had (the reads then fault the pages themselves).
     pub fn start(work: Vec<(Arc<HostArena>, usize)>, threads: usize) -> Option<Prefaulter> {
+        // Chunks are multiples of PAGE: where the kernel's pages are larger (16 or 64 KiB),
+        // a chunk may start inside one, which madvise refuses. The reads fault them instead.
+        // SAFETY: sysconf has no preconditions.
+        if unsafe { libc::sysconf(libc::_SC_PAGESIZE) } != PAGE as libc::c_long {
+            return None;
+        }
         let work: Arc<Vec<_>> = Arc::new(work.into_iter().filter(|(a, _)| a.can_prefault()).collect());
         if work.is_empty() {
             return None;
@@ -253,8 +259,9 @@ impl Prefaulter {
                         Ok(done) => {
                             b.fetch_add(done, Ordering::Relaxed);
                         }
-                        // EINVAL: a kernel before 5.14. Any error ends the prefaulting; the
-                        // reads fault what is left, as they would without it.
+                        // EINVAL: a kernel before 5.14 (or a sandbox that refuses the
+                        // advice). Any error ends the prefaulting; the reads fault what is
+                        // left, as they would without it.
                         Err(e) => {
                             *f.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
                             s.store(true, Ordering::Relaxed);
@@ -284,7 +291,7 @@ impl Prefaulter {
     }
 
     /// Waits for the threads to go through all the work, and returns the bytes faulted in.
-    pub fn wait(mut self) -> u64 {
+    pub fn wait(&mut self) -> u64 {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }

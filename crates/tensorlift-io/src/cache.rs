@@ -31,10 +31,12 @@ pub fn resident_fraction_of(f: &File) -> io::Result<f64> {
     if len == 0 {
         return Ok(1.0);
     }
-    match cachestat(f) {
-        Ok(cached) => Ok(fraction(cached, len)),
-        Err(_) => mincore_sampled(f, len, usize::MAX),
+    if residency_probe() == ResidencyProbe::Cachestat {
+        if let Ok(cached) = cachestat(f) {
+            return Ok(fraction(cached, len));
+        }
     }
+    mincore_sampled(f, len, usize::MAX)
 }
 
 /// How the engine tells whether a shard is in the page cache, before choosing between
@@ -70,8 +72,19 @@ pub fn residency_probe() -> ResidencyProbe {
     static PROBE: std::sync::OnceLock<ResidencyProbe> = std::sync::OnceLock::new();
     PROBE
         .get_or_init(|| {
-            let tried = std::env::current_exe().and_then(File::open).and_then(|f| cachestat(&f));
-            match tried {
+            // A seccomp filter may kill the process on a system call it does not know (an
+            // allow-list older than cachestat, as systemd's SystemCallFilter= makes by
+            // default), rather than fail it: under any filter, it is not tried.
+            if seccomp_filtered() {
+                return ResidencyProbe::MincoreSampled(
+                    "not tried under a seccomp filter, which could end the process for it".to_owned(),
+                );
+            }
+            let file = match std::env::current_exe().and_then(File::open) {
+                Ok(f) => f,
+                Err(e) => return ResidencyProbe::MincoreSampled(format!("not tried: no file to try it on ({e})")),
+            };
+            match cachestat(&file) {
                 Ok(_) => ResidencyProbe::Cachestat,
                 Err(e) => ResidencyProbe::MincoreSampled(match e.raw_os_error() {
                     Some(libc::ENOSYS) => "not in this kernel".to_owned(),
@@ -97,6 +110,15 @@ pub fn resident_estimate(f: &File) -> io::Result<f64> {
         }
     }
     mincore_sampled(f, len, SAMPLED_PAGES)
+}
+
+/// Whether a seccomp filter is on this process (`Seccomp: 2` in `/proc/self/status`); an
+/// unreadable status counts as filtered.
+fn seccomp_filtered() -> bool {
+    match std::fs::read_to_string("/proc/self/status") {
+        Ok(status) => status.lines().any(|l| l.strip_prefix("Seccomp:").is_some_and(|v| v.trim() != "0")),
+        Err(_) => true,
+    }
 }
 
 fn file_len(f: &File) -> io::Result<usize> {

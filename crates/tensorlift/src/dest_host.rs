@@ -213,9 +213,16 @@ impl HostSink {
         Ok(sink)
     }
 
-    /// Bytes the prefaulting thread faulted in, and why it stopped early if it did.
-    pub(crate) fn prefaulted(&self) -> (u64, Option<String>) {
-        self.prefault.as_ref().map_or((0, None), |p| (p.bytes(), p.failure()))
+    /// Stops the prefaulting threads (every chunk has landed: they have nothing left) and
+    /// returns the bytes they faulted in, and why they stopped early if they did.
+    pub(crate) fn finish_prefault(&mut self) -> (u64, Option<String>) {
+        match self.prefault.take() {
+            Some(mut p) => {
+                p.stop();
+                (p.bytes(), p.failure())
+            }
+            None => (0, None),
+        }
     }
 
     /// Tensor `t`, whose bytes have all landed in the extent's memory: a view of them, or,

@@ -287,9 +287,9 @@ impl TensorStream {
         self.finished = true;
         self.stats.wall = self.started.elapsed();
         self.stats.read_wait = self.read_wait;
-        match &self.dest {
+        match &mut self.dest {
             Dest::Cuda(s) => self.stats.copy = s.sink.copy_time(),
-            Dest::Host(s) => (self.stats.prefaulted_bytes, self.stats.prefault_failure) = s.sink.prefaulted(),
+            Dest::Host(s) => (self.stats.prefaulted_bytes, self.stats.prefault_failure) = s.sink.finish_prefault(),
             Dest::Mapped => {}
         }
     }

