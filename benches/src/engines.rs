@@ -55,8 +55,14 @@ pub fn tensorlift(loader: Arc<Loader>, reuse_host_memory: bool, report_read: boo
         kind: Kind::Engine,
         run: Box::new(move |c| {
             let model = loader.load_blocking(&c.dir)?;
+            let s = model.stats();
+            eprintln!(
+                "tensorlift: first read at +{:.1} ms; {:.3} GB new host memory reused, {:.3} GB prefaulted",
+                s.first_read.unwrap_or_default().as_secs_f64() * 1e3,
+                s.reused_host_bytes as f64 / 1e9,
+                s.prefaulted_bytes as f64 / 1e9,
+            );
             if report_read {
-                let s = model.stats();
                 eprintln!(
                     "tensorlift: loaded {} bytes, read {} of the checkpoint's {} ({:.1}%)",
                     s.bytes,

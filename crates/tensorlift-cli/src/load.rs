@@ -194,6 +194,7 @@ fn to_json(model: &Model, digests: Option<&[String]>) -> serde_json::Value {
         "huge_pages": s.huge_pages,
         "reused_host_bytes": s.reused_host_bytes,
         "prefaulted_bytes": s.prefaulted_bytes,
+        "first_read_seconds": s.first_read.map(|d| d.as_secs_f64()),
         "prefault_failure": s.prefault_failure,
         "seconds": s.wall.as_secs_f64(),
         "gbps": s.gbps(),

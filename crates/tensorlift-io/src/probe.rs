@@ -170,14 +170,28 @@ pub struct PageChoice {
     pub base_gbps: f64,
 }
 
+static PAGE_CHOICE: std::sync::OnceLock<PageChoice> = std::sync::OnceLock::new();
+
+/// Starts [`page_probe`] on a thread of its own, unless it has run: its tens of
+/// milliseconds (more on memory a VM's host took back) then overlap what the caller does
+/// next (planning a load), instead of coming between planning and the first read. A caller
+/// of `page_probe` meanwhile waits for this measurement, never starts a second one.
+pub fn page_probe_in_background() {
+    if PAGE_CHOICE.get().is_none() {
+        // No thread to be had: the first load measures, as it would have.
+        let _ = std::thread::Builder::new().name("tensorlift-pages".into()).spawn(|| {
+            page_probe();
+        });
+    }
+}
+
 /// Measures, once per process, how fast fresh memory is faulted in and zeroed with huge
 /// pages and with base pages (32 MiB each), and says which to use (huge pages when at least
 /// twice as fast). Huge pages are usually
 /// several times faster; on a virtual machine whose idle memory went back to its host they
 /// can be several times slower, which is why this is measured rather than assumed.
 pub fn page_probe() -> &'static PageChoice {
-    static CHOICE: std::sync::OnceLock<PageChoice> = std::sync::OnceLock::new();
-    CHOICE.get_or_init(|| {
+    PAGE_CHOICE.get_or_init(|| {
         const LEN: usize = 32 << 20;
         let touch = |huge: bool| -> f64 {
             let Some(mut buf) = crate::AlignedBuf::zeroed_pages(LEN, 2 << 20, huge) else { return 0.0 };

@@ -364,6 +364,11 @@ impl LoaderBuilder {
                 return Err(LoadError::Unsupported(format!("conversion to {to} (targets are BF16, F16 and F32)")));
             }
         }
+        // A host load measures which pages fault in faster before it allocates: measured
+        // now, beside whatever comes between building the loader and its first load.
+        if matches!(target, Target::Host) && self.cfg.huge_pages == HugePages::Auto {
+            tensorlift_io::page_probe_in_background();
+        }
         Ok(Loader { reader, cfg: self.cfg, filter, device, device_reason, target })
     }
 }
@@ -609,6 +614,7 @@ impl Loader {
             huge_pages: None,
             prefaulted_bytes: 0,
             prefault_failure: None,
+            first_read: None,
             reused_host_bytes: 0,
         };
         TensorStream::start(Arc::clone(&self.reader), plan, &self.cfg, &self.target, stats, started)

@@ -75,6 +75,8 @@ struct Scheduler<S: Sink> {
     /// Shards open for reading now, and the most that may be.
     open: usize,
     window: usize,
+    /// When the load started (for [`LoadStats::first_read`]).
+    started: Instant,
 }
 
 enum Dest {
@@ -210,11 +212,11 @@ impl TensorStream {
                     &mut stream.stats,
                     &mut stream.ready,
                 )?;
-                stream.dest = Dest::Host(Box::new(Scheduler::new(sink, reads, &stream.plan, cfg, window)));
+                stream.dest = Dest::Host(Box::new(Scheduler::new(sink, reads, &stream.plan, cfg, window, started)));
             }
             (_, crate::loader::Target::Cuda(cuda)) => {
                 let sink = crate::dest_cuda::CudaSink::new(cuda, &stream.plan, spans, dests, cfg, &mut stream.ready)?;
-                stream.dest = Dest::Cuda(Box::new(Scheduler::new(sink, reads, &stream.plan, cfg, window)));
+                stream.dest = Dest::Cuda(Box::new(Scheduler::new(sink, reads, &stream.plan, cfg, window, started)));
             }
         }
         Ok(stream)
@@ -322,7 +324,7 @@ impl futures_core::Stream for TensorStream {
 }
 
 impl<S: Sink> Scheduler<S> {
-    fn new(sink: S, reads: Vec<Read>, plan: &LoadPlan, cfg: &Config, window: usize) -> Self {
+    fn new(sink: S, reads: Vec<Read>, plan: &LoadPlan, cfg: &Config, window: usize, started: Instant) -> Self {
         let mut reads_left = vec![0; plan.shards().len()];
         for r in &reads {
             reads_left[r.shard] += 1;
@@ -339,6 +341,7 @@ impl<S: Sink> Scheduler<S> {
             in_flight_bytes: 0,
             open: 0,
             window,
+            started,
         }
     }
 
@@ -370,6 +373,9 @@ impl<S: Sink> Scheduler<S> {
             };
             let Some(buf) = self.sink.buffer(&read, cx) else { break };
             let fut = reader.read(&file, read.file_offset, buf, 0, read.len);
+            if self.next == 0 {
+                stats.first_read = Some(self.started.elapsed());
+            }
             self.in_flight_bytes += read.len as u64;
             stats.max_in_flight_bytes = stats.max_in_flight_bytes.max(self.in_flight_bytes);
             self.in_flight.push_back(InFlight { read: self.next, fut });

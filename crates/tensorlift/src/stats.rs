@@ -28,6 +28,10 @@ pub struct LoadStats {
     pub shards: usize,
     /// Wall time from the start of the load (planning included) to the last tensor.
     pub wall: Duration,
+    /// Time from the start of the load (planning included) to its first read being issued:
+    /// what planning, laying out and allocating cost before any byte moves. `None` when
+    /// nothing was read (zero-copy views, an empty selection).
+    pub first_read: Option<Duration>,
     /// Time the pipeline spent waiting for reads.
     pub read_wait: Duration,
     /// Time spent copying to the device (zero on the CPU path, which reads in place).

@@ -94,12 +94,16 @@ fn statistics_are_measured() {
     // Every byte from the page-aligned start of the data to its end was read, no more.
     assert!(s.bytes_read >= s.bytes && s.bytes_read <= file_len, "{} of {file_len}", s.bytes_read);
     assert_eq!(s.tensors, 3);
+    // The first read was issued after planning began and before the load ended.
+    let first = s.first_read.expect("a load that reads has a first read");
+    assert!(first > std::time::Duration::ZERO && first <= s.wall, "{first:?} of {:?}", s.wall);
     // With a filter, only the selected tensor's bytes (and page padding) are read.
     let model = base().filter(["c"]).build().unwrap().load_blocking(&path).unwrap();
     assert!(model.stats().bytes_read < 2 * 4096, "{}", model.stats().bytes_read);
     // Zero-copy views read nothing.
     let model = base().map_views(map_contract()).build().unwrap().load_blocking(&path).unwrap();
     assert_eq!(model.stats().bytes_read, 0);
+    assert_eq!(model.stats().first_read, None);
 }
 
 /// New host memory is faulted in ahead of the reads: while the reads wait (the progress
