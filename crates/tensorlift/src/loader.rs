@@ -89,14 +89,16 @@ pub(crate) struct Config {
 }
 
 impl Config {
-    /// Threads that prefault host memory: the CPUs the I/O workers leave, one at least,
-    /// four at most (faulting is bound by the memory system well before that).
+    /// Threads that prefault host memory: one a CPU, four at most (faulting is bound by
+    /// the memory system well before that).
     pub(crate) fn prefault_threads(&self) -> usize {
         if !self.prefault {
             return 0;
         }
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        cpus.saturating_sub(self.io_workers).clamp(1, 4)
+        // One a CPU: a cold load's I/O workers mostly wait on the disk, and a warm load's
+        // copies would fault the same pages themselves (on the development VM, two threads
+        // on its 2 CPUs did as well warm as one, and better cold).
+        std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4)
     }
 }
 
@@ -296,9 +298,8 @@ impl LoaderBuilder {
     /// Whether new host memory is faulted in ahead of the reads, on threads of its own
     /// (default true; `MADV_POPULATE_WRITE`, Linux 5.14). Reads into memory never touched
     /// pay the kernel's page faults and zeroing themselves, and with O_DIRECT they wait for
-    /// them; prefaulting moves that work off the reads' path, onto the CPUs the I/O workers
-    /// leave (one thread at least, four at most). [`LoadStats::prefaulted_bytes`] says how
-    /// much it did.
+    /// them; prefaulting moves that work off the reads' path, onto threads of its own (one a
+    /// CPU, four at most). [`LoadStats::prefaulted_bytes`] says how much it did.
     pub fn prefault(mut self, on: bool) -> Self {
         self.cfg.prefault = on;
         self
