@@ -12,7 +12,7 @@ use tensorlift_testkit::write_shard;
 const BIN: &str = env!("CARGO_BIN_EXE_tensorlift");
 
 fn scratch() -> PathBuf {
-    tempfile::Builder::new().prefix("tl-cli-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap().keep()
+    tensorlift_testkit::scratch_in(std::path::Path::new(env!("CARGO_TARGET_TMPDIR")), "tl-cli-")
 }
 
 /// Runs the binary under a shell's `ulimit` (e.g. `-v 200000` for a 200 MB address space).

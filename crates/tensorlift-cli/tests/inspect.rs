@@ -11,7 +11,7 @@ fn tensorlift(args: &[&str]) -> Output {
 }
 
 fn dir() -> PathBuf {
-    tempfile::tempdir().unwrap().keep()
+    tensorlift_testkit::scratch_in(&std::env::temp_dir(), "tl-cli-")
 }
 
 #[test]

@@ -11,7 +11,7 @@ use tensorlift_testkit::write_shard;
 const BIN: &str = env!("CARGO_BIN_EXE_tensorlift");
 
 fn scratch() -> PathBuf {
-    tempfile::Builder::new().prefix("tl-cli-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap().keep()
+    tensorlift_testkit::scratch_in(std::path::Path::new(env!("CARGO_TARGET_TMPDIR")), "tl-cli-")
 }
 
 /// Runs the binary with no usable GPU (whatever this machine has) and these variables.

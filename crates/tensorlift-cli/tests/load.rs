@@ -8,7 +8,7 @@ fn tensorlift(args: &[&str]) -> Output {
 }
 
 fn reference_fixture() -> std::path::PathBuf {
-    let dir = tempfile::tempdir().unwrap().keep();
+    let dir = tensorlift_testkit::scratch_in(&std::env::temp_dir(), "tl-cli-");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/reference/make_fixture.py");
     let out =
         Command::new("python3").arg(script).arg(&dir).output().expect("python3 is needed for the reference tests");

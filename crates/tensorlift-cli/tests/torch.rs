@@ -54,7 +54,7 @@ fn digests(out: &Output) -> BTreeMap<String, String> {
 fn converted_checkpoints_load_back_to_numpys_bytes() {
     for file in ["every_dtype.zip.bin", "every_dtype.legacy.bin"] {
         for max in ["5GB", "100B"] {
-            let dst = tempfile::tempdir().unwrap().keep().join("out");
+            let dst = tensorlift_testkit::scratch_in(&std::env::temp_dir(), "tl-cli-").join("out");
             let out = tensorlift(&["convert", s(&fixture(file)), s(&dst), "--max-shard-size", max]);
             assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
             assert_eq!(loaded(&dst), expected("every_dtype"), "{file} {max}");
@@ -74,7 +74,7 @@ fn converted_checkpoints_load_back_to_numpys_bytes() {
 #[test]
 fn tied_weights_are_written_once_and_views_made_contiguous() {
     for file in ["views.zip.bin", "views.legacy.bin"] {
-        let dst = tempfile::tempdir().unwrap().keep().join("out");
+        let dst = tensorlift_testkit::scratch_in(&std::env::temp_dir(), "tl-cli-").join("out");
         let out = tensorlift(&["convert", s(&fixture(file)), s(&dst)]);
         assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
         let text = String::from_utf8(out.stdout).unwrap();
@@ -102,7 +102,7 @@ fn inspect_reads_pytorch_files_and_folders() {
     let t = &v["tensors"][2];
     assert_eq!((t["name"].as_str(), t["contiguous"].as_bool()), (Some("transposed"), Some(false)));
     // A folder with pytorch_model.bin and no safetensors.
-    let d = tempfile::tempdir().unwrap().keep();
+    let d = tensorlift_testkit::scratch_in(&std::env::temp_dir(), "tl-cli-");
     std::fs::copy(fixture("every_dtype.legacy.bin"), d.join("pytorch_model.bin")).unwrap();
     let out = tensorlift(&["inspect", s(&d)]);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
@@ -119,7 +119,7 @@ fn hostile_and_misused_inputs_are_refused() {
         ("big_endian.bin", "big-endian"),
     ] {
         for cmd in ["inspect", "convert"] {
-            let dst = tempfile::tempdir().unwrap().keep().join("out");
+            let dst = tensorlift_testkit::scratch_in(&std::env::temp_dir(), "tl-cli-").join("out");
             let out = if cmd == "inspect" {
                 tensorlift(&[cmd, s(&fixture(file))])
             } else {
@@ -132,7 +132,7 @@ fn hostile_and_misused_inputs_are_refused() {
         }
     }
     // An existing, non-empty destination is never written into.
-    let d = tempfile::tempdir().unwrap().keep();
+    let d = tensorlift_testkit::scratch_in(&std::env::temp_dir(), "tl-cli-");
     std::fs::write(d.join("keep"), b"x").unwrap();
     let out = tensorlift(&["convert", s(&fixture("views.zip.bin")), s(&d)]);
     assert_eq!(out.status.code(), Some(1));
@@ -146,7 +146,7 @@ fn hostile_and_misused_inputs_are_refused() {
 fn a_file_torch_wrote_converts_and_loads_back_to_torchs_bytes() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tensorlift-pickle/tests/fixtures-torch");
     let want: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("expect.json")).unwrap()).unwrap();
-    let dst = tempfile::tempdir().unwrap().keep().join("out");
+    let dst = tensorlift_testkit::scratch_in(&std::env::temp_dir(), "tl-cli-").join("out");
     let out = tensorlift(&["convert", s(&dir.join("state_dict.zip.bin")), s(&dst), "--max-shard-size", "500B"]);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let got = loaded(&dst);
@@ -177,7 +177,7 @@ fn folders_with_pytorch_weights_load_through_the_pickle_reader() {
         cmd.output().unwrap()
     };
     for file in ["every_dtype.zip.bin", "every_dtype.legacy.bin"] {
-        let d = tempfile::tempdir().unwrap().keep();
+        let d = tensorlift_testkit::scratch_in(&std::env::temp_dir(), "tl-cli-");
         std::fs::copy(fixture(file), d.join("pytorch_model.bin")).unwrap();
         // Another pickle beside the weights is not read.
         std::fs::copy(fixture("evil_system.bin"), d.join("training_args.bin")).unwrap();
@@ -195,14 +195,14 @@ fn folders_with_pytorch_weights_load_through_the_pickle_reader() {
     }
     // Tied and overlapping contiguous views: each name gets its bytes, on both paths.
     for file in ["tied.zip.bin", "tied.legacy.bin"] {
-        let d = tempfile::tempdir().unwrap().keep();
+        let d = tensorlift_testkit::scratch_in(&std::env::temp_dir(), "tl-cli-");
         std::fs::copy(fixture(file), d.join("pytorch_model.bin")).unwrap();
         for device in ["cpu", "cuda:0"] {
             assert_eq!(digests(&run(&d, device, None)), expected("tied"), "{file} {device}");
         }
     }
     // Shards through pytorch_model.bin.index.json.
-    let d = tempfile::tempdir().unwrap().keep();
+    let d = tensorlift_testkit::scratch_in(&std::env::temp_dir(), "tl-cli-");
     std::fs::copy(fixture("every_dtype.zip.bin"), d.join("pytorch_model-00001-of-00002.bin")).unwrap();
     std::fs::copy(fixture("second_shard.zip.bin"), d.join("pytorch_model-00002-of-00002.bin")).unwrap();
     let mut want = expected("every_dtype");
@@ -219,20 +219,20 @@ fn folders_with_pytorch_weights_load_through_the_pickle_reader() {
         assert_eq!(digests(&run(&d, device, None)), want, "index {device}");
     }
     // A strided view cannot be one byte range: refused, naming it and the way out.
-    let d = tempfile::tempdir().unwrap().keep();
+    let d = tensorlift_testkit::scratch_in(&std::env::temp_dir(), "tl-cli-");
     std::fs::copy(fixture("views.zip.bin"), d.join("pytorch_model.bin")).unwrap();
     let out = run(&d, "cpu", None);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("tensor 'transposed' is a strided view") && err.contains("tensorlift convert"), "{err}");
     // Only other pickles: not weights.
-    let d = tempfile::tempdir().unwrap().keep();
+    let d = tensorlift_testkit::scratch_in(&std::env::temp_dir(), "tl-cli-");
     std::fs::copy(fixture("evil_system.bin"), d.join("training_args.bin")).unwrap();
     let out = run(&d, "cpu", None);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("neither pytorch_model.bin nor its index"));
     // A hostile pytorch_model.bin: refused with the global named, nothing run.
-    let d = tempfile::tempdir().unwrap().keep();
+    let d = tensorlift_testkit::scratch_in(&std::env::temp_dir(), "tl-cli-");
     std::fs::copy(fixture("evil_system.bin"), d.join("pytorch_model.bin")).unwrap();
     let out = run(&d, "cpu", None);
     assert_eq!(out.status.code(), Some(1));
@@ -244,15 +244,15 @@ fn folders_with_pytorch_weights_load_through_the_pickle_reader() {
 /// a name safetensors cannot hold is refused before anything is written.
 #[test]
 fn inspect_and_convert_keep_to_the_folder_rules() {
-    let outside = tempfile::tempdir().unwrap().keep();
+    let outside = tensorlift_testkit::scratch_in(&std::env::temp_dir(), "tl-cli-");
     std::fs::copy(fixture("every_dtype.zip.bin"), outside.join("secret.bin")).unwrap();
-    let linked = tempfile::tempdir().unwrap().keep();
+    let linked = tensorlift_testkit::scratch_in(&std::env::temp_dir(), "tl-cli-");
     std::os::unix::fs::symlink(outside.join("secret.bin"), linked.join("pytorch_model.bin")).unwrap();
-    let fifo = tempfile::tempdir().unwrap().keep();
+    let fifo = tensorlift_testkit::scratch_in(&std::env::temp_dir(), "tl-cli-");
     assert!(Command::new("mkfifo").arg(fifo.join("pytorch_model.bin")).status().unwrap().success());
     for (dir, want) in [(&linked, "outside the model folder"), (&fifo, "is a FIFO")] {
         for cmd in ["inspect", "convert"] {
-            let dst = tempfile::tempdir().unwrap().keep().join("out");
+            let dst = tensorlift_testkit::scratch_in(&std::env::temp_dir(), "tl-cli-").join("out");
             let mut c = Command::new(env!("CARGO_BIN_EXE_tensorlift"));
             c.arg(cmd).arg(dir);
             if cmd == "convert" {
@@ -266,7 +266,7 @@ fn inspect_and_convert_keep_to_the_folder_rules() {
         }
     }
     // One file under two hard-linked names in an index is one file, as a load treats it.
-    let d = tempfile::tempdir().unwrap().keep();
+    let d = tensorlift_testkit::scratch_in(&std::env::temp_dir(), "tl-cli-");
     std::fs::copy(fixture("every_dtype.zip.bin"), d.join("a.bin")).unwrap();
     std::fs::hard_link(d.join("a.bin"), d.join("b.bin")).unwrap();
     let names: Vec<String> = expected("every_dtype").into_keys().collect();
@@ -280,11 +280,11 @@ fn inspect_and_convert_keep_to_the_folder_rules() {
         serde_json::to_vec(&serde_json::json!({"weight_map": map})).unwrap(),
     )
     .unwrap();
-    let dst = tempfile::tempdir().unwrap().keep().join("out");
+    let dst = tensorlift_testkit::scratch_in(&std::env::temp_dir(), "tl-cli-").join("out");
     let out = tensorlift(&["convert", s(&d), s(&dst)]);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(loaded(&dst), expected("every_dtype"));
-    let dst = tempfile::tempdir().unwrap().keep().join("out");
+    let dst = tensorlift_testkit::scratch_in(&std::env::temp_dir(), "tl-cli-").join("out");
     let out = tensorlift(&["convert", s(&fixture("name_metadata.bin")), s(&dst)]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be written as safetensors (nothing was written)"));

@@ -8,6 +8,36 @@ use std::path::Path;
 
 use tensorlift_format::{encode_header, Dtype};
 
+/// A new folder for a test's files: `base/tl-run-PID/PREFIXxxxxxx`, one `tl-run-` folder per
+/// test process. Kept after the test (for a look after a failure), and removed by a later
+/// run: the first call of a process in `base` removes the `tl-run-` folders of processes
+/// that have ended, so runs do not pile up.
+pub fn try_scratch_in(base: &Path, prefix: &str) -> std::io::Result<std::path::PathBuf> {
+    static CLEANED: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
+    {
+        let mut cleaned = CLEANED.lock().unwrap_or_else(|p| p.into_inner());
+        if !cleaned.iter().any(|b| b == base) {
+            cleaned.push(base.to_path_buf());
+            for entry in std::fs::read_dir(base)?.flatten() {
+                let name = entry.file_name();
+                let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("tl-run-")) else { continue };
+                // Another process's folder, once that process is gone (no /proc entry).
+                if pid.parse::<u32>().is_ok_and(|p| p != std::process::id()) && !Path::new("/proc").join(pid).exists() {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+    }
+    let run = base.join(format!("tl-run-{}", std::process::id()));
+    std::fs::create_dir_all(&run)?;
+    Ok(tempfile::Builder::new().prefix(prefix).tempdir_in(run)?.keep())
+}
+
+/// [`try_scratch_in`], failing the test when the folder cannot be made.
+pub fn scratch_in(base: &Path, prefix: &str) -> std::path::PathBuf {
+    try_scratch_in(base, prefix).unwrap_or_else(|e| panic!("a scratch folder in {}: {e}", base.display()))
+}
+
 /// A tensor to write: name, dtype, shape.
 pub type Spec<'a> = (&'a str, Dtype, &'a [usize]);
 

@@ -10,7 +10,7 @@ use tensorlift::{Device, Dtype, Loader};
 use tensorlift_io::HostArena;
 
 fn checkpoint() -> (std::path::PathBuf, BTreeMap<String, Vec<u8>>) {
-    let dir = tempfile::Builder::new().prefix("tl-cancel-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap().keep();
+    let dir = tensorlift_testkit::scratch_in(std::path::Path::new(env!("CARGO_TARGET_TMPDIR")), "tl-cancel-");
     let names: Vec<String> = (0..16).map(|i| format!("t{i}")).collect();
     let specs: Vec<_> = names.iter().map(|n| (n.as_str(), Dtype::U8, &[4usize << 20][..])).collect();
     let path = dir.join("m.safetensors");

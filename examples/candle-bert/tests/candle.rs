@@ -12,7 +12,7 @@ use tensorlift::{Dtype, Loader, TensorSlice};
 use tensorlift_testkit::{slice_bytes, write_shard};
 
 fn scratch() -> PathBuf {
-    tempfile::Builder::new().prefix("tl-candle-").tempdir().unwrap().keep()
+    tensorlift_testkit::scratch_in(&std::env::temp_dir(), "tl-candle-")
 }
 
 fn host() -> tensorlift::LoaderBuilder {

@@ -11,7 +11,7 @@ pub fn scratch(tmpfs: bool) -> Option<PathBuf> {
     if !base.is_dir() {
         return None;
     }
-    Some(tempfile::Builder::new().prefix("tl-io-").tempdir_in(base).ok()?.keep())
+    tensorlift_testkit::try_scratch_in(&base, "tl-io-").ok()
 }
 
 pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {

@@ -47,7 +47,7 @@ fn driver() -> Driver {
 
 fn scratch() -> PathBuf {
     // The system temp folder: this executable also runs from a copy on GPU hosts.
-    tempfile::Builder::new().prefix("tl-cuda-").tempdir().unwrap().keep()
+    tensorlift_testkit::scratch_in(&std::env::temp_dir(), "tl-cuda-")
 }
 
 fn base() -> LoaderBuilder {

@@ -34,7 +34,7 @@ fn every_fp8_value_matches_ml_dtypes() {
 fn loads_convert_floating_tensors_as_they_land() {
     use half::{bf16, f16};
     use tensorlift::{Dtype, Loader};
-    let dir = tempfile::Builder::new().prefix("tl-convert-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap().keep();
+    let dir = tensorlift_testkit::scratch_in(std::path::Path::new(env!("CARGO_TARGET_TMPDIR")), "tl-convert-");
     let path = dir.join("m.safetensors");
     let truth = tensorlift_testkit::write_shard(
         &path,
@@ -99,7 +99,7 @@ fn loads_convert_floating_tensors_as_they_land() {
 fn converted_tensors_reuse_memory_across_loads() {
     use half::{bf16, f16};
     use tensorlift::{Dtype, Loader};
-    let dir = tempfile::Builder::new().prefix("tl-convert-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap().keep();
+    let dir = tensorlift_testkit::scratch_in(std::path::Path::new(env!("CARGO_TARGET_TMPDIR")), "tl-convert-");
     // The same layout twice, other bytes (the names pick the pattern).
     let first = tensorlift_testkit::write_shard(
         &dir.join("one.safetensors"),

@@ -8,7 +8,7 @@ pub use tensorlift_testkit::{write_shard, write_sharded, Spec};
 
 /// A scratch folder on the build's disk (where O_DIRECT works).
 pub fn scratch() -> PathBuf {
-    tempfile::Builder::new().prefix("tl-engine-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap().keep()
+    tensorlift_testkit::scratch_in(std::path::Path::new(env!("CARGO_TARGET_TMPDIR")), "tl-engine-")
 }
 
 pub fn assert_identical(model: &Model, truth: &BTreeMap<String, Vec<u8>>, what: &str) {
