@@ -194,6 +194,9 @@ def test_ctrl_c_interrupts_a_load_and_frees_it(tmp_path):
         save_file({f"w{i}": np.ones((1024, 1024), dtype=np.float32)}, str(tmp_path / f"s{i}.safetensors"))
     gc.collect()
     base = tensorlift._live_host_arenas()
+    # A shell starts background jobs with SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler: this test installs it, wherever it was started from.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT))
 
     def slow(done, total):
@@ -202,10 +205,13 @@ def test_ctrl_c_interrupts_a_load_and_frees_it(tmp_path):
         time.sleep(0.05)
 
     timer.start()
-    with pytest.raises(KeyboardInterrupt):
-        for _ in range(100):
-            tensorlift.load(str(tmp_path), progress=slow)
-    timer.cancel()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            for _ in range(100):
+                tensorlift.load(str(tmp_path), progress=slow)
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     gc.collect()
     import time
 
