@@ -27,16 +27,7 @@ pub fn resident_fraction(path: &Path) -> io::Result<f64> {
 /// [`resident_fraction`] of an open file. `mincore` never touches the mapped pages, so a
 /// file truncated meanwhile cannot fault here.
 pub fn resident_fraction_of(f: &File) -> io::Result<f64> {
-    let len = file_len(f)?;
-    if len == 0 {
-        return Ok(1.0);
-    }
-    if residency_probe() == ResidencyProbe::Cachestat {
-        if let Ok(cached) = cachestat(f) {
-            return Ok(fraction(cached, len));
-        }
-    }
-    mincore_sampled(f, len, usize::MAX)
+    residency(f, usize::MAX)
 }
 
 /// How the engine tells whether a shard is in the page cache, before choosing between
@@ -100,6 +91,11 @@ pub fn residency_probe() -> ResidencyProbe {
 /// with `cachestat`, else from [`SAMPLED_PAGES`] sampled pages. Never a scan of every page
 /// on the load's path: a multi-GB shard takes microseconds either way.
 pub fn resident_estimate(f: &File) -> io::Result<f64> {
+    residency(f, SAMPLED_PAGES)
+}
+
+/// `cachestat` where the probe found it, else `mincore` on at most `budget` pages.
+fn residency(f: &File, budget: usize) -> io::Result<f64> {
     let len = file_len(f)?;
     if len == 0 {
         return Ok(1.0);
@@ -109,7 +105,7 @@ pub fn resident_estimate(f: &File) -> io::Result<f64> {
             return Ok(fraction(cached, len));
         }
     }
-    mincore_sampled(f, len, SAMPLED_PAGES)
+    mincore_sampled(f, len, budget)
 }
 
 /// Whether a seccomp filter is on this process (`Seccomp: 2` in `/proc/self/status`); an
