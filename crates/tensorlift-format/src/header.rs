@@ -265,7 +265,7 @@ fn parse_fast(text: &str) -> Option<(Option<BTreeMap<String, String>>, Vec<Tenso
 }
 
 /// Whether no two tensors share a name (false also when the set cannot be had).
-fn unique_names(tensors: &[TensorInfo]) -> bool {
+pub(crate) fn unique_names(tensors: &[TensorInfo]) -> bool {
     let mut seen: hashbrown::HashSet<&str> = Default::default();
     seen.try_reserve(tensors.len()).is_ok() && tensors.iter().all(|t| seen.insert(t.name.as_str()))
 }

@@ -131,7 +131,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Pairs<'a> {
                 let mut entries: Vec<(u32, u32)> = Vec::new();
                 let mut shards: Vec<String> = Vec::new();
                 let mut by_name: std::collections::HashMap<String, u32> = std::collections::HashMap::new();
-                while let Some(key) = map.next_key::<ShardName<'de>>()? {
+                while let Some(key) = map.next_key::<JsonStr<'de>>()? {
                     // Sizes come from the file: grow fallibly, so that an index of millions
                     // of entries under a memory limit is an error, not an abort.
                     if entries.len() == entries.capacity() && entries.try_reserve(entries.len().max(16)).is_err() {
@@ -146,7 +146,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Pairs<'a> {
                     // parse_index refuses texts over MAX_INDEX_LEN bytes, far below 4 GiB.
                     let end = u32::try_from(names.len())
                         .map_err(|_| serde::de::Error::custom("weight_map's names are over 4 GiB"))?;
-                    let shard = map.next_value::<ShardName<'de>>()?.0;
+                    let shard = map.next_value::<JsonStr<'de>>()?.0;
                     // The same shard as the entry before: the common case, no look-up.
                     let id = match entries.last() {
                         Some(&(_, last)) if shards[last as usize] == *shard => last,
@@ -171,21 +171,21 @@ impl<'de: 'a, 'a> Deserialize<'de> for Pairs<'a> {
 }
 
 /// A JSON string, borrowed from the text where it has no escapes.
-struct ShardName<'a>(std::borrow::Cow<'a, str>);
+struct JsonStr<'a>(std::borrow::Cow<'a, str>);
 
-impl<'de: 'a, 'a> Deserialize<'de> for ShardName<'a> {
+impl<'de: 'a, 'a> Deserialize<'de> for JsonStr<'a> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V<'a>(std::marker::PhantomData<&'a str>);
         impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
-            type Value = ShardName<'a>;
+            type Value = JsonStr<'a>;
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str("a string")
             }
-            fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<ShardName<'a>, E> {
-                Ok(ShardName(std::borrow::Cow::Borrowed(v)))
+            fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<JsonStr<'a>, E> {
+                Ok(JsonStr(std::borrow::Cow::Borrowed(v)))
             }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ShardName<'a>, E> {
-                Ok(ShardName(std::borrow::Cow::Owned(v.to_owned())))
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<JsonStr<'a>, E> {
+                Ok(JsonStr(std::borrow::Cow::Owned(v.to_owned())))
             }
         }
         d.deserialize_str(V(std::marker::PhantomData))

@@ -178,14 +178,14 @@ impl LoadPlan {
         })?;
         // The one rule within a shard that the checks across shards rely on, for lists that
         // did not come from `parse_header` (debug builds; a header's names are unique).
-        debug_assert!(shards.iter().all(|(_, t)| unique(t)), "a shard lists a tensor name twice");
+        debug_assert!(shards.iter().all(|(_, t)| crate::header::unique_names(t)), "a shard lists a tensor name twice");
         match &index {
             // The index's own look-up answers for every name: no table of the plan's names.
             Some((path, index)) if !agrees_with_index(index, &shards) => {
                 return Err(disagreement(context, path, index, &shards));
             }
             Some(_) => {}
-            None if shards.len() > 1 => check_unique(context, &shards)?,
+            None if shards.len() > 1 => drop(owners(context, &shards)?),
             None => {}
         }
         let mut checkpoint_bytes = 0u64;
@@ -319,11 +319,6 @@ fn agrees_with_index(index: &Index, shards: &[(Shard, Vec<TensorInfo>)]) -> bool
     })
 }
 
-fn unique(tensors: &[TensorInfo]) -> bool {
-    let mut seen: hashbrown::HashSet<&str> = Default::default();
-    tensors.iter().all(|t| seen.insert(t.name.as_str()))
-}
-
 /// For each shard name of the index, by number, the plan's shard it names.
 fn planned_shards(index: &Index, shards: &[(Shard, Vec<TensorInfo>)]) -> Vec<Option<usize>> {
     let mut by_name: HashMap<&str, usize> = HashMap::default();
@@ -336,8 +331,9 @@ fn planned_shards(index: &Index, shards: &[(Shard, Vec<TensorInfo>)]) -> Vec<Opt
     index.shards().iter().map(|n| by_name.get(n.as_str()).copied()).collect()
 }
 
-/// No tensor name in two shards: a table of every name, for a checkpoint without an index.
-fn check_unique(context: &Path, shards: &[(Shard, Vec<TensorInfo>)]) -> Result<(), FormatError> {
+/// Each tensor name's shard, or the error for a name in two shards: the table of every
+/// name, for a checkpoint without an index (and to name an index's disagreement).
+fn owners<'a>(context: &Path, shards: &'a [(Shard, Vec<TensorInfo>)]) -> Result<HashMap<&'a str, usize>, FormatError> {
     let count: usize = shards.iter().map(|(_, t)| t.len()).sum();
     let mut owner: HashMap<&str, usize> = HashMap::default();
     owner.try_reserve(count).map_err(|_| FormatError::OutOfMemory {
@@ -357,26 +353,17 @@ fn check_unique(context: &Path, shards: &[(Shard, Vec<TensorInfo>)]) -> Result<(
             }
         }
     }
-    Ok(())
+    Ok(owner)
 }
 
 /// The error for an index and headers that disagree, found again in the order a reader
 /// expects it: a name in two shards first, then the index's entries in the file's order,
 /// then the first shard tensor the index does not list.
 fn disagreement(context: &Path, index_path: &Path, index: &Index, shards: &[(Shard, Vec<TensorInfo>)]) -> FormatError {
-    if let Err(e) = check_unique(context, shards) {
-        return e;
-    }
-    let count: usize = shards.iter().map(|(_, t)| t.len()).sum();
-    let mut owner: HashMap<&str, usize> = HashMap::default();
-    if owner.try_reserve(count).is_err() {
-        return FormatError::OutOfMemory {
-            file: context.to_path_buf(),
-            what: "the plan's name table",
-            bytes: (count * 2 * std::mem::size_of::<(&str, usize)>()) as u64,
-        };
-    }
-    owner.extend(shards.iter().enumerate().flat_map(|(i, (_, infos))| infos.iter().map(move |t| (t.name.as_str(), i))));
+    let owner = match owners(context, shards) {
+        Ok(owner) => owner,
+        Err(e) => return e,
+    };
     let planned = planned_shards(index, shards);
     for (tensor, shard) in index.numbered_entries() {
         let want = planned[shard as usize];

@@ -2,6 +2,8 @@
 //! pass) and warm. `TL_BENCH_FILE_MB` sets the size (default 1024); `TL_BENCH_CHUNK_KB`
 //! (default 16384) and `TL_BENCH_WINDOW` (default 8) the read size and reads in flight.
 //!
+//! `residency` times the page-cache check of that file, cached.
+//!
 //! Compare with `dd if=FILE of=/dev/null bs=16M` (add `iflag=direct` for cold, or evict
 //! first with `dd if=FILE iflag=nocache count=0`); docs/BENCHMARKS.md has the figures.
 
@@ -97,5 +99,23 @@ fn backends(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, backends);
+/// How long deciding between O_DIRECT and buffered reads takes for the file, cached:
+/// `cachestat(2)` (where the kernel has it), `mincore` on 1,024 sampled pages, and the
+/// `mincore` scan of every page that the engine used before.
+fn residency(c: &mut Criterion) {
+    let path = bench_file();
+    let f = std::fs::File::open(&path).unwrap();
+    std::io::copy(&mut &f, &mut std::io::sink()).unwrap();
+    let mut group = c.benchmark_group("residency");
+    if cache::residency_probe() == cache::ResidencyProbe::Cachestat {
+        group.bench_function("cachestat", |b| b.iter(|| cache::resident_estimate(&f).unwrap()));
+    }
+    group.bench_function("mincore_1024_pages", |b| {
+        b.iter(|| cache::mincore_fraction(&f, Some(cache::SAMPLED_PAGES)).unwrap())
+    });
+    group.bench_function("mincore_every_page", |b| b.iter(|| cache::mincore_fraction(&f, None).unwrap()));
+    group.finish();
+}
+
+criterion_group!(benches, backends, residency);
 criterion_main!(benches);

@@ -236,8 +236,7 @@ impl Prefaulter {
     pub fn start(work: Vec<(Arc<HostArena>, usize)>, threads: usize) -> Option<Prefaulter> {
         // Chunks are multiples of PAGE: where the kernel's pages are larger (16 or 64 KiB),
         // a chunk may start inside one, which madvise refuses. The reads fault them instead.
-        // SAFETY: sysconf has no preconditions.
-        if unsafe { libc::sysconf(libc::_SC_PAGESIZE) } != PAGE as libc::c_long {
+        if crate::cache::page_size() != PAGE {
             return None;
         }
         let work: Arc<Vec<_>> = Arc::new(work.into_iter().filter(|(a, _)| a.can_prefault()).collect());

@@ -94,6 +94,16 @@ pub fn resident_estimate(f: &File) -> io::Result<f64> {
     residency(f, SAMPLED_PAGES)
 }
 
+/// The fraction of `f` in the page cache from `mincore` alone, on every page or on at most
+/// `max_pages` sampled pages: the reading used without `cachestat` (public for benchmarks).
+pub fn mincore_fraction(f: &File, max_pages: Option<usize>) -> io::Result<f64> {
+    let len = file_len(f)?;
+    if len == 0 {
+        return Ok(1.0);
+    }
+    mincore_sampled(f, len, max_pages.unwrap_or(usize::MAX))
+}
+
 /// `cachestat` where the probe found it, else `mincore` on at most `budget` pages.
 fn residency(f: &File, budget: usize) -> io::Result<f64> {
     let len = file_len(f)?;
@@ -121,7 +131,7 @@ fn file_len(f: &File) -> io::Result<usize> {
     usize::try_from(f.metadata()?.len()).map_err(io::Error::other)
 }
 
-fn page_size() -> usize {
+pub(crate) fn page_size() -> usize {
     // SAFETY: sysconf has no preconditions.
     unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize
 }

@@ -126,13 +126,13 @@ impl HostSink {
         // Fresh memory, in the order it is written: each read's chunk, then the outputs of
         // the tensors that chunk completes.
         let mut fresh_spans = Vec::with_capacity(spans.len());
-        let mut fresh_outputs: Vec<Option<Arc<HostArena>>> = Vec::new();
+        let mut fresh_outputs: Vec<bool> = Vec::new();
         if !outputs.is_empty() {
             sink.outputs = (0..plan.tensors().len()).map(|_| None).collect();
-            fresh_outputs = (0..plan.tensors().len()).map(|_| None).collect();
+            fresh_outputs = vec![false; plan.tensors().len()];
         }
         for (&(t, len), kept) in outputs.iter().zip(kept_outputs.iter_mut()) {
-            let was_kept = kept.is_some();
+            fresh_outputs[t] = kept.is_none();
             let arena =
                 HostArena::pooled(pool, kept.take(), len.next_multiple_of(PAGE), len, huge).ok_or_else(|| {
                     LoadError::OutOfMemory {
@@ -140,11 +140,7 @@ impl HostSink {
                         bytes: len as u64,
                     }
                 })?;
-            let chunk = arena.take_chunks().pop();
-            if !was_kept {
-                fresh_outputs[t] = Some(Arc::clone(&arena));
-            }
-            sink.outputs[t] = chunk.map(|c| (arena, c));
+            sink.outputs[t] = arena.take_chunks().pop().map(|c| (arena, c));
         }
         for (span, kept) in spans.into_iter().zip(kept_spans.iter_mut()) {
             fresh_spans.push(kept.is_none());
@@ -185,7 +181,7 @@ impl HostSink {
                         let mut by_chunk = vec![Vec::new(); e.chunks.len()];
                         for &t in &e.span.tensors {
                             let r = e.span.range_of(&plan.tensors()[t]);
-                            if fresh_outputs[t].is_some() && !r.is_empty() {
+                            if fresh_outputs[t] && !r.is_empty() {
                                 let last = ((r.end - 1) / chunk as u64) as usize;
                                 if let Some(list) = by_chunk.get_mut(last) {
                                     list.push(t);
@@ -203,7 +199,7 @@ impl HostSink {
                     work.push((Arc::clone(a), r.index));
                 }
                 for &t in completes.get(r.span).and_then(|c| c.get(r.index)).into_iter().flatten() {
-                    if let Some(a) = &fresh_outputs[t] {
+                    if let (true, Some((a, _))) = (fresh_outputs[t], &sink.outputs[t]) {
                         work.push((Arc::clone(a), 0));
                     }
                 }
