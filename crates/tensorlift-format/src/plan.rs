@@ -78,6 +78,24 @@ impl Shard {
         (shard, header.tensors)
     }
 
+    /// A shard of the file at `path` whose header (`header_len` bytes of JSON) is read but
+    /// not yet parsed: nothing is known of its tensors or metadata, and its data section is
+    /// taken to run to the end of the file. See [`LoadPlan::unparsed`].
+    pub fn unparsed(path: PathBuf, name: String, identity: FileIdentity, header_len: u64) -> Shard {
+        Shard {
+            path,
+            name,
+            aliases: Vec::new(),
+            file_len: identity.len,
+            identity,
+            header_hash: 0,
+            header_len,
+            data_len: identity.len.saturating_sub(HEADER_PREFIX_LEN + header_len),
+            tensor_count: 0,
+            metadata: None,
+        }
+    }
+
     /// File offset where the data section begins.
     pub fn data_start(&self) -> u64 {
         HEADER_PREFIX_LEN + self.header_len
@@ -212,6 +230,15 @@ impl LoadPlan {
             None => (None, None),
         };
         Ok(LoadPlan { root, index, index_metadata, shards: kept, tensors, checkpoint_bytes })
+    }
+
+    /// A plan of shards whose headers have been read but not yet parsed: no tensors, and
+    /// each shard's data section taken to run from its header's end to the end of the file,
+    /// as a valid header will say. A load can start reading such a shard's data section as
+    /// soon as its header is validated, while the rest of planning goes on; the plan that
+    /// [`assemble`](Self::assemble) makes later says which tensors those bytes hold.
+    pub fn unparsed(root: PathBuf, index: Option<PathBuf>, shards: Vec<Shard>) -> LoadPlan {
+        LoadPlan { root, index, index_metadata: None, shards, tensors: Vec::new(), checkpoint_bytes: 0 }
     }
 
     /// The model folder.

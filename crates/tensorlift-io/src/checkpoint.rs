@@ -88,6 +88,35 @@ impl PlanLimits {
     }
 }
 
+/// What planning tells a load that starts reading before planning ends (see
+/// [`open_checkpoint_observed`]). Its methods are called from planning's threads.
+pub trait PlanObserver: Sync {
+    /// Whether [`headers_read`](Self::headers_read) is wanted (building its plan costs a
+    /// little per shard).
+    fn wants_early_plan(&self) -> bool {
+        false
+    }
+
+    /// Every shard's header has been read and none parsed yet: `early` holds the shards,
+    /// with the descriptors planning keeps open and no tensors ([`LoadPlan::unparsed`]).
+    /// Not called for PyTorch files, whose tensors are known only once read whole.
+    fn headers_read(&self, early: Checkpoint) {
+        let _ = early;
+    }
+
+    /// Shard `i`'s header is validated ([`parse_header`]); `header_hash` is the hash of its
+    /// bytes ([`tensorlift_format::header_hash`]). After `headers_read`, and in no set order
+    /// between shards. The checks across shards (names, the index) come later.
+    fn validated(&self, i: usize, header_hash: u64) {
+        let _ = (i, header_hash);
+    }
+}
+
+/// An observer that wants nothing.
+struct Quiet;
+
+impl PlanObserver for Quiet {}
+
 /// A planned checkpoint and the descriptors its planning opened: the model folder, and the
 /// shards it keeps open. A load reads these same descriptors; shards that were closed to
 /// bound open files are reopened relative to the folder and must be the same files.
@@ -127,6 +156,21 @@ impl Checkpoint {
     /// Number of shard descriptors held open.
     pub fn open_files(&self) -> usize {
         self.files.iter().filter(|f| f.is_some()).count()
+    }
+
+    /// Whether [`take_shard`](Self::take_shard) would open shard `i` again by its name
+    /// (planning closed it, or it was taken already), rather than hand over the descriptor
+    /// planning read its header from.
+    pub fn reopens(&self, i: usize) -> bool {
+        self.files.get(i).is_none_or(Option::is_none)
+    }
+
+    /// Closes the descriptor held for shard `i`, if any: a load that took the shard from
+    /// another plan of the same files (one made while planning went on) has no use for it.
+    pub fn release_shard(&mut self, i: usize) {
+        if let Some(f) = self.files.get_mut(i) {
+            *f = None;
+        }
     }
 
     /// The descriptor of shard `i`, checked to be the planned file, unchanged: the one
@@ -173,10 +217,22 @@ impl Checkpoint {
 /// reading only headers. A folder uses its `model.safetensors.index.json` when present,
 /// else every `*.safetensors` file in it in natural order.
 pub fn open_checkpoint(path: &Path, limits: &PlanLimits) -> Result<Checkpoint, FormatError> {
+    open_checkpoint_observed(path, limits, &Quiet)
+}
+
+/// [`open_checkpoint`], telling `observer` when every header has been read and as each is
+/// validated, so that a load can start reading a shard while the rest are planned. Headers
+/// are all read first (one after another, within the header budget), then parsed on up to
+/// one thread per CPU, then checked across shards.
+pub fn open_checkpoint_observed(
+    path: &Path,
+    limits: &PlanLimits,
+    observer: &dyn PlanObserver,
+) -> Result<Checkpoint, FormatError> {
     let io_err = |source| FormatError::Io { file: path.to_path_buf(), source };
     // The user's own path: links in it are followed. Nothing is opened yet, so nothing blocks.
     let meta = std::fs::metadata(path).map_err(io_err)?;
-    let mut planner = Planner::new(limits);
+    let mut planner = Planner::new(limits, observer);
     if meta.is_dir() {
         let root = std::fs::canonicalize(path).map_err(io_err)?;
         let dir = open_dir(&root).map_err(io_err)?;
@@ -310,46 +366,66 @@ enum HeaderWork {
 }
 
 /// Parses a header's bytes, with the hash a load compares.
-fn parse(opened: &Opened, bytes: &[u8]) -> Result<(Header, u64), FormatError> {
-    parse_header(&opened.path, bytes, opened.identity.len).map(|h| (h, tensorlift_format::header_hash(bytes)))
+fn parse(path: &Path, file_len: u64, bytes: &[u8]) -> Result<(Header, u64), FormatError> {
+    parse_header(path, bytes, file_len).map(|h| (h, tensorlift_format::header_hash(bytes)))
 }
 
-/// Parses the headers read for `new`, on up to one thread per CPU (8 at most), in order;
-/// `None` for a header already read (a PyTorch file's).
-fn parse_all(new: &[(String, Opened, HeaderWork)]) -> Vec<Option<Result<(Header, u64), FormatError>>> {
-    let one = |(_, opened, work): &(String, Opened, HeaderWork)| match work {
-        HeaderWork::Parse(bytes) => Some(parse(opened, bytes)),
+/// Parses the headers read for `pending`, on up to one thread per CPU (8 at most), telling
+/// `observer` of each as it is validated; results in order, `None` for a header already
+/// read (a PyTorch file's). Thread `t` of `n` takes shards `t`, `t + n`, ...: a load reads
+/// shards from the first on, so they are validated in about that order.
+fn parse_all(pending: &[Pending], observer: &dyn PlanObserver) -> Vec<Option<Result<(Header, u64), FormatError>>> {
+    let one = |k: usize| match &pending[k].work {
+        HeaderWork::Parse(bytes) => {
+            let r = parse(&pending[k].path, pending[k].identity.len, bytes);
+            if let Ok((_, hash)) = &r {
+                observer.validated(k, *hash);
+            }
+            Some(r)
+        }
         HeaderWork::Done(..) => None,
     };
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8).min(new.len());
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8).min(pending.len());
     // A thread costs more than a small header: only batches worth it are split.
-    let bytes: usize = new.iter().map(|(_, _, w)| if let HeaderWork::Parse(b) = w { b.len() } else { 0 }).sum();
+    let bytes: usize = pending.iter().map(|p| if let HeaderWork::Parse(b) = &p.work { b.len() } else { 0 }).sum();
     if threads < 2 || bytes < 1 << 20 {
-        return new.iter().map(one).collect();
+        return (0..pending.len()).map(one).collect();
     }
-    let per = new.len().div_ceil(threads);
+    let mut out: Vec<Option<Result<(Header, u64), FormatError>>> = (0..pending.len()).map(|_| None).collect();
     std::thread::scope(|s| {
+        let one = &one;
         // A thread that cannot be had (a process at its limit) leaves its part to this one.
-        let handles: Vec<_> = new
-            .chunks(per)
-            .map(|part| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
                 std::thread::Builder::new()
                     .name("tensorlift-plan".into())
-                    .spawn_scoped(s, move || part.iter().map(one).collect::<Vec<_>>())
+                    .spawn_scoped(s, move || (t..pending.len()).step_by(threads).map(one).collect::<Vec<_>>())
                     .ok()
             })
             .collect();
-        let mut out = Vec::with_capacity(new.len());
-        for (h, part) in handles.into_iter().zip(new.chunks(per)) {
-            match h.map(|h| h.join()) {
-                Some(Ok(results)) => out.extend(results),
+        for (t, h) in handles.into_iter().enumerate() {
+            let results = match h.map(|h| h.join()) {
+                Some(Ok(results)) => results,
                 // Not started, or a parser that panicked (a bug): those headers are parsed
                 // here, where a panic that comes back is the caller's to see.
-                _ => out.extend(part.iter().map(one)),
+                _ => (t..pending.len()).step_by(threads).map(one).collect(),
+            };
+            for (k, r) in (t..pending.len()).step_by(threads).zip(results) {
+                out[k] = r;
             }
         }
-        out
-    })
+    });
+    out
+}
+
+/// A shard whose header has been read (and not yet parsed), under its first name.
+struct Pending {
+    name: String,
+    /// Other names the index or the folder uses for the same file.
+    aliases: Vec<String>,
+    path: PathBuf,
+    identity: FileIdentity,
+    work: HeaderWork,
 }
 
 /// An opened regular file: its descriptor, identity and canonical path.
@@ -361,21 +437,27 @@ struct Opened {
 
 struct Planner<'a> {
     limits: &'a PlanLimits,
+    observer: &'a dyn PlanObserver,
     open_bound: usize,
     header_bytes: u64,
-    shards: Vec<(Shard, Vec<TensorInfo>)>,
+    /// Shards whose headers are read, in load order; their indices are the plan's.
+    pending: Vec<Pending>,
+    /// The descriptors kept for the load, by shard, and how many there are.
     files: Vec<Option<Arc<File>>>,
+    kept: usize,
     by_identity: HashMap<(u64, u64), usize>,
 }
 
 impl<'a> Planner<'a> {
-    fn new(limits: &'a PlanLimits) -> Self {
+    fn new(limits: &'a PlanLimits, observer: &'a dyn PlanObserver) -> Self {
         Planner {
             limits,
+            observer,
             open_bound: limits.open_files_bound(),
             header_bytes: 0,
-            shards: Vec::new(),
+            pending: Vec::new(),
             files: Vec::new(),
+            kept: 0,
             by_identity: HashMap::new(),
         }
     }
@@ -460,7 +542,7 @@ impl<'a> Planner<'a> {
             added.extend(self.add_shards(opened)?);
         }
         for ((name, raws), i) in names.into_iter().zip(added) {
-            let shard = &mut self.shards[i].0;
+            let shard = &mut self.pending[i];
             for raw in raws {
                 if raw != shard.name && !shard.aliases.contains(&raw) {
                     shard.aliases.push(raw);
@@ -528,88 +610,71 @@ impl<'a> Planner<'a> {
             added.extend(self.add_shards(opened)?);
         }
         for (name, i) in names.into_iter().zip(added) {
-            if self.shards[i].0.name != name {
-                self.shards[i].0.aliases.push(name);
+            if self.pending[i].name != name {
+                self.pending[i].aliases.push(name);
             }
         }
         let context = root.clone();
         self.finish(&context, dir, root, None)
     }
 
-    /// Reads and validates a shard's header from its descriptor, or records `name` as
-    /// another name of a file already planned. Returns the shard's index.
+    /// Reads a shard's header from its descriptor, or records `name` as another name of a
+    /// file already read. Returns the shard's index.
     fn add_shard(&mut self, context: &Path, name: String, opened: Opened) -> Result<usize, FormatError> {
         Ok(self.add_shards(vec![(context.to_path_buf(), name, opened)])?[0])
     }
 
-    /// [`add_shard`](Self::add_shard) for several files, (context, name, file) each: headers
-    /// are read one after another (the header budget is spent in order), then parsed on
-    /// several threads, which is most of planning for 100,000s of tensors. The first error,
-    /// in the files' order, is the one returned.
+    /// [`add_shard`](Self::add_shard) for several files opened at once, (context, name,
+    /// file) each: their headers are read one after another (the header budget is spent in
+    /// order) and parsed later, all together ([`finish`](Self::finish)). Descriptors past
+    /// the half of the bound that planning keeps are closed once their header is read.
     fn add_shards(&mut self, items: Vec<(PathBuf, String, Opened)>) -> Result<Vec<usize>, FormatError> {
-        // Files already planned, or twice in this batch, are the same shard.
-        enum Slot {
-            Known(usize),
-            New(usize),
-        }
+        let earlier = self.pending.len();
         let mut slots = Vec::with_capacity(items.len());
-        let mut new: Vec<(String, Opened, HeaderWork)> = Vec::new();
-        let mut batch: HashMap<(u64, u64), usize> = HashMap::new();
         for (context, name, opened) in items {
+            // A file already read is the same shard.
             let key = (opened.identity.dev, opened.identity.ino);
             if let Some(&i) = self.by_identity.get(&key) {
-                slots.push(Slot::Known(i));
+                slots.push(i);
                 continue;
             }
-            if let Some(&k) = batch.get(&key) {
-                slots.push(Slot::New(k));
-                continue;
-            }
-            let work = self.read_header(&context, &opened)?;
-            batch.insert(key, new.len());
-            slots.push(Slot::New(new.len()));
-            new.push((name, opened, work));
-        }
-        let parsed = parse_all(&new);
-        let mut first = Vec::with_capacity(new.len());
-        for ((name, opened, work), parsed) in new.into_iter().zip(parsed) {
-            let (header, header_hash) = match (work, parsed) {
-                (HeaderWork::Done(header, hash), _) => (header, hash),
-                (HeaderWork::Parse(_), Some(r)) => r?,
-                (HeaderWork::Parse(bytes), None) => parse(&opened, &bytes)?,
+            let work = match self.read_header(&context, &opened) {
+                Ok(w) => w,
+                // The first error in the files' order: a header read in an earlier batch
+                // that does not parse comes before this one.
+                Err(e) => return Err(self.first_parse_error(earlier).unwrap_or(e)),
             };
-            first.push(self.push_shard(name, opened, header, header_hash));
+            // Half the bound is held between planning and loading; the load's window of
+            // shards open for reading (two descriptors each with O_DIRECT) takes the other half.
+            let keep = self.kept < (self.open_bound / 2).max(1);
+            self.kept += usize::from(keep);
+            let i = self.pending.len();
+            self.files.push(keep.then(|| Arc::new(opened.file)));
+            self.by_identity.insert(key, i);
+            self.pending.push(Pending {
+                name,
+                aliases: Vec::new(),
+                path: opened.path,
+                identity: opened.identity,
+                work,
+            });
+            slots.push(i);
         }
-        Ok(slots
-            .into_iter()
-            .map(|s| match s {
-                Slot::Known(i) => i,
-                Slot::New(k) => first[k],
-            })
-            .collect())
+        Ok(slots)
     }
 
-    /// Adds a shard whose header is validated; returns its index.
-    fn push_shard(&mut self, name: String, opened: Opened, header: Header, header_hash: u64) -> usize {
-        let key = (opened.identity.dev, opened.identity.ino);
-        let i = self.shards.len();
-        // Half the bound is held between planning and loading; the load's window of shards
-        // open for reading (two descriptors each with O_DIRECT) takes the other half.
-        let keep = self.open_files() < (self.open_bound / 2).max(1);
-        self.shards.push(Shard::from_header(opened.path, name, opened.identity, header_hash, header));
-        self.files.push(keep.then(|| Arc::new(opened.file)));
-        self.by_identity.insert(key, i);
-        i
+    /// The first error among the first `n` headers read, parsed again (an error path only).
+    fn first_parse_error(&self, n: usize) -> Option<FormatError> {
+        self.pending[..n].iter().find_map(|p| match &p.work {
+            HeaderWork::Parse(bytes) => parse(&p.path, p.identity.len, bytes).err(),
+            HeaderWork::Done(..) => None,
+        })
     }
 
     /// Shards opened at once for [`add_shards`](Self::add_shards): with the half of the
     /// bound that planning keeps open, within three quarters of it.
     fn batch(&self) -> usize {
         (self.open_bound / 4).max(1)
-    }
-
-    fn open_files(&self) -> usize {
-        self.files.iter().filter(|f| f.is_some()).count()
     }
 
     /// 8 bytes, then N, never the data; N is checked against the file's length and the
@@ -724,6 +789,9 @@ impl<'a> Planner<'a> {
         Ok((header, tensorlift_format::header_hash(&bytes)))
     }
 
+    /// Parses every header read (telling the observer, which first gets a plan of the
+    /// shards alone), then builds the plan and checks it across shards. `context` is the
+    /// file errors name (the index, for a sharded checkpoint).
     fn finish(
         self,
         context: &Path,
@@ -731,9 +799,40 @@ impl<'a> Planner<'a> {
         root: PathBuf,
         index: Option<tensorlift_format::Index>,
     ) -> Result<Checkpoint, FormatError> {
+        let dir = Arc::new(dir);
+        let safetensors = self.pending.iter().all(|p| matches!(p.work, HeaderWork::Parse(_)));
+        if safetensors && self.observer.wants_early_plan() {
+            let shards = self
+                .pending
+                .iter()
+                .map(|p| {
+                    let header_len = match &p.work {
+                        HeaderWork::Parse(bytes) => bytes.len() as u64 - HEADER_PREFIX_LEN,
+                        HeaderWork::Done(h, _) => h.header_len,
+                    };
+                    let mut shard = Shard::unparsed(p.path.clone(), p.name.clone(), p.identity, header_len);
+                    shard.aliases.clone_from(&p.aliases);
+                    shard
+                })
+                .collect();
+            let plan = LoadPlan::unparsed(root.clone(), index.is_some().then(|| context.to_path_buf()), shards);
+            self.observer.headers_read(Checkpoint { plan, dir: Arc::clone(&dir), files: self.files.clone() });
+        }
+        let parsed = parse_all(&self.pending, self.observer);
+        let mut shards = Vec::with_capacity(self.pending.len());
+        for (p, parsed) in self.pending.into_iter().zip(parsed) {
+            let (header, header_hash) = match (p.work, parsed) {
+                (HeaderWork::Done(header, hash), _) => (header, hash),
+                (HeaderWork::Parse(_), Some(r)) => r?,
+                (HeaderWork::Parse(bytes), None) => parse(&p.path, p.identity.len, &bytes)?,
+            };
+            let (mut shard, tensors) = Shard::from_header(p.path, p.name, p.identity, header_hash, header);
+            shard.aliases = p.aliases;
+            shards.push((shard, tensors));
+        }
         let index = index.map(|i| (context.to_path_buf(), i));
-        let plan = LoadPlan::assemble(context, root, index, self.shards)?;
-        Ok(Checkpoint { plan, dir: Arc::new(dir), files: self.files })
+        let plan = LoadPlan::assemble(context, root, index, shards)?;
+        Ok(Checkpoint { plan, dir, files: self.files })
     }
 }
 
@@ -779,7 +878,7 @@ pub struct PyTorchFiles {
 pub fn open_pytorch(path: &Path, limits: &PlanLimits) -> Result<PyTorchFiles, FormatError> {
     let io_err = |source| FormatError::Io { file: path.to_path_buf(), source };
     let meta = std::fs::metadata(path).map_err(io_err)?;
-    let planner = Planner::new(limits);
+    let planner = Planner::new(limits, &Quiet);
     let mut out = PyTorchFiles { files: Vec::new(), weight_map: None };
     // One file under several names (hard links, links) is opened once, under its first
     // name, which `add` returns, so that the index's names can be mapped to it.

@@ -486,3 +486,93 @@ fn pytorch_files_of_any_name_are_named() {
         }
     }
 }
+
+/// What planning told an observer, in order.
+#[derive(Default)]
+struct Recorder {
+    events: std::sync::Mutex<Vec<Event>>,
+}
+
+#[derive(Debug)]
+enum Event {
+    Early(Checkpoint),
+    Validated(usize, u64),
+}
+
+impl tensorlift_io::PlanObserver for Recorder {
+    fn wants_early_plan(&self) -> bool {
+        true
+    }
+    fn headers_read(&self, early: Checkpoint) {
+        self.events.lock().unwrap().push(Event::Early(early));
+    }
+    fn validated(&self, i: usize, header_hash: u64) {
+        self.events.lock().unwrap().push(Event::Validated(i, header_hash));
+    }
+}
+
+/// A load that reads while planning goes on is told, first, every shard with its data
+/// section where the plan will put it (and no tensors), then each shard as its header is
+/// validated, once each, with the hash the plan keeps (here the headers are large enough to
+/// be parsed on several threads). Shards past the descriptors planning keeps open come
+/// without one, as in the plan.
+#[test]
+fn an_observer_learns_the_shards_before_their_headers_are_parsed() {
+    let dir = dir();
+    // About 1.6 MB of headers: parsed on several threads where there are CPUs for them.
+    let names: Vec<String> = (0..21_000).map(|i| format!("model.layers.{i}.mlp.weight")).collect();
+    let mut entries = Vec::new();
+    let shapes: Vec<[usize; 1]> = (1..=6).map(|n| [n]).collect();
+    for s in 0..6 {
+        let specs: Vec<tensorlift_testkit::Spec<'_>> =
+            names[s * 3500..(s + 1) * 3500].iter().map(|n| (n.as_str(), Dtype::U8, &shapes[s][..])).collect();
+        let file = format!("m-{s}.safetensors");
+        write_shard(&dir.join(&file), &specs);
+        entries.extend(names[s * 3500..(s + 1) * 3500].iter().map(|n| (n.clone(), file.clone())));
+    }
+    let entries: Vec<(&str, &str)> = entries.iter().map(|(n, f)| (n.as_str(), f.as_str())).collect();
+    write_index(&dir, &entries);
+    let mut limits = PlanLimits::default();
+    limits.max_open_files = 8; // keeps 4 descriptors open
+    let recorder = Recorder::default();
+    let plan = tensorlift_io::open_checkpoint_observed(&dir, &limits, &recorder).unwrap();
+    let events = recorder.events.into_inner().unwrap();
+    let Some((Event::Early(early), validated)) = events.split_first() else { panic!("{events:?}") };
+    assert!(early.tensors().is_empty());
+    assert_eq!(early.index_file(), plan.index_file());
+    assert_eq!(early.shards().len(), 6);
+    for (i, (e, p)) in early.shards().iter().zip(plan.shards()).enumerate() {
+        assert_eq!((&e.path, &e.name, e.identity), (&p.path, &p.name, p.identity));
+        assert_eq!((e.data_start(), e.data_len), (p.data_start(), p.data_len), "shard {i}");
+        assert_eq!(early.reopens(i), i >= 4, "shard {i}");
+    }
+    let mut seen: Vec<(usize, u64)> = validated
+        .iter()
+        .map(|e| match e {
+            Event::Validated(i, h) => (*i, *h),
+            other => panic!("{other:?} after the early plan"),
+        })
+        .collect();
+    seen.sort();
+    let hashes: Vec<(usize, u64)> = plan.shards().iter().enumerate().map(|(i, s)| (i, s.header_hash)).collect();
+    assert_eq!(seen, hashes);
+}
+
+/// A header that fails validation is never reported as validated, and its error is the
+/// plan's; the early plan still came first.
+#[test]
+fn an_observer_hears_nothing_of_a_header_that_fails() {
+    let dir = dir();
+    write_shard(&dir.join("m-0.safetensors"), &[("a", Dtype::U8, &[3])]);
+    let bad = dir.join("m-1.safetensors");
+    let json = br#"{"b":{"dtype":"X9","shape":[1],"data_offsets":[0,1]}}"#;
+    let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(json);
+    bytes.push(0);
+    fs::write(&bad, bytes).unwrap();
+    let recorder = Recorder::default();
+    let err = tensorlift_io::open_checkpoint_observed(&dir, &PlanLimits::default(), &recorder).unwrap_err();
+    assert!(err.to_string().contains("m-1.safetensors"), "{err}");
+    let events = recorder.events.into_inner().unwrap();
+    assert!(matches!(events.as_slice(), [Event::Early(_), Event::Validated(0, _)]), "{events:?}");
+}
