@@ -86,6 +86,10 @@ struct Args {
     /// (on by default; see `LoaderBuilder::prefault`).
     #[arg(long)]
     no_prefault: bool,
+    /// tensorlift: read nothing before the whole plan stands (by default a host load reads
+    /// each shard once its own header is validated; see `LoaderBuilder::read_while_planning`).
+    #[arg(long)]
+    plan_first: bool,
     /// tensorlift: O_DIRECT policy, auto, always or never (default auto).
     #[arg(long, value_parser = |s: &str| s.parse::<tensorlift::DirectIo>())]
     direct: Option<tensorlift::DirectIo>,
@@ -298,6 +302,9 @@ fn builder(args: &Args) -> anyhow::Result<tensorlift::LoaderBuilder> {
     }
     if args.no_prefault {
         b = b.prefault(false);
+    }
+    if args.plan_first {
+        b = b.read_while_planning(false);
     }
     if let Some(to) = args.convert_to {
         b = b.convert_to(to);

@@ -47,6 +47,10 @@ pub struct Args {
     /// Do not fault in new host memory ahead of the reads (on by default).
     #[arg(long)]
     no_prefault: bool,
+    /// Read nothing before the whole plan stands (by default a load to the CPU reads each
+    /// shard once its own header is validated).
+    #[arg(long)]
+    plan_first: bool,
 }
 
 fn parse_direct(s: &str) -> Result<DirectIo, String> {
@@ -92,6 +96,9 @@ pub fn run(args: &Args, out: &mut dyn Write) -> anyhow::Result<()> {
     }
     if args.no_prefault {
         builder = builder.prefault(false);
+    }
+    if args.plan_first {
+        builder = builder.read_while_planning(false);
     }
     let bar = progress_bar();
     if let Some(bar) = bar.clone() {
@@ -195,6 +202,7 @@ fn to_json(model: &Model, digests: Option<&[String]>) -> serde_json::Value {
         "reused_host_bytes": s.reused_host_bytes,
         "prefaulted_bytes": s.prefaulted_bytes,
         "first_read_seconds": s.first_read.map(|d| d.as_secs_f64()),
+        "planned_seconds": s.planned.map(|d| d.as_secs_f64()),
         "prefault_failure": s.prefault_failure,
         "seconds": s.wall.as_secs_f64(),
         "gbps": s.gbps(),

@@ -38,6 +38,9 @@ struct Extent {
     chunks: Vec<Option<HostChunk>>,
     /// Chunks still to land for each tensor of `span.tensors`.
     remaining: Vec<usize>,
+    /// Which chunks have landed, by index: for a span read before its tensors were known
+    /// ([`HostSink::planned`]).
+    landed: Vec<bool>,
 }
 
 pub(crate) struct HostSink {
@@ -145,9 +148,12 @@ impl HostSink {
         for (span, kept) in spans.into_iter().zip(kept_spans.iter_mut()) {
             fresh_spans.push(kept.is_none());
             let len = span.len() as usize;
-            let (memory, chunks) = match sink.claims[span.tensors[0]].as_ref().filter(|_| span.solo) {
+            // A solo span has one tensor; a span read before planning ended has none yet.
+            let claim = span.tensors.first().and_then(|&t| sink.claims.get(t)?.as_ref());
+            let (memory, chunks) = match claim.filter(|_| span.solo) {
                 Some(claim) => {
-                    let chunks = claim.take_chunks(chunk).into_iter().map(|c| Some(HostChunk::Caller(c))).collect();
+                    let chunks: Vec<_> =
+                        claim.take_chunks(chunk).into_iter().map(|c| Some(HostChunk::Caller(c))).collect();
                     (Memory::Caller(Arc::clone(claim)), chunks)
                 }
                 None => {
@@ -162,7 +168,8 @@ impl HostSink {
             };
             let mut now = Vec::new();
             let remaining = chunks_to_wait_for(plan, &span, chunk, |t| now.push(t));
-            let extent = Extent { span, memory, chunks, remaining };
+            let landed = vec![false; chunks.len()];
+            let extent = Extent { span, memory, chunks, remaining, landed };
             for t in now {
                 let out = sink.outputs.get_mut(t).and_then(Option::take);
                 ready.push_back(sink.make(plan, &extent, t, out)?);
@@ -209,6 +216,42 @@ impl HostSink {
         Ok(sink)
     }
 
+    /// The tensors of spans that were read before planning ended: `spans` are the plan's
+    /// ([`crate::layout::spans`]), each within the span this sink was made with for its
+    /// shard ([`crate::layout::shard_spans`], one a shard, in order). Tensors whose chunks
+    /// have all landed go to `ready`; the others as their chunks land.
+    pub(crate) fn planned(
+        &mut self,
+        plan: &LoadPlan,
+        spans: Vec<Span>,
+        ready: &mut VecDeque<Tensor>,
+    ) -> Result<(), LoadError> {
+        let chunk = self.chunk;
+        for span in spans {
+            let e = match self.extents.get_mut(span.shard) {
+                Some(e) if e.span.shard == span.shard && e.span.base == span.base && span.end <= e.span.end => e,
+                // Both come from the same header bytes: a mismatch is a bug.
+                _ => return Err(LoadError::PlanningFailed),
+            };
+            e.remaining = span
+                .tensors
+                .iter()
+                .map(|&t| {
+                    let covering = crate::layout::chunks_covering(&span.range_of(&plan.tensors()[t]), chunk);
+                    covering.filter(|&c| !e.landed.get(c).copied().unwrap_or(false)).count()
+                })
+                .collect();
+            e.span.tensors = span.tensors;
+            let e = &self.extents[span.shard];
+            for (&t, &left) in e.span.tensors.iter().zip(&e.remaining) {
+                if left == 0 {
+                    ready.push_back(self.make(plan, e, t, None)?);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Stops the prefaulting threads (every chunk has landed: they have nothing left) and
     /// returns the bytes they faulted in, and why they stopped early if they did.
     pub(crate) fn finish_prefault(&mut self) -> (u64, Option<String>) {
@@ -243,7 +286,7 @@ impl HostSink {
         let r = e.span.range_of(pt);
         let range = r.start as usize..r.end as usize;
         let (dtype, _) = crate::place::loaded_as(pt, self.convert_to);
-        let Some(claim) = &self.claims[t] else {
+        let Some(claim) = self.claims.get(t).and_then(Option::as_ref) else {
             if pt.gather.is_none() && dtype == pt.dtype {
                 return Ok(Tensor::host(&pt.name, pt.dtype, &pt.shape, Arc::clone(arena), range));
             }
@@ -302,6 +345,9 @@ impl Sink for HostSink {
             }
             _ => return Ok(0),
         };
+        if let Some(landed) = e.landed.get_mut(index) {
+            *landed = true;
+        }
         let done = completed_by(plan, &e.span, &mut e.remaining, index, self.chunk);
         let e = &self.extents[read.span];
         for t in done {

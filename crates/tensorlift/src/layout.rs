@@ -70,6 +70,22 @@ pub(crate) fn spans(plan: &LoadPlan, solo: impl Fn(usize) -> bool) -> Vec<Span> 
     out
 }
 
+/// The spans of a plan whose headers are not parsed yet ([`LoadPlan::unparsed`]): each
+/// shard's whole data section, from the page its header ends in to the end of the file.
+/// A validated header's tensors cover exactly that (contiguous from its end, ending at the
+/// file's), so these are the spans [`spans`] finds once the tensors are known, less their
+/// tensors; a shard with no tensors has a span here and none there.
+pub(crate) fn shard_spans(plan: &LoadPlan) -> Vec<Span> {
+    plan.shards()
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let start = s.data_start().min(s.file_len);
+            Span { shard: i, base: start - start % PAGE as u64, end: s.file_len, tensors: Vec::new(), solo: false }
+        })
+        .collect()
+}
+
 /// One read: chunk `index` of span `span`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Read {

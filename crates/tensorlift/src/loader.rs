@@ -5,11 +5,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
-use tensorlift_io::{BackendKind, Checkpoint, Faults, MapContract, PlanLimits, Reader};
+use tensorlift_io::{BackendKind, Checkpoint, Faults, MapContract, PlanLimits, PlanObserver, Reader};
 use tracing::Instrument;
 
 use crate::dest_cuda::CudaTarget;
 use crate::device::DEVICE_ENV;
+use crate::pipeline::PlanEvent;
 use crate::{Device, LoadError, LoadStats, Model, Progress, Sharding, SliceRule, TensorSlice, TensorStream};
 
 pub(crate) type ProgressFn = Arc<dyn Fn(Progress) + Send + Sync>;
@@ -82,6 +83,7 @@ pub(crate) struct Config {
     pub streams: usize,
     pub huge_pages: HugePages,
     pub prefault: bool,
+    pub read_while_planning: bool,
     pub convert_to: Option<tensorlift_format::Dtype>,
     pub slices: crate::slicing::Slices,
     pub place: Option<Arc<dyn crate::place::PlaceRule>>,
@@ -162,6 +164,7 @@ impl Default for LoaderBuilder {
                 streams: DEFAULT_STREAMS,
                 huge_pages: HugePages::Auto,
                 prefault: true,
+                read_while_planning: true,
                 convert_to: None,
                 slices: Default::default(),
                 place: None,
@@ -302,6 +305,19 @@ impl LoaderBuilder {
     /// CPU, four at most). [`LoadStats::prefaulted_bytes`] says how much it did.
     pub fn prefault(mut self, on: bool) -> Self {
         self.cfg.prefault = on;
+        self
+    }
+    /// Whether a host load of a whole checkpoint starts reading before planning ends
+    /// (default true): once every header is read, each shard's reads start as soon as its
+    /// own header is validated, while the other headers are parsed and the plan is checked
+    /// across shards. Tensors are handed out only once the plan stands either way, and a
+    /// checkpoint that fails its checks fails the load with the same error. Off, nothing
+    /// is read before the plan stands (on a machine with no idle CPU, the reads and the
+    /// parsing share the CPUs, and a warm load gains nothing). Loads with a filter, slices,
+    /// a conversion, caller memory or mapped views, and loads to a GPU, always plan first.
+    /// [`LoadStats::planned`] and [`LoadStats::first_read`] show the overlap.
+    pub fn read_while_planning(mut self, on: bool) -> Self {
+        self.cfg.read_while_planning = on;
         self
     }
     /// Whether host memory of dropped tensors is kept for this loader's next load (default
@@ -581,23 +597,32 @@ impl Loader {
         }
     }
 
-    /// Starts loading `path` and yields tensors as their bytes land. Plans on the calling
-    /// thread first (see [`plan`](Self::plan)).
+    /// Starts loading `path` and yields tensors as their bytes land. Blocks the calling
+    /// thread while headers are read; a host load of a whole checkpoint then reads each
+    /// shard once its own header is validated, while the other headers are parsed on a
+    /// thread of the loader's (other loads plan first). Tensors come only once the whole
+    /// plan stands: a checkpoint that fails its checks yields none, only the error.
     pub fn stream(&self, path: impl AsRef<Path>) -> Result<TensorStream, LoadError> {
         let started = Instant::now();
-        self.start(self.plan(path)?, started)
+        tensorlift_io::block_on(self.start_planning(path.as_ref(), started))
     }
 
     /// Starts loading a plan made earlier (by [`plan`](Self::plan) or [`crate::plan`]). A
     /// shard that changed since is refused with [`LoadError::ShardChanged`].
     pub fn stream_plan(&self, plan: Checkpoint) -> Result<TensorStream, LoadError> {
-        self.start(plan, Instant::now())
+        self.start(plan, Instant::now(), false)
     }
 
     /// `started` is when the load began (before planning, where the caller planned), so that
-    /// the wall time in the stats covers planning, opening and reading.
-    fn start(&self, plan: Checkpoint, started: Instant) -> Result<TensorStream, LoadError> {
-        let stats = LoadStats {
+    /// the wall time in the stats covers planning, opening and reading. `fresh` when this
+    /// load made the plan (a plan made earlier has each shard's header read again).
+    fn start(&self, plan: Checkpoint, started: Instant, fresh: bool) -> Result<TensorStream, LoadError> {
+        TensorStream::start(Arc::clone(&self.reader), plan, &self.cfg, &self.target, self.new_stats(), started, fresh)
+    }
+
+    /// The statistics of a load that has not started.
+    fn new_stats(&self) -> LoadStats {
+        LoadStats {
             bytes: 0,
             bytes_read: 0,
             checkpoint_bytes: 0,
@@ -616,17 +641,75 @@ impl Loader {
             prefaulted_bytes: 0,
             prefault_failure: None,
             first_read: None,
+            planned: None,
             reused_host_bytes: 0,
-        };
-        TensorStream::start(Arc::clone(&self.reader), plan, &self.cfg, &self.target, stats, started)
+        }
+    }
+
+    /// Whether a load of a path can start reading before planning ends: a host load that
+    /// reads every tensor as stored, into memory of its own (see
+    /// [`TensorStream::start_early`]).
+    fn reads_while_planning(&self) -> bool {
+        let c = &self.cfg;
+        c.read_while_planning
+            && matches!(self.target, Target::Host)
+            && c.filter.is_empty()
+            && c.slices.is_empty()
+            && c.convert_to.is_none()
+            && c.place.is_none()
+            && c.map_views.is_none()
+    }
+
+    /// Plans `path` on a thread of its own and starts reading as soon as it can: once
+    /// every header is read, each shard once its own header is validated (where
+    /// [`reads_while_planning`](Self::reads_while_planning) allows; else after planning).
+    async fn start_planning(&self, path: &Path, started: Instant) -> Result<TensorStream, LoadError> {
+        if !self.reads_while_planning() {
+            return self.start(self.plan_elsewhere(path).await?, started, true);
+        }
+        let planner = self.planner();
+        let owned = path.to_path_buf();
+        let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+        let spawned = std::thread::Builder::new().name("tensorlift-plan".into()).spawn(move || {
+            let plan = planner.plan_observed(&owned, Some(&Forward(tx.clone())));
+            let _ = tx.send(PlanEvent::Done(plan));
+        });
+        if spawned.is_err() {
+            // No thread to be had: plan on this one.
+            return self.start(self.plan(path)?, started, true);
+        }
+        loop {
+            match events.recv().await {
+                Some(PlanEvent::Early(early)) => {
+                    let reader = Arc::clone(&self.reader);
+                    return match TensorStream::start_early(reader, early, &self.cfg, self.new_stats(), started) {
+                        Ok(stream) => Ok(stream.planning(events)),
+                        // Memory was refused before the headers were validated: an error of
+                        // planning's, which a load that planned first would have met first,
+                        // comes first.
+                        Err(e) => loop {
+                            match events.recv().await {
+                                Some(PlanEvent::Done(Err(planning))) => break Err(planning),
+                                Some(PlanEvent::Done(Ok(_))) | None => break Err(e),
+                                Some(_) => {}
+                            }
+                        },
+                    };
+                }
+                // Headers of a checkpoint that cannot start early (PyTorch files).
+                Some(PlanEvent::Validated(..)) => {}
+                Some(PlanEvent::Done(plan)) => return self.start(plan?, started, true),
+                // No answer means the thread panicked: a bug, reported as such.
+                None => return Err(LoadError::PlanningFailed),
+            }
+        }
     }
 
     /// Loads every (selected) tensor of `path`. Headers are read and parsed on a thread of
     /// the loader's, reads by its I/O workers: the caller's thread only waits.
     pub async fn load(&self, path: impl AsRef<Path>) -> Result<Model, LoadError> {
         let started = Instant::now();
-        let plan = self.plan_elsewhere(path.as_ref()).await?;
-        collect(self.start(plan, started)?).await
+        collect(self.start_planning(path.as_ref(), started).await?).await
     }
 
     /// Loads the tensors of a plan made earlier whose names are in `names` (exact names,
@@ -662,10 +745,35 @@ struct Planner {
     slices: crate::slicing::Slices,
 }
 
+/// Forwards what planning reports to a load that starts early.
+struct Forward(tokio::sync::mpsc::UnboundedSender<PlanEvent>);
+
+impl PlanObserver for Forward {
+    fn wants_early_plan(&self) -> bool {
+        true
+    }
+
+    fn headers_read(&self, early: Checkpoint) {
+        // A load that was dropped no longer listens.
+        let _ = self.0.send(PlanEvent::Early(early));
+    }
+
+    fn validated(&self, i: usize, header_hash: u64) {
+        let _ = self.0.send(PlanEvent::Validated(i, header_hash));
+    }
+}
+
 impl Planner {
     fn plan(&self, path: &Path) -> Result<Checkpoint, LoadError> {
+        self.plan_observed(path, None)
+    }
+
+    fn plan_observed(&self, path: &Path, observer: Option<&dyn PlanObserver>) -> Result<Checkpoint, LoadError> {
         let _span = tracing::info_span!("plan", path = %path.display()).entered();
-        let mut plan = tensorlift_io::open_checkpoint(path, &self.limits)?;
+        let mut plan = match observer {
+            Some(o) => tensorlift_io::open_checkpoint_observed(path, &self.limits, o)?,
+            None => tensorlift_io::open_checkpoint(path, &self.limits)?,
+        };
         if let Some(set) = &self.filter {
             let before = plan.tensors().len();
             plan.retain(|t| set.is_match(&t.name));

@@ -11,16 +11,33 @@ use crate::layout::Span;
 use crate::loader::DirectIo;
 use crate::{LoadError, LoadStats, Tensor};
 
+/// Whether a load reads a shard's header again, to compare it with the one planned.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Recheck {
+    /// The plan was made before this load (by [`crate::Loader::plan`]): the file may have
+    /// changed since, so every shard's header is read again and compared.
+    Always,
+    /// The plan was made by this load, which reads the descriptors planning read the headers
+    /// from: only a shard reopened by its name is compared, with the header hash given.
+    Reopened(u64),
+}
+
 /// Opens shard `i` of `plan` for reading, and counts it as direct or buffered.
 pub(crate) fn open_shard(
     reader: &Reader,
     plan: &mut Checkpoint,
     i: usize,
     direct: DirectIo,
+    recheck: Recheck,
     stats: &mut LoadStats,
 ) -> Result<Arc<OpenFile>, LoadError> {
+    let reopened = plan.reopens(i);
     let file = plan.take_shard(i).map_err(open_error)?;
     let shard = &plan.shards()[i];
+    let header = match recheck {
+        Recheck::Always => Some(shard.header_hash),
+        Recheck::Reopened(hash) => reopened.then_some(hash),
+    };
     // A shard already in the page cache reads faster buffered; O_DIRECT would go to disk.
     let direct = match direct {
         DirectIo::Always => true,
@@ -28,7 +45,7 @@ pub(crate) fn open_shard(
         DirectIo::Auto => cache::resident_estimate(&file).map_or(true, |f| f < 0.5),
     };
     let file = reader.open_file(&shard.path, file, direct).map_err(open_error)?;
-    check_unchanged(shard, &file)?;
+    check_unchanged(shard, header, &file)?;
     if file.is_direct() {
         stats.direct_shards += 1;
     } else {
@@ -43,6 +60,7 @@ pub(crate) fn map_all(
     spans: &[Span],
     contract: MapContract,
     convert_to: Option<tensorlift_format::Dtype>,
+    fresh: bool,
     ready: &mut VecDeque<Tensor>,
     stats: &mut LoadStats,
 ) -> Result<(), LoadError> {
@@ -53,7 +71,8 @@ pub(crate) fn map_all(
             Some((s, m)) if *s == e.shard => Arc::clone(m),
             _ => {
                 // The mapping keeps no descriptor: the file closes once it is mapped.
-                let file = open_shard(&reader, plan, e.shard, DirectIo::Never, stats)?;
+                let recheck = recheck(plan, e.shard, fresh);
+                let file = open_shard(&reader, plan, e.shard, DirectIo::Never, recheck, stats)?;
                 let m = Arc::new(MappedFile::map(&file).map_err(LoadError::Open)?);
                 mapped = Some((e.shard, Arc::clone(&m)));
                 m
@@ -76,6 +95,14 @@ pub(crate) fn map_all(
     Ok(())
 }
 
+/// How a shard of a whole plan is checked: `fresh` when this load made the plan.
+pub(crate) fn recheck(plan: &Checkpoint, i: usize, fresh: bool) -> Recheck {
+    match plan.shards().get(i) {
+        Some(shard) if fresh => Recheck::Reopened(shard.header_hash),
+        _ => Recheck::Always,
+    }
+}
+
 /// A shard that is no longer the planned file is [`LoadError::ShardChanged`].
 pub(crate) fn open_error(e: IoError) -> LoadError {
     match e {
@@ -84,21 +111,23 @@ pub(crate) fn open_error(e: IoError) -> LoadError {
     }
 }
 
-/// Refuses a shard whose length or header differ from what was planned: an edit in place
-/// can keep the modification time that [`Checkpoint::take_shard`] compares.
-fn check_unchanged(shard: &Shard, file: &OpenFile) -> Result<(), LoadError> {
+/// Refuses a shard whose length differs from what was planned, or whose header differs
+/// from the one hashed as `header` (when given): an edit in place can keep the
+/// modification time that [`Checkpoint::take_shard`] compares.
+fn check_unchanged(shard: &Shard, header: Option<u64>, file: &OpenFile) -> Result<(), LoadError> {
     use std::os::unix::fs::FileExt;
     let changed = |what: String| LoadError::ShardChanged { file: shard.path.clone(), what };
     if file.len() != shard.file_len {
         return Err(changed(format!("length is {} bytes, planned {}", file.len(), shard.file_len)));
     }
+    let Some(header) = header else { return Ok(()) };
     // The bytes are compared with the planned header's hash: no second parse.
     let n = shard.data_start() as usize;
     let mut buf = Vec::new();
     buf.try_reserve_exact(n).map_err(|_| LoadError::OutOfMemory { file: shard.path.clone(), bytes: n as u64 })?;
     buf.resize(n, 0);
     file.file().read_exact_at(&mut buf, 0).map_err(|e| changed(format!("cannot re-read its header: {e}")))?;
-    if tensorlift_format::header_hash(&buf) != shard.header_hash {
+    if tensorlift_format::header_hash(&buf) != header {
         return Err(changed("its header differs from the planned one".into()));
     }
     Ok(())

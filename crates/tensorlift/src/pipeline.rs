@@ -7,6 +7,13 @@
 //! memory itself (no staging copy); the CUDA destination lends pinned chunks and copies
 //! them to the device. Shards are opened when their first read is issued and closed after
 //! their last one lands ([`crate::open`]).
+//!
+//! A host load of a whole checkpoint starts before planning ends ([`TensorStream::start_early`]):
+//! once every header is read, each shard's data section is known (it runs from the header's
+//! end to the file's), so its memory is allocated and its reads are laid out; each shard's
+//! reads are issued as soon as its own header is validated, while the other headers are
+//! parsed and the plan is checked across shards. Tensors are handed out only once the whole
+//! plan stands, so a checkpoint that fails its checks yields none.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -77,6 +84,11 @@ struct Scheduler<S: Sink> {
     window: usize,
     /// When the load started (for [`LoadStats::first_read`]).
     started: Instant,
+    /// Whether this load made its plan (see [`crate::open::Recheck`]).
+    fresh: bool,
+    /// While planning goes on: each shard's header hash once it is validated. Reads wait
+    /// for their shard's.
+    validated: Option<Vec<Option<u64>>>,
 }
 
 enum Dest {
@@ -108,6 +120,17 @@ pub struct TensorStream {
     /// An error to report once everything in flight has drained.
     failed: Option<LoadError>,
     stats: LoadStats,
+    /// While planning goes on ([`start_early`](Self::start_early)): what it reports.
+    planning: Option<tokio::sync::mpsc::UnboundedReceiver<PlanEvent>>,
+}
+
+/// What the planning thread of a load that starts early reports, in this order: the plan of
+/// the shards alone (not sent for PyTorch files), each shard as its header is validated,
+/// and the whole plan or the error that ended planning.
+pub(crate) enum PlanEvent {
+    Early(Checkpoint),
+    Validated(usize, u64),
+    Done(Result<Checkpoint, LoadError>),
 }
 
 impl std::fmt::Debug for TensorStream {
@@ -121,6 +144,28 @@ impl std::fmt::Debug for TensorStream {
 }
 
 impl TensorStream {
+    /// A stream with nothing to read yet.
+    fn new(reader: Arc<Reader>, plan: Checkpoint, cfg: &Config, stats: LoadStats, started: Instant) -> Self {
+        TensorStream {
+            reader,
+            direct: cfg.direct,
+            dest: Dest::Mapped,
+            ready: VecDeque::new(),
+            progress: cfg.progress.clone(),
+            done_bytes: 0,
+            total_bytes: 0,
+            started,
+            read_wait: Duration::ZERO,
+            waiting_since: None,
+            finished: false,
+            failed: None,
+            stats,
+            plan,
+            planning: None,
+        }
+    }
+
+    /// Starts loading a whole plan. `fresh` when this load made it.
     pub(crate) fn start(
         reader: Arc<Reader>,
         plan: Checkpoint,
@@ -128,6 +173,7 @@ impl TensorStream {
         target: &crate::loader::Target,
         stats: LoadStats,
         started: Instant,
+        fresh: bool,
     ) -> Result<TensorStream, LoadError> {
         let _span =
             tracing::info_span!("plan_io", tensors = plan.tensors().len(), shards = plan.shards().len()).entered();
@@ -162,22 +208,10 @@ impl TensorStream {
         let spans = layout::spans(&plan, direct);
         let mut shards: Vec<usize> = spans.iter().map(|s| s.shard).collect();
         shards.dedup();
-        let mut stream = TensorStream {
-            reader,
-            direct: cfg.direct,
-            dest: Dest::Mapped,
-            ready: VecDeque::new(),
-            progress: cfg.progress.clone(),
-            done_bytes: 0,
-            total_bytes: 0,
-            started,
-            read_wait: Duration::ZERO,
-            waiting_since: None,
-            finished: false,
-            failed: None,
-            stats,
-            plan,
-        };
+        let mut stream = TensorStream::new(reader, plan, cfg, stats, started);
+        if fresh {
+            stream.stats.planned = Some(started.elapsed());
+        }
         stream.stats.bytes = stream.plan.total_bytes();
         stream.stats.checkpoint_bytes = stream.plan.checkpoint_bytes();
         stream.stats.shards = shards.len();
@@ -194,6 +228,7 @@ impl TensorStream {
                     &spans,
                     contract,
                     cfg.convert_to,
+                    fresh,
                     &mut stream.ready,
                     &mut stream.stats,
                 )?;
@@ -212,14 +247,131 @@ impl TensorStream {
                     &mut stream.stats,
                     &mut stream.ready,
                 )?;
-                stream.dest = Dest::Host(Box::new(Scheduler::new(sink, reads, &stream.plan, cfg, window, started)));
+                stream.dest =
+                    Dest::Host(Box::new(Scheduler::new(sink, reads, &stream.plan, cfg, window, started, fresh)));
             }
             (_, crate::loader::Target::Cuda(cuda)) => {
                 let sink = crate::dest_cuda::CudaSink::new(cuda, &stream.plan, spans, dests, cfg, &mut stream.ready)?;
-                stream.dest = Dest::Cuda(Box::new(Scheduler::new(sink, reads, &stream.plan, cfg, window, started)));
+                stream.dest =
+                    Dest::Cuda(Box::new(Scheduler::new(sink, reads, &stream.plan, cfg, window, started, fresh)));
             }
         }
         Ok(stream)
+    }
+
+    /// Starts a host load of every tensor of a checkpoint while planning goes on: `early` is
+    /// the plan of its shards alone ([`tensorlift_format::LoadPlan::unparsed`]); what
+    /// planning reports next is given with [`planning`](Self::planning). Memory for each shard's data section is taken now, and
+    /// each shard's reads wait for its header to be validated. The caller has checked that
+    /// the load reads everything as it is stored (no filter, slice, conversion, caller
+    /// memory or mapped views), so the plan's spans are these.
+    pub(crate) fn start_early(
+        reader: Arc<Reader>,
+        early: Checkpoint,
+        cfg: &Config,
+        stats: LoadStats,
+        started: Instant,
+    ) -> Result<TensorStream, LoadError> {
+        let _span = tracing::info_span!("plan_io_early", shards = early.shards().len()).entered();
+        let mut stream = TensorStream::new(reader, early, cfg, stats, started);
+        let spans = layout::shard_spans(&stream.plan);
+        let window = (cfg.limits.open_files_bound() / 4).max(1);
+        let reads = layout::reads(&spans, cfg.chunk_size, window);
+        stream.total_bytes = reads.iter().map(|r| r.len as u64).sum();
+        let sink = crate::dest_host::HostSink::new(
+            &stream.plan,
+            spans,
+            Vec::new(),
+            None,
+            cfg.chunk_size,
+            cfg.huge_pages,
+            cfg.prefault_threads(),
+            &reads,
+            &cfg.host_pool,
+            &mut stream.stats,
+            &mut stream.ready,
+        )?;
+        let mut scheduler = Scheduler::new(sink, reads, &stream.plan, cfg, window, started, true);
+        scheduler.validated = Some(vec![None; stream.plan.shards().len()]);
+        stream.dest = Dest::Host(Box::new(scheduler));
+        Ok(stream)
+    }
+
+    /// The stream of [`start_early`](Self::start_early), told what planning reports next.
+    pub(crate) fn planning(mut self, events: tokio::sync::mpsc::UnboundedReceiver<PlanEvent>) -> Self {
+        self.planning = Some(events);
+        self
+    }
+
+    /// Takes in what planning reported since the last call; the stream waits for more
+    /// (`cx` is woken) while planning goes on.
+    fn poll_planning(&mut self, cx: &mut Context<'_>) {
+        while let Some(events) = self.planning.as_mut() {
+            let Poll::Ready(event) = events.poll_recv(cx) else { return };
+            match event {
+                Some(PlanEvent::Validated(i, hash)) => {
+                    if let Dest::Host(s) = &mut self.dest {
+                        if let Some(slot) = s.validated.as_mut().and_then(|v| v.get_mut(i)) {
+                            *slot = Some(hash);
+                        }
+                    }
+                }
+                // Sent once, before this stream was made.
+                Some(PlanEvent::Early(_)) => {}
+                Some(PlanEvent::Done(Ok(plan))) => {
+                    self.planning = None;
+                    if let Err(e) = self.planned(plan) {
+                        self.failed = Some(e);
+                    }
+                }
+                Some(PlanEvent::Done(Err(e))) => {
+                    self.planning = None;
+                    self.failed = Some(e);
+                }
+                // The planning thread ended without a word: it panicked (a bug).
+                None => {
+                    self.planning = None;
+                    self.failed = Some(LoadError::PlanningFailed);
+                }
+            }
+        }
+    }
+
+    /// Planning ended with `plan`, which replaces the plan of the shards alone: the tensors
+    /// whose bytes have landed are ready, the others will be as their chunks land.
+    fn planned(&mut self, mut plan: Checkpoint) -> Result<(), LoadError> {
+        let same_shards = plan.shards().len() == self.plan.shards().len()
+            && plan
+                .shards()
+                .iter()
+                .zip(self.plan.shards())
+                .all(|(a, b)| a.identity == b.identity && a.data_start() == b.data_start());
+        let Dest::Host(s) = &mut self.dest else { return Err(LoadError::PlanningFailed) };
+        if !same_shards {
+            return Err(LoadError::PlanningFailed);
+        }
+        let per_tensor = plan.tensors().len() as u64 * TENSOR_OVERHEAD;
+        if !tensorlift_io::can_allocate(per_tensor) {
+            return Err(LoadError::OutOfMemory { file: plan_file(&plan), bytes: per_tensor });
+        }
+        let spans = layout::spans(&plan, |_| false);
+        let mut shards: Vec<usize> = spans.iter().map(|s| s.shard).collect();
+        shards.dedup();
+        self.stats.planned = Some(self.started.elapsed());
+        self.stats.bytes = plan.total_bytes();
+        self.stats.checkpoint_bytes = plan.checkpoint_bytes();
+        self.stats.shards = shards.len();
+        s.sink.planned(&plan, spans, &mut self.ready)?;
+        s.validated = None;
+        // The shards already opened took the early plan's descriptors; the plan's copies of
+        // them are closed, so that a shard's descriptor closes after its last read.
+        for i in 0..plan.shards().len() {
+            if self.plan.reopens(i) {
+                plan.release_shard(i);
+            }
+        }
+        self.plan = plan;
+        Ok(())
     }
 
     /// The next tensor whose bytes have all landed; `None` when the load is complete.
@@ -253,6 +405,12 @@ impl TensorStream {
             if self.finished {
                 return Poll::Ready(None);
             }
+            if self.planning.is_some() {
+                self.poll_planning(cx);
+                if self.failed.is_some() || !self.ready.is_empty() {
+                    continue;
+                }
+            }
             let step = match &mut self.dest {
                 Dest::Host(s) => {
                     s.poll_step(cx, &self.reader, &mut self.plan, self.direct, &mut self.ready, &mut self.stats)
@@ -279,6 +437,8 @@ impl TensorStream {
                         }
                     }
                 }
+                // Every read landed before planning ended: its end wakes the stream.
+                Poll::Ready(Ok(Step::Done)) if self.planning.is_some() => return Poll::Pending,
                 Poll::Ready(Ok(Step::Done)) => self.finish(),
                 Poll::Ready(Err(e)) => self.failed = Some(e),
             }
@@ -324,7 +484,15 @@ impl futures_core::Stream for TensorStream {
 }
 
 impl<S: Sink> Scheduler<S> {
-    fn new(sink: S, reads: Vec<Read>, plan: &LoadPlan, cfg: &Config, window: usize, started: Instant) -> Self {
+    fn new(
+        sink: S,
+        reads: Vec<Read>,
+        plan: &LoadPlan,
+        cfg: &Config,
+        window: usize,
+        started: Instant,
+        fresh: bool,
+    ) -> Self {
         let mut reads_left = vec![0; plan.shards().len()];
         for r in &reads {
             reads_left[r.shard] += 1;
@@ -342,6 +510,8 @@ impl<S: Sink> Scheduler<S> {
             open: 0,
             window,
             started,
+            fresh,
+            validated: None,
         }
     }
 
@@ -365,7 +535,15 @@ impl<S: Sink> Scheduler<S> {
                 // A new shard waits until one of the window closes.
                 None if self.open >= self.window => break,
                 None => {
-                    let f = crate::open::open_shard(reader, plan, read.shard, direct, stats)?;
+                    let recheck = match &self.validated {
+                        // Planning goes on: a shard is read once its header is validated.
+                        Some(v) => match v.get(read.shard).copied().flatten() {
+                            Some(hash) => crate::open::Recheck::Reopened(hash),
+                            None => break,
+                        },
+                        None => crate::open::recheck(plan, read.shard, self.fresh),
+                    };
+                    let f = crate::open::open_shard(reader, plan, read.shard, direct, recheck, stats)?;
                     self.files[read.shard] = Some(Arc::clone(&f));
                     self.open += 1;
                     f
@@ -457,7 +635,10 @@ fn read_error(plan: &LoadPlan, read: &Read, source: tensorlift_io::IoError) -> L
         .tensors()
         .iter()
         .find(|t| t.shard == read.shard && t.file_range.end > range.start && t.file_range.start < range.end)
-        .map_or_else(|| "<padding>".to_owned(), |t| t.name.clone());
+        .map_or_else(
+            || if plan.tensors().is_empty() { "<not yet planned>" } else { "<padding>" }.to_owned(),
+            |t| t.name.clone(),
+        );
     LoadError::Read { file: plan.shards()[read.shard].path.clone(), tensor, source }
 }
 

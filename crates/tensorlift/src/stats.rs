@@ -32,6 +32,11 @@ pub struct LoadStats {
     /// what planning, laying out and allocating cost before any byte moves. `None` when
     /// nothing was read (zero-copy views, an empty selection).
     pub first_read: Option<Duration>,
+    /// Time from the start of the load to the moment its whole plan stood: every header
+    /// parsed, and the checks across shards done. A host load of a whole checkpoint starts
+    /// reading each shard once its own header is validated, so its `first_read` can come
+    /// before this; other loads read after it. `None` for a plan made before the load.
+    pub planned: Option<Duration>,
     /// Time the pipeline spent waiting for reads.
     pub read_wait: Duration,
     /// Time spent copying to the device (zero on the CPU path, which reads in place).

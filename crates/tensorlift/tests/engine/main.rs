@@ -5,6 +5,7 @@ mod convert;
 mod correctness;
 mod faults;
 mod place;
+mod planning;
 mod slices;
 mod support;
 mod views;

@@ -1,0 +1,177 @@
+//! Reading while planning goes on: a host load of a whole checkpoint reads each shard once
+//! its own header is validated, and hands out tensors only once the whole plan stands.
+
+use std::time::Duration;
+
+use tensorlift::Dtype;
+
+use crate::support::*;
+
+/// 24 shards of 2,500 small tensors and one large one each: the first shard is read
+/// while the later headers are parsed (the first read comes before the plan stands, by a
+/// wide margin: 60,000 tensors take far longer to parse than one shard's header), and every
+/// tensor is the file's, whether its chunks landed before the plan stood or after (the
+/// progress callback slows the reads so that both happen). A load told to plan first, or
+/// with a filter, reads nothing before the plan stands.
+#[test]
+fn a_shard_is_read_once_its_own_header_is_validated() {
+    let dir = scratch();
+    let names: Vec<String> = (0..60_000).map(|i| format!("model.layers.{i}.self_attn.o_proj.weight")).collect();
+    let bigs: Vec<String> = (0..24).map(|s| format!("big.{s}")).collect();
+    let shapes: Vec<[usize; 1]> = (1..=7).map(|n| [n]).collect();
+    let shards: Vec<Vec<Spec<'_>>> = (0..24)
+        .map(|s| {
+            let mut specs: Vec<Spec<'_>> = names[s * 2500..(s + 1) * 2500]
+                .iter()
+                .enumerate()
+                .map(|(k, n)| (n.as_str(), Dtype::F32, &shapes[k % 7][..]))
+                .collect();
+            specs.insert(1250, (bigs[s].as_str(), Dtype::U8, &[3 << 20][..]));
+            specs
+        })
+        .collect();
+    let refs: Vec<&[Spec<'_>]> = shards.iter().map(Vec::as_slice).collect();
+    let truth = write_sharded(&dir, &refs);
+    for (what, loader) in loaders_with(256 << 10, |b| b.progress(|_| std::thread::sleep(Duration::from_micros(300)))) {
+        let model = loader.load_blocking(&dir).unwrap();
+        assert_identical(&model, &truth, &what);
+        let s = model.stats();
+        assert_eq!((s.tensors, s.shards), (60_024, 24), "{what}");
+        let planned = s.planned.expect("this load made its plan");
+        if let Some(first) = s.first_read {
+            assert!(first < planned, "{what}: first read at {first:?}, plan stood at {planned:?}");
+        }
+    }
+    // Loads that plan first read nothing before the plan stands: asked to, or with a filter.
+    let plan_first = base().read_while_planning(false).build().unwrap();
+    let filtered = base().filter(["big.*", "model.*"]).build().unwrap();
+    for (what, loader) in [("plan first", plan_first), ("filtered", filtered)] {
+        let model = loader.load_blocking(&dir).unwrap();
+        assert_identical(&model, &truth, what);
+        let (first, planned) = (model.stats().first_read.unwrap(), model.stats().planned.unwrap());
+        assert!(first >= planned, "{what}: first read at {first:?}, plan stood at {planned:?}");
+    }
+}
+
+/// A header that fails validation in a later shard fails the load with the error planning
+/// alone gives, after the earlier shards' reads began; the stream hands out no tensor
+/// before it, and the loader's next load is whole.
+#[test]
+fn a_later_shard_that_fails_validation_fails_the_load_with_planning_s_error() {
+    let dir = scratch();
+    let specs: [&[Spec<'_>]; 3] =
+        [&[("a", Dtype::U8, &[1 << 20])], &[("b", Dtype::F32, &[7])], &[("c", Dtype::U8, &[5])]];
+    let truth = write_sharded(&dir, &specs);
+    let good = std::fs::read(dir.join("model-00003-of-00003.safetensors")).unwrap();
+    // The third shard's header says a dtype that does not exist; same length.
+    let mut bad = good.clone();
+    let at = bad.windows(4).position(|w| w == b"\"U8\"").unwrap();
+    bad[at + 1..at + 3].copy_from_slice(b"X9");
+    std::fs::write(dir.join("model-00003-of-00003.safetensors"), &bad).unwrap();
+    let want = tensorlift::plan(&dir).unwrap_err().to_string();
+    assert!(want.contains("model-00003-of-00003.safetensors"), "{want}");
+    let loader = base().build().unwrap();
+    for what in ["stream", "load"] {
+        let err = match what {
+            "stream" => {
+                let mut stream = loader.stream(&dir).unwrap();
+                match tensorlift::block_on(stream.next()) {
+                    Some(Err(e)) => e,
+                    other => panic!("{other:?}"),
+                }
+            }
+            _ => loader.load_blocking(&dir).unwrap_err(),
+        };
+        assert_eq!(err.to_string(), want, "{what}");
+    }
+    std::fs::write(dir.join("model-00003-of-00003.safetensors"), &good).unwrap();
+    assert_identical(&loader.load_blocking(&dir).unwrap(), &truth, "after a failed load");
+}
+
+/// An index that disagrees with the headers is found after every header is validated, and
+/// so after reads began: the load fails with planning's own error.
+#[test]
+fn an_index_that_disagrees_fails_the_load_with_planning_s_error() {
+    let dir = scratch();
+    write_shard(&dir.join("s-1.safetensors"), &[("a", Dtype::U8, &[300_000]), ("b", Dtype::U8, &[3])]);
+    write_shard(&dir.join("s-2.safetensors"), &[("c", Dtype::U8, &[300_000])]);
+    tensorlift_testkit::write_index(
+        &dir,
+        &[("a", "s-1.safetensors"), ("b", "s-2.safetensors"), ("c", "s-2.safetensors")],
+    );
+    let want = tensorlift::plan(&dir).unwrap_err().to_string();
+    for (what, loader) in loaders(64 << 10) {
+        let got = loader.load_blocking(&dir).unwrap_err().to_string();
+        assert_eq!(got, want, "{what}");
+    }
+}
+
+/// Shards whose data sections hold nothing, or nothing past the page their header ends in:
+/// a shard with no tensors, one of empty tensors only, and one whose header ends exactly on
+/// a page boundary; each read while planning goes on, identical to the files.
+#[test]
+fn shards_with_little_or_nothing_to_read_load_while_planning() {
+    let dir = scratch();
+    let mut truth = write_shard(&dir.join("a-1.safetensors"), &quirky());
+    truth.extend(write_shard(&dir.join("a-2.safetensors"), &[]));
+    truth.extend(write_shard(
+        &dir.join("a-3.safetensors"),
+        &[("empty_bf16", Dtype::BF16, &[0, 4]), ("nil", Dtype::U8, &[0])],
+    ));
+    // 8 + N = 4096: the data section starts on a page.
+    let mut json = br#"{"paged":{"dtype":"U8","shape":[5000],"data_offsets":[0,5000]}}"#.to_vec();
+    json.resize(4088, b' ');
+    let data = tensorlift_testkit::pattern(5000, 7);
+    let mut bytes = 4088u64.to_le_bytes().to_vec();
+    bytes.extend_from_slice(&json);
+    bytes.extend_from_slice(&data);
+    std::fs::write(dir.join("a-4.safetensors"), bytes).unwrap();
+    truth.insert("paged".into(), data);
+    for (what, loader) in loaders(4096) {
+        let model = loader.load_blocking(&dir).unwrap();
+        assert_identical(&model, &truth, &what);
+    }
+}
+
+/// More shards than planning keeps open: the others are reopened by name, checked against
+/// the header hash each was validated with, and read whole.
+#[test]
+fn shards_planning_closed_are_reopened_and_read_while_planning() {
+    let dir = scratch();
+    let names: Vec<String> = (0..10).map(|i| format!("t{i}")).collect();
+    let shapes: Vec<[usize; 1]> = (0..10).map(|i| [1000 + 4099 * i]).collect();
+    let shards: Vec<Vec<Spec<'_>>> = (0..10).map(|i| vec![(names[i].as_str(), Dtype::U8, &shapes[i][..])]).collect();
+    let refs: Vec<&[Spec<'_>]> = shards.iter().map(Vec::as_slice).collect();
+    let truth = write_sharded(&dir, &refs);
+    for (what, loader) in loaders_with(8192, |b| b.max_open_files(4)) {
+        assert_identical(&loader.load_blocking(&dir).unwrap(), &truth, &what);
+    }
+}
+
+/// Memory is taken for each shard's data section before its header is validated. A
+/// checkpoint whose memory cannot be had fails with `HostMemory`; one that also fails its
+/// checks fails with planning's error, as a load that planned first would.
+#[test]
+fn a_checkpoint_that_fails_its_checks_reports_that_before_memory() {
+    use std::io::Write;
+    let dir = scratch();
+    // A terabyte, sparse: no machine that runs these tests has it to spare.
+    let huge = 1u64 << 40;
+    let write = |name: &str, json: String, data: u64| {
+        let mut f = std::fs::File::create(dir.join(name)).unwrap();
+        f.write_all(&(json.len() as u64).to_le_bytes()).unwrap();
+        f.write_all(json.as_bytes()).unwrap();
+        f.set_len(8 + json.len() as u64 + data).unwrap();
+    };
+    write("a.safetensors", format!(r#"{{"t":{{"dtype":"U8","shape":[{huge}],"data_offsets":[0,{huge}]}}}}"#), huge);
+    let loader = base().build().unwrap();
+    match loader.load_blocking(&dir) {
+        Err(tensorlift::LoadError::HostMemory { needed, .. }) => assert!(needed >= huge, "{needed}"),
+        other => panic!("{other:?}"),
+    }
+    write("b.safetensors", r#"{"b":{"dtype":"X9","shape":[1],"data_offsets":[0,1]}}"#.into(), 1);
+    let want = tensorlift::plan(&dir).unwrap_err().to_string();
+    assert!(want.contains("b.safetensors"), "{want}");
+    assert_eq!(loader.load_blocking(&dir).unwrap_err().to_string(), want);
+    assert_eq!(loader.stream(&dir).unwrap_err().to_string(), want);
+}
