@@ -406,7 +406,8 @@ pub struct Model {
 
 impl Model {
     pub(crate) fn new(mut tensors: Vec<Tensor>, stats: LoadStats, plan: &tensorlift_format::LoadPlan) -> Model {
-        tensors.sort_by(|a, b| a.name.cmp(&b.name));
+        // Names are unique in a load: an unstable sort gives the same order, without a buffer.
+        tensors.sort_unstable_by(|a, b| a.name.cmp(&b.name));
         let by_name = tensors.iter().enumerate().map(|(i, t)| (Arc::clone(&t.name), i)).collect();
         let shard_metadata: Vec<(String, BTreeMap<String, String>)> =
             plan.shards().iter().map(|s| (s.name.clone(), s.metadata.clone().unwrap_or_default())).collect();
