@@ -235,8 +235,9 @@ pub struct Prefaulter {
 /// Linux a nice value is a thread's own. Raising it needs no privilege; where it fails,
 /// the thread keeps the priority it had.
 fn yield_to_the_load() {
-    // SAFETY: gettid takes no arguments and cannot fail.
-    let tid = unsafe { libc::gettid() } as libc::id_t;
+    // SAFETY: the gettid system call takes no arguments and cannot fail (called through
+    // syscall(2): glibc before 2.30 has no wrapper).
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::id_t;
     // SAFETY: getpriority reads this thread's nice value; -1 is also a valid value, so an
     // error is taken as 0 (the default), which only makes the new value lower.
     let now = unsafe { libc::getpriority(libc::PRIO_PROCESS, tid) };

@@ -110,6 +110,12 @@ pub trait PlanObserver: Sync {
     fn validated(&self, i: usize, header_hash: u64) {
         let _ = (i, header_hash);
     }
+
+    /// Whether nobody waits for the plan any more (a load that was dropped): planning then
+    /// stops at the next header and fails with [`FormatError::Io`] (`Interrupted`).
+    fn cancelled(&self) -> bool {
+        false
+    }
 }
 
 /// An observer that wants nothing.
@@ -376,6 +382,7 @@ fn parse(path: &Path, file_len: u64, bytes: &[u8]) -> Result<(Header, u64), Form
 /// shards from the first on, so they are validated in about that order.
 fn parse_all(pending: &[Pending], observer: &dyn PlanObserver) -> Vec<Option<Result<(Header, u64), FormatError>>> {
     let one = |k: usize| match &pending[k].work {
+        HeaderWork::Parse(_) if observer.cancelled() => Some(Err(cancelled(&pending[k].path))),
         HeaderWork::Parse(bytes) => {
             let r = parse(&pending[k].path, pending[k].identity.len, bytes);
             if let Ok((_, hash)) = &r {
@@ -416,6 +423,14 @@ fn parse_all(pending: &[Pending], observer: &dyn PlanObserver) -> Vec<Option<Res
         }
     });
     out
+}
+
+/// The error planning stops with when its observer is [cancelled](PlanObserver::cancelled).
+fn cancelled(file: &Path) -> FormatError {
+    FormatError::Io {
+        file: file.to_path_buf(),
+        source: io::Error::new(io::ErrorKind::Interrupted, "planning was cancelled: nobody waits for the plan"),
+    }
 }
 
 /// A shard whose header has been read (and not yet parsed), under its first name.
@@ -537,7 +552,8 @@ impl<'a> Planner<'a> {
         for batch in names.chunks(self.batch()) {
             let mut opened = Vec::with_capacity(batch.len());
             for (name, _) in batch {
-                opened.push((context.clone(), name.clone(), self.open_shard(&dir, &root, policy, name, &context)?));
+                let o = self.open_shard(&dir, &root, policy, name, &context).map_err(|e| self.earlier_error(e))?;
+                opened.push((context.clone(), name.clone(), o));
             }
             added.extend(self.add_shards(opened)?);
         }
@@ -598,13 +614,16 @@ impl<'a> Planner<'a> {
             for name in batch {
                 let context = root.join(name);
                 // Listed a moment ago; gone now is an error, not a skip.
-                let o = self.open_entry(&dir, &root, policy, name, &context)?.ok_or_else(|| {
-                    FormatError::ShardUnreadable {
-                        file: root.clone(),
-                        shard: name.clone(),
-                        source: io::Error::from(io::ErrorKind::NotFound),
-                    }
-                })?;
+                let o = self
+                    .open_entry(&dir, &root, policy, name, &context)
+                    .and_then(|o| {
+                        o.ok_or_else(|| FormatError::ShardUnreadable {
+                            file: root.clone(),
+                            shard: name.clone(),
+                            source: io::Error::from(io::ErrorKind::NotFound),
+                        })
+                    })
+                    .map_err(|e| self.earlier_error(e))?;
                 opened.push((context, name.clone(), o));
             }
             added.extend(self.add_shards(opened)?);
@@ -632,6 +651,9 @@ impl<'a> Planner<'a> {
         let earlier = self.pending.len();
         let mut slots = Vec::with_capacity(items.len());
         for (context, name, opened) in items {
+            if self.observer.cancelled() {
+                return Err(cancelled(&opened.path));
+            }
             // A file already read is the same shard.
             let key = (opened.identity.dev, opened.identity.ino);
             if let Some(&i) = self.by_identity.get(&key) {
@@ -661,6 +683,12 @@ impl<'a> Planner<'a> {
             slots.push(i);
         }
         Ok(slots)
+    }
+
+    /// `e`, met opening a batch of shards, or the error of a header read in an earlier
+    /// batch that does not parse, which comes first in the files' order.
+    fn earlier_error(&self, e: FormatError) -> FormatError {
+        self.first_parse_error(self.pending.len()).unwrap_or(e)
     }
 
     /// The first error among the first `n` headers read, parsed again (an error path only).

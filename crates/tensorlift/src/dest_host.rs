@@ -52,9 +52,14 @@ pub(crate) struct HostSink {
     outputs: Vec<Option<(Arc<HostArena>, ArenaChunk)>>,
     convert_to: Option<Dtype>,
     chunk: usize,
-    /// Faults in fresh arenas ahead of the reads, when the load asked for it.
+    /// Faults in fresh arenas ahead of the reads, when the load asked for it; its work and
+    /// threads until it is started ([`start_prefault`](HostSink::start_prefault)).
     prefault: Option<tensorlift_io::Prefaulter>,
+    prefault_work: Option<PrefaultWork>,
 }
+
+/// Chunks to fault in, (arena, chunk index) each in read order, and the threads to do it.
+type PrefaultWork = (Vec<(Arc<HostArena>, usize)>, usize);
 
 impl HostSink {
     #[allow(clippy::too_many_arguments)] // The load's parts, each used once here.
@@ -124,6 +129,7 @@ impl HostSink {
             convert_to,
             chunk,
             prefault: None,
+            prefault_work: None,
         };
         let (kept_spans, kept_outputs) = kept.split_at_mut(spans.len());
         // Fresh memory, in the order it is written: each read's chunk, then the outputs of
@@ -211,7 +217,7 @@ impl HostSink {
                     }
                 }
             }
-            sink.prefault = tensorlift_io::Prefaulter::start(work, prefault_threads);
+            sink.prefault_work = Some((work, prefault_threads));
         }
         Ok(sink)
     }
@@ -252,9 +258,19 @@ impl HostSink {
         Ok(())
     }
 
+    /// Starts faulting in fresh memory ahead of the reads (once; nothing when the load
+    /// asked for none). A load that reads before its headers are validated starts it once
+    /// they are.
+    pub(crate) fn start_prefault(&mut self) {
+        if let Some((work, threads)) = self.prefault_work.take() {
+            self.prefault = tensorlift_io::Prefaulter::start(work, threads);
+        }
+    }
+
     /// Stops the prefaulting threads (every chunk has landed: they have nothing left) and
     /// returns the bytes they faulted in, and why they stopped early if they did.
     pub(crate) fn finish_prefault(&mut self) -> (u64, Option<String>) {
+        self.prefault_work = None;
         match self.prefault.take() {
             Some(mut p) => {
                 p.stop();
@@ -373,6 +389,7 @@ impl Sink for HostSink {
     fn abort(&mut self) {
         // The prefaulting thread holds arenas: it is stopped before they are let go.
         self.prefault = None;
+        self.prefault_work = None;
         self.extents.clear();
         self.claims.clear();
         self.outputs.clear();

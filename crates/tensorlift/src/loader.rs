@@ -601,7 +601,9 @@ impl Loader {
     /// thread while headers are read; a host load of a whole checkpoint then reads each
     /// shard once its own header is validated, while the other headers are parsed on a
     /// thread of the loader's (other loads plan first). Tensors come only once the whole
-    /// plan stands: a checkpoint that fails its checks yields none, only the error.
+    /// plan stands: a checkpoint that fails its checks yields none, only the error, which
+    /// such a load returns from [`TensorStream::next`] rather than from here. Dropping the
+    /// stream also stops the planning.
     pub fn stream(&self, path: impl AsRef<Path>) -> Result<TensorStream, LoadError> {
         let started = Instant::now();
         tensorlift_io::block_on(self.start_planning(path.as_ref(), started))
@@ -672,7 +674,7 @@ impl Loader {
         let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
         let spawned = std::thread::Builder::new().name("tensorlift-plan".into()).spawn(move || {
             let plan = planner.plan_observed(&owned, Some(&Forward(tx.clone())));
-            let _ = tx.send(PlanEvent::Done(plan));
+            let _ = tx.send(PlanEvent::Done(plan, Instant::now()));
         });
         if spawned.is_err() {
             // No thread to be had: plan on this one.
@@ -684,13 +686,14 @@ impl Loader {
                     let reader = Arc::clone(&self.reader);
                     return match TensorStream::start_early(reader, early, &self.cfg, self.new_stats(), started) {
                         Ok(stream) => Ok(stream.planning(events)),
-                        // Memory was refused before the headers were validated: an error of
-                        // planning's, which a load that planned first would have met first,
-                        // comes first.
+                        // Memory was refused before the headers were validated. The load is
+                        // then what one that planned first makes of it: planning's error, or
+                        // a start from the whole plan (which needs no memory for shards with
+                        // no tensors, and says exactly what it needs).
                         Err(e) => loop {
                             match events.recv().await {
-                                Some(PlanEvent::Done(Err(planning))) => break Err(planning),
-                                Some(PlanEvent::Done(Ok(_))) | None => break Err(e),
+                                Some(PlanEvent::Done(plan, _)) => break self.start(plan?, started, true),
+                                None => break Err(e),
                                 Some(_) => {}
                             }
                         },
@@ -698,7 +701,7 @@ impl Loader {
                 }
                 // Headers of a checkpoint that cannot start early (PyTorch files).
                 Some(PlanEvent::Validated(..)) => {}
-                Some(PlanEvent::Done(plan)) => return self.start(plan?, started, true),
+                Some(PlanEvent::Done(plan, _)) => return self.start(plan?, started, true),
                 // No answer means the thread panicked: a bug, reported as such.
                 None => return Err(LoadError::PlanningFailed),
             }
@@ -760,6 +763,10 @@ impl PlanObserver for Forward {
 
     fn validated(&self, i: usize, header_hash: u64) {
         let _ = self.0.send(PlanEvent::Validated(i, header_hash));
+    }
+
+    fn cancelled(&self) -> bool {
+        self.0.is_closed()
     }
 }
 

@@ -86,9 +86,10 @@ struct Scheduler<S: Sink> {
     started: Instant,
     /// Whether this load made its plan (see [`crate::open::Recheck`]).
     fresh: bool,
-    /// While planning goes on: each shard's header hash once it is validated. Reads wait
-    /// for their shard's.
+    /// While planning goes on: each shard's header hash once it is validated, and how many
+    /// are not yet. Reads wait for their shard's.
     validated: Option<Vec<Option<u64>>>,
+    unvalidated: usize,
 }
 
 enum Dest {
@@ -130,7 +131,8 @@ pub struct TensorStream {
 pub(crate) enum PlanEvent {
     Early(Checkpoint),
     Validated(usize, u64),
-    Done(Result<Checkpoint, LoadError>),
+    /// With the moment planning ended.
+    Done(Result<Checkpoint, LoadError>, Instant),
 }
 
 impl std::fmt::Debug for TensorStream {
@@ -247,6 +249,8 @@ impl TensorStream {
                     &mut stream.stats,
                     &mut stream.ready,
                 )?;
+                let mut sink = sink;
+                sink.start_prefault();
                 stream.dest =
                     Dest::Host(Box::new(Scheduler::new(sink, reads, &stream.plan, cfg, window, started, fresh)));
             }
@@ -293,6 +297,7 @@ impl TensorStream {
         )?;
         let mut scheduler = Scheduler::new(sink, reads, &stream.plan, cfg, window, started, true);
         scheduler.validated = Some(vec![None; stream.plan.shards().len()]);
+        scheduler.unvalidated = stream.plan.shards().len();
         stream.dest = Dest::Host(Box::new(scheduler));
         Ok(stream)
     }
@@ -310,21 +315,24 @@ impl TensorStream {
             let Poll::Ready(event) = events.poll_recv(cx) else { return };
             match event {
                 Some(PlanEvent::Validated(i, hash)) => {
+                    // Memory is faulted in ahead once every header is validated: not for a
+                    // checkpoint that is about to fail.
                     if let Dest::Host(s) = &mut self.dest {
-                        if let Some(slot) = s.validated.as_mut().and_then(|v| v.get_mut(i)) {
-                            *slot = Some(hash);
+                        if s.validate(i, hash) {
+                            s.sink.start_prefault();
                         }
                     }
                 }
                 // Sent once, before this stream was made.
                 Some(PlanEvent::Early(_)) => {}
-                Some(PlanEvent::Done(Ok(plan))) => {
+                Some(PlanEvent::Done(Ok(plan), at)) => {
                     self.planning = None;
+                    self.stats.planned = Some(at.saturating_duration_since(self.started));
                     if let Err(e) = self.planned(plan) {
                         self.failed = Some(e);
                     }
                 }
-                Some(PlanEvent::Done(Err(e))) => {
+                Some(PlanEvent::Done(Err(e), _)) => {
                     self.planning = None;
                     self.failed = Some(e);
                 }
@@ -357,12 +365,18 @@ impl TensorStream {
         let spans = layout::spans(&plan, |_| false);
         let mut shards: Vec<usize> = spans.iter().map(|s| s.shard).collect();
         shards.dedup();
-        self.stats.planned = Some(self.started.elapsed());
         self.stats.bytes = plan.total_bytes();
         self.stats.checkpoint_bytes = plan.checkpoint_bytes();
         self.stats.shards = shards.len();
+        // Shards with no tensors have nothing to read after all.
+        let mut keep = vec![false; plan.shards().len()];
+        for span in &spans {
+            keep[span.shard] = true;
+        }
         s.sink.planned(&plan, spans, &mut self.ready)?;
+        s.sink.start_prefault();
         s.validated = None;
+        self.total_bytes -= s.drop_reads(&keep);
         // The shards already opened took the early plan's descriptors; the plan's copies of
         // them are closed, so that a shard's descriptor closes after its last read.
         for i in 0..plan.shards().len() {
@@ -395,6 +409,24 @@ impl TensorStream {
                 }
                 self.dest = Dest::Mapped;
                 self.ready.clear();
+                // An error met while planning went on (a read, an open) waits for planning
+                // to end: planning's own error, which a load that planned first would have
+                // met first, is the one reported.
+                let mut e = e;
+                while let Some(events) = self.planning.as_mut() {
+                    match events.poll_recv(cx) {
+                        Poll::Pending => {
+                            self.failed = Some(e);
+                            return Poll::Pending;
+                        }
+                        Poll::Ready(Some(PlanEvent::Done(Err(planning), _))) => {
+                            e = planning;
+                            self.planning = None;
+                        }
+                        Poll::Ready(Some(PlanEvent::Done(Ok(_), _)) | None) => self.planning = None,
+                        Poll::Ready(Some(_)) => {}
+                    }
+                }
                 self.finished = true;
                 return Poll::Ready(Some(Err(e)));
             }
@@ -461,7 +493,10 @@ impl TensorStream {
         &self.stats
     }
 
-    /// The plan being loaded.
+    /// The plan being loaded. A load that starts before planning ends (see
+    /// [`LoaderBuilder::read_while_planning`](crate::LoaderBuilder::read_while_planning))
+    /// has, until the plan stands (before its first tensor), a plan of its shards alone: no
+    /// tensors, metadata or index metadata.
     pub fn plan(&self) -> &LoadPlan {
         self.plan.plan()
     }
@@ -512,7 +547,39 @@ impl<S: Sink> Scheduler<S> {
             started,
             fresh,
             validated: None,
+            unvalidated: 0,
         }
+    }
+
+    /// Shard `i` was validated, with `hash`; true when it was the last one to be.
+    fn validate(&mut self, i: usize, hash: u64) -> bool {
+        if let Some(slot) = self.validated.as_mut().and_then(|v| v.get_mut(i)) {
+            if slot.replace(hash).is_none() {
+                self.unvalidated -= 1;
+                return self.unvalidated == 0;
+            }
+        }
+        false
+    }
+
+    /// Drops the reads not yet issued of the shards that `keep` rejects (shards with no
+    /// tensors, read before the plan said so), closing those left with none in flight.
+    /// Returns the bytes dropped.
+    fn drop_reads(&mut self, keep: &[bool]) -> u64 {
+        let tail = self.reads.split_off(self.next);
+        let mut dropped = 0;
+        for r in tail {
+            if keep.get(r.shard).copied().unwrap_or(true) {
+                self.reads.push(r);
+            } else {
+                dropped += r.len as u64;
+                self.reads_left[r.shard] -= 1;
+                if self.reads_left[r.shard] == 0 && self.files[r.shard].take().is_some() {
+                    self.open -= 1;
+                }
+            }
+        }
+        dropped
     }
 
     /// Issues reads while the queue depth, the budget and the sink's buffers allow,
@@ -636,7 +703,11 @@ fn read_error(plan: &LoadPlan, read: &Read, source: tensorlift_io::IoError) -> L
         .iter()
         .find(|t| t.shard == read.shard && t.file_range.end > range.start && t.file_range.start < range.end)
         .map_or_else(
-            || if plan.tensors().is_empty() { "<not yet planned>" } else { "<padding>" }.to_owned(),
+            || match plan.tensors() {
+                // Read before the plan stood, which would name the tensor.
+                [] => format!("<bytes {}..{}, read before the plan stood>", range.start, range.end),
+                _ => "<padding>".to_owned(),
+            },
             |t| t.name.clone(),
         );
     LoadError::Read { file: plan.shards()[read.shard].path.clone(), tensor, source }

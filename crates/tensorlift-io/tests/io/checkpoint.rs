@@ -576,3 +576,22 @@ fn an_observer_hears_nothing_of_a_header_that_fails() {
     let events = recorder.events.into_inner().unwrap();
     assert!(matches!(events.as_slice(), [Event::Early(_), Event::Validated(0, _)]), "{events:?}");
 }
+
+/// Headers are all read before any is parsed, but errors keep the files' order: a header
+/// read in an earlier batch that does not parse comes before a later batch's file that
+/// cannot be opened (here one shard a batch, and the second shard a FIFO).
+#[test]
+fn an_earlier_bad_header_comes_before_a_later_file_that_cannot_be_opened() {
+    let dir = dir();
+    write_shard(&dir.join("a-1.safetensors"), &[("a", Dtype::U8, &[3])]);
+    let json = br#"{"b":{"dtype":"X9","shape":[1],"data_offsets":[0,1]}}"#;
+    let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(json);
+    bytes.push(0);
+    fs::write(dir.join("a-2.safetensors"), bytes).unwrap();
+    mkfifo(&dir.join("a-3.safetensors"));
+    let mut limits = PlanLimits::default();
+    limits.max_open_files = 4;
+    let err = open_checkpoint(&dir, &limits).unwrap_err();
+    assert!(matches!(&err, FormatError::UnknownDtype { file, .. } if file.ends_with("a-2.safetensors")), "{err:?}");
+}

@@ -1,42 +1,42 @@
 //! Reading while planning goes on: a host load of a whole checkpoint reads each shard once
 //! its own header is validated, and hands out tensors only once the whole plan stands.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tensorlift::Dtype;
 
 use crate::support::*;
 
-/// 24 shards of 2,500 small tensors and one large one each: the first shard is read
-/// while the later headers are parsed (the first read comes before the plan stands, by a
-/// wide margin: 60,000 tensors take far longer to parse than one shard's header), and every
-/// tensor is the file's, whether its chunks landed before the plan stood or after (the
-/// progress callback slows the reads so that both happen). A load told to plan first, or
-/// with a filter, reads nothing before the plan stands.
+/// 24 shards of small tensors and one large one each, a first shard of few tensors and
+/// later ones of 2,600: the first shard is read while the later headers are parsed (the
+/// first read comes before the plan stands, by a wide margin: 60,000 tensors take far
+/// longer to parse than the first shard's ten), and every tensor is the file's, whether its
+/// chunks landed before the plan stood or after (the progress callback slows the reads so
+/// that both happen). A load told to plan first, or with a filter, reads nothing before the
+/// plan stands.
 #[test]
 fn a_shard_is_read_once_its_own_header_is_validated() {
     let dir = scratch();
-    let names: Vec<String> = (0..60_000).map(|i| format!("model.layers.{i}.self_attn.o_proj.weight")).collect();
+    let names = many_names(24);
     let bigs: Vec<String> = (0..24).map(|s| format!("big.{s}")).collect();
-    let shapes: Vec<[usize; 1]> = (1..=7).map(|n| [n]).collect();
-    let shards: Vec<Vec<Spec<'_>>> = (0..24)
-        .map(|s| {
-            let mut specs: Vec<Spec<'_>> = names[s * 2500..(s + 1) * 2500]
-                .iter()
-                .enumerate()
-                .map(|(k, n)| (n.as_str(), Dtype::F32, &shapes[k % 7][..]))
-                .collect();
-            specs.insert(1250, (bigs[s].as_str(), Dtype::U8, &[3 << 20][..]));
+    let shards: Vec<Vec<Spec<'_>>> = many_tensors(&names)
+        .into_iter()
+        .enumerate()
+        .map(|(s, mut specs)| {
+            specs.insert(specs.len() / 2, (bigs[s].as_str(), Dtype::U8, &[3 << 20][..]));
             specs
         })
         .collect();
     let refs: Vec<&[Spec<'_>]> = shards.iter().map(Vec::as_slice).collect();
     let truth = write_sharded(&dir, &refs);
+    let tensors = truth.len();
     for (what, loader) in loaders_with(256 << 10, |b| b.progress(|_| std::thread::sleep(Duration::from_micros(300)))) {
         let model = loader.load_blocking(&dir).unwrap();
         assert_identical(&model, &truth, &what);
         let s = model.stats();
-        assert_eq!((s.tensors, s.shards), (60_024, 24), "{what}");
+        assert_eq!((s.tensors, s.shards), (tensors, 24), "{what}");
         let planned = s.planned.expect("this load made its plan");
         if let Some(first) = s.first_read {
             assert!(first < planned, "{what}: first read at {first:?}, plan stood at {planned:?}");
@@ -53,25 +53,77 @@ fn a_shard_is_read_once_its_own_header_is_validated() {
     }
 }
 
-/// A header that fails validation in a later shard fails the load with the error planning
-/// alone gives, after the earlier shards' reads began; the stream hands out no tensor
-/// before it, and the loader's next load is whole.
+/// Small tensors a shard beyond the first of [`many_tensors`].
+const PER_SHARD: usize = 2600;
+
+/// Tensor names for `shards` shards of [`many_tensors`].
+fn many_names(shards: usize) -> Vec<String> {
+    (0..10 + PER_SHARD * (shards - 1)).map(|i| format!("model.layers.{i}.self_attn.o_proj.weight")).collect()
+}
+
+/// `names` laid out over shards: a first shard of 10 small tensors, then 2,600 in each of
+/// the others (many headers to parse after the first is validated).
+fn many_tensors(names: &[String]) -> Vec<Vec<Spec<'_>>> {
+    const SHAPES: [&[usize]; 7] = [&[1], &[2], &[3], &[4], &[5], &[6], &[7]];
+    let shards = 1 + (names.len() - 10) / PER_SHARD;
+    (0..shards)
+        .map(|s| {
+            let range = if s == 0 { 0..10 } else { 10 + (s - 1) * PER_SHARD..10 + s * PER_SHARD };
+            names[range].iter().enumerate().map(|(k, n)| (n.as_str(), Dtype::F32, SHAPES[k % 7])).collect()
+        })
+        .collect()
+}
+
+/// A shard's reads wait for its own header: with the first shard's header invalid, and
+/// many headers after it to parse, nothing is read (no byte lands) before the load fails
+/// with planning's error.
+#[test]
+fn a_shard_whose_header_fails_is_never_read() {
+    let dir = scratch();
+    let names = many_names(12);
+    let specs = many_tensors(&names);
+    let refs: Vec<&[Spec<'_>]> = specs.iter().map(Vec::as_slice).collect();
+    write_sharded(&dir, &refs);
+    let first = dir.join("model-00001-of-00012.safetensors");
+    let mut bytes = std::fs::read(&first).unwrap();
+    let at = bytes.windows(5).position(|w| w == b"\"F32\"").unwrap();
+    bytes[at + 1..at + 4].copy_from_slice(b"X32");
+    std::fs::write(&first, bytes).unwrap();
+    let want = tensorlift::plan(&dir).unwrap_err().to_string();
+    assert!(want.contains("model-00001-of-00012.safetensors"), "{want}");
+    let landed = Arc::new(AtomicU64::new(0));
+    let l = Arc::clone(&landed);
+    let loader = base().progress(move |p| l.store(p.done, Ordering::SeqCst)).build().unwrap();
+    assert_eq!(loader.load_blocking(&dir).unwrap_err().to_string(), want);
+    assert_eq!(landed.load(Ordering::SeqCst), 0);
+}
+
+/// A header that fails validation in the last shard fails the load with the error planning
+/// alone gives, after the earlier shards' reads began (bytes landed: the first shard is
+/// validated long before the last); the stream hands out no tensor before it, and the
+/// loader's next load is whole.
 #[test]
 fn a_later_shard_that_fails_validation_fails_the_load_with_planning_s_error() {
     let dir = scratch();
-    let specs: [&[Spec<'_>]; 3] =
-        [&[("a", Dtype::U8, &[1 << 20])], &[("b", Dtype::F32, &[7])], &[("c", Dtype::U8, &[5])]];
-    let truth = write_sharded(&dir, &specs);
-    let good = std::fs::read(dir.join("model-00003-of-00003.safetensors")).unwrap();
-    // The third shard's header says a dtype that does not exist; same length.
+    let names = many_names(12);
+    let mut specs = many_tensors(&names);
+    specs[0].push(("big", Dtype::U8, &[1 << 20]));
+    let refs: Vec<&[Spec<'_>]> = specs.iter().map(Vec::as_slice).collect();
+    let truth = write_sharded(&dir, &refs);
+    let last = dir.join("model-00012-of-00012.safetensors");
+    let good = std::fs::read(&last).unwrap();
+    // The last shard's header names a dtype that does not exist; same length.
     let mut bad = good.clone();
-    let at = bad.windows(4).position(|w| w == b"\"U8\"").unwrap();
-    bad[at + 1..at + 3].copy_from_slice(b"X9");
-    std::fs::write(dir.join("model-00003-of-00003.safetensors"), &bad).unwrap();
+    let at = bad.windows(5).position(|w| w == b"\"F32\"").unwrap();
+    bad[at + 1..at + 4].copy_from_slice(b"X32");
+    std::fs::write(&last, &bad).unwrap();
     let want = tensorlift::plan(&dir).unwrap_err().to_string();
-    assert!(want.contains("model-00003-of-00003.safetensors"), "{want}");
-    let loader = base().build().unwrap();
+    assert!(want.contains("model-00012-of-00012.safetensors"), "{want}");
+    let landed = Arc::new(AtomicU64::new(0));
+    let l = Arc::clone(&landed);
+    let loader = base().progress(move |p| l.store(p.done, Ordering::SeqCst)).build().unwrap();
     for what in ["stream", "load"] {
+        landed.store(0, Ordering::SeqCst);
         let err = match what {
             "stream" => {
                 let mut stream = loader.stream(&dir).unwrap();
@@ -83,8 +135,9 @@ fn a_later_shard_that_fails_validation_fails_the_load_with_planning_s_error() {
             _ => loader.load_blocking(&dir).unwrap_err(),
         };
         assert_eq!(err.to_string(), want, "{what}");
+        assert!(landed.load(Ordering::SeqCst) > 0, "{what}: nothing was read before planning failed");
     }
-    std::fs::write(dir.join("model-00003-of-00003.safetensors"), &good).unwrap();
+    std::fs::write(&last, &good).unwrap();
     assert_identical(&loader.load_blocking(&dir).unwrap(), &truth, "after a failed load");
 }
 
