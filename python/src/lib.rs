@@ -173,9 +173,10 @@ fn py_err(e: LoadError) -> PyErr {
 /// `progress(done, total)`: called as bytes land. `dtype`: convert floating-point tensors
 /// to `"bfloat16"`, `"float16"` or `"float32"` as they land (on the GPU by its kernels).
 /// `tp=(rank, world_size, num_key_value_heads)`: load only that tensor-parallel rank's part
-/// of each tensor, split as vLLM splits a Llama-family model.
+/// of each tensor, split as vLLM splits a Llama-family model. `stats`: a dict, filled with
+/// the load's statistics once it completes (the keys of `tensorlift load --json`).
 #[pyfunction]
-#[pyo3(signature = (path, device="cpu", filter=None, progress=None, *, dtype=None, tp=None))]
+#[pyo3(signature = (path, device="cpu", filter=None, progress=None, *, dtype=None, tp=None, stats=None))]
 #[allow(clippy::too_many_arguments)] // Python keyword arguments.
 fn load(
     py: Python<'_>,
@@ -185,11 +186,23 @@ fn load(
     progress: Option<Py<PyAny>>,
     dtype: Option<&str>,
     tp: Option<(usize, usize, usize)>,
+    stats: Option<Bound<'_, PyDict>>,
 ) -> PyResult<Py<PyDict>> {
     let raised = Raised::default();
     let loader = loader(device, filter, progress, &raised, Options { dtype, tp })?;
     let model = wait(py, loader.load(&path), &raised)?.map_err(py_err)?;
+    if let Some(d) = stats {
+        fill_stats(&d, model.stats())?;
+    }
     tensors_dict(py, model.into_tensors())
+}
+
+/// Puts a load's statistics into `dict` (as `json.loads` reads their JSON).
+fn fill_stats(dict: &Bound<'_, PyDict>, stats: &tensorlift::LoadStats) -> PyResult<()> {
+    let py = dict.py();
+    let parsed = py.import("json")?.call_method1("loads", (stats.to_json().to_string(),))?;
+    dict.call_method1("update", (parsed,))?;
+    Ok(())
 }
 
 /// Where a load with `device` would go, and why: `(device, reason)`.
@@ -549,6 +562,8 @@ impl PyCheckpoint {
 struct PyTensorIterator {
     stream: Option<tensorlift::TensorStream>,
     raised: Raised,
+    /// Filled with the load's statistics once the last tensor has come.
+    stats: Option<Py<PyDict>>,
 }
 
 #[pymethods]
@@ -567,6 +582,9 @@ impl PyTensorIterator {
                 Err(interrupted)
             }
             Ok(None) => {
+                if let (Some(d), Some(s)) = (&self.stats, &self.stream) {
+                    fill_stats(d.bind(py), s.stats())?;
+                }
                 self.stream = None;
                 Ok(None)
             }
@@ -584,9 +602,10 @@ impl PyTensorIterator {
     }
 }
 
-/// Yields `(name, Tensor)` as each tensor lands, reading in the background.
+/// Yields `(name, Tensor)` as each tensor lands, reading in the background. `stats`: a
+/// dict, filled with the load's statistics once the last tensor has come.
 #[pyfunction]
-#[pyo3(signature = (path, device="cpu", filter=None, progress=None, *, dtype=None, tp=None))]
+#[pyo3(signature = (path, device="cpu", filter=None, progress=None, *, dtype=None, tp=None, stats=None))]
 #[allow(clippy::too_many_arguments)] // Python keyword arguments.
 fn iter_tensors(
     py: Python<'_>,
@@ -596,11 +615,12 @@ fn iter_tensors(
     progress: Option<Py<PyAny>>,
     dtype: Option<&str>,
     tp: Option<(usize, usize, usize)>,
+    stats: Option<Py<PyDict>>,
 ) -> PyResult<PyTensorIterator> {
     let raised = Raised::default();
     let loader = loader(device, filter, progress, &raised, Options { dtype, tp })?;
     let stream = py.detach(|| loader.stream(&path)).map_err(py_err)?;
-    Ok(PyTensorIterator { stream: Some(stream), raised })
+    Ok(PyTensorIterator { stream: Some(stream), raised, stats })
 }
 
 /// The plan of `path` as plain data: files (path, header bytes, metadata) and tensors

@@ -124,7 +124,7 @@ def _check_framework(framework):
         raise ValueError(f"unknown framework {framework!r} (expected 'pt', 'np' or None)")
 
 
-def load_file(path, device="cpu", framework="pt", *, dtype=None, tp=None):
+def load_file(path, device="cpu", framework="pt", *, dtype=None, tp=None, stats=None):
     """Loads every tensor of ``path`` (a ``.safetensors`` file, an index, or a folder).
 
     A drop-in for ``safetensors.torch.load_file`` (``framework="pt"``) and
@@ -137,22 +137,29 @@ def load_file(path, device="cpu", framework="pt", *, dtype=None, tp=None):
     ``"float32"`` (or the torch dtype) as they land. ``tp=(rank, world_size,
     num_key_value_heads)``: load only that tensor-parallel rank's part of each tensor, split
     as vLLM splits a Llama-family model (only the bytes it needs are read).
+
+    ``stats``: a dict, filled with the load's statistics once it completes: ``seconds``,
+    ``gbps``, ``bytes``, ``bytes_read``, ``first_read_seconds``, ``planned_seconds``,
+    ``device``, ``io`` and the other keys of ``tensorlift load --json``.
     """
     _check_framework(framework)
-    tensors = load(str(path), device=_device(device), dtype=_dtype(dtype), tp=tp)
+    tensors = load(str(path), device=_device(device), dtype=_dtype(dtype), tp=tp, stats=stats)
     return {name: _convert(t, framework) for name, t in tensors.items()}
 
 
-def iter_tensors(path, device="cpu", framework="pt", filter=None, progress=None, *, dtype=None, tp=None):
+def iter_tensors(
+    path, device="cpu", framework="pt", filter=None, progress=None, *, dtype=None, tp=None, stats=None
+):
     """Yields ``(name, tensor)`` as each tensor lands, the shape of a serving engine's
     weights iterator. ``filter``: names or globs; ``progress(done, total)``: bytes landed;
-    ``dtype`` and ``tp`` as for ``load_file``.
+    ``dtype``, ``tp`` and ``stats`` as for ``load_file`` (``stats`` is filled once the last
+    tensor has come).
 
     Stopping early (``break``) cancels the rest of the load.
     """
     _check_framework(framework)
     it = _iter_tensors(
-        str(path), device=_device(device), filter=filter, progress=progress, dtype=_dtype(dtype), tp=tp
+        str(path), device=_device(device), filter=filter, progress=progress, dtype=_dtype(dtype), tp=tp, stats=stats
     )
     try:
         for name, t in it:

@@ -43,6 +43,10 @@ def load(
     device: str = "cpu",
     filter: Optional[Sequence[str]] = None,
     progress: Optional[Callable[[int, int], None]] = None,
+    *,
+    dtype: Optional[str] = None,
+    tp: Optional[Tuple[int, int, int]] = None,
+    stats: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Tensor]: ...
 def load_file(
     path: _Path,
@@ -51,6 +55,7 @@ def load_file(
     *,
     dtype: Optional[Any] = None,
     tp: Optional[Tuple[int, int, int]] = None,
+    stats: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]: ...
 def iter_tensors(
     path: _Path,
@@ -61,6 +66,7 @@ def iter_tensors(
     *,
     dtype: Optional[Any] = None,
     tp: Optional[Tuple[int, int, int]] = None,
+    stats: Optional[Dict[str, Any]] = None,
 ) -> Iterator[Tuple[str, Any]]: ...
 def inspect(path: _Path) -> Dict[str, Any]: ...
 def resolve_device(device: str = "auto") -> Tuple[str, str]: ...

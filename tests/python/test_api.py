@@ -150,6 +150,29 @@ def test_iter_tensors_yields_as_they_land(fixture, sharded_reference):
     it.close()
 
 
+def test_a_loads_statistics_fill_the_dict_given(fixture, sharded_reference):
+    folder = fixture / "sharded"
+    want = sharded_reference
+    nbytes = sum(v.nbytes for v in want.values())
+    stats = {"kept": 1}
+    tensors = tensorlift.load_file(folder, framework="np", stats=stats)
+    assert sorted(tensors) == sorted(want)
+    assert stats["kept"] == 1
+    assert stats["tensors_loaded"] == len(want) and stats["bytes"] == nbytes
+    assert stats["bytes_read"] >= nbytes and stats["checkpoint_bytes"] == nbytes
+    assert stats["device"] == "cpu" and stats["io"] in ("uring", "pread")
+    assert 0 < stats["planned_seconds"] <= stats["seconds"]
+    assert 0 < stats["first_read_seconds"] <= stats["seconds"]
+    # A stream's statistics come once its last tensor has: not before.
+    streamed = {}
+    it = tensorlift.iter_tensors(folder, framework=None, filter=["model.layers.0.*"], stats=streamed)
+    first = next(it)
+    assert first and streamed == {}
+    rest = list(it)
+    assert streamed["tensors_loaded"] == 1 + len(rest)
+    assert streamed["bytes"] == sum(v.nbytes for n, v in want.items() if n.startswith("model.layers.0."))
+
+
 def test_memory_is_freed_after_the_last_array(tmp_path):
     path = str(tmp_path / "m.safetensors")
     save_file({"a": np.ones((256, 1024), dtype=np.float32), "b": np.zeros(10, dtype=np.int64)}, path)

@@ -186,27 +186,7 @@ fn write_human(model: &Model, digests: Option<&[String]>, out: &mut dyn Write) -
 }
 
 fn to_json(model: &Model, digests: Option<&[String]>) -> serde_json::Value {
-    let s = model.stats();
-    let mut v = json!({
-        "device": s.device,
-        "device_reason": s.device_reason,
-        "io": s.io.backend.to_string(),
-        "io_reason": s.io.reason,
-        "tensors_loaded": s.tensors,
-        "shards": s.shards,
-        "direct_shards": s.direct_shards,
-        "buffered_shards": s.buffered_shards,
-        "bytes": s.bytes,
-        "bytes_read": s.bytes_read,
-        "huge_pages": s.huge_pages,
-        "reused_host_bytes": s.reused_host_bytes,
-        "prefaulted_bytes": s.prefaulted_bytes,
-        "first_read_seconds": s.first_read.map(|d| d.as_secs_f64()),
-        "planned_seconds": s.planned.map(|d| d.as_secs_f64()),
-        "prefault_failure": s.prefault_failure,
-        "seconds": s.wall.as_secs_f64(),
-        "gbps": s.gbps(),
-    });
+    let mut v = model.stats().to_json();
     if let Some(d) = digests {
         v["tensors"] = model
             .tensors()

@@ -68,6 +68,36 @@ pub struct LoadStats {
 }
 
 impl LoadStats {
+    /// The statistics as a JSON object, durations in seconds (what `tensorlift load --json`
+    /// prints, and the Python package's `stats=` dict holds).
+    pub fn to_json(&self) -> serde_json::Value {
+        let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
+        serde_json::json!({
+            "device": self.device,
+            "device_reason": self.device_reason,
+            "io": self.io.backend.to_string(),
+            "io_reason": self.io.reason,
+            "tensors_loaded": self.tensors,
+            "shards": self.shards,
+            "direct_shards": self.direct_shards,
+            "buffered_shards": self.buffered_shards,
+            "bytes": self.bytes,
+            "bytes_read": self.bytes_read,
+            "checkpoint_bytes": self.checkpoint_bytes,
+            "max_in_flight_bytes": self.max_in_flight_bytes,
+            "huge_pages": self.huge_pages,
+            "reused_host_bytes": self.reused_host_bytes,
+            "prefaulted_bytes": self.prefaulted_bytes,
+            "prefault_failure": self.prefault_failure,
+            "first_read_seconds": secs(self.first_read),
+            "planned_seconds": secs(self.planned),
+            "read_wait_seconds": self.read_wait.as_secs_f64(),
+            "copy_seconds": self.copy.as_secs_f64(),
+            "seconds": self.wall.as_secs_f64(),
+            "gbps": self.gbps(),
+        })
+    }
+
     /// Tensor bytes per second of wall time, in GB/s (10^9).
     pub fn gbps(&self) -> f64 {
         let s = self.wall.as_secs_f64();
