@@ -600,7 +600,8 @@ impl Loader {
     /// Starts loading `path` and yields tensors as their bytes land. Blocks the calling
     /// thread while headers are read; a host load of a whole checkpoint then reads each
     /// shard once its own header is validated, while the other headers are parsed on a
-    /// thread of the loader's (other loads plan first). Tensors come only once the whole
+    /// thread of the loader's (other loads wait for the whole plan, made on that thread
+    /// too; see [`LoaderBuilder::read_while_planning`]). Tensors come only once the whole
     /// plan stands: a checkpoint that fails its checks yields none, only the error, which
     /// such a load returns from [`TensorStream::next`] rather than from here. Dropping the
     /// stream also stops the planning.

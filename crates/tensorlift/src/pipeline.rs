@@ -217,10 +217,7 @@ impl TensorStream {
         stream.stats.bytes = stream.plan.total_bytes();
         stream.stats.checkpoint_bytes = stream.plan.checkpoint_bytes();
         stream.stats.shards = shards.len();
-        // A quarter of the bound: each shard read can hold two descriptors (O_DIRECT), and
-        // planning may hold up to half of the bound until the load takes them.
-        let window = (cfg.limits.open_files_bound() / 4).max(1);
-        let reads = layout::reads(&spans, cfg.chunk_size, window);
+        let reads = layout::reads(&spans, cfg.chunk_size, read_window(cfg));
         stream.total_bytes = reads.iter().map(|r| r.len as u64).sum();
         match (cfg.map_views, target) {
             (Some(contract), crate::loader::Target::Host) => {
@@ -236,39 +233,51 @@ impl TensorStream {
                 )?;
             }
             (_, crate::loader::Target::Host) => {
-                let sink = crate::dest_host::HostSink::new(
-                    &stream.plan,
-                    spans,
-                    dests,
-                    cfg.convert_to,
-                    cfg.chunk_size,
-                    cfg.huge_pages,
-                    cfg.prefault_threads(),
-                    &reads,
-                    &cfg.host_pool,
-                    &mut stream.stats,
-                    &mut stream.ready,
-                )?;
-                let mut sink = sink;
-                sink.start_prefault();
-                stream.dest =
-                    Dest::Host(Box::new(Scheduler::new(sink, reads, &stream.plan, cfg, window, started, fresh)));
+                let mut scheduler = stream.host_scheduler(cfg, spans, dests, cfg.convert_to, reads, fresh)?;
+                scheduler.sink.start_prefault();
+                stream.dest = Dest::Host(Box::new(scheduler));
             }
             (_, crate::loader::Target::Cuda(cuda)) => {
                 let sink = crate::dest_cuda::CudaSink::new(cuda, &stream.plan, spans, dests, cfg, &mut stream.ready)?;
-                stream.dest =
-                    Dest::Cuda(Box::new(Scheduler::new(sink, reads, &stream.plan, cfg, window, started, fresh)));
+                stream.dest = Dest::Cuda(Box::new(Scheduler::new(sink, reads, &stream.plan, cfg, started, fresh)));
             }
         }
         Ok(stream)
     }
 
+    /// The scheduler of a host load of `spans`, read as `reads` into memory taken now.
+    fn host_scheduler(
+        &mut self,
+        cfg: &Config,
+        spans: Vec<Span>,
+        dests: Vec<Option<crate::place::Resolved>>,
+        convert_to: Option<tensorlift_format::Dtype>,
+        reads: Vec<Read>,
+        fresh: bool,
+    ) -> Result<Scheduler<crate::dest_host::HostSink>, LoadError> {
+        let sink = crate::dest_host::HostSink::new(
+            &self.plan,
+            spans,
+            dests,
+            convert_to,
+            cfg.chunk_size,
+            cfg.huge_pages,
+            cfg.prefault_threads(),
+            &reads,
+            &cfg.host_pool,
+            &mut self.stats,
+            &mut self.ready,
+        )?;
+        Ok(Scheduler::new(sink, reads, &self.plan, cfg, self.started, fresh))
+    }
+
     /// Starts a host load of every tensor of a checkpoint while planning goes on: `early` is
     /// the plan of its shards alone ([`tensorlift_format::LoadPlan::unparsed`]); what
-    /// planning reports next is given with [`planning`](Self::planning). Memory for each shard's data section is taken now, and
-    /// each shard's reads wait for its header to be validated. The caller has checked that
-    /// the load reads everything as it is stored (no filter, slice, conversion, caller
-    /// memory or mapped views), so the plan's spans are these.
+    /// planning reports next is given with [`planning`](Self::planning). Memory for each
+    /// shard's data section is taken now, and each shard's reads wait for its header to be
+    /// validated; prefaulting waits for every header. The caller has checked that the load
+    /// reads everything as it is stored (no filter, slice, conversion, caller memory or
+    /// mapped views), so the plan's spans are these.
     pub(crate) fn start_early(
         reader: Arc<Reader>,
         early: Checkpoint,
@@ -279,23 +288,9 @@ impl TensorStream {
         let _span = tracing::info_span!("plan_io_early", shards = early.shards().len()).entered();
         let mut stream = TensorStream::new(reader, early, cfg, stats, started);
         let spans = layout::shard_spans(&stream.plan);
-        let window = (cfg.limits.open_files_bound() / 4).max(1);
-        let reads = layout::reads(&spans, cfg.chunk_size, window);
+        let reads = layout::reads(&spans, cfg.chunk_size, read_window(cfg));
         stream.total_bytes = reads.iter().map(|r| r.len as u64).sum();
-        let sink = crate::dest_host::HostSink::new(
-            &stream.plan,
-            spans,
-            Vec::new(),
-            None,
-            cfg.chunk_size,
-            cfg.huge_pages,
-            cfg.prefault_threads(),
-            &reads,
-            &cfg.host_pool,
-            &mut stream.stats,
-            &mut stream.ready,
-        )?;
-        let mut scheduler = Scheduler::new(sink, reads, &stream.plan, cfg, window, started, true);
+        let mut scheduler = stream.host_scheduler(cfg, spans, Vec::new(), None, reads, true)?;
         scheduler.validated = Some(vec![None; stream.plan.shards().len()]);
         scheduler.unvalidated = stream.plan.shards().len();
         stream.dest = Dest::Host(Box::new(scheduler));
@@ -519,15 +514,7 @@ impl futures_core::Stream for TensorStream {
 }
 
 impl<S: Sink> Scheduler<S> {
-    fn new(
-        sink: S,
-        reads: Vec<Read>,
-        plan: &LoadPlan,
-        cfg: &Config,
-        window: usize,
-        started: Instant,
-        fresh: bool,
-    ) -> Self {
+    fn new(sink: S, reads: Vec<Read>, plan: &LoadPlan, cfg: &Config, started: Instant, fresh: bool) -> Self {
         let mut reads_left = vec![0; plan.shards().len()];
         for r in &reads {
             reads_left[r.shard] += 1;
@@ -543,7 +530,7 @@ impl<S: Sink> Scheduler<S> {
             budget: cfg.staging_budget.max(cfg.chunk_size) as u64,
             in_flight_bytes: 0,
             open: 0,
-            window,
+            window: read_window(cfg),
             started,
             fresh,
             validated: None,
@@ -693,6 +680,13 @@ impl<S: Sink> Scheduler<S> {
         self.sink.abort();
         Poll::Ready(())
     }
+}
+
+/// Shards a load reads at once: a quarter of the open-file bound, since each shard read can
+/// hold two descriptors (O_DIRECT), and planning may hold up to half of the bound until the
+/// load takes them.
+fn read_window(cfg: &Config) -> usize {
+    (cfg.limits.open_files_bound() / 4).max(1)
 }
 
 /// The error of a failed read, naming the first tensor it holds.
