@@ -43,6 +43,12 @@ impl Span {
 
 /// Groups the plan's tensors into spans: runs within a shard separated by small gaps;
 /// tensors for which `solo` holds are spans of their own, from their first byte.
+///
+/// A tensor whose bytes overlap the span's (a PyTorch file's tied weights, or views of one
+/// storage) joins it as long as the tensors' starts and ends both stay in order, so those
+/// bytes are read once; the chunk bookkeeping ([`chunks_covering`], and the look-ups by
+/// end then start over a span's tensors) relies on that order. A safetensors file's
+/// tensors never overlap.
 pub(crate) fn spans(plan: &LoadPlan, solo: impl Fn(usize) -> bool) -> Vec<Span> {
     let mut out: Vec<Span> = Vec::new();
     for (i, t) in plan.tensors().iter().enumerate() {
@@ -52,8 +58,9 @@ pub(crate) fn spans(plan: &LoadPlan, solo: impl Fn(usize) -> bool) -> Vec<Span> 
                 if !alone
                     && !e.solo
                     && e.shard == t.shard
-                    && t.file_range.start >= e.end
-                    && t.file_range.start - e.end <= MAX_GAP =>
+                    && t.file_range.end >= e.end
+                    && t.file_range.start.saturating_sub(e.end) <= MAX_GAP
+                    && e.tensors.last().is_none_or(|&l| t.file_range.start >= plan.tensors()[l].file_range.start) =>
             {
                 e.end = e.end.max(t.file_range.end);
                 e.tensors.push(i);
@@ -168,7 +175,8 @@ pub(crate) fn device_layout(
 ) -> (Vec<Option<u64>>, u64) {
     let mut at = vec![None; plan.tensors().len()];
     let mut end = 0u64;
-    let mut prev: Option<&PlannedTensor> = None;
+    // The tensor placed last as loaded, and its offset.
+    let mut prev: Option<(&PlannedTensor, u64)> = None;
     for s in spans {
         for &i in &s.tensors {
             let t = &plan.tensors()[i];
@@ -185,8 +193,13 @@ pub(crate) fn device_layout(
             };
             let offset = match prev {
                 // A gathered slice is packed: its place has nothing to do with its file range.
-                Some(p) if p.gather.is_some() || t.gather.is_some() => aligned,
-                Some(p) if p.shard == t.shard && t.file_range.start >= p.file_range.end => {
+                Some((p, _)) if p.gather.is_some() || t.gather.is_some() => aligned,
+                // The same bytes as the tensor before (a tied weight): the same place.
+                Some((p, p_at)) if p.shard == t.shard && p.file_range == t.file_range => {
+                    at[i] = Some(p_at);
+                    continue;
+                }
+                Some((p, _)) if p.shard == t.shard && t.file_range.start >= p.file_range.end => {
                     let mirrored = end + (t.file_range.start - p.file_range.end);
                     if mirrored % DEVICE_ALIGN == 0 && mirrored - end < DEVICE_ALIGN.max(MAX_GAP.min(64 << 10)) {
                         mirrored
@@ -198,7 +211,7 @@ pub(crate) fn device_layout(
             };
             at[i] = Some(offset);
             end = offset + len;
-            prev = Some(t);
+            prev = Some((t, offset));
         }
     }
     (at, end)
@@ -220,6 +233,15 @@ pub(crate) struct Piece {
 impl Piece {
     fn flat(src: usize, dst: u64, len: usize) -> Piece {
         Piece { src, dst, len, rows: 1, src_pitch: len, dst_pitch: len as u64 }
+    }
+
+    /// Whether `self` already copies every byte of the single row `p`, to the same place.
+    fn covers(&self, p: &Piece) -> bool {
+        self.rows == 1
+            && p.rows == 1
+            && p.src >= self.src
+            && p.src + p.len <= self.src + self.len
+            && p.dst.checked_sub(self.dst) == Some((p.src - self.src) as u64)
     }
 
     /// Appends `p` to `self` if it continues it: right after a single row on both sides (a
@@ -266,6 +288,11 @@ pub(crate) fn pieces(
     let chunk = read.file_offset..read.file_offset + read.len as u64;
     let mut out: Vec<(usize, Piece)> = Vec::new();
     let mut push = |target: usize, p: Piece| {
+        // A copy the last one already makes (a tied weight, placed with its twin) is not
+        // made again.
+        if out.last().is_some_and(|(t, q)| *t == target && q.covers(&p)) {
+            return;
+        }
         if !out.last_mut().is_some_and(|(t, q)| *t == target && q.absorb(p)) {
             out.push((target, p));
         }
@@ -325,6 +352,57 @@ mod tests {
         let identity = FileIdentity { dev: 1, ino: 1, len: file_len, modified_ns: 0 };
         let shard = Shard::from_header(PathBuf::from("/m/a.safetensors"), "a.safetensors".into(), identity, 0, header);
         LoadPlan::assemble(Path::new("/m"), PathBuf::from("/m"), None, vec![shard]).unwrap()
+    }
+
+    /// A plan of one shard whose tensors have these byte ranges of the data section (which
+    /// a PyTorch file's views of one storage may make overlap), in order.
+    fn plan_of_ranges(data_start: u64, ranges: &[(u64, u64)]) -> LoadPlan {
+        let tensors = ranges
+            .iter()
+            .enumerate()
+            .map(|(i, &(a, b))| TensorInfo {
+                name: format!("t{i}"),
+                dtype: Dtype::U8,
+                shape: vec![(b - a) as usize],
+                data_offsets: (a, b),
+            })
+            .collect();
+        let header = Header { header_len: data_start - 8, metadata: None, tensors };
+        let file_len = data_start + ranges.iter().map(|r| r.1).max().unwrap_or(0);
+        let identity = FileIdentity { dev: 1, ino: 1, len: file_len, modified_ns: 0 };
+        let shard = Shard::from_header(PathBuf::from("/m/a.bin"), "a.bin".into(), identity, 0, header);
+        LoadPlan::assemble(Path::new("/m"), PathBuf::from("/m"), None, vec![shard]).unwrap()
+    }
+
+    /// Tied weights and overlapping views of one storage: a tensor that overlaps the span's
+    /// bytes joins it while starts and ends stay in order (its bytes are read once), else
+    /// it starts a span; a tied twin shares its place on the device and is not copied
+    /// twice; every tensor's bytes land all the same.
+    #[test]
+    fn overlapping_tensors_are_read_once_and_tied_ones_share_a_place() {
+        let p = plan_of_ranges(4096, &[(0, 96), (0, 96), (24, 72), (76, 96)]);
+        let s = spans(&p, |_| false);
+        let grouped: Vec<Vec<usize>> = s.iter().map(|s| s.tensors.clone()).collect();
+        assert_eq!(grouped, vec![vec![0, 1], vec![2, 3]]);
+        let (at, total) = device_layout(&p, &s, |_| Place::AsLoaded);
+        assert_eq!(at[0], at[1], "tied twins share a place");
+        assert!(at[2] != at[0] && at[3] != at[2]);
+        let file: Vec<u8> = (0..4096 + 96).map(|i| (i * 7 % 251) as u8).collect();
+        let mut device = vec![0u8; total as usize];
+        let mut copies = 0;
+        for r in reads(&s, 4096, 1) {
+            let chunk = &file[r.file_offset as usize..r.file_offset as usize + r.len];
+            for (_, q) in pieces(&p, &s[r.span], |i| at[i].map(|o| (0, o)), &r) {
+                apply(&q, chunk, &mut device);
+                copies += 1;
+            }
+        }
+        assert_eq!(copies, 3, "one copy for the twins, one each for the views");
+        for (i, t) in p.tensors().iter().enumerate() {
+            let o = at[i].unwrap() as usize;
+            let want = &file[t.file_range.start as usize..t.file_range.end as usize];
+            assert_eq!(&device[o..o + want.len()], want, "{}", t.name);
+        }
     }
 
     #[test]

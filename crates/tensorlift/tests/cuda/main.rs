@@ -117,6 +117,30 @@ fn every_dtype_and_layout_lands_on_the_device() {
     }
 }
 
+/// A PyTorch file whose `lm_head.weight` is `embed.weight` (tied), beside views of the
+/// same storage: every name lands with its bytes, and the twins share one place on the
+/// device, copied once. (The fixture's bytes are in this executable: it also runs from a
+/// copy on GPU hosts.)
+#[test]
+fn tied_pytorch_weights_share_device_memory() {
+    let _d = driver();
+    let expect: serde_json::Value =
+        serde_json::from_str(include_str!("../../../tensorlift-pickle/tests/fixtures/tied.expect.json")).unwrap();
+    let hex = |s: &str| (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect();
+    let truth: BTreeMap<String, Vec<u8>> =
+        expect.as_object().unwrap().iter().map(|(k, t)| (k.clone(), hex(t["hex"].as_str().unwrap()))).collect();
+    let dir = scratch();
+    std::fs::write(
+        dir.join("pytorch_model.bin"),
+        include_bytes!("../../../tensorlift-pickle/tests/fixtures/tied.zip.bin"),
+    )
+    .unwrap();
+    let model = base().chunk_size(4096).build().unwrap().load_blocking(&dir).unwrap();
+    assert_on_device(&model, &truth, "tied");
+    let ptr = |name: &str| model.get(name).unwrap().device_ptr().unwrap();
+    assert_eq!(ptr("embed.weight"), ptr("lm_head.weight"));
+}
+
 #[test]
 fn sharded_folders_and_filters() {
     let _d = driver();

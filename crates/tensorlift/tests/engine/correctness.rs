@@ -1,5 +1,6 @@
 //! Loaded bytes are identical to an independent reading of the file.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -169,4 +170,34 @@ fn device_choice() {
     assert_eq!("cuda:3".parse::<Device>().unwrap(), Device::Cuda(3));
     assert_eq!("cuda".parse::<Device>().unwrap(), Device::Cuda(0));
     assert!("gpu".parse::<Device>().is_err());
+}
+
+/// The bytes of each tensor of a PyTorch fixture, from its `.expect.json` (written by
+/// PyTorch itself, see crates/tensorlift-pickle/tests/fixtures).
+fn torch_expected(json: &str) -> BTreeMap<String, Vec<u8>> {
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    let hex = |s: &str| (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect();
+    v.as_object().unwrap().iter().map(|(k, t)| (k.clone(), hex(t["hex"].as_str().unwrap()))).collect()
+}
+
+/// A PyTorch file whose `lm_head.weight` is `embed.weight` (tied), beside views of the
+/// same storage: every name gets its bytes, and the twins are one read and one piece of
+/// memory, as `torch.load` makes them one storage.
+#[test]
+fn tied_pytorch_weights_are_read_once_and_share_memory() {
+    let truth = torch_expected(include_str!("../../../tensorlift-pickle/tests/fixtures/tied.expect.json"));
+    for (file, bytes) in [
+        ("tied.zip.bin", &include_bytes!("../../../tensorlift-pickle/tests/fixtures/tied.zip.bin")[..]),
+        ("tied.legacy.bin", &include_bytes!("../../../tensorlift-pickle/tests/fixtures/tied.legacy.bin")[..]),
+    ] {
+        let dir = scratch();
+        std::fs::write(dir.join("pytorch_model.bin"), bytes).unwrap();
+        for (what, loader) in loaders(4096) {
+            let what = format!("{file} {what}");
+            let model = loader.load_blocking(&dir).unwrap();
+            assert_identical(&model, &truth, &what);
+            let ptr = |name: &str| model.get(name).unwrap().bytes().unwrap().as_ptr();
+            assert_eq!(ptr("embed.weight"), ptr("lm_head.weight"), "{what}");
+        }
+    }
 }
