@@ -90,6 +90,7 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
                 "io_reason": io.reason,
                 "io_workers": loader.settings().io_workers,
                 "prefault_threads": loader.settings().prefault_threads,
+                "read_while_planning": loader.settings().read_while_planning,
             },
         });
         crate::text::write_json(out, &v)?;
@@ -175,6 +176,11 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
             out,
             "            new host memory faulted in ahead of the reads by {n} thread(s) (MADV_POPULATE_WRITE)"
         )?,
+    }
+    if loader.settings().read_while_planning {
+        writeln!(out, "            host loads read each shard once its header is validated, while planning goes on")?;
+    } else {
+        writeln!(out, "            host loads read once the whole plan stands (read while planning off)")?;
     }
     Ok(())
 }

@@ -477,6 +477,9 @@ pub struct Settings {
     /// Threads that fault in new host memory ahead of the reads (0: none, see
     /// [`LoaderBuilder::prefault`]).
     pub prefault_threads: usize,
+    /// Whether a host load of a whole checkpoint reads while planning goes on (see
+    /// [`LoaderBuilder::read_while_planning`]).
+    pub read_while_planning: bool,
 }
 
 /// Loads checkpoints. Immutable and cheap to share: one loader serves many loads, on any
@@ -531,6 +534,7 @@ impl Loader {
             streams: self.cfg.streams,
             huge_pages: self.cfg.huge_pages,
             prefault_threads: self.cfg.prefault_threads(),
+            read_while_planning: self.cfg.read_while_planning,
         }
     }
 
