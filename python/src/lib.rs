@@ -582,10 +582,11 @@ impl PyTensorIterator {
                 Err(interrupted)
             }
             Ok(None) => {
-                if let (Some(d), Some(s)) = (&self.stats, &self.stream) {
+                // The finished stream is let go first, whatever filling the dict does.
+                let finished = self.stream.take();
+                if let (Some(d), Some(s)) = (&self.stats, &finished) {
                     fill_stats(d.bind(py), s.stats())?;
                 }
-                self.stream = None;
                 Ok(None)
             }
             Ok(Some(Err(e))) => {
@@ -596,9 +597,22 @@ impl PyTensorIterator {
         }
     }
 
-    /// Stops the load: what is in flight finishes, and everything is freed.
+    /// Stops the load: what is in flight finishes, and everything is freed. The `stats`
+    /// dict, if any, is left as it is: only a load that completes fills it.
     fn close(&mut self) {
         self.stream = None;
+    }
+
+    // The `stats` dict is a Python object this one holds: the garbage collector sees it.
+    fn __traverse__(&self, visit: pyo3::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError> {
+        if let Some(d) = &self.stats {
+            visit.call(d)?;
+        }
+        Ok(())
+    }
+
+    fn __clear__(&mut self) {
+        self.stats = None;
     }
 }
 

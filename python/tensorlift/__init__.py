@@ -153,7 +153,7 @@ def iter_tensors(
     """Yields ``(name, tensor)`` as each tensor lands, the shape of a serving engine's
     weights iterator. ``filter``: names or globs; ``progress(done, total)``: bytes landed;
     ``dtype``, ``tp`` and ``stats`` as for ``load_file`` (``stats`` is filled once the last
-    tensor has come).
+    tensor has come; a load stopped early or failed leaves it as it was).
 
     Stopping early (``break``) cancels the rest of the load.
     """

@@ -171,6 +171,12 @@ def test_a_loads_statistics_fill_the_dict_given(fixture, sharded_reference):
     rest = list(it)
     assert streamed["tensors_loaded"] == 1 + len(rest)
     assert streamed["bytes"] == sum(v.nbytes for n, v in want.items() if n.startswith("model.layers.0."))
+    # A load stopped early leaves the dict as it was.
+    stopped = {}
+    it = tensorlift.iter_tensors(folder, framework=None, stats=stopped)
+    next(it)
+    it.close()
+    assert stopped == {}
 
 
 def test_memory_is_freed_after_the_last_array(tmp_path):

@@ -46,7 +46,8 @@ impl Span {
 ///
 /// A tensor whose bytes overlap the span's (a PyTorch file's tied weights, or views of one
 /// storage) joins it as long as the tensors' starts and ends both stay in order, so those
-/// bytes are read once; the chunk bookkeeping ([`chunks_covering`], and the look-ups by
+/// bytes are read once (a view that ends inside the span starts one of its own, and is
+/// read again); the chunk bookkeeping ([`chunks_covering`], and the look-ups by
 /// end then start over a span's tensors) relies on that order. A safetensors file's
 /// tensors never overlap.
 pub(crate) fn spans(plan: &LoadPlan, solo: impl Fn(usize) -> bool) -> Vec<Span> {
@@ -388,20 +389,36 @@ mod tests {
         assert_eq!(at[0], at[1], "tied twins share a place");
         assert!(at[2] != at[0] && at[3] != at[2]);
         let file: Vec<u8> = (0..4096 + 96).map(|i| (i * 7 % 251) as u8).collect();
-        let mut device = vec![0u8; total as usize];
-        let mut copies = 0;
-        for r in reads(&s, 4096, 1) {
-            let chunk = &file[r.file_offset as usize..r.file_offset as usize + r.len];
-            for (_, q) in pieces(&p, &s[r.span], |i| at[i].map(|o| (0, o)), &r) {
-                apply(&q, chunk, &mut device);
-                copies += 1;
+        // One chunk, then chunks of 32 bytes, which tensors cross.
+        for chunk_len in [4096, 32] {
+            let mut device = vec![0u8; total as usize];
+            let mut copies = 0;
+            for r in reads(&s, chunk_len, 1) {
+                let chunk = &file[r.file_offset as usize..r.file_offset as usize + r.len];
+                for (_, q) in pieces(&p, &s[r.span], |i| at[i].map(|o| (0, o)), &r) {
+                    apply(&q, chunk, &mut device);
+                    copies += 1;
+                }
             }
-        }
-        assert_eq!(copies, 3, "one copy for the twins, one each for the views");
-        for (i, t) in p.tensors().iter().enumerate() {
-            let o = at[i].unwrap() as usize;
-            let want = &file[t.file_range.start as usize..t.file_range.end as usize];
-            assert_eq!(&device[o..o + want.len()], want, "{}", t.name);
+            if chunk_len == 4096 {
+                assert_eq!(copies, 3, "one copy for the twins, one each for the views");
+            }
+            for (i, t) in p.tensors().iter().enumerate() {
+                let o = at[i].unwrap() as usize;
+                let want = &file[t.file_range.start as usize..t.file_range.end as usize];
+                assert_eq!(&device[o..o + want.len()], want, "{} (chunks of {chunk_len})", t.name);
+            }
+            // Every tensor is complete once the last chunk covering it has landed, and
+            // not before.
+            for (si, span) in s.iter().enumerate() {
+                let mut remaining = crate::pipeline::chunks_to_wait_for(&p, span, chunk_len, |_| {});
+                let mut done = Vec::new();
+                for r in reads(&s, chunk_len, 1).iter().filter(|r| r.span == si) {
+                    done.extend(crate::pipeline::completed_by(&p, span, &mut remaining, r.index, chunk_len));
+                }
+                done.sort_unstable();
+                assert_eq!(done, span.tensors, "span {si}, chunks of {chunk_len}");
+            }
         }
     }
 
