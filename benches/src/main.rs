@@ -86,10 +86,11 @@ struct Args {
     /// (on by default; see `LoaderBuilder::prefault`).
     #[arg(long)]
     no_prefault: bool,
-    /// tensorlift: read nothing before the whole plan stands (by default a host load reads
-    /// each shard once its own header is validated; see `LoaderBuilder::read_while_planning`).
-    #[arg(long)]
-    plan_first: bool,
+    /// tensorlift: whether a host load reads each shard once its own header is validated,
+    /// while the rest is planned: auto (the default), always, never (see
+    /// `LoaderBuilder::read_while_planning`).
+    #[arg(long, value_parser = |s: &str| s.parse::<tensorlift::ReadWhilePlanning>())]
+    read_while_planning: Option<tensorlift::ReadWhilePlanning>,
     /// tensorlift: O_DIRECT policy, auto, always or never (default auto).
     #[arg(long, value_parser = |s: &str| s.parse::<tensorlift::DirectIo>())]
     direct: Option<tensorlift::DirectIo>,
@@ -303,8 +304,8 @@ fn builder(args: &Args) -> anyhow::Result<tensorlift::LoaderBuilder> {
     if args.no_prefault {
         b = b.prefault(false);
     }
-    if args.plan_first {
-        b = b.read_while_planning(false);
+    if let Some(p) = args.read_while_planning {
+        b = b.read_while_planning(p);
     }
     if let Some(to) = args.convert_to {
         b = b.convert_to(to);

@@ -90,7 +90,7 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
                 "io_reason": io.reason,
                 "io_workers": loader.settings().io_workers,
                 "prefault_threads": loader.settings().prefault_threads,
-                "read_while_planning": loader.settings().read_while_planning,
+                "read_while_planning": loader.settings().read_while_planning.to_string(),
             },
         });
         crate::text::write_json(out, &v)?;
@@ -177,10 +177,15 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
             "            new host memory faulted in ahead of the reads by {n} thread(s) (MADV_POPULATE_WRITE)"
         )?,
     }
-    if loader.settings().read_while_planning {
-        writeln!(out, "            host loads read each shard once its header is validated, while planning goes on")?;
-    } else {
-        writeln!(out, "            host loads read once the whole plan stands (read while planning off)")?;
-    }
+    let overlap = match loader.settings().read_while_planning {
+        tensorlift::ReadWhilePlanning::Never => "never",
+        tensorlift::ReadWhilePlanning::Always => "always",
+        _ if std::thread::available_parallelism().is_ok_and(|n| n.get() >= 4) => "auto: yes, 4+ CPUs",
+        _ => "auto: for checkpoints not in the page cache (under 4 CPUs)",
+    };
+    writeln!(
+        out,
+        "            host loads read each shard once its header is validated, while planning goes on: {overlap}"
+    )?;
     Ok(())
 }

@@ -47,10 +47,11 @@ pub struct Args {
     /// Do not fault in new host memory ahead of the reads (on by default).
     #[arg(long)]
     no_prefault: bool,
-    /// Read nothing before the whole plan stands (by default a load to the CPU reads each
-    /// shard once its own header is validated).
-    #[arg(long)]
-    plan_first: bool,
+    /// Whether a load to the CPU reads each shard once its own header is validated, while
+    /// the rest is planned: auto (where it pays: 4+ CPUs, or a checkpoint not in the page
+    /// cache), always, never.
+    #[arg(long, value_parser = |s: &str| s.parse::<tensorlift::ReadWhilePlanning>())]
+    read_while_planning: Option<tensorlift::ReadWhilePlanning>,
 }
 
 fn parse_direct(s: &str) -> Result<DirectIo, String> {
@@ -97,8 +98,8 @@ pub fn run(args: &Args, out: &mut dyn Write) -> anyhow::Result<()> {
     if args.no_prefault {
         builder = builder.prefault(false);
     }
-    if args.plan_first {
-        builder = builder.read_while_planning(false);
+    if let Some(p) = args.read_while_planning {
+        builder = builder.read_while_planning(p);
     }
     let bar = progress_bar();
     if let Some(bar) = bar.clone() {

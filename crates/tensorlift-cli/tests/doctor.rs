@@ -27,7 +27,7 @@ fn reports_every_fact() {
         assert_eq!(v["would_use"]["device"], "cpu");
     }
     assert_eq!(v["o_direct"]["path"], dir.path().to_str().unwrap());
-    assert_eq!(v["would_use"]["read_while_planning"], true);
+    assert_eq!(v["would_use"]["read_while_planning"], "auto");
     // The probe's scratch file is gone afterwards.
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }

@@ -60,8 +60,9 @@ fn without_digest_json_has_no_tensor_list() {
     assert!(v.get("tensors").is_none());
     assert_eq!(v["bytes"], 540);
     assert!(v["planned_seconds"].as_f64().unwrap() > 0.0, "{v}");
-    // --plan-first: nothing is read before the plan stands.
-    let out = tensorlift(&["load", dir.join("single.safetensors").to_str().unwrap(), "--json", "--plan-first"]);
+    // Never reading while planning: nothing is read before the plan stands.
+    let path = dir.join("single.safetensors");
+    let out = tensorlift(&["load", path.to_str().unwrap(), "--json", "--read-while-planning", "never"]);
     assert_eq!(out.status.code(), Some(0));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["first_read_seconds"].as_f64().unwrap() >= v["planned_seconds"].as_f64().unwrap(), "{v}");

@@ -164,6 +164,12 @@ impl Checkpoint {
         self.files.iter().filter(|f| f.is_some()).count()
     }
 
+    /// The descriptor planning kept for shard `i`, if it kept one, without taking it (to
+    /// look at the file, not to read it: see [`take_shard`](Self::take_shard)).
+    pub fn shard_file(&self, i: usize) -> Option<&File> {
+        self.files.get(i)?.as_deref()
+    }
+
     /// Whether [`take_shard`](Self::take_shard) would open shard `i` again by its name
     /// (planning closed it, or it was taken already), rather than hand over the descriptor
     /// planning read its header from.

@@ -46,8 +46,8 @@ use std::path::Path;
 pub use device::{Device, DEVICE_ENV};
 pub use error::LoadError;
 pub use loader::{
-    default_io_workers, DirectIo, HugePages, Loader, LoaderBuilder, Settings, DEFAULT_CHUNK_SIZE, DEFAULT_QUEUE_DEPTH,
-    DEFAULT_STAGING_BUDGET, DEFAULT_STREAMS, MAX_DEFAULT_IO_WORKERS,
+    default_io_workers, DirectIo, HugePages, Loader, LoaderBuilder, ReadWhilePlanning, Settings, DEFAULT_CHUNK_SIZE,
+    DEFAULT_QUEUE_DEPTH, DEFAULT_STAGING_BUDGET, DEFAULT_STREAMS, MAX_DEFAULT_IO_WORKERS,
 };
 pub use pipeline::TensorStream;
 pub use slicing::{Sharding, SliceRule, Split, TensorSlice};

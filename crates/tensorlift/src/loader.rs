@@ -28,15 +28,21 @@ pub enum DirectIo {
     Never,
 }
 
+/// One of three policies from `auto`, `always` or `never` (any case); `what` names the
+/// policy in the error.
+fn parse_policy<T>(s: &str, what: &str, [auto, always, never]: [T; 3]) -> Result<T, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "auto" => Ok(auto),
+        "always" => Ok(always),
+        "never" => Ok(never),
+        other => Err(format!("unknown {what} policy '{other}' (expected auto, always or never)")),
+    }
+}
+
 impl std::str::FromStr for DirectIo {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "auto" => Ok(DirectIo::Auto),
-            "always" => Ok(DirectIo::Always),
-            "never" => Ok(DirectIo::Never),
-            other => Err(format!("unknown direct-I/O policy '{other}' (expected auto, always or never)")),
-        }
+        parse_policy(s, "direct-I/O", [DirectIo::Auto, DirectIo::Always, DirectIo::Never])
     }
 }
 
@@ -57,12 +63,42 @@ pub enum HugePages {
 impl std::str::FromStr for HugePages {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "auto" => Ok(HugePages::Auto),
-            "always" => Ok(HugePages::Always),
-            "never" => Ok(HugePages::Never),
-            other => Err(format!("unknown huge-pages policy '{other}' (expected auto, always or never)")),
-        }
+        parse_policy(s, "huge-pages", [HugePages::Auto, HugePages::Always, HugePages::Never])
+    }
+}
+
+/// Whether a host load of a whole checkpoint reads while planning goes on (see
+/// [`LoaderBuilder::read_while_planning`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum ReadWhilePlanning {
+    /// Where it pays: on a machine of 4 CPUs or more (parsing and reads each have CPUs of
+    /// their own), or when the first shard is mostly not in the page cache (the reads wait
+    /// on the disk, and parsing hides behind them). On 2 CPUs with the checkpoint cached,
+    /// parsing and reads share the CPUs and planning first is as fast or faster.
+    #[default]
+    Auto,
+    /// Always, where the load allows it.
+    Always,
+    /// Never: nothing is read before the plan stands.
+    Never,
+}
+
+impl std::str::FromStr for ReadWhilePlanning {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let all = [ReadWhilePlanning::Auto, ReadWhilePlanning::Always, ReadWhilePlanning::Never];
+        parse_policy(s, "read-while-planning", all)
+    }
+}
+
+impl std::fmt::Display for ReadWhilePlanning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ReadWhilePlanning::Auto => "auto",
+            ReadWhilePlanning::Always => "always",
+            ReadWhilePlanning::Never => "never",
+        })
     }
 }
 
@@ -83,7 +119,7 @@ pub(crate) struct Config {
     pub streams: usize,
     pub huge_pages: HugePages,
     pub prefault: bool,
-    pub read_while_planning: bool,
+    pub read_while_planning: ReadWhilePlanning,
     pub convert_to: Option<tensorlift_format::Dtype>,
     pub slices: crate::slicing::Slices,
     pub place: Option<Arc<dyn crate::place::PlaceRule>>,
@@ -164,7 +200,7 @@ impl Default for LoaderBuilder {
                 streams: DEFAULT_STREAMS,
                 huge_pages: HugePages::Auto,
                 prefault: true,
-                read_while_planning: true,
+                read_while_planning: ReadWhilePlanning::Auto,
                 convert_to: None,
                 slices: Default::default(),
                 place: None,
@@ -308,16 +344,15 @@ impl LoaderBuilder {
         self
     }
     /// Whether a host load of a whole checkpoint starts reading before planning ends
-    /// (default true): once every header is read, each shard's reads start as soon as its
-    /// own header is validated, while the other headers are parsed and the plan is checked
-    /// across shards. Tensors are handed out only once the plan stands either way, and a
-    /// checkpoint that fails its checks fails the load with the same error. Off, nothing
-    /// is read before the plan stands (on a machine with no idle CPU, the reads and the
-    /// parsing share the CPUs, and a warm load gains nothing). Loads with a filter, slices,
-    /// a conversion, caller memory or mapped views, and loads to a GPU, always plan first.
-    /// [`LoadStats::planned`] and [`LoadStats::first_read`] show the overlap.
-    pub fn read_while_planning(mut self, on: bool) -> Self {
-        self.cfg.read_while_planning = on;
+    /// (default [`ReadWhilePlanning::Auto`]): once every header is read, each shard's reads
+    /// start as soon as its own header is validated, while the other headers are parsed and
+    /// the plan is checked across shards. Tensors are handed out only once the plan stands
+    /// either way, and a checkpoint that fails its checks fails the load with the same
+    /// error. Loads with a filter, slices, a conversion, caller memory or mapped views, and
+    /// loads to a GPU, always plan first. [`LoadStats::planned`] and
+    /// [`LoadStats::first_read`] show what a load did.
+    pub fn read_while_planning(mut self, policy: ReadWhilePlanning) -> Self {
+        self.cfg.read_while_planning = policy;
         self
     }
     /// Whether host memory of dropped tensors is kept for this loader's next load (default
@@ -479,7 +514,7 @@ pub struct Settings {
     pub prefault_threads: usize,
     /// Whether a host load of a whole checkpoint reads while planning goes on (see
     /// [`LoaderBuilder::read_while_planning`]).
-    pub read_while_planning: bool,
+    pub read_while_planning: ReadWhilePlanning,
 }
 
 /// Loads checkpoints. Immutable and cheap to share: one loader serves many loads, on any
@@ -658,7 +693,7 @@ impl Loader {
     /// [`TensorStream::start_early`]).
     fn reads_while_planning(&self) -> bool {
         let c = &self.cfg;
-        c.read_while_planning
+        c.read_while_planning != ReadWhilePlanning::Never
             && matches!(self.target, Target::Host)
             && c.filter.is_empty()
             && c.slices.is_empty()
@@ -687,6 +722,8 @@ impl Loader {
         }
         loop {
             match events.recv().await {
+                // Where it would not pay, the load waits for the whole plan.
+                Some(PlanEvent::Early(early)) if !self.early_start_pays(&early) => {}
                 Some(PlanEvent::Early(early)) => {
                     let reader = Arc::clone(&self.reader);
                     return match TensorStream::start_early(reader, early, &self.cfg, self.new_stats(), started) {
@@ -711,6 +748,20 @@ impl Loader {
                 None => return Err(LoadError::PlanningFailed),
             }
         }
+    }
+
+    /// Whether reading while planning goes on pays for a load of `early`'s shards (see
+    /// [`ReadWhilePlanning::Auto`]).
+    fn early_start_pays(&self, early: &Checkpoint) -> bool {
+        if self.cfg.read_while_planning == ReadWhilePlanning::Always {
+            return true;
+        }
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cold = || {
+            let first = early.shard_file(0).and_then(|f| tensorlift_io::cache::resident_estimate(f).ok());
+            first.is_some_and(|resident| resident < 0.5)
+        };
+        cpus >= 4 || cold()
     }
 
     /// Loads every (selected) tensor of `path`. Headers are read and parsed on a thread of

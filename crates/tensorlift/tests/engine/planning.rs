@@ -5,9 +5,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tensorlift::Dtype;
+use tensorlift::{Dtype, LoaderBuilder, ReadWhilePlanning};
 
 use crate::support::*;
+
+/// A loader that reads while planning goes on wherever the load allows it (the default,
+/// `Auto`, does where it pays: see `auto_reads_while_planning_where_it_pays`).
+fn early() -> LoaderBuilder {
+    base().read_while_planning(ReadWhilePlanning::Always)
+}
 
 /// 24 shards of small tensors and one large one each, a first shard of few tensors and
 /// later ones of 2,600: the first shard is read while the later headers are parsed (the
@@ -32,7 +38,10 @@ fn a_shard_is_read_once_its_own_header_is_validated() {
     let refs: Vec<&[Spec<'_>]> = shards.iter().map(Vec::as_slice).collect();
     let truth = write_sharded(&dir, &refs);
     let tensors = truth.len();
-    for (what, loader) in loaders_with(256 << 10, |b| b.progress(|_| std::thread::sleep(Duration::from_micros(300)))) {
+    let slowed = |b: LoaderBuilder| {
+        b.read_while_planning(ReadWhilePlanning::Always).progress(|_| std::thread::sleep(Duration::from_micros(300)))
+    };
+    for (what, loader) in loaders_with(256 << 10, slowed) {
         let model = loader.load_blocking(&dir).unwrap();
         assert_identical(&model, &truth, &what);
         let s = model.stats();
@@ -43,8 +52,8 @@ fn a_shard_is_read_once_its_own_header_is_validated() {
         }
     }
     // Loads that plan first read nothing before the plan stands: asked to, or with a filter.
-    let plan_first = base().read_while_planning(false).build().unwrap();
-    let filtered = base().filter(["big.*", "model.*"]).build().unwrap();
+    let plan_first = base().read_while_planning(ReadWhilePlanning::Never).build().unwrap();
+    let filtered = early().filter(["big.*", "model.*"]).build().unwrap();
     for (what, loader) in [("plan first", plan_first), ("filtered", filtered)] {
         let model = loader.load_blocking(&dir).unwrap();
         assert_identical(&model, &truth, what);
@@ -74,6 +83,17 @@ fn many_tensors(names: &[String]) -> Vec<Vec<Spec<'_>>> {
         .collect()
 }
 
+/// [`many_tensors`] over 12 shards, written to `dir` with an index, the first shard also
+/// holding a tensor `big` of `len` bytes; every tensor's bytes.
+fn write_many(dir: &std::path::Path, len: usize) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let names = many_names(12);
+    let mut specs = many_tensors(&names);
+    let shape = [len];
+    specs[0].push(("big", Dtype::U8, &shape));
+    let refs: Vec<&[Spec<'_>]> = specs.iter().map(Vec::as_slice).collect();
+    write_sharded(dir, &refs)
+}
+
 /// A shard's reads wait for its own header: with the first shard's header invalid, and
 /// many headers after it to parse, nothing is read (no byte lands) before the load fails
 /// with planning's error.
@@ -93,7 +113,7 @@ fn a_shard_whose_header_fails_is_never_read() {
     assert!(want.contains("model-00001-of-00012.safetensors"), "{want}");
     let landed = Arc::new(AtomicU64::new(0));
     let l = Arc::clone(&landed);
-    let loader = base().progress(move |p| l.store(p.done, Ordering::SeqCst)).build().unwrap();
+    let loader = early().progress(move |p| l.store(p.done, Ordering::SeqCst)).build().unwrap();
     assert_eq!(loader.load_blocking(&dir).unwrap_err().to_string(), want);
     assert_eq!(landed.load(Ordering::SeqCst), 0);
 }
@@ -105,11 +125,7 @@ fn a_shard_whose_header_fails_is_never_read() {
 #[test]
 fn a_later_shard_that_fails_validation_fails_the_load_with_planning_s_error() {
     let dir = scratch();
-    let names = many_names(12);
-    let mut specs = many_tensors(&names);
-    specs[0].push(("big", Dtype::U8, &[1 << 20]));
-    let refs: Vec<&[Spec<'_>]> = specs.iter().map(Vec::as_slice).collect();
-    let truth = write_sharded(&dir, &refs);
+    let truth = write_many(&dir, 1 << 20);
     let last = dir.join("model-00012-of-00012.safetensors");
     let good = std::fs::read(&last).unwrap();
     // The last shard's header names a dtype that does not exist; same length.
@@ -121,7 +137,7 @@ fn a_later_shard_that_fails_validation_fails_the_load_with_planning_s_error() {
     assert!(want.contains("model-00012-of-00012.safetensors"), "{want}");
     let landed = Arc::new(AtomicU64::new(0));
     let l = Arc::clone(&landed);
-    let loader = base().progress(move |p| l.store(p.done, Ordering::SeqCst)).build().unwrap();
+    let loader = early().progress(move |p| l.store(p.done, Ordering::SeqCst)).build().unwrap();
     for what in ["stream", "load"] {
         landed.store(0, Ordering::SeqCst);
         let err = match what {
@@ -153,7 +169,7 @@ fn an_index_that_disagrees_fails_the_load_with_planning_s_error() {
         &[("a", "s-1.safetensors"), ("b", "s-2.safetensors"), ("c", "s-2.safetensors")],
     );
     let want = tensorlift::plan(&dir).unwrap_err().to_string();
-    for (what, loader) in loaders(64 << 10) {
+    for (what, loader) in loaders_with(64 << 10, |b| b.read_while_planning(ReadWhilePlanning::Always)) {
         let got = loader.load_blocking(&dir).unwrap_err().to_string();
         assert_eq!(got, want, "{what}");
     }
@@ -180,7 +196,7 @@ fn shards_with_little_or_nothing_to_read_load_while_planning() {
     bytes.extend_from_slice(&data);
     std::fs::write(dir.join("a-4.safetensors"), bytes).unwrap();
     truth.insert("paged".into(), data);
-    for (what, loader) in loaders(4096) {
+    for (what, loader) in loaders_with(4096, |b| b.read_while_planning(ReadWhilePlanning::Always)) {
         let model = loader.load_blocking(&dir).unwrap();
         assert_identical(&model, &truth, &what);
     }
@@ -196,7 +212,7 @@ fn shards_planning_closed_are_reopened_and_read_while_planning() {
     let shards: Vec<Vec<Spec<'_>>> = (0..10).map(|i| vec![(names[i].as_str(), Dtype::U8, &shapes[i][..])]).collect();
     let refs: Vec<&[Spec<'_>]> = shards.iter().map(Vec::as_slice).collect();
     let truth = write_sharded(&dir, &refs);
-    for (what, loader) in loaders_with(8192, |b| b.max_open_files(4)) {
+    for (what, loader) in loaders_with(8192, |b| b.max_open_files(4).read_while_planning(ReadWhilePlanning::Always)) {
         assert_identical(&loader.load_blocking(&dir).unwrap(), &truth, &what);
     }
 }
@@ -217,7 +233,7 @@ fn a_checkpoint_that_fails_its_checks_reports_that_before_memory() {
         f.set_len(8 + json.len() as u64 + data).unwrap();
     };
     write("a.safetensors", format!(r#"{{"t":{{"dtype":"U8","shape":[{huge}],"data_offsets":[0,{huge}]}}}}"#), huge);
-    let loader = base().build().unwrap();
+    let loader = early().build().unwrap();
     match loader.load_blocking(&dir) {
         Err(tensorlift::LoadError::HostMemory { needed, .. }) => assert!(needed >= huge, "{needed}"),
         other => panic!("{other:?}"),
@@ -227,4 +243,41 @@ fn a_checkpoint_that_fails_its_checks_reports_that_before_memory() {
     assert!(want.contains("b.safetensors"), "{want}");
     assert_eq!(loader.load_blocking(&dir).unwrap_err().to_string(), want);
     assert_eq!(loader.stream(&dir).unwrap_err().to_string(), want);
+}
+
+/// `Auto` reads while planning goes on where it pays: with 4 CPUs or more, or when the
+/// first shard is not in the page cache; with fewer CPUs and the checkpoint cached, the
+/// load plans first. Where the file system cannot drop a file's pages (tmpfs), the cold
+/// half says so and is skipped.
+#[test]
+fn auto_reads_while_planning_where_it_pays() {
+    let dir = scratch();
+    // Data enough in the first shard that its header's pages are a small part of it.
+    let truth = write_many(&dir, 4 << 20);
+    let loader = base().build().unwrap();
+    let order = |model: &tensorlift::Model| (model.stats().first_read.unwrap(), model.stats().planned.unwrap());
+    let model = loader.load_blocking(&dir).unwrap();
+    assert_identical(&model, &truth, "cached");
+    let (first, planned) = order(&model);
+    if std::thread::available_parallelism().is_ok_and(|n| n.get() >= 4) {
+        assert!(first < planned, "4+ CPUs: first read at {first:?}, plan stood at {planned:?}");
+    } else {
+        assert!(first >= planned, "cached, under 4 CPUs: first read at {first:?}, plan stood at {planned:?}");
+    }
+    drop(model);
+    let first_shard = dir.join("model-00001-of-00012.safetensors");
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::File::open(&path).unwrap().sync_all().unwrap();
+        tensorlift_io::cache::evict(&path).unwrap();
+    }
+    let resident = tensorlift_io::cache::resident_estimate(&std::fs::File::open(&first_shard).unwrap()).unwrap();
+    if resident >= 0.5 {
+        eprintln!("skipped the cold half: the file system kept {:.0}% of the first shard cached", resident * 100.0);
+        return;
+    }
+    let model = loader.load_blocking(&dir).unwrap();
+    assert_identical(&model, &truth, "not cached");
+    let (first, planned) = order(&model);
+    assert!(first < planned, "not cached: first read at {first:?}, plan stood at {planned:?}");
 }
