@@ -178,14 +178,11 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
         )?,
     }
     let overlap = match loader.settings().read_while_planning {
-        tensorlift::ReadWhilePlanning::Never => "never",
+        tensorlift::ReadWhilePlanning::Never => "never (each load plans first)",
         tensorlift::ReadWhilePlanning::Always => "always",
-        _ if std::thread::available_parallelism().is_ok_and(|n| n.get() >= 4) => "auto: yes, 4+ CPUs",
-        _ => "auto: for checkpoints not in the page cache (under 4 CPUs)",
+        _ if std::thread::available_parallelism().is_ok_and(|n| n.get() >= 4) => "auto: always here (4+ CPUs)",
+        _ => "auto: here for checkpoints not in the page cache (under 4 CPUs)",
     };
-    writeln!(
-        out,
-        "            host loads read each shard once its header is validated, while planning goes on: {overlap}"
-    )?;
+    writeln!(out, "            read while planning (each shard once its header is validated): {overlap}")?;
     Ok(())
 }

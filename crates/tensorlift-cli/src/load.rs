@@ -48,7 +48,7 @@ pub struct Args {
     #[arg(long)]
     no_prefault: bool,
     /// Whether a load to the CPU reads each shard once its own header is validated, while
-    /// the rest is planned: auto (where it pays: 4+ CPUs, or a checkpoint not in the page
+    /// the rest is planned: auto (where it pays: 4+ CPUs, or a largest shard not in the page
     /// cache), always, never.
     #[arg(long, value_parser = |s: &str| s.parse::<tensorlift::ReadWhilePlanning>())]
     read_while_planning: Option<tensorlift::ReadWhilePlanning>,

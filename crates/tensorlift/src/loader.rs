@@ -73,9 +73,10 @@ impl std::str::FromStr for HugePages {
 #[non_exhaustive]
 pub enum ReadWhilePlanning {
     /// Where it pays: on a machine of 4 CPUs or more (parsing and reads each have CPUs of
-    /// their own), or when the first shard is mostly not in the page cache (the reads wait
-    /// on the disk, and parsing hides behind them). On 2 CPUs with the checkpoint cached,
-    /// parsing and reads share the CPUs and planning first is as fast or faster.
+    /// their own; assumed, as only 2-CPU machines have been measured), or when the largest
+    /// shard is mostly not in the page cache (the reads wait on the disk, and parsing hides
+    /// behind them). On 2 CPUs with the checkpoint cached, parsing and reads share the CPUs,
+    /// and planning first was as fast or faster (docs/BENCHMARKS.md).
     #[default]
     Auto,
     /// Always, where the load allows it.
@@ -637,10 +638,10 @@ impl Loader {
     }
 
     /// Starts loading `path` and yields tensors as their bytes land. Blocks the calling
-    /// thread while headers are read; a host load of a whole checkpoint then reads each
-    /// shard once its own header is validated, while the other headers are parsed on a
-    /// thread of the loader's (other loads wait for the whole plan, made on that thread
-    /// too; see [`LoaderBuilder::read_while_planning`]). Tensors come only once the whole
+    /// thread while headers are read; where [`LoaderBuilder::read_while_planning`] has it,
+    /// a host load of a whole checkpoint then reads each shard once its own header is
+    /// validated, while the other headers are parsed on a thread of the loader's (other
+    /// loads wait for the whole plan, made on that thread too). Tensors come only once the whole
     /// plan stands: a checkpoint that fails its checks yields none, only the error, which
     /// such a load returns from [`TensorStream::next`] rather than from here. Dropping the
     /// stream also stops the planning.
@@ -741,7 +742,8 @@ impl Loader {
                         },
                     };
                 }
-                // Headers of a checkpoint that cannot start early (PyTorch files).
+                // Headers of a load that does not start early (PyTorch files, or where it
+                // would not pay).
                 Some(PlanEvent::Validated(..)) => {}
                 Some(PlanEvent::Done(plan, _)) => return self.start(plan?, started, true),
                 // No answer means the thread panicked: a bug, reported as such.
@@ -757,11 +759,16 @@ impl Loader {
             return true;
         }
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let cold = || {
-            let first = early.shard_file(0).and_then(|f| tensorlift_io::cache::resident_estimate(f).ok());
-            first.is_some_and(|resident| resident < 0.5)
+        // The largest shard planning kept open stands for the checkpoint (a small one is
+        // mostly the header planning just read, which is cached).
+        let resident = || {
+            let (i, _) = (0..early.shards().len())
+                .filter(|&i| early.shard_file(i).is_some())
+                .map(|i| (i, early.shards()[i].file_len))
+                .max_by_key(|&(_, len)| len)?;
+            early.shard_file(i).map(tensorlift_io::cache::resident_estimate)
         };
-        cpus >= 4 || cold()
+        cpus >= 4 || early_start_pays(cpus, resident())
     }
 
     /// Loads every (selected) tensor of `path`. Headers are read and parsed on a thread of
@@ -802,6 +809,16 @@ struct Planner {
     filter: Option<GlobSet>,
     patterns: Vec<String>,
     slices: crate::slicing::Slices,
+}
+
+/// Whether reading while planning pays with `cpus` CPUs and a checkpoint whose largest
+/// shard is this much in the page cache (`None`: no shard to look at; an error: unknown).
+/// With 4 CPUs or more, parsing and reads each have CPUs of their own (an assumption: only
+/// 2-CPU machines have been measured, docs/BENCHMARKS.md); with fewer, it pays only when the
+/// reads wait on the disk. Unknown residency counts as not cached, as `DirectIo::Auto`
+/// counts it.
+fn early_start_pays(cpus: usize, resident: Option<std::io::Result<f64>>) -> bool {
+    cpus >= 4 || resident.is_some_and(|r| r.map_or(true, |fraction| fraction < 0.5))
 }
 
 /// Forwards what planning reports to a load that starts early.
@@ -863,4 +880,20 @@ async fn collect(mut stream: TensorStream) -> Result<Model, LoadError> {
     }
     .instrument(span)
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::early_start_pays;
+
+    #[test]
+    fn reading_while_planning_pays_with_cpus_to_spare_or_a_cold_checkpoint() {
+        let err = || Some(Err(std::io::Error::from(std::io::ErrorKind::Unsupported)));
+        assert!(early_start_pays(4, Some(Ok(1.0))), "4 CPUs, cached");
+        assert!(early_start_pays(2, Some(Ok(0.1))), "2 CPUs, cold");
+        assert!(!early_start_pays(2, Some(Ok(0.9))), "2 CPUs, cached");
+        assert!(!early_start_pays(1, Some(Ok(0.5))), "half cached counts as cached");
+        assert!(early_start_pays(2, err()), "unknown counts as not cached");
+        assert!(!early_start_pays(2, None), "no shard to look at");
+    }
 }

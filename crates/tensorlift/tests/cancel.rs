@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use std::collections::BTreeMap;
 
 use tensorlift::BackendKind;
-use tensorlift::{Device, Dtype, Loader};
+use tensorlift::{Device, Dtype, Loader, ReadWhilePlanning};
 use tensorlift_io::HostArena;
 
 fn checkpoint() -> (std::path::PathBuf, BTreeMap<String, Vec<u8>>) {
@@ -29,8 +29,12 @@ fn wait_for_no_arenas() {
 #[test]
 fn cancelled_loads_free_everything() {
     let (path, truth) = checkpoint();
-    for backend in [BackendKind::Uring, BackendKind::Pread] {
-        let loader = Loader::builder().device(Device::Cpu).io_backend(backend).chunk_size(1 << 20).build().unwrap();
+    // Planning first, and reading while planning goes on (dropped before or after the plan stands).
+    let policies = [ReadWhilePlanning::Never, ReadWhilePlanning::Always];
+    for (backend, policy) in [BackendKind::Uring, BackendKind::Pread].into_iter().flat_map(|b| policies.map(|p| (b, p)))
+    {
+        let builder = Loader::builder().device(Device::Cpu).io_backend(backend).read_while_planning(policy);
+        let loader = builder.chunk_size(1 << 20).build().unwrap();
         let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
         // A load future dropped with reads in flight.
         let r = rt.block_on(async { tokio::time::timeout(Duration::from_micros(300), loader.load(&path)).await });
@@ -49,6 +53,6 @@ fn cancelled_loads_free_everything() {
         assert!(m.tensors().iter().all(|t| t.bytes().unwrap() == truth[t.name()].as_slice()));
         drop(m);
         drop(loader);
-        assert_eq!(HostArena::live_count(), 0, "{backend:?}");
+        assert_eq!(HostArena::live_count(), 0, "{backend:?} {policy}");
     }
 }

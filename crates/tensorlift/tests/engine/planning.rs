@@ -83,10 +83,10 @@ fn many_tensors(names: &[String]) -> Vec<Vec<Spec<'_>>> {
         .collect()
 }
 
-/// [`many_tensors`] over 12 shards, written to `dir` with an index, the first shard also
+/// [`many_tensors`] over `shards` shards, written to `dir` with an index, the first shard also
 /// holding a tensor `big` of `len` bytes; every tensor's bytes.
-fn write_many(dir: &std::path::Path, len: usize) -> std::collections::BTreeMap<String, Vec<u8>> {
-    let names = many_names(12);
+fn write_many(dir: &std::path::Path, shards: usize, len: usize) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let names = many_names(shards);
     let mut specs = many_tensors(&names);
     let shape = [len];
     specs[0].push(("big", Dtype::U8, &shape));
@@ -125,7 +125,7 @@ fn a_shard_whose_header_fails_is_never_read() {
 #[test]
 fn a_later_shard_that_fails_validation_fails_the_load_with_planning_s_error() {
     let dir = scratch();
-    let truth = write_many(&dir, 1 << 20);
+    let truth = write_many(&dir, 12, 1 << 20);
     let last = dir.join("model-00012-of-00012.safetensors");
     let good = std::fs::read(&last).unwrap();
     // The last shard's header names a dtype that does not exist; same length.
@@ -246,14 +246,14 @@ fn a_checkpoint_that_fails_its_checks_reports_that_before_memory() {
 }
 
 /// `Auto` reads while planning goes on where it pays: with 4 CPUs or more, or when the
-/// first shard is not in the page cache; with fewer CPUs and the checkpoint cached, the
+/// largest shard (here the first) is not in the page cache; with fewer CPUs and the checkpoint cached, the
 /// load plans first. Where the file system cannot drop a file's pages (tmpfs), the cold
 /// half says so and is skipped.
 #[test]
 fn auto_reads_while_planning_where_it_pays() {
     let dir = scratch();
     // Data enough in the first shard that its header's pages are a small part of it.
-    let truth = write_many(&dir, 4 << 20);
+    let truth = write_many(&dir, 24, 4 << 20);
     let loader = base().build().unwrap();
     let order = |model: &tensorlift::Model| (model.stats().first_read.unwrap(), model.stats().planned.unwrap());
     let model = loader.load_blocking(&dir).unwrap();
@@ -265,7 +265,7 @@ fn auto_reads_while_planning_where_it_pays() {
         assert!(first >= planned, "cached, under 4 CPUs: first read at {first:?}, plan stood at {planned:?}");
     }
     drop(model);
-    let first_shard = dir.join("model-00001-of-00012.safetensors");
+    let first_shard = dir.join("model-00001-of-00024.safetensors");
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         std::fs::File::open(&path).unwrap().sync_all().unwrap();
