@@ -177,11 +177,14 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
             "            new host memory faulted in ahead of the reads by {n} thread(s) (MADV_POPULATE_WRITE)"
         )?,
     }
+    let cpus = tensorlift::ReadWhilePlanning::AUTO_CPUS;
     let overlap = match loader.settings().read_while_planning {
-        tensorlift::ReadWhilePlanning::Never => "never (each load plans first)",
-        tensorlift::ReadWhilePlanning::Always => "always",
-        _ if std::thread::available_parallelism().is_ok_and(|n| n.get() >= 4) => "auto: always here (4+ CPUs)",
-        _ => "auto: here for checkpoints not in the page cache (under 4 CPUs)",
+        tensorlift::ReadWhilePlanning::Never => "never (each load plans first)".to_owned(),
+        tensorlift::ReadWhilePlanning::Always => "always".to_owned(),
+        _ if std::thread::available_parallelism().is_ok_and(|n| n.get() >= cpus) => {
+            format!("auto: always here ({cpus} CPUs or more)")
+        }
+        _ => format!("auto: here for checkpoints not in the page cache (under {cpus} CPUs)"),
     };
     writeln!(out, "            read while planning (each shard once its header is validated): {overlap}")?;
     Ok(())

@@ -178,9 +178,9 @@ impl LoadPlan {
     /// the shard the index names, under any of that shard's names, and every shard tensor
     /// is indexed). `context` is the file errors name.
     ///
-    /// Each shard's tensors must be as [`parse_header`](crate::parse_header) validated them
-    /// (names unique within the shard, offsets contiguous): the checks here are across
-    /// shards, and rely on that (debug builds assert it).
+    /// Each shard's names must be unique within it, as [`parse_header`](crate::parse_header)
+    /// validates them: the checks here are across shards, and rely on that (debug builds
+    /// assert it).
     pub fn assemble(
         context: &Path,
         root: PathBuf,

@@ -60,31 +60,34 @@ pub const SAMPLED_PAGES: usize = 1024;
 /// Which [`ResidencyProbe`] this process uses, tried once (on the running executable's
 /// file) and remembered.
 pub fn residency_probe() -> ResidencyProbe {
+    probe().clone()
+}
+
+/// [`residency_probe`], without the copy.
+fn probe() -> &'static ResidencyProbe {
     static PROBE: std::sync::OnceLock<ResidencyProbe> = std::sync::OnceLock::new();
-    PROBE
-        .get_or_init(|| {
-            // A seccomp filter may kill the process on a system call it does not know (an
-            // allow-list older than cachestat, as systemd's SystemCallFilter= makes by
-            // default), rather than fail it: under any filter, it is not tried.
-            if seccomp_filtered() {
-                return ResidencyProbe::MincoreSampled(
-                    "not tried under a seccomp filter, which could end the process for it".to_owned(),
-                );
-            }
-            let file = match std::env::current_exe().and_then(File::open) {
-                Ok(f) => f,
-                Err(e) => return ResidencyProbe::MincoreSampled(format!("not tried: no file to try it on ({e})")),
-            };
-            match cachestat(&file) {
-                Ok(_) => ResidencyProbe::Cachestat,
-                Err(e) => ResidencyProbe::MincoreSampled(match e.raw_os_error() {
-                    Some(libc::ENOSYS) => "not in this kernel".to_owned(),
-                    Some(libc::EPERM) => "refused (a seccomp profile)".to_owned(),
-                    _ => e.to_string(),
-                }),
-            }
-        })
-        .clone()
+    PROBE.get_or_init(|| {
+        // A seccomp filter may kill the process on a system call it does not know (an
+        // allow-list older than cachestat, as systemd's SystemCallFilter= makes by
+        // default), rather than fail it: under any filter, it is not tried.
+        if seccomp_filtered() {
+            return ResidencyProbe::MincoreSampled(
+                "not tried under a seccomp filter, which could end the process for it".to_owned(),
+            );
+        }
+        let file = match std::env::current_exe().and_then(File::open) {
+            Ok(f) => f,
+            Err(e) => return ResidencyProbe::MincoreSampled(format!("not tried: no file to try it on ({e})")),
+        };
+        match cachestat(&file) {
+            Ok(_) => ResidencyProbe::Cachestat,
+            Err(e) => ResidencyProbe::MincoreSampled(match e.raw_os_error() {
+                Some(libc::ENOSYS) => "not in this kernel".to_owned(),
+                Some(libc::EPERM) => "refused (a seccomp profile)".to_owned(),
+                _ => e.to_string(),
+            }),
+        }
+    })
 }
 
 /// The fraction of `f` in the page cache as the engine estimates it before reading: exact
@@ -110,7 +113,7 @@ fn residency(f: &File, budget: usize) -> io::Result<f64> {
     if len == 0 {
         return Ok(1.0);
     }
-    if residency_probe() == ResidencyProbe::Cachestat {
+    if *probe() == ResidencyProbe::Cachestat {
         if let Ok(cached) = cachestat(f) {
             return Ok(fraction(cached, len));
         }

@@ -177,7 +177,9 @@ static PAGE_CHOICE: std::sync::OnceLock<PageChoice> = std::sync::OnceLock::new()
 /// next (planning a load), instead of coming between planning and the first read. A caller
 /// of `page_probe` meanwhile waits for this measurement, never starts a second one.
 pub fn page_probe_in_background() {
-    if PAGE_CHOICE.get().is_none() {
+    static STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    // One measuring thread, however many loaders are built meanwhile.
+    if PAGE_CHOICE.get().is_none() && !STARTED.swap(true, std::sync::atomic::Ordering::Relaxed) {
         // No thread to be had: the first load measures, as it would have.
         let _ = std::thread::Builder::new().name("tensorlift-pages".into()).spawn(|| {
             page_probe();

@@ -175,12 +175,8 @@ impl HostSink {
             let mut now = Vec::new();
             let remaining = chunks_to_wait_for(plan, &span, chunk, |t| now.push(t));
             let landed = vec![false; chunks.len()];
-            let extent = Extent { span, memory, chunks, remaining, landed };
-            for t in now {
-                let out = sink.outputs.get_mut(t).and_then(Option::take);
-                ready.push_back(sink.make(plan, &extent, t, out)?);
-            }
-            sink.extents.push(extent);
+            sink.extents.push(Extent { span, memory, chunks, remaining, landed });
+            sink.deliver(plan, sink.extents.len() - 1, now, ready)?;
         }
         if prefault_threads > 0 {
             let mut work = Vec::new();
@@ -248,12 +244,8 @@ impl HostSink {
                 })
                 .collect();
             e.span.tensors = span.tensors;
-            let e = &self.extents[span.shard];
-            for (&t, &left) in e.span.tensors.iter().zip(&e.remaining) {
-                if left == 0 {
-                    ready.push_back(self.make(plan, e, t, None)?);
-                }
-            }
+            let now = e.span.tensors.iter().zip(&e.remaining).filter(|(_, &left)| left == 0).map(|(&t, _)| t).collect();
+            self.deliver(plan, span.shard, now, ready)?;
         }
         Ok(())
     }
@@ -278,6 +270,22 @@ impl HostSink {
             }
             None => (0, None),
         }
+    }
+
+    /// Makes `tensors` of extent `k`, whose bytes have all landed, and sends them to `ready`
+    /// (each with its memory of its own, if it has one: see [`make`](Self::make)).
+    fn deliver(
+        &mut self,
+        plan: &LoadPlan,
+        k: usize,
+        tensors: Vec<usize>,
+        ready: &mut VecDeque<Tensor>,
+    ) -> Result<(), LoadError> {
+        for t in tensors {
+            let out = self.outputs.get_mut(t).and_then(Option::take);
+            ready.push_back(self.make(plan, &self.extents[k], t, out)?);
+        }
+        Ok(())
     }
 
     /// Tensor `t`, whose bytes have all landed in the extent's memory: a view of them, or,
@@ -365,11 +373,7 @@ impl Sink for HostSink {
             *landed = true;
         }
         let done = completed_by(plan, &e.span, &mut e.remaining, index, self.chunk);
-        let e = &self.extents[read.span];
-        for t in done {
-            let out = self.outputs.get_mut(t).and_then(Option::take);
-            ready.push_back(self.make(plan, e, t, out)?);
-        }
+        self.deliver(plan, read.span, done, ready)?;
         Ok(read.len as u64)
     }
 

@@ -85,6 +85,12 @@ pub enum ReadWhilePlanning {
     Never,
 }
 
+impl ReadWhilePlanning {
+    /// With this many CPUs or more, [`Auto`](Self::Auto) reads while planning whatever the
+    /// page cache holds.
+    pub const AUTO_CPUS: usize = 4;
+}
+
 impl std::str::FromStr for ReadWhilePlanning {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -620,23 +626,6 @@ impl Loader {
         }
     }
 
-    /// [`plan`](Self::plan) on a thread of its own, so that an async caller's thread keeps
-    /// serving other tasks meanwhile.
-    async fn plan_elsewhere(&self, path: &Path) -> Result<Checkpoint, LoadError> {
-        let planner = self.planner();
-        let owned = path.to_path_buf();
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let spawned = std::thread::Builder::new().name("tensorlift-plan".into()).spawn(move || {
-            let _ = tx.send(planner.plan(&owned));
-        });
-        match spawned {
-            // No answer means the thread panicked: a bug, reported as such.
-            Ok(_) => rx.await.unwrap_or(Err(LoadError::PlanningFailed)),
-            // No thread to be had: plan on this one.
-            Err(_) => self.plan(path),
-        }
-    }
-
     /// Starts loading `path` and yields tensors as their bytes land. Blocks the calling
     /// thread while headers are read; where [`LoaderBuilder::read_while_planning`] has it,
     /// a host load of a whole checkpoint then reads each shard once its own header is
@@ -703,18 +692,17 @@ impl Loader {
             && c.map_views.is_none()
     }
 
-    /// Plans `path` on a thread of its own and starts reading as soon as it can: once
-    /// every header is read, each shard once its own header is validated (where
+    /// Plans `path` on a thread of its own (an async caller's thread keeps serving other
+    /// tasks meanwhile) and starts reading as soon as it can: once every header is read,
+    /// each shard once its own header is validated (where
     /// [`reads_while_planning`](Self::reads_while_planning) allows; else after planning).
     async fn start_planning(&self, path: &Path, started: Instant) -> Result<TensorStream, LoadError> {
-        if !self.reads_while_planning() {
-            return self.start(self.plan_elsewhere(path).await?, started, true);
-        }
         let planner = self.planner();
         let owned = path.to_path_buf();
         let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+        let early = self.reads_while_planning();
         let spawned = std::thread::Builder::new().name("tensorlift-plan".into()).spawn(move || {
-            let plan = planner.plan_observed(&owned, Some(&Forward(tx.clone())));
+            let plan = planner.plan_observed(&owned, Some(&Forward { events: tx.clone(), early }));
             let _ = tx.send(PlanEvent::Done(plan, Instant::now()));
         });
         if spawned.is_err() {
@@ -742,8 +730,8 @@ impl Loader {
                         },
                     };
                 }
-                // Headers of a load that does not start early (PyTorch files, or where it
-                // would not pay).
+                // Headers of a load that does not start early (a plan first, PyTorch files,
+                // or where it would not pay).
                 Some(PlanEvent::Validated(..)) => {}
                 Some(PlanEvent::Done(plan, _)) => return self.start(plan?, started, true),
                 // No answer means the thread panicked: a bug, reported as such.
@@ -768,7 +756,7 @@ impl Loader {
                 .max_by_key(|&(_, len)| len)?;
             early.shard_file(i).map(tensorlift_io::cache::resident_estimate)
         };
-        cpus >= 4 || early_start_pays(cpus, resident())
+        cpus >= ReadWhilePlanning::AUTO_CPUS || early_start_pays(cpus, resident())
     }
 
     /// Loads every (selected) tensor of `path`. Headers are read and parsed on a thread of
@@ -818,28 +806,32 @@ struct Planner {
 /// reads wait on the disk. Unknown residency counts as not cached, as `DirectIo::Auto`
 /// counts it.
 fn early_start_pays(cpus: usize, resident: Option<std::io::Result<f64>>) -> bool {
-    cpus >= 4 || resident.is_some_and(|r| r.map_or(true, |fraction| fraction < 0.5))
+    cpus >= ReadWhilePlanning::AUTO_CPUS || resident.is_some_and(|r| r.map_or(true, |fraction| fraction < 0.5))
 }
 
-/// Forwards what planning reports to a load that starts early.
-struct Forward(tokio::sync::mpsc::UnboundedSender<PlanEvent>);
+/// Forwards what planning reports to the load waiting for it; `early` when the load may
+/// start before planning ends.
+struct Forward {
+    events: tokio::sync::mpsc::UnboundedSender<PlanEvent>,
+    early: bool,
+}
 
 impl PlanObserver for Forward {
     fn wants_early_plan(&self) -> bool {
-        true
+        self.early
     }
 
     fn headers_read(&self, early: Checkpoint) {
         // A load that was dropped no longer listens.
-        let _ = self.0.send(PlanEvent::Early(early));
+        let _ = self.events.send(PlanEvent::Early(early));
     }
 
     fn validated(&self, i: usize, header_hash: u64) {
-        let _ = self.0.send(PlanEvent::Validated(i, header_hash));
+        let _ = self.events.send(PlanEvent::Validated(i, header_hash));
     }
 
     fn cancelled(&self) -> bool {
-        self.0.is_closed()
+        self.events.is_closed()
     }
 }
 

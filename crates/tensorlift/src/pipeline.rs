@@ -179,12 +179,7 @@ impl TensorStream {
     ) -> Result<TensorStream, LoadError> {
         let _span =
             tracing::info_span!("plan_io", tensors = plan.tensors().len(), shards = plan.shards().len()).entered();
-        // Each tensor costs a few small allocations (its name, shape, the model's index):
-        // check that their total can be had before making them, since each alone would abort.
-        let per_tensor = plan.tensors().len() as u64 * TENSOR_OVERHEAD;
-        if !tensorlift_io::can_allocate(per_tensor) {
-            return Err(LoadError::OutOfMemory { file: plan_file(&plan), bytes: per_tensor });
-        }
+        tensors_fit(&plan)?;
         // Where the caller wants tensors, checked before anything is read or allocated.
         let dests = match &cfg.place {
             Some(rule) => {
@@ -208,15 +203,11 @@ impl TensorStream {
                 && crate::place::loaded_as(t, cfg.convert_to).0 == t.dtype
         };
         let spans = layout::spans(&plan, direct);
-        let mut shards: Vec<usize> = spans.iter().map(|s| s.shard).collect();
-        shards.dedup();
         let mut stream = TensorStream::new(reader, plan, cfg, stats, started);
         if fresh {
             stream.stats.planned = Some(started.elapsed());
         }
-        stream.stats.bytes = stream.plan.total_bytes();
-        stream.stats.checkpoint_bytes = stream.plan.checkpoint_bytes();
-        stream.stats.shards = shards.len();
+        plan_stats(&mut stream.stats, &stream.plan, &spans);
         let reads = layout::reads(&spans, cfg.chunk_size, read_window(cfg));
         stream.total_bytes = reads.iter().map(|r| r.len as u64).sum();
         match (cfg.map_views, target) {
@@ -353,16 +344,9 @@ impl TensorStream {
         if !same_shards {
             return Err(LoadError::PlanningFailed);
         }
-        let per_tensor = plan.tensors().len() as u64 * TENSOR_OVERHEAD;
-        if !tensorlift_io::can_allocate(per_tensor) {
-            return Err(LoadError::OutOfMemory { file: plan_file(&plan), bytes: per_tensor });
-        }
+        tensors_fit(&plan)?;
         let spans = layout::spans(&plan, |_| false);
-        let mut shards: Vec<usize> = spans.iter().map(|s| s.shard).collect();
-        shards.dedup();
-        self.stats.bytes = plan.total_bytes();
-        self.stats.checkpoint_bytes = plan.checkpoint_bytes();
-        self.stats.shards = shards.len();
+        plan_stats(&mut self.stats, &plan, &spans);
         // Shards with no tensors have nothing to read after all.
         let mut keep = vec![false; plan.shards().len()];
         for span in &spans {
@@ -680,6 +664,25 @@ impl<S: Sink> Scheduler<S> {
         self.sink.abort();
         Poll::Ready(())
     }
+}
+
+/// Each tensor costs a few small allocations (its name, shape, the model's index): whether
+/// their total can be had, checked before they are made, since each alone would abort.
+fn tensors_fit(plan: &LoadPlan) -> Result<(), LoadError> {
+    let per_tensor = plan.tensors().len() as u64 * TENSOR_OVERHEAD;
+    if !tensorlift_io::can_allocate(per_tensor) {
+        return Err(LoadError::OutOfMemory { file: plan_file(plan), bytes: per_tensor });
+    }
+    Ok(())
+}
+
+/// The plan's part of a load's statistics: its bytes, and the shards `spans` read.
+fn plan_stats(stats: &mut LoadStats, plan: &LoadPlan, spans: &[Span]) {
+    let mut shards: Vec<usize> = spans.iter().map(|s| s.shard).collect();
+    shards.dedup();
+    stats.bytes = plan.total_bytes();
+    stats.checkpoint_bytes = plan.checkpoint_bytes();
+    stats.shards = shards.len();
 }
 
 /// Shards a load reads at once: a quarter of the open-file bound, since each shard read can
