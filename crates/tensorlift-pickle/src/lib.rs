@@ -2,12 +2,16 @@
 //! `state_dict`, without executing anything.
 //!
 //! Unpickling with Python runs whatever code the file's author chose; this crate's pickle
-//! interpreter only builds values. It knows the opcodes a state_dict uses and an allowlist
-//! of globals (`collections.OrderedDict`, `torch._utils._rebuild_tensor_v2`,
-//! `torch._utils._rebuild_parameter`, the typed storage classes, `torch.device`,
-//! `torch.Size`); any other global is an error that names it. Memory is bounded by
-//! [`Limits`], as a safetensors header's is, and every size in the pickle is checked
-//! against the file.
+//! interpreter only builds values. It accepts what `torch.load(weights_only=True)` accepts
+//! for a state_dict, and reads it to the same tensors: the opcodes of PyTorch's weights-only
+//! unpickler (protocol 2, which `torch.save` writes, with Python 2's short strings) and its
+//! allowlist of globals (`collections.OrderedDict`, the `torch._utils._rebuild_*` functions
+//! of plain tensors and parameters, storage classes, dtypes, `torch.device`, `torch.Size`,
+//! ...). Any other global or opcode is an error that names it, as PyTorch refuses it;
+//! quantized, sparse and nested tensors, which PyTorch allows, are refused by name. A
+//! differential test holds this against PyTorch itself. Memory is bounded by [`Limits`],
+//! as a safetensors header's is: the pickle's values by a multiple of its bytes, and every
+//! size in the pickle is checked against the file.
 //!
 //! Both layouts are read: the zip archive of PyTorch >= 1.6 and the legacy layout. Tensor
 //! data is not read until asked for ([`TorchCheckpoint::tensor_bytes`]), and each storage is

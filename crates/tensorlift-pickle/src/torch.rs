@@ -28,6 +28,10 @@ pub struct Limits {
     /// of one storage cannot make a small file expand without bound. Tied weights count
     /// once per name.
     pub max_expansion: u64,
+    /// Bytes the pickle's values may take in memory per byte of pickle read (default 16,
+    /// as a safetensors header's parse is counted, and 64 KiB more): a pickle that builds
+    /// more than that is refused as it runs. A `torch.save` state_dict takes about 5.
+    pub pickle_memory_per_byte: u64,
 }
 
 impl Limits {
@@ -56,6 +60,11 @@ impl Limits {
         self.max_pickle_stack = n;
         self
     }
+    /// With at most this many bytes of values per byte of pickle.
+    pub fn pickle_memory_per_byte(mut self, n: u64) -> Self {
+        self.pickle_memory_per_byte = n;
+        self
+    }
 }
 
 impl Default for Limits {
@@ -66,6 +75,7 @@ impl Default for Limits {
             max_pickle_stack: 1_000_000,
             max_pickle_containers: 4_000_000,
             max_expansion: 16,
+            pickle_memory_per_byte: 16,
         }
     }
 }
@@ -232,7 +242,12 @@ struct ZipStorages {
     seen: BTreeMap<String, Rc<StorageRef>>,
 }
 
-fn storage_pid(vm: &Vm, pid: &Value, at: usize, legacy: bool) -> Result<StorageRef, ErrorKind> {
+/// A legacy persistent id's view: `(view_key, offset, size)` in elements.
+type ViewId = Option<(String, u64, u64)>;
+
+/// A storage's persistent id: the storage as named (never a view), and in a legacy file
+/// the view it asks for. A new storage's bytes are counted against the pickle's budget.
+fn storage_pid(vm: &mut Vm, pid: &Value, at: usize, legacy: bool) -> Result<(StorageRef, ViewId), ErrorKind> {
     let t = vm.tuple(pid).ok_or_else(|| ErrorKind::pickle(at, "persistent id is not a tuple"))?;
     let bad = |m: &str| ErrorKind::pickle(at, format!("persistent id: {m}"));
     match t.first() {
@@ -260,8 +275,8 @@ fn storage_pid(vm: &Vm, pid: &Value, at: usize, legacy: bool) -> Result<StorageR
         match &t[5] {
             Value::None => None,
             v => match vm.tuple(v) {
-                Some([Value::Str(_), Value::Int(off), Value::Int(n)]) if *off >= 0 && *n >= 0 => {
-                    Some((*off as u64, *n as u64))
+                Some([Value::Str(k), Value::Int(off), Value::Int(n)]) if *off >= 0 && *n >= 0 => {
+                    Some((k.to_string(), *off as u64, *n as u64))
                 }
                 _ => return Err(bad("the view is not (key, offset, size)")),
             },
@@ -269,16 +284,23 @@ fn storage_pid(vm: &Vm, pid: &Value, at: usize, legacy: bool) -> Result<StorageR
     } else {
         None
     };
-    Ok(StorageRef { dtype, key, numel, view, untyped })
+    vm.charge(STORAGE_COST + vm::heap(key.len()))?;
+    Ok((StorageRef { dtype, key, numel, view: None, untyped }, view))
 }
 
+/// What a storage's description takes in memory (in its reference-counted box), besides
+/// its key.
+const STORAGE_COST: u64 = 16 + std::mem::size_of::<StorageRef>() as u64 + 16;
+
 impl Persistent for ZipStorages {
-    fn load(&mut self, vm: &Vm, pid: &Value, at: usize) -> Result<Value, ErrorKind> {
-        let s = storage_pid(vm, pid, at, false)?;
+    fn load(&mut self, vm: &mut Vm, pid: &Value, at: usize) -> Result<Value, ErrorKind> {
+        let (s, _) = storage_pid(vm, pid, at, false)?;
         let s = match self.seen.get(&s.key) {
+            // PyTorch keeps the first type it was named with; tensorlift refuses.
             Some(prev) if prev.dtype != s.dtype || prev.untyped != s.untyped => {
                 return Err(ErrorKind::pickle(at, format!("storage '{}' is named with two types", s.key)));
             }
+            // PyTorch keeps the first size it was named with, and so does tensorlift.
             Some(prev) => Rc::clone(prev),
             None => {
                 let rc = Rc::new(s);
@@ -321,7 +343,7 @@ fn read_zip<R: ReadAt + ?Sized>(src: &R, limits: &Limits) -> Result<TorchCheckpo
         });
     }
     let code = read_vec(src, pkl.offset, pkl.len)?;
-    let mut vm = Vm::new(limits.max_pickle_containers);
+    let mut vm = Vm::new(limits.max_pickle_containers, limits.pickle_memory_per_byte);
     let mut st = ZipStorages { seen: BTreeMap::new() };
     let (root, _) = vm.run(&code, vm_limits(limits), &mut st)?;
     let mut storages = BTreeMap::new();
@@ -371,10 +393,10 @@ fn read_legacy_window<R: ReadAt + ?Sized>(
     let len = src.size()?;
     let head = read_vec(src, 0, head_len)?;
     let mut at = 0usize;
-    let mut vm = Vm::new(limits.max_pickle_containers);
+    let mut vm = Vm::new(limits.max_pickle_containers, limits.pickle_memory_per_byte);
     struct NoPersistent;
     impl Persistent for NoPersistent {
-        fn load(&mut self, _: &Vm, _: &Value, at: usize) -> Result<Value, ErrorKind> {
+        fn load(&mut self, _: &mut Vm, _: &Value, at: usize) -> Result<Value, ErrorKind> {
             Err(ErrorKind::pickle(at, "a persistent id outside the state_dict's pickle"))
         }
     }
@@ -409,34 +431,53 @@ fn read_legacy_window<R: ReadAt + ?Sized>(
             }
         }
     }
+    /// PyTorch's legacy `persistent_load`: a root key names one storage, with the type and
+    /// size it was first named with; a view key names the view first made under it, whatever
+    /// later ids say; a view key equal to its root's key names the whole root.
     struct Legacy {
-        seen: BTreeMap<String, Rc<StorageRef>>,
-        views: Vec<Rc<StorageRef>>,
+        roots: BTreeMap<String, Rc<StorageRef>>,
+        views: BTreeMap<String, Rc<StorageRef>>,
     }
     impl Persistent for Legacy {
-        fn load(&mut self, vm: &Vm, pid: &Value, at: usize) -> Result<Value, ErrorKind> {
-            let s = storage_pid(vm, pid, at, true)?;
-            let root = StorageRef { view: None, ..s.clone() };
-            match self.seen.get(&root.key) {
-                Some(prev) if prev.dtype != root.dtype || prev.numel != root.numel => {
-                    return Err(ErrorKind::pickle(
-                        at,
-                        format!("storage '{}' is named with two types or sizes", root.key),
-                    ));
+        fn load(&mut self, vm: &mut Vm, pid: &Value, at: usize) -> Result<Value, ErrorKind> {
+            let (s, view) = storage_pid(vm, pid, at, true)?;
+            let root = match self.roots.get(&s.key) {
+                // PyTorch would give the storage its first type; tensorlift refuses.
+                Some(prev) if prev.dtype != s.dtype => {
+                    return Err(ErrorKind::pickle(at, format!("storage '{}' is named with two types", s.key)));
                 }
-                Some(_) => {}
+                Some(prev) => Rc::clone(prev),
+                None if self.views.contains_key(&s.key) => {
+                    return Err(ErrorKind::pickle(at, format!("'{}' names both a view and a storage", s.key)));
+                }
                 None => {
-                    self.seen.insert(root.key.clone(), Rc::new(root));
+                    let rc = Rc::new(s);
+                    self.roots.insert(rc.key.clone(), Rc::clone(&rc));
+                    rc
                 }
+            };
+            let Some((view_key, offset, size)) = view else { return Ok(Value::Storage(root)) };
+            if view_key == root.key {
+                return Ok(Value::Storage(root));
             }
-            let rc = Rc::new(s);
-            if rc.view.is_some() {
-                self.views.push(Rc::clone(&rc));
+            if let Some(first) = self.views.get(&view_key) {
+                return Ok(Value::Storage(Rc::clone(first)));
             }
-            Ok(Value::Storage(rc))
+            if self.roots.contains_key(&view_key) {
+                return Err(ErrorKind::pickle(at, format!("'{view_key}' names both a view and a storage")));
+            }
+            if offset.checked_add(size).is_none_or(|end| end > root.numel) {
+                return Err(ErrorKind::NotTorch(format!(
+                    "view '{view_key}' of storage '{}' at {offset}+{size} runs past its {} elements",
+                    root.key, root.numel
+                )));
+            }
+            let v = Rc::new(StorageRef { view: Some((offset, size)), ..(*root).clone() });
+            self.views.insert(view_key, Rc::clone(&v));
+            Ok(Value::Storage(v))
         }
     }
-    let mut lg = Legacy { seen: BTreeMap::new(), views: Vec::new() };
+    let mut lg = Legacy { roots: BTreeMap::new(), views: BTreeMap::new() };
     let root = next(&mut vm, &mut at, &mut lg)?;
     let keys = next(&mut vm, &mut at, &mut NoPersistent)?;
     let keys: Vec<String> = match &keys {
@@ -455,10 +496,9 @@ fn read_legacy_window<R: ReadAt + ?Sized>(
     let mut pos = at as u64;
     let mut storages = BTreeMap::new();
     for key in &keys {
-        let s = lg
-            .seen
-            .get(key)
-            .ok_or_else(|| ErrorKind::NotTorch(format!("storage '{key}' is listed but no tensor names it")))?;
+        let s = lg.roots.get(key).ok_or_else(|| {
+            ErrorKind::NotTorch(format!("storage '{key}' is listed but no tensor names it as a storage"))
+        })?;
         let mut n = [0u8; 8];
         src.read_exact_at(&mut n, pos)
             .map_err(|_| ErrorKind::NotTorch(format!("storage '{key}' starts past the end of the file")))?;
@@ -471,7 +511,8 @@ fn read_legacy_window<R: ReadAt + ?Sized>(
                     "storage '{key}' of {numel} elements runs past the end of the {len}-byte file"
                 ))
             })?;
-        if numel < s.numel {
+        // PyTorch requires the sizes to agree exactly ("storage has wrong byte size").
+        if numel != s.numel {
             return Err(ErrorKind::NotTorch(format!(
                 "storage '{key}' holds {numel} elements, the pickle says {}",
                 s.numel
@@ -480,19 +521,8 @@ fn read_legacy_window<R: ReadAt + ?Sized>(
         storages.insert(key.clone(), Storage { dtype: s.dtype, offset: pos + 8, len: bytes });
         pos += 8 + bytes;
     }
-    if let Some(k) = lg.seen.keys().find(|k| !storages.contains_key(*k)) {
+    if let Some(k) = lg.roots.keys().find(|k| !storages.contains_key(*k)) {
         return Err(ErrorKind::NotTorch(format!("storage '{k}' is named by a tensor but the file does not store it")));
-    }
-    for v in &lg.views {
-        if let Some((off, n)) = v.view {
-            let root = lg.seen.get(&v.key).map_or(0, |r| r.numel);
-            if off.checked_add(n).is_none_or(|end| end > root) {
-                return Err(ErrorKind::NotTorch(format!(
-                    "a view of storage '{}' at {off}+{n} runs past its {root} elements",
-                    v.key
-                )));
-            }
-        }
     }
     let (tensors, skipped) = state_dict(&vm, &root, limits, src.size()?)?;
     Ok(TorchCheckpoint { layout: Layout::Legacy, tensors, storages, skipped })
@@ -536,8 +566,8 @@ fn state_dict(
             avail /= (dtype.bitsize() / 8).max(1) as u64;
         }
         let to_usize = |x: u64| usize::try_from(x).map_err(|_| tensor_err("a size over the address space".into()));
-        let shape = t.shape.iter().map(|&x| to_usize(x)).collect::<Result<Vec<_>, _>>()?;
-        let strides = t.stride.iter().map(|&x| to_usize(x)).collect::<Result<Vec<_>, _>>()?;
+        let shape = t.shape().iter().map(|&x| to_usize(x)).collect::<Result<Vec<_>, _>>()?;
+        let strides = t.stride().iter().map(|&x| to_usize(x)).collect::<Result<Vec<_>, _>>()?;
         // The product of the non-zero dimensions must fit, whatever their order, so that
         // no later product of this shape overflows; an empty tensor still starts inside
         // its storage.
@@ -547,9 +577,9 @@ fn state_dict(
             .try_fold(1u64, |a, &d| a.checked_mul(d as u64))
             .ok_or_else(|| tensor_err("element count overflows".into()))?;
         let numel = shape.iter().map(|&d| d as u64).product::<u64>();
-        if numel == 0 && t.offset > avail {
-            return Err(tensor_err(format!("it starts at element {} but storage '{}' holds {avail}", t.offset, s.key)));
-        }
+        // An empty tensor reads nothing: PyTorch accepts it at any offset ("set_" asks no
+        // storage of it), and it is placed at its storage's start.
+        let offset = if numel == 0 { 0 } else { t.offset };
         if numel > 0 {
             let last = shape
                 .iter()
@@ -559,15 +589,10 @@ fn state_dict(
             if last >= avail {
                 return Err(tensor_err(format!("its elements reach {last} but storage '{}' holds {avail}", s.key)));
             }
-            // Overlapping views (a stride of 0, as `expand` makes) would be larger than their
-            // storage once made contiguous: refused, so that no tensor outgrows the file.
-            if numel > avail {
-                return Err(tensor_err(format!(
-                    "{numel} elements over {avail} in storage '{}': overlapping views are not read",
-                    s.key
-                )));
-            }
         }
+        // Overlapping views (a stride of 0, as `expand` makes) are read as PyTorch reads
+        // them, and made contiguous they may be larger than their storage: the total is
+        // bounded by max_expansion, so that no small file expands without bound.
         total = total.saturating_add(numel.saturating_mul(dtype.bitsize() as u64 / 8));
         if total > most {
             return Err(ErrorKind::Limit {
@@ -582,7 +607,7 @@ fn state_dict(
             shape,
             strides,
             storage: s.key.clone(),
-            storage_offset: to_usize(base.checked_add(t.offset).ok_or_else(|| tensor_err("offset overflows".into()))?)?,
+            storage_offset: to_usize(base.checked_add(offset).ok_or_else(|| tensor_err("offset overflows".into()))?)?,
         });
     }
     Ok((tensors, skipped))

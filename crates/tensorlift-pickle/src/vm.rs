@@ -1,29 +1,47 @@
 //! A pickle interpreter that builds values and calls nothing.
 //!
-//! It knows the opcodes of protocols 2 to 5 that a `state_dict` uses and the few globals
-//! `torch.save` names for one. Any other global is refused where it appears, before
-//! anything could call it; `REDUCE` and `BUILD` act only on allowed globals and check their
-//! arguments; `INST`, `OBJ`, `NEWOBJ`, extension codes and the text opcodes of protocol 0
-//! are refused. Containers live in one arena and refer to each other by index, so no
-//! nesting depth or cycle can overflow the stack when they are walked or dropped, and every
-//! allocation is bounded by the pickle's own length.
+//! It accepts what `torch.load(weights_only=True)` accepts (PyTorch's
+//! `torch/_weights_only_unpickler.py`), no more: the same opcodes (those of protocol 2,
+//! which `torch.save` writes, and `SHORT_BINSTRING` for Python 2 files), the same allowlist
+//! of globals, and the same checks on `APPEND`, `SETITEM`, `BUILD` and `REDUCE`. Globals on
+//! PyTorch's allowlist that a state_dict of plain tensors does not need (quantized, sparse
+//! and nested tensors, tensor classes) are taken as values but refused when called. Any
+//! other global is refused where it appears, before anything could call it, and so is any
+//! other opcode: protocol 4's framing, `DUP`, `POP`, `INST`, `OBJ` and the text opcodes,
+//! which PyTorch refuses too.
+//!
+//! `MARK` works as in Python's unpickler: it starts a new stack, and what is below the mark
+//! cannot be reached until the mark is popped.
+//!
+//! Containers live in one arena and refer to each other by index, so no nesting depth or
+//! cycle can overflow the stack when they are walked or dropped. Every value the pickle
+//! makes is counted, as it is made, against a memory budget that the caller sizes from the
+//! pickle's length ([`VmLimits::max_memory`]), and every container grows fallibly: no
+//! pickle can make memory grow past a small multiple of its own bytes, or abort the process.
 
 use std::collections::HashMap;
+use std::mem::size_of;
 use std::rc::Rc;
 
 use tensorlift_format::Dtype;
 
 use crate::error::ErrorKind;
 
-/// A function or class that the pickle may name.
+/// A function or class that the pickle may name: PyTorch's weights-only allowlist.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Global {
     OrderedDict,
+    Counter,
     RebuildTensorV2,
     RebuildTensorV3,
     RebuildTensor,
     RebuildParameter,
     RebuildParameterWithState,
+    RebuildFromTypeV2,
+    /// `torch.nn.parameter.Parameter`.
+    Parameter,
+    /// `torch.Tensor`.
+    Tensor,
     Storage(Dtype),
     /// `torch.storage.UntypedStorage`: bytes, viewed by `_rebuild_tensor_v3` with a dtype.
     UntypedStorage,
@@ -31,21 +49,163 @@ pub(crate) enum Global {
     Dtype(Dtype),
     Device,
     Size,
+    /// `_codecs.encode`: how protocol 2 writes `bytes`.
+    Encode,
+    /// `builtins.set`, `builtins.bytearray`, `builtins.complex`: values a state_dict may
+    /// hold beside its tensors, never read.
+    Builtin(Opaque),
+    /// On PyTorch's allowlist, but not a plain tensor: taken as a value, refused if called
+    /// or used as a storage or dtype.
+    Unread(&'static Unread),
 }
 
+/// A global on PyTorch's allowlist that tensorlift does not read, and why.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Unread {
+    what: &'static str,
+}
+
+/// A value of a type a state_dict may hold beside its tensors, which is never looked into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Opaque {
+    Set,
+    ByteArray,
+    Complex,
+}
+
+const UNREAD_REBUILD: Unread = Unread { what: "a tensor that is quantized, sparse, nested, meta or a subclass" };
+const UNREAD_TENSOR_CLASS: Unread = Unread { what: "a legacy tensor class (torch.FloatTensor and the like)" };
+const UNREAD_STORAGE: Unread = Unread { what: "a storage of a type tensorlift cannot hold (quantized, complex128)" };
+const UNREAD_DTYPE: Unread = Unread { what: "a dtype tensorlift cannot hold (sub-byte, quantized, complex128)" };
+const UNREAD_OTHER: Unread = Unread { what: "a quantization scheme, layout or typed-storage class" };
+
+/// Storage class names (`torch.FloatStorage`): typed storages of `torch` and `torch.cuda`.
+const STORAGE_NAMES: [&str; 17] = [
+    "DoubleStorage",
+    "FloatStorage",
+    "HalfStorage",
+    "BFloat16Storage",
+    "LongStorage",
+    "IntStorage",
+    "ShortStorage",
+    "CharStorage",
+    "ByteStorage",
+    "BoolStorage",
+    "ComplexFloatStorage",
+    "ComplexDoubleStorage",
+    "QUInt8Storage",
+    "QInt8Storage",
+    "QInt32Storage",
+    "QUInt4x2Storage",
+    "QUInt2x4Storage",
+];
+
+/// Tensor class names (`torch.FloatTensor`); `torch.sparse` has all but `BoolTensor`.
+const TENSOR_CLASS_NAMES: [&str; 10] = [
+    "DoubleTensor",
+    "FloatTensor",
+    "HalfTensor",
+    "BFloat16Tensor",
+    "LongTensor",
+    "IntTensor",
+    "ShortTensor",
+    "CharTensor",
+    "ByteTensor",
+    "BoolTensor",
+];
+
+/// `torch.NAME` dtype objects on the allowlist that tensorlift cannot hold.
+const UNREAD_DTYPES: [&str; 24] = [
+    "complex128",
+    "complex32",
+    "float4_e2m1fn_x2",
+    "int1",
+    "int2",
+    "int3",
+    "int4",
+    "int5",
+    "int6",
+    "int7",
+    "uint1",
+    "uint2",
+    "uint3",
+    "uint4",
+    "uint5",
+    "uint6",
+    "uint7",
+    "bits1x8",
+    "bits2x4",
+    "bits4x2",
+    "bits8",
+    "bits16",
+    "qint8",
+    "qint32",
+];
+
+/// What `module.name` is on PyTorch's weights-only allowlist (as of PyTorch 2.13), or `None`.
 fn allowed(module: &str, name: &str) -> Option<Global> {
+    // Python 2 pickles name builtins `__builtin__` (pickle's IMPORT_MAPPING).
+    let module = if module == "__builtin__" { "builtins" } else { module };
     Some(match (module, name) {
         ("collections", "OrderedDict") => Global::OrderedDict,
+        ("collections", "Counter") => Global::Counter,
         ("torch._utils", "_rebuild_tensor_v2") => Global::RebuildTensorV2,
         ("torch._utils", "_rebuild_tensor_v3") => Global::RebuildTensorV3,
-        ("torch.storage", "UntypedStorage") => Global::UntypedStorage,
         ("torch._utils", "_rebuild_tensor") => Global::RebuildTensor,
         ("torch._utils", "_rebuild_parameter") => Global::RebuildParameter,
         ("torch._utils", "_rebuild_parameter_with_state") => Global::RebuildParameterWithState,
-        ("torch", "device") => Global::Device,
+        ("torch._tensor", "_rebuild_from_type_v2") => Global::RebuildFromTypeV2,
+        (
+            "torch._utils",
+            "_rebuild_qtensor"
+            | "_rebuild_sparse_tensor"
+            | "_rebuild_meta_tensor_no_storage"
+            | "_rebuild_nested_tensor"
+            | "_rebuild_wrapper_subclass"
+            | "_rebuild_device_tensor_from_numpy"
+            | "_rebuild_device_tensor_from_cpu_tensor",
+        ) => Global::Unread(&UNREAD_REBUILD),
+        ("torch.nn.parameter", "Parameter") => Global::Parameter,
+        ("torch", "Tensor") => Global::Tensor,
         ("torch", "Size") => Global::Size,
-        ("torch", class) if class.ends_with("Storage") => Global::Storage(storage_dtype(class)?),
-        ("torch", dtype) => Global::Dtype(torch_dtype(dtype)?),
+        ("torch", "device") => Global::Device,
+        ("torch.storage", "UntypedStorage") => Global::UntypedStorage,
+        ("torch.storage", "TypedStorage") | ("torch.serialization", "_get_layout") => Global::Unread(&UNREAD_OTHER),
+        (
+            "torch",
+            "per_tensor_affine"
+            | "per_tensor_symmetric"
+            | "per_channel_affine"
+            | "per_channel_symmetric"
+            | "per_channel_affine_float_qparams",
+        ) => Global::Unread(&UNREAD_OTHER),
+        ("_codecs", "encode") => Global::Encode,
+        ("builtins", "set") => Global::Builtin(Opaque::Set),
+        ("builtins", "bytearray") => Global::Builtin(Opaque::ByteArray),
+        ("builtins", "complex") => Global::Builtin(Opaque::Complex),
+        ("torch" | "torch.cuda", class) if STORAGE_NAMES.contains(&class) => {
+            // torch.cuda has no quantized storage classes.
+            if module == "torch.cuda" && class.starts_with('Q') {
+                return None;
+            }
+            match storage_dtype(class) {
+                Some(d) => Global::Storage(d),
+                None => Global::Unread(&UNREAD_STORAGE),
+            }
+        }
+        ("torch" | "torch.cuda" | "torch.sparse" | "torch.cuda.sparse", class)
+            if TENSOR_CLASS_NAMES.contains(&class) =>
+        {
+            if module.ends_with("sparse") && class == "BoolTensor" {
+                return None;
+            }
+            Global::Unread(&UNREAD_TENSOR_CLASS)
+        }
+        ("torch", dtype) => match torch_dtype(dtype) {
+            Some(d) => Global::Dtype(d),
+            None if UNREAD_DTYPES.contains(&dtype) || dtype.starts_with("quint") => Global::Unread(&UNREAD_DTYPE),
+            None => return None,
+        },
         _ => return None,
     })
 }
@@ -68,16 +228,17 @@ pub(crate) fn storage_dtype(class: &str) -> Option<Dtype> {
     })
 }
 
-/// The element type a `torch.dtype` object names.
+/// The element type a `torch.dtype` object names: its global is `str(dtype)`
+/// (`torch.float32`), never an alias such as `torch.float`.
 fn torch_dtype(name: &str) -> Option<Dtype> {
     Some(match name {
-        "float64" | "double" => Dtype::F64,
-        "float32" | "float" => Dtype::F32,
-        "float16" | "half" => Dtype::F16,
+        "float64" => Dtype::F64,
+        "float32" => Dtype::F32,
+        "float16" => Dtype::F16,
         "bfloat16" => Dtype::BF16,
-        "int64" | "long" => Dtype::I64,
-        "int32" | "int" => Dtype::I32,
-        "int16" | "short" => Dtype::I16,
+        "int64" => Dtype::I64,
+        "int32" => Dtype::I32,
+        "int16" => Dtype::I16,
         "int8" => Dtype::I8,
         "uint8" => Dtype::U8,
         "uint16" => Dtype::U16,
@@ -117,19 +278,30 @@ pub(crate) struct TensorRef {
     /// the storage's own.
     pub dtype: Option<Dtype>,
     pub offset: u64,
-    pub shape: Vec<u64>,
-    pub stride: Vec<u64>,
+    /// The shape, then the strides: one allocation.
+    dims: Box<[u64]>,
 }
 
+impl TensorRef {
+    pub fn shape(&self) -> &[u64] {
+        &self.dims[..self.dims.len() / 2]
+    }
+    pub fn stride(&self) -> &[u64] {
+        &self.dims[self.dims.len() / 2..]
+    }
+}
+
+/// One value on the stack, in the memo or in a container: 16 bytes, so that a pickle's
+/// values take a small, known multiple of its bytes.
 #[derive(Debug, Clone)]
 pub(crate) enum Value {
     None,
     Bool(bool),
     Int(i64),
     /// An integer over 64 bits (the legacy layout's magic number is one): its bytes.
-    BigInt(Rc<[u8]>),
+    BigInt(Rc<Vec<u8>>),
     Float,
-    Str(Rc<str>),
+    Str(Rc<String>),
     Bytes,
     /// Index into the arena.
     List(usize),
@@ -139,6 +311,7 @@ pub(crate) enum Value {
     Storage(Rc<StorageRef>),
     Tensor(Rc<TensorRef>),
     Device,
+    Opaque(Opaque),
 }
 
 impl Value {
@@ -157,41 +330,81 @@ impl Value {
             Value::Storage(_) => "a storage",
             Value::Tensor(_) => "a tensor",
             Value::Device => "a device",
+            Value::Opaque(Opaque::Set) => "a set",
+            Value::Opaque(Opaque::ByteArray) => "a bytearray",
+            Value::Opaque(Opaque::Complex) => "a complex",
         }
     }
 }
 
-#[derive(Debug, Default)]
-pub(crate) struct Dict {
-    pub items: Vec<(Value, Value)>,
-    by_str: HashMap<Rc<str>, usize>,
+/// Which mapping type a dict is: PyTorch's unpickler lets `BUILD` act on an `OrderedDict`
+/// (a state_dict's `_metadata`) but not on a plain dict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum DictKind {
+    #[default]
+    Plain,
+    Ordered,
+    Counter,
 }
 
+#[derive(Debug, Default)]
+pub(crate) struct Dict {
+    pub kind: DictKind,
+    pub items: Vec<(Value, Value)>,
+    /// Where each string key is, once the dict is large enough to need a table (most dicts
+    /// of a state_dict's pickle are empty, or small). Boxed: a word in every dict rather
+    /// than an empty table's six.
+    #[allow(clippy::box_collection)]
+    by_str: Option<Box<HashMap<Rc<String>, usize>>>,
+}
+
+/// Items a dict finds its string keys among by a scan, before it builds a table.
+const DICT_SCAN: usize = 8;
+
 impl Dict {
-    fn insert(&mut self, k: Value, v: Value) {
+    fn insert(&mut self, k: Value, v: Value) -> Result<(), ()> {
         // As in Python: a repeated key keeps its first place and takes the last value.
         if let Value::Str(s) = &k {
-            if let Some(&i) = self.by_str.get(s) {
+            let at = match &self.by_str {
+                Some(table) => table.get(s).copied(),
+                None => self.items.iter().position(|(k, _)| matches!(k, Value::Str(x) if x == s)),
+            };
+            if let Some(i) = at {
                 self.items[i].1 = v;
-                return;
+                return Ok(());
             }
-            self.by_str.insert(Rc::clone(s), self.items.len());
+            if self.by_str.is_none() && self.items.len() >= DICT_SCAN {
+                let mut table = HashMap::new();
+                table.try_reserve(self.items.len() + 1).map_err(|_| ())?;
+                for (i, (k, _)) in self.items.iter().enumerate() {
+                    if let Value::Str(x) = k {
+                        table.insert(Rc::clone(x), i);
+                    }
+                }
+                self.by_str = Some(Box::new(table));
+            }
+            if let Some(table) = &mut self.by_str {
+                table.try_reserve(1).map_err(|_| ())?;
+                table.insert(Rc::clone(s), self.items.len());
+            }
         }
+        self.items.try_reserve(1).map_err(|_| ())?;
         self.items.push((k, v));
+        Ok(())
     }
 }
 
 #[derive(Debug)]
 pub(crate) enum Container {
     List(Vec<Value>),
-    Tuple(Vec<Value>),
+    Tuple(Box<[Value]>),
     // Boxed: a dict is larger than a vector, and most containers are tuples.
     Dict(Box<Dict>),
 }
 
 /// Resolves persistent ids (storages) while the pickle runs.
 pub(crate) trait Persistent {
-    fn load(&mut self, vm: &Vm, pid: &Value, at: usize) -> Result<Value, ErrorKind>;
+    fn load(&mut self, vm: &mut Vm, pid: &Value, at: usize) -> Result<Value, ErrorKind>;
 }
 
 /// Bounds on one pickle.
@@ -204,21 +417,70 @@ pub(crate) struct VmLimits {
 /// stride tuples are refused.
 pub(crate) const MAX_DIMS: usize = 64;
 
+/// What the values of a pickle cost, in bytes, as they are counted against the budget; the
+/// memory test (tests/memory) holds the count above what the allocator really gives out.
+/// A value in a vector that grows (the stack, a list, the memo), which holds half again
+/// its length on average:
+const VALUE_COST: u64 = size_of::<Value>() as u64 * 3 / 2;
+/// A container's place in the arena, which grows the same way.
+const SLOT_COST: u64 = size_of::<Container>() as u64 * 3 / 2;
+/// A dict item: a key and a value, and its place in the dict's name table.
+const DICT_ITEM_COST: u64 = 2 * VALUE_COST + 24;
+/// A memo entry under a number out of order (in a map).
+const MEMO_COST: u64 = 64;
+
+/// What the allocator takes for `n` bytes: a header word, rounded to 16, 32 at least.
+pub(crate) fn heap(n: usize) -> u64 {
+    ((n as u64 + 8).div_ceil(16) * 16).max(32)
+}
+
+/// Bytes of values any pickle may make, however short: a few containers cost more than
+/// the opcodes that make them.
+const MEMORY_FLOOR: u64 = 1 << 20;
+
 #[derive(Debug)]
 pub(crate) struct Vm {
     pub arena: Vec<Container>,
     max_containers: usize,
+    /// Bytes of values allowed per byte of pickle read.
+    memory_per_byte: u64,
+    /// Bytes of pickle read: by earlier runs, and by this one up to its current opcode.
+    read_before: u64,
+    read: u64,
+    /// Bytes the values made so far take, as counted.
+    memory: u64,
 }
 
 impl Vm {
-    /// A machine that builds at most `max_containers` lists, tuples and dicts (about 32
-    /// bytes each, empty), across every pickle it runs.
-    pub fn new(max_containers: usize) -> Vm {
-        Vm { arena: Vec::new(), max_containers }
+    /// A machine that builds at most `max_containers` lists, tuples and dicts, and values of
+    /// at most `memory_per_byte` bytes per byte of pickle it has read (and 64 KiB more),
+    /// across every pickle it runs.
+    pub fn new(max_containers: usize, memory_per_byte: u64) -> Vm {
+        Vm { arena: Vec::new(), max_containers, memory_per_byte, read_before: 0, read: 0, memory: 0 }
     }
-}
 
-impl Vm {
+    fn max_memory(&self) -> u64 {
+        self.read.saturating_mul(self.memory_per_byte).saturating_add(MEMORY_FLOOR)
+    }
+
+    /// Counts `bytes` of new values against the budget, refusing past it.
+    pub fn charge(&mut self, bytes: u64) -> Result<(), ErrorKind> {
+        self.memory = self.memory.saturating_add(bytes);
+        if self.memory > self.max_memory() {
+            return Err(ErrorKind::Limit {
+                what: format!(
+                    "a pickle whose values take more than {} bytes after {} bytes of it ({} per byte)",
+                    self.max_memory(),
+                    self.read,
+                    self.memory_per_byte
+                ),
+                limit: self.max_memory(),
+                setting: "pickle_memory_per_byte",
+            });
+        }
+        Ok(())
+    }
+
     pub fn tuple(&self, v: &Value) -> Option<&[Value]> {
         match v {
             Value::Tuple(i) => match &self.arena[*i] {
@@ -227,6 +489,19 @@ impl Vm {
             },
             _ => None,
         }
+    }
+    pub fn list(&self, v: &Value) -> Option<&[Value]> {
+        match v {
+            Value::List(i) => match &self.arena[*i] {
+                Container::List(l) => Some(l),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+    /// A tuple's or a list's items (Python's `f(*args)` takes either).
+    fn sequence(&self, v: &Value) -> Option<&[Value]> {
+        self.tuple(v).or_else(|| self.list(v))
     }
     pub fn dict(&self, v: &Value) -> Option<&Dict> {
         match v {
@@ -245,13 +520,63 @@ impl Vm {
                 setting: "max_pickle_containers",
             });
         }
+        let cost = match &c {
+            Container::List(l) if l.is_empty() => 0,
+            Container::List(l) => l.len() as u64 * VALUE_COST,
+            Container::Tuple(t) if t.is_empty() => 0,
+            // A tuple's items are allocated exactly.
+            Container::Tuple(t) => heap(t.len() * size_of::<Value>()),
+            Container::Dict(d) => heap(size_of::<Dict>()) + d.items.len() as u64 * DICT_ITEM_COST,
+        };
+        self.charge(SLOT_COST + cost)?;
+        self.arena.try_reserve(1).map_err(|_| self.refused_allocation())?;
         self.arena.push(c);
         Ok(self.arena.len() - 1)
     }
-    /// A tuple of at most [`MAX_DIMS`] non-negative ints (a size or a stride): longer ones
-    /// are refused before anything is copied, so no REDUCE costs more than a few words.
+    fn new_tuple(&mut self, items: Vec<Value>) -> Result<Value, ErrorKind> {
+        Ok(Value::Tuple(self.push_container(Container::Tuple(items.into_boxed_slice()))?))
+    }
+    fn new_dict(&mut self, kind: DictKind) -> Result<Value, ErrorKind> {
+        Ok(Value::Dict(self.push_container(Container::Dict(Box::new(Dict { kind, ..Dict::default() })))?))
+    }
+    fn str(&mut self, s: String) -> Result<Value, ErrorKind> {
+        // The reference-counted box, then the text.
+        self.charge(heap(16 + size_of::<String>()) + heap(s.len()))?;
+        Ok(Value::Str(Rc::new(s)))
+    }
+    fn refused_allocation(&self) -> ErrorKind {
+        ErrorKind::Limit {
+            what: format!("a pickle whose values take {} bytes, which could not be allocated", self.memory),
+            limit: self.max_memory(),
+            setting: "pickle_memory_per_byte",
+        }
+    }
+    /// Inserts into the dict at arena index `i`, counted and fallible.
+    fn dict_insert(&mut self, i: usize, items: Vec<Value>, at: usize, op: &str) -> Result<(), ErrorKind> {
+        self.charge((items.len() / 2) as u64 * DICT_ITEM_COST)?;
+        for pair in items.chunks_exact(2) {
+            // Python hashes a key before storing it: lists, dicts and sets cannot be keys.
+            if matches!(pair[0], Value::List(_) | Value::Dict(_) | Value::Opaque(Opaque::Set | Opaque::ByteArray)) {
+                return Err(ErrorKind::pickle(at, format!("{op} with {} as a key (unhashable)", pair[0].kind())));
+            }
+        }
+        let Container::Dict(d) = &mut self.arena[i] else {
+            return Err(ErrorKind::pickle(at, format!("{op} on a non-dict")));
+        };
+        let mut it = items.into_iter();
+        while let (Some(k), Some(v)) = (it.next(), it.next()) {
+            if d.insert(k, v).is_err() {
+                return Err(self.refused_allocation());
+            }
+        }
+        Ok(())
+    }
+
+    /// A tuple or list of at most [`MAX_DIMS`] non-negative ints (a size or a stride):
+    /// longer ones are refused before anything is copied, so no REDUCE costs more than a
+    /// few words.
     fn ints(&self, v: &Value) -> Option<Vec<u64>> {
-        let t = self.tuple(v)?;
+        let t = self.sequence(v)?;
         if t.len() > MAX_DIMS {
             return None;
         }
@@ -271,138 +596,109 @@ impl Vm {
         persistent: &mut dyn Persistent,
     ) -> Result<(Value, usize), ErrorKind> {
         let mut r = Cursor { code, at: 0 };
-        let mut stack: Vec<Value> = Vec::new();
-        let mut marks: Vec<usize> = Vec::new();
-        let mut memo: HashMap<u32, Value> = HashMap::new();
+        let result = self.interpret(&mut r, limits, persistent);
+        self.read_before = self.read;
+        result
+    }
+
+    fn interpret(
+        &mut self,
+        r: &mut Cursor<'_>,
+        limits: VmLimits,
+        persistent: &mut dyn Persistent,
+    ) -> Result<(Value, usize), ErrorKind> {
+        let mut stack = Stack::default();
+        let mut memo = Memo::default();
         loop {
             let at = r.at;
+            self.read = self.read_before + at as u64 + 1;
             let op = r.u8()?;
-            if stack.len() > limits.max_stack || marks.len() > limits.max_stack {
+            if stack.depth > limits.max_stack {
                 return Err(ErrorKind::Limit {
                     what: format!("a pickle stack deeper than {} entries", limits.max_stack),
                     limit: limits.max_stack as u64,
                     setting: "max_pickle_stack",
                 });
             }
+            // The deepest the stack has been is what it holds in memory.
+            if stack.depth > stack.peak {
+                self.charge((stack.depth - stack.peak) as u64 * VALUE_COST)?;
+                stack.peak = stack.depth;
+            }
             let underflow = || ErrorKind::pickle(at, format!("stack underflow at opcode 0x{op:02x}"));
-            match op {
+            let v = match op {
+                // PROTO: PyTorch reads any protocol number and acts on none.
                 0x80 => {
-                    let p = r.u8()?;
-                    if !(2..=5).contains(&p) {
-                        return Err(ErrorKind::pickle(at, format!("protocol {p} (only 2 to 5 are read)")));
-                    }
-                }
-                0x95 => {
-                    r.take(8)?; // FRAME: a length hint only.
+                    r.u8()?;
+                    continue;
                 }
                 b'.' => {
                     let v = stack.pop().ok_or_else(underflow)?;
                     return Ok((v, r.at));
                 }
-                b'(' => marks.push(stack.len()),
-                b'0' => {
-                    stack.pop().ok_or_else(underflow)?;
+                b'(' => {
+                    stack.mark().map_err(|_| self.refused_allocation())?;
+                    continue;
                 }
-                b'1' => {
-                    let m = marks.pop().ok_or_else(|| ErrorKind::pickle(at, "POP_MARK without MARK"))?;
-                    stack.truncate(m);
-                }
-                b'2' => {
-                    let v = stack.last().cloned().ok_or_else(underflow)?;
-                    stack.push(v);
-                }
-                b'N' => stack.push(Value::None),
-                0x88 => stack.push(Value::Bool(true)),
-                0x89 => stack.push(Value::Bool(false)),
-                b'J' => stack.push(Value::Int(i64::from(i32::from_le_bytes(r.array()?)))),
-                b'K' => stack.push(Value::Int(i64::from(r.u8()?))),
-                b'M' => stack.push(Value::Int(i64::from(u16::from_le_bytes(r.array()?)))),
+                b'N' => Value::None,
+                0x88 => Value::Bool(true),
+                0x89 => Value::Bool(false),
+                b'J' => Value::Int(i64::from(i32::from_le_bytes(r.array()?))),
+                b'K' => Value::Int(i64::from(r.u8()?)),
+                b'M' => Value::Int(i64::from(u16::from_le_bytes(r.array()?))),
                 0x8a => {
                     let n = usize::from(r.u8()?);
                     let b = r.take(n)?;
-                    stack.push(long(b));
+                    if n > 8 {
+                        self.charge(heap(16 + size_of::<Vec<u8>>()) + heap(n))?;
+                    }
+                    long(b)
                 }
                 b'G' => {
                     r.take(8)?;
-                    stack.push(Value::Float);
+                    Value::Float
                 }
                 b'X' => {
                     let n = u32::from_le_bytes(r.array()?) as usize;
-                    stack.push(Value::Str(r.text(n, at)?));
+                    let s = r.text(n, at)?;
+                    self.str(s)?
                 }
-                0x8c => {
+                // SHORT_BINSTRING, a Python 2 `str`: PyTorch decodes it as UTF-8, strictly.
+                b'U' => {
                     let n = usize::from(r.u8()?);
-                    stack.push(Value::Str(r.text(n, at)?));
+                    let s = r.text(n, at)?;
+                    self.str(s)?
                 }
-                0x8d => {
-                    let n = r.len8()?;
-                    stack.push(Value::Str(r.text(n, at)?));
-                }
-                // Python 2 strings (legacy files): bytes read as Latin-1 text.
-                b'T' | b'U' => {
-                    let n = if op == b'T' { u32::from_le_bytes(r.array()?) as usize } else { usize::from(r.u8()?) };
-                    let b = r.take(n)?;
-                    stack.push(Value::Str(b.iter().map(|&c| char::from(c)).collect::<String>().into()));
-                }
-                b'B' | b'C' | 0x8e => {
-                    let n = match op {
-                        b'B' => u32::from_le_bytes(r.array()?) as usize,
-                        b'C' => usize::from(r.u8()?),
-                        _ => r.len8()?,
-                    };
-                    r.take(n)?;
-                    stack.push(Value::Bytes);
-                }
-                b']' => {
-                    let i = self.push_container(Container::List(Vec::new()))?;
-                    stack.push(Value::List(i));
-                }
-                b')' => {
-                    let i = self.push_container(Container::Tuple(Vec::new()))?;
-                    stack.push(Value::Tuple(i));
-                }
-                b'}' => {
-                    let i = self.push_container(Container::Dict(Box::default()))?;
-                    stack.push(Value::Dict(i));
-                }
-                b'l' | b't' | b'd' => {
-                    let m = marks.pop().ok_or_else(|| ErrorKind::pickle(at, "missing MARK"))?;
-                    let items = take_from(&mut stack, m, at)?;
-                    let v = match op {
-                        b'l' => Value::List(self.push_container(Container::List(items))?),
-                        b't' => Value::Tuple(self.push_container(Container::Tuple(items))?),
-                        _ => {
-                            let mut d = Dict::default();
-                            let mut it = items.into_iter();
-                            while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                                d.insert(k, v);
-                            }
-                            Value::Dict(self.push_container(Container::Dict(Box::new(d)))?)
-                        }
-                    };
-                    stack.push(v);
+                b']' => Value::List(self.push_container(Container::List(Vec::new()))?),
+                b')' => self.new_tuple(Vec::new())?,
+                b'}' => self.new_dict(DictKind::Plain)?,
+                0x8f => Value::Opaque(Opaque::Set),
+                b't' => {
+                    let items = stack.pop_mark().ok_or_else(|| ErrorKind::pickle(at, "TUPLE without MARK"))?;
+                    self.new_tuple(items)?
                 }
                 0x85..=0x87 => {
-                    let n = usize::from(op - 0x84);
-                    let m = stack.len().checked_sub(n).ok_or_else(underflow)?;
-                    let items = take_from(&mut stack, m, at)?;
-                    let i = self.push_container(Container::Tuple(items))?;
-                    stack.push(Value::Tuple(i));
+                    let items = stack.take(usize::from(op - 0x84)).ok_or_else(underflow)?;
+                    self.new_tuple(items)?
                 }
                 b'a' | b'e' => {
                     let items = if op == b'a' {
                         vec![stack.pop().ok_or_else(underflow)?]
                     } else {
-                        let m = marks.pop().ok_or_else(|| ErrorKind::pickle(at, "APPENDS without MARK"))?;
-                        take_from(&mut stack, m, at)?
+                        stack.pop_mark().ok_or_else(|| ErrorKind::pickle(at, "APPENDS without MARK"))?
                     };
-                    match stack.last() {
-                        Some(Value::List(i)) => match &mut self.arena[*i] {
-                            Container::List(l) => l.extend(items),
-                            _ => return Err(ErrorKind::pickle(at, "APPEND to a non-list")),
-                        },
-                        _ => return Err(ErrorKind::pickle(at, "APPEND to a non-list")),
+                    let Some(Value::List(i)) = stack.last() else {
+                        let target = stack.last().map_or("nothing", Value::kind);
+                        return Err(ErrorKind::pickle(at, format!("APPEND to {target}: only lists are appended to")));
+                    };
+                    let i = *i;
+                    self.charge(items.len() as u64 * VALUE_COST)?;
+                    let Container::List(l) = &mut self.arena[i] else { unreachable!("a List value indexes a list") };
+                    if l.try_reserve(items.len()).is_err() {
+                        return Err(self.refused_allocation());
                     }
+                    l.extend(items);
+                    continue;
                 }
                 b's' | b'u' => {
                     let items = if op == b's' {
@@ -410,85 +706,73 @@ impl Vm {
                         let k = stack.pop().ok_or_else(underflow)?;
                         vec![k, v]
                     } else {
-                        let m = marks.pop().ok_or_else(|| ErrorKind::pickle(at, "SETITEMS without MARK"))?;
-                        take_from(&mut stack, m, at)?
+                        stack.pop_mark().ok_or_else(|| ErrorKind::pickle(at, "SETITEMS without MARK"))?
                     };
                     if items.len() % 2 != 0 {
                         return Err(ErrorKind::pickle(at, "SETITEMS with an odd number of items"));
                     }
-                    match stack.last() {
-                        Some(Value::Dict(i)) => match &mut self.arena[*i] {
-                            Container::Dict(d) => {
-                                let mut it = items.into_iter();
-                                while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                                    d.insert(k, v);
-                                }
-                            }
-                            _ => return Err(ErrorKind::pickle(at, "SETITEM on a non-dict")),
-                        },
-                        _ => return Err(ErrorKind::pickle(at, "SETITEM on a non-dict")),
-                    }
+                    let Some(Value::Dict(i)) = stack.last() else {
+                        let target = stack.last().map_or("nothing", Value::kind);
+                        return Err(ErrorKind::pickle(at, format!("SETITEM on {target}: only dicts are set")));
+                    };
+                    let i = *i;
+                    self.dict_insert(i, items, at, "SETITEM")?;
+                    continue;
                 }
                 b'c' => {
                     let module = r.line(at)?;
                     let name = r.line(at)?;
-                    stack.push(global(&module, &name, at)?);
-                }
-                0x93 => {
-                    let name = stack.pop().ok_or_else(underflow)?;
-                    let module = stack.pop().ok_or_else(underflow)?;
-                    match (module, name) {
-                        (Value::Str(m), Value::Str(n)) => stack.push(global(&m, &n, at)?),
-                        _ => return Err(ErrorKind::pickle(at, "STACK_GLOBAL needs two strings")),
-                    }
+                    global(&module, &name, at)?
                 }
                 b'R' => {
                     let args = stack.pop().ok_or_else(underflow)?;
                     let f = stack.pop().ok_or_else(underflow)?;
-                    let v = self.reduce(&f, &args, at)?;
-                    stack.push(v);
+                    self.reduce(&f, &args, at)?
+                }
+                0x81 => {
+                    let args = stack.pop().ok_or_else(underflow)?;
+                    let cls = stack.pop().ok_or_else(underflow)?;
+                    self.newobj(&cls, &args, at)?
                 }
                 b'b' => {
                     let state = stack.pop().ok_or_else(underflow)?;
-                    match (stack.last(), &state) {
-                        // An OrderedDict's attributes (a state_dict's `_metadata`): kept out
-                        // of the mapping, as Python keeps them.
-                        (Some(Value::Dict(_)), Value::Dict(_) | Value::None | Value::Tuple(_)) => {}
-                        (Some(target), _) => {
-                            return Err(ErrorKind::pickle(at, format!("BUILD on {} is refused", target.kind())));
-                        }
-                        (None, _) => return Err(underflow()),
-                    }
+                    let target = stack.last().ok_or_else(underflow)?;
+                    self.build(target, &state, at)?;
+                    continue;
                 }
                 b'Q' => {
                     let pid = stack.pop().ok_or_else(underflow)?;
-                    let v = persistent.load(self, &pid, at)?;
-                    stack.push(v);
+                    if !matches!(pid, Value::Tuple(_) | Value::Int(_) | Value::BigInt(_)) {
+                        return Err(ErrorKind::pickle(
+                            at,
+                            format!("a persistent id must be a tuple or an int, not {}", pid.kind()),
+                        ));
+                    }
+                    persistent.load(self, &pid, at)?
                 }
                 b'h' | b'j' => {
                     let i = if op == b'h' { u32::from(r.u8()?) } else { u32::from_le_bytes(r.array()?) };
-                    let v = memo
-                        .get(&i)
-                        .cloned()
-                        .ok_or_else(|| ErrorKind::pickle(at, format!("memo entry {i} was never stored")))?;
-                    stack.push(v);
+                    memo.get(i).ok_or_else(|| ErrorKind::pickle(at, format!("memo entry {i} was never stored")))?
                 }
-                b'q' | b'r' | 0x94 => {
-                    let i = match op {
-                        b'q' => u32::from(r.u8()?),
-                        b'r' => u32::from_le_bytes(r.array()?),
-                        _ => u32::try_from(memo.len()).map_err(|_| ErrorKind::pickle(at, "memo full"))?,
-                    };
+                b'q' | b'r' => {
+                    let i = if op == b'q' { u32::from(r.u8()?) } else { u32::from_le_bytes(r.array()?) };
                     let v = stack.last().cloned().ok_or_else(underflow)?;
-                    memo.insert(i, v);
+                    match memo.insert(i, v) {
+                        Ok(false) => {}
+                        Ok(true) => self.charge(if memo.in_order(i) { VALUE_COST } else { MEMO_COST })?,
+                        Err(()) => return Err(self.refused_allocation()),
+                    }
+                    continue;
                 }
                 _ => {
                     return Err(ErrorKind::RefusedOpcode { code: op, name: opcode_name(op), at });
                 }
-            }
+            };
+            stack.push(v).map_err(|_| self.refused_allocation())?;
         }
     }
 
+    /// `f(*args)` for an allowed `f`: what PyTorch's unpickler would build, or an error.
     fn reduce(&mut self, f: &Value, args: &Value, at: usize) -> Result<Value, ErrorKind> {
         let g = match f {
             Value::Global(g) => *g,
@@ -496,7 +780,7 @@ impl Vm {
                 return Err(ErrorKind::pickle(at, format!("REDUCE calls {}, not an allowed global", other.kind())))
             }
         };
-        let a = self.tuple(args).ok_or_else(|| ErrorKind::pickle(at, "REDUCE arguments are not a tuple"))?;
+        let a = self.sequence(args).ok_or_else(|| ErrorKind::pickle(at, "REDUCE arguments are not a tuple"))?;
         // No allowed global takes more than 8 arguments: longer tuples are refused before
         // they are copied (a memoized tuple can be passed again and again).
         if a.len() > 8 {
@@ -505,11 +789,36 @@ impl Vm {
         let a = a.to_vec();
         let wrong = |what: &str| ErrorKind::pickle(at, format!("{} with wrong arguments: {what}", global_name(g)));
         match g {
-            Global::OrderedDict => {
-                if !a.is_empty() {
-                    return Err(wrong("expected ()"));
+            Global::OrderedDict | Global::Counter => {
+                let kind = if g == Global::Counter { DictKind::Counter } else { DictKind::Ordered };
+                let d = self.new_dict(kind)?;
+                let Value::Dict(i) = d else { unreachable!("new_dict makes a dict") };
+                match a.as_slice() {
+                    [] => {}
+                    // `OrderedDict(mapping)`, and `Counter(mapping)`, which copies it.
+                    [m @ Value::Dict(_)] => {
+                        let items: Vec<Value> = self
+                            .dict(m)
+                            .map(|d| d.items.iter().flat_map(|(k, v)| [k.clone(), v.clone()]).collect())
+                            .unwrap_or_default();
+                        self.dict_insert(i, items, at, "OrderedDict")?;
+                    }
+                    // `OrderedDict([[key, value], ...])`, as Python 2 pickled one.
+                    [pairs] if g == Global::OrderedDict => {
+                        let pairs = self.sequence(pairs).ok_or_else(|| wrong("expected () or (items,)"))?;
+                        let mut items = Vec::new();
+                        items.try_reserve(pairs.len() * 2).map_err(|_| self.refused_allocation())?;
+                        for p in pairs {
+                            match self.sequence(p) {
+                                Some([k, v]) => items.extend([k.clone(), v.clone()]),
+                                _ => return Err(wrong("an item is not a (key, value) pair")),
+                            }
+                        }
+                        self.dict_insert(i, items, at, "OrderedDict")?;
+                    }
+                    _ => return Err(wrong("expected () or (items,)")),
                 }
-                Ok(Value::Dict(self.push_container(Container::Dict(Box::default()))?))
+                Ok(d)
             }
             Global::RebuildTensorV2 | Global::RebuildTensorV3 | Global::RebuildTensor => {
                 let (n, most) = match g {
@@ -522,6 +831,9 @@ impl Vm {
                 }
                 let dtype = match (g, &a.get(6)) {
                     (Global::RebuildTensorV3, Some(Value::Global(Global::Dtype(d)))) => Some(*d),
+                    (Global::RebuildTensorV3, Some(Value::Global(Global::Unread(u)))) => {
+                        return Err(wrong(&format!("the dtype is {}", u.what)))
+                    }
                     (Global::RebuildTensorV3, _) => return Err(wrong("the seventh is not a torch dtype")),
                     _ => None,
                 };
@@ -539,7 +851,9 @@ impl Vm {
                 if (dtype.is_some()) != (storage.dtype == Dtype::U8 && storage.untyped) {
                     return Err(wrong("_rebuild_tensor_v3 goes with an untyped storage, and only it"));
                 }
-                Ok(Value::Tensor(Rc::new(TensorRef { storage: Rc::clone(storage), dtype, offset, shape, stride })))
+                self.charge(heap(size_of::<TensorRef>() + 16) + heap(16 * shape.len()))?;
+                let dims = shape.into_iter().chain(stride).collect();
+                Ok(Value::Tensor(Rc::new(TensorRef { storage: Rc::clone(storage), dtype, offset, dims })))
             }
             Global::RebuildParameter | Global::RebuildParameterWithState => match a.first() {
                 Some(Value::Tensor(t)) if a.len() == 3 || (a.len() == 4 && g == Global::RebuildParameterWithState) => {
@@ -547,27 +861,187 @@ impl Vm {
                 }
                 _ => Err(wrong("expected (tensor, requires_grad, hooks)")),
             },
+            // `_rebuild_from_type_v2(func, new_type, args, state)`: `func(*args)`, as a
+            // plain tensor or a parameter; the state is a tensor's Python attributes.
+            Global::RebuildFromTypeV2 => match a.as_slice() {
+                [func, Value::Global(Global::Tensor | Global::Parameter), args, _state] => {
+                    match self.reduce(func, args, at)? {
+                        t @ Value::Tensor(_) => Ok(t),
+                        other => Err(wrong(&format!("it builds {}, not a tensor", other.kind()))),
+                    }
+                }
+                _ => Err(wrong("expected (function, torch.Tensor or Parameter, args, state)")),
+            },
+            // `Parameter(data[, requires_grad])`.
+            Global::Parameter => match a.as_slice() {
+                [t @ Value::Tensor(_)] | [t @ Value::Tensor(_), Value::Bool(_)] => Ok(t.clone()),
+                _ => Err(wrong("expected (tensor[, requires_grad])")),
+            },
             Global::Device => match a.as_slice() {
                 [Value::Str(_)] | [Value::Str(_), Value::Int(_)] => Ok(Value::Device),
                 _ => Err(wrong("expected (type[, index])")),
             },
             Global::Size => match a.as_slice() {
-                [t @ Value::Tuple(_)] if self.ints(t).is_some() => Ok(t.clone()),
+                [] => self.new_tuple(Vec::new()),
+                [t] if self.ints(t).is_some() => {
+                    let items = self.sequence(t).map(<[Value]>::to_vec).unwrap_or_default();
+                    self.new_tuple(items)
+                }
                 _ => Err(wrong("expected a tuple of ints")),
             },
+            // `_codecs.encode(text, encoding)`: how protocol 2 writes `bytes`.
+            Global::Encode => match a.as_slice() {
+                [Value::Str(_)] | [Value::Str(_), Value::Str(_)] | [Value::Str(_), Value::Str(_), Value::Str(_)] => {
+                    Ok(Value::Bytes)
+                }
+                _ => Err(wrong("expected (str[, encoding[, errors]])")),
+            },
+            Global::Builtin(kind) => {
+                let fits = match (kind, a.as_slice()) {
+                    (_, []) => true,
+                    (Opaque::Set | Opaque::ByteArray, [x]) => {
+                        matches!(x, Value::List(_) | Value::Tuple(_) | Value::Dict(_) | Value::Str(_) | Value::Bytes)
+                            || matches!(x, Value::Opaque(Opaque::Set | Opaque::ByteArray))
+                            || (kind == Opaque::ByteArray && matches!(x, Value::Int(n) if (0..1 << 20).contains(n)))
+                    }
+                    (Opaque::Complex, xs) if xs.len() <= 2 => {
+                        xs.iter().all(|x| matches!(x, Value::Int(_) | Value::Float | Value::Bool(_)))
+                    }
+                    _ => false,
+                };
+                if !fits {
+                    return Err(wrong("not arguments it takes"));
+                }
+                Ok(Value::Opaque(kind))
+            }
+            Global::Unread(u) => Err(ErrorKind::pickle(
+                at,
+                format!("{} is allowed by PyTorch but not read by tensorlift: {}", global_name(g), u.what),
+            )),
+            Global::Tensor => Err(ErrorKind::pickle(at, "torch.Tensor(...) is not read by tensorlift: no storage")),
             Global::Storage(_) | Global::UntypedStorage => Err(wrong("storages are not built by REDUCE")),
             Global::Dtype(_) => Err(wrong("dtypes are not called")),
         }
     }
+
+    /// `cls.__new__(cls, *args)` for an allowed class (`Parameter(*args)` for a parameter),
+    /// as PyTorch's unpickler does for `NEWOBJ`.
+    fn newobj(&mut self, cls: &Value, args: &Value, at: usize) -> Result<Value, ErrorKind> {
+        let g = match cls {
+            Value::Global(g) => *g,
+            other => return Err(ErrorKind::pickle(at, format!("NEWOBJ of {}, not an allowed class", other.kind()))),
+        };
+        if self.sequence(args).is_none() {
+            return Err(ErrorKind::pickle(at, "NEWOBJ arguments are not a tuple"));
+        }
+        match g {
+            // `dict.__new__` and `set.__new__` ignore their arguments.
+            Global::OrderedDict => self.new_dict(DictKind::Ordered),
+            Global::Counter => self.new_dict(DictKind::Counter),
+            Global::Builtin(kind @ (Opaque::Set | Opaque::ByteArray)) => Ok(Value::Opaque(kind)),
+            Global::Parameter | Global::Size | Global::Device | Global::Builtin(Opaque::Complex) => {
+                self.reduce(cls, args, at)
+            }
+            _ => Err(ErrorKind::pickle(at, format!("NEWOBJ of {} is refused", global_name(g)))),
+        }
+    }
+
+    /// `BUILD`: PyTorch's unpickler sets attributes of an `OrderedDict` (a state_dict's
+    /// `_metadata`) or a `Counter`; attributes are not part of the mapping, so nothing is
+    /// kept. Any other target is refused.
+    fn build(&self, target: &Value, state: &Value, at: usize) -> Result<(), ErrorKind> {
+        let refused = || ErrorKind::pickle(at, format!("BUILD on {} is refused", target.kind()));
+        let Some(d) = self.dict(target) else { return Err(refused()) };
+        match (d.kind, state) {
+            (DictKind::Ordered, Value::Dict(_)) => Ok(()),
+            (DictKind::Counter, Value::Dict(_) | Value::None) => Ok(()),
+            (DictKind::Counter, t @ Value::Tuple(_))
+                if matches!(self.tuple(t), Some([Value::Dict(_) | Value::None, Value::Dict(_) | Value::None])) =>
+            {
+                Ok(())
+            }
+            (DictKind::Plain, _) => Err(ErrorKind::pickle(at, "BUILD on a dict (not an OrderedDict) is refused")),
+            _ => Err(ErrorKind::pickle(at, format!("BUILD with {} as the state is refused", state.kind()))),
+        }
+    }
 }
 
-/// The values above a mark. POP can take the stack below its last mark; that is an error,
-/// as in Python.
-fn take_from(stack: &mut Vec<Value>, mark: usize, at: usize) -> Result<Vec<Value>, ErrorKind> {
-    if mark > stack.len() {
-        return Err(ErrorKind::pickle(at, "the stack is below its last MARK"));
+/// The memo: entries numbered from 0 as `torch.save` numbers them in a vector, any other
+/// number in a map, so that a pickle cannot make a table of 2^32 entries.
+#[derive(Debug, Default)]
+struct Memo {
+    in_order: Vec<Value>,
+    elsewhere: HashMap<u32, Value>,
+}
+
+impl Memo {
+    fn in_order(&self, i: u32) -> bool {
+        (i as usize) < self.in_order.len()
     }
-    Ok(stack.split_off(mark))
+    fn get(&self, i: u32) -> Option<Value> {
+        self.in_order.get(i as usize).or_else(|| self.elsewhere.get(&i)).cloned()
+    }
+    /// Stores entry `i`; whether it is new.
+    fn insert(&mut self, i: u32, v: Value) -> Result<bool, ()> {
+        if let Some(slot) = self.in_order.get_mut(i as usize) {
+            *slot = v;
+            return Ok(false);
+        }
+        if i as usize == self.in_order.len() && !self.elsewhere.contains_key(&i) {
+            self.in_order.try_reserve(1).map_err(|_| ())?;
+            self.in_order.push(v);
+            return Ok(true);
+        }
+        self.elsewhere.try_reserve(1).map_err(|_| ())?;
+        Ok(self.elsewhere.insert(i, v).is_none())
+    }
+}
+
+/// Python's unpickler stack: `MARK` puts the stack aside and starts a new one, and
+/// popping the mark takes every item of the new one.
+#[derive(Debug, Default)]
+struct Stack {
+    frames: Vec<Vec<Value>>,
+    cur: Vec<Value>,
+    /// Items and marks held, in every frame.
+    depth: usize,
+    /// The deepest it has been, counted against the memory budget.
+    peak: usize,
+}
+
+impl Stack {
+    fn push(&mut self, v: Value) -> Result<(), ()> {
+        self.cur.try_reserve(1).map_err(|_| ())?;
+        self.cur.push(v);
+        self.depth += 1;
+        Ok(())
+    }
+    fn pop(&mut self) -> Option<Value> {
+        let v = self.cur.pop()?;
+        self.depth -= 1;
+        Some(v)
+    }
+    fn last(&self) -> Option<&Value> {
+        self.cur.last()
+    }
+    /// The last `n` items of the current frame, in order.
+    fn take(&mut self, n: usize) -> Option<Vec<Value>> {
+        let m = self.cur.len().checked_sub(n)?;
+        self.depth -= n;
+        Some(self.cur.split_off(m))
+    }
+    fn mark(&mut self) -> Result<(), ()> {
+        self.frames.try_reserve(1).map_err(|_| ())?;
+        self.frames.push(std::mem::take(&mut self.cur));
+        self.depth += 1;
+        Ok(())
+    }
+    fn pop_mark(&mut self) -> Option<Vec<Value>> {
+        let below = self.frames.pop()?;
+        let items = std::mem::replace(&mut self.cur, below);
+        self.depth -= items.len() + 1;
+        Some(items)
+    }
 }
 
 fn global(module: &str, name: &str, at: usize) -> Result<Value, ErrorKind> {
@@ -581,15 +1055,24 @@ fn global(module: &str, name: &str, at: usize) -> Result<Value, ErrorKind> {
 fn global_name(g: Global) -> &'static str {
     match g {
         Global::OrderedDict => "collections.OrderedDict",
+        Global::Counter => "collections.Counter",
         Global::RebuildTensorV2 => "torch._utils._rebuild_tensor_v2",
         Global::RebuildTensorV3 => "torch._utils._rebuild_tensor_v3",
         Global::RebuildTensor => "torch._utils._rebuild_tensor",
         Global::RebuildParameter => "torch._utils._rebuild_parameter",
         Global::RebuildParameterWithState => "torch._utils._rebuild_parameter_with_state",
+        Global::RebuildFromTypeV2 => "torch._tensor._rebuild_from_type_v2",
+        Global::Parameter => "torch.nn.parameter.Parameter",
+        Global::Tensor => "torch.Tensor",
         Global::Storage(_) | Global::UntypedStorage => "a torch storage type",
         Global::Dtype(_) => "a torch dtype",
         Global::Device => "torch.device",
         Global::Size => "torch.Size",
+        Global::Encode => "_codecs.encode",
+        Global::Builtin(Opaque::Set) => "builtins.set",
+        Global::Builtin(Opaque::ByteArray) => "builtins.bytearray",
+        Global::Builtin(Opaque::Complex) => "builtins.complex",
+        Global::Unread(_) => "this global",
     }
 }
 
@@ -603,22 +1086,34 @@ fn long(b: &[u8]) -> Value {
         buf[..b.len()].copy_from_slice(b);
         return Value::Int(i64::from_le_bytes(buf));
     }
-    Value::BigInt(b.into())
+    Value::BigInt(Rc::new(b.to_vec()))
 }
 
+/// Names of the opcodes PyTorch's weights-only unpickler refuses.
 fn opcode_name(op: u8) -> &'static str {
     match op {
         b'i' => "INST",
         b'o' => "OBJ",
-        0x81 => "NEWOBJ",
         0x92 => "NEWOBJ_EX",
         0x82..=0x84 => "EXT",
         b'P' => "PERSID (text)",
         b'I' | b'L' | b'F' | b'S' | b'V' => "a protocol-0 text opcode",
         b'g' | b'p' => "GET/PUT (text)",
-        0x8f..=0x91 => "a set opcode",
-        0x96..=0x98 => "a buffer opcode",
+        b'0' => "POP",
+        b'1' => "POP_MARK",
+        b'2' => "DUP",
+        b'l' => "LIST",
+        b'd' => "DICT",
+        b'T' => "BINSTRING",
+        b'B' | b'C' | 0x8e => "a bytes opcode",
+        0x8c => "SHORT_BINUNICODE",
+        0x8d => "BINUNICODE8",
         0x8b => "LONG4",
+        0x90 | 0x91 => "a set opcode",
+        0x93 => "STACK_GLOBAL",
+        0x94 => "MEMOIZE",
+        0x95 => "FRAME",
+        0x96..=0x98 => "a buffer opcode",
         _ => "an unknown opcode",
     }
 }
@@ -648,13 +1143,11 @@ impl<'a> Cursor<'a> {
         a.copy_from_slice(self.take(N)?);
         Ok(a)
     }
-    fn len8(&mut self) -> Result<usize, ErrorKind> {
-        let n = u64::from_le_bytes(self.array()?);
-        usize::try_from(n).map_err(|_| ErrorKind::pickle(self.at, "length over the address space"))
-    }
-    fn text(&mut self, n: usize, at: usize) -> Result<Rc<str>, ErrorKind> {
+    fn text(&mut self, n: usize, at: usize) -> Result<String, ErrorKind> {
         let b = self.take(n)?;
-        std::str::from_utf8(b).map(Rc::from).map_err(|_| ErrorKind::pickle(at, "string is not UTF-8"))
+        // PyTorch reads BINUNICODE with "surrogatepass", which lets encoded lone
+        // surrogates through; a Rust string cannot hold them, so they are refused.
+        std::str::from_utf8(b).map(str::to_owned).map_err(|_| ErrorKind::pickle(at, "string is not UTF-8"))
     }
     fn line(&mut self, at: usize) -> Result<String, ErrorKind> {
         let rest = &self.code[self.at..];
@@ -667,5 +1160,15 @@ impl<'a> Cursor<'a> {
             std::str::from_utf8(&rest[..n]).map_err(|_| ErrorKind::pickle(at, "GLOBAL name is not UTF-8"))?.to_owned();
         self.at += n + 1;
         Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_value_is_two_words() {
+        assert_eq!(size_of::<Value>(), 16);
     }
 }
