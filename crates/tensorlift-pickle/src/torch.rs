@@ -261,6 +261,7 @@ fn storage_pid(vm: &mut Vm, pid: &Value, at: usize, legacy: bool) -> Result<(Sto
     let (dtype, untyped) = match t[1] {
         Value::Global(vm::Global::Storage(dtype)) => (dtype, false),
         Value::Global(vm::Global::UntypedStorage) if !legacy => (Dtype::U8, true),
+        Value::Global(vm::Global::Unread(u)) => return Err(bad(&format!("{}, which PyTorch allows", u.what))),
         _ => return Err(bad("the storage type is not a torch storage class")),
     };
     let key = match &t[2] {

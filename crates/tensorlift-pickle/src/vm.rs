@@ -62,7 +62,7 @@ pub(crate) enum Global {
 /// A global on PyTorch's allowlist that tensorlift does not read, and why.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Unread {
-    what: &'static str,
+    pub what: &'static str,
 }
 
 /// A value of a type a state_dict may hold beside its tensors, which is never looked into.

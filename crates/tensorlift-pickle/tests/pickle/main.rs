@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+mod differential;
+
 use tensorlift_pickle::{ErrorKind, Layout, Limits, TorchCheckpoint};
 
 fn fixture(name: &str) -> PathBuf {

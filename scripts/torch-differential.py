@@ -1,0 +1,368 @@
+#!/usr/bin/env python3
+"""Writes many PyTorch checkpoints and what `torch.load(weights_only=True, map_location="cpu")`
+makes of each, for tensorlift-pickle's differential test (tests/differential): the reader
+must read what torch reads to the same tensors, and refuse what torch refuses.
+
+  python3 scripts/torch-differential.py OUT_DIR
+
+Variants: state_dicts of every dtype, in the zip and legacy layouts, with pickle protocols
+2 to 5; views, slices, transposes, expanded and tied tensors, parameters, tensors with
+Python attributes, empty and 0-d tensors; values that are not tensors; storages saved from
+CUDA devices; Python 2 pickles (short strings, OrderedDict from a list of items); legacy
+files whose views share view keys; and hostile pickles (globals, opcodes). OUT_DIR gets
+NAME.bin for each and expect.json:
+
+  {NAME: {"ok": true, "tensors": [[name, dtype, shape, hex], ...], "other": [names]}
+   NAME: {"ok": false, "error": torch's message, "names": what tensorlift's error must name}}
+
+A few files torch reads hold what tensorlift cannot (complex128, quantized tensors): their
+entry has "tensorlift_refuses" with what its error must say.
+"""
+import collections
+import contextlib
+import io
+import json
+import os
+import pickle
+import struct
+import sys
+import types
+import warnings
+
+import torch
+import torch.serialization
+
+warnings.filterwarnings("ignore")
+
+NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
+    torch.complex64: "C64", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    torch.float8_e4m3fnuz: "F8_E4M3FNUZ", torch.float8_e5m2fnuz: "F8_E5M2FNUZ", torch.float8_e8m0fnu: "F8_E8M0",
+}
+# Types the legacy layout cannot save (they need untyped storages).
+LEGACY_UNSUPPORTED = {
+    torch.uint16, torch.uint32, torch.uint64, torch.float8_e4m3fn, torch.float8_e5m2,
+    torch.float8_e4m3fnuz, torch.float8_e5m2fnuz, torch.float8_e8m0fnu,
+}
+
+MAGIC = 0x1950A86A20F9469CFC6C
+
+
+def values(dtype, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g) * 40
+    if dtype == torch.bool:
+        return base > 0
+    if dtype.is_floating_point or dtype.is_complex:
+        if dtype in (torch.float8_e8m0fnu,):
+            return base.abs().add(1).to(dtype)
+        return base.to(dtype)
+    if dtype in (torch.uint8, torch.uint16, torch.uint32, torch.uint64):
+        return base.abs().to(torch.int64).to(dtype)
+    return base.to(torch.int64).to(dtype)
+
+
+def raw(t):
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes().hex()
+
+
+def answer(path):
+    """What torch makes of the file: its tensors, or its error."""
+    try:
+        got = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - any refusal is the answer
+        return {"ok": False, "error": f"{type(e).__name__}: {e}"[:400]}
+    if not isinstance(got, dict):
+        return {"ok": False, "error": f"not a dict: {type(got).__name__}"}
+    tensors, other = [], []
+    for k, v in got.items():
+        if isinstance(v, torch.Tensor):
+            tensors.append([k, NAMES.get(v.dtype, str(v.dtype)), list(v.shape), raw(v)])
+        else:
+            other.append(k)
+    return {"ok": True, "tensors": tensors, "other": other}
+
+
+@contextlib.contextmanager
+def location(tag):
+    """torch.save records every storage as saved from `tag` (a CUDA device, say)."""
+    real = torch.serialization.location_tag
+    torch.serialization.location_tag = lambda storage: tag
+    try:
+        yield
+    finally:
+        torch.serialization.location_tag = real
+
+
+class Py2Pickler(pickle._Pickler):
+    """Pickles as Python 2 did: `str` as SHORT_BINSTRING (BINSTRING past 255 bytes), an
+    OrderedDict as its class called with a list of [key, value] items, attributes after."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_str(self, obj):
+        b = obj.encode("utf-8")
+        if len(b) < 256:
+            self.write(b"U" + bytes([len(b)]) + b)
+        else:
+            self.write(b"T" + struct.pack("<i", len(b)) + b)
+        self.memoize(obj)
+
+    dispatch[str] = save_str
+
+    def reducer_override(self, obj):
+        if type(obj) is collections.OrderedDict:
+            items = [[k, v] for k, v in obj.items()]
+            state = dict(vars(obj))
+            return (collections.OrderedDict, (items,), state) if state else (collections.OrderedDict, (items,))
+        return NotImplemented
+
+
+def py2_dump(obj, f, protocol=2):
+    Py2Pickler(f, protocol).dump(obj)
+
+
+PY2 = types.SimpleNamespace(__name__="py2_pickle", Pickler=Py2Pickler, dump=py2_dump)
+
+
+def state_dict(dtypes, seed=0):
+    sd = collections.OrderedDict()
+    for i, dtype in enumerate(dtypes):
+        t = values(dtype, 12, seed + i)
+        sd[f"{str(dtype)[6:]}.matrix"] = t.reshape(3, 4)
+        sd[f"{str(dtype)[6:]}.scalar"] = t[5].clone()
+    return sd
+
+
+def views_dict():
+    w = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    sd = collections.OrderedDict()
+    sd["tied.a"] = w
+    sd["tied.b"] = w
+    sd["transposed"] = w.t()
+    sd["row_slice"] = w[2:]
+    sd["column_slice"] = w[:, 2:5]
+    sd["strided"] = w[::2, ::3]
+    sd["offset_view"] = w.reshape(-1)[7:11]
+    sd["expanded"] = torch.arange(3, dtype=torch.int16).reshape(3, 1).expand(3, 5)
+    sd["empty"] = torch.zeros(0, 5)
+    sd["empty_view"] = w[4:, 1:]
+    sd["scalar"] = torch.tensor(2.5, dtype=torch.float64)
+    sd["one"] = torch.ones(1, dtype=torch.bfloat16)
+    return sd
+
+
+def module_dict():
+    torch.manual_seed(3)
+    m = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.LayerNorm(2), torch.nn.Embedding(4, 2))
+    sd = m.state_dict()  # with _metadata, as transformers saves it
+    sd["requires_grad"] = torch.ones(2, requires_grad=True)
+    sd["param"] = torch.nn.Parameter(torch.arange(4.0))
+    return sd
+
+
+def with_attributes():
+    t = torch.arange(6, dtype=torch.int32)
+    t.note = "an attribute"  # pickled through _rebuild_from_type_v2
+    return collections.OrderedDict(t=t, plain=torch.ones(2))
+
+
+def with_other_values():
+    sd = collections.OrderedDict()
+    sd["w"] = torch.arange(5, dtype=torch.int64)
+    sd["step"] = 7
+    sd["lr"] = 0.5
+    sd["name"] = "adam"
+    sd["blob"] = b"\x00\x01bytes"
+    sd["none"] = None
+    sd["flag"] = True
+    sd["shape"] = torch.Size([2, 3])
+    sd["device"] = torch.device("cpu")
+    sd["dtype"] = torch.float16
+    sd["nested"] = {"a": [1, 2, (3, 4)], "b": collections.OrderedDict(c=torch.zeros(1))}
+    sd["set"] = {1, 2}
+    sd["complex"] = 1 + 2j
+    sd["big"] = 2**70
+    sd["b"] = torch.full((2,), 3.0)
+    return sd
+
+
+def save(path, obj, **kw):
+    torch.save(obj, path, **kw)
+
+
+def legacy_file(path, storages, entries, pickler=pickle.Pickler, extra_keys=()):
+    """A legacy-layout file written by hand: `storages` is {key: tensor} (stored in that
+    order, their numel in the file), `entries` is [(name, pid, offset, size, stride)] where
+    pid is (class, root_key, numel, view) with view None or (view_key, offset, size)."""
+
+    class Pid:
+        def __init__(self, pid):
+            self.pid = pid
+
+    class Rebuild:
+        def __init__(self, pid, offset, size, stride):
+            self.args = (Pid(pid), offset, size, stride)
+
+        def __reduce__(self):
+            return (torch._utils._rebuild_tensor_v2, self.args + (False, collections.OrderedDict()))
+
+    class P(pickler):
+        def persistent_id(self, obj):
+            if isinstance(obj, Pid):
+                cls, key, numel, view = obj.pid
+                return ("storage", cls, key, "cpu", numel, view)
+            return None
+
+    sd = collections.OrderedDict((name, Rebuild(pid, o, s, st)) for name, pid, o, s, st in entries)
+    f = io.BytesIO()
+    for obj in (MAGIC, 1001, {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}}):
+        pickler(f, 2).dump(obj)
+    P(f, 2).dump(sd)
+    pickler(f, 2).dump(list(storages) + list(extra_keys))
+    for key, t in storages.items():
+        f.write(struct.pack("<q", t.numel()))
+        f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
+    with open(path, "wb") as out:
+        out.write(f.getvalue())
+
+
+def hostile(path, pickle_bytes, zip_layout=False):
+    """A legacy file whose state_dict pickle is `pickle_bytes`."""
+    f = io.BytesIO()
+    for obj in (MAGIC, 1001, {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}}):
+        pickle.dump(obj, f, 2)
+    f.write(pickle_bytes)
+    pickle.dump([], f, 2)
+    with open(path, "wb") as out:
+        out.write(f.getvalue())
+
+
+def main():
+    out = sys.argv[1]
+    os.makedirs(out, exist_ok=True)
+    expect = {}
+
+    def case(name, write, names=None, tensorlift_refuses=None):
+        path = os.path.join(out, name + ".bin")
+        write(path)
+        a = answer(path)
+        if not a["ok"]:
+            assert names, f"{name}: torch refused it, say what tensorlift's error names: {a['error']}"
+            a["names"] = names
+        elif names:
+            raise AssertionError(f"{name}: torch read it; expected a refusal naming {names}")
+        if tensorlift_refuses:
+            assert a["ok"], name
+            a["tensorlift_refuses"] = tensorlift_refuses
+        expect[name] = a
+
+    every = list(NAMES)
+    legacy_ok = [d for d in every if d not in LEGACY_UNSUPPORTED]
+    for proto in (2, 3):
+        case(f"dtypes.zip.p{proto}", lambda p, proto=proto: save(p, state_dict(every), pickle_protocol=proto))
+        case(
+            f"dtypes.legacy.p{proto}",
+            lambda p, proto=proto: save(p, state_dict(legacy_ok), pickle_protocol=proto, _use_new_zipfile_serialization=False),
+        )
+    # Protocols 4 and 5 frame their pickles: torch's weights-only reader refuses FRAME.
+    for proto in (4, 5):
+        case(f"dtypes.zip.p{proto}", lambda p, proto=proto: save(p, state_dict([torch.float32]), pickle_protocol=proto), names="(0x95)")
+        case(
+            f"dtypes.legacy.p{proto}",
+            lambda p, proto=proto: save(p, state_dict([torch.float32]), pickle_protocol=proto, _use_new_zipfile_serialization=False),
+            names="(0x95)",
+        )
+    for layout, zipped in (("zip", True), ("legacy", False)):
+        kw = {"_use_new_zipfile_serialization": zipped}
+        case(f"views.{layout}", lambda p, kw=kw: save(p, views_dict(), **kw))
+        case(f"module.{layout}", lambda p, kw=kw: save(p, module_dict(), **kw))
+        case(f"attributes.{layout}", lambda p, kw=kw: save(p, with_attributes(), **kw))
+        case(f"other_values.{layout}", lambda p, kw=kw: save(p, with_other_values(), **kw))
+        for tag in ("cuda:0", "cuda:3"):
+            case(f"location_{tag.replace(':', '')}.{layout}", lambda p, kw=kw, tag=tag: _at(tag, p, views_dict(), **kw))
+        # Python 2's pickles: short strings, OrderedDict(items), its _metadata after.
+        case(f"py2.{layout}", lambda p, kw=kw: save(p, module_dict(), pickle_module=PY2, **kw))
+        case(f"py2_views.{layout}", lambda p, kw=kw: save(p, views_dict(), pickle_module=PY2, **kw))
+        # A name over 255 bytes: Python 2 wrote BINSTRING, which torch refuses.
+        long_name = collections.OrderedDict({"x" * 300: torch.ones(1)})
+        case(f"py2_long_name.{layout}", lambda p, kw=kw, d=long_name: save(p, d, pickle_module=PY2, **kw), names="BINSTRING")
+        plain = {"a": torch.ones(2), "b": torch.arange(3)}
+        case(f"plain_dict.{layout}", lambda p, kw=kw, d=plain: save(p, d, **kw))
+        case(f"empty.{layout}", lambda p, kw=kw: save(p, collections.OrderedDict(), **kw))
+    # What torch reads and tensorlift cannot hold.
+    case("complex128.zip", lambda p: save(p, {"c": torch.ones(2, dtype=torch.complex128)}), tensorlift_refuses="complex128")
+    case(
+        "quantized.zip",
+        lambda p: save(p, {"q": torch.quantize_per_tensor(torch.ones(4), 0.5, 0, torch.quint8)}),
+        tensorlift_refuses="quantized",
+    )
+
+    # Legacy views keyed by view key, as torch keys them.
+    base = torch.tensor([1.0, 2, 3, 4, 5, 6, 7, 8], dtype=torch.float32)
+    fs = torch.FloatStorage
+    case(
+        "legacy_view_key_shared",
+        lambda p: legacy_file(p, {"r": base}, [
+            ("a", (fs, "r", 8, ("v", 0, 3)), 0, (3,), (1,)),
+            ("b", (fs, "r", 8, ("v", 3, 3)), 0, (3,), (1,)),
+        ]),
+    )
+    case(
+        "legacy_view_key_is_root",
+        lambda p: legacy_file(p, {"r": base}, [
+            ("whole", (fs, "r", 8, ("r", 4, 2)), 1, (2,), (1,)),
+        ]),
+    )
+    case(
+        "legacy_views_distinct",
+        lambda p: legacy_file(p, {"r": base}, [
+            ("a", (fs, "r", 8, ("v1", 1, 4)), 1, (2,), (2,)),
+            ("b", (fs, "r", 8, ("v2", 5, 3)), 0, (3,), (1,)),
+            ("root", (fs, "r", 8, None), 2, (2, 2), (1, 2)),
+        ]),
+    )
+    case(
+        "legacy_view_then_root",
+        lambda p: legacy_file(p, {"r": base}, [
+            ("a", (fs, "r", 8, ("v", 2, 2)), 0, (2,), (1,)),
+            ("root", (fs, "r", 8, None), 0, (8,), (1,)),
+            ("again", (fs, "r", 8, ("v", 0, 8)), 0, (2,), (1,)),
+        ], pickler=Py2Pickler),
+    )
+    case(
+        "legacy_numel_mismatch",
+        lambda p: legacy_file(p, {"r": base}, [("a", (fs, "r", 6, None), 0, (2,), (1,))]),
+        names="holds 8 elements, the pickle says 6",
+    )
+    case(
+        "legacy_out_of_bounds",
+        lambda p: legacy_file(p, {"r": base}, [("a", (fs, "r", 8, None), 5, (4,), (1,))]),
+        names="its elements reach 8 but storage 'r' holds 8",
+    )
+
+    # Hostile pickles: globals and opcodes torch refuses, named by tensorlift too.
+    case("global_os_system", lambda p: hostile(p, b"\x80\x02cos\nsystem\nX\x02\x00\x00\x00ls\x85R."), names="os.system")
+    case("global_alias", lambda p: hostile(p, b"\x80\x02ctorch\nfloat\n."), names="torch.float")
+    case("global_builtins_eval", lambda p: hostile(p, b"\x80\x02c__builtin__\neval\n."), names="__builtin__.eval")
+    case("opcode_inst", lambda p: hostile(p, b"\x80\x02(i__main__\nX\n."), names="INST")
+    case("opcode_dup", lambda p: hostile(p, b"\x80\x02}2."), names="DUP")
+    case("opcode_pop", lambda p: hostile(p, b"\x80\x02}N0."), names="POP")
+    case("opcode_stack_global", lambda p: hostile(p, b"\x80\x02X\x02\x00\x00\x00osX\x06\x00\x00\x00system\x93."), names="STACK_GLOBAL")
+    case("newobj_object", lambda p: hostile(p, b"\x80\x02c__builtin__\nobject\n)\x81."), names="__builtin__.object")
+    case("build_on_dict", lambda p: hostile(p, b"\x80\x02}}b."), names="BUILD")
+    case("append_to_dict", lambda p: hostile(p, b"\x80\x02}Na."), names="APPEND")
+
+    with open(os.path.join(out, "expect.json"), "w") as f:
+        json.dump(expect, f, indent=1, sort_keys=True)
+
+
+def _at(tag, path, obj, **kw):
+    with location(tag):
+        torch.save(obj, path, **kw)
+
+
+if __name__ == "__main__":
+    main()
