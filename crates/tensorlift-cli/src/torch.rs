@@ -225,6 +225,16 @@ pub fn convert(src: &Path, dst: &Path, max_shard: u64, out: &mut dyn Write) -> a
         } else {
             format!("model-{:05}-of-{count:05}.safetensors", k + 1)
         };
+        for (_, t) in shard {
+            if !reference_can_hold(t) {
+                bail!(
+                    "tensor '{}' of shape {:?} cannot be written: the reference readers cannot hold it \
+                     (numpy's size or torch's strides overflow 64 bits; nothing was written)",
+                    printable(&t.name),
+                    t.shape
+                );
+            }
+        }
         let specs: Vec<(&str, tensorlift_format::Dtype, &[usize])> =
             shard.iter().map(|(_, t)| (t.name.as_str(), t.dtype, t.shape.as_slice())).collect();
         let enc = tensorlift_format::encode_header(&specs, Some(&metadata)).context("a header size overflows")?;
@@ -240,6 +250,7 @@ pub fn convert(src: &Path, dst: &Path, max_shard: u64, out: &mut dyn Write) -> a
         _ => PathBuf::from("."),
     };
     let base = dst.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    remove_stale_partials(&parent, &base, out)?;
     let staging = parent.join(format!(".{base}.partial-{}", std::process::id()));
     std::fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
     let written = write_shards(&staging, &shards, headers, &opened, out);
@@ -268,6 +279,36 @@ pub fn convert(src: &Path, dst: &Path, max_shard: u64, out: &mut dyn Write) -> a
         )?;
     }
     writeln!(out, "{tensors} tensors, {total} bytes, from {} PyTorch file(s)", opened.len())?;
+    Ok(())
+}
+
+/// Whether the reference readers can hold a tensor of this shape: numpy refuses an array
+/// whose non-zero dimensions times the element size overflow (`array is too big`), torch
+/// one whose row-major strides do (`Stride calculation overflowed`), even when it is
+/// empty. The product of every dimension (a zero counted as one) times the element size
+/// bounds both.
+fn reference_can_hold(t: &TorchTensor) -> bool {
+    let es = (t.dtype.bitsize() / 8).max(1) as u64;
+    t.shape.iter().try_fold(es, |a, &d| a.checked_mul((d as u64).max(1))).is_some_and(|n| n <= i64::MAX as u64)
+}
+
+/// Removes the staging folders (`.BASE.partial-PID`) that earlier runs of `convert` into
+/// the same destination left behind when they were killed: their process is gone. A folder
+/// whose process still runs is another convert's, and stays.
+fn remove_stale_partials(parent: &Path, base: &str, out: &mut dyn Write) -> anyhow::Result<()> {
+    let prefix = format!(".{base}.partial-");
+    let Ok(entries) = std::fs::read_dir(parent) else { return Ok(()) };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(&prefix)) else { continue };
+        let Ok(pid) = pid.parse::<u32>() else { continue };
+        if Path::new(&format!("/proc/{pid}")).exists() || !e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        std::fs::remove_dir_all(e.path())
+            .with_context(|| format!("removing {}, left by an interrupted convert", e.path().display()))?;
+        writeln!(out, "removed {}, left by an interrupted convert (process {pid})", e.path().display())?;
+    }
     Ok(())
 }
 

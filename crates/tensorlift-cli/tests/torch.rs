@@ -290,3 +290,105 @@ fn inspect_and_convert_keep_to_the_folder_rules() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be written as safetensors (nothing was written)"));
     assert!(!dst.exists());
 }
+
+/// A legacy-layout PyTorch file of one FloatStorage '0' of `numel` elements, of which only
+/// `(element, value)` are written (the rest is a hole in a sparse file), and one tensor
+/// `w` over it with `shape` and `stride`.
+fn sparse_legacy(path: &Path, numel: u64, values: &[(u64, f32)], shape: &[u64], stride: &[u64]) {
+    use std::io::{Seek, SeekFrom, Write};
+    let long = |v: u64| -> Vec<u8> {
+        let mut b = vec![0x8a, 8];
+        b.extend_from_slice(&v.to_le_bytes());
+        b
+    };
+    let tuple = |v: &[u64]| -> Vec<u8> {
+        let mut b = vec![b'('];
+        v.iter().for_each(|&x| b.extend(long(x)));
+        b.push(b't');
+        b
+    };
+    let mut p = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19.\x80\x02M\xe9\x03.\x80\x02}.".to_vec();
+    p.extend_from_slice(b"\x80\x02}X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n(");
+    p.extend_from_slice(b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x06\x00\x00\x00cuda:0");
+    p.extend(long(numel));
+    p.extend_from_slice(b"NtQK\x00");
+    p.extend(tuple(shape));
+    p.extend(tuple(stride));
+    p.extend_from_slice(b"\x89}tRs.\x80\x02]X\x01\x00\x00\x000a.");
+    p.extend_from_slice(&numel.to_le_bytes());
+    let data = p.len() as u64;
+    let mut f = std::fs::File::create(path).unwrap();
+    f.write_all(&p).unwrap();
+    f.set_len(data + numel * 4).unwrap();
+    for &(e, v) in values {
+        f.seek(SeekFrom::Start(data + e * 4)).unwrap();
+        f.write_all(&v.to_le_bytes()).unwrap();
+    }
+}
+
+fn sha256_of(bytes: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(bytes))
+}
+
+/// Defect: a view of two elements whose stride spans a 1 GiB storage (8 KB on disk) made
+/// `convert` read the whole span (1.05 GB resident; an OOM kill in a 1 GiB cgroup). Now the
+/// view is gathered from the rows it touches, within a 300 MB address space.
+#[test]
+fn a_sparse_strided_view_converts_in_bounded_memory() {
+    let d = tensorlift_testkit::scratch_in(&std::env::temp_dir(), "tl-cli-");
+    let numel = 1u64 << 28;
+    let src = d.join("sparse.bin");
+    sparse_legacy(&src, numel, &[(0, 1.5), (numel - 1, -2.0)], &[2], &[numel - 1]);
+    let dst = d.join("out");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -v 300000 && exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_tensorlift"))
+        .args(["convert", s(&src), s(&dst)])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let want: Vec<u8> = [1.5f32, -2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+    assert_eq!(loaded(&dst), BTreeMap::from([("w".to_owned(), sha256_of(&want))]));
+}
+
+/// Defect: an empty tensor of shape [0, 2^62, 2] converted (exit 0) into a file the
+/// reference cannot read ("Stride calculation overflowed"). Now it is refused by name, and
+/// nothing is written.
+#[test]
+fn shapes_the_reference_cannot_hold_are_refused() {
+    let d = tensorlift_testkit::scratch_in(&std::env::temp_dir(), "tl-cli-");
+    let src = d.join("huge_empty.bin");
+    sparse_legacy(&src, 4, &[], &[0, 1 << 62, 2], &[1, 1, 1]);
+    let dst = d.join("out");
+    let out = tensorlift(&["convert", s(&src), s(&dst)]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tensor 'w' of shape [0, 4611686018427387904, 2] cannot be written"), "{err}");
+    assert!(!dst.exists());
+    assert_eq!(std::fs::read_dir(&d).unwrap().count(), 1, "only the source is left");
+}
+
+/// A convert killed mid-way (an OOM kill, say) leaves its staging folder behind; the next
+/// convert into the same destination recognises it (its process is gone) and removes it,
+/// and leaves alone one whose process still runs.
+#[test]
+fn folders_left_by_a_killed_convert_are_removed_by_the_next() {
+    let d = tensorlift_testkit::scratch_in(&std::env::temp_dir(), "tl-cli-");
+    let mut gone = Command::new("true").spawn().unwrap();
+    let dead = gone.id();
+    gone.wait().unwrap();
+    let stale = d.join(format!(".out.partial-{dead}"));
+    let running = d.join(format!(".out.partial-{}", std::process::id()));
+    for dir in [&stale, &running] {
+        std::fs::create_dir(dir).unwrap();
+        std::fs::write(dir.join("model.safetensors"), b"half written").unwrap();
+    }
+    let out = tensorlift(&["convert", s(&fixture("every_dtype.zip.bin")), s(&d.join("out"))]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("left by an interrupted convert (process {dead})")), "{text}");
+    assert!(!stale.exists());
+    assert!(running.exists());
+    assert_eq!(loaded(&d.join("out")), expected("every_dtype"));
+}

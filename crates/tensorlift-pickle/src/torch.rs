@@ -176,8 +176,10 @@ impl TorchCheckpoint {
         read(src, limits).map_err(|kind| TorchError { file: file.to_owned(), kind })
     }
 
-    /// The tensor's bytes, contiguous, in the file's (little-endian) byte order: one read
-    /// of the span it covers, then a gather for a strided view.
+    /// The tensor's bytes, contiguous, in the file's (little-endian) byte order. A
+    /// contiguous tensor is one read; a strided view is gathered from the rows it touches,
+    /// through a window of at most [`GATHER_WINDOW`] bytes of the file, so that memory is
+    /// the tensor plus a window however far apart its elements lie in the storage.
     pub fn tensor_bytes<R: ReadAt + ?Sized>(
         &self,
         src: &R,
@@ -190,10 +192,9 @@ impl TorchCheckpoint {
         })?;
         let es = t.dtype.bitsize() / 8;
         let Some((first, last)) = t.element_span() else { return Ok(Vec::new()) };
-        let span = read_vec(src, st.offset + (first * es) as u64, ((last - first + 1) * es) as u64)
-            .map_err(|e| err(e.into()))?;
         if t.is_contiguous() {
-            return Ok(span);
+            return read_vec(src, st.offset + (first * es) as u64, ((last - first + 1) * es) as u64)
+                .map_err(|e| err(e.into()));
         }
         let mut out = Vec::new();
         out.try_reserve_exact(t.nbytes()).map_err(|_| {
@@ -202,19 +203,84 @@ impl TorchCheckpoint {
                 message: format!("{} bytes could not be allocated", t.nbytes()),
             })
         })?;
-        let mut idx = vec![0usize; t.shape.len()];
-        for _ in 0..t.numel() {
-            let e = idx.iter().zip(&t.strides).map(|(&i, &s)| i * s).sum::<usize>();
-            out.extend_from_slice(&span[e * es..(e + 1) * es]);
-            for d in (0..idx.len()).rev() {
-                idx[d] += 1;
-                if idx[d] < t.shape[d] {
-                    break;
-                }
-                idx[d] = 0;
-            }
-        }
+        out.resize(t.nbytes(), 0);
+        gather(src, st.offset, es, t, (last + 1) * es, GATHER_WINDOW, &mut out).map_err(|e| err(e.into()))?;
         Ok(out)
+    }
+}
+
+/// The most bytes of a storage held at once while a strided view is gathered from it.
+pub const GATHER_WINDOW: usize = 8 << 20;
+
+/// Gathers `t`'s elements (`es` bytes each) from the storage at file offset `base`, whose
+/// bytes the view touches end at `span_end` (relative to `base`), into `out` in row-major
+/// order. Elements are visited in storage order where the strides allow it (dimensions
+/// sorted by stride), so that each window of the file is read once; a row of the output
+/// that is contiguous in the storage is one copy.
+fn gather<R: ReadAt + ?Sized>(
+    src: &R,
+    base: u64,
+    es: usize,
+    t: &TorchTensor,
+    span_end: usize,
+    window_len: usize,
+    out: &mut [u8],
+) -> std::io::Result<()> {
+    // (size, stride in the storage, stride in the output) of each dimension that moves.
+    let mut dst_stride = 1usize;
+    let mut dims: Vec<(usize, usize, usize)> = Vec::with_capacity(t.shape.len());
+    for (&n, &s) in t.shape.iter().zip(&t.strides).rev() {
+        if n > 1 {
+            dims.push((n, s, dst_stride));
+        }
+        dst_stride *= n;
+    }
+    dims.sort_by(|a, b| b.1.cmp(&a.1).then(b.2.cmp(&a.2)));
+    // The innermost dimension is one run when it is contiguous on both sides.
+    let run = match dims.last() {
+        Some(&(n, 1, 1)) => {
+            dims.pop();
+            n
+        }
+        _ => 1,
+    };
+    let run_bytes = run * es;
+    let mut window: Vec<u8> = Vec::new();
+    let (mut win_start, mut win_len) = (0usize, 0usize);
+    let mut idx = vec![0usize; dims.len()];
+    let (mut at, mut to) = (t.storage_offset * es, 0usize);
+    loop {
+        let dst = &mut out[to * es..to * es + run_bytes];
+        if run_bytes >= window_len {
+            // A long run goes straight from the file to its place.
+            src.read_exact_at(dst, base + at as u64)?;
+        } else {
+            if at < win_start || at + run_bytes > win_start + win_len {
+                win_start = at;
+                win_len = window_len.min(span_end - at);
+                window.resize(win_len, 0);
+                src.read_exact_at(&mut window, base + at as u64)?;
+            }
+            dst.copy_from_slice(&window[at - win_start..at - win_start + run_bytes]);
+        }
+        // The next run: an odometer over the remaining dimensions, innermost last.
+        let mut k = dims.len();
+        loop {
+            if k == 0 {
+                return Ok(());
+            }
+            k -= 1;
+            let (n, s, d) = dims[k];
+            idx[k] += 1;
+            at += s * es;
+            to += d;
+            if idx[k] < n {
+                break;
+            }
+            idx[k] = 0;
+            at -= n * s * es;
+            to -= n * d;
+        }
     }
 }
 
@@ -612,4 +678,46 @@ fn state_dict(
         });
     }
     Ok((tensors, skipped))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any view of a small storage gathers to the bytes an element-by-element walk
+        /// reads, through windows from a few bytes to larger than the storage.
+        #[test]
+        fn gathered_views_equal_an_element_walk(
+            dims in proptest::collection::vec((1usize..5, 0usize..7), 0..4),
+            offset in 0usize..5,
+            es in prop_oneof![Just(1usize), Just(2), Just(4)],
+            window in 1usize..64,
+        ) {
+            let shape: Vec<usize> = dims.iter().map(|d| d.0).collect();
+            let strides: Vec<usize> = dims.iter().map(|d| d.1).collect();
+            let dtype = match es { 1 => Dtype::U8, 2 => Dtype::I16, _ => Dtype::I32 };
+            let t = TorchTensor {
+                name: "t".into(), dtype, shape: shape.clone(), strides: strides.clone(),
+                storage: "0".into(), storage_offset: offset,
+            };
+            let last = t.element_span().unwrap().1;
+            let storage: Vec<u8> = (0..(last + 1) * es + 3).map(|i| (i * 7 + 3) as u8).collect();
+            let mut want = Vec::new();
+            let mut idx = vec![0usize; shape.len()];
+            for _ in 0..t.numel() {
+                let e = offset + idx.iter().zip(&strides).map(|(i, s)| i * s).sum::<usize>();
+                want.extend_from_slice(&storage[e * es..(e + 1) * es]);
+                for d in (0..idx.len()).rev() {
+                    idx[d] += 1;
+                    if idx[d] < shape[d] { break; }
+                    idx[d] = 0;
+                }
+            }
+            let mut out = vec![0u8; t.nbytes()];
+            gather(&storage[..], 0, es, &t, (last + 1) * es, window.max(es), &mut out).unwrap();
+            prop_assert_eq!(out, want);
+        }
+    }
 }
