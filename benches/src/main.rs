@@ -67,7 +67,8 @@ struct Args {
     /// tensorlift: reads in flight at most (default 64).
     #[arg(long)]
     queue_depth: Option<u32>,
-    /// tensorlift: I/O backend, uring, pread or mmap (default: uring when available).
+    /// tensorlift: I/O backend, uring or pread (default: uring when available; mmap is
+    /// refused: it is not an I/O backend).
     #[arg(long, value_parser = |s: &str| s.parse::<tensorlift::BackendKind>())]
     io: Option<tensorlift::BackendKind>,
     /// tensorlift: io_uring worker threads, one ring each (default: one per CPU, 2 to 16).

@@ -12,7 +12,8 @@ use tensorlift::{BackendKind, Device, DirectIo, Loader, Model, Tensor};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The checkpoint: a .safetensors file, an index JSON or a folder.
+    /// The checkpoint: a .safetensors file, an index JSON or a folder (a PyTorch .bin/.pt
+    /// file or folder too, read without executing it).
     path: PathBuf,
     /// Where to load: auto, cpu, cuda or cuda:N (default: TENSORLIFT_DEVICE, else auto).
     #[arg(long, value_parser = parse_device)]

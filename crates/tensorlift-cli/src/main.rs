@@ -1,7 +1,7 @@
 //! The `tensorlift` command.
 //!
-//! Exit codes: 0 success, 1 invalid or unreadable input (one `error: ...` line on stderr),
-//! 2 usage.
+//! Exit codes: 0 success, 1 invalid or unreadable input, or a device that cannot be used
+//! (one `error: ...` line on stderr), 2 usage.
 #![forbid(unsafe_code)]
 
 mod doctor;

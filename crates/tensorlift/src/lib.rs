@@ -17,12 +17,15 @@
 //! In async code, `loader.load(path).await`, or `loader.stream(path)?` and
 //! `stream.next().await` for each tensor as soon as its bytes are in memory.
 //!
-//! Checkpoints are untrusted input: every header is validated before any data is read
-//! (`tensorlift-format`), shards must stay inside the model folder (see `docs/ENVIRONMENT.md`
-//! for the folder and link policy), each shard is opened once and that descriptor is read,
-//! header memory is bounded ([`PlanLimits`]), and host memory is the tensors' own size plus
-//! page padding; reads in flight never exceed the staging budget. No safe API can reach a
-//! SIGBUS: memory-mapped views are an opt-in that takes an `unsafe`-made [`MapContract`].
+//! Checkpoints are untrusted input: a shard's header is validated (`tensorlift-format`)
+//! before any of its data is read, and no tensor is handed out before every header is
+//! validated and the shards are checked against each other; shards must stay inside the
+//! model folder (see `docs/ENVIRONMENT.md` for the folder and link policy), each shard is
+//! opened once and that descriptor is read, header memory is bounded ([`PlanLimits`]), and
+//! host memory is the tensors' own size plus page padding (and, between loads, what a
+//! loader keeps for its next one: at most its largest load's); reads in flight never exceed
+//! the staging budget. No safe API can reach a SIGBUS: memory-mapped views are an opt-in
+//! that takes an `unsafe`-made [`MapContract`].
 #![forbid(unsafe_code)]
 
 #[cfg(feature = "candle")]

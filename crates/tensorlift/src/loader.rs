@@ -50,8 +50,11 @@ impl std::str::FromStr for DirectIo {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum HugePages {
-    /// Whichever faults in faster on this machine now, measured once per process
-    /// (`tensorlift_io::page_probe`; `doctor` shows the figures).
+    /// Huge pages when they fault in at least twice as fast as base pages on this machine,
+    /// else base pages: measured once per process, 32 MiB of each, in the background when a
+    /// host loader is built (`tensorlift_io::page_probe`; `doctor` shows the figures).
+    /// Only clearly faster huge pages are taken, because on a VM whose host took idle memory
+    /// back they can be several times slower for the rest of a load.
     #[default]
     Auto,
     /// Always ask for huge pages.
@@ -229,7 +232,7 @@ impl LoaderBuilder {
         self.cfg.staging_budget = bytes.max(tensorlift_io::PAGE);
         self
     }
-    /// Bytes per read (default 8 MiB), rounded up to a whole page.
+    /// Bytes per read (default 8 MiB), rounded up to a whole page, at most 1 GiB.
     pub fn chunk_size(mut self, bytes: usize) -> Self {
         self.cfg.chunk_size = bytes.clamp(tensorlift_io::PAGE, 1 << 30).next_multiple_of(tensorlift_io::PAGE);
         self
@@ -378,7 +381,8 @@ impl LoaderBuilder {
         self.cfg.host_pool = pool;
         self
     }
-    /// CUDA streams that copies to the device are spread over (default 2, at least 1).
+    /// CUDA streams that copies to the device are spread over (default 2, at least 1, at
+    /// most 64).
     pub fn streams(mut self, streams: usize) -> Self {
         self.cfg.streams = streams.clamp(1, 64);
         self
@@ -593,8 +597,9 @@ impl Loader {
         }
     }
 
-    /// Bytes of pinned staging memory the loader holds (registered with CUDA), and whether
-    /// its chunks are registered as io_uring fixed buffers; `None` on the host.
+    /// Bytes of pinned staging memory the loader holds (registered with CUDA); `None` on the
+    /// host. Whether its chunks are also io_uring fixed buffers is in
+    /// [`io_report`](Self::io_report)'s `fixed_buffers`.
     pub fn pinned_staging(&self) -> Option<u64> {
         match &self.target {
             Target::Cuda(c) => Some((c.pool.chunks() * c.pool.chunk_size()) as u64),
@@ -608,7 +613,8 @@ impl Loader {
     }
 
     /// The validated plan for `path`, with the filter applied. Reads headers only; the
-    /// shards it opened stay open (up to [`LoaderBuilder::max_open_files`]) for the load.
+    /// shards it opened stay open (up to half of [`LoaderBuilder::max_open_files`]) for the
+    /// load.
     ///
     /// This reads and parses every header on the calling thread (milliseconds for most
     /// checkpoints, more for 100,000s of tensors); [`load`](Self::load) does it on a
@@ -629,11 +635,11 @@ impl Loader {
     /// Starts loading `path` and yields tensors as their bytes land. Blocks the calling
     /// thread while headers are read; where [`LoaderBuilder::read_while_planning`] has it,
     /// a host load of a whole checkpoint then reads each shard once its own header is
-    /// validated, while the other headers are parsed on a thread of the loader's (other
-    /// loads wait for the whole plan, made on that thread too). Tensors come only once the whole
-    /// plan stands: a checkpoint that fails its checks yields none, only the error, which
-    /// such a load returns from [`TensorStream::next`] rather than from here. Dropping the
-    /// stream also stops the planning.
+    /// validated, while the other headers are parsed on a planning thread of the load's own
+    /// (other loads wait for the whole plan, made on that thread too). Tensors come only
+    /// once the whole plan stands: a checkpoint that fails its checks yields none, only the
+    /// error, which such a load returns from [`TensorStream::next`] rather than from here.
+    /// Dropping the stream also stops the planning.
     pub fn stream(&self, path: impl AsRef<Path>) -> Result<TensorStream, LoadError> {
         let started = Instant::now();
         tensorlift_io::block_on(self.start_planning(path.as_ref(), started))
@@ -759,8 +765,9 @@ impl Loader {
         cpus >= ReadWhilePlanning::AUTO_CPUS || early_start_pays(cpus, resident())
     }
 
-    /// Loads every (selected) tensor of `path`. Headers are read and parsed on a thread of
-    /// the loader's, reads by its I/O workers: the caller's thread only waits.
+    /// Loads every (selected) tensor of `path`. Headers are read and parsed on a planning
+    /// thread of the load's own, reads by the loader's I/O workers: the caller's thread only
+    /// waits.
     pub async fn load(&self, path: impl AsRef<Path>) -> Result<Model, LoadError> {
         let started = Instant::now();
         collect(self.start_planning(path.as_ref(), started).await?).await
