@@ -7,6 +7,8 @@ DLPack, on the host and on CUDA devices. Loading runs with the GIL released; Ctr
 interrupts it and frees everything.
 """
 
+import operator
+
 from ._tensorlift import (
     Checkpoint as _Checkpoint,
     Tensor,
@@ -180,8 +182,103 @@ def _device(device):
     return str(device)
 
 
+def _slice_bound(b):
+    if b is None:
+        return None
+    try:
+        return operator.index(b)
+    except TypeError:
+        raise TypeError("slice indices must be integers or None or have an __index__ method") from None
+
+
+def _int_index(k, torch_mode):
+    """``k`` as an int index, or None where it is none (or, with torch, where torch takes it
+    as something else: a bool or a uint8 tensor is a mask there)."""
+    import numpy
+
+    if not torch_mode:
+        # What the reference takes as an int (and numpy too): whatever has ``__index__``. A
+        # ``True`` is 1 there, as in the reference (numpy would take it for a mask).
+        try:
+            return operator.index(k)
+        except TypeError:
+            return None
+    if isinstance(k, bool):
+        return None
+    if isinstance(k, (int, numpy.integer)):
+        return int(k)
+    if getattr(k, "ndim", None) == 0 and str(getattr(k, "dtype", "")) in _INT_INDEX_DTYPES:
+        return operator.index(k)
+    return None
+
+
+# 0-d arrays and tensors that torch indexing takes as an int.
+_INT_INDEX_DTYPES = ("int32", "int64", "torch.int32", "torch.int64")
+
+
+def _basic_key(key, torch_mode):
+    """The key as a tuple of ints, slices of ints, None and at most one Ellipsis. With torch,
+    None for a key that only torch indexing takes (lists, arrays, masks, two ellipses);
+    otherwise such a key is refused, with numpy's exception type (IndexError)."""
+    if not torch_mode and type(key) is list and not key:
+        return (slice(0, 0),)  # the reference takes ``[]`` for an empty slice of dimension 0, as numpy does
+    entries = []
+    ellipsis = False
+    for k in key if isinstance(key, tuple) else (key,):
+        if k is None:
+            entries.append(None)
+        elif k is Ellipsis:
+            if ellipsis:
+                if torch_mode:
+                    return None
+                raise IndexError("an index can only have a single ellipsis ('...')")
+            ellipsis = True
+            entries.append(Ellipsis)
+        elif isinstance(k, slice):
+            entries.append(slice(_slice_bound(k.start), _slice_bound(k.stop), _slice_bound(k.step)))
+        else:
+            i = _int_index(k, torch_mode)
+            if i is None:
+                if torch_mode:
+                    return None
+                raise IndexError(
+                    f"only integers, slices (`:`), ellipsis (`...`) and None (`numpy.newaxis`) are valid "
+                    f"indices of a slice (got {type(k).__name__})"
+                )
+            entries.append(i)
+    return tuple(entries)
+
+
+def _reference_takes(entries, shape):
+    """Whether the reference (``framework="np"``) takes the key ``entries``: no None, ints of
+    32 bits within their dimension, slices of non-negative bounds within their dimension
+    (a start below the size) and a positive step."""
+    if any(k is None for k in entries):
+        return False
+    taken = sum(1 for k in entries if k is not Ellipsis)
+    if taken > len(shape):
+        return False
+    full = []
+    for k in entries:
+        full.extend([slice(None)] * (len(shape) - taken) if k is Ellipsis else [k])
+    for k, n in zip(full, shape):
+        if isinstance(k, slice):
+            start = 0 if k.start is None else k.start
+            stop = n if k.stop is None else k.stop
+            if k.step is not None and k.step <= 0 or not 0 <= start < n or not start <= stop <= n:
+                return False
+        elif not (-n <= k < n and -(2**31) <= k < 2**31):
+            return False
+    return True
+
+
 class _Slice:
-    """A tensor's slice that reads only what it needs, as ``safe_open(...).get_slice``."""
+    """A tensor's slice that reads only what it needs, as ``safe_open(...).get_slice``.
+
+    A key answers as numpy's indexing of the whole tensor (negative steps included) and as the
+    reference where the reference takes it; with ``framework="pt"``, a key that only torch
+    indexing takes (lists, arrays, masks) is applied by torch to the whole tensor, as the
+    reference does."""
 
     def __init__(self, ckpt, name, framework):
         self._ckpt, self._name, self._framework = ckpt, name, framework
@@ -197,34 +294,62 @@ class _Slice:
     def __getitem__(self, key):
         import numpy
 
-        if not isinstance(key, tuple):
-            key = (key,)
-        if any(k is Ellipsis for k in key):
-            i = key.index(Ellipsis)
-            key = key[:i] + (slice(None),) * (len(self._shape) - len(key) + 1) + key[i + 1 :]
-        if len(key) > len(self._shape):
-            raise IndexError(f"too many indices for a tensor of {len(self._shape)} dimensions")
+        torch_mode = self._framework in ("pt", "torch")
+        entries = _basic_key(key, torch_mode)
+        if entries is None:
+            return self._whole_in_torch(key)
+        # The key's errors (and, with torch, its shape) from stand-ins of the tensor's shape that
+        # hold no memory: numpy's errors, or torch's with framework="pt" (as the reference's),
+        # except for negative steps, which torch refuses and numpy takes.
+        torch_shape = None
+        if torch_mode and not any(isinstance(k, slice) and k.step is not None and k.step < 0 for k in entries):
+            import torch
+
+            torch_shape = tuple(torch.zeros((), dtype=torch.bool).expand(self._shape)[key].shape)
+        try:
+            numpy_shape = numpy.broadcast_to(numpy.zeros((), dtype=numpy.bool_), self._shape)[entries].shape
+        except Exception:
+            if torch_shape is None:
+                raise
+            return self._whole_in_torch(key)
+        if torch_shape is not None and torch_shape != numpy_shape:
+            return self._whole_in_torch(key)  # torch answers otherwise (an overflow): the reference's answer
+        if not torch_mode and any(type(k) is bool for k in (key if isinstance(key, tuple) else (key,))):
+            # The reference takes True and False for 1 and 0 (numpy for masks): as it does, where it
+            # takes the key at all; elsewhere neither answer is right, and the key is refused.
+            if not _reference_takes(entries, self._shape):
+                raise IndexError("a bool is an index of a slice only where the reference takes it (for 1 or 0)")
+        # The ellipsis stands for the dimensions the other entries leave (None takes none).
+        taken = sum(1 for k in entries if k is not None and k is not Ellipsis)
+        for i, k in enumerate(entries):
+            if k is Ellipsis:
+                entries = entries[:i] + (slice(None),) * (len(self._shape) - taken) + entries[i + 1 :]
+                break
         if not self._shape:
-            return self._finish(numpy.frombuffer(self._read(0, self._nbytes), dtype=self._np_dtype()).reshape(()), key)
-        # Only the rows of the first dimension that the key touches are read.
+            return self._finish(self._rows(0, 1), entries)
+        # Only the rows of dimension 0 that the key touches are read; the entry for dimension 0
+        # (the first that is not None) is rewritten relative to them.
         rows = self._shape[0]
-        first = key[0] if key else slice(None)
-        if isinstance(first, slice):
-            start, stop, step = first.indices(rows)
-            picked = range(start, stop, step)
-            lo, hi = (min(picked), max(picked) + 1) if len(picked) else (0, 0)
-            rel = slice(start - lo, (stop - lo) if stop - lo >= 0 else None, step) if len(picked) else slice(0, 0)
-        else:
-            i = int(first)
-            if i < 0:
-                i += rows
-            if not 0 <= i < rows:
-                raise IndexError(f"index {int(first)} is out of bounds for dimension 0 of size {rows}")
-            lo, hi, rel = i, i + 1, 0
-        row_bytes = self._nbytes // rows if rows else 0
-        data = self._read(lo * row_bytes, (hi - lo) * row_bytes)
-        arr = numpy.frombuffer(data, dtype=self._np_dtype()).reshape([hi - lo] + self._shape[1:])
-        return self._finish(arr, (rel,) + tuple(key[1:]))
+        lo, hi = 0, rows
+        for i, k in enumerate(entries):
+            if k is None:
+                continue
+            if isinstance(k, slice):
+                picked = range(*k.indices(rows))
+                if not picked:
+                    lo, hi, rel = 0, 0, slice(0, 0)
+                elif picked.step > 0:
+                    lo, hi = picked[0], picked[-1] + 1
+                    rel = slice(0, hi - lo, picked.step)
+                else:
+                    lo, hi = picked[-1], picked[0] + 1
+                    rel = slice(hi - lo - 1, None, picked.step)
+            else:
+                lo = k + rows if k < 0 else k
+                hi, rel = lo + 1, 0
+            entries = entries[:i] + (rel,) + entries[i + 1 :]
+            break
+        return self._finish(self._rows(lo, hi), entries)
 
     def _np_dtype(self):
         import numpy
@@ -236,6 +361,38 @@ class _Slice:
     def _read(self, start, length):
         return self._ckpt.read_bytes(self._name, start, length) if length else b""
 
+    def _rows(self, lo, hi):
+        """Rows ``lo..hi`` of dimension 0 (all of a 0-d tensor), read, as a read-only array."""
+        import numpy
+
+        if not self._shape:
+            data, shape = self._read(0, self._nbytes), []
+        else:
+            rows = self._shape[0]
+            row_bytes = self._nbytes // rows if rows else 0
+            data, shape = self._read(lo * row_bytes, (hi - lo) * row_bytes), [hi - lo] + self._shape[1:]
+        return numpy.frombuffer(data, dtype=self._np_dtype()).reshape(shape)
+
+    def _whole_in_torch(self, key):
+        # The reference indexes the whole tensor with torch: so does this (in the storage dtype,
+        # which torch indexes for every dtype, then viewed as the tensor's).
+        import numpy
+        import torch
+
+        whole = numpy.array(self._rows(0, self._shape[0] if self._shape else 1), copy=True)
+        if self._dtype == "BF16":
+            whole = whole.view(numpy.int16)
+        return self._torch_view(torch.from_numpy(whole)[key].contiguous())
+
+    def _torch_view(self, t):
+        import torch
+
+        if self._dtype == "BF16":
+            return t.view(torch.bfloat16)
+        if self._dtype in _TORCH_RAW:
+            return t.view(getattr(torch, _TORCH_RAW[self._dtype]))
+        return t
+
     def _finish(self, arr, key):
         import numpy
 
@@ -246,10 +403,8 @@ class _Slice:
             import torch
 
             if self._dtype == "BF16":
-                return torch.from_numpy(out.view(numpy.int16)).view(torch.bfloat16)
-            if self._dtype in _TORCH_RAW:
-                return torch.from_numpy(out).view(getattr(torch, _TORCH_RAW[self._dtype]))
-            return torch.from_numpy(out)
+                out = out.view(numpy.int16)
+            return self._torch_view(torch.from_numpy(out))
         return out
 
 
@@ -297,5 +452,8 @@ class safe_open:
 
     def get_slice(self, name):
         """A slice object: ``get_shape()``, ``get_dtype()``, and ``[...]`` indexing that reads
-        only the rows of the first dimension it touches (host memory)."""
+        only the rows of the first dimension it touches (host memory). Keys: ints, slices (negative
+        steps too), one ``...`` and ``None``, answered as numpy indexes the whole tensor; with
+        ``framework="pt"`` also what torch indexing takes (lists, arrays, masks), applied to the
+        whole tensor as the reference does."""
         return _Slice(self._open(), name, self._framework)
