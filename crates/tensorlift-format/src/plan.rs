@@ -24,6 +24,9 @@ pub struct FileIdentity {
     pub len: u64,
     /// Modification time, in nanoseconds since the epoch.
     pub modified_ns: i128,
+    /// Status change time (ctime), in nanoseconds since the epoch: a write changes it, and
+    /// unlike the modification time no one can set it back.
+    pub changed_ns: i128,
 }
 
 /// One shard of a plan: the file, and what its header says of it as a whole (its tensors

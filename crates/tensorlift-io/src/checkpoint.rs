@@ -210,16 +210,9 @@ impl Checkpoint {
                 Arc::new(l.open_for_reading().map_err(|e| changed(format!("cannot reopen it: {e}")))?)
             }
         };
-        let now = identity(&file.metadata().map_err(|e| changed(format!("cannot stat it: {e}")))?);
-        let was = shard.identity;
-        if (now.dev, now.ino) != (was.dev, was.ino) {
-            return Err(changed("another file has taken its name".into()));
-        }
-        if now.len != was.len {
-            return Err(changed(format!("length is {} bytes, planned {}", now.len, was.len)));
-        }
-        if now.modified_ns != was.modified_ns {
-            return Err(changed("it was modified after planning".into()));
+        let now = file_identity(&file.metadata().map_err(|e| changed(format!("cannot stat it: {e}")))?);
+        if let Some(what) = identity_change(&shard.identity, &now) {
+            return Err(changed(what));
         }
         Ok(file)
     }
@@ -524,7 +517,7 @@ impl<'a> Planner<'a> {
             return Err(FormatError::NotARegularFile { file: root.join(name), kind: kind_name(&located.meta) });
         }
         let file = located.open_for_reading().map_err(unreadable)?;
-        Ok(Some(Opened { file, identity: identity(&located.meta), path: located.path }))
+        Ok(Some(Opened { file, identity: file_identity(&located.meta), path: located.path }))
     }
 
     /// A shard an index names, which must be there.
@@ -1046,13 +1039,32 @@ impl Located {
     }
 }
 
-fn identity(m: &std::fs::Metadata) -> FileIdentity {
+/// A file's identity and state, as [`FileIdentity`] records them.
+pub fn file_identity(m: &std::fs::Metadata) -> FileIdentity {
     FileIdentity {
         dev: m.dev(),
         ino: m.ino(),
         len: m.len(),
         modified_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        changed_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
     }
+}
+
+/// How `now` differs from the planned identity `was`, in words; `None` when it does not.
+pub fn identity_change(was: &FileIdentity, now: &FileIdentity) -> Option<String> {
+    if (now.dev, now.ino) != (was.dev, was.ino) {
+        return Some("another file has taken its name".into());
+    }
+    if now.len != was.len {
+        return Some(format!("length is {} bytes, planned {}", now.len, was.len));
+    }
+    if now.modified_ns != was.modified_ns {
+        return Some("it was modified after planning".into());
+    }
+    if now.changed_ns != was.changed_ns {
+        return Some("it was changed after planning (its status change time moved)".into());
+    }
+    None
 }
 
 /// What a non-regular file is, in words.

@@ -50,8 +50,9 @@ pub use arena::{ArenaChunk, ArenaPool, HostArena, Prefaulter};
 pub use buf::{AlignedBuf, IoBufMut, MAP_THRESHOLD, PAGE};
 pub use caller::{CallerChunk, CallerMemory, CallerRegion, Claim, ClaimError, HostChunk};
 pub use checkpoint::{
-    open_checkpoint, open_checkpoint_observed, open_pytorch, Checkpoint, PlanLimits, PlanObserver, PyTorchFiles,
-    DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_OPEN_FILES, TORCH_INDEX, TORCH_SINGLE, USE_SAFETENSORS_ENV,
+    file_identity, identity_change, open_checkpoint, open_checkpoint_observed, open_pytorch, Checkpoint, PlanLimits,
+    PlanObserver, PyTorchFiles, DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_OPEN_FILES, TORCH_INDEX, TORCH_SINGLE,
+    USE_SAFETENSORS_ENV,
 };
 pub use error::{IoError, ReadFailed, ReadResult};
 pub use file::{direct_io_support, DioAlign, DirectSupport, OpenFile};

@@ -350,7 +350,7 @@ mod tests {
         }
         let header = Header { header_len: data_start - 8, metadata: None, tensors };
         let file_len = data_start + off;
-        let identity = FileIdentity { dev: 1, ino: 1, len: file_len, modified_ns: 0 };
+        let identity = FileIdentity { dev: 1, ino: 1, len: file_len, modified_ns: 0, changed_ns: 0 };
         let shard = Shard::from_header(PathBuf::from("/m/a.safetensors"), "a.safetensors".into(), identity, 0, header);
         LoadPlan::assemble(Path::new("/m"), PathBuf::from("/m"), None, vec![shard]).unwrap()
     }
@@ -370,7 +370,7 @@ mod tests {
             .collect();
         let header = Header { header_len: data_start - 8, metadata: None, tensors };
         let file_len = data_start + ranges.iter().map(|r| r.1).max().unwrap_or(0);
-        let identity = FileIdentity { dev: 1, ino: 1, len: file_len, modified_ns: 0 };
+        let identity = FileIdentity { dev: 1, ino: 1, len: file_len, modified_ns: 0, changed_ns: 0 };
         let shard = Shard::from_header(PathBuf::from("/m/a.bin"), "a.bin".into(), identity, 0, header);
         LoadPlan::assemble(Path::new("/m"), PathBuf::from("/m"), None, vec![shard]).unwrap()
     }

@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use tensorlift_format::Shard;
+use tensorlift_format::{LoadPlan, Shard};
 use tensorlift_io::{cache, Checkpoint, IoError, MapContract, MappedFile, OpenFile, Reader};
 
 use crate::layout::Span;
@@ -100,6 +100,19 @@ pub(crate) fn recheck(plan: &Checkpoint, i: usize, fresh: bool) -> Recheck {
     match plan.shards().get(i) {
         Some(shard) if fresh => Recheck::Reopened(shard.header_hash),
         _ => Recheck::Always,
+    }
+}
+
+/// Refuses shard `i` when the file read is no longer as planned: its identity, length,
+/// modification or status change time moved (a rewrite in place, even of the same length,
+/// moves the last). Called after the shard's last read.
+pub(crate) fn still_as_planned(plan: &LoadPlan, i: usize, file: &OpenFile) -> Result<(), LoadError> {
+    let Some(shard) = plan.shards().get(i) else { return Ok(()) };
+    let changed = |what: String| LoadError::ShardChanged { file: shard.path.clone(), what };
+    let now = file.file().metadata().map_err(|e| changed(format!("cannot stat it after reading it: {e}")))?;
+    match tensorlift_io::identity_change(&shard.identity, &tensorlift_io::file_identity(&now)) {
+        Some(what) => Err(changed(format!("{what}, while it was being read"))),
+        None => Ok(()),
     }
 }
 

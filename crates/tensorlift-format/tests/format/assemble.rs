@@ -14,7 +14,7 @@ fn shard(n: u64, name: &str, tensors: &[&str]) -> (Shard, Vec<TensorInfo>) {
     let enc = encode_header(&specs, None).unwrap();
     let len = enc.bytes.len() as u64 + enc.data_len();
     let header = parse_header(Path::new(name), &enc.bytes, len).unwrap();
-    let identity = FileIdentity { dev: 1, ino: n, len, modified_ns: 0 };
+    let identity = FileIdentity { dev: 1, ino: n, len, modified_ns: 0, changed_ns: 0 };
     Shard::from_header(PathBuf::from("/m").join(name), name.to_owned(), identity, 0, header)
 }
 

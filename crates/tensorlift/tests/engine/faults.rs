@@ -1,5 +1,6 @@
 //! Faults end the load cleanly with an error naming file and tensor.
 
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -41,6 +42,47 @@ fn truncated_during_the_load() {
                     tensorlift::IoError::UnexpectedEof { at, .. } => assert_eq!(at, 200_000, "{backend:?}"),
                     other => panic!("{backend:?}: {other}"),
                 }
+            }
+            other => panic!("{backend:?}: {other:?}"),
+        }
+        std::fs::write(&path, original).unwrap();
+    }
+}
+
+/// Defect: a shard rewritten in place during a load (same length) loaded with a mix of old
+/// and new bytes. Its identity is checked after its last read: the load fails naming it.
+#[test]
+fn rewritten_in_place_during_the_load() {
+    let dir = scratch();
+    let path = dir.join("w.safetensors");
+    write_shard(&path, &[("first", Dtype::U8, &[64 << 10]), ("second", Dtype::U8, &[64 << 10])]);
+    for backend in [BackendKind::Uring, BackendKind::Pread] {
+        let original = std::fs::read(&path).unwrap();
+        let done = Arc::new(AtomicBool::new(false));
+        let (d, p) = (Arc::clone(&done), path.clone());
+        let loader = base()
+            .io_backend(backend)
+            .chunk_size(4096)
+            .staging_budget(4096)
+            .queue_depth(1)
+            .progress(move |_| {
+                // After the first chunk lands, rewrite the rest of the file in place: same
+                // length, other bytes. The pause steps past the file system's clock tick,
+                // which a change within the same tick as planning would not move.
+                if !d.swap(true, Ordering::SeqCst) {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    let mut bytes = std::fs::read(&p).unwrap();
+                    let n = bytes.len();
+                    bytes[n - 70_000..].iter_mut().for_each(|b| *b = !*b);
+                    std::fs::OpenOptions::new().write(true).open(&p).unwrap().write_all_at(&bytes, 0).unwrap();
+                }
+            })
+            .build()
+            .unwrap();
+        match loader.load_blocking(&path) {
+            Err(LoadError::ShardChanged { file, what }) => {
+                assert_eq!(file, path.canonicalize().unwrap(), "{backend:?}");
+                assert!(what.contains("while it was being read"), "{backend:?}: {what}");
             }
             other => panic!("{backend:?}: {other:?}"),
         }
@@ -107,8 +149,10 @@ fn libc_eperm() -> i32 {
     1
 }
 
-/// A shard replaced by a FIFO after planning: the descriptor planning opened is what is read,
-/// and a shard that had to be reopened (open files are bounded) is refused, never waited on.
+/// A shard replaced by a FIFO after planning: the FIFO is never opened or waited on. The
+/// descriptor planning opened still names the planned file, but moving it away changed its
+/// status (its ctime), which a load refuses as it refuses a rewrite; a shard that had to be
+/// reopened (open files are bounded) is refused as a FIFO.
 #[test]
 fn replaced_by_a_fifo_after_planning() {
     let dir = scratch();
@@ -126,9 +170,16 @@ fn replaced_by_a_fifo_after_planning() {
     let plan = loader.plan(&dir).unwrap();
     swap("model-00001-of-00002.safetensors");
     swap("model-00002-of-00002.safetensors");
-    assert_identical(&loader.load_blocking_plan(plan).unwrap(), &truth, "held descriptors");
+    match loader.load_blocking_plan(plan) {
+        Err(LoadError::ShardChanged { file, what }) => {
+            assert!(file.ends_with("model-00001-of-00002.safetensors"), "{}", file.display());
+            assert!(what.contains("status change time"), "{what}");
+        }
+        other => panic!("{other:?}"),
+    }
     restore("model-00001-of-00002.safetensors");
     restore("model-00002-of-00002.safetensors");
+    assert_identical(&base().build().unwrap().load_blocking(&dir).unwrap(), &truth, "planned anew");
 
     let loader = base().max_open_files(2).build().unwrap();
     let plan = loader.plan(&dir).unwrap();
