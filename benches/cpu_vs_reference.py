@@ -3,9 +3,13 @@
 
 Generates (once) a Llama-like sharded checkpoint of --size-gib with the reference writer,
 then alternates, for each cache mode:
-  - reference: safetensors.numpy.load_file over each shard, in this process;
+  - reference: safetensors.numpy.load_file over each shard, in this process; or, with
+    --reference torch-clone-fresh, safetensors.torch.load_file over each shard and a clone
+    of every tensor (private memory, as a load gives), in a new Python process each run,
+    timed inside it once torch is imported (so its process start is not counted);
   - tensorlift: `tensorlift load --device cpu --json PATH` as a subprocess, timed from
-    outside, so its process start is counted against it.
+    outside, so its process start is counted against it (a new process each run: its
+    choice of huge or base pages is made anew each time, and reported).
 Cold runs evict every shard from the page cache first (posix_fadvise DONTNEED, no root);
 warm runs read every shard once first. Prints medians and the ratio, and with --json-out
 writes them as JSON.
@@ -71,6 +75,25 @@ def run_reference(paths):
     return dt, nbytes
 
 
+TORCH_CLONE = r"""
+import sys, time
+import torch
+from safetensors.torch import load_file
+t = time.perf_counter()
+held = []
+for p in sys.argv[1:]:
+    held.append({k: v.clone() for k, v in load_file(p).items()})
+dt = time.perf_counter() - t
+print(dt, sum(v.numel() * v.element_size() for d in held for v in d.values()))
+"""
+
+
+def run_torch_clone_fresh(paths):
+    out = subprocess.run([sys.executable, "-c", TORCH_CLONE, *paths], check=True, capture_output=True, text=True)
+    dt, nbytes = out.stdout.split()
+    return float(dt), int(nbytes)
+
+
 def run_tensorlift(binary, folder, extra):
     t = time.perf_counter()
     out = subprocess.run([binary, "load", "--device", "cpu", "--json", *extra, folder], check=True, capture_output=True, text=True)
@@ -98,6 +121,7 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--cache", choices=["warm", "cold", "both"], default="both")
     ap.add_argument("--extra", default="", help="extra arguments for tensorlift load")
+    ap.add_argument("--reference", choices=["numpy", "torch-clone-fresh"], default="numpy")
     ap.add_argument("--python", action="store_true",
                     help="time the tensorlift Python package in this process (tensorlift.load_file(framework='np')) "
                          "instead of the command")
@@ -112,12 +136,12 @@ def main():
                "checkpoint": {"path": folder, "shards": len(paths), "bytes": total}, "modes": {}}
     print(f"checkpoint: {folder}: {len(paths)} shards, {total / 1e9:.3f} GB; {a.runs} runs per engine and mode")
     for mode in modes:
-        ref, tl, tl_inner = [], [], []
+        ref, tl, tl_inner, huge = [], [], [], []
         for _ in range(a.runs):
             for engine in ("reference", "tensorlift"):
                 evict(paths) if mode == "cold" else warm(paths)
                 if engine == "reference":
-                    dt, nbytes = run_reference(paths)
+                    dt, nbytes = run_torch_clone_fresh(paths) if a.reference == "torch-clone-fresh" else run_reference(paths)
                     ref.append(dt)
                 else:
                     if a.python:
@@ -126,14 +150,18 @@ def main():
                         dt, out = run_tensorlift(a.tensorlift, folder, a.extra.split())
                     tl.append(dt)
                     tl_inner.append(out["seconds"])
+                    huge.append(out.get("huge_pages"))
                     nbytes_tl = out["bytes"]
         assert nbytes == nbytes_tl, (nbytes, nbytes_tl)
         r, t = statistics.median(ref), statistics.median(tl)
         results["modes"][mode] = {"reference_s": r, "tensorlift_s": t, "tensorlift_in_process_s": statistics.median(tl_inner),
                                   "reference_gbps": nbytes / r / 1e9, "tensorlift_gbps": nbytes / t / 1e9, "speedup": r / t,
-                                  "reference_runs": ref, "tensorlift_runs": tl}
-        print(f"{mode:>5}: reference {r:.3f} s ({nbytes / r / 1e9:.2f} GB/s)  tensorlift {t:.3f} s ({nbytes / t / 1e9:.2f} GB/s, "
-              f"{statistics.median(tl_inner):.3f} s in process)  speedup {r / t:.2f}x")
+                                  "reference_runs": ref, "tensorlift_runs": tl, "tensorlift_huge_pages": huge,
+                                  "reference": a.reference}
+        print(f"{mode:>5}: reference ({a.reference}) {r:.3f} s ({nbytes / r / 1e9:.2f} GB/s)  tensorlift {t:.3f} s "
+              f"({nbytes / t / 1e9:.2f} GB/s, {statistics.median(tl_inner):.3f} s in process)  speedup {r / t:.2f}x")
+        print(f"       runs: reference {' '.join(f'{x:.3f}' for x in ref)}; tensorlift {' '.join(f'{x:.3f}' for x in tl)} "
+              f"(slowest {max(tl):.3f} s; huge pages {huge})")
     if a.json_out:
         with open(a.json_out, "w") as f:
             json.dump(results, f, indent=1)

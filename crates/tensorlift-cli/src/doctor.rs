@@ -78,7 +78,7 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
             "io_uring": {"available": matches!(io.uring, tensorlift::UringStatus::Available), "status": io.uring.to_string()},
             "o_direct": direct,
             "page_cache_residency": {"cachestat": residency == tensorlift_io::cache::ResidencyProbe::Cachestat, "method": residency.to_string()},
-            "host_pages": {"huge": pages.huge, "huge_first_touch_gbps": pages.huge_gbps, "base_first_touch_gbps": pages.base_gbps},
+            "host_pages": {"huge": loader.settings().huge_pages == tensorlift::HugePages::Always, "sample_favors_huge": pages.huge, "huge_first_touch_gbps": pages.huge_gbps, "base_first_touch_gbps": pages.base_gbps},
             "memlock": memlock.map(|Memlock { soft, hard }| json!({"soft_bytes": soft, "hard_bytes": hard, "note": memlock_note})),
             "would_use": {
                 "device": if refused.is_some() { "none".to_owned() } else { loader.device().to_string() },
@@ -135,8 +135,9 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
     writeln!(out, "page cache  residency by {residency}")?;
     writeln!(
         out,
-        "host pages  {} (fresh memory fills at {:.2} GB/s with huge pages, {:.2} GB/s with base pages)",
-        if pages.huge { "huge" } else { "base" },
+        "host pages  {} (a 32 MiB sample of fresh memory fills at {:.2} GB/s with huge pages, {:.2} GB/s with base \
+         pages; huge pages only with --huge-pages always)",
+        if loader.settings().huge_pages == tensorlift::HugePages::Always { "huge" } else { "base" },
         pages.huge_gbps,
         pages.base_gbps
     )?;

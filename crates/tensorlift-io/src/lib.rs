@@ -58,7 +58,7 @@ pub use error::{IoError, ReadFailed, ReadResult};
 pub use file::{direct_io_support, DioAlign, DirectSupport, OpenFile};
 pub use mmap::{MapContract, MappedFile};
 pub use probe::{
-    can_allocate, host_memory_available, kernel_release, memlock, page_probe, page_probe_in_background, uring_status,
-    Memlock, PageChoice, UringStatus,
+    can_allocate, host_memory_available, kernel_release, memlock, page_probe, uring_status, Memlock, PageChoice,
+    UringStatus,
 };
 pub use reader::{block_on, BackendKind, Faults, FixedBuffers, IoReport, ReadFuture, Reader, ReaderBuilder, IO_ENV};

@@ -159,10 +159,12 @@ pub fn can_allocate(bytes: u64) -> bool {
     Vec::<u8>::new().try_reserve_exact(bytes).is_ok()
 }
 
-/// Which pages fill faster here: transparent huge pages or base pages, measured.
+/// Which pages a 32 MiB sample of fresh memory filled faster here: transparent huge pages
+/// or base pages. `doctor` reports it; a load does not decide by it, since a sample does not
+/// say how a load's gigabytes of fresh huge pages will fill (see `HugePages::Auto`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PageChoice {
-    /// Whether host arenas ask for huge pages.
+    /// Whether huge pages filled the sample at least twice as fast.
     pub huge: bool,
     /// First-touch throughput of fresh huge-page memory, GB/s.
     pub huge_gbps: f64,
@@ -172,26 +174,11 @@ pub struct PageChoice {
 
 static PAGE_CHOICE: std::sync::OnceLock<PageChoice> = std::sync::OnceLock::new();
 
-/// Starts [`page_probe`] on a thread of its own, unless it has run: its tens of
-/// milliseconds (more on memory a VM's host took back) then overlap what the caller does
-/// next (planning a load), instead of coming between planning and the first read. A caller
-/// of `page_probe` meanwhile waits for this measurement, never starts a second one.
-pub fn page_probe_in_background() {
-    static STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    // One measuring thread, however many loaders are built meanwhile.
-    if PAGE_CHOICE.get().is_none() && !STARTED.swap(true, std::sync::atomic::Ordering::Relaxed) {
-        // No thread to be had: the first load measures, as it would have.
-        let _ = std::thread::Builder::new().name("tensorlift-pages".into()).spawn(|| {
-            page_probe();
-        });
-    }
-}
-
 /// Measures, once per process, how fast fresh memory is faulted in and zeroed with huge
-/// pages and with base pages (32 MiB each), and says which to use (huge pages when at least
-/// twice as fast). Huge pages are usually
-/// several times faster; on a virtual machine whose idle memory went back to its host they
-/// can be several times slower, which is why this is measured rather than assumed.
+/// pages and with base pages (32 MiB each), and whether huge pages were at least twice as
+/// fast. Huge pages are often several times faster on such a sample; on a virtual machine
+/// whose idle memory went back to its host, or once the kernel's ready huge pages run out,
+/// a large allocation's can be several times slower.
 pub fn page_probe() -> &'static PageChoice {
     PAGE_CHOICE.get_or_init(|| {
         const LEN: usize = 32 << 20;

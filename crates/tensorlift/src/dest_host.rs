@@ -114,12 +114,8 @@ impl HostSink {
         if let Some(available) = tensorlift_io::host_memory_available().filter(|&a| needed > a) {
             return Err(LoadError::HostMemory { file: plan_file(plan), needed, available });
         }
-        let huge = match pages {
-            crate::HugePages::Always => true,
-            crate::HugePages::Never => false,
-            // Small loads gain little from huge pages: not worth a measurement.
-            _ => total >= 256 << 20 && tensorlift_io::page_probe().huge,
-        };
+        // Huge pages only when asked for (see HugePages::Auto).
+        let huge = pages == crate::HugePages::Always;
         // Reused memory keeps whatever pages it had: the choice is reported for new memory.
         stats.huge_pages = (needed > 0).then_some(huge);
         let mut sink = HostSink {

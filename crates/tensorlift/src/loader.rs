@@ -50,11 +50,15 @@ impl std::str::FromStr for DirectIo {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum HugePages {
-    /// Huge pages when they fault in at least twice as fast as base pages on this machine,
-    /// else base pages: measured once per process, 32 MiB of each, in the background when a
-    /// host loader is built (`tensorlift_io::page_probe`; `doctor` shows the figures).
-    /// Only clearly faster huge pages are taken, because on a VM whose host took idle memory
-    /// back they can be several times slower for the rest of a load.
+    /// Base pages. Whether a load's fresh huge pages fill faster depends on how many whole
+    /// huge pages the kernel has ready (and, with `defrag` at `madvise`, on the compaction
+    /// it does to make more), which neither a sample of other memory nor the first chunks of
+    /// the load's own can tell: on the dev VM a 32 MiB sample filled at 6-7 GB/s with huge
+    /// pages, and 1 GB loads that took them ran 0.13 s in some fresh processes and 0.6-1.0 s
+    /// in others, against 0.27-0.30 s, every time, with base pages; timing the load's
+    /// first chunks was swamped by the reads faulting the same memory (docs/BENCHMARKS.md).
+    /// Huge pages are used when asked for ([`Always`](Self::Always)); `doctor` shows the
+    /// sample.
     #[default]
     Auto,
     /// Always ask for huge pages.
@@ -426,11 +430,6 @@ impl LoaderBuilder {
             if !matches!(to, Dtype::BF16 | Dtype::F16 | Dtype::F32) {
                 return Err(LoadError::Unsupported(format!("conversion to {to} (targets are BF16, F16 and F32)")));
             }
-        }
-        // A host load measures which pages fault in faster before it allocates: measured
-        // now, beside whatever comes between building the loader and its first load.
-        if matches!(target, Target::Host) && self.cfg.huge_pages == HugePages::Auto {
-            tensorlift_io::page_probe_in_background();
         }
         Ok(Loader { reader, cfg: self.cfg, filter, device, device_reason, target })
     }
