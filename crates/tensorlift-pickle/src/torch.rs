@@ -29,8 +29,9 @@ pub struct Limits {
     /// once per name.
     pub max_expansion: u64,
     /// Bytes the pickle's values may take in memory per byte of pickle read (default 16,
-    /// as a safetensors header's parse is counted, and 64 KiB more): a pickle that builds
-    /// more than that is refused as it runs. A `torch.save` state_dict takes about 5.
+    /// as a safetensors header's parse is counted, and 1 MiB more): a pickle that builds
+    /// more than that is refused as it runs. A `torch.save` state_dict takes 11 to 14
+    /// (short names the most; `tests/memory` measures it).
     pub pickle_memory_per_byte: u64,
 }
 
