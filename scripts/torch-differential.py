@@ -28,6 +28,7 @@ import struct
 import sys
 import types
 import warnings
+import zipfile
 
 import torch
 import torch.serialization
@@ -65,7 +66,7 @@ def values(dtype, n, seed):
 
 
 def raw(t):
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes().hex()
+    return t.resolve_neg().resolve_conj().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes().hex()
 
 
 def answer(path):
@@ -354,6 +355,65 @@ def main():
     case("newobj_object", lambda p: hostile(p, b"\x80\x02c__builtin__\nobject\n)\x81."), names="__builtin__.object")
     case("build_on_dict", lambda p: hostile(p, b"\x80\x02}}b."), names="BUILD")
     case("append_to_dict", lambda p: hostile(p, b"\x80\x02}Na."), names="APPEND")
+
+    # Found by a red-team pass: hand-written pickles over a zip of two storages, FloatStorage
+    # '0' = [1, 2, 3, 4] and IntStorage '1' = [10, 20, 30, 40].
+    def rebuild(key="0", cls=b"FloatStorage", shape=b"J\x04\x00\x00\x00\x85", stride=b"K\x01\x85",
+                grad=b"\x89", extra=b""):
+        return (b"ctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00storagectorch\n" + cls + b"\nX\x01\x00\x00\x00"
+                + key.encode() + b"X\x03\x00\x00\x00cpuK\x04tQK\x00" + shape + stride + grad
+                + b"ccollections\nOrderedDict\n)R" + extra + b"tR")
+
+    def sd(*items):
+        body = b"".join(b"X" + struct.pack("<I", len(k)) + k.encode() + v for k, v in items)
+        return b"\x80\x02}(" + body + b"u."
+
+    def zipped(pk, records=None, version=True):
+        records = {"0": struct.pack("<4f", 1, 2, 3, 4), "1": struct.pack("<4i", 10, 20, 30, 40)} if records is None else records
+        def write(path):
+            with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+                z.writestr("archive/data.pkl", pk)
+                z.writestr("archive/byteorder", "little")
+                for k, v in records.items():
+                    z.writestr(f"archive/data/{k}", v)
+                if version:
+                    z.writestr("archive/version", "3\n")
+        return write
+
+    from_type = b"ctorch._tensor\n_rebuild_from_type_v2\n"
+    case("rt_plain", zipped(sd(("w", rebuild()), ("i", rebuild("1", b"IntStorage")))))
+    # A list that holds itself as _rebuild_from_type_v2's arguments recursed without end.
+    case("rt_self_args", lambda p: hostile(p, b"\x80\x02" + from_type + b"]q\x00(" + from_type + b"ctorch\nTensor\nh\x00NeR."),
+         names="tensor-building function")
+    # A state that sets a data descriptor changes the tensor in torch: refused by name.
+    real = from_type + b"(ctorch._utils\n_rebuild_tensor_v2\nctorch\nTensor\n" + rebuild()[len(b"ctorch._utils\n_rebuild_tensor_v2\n"):-1] \
+        + b"}X\x04\x00\x00\x00realG@\x14\x00\x00\x00\x00\x00\x00stR"
+    case("rt_state_sets_real", zipped(sd(("w", real))), tensorlift_refuses="'real', which changes the tensor")
+    note = real.replace(b"\x04\x00\x00\x00real", b"\x04\x00\x00\x00note")
+    case("rt_state_sets_note", zipped(sd(("w", note))))
+    # Metadata's negative bit changes the values in torch: refused by name.
+    neg = rebuild(extra=b"}X\x03\x00\x00\x00neg\x88s")
+    case("rt_metadata_neg", zipped(sd(("w", neg))), tensorlift_refuses="'neg'")
+    case("rt_metadata_not_dict", zipped(sd(("w", rebuild(extra=b"K\x05")))), names="not a dict")
+    # A record larger than its storage, and an archive without a version record.
+    case("rt_record_too_long", zipped(sd(("w", rebuild().replace(b"K\x04tQ", b"K\x03tQ").replace(b"J\x04\x00", b"J\x03\x00")))),
+         names="entry has 16 bytes")
+    case("rt_no_version", zipped(sd(("w", rebuild())), version=False), names="version")
+    # requires_grad: a bool, and only for floating point.
+    case("rt_grad_on_ints", zipped(sd(("i", rebuild("1", b"IntStorage", grad=b"\x88")))), names="requires_grad")
+    case("rt_grad_not_bool", zipped(sd(("w", rebuild(grad=b"K\x01")))), names="requires_grad")
+    case("rt_grad_on_floats", zipped(sd(("w", rebuild(grad=b"\x88")))))
+    # A small int in a long encoding (9 bytes) is the same int.
+    case("rt_long_size", zipped(sd(("w", rebuild(shape=b"\x8a\x09\x04\x00\x00\x00\x00\x00\x00\x00\x00\x85")))))
+    # Values torch refuses to build.
+    case("rt_bytearray_str", zipped(sd(("w", rebuild()), ("b", b"c__builtin__\nbytearray\nX\x03\x00\x00\x00abc\x85R"))),
+         names="builtins.bytearray")
+    case("rt_unknown_codec", zipped(sd(("w", rebuild()), ("b", b"c_codecs\nencode\nX\x01\x00\x00\x00aX\x05\x00\x00\x00bogus\x86R"))),
+         names="_codecs.encode")
+    case("rt_unknown_device", zipped(sd(("w", rebuild()), ("d", b"ctorch\ndevice\nX\x05\x00\x00\x00bogus\x85R"))),
+         names="torch.device")
+    case("rt_unhashable_tuple_key", zipped(sd(("w", rebuild()), ("n", b"}(](t\x85K\x01u"))), names="unhashable")
+    case("rt_set_of_lists", zipped(sd(("w", rebuild()), ("s", b"c__builtin__\nset\n]]a\x85R"))), names="builtins.set")
 
     with open(os.path.join(out, "expect.json"), "w") as f:
         json.dump(expect, f, indent=1, sort_keys=True)

@@ -230,3 +230,28 @@ fn pytorch_files_say_what_they_are() {
         assert!(stderr(&out).contains("PyTorch"), "{}", stderr(&out));
     }
 }
+
+/// Defect: a pickle that appends a list to itself (64 MiB of it) aborted the process under
+/// an address-space limit ("memory allocation of 3072006144 bytes failed"). Every
+/// allocation its values make is fallible: the same limit is now an error, exit 1.
+#[test]
+fn a_self_appending_pickle_is_an_error_under_an_address_space_limit() {
+    let dir = tensorlift_testkit::scratch_in(&std::env::temp_dir(), "tl-cli-");
+    let path = dir.join("self_list.bin");
+    // A legacy-layout preamble (magic number, protocol 1001, system information), then a
+    // list, memo 0, and 64 MiB of MARK, 1000 references to it, APPENDS.
+    let mut p = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19.\x80\x02M\xe9\x03.\x80\x02}.".to_vec();
+    p.extend_from_slice(b"\x80\x02]q\x00");
+    let mut chunk = vec![b'('];
+    chunk.extend(std::iter::repeat_n(*b"h\x00", 1000).flatten());
+    chunk.push(b'e');
+    for _ in 0..(64 << 20) / chunk.len() {
+        p.extend_from_slice(&chunk);
+    }
+    p.extend_from_slice(b".\x80\x02].");
+    std::fs::write(&path, &p).unwrap();
+    let out = under_ulimit("-v 400000", &["inspect", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("could not be allocated") || err.contains("(pickle_memory_per_byte)"), "{err}");
+}

@@ -32,6 +32,10 @@ pub enum ErrorKind {
     /// The pickle is malformed: a stack underflow, a bad memo reference, wrong arguments.
     #[error("invalid pickle at byte {at}: {message}")]
     Pickle { at: usize, message: String },
+    /// Memory for the pickle's values could not be had (an address-space or memory limit),
+    /// although they were within their budget.
+    #[error("the pickle's values ({bytes} bytes so far) need memory that could not be allocated")]
+    OutOfMemory { bytes: u64 },
     /// A bound on memory was reached.
     #[error("{what} exceeds the limit of {limit} ({setting})")]
     Limit { what: String, limit: u64, setting: &'static str },

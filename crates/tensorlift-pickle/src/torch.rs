@@ -394,6 +394,10 @@ fn read_zip<R: ReadAt + ?Sized>(src: &R, limits: &Limits) -> Result<TorchCheckpo
     if let Some((other, _)) = pickles.next() {
         return Err(ErrorKind::Zip(format!("two pickles, {prefix}data.pkl and {other}data.pkl")));
     }
+    // PyTorch's reader requires the archive's version record.
+    if !entries.contains_key(&format!("{prefix}version")) && !entries.contains_key(&format!("{prefix}.data/version")) {
+        return Err(ErrorKind::Zip(format!("no {prefix}version record (PyTorch refuses such an archive)")));
+    }
     if let Some(e) = entries.get(&format!("{prefix}byteorder")) {
         let b = read_vec(src, e.offset, e.len.min(16))?;
         if b.as_slice() == b"big" {
@@ -422,7 +426,8 @@ fn read_zip<R: ReadAt + ?Sized>(src: &R, limits: &Limits) -> Result<TorchCheckpo
         let es = s.dtype.bitsize() as u64 / 8;
         let need =
             s.numel.checked_mul(es).ok_or_else(|| ErrorKind::pickle(0, format!("storage '{key}' size overflows")))?;
-        if need > e.len {
+        // PyTorch requires the record to be exactly the storage's size.
+        if need != e.len {
             return Err(ErrorKind::Zip(format!(
                 "storage '{key}' holds {} elements ({need} bytes) but its entry has {} bytes",
                 s.numel, e.len

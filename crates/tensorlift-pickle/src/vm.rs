@@ -426,8 +426,9 @@ const VALUE_COST: u64 = size_of::<Value>() as u64 * 3 / 2;
 const SLOT_COST: u64 = size_of::<Container>() as u64 * 3 / 2;
 /// A dict item: a key and a value, and its place in the dict's name table.
 const DICT_ITEM_COST: u64 = 2 * VALUE_COST + 24;
-/// A memo entry under a number out of order (in a map).
-const MEMO_COST: u64 = 64;
+/// A memo entry under a number out of order (in a map of 25-byte entries, at most 7/8
+/// full, whose old and new tables are both held while it grows).
+const MEMO_COST: u64 = 96;
 
 /// What the allocator takes for `n` bytes: a header word, rounded to 16, 32 at least.
 pub(crate) fn heap(n: usize) -> u64 {
@@ -545,18 +546,15 @@ impl Vm {
         Ok(Value::Str(Rc::new(s)))
     }
     fn refused_allocation(&self) -> ErrorKind {
-        ErrorKind::Limit {
-            what: format!("a pickle whose values take {} bytes, which could not be allocated", self.memory),
-            limit: self.max_memory(),
-            setting: "pickle_memory_per_byte",
-        }
+        ErrorKind::OutOfMemory { bytes: self.memory }
     }
     /// Inserts into the dict at arena index `i`, counted and fallible.
     fn dict_insert(&mut self, i: usize, items: Vec<Value>, at: usize, op: &str) -> Result<(), ErrorKind> {
         self.charge((items.len() / 2) as u64 * DICT_ITEM_COST)?;
         for pair in items.chunks_exact(2) {
-            // Python hashes a key before storing it: lists, dicts and sets cannot be keys.
-            if matches!(pair[0], Value::List(_) | Value::Dict(_) | Value::Opaque(Opaque::Set | Opaque::ByteArray)) {
+            // Python hashes a key before storing it: lists, dicts and sets cannot be keys,
+            // nor tuples that hold one.
+            if !self.hashable(&pair[0]) {
                 return Err(ErrorKind::pickle(at, format!("{op} with {} as a key (unhashable)", pair[0].kind())));
             }
         }
@@ -848,38 +846,75 @@ impl Vm {
                 if shape.len() != stride.len() {
                     return Err(wrong("size and stride differ in length"));
                 }
-                if (dtype.is_some()) != (storage.dtype == Dtype::U8 && storage.untyped) {
-                    return Err(wrong("_rebuild_tensor_v3 goes with an untyped storage, and only it"));
+                if dtype.is_some() && !storage.untyped {
+                    return Err(wrong(
+                        "it views a typed storage (tensorlift reads _rebuild_tensor_v3 over untyped ones)",
+                    ));
+                }
+                if dtype.is_none() && storage.untyped {
+                    return Err(wrong(
+                        "it views an untyped storage (tensorlift reads those through _rebuild_tensor_v3)",
+                    ));
+                }
+                // requires_grad (v2's fifth argument, v3's too) and metadata (v2's seventh,
+                // v3's eighth): PyTorch applies them, and the conjugate and negative bits
+                // would change the values read.
+                let element = dtype.unwrap_or(storage.dtype);
+                if g != Global::RebuildTensor {
+                    requires_grad_of(&a[4], element).map_err(|m| wrong(&m))?;
+                    let metadata = if g == Global::RebuildTensorV2 { a.get(6) } else { a.get(7) };
+                    if let Some(m) = metadata {
+                        self.tensor_metadata(m).map_err(|m| wrong(&m))?;
+                    }
                 }
                 self.charge(heap(size_of::<TensorRef>() + 16) + heap(16 * shape.len()))?;
                 let dims = shape.into_iter().chain(stride).collect();
                 Ok(Value::Tensor(Rc::new(TensorRef { storage: Rc::clone(storage), dtype, offset, dims })))
             }
-            Global::RebuildParameter | Global::RebuildParameterWithState => match a.first() {
-                Some(Value::Tensor(t)) if a.len() == 3 || (a.len() == 4 && g == Global::RebuildParameterWithState) => {
+            Global::RebuildParameter | Global::RebuildParameterWithState => match a.as_slice() {
+                [Value::Tensor(t), grad, _] | [Value::Tensor(t), grad, _, _]
+                    if a.len() == 3 || g == Global::RebuildParameterWithState =>
+                {
+                    requires_grad(grad, t).map_err(|m| wrong(&m))?;
+                    if let Some(state) = a.get(3) {
+                        self.attributes_state(state).map_err(|m| wrong(&m))?;
+                    }
                     Ok(Value::Tensor(Rc::clone(t)))
                 }
                 _ => Err(wrong("expected (tensor, requires_grad, hooks)")),
             },
             // `_rebuild_from_type_v2(func, new_type, args, state)`: `func(*args)`, as a
             // plain tensor or a parameter; the state is a tensor's Python attributes.
+            // The function is one that builds a tensor, never this one again: a list can hold
+            // itself, and such a call would recurse without end (PyTorch's runs out of stack).
             Global::RebuildFromTypeV2 => match a.as_slice() {
-                [func, Value::Global(Global::Tensor | Global::Parameter), args, _state] => {
+                [func @ Value::Global(
+                    Global::RebuildTensorV2
+                    | Global::RebuildTensorV3
+                    | Global::RebuildTensor
+                    | Global::RebuildParameter
+                    | Global::RebuildParameterWithState
+                    | Global::Parameter,
+                ), Value::Global(Global::Tensor | Global::Parameter), args, state] => {
+                    self.attributes_state(state).map_err(|m| wrong(&m))?;
                     match self.reduce(func, args, at)? {
                         t @ Value::Tensor(_) => Ok(t),
                         other => Err(wrong(&format!("it builds {}, not a tensor", other.kind()))),
                     }
                 }
-                _ => Err(wrong("expected (function, torch.Tensor or Parameter, args, state)")),
+                _ => Err(wrong("expected (a tensor-building function, torch.Tensor or Parameter, args, state)")),
             },
             // `Parameter(data[, requires_grad])`.
             Global::Parameter => match a.as_slice() {
-                [t @ Value::Tensor(_)] | [t @ Value::Tensor(_), Value::Bool(_)] => Ok(t.clone()),
+                // requires_grad defaults to True.
+                [Value::Tensor(t)] => requires_grad(&Value::Bool(true), t).map(|_| a[0].clone()).map_err(|m| wrong(&m)),
+                [Value::Tensor(t), grad] => requires_grad(grad, t).map(|_| a[0].clone()).map_err(|m| wrong(&m)),
                 _ => Err(wrong("expected (tensor[, requires_grad])")),
             },
             Global::Device => match a.as_slice() {
-                [Value::Str(_)] | [Value::Str(_), Value::Int(_)] => Ok(Value::Device),
-                _ => Err(wrong("expected (type[, index])")),
+                [Value::Str(s)] if device_name(s, true) => Ok(Value::Device),
+                [Value::Str(s), Value::Int(i)] if *i >= 0 && device_name(s, false) => Ok(Value::Device),
+                _ => Err(wrong("expected (type[, index]) of a device type PyTorch knows")),
             },
             Global::Size => match a.as_slice() {
                 [] => self.new_tuple(Vec::new()),
@@ -891,18 +926,30 @@ impl Vm {
             },
             // `_codecs.encode(text, encoding)`: how protocol 2 writes `bytes`.
             Global::Encode => match a.as_slice() {
-                [Value::Str(_)] | [Value::Str(_), Value::Str(_)] | [Value::Str(_), Value::Str(_), Value::Str(_)] => {
+                [Value::Str(_)] => Ok(Value::Bytes),
+                [Value::Str(_), Value::Str(codec)] | [Value::Str(_), Value::Str(codec), Value::Str(_)]
+                    if KNOWN_CODECS.contains(&codec.to_ascii_lowercase().as_str()) =>
+                {
                     Ok(Value::Bytes)
                 }
-                _ => Err(wrong("expected (str[, encoding[, errors]])")),
+                _ => Err(wrong("expected (str[, encoding[, errors]]) with an encoding tensorlift knows")),
             },
             Global::Builtin(kind) => {
                 let fits = match (kind, a.as_slice()) {
                     (_, []) => true,
-                    (Opaque::Set | Opaque::ByteArray, [x]) => {
-                        matches!(x, Value::List(_) | Value::Tuple(_) | Value::Dict(_) | Value::Str(_) | Value::Bytes)
-                            || matches!(x, Value::Opaque(Opaque::Set | Opaque::ByteArray))
-                            || (kind == Opaque::ByteArray && matches!(x, Value::Int(n) if (0..1 << 20).contains(n)))
+                    // A set's items must be hashable.
+                    (Opaque::Set, [x @ (Value::List(_) | Value::Tuple(_))]) => {
+                        self.sequence(x).unwrap_or_default().iter().all(|v| self.hashable(v))
+                    }
+                    (Opaque::Set, [x]) => matches!(x, Value::Dict(_) | Value::Str(_) | Value::Bytes | Value::Opaque(_)),
+                    // bytearray(str) needs an encoding.
+                    (Opaque::ByteArray, [x]) => {
+                        matches!(x, Value::Bytes | Value::Opaque(Opaque::ByteArray))
+                            || matches!(x, Value::Int(n) if (0..1 << 20).contains(n))
+                            || self.ints(x).is_some_and(|v| v.iter().all(|&b| b < 256))
+                    }
+                    (Opaque::ByteArray, [Value::Str(_), Value::Str(codec)]) => {
+                        KNOWN_CODECS.contains(&codec.to_ascii_lowercase().as_str())
                     }
                     (Opaque::Complex, xs) if xs.len() <= 2 => {
                         xs.iter().all(|x| matches!(x, Value::Int(_) | Value::Float | Value::Bool(_)))
@@ -921,6 +968,80 @@ impl Vm {
             Global::Tensor => Err(ErrorKind::pickle(at, "torch.Tensor(...) is not read by tensorlift: no storage")),
             Global::Storage(_) | Global::UntypedStorage => Err(wrong("storages are not built by REDUCE")),
             Global::Dtype(_) => Err(wrong("dtypes are not called")),
+        }
+    }
+
+    /// Whether Python could hash `v`: not a list, dict, set or bytearray, nor a tuple that
+    /// holds one, however deep (walked without recursion, and bounded).
+    fn hashable(&self, v: &Value) -> bool {
+        let mut todo = vec![v];
+        let mut seen = 0usize;
+        while let Some(v) = todo.pop() {
+            seen += 1;
+            if seen > 1 << 16 {
+                return false;
+            }
+            match v {
+                Value::List(_) | Value::Dict(_) | Value::Opaque(Opaque::Set | Opaque::ByteArray) => return false,
+                Value::Tuple(_) => todo.extend(self.tuple(v).unwrap_or_default()),
+                _ => {}
+            }
+        }
+        true
+    }
+
+    /// A tensor's Python attributes (`_rebuild_from_type_v2`'s state, a parameter's):
+    /// PyTorch sets each with `setattr`, which changes the tensor itself for its data
+    /// descriptors (`data`, `real`, `requires_grad`, ...). Attributes of other names are
+    /// the tensor's own and do not change what is read; a state that sets one of those
+    /// is refused.
+    fn attributes_state(&self, state: &Value) -> Result<(), String> {
+        let (dict, slots) = match state {
+            Value::Tuple(_) => match self.tuple(state) {
+                Some([d, s]) => (d, Some(s)),
+                _ => return Err("a state tuple of other than (dict, slots)".into()),
+            },
+            other => (other, None),
+        };
+        for part in std::iter::once(dict).chain(slots) {
+            match part {
+                Value::None => {}
+                Value::Dict(_) => {
+                    for (k, _) in &self.dict(part).map(|d| d.items.as_slice()).unwrap_or_default().to_vec() {
+                        match k {
+                            Value::Str(name)
+                                if !TENSOR_DESCRIPTORS.contains(&name.as_str()) && !name.starts_with("__") => {}
+                            Value::Str(name) => {
+                                return Err(format!("its state sets '{name}', which changes the tensor"))
+                            }
+                            other => return Err(format!("its state names {} as an attribute", other.kind())),
+                        }
+                    }
+                }
+                Value::Tuple(_) if self.tuple(part).is_some_and(<[Value]>::is_empty) => {}
+                other => return Err(format!("its state is {}", other.kind())),
+            }
+        }
+        Ok(())
+    }
+
+    /// `_rebuild_tensor_v2`'s metadata: PyTorch applies a dict's `neg` and `conj` bits, which
+    /// change the values; tensorlift refuses them set. Anything else truthy that is not a
+    /// dict PyTorch refuses.
+    fn tensor_metadata(&self, m: &Value) -> Result<(), String> {
+        match m {
+            Value::None | Value::Bool(false) | Value::Int(0) => Ok(()),
+            Value::Dict(_) => {
+                for (k, v) in self.dict(m).map(|d| d.items.as_slice()).unwrap_or_default() {
+                    if let Value::Str(name) = k {
+                        if matches!(name.as_str(), "neg" | "conj") && !matches!(v, Value::Bool(false) | Value::None) {
+                            return Err(format!("its metadata sets '{name}', which tensorlift does not apply"));
+                        }
+                    }
+                }
+                Ok(())
+            }
+            other => Err(format!("its metadata is {}, not a dict", other.kind())),
         }
     }
 
@@ -1076,6 +1197,129 @@ fn global_name(g: Global) -> &'static str {
     }
 }
 
+/// Codecs `_codecs.encode` and `bytearray` are read with (Python's names for them).
+const KNOWN_CODECS: [&str; 8] = ["latin1", "latin-1", "iso-8859-1", "iso8859-1", "utf-8", "utf8", "ascii", "us-ascii"];
+
+/// The data descriptors of `torch.Tensor` and `torch.nn.Parameter` (PyTorch 2.13): setting
+/// one changes the tensor, or fails.
+const TENSOR_DESCRIPTORS: [&str; 49] = [
+    "H",
+    "T",
+    "__cuda_array_interface__",
+    "__weakref__",
+    "_backward_hooks",
+    "_base",
+    "_cdata",
+    "_grad",
+    "_grad_fn",
+    "_has_symbolic_sizes_strides",
+    "_post_accumulate_grad_hooks",
+    "_python_dispatch",
+    "_version",
+    "data",
+    "device",
+    "dtype",
+    "grad",
+    "grad_dtype",
+    "grad_fn",
+    "imag",
+    "is_cpu",
+    "is_cuda",
+    "is_ipu",
+    "is_leaf",
+    "is_maia",
+    "is_meta",
+    "is_mkldnn",
+    "is_mps",
+    "is_mtia",
+    "is_nested",
+    "is_quantized",
+    "is_sparse",
+    "is_sparse_csr",
+    "is_vulkan",
+    "is_xla",
+    "is_xpu",
+    "itemsize",
+    "layout",
+    "mH",
+    "mT",
+    "name",
+    "nbytes",
+    "ndim",
+    "output_nr",
+    "real",
+    "requires_grad",
+    "retains_grad",
+    "shape",
+    "volatile",
+];
+
+/// Whether `s` names a device PyTorch knows: a type, with `:N` where `whole` allows it.
+fn device_name(s: &str, whole: bool) -> bool {
+    // PyTorch 2.13's list ("Expected one of ... device type").
+    const TYPES: [&str; 20] = [
+        "cpu",
+        "cuda",
+        "ipu",
+        "xpu",
+        "mkldnn",
+        "opengl",
+        "opencl",
+        "ideep",
+        "hip",
+        "ve",
+        "fpga",
+        "maia",
+        "xla",
+        "lazy",
+        "vulkan",
+        "mps",
+        "meta",
+        "hpu",
+        "mtia",
+        "privateuseone",
+    ];
+    let (ty, index) = match s.split_once(':') {
+        Some((t, i)) if whole => (t, Some(i)),
+        Some(_) => return false,
+        None => (s, None),
+    };
+    TYPES.contains(&ty) && index.is_none_or(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Checks a `requires_grad` argument: a bool, and true only for a floating or complex
+/// element type (PyTorch refuses gradients of integers).
+fn requires_grad(v: &Value, t: &TensorRef) -> Result<(), String> {
+    requires_grad_of(v, t.dtype.unwrap_or(t.storage.dtype))
+}
+
+fn requires_grad_of(v: &Value, dtype: Dtype) -> Result<(), String> {
+    match v {
+        Value::Bool(false) => Ok(()),
+        Value::Bool(true)
+            if matches!(
+                dtype,
+                Dtype::F64
+                    | Dtype::F32
+                    | Dtype::F16
+                    | Dtype::BF16
+                    | Dtype::C64
+                    | Dtype::F8_E4M3
+                    | Dtype::F8_E5M2
+                    | Dtype::F8_E4M3FNUZ
+                    | Dtype::F8_E5M2FNUZ
+                    | Dtype::F8_E8M0
+            ) =>
+        {
+            Ok(())
+        }
+        Value::Bool(true) => {
+            Err(format!("requires_grad on a {dtype} tensor (only floating point ones have gradients)"))
+        }
+        other => Err(format!("requires_grad is {}, not a bool", other.kind())),
+    }
+}
+
 fn long(b: &[u8]) -> Value {
     if b.is_empty() {
         return Value::Int(0);
@@ -1085,6 +1329,12 @@ fn long(b: &[u8]) -> Value {
         let mut buf = [if neg { 0xff } else { 0 }; 8];
         buf[..b.len()].copy_from_slice(b);
         return Value::Int(i64::from_le_bytes(buf));
+    }
+    // A long encoding of a small int (Python writes the shortest, others may not): the
+    // bytes past the eighth only repeat the sign.
+    let sign = if b[7] & 0x80 != 0 { 0xff } else { 0 };
+    if b[8..].iter().all(|&x| x == sign) {
+        return long(&b[..8]);
     }
     Value::BigInt(Rc::new(b.to_vec()))
 }
