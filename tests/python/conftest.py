@@ -28,3 +28,27 @@ def sharded_reference(fixture):
         if f.endswith(".safetensors"):
             want.update(reference_load(str(folder / f)))
     return want
+
+
+@pytest.fixture
+def spy_reads():
+    """spy(f) records the (start, length) of every read that the open ``safe_open`` f makes
+    from then on, in the list it returns."""
+
+    def spy(f):
+        ckpt = f._open()
+        calls = []
+        real = ckpt.read_bytes
+
+        class Spy:
+            def __getattr__(self, a):
+                return getattr(ckpt, a)
+
+            def read_bytes(self, name, start, length):
+                calls.append((start, length))
+                return real(name, start, length)
+
+        f._ckpt = Spy()
+        return calls
+
+    return spy

@@ -77,23 +77,11 @@ def test_slices_equal_numpy_slicing_of_the_reference(fixture, key):
     assert got.flags.writeable and got.flags.c_contiguous, key
 
 
-def test_a_slice_reads_only_its_rows(fixture, tmp_path):
+def test_a_slice_reads_only_its_rows(fixture, tmp_path, spy_reads):
     path = str(tmp_path / "big.safetensors")
     save_file({"w": np.arange(1000 * 256, dtype=np.float32).reshape(1000, 256)}, path)
     with tensorlift.safe_open(path, framework="np") as f:
-        ckpt = f._open()
-        calls = []
-        real = ckpt.read_bytes
-
-        class Spy:
-            def __getattr__(self, a):
-                return getattr(ckpt, a)
-
-            def read_bytes(self, name, start, length):
-                calls.append((start, length))
-                return real(name, start, length)
-
-        f._ckpt = Spy()
+        calls = spy_reads(f)
         part = f.get_slice("w")[10:12, 5]
     assert part.tolist() == [10 * 256 + 5, 11 * 256 + 5]
     assert calls == [(10 * 256 * 4, 2 * 256 * 4)]

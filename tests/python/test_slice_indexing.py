@@ -220,7 +220,7 @@ def test_negative_steps_are_numpy_s(path, framework, key):
         assert _same(got, _as(framework, want)), (name, key)
 
 
-def test_a_key_reads_only_the_rows_it_touches(tmp_path):
+def test_a_key_reads_only_the_rows_it_touches(tmp_path, spy_reads):
     p = str(tmp_path / "rows.safetensors")
     w = np.arange(10 * 4, dtype=np.float32).reshape(10, 4)
     save_file({"w": w}, p)
@@ -239,19 +239,7 @@ def test_a_key_reads_only_the_rows_it_touches(tmp_path):
     ]
     for framework in ("np", "pt") if torch is not None else ("np",):
         with tensorlift.safe_open(p, framework=framework) as f:
-            ckpt = f._open()
-            calls = []
-            real = ckpt.read_bytes
-
-            class Spy:
-                def __getattr__(self, a):
-                    return getattr(ckpt, a)
-
-                def read_bytes(self, name, start, length):
-                    calls.append((start, length))
-                    return real(name, start, length)
-
-            f._ckpt = Spy()
+            calls = spy_reads(f)
             for key, read in cases:
                 del calls[:]
                 got = f.get_slice("w")[key]
