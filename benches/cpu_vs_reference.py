@@ -156,12 +156,14 @@ def main():
         r, t = statistics.median(ref), statistics.median(tl)
         results["modes"][mode] = {"reference_s": r, "tensorlift_s": t, "tensorlift_in_process_s": statistics.median(tl_inner),
                                   "reference_gbps": nbytes / r / 1e9, "tensorlift_gbps": nbytes / t / 1e9, "speedup": r / t,
-                                  "reference_runs": ref, "tensorlift_runs": tl, "tensorlift_huge_pages": huge,
+                                  "reference_runs": ref, "tensorlift_runs": tl, "tensorlift_in_process_runs": tl_inner,
+                                  "tensorlift_huge_pages": huge,
                                   "reference": a.reference}
         print(f"{mode:>5}: reference ({a.reference}) {r:.3f} s ({nbytes / r / 1e9:.2f} GB/s)  tensorlift {t:.3f} s "
               f"({nbytes / t / 1e9:.2f} GB/s, {statistics.median(tl_inner):.3f} s in process)  speedup {r / t:.2f}x")
         print(f"       runs: reference {' '.join(f'{x:.3f}' for x in ref)}; tensorlift {' '.join(f'{x:.3f}' for x in tl)} "
-              f"(slowest {max(tl):.3f} s; huge pages {huge})")
+              f"(slowest {max(tl):.3f} s; in process {' '.join(f'{x:.3f}' for x in tl_inner)}, slowest {max(tl_inner):.3f} s; "
+              f"huge pages {huge})")
     if a.json_out:
         with open(a.json_out, "w") as f:
             json.dump(results, f, indent=1)
