@@ -179,7 +179,7 @@ impl TorchCheckpoint {
 
     /// The tensor's bytes, contiguous, in the file's (little-endian) byte order. A
     /// contiguous tensor is one read; a strided view is gathered from the rows it touches,
-    /// through a window of at most [`GATHER_WINDOW`] bytes of the file, so that memory is
+    /// through a window of at most 8 MiB of the file, so that memory is
     /// the tensor plus a window however far apart its elements lie in the storage.
     pub fn tensor_bytes<R: ReadAt + ?Sized>(
         &self,
@@ -211,7 +211,7 @@ impl TorchCheckpoint {
 }
 
 /// The most bytes of a storage held at once while a strided view is gathered from it.
-pub const GATHER_WINDOW: usize = 8 << 20;
+const GATHER_WINDOW: usize = 8 << 20;
 
 /// Gathers `t`'s elements (`es` bytes each) from the storage at file offset `base`, whose
 /// bytes the view touches end at `span_end` (relative to `base`), into `out` in row-major
