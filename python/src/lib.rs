@@ -504,9 +504,9 @@ impl PyCheckpoint {
         for n in &names {
             self.find(n)?;
         }
-        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let refs: std::collections::HashSet<&str> = names.iter().map(String::as_str).collect();
         let mut plan = self.plan.clone();
-        plan.retain(|t| refs.contains(&t.name.as_str()));
+        plan.retain(|t| refs.contains(t.name.as_str()));
         let model = wait(py, self.loader.load_plan(plan), &Raised::default())?.map_err(py_err)?;
         tensors_dict(py, model.into_tensors())
     }

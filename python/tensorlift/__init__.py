@@ -8,6 +8,7 @@ interrupts it and frees everything.
 """
 
 import operator
+import sys
 
 from ._tensorlift import (
     Checkpoint as _Checkpoint,
@@ -25,6 +26,7 @@ from ._tensorlift import (
 from ._tensorlift import iter_tensors as _iter_tensors
 
 __all__ = [
+    "SafetensorError",
     "Tensor",
     "TensorIterator",
     "__version__",
@@ -32,12 +34,49 @@ __all__ = [
     "iter_tensors",
     "load",
     "load_file",
+    "patch",
     "release_host_memory",
     "resolve_device",
     "retained_host_memory",
     "reuse_host_memory",
     "safe_open",
+    "unpatch",
 ]
+
+try:
+    from safetensors import SafetensorError as _ReferenceError
+except ImportError:  # the reference is not installed: an error class of the same name
+    _ReferenceError = Exception
+
+
+class SafetensorError(_ReferenceError):
+    """What the reference raises as ``safetensors.SafetensorError`` (a subclass of it when
+    ``safetensors`` is installed, so that code catching the reference's error catches
+    tensorlift's)."""
+
+
+class _NoTensor(SafetensorError, KeyError):
+    """A tensor the file lacks: ``SafetensorError`` as the reference raises, and
+    ``KeyError`` as a mapping would."""
+
+    def __str__(self):
+        return Exception.__str__(self)
+
+
+class _Closed(SafetensorError, ValueError):
+    """A ``safe_open`` used after it was closed."""
+
+
+# What ``backend=`` takes, as in the reference (safetensors 0.8). tensorlift does its own
+# I/O for both: the file is read into memory of the load's own (see docs/PYTHON.md).
+_BACKENDS = ("mmap", "pread")
+
+
+def _check_backend(backend):
+    if not isinstance(backend, str):
+        raise TypeError(f"argument 'backend': '{type(backend).__name__}' object is not an instance of 'str'")
+    if backend not in _BACKENDS:
+        raise SafetensorError(f'backend "{backend}" is invalid (expected one of: "mmap", "pread")')
 
 # Dtypes numpy has no type for, and the ml_dtypes type (and numpy storage) that holds them.
 _ML_DTYPES = {
@@ -111,18 +150,22 @@ def _to_torch(t):
     return torch.from_dlpack(t)
 
 
+_TORCH_NAMES = ("pt", "torch", "pytorch")
+_NUMPY_NAMES = ("np", "numpy")
+
+
 def _convert(t, framework):
     if framework is None:
         return t
-    if framework in ("np", "numpy"):
+    if framework in _NUMPY_NAMES:
         return _to_numpy(t)
-    if framework in ("pt", "torch"):
+    if framework in _TORCH_NAMES:
         return _to_torch(t)
     raise ValueError(f"unknown framework {framework!r} (expected 'pt', 'np' or None)")
 
 
 def _check_framework(framework):
-    if framework not in (None, "np", "numpy", "pt", "torch"):
+    if framework is not None and framework not in _TORCH_NAMES + _NUMPY_NAMES:
         raise ValueError(f"unknown framework {framework!r} (expected 'pt', 'np' or None)")
 
 
@@ -280,8 +323,8 @@ class _Slice:
     indexing takes (lists, arrays, masks) is applied by torch to the whole tensor, as the
     reference does."""
 
-    def __init__(self, ckpt, name, framework):
-        self._ckpt, self._name, self._framework = ckpt, name, framework
+    def __init__(self, ckpt, name, framework, device="cpu"):
+        self._ckpt, self._name, self._framework, self._device = ckpt, name, framework, device
         self._dtype, shape, self._nbytes = ckpt.info(name)
         self._shape = list(shape)
 
@@ -292,9 +335,24 @@ class _Slice:
         return self._dtype
 
     def __getitem__(self, key):
+        # The whole tensor (``[...]``, ``[:]``, what transformers asks of every weight): one
+        # load of its bytes into memory of its own, on the device, handed over without a copy.
+        # (torch only: numpy's reference answer is an array of its own, writable.)
+        whole = key if isinstance(key, tuple) else (key,)
+        if self._framework in _TORCH_NAMES and all(k is Ellipsis or (isinstance(k, slice) and k == slice(None)) for k in whole) and (
+            sum(k is Ellipsis for k in whole) <= 1 and len(whole) - (Ellipsis in whole) <= len(self._shape)
+        ):
+            return _convert(self._ckpt.load([self._name])[self._name], self._framework)
+        out = self._index(key)
+        # As the reference: a slice is cut on the host and moved to the file's device.
+        if self._device != "cpu" and self._framework in _TORCH_NAMES:
+            out = out.to(self._device)
+        return out
+
+    def _index(self, key):
         import numpy
 
-        torch_mode = self._framework in ("pt", "torch")
+        torch_mode = self._framework in _TORCH_NAMES
         entries = _basic_key(key, torch_mode)
         if entries is None:
             return self._whole_in_torch(key)
@@ -354,7 +412,7 @@ class _Slice:
     def _np_dtype(self):
         import numpy
 
-        if self._framework in ("pt", "torch") and self._dtype in _ML_DTYPES:
+        if self._framework in _TORCH_NAMES and self._dtype in _ML_DTYPES:
             return numpy.dtype("uint8") if self._dtype.startswith("F8") else numpy.dtype("uint16")
         return _numpy_dtype(self._dtype)
 
@@ -399,7 +457,7 @@ class _Slice:
         # A copy of its own: writable, C-ordered, and of the shape numpy gives (a scalar for
         # an index in every dimension), as the reference returns.
         out = numpy.array(arr[key], order="C", copy=True)
-        if self._framework in ("pt", "torch"):
+        if self._framework in _TORCH_NAMES:
             import torch
 
             if self._dtype == "BF16":
@@ -415,10 +473,13 @@ class safe_open:
     ``with tensorlift.safe_open(path, framework="pt", device="cpu") as f: ...``
     """
 
-    def __init__(self, filename, framework="pt", device="cpu"):
+    def __init__(self, filename, framework="pt", device="cpu", *, backend="mmap"):
         _check_framework(framework)
+        _check_backend(backend)
         self._framework = framework
         self._ckpt = _Checkpoint(str(filename), device=_device(device))
+        self._device = self._ckpt.device()[0]
+        self._names = None
 
     def __enter__(self):
         return self
@@ -429,8 +490,14 @@ class safe_open:
 
     def _open(self):
         if self._ckpt is None:
-            raise ValueError("the file is closed")
+            raise _Closed("File is closed")
         return self._ckpt
+
+    def _has(self, name):
+        if self._names is None:
+            self._names = frozenset(self._open().keys())
+        if name not in self._names:
+            raise _NoTensor(f"File does not contain tensor {name}")
 
     def keys(self):
         """Tensor names, sorted as the reference returns them."""
@@ -447,8 +514,17 @@ class safe_open:
 
     def get_tensor(self, name):
         """Loads one tensor (only its bytes are read)."""
-        t = self._open().load([name])[name]
-        return _convert(t, self._framework)
+        ckpt = self._open()
+        self._has(name)
+        return _convert(ckpt.load([name])[name], self._framework)
+
+    def get_tensors(self):
+        """Every tensor, in one load, as a dict in the order of their data in the file (what
+        the reference's ``load_file`` returns)."""
+        ckpt = self._open()
+        names = ckpt.keys()
+        tensors = ckpt.load(names)
+        return {n: _convert(tensors[n], self._framework) for n in names}
 
     def get_slice(self, name):
         """A slice object: ``get_shape()``, ``get_dtype()``, and ``[...]`` indexing that reads
@@ -456,4 +532,90 @@ class safe_open:
         steps too), one ``...`` and ``None``, answered as numpy indexes the whole tensor; with
         ``framework="pt"`` also what torch indexing takes (lists, arrays, masks), applied to the
         whole tensor as the reference does."""
-        return _Slice(self._open(), name, self._framework)
+        ckpt = self._open()
+        self._has(name)
+        return _Slice(ckpt, name, self._framework, self._device)
+
+
+# Where ``patch()`` put tensorlift's ``safe_open``: (namespace, attribute, what was there).
+_PATCHED = []
+# Devices tensorlift loads to, by the name's type; the reference's others (mps, npu, xpu,
+# hpu, ...) go to the reference when patched.
+_OWN_DEVICES = ("cpu", "cuda", "auto")
+
+
+def _patched_safe_open(filename, framework, device="cpu", *, backend="mmap"):
+    """``safe_open`` as the reference's signature has it, for ``patch()``: tensorlift's for
+    what tensorlift reads (framework pt or np, on the host or a CUDA device), the
+    reference's for the rest (other frameworks, other devices)."""
+    _check_backend(backend)
+    name = "cuda" if isinstance(device, int) and not isinstance(device, bool) else str(device).split(":")[0]
+    if framework in _TORCH_NAMES + _NUMPY_NAMES and name in _OWN_DEVICES:
+        return safe_open(filename, framework="pt" if framework in _TORCH_NAMES else "np", device=device)
+    return _REFERENCE[0](filename, framework, device, backend=backend)
+
+
+# The reference's safe_open while patched (in a list: a module attribute holding it would be
+# found, and patched, by the sweep).
+_REFERENCE = []
+
+
+class _Patched:
+    """What ``patch()`` returns: ``with tensorlift.patch():`` undoes it at the end."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        unpatch()
+        return False
+
+    def close(self):
+        unpatch()
+
+
+def patch():
+    """Makes the libraries that read safetensors through ``safetensors.safe_open`` and
+    ``safetensors.torch.load_file`` (transformers, diffusers, accelerate, peft,
+    sentence-transformers) read through tensorlift, in this process, unchanged: every place
+    ``safetensors.safe_open`` is bound (the ``safetensors`` modules, and modules that
+    imported it, such as ``transformers.modeling_utils``) gets tensorlift's, which falls back
+    to the reference for frameworks and devices tensorlift does not load to.
+    ``safetensors.torch.load_file`` and ``load_model`` go through it too. Call it before or
+    after importing those libraries; ``unpatch()`` (or the end of ``with tensorlift.patch():``)
+    puts the reference back. Calling it twice patches once."""
+    import safetensors
+    import safetensors.torch  # noqa: F401 - its load_file looks safe_open up here
+
+    if _PATCHED:
+        return _Patched()
+    original = safetensors.safe_open
+    _REFERENCE[:] = [original]
+    for module in _other_modules():
+        for attr, value in list(module.__dict__.items()):
+            if value is original:
+                setattr(module, attr, _patched_safe_open)
+                _PATCHED.append((module, attr, original))
+    return _Patched()
+
+
+def unpatch():
+    """Undoes ``patch()``: the reference's ``safe_open`` is back where it was (a place
+    that was patched again by someone else since is left alone)."""
+    while _PATCHED:
+        module, attr, original = _PATCHED.pop()
+        if getattr(module, attr, None) is _patched_safe_open:
+            setattr(module, attr, original)
+    # Modules imported while patched bound tensorlift's too (transformers imports lazily).
+    if _REFERENCE:
+        for module in _other_modules():
+            for attr, value in list(module.__dict__.items()):
+                if value is _patched_safe_open:
+                    setattr(module, attr, _REFERENCE[0])
+        _REFERENCE.clear()
+
+
+def _other_modules():
+    """Every module loaded, but this one (whose names for its own functions stay)."""
+    me = sys.modules.get(__name__)
+    return [m for m in list(sys.modules.values()) if m is not me and isinstance(getattr(m, "__dict__", None), dict)]

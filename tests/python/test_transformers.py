@@ -1,0 +1,125 @@
+"""Hugging Face transformers loads through tensorlift unchanged: models written by its own
+``save_pretrained`` (Llama- and BERT-shaped; one file and sharded; float32 and bfloat16)
+load with ``from_pretrained`` after ``tensorlift.patch()`` to the same parameters, bit for
+bit, and the same outputs as stock, and tensorlift is seen serving the weights."""
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only: nothing is downloaded
+
+if os.environ.get("CI"):
+    import torch
+    import transformers
+else:
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+
+import tensorlift
+
+
+def llama():
+    config = transformers.LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    return transformers.LlamaForCausalLM(config), transformers.AutoModelForCausalLM
+
+
+def bert():
+    config = transformers.BertConfig(
+        vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    return transformers.BertModel(config), transformers.AutoModel
+
+
+def outputs(model):
+    ids = torch.tensor([[1, 5, 9, 17, 33, 65, 3, 2]])
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.fixture
+def served(monkeypatch):
+    """Counts the files tensorlift's safe_open opens and the tensors it hands over."""
+    counts = {"opened": 0, "tensors": 0}
+    real_init, real_getitem = tensorlift.safe_open.__init__, tensorlift._Slice.__getitem__
+
+    def init(self, *a, **k):
+        counts["opened"] += 1
+        real_init(self, *a, **k)
+
+    def getitem(self, key):
+        counts["tensors"] += 1
+        return real_getitem(self, key)
+
+    monkeypatch.setattr(tensorlift.safe_open, "__init__", init)
+    monkeypatch.setattr(tensorlift._Slice, "__getitem__", getitem)
+    return counts
+
+
+@pytest.mark.parametrize("make", [llama, bert], ids=["llama", "bert"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shard", [None, "40KB"], ids=["one-file", "sharded"])
+def test_from_pretrained_through_tensorlift_equals_stock(tmp_path, make, dtype, shard, served):
+    dtype = getattr(torch, dtype)
+    torch.manual_seed(0)
+    model, auto = make()
+    model = model.to(dtype)
+    kwargs = {"max_shard_size": shard} if shard else {}
+    model.save_pretrained(tmp_path, **kwargs)
+    files = sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors"))
+    assert (len(files) > 1) == (shard is not None), files
+
+    stock = auto.from_pretrained(tmp_path, dtype=dtype).eval()
+    assert served["opened"] == 0
+    with tensorlift.patch():
+        ours = auto.from_pretrained(tmp_path, dtype=dtype).eval()
+    assert served["opened"] == len(files), served
+    want, got = stock.state_dict(), ours.state_dict()
+    assert served["tensors"] >= len({t.data_ptr() for t in want.values()}) - 1, served
+    assert sorted(got) == sorted(want)
+    for name, t in want.items():
+        assert got[name].dtype == t.dtype and got[name].shape == t.shape, name
+        assert torch.equal(got[name].view(torch.uint8) if t.dtype == torch.bool else got[name], t), name
+    assert torch.equal(outputs(ours), outputs(stock))
+
+
+def test_patch_is_undone_and_falls_back_for_what_tensorlift_does_not_load(tmp_path):
+    import safetensors
+    import safetensors.torch
+    import transformers.modeling_utils as modeling_utils
+    from safetensors.numpy import save_file
+
+    import numpy as np
+
+    original = safetensors.safe_open
+    save_file({"x": np.arange(4, dtype=np.float32)}, str(tmp_path / "a.safetensors"))
+    with tensorlift.patch() as p:
+        assert tensorlift.patch() is not None  # a second patch patches once
+        assert modeling_utils.safe_open is safetensors.safe_open is safetensors.torch.safe_open
+        assert safetensors.safe_open is not original
+        # A framework tensorlift does not load: the reference's safe_open serves it.
+        with safetensors.safe_open(str(tmp_path / "a.safetensors"), framework="flax") as f:
+            assert type(f) is type(original(str(tmp_path / "a.safetensors"), framework="np"))
+        # The reference's errors, which libraries catch.
+        with pytest.raises(safetensors.SafetensorError, match='backend "fast" is invalid'):
+            safetensors.safe_open(str(tmp_path / "a.safetensors"), framework="pt", backend="fast")
+        with safetensors.safe_open(str(tmp_path / "a.safetensors"), framework="pt") as f:
+            with pytest.raises(safetensors.SafetensorError, match="does not contain tensor y"):
+                f.get_tensor("y")
+        assert p is not None
+    assert safetensors.safe_open is original
+    assert modeling_utils.safe_open is original and safetensors.torch.safe_open is original
