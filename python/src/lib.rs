@@ -189,7 +189,7 @@ fn load(
     stats: Option<Bound<'_, PyDict>>,
 ) -> PyResult<Py<PyDict>> {
     let raised = Raised::default();
-    let loader = loader(device, filter, progress, &raised, Options { dtype, tp })?;
+    let loader = loader(device, filter, progress, &raised, Options { dtype, tp, mapped: false })?;
     let model = wait(py, loader.load(&path), &raised)?.map_err(py_err)?;
     if let Some(d) = stats {
         fill_stats(&d, model.stats())?;
@@ -403,6 +403,8 @@ fn retained_host_memory() -> usize {
 struct Options<'a> {
     dtype: Option<&'a str>,
     tp: Option<(usize, usize, usize)>,
+    /// Tensors as views of the memory-mapped files (`safe_open(..., backend="mmap")`).
+    mapped: bool,
 }
 
 fn loader(
@@ -413,6 +415,12 @@ fn loader(
     options: Options<'_>,
 ) -> PyResult<Loader> {
     let mut b = Loader::builder().device(device_of(device)?);
+    if options.mapped {
+        // SAFETY: the Python caller chose backend="mmap", whose documented contract
+        // (docs/PYTHON.md, as the reference safetensors' own mmap backend) is MapContract's:
+        // the files are not truncated or written while any tensor viewing them lives.
+        b = b.map_views(unsafe { tensorlift::MapContract::new() });
+    }
     if let Some(d) = options.dtype {
         let to = match d.trim_start_matches("torch.") {
             "bfloat16" | "bf16" => tensorlift::Dtype::BF16,
@@ -471,9 +479,10 @@ struct PyCheckpoint {
 #[pymethods]
 impl PyCheckpoint {
     #[new]
-    #[pyo3(signature = (path, device="cpu"))]
-    fn new(py: Python<'_>, path: std::path::PathBuf, device: &str) -> PyResult<Self> {
-        let loader = loader(device, None, None, &Raised::default(), Options::default())?;
+    #[pyo3(signature = (path, device="cpu", mapped=false))]
+    fn new(py: Python<'_>, path: std::path::PathBuf, device: &str, mapped: bool) -> PyResult<Self> {
+        let options = Options { mapped, ..Options::default() };
+        let loader = loader(device, None, None, &Raised::default(), options)?;
         let plan = py.detach(|| loader.plan(&path)).map_err(py_err)?;
         Ok(PyCheckpoint { plan, loader })
     }
@@ -632,7 +641,7 @@ fn iter_tensors(
     stats: Option<Py<PyDict>>,
 ) -> PyResult<PyTensorIterator> {
     let raised = Raised::default();
-    let loader = loader(device, filter, progress, &raised, Options { dtype, tp })?;
+    let loader = loader(device, filter, progress, &raised, Options { dtype, tp, mapped: false })?;
     let stream = py.detach(|| loader.stream(&path)).map_err(py_err)?;
     Ok(PyTensorIterator { stream: Some(stream), raised, stats })
 }

@@ -9,6 +9,7 @@ interrupts it and frees everything.
 
 import operator
 import sys
+import threading
 
 from ._tensorlift import (
     Checkpoint as _Checkpoint,
@@ -67,8 +68,10 @@ class _Closed(SafetensorError, ValueError):
     """A ``safe_open`` used after it was closed."""
 
 
-# What ``backend=`` takes, as in the reference (safetensors 0.8). tensorlift does its own
-# I/O for both: the file is read into memory of the load's own (see docs/PYTHON.md).
+# What ``backend=`` takes, as in the reference (safetensors 0.8): on the host, "mmap" serves
+# tensors as views of the memory-mapped file (the reference's contract: the file must not
+# shrink or change while they live), "pread" reads them into memory of their own; on a
+# GPU both read (see docs/PYTHON.md).
 _BACKENDS = ("mmap", "pread")
 
 
@@ -323,8 +326,9 @@ class _Slice:
     indexing takes (lists, arrays, masks) is applied by torch to the whole tensor, as the
     reference does."""
 
-    def __init__(self, ckpt, name, framework, device="cpu"):
+    def __init__(self, ckpt, name, framework, device="cpu", owner=None):
         self._ckpt, self._name, self._framework, self._device = ckpt, name, framework, device
+        self._owner = owner
         self._dtype, shape, self._nbytes = ckpt.info(name)
         self._shape = list(shape)
 
@@ -342,7 +346,10 @@ class _Slice:
         if self._framework in _TORCH_NAMES and all(k is Ellipsis or (isinstance(k, slice) and k == slice(None)) for k in whole) and (
             sum(k is Ellipsis for k in whole) <= 1 and len(whole) - (Ellipsis in whole) <= len(self._shape)
         ):
-            return _convert(self._ckpt.load([self._name])[self._name], self._framework)
+            t = self._owner._take_whole(self._name) if self._owner is not None else None
+            if t is None:
+                t = self._ckpt.load([self._name])[self._name]
+            return _convert(t, self._framework)
         out = self._index(key)
         # As the reference: a slice is cut on the host and moved to the file's device.
         if self._device != "cpu" and self._framework in _TORCH_NAMES:
@@ -473,20 +480,37 @@ class safe_open:
     ``with tensorlift.safe_open(path, framework="pt", device="cpu") as f: ...``
     """
 
-    def __init__(self, filename, framework="pt", device="cpu", *, backend="mmap"):
+    def __init__(self, filename, framework="pt", device="cpu", *, backend="pread"):
         _check_framework(framework)
         _check_backend(backend)
         self._framework = framework
-        self._ckpt = _Checkpoint(str(filename), device=_device(device))
+        device = _device(device)
+        self._ckpt = _Checkpoint(str(filename), device=device, mapped=backend == "mmap" and device == "cpu")
         self._device = self._ckpt.device()[0]
         self._names = None
+        # Whole tensors loaded together for get_slice(name)[...] (see _take_whole).
+        self._whole = None
+        self._whole_lock = threading.Lock()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self._ckpt = None
+        self._whole = None
         return False
+
+    def _take_whole(self, name):
+        """Tensor ``name``, whole, for ``get_slice(name)[...]``: the first such call loads every
+        tensor of the file in one load (a reader that asks one whole tensor of a file, as
+        transformers does, asks them all), and each is handed out once from it; ``None``
+        once the file is closed or the tensor was handed out already."""
+        with self._whole_lock:
+            if self._ckpt is None:
+                return None
+            if self._whole is None:
+                self._whole = dict(self._ckpt.load(self._ckpt.keys()))
+            return self._whole.pop(name, None)
 
     def _open(self):
         if self._ckpt is None:
@@ -534,7 +558,7 @@ class safe_open:
         whole tensor as the reference does."""
         ckpt = self._open()
         self._has(name)
-        return _Slice(ckpt, name, self._framework, self._device)
+        return _Slice(ckpt, name, self._framework, self._device, self)
 
 
 # Where ``patch()`` put tensorlift's ``safe_open``: (namespace, attribute, what was there).
@@ -551,7 +575,8 @@ def _patched_safe_open(filename, framework, device="cpu", *, backend="mmap"):
     _check_backend(backend)
     name = "cuda" if isinstance(device, int) and not isinstance(device, bool) else str(device).split(":")[0]
     if framework in _TORCH_NAMES + _NUMPY_NAMES and name in _OWN_DEVICES:
-        return safe_open(filename, framework="pt" if framework in _TORCH_NAMES else "np", device=device)
+        framework = "pt" if framework in _TORCH_NAMES else "np"
+        return safe_open(filename, framework=framework, device=device, backend=backend)
     return _REFERENCE[0](filename, framework, device, backend=backend)
 
 

@@ -326,3 +326,36 @@ def test_tensor_parallel_shares_and_dtype_conversion(tmp_path):
         tensorlift.load_file(path, dtype="int8")
     with pytest.raises(ValueError, match="key/value heads"):
         tensorlift.load_file(path, tp=(0, 8, 4))
+
+
+def _mapping_of(address):
+    """The file whose memory mapping holds ``address`` in this process, or None."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if lo <= address < hi:
+                return fields[5] if len(fields) > 5 else None
+    return None
+
+
+def test_backend_mmap_serves_views_of_the_mapped_file_and_pread_copies(tmp_path):
+    import torch
+
+    path = tmp_path / "m.safetensors"
+    save_file({"w": np.arange(4096, dtype=np.float32).reshape(64, 64)}, str(path))
+    with tensorlift.safe_open(path, framework="pt", backend="mmap") as f:
+        mapped = f.get_tensor("w")
+        whole = f.get_slice("w")[...]
+    with tensorlift.safe_open(path, framework="pt", backend="pread") as f:
+        read = f.get_tensor("w")
+    want = torch.arange(4096, dtype=torch.float32).reshape(64, 64)
+    for t in (mapped, whole, read):
+        assert torch.equal(t, want)
+    assert _mapping_of(mapped.data_ptr()) == str(path.resolve())
+    assert _mapping_of(whole.data_ptr()) == str(path.resolve())
+    assert _mapping_of(read.data_ptr()) != str(path.resolve())
+    with pytest.raises(tensorlift.SafetensorError, match='backend "fast" is invalid'):
+        tensorlift.safe_open(path, framework="pt", backend="fast")
+    with pytest.raises(TypeError):
+        tensorlift.safe_open(path, framework="pt", backend=1)

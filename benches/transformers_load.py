@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""transformers' from_pretrained through tensorlift against stock, on the CPU.
+
+Writes (once) a Llama-shaped model of about 1.1 GB in bfloat16 with transformers' own
+save_pretrained, then alternates fresh Python processes that import torch and transformers
+and time `AutoModelForCausalLM.from_pretrained(FOLDER, dtype=torch.bfloat16)`, stock or
+after `tensorlift.patch()`, warm (the files read once first). Prints each run and the
+medians.
+
+  python3 benches/transformers_load.py --runs 5
+"""
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pagecache import shard_paths, warm  # noqa: E402
+
+CHILD = r"""
+import os, sys, time
+os.environ["HF_HUB_OFFLINE"] = "1"
+import torch, transformers
+if sys.argv[2] == "tensorlift":
+    import tensorlift
+    tensorlift.patch()
+t = time.perf_counter()
+m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
+dt = time.perf_counter() - t
+print(dt, sum(p.numel() * p.element_size() for p in m.parameters()))
+"""
+
+
+def make(folder):
+    if os.path.exists(os.path.join(folder, "config.json")):
+        return
+    import torch
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=8,
+        num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    model.save_pretrained(folder)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", default="target/bench-checkpoints/transformers-llama-1.1GB")
+    ap.add_argument("--runs", type=int, default=5)
+    a = ap.parse_args()
+    make(a.dir)
+    paths = shard_paths(a.dir)
+    print(f"{a.dir}: {sum(os.path.getsize(p) for p in paths) / 1e9:.2f} GB in {len(paths)} file(s)")
+    times = {"stock": [], "tensorlift": []}
+    for _ in range(a.runs):
+        for engine in times:
+            warm(paths)
+            out = subprocess.run([sys.executable, "-c", CHILD, a.dir, engine], check=True, capture_output=True, text=True)
+            dt, nbytes = out.stdout.split()
+            times[engine].append(float(dt))
+    for engine, ts in times.items():
+        print(f"{engine:>10}: median {statistics.median(ts):.3f} s ({int(nbytes) / statistics.median(ts) / 1e9:.2f} GB/s); "
+              f"runs {' '.join(f'{t:.3f}' for t in ts)}")
+
+
+if __name__ == "__main__":
+    main()
