@@ -52,3 +52,25 @@ def spy_reads():
         return calls
 
     return spy
+
+
+@pytest.fixture
+def served(monkeypatch):
+    """Counts the files tensorlift's safe_open opens and the whole tensors its slices hand
+    over: a library that loads through tensorlift.patch() is seen to be served by it."""
+    import tensorlift
+
+    counts = {"opened": 0, "tensors": 0}
+    real_init, real_getitem = tensorlift.safe_open.__init__, tensorlift._Slice.__getitem__
+
+    def init(self, *a, **k):
+        counts["opened"] += 1
+        real_init(self, *a, **k)
+
+    def getitem(self, key):
+        counts["tensors"] += 1
+        return real_getitem(self, key)
+
+    monkeypatch.setattr(tensorlift.safe_open, "__init__", init)
+    monkeypatch.setattr(tensorlift._Slice, "__getitem__", getitem)
+    return counts

@@ -51,25 +51,6 @@ def outputs(model):
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
-@pytest.fixture
-def served(monkeypatch):
-    """Counts the files tensorlift's safe_open opens and the tensors it hands over."""
-    counts = {"opened": 0, "tensors": 0}
-    real_init, real_getitem = tensorlift.safe_open.__init__, tensorlift._Slice.__getitem__
-
-    def init(self, *a, **k):
-        counts["opened"] += 1
-        real_init(self, *a, **k)
-
-    def getitem(self, key):
-        counts["tensors"] += 1
-        return real_getitem(self, key)
-
-    monkeypatch.setattr(tensorlift.safe_open, "__init__", init)
-    monkeypatch.setattr(tensorlift._Slice, "__getitem__", getitem)
-    return counts
-
-
 @pytest.mark.parametrize("make", [llama, bert], ids=["llama", "bert"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("shard", [None, "40KB"], ids=["one-file", "sharded"])

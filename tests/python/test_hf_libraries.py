@@ -1,0 +1,81 @@
+"""peft, accelerate and diffusers load through tensorlift unchanged: what each writes with
+its own save functions loads after ``tensorlift.patch()`` to the same tensors, bit for bit,
+as stock, and tensorlift is seen opening the files."""
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+if os.environ.get("CI"):
+    import accelerate
+    import diffusers
+    import peft
+    import torch
+    import transformers
+else:
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    accelerate = pytest.importorskip("accelerate")
+    diffusers = pytest.importorskip("diffusers")
+
+import tensorlift
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def same_tensors(a, b):
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_peft_adapter(tmp_path, served):
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft.get_peft_model(tiny_llama(), config).save_pretrained(tmp_path)
+    assert os.path.exists(tmp_path / "adapter_model.safetensors")
+    stock = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    assert served["opened"] == 0
+    with tensorlift.patch():
+        ours = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    assert served["opened"] >= 1, served
+    same_tensors(ours.state_dict(), stock.state_dict())
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(ours(input_ids=ids).logits, stock(input_ids=ids).logits)
+
+
+def test_accelerate_load_checkpoint_in_model(tmp_path, served):
+    tiny_llama().save_pretrained(tmp_path, max_shard_size="20KB")
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    stock, ours = tiny_llama(), tiny_llama()
+    for p in list(stock.parameters()) + list(ours.parameters()):
+        p.data.zero_()
+    accelerate.load_checkpoint_in_model(stock, str(tmp_path))
+    with tensorlift.patch():
+        accelerate.load_checkpoint_in_model(ours, str(tmp_path))
+    assert served["opened"] >= 2, served
+    same_tensors(ours.state_dict(), stock.state_dict())
+
+
+def test_diffusers_from_pretrained(tmp_path, served):
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
+    )
+    unet.save_pretrained(tmp_path)
+    stock = diffusers.UNet2DModel.from_pretrained(tmp_path)
+    with tensorlift.patch():
+        ours = diffusers.UNet2DModel.from_pretrained(tmp_path)
+    assert served["opened"] >= 1, served
+    same_tensors(ours.state_dict(), stock.state_dict())
