@@ -485,7 +485,8 @@ class safe_open:
         _check_backend(backend)
         self._framework = framework
         device = _device(device)
-        self._ckpt = _Checkpoint(str(filename), device=device, mapped=backend == "mmap" and device == "cpu")
+        self._mapped = backend == "mmap" and device == "cpu"
+        self._ckpt = _Checkpoint(str(filename), device=device, mapped=self._mapped)
         self._device = self._ckpt.device()[0]
         self._names = None
         # Whole tensors loaded together for get_slice(name)[...] (see _take_whole).
@@ -496,20 +497,28 @@ class safe_open:
         return self
 
     def __exit__(self, *exc):
-        self._ckpt = None
-        self._whole = None
+        with self._whole_lock:
+            self._ckpt = None
+            self._whole = None
         return False
 
     def _take_whole(self, name):
-        """Tensor ``name``, whole, for ``get_slice(name)[...]``: the first such call loads every
-        tensor of the file in one load (a reader that asks one whole tensor of a file, as
-        transformers does, asks them all), and each is handed out once from it; ``None``
-        once the file is closed or the tensor was handed out already."""
+        """Tensor ``name``, whole, for ``get_slice(name)[...]`` of a mapped file: the first such
+        call maps every tensor of the file in one load (views cost no memory; a reader that
+        asks one whole tensor of a file, as transformers does, asks them all), and each is
+        handed out once from it. ``None`` where the file is not mapped (each tensor is then
+        loaded alone, so that one does not hold the others' memory), once the file is
+        closed, or once the tensor was handed out."""
+        if not self._mapped:
+            return None
         with self._whole_lock:
             if self._ckpt is None:
                 return None
             if self._whole is None:
-                self._whole = dict(self._ckpt.load(self._ckpt.keys()))
+                try:
+                    self._whole = dict(self._ckpt.load(self._ckpt.keys()))
+                except Exception:
+                    self._whole = {}  # each tensor alone, which reports the error
             return self._whole.pop(name, None)
 
     def _open(self):
@@ -580,9 +589,12 @@ def _patched_safe_open(filename, framework, device="cpu", *, backend="mmap"):
     return _REFERENCE[0](filename, framework, device, backend=backend)
 
 
-# The reference's safe_open while patched (in a list: a module attribute holding it would be
-# found, and patched, by the sweep).
+# The reference's safe_open, once patched (in a list: a module attribute holding it would be
+# found, and patched, by the sweep). Kept after unpatch(): a reference to the patched function
+# that outlives the patch (a functools.partial, a closure) still falls back to it.
 _REFERENCE = []
+# patch() and unpatch() one at a time.
+_PATCH_LOCK = threading.Lock()
 
 
 class _Patched:
@@ -612,32 +624,41 @@ def patch():
     import safetensors
     import safetensors.torch  # noqa: F401 - its load_file looks safe_open up here
 
-    if _PATCHED:
-        return _Patched()
-    original = safetensors.safe_open
-    _REFERENCE[:] = [original]
-    for module in _other_modules():
-        for attr, value in list(module.__dict__.items()):
-            if value is original:
-                setattr(module, attr, _patched_safe_open)
-                _PATCHED.append((module, attr, original))
+    with _PATCH_LOCK:
+        if _PATCHED:
+            return _Patched()
+        original = safetensors.safe_open
+        if original is _patched_safe_open:  # patched, and its record lost: nothing to do
+            return _Patched()
+        _REFERENCE[:] = [original]
+        for module in _other_modules():
+            for attr, value in list(module.__dict__.items()):
+                if value is original:
+                    try:
+                        setattr(module, attr, _patched_safe_open)
+                    except Exception:  # a module that refuses the change keeps the reference
+                        continue
+                    _PATCHED.append((module, attr, original))
     return _Patched()
 
 
 def unpatch():
     """Undoes ``patch()``: the reference's ``safe_open`` is back where it was (a place
     that was patched again by someone else since is left alone)."""
-    while _PATCHED:
-        module, attr, original = _PATCHED.pop()
-        if getattr(module, attr, None) is _patched_safe_open:
-            setattr(module, attr, original)
-    # Modules imported while patched bound tensorlift's too (transformers imports lazily).
-    if _REFERENCE:
-        for module in _other_modules():
-            for attr, value in list(module.__dict__.items()):
-                if value is _patched_safe_open:
-                    setattr(module, attr, _REFERENCE[0])
-        _REFERENCE.clear()
+    with _PATCH_LOCK:
+        while _PATCHED:
+            module, attr, original = _PATCHED.pop()
+            if getattr(module, attr, None) is _patched_safe_open:
+                setattr(module, attr, original)
+        # Modules imported while patched bound tensorlift's too (transformers imports lazily).
+        if _REFERENCE:
+            for module in _other_modules():
+                for attr, value in list(module.__dict__.items()):
+                    if value is _patched_safe_open:
+                        try:
+                            setattr(module, attr, _REFERENCE[0])
+                        except Exception:
+                            continue
 
 
 def _other_modules():

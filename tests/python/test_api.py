@@ -7,6 +7,8 @@ import json
 import os
 import signal
 import struct
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -355,6 +357,18 @@ def test_backend_mmap_serves_views_of_the_mapped_file_and_pread_copies(tmp_path)
     assert _mapping_of(mapped.data_ptr()) == str(path.resolve())
     assert _mapping_of(whole.data_ptr()) == str(path.resolve())
     assert _mapping_of(read.data_ptr()) != str(path.resolve())
+    # A write through a mapped tensor (torch in place) writes a private copy of the page, as
+    # with the reference's maps: in a child process, since a read-only map would kill it.
+    child = (
+        "import sys, torch, tensorlift\n"
+        "f = tensorlift.safe_open(sys.argv[1], framework='pt', backend='mmap')\n"
+        "t = f.get_slice('w')[...]\n"
+        "t.add_(1)\n"
+        "assert float(t[0, 0]) == 1.0\n"
+    )
+    before = path.read_bytes()
+    subprocess.run([sys.executable, "-c", child, str(path)], check=True)
+    assert path.read_bytes() == before
     with pytest.raises(tensorlift.SafetensorError, match='backend "fast" is invalid'):
         tensorlift.safe_open(path, framework="pt", backend="fast")
     with pytest.raises(TypeError):

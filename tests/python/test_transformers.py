@@ -89,7 +89,9 @@ def test_patch_is_undone_and_falls_back_for_what_tensorlift_does_not_load(tmp_pa
     original = safetensors.safe_open
     save_file({"x": np.arange(4, dtype=np.float32)}, str(tmp_path / "a.safetensors"))
     with tensorlift.patch() as p:
-        assert tensorlift.patch() is not None  # a second patch patches once
+        patched = len(tensorlift._PATCHED)
+        tensorlift.patch()  # a second patch patches once
+        assert len(tensorlift._PATCHED) == patched
         assert modeling_utils.safe_open is safetensors.safe_open is safetensors.torch.safe_open
         assert safetensors.safe_open is not original
         # A framework tensorlift does not load: the reference's safe_open serves it.
@@ -101,6 +103,36 @@ def test_patch_is_undone_and_falls_back_for_what_tensorlift_does_not_load(tmp_pa
         with safetensors.safe_open(str(tmp_path / "a.safetensors"), framework="pt") as f:
             with pytest.raises(safetensors.SafetensorError, match="does not contain tensor y"):
                 f.get_tensor("y")
-        assert p is not None
+        kept = safetensors.safe_open
     assert safetensors.safe_open is original
+    # A reference to the patched function that outlives the patch still works (it falls
+    # back to the reference for what tensorlift does not load).
+    with kept(str(tmp_path / "a.safetensors"), framework="flax") as f:
+        assert list(f.keys()) == ["x"]
+    assert p is not None
     assert modeling_utils.safe_open is original and safetensors.torch.safe_open is original
+
+
+def test_a_model_loaded_through_tensorlift_trains(tmp_path):
+    """transformers keeps the tensors of a mapped file as parameters: a training step writes
+    them in place (in a child process: a read-only map would kill it)."""
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    llama()[0].save_pretrained(tmp_path)
+    child = (
+        "import sys, torch, transformers, tensorlift\n"
+        "with tensorlift.patch():\n"
+        "    m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)\n"
+        "opt = torch.optim.SGD(m.parameters(), lr=0.1)\n"
+        "ids = torch.tensor([[1, 2, 3]])\n"
+        "m(input_ids=ids, labels=ids).loss.backward()\n"
+        "opt.step()\n"
+        "print('trained')\n"
+    )
+    before = (tmp_path / "model.safetensors").read_bytes()
+    out = subprocess.run([sys.executable, "-c", child, str(tmp_path)], capture_output=True, encoding="utf-8", errors="replace",
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0 and "trained" in out.stdout, out.stderr[-2000:]
+    assert (tmp_path / "model.safetensors").read_bytes() == before

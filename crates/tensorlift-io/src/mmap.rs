@@ -35,10 +35,12 @@ impl MapContract {
     }
 }
 
-/// A file's bytes, mapped read-only and private to this process.
+/// A file's bytes, mapped private to this process (copy on write): tensorlift only reads
+/// them, and a consumer that writes through a view (torch, in place) writes its own copy of
+/// the page, never the file, as with the reference `safetensors`' maps.
 #[derive(Debug)]
 pub struct MappedFile {
-    map: memmap2::Mmap,
+    map: memmap2::MmapMut,
     path: PathBuf,
 }
 
@@ -47,10 +49,11 @@ impl MappedFile {
     pub fn map(file: &OpenFile) -> Result<MappedFile, IoError> {
         let map_err = |source| IoError::Map { file: file.path().to_path_buf(), source };
         let len = usize::try_from(file.len()).map_err(|e| map_err(io::Error::other(e)))?;
-        // SAFETY: a read-only private mapping of `len` bytes of a file we hold open. Creating
-        // it touches no page; every access goes through `copy_to` (which cannot fault) or
-        // through `view`, which requires the caller's MapContract.
-        let map = unsafe { memmap2::MmapOptions::new().len(len).map(file.file()) }.map_err(map_err)?;
+        // SAFETY: a private (copy-on-write) mapping of `len` bytes of a file we hold open.
+        // Creating it touches no page; every access of ours goes through `copy_to` (which
+        // cannot fault) or through `view`, which requires the caller's MapContract; writes
+        // by a consumer land in private copies of pages, never in the file.
+        let map = unsafe { memmap2::MmapOptions::new().len(len).map_copy(file.file()) }.map_err(map_err)?;
         let _ = map.advise(memmap2::Advice::Sequential);
         Ok(MappedFile { map, path: file.path().to_path_buf() })
     }
