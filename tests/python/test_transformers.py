@@ -63,6 +63,12 @@ def test_from_pretrained_through_tensorlift_equals_stock(tmp_path, make, dtype, 
     model.save_pretrained(tmp_path, **kwargs)
     files = sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors"))
     assert (len(files) > 1) == (shard is not None), files
+    import safetensors
+
+    stored = 0
+    for f in files:
+        with safetensors.safe_open(str(tmp_path / f), framework="pt") as g:
+            stored += len(g.keys())
 
     stock = auto.from_pretrained(tmp_path, dtype=dtype).eval()
     assert served["opened"] == 0
@@ -70,7 +76,8 @@ def test_from_pretrained_through_tensorlift_equals_stock(tmp_path, make, dtype, 
         ours = auto.from_pretrained(tmp_path, dtype=dtype).eval()
     assert served["opened"] == len(files), served
     want, got = stock.state_dict(), ours.state_dict()
-    assert served["tensors"] >= len({t.data_ptr() for t in want.values()}) - 1, served
+    # Every stored tensor was handed over by tensorlift's slices.
+    assert served["tensors"] >= stored, (served, stored)
     assert sorted(got) == sorted(want)
     for name, t in want.items():
         assert got[name].dtype == t.dtype and got[name].shape == t.shape, name
@@ -88,7 +95,7 @@ def test_patch_is_undone_and_falls_back_for_what_tensorlift_does_not_load(tmp_pa
 
     original = safetensors.safe_open
     save_file({"x": np.arange(4, dtype=np.float32)}, str(tmp_path / "a.safetensors"))
-    with tensorlift.patch() as p:
+    with tensorlift.patch():
         patched = len(tensorlift._PATCHED)
         tensorlift.patch()  # a second patch patches once
         assert len(tensorlift._PATCHED) == patched
@@ -109,7 +116,6 @@ def test_patch_is_undone_and_falls_back_for_what_tensorlift_does_not_load(tmp_pa
     # back to the reference for what tensorlift does not load).
     with kept(str(tmp_path / "a.safetensors"), framework="flax") as f:
         assert list(f.keys()) == ["x"]
-    assert p is not None
     assert modeling_utils.safe_open is original and safetensors.torch.safe_open is original
 
 

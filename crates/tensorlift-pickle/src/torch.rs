@@ -632,7 +632,7 @@ fn state_dict(
             Some((off, n)) => (off, n),
             None => (0, s.numel),
         };
-        let dtype = t.dtype.unwrap_or(s.dtype);
+        let dtype = t.element();
         if t.dtype.is_some() {
             // An untyped storage counts bytes; the tensor's offset and strides count its
             // own elements.

@@ -289,6 +289,10 @@ impl TensorRef {
     pub fn stride(&self) -> &[u64] {
         &self.dims[self.dims.len() / 2..]
     }
+    /// Its element type: `_rebuild_tensor_v3`'s, or its storage's.
+    pub fn element(&self) -> Dtype {
+        self.dtype.unwrap_or(self.storage.dtype)
+    }
 }
 
 /// One value on the stack, in the memo or in a container: 16 bytes, so that a pickle's
@@ -861,7 +865,7 @@ impl Vm {
                 // would change the values read.
                 let element = dtype.unwrap_or(storage.dtype);
                 if g != Global::RebuildTensor {
-                    requires_grad_of(&a[4], element).map_err(|m| wrong(&m))?;
+                    requires_grad(&a[4], element).map_err(|m| wrong(&m))?;
                     let metadata = if g == Global::RebuildTensorV2 { a.get(6) } else { a.get(7) };
                     if let Some(m) = metadata {
                         self.tensor_metadata(m).map_err(|m| wrong(&m))?;
@@ -875,7 +879,7 @@ impl Vm {
                 [Value::Tensor(t), grad, _] | [Value::Tensor(t), grad, _, _]
                     if a.len() == 3 || g == Global::RebuildParameterWithState =>
                 {
-                    requires_grad(grad, t).map_err(|m| wrong(&m))?;
+                    requires_grad(grad, t.element()).map_err(|m| wrong(&m))?;
                     if let Some(state) = a.get(3) {
                         self.attributes_state(state).map_err(|m| wrong(&m))?;
                     }
@@ -907,8 +911,12 @@ impl Vm {
             // `Parameter(data[, requires_grad])`.
             Global::Parameter => match a.as_slice() {
                 // requires_grad defaults to True.
-                [Value::Tensor(t)] => requires_grad(&Value::Bool(true), t).map(|_| a[0].clone()).map_err(|m| wrong(&m)),
-                [Value::Tensor(t), grad] => requires_grad(grad, t).map(|_| a[0].clone()).map_err(|m| wrong(&m)),
+                [Value::Tensor(t)] => {
+                    requires_grad(&Value::Bool(true), t.element()).map(|_| a[0].clone()).map_err(|m| wrong(&m))
+                }
+                [Value::Tensor(t), grad] => {
+                    requires_grad(grad, t.element()).map(|_| a[0].clone()).map_err(|m| wrong(&m))
+                }
                 _ => Err(wrong("expected (tensor[, requires_grad])")),
             },
             Global::Device => match a.as_slice() {
@@ -1007,7 +1015,7 @@ impl Vm {
             match part {
                 Value::None => {}
                 Value::Dict(_) => {
-                    for (k, _) in &self.dict(part).map(|d| d.items.as_slice()).unwrap_or_default().to_vec() {
+                    for (k, _) in self.dict(part).map(|d| d.items.as_slice()).unwrap_or_default() {
                         match k {
                             Value::Str(name)
                                 if !TENSOR_DESCRIPTORS.contains(&name.as_str()) && !name.starts_with("__") => {}
@@ -1289,11 +1297,7 @@ fn device_name(s: &str, whole: bool) -> bool {
 
 /// Checks a `requires_grad` argument: a bool, and true only for a floating or complex
 /// element type (PyTorch refuses gradients of integers).
-fn requires_grad(v: &Value, t: &TensorRef) -> Result<(), String> {
-    requires_grad_of(v, t.dtype.unwrap_or(t.storage.dtype))
-}
-
-fn requires_grad_of(v: &Value, dtype: Dtype) -> Result<(), String> {
+fn requires_grad(v: &Value, dtype: Dtype) -> Result<(), String> {
     match v {
         Value::Bool(false) => Ok(()),
         Value::Bool(true)
