@@ -1,4 +1,4 @@
-"""peft, accelerate and diffusers load through tensorlift unchanged: what each writes with
+"""peft, accelerate, diffusers and sentence-transformers load through tensorlift unchanged: what each writes with
 its own save functions loads after ``tensorlift.patch()`` to the same tensors, bit for bit,
 as stock, and tensorlift is seen opening the files."""
 import os
@@ -11,6 +11,7 @@ if os.environ.get("CI"):
     import accelerate
     import diffusers
     import peft
+    import sentence_transformers
     import torch
     import transformers
 else:
@@ -19,6 +20,7 @@ else:
     peft = pytest.importorskip("peft")
     accelerate = pytest.importorskip("accelerate")
     diffusers = pytest.importorskip("diffusers")
+    sentence_transformers = pytest.importorskip("sentence_transformers")
 
 import tensorlift
 
@@ -79,3 +81,40 @@ def test_diffusers_from_pretrained(tmp_path, served):
         ours = diffusers.UNet2DModel.from_pretrained(tmp_path)
     assert served["opened"] >= 1, served
     same_tensors(ours.state_dict(), stock.state_dict())
+
+
+def test_sentence_transformers(tmp_path, served):
+    # A BERT-shaped encoder written by transformers, with a word-piece vocabulary of its own,
+    # then pooling and a Dense layer (which sentence-transformers saves and loads itself,
+    # through safetensors.torch.load_model).
+    from sentence_transformers.sentence_transformer import modules
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(59)]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    transformers.BertTokenizerFast(str(tmp_path / "vocab.txt")).save_pretrained(tmp_path / "bert")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    transformers.BertModel(config).save_pretrained(tmp_path / "bert")
+    encoder = modules.Transformer(str(tmp_path / "bert"))
+    model = sentence_transformers.SentenceTransformer(
+        modules=[encoder, modules.Pooling(32, "mean"), modules.Dense(32, 16)], device="cpu"
+    )
+    model.save(str(tmp_path / "st"))
+    assert os.path.exists(tmp_path / "st" / "model.safetensors")
+    dense = [d for d in os.listdir(tmp_path / "st") if d.endswith("_Dense")]
+    assert dense and os.path.exists(tmp_path / "st" / dense[0] / "model.safetensors")
+
+    sentences = ["w1 w2 w3", "w40 w41", "w7"]
+    stock = sentence_transformers.SentenceTransformer(str(tmp_path / "st"), device="cpu")
+    assert served["opened"] == 0
+    with tensorlift.patch():
+        ours = sentence_transformers.SentenceTransformer(str(tmp_path / "st"), device="cpu")
+    # The encoder's file and the Dense layer's, both through tensorlift.
+    assert served["opened"] == 2, served
+    same_tensors(ours.state_dict(), stock.state_dict())
+    a = ours.encode(sentences, convert_to_tensor=True)
+    b = stock.encode(sentences, convert_to_tensor=True)
+    assert a.shape == (3, 16) and torch.equal(a, b)

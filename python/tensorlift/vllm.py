@@ -1,0 +1,247 @@
+"""tensorlift as a vLLM model loader: ``load_format="tensorlift"``.
+
+Installing the ``tensorlift`` package registers it through vLLM's ``vllm.general_plugins``
+entry point, so that, unchanged::
+
+    vllm serve MODEL --load-format tensorlift
+    LLM(MODEL, load_format="tensorlift")
+
+load the checkpoint's safetensors files through tensorlift (io_uring, several shards at
+once, straight onto the rank's device) and hand ``model.load_weights()`` the tensors
+already on that device. Which files are read, how they are downloaded, and the check that
+every parameter was loaded are vLLM's own (``DefaultModelLoader``, as for
+``--load-format safetensors``).
+
+With tensor parallelism the ranks of a tensor-parallel group split the files: each rank
+reads its own files onto its device, and every tensor reaches the other ranks by a
+broadcast over vLLM's own process group (NCCL on GPUs, gloo on CPUs), so a cold node reads
+each byte from disk once. ``--model-loader-extra-config '{"distributed": false}'`` makes
+every rank read every file itself instead (through the page cache, which the ranks share).
+
+Options, through ``--model-loader-extra-config`` (JSON) or ``model_loader_extra_config``:
+
+``distributed`` (bool, default true)
+    With more than one rank in the tensor-parallel group: split the files between the ranks
+    and broadcast (true), or read every file on every rank (false).
+``enable_weights_track`` (bool)
+    vLLM's own: check (or not) that every parameter was loaded; by default checked for
+    models that are not quantized, as vLLM's default loader does.
+
+This module imports vLLM; ``import tensorlift`` does not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import time
+
+import torch
+from vllm.logger import init_logger
+from vllm.model_executor.model_loader import register_model_loader
+from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+import tensorlift
+
+# Under "vllm", whose handlers vLLM sets up: a logger of our own name would print nothing.
+logger = init_logger("vllm.tensorlift")
+
+LOAD_FORMAT = "tensorlift"
+
+# The options tensorlift takes, and vLLM's own that keep their meaning here.
+_OPTIONS = {"distributed": bool}
+_VLLM_OPTIONS = {"enable_weights_track"}
+
+# What the last load in this process did: the files it read and the tensors it handed over
+# (read here, or received from another rank). For logs and tests.
+LAST_LOAD: dict = {}
+
+
+def register():
+    """The ``vllm.general_plugins`` entry point: makes ``load_format="tensorlift"`` known to
+    vLLM in this process. vLLM calls it once in every process it starts; calling it again
+    does nothing."""
+    from vllm.model_executor.model_loader import _LOAD_FORMAT_TO_MODEL_LOADER
+
+    if _LOAD_FORMAT_TO_MODEL_LOADER.get(LOAD_FORMAT) is not TensorliftModelLoader:
+        register_model_loader(LOAD_FORMAT)(TensorliftModelLoader)
+
+
+class TensorliftModelLoader(DefaultModelLoader):
+    """vLLM's default safetensors loading, with the reading done by tensorlift."""
+
+    def __init__(self, load_config):
+        extra = load_config.model_loader_extra_config
+        if extra is None:
+            extra = {}
+        if not isinstance(extra, dict):
+            raise ValueError(
+                f"model_loader_extra_config must be a dict for load format {LOAD_FORMAT}, got {type(extra).__name__}"
+            )
+        unknown = set(extra) - set(_OPTIONS) - _VLLM_OPTIONS
+        if unknown:
+            raise ValueError(
+                f"Unexpected extra config keys for load format {LOAD_FORMAT}: {sorted(unknown)} "
+                f"(it takes {sorted(set(_OPTIONS) | _VLLM_OPTIONS)})"
+            )
+        for key, kind in _OPTIONS.items():
+            if key in extra and not isinstance(extra[key], kind):
+                raise ValueError(f"{key} must be a {kind.__name__}, got {extra[key]!r}")
+        ours = {k: v for k, v in extra.items() if k in _VLLM_OPTIONS}
+        super().__init__(dataclasses.replace(load_config, model_loader_extra_config=ours))
+        self.load_config = load_config
+        self.distributed = extra.get("distributed", True)
+        # vLLM finds and downloads the files as for --load-format safetensors.
+        self._files_config = dataclasses.replace(
+            load_config, load_format="safetensors", model_loader_extra_config=ours
+        )
+        self._device = None
+
+    def _prepare_weights(self, *args, **kwargs):
+        ours, self.load_config = self.load_config, self._files_config
+        try:
+            return super()._prepare_weights(*args, **kwargs)
+        finally:
+            self.load_config = ours
+
+    def load_weights(self, model, model_config):
+        self._device = _rank_device(model)
+        LAST_LOAD.clear()
+        LAST_LOAD.update(device=self._device, files=[], tensors=0, bytes=0, received=0, seconds=0.0)
+        super().load_weights(model, model_config)
+
+    def _get_weights_iterator(self, source):
+        hf_folder, files, _, index_file = self._prepare_weights(
+            source.model_or_path,
+            source.subfolder,
+            source.revision,
+            source.fall_back_to_pt,
+            source.allow_patterns_overrides,
+        )
+        if self._encoder_only_lm_prefixes is not None:
+            raise ValueError("load format tensorlift does not take --mm-encoder-only; use --load-format safetensors")
+        if source.is_unused_weight is not None:
+            from vllm.model_executor.model_loader.weight_utils import filter_safetensors_files_by_weight_name
+
+            files = filter_safetensors_files_by_weight_name(files, source.is_unused_weight)
+        files = sorted(files, key=_natural_key)
+        if self.counter_before_loading_weights == 0.0:
+            self.counter_before_loading_weights = time.perf_counter()
+        weights = self._weights(hf_folder, files, index_file)
+        return ((source.prefix + name, tensor) for name, tensor in weights)
+
+    def _weights(self, hf_folder, files, index_file):
+        device = self._device or "cpu"
+        group = _tp_group()
+        keep = None
+        if self.local_expert_ids is not None:
+            from vllm.model_executor.model_loader.weight_utils import should_skip_weight
+
+            local = self.local_expert_ids
+
+            def keep(name):
+                return not should_skip_weight(name, local)
+
+        start = time.perf_counter()
+        if group is not None and group.world_size > 1 and self.distributed:
+            yield from _split_and_broadcast(files, device, group, keep)
+        else:
+            LAST_LOAD["files"].extend(files)
+            for path in _sources(hf_folder, files, index_file):
+                for name, t in tensorlift.iter_tensors(path, device=device):
+                    if keep is None or keep(name):
+                        LAST_LOAD["tensors"] += 1
+                        LAST_LOAD["bytes"] += t.nbytes
+                        yield name, t
+        LAST_LOAD["seconds"] = time.perf_counter() - start
+        logger.info(
+            "tensorlift: %d tensors (%.2f GB read here, %d received) onto %s in %.2f s",
+            LAST_LOAD["tensors"],
+            LAST_LOAD["bytes"] / 1e9,
+            LAST_LOAD["received"],
+            device,
+            LAST_LOAD["seconds"],
+        )
+
+
+def _rank_device(model):
+    """Where this rank's parameters live, as tensorlift names devices: ``cuda:N`` or ``cpu``
+    (tensors for other devices are loaded to the host, and vLLM copies them on)."""
+    for p in model.parameters():
+        if p.device.type == "cuda":
+            index = p.device.index if p.device.index is not None else torch.cuda.current_device()
+            return f"cuda:{index}"
+        return "cpu"
+    return "cpu"
+
+
+def _tp_group():
+    from vllm.distributed import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return None
+    return parallel_state.get_tp_group()
+
+
+def _natural_key(path):
+    # vLLM's order of shard files: model-2-of-10 before model-10-of-10.
+    return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", os.path.basename(path))]
+
+
+def _sources(hf_folder, files, index_file):
+    """What to hand tensorlift: the index, when the files are exactly the shards it names (so
+    that tensorlift reads them all at once), else each file in turn."""
+    index = os.path.join(hf_folder, index_file)
+    if len(files) > 1 and os.path.isfile(index):
+        try:
+            with open(index) as f:
+                named = {os.path.join(hf_folder, v) for v in json.load(f)["weight_map"].values()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            named = None
+        if named is not None and {os.path.realpath(p) for p in named} == {os.path.realpath(p) for p in files}:
+            return [index]
+    return list(files)
+
+
+def _split_and_broadcast(files, device, group, keep):
+    """Each rank of ``group`` reads every ``world_size``-th file (in rounds of one file per
+    rank) onto its device; then, rank by rank, each tensor of the round goes from the rank
+    that read it to the others by a broadcast on the group's device group. Every rank first
+    learns whether the others read their file, and what tensors it holds, so that a failed
+    read is raised on every rank instead of leaving the others waiting."""
+    import torch.distributed as dist
+
+    world, me = group.world_size, group.rank_in_group
+    for first in range(0, len(files), world):
+        batch = files[first : first + world]
+        mine, status = {}, {"error": None, "tensors": []}
+        if me < len(batch):
+            LAST_LOAD["files"].append(batch[me])
+            try:
+                mine = tensorlift.load_file(batch[me], device=device)
+                status["tensors"] = [(n, str(t.dtype), list(t.shape)) for n, t in mine.items()]
+            except Exception as e:  # every rank raises it below
+                mine, status["error"] = {}, f"{type(e).__name__}: {e}"
+        statuses = [None] * world
+        dist.all_gather_object(statuses, status, group=group.cpu_group)
+        failed = [(r, s["error"]) for r, s in enumerate(statuses) if s["error"] is not None]
+        if failed:
+            r, error = failed[0]
+            raise RuntimeError(f"tensorlift: rank {r} could not read {batch[r]}: {error}")
+        for owner, st in enumerate(statuses[: len(batch)]):
+            for name, dtype, shape in st["tensors"]:
+                if owner == me:
+                    t = mine.pop(name)
+                    LAST_LOAD["bytes"] += t.nbytes
+                else:
+                    # torch dtypes print as "torch.bfloat16".
+                    t = torch.empty(shape, dtype=getattr(torch, dtype.rpartition(".")[2]), device=device)
+                    LAST_LOAD["received"] += 1
+                if t.nbytes:
+                    # As bytes: every dtype crosses gloo and NCCL alike.
+                    group.broadcast(t.reshape(-1).view(torch.uint8), src=owner)
+                LAST_LOAD["tensors"] += 1
+                if keep is None or keep(name):
+                    yield name, t

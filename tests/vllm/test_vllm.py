@@ -1,0 +1,249 @@
+"""vLLM loads through tensorlift unchanged: installing the package registers
+``load_format="tensorlift"`` (the ``vllm.general_plugins`` entry point), and a tiny Llama
+written by transformers generates the same greedy tokens, with the same parameters on every
+rank, as with vLLM's default loader, on one rank and on two (gloo), where the ranks split
+the files and broadcast. ``vllm serve --load-format tensorlift`` answers the same text.
+
+Runs in vLLM's CPU build (tests/vllm/requirements*.txt, set up by scripts/test); each
+engine runs in a process of its own (engine.py)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import safetensors  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VOCAB = 256
+
+
+def write_model(path, max_shard_size="200KB"):
+    """A Llama-shaped model, written by transformers' save_pretrained (sharded, bf16), with a
+    word-level tokenizer ("w0" .. "w255"), so that vLLM reads it as it would a hub model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=64, max_position_embeddings=128, bos_token_id=1, eos_token_id=0,
+    )
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    words = {f"w{i}": i for i in range(VOCAB)}
+    tok = Tokenizer(models.WordLevel(words, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token="w0", bos_token="w1")
+    fast.save_pretrained(path)
+    return path
+
+
+def checkpoint_tensors(path):
+    """name -> (file, nbytes) of every tensor in the folder's shards, read by the reference."""
+    out = {}
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".safetensors"):
+            with safetensors.safe_open(os.path.join(path, f), framework="pt") as st:
+                for k in st.keys():
+                    out[k] = (os.path.join(path, f), st.get_tensor(k).nbytes)
+    return out
+
+
+def engine(model, load_format, tp=1, extra=None, expect_ok=True):
+    cmd = [sys.executable, os.path.join(HERE, "engine.py"), str(model), load_format, str(tp), json.dumps(extra or {})]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
+    if not expect_ok:
+        assert p.returncode != 0 and not lines, p.stdout[-3000:]
+        return p.stdout + p.stderr
+    assert p.returncode == 0 and lines, (p.stdout + p.stderr)[-6000:]
+    return json.loads(lines[0][len("RESULT ") :])
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = write_model(tmp_path_factory.mktemp("llama"))
+    assert os.path.exists(path / "model.safetensors.index.json")
+    assert len([f for f in os.listdir(path) if f.endswith(".safetensors")]) >= 3
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(model):
+    """Engines run once per module and shared by the tests."""
+    cache = {}
+
+    def run(load_format, tp=1, extra=None):
+        key = (load_format, tp, json.dumps(extra))
+        if key not in cache:
+            cache[key] = engine(model, load_format, tp, extra)
+        return cache[key]
+
+    return run
+
+
+def test_entry_point_registers_the_load_format():
+    from importlib.metadata import entry_points
+
+    eps = [ep for ep in entry_points(group="vllm.general_plugins") if ep.name == "tensorlift"]
+    assert [ep.value for ep in eps] == ["tensorlift.vllm:register"]
+    from vllm.config import LoadConfig
+    from vllm.model_executor.model_loader import get_model_loader
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()
+    load_general_plugins()  # vLLM calls it in every process; twice is once
+    import tensorlift.vllm
+
+    loader = get_model_loader(LoadConfig(load_format="TensorLift"))
+    assert type(loader) is tensorlift.vllm.TensorliftModelLoader
+    assert loader.distributed is True
+    assert get_model_loader(LoadConfig(load_format="tensorlift", model_loader_extra_config={"distributed": False})).distributed is False
+
+
+def test_options_are_checked():
+    from vllm.config import LoadConfig
+
+    import tensorlift.vllm
+
+    with pytest.raises(ValueError, match=r"Unexpected extra config keys for load format tensorlift: \['num_threads'\]"):
+        tensorlift.vllm.TensorliftModelLoader(LoadConfig(load_format="tensorlift", model_loader_extra_config={"num_threads": 4}))
+    with pytest.raises(ValueError, match="distributed must be a bool, got 'yes'"):
+        tensorlift.vllm.TensorliftModelLoader(LoadConfig(load_format="tensorlift", model_loader_extra_config={"distributed": "yes"}))
+
+
+def same_on_rank(ours, stock, tensors):
+    """The rank's loader handed model.load_weights() every tensor of the checkpoint, as
+    vLLM's default loader does, and the parameters that keep what was loaded are equal."""
+    assert sorted(ours["weights"]) == sorted(stock["weights"]) == sorted(tensors)
+    for name in ours["weights"]:
+        assert ours["weights"][name] == stock["weights"][name], name
+    assert sorted(ours["params"]) == sorted(stock["params"]) and ours["params"]
+    for name in ours["params"]:
+        assert ours["params"][name] == stock["params"][name], name
+
+
+def test_one_rank_same_tokens_and_parameters(model, runs):
+    stock, ours = runs("auto"), runs("tensorlift")
+    assert ours["tokens"] == stock["tokens"] and ours["text"] == stock["text"]
+    assert all(len(t) == 8 for t in ours["tokens"])
+    (s,), (o,) = stock["ranks"], ours["ranks"]
+    tensors = checkpoint_tensors(model)
+    same_on_rank(o, s, tensors)
+    # tensorlift read every tensor of every file itself.
+    assert s["load"] == {}
+    assert sorted(o["load"]["files"]) == sorted({f for f, _ in tensors.values()})
+    assert o["load"]["tensors"] == len(tensors) and o["load"]["received"] == 0
+    assert o["load"]["bytes"] == sum(n for _, n in tensors.values())
+    assert o["load"]["device"] == "cpu"
+
+
+def test_two_ranks_split_the_files_and_broadcast(model, runs):
+    stock, ours = runs("auto", tp=2), runs("tensorlift", tp=2)
+    # (Not compared with one rank: split matrix products round bfloat16 otherwise.)
+    assert ours["tokens"] == stock["tokens"]
+    assert len(ours["ranks"]) == 2
+    tensors = checkpoint_tensors(model)
+    for s, o in zip(stock["ranks"], ours["ranks"]):
+        same_on_rank(o, s, tensors)
+    # The ranks hold different halves of the sharded weights: the comparison is per rank.
+    assert ours["ranks"][0]["params"] != ours["ranks"][1]["params"]
+    # Each file was read by one rank, and every tensor reached both.
+    files = [r["load"]["files"] for r in ours["ranks"]]
+    assert files[0] and files[1] and not set(files[0]) & set(files[1])
+    assert sorted(files[0] + files[1]) == sorted({f for f, _ in tensors.values()})
+    for mine, other in ((0, 1), (1, 0)):
+        load = ours["ranks"][mine]["load"]
+        assert load["tensors"] == len(tensors)
+        assert load["bytes"] == sum(n for f, n in tensors.values() if f in files[mine])
+        assert load["received"] == sum(1 for f, _ in tensors.values() if f in files[other])
+
+
+def test_two_ranks_each_reading_every_file(model, runs):
+    ours = runs("tensorlift", tp=2, extra={"distributed": False})
+    stock = runs("auto", tp=2)
+    assert ours["tokens"] == stock["tokens"]
+    tensors = checkpoint_tensors(model)
+    for s, o in zip(stock["ranks"], ours["ranks"]):
+        same_on_rank(o, s, tensors)
+        assert o["load"]["received"] == 0 and o["load"]["tensors"] == len(tensors)
+
+
+def test_a_missing_weight_fails_the_load(tmp_path):
+    path = write_model(tmp_path / "m", max_shard_size="10GB")
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path / "model.safetensors")
+    # (A linear layer's weight is not checked on the CPU: vLLM repacks them after loading,
+    # and its check exempts the layers that do.)
+    del tensors["model.layers.1.post_attention_layernorm.weight"]
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    for load_format in ("auto", "tensorlift"):
+        out = engine(path, load_format, expect_ok=False)
+        assert "Following weights were not initialized from checkpoint" in out, out[-4000:]
+        assert "model.layers.1.post_attention_layernorm.weight" in out
+
+
+def test_a_damaged_shard_fails_on_every_rank(model, tmp_path):
+    import shutil
+
+    path = tmp_path / "m"
+    shutil.copytree(model, path)
+    shard = sorted(p for p in os.listdir(path) if p.endswith(".safetensors"))[1]
+    size = os.path.getsize(path / shard)
+    os.truncate(path / shard, size - 100)
+    out = engine(path, "tensorlift", tp=2, expect_ok=False)
+    # The rank that reads the shard names it; the other rank is told, instead of waiting.
+    assert f"could not read {path / shard}" in out, out[-4000:]
+    assert "tensorlift: rank" in out
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_vllm_serve(model, runs):
+    port = free_port()
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1")
+    cmd = [
+        sys.executable, os.path.join(HERE, "vllm_cli.py"), "serve", str(model), "--load-format", "tensorlift",
+        "--model-loader-extra-config", '{"distributed": true}', "--port", str(port), "--host", "127.0.0.1",
+        "--dtype", "bfloat16", "--max-model-len", "64", "--gpu-memory-utilization", "0.1", "--enforce-eager",
+    ]
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert server.poll() is None, server.stdout.read()[-4000:]
+            assert time.time() < deadline, "vllm serve did not come up in 300 s"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        stock = runs("auto")
+        for prompt, text in zip(["w1 w2 w3 w4", "w42"], [stock["text"][0], stock["text"][2]]):
+            body = json.dumps({"model": str(model), "prompt": prompt, "max_tokens": 8, "temperature": 0}).encode()
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/completions", body, {"Content-Type": "application/json"}
+            )
+            answer = json.load(urllib.request.urlopen(req, timeout=60))
+            assert answer["choices"][0]["text"] == text
+    finally:
+        server.terminate()
+        try:
+            out, _ = server.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            out, _ = server.communicate()
+    assert "tensorlift: " in out and "Registered model loader" in out
