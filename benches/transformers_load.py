@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""transformers' from_pretrained through tensorlift against stock, on the CPU.
+"""transformers' from_pretrained through tensorlift against stock, on the CPU (or onto a GPU
+with --device-map cuda:0).
 
 Writes (once) a Llama-shaped model of about 1.1 GB in bfloat16 with transformers' own
 save_pretrained, then alternates fresh Python processes that import torch and transformers
@@ -26,7 +27,10 @@ if sys.argv[2] == "tensorlift":
     import tensorlift
     tensorlift.patch()
 t = time.perf_counter()
-m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
+kwargs = {"device_map": sys.argv[3]} if sys.argv[3] != "none" else {}
+m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16, **kwargs)
+if torch.cuda.is_available():
+    torch.cuda.synchronize()
 dt = time.perf_counter() - t
 print(dt, sum(p.numel() * p.element_size() for p in m.parameters()))
 """
@@ -56,15 +60,17 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default="target/bench-checkpoints/transformers-llama-1.1GB")
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--device-map", default="none", help="from_pretrained's device_map (e.g. cuda:0); none: the host")
     a = ap.parse_args()
     make(a.dir)
     paths = shard_paths(a.dir)
-    print(f"{a.dir}: {sum(os.path.getsize(p) for p in paths) / 1e9:.2f} GB in {len(paths)} file(s)")
+    print(f"{a.dir}: {sum(os.path.getsize(p) for p in paths) / 1e9:.2f} GB in {len(paths)} file(s), "
+          f"device_map={a.device_map}")
     times = {"stock": [], "tensorlift": []}
     for _ in range(a.runs):
         for engine in times:
             warm(paths)
-            out = subprocess.run([sys.executable, "-c", CHILD, a.dir, engine], check=True, capture_output=True, text=True)
+            out = subprocess.run([sys.executable, "-c", CHILD, a.dir, engine, a.device_map], check=True, capture_output=True, text=True)
             dt, nbytes = out.stdout.split()
             times[engine].append(float(dt))
     for engine, ts in times.items():

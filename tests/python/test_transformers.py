@@ -85,6 +85,30 @@ def test_from_pretrained_through_tensorlift_equals_stock(tmp_path, make, dtype, 
     assert torch.equal(outputs(ours), outputs(stock))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu-host runs it)")
+@pytest.mark.parametrize("make", [llama, bert], ids=["llama", "bert"])
+def test_from_pretrained_onto_a_gpu_through_tensorlift_equals_stock(tmp_path, make, served):
+    torch.manual_seed(0)
+    model, auto = make()
+    model.to(torch.bfloat16).save_pretrained(tmp_path, max_shard_size="40KB")
+    files = [f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]
+    stock = auto.from_pretrained(tmp_path, dtype=torch.bfloat16, device_map="cuda:0").eval()
+    with tensorlift.patch():
+        ours = auto.from_pretrained(tmp_path, dtype=torch.bfloat16, device_map="cuda:0").eval()
+    assert served["opened"] == len(files) > 1, served
+    want, got = stock.state_dict(), ours.state_dict()
+    assert sorted(got) == sorted(want)
+    for name, t in want.items():
+        assert t.device.type == "cuda" and got[name].device == t.device, name
+        assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+    ids = torch.tensor([[1, 5, 9, 17, 33, 65, 3, 2]], device="cuda:0")
+    with torch.no_grad():
+        a, b = ours(input_ids=ids), stock(input_ids=ids)
+    a = a.logits if hasattr(a, "logits") else a.last_hidden_state
+    b = b.logits if hasattr(b, "logits") else b.last_hidden_state
+    assert torch.equal(a, b)
+
+
 def test_patch_is_undone_and_falls_back_for_what_tensorlift_does_not_load(tmp_path):
     import safetensors
     import safetensors.torch
