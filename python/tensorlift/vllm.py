@@ -6,8 +6,8 @@ entry point, so that, unchanged::
     vllm serve MODEL --load-format tensorlift
     LLM(MODEL, load_format="tensorlift")
 
-load the checkpoint's safetensors files through tensorlift (io_uring, several shards at
-once, straight onto the rank's device) and hand ``model.load_weights()`` the tensors
+load the checkpoint's safetensors files through tensorlift (io_uring, file by file, as
+vLLM reads them, straight onto the rank's device) and hand ``model.load_weights()`` the tensors
 already on that device. Which files are read, how they are downloaded, and the check that
 every parameter was loaded are vLLM's own (``DefaultModelLoader``, as for
 ``--load-format safetensors``).
@@ -33,7 +33,6 @@ This module imports vLLM; ``import tensorlift`` does not.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import time
@@ -98,6 +97,8 @@ class TensorliftModelLoader(DefaultModelLoader):
             load_config, load_format="safetensors", model_loader_extra_config=ours
         )
         self._device = None
+        # Whether tensors land on the device the parameters are on (else on the host).
+        self._native = True
 
     def _prepare_weights(self, *args, **kwargs):
         ours, self.load_config = self.load_config, self._files_config
@@ -107,19 +108,27 @@ class TensorliftModelLoader(DefaultModelLoader):
             self.load_config = ours
 
     def load_weights(self, model, model_config):
-        self._device = _rank_device(model)
         LAST_LOAD.clear()
-        LAST_LOAD.update(device=self._device, files=[], tensors=0, bytes=0, received=0, seconds=0.0)
+        LAST_LOAD.update(files=[], tensors=0, bytes=0, received=0, seconds=0.0)
         super().load_weights(model, model_config)
 
+    def get_all_weights(self, model_config, model):
+        # Also the entry of vLLM's in-place weight reload, which skips load_weights.
+        self._device, self._native = _rank_device(model)
+        LAST_LOAD.setdefault("files", [])
+        LAST_LOAD["device"] = self._device
+        return super().get_all_weights(model_config, model)
+
     def _get_weights_iterator(self, source):
-        hf_folder, files, _, index_file = self._prepare_weights(
+        _, files, _, _ = self._prepare_weights(
             source.model_or_path,
             source.subfolder,
             source.revision,
             source.fall_back_to_pt,
             source.allow_patterns_overrides,
         )
+        if self.load_config.safetensors_load_strategy == "torchao":
+            raise ValueError("load format tensorlift does not rebuild torchao tensors; use --load-format safetensors")
         if self._encoder_only_lm_prefixes is not None:
             raise ValueError("load format tensorlift does not take --mm-encoder-only; use --load-format safetensors")
         if source.is_unused_weight is not None:
@@ -129,10 +138,10 @@ class TensorliftModelLoader(DefaultModelLoader):
         files = sorted(files, key=_natural_key)
         if self.counter_before_loading_weights == 0.0:
             self.counter_before_loading_weights = time.perf_counter()
-        weights = self._weights(hf_folder, files, index_file)
+        weights = self._weights(files)
         return ((source.prefix + name, tensor) for name, tensor in weights)
 
-    def _weights(self, hf_folder, files, index_file):
+    def _weights(self, files):
         device = self._device or "cpu"
         group = _tp_group()
         keep = None
@@ -145,16 +154,19 @@ class TensorliftModelLoader(DefaultModelLoader):
                 return not should_skip_weight(name, local)
 
         start = time.perf_counter()
-        if group is not None and group.world_size > 1 and self.distributed:
+        if group is not None and group.world_size > 1 and self.distributed and self._native:
             yield from _split_and_broadcast(files, device, group, keep)
         else:
-            LAST_LOAD["files"].extend(files)
-            for path in _sources(hf_folder, files, index_file):
+            # File by file, as vLLM reads them: every tensor of each file (whatever an index
+            # says), and at most one file's memory beyond the model's on the device.
+            for path in files:
                 for name, t in tensorlift.iter_tensors(path, device=device):
                     if keep is None or keep(name):
                         LAST_LOAD["tensors"] += 1
                         LAST_LOAD["bytes"] += t.nbytes
                         yield name, t
+                    t = None
+                LAST_LOAD["files"].append(path)
         LAST_LOAD["seconds"] = time.perf_counter() - start
         logger.info(
             "tensorlift: %d tensors (%.2f GB read here, %d received) onto %s in %.2f s",
@@ -167,14 +179,17 @@ class TensorliftModelLoader(DefaultModelLoader):
 
 
 def _rank_device(model):
-    """Where this rank's parameters live, as tensorlift names devices: ``cuda:N`` or ``cpu``
-    (tensors for other devices are loaded to the host, and vLLM copies them on)."""
+    """Where this rank's tensors go, as tensorlift names devices, and whether that is where
+    its parameters are: ``cuda:N`` on a CUDA platform, else ``cpu`` (for parameters on
+    other devices, vLLM copies them on)."""
+    from vllm.platforms import current_platform
+
     for p in model.parameters():
-        if p.device.type == "cuda":
+        if p.device.type == "cuda" and current_platform.is_cuda():
             index = p.device.index if p.device.index is not None else torch.cuda.current_device()
-            return f"cuda:{index}"
-        return "cpu"
-    return "cpu"
+            return f"cuda:{index}", True
+        return "cpu", p.device.type == "cpu"
+    return "cpu", True
 
 
 def _tp_group():
@@ -190,21 +205,6 @@ def _natural_key(path):
     return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", os.path.basename(path))]
 
 
-def _sources(hf_folder, files, index_file):
-    """What to hand tensorlift: the index, when the files are exactly the shards it names (so
-    that tensorlift reads them all at once), else each file in turn."""
-    index = os.path.join(hf_folder, index_file)
-    if len(files) > 1 and os.path.isfile(index):
-        try:
-            with open(index) as f:
-                named = {os.path.join(hf_folder, v) for v in json.load(f)["weight_map"].values()}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            named = None
-        if named is not None and {os.path.realpath(p) for p in named} == {os.path.realpath(p) for p in files}:
-            return [index]
-    return list(files)
-
-
 def _split_and_broadcast(files, device, group, keep):
     """Each rank of ``group`` reads every ``world_size``-th file (in rounds of one file per
     rank) onto its device; then, rank by rank, each tensor of the round goes from the rank
@@ -214,6 +214,11 @@ def _split_and_broadcast(files, device, group, keep):
     import torch.distributed as dist
 
     world, me = group.world_size, group.rank_in_group
+    # One list for every rank, rank 0's: ranks that globbed their own folders in another
+    # order would otherwise call the collectives below out of step.
+    agreed = [files]
+    dist.broadcast_object_list(agreed, src=group.ranks[0], group=group.cpu_group)
+    files = agreed[0]
     for first in range(0, len(files), world):
         batch = files[first : first + world]
         mine, status = {}, {"error": None, "tensors": []}
@@ -245,3 +250,5 @@ def _split_and_broadcast(files, device, group, keep):
                 LAST_LOAD["tensors"] += 1
                 if keep is None or keep(name):
                     yield name, t
+        # Nothing of this round outlives it (its last tensor would hold a whole file).
+        t = mine = None

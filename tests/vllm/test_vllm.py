@@ -100,8 +100,14 @@ def test_entry_point_registers_the_load_format():
     from vllm.plugins import load_general_plugins
 
     load_general_plugins()
-    load_general_plugins()  # vLLM calls it in every process; twice is once
     import tensorlift.vllm
+    from vllm.model_executor.model_loader import _LOAD_FORMAT_TO_MODEL_LOADER
+
+    # vLLM calls it in every process: once more changes nothing.
+    formats = dict(_LOAD_FORMAT_TO_MODEL_LOADER)
+    tensorlift.vllm.register()
+    assert _LOAD_FORMAT_TO_MODEL_LOADER == formats
+    assert formats["tensorlift"] is tensorlift.vllm.TensorliftModelLoader
 
     loader = get_model_loader(LoadConfig(load_format="TensorLift"))
     assert type(loader) is tensorlift.vllm.TensorliftModelLoader
@@ -201,9 +207,11 @@ def test_a_damaged_shard_fails_on_every_rank(model, tmp_path):
     size = os.path.getsize(path / shard)
     os.truncate(path / shard, size - 100)
     out = engine(path, "tensorlift", tp=2, expect_ok=False)
-    # The rank that reads the shard names it; the other rank is told, instead of waiting.
-    assert f"could not read {path / shard}" in out, out[-4000:]
-    assert "tensorlift: rank" in out
+    # The rank that reads the shard names it; the other rank is told, instead of waiting:
+    # both workers raise it.
+    for worker in ("Worker_TP0", "Worker_TP1"):
+        lines = [line for line in out.splitlines() if worker in line and f"could not read {path / shard}" in line]
+        assert lines and "tensorlift: rank 1" in lines[0], (worker, out[-4000:])
 
 
 def free_port():
@@ -217,7 +225,7 @@ def test_vllm_serve(model, runs):
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1")
     cmd = [
         sys.executable, os.path.join(HERE, "vllm_cli.py"), "serve", str(model), "--load-format", "tensorlift",
-        "--model-loader-extra-config", '{"distributed": true}', "--port", str(port), "--host", "127.0.0.1",
+        "--model-loader-extra-config", '{"enable_weights_track": true}', "--port", str(port), "--host", "127.0.0.1",
         "--dtype", "bfloat16", "--max-model-len", "64", "--gpu-memory-utilization", "0.1", "--enforce-eager",
     ]
     server = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -1,0 +1,113 @@
+"""The tensor-parallel path of the vLLM plugin, alone: two processes in a real gloo group
+split the files and broadcast, and each hands over exactly the tensors the reference reader
+reads from every file (every dtype torch has, a 0-d tensor, empty tensors, a rank with no
+file in the last round), in vLLM's order of files. A read that fails on one rank is raised
+on both, naming the rank and the file, instead of leaving the other waiting."""
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+WORLD = 2
+
+
+class Group:
+    """What the plugin uses of vLLM's GroupCoordinator, over a plain torch group."""
+
+    def __init__(self):
+        self.world_size = dist.get_world_size()
+        self.rank_in_group = dist.get_rank()
+        self.ranks = list(range(self.world_size))
+        self.cpu_group = dist.group.WORLD
+
+    def broadcast(self, t, src):
+        dist.broadcast(t, src=self.ranks[src], group=dist.group.WORLD)
+        return t
+
+
+def write_files(folder):
+    torch.manual_seed(0)
+    files = {
+        "a-00001.safetensors": {
+            "bool": torch.rand(3, 5) > 0.5,
+            "f8": torch.randn(4, 4).to(torch.float8_e4m3fn),
+            "bf16": torch.randn(7, 3).to(torch.bfloat16),
+            "scalar": torch.tensor(3.5, dtype=torch.float64),
+        },
+        "a-00002.safetensors": {
+            "empty": torch.zeros(0, 4, dtype=torch.float16),
+            "i64": torch.arange(-5, 6, dtype=torch.int64),
+            "u8": torch.arange(0, 250, dtype=torch.uint8),
+        },
+        # Three files for two ranks: rank 1 has none in the second round.
+        "a-00010.safetensors": {"f32": torch.randn(2, 3, 4), "i8": torch.arange(-8, 8, dtype=torch.int8)},
+    }
+    paths = []
+    for name, tensors in files.items():
+        save_file(tensors, os.path.join(folder, name))
+        paths.append(os.path.join(folder, name))
+    return paths
+
+
+def worker(rank, init, paths, results):
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+    try:
+        import tensorlift.vllm as plugin
+
+        plugin.LAST_LOAD.clear()
+        plugin.LAST_LOAD.update(files=[], tensors=0, bytes=0, received=0)
+        # Each rank lists the files in its own order: rank 0's is the one used.
+        mine = paths if rank == 0 else list(reversed(paths))
+        try:
+            got = [(n, t.clone()) for n, t in plugin._split_and_broadcast(mine, "cpu", Group(), None)]
+            results[rank] = {"tensors": got, "load": dict(plugin.LAST_LOAD)}
+        except Exception as e:
+            results[rank] = {"error": str(e)}
+    finally:
+        dist.destroy_process_group()
+
+
+def run(paths):
+    with tempfile.TemporaryDirectory() as d:
+        init = f"file://{d}/store"
+        with mp.Manager() as m:
+            results = m.dict()
+            mp.spawn(worker, args=(init, paths, results), nprocs=WORLD, join=True)
+            return dict(results)
+
+
+def test_every_rank_gets_every_tensor_as_the_reference_reads_it(tmp_path):
+    paths = write_files(str(tmp_path))
+    results = run(paths)
+    want = []
+    for p in paths:
+        want.extend(load_file(p).items())
+    for rank in range(WORLD):
+        got = results[rank]["tensors"]
+        # Each file's tensors, in the order of the files (rank 0's list).
+        assert sorted(n for n, _ in got) == sorted(n for n, _ in want)
+        got = dict(got)
+        for name, t in want:
+            g = got[name]
+            assert g.dtype == t.dtype and g.shape == t.shape, name
+            assert torch.equal(g.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), name
+    loads = [results[r]["load"] for r in range(WORLD)]
+    assert loads[0]["files"] == [paths[0], paths[2]] and loads[1]["files"] == [paths[1]]
+    assert all(load["tensors"] == len(want) for load in loads)
+    assert loads[0]["received"] + loads[1]["received"] == len(want)
+
+
+def test_a_failed_read_is_raised_on_every_rank(tmp_path):
+    paths = write_files(str(tmp_path))
+    os.truncate(paths[1], os.path.getsize(paths[1]) - 8)
+    results = run(paths)
+    for rank in range(WORLD):
+        assert f"tensorlift: rank 1 could not read {paths[1]}" in results[rank]["error"], results[rank]
+
+
+if __name__ == "__main__":
+    pytest.main([__file__])
