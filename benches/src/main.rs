@@ -58,22 +58,9 @@ struct Args {
     /// Print one JSON object instead of tables.
     #[arg(long)]
     json: bool,
-    /// tensorlift: bytes per read, in MiB (default 8).
-    #[arg(long, value_name = "MIB")]
-    chunk_mib: Option<usize>,
-    /// tensorlift: bytes in flight at most, in MiB (default 256).
-    #[arg(long, value_name = "MIB")]
-    budget_mib: Option<usize>,
-    /// tensorlift: reads in flight at most (default 64).
-    #[arg(long)]
-    queue_depth: Option<u32>,
-    /// tensorlift: I/O backend, uring or pread (default: uring when available; mmap is
-    /// refused: it is not an I/O backend).
-    #[arg(long, value_parser = |s: &str| s.parse::<tensorlift::BackendKind>())]
-    io: Option<tensorlift::BackendKind>,
-    /// tensorlift: io_uring worker threads, one ring each (default: one per CPU, 2 to 16).
-    #[arg(long)]
-    io_workers: Option<usize>,
+    /// tensorlift's tuning (each left out keeps its default).
+    #[command(flatten)]
+    tuning: tensorlift::flags::Tuning,
     /// tensorlift: keep the host memory of one run's tensors for the next run (as a server
     /// that loads again does); by default every run loads into fresh memory.
     #[arg(long)]
@@ -83,18 +70,6 @@ struct Args {
     /// is much slower; 0 (the default) skips the mode.
     #[arg(long, default_value_t = 0, value_name = "SECS")]
     idle_secs: u64,
-    /// tensorlift: do not fault in new host memory ahead of the reads on threads of its own
-    /// (on by default; see `LoaderBuilder::prefault`).
-    #[arg(long)]
-    no_prefault: bool,
-    /// tensorlift: whether a host load reads each shard once its own header is validated,
-    /// while the rest is planned: auto (the default), always, never (see
-    /// `LoaderBuilder::read_while_planning`).
-    #[arg(long, value_parser = |s: &str| s.parse::<tensorlift::ReadWhilePlanning>())]
-    read_while_planning: Option<tensorlift::ReadWhilePlanning>,
-    /// tensorlift: O_DIRECT policy, auto, always or never (default auto).
-    #[arg(long, value_parser = |s: &str| s.parse::<tensorlift::DirectIo>())]
-    direct: Option<tensorlift::DirectIo>,
     /// tensorlift: convert floating-point tensors to bf16, f16 or f32 as they land (on the
     /// GPU by its kernels); GB/s counts the bytes as stored.
     #[arg(long, value_parser = parse_dtype)]
@@ -283,31 +258,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
 
 /// A loader builder with tensorlift's knobs as the flags set them.
 fn builder(args: &Args) -> anyhow::Result<tensorlift::LoaderBuilder> {
-    let mut b = Loader::builder();
-    if let Some(m) = args.chunk_mib {
-        b = b.chunk_size(m << 20);
-    }
-    if let Some(m) = args.budget_mib {
-        b = b.staging_budget(m << 20);
-    }
-    if let Some(d) = args.queue_depth {
-        b = b.queue_depth(d);
-    }
-    if let Some(io) = args.io {
-        b = b.io_backend(io);
-    }
-    if let Some(w) = args.io_workers {
-        b = b.io_workers(w);
-    }
-    if let Some(d) = args.direct {
-        b = b.direct_io(d);
-    }
-    if args.no_prefault {
-        b = b.prefault(false);
-    }
-    if let Some(p) = args.read_while_planning {
-        b = b.read_while_planning(p);
-    }
+    let mut b = args.tuning.apply(Loader::builder());
     if let Some(to) = args.convert_to {
         b = b.convert_to(to);
     }

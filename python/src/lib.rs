@@ -132,7 +132,7 @@ fn drop_capsule<T>(capsule: *mut ffi::PyObject, name: &CStr, delete: impl FnOnce
 }
 
 fn device_of(device: &str) -> PyResult<Device> {
-    device.parse().map_err(|e: LoadError| PyValueError::new_err(e.to_string()))
+    device.parse().map_err(|e: tensorlift::InvalidDevice| PyValueError::new_err(e.to_string()))
 }
 
 /// The Python exception for a load error: `FileNotFoundError` for a missing path,
@@ -642,7 +642,7 @@ fn iter_tensors(
 ) -> PyResult<PyTensorIterator> {
     let raised = Raised::default();
     let loader = loader(device, filter, progress, &raised, Options { dtype, tp, mapped: false })?;
-    let stream = py.detach(|| loader.stream(&path)).map_err(py_err)?;
+    let stream = py.detach(|| loader.stream_blocking(&path)).map_err(py_err)?;
     Ok(PyTensorIterator { stream: Some(stream), raised, stats })
 }
 

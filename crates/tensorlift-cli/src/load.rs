@@ -8,7 +8,7 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use tensorlift::{BackendKind, Device, DirectIo, Loader, Model, Tensor};
+use tensorlift::{Device, Loader, Model, Tensor};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -24,39 +24,11 @@ pub struct Args {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
-    /// I/O backend (default: io_uring when available, else pread).
-    #[arg(long, value_parser = parse_backend)]
-    io: Option<BackendKind>,
     /// Only tensors matching these names or globs (repeatable).
     #[arg(long = "filter", value_name = "GLOB")]
     filters: Vec<String>,
-    /// Bytes per read, in MiB.
-    #[arg(long, value_name = "MIB")]
-    chunk_mib: Option<usize>,
-    /// Bytes in flight at most, in MiB.
-    #[arg(long, value_name = "MIB")]
-    budget_mib: Option<usize>,
-    /// Reads in flight at most.
-    #[arg(long)]
-    queue_depth: Option<u32>,
-    /// O_DIRECT policy: auto (for shards not in the page cache), always, never.
-    #[arg(long, value_parser = parse_direct)]
-    direct: Option<DirectIo>,
-    /// Huge pages for host memory: auto (measured), always, never.
-    #[arg(long, value_parser = |s: &str| s.parse::<tensorlift::HugePages>())]
-    huge_pages: Option<tensorlift::HugePages>,
-    /// Do not fault in new host memory ahead of the reads (on by default).
-    #[arg(long)]
-    no_prefault: bool,
-    /// Whether a load to the CPU reads each shard once its own header is validated, while
-    /// the rest is planned: auto (where it pays: 4+ CPUs, or a largest shard not in the page
-    /// cache), always, never.
-    #[arg(long, value_parser = |s: &str| s.parse::<tensorlift::ReadWhilePlanning>())]
-    read_while_planning: Option<tensorlift::ReadWhilePlanning>,
-}
-
-fn parse_direct(s: &str) -> Result<DirectIo, String> {
-    s.parse()
+    #[command(flatten)]
+    tuning: tensorlift::flags::Tuning,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -64,12 +36,8 @@ enum DigestKind {
     Sha256,
 }
 
-fn parse_backend(s: &str) -> Result<BackendKind, String> {
-    s.parse()
-}
-
 fn parse_device(s: &str) -> Result<Device, String> {
-    s.parse().map_err(|e: tensorlift::LoadError| e.to_string())
+    s.parse().map_err(|e: tensorlift::InvalidDevice| e.to_string())
 }
 
 pub fn run(args: &Args, out: &mut dyn Write) -> anyhow::Result<()> {
@@ -78,30 +46,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> anyhow::Result<()> {
     if let Some(d) = args.device {
         builder = builder.device(d);
     }
-    if let Some(m) = args.chunk_mib {
-        builder = builder.chunk_size(m << 20);
-    }
-    if let Some(m) = args.budget_mib {
-        builder = builder.staging_budget(m << 20);
-    }
-    if let Some(d) = args.queue_depth {
-        builder = builder.queue_depth(d);
-    }
-    if let Some(io) = args.io {
-        builder = builder.io_backend(io);
-    }
-    if let Some(d) = args.direct {
-        builder = builder.direct_io(d);
-    }
-    if let Some(p) = args.huge_pages {
-        builder = builder.huge_pages(p);
-    }
-    if args.no_prefault {
-        builder = builder.prefault(false);
-    }
-    if let Some(p) = args.read_while_planning {
-        builder = builder.read_while_planning(p);
-    }
+    builder = args.tuning.apply(builder);
     let bar = progress_bar();
     if let Some(bar) = bar.clone() {
         builder = builder.progress(move |p| {

@@ -22,9 +22,10 @@ use std::time::{Duration, Instant};
 use tensorlift_cuda::{CopyEngine, CudaError, DeviceArena, Gpu, KernelType, Kernels, PinnedChunk, PinnedPool};
 use tensorlift_format::{Dtype, LoadPlan};
 
-use crate::layout::{self, Place, Read, Span};
-use crate::loader::Config;
-use crate::pipeline::{chunks_to_wait_for, completed_by, plan_file, Sink};
+use crate::config::Config;
+use crate::error::plan_file;
+use crate::layout::{self, chunks_to_wait_for, completed_by, Place, Read, Span};
+use crate::sink::Sink;
 use crate::{Device, LoadError, Tensor};
 
 /// A CUDA device chosen by a loader, with its staging memory.
@@ -255,7 +256,7 @@ impl CudaSink {
                 self.pending += 1;
                 Ok(())
             }
-            Err(source) => Err(LoadError::Convert { tensor: pt.name.clone(), to: c.to, message: source.to_string() }),
+            Err(source) => Err(LoadError::Convert { tensor: pt.name.clone(), to: c.to, source: source.into() }),
         }
     }
 
@@ -268,7 +269,7 @@ impl CudaSink {
         if tag & CONVERTED != 0 {
             let tensor = plan.tensors().get((tag & !CONVERTED) as usize).map_or_else(String::new, |t| t.name.clone());
             let to = self.conversion.as_ref().map_or(Dtype::F32, |c| c.to);
-            return LoadError::Convert { tensor, to, message: source.to_string() };
+            return LoadError::Convert { tensor, to, source: source.into() };
         }
         let (span, index) = ((tag >> 32) as usize, (tag & 0xffff_ffff) as usize);
         let Some(s) = self.spans.get(span) else { return LoadError::Cuda { file: plan_file(plan), source } };

@@ -19,9 +19,10 @@ use std::task::{Context, Poll};
 use tensorlift_format::{Dtype, LoadPlan};
 use tensorlift_io::{ArenaChunk, ArenaPool, Claim, HostArena, HostChunk, PAGE};
 
-use crate::layout::{Read, Span};
-use crate::pipeline::{chunks_to_wait_for, completed_by, plan_file, Sink};
+use crate::error::{plan_file, ConversionFailure};
+use crate::layout::{chunks_to_wait_for, completed_by, Read, Span};
 use crate::place::Resolved;
+use crate::sink::Sink;
 use crate::{LoadError, Tensor};
 
 /// Where a span's reads land.
@@ -314,13 +315,18 @@ impl HostSink {
             let Some((memory, mut chunk)) = out else { return Tensor::produced(plan, pt, dtype, stored) };
             let len = crate::place::loaded_as(pt, Some(dtype)).1 as usize;
             let written = chunk.as_mut_slice().get_mut(..len).map(|o| crate::tensor::produce(pt, dtype, stored, o));
-            let converted = |message: String| LoadError::Convert { tensor: pt.name.clone(), to: dtype, message };
+            let converted =
+                |source: ConversionFailure| LoadError::Convert { tensor: pt.name.clone(), to: dtype, source };
             match written {
-                Some(r) => r.map_err(|e| converted(e.to_string()))?,
-                None => return Err(converted(format!("its memory holds fewer than {len} bytes"))),
+                Some(r) => r.map_err(|e| converted(e.into()))?,
+                None => {
+                    return Err(converted(ConversionFailure::Memory(format!(
+                        "its memory holds fewer than {len} bytes"
+                    ))))
+                }
             }
             if memory.complete(chunk).is_err() {
-                return Err(converted("its memory is another arena's".into()));
+                return Err(converted(ConversionFailure::Memory("its memory is another arena's".into())));
             }
             return Ok(Tensor::host(&pt.name, dtype, &pt.shape, memory, 0..len));
         };
@@ -333,7 +339,7 @@ impl HostSink {
                 message: "its memory was already being written".into(),
             });
         }
-        produced.map_err(|e| LoadError::Convert { tensor: pt.name.clone(), to: dtype, message: e.to_string() })?;
+        produced.map_err(|e| LoadError::Convert { tensor: pt.name.clone(), to: dtype, source: e.into() })?;
         Ok(Tensor::in_caller_host(&pt.name, dtype, &pt.shape, Arc::clone(claim)))
     }
 }

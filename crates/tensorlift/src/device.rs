@@ -1,8 +1,6 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::LoadError;
-
 /// Where tensors are loaded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
@@ -31,9 +29,15 @@ impl fmt::Display for Device {
     }
 }
 
+/// A device name that is not `auto`, `cpu`, `cuda` or `cuda:N` (it converts into
+/// [`LoadError::InvalidDevice`](crate::LoadError::InvalidDevice)).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid device '{0}' (expected auto, cpu, cuda or cuda:N)")]
+pub struct InvalidDevice(pub String);
+
 impl FromStr for Device {
-    type Err = LoadError;
-    fn from_str(s: &str) -> Result<Self, LoadError> {
+    type Err = InvalidDevice;
+    fn from_str(s: &str) -> Result<Self, InvalidDevice> {
         let t = s.trim().to_ascii_lowercase();
         match t.as_str() {
             "auto" => Ok(Device::Auto),
@@ -43,7 +47,7 @@ impl FromStr for Device {
                 .strip_prefix("cuda:")
                 .and_then(|n| n.parse().ok())
                 .map(Device::Cuda)
-                .ok_or_else(|| LoadError::InvalidDevice(s.to_owned())),
+                .ok_or_else(|| InvalidDevice(s.to_owned())),
         }
     }
 }

@@ -3,6 +3,22 @@ use std::path::PathBuf;
 use tensorlift_format::FormatError;
 use tensorlift_io::IoError;
 
+/// Why converting a landed tensor failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConversionFailure {
+    /// On the host.
+    #[error(transparent)]
+    Host(#[from] crate::convert::ConvertError),
+    /// On the device: the kernel's launch or run.
+    #[error(transparent)]
+    Kernel(#[from] tensorlift_cuda::CudaError),
+    /// The memory for the converted tensor is not what the load laid out (a bug in
+    /// tensorlift: please report it).
+    #[error("{0}")]
+    Memory(String),
+}
+
 /// Why a load failed. Every variant names the file, and the tensor where there is one.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -64,8 +80,13 @@ pub enum LoadError {
     #[error("not supported: {0}")]
     Unsupported(String),
     /// Converting a landed tensor to another dtype failed.
-    #[error("tensor '{tensor}': conversion to {to} failed: {message}")]
-    Convert { tensor: String, to: tensorlift_format::Dtype, message: String },
+    #[error("tensor '{tensor}': conversion to {to} failed: {source}")]
+    Convert {
+        tensor: String,
+        to: tensorlift_format::Dtype,
+        #[source]
+        source: ConversionFailure,
+    },
     /// A caller's destination for a tensor is misused (too small, on another device,
     /// overlapping another tensor's), or the placement rule refused the tensor.
     #[error("{}: tensor '{tensor}': cannot place it: {message}", file.display())]
@@ -79,4 +100,19 @@ pub enum LoadError {
     /// A device string could not be parsed.
     #[error("invalid device '{0}' (expected auto, cpu, cuda or cuda:N)")]
     InvalidDevice(String),
+}
+
+impl From<crate::device::InvalidDevice> for LoadError {
+    fn from(e: crate::device::InvalidDevice) -> Self {
+        LoadError::InvalidDevice(e.0)
+    }
+}
+
+/// The file an error about the whole checkpoint names: its one shard, its index, or its folder.
+pub(crate) fn plan_file(plan: &tensorlift_format::LoadPlan) -> std::path::PathBuf {
+    match (plan.shards(), plan.index_file()) {
+        ([one], _) => one.path.clone(),
+        (_, Some(index)) => index.to_path_buf(),
+        _ => plan.root().to_path_buf(),
+    }
 }

@@ -329,6 +329,52 @@ pub(crate) fn pieces(
     out
 }
 
+/// How many chunks of `chunk` bytes each tensor of `span` waits for; the tensors that wait
+/// for none (no bytes) are passed to `ready_now`, in order.
+pub(crate) fn chunks_to_wait_for(
+    plan: &LoadPlan,
+    span: &Span,
+    chunk: usize,
+    mut ready_now: impl FnMut(usize),
+) -> Vec<usize> {
+    let remaining: Vec<usize> =
+        span.tensors.iter().map(|&t| chunks_covering(&span.range_of(&plan.tensors()[t]), chunk).len()).collect();
+    for (k, &t) in span.tensors.iter().enumerate() {
+        if remaining[k] == 0 {
+            ready_now(t);
+        }
+    }
+    remaining
+}
+
+/// The tensors of `span` that chunk `index` (of `chunk` bytes) completes, given how many
+/// chunks each still waits for (decremented here).
+pub(crate) fn completed_by(
+    plan: &LoadPlan,
+    span: &Span,
+    remaining: &mut [usize],
+    index: usize,
+    chunk: usize,
+) -> Vec<usize> {
+    let start = (index * chunk) as u64;
+    let end = start + chunk as u64;
+    let first = span.tensors.partition_point(|&t| span.range_of(&plan.tensors()[t]).end <= start);
+    let mut done = Vec::new();
+    for (&t, left) in span.tensors[first..].iter().zip(&mut remaining[first..]) {
+        let r = span.range_of(&plan.tensors()[t]);
+        if r.start >= end {
+            break;
+        }
+        if !r.is_empty() && chunks_covering(&r, chunk).contains(&index) {
+            *left -= 1;
+            if *left == 0 {
+                done.push(t);
+            }
+        }
+    }
+    done
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -411,10 +457,10 @@ mod tests {
             // Every tensor is complete once the last chunk covering it has landed, and
             // not before.
             for (si, span) in s.iter().enumerate() {
-                let mut remaining = crate::pipeline::chunks_to_wait_for(&p, span, chunk_len, |_| {});
+                let mut remaining = chunks_to_wait_for(&p, span, chunk_len, |_| {});
                 let mut done = Vec::new();
                 for r in reads(&s, chunk_len, 1).iter().filter(|r| r.span == si) {
-                    done.extend(crate::pipeline::completed_by(&p, span, &mut remaining, r.index, chunk_len));
+                    done.extend(completed_by(&p, span, &mut remaining, r.index, chunk_len));
                 }
                 done.sort_unstable();
                 assert_eq!(done, span.tensors, "span {si}, chunks of {chunk_len}");

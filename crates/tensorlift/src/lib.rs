@@ -14,7 +14,7 @@
 //! # Ok(()) }
 //! ```
 //!
-//! In async code, `loader.load(path).await`, or `loader.stream(path)?` and
+//! In async code, `loader.load(path).await`, or `loader.stream(path).await?` and
 //! `stream.next().await` for each tensor as soon as its bytes are in memory.
 //!
 //! Checkpoints are untrusted input: a shard's header is validated (`tensorlift-format`)
@@ -30,28 +30,34 @@
 
 #[cfg(feature = "candle")]
 pub mod candle;
+mod config;
 pub mod convert;
 mod dest_cuda;
 mod dest_host;
 mod device;
 mod error;
+#[cfg(feature = "clap")]
+pub mod flags;
 mod layout;
 mod loader;
 mod open;
 mod pipeline;
 pub mod place;
+mod sink;
 pub mod slicing;
 mod stats;
+mod target;
 mod tensor;
 
 use std::path::Path;
 
-pub use device::{Device, DEVICE_ENV};
-pub use error::LoadError;
-pub use loader::{
-    default_io_workers, DirectIo, HugePages, Loader, LoaderBuilder, ReadWhilePlanning, Settings, DEFAULT_CHUNK_SIZE,
-    DEFAULT_QUEUE_DEPTH, DEFAULT_STAGING_BUDGET, DEFAULT_STREAMS, MAX_DEFAULT_IO_WORKERS,
+pub use config::{
+    default_io_workers, DirectIo, HugePages, ReadWhilePlanning, Settings, DEFAULT_CHUNK_SIZE, DEFAULT_QUEUE_DEPTH,
+    DEFAULT_STAGING_BUDGET, DEFAULT_STREAMS, MAX_DEFAULT_IO_WORKERS,
 };
+pub use device::{Device, InvalidDevice, DEVICE_ENV};
+pub use error::{ConversionFailure, LoadError};
+pub use loader::{Loader, LoaderBuilder};
 pub use pipeline::TensorStream;
 pub use slicing::{Sharding, SliceRule, Split, TensorSlice};
 pub use stats::{LoadStats, Progress};

@@ -8,151 +8,14 @@ use globset::{Glob, GlobSet, GlobSetBuilder};
 use tensorlift_io::{BackendKind, Checkpoint, Faults, MapContract, PlanLimits, PlanObserver, Reader};
 use tracing::Instrument;
 
-use crate::dest_cuda::CudaTarget;
+use crate::config::{
+    default_io_workers, Config, DirectIo, HugePages, ReadWhilePlanning, Settings, DEFAULT_CHUNK_SIZE,
+    DEFAULT_QUEUE_DEPTH, DEFAULT_STAGING_BUDGET, DEFAULT_STREAMS,
+};
 use crate::device::DEVICE_ENV;
 use crate::pipeline::PlanEvent;
+use crate::target::{resolve_device, Target};
 use crate::{Device, LoadError, LoadStats, Model, Progress, Sharding, SliceRule, TensorSlice, TensorStream};
-
-pub(crate) type ProgressFn = Arc<dyn Fn(Progress) + Send + Sync>;
-
-/// When to read with O_DIRECT.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum DirectIo {
-    /// For shards not already in the page cache (cached ones read faster buffered).
-    #[default]
-    Auto,
-    /// Always, where the file system allows it.
-    Always,
-    /// Never: every read goes through the page cache.
-    Never,
-}
-
-/// One of three policies from `auto`, `always` or `never` (any case); `what` names the
-/// policy in the error.
-fn parse_policy<T>(s: &str, what: &str, [auto, always, never]: [T; 3]) -> Result<T, String> {
-    match s.trim().to_ascii_lowercase().as_str() {
-        "auto" => Ok(auto),
-        "always" => Ok(always),
-        "never" => Ok(never),
-        other => Err(format!("unknown {what} policy '{other}' (expected auto, always or never)")),
-    }
-}
-
-impl std::str::FromStr for DirectIo {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        parse_policy(s, "direct-I/O", [DirectIo::Auto, DirectIo::Always, DirectIo::Never])
-    }
-}
-
-/// Whether host arenas use transparent huge pages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum HugePages {
-    /// Base pages. Whether a load's fresh huge pages fill faster depends on how many whole
-    /// huge pages the kernel has ready (and, with `defrag` at `madvise`, on the compaction
-    /// it does to make more), which neither a sample of other memory nor the first chunks of
-    /// the load's own can tell: on the dev VM a 32 MiB sample filled at 6-7 GB/s with huge
-    /// pages, and 1 GB loads that took them ran 0.13 s in some fresh processes and 0.6-1.0 s
-    /// in others, against 0.27-0.30 s, every time, with base pages; timing the load's
-    /// first chunks was swamped by the reads faulting the same memory (docs/BENCHMARKS.md).
-    /// Huge pages are used when asked for ([`Always`](Self::Always)); `doctor` shows the
-    /// sample.
-    #[default]
-    Auto,
-    /// Always ask for huge pages.
-    Always,
-    /// Never: base pages.
-    Never,
-}
-
-impl std::str::FromStr for HugePages {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        parse_policy(s, "huge-pages", [HugePages::Auto, HugePages::Always, HugePages::Never])
-    }
-}
-
-/// Whether a host load of a whole checkpoint reads while planning goes on (see
-/// [`LoaderBuilder::read_while_planning`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum ReadWhilePlanning {
-    /// Where it pays: on a machine of 4 CPUs or more (parsing and reads each have CPUs of
-    /// their own; assumed, as only 2-CPU machines have been measured), or when the largest
-    /// shard is mostly not in the page cache (the reads wait on the disk, and parsing hides
-    /// behind them). On 2 CPUs with the checkpoint cached, parsing and reads share the CPUs,
-    /// and planning first was as fast or faster (docs/BENCHMARKS.md).
-    #[default]
-    Auto,
-    /// Always, where the load allows it.
-    Always,
-    /// Never: nothing is read before the plan stands.
-    Never,
-}
-
-impl ReadWhilePlanning {
-    /// With this many CPUs or more, [`Auto`](Self::Auto) reads while planning whatever the
-    /// page cache holds.
-    pub const AUTO_CPUS: usize = 4;
-}
-
-impl std::str::FromStr for ReadWhilePlanning {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let all = [ReadWhilePlanning::Auto, ReadWhilePlanning::Always, ReadWhilePlanning::Never];
-        parse_policy(s, "read-while-planning", all)
-    }
-}
-
-impl std::fmt::Display for ReadWhilePlanning {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            ReadWhilePlanning::Auto => "auto",
-            ReadWhilePlanning::Always => "always",
-            ReadWhilePlanning::Never => "never",
-        })
-    }
-}
-
-#[derive(Clone)]
-pub(crate) struct Config {
-    pub device: Option<Device>,
-    pub staging_budget: usize,
-    pub chunk_size: usize,
-    pub queue_depth: u32,
-    pub io_backend: Option<BackendKind>,
-    pub io_workers: usize,
-    pub direct: DirectIo,
-    pub filter: Vec<String>,
-    pub progress: Option<ProgressFn>,
-    pub faults: Faults,
-    pub limits: PlanLimits,
-    pub map_views: Option<MapContract>,
-    pub streams: usize,
-    pub huge_pages: HugePages,
-    pub prefault: bool,
-    pub read_while_planning: ReadWhilePlanning,
-    pub convert_to: Option<tensorlift_format::Dtype>,
-    pub slices: crate::slicing::Slices,
-    pub place: Option<Arc<dyn crate::place::PlaceRule>>,
-    pub host_pool: Arc<tensorlift_io::ArenaPool>,
-}
-
-impl Config {
-    /// Threads that prefault host memory: one a CPU, four at most (faulting is bound by
-    /// the memory system well before that).
-    pub(crate) fn prefault_threads(&self) -> usize {
-        if !self.prefault {
-            return 0;
-        }
-        // One a CPU: a cold load's I/O workers mostly wait on the disk, and a warm load's
-        // copies would fault the same pages themselves (on the development VM, two threads
-        // on its 2 CPUs did as well warm as one, and better cold).
-        std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4)
-    }
-}
 
 /// Configures a [`Loader`]. Every option has a default that suits a large checkpoint.
 #[derive(Clone)]
@@ -171,28 +34,6 @@ impl std::fmt::Debug for LoaderBuilder {
             .field("filter", &self.cfg.filter)
             .finish_non_exhaustive()
     }
-}
-
-/// Default staging budget: bytes in flight at once.
-pub const DEFAULT_STAGING_BUDGET: usize = 256 << 20;
-/// Default chunk size.
-pub const DEFAULT_CHUNK_SIZE: usize = 8 << 20;
-/// Default reads in flight at most.
-pub const DEFAULT_QUEUE_DEPTH: u32 = 64;
-/// Default CUDA streams that copies are spread over.
-pub const DEFAULT_STREAMS: usize = 2;
-/// The most io_uring worker threads a loader starts by default.
-pub const MAX_DEFAULT_IO_WORKERS: usize = 16;
-
-/// Default io_uring worker threads: one per CPU this process may run on (affinity and cgroup
-/// quota counted), at least 2 and at most [`MAX_DEFAULT_IO_WORKERS`].
-///
-/// Reads of cached data are copies that the kernel makes on the thread that submitted them,
-/// so a warm load runs at about one thread's copy rate per worker: on a 16-CPU H100 host,
-/// 2 workers loaded 8.98 GB/s and 16 loaded 22.96-28.14 GB/s, against a host-to-device limit
-/// of 28.9-34.5 GB/s measured in the same runs (docs/BENCHMARKS.md). Reads from the disk need few workers; more cost them nothing.
-pub fn default_io_workers() -> usize {
-    std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, MAX_DEFAULT_IO_WORKERS)
 }
 
 impl Default for LoaderBuilder {
@@ -300,6 +141,8 @@ impl LoaderBuilder {
     /// into memory of their own. The [`MapContract`] is the caller's promise that the files
     /// stay as they are while tensors are alive; only `unsafe` code can make one (see
     /// [`MapContract::new`]), because a file truncated under a map kills the process.
+    /// Mapped views are host memory: [`build`](Self::build) refuses them with a CUDA device
+    /// or with [`place_with`](Self::place_with), and [`Device::Auto`] then means the host.
     pub fn map_views(mut self, contract: MapContract) -> Self {
         self.cfg.map_views = Some(contract);
         self
@@ -401,7 +244,7 @@ impl LoaderBuilder {
     /// Builds the loader: probes the environment once and starts the I/O workers.
     pub fn build(self) -> Result<Loader, LoadError> {
         let filter = compile_filter(&self.cfg.filter)?;
-        let requested = match self.cfg.device {
+        let mut requested = match self.cfg.device {
             Some(d) => (d, "requested".to_owned()),
             None => match std::env::var(DEVICE_ENV) {
                 Ok(v) => (
@@ -411,6 +254,32 @@ impl LoaderBuilder {
                 Err(_) => (Device::Auto, "default".to_owned()),
             },
         };
+        if let Some(to) = self.cfg.convert_to {
+            use tensorlift_format::Dtype;
+            if !matches!(to, Dtype::BF16 | Dtype::F16 | Dtype::F32) {
+                return Err(LoadError::Unsupported(format!("conversion to {to} (targets are BF16, F16 and F32)")));
+            }
+        }
+        // Mapped views are the files' pages in host memory: they go nowhere else.
+        if self.cfg.map_views.is_some() {
+            if self.cfg.place.is_some() {
+                return Err(LoadError::Unsupported(
+                    "caller destinations with mapped views (mapped tensors are views of the files, not copies into \
+                     the caller's memory)"
+                        .into(),
+                ));
+            }
+            match requested.0 {
+                Device::Cuda(n) => {
+                    return Err(LoadError::Unsupported(format!(
+                        "mapped views on cuda:{n} (they are views of the files in host memory; load to the host, or \
+                         read onto the device without them)"
+                    )))
+                }
+                Device::Auto => requested = (Device::Cpu, "auto: mapped views are host memory".to_owned()),
+                Device::Cpu => {}
+            }
+        }
         let mut io = Reader::builder()
             .queue_depth(self.cfg.queue_depth)
             .workers(self.cfg.io_workers)
@@ -425,67 +294,8 @@ impl LoaderBuilder {
             Target::Host => Device::Cpu,
             Target::Cuda(c) => Device::Cuda(c.gpu.ordinal()),
         };
-        if let Some(to) = self.cfg.convert_to {
-            use tensorlift_format::Dtype;
-            if !matches!(to, Dtype::BF16 | Dtype::F16 | Dtype::F32) {
-                return Err(LoadError::Unsupported(format!("conversion to {to} (targets are BF16, F16 and F32)")));
-            }
-        }
         Ok(Loader { reader, cfg: self.cfg, filter, device, device_reason, target })
     }
-}
-
-/// Where a loader's tensors go.
-#[derive(Debug)]
-pub(crate) enum Target {
-    Host,
-    Cuda(Arc<CudaTarget>),
-}
-
-/// Decides where tensors go, once, with the reason: `Cpu` is the host; `Cuda(n)` opens
-/// device `n` and its pinned staging memory, or fails saying why; `Auto` does the same for
-/// `cuda:0` and falls back to the host with that reason.
-fn resolve_device(
-    requested: Device,
-    why: String,
-    cfg: &Config,
-    reader: &Reader,
-) -> Result<(Target, String), LoadError> {
-    match requested {
-        Device::Cpu => Ok((Target::Host, why)),
-        Device::Cuda(ordinal) => match open_cuda(ordinal, cfg, reader) {
-            Ok(t) => Ok((Target::Cuda(Arc::new(t)), why)),
-            Err(reason) => Err(LoadError::CudaUnavailable { ordinal, reason }),
-        },
-        Device::Auto => match open_cuda(0, cfg, reader) {
-            Ok(t) => {
-                let name = t.gpu.name().to_owned();
-                Ok((Target::Cuda(Arc::new(t)), format!("auto: cuda:0 ({name}) is usable")))
-            }
-            Err(reason) => Ok((Target::Host, format!("auto: {reason}"))),
-        },
-    }
-}
-
-/// Opens a device and the pinned staging pool (registered with io_uring where it can be).
-fn open_cuda(ordinal: usize, cfg: &Config, reader: &Reader) -> Result<CudaTarget, String> {
-    let gpu = tensorlift_cuda::Gpu::open(ordinal).map_err(|e| match e {
-        tensorlift_cuda::CudaError::Unavailable(why) => why,
-        e => e.to_string(),
-    })?;
-    let pool = tensorlift_cuda::PinnedPool::new(&gpu, cfg.staging_budget, cfg.chunk_size)
-        .map_err(|e| format!("cannot pin {} bytes of staging memory: {e}", cfg.staging_budget))?;
-    if let Err(e) = pool.register_with(reader) {
-        tracing::debug!(error = %e, "pinned chunks are not io_uring fixed buffers");
-    }
-    // The kernels only when they are needed: loading them costs the driver a compilation.
-    let kernels = match cfg.convert_to {
-        Some(_) => Some(Arc::new(
-            tensorlift_cuda::Kernels::load(&gpu).map_err(|e| format!("cannot load the conversion kernels: {e}"))?,
-        )),
-        None => None,
-    };
-    Ok(CudaTarget { gpu, pool, streams: cfg.streams, kernels })
 }
 
 fn compile_filter(patterns: &[String]) -> Result<Option<GlobSet>, LoadError> {
@@ -499,32 +309,6 @@ fn compile_filter(patterns: &[String]) -> Result<Option<GlobSet>, LoadError> {
         set.add(glob);
     }
     set.build().map(Some).map_err(|e| LoadError::InvalidFilter { pattern: patterns.join(","), message: e.to_string() })
-}
-
-/// The settings a loader runs with, after defaults and clamping.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Settings {
-    /// Bytes per read.
-    pub chunk_size: usize,
-    /// Bytes in flight at most.
-    pub staging_budget: usize,
-    /// Reads in flight at most.
-    pub queue_depth: u32,
-    /// io_uring worker threads.
-    pub io_workers: usize,
-    /// O_DIRECT policy.
-    pub direct_io: DirectIo,
-    /// CUDA streams.
-    pub streams: usize,
-    /// Huge pages for host memory.
-    pub huge_pages: HugePages,
-    /// Threads that fault in new host memory ahead of the reads (0: none, see
-    /// [`LoaderBuilder::prefault`]).
-    pub prefault_threads: usize,
-    /// Whether a host load of a whole checkpoint reads while planning goes on (see
-    /// [`LoaderBuilder::read_while_planning`]).
-    pub read_while_planning: ReadWhilePlanning,
 }
 
 /// Loads checkpoints. Immutable and cheap to share: one loader serves many loads, on any
@@ -631,17 +415,23 @@ impl Loader {
         }
     }
 
-    /// Starts loading `path` and yields tensors as their bytes land. Blocks the calling
-    /// thread while headers are read; where [`LoaderBuilder::read_while_planning`] has it,
+    /// Starts loading `path` and yields tensors as their bytes land. Headers are read on a
+    /// planning thread of the load's own, which the returned future waits for without
+    /// blocking its executor's thread; where [`LoaderBuilder::read_while_planning`] has it,
     /// a host load of a whole checkpoint then reads each shard once its own header is
     /// validated, while the other headers are parsed on a planning thread of the load's own
     /// (other loads wait for the whole plan, made on that thread too). Tensors come only
     /// once the whole plan stands: a checkpoint that fails its checks yields none, only the
     /// error, which such a load returns from [`TensorStream::next`] rather than from here.
     /// Dropping the stream also stops the planning.
-    pub fn stream(&self, path: impl AsRef<Path>) -> Result<TensorStream, LoadError> {
-        let started = Instant::now();
-        tensorlift_io::block_on(self.start_planning(path.as_ref(), started))
+    pub async fn stream(&self, path: impl AsRef<Path>) -> Result<TensorStream, LoadError> {
+        self.start_planning(path.as_ref(), Instant::now()).await
+    }
+
+    /// [`stream`](Self::stream) for callers without an async runtime: blocks this thread
+    /// while headers are read.
+    pub fn stream_blocking(&self, path: impl AsRef<Path>) -> Result<TensorStream, LoadError> {
+        tensorlift_io::block_on(self.stream(path))
     }
 
     /// Starts loading a plan made earlier (by [`plan`](Self::plan) or [`crate::plan`]). A
@@ -668,7 +458,7 @@ impl Loader {
             wall: Default::default(),
             read_wait: Default::default(),
             copy: Default::default(),
-            device: self.device.to_string(),
+            device: self.device,
             device_reason: self.device_reason.clone(),
             io: self.reader.report(),
             direct_shards: 0,
@@ -687,14 +477,7 @@ impl Loader {
     /// reads every tensor as stored, into memory of its own (see
     /// [`TensorStream::start_early`]).
     fn reads_while_planning(&self) -> bool {
-        let c = &self.cfg;
-        c.read_while_planning != ReadWhilePlanning::Never
-            && matches!(self.target, Target::Host)
-            && c.filter.is_empty()
-            && c.slices.is_empty()
-            && c.convert_to.is_none()
-            && c.place.is_none()
-            && c.map_views.is_none()
+        crate::target::may_read_while_planning(&self.cfg, &self.target)
     }
 
     /// Plans `path` on a thread of its own (an async caller's thread keeps serving other
@@ -778,7 +561,7 @@ impl Loader {
     pub fn load_named_blocking(&self, plan: &Checkpoint, names: &[&str]) -> Result<Model, LoadError> {
         let mut plan = plan.clone();
         plan.retain(|t| names.contains(&t.name.as_str()));
-        self.load_blocking_plan(plan)
+        self.load_plan_blocking(plan)
     }
 
     /// Loads a plan made earlier.
@@ -787,7 +570,7 @@ impl Loader {
     }
 
     /// [`load_plan`](Self::load_plan) for callers without an async runtime.
-    pub fn load_blocking_plan(&self, plan: Checkpoint) -> Result<Model, LoadError> {
+    pub fn load_plan_blocking(&self, plan: Checkpoint) -> Result<Model, LoadError> {
         tensorlift_io::block_on(self.load_plan(plan))
     }
 
@@ -857,7 +640,7 @@ impl Planner {
             plan.retain(|t| set.is_match(&t.name));
             if plan.tensors().is_empty() && before > 0 {
                 return Err(LoadError::NothingMatched {
-                    file: crate::pipeline::plan_file(&plan),
+                    file: crate::error::plan_file(&plan),
                     patterns: self.patterns.clone(),
                 });
             }

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use tensorlift_format::{LoadPlan, Shard};
 use tensorlift_io::{cache, Checkpoint, IoError, MapContract, MappedFile, OpenFile, Reader};
 
+use crate::config::DirectIo;
 use crate::layout::Span;
-use crate::loader::DirectIo;
 use crate::{LoadError, LoadStats, Tensor};
 
 /// Whether a load reads a shard's header again, to compare it with the one planned.

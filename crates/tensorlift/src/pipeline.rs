@@ -23,44 +23,17 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tensorlift_format::LoadPlan;
-use tensorlift_io::{Checkpoint, IoBufMut, OpenFile, ReadFuture, Reader};
+use tensorlift_io::{Checkpoint, OpenFile, ReadFuture, Reader};
 
+use crate::config::{Config, DirectIo};
+use crate::error::plan_file;
 use crate::layout::{self, Read, Span};
-use crate::loader::{Config, DirectIo};
+use crate::sink::Sink;
+use crate::target::{Landing, Target};
 use crate::{LoadError, LoadStats, Progress, Tensor};
 
 /// Host memory a loaded tensor costs beyond its bytes, at most (name, shape, bookkeeping).
 const TENSOR_OVERHEAD: u64 = 1024;
-
-/// Where the bytes of a load go. The scheduler asks for a buffer for each read and hands
-/// it back filled.
-pub(crate) trait Sink {
-    type Buf: IoBufMut;
-    /// A buffer for `read`, or `None` when none is free now, with `cx` woken when one is
-    /// (the scheduler then waits).
-    fn buffer(&mut self, read: &Read, cx: &mut Context<'_>) -> Option<Self::Buf>;
-    /// `read` filled `buf`; tensors that are complete go to `ready`.
-    fn landed(
-        &mut self,
-        plan: &LoadPlan,
-        read: &Read,
-        buf: Self::Buf,
-        ready: &mut VecDeque<Tensor>,
-    ) -> Result<u64, LoadError>;
-    /// Background work (device copies) that finished: completed tensors go to `ready`,
-    /// and the bytes that reached their destination are returned. `Pending` registers the
-    /// waker when there is work outstanding; `Ready(Ok(0))` when there is none.
-    fn poll_progress(
-        &mut self,
-        cx: &mut Context<'_>,
-        plan: &LoadPlan,
-        ready: &mut VecDeque<Tensor>,
-    ) -> Poll<Result<u64, LoadError>>;
-    /// Whether background work is outstanding.
-    fn busy(&self) -> bool;
-    /// Ends the load: waits for background work, then frees what the sink holds.
-    fn abort(&mut self);
-}
 
 /// A read in flight.
 struct InFlight<B> {
@@ -110,7 +83,7 @@ pub struct TensorStream {
     direct: DirectIo,
     dest: Dest,
     ready: VecDeque<Tensor>,
-    progress: Option<crate::loader::ProgressFn>,
+    progress: Option<crate::config::ProgressFn>,
     done_bytes: u64,
     total_bytes: u64,
     started: Instant,
@@ -172,7 +145,7 @@ impl TensorStream {
         reader: Arc<Reader>,
         plan: Checkpoint,
         cfg: &Config,
-        target: &crate::loader::Target,
+        target: &Target,
         stats: LoadStats,
         started: Instant,
         fresh: bool,
@@ -180,29 +153,10 @@ impl TensorStream {
         let _span =
             tracing::info_span!("plan_io", tensors = plan.tensors().len(), shards = plan.shards().len()).entered();
         tensors_fit(&plan)?;
-        // Where the caller wants tensors, checked before anything is read or allocated.
-        let dests = match &cfg.place {
-            Some(rule) => {
-                if cfg.map_views.is_some() {
-                    return Err(LoadError::Unsupported("caller destinations with mapped views".into()));
-                }
-                let gpu = match target {
-                    crate::loader::Target::Cuda(c) => Some(&c.gpu),
-                    crate::loader::Target::Host => None,
-                };
-                crate::place::resolve(rule.as_ref(), &plan, cfg.convert_to, gpu)?
-            }
-            None => Vec::new(),
-        };
-        // A tensor read straight into caller host memory is a span of its own; one that is
-        // gathered or converted first lands in an arena like the others.
-        let direct = |i: usize| {
-            let t = &plan.tensors()[i];
-            matches!(dests.get(i), Some(Some(crate::place::Resolved::Host(_))))
-                && t.gather.is_none()
-                && crate::place::loaded_as(t, cfg.convert_to).0 == t.dtype
-        };
-        let spans = layout::spans(&plan, direct);
+        // Where every tensor lands, decided here once (the caller's placement checked)
+        // before anything is read or allocated.
+        let landing = Landing::decide(cfg, target, &plan)?;
+        let spans = layout::spans(&plan, |i| landing.read_into_caller(&plan, i, cfg));
         let mut stream = TensorStream::new(reader, plan, cfg, stats, started);
         if fresh {
             stream.stats.planned = Some(started.elapsed());
@@ -210,8 +164,8 @@ impl TensorStream {
         plan_stats(&mut stream.stats, &stream.plan, &spans);
         let reads = layout::reads(&spans, cfg.chunk_size, read_window(cfg));
         stream.total_bytes = reads.iter().map(|r| r.len as u64).sum();
-        match (cfg.map_views, target) {
-            (Some(contract), crate::loader::Target::Host) => {
+        match landing {
+            Landing::Mapped(contract) => {
                 // Nothing is read: the tensors are views of the files.
                 crate::open::map_all(
                     &mut stream.plan,
@@ -223,13 +177,14 @@ impl TensorStream {
                     &mut stream.stats,
                 )?;
             }
-            (_, crate::loader::Target::Host) => {
-                let mut scheduler = stream.host_scheduler(cfg, spans, dests, cfg.convert_to, reads, fresh)?;
+            Landing::Host { caller } => {
+                let mut scheduler = stream.host_scheduler(cfg, spans, caller, cfg.convert_to, reads, fresh)?;
                 scheduler.sink.start_prefault();
                 stream.dest = Dest::Host(Box::new(scheduler));
             }
-            (_, crate::loader::Target::Cuda(cuda)) => {
-                let sink = crate::dest_cuda::CudaSink::new(cuda, &stream.plan, spans, dests, cfg, &mut stream.ready)?;
+            Landing::Cuda { target, caller } => {
+                let sink =
+                    crate::dest_cuda::CudaSink::new(target, &stream.plan, spans, caller, cfg, &mut stream.ready)?;
                 stream.dest = Dest::Cuda(Box::new(Scheduler::new(sink, reads, &stream.plan, cfg, started, fresh)));
             }
         }
@@ -715,62 +670,4 @@ fn read_error(plan: &LoadPlan, read: &Read, source: tensorlift_io::IoError) -> L
             |t| t.name.clone(),
         );
     LoadError::Read { file: plan.shards()[read.shard].path.clone(), tensor, source }
-}
-
-/// The file an error about the whole checkpoint names: its one shard, its index, or its folder.
-pub(crate) fn plan_file(plan: &LoadPlan) -> std::path::PathBuf {
-    match (plan.shards(), plan.index_file()) {
-        ([one], _) => one.path.clone(),
-        (_, Some(index)) => index.to_path_buf(),
-        _ => plan.root().to_path_buf(),
-    }
-}
-
-/// How many chunks of `chunk` bytes each tensor of `span` waits for; the tensors that wait
-/// for none (no bytes) are passed to `ready_now`, in order.
-pub(crate) fn chunks_to_wait_for(
-    plan: &LoadPlan,
-    span: &Span,
-    chunk: usize,
-    mut ready_now: impl FnMut(usize),
-) -> Vec<usize> {
-    let remaining: Vec<usize> = span
-        .tensors
-        .iter()
-        .map(|&t| layout::chunks_covering(&span.range_of(&plan.tensors()[t]), chunk).len())
-        .collect();
-    for (k, &t) in span.tensors.iter().enumerate() {
-        if remaining[k] == 0 {
-            ready_now(t);
-        }
-    }
-    remaining
-}
-
-/// The tensors of `span` that chunk `index` (of `chunk` bytes) completes, given how many
-/// chunks each still waits for (decremented here).
-pub(crate) fn completed_by(
-    plan: &LoadPlan,
-    span: &Span,
-    remaining: &mut [usize],
-    index: usize,
-    chunk: usize,
-) -> Vec<usize> {
-    let start = (index * chunk) as u64;
-    let end = start + chunk as u64;
-    let first = span.tensors.partition_point(|&t| span.range_of(&plan.tensors()[t]).end <= start);
-    let mut done = Vec::new();
-    for (&t, left) in span.tensors[first..].iter().zip(&mut remaining[first..]) {
-        let r = span.range_of(&plan.tensors()[t]);
-        if r.start >= end {
-            break;
-        }
-        if !r.is_empty() && layout::chunks_covering(&r, chunk).contains(&index) {
-            *left -= 1;
-            if *left == 0 {
-                done.push(t);
-            }
-        }
-    }
-    done
 }

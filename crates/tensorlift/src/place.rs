@@ -276,7 +276,7 @@ pub(crate) fn resolve(
     convert_to: Option<Dtype>,
     gpu: Option<&tensorlift_cuda::Gpu>,
 ) -> Result<Vec<Option<Resolved>>, crate::LoadError> {
-    let file = crate::pipeline::plan_file(plan);
+    let file = crate::error::plan_file(plan);
     let fail = |tensor: &str, message: String| crate::LoadError::Destination {
         file: file.clone(),
         tensor: tensor.to_owned(),

@@ -208,7 +208,7 @@ impl Slices {
         if self.is_empty() {
             return Ok(());
         }
-        let file = crate::pipeline::plan_file(plan);
+        let file = crate::error::plan_file(plan);
         let fail =
             |tensor: &str, message: String| LoadError::Slice { file: file.clone(), tensor: tensor.to_owned(), message };
         let mut unused: Vec<&str> = self.named.keys().map(String::as_str).collect();

@@ -41,8 +41,9 @@ pub struct LoadStats {
     pub read_wait: Duration,
     /// Time spent copying to the device (zero on the CPU path, which reads in place).
     pub copy: Duration,
-    /// Where the tensors live (`cpu`, `cuda:N`).
-    pub device: String,
+    /// Where the tensors live ([`Device::Cpu`](crate::Device::Cpu) or
+    /// [`Device::Cuda`](crate::Device::Cuda); `"cpu"`, `"cuda:N"` in JSON).
+    pub device: crate::Device,
     /// Why that device (a request, or the fallback reason).
     pub device_reason: String,
     /// The I/O backend and why it was chosen.
@@ -73,7 +74,7 @@ impl LoadStats {
     pub fn to_json(&self) -> serde_json::Value {
         let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
         serde_json::json!({
-            "device": self.device,
+            "device": self.device.to_string(),
             "device_reason": self.device_reason,
             "io": self.io.backend.to_string(),
             "io_reason": self.io.reason,

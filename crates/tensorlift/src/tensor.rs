@@ -154,7 +154,7 @@ impl Tensor {
         produce(pt, dtype, stored, &mut buf.as_mut_slice()[..len]).map_err(|e| crate::LoadError::Convert {
             tensor: pt.name.clone(),
             to: dtype,
-            message: e.to_string(),
+            source: e.into(),
         })?;
         Ok(Tensor {
             name: pt.name.as_str().into(),

@@ -40,7 +40,7 @@ fn cancelled_loads_free_everything() {
         let r = rt.block_on(async { tokio::time::timeout(Duration::from_micros(300), loader.load(&path)).await });
         assert!(r.is_err() || r.is_ok_and(|m| m.is_ok()));
         // A stream dropped after its first tensor.
-        let mut stream = loader.stream(&path).unwrap();
+        let mut stream = loader.stream_blocking(&path).unwrap();
         let first = tensorlift::block_on(stream.next()).unwrap().unwrap();
         assert_eq!(first.bytes().unwrap().len(), 4 << 20);
         drop(first);

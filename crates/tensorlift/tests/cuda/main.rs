@@ -111,7 +111,7 @@ fn every_dtype_and_layout_lands_on_the_device() {
                 let model = loader.load_blocking(&path).unwrap_or_else(|e| panic!("{what}: {e}"));
                 assert_on_device(&model, &truth, &what);
                 assert!(model.stats().max_in_flight_bytes <= (3 * chunk) as u64, "{what}");
-                assert_eq!(model.stats().device, "cuda:0");
+                assert_eq!(model.stats().device, tensorlift::Device::Cuda(0));
             }
         }
     }
@@ -171,7 +171,7 @@ fn streamed_tensors_are_already_on_the_device() {
     // Copies run late: a tensor yielded before its copies completed would read back wrong.
     emulator::set_fault(Fault::CopyDelayMicros(5_000));
     let loader = base().chunk_size(64 << 10).build().unwrap();
-    let mut stream = loader.stream(&path).unwrap();
+    let mut stream = loader.stream_blocking(&path).unwrap();
     let mut seen = 0;
     while let Some(t) = tensorlift::block_on(stream.next()) {
         let t = t.unwrap();
@@ -276,7 +276,7 @@ fn truncation_and_changes_end_the_load_cleanly() {
     let loader = base().build().unwrap();
     let plan = loader.plan(&path).unwrap();
     write_shard(&path, &[("a", Dtype::F32, &[101])]);
-    assert!(matches!(loader.load_blocking_plan(plan), Err(LoadError::ShardChanged { .. })));
+    assert!(matches!(loader.load_plan_blocking(plan), Err(LoadError::ShardChanged { .. })));
 }
 
 #[test]
@@ -290,7 +290,7 @@ fn cancelled_loads_leave_nothing_on_the_device() {
     emulator::set_fault(Fault::CopyDelayMicros(2_000));
     let loader = base().chunk_size(256 << 10).build().unwrap();
     // A stream dropped after its first tensor, with reads and copies in flight.
-    let mut stream = loader.stream(&path).unwrap();
+    let mut stream = loader.stream_blocking(&path).unwrap();
     let first = tensorlift::block_on(stream.next()).unwrap().unwrap();
     drop(stream);
     assert!(first.to_host().unwrap().as_ref() == truth[first.name()].as_slice());
@@ -382,7 +382,7 @@ fn loads_of_one_loader_share_its_staging() {
         assert!(got == truth);
     }
     // A stream dropped with reads in flight gives its chunks back to the next load.
-    let mut s = loader.stream(&path).unwrap();
+    let mut s = loader.stream_blocking(&path).unwrap();
     let _ = tensorlift::block_on(s.next());
     drop(s);
     assert_eq!(loader.load_blocking(&path).unwrap().len(), 6);

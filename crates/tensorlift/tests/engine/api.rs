@@ -35,7 +35,7 @@ fn the_stream_is_a_futures_stream() {
     let dir = scratch();
     let path = dir.join("s.safetensors");
     let truth = write_shard(&path, &quirky());
-    let mut stream = base().chunk_size(4096).build().unwrap().stream(&path).unwrap();
+    let mut stream = base().chunk_size(4096).build().unwrap().stream_blocking(&path).unwrap();
     let mut seen = 0;
     while let Some(t) = tensorlift::block_on(std::future::poll_fn(|cx| Pin::new(&mut stream).poll_next(cx))) {
         let t = t.unwrap();
@@ -45,41 +45,60 @@ fn the_stream_is_a_futures_stream() {
     assert_eq!(seen, truth.len());
 }
 
-/// Defect: `load()` planned on the caller's async thread, stalling a single-threaded
-/// runtime while headers were parsed. The timer here must keep ticking before the first
-/// byte lands, while 150,000 tensor headers are parsed.
+/// Defect: `load()` (and `stream()`, which blocked its caller outright) planned on the
+/// caller's async thread, stalling a single-threaded runtime while headers were parsed. The
+/// timer here must keep ticking before the first byte lands, while 150,000 tensor headers
+/// are parsed. Both futures can be spawned (they are `Send`).
 #[test]
 fn an_async_callers_thread_keeps_serving_while_headers_are_parsed() {
+    fn send<F: std::future::Future + Send>(f: F) -> F {
+        f
+    }
     let dir = scratch();
     let names: Vec<String> = (0..150_000).map(|i| format!("layer.{i}.weight")).collect();
     let specs: Vec<Spec<'_>> = names.iter().map(|n| (n.as_str(), Dtype::U8, &[1usize][..])).collect();
     let path = dir.join("big-header.safetensors");
     write_shard(&path, &specs);
-    let ticks = Arc::new(AtomicUsize::new(0));
-    let at_first_progress = Arc::new(AtomicUsize::new(usize::MAX));
-    let (t, f) = (Arc::clone(&ticks), Arc::clone(&at_first_progress));
-    let loader = base()
-        .progress(move |_| {
-            let _ = f.compare_exchange(usize::MAX, t.load(Ordering::SeqCst), Ordering::SeqCst, Ordering::SeqCst);
-        })
-        .build()
-        .unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
-    let model = rt.block_on(async {
-        let t = Arc::clone(&ticks);
-        let timer = tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-                t.fetch_add(1, Ordering::SeqCst);
-            }
+    for streamed in [false, true] {
+        let ticks = Arc::new(AtomicUsize::new(0));
+        let at_first_progress = Arc::new(AtomicUsize::new(usize::MAX));
+        let (t, f) = (Arc::clone(&ticks), Arc::clone(&at_first_progress));
+        let loader = base()
+            .progress(move |_| {
+                let _ = f.compare_exchange(usize::MAX, t.load(Ordering::SeqCst), Ordering::SeqCst, Ordering::SeqCst);
+            })
+            .build()
+            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        let loaded = rt.block_on(async {
+            let t = Arc::clone(&ticks);
+            let timer = tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    t.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+            let n = if streamed {
+                let mut stream = send(loader.stream(&path)).await.unwrap();
+                let mut n = 0;
+                while let Some(t) = stream.next().await {
+                    t.unwrap();
+                    n += 1;
+                }
+                n
+            } else {
+                send(loader.load(&path)).await.unwrap().len()
+            };
+            timer.abort();
+            n
         });
-        let m = loader.load(&path).await;
-        timer.abort();
-        m
-    });
-    assert_eq!(model.unwrap().len(), 150_000);
-    let ticked = at_first_progress.load(Ordering::SeqCst);
-    assert!(ticked != usize::MAX && ticked >= 3, "the timer ticked {ticked} times while headers were parsed");
+        assert_eq!(loaded, 150_000);
+        let ticked = at_first_progress.load(Ordering::SeqCst);
+        assert!(
+            ticked != usize::MAX && ticked >= 3,
+            "the timer ticked {ticked} times while headers were parsed (streamed: {streamed})"
+        );
+    }
 }
 
 #[test]
@@ -218,4 +237,29 @@ impl TapDir for std::path::PathBuf {
         std::fs::create_dir_all(self.parent().unwrap()).unwrap();
         self
     }
+}
+
+/// Mapped views are host memory: a loader for a CUDA device, or one that places tensors in
+/// the caller's memory, is refused when it is built (before anything is opened or read),
+/// and `Auto` loads to the host.
+#[test]
+fn mapped_views_go_to_the_host_only() {
+    use tensorlift::{Device, LoadError, Loader};
+    let err = Loader::builder().device(Device::Cuda(0)).map_views(map_contract()).build().unwrap_err();
+    assert!(
+        matches!(&err, LoadError::Unsupported(m) if m.starts_with("mapped views on cuda:0 (they are views of the files in host memory")),
+        "{err}"
+    );
+    let err = base()
+        .map_views(map_contract())
+        .place_with(|_: &tensorlift::place::TensorRequest<'_>| Ok(None))
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(&err, LoadError::Unsupported(m) if m.starts_with("caller destinations with mapped views")),
+        "{err}"
+    );
+    let loader = Loader::builder().device(Device::Auto).map_views(map_contract()).build().unwrap();
+    assert_eq!(loader.device(), Device::Cpu);
+    assert_eq!(loader.device_reason(), "auto: mapped views are host memory");
 }

@@ -59,7 +59,7 @@ fn async_load_and_stream_match() {
     let p2 = path.clone();
     let spawned = rt.block_on(rt.spawn(async move { l2.load(&p2).await.map(|m| m.len()) })).unwrap().unwrap();
     assert_eq!(spawned, truth.len());
-    let mut stream = loader.stream(&path).unwrap();
+    let mut stream = loader.stream_blocking(&path).unwrap();
     let mut seen = 0;
     while let Some(t) = tensorlift::block_on(stream.next()) {
         let t = t.unwrap();
@@ -90,7 +90,7 @@ fn stream_yields_tensors_before_the_load_ends() {
         })
         .build()
         .unwrap();
-    let mut stream = loader.stream(&path).unwrap();
+    let mut stream = loader.stream_blocking(&path).unwrap();
     let first = tensorlift::block_on(stream.next()).unwrap().unwrap();
     assert_eq!(first.name(), "t00");
     let (d, t) = (done.load(Ordering::SeqCst), total.load(Ordering::SeqCst));

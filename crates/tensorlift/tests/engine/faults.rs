@@ -100,7 +100,7 @@ fn replaced_between_plan_and_load() {
     // Same length, different header: another tensor name. The modification time shows it,
     // or, when the clock's tick hides it, the header read again.
     write_shard(&path, &[("b", Dtype::F32, &[100])]);
-    match loader.load_blocking_plan(plan.clone()) {
+    match loader.load_plan_blocking(plan.clone()) {
         Err(LoadError::ShardChanged { what, .. }) => {
             assert!(what.contains("header") || what.contains("modified"), "{what}")
         }
@@ -108,7 +108,7 @@ fn replaced_between_plan_and_load() {
     }
     // Different length.
     write_shard(&path, &[("a", Dtype::F32, &[101])]);
-    match loader.load_blocking_plan(plan) {
+    match loader.load_plan_blocking(plan) {
         Err(LoadError::ShardChanged { what, .. }) => assert!(what.contains("length"), "{what}"),
         other => panic!("{other:?}"),
     }
@@ -170,7 +170,7 @@ fn replaced_by_a_fifo_after_planning() {
     let plan = loader.plan(&dir).unwrap();
     swap("model-00001-of-00002.safetensors");
     swap("model-00002-of-00002.safetensors");
-    match loader.load_blocking_plan(plan) {
+    match loader.load_plan_blocking(plan) {
         Err(LoadError::ShardChanged { file, what }) => {
             assert!(file.ends_with("model-00001-of-00002.safetensors"), "{}", file.display());
             assert!(what.contains("status change time"), "{what}");
@@ -185,7 +185,7 @@ fn replaced_by_a_fifo_after_planning() {
     let plan = loader.plan(&dir).unwrap();
     assert_eq!(plan.open_files(), 1);
     swap("model-00002-of-00002.safetensors");
-    match loader.load_blocking_plan(plan) {
+    match loader.load_plan_blocking(plan) {
         Err(LoadError::ShardChanged { file, what }) => {
             assert!(file.ends_with("model-00002-of-00002.safetensors"), "{}", file.display());
             assert!(what.contains("FIFO"), "{what}");
@@ -206,7 +206,7 @@ fn many_shards_few_open_files() {
     let loader = base().max_open_files(8).chunk_size(4096).build().unwrap();
     let plan = loader.plan(&dir).unwrap();
     assert_eq!(plan.open_files(), 4);
-    let model = loader.load_blocking_plan(plan).unwrap();
+    let model = loader.load_plan_blocking(plan).unwrap();
     assert_identical(&model, &truth, "200 shards, 8 open");
     assert_eq!(model.stats().shards, 200);
 }

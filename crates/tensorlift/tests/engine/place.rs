@@ -7,7 +7,7 @@ use tensorlift::place::{Destination, HostBuffer, TensorRequest};
 use tensorlift::{Dtype, LoadError, TensorSlice};
 use tensorlift_testkit::slice_bytes;
 
-use crate::support::{base, loaders_with, scratch, write_shard, Spec};
+use crate::support::{base, reading_loaders_with, scratch, write_shard, Spec};
 
 const TENSORS: &[Spec<'static>] = &[
     ("ids", Dtype::I32, &[100, 8]),
@@ -56,7 +56,7 @@ fn tensors_land_in_the_callers_memory_on_every_backend() {
         let more = |bl: tensorlift::LoaderBuilder| {
             bl.place_with(rule.clone()).slice("m", TensorSlice::new([1..5, 2..9])).convert_to(Dtype::F32)
         };
-        for (what, loader) in loaders_with(chunk, more).into_iter().filter(|(w, _)| !w.starts_with("mapped")) {
+        for (what, loader) in reading_loaders_with(chunk, more) {
             let model = loader.load_blocking(&path).unwrap_or_else(|e| panic!("{what}: {e}"));
             for (name, bytes) in &want {
                 let t = model.get(name).unwrap();

@@ -142,7 +142,7 @@ fn a_later_shard_that_fails_validation_fails_the_load_with_planning_s_error() {
         landed.store(0, Ordering::SeqCst);
         let err = match what {
             "stream" => {
-                let mut stream = loader.stream(&dir).unwrap();
+                let mut stream = loader.stream_blocking(&dir).unwrap();
                 match tensorlift::block_on(stream.next()) {
                     Some(Err(e)) => e,
                     other => panic!("{other:?}"),
@@ -242,7 +242,7 @@ fn a_checkpoint_that_fails_its_checks_reports_that_before_memory() {
     let want = tensorlift::plan(&dir).unwrap_err().to_string();
     assert!(want.contains("b.safetensors"), "{want}");
     assert_eq!(loader.load_blocking(&dir).unwrap_err().to_string(), want);
-    assert_eq!(loader.stream(&dir).unwrap_err().to_string(), want);
+    assert_eq!(loader.stream_blocking(&dir).unwrap_err().to_string(), want);
 }
 
 /// `Auto` reads while planning goes on where it pays: with 4 CPUs or more, or when the

@@ -32,6 +32,17 @@ pub fn loaders(chunk: usize) -> Vec<(String, Loader)> {
 
 /// [`loaders`], each with `more` options.
 pub fn loaders_with(chunk: usize, more: impl Fn(LoaderBuilder) -> LoaderBuilder) -> Vec<(String, Loader)> {
+    let mut out = reading_loaders_with(chunk, &more);
+    out.push((
+        format!("mapped views/chunk {chunk}"),
+        more(base().map_views(map_contract()).chunk_size(chunk)).build().unwrap(),
+    ));
+    out
+}
+
+/// [`loaders_with`] but the mapped views: the loaders that read, for options that mapped
+/// views do not take (caller destinations).
+pub fn reading_loaders_with(chunk: usize, more: impl Fn(LoaderBuilder) -> LoaderBuilder) -> Vec<(String, Loader)> {
     let mut out = Vec::new();
     for backend in [BackendKind::Uring, BackendKind::Pread] {
         for direct in [DirectIo::Always, DirectIo::Never, DirectIo::Auto] {
@@ -39,10 +50,6 @@ pub fn loaders_with(chunk: usize, more: impl Fn(LoaderBuilder) -> LoaderBuilder)
             out.push((format!("{backend}/{direct:?}/chunk {chunk}"), l));
         }
     }
-    out.push((
-        format!("mapped views/chunk {chunk}"),
-        more(base().map_views(map_contract()).chunk_size(chunk)).build().unwrap(),
-    ));
     out
 }
 

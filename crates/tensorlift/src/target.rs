@@ -1,0 +1,126 @@
+//! Where tensors go. A loader's device is decided once when it is built ([`Target`]: the
+//! host, or a CUDA device with its pinned staging memory); where each tensor of a load lands
+//! is decided once when the load starts ([`Landing`]), and the pipeline and the destinations
+//! follow that value.
+
+use std::sync::Arc;
+
+use tensorlift_format::LoadPlan;
+use tensorlift_io::{MapContract, Reader};
+
+use crate::config::{Config, ReadWhilePlanning};
+use crate::dest_cuda::CudaTarget;
+use crate::place::Resolved;
+use crate::{Device, LoadError};
+
+/// Where a loader's tensors go.
+#[derive(Debug)]
+pub(crate) enum Target {
+    Host,
+    Cuda(Arc<CudaTarget>),
+}
+
+/// Decides where tensors go, once, with the reason: `Cpu` is the host; `Cuda(n)` opens
+/// device `n` and its pinned staging memory, or fails saying why; `Auto` does the same for
+/// `cuda:0` and falls back to the host with that reason.
+pub(crate) fn resolve_device(
+    requested: Device,
+    why: String,
+    cfg: &Config,
+    reader: &Reader,
+) -> Result<(Target, String), LoadError> {
+    match requested {
+        Device::Cpu => Ok((Target::Host, why)),
+        Device::Cuda(ordinal) => match open_cuda(ordinal, cfg, reader) {
+            Ok(t) => Ok((Target::Cuda(Arc::new(t)), why)),
+            Err(reason) => Err(LoadError::CudaUnavailable { ordinal, reason }),
+        },
+        Device::Auto => match open_cuda(0, cfg, reader) {
+            Ok(t) => {
+                let name = t.gpu.name().to_owned();
+                Ok((Target::Cuda(Arc::new(t)), format!("auto: cuda:0 ({name}) is usable")))
+            }
+            Err(reason) => Ok((Target::Host, format!("auto: {reason}"))),
+        },
+    }
+}
+
+/// Opens a device and the pinned staging pool (registered with io_uring where it can be).
+fn open_cuda(ordinal: usize, cfg: &Config, reader: &Reader) -> Result<CudaTarget, String> {
+    let gpu = tensorlift_cuda::Gpu::open(ordinal).map_err(|e| match e {
+        tensorlift_cuda::CudaError::Unavailable(why) => why,
+        e => e.to_string(),
+    })?;
+    let pool = tensorlift_cuda::PinnedPool::new(&gpu, cfg.staging_budget, cfg.chunk_size)
+        .map_err(|e| format!("cannot pin {} bytes of staging memory: {e}", cfg.staging_budget))?;
+    if let Err(e) = pool.register_with(reader) {
+        tracing::debug!(error = %e, "pinned chunks are not io_uring fixed buffers");
+    }
+    // The kernels only when they are needed: loading them costs the driver a compilation.
+    let kernels = match cfg.convert_to {
+        Some(_) => Some(Arc::new(
+            tensorlift_cuda::Kernels::load(&gpu).map_err(|e| format!("cannot load the conversion kernels: {e}"))?,
+        )),
+        None => None,
+    };
+    Ok(CudaTarget { gpu, pool, streams: cfg.streams, kernels })
+}
+
+/// Where the tensors of one load land, decided once, before anything is read or allocated:
+/// views of the mapped files, or reads into host or device memory, each tensor into the
+/// caller's memory (`caller[i]`) or tensorlift's (`None`).
+pub(crate) enum Landing<'a> {
+    /// Zero-copy views of the mapped files (host memory; the loader's build refused mapped
+    /// views with a CUDA device or caller memory).
+    Mapped(MapContract),
+    Host {
+        caller: Vec<Option<Resolved>>,
+    },
+    Cuda {
+        target: &'a Arc<CudaTarget>,
+        caller: Vec<Option<Resolved>>,
+    },
+}
+
+impl<'a> Landing<'a> {
+    /// Decides where the tensors of `plan` land, asking the caller's placement rule (and
+    /// checking its answers) where there is one.
+    pub(crate) fn decide(cfg: &Config, target: &'a Target, plan: &LoadPlan) -> Result<Self, LoadError> {
+        let gpu = match target {
+            Target::Cuda(c) => Some(&c.gpu),
+            Target::Host => None,
+        };
+        let caller = match &cfg.place {
+            Some(rule) => crate::place::resolve(rule.as_ref(), plan, cfg.convert_to, gpu)?,
+            None => Vec::new(),
+        };
+        Ok(match (cfg.map_views, target) {
+            (Some(contract), Target::Host) => Landing::Mapped(contract),
+            (_, Target::Host) => Landing::Host { caller },
+            (_, Target::Cuda(target)) => Landing::Cuda { target, caller },
+        })
+    }
+
+    /// Whether tensor `i` is read straight into the caller's host memory, as a span of its
+    /// own (one that is gathered or converted first lands in an arena like the others).
+    pub(crate) fn read_into_caller(&self, plan: &LoadPlan, i: usize, cfg: &Config) -> bool {
+        let Landing::Host { caller } = self else { return false };
+        let t = &plan.tensors()[i];
+        matches!(caller.get(i), Some(Some(Resolved::Host(_))))
+            && t.gather.is_none()
+            && crate::place::loaded_as(t, cfg.convert_to).0 == t.dtype
+    }
+}
+
+/// Whether a load of a whole checkpoint with `cfg` onto `target` may read while planning
+/// goes on: a host load into tensorlift's memory of every tensor as it is stored (no filter,
+/// slice, conversion, caller memory or mapped views), unless the policy says never.
+pub(crate) fn may_read_while_planning(cfg: &Config, target: &Target) -> bool {
+    cfg.read_while_planning != ReadWhilePlanning::Never
+        && matches!(target, Target::Host)
+        && cfg.filter.is_empty()
+        && cfg.slices.is_empty()
+        && cfg.convert_to.is_none()
+        && cfg.place.is_none()
+        && cfg.map_views.is_none()
+}
