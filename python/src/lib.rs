@@ -82,13 +82,7 @@ impl PyTensor {
         copy: Option<bool>,
     ) -> PyResult<Py<PyAny>> {
         let _ = stream;
-        check_request(&self.inner, dl_device, copy)?;
-        let err = |e: tensorlift::ViewError| PyBufferError::new_err(e.to_string());
-        if max_version.is_some_and(|(major, _)| major >= 1) {
-            versioned_capsule(py, self.inner.to_dlpack().map_err(err)?)
-        } else {
-            legacy_capsule(py, self.inner.to_dlpack_legacy().map_err(err)?)
-        }
+        export(py, &self.inner, View::Typed, max_version, dl_device, copy)
     }
 
     fn __repr__(&self) -> String {
@@ -237,13 +231,35 @@ impl PyRawBytes {
         copy: Option<bool>,
     ) -> PyResult<Py<PyAny>> {
         let _ = stream;
-        check_request(&self.inner, dl_device, copy)?;
-        let err = |e: tensorlift::ViewError| PyBufferError::new_err(e.to_string());
-        if max_version.is_some_and(|(major, _)| major >= 1) {
-            versioned_capsule(py, self.inner.to_dlpack_bytes().map_err(err)?)
-        } else {
-            legacy_capsule(py, self.inner.to_dlpack_bytes_legacy().map_err(err)?)
-        }
+        export(py, &self.inner, View::Bytes, max_version, dl_device, copy)
+    }
+}
+
+/// How a tensor is exported: as itself, or as its bytes (one-dimensional `uint8`).
+#[derive(Clone, Copy)]
+enum View {
+    Typed,
+    Bytes,
+}
+
+/// The one `__dlpack__` of `Tensor` and of its `raw_bytes()`: the request checked, then a
+/// DLPack 1.x capsule when the consumer takes `max_version >= (1, 0)`, else a legacy one.
+fn export(
+    py: Python<'_>,
+    t: &tensorlift::Tensor,
+    view: View,
+    max_version: Option<(u32, u32)>,
+    dl_device: Option<(i32, i32)>,
+    copy: Option<bool>,
+) -> PyResult<Py<PyAny>> {
+    check_request(t, dl_device, copy)?;
+    let err = |e: tensorlift::ViewError| PyBufferError::new_err(e.to_string());
+    let versioned = max_version.is_some_and(|(major, _)| major >= 1);
+    match (view, versioned) {
+        (View::Typed, true) => versioned_capsule(py, t.to_dlpack().map_err(err)?),
+        (View::Typed, false) => legacy_capsule(py, t.to_dlpack_legacy().map_err(err)?),
+        (View::Bytes, true) => versioned_capsule(py, t.to_dlpack_bytes().map_err(err)?),
+        (View::Bytes, false) => legacy_capsule(py, t.to_dlpack_bytes_legacy().map_err(err)?),
     }
 }
 

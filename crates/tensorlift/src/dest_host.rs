@@ -17,8 +17,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tensorlift_format::{Dtype, LoadPlan};
-use tensorlift_io::{ArenaChunk, ArenaPool, Claim, HostArena, HostChunk, PAGE};
+use tensorlift_io::{ArenaChunk, Claim, HostArena, HostChunk, PAGE};
 
+use crate::config::Config;
 use crate::error::{plan_file, ConversionFailure};
 use crate::layout::{chunks_to_wait_for, completed_by, Read, Span};
 use crate::place::Resolved;
@@ -68,15 +69,13 @@ impl HostSink {
         plan: &LoadPlan,
         spans: Vec<Span>,
         dests: Vec<Option<Resolved>>,
-        convert_to: Option<Dtype>,
-        chunk: usize,
-        pages: crate::HugePages,
-        prefault_threads: usize,
+        cfg: &Config,
         reads: &[Read],
-        pool: &Arc<ArenaPool>,
         stats: &mut crate::LoadStats,
         ready: &mut VecDeque<Tensor>,
     ) -> Result<HostSink, LoadError> {
+        let (convert_to, chunk, pages, pool) = (cfg.convert_to, cfg.chunk_size, cfg.huge_pages, &cfg.host_pool);
+        let prefault_threads = cfg.prefault_threads();
         // `dests` is empty when the caller placed nothing.
         let mut claims: Vec<Option<Arc<Claim>>> = vec![None; plan.tensors().len()];
         for (claim, d) in claims.iter_mut().zip(dests) {

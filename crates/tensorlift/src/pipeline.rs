@@ -178,7 +178,7 @@ impl TensorStream {
                 )?;
             }
             Landing::Host { caller } => {
-                let mut scheduler = stream.host_scheduler(cfg, spans, caller, cfg.convert_to, reads, fresh)?;
+                let mut scheduler = stream.host_scheduler(cfg, spans, caller, reads, fresh)?;
                 scheduler.sink.start_prefault();
                 stream.dest = Dest::Host(Box::new(scheduler));
             }
@@ -197,23 +197,11 @@ impl TensorStream {
         cfg: &Config,
         spans: Vec<Span>,
         dests: Vec<Option<crate::place::Resolved>>,
-        convert_to: Option<tensorlift_format::Dtype>,
         reads: Vec<Read>,
         fresh: bool,
     ) -> Result<Scheduler<crate::dest_host::HostSink>, LoadError> {
-        let sink = crate::dest_host::HostSink::new(
-            &self.plan,
-            spans,
-            dests,
-            convert_to,
-            cfg.chunk_size,
-            cfg.huge_pages,
-            cfg.prefault_threads(),
-            &reads,
-            &cfg.host_pool,
-            &mut self.stats,
-            &mut self.ready,
-        )?;
+        let sink =
+            crate::dest_host::HostSink::new(&self.plan, spans, dests, cfg, &reads, &mut self.stats, &mut self.ready)?;
         Ok(Scheduler::new(sink, reads, &self.plan, cfg, self.started, fresh))
     }
 
@@ -236,7 +224,7 @@ impl TensorStream {
         let spans = layout::shard_spans(&stream.plan);
         let reads = layout::reads(&spans, cfg.chunk_size, read_window(cfg));
         stream.total_bytes = reads.iter().map(|r| r.len as u64).sum();
-        let mut scheduler = stream.host_scheduler(cfg, spans, Vec::new(), None, reads, true)?;
+        let mut scheduler = stream.host_scheduler(cfg, spans, Vec::new(), reads, true)?;
         scheduler.validated = Some(vec![None; stream.plan.shards().len()]);
         scheduler.unvalidated = stream.plan.shards().len();
         stream.dest = Dest::Host(Box::new(scheduler));
@@ -430,9 +418,10 @@ impl TensorStream {
     /// The plan being loaded. A load that starts before planning ends (see
     /// [`LoaderBuilder::read_while_planning`](crate::LoaderBuilder::read_while_planning))
     /// has, until the plan stands (before its first tensor), a plan of its shards alone: no
-    /// tensors, metadata or index metadata.
-    pub fn plan(&self) -> &LoadPlan {
-        self.plan.plan()
+    /// tensors, metadata or index metadata. The same type as [`Loader::plan`](crate::Loader::plan)'s
+    /// (a [`Checkpoint`] is its [`LoadPlan`] and the shards it holds open).
+    pub fn plan(&self) -> &Checkpoint {
+        &self.plan
     }
 }
 
