@@ -1,7 +1,7 @@
 use cudarc::driver::DriverError;
 
 /// A CUDA failure, naming the driver call.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum CudaError {
     /// No usable driver or device (the probe's reason).

@@ -67,9 +67,16 @@ pub enum LoadError {
         #[source]
         source: tensorlift_cuda::CudaError,
     },
-    /// A CUDA device was asked for and cannot be used.
+    /// A CUDA device was asked for and cannot be used: `reason` says why (the driver's
+    /// absence, a device that does not exist, staging memory that cannot be pinned, ...),
+    /// with the driver's error as `source` where one failed.
     #[error("CUDA device {ordinal} is unavailable: {reason}")]
-    CudaUnavailable { ordinal: usize, reason: String },
+    CudaUnavailable {
+        ordinal: usize,
+        reason: String,
+        #[source]
+        source: Option<tensorlift_cuda::CudaError>,
+    },
     /// The tensor filter selects no tensor of the checkpoint.
     #[error("{}: no tensor matches the filter {}", file.display(), patterns.iter().map(|p| format!("'{p}'")).collect::<Vec<_>>().join(", "))]
     NothingMatched { file: PathBuf, patterns: Vec<String> },

@@ -33,33 +33,49 @@ pub(crate) fn resolve_device(
         Device::Cpu => Ok((Target::Host, why)),
         Device::Cuda(ordinal) => match open_cuda(ordinal, cfg, reader) {
             Ok(t) => Ok((Target::Cuda(Arc::new(t)), why)),
-            Err(reason) => Err(LoadError::CudaUnavailable { ordinal, reason }),
+            Err(Unusable { reason, source }) => Err(LoadError::CudaUnavailable { ordinal, reason, source }),
         },
         Device::Auto => match open_cuda(0, cfg, reader) {
             Ok(t) => {
                 let name = t.gpu.name().to_owned();
                 Ok((Target::Cuda(Arc::new(t)), format!("auto: cuda:0 ({name}) is usable")))
             }
-            Err(reason) => Ok((Target::Host, format!("auto: {reason}"))),
+            Err(unusable) => Ok((Target::Host, format!("auto: {}", unusable.reason))),
         },
     }
 }
 
+/// Why a CUDA device cannot be used: the reason in words (with the driver's error in it),
+/// and the driver's error where one failed.
+struct Unusable {
+    reason: String,
+    source: Option<tensorlift_cuda::CudaError>,
+}
+
+impl Unusable {
+    fn driver(what: Option<String>, e: tensorlift_cuda::CudaError) -> Self {
+        match (what, e) {
+            // The probe's own words (no driver, no such device): nothing failed below them.
+            (None, tensorlift_cuda::CudaError::Unavailable(why)) => Unusable { reason: why, source: None },
+            (None, e) => Unusable { reason: e.to_string(), source: Some(e) },
+            (Some(what), e) => Unusable { reason: format!("{what}: {e}"), source: Some(e) },
+        }
+    }
+}
+
 /// Opens a device and the pinned staging pool (registered with io_uring where it can be).
-fn open_cuda(ordinal: usize, cfg: &Config, reader: &Reader) -> Result<CudaTarget, String> {
-    let gpu = tensorlift_cuda::Gpu::open(ordinal).map_err(|e| match e {
-        tensorlift_cuda::CudaError::Unavailable(why) => why,
-        e => e.to_string(),
-    })?;
+fn open_cuda(ordinal: usize, cfg: &Config, reader: &Reader) -> Result<CudaTarget, Unusable> {
+    let gpu = tensorlift_cuda::Gpu::open(ordinal).map_err(|e| Unusable::driver(None, e))?;
     let pool = tensorlift_cuda::PinnedPool::new(&gpu, cfg.staging_budget, cfg.chunk_size)
-        .map_err(|e| format!("cannot pin {} bytes of staging memory: {e}", cfg.staging_budget))?;
+        .map_err(|e| Unusable::driver(Some(format!("cannot pin {} bytes of staging memory", cfg.staging_budget)), e))?;
     if let Err(e) = pool.register_with(reader) {
         tracing::debug!(error = %e, "pinned chunks are not io_uring fixed buffers");
     }
     // The kernels only when they are needed: loading them costs the driver a compilation.
     let kernels = match cfg.convert_to {
         Some(_) => Some(Arc::new(
-            tensorlift_cuda::Kernels::load(&gpu).map_err(|e| format!("cannot load the conversion kernels: {e}"))?,
+            tensorlift_cuda::Kernels::load(&gpu)
+                .map_err(|e| Unusable::driver(Some("cannot load the conversion kernels".into()), e))?,
         )),
         None => None,
     };

@@ -38,8 +38,16 @@ pub enum ViewError {
     #[error("tensor '{tensor}': DLPack has no type for {dtype}")]
     NoDlpackType { tensor: String, dtype: Dtype },
     /// Copying a device tensor back to the host failed.
-    #[error("tensor '{tensor}': copy from {device} failed: {message}")]
-    CopyBack { tensor: String, device: Device, message: String },
+    #[error("tensor '{tensor}': copy from {device} failed: {source}")]
+    CopyBack {
+        tensor: String,
+        device: Device,
+        #[source]
+        source: tensorlift_cuda::CudaError,
+    },
+    /// Host memory for a copy of the tensor could not be had.
+    #[error("tensor '{tensor}': cannot allocate {bytes} bytes of host memory for a copy")]
+    OutOfMemory { tensor: String, bytes: usize },
 }
 
 #[derive(Debug, Clone)]
@@ -285,14 +293,14 @@ impl Tensor {
         match &self.storage {
             Storage::Device { arena, offset, len, .. } => {
                 let mut out = Vec::new();
-                let fail = |message: String| ViewError::CopyBack {
+                out.try_reserve_exact(*len)
+                    .map_err(|_| ViewError::OutOfMemory { tensor: self.name.to_string(), bytes: *len })?;
+                out.resize(*len, 0);
+                arena.copy_to_host(*offset as usize, &mut out).map_err(|source| ViewError::CopyBack {
                     tensor: self.name.to_string(),
                     device: self.location(),
-                    message,
-                };
-                out.try_reserve_exact(*len).map_err(|_| fail(format!("cannot allocate {len} bytes")))?;
-                out.resize(*len, 0);
-                arena.copy_to_host(*offset as usize, &mut out).map_err(|e| fail(e.to_string()))?;
+                    source,
+                })?;
                 Ok(Cow::Owned(out))
             }
             _ => self.bytes().map(Cow::Borrowed),

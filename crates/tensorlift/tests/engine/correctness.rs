@@ -164,7 +164,7 @@ fn device_choice() {
     use tensorlift::{Device, LoadError, Loader};
     assert_eq!(Loader::builder().device(Device::Auto).build().unwrap().device(), Device::Cpu);
     match Loader::builder().device(Device::Cuda(0)).build() {
-        Err(LoadError::CudaUnavailable { ordinal: 0, reason }) => assert!(!reason.is_empty()),
+        Err(LoadError::CudaUnavailable { ordinal: 0, reason, .. }) => assert!(!reason.is_empty()),
         other => panic!("{other:?}"),
     }
     assert_eq!("cuda:3".parse::<Device>().unwrap(), Device::Cuda(3));
