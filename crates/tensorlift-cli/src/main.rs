@@ -47,6 +47,13 @@ enum Command {
         #[arg(long, default_value = "5GB", value_parser = torch::parse_size)]
         max_shard_size: u64,
     },
+    /// Write SHA256SUMS in a checkpoint's folder: the SHA-256 of every shard and of the
+    /// index, in coreutils' format (`sha256sum -c SHA256SUMS` checks it), replacing one
+    /// that is there.
+    Manifest {
+        /// The checkpoint (a .safetensors file, an index JSON or a folder).
+        path: PathBuf,
+    },
     /// Report the GPU, io_uring, O_DIRECT, memlock, and what a load would choose.
     Doctor {
         /// Where checkpoints live, to test O_DIRECT on (a file or a folder).
@@ -79,6 +86,7 @@ fn main() -> ExitCode {
         Command::Convert { src, dst, max_shard_size } => torch::convert(&src, &dst, max_shard_size, &mut out),
         Command::Load(args) => load::run(&args, &mut out),
         Command::Doctor { path, json } => doctor::run(&path, json, &mut out),
+        Command::Manifest { path } => manifest(&path, &mut out),
     };
     let result = result.and_then(|()| out.flush().map_err(anyhow::Error::from));
     match result {
@@ -113,4 +121,15 @@ fn chain(e: &anyhow::Error) -> String {
         msg.push_str(&text);
     }
     msg
+}
+
+/// `tensorlift manifest PATH`: SHA256SUMS written in the checkpoint's folder.
+fn manifest(path: &std::path::Path, out: &mut dyn Write) -> anyhow::Result<()> {
+    let m = tensorlift::checksums::manifest(path)?;
+    let written = m.write()?;
+    for (name, digest) in &m.entries {
+        writeln!(out, "{digest}  {}", name.escape_debug())?;
+    }
+    writeln!(out, "wrote {} digests to {}", m.entries.len(), written.display())?;
+    Ok(())
 }

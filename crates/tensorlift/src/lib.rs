@@ -30,6 +30,7 @@
 
 #[cfg(feature = "candle")]
 pub mod candle;
+pub mod checksums;
 mod config;
 pub mod convert;
 mod dest_cuda;

@@ -1,0 +1,98 @@
+//! `tensorlift manifest`: the SHA256SUMS it writes is what coreutils' `sha256sum` writes for
+//! the same files, `sha256sum -c` passes on it (and fails once a byte changes), and what
+//! `sha256sum` writes parses back, escaped names included.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use tensorlift::Dtype;
+use tensorlift_testkit::{scratch_in, write_shard, write_sharded};
+
+fn tensorlift(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tensorlift")).args(args).output().unwrap()
+}
+
+/// `sha256sum ARGS` run in `dir` (coreutils).
+fn sha256sum(dir: &Path, args: &[&str]) -> Output {
+    Command::new("sha256sum").args(args).current_dir(dir).output().expect("coreutils' sha256sum")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn sha256sum_checks_the_manifest_of_a_sharded_checkpoint() {
+    let dir = scratch_in(&std::env::temp_dir(), "tl-manifest-");
+    let a: &[tensorlift_testkit::Spec<'_>] = &[("a", Dtype::F32, &[64, 33]), ("b", Dtype::BF16, &[7])];
+    let b: &[tensorlift_testkit::Spec<'_>] = &[("c", Dtype::U8, &[100_001])];
+    let c: &[tensorlift_testkit::Spec<'_>] = &[("d", Dtype::I64, &[3, 3])];
+    write_sharded(&dir, &[a, b, c]);
+    std::fs::write(dir.join("SHA256SUMS"), "stale\n").unwrap();
+
+    let out = tensorlift(&["manifest", dir.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains(&format!("wrote 4 digests to {}", dir.join("SHA256SUMS").display())));
+    let ours = std::fs::read_to_string(dir.join("SHA256SUMS")).unwrap();
+
+    // The same lines as coreutils writes for the shards and the index.
+    let files = [
+        "model-00001-of-00003.safetensors",
+        "model-00002-of-00003.safetensors",
+        "model-00003-of-00003.safetensors",
+        "model.safetensors.index.json",
+    ];
+    let theirs = sha256sum(&dir, &files);
+    assert!(theirs.status.success());
+    assert_eq!(ours, text(&theirs.stdout));
+
+    // sha256sum -c passes, every file checked...
+    let check = sha256sum(&dir, &["-c", "--strict", "SHA256SUMS"]);
+    assert!(check.status.success(), "{}{}", text(&check.stdout), text(&check.stderr));
+    for f in files {
+        assert!(text(&check.stdout).contains(&format!("{f}: OK")), "{}", text(&check.stdout));
+    }
+    // ... and fails, on that shard, once one byte of its data changes.
+    let last = dir.join(files[2]);
+    let mut bytes = std::fs::read(&last).unwrap();
+    let at = bytes.len() - 1;
+    bytes[at] ^= 1;
+    std::fs::write(&last, bytes).unwrap();
+    let check = sha256sum(&dir, &["-c", "SHA256SUMS"]);
+    assert!(!check.status.success());
+    assert!(text(&check.stdout).contains(&format!("{}: FAILED", files[2])), "{}", text(&check.stdout));
+}
+
+#[test]
+fn names_that_need_escaping_round_trip_through_coreutils() {
+    let dir = scratch_in(&std::env::temp_dir(), "tl-manifest-");
+    let name = "we ird\\name.safetensors";
+    write_shard(&dir.join(name), &[("x", Dtype::F16, &[5, 5])]);
+    let out = tensorlift(&["manifest", dir.join(name).to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let ours = std::fs::read_to_string(dir.join("SHA256SUMS")).unwrap();
+    let theirs = sha256sum(&dir, &[name]);
+    assert_eq!(ours, text(&theirs.stdout));
+    assert!(ours.starts_with('\\'), "{ours}");
+    let check = sha256sum(&dir, &["-c", "--strict", "SHA256SUMS"]);
+    assert!(check.status.success(), "{}{}", text(&check.stdout), text(&check.stderr));
+    // What coreutils wrote parses back to the file's name and digest.
+    let parsed = tensorlift::checksums::parse_sums(&text(&theirs.stdout), Path::new("SHA256SUMS")).unwrap();
+    let digest = tensorlift::checksums::sha256_file(&dir.join(name)).unwrap();
+    assert_eq!(parsed, [(name.to_owned(), digest)]);
+}
+
+#[test]
+fn an_invalid_checkpoint_gets_no_manifest() {
+    let dir = scratch_in(&std::env::temp_dir(), "tl-manifest-");
+    let path = dir.join("bad.safetensors");
+    write_shard(&path, &[("x", Dtype::F32, &[4])]);
+    let len = std::fs::metadata(&path).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 3).unwrap();
+    let out = tensorlift(&["manifest", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(text(&out.stderr).starts_with("error: "), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("bad.safetensors"), "{}", text(&out.stderr));
+    assert!(!dir.join("SHA256SUMS").exists());
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "nothing is left beside the file");
+}
