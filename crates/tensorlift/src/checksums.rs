@@ -161,6 +161,82 @@ pub fn hub_blob_digest(path: &Path) -> Option<Sha256> {
     resolved.file_name()?.to_str()?.parse().ok()
 }
 
+/// Where a shard's expected digest was found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DigestSource {
+    /// The name of the Hugging Face hub cache blob the shard's file is (this path).
+    HubBlob(PathBuf),
+    /// An entry of this `SHA256SUMS` file.
+    SumsFile(PathBuf),
+}
+
+impl fmt::Display for DigestSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DigestSource::HubBlob(p) => write!(f, "the hub cache blob {}", p.display()),
+            DigestSource::SumsFile(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// The digests a checkpoint's shards are expected to have, looked for in order: the hub
+/// cache blob each shard's file resolves to ([`hub_blob_digest`]), then the `SHA256SUMS`
+/// file in the checkpoint's folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expected {
+    /// Per shard of the plan, in its order: the digest and where it was found, or `None`.
+    pub shards: Vec<Option<(Sha256, DigestSource)>>,
+    /// The `SHA256SUMS` file looked in (whether or not it exists), for errors that say
+    /// where no digest was found.
+    pub sums_file: PathBuf,
+}
+
+/// The expected digests of `plan`'s shards. A `SHA256SUMS` that exists but cannot be read
+/// as coreutils writes it, or that lists a shard twice with two digests, is an error
+/// (rather than a file whose digests are silently not used).
+pub fn expected(plan: &tensorlift_format::LoadPlan) -> Result<Expected, SumsError> {
+    let sums_file = plan.root().join(SUMS_FILE);
+    let listed = match std::fs::read(&sums_file) {
+        Ok(bytes) => {
+            let text = String::from_utf8(bytes).map_err(|e| SumsError {
+                file: sums_file.clone(),
+                line: 0,
+                message: format!("not UTF-8 ({e})"),
+            })?;
+            parse_sums(&text, &sums_file)?
+        }
+        Err(_) => Vec::new(),
+    };
+    // A name as sha256sum -c resolves it: relative to the folder, `./` or not.
+    let plain = |n: &str| n.trim_start_matches("./").to_owned();
+    let mut by_name: std::collections::HashMap<String, Sha256> = std::collections::HashMap::new();
+    for (i, (name, digest)) in listed.iter().enumerate() {
+        if let Some(other) = by_name.insert(plain(name), *digest) {
+            if other != *digest {
+                return Err(SumsError {
+                    file: sums_file.clone(),
+                    line: i + 1,
+                    message: format!("'{}' is listed twice, with two digests", name.escape_debug()),
+                });
+            }
+        }
+    }
+    let shards = plan
+        .shards()
+        .iter()
+        .map(|s| {
+            if let Some(d) = hub_blob_digest(&s.path) {
+                return Some((d, DigestSource::HubBlob(s.path.clone())));
+            }
+            std::iter::once(&s.name)
+                .chain(&s.aliases)
+                .find_map(|n| by_name.get(&plain(n)))
+                .map(|d| (*d, DigestSource::SumsFile(sums_file.clone())))
+        })
+        .collect();
+    Ok(Expected { shards, sums_file })
+}
+
 /// The digests of a checkpoint's files, as a `SHA256SUMS` in its folder lists them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Manifest {
