@@ -28,7 +28,7 @@ fn sha256sum_checks_the_manifest_of_a_sharded_checkpoint() {
     let b: &[tensorlift_testkit::Spec<'_>] = &[("c", Dtype::U8, &[100_001])];
     let c: &[tensorlift_testkit::Spec<'_>] = &[("d", Dtype::I64, &[3, 3])];
     write_sharded(&dir, &[a, b, c]);
-    std::fs::write(dir.join("SHA256SUMS"), "stale\n").unwrap();
+    std::fs::write(dir.join("SHA256SUMS"), format!("{}  model-00001-of-00003.safetensors\n", "0".repeat(64))).unwrap();
 
     let out = tensorlift(&["manifest", dir.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
@@ -95,4 +95,43 @@ fn an_invalid_checkpoint_gets_no_manifest() {
     assert!(text(&out.stderr).contains("bad.safetensors"), "{}", text(&out.stderr));
     assert!(!dir.join("SHA256SUMS").exists());
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "nothing is left beside the file");
+}
+
+#[test]
+fn other_entries_are_kept_and_links_are_not_followed() {
+    let dir = scratch_in(&std::env::temp_dir(), "tl-manifest-");
+    write_shard(&dir.join("model.safetensors"), &[("x", Dtype::F32, &[9])]);
+    std::fs::write(dir.join("config.json"), "{}\n").unwrap();
+    // A SHA256SUMS with the config's digest and a stale one for the weights.
+    let config = text(&sha256sum(&dir, &["config.json"]).stdout);
+    std::fs::write(dir.join("SHA256SUMS"), format!("{config}{}  ./model.safetensors\n", "0".repeat(64))).unwrap();
+    let out = tensorlift(&["manifest", dir.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let written = std::fs::read_to_string(dir.join("SHA256SUMS")).unwrap();
+    assert_eq!(written, format!("{config}{}", text(&sha256sum(&dir, &["model.safetensors"]).stdout)));
+    let check = sha256sum(&dir, &["-c", "--strict", "SHA256SUMS"]);
+    assert!(check.status.success(), "{}", text(&check.stdout));
+
+    // SHA256SUMS as a link to a file elsewhere: refused, and that file left as it was.
+    let elsewhere = scratch_in(&std::env::temp_dir(), "tl-manifest-victim-").join("precious");
+    std::fs::write(&elsewhere, "keep me\n").unwrap();
+    std::fs::remove_file(dir.join("SHA256SUMS")).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, dir.join("SHA256SUMS")).unwrap();
+    let out = tensorlift(&["manifest", dir.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("symbolic link"), "{}", text(&out.stderr));
+    assert_eq!(std::fs::read_to_string(&elsewhere).unwrap(), "keep me\n");
+    // Links planted at the names it writes beside SHA256SUMS (this process's) are not
+    // followed either: it takes the next free name.
+    std::fs::remove_file(dir.join("SHA256SUMS")).unwrap();
+    for n in 0..3 {
+        let planted = dir.join(format!(".SHA256SUMS.partial-{}-{n}", std::process::id()));
+        std::os::unix::fs::symlink(&elsewhere, planted).unwrap();
+    }
+    let m = tensorlift::checksums::manifest(&dir).unwrap();
+    assert_eq!(m.write().unwrap(), dir.canonicalize().unwrap().join("SHA256SUMS"));
+    assert_eq!(std::fs::read_to_string(&elsewhere).unwrap(), "keep me\n");
+    assert!(std::fs::symlink_metadata(dir.join("SHA256SUMS")).unwrap().is_file());
+    let check = sha256sum(&dir, &["-c", "--strict", "SHA256SUMS"]);
+    assert!(check.status.success(), "{}", text(&check.stdout));
 }

@@ -60,15 +60,24 @@ pub struct SumsError {
 
 /// The entries of a `SHA256SUMS` file (`file` names it in errors), in order: each a file
 /// name, as written (relative to the file's folder), and its digest. Takes what
-/// `sha256sum -c` takes: `<digest>  <name>` (text mode) or `<digest> *<name>` (binary), a
-/// leading `\` for a name with `\\`, `\n` or `\r` escapes, and the tagged form
-/// `SHA256 (<name>) = <digest>`. Empty lines are skipped; anything else is an error naming
-/// the line (`sha256sum -c --strict` fails on it too).
+/// `sha256sum -c` takes: `<digest>  <name>` (text mode), `<digest> *<name>` (binary) or
+/// `<digest> <name>`, leading blanks, a leading `\` for a name with `\\`, `\n` or `\r`
+/// escapes, the tagged form `SHA256 (<name>) = <digest>` (spaces around `=` and before `(`
+/// optional), CRLF line ends; `#` comment lines and empty lines are skipped. Anything else is
+/// an error naming the line.
 pub fn parse_sums(text: &str, file: &Path) -> Result<Vec<(String, Sha256)>, SumsError> {
+    Ok(parse_lines(text, file)?.into_iter().map(|(_, n, d)| (n, d)).collect())
+}
+
+/// An entry of a `SHA256SUMS` file: its 1-based line, the name, the digest.
+type Line = (usize, String, Sha256);
+
+/// [`parse_sums`], each entry with its line number.
+fn parse_lines(text: &str, file: &Path) -> Result<Vec<Line>, SumsError> {
     let mut out = Vec::new();
     for (i, raw) in text.split('\n').enumerate() {
-        let line = raw.strip_suffix('\r').unwrap_or(raw);
-        if line.is_empty() {
+        let line = raw.strip_suffix('\r').unwrap_or(raw).trim_start_matches([' ', '\t']);
+        if line.is_empty() || line.starts_with('#') {
             continue;
         }
         let fail = |message: String| SumsError { file: file.to_path_buf(), line: i + 1, message };
@@ -76,25 +85,27 @@ pub fn parse_sums(text: &str, file: &Path) -> Result<Vec<(String, Sha256)>, Sums
             Some(rest) => (true, rest),
             None => (false, line),
         };
-        let (hex, name) = if let Some(rest) = line.strip_prefix("SHA256 (") {
-            let Some((name, hex)) = rest.rsplit_once(") = ") else {
-                return Err(fail("a tagged line is `SHA256 (<name>) = <digest>`".into()));
-            };
-            (hex, name)
+        let (hex, name) = if let Some(rest) = line.strip_prefix("SHA256") {
+            let rest = rest.strip_prefix(' ').unwrap_or(rest);
+            let tagged = rest
+                .strip_prefix('(')
+                .and_then(|r| r.rsplit_once(')'))
+                .and_then(|(name, tail)| Some((tail.trim_start().strip_prefix('=')?.trim_start(), name)));
+            tagged.ok_or_else(|| fail("a tagged line is `SHA256 (<name>) = <digest>`".into()))?
         } else {
             let (hex, rest) = line.split_at_checked(64).ok_or_else(|| fail("shorter than a digest".into()))?;
-            let name = rest
-                .strip_prefix("  ")
-                .or_else(|| rest.strip_prefix(" *"))
-                .ok_or_else(|| fail("the digest is not followed by two spaces (or ` *`) and a name".into()))?;
-            (hex, name)
+            // As coreutils: a blank after the digest, then a space or `*` (binary), or the name.
+            let rest = rest
+                .strip_prefix([' ', '\t'])
+                .ok_or_else(|| fail("the digest is not followed by a blank and a name".into()))?;
+            (hex, rest.strip_prefix([' ', '*']).unwrap_or(rest))
         };
         let digest = hex.parse::<Sha256>().map_err(fail)?;
         let name = if escaped { unescape(name).map_err(fail)? } else { name.to_owned() };
         if name.is_empty() {
             return Err(fail("no file name".into()));
         }
-        out.push((name, digest));
+        out.push((i + 1, name, digest));
     }
     Ok(out)
 }
@@ -155,10 +166,75 @@ pub fn sha256_file(path: &Path) -> std::io::Result<Sha256> {
 /// file, or a small file whose blob is named by its git SHA-1).
 pub fn hub_blob_digest(path: &Path) -> Option<Sha256> {
     let resolved = std::fs::canonicalize(path).ok()?;
-    if resolved.parent()?.file_name()? != "blobs" {
+    let blobs = resolved.parent()?;
+    let repo = blobs.parent()?.file_name()?.to_str()?;
+    // The hub's layout: <cache>/{models,datasets,spaces}--<org>--<name>/blobs/<name>.
+    let in_cache = ["models--", "datasets--", "spaces--"].iter().any(|p| repo.starts_with(p));
+    if blobs.file_name()? != "blobs" || !in_cache {
         return None;
     }
     resolved.file_name()?.to_str()?.parse().ok()
+}
+
+/// Opens a file that a checkpoint names, for reading, as untrusted input: links not
+/// followed where `follow` is false, a FIFO never waited on, only a regular file taken.
+/// `Ok(None)` where it does not exist.
+fn open_regular(path: &Path, follow: bool) -> std::io::Result<Option<(std::fs::File, u64)>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let flags = libc::O_NONBLOCK | libc::O_CLOEXEC | if follow { 0 } else { libc::O_NOFOLLOW };
+    let f = match std::fs::OpenOptions::new().read(true).custom_flags(flags).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(std::io::Error::other("it is a symbolic link, which is not followed here"))
+        }
+        Err(e) => return Err(e),
+    };
+    let m = f.metadata()?;
+    if !m.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    Ok(Some((f, m.len())))
+}
+
+/// The SHA-256 of the first `len` bytes of `f` (positional reads: the file may be shared).
+fn sha256_of(f: &std::fs::File, len: u64) -> std::io::Result<Sha256> {
+    use std::os::unix::fs::FileExt;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 4 << 20];
+    let mut at = 0u64;
+    while at < len {
+        let want = buf.len().min((len - at) as usize);
+        let n = f.read_at(&mut buf[..want], at)?;
+        if n == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("shorter than {len} bytes")));
+        }
+        hasher.update(&buf[..n]);
+        at += n as u64;
+    }
+    Ok(Sha256(hasher.finalize().into()))
+}
+
+/// The largest `SHA256SUMS` read (a line a file: 64 MiB is about 700,000 files).
+const MAX_SUMS_BYTES: u64 = 64 << 20;
+
+/// The entries of the `SHA256SUMS` at `path`, with line numbers; `None` where there is none.
+fn read_sums(path: &Path) -> Result<Option<Vec<Line>>, SumsError> {
+    let fail = |message: String| SumsError { file: path.to_path_buf(), line: 0, message };
+    let Some((f, len)) = open_regular(path, false).map_err(|e| fail(e.to_string()))? else { return Ok(None) };
+    if len > MAX_SUMS_BYTES {
+        return Err(fail(format!("{len} bytes, more than the {MAX_SUMS_BYTES} read")));
+    }
+    let mut bytes = Vec::new();
+    f.take(MAX_SUMS_BYTES).read_to_end(&mut bytes).map_err(|e| fail(e.to_string()))?;
+    // Names that are not UTF-8 name no shard (shard names are): they are read, not matched.
+    parse_lines(&String::from_utf8_lossy(&bytes), path).map(Some)
+}
+
+/// A name as `sha256sum -c` resolves it against the folder: `./`, `a//b` and `a/./b` are
+/// the same file as `a/b`.
+fn plain(name: &str) -> String {
+    name.split('/').filter(|c| !c.is_empty() && *c != ".").collect::<Vec<_>>().join("/")
 }
 
 /// Where a shard's expected digest was found.
@@ -196,44 +272,41 @@ pub struct Expected {
 /// (rather than a file whose digests are silently not used).
 pub fn expected(plan: &tensorlift_format::LoadPlan) -> Result<Expected, SumsError> {
     let sums_file = plan.root().join(SUMS_FILE);
-    let listed = match std::fs::read(&sums_file) {
-        Ok(bytes) => {
-            let text = String::from_utf8(bytes).map_err(|e| SumsError {
-                file: sums_file.clone(),
-                line: 0,
-                message: format!("not UTF-8 ({e})"),
-            })?;
-            parse_sums(&text, &sums_file)?
-        }
-        Err(_) => Vec::new(),
-    };
-    // A name as sha256sum -c resolves it: relative to the folder, `./` or not.
-    let plain = |n: &str| n.trim_start_matches("./").to_owned();
+    let listed = read_sums(&sums_file)?.unwrap_or_default();
     let mut by_name: std::collections::HashMap<String, Sha256> = std::collections::HashMap::new();
-    for (i, (name, digest)) in listed.iter().enumerate() {
+    for (line, name, digest) in &listed {
         if let Some(other) = by_name.insert(plain(name), *digest) {
             if other != *digest {
                 return Err(SumsError {
                     file: sums_file.clone(),
-                    line: i + 1,
+                    line: *line,
                     message: format!("'{}' is listed twice, with two digests", name.escape_debug()),
                 });
             }
         }
     }
-    let shards = plan
-        .shards()
-        .iter()
-        .map(|s| {
-            if let Some(d) = hub_blob_digest(&s.path) {
-                return Some((d, DigestSource::HubBlob(s.path.clone())));
+    let mut shards = Vec::with_capacity(plan.shards().len());
+    for s in plan.shards() {
+        let listed = std::iter::once(&s.name).chain(&s.aliases).find_map(|n| by_name.get(&plain(n)));
+        let found = match (hub_blob_digest(&s.path), listed) {
+            // Both say: they must agree.
+            (Some(hub), Some(sums)) if hub != *sums => {
+                return Err(SumsError {
+                    file: sums_file.clone(),
+                    line: 0,
+                    message: format!(
+                        "'{}' is listed with {sums}, but the hub cache blob it is, {}, is named {hub}",
+                        s.name.escape_debug(),
+                        s.path.display()
+                    ),
+                })
             }
-            std::iter::once(&s.name)
-                .chain(&s.aliases)
-                .find_map(|n| by_name.get(&plain(n)))
-                .map(|d| (*d, DigestSource::SumsFile(sums_file.clone())))
-        })
-        .collect();
+            (Some(hub), _) => Some((hub, DigestSource::HubBlob(s.path.clone()))),
+            (None, Some(d)) => Some((*d, DigestSource::SumsFile(sums_file.clone()))),
+            (None, None) => None,
+        };
+        shards.push(found);
+    }
     Ok(Expected { shards, sums_file })
 }
 
@@ -268,56 +341,113 @@ pub enum ManifestError {
 pub fn manifest(path: impl AsRef<Path>) -> Result<Manifest, ManifestError> {
     let plan = crate::plan(path)?;
     let folder = plan.root().to_path_buf();
-    let mut files: Vec<(String, PathBuf)> = plan.shards().iter().map(|s| (s.name.clone(), s.path.clone())).collect();
-    if let Some(index) = plan.index_file() {
-        let name = index.strip_prefix(&folder).unwrap_or(index).to_string_lossy().into_owned();
-        files.push((name, index.to_path_buf()));
-    }
-    drop(plan);
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, files.len().max(1));
+    let shards = plan.shards().len();
+    let index = plan.index_file().map(Path::to_path_buf);
+    let count = shards + usize::from(index.is_some());
+    let io = |file: &Path, source: std::io::Error| ManifestError::Io { file: file.to_path_buf(), source };
+    let open = |p: &Path, follow: bool| {
+        open_regular(p, follow).and_then(|f| f.ok_or_else(|| std::io::ErrorKind::NotFound.into())).map_err(|e| io(p, e))
+    };
+    // One file: a shard through the descriptor planning validated (or opened again by its
+    // resolved path, links not followed), its planned length, then checked unchanged; the
+    // index as planning reads it, a regular file.
+    let hash = |i: usize| -> Result<Sha256, ManifestError> {
+        if i < shards {
+            let s = &plan.shards()[i];
+            let reopened;
+            let f = match plan.shard_file(i) {
+                Some(f) => f,
+                None => {
+                    reopened = open(&s.path, false)?.0;
+                    &reopened
+                }
+            };
+            let digest = sha256_of(f, s.file_len).map_err(|e| io(&s.path, e))?;
+            let now = tensorlift_io::file_identity(&f.metadata().map_err(|e| io(&s.path, e))?);
+            if let Some(what) = tensorlift_io::identity_change(&s.identity, &now) {
+                return Err(io(&s.path, std::io::Error::other(format!("changed while it was hashed: {what}"))));
+            }
+            Ok(digest)
+        } else {
+            let p = index.as_deref().unwrap_or(&folder);
+            let (f, len) = open(p, true)?;
+            sha256_of(&f, len).map_err(|e| io(p, e))
+        }
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, count.max(1));
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let digests: Vec<std::sync::Mutex<Option<std::io::Result<Sha256>>>> =
-        files.iter().map(|_| std::sync::Mutex::new(None)).collect();
-    std::thread::scope(|s| {
+    let digests: Vec<std::sync::Mutex<Option<Result<Sha256, ManifestError>>>> =
+        (0..count).map(|_| std::sync::Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
         for _ in 0..threads {
-            s.spawn(|| loop {
+            scope.spawn(|| loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some((_, path)) = files.get(i) else { break };
-                let d = sha256_file(path);
+                if i >= count {
+                    break;
+                }
+                let d = hash(i);
                 *digests[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(d);
             });
         }
     });
-    let mut entries = Vec::with_capacity(files.len());
-    for ((name, path), d) in files.into_iter().zip(digests) {
+    let mut names: Vec<String> = plan.shards().iter().map(|s| s.name.clone()).collect();
+    if let Some(index) = &index {
+        names.push(index.strip_prefix(&folder).unwrap_or(index).to_string_lossy().into_owned());
+    }
+    let mut entries = Vec::with_capacity(count);
+    for (name, d) in names.into_iter().zip(digests) {
         let d = d.into_inner().unwrap_or_else(|p| p.into_inner());
-        let d = d.unwrap_or_else(|| Err(std::io::Error::other("not hashed")));
-        entries.push((name, d.map_err(|source| ManifestError::Io { file: path, source })?));
+        entries.push((name, d.unwrap_or_else(|| Err(io(&folder, std::io::Error::other("not hashed"))))?));
     }
     Ok(Manifest { folder, entries })
 }
 
 impl Manifest {
-    /// Writes the manifest as `SHA256SUMS` in the checkpoint's folder, replacing one that is
-    /// there (written beside it first, then renamed over it: a reader never sees half a
-    /// file). Returns its path.
+    /// Writes the manifest as `SHA256SUMS` in the checkpoint's folder. The entries of a
+    /// `SHA256SUMS` already there for other files (a tokenizer, a config) are kept, before
+    /// this manifest's; one that cannot be read is an error, and is left as it is. The file
+    /// is written beside it under a new name, then renamed over it: a reader never sees half
+    /// a file, and no link at either name is followed. Returns its path.
     pub fn write(&self) -> Result<PathBuf, ManifestError> {
         let path = self.folder.join(SUMS_FILE);
-        let partial = self.folder.join(format!(".{SUMS_FILE}.partial-{}", std::process::id()));
-        let io = |file: &Path| {
-            let file = file.to_path_buf();
-            move |source| ManifestError::Io { file, source }
+        let io = |file: &Path, source: std::io::Error| ManifestError::Io { file: file.to_path_buf(), source };
+        let ours: std::collections::HashSet<String> = self.entries.iter().map(|(n, _)| plain(n)).collect();
+        let kept = read_sums(&path).map_err(|e| {
+            io(&path, std::io::Error::other(format!("its other entries cannot be kept: {}", e.message)))
+        })?;
+        let mut all: Vec<(String, Sha256)> = kept
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(_, n, _)| !ours.contains(&plain(n)))
+            .map(|(_, n, d)| (n, d))
+            .collect();
+        all.extend(self.entries.iter().cloned());
+        let mut created = None;
+        for n in 0..100 {
+            let p = self.folder.join(format!(".{SUMS_FILE}.partial-{}-{n}", std::process::id()));
+            // create_new: never an existing file, nor a link, at that name.
+            match std::fs::OpenOptions::new().write(true).create_new(true).open(&p) {
+                Ok(f) => {
+                    created = Some((p, f));
+                    break;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(io(&p, e)),
+            }
+        }
+        let Some((partial, mut f)) = created else {
+            return Err(io(&path, std::io::Error::other("no free name for the file written beside it")));
         };
         let result = (|| {
-            let mut f = std::fs::File::create(&partial)?;
-            f.write_all(format_sums(&self.entries).as_bytes())?;
+            f.write_all(format_sums(&all).as_bytes())?;
             f.sync_all()?;
-            std::fs::rename(&partial, &path)
+            std::fs::rename(&partial, &path)?;
+            std::fs::File::open(&self.folder)?.sync_all()
         })();
         if result.is_err() {
             let _ = std::fs::remove_file(&partial);
         }
-        result.map_err(io(&path))?;
+        result.map_err(|e| io(&path, e))?;
         Ok(path)
     }
 }
@@ -330,12 +460,12 @@ mod tests {
     fn sums_parse_and_format_as_coreutils() {
         let d = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
         let text = format!(
-            "{d}  a.safetensors\n{}  b c\r\n\n\\{d}  x\\\\y\\nz\nSHA256 (t) = {d}\n{d} *bin\n",
+            "{d}  a.safetensors\n{}  b c\r\n\n# a comment\n\\{d}  x\\\\y\\nz\nSHA256 (t) = {d}\n{d} *bin\n  {d} one\nSHA256(u)={d}\n{d}\ttab\n",
             d.to_uppercase()
         );
         let got = parse_sums(&text, Path::new("S")).unwrap();
         let names: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(names, ["a.safetensors", "b c", "x\\y\nz", "t", "bin"]);
+        assert_eq!(names, ["a.safetensors", "b c", "x\\y\nz", "t", "bin", "one", "u", "tab"]);
         assert!(got.iter().all(|(_, g)| g.to_string() == d));
         let entries = vec![("a".to_owned(), d.parse().unwrap()), ("x\\y\nz".to_owned(), d.parse().unwrap())];
         assert_eq!(format_sums(&entries), format!("{d}  a\n\\{d}  x\\\\y\\nz\n"));
@@ -347,7 +477,7 @@ mod tests {
         let d = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
         let cases = [
             (format!("{d}  ok\nshort  x\n"), 2, "shorter than a digest"),
-            (format!("{d} x\n"), 1, "the digest is not followed by two spaces"),
+            (format!("{d}x\n"), 1, "the digest is not followed by a blank"),
             (format!("{}g  x\n", &d[..63]), 1, "is not a SHA-256 digest"),
             (format!("{d}  \n"), 1, "no file name"),
             (format!("\\{d}  a\\qb\n"), 1, "unknown escape '\\q'"),

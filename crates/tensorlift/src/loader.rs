@@ -270,6 +270,10 @@ impl LoaderBuilder {
                 ));
             }
             match requested.0 {
+                // The environment's choice, not this loader's: the host, saying why.
+                Device::Cuda(_) if self.cfg.device.is_none() => {
+                    requested = (Device::Cpu, format!("{}, but mapped views are host memory", requested.1))
+                }
                 Device::Cuda(n) => {
                     return Err(LoadError::Unsupported(format!(
                         "mapped views on cuda:{n} (they are views of the files in host memory; load to the host, or \

@@ -2,8 +2,10 @@
 //! imports it, directly or through others (docs/ARCHITECTURE.md, "No import cycles").
 //!
 //! Read from the sources: every `crate::` path outside comments (in `use` lines and in
-//! code), with names that the crate root re-exports (`crate::Tensor`) followed to the
-//! module that defines them.
+//! code, test modules included), with names that the crate root re-exports
+//! (`crate::Tensor`, `pub use m::{A as B}`) followed to the module that defines them.
+//! Not read: `super::` paths (top-level modules here write `crate::`), `$crate::` in
+//! macros, and modules in subfolders (there are none: the test fails if one appears).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -14,6 +16,7 @@ fn graph() -> BTreeMap<String, BTreeSet<String>> {
     let mut sources = BTreeMap::new();
     for entry in std::fs::read_dir(&src).expect("src") {
         let path = entry.expect("entry").path();
+        assert!(!path.is_dir(), "{}: modules in folders are not read by this test", path.display());
         if path.extension().is_some_and(|e| e == "rs") {
             let stem = path.file_stem().expect("stem").to_string_lossy().into_owned();
             sources.insert(stem, std::fs::read_to_string(&path).expect("read"));
@@ -24,9 +27,16 @@ fn graph() -> BTreeMap<String, BTreeSet<String>> {
     // `pub use module::{A, B};` and `pub use module::A;` at the root: A and B live in module.
     let mut reexported = BTreeMap::new();
     for (path, _) in crate_paths(&code(&lib), "") {
-        if let [module, item] = &path[..] {
+        // `pub use crate::m::A` and `pub use self::m::A` are `pub use m::A`.
+        let path = match path.first().map(String::as_str) {
+            Some("crate" | "self") => &path[1..],
+            _ => &path[..],
+        };
+        if let [module, item] = path {
+            // `A as B` re-exports A as B.
+            let item = item.rsplit(" as ").next().unwrap_or(item);
             if modules.contains(module) {
-                reexported.insert(item.clone(), module.clone());
+                reexported.insert(item.to_owned(), module.clone());
             }
         }
     }
@@ -34,8 +44,9 @@ fn graph() -> BTreeMap<String, BTreeSet<String>> {
     for (name, text) in &sources {
         let mut names = BTreeSet::new();
         for (path, _) in crate_paths(&code(text), "crate::") {
-            let first = &path[0];
-            let module = if modules.contains(first) { Some(first) } else { reexported.get(first) };
+            // `crate::Tensor as T` names Tensor.
+            let first = path[0].split(" as ").next().unwrap_or(&path[0]).to_owned();
+            let module = if modules.contains(&first) { Some(&first) } else { reexported.get(&first) };
             if let Some(m) = module {
                 if m != name {
                     names.insert(m.clone());
@@ -49,7 +60,15 @@ fn graph() -> BTreeMap<String, BTreeSet<String>> {
 
 /// `text` without comments (line comments, doc comments included).
 fn code(text: &str) -> String {
-    text.lines().map(|l| l.split("//").next().unwrap_or("")).collect::<Vec<_>>().join("\n")
+    // Block comments first (not nested in this crate), then line comments.
+    let mut rest = text;
+    let mut out = String::new();
+    while let Some(start) = rest.find("/*") {
+        out.push_str(&rest[..start]);
+        rest = rest[start + 2..].split_once("*/").map_or("", |(_, after)| after);
+    }
+    out.push_str(rest);
+    out.lines().map(|l| l.split("//").next().unwrap_or("")).collect::<Vec<_>>().join("\n")
 }
 
 /// Every path that follows `prefix` (`crate::`), expanded through `{..}` groups, as its
@@ -57,7 +76,12 @@ fn code(text: &str) -> String {
 fn crate_paths(text: &str, prefix: &str) -> Vec<(Vec<String>, usize)> {
     let mut out = Vec::new();
     let starts: Vec<usize> = if prefix.is_empty() {
-        text.match_indices("pub use ").map(|(i, m)| i + m.len()).collect()
+        let mut starts: Vec<usize> = ["pub use ", "pub(crate) use "]
+            .iter()
+            .flat_map(|p| text.match_indices(p).map(|(i, m)| i + m.len()))
+            .collect();
+        starts.sort_unstable();
+        starts
     } else {
         text.match_indices(prefix)
             .filter(|(i, _)| !text[..*i].ends_with(|c: char| c.is_alphanumeric() || c == '_' || c == ':'))
@@ -110,11 +134,17 @@ fn expand(s: &str, mut base: Vec<String>, out: &mut Vec<(Vec<String>, usize)>, a
         if ident.is_empty() {
             break;
         }
+        rest = &rest[ident.len()..];
+        // `A as B`: the name it goes by is B.
+        if let Some(alias) = rest.trim_start().strip_prefix("as ") {
+            let alias: String = alias.trim_start().chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+            base.push(format!("{ident} as {alias}"));
+            break;
+        }
         // `a::{self, ..}` names a itself.
         if ident != "self" || base.is_empty() {
             base.push(ident.clone());
         }
-        rest = &rest[ident.len()..];
         match rest.strip_prefix("::") {
             Some(r) => rest = r.trim_start(),
             None => break,
@@ -178,9 +208,9 @@ fn the_reading_finds_paths_and_cycles() {
     let text = code("use crate::a::{self, B, c::{D, E}};\nuse crate::F; // crate::zz\nfn f() { crate::g::h(); }\n");
     let paths: Vec<String> = crate_paths(&text, "crate::").into_iter().map(|(p, _)| p.join("::")).collect();
     assert_eq!(paths, ["a", "a::B", "a::c::D", "a::c::E", "F", "g::h"]);
-    let lib = "pub use m::{X, Y};\npub use n::Z;\n";
-    let paths: Vec<String> = crate_paths(lib, "").into_iter().map(|(p, _)| p.join("::")).collect();
-    assert_eq!(paths, ["m::X", "m::Y", "n::Z"]);
+    let lib = "pub use m::{X, Y as W};\npub use n::Z;\npub(crate) use o::V; /* crate::p::Q */\n";
+    let paths: Vec<String> = crate_paths(&code(lib), "").into_iter().map(|(p, _)| p.join("::")).collect();
+    assert_eq!(paths, ["m::X", "m::Y as W", "n::Z", "o::V"]);
     let g = |edges: &[(&str, &str)]| {
         let mut g: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for (a, b) in edges {

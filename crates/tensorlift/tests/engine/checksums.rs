@@ -44,9 +44,41 @@ fn digests_come_from_sha256sums_beside_the_checkpoint() {
         (err.line, err.message.as_str()),
         (2, format!("'{}' is listed twice, with two digests", names[1]).as_str())
     );
-    std::fs::write(dir.join("SHA256SUMS"), format!("{sums}{zeros} {}\n", names[0])).unwrap();
+    std::fs::write(dir.join("SHA256SUMS"), format!("# made by sha256sum\n\n{sums}{zeros}\n")).unwrap();
     let err = expected(&plan).unwrap_err();
-    assert_eq!(err.line, 2, "{err}");
+    assert_eq!((err.line, err.message.as_str()), (4, "the digest is not followed by a blank and a name"), "{err}");
+    // A link, or something other than a regular file, in its place is refused, not followed.
+    std::fs::remove_file(dir.join("SHA256SUMS")).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", dir.join("SHA256SUMS")).unwrap();
+    let err = expected(&plan).unwrap_err();
+    assert!(err.message.contains("symbolic link"), "{err}");
+    std::fs::remove_file(dir.join("SHA256SUMS")).unwrap();
+    std::fs::create_dir(dir.join("SHA256SUMS")).unwrap();
+    assert_eq!(expected(&plan).unwrap_err().message, "not a regular file");
+}
+
+#[test]
+fn a_hub_digest_and_a_listed_one_must_agree() {
+    let cache = scratch();
+    let repo = cache.join("models--org--tiny");
+    std::fs::create_dir_all(repo.join("blobs")).unwrap();
+    std::fs::create_dir_all(repo.join("snapshots/r")).unwrap();
+    let tmp = cache.join("m.safetensors");
+    write_shard(&tmp, &[("w", Dtype::F32, &[3])]);
+    let digest = sha256_file(&tmp).unwrap();
+    std::fs::rename(&tmp, repo.join("blobs").join(digest.to_string())).unwrap();
+    std::os::unix::fs::symlink(format!("../../blobs/{digest}"), repo.join("snapshots/r/m.safetensors")).unwrap();
+    let snapshot = repo.join("snapshots/r");
+    std::fs::write(snapshot.join("SHA256SUMS"), format!("{}  m.safetensors\n", "1".repeat(64))).unwrap();
+    let err = expected(&tensorlift::plan(&snapshot).unwrap()).unwrap_err();
+    assert!(err.message.contains("but the hub cache blob it is") && err.message.contains(&digest.to_string()), "{err}");
+    // A folder named blobs outside a hub cache names nothing.
+    let plain = scratch();
+    std::fs::create_dir(plain.join("blobs")).unwrap();
+    write_shard(&plain.join("blobs").join(digest.to_string()), &[("w", Dtype::F32, &[3])]);
+    std::os::unix::fs::symlink(format!("blobs/{digest}"), plain.join("m.safetensors")).unwrap();
+    let e = expected(&tensorlift::plan(plain.join("m.safetensors")).unwrap()).unwrap();
+    assert_eq!(e.shards, [None]);
 }
 
 #[test]
