@@ -115,7 +115,8 @@ class TensorliftModelLoader(DefaultModelLoader):
     def get_all_weights(self, model_config, model):
         # Also the entry of vLLM's in-place weight reload, which skips load_weights.
         self._device, self._native = _rank_device(model)
-        LAST_LOAD.setdefault("files", [])
+        for key, empty in (("files", []), ("tensors", 0), ("bytes", 0), ("received", 0), ("seconds", 0.0)):
+            LAST_LOAD.setdefault(key, empty)
         LAST_LOAD["device"] = self._device
         return super().get_all_weights(model_config, model)
 

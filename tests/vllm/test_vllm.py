@@ -255,3 +255,26 @@ def test_vllm_serve(model, runs):
             server.kill()
             out, _ = server.communicate()
     assert "tensorlift: " in out and "Registered model loader" in out
+
+
+def test_weights_for_a_reload_without_load_weights(model):
+    # vLLM's in-place weight reload asks a fresh loader for get_all_weights() directly.
+    from vllm.config import LoadConfig
+
+    import tensorlift.vllm
+
+    class ModelConfig:
+        revision = None
+
+    ModelConfig.model = str(model)
+    tensorlift.vllm.LAST_LOAD.clear()
+    loader = tensorlift.vllm.TensorliftModelLoader(LoadConfig(load_format="tensorlift"))
+    got = {name: t.clone() for name, t in loader.get_all_weights(ModelConfig(), torch.nn.Linear(1, 1))}
+    want = {}
+    for f in sorted(os.listdir(model)):
+        if f.endswith(".safetensors"):
+            with safetensors.safe_open(os.path.join(model, f), framework="pt") as st:
+                want.update({k: st.get_tensor(k) for k in st.keys()})
+    assert sorted(got) == sorted(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert tensorlift.vllm.LAST_LOAD["tensors"] == len(want) and tensorlift.vllm.LAST_LOAD["device"] == "cpu"
