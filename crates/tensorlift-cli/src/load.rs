@@ -29,6 +29,12 @@ pub struct Args {
     filters: Vec<String>,
     #[command(flatten)]
     tuning: tensorlift::flags::Tuning,
+    /// Check each shard's SHA-256 as it is read, against the hub cache blob it is or its
+    /// line in SHA256SUMS beside it (`tensorlift manifest` writes one): `--verify` needs a
+    /// digest for every shard, `--verify=if-known` checks those that have one.
+    #[arg(long, value_name = "POLICY", num_args = 0..=1, require_equals = true, default_missing_value = "required",
+          value_parser = |s: &str| s.parse::<tensorlift::Verify>())]
+    verify: Option<tensorlift::Verify>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -47,6 +53,9 @@ pub fn run(args: &Args, out: &mut dyn Write) -> anyhow::Result<()> {
         builder = builder.device(d);
     }
     builder = args.tuning.apply(builder);
+    if let Some(v) = args.verify {
+        builder = builder.verify(v);
+    }
     let bar = progress_bar();
     if let Some(bar) = bar.clone() {
         builder = builder.progress(move |p| {
@@ -129,6 +138,13 @@ fn write_human(model: &Model, digests: Option<&[String]>, out: &mut dyn Write) -
         s.gbps()
     )?;
     writeln!(out, "device: {} ({})", s.device, crate::text::printable(&s.device_reason))?;
+    if s.verified_bytes + s.unverified_bytes > 0 {
+        writeln!(
+            out,
+            "sha256: {} bytes verified, {} unverified (no expected digest)",
+            s.verified_bytes, s.unverified_bytes
+        )?;
+    }
     writeln!(out, "io: {}", io_line(model))
 }
 

@@ -135,3 +135,45 @@ fn other_entries_are_kept_and_links_are_not_followed() {
     let check = sha256sum(&dir, &["-c", "--strict", "SHA256SUMS"]);
     assert!(check.status.success(), "{}", text(&check.stdout));
 }
+
+#[test]
+fn load_verify_checks_what_manifest_wrote() {
+    let dir = scratch_in(&std::env::temp_dir(), "tl-manifest-");
+    let a: &[tensorlift_testkit::Spec<'_>] = &[("a", Dtype::F32, &[5000])];
+    let b: &[tensorlift_testkit::Spec<'_>] = &[("b", Dtype::U8, &[7000])];
+    write_sharded(&dir, &[a, b]);
+    let d = dir.to_str().unwrap();
+    // No SHA256SUMS yet: --verify fails saying where it looked; --verify=if-known loads.
+    let out = tensorlift(&["load", d, "--device", "cpu", "--verify"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("no expected SHA-256 to verify it with"), "{}", text(&out.stderr));
+    let out = tensorlift(&["load", d, "--device", "cpu", "--verify=if-known", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["verified_bytes"], 0);
+    assert!(v["unverified_bytes"].as_u64().unwrap() > 12_000);
+    // With the manifest, every byte is verified.
+    assert_eq!(tensorlift(&["manifest", d]).status.code(), Some(0));
+    let out = tensorlift(&["load", d, "--device", "cpu", "--verify"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let files: u64 = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+        .iter()
+        .map(|f| std::fs::metadata(dir.join(f)).unwrap().len())
+        .sum();
+    assert!(
+        text(&out.stdout).contains(&format!("sha256: {files} bytes verified, 0 unverified")),
+        "{}",
+        text(&out.stdout)
+    );
+    // A byte changed after: the load fails naming the shard and both digests.
+    let shard = dir.join("model-00002-of-00002.safetensors");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&shard, bytes).unwrap();
+    let now = text(&sha256sum(&dir, &["model-00002-of-00002.safetensors"]).stdout)[..64].to_owned();
+    let out = tensorlift(&["load", d, "--device", "cpu", "--verify"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("model-00002-of-00002.safetensors: its SHA-256 is ") && err.contains(&now), "{err}");
+}

@@ -128,6 +128,7 @@ pub(crate) struct Config {
     pub huge_pages: HugePages,
     pub prefault: bool,
     pub read_while_planning: ReadWhilePlanning,
+    pub verify: Verify,
     pub convert_to: Option<tensorlift_format::Dtype>,
     pub slices: crate::slicing::Slices,
     pub place: Option<Arc<dyn crate::place::PlaceRule>>,
@@ -194,4 +195,33 @@ pub struct Settings {
     /// Whether a host load of a whole checkpoint reads while planning goes on (see
     /// [`LoaderBuilder::read_while_planning`](crate::LoaderBuilder::read_while_planning)).
     pub read_while_planning: ReadWhilePlanning,
+    /// Whether loads check each shard's SHA-256 (see [`LoaderBuilder::verify`](crate::LoaderBuilder::verify)).
+    pub verify: Verify,
+}
+
+/// Whether a load checks each shard's SHA-256 against the digest expected of it (see
+/// [`LoaderBuilder::verify`](crate::LoaderBuilder::verify)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Verify {
+    /// No checks (the default).
+    #[default]
+    Off,
+    /// Every shard is checked; a shard with no expected digest fails the load.
+    Required,
+    /// The shards with an expected digest are checked; the others load unverified, and
+    /// [`LoadStats::unverified_bytes`](crate::LoadStats::unverified_bytes) counts them.
+    IfKnown,
+}
+
+impl std::str::FromStr for Verify {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "off" | "no" | "never" => Ok(Verify::Off),
+            "on" | "yes" | "required" => Ok(Verify::Required),
+            "if-known" => Ok(Verify::IfKnown),
+            _ => Err(format!("invalid verify policy '{s}' (expected required, if-known or off)")),
+        }
+    }
 }

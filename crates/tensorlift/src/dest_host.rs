@@ -20,11 +20,16 @@ use tensorlift_format::{Dtype, LoadPlan};
 use tensorlift_io::{ArenaChunk, Claim, HostArena, HostChunk, PAGE};
 
 use crate::config::Config;
+use crate::digest::{DigestSource, Sha256};
 use crate::error::{plan_file, ConversionFailure};
 use crate::layout::{chunks_to_wait_for, completed_by, Read, Span};
 use crate::place::Resolved;
 use crate::sink::Sink;
 use crate::{LoadError, Tensor};
+use sha2::Digest as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Mutex};
+use std::task::Waker;
 
 /// Where a span's reads land.
 enum Memory {
@@ -43,6 +48,94 @@ struct Extent {
     /// Which chunks have landed, by index: for a span read before its tensors were known
     /// ([`HostSink::planned`]).
     landed: Vec<bool>,
+    /// For a verified load, the check of the whole shard this extent holds.
+    check: Option<Check>,
+}
+
+/// A shard that a verified load checks before any of its tensors is handed out.
+struct Check {
+    expected: Sha256,
+    expected_by: DigestSource,
+    /// Chunks still to land; the shard is hashed once none are.
+    chunks_left: usize,
+    /// Tensors complete, waiting for the check.
+    held: Vec<Tensor>,
+}
+
+/// The hashing of verified shards, on threads of their own (one a shard, as its last chunk
+/// lands), whose results wake the load.
+struct Hashing {
+    /// (In a mutex: a stream is shared between threads, and a receiver is not.)
+    results: Mutex<mpsc::Receiver<(usize, Sha256)>>,
+    sender: mpsc::Sender<(usize, Sha256)>,
+    waker: Arc<Mutex<Option<Waker>>>,
+    /// Set when the load ends early: a hashing thread stops at its next block.
+    cancel: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    pending: usize,
+    verified_bytes: u64,
+}
+
+impl Hashing {
+    fn new() -> Self {
+        let (sender, results) = mpsc::channel();
+        Hashing {
+            results: Mutex::new(results),
+            sender,
+            waker: Arc::default(),
+            cancel: Arc::default(),
+            threads: Vec::new(),
+            pending: 0,
+            verified_bytes: 0,
+        }
+    }
+
+    /// Hashes the first `len` bytes of `arena` (a whole shard file) for extent `k`, on a
+    /// thread of its own (on this one where no thread can be had).
+    fn start(&mut self, k: usize, arena: Arc<HostArena>, len: usize) {
+        let (sender, waker, cancel) = (self.sender.clone(), Arc::clone(&self.waker), Arc::clone(&self.cancel));
+        self.pending += 1;
+        let spawned = std::thread::Builder::new().name("tensorlift-sha256".into()).spawn({
+            let arena = Arc::clone(&arena);
+            move || {
+                if let Some(d) = hash(&arena, len, &cancel) {
+                    let _ = sender.send((k, d));
+                }
+                if let Some(w) = waker.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                    w.wake();
+                }
+            }
+        });
+        match spawned {
+            Ok(h) => self.threads.push(h),
+            Err(e) => {
+                tracing::debug!(error = %e, "no hashing thread: the shard is hashed on the load's");
+                if let Some(d) = hash(&arena, len, &self.cancel) {
+                    let _ = self.sender.send((k, d));
+                }
+            }
+        }
+    }
+}
+
+/// The SHA-256 of the first `len` bytes of `arena`; `None` once `cancel` is set.
+fn hash(arena: &HostArena, len: usize, cancel: &AtomicBool) -> Option<Sha256> {
+    let bytes = arena.get(0..len).unwrap_or_default();
+    let mut hasher = sha2::Sha256::new();
+    for block in bytes.chunks(8 << 20) {
+        if cancel.load(Ordering::Relaxed) {
+            return None;
+        }
+        hasher.update(block);
+    }
+    Some(Sha256(hasher.finalize().into()))
+}
+
+impl HostSink {
+    /// Bytes of shard files whose digest checked out so far.
+    pub(crate) fn verified_bytes(&self) -> u64 {
+        self.hashing.as_ref().map_or(0, |h| h.verified_bytes)
+    }
 }
 
 pub(crate) struct HostSink {
@@ -58,6 +151,8 @@ pub(crate) struct HostSink {
     /// threads until it is started ([`start_prefault`](HostSink::start_prefault)).
     prefault: Option<tensorlift_io::Prefaulter>,
     prefault_work: Option<PrefaultWork>,
+    /// For a verified load.
+    hashing: Option<Hashing>,
 }
 
 /// Chunks to fault in, (arena, chunk index) each in read order, and the threads to do it.
@@ -71,6 +166,7 @@ impl HostSink {
         dests: Vec<Option<Resolved>>,
         cfg: &Config,
         reads: &[Read],
+        checks: Option<Vec<Option<(Sha256, DigestSource)>>>,
         stats: &mut crate::LoadStats,
         ready: &mut VecDeque<Tensor>,
     ) -> Result<HostSink, LoadError> {
@@ -126,7 +222,12 @@ impl HostSink {
             chunk,
             prefault: None,
             prefault_work: None,
+            hashing: checks.is_some().then(Hashing::new),
         };
+        let mut reads_of = vec![0usize; spans.len()];
+        for r in reads {
+            reads_of[r.span] += 1;
+        }
         let (kept_spans, kept_outputs) = kept.split_at_mut(spans.len());
         // Fresh memory, in the order it is written: each read's chunk, then the outputs of
         // the tensors that chunk completes.
@@ -171,7 +272,10 @@ impl HostSink {
             let mut now = Vec::new();
             let remaining = chunks_to_wait_for(plan, &span, chunk, |t| now.push(t));
             let landed = vec![false; chunks.len()];
-            sink.extents.push(Extent { span, memory, chunks, remaining, landed });
+            let check = checks.as_ref().and_then(|c| c.get(span.shard).cloned().flatten()).map(|(expected, by)| {
+                Check { expected, expected_by: by, chunks_left: reads_of[sink.extents.len()], held: Vec::new() }
+            });
+            sink.extents.push(Extent { span, memory, chunks, remaining, landed, check });
             sink.deliver(plan, sink.extents.len() - 1, now, ready)?;
         }
         if prefault_threads > 0 {
@@ -279,7 +383,12 @@ impl HostSink {
     ) -> Result<(), LoadError> {
         for t in tensors {
             let out = self.outputs.get_mut(t).and_then(Option::take);
-            ready.push_back(self.make(plan, &self.extents[k], t, out)?);
+            let tensor = self.make(plan, &self.extents[k], t, out)?;
+            match &mut self.extents[k].check {
+                // Held until the whole shard checked out.
+                Some(check) => check.held.push(tensor),
+                None => ready.push_back(tensor),
+            }
         }
         Ok(())
     }
@@ -374,24 +483,71 @@ impl Sink for HostSink {
             *landed = true;
         }
         let done = completed_by(plan, &e.span, &mut e.remaining, index, self.chunk);
+        let whole = match (&mut e.check, &e.memory) {
+            (Some(c), Memory::Arena(a)) => {
+                c.chunks_left = c.chunks_left.saturating_sub(1);
+                (c.chunks_left == 0).then(|| (Arc::clone(a), e.span.len() as usize))
+            }
+            _ => None,
+        };
         self.deliver(plan, read.span, done, ready)?;
+        if let (Some((arena, len)), Some(h)) = (whole, self.hashing.as_mut()) {
+            h.start(read.span, arena, len);
+        }
         Ok(read.len as u64)
     }
 
     fn poll_progress(
         &mut self,
-        _cx: &mut Context<'_>,
-        _plan: &LoadPlan,
-        _ready: &mut VecDeque<Tensor>,
+        cx: &mut Context<'_>,
+        plan: &LoadPlan,
+        ready: &mut VecDeque<Tensor>,
     ) -> Poll<Result<u64, LoadError>> {
-        Poll::Ready(Ok(0))
+        let Some(h) = self.hashing.as_mut() else { return Poll::Ready(Ok(0)) };
+        if h.pending == 0 {
+            return Poll::Ready(Ok(0));
+        }
+        // The waker first, then the results: a result sent in between still wakes us.
+        *h.waker.lock().unwrap_or_else(|p| p.into_inner()) = Some(cx.waker().clone());
+        let mut any = false;
+        let results: Vec<(usize, Sha256)> = h.results.lock().unwrap_or_else(|p| p.into_inner()).try_iter().collect();
+        for (k, actual) in results {
+            h.pending -= 1;
+            any = true;
+            let Some(e) = self.extents.get_mut(k) else { continue };
+            let Some(check) = e.check.take() else { continue };
+            let shard = &plan.shards()[e.span.shard];
+            if actual != check.expected {
+                return Poll::Ready(Err(LoadError::Checksum {
+                    file: shard.path.clone(),
+                    expected: check.expected,
+                    actual,
+                    expected_by: check.expected_by,
+                }));
+            }
+            h.verified_bytes += shard.file_len;
+            ready.extend(check.held);
+        }
+        if any {
+            Poll::Ready(Ok(0))
+        } else {
+            Poll::Pending
+        }
     }
 
     fn busy(&self) -> bool {
-        false
+        self.hashing.as_ref().is_some_and(|h| h.pending > 0)
     }
 
     fn abort(&mut self) {
+        // Hashing threads stop at their next block, and are waited for: nothing of the
+        // load runs on after it.
+        if let Some(h) = self.hashing.take() {
+            h.cancel.store(true, Ordering::Relaxed);
+            for t in h.threads {
+                let _ = t.join();
+            }
+        }
         // The prefaulting thread holds arenas: it is stopped before they are let go.
         self.prefault = None;
         self.prefault_work = None;

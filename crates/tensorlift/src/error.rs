@@ -104,6 +104,26 @@ pub enum LoadError {
     /// A tensor filter pattern is not a valid glob.
     #[error("invalid tensor filter '{pattern}': {message}")]
     InvalidFilter { pattern: String, message: String },
+    /// A shard's (or the index's) bytes are not what their expected SHA-256 says.
+    #[error("{}: its SHA-256 is {actual}, but {expected_by} expects {expected}", file.display())]
+    Checksum {
+        file: PathBuf,
+        expected: crate::digest::Sha256,
+        actual: crate::digest::Sha256,
+        /// Where the expected digest was found.
+        expected_by: crate::digest::DigestSource,
+    },
+    /// A load that must verify every shard found no expected digest for this one.
+    #[error(
+        "{}: no expected SHA-256 to verify it with: it is no hub cache blob named by its digest, and {} does not \
+         list it (`tensorlift manifest` writes one; verify if-known loads such shards unverified)",
+        file.display(),
+        sums_file.display()
+    )]
+    NoDigest { file: PathBuf, sums_file: PathBuf },
+    /// The `SHA256SUMS` beside the checkpoint cannot be read.
+    #[error(transparent)]
+    Sums(#[from] crate::digest::SumsError),
     /// A device string could not be parsed.
     #[error("invalid device '{0}' (expected auto, cpu, cuda or cuda:N)")]
     InvalidDevice(String),

@@ -94,6 +94,22 @@ pub(crate) fn shard_spans(plan: &LoadPlan) -> Vec<Span> {
         .collect()
 }
 
+/// Every shard whole, from its first byte to its last, with all its tensors: what a
+/// verified load reads, so that the bytes it hashes are the file's own.
+pub(crate) fn whole_files(plan: &LoadPlan) -> Vec<Span> {
+    let mut spans: Vec<Span> = plan
+        .shards()
+        .iter()
+        .enumerate()
+        .map(|(i, s)| Span { shard: i, base: 0, end: s.file_len, tensors: Vec::new(), solo: false })
+        .collect();
+    // The plan's tensors are by shard, then offset.
+    for (t, pt) in plan.tensors().iter().enumerate() {
+        spans[pt.shard].tensors.push(t);
+    }
+    spans
+}
+
 /// One read: chunk `index` of span `span`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Read {

@@ -36,6 +36,7 @@ pub mod convert;
 mod dest_cuda;
 mod dest_host;
 mod device;
+mod digest;
 mod error;
 #[cfg(feature = "clap")]
 pub mod flags;
@@ -53,8 +54,8 @@ mod tensor;
 use std::path::Path;
 
 pub use config::{
-    default_io_workers, DirectIo, HugePages, ReadWhilePlanning, Settings, DEFAULT_CHUNK_SIZE, DEFAULT_QUEUE_DEPTH,
-    DEFAULT_STAGING_BUDGET, DEFAULT_STREAMS, MAX_DEFAULT_IO_WORKERS,
+    default_io_workers, DirectIo, HugePages, ReadWhilePlanning, Settings, Verify, DEFAULT_CHUNK_SIZE,
+    DEFAULT_QUEUE_DEPTH, DEFAULT_STAGING_BUDGET, DEFAULT_STREAMS, MAX_DEFAULT_IO_WORKERS,
 };
 pub use device::{Device, InvalidDevice, DEVICE_ENV};
 pub use error::{ConversionFailure, LoadError};

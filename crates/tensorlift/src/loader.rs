@@ -9,7 +9,7 @@ use tensorlift_io::{BackendKind, Checkpoint, Faults, MapContract, PlanLimits, Pl
 use tracing::Instrument;
 
 use crate::config::{
-    default_io_workers, Config, DirectIo, HugePages, ReadWhilePlanning, Settings, DEFAULT_CHUNK_SIZE,
+    default_io_workers, Config, DirectIo, HugePages, ReadWhilePlanning, Settings, Verify, DEFAULT_CHUNK_SIZE,
     DEFAULT_QUEUE_DEPTH, DEFAULT_STAGING_BUDGET, DEFAULT_STREAMS,
 };
 use crate::device::DEVICE_ENV;
@@ -56,6 +56,7 @@ impl Default for LoaderBuilder {
                 huge_pages: HugePages::Auto,
                 prefault: true,
                 read_while_planning: ReadWhilePlanning::Auto,
+                verify: Verify::Off,
                 convert_to: None,
                 slices: Default::default(),
                 place: None,
@@ -212,6 +213,19 @@ impl LoaderBuilder {
         self.cfg.read_while_planning = policy;
         self
     }
+    /// Checks each shard's SHA-256 as a load reads it (default [`Verify::Off`]). The
+    /// expected digest is the name of the Hugging Face hub cache blob the shard's file is,
+    /// else its line in `SHA256SUMS` beside the checkpoint (coreutils' format; `tensorlift
+    /// manifest` writes one); the index is checked too where `SHA256SUMS` lists it. A shard's
+    /// tensors are handed out only once its whole file checked out (whole-shard
+    /// verification, see docs/ARCHITECTURE.md); a mismatch fails the load with
+    /// [`LoadError::Checksum`], naming the file and both digests. A verified load reads
+    /// every shard whole, into host memory: [`build`](Self::build) refuses it with a CUDA
+    /// device (not built yet), mapped views, caller memory, a filter or slices.
+    pub fn verify(mut self, policy: Verify) -> Self {
+        self.cfg.verify = policy;
+        self
+    }
     /// Whether host memory of dropped tensors is kept for this loader's next load (default
     /// true). A load takes kept memory of the right size, already faulted in, instead of
     /// paying the kernel's page faults and zeroing again. The loader keeps at most as much
@@ -298,6 +312,22 @@ impl LoaderBuilder {
             Target::Host => Device::Cpu,
             Target::Cuda(c) => Device::Cuda(c.gpu.ordinal()),
         };
+        if self.cfg.verify != Verify::Off {
+            let refused = if matches!(target, Target::Cuda(_)) {
+                Some(format!("verified loads on {device} (built for host memory so far)"))
+            } else if self.cfg.map_views.is_some() {
+                Some("verified loads with mapped views (a verified load reads the files)".to_owned())
+            } else if self.cfg.place.is_some() {
+                Some("verified loads into caller memory".to_owned())
+            } else if !self.cfg.filter.is_empty() || !self.cfg.slices.is_empty() {
+                Some("verified loads with a filter or slices (a verified load reads whole shards)".to_owned())
+            } else {
+                None
+            };
+            if let Some(what) = refused {
+                return Err(LoadError::Unsupported(what));
+            }
+        }
         Ok(Loader { reader, cfg: self.cfg, filter, device, device_reason, target })
     }
 }
@@ -368,6 +398,7 @@ impl Loader {
             huge_pages: self.cfg.huge_pages,
             prefault_threads: self.cfg.prefault_threads(),
             read_while_planning: self.cfg.read_while_planning,
+            verify: self.cfg.verify,
         }
     }
 
@@ -474,6 +505,8 @@ impl Loader {
             first_read: None,
             planned: None,
             reused_host_bytes: 0,
+            verified_bytes: 0,
+            unverified_bytes: 0,
         }
     }
 

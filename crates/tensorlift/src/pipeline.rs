@@ -156,12 +156,25 @@ impl TensorStream {
         // Where every tensor lands, decided here once (the caller's placement checked)
         // before anything is read or allocated.
         let landing = Landing::decide(cfg, target, &plan)?;
-        let spans = layout::spans(&plan, |i| landing.read_into_caller(&plan, i, cfg));
+        // A verified load reads every shard whole (its build refused what would not).
+        let checks = match cfg.verify {
+            crate::Verify::Off => None,
+            policy => Some(crate::checksums::for_load(&plan, policy)?),
+        };
+        let unverified: u64 = match &checks {
+            Some(c) => plan.shards().iter().zip(c).filter(|(_, c)| c.is_none()).map(|(s, _)| s.file_len).sum(),
+            None => 0,
+        };
+        let spans = match checks {
+            Some(_) => layout::whole_files(&plan),
+            None => layout::spans(&plan, |i| landing.read_into_caller(&plan, i, cfg)),
+        };
         let mut stream = TensorStream::new(reader, plan, cfg, stats, started);
         if fresh {
             stream.stats.planned = Some(started.elapsed());
         }
         plan_stats(&mut stream.stats, &stream.plan, &spans);
+        stream.stats.unverified_bytes = unverified;
         let reads = layout::reads(&spans, cfg.chunk_size, read_window(cfg));
         stream.total_bytes = reads.iter().map(|r| r.len as u64).sum();
         match landing {
@@ -178,7 +191,7 @@ impl TensorStream {
                 )?;
             }
             Landing::Host { caller } => {
-                let mut scheduler = stream.host_scheduler(cfg, spans, caller, reads, fresh)?;
+                let mut scheduler = stream.host_scheduler(cfg, spans, caller, reads, fresh, checks)?;
                 scheduler.sink.start_prefault();
                 stream.dest = Dest::Host(Box::new(scheduler));
             }
@@ -199,9 +212,18 @@ impl TensorStream {
         dests: Vec<Option<crate::place::Resolved>>,
         reads: Vec<Read>,
         fresh: bool,
+        checks: Option<Vec<Option<(crate::digest::Sha256, crate::digest::DigestSource)>>>,
     ) -> Result<Scheduler<crate::dest_host::HostSink>, LoadError> {
-        let sink =
-            crate::dest_host::HostSink::new(&self.plan, spans, dests, cfg, &reads, &mut self.stats, &mut self.ready)?;
+        let sink = crate::dest_host::HostSink::new(
+            &self.plan,
+            spans,
+            dests,
+            cfg,
+            &reads,
+            checks,
+            &mut self.stats,
+            &mut self.ready,
+        )?;
         Ok(Scheduler::new(sink, reads, &self.plan, cfg, self.started, fresh))
     }
 
@@ -224,7 +246,7 @@ impl TensorStream {
         let spans = layout::shard_spans(&stream.plan);
         let reads = layout::reads(&spans, cfg.chunk_size, read_window(cfg));
         stream.total_bytes = reads.iter().map(|r| r.len as u64).sum();
-        let mut scheduler = stream.host_scheduler(cfg, spans, Vec::new(), reads, true)?;
+        let mut scheduler = stream.host_scheduler(cfg, spans, Vec::new(), reads, true, None)?;
         scheduler.validated = Some(vec![None; stream.plan.shards().len()]);
         scheduler.unvalidated = stream.plan.shards().len();
         stream.dest = Dest::Host(Box::new(scheduler));
@@ -405,7 +427,10 @@ impl TensorStream {
         self.stats.read_wait = self.read_wait;
         match &mut self.dest {
             Dest::Cuda(s) => self.stats.copy = s.sink.copy_time(),
-            Dest::Host(s) => (self.stats.prefaulted_bytes, self.stats.prefault_failure) = s.sink.finish_prefault(),
+            Dest::Host(s) => {
+                (self.stats.prefaulted_bytes, self.stats.prefault_failure) = s.sink.finish_prefault();
+                self.stats.verified_bytes = s.sink.verified_bytes();
+            }
             Dest::Mapped => {}
         }
     }

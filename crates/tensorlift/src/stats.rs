@@ -59,6 +59,12 @@ pub struct LoadStats {
     pub huge_pages: Option<bool>,
     /// Bytes of host memory a previous load left and this one reused (already faulted in).
     pub reused_host_bytes: u64,
+    /// Bytes of shard files whose SHA-256 was checked against the expected digest (see
+    /// [`LoaderBuilder::verify`](crate::LoaderBuilder::verify)).
+    pub verified_bytes: u64,
+    /// Bytes of shard files a verifying load handed out unchecked (no expected digest,
+    /// under [`Verify::IfKnown`](crate::Verify::IfKnown)); 0 for a load that does not verify.
+    pub unverified_bytes: u64,
     /// Bytes of new host memory the prefaulting threads faulted in (page-rounded), of
     /// chunks whose reads had not landed when they got to them; the rest, the reads (and
     /// conversions) faulted themselves.
@@ -88,6 +94,8 @@ impl LoadStats {
             "max_in_flight_bytes": self.max_in_flight_bytes,
             "huge_pages": self.huge_pages,
             "reused_host_bytes": self.reused_host_bytes,
+            "verified_bytes": self.verified_bytes,
+            "unverified_bytes": self.unverified_bytes,
             "prefaulted_bytes": self.prefaulted_bytes,
             "prefault_failure": self.prefault_failure,
             "first_read_seconds": secs(self.first_read),

@@ -139,4 +139,5 @@ pub(crate) fn may_read_while_planning(cfg: &Config, target: &Target) -> bool {
         && cfg.convert_to.is_none()
         && cfg.place.is_none()
         && cfg.map_views.is_none()
+        && cfg.verify == crate::config::Verify::Off
 }

@@ -110,3 +110,192 @@ fn a_hub_cache_names_blobs_by_their_digest() {
     let plan = tensorlift::plan(repo.join("snapshots/abc123")).unwrap();
     assert_eq!(expected(&plan).unwrap().shards, [None]);
 }
+
+// ---- Verified loads -------------------------------------------------------------------
+
+use tensorlift::{LoadError, Verify};
+
+use crate::support::{assert_identical, base, map_contract, reading_loaders_with};
+
+/// Two shards of several 4 KiB chunks each, with SHA256SUMS written by coreutils.
+fn verified_checkpoint() -> (std::path::PathBuf, std::collections::BTreeMap<String, Vec<u8>>) {
+    let dir = scratch();
+    let a: &[Spec<'_>] = &[("a.0", Dtype::F32, &[3000]), ("a.1", Dtype::U8, &[5]), ("a.2", Dtype::BF16, &[4096])];
+    let b: &[Spec<'_>] = &[("b.0", Dtype::I64, &[1500]), ("b.1", Dtype::F16, &[0]), ("b.2", Dtype::U8, &[9000])];
+    let truth = write_sharded(&dir, &[a, b]);
+    // The index with a total_size, as transformers writes it.
+    let index = dir.join("model.safetensors.index.json");
+    let text = std::fs::read_to_string(&index).unwrap().replace("\"metadata\":{}", "\"metadata\":{\"total_size\":0}");
+    std::fs::write(&index, text).unwrap();
+    let sums = coreutils_sums(
+        &dir,
+        &["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"],
+    );
+    std::fs::write(dir.join("SHA256SUMS"), sums).unwrap();
+    (dir, truth)
+}
+
+fn file_len(p: &Path) -> u64 {
+    std::fs::metadata(p).unwrap().len()
+}
+
+#[test]
+fn a_verified_load_checks_every_shard_on_every_backend() {
+    let (dir, truth) = verified_checkpoint();
+    let total = file_len(&dir.join("model-00001-of-00002.safetensors"))
+        + file_len(&dir.join("model-00002-of-00002.safetensors"));
+    for (what, loader) in reading_loaders_with(4096, |b| b.verify(Verify::Required)) {
+        let model = loader.load_blocking(&dir).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_identical(&model, &truth, &what);
+        assert_eq!((model.stats().verified_bytes, model.stats().unverified_bytes), (total, 0), "{what}");
+        assert_eq!(model.stats().to_json()["verified_bytes"], total, "{what}");
+    }
+}
+
+/// Flips one byte of the second shard at `at` (from its start; negative from its end),
+/// then loads it streamed: the error names the shard and both digests (the actual one as
+/// coreutils computes it), and none of that shard's tensors was handed out.
+fn flipped(at: i64) {
+    let (dir, _) = verified_checkpoint();
+    let name = "model-00002-of-00002.safetensors";
+    let path = dir.join(name);
+    let expected = sha256_file(&path).unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    let i = if at < 0 { bytes.len() as i64 + at } else { at } as usize;
+    bytes[i] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+    let actual: Sha256 = coreutils_sums(&dir, &[name])[..64].parse().unwrap();
+    let loader = base().chunk_size(4096).verify(Verify::Required).build().unwrap();
+    let mut stream = loader.stream_blocking(&dir).unwrap();
+    let mut got = Vec::new();
+    let err = loop {
+        match tensorlift::block_on(stream.next()) {
+            Some(Ok(t)) => got.push(t.name().to_owned()),
+            Some(Err(e)) => break e,
+            None => panic!("byte {i}: the load succeeded"),
+        }
+    };
+    match &err {
+        LoadError::Checksum { file, expected: e, actual: a, expected_by: DigestSource::SumsFile(s) } => {
+            assert_eq!(file, &path.canonicalize().unwrap(), "byte {i}");
+            assert_eq!((e, a), (&expected, &actual), "byte {i}");
+            assert_eq!(s, &dir.canonicalize().unwrap().join("SHA256SUMS"));
+        }
+        other => panic!("byte {i}: {other}"),
+    }
+    assert!(err.to_string().contains(&format!("its SHA-256 is {actual}, but")), "{err}");
+    assert!(got.iter().all(|n| n.starts_with("a.")), "byte {i}: tensors of the bad shard came: {got:?}");
+}
+
+#[test]
+fn a_byte_flipped_in_the_first_chunk_fails_its_shard() {
+    // The first byte of the data section, in the first 4 KiB chunk (after the header).
+    let (dir, _) = verified_checkpoint();
+    let bytes = std::fs::read(dir.join("model-00002-of-00002.safetensors")).unwrap();
+    let data_start = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap());
+    assert!(data_start < 4096);
+    flipped(data_start as i64);
+}
+
+#[test]
+fn a_byte_flipped_in_a_middle_chunk_fails_its_shard() {
+    let (dir, _) = verified_checkpoint();
+    flipped(file_len(&dir.join("model-00002-of-00002.safetensors")) as i64 / 2);
+}
+
+#[test]
+fn a_byte_flipped_in_the_last_chunk_fails_its_shard() {
+    flipped(-1);
+}
+
+#[test]
+fn a_byte_flipped_in_a_header_fails_its_shard() {
+    // A tensor's name in the JSON header ("b.2" becomes "b.3"): a valid file, but not the one
+    // the digest names. (A one-file checkpoint: an index would disagree first.)
+    let dir = scratch();
+    let truth = write_shard(&dir.join("m.safetensors"), &[("b.2", Dtype::U8, &[10])]);
+    std::fs::write(dir.join("SHA256SUMS"), coreutils_sums(&dir, &["m.safetensors"])).unwrap();
+    let mut bytes = std::fs::read(dir.join("m.safetensors")).unwrap();
+    let at = bytes.windows(3).position(|w| w == b"b.2").unwrap();
+    bytes[at + 2] = b'3';
+    std::fs::write(dir.join("m.safetensors"), &bytes).unwrap();
+    let err = base().verify(Verify::Required).build().unwrap().load_blocking(dir.join("m.safetensors")).unwrap_err();
+    assert!(matches!(err, LoadError::Checksum { .. }), "{err}");
+    drop(truth);
+}
+
+#[test]
+fn a_byte_flipped_in_the_index_fails_the_load() {
+    let (dir, _) = verified_checkpoint();
+    let index = dir.join("model.safetensors.index.json");
+    // One byte changed, the JSON still valid: total_size 0 becomes 1.
+    let text = std::fs::read_to_string(&index).unwrap();
+    assert!(text.contains("\"total_size\":0"));
+    std::fs::write(&index, text.replacen("\"total_size\":0", "\"total_size\":1", 1)).unwrap();
+    let err = base().verify(Verify::Required).build().unwrap().load_blocking(&dir).unwrap_err();
+    match err {
+        LoadError::Checksum { file, .. } => assert_eq!(file, index.canonicalize().unwrap()),
+        other => panic!("{other}"),
+    }
+}
+
+#[test]
+fn shards_without_a_digest_fail_a_required_load_and_are_counted_under_if_known() {
+    let (dir, truth) = verified_checkpoint();
+    let first = dir.join("model-00001-of-00002.safetensors");
+    let second = dir.join("model-00002-of-00002.safetensors");
+    // SHA256SUMS lists the first shard only.
+    std::fs::write(dir.join("SHA256SUMS"), coreutils_sums(&dir, &["model-00001-of-00002.safetensors"])).unwrap();
+    let err = base().verify(Verify::Required).build().unwrap().load_blocking(&dir).unwrap_err();
+    match &err {
+        LoadError::NoDigest { file, sums_file } => {
+            assert_eq!(file, &second.canonicalize().unwrap());
+            assert_eq!(sums_file, &dir.canonicalize().unwrap().join("SHA256SUMS"));
+        }
+        other => panic!("{other}"),
+    }
+    let model = base().verify(Verify::IfKnown).build().unwrap().load_blocking(&dir).unwrap();
+    assert_identical(&model, &truth, "if-known");
+    assert_eq!((model.stats().verified_bytes, model.stats().unverified_bytes), (file_len(&first), file_len(&second)));
+    // A malformed SHA256SUMS fails any verified load.
+    std::fs::write(dir.join("SHA256SUMS"), "nonsense\n").unwrap();
+    let err = base().verify(Verify::IfKnown).build().unwrap().load_blocking(&dir).unwrap_err();
+    assert!(matches!(&err, LoadError::Sums(e) if e.line == 1), "{err}");
+    // An unverified load reads neither, and reports no verification.
+    let model = base().build().unwrap().load_blocking(&dir).unwrap();
+    assert_eq!((model.stats().verified_bytes, model.stats().unverified_bytes), (0, 0));
+}
+
+#[test]
+fn a_hub_blob_whose_content_is_not_its_name_fails() {
+    let cache = scratch();
+    let repo = cache.join("models--org--tiny");
+    std::fs::create_dir_all(repo.join("blobs")).unwrap();
+    std::fs::create_dir_all(repo.join("snapshots/r")).unwrap();
+    let tmp = cache.join("m.safetensors");
+    write_shard(&tmp, &[("w", Dtype::F32, &[300])]);
+    let named = sha256_file(&tmp).unwrap();
+    // The blob's content changes after it was named (bit rot).
+    let mut bytes = std::fs::read(&tmp).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x80;
+    std::fs::write(repo.join("blobs").join(named.to_string()), &bytes).unwrap();
+    std::os::unix::fs::symlink(format!("../../blobs/{named}"), repo.join("snapshots/r/m.safetensors")).unwrap();
+    let err = base().verify(Verify::Required).build().unwrap().load_blocking(repo.join("snapshots/r")).unwrap_err();
+    match err {
+        LoadError::Checksum { expected, expected_by: DigestSource::HubBlob(_), .. } => assert_eq!(expected, named),
+        other => panic!("{other}"),
+    }
+}
+
+#[test]
+fn verified_loads_refuse_what_does_not_read_whole_shards() {
+    for (what, b) in [
+        ("mapped", base().map_views(map_contract())),
+        ("filter", base().filter(["a.*"])),
+        ("slices", base().slice("a.0", tensorlift::TensorSlice::new(std::iter::once(0..10)))),
+    ] {
+        let err = b.verify(Verify::Required).build().unwrap_err();
+        assert!(matches!(&err, LoadError::Unsupported(m) if m.starts_with("verified loads")), "{what}: {err}");
+    }
+}
