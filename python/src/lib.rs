@@ -170,7 +170,7 @@ fn py_err(e: LoadError) -> PyErr {
 /// of each tensor, split as vLLM splits a Llama-family model. `stats`: a dict, filled with
 /// the load's statistics once it completes (the keys of `tensorlift load --json`).
 #[pyfunction]
-#[pyo3(signature = (path, device="cpu", filter=None, progress=None, *, dtype=None, tp=None, stats=None))]
+#[pyo3(signature = (path, device="cpu", filter=None, progress=None, *, dtype=None, tp=None, stats=None, verify=None))]
 #[allow(clippy::too_many_arguments)] // Python keyword arguments.
 fn load(
     py: Python<'_>,
@@ -181,9 +181,10 @@ fn load(
     dtype: Option<&str>,
     tp: Option<(usize, usize, usize)>,
     stats: Option<Bound<'_, PyDict>>,
+    verify: Option<&str>,
 ) -> PyResult<Py<PyDict>> {
     let raised = Raised::default();
-    let loader = loader(device, filter, progress, &raised, Options { dtype, tp, mapped: false })?;
+    let loader = loader(device, filter, progress, &raised, Options { dtype, verify, tp, mapped: false })?;
     let model = wait(py, loader.load(&path), &raised)?.map_err(py_err)?;
     if let Some(d) = stats {
         fill_stats(&d, model.stats())?;
@@ -418,6 +419,8 @@ fn retained_host_memory() -> usize {
 #[derive(Default)]
 struct Options<'a> {
     dtype: Option<&'a str>,
+    /// `"required"` or `"if-known"`: each shard's SHA-256 is checked as it is read.
+    verify: Option<&'a str>,
     tp: Option<(usize, usize, usize)>,
     /// Tensors as views of the memory-mapped files (`safe_open(..., backend="mmap")`).
     mapped: bool,
@@ -436,6 +439,10 @@ fn loader(
         // (docs/PYTHON.md, as the reference safetensors' own mmap backend) is MapContract's:
         // the files are not truncated or written while any tensor viewing them lives.
         b = b.map_views(unsafe { tensorlift::MapContract::new() });
+    }
+    if let Some(v) = options.verify {
+        let policy: tensorlift::Verify = v.parse().map_err(PyValueError::new_err)?;
+        b = b.verify(policy);
     }
     if let Some(d) = options.dtype {
         let to = match d.trim_start_matches("torch.") {
@@ -644,7 +651,7 @@ impl PyTensorIterator {
 /// Yields `(name, Tensor)` as each tensor lands, reading in the background. `stats`: a
 /// dict, filled with the load's statistics once the last tensor has come.
 #[pyfunction]
-#[pyo3(signature = (path, device="cpu", filter=None, progress=None, *, dtype=None, tp=None, stats=None))]
+#[pyo3(signature = (path, device="cpu", filter=None, progress=None, *, dtype=None, tp=None, stats=None, verify=None))]
 #[allow(clippy::too_many_arguments)] // Python keyword arguments.
 fn iter_tensors(
     py: Python<'_>,
@@ -655,9 +662,10 @@ fn iter_tensors(
     dtype: Option<&str>,
     tp: Option<(usize, usize, usize)>,
     stats: Option<Py<PyDict>>,
+    verify: Option<&str>,
 ) -> PyResult<PyTensorIterator> {
     let raised = Raised::default();
-    let loader = loader(device, filter, progress, &raised, Options { dtype, tp, mapped: false })?;
+    let loader = loader(device, filter, progress, &raised, Options { dtype, verify, tp, mapped: false })?;
     let stream = py.detach(|| loader.stream_blocking(&path)).map_err(py_err)?;
     Ok(PyTensorIterator { stream: Some(stream), raised, stats })
 }

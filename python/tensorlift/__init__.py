@@ -172,7 +172,7 @@ def _check_framework(framework):
         raise ValueError(f"unknown framework {framework!r} (expected 'pt', 'np' or None)")
 
 
-def load_file(path, device="cpu", framework="pt", *, dtype=None, tp=None, stats=None):
+def load_file(path, device="cpu", framework="pt", *, dtype=None, tp=None, stats=None, verify=None):
     """Loads every tensor of ``path`` (a ``.safetensors`` file, an index, or a folder).
 
     A drop-in for ``safetensors.torch.load_file`` (``framework="pt"``) and
@@ -188,32 +188,53 @@ def load_file(path, device="cpu", framework="pt", *, dtype=None, tp=None, stats=
 
     ``stats``: a dict, filled with the load's statistics once it completes: ``seconds``,
     ``gbps``, ``bytes``, ``bytes_read``, ``first_read_seconds``, ``planned_seconds``,
-    ``device``, ``io`` and the other keys of ``tensorlift load --json``.
+    ``device``, ``io``, ``verified_bytes`` and the other keys of ``tensorlift load --json``.
+
+    ``verify``: ``True`` (or ``"required"``) checks each shard's SHA-256 as it is read
+    against the hub cache blob it is or its line in ``SHA256SUMS`` beside it (``tensorlift
+    manifest`` writes one), and fails (``ValueError``) on a mismatch or a shard with no
+    expected digest; ``"if-known"`` checks the shards that have one. Host loads only, for now.
     """
     _check_framework(framework)
-    tensors = load(str(path), device=_device(device), dtype=_dtype(dtype), tp=tp, stats=stats)
+    tensors = load(str(path), device=_device(device), dtype=_dtype(dtype), tp=tp, stats=stats, verify=_verify(verify))
     return {name: _convert(t, framework) for name, t in tensors.items()}
 
 
 def iter_tensors(
-    path, device="cpu", framework="pt", filter=None, progress=None, *, dtype=None, tp=None, stats=None
+    path, device="cpu", framework="pt", filter=None, progress=None, *, dtype=None, tp=None, stats=None, verify=None
 ):
     """Yields ``(name, tensor)`` as each tensor lands, the shape of a serving engine's
     weights iterator. ``filter``: names or globs; ``progress(done, total)``: bytes landed;
-    ``dtype``, ``tp`` and ``stats`` as for ``load_file`` (``stats`` is filled once the last
+    ``dtype``, ``tp``, ``stats`` and ``verify`` as for ``load_file`` (``stats`` is filled once the last
     tensor has come; a load stopped early or failed leaves it as it was).
 
     Stopping early (``break``) cancels the rest of the load.
     """
     _check_framework(framework)
     it = _iter_tensors(
-        str(path), device=_device(device), filter=filter, progress=progress, dtype=_dtype(dtype), tp=tp, stats=stats
+        str(path),
+        device=_device(device),
+        filter=filter,
+        progress=progress,
+        dtype=_dtype(dtype),
+        tp=tp,
+        stats=stats,
+        verify=_verify(verify),
     )
     try:
         for name, t in it:
             yield name, _convert(t, framework)
     finally:
         it.close()
+
+
+def _verify(verify):
+    # True and False as switches; the policies by name.
+    if verify is None or verify is False:
+        return None
+    if verify is True:
+        return "required"
+    return str(verify)
 
 
 def _dtype(dtype):

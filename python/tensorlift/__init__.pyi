@@ -56,6 +56,7 @@ def load_file(
     dtype: Optional[Any] = None,
     tp: Optional[Tuple[int, int, int]] = None,
     stats: Optional[Dict[str, Any]] = None,
+    verify: Union[bool, Literal["required", "if-known"], None] = None,
 ) -> Dict[str, Any]: ...
 def iter_tensors(
     path: _Path,
@@ -67,6 +68,7 @@ def iter_tensors(
     dtype: Optional[Any] = None,
     tp: Optional[Tuple[int, int, int]] = None,
     stats: Optional[Dict[str, Any]] = None,
+    verify: Union[bool, Literal["required", "if-known"], None] = None,
 ) -> Iterator[Tuple[str, Any]]: ...
 def inspect(path: _Path) -> Dict[str, Any]: ...
 def resolve_device(device: str = "auto") -> Tuple[str, str]: ...
