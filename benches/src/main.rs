@@ -61,6 +61,11 @@ struct Args {
     /// tensorlift's tuning (each left out keeps its default).
     #[command(flatten)]
     tuning: tensorlift::flags::Tuning,
+    /// tensorlift: check each shard's SHA-256 as it is read (`LoaderBuilder::verify`,
+    /// required), against SHA256SUMS beside the checkpoint; for a synthetic checkpoint
+    /// without one, `tensorlift manifest` writes it first. GB/s counts the bytes loaded.
+    #[arg(long)]
+    verify: bool,
     /// tensorlift: keep the host memory of one run's tensors for the next run (as a server
     /// that loads again does); by default every run loads into fresh memory.
     #[arg(long)]
@@ -148,6 +153,10 @@ fn run(args: &Args) -> anyhow::Result<()> {
             synthetic::ensure(&cache, size, args.shards, args.dtype)?
         }
     };
+    if args.verify && args.dir.is_none() && !dir.join(tensorlift::checksums::SUMS_FILE).exists() {
+        let m = tensorlift::checksums::manifest(&dir).context("writing the synthetic checkpoint's SHA256SUMS")?;
+        m.write().context("writing the synthetic checkpoint's SHA256SUMS")?;
+    }
     let ckpt = Checkpoint::open(&dir).with_context(|| format!("planning {}", dir.display()))?;
     if !args.json {
         eprintln!(
@@ -259,6 +268,9 @@ fn run(args: &Args) -> anyhow::Result<()> {
 /// A loader builder with tensorlift's knobs as the flags set them.
 fn builder(args: &Args) -> anyhow::Result<tensorlift::LoaderBuilder> {
     let mut b = args.tuning.apply(Loader::builder());
+    if args.verify {
+        b = b.verify(tensorlift::Verify::Required);
+    }
     if let Some(to) = args.convert_to {
         b = b.convert_to(to);
     }
