@@ -98,7 +98,11 @@ impl Hashing {
         let spawned = std::thread::Builder::new().name("tensorlift-sha256".into()).spawn({
             let arena = Arc::clone(&arena);
             move || {
-                if let Some(d) = hash(&arena, len, &cancel) {
+                let digest = hash(&arena, len, &cancel);
+                // The arena goes back before the load hears of it: memory it frees can serve
+                // the next load.
+                drop(arena);
+                if let Some(d) = digest {
                     let _ = sender.send((k, d));
                 }
                 if let Some(w) = waker.lock().unwrap_or_else(|p| p.into_inner()).take() {
@@ -131,7 +135,28 @@ fn hash(arena: &HostArena, len: usize, cancel: &AtomicBool) -> Option<Sha256> {
     Some(Sha256(hasher.finalize().into()))
 }
 
+impl Drop for HostSink {
+    fn drop(&mut self) {
+        self.stop_hashing();
+    }
+}
+
 impl HostSink {
+    /// Stops the hashing threads at their next block and waits for them: nothing of a load
+    /// runs on after it ends (but the thread this runs on, if it is one of them: a task can
+    /// be dropped by the waker a hashing thread wakes).
+    fn stop_hashing(&mut self) {
+        if let Some(h) = self.hashing.take() {
+            h.cancel.store(true, Ordering::Relaxed);
+            let me = std::thread::current().id();
+            for t in h.threads {
+                if t.thread().id() != me {
+                    let _ = t.join();
+                }
+            }
+        }
+    }
+
     /// Bytes of shard files whose digest checked out so far.
     pub(crate) fn verified_bytes(&self) -> u64 {
         self.hashing.as_ref().map_or(0, |h| h.verified_bytes)
@@ -525,6 +550,19 @@ impl Sink for HostSink {
                     expected_by: check.expected_by,
                 }));
             }
+            // The bytes hashed are the file's now; the tensors handed out come from the header
+            // planning parsed: they must be the same header.
+            let data_start = shard.data_start().min(shard.file_len) as usize;
+            let header = match &e.memory {
+                Memory::Arena(a) => a.get(0..data_start).map(tensorlift_format::header_hash),
+                Memory::Caller(_) => None,
+            };
+            if header != Some(shard.header_hash) {
+                return Poll::Ready(Err(LoadError::ShardChanged {
+                    file: shard.path.clone(),
+                    what: "its header is not the one planned (the file was rewritten after planning)".into(),
+                }));
+            }
             h.verified_bytes += shard.file_len;
             ready.extend(check.held);
         }
@@ -540,14 +578,7 @@ impl Sink for HostSink {
     }
 
     fn abort(&mut self) {
-        // Hashing threads stop at their next block, and are waited for: nothing of the
-        // load runs on after it.
-        if let Some(h) = self.hashing.take() {
-            h.cancel.store(true, Ordering::Relaxed);
-            for t in h.threads {
-                let _ = t.join();
-            }
-        }
+        self.stop_hashing();
         // The prefaulting thread holds arenas: it is stopped before they are let go.
         self.prefault = None;
         self.prefault_work = None;

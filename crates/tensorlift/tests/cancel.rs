@@ -56,3 +56,24 @@ fn cancelled_loads_free_everything() {
         assert_eq!(HostArena::live_count(), 0, "{backend:?} {policy}");
     }
 }
+
+/// A verified load dropped after its first tensor: its hashing threads stop and are waited
+/// for, and every arena is freed.
+#[test]
+fn cancelled_verified_loads_stop_hashing_and_free_everything() {
+    let (path, truth) = checkpoint();
+    tensorlift::checksums::manifest(&path).unwrap().write().unwrap();
+    let loader =
+        Loader::builder().device(Device::Cpu).chunk_size(1 << 20).verify(tensorlift::Verify::Required).build().unwrap();
+    let mut stream = loader.stream_blocking(&path).unwrap();
+    let first = tensorlift::block_on(stream.next()).unwrap().unwrap();
+    assert_eq!(first.bytes().unwrap(), truth[first.name()].as_slice());
+    drop(first);
+    drop(stream);
+    wait_for_no_arenas();
+    let m = loader.load_blocking(&path).unwrap();
+    assert_eq!(m.stats().verified_bytes, std::fs::metadata(&path).unwrap().len());
+    drop(m);
+    drop(loader);
+    assert_eq!(HostArena::live_count(), 0);
+}

@@ -299,3 +299,24 @@ fn verified_loads_refuse_what_does_not_read_whole_shards() {
         assert!(matches!(&err, LoadError::Unsupported(m) if m.starts_with("verified loads")), "{what}: {err}");
     }
 }
+
+#[test]
+fn a_verified_load_refuses_tensors_that_share_bytes() {
+    // A PyTorch file whose tensors are views of one storage (tied weights): each shard is
+    // counted down in file order, which shared bytes break, so the load is refused rather
+    // than risked.
+    let dir = scratch();
+    let bin = include_bytes!("../../../tensorlift-pickle/tests/fixtures/tied.zip.bin");
+    std::fs::write(dir.join("pytorch_model.bin"), bin).unwrap();
+    std::fs::write(dir.join("SHA256SUMS"), coreutils_sums(&dir, &["pytorch_model.bin"])).unwrap();
+    let err = base().verify(Verify::Required).build().unwrap().load_blocking(&dir).unwrap_err();
+    assert!(
+        matches!(&err, LoadError::Unsupported(m) if m.starts_with("verified loads of ") && m.contains("share bytes")),
+        "{err}"
+    );
+    // Unverified, it loads: every tensor torch reads from it.
+    let expect: serde_json::Value =
+        serde_json::from_str(include_str!("../../../tensorlift-pickle/tests/fixtures/tied.expect.json")).unwrap();
+    let want = expect.as_object().unwrap().len();
+    assert_eq!(base().build().unwrap().load_blocking(&dir).unwrap().len(), want);
+}
