@@ -16,7 +16,7 @@ pub use crate::digest::{
     expected, format_sums, hub_blob_digest, parse_sums, sha256_file, DigestSource, Expected, Sha256, SumsError,
     SUMS_FILE,
 };
-use crate::digest::{open_regular, plain, read_sums, sha256_of};
+use crate::digest::{open_existing, plain, read_sums, sha256_of};
 
 /// What a verifying load of `plan` checks each shard against (see
 /// [`LoaderBuilder::verify`](crate::LoaderBuilder::verify)): the expected digests, after
@@ -31,8 +31,7 @@ pub(crate) fn for_load(
         let io = |source: std::io::Error| {
             crate::LoadError::Open(tensorlift_io::IoError::Open { file: path.to_path_buf(), source })
         };
-        let (f, len) =
-            open_regular(path, true).and_then(|f| f.ok_or_else(|| std::io::ErrorKind::NotFound.into())).map_err(io)?;
+        let (f, len) = open_existing(path, true).map_err(io)?;
         let actual = sha256_of(&f, len).map_err(io)?;
         if actual != *want {
             return Err(crate::LoadError::Checksum {
@@ -86,9 +85,7 @@ pub fn manifest(path: impl AsRef<Path>) -> Result<Manifest, ManifestError> {
     let index = plan.index_file().map(Path::to_path_buf);
     let count = shards + usize::from(index.is_some());
     let io = |file: &Path, source: std::io::Error| ManifestError::Io { file: file.to_path_buf(), source };
-    let open = |p: &Path, follow: bool| {
-        open_regular(p, follow).and_then(|f| f.ok_or_else(|| std::io::ErrorKind::NotFound.into())).map_err(|e| io(p, e))
-    };
+    let open = |p: &Path, follow: bool| open_existing(p, follow).map_err(|e| io(p, e));
     // One file: a shard through the descriptor planning validated (or opened again by its
     // resolved path, links not followed), its planned length, then checked unchanged; the
     // index as planning reads it, a regular file.

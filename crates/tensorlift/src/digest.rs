@@ -141,17 +141,9 @@ pub fn format_sums(entries: &[(String, Sha256)]) -> String {
 
 /// The SHA-256 of the file at `path`, read from start to end.
 pub fn sha256_file(path: &Path) -> std::io::Result<Sha256> {
-    let mut f = std::fs::File::open(path)?;
-    let mut hasher = sha2::Sha256::new();
-    let mut buf = vec![0u8; 4 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(Sha256(hasher.finalize().into()))
+    let f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    sha256_of(&f, len)
 }
 
 /// The digest a Hugging Face hub cache gives the file at `path`: in a cache, a snapshot's
@@ -189,6 +181,11 @@ pub(crate) fn open_regular(path: &Path, follow: bool) -> std::io::Result<Option<
         return Err(std::io::Error::other("not a regular file"));
     }
     Ok(Some((f, m.len())))
+}
+
+/// [`open_regular`] for a file that must be there.
+pub(crate) fn open_existing(path: &Path, follow: bool) -> std::io::Result<(std::fs::File, u64)> {
+    open_regular(path, follow)?.ok_or_else(|| std::io::ErrorKind::NotFound.into())
 }
 
 /// The SHA-256 of the first `len` bytes of `f` (positional reads: the file may be shared).

@@ -95,8 +95,10 @@ pub(crate) fn shard_spans(plan: &LoadPlan) -> Vec<Span> {
 }
 
 /// Every shard whole, from its first byte to its last, with all its tensors: what a
-/// verified load reads, so that the bytes it hashes are the file's own.
-pub(crate) fn whole_files(plan: &LoadPlan) -> Vec<Span> {
+/// verified load reads, so that the bytes it hashes are the file's own. A span's tensors are
+/// counted down chunk by chunk in file order ([`completed_by`]), which tensors that share
+/// bytes (views of one PyTorch storage) break: `Err(shard)` names the first such shard.
+pub(crate) fn whole_files(plan: &LoadPlan) -> Result<Vec<Span>, usize> {
     let mut spans: Vec<Span> = plan
         .shards()
         .iter()
@@ -105,9 +107,15 @@ pub(crate) fn whole_files(plan: &LoadPlan) -> Vec<Span> {
         .collect();
     // The plan's tensors are by shard, then offset.
     for (t, pt) in plan.tensors().iter().enumerate() {
-        spans[pt.shard].tensors.push(t);
+        let span = &mut spans[pt.shard];
+        if let Some(&prev) = span.tensors.last() {
+            if pt.file_range.start < plan.tensors()[prev].file_range.end {
+                return Err(pt.shard);
+            }
+        }
+        span.tensors.push(t);
     }
-    spans
+    Ok(spans)
 }
 
 /// One read: chunk `index` of span `span`.

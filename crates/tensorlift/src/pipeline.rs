@@ -165,24 +165,14 @@ impl TensorStream {
             Some(c) => plan.shards().iter().zip(c).filter(|(_, c)| c.is_none()).map(|(s, _)| s.file_len).sum(),
             None => 0,
         };
-        if checks.is_some() {
-            // A shard is hashed whole, its tensors counted down chunk by chunk in file order:
-            // tensors that share bytes (views of one PyTorch storage) do not line up so.
-            let mut last: Vec<Option<(u64, u64)>> = vec![None; plan.shards().len()];
-            for t in plan.tensors() {
-                let r = (t.file_range.start, t.file_range.end);
-                if last[t.shard].is_some_and(|(s, e)| r.0 < e || r.0 < s) {
-                    return Err(LoadError::Unsupported(format!(
-                        "verified loads of {}, whose tensors share bytes (views of one storage): load it \
-                         unverified, or convert it to safetensors",
-                        plan.shards()[t.shard].path.display()
-                    )));
-                }
-                last[t.shard] = Some(r);
-            }
-        }
         let spans = match checks {
-            Some(_) => layout::whole_files(&plan),
+            Some(_) => layout::whole_files(&plan).map_err(|shard| {
+                LoadError::Unsupported(format!(
+                    "verified loads of {}, whose tensors share bytes (views of one storage): load it unverified, \
+                     or convert it to safetensors",
+                    plan.shards()[shard].path.display()
+                ))
+            })?,
             None => layout::spans(&plan, |i| landing.read_into_caller(&plan, i, cfg)),
         };
         let mut stream = TensorStream::new(reader, plan, cfg, stats, started);

@@ -57,18 +57,32 @@ fn digests_come_from_sha256sums_beside_the_checkpoint() {
     assert_eq!(expected(&plan).unwrap_err().message, "not a regular file");
 }
 
-#[test]
-fn a_hub_digest_and_a_listed_one_must_agree() {
+/// A hub cache laid out as the hub lays it out: `models--org--tiny/snapshots/r/m.safetensors`
+/// a link to `../../blobs/<its SHA-256>`. With `rot`, the blob's last byte changes after it
+/// was named. Returns the snapshot folder, the blob and the name's digest.
+fn hub_snapshot(spec: Spec<'_>, rot: bool) -> (std::path::PathBuf, std::path::PathBuf, Sha256) {
     let cache = scratch();
     let repo = cache.join("models--org--tiny");
     std::fs::create_dir_all(repo.join("blobs")).unwrap();
     std::fs::create_dir_all(repo.join("snapshots/r")).unwrap();
     let tmp = cache.join("m.safetensors");
-    write_shard(&tmp, &[("w", Dtype::F32, &[3])]);
+    write_shard(&tmp, &[spec]);
     let digest = sha256_file(&tmp).unwrap();
-    std::fs::rename(&tmp, repo.join("blobs").join(digest.to_string())).unwrap();
+    let blob = repo.join("blobs").join(digest.to_string());
+    let mut bytes = std::fs::read(&tmp).unwrap();
+    if rot {
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x80;
+    }
+    std::fs::write(&blob, &bytes).unwrap();
+    std::fs::remove_file(&tmp).unwrap();
     std::os::unix::fs::symlink(format!("../../blobs/{digest}"), repo.join("snapshots/r/m.safetensors")).unwrap();
-    let snapshot = repo.join("snapshots/r");
+    (repo.join("snapshots/r"), blob, digest)
+}
+
+#[test]
+fn a_hub_digest_and_a_listed_one_must_agree() {
+    let (snapshot, _, digest) = hub_snapshot(("w", Dtype::F32, &[3]), false);
     std::fs::write(snapshot.join("SHA256SUMS"), format!("{}  m.safetensors\n", "1".repeat(64))).unwrap();
     let err = expected(&tensorlift::plan(&snapshot).unwrap()).unwrap_err();
     assert!(err.message.contains("but the hub cache blob it is") && err.message.contains(&digest.to_string()), "{err}");
@@ -83,31 +97,16 @@ fn a_hub_digest_and_a_listed_one_must_agree() {
 
 #[test]
 fn a_hub_cache_names_blobs_by_their_digest() {
-    let cache = scratch();
-    let repo = cache.join("models--org--tiny");
-    std::fs::create_dir_all(repo.join("blobs")).unwrap();
-    std::fs::create_dir_all(repo.join("snapshots/abc123")).unwrap();
-    // Write the file, then move it to its blob, named as the hub names it.
-    let tmp = cache.join("model.safetensors");
-    write_shard(&tmp, &[("w", Dtype::BF16, &[16, 16])]);
-    let digest: Sha256 = sha256_file(&tmp).unwrap();
-    let blob = repo.join("blobs").join(digest.to_string());
-    std::fs::rename(&tmp, &blob).unwrap();
-    std::os::unix::fs::symlink(format!("../../blobs/{digest}"), repo.join("snapshots/abc123/model.safetensors"))
-        .unwrap();
-    let plan = tensorlift::plan(repo.join("snapshots/abc123")).unwrap();
+    let (snapshot, blob, digest) = hub_snapshot(("w", Dtype::BF16, &[16, 16]), false);
+    let plan = tensorlift::plan(&snapshot).unwrap();
     let e = expected(&plan).unwrap();
     assert_eq!(e.shards, [Some((digest, DigestSource::HubBlob(blob.canonicalize().unwrap())))]);
     // A blob named by a git SHA-1 (a small file the hub keeps in git) says nothing.
-    let sha1 = repo.join("blobs").join("a".repeat(40));
+    let sha1 = blob.with_file_name("a".repeat(40));
     std::fs::rename(&blob, &sha1).unwrap();
-    std::fs::remove_file(repo.join("snapshots/abc123/model.safetensors")).unwrap();
-    std::os::unix::fs::symlink(
-        format!("../../blobs/{}", "a".repeat(40)),
-        repo.join("snapshots/abc123/model.safetensors"),
-    )
-    .unwrap();
-    let plan = tensorlift::plan(repo.join("snapshots/abc123")).unwrap();
+    std::fs::remove_file(snapshot.join("m.safetensors")).unwrap();
+    std::os::unix::fs::symlink(format!("../../blobs/{}", "a".repeat(40)), snapshot.join("m.safetensors")).unwrap();
+    let plan = tensorlift::plan(&snapshot).unwrap();
     assert_eq!(expected(&plan).unwrap().shards, [None]);
 }
 
@@ -268,20 +267,9 @@ fn shards_without_a_digest_fail_a_required_load_and_are_counted_under_if_known()
 
 #[test]
 fn a_hub_blob_whose_content_is_not_its_name_fails() {
-    let cache = scratch();
-    let repo = cache.join("models--org--tiny");
-    std::fs::create_dir_all(repo.join("blobs")).unwrap();
-    std::fs::create_dir_all(repo.join("snapshots/r")).unwrap();
-    let tmp = cache.join("m.safetensors");
-    write_shard(&tmp, &[("w", Dtype::F32, &[300])]);
-    let named = sha256_file(&tmp).unwrap();
-    // The blob's content changes after it was named (bit rot).
-    let mut bytes = std::fs::read(&tmp).unwrap();
-    let last = bytes.len() - 1;
-    bytes[last] ^= 0x80;
-    std::fs::write(repo.join("blobs").join(named.to_string()), &bytes).unwrap();
-    std::os::unix::fs::symlink(format!("../../blobs/{named}"), repo.join("snapshots/r/m.safetensors")).unwrap();
-    let err = base().verify(Verify::Required).build().unwrap().load_blocking(repo.join("snapshots/r")).unwrap_err();
+    // The blob's content changed after it was named (bit rot).
+    let (snapshot, _, named) = hub_snapshot(("w", Dtype::F32, &[300]), true);
+    let err = base().verify(Verify::Required).build().unwrap().load_blocking(&snapshot).unwrap_err();
     match err {
         LoadError::Checksum { expected, expected_by: DigestSource::HubBlob(_), .. } => assert_eq!(expected, named),
         other => panic!("{other}"),
