@@ -121,6 +121,9 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--cache", choices=["warm", "cold", "both"], default="both")
     ap.add_argument("--extra", default="", help="extra arguments for tensorlift load")
+    ap.add_argument("--also", action="append", default=[], metavar="ARGS",
+                    help="another tensorlift variant in the same rotation, with these arguments to tensorlift load "
+                         "(repeatable; e.g. --also='--huge-pages never'); its in-process seconds are printed")
     ap.add_argument("--reference", choices=["numpy", "torch-clone-fresh"], default="numpy")
     ap.add_argument("--python", action="store_true",
                     help="time the tensorlift Python package in this process (tensorlift.load_file(framework='np')) "
@@ -137,6 +140,7 @@ def main():
     print(f"checkpoint: {folder}: {len(paths)} shards, {total / 1e9:.3f} GB; {a.runs} runs per engine and mode")
     for mode in modes:
         ref, tl, tl_inner, huge = [], [], [], []
+        also = {v: [] for v in a.also}
         for _ in range(a.runs):
             for engine in ("reference", "tensorlift"):
                 evict(paths) if mode == "cold" else warm(paths)
@@ -152,18 +156,24 @@ def main():
                     tl_inner.append(out["seconds"])
                     huge.append(out.get("huge_pages"))
                     nbytes_tl = out["bytes"]
+            for v in a.also:
+                evict(paths) if mode == "cold" else warm(paths)
+                also[v].append(run_tensorlift(a.tensorlift, folder, v.split())[1]["seconds"])
         assert nbytes == nbytes_tl, (nbytes, nbytes_tl)
         r, t = statistics.median(ref), statistics.median(tl)
         results["modes"][mode] = {"reference_s": r, "tensorlift_s": t, "tensorlift_in_process_s": statistics.median(tl_inner),
                                   "reference_gbps": nbytes / r / 1e9, "tensorlift_gbps": nbytes / t / 1e9, "speedup": r / t,
                                   "reference_runs": ref, "tensorlift_runs": tl, "tensorlift_in_process_runs": tl_inner,
                                   "tensorlift_huge_pages": huge,
-                                  "reference": a.reference}
+                                  "reference": a.reference, "also_in_process_runs": also}
         print(f"{mode:>5}: reference ({a.reference}) {r:.3f} s ({nbytes / r / 1e9:.2f} GB/s)  tensorlift {t:.3f} s "
               f"({nbytes / t / 1e9:.2f} GB/s, {statistics.median(tl_inner):.3f} s in process)  speedup {r / t:.2f}x")
         print(f"       runs: reference {' '.join(f'{x:.3f}' for x in ref)}; tensorlift {' '.join(f'{x:.3f}' for x in tl)} "
               f"(slowest {max(tl):.3f} s; in process {' '.join(f'{x:.3f}' for x in tl_inner)}, slowest {max(tl_inner):.3f} s; "
               f"huge pages {huge})")
+        for v, runs in also.items():
+            print(f"       tensorlift {v}: in process median {statistics.median(runs):.3f} s, slowest {max(runs):.3f} s; "
+                  f"runs {' '.join(f'{x:.3f}' for x in runs)}")
     if a.json_out:
         with open(a.json_out, "w") as f:
             json.dump(results, f, indent=1)

@@ -229,22 +229,6 @@ pub struct Prefaulter {
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
-/// Lowers the calling thread's priority (nice + 10, at most 19): prefaulting is work done
-/// ahead, which the reads would otherwise do themselves, and should yield the CPUs to work
-/// that cannot wait, such as the parsing of headers that the load's tensors wait for. On
-/// Linux a nice value is a thread's own. Raising it needs no privilege; where it fails,
-/// the thread keeps the priority it had.
-fn yield_to_the_load() {
-    // SAFETY: the gettid system call takes no arguments and cannot fail (called through
-    // syscall(2): glibc before 2.30 has no wrapper).
-    let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::id_t;
-    // SAFETY: getpriority reads this thread's nice value; -1 is also a valid value, so an
-    // error is taken as 0 (the default), which only makes the new value lower.
-    let now = unsafe { libc::getpriority(libc::PRIO_PROCESS, tid) };
-    // SAFETY: setpriority changes this thread's nice value and nothing else.
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, (now.max(0) + 10).min(19)) };
-}
-
 impl Prefaulter {
     /// Starts faulting in `work`, (arena, chunk index) each, in order, on up to `threads`
     /// threads that take the next chunk in turn. `None` when there is nothing to do or no
@@ -268,7 +252,6 @@ impl Prefaulter {
             let (s, b, f, n, w) =
                 (Arc::clone(&stop), Arc::clone(&bytes), Arc::clone(&failed), Arc::clone(&next), Arc::clone(&work));
             let spawned = std::thread::Builder::new().name("tensorlift-prefault".into()).spawn(move || {
-                yield_to_the_load();
                 while !s.load(Ordering::Relaxed) {
                     let Some((arena, k)) = w.get(n.fetch_add(1, Ordering::Relaxed)) else { break };
                     match arena.prefault_chunk(*k, &s) {
