@@ -193,7 +193,9 @@ def load_file(path, device="cpu", framework="pt", *, dtype=None, tp=None, stats=
     ``verify``: ``True`` (or ``"required"``) checks each shard's SHA-256 as it is read
     against the hub cache blob it is or its line in ``SHA256SUMS`` beside it (``tensorlift
     manifest`` writes one), and fails (``ValueError``) on a mismatch or a shard with no
-    expected digest; ``"if-known"`` checks the shards that have one. Host loads only, for now.
+    expected digest; ``"if-known"`` checks the shards that have one. On the host or a CUDA
+    device (each pinned chunk is hashed before its copy); not with ``tp`` (it reads parts of
+    shards).
     """
     _check_framework(framework)
     tensors = load(str(path), device=_device(device), dtype=_dtype(dtype), tp=tp, stats=stats, verify=_verify(verify))

@@ -165,6 +165,22 @@ fn load_verify_checks_what_manifest_wrote() {
         "{}",
         text(&out.stdout)
     );
+    // The same onto a CUDA device (the emulated driver, or a real one on a GPU host).
+    let on_cuda = || {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tensorlift"));
+        cmd.args(["load", d, "--device", "cuda:0", "--verify"]);
+        if !tensorlift_testkit::real_driver() {
+            cmd.env("TENSORLIFT_LIBCUDA", tensorlift_testkit::emulated_driver());
+        }
+        cmd.output().unwrap()
+    };
+    let out = on_cuda();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains(&format!("sha256: {files} bytes verified, 0 unverified")),
+        "{}",
+        text(&out.stdout)
+    );
     // A byte changed after: the load fails naming the shard and both digests.
     let shard = dir.join("model-00002-of-00002.safetensors");
     let mut bytes = std::fs::read(&shard).unwrap();
@@ -173,6 +189,10 @@ fn load_verify_checks_what_manifest_wrote() {
     std::fs::write(&shard, bytes).unwrap();
     let now = text(&sha256sum(&dir, &["model-00002-of-00002.safetensors"]).stdout)[..64].to_owned();
     let out = tensorlift(&["load", d, "--device", "cpu", "--verify"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("model-00002-of-00002.safetensors: its SHA-256 is ") && err.contains(&now), "{err}");
+    let out = on_cuda();
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
     assert!(err.contains("model-00002-of-00002.safetensors: its SHA-256 is ") && err.contains(&now), "{err}");

@@ -133,6 +133,8 @@ pub struct Checkpoint {
     plan: LoadPlan,
     dir: Arc<File>,
     files: Vec<Option<Arc<File>>>,
+    /// The index file planning read, as it was then.
+    index_identity: Option<FileIdentity>,
 }
 
 impl std::ops::Deref for Checkpoint {
@@ -157,6 +159,12 @@ impl Checkpoint {
     /// The plan, without the descriptors.
     pub fn into_plan(self) -> LoadPlan {
         self.plan
+    }
+
+    /// The index file as planning read it (its device, inode, length and times), for a
+    /// checkpoint planned from an index: a later reading of the index can be held to it.
+    pub fn index_identity(&self) -> Option<&FileIdentity> {
+        self.index_identity.as_ref()
     }
 
     /// Number of shard descriptors held open.
@@ -545,7 +553,7 @@ impl<'a> Planner<'a> {
         policy: &LinkPolicy,
     ) -> Result<Checkpoint, FormatError> {
         let context = root.join(index_name);
-        let parsed = read_index(&context, index)?;
+        let (parsed, identity) = read_index(&context, index)?;
         let names = index_shards(&context, &parsed, self.limits)?;
         let mut added = Vec::with_capacity(names.len());
         for batch in names.chunks(self.batch()) {
@@ -567,7 +575,7 @@ impl<'a> Planner<'a> {
                 shard.aliases.push(name);
             }
         }
-        self.finish(&context, dir, root, Some(parsed))
+        self.finish(&context, dir, root, Some((parsed, identity)))
     }
 
     fn plan_scan(mut self, dir: File, root: PathBuf, policy: &LinkPolicy) -> Result<Checkpoint, FormatError> {
@@ -824,7 +832,7 @@ impl<'a> Planner<'a> {
         context: &Path,
         dir: File,
         root: PathBuf,
-        index: Option<tensorlift_format::Index>,
+        index: Option<(tensorlift_format::Index, FileIdentity)>,
     ) -> Result<Checkpoint, FormatError> {
         let dir = Arc::new(dir);
         let safetensors = self.pending.iter().all(|p| matches!(p.work, HeaderWork::Parse(_)));
@@ -843,7 +851,8 @@ impl<'a> Planner<'a> {
                 })
                 .collect();
             let plan = LoadPlan::unparsed(root.clone(), index.is_some().then(|| context.to_path_buf()), shards);
-            self.observer.headers_read(Checkpoint { plan, dir: Arc::clone(&dir), files: self.files.clone() });
+            let (files, index_identity) = (self.files.clone(), index.as_ref().map(|i| i.1));
+            self.observer.headers_read(Checkpoint { plan, dir: Arc::clone(&dir), files, index_identity });
         }
         let parsed = parse_all(&self.pending, self.observer);
         let mut shards = Vec::with_capacity(self.pending.len());
@@ -857,14 +866,15 @@ impl<'a> Planner<'a> {
             shard.aliases = p.aliases;
             shards.push((shard, tensors));
         }
-        let index = index.map(|i| (context.to_path_buf(), i));
+        let index_identity = index.as_ref().map(|i| i.1);
+        let index = index.map(|(i, _)| (context.to_path_buf(), i));
         let plan = LoadPlan::assemble(context, root, index, shards)?;
-        Ok(Checkpoint { plan, dir, files: self.files })
+        Ok(Checkpoint { plan, dir, files: self.files, index_identity })
     }
 }
 
-/// An index's bytes, bounded, parsed.
-fn read_index(context: &Path, index: Opened) -> Result<tensorlift_format::Index, FormatError> {
+/// An index's bytes, bounded, parsed; with the file's identity as it was read.
+fn read_index(context: &Path, index: Opened) -> Result<(tensorlift_format::Index, FileIdentity), FormatError> {
     let len = index.identity.len;
     if len > MAX_INDEX_LEN {
         return Err(FormatError::InvalidIndex {
@@ -881,8 +891,9 @@ fn read_index(context: &Path, index: Opened) -> Result<tensorlift_format::Index,
         });
     }
     let bytes = read_exact_at(&index.file, context, 0, len as usize, "the index")?;
+    let identity = index.identity;
     drop(index);
-    parse_index(context, &bytes)
+    Ok((parse_index(context, &bytes)?, identity))
 }
 
 /// The files of a PyTorch checkpoint, opened under the rules a plan's shards are.
@@ -923,7 +934,7 @@ pub fn open_pytorch(path: &Path, limits: &PlanLimits) -> Result<PyTorchFiles, Fo
         let policy = LinkPolicy::for_root(&root);
         let context = root.join(TORCH_INDEX);
         if let Some(index) = planner.open_entry(&dir, &root, &policy, TORCH_INDEX, &context)? {
-            let parsed = read_index(&context, index)?;
+            let (parsed, _) = read_index(&context, index)?;
             // Each spelling the index uses, to the name its file is kept under.
             let mut spelled: HashMap<String, String> = HashMap::new();
             for (name, raws) in index_shards(&context, &parsed, limits)? {

@@ -161,6 +161,16 @@ pub fn reference_script() -> std::path::PathBuf {
     }
 }
 
+/// `files` of `dir` as coreutils' `sha256sum` lists them (`<digest>  <name>` lines): the
+/// SHA256SUMS that verified loads are checked against, computed by a program tensorlift
+/// did not write.
+pub fn coreutils_sha256sums(dir: &Path, files: &[&str]) -> String {
+    let out =
+        std::process::Command::new("sha256sum").args(files).current_dir(dir).output().expect("coreutils' sha256sum");
+    assert!(out.status.success(), "sha256sum: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("sha256sum writes UTF-8 for UTF-8 names")
+}
+
 /// The bytes of `ranges` (one per leading dimension; whole dimensions after) of a tensor of
 /// `shape` whose elements are `elem` bytes, by visiting every element: an independent
 /// reading to hold slicing code to.

@@ -20,10 +20,11 @@ use crate::digest::{open_existing, plain, read_sums, sha256_of};
 
 /// What a verifying load of `plan` checks each shard against (see
 /// [`LoaderBuilder::verify`](crate::LoaderBuilder::verify)): the expected digests, after
-/// the index is checked (where a digest of it is known) and, under [`Verify::Required`],
-/// every shard is seen to have one.
+/// the index is checked (where a digest of it is known: the file planning read, unchanged
+/// since, and while it is hashed) and, under [`Verify::Required`], every shard is seen to
+/// have one.
 pub(crate) fn for_load(
-    plan: &tensorlift_format::LoadPlan,
+    plan: &tensorlift_io::Checkpoint,
     policy: crate::Verify,
 ) -> Result<Vec<Option<(Sha256, DigestSource)>>, crate::LoadError> {
     let e = expected(plan)?;
@@ -31,8 +32,19 @@ pub(crate) fn for_load(
         let io = |source: std::io::Error| {
             crate::LoadError::Open(tensorlift_io::IoError::Open { file: path.to_path_buf(), source })
         };
+        let changed = |what: String| crate::LoadError::ShardChanged { file: path.to_path_buf(), what };
         let (f, len) = open_existing(path, true).map_err(io)?;
+        let identity = |f: &std::fs::File| f.metadata().map(|m| tensorlift_io::file_identity(&m)).map_err(io);
+        let before = identity(&f)?;
+        // The plan's shards are the ones the index planning read named: the bytes hashed
+        // must be those.
+        if let Some(what) = plan.index_identity().and_then(|planned| tensorlift_io::identity_change(planned, &before)) {
+            return Err(changed(format!("the index: {what}")));
+        }
         let actual = sha256_of(&f, len).map_err(io)?;
+        if let Some(what) = tensorlift_io::identity_change(&before, &identity(&f)?) {
+            return Err(changed(format!("the index, while it was hashed: {what}")));
+        }
         if actual != *want {
             return Err(crate::LoadError::Checksum {
                 file: path.to_path_buf(),

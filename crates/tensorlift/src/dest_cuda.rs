@@ -13,6 +13,10 @@
 //! a kernel (`kernels/convert.cu`) writes the converted tensor into its place; the tensor is
 //! yielded when that kernel has completed. The scratch allocation, the size of the
 //! converted tensors as stored, lives until the load ends.
+//!
+//! A verified load ([`crate::LoaderBuilder::verify`]) hashes each shard's pinned chunks in
+//! file order before it copies them ([`crate::hashing`]), and holds the shard's tensors
+//! until its whole file checked out.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -23,7 +27,9 @@ use tensorlift_cuda::{CopyEngine, CudaError, DeviceArena, Gpu, KernelType, Kerne
 use tensorlift_format::{Dtype, LoadPlan};
 
 use crate::config::Config;
+use crate::digest::{DigestSource, Sha256};
 use crate::error::plan_file;
+use crate::hashing::{Check, Hashed, Hashers, Landed};
 use crate::layout::{self, chunks_to_wait_for, completed_by, Place, Read, Span};
 use crate::sink::Sink;
 use crate::{Device, LoadError, Tensor};
@@ -100,6 +106,31 @@ pub(crate) struct CudaSink {
     chunk: usize,
     first_copy: Option<Instant>,
     last_done: Option<Instant>,
+    /// For a verified load.
+    verify: Option<Verifying>,
+}
+
+/// A verified load's shards: hashed in their pinned chunks before the copies, and their
+/// tensors held until their whole file checked out.
+struct Verifying {
+    hashers: Hashers<Staged>,
+    /// Each span's check, until it checked out (`None` for a span not verified).
+    checks: Vec<Option<Check>>,
+    /// Each tensor's span.
+    span_of: Vec<usize>,
+    verified_bytes: u64,
+}
+
+/// A landed pinned chunk, waiting to be hashed before its copies.
+struct Staged {
+    read: Read,
+    chunk: PinnedChunk,
+}
+
+impl Landed for Staged {
+    fn bytes(&self) -> &[u8] {
+        self.chunk.as_slice().get(..self.read.len).unwrap_or_default()
+    }
 }
 
 /// The conversions of one load.
@@ -114,12 +145,15 @@ struct Conversion {
 }
 
 impl CudaSink {
+    #[allow(clippy::too_many_arguments)] // The load's parts, each used once here.
     pub(crate) fn new(
         cuda: &CudaTarget,
         plan: &LoadPlan,
         spans: Vec<Span>,
         dests: Vec<Option<crate::place::Resolved>>,
         cfg: &Config,
+        reads: &[Read],
+        checks: Option<Vec<Option<(Sha256, DigestSource)>>>,
         ready: &mut VecDeque<Tensor>,
     ) -> Result<CudaSink, LoadError> {
         let device = Device::Cuda(cuda.gpu.ordinal());
@@ -196,13 +230,35 @@ impl CudaSink {
             chunk: cfg.chunk_size,
             first_copy: None,
             last_done: None,
+            verify: None,
         };
+        if let Some(checks) = checks {
+            // A verified span is a whole file (base 0): its header is its first bytes.
+            let mut chunks = vec![0usize; spans.len()];
+            for r in reads {
+                chunks[r.span] += 1;
+            }
+            let mut span_of = vec![usize::MAX; plan.tensors().len()];
+            let mut shape = Vec::with_capacity(spans.len());
+            let mut span_checks = Vec::with_capacity(spans.len());
+            for (k, span) in spans.iter().enumerate() {
+                span.tensors.iter().for_each(|&t| span_of[t] = k);
+                let shard = &plan.shards()[span.shard];
+                let check = checks.get(span.shard).cloned().flatten().map(|(want, by)| Check::new(want, by));
+                shape.push(check.as_ref().map(|_| (chunks[k], shard.data_start().min(shard.file_len) as usize)));
+                span_checks.push(check);
+            }
+            let hashers = Hashers::new(shape, true);
+            sink.verify = Some(Verifying { hashers, checks: span_checks, span_of, verified_bytes: 0 });
+        }
         // Tensors with no bytes wait for nothing (and need no kernel: an empty tensor's
         // conversion is its new dtype).
-        sink.remaining = spans
-            .iter()
-            .map(|span| chunks_to_wait_for(plan, span, sink.chunk, |t| ready.push_back(sink.make(plan, t, true))))
-            .collect();
+        let mut now = Vec::new();
+        sink.remaining = spans.iter().map(|span| chunks_to_wait_for(plan, span, sink.chunk, |t| now.push(t))).collect();
+        for t in now {
+            let tensor = sink.make(plan, t, true);
+            sink.emit(t, tensor, ready);
+        }
         sink.spans = spans;
         let d = Arc::clone(&sink.done);
         let engine = CopyEngine::with_completion(&cuda.gpu, cuda.streams, Box::new(move |tag, r| d.push(tag, r)))
@@ -239,11 +295,26 @@ impl CudaSink {
         }
     }
 
+    /// Hands tensor `t` out, or holds it while its shard is being verified.
+    fn emit(&mut self, t: usize, tensor: Tensor, ready: &mut VecDeque<Tensor>) {
+        let check = self.verify.as_mut().and_then(|v| v.checks.get_mut(*v.span_of.get(t)?)?.as_mut());
+        match check {
+            Some(c) => c.held.push(tensor),
+            None => ready.push_back(tensor),
+        }
+    }
+
+    /// Bytes of shard files whose digest checked out so far.
+    pub(crate) fn verified_bytes(&self) -> u64 {
+        self.verify.as_ref().map_or(0, |v| v.verified_bytes)
+    }
+
     /// Tensor `t`'s bytes have all landed: yields it, or launches its conversion.
     fn converted_or_ready(&mut self, plan: &LoadPlan, t: usize, ready: &mut VecDeque<Tensor>) -> Result<(), LoadError> {
         let launch = self.conversion.as_ref().and_then(|c| Some((c, c.kinds[t]?, c.raw[t]?, self.places[t]?)));
         let (Some((c, kind, raw, (target, place))), Some(engine)) = (launch, self.engine.as_mut()) else {
-            ready.push_back(self.make(plan, t, false));
+            let tensor = self.make(plan, t, false);
+            self.emit(t, tensor, ready);
             return Ok(());
         };
         let pt = &plan.tensors()[t];
@@ -257,6 +328,37 @@ impl CudaSink {
                 Ok(())
             }
             Err(source) => Err(LoadError::Convert { tensor: pt.name.clone(), to: c.to, source: source.into() }),
+        }
+    }
+
+    /// Queues the copies of a landed chunk's bytes to their places.
+    fn copy(&mut self, plan: &LoadPlan, read: &Read, buf: PinnedChunk) -> Result<u64, LoadError> {
+        let Some(span) = self.spans.get(read.span) else { return Ok(0) };
+        // Tensors to convert go to the scratch allocation, the others to their places; the
+        // pieces are grouped by allocation.
+        let mut by_target: Vec<Vec<tensorlift_cuda::Piece>> = vec![Vec::new(); self.targets.len()];
+        for (target, p) in layout::pieces(plan, span, |t| self.copy_place(t), read) {
+            by_target[target].push(tensorlift_cuda::Piece {
+                src_offset: p.src,
+                dst_offset: p.dst as usize,
+                len: p.len,
+                rows: p.rows,
+                src_pitch: p.src_pitch,
+                dst_pitch: p.dst_pitch as usize,
+            });
+        }
+        let targets: Vec<(&Arc<DeviceArena>, &[tensorlift_cuda::Piece])> =
+            self.targets.iter().zip(&by_target).filter(|(_, p)| !p.is_empty()).map(|(a, p)| (a, &p[..])).collect();
+        let Some(engine) = self.engine.as_mut() else { return Ok(0) };
+        self.first_copy.get_or_insert_with(Instant::now);
+        let tag = Self::tag(read);
+        let copied = engine.copy_to(buf, &targets, tag);
+        match copied {
+            Ok(()) => {
+                self.pending += 1;
+                Ok(0)
+            }
+            Err(e) => Err(self.copy_error(plan, tag, e)),
         }
     }
 
@@ -302,32 +404,13 @@ impl Sink for CudaSink {
         buf: PinnedChunk,
         _ready: &mut VecDeque<Tensor>,
     ) -> Result<u64, LoadError> {
-        let Some(span) = self.spans.get(read.span) else { return Ok(0) };
-        // Tensors to convert go to the scratch allocation, the others to their places; the
-        // pieces are grouped by allocation.
-        let mut by_target: Vec<Vec<tensorlift_cuda::Piece>> = vec![Vec::new(); self.targets.len()];
-        for (target, p) in layout::pieces(plan, span, |t| self.copy_place(t), read) {
-            by_target[target].push(tensorlift_cuda::Piece {
-                src_offset: p.src,
-                dst_offset: p.dst as usize,
-                len: p.len,
-                rows: p.rows,
-                src_pitch: p.src_pitch,
-                dst_pitch: p.dst_pitch as usize,
-            });
-        }
-        let targets: Vec<(&Arc<DeviceArena>, &[tensorlift_cuda::Piece])> =
-            self.targets.iter().zip(&by_target).filter(|(_, p)| !p.is_empty()).map(|(a, p)| (a, &p[..])).collect();
-        let Some(engine) = self.engine.as_mut() else { return Ok(0) };
-        self.first_copy.get_or_insert_with(Instant::now);
-        let tag = Self::tag(read);
-        let copied = engine.copy_to(buf, &targets, tag);
-        match copied {
-            Ok(()) => {
-                self.pending += 1;
+        match self.verify.as_mut() {
+            // Hashed first; copied when it comes back (poll_progress).
+            Some(v) if v.hashers.hashes(read.span) => {
+                v.hashers.send(read.span, read.index, Staged { read: *read, chunk: buf });
                 Ok(0)
             }
-            Err(e) => Err(self.copy_error(plan, tag, e)),
+            _ => self.copy(plan, read, buf),
         }
     }
 
@@ -339,6 +422,32 @@ impl Sink for CudaSink {
     ) -> Poll<Result<u64, LoadError>> {
         let mut bytes = 0u64;
         let queued = ready.len();
+        // Hashed chunks go on to their copies; a shard whose file checked out lets its
+        // tensors go (those still copying go when they are done).
+        let hashed = self.verify.as_mut().map(|v| v.hashers.poll(cx)).unwrap_or_default();
+        let progressed = !hashed.is_empty();
+        for done in hashed {
+            match done {
+                Hashed::Chunk { item, .. } => {
+                    if let Err(e) = self.copy(plan, &item.read, item.chunk) {
+                        return Poll::Ready(Err(e));
+                    }
+                }
+                Hashed::Shard { span, digest, header } => {
+                    let Some(v) = self.verify.as_mut() else { continue };
+                    let (Some(s), Some(check)) = (self.spans.get(span), v.checks.get_mut(span).and_then(Option::take))
+                    else {
+                        continue;
+                    };
+                    let shard = &plan.shards()[s.shard];
+                    match check.settle(shard, digest, header) {
+                        Ok(held) => ready.extend(held),
+                        Err(e) => return Poll::Ready(Err(e)),
+                    }
+                    v.verified_bytes += shard.file_len;
+                }
+            }
+        }
         loop {
             let next = match self.done.state.lock() {
                 Ok(mut s) => match s.0.pop_front() {
@@ -361,7 +470,8 @@ impl Sink for CudaSink {
             if tag & CONVERTED != 0 {
                 // A conversion completed: its tensor is ready, in its new dtype.
                 let t = (tag & !CONVERTED) as usize;
-                ready.push_back(self.make(plan, t, true));
+                let tensor = self.make(plan, t, true);
+                self.emit(t, tensor, ready);
                 continue;
             }
             let (si, index) = ((tag >> 32) as usize, (tag & 0xffff_ffff) as usize);
@@ -375,7 +485,7 @@ impl Sink for CudaSink {
         }
         // A converted tensor is ready with no bytes to report: it goes out now, not with the
         // next completion.
-        if bytes > 0 || self.pending == 0 || ready.len() > queued {
+        if bytes > 0 || progressed || !self.busy() || ready.len() > queued {
             Poll::Ready(Ok(bytes))
         } else {
             Poll::Pending
@@ -383,12 +493,14 @@ impl Sink for CudaSink {
     }
 
     fn busy(&self) -> bool {
-        self.pending > 0
+        self.pending > 0 || self.verify.as_ref().is_some_and(|v| v.hashers.busy())
     }
 
     fn abort(&mut self) {
-        // Dropping the engine waits for every copy in flight; then chunks are back in the
-        // pool and nothing reads or writes the device allocation any more.
+        // The hashing threads stop and give their chunks back; dropping the engine waits for
+        // every copy in flight; then chunks are back in the pool and nothing reads or writes
+        // the device allocation any more.
+        self.verify.take();
         self.engine.take();
         self.pending = 0;
     }
@@ -396,6 +508,7 @@ impl Sink for CudaSink {
 
 impl Drop for CudaSink {
     fn drop(&mut self) {
+        self.verify.take();
         self.engine.take();
     }
 }

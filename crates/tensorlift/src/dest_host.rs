@@ -22,14 +22,11 @@ use tensorlift_io::{ArenaChunk, Claim, HostArena, HostChunk, PAGE};
 use crate::config::Config;
 use crate::digest::{DigestSource, Sha256};
 use crate::error::{plan_file, ConversionFailure};
+use crate::hashing::{Check, Hashed, Hashers, Landed};
 use crate::layout::{chunks_to_wait_for, completed_by, Read, Span};
 use crate::place::Resolved;
 use crate::sink::Sink;
 use crate::{LoadError, Tensor};
-use sha2::Digest as _;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Mutex};
-use std::task::Waker;
 
 /// Where a span's reads land.
 enum Memory {
@@ -52,87 +49,14 @@ struct Extent {
     check: Option<Check>,
 }
 
-/// A shard that a verified load checks before any of its tensors is handed out.
-struct Check {
-    expected: Sha256,
-    expected_by: DigestSource,
-    /// Chunks still to land; the shard is hashed once none are.
-    chunks_left: usize,
-    /// Tensors complete, waiting for the check.
-    held: Vec<Tensor>,
-}
+/// A landed chunk of an arena, as a hashing thread reads it.
+struct ArenaPart(Arc<HostArena>, std::ops::Range<usize>);
 
-/// The hashing of verified shards, on threads of their own (one a shard, as its last chunk
-/// lands), whose results wake the load.
-struct Hashing {
-    /// (In a mutex: a stream is shared between threads, and a receiver is not.)
-    results: Mutex<mpsc::Receiver<(usize, Sha256)>>,
-    sender: mpsc::Sender<(usize, Sha256)>,
-    waker: Arc<Mutex<Option<Waker>>>,
-    /// Set when the load ends early: a hashing thread stops at its next block.
-    cancel: Arc<AtomicBool>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-    pending: usize,
-    verified_bytes: u64,
-}
-
-impl Hashing {
-    fn new() -> Self {
-        let (sender, results) = mpsc::channel();
-        Hashing {
-            results: Mutex::new(results),
-            sender,
-            waker: Arc::default(),
-            cancel: Arc::default(),
-            threads: Vec::new(),
-            pending: 0,
-            verified_bytes: 0,
-        }
+impl Landed for ArenaPart {
+    fn bytes(&self) -> &[u8] {
+        // The chunk has landed (complete), so its bytes are readable.
+        self.0.get(self.1.clone()).unwrap_or_default()
     }
-
-    /// Hashes the first `len` bytes of `arena` (a whole shard file) for extent `k`, on a
-    /// thread of its own (on this one where no thread can be had).
-    fn start(&mut self, k: usize, arena: Arc<HostArena>, len: usize) {
-        let (sender, waker, cancel) = (self.sender.clone(), Arc::clone(&self.waker), Arc::clone(&self.cancel));
-        self.pending += 1;
-        let spawned = std::thread::Builder::new().name("tensorlift-sha256".into()).spawn({
-            let arena = Arc::clone(&arena);
-            move || {
-                let digest = hash(&arena, len, &cancel);
-                // The arena goes back before the load hears of it: memory it frees can serve
-                // the next load.
-                drop(arena);
-                if let Some(d) = digest {
-                    let _ = sender.send((k, d));
-                }
-                if let Some(w) = waker.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                    w.wake();
-                }
-            }
-        });
-        match spawned {
-            Ok(h) => self.threads.push(h),
-            Err(e) => {
-                tracing::debug!(error = %e, "no hashing thread: the shard is hashed on the load's");
-                if let Some(d) = hash(&arena, len, &self.cancel) {
-                    let _ = self.sender.send((k, d));
-                }
-            }
-        }
-    }
-}
-
-/// The SHA-256 of the first `len` bytes of `arena`; `None` once `cancel` is set.
-fn hash(arena: &HostArena, len: usize, cancel: &AtomicBool) -> Option<Sha256> {
-    let bytes = arena.get(0..len).unwrap_or_default();
-    let mut hasher = sha2::Sha256::new();
-    for block in bytes.chunks(8 << 20) {
-        if cancel.load(Ordering::Relaxed) {
-            return None;
-        }
-        hasher.update(block);
-    }
-    Some(Sha256(hasher.finalize().into()))
 }
 
 impl Drop for HostSink {
@@ -142,24 +66,17 @@ impl Drop for HostSink {
 }
 
 impl HostSink {
-    /// Stops the hashing threads at their next block and waits for them: nothing of a load
-    /// runs on after it ends (but the thread this runs on, if it is one of them: a task can
-    /// be dropped by the waker a hashing thread wakes).
+    /// Stops the hashing threads and waits for them (see [`Hashers::stop`]).
     fn stop_hashing(&mut self) {
-        if let Some(h) = self.hashing.take() {
-            h.cancel.store(true, Ordering::Relaxed);
-            let me = std::thread::current().id();
-            for t in h.threads {
-                if t.thread().id() != me {
-                    let _ = t.join();
-                }
-            }
+        if let Some(h) = self.hashing.as_mut() {
+            h.stop();
         }
+        self.hashing = None;
     }
 
     /// Bytes of shard files whose digest checked out so far.
     pub(crate) fn verified_bytes(&self) -> u64 {
-        self.hashing.as_ref().map_or(0, |h| h.verified_bytes)
+        self.verified_bytes
     }
 }
 
@@ -176,8 +93,9 @@ pub(crate) struct HostSink {
     /// threads until it is started ([`start_prefault`](HostSink::start_prefault)).
     prefault: Option<tensorlift_io::Prefaulter>,
     prefault_work: Option<PrefaultWork>,
-    /// For a verified load.
-    hashing: Option<Hashing>,
+    /// For a verified load: each shard hashed as it lands.
+    hashing: Option<Hashers<ArenaPart>>,
+    verified_bytes: u64,
 }
 
 /// Chunks to fault in, (arena, chunk index) each in read order, and the threads to do it.
@@ -247,7 +165,8 @@ impl HostSink {
             chunk,
             prefault: None,
             prefault_work: None,
-            hashing: checks.is_some().then(Hashing::new),
+            hashing: None,
+            verified_bytes: 0,
         };
         let mut reads_of = vec![0usize; spans.len()];
         for r in reads {
@@ -297,11 +216,22 @@ impl HostSink {
             let mut now = Vec::new();
             let remaining = chunks_to_wait_for(plan, &span, chunk, |t| now.push(t));
             let landed = vec![false; chunks.len()];
-            let check = checks.as_ref().and_then(|c| c.get(span.shard).cloned().flatten()).map(|(expected, by)| {
-                Check { expected, expected_by: by, chunks_left: reads_of[sink.extents.len()], held: Vec::new() }
-            });
+            let check = checks
+                .as_ref()
+                .and_then(|c| c.get(span.shard).cloned().flatten())
+                .map(|(expected, by)| Check::new(expected, by));
             sink.extents.push(Extent { span, memory, chunks, remaining, landed, check });
             sink.deliver(plan, sink.extents.len() - 1, now, ready)?;
+        }
+        if checks.is_some() {
+            // A verified extent is a whole file (base 0): its header is its first bytes.
+            let shape = (sink.extents.iter().enumerate())
+                .map(|(k, e)| {
+                    let shard = &plan.shards()[e.span.shard];
+                    e.check.as_ref().map(|_| (reads_of[k], shard.data_start().min(shard.file_len) as usize))
+                })
+                .collect();
+            sink.hashing = Some(Hashers::new(shape, false));
         }
         if prefault_threads > 0 {
             let mut work = Vec::new();
@@ -508,16 +438,16 @@ impl Sink for HostSink {
             *landed = true;
         }
         let done = completed_by(plan, &e.span, &mut e.remaining, index, self.chunk);
-        let whole = match (&mut e.check, &e.memory) {
-            (Some(c), Memory::Arena(a)) => {
-                c.chunks_left = c.chunks_left.saturating_sub(1);
-                (c.chunks_left == 0).then(|| (Arc::clone(a), e.span.len() as usize))
+        let part = match (&e.check, &e.memory) {
+            (Some(_), Memory::Arena(a)) => {
+                let start = index * self.chunk;
+                Some(ArenaPart(Arc::clone(a), start..start + read.len))
             }
             _ => None,
         };
         self.deliver(plan, read.span, done, ready)?;
-        if let (Some((arena, len)), Some(h)) = (whole, self.hashing.as_mut()) {
-            h.start(read.span, arena, len);
+        if let (Some(part), Some(h)) = (part, self.hashing.as_mut()) {
+            h.send(read.span, index, part);
         }
         Ok(read.len as u64)
     }
@@ -529,42 +459,21 @@ impl Sink for HostSink {
         ready: &mut VecDeque<Tensor>,
     ) -> Poll<Result<u64, LoadError>> {
         let Some(h) = self.hashing.as_mut() else { return Poll::Ready(Ok(0)) };
-        if h.pending == 0 {
+        if !h.busy() {
             return Poll::Ready(Ok(0));
         }
-        // The waker first, then the results: a result sent in between still wakes us.
-        *h.waker.lock().unwrap_or_else(|p| p.into_inner()) = Some(cx.waker().clone());
         let mut any = false;
-        let results: Vec<(usize, Sha256)> = h.results.lock().unwrap_or_else(|p| p.into_inner()).try_iter().collect();
-        for (k, actual) in results {
-            h.pending -= 1;
+        for done in h.poll(cx) {
+            let Hashed::Shard { span: k, digest: actual, header } = done else { continue };
             any = true;
             let Some(e) = self.extents.get_mut(k) else { continue };
             let Some(check) = e.check.take() else { continue };
             let shard = &plan.shards()[e.span.shard];
-            if actual != check.expected {
-                return Poll::Ready(Err(LoadError::Checksum {
-                    file: shard.path.clone(),
-                    expected: check.expected,
-                    actual,
-                    expected_by: check.expected_by,
-                }));
+            match check.settle(shard, actual, header) {
+                Ok(held) => ready.extend(held),
+                Err(e) => return Poll::Ready(Err(e)),
             }
-            // The bytes hashed are the file's now; the tensors handed out come from the header
-            // planning parsed: they must be the same header.
-            let data_start = shard.data_start().min(shard.file_len) as usize;
-            let header = match &e.memory {
-                Memory::Arena(a) => a.get(0..data_start).map(tensorlift_format::header_hash),
-                Memory::Caller(_) => None,
-            };
-            if header != Some(shard.header_hash) {
-                return Poll::Ready(Err(LoadError::ShardChanged {
-                    file: shard.path.clone(),
-                    what: "its header is not the one planned (the file was rewritten after planning)".into(),
-                }));
-            }
-            h.verified_bytes += shard.file_len;
-            ready.extend(check.held);
+            self.verified_bytes += shard.file_len;
         }
         if any {
             Poll::Ready(Ok(0))
@@ -574,7 +483,7 @@ impl Sink for HostSink {
     }
 
     fn busy(&self) -> bool {
-        self.hashing.as_ref().is_some_and(|h| h.pending > 0)
+        self.hashing.as_ref().is_some_and(Hashers::busy)
     }
 
     fn abort(&mut self) {

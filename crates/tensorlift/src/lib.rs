@@ -40,6 +40,7 @@ mod digest;
 mod error;
 #[cfg(feature = "clap")]
 pub mod flags;
+mod hashing;
 mod layout;
 mod loader;
 mod open;

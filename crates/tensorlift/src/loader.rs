@@ -220,8 +220,11 @@ impl LoaderBuilder {
     /// tensors are handed out only once its whole file checked out (whole-shard
     /// verification, see docs/ARCHITECTURE.md); a mismatch fails the load with
     /// [`LoadError::Checksum`], naming the file and both digests. A verified load reads
-    /// every shard whole, into host memory: [`build`](Self::build) refuses it with a CUDA
-    /// device (not built yet), mapped views, caller memory, a filter or slices.
+    /// every shard whole; each is hashed while it is read (in file order, on a thread of its
+    /// own: on its final host memory, or, for a CUDA device, on each pinned chunk before the
+    /// chunk is copied); with [mapped views](Self::map_views), each mapped file is hashed
+    /// whole before any view is handed out. [`build`](Self::build) refuses it with caller
+    /// memory, a filter or slices.
     pub fn verify(mut self, policy: Verify) -> Self {
         self.cfg.verify = policy;
         self
@@ -313,11 +316,7 @@ impl LoaderBuilder {
             Target::Cuda(c) => Device::Cuda(c.gpu.ordinal()),
         };
         if self.cfg.verify != Verify::Off {
-            let refused = if matches!(target, Target::Cuda(_)) {
-                Some(format!("verified loads on {device} (built for host memory so far)"))
-            } else if self.cfg.map_views.is_some() {
-                Some("verified loads with mapped views (a verified load reads the files)".to_owned())
-            } else if self.cfg.place.is_some() {
+            let refused = if self.cfg.place.is_some() {
                 Some("verified loads into caller memory".to_owned())
             } else if !self.cfg.filter.is_empty() || !self.cfg.slices.is_empty() {
                 Some("verified loads with a filter or slices (a verified load reads whole shards)".to_owned())

@@ -8,6 +8,7 @@ use tensorlift_format::{LoadPlan, Shard};
 use tensorlift_io::{cache, Checkpoint, IoError, MapContract, MappedFile, OpenFile, Reader};
 
 use crate::config::DirectIo;
+use crate::digest::{DigestSource, Sha256};
 use crate::layout::Span;
 use crate::{LoadError, LoadStats, Tensor};
 
@@ -54,30 +55,38 @@ pub(crate) fn open_shard(
     Ok(file)
 }
 
-/// Zero-copy views of mapped shards, under the caller's contract: every tensor is ready at once.
+/// Zero-copy views of mapped shards, under the caller's contract: every tensor is ready at
+/// once. A verified load (`checks`, by shard) first hashes each shard's whole mapping, in
+/// parallel, and hands out nothing unless every digest is the expected one.
+#[allow(clippy::too_many_arguments)] // The load's parts, each used once here.
 pub(crate) fn map_all(
     plan: &mut Checkpoint,
     spans: &[Span],
     contract: MapContract,
     convert_to: Option<tensorlift_format::Dtype>,
     fresh: bool,
+    checks: Option<Vec<Option<(Sha256, DigestSource)>>>,
     ready: &mut VecDeque<Tensor>,
     stats: &mut LoadStats,
 ) -> Result<(), LoadError> {
     let reader = Reader::builder().backend(tensorlift_io::BackendKind::Pread).pread_threads(1).build();
-    let mut mapped: Option<(usize, Arc<MappedFile>)> = None;
+    let mut maps: Vec<Arc<MappedFile>> = Vec::with_capacity(spans.len());
     for e in spans {
-        let map = match &mapped {
-            Some((s, m)) if *s == e.shard => Arc::clone(m),
+        let map = match maps.last() {
+            Some(m) if spans[maps.len() - 1].shard == e.shard => Arc::clone(m),
             _ => {
                 // The mapping keeps no descriptor: the file closes once it is mapped.
                 let recheck = recheck(plan, e.shard, fresh);
                 let file = open_shard(&reader, plan, e.shard, DirectIo::Never, recheck, stats)?;
-                let m = Arc::new(MappedFile::map(&file).map_err(LoadError::Open)?);
-                mapped = Some((e.shard, Arc::clone(&m)));
-                m
+                Arc::new(MappedFile::map(&file).map_err(LoadError::Open)?)
             }
         };
+        maps.push(map);
+    }
+    if let Some(checks) = checks {
+        stats.verified_bytes = verify_mapped(plan.plan(), spans, &maps, &checks, contract)?;
+    }
+    for (e, map) in spans.iter().zip(maps) {
         for &t in &e.tensors {
             let pt = &plan.tensors()[t];
             let range = pt.file_range.start as usize..pt.file_range.end as usize;
@@ -93,6 +102,52 @@ pub(crate) fn map_all(
         }
     }
     Ok(())
+}
+
+/// Hashes each verified shard's whole mapping (spans of a verified load are whole files,
+/// one a shard), the shards in parallel, one thread a CPU; the bytes of shards verified.
+fn verify_mapped(
+    plan: &tensorlift_format::LoadPlan,
+    spans: &[Span],
+    maps: &[Arc<MappedFile>],
+    checks: &[Option<(Sha256, DigestSource)>],
+    contract: MapContract,
+) -> Result<u64, LoadError> {
+    use sha2::Digest as _;
+    let work: Vec<(usize, &Arc<MappedFile>)> = spans
+        .iter()
+        .zip(maps)
+        .filter(|(e, _)| checks.get(e.shard).is_some_and(Option::is_some))
+        .map(|(e, m)| (e.shard, m))
+        .collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, work.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let hashed: Vec<(usize, Sha256)> = std::thread::scope(|scope| {
+        let hash_some = || {
+            let mut out = Vec::new();
+            while let Some(&(shard, map)) = work.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) {
+                let digest = sha2::Sha256::digest(map.view(contract));
+                out.push((shard, Sha256(digest.into())));
+            }
+            out
+        };
+        let helpers: Vec<_> =
+            (1..threads).filter_map(|_| std::thread::Builder::new().spawn_scoped(scope, hash_some).ok()).collect();
+        let mut all = hash_some();
+        for h in helpers {
+            all.extend(h.join().unwrap_or_default());
+        }
+        all
+    });
+    let mut verified = 0;
+    for (i, digest) in hashed {
+        let (Some(Some((expected, by))), Some(shard)) = (checks.get(i), plan.shards().get(i)) else { continue };
+        let Some(map) = work.iter().find(|(s, _)| *s == i).map(|(_, m)| m) else { continue };
+        let header = map.view(contract).get(..shard.data_start() as usize).map(tensorlift_format::header_hash);
+        crate::hashing::Check::new(*expected, by.clone()).settle(shard, digest, header)?;
+        verified += shard.file_len;
+    }
+    Ok(verified)
 }
 
 /// How a shard of a whole plan is checked: `fresh` when this load made the plan.

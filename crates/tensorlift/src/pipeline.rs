@@ -192,6 +192,7 @@ impl TensorStream {
                     contract,
                     cfg.convert_to,
                     fresh,
+                    checks,
                     &mut stream.ready,
                     &mut stream.stats,
                 )?;
@@ -202,8 +203,16 @@ impl TensorStream {
                 stream.dest = Dest::Host(Box::new(scheduler));
             }
             Landing::Cuda { target, caller } => {
-                let sink =
-                    crate::dest_cuda::CudaSink::new(target, &stream.plan, spans, caller, cfg, &mut stream.ready)?;
+                let sink = crate::dest_cuda::CudaSink::new(
+                    target,
+                    &stream.plan,
+                    spans,
+                    caller,
+                    cfg,
+                    &reads,
+                    checks,
+                    &mut stream.ready,
+                )?;
                 stream.dest = Dest::Cuda(Box::new(Scheduler::new(sink, reads, &stream.plan, cfg, started, fresh)));
             }
         }
@@ -432,7 +441,10 @@ impl TensorStream {
         self.stats.wall = self.started.elapsed();
         self.stats.read_wait = self.read_wait;
         match &mut self.dest {
-            Dest::Cuda(s) => self.stats.copy = s.sink.copy_time(),
+            Dest::Cuda(s) => {
+                self.stats.copy = s.sink.copy_time();
+                self.stats.verified_bytes = s.sink.verified_bytes();
+            }
             Dest::Host(s) => {
                 (self.stats.prefaulted_bytes, self.stats.prefault_failure) = s.sink.finish_prefault();
                 self.stats.verified_bytes = s.sink.verified_bytes();

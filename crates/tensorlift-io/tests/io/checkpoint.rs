@@ -506,7 +506,7 @@ struct Recorder {
 
 #[derive(Debug)]
 enum Event {
-    Early(Checkpoint),
+    Early(Box<Checkpoint>),
     Validated(usize, u64),
 }
 
@@ -515,7 +515,7 @@ impl tensorlift_io::PlanObserver for Recorder {
         true
     }
     fn headers_read(&self, early: Checkpoint) {
-        self.events.lock().unwrap().push(Event::Early(early));
+        self.events.lock().unwrap().push(Event::Early(Box::new(early)));
     }
     fn validated(&self, i: usize, header_hash: u64) {
         self.events.lock().unwrap().push(Event::Validated(i, header_hash));

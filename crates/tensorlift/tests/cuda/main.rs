@@ -700,3 +700,93 @@ fn tensors_land_in_the_callers_device_memory() {
     // Every owner was dropped: only the test's own handle keeps the allocation.
     assert_eq!(std::sync::Arc::strong_count(&mem), 1);
 }
+
+/// Two shards of several 4 KiB chunks, with SHA256SUMS written by coreutils' `sha256sum`.
+fn verified_checkpoint() -> (PathBuf, BTreeMap<String, Vec<u8>>, [PathBuf; 2]) {
+    let dir = scratch();
+    let a: &[Spec<'_>] = &[("a.0", Dtype::F32, &[3000]), ("a.1", Dtype::BF16, &[64, 33]), ("a.2", Dtype::U8, &[5])];
+    let b: &[Spec<'_>] = &[("b.0", Dtype::F16, &[0]), ("b.1", Dtype::I64, &[1500]), ("b.2", Dtype::U8, &[9000])];
+    let truth = write_sharded(&dir, &[a, b]);
+    let names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"];
+    let mut listed = names.to_vec();
+    listed.push("model.safetensors.index.json");
+    std::fs::write(dir.join("SHA256SUMS"), tensorlift_testkit::coreutils_sha256sums(&dir, &listed)).unwrap();
+    let paths = names.map(|n| dir.join(n).canonicalize().unwrap());
+    (dir, truth, paths)
+}
+
+#[test]
+fn verified_loads_hash_pinned_chunks_before_their_copies() {
+    use tensorlift::Verify;
+    let _d = driver();
+    let (dir, truth, paths) = verified_checkpoint();
+    let total: u64 = paths.iter().map(|p| std::fs::metadata(p).unwrap().len()).sum();
+    // Many chunks a shard, in little staging (chunks that wait to be hashed hold it), with
+    // copies completing late; one chunk a shard; and converted on the device.
+    emulator::set_fault(Fault::CopyDelayMicros(500));
+    for (what, builder) in [
+        ("4 KiB chunks, 3 in staging", base().chunk_size(4096).staging_budget(3 * 4096)),
+        ("1 MiB chunks", base().chunk_size(1 << 20)),
+    ] {
+        let model = builder.verify(Verify::Required).build().unwrap().load_blocking(&dir).unwrap();
+        assert_on_device(&model, &truth, what);
+        assert_eq!((model.stats().verified_bytes, model.stats().unverified_bytes), (total, 0), "{what}");
+    }
+    emulator::reset();
+    let model = base().chunk_size(4096).convert_to(Dtype::F32).verify(Verify::Required).build().unwrap();
+    let model = model.load_blocking(&dir).unwrap();
+    assert_eq!(model.stats().verified_bytes, total, "converted");
+    let b1 = model.get("a.1").unwrap();
+    assert_eq!((b1.dtype(), b1.location()), (Dtype::F32, Device::Cuda(0)));
+}
+
+#[test]
+fn a_corrupted_shard_hands_out_none_of_its_tensors_from_the_device() {
+    use tensorlift::Verify;
+    let _d = driver();
+    for at in ["first", "middle", "last"] {
+        let (dir, _, paths) = verified_checkpoint();
+        let path = &paths[1];
+        let mut bytes = std::fs::read(path).unwrap();
+        let data_start = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let i = match at {
+            "first" => data_start,
+            "middle" => bytes.len() / 2,
+            _ => bytes.len() - 1,
+        };
+        bytes[i] ^= 0x01;
+        std::fs::write(path, &bytes).unwrap();
+        let name = path.file_name().unwrap().to_str().unwrap();
+        let actual = tensorlift_testkit::coreutils_sha256sums(&dir, &[name])[..64].to_owned();
+        let loader = base().chunk_size(4096).verify(Verify::Required).build().unwrap();
+        let mut stream = loader.stream_blocking(&dir).unwrap();
+        let mut got = Vec::new();
+        let err = loop {
+            match tensorlift::block_on(stream.next()) {
+                Some(Ok(t)) => got.push(t.name().to_owned()),
+                Some(Err(e)) => break e,
+                None => panic!("{at}: the load succeeded"),
+            }
+        };
+        match &err {
+            LoadError::Checksum { file, actual: a, .. } => {
+                assert_eq!((file, a.to_string()), (path, actual), "{at}");
+            }
+            other => panic!("{at}: {other}"),
+        }
+        assert!(got.iter().all(|n| n.starts_with("a.")), "{at}: tensors of the bad shard came: {got:?}");
+        drop(stream);
+    }
+    // A verified stream dropped midway, hashing and copying: nothing is left on the device
+    // (Driver's drop checks) and the staging comes back.
+    let (dir, truth, _) = verified_checkpoint();
+    emulator::set_fault(Fault::CopyDelayMicros(2_000));
+    let loader = base().chunk_size(4096).staging_budget(4 * 4096).verify(Verify::Required).build().unwrap();
+    let mut stream = loader.stream_blocking(&dir).unwrap();
+    let first = tensorlift::block_on(stream.next()).unwrap().unwrap();
+    drop(stream);
+    assert!(first.to_host().unwrap().as_ref() == truth[first.name()].as_slice());
+    drop(first);
+    let model = loader.load_blocking(&dir).unwrap();
+    assert_on_device(&model, &truth, "after a dropped verified stream");
+}

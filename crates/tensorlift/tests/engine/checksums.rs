@@ -2,7 +2,6 @@
 //! then the `SHA256SUMS` beside it (written here by coreutils' `sha256sum`).
 
 use std::path::Path;
-use std::process::Command;
 
 use tensorlift::checksums::{expected, sha256_file, DigestSource, Sha256};
 use tensorlift::Dtype;
@@ -10,11 +9,7 @@ use tensorlift_testkit::{write_shard, write_sharded, Spec};
 
 use crate::support::scratch;
 
-fn coreutils_sums(dir: &Path, files: &[&str]) -> String {
-    let out = Command::new("sha256sum").args(files).current_dir(dir).output().expect("coreutils' sha256sum");
-    assert!(out.status.success());
-    String::from_utf8(out.stdout).unwrap()
-}
+use tensorlift_testkit::coreutils_sha256sums as coreutils_sums;
 
 #[test]
 fn digests_come_from_sha256sums_beside_the_checkpoint() {
@@ -155,6 +150,11 @@ fn a_verified_load_checks_every_shard_on_every_backend() {
 /// then loads it streamed: the error names the shard and both digests (the actual one as
 /// coreutils computes it), and none of that shard's tensors was handed out.
 fn flipped(at: i64) {
+    flipped_with(at, base().chunk_size(4096));
+    flipped_with(at, base().map_views(map_contract()));
+}
+
+fn flipped_with(at: i64, builder: tensorlift::LoaderBuilder) {
     let (dir, _) = verified_checkpoint();
     let name = "model-00002-of-00002.safetensors";
     let path = dir.join(name);
@@ -164,15 +164,18 @@ fn flipped(at: i64) {
     bytes[i] ^= 0x01;
     std::fs::write(&path, &bytes).unwrap();
     let actual: Sha256 = coreutils_sums(&dir, &[name])[..64].parse().unwrap();
-    let loader = base().chunk_size(4096).verify(Verify::Required).build().unwrap();
-    let mut stream = loader.stream_blocking(&dir).unwrap();
+    let loader = builder.verify(Verify::Required).build().unwrap();
     let mut got = Vec::new();
-    let err = loop {
-        match tensorlift::block_on(stream.next()) {
-            Some(Ok(t)) => got.push(t.name().to_owned()),
-            Some(Err(e)) => break e,
-            None => panic!("byte {i}: the load succeeded"),
-        }
+    // A mapped load hashes every file before it starts: the error comes from the start.
+    let err = match loader.stream_blocking(&dir) {
+        Err(e) => e,
+        Ok(mut stream) => loop {
+            match tensorlift::block_on(stream.next()) {
+                Some(Ok(t)) => got.push(t.name().to_owned()),
+                Some(Err(e)) => break e,
+                None => panic!("byte {i}: the load succeeded"),
+            }
+        },
     };
     match &err {
         LoadError::Checksum { file, expected: e, actual: a, expected_by: DigestSource::SumsFile(s) } => {
@@ -184,6 +187,17 @@ fn flipped(at: i64) {
     }
     assert!(err.to_string().contains(&format!("its SHA-256 is {actual}, but")), "{err}");
     assert!(got.iter().all(|n| n.starts_with("a.")), "byte {i}: tensors of the bad shard came: {got:?}");
+}
+
+#[test]
+fn verified_mapped_views_hash_every_file_before_any_view() {
+    let (dir, truth) = verified_checkpoint();
+    let total = file_len(&dir.join("model-00001-of-00002.safetensors"))
+        + file_len(&dir.join("model-00002-of-00002.safetensors"));
+    let model = base().map_views(map_contract()).verify(Verify::Required).build().unwrap().load_blocking(&dir).unwrap();
+    assert_identical(&model, &truth, "mapped, verified");
+    assert_eq!((model.stats().verified_bytes, model.stats().unverified_bytes), (total, 0));
+    assert!(model.tensors().iter().all(|t| t.is_mapped()), "views of the files");
 }
 
 #[test]
@@ -239,6 +253,30 @@ fn a_byte_flipped_in_the_index_fails_the_load() {
 }
 
 #[test]
+fn the_index_checked_is_the_one_planned() {
+    // SHA256SUMS lists the index as written; the plan is made from another index (the
+    // total size changed), which is then put back as listed: its digest now checks out,
+    // but it is not the index the plan came from.
+    let (dir, truth) = verified_checkpoint();
+    let index = dir.join("model.safetensors.index.json");
+    let listed = std::fs::read(&index).unwrap();
+    let text = String::from_utf8(listed.clone()).unwrap();
+    std::fs::write(&index, text.replacen("\"total_size\":0", "\"total_size\":1", 1)).unwrap();
+    let loader = base().verify(Verify::Required).build().unwrap();
+    let plan = loader.plan(&dir).unwrap();
+    std::fs::write(&index, &listed).unwrap();
+    match loader.load_plan_blocking(plan).unwrap_err() {
+        LoadError::ShardChanged { file, what } => {
+            assert_eq!(file, index.canonicalize().unwrap());
+            assert!(what.starts_with("the index: "), "{what}");
+        }
+        other => panic!("{other}"),
+    }
+    // Planned anew, it loads.
+    assert_identical(&loader.load_blocking(&dir).unwrap(), &truth, "planned anew");
+}
+
+#[test]
 fn shards_without_a_digest_fail_a_required_load_and_are_counted_under_if_known() {
     let (dir, truth) = verified_checkpoint();
     let first = dir.join("model-00001-of-00002.safetensors");
@@ -279,7 +317,6 @@ fn a_hub_blob_whose_content_is_not_its_name_fails() {
 #[test]
 fn verified_loads_refuse_what_does_not_read_whole_shards() {
     for (what, b) in [
-        ("mapped", base().map_views(map_contract())),
         ("filter", base().filter(["a.*"])),
         ("slices", base().slice("a.0", tensorlift::TensorSlice::new(std::iter::once(0..10)))),
     ] {

@@ -1,0 +1,365 @@
+//! A verified load's shards, hashed as their chunks land.
+//!
+//! SHA-256 reads a file's bytes in order, so each shard's chunks go to a thread of its own,
+//! which hashes them in file order (a chunk that lands early waits for the ones before it),
+//! hands each chunk back once it is hashed where the sink wants it back, and, once the last
+//! one is hashed, reports the file's digest and the hash of its header's bytes, which the
+//! sink compares with the header that planning parsed
+//! ([`tensorlift_format::header_hash`]). Shards are hashed in parallel, one thread each; a
+//! shard is hashed while it is read, so that only its last chunk is left to hash when its
+//! last byte lands.
+//!
+//! The host sink hashes the chunks of its arenas once they have landed (nothing comes
+//! back); the CUDA sink hashes each pinned chunk before it copies it to the device, and
+//! gets the chunk back to copy.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::task::{Context, Waker};
+
+use sha2::Digest as _;
+
+use crate::digest::Sha256;
+
+/// A landed chunk, whose bytes a hashing thread reads.
+pub(crate) trait Landed: Send + 'static {
+    /// The chunk's bytes: the file's, from the chunk's first byte.
+    fn bytes(&self) -> &[u8];
+}
+
+/// What the hashing reports.
+pub(crate) enum Hashed<T> {
+    /// A chunk is hashed: here it is back (only where the sink asked for its chunks back).
+    Chunk { item: T },
+    /// Every byte of span `span`'s file is hashed: its digest, and the hash of its first
+    /// `header_len` bytes (`None` where they could not be held: memory).
+    Shard { span: usize, digest: Sha256, header: Option<u64> },
+}
+
+/// One shard's hashing, in file order.
+struct InOrder<T> {
+    span: usize,
+    chunks: usize,
+    header_len: usize,
+    next: usize,
+    early: BTreeMap<usize, T>,
+    hasher: sha2::Sha256,
+    hashed: usize,
+    /// The header's bytes, where they span several chunks.
+    header_bytes: Vec<u8>,
+    header: Option<u64>,
+    give_back: bool,
+}
+
+impl<T: Landed> InOrder<T> {
+    fn new(span: usize, chunks: usize, header_len: usize, give_back: bool) -> Self {
+        InOrder {
+            span,
+            chunks,
+            header_len,
+            next: 0,
+            early: BTreeMap::new(),
+            hasher: sha2::Sha256::new(),
+            hashed: 0,
+            header_bytes: Vec::new(),
+            header: None,
+            give_back,
+        }
+    }
+
+    /// Takes chunk `index` and hashes every chunk now in order, sending what is done to
+    /// `out`. Returns whether the shard is done.
+    fn feed(&mut self, index: usize, item: T, out: &mpsc::Sender<Hashed<T>>, cancel: &AtomicBool) -> bool {
+        self.early.insert(index, item);
+        while let Some(item) = self.early.remove(&self.next) {
+            if cancel.load(Ordering::Relaxed) {
+                return true;
+            }
+            let bytes = item.bytes();
+            self.header_part(bytes);
+            self.hasher.update(bytes);
+            self.hashed += bytes.len();
+            self.next += 1;
+            if self.give_back {
+                let _ = out.send(Hashed::Chunk { item });
+            }
+        }
+        if self.next < self.chunks {
+            return false;
+        }
+        let digest = Sha256(std::mem::take(&mut self.hasher).finalize().into());
+        let _ = out.send(Hashed::Shard { span: self.span, digest, header: self.header });
+        true
+    }
+
+    /// Hashes the part of the header in `bytes` (the chunk after `self.hashed` bytes).
+    fn header_part(&mut self, bytes: &[u8]) {
+        if self.hashed >= self.header_len {
+            return;
+        }
+        let want = self.header_len - self.hashed;
+        if self.hashed == 0 && bytes.len() >= want {
+            self.header = Some(tensorlift_format::header_hash(&bytes[..want]));
+            return;
+        }
+        // A header longer than a chunk (planning held it whole too): gathered, fallibly.
+        if self.hashed == 0 && self.header_bytes.try_reserve_exact(self.header_len).is_err() {
+            self.header_len = 0;
+            return;
+        }
+        let part = &bytes[..want.min(bytes.len())];
+        self.header_bytes.extend_from_slice(part);
+        if self.header_bytes.len() == self.header_len {
+            self.header = Some(tensorlift_format::header_hash(&self.header_bytes));
+            self.header_bytes = Vec::new();
+        }
+    }
+}
+
+/// Where a span's chunks go.
+enum Route<T> {
+    /// To the span's thread.
+    Thread(mpsc::Sender<(usize, T)>),
+    /// Hashed on the load's thread, where no thread could be had.
+    Here(Box<InOrder<T>>),
+}
+
+/// The hashing of a load's verified shards, by span.
+pub(crate) struct Hashers<T> {
+    /// Each span's chunk count and header length, where it is verified.
+    shape: Vec<Option<(usize, usize)>>,
+    routes: Vec<Option<Route<T>>>,
+    give_back: bool,
+    /// (In a mutex: a stream is shared between threads, and a receiver is not.)
+    results: Mutex<mpsc::Receiver<Hashed<T>>>,
+    sender: mpsc::Sender<Hashed<T>>,
+    waker: Arc<Mutex<Option<Waker>>>,
+    /// Set when the load ends early: a hashing thread stops at its next chunk.
+    cancel: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    /// Chunks sent that have not come back yet (where they come back).
+    chunks_out: usize,
+}
+
+impl<T: Landed> Hashers<T> {
+    /// The hashing of the spans that `shape` gives a chunk count and header length for;
+    /// chunks come back through [`poll`](Self::poll) where `give_back`.
+    pub(crate) fn new(shape: Vec<Option<(usize, usize)>>, give_back: bool) -> Self {
+        let (sender, results) = mpsc::channel();
+        Hashers {
+            routes: shape.iter().map(|_| None).collect(),
+            shape,
+            give_back,
+            results: Mutex::new(results),
+            sender,
+            waker: Arc::default(),
+            cancel: Arc::default(),
+            threads: Vec::new(),
+            chunks_out: 0,
+        }
+    }
+
+    /// Whether span `span` is hashed.
+    pub(crate) fn hashes(&self, span: usize) -> bool {
+        self.shape.get(span).is_some_and(Option::is_some)
+    }
+
+    /// Hands chunk `index` of span `span` over (the span's thread starts with its first).
+    pub(crate) fn send(&mut self, span: usize, index: usize, item: T) {
+        let Some(&Some((chunks, header_len))) = self.shape.get(span) else { return };
+        if self.give_back {
+            self.chunks_out += 1;
+        }
+        if self.routes[span].is_none() {
+            self.routes[span] = Some(self.spawn(span, chunks, header_len));
+        }
+        let item = match &mut self.routes[span] {
+            Some(Route::Thread(tx)) => match tx.send((index, item)) {
+                Ok(()) => return,
+                // The thread is gone (it stopped at a cancel): nothing more to hash.
+                Err(mpsc::SendError((_, item))) => item,
+            },
+            Some(Route::Here(h)) => {
+                if h.feed(index, item, &self.sender, &self.cancel) {
+                    self.routes[span] = None;
+                }
+                return;
+            }
+            None => item,
+        };
+        drop(item);
+    }
+
+    fn spawn(&mut self, span: usize, chunks: usize, header_len: usize) -> Route<T> {
+        let (tx, rx) = mpsc::channel::<(usize, T)>();
+        let (out, waker, cancel) = (self.sender.clone(), Arc::clone(&self.waker), Arc::clone(&self.cancel));
+        let give_back = self.give_back;
+        let spawned = std::thread::Builder::new().name("tensorlift-sha256".into()).spawn(move || {
+            let mut h = InOrder::new(span, chunks, header_len, give_back);
+            while let Ok((index, item)) = rx.recv() {
+                let done = h.feed(index, item, &out, &cancel);
+                if let Some(w) = waker.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                    w.wake();
+                }
+                if done {
+                    break;
+                }
+            }
+        });
+        match spawned {
+            Ok(t) => {
+                self.threads.push(t);
+                Route::Thread(tx)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, span, "no hashing thread: the shard is hashed on the load's");
+                Route::Here(Box::new(InOrder::new(span, chunks, header_len, give_back)))
+            }
+        }
+    }
+
+    /// What is done: chunks back and shards hashed. Registers `cx`'s waker first, so that
+    /// what is done after the results are taken still wakes the load.
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Vec<Hashed<T>> {
+        *self.waker.lock().unwrap_or_else(|p| p.into_inner()) = Some(cx.waker().clone());
+        let done: Vec<Hashed<T>> = self.results.lock().unwrap_or_else(|p| p.into_inner()).try_iter().collect();
+        for d in &done {
+            match d {
+                Hashed::Chunk { .. } => self.chunks_out = self.chunks_out.saturating_sub(1),
+                Hashed::Shard { span, .. } => self.routes[*span] = None,
+            }
+        }
+        done
+    }
+
+    /// Whether chunks or digests are still to come back.
+    pub(crate) fn busy(&self) -> bool {
+        self.chunks_out > 0 || self.routes.iter().any(Option::is_some)
+    }
+}
+
+impl<T> Hashers<T> {
+    /// Stops the hashing threads at their next chunk and waits for them: nothing of a load
+    /// runs on after it ends (but the thread this runs on, if it is one of them: a task can
+    /// be dropped by the waker a hashing thread wakes). The chunks they held are dropped.
+    pub(crate) fn stop(&mut self) {
+        self.cancel.store(true, Ordering::Relaxed);
+        // A thread waiting for its next chunk sees its channel closed.
+        self.routes.iter_mut().for_each(|r| *r = None);
+        let me = std::thread::current().id();
+        for t in self.threads.drain(..) {
+            if t.thread().id() != me {
+                let _ = t.join();
+            }
+        }
+        // Chunks handed back but not taken.
+        self.results.lock().unwrap_or_else(|p| p.into_inner()).try_iter().for_each(drop);
+        self.chunks_out = 0;
+    }
+}
+
+impl<T> Drop for Hashers<T> {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A shard that a verified load checks before any of its tensors is handed out.
+pub(crate) struct Check {
+    pub expected: Sha256,
+    pub expected_by: crate::digest::DigestSource,
+    /// Its tensors complete so far, held until the check.
+    pub held: Vec<crate::Tensor>,
+}
+
+impl Check {
+    pub(crate) fn new(expected: Sha256, expected_by: crate::digest::DigestSource) -> Self {
+        Check { expected, expected_by, held: Vec::new() }
+    }
+
+    /// The shard is hashed (`digest`, and `header`, the hash of its header's bytes): its
+    /// held tensors, if the digest is the expected one and the header the one planning
+    /// parsed (else the file was rewritten after planning, and the tensors laid out by the
+    /// planned header are not the file's).
+    pub(crate) fn settle(
+        self,
+        shard: &tensorlift_format::Shard,
+        digest: Sha256,
+        header: Option<u64>,
+    ) -> Result<Vec<crate::Tensor>, crate::LoadError> {
+        if digest != self.expected {
+            return Err(crate::LoadError::Checksum {
+                file: shard.path.clone(),
+                expected: self.expected,
+                actual: digest,
+                expected_by: self.expected_by,
+            });
+        }
+        match header {
+            Some(h) if h == shard.header_hash => Ok(self.held),
+            Some(_) => Err(crate::LoadError::ShardChanged {
+                file: shard.path.clone(),
+                what: "its header is not the one planned (the file was rewritten after planning)".into(),
+            }),
+            None => Err(crate::LoadError::OutOfMemory { file: shard.path.clone(), bytes: shard.data_start() }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Bytes(Vec<u8>);
+    impl Landed for Bytes {
+        fn bytes(&self) -> &[u8] {
+            &self.0
+        }
+    }
+
+    /// Feeds `data` in chunks of `chunk` bytes, in the order `order` gives, and returns what
+    /// came out.
+    fn run(data: &[u8], chunk: usize, header_len: usize, order: &[usize]) -> (Vec<Hashed<Bytes>>, bool) {
+        let chunks = data.len().div_ceil(chunk);
+        let (tx, rx) = mpsc::channel();
+        let cancel = AtomicBool::new(false);
+        let mut h = InOrder::new(7, chunks, header_len, true);
+        let mut done = false;
+        for &i in order {
+            let part = data[i * chunk..((i + 1) * chunk).min(data.len())].to_vec();
+            done = h.feed(i, Bytes(part), &tx, &cancel);
+        }
+        (rx.try_iter().collect(), done)
+    }
+
+    #[test]
+    fn chunks_are_hashed_in_file_order_whatever_order_they_land_in() {
+        let data: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let whole = Sha256(sha2::Sha256::digest(&data).into());
+        // A header within the first chunk, and one over three chunks.
+        for header_len in [50, 250] {
+            let (out, done) = run(&data, 100, header_len, &[3, 0, 2, 1, 9, 5, 4, 8, 6, 7]);
+            assert!(done);
+            let back: Vec<u8> = out
+                .iter()
+                .filter_map(|h| match h {
+                    Hashed::Chunk { item } => Some(item.0.clone()),
+                    Hashed::Shard { .. } => None,
+                })
+                .flatten()
+                .collect();
+            assert_eq!(back, data, "chunks come back in file order");
+            match out.last() {
+                Some(Hashed::Shard { span: 7, digest, header }) => {
+                    assert_eq!(*digest, whole);
+                    assert_eq!(*header, Some(tensorlift_format::header_hash(&data[..header_len])));
+                }
+                _ => panic!("no digest"),
+            }
+        }
+        // Until the first chunk lands, nothing is hashed.
+        let (out, done) = run(&data, 100, 50, &[1, 2, 3]);
+        assert!(out.is_empty() && !done);
+    }
+}
