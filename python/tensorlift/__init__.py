@@ -25,6 +25,7 @@ from ._tensorlift import (
     reuse_host_memory,
 )
 from ._tensorlift import iter_tensors as _iter_tensors
+from . import _frameworks
 
 __all__ = [
     "SafetensorError",
@@ -157,6 +158,10 @@ _TORCH_NAMES = ("pt", "torch", "pytorch")
 _NUMPY_NAMES = ("np", "numpy")
 
 
+# What ``framework=`` takes: the reference's names, and None for tensorlift's own tensors.
+_FRAMEWORK_NAMES = _TORCH_NAMES + _NUMPY_NAMES + tuple(_frameworks.FRAMEWORKS)
+
+
 def _convert(t, framework):
     if framework is None:
         return t
@@ -164,12 +169,15 @@ def _convert(t, framework):
         return _to_numpy(t)
     if framework in _TORCH_NAMES:
         return _to_torch(t)
-    raise ValueError(f"unknown framework {framework!r} (expected 'pt', 'np' or None)")
+    if framework in _frameworks.FRAMEWORKS:
+        return _frameworks.convert(t, framework, _to_numpy)
+    _check_framework(framework)
 
 
 def _check_framework(framework):
-    if framework is not None and framework not in _TORCH_NAMES + _NUMPY_NAMES:
-        raise ValueError(f"unknown framework {framework!r} (expected 'pt', 'np' or None)")
+    if framework is not None and framework not in _FRAMEWORK_NAMES:
+        names = ", ".join(repr(n) for n in _FRAMEWORK_NAMES)
+        raise ValueError(f"unknown framework {framework!r} (expected one of {names}, or None)")
 
 
 def load_file(path, device="cpu", framework="pt", *, dtype=None, tp=None, stats=None, verify=None):
@@ -493,6 +501,8 @@ class _Slice:
             if self._dtype == "BF16":
                 out = out.view(numpy.int16)
             return self._torch_view(torch.from_numpy(out))
+        if self._framework in _frameworks.FRAMEWORKS:
+            return _frameworks.from_numpy(out, self._dtype, self._framework)
         return out
 
 
@@ -602,12 +612,14 @@ _OWN_DEVICES = ("cpu", "cuda", "auto")
 
 def _patched_safe_open(filename, framework, device="cpu", *, backend="mmap"):
     """``safe_open`` as the reference's signature has it, for ``patch()``: tensorlift's for
-    what tensorlift reads (framework pt or np, on the host or a CUDA device), the
-    reference's for the rest (other frameworks, other devices)."""
+    what tensorlift reads (torch and numpy on the host or a CUDA device, JAX, TensorFlow,
+    Paddle and MLX on the host), the reference's for the rest (other devices)."""
     _check_backend(backend)
     name = "cuda" if isinstance(device, int) and not isinstance(device, bool) else str(device).split(":")[0]
     if framework in _TORCH_NAMES + _NUMPY_NAMES and name in _OWN_DEVICES:
         framework = "pt" if framework in _TORCH_NAMES else "np"
+        return safe_open(filename, framework=framework, device=device, backend=backend)
+    if framework in _frameworks.FRAMEWORKS and name == "cpu":
         return safe_open(filename, framework=framework, device=device, backend=backend)
     return _REFERENCE[0](filename, framework, device, backend=backend)
 

@@ -125,9 +125,12 @@ def test_patch_is_undone_and_falls_back_for_what_tensorlift_does_not_load(tmp_pa
         assert len(tensorlift._PATCHED) == patched
         assert modeling_utils.safe_open is safetensors.safe_open is safetensors.torch.safe_open
         assert safetensors.safe_open is not original
-        # A framework tensorlift does not load: the reference's safe_open serves it.
-        with safetensors.safe_open(str(tmp_path / "a.safetensors"), framework="flax") as f:
+        # A device tensorlift does not load to: the reference's safe_open serves it.
+        with safetensors.safe_open(str(tmp_path / "a.safetensors"), framework="pt", device="xpu") as f:
             assert type(f) is type(original(str(tmp_path / "a.safetensors"), framework="np"))
+        # Other frameworks on the host are tensorlift's (tests/frameworks tests them).
+        with safetensors.safe_open(str(tmp_path / "a.safetensors"), framework="flax") as f:
+            assert type(f) is tensorlift.safe_open
         # The reference's errors, which libraries catch.
         with pytest.raises(safetensors.SafetensorError, match='backend "fast" is invalid'):
             safetensors.safe_open(str(tmp_path / "a.safetensors"), framework="pt", backend="fast")
@@ -138,7 +141,7 @@ def test_patch_is_undone_and_falls_back_for_what_tensorlift_does_not_load(tmp_pa
     assert safetensors.safe_open is original
     # A reference to the patched function that outlives the patch still works (it falls
     # back to the reference for what tensorlift does not load).
-    with kept(str(tmp_path / "a.safetensors"), framework="flax") as f:
+    with kept(str(tmp_path / "a.safetensors"), framework="pt", device="xpu") as f:
         assert list(f.keys()) == ["x"]
     assert modeling_utils.safe_open is original and safetensors.torch.safe_open is original
 

@@ -1,0 +1,188 @@
+"""Tensors for the frameworks the reference's ``framework=`` names besides torch and numpy:
+JAX (``"flax"``, ``"jax"``), TensorFlow (``"tf"``, ``"tensorflow"``), Paddle (``"paddle"``)
+and MLX (``"mlx"``).
+
+Each gets what ``safetensors.safe_open(..., framework=...)`` gives it: the reference makes a
+numpy array of the bytes and hands it to the framework's own constructor (``jnp.array``,
+``tf.convert_to_tensor``, ``paddle.to_tensor``, ``mx.array``), so dtypes change as those
+constructors change them (JAX without ``jax_enable_x64`` makes int64 int32, float64
+float32). Where the framework takes DLPack and keeps the dtype, the tensor is handed over
+without a copy instead (JAX and TensorFlow on the host, JAX from a CUDA device); elsewhere
+it goes through a numpy view of the loaded memory, as the reference's does (Paddle takes
+DLPack, but aborts the process when two of its DLPack tensors share a data pointer). bfloat16 and float8, which numpy lacks, go through ml_dtypes or the raw bytes.
+"""
+
+# Each name ``framework=`` takes, to the framework it means.
+FRAMEWORKS = {
+    "flax": "jax",
+    "jax": "jax",
+    "tf": "tensorflow",
+    "tensorflow": "tensorflow",
+    "paddle": "paddle",
+    "mlx": "mlx",
+}
+
+# Dtypes that DLPack carries (bool, integers, floats, complex, bfloat16): the others (float8)
+# go through their raw bytes.
+_DLPACK = {"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64", "F16", "BF16", "F32", "F64", "C64"}
+
+
+def convert(t, framework, to_numpy):
+    """Tensor ``t`` (a loaded tensorlift Tensor) as ``framework`` has it (one of
+    ``FRAMEWORKS``' names); ``to_numpy`` makes a numpy view of a host tensor."""
+    kind = FRAMEWORKS[framework]
+    if kind == "jax":
+        return _jax(t, to_numpy)
+    if kind == "tensorflow":
+        return _tensorflow(t, to_numpy)
+    if kind == "paddle":
+        return _paddle(t, to_numpy)
+    return _mlx(t, to_numpy)
+
+
+def from_numpy(arr, dtype, framework):
+    """A numpy array of a tensor's values (``dtype``: the safetensors dtype; bfloat16 and
+    float8 as ml_dtypes arrays) as ``framework`` has it: what a slice is handed over as."""
+    kind = FRAMEWORKS[framework]
+    if kind == "jax":
+        import jax.numpy as jnp
+
+        return jnp.asarray(arr)
+    if kind == "tensorflow":
+        import tensorflow as tf
+
+        return tf.convert_to_tensor(arr)
+    if kind == "paddle":
+        return _paddle_from_numpy(arr, dtype)
+    return _mlx_from_numpy(arr, dtype)
+
+
+def _host_only(t, framework):
+    if t.device != "cpu":
+        raise ValueError(
+            f"tensor '{t.name}' is on {t.device}: tensorlift hands {framework} tensors over from host "
+            "memory only (load with device='cpu')"
+        )
+
+
+def _jax(t, to_numpy):
+    import jax
+    import jax.numpy as jnp
+
+    if t.dtype in _DLPACK:
+        arr_dtype = to_numpy(t).dtype if t.device == "cpu" else None
+        # DLPack keeps the dtype, which jnp.array (the reference's way) would change where
+        # JAX runs without 64-bit types: then the reference's way, for the same answer.
+        if arr_dtype is None or jax.dtypes.canonicalize_dtype(arr_dtype) == arr_dtype:
+            try:
+                return jax.dlpack.from_dlpack(t)
+            except (TypeError, ValueError, RuntimeError, BufferError):
+                if t.device != "cpu":
+                    raise
+    _host_only(t, "JAX")
+    return jnp.asarray(to_numpy(t))
+
+
+def _tensorflow(t, to_numpy):
+    import tensorflow as tf
+
+    _host_only(t, "TensorFlow")
+    if t.dtype in _DLPACK:
+        try:
+            return tf.experimental.dlpack.from_dlpack(t.__dlpack__())
+        except (TypeError, ValueError, RuntimeError, BufferError, tf.errors.OpError):
+            pass
+    return tf.convert_to_tensor(to_numpy(t))
+
+
+def _paddle(t, to_numpy):
+    # Not through DLPack: Paddle 3.3 keys the deleters of DLPack tensors by data pointer, and
+    # aborts the process when two of them share one (an empty tensor and the tensor after
+    # it, tied weights). A copy, as the reference makes.
+    _host_only(t, "Paddle")
+    return _paddle_from_numpy(to_numpy(t), t.dtype)
+
+
+# Paddle's type of each dtype: a tensor is made of its raw bytes and viewed as its type, as
+# the reference makes it (paddle.to_tensor takes fewer types than Paddle has).
+_PADDLE = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "U16": "uint16",
+    "I16": "int16",
+    "U32": "uint32",
+    "I32": "int32",
+    "U64": "uint64",
+    "I64": "int64",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F32": "float32",
+    "F64": "float64",
+    "C64": "complex64",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
+
+
+def _paddle_from_numpy(arr, dtype):
+    import numpy
+    import paddle
+
+    if dtype not in _PADDLE:
+        raise TypeError(f"Paddle has no {dtype} type")
+    kind = getattr(paddle, _PADDLE[dtype])
+    shape = list(arr.shape)
+    if arr.size == 0:
+        return paddle.zeros(shape, dtype=kind)
+    raw = paddle.to_tensor(numpy.ascontiguousarray(arr).reshape(-1).view(numpy.uint8))
+    return raw.view(kind).reshape(shape)
+
+
+def _mlx(t, to_numpy):
+    _host_only(t, "MLX")
+    return _mlx_from_numpy(to_numpy(t), t.dtype)
+
+
+def _mlx_from_numpy(arr, dtype):
+    import numpy
+    import mlx.core as mx
+
+    if dtype == "BF16":
+        return mx.array(numpy.ascontiguousarray(arr).view(numpy.uint16)).view(mx.bfloat16)
+    if dtype.startswith("F8"):
+        raise TypeError(f"MLX has no {dtype} type")
+    return mx.array(arr)
+
+
+def load_file_for(framework):
+    """The ``load_file`` of the reference's module for ``framework`` (``safetensors.flax``,
+    ``safetensors.tensorflow``, ...), reading through tensorlift."""
+
+    def load_file(filename, *, backend="mmap"):
+        from . import safe_open
+
+        with safe_open(filename, framework=framework, backend=backend) as f:
+            return f.get_tensors()
+
+    load_file.__doc__ = (
+        f"Loads every tensor of a ``.safetensors`` file as ``safetensors.{_MODULES[framework]}.load_file`` "
+        "does, reading through tensorlift: a dict of name to tensor. ``backend``: ``\"mmap\"`` (the "
+        "reference's default: on the host, tensors handed over without a copy are views of the mapped file, "
+        "which must not change while they live) or ``\"pread\"`` (memory of their own)."
+    )
+    return load_file
+
+
+# The reference's module for each framework name.
+_MODULES = {"flax": "flax", "tf": "tensorflow", "paddle": "paddle", "mlx": "mlx"}
+
+
+def reference_attr(module, name):
+    """``load``, ``save`` and ``save_file`` of the reference's ``module`` (they turn bytes in
+    memory into tensors, and tensors into bytes or files: nothing tensorlift reads)."""
+    if name in ("load", "save", "save_file"):
+        import importlib
+
+        return getattr(importlib.import_module(module), name)
+    raise AttributeError(f"module 'tensorlift.{module.split('.')[-1]}' has no attribute '{name}'")
