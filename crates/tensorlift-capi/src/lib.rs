@@ -1,0 +1,743 @@
+//! tensorlift's C API, for servers that are neither Rust nor Python (TensorRT-LLM and Triton
+//! backends, C++ inference servers): `libtensorlift_c.so` / `libtensorlift_c.a` and the
+//! header `include/tensorlift.h`, which cbindgen writes from this file (`tests/capi.rs`
+//! fails while the committed header is stale).
+//!
+//! The shape of it (docs/C_API.md has the whole story and a C++ example):
+//!
+//! - `tl_options_new` / `tl_options_set_device` / `tl_options_add_filter` /
+//!   `tl_options_set_dtype` / `tl_options_add_slice` / `tl_options_set_verify`, then
+//!   `tl_loader_new`: a loader, whose device is chosen (and probed) once.
+//! - `tl_load` (every tensor, into a `TlModel`) or `tl_stream_open` + `tl_stream_next` (one
+//!   `TlTensor` at a time, as they land).
+//! - `tl_model_tensor` / `tl_tensor_info`: name, dtype, shape, and a host pointer or a CUDA
+//!   device pointer; `tl_model_to_dlpack` / `tl_tensor_to_dlpack`: a DLPack
+//!   `DLManagedTensorVersioned` whose deleter keeps the memory alive after the handle is
+//!   freed.
+//! - Every function returns a [`TlStatus`]; the message of the last failure on the calling
+//!   thread is `tl_last_error()`. No panic crosses the boundary: one is caught and returned
+//!   as `TL_STATUS_PANIC`.
+//!
+//! This file is the C API's FFI edge: the only `unsafe` here turns the caller's pointers
+//! into references, under the contract each function's `# Safety` section states.
+
+use std::cell::RefCell;
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use tensorlift::dlpack::DLManagedTensorVersioned;
+use tensorlift::{Device, Dtype, Loader, LoaderBuilder, Model, Tensor, TensorSlice, TensorStream, Verify};
+
+/// What every function of the API returns.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlStatus {
+    /// Success.
+    Ok = 0,
+    /// A null pointer, a string that is not UTF-8, an index out of range, or an option value
+    /// that is not one of those documented.
+    InvalidArgument = 1,
+    /// No tensor of that name.
+    NotFound = 2,
+    /// The load failed: the checkpoint, its files, memory or the device (the message says
+    /// which, naming the file and the tensor where there is one).
+    LoadFailed = 3,
+    /// A stream has no tensor left.
+    End = 4,
+    /// What was asked is not possible for this tensor or loader (a host pointer of a device
+    /// tensor, an option combination the loader refuses).
+    Unsupported = 5,
+    /// A bug in tensorlift: a panic was caught at the boundary (please report the message).
+    Panic = 6,
+}
+
+/// Where a tensor's bytes are, and what they are. The pointers are valid as long as the
+/// model or tensor handle it was read from.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct TlTensorInfo {
+    /// The tensor's name: NUL-terminated UTF-8.
+    pub name: *const c_char,
+    /// Its dtype as safetensors names it (`"BF16"`, `"F32"`, `"I64"`, ...): NUL-terminated.
+    pub dtype: *const c_char,
+    /// Number of dimensions (0 for a scalar).
+    pub ndim: usize,
+    /// Its dimensions (`ndim` of them).
+    pub shape: *const u64,
+    /// DLPack's device type: 1 for host memory, 2 for a CUDA device.
+    pub device_type: i32,
+    /// The CUDA device's ordinal (0 on the host).
+    pub device_id: i32,
+    /// The bytes in host memory (read-only), or null for a device tensor.
+    pub host_data: *const c_void,
+    /// The device pointer (a `CUdeviceptr`) of a device tensor, or 0 for a host tensor.
+    pub device_ptr: u64,
+    /// Its size in bytes.
+    pub nbytes: u64,
+}
+
+/// Options for a loader: made by `tl_options_new`, freed by `tl_options_free`. One thread
+/// at a time.
+#[derive(Debug)]
+pub struct TlOptions {
+    builder: Option<LoaderBuilder>,
+}
+
+/// A loader: made by `tl_loader_new`, freed by `tl_loader_free`. Loads from several threads
+/// at once are allowed.
+#[derive(Debug)]
+pub struct TlLoader {
+    loader: Loader,
+    /// `"cuda:0 (requested)"` and the like (`tl_loader_device`).
+    device: CString,
+}
+
+// What the thread-safety this API states rests on.
+const _: fn() = || {
+    fn shared<T: Send + Sync>() {}
+    shared::<Loader>();
+    shared::<Tensor>();
+};
+
+/// A tensor with the C strings its info points to.
+#[derive(Debug)]
+struct Held {
+    tensor: Tensor,
+    name: CString,
+    dtype: CString,
+    shape: Vec<u64>,
+}
+
+impl Held {
+    fn new(tensor: Tensor) -> Held {
+        // A name from a header is UTF-8 with no NUL (safetensors' names are JSON strings;
+        // a NUL in one is cut there, which no real checkpoint has).
+        let name = CString::new(tensor.name().split('\0').next().unwrap_or_default()).unwrap_or_default();
+        let dtype = CString::new(tensor.dtype().to_string()).unwrap_or_default();
+        let shape = tensor.shape().iter().map(|&d| d as u64).collect();
+        Held { tensor, name, dtype, shape }
+    }
+
+    fn info(&self) -> TlTensorInfo {
+        let (device_type, device_id) = match self.tensor.location() {
+            Device::Cuda(i) => (2, i as i32),
+            _ => (1, 0),
+        };
+        let host_data = self.tensor.bytes().map_or(std::ptr::null(), |b| b.as_ptr().cast());
+        TlTensorInfo {
+            name: self.name.as_ptr(),
+            dtype: self.dtype.as_ptr(),
+            ndim: self.shape.len(),
+            shape: self.shape.as_ptr(),
+            device_type,
+            device_id,
+            host_data,
+            device_ptr: self.tensor.device_ptr().unwrap_or(0),
+            nbytes: self.tensor.len() as u64,
+        }
+    }
+
+    fn to_dlpack(&self) -> Result<*mut DLManagedTensorVersioned, Failure> {
+        self.tensor.to_dlpack().map_err(|e| (TlStatus::Unsupported, e.to_string()))
+    }
+}
+
+/// Every tensor of a load: made by `tl_load`, freed by `tl_model_free`. Read-only: any
+/// number of threads may read it at once.
+#[derive(Debug)]
+pub struct TlModel {
+    tensors: Vec<Held>,
+    stats: CString,
+}
+
+/// A load whose tensors come one at a time, as they land: made by `tl_stream_open`, freed
+/// by `tl_stream_free` (which stops the load). One thread at a time.
+#[derive(Debug)]
+pub struct TlStream {
+    stream: TensorStream,
+    stats: CString,
+}
+
+/// One tensor from a stream: made by `tl_stream_next`, freed by `tl_tensor_free`. Read-only.
+#[derive(Debug)]
+pub struct TlTensor {
+    held: Held,
+}
+
+type Failure = (TlStatus, String);
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn set_error(message: &str) {
+    let c = CString::new(message.replace('\0', " ")).unwrap_or_default();
+    LAST_ERROR.with(|e| *e.borrow_mut() = c);
+}
+
+/// Runs `f`, turning a failure into its status and message and a panic into
+/// `TL_STATUS_PANIC`: nothing unwinds into the caller.
+fn guard(f: impl FnOnce() -> Result<TlStatus, Failure>) -> TlStatus {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(status)) => status,
+        Ok(Err((status, message))) => {
+            set_error(&message);
+            status
+        }
+        Err(payload) => {
+            let what = payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".to_owned());
+            set_error(&format!("tensorlift panicked (a bug: please report it): {what}"));
+            TlStatus::Panic
+        }
+    }
+}
+
+fn invalid(message: impl Into<String>) -> Failure {
+    (TlStatus::InvalidArgument, message.into())
+}
+
+fn load_failed(e: tensorlift::LoadError) -> Failure {
+    let status = match e {
+        tensorlift::LoadError::Unsupported(_) => TlStatus::Unsupported,
+        tensorlift::LoadError::InvalidDevice(_) | tensorlift::LoadError::InvalidFilter { .. } => {
+            TlStatus::InvalidArgument
+        }
+        _ => TlStatus::LoadFailed,
+    };
+    (status, e.to_string())
+}
+
+/// A NUL-terminated UTF-8 string argument.
+///
+/// # Safety
+/// `p` is null or points to a NUL-terminated string that stays valid for `'a`.
+unsafe fn text<'a>(p: *const c_char, what: &str) -> Result<&'a str, Failure> {
+    if p.is_null() {
+        return Err(invalid(format!("{what} is null")));
+    }
+    // SAFETY: not null, and the caller passes a NUL-terminated string (the function's contract).
+    let s = unsafe { CStr::from_ptr(p) };
+    s.to_str().map_err(|_| invalid(format!("{what} is not UTF-8")))
+}
+
+/// A handle argument.
+///
+/// # Safety
+/// `p` is null or a live handle of this type from this library, not freed, for `'a`.
+unsafe fn handle<'a, T>(p: *const T, what: &str) -> Result<&'a T, Failure> {
+    // SAFETY: null or a live handle (the function's contract): as_ref checks for null.
+    unsafe { p.as_ref() }.ok_or_else(|| invalid(format!("{what} is null")))
+}
+
+/// A handle argument used mutably.
+///
+/// # Safety
+/// As [`handle`], and no other reference to it is in use meanwhile (one thread at a time).
+unsafe fn handle_mut<'a, T>(p: *mut T, what: &str) -> Result<&'a mut T, Failure> {
+    // SAFETY: null or a live handle used by this thread only (the function's contract).
+    unsafe { p.as_mut() }.ok_or_else(|| invalid(format!("{what} is null")))
+}
+
+/// Writes `value` to an out-parameter.
+///
+/// # Safety
+/// `p` is null or valid for a write of a `T`.
+unsafe fn put<T>(p: *mut T, value: T, what: &str) -> Result<(), Failure> {
+    if p.is_null() {
+        return Err(invalid(format!("{what} is null")));
+    }
+    // SAFETY: not null, and valid for a write of a T (the function's contract).
+    unsafe { p.write(value) };
+    Ok(())
+}
+
+/// Frees a handle made by `Box::into_raw`.
+///
+/// # Safety
+/// `p` is null or a live handle of this type from this library, freed once.
+unsafe fn free<T>(p: *mut T) {
+    if !p.is_null() {
+        // SAFETY: a handle this library made with Box::into_raw, freed only here, once.
+        drop(unsafe { Box::from_raw(p) });
+    }
+}
+
+/// The message of the last call that failed on this thread (empty if none has): valid
+/// until the next call into tensorlift on this thread. Thread-safe (each thread has its own).
+#[no_mangle]
+pub extern "C" fn tl_last_error() -> *const c_char {
+    LAST_ERROR.with(|e| e.borrow().as_ptr())
+}
+
+/// tensorlift's version, as a static NUL-terminated string. Thread-safe.
+#[no_mangle]
+pub extern "C" fn tl_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+}
+
+/// New options, with every default (`device` `"auto"`: a CUDA device when one is usable,
+/// else the host). Thread-safe.
+///
+/// # Safety
+/// `out` is null or valid for a write of a pointer.
+#[no_mangle]
+pub unsafe extern "C" fn tl_options_new(out: *mut *mut TlOptions) -> TlStatus {
+    guard(|| {
+        let options = Box::new(TlOptions { builder: Some(Loader::builder()) });
+        // SAFETY: the caller's contract for `out`.
+        unsafe { put(out, Box::into_raw(options), "out") }?;
+        Ok(TlStatus::Ok)
+    })
+}
+
+/// Frees options (null: nothing). Not with the same options in use on another thread.
+///
+/// # Safety
+/// `options` is null or options from `tl_options_new`, not freed yet.
+#[no_mangle]
+pub unsafe extern "C" fn tl_options_free(options: *mut TlOptions) {
+    // SAFETY: the caller's contract for `options`.
+    let _ = catch_unwind(AssertUnwindSafe(|| unsafe { free(options) }));
+}
+
+/// Changes the builder inside `options`.
+///
+/// # Safety
+/// As [`handle_mut`].
+unsafe fn change(
+    options: *mut TlOptions,
+    f: impl FnOnce(LoaderBuilder) -> Result<LoaderBuilder, Failure>,
+) -> Result<TlStatus, Failure> {
+    // SAFETY: the caller's contract for `options`.
+    let o = unsafe { handle_mut(options, "options") }?;
+    let builder = o.builder.take().unwrap_or_else(Loader::builder);
+    o.builder = Some(f(builder)?);
+    Ok(TlStatus::Ok)
+}
+
+/// Where loads go: `"auto"`, `"cpu"`, `"cuda"` or `"cuda:N"` (`TL_STATUS_INVALID_ARGUMENT`
+/// for anything else). One thread at a time per options.
+///
+/// # Safety
+/// `options` is live options; `device` a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn tl_options_set_device(options: *mut TlOptions, device: *const c_char) -> TlStatus {
+    guard(|| {
+        // SAFETY: the caller's contract for `device`.
+        let d: Device = unsafe { text(device, "device") }?
+            .parse()
+            .map_err(|e: tensorlift::InvalidDevice| invalid(e.to_string()))?;
+        // SAFETY: the caller's contract for `options`.
+        unsafe { change(options, |b| Ok(b.device(d))) }
+    })
+}
+
+/// Loads only the tensors whose names match `pattern` (a name or a glob; called again, any
+/// of the patterns). One thread at a time per options.
+///
+/// # Safety
+/// `options` is live options; `pattern` a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn tl_options_add_filter(options: *mut TlOptions, pattern: *const c_char) -> TlStatus {
+    guard(|| {
+        // SAFETY: the caller's contract for `pattern`.
+        let p = unsafe { text(pattern, "pattern") }?.to_owned();
+        // SAFETY: the caller's contract for `options`.
+        unsafe { change(options, |b| Ok(b.filter([p]))) }
+    })
+}
+
+/// Converts floating-point tensors to `dtype` as they land: `"BF16"`, `"F16"` or `"F32"`.
+/// One thread at a time per options.
+///
+/// # Safety
+/// `options` is live options; `dtype` a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn tl_options_set_dtype(options: *mut TlOptions, dtype: *const c_char) -> TlStatus {
+    guard(|| {
+        // SAFETY: the caller's contract for `dtype`.
+        let name = unsafe { text(dtype, "dtype") }?;
+        let to = match name {
+            "BF16" => Dtype::BF16,
+            "F16" => Dtype::F16,
+            "F32" => Dtype::F32,
+            other => return Err(invalid(format!("dtype '{other}': tensors convert to BF16, F16 or F32"))),
+        };
+        // SAFETY: the caller's contract for `options`.
+        unsafe { change(options, |b| Ok(b.convert_to(to))) }
+    })
+}
+
+/// Loads only part of tensor `name`: `[starts[d], stops[d])` of each of its first `dims`
+/// dimensions, the others whole (only the bytes it needs are read). One thread at a time
+/// per options.
+///
+/// # Safety
+/// `options` is live options; `name` a NUL-terminated string; `starts` and `stops` each
+/// point to `dims` values (or are null when `dims` is 0).
+#[no_mangle]
+pub unsafe extern "C" fn tl_options_add_slice(
+    options: *mut TlOptions,
+    name: *const c_char,
+    starts: *const u64,
+    stops: *const u64,
+    dims: usize,
+) -> TlStatus {
+    guard(|| {
+        // SAFETY: the caller's contract for `name`.
+        let name = unsafe { text(name, "name") }?.to_owned();
+        if dims > 0 && (starts.is_null() || stops.is_null()) {
+            return Err(invalid("starts or stops is null"));
+        }
+        let (starts, stops): (&[u64], &[u64]) = if dims == 0 {
+            (&[], &[])
+        } else {
+            // SAFETY: `starts` points to `dims` values (the function's contract), not null.
+            let a = unsafe { std::slice::from_raw_parts(starts, dims) };
+            // SAFETY: so does `stops`.
+            let b = unsafe { std::slice::from_raw_parts(stops, dims) };
+            (a, b)
+        };
+        let mut ranges = Vec::with_capacity(dims);
+        for (d, (&a, &b)) in starts.iter().zip(stops).enumerate() {
+            let (a, b) = (usize::try_from(a), usize::try_from(b));
+            match (a, b) {
+                (Ok(a), Ok(b)) if a <= b => ranges.push(a..b),
+                _ => return Err(invalid(format!("slice of '{name}': dimension {d}: start after stop"))),
+            }
+        }
+        // SAFETY: the caller's contract for `options`.
+        unsafe { change(options, |b| Ok(b.slice(name, TensorSlice::new(ranges)))) }
+    })
+}
+
+/// Checks each shard's SHA-256 as it is read: `"required"` (every shard must have an
+/// expected digest) or `"if-known"`; `"off"` does not. One thread at a time per options.
+///
+/// # Safety
+/// `options` is live options; `policy` a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn tl_options_set_verify(options: *mut TlOptions, policy: *const c_char) -> TlStatus {
+    guard(|| {
+        // SAFETY: the caller's contract for `policy`.
+        let name = unsafe { text(policy, "policy") }?;
+        let v: Verify = name.parse().map_err(invalid)?;
+        // SAFETY: the caller's contract for `options`.
+        unsafe { change(options, |b| Ok(b.verify(v))) }
+    })
+}
+
+/// A loader with `options` (which stay the caller's, unchanged): its device is chosen and
+/// probed here. Thread-safe for distinct options.
+///
+/// # Safety
+/// `options` is live options; `out` valid for a write of a pointer.
+#[no_mangle]
+pub unsafe extern "C" fn tl_loader_new(options: *const TlOptions, out: *mut *mut TlLoader) -> TlStatus {
+    guard(|| {
+        // SAFETY: the caller's contract for `options`.
+        let o = unsafe { handle(options, "options") }?;
+        let builder = o.builder.clone().unwrap_or_else(Loader::builder);
+        let loader = builder.build().map_err(load_failed)?;
+        let device = CString::new(format!("{} ({})", loader.device(), loader.device_reason()).replace('\0', " "))
+            .unwrap_or_default();
+        // SAFETY: the caller's contract for `out`.
+        unsafe { put(out, Box::into_raw(Box::new(TlLoader { loader, device })), "out") }?;
+        Ok(TlStatus::Ok)
+    })
+}
+
+/// Frees a loader (null: nothing). Models and tensors it loaded stay valid. Not while
+/// another thread uses it.
+///
+/// # Safety
+/// `loader` is null or a loader from `tl_loader_new`, not freed yet.
+#[no_mangle]
+pub unsafe extern "C" fn tl_loader_free(loader: *mut TlLoader) {
+    // SAFETY: the caller's contract for `loader`.
+    let _ = catch_unwind(AssertUnwindSafe(|| unsafe { free(loader) }));
+}
+
+/// The device a loader loads to and why, as `"cuda:0 (requested)"` or `"cpu (no CUDA
+/// driver: ...)"`; valid until the loader is freed. Thread-safe.
+///
+/// # Safety
+/// `loader` is a live loader; `out` valid for a write of a pointer.
+#[no_mangle]
+pub unsafe extern "C" fn tl_loader_device(loader: *const TlLoader, out: *mut *const c_char) -> TlStatus {
+    guard(|| {
+        // SAFETY: the caller's contract for `loader`.
+        let l = unsafe { handle(loader, "loader") }?;
+        // SAFETY: the caller's contract for `out`.
+        unsafe { put(out, l.device.as_ptr(), "out") }?;
+        Ok(TlStatus::Ok)
+    })
+}
+
+/// Loads every tensor of `path` (a `.safetensors` file, an index JSON or a folder; PyTorch
+/// `.bin` files too) into a model. Thread-safe: several threads may load with one loader.
+///
+/// # Safety
+/// `loader` is a live loader; `path` a NUL-terminated string; `out` valid for a write of a
+/// pointer.
+#[no_mangle]
+pub unsafe extern "C" fn tl_load(loader: *const TlLoader, path: *const c_char, out: *mut *mut TlModel) -> TlStatus {
+    guard(|| {
+        // SAFETY: the caller's contract for `loader`.
+        let l = unsafe { handle(loader, "loader") }?;
+        // SAFETY: the caller's contract for `path`.
+        let p = unsafe { text(path, "path") }?;
+        let model: Model = l.loader.load_blocking(p).map_err(load_failed)?;
+        let stats = CString::new(model.stats().to_json().to_string()).unwrap_or_default();
+        let tensors = model.into_tensors().into_iter().map(Held::new).collect();
+        // SAFETY: the caller's contract for `out`.
+        unsafe { put(out, Box::into_raw(Box::new(TlModel { tensors, stats })), "out") }?;
+        Ok(TlStatus::Ok)
+    })
+}
+
+/// Frees a model (null: nothing). Memory a DLPack export of one of its tensors still holds
+/// lives on until that export's deleter runs. Not while another thread reads it.
+///
+/// # Safety
+/// `model` is null or a model from `tl_load`, not freed yet.
+#[no_mangle]
+pub unsafe extern "C" fn tl_model_free(model: *mut TlModel) {
+    // SAFETY: the caller's contract for `model`.
+    let _ = catch_unwind(AssertUnwindSafe(|| unsafe { free(model) }));
+}
+
+/// Number of tensors in a model (0 for null). Thread-safe.
+///
+/// # Safety
+/// `model` is null or a live model.
+#[no_mangle]
+pub unsafe extern "C" fn tl_model_len(model: *const TlModel) -> usize {
+    // SAFETY: the caller's contract for `model`.
+    unsafe { model.as_ref() }.map_or(0, |m| m.tensors.len())
+}
+
+/// Tensor `index` (in the order of the checkpoint) of a model. Thread-safe.
+///
+/// # Safety
+/// `model` is a live model; `out` valid for a write of a `TlTensorInfo`.
+#[no_mangle]
+pub unsafe extern "C" fn tl_model_tensor(model: *const TlModel, index: usize, out: *mut TlTensorInfo) -> TlStatus {
+    guard(|| {
+        // SAFETY: the caller's contract for `model`.
+        let m = unsafe { handle(model, "model") }?;
+        let held = m
+            .tensors
+            .get(index)
+            .ok_or_else(|| invalid(format!("index {index}: the model has {} tensors", m.tensors.len())))?;
+        // SAFETY: the caller's contract for `out`.
+        unsafe { put(out, held.info(), "out") }?;
+        Ok(TlStatus::Ok)
+    })
+}
+
+/// The index of the tensor named `name` (`TL_STATUS_NOT_FOUND` when there is none).
+/// Thread-safe.
+///
+/// # Safety
+/// `model` is a live model; `name` a NUL-terminated string; `out` valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn tl_model_find(model: *const TlModel, name: *const c_char, out: *mut usize) -> TlStatus {
+    guard(|| {
+        // SAFETY: the caller's contract for `model`.
+        let m = unsafe { handle(model, "model") }?;
+        // SAFETY: the caller's contract for `name`.
+        let n = unsafe { text(name, "name") }?;
+        let i = m
+            .tensors
+            .iter()
+            .position(|h| h.tensor.name() == n)
+            .ok_or_else(|| (TlStatus::NotFound, format!("no tensor named '{n}'")))?;
+        // SAFETY: the caller's contract for `out`.
+        unsafe { put(out, i, "out") }?;
+        Ok(TlStatus::Ok)
+    })
+}
+
+/// What the load did, as the JSON object `tensorlift load --json` prints (`seconds`,
+/// `gbps`, `bytes`, `device`, ...); valid as long as the model. Thread-safe.
+///
+/// # Safety
+/// `model` is a live model; `out` valid for a write of a pointer.
+#[no_mangle]
+pub unsafe extern "C" fn tl_model_stats_json(model: *const TlModel, out: *mut *const c_char) -> TlStatus {
+    guard(|| {
+        // SAFETY: the caller's contract for `model`.
+        let m = unsafe { handle(model, "model") }?;
+        // SAFETY: the caller's contract for `out`.
+        unsafe { put(out, m.stats.as_ptr(), "out") }?;
+        Ok(TlStatus::Ok)
+    })
+}
+
+/// Tensor `index` of a model as a DLPack `DLManagedTensorVersioned` (read-only on the host),
+/// without a copy: its deleter, which the consumer calls once, keeps the memory alive until
+/// then, also after the model is freed. Thread-safe.
+///
+/// # Safety
+/// `model` is a live model; `out` valid for a write of a pointer.
+#[no_mangle]
+pub unsafe extern "C" fn tl_model_to_dlpack(
+    model: *const TlModel,
+    index: usize,
+    out: *mut *mut DLManagedTensorVersioned,
+) -> TlStatus {
+    guard(|| {
+        // SAFETY: the caller's contract for `model`.
+        let m = unsafe { handle(model, "model") }?;
+        let held = m
+            .tensors
+            .get(index)
+            .ok_or_else(|| invalid(format!("index {index}: the model has {} tensors", m.tensors.len())))?;
+        if out.is_null() {
+            return Err(invalid("out is null"));
+        }
+        let managed = held.to_dlpack()?;
+        // SAFETY: the caller's contract for `out`, checked not null above (so the export is
+        // not lost).
+        unsafe { put(out, managed, "out") }?;
+        Ok(TlStatus::Ok)
+    })
+}
+
+/// Starts loading `path`: its tensors come one at a time from `tl_stream_next`, as they
+/// land. Thread-safe (the stream is then the calling thread's, or one thread's at a time).
+///
+/// # Safety
+/// `loader` is a live loader; `path` a NUL-terminated string; `out` valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn tl_stream_open(
+    loader: *const TlLoader,
+    path: *const c_char,
+    out: *mut *mut TlStream,
+) -> TlStatus {
+    guard(|| {
+        // SAFETY: the caller's contract for `loader`.
+        let l = unsafe { handle(loader, "loader") }?;
+        // SAFETY: the caller's contract for `path`.
+        let p = unsafe { text(path, "path") }?;
+        let stream = l.loader.stream_blocking(p).map_err(load_failed)?;
+        let s = TlStream { stream, stats: CString::default() };
+        // SAFETY: the caller's contract for `out`.
+        unsafe { put(out, Box::into_raw(Box::new(s)), "out") }?;
+        Ok(TlStatus::Ok)
+    })
+}
+
+/// The next tensor of a stream, once it has landed (blocking until then): `TL_STATUS_OK`
+/// with a tensor, `TL_STATUS_END` when there is none left (`*out` is then null), or the
+/// load's failure (the stream is then over). One thread at a time per stream.
+///
+/// # Safety
+/// `stream` is a live stream; `out` valid for a write of a pointer.
+#[no_mangle]
+pub unsafe extern "C" fn tl_stream_next(stream: *mut TlStream, out: *mut *mut TlTensor) -> TlStatus {
+    guard(|| {
+        if out.is_null() {
+            return Err(invalid("out is null"));
+        }
+        // SAFETY: the caller's contract for `stream`.
+        let s = unsafe { handle_mut(stream, "stream") }?;
+        match tensorlift::block_on(s.stream.next()) {
+            Some(Ok(t)) => {
+                // SAFETY: the caller's contract for `out` (checked not null).
+                unsafe { put(out, Box::into_raw(Box::new(TlTensor { held: Held::new(t) })), "out") }?;
+                Ok(TlStatus::Ok)
+            }
+            Some(Err(e)) => {
+                // SAFETY: as above.
+                unsafe { put(out, std::ptr::null_mut(), "out") }?;
+                Err(load_failed(e))
+            }
+            None => {
+                // SAFETY: as above.
+                unsafe { put(out, std::ptr::null_mut(), "out") }?;
+                Ok(TlStatus::End)
+            }
+        }
+    })
+}
+
+/// What the stream's load did so far (complete once `tl_stream_next` returned
+/// `TL_STATUS_END`), as `tl_model_stats_json`; valid until the next call on the stream.
+///
+/// # Safety
+/// `stream` is a live stream; `out` valid for a write of a pointer.
+#[no_mangle]
+pub unsafe extern "C" fn tl_stream_stats_json(stream: *mut TlStream, out: *mut *const c_char) -> TlStatus {
+    guard(|| {
+        // SAFETY: the caller's contract for `stream`.
+        let s = unsafe { handle_mut(stream, "stream") }?;
+        s.stats = CString::new(s.stream.stats().to_json().to_string()).unwrap_or_default();
+        // SAFETY: the caller's contract for `out`.
+        unsafe { put(out, s.stats.as_ptr(), "out") }?;
+        Ok(TlStatus::Ok)
+    })
+}
+
+/// Frees a stream (null: nothing): a load still going on stops, its reads and copies are
+/// waited for, and what it held is freed. Tensors it gave stay valid.
+///
+/// # Safety
+/// `stream` is null or a stream from `tl_stream_open`, not freed yet.
+#[no_mangle]
+pub unsafe extern "C" fn tl_stream_free(stream: *mut TlStream) {
+    // SAFETY: the caller's contract for `stream`.
+    let _ = catch_unwind(AssertUnwindSafe(|| unsafe { free(stream) }));
+}
+
+/// A streamed tensor's info. Thread-safe.
+///
+/// # Safety
+/// `tensor` is a live tensor; `out` valid for a write of a `TlTensorInfo`.
+#[no_mangle]
+pub unsafe extern "C" fn tl_tensor_info(tensor: *const TlTensor, out: *mut TlTensorInfo) -> TlStatus {
+    guard(|| {
+        // SAFETY: the caller's contract for `tensor`.
+        let t = unsafe { handle(tensor, "tensor") }?;
+        // SAFETY: the caller's contract for `out`.
+        unsafe { put(out, t.held.info(), "out") }?;
+        Ok(TlStatus::Ok)
+    })
+}
+
+/// A streamed tensor as DLPack, as `tl_model_to_dlpack`. Thread-safe.
+///
+/// # Safety
+/// `tensor` is a live tensor; `out` valid for a write of a pointer.
+#[no_mangle]
+pub unsafe extern "C" fn tl_tensor_to_dlpack(
+    tensor: *const TlTensor,
+    out: *mut *mut DLManagedTensorVersioned,
+) -> TlStatus {
+    guard(|| {
+        // SAFETY: the caller's contract for `tensor`.
+        let t = unsafe { handle(tensor, "tensor") }?;
+        if out.is_null() {
+            return Err(invalid("out is null"));
+        }
+        let managed = t.held.to_dlpack()?;
+        // SAFETY: the caller's contract for `out` (checked not null).
+        unsafe { put(out, managed, "out") }?;
+        Ok(TlStatus::Ok)
+    })
+}
+
+/// Frees a streamed tensor (null: nothing); a DLPack export of it keeps its memory alive.
+///
+/// # Safety
+/// `tensor` is null or a tensor from `tl_stream_next`, not freed yet.
+#[no_mangle]
+pub unsafe extern "C" fn tl_tensor_free(tensor: *mut TlTensor) {
+    // SAFETY: the caller's contract for `tensor`.
+    let _ = catch_unwind(AssertUnwindSafe(|| unsafe { free(tensor) }));
+}

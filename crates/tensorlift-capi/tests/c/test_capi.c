@@ -1,0 +1,192 @@
+/* The C API from C: load, walk, export to DLPack, stream, and the errors. Run by
+ * tests/capi.rs, which compiles it with the system compiler (once with AddressSanitizer),
+ * gives it a checkpoint and a device, and checks what it wrote against the file's bytes.
+ *
+ *   test_capi PATH DEVICE OUTDIR
+ *
+ * Writes OUTDIR/NAME.bin with each host tensor's bytes, prints one line per tensor
+ * ("tensor NAME DTYPE [d0,d1] DEVICE_TYPE NBYTES"), and exits 0 when every check held. */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "tensorlift.h"
+/* DLPack's structs as PyTorch ships them (torch/include/ATen/dlpack.h): not ours. */
+#include "ATen/dlpack.h"
+
+#define CHECK(call)                                                                          \
+    do {                                                                                     \
+        TlStatus s_ = (call);                                                                \
+        if (s_ != TL_STATUS_OK) {                                                            \
+            fprintf(stderr, "%s:%d: %s returned %d: %s\n", __FILE__, __LINE__, #call, (int)s_, \
+                    tl_last_error());                                                        \
+            return 1;                                                                        \
+        }                                                                                    \
+    } while (0)
+
+#define EXPECT(cond)                                                                      \
+    do {                                                                                  \
+        if (!(cond)) {                                                                    \
+            fprintf(stderr, "%s:%d: expected %s (%s)\n", __FILE__, __LINE__, #cond, tl_last_error()); \
+            return 1;                                                                     \
+        }                                                                                 \
+    } while (0)
+
+enum { MAX = 64 };
+
+int main(int argc, char **argv) {
+    if (argc != 4) {
+        fprintf(stderr, "usage: test_capi PATH DEVICE OUTDIR\n");
+        return 2;
+    }
+    const char *path = argv[1], *device = argv[2], *outdir = argv[3];
+    printf("version %s\n", tl_version());
+
+    TlOptions *options = NULL;
+    CHECK(tl_options_new(&options));
+    EXPECT(tl_options_set_device(options, "tpu") == TL_STATUS_INVALID_ARGUMENT);
+    EXPECT(strstr(tl_last_error(), "tpu") != NULL);
+    CHECK(tl_options_set_device(options, device));
+    EXPECT(tl_options_set_dtype(options, "F64") == TL_STATUS_INVALID_ARGUMENT);
+    TlLoader *loader = NULL;
+    CHECK(tl_loader_new(options, &loader));
+    tl_options_free(options);
+    const char *where = NULL;
+    CHECK(tl_loader_device(loader, &where));
+    printf("device %s\n", where);
+
+    /* Every tensor, each exported to DLPack; the exports outlive the model. */
+    TlModel *model = NULL;
+    CHECK(tl_load(loader, path, &model));
+    size_t n = tl_model_len(model);
+    EXPECT(n > 0 && n <= MAX);
+    DLManagedTensorVersioned *exports[MAX];
+    const void *host[MAX];
+    uint64_t sizes[MAX];
+    for (size_t i = 0; i < n; i++) {
+        TlTensorInfo info;
+        CHECK(tl_model_tensor(model, i, &info));
+        printf("tensor %s %s [", info.name, info.dtype);
+        for (size_t d = 0; d < info.ndim; d++) printf(d ? ",%llu" : "%llu", (unsigned long long)info.shape[d]);
+        printf("] %d %llu\n", info.device_type, (unsigned long long)info.nbytes);
+        size_t found = MAX;
+        CHECK(tl_model_find(model, info.name, &found));
+        EXPECT(found == i);
+        if (info.device_type == 1) {
+            EXPECT(info.host_data != NULL || info.nbytes == 0);
+            EXPECT(info.device_ptr == 0);
+            char file[4096];
+            snprintf(file, sizeof file, "%s/%s.bin", outdir, info.name);
+            FILE *f = fopen(file, "wb");
+            EXPECT(f != NULL);
+            EXPECT(fwrite(info.host_data, 1, info.nbytes, f) == info.nbytes);
+            fclose(f);
+        } else {
+            EXPECT(info.device_type == 2 && info.host_data == NULL && info.device_ptr != 0);
+        }
+        CHECK(tl_model_to_dlpack(model, i, &exports[i]));
+        DLTensor *t = &exports[i]->dl_tensor;
+        EXPECT(exports[i]->version.major >= 1);
+        EXPECT((int)t->device.device_type == info.device_type && t->ndim == (int32_t)info.ndim);
+        for (size_t d = 0; d < info.ndim; d++) EXPECT(t->shape[d] == (int64_t)info.shape[d]);
+        uintptr_t data = (uintptr_t)t->data + (uintptr_t)t->byte_offset;
+        /* (An empty tensor's address means nothing.) */
+        if (info.nbytes > 0)
+            EXPECT(info.device_type == 1 ? data == (uintptr_t)info.host_data : data == (uintptr_t)info.device_ptr);
+        if (info.device_type == 1) EXPECT((exports[i]->flags & DLPACK_FLAG_BITMASK_READ_ONLY) != 0);
+        host[i] = info.host_data;
+        sizes[i] = info.nbytes;
+    }
+    /* A filter and a slice: the first row of the first tensor that has two or more. */
+    for (size_t i = 0; i < n; i++) {
+        TlTensorInfo info;
+        CHECK(tl_model_tensor(model, i, &info));
+        if (info.ndim == 0 || info.shape[0] < 2) continue;
+        TlOptions *o = NULL;
+        CHECK(tl_options_new(&o));
+        CHECK(tl_options_set_device(o, device));
+        CHECK(tl_options_add_filter(o, info.name));
+        uint64_t start = 0, stop = 1;
+        CHECK(tl_options_add_slice(o, info.name, &start, &stop, 1));
+        EXPECT(tl_options_add_slice(o, info.name, &stop, &start, 1) == TL_STATUS_INVALID_ARGUMENT);
+        TlLoader *l = NULL;
+        CHECK(tl_loader_new(o, &l));
+        tl_options_free(o);
+        TlModel *m = NULL;
+        CHECK(tl_load(l, path, &m));
+        TlTensorInfo part;
+        EXPECT(tl_model_len(m) == 1);
+        CHECK(tl_model_tensor(m, 0, &part));
+        EXPECT(strcmp(part.name, info.name) == 0 && part.shape[0] == 1);
+        EXPECT(part.nbytes * info.shape[0] == info.nbytes);
+        if (part.device_type == 1) EXPECT(memcmp(part.host_data, info.host_data, part.nbytes) == 0);
+        printf("slice %s [0,1) of %llu rows\n", part.name, (unsigned long long)info.shape[0]);
+        tl_model_free(m);
+        tl_loader_free(l);
+        break;
+    }
+    size_t missing = 0;
+    EXPECT(tl_model_find(model, "no such tensor", &missing) == TL_STATUS_NOT_FOUND);
+    const char *stats = NULL;
+    CHECK(tl_model_stats_json(model, &stats));
+    EXPECT(strstr(stats, "\"seconds\"") != NULL);
+    tl_model_free(model);
+    /* The model is gone; the exports still hold the bytes (checked against the files). */
+    for (size_t i = 0; i < n; i++) {
+        DLTensor *t = &exports[i]->dl_tensor;
+        if (t->device.device_type == kDLCPU && sizes[i] > 0) {
+            const unsigned char *bytes = (const unsigned char *)t->data + t->byte_offset;
+            EXPECT(bytes == host[i]);
+            volatile unsigned sum = 0;
+            for (uint64_t k = 0; k < sizes[i]; k++) sum += bytes[k];
+        }
+        exports[i]->deleter(exports[i]);
+    }
+
+    /* The same tensors streamed, one at a time. */
+    TlStream *stream = NULL;
+    CHECK(tl_stream_open(loader, path, &stream));
+    size_t streamed = 0;
+    for (;;) {
+        TlTensor *t = NULL;
+        TlStatus s = tl_stream_next(stream, &t);
+        if (s == TL_STATUS_END) {
+            EXPECT(t == NULL);
+            break;
+        }
+        CHECK(s);
+        TlTensorInfo info;
+        CHECK(tl_tensor_info(t, &info));
+        DLManagedTensorVersioned *e = NULL;
+        CHECK(tl_tensor_to_dlpack(t, &e));
+        tl_tensor_free(t);
+        e->deleter(e);
+        streamed++;
+    }
+    EXPECT(streamed == n);
+    CHECK(tl_stream_stats_json(stream, &stats));
+    EXPECT(strstr(stats, "\"tensors_loaded\"") != NULL);
+    tl_stream_free(stream);
+
+    /* A stream dropped midway stops its load. */
+    CHECK(tl_stream_open(loader, path, &stream));
+    TlTensor *first = NULL;
+    CHECK(tl_stream_next(stream, &first));
+    tl_stream_free(stream);
+    tl_tensor_free(first);
+
+    /* Errors: a missing checkpoint names itself; nulls are refused, not followed. */
+    TlModel *none = NULL;
+    EXPECT(tl_load(loader, "/nonexistent/model.safetensors", &none) == TL_STATUS_LOAD_FAILED);
+    EXPECT(strstr(tl_last_error(), "/nonexistent") != NULL && none == NULL);
+    EXPECT(tl_load(loader, NULL, &none) == TL_STATUS_INVALID_ARGUMENT);
+    EXPECT(tl_load(NULL, path, &none) == TL_STATUS_INVALID_ARGUMENT);
+    EXPECT(tl_model_tensor(NULL, 0, NULL) == TL_STATUS_INVALID_ARGUMENT);
+    EXPECT(tl_model_len(NULL) == 0);
+    tl_model_free(NULL);
+    tl_tensor_free(NULL);
+    tl_loader_free(loader);
+    printf("ok %zu tensors\n", n);
+    return 0;
+}

@@ -1,0 +1,145 @@
+//! The C API from the outside: the committed header is what cbindgen writes now, and a C
+//! program and a C++ example, compiled with the system compiler against the header and the
+//! library cargo built, load a checkpoint on the host and on the emulated CUDA driver (a
+//! real one with `TENSORLIFT_TEST_DRIVER=real`), once under AddressSanitizer.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use tensorlift::Dtype;
+use tensorlift_testkit::{scratch_in, write_sharded, Spec};
+
+fn crate_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The folder cargo put this test's libraries in (target/debug or target/release).
+fn libraries() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/capi-HASH
+    exe.parent().and_then(Path::parent).unwrap().to_path_buf()
+}
+
+#[test]
+fn the_committed_header_is_what_cbindgen_writes() {
+    let bindings = cbindgen::generate(crate_dir()).expect("cbindgen");
+    let mut now = Vec::new();
+    bindings.write(&mut now);
+    let path = crate_dir().join("include/tensorlift.h");
+    if std::env::var_os("TENSORLIFT_BLESS").is_some() {
+        std::fs::write(&path, &now).unwrap();
+    }
+    let committed = std::fs::read(&path).unwrap_or_default();
+    assert!(
+        committed == now,
+        "{} is stale: write it again with TENSORLIFT_BLESS=1 cargo test -p tensorlift-capi --test capi header",
+        path.display()
+    );
+}
+
+/// Where PyTorch keeps its C headers (`ATen/dlpack.h`: DLPack as PyTorch ships it), from
+/// the test environment's python.
+fn torch_include() -> PathBuf {
+    let out = Command::new("python3")
+        .args(["-c", "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'include'))"])
+        .output()
+        .expect("python3");
+    assert!(out.status.success(), "torch (for ATen/dlpack.h): {}", String::from_utf8_lossy(&out.stderr));
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+/// Compiles `sources` into `exe` with `compiler`, against the header and the static library.
+fn compile(compiler: &str, sources: &[PathBuf], exe: &Path, extra: &[&str]) {
+    let mut cmd = Command::new(compiler);
+    cmd.args(extra)
+        .arg("-g")
+        .arg("-I")
+        .arg(crate_dir().join("include"))
+        .arg("-I")
+        .arg(torch_include())
+        .args(sources)
+        .arg(libraries().join("libtensorlift_c.a"))
+        // What Rust's standard library needs from the system.
+        .args(["-lgcc_s", "-lutil", "-lrt", "-lpthread", "-lm", "-ldl", "-lc"])
+        .arg("-o")
+        .arg(exe);
+    let out = cmd.output().unwrap_or_else(|e| panic!("{compiler}: {e}"));
+    assert!(out.status.success(), "{compiler}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Runs `exe` with `args`, on the emulated CUDA driver unless a real one is asked for.
+fn run(exe: &Path, args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let mut cmd = Command::new(exe);
+    cmd.args(args).envs(env.iter().copied());
+    if !tensorlift_testkit::real_driver() {
+        cmd.env("TENSORLIFT_LIBCUDA", tensorlift_testkit::emulated_driver());
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn checkpoint(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    std::fs::create_dir_all(dir).unwrap();
+    let a: &[Spec<'_>] = &[("a.w", Dtype::BF16, &[64, 33]), ("a.b", Dtype::F32, &[7]), ("a.s", Dtype::I64, &[])];
+    let b: &[Spec<'_>] = &[("b.e", Dtype::F16, &[0, 4]), ("b.w", Dtype::U8, &[300, 5])];
+    write_sharded(dir, &[a, b])
+}
+
+#[test]
+fn a_c_program_loads_on_the_host_and_the_device_and_under_asan() {
+    let dir = scratch_in(&std::env::temp_dir(), "tl-capi-");
+    let truth = checkpoint(&dir.join("model"));
+    let exe = dir.join("test_capi");
+    compile("cc", &[crate_dir().join("tests/c/test_capi.c")], &exe, &["-std=c11", "-Wall", "-Werror"]);
+    let asan = dir.join("test_capi_asan");
+    compile(
+        "cc",
+        &[crate_dir().join("tests/c/test_capi.c")],
+        &asan,
+        &["-std=c11", "-fsanitize=address", "-fno-omit-frame-pointer"],
+    );
+    let model = dir.join("model");
+    for (what, program, device) in
+        [("host", &exe, "cpu"), ("cuda", &exe, "cuda:0"), ("host, asan", &asan, "cpu"), ("cuda, asan", &asan, "cuda:0")]
+    {
+        let out = dir.join(what.replace(", ", "-"));
+        std::fs::create_dir_all(&out).unwrap();
+        let env = [("ASAN_OPTIONS", "detect_leaks=1:abort_on_error=0:exitcode=99")];
+        let (ok, stdout, stderr) = run(program, &[model.to_str().unwrap(), device, out.to_str().unwrap()], &env);
+        assert!(ok, "{what}: {stdout}\n{stderr}");
+        assert!(stdout.contains(&format!("ok {} tensors", truth.len())), "{what}: {stdout}");
+        assert!(stdout.contains("tensor a.w BF16 [64,33] "), "{what}: {stdout}");
+        assert!(stdout.contains("tensor a.s I64 [] "), "{what}: {stdout}");
+        assert!(stdout.contains("slice "), "{what}: {stdout}");
+        let on_device = device.starts_with("cuda");
+        assert!(stdout.contains(if on_device { "device cuda:0" } else { "device cpu" }), "{what}: {stdout}");
+        if !on_device {
+            // What the program read through the host pointers is the file's bytes.
+            for (name, want) in &truth {
+                let got = std::fs::read(out.join(format!("{name}.bin"))).unwrap();
+                assert!(&got == want, "{what}: {name} differs");
+            }
+        }
+    }
+}
+
+#[test]
+fn the_cpp_example_builds_and_runs() {
+    let dir = scratch_in(&std::env::temp_dir(), "tl-capi-cpp-");
+    let truth = checkpoint(&dir.join("model"));
+    let exe = dir.join("load");
+    compile("c++", &[crate_dir().join("examples/cpp/load.cpp")], &exe, &["-std=c++17", "-Wall", "-Werror"]);
+    let model = dir.join("model");
+    let (ok, stdout, stderr) = run(&exe, &[model.to_str().unwrap(), "cpu"], &[]);
+    assert!(ok, "{stdout}\n{stderr}");
+    let total: usize = truth.values().map(Vec::len).sum();
+    assert!(stdout.contains(&format!("{} tensors, {total} bytes", truth.len())), "{stdout}");
+    assert!(stdout.contains("a.w BF16 4224 bytes on host"), "{stdout}");
+    // A failure comes back as an exception with the library's message.
+    let (ok, _, stderr) = run(&exe, &[dir.join("missing").to_str().unwrap(), "cpu"], &[]);
+    assert!(!ok && stderr.contains("error 3: ") && stderr.contains("missing"), "{stderr}");
+}
