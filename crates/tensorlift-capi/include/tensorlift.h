@@ -10,9 +10,8 @@
 
 #include <stddef.h>
 #include <stdint.h>
-/* DLPack's managed tensor (dlpack.h, DLPack >= 1.0): include dlpack.h to use it. */
+/* DLPack's managed tensor (dlpack.h, DLPack >= 1.0): include dlpack.h to use its fields. */
 struct DLManagedTensorVersioned;
-typedef struct DLManagedTensorVersioned DLManagedTensorVersioned;
 
 
 /*
@@ -42,8 +41,9 @@ typedef enum TlStatus {
    */
   TL_STATUS_END = 4,
   /*
-   What was asked is not possible for this tensor or loader (a host pointer of a device
-   tensor, an option combination the loader refuses).
+   What was asked is not possible: an option combination the loader refuses (a
+   verified load with a filter or slices, ...), or a DLPack export of a dtype DLPack
+   cannot describe.
    */
   TL_STATUS_UNSUPPORTED = 5,
   /*
@@ -140,8 +140,9 @@ const char *tl_last_error(void);
 const char *tl_version(void);
 
 /*
- New options, with every default (`device` `"auto"`: a CUDA device when one is usable,
- else the host). Thread-safe.
+ New options, with every default (the device: `TENSORLIFT_DEVICE` where it is set, else
+ `"auto"`, a CUDA device when one is usable, else the host). `*out` is null on failure.
+ Thread-safe.
 
  # Safety
  `out` is null or valid for a write of a pointer.
@@ -167,7 +168,8 @@ enum TlStatus tl_options_set_device(struct TlOptions *options, const char *devic
 
 /*
  Loads only the tensors whose names match `pattern` (a name or a glob; called again, any
- of the patterns). One thread at a time per options.
+ of the patterns); a pattern that is not a valid glob is refused by `tl_loader_new`. One
+ thread at a time per options.
 
  # Safety
  `options` is live options; `pattern` a NUL-terminated string.
@@ -209,7 +211,9 @@ enum TlStatus tl_options_set_verify(struct TlOptions *options, const char *polic
 
 /*
  A loader with `options` (which stay the caller's, unchanged): its device is chosen and
- probed here. Thread-safe for distinct options.
+ probed here (with no device set, `TENSORLIFT_DEVICE` is read: an invalid value there is
+ `TL_STATUS_INVALID_ARGUMENT`). `*out` is null on failure. Thread-safe for distinct
+ options.
 
  # Safety
  `options` is live options; `out` valid for a write of a pointer.
@@ -235,8 +239,19 @@ void tl_loader_free(struct TlLoader *loader);
 enum TlStatus tl_loader_device(const struct TlLoader *loader, const char **out);
 
 /*
+ Gives back to the system the host memory a loader keeps from its dropped loads (a load
+ reuses it, already faulted in, when it fits; the loader keeps at most its largest load's
+ memory). Thread-safe.
+
+ # Safety
+ `loader` is a live loader.
+ */
+enum TlStatus tl_loader_release_host_memory(const struct TlLoader *loader);
+
+/*
  Loads every tensor of `path` (a `.safetensors` file, an index JSON or a folder; PyTorch
- `.bin` files too) into a model. Thread-safe: several threads may load with one loader.
+ `.bin` files too) into a model; `*out` is null on failure. Thread-safe: several threads
+ may load with one loader.
 
  # Safety
  `loader` is a live loader; `path` a NUL-terminated string; `out` valid for a write of a
@@ -262,7 +277,7 @@ void tl_model_free(struct TlModel *model);
 size_t tl_model_len(const struct TlModel *model);
 
 /*
- Tensor `index` (in the order of the checkpoint) of a model. Thread-safe.
+ Tensor `index` of a model (the tensors are in name order). Thread-safe.
 
  # Safety
  `model` is a live model; `out` valid for a write of a `TlTensorInfo`.
@@ -297,7 +312,7 @@ enum TlStatus tl_model_stats_json(const struct TlModel *model, const char **out)
  */
 enum TlStatus tl_model_to_dlpack(const struct TlModel *model,
                                  size_t index,
-                                 DLManagedTensorVersioned **out);
+                                 struct DLManagedTensorVersioned **out);
 
 /*
  Starts loading `path`: its tensors come one at a time from `tl_stream_next`, as they
@@ -352,7 +367,8 @@ enum TlStatus tl_tensor_info(const struct TlTensor *tensor, struct TlTensorInfo 
  # Safety
  `tensor` is a live tensor; `out` valid for a write of a pointer.
  */
-enum TlStatus tl_tensor_to_dlpack(const struct TlTensor *tensor, DLManagedTensorVersioned **out);
+enum TlStatus tl_tensor_to_dlpack(const struct TlTensor *tensor,
+                                  struct DLManagedTensorVersioned **out);
 
 /*
  Frees a streamed tensor (null: nothing); a DLPack export of it keeps its memory alive.

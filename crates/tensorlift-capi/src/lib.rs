@@ -44,8 +44,9 @@ pub enum TlStatus {
     LoadFailed = 3,
     /// A stream has no tensor left.
     End = 4,
-    /// What was asked is not possible for this tensor or loader (a host pointer of a device
-    /// tensor, an option combination the loader refuses).
+    /// What was asked is not possible: an option combination the loader refuses (a
+    /// verified load with a filter or slices, ...), or a DLPack export of a dtype DLPack
+    /// cannot describe.
     Unsupported = 5,
     /// A bug in tensorlift: a panic was caught at the boundary (please report the message).
     Panic = 6,
@@ -95,8 +96,12 @@ pub struct TlLoader {
 // What the thread-safety this API states rests on.
 const _: fn() = || {
     fn shared<T: Send + Sync>() {}
+    fn movable<T: Send>() {}
     shared::<Loader>();
     shared::<Tensor>();
+    shared::<TlModel>();
+    movable::<TensorStream>();
+    movable::<LoaderBuilder>();
 };
 
 /// A tensor with the C strings its info points to.
@@ -170,27 +175,36 @@ thread_local! {
     static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
 }
 
+/// Keeps `message` as this thread's last error (nothing where the thread's storage is
+/// being torn down).
 fn set_error(message: &str) {
     let c = CString::new(message.replace('\0', " ")).unwrap_or_default();
-    LAST_ERROR.with(|e| *e.borrow_mut() = c);
+    let _ = LAST_ERROR.try_with(|e| {
+        if let Ok(mut e) = e.try_borrow_mut() {
+            *e = c;
+        }
+    });
 }
 
 /// Runs `f`, turning a failure into its status and message and a panic into
 /// `TL_STATUS_PANIC`: nothing unwinds into the caller.
 fn guard(f: impl FnOnce() -> Result<TlStatus, Failure>) -> TlStatus {
-    match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(Ok(status)) => status,
-        Ok(Err((status, message))) => {
+    let run = || match f() {
+        Ok(status) => status,
+        Err((status, message)) => {
             set_error(&message);
             status
         }
+    };
+    match catch_unwind(AssertUnwindSafe(run)) {
+        Ok(status) => status,
         Err(payload) => {
             let what = payload
                 .downcast_ref::<&str>()
                 .map(|s| (*s).to_owned())
                 .or_else(|| payload.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "a panic".to_owned());
-            set_error(&format!("tensorlift panicked (a bug: please report it): {what}"));
+            let _ = catch_unwind(|| set_error(&format!("tensorlift panicked (a bug: please report it): {what}")));
             TlStatus::Panic
         }
     }
@@ -255,6 +269,16 @@ unsafe fn put<T>(p: *mut T, value: T, what: &str) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Checks a handle out-parameter and sets it to null, before any work: a call that fails
+/// (or has nowhere to put what it makes) then leaves null there, and makes nothing.
+///
+/// # Safety
+/// `p` is null or valid for a write of a pointer.
+unsafe fn clear_out<T>(p: *mut *mut T) -> Result<(), Failure> {
+    // SAFETY: the caller's contract for `p`.
+    unsafe { put(p, std::ptr::null_mut(), "out") }
+}
+
 /// Frees a handle made by `Box::into_raw`.
 ///
 /// # Safety
@@ -270,7 +294,9 @@ unsafe fn free<T>(p: *mut T) {
 /// until the next call into tensorlift on this thread. Thread-safe (each thread has its own).
 #[no_mangle]
 pub extern "C" fn tl_last_error() -> *const c_char {
-    LAST_ERROR.with(|e| e.borrow().as_ptr())
+    // The pointer stays valid until set_error replaces the string (the next call on this
+    // thread); a thread whose storage is going away gets a static empty string.
+    LAST_ERROR.try_with(|e| e.try_borrow().map(|s| s.as_ptr()).ok()).ok().flatten().unwrap_or(c"".as_ptr())
 }
 
 /// tensorlift's version, as a static NUL-terminated string. Thread-safe.
@@ -279,14 +305,17 @@ pub extern "C" fn tl_version() -> *const c_char {
     concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
 }
 
-/// New options, with every default (`device` `"auto"`: a CUDA device when one is usable,
-/// else the host). Thread-safe.
+/// New options, with every default (the device: `TENSORLIFT_DEVICE` where it is set, else
+/// `"auto"`, a CUDA device when one is usable, else the host). `*out` is null on failure.
+/// Thread-safe.
 ///
 /// # Safety
 /// `out` is null or valid for a write of a pointer.
 #[no_mangle]
 pub unsafe extern "C" fn tl_options_new(out: *mut *mut TlOptions) -> TlStatus {
     guard(|| {
+        // SAFETY: the caller's contract for `out`.
+        unsafe { clear_out(out) }?;
         let options = Box::new(TlOptions { builder: Some(Loader::builder()) });
         // SAFETY: the caller's contract for `out`.
         unsafe { put(out, Box::into_raw(options), "out") }?;
@@ -308,14 +337,11 @@ pub unsafe extern "C" fn tl_options_free(options: *mut TlOptions) {
 ///
 /// # Safety
 /// As [`handle_mut`].
-unsafe fn change(
-    options: *mut TlOptions,
-    f: impl FnOnce(LoaderBuilder) -> Result<LoaderBuilder, Failure>,
-) -> Result<TlStatus, Failure> {
+unsafe fn change(options: *mut TlOptions, f: impl FnOnce(LoaderBuilder) -> LoaderBuilder) -> Result<TlStatus, Failure> {
     // SAFETY: the caller's contract for `options`.
     let o = unsafe { handle_mut(options, "options") }?;
     let builder = o.builder.take().unwrap_or_else(Loader::builder);
-    o.builder = Some(f(builder)?);
+    o.builder = Some(f(builder));
     Ok(TlStatus::Ok)
 }
 
@@ -332,12 +358,13 @@ pub unsafe extern "C" fn tl_options_set_device(options: *mut TlOptions, device: 
             .parse()
             .map_err(|e: tensorlift::InvalidDevice| invalid(e.to_string()))?;
         // SAFETY: the caller's contract for `options`.
-        unsafe { change(options, |b| Ok(b.device(d))) }
+        unsafe { change(options, |b| b.device(d)) }
     })
 }
 
 /// Loads only the tensors whose names match `pattern` (a name or a glob; called again, any
-/// of the patterns). One thread at a time per options.
+/// of the patterns); a pattern that is not a valid glob is refused by `tl_loader_new`. One
+/// thread at a time per options.
 ///
 /// # Safety
 /// `options` is live options; `pattern` a NUL-terminated string.
@@ -347,7 +374,7 @@ pub unsafe extern "C" fn tl_options_add_filter(options: *mut TlOptions, pattern:
         // SAFETY: the caller's contract for `pattern`.
         let p = unsafe { text(pattern, "pattern") }?.to_owned();
         // SAFETY: the caller's contract for `options`.
-        unsafe { change(options, |b| Ok(b.filter([p]))) }
+        unsafe { change(options, |b| b.filter([p])) }
     })
 }
 
@@ -368,7 +395,7 @@ pub unsafe extern "C" fn tl_options_set_dtype(options: *mut TlOptions, dtype: *c
             other => return Err(invalid(format!("dtype '{other}': tensors convert to BF16, F16 or F32"))),
         };
         // SAFETY: the caller's contract for `options`.
-        unsafe { change(options, |b| Ok(b.convert_to(to))) }
+        unsafe { change(options, |b| b.convert_to(to)) }
     })
 }
 
@@ -411,7 +438,7 @@ pub unsafe extern "C" fn tl_options_add_slice(
             }
         }
         // SAFETY: the caller's contract for `options`.
-        unsafe { change(options, |b| Ok(b.slice(name, TensorSlice::new(ranges)))) }
+        unsafe { change(options, |b| b.slice(name, TensorSlice::new(ranges))) }
     })
 }
 
@@ -427,21 +454,27 @@ pub unsafe extern "C" fn tl_options_set_verify(options: *mut TlOptions, policy: 
         let name = unsafe { text(policy, "policy") }?;
         let v: Verify = name.parse().map_err(invalid)?;
         // SAFETY: the caller's contract for `options`.
-        unsafe { change(options, |b| Ok(b.verify(v))) }
+        unsafe { change(options, |b| b.verify(v)) }
     })
 }
 
 /// A loader with `options` (which stay the caller's, unchanged): its device is chosen and
-/// probed here. Thread-safe for distinct options.
+/// probed here (with no device set, `TENSORLIFT_DEVICE` is read: an invalid value there is
+/// `TL_STATUS_INVALID_ARGUMENT`). `*out` is null on failure. Thread-safe for distinct
+/// options.
 ///
 /// # Safety
 /// `options` is live options; `out` valid for a write of a pointer.
 #[no_mangle]
 pub unsafe extern "C" fn tl_loader_new(options: *const TlOptions, out: *mut *mut TlLoader) -> TlStatus {
     guard(|| {
+        // SAFETY: the caller's contract for `out`.
+        unsafe { clear_out(out) }?;
         // SAFETY: the caller's contract for `options`.
         let o = unsafe { handle(options, "options") }?;
-        let builder = o.builder.clone().unwrap_or_else(Loader::builder);
+        // Each loader keeps the host memory of its own dropped loads (not shared with other
+        // loaders made from the same options).
+        let builder = o.builder.clone().unwrap_or_else(Loader::builder).reuse_host_memory(true);
         let loader = builder.build().map_err(load_failed)?;
         let device = CString::new(format!("{} ({})", loader.device(), loader.device_reason()).replace('\0', " "))
             .unwrap_or_default();
@@ -478,8 +511,25 @@ pub unsafe extern "C" fn tl_loader_device(loader: *const TlLoader, out: *mut *co
     })
 }
 
+/// Gives back to the system the host memory a loader keeps from its dropped loads (a load
+/// reuses it, already faulted in, when it fits; the loader keeps at most its largest load's
+/// memory). Thread-safe.
+///
+/// # Safety
+/// `loader` is a live loader.
+#[no_mangle]
+pub unsafe extern "C" fn tl_loader_release_host_memory(loader: *const TlLoader) -> TlStatus {
+    guard(|| {
+        // SAFETY: the caller's contract for `loader`.
+        let l = unsafe { handle(loader, "loader") }?;
+        l.loader.release_host_memory();
+        Ok(TlStatus::Ok)
+    })
+}
+
 /// Loads every tensor of `path` (a `.safetensors` file, an index JSON or a folder; PyTorch
-/// `.bin` files too) into a model. Thread-safe: several threads may load with one loader.
+/// `.bin` files too) into a model; `*out` is null on failure. Thread-safe: several threads
+/// may load with one loader.
 ///
 /// # Safety
 /// `loader` is a live loader; `path` a NUL-terminated string; `out` valid for a write of a
@@ -487,6 +537,8 @@ pub unsafe extern "C" fn tl_loader_device(loader: *const TlLoader, out: *mut *co
 #[no_mangle]
 pub unsafe extern "C" fn tl_load(loader: *const TlLoader, path: *const c_char, out: *mut *mut TlModel) -> TlStatus {
     guard(|| {
+        // SAFETY: the caller's contract for `out`.
+        unsafe { clear_out(out) }?;
         // SAFETY: the caller's contract for `loader`.
         let l = unsafe { handle(loader, "loader") }?;
         // SAFETY: the caller's contract for `path`.
@@ -521,7 +573,7 @@ pub unsafe extern "C" fn tl_model_len(model: *const TlModel) -> usize {
     unsafe { model.as_ref() }.map_or(0, |m| m.tensors.len())
 }
 
-/// Tensor `index` (in the order of the checkpoint) of a model. Thread-safe.
+/// Tensor `index` of a model (the tensors are in name order). Thread-safe.
 ///
 /// # Safety
 /// `model` is a live model; `out` valid for a write of a `TlTensorInfo`.
@@ -552,10 +604,13 @@ pub unsafe extern "C" fn tl_model_find(model: *const TlModel, name: *const c_cha
         let m = unsafe { handle(model, "model") }?;
         // SAFETY: the caller's contract for `name`.
         let n = unsafe { text(name, "name") }?;
+        // The tensors are in name order (a binary search); a name the info cut at a NUL is
+        // found by what the info says.
         let i = m
             .tensors
-            .iter()
-            .position(|h| h.tensor.name() == n)
+            .binary_search_by(|h| h.tensor.name().cmp(n))
+            .ok()
+            .or_else(|| m.tensors.iter().position(|h| h.name.as_bytes() == n.as_bytes()))
             .ok_or_else(|| (TlStatus::NotFound, format!("no tensor named '{n}'")))?;
         // SAFETY: the caller's contract for `out`.
         unsafe { put(out, i, "out") }?;
@@ -598,9 +653,8 @@ pub unsafe extern "C" fn tl_model_to_dlpack(
             .tensors
             .get(index)
             .ok_or_else(|| invalid(format!("index {index}: the model has {} tensors", m.tensors.len())))?;
-        if out.is_null() {
-            return Err(invalid("out is null"));
-        }
+        // SAFETY: the caller's contract for `out`.
+        unsafe { clear_out(out) }?;
         let managed = held.to_dlpack()?;
         // SAFETY: the caller's contract for `out`, checked not null above (so the export is
         // not lost).
@@ -621,6 +675,8 @@ pub unsafe extern "C" fn tl_stream_open(
     out: *mut *mut TlStream,
 ) -> TlStatus {
     guard(|| {
+        // SAFETY: the caller's contract for `out`.
+        unsafe { clear_out(out) }?;
         // SAFETY: the caller's contract for `loader`.
         let l = unsafe { handle(loader, "loader") }?;
         // SAFETY: the caller's contract for `path`.
@@ -642,9 +698,8 @@ pub unsafe extern "C" fn tl_stream_open(
 #[no_mangle]
 pub unsafe extern "C" fn tl_stream_next(stream: *mut TlStream, out: *mut *mut TlTensor) -> TlStatus {
     guard(|| {
-        if out.is_null() {
-            return Err(invalid("out is null"));
-        }
+        // SAFETY: the caller's contract for `out`.
+        unsafe { clear_out(out) }?;
         // SAFETY: the caller's contract for `stream`.
         let s = unsafe { handle_mut(stream, "stream") }?;
         match tensorlift::block_on(s.stream.next()) {
@@ -722,9 +777,8 @@ pub unsafe extern "C" fn tl_tensor_to_dlpack(
     guard(|| {
         // SAFETY: the caller's contract for `tensor`.
         let t = unsafe { handle(tensor, "tensor") }?;
-        if out.is_null() {
-            return Err(invalid("out is null"));
-        }
+        // SAFETY: the caller's contract for `out`.
+        unsafe { clear_out(out) }?;
         let managed = t.held.to_dlpack()?;
         // SAFETY: the caller's contract for `out` (checked not null).
         unsafe { put(out, managed, "out") }?;

@@ -215,7 +215,10 @@ pub unsafe extern "C" fn delete_versioned(p: *mut DLManagedTensorVersioned) {
     let t = unsafe { Box::from_raw(p) };
     // SAFETY: manager_ctx was made by Box::into_raw of a Context in the same call, and only
     // this deleter frees it.
-    drop(unsafe { Box::from_raw(t.manager_ctx.cast::<Context>()) });
+    let ctx = unsafe { Box::from_raw(t.manager_ctx.cast::<Context>()) };
+    // The owner's drop frees memory (an arena, device memory): a panic there (a bug) must
+    // not unwind into the consumer's C code.
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(ctx)));
 }
 
 /// The deleter of [`export_legacy`]'s tensors.
@@ -230,7 +233,9 @@ pub unsafe extern "C" fn delete_legacy(p: *mut DLManagedTensor) {
     // SAFETY: the caller passes a pointer made by Box::into_raw in export_legacy, once.
     let t = unsafe { Box::from_raw(p) };
     // SAFETY: as in delete_versioned.
-    drop(unsafe { Box::from_raw(t.manager_ctx.cast::<Context>()) });
+    let ctx = unsafe { Box::from_raw(t.manager_ctx.cast::<Context>()) };
+    // As in delete_versioned.
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(ctx)));
 }
 
 #[cfg(test)]

@@ -446,6 +446,10 @@ impl Sink for CudaSink {
                     }
                     v.verified_bytes += shard.file_len;
                 }
+                Hashed::Failed { span } => {
+                    let file = self.spans.get(span).map(|s| plan.shards()[s.shard].path.clone()).unwrap_or_default();
+                    return Poll::Ready(Err(LoadError::HashingFailed { file }));
+                }
             }
         }
         loop {

@@ -464,7 +464,15 @@ impl Sink for HostSink {
         }
         let mut any = false;
         for done in h.poll(cx) {
-            let Hashed::Shard { span: k, digest: actual, header } = done else { continue };
+            let (k, actual, header) = match done {
+                Hashed::Shard { span, digest, header } => (span, digest, header),
+                Hashed::Failed { span } => {
+                    let file =
+                        self.extents.get(span).map(|e| plan.shards()[e.span.shard].path.clone()).unwrap_or_default();
+                    return Poll::Ready(Err(LoadError::HashingFailed { file }));
+                }
+                Hashed::Chunk { .. } => continue,
+            };
             any = true;
             let Some(e) = self.extents.get_mut(k) else { continue };
             let Some(check) = e.check.take() else { continue };

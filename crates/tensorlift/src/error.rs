@@ -113,6 +113,10 @@ pub enum LoadError {
         /// Where the expected digest was found.
         expected_by: crate::digest::DigestSource,
     },
+    /// A shard's hashing ended before its digest (its thread ended early: a bug in
+    /// tensorlift, please report it); its tensors are never handed out.
+    #[error("{}: its SHA-256 was not computed: the hashing stopped early (a bug in tensorlift: please report it)", file.display())]
+    HashingFailed { file: PathBuf },
     /// A load that must verify every shard found no expected digest for this one.
     #[error(
         "{}: no expected SHA-256 to verify it with: it is no hub cache blob named by its digest, and {} does not \

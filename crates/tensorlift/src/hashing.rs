@@ -30,11 +30,15 @@ pub(crate) trait Landed: Send + 'static {
 
 /// What the hashing reports.
 pub(crate) enum Hashed<T> {
-    /// A chunk is hashed: here it is back (only where the sink asked for its chunks back).
-    Chunk { item: T },
+    /// A chunk of span `span` is hashed: here it is back (only where the sink asked for its
+    /// chunks back).
+    Chunk { span: usize, item: T },
     /// Every byte of span `span`'s file is hashed: its digest, and the hash of its first
     /// `header_len` bytes (`None` where they could not be held: memory).
     Shard { span: usize, digest: Sha256, header: Option<u64> },
+    /// Span `span`'s hashing ended without a digest (its thread ended early: a bug): the
+    /// load must fail, since its tensors can never be released.
+    Failed { span: usize },
 }
 
 /// One shard's hashing, in file order.
@@ -82,7 +86,7 @@ impl<T: Landed> InOrder<T> {
             self.hashed += bytes.len();
             self.next += 1;
             if self.give_back {
-                let _ = out.send(Hashed::Chunk { item });
+                let _ = out.send(Hashed::Chunk { span: self.span, item });
             }
         }
         if self.next < self.chunks {
@@ -123,6 +127,36 @@ enum Route<T> {
     Thread(mpsc::Sender<(usize, T)>),
     /// Hashed on the load's thread, where no thread could be had.
     Here(Box<InOrder<T>>),
+    /// Nowhere: the span's thread ended early; `reported` once the load has taken its
+    /// `Failed` (until then the hashing is busy).
+    Dead { reported: bool },
+}
+
+/// A hashing thread's last word: `Failed` for its span, unless it finished or the load was
+/// cancelled (a thread that panics still reports, so the load fails rather than waits).
+struct LastWord<T> {
+    span: usize,
+    out: mpsc::Sender<Hashed<T>>,
+    waker: Arc<Mutex<Option<Waker>>>,
+    finished: bool,
+}
+
+impl<T> Drop for LastWord<T> {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = self.out.send(Hashed::Failed { span: self.span });
+        }
+        wake(&self.waker);
+    }
+}
+
+/// Wakes the load (the waker is taken out of its lock first: a waker can run the task, and
+/// the task can drop the hashing, which takes the lock).
+fn wake(waker: &Mutex<Option<Waker>>) {
+    let w = waker.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(w) = w {
+        w.wake();
+    }
 }
 
 /// The hashing of a load's verified shards, by span.
@@ -138,8 +172,11 @@ pub(crate) struct Hashers<T> {
     /// Set when the load ends early: a hashing thread stops at its next chunk.
     cancel: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
-    /// Chunks sent that have not come back yet (where they come back).
-    chunks_out: usize,
+    /// Chunks sent that have not come back yet (where they come back), by span.
+    chunks_out: Vec<usize>,
+    /// Tests: hash on the load's thread, as where no thread can be had.
+    #[cfg(test)]
+    inline: bool,
 }
 
 impl<T: Landed> Hashers<T> {
@@ -149,14 +186,16 @@ impl<T: Landed> Hashers<T> {
         let (sender, results) = mpsc::channel();
         Hashers {
             routes: shape.iter().map(|_| None).collect(),
-            shape,
             give_back,
             results: Mutex::new(results),
             sender,
             waker: Arc::default(),
             cancel: Arc::default(),
             threads: Vec::new(),
-            chunks_out: 0,
+            chunks_out: vec![0; shape.len()],
+            shape,
+            #[cfg(test)]
+            inline: false,
         }
     }
 
@@ -168,44 +207,56 @@ impl<T: Landed> Hashers<T> {
     /// Hands chunk `index` of span `span` over (the span's thread starts with its first).
     pub(crate) fn send(&mut self, span: usize, index: usize, item: T) {
         let Some(&Some((chunks, header_len))) = self.shape.get(span) else { return };
-        if self.give_back {
-            self.chunks_out += 1;
-        }
         if self.routes[span].is_none() {
             self.routes[span] = Some(self.spawn(span, chunks, header_len));
         }
-        let item = match &mut self.routes[span] {
-            Some(Route::Thread(tx)) => match tx.send((index, item)) {
-                Ok(()) => return,
-                // The thread is gone (it stopped at a cancel): nothing more to hash.
-                Err(mpsc::SendError((_, item))) => item,
-            },
-            Some(Route::Here(h)) => {
-                if h.feed(index, item, &self.sender, &self.cancel) {
-                    self.routes[span] = None;
+        if self.give_back {
+            self.chunks_out[span] += 1;
+        }
+        match &mut self.routes[span] {
+            Some(Route::Thread(tx)) => {
+                if let Err(mpsc::SendError((_, item))) = tx.send((index, item)) {
+                    // The thread is gone (it reports Failed, or the load was cancelled).
+                    drop(item);
+                    self.routes[span] = Some(Route::Dead { reported: false });
+                    if self.give_back {
+                        self.chunks_out[span] -= 1;
+                    }
                 }
-                return;
             }
-            None => item,
-        };
-        drop(item);
+            // Kept until `poll` takes the digest, so that the hashing is busy until then.
+            Some(Route::Here(h)) => {
+                h.feed(index, item, &self.sender, &self.cancel);
+            }
+            Some(Route::Dead { .. }) | None => {
+                drop(item);
+                if self.give_back {
+                    self.chunks_out[span] -= 1;
+                }
+            }
+        }
     }
 
     fn spawn(&mut self, span: usize, chunks: usize, header_len: usize) -> Route<T> {
+        let give_back = self.give_back;
+        #[cfg(test)]
+        if self.inline {
+            return Route::Here(Box::new(InOrder::new(span, chunks, header_len, give_back)));
+        }
         let (tx, rx) = mpsc::channel::<(usize, T)>();
         let (out, waker, cancel) = (self.sender.clone(), Arc::clone(&self.waker), Arc::clone(&self.cancel));
-        let give_back = self.give_back;
         let spawned = std::thread::Builder::new().name("tensorlift-sha256".into()).spawn(move || {
+            let mut last = LastWord { span, out: out.clone(), waker: Arc::clone(&waker), finished: false };
             let mut h = InOrder::new(span, chunks, header_len, give_back);
             while let Ok((index, item)) = rx.recv() {
                 let done = h.feed(index, item, &out, &cancel);
-                if let Some(w) = waker.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                    w.wake();
-                }
+                wake(&waker);
                 if done {
                     break;
                 }
             }
+            // Done, or cancelled (a load that ended early hears nothing more).
+            last.finished = h.next >= h.chunks || cancel.load(Ordering::Relaxed);
         });
         match spawned {
             Ok(t) => {
@@ -225,9 +276,14 @@ impl<T: Landed> Hashers<T> {
         *self.waker.lock().unwrap_or_else(|p| p.into_inner()) = Some(cx.waker().clone());
         let done: Vec<Hashed<T>> = self.results.lock().unwrap_or_else(|p| p.into_inner()).try_iter().collect();
         for d in &done {
-            match d {
-                Hashed::Chunk { .. } => self.chunks_out = self.chunks_out.saturating_sub(1),
-                Hashed::Shard { span, .. } => self.routes[*span] = None,
+            match *d {
+                Hashed::Chunk { span, .. } => self.chunks_out[span] = self.chunks_out[span].saturating_sub(1),
+                Hashed::Shard { span, .. } => self.routes[span] = None,
+                // What the thread held is gone with it.
+                Hashed::Failed { span } => {
+                    self.routes[span] = Some(Route::Dead { reported: true });
+                    self.chunks_out[span] = 0;
+                }
             }
         }
         done
@@ -235,7 +291,8 @@ impl<T: Landed> Hashers<T> {
 
     /// Whether chunks or digests are still to come back.
     pub(crate) fn busy(&self) -> bool {
-        self.chunks_out > 0 || self.routes.iter().any(Option::is_some)
+        let waiting = |r: &Option<Route<T>>| !matches!(r, None | Some(Route::Dead { reported: true }));
+        self.chunks_out.iter().any(|&n| n > 0) || self.routes.iter().any(waiting)
     }
 }
 
@@ -255,7 +312,7 @@ impl<T> Hashers<T> {
         }
         // Chunks handed back but not taken.
         self.results.lock().unwrap_or_else(|p| p.into_inner()).try_iter().for_each(drop);
-        self.chunks_out = 0;
+        self.chunks_out.iter_mut().for_each(|n| *n = 0);
     }
 }
 
@@ -344,8 +401,8 @@ mod tests {
             let back: Vec<u8> = out
                 .iter()
                 .filter_map(|h| match h {
-                    Hashed::Chunk { item } => Some(item.0.clone()),
-                    Hashed::Shard { .. } => None,
+                    Hashed::Chunk { item, .. } => Some(item.0.clone()),
+                    _ => None,
                 })
                 .flatten()
                 .collect();
@@ -361,5 +418,50 @@ mod tests {
         // Until the first chunk lands, nothing is hashed.
         let (out, done) = run(&data, 100, 50, &[1, 2, 3]);
         assert!(out.is_empty() && !done);
+    }
+
+    fn poll_now<T: Landed>(h: &mut Hashers<T>) -> Vec<Hashed<T>> {
+        h.poll(&mut Context::from_waker(Waker::noop()))
+    }
+
+    #[test]
+    fn hashing_on_the_loads_thread_stays_busy_until_its_digest_is_taken() {
+        // Where no thread can be had, a shard is hashed as its chunks are sent; the load
+        // must still see its digest (it once ended the load with the digest unread).
+        let data: Vec<u8> = (0..300u32).map(|i| i as u8).collect();
+        let mut h = Hashers::new(vec![None, Some((3, 10))], false);
+        h.inline = true;
+        for i in [2, 0, 1] {
+            h.send(1, i, Bytes(data[i * 100..(i + 1) * 100].to_vec()));
+        }
+        assert!(h.busy(), "the digest is not taken yet");
+        let done = poll_now(&mut h);
+        assert!(matches!(done.as_slice(), [Hashed::Shard { span: 1, .. }]));
+        assert!(!h.busy());
+    }
+
+    struct Boom;
+    impl Landed for Boom {
+        fn bytes(&self) -> &[u8] {
+            panic!("a hashing thread's bug")
+        }
+    }
+
+    #[test]
+    fn a_hashing_thread_that_dies_fails_its_shard() {
+        let mut h = Hashers::new(vec![Some((2, 10))], true);
+        h.send(0, 0, Boom);
+        let started = std::time::Instant::now();
+        let done = loop {
+            let done = poll_now(&mut h);
+            if !done.is_empty() || started.elapsed() > std::time::Duration::from_secs(10) {
+                break done;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        assert!(matches!(done.as_slice(), [Hashed::Failed { span: 0 }]));
+        // Its chunk went with it; a later chunk goes nowhere; nothing is left to wait for.
+        h.send(0, 1, Boom);
+        assert!(!h.busy());
     }
 }

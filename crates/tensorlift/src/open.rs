@@ -121,13 +121,18 @@ fn verify_mapped(
         .map(|(e, m)| (e.shard, m))
         .collect();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, work.len().max(1));
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let hashed: Vec<(usize, Sha256)> = std::thread::scope(|scope| {
+    let hash = |map: &MappedFile| Sha256(sha2::Sha256::digest(map.view(contract)).into());
+    let mut digests: Vec<Option<Sha256>> = vec![None; work.len()];
+    // Each work item's digest by its index, from helpers and this thread; one a helper lost
+    // (a panic: a bug) is hashed here, so that no shard is handed out unchecked.
+    let claimed = std::sync::atomic::AtomicUsize::new(0);
+    let found: Vec<(usize, Sha256)> = std::thread::scope(|scope| {
         let hash_some = || {
             let mut out = Vec::new();
-            while let Some(&(shard, map)) = work.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) {
-                let digest = sha2::Sha256::digest(map.view(contract));
-                out.push((shard, Sha256(digest.into())));
+            loop {
+                let i = claimed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(&(_, map)) = work.get(i) else { break };
+                out.push((i, hash(map)));
             }
             out
         };
@@ -139,6 +144,11 @@ fn verify_mapped(
         }
         all
     });
+    for (i, d) in found {
+        digests[i] = Some(d);
+    }
+    let hashed: Vec<(usize, Sha256)> =
+        work.iter().zip(digests).map(|(&(shard, map), d)| (shard, d.unwrap_or_else(|| hash(map)))).collect();
     let mut verified = 0;
     for (i, digest) in hashed {
         let (Some(Some((expected, by))), Some(shard)) = (checks.get(i), plan.shards().get(i)) else { continue };

@@ -705,7 +705,12 @@ fn tensors_land_in_the_callers_device_memory() {
 fn verified_checkpoint() -> (PathBuf, BTreeMap<String, Vec<u8>>, [PathBuf; 2]) {
     let dir = scratch();
     let a: &[Spec<'_>] = &[("a.0", Dtype::F32, &[3000]), ("a.1", Dtype::BF16, &[64, 33]), ("a.2", Dtype::U8, &[5])];
-    let b: &[Spec<'_>] = &[("b.0", Dtype::F16, &[0]), ("b.1", Dtype::I64, &[1500]), ("b.2", Dtype::U8, &[9000])];
+    let b: &[Spec<'_>] = &[
+        ("b.0", Dtype::F16, &[0]),
+        ("b.1", Dtype::I64, &[1500]),
+        ("b.2", Dtype::U8, &[9000]),
+        ("b.3", Dtype::BF16, &[700]),
+    ];
     let truth = write_sharded(&dir, &[a, b]);
     let names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"];
     let mut listed = names.to_vec();
@@ -744,7 +749,7 @@ fn verified_loads_hash_pinned_chunks_before_their_copies() {
 fn a_corrupted_shard_hands_out_none_of_its_tensors_from_the_device() {
     use tensorlift::Verify;
     let _d = driver();
-    for at in ["first", "middle", "last"] {
+    for (at, convert) in [("first", false), ("middle", false), ("last", false), ("last", true)] {
         let (dir, _, paths) = verified_checkpoint();
         let path = &paths[1];
         let mut bytes = std::fs::read(path).unwrap();
@@ -758,7 +763,9 @@ fn a_corrupted_shard_hands_out_none_of_its_tensors_from_the_device() {
         std::fs::write(path, &bytes).unwrap();
         let name = path.file_name().unwrap().to_str().unwrap();
         let actual = tensorlift_testkit::coreutils_sha256sums(&dir, &[name])[..64].to_owned();
-        let loader = base().chunk_size(4096).verify(Verify::Required).build().unwrap();
+        // Converted tensors come out when their kernel completes: held all the same.
+        let builder = base().chunk_size(4096).verify(Verify::Required);
+        let loader = if convert { builder.convert_to(Dtype::F32) } else { builder }.build().unwrap();
         let mut stream = loader.stream_blocking(&dir).unwrap();
         let mut got = Vec::new();
         let err = loop {
