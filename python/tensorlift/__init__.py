@@ -174,10 +174,12 @@ def _convert(t, framework):
     _check_framework(framework)
 
 
-def _check_framework(framework):
+def _check_framework(framework, device="cpu"):
     if framework is not None and framework not in _FRAMEWORK_NAMES:
         names = ", ".join(repr(n) for n in _FRAMEWORK_NAMES)
         raise ValueError(f"unknown framework {framework!r} (expected one of {names}, or None)")
+    if framework in _frameworks.FRAMEWORKS:
+        _frameworks.check(framework, device)
 
 
 def load_file(path, device="cpu", framework="pt", *, dtype=None, tp=None, stats=None, verify=None):
@@ -205,7 +207,7 @@ def load_file(path, device="cpu", framework="pt", *, dtype=None, tp=None, stats=
     device (each pinned chunk is hashed before its copy); not with ``tp`` (it reads parts of
     shards).
     """
-    _check_framework(framework)
+    _check_framework(framework, _device(device))
     tensors = load(str(path), device=_device(device), dtype=_dtype(dtype), tp=tp, stats=stats, verify=_verify(verify))
     return {name: _convert(t, framework) for name, t in tensors.items()}
 
@@ -220,7 +222,7 @@ def iter_tensors(
 
     Stopping early (``break``) cancels the rest of the load.
     """
-    _check_framework(framework)
+    _check_framework(framework, _device(device))
     it = _iter_tensors(
         str(path),
         device=_device(device),
@@ -514,7 +516,7 @@ class safe_open:
     """
 
     def __init__(self, filename, framework="pt", device="cpu", *, backend="pread"):
-        _check_framework(framework)
+        _check_framework(framework, _device(device))
         _check_backend(backend)
         self._framework = framework
         device = _device(device)
@@ -619,7 +621,7 @@ def _patched_safe_open(filename, framework, device="cpu", *, backend="mmap"):
     if framework in _TORCH_NAMES + _NUMPY_NAMES and name in _OWN_DEVICES:
         framework = "pt" if framework in _TORCH_NAMES else "np"
         return safe_open(filename, framework=framework, device=device, backend=backend)
-    if framework in _frameworks.FRAMEWORKS and name == "cpu":
+    if framework in _frameworks.FRAMEWORKS and name == "cpu" and _frameworks.installed(framework):
         return safe_open(filename, framework=framework, device=device, backend=backend)
     return _REFERENCE[0](filename, framework, device, backend=backend)
 
@@ -657,7 +659,11 @@ def patch():
     after importing those libraries; ``unpatch()`` (or the end of ``with tensorlift.patch():``)
     puts the reference back. Calling it twice patches once."""
     import safetensors
-    import safetensors.torch  # noqa: F401 - its load_file looks safe_open up here
+
+    try:
+        import safetensors.torch  # noqa: F401 - its load_file looks safe_open up here
+    except ImportError:
+        pass  # no torch: the other frameworks' modules are patched as they are found
 
     with _PATCH_LOCK:
         if _PATCHED:
