@@ -245,6 +245,40 @@ pub fn per_tensor_htod(gpu: tensorlift_cuda::Gpu) -> Entry {
     }
 }
 
+/// Host-to-device bandwidth as nvbandwidth's `host_to_device_memcpy_ce` measures the copy
+/// engines: large pinned buffers (4 of 256 MiB), each copied whole to a place of its own on
+/// the device, on 4 streams at once, until as many bytes as the checkpoint holds (at least
+/// 4 GiB) have moved. The buffers, the device memory and the streams are made (and used
+/// once) when the entry is, outside the timed runs, as nvbandwidth leaves them out.
+pub fn h2d_limit_streams(gpu: tensorlift_cuda::Gpu) -> anyhow::Result<Entry> {
+    const CHUNK: usize = 256 << 20;
+    const STREAMS: usize = 4;
+    let pool = tensorlift_cuda::PinnedPool::new(&gpu, STREAMS * CHUNK, CHUNK)?;
+    let arena = Arc::new(tensorlift_cuda::DeviceArena::new(&gpu, STREAMS * CHUNK)?);
+    let engine = std::sync::Mutex::new(tensorlift_cuda::CopyEngine::new(&gpu, STREAMS)?);
+    let copy = move |target: u64| -> anyhow::Result<u64> {
+        let mut engine = engine.lock().map_err(|_| anyhow::anyhow!("a run panicked"))?;
+        let mut moved = 0u64;
+        for i in 0.. {
+            if moved >= target {
+                break;
+            }
+            let piece = tensorlift_cuda::Piece::flat(0, (i % STREAMS) * CHUNK, CHUNK);
+            engine.copy(pool.acquire(), &arena, &[piece])?;
+            moved += CHUNK as u64;
+        }
+        engine.synchronize()?;
+        Ok(moved)
+    };
+    // Once untimed: every buffer pinned and mapped, every stream used.
+    copy((STREAMS * CHUNK) as u64)?;
+    Ok(Entry {
+        name: "h2d-limit-streams",
+        kind: Kind::Limit,
+        run: Box::new(move |c| Ok((copy(c.bytes.max(4 << 30))?, Box::new(())))),
+    })
+}
+
 /// Host-to-device bandwidth: as many bytes as the checkpoint holds, moved as large copies
 /// from one pinned buffer to the device.
 pub fn h2d_limit(gpu: tensorlift_cuda::Gpu) -> Entry {

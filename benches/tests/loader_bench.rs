@@ -36,6 +36,7 @@ fn json_report_has_engines_limits_and_skips() {
     // No GPU here: the GPU entries say why they did not run.
     assert!(v["skipped"]["per-tensor-htod"].as_str().unwrap().starts_with("no usable GPU: "));
     assert!(v["skipped"]["h2d-limit"].as_str().unwrap().starts_with("no usable GPU: "));
+    assert!(v["skipped"]["h2d-limit-streams"].as_str().unwrap().starts_with("no usable GPU: "));
     // The second run reuses the generated checkpoint.
     let out = bench(
         &[
@@ -96,4 +97,27 @@ fn idle_memory_is_a_mode_of_its_own() {
     let modes: Vec<&String> = v["modes"].as_object().unwrap().keys().collect();
     assert_eq!(modes, ["warm", "warm-idle"]);
     assert!(v["modes"]["warm-idle"]["engines"]["tensorlift"]["gbps"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn both_copy_limits_are_measured_on_a_device() {
+    // The emulated driver (a real one with TENSORLIFT_TEST_DRIVER=real): the limits are
+    // copies of memory here, and only their shape is checked.
+    let cache = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_loader-bench"));
+    cmd.args(["--synthetic", "24M", "--runs", "1", "--cache", "warm", "--baselines", "none", "--device", "cuda:0"])
+        .args(["--json", "--cache-dir"])
+        .arg(cache.path());
+    if !tensorlift_testkit::real_driver() {
+        cmd.env("TENSORLIFT_LIBCUDA", tensorlift_testkit::emulated_driver());
+    }
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let limits = &v["modes"]["warm"]["limits"];
+    let bytes = v["checkpoint"]["bytes"].as_u64().unwrap();
+    assert!(limits["h2d-limit"]["bytes"].as_u64().unwrap() >= bytes, "{limits}");
+    // Several streams, large buffers: at least 4 GiB moved, as nvbandwidth moves.
+    assert!(limits["h2d-limit-streams"]["bytes"].as_u64().unwrap() >= 4 << 30, "{limits}");
+    assert!(limits["h2d-limit-streams"]["gbps"].as_f64().unwrap() > 0.0, "{limits}");
 }
