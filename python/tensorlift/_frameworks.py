@@ -145,35 +145,16 @@ def _paddle(t, to_numpy):
     return _paddle_from_numpy(to_numpy(t), t.dtype)
 
 
-# Paddle's type of each dtype: a tensor is made of its raw bytes and viewed as its type, as
-# the reference makes it (paddle.to_tensor takes fewer types than Paddle has).
-_PADDLE = {
-    "BOOL": "bool",
-    "U8": "uint8",
-    "I8": "int8",
-    "U16": "uint16",
-    "I16": "int16",
-    "U32": "uint32",
-    "I32": "int32",
-    "U64": "uint64",
-    "I64": "int64",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "F32": "float32",
-    "F64": "float64",
-    "C64": "complex64",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-}
-
-
 def _paddle_from_numpy(arr, dtype):
     import numpy
     import paddle
 
-    if dtype not in _PADDLE:
+    # A tensor is made of its raw bytes and viewed as its type, as the reference makes it
+    # (paddle.to_tensor takes fewer types than Paddle has). Paddle names its types as numpy
+    # and ml_dtypes do.
+    kind = getattr(paddle, arr.dtype.name, None)
+    if kind is None:
         raise TypeError(f"Paddle has no {dtype} type")
-    kind = getattr(paddle, _PADDLE[dtype])
     shape = list(arr.shape)
     # On the host, as the reference's tensors for device="cpu" (not Paddle's default place,
     # a GPU on a GPU build).
