@@ -64,21 +64,19 @@ fn torch_include() -> PathBuf {
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
-/// Compiles `sources` into `exe` with `compiler`, against the header and the static library.
+/// Compiles `sources` into `exe` with `compiler`, against the header and the static library
+/// (or the shared one where only it is there: what scripts/gpu-host carries).
 fn compile(compiler: &str, sources: &[PathBuf], exe: &Path, extra: &[&str]) {
     let mut cmd = Command::new(compiler);
-    cmd.args(extra)
-        .arg("-g")
-        .arg("-I")
-        .arg(crate_dir().join("include"))
-        .arg("-I")
-        .arg(torch_include())
-        .args(sources)
-        .arg(libraries().join("libtensorlift_c.a"))
-        // What Rust's standard library needs from the system.
-        .args(["-lgcc_s", "-lutil", "-lrt", "-lpthread", "-lm", "-ldl", "-lc"])
-        .arg("-o")
-        .arg(exe);
+    cmd.args(extra).arg("-g").arg("-I").arg(crate_dir().join("include")).arg("-I").arg(torch_include()).args(sources);
+    let (lib, static_lib) = (libraries(), libraries().join("libtensorlift_c.a"));
+    if static_lib.is_file() {
+        cmd.arg(static_lib);
+    } else {
+        cmd.arg("-L").arg(&lib).arg("-ltensorlift_c").arg(format!("-Wl,-rpath,{}", lib.display()));
+    }
+    // What Rust's standard library needs from the system.
+    cmd.args(["-lgcc_s", "-lutil", "-lrt", "-lpthread", "-lm", "-ldl", "-lc"]).arg("-o").arg(exe);
     let out = cmd.output().unwrap_or_else(|e| panic!("{compiler}: {e}"));
     assert!(out.status.success(), "{compiler}: {}", String::from_utf8_lossy(&out.stderr));
 }
