@@ -295,3 +295,20 @@ def test_patch_serves_the_framework_through_tensorlift(framework, checkpoint):
             assert type(f) is tensorlift.safe_open
             same(f.get_tensor("f32"), reference(checkpoint, fw, framework)["f32"], framework, "patched")
     assert safetensors.safe_open is not tensorlift.safe_open
+
+
+def test_jax_takes_cuda_tensors(framework, checkpoint):
+    # On a GPU host (scripts/gpu-host runs this file with the host's JAX, a CUDA build):
+    # tensors loaded onto cuda:0 are JAX arrays on the GPU, with the file's values.
+    if framework != "jax":
+        pytest.skip("JAX only")
+    import jax
+
+    if not any(d.platform == "gpu" for d in jax.devices()):
+        pytest.skip("no GPU for JAX here")
+    got = tensorlift.load_file(str(checkpoint), device="cuda:0", framework="flax")
+    for k in ("f32", "f16", "bf16", "i32", "u8", "bool", "empty", "scalar"):
+        x = got[k]
+        assert {d.platform for d in x.devices()} == {"gpu"}, k
+        a = np.asarray(x)
+        assert (a.dtype, a.shape, a.tobytes()) == (TENSORS[k].dtype, TENSORS[k].shape, TENSORS[k].tobytes()), k
