@@ -70,6 +70,12 @@ fn compile(compiler: &str, sources: &[PathBuf], exe: &Path, extra: &[&str]) {
     let mut cmd = Command::new(compiler);
     cmd.args(extra).arg("-g").arg("-I").arg(crate_dir().join("include")).arg("-I").arg(torch_include()).args(sources);
     let (lib, static_lib) = (libraries(), libraries().join("libtensorlift_c.a"));
+    assert!(
+        static_lib.is_file() || lib.join("libtensorlift_c.so").is_file(),
+        "no libtensorlift_c in {}: run `cargo build -p tensorlift-capi` first (./scripts/test does; cargo test \
+         builds only the Rust library)",
+        lib.display()
+    );
     if static_lib.is_file() {
         cmd.arg(static_lib);
     } else {
