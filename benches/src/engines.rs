@@ -258,14 +258,11 @@ pub fn h2d_limit_streams(gpu: tensorlift_cuda::Gpu) -> anyhow::Result<Entry> {
     let engine = std::sync::Mutex::new(tensorlift_cuda::CopyEngine::new(&gpu, STREAMS)?);
     let copy = move |target: u64| -> anyhow::Result<u64> {
         let mut engine = engine.lock().map_err(|_| anyhow::anyhow!("a run panicked"))?;
-        let mut moved = 0u64;
-        for i in 0.. {
-            if moved >= target {
-                break;
-            }
+        let (mut moved, mut i) = (0u64, 0usize);
+        while moved < target {
             let piece = tensorlift_cuda::Piece::flat(0, (i % STREAMS) * CHUNK, CHUNK);
             engine.copy(pool.acquire(), &arena, &[piece])?;
-            moved += CHUNK as u64;
+            (moved, i) = (moved + CHUNK as u64, i + 1);
         }
         engine.synchronize()?;
         Ok(moved)

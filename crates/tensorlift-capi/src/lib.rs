@@ -81,7 +81,7 @@ pub struct TlTensorInfo {
 /// at a time.
 #[derive(Debug)]
 pub struct TlOptions {
-    builder: Option<LoaderBuilder>,
+    builder: LoaderBuilder,
 }
 
 /// A loader: made by `tl_loader_new`, freed by `tl_loader_free`. Loads from several threads
@@ -279,14 +279,16 @@ unsafe fn clear_out<T>(p: *mut *mut T) -> Result<(), Failure> {
     unsafe { put(p, std::ptr::null_mut(), "out") }
 }
 
-/// Frees a handle made by `Box::into_raw`.
+/// Frees a handle made by `Box::into_raw` (a panic in its drop, a bug, does not unwind
+/// into the caller).
 ///
 /// # Safety
 /// `p` is null or a live handle of this type from this library, freed once.
 unsafe fn free<T>(p: *mut T) {
     if !p.is_null() {
         // SAFETY: a handle this library made with Box::into_raw, freed only here, once.
-        drop(unsafe { Box::from_raw(p) });
+        let handle = unsafe { Box::from_raw(p) };
+        let _ = catch_unwind(AssertUnwindSafe(move || drop(handle)));
     }
 }
 
@@ -316,7 +318,7 @@ pub unsafe extern "C" fn tl_options_new(out: *mut *mut TlOptions) -> TlStatus {
     guard(|| {
         // SAFETY: the caller's contract for `out`.
         unsafe { clear_out(out) }?;
-        let options = Box::new(TlOptions { builder: Some(Loader::builder()) });
+        let options = Box::new(TlOptions { builder: Loader::builder() });
         // SAFETY: the caller's contract for `out`.
         unsafe { put(out, Box::into_raw(options), "out") }?;
         Ok(TlStatus::Ok)
@@ -330,7 +332,7 @@ pub unsafe extern "C" fn tl_options_new(out: *mut *mut TlOptions) -> TlStatus {
 #[no_mangle]
 pub unsafe extern "C" fn tl_options_free(options: *mut TlOptions) {
     // SAFETY: the caller's contract for `options`.
-    let _ = catch_unwind(AssertUnwindSafe(|| unsafe { free(options) }));
+    unsafe { free(options) };
 }
 
 /// Changes the builder inside `options`.
@@ -340,8 +342,8 @@ pub unsafe extern "C" fn tl_options_free(options: *mut TlOptions) {
 unsafe fn change(options: *mut TlOptions, f: impl FnOnce(LoaderBuilder) -> LoaderBuilder) -> Result<TlStatus, Failure> {
     // SAFETY: the caller's contract for `options`.
     let o = unsafe { handle_mut(options, "options") }?;
-    let builder = o.builder.take().unwrap_or_else(Loader::builder);
-    o.builder = Some(f(builder));
+    let builder = std::mem::replace(&mut o.builder, Loader::builder());
+    o.builder = f(builder);
     Ok(TlStatus::Ok)
 }
 
@@ -474,7 +476,7 @@ pub unsafe extern "C" fn tl_loader_new(options: *const TlOptions, out: *mut *mut
         let o = unsafe { handle(options, "options") }?;
         // Each loader keeps the host memory of its own dropped loads (not shared with other
         // loaders made from the same options).
-        let builder = o.builder.clone().unwrap_or_else(Loader::builder).reuse_host_memory(true);
+        let builder = o.builder.clone().reuse_host_memory(true);
         let loader = builder.build().map_err(load_failed)?;
         let device = CString::new(format!("{} ({})", loader.device(), loader.device_reason()).replace('\0', " "))
             .unwrap_or_default();
@@ -492,7 +494,7 @@ pub unsafe extern "C" fn tl_loader_new(options: *const TlOptions, out: *mut *mut
 #[no_mangle]
 pub unsafe extern "C" fn tl_loader_free(loader: *mut TlLoader) {
     // SAFETY: the caller's contract for `loader`.
-    let _ = catch_unwind(AssertUnwindSafe(|| unsafe { free(loader) }));
+    unsafe { free(loader) };
 }
 
 /// The device a loader loads to and why, as `"cuda:0 (requested)"` or `"cpu (no CUDA
@@ -560,7 +562,7 @@ pub unsafe extern "C" fn tl_load(loader: *const TlLoader, path: *const c_char, o
 #[no_mangle]
 pub unsafe extern "C" fn tl_model_free(model: *mut TlModel) {
     // SAFETY: the caller's contract for `model`.
-    let _ = catch_unwind(AssertUnwindSafe(|| unsafe { free(model) }));
+    unsafe { free(model) };
 }
 
 /// Number of tensors in a model (0 for null). Thread-safe.
@@ -747,7 +749,7 @@ pub unsafe extern "C" fn tl_stream_stats_json(stream: *mut TlStream, out: *mut *
 #[no_mangle]
 pub unsafe extern "C" fn tl_stream_free(stream: *mut TlStream) {
     // SAFETY: the caller's contract for `stream`.
-    let _ = catch_unwind(AssertUnwindSafe(|| unsafe { free(stream) }));
+    unsafe { free(stream) };
 }
 
 /// A streamed tensor's info. Thread-safe.
@@ -793,5 +795,5 @@ pub unsafe extern "C" fn tl_tensor_to_dlpack(
 #[no_mangle]
 pub unsafe extern "C" fn tl_tensor_free(tensor: *mut TlTensor) {
     // SAFETY: the caller's contract for `tensor`.
-    let _ = catch_unwind(AssertUnwindSafe(|| unsafe { free(tensor) }));
+    unsafe { free(tensor) };
 }

@@ -233,23 +233,12 @@ impl CudaSink {
             verify: None,
         };
         if let Some(checks) = checks {
-            // A verified span is a whole file (base 0): its header is its first bytes.
-            let mut chunks = vec![0usize; spans.len()];
-            for r in reads {
-                chunks[r.span] += 1;
-            }
+            let (checks, hashers) = crate::hashing::verify_spans(plan, &spans, reads, &checks, true);
             let mut span_of = vec![usize::MAX; plan.tensors().len()];
-            let mut shape = Vec::with_capacity(spans.len());
-            let mut span_checks = Vec::with_capacity(spans.len());
             for (k, span) in spans.iter().enumerate() {
                 span.tensors.iter().for_each(|&t| span_of[t] = k);
-                let shard = &plan.shards()[span.shard];
-                let check = checks.get(span.shard).cloned().flatten().map(|(want, by)| Check::new(want, by));
-                shape.push(check.as_ref().map(|_| (chunks[k], shard.data_start().min(shard.file_len) as usize)));
-                span_checks.push(check);
             }
-            let hashers = Hashers::new(shape, true);
-            sink.verify = Some(Verifying { hashers, checks: span_checks, span_of, verified_bytes: 0 });
+            sink.verify = Some(Verifying { hashers, checks, span_of, verified_bytes: 0 });
         }
         // Tensors with no bytes wait for nothing (and need no kernel: an empty tensor's
         // conversion is its new dtype).

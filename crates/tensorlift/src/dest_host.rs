@@ -168,9 +168,10 @@ impl HostSink {
             hashing: None,
             verified_bytes: 0,
         };
-        let mut reads_of = vec![0usize; spans.len()];
-        for r in reads {
-            reads_of[r.span] += 1;
+        let mut span_checks = Vec::new();
+        if let Some(checks) = &checks {
+            let (c, hashers) = crate::hashing::verify_spans(plan, &spans, reads, checks, false);
+            (span_checks, sink.hashing) = (c, Some(hashers));
         }
         let (kept_spans, kept_outputs) = kept.split_at_mut(spans.len());
         // Fresh memory, in the order it is written: each read's chunk, then the outputs of
@@ -216,22 +217,9 @@ impl HostSink {
             let mut now = Vec::new();
             let remaining = chunks_to_wait_for(plan, &span, chunk, |t| now.push(t));
             let landed = vec![false; chunks.len()];
-            let check = checks
-                .as_ref()
-                .and_then(|c| c.get(span.shard).cloned().flatten())
-                .map(|(expected, by)| Check::new(expected, by));
+            let check = span_checks.get_mut(sink.extents.len()).and_then(Option::take);
             sink.extents.push(Extent { span, memory, chunks, remaining, landed, check });
             sink.deliver(plan, sink.extents.len() - 1, now, ready)?;
-        }
-        if checks.is_some() {
-            // A verified extent is a whole file (base 0): its header is its first bytes.
-            let shape = (sink.extents.iter().enumerate())
-                .map(|(k, e)| {
-                    let shard = &plan.shards()[e.span.shard];
-                    e.check.as_ref().map(|_| (reads_of[k], shard.data_start().min(shard.file_len) as usize))
-                })
-                .collect();
-            sink.hashing = Some(Hashers::new(shape, false));
         }
         if prefault_threads > 0 {
             let mut work = Vec::new();

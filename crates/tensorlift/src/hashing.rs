@@ -322,6 +322,34 @@ impl<T> Drop for Hashers<T> {
     }
 }
 
+/// For a verified load of `spans` (whole files: `layout::whole_files`) read as `reads`:
+/// each span's check (`None` where its shard has no expected digest, by shard in `checks`),
+/// and the hashing of the spans that have one.
+pub(crate) fn verify_spans<T: Landed>(
+    plan: &tensorlift_format::LoadPlan,
+    spans: &[crate::layout::Span],
+    reads: &[crate::layout::Read],
+    checks: &[Option<(Sha256, crate::digest::DigestSource)>],
+    give_back: bool,
+) -> (Vec<Option<Check>>, Hashers<T>) {
+    let mut chunks = vec![0usize; spans.len()];
+    for r in reads {
+        chunks[r.span] += 1;
+    }
+    let span_checks: Vec<Option<Check>> = spans
+        .iter()
+        .map(|span| checks.get(span.shard).cloned().flatten().map(|(want, by)| Check::new(want, by)))
+        .collect();
+    // A whole file's header is its first bytes.
+    let shape = (spans.iter().zip(&span_checks).zip(chunks))
+        .map(|((span, check), n)| {
+            let shard = &plan.shards()[span.shard];
+            check.as_ref().map(|_| (n, shard.data_start().min(shard.file_len) as usize))
+        })
+        .collect();
+    (span_checks, Hashers::new(shape, give_back))
+}
+
 /// A shard that a verified load checks before any of its tensors is handed out.
 pub(crate) struct Check {
     pub expected: Sha256,

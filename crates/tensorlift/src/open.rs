@@ -114,24 +114,25 @@ fn verify_mapped(
     contract: MapContract,
 ) -> Result<u64, LoadError> {
     use sha2::Digest as _;
-    let work: Vec<(usize, &Arc<MappedFile>)> = spans
+    // Each verified shard (a span of a verified load is a whole file), its mapping and what
+    // it is checked against.
+    let work: Vec<(&Shard, &MappedFile, &(Sha256, DigestSource))> = spans
         .iter()
         .zip(maps)
-        .filter(|(e, _)| checks.get(e.shard).is_some_and(Option::is_some))
-        .map(|(e, m)| (e.shard, m))
+        .filter_map(|(e, m)| Some((plan.shards().get(e.shard)?, &**m, checks.get(e.shard)?.as_ref()?)))
         .collect();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, work.len().max(1));
     let hash = |map: &MappedFile| Sha256(sha2::Sha256::digest(map.view(contract)).into());
-    let mut digests: Vec<Option<Sha256>> = vec![None; work.len()];
     // Each work item's digest by its index, from helpers and this thread; one a helper lost
-    // (a panic: a bug) is hashed here, so that no shard is handed out unchecked.
+    // (a panic: a bug) is hashed below, so that no shard is handed out unchecked.
     let claimed = std::sync::atomic::AtomicUsize::new(0);
+    let mut digests: Vec<Option<Sha256>> = vec![None; work.len()];
     let found: Vec<(usize, Sha256)> = std::thread::scope(|scope| {
         let hash_some = || {
             let mut out = Vec::new();
             loop {
                 let i = claimed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(&(_, map)) = work.get(i) else { break };
+                let Some(&(_, map, _)) = work.get(i) else { break };
                 out.push((i, hash(map)));
             }
             out
@@ -147,12 +148,9 @@ fn verify_mapped(
     for (i, d) in found {
         digests[i] = Some(d);
     }
-    let hashed: Vec<(usize, Sha256)> =
-        work.iter().zip(digests).map(|(&(shard, map), d)| (shard, d.unwrap_or_else(|| hash(map)))).collect();
     let mut verified = 0;
-    for (i, digest) in hashed {
-        let (Some(Some((expected, by))), Some(shard)) = (checks.get(i), plan.shards().get(i)) else { continue };
-        let Some(map) = work.iter().find(|(s, _)| *s == i).map(|(_, m)| m) else { continue };
+    for (&(shard, map, (expected, by)), digest) in work.iter().zip(digests) {
+        let digest = digest.unwrap_or_else(|| hash(map));
         let header = map.view(contract).get(..shard.data_start() as usize).map(tensorlift_format::header_hash);
         crate::hashing::Check::new(*expected, by.clone()).settle(shard, digest, header)?;
         verified += shard.file_len;
