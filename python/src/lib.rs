@@ -562,10 +562,15 @@ impl PyCheckpoint {
         let mut plan = self.plan.clone();
         let bytes = py
             .detach(|| -> Result<Vec<u8>, String> {
-                let file = plan.take_shard(shard).map_err(|e| e.to_string())?;
                 let mut buf = Vec::new();
                 buf.try_reserve_exact(length as usize).map_err(|_| format!("cannot allocate {length} bytes"))?;
                 buf.resize(length as usize, 0);
+                // A remote shard: one ranged read of its planned object (same ETag, same length).
+                if let Some(object) = plan.remote_object(shard) {
+                    let len = length as usize;
+                    return tensorlift_io::read_object(object, at, buf, 0, len).wait().map_err(|f| f.error.to_string());
+                }
+                let file = plan.take_shard(shard).map_err(|e| e.to_string())?;
                 file.read_exact_at(&mut buf, at).map_err(|e| format!("{}: {e}", path.display()))?;
                 Ok(buf)
             })
@@ -704,6 +709,13 @@ fn inspect(py: Python<'_>, path: std::path::PathBuf) -> PyResult<Py<PyDict>> {
     Ok(out.unbind())
 }
 
+/// Whether `path` names a remote checkpoint (`s3://`, `gs://`, `az://`, `http(s)://`, ...),
+/// read by ranged GETs rather than from a local file.
+#[pyfunction]
+fn is_remote(path: &str) -> bool {
+    tensorlift::is_remote(std::path::Path::new(path))
+}
+
 /// Host arenas alive in this process (for tests that check memory is freed).
 #[pyfunction]
 fn _live_host_arenas() -> usize {
@@ -719,6 +731,7 @@ fn _tensorlift(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(load, m)?)?;
     m.add_function(wrap_pyfunction!(iter_tensors, m)?)?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
+    m.add_function(wrap_pyfunction!(is_remote, m)?)?;
     m.add_function(wrap_pyfunction!(_live_host_arenas, m)?)?;
     m.add_function(wrap_pyfunction!(resolve_device, m)?)?;
     m.add_function(wrap_pyfunction!(reuse_host_memory, m)?)?;

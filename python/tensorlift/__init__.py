@@ -18,6 +18,7 @@ from ._tensorlift import (
     __version__,
     _live_host_arenas,
     inspect,
+    is_remote,
     load,
     release_host_memory,
     resolve_device,
@@ -33,6 +34,7 @@ __all__ = [
     "TensorIterator",
     "__version__",
     "inspect",
+    "is_remote",
     "iter_tensors",
     "load",
     "load_file",
@@ -72,7 +74,8 @@ class _Closed(SafetensorError, ValueError):
 # What ``backend=`` takes, as in the reference (safetensors 0.8): on the host, "mmap" serves
 # tensors as views of the memory-mapped file (the reference's contract: the file must not
 # shrink or change while they live), "pread" reads them into memory of their own; on a
-# GPU both read (see docs/PYTHON.md).
+# GPU both read, and so do both for a remote checkpoint (s3://, gs://, az://, http(s)://),
+# which has no file to map (see docs/PYTHON.md).
 _BACKENDS = ("mmap", "pread")
 
 
@@ -520,7 +523,7 @@ class safe_open:
         _check_backend(backend)
         self._framework = framework
         device = _device(device)
-        self._mapped = backend == "mmap" and device == "cpu"
+        self._mapped = backend == "mmap" and device == "cpu" and not is_remote(str(filename))
         self._ckpt = _Checkpoint(str(filename), device=device, mapped=self._mapped)
         self._device = self._ckpt.device()[0]
         self._names = None

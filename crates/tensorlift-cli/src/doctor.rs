@@ -8,8 +8,12 @@ use tensorlift_cuda::CudaStatus;
 use tensorlift_io::{direct_io_support, kernel_release, memlock, Memlock};
 
 pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
-    // A path that does not exist is a mistake of the caller's, not a fact to report.
-    std::fs::symlink_metadata(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    // A path that does not exist is a mistake of the caller's, not a fact to report. A
+    // remote one is planned (headers only): whether it can be reached is the fact.
+    let remote = tensorlift::is_remote(path).then(|| remote_source(path));
+    if remote.is_none() {
+        std::fs::symlink_metadata(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    }
     let cuda = tensorlift_cuda::cuda_status();
     // What a load would choose, decided by the Loader itself (no second probe). A device it
     // cannot use is reported, never a failure of doctor: then the host's facts are shown.
@@ -21,7 +25,7 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
     let device_memory = loader.device_memory();
     let pinned = loader.pinned_staging();
     let io = loader.io_report();
-    let direct = direct_io_support(path);
+    let direct = remote.is_none().then(|| direct_io_support(path));
     let memlock = memlock();
     let pages = tensorlift_io::page_probe();
     let residency = tensorlift_io::cache::residency_probe();
@@ -66,17 +70,19 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
             CudaStatus::Unavailable(why) => json!({"available": false, "reason": why}),
         };
         let direct = match &direct {
-            Ok(d) => {
+            None => serde_json::Value::Null,
+            Some(Ok(d)) => {
                 json!({"path": path.display().to_string(), "tried": d.tried.display().to_string(), "supported": d.refused.is_none(),
                              "reason": d.refused, "offset_align": d.align.offset, "memory_align": d.align.memory})
             }
-            Err(e) => json!({"path": path.display().to_string(), "supported": false, "reason": direct_why(e)}),
+            Some(Err(e)) => json!({"path": path.display().to_string(), "supported": false, "reason": direct_why(e)}),
         };
         let v = json!({
             "kernel": kernel,
             "gpu": gpu,
             "io_uring": {"available": matches!(io.uring, tensorlift::UringStatus::Available), "status": io.uring.to_string()},
             "o_direct": direct,
+            "remote": remote.as_ref().map(|r| &r.0),
             "page_cache_residency": {"cachestat": residency == tensorlift_io::cache::ResidencyProbe::Cachestat, "method": residency.to_string()},
             "host_pages": {"huge": loader.settings().huge_pages == tensorlift::HugePages::Always, "sample_favors_huge": pages.huge, "huge_first_touch_gbps": pages.huge_gbps, "base_first_touch_gbps": pages.base_gbps},
             "memlock": memlock.map(|Memlock { soft, hard }| json!({"soft_bytes": soft, "hard_bytes": hard, "note": memlock_note})),
@@ -116,7 +122,8 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
     }
     writeln!(out, "io_uring    {}", io.uring)?;
     match &direct {
-        Ok(d) => match &d.refused {
+        None => {}
+        Some(Ok(d)) => match &d.refused {
             None => writeln!(
                 out,
                 "O_DIRECT    works on {} (alignment: offsets {}, memory {})",
@@ -130,7 +137,10 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
                 writeln!(out, "O_DIRECT    not used on {tried}: {why}; reads go through the page cache")?
             }
         },
-        Err(e) => writeln!(out, "O_DIRECT    cannot test {}", crate::text::printable(&direct_why(e)))?,
+        Some(Err(e)) => writeln!(out, "O_DIRECT    cannot test {}", crate::text::printable(&direct_why(e)))?,
+    }
+    if let Some((_, line)) = &remote {
+        writeln!(out, "remote      {}", crate::text::printable(line))?;
     }
     writeln!(out, "page cache  residency by {residency}")?;
     writeln!(
@@ -189,4 +199,46 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
     };
     writeln!(out, "            read while planning (each shard once its header is validated): {overlap}")?;
     Ok(())
+}
+
+/// A remote checkpoint's facts: whether its headers can be read (planned), and how it would
+/// be read; as JSON and as a line of text.
+fn remote_source(path: &Path) -> (serde_json::Value, String) {
+    let o = tensorlift::RemoteOptions::from_env();
+    let how = format!(
+        "ranged GETs of {} each, {} at once, {} retries, {:.0} s timeout",
+        crate::text::memory(o.part_size),
+        o.concurrency,
+        o.retries,
+        o.timeout.as_secs_f64()
+    );
+    let mut v = json!({
+        "url": path.display().to_string(),
+        "part_size_bytes": o.part_size,
+        "concurrency": o.concurrency,
+        "retries": o.retries,
+        "timeout_seconds": o.timeout.as_secs_f64(),
+    });
+    let line = match tensorlift::plan(path) {
+        Ok(plan) => {
+            let tagged = (0..plan.shards().len()).all(|i| plan.remote_object(i).is_some_and(|o| o.e_tag().is_some()));
+            v["reachable"] = json!(true);
+            v["shards"] = json!(plan.shards().len());
+            v["bytes"] = json!(plan.checkpoint_bytes());
+            v["etags"] = json!(tagged);
+            format!(
+                "{}: {} shards, {} ({}; {how})",
+                path.display(),
+                plan.shards().len(),
+                crate::text::memory(plan.checkpoint_bytes()),
+                if tagged { "ETags: a changed object fails a load" } else { "no ETags: lengths checked only" }
+            )
+        }
+        Err(e) => {
+            v["reachable"] = json!(false);
+            v["error"] = json!(e.to_string());
+            format!("{}: cannot plan it: {e} ({how})", path.display())
+        }
+    };
+    (v, line)
 }

@@ -113,6 +113,9 @@ fn digest_all(tensors: &[Tensor]) -> anyhow::Result<Vec<String>> {
 
 fn io_line(model: &Model) -> String {
     let s = model.stats();
+    if s.remote_shards > 0 {
+        return format!("{} shards by ranged GETs (object storage or HTTP)", s.remote_shards);
+    }
     format!(
         "{} ({}); {} shards direct, {} buffered",
         s.io.backend,

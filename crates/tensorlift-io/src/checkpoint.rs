@@ -27,6 +27,7 @@ use tensorlift_format::{
     LoadPlan, Shard, TensorInfo, HEADER_PREFIX_LEN, INDEX_FILE_NAME, MAX_INDEX_LEN,
 };
 
+use crate::remote::{RemoteObject, RemoteOptions};
 use crate::IoError;
 
 /// Default bound on the header bytes one plan holds (see [`PlanLimits::max_header_bytes`]).
@@ -39,9 +40,9 @@ pub const DEFAULT_MAX_OPEN_FILES: usize = 128;
 /// Memory that parsing and planning use per byte of header, at most: a tensor entry is at
 /// least about 50 bytes of JSON and costs about 350 bytes parsed and planned; a metadata
 /// entry (`"k":""`, 7 bytes) about 100.
-const PARSE_BYTES_PER_HEADER_BYTE: u64 = 16;
+pub(crate) const PARSE_BYTES_PER_HEADER_BYTE: u64 = 16;
 /// The same for an index, whose values are parsed into a JSON tree.
-const PARSE_BYTES_PER_INDEX_BYTE: u64 = 24;
+pub(crate) const PARSE_BYTES_PER_INDEX_BYTE: u64 = 24;
 
 /// Bounds on what planning may hold, whatever the checkpoint says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +62,9 @@ pub struct PlanLimits {
     /// checked against the headers, so the bound keeps a hostile index from making planning
     /// take minutes.
     pub max_shards: usize,
+    /// How a remote checkpoint (`s3://`, `gs://`, `az://`, `http(s)://`) is read: request
+    /// sizes, concurrency, retries and timeouts (default [`RemoteOptions::from_env`]).
+    pub remote: RemoteOptions,
 }
 
 impl Default for PlanLimits {
@@ -69,6 +73,7 @@ impl Default for PlanLimits {
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             max_open_files: DEFAULT_MAX_OPEN_FILES,
             max_shards: DEFAULT_MAX_SHARDS,
+            remote: RemoteOptions::from_env(),
         }
     }
 }
@@ -119,22 +124,26 @@ pub trait PlanObserver: Sync {
 }
 
 /// An observer that wants nothing.
-struct Quiet;
+pub(crate) struct Quiet;
 
 impl PlanObserver for Quiet {}
 
 /// A planned checkpoint and the descriptors its planning opened: the model folder, and the
 /// shards it keeps open. A load reads these same descriptors; shards that were closed to
-/// bound open files are reopened relative to the folder and must be the same files.
+/// bound open files are reopened relative to the folder and must be the same files. A
+/// remote checkpoint holds its objects instead ([`remote_object`](Self::remote_object)).
 ///
 /// It dereferences to its [`LoadPlan`]. Clones share the descriptors.
 #[derive(Debug, Clone)]
 pub struct Checkpoint {
     plan: LoadPlan,
-    dir: Arc<File>,
+    /// The model folder; `None` for a remote checkpoint.
+    dir: Option<Arc<File>>,
     files: Vec<Option<Arc<File>>>,
     /// The index file planning read, as it was then.
     index_identity: Option<FileIdentity>,
+    /// A remote checkpoint's shards, by shard (empty for a local one).
+    remote: Vec<Arc<RemoteObject>>,
 }
 
 impl std::ops::Deref for Checkpoint {
@@ -167,6 +176,27 @@ impl Checkpoint {
         self.index_identity.as_ref()
     }
 
+    /// Whether the checkpoint is remote (object storage or HTTP): its shards are read by
+    /// [`remote_object`](Self::remote_object), not from descriptors.
+    pub fn is_remote(&self) -> bool {
+        !self.remote.is_empty()
+    }
+
+    /// Shard `i` of a remote checkpoint, as planning saw it (`None` for a local one).
+    pub fn remote_object(&self, i: usize) -> Option<&Arc<RemoteObject>> {
+        self.remote.get(i)
+    }
+
+    /// A remote checkpoint planned from `plan`, `objects` by shard.
+    pub(crate) fn remote(
+        plan: LoadPlan,
+        index_identity: Option<FileIdentity>,
+        objects: Vec<Arc<RemoteObject>>,
+    ) -> Self {
+        let files = vec![None; objects.len()];
+        Checkpoint { plan, dir: None, files, index_identity, remote: objects }
+    }
+
     /// Number of shard descriptors held open.
     pub fn open_files(&self) -> usize {
         self.files.iter().filter(|f| f.is_some()).count()
@@ -182,7 +212,7 @@ impl Checkpoint {
     /// (planning closed it, or it was taken already), rather than hand over the descriptor
     /// planning read its header from.
     pub fn reopens(&self, i: usize) -> bool {
-        self.files.get(i).is_none_or(Option::is_none)
+        !self.is_remote() && self.files.get(i).is_none_or(Option::is_none)
     }
 
     /// Closes the descriptor held for shard `i`, if any: a load that took the shard from
@@ -208,7 +238,10 @@ impl Checkpoint {
                 // Looked up again by name: pinned with O_PATH first and compared with the
                 // planned file before it is opened for reading, so a file swapped in under
                 // the name (a device, a FIFO, a link out of the folder) is never opened.
-                let l = locate(&self.dir, &shard.name).map_err(|e| changed(format!("cannot reopen it: {e}")))?;
+                let Some(dir) = &self.dir else {
+                    return Err(changed("a remote shard is read through its object, not a descriptor".into()));
+                };
+                let l = locate(dir, &shard.name).map_err(|e| changed(format!("cannot reopen it: {e}")))?;
                 if !l.meta.is_file() {
                     return Err(changed(format!("it is now a {}", kind_name(&l.meta))));
                 }
@@ -242,6 +275,9 @@ pub fn open_checkpoint_observed(
     limits: &PlanLimits,
     observer: &dyn PlanObserver,
 ) -> Result<Checkpoint, FormatError> {
+    if crate::remote::is_remote(path) {
+        return crate::remote::open_remote(path, limits);
+    }
     let io_err = |source| FormatError::Io { file: path.to_path_buf(), source };
     // The user's own path: links in it are followed. Nothing is opened yet, so nothing blocks.
     let meta = std::fs::metadata(path).map_err(io_err)?;
@@ -300,7 +336,7 @@ fn named_file(path: &Path) -> Result<(String, PathBuf, File), FormatError> {
 /// the spellings the index uses for it, in natural order of the spelled names; at most
 /// `max_shards` of them. The index repeats each name once per tensor: the work here is
 /// once per distinct name, not per tensor.
-fn index_shards(
+pub(crate) fn index_shards(
     context: &Path,
     index: &tensorlift_format::Index,
     limits: &PlanLimits,
@@ -373,7 +409,7 @@ impl LinkPolicy {
 }
 
 /// A shard's header as read: bytes to parse, or (a PyTorch file) already read.
-enum HeaderWork {
+pub(crate) enum HeaderWork {
     Parse(Vec<u8>),
     Done(Header, u64),
 }
@@ -441,13 +477,13 @@ fn cancelled(file: &Path) -> FormatError {
 }
 
 /// A shard whose header has been read (and not yet parsed), under its first name.
-struct Pending {
-    name: String,
+pub(crate) struct Pending {
+    pub(crate) name: String,
     /// Other names the index or the folder uses for the same file.
-    aliases: Vec<String>,
-    path: PathBuf,
-    identity: FileIdentity,
-    work: HeaderWork,
+    pub(crate) aliases: Vec<String>,
+    pub(crate) path: PathBuf,
+    pub(crate) identity: FileIdentity,
+    pub(crate) work: HeaderWork,
 }
 
 /// An opened regular file: its descriptor, identity and canonical path.
@@ -852,25 +888,38 @@ impl<'a> Planner<'a> {
                 .collect();
             let plan = LoadPlan::unparsed(root.clone(), index.is_some().then(|| context.to_path_buf()), shards);
             let (files, index_identity) = (self.files.clone(), index.as_ref().map(|i| i.1));
-            self.observer.headers_read(Checkpoint { plan, dir: Arc::clone(&dir), files, index_identity });
+            let dir = Some(Arc::clone(&dir));
+            self.observer.headers_read(Checkpoint { plan, dir, files, index_identity, remote: Vec::new() });
         }
-        let parsed = parse_all(&self.pending, self.observer);
-        let mut shards = Vec::with_capacity(self.pending.len());
-        for (p, parsed) in self.pending.into_iter().zip(parsed) {
-            let (header, header_hash) = match (p.work, parsed) {
-                (HeaderWork::Done(header, hash), _) => (header, hash),
-                (HeaderWork::Parse(_), Some(r)) => r?,
-                (HeaderWork::Parse(bytes), None) => parse(&p.path, p.identity.len, &bytes)?,
-            };
-            let (mut shard, tensors) = Shard::from_header(p.path, p.name, p.identity, header_hash, header);
-            shard.aliases = p.aliases;
-            shards.push((shard, tensors));
-        }
-        let index_identity = index.as_ref().map(|i| i.1);
-        let index = index.map(|(i, _)| (context.to_path_buf(), i));
-        let plan = LoadPlan::assemble(context, root, index, shards)?;
-        Ok(Checkpoint { plan, dir, files: self.files, index_identity })
+        let (plan, index_identity) = assemble(context, root, index, self.pending, self.observer)?;
+        Ok(Checkpoint { plan, dir: Some(dir), files: self.files, index_identity, remote: Vec::new() })
     }
+}
+
+/// Parses the headers read for `pending` (telling `observer` of each), then builds the plan
+/// and checks it across shards and against the index; with the index's identity.
+pub(crate) fn assemble(
+    context: &Path,
+    root: PathBuf,
+    index: Option<(tensorlift_format::Index, FileIdentity)>,
+    pending: Vec<Pending>,
+    observer: &dyn PlanObserver,
+) -> Result<(LoadPlan, Option<FileIdentity>), FormatError> {
+    let parsed = parse_all(&pending, observer);
+    let mut shards = Vec::with_capacity(pending.len());
+    for (p, parsed) in pending.into_iter().zip(parsed) {
+        let (header, header_hash) = match (p.work, parsed) {
+            (HeaderWork::Done(header, hash), _) => (header, hash),
+            (HeaderWork::Parse(_), Some(r)) => r?,
+            (HeaderWork::Parse(bytes), None) => parse(&p.path, p.identity.len, &bytes)?,
+        };
+        let (mut shard, tensors) = Shard::from_header(p.path, p.name, p.identity, header_hash, header);
+        shard.aliases = p.aliases;
+        shards.push((shard, tensors));
+    }
+    let index_identity = index.as_ref().map(|i| i.1);
+    let index = index.map(|(i, _)| (context.to_path_buf(), i));
+    Ok((LoadPlan::assemble(context, root, index, shards)?, index_identity))
 }
 
 /// An index's bytes, bounded, parsed; with the file's identity as it was read.

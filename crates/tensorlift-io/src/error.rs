@@ -39,6 +39,15 @@ pub enum IoError {
     /// A shard is not the file that was planned, or it changed since.
     #[error("{}: shard changed since it was planned: {what}", file.display())]
     Changed { file: PathBuf, what: String },
+    /// A request for a byte range of a remote object failed, after the store's retries.
+    #[error("{}: GET of {len} bytes at offset {offset} failed: {source}", file.display())]
+    Remote {
+        file: PathBuf,
+        offset: u64,
+        len: u64,
+        #[source]
+        source: Box<object_store::Error>,
+    },
     /// Memory-mapping the file failed.
     #[error("{}: cannot map: {source}", file.display())]
     Map {

@@ -44,6 +44,7 @@ mod op;
 mod pread;
 mod probe;
 mod reader;
+pub mod remote;
 mod uring;
 
 pub use arena::{ArenaChunk, ArenaPool, HostArena, Prefaulter};
@@ -62,3 +63,4 @@ pub use probe::{
     UringStatus,
 };
 pub use reader::{block_on, BackendKind, Faults, FixedBuffers, IoReport, ReadFuture, Reader, ReaderBuilder, IO_ENV};
+pub use remote::{is_remote, read_object, RemoteObject, RemoteOptions};

@@ -388,8 +388,18 @@ struct Pending<B> {
 }
 
 impl<B> ReadFuture<B> {
-    fn ready(r: ReadResult<B>) -> Self {
+    pub(crate) fn ready(r: ReadResult<B>) -> Self {
         ReadFuture { state: State::Ready(Some(r)) }
+    }
+
+    /// A read that another task completes through `rx` (a remote object's).
+    pub(crate) fn waiting(
+        rx: oneshot::Receiver<ReadResult<B>>,
+        file: std::path::PathBuf,
+        offset: u64,
+        len: u64,
+    ) -> Self {
+        ReadFuture { state: State::Waiting(Pending { rx, file, offset, len }) }
     }
 
     /// Blocks the current thread until the read completes. Safe to call anywhere, also

@@ -190,3 +190,4 @@ pub fn slice_bytes(full: &[u8], shape: &[usize], elem: usize, ranges: &[std::ops
     }
     out
 }
+pub mod net;

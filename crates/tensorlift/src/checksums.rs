@@ -27,6 +27,13 @@ pub(crate) fn for_load(
     plan: &tensorlift_io::Checkpoint,
     policy: crate::Verify,
 ) -> Result<Vec<Option<(Sha256, DigestSource)>>, crate::LoadError> {
+    if plan.is_remote() {
+        return Err(crate::LoadError::Unsupported(
+            "verifying a remote checkpoint (its SHA256SUMS is not fetched yet): load it without --verify, or \
+             verify a local copy"
+                .into(),
+        ));
+    }
     let e = expected(plan)?;
     if let (Some(path), Some((want, from))) = (plan.index_file(), &e.index) {
         let io = |source: std::io::Error| {

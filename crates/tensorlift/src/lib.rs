@@ -71,7 +71,8 @@ pub use tensorlift_cuda::{dlpack, CudaError};
 pub use tensorlift_format::Dtype;
 pub use tensorlift_format::{FormatError, LoadPlan, PlannedTensor, Shard};
 pub use tensorlift_io::{
-    block_on, BackendKind, Checkpoint, FixedBuffers, IoError, IoReport, MapContract, PlanLimits, UringStatus,
+    block_on, is_remote, BackendKind, Checkpoint, FixedBuffers, IoError, IoReport, MapContract, PlanLimits,
+    RemoteOptions, UringStatus,
 };
 #[doc(hidden)]
 pub use tensorlift_io::{ArenaPool, Faults};

@@ -138,6 +138,14 @@ impl LoaderBuilder {
         self.cfg.limits.max_shards = shards.max(1);
         self
     }
+    /// How checkpoints in object storage or behind HTTP (`s3://`, `gs://`, `az://`,
+    /// `https://`) are read: bytes per ranged GET, GETs in flight, retries and timeouts
+    /// (default [`RemoteOptions::from_env`](crate::RemoteOptions::from_env)). Credentials and
+    /// endpoints come from the environment, as the provider's own tools take them.
+    pub fn remote(mut self, options: crate::RemoteOptions) -> Self {
+        self.cfg.limits.remote = options;
+        self
+    }
     /// Loads tensors as zero-copy views of memory-mapped shards instead of reading them
     /// into memory of their own. The [`MapContract`] is the caller's promise that the files
     /// stay as they are while tensors are alive; only `unsafe` code can make one (see
@@ -497,6 +505,7 @@ impl Loader {
             io: self.reader.report(),
             direct_shards: 0,
             buffered_shards: 0,
+            remote_shards: 0,
             max_in_flight_bytes: 0,
             huge_pages: None,
             prefaulted_bytes: 0,

@@ -5,7 +5,9 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use tensorlift_format::{LoadPlan, Shard};
-use tensorlift_io::{cache, Checkpoint, IoError, MapContract, MappedFile, OpenFile, Reader};
+use tensorlift_io::{
+    cache, Checkpoint, IoBufMut, IoError, MapContract, MappedFile, OpenFile, ReadFuture, Reader, RemoteObject,
+};
 
 use crate::config::DirectIo;
 use crate::digest::{DigestSource, Sha256};
@@ -23,7 +25,24 @@ pub(crate) enum Recheck {
     Reopened(u64),
 }
 
-/// Opens shard `i` of `plan` for reading, and counts it as direct or buffered.
+/// A shard open for reading: a local file, or a remote object read by ranged GETs.
+#[derive(Debug, Clone)]
+pub(crate) enum ShardIo {
+    File(Arc<OpenFile>),
+    Object(Arc<RemoteObject>),
+}
+
+impl ShardIo {
+    /// Reads `len` bytes at `offset` into `buf[..len]`, giving the buffer back with the result.
+    pub(crate) fn read<B: IoBufMut>(&self, reader: &Reader, offset: u64, buf: B, len: usize) -> ReadFuture<B> {
+        match self {
+            ShardIo::File(f) => reader.read(f, offset, buf, 0, len),
+            ShardIo::Object(o) => tensorlift_io::read_object(o, offset, buf, 0, len),
+        }
+    }
+}
+
+/// Opens shard `i` of `plan` for reading, and counts it as direct, buffered or remote.
 pub(crate) fn open_shard(
     reader: &Reader,
     plan: &mut Checkpoint,
@@ -31,7 +50,13 @@ pub(crate) fn open_shard(
     direct: DirectIo,
     recheck: Recheck,
     stats: &mut LoadStats,
-) -> Result<Arc<OpenFile>, LoadError> {
+) -> Result<ShardIo, LoadError> {
+    // A remote shard needs no opening: each of its GETs names the object planned (its ETag)
+    // and checks its length.
+    if let Some(object) = plan.remote_object(i) {
+        stats.remote_shards += 1;
+        return Ok(ShardIo::Object(Arc::clone(object)));
+    }
     let reopened = plan.reopens(i);
     let file = plan.take_shard(i).map_err(open_error)?;
     let shard = &plan.shards()[i];
@@ -52,7 +77,7 @@ pub(crate) fn open_shard(
     } else {
         stats.buffered_shards += 1;
     }
-    Ok(file)
+    Ok(ShardIo::File(file))
 }
 
 /// Zero-copy views of mapped shards, under the caller's contract: every tensor is ready at
@@ -77,7 +102,11 @@ pub(crate) fn map_all(
             _ => {
                 // The mapping keeps no descriptor: the file closes once it is mapped.
                 let recheck = recheck(plan, e.shard, fresh);
-                let file = open_shard(&reader, plan, e.shard, DirectIo::Never, recheck, stats)?;
+                let ShardIo::File(file) = open_shard(&reader, plan, e.shard, DirectIo::Never, recheck, stats)? else {
+                    return Err(LoadError::Unsupported(
+                        "mapped views of a remote checkpoint (a view maps a local file; load it into memory)".into(),
+                    ));
+                };
                 Arc::new(MappedFile::map(&file).map_err(LoadError::Open)?)
             }
         };
@@ -169,7 +198,9 @@ pub(crate) fn recheck(plan: &Checkpoint, i: usize, fresh: bool) -> Recheck {
 /// Refuses shard `i` when the file read is no longer as planned: its identity, length,
 /// modification or status change time moved (a rewrite in place, even of the same length,
 /// moves the last). Called after the shard's last read.
-pub(crate) fn still_as_planned(plan: &LoadPlan, i: usize, file: &OpenFile) -> Result<(), LoadError> {
+pub(crate) fn still_as_planned(plan: &LoadPlan, i: usize, file: &ShardIo) -> Result<(), LoadError> {
+    // Each GET of a remote shard checked the object already.
+    let ShardIo::File(file) = file else { return Ok(()) };
     let Some(shard) = plan.shards().get(i) else { return Ok(()) };
     let changed = |what: String| LoadError::ShardChanged { file: shard.path.clone(), what };
     let now = file.file().metadata().map_err(|e| changed(format!("cannot stat it after reading it: {e}")))?;

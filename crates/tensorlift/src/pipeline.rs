@@ -23,11 +23,12 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tensorlift_format::LoadPlan;
-use tensorlift_io::{Checkpoint, OpenFile, ReadFuture, Reader};
+use tensorlift_io::{Checkpoint, ReadFuture, Reader};
 
 use crate::config::{Config, DirectIo};
 use crate::error::plan_file;
 use crate::layout::{self, Read, Span};
+use crate::open::ShardIo;
 use crate::sink::Sink;
 use crate::target::{Landing, Target};
 use crate::{LoadError, LoadStats, Progress, Tensor};
@@ -47,7 +48,7 @@ struct Scheduler<S: Sink> {
     reads: Vec<Read>,
     next: usize,
     in_flight: VecDeque<InFlight<S::Buf>>,
-    files: Vec<Option<Arc<OpenFile>>>,
+    files: Vec<Option<ShardIo>>,
     reads_left: Vec<usize>,
     queue_depth: usize,
     budget: u64,
@@ -556,7 +557,7 @@ impl<S: Sink> Scheduler<S> {
                 break;
             }
             let file = match &self.files[read.shard] {
-                Some(f) => Arc::clone(f),
+                Some(f) => f.clone(),
                 // A new shard waits until one of the window closes.
                 None if self.open >= self.window => break,
                 None => {
@@ -569,13 +570,13 @@ impl<S: Sink> Scheduler<S> {
                         None => crate::open::recheck(plan, read.shard, self.fresh),
                     };
                     let f = crate::open::open_shard(reader, plan, read.shard, direct, recheck, stats)?;
-                    self.files[read.shard] = Some(Arc::clone(&f));
+                    self.files[read.shard] = Some(f.clone());
                     self.open += 1;
                     f
                 }
             };
             let Some(buf) = self.sink.buffer(&read, cx) else { break };
-            let fut = reader.read(&file, read.file_offset, buf, 0, read.len);
+            let fut = file.read(reader, read.file_offset, buf, read.len);
             if self.next == 0 {
                 stats.first_read = Some(self.started.elapsed());
             }
@@ -701,5 +702,9 @@ fn read_error(plan: &LoadPlan, read: &Read, source: tensorlift_io::IoError) -> L
             },
             |t| t.name.clone(),
         );
-    LoadError::Read { file: plan.shards()[read.shard].path.clone(), tensor, source }
+    match source {
+        // A remote object replaced or cut during the load.
+        tensorlift_io::IoError::Changed { file, what } => LoadError::ShardChanged { file, what },
+        source => LoadError::Read { file: plan.shards()[read.shard].path.clone(), tensor, source },
+    }
 }

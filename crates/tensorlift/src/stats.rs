@@ -52,6 +52,8 @@ pub struct LoadStats {
     pub direct_shards: usize,
     /// Shards read through the page cache.
     pub buffered_shards: usize,
+    /// Shards read from object storage or HTTP, by ranged GETs.
+    pub remote_shards: usize,
     /// Most bytes ever in flight at once; never more than the staging budget.
     pub max_in_flight_bytes: u64,
     /// Whether new host memory used huge pages (`None` when the load allocated none: no
@@ -88,6 +90,7 @@ impl LoadStats {
             "shards": self.shards,
             "direct_shards": self.direct_shards,
             "buffered_shards": self.buffered_shards,
+            "remote_shards": self.remote_shards,
             "bytes": self.bytes,
             "bytes_read": self.bytes_read,
             "checkpoint_bytes": self.checkpoint_bytes,

@@ -1,0 +1,92 @@
+//! `tensorlift inspect` and `load` on a bucket of a real S3 server (`s3s-fs`) and over
+//! plain HTTP: the reference writer's files, read to the reference's digests, on the host
+//! and on the (emulated) device; the provider's word when credentials are wrong.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use tensorlift_testkit::net::{HttpServer, S3Server};
+
+/// The reference writer's fixture under `root/bucket/`, and its manifest (name -> sha256).
+fn fixture(root: &Path) -> Vec<serde_json::Value> {
+    let dir = root.join("bucket");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/reference/make_fixture.py");
+    let out = Command::new("python3").arg(script).arg(&dir).output().expect("python3 is needed");
+    assert!(out.status.success(), "pip install -r requirements-test.txt: {}", String::from_utf8_lossy(&out.stderr));
+    let manifest: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    manifest.into_iter().filter(|m| m["file"] != "single.safetensors").collect()
+}
+
+fn run(port: u16, args: &[&str], extra: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tensorlift"));
+    cmd.args(args).env("TENSORLIFT_REMOTE_RETRIES", "1");
+    for (k, v) in S3Server::env(port) {
+        cmd.env(k, v);
+    }
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn assert_digests(out: &Output, manifest: &[serde_json::Value], what: &str) -> serde_json::Value {
+    assert_eq!(out.status.code(), Some(0), "{what}: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tensors = v["tensors"].as_array().unwrap();
+    assert_eq!(tensors.len(), manifest.len(), "{what}");
+    for m in manifest {
+        let t = tensors.iter().find(|t| t["name"] == m["name"]).unwrap();
+        assert_eq!(t["sha256"], m["sha256"], "{what}: {}", m["name"]);
+    }
+    v
+}
+
+#[test]
+fn a_bucket_loads_to_the_reference_digests_on_the_host_and_the_device() {
+    let root = tensorlift_testkit::scratch_in(&std::env::temp_dir(), "tl-cli-s3-");
+    let manifest = fixture(&root);
+    let Some(bin) = tensorlift_testkit::net::s3s_fs() else {
+        assert!(std::env::var_os("TENSORLIFT_REQUIRE_S3").is_none(), "s3s-fs is not installed");
+        eprintln!("skipped: s3s-fs is not installed (./scripts/test installs it)");
+        return;
+    };
+    let s3 = S3Server::start(&bin, &root).unwrap();
+    let url = "s3://bucket/sharded";
+    let load = ["load", url, "--digest", "sha256", "--json"];
+    let v = assert_digests(&run(s3.port, &[&load[..], &["--device", "cpu"]].concat(), &[]), &manifest, "cpu");
+    assert_eq!(v["remote_shards"], 2, "{v}");
+    let emulator = tensorlift_testkit::emulated_driver();
+    let driver: Vec<(&str, &str)> = if tensorlift_testkit::real_driver() {
+        Vec::new()
+    } else {
+        vec![("TENSORLIFT_LIBCUDA", emulator.to_str().unwrap())]
+    };
+    let v = assert_digests(&run(s3.port, &[&load[..], &["--device", "cuda:0"]].concat(), &driver), &manifest, "cuda");
+    assert_eq!(v["device"], "cuda:0");
+    // inspect lists the tensors without reading them.
+    let out = run(s3.port, &["inspect", url], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(manifest.iter().all(|m| text.contains(m["name"].as_str().unwrap())), "{text}");
+    // doctor plans it: reachable, two shards.
+    let out = run(s3.port, &["doctor", "--json", "--path", url], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((&v["remote"]["reachable"], &v["remote"]["shards"]), (&true.into(), &2.into()), "{v}");
+    assert!(v["o_direct"].is_null(), "{v}");
+    // Wrong credentials: exit 1 with the server's own reason.
+    let out = run(s3.port, &["load", url], &[("AWS_SECRET_ACCESS_KEY", "wrong")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SignatureDoesNotMatch"), "{out:?}");
+}
+
+#[test]
+fn an_http_folder_loads_to_the_reference_digests() {
+    let root = tensorlift_testkit::scratch_in(&std::env::temp_dir(), "tl-cli-http-");
+    let manifest = fixture(&root);
+    let http = HttpServer::start(&root).unwrap();
+    let url = format!("http://127.0.0.1:{}/bucket/sharded/", http.port);
+    let out = run(0, &["load", &url, "--digest", "sha256", "--json", "--device", "cpu"], &[]);
+    assert_digests(&out, &manifest, "http");
+}

@@ -1,0 +1,155 @@
+//! Checkpoints in object storage and behind HTTP: `s3://`, `gs://`, `az://` (and
+//! `abfs://`), `http://` and `https://`.
+//!
+//! A remote checkpoint is planned like a local one ([`open_checkpoint`](crate::open_checkpoint)
+//! sends such a path here): its index, or the `*.safetensors` objects under the prefix, then
+//! each shard's header by ranged GETs (the first [`HEADER_GUESS`] bytes at once, then the
+//! rest where the header is longer), validated by the same parser under the same
+//! [`PlanLimits`](crate::PlanLimits). A load then reads each shard's byte ranges by
+//! concurrent ranged GETs ([`read_object`]) whose bodies are written straight into the
+//! buffers the load lends: its final host memory, or its pinned staging chunks.
+//!
+//! Every request goes through `object_store` (arrow-rs) and its stores, configured from the
+//! environment as each provider's own tools are (`AWS_*`, `GOOGLE_*`, `AZURE_*`), with its
+//! retries (backoff on 5xx, throttling, timeouts and dropped connections, a body that breaks
+//! off resumed where it stopped); the options here ([`RemoteOptions`]) set how many and how
+//! long. Each GET names the ETag the plan saw (`If-Match`) and checks the object's size, so
+//! an object replaced during a load fails it ([`IoError::Changed`](crate::IoError::Changed)).
+//! The requests run on one small runtime of this crate's own, so that callers need none.
+
+mod plan;
+mod read;
+mod store;
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+pub(crate) use plan::open_remote;
+pub use read::read_object;
+pub use store::RemoteObject;
+
+/// Bytes of a shard read at once to find its header: most headers fit, and the rest of a
+/// longer one is read by a second GET.
+pub const HEADER_GUESS: u64 = 64 << 10;
+
+/// Schemes read through object storage.
+const SCHEMES: [&str; 8] = ["s3://", "s3a://", "gs://", "az://", "abfs://", "abfss://", "http://", "https://"];
+
+/// Whether `path` is the URL of a remote checkpoint (by its scheme: `s3://`, `s3a://`,
+/// `gs://`, `az://`, `abfs://`, `abfss://`, `http://`, `https://`) rather than a local path.
+/// A local folder whose name begins so is reached as `./s3:/...`.
+pub fn is_remote(path: &Path) -> bool {
+    path.to_str().is_some_and(|p| {
+        let lower = p.get(..8).unwrap_or(p).to_ascii_lowercase();
+        SCHEMES.iter().any(|s| lower.starts_with(s))
+    })
+}
+
+/// How a remote checkpoint is read: request sizes, concurrency, retries and timeouts.
+///
+/// The defaults were chosen by measurement (docs/BENCHMARKS.md, "Remote sources"); each can
+/// also be set from the environment for a whole process (`TENSORLIFT_REMOTE_PART_SIZE`,
+/// `_CONCURRENCY`, `_RETRIES`, `_TIMEOUT_SECS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RemoteOptions {
+    /// Bytes asked for by one ranged GET, at most (default 8 MiB): a load's read of a chunk
+    /// is cut into parts of this size, fetched at once.
+    pub part_size: u64,
+    /// Ranged GETs in flight at once for one checkpoint (default 32).
+    pub concurrency: usize,
+    /// Times a failed request is tried again, with exponential backoff (default 8): a 5xx,
+    /// throttling (503 SlowDown, 429), a timeout, a dropped connection, or a body cut short.
+    pub retries: usize,
+    /// Time one request may take before it is abandoned and retried (default 60 s); the
+    /// connection itself must open within a tenth of it.
+    pub timeout: Duration,
+    /// Time after the first try of a request past which it is no longer retried (default
+    /// 3 minutes).
+    pub retry_window: Duration,
+}
+
+impl Default for RemoteOptions {
+    fn default() -> Self {
+        RemoteOptions {
+            part_size: 8 << 20,
+            concurrency: 32,
+            retries: 8,
+            timeout: Duration::from_secs(60),
+            retry_window: Duration::from_secs(180),
+        }
+    }
+}
+
+impl RemoteOptions {
+    /// The defaults, with what the environment sets (`TENSORLIFT_REMOTE_PART_SIZE` in bytes,
+    /// `TENSORLIFT_REMOTE_CONCURRENCY`, `TENSORLIFT_REMOTE_RETRIES`,
+    /// `TENSORLIFT_REMOTE_TIMEOUT_SECS`); a value that does not parse is ignored with a
+    /// warning.
+    pub fn from_env() -> Self {
+        fn var<T: std::str::FromStr>(name: &str) -> Option<T> {
+            let v = std::env::var(name).ok()?;
+            let parsed = v.trim().parse().ok();
+            if parsed.is_none() {
+                tracing::warn!("{name}={v:?} is not a number; ignored");
+            }
+            parsed
+        }
+        let mut o = RemoteOptions::default();
+        if let Some(v) = var::<u64>("TENSORLIFT_REMOTE_PART_SIZE") {
+            o.part_size = v.max(1);
+        }
+        if let Some(v) = var::<usize>("TENSORLIFT_REMOTE_CONCURRENCY") {
+            o.concurrency = v.max(1);
+        }
+        if let Some(v) = var("TENSORLIFT_REMOTE_RETRIES") {
+            o.retries = v;
+        }
+        if let Some(v) = var::<f64>("TENSORLIFT_REMOTE_TIMEOUT_SECS").filter(|v| *v > 0.0 && v.is_finite()) {
+            o.timeout = Duration::from_secs_f64(v);
+        }
+        o
+    }
+}
+
+/// Threads of the runtime that serves remote requests: they copy bodies into buffers, so a
+/// few; idle ones cost nothing.
+const NET_THREADS: usize = 4;
+
+/// The runtime every remote request runs on, made on first use. `None` (with why) where the
+/// process cannot make its threads.
+fn runtime() -> Result<&'static tokio::runtime::Runtime, std::io::Error> {
+    static RT: OnceLock<Result<tokio::runtime::Runtime, String>> = OnceLock::new();
+    let rt = RT.get_or_init(|| {
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, NET_THREADS);
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("tensorlift-net")
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the network runtime: {e}"))
+    });
+    rt.as_ref().map_err(|e| std::io::Error::other(e.clone()))
+}
+
+/// Runs `fut` on the network runtime and blocks this thread until it is done: safe on any
+/// thread, an async runtime's included (planning blocks as reading a local header does).
+fn run<F>(fut: F) -> Result<F::Output, std::io::Error>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handle = runtime()?.spawn(fut);
+    crate::block_on(handle).map_err(|e| std::io::Error::other(format!("a network task failed: {e}")))
+}
+
+/// What every object of one remote checkpoint shares: its store, its options, and the bound
+/// on its requests in flight.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    store: Arc<dyn object_store::ObjectStore>,
+    options: RemoteOptions,
+    permits: Arc<tokio::sync::Semaphore>,
+}

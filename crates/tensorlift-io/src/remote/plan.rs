@@ -1,0 +1,279 @@
+//! Planning a remote checkpoint: its index or its listing, then each shard's header by
+//! ranged GETs, validated under the same limits as a local checkpoint's.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures_util::{StreamExt, TryStreamExt};
+use object_store::path::Path as ObjectPath;
+use object_store::{GetOptions, GetRange, ObjectMeta};
+use tensorlift_format::{
+    header_len, natural_cmp, parse_index, FileIdentity, FormatError, HEADER_PREFIX_LEN, INDEX_FILE_NAME, MAX_INDEX_LEN,
+};
+
+use super::store::{self, store_error, Place};
+use super::{RemoteObject, HEADER_GUESS};
+use crate::checkpoint::{
+    assemble, index_shards, HeaderWork, Pending, Quiet, PARSE_BYTES_PER_HEADER_BYTE, PARSE_BYTES_PER_INDEX_BYTE,
+};
+use crate::{Checkpoint, PlanLimits};
+
+/// Shards whose first bytes are fetched at once while planning.
+const HEADER_FETCHES: usize = 16;
+
+/// A single file checkpoint is named by its URL.
+const SINGLE_FILE: &str = "model.safetensors";
+
+/// Plans the remote checkpoint at `path`: an `…/x.safetensors` object, an `…/x.json` index,
+/// or a folder (its `model.safetensors.index.json`, else its `*.safetensors` objects in
+/// natural order; over HTTP, which lists nothing, its `model.safetensors`).
+pub(crate) fn open_remote(path: &Path, limits: &PlanLimits) -> Result<Checkpoint, FormatError> {
+    let io_err = |source| FormatError::Io { file: path.to_path_buf(), source };
+    let text = path.to_str().ok_or_else(|| FormatError::NotACheckpoint { file: path.to_path_buf() })?;
+    let (place, last) = store::connect(text, &limits.remote).map_err(io_err)?;
+    let limits = *limits;
+    super::run(async move { plan(place, last, limits).await }).map_err(io_err)?
+}
+
+async fn plan(mut place: Place, last: Option<String>, limits: PlanLimits) -> Result<Checkpoint, FormatError> {
+    match last {
+        Some(name) if name.ends_with(".json") => {
+            let index = fetch_index(&place, &name).await?.ok_or_else(|| not_found(&place, &name))?;
+            plan_index(&place, &name, index, &limits).await
+        }
+        Some(name) if name.ends_with(".safetensors") => {
+            let context = place.child(&name).map_err(|e| io(&place, e))?.1;
+            shards(&place, &context, None, vec![(name, Vec::new())], &limits).await
+        }
+        Some(name) if [".bin", ".pt", ".pth"].iter().any(|e| name.ends_with(e)) => {
+            Err(FormatError::PyTorchCheckpoint {
+                file: place.child(&name).map_err(|e| io(&place, e))?.1,
+                layout: "PyTorch files are read from local disk only: download it, or convert it to safetensors",
+            })
+        }
+        // A folder, named without its trailing slash.
+        last => {
+            if let Some(name) = last {
+                let (prefix, url) = place.child(&name).map_err(|e| io(&place, e))?;
+                place.prefix = prefix;
+                place.url = url.to_string_lossy().into_owned();
+            }
+            if let Some(index) = fetch_index(&place, INDEX_FILE_NAME).await? {
+                return plan_index(&place, INDEX_FILE_NAME, index, &limits).await;
+            }
+            let names = list_safetensors(&place).await?;
+            let root = PathBuf::from(&place.url);
+            if names.is_empty() {
+                return Err(FormatError::NoShards { file: root });
+            }
+            let names = names.into_iter().map(|n| (n, Vec::new())).collect();
+            shards(&place, &root, None, names, &limits).await
+        }
+    }
+}
+
+/// An index object's meta and bytes, bounded; `None` where there is none.
+async fn fetch_index(place: &Place, name: &str) -> Result<Option<(ObjectMeta, Vec<u8>)>, FormatError> {
+    let (location, url) = place.child(name).map_err(|e| io(place, e))?;
+    let reply = match place.shared.store.get_opts(&location, GetOptions::default()).await {
+        Ok(r) => r,
+        Err(object_store::Error::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(FormatError::Io { file: url, source: store_error(e) }),
+    };
+    let len = reply.meta.size;
+    if len > MAX_INDEX_LEN {
+        return Err(FormatError::InvalidIndex {
+            file: url,
+            message: format!("{len} bytes is over the {MAX_INDEX_LEN}-byte limit for an index"),
+        });
+    }
+    let parse_bytes = len.saturating_mul(PARSE_BYTES_PER_INDEX_BYTE);
+    if !crate::can_allocate(parse_bytes) {
+        return Err(FormatError::OutOfMemory { file: url, what: "parsing the index", bytes: parse_bytes });
+    }
+    let meta = reply.meta.clone();
+    let bytes = reply.bytes().await.map_err(|e| FormatError::Io { file: url.clone(), source: store_error(e) })?;
+    if bytes.len() as u64 != len {
+        return Err(FormatError::Io {
+            file: url,
+            source: io::Error::new(io::ErrorKind::UnexpectedEof, "the index's body is not the length announced"),
+        });
+    }
+    Ok(Some((meta, bytes.to_vec())))
+}
+
+async fn plan_index(
+    place: &Place,
+    name: &str,
+    (meta, bytes): (ObjectMeta, Vec<u8>),
+    limits: &PlanLimits,
+) -> Result<Checkpoint, FormatError> {
+    let context = place.child(name).map_err(|e| io(place, e))?.1;
+    let index = parse_index(&context, &bytes)?;
+    drop(bytes);
+    let names = index_shards(&context, &index, limits)?;
+    shards(place, &context, Some((index, identity(&meta))), names, limits).await
+}
+
+/// The names of the `*.safetensors` objects directly under the folder, in natural order;
+/// over HTTP, which cannot list, `model.safetensors` where it exists.
+async fn list_safetensors(place: &Place) -> Result<Vec<String>, FormatError> {
+    let root = || PathBuf::from(&place.url);
+    // A plain HTTP server lists nothing (object_store lists only WebDAV servers, and reads
+    // other replies as an empty folder).
+    if place.url.starts_with("http://") || place.url.starts_with("https://") {
+        return Ok(vec![SINGLE_FILE.to_owned()]);
+    }
+    let prefix = (!place.prefix.as_ref().is_empty()).then_some(&place.prefix);
+    let listed = match place.shared.store.list_with_delimiter(prefix).await {
+        Ok(l) => l,
+        Err(e) => return Err(FormatError::Io { file: root(), source: store_error(e) }),
+    };
+    let mut names: Vec<String> = listed
+        .objects
+        .iter()
+        .filter_map(|o| o.location.filename())
+        .filter(|n| n.ends_with(".safetensors"))
+        .map(str::to_owned)
+        .collect();
+    names.sort_by(|a, b| natural_cmp(a, b));
+    if names.is_empty() && listed.objects.iter().any(|o| o.location.filename().is_some_and(|n| n.ends_with(".bin"))) {
+        return Err(FormatError::PyTorchCheckpoint {
+            file: root(),
+            layout: "PyTorch files are read from local disk only: download it, or convert it to safetensors",
+        });
+    }
+    Ok(names)
+}
+
+/// Reads every named shard's header (a few at once, each spent against the plan's header
+/// budget in order), then plans them.
+async fn shards(
+    place: &Place,
+    context: &Path,
+    index: Option<(tensorlift_format::Index, FileIdentity)>,
+    names: Vec<(String, Vec<String>)>,
+    limits: &PlanLimits,
+) -> Result<Checkpoint, FormatError> {
+    let mut fetches = futures_util::stream::iter(names.into_iter().map(|(name, spellings)| async move {
+        let (location, url) = place.child(&name).map_err(|e| FormatError::ShardUnreadable {
+            file: context.to_path_buf(),
+            shard: name.clone(),
+            source: e,
+        })?;
+        let first = first_bytes(place, &location, &url, context, &name).await?;
+        Ok::<_, FormatError>((name, spellings, location, url, first))
+    }))
+    .buffered(HEADER_FETCHES);
+    let mut header_bytes = 0u64;
+    let mut pending = Vec::new();
+    let mut objects = Vec::new();
+    while let Some((name, spellings, location, url, (meta, mut bytes))) = fetches.try_next().await? {
+        let n = header_len(&url, &bytes, meta.size).map_err(|e| match e {
+            FormatError::PyTorchCheckpoint { file, .. } => FormatError::PyTorchCheckpoint {
+                file,
+                layout: "PyTorch files are read from local disk only: download it, or convert it to safetensors",
+            },
+            e => e,
+        })?;
+        let wanted = HEADER_PREFIX_LEN + n;
+        header_bytes = header_bytes.saturating_add(wanted);
+        if header_bytes > limits.max_header_bytes {
+            return Err(FormatError::HeaderBudget {
+                file: context.to_path_buf(),
+                needed: header_bytes,
+                limit: limits.max_header_bytes,
+            });
+        }
+        let parse_bytes = n.saturating_mul(PARSE_BYTES_PER_HEADER_BYTE);
+        if !crate::can_allocate(parse_bytes) {
+            return Err(FormatError::OutOfMemory { file: url, what: "parsing the header", bytes: parse_bytes });
+        }
+        let object = Arc::new(RemoteObject::new(Arc::clone(&place.shared), location, url.clone(), &meta));
+        if wanted > bytes.len() as u64 {
+            bytes
+                .try_reserve_exact((wanted as usize).saturating_sub(bytes.len()))
+                .map_err(|_| FormatError::OutOfMemory { file: url.clone(), what: "a header", bytes: wanted })?;
+            let rest = rest_of_header(&object, bytes.len() as u64, wanted).await?;
+            bytes.extend_from_slice(&rest);
+        }
+        bytes.truncate(wanted as usize);
+        let aliases = spellings.into_iter().filter(|s| *s != name).collect();
+        pending.push(Pending { name, aliases, path: url, identity: identity(&meta), work: HeaderWork::Parse(bytes) });
+        objects.push(object);
+    }
+    drop(fetches);
+    let (plan, index_identity) = assemble(context, PathBuf::from(&place.url), index, pending, &Quiet)?;
+    Ok(Checkpoint::remote(plan, index_identity, objects))
+}
+
+/// The first [`HEADER_GUESS`] bytes of a shard (fewer for a smaller one), with its meta.
+async fn first_bytes(
+    place: &Place,
+    location: &ObjectPath,
+    url: &Path,
+    context: &Path,
+    name: &str,
+) -> Result<(ObjectMeta, Vec<u8>), FormatError> {
+    let unreadable =
+        |source| FormatError::ShardUnreadable { file: context.to_path_buf(), shard: name.to_owned(), source };
+    let options = GetOptions { range: Some(GetRange::Bounded(0..HEADER_GUESS)), ..GetOptions::default() };
+    let reply = place.shared.store.get_opts(location, options).await.map_err(|e| unreadable(store_error(e)))?;
+    let meta = reply.meta.clone();
+    let bytes = reply.bytes().await.map_err(|e| unreadable(store_error(e)))?;
+    if bytes.len() as u64 != HEADER_GUESS.min(meta.size) {
+        return Err(FormatError::Io {
+            file: url.to_path_buf(),
+            source: io::Error::new(io::ErrorKind::UnexpectedEof, "the reply is not the range asked for"),
+        });
+    }
+    Ok((meta, bytes.to_vec()))
+}
+
+/// Bytes `from..to` of a header longer than the first GET, from the same object.
+async fn rest_of_header(object: &RemoteObject, from: u64, to: u64) -> Result<Vec<u8>, FormatError> {
+    let file = || object.url().to_path_buf();
+    let options = GetOptions {
+        range: Some(GetRange::Bounded(from..to)),
+        if_match: object.e_tag().map(str::to_owned),
+        ..GetOptions::default()
+    };
+    let reply = object
+        .shared
+        .store
+        .get_opts(&object.location, options)
+        .await
+        .map_err(|e| FormatError::Io { file: file(), source: store_error(e) })?;
+    if let Some(what) = object.change(&reply.meta) {
+        return Err(FormatError::Io {
+            file: file(),
+            source: io::Error::other(format!("changed while its header was read: {what}")),
+        });
+    }
+    let bytes = reply.bytes().await.map_err(|e| FormatError::Io { file: file(), source: store_error(e) })?;
+    if bytes.len() as u64 != to - from {
+        return Err(FormatError::Io {
+            file: file(),
+            source: io::Error::new(io::ErrorKind::UnexpectedEof, "the reply is not the range asked for"),
+        });
+    }
+    Ok(bytes.to_vec())
+}
+
+/// An object's identity as a plan keeps it: its length and modification time; its ETag's
+/// hash stands for the inode.
+fn identity(meta: &ObjectMeta) -> FileIdentity {
+    let ns = store::modified_ns(meta);
+    let tag = meta.e_tag.as_deref().map_or(0, |t| tensorlift_format::header_hash(t.as_bytes()));
+    FileIdentity { dev: 0, ino: tag, len: meta.size, modified_ns: ns, changed_ns: ns }
+}
+
+fn not_found(place: &Place, name: &str) -> FormatError {
+    let file = place.child(name).map_or_else(|_| PathBuf::from(&place.url), |c| c.1);
+    FormatError::Io { file, source: io::Error::new(io::ErrorKind::NotFound, "no such object") }
+}
+
+fn io(place: &Place, source: io::Error) -> FormatError {
+    FormatError::Io { file: PathBuf::from(&place.url), source }
+}

@@ -1,0 +1,145 @@
+//! Byte ranges of remote objects into the buffers a load lends, by concurrent ranged GETs.
+
+use std::io;
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use object_store::{GetOptions, GetRange};
+use tokio::sync::oneshot;
+
+use super::RemoteObject;
+use crate::op::SendPtr;
+use crate::{IoBufMut, IoError, ReadFailed, ReadFuture};
+
+/// Reads `len` bytes at `offset` of `object` into `buf[buf_offset..]`, taking the buffer and
+/// handing it back when done, as [`Reader::read`](crate::Reader::read) does for a file.
+///
+/// The range is cut into parts of [`RemoteOptions::part_size`](super::RemoteOptions::part_size)
+/// bytes, fetched at once by ranged GETs (at most
+/// [`concurrency`](super::RemoteOptions::concurrency) in flight per checkpoint), each body
+/// written straight into its place in the buffer. Each GET asks for the ETag planning saw and
+/// checks the object's length: an object replaced or cut since is
+/// [`IoError::Changed`]. Dropping the future cancels the requests still in flight; the
+/// buffer is dropped once they have let go of it.
+pub fn read_object<B: IoBufMut>(
+    object: &Arc<RemoteObject>,
+    offset: u64,
+    mut buf: B,
+    buf_offset: usize,
+    len: usize,
+) -> ReadFuture<B> {
+    let url = object.url().to_path_buf();
+    if buf_offset.checked_add(len).is_none_or(|end| end > buf.capacity()) {
+        let error = IoError::BufferTooSmall { file: url, buf_offset, len, capacity: buf.capacity() };
+        return ReadFuture::ready(Err(ReadFailed { error, buf: Some(buf) }));
+    }
+    if len == 0 {
+        return ReadFuture::ready(Ok(buf));
+    }
+    let runtime = match super::runtime() {
+        Ok(rt) => rt,
+        Err(source) => {
+            let error = IoError::Read { file: url, offset, len: len as u64, source };
+            return ReadFuture::ready(Err(ReadFailed { error, buf: Some(buf) }));
+        }
+    };
+    // SAFETY: buf_offset + len <= capacity was checked above.
+    let dst = SendPtr(unsafe { buf.stable_mut_ptr().add(buf_offset) });
+    let (mut tx, rx) = oneshot::channel();
+    let object = Arc::clone(object);
+    runtime.spawn(async move {
+        // The buffer moved here with the task: `dst` stays valid (an `IoBufMut`'s bytes do not
+        // move with it) until the task hands it back below.
+        let result = tokio::select! {
+            r = fill(&object, offset, dst, len) => r,
+            // Nobody waits for the bytes: the GETs in flight are dropped, which closes their
+            // connections.
+            () = tx.closed() => Err(IoError::Read {
+                file: object.url().to_path_buf(),
+                offset,
+                len: len as u64,
+                source: io::Error::new(io::ErrorKind::Interrupted, "the read was dropped"),
+            }),
+        };
+        let _ = tx.send(match result {
+            Ok(()) => Ok(buf),
+            Err(error) => Err(ReadFailed { error, buf: Some(buf) }),
+        });
+    });
+    ReadFuture::waiting(rx, url, offset, len as u64)
+}
+
+/// Fetches `[offset, offset + len)` into `dst[..len]`, one ranged GET per part, all at once.
+async fn fill(object: &RemoteObject, offset: u64, dst: SendPtr, len: usize) -> Result<(), IoError> {
+    let part = usize::try_from(object.options().part_size).unwrap_or(usize::MAX).max(1);
+    let parts = (0..len).step_by(part).map(|start| {
+        // SAFETY: start < len, and `dst` is valid for `len` bytes.
+        let at = SendPtr(unsafe { dst.0.add(start) });
+        fetch(object, offset + start as u64, at, part.min(len - start))
+    });
+    futures_util::future::try_join_all(parts).await.map(|_| ())
+}
+
+/// One ranged GET of `len` bytes at `offset`, its body written to `dst[..len]`.
+async fn fetch(object: &RemoteObject, offset: u64, dst: SendPtr, len: usize) -> Result<(), IoError> {
+    let file = || object.url().to_path_buf();
+    let range = offset..offset + len as u64;
+    // The semaphore is never closed.
+    let _permit = object.shared.permits.acquire().await;
+    let options = GetOptions {
+        range: Some(GetRange::Bounded(range.clone())),
+        if_match: object.e_tag().map(str::to_owned),
+        ..GetOptions::default()
+    };
+    let reply =
+        object.shared.store.get_opts(&object.location, options).await.map_err(|e| request_error(object, &range, e))?;
+    if let Some(what) = object.change(&reply.meta) {
+        return Err(IoError::Changed { file: file(), what: format!("{what} (changed during the load)") });
+    }
+    if reply.range != range {
+        let at = reply.range.end.min(range.end);
+        return Err(IoError::UnexpectedEof { file: file(), offset, len: len as u64, at });
+    }
+    let mut body = reply.into_stream();
+    let mut done = 0usize;
+    while let Some(bytes) = body.next().await {
+        let bytes = bytes.map_err(|e| request_error(object, &range, e))?;
+        if bytes.len() > len - done {
+            return Err(IoError::Read {
+                file: file(),
+                offset,
+                len: len as u64,
+                source: io::Error::new(io::ErrorKind::InvalidData, "the server sent more bytes than the range asked"),
+            });
+        }
+        // SAFETY: done < len here (bytes is not empty, or it is a no-op at done <= len), and
+        // `dst` is valid for `len` bytes.
+        let at = unsafe { dst.0.add(done) };
+        // SAFETY: done + bytes.len() <= len (checked above); `dst`'s buffer is owned by this
+        // read's task until it completes, and no other part writes this part's bytes.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), at, bytes.len()) };
+        done += bytes.len();
+    }
+    if done != len {
+        return Err(IoError::UnexpectedEof { file: file(), offset, len: len as u64, at: offset + done as u64 });
+    }
+    Ok(())
+}
+
+/// A failed request (after the store's retries) as the error that names the object and range.
+fn request_error(object: &RemoteObject, range: &std::ops::Range<u64>, e: object_store::Error) -> IoError {
+    let file = object.url().to_path_buf();
+    match e {
+        object_store::Error::Precondition { .. } => IoError::Changed {
+            file,
+            what: format!(
+                "its ETag is no longer {} (replaced during the load)",
+                object.e_tag().unwrap_or("the one planned")
+            ),
+        },
+        object_store::Error::NotFound { .. } => {
+            IoError::Changed { file, what: "it was deleted during the load".to_owned() }
+        }
+        source => IoError::Remote { file, offset: range.start, len: range.end - range.start, source: Box::new(source) },
+    }
+}

@@ -1,0 +1,215 @@
+//! From a URL to an `object_store` store, configured from the environment, and the objects
+//! of a plan.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use object_store::client::ClientConfigKey;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectMeta, ObjectStore, ObjectStoreScheme, RetryConfig};
+
+use super::{RemoteOptions, Shared};
+
+/// A remote folder (or the folder of a remote file): the store, and where in it.
+#[derive(Debug, Clone)]
+pub(crate) struct Place {
+    pub(crate) shared: Arc<Shared>,
+    /// The folder's location in the store (empty for a bucket's root).
+    pub(crate) prefix: ObjectPath,
+    /// The folder's URL as the user spelled it, without a trailing `/`: errors name objects
+    /// by it.
+    pub(crate) url: String,
+}
+
+impl Place {
+    /// The location and URL of `name` (a relative name, already checked) in this folder.
+    pub(crate) fn child(&self, name: &str) -> Result<(ObjectPath, PathBuf), io::Error> {
+        let joined = match self.prefix.as_ref() {
+            "" => name.to_owned(),
+            p => format!("{p}/{name}"),
+        };
+        let location = ObjectPath::parse(&joined)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("'{name}' is not an object name: {e}")))?;
+        Ok((location, PathBuf::from(format!("{}/{name}", self.url))))
+    }
+}
+
+/// Connects to the store of `url` and splits it into the store's folder and the last part
+/// of its path (`None` where the URL ends with `/` or names a bucket alone).
+pub(crate) fn connect(url: &str, options: &RemoteOptions) -> Result<(Place, Option<String>), io::Error> {
+    let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidInput, m);
+    let parsed = url::Url::parse(url).map_err(|e| invalid(format!("not a URL: {e}")))?;
+    let (scheme, path) = ObjectStoreScheme::parse(&parsed)
+        .map_err(|e| invalid(format!("not a URL of a store tensorlift reads: {e}")))?;
+    let store = build(scheme, &parsed, options)?;
+    let path = ObjectPath::parse(path).map_err(|e| invalid(format!("not an object path: {e}")))?;
+    let trimmed = url.trim_end_matches('/');
+    let mut parts: Vec<String> = path.parts().map(|p| p.as_ref().to_owned()).collect();
+    let last = if url.ends_with('/') { None } else { parts.pop() };
+    let (prefix, folder_url) = match &last {
+        // The folder's URL: the user's text without its last part.
+        Some(name) => (ObjectPath::from_iter(parts), trimmed.strip_suffix(name.as_str()).unwrap_or(trimmed)),
+        None => (ObjectPath::from_iter(parts), trimmed),
+    };
+    let permits = Arc::new(tokio::sync::Semaphore::new(options.concurrency.max(1)));
+    let shared = Arc::new(Shared { store, options: *options, permits });
+    Ok((Place { shared, prefix, url: folder_url.trim_end_matches('/').to_owned() }, last))
+}
+
+/// The store for `scheme`, with the provider's configuration from the environment and this
+/// crate's retry and timeout options on top.
+fn build(scheme: ObjectStoreScheme, url: &url::Url, o: &RemoteOptions) -> Result<Arc<dyn ObjectStore>, io::Error> {
+    let retry = RetryConfig {
+        max_retries: o.retries,
+        retry_timeout: o.retry_window,
+        backoff: object_store::BackoffConfig::default(),
+    };
+    let timeout = format!("{}ms", o.timeout.as_millis().max(1));
+    let connect = format!("{}ms", (o.timeout.as_millis() / 10).max(1));
+    let text = url.as_str();
+    let store: Arc<dyn ObjectStore> = match scheme {
+        ObjectStoreScheme::AmazonS3 => {
+            use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey as K};
+            Arc::new(
+                AmazonS3Builder::from_env()
+                    .with_url(text)
+                    .with_retry(retry)
+                    .with_config(K::Client(ClientConfigKey::Timeout), timeout)
+                    .with_config(K::Client(ClientConfigKey::ConnectTimeout), connect)
+                    .build()
+                    .map_err(store_error)?,
+            )
+        }
+        ObjectStoreScheme::GoogleCloudStorage => {
+            use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey as K};
+            Arc::new(
+                GoogleCloudStorageBuilder::from_env()
+                    .with_url(text)
+                    .with_retry(retry)
+                    .with_config(K::Client(ClientConfigKey::Timeout), timeout)
+                    .with_config(K::Client(ClientConfigKey::ConnectTimeout), connect)
+                    .build()
+                    .map_err(store_error)?,
+            )
+        }
+        ObjectStoreScheme::MicrosoftAzure => {
+            use object_store::azure::{AzureConfigKey as K, MicrosoftAzureBuilder};
+            Arc::new(
+                MicrosoftAzureBuilder::from_env()
+                    .with_url(text)
+                    .with_retry(retry)
+                    .with_config(K::Client(ClientConfigKey::Timeout), timeout)
+                    .with_config(K::Client(ClientConfigKey::ConnectTimeout), connect)
+                    .build()
+                    .map_err(store_error)?,
+            )
+        }
+        ObjectStoreScheme::Http => {
+            let base = &url[..url::Position::BeforePath];
+            Arc::new(
+                object_store::http::HttpBuilder::new()
+                    .with_url(base)
+                    .with_retry(retry)
+                    // The user named an http:// URL: plain HTTP is what they asked for.
+                    .with_config(ClientConfigKey::AllowHttp, (url.scheme() == "http").to_string())
+                    .with_config(ClientConfigKey::Timeout, timeout)
+                    .with_config(ClientConfigKey::ConnectTimeout, connect)
+                    .build()
+                    .map_err(store_error)?,
+            )
+        }
+        other => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{other:?} URLs are not read remotely (a local file is named by its path)"),
+            ))
+        }
+    };
+    Ok(store)
+}
+
+/// An `object_store` error as an I/O error that keeps it as its cause, of the kind that fits.
+pub(crate) fn store_error(e: object_store::Error) -> io::Error {
+    let kind = match &e {
+        object_store::Error::NotFound { .. } => io::ErrorKind::NotFound,
+        object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
+            io::ErrorKind::PermissionDenied
+        }
+        object_store::Error::Precondition { .. } => io::ErrorKind::Other,
+        _ => io::ErrorKind::Other,
+    };
+    io::Error::new(kind, e)
+}
+
+/// When `meta`'s object was last modified, in nanoseconds since the epoch.
+pub(crate) fn modified_ns(meta: &ObjectMeta) -> i128 {
+    i128::from(meta.last_modified.timestamp()) * 1_000_000_000 + i128::from(meta.last_modified.timestamp_subsec_nanos())
+}
+
+/// One object of a planned remote checkpoint, as planning saw it: a load reads it by ranged
+/// GETs that must find the same object (ETag and size).
+#[derive(Debug)]
+pub struct RemoteObject {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) location: ObjectPath,
+    url: PathBuf,
+    size: u64,
+    e_tag: Option<String>,
+    /// Seconds and nanoseconds of the last modification, as the store reported it.
+    modified_ns: i128,
+}
+
+impl RemoteObject {
+    pub(crate) fn new(shared: Arc<Shared>, location: ObjectPath, url: PathBuf, meta: &ObjectMeta) -> Self {
+        RemoteObject {
+            shared,
+            location,
+            url,
+            size: meta.size,
+            e_tag: meta.e_tag.clone(),
+            modified_ns: modified_ns(meta),
+        }
+    }
+
+    /// Its URL, which names it in errors.
+    pub fn url(&self) -> &Path {
+        &self.url
+    }
+
+    /// Its length in bytes when planned.
+    pub fn len(&self) -> u64 {
+        self.size
+    }
+
+    /// Whether it was empty when planned.
+    pub fn is_empty(&self) -> bool {
+        self.size == 0
+    }
+
+    /// Its ETag when planned, if the store gives one.
+    pub fn e_tag(&self) -> Option<&str> {
+        self.e_tag.as_deref()
+    }
+
+    /// When it was last modified, in nanoseconds since the epoch, as the store said.
+    pub fn modified_ns(&self) -> i128 {
+        self.modified_ns
+    }
+
+    /// How it is read (part size, concurrency, retries).
+    pub fn options(&self) -> &RemoteOptions {
+        &self.shared.options
+    }
+
+    /// What differs between `meta` (a later reply) and the object as planned, if anything.
+    pub(crate) fn change(&self, meta: &ObjectMeta) -> Option<String> {
+        if meta.size != self.size {
+            return Some(format!("its length is now {} bytes, not {}", meta.size, self.size));
+        }
+        match (&self.e_tag, &meta.e_tag) {
+            (Some(was), Some(now)) if was != now => Some(format!("its ETag is now {now}, not {was}")),
+            _ => None,
+        }
+    }
+}

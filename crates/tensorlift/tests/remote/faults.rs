@@ -1,0 +1,128 @@
+//! Faults between tensorlift and the server, injected by a proxy: retried where a retry can
+//! succeed, an error naming the object and the byte range where it cannot; an object
+//! replaced during a load fails it; a dropped load lets go of its requests.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use tensorlift::{IoError, LoadError};
+use tensorlift_testkit::net::{Fault, FaultProxy, Rule};
+
+use crate::{assert_identical, base, point_at, quick, sharded, Remote};
+
+/// Matches the GETs of a load's data (planning's first GET of each shard asks from byte 0).
+const DATA_GET: &str = "range: bytes=";
+
+fn rule(nth: usize, every: bool, fault: Fault) -> Rule {
+    Rule { needle: DATA_GET.into(), nth, every, fault }
+}
+
+/// The data GETs of the proxy's log that got a fault, and all of them.
+fn data_gets(proxy: &FaultProxy) -> (usize, usize) {
+    let log = proxy.log();
+    let data: Vec<_> = log.iter().filter(|(r, _)| r.header("range").is_some()).collect();
+    (data.iter().filter(|(_, f)| f.is_some()).count(), data.len())
+}
+
+#[test]
+fn throttling_server_errors_and_broken_bodies_are_retried() {
+    let r = Remote::new();
+    let truth = sharded(&r.root);
+    let Some(s3) = r.s3() else { return };
+    for fault in [Fault::SlowDown, Fault::DropMidBody, Fault::Delay(Duration::from_secs(4))] {
+        // The 5th ranged GET (past planning's three), and the 9th.
+        let proxy = FaultProxy::start(s3.port, vec![rule(5, false, fault), rule(9, false, fault)]).unwrap();
+        point_at(proxy.port);
+        let model = base().build().unwrap().load_blocking("s3://bucket/model").unwrap();
+        assert_identical(&model, &truth, &format!("{fault:?}"));
+        let (faulted, all) = data_gets(&proxy);
+        assert_eq!(faulted, 2, "{fault:?}: {all} GETs");
+    }
+}
+
+#[test]
+fn a_fault_that_outlasts_the_retries_names_the_object_and_range() {
+    let r = Remote::new();
+    sharded(&r.root);
+    let Some(s3) = r.s3() else { return };
+    // From the 5th ranged GET on, every one is throttled.
+    let proxy = FaultProxy::start(s3.port, vec![rule(5, true, Fault::SlowDown)]).unwrap();
+    point_at(proxy.port);
+    let mut o = quick();
+    o.retries = 2;
+    let err = base().remote(o).build().unwrap().load_blocking("s3://bucket/model").unwrap_err();
+    let LoadError::Read { file, source: IoError::Remote { offset, len, .. }, .. } = &err else {
+        panic!("{err:?}");
+    };
+    assert!(file.to_string_lossy().starts_with("s3://bucket/model/model-0000"), "{err}");
+    assert!(*len > 0 && *len <= 48 << 10, "{err}");
+    let text = err.to_string();
+    assert!(text.contains(&format!("at offset {offset}")) && text.contains("503"), "{text}");
+    // Each failing part was tried three times (one try and two retries).
+    let tries = proxy.log().iter().filter(|(_, f)| *f == Some(Fault::SlowDown)).count();
+    assert!(tries >= 3, "{tries} throttled GETs");
+}
+
+#[test]
+fn an_object_replaced_after_planning_fails_the_load() {
+    let r = Remote::new();
+    sharded(&r.root);
+    let Some(_s3) = r.s3() else { return };
+    let loader = base().build().unwrap();
+    let plan = loader.plan("s3://bucket/model").unwrap();
+    // Same length, other bytes: only the object's ETag tells.
+    let shard = r.root.join("bucket/model/model-00003-of-00003.safetensors");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&shard, &bytes).unwrap();
+    let err = loader.load_plan_blocking(plan).unwrap_err();
+    assert!(
+        matches!(&err, LoadError::ShardChanged { file, what }
+            if file.ends_with("model-00003-of-00003.safetensors") && what.contains("ETag")),
+        "{err:?}"
+    );
+    // Cut short: the length tells.
+    let plan = loader.plan("s3://bucket/model").unwrap();
+    std::fs::write(&shard, &bytes[..last]).unwrap();
+    let err = loader.load_plan_blocking(plan).unwrap_err();
+    assert!(matches!(&err, LoadError::ShardChanged { what, .. } if what.contains("length")), "{err:?}");
+}
+
+#[test]
+fn a_dropped_load_cancels_its_requests() {
+    let r = Remote::new();
+    sharded(&r.root);
+    let Some(s3) = r.s3() else { return };
+    // Every data GET is held for a minute: the load cannot finish while the test runs.
+    let proxy = FaultProxy::start(s3.port, vec![rule(4, true, Fault::Delay(Duration::from_secs(60)))]).unwrap();
+    point_at(proxy.port);
+    let mut o = quick();
+    o.timeout = Duration::from_secs(120);
+    let loader = base().remote(o).build().unwrap();
+    let mut stream = loader.stream_blocking("s3://bucket/model").unwrap();
+    // Polled, the load issues its first GETs and waits (a tensor of no bytes is ready at once).
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    for _ in 0..100 {
+        let mut next = std::pin::pin!(stream.next());
+        match next.as_mut().poll(&mut cx) {
+            std::task::Poll::Pending => break,
+            std::task::Poll::Ready(t) => assert_eq!(t.unwrap().unwrap().to_host().unwrap().len(), 0),
+        }
+    }
+    // Wait until the proxy holds some of the load's GETs, then drop the load.
+    let held = |p: &FaultProxy| p.log().iter().filter(|(_, f)| f.is_some()).count();
+    let t = Instant::now();
+    while held(&proxy) == 0 && t.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(held(&proxy) > 0, "the load issued no data GETs");
+    drop(stream);
+    drop(loader);
+    // Every held request sees its client go away, well before its minute is up.
+    let t = Instant::now();
+    while proxy.abandoned() < held(&proxy) && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(proxy.abandoned(), held(&proxy), "requests left running after the load was dropped");
+}

@@ -1,0 +1,208 @@
+//! What works on a local folder works on a bucket and over HTTP, to the same bytes.
+
+use std::collections::BTreeMap;
+
+use tensorlift::{Dtype, FormatError, LoadError, Model, Sharding, Split};
+use tensorlift_testkit::net::HttpServer;
+
+use crate::{assert_identical, base, sharded, Remote};
+
+/// Every tensor's bytes and dtype, for comparing two loads.
+fn contents(model: &Model) -> BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> {
+    model
+        .tensors()
+        .iter()
+        .map(|t| (t.name().to_owned(), (t.dtype(), t.shape().to_vec(), t.to_host().unwrap().into_owned())))
+        .collect()
+}
+
+#[test]
+fn a_bucket_loads_to_the_files_bytes_by_folder_index_and_file() {
+    let r = Remote::new();
+    let truth = sharded(&r.root);
+    let Some(_s3) = r.s3() else { return };
+    let loader = base().build().unwrap();
+    for url in ["s3://bucket/model", "s3://bucket/model/", "s3://bucket/model/model.safetensors.index.json"] {
+        let model = loader.load_blocking(url).unwrap();
+        assert_identical(&model, &truth, url);
+        let s = model.stats();
+        assert_eq!((s.remote_shards, s.direct_shards, s.buffered_shards), (3, 0, 0), "{url}");
+        // The data, and no more of the headers than the page each data section starts in.
+        let data = s.checkpoint_bytes - header_bytes(&r.root.join("bucket/model"));
+        assert!(s.bytes_read >= data && s.bytes_read <= data + 3 * 4096, "{url}: {} of {data}", s.bytes_read);
+    }
+    // One shard named directly.
+    let one = loader.load_blocking("s3://bucket/model/model-00003-of-00003.safetensors").unwrap();
+    assert_eq!(one.len(), 1);
+    assert_eq!(one.get("third").unwrap().to_host().unwrap().as_ref(), truth["third"].as_slice());
+    // Planning names shards by URL.
+    let plan = loader.plan("s3://bucket/model").unwrap();
+    assert!(plan.is_remote());
+    assert_eq!(plan.shards()[0].path.to_str(), Some("s3://bucket/model/model-00001-of-00003.safetensors"));
+}
+
+/// Header bytes of every shard in `dir` (8 + N each): what a load does not read again.
+fn header_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+        .map(|e| {
+            let b = std::fs::read(e.path()).unwrap();
+            8 + u64::from_le_bytes(b[..8].try_into().unwrap())
+        })
+        .sum()
+}
+
+#[test]
+fn filters_slices_conversion_and_streams_give_the_local_loads_bytes() {
+    let r = Remote::new();
+    sharded(&r.root);
+    let Some(_s3) = r.s3() else { return };
+    let local = r.root.join("bucket/model");
+    let options = [
+        ("filter", base().filter(["f*", "third"])),
+        ("tensor-parallel rank 1 of 2", base().shard(rank_one())),
+        ("to f32", base().convert_to(Dtype::F32)),
+    ];
+    for (what, builder) in options {
+        let loader = builder.build().unwrap();
+        let want = contents(&loader.load_blocking(&local).unwrap());
+        let got = contents(&loader.load_blocking("s3://bucket/model").unwrap());
+        assert!(!want.is_empty(), "{what}");
+        assert_eq!(got, want, "{what}");
+    }
+    // Streamed, each tensor as it lands.
+    let loader = base().build().unwrap();
+    let mut stream = loader.stream_blocking("s3://bucket/model").unwrap();
+    let mut seen = BTreeMap::new();
+    while let Some(t) = tensorlift::block_on(stream.next()) {
+        let t = t.unwrap();
+        seen.insert(t.name().to_owned(), t.to_host().unwrap().into_owned());
+    }
+    let want: BTreeMap<String, Vec<u8>> =
+        contents(&loader.load_blocking(&local).unwrap()).into_iter().map(|(n, (_, _, b))| (n, b)).collect();
+    assert_eq!(seen, want);
+}
+
+fn rank_one() -> Sharding {
+    Sharding::new(1, 2)
+        .unwrap()
+        .rule("big", Split::Column)
+        .unwrap()
+        .rule("f16", Split::Column)
+        .unwrap()
+        .rule("f64", Split::Row)
+        .unwrap()
+}
+
+#[test]
+fn a_header_longer_than_the_first_get_is_read_in_two() {
+    let r = Remote::new();
+    let dir = r.root.join("bucket/wide");
+    std::fs::create_dir_all(&dir).unwrap();
+    let names: Vec<String> = (0..1500).map(|i| format!("model.layers.{i}.self_attn.q_proj.weight")).collect();
+    let specs: Vec<tensorlift_testkit::Spec<'_>> =
+        names.iter().map(|n| (n.as_str(), Dtype::F16, &[3usize][..])).collect();
+    let truth = tensorlift_testkit::write_shard(&dir.join("model.safetensors"), &specs);
+    assert!(header_bytes(&dir) > tensorlift_io_header_guess(), "the fixture's header must outgrow the first GET");
+    let Some(_s3) = r.s3() else { return };
+    let model = base().build().unwrap().load_blocking("s3://bucket/wide").unwrap();
+    assert_identical(&model, &truth, "wide header");
+}
+
+fn tensorlift_io_header_guess() -> u64 {
+    64 << 10
+}
+
+#[test]
+fn an_index_cannot_reach_outside_its_prefix() {
+    let r = Remote::new();
+    sharded(&r.root);
+    let dir = r.root.join("bucket/escape");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(
+        r.root.join("bucket/model/model-00001-of-00003.safetensors"),
+        r.root.join("bucket/secret.safetensors"),
+    )
+    .unwrap();
+    tensorlift_testkit::write_index(&dir, &[("bool", "../secret.safetensors")]);
+    let Some(_s3) = r.s3() else { return };
+    let err = base().build().unwrap().load_blocking("s3://bucket/escape").unwrap_err();
+    assert!(
+        matches!(&err, LoadError::Format(FormatError::ShardOutsideFolder { shard, .. }) if shard == "../secret.safetensors"),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn missing_objects_and_wrong_credentials_give_the_servers_word() {
+    let r = Remote::new();
+    sharded(&r.root);
+    let Some(_s3) = r.s3() else { return };
+    let loader = base().build().unwrap();
+    let err = loader.load_blocking("s3://nobucket/model").unwrap_err().to_string();
+    assert!(err.contains("s3://nobucket/model") && err.contains("NoSuchBucket"), "{err}");
+    let err = loader.load_blocking("s3://bucket/nothing-here").unwrap_err();
+    assert!(matches!(&err, LoadError::Format(FormatError::NoShards { .. })), "{err:?}");
+    let err = loader.load_blocking("s3://bucket/model/missing.safetensors").unwrap_err().to_string();
+    assert!(err.contains("missing.safetensors") && err.to_lowercase().contains("not found"), "{err}");
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", "not-the-secret");
+    let err = loader.load_blocking("s3://bucket/model").unwrap_err().to_string();
+    assert!(err.contains("SignatureDoesNotMatch"), "{err}");
+    std::env::remove_var("AWS_ACCESS_KEY_ID");
+    std::env::remove_var("AWS_SECRET_ACCESS_KEY");
+    std::env::set_var("AWS_SKIP_SIGNATURE", "true");
+    let err = loader.load_blocking("s3://bucket/model").unwrap_err().to_string();
+    std::env::remove_var("AWS_SKIP_SIGNATURE");
+    assert!(err.contains("s3://bucket/model") && (err.contains("403") || err.contains("Access")), "{err}");
+}
+
+#[test]
+fn a_plain_http_server_with_ranges_serves_a_folder_and_a_file() {
+    let r = Remote::new();
+    let truth = sharded(&r.root);
+    let http = HttpServer::start(&r.root).unwrap();
+    let loader = base().build().unwrap();
+    let url = format!("http://127.0.0.1:{}/bucket/model", http.port);
+    let model = loader.load_blocking(&url).unwrap();
+    assert_identical(&model, &truth, &url);
+    assert_eq!(model.stats().remote_shards, 3);
+    let file = format!("{url}/model-00002-of-00003.safetensors");
+    let model = loader.load_blocking(&file).unwrap();
+    assert_eq!(model.len(), 7);
+    // A folder with no index: over HTTP, which cannot list, its model.safetensors.
+    let single = r.root.join("bucket/single");
+    std::fs::create_dir_all(&single).unwrap();
+    let truth = tensorlift_testkit::write_shard(&single.join("model.safetensors"), &crate::quirky());
+    let model = loader.load_blocking(format!("http://127.0.0.1:{}/bucket/single/", http.port)).unwrap();
+    assert_identical(&model, &truth, "http folder without an index");
+}
+
+#[test]
+fn a_bucket_without_an_index_loads_its_shards_in_natural_order() {
+    let r = Remote::new();
+    let dir = r.root.join("bucket/scan");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut truth = tensorlift_testkit::write_shard(&dir.join("part-10.safetensors"), &[("late", Dtype::F32, &[9])]);
+    truth.extend(tensorlift_testkit::write_shard(&dir.join("part-9.safetensors"), &[("early", Dtype::U8, &[70])]));
+    std::fs::write(dir.join("README.md"), "not a shard").unwrap();
+    let Some(_s3) = r.s3() else { return };
+    let loader = base().build().unwrap();
+    let plan = loader.plan("s3://bucket/scan").unwrap();
+    let names: Vec<&str> = plan.shards().iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["part-9.safetensors", "part-10.safetensors"]);
+    assert_identical(&loader.load_plan_blocking(plan).unwrap(), &truth, "scan");
+}
+
+#[test]
+fn remote_loads_refuse_what_needs_a_local_file_by_name() {
+    let r = Remote::new();
+    sharded(&r.root);
+    std::fs::write(r.root.join("bucket/model/pytorch_model.bin"), b"PK\x03\x04 not read").unwrap();
+    let Some(_s3) = r.s3() else { return };
+    let err = base().verify(tensorlift::Verify::Required).build().unwrap().load_blocking("s3://bucket/model");
+    assert!(matches!(err, Err(LoadError::Unsupported(ref m)) if m.contains("remote")), "{err:?}");
+    let err = base().build().unwrap().load_blocking("s3://bucket/model/pytorch_model.bin").unwrap_err();
+    assert!(matches!(err, LoadError::Format(FormatError::PyTorchCheckpoint { .. })), "{err:?}");
+}

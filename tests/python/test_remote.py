@@ -1,0 +1,148 @@
+"""Checkpoints in a bucket of a real S3 server (s3s-fs, which the test command installs): the
+Python API reads them as the reference reads the same files from disk, including the way
+transformers calls ``safe_open`` (``backend="mmap"``, which on a remote checkpoint reads into
+memory instead of mapping)."""
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file as reference_load
+from safetensors.torch import save_file
+
+import tensorlift
+
+KEYS = ("tensorlift-test", "tensorlift-secret")
+
+
+def _s3s_fs():
+    path = os.environ.get("TENSORLIFT_S3S_FS") or os.path.expanduser("~/.cache/tensorlift/s3s-fs-0.14.1/bin/s3s-fs")
+    if os.path.isfile(path):
+        return path
+    if os.environ.get("TENSORLIFT_REQUIRE_S3"):
+        pytest.fail("s3s-fs is not installed (./scripts/test installs it)")
+    pytest.skip("s3s-fs is not installed (./scripts/test installs it)")
+
+
+@pytest.fixture(scope="module")
+def bucket(tmp_path_factory):
+    """A server over a folder whose bucket holds a sharded and a single-file checkpoint
+    written by the reference; yields the folder, with the environment pointed at it."""
+    binary = _s3s_fs()
+    root = tmp_path_factory.mktemp("s3")
+    torch.manual_seed(0)
+    model = root / "bucket" / "model"
+    model.mkdir(parents=True)
+    shards = [
+        {"embed.weight": torch.randn(100, 64), "norm.weight": torch.randn(64).to(torch.bfloat16)},
+        {"layer.0.weight": torch.randn(96, 64).to(torch.float16), "layer.0.bias": torch.arange(96, dtype=torch.int64)},
+    ]
+    weight_map = {}
+    for i, tensors in enumerate(shards):
+        name = f"model-{i + 1:05}-of-00002.safetensors"
+        save_file(tensors, str(model / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in tensors})
+    import json
+
+    (model / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    single = root / "bucket" / "single"
+    single.mkdir()
+    save_file({"w": torch.randn(33, 17), "i": torch.arange(5, dtype=torch.int32)}, str(single / "model.safetensors"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [binary, "--host", "127.0.0.1", "--port", str(port), "--access-key", KEYS[0], "--secret-key", KEYS[1], str(root)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": KEYS[0],
+        "AWS_SECRET_ACCESS_KEY": KEYS[1],
+        "AWS_REGION": "us-east-1",
+        "AWS_ALLOW_HTTP": "true",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield root
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.terminate()
+    server.wait()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _reference(folder):
+    want = {}
+    for f in sorted(os.listdir(folder)):
+        if f.endswith(".safetensors"):
+            want.update(reference_load(str(folder / f)))
+    return want
+
+
+def _same(got, want):
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype, k
+        assert torch.equal(got[k], want[k]), k
+
+
+def test_load_file_reads_a_bucket_as_the_reference_reads_the_files(bucket):
+    want = _reference(bucket / "bucket" / "model")
+    stats = {}
+    _same(tensorlift.load_file("s3://bucket/model", stats=stats), want)
+    assert stats["remote_shards"] == 2
+    _same(tensorlift.load_file("s3://bucket/model/model.safetensors.index.json"), want)
+    single = reference_load(str(bucket / "bucket" / "single" / "model.safetensors"))
+    _same(tensorlift.load_file("s3://bucket/single/model.safetensors"), single)
+    got = tensorlift.load_file("s3://bucket/model", framework="np")
+    assert np.array_equal(got["layer.0.bias"], want["layer.0.bias"].numpy())
+
+
+def test_safe_open_as_transformers_calls_it(bucket):
+    """transformers 5: safe_open(file, framework="pt", device="cpu", backend="mmap"), keys,
+    get_slice kept and sliced later, get_tensor, metadata."""
+    path = "s3://bucket/model/model-00002-of-00002.safetensors"
+    want = reference_load(str(bucket / "bucket" / "model" / "model-00002-of-00002.safetensors"))
+    with tensorlift.safe_open(path, framework="pt", device="cpu", backend="mmap") as f:
+        assert sorted(f.keys()) == sorted(want)
+        assert f.metadata() == {"format": "pt"}
+        s = f.get_slice("layer.0.weight")
+        assert s.get_shape() == [96, 64] and s.get_dtype() == "F16"
+        assert torch.equal(f.get_tensor("layer.0.bias"), want["layer.0.bias"])
+        assert torch.equal(s[10:20, 3:], want["layer.0.weight"][10:20, 3:])
+
+
+def test_streaming_and_tensor_parallel_slices(bucket):
+    want = _reference(bucket / "bucket" / "model")
+    seen = dict(tensorlift.iter_tensors("s3://bucket/model", filter=["layer.*"]))
+    _same(seen, {k: v for k, v in want.items() if k.startswith("layer.")})
+    local = tensorlift.load_file(str(bucket / "bucket" / "model"), tp=(1, 2, 2))
+    _same(tensorlift.load_file("s3://bucket/model", tp=(1, 2, 2)), local)
+
+
+def test_errors_carry_the_servers_word(bucket):
+    with pytest.raises(Exception, match="NoSuchBucket"):
+        tensorlift.load_file("s3://no-such-bucket/model")
+    os.environ["AWS_SECRET_ACCESS_KEY"] = "wrong"
+    try:
+        with pytest.raises(Exception, match="SignatureDoesNotMatch"):
+            tensorlift.load_file("s3://bucket/model")
+    finally:
+        os.environ["AWS_SECRET_ACCESS_KEY"] = KEYS[1]
