@@ -36,7 +36,9 @@ struct Args {
     /// Element type of the synthetic checkpoint.
     #[arg(long, value_enum, default_value = "bf16")]
     dtype: SynthDtype,
-    /// Measure this checkpoint (a folder, an index JSON or a .safetensors file) instead.
+    /// Measure this checkpoint (a folder, an index JSON or a .safetensors file) instead; an
+    /// `s3://`, `gs://`, `az://` or `http(s)://` URL is measured against the GET limit
+    /// (ranged GETs at the load's part size and concurrency, bytes dropped).
     #[arg(long)]
     dir: Option<PathBuf>,
     /// Where synthetic checkpoints are kept.
@@ -167,7 +169,11 @@ fn run(args: &Args) -> anyhow::Result<()> {
             ckpt.bytes as f64 / 1e9
         );
     }
+    // A remote checkpoint is read from its server, whose page cache is its own: one mode, and
+    // no local baselines.
+    let remote = tensorlift::is_remote(&dir);
     let mut modes: Vec<Mode> = match args.cache {
+        _ if remote => vec![Mode::Warm],
         CacheArg::Warm => vec![Mode::Warm],
         CacheArg::Cold => vec![Mode::Cold],
         CacheArg::Both => vec![Mode::Warm, Mode::Cold],
@@ -192,24 +198,38 @@ fn run(args: &Args) -> anyhow::Result<()> {
     });
     let mut report = Report::new(&ckpt, &loader, args.runs.max(1), settings);
     report.note(&format!("tensorlift loads to {} ({})", loader.device(), loader.device_reason()));
+    let baselines: Vec<String> = if remote {
+        let o = tensorlift::RemoteOptions::from_env();
+        report.note(&format!(
+            "remote checkpoint: ranged GETs of {} bytes, {} at once; `warm` is the server's cache as it is; \
+             get-limit fetches every byte at that size and concurrency and drops it",
+            o.part_size, o.concurrency
+        ));
+        for b in args.baselines.iter().filter(|b| CPU_BASELINES.contains(&b.as_str())) {
+            report.skip(b, "reads local files; the checkpoint is remote");
+        }
+        args.baselines.iter().filter(|b| !CPU_BASELINES.contains(&b.as_str())).cloned().collect()
+    } else {
+        args.baselines.clone()
+    };
     if let Err(why) = &gpu {
-        if args.baselines.iter().any(|b| b == "per-tensor-htod") {
+        if baselines.iter().any(|b| b == "per-tensor-htod") {
             report.skip("per-tensor-htod", &format!("no usable GPU: {why}"));
         }
         report.skip("h2d-limit", &format!("no usable GPU: {why}"));
         report.skip("h2d-limit-streams", &format!("no usable GPU: {why}"));
     }
     // tensorlift, read-limit, and the CPU baselines asked for are what each round runs.
-    let cpu_baselines = args.baselines.iter().filter(|b| CPU_BASELINES.contains(&b.as_str())).count() as u64;
+    let cpu_baselines = baselines.iter().filter(|b| CPU_BASELINES.contains(&b.as_str())).count() as u64;
     let gpu_entries = match &gpu {
-        Ok(_) => 2 + args.baselines.iter().any(|b| b == "per-tensor-htod") as u64,
+        Ok(_) => 2 + baselines.iter().any(|b| b == "per-tensor-htod") as u64,
         Err(_) => 0,
     };
     let bar = progress(modes.len() as u64 * args.runs.max(1) as u64 * (2 + cpu_baselines + gpu_entries));
     for mode in modes {
         let mut entries: Vec<Entry> =
             vec![engines::tensorlift(Arc::clone(&loader), args.reuse_host_memory, args.tp.is_some())];
-        for b in &args.baselines {
+        for b in &baselines {
             match b.as_str() {
                 "std-read" => entries.push(engines::std_read()),
                 "mmap-copy" => entries.push(engines::mmap_copy()),
@@ -222,7 +242,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
                 _ => {}
             }
         }
-        entries.push(engines::read_limit(mode == Mode::Cold));
+        entries.push(if remote { engines::get_limit() } else { engines::read_limit(mode == Mode::Cold) });
         if let Ok(g) = &gpu {
             entries.push(engines::h2d_limit(g.clone()));
             // Beside it, the copy engines' limit as nvbandwidth measures it (pinning 1 GiB
@@ -288,8 +308,11 @@ fn builder(args: &Args) -> anyhow::Result<tensorlift::LoaderBuilder> {
     Ok(b)
 }
 
-/// Puts every shard in the page-cache state the mode needs.
+/// Puts every shard in the page-cache state the mode needs (a remote one's is its server's).
 fn prepare(ckpt: &Checkpoint, mode: Mode) -> anyhow::Result<()> {
+    if tensorlift::is_remote(&ckpt.dir) {
+        return Ok(());
+    }
     for p in &ckpt.shards {
         match mode {
             Mode::Cold => tensorlift_io::cache::evict(p).with_context(|| format!("evicting {}", p.display()))?,

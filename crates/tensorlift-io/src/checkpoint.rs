@@ -179,7 +179,8 @@ impl Checkpoint {
     /// Whether the checkpoint is remote (object storage or HTTP): its shards are read by
     /// [`remote_object`](Self::remote_object), not from descriptors.
     pub fn is_remote(&self) -> bool {
-        !self.remote.is_empty()
+        // Only a remote checkpoint has no model folder.
+        self.dir.is_none()
     }
 
     /// Shard `i` of a remote checkpoint, as planning saw it (`None` for a local one).

@@ -155,6 +155,12 @@ pub struct HttpServer {
 impl HttpServer {
     /// Serves `root`.
     pub fn start(root: &Path) -> io::Result<HttpServer> {
+        Self::start_with(root, true)
+    }
+
+    /// Serves `root`, with `ETag`s or (`etags` false) with neither an `ETag` nor a
+    /// `Last-Modified` time: a server whose objects' changes cannot be seen.
+    pub fn start_with(root: &Path, etags: bool) -> io::Result<HttpServer> {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let port = listener.local_addr()?.port();
         let stop = Arc::new(AtomicBool::new(false));
@@ -166,7 +172,7 @@ impl HttpServer {
                 }
                 let Ok(conn) = conn else { continue };
                 let root = root.clone();
-                std::thread::spawn(move || serve_files(conn, &root));
+                std::thread::spawn(move || serve_files(conn, &root, etags));
             }
         });
         Ok(HttpServer { port, stop })
@@ -181,18 +187,18 @@ impl Drop for HttpServer {
     }
 }
 
-fn serve_files(conn: TcpStream, root: &Path) {
+fn serve_files(conn: TcpStream, root: &Path, etags: bool) {
     let Ok(read_half) = conn.try_clone() else { return };
     let mut r = BufReader::new(read_half);
     let mut w = conn;
     while let Ok(Some(req)) = read_request(&mut r) {
-        if reply_file(&mut w, root, &req).is_err() {
+        if reply_file(&mut w, root, &req, etags).is_err() {
             return;
         }
     }
 }
 
-fn reply_file(w: &mut TcpStream, root: &Path, req: &Request) -> io::Result<()> {
+fn reply_file(w: &mut TcpStream, root: &Path, req: &Request, etags: bool) -> io::Result<()> {
     let path = req.target.split('?').next().unwrap_or("");
     let file = path
         .split('/')
@@ -231,10 +237,10 @@ fn reply_file(w: &mut TcpStream, root: &Path, req: &Request) -> io::Result<()> {
         Some(r) => ("206 Partial Content", r.clone()),
         None => ("200 OK", 0..len),
     };
-    let mut head = format!(
-        "HTTP/1.1 {code}\r\nContent-Length: {}\r\nETag: {etag}\r\nAccept-Ranges: bytes\r\n",
-        span.end - span.start
-    );
+    let mut head = format!("HTTP/1.1 {code}\r\nContent-Length: {}\r\nAccept-Ranges: bytes\r\n", span.end - span.start);
+    if etags {
+        head += &format!("ETag: {etag}\r\n");
+    }
     if range.is_some() {
         head += &format!("Content-Range: bytes {}-{}/{len}\r\n", span.start, span.end.saturating_sub(1));
     }
@@ -258,6 +264,9 @@ pub enum Fault {
     DropMidBody,
     /// Waits this long before forwarding the request.
     Delay(Duration),
+    /// Forwards the reply with this many bytes more in its body than the server sent, its
+    /// `Content-Length` raised to match (a server that sends more than it was asked).
+    Pad(usize),
 }
 
 /// A rule: the `nth` (from 1) request whose head contains `needle` (any request where it is
@@ -424,6 +433,24 @@ fn forward(
         w.flush()?;
         let _ = w.shutdown(Shutdown::Both);
         return Err(io::Error::from(io::ErrorKind::ConnectionAborted));
+    }
+    if let Some(Fault::Pad(n)) = fault {
+        let head = String::from_utf8_lossy(&reply[..body_at]).into_owned();
+        let mut padded = String::new();
+        for line in head.split("\r\n").filter(|l| !l.is_empty()) {
+            match line.split_once(':') {
+                Some((k, v)) if k.eq_ignore_ascii_case("content-length") => {
+                    let len: usize = v.trim().parse().unwrap_or(0);
+                    padded += &format!("content-length: {}\r\n", len + n);
+                }
+                _ => padded += &format!("{line}\r\n"),
+            }
+        }
+        padded += "\r\n";
+        let mut out = padded.into_bytes();
+        out.extend_from_slice(&reply[body_at..]);
+        out.extend(std::iter::repeat_n(b'x', n));
+        reply = out;
     }
     let delivered = w.write_all(&reply);
     if delivered.is_err() {

@@ -23,11 +23,11 @@ mod store;
 
 use std::future::Future;
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub(crate) use plan::open_remote;
-pub use read::read_object;
+pub use read::{fetch_discarding, read_object};
 pub use store::RemoteObject;
 
 /// Bytes of a shard read at once to find its header: most headers fit, and the rest of a
@@ -55,8 +55,9 @@ pub fn is_remote(path: &Path) -> bool {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RemoteOptions {
-    /// Bytes asked for by one ranged GET, at most (default 8 MiB): a load's read of a chunk
-    /// is cut into parts of this size, fetched at once.
+    /// Bytes asked for by one ranged GET, at most (default 8 MiB, never under
+    /// [`MIN_PART_SIZE`]): a load's read of a chunk is cut into parts of this size, fetched at
+    /// once.
     pub part_size: u64,
     /// Ranged GETs in flight at once for one checkpoint (default 32).
     pub concurrency: usize,
@@ -99,7 +100,7 @@ impl RemoteOptions {
         }
         let mut o = RemoteOptions::default();
         if let Some(v) = var::<u64>("TENSORLIFT_REMOTE_PART_SIZE") {
-            o.part_size = v.max(1);
+            o.part_size = v;
         }
         if let Some(v) = var::<usize>("TENSORLIFT_REMOTE_CONCURRENCY") {
             o.concurrency = v.max(1);
@@ -107,31 +108,53 @@ impl RemoteOptions {
         if let Some(v) = var("TENSORLIFT_REMOTE_RETRIES") {
             o.retries = v;
         }
-        if let Some(v) = var::<f64>("TENSORLIFT_REMOTE_TIMEOUT_SECS").filter(|v| *v > 0.0 && v.is_finite()) {
-            o.timeout = Duration::from_secs_f64(v);
+        if let Some(v) = var::<f64>("TENSORLIFT_REMOTE_TIMEOUT_SECS") {
+            match Duration::try_from_secs_f64(v) {
+                Ok(d) if !d.is_zero() => o.timeout = d,
+                _ => tracing::warn!("TENSORLIFT_REMOTE_TIMEOUT_SECS={v} is not a usable time; ignored"),
+            }
         }
         o
     }
+
+    /// [`part_size`](Self::part_size), at least [`MIN_PART_SIZE`].
+    pub fn part_size(&self) -> u64 {
+        self.part_size.max(MIN_PART_SIZE)
+    }
 }
+
+/// The smallest ranged GET a load makes, whatever [`RemoteOptions::part_size`] says: smaller
+/// ones cost a request each for little.
+pub const MIN_PART_SIZE: u64 = 64 << 10;
 
 /// Threads of the runtime that serves remote requests: they copy bodies into buffers, so a
 /// few; idle ones cost nothing.
 const NET_THREADS: usize = 4;
 
-/// The runtime every remote request runs on, made on first use. `None` (with why) where the
-/// process cannot make its threads.
+/// The runtime every remote request runs on, made on first use in each process: a child
+/// made by `fork` (Python's multiprocessing, a data loader's workers) has none of its
+/// parent's threads, so it makes its own (the parent's is left alone, never dropped there).
+/// An error (with why) where the process cannot make its threads.
 fn runtime() -> Result<&'static tokio::runtime::Runtime, std::io::Error> {
-    static RT: OnceLock<Result<tokio::runtime::Runtime, String>> = OnceLock::new();
-    let rt = RT.get_or_init(|| {
-        let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, NET_THREADS);
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .thread_name("tensorlift-net")
-            .enable_all()
-            .build()
-            .map_err(|e| format!("cannot start the network runtime: {e}"))
-    });
-    rt.as_ref().map_err(|e| std::io::Error::other(e.clone()))
+    static RT: Mutex<Option<(u32, &'static tokio::runtime::Runtime)>> = Mutex::new(None);
+    let mut rt = RT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let pid = std::process::id();
+    match *rt {
+        Some((owner, runtime)) if owner == pid => Ok(runtime),
+        _ => {
+            let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, NET_THREADS);
+            let built = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads)
+                .thread_name("tensorlift-net")
+                .enable_all()
+                .build()
+                .map_err(|e| std::io::Error::other(format!("cannot start the network runtime: {e}")))?;
+            // One per process, for the process's life.
+            let runtime: &'static tokio::runtime::Runtime = Box::leak(Box::new(built));
+            *rt = Some((pid, runtime));
+            Ok(runtime)
+        }
+    }
 }
 
 /// Runs `fut` on the network runtime and blocks this thread until it is done: safe on any

@@ -22,6 +22,9 @@ use crate::{Checkpoint, PlanLimits};
 /// Shards whose first bytes are fetched at once while planning.
 const HEADER_FETCHES: usize = 16;
 
+/// Objects a folder's listing may go through, at most (its subfolders' included).
+const MAX_LISTED: usize = 100_000;
+
 /// A single file checkpoint is named by its URL.
 const SINGLE_FILE: &str = "model.safetensors";
 
@@ -62,7 +65,7 @@ async fn plan(mut place: Place, last: Option<String>, limits: PlanLimits) -> Res
             if let Some(index) = fetch_index(&place, INDEX_FILE_NAME).await? {
                 return plan_index(&place, INDEX_FILE_NAME, index, &limits).await;
             }
-            let names = list_safetensors(&place).await?;
+            let names = list_safetensors(&place, &limits).await?;
             let root = PathBuf::from(&place.url);
             if names.is_empty() {
                 return Err(FormatError::NoShards { file: root });
@@ -93,14 +96,33 @@ async fn fetch_index(place: &Place, name: &str) -> Result<Option<(ObjectMeta, Ve
         return Err(FormatError::OutOfMemory { file: url, what: "parsing the index", bytes: parse_bytes });
     }
     let meta = reply.meta.clone();
-    let bytes = reply.bytes().await.map_err(|e| FormatError::Io { file: url.clone(), source: store_error(e) })?;
-    if bytes.len() as u64 != len {
-        return Err(FormatError::Io {
-            file: url,
-            source: io::Error::new(io::ErrorKind::UnexpectedEof, "the index's body is not the length announced"),
-        });
+    let bytes = body(reply, len, &url).await?;
+    Ok(Some((meta, bytes)))
+}
+
+/// A reply's body, which must be exactly `len` bytes: read as it comes, into memory
+/// reserved fallibly, and refused as soon as it runs past `len` (a server's `Content-Length`
+/// is not trusted to bound it).
+async fn body(reply: object_store::GetResult, len: u64, url: &Path) -> Result<Vec<u8>, FormatError> {
+    let io_err = |source| FormatError::Io { file: url.to_path_buf(), source };
+    let mut out = Vec::new();
+    out.try_reserve_exact(len as usize).map_err(|_| FormatError::OutOfMemory {
+        file: url.to_path_buf(),
+        what: "a reply",
+        bytes: len,
+    })?;
+    let mut stream = reply.into_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| io_err(store_error(e)))?;
+        if (out.len() + chunk.len()) as u64 > len {
+            return Err(io_err(io::Error::new(io::ErrorKind::InvalidData, "the server sent more than it was asked")));
+        }
+        out.extend_from_slice(&chunk);
     }
-    Ok(Some((meta, bytes.to_vec())))
+    if out.len() as u64 != len {
+        return Err(io_err(io::Error::new(io::ErrorKind::UnexpectedEof, "the reply is not the range asked for")));
+    }
+    Ok(out)
 }
 
 async fn plan_index(
@@ -118,27 +140,42 @@ async fn plan_index(
 
 /// The names of the `*.safetensors` objects directly under the folder, in natural order;
 /// over HTTP, which cannot list, `model.safetensors` where it exists.
-async fn list_safetensors(place: &Place) -> Result<Vec<String>, FormatError> {
+async fn list_safetensors(place: &Place, limits: &PlanLimits) -> Result<Vec<String>, FormatError> {
     let root = || PathBuf::from(&place.url);
     // A plain HTTP server lists nothing (object_store lists only WebDAV servers, and reads
     // other replies as an empty folder).
-    if place.url.starts_with("http://") || place.url.starts_with("https://") {
+    if place.http {
         return Ok(vec![SINGLE_FILE.to_owned()]);
     }
     let prefix = (!place.prefix.as_ref().is_empty()).then_some(&place.prefix);
-    let listed = match place.shared.store.list_with_delimiter(prefix).await {
-        Ok(l) => l,
-        Err(e) => return Err(FormatError::Io { file: root(), source: store_error(e) }),
-    };
-    let mut names: Vec<String> = listed
-        .objects
-        .iter()
-        .filter_map(|o| o.location.filename())
-        .filter(|n| n.ends_with(".safetensors"))
-        .map(str::to_owned)
-        .collect();
+    // Page by page, stopping at a bound: a prefix may hold millions of objects.
+    let mut listing = place.shared.store.list(prefix);
+    let (mut names, mut scanned, mut torch) = (Vec::new(), 0usize, false);
+    while let Some(meta) = listing.next().await {
+        let meta = meta.map_err(|e| FormatError::Io { file: root(), source: store_error(e) })?;
+        scanned += 1;
+        if scanned > MAX_LISTED {
+            return Err(too_many(root(), format!("more than {MAX_LISTED} objects under it")));
+        }
+        // Objects in the folder itself, not in folders below it.
+        let depth = meta.location.parts().count();
+        if depth != place.prefix.parts().count() + 1 {
+            continue;
+        }
+        match meta.location.filename() {
+            Some(n) if n.ends_with(".safetensors") => names.push(n.to_owned()),
+            Some(n) if n.ends_with(".bin") => torch = true,
+            _ => {}
+        }
+        if names.len() > limits.max_shards {
+            return Err(too_many(
+                root(),
+                format!("more than {} .safetensors files (PlanLimits::max_shards)", limits.max_shards),
+            ));
+        }
+    }
     names.sort_by(|a, b| natural_cmp(a, b));
-    if names.is_empty() && listed.objects.iter().any(|o| o.location.filename().is_some_and(|n| n.ends_with(".bin"))) {
+    if names.is_empty() && torch {
         return Err(FormatError::PyTorchCheckpoint {
             file: root(),
             layout: "PyTorch files are read from local disk only: download it, or convert it to safetensors",
@@ -221,44 +258,39 @@ async fn first_bytes(
     let options = GetOptions { range: Some(GetRange::Bounded(0..HEADER_GUESS)), ..GetOptions::default() };
     let reply = place.shared.store.get_opts(location, options).await.map_err(|e| unreadable(store_error(e)))?;
     let meta = reply.meta.clone();
-    let bytes = reply.bytes().await.map_err(|e| unreadable(store_error(e)))?;
-    if bytes.len() as u64 != HEADER_GUESS.min(meta.size) {
+    // Neither an ETag nor a modification time: a change during the load could not be seen.
+    if meta.e_tag.is_none() && store::modified_ns(&meta) == 0 {
         return Err(FormatError::Io {
             file: url.to_path_buf(),
-            source: io::Error::new(io::ErrorKind::UnexpectedEof, "the reply is not the range asked for"),
+            source: io::Error::other(
+                "the server gives neither an ETag nor a Last-Modified time for it, so a change during the load \
+                 could not be detected; serve it from a server that does",
+            ),
         });
     }
-    Ok((meta, bytes.to_vec()))
+    let bytes = body(reply, HEADER_GUESS.min(meta.size), url).await?;
+    Ok((meta, bytes))
 }
 
 /// Bytes `from..to` of a header longer than the first GET, from the same object.
 async fn rest_of_header(object: &RemoteObject, from: u64, to: u64) -> Result<Vec<u8>, FormatError> {
     let file = || object.url().to_path_buf();
-    let options = GetOptions {
-        range: Some(GetRange::Bounded(from..to)),
-        if_match: object.e_tag().map(str::to_owned),
-        ..GetOptions::default()
+    let options =
+        GetOptions { range: Some(GetRange::Bounded(from..to)), if_match: object.if_match(), ..GetOptions::default() };
+    let changed = |what: String| FormatError::Io {
+        file: file(),
+        source: io::Error::other(format!("changed while its header was read: {what}")),
     };
-    let reply = object
-        .shared
-        .store
-        .get_opts(&object.location, options)
-        .await
-        .map_err(|e| FormatError::Io { file: file(), source: store_error(e) })?;
+    let reply = match object.shared.store.get_opts(&object.location, options).await {
+        Ok(r) => r,
+        Err(object_store::Error::Precondition { .. }) => return Err(changed("its ETag moved".into())),
+        Err(object_store::Error::NotFound { .. }) => return Err(changed("it was deleted".into())),
+        Err(e) => return Err(FormatError::Io { file: file(), source: store_error(e) }),
+    };
     if let Some(what) = object.change(&reply.meta) {
-        return Err(FormatError::Io {
-            file: file(),
-            source: io::Error::other(format!("changed while its header was read: {what}")),
-        });
+        return Err(changed(what));
     }
-    let bytes = reply.bytes().await.map_err(|e| FormatError::Io { file: file(), source: store_error(e) })?;
-    if bytes.len() as u64 != to - from {
-        return Err(FormatError::Io {
-            file: file(),
-            source: io::Error::new(io::ErrorKind::UnexpectedEof, "the reply is not the range asked for"),
-        });
-    }
-    Ok(bytes.to_vec())
+    body(reply, to - from, object.url()).await
 }
 
 /// An object's identity as a plan keeps it: its length and modification time; its ETag's
@@ -267,6 +299,14 @@ fn identity(meta: &ObjectMeta) -> FileIdentity {
     let ns = store::modified_ns(meta);
     let tag = meta.e_tag.as_deref().map_or(0, |t| tensorlift_format::header_hash(t.as_bytes()));
     FileIdentity { dev: 0, ino: tag, len: meta.size, modified_ns: ns, changed_ns: ns }
+}
+
+/// A folder too large to list: name its index or a file instead.
+fn too_many(root: PathBuf, what: String) -> FormatError {
+    FormatError::InvalidIndex {
+        file: root,
+        message: format!("{what}; name its model.safetensors.index.json or one file in the URL instead"),
+    }
 }
 
 fn not_found(place: &Place, name: &str) -> FormatError {

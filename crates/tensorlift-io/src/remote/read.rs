@@ -71,7 +71,7 @@ pub fn read_object<B: IoBufMut>(
 
 /// Fetches `[offset, offset + len)` into `dst[..len]`, one ranged GET per part, all at once.
 async fn fill(object: &RemoteObject, offset: u64, dst: SendPtr, len: usize) -> Result<(), IoError> {
-    let part = usize::try_from(object.options().part_size).unwrap_or(usize::MAX).max(1);
+    let part = usize::try_from(object.options().part_size()).unwrap_or(usize::MAX);
     let parts = (0..len).step_by(part).map(|start| {
         // SAFETY: start < len, and `dst` is valid for `len` bytes.
         let at = SendPtr(unsafe { dst.0.add(start) });
@@ -88,13 +88,14 @@ async fn fetch(object: &RemoteObject, offset: u64, dst: SendPtr, len: usize) -> 
     let _permit = object.shared.permits.acquire().await;
     let options = GetOptions {
         range: Some(GetRange::Bounded(range.clone())),
-        if_match: object.e_tag().map(str::to_owned),
+        if_match: object.if_match(),
         ..GetOptions::default()
     };
     let reply =
         object.shared.store.get_opts(&object.location, options).await.map_err(|e| request_error(object, &range, e))?;
     if let Some(what) = object.change(&reply.meta) {
-        return Err(IoError::Changed { file: file(), what: format!("{what} (changed during the load)") });
+        let what = format!("{what} (changed during the load; at the GET of bytes {}..{})", range.start, range.end);
+        return Err(IoError::Changed { file: file(), what });
     }
     if reply.range != range {
         let at = reply.range.end.min(range.end);
@@ -127,19 +128,69 @@ async fn fetch(object: &RemoteObject, offset: u64, dst: SendPtr, len: usize) -> 
 }
 
 /// A failed request (after the store's retries) as the error that names the object and range.
-fn request_error(object: &RemoteObject, range: &std::ops::Range<u64>, e: object_store::Error) -> IoError {
+pub(crate) fn request_error(object: &RemoteObject, range: &std::ops::Range<u64>, e: object_store::Error) -> IoError {
     let file = object.url().to_path_buf();
     match e {
         object_store::Error::Precondition { .. } => IoError::Changed {
             file,
             what: format!(
-                "its ETag is no longer {} (replaced during the load)",
-                object.e_tag().unwrap_or("the one planned")
+                "its ETag is no longer {} (replaced during the load; at the GET of bytes {}..{})",
+                object.e_tag().unwrap_or("the one planned"),
+                range.start,
+                range.end
             ),
         },
-        object_store::Error::NotFound { .. } => {
-            IoError::Changed { file, what: "it was deleted during the load".to_owned() }
-        }
+        object_store::Error::NotFound { .. } => IoError::Changed {
+            file,
+            what: format!("it was deleted during the load (at the GET of bytes {}..{})", range.start, range.end),
+        },
         source => IoError::Remote { file, offset: range.start, len: range.end - range.start, source: Box::new(source) },
     }
+}
+
+/// The GET limit of a remote checkpoint: every byte of `objects` fetched by ranged GETs of
+/// their part size, at their concurrency (as a load asks for them), counted and dropped,
+/// never copied. What `loader-bench` compares a remote load with. Returns the bytes fetched.
+pub fn fetch_discarding(objects: &[Arc<RemoteObject>]) -> Result<u64, IoError> {
+    let Some(first) = objects.first() else { return Ok(0) };
+    let runtime = super::runtime().map_err(|source| IoError::Read {
+        file: first.url().to_path_buf(),
+        offset: 0,
+        len: 0,
+        source,
+    })?;
+    let objects: Vec<Arc<RemoteObject>> = objects.to_vec();
+    let task = runtime.spawn(async move {
+        let mut parts = Vec::new();
+        for o in &objects {
+            let part = o.options().part_size();
+            let mut at = 0;
+            while at < o.len() {
+                parts.push((Arc::clone(o), at, part.min(o.len() - at)));
+                at += part;
+            }
+        }
+        let fetches = parts.into_iter().map(|(o, offset, len)| async move {
+            let range = offset..offset + len;
+            let _permit = o.shared.permits.acquire().await;
+            let options = GetOptions { range: Some(GetRange::Bounded(range.clone())), ..GetOptions::default() };
+            let reply =
+                o.shared.store.get_opts(&o.location, options).await.map_err(|e| request_error(&o, &range, e))?;
+            let mut body = reply.into_stream();
+            let mut n = 0u64;
+            while let Some(bytes) = body.next().await {
+                n += bytes.map_err(|e| request_error(&o, &range, e))?.len() as u64;
+            }
+            Ok::<u64, IoError>(n)
+        });
+        futures_util::future::try_join_all(fetches).await.map(|n| n.iter().sum())
+    });
+    crate::block_on(task).unwrap_or_else(|e| {
+        Err(IoError::Read {
+            file: first.url().to_path_buf(),
+            offset: 0,
+            len: 0,
+            source: io::Error::other(e.to_string()),
+        })
+    })
 }

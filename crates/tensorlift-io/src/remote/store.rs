@@ -17,9 +17,10 @@ pub(crate) struct Place {
     pub(crate) shared: Arc<Shared>,
     /// The folder's location in the store (empty for a bucket's root).
     pub(crate) prefix: ObjectPath,
-    /// The folder's URL as the user spelled it, without a trailing `/`: errors name objects
-    /// by it.
+    /// The folder's URL, without a trailing `/`: errors name objects by it.
     pub(crate) url: String,
+    /// Whether the store is a plain HTTP server (which cannot list a folder).
+    pub(crate) http: bool,
 }
 
 impl Place {
@@ -38,23 +39,34 @@ impl Place {
 /// Connects to the store of `url` and splits it into the store's folder and the last part
 /// of its path (`None` where the URL ends with `/` or names a bucket alone).
 pub(crate) fn connect(url: &str, options: &RemoteOptions) -> Result<(Place, Option<String>), io::Error> {
-    let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidInput, m);
-    let parsed = url::Url::parse(url).map_err(|e| invalid(format!("not a URL: {e}")))?;
+    let invalid = |m: &str| io::Error::new(io::ErrorKind::InvalidInput, m.to_owned());
+    let parsed = url::Url::parse(url).map_err(|e| invalid(&format!("not a URL: {e}")))?;
+    // What a URL could carry beyond the object's place is refused rather than dropped: a
+    // query (a signed URL's) would be lost on the way to the store, and credentials would
+    // be printed in every error that names an object.
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err(invalid("a query string or fragment is not read: settings come from the environment"));
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(invalid("credentials in a URL are refused: give them in the environment (AWS_ACCESS_KEY_ID, ...)"));
+    }
     let (scheme, path) = ObjectStoreScheme::parse(&parsed)
-        .map_err(|e| invalid(format!("not a URL of a store tensorlift reads: {e}")))?;
+        .map_err(|e| invalid(&format!("not a URL of a store tensorlift reads: {e}")))?;
+    let http = scheme == ObjectStoreScheme::Http;
     let store = build(scheme, &parsed, options)?;
-    let path = ObjectPath::parse(path).map_err(|e| invalid(format!("not an object path: {e}")))?;
-    let trimmed = url.trim_end_matches('/');
+    // The path's parts as the store spells them (already encoded: joined, not encoded again).
     let mut parts: Vec<String> = path.parts().map(|p| p.as_ref().to_owned()).collect();
-    let last = if url.ends_with('/') { None } else { parts.pop() };
-    let (prefix, folder_url) = match &last {
-        // The folder's URL: the user's text without its last part.
-        Some(name) => (ObjectPath::from_iter(parts), trimmed.strip_suffix(name.as_str()).unwrap_or(trimmed)),
-        None => (ObjectPath::from_iter(parts), trimmed),
-    };
+    let last = if parsed.path().ends_with('/') { None } else { parts.pop() };
+    let prefix = ObjectPath::parse(parts.join("/")).map_err(|e| invalid(&format!("not an object path: {e}")))?;
+    let mut folder = parsed;
+    if last.is_some() {
+        if let Ok(mut segments) = folder.path_segments_mut() {
+            segments.pop();
+        }
+    }
     let permits = Arc::new(tokio::sync::Semaphore::new(options.concurrency.max(1)));
     let shared = Arc::new(Shared { store, options: *options, permits });
-    Ok((Place { shared, prefix, url: folder_url.trim_end_matches('/').to_owned() }, last))
+    Ok((Place { shared, prefix, url: folder.as_str().trim_end_matches('/').to_owned(), http }, last))
 }
 
 /// The store for `scheme`, with the provider's configuration from the environment and this
@@ -202,14 +214,25 @@ impl RemoteObject {
         &self.shared.options
     }
 
-    /// What differs between `meta` (a later reply) and the object as planned, if anything.
+    /// What differs between `meta` (a later reply) and the object as planned, if anything: its
+    /// length, its ETag (one that is gone counts as changed), or, where it had no ETag, its
+    /// modification time.
     pub(crate) fn change(&self, meta: &ObjectMeta) -> Option<String> {
         if meta.size != self.size {
             return Some(format!("its length is now {} bytes, not {}", meta.size, self.size));
         }
         match (&self.e_tag, &meta.e_tag) {
             (Some(was), Some(now)) if was != now => Some(format!("its ETag is now {now}, not {was}")),
+            (Some(was), None) => Some(format!("the reply has no ETag, where it was {was}")),
+            (None, Some(now)) => Some(format!("it has an ETag now ({now}), and had none")),
+            _ if modified_ns(meta) != self.modified_ns => Some("its modification time moved".to_owned()),
             _ => None,
         }
+    }
+
+    /// The ETag to ask for with `If-Match`: a strong one only (a weak ETag, `W/"..."`, never
+    /// matches there; it is compared in [`change`](Self::change) instead).
+    pub(crate) fn if_match(&self) -> Option<String> {
+        self.e_tag.as_ref().filter(|t| !t.starts_with("W/")).cloned()
     }
 }

@@ -126,3 +126,19 @@ fn a_dropped_load_cancels_its_requests() {
     }
     assert_eq!(proxy.abandoned(), held(&proxy), "requests left running after the load was dropped");
 }
+
+#[test]
+fn a_reply_longer_than_its_range_is_refused_not_kept() {
+    let r = Remote::new();
+    sharded(&r.root);
+    let Some(s3) = r.s3() else { return };
+    // Planning's first GET of the first shard comes back with 64 MiB more than it asked.
+    let pad = Rule { needle: "range: bytes=0-65535".into(), nth: 1, every: true, fault: Fault::Pad(64 << 20) };
+    let proxy = FaultProxy::start(s3.port, vec![pad]).unwrap();
+    point_at(proxy.port);
+    let mut o = quick();
+    o.retries = 0;
+    let err = base().remote(o).build().unwrap().load_blocking("s3://bucket/model").unwrap_err().to_string();
+    assert!(err.contains("more than it was asked"), "{err}");
+    assert!(proxy.log().iter().any(|(_, f)| matches!(f, Some(Fault::Pad(_)))));
+}

@@ -206,3 +206,63 @@ fn remote_loads_refuse_what_needs_a_local_file_by_name() {
     let err = base().build().unwrap().load_blocking("s3://bucket/model/pytorch_model.bin").unwrap_err();
     assert!(matches!(err, LoadError::Format(FormatError::PyTorchCheckpoint { .. })), "{err:?}");
 }
+
+#[test]
+fn urls_that_carry_more_than_a_place_are_refused() {
+    let _r = Remote::new();
+    let loader = base().build().unwrap();
+    for (url, says) in [
+        ("s3://bucket/model?versionId=3", "query string"),
+        ("https://user:secret@example.invalid/model/", "credentials in a URL"),
+    ] {
+        let err = loader.load_blocking(url).unwrap_err().to_string();
+        assert!(err.contains(says), "{url}: {err}");
+    }
+}
+
+#[test]
+fn folder_names_that_need_encoding_are_not_encoded_twice() {
+    let r = Remote::new();
+    let dir = r.root.join("bucket/org~x/llama [7b]");
+    std::fs::create_dir_all(&dir).unwrap();
+    let truth = tensorlift_testkit::write_sharded(&dir, &[&crate::quirky()[..3], &crate::quirky()[3..]]);
+    let Some(_s3) = r.s3() else { return };
+    let loader = base().build().unwrap();
+    for url in ["s3://bucket/org~x/llama%20%5B7b%5D/", "s3://bucket/org~x/llama%20%5B7b%5D"] {
+        assert_identical(&loader.load_blocking(url).unwrap(), &truth, url);
+    }
+}
+
+#[test]
+fn a_listing_over_the_shard_bound_is_refused() {
+    let r = Remote::new();
+    let dir = r.root.join("bucket/many");
+    std::fs::create_dir_all(&dir).unwrap();
+    for i in 0..3 {
+        tensorlift_testkit::write_shard(&dir.join(format!("part-{i}.safetensors")), &[("t", Dtype::U8, &[4])]);
+    }
+    let Some(_s3) = r.s3() else { return };
+    let err = base().max_shards(2).build().unwrap().load_blocking("s3://bucket/many").unwrap_err().to_string();
+    assert!(err.contains("max_shards"), "{err}");
+}
+
+#[test]
+fn a_server_that_cannot_show_a_change_is_refused() {
+    let r = Remote::new();
+    let single = r.root.join("bucket/single");
+    std::fs::create_dir_all(&single).unwrap();
+    tensorlift_testkit::write_shard(&single.join("model.safetensors"), &crate::quirky());
+    let http = HttpServer::start_with(&r.root, false).unwrap();
+    let url = format!("http://127.0.0.1:{}/bucket/single/model.safetensors", http.port);
+    let err = base().build().unwrap().load_blocking(&url).unwrap_err().to_string();
+    assert!(err.contains("neither an ETag nor a Last-Modified"), "{err}");
+}
+
+#[test]
+fn a_timeout_from_the_environment_that_cannot_be_a_duration_is_ignored() {
+    let _r = Remote::new();
+    std::env::set_var("TENSORLIFT_REMOTE_TIMEOUT_SECS", "1e20");
+    let o = tensorlift::RemoteOptions::from_env();
+    std::env::remove_var("TENSORLIFT_REMOTE_TIMEOUT_SECS");
+    assert_eq!(o.timeout, tensorlift::RemoteOptions::default().timeout);
+}
