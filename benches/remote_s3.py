@@ -89,7 +89,9 @@ def runai_path():
     if not os.path.isdir(os.path.join(target, "runai_model_streamer")):
         subprocess.run(
             [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", target,
-             f"runai-model-streamer=={RUNAI}", f"runai-model-streamer-s3=={RUNAI}", "humanize"],
+             f"runai-model-streamer=={RUNAI}", f"runai-model-streamer-s3=={RUNAI}", "humanize",
+             # runai-model-streamer-s3's own dependencies (not torch, which is the environment's).
+             "boto3", "botocore", "s3transfer", "jmespath", "python-dateutil", "six", "urllib3"],
             check=True,
         )
     return target

@@ -170,7 +170,7 @@ fn py_err(e: LoadError) -> PyErr {
 /// of each tensor, split as vLLM splits a Llama-family model. `stats`: a dict, filled with
 /// the load's statistics once it completes (the keys of `tensorlift load --json`).
 #[pyfunction]
-#[pyo3(signature = (path, device="cpu", filter=None, progress=None, *, dtype=None, tp=None, stats=None, verify=None))]
+#[pyo3(signature = (path, device="cpu", filter=None, progress=None, *, dtype=None, tp=None, stats=None, verify=None, cache_dir=None))]
 #[allow(clippy::too_many_arguments)] // Python keyword arguments.
 fn load(
     py: Python<'_>,
@@ -182,9 +182,11 @@ fn load(
     tp: Option<(usize, usize, usize)>,
     stats: Option<Bound<'_, PyDict>>,
     verify: Option<&str>,
+    cache_dir: Option<std::path::PathBuf>,
 ) -> PyResult<Py<PyDict>> {
     let raised = Raised::default();
-    let loader = loader(device, filter, progress, &raised, Options { dtype, verify, tp, mapped: false })?;
+    let options = Options { dtype, verify, tp, mapped: false, cache_dir };
+    let loader = loader(device, filter, progress, &raised, options)?;
     let model = wait(py, loader.load(&path), &raised)?.map_err(py_err)?;
     if let Some(d) = stats {
         fill_stats(&d, model.stats())?;
@@ -424,6 +426,8 @@ struct Options<'a> {
     tp: Option<(usize, usize, usize)>,
     /// Tensors as views of the memory-mapped files (`safe_open(..., backend="mmap")`).
     mapped: bool,
+    /// Where remote checkpoints are copied as they are read (`LoaderBuilder::remote_cache`).
+    cache_dir: Option<std::path::PathBuf>,
 }
 
 fn loader(
@@ -439,6 +443,9 @@ fn loader(
         // (docs/PYTHON.md, as the reference safetensors' own mmap backend) is MapContract's:
         // the files are not truncated or written while any tensor viewing them lives.
         b = b.map_views(unsafe { tensorlift::MapContract::new() });
+    }
+    if let Some(dir) = &options.cache_dir {
+        b = b.remote_cache(dir);
     }
     if let Some(v) = options.verify {
         let policy: tensorlift::Verify = v.parse().map_err(PyValueError::new_err)?;
@@ -656,7 +663,7 @@ impl PyTensorIterator {
 /// Yields `(name, Tensor)` as each tensor lands, reading in the background. `stats`: a
 /// dict, filled with the load's statistics once the last tensor has come.
 #[pyfunction]
-#[pyo3(signature = (path, device="cpu", filter=None, progress=None, *, dtype=None, tp=None, stats=None, verify=None))]
+#[pyo3(signature = (path, device="cpu", filter=None, progress=None, *, dtype=None, tp=None, stats=None, verify=None, cache_dir=None))]
 #[allow(clippy::too_many_arguments)] // Python keyword arguments.
 fn iter_tensors(
     py: Python<'_>,
@@ -668,9 +675,11 @@ fn iter_tensors(
     tp: Option<(usize, usize, usize)>,
     stats: Option<Py<PyDict>>,
     verify: Option<&str>,
+    cache_dir: Option<std::path::PathBuf>,
 ) -> PyResult<PyTensorIterator> {
     let raised = Raised::default();
-    let loader = loader(device, filter, progress, &raised, Options { dtype, verify, tp, mapped: false })?;
+    let options = Options { dtype, verify, tp, mapped: false, cache_dir };
+    let loader = loader(device, filter, progress, &raised, options)?;
     let stream = py.detach(|| loader.stream_blocking(&path)).map_err(py_err)?;
     Ok(PyTensorIterator { stream: Some(stream), raised, stats })
 }

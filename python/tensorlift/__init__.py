@@ -185,7 +185,7 @@ def _check_framework(framework, device="cpu"):
         _frameworks.check(framework, device)
 
 
-def load_file(path, device="cpu", framework="pt", *, dtype=None, tp=None, stats=None, verify=None):
+def load_file(path, device="cpu", framework="pt", *, dtype=None, tp=None, stats=None, verify=None, cache_dir=None):
     """Loads every tensor of ``path`` (a ``.safetensors`` file, an index, or a folder).
 
     A drop-in for ``safetensors.torch.load_file`` (``framework="pt"``) and
@@ -209,18 +209,40 @@ def load_file(path, device="cpu", framework="pt", *, dtype=None, tp=None, stats=
     expected digest; ``"if-known"`` checks the shards that have one. On the host or a CUDA
     device (each pinned chunk is hashed before its copy); not with ``tp`` (it reads parts of
     shards).
+
+    ``cache_dir``: for a remote ``path`` (``s3://``, ``gs://``, ``az://``, ``http(s)://``), a
+    folder where it is copied as it is read; the next load reads that copy once the store
+    says the objects are unchanged (default: ``TENSORLIFT_REMOTE_CACHE``, else no copy).
     """
     _check_framework(framework, _device(device))
-    tensors = load(str(path), device=_device(device), dtype=_dtype(dtype), tp=tp, stats=stats, verify=_verify(verify))
+    tensors = load(
+        str(path),
+        device=_device(device),
+        dtype=_dtype(dtype),
+        tp=tp,
+        stats=stats,
+        verify=_verify(verify),
+        cache_dir=None if cache_dir is None else str(cache_dir),
+    )
     return {name: _convert(t, framework) for name, t in tensors.items()}
 
 
 def iter_tensors(
-    path, device="cpu", framework="pt", filter=None, progress=None, *, dtype=None, tp=None, stats=None, verify=None
+    path,
+    device="cpu",
+    framework="pt",
+    filter=None,
+    progress=None,
+    *,
+    dtype=None,
+    tp=None,
+    stats=None,
+    verify=None,
+    cache_dir=None,
 ):
     """Yields ``(name, tensor)`` as each tensor lands, the shape of a serving engine's
     weights iterator. ``filter``: names or globs; ``progress(done, total)``: bytes landed;
-    ``dtype``, ``tp``, ``stats`` and ``verify`` as for ``load_file`` (``stats`` is filled once the last
+    ``dtype``, ``tp``, ``stats``, ``verify`` and ``cache_dir`` as for ``load_file`` (``stats`` is filled once the last
     tensor has come; a load stopped early or failed leaves it as it was).
 
     Stopping early (``break``) cancels the rest of the load.
@@ -235,6 +257,7 @@ def iter_tensors(
         tp=tp,
         stats=stats,
         verify=_verify(verify),
+        cache_dir=None if cache_dir is None else str(cache_dir),
     )
     try:
         for name, t in it:

@@ -47,6 +47,8 @@ def load(
     dtype: Optional[str] = None,
     tp: Optional[Tuple[int, int, int]] = None,
     stats: Optional[Dict[str, Any]] = None,
+    verify: Optional[str] = None,
+    cache_dir: Optional[str] = None,
 ) -> Dict[str, Tensor]: ...
 def load_file(
     path: _Path,
@@ -57,6 +59,7 @@ def load_file(
     tp: Optional[Tuple[int, int, int]] = None,
     stats: Optional[Dict[str, Any]] = None,
     verify: Union[bool, Literal["required", "if-known"], None] = None,
+    cache_dir: Optional[_Path] = None,
 ) -> Dict[str, Any]: ...
 def iter_tensors(
     path: _Path,
@@ -69,6 +72,7 @@ def iter_tensors(
     tp: Optional[Tuple[int, int, int]] = None,
     stats: Optional[Dict[str, Any]] = None,
     verify: Union[bool, Literal["required", "if-known"], None] = None,
+    cache_dir: Optional[_Path] = None,
 ) -> Iterator[Tuple[str, Any]]: ...
 def inspect(path: _Path) -> Dict[str, Any]: ...
 def is_remote(path: str) -> bool: ...

@@ -137,6 +137,16 @@ def test_streaming_and_tensor_parallel_slices(bucket):
     _same(tensorlift.load_file("s3://bucket/model", tp=(1, 2, 2)), local)
 
 
+def test_cache_dir_makes_the_next_load_local(bucket, tmp_path):
+    want = _reference(bucket / "bucket" / "model")
+    first, second = {}, {}
+    _same(tensorlift.load_file("s3://bucket/model", cache_dir=tmp_path, stats=first), want)
+    _same(dict(tensorlift.iter_tensors("s3://bucket/model", cache_dir=tmp_path, stats=second)), want)
+    assert first["remote_shards"] == 2
+    assert second["remote_shards"] == 0 and second["shards"] == 2
+    assert (tmp_path / "s3" / "bucket" / "model" / "model-00001-of-00002.safetensors").is_file()
+
+
 def test_errors_carry_the_servers_word(bucket):
     with pytest.raises(Exception, match="NoSuchBucket"):
         tensorlift.load_file("s3://no-such-bucket/model")

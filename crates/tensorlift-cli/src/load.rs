@@ -35,6 +35,11 @@ pub struct Args {
     #[arg(long, value_name = "POLICY", num_args = 0..=1, require_equals = true, default_missing_value = "required",
           value_parser = |s: &str| s.parse::<tensorlift::Verify>())]
     verify: Option<tensorlift::Verify>,
+    /// For a remote checkpoint (s3://, gs://, az://, http(s)://): copy it into this folder
+    /// as it is read, and read that copy next time once the store says the objects are
+    /// unchanged (default: TENSORLIFT_REMOTE_CACHE, else no copy).
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -55,6 +60,9 @@ pub fn run(args: &Args, out: &mut dyn Write) -> anyhow::Result<()> {
     builder = args.tuning.apply(builder);
     if let Some(v) = args.verify {
         builder = builder.verify(v);
+    }
+    if let Some(dir) = &args.cache_dir {
+        builder = builder.remote_cache(dir);
     }
     let bar = progress_bar();
     if let Some(bar) = bar.clone() {

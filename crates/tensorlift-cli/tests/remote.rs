@@ -64,6 +64,13 @@ fn a_bucket_loads_to_the_reference_digests_on_the_host_and_the_device() {
     };
     let v = assert_digests(&run(s3.port, &[&load[..], &["--device", "cuda:0"]].concat(), &driver), &manifest, "cuda");
     assert_eq!(v["device"], "cuda:0");
+    // --cache-dir: the second load reads the local copy, to the same digests.
+    let cache = root.join("cache");
+    let cached = [&load[..], &["--device", "cpu", "--cache-dir", cache.to_str().unwrap()]].concat();
+    let v = assert_digests(&run(s3.port, &cached, &[]), &manifest, "cached, first");
+    assert_eq!(v["remote_shards"], 2, "{v}");
+    let v = assert_digests(&run(s3.port, &cached, &[]), &manifest, "cached, second");
+    assert_eq!(v["remote_shards"], 0, "{v}");
     // inspect lists the tensors without reading them.
     let out = run(s3.port, &["inspect", url], &[]);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));

@@ -45,7 +45,7 @@ pub(crate) const PARSE_BYTES_PER_HEADER_BYTE: u64 = 16;
 pub(crate) const PARSE_BYTES_PER_INDEX_BYTE: u64 = 24;
 
 /// Bounds on what planning may hold, whatever the checkpoint says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PlanLimits {
     /// Header bytes of all shards together (default 256 MiB; a real checkpoint of 100,000

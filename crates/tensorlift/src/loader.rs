@@ -146,6 +146,14 @@ impl LoaderBuilder {
         self.cfg.limits.remote = options;
         self
     }
+    /// Copies remote checkpoints into `dir` as they are read, so that the next load of the
+    /// same objects is local, once the store says they are unchanged (their length, and
+    /// ETag or modification time; one HEAD each). Only shards a load reads whole are kept.
+    /// Sets [`RemoteOptions::cache_dir`](crate::RemoteOptions::cache_dir).
+    pub fn remote_cache(mut self, dir: impl AsRef<Path>) -> Self {
+        self.cfg.limits.remote.cache_dir = Some(dir.as_ref().into());
+        self
+    }
     /// Loads tensors as zero-copy views of memory-mapped shards instead of reading them
     /// into memory of their own. The [`MapContract`] is the caller's promise that the files
     /// stay as they are while tensors are alive; only `unsafe` code can make one (see
@@ -450,7 +458,7 @@ impl Loader {
 
     fn planner(&self) -> Planner {
         Planner {
-            limits: self.cfg.limits,
+            limits: self.cfg.limits.clone(),
             filter: self.filter.clone(),
             patterns: self.cfg.filter.clone(),
             slices: self.cfg.slices.clone(),

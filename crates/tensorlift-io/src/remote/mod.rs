@@ -17,6 +17,7 @@
 //! an object replaced during a load fails it ([`IoError::Changed`](crate::IoError::Changed)).
 //! The requests run on one small runtime of this crate's own, so that callers need none.
 
+mod cache;
 mod plan;
 mod read;
 mod store;
@@ -52,7 +53,7 @@ pub fn is_remote(path: &Path) -> bool {
 /// The defaults were chosen by measurement (docs/BENCHMARKS.md, "Remote sources"); each can
 /// also be set from the environment for a whole process (`TENSORLIFT_REMOTE_PART_SIZE`,
 /// `_CONCURRENCY`, `_RETRIES`, `_TIMEOUT_SECS`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RemoteOptions {
     /// Bytes asked for by one ranged GET, at most (default 8 MiB, never under
@@ -70,6 +71,11 @@ pub struct RemoteOptions {
     /// Time after the first try of a request past which it is no longer retried (default
     /// 3 minutes).
     pub retry_window: Duration,
+    /// A folder where remote checkpoints are copied as they are read (default none;
+    /// `TENSORLIFT_REMOTE_CACHE`): the next load of the same objects reads the copy, once the
+    /// store says they are unchanged (length, and ETag or modification time). A copy is
+    /// kept only of shards a load read whole.
+    pub cache_dir: Option<std::sync::Arc<Path>>,
 }
 
 impl Default for RemoteOptions {
@@ -80,6 +86,7 @@ impl Default for RemoteOptions {
             retries: 8,
             timeout: Duration::from_secs(60),
             retry_window: Duration::from_secs(180),
+            cache_dir: None,
         }
     }
 }
@@ -87,8 +94,8 @@ impl Default for RemoteOptions {
 impl RemoteOptions {
     /// The defaults, with what the environment sets (`TENSORLIFT_REMOTE_PART_SIZE` in bytes,
     /// `TENSORLIFT_REMOTE_CONCURRENCY`, `TENSORLIFT_REMOTE_RETRIES`,
-    /// `TENSORLIFT_REMOTE_TIMEOUT_SECS`); a value that does not parse is ignored with a
-    /// warning.
+    /// `TENSORLIFT_REMOTE_TIMEOUT_SECS`, `TENSORLIFT_REMOTE_CACHE`); a value that does not
+    /// parse is ignored with a warning.
     pub fn from_env() -> Self {
         fn var<T: std::str::FromStr>(name: &str) -> Option<T> {
             let v = std::env::var(name).ok()?;
@@ -107,6 +114,9 @@ impl RemoteOptions {
         }
         if let Some(v) = var("TENSORLIFT_REMOTE_RETRIES") {
             o.retries = v;
+        }
+        if let Some(dir) = std::env::var_os("TENSORLIFT_REMOTE_CACHE").filter(|d| !d.is_empty()) {
+            o.cache_dir = Some(Path::new(&dir).into());
         }
         if let Some(v) = var::<f64>("TENSORLIFT_REMOTE_TIMEOUT_SECS") {
             match Duration::try_from_secs_f64(v) {

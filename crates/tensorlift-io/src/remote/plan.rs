@@ -7,11 +7,12 @@ use std::sync::Arc;
 
 use futures_util::{StreamExt, TryStreamExt};
 use object_store::path::Path as ObjectPath;
-use object_store::{GetOptions, GetRange, ObjectMeta};
+use object_store::{GetOptions, GetRange, ObjectMeta, ObjectStoreExt};
 use tensorlift_format::{
     header_len, natural_cmp, parse_index, FileIdentity, FormatError, HEADER_PREFIX_LEN, INDEX_FILE_NAME, MAX_INDEX_LEN,
 };
 
+use super::cache;
 use super::store::{self, store_error, Place};
 use super::{RemoteObject, HEADER_GUESS};
 use crate::checkpoint::{
@@ -35,8 +36,67 @@ pub(crate) fn open_remote(path: &Path, limits: &PlanLimits) -> Result<Checkpoint
     let io_err = |source| FormatError::Io { file: path.to_path_buf(), source };
     let text = path.to_str().ok_or_else(|| FormatError::NotACheckpoint { file: path.to_path_buf() })?;
     let (place, last) = store::connect(text, &limits.remote).map_err(io_err)?;
-    let limits = *limits;
+    // A whole local copy of every object, unchanged on the store, is planned locally.
+    if let Some(root) = limits.remote.cache_dir.clone() {
+        let (p, l, lim) = (place.clone(), last.clone(), limits.clone());
+        if let Some(local) = super::run(async move { cached(&p, l, &root, &lim).await }).map_err(io_err)? {
+            tracing::info!("{}: read from its local copy {}", path.display(), local.display());
+            return crate::checkpoint::open_checkpoint(&local, limits);
+        }
+    }
+    let limits = limits.clone();
     super::run(async move { plan(place, last, limits).await }).map_err(io_err)?
+}
+
+/// `local`, where it is a whole copy of the object at `location` as the store describes it now.
+async fn fresh(
+    store: &Arc<dyn object_store::ObjectStore>,
+    location: ObjectPath,
+    url: String,
+    local: PathBuf,
+) -> Option<PathBuf> {
+    let meta = store.head(&location).await.ok()?;
+    cache::usable(&local, &cache::Note::of(&url, &meta)).then_some(local)
+}
+
+/// The local copy to plan from instead of the store: the cached index, or the cached file,
+/// where the cache holds a whole copy of it and of every shard it names, each a copy of the
+/// object as the store describes it now (one HEAD each). `None` otherwise, or for a folder
+/// without an index (whose listing could have changed).
+async fn cached(place: &Place, last: Option<String>, root: &Path, limits: &PlanLimits) -> Option<PathBuf> {
+    let (place, name) = match last {
+        Some(name) if name.ends_with(".json") || name.ends_with(".safetensors") => (place.clone(), name),
+        Some(folder) => {
+            let (prefix, url) = place.child(&folder).ok()?;
+            let mut p = place.clone();
+            p.prefix = prefix;
+            p.url = url.to_string_lossy().into_owned();
+            (p, INDEX_FILE_NAME.to_owned())
+        }
+        None => (place.clone(), INDEX_FILE_NAME.to_owned()),
+    };
+    let copy_of = |name: &str| -> Option<(ObjectPath, String, PathBuf)> {
+        let (location, url) = place.child(name).ok()?;
+        let url = url.to_str()?.to_owned();
+        let local = cache::place_for(root, &url)?;
+        Some((location, url, local))
+    };
+    let store = &place.shared.store;
+    let (location, url, local) = copy_of(&name)?;
+    let entry = fresh(store, location, url, local).await?;
+    if name.ends_with(".safetensors") {
+        return Some(entry);
+    }
+    // The shards the cached index names, each checked.
+    let bytes = std::fs::read(&entry).ok().filter(|b| b.len() as u64 <= MAX_INDEX_LEN)?;
+    let index = parse_index(&entry, &bytes).ok()?;
+    let names = index_shards(&entry, &index, limits).ok()?;
+    let checks: Vec<_> = names.iter().map(|(n, _)| copy_of(n)).collect::<Option<_>>()?;
+    let all = futures_util::stream::iter(checks.into_iter().map(|(l, u, p)| fresh(store, l, u, p)))
+        .buffer_unordered(HEADER_FETCHES)
+        .collect::<Vec<_>>()
+        .await;
+    all.iter().all(Option::is_some).then_some(entry)
 }
 
 async fn plan(mut place: Place, last: Option<String>, limits: PlanLimits) -> Result<Checkpoint, FormatError> {
@@ -97,6 +157,12 @@ async fn fetch_index(place: &Place, name: &str) -> Result<Option<(ObjectMeta, Ve
     }
     let meta = reply.meta.clone();
     let bytes = body(reply, len, &url).await?;
+    // Kept beside the shards' copies: the next load plans from it.
+    if let (Some(root), Some(text)) = (&place.shared.options.cache_dir, url.to_str()) {
+        if let Some(local) = cache::place_for(root, text) {
+            cache::put(&local, &cache::Note::of(text, &meta), &bytes);
+        }
+    }
     Ok(Some((meta, bytes)))
 }
 
@@ -228,11 +294,17 @@ async fn shards(
             return Err(FormatError::OutOfMemory { file: url, what: "parsing the header", bytes: parse_bytes });
         }
         let object = Arc::new(RemoteObject::new(Arc::clone(&place.shared), location, url.clone(), &meta));
+        if let Some(copy) = &object.cache {
+            copy.write(0, &bytes);
+        }
         if wanted > bytes.len() as u64 {
             bytes
                 .try_reserve_exact((wanted as usize).saturating_sub(bytes.len()))
                 .map_err(|_| FormatError::OutOfMemory { file: url.clone(), what: "a header", bytes: wanted })?;
             let rest = rest_of_header(&object, bytes.len() as u64, wanted).await?;
+            if let Some(copy) = &object.cache {
+                copy.write(bytes.len() as u64, &rest);
+            }
             bytes.extend_from_slice(&rest);
         }
         bytes.truncate(wanted as usize);

@@ -119,6 +119,9 @@ async fn fetch(object: &RemoteObject, offset: u64, dst: SendPtr, len: usize) -> 
         // SAFETY: done + bytes.len() <= len (checked above); `dst`'s buffer is owned by this
         // read's task until it completes, and no other part writes this part's bytes.
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), at, bytes.len()) };
+        if let Some(copy) = &object.cache {
+            copy.write(offset + done as u64, &bytes);
+        }
         done += bytes.len();
     }
     if done != len {

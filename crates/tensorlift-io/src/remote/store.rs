@@ -65,7 +65,7 @@ pub(crate) fn connect(url: &str, options: &RemoteOptions) -> Result<(Place, Opti
         }
     }
     let permits = Arc::new(tokio::sync::Semaphore::new(options.concurrency.max(1)));
-    let shared = Arc::new(Shared { store, options: *options, permits });
+    let shared = Arc::new(Shared { store, options: options.clone(), permits });
     Ok((Place { shared, prefix, url: folder.as_str().trim_end_matches('/').to_owned(), http }, last))
 }
 
@@ -170,18 +170,19 @@ pub struct RemoteObject {
     e_tag: Option<String>,
     /// Seconds and nanoseconds of the last modification, as the store reported it.
     modified_ns: i128,
+    /// Its local copy, being written as it is read (see [`super::cache`]).
+    pub(crate) cache: Option<super::cache::CacheFile>,
 }
 
 impl RemoteObject {
     pub(crate) fn new(shared: Arc<Shared>, location: ObjectPath, url: PathBuf, meta: &ObjectMeta) -> Self {
-        RemoteObject {
-            shared,
-            location,
-            url,
-            size: meta.size,
-            e_tag: meta.e_tag.clone(),
-            modified_ns: modified_ns(meta),
-        }
+        // A copy is made where the options name a cache folder.
+        let cache = shared.options.cache_dir.as_ref().and_then(|root| {
+            let text = url.to_str()?;
+            super::cache::CacheFile::create(super::cache::place_for(root, text)?, super::cache::Note::of(text, meta))
+        });
+        let (size, e_tag) = (meta.size, meta.e_tag.clone());
+        RemoteObject { shared, location, url, size, e_tag, modified_ns: modified_ns(meta), cache }
     }
 
     /// Its URL, which names it in errors.

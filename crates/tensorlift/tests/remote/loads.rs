@@ -105,14 +105,11 @@ fn a_header_longer_than_the_first_get_is_read_in_two() {
     let specs: Vec<tensorlift_testkit::Spec<'_>> =
         names.iter().map(|n| (n.as_str(), Dtype::F16, &[3usize][..])).collect();
     let truth = tensorlift_testkit::write_shard(&dir.join("model.safetensors"), &specs);
-    assert!(header_bytes(&dir) > tensorlift_io_header_guess(), "the fixture's header must outgrow the first GET");
+    // Planning's first GET of a shard asks for 64 KiB.
+    assert!(header_bytes(&dir) > 64 << 10, "the fixture's header must outgrow the first GET");
     let Some(_s3) = r.s3() else { return };
     let model = base().build().unwrap().load_blocking("s3://bucket/wide").unwrap();
     assert_identical(&model, &truth, "wide header");
-}
-
-fn tensorlift_io_header_guess() -> u64 {
-    64 << 10
 }
 
 #[test]
@@ -265,4 +262,57 @@ fn a_timeout_from_the_environment_that_cannot_be_a_duration_is_ignored() {
     let o = tensorlift::RemoteOptions::from_env();
     std::env::remove_var("TENSORLIFT_REMOTE_TIMEOUT_SECS");
     assert_eq!(o.timeout, tensorlift::RemoteOptions::default().timeout);
+}
+
+#[test]
+fn a_cached_copy_makes_the_next_load_local_until_the_object_changes() {
+    let r = Remote::new();
+    let truth = sharded(&r.root);
+    let cache = r.root.join("cache");
+    let Some(_s3) = r.s3() else { return };
+    let loader = base().remote_cache(&cache).build().unwrap();
+    // First load: from the store, copied as it is read.
+    let first = loader.load_blocking("s3://bucket/model").unwrap();
+    assert_identical(&first, &truth, "first load");
+    assert_eq!(first.stats().remote_shards, 3);
+    let copy = cache.join("s3/bucket/model");
+    for name in ["model.safetensors.index.json", "model-00001-of-00003.safetensors", "model-00003-of-00003.safetensors"]
+    {
+        let original = std::fs::read(r.root.join("bucket/model").join(name)).unwrap();
+        assert!(std::fs::read(copy.join(name)).unwrap() == original, "{name}: the copy is not the object");
+    }
+    // Second load: local, the same bytes.
+    let second = loader.load_blocking("s3://bucket/model").unwrap();
+    assert_identical(&second, &truth, "second load");
+    let s = second.stats();
+    assert_eq!((s.remote_shards, s.direct_shards + s.buffered_shards), (0, 3));
+    // A shard changed on the store: its copy is not used; the load reads the store again,
+    // and copies the new object.
+    let shard = r.root.join("bucket/model/model-00002-of-00003.safetensors");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x55;
+    std::fs::write(&shard, &bytes).unwrap();
+    let third = loader.load_blocking("s3://bucket/model").unwrap();
+    assert_eq!(third.stats().remote_shards, 3);
+    assert!(std::fs::read(copy.join("model-00002-of-00003.safetensors")).unwrap() == bytes);
+    // A filtered load reads parts of shards 2 and 3: it leaves no copy of them, nor partial
+    // files (shard 1 is small enough that planning's first GET read all of it).
+    let cache2 = r.root.join("cache2");
+    let partial = base().remote_cache(&cache2).filter(["tail_u8"]).build().unwrap();
+    partial.load_blocking("s3://bucket/model").unwrap();
+    let mut left: Vec<_> = std::fs::read_dir(cache2.join("s3/bucket/model"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        [
+            "model-00001-of-00003.safetensors",
+            "model-00001-of-00003.safetensors.tlcache",
+            "model.safetensors.index.json",
+            "model.safetensors.index.json.tlcache"
+        ]
+    );
 }
