@@ -1,78 +1,115 @@
 //! A local copy of remote checkpoints ([`RemoteOptions::cache_dir`](super::RemoteOptions)),
 //! written as a load reads them, so that the next load of the same objects is local.
 //!
-//! An object `s3://bucket/a/b.safetensors` is kept as `CACHE/s3/bucket/a/b.safetensors`,
-//! with `b.safetensors.tlcache` beside it naming what it is a copy of (URL, length, ETag,
-//! modification time). Bytes land in `b.safetensors.partial-PID` as the load's GETs bring
-//! them (and as planning reads headers); once every byte of the object is there the file
-//! takes its name and then the note is written, so a copy with a note is whole. A copy is
-//! used only when its note matches what the store says of the object now (length, and ETag
-//! or, without one, modification time), checked before the load plans from it. A load that
-//! reads part of a shard (a filter, slices) leaves no copy of it: its partial file is
-//! removed. Failing to write the cache never fails a load; it is logged and the copy
-//! dropped.
+//! An object is kept as `CACHE/KEY/PATH`: `KEY` names its store (scheme, host and a hash of
+//! what else tells stores apart: port, endpoint, account), `PATH` is its location in the
+//! store, part by part as `object_store` spells it (never `.`, `..` or a separator). Beside
+//! it, `PATH.tlcache` notes what it is a copy of (URL, length, ETag, modification time) and
+//! which file the copy is (device, inode). Bytes land in a temporary file of this copy's own
+//! (created exclusively, never through a link, readable by the owner only) as the load's
+//! GETs bring them, written by a writer thread so that a slow disk never holds a request;
+//! once every byte is there it is synced, any old note is removed, it takes its name, and
+//! then the note is written and synced. A copy is used only when its note matches what the
+//! store says of the object now, and the file planned is the file noted. A load that reads
+//! part of a shard keeps no copy of it. Failing to write the cache never fails a load: the
+//! copy is dropped, and logged.
 
 use std::fs::File;
-use std::io;
+use std::io::{self, Read, Write};
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
+use object_store::path::Path as ObjectPath;
 use object_store::ObjectMeta;
 
 /// Suffix of the note beside a cached copy.
 const NOTE: &str = ".tlcache";
+/// Infix of a copy being written.
+const PARTIAL: &str = ".partial-";
+/// Bytes queued for the writer at most; past it a copy is dropped rather than wait.
+const MAX_QUEUED: u64 = 256 << 20;
+/// A note is a few lines.
+const MAX_NOTE: u64 = 64 << 10;
 
-/// Where the copy of the object at `url` is kept under `root`: the URL's scheme, host (and
-/// port) and path segments, each a plain name (`None` for a URL that has none, or a segment
-/// that is not a plain name).
-pub(crate) fn place_for(root: &Path, url: &str) -> Option<PathBuf> {
-    let parsed = url::Url::parse(url).ok()?;
-    let host = match parsed.port() {
-        Some(p) => format!("{}_{p}", parsed.host_str()?),
-        None => parsed.host_str()?.to_owned(),
-    };
-    let mut out = root.join(parsed.scheme()).join(plain(&host)?);
-    for seg in parsed.path_segments()? {
-        if !seg.is_empty() {
-            out.push(plain(seg)?);
+/// The folder of one store's copies under `root`: `SCHEME-HOST-HASH`, where the hash covers
+/// the scheme, host, port and the environment that points the same scheme and host at
+/// another store (an S3 endpoint, an Azure account).
+pub(crate) fn store_key(url: &url::Url) -> String {
+    let mut identity = format!("{}://{}:{:?}", url.scheme(), url.host_str().unwrap_or(""), url.port());
+    for var in [
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT",
+        "AWS_ENDPOINT_URL_S3",
+        "AZURE_STORAGE_ACCOUNT_NAME",
+        "AZURE_STORAGE_ACCOUNT",
+    ] {
+        if let Some(v) = std::env::var_os(var) {
+            identity += &format!("\n{var}={}", v.to_string_lossy());
         }
     }
-    Some(out)
+    let host: String = url
+        .host_str()
+        .unwrap_or("")
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' })
+        .take(64)
+        .collect();
+    format!("{}-{host}-{:016x}", url.scheme(), tensorlift_format::header_hash(identity.as_bytes()))
 }
 
-/// `name` if it is a plain file name (no separator, not `.` or `..`).
-fn plain(name: &str) -> Option<&str> {
-    (!name.is_empty() && name != "." && name != ".." && !name.contains('/') && !name.contains('\0')).then_some(name)
+/// Where the copy of the object at `location` of the store `key` is kept under `root`;
+/// `None` for a location whose parts could be taken for this module's own files.
+pub(crate) fn local_path(root: &Path, key: &str, location: &ObjectPath) -> Option<PathBuf> {
+    let mut out = root.join(key);
+    let mut any = false;
+    for part in location.parts() {
+        let part = part.as_ref();
+        if part.is_empty()
+            || part == "."
+            || part == ".."
+            || part.contains('/')
+            || part.ends_with(NOTE)
+            || part.contains(PARTIAL)
+        {
+            return None;
+        }
+        out.push(part);
+        any = true;
+    }
+    any.then_some(out)
 }
 
-/// What a copy is a copy of.
+/// What a copy is a copy of, and which file it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Note {
     pub(crate) url: String,
     pub(crate) size: u64,
     pub(crate) e_tag: Option<String>,
     pub(crate) modified_ns: i128,
+    /// Device and inode of the copy (0 until it is made).
+    pub(crate) file: (u64, u64),
 }
 
 impl Note {
     pub(crate) fn of(url: &str, meta: &ObjectMeta) -> Note {
-        Note {
-            url: url.to_owned(),
-            size: meta.size,
-            e_tag: meta.e_tag.clone(),
-            modified_ns: super::store::modified_ns(meta),
-        }
+        let (size, e_tag) = (meta.size, meta.e_tag.clone());
+        Note { url: url.to_owned(), size, e_tag, modified_ns: super::store::modified_ns(meta), file: (0, 0) }
     }
 
     fn text(&self) -> String {
         format!(
-            "url {}\nsize {}\netag {}\nmodified_ns {}\n",
+            "url {}\nsize {}\netag {}\nmodified_ns {}\nfile {} {}\n",
             self.url,
             self.size,
             self.e_tag.as_deref().unwrap_or("-"),
-            self.modified_ns
+            self.modified_ns,
+            self.file.0,
+            self.file.1
         )
     }
 
@@ -86,27 +123,23 @@ impl Note {
         let size = field("size")?.parse().ok()?;
         let e_tag = field("etag").filter(|t| t != "-");
         let modified_ns = field("modified_ns")?.parse().ok()?;
-        Some(Note { url, size, e_tag, modified_ns })
+        let file = field("file")?;
+        let (dev, ino) = file.split_once(' ')?;
+        Some(Note { url, size, e_tag, modified_ns, file: (dev.parse().ok()?, ino.parse().ok()?) })
     }
 
-    /// Whether a copy made of `self` is a copy of the object as `now` describes it.
+    /// Whether a copy noted as `self` is a copy of the object as `now` describes it: the same
+    /// URL and length, and the same strong ETag or, without ETags, the same (known)
+    /// modification time.
     pub(crate) fn matches(&self, now: &Note) -> bool {
         self.url == now.url
             && self.size == now.size
             && match (&self.e_tag, &now.e_tag) {
-                (Some(a), Some(b)) => a == b,
+                (Some(a), Some(b)) => a == b && !a.starts_with("W/"),
                 (None, None) => self.modified_ns == now.modified_ns && self.modified_ns != 0,
                 _ => false,
             }
     }
-}
-
-/// The copy at `path`, if it is whole (its note is there) and a copy of the object `now`
-/// describes.
-pub(crate) fn usable(path: &Path, now: &Note) -> bool {
-    let note = std::fs::read_to_string(note_path(path)).ok().and_then(|t| Note::parse(&t));
-    let len = std::fs::metadata(path).ok().filter(|m| m.is_file()).map(|m| m.len());
-    note.is_some_and(|n| n.matches(now)) && len == Some(now.size)
 }
 
 fn note_path(path: &Path) -> PathBuf {
@@ -115,103 +148,233 @@ fn note_path(path: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
+/// The copy at `path`, if its note says it is a whole copy of the object `now` describes and
+/// `path` is the very file noted (a regular file, not a link): its device and inode, which
+/// the plan made from it must have.
+pub(crate) fn usable(path: &Path, now: &Note) -> Option<(u64, u64)> {
+    let mut text = String::new();
+    let note = File::options().read(true).custom_flags(libc::O_NOFOLLOW).open(note_path(path)).ok()?;
+    note.take(MAX_NOTE).read_to_string(&mut text).ok()?;
+    let noted = Note::parse(&text)?;
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    let here = (meta.dev(), meta.ino());
+    (noted.matches(now) && meta.is_file() && meta.len() == now.size && noted.file == here).then_some(here)
+}
+
+/// Reads the copy at `path` whole, at most `max` bytes (an index, `usable` first).
+pub(crate) fn read_small(path: &Path, file: (u64, u64), max: u64) -> Option<Vec<u8>> {
+    let f = File::options().read(true).custom_flags(libc::O_NOFOLLOW).open(path).ok()?;
+    let meta = f.metadata().ok()?;
+    if (meta.dev(), meta.ino()) != file || meta.len() > max {
+        return None;
+    }
+    let mut out = Vec::new();
+    out.try_reserve_exact(meta.len() as usize).ok()?;
+    f.take(max).read_to_end(&mut out).ok()?;
+    Some(out)
+}
+
+/// Checks the cache folder: made (for the owner only) if missing; refused when another user
+/// owns it or others may write to it (they could swap a copy).
+fn check_root(root: &Path) -> io::Result<()> {
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(root)?;
+    let meta = std::fs::metadata(root)?;
+    let probe = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(meta.uid());
+    if meta.uid() != probe || meta.mode() & 0o022 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "the cache folder belongs to another user or others may write to it",
+        ));
+    }
+    Ok(())
+}
+
 /// Writes a whole object's bytes as its copy at once (an index, read whole by planning).
-pub(crate) fn put(path: &Path, note: &Note, bytes: &[u8]) {
-    let copy = CacheFile::create(path.to_path_buf(), note.clone());
-    if let Some(c) = copy {
-        c.write(0, bytes);
+pub(crate) fn put(root: &Path, path: PathBuf, note: Note, bytes: &[u8]) {
+    if let Some(copy) = CacheFile::create(root, path, note) {
+        copy.write_now(0, bytes);
     }
 }
 
 /// A copy being written: bytes as they land, at their offsets; whole once they cover the
-/// object. Dropped before that, it removes its partial file.
+/// object. Dropped before that, it removes its temporary file.
 #[derive(Debug)]
 pub(crate) struct CacheFile {
     path: PathBuf,
     partial: PathBuf,
     note: Note,
     state: Mutex<Option<Writing>>,
+    /// Signalled as writes land, and when the copy is whole or given up.
+    landed: Condvar,
 }
 
 #[derive(Debug)]
 struct Writing {
-    file: std::sync::Arc<File>,
+    file: File,
     /// Byte ranges written, sorted and merged.
     written: Vec<Range<u64>>,
+    /// Byte ranges queued for the writer (written ones included).
+    queued: Vec<Range<u64>>,
 }
 
 impl CacheFile {
-    /// Starts the copy of the object `note` describes at `path`; `None` (logged) where it
-    /// cannot be made.
-    pub(crate) fn create(path: PathBuf, note: Note) -> Option<CacheFile> {
+    /// Starts the copy at `path` (under `root`) of the object `note` describes; `None`
+    /// (logged) where it cannot be made.
+    pub(crate) fn create(root: &Path, path: PathBuf, mut note: Note) -> Option<CacheFile> {
+        static MADE: AtomicU64 = AtomicU64::new(0);
         let mut partial = path.as_os_str().to_owned();
-        partial.push(format!(".partial-{}", std::process::id()));
+        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        partial.push(format!("{PARTIAL}{}-{}-{stamp:x}", std::process::id(), MADE.fetch_add(1, Ordering::Relaxed)));
         let partial = PathBuf::from(partial);
         let made = (|| -> io::Result<File> {
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)?;
+            check_root(root)?;
+            let parent = path.parent().ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(parent)?;
+            // No link on the way from the cache folder: the copy lands where it is named.
+            let real_root = std::fs::canonicalize(root)?;
+            let rel = parent.strip_prefix(root).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+            if std::fs::canonicalize(parent)? != real_root.join(rel) {
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, "a link inside the cache folder"));
             }
-            let file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(&partial)?;
+            let file = File::options()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(&partial)?;
             file.set_len(note.size)?;
             Ok(file)
         })();
-        match made {
-            Ok(file) => {
-                let state = Mutex::new(Some(Writing { file: file.into(), written: Vec::new() }));
-                Some(CacheFile { path, partial, note, state })
+        match made.and_then(|f| f.metadata().map(|m| (f, (m.dev(), m.ino())))) {
+            Ok((file, id)) => {
+                note.file = id;
+                let w = Writing { file, written: Vec::new(), queued: Vec::new() };
+                Some(CacheFile { path, partial, note, state: Mutex::new(Some(w)), landed: Condvar::new() })
             }
             Err(e) => {
                 tracing::warn!("{}: not cached: {e}", path.display());
-                let _ = std::fs::remove_file(&partial);
                 None
             }
         }
     }
 
-    /// Writes `bytes` at `offset` of the copy; the copy is made whole (renamed, its note
-    /// written) once its bytes cover the object. An error drops the copy, never the load.
-    pub(crate) fn write(&self, offset: u64, bytes: &[u8]) {
+    /// Queues `bytes` for the writer thread, to land at `offset` of the copy; the copy is
+    /// dropped when the writer is too far behind.
+    pub(crate) fn write(self: &Arc<Self>, offset: u64, bytes: bytes::Bytes) {
         let end = offset.saturating_add(bytes.len() as u64).min(self.note.size);
-        let keep = (end.saturating_sub(offset)) as usize;
-        if keep == 0 {
-            return;
-        }
-        // The write itself runs unlocked: parts of one object land at once.
-        let file = match self.state.lock() {
-            Ok(state) => match state.as_ref() {
-                Some(w) => std::sync::Arc::clone(&w.file),
-                None => return,
+        match self.state.lock() {
+            Ok(mut state) => match state.as_mut() {
+                Some(w) if end > offset => add(&mut w.queued, offset..end),
+                _ => return,
             },
             Err(_) => return,
-        };
-        let written = file.write_all_at(&bytes[..keep], offset);
-        let Ok(mut state) = self.state.lock() else { return };
-        let Some(w) = state.as_mut() else { return };
-        if let Err(e) = written {
-            tracing::warn!("{}: not cached: {e}", self.path.display());
-            *state = None;
-            let _ = std::fs::remove_file(&self.partial);
-            return;
         }
-        add(&mut w.written, offset..end);
-        if w.written.first() == Some(&(0..self.note.size)) {
-            let done = state.take();
-            drop(done);
-            if let Err(e) = self.finish() {
-                tracing::warn!("{}: not cached: {e}", self.path.display());
-                let _ = std::fs::remove_file(&self.partial);
-            }
+        if !writer::queue(Arc::clone(self), offset, bytes) {
+            self.drop_copy("the disk falls behind the network", true);
         }
     }
 
-    /// The whole copy takes its name, then its note is written.
-    fn finish(&self) -> io::Result<()> {
-        std::fs::rename(&self.partial, &self.path)?;
+    /// Waits (at most `limit`) for the copy to be whole, when every byte of it has been
+    /// queued; gives it up otherwise (a load that read part of the object). Called as the
+    /// load lets go of the object, so that a copy is whole when the load is done.
+    pub(crate) fn settle(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        let Ok(mut state) = self.state.lock() else { return };
+        loop {
+            let Some(w) = state.as_ref() else { return };
+            let why = if w.queued.first() != Some(&(0..self.note.size)) {
+                "the load read part of it"
+            } else {
+                match deadline.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => {
+                        state = match self.landed.wait_timeout(state, left) {
+                            Ok((s, _)) => s,
+                            Err(_) => return,
+                        };
+                        continue;
+                    }
+                    _ => "the disk is too slow",
+                }
+            };
+            drop(state);
+            return self.drop_copy(why, why != "the load read part of it");
+        }
+    }
+
+    /// Writes `bytes` at `offset` of the copy now; the copy is made whole (synced, renamed,
+    /// its note written) once its bytes cover the object.
+    pub(crate) fn write_now(&self, offset: u64, bytes: &[u8]) {
+        let end = offset.saturating_add(bytes.len() as u64).min(self.note.size);
+        let keep = end.saturating_sub(offset) as usize;
+        let Ok(mut state) = self.state.lock() else { return };
+        let Some(w) = state.as_mut() else { return };
+        if keep == 0 {
+            return;
+        }
+        if let Err(e) = w.file.write_all_at(&bytes[..keep], offset) {
+            drop(state);
+            return self.drop_copy(&e.to_string(), true);
+        }
+        add(&mut w.written, offset..end);
+        if w.written.first() != Some(&(0..self.note.size)) {
+            self.landed.notify_all();
+            return;
+        }
+        let Some(done) = state.take() else { return };
+        if let Err(e) = self.finish(done.file) {
+            tracing::warn!("{}: not cached: {e}", self.path.display());
+            let _ = std::fs::remove_file(&self.partial);
+        }
+        drop(state);
+        self.landed.notify_all();
+    }
+
+    /// Gives the copy up: its temporary file is removed.
+    fn drop_copy(&self, why: &str, warn: bool) {
+        if let Ok(mut state) = self.state.lock() {
+            if state.take().is_some() {
+                if warn {
+                    tracing::warn!("{}: not cached: {why}", self.path.display());
+                } else {
+                    tracing::debug!("{}: not cached: {why}", self.path.display());
+                }
+                let _ = std::fs::remove_file(&self.partial);
+            }
+        }
+        self.landed.notify_all();
+    }
+
+    /// The whole copy, synced, takes its name (the old note removed first, so that no note
+    /// ever describes other bytes), then its note is written, synced, and named.
+    fn finish(&self, file: File) -> io::Result<()> {
+        file.sync_all()?;
+        let now = std::fs::symlink_metadata(&self.partial)?;
+        if (now.dev(), now.ino()) != self.note.file {
+            return Err(io::Error::other("its temporary file was replaced"));
+        }
         let note = note_path(&self.path);
+        match std::fs::remove_file(&note) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        std::fs::rename(&self.partial, &self.path)?;
         let mut tmp = note.as_os_str().to_owned();
-        tmp.push(format!(".{}", std::process::id()));
-        std::fs::write(&tmp, self.note.text())?;
-        std::fs::rename(&tmp, &note)?;
+        tmp.push(self.partial.extension().unwrap_or_default());
+        let tmp = PathBuf::from(tmp);
+        let mut f = File::options()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)?;
+        let written = f.write_all(self.note.text().as_bytes()).and_then(|()| f.sync_all());
+        if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, &note)) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        if let Some(dir) = self.path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
         tracing::debug!("{}: cached", self.path.display());
         Ok(())
     }
@@ -223,6 +386,54 @@ impl Drop for CacheFile {
         if self.state.get_mut().is_ok_and(|s| s.is_some()) {
             let _ = std::fs::remove_file(&self.partial);
         }
+    }
+}
+
+/// The thread that writes copies, so that the network threads never wait for a disk.
+mod writer {
+    use super::*;
+
+    type Job = (Arc<CacheFile>, u64, bytes::Bytes);
+
+    static QUEUED: AtomicU64 = AtomicU64::new(0);
+
+    /// Queues a write; false when it cannot be (the writer is behind, or cannot start).
+    pub(super) fn queue(copy: Arc<CacheFile>, offset: u64, bytes: bytes::Bytes) -> bool {
+        let len = bytes.len() as u64;
+        if QUEUED.fetch_add(len, Ordering::Relaxed) + len > MAX_QUEUED {
+            QUEUED.fetch_sub(len, Ordering::Relaxed);
+            return false;
+        }
+        let sent = sender().is_some_and(|tx| tx.try_send((copy, offset, bytes)).is_ok());
+        if !sent {
+            QUEUED.fetch_sub(len, Ordering::Relaxed);
+        }
+        sent
+    }
+
+    /// The writer's queue, made on first use in each process (a forked child has none of
+    /// its parent's threads).
+    fn sender() -> Option<SyncSender<Job>> {
+        static TX: Mutex<Option<(u32, SyncSender<Job>)>> = Mutex::new(None);
+        let mut tx = TX.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let pid = std::process::id();
+        if let Some((owner, s)) = tx.as_ref() {
+            if *owner == pid {
+                return Some(s.clone());
+            }
+        }
+        let (s, rx) = sync_channel::<Job>(4096);
+        std::thread::Builder::new()
+            .name("tensorlift-cache".into())
+            .spawn(move || {
+                for (copy, offset, bytes) in rx {
+                    copy.write_now(offset, &bytes);
+                    QUEUED.fetch_sub(bytes.len() as u64, Ordering::Relaxed);
+                }
+            })
+            .ok()?;
+        *tx = Some((pid, s.clone()));
+        Some(s)
     }
 }
 
@@ -260,21 +471,35 @@ mod tests {
     }
 
     #[test]
-    fn places_are_plain_names_under_the_root() {
+    fn copies_are_under_their_stores_key_and_never_the_caches_own_names() {
         let root = Path::new("/c");
-        assert_eq!(place_for(root, "s3://b/m/x.safetensors"), Some(PathBuf::from("/c/s3/b/m/x.safetensors")));
-        assert_eq!(place_for(root, "http://h:8080/a/x"), Some(PathBuf::from("/c/http/h_8080/a/x")));
-        // The URL parser removes dot segments; what is left is plain.
-        assert_eq!(place_for(root, "s3://b/a/../x"), Some(PathBuf::from("/c/s3/b/x")));
+        let loc = ObjectPath::parse("m/x.safetensors").unwrap();
+        assert_eq!(local_path(root, "k", &loc), Some(PathBuf::from("/c/k/m/x.safetensors")));
+        // object_store spells a part that looks like a climb so that it is not one.
+        let odd = ObjectPath::from_iter(["%2e%2e", "a?b#c", "x.safetensors"]);
+        let p = local_path(root, "k", &odd).unwrap();
+        assert!(p.starts_with("/c/k/") && p.components().count() == 6, "{}", p.display());
+        for bad in ["x.safetensors.tlcache", "x.safetensors.partial-1-2-3"] {
+            assert_eq!(local_path(root, "k", &ObjectPath::from_iter(["m", bad])), None, "{bad}");
+        }
+        // Another endpoint, port or scheme is another folder.
+        let a = store_key(&url::Url::parse("s3://b/x").unwrap());
+        assert_ne!(a, store_key(&url::Url::parse("gs://b/x").unwrap()));
+        assert_ne!(
+            store_key(&url::Url::parse("http://h:8080/x").unwrap()),
+            store_key(&url::Url::parse("http://h_8080/x").unwrap())
+        );
     }
 
     #[test]
-    fn notes_round_trip_and_match_on_etag_or_time() {
-        let n = Note { url: "s3://b/x".into(), size: 5, e_tag: Some("\"e\"".into()), modified_ns: 7 };
+    fn notes_round_trip_and_match_on_strong_etag_or_time() {
+        let n = Note { url: "s3://b/x".into(), size: 5, e_tag: Some("\"e\"".into()), modified_ns: 7, file: (1, 2) };
         assert_eq!(Note::parse(&n.text()), Some(n.clone()));
         assert!(n.matches(&Note { modified_ns: 8, ..n.clone() }));
         assert!(!n.matches(&Note { e_tag: Some("\"f\"".into()), ..n.clone() }));
         assert!(!n.matches(&Note { size: 6, ..n.clone() }));
+        let weak = Note { e_tag: Some("W/\"e\"".into()), ..n.clone() };
+        assert!(!weak.matches(&weak.clone()));
         let untagged = Note { e_tag: None, ..n.clone() };
         assert!(untagged.matches(&untagged.clone()));
         assert!(!untagged.matches(&Note { modified_ns: 8, ..untagged.clone() }));

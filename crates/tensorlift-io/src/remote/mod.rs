@@ -185,4 +185,6 @@ pub(crate) struct Shared {
     store: Arc<dyn object_store::ObjectStore>,
     options: RemoteOptions,
     permits: Arc<tokio::sync::Semaphore>,
+    /// The folder of this store's copies in a cache folder ([`cache::store_key`]).
+    cache_key: String,
 }

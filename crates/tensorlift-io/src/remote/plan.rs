@@ -39,31 +39,53 @@ pub(crate) fn open_remote(path: &Path, limits: &PlanLimits) -> Result<Checkpoint
     // A whole local copy of every object, unchanged on the store, is planned locally.
     if let Some(root) = limits.remote.cache_dir.clone() {
         let (p, l, lim) = (place.clone(), last.clone(), limits.clone());
-        if let Some(local) = super::run(async move { cached(&p, l, &root, &lim).await }).map_err(io_err)? {
-            tracing::info!("{}: read from its local copy {}", path.display(), local.display());
-            return crate::checkpoint::open_checkpoint(&local, limits);
+        if let Some((local, files)) = super::run(async move { cached(&p, l, &root, &lim).await }).map_err(io_err)? {
+            match crate::checkpoint::open_checkpoint(&local, limits) {
+                // The plan holds the very files that were checked (its descriptors are read).
+                Ok(plan) if planned_files(&plan) == files => {
+                    tracing::info!("{}: read from its local copy {}", path.display(), local.display());
+                    return Ok(plan);
+                }
+                Ok(_) => tracing::warn!("{}: its local copy changed while it was checked", path.display()),
+                Err(e) => tracing::warn!("{}: its local copy cannot be planned: {e}", path.display()),
+            }
         }
     }
     let limits = limits.clone();
     super::run(async move { plan(place, last, limits).await }).map_err(io_err)?
 }
 
-/// `local`, where it is a whole copy of the object at `location` as the store describes it now.
+/// The files (device, inode) of a local plan: its shards and its index, sorted.
+fn planned_files(plan: &Checkpoint) -> Vec<(u64, u64)> {
+    let mut files: Vec<(u64, u64)> = plan.shards().iter().map(|s| (s.identity.dev, s.identity.ino)).collect();
+    files.extend(plan.index_identity().map(|i| (i.dev, i.ino)));
+    files.sort_unstable();
+    files
+}
+
+/// `local`'s file (device, inode), where it is a whole copy of the object at `location` as
+/// the store describes it now (one HEAD).
 async fn fresh(
     store: &Arc<dyn object_store::ObjectStore>,
     location: ObjectPath,
     url: String,
     local: PathBuf,
-) -> Option<PathBuf> {
+) -> Option<(u64, u64)> {
     let meta = store.head(&location).await.ok()?;
-    cache::usable(&local, &cache::Note::of(&url, &meta)).then_some(local)
+    cache::usable(&local, &cache::Note::of(&url, &meta))
 }
 
-/// The local copy to plan from instead of the store: the cached index, or the cached file,
-/// where the cache holds a whole copy of it and of every shard it names, each a copy of the
-/// object as the store describes it now (one HEAD each). `None` otherwise, or for a folder
+/// The local copy to plan from instead of the store, and the files (device, inode) its
+/// plan must hold: the cached index or file, where the cache holds a whole copy of it and
+/// of every shard it names, each a copy of the object as the store describes it now (one
+/// HEAD each, and the first that differs ends the check). `None` otherwise, or for a folder
 /// without an index (whose listing could have changed).
-async fn cached(place: &Place, last: Option<String>, root: &Path, limits: &PlanLimits) -> Option<PathBuf> {
+async fn cached(
+    place: &Place,
+    last: Option<String>,
+    root: &Path,
+    limits: &PlanLimits,
+) -> Option<(PathBuf, Vec<(u64, u64)>)> {
     let (place, name) = match last {
         Some(name) if name.ends_with(".json") || name.ends_with(".safetensors") => (place.clone(), name),
         Some(folder) => {
@@ -77,26 +99,32 @@ async fn cached(place: &Place, last: Option<String>, root: &Path, limits: &PlanL
     };
     let copy_of = |name: &str| -> Option<(ObjectPath, String, PathBuf)> {
         let (location, url) = place.child(name).ok()?;
-        let url = url.to_str()?.to_owned();
-        let local = cache::place_for(root, &url)?;
-        Some((location, url, local))
+        let local = cache::local_path(root, &place.shared.cache_key, &location)?;
+        // No copy here at all: nothing to ask the store.
+        std::fs::symlink_metadata(&local).ok()?;
+        Some((location, url.to_str()?.to_owned(), local))
     };
     let store = &place.shared.store;
     let (location, url, local) = copy_of(&name)?;
-    let entry = fresh(store, location, url, local).await?;
-    if name.ends_with(".safetensors") {
-        return Some(entry);
+    let entry = fresh(store, location, url, local.clone()).await?;
+    let mut files = vec![entry];
+    if !name.ends_with(".safetensors") {
+        // The shards the cached index names, each checked.
+        let bytes = cache::read_small(&local, entry, MAX_INDEX_LEN)?;
+        if !crate::can_allocate((bytes.len() as u64).saturating_mul(PARSE_BYTES_PER_INDEX_BYTE)) {
+            return None;
+        }
+        let index = parse_index(&local, &bytes).ok()?;
+        let names = index_shards(&local, &index, limits).ok()?;
+        let checks: Vec<_> = names.iter().map(|(n, _)| copy_of(n)).collect::<Option<_>>()?;
+        let mut heads = futures_util::stream::iter(checks.into_iter().map(|(l, u, p)| fresh(store, l, u, p)))
+            .buffered(HEADER_FETCHES);
+        while let Some(file) = heads.next().await {
+            files.push(file?);
+        }
     }
-    // The shards the cached index names, each checked.
-    let bytes = std::fs::read(&entry).ok().filter(|b| b.len() as u64 <= MAX_INDEX_LEN)?;
-    let index = parse_index(&entry, &bytes).ok()?;
-    let names = index_shards(&entry, &index, limits).ok()?;
-    let checks: Vec<_> = names.iter().map(|(n, _)| copy_of(n)).collect::<Option<_>>()?;
-    let all = futures_util::stream::iter(checks.into_iter().map(|(l, u, p)| fresh(store, l, u, p)))
-        .buffer_unordered(HEADER_FETCHES)
-        .collect::<Vec<_>>()
-        .await;
-    all.iter().all(Option::is_some).then_some(entry)
+    files.sort_unstable();
+    Some((local, files))
 }
 
 async fn plan(mut place: Place, last: Option<String>, limits: PlanLimits) -> Result<Checkpoint, FormatError> {
@@ -159,8 +187,8 @@ async fn fetch_index(place: &Place, name: &str) -> Result<Option<(ObjectMeta, Ve
     let bytes = body(reply, len, &url).await?;
     // Kept beside the shards' copies: the next load plans from it.
     if let (Some(root), Some(text)) = (&place.shared.options.cache_dir, url.to_str()) {
-        if let Some(local) = cache::place_for(root, text) {
-            cache::put(&local, &cache::Note::of(text, &meta), &bytes);
+        if let Some(local) = cache::local_path(root, &place.shared.cache_key, &location) {
+            cache::put(root, local, cache::Note::of(text, &meta), &bytes);
         }
     }
     Ok(Some((meta, bytes)))
@@ -295,7 +323,7 @@ async fn shards(
         }
         let object = Arc::new(RemoteObject::new(Arc::clone(&place.shared), location, url.clone(), &meta));
         if let Some(copy) = &object.cache {
-            copy.write(0, &bytes);
+            copy.write(0, bytes::Bytes::copy_from_slice(&bytes));
         }
         if wanted > bytes.len() as u64 {
             bytes
@@ -303,7 +331,7 @@ async fn shards(
                 .map_err(|_| FormatError::OutOfMemory { file: url.clone(), what: "a header", bytes: wanted })?;
             let rest = rest_of_header(&object, bytes.len() as u64, wanted).await?;
             if let Some(copy) = &object.cache {
-                copy.write(bytes.len() as u64, &rest);
+                copy.write(bytes.len() as u64, bytes::Bytes::copy_from_slice(&rest));
             }
             bytes.extend_from_slice(&rest);
         }

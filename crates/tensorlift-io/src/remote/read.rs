@@ -120,7 +120,7 @@ async fn fetch(object: &RemoteObject, offset: u64, dst: SendPtr, len: usize) -> 
         // read's task until it completes, and no other part writes this part's bytes.
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), at, bytes.len()) };
         if let Some(copy) = &object.cache {
-            copy.write(offset + done as u64, &bytes);
+            copy.write(offset + done as u64, bytes.clone());
         }
         done += bytes.len();
     }

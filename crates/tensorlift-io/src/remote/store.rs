@@ -53,6 +53,7 @@ pub(crate) fn connect(url: &str, options: &RemoteOptions) -> Result<(Place, Opti
     let (scheme, path) = ObjectStoreScheme::parse(&parsed)
         .map_err(|e| invalid(&format!("not a URL of a store tensorlift reads: {e}")))?;
     let http = scheme == ObjectStoreScheme::Http;
+    let cache_key = super::cache::store_key(&parsed);
     let store = build(scheme, &parsed, options)?;
     // The path's parts as the store spells them (already encoded: joined, not encoded again).
     let mut parts: Vec<String> = path.parts().map(|p| p.as_ref().to_owned()).collect();
@@ -65,7 +66,7 @@ pub(crate) fn connect(url: &str, options: &RemoteOptions) -> Result<(Place, Opti
         }
     }
     let permits = Arc::new(tokio::sync::Semaphore::new(options.concurrency.max(1)));
-    let shared = Arc::new(Shared { store, options: options.clone(), permits });
+    let shared = Arc::new(Shared { store, options: options.clone(), permits, cache_key });
     Ok((Place { shared, prefix, url: folder.as_str().trim_end_matches('/').to_owned(), http }, last))
 }
 
@@ -171,15 +172,26 @@ pub struct RemoteObject {
     /// Seconds and nanoseconds of the last modification, as the store reported it.
     modified_ns: i128,
     /// Its local copy, being written as it is read (see [`super::cache`]).
-    pub(crate) cache: Option<super::cache::CacheFile>,
+    pub(crate) cache: Option<Arc<super::cache::CacheFile>>,
+}
+
+impl Drop for RemoteObject {
+    fn drop(&mut self) {
+        // The load is done with the object: its copy is made whole (its last writes land)
+        // or given up, so that a copy is never left half made by a process that exits.
+        if let Some(copy) = &self.cache {
+            copy.settle(std::time::Duration::from_secs(60));
+        }
+    }
 }
 
 impl RemoteObject {
     pub(crate) fn new(shared: Arc<Shared>, location: ObjectPath, url: PathBuf, meta: &ObjectMeta) -> Self {
         // A copy is made where the options name a cache folder.
         let cache = shared.options.cache_dir.as_ref().and_then(|root| {
-            let text = url.to_str()?;
-            super::cache::CacheFile::create(super::cache::place_for(root, text)?, super::cache::Note::of(text, meta))
+            let local = super::cache::local_path(root, &shared.cache_key, &location)?;
+            let note = super::cache::Note::of(url.to_str()?, meta);
+            super::cache::CacheFile::create(root, local, note).map(Arc::new)
         });
         let (size, e_tag) = (meta.size, meta.e_tag.clone());
         RemoteObject { shared, location, url, size, e_tag, modified_ns: modified_ns(meta), cache }

@@ -275,7 +275,7 @@ fn a_cached_copy_makes_the_next_load_local_until_the_object_changes() {
     let first = loader.load_blocking("s3://bucket/model").unwrap();
     assert_identical(&first, &truth, "first load");
     assert_eq!(first.stats().remote_shards, 3);
-    let copy = cache.join("s3/bucket/model");
+    let copy = store_folder(&cache).join("model");
     for name in ["model.safetensors.index.json", "model-00001-of-00003.safetensors", "model-00003-of-00003.safetensors"]
     {
         let original = std::fs::read(r.root.join("bucket/model").join(name)).unwrap();
@@ -301,7 +301,7 @@ fn a_cached_copy_makes_the_next_load_local_until_the_object_changes() {
     let cache2 = r.root.join("cache2");
     let partial = base().remote_cache(&cache2).filter(["tail_u8"]).build().unwrap();
     partial.load_blocking("s3://bucket/model").unwrap();
-    let mut left: Vec<_> = std::fs::read_dir(cache2.join("s3/bucket/model"))
+    let mut left: Vec<_> = std::fs::read_dir(store_folder(&cache2).join("model"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
@@ -315,4 +315,39 @@ fn a_cached_copy_makes_the_next_load_local_until_the_object_changes() {
             "model.safetensors.index.json.tlcache"
         ]
     );
+}
+
+/// The one folder of a store's copies in a cache folder (`s3-bucket-HASH`).
+fn store_folder(cache: &std::path::Path) -> std::path::PathBuf {
+    let found: Vec<_> = std::fs::read_dir(cache).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0].file_name().unwrap().to_string_lossy().starts_with("s3-bucket-"), "{found:?}");
+    found[0].clone()
+}
+
+#[test]
+fn a_cache_that_others_could_redirect_is_not_written() {
+    use std::os::unix::fs::PermissionsExt;
+    let r = Remote::new();
+    let truth = sharded(&r.root);
+    let Some(_s3) = r.s3() else { return };
+    // Learn the store's folder name, then plant a link under that name in a fresh cache.
+    let first = r.root.join("cache-a");
+    base().remote_cache(&first).build().unwrap().load_blocking("s3://bucket/model").unwrap();
+    let name = store_folder(&first).file_name().unwrap().to_owned();
+    let (cache, victim) = (r.root.join("cache-b"), r.root.join("victim"));
+    std::fs::create_dir_all(&cache).unwrap();
+    std::fs::create_dir_all(&victim).unwrap();
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::os::unix::fs::symlink(&victim, cache.join(&name)).unwrap();
+    let model = base().remote_cache(&cache).build().unwrap().load_blocking("s3://bucket/model").unwrap();
+    assert_identical(&model, &truth, "through a planted link");
+    assert_eq!(std::fs::read_dir(victim.join("model")).map(|d| d.count()).unwrap_or(0), 0, "written through the link");
+    // A cache folder others may write to is not used at all.
+    let open = r.root.join("cache-c");
+    std::fs::create_dir_all(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let model = base().remote_cache(&open).build().unwrap().load_blocking("s3://bucket/model").unwrap();
+    assert_identical(&model, &truth, "shared cache folder");
+    assert_eq!(std::fs::read_dir(&open).unwrap().count(), 0);
 }
