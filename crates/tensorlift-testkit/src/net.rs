@@ -199,7 +199,8 @@ fn serve_files(conn: TcpStream, root: &Path, etags: bool) {
 }
 
 fn reply_file(w: &mut TcpStream, root: &Path, req: &Request, etags: bool) -> io::Result<()> {
-    let path = req.target.split('?').next().unwrap_or("");
+    // Percent-decoded first: GCS's client sends `bucket/a%2Fb` for the object `a/b`.
+    let path = percent_decode(req.target.split('?').next().unwrap_or(""));
     let file = path
         .split('/')
         .filter(|p| !p.is_empty())
@@ -239,7 +240,7 @@ fn reply_file(w: &mut TcpStream, root: &Path, req: &Request, etags: bool) -> io:
     };
     let mut head = format!("HTTP/1.1 {code}\r\nContent-Length: {}\r\nAccept-Ranges: bytes\r\n", span.end - span.start);
     if etags {
-        head += &format!("ETag: {etag}\r\n");
+        head += &format!("ETag: {etag}\r\nLast-Modified: {}\r\n", http_date(mtime.as_secs()));
     }
     if range.is_some() {
         head += &format!("Content-Range: bytes {}-{}/{len}\r\n", span.start, span.end.saturating_sub(1));
@@ -472,4 +473,62 @@ fn client_gone(r: &mut BufReader<TcpStream>) -> bool {
     let gone = matches!(conn.peek(&mut byte), Ok(0));
     let _ = conn.set_nonblocking(false);
     gone
+}
+
+/// `%XX` escapes decoded (an invalid one is kept as it is).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (b[i], b.get(i + 1).and_then(|&c| hex(c)), b.get(i + 2).and_then(|&c| hex(c))) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// An HTTP date (RFC 9110's IMF-fixdate) of `secs` since the epoch.
+fn http_date(secs: u64) -> String {
+    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{}, {day:02} {} {year} {:02}:{:02}:{:02} GMT",
+        DAYS[(days % 7) as usize],
+        MONTHS[(month - 1) as usize],
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn http_dates_and_escapes() {
+        assert_eq!(super::http_date(0), "Thu, 01 Jan 1970 00:00:00 GMT");
+        assert_eq!(super::http_date(784_111_777), "Sun, 06 Nov 1994 08:49:37 GMT");
+        assert_eq!(super::http_date(1_709_210_096), "Thu, 29 Feb 2024 12:34:56 GMT");
+        assert_eq!(super::percent_decode("/b/m%2Fx%20y%zz"), "/b/m/x y%zz");
+    }
 }
