@@ -190,4 +190,37 @@ pub fn slice_bytes(full: &[u8], shape: &[usize], elem: usize, ranges: &[std::ops
     }
     out
 }
+
+/// Every dtype, scalars, zero-size tensors, odd sizes that misalign what follows.
+pub fn quirky() -> Vec<Spec<'static>> {
+    vec![
+        ("bool", Dtype::BOOL, &[3]),
+        ("f32_after_3_bytes", Dtype::F32, &[5, 7]),
+        ("u8", Dtype::U8, &[4097]),
+        ("i8", Dtype::I8, &[9]),
+        ("f8_e5m2", Dtype::F8_E5M2, &[11]),
+        ("f8_e4m3", Dtype::F8_E4M3, &[3, 3]),
+        ("f8_e8m0", Dtype::F8_E8M0, &[2]),
+        ("f8_e4m3fnuz", Dtype::F8_E4M3FNUZ, &[5]),
+        ("f8_e5m2fnuz", Dtype::F8_E5M2FNUZ, &[5]),
+        ("i16", Dtype::I16, &[33]),
+        ("u16", Dtype::U16, &[2, 2]),
+        ("f16", Dtype::F16, &[64, 65]),
+        ("bf16", Dtype::BF16, &[3000]),
+        ("scalar_f32", Dtype::F32, &[]),
+        ("empty", Dtype::F32, &[0, 16]),
+        ("i32", Dtype::I32, &[7]),
+        ("u32", Dtype::U32, &[1]),
+        ("f64", Dtype::F64, &[2, 3, 4]),
+        ("c64", Dtype::C64, &[3]),
+        ("i64", Dtype::I64, &[5]),
+        ("u64", Dtype::U64, &[2]),
+        ("f4", Dtype::F4, &[6]),
+        ("f6_e2m3", Dtype::F6_E2M3, &[4]),
+        ("f6_e3m2", Dtype::F6_E3M2, &[8]),
+        ("big", Dtype::F32, &[300, 1000]),
+        ("tail_u8", Dtype::U8, &[13]),
+    ]
+}
+
 pub mod net;

@@ -61,6 +61,9 @@ pub fn read_object<B: IoBufMut>(
                 source: io::Error::new(io::ErrorKind::Interrupted, "the read was dropped"),
             }),
         };
+        // The task lets go of the object before the load hears back: the load's own drop of
+        // it is the last, on the load's thread, where a copy being cached is settled.
+        drop(object);
         let _ = tx.send(match result {
             Ok(()) => Ok(buf),
             Err(error) => Err(ReadFailed { error, buf: Some(buf) }),

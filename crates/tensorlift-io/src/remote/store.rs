@@ -81,42 +81,29 @@ fn build(scheme: ObjectStoreScheme, url: &url::Url, o: &RemoteOptions) -> Result
     let timeout = format!("{}ms", o.timeout.as_millis().max(1));
     let connect = format!("{}ms", (o.timeout.as_millis() / 10).max(1));
     let text = url.as_str();
+    // The cloud stores' builders share these steps (and nothing else: no trait of theirs).
+    macro_rules! cloud {
+        ($builder:ty, $key:path) => {
+            Arc::new(
+                <$builder>::from_env()
+                    .with_url(text)
+                    .with_retry(retry)
+                    .with_config($key(ClientConfigKey::Timeout), timeout)
+                    .with_config($key(ClientConfigKey::ConnectTimeout), connect)
+                    .build()
+                    .map_err(store_error)?,
+            )
+        };
+    }
     let store: Arc<dyn ObjectStore> = match scheme {
         ObjectStoreScheme::AmazonS3 => {
-            use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey as K};
-            Arc::new(
-                AmazonS3Builder::from_env()
-                    .with_url(text)
-                    .with_retry(retry)
-                    .with_config(K::Client(ClientConfigKey::Timeout), timeout)
-                    .with_config(K::Client(ClientConfigKey::ConnectTimeout), connect)
-                    .build()
-                    .map_err(store_error)?,
-            )
+            cloud!(object_store::aws::AmazonS3Builder, object_store::aws::AmazonS3ConfigKey::Client)
         }
         ObjectStoreScheme::GoogleCloudStorage => {
-            use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey as K};
-            Arc::new(
-                GoogleCloudStorageBuilder::from_env()
-                    .with_url(text)
-                    .with_retry(retry)
-                    .with_config(K::Client(ClientConfigKey::Timeout), timeout)
-                    .with_config(K::Client(ClientConfigKey::ConnectTimeout), connect)
-                    .build()
-                    .map_err(store_error)?,
-            )
+            cloud!(object_store::gcp::GoogleCloudStorageBuilder, object_store::gcp::GoogleConfigKey::Client)
         }
         ObjectStoreScheme::MicrosoftAzure => {
-            use object_store::azure::{AzureConfigKey as K, MicrosoftAzureBuilder};
-            Arc::new(
-                MicrosoftAzureBuilder::from_env()
-                    .with_url(text)
-                    .with_retry(retry)
-                    .with_config(K::Client(ClientConfigKey::Timeout), timeout)
-                    .with_config(K::Client(ClientConfigKey::ConnectTimeout), connect)
-                    .build()
-                    .map_err(store_error)?,
-            )
+            cloud!(object_store::azure::MicrosoftAzureBuilder, object_store::azure::AzureConfigKey::Client)
         }
         ObjectStoreScheme::Http => {
             let base = &url[..url::Position::BeforePath];

@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use tensorlift::{Device, Dtype, Loader, LoaderBuilder, Model, RemoteOptions};
 use tensorlift_testkit::net::{S3Server, S3_KEYS};
-use tensorlift_testkit::Spec;
 
 /// One test at a time: the environment is the process's.
 #[derive(Debug)]
@@ -78,25 +77,7 @@ pub fn base() -> LoaderBuilder {
     Loader::builder().device(Device::Cpu).queue_depth(8).chunk_size(256 << 10).remote(quick())
 }
 
-/// Every dtype, scalars, zero-size tensors, odd sizes, and tensors larger than a chunk.
-pub fn quirky() -> Vec<Spec<'static>> {
-    vec![
-        ("bool", Dtype::BOOL, &[3]),
-        ("f32_after_3_bytes", Dtype::F32, &[5, 7]),
-        ("u8", Dtype::U8, &[4097]),
-        ("f8_e4m3", Dtype::F8_E4M3, &[3, 3]),
-        ("i16", Dtype::I16, &[33]),
-        ("f16", Dtype::F16, &[64, 65]),
-        ("bf16", Dtype::BF16, &[3000]),
-        ("scalar_f32", Dtype::F32, &[]),
-        ("empty", Dtype::F32, &[0, 16]),
-        ("f64", Dtype::F64, &[2, 3, 4]),
-        ("c64", Dtype::C64, &[3]),
-        ("f4", Dtype::F4, &[6]),
-        ("big", Dtype::F32, &[300, 1000]),
-        ("tail_u8", Dtype::U8, &[13]),
-    ]
-}
+pub use tensorlift_testkit::quirky;
 
 /// A sharded checkpoint in `bucket/model` under `root`; every tensor's bytes.
 pub fn sharded(root: &Path) -> BTreeMap<String, Vec<u8>> {
