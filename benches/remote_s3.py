@@ -15,7 +15,7 @@ over a scratch folder on 127.0.0.1, uploads FOLDER's shards into a bucket by sig
 The server, the client and the clock share this machine: on a small one the server's own
 CPU use is part of every figure, and the ratios between engines are what carry over.
 
-  python3 benches/remote_s3.py ~/.cache/tensorlift/bench/llama-2G-4shards-bf16 --runs 3
+  python3 benches/remote_s3.py ~/.cache/tensorlift/bench/llama-2048MiB-4shards-bf16 --runs 3
 
 Run:ai's streamer (0.17.1) is installed with pip into ~/.cache/tensorlift/runai-0.17.1 on
 first use (torch comes from the environment running this script).
@@ -129,7 +129,11 @@ def main():
     proc, port = start_server(root)
     results = {}
     try:
-        env = dict(os.environ, **env_for(port))
+        # Nothing of the caller's S3 setup or tensorlift's remote settings but what is asked
+        # for here (a local copy would make every run after the first local).
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("AWS_") and k not in ("TENSORLIFT_REMOTE_CACHE",)}
+        env.update(env_for(port))
         curl(port, "PUT", "/bench")
         shards = sorted(f for f in os.listdir(args.folder) if f.endswith(".safetensors") or f.endswith(".json"))
         for f in shards:

@@ -172,9 +172,6 @@ pub fn safetensors_crate() -> Entry {
     }
 }
 
-/// Reads of every shard at depth into reused buffers, one ring per CPU: O_DIRECT when cold
-/// (the storage limit), buffered when warm (the page-cache copy limit; O_DIRECT would bypass
-/// it).
 /// The GET limit of a remote checkpoint: every byte of its shards by ranged GETs of the
 /// load's part size, at its concurrency, counted and dropped (no copy, no tensors).
 pub fn get_limit() -> Entry {
@@ -182,7 +179,10 @@ pub fn get_limit() -> Entry {
         name: "get-limit",
         kind: Kind::Limit,
         run: Box::new(|c| {
-            let plan = tensorlift::plan(&c.dir)?;
+            let mut limits = tensorlift::PlanLimits::default();
+            limits.remote.cache_dir = None;
+            let plan = tensorlift_io::open_checkpoint(&c.dir, &limits)?;
+            anyhow::ensure!(plan.is_remote(), "{} is not a remote checkpoint", c.dir.display());
             let objects: Vec<_> = (0..plan.shards().len()).filter_map(|i| plan.remote_object(i).cloned()).collect();
             let bytes = tensorlift_io::remote::fetch_discarding(&objects)?;
             Ok((bytes, Box::new(())))
@@ -190,6 +190,9 @@ pub fn get_limit() -> Entry {
     }
 }
 
+/// Reads of every shard at depth into reused buffers, one ring per CPU: O_DIRECT when cold
+/// (the storage limit), buffered when warm (the page-cache copy limit; O_DIRECT would bypass
+/// it).
 pub fn read_limit(direct: bool) -> Entry {
     Entry {
         name: "read-limit",

@@ -141,7 +141,14 @@ fn run(args: &Args) -> anyhow::Result<()> {
         }
     }
     let device: Device = args.device.parse()?;
-    let loader = Arc::new(builder(args)?.device(device).build()?);
+    let mut b = builder(args)?.device(device);
+    if args.dir.as_deref().is_some_and(tensorlift::is_remote) {
+        // Every run reads the store: a local copy would make the next runs local.
+        let mut o = tensorlift::RemoteOptions::from_env();
+        o.cache_dir = None;
+        b = b.remote(o);
+    }
+    let loader = Arc::new(b.build()?);
     // What runs where, before anything long starts.
     if !args.json {
         eprintln!("machine: {}", report::machine()["summary"].as_str().unwrap_or(""));
@@ -203,12 +210,13 @@ fn run(args: &Args) -> anyhow::Result<()> {
         report.note(&format!(
             "remote checkpoint: ranged GETs of {} bytes, {} at once; `warm` is the server's cache as it is; \
              get-limit fetches every byte at that size and concurrency and drops it",
-            o.part_size, o.concurrency
+            o.part_size(),
+            o.concurrency
         ));
-        for b in args.baselines.iter().filter(|b| CPU_BASELINES.contains(&b.as_str())) {
+        for b in args.baselines.iter().filter(|b| b.as_str() != "none") {
             report.skip(b, "reads local files; the checkpoint is remote");
         }
-        args.baselines.iter().filter(|b| !CPU_BASELINES.contains(&b.as_str())).cloned().collect()
+        Vec::new()
     } else {
         args.baselines.clone()
     };

@@ -8,6 +8,7 @@ interrupts it and frees everything.
 """
 
 import operator
+import os
 import sys
 import threading
 
@@ -18,13 +19,13 @@ from ._tensorlift import (
     __version__,
     _live_host_arenas,
     inspect,
-    is_remote,
     load,
     release_host_memory,
     resolve_device,
     retained_host_memory,
     reuse_host_memory,
 )
+from ._tensorlift import is_remote as _is_remote
 from ._tensorlift import iter_tensors as _iter_tensors
 from . import _frameworks
 
@@ -264,6 +265,14 @@ def iter_tensors(
             yield name, _convert(t, framework)
     finally:
         it.close()
+
+
+def is_remote(path):
+    """Whether ``path`` (a ``str``, or a path-like object) names a remote checkpoint:
+    ``s3://``, ``gs://``, ``az://``, ``http(s)://`` and the other schemes tensorlift reads by
+    ranged GETs. (Give URLs as ``str``: ``pathlib.Path("s3://b/x")`` becomes ``s3:/b/x``,
+    a local path.)"""
+    return _is_remote(os.fspath(path))
 
 
 def _verify(verify):

@@ -62,11 +62,14 @@ def bucket(tmp_path_factory):
         stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 20
-    while time.time() < deadline:
+    while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             break
         except OSError:
+            if server.poll() is not None or time.time() > deadline:
+                server.kill()
+                pytest.fail(f"s3s-fs did not start (exit status {server.poll()})")
             time.sleep(0.05)
     env = {
         "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
@@ -75,7 +78,11 @@ def bucket(tmp_path_factory):
         "AWS_REGION": "us-east-1",
         "AWS_ALLOW_HTTP": "true",
     }
-    saved = {k: os.environ.get(k) for k in env}
+    # Only this server's settings: none of the caller's S3 setup or tensorlift's remote options.
+    scrub = [k for k in os.environ if k.startswith("AWS_") or k.startswith("TENSORLIFT_REMOTE_")]
+    saved = {k: os.environ.get(k) for k in list(env) + scrub}
+    for k in scrub:
+        del os.environ[k]
     os.environ.update(env)
     yield root
     for k, v in saved.items():
@@ -139,6 +146,7 @@ def test_streaming_and_tensor_parallel_slices(bucket):
 
 def test_cache_dir_makes_the_next_load_local(bucket, tmp_path):
     want = _reference(bucket / "bucket" / "model")
+    assert tensorlift.is_remote("s3://bucket/model") and not tensorlift.is_remote(tmp_path)
     first, second = {}, {}
     _same(tensorlift.load_file("s3://bucket/model", cache_dir=tmp_path, stats=first), want)
     _same(dict(tensorlift.iter_tensors("s3://bucket/model", cache_dir=tmp_path, stats=second)), want)

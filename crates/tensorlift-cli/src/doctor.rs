@@ -207,19 +207,22 @@ fn remote_source(path: &Path) -> (serde_json::Value, String) {
     let o = tensorlift::RemoteOptions::from_env();
     let how = format!(
         "ranged GETs of {} each, {} at once, {} retries, {:.0} s timeout",
-        crate::text::memory(o.part_size),
+        crate::text::memory(o.part_size()),
         o.concurrency,
         o.retries,
         o.timeout.as_secs_f64()
     );
     let mut v = json!({
         "url": path.display().to_string(),
-        "part_size_bytes": o.part_size,
+        "part_size_bytes": o.part_size(),
         "concurrency": o.concurrency,
         "retries": o.retries,
         "timeout_seconds": o.timeout.as_secs_f64(),
     });
-    let line = match tensorlift::plan(path) {
+    // The store itself, not a local copy of it: what a load without a cache would meet.
+    let mut limits = tensorlift::PlanLimits::default();
+    limits.remote.cache_dir = None;
+    let line = match tensorlift_io::open_checkpoint(path, &limits) {
         Ok(plan) => {
             let tagged = (0..plan.shards().len()).all(|i| plan.remote_object(i).is_some_and(|o| o.e_tag().is_some()));
             v["reachable"] = json!(true);
@@ -231,7 +234,11 @@ fn remote_source(path: &Path) -> (serde_json::Value, String) {
                 path.display(),
                 plan.shards().len(),
                 crate::text::memory(plan.checkpoint_bytes()),
-                if tagged { "ETags: a changed object fails a load" } else { "no ETags: lengths checked only" }
+                if tagged {
+                    "ETags: a changed object fails a load"
+                } else {
+                    "no ETags: lengths and modification times checked"
+                }
             )
         }
         Err(e) => {

@@ -20,6 +20,13 @@ fn fixture(root: &Path) -> Vec<serde_json::Value> {
 
 fn run(port: u16, args: &[&str], extra: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tensorlift"));
+    // Only this server's settings: none of the caller's S3 setup or remote options.
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if k.starts_with("AWS_") || k.starts_with("TENSORLIFT_REMOTE_") {
+            cmd.env_remove(k.as_ref());
+        }
+    }
     cmd.args(args).env("TENSORLIFT_REMOTE_RETRIES", "1");
     for (k, v) in S3Server::env(port) {
         cmd.env(k, v);

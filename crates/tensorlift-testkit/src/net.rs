@@ -53,8 +53,20 @@ pub struct S3Server {
 pub const S3_KEYS: (&str, &str) = ("tensorlift-test", "tensorlift-secret");
 
 impl S3Server {
-    /// Starts `s3s-fs` (see [`s3s_fs`]) over `root`.
+    /// Starts `s3s-fs` (see [`s3s_fs`]) over `root`: on a port free a moment before, so
+    /// tried again on another when something else took it meanwhile.
     pub fn start(binary: &Path, root: &Path) -> io::Result<S3Server> {
+        let mut last = None;
+        for _ in 0..3 {
+            match Self::start_once(binary, root) {
+                Ok(s) => return Ok(s),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| io::Error::other("s3s-fs did not start")))
+    }
+
+    fn start_once(binary: &Path, root: &Path) -> io::Result<S3Server> {
         let port = free_port()?;
         let mut child = Command::new(binary)
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
@@ -143,7 +155,8 @@ fn read_request(r: &mut BufReader<TcpStream>) -> io::Result<Option<Request>> {
 }
 
 /// Serves the files under a folder over plain HTTP/1.1, with `Range` (one range), `ETag`
-/// (from the length and modification time), `Last-Modified` absent, and `If-Match`; stops
+/// (from the length and modification time), `Last-Modified`, and `If-Match` (see
+/// [`Validators`]); stops
 /// when dropped.
 #[derive(Debug)]
 pub struct HttpServer {
@@ -153,14 +166,14 @@ pub struct HttpServer {
 }
 
 impl HttpServer {
-    /// Serves `root`.
+    /// Serves `root`, with `ETag`s and `Last-Modified` times.
     pub fn start(root: &Path) -> io::Result<HttpServer> {
-        Self::start_with(root, true)
+        Self::start_with(root, Validators::Both)
     }
 
-    /// Serves `root`, with `ETag`s or (`etags` false) with neither an `ETag` nor a
-    /// `Last-Modified` time: a server whose objects' changes cannot be seen.
-    pub fn start_with(root: &Path, etags: bool) -> io::Result<HttpServer> {
+    /// Serves `root` with the validators given: a server whose objects' changes show by
+    /// their ETags, by their times alone, or not at all.
+    pub fn start_with(root: &Path, validators: Validators) -> io::Result<HttpServer> {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let port = listener.local_addr()?.port();
         let stop = Arc::new(AtomicBool::new(false));
@@ -172,7 +185,7 @@ impl HttpServer {
                 }
                 let Ok(conn) = conn else { continue };
                 let root = root.clone();
-                std::thread::spawn(move || serve_files(conn, &root, etags));
+                std::thread::spawn(move || serve_files(conn, &root, validators));
             }
         });
         Ok(HttpServer { port, stop })
@@ -187,18 +200,18 @@ impl Drop for HttpServer {
     }
 }
 
-fn serve_files(conn: TcpStream, root: &Path, etags: bool) {
+fn serve_files(conn: TcpStream, root: &Path, validators: Validators) {
     let Ok(read_half) = conn.try_clone() else { return };
     let mut r = BufReader::new(read_half);
     let mut w = conn;
     while let Ok(Some(req)) = read_request(&mut r) {
-        if reply_file(&mut w, root, &req, etags).is_err() {
+        if reply_file(&mut w, root, &req, validators).is_err() {
             return;
         }
     }
 }
 
-fn reply_file(w: &mut TcpStream, root: &Path, req: &Request, etags: bool) -> io::Result<()> {
+fn reply_file(w: &mut TcpStream, root: &Path, req: &Request, validators: Validators) -> io::Result<()> {
     // Percent-decoded first: GCS's client sends `bucket/a%2Fb` for the object `a/b`.
     let path = percent_decode(req.target.split('?').next().unwrap_or(""));
     let file = path
@@ -214,22 +227,21 @@ fn reply_file(w: &mut TcpStream, root: &Path, req: &Request, etags: bool) -> io:
     let mtime = meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).unwrap_or_default();
     let etag = format!("\"{len:x}-{:x}\"", mtime.as_nanos());
     if let Some(want) = req.header("if-match") {
-        if want != "*" && want != etag {
+        if want != "*" && (want != etag || validators != Validators::Both) {
             return status(w, "412 Precondition Failed");
         }
     }
+    // One range, `a-b` or `a-`; anything else the server cannot satisfy is a 416.
     let range = match req.header("range").and_then(|r| r.strip_prefix("bytes=")) {
         None => None,
         Some(spec) => {
-            let (a, b) = spec.split_once('-').unwrap_or((spec, ""));
-            match (a.parse::<u64>(), b) {
-                (Ok(a), "") if a < len => Some(a..len),
-                (Ok(a), b) if a < len => Some(a..b.parse::<u64>().map_or(len, |b| (b + 1).min(len))),
+            let (a, b) = spec.split_once('-').unwrap_or((spec, "x"));
+            let end = if b.is_empty() { Ok(len) } else { b.parse::<u64>().map(|b| b.saturating_add(1).min(len)) };
+            match (a.parse::<u64>(), end) {
+                (Ok(a), Ok(end)) if a < len && a < end => Some(a..end),
                 _ => {
-                    return write!(
-                    w,
-                    "HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{len}\r\nContent-Length: 0\r\n\r\n"
-                )
+                    let head = format!("HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{len}\r\n");
+                    return write!(w, "{head}Content-Length: 0\r\n\r\n");
                 }
             }
         }
@@ -239,8 +251,11 @@ fn reply_file(w: &mut TcpStream, root: &Path, req: &Request, etags: bool) -> io:
         None => ("200 OK", 0..len),
     };
     let mut head = format!("HTTP/1.1 {code}\r\nContent-Length: {}\r\nAccept-Ranges: bytes\r\n", span.end - span.start);
-    if etags {
-        head += &format!("ETag: {etag}\r\nLast-Modified: {}\r\n", http_date(mtime.as_secs()));
+    if validators == Validators::Both {
+        head += &format!("ETag: {etag}\r\n");
+    }
+    if validators != Validators::Neither {
+        head += &format!("Last-Modified: {}\r\n", http_date(mtime.as_secs()));
     }
     if range.is_some() {
         head += &format!("Content-Range: bytes {}-{}/{len}\r\n", span.start, span.end.saturating_sub(1));
@@ -254,6 +269,17 @@ fn reply_file(w: &mut TcpStream, root: &Path, req: &Request, etags: bool) -> io:
     io::Seek::seek(&mut f, io::SeekFrom::Start(span.start))?;
     io::copy(&mut f.take(span.end - span.start), w)?;
     Ok(())
+}
+
+/// The validators an [`HttpServer`] sends with each reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Validators {
+    /// `ETag` and `Last-Modified` (and `If-Match` honoured).
+    Both,
+    /// `Last-Modified` only.
+    LastModified,
+    /// Neither: changes cannot be seen.
+    Neither,
 }
 
 /// What the proxy does to a request it picks.

@@ -28,11 +28,7 @@ pub(crate) fn for_load(
     policy: crate::Verify,
 ) -> Result<Vec<Option<(Sha256, DigestSource)>>, crate::LoadError> {
     if plan.is_remote() {
-        return Err(crate::LoadError::Unsupported(
-            "verifying a remote checkpoint (its SHA256SUMS is not fetched yet): load it without --verify, or \
-             verify a local copy"
-                .into(),
-        ));
+        return Err(crate::loader::remote_verify());
     }
     let e = expected(plan)?;
     if let (Some(path), Some((want, from))) = (plan.index_file(), &e.index) {
@@ -98,6 +94,17 @@ pub enum ManifestError {
 /// its shards and its index, validated as a load validates them, each read whole and hashed
 /// (the files in parallel, one thread a CPU).
 pub fn manifest(path: impl AsRef<Path>) -> Result<Manifest, ManifestError> {
+    let path = path.as_ref();
+    // The manifest is written beside the files: a remote checkpoint has none here.
+    if tensorlift_io::is_remote(path) {
+        return Err(ManifestError::Io {
+            file: path.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "a manifest is written beside local files; run it where the checkpoint is on disk",
+            ),
+        });
+    }
     let plan = crate::plan(path)?;
     let folder = plan.root().to_path_buf();
     let shards = plan.shards().len();

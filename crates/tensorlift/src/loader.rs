@@ -459,6 +459,7 @@ impl Loader {
     fn planner(&self) -> Planner {
         Planner {
             limits: self.cfg.limits.clone(),
+            verify: self.cfg.verify != Verify::Off,
             filter: self.filter.clone(),
             patterns: self.cfg.filter.clone(),
             slices: self.cfg.slices.clone(),
@@ -636,6 +637,9 @@ impl Loader {
 /// What planning needs of a loader, to plan on another thread.
 struct Planner {
     limits: PlanLimits,
+    /// Whether the load verifies digests (refused for a remote checkpoint, whose digests are
+    /// not fetched, whether or not a local copy of it is cached).
+    verify: bool,
     filter: Option<GlobSet>,
     patterns: Vec<String>,
     slices: crate::slicing::Slices,
@@ -684,6 +688,9 @@ impl Planner {
 
     fn plan_observed(&self, path: &Path, observer: Option<&dyn PlanObserver>) -> Result<Checkpoint, LoadError> {
         let _span = tracing::info_span!("plan", path = %path.display()).entered();
+        if self.verify && tensorlift_io::is_remote(path) {
+            return Err(remote_verify());
+        }
         let mut plan = match observer {
             Some(o) => tensorlift_io::open_checkpoint_observed(path, &self.limits, o)?,
             None => tensorlift_io::open_checkpoint(path, &self.limits)?,
@@ -714,6 +721,15 @@ async fn collect(mut stream: TensorStream) -> Result<Model, LoadError> {
     }
     .instrument(span)
     .await
+}
+
+/// The refusal of a verified load of a remote checkpoint.
+pub(crate) fn remote_verify() -> LoadError {
+    LoadError::Unsupported(
+        "verifying a remote checkpoint (its SHA256SUMS is not fetched yet): load it without --verify, or verify a \
+         local copy"
+            .into(),
+    )
 }
 
 #[cfg(test)]

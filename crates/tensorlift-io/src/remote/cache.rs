@@ -41,16 +41,25 @@ const MAX_NOTE: u64 = 64 << 10;
 /// another store (an S3 endpoint, an Azure account).
 pub(crate) fn store_key(url: &url::Url) -> String {
     let mut identity = format!("{}://{}:{:?}", url.scheme(), url.host_str().unwrap_or(""), url.port());
-    for var in [
-        "AWS_ENDPOINT_URL",
-        "AWS_ENDPOINT",
-        "AWS_ENDPOINT_URL_S3",
-        "AZURE_STORAGE_ACCOUNT_NAME",
-        "AZURE_STORAGE_ACCOUNT",
-    ] {
-        if let Some(v) = std::env::var_os(var) {
-            identity += &format!("\n{var}={}", v.to_string_lossy());
-        }
+    // Every variable of the providers that can point a URL at another store: endpoints,
+    // accounts, emulators, and the service-account keys that carry a base URL.
+    let mut vars: Vec<(String, String)> = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.to_string_lossy().into_owned())))
+        .filter(|(k, _)| {
+            (k.starts_with("AWS_") && k.contains("ENDPOINT"))
+                || (k.starts_with("AZURE_")
+                    && (k.contains("ENDPOINT") || k.contains("ACCOUNT") || k.contains("EMULATOR")))
+                || k.starts_with("AZURITE_")
+                || k.starts_with("GOOGLE_SERVICE_ACCOUNT")
+                || k == "GOOGLE_BASE_URL"
+        })
+        .collect();
+    vars.sort();
+    for (k, v) in vars {
+        // A secret names no store: only a key's base URL, if it has one, does.
+        let secret = ["KEY", "SECRET", "TOKEN", "SAS", "PASSWORD"].iter().any(|s| k.contains(s));
+        let v = if secret { base_url_in(&v).unwrap_or_default() } else { v };
+        identity += &format!("\n{k}={v}");
     }
     let host: String = url
         .host_str()
@@ -60,6 +69,14 @@ pub(crate) fn store_key(url: &url::Url) -> String {
         .take(64)
         .collect();
     format!("{}-{host}-{:016x}", url.scheme(), tensorlift_format::header_hash(identity.as_bytes()))
+}
+
+/// The `gcs_base_url` a service-account key's JSON names (as for fake-gcs-server), if any.
+fn base_url_in(key: &str) -> Option<String> {
+    let after = &key[key.find("\"gcs_base_url\"")? + 14..];
+    let start = after.find('"')? + 1;
+    let len = after[start..].find('"')?;
+    Some(after[start..start + len].to_owned())
 }
 
 /// Where the copy of the object at `location` of the store `key` is kept under `root`;
@@ -178,6 +195,12 @@ pub(crate) fn read_small(path: &Path, file: (u64, u64), max: u64) -> Option<Vec<
 /// owns it or others may write to it (they could swap a copy).
 fn check_root(root: &Path) -> io::Result<()> {
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(root)?;
+    trusted(root)
+}
+
+/// Whether copies under `root` may be read: it is a folder this process's user owns, and
+/// no one else may write to it.
+pub(crate) fn trusted(root: &Path) -> io::Result<()> {
     let meta = std::fs::metadata(root)?;
     let probe = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(meta.uid());
     if meta.uid() != probe || meta.mode() & 0o022 != 0 {
@@ -229,12 +252,20 @@ impl CacheFile {
         let made = (|| -> io::Result<File> {
             check_root(root)?;
             let parent = path.parent().ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
-            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(parent)?;
-            // No link on the way from the cache folder: the copy lands where it is named.
-            let real_root = std::fs::canonicalize(root)?;
             let rel = parent.strip_prefix(root).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-            if std::fs::canonicalize(parent)? != real_root.join(rel) {
-                return Err(io::Error::new(io::ErrorKind::InvalidInput, "a link inside the cache folder"));
+            // Folder by folder from the cache folder, none of them a link (nothing is made
+            // through one): the copy lands where it is named.
+            let mut at = root.to_path_buf();
+            for part in rel.components() {
+                at.push(part);
+                match std::fs::symlink_metadata(&at) {
+                    Ok(m) if m.is_dir() => {}
+                    Ok(_) => return Err(io::Error::new(io::ErrorKind::InvalidInput, "a link inside the cache folder")),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        std::fs::DirBuilder::new().mode(0o700).create(&at)?;
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             let file = File::options()
                 .write(true)
@@ -482,6 +513,8 @@ mod tests {
         for bad in ["x.safetensors.tlcache", "x.safetensors.partial-1-2-3"] {
             assert_eq!(local_path(root, "k", &ObjectPath::from_iter(["m", bad])), None, "{bad}");
         }
+        assert_eq!(base_url_in(r#"{"gcs_base_url": "http://h:1", "private_key": "x"}"#).as_deref(), Some("http://h:1"));
+        assert_eq!(base_url_in(r#"{"private_key": "x"}"#), None);
         // Another endpoint, port or scheme is another folder.
         let a = store_key(&url::Url::parse("s3://b/x").unwrap());
         assert_ne!(a, store_key(&url::Url::parse("gs://b/x").unwrap()));

@@ -50,9 +50,10 @@ pub fn is_remote(path: &Path) -> bool {
 
 /// How a remote checkpoint is read: request sizes, concurrency, retries and timeouts.
 ///
-/// The defaults were chosen by measurement (docs/BENCHMARKS.md, "Remote sources"); each can
-/// also be set from the environment for a whole process (`TENSORLIFT_REMOTE_PART_SIZE`,
-/// `_CONCURRENCY`, `_RETRIES`, `_TIMEOUT_SECS`).
+/// The defaults and how they were measured are in docs/BENCHMARKS.md ("Remote checkpoints":
+/// on one machine the settings could not be told apart; a host with a real network should
+/// set them). Each can also be set from the environment for a whole process
+/// (`TENSORLIFT_REMOTE_PART_SIZE`, `_CONCURRENCY`, `_RETRIES`, `_TIMEOUT_SECS`, `_CACHE`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RemoteOptions {

@@ -36,8 +36,17 @@ pub(crate) fn open_remote(path: &Path, limits: &PlanLimits) -> Result<Checkpoint
     let io_err = |source| FormatError::Io { file: path.to_path_buf(), source };
     let text = path.to_str().ok_or_else(|| FormatError::NotACheckpoint { file: path.to_path_buf() })?;
     let (place, last) = store::connect(text, &limits.remote).map_err(io_err)?;
-    // A whole local copy of every object, unchanged on the store, is planned locally.
-    if let Some(root) = limits.remote.cache_dir.clone() {
+    // A whole local copy of every object, unchanged on the store, is planned locally; copies
+    // are read only from a cache folder no one else may write to.
+    let cache_dir = limits.remote.cache_dir.clone().filter(|root| match cache::trusted(root) {
+        Ok(()) => true,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+        Err(e) => {
+            tracing::warn!("{}: not used as a cache: {e}", root.display());
+            false
+        }
+    });
+    if let Some(root) = cache_dir {
         let (p, l, lim) = (place.clone(), last.clone(), limits.clone());
         if let Some((local, files)) = super::run(async move { cached(&p, l, &root, &lim).await }).map_err(io_err)? {
             match crate::checkpoint::open_checkpoint(&local, limits) {

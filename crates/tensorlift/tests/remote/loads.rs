@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use tensorlift::{Dtype, FormatError, LoadError, Model, Sharding, Split};
-use tensorlift_testkit::net::HttpServer;
+use tensorlift_testkit::net::{HttpServer, Validators};
 
 use crate::{assert_identical, base, sharded, Remote};
 
@@ -249,7 +249,7 @@ fn a_server_that_cannot_show_a_change_is_refused() {
     let single = r.root.join("bucket/single");
     std::fs::create_dir_all(&single).unwrap();
     tensorlift_testkit::write_shard(&single.join("model.safetensors"), &crate::quirky());
-    let http = HttpServer::start_with(&r.root, false).unwrap();
+    let http = HttpServer::start_with(&r.root, Validators::Neither).unwrap();
     let url = format!("http://127.0.0.1:{}/bucket/single/model.safetensors", http.port);
     let err = base().build().unwrap().load_blocking(&url).unwrap_err().to_string();
     assert!(err.contains("neither an ETag nor a Last-Modified"), "{err}");
@@ -342,14 +342,53 @@ fn a_cache_that_others_could_redirect_is_not_written() {
     std::os::unix::fs::symlink(&victim, cache.join(&name)).unwrap();
     let model = base().remote_cache(&cache).build().unwrap().load_blocking("s3://bucket/model").unwrap();
     assert_identical(&model, &truth, "through a planted link");
-    assert_eq!(std::fs::read_dir(victim.join("model")).map(|d| d.count()).unwrap_or(0), 0, "written through the link");
-    // A cache folder others may write to is not used at all.
+    assert_eq!(std::fs::read_dir(&victim).unwrap().count(), 0, "written through the link");
+    // A cache folder others may write to is neither written nor read: a whole, noted copy
+    // planted there (cache-a's, which matches the store) is not used.
     let open = r.root.join("cache-c");
-    std::fs::create_dir_all(&open).unwrap();
+    copy_tree(&first, &open);
     std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
     let model = base().remote_cache(&open).build().unwrap().load_blocking("s3://bucket/model").unwrap();
     assert_identical(&model, &truth, "shared cache folder");
-    assert_eq!(std::fs::read_dir(&open).unwrap().count(), 0);
+    assert_eq!(model.stats().remote_shards, 3, "a copy in a folder others may write to was read");
+    // The same copy, in a folder of the owner's only, is.
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let model = base().remote_cache(&open).build().unwrap().load_blocking("s3://bucket/model").unwrap();
+    assert_eq!(model.stats().remote_shards, 0);
+}
+
+/// Copies a folder tree (files and folders only), keeping each file's inode new: a copy's
+/// note names the file it was written to, so the copied notes are rewritten to match.
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &dest);
+        } else if !e.file_name().to_string_lossy().ends_with(".tlcache") {
+            std::fs::copy(e.path(), &dest).unwrap();
+            let note = e.path().with_extension(format!("{}.tlcache", e.path().extension().unwrap().to_string_lossy()));
+            let m = std::fs::metadata(&dest).unwrap();
+            let text = std::fs::read_to_string(&note).unwrap();
+            let text: String =
+                text.lines()
+                    .map(|l| {
+                        if l.starts_with("file ") {
+                            format!("file {} {}\n", m.dev(), m.ino())
+                        } else {
+                            format!("{l}\n")
+                        }
+                    })
+                    .collect();
+            std::fs::write(
+                dest.with_extension(format!("{}.tlcache", dest.extension().unwrap().to_string_lossy())),
+                text,
+            )
+            .unwrap();
+        }
+    }
 }
 
 /// gs:// and az:// through object_store's GCS and Azure clients, each pointed at a plain
@@ -378,4 +417,43 @@ fn gcs_and_azure_urls_go_through_their_stores_clients() {
     std::env::remove_var("AZURE_STORAGE_USE_EMULATOR");
     std::env::remove_var("AZURITE_BLOB_STORAGE_URL");
     assert_identical(&azure.unwrap(), &truth, "az://");
+}
+
+#[test]
+fn a_warm_cache_does_not_turn_a_verified_remote_load_into_a_local_one() {
+    let r = Remote::new();
+    sharded(&r.root);
+    let cache = r.root.join("cache");
+    let Some(_s3) = r.s3() else { return };
+    base().remote_cache(&cache).build().unwrap().load_blocking("s3://bucket/model").unwrap();
+    for policy in [tensorlift::Verify::Required, tensorlift::Verify::IfKnown] {
+        let err = base().remote_cache(&cache).verify(policy).build().unwrap().load_blocking("s3://bucket/model");
+        assert!(matches!(err, Err(LoadError::Unsupported(ref m)) if m.contains("remote")), "{policy:?}: {err:?}");
+    }
+    let err = tensorlift::checksums::manifest("s3://bucket/model").unwrap_err().to_string();
+    assert!(err.contains("local files"), "{err}");
+}
+
+#[test]
+fn without_etags_a_change_shows_by_the_modification_time() {
+    let r = Remote::new();
+    sharded(&r.root);
+    let http = HttpServer::start_with(&r.root, Validators::LastModified).unwrap();
+    let url = format!("http://127.0.0.1:{}/bucket/model", http.port);
+    let loader = base().build().unwrap();
+    let plan = loader.plan(&url).unwrap();
+    // Same length, other bytes, a later time (HTTP dates have whole seconds).
+    let shard = r.root.join("bucket/model/model-00002-of-00003.safetensors");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&shard, &bytes).unwrap();
+    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
+    std::fs::File::options().write(true).open(&shard).unwrap().set_modified(later).unwrap();
+    let err = loader.load_plan_blocking(plan).unwrap_err();
+    assert!(
+        matches!(&err, LoadError::ShardChanged { file, what }
+            if file.ends_with("model-00002-of-00003.safetensors") && what.contains("modification time")),
+        "{err:?}"
+    );
 }
