@@ -28,7 +28,7 @@ pub(crate) fn for_load(
     policy: crate::Verify,
 ) -> Result<Vec<Option<(Sha256, DigestSource)>>, crate::LoadError> {
     if plan.is_remote() {
-        return Err(crate::loader::remote_verify());
+        return Err(crate::LoadError::remote_verify());
     }
     let e = expected(plan)?;
     if let (Some(path), Some((want, from))) = (plan.index_file(), &e.index) {

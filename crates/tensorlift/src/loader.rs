@@ -689,7 +689,7 @@ impl Planner {
     fn plan_observed(&self, path: &Path, observer: Option<&dyn PlanObserver>) -> Result<Checkpoint, LoadError> {
         let _span = tracing::info_span!("plan", path = %path.display()).entered();
         if self.verify && tensorlift_io::is_remote(path) {
-            return Err(remote_verify());
+            return Err(LoadError::remote_verify());
         }
         let mut plan = match observer {
             Some(o) => tensorlift_io::open_checkpoint_observed(path, &self.limits, o)?,
@@ -721,15 +721,6 @@ async fn collect(mut stream: TensorStream) -> Result<Model, LoadError> {
     }
     .instrument(span)
     .await
-}
-
-/// The refusal of a verified load of a remote checkpoint.
-pub(crate) fn remote_verify() -> LoadError {
-    LoadError::Unsupported(
-        "verifying a remote checkpoint (its SHA256SUMS is not fetched yet): load it without --verify, or verify a \
-         local copy"
-            .into(),
-    )
 }
 
 #[cfg(test)]
