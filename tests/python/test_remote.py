@@ -157,6 +157,21 @@ def test_cache_dir_makes_the_next_load_local(bucket, tmp_path):
     assert (store / "model" / "model-00001-of-00002.safetensors").is_file()
 
 
+def test_verify_checks_the_buckets_sha256sums(bucket):
+    import hashlib
+
+    folder = bucket / "bucket" / "model"
+    names = sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".json")))
+    lines = [f"{hashlib.sha256((folder / n).read_bytes()).hexdigest()}  {n}\n" for n in names]
+    (folder / "SHA256SUMS").write_text("".join(lines))
+    try:
+        stats = {}
+        _same(tensorlift.load_file("s3://bucket/model", verify=True, stats=stats), _reference(folder))
+        assert stats["verified_bytes"] > 0 and stats["unverified_bytes"] == 0
+    finally:
+        (folder / "SHA256SUMS").unlink()
+
+
 def test_errors_carry_the_servers_word(bucket):
     with pytest.raises(Exception, match="NoSuchBucket"):
         tensorlift.load_file("s3://no-such-bucket/model")

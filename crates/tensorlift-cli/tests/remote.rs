@@ -71,6 +71,20 @@ fn a_bucket_loads_to_the_reference_digests_on_the_host_and_the_device() {
     };
     let v = assert_digests(&run(s3.port, &[&load[..], &["--device", "cuda:0"]].concat(), &driver), &manifest, "cuda");
     assert_eq!(v["device"], "cuda:0");
+    // Verified against a SHA256SUMS in the bucket, written by coreutils: each pinned chunk is
+    // hashed before its copy to the device.
+    let folder = root.join("bucket/sharded");
+    let mut names: Vec<String> = std::fs::read_dir(&folder)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".safetensors") || n.ends_with(".json"))
+        .collect();
+    names.sort();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    std::fs::write(folder.join("SHA256SUMS"), tensorlift_testkit::coreutils_sha256sums(&folder, &names)).unwrap();
+    let verified = [&load[..], &["--device", "cuda:0", "--verify"]].concat();
+    let v = assert_digests(&run(s3.port, &verified, &driver), &manifest, "cuda, verified");
+    assert!(v["verified_bytes"].as_u64().unwrap() > 0 && v["unverified_bytes"] == 0, "{v}");
     // --cache-dir: the second load reads the local copy, to the same digests.
     let cache = root.join("cache");
     let cached = [&load[..], &["--device", "cpu", "--cache-dir", cache.to_str().unwrap()]].concat();

@@ -144,6 +144,8 @@ pub struct Checkpoint {
     index_identity: Option<FileIdentity>,
     /// A remote checkpoint's shards, by shard (empty for a local one).
     remote: Vec<Arc<RemoteObject>>,
+    /// A remote checkpoint's folder in its store.
+    remote_root: Option<Arc<crate::remote::RemoteFolder>>,
 }
 
 impl std::ops::Deref for Checkpoint {
@@ -183,6 +185,17 @@ impl Checkpoint {
         self.dir.is_none()
     }
 
+    /// A file of a remote checkpoint's folder (`name` relative to it, as an index names its
+    /// shards), read whole if it is at most `max` bytes: its bytes and identity (length,
+    /// modification time, and its ETag's hash for the inode, as planning records the
+    /// index's), or `None` where there is no such object. An error for a local checkpoint.
+    pub fn fetch_remote_file(&self, name: &str, max: u64) -> io::Result<Option<(Vec<u8>, FileIdentity)>> {
+        match &self.remote_root {
+            Some(folder) => folder.fetch(name, max),
+            None => Err(io::Error::new(io::ErrorKind::InvalidInput, "a local checkpoint has no remote folder")),
+        }
+    }
+
     /// Shard `i` of a remote checkpoint, as planning saw it (`None` for a local one).
     pub fn remote_object(&self, i: usize) -> Option<&Arc<RemoteObject>> {
         self.remote.get(i)
@@ -193,9 +206,11 @@ impl Checkpoint {
         plan: LoadPlan,
         index_identity: Option<FileIdentity>,
         objects: Vec<Arc<RemoteObject>>,
+        folder: crate::remote::RemoteFolder,
     ) -> Self {
         let files = vec![None; objects.len()];
-        Checkpoint { plan, dir: None, files, index_identity, remote: objects }
+        let remote_root = Some(Arc::new(folder));
+        Checkpoint { plan, dir: None, files, index_identity, remote: objects, remote_root }
     }
 
     /// Number of shard descriptors held open.
@@ -890,10 +905,24 @@ impl<'a> Planner<'a> {
             let plan = LoadPlan::unparsed(root.clone(), index.is_some().then(|| context.to_path_buf()), shards);
             let (files, index_identity) = (self.files.clone(), index.as_ref().map(|i| i.1));
             let dir = Some(Arc::clone(&dir));
-            self.observer.headers_read(Checkpoint { plan, dir, files, index_identity, remote: Vec::new() });
+            self.observer.headers_read(Checkpoint {
+                plan,
+                dir,
+                files,
+                index_identity,
+                remote: Vec::new(),
+                remote_root: None,
+            });
         }
         let (plan, index_identity) = assemble(context, root, index, self.pending, self.observer)?;
-        Ok(Checkpoint { plan, dir: Some(dir), files: self.files, index_identity, remote: Vec::new() })
+        Ok(Checkpoint {
+            plan,
+            dir: Some(dir),
+            files: self.files,
+            index_identity,
+            remote: Vec::new(),
+            remote_root: None,
+        })
     }
 }
 

@@ -67,7 +67,7 @@ pub fn parse_sums(text: &str, file: &Path) -> Result<Vec<(String, Sha256)>, Sums
 pub(crate) type Line = (usize, String, Sha256);
 
 /// [`parse_sums`], each entry with its line number.
-fn parse_lines(text: &str, file: &Path) -> Result<Vec<Line>, SumsError> {
+pub(crate) fn parse_lines(text: &str, file: &Path) -> Result<Vec<Line>, SumsError> {
     let mut out = Vec::new();
     for (i, raw) in text.split('\n').enumerate() {
         let line = raw.strip_suffix('\r').unwrap_or(raw).trim_start_matches([' ', '\t']);
@@ -207,7 +207,7 @@ pub(crate) fn sha256_of(f: &std::fs::File, len: u64) -> std::io::Result<Sha256> 
 }
 
 /// The largest `SHA256SUMS` read (a line a file: 64 MiB is about 700,000 files).
-const MAX_SUMS_BYTES: u64 = 64 << 20;
+pub(crate) const MAX_SUMS_BYTES: u64 = 64 << 20;
 
 /// The entries of the `SHA256SUMS` at `path`, with line numbers; `None` where there is none.
 pub(crate) fn read_sums(path: &Path) -> Result<Option<Vec<Line>>, SumsError> {
@@ -266,8 +266,18 @@ pub struct Expected {
 pub fn expected(plan: &tensorlift_format::LoadPlan) -> Result<Expected, SumsError> {
     let sums_file = plan.root().join(SUMS_FILE);
     let listed = read_sums(&sums_file)?.unwrap_or_default();
+    expected_from(plan, &listed, sums_file)
+}
+
+/// [`expected`], from the entries of the `SHA256SUMS` at `sums_file` (read already: a
+/// remote checkpoint's is fetched from its store).
+pub(crate) fn expected_from(
+    plan: &tensorlift_format::LoadPlan,
+    listed: &[Line],
+    sums_file: PathBuf,
+) -> Result<Expected, SumsError> {
     let mut by_name: std::collections::HashMap<String, Sha256> = std::collections::HashMap::new();
-    for (line, name, digest) in &listed {
+    for (line, name, digest) in listed {
         if let Some(other) = by_name.insert(plain(name), *digest) {
             if other != *digest {
                 return Err(SumsError {

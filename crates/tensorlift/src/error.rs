@@ -147,14 +147,3 @@ pub(crate) fn plan_file(plan: &tensorlift_format::LoadPlan) -> std::path::PathBu
         _ => plan.root().to_path_buf(),
     }
 }
-
-impl LoadError {
-    /// The refusal of a verified load of a remote checkpoint.
-    pub(crate) fn remote_verify() -> LoadError {
-        LoadError::Unsupported(
-            "verifying a remote checkpoint (its SHA256SUMS is not fetched yet): load it without --verify, or verify \
-             a local copy"
-                .into(),
-        )
-    }
-}

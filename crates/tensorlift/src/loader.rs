@@ -637,8 +637,8 @@ impl Loader {
 /// What planning needs of a loader, to plan on another thread.
 struct Planner {
     limits: PlanLimits,
-    /// Whether the load verifies digests (refused for a remote checkpoint, whose digests are
-    /// not fetched, whether or not a local copy of it is cached).
+    /// Whether the load verifies digests: a verified load of a remote checkpoint plans from
+    /// the store, never a local copy of it (the digests it checks are the store's).
     verify: bool,
     filter: Option<GlobSet>,
     patterns: Vec<String>,
@@ -688,12 +688,18 @@ impl Planner {
 
     fn plan_observed(&self, path: &Path, observer: Option<&dyn PlanObserver>) -> Result<Checkpoint, LoadError> {
         let _span = tracing::info_span!("plan", path = %path.display()).entered();
-        if self.verify && tensorlift_io::is_remote(path) {
-            return Err(LoadError::remote_verify());
-        }
+        let uncached;
+        let limits = if self.verify && self.limits.remote.cache_dir.is_some() && tensorlift_io::is_remote(path) {
+            let mut l = self.limits.clone();
+            l.remote.cache_dir = None;
+            uncached = l;
+            &uncached
+        } else {
+            &self.limits
+        };
         let mut plan = match observer {
-            Some(o) => tensorlift_io::open_checkpoint_observed(path, &self.limits, o)?,
-            None => tensorlift_io::open_checkpoint(path, &self.limits)?,
+            Some(o) => tensorlift_io::open_checkpoint_observed(path, limits, o)?,
+            None => tensorlift_io::open_checkpoint(path, limits)?,
         };
         if let Some(set) = &self.filter {
             let before = plan.tensors().len();

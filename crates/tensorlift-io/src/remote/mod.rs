@@ -179,6 +179,25 @@ where
     crate::block_on(handle).map_err(|e| std::io::Error::other(format!("a network task failed: {e}")))
 }
 
+/// A remote checkpoint's folder, for the files beside its shards (a `SHA256SUMS`).
+#[derive(Debug)]
+pub(crate) struct RemoteFolder {
+    pub(crate) place: store::Place,
+}
+
+impl RemoteFolder {
+    /// `name` under the folder, whole, if it is at most `max` bytes; `None` if absent.
+    pub(crate) fn fetch(
+        &self,
+        name: &str,
+        max: u64,
+    ) -> std::io::Result<Option<(Vec<u8>, tensorlift_format::FileIdentity)>> {
+        let place = self.place.clone();
+        let name = name.to_owned();
+        run(async move { plan::fetch_file(&place, &name, max).await })?
+    }
+}
+
 /// What every object of one remote checkpoint shares: its store, its options, and the bound
 /// on its requests in flight.
 #[derive(Debug)]

@@ -351,7 +351,8 @@ async fn shards(
     }
     drop(fetches);
     let (plan, index_identity) = assemble(context, PathBuf::from(&place.url), index, pending, &Quiet)?;
-    Ok(Checkpoint::remote(plan, index_identity, objects))
+    let folder = super::RemoteFolder { place: place.clone() };
+    Ok(Checkpoint::remote(plan, index_identity, objects, folder))
 }
 
 /// The first [`HEADER_GUESS`] bytes of a shard (fewer for a smaller one), with its meta.
@@ -400,6 +401,25 @@ async fn rest_of_header(object: &RemoteObject, from: u64, to: u64) -> Result<Vec
         return Err(changed(what));
     }
     body(reply, to - from, object.url()).await
+}
+
+/// `name` under the folder, read whole if it is at most `max` bytes; `None` if absent.
+pub(super) async fn fetch_file(place: &Place, name: &str, max: u64) -> io::Result<Option<(Vec<u8>, FileIdentity)>> {
+    let (location, url) = place.child(name)?;
+    let reply = match place.shared.store.get_opts(&location, GetOptions::default()).await {
+        Ok(r) => r,
+        Err(object_store::Error::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(store_error(e)),
+    };
+    if reply.meta.size > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: {} bytes, more than the {max} read", url.display(), reply.meta.size),
+        ));
+    }
+    let id = identity(&reply.meta);
+    let bytes = body(reply, id.len, &url).await.map_err(|e| io::Error::other(e.to_string()))?;
+    Ok(Some((bytes, id)))
 }
 
 /// An object's identity as a plan keeps it: its length and modification time; its ETag's

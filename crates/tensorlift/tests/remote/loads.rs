@@ -198,8 +198,6 @@ fn remote_loads_refuse_what_needs_a_local_file_by_name() {
     sharded(&r.root);
     std::fs::write(r.root.join("bucket/model/pytorch_model.bin"), b"PK\x03\x04 not read").unwrap();
     let Some(_s3) = r.s3() else { return };
-    let err = base().verify(tensorlift::Verify::Required).build().unwrap().load_blocking("s3://bucket/model");
-    assert!(matches!(err, Err(LoadError::Unsupported(ref m)) if m.contains("remote")), "{err:?}");
     let err = base().build().unwrap().load_blocking("s3://bucket/model/pytorch_model.bin").unwrap_err();
     assert!(matches!(err, LoadError::Format(FormatError::PyTorchCheckpoint { .. })), "{err:?}");
 }
@@ -419,17 +417,76 @@ fn gcs_and_azure_urls_go_through_their_stores_clients() {
     assert_identical(&azure.unwrap(), &truth, "az://");
 }
 
+/// The shards and index of `bucket/model`, and a `SHA256SUMS` of them written by coreutils.
+fn with_sums(root: &std::path::Path) {
+    let dir = root.join("bucket/model");
+    let names = [
+        "model-00001-of-00003.safetensors",
+        "model-00002-of-00003.safetensors",
+        "model-00003-of-00003.safetensors",
+        "model.safetensors.index.json",
+    ];
+    std::fs::write(dir.join("SHA256SUMS"), tensorlift_testkit::coreutils_sha256sums(&dir, &names)).unwrap();
+}
+
 #[test]
-fn a_warm_cache_does_not_turn_a_verified_remote_load_into_a_local_one() {
+fn verified_remote_loads_check_each_shard_against_the_stores_sha256sums() {
+    use tensorlift::Verify;
     let r = Remote::new();
-    sharded(&r.root);
+    let truth = sharded(&r.root);
+    with_sums(&r.root);
     let cache = r.root.join("cache");
     let Some(_s3) = r.s3() else { return };
+    // Whole and verified, on the host; with a warm cache too, which a verified load does not
+    // read (the digests it checks are the store's).
     base().remote_cache(&cache).build().unwrap().load_blocking("s3://bucket/model").unwrap();
-    for policy in [tensorlift::Verify::Required, tensorlift::Verify::IfKnown] {
-        let err = base().remote_cache(&cache).verify(policy).build().unwrap().load_blocking("s3://bucket/model");
-        assert!(matches!(err, Err(LoadError::Unsupported(ref m)) if m.contains("remote")), "{policy:?}: {err:?}");
-    }
+    let model =
+        base().remote_cache(&cache).verify(Verify::Required).build().unwrap().load_blocking("s3://bucket/model");
+    let model = model.unwrap();
+    assert_identical(&model, &truth, "verified");
+    let s = model.stats();
+    let shards: u64 = (1..=3)
+        .map(|i| {
+            std::fs::metadata(r.root.join(format!("bucket/model/model-0000{i}-of-00003.safetensors"))).unwrap().len()
+        })
+        .sum();
+    assert_eq!((s.remote_shards, s.verified_bytes, s.unverified_bytes), (3, shards, 0));
+    // One byte flipped in the middle of a shard: a checksum error naming it and both digests.
+    let shard = r.root.join("bucket/model/model-00002-of-00003.safetensors");
+    let good = std::fs::read(&shard).unwrap();
+    let mut bad = good.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 1;
+    std::fs::write(&shard, &bad).unwrap();
+    let err = base().verify(Verify::Required).build().unwrap().load_blocking("s3://bucket/model").unwrap_err();
+    assert!(
+        matches!(&err, LoadError::Checksum { file, .. } if file.ends_with("model-00002-of-00003.safetensors")),
+        "{err:?}"
+    );
+    std::fs::write(&shard, &good).unwrap();
+    // The index listed with another digest: the index is named.
+    let sums = r.root.join("bucket/model/SHA256SUMS");
+    let text = std::fs::read_to_string(&sums).unwrap();
+    let wrong: String = text
+        .lines()
+        .map(|l| if l.ends_with("index.json") { format!("{}{}\n", "0".repeat(64), &l[64..]) } else { format!("{l}\n") })
+        .collect();
+    std::fs::write(&sums, wrong).unwrap();
+    let err = base().verify(Verify::Required).build().unwrap().load_blocking("s3://bucket/model").unwrap_err();
+    assert!(
+        matches!(&err, LoadError::Checksum { file, .. } if file.ends_with("model.safetensors.index.json")),
+        "{err:?}"
+    );
+    // No SHA256SUMS: required fails saying where it looked; if-known loads, unverified.
+    std::fs::remove_file(&sums).unwrap();
+    let err = base().verify(Verify::Required).build().unwrap().load_blocking("s3://bucket/model").unwrap_err();
+    assert!(
+        matches!(&err, LoadError::NoDigest { sums_file, .. } if sums_file.to_str() == Some("s3://bucket/model/SHA256SUMS")),
+        "{err:?}"
+    );
+    let model = base().verify(Verify::IfKnown).build().unwrap().load_blocking("s3://bucket/model").unwrap();
+    assert_eq!((model.stats().verified_bytes, model.stats().unverified_bytes), (0, shards));
+    // A manifest is written beside local files only.
     let err = tensorlift::checksums::manifest("s3://bucket/model").unwrap_err().to_string();
     assert!(err.contains("local files"), "{err}");
 }
