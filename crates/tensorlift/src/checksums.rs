@@ -27,27 +27,11 @@ pub(crate) fn for_load(
     plan: &tensorlift_io::Checkpoint,
     policy: crate::Verify,
 ) -> Result<Vec<Option<(Sha256, DigestSource)>>, crate::LoadError> {
-    if plan.is_remote() {
-        return for_remote_load(plan, policy);
-    }
-    let e = expected(plan)?;
+    // A remote checkpoint's SHA256SUMS and index are fetched from its folder in the store;
+    // the shards' bytes are hashed as they land either way.
+    let e = if plan.is_remote() { remote_expected(plan)? } else { expected(plan)? };
     if let (Some(path), Some((want, from))) = (plan.index_file(), &e.index) {
-        let io = |source: std::io::Error| {
-            crate::LoadError::Open(tensorlift_io::IoError::Open { file: path.to_path_buf(), source })
-        };
-        let changed = |what: String| crate::LoadError::ShardChanged { file: path.to_path_buf(), what };
-        let (f, len) = open_existing(path, true).map_err(io)?;
-        let identity = |f: &std::fs::File| f.metadata().map(|m| tensorlift_io::file_identity(&m)).map_err(io);
-        let before = identity(&f)?;
-        // The plan's shards are the ones the index planning read named: the bytes hashed
-        // must be those.
-        if let Some(what) = plan.index_identity().and_then(|planned| tensorlift_io::identity_change(planned, &before)) {
-            return Err(changed(format!("the index: {what}")));
-        }
-        let actual = sha256_of(&f, len).map_err(io)?;
-        if let Some(what) = tensorlift_io::identity_change(&before, &identity(&f)?) {
-            return Err(changed(format!("the index, while it was hashed: {what}")));
-        }
+        let actual = if plan.is_remote() { remote_index_digest(plan, path)? } else { index_digest(plan, path)? };
         if actual != *want {
             return Err(crate::LoadError::Checksum {
                 file: path.to_path_buf(),
@@ -65,48 +49,52 @@ pub(crate) fn for_load(
     Ok(e.shards)
 }
 
-/// [`for_load`] for a remote checkpoint: its `SHA256SUMS` and its index are fetched from its
-/// folder in the store (the index checked to be the object planning read, by its length,
-/// modification time and ETag); the shards' bytes are hashed as they land, as a local
-/// load's are.
-fn for_remote_load(
-    plan: &tensorlift_io::Checkpoint,
-    policy: crate::Verify,
-) -> Result<Vec<Option<(Sha256, DigestSource)>>, crate::LoadError> {
+/// The digest of the index file at `path`, which must be the file planning read, unchanged
+/// since and while it is hashed (the plan's shards are the ones it named).
+fn index_digest(plan: &tensorlift_io::Checkpoint, path: &Path) -> Result<Sha256, crate::LoadError> {
+    let io = |source: std::io::Error| {
+        crate::LoadError::Open(tensorlift_io::IoError::Open { file: path.to_path_buf(), source })
+    };
+    let changed = |what: String| crate::LoadError::ShardChanged { file: path.to_path_buf(), what };
+    let (f, len) = open_existing(path, true).map_err(io)?;
+    let identity = |f: &std::fs::File| f.metadata().map(|m| tensorlift_io::file_identity(&m)).map_err(io);
+    let before = identity(&f)?;
+    if let Some(what) = plan.index_identity().and_then(|planned| tensorlift_io::identity_change(planned, &before)) {
+        return Err(changed(format!("the index: {what}")));
+    }
+    let actual = sha256_of(&f, len).map_err(io)?;
+    if let Some(what) = tensorlift_io::identity_change(&before, &identity(&f)?) {
+        return Err(changed(format!("the index, while it was hashed: {what}")));
+    }
+    Ok(actual)
+}
+
+/// The expected digests of a remote checkpoint, from the `SHA256SUMS` object beside its
+/// shards (fetched, bounded), if there is one.
+fn remote_expected(plan: &tensorlift_io::Checkpoint) -> Result<crate::digest::Expected, crate::LoadError> {
     let sums_file = plan.root().join(SUMS_FILE);
     let fail = |message: String| crate::digest::SumsError { file: sums_file.clone(), line: 0, message };
-    let listed =
-        match plan.fetch_remote_file(SUMS_FILE, crate::digest::MAX_SUMS_BYTES).map_err(|e| fail(e.to_string()))? {
-            Some((bytes, _)) => crate::digest::parse_lines(&String::from_utf8_lossy(&bytes), &sums_file)?,
-            None => Vec::new(),
-        };
-    let e = crate::digest::expected_from(plan, &listed, sums_file)?;
-    if let (Some(path), Some((want, from))) = (plan.index_file(), &e.index) {
-        let changed = |what: String| crate::LoadError::ShardChanged { file: path.to_path_buf(), what };
-        let name = path.strip_prefix(plan.root()).unwrap_or(path).to_string_lossy().into_owned();
-        let fetched = plan.fetch_remote_file(&name, tensorlift_format::MAX_INDEX_LEN).map_err(|source| {
-            crate::LoadError::Open(tensorlift_io::IoError::Open { file: path.to_path_buf(), source })
-        })?;
-        let Some((bytes, now)) = fetched else { return Err(changed("the index is gone".into())) };
-        if let Some(what) = plan.index_identity().and_then(|planned| tensorlift_io::identity_change(planned, &now)) {
-            return Err(changed(format!("the index: {what}")));
-        }
-        let actual = Sha256(<sha2::Sha256 as sha2::Digest>::digest(&bytes).into());
-        if actual != *want {
-            return Err(crate::LoadError::Checksum {
-                file: path.to_path_buf(),
-                expected: *want,
-                actual,
-                expected_by: from.clone(),
-            });
-        }
+    let fetched = plan.fetch_remote_file(SUMS_FILE, crate::digest::MAX_SUMS_BYTES).map_err(|e| fail(e.to_string()))?;
+    let listed = match fetched {
+        Some((bytes, _)) => crate::digest::parse_lines(&String::from_utf8_lossy(&bytes), &sums_file)?,
+        None => Vec::new(),
+    };
+    Ok(crate::digest::expected_from(plan, &listed, sums_file)?)
+}
+
+/// The digest of a remote checkpoint's index, fetched again: the object planning read (its
+/// length, modification time and ETag).
+fn remote_index_digest(plan: &tensorlift_io::Checkpoint, path: &Path) -> Result<Sha256, crate::LoadError> {
+    let changed = |what: String| crate::LoadError::ShardChanged { file: path.to_path_buf(), what };
+    let name = path.strip_prefix(plan.root()).unwrap_or(path).to_string_lossy().into_owned();
+    let fetched = plan
+        .fetch_remote_file(&name, tensorlift_format::MAX_INDEX_LEN)
+        .map_err(|source| crate::LoadError::Open(tensorlift_io::IoError::Open { file: path.to_path_buf(), source }))?;
+    let Some((bytes, now)) = fetched else { return Err(changed("the index is gone".into())) };
+    if let Some(what) = plan.index_identity().and_then(|planned| tensorlift_io::identity_change(planned, &now)) {
+        return Err(changed(format!("the index: {what}")));
     }
-    if policy == crate::Verify::Required {
-        if let Some(i) = e.shards.iter().position(Option::is_none) {
-            return Err(crate::LoadError::NoDigest { file: plan.shards()[i].path.clone(), sums_file: e.sums_file });
-        }
-    }
-    Ok(e.shards)
+    Ok(Sha256(<sha2::Sha256 as sha2::Digest>::digest(&bytes).into()))
 }
 
 /// The digests of a checkpoint's files, as a `SHA256SUMS` in its folder lists them.
