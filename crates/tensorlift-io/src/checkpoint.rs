@@ -27,6 +27,7 @@ use tensorlift_format::{
     LoadPlan, Shard, TensorInfo, HEADER_PREFIX_LEN, INDEX_FILE_NAME, MAX_INDEX_LEN,
 };
 
+use crate::remote::get::RemoteFolder;
 use crate::remote::{RemoteObject, RemoteOptions};
 use crate::IoError;
 
@@ -40,9 +41,9 @@ pub const DEFAULT_MAX_OPEN_FILES: usize = 128;
 /// Memory that parsing and planning use per byte of header, at most: a tensor entry is at
 /// least about 50 bytes of JSON and costs about 350 bytes parsed and planned; a metadata
 /// entry (`"k":""`, 7 bytes) about 100.
-pub(crate) const PARSE_BYTES_PER_HEADER_BYTE: u64 = 16;
+const PARSE_BYTES_PER_HEADER_BYTE: u64 = 16;
 /// The same for an index, whose values are parsed into a JSON tree.
-pub(crate) const PARSE_BYTES_PER_INDEX_BYTE: u64 = 24;
+const PARSE_BYTES_PER_INDEX_BYTE: u64 = 24;
 
 /// Bounds on what planning may hold, whatever the checkpoint says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,7 +95,7 @@ impl PlanLimits {
 }
 
 /// What planning tells a load that starts reading before planning ends (see
-/// [`open_checkpoint_observed`]). Its methods are called from planning's threads.
+/// [`open_checkpoint_observed`](crate::open_checkpoint_observed)). Its methods are called from planning's threads.
 pub trait PlanObserver: Sync {
     /// Whether [`headers_read`](Self::headers_read) is wanted (building its plan costs a
     /// little per shard).
@@ -145,7 +146,7 @@ pub struct Checkpoint {
     /// A remote checkpoint's shards, by shard (empty for a local one).
     remote: Vec<Arc<RemoteObject>>,
     /// A remote checkpoint's folder in its store.
-    remote_root: Option<Arc<crate::remote::RemoteFolder>>,
+    remote_root: Option<Arc<RemoteFolder>>,
 }
 
 impl std::ops::Deref for Checkpoint {
@@ -206,7 +207,7 @@ impl Checkpoint {
         plan: LoadPlan,
         index_identity: Option<FileIdentity>,
         objects: Vec<Arc<RemoteObject>>,
-        folder: crate::remote::RemoteFolder,
+        folder: RemoteFolder,
     ) -> Self {
         let files = vec![None; objects.len()];
         let remote_root = Some(Arc::new(folder));
@@ -275,25 +276,12 @@ impl Checkpoint {
     }
 }
 
-/// Resolves `path` (a `.safetensors` file, an index JSON file, or a folder) into a plan,
-/// reading only headers. A folder uses its `model.safetensors.index.json` when present,
-/// else every `*.safetensors` file in it in natural order.
-pub fn open_checkpoint(path: &Path, limits: &PlanLimits) -> Result<Checkpoint, FormatError> {
-    open_checkpoint_observed(path, limits, &Quiet)
-}
-
-/// [`open_checkpoint`], telling `observer` when every header has been read and as each is
-/// validated, so that a load can start reading a shard while the rest are planned. Headers
-/// are all read first (one after another, within the header budget), then parsed on up to
-/// one thread per CPU, then checked across shards.
-pub fn open_checkpoint_observed(
+/// Plans the local checkpoint at `path` (see [`crate::open_checkpoint_observed`]).
+pub(crate) fn open_local(
     path: &Path,
     limits: &PlanLimits,
     observer: &dyn PlanObserver,
 ) -> Result<Checkpoint, FormatError> {
-    if crate::remote::is_remote(path) {
-        return crate::remote::open_remote(path, limits);
-    }
     let io_err = |source| FormatError::Io { file: path.to_path_buf(), source };
     // The user's own path: links in it are followed. Nothing is opened yet, so nothing blocks.
     let meta = std::fs::metadata(path).map_err(io_err)?;
@@ -782,32 +770,14 @@ impl<'a> Planner<'a> {
             other => other?,
         };
         self.spend_header_budget(context, HEADER_PREFIX_LEN + n)?;
-        // Parsing makes small allocations for every entry (names, shapes, the plan's copy),
-        // which cannot fail gracefully one by one: check their total can be had first.
-        let parse_bytes = n.saturating_mul(PARSE_BYTES_PER_HEADER_BYTE);
-        if !crate::can_allocate(parse_bytes) {
-            return Err(FormatError::OutOfMemory {
-                file: path.clone(),
-                what: "parsing the header",
-                bytes: parse_bytes,
-            });
-        }
+        header_fits(path, n)?;
         let bytes = read_exact_at(&opened.file, path, 0, (HEADER_PREFIX_LEN + n) as usize, "a header")?;
         Ok(HeaderWork::Parse(bytes))
     }
 
     /// Counts `bytes` of header against the plan's budget, or says it is spent.
     fn spend_header_budget(&mut self, context: &Path, bytes: u64) -> Result<(), FormatError> {
-        let needed = self.header_bytes.saturating_add(bytes);
-        if needed > self.limits.max_header_bytes {
-            return Err(FormatError::HeaderBudget {
-                file: context.to_path_buf(),
-                needed,
-                limit: self.limits.max_header_bytes,
-            });
-        }
-        self.header_bytes = needed;
-        Ok(())
+        spend_header_budget(&mut self.header_bytes, self.limits, context, bytes)
     }
 
     /// A PyTorch checkpoint (`torch.save`), read by tensorlift-pickle without executing
@@ -952,23 +922,53 @@ pub(crate) fn assemble(
     Ok((LoadPlan::assemble(context, root, index, shards)?, index_identity))
 }
 
-/// An index's bytes, bounded, parsed; with the file's identity as it was read.
-fn read_index(context: &Path, index: Opened) -> Result<(tensorlift_format::Index, FileIdentity), FormatError> {
-    let len = index.identity.len;
+/// Adds `bytes` of header to `spent`, the header bytes a plan holds, or says the plan's
+/// budget is spent (local and remote planning alike).
+pub(crate) fn spend_header_budget(
+    spent: &mut u64,
+    limits: &PlanLimits,
+    context: &Path,
+    bytes: u64,
+) -> Result<(), FormatError> {
+    let needed = spent.saturating_add(bytes);
+    if needed > limits.max_header_bytes {
+        return Err(FormatError::HeaderBudget { file: context.to_path_buf(), needed, limit: limits.max_header_bytes });
+    }
+    *spent = needed;
+    Ok(())
+}
+
+/// Whether parsing a header of `n` bytes of JSON can have its memory. Parsing makes small
+/// allocations for every entry (names, shapes, the plan's copy), which cannot fail
+/// gracefully one by one: their total is checked first.
+pub(crate) fn header_fits(file: &Path, n: u64) -> Result<(), FormatError> {
+    let bytes = n.saturating_mul(PARSE_BYTES_PER_HEADER_BYTE);
+    if !crate::can_allocate(bytes) {
+        return Err(FormatError::OutOfMemory { file: file.to_path_buf(), what: "parsing the header", bytes });
+    }
+    Ok(())
+}
+
+/// Whether an index of `len` bytes may be read and parsed: under the index size limit, and
+/// its parsed form's memory to be had.
+pub(crate) fn index_fits(context: &Path, len: u64) -> Result<(), FormatError> {
     if len > MAX_INDEX_LEN {
         return Err(FormatError::InvalidIndex {
             file: context.to_path_buf(),
             message: format!("{len} bytes is over the {MAX_INDEX_LEN}-byte limit for an index"),
         });
     }
-    let parse_bytes = len.saturating_mul(PARSE_BYTES_PER_INDEX_BYTE);
-    if !crate::can_allocate(parse_bytes) {
-        return Err(FormatError::OutOfMemory {
-            file: context.to_path_buf(),
-            what: "parsing the index",
-            bytes: parse_bytes,
-        });
+    let bytes = len.saturating_mul(PARSE_BYTES_PER_INDEX_BYTE);
+    if !crate::can_allocate(bytes) {
+        return Err(FormatError::OutOfMemory { file: context.to_path_buf(), what: "parsing the index", bytes });
     }
+    Ok(())
+}
+
+/// An index's bytes, bounded, parsed; with the file's identity as it was read.
+fn read_index(context: &Path, index: Opened) -> Result<(tensorlift_format::Index, FileIdentity), FormatError> {
+    let len = index.identity.len;
+    index_fits(context, len)?;
     let bytes = read_exact_at(&index.file, context, 0, len as usize, "the index")?;
     let identity = index.identity;
     drop(index);

@@ -41,26 +41,29 @@ mod error;
 mod file;
 mod mmap;
 mod op;
+mod open;
 mod pread;
 mod probe;
 mod reader;
 pub mod remote;
+mod remote_plan;
 mod uring;
 
 pub use arena::{ArenaChunk, ArenaPool, HostArena, Prefaulter};
 pub use buf::{AlignedBuf, IoBufMut, MAP_THRESHOLD, PAGE};
 pub use caller::{CallerChunk, CallerMemory, CallerRegion, Claim, ClaimError, HostChunk};
 pub use checkpoint::{
-    file_identity, identity_change, open_checkpoint, open_checkpoint_observed, open_pytorch, Checkpoint, PlanLimits,
-    PlanObserver, PyTorchFiles, DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_OPEN_FILES, TORCH_INDEX, TORCH_SINGLE,
-    USE_SAFETENSORS_ENV,
+    file_identity, identity_change, open_pytorch, Checkpoint, PlanLimits, PlanObserver, PyTorchFiles,
+    DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_OPEN_FILES, TORCH_INDEX, TORCH_SINGLE, USE_SAFETENSORS_ENV,
 };
 pub use error::{IoError, ReadFailed, ReadResult};
 pub use file::{direct_io_support, DioAlign, DirectSupport, OpenFile};
 pub use mmap::{MapContract, MappedFile};
+pub use open::{open_checkpoint, open_checkpoint_observed};
 pub use probe::{
     can_allocate, host_memory_available, kernel_release, memlock, page_probe, uring_status, Memlock, PageChoice,
     UringStatus,
 };
 pub use reader::{block_on, BackendKind, Faults, FixedBuffers, IoReport, ReadFuture, Reader, ReaderBuilder, IO_ENV};
 pub use remote::{is_remote, read_object, RemoteObject, RemoteOptions};
+pub use remote_plan::HEADER_GUESS;

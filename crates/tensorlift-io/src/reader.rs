@@ -322,18 +322,14 @@ impl Reader {
         &self,
         file: &Arc<OpenFile>,
         offset: u64,
-        mut buf: B,
+        buf: B,
         buf_offset: usize,
         len: usize,
     ) -> ReadFuture<B> {
-        if buf_offset.checked_add(len).is_none_or(|end| end > buf.capacity()) {
-            let error =
-                IoError::BufferTooSmall { file: file.path().to_path_buf(), buf_offset, len, capacity: buf.capacity() };
-            return ReadFuture::ready(Err(ReadFailed { error, buf: Some(buf) }));
-        }
-        if len == 0 {
-            return ReadFuture::ready(Ok(buf));
-        }
+        let mut buf = match admit(file.path(), buf, buf_offset, len) {
+            Ok(buf) => buf,
+            Err(done) => return done,
+        };
         // SAFETY: buf_offset + len <= capacity was checked above.
         let dst = unsafe { buf.stable_mut_ptr().add(buf_offset) };
         let fixed = buf.fixed_slot();
@@ -358,6 +354,19 @@ impl Reader {
         }
         ReadFuture { state: State::Waiting(pending) }
     }
+}
+
+/// The buffer back for a read of `len` bytes into `buf[buf_offset..]` that has I/O to do;
+/// else the read's outcome already: a buffer too small for it, or nothing to read.
+pub(crate) fn admit<B: IoBufMut>(file: &Path, buf: B, buf_offset: usize, len: usize) -> Result<B, ReadFuture<B>> {
+    if buf_offset.checked_add(len).is_none_or(|end| end > buf.capacity()) {
+        let error = IoError::BufferTooSmall { file: file.to_path_buf(), buf_offset, len, capacity: buf.capacity() };
+        return Err(ReadFuture::ready(Err(ReadFailed { error, buf: Some(buf) })));
+    }
+    if len == 0 {
+        return Err(ReadFuture::ready(Ok(buf)));
+    }
+    Ok(buf)
 }
 
 fn with_buf<B>(r: Result<(), IoError>, buf: B) -> ReadResult<B> {

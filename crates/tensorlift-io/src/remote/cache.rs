@@ -115,7 +115,7 @@ pub(crate) struct Note {
 impl Note {
     pub(crate) fn of(url: &str, meta: &ObjectMeta) -> Note {
         let (size, e_tag) = (meta.size, meta.e_tag.clone());
-        Note { url: url.to_owned(), size, e_tag, modified_ns: super::store::modified_ns(meta), file: (0, 0) }
+        Note { url: url.to_owned(), size, e_tag, modified_ns: super::meta::modified_ns(meta), file: (0, 0) }
     }
 
     fn text(&self) -> String {

@@ -7,7 +7,8 @@ use futures_util::StreamExt;
 use object_store::{GetOptions, GetRange};
 use tokio::sync::oneshot;
 
-use super::RemoteObject;
+use super::runtime::runtime;
+use super::store::RemoteObject;
 use crate::op::SendPtr;
 use crate::{IoBufMut, IoError, ReadFailed, ReadFuture};
 
@@ -24,19 +25,16 @@ use crate::{IoBufMut, IoError, ReadFailed, ReadFuture};
 pub fn read_object<B: IoBufMut>(
     object: &Arc<RemoteObject>,
     offset: u64,
-    mut buf: B,
+    buf: B,
     buf_offset: usize,
     len: usize,
 ) -> ReadFuture<B> {
     let url = object.url().to_path_buf();
-    if buf_offset.checked_add(len).is_none_or(|end| end > buf.capacity()) {
-        let error = IoError::BufferTooSmall { file: url, buf_offset, len, capacity: buf.capacity() };
-        return ReadFuture::ready(Err(ReadFailed { error, buf: Some(buf) }));
-    }
-    if len == 0 {
-        return ReadFuture::ready(Ok(buf));
-    }
-    let runtime = match super::runtime() {
+    let mut buf = match crate::reader::admit(&url, buf, buf_offset, len) {
+        Ok(buf) => buf,
+        Err(done) => return done,
+    };
+    let runtime = match runtime() {
         Ok(rt) => rt,
         Err(source) => {
             let error = IoError::Read { file: url, offset, len: len as u64, source };
@@ -159,12 +157,8 @@ pub(crate) fn request_error(object: &RemoteObject, range: &std::ops::Range<u64>,
 /// never copied. What `loader-bench` compares a remote load with. Returns the bytes fetched.
 pub fn fetch_discarding(objects: &[Arc<RemoteObject>]) -> Result<u64, IoError> {
     let Some(first) = objects.first() else { return Ok(0) };
-    let runtime = super::runtime().map_err(|source| IoError::Read {
-        file: first.url().to_path_buf(),
-        offset: 0,
-        len: 0,
-        source,
-    })?;
+    let runtime =
+        runtime().map_err(|source| IoError::Read { file: first.url().to_path_buf(), offset: 0, len: 0, source })?;
     let objects: Vec<Arc<RemoteObject>> = objects.to_vec();
     let task = runtime.spawn(async move {
         let mut parts = Vec::new();

@@ -9,7 +9,8 @@ use object_store::client::ClientConfigKey;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectMeta, ObjectStore, ObjectStoreScheme, RetryConfig};
 
-use super::{RemoteOptions, Shared};
+use super::meta::modified_ns;
+use super::options::RemoteOptions;
 
 /// A remote folder (or the folder of a remote file): the store, and where in it.
 #[derive(Debug, Clone)]
@@ -33,6 +34,12 @@ impl Place {
         let location = ObjectPath::parse(&joined)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("'{name}' is not an object name: {e}")))?;
         Ok((location, PathBuf::from(format!("{}/{name}", self.url))))
+    }
+
+    /// The folder `name` (a relative name) inside this one.
+    pub(crate) fn folder(&self, name: &str) -> Result<Place, io::Error> {
+        let (prefix, url) = self.child(name)?;
+        Ok(Place { prefix, url: url.to_string_lossy().into_owned(), ..self.clone() })
     }
 }
 
@@ -65,7 +72,7 @@ pub(crate) fn connect(url: &str, options: &RemoteOptions) -> Result<(Place, Opti
             segments.pop();
         }
     }
-    let permits = Arc::new(tokio::sync::Semaphore::new(options.concurrency.max(1)));
+    let permits = tokio::sync::Semaphore::new(options.concurrency.max(1));
     let shared = Arc::new(Shared { store, options: options.clone(), permits, cache_key });
     Ok((Place { shared, prefix, url: folder.as_str().trim_end_matches('/').to_owned(), http }, last))
 }
@@ -140,11 +147,6 @@ pub(crate) fn store_error(e: object_store::Error) -> io::Error {
         _ => io::ErrorKind::Other,
     };
     io::Error::new(kind, e)
-}
-
-/// When `meta`'s object was last modified, in nanoseconds since the epoch.
-pub(crate) fn modified_ns(meta: &ObjectMeta) -> i128 {
-    i128::from(meta.last_modified.timestamp()) * 1_000_000_000 + i128::from(meta.last_modified.timestamp_subsec_nanos())
 }
 
 /// One object of a planned remote checkpoint, as planning saw it: a load reads it by ranged
@@ -235,4 +237,15 @@ impl RemoteObject {
     pub(crate) fn if_match(&self) -> Option<String> {
         self.e_tag.as_ref().filter(|t| !t.starts_with("W/")).cloned()
     }
+}
+
+/// What every object of one remote checkpoint shares: its store, its options, and the bound
+/// on its requests in flight.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) store: Arc<dyn object_store::ObjectStore>,
+    pub(crate) options: RemoteOptions,
+    pub(crate) permits: tokio::sync::Semaphore,
+    /// The folder of this store's copies in a cache folder ([`super::cache::store_key`]).
+    pub(crate) cache_key: String,
 }

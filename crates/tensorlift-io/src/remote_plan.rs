@@ -1,5 +1,7 @@
 //! Planning a remote checkpoint: its index or its listing, then each shard's header by
-//! ranged GETs, validated under the same limits as a local checkpoint's.
+//! ranged GETs, validated under the same limits as a local checkpoint's. It sits beside
+//! `checkpoint` (whose shared planning steps it uses) and above `remote` (whose stores,
+//! objects and cache it uses); neither imports it.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -12,13 +14,19 @@ use tensorlift_format::{
     header_len, natural_cmp, parse_index, FileIdentity, FormatError, HEADER_PREFIX_LEN, INDEX_FILE_NAME, MAX_INDEX_LEN,
 };
 
-use super::cache;
-use super::store::{self, store_error, Place};
-use super::{RemoteObject, HEADER_GUESS};
 use crate::checkpoint::{
-    assemble, index_shards, HeaderWork, Pending, Quiet, PARSE_BYTES_PER_HEADER_BYTE, PARSE_BYTES_PER_INDEX_BYTE,
+    assemble, header_fits, index_fits, index_shards, open_local, spend_header_budget, Checkpoint, HeaderWork, Pending,
+    PlanLimits, Quiet,
 };
-use crate::{Checkpoint, PlanLimits};
+use crate::remote::cache;
+use crate::remote::get::{body, body_into, RemoteFolder};
+use crate::remote::meta::{identity, modified_ns};
+use crate::remote::runtime::run;
+use crate::remote::store::{self, store_error, Place, RemoteObject};
+
+/// Bytes of a shard read at once to find its header: most headers fit, and the rest of a
+/// longer one is read by a second GET.
+pub const HEADER_GUESS: u64 = 64 << 10;
 
 /// Shards whose first bytes are fetched at once while planning.
 const HEADER_FETCHES: usize = 16;
@@ -29,6 +37,33 @@ const MAX_LISTED: usize = 100_000;
 /// A single file checkpoint is named by its URL.
 const SINGLE_FILE: &str = "model.safetensors";
 
+/// Why a PyTorch file in a store is refused.
+const TORCH_REMOTE: &str = "PyTorch files are read from local disk only: download it, or convert it to safetensors";
+
+/// What a remote URL names, in the folder it resolves to.
+enum Named {
+    /// An index (`….json`).
+    Index(String),
+    /// One shard (`….safetensors`).
+    Shard(String),
+    /// A PyTorch file, refused.
+    Torch(String),
+    /// The folder itself: its index, else its listing.
+    Folder,
+}
+
+/// The folder a URL's path resolves to and what in it the URL names: a last part that is
+/// no file of a checkpoint is a folder named without its trailing slash.
+fn resolve(place: Place, last: Option<String>) -> io::Result<(Place, Named)> {
+    Ok(match last {
+        Some(name) if name.ends_with(".json") => (place, Named::Index(name)),
+        Some(name) if name.ends_with(".safetensors") => (place, Named::Shard(name)),
+        Some(name) if [".bin", ".pt", ".pth"].iter().any(|e| name.ends_with(e)) => (place, Named::Torch(name)),
+        Some(folder) => (place.folder(&folder)?, Named::Folder),
+        None => (place, Named::Folder),
+    })
+}
+
 /// Plans the remote checkpoint at `path`: an `…/x.safetensors` object, an `…/x.json` index,
 /// or a folder (its `model.safetensors.index.json`, else its `*.safetensors` objects in
 /// natural order; over HTTP, which lists nothing, its `model.safetensors`).
@@ -36,6 +71,7 @@ pub(crate) fn open_remote(path: &Path, limits: &PlanLimits) -> Result<Checkpoint
     let io_err = |source| FormatError::Io { file: path.to_path_buf(), source };
     let text = path.to_str().ok_or_else(|| FormatError::NotACheckpoint { file: path.to_path_buf() })?;
     let (place, last) = store::connect(text, &limits.remote).map_err(io_err)?;
+    let (place, named) = resolve(place, last).map_err(io_err)?;
     // A whole local copy of every object, unchanged on the store, is planned locally; copies
     // are read only from a cache folder no one else may write to.
     let cache_dir = limits.remote.cache_dir.clone().filter(|root| match cache::trusted(root) {
@@ -47,9 +83,10 @@ pub(crate) fn open_remote(path: &Path, limits: &PlanLimits) -> Result<Checkpoint
         }
     });
     if let Some(root) = cache_dir {
-        let (p, l, lim) = (place.clone(), last.clone(), limits.clone());
-        if let Some((local, files)) = super::run(async move { cached(&p, l, &root, &lim).await }).map_err(io_err)? {
-            match crate::checkpoint::open_checkpoint(&local, limits) {
+        let (p, name, lim) = (place.clone(), cached_entry(&named), limits.clone());
+        let found = name.map(|n| run(async move { cached(&p, &n, &root, &lim).await })).transpose();
+        if let Some((local, files)) = found.map_err(io_err)?.flatten() {
+            match open_local(&local, limits, &Quiet) {
                 // The plan holds the very files that were checked (its descriptors are read).
                 Ok(plan) if planned_files(&plan) == files => {
                     tracing::info!("{}: read from its local copy {}", path.display(), local.display());
@@ -61,7 +98,17 @@ pub(crate) fn open_remote(path: &Path, limits: &PlanLimits) -> Result<Checkpoint
         }
     }
     let limits = limits.clone();
-    super::run(async move { plan(place, last, limits).await }).map_err(io_err)?
+    run(async move { plan(place, named, limits).await }).map_err(io_err)?
+}
+
+/// The object whose local copy stands for what `named` names: the index or shard named, a
+/// folder's index; `None` for what has no copy (a PyTorch file).
+fn cached_entry(named: &Named) -> Option<String> {
+    match named {
+        Named::Index(name) | Named::Shard(name) => Some(name.clone()),
+        Named::Folder => Some(INDEX_FILE_NAME.to_owned()),
+        Named::Torch(_) => None,
+    }
 }
 
 /// The files (device, inode) of a local plan: its shards and its index, sorted.
@@ -85,27 +132,11 @@ async fn fresh(
 }
 
 /// The local copy to plan from instead of the store, and the files (device, inode) its
-/// plan must hold: the cached index or file, where the cache holds a whole copy of it and
-/// of every shard it names, each a copy of the object as the store describes it now (one
+/// plan must hold: the cached index or file `name`, where the cache holds a whole copy of it
+/// and of every shard it names, each a copy of the object as the store describes it now (one
 /// HEAD each, and the first that differs ends the check). `None` otherwise, or for a folder
 /// without an index (whose listing could have changed).
-async fn cached(
-    place: &Place,
-    last: Option<String>,
-    root: &Path,
-    limits: &PlanLimits,
-) -> Option<(PathBuf, Vec<(u64, u64)>)> {
-    let (place, name) = match last {
-        Some(name) if name.ends_with(".json") || name.ends_with(".safetensors") => (place.clone(), name),
-        Some(folder) => {
-            let (prefix, url) = place.child(&folder).ok()?;
-            let mut p = place.clone();
-            p.prefix = prefix;
-            p.url = url.to_string_lossy().into_owned();
-            (p, INDEX_FILE_NAME.to_owned())
-        }
-        None => (place.clone(), INDEX_FILE_NAME.to_owned()),
-    };
+async fn cached(place: &Place, name: &str, root: &Path, limits: &PlanLimits) -> Option<(PathBuf, Vec<(u64, u64)>)> {
     let copy_of = |name: &str| -> Option<(ObjectPath, String, PathBuf)> {
         let (location, url) = place.child(name).ok()?;
         let local = cache::local_path(root, &place.shared.cache_key, &location)?;
@@ -114,15 +145,13 @@ async fn cached(
         Some((location, url.to_str()?.to_owned(), local))
     };
     let store = &place.shared.store;
-    let (location, url, local) = copy_of(&name)?;
+    let (location, url, local) = copy_of(name)?;
     let entry = fresh(store, location, url, local.clone()).await?;
     let mut files = vec![entry];
     if !name.ends_with(".safetensors") {
         // The shards the cached index names, each checked.
         let bytes = cache::read_small(&local, entry, MAX_INDEX_LEN)?;
-        if !crate::can_allocate((bytes.len() as u64).saturating_mul(PARSE_BYTES_PER_INDEX_BYTE)) {
-            return None;
-        }
+        index_fits(&local, bytes.len() as u64).ok()?;
         let index = parse_index(&local, &bytes).ok()?;
         let names = index_shards(&local, &index, limits).ok()?;
         let checks: Vec<_> = names.iter().map(|(n, _)| copy_of(n)).collect::<Option<_>>()?;
@@ -136,29 +165,21 @@ async fn cached(
     Some((local, files))
 }
 
-async fn plan(mut place: Place, last: Option<String>, limits: PlanLimits) -> Result<Checkpoint, FormatError> {
-    match last {
-        Some(name) if name.ends_with(".json") => {
+async fn plan(place: Place, named: Named, limits: PlanLimits) -> Result<Checkpoint, FormatError> {
+    match named {
+        Named::Index(name) => {
             let index = fetch_index(&place, &name).await?.ok_or_else(|| not_found(&place, &name))?;
             plan_index(&place, &name, index, &limits).await
         }
-        Some(name) if name.ends_with(".safetensors") => {
+        Named::Shard(name) => {
             let context = place.child(&name).map_err(|e| io(&place, e))?.1;
             shards(&place, &context, None, vec![(name, Vec::new())], &limits).await
         }
-        Some(name) if [".bin", ".pt", ".pth"].iter().any(|e| name.ends_with(e)) => {
-            Err(FormatError::PyTorchCheckpoint {
-                file: place.child(&name).map_err(|e| io(&place, e))?.1,
-                layout: "PyTorch files are read from local disk only: download it, or convert it to safetensors",
-            })
-        }
-        // A folder, named without its trailing slash.
-        last => {
-            if let Some(name) = last {
-                let (prefix, url) = place.child(&name).map_err(|e| io(&place, e))?;
-                place.prefix = prefix;
-                place.url = url.to_string_lossy().into_owned();
-            }
+        Named::Torch(name) => Err(FormatError::PyTorchCheckpoint {
+            file: place.child(&name).map_err(|e| io(&place, e))?.1,
+            layout: TORCH_REMOTE,
+        }),
+        Named::Folder => {
             if let Some(index) = fetch_index(&place, INDEX_FILE_NAME).await? {
                 return plan_index(&place, INDEX_FILE_NAME, index, &limits).await;
             }
@@ -182,16 +203,7 @@ async fn fetch_index(place: &Place, name: &str) -> Result<Option<(ObjectMeta, Ve
         Err(e) => return Err(FormatError::Io { file: url, source: store_error(e) }),
     };
     let len = reply.meta.size;
-    if len > MAX_INDEX_LEN {
-        return Err(FormatError::InvalidIndex {
-            file: url,
-            message: format!("{len} bytes is over the {MAX_INDEX_LEN}-byte limit for an index"),
-        });
-    }
-    let parse_bytes = len.saturating_mul(PARSE_BYTES_PER_INDEX_BYTE);
-    if !crate::can_allocate(parse_bytes) {
-        return Err(FormatError::OutOfMemory { file: url, what: "parsing the index", bytes: parse_bytes });
-    }
+    index_fits(&url, len)?;
     let meta = reply.meta.clone();
     let bytes = body(reply, len, &url).await?;
     // Kept beside the shards' copies: the next load plans from it.
@@ -201,31 +213,6 @@ async fn fetch_index(place: &Place, name: &str) -> Result<Option<(ObjectMeta, Ve
         }
     }
     Ok(Some((meta, bytes)))
-}
-
-/// A reply's body, which must be exactly `len` bytes: read as it comes, into memory
-/// reserved fallibly, and refused as soon as it runs past `len` (a server's `Content-Length`
-/// is not trusted to bound it).
-async fn body(reply: object_store::GetResult, len: u64, url: &Path) -> Result<Vec<u8>, FormatError> {
-    let io_err = |source| FormatError::Io { file: url.to_path_buf(), source };
-    let mut out = Vec::new();
-    out.try_reserve_exact(len as usize).map_err(|_| FormatError::OutOfMemory {
-        file: url.to_path_buf(),
-        what: "a reply",
-        bytes: len,
-    })?;
-    let mut stream = reply.into_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| io_err(store_error(e)))?;
-        if (out.len() + chunk.len()) as u64 > len {
-            return Err(io_err(io::Error::new(io::ErrorKind::InvalidData, "the server sent more than it was asked")));
-        }
-        out.extend_from_slice(&chunk);
-    }
-    if out.len() as u64 != len {
-        return Err(io_err(io::Error::new(io::ErrorKind::UnexpectedEof, "the reply is not the range asked for")));
-    }
-    Ok(out)
 }
 
 async fn plan_index(
@@ -279,10 +266,7 @@ async fn list_safetensors(place: &Place, limits: &PlanLimits) -> Result<Vec<Stri
     }
     names.sort_by(|a, b| natural_cmp(a, b));
     if names.is_empty() && torch {
-        return Err(FormatError::PyTorchCheckpoint {
-            file: root(),
-            layout: "PyTorch files are read from local disk only: download it, or convert it to safetensors",
-        });
+        return Err(FormatError::PyTorchCheckpoint { file: root(), layout: TORCH_REMOTE });
     }
     Ok(names)
 }
@@ -311,38 +295,24 @@ async fn shards(
     let mut objects = Vec::new();
     while let Some((name, spellings, location, url, (meta, mut bytes))) = fetches.try_next().await? {
         let n = header_len(&url, &bytes, meta.size).map_err(|e| match e {
-            FormatError::PyTorchCheckpoint { file, .. } => FormatError::PyTorchCheckpoint {
-                file,
-                layout: "PyTorch files are read from local disk only: download it, or convert it to safetensors",
-            },
+            FormatError::PyTorchCheckpoint { file, .. } => {
+                FormatError::PyTorchCheckpoint { file, layout: TORCH_REMOTE }
+            }
             e => e,
         })?;
         let wanted = HEADER_PREFIX_LEN + n;
-        header_bytes = header_bytes.saturating_add(wanted);
-        if header_bytes > limits.max_header_bytes {
-            return Err(FormatError::HeaderBudget {
-                file: context.to_path_buf(),
-                needed: header_bytes,
-                limit: limits.max_header_bytes,
-            });
-        }
-        let parse_bytes = n.saturating_mul(PARSE_BYTES_PER_HEADER_BYTE);
-        if !crate::can_allocate(parse_bytes) {
-            return Err(FormatError::OutOfMemory { file: url, what: "parsing the header", bytes: parse_bytes });
-        }
+        spend_header_budget(&mut header_bytes, limits, context, wanted)?;
+        header_fits(&url, n)?;
         let object = Arc::new(RemoteObject::new(Arc::clone(&place.shared), location, url.clone(), &meta));
         if let Some(copy) = &object.cache {
             copy.write(0, bytes::Bytes::copy_from_slice(&bytes));
         }
-        if wanted > bytes.len() as u64 {
-            bytes
-                .try_reserve_exact((wanted as usize).saturating_sub(bytes.len()))
-                .map_err(|_| FormatError::OutOfMemory { file: url.clone(), what: "a header", bytes: wanted })?;
-            let rest = rest_of_header(&object, bytes.len() as u64, wanted).await?;
+        let got = bytes.len();
+        if wanted > got as u64 {
+            rest_of_header(&object, got as u64, wanted, &mut bytes).await?;
             if let Some(copy) = &object.cache {
-                copy.write(bytes.len() as u64, bytes::Bytes::copy_from_slice(&rest));
+                copy.write(got as u64, bytes::Bytes::copy_from_slice(&bytes[got..]));
             }
-            bytes.extend_from_slice(&rest);
         }
         bytes.truncate(wanted as usize);
         let aliases = spellings.into_iter().filter(|s| *s != name).collect();
@@ -351,7 +321,7 @@ async fn shards(
     }
     drop(fetches);
     let (plan, index_identity) = assemble(context, PathBuf::from(&place.url), index, pending, &Quiet)?;
-    let folder = super::RemoteFolder { place: place.clone() };
+    let folder = RemoteFolder { place: place.clone() };
     Ok(Checkpoint::remote(plan, index_identity, objects, folder))
 }
 
@@ -369,7 +339,7 @@ async fn first_bytes(
     let reply = place.shared.store.get_opts(location, options).await.map_err(|e| unreadable(store_error(e)))?;
     let meta = reply.meta.clone();
     // Neither an ETag nor a modification time: a change during the load could not be seen.
-    if meta.e_tag.is_none() && store::modified_ns(&meta) == 0 {
+    if meta.e_tag.is_none() && modified_ns(&meta) == 0 {
         return Err(FormatError::Io {
             file: url.to_path_buf(),
             source: io::Error::other(
@@ -382,8 +352,9 @@ async fn first_bytes(
     Ok((meta, bytes))
 }
 
-/// Bytes `from..to` of a header longer than the first GET, from the same object.
-async fn rest_of_header(object: &RemoteObject, from: u64, to: u64) -> Result<Vec<u8>, FormatError> {
+/// Bytes `from..to` of a header longer than the first GET, from the same object, appended
+/// to `out`.
+async fn rest_of_header(object: &RemoteObject, from: u64, to: u64, out: &mut Vec<u8>) -> Result<(), FormatError> {
     let file = || object.url().to_path_buf();
     let options =
         GetOptions { range: Some(GetRange::Bounded(from..to)), if_match: object.if_match(), ..GetOptions::default() };
@@ -400,34 +371,7 @@ async fn rest_of_header(object: &RemoteObject, from: u64, to: u64) -> Result<Vec
     if let Some(what) = object.change(&reply.meta) {
         return Err(changed(what));
     }
-    body(reply, to - from, object.url()).await
-}
-
-/// `name` under the folder, read whole if it is at most `max` bytes; `None` if absent.
-pub(super) async fn fetch_file(place: &Place, name: &str, max: u64) -> io::Result<Option<(Vec<u8>, FileIdentity)>> {
-    let (location, url) = place.child(name)?;
-    let reply = match place.shared.store.get_opts(&location, GetOptions::default()).await {
-        Ok(r) => r,
-        Err(object_store::Error::NotFound { .. }) => return Ok(None),
-        Err(e) => return Err(store_error(e)),
-    };
-    if reply.meta.size > max {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{}: {} bytes, more than the {max} read", url.display(), reply.meta.size),
-        ));
-    }
-    let id = identity(&reply.meta);
-    let bytes = body(reply, id.len, &url).await.map_err(|e| io::Error::other(e.to_string()))?;
-    Ok(Some((bytes, id)))
-}
-
-/// An object's identity as a plan keeps it: its length and modification time; its ETag's
-/// hash stands for the inode.
-fn identity(meta: &ObjectMeta) -> FileIdentity {
-    let ns = store::modified_ns(meta);
-    let tag = meta.e_tag.as_deref().map_or(0, |t| tensorlift_format::header_hash(t.as_bytes()));
-    FileIdentity { dev: 0, ino: tag, len: meta.size, modified_ns: ns, changed_ns: ns }
+    body_into(reply, to - from, object.url(), out).await
 }
 
 /// A folder too large to list: name its index or a file instead.

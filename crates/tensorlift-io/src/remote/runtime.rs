@@ -1,0 +1,46 @@
+//! The small runtime of this crate's own that every remote request runs on, so that callers
+//! need none.
+
+use std::future::Future;
+use std::sync::Mutex;
+
+/// Threads of the runtime that serves remote requests: they copy bodies into buffers, so a
+/// few; idle ones cost nothing.
+const NET_THREADS: usize = 4;
+
+/// The runtime every remote request runs on, made on first use in each process: a child
+/// made by `fork` (Python's multiprocessing, a data loader's workers) has none of its
+/// parent's threads, so it makes its own (the parent's is left alone, never dropped there).
+/// An error (with why) where the process cannot make its threads.
+pub(crate) fn runtime() -> Result<&'static tokio::runtime::Runtime, std::io::Error> {
+    static RT: Mutex<Option<(u32, &'static tokio::runtime::Runtime)>> = Mutex::new(None);
+    let mut rt = RT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let pid = std::process::id();
+    match *rt {
+        Some((owner, runtime)) if owner == pid => Ok(runtime),
+        _ => {
+            let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, NET_THREADS);
+            let built = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads)
+                .thread_name("tensorlift-net")
+                .enable_all()
+                .build()
+                .map_err(|e| std::io::Error::other(format!("cannot start the network runtime: {e}")))?;
+            // One per process, for the process's life.
+            let runtime: &'static tokio::runtime::Runtime = Box::leak(Box::new(built));
+            *rt = Some((pid, runtime));
+            Ok(runtime)
+        }
+    }
+}
+
+/// Runs `fut` on the network runtime and blocks this thread until it is done: safe on any
+/// thread, an async runtime's included (planning blocks as reading a local header does).
+pub(crate) fn run<F>(fut: F) -> Result<F::Output, std::io::Error>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handle = runtime()?.spawn(fut);
+    crate::block_on(handle).map_err(|e| std::io::Error::other(format!("a network task failed: {e}")))
+}
