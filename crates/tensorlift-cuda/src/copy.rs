@@ -61,8 +61,8 @@ pub type OnCopied = Box<dyn Fn(u64, Result<(), CudaError>) + Send>;
 
 /// Work queued on a stream: what it holds until it is done.
 struct Work {
-    /// The chunk copied from (none for a kernel launch).
-    chunk: Option<PinnedChunk>,
+    /// The chunk copied from (none for a kernel launch); other devices' copies may share it.
+    chunk: Option<Arc<PinnedChunk>>,
     /// Device memory the work reads or writes, and the kernels it runs: kept until it is done.
     arenas: Vec<Arc<DeviceArena>>,
     kernels: Option<Arc<Kernels>>,
@@ -145,6 +145,18 @@ impl CopyEngine {
         targets: &[(&Arc<DeviceArena>, &[Piece])],
         tag: u64,
     ) -> Result<(), CudaError> {
+        self.copy_shared(Arc::new(chunk), targets, tag)
+    }
+
+    /// [`copy_to`](Self::copy_to) from a chunk that the engines of other devices copy from
+    /// too: it goes back to its pool once the last of them has let it go (each after its
+    /// own copies have completed). The chunk is only read.
+    pub fn copy_shared(
+        &mut self,
+        chunk: Arc<PinnedChunk>,
+        targets: &[(&Arc<DeviceArena>, &[Piece])],
+        tag: u64,
+    ) -> Result<(), CudaError> {
         if let Some(e) = self.failure.lock().ok().and_then(|mut f| f.take()) {
             return Err(e);
         }
@@ -175,8 +187,8 @@ impl CopyEngine {
             let (r, call) = if p.rows == 1 {
                 // SAFETY: both ranges were checked against the chunk and the arena; the chunk
                 // is page-locked (registered) memory that this engine keeps, unmoved and
-                // untouched, until the event recorded after this copy completes; the arena is
-                // kept alive alongside it.
+                // unwritten (engines sharing it only read it), until the event recorded after
+                // this copy completes; the arena is kept alive alongside it.
                 (unsafe { sys::cuMemcpyHtoDAsync_v2(dst, src.cast(), p.len, stream.cu_stream()) }, "cuMemcpyHtoDAsync")
             } else {
                 let copy = sys::CUDA_MEMCPY2D {

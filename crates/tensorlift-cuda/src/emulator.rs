@@ -39,6 +39,9 @@ pub enum Fault {
     RefuseRegister(bool),
     /// Each copy waits this many microseconds before it runs.
     CopyDelayMicros(u64),
+    /// The memory, out-of-memory and copy faults hit this device alone (`None`: every
+    /// device), and `FailCopy(n)` counts that device's copies alone.
+    OnDevice(Option<usize>),
 }
 
 fn symbol<T: Copy>(name: &[u8]) -> Option<T> {
@@ -78,12 +81,13 @@ pub fn set_fault(fault: Fault) -> bool {
         Fault::FailCopy(n) => (2, n),
         Fault::RefuseRegister(on) => (3, u64::from(on)),
         Fault::CopyDelayMicros(us) => (4, us),
+        Fault::OnDevice(d) => (6, d.map_or(0, |d| d as u64 + 1)),
     };
     f(which, value) == 0
 }
 
 /// Clears every fault's effect so far (the sticky error, the copy count) and the faults
-/// themselves, back to an 8 GiB device.
+/// themselves, back to devices of 8 GiB each.
 pub fn reset() {
     if let Some(f) = symbol::<extern "C" fn() -> c_int>(b"tlemu_reset") {
         f();
@@ -94,6 +98,7 @@ pub fn reset() {
         Fault::FailCopy(0),
         Fault::RefuseRegister(false),
         Fault::CopyDelayMicros(0),
+        Fault::OnDevice(None),
     ] {
         set_fault(fault);
     }

@@ -17,10 +17,17 @@
 //!   own conversion code).
 //! - Live allocations, registrations, streams, events, contexts and modules are counted
 //!   (`tlemu_live`), so a test can end by checking that nothing leaked.
-//! - Faults: `TLEMU_DEVICE_MEMORY` (bytes, default 8 GiB), `TLEMU_OOM=1` (every allocation
-//!   fails), `TLEMU_FAIL_COPY=N` (the Nth asynchronous copy fails), `TLEMU_REFUSE_REGISTER=1`,
-//!   `TLEMU_COPY_DELAY_US=N` (each copy waits first), `TLEMU_DEVICES=N`; read at `cuInit`,
-//!   and settable later with `tlemu_set_fault`.
+//! - Several devices (`TLEMU_DEVICES`, default 4), each with its own primary context,
+//!   memory and streams: memory is allocated on the current context's device, a stream
+//!   belongs to the device current when it was made, and a copy or kernel on a stream of one
+//!   device that touches another device's memory fails, as work queued on the wrong device
+//!   would on a real one.
+//! - Faults: `TLEMU_DEVICE_MEMORY` (bytes a device, default 8 GiB), `TLEMU_OOM=1` (every
+//!   allocation fails), `TLEMU_FAIL_COPY=N` (the Nth asynchronous copy fails),
+//!   `TLEMU_REFUSE_REGISTER=1`, `TLEMU_COPY_DELAY_US=N` (each copy waits first),
+//!   `TLEMU_DEVICES=N`, `TLEMU_FAULT_DEVICE=D+1` (the memory, out-of-memory and copy faults
+//!   hit device D alone, whose copies are then counted on their own; 0, the default: every
+//!   device); read at `cuInit`, and settable later with `tlemu_set_fault`.
 //!
 //! It is a test double, never shipped: `scripts/test` builds it
 //! (`target/debug/libtensorlift_cuda_emulator.so`, SONAME `libcuda.so`), and the CUDA tests
@@ -44,6 +51,7 @@ const SUCCESS: CUresult = 0;
 const INVALID_VALUE: CUresult = 1;
 const OUT_OF_MEMORY: CUresult = 2;
 const INVALID_DEVICE: CUresult = 101;
+const INVALID_CONTEXT: CUresult = 201;
 const INVALID_HANDLE: CUresult = 400;
 const INVALID_IMAGE: CUresult = 200;
 const UNSUPPORTED_PTX_VERSION: CUresult = 222;
@@ -80,10 +88,17 @@ const FAULT_FAIL_COPY: c_uint = 2;
 const FAULT_REFUSE_REGISTER: c_uint = 3;
 const FAULT_COPY_DELAY_US: c_uint = 4;
 const FAULT_DEVICES: c_uint = 5;
-const FAULT_COUNT: usize = 6;
+const FAULT_DEVICE: c_uint = 6;
+const FAULT_COUNT: usize = 7;
+
+/// The most devices the emulator has (`TLEMU_DEVICES` beyond it is this many).
+const MAX_DEVICES: usize = 64;
+/// A device memory size no fault limits.
+const UNLIMITED_DEVICE: u64 = 8 << 30;
 
 struct Alloc {
     mem: Vec<u8>,
+    device: c_int,
 }
 
 struct Emu {
@@ -92,6 +107,9 @@ struct Emu {
     next_addr: AtomicU64,
     registered: Mutex<BTreeMap<usize, usize>>,
     copies: AtomicU64,
+    /// Each device's copies (for `TLEMU_FAULT_DEVICE`) and allocated bytes.
+    device_copies: [AtomicU64; MAX_DEVICES],
+    device_bytes: [AtomicU64; MAX_DEVICES],
     live: [AtomicU64; LIVE_COUNT],
     faults: [AtomicU64; FAULT_COUNT],
     sticky: AtomicI32,
@@ -107,6 +125,8 @@ fn emu() -> &'static Emu {
             next_addr: AtomicU64::new(DEVICE_BASE),
             registered: Mutex::new(BTreeMap::new()),
             copies: AtomicU64::new(0),
+            device_copies: std::array::from_fn(|_| AtomicU64::new(0)),
+            device_bytes: std::array::from_fn(|_| AtomicU64::new(0)),
             live: Default::default(),
             faults: [
                 AtomicU64::new(env("TLEMU_DEVICE_MEMORY", 8 << 30)),
@@ -114,7 +134,8 @@ fn emu() -> &'static Emu {
                 AtomicU64::new(env("TLEMU_FAIL_COPY", 0)),
                 AtomicU64::new(env("TLEMU_REFUSE_REGISTER", 0)),
                 AtomicU64::new(env("TLEMU_COPY_DELAY_US", 0)),
-                AtomicU64::new(env("TLEMU_DEVICES", 1)),
+                AtomicU64::new(env("TLEMU_DEVICES", 4)),
+                AtomicU64::new(env("TLEMU_FAULT_DEVICE", 0)),
             ],
             sticky: AtomicI32::new(SUCCESS),
         }
@@ -127,6 +148,36 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 fn fault(which: c_uint) -> u64 {
     emu().faults[which as usize].load(Ordering::Relaxed)
+}
+
+/// Whether the memory, out-of-memory and copy faults hit device `dev`.
+fn faulty(dev: c_int) -> bool {
+    match fault(FAULT_DEVICE) {
+        0 => true,
+        d => d - 1 == dev as u64,
+    }
+}
+
+/// The memory device `dev` has.
+fn device_memory(dev: c_int) -> u64 {
+    if faulty(dev) {
+        fault(FAULT_DEVICE_MEMORY)
+    } else {
+        UNLIMITED_DEVICE
+    }
+}
+
+/// Counts an asynchronous copy on device `dev`; whether it is the one `TLEMU_FAIL_COPY`
+/// makes fail (counted over every device, or over the faulty one's alone).
+fn copy_fails(dev: c_int) -> bool {
+    let e = emu();
+    let n = e.copies.fetch_add(1, Ordering::AcqRel) + 1;
+    let on_device = e.device_copies[dev as usize % MAX_DEVICES].fetch_add(1, Ordering::AcqRel) + 1;
+    let which = fault(FAULT_FAIL_COPY);
+    match fault(FAULT_DEVICE) {
+        0 => which == n,
+        d => d - 1 == dev as u64 && which == on_device,
+    }
 }
 
 fn count(which: usize, delta: i64) {
@@ -169,11 +220,11 @@ pub unsafe extern "C" fn cuDriverGetVersion(version: *mut c_int) -> CUresult {
 #[no_mangle]
 pub unsafe extern "C" fn cuDeviceGetCount(n: *mut c_int) -> CUresult {
     // SAFETY: as above.
-    unsafe { put(n, fault(FAULT_DEVICES) as c_int) }
+    unsafe { put(n, fault(FAULT_DEVICES).min(MAX_DEVICES as u64) as c_int) }
 }
 
 fn valid_device(dev: c_int) -> bool {
-    dev >= 0 && (dev as u64) < fault(FAULT_DEVICES)
+    dev >= 0 && (dev as u64) < fault(FAULT_DEVICES).min(MAX_DEVICES as u64)
 }
 
 #[no_mangle]
@@ -205,7 +256,7 @@ pub unsafe extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, dev: c_int) -> C
         return INVALID_DEVICE;
     }
     // SAFETY: as above.
-    unsafe { put(bytes, fault(FAULT_DEVICE_MEMORY) as usize) }
+    unsafe { put(bytes, device_memory(dev) as usize) }
 }
 
 #[no_mangle]
@@ -249,8 +300,22 @@ pub unsafe extern "C" fn cuGetErrorString(error: CUresult, text: *mut *const c_c
 
 // ---- Contexts -------------------------------------------------------------------------
 
-/// The one context handle (any non-null value works for cudarc).
+/// Device 0's primary context handle; device `d`'s is `d * CONTEXT_STRIDE` above it (any
+/// non-null values work for cudarc).
 const CONTEXT: usize = 0x7e1;
+const CONTEXT_STRIDE: usize = 0x1000;
+
+/// The device whose primary context `ctx` is.
+fn context_device(ctx: usize) -> Option<c_int> {
+    let d = ctx.checked_sub(CONTEXT)?;
+    let dev = c_int::try_from(d / CONTEXT_STRIDE).ok()?;
+    (d % CONTEXT_STRIDE == 0 && valid_device(dev)).then_some(dev)
+}
+
+/// The calling thread's current device: its current context's.
+fn current_device() -> Option<c_int> {
+    context_device(CURRENT.with(std::cell::Cell::get))
+}
 
 #[no_mangle]
 pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(ctx: *mut *mut c_void, dev: c_int) -> CUresult {
@@ -259,7 +324,7 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(ctx: *mut *mut c_void, dev: c_
     }
     count(LIVE_CONTEXTS, 1);
     // SAFETY: as above.
-    unsafe { put(ctx, CONTEXT as *mut c_void) }
+    unsafe { put(ctx, (CONTEXT + dev as usize * CONTEXT_STRIDE) as *mut c_void) }
 }
 
 #[no_mangle]
@@ -291,8 +356,9 @@ pub unsafe extern "C" fn cuCtxGetCurrent(ctx: *mut *mut c_void) -> CUresult {
 
 #[no_mangle]
 pub unsafe extern "C" fn cuCtxGetDevice(dev: *mut c_int) -> CUresult {
+    let Some(current) = current_device() else { return INVALID_CONTEXT };
     // SAFETY: as above.
-    unsafe { put(dev, 0) }
+    unsafe { put(dev, current) }
 }
 
 #[no_mangle]
@@ -311,9 +377,11 @@ pub unsafe extern "C" fn cuMemAlloc_v2(out: *mut CUdeviceptr, size: usize) -> CU
     if out.is_null() || size == 0 {
         return INVALID_VALUE;
     }
+    let Some(device) = current_device() else { return INVALID_CONTEXT };
     let e = emu();
-    let in_use = e.live[LIVE_DEVICE_BYTES].load(Ordering::Relaxed);
-    if fault(FAULT_OOM) != 0 || in_use.saturating_add(size as u64) > fault(FAULT_DEVICE_MEMORY) {
+    let in_use = e.device_bytes[device as usize].load(Ordering::Relaxed);
+    let oom = fault(FAULT_OOM) != 0 && faulty(device);
+    if oom || in_use.saturating_add(size as u64) > device_memory(device) {
         return OUT_OF_MEMORY;
     }
     // Freed allocations are reused, as the driver reuses device memory: without it, the host
@@ -335,9 +403,10 @@ pub unsafe extern "C" fn cuMemAlloc_v2(out: *mut CUdeviceptr, size: usize) -> CU
     };
     let span = (size as u64).next_multiple_of(DEVICE_ALIGN) + DEVICE_ALIGN;
     let addr = e.next_addr.fetch_add(span, Ordering::Relaxed);
-    lock(&e.allocs).insert(addr, Alloc { mem });
+    lock(&e.allocs).insert(addr, Alloc { mem, device });
     count(LIVE_ALLOCS, 1);
     count(LIVE_DEVICE_BYTES, size as i64);
+    e.device_bytes[device as usize].fetch_add(size as u64, Ordering::Relaxed);
     // SAFETY: checked not null; the driver API's out-parameter.
     unsafe { out.write(addr) };
     SUCCESS
@@ -365,6 +434,7 @@ pub extern "C" fn cuMemFree_v2(ptr: CUdeviceptr) -> CUresult {
     let Some(a) = lock(&emu().allocs).remove(&ptr) else { return INVALID_VALUE };
     count(LIVE_ALLOCS, -1);
     count(LIVE_DEVICE_BYTES, -(a.mem.len() as i64));
+    emu().device_bytes[a.device as usize].fetch_sub(a.mem.len() as u64, Ordering::Relaxed);
     let mut r = lock(&emu().recycled);
     r.push(a.mem);
     // Keep at most RECYCLE_BYTES of freed memory, dropping the oldest first.
@@ -376,8 +446,9 @@ pub extern "C" fn cuMemFree_v2(ptr: CUdeviceptr) -> CUresult {
 
 #[no_mangle]
 pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) -> CUresult {
-    let total_bytes = fault(FAULT_DEVICE_MEMORY);
-    let used = emu().live[LIVE_DEVICE_BYTES].load(Ordering::Relaxed);
+    let Some(device) = current_device() else { return INVALID_CONTEXT };
+    let total_bytes = device_memory(device);
+    let used = emu().device_bytes[device as usize].load(Ordering::Relaxed);
     // SAFETY: the driver API's out-parameters.
     let r = unsafe { put(free, total_bytes.saturating_sub(used) as usize) };
     if r != SUCCESS {
@@ -389,12 +460,27 @@ pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) ->
 
 /// Runs `f` on the device bytes `[ptr, ptr + len)`, if they lie in one live allocation.
 fn with_device<R>(ptr: CUdeviceptr, len: usize, f: impl FnOnce(&mut [u8]) -> R) -> Option<R> {
+    with_device_of(None, ptr, len, f)
+}
+
+/// [`with_device`], also requiring the allocation to be on device `dev` when one is given:
+/// work on one device's stream never reaches another's memory.
+fn with_device_of<R>(dev: Option<c_int>, ptr: CUdeviceptr, len: usize, f: impl FnOnce(&mut [u8]) -> R) -> Option<R> {
     let mut allocs = lock(&emu().allocs);
     let (&base, alloc) = allocs.range_mut(..=ptr).next_back()?;
+    if dev.is_some_and(|d| d != alloc.device) {
+        return None;
+    }
     let start = usize::try_from(ptr - base).ok()?;
     let end = start.checked_add(len)?;
     let bytes = alloc.mem.get_mut(start..end)?;
     Some(f(bytes))
+}
+
+/// Whether `ptr` lies in a live allocation of another device than `dev`.
+fn on_other_device(dev: c_int, ptr: CUdeviceptr) -> bool {
+    let allocs = lock(&emu().allocs);
+    allocs.range(..=ptr).next_back().is_some_and(|(&base, a)| ptr < base + a.mem.len() as u64 && a.device != dev)
 }
 
 /// Whether `[p, p + len)` lies in one registered host range.
@@ -434,8 +520,8 @@ const POINTER_ATTRIBUTE_DEVICE_ORDINAL: c_int = 9;
 const POINTER_ATTRIBUTE_RANGE_START_ADDR: c_int = 11;
 const POINTER_ATTRIBUTE_RANGE_SIZE: c_int = 12;
 
-/// What the driver knows of a device address: its allocation's start and size, its device
-/// (the one context's: 0), its memory type. Other addresses (host memory, freed memory) are
+/// What the driver knows of a device address: its allocation's start and size, its device,
+/// its memory type. Other addresses (host memory, freed memory) are
 /// `CUDA_ERROR_INVALID_VALUE`, as the driver answers.
 #[no_mangle]
 pub unsafe extern "C" fn cuPointerGetAttribute(data: *mut c_void, attribute: c_int, ptr: CUdeviceptr) -> CUresult {
@@ -445,15 +531,15 @@ pub unsafe extern "C" fn cuPointerGetAttribute(data: *mut c_void, attribute: c_i
             .range(..=ptr)
             .next_back()
             .filter(|(&base, a)| ptr < base + a.mem.len() as u64)
-            .map(|(&base, a)| (base, a.mem.len()))
+            .map(|(&base, a)| (base, a.mem.len(), a.device))
     };
-    let Some((base, size)) = found else { return INVALID_VALUE };
+    let Some((base, size, device)) = found else { return INVALID_VALUE };
     match attribute {
         // `data` points at a value of the type each attribute writes (driver API contract).
         // SAFETY: as just said.
         POINTER_ATTRIBUTE_MEMORY_TYPE => unsafe { put(data.cast::<c_uint>(), MEMORYTYPE_DEVICE) },
         // SAFETY: as above.
-        POINTER_ATTRIBUTE_DEVICE_ORDINAL => unsafe { put(data.cast::<c_int>(), 0) },
+        POINTER_ATTRIBUTE_DEVICE_ORDINAL => unsafe { put(data.cast::<c_int>(), device) },
         // SAFETY: as above.
         POINTER_ATTRIBUTE_RANGE_START_ADDR => unsafe { put(data.cast::<CUdeviceptr>(), base) },
         // SAFETY: as above.
@@ -602,6 +688,8 @@ enum Op {
 
 /// A stream: a worker thread that applies its operations in order, later.
 struct Stream {
+    /// The device whose context was current when the stream was made.
+    device: c_int,
     tx: Mutex<Option<Sender<Op>>>,
     worker: Mutex<Option<JoinHandle<()>>>,
     /// Completed when the worker has applied everything queued before a `drain`.
@@ -801,6 +889,15 @@ pub unsafe extern "C" fn cuLaunchKernel(
         *a = unsafe { p.cast::<u64>().read_unaligned() };
     }
     let Ok(n) = usize::try_from(args[2]) else { return INVALID_VALUE };
+    // A kernel runs on its stream's device, and reaches that device's memory alone.
+    let device = match stream_device(handle) {
+        Ok(d) => d,
+        Err(e) => return e,
+    };
+    // (Addresses in no allocation fault later, on the stream, as on a GPU.)
+    if on_other_device(device, args[0]) || on_other_device(device, args[1]) {
+        return ILLEGAL_ADDRESS;
+    }
     let op = Op::Launch { kernel, src: args[0], dst: args[1], n };
     enqueue(handle, op)
 }
@@ -810,6 +907,7 @@ pub unsafe extern "C" fn cuStreamCreate(out: *mut *mut c_void, _flags: c_uint) -
     if out.is_null() {
         return INVALID_VALUE;
     }
+    let Some(device) = current_device() else { return INVALID_CONTEXT };
     let (tx, rx) = mpsc::channel::<Op>();
     let worker = match std::thread::Builder::new().name("tlemu-stream".into()).spawn(move || {
         for op in rx {
@@ -820,6 +918,7 @@ pub unsafe extern "C" fn cuStreamCreate(out: *mut *mut c_void, _flags: c_uint) -
         Err(_) => return OUT_OF_MEMORY,
     };
     let stream = Arc::new(Stream {
+        device,
         tx: Mutex::new(Some(tx)),
         worker: Mutex::new(Some(worker)),
         drained: Arc::new(Event::default()),
@@ -854,6 +953,21 @@ fn stream(handle: *mut c_void) -> Option<Arc<Stream>> {
     lock(streams()).get(&(handle as usize)).cloned()
 }
 
+/// The device work queued on stream `handle` runs on: the stream's (the null stream's is
+/// the current context's). Queuing work on another device's stream than the current
+/// context's is refused, as the driver refuses it.
+fn stream_device(handle: *mut c_void) -> Result<c_int, CUresult> {
+    let current = current_device().ok_or(INVALID_CONTEXT)?;
+    if handle.is_null() {
+        return Ok(current);
+    }
+    let s = stream(handle).ok_or(INVALID_HANDLE)?;
+    if s.device != current {
+        return Err(INVALID_CONTEXT);
+    }
+    Ok(s.device)
+}
+
 #[no_mangle]
 pub extern "C" fn cuStreamDestroy_v2(handle: *mut c_void) -> CUresult {
     let Some(s) = lock(streams()).remove(&(handle as usize)) else { return INVALID_HANDLE };
@@ -883,8 +997,11 @@ pub unsafe extern "C" fn cuMemcpyHtoDAsync_v2(
     len: usize,
     handle: *mut c_void,
 ) -> CUresult {
-    let n = emu().copies.fetch_add(1, Ordering::AcqRel) + 1;
-    if fault(FAULT_FAIL_COPY) == n {
+    let device = match stream_device(handle) {
+        Ok(d) => d,
+        Err(e) => return e,
+    };
+    if copy_fails(device) {
         return UNKNOWN;
     }
     if len == 0 {
@@ -895,7 +1012,7 @@ pub unsafe extern "C" fn cuMemcpyHtoDAsync_v2(
         // never copies from pageable memory on the load path.
         return INVALID_VALUE;
     }
-    if with_device(dst, len, |_| ()).is_none() {
+    if with_device_of(Some(device), dst, len, |_| ()).is_none() {
         return INVALID_VALUE;
     }
     let op = Op::Copy { dst, src: src as usize, len };
@@ -932,8 +1049,11 @@ const MEMORYTYPE_DEVICE: c_uint = 2;
 /// pitches at least the row's width, as the driver requires.
 #[no_mangle]
 pub unsafe extern "C" fn cuMemcpy2DAsync_v2(copy: *const Memcpy2D, handle: *mut c_void) -> CUresult {
-    let n = emu().copies.fetch_add(1, Ordering::AcqRel) + 1;
-    if fault(FAULT_FAIL_COPY) == n {
+    let device = match stream_device(handle) {
+        Ok(d) => d,
+        Err(e) => return e,
+    };
+    if copy_fails(device) {
         return UNKNOWN;
     }
     if copy.is_null() {
@@ -957,7 +1077,8 @@ pub unsafe extern "C" fn cuMemcpy2DAsync_v2(copy: *const Memcpy2D, handle: *mut 
     let (src, dst) = (c.src_host as usize + c.src_y * c.src_pitch, c.dst_device + (c.dst_y * c.dst_pitch) as u64);
     let extent = |pitch: usize| (rows - 1).checked_mul(pitch).and_then(|e| e.checked_add(len));
     let (Some(src_len), Some(dst_len)) = (extent(c.src_pitch), extent(c.dst_pitch)) else { return INVALID_VALUE };
-    if c.src_host.is_null() || !registered(src, src_len) || with_device(dst, dst_len, |_| ()).is_none() {
+    if c.src_host.is_null() || !registered(src, src_len) || with_device_of(Some(device), dst, dst_len, |_| ()).is_none()
+    {
         return INVALID_VALUE;
     }
     let op = Op::Copy2D { dst, dst_pitch: c.dst_pitch, src, src_pitch: c.src_pitch, len, rows };
@@ -1105,6 +1226,7 @@ pub extern "C" fn tlemu_set_fault(which: c_uint, value: u64) -> CUresult {
 pub extern "C" fn tlemu_reset() -> CUresult {
     emu().sticky.store(SUCCESS, Ordering::Release);
     emu().copies.store(0, Ordering::Release);
+    emu().device_copies.iter().for_each(|c| c.store(0, Ordering::Release));
     SUCCESS
 }
 
