@@ -80,6 +80,52 @@ pub fn tensorlift(loader: Arc<Loader>, reuse_host_memory: bool, report_read: boo
     }
 }
 
+/// tensorlift onto several devices at once (`--devices`), each byte read once: the bytes
+/// landed on every device, and each run prints the bytes it read.
+pub fn tensorlift_devices(loader: Arc<Loader>) -> Entry {
+    Entry {
+        name: "tensorlift",
+        kind: Kind::Engine,
+        run: Box::new(move |c| {
+            let models = loader.load_devices_blocking(&c.dir)?;
+            let landed: u64 = models.iter().map(|m| m.stats().bytes).sum();
+            if let Some(s) = models.first().map(|m| m.stats()) {
+                eprintln!(
+                    "tensorlift: {} bytes onto {} devices, read {} of the checkpoint's {} once",
+                    landed,
+                    models.len(),
+                    s.bytes_read,
+                    s.checkpoint_bytes
+                );
+            }
+            Ok((landed, Box::new(models)))
+        }),
+    }
+}
+
+/// Each rank of a `--devices` load with a loader of its own, every rank at once (as one
+/// process a GPU loads): the bytes landed on every device, and each run prints the bytes
+/// the ranks read together.
+pub fn per_rank(loaders: Vec<Arc<Loader>>) -> Entry {
+    Entry {
+        name: "per-rank",
+        kind: Kind::Engine,
+        run: Box::new(move |c| {
+            let models = std::thread::scope(|s| {
+                let running: Vec<_> = loaders.iter().map(|l| s.spawn(|| l.load_blocking(&c.dir))).collect();
+                running
+                    .into_iter()
+                    .map(|h| h.join().map_err(|_| anyhow::anyhow!("a rank's load panicked"))?.map_err(Into::into))
+                    .collect::<anyhow::Result<Vec<_>>>()
+            })?;
+            let landed: u64 = models.iter().map(|m| m.stats().bytes).sum();
+            let read: u64 = models.iter().map(|m| m.stats().bytes_read).sum();
+            eprintln!("per-rank: {} bytes onto {} devices, the ranks read {read} together", landed, models.len());
+            Ok((landed, Box::new(models)))
+        }),
+    }
+}
+
 /// A loaded model, dropped after the clock stopped; unless memory reuse was asked for, the
 /// memory its tensors leave is given back too, so that every run loads into fresh memory,
 /// as a server's first load does.

@@ -86,6 +86,12 @@ struct Args {
     /// each run prints the bytes it read.
     #[arg(long, value_name = "RANK/WORLD", value_parser = parse_tp)]
     tp: Option<(usize, usize)>,
+    /// tensorlift: load onto the first N CUDA devices at once, as tensor-parallel ranks
+    /// (Llama rules, N key/value heads), each byte read once (`LoaderBuilder::devices`);
+    /// `per-rank` beside it loads each rank's part with a loader of its own, every rank at
+    /// once, as one process a GPU does. GB/s counts the bytes landed on every device.
+    #[arg(long, value_name = "N", conflicts_with_all = ["tp", "verify", "device"])]
+    devices: Option<usize>,
 }
 
 fn parse_dtype(s: &str) -> Result<tensorlift::Dtype, String> {
@@ -140,8 +146,10 @@ fn run(args: &Args) -> anyhow::Result<()> {
             bail!("unknown baseline '{b}' (known: {}, none)", KNOWN.join(", "));
         }
     }
-    let device: Device = args.device.parse()?;
-    let mut b = builder(args)?.device(device);
+    let mut b = match args.devices {
+        Some(n) => builder(args)?.devices(rank_plans(n)?),
+        None => builder(args)?.device(args.device.parse::<Device>()?),
+    };
     if args.dir.as_deref().is_some_and(tensorlift::is_remote) {
         // Every run reads the store: a local copy would make the next runs local.
         let mut o = tensorlift::RemoteOptions::from_env();
@@ -234,9 +242,24 @@ fn run(args: &Args) -> anyhow::Result<()> {
         Err(_) => 0,
     };
     let bar = progress(modes.len() as u64 * args.runs.max(1) as u64 * (2 + cpu_baselines + gpu_entries));
+    // Each rank loading alone, all at once: what one process a GPU reads today.
+    let per_rank = match args.devices {
+        Some(n) => Some(
+            (0..n)
+                .map(|r| {
+                    let plan = rank_plans(n)?.swap_remove(r);
+                    let b = builder(args)?.devices([plan]);
+                    Ok(Arc::new(b.build()?))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?,
+        ),
+        None => None,
+    };
     for mode in modes {
-        let mut entries: Vec<Entry> =
-            vec![engines::tensorlift(Arc::clone(&loader), args.reuse_host_memory, args.tp.is_some())];
+        let mut entries: Vec<Entry> = match &per_rank {
+            Some(ranks) => vec![engines::tensorlift_devices(Arc::clone(&loader)), engines::per_rank(ranks.clone())],
+            None => vec![engines::tensorlift(Arc::clone(&loader), args.reuse_host_memory, args.tp.is_some())],
+        };
         for b in &baselines {
             match b.as_str() {
                 "std-read" => entries.push(engines::std_read()),
@@ -314,6 +337,11 @@ fn builder(args: &Args) -> anyhow::Result<tensorlift::LoaderBuilder> {
         b = b.shard(tensorlift::Sharding::llama(rank, world, world)?);
     }
     Ok(b)
+}
+
+/// Rank `r` of `n` on `cuda:r`, for each rank (Llama rules, one key/value head a rank).
+fn rank_plans(n: usize) -> anyhow::Result<Vec<tensorlift::DevicePlan>> {
+    (0..n).map(|r| Ok(tensorlift::DevicePlan::shard(Device::Cuda(r), tensorlift::Sharding::llama(r, n, n)?))).collect()
 }
 
 /// Puts every shard in the page-cache state the mode needs (a remote one's is its server's).

@@ -320,8 +320,10 @@ impl CudaSink {
         }
     }
 
-    /// Queues the copies of a landed chunk's bytes to their places.
-    fn copy(&mut self, plan: &LoadPlan, read: &Read, buf: PinnedChunk) -> Result<u64, LoadError> {
+    /// Queues the copies of a landed chunk's bytes to their places. Other devices' sinks
+    /// may copy from the same chunk ([`crate::dest_devices`]): it goes back to the pool once
+    /// the last of their copies has completed.
+    pub(crate) fn copy(&mut self, plan: &LoadPlan, read: &Read, buf: Arc<PinnedChunk>) -> Result<u64, LoadError> {
         let Some(span) = self.spans.get(read.span) else { return Ok(0) };
         // Tensors to convert go to the scratch allocation, the others to their places; the
         // pieces are grouped by allocation.
@@ -341,7 +343,7 @@ impl CudaSink {
         let Some(engine) = self.engine.as_mut() else { return Ok(0) };
         self.first_copy.get_or_insert_with(Instant::now);
         let tag = Self::tag(read);
-        let copied = engine.copy_to(buf, &targets, tag);
+        let copied = engine.copy_shared(buf, &targets, tag);
         match copied {
             Ok(()) => {
                 self.pending += 1;
@@ -399,7 +401,7 @@ impl Sink for CudaSink {
                 v.hashers.send(read.span, read.index, Staged { read: *read, chunk: buf });
                 Ok(0)
             }
-            _ => self.copy(plan, read, buf),
+            _ => self.copy(plan, read, Arc::new(buf)),
         }
     }
 
@@ -418,7 +420,7 @@ impl Sink for CudaSink {
         for done in hashed {
             match done {
                 Hashed::Chunk { item, .. } => {
-                    if let Err(e) = self.copy(plan, &item.read, item.chunk) {
+                    if let Err(e) = self.copy(plan, &item.read, Arc::new(item.chunk)) {
                         return Poll::Ready(Err(e));
                     }
                 }

@@ -34,8 +34,10 @@ pub mod checksums;
 mod config;
 pub mod convert;
 mod dest_cuda;
+mod dest_devices;
 mod dest_host;
 mod device;
+pub mod devices;
 mod digest;
 mod error;
 #[cfg(feature = "clap")]
@@ -59,6 +61,7 @@ pub use config::{
     DEFAULT_QUEUE_DEPTH, DEFAULT_STAGING_BUDGET, DEFAULT_STREAMS, MAX_DEFAULT_IO_WORKERS,
 };
 pub use device::{Device, InvalidDevice, DEVICE_ENV};
+pub use devices::DevicePlan;
 pub use error::{ConversionFailure, LoadError};
 pub use loader::{Loader, LoaderBuilder};
 pub use pipeline::TensorStream;

@@ -14,8 +14,10 @@ use crate::config::{
 };
 use crate::device::DEVICE_ENV;
 use crate::pipeline::PlanEvent;
-use crate::target::{resolve_device, Target};
-use crate::{Device, LoadError, LoadStats, Model, Progress, Sharding, SliceRule, TensorSlice, TensorStream};
+use crate::target::{open_devices, resolve_device, Target};
+use crate::{
+    Device, DevicePlan, LoadError, LoadStats, Model, Progress, Sharding, SliceRule, Tensor, TensorSlice, TensorStream,
+};
 
 /// Configures a [`Loader`]. Every option has a default that suits a large checkpoint.
 #[derive(Clone)]
@@ -60,6 +62,7 @@ impl Default for LoaderBuilder {
                 convert_to: None,
                 slices: Default::default(),
                 place: None,
+                devices: Vec::new(),
                 host_pool: tensorlift_io::ArenaPool::new(usize::MAX),
             },
         }
@@ -186,6 +189,21 @@ impl LoaderBuilder {
     pub fn shard(self, sharding: Sharding) -> Self {
         self.slice_with(sharding)
     }
+    /// Loads onto several CUDA devices at once, each getting the part of the checkpoint its
+    /// [`DevicePlan`] chooses (whole tensors, or its tensor-parallel slices), reading each
+    /// byte of the checkpoint once (see [`crate::devices`]). The devices share the staging
+    /// budget; each has [`streams`](Self::streams) streams. Get a model per device with
+    /// [`Loader::load_devices`], or every device's tensors from [`Loader::stream`] (a
+    /// tensor's [`location`](crate::Tensor::location) says which).
+    ///
+    /// [`build`](Self::build) refuses a device twice, a device that is not `cuda:N`, and
+    /// this with [`device`](Self::device), loader-wide slices ([`slice`](Self::slice),
+    /// [`slice_with`](Self::slice_with), [`shard`](Self::shard): give each device its own),
+    /// caller memory, mapped views or verification.
+    pub fn devices(mut self, plans: impl IntoIterator<Item = DevicePlan>) -> Self {
+        self.cfg.devices = plans.into_iter().collect();
+        self
+    }
     /// Places tensors in memory the caller owns: `rule` (a closure
     /// `Fn(&TensorRequest) -> Result<Option<Destination>, String>`, or any
     /// [`PlaceRule`](crate::place::PlaceRule)) says where each goes, or `None` for
@@ -277,6 +295,9 @@ impl LoaderBuilder {
     /// Builds the loader: probes the environment once and starts the I/O workers.
     pub fn build(self) -> Result<Loader, LoadError> {
         let filter = compile_filter(&self.cfg.filter)?;
+        if !self.cfg.devices.is_empty() {
+            return self.build_devices(filter);
+        }
         let mut requested = match self.cfg.device {
             Some(d) => (d, "requested".to_owned()),
             None => match std::env::var(DEVICE_ENV) {
@@ -317,19 +338,13 @@ impl LoaderBuilder {
                 Device::Cpu => {}
             }
         }
-        let mut io = Reader::builder()
-            .queue_depth(self.cfg.queue_depth)
-            .workers(self.cfg.io_workers)
-            .direct(self.cfg.direct != DirectIo::Never)
-            .faults(self.cfg.faults.clone());
-        if let Some(b) = self.cfg.io_backend {
-            io = io.backend(b);
-        }
-        let reader = Arc::new(io.build());
+        let reader = Arc::new(self.reader_builder().build());
         let (target, device_reason) = resolve_device(requested.0, requested.1, &self.cfg, &reader)?;
         let device = match &target {
             Target::Host => Device::Cpu,
             Target::Cuda(c) => Device::Cuda(c.gpu.ordinal()),
+            // (resolve_device opens one device.)
+            Target::Devices(d) => d.first().map_or(Device::Cpu, |c| Device::Cuda(c.gpu.ordinal())),
         };
         if self.cfg.verify != Verify::Off {
             let refused = if self.cfg.place.is_some() {
@@ -344,6 +359,53 @@ impl LoaderBuilder {
             }
         }
         Ok(Loader { reader, cfg: self.cfg, filter, device, device_reason, target })
+    }
+}
+
+impl LoaderBuilder {
+    /// [`build`](Self::build) for a loader onto several devices.
+    fn build_devices(self, filter: Option<GlobSet>) -> Result<Loader, LoadError> {
+        let devices: Vec<Device> = self.cfg.devices.iter().map(|p| p.device).collect();
+        let refused = if self.cfg.device.is_some() {
+            Some("device() with devices() (each device plan names its device)".to_owned())
+        } else if !self.cfg.slices.is_empty() {
+            Some("loader-wide slices with devices() (give each device plan its slices)".to_owned())
+        } else if self.cfg.place.is_some() {
+            Some("caller memory with devices()".to_owned())
+        } else if self.cfg.map_views.is_some() {
+            Some("mapped views with devices() (they are host memory)".to_owned())
+        } else if self.cfg.verify != Verify::Off {
+            Some("verified loads with devices()".to_owned())
+        } else if let Some(d) = devices.iter().find(|d| !matches!(d, Device::Cuda(_))) {
+            Some(format!("{d} in devices() (a load onto several devices is onto CUDA devices)"))
+        } else {
+            devices
+                .iter()
+                .enumerate()
+                .find(|(i, d)| devices[..*i].contains(d))
+                .map(|(_, d)| format!("{d} twice in devices()"))
+        };
+        if let Some(what) = refused {
+            return Err(LoadError::Unsupported(what));
+        }
+        let reader = Arc::new(self.reader_builder().build());
+        let target = open_devices(&devices, &self.cfg, &reader)?;
+        let device = devices[0];
+        let device_reason = "requested".to_owned();
+        Ok(Loader { reader, cfg: self.cfg, filter, device, device_reason, target })
+    }
+
+    /// The I/O layer this builder's settings ask for.
+    fn reader_builder(&self) -> tensorlift_io::ReaderBuilder {
+        let mut io = Reader::builder()
+            .queue_depth(self.cfg.queue_depth)
+            .workers(self.cfg.io_workers)
+            .direct(self.cfg.direct != DirectIo::Never)
+            .faults(self.cfg.faults.clone());
+        if let Some(b) = self.cfg.io_backend {
+            io = io.backend(b);
+        }
+        io
     }
 }
 
@@ -386,9 +448,19 @@ impl Loader {
         LoaderBuilder::default()
     }
 
-    /// The device tensors go to (`Auto` resolved: `Cpu` or `Cuda(n)`).
+    /// The device tensors go to (`Auto` resolved: `Cpu` or `Cuda(n)`); for a loader onto
+    /// several devices ([`LoaderBuilder::devices`]), the first.
     pub fn device(&self) -> Device {
         self.device
+    }
+
+    /// The devices tensors go to: the one of [`device`](Self::device), or those of
+    /// [`LoaderBuilder::devices`], in order.
+    pub fn devices(&self) -> Vec<Device> {
+        match self.cfg.devices.is_empty() {
+            true => vec![self.device],
+            false => self.cfg.devices.iter().map(|p| p.device).collect(),
+        }
     }
 
     /// Host memory of dropped tensors kept for the next load, in bytes.
@@ -426,6 +498,7 @@ impl Loader {
     pub fn device_memory(&self) -> Option<(u64, u64)> {
         match &self.target {
             Target::Cuda(c) => c.gpu.memory_info().ok(),
+            Target::Devices(d) => d.first()?.gpu.memory_info().ok(),
             Target::Host => None,
         }
     }
@@ -436,6 +509,8 @@ impl Loader {
     pub fn pinned_staging(&self) -> Option<u64> {
         match &self.target {
             Target::Cuda(c) => Some((c.pool.chunks() * c.pool.chunk_size()) as u64),
+            // One pool serves every device.
+            Target::Devices(d) => d.first().map(|c| (c.pool.chunks() * c.pool.chunk_size()) as u64),
             Target::Host => None,
         }
     }
@@ -603,10 +678,57 @@ impl Loader {
 
     /// Loads every (selected) tensor of `path`. Headers are read and parsed on a planning
     /// thread of the load's own, reads by the loader's I/O workers: the caller's thread only
-    /// waits.
+    /// waits. A loader onto several devices loads with [`load_devices`](Self::load_devices).
     pub async fn load(&self, path: impl AsRef<Path>) -> Result<Model, LoadError> {
         let started = Instant::now();
+        self.one_device()?;
         collect(self.start_planning(path.as_ref(), started).await?).await
+    }
+
+    /// Loads every (selected) tensor of `path` onto each device, reading each byte once: a
+    /// model per device, in the order of [`devices`](Self::devices), each with that
+    /// device's tensors (its part of each) and the load's statistics, where `device`,
+    /// `bytes` and `tensors` are that device's and the rest the load's (`bytes_read`: the
+    /// bytes read once for every device). A loader onto one device gives one model.
+    pub async fn load_devices(&self, path: impl AsRef<Path>) -> Result<Vec<Model>, LoadError> {
+        let started = Instant::now();
+        let mut stream = self.start_planning(path.as_ref(), started).await?;
+        let devices = self.devices();
+        let mut each: Vec<Vec<Tensor>> = devices.iter().map(|_| Vec::new()).collect();
+        while let Some(t) = stream.next().await {
+            let t = t?;
+            // A tensor is on one of the loader's devices; with one device, on that one
+            // (or the host, where `auto` fell back to it).
+            let k = devices.iter().position(|&d| d == t.location()).unwrap_or(0);
+            each[k].push(t);
+        }
+        let load = stream.stats();
+        Ok(devices
+            .iter()
+            .zip(each)
+            .map(|(&device, tensors)| {
+                let mut stats = load.clone();
+                stats.device = device;
+                stats.bytes = tensors.iter().map(|t| t.len() as u64).sum();
+                stats.tensors = tensors.len();
+                Model::new(tensors, stats, stream.plan())
+            })
+            .collect())
+    }
+
+    /// [`load_devices`](Self::load_devices) for callers without an async runtime.
+    pub fn load_devices_blocking(&self, path: impl AsRef<Path>) -> Result<Vec<Model>, LoadError> {
+        tensorlift_io::block_on(self.load_devices(path))
+    }
+
+    /// Refuses to gather a load onto several devices into one model (names would repeat).
+    fn one_device(&self) -> Result<(), LoadError> {
+        match self.cfg.devices.len() {
+            0 | 1 => Ok(()),
+            n => Err(LoadError::Unsupported(format!(
+                "one model from a load onto {n} devices (its tensors' names repeat): use load_devices, or stream"
+            ))),
+        }
     }
 
     /// Loads the tensors of a plan made earlier whose names are in `names` (exact names,
@@ -620,6 +742,7 @@ impl Loader {
 
     /// Loads a plan made earlier.
     pub async fn load_plan(&self, plan: Checkpoint) -> Result<Model, LoadError> {
+        self.one_device()?;
         collect(self.stream_plan(plan)?).await
     }
 

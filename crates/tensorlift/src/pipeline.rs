@@ -69,6 +69,7 @@ struct Scheduler<S: Sink> {
 enum Dest {
     Host(Box<Scheduler<crate::dest_host::HostSink>>),
     Cuda(Box<Scheduler<crate::dest_cuda::CudaSink>>),
+    Devices(Box<Scheduler<crate::dest_devices::DevicesSink>>),
     /// Zero-copy views, all ready at the start.
     Mapped,
 }
@@ -144,7 +145,7 @@ impl TensorStream {
     /// Starts loading a whole plan. `fresh` when this load made it.
     pub(crate) fn start(
         reader: Arc<Reader>,
-        plan: Checkpoint,
+        mut plan: Checkpoint,
         cfg: &Config,
         target: &Target,
         stats: LoadStats,
@@ -157,6 +158,11 @@ impl TensorStream {
         // Where every tensor lands, decided here once (the caller's placement checked)
         // before anything is read or allocated.
         let landing = Landing::decide(cfg, target, &plan)?;
+        // Onto several devices: each one's plan, and the plan narrowed to what they need.
+        let mut device_plans = match landing {
+            Landing::Devices(_) => Some(crate::dest_devices::plans(&mut plan, &cfg.devices)?),
+            _ => None,
+        };
         // A verified load reads every shard whole (its build refused what would not).
         let checks = match cfg.verify {
             crate::Verify::Off => None,
@@ -181,6 +187,10 @@ impl TensorStream {
             stream.stats.planned = Some(started.elapsed());
         }
         plan_stats(&mut stream.stats, &stream.plan, &spans);
+        if let Some(plans) = &device_plans {
+            // The bytes that land: each device's.
+            stream.stats.bytes = plans.iter().map(LoadPlan::total_bytes).sum();
+        }
         stream.stats.unverified_bytes = unverified;
         let reads = layout::reads(&spans, cfg.chunk_size, read_window(cfg));
         stream.total_bytes = reads.iter().map(|r| r.len as u64).sum();
@@ -215,6 +225,12 @@ impl TensorStream {
                     &mut stream.ready,
                 )?;
                 stream.dest = Dest::Cuda(Box::new(Scheduler::new(sink, reads, &stream.plan, cfg, started, fresh)));
+            }
+            Landing::Devices(targets) => {
+                let plans = device_plans.take().unwrap_or_default();
+                let sink =
+                    crate::dest_devices::DevicesSink::new(targets, plans, &spans, cfg, &reads, &mut stream.ready)?;
+                stream.dest = Dest::Devices(Box::new(Scheduler::new(sink, reads, &stream.plan, cfg, started, fresh)));
             }
         }
         Ok(stream)
@@ -361,6 +377,7 @@ impl TensorStream {
                 let drained = match &mut self.dest {
                     Dest::Host(s) => s.poll_abort(cx),
                     Dest::Cuda(s) => s.poll_abort(cx),
+                    Dest::Devices(s) => s.poll_abort(cx),
                     Dest::Mapped => Poll::Ready(()),
                 };
                 if drained.is_pending() {
@@ -410,6 +427,9 @@ impl TensorStream {
                 Dest::Cuda(s) => {
                     s.poll_step(cx, &self.reader, &mut self.plan, self.direct, &mut self.ready, &mut self.stats)
                 }
+                Dest::Devices(s) => {
+                    s.poll_step(cx, &self.reader, &mut self.plan, self.direct, &mut self.ready, &mut self.stats)
+                }
                 Dest::Mapped => Poll::Ready(Ok(Step::Done)),
             };
             match step {
@@ -446,6 +466,7 @@ impl TensorStream {
                 self.stats.copy = s.sink.copy_time();
                 self.stats.verified_bytes = s.sink.verified_bytes();
             }
+            Dest::Devices(s) => self.stats.copy = s.sink.copy_time(),
             Dest::Host(s) => {
                 (self.stats.prefaulted_bytes, self.stats.prefault_failure) = s.sink.finish_prefault();
                 self.stats.verified_bytes = s.sink.verified_bytes();

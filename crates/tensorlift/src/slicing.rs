@@ -208,12 +208,30 @@ impl Slices {
         if self.is_empty() {
             return Ok(());
         }
+        let chosen = self.choose(plan)?;
+        let file = crate::error::plan_file(plan);
+        let mut i = 0;
+        plan.slice_with(
+            |_| {
+                i += 1;
+                Ok(chosen[i - 1].clone())
+            },
+            |t, e| LoadError::Slice { file: file.clone(), tensor: t.name.clone(), message: e.to_string() },
+        )
+    }
+
+    /// The slice of each tensor of `plan` (`None`: all of it): by its exact name, else as
+    /// the rule says. A slice asked for by name of a tensor the plan does not have is an
+    /// error, as is a rule's refusal.
+    pub fn choose(&self, plan: &tensorlift_format::LoadPlan) -> Result<Vec<Option<TensorSlice>>, LoadError> {
         let file = crate::error::plan_file(plan);
         let fail =
             |tensor: &str, message: String| LoadError::Slice { file: file.clone(), tensor: tensor.to_owned(), message };
         let mut unused: Vec<&str> = self.named.keys().map(String::as_str).collect();
-        plan.slice_with(
-            |t| match self.named.get(&t.name) {
+        let chosen = plan
+            .tensors()
+            .iter()
+            .map(|t| match self.named.get(&t.name) {
                 Some(s) => {
                     unused.retain(|n| *n != t.name);
                     Ok(Some(s.clone()))
@@ -222,13 +240,12 @@ impl Slices {
                     Some(r) => r.slice(&t.name, &t.shape).map_err(|m| fail(&t.name, m)),
                     None => Ok(None),
                 },
-            },
-            |t, e| fail(&t.name, e.to_string()),
-        )?;
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         // A slice asked for by name of a tensor the load does not have is a mistake to say.
         match unused.first() {
             Some(n) => Err(fail(n, "no such tensor in the load".into())),
-            None => Ok(()),
+            None => Ok(chosen),
         }
     }
 }

@@ -18,6 +18,9 @@ use crate::{Device, LoadError};
 pub(crate) enum Target {
     Host,
     Cuda(Arc<CudaTarget>),
+    /// Several CUDA devices, in the order of the loader's device plans, sharing one pinned
+    /// staging pool ([`LoaderBuilder::devices`](crate::LoaderBuilder::devices)).
+    Devices(Vec<Arc<CudaTarget>>),
 }
 
 /// Decides where tensors go, once, with the reason: `Cpu` is the host; `Cuda(n)` opens
@@ -31,11 +34,11 @@ pub(crate) fn resolve_device(
 ) -> Result<(Target, String), LoadError> {
     match requested {
         Device::Cpu => Ok((Target::Host, why)),
-        Device::Cuda(ordinal) => match open_cuda(ordinal, cfg, reader) {
+        Device::Cuda(ordinal) => match open_cuda(ordinal, cfg, reader, None) {
             Ok(t) => Ok((Target::Cuda(Arc::new(t)), why)),
             Err(Unusable { reason, source }) => Err(LoadError::CudaUnavailable { ordinal, reason, source }),
         },
-        Device::Auto => match open_cuda(0, cfg, reader) {
+        Device::Auto => match open_cuda(0, cfg, reader, None) {
             Ok(t) => {
                 let name = t.gpu.name().to_owned();
                 Ok((Target::Cuda(Arc::new(t)), format!("auto: cuda:0 ({name}) is usable")))
@@ -43,6 +46,26 @@ pub(crate) fn resolve_device(
             Err(unusable) => Ok((Target::Host, format!("auto: {}", unusable.reason))),
         },
     }
+}
+
+/// Opens the CUDA devices of a load onto several (`devices`, each a `Device::Cuda`, none
+/// twice: the builder checked), with one pinned staging pool for all of them, made on the
+/// first (its memory is registered PORTABLE: pinned for every device's copies).
+pub(crate) fn open_devices(devices: &[Device], cfg: &Config, reader: &Reader) -> Result<Target, LoadError> {
+    let mut opened: Vec<Arc<CudaTarget>> = Vec::with_capacity(devices.len());
+    for &d in devices {
+        let Device::Cuda(ordinal) = d else {
+            return Err(LoadError::Unsupported(format!(
+                "a load onto several devices with {d} (they are CUDA devices)"
+            )));
+        };
+        let pool = opened.first().map(|t| Arc::clone(&t.pool));
+        match open_cuda(ordinal, cfg, reader, pool) {
+            Ok(t) => opened.push(Arc::new(t)),
+            Err(Unusable { reason, source }) => return Err(LoadError::CudaUnavailable { ordinal, reason, source }),
+        }
+    }
+    Ok(Target::Devices(opened))
 }
 
 /// Why a CUDA device cannot be used: the reason in words (with the driver's error in it),
@@ -63,14 +86,27 @@ impl Unusable {
     }
 }
 
-/// Opens a device and the pinned staging pool (registered with io_uring where it can be).
-fn open_cuda(ordinal: usize, cfg: &Config, reader: &Reader) -> Result<CudaTarget, Unusable> {
+/// Opens a device and the pinned staging pool (registered with io_uring where it can be),
+/// or with `pool`, one opened with another device.
+fn open_cuda(
+    ordinal: usize,
+    cfg: &Config,
+    reader: &Reader,
+    pool: Option<Arc<tensorlift_cuda::PinnedPool>>,
+) -> Result<CudaTarget, Unusable> {
     let gpu = tensorlift_cuda::Gpu::open(ordinal).map_err(|e| Unusable::driver(None, e))?;
-    let pool = tensorlift_cuda::PinnedPool::new(&gpu, cfg.staging_budget, cfg.chunk_size)
-        .map_err(|e| Unusable::driver(Some(format!("cannot pin {} bytes of staging memory", cfg.staging_budget)), e))?;
-    if let Err(e) = pool.register_with(reader) {
-        tracing::debug!(error = %e, "pinned chunks are not io_uring fixed buffers");
-    }
+    let pool = match pool {
+        Some(p) => p,
+        None => {
+            let pool = tensorlift_cuda::PinnedPool::new(&gpu, cfg.staging_budget, cfg.chunk_size).map_err(|e| {
+                Unusable::driver(Some(format!("cannot pin {} bytes of staging memory", cfg.staging_budget)), e)
+            })?;
+            if let Err(e) = pool.register_with(reader) {
+                tracing::debug!(error = %e, "pinned chunks are not io_uring fixed buffers");
+            }
+            pool
+        }
+    };
     // The kernels only when they are needed: loading them costs the driver a compilation.
     let kernels = match cfg.convert_to {
         Some(_) => Some(Arc::new(
@@ -96,6 +132,8 @@ pub(crate) enum Landing<'a> {
         target: &'a Arc<CudaTarget>,
         caller: Vec<Option<Resolved>>,
     },
+    /// Several devices, each with its part (the loader's device plans, in order).
+    Devices(&'a [Arc<CudaTarget>]),
 }
 
 impl<'a> Landing<'a> {
@@ -104,7 +142,7 @@ impl<'a> Landing<'a> {
     pub(crate) fn decide(cfg: &Config, target: &'a Target, plan: &LoadPlan) -> Result<Self, LoadError> {
         let gpu = match target {
             Target::Cuda(c) => Some(&c.gpu),
-            Target::Host => None,
+            Target::Host | Target::Devices(_) => None,
         };
         let caller = match &cfg.place {
             Some(rule) => crate::place::resolve(rule.as_ref(), plan, cfg.convert_to, gpu)?,
@@ -114,6 +152,8 @@ impl<'a> Landing<'a> {
             (Some(contract), Target::Host) => Landing::Mapped(contract),
             (_, Target::Host) => Landing::Host { caller },
             (_, Target::Cuda(target)) => Landing::Cuda { target, caller },
+            // The loader's build refused caller memory and mapped views with several devices.
+            (_, Target::Devices(targets)) => Landing::Devices(targets),
         })
     }
 

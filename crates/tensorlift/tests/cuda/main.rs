@@ -12,6 +12,8 @@ use tensorlift::{Device, DirectIo, Dtype, LoadError, Loader, LoaderBuilder, Mode
 use tensorlift_cuda::emulator::{self, Fault};
 use tensorlift_testkit::{write_shard, write_sharded, Spec};
 
+mod devices;
+
 /// One test at a time (the driver's counts and faults are the process's); on drop, checks
 /// that the test left nothing alive on the device, and clears the faults.
 struct Driver(#[allow(dead_code)] MutexGuard<'static, ()>);
