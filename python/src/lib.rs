@@ -11,7 +11,7 @@ use std::sync::Arc;
 use pyo3::exceptions::{PyBufferError, PyFileNotFoundError, PyRuntimeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyList};
 use tensorlift::dlpack::{DLManagedTensor, DLManagedTensorVersioned};
 use tensorlift::{Device, LoadError, Loader};
 
@@ -55,6 +55,13 @@ impl PyTensor {
     #[getter]
     fn nbytes(&self) -> usize {
         self.inner.len()
+    }
+
+    /// A copy of the tensor's bytes in host memory (from the device, for a device tensor).
+    fn tobytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, pyo3::types::PyBytes>> {
+        let bytes = py.detach(|| self.inner.to_host().map(|b| b.into_owned()));
+        let bytes = bytes.map_err(|e| PyRuntimeError::new_err(format!("{}: {e}", self.inner.name())))?;
+        Ok(pyo3::types::PyBytes::new(py, &bytes))
     }
 
     /// The tensor's bytes as a one-dimensional `uint8` DLPack producer, without a copy.
@@ -192,6 +199,57 @@ fn load(
         fill_stats(&d, model.stats())?;
     }
     tensors_dict(py, model.into_tensors())
+}
+
+/// Loads every tensor of `path` onto each of `devices` (`"cuda:N"`, each once), reading
+/// each byte of the checkpoint once, with the GIL released; returns a list of dicts of name
+/// to `Tensor`, one a device, in order. `tp=num_key_value_heads`: device `i` gets
+/// tensor-parallel rank `i` of `len(devices)`'s part of each tensor, split as vLLM splits a
+/// Llama-family model; without it, every device gets every tensor whole. `filter`,
+/// `progress` and `dtype` as for `load`; `stats`: a dict, filled with the load's statistics
+/// (`bytes_read` is the bytes read once for all the devices).
+#[pyfunction]
+#[pyo3(signature = (path, devices, filter=None, progress=None, *, dtype=None, tp=None, stats=None, cache_dir=None))]
+#[allow(clippy::too_many_arguments)] // Python keyword arguments.
+fn load_devices(
+    py: Python<'_>,
+    path: std::path::PathBuf,
+    devices: Vec<String>,
+    filter: Option<Vec<String>>,
+    progress: Option<Py<PyAny>>,
+    dtype: Option<&str>,
+    tp: Option<usize>,
+    stats: Option<Bound<'_, PyDict>>,
+    cache_dir: Option<std::path::PathBuf>,
+) -> PyResult<Py<PyList>> {
+    let world = devices.len();
+    let plans = devices
+        .iter()
+        .enumerate()
+        .map(|(rank, d)| {
+            let device = device_of(d)?;
+            Ok(match tp {
+                Some(kv_heads) => tensorlift::DevicePlan::shard(
+                    device,
+                    tensorlift::Sharding::llama(rank, world, kv_heads)
+                        .map_err(|e| PyValueError::new_err(e.to_string()))?,
+                ),
+                None => tensorlift::DevicePlan::replica(device),
+            })
+        })
+        .collect::<PyResult<Vec<_>>>()?;
+    let raised = Raised::default();
+    let options = Options { dtype, cache_dir, ..Options::default() };
+    let loader = configure(Loader::builder().devices(plans), filter, progress, &raised, options)?;
+    let models = wait(py, loader.load_devices(&path), &raised)?.map_err(py_err)?;
+    if let (Some(d), Some(m)) = (stats, models.first()) {
+        fill_stats(&d, m.stats())?;
+    }
+    let list = PyList::empty(py);
+    for m in models {
+        list.append(tensors_dict(py, m.into_tensors())?)?;
+    }
+    Ok(list.unbind())
 }
 
 /// Puts a load's statistics into `dict` (as `json.loads` reads their JSON).
@@ -437,7 +495,17 @@ fn loader(
     raised: &Raised,
     options: Options<'_>,
 ) -> PyResult<Loader> {
-    let mut b = Loader::builder().device(device_of(device)?);
+    configure(Loader::builder().device(device_of(device)?), filter, progress, raised, options)
+}
+
+/// Builds a loader from `b` (its devices chosen) with the rest of a Python call's options.
+fn configure(
+    mut b: tensorlift::LoaderBuilder,
+    filter: Option<Vec<String>>,
+    progress: Option<Py<PyAny>>,
+    raised: &Raised,
+    options: Options<'_>,
+) -> PyResult<Loader> {
     if options.mapped {
         // SAFETY: the Python caller chose backend="mmap", whose documented contract
         // (docs/PYTHON.md, as the reference safetensors' own mmap backend) is MapContract's:
@@ -738,6 +806,7 @@ fn _tensorlift(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyCheckpoint>()?;
     m.add_class::<PyTensorIterator>()?;
     m.add_function(wrap_pyfunction!(load, m)?)?;
+    m.add_function(wrap_pyfunction!(load_devices, m)?)?;
     m.add_function(wrap_pyfunction!(iter_tensors, m)?)?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
     m.add_function(wrap_pyfunction!(is_remote, m)?)?;

@@ -27,6 +27,7 @@ from ._tensorlift import (
 )
 from ._tensorlift import is_remote as _is_remote
 from ._tensorlift import iter_tensors as _iter_tensors
+from ._tensorlift import load_devices as _load_devices
 from . import _frameworks
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "is_remote",
     "iter_tensors",
     "load",
+    "load_devices",
     "load_file",
     "patch",
     "release_host_memory",
@@ -226,6 +228,32 @@ def load_file(path, device="cpu", framework="pt", *, dtype=None, tp=None, stats=
         cache_dir=None if cache_dir is None else str(cache_dir),
     )
     return {name: _convert(t, framework) for name, t in tensors.items()}
+
+
+def load_devices(path, devices, framework="pt", *, dtype=None, tp=None, stats=None, cache_dir=None):
+    """Loads every tensor of ``path`` onto each CUDA device of ``devices`` (``"cuda:N"``,
+    ``torch.device`` or an ordinal, each once), reading each byte of the checkpoint once:
+    one pinned chunk is copied to every device that needs part of it. Returns a list of
+    dicts of name to tensor, one a device, in the order of ``devices``.
+
+    ``tp=num_key_value_heads``: device ``i`` gets tensor-parallel rank ``i`` of
+    ``len(devices)``'s part of each tensor, split as vLLM splits a Llama-family model (as
+    ``load_file``'s ``tp`` does for one rank); without it each device gets every tensor
+    whole. ``framework``, ``dtype``, ``stats`` and ``cache_dir`` as for ``load_file``
+    (``stats["bytes_read"]``: the bytes read once for every device).
+    """
+    devices = [_device(d) for d in devices]
+    for d in devices:
+        _check_framework(framework, d)
+    models = _load_devices(
+        str(path),
+        devices,
+        dtype=_dtype(dtype),
+        tp=tp,
+        stats=stats,
+        cache_dir=None if cache_dir is None else str(cache_dir),
+    )
+    return [{name: _convert(t, framework) for name, t in m.items()} for m in models]
 
 
 def iter_tensors(

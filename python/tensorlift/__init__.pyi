@@ -22,6 +22,7 @@ class Tensor:
     def device(self) -> str: ...
     @property
     def nbytes(self) -> int: ...
+    def tobytes(self) -> bytes: ...
     def raw_bytes(self) -> Any: ...
     def __dlpack_device__(self) -> Tuple[int, int]: ...
     def __dlpack__(
@@ -50,6 +51,16 @@ def load(
     verify: Optional[str] = None,
     cache_dir: Optional[_Path] = None,
 ) -> Dict[str, Tensor]: ...
+def load_devices(
+    path: _Path,
+    devices: Sequence[_Device],
+    framework: _Framework = "pt",
+    *,
+    dtype: Optional[Any] = None,
+    tp: Optional[int] = None,
+    stats: Optional[Dict[str, Any]] = None,
+    cache_dir: Optional[_Path] = None,
+) -> List[Dict[str, Any]]: ...
 def load_file(
     path: _Path,
     device: _Device = "cpu",
