@@ -89,7 +89,8 @@ struct Args {
     /// tensorlift: load onto the first N CUDA devices at once, as tensor-parallel ranks
     /// (Llama rules, N key/value heads), each byte read once (`LoaderBuilder::devices`);
     /// `per-rank` beside it loads each rank's part with a loader of its own, every rank at
-    /// once, as one process a GPU does. GB/s counts the bytes landed on every device.
+    /// once, as one process a GPU does (each with a staging budget of its own, held beside
+    /// the one load's for the whole run). GB/s counts the bytes landed on every device.
     #[arg(long, value_name = "N", conflicts_with_all = ["tp", "verify", "device"])]
     devices: Option<usize>,
 }

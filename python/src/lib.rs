@@ -207,7 +207,8 @@ fn load(
 /// tensor-parallel rank `i` of `len(devices)`'s part of each tensor, split as vLLM splits a
 /// Llama-family model; without it, every device gets every tensor whole. `filter`,
 /// `progress` and `dtype` as for `load`; `stats`: a dict, filled with the load's statistics
-/// (`bytes_read` is the bytes read once for all the devices).
+/// (`bytes` and `tensors_loaded` over every device, `devices` their names, `bytes_read` the
+/// bytes read once for all of them).
 #[pyfunction]
 #[pyo3(signature = (path, devices, filter=None, progress=None, *, dtype=None, tp=None, stats=None, cache_dir=None))]
 #[allow(clippy::too_many_arguments)] // Python keyword arguments.
@@ -244,6 +245,13 @@ fn load_devices(
     let models = wait(py, loader.load_devices(&path), &raised)?.map_err(py_err)?;
     if let (Some(d), Some(m)) = (stats, models.first()) {
         fill_stats(&d, m.stats())?;
+        // The load's: every device's bytes and tensors, and the devices (`device`: the first).
+        let bytes: u64 = models.iter().map(|m| m.stats().bytes).sum();
+        let secs = m.stats().wall.as_secs_f64();
+        d.set_item("bytes", bytes)?;
+        d.set_item("tensors_loaded", models.iter().map(|m| m.stats().tensors).sum::<usize>())?;
+        d.set_item("gbps", if secs > 0.0 { bytes as f64 / secs / 1e9 } else { 0.0 })?;
+        d.set_item("devices", models.iter().map(|m| m.stats().device.to_string()).collect::<Vec<_>>())?;
     }
     let list = PyList::empty(py);
     for m in models {

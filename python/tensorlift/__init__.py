@@ -240,7 +240,9 @@ def load_devices(path, devices, framework="pt", *, dtype=None, tp=None, stats=No
     ``len(devices)``'s part of each tensor, split as vLLM splits a Llama-family model (as
     ``load_file``'s ``tp`` does for one rank); without it each device gets every tensor
     whole. ``framework``, ``dtype``, ``stats`` and ``cache_dir`` as for ``load_file``
-    (``stats["bytes_read"]``: the bytes read once for every device).
+    (``stats["bytes"]`` and ``stats["tensors_loaded"]`` count every device's,
+    ``stats["devices"]`` names them, ``stats["bytes_read"]`` is the bytes read once for all).
+    An empty ``devices`` is a ``ValueError``.
     """
     devices = [_device(d) for d in devices]
     for d in devices:

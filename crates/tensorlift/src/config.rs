@@ -132,8 +132,8 @@ pub(crate) struct Config {
     pub convert_to: Option<tensorlift_format::Dtype>,
     pub slices: crate::slicing::Slices,
     pub place: Option<Arc<dyn crate::place::PlaceRule>>,
-    /// The devices of a load onto several, each with its part (empty: one device).
-    pub devices: Vec<crate::devices::DevicePlan>,
+    /// The devices of a load onto several, each with its part (`None`: one device).
+    pub devices: Option<Vec<crate::devices::DevicePlan>>,
     pub host_pool: Arc<tensorlift_io::ArenaPool>,
 }
 

@@ -278,10 +278,15 @@ impl CudaSink {
 
     /// From the first copy queued to the last one completed.
     pub(crate) fn copy_time(&self) -> Duration {
-        match (self.first_copy, self.last_done) {
+        match self.copy_window() {
             (Some(a), Some(b)) => b.saturating_duration_since(a),
             _ => Duration::ZERO,
         }
+    }
+
+    /// When the first copy was queued and the last one completed (`None`: not yet).
+    pub(crate) fn copy_window(&self) -> (Option<Instant>, Option<Instant>) {
+        (self.first_copy, self.last_done)
     }
 
     /// Hands tensor `t` out, or holds it while its shard is being verified.

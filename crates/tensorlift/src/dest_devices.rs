@@ -13,7 +13,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tensorlift_cuda::{PinnedChunk, PinnedPool};
 use tensorlift_format::LoadPlan;
@@ -48,10 +48,11 @@ pub(crate) fn plans(checkpoint: &mut Checkpoint, shares: &[DevicePlan]) -> Resul
     let mut plans = Vec::with_capacity(shares.len());
     let mut chosen = Vec::with_capacity(shares.len());
     for share in shares {
+        let slices = share.slices.choose(checkpoint)?;
         let mut sliced = checkpoint.clone();
-        share.slices.apply(&mut sliced)?;
+        crate::slicing::apply_chosen(&mut sliced, &slices)?;
         plans.push(sliced.into_plan());
-        chosen.push(share.slices.choose(checkpoint)?);
+        chosen.push(slices);
     }
     let file = crate::error::plan_file(checkpoint);
     let mut i = 0;
@@ -129,9 +130,16 @@ impl DevicesSink {
         Ok(DevicesSink { pool: Arc::clone(&first.pool), devices, reported: 0 })
     }
 
-    /// From the first copy queued to the last one completed, on any device.
+    /// From the first copy queued on any device to the last one completed on any.
     pub(crate) fn copy_time(&self) -> Duration {
-        self.devices.iter().map(|d| d.sink.copy_time()).max().unwrap_or_default()
+        let windows = self.devices.iter().map(|d| d.sink.copy_window());
+        let (first, last) = windows.fold((None::<Instant>, None::<Instant>), |(f, l), (a, b)| {
+            (f.into_iter().chain(a).min(), l.into_iter().chain(b).max())
+        });
+        match (first, last) {
+            (Some(a), Some(b)) => b.saturating_duration_since(a),
+            _ => Duration::ZERO,
+        }
     }
 }
 
@@ -199,7 +207,7 @@ impl Sink for DevicesSink {
         if !progressed && self.busy() {
             return Poll::Pending;
         }
-        // A chunk has landed once it is on every device.
+        // Progress counts the bytes every device has completed (the least of them).
         let least = self.devices.iter().map(|d| d.done).min().unwrap_or(0);
         let bytes = least.saturating_sub(self.reported);
         self.reported = self.reported.max(least);

@@ -62,7 +62,7 @@ impl Default for LoaderBuilder {
                 convert_to: None,
                 slices: Default::default(),
                 place: None,
-                devices: Vec::new(),
+                devices: None,
                 host_pool: tensorlift_io::ArenaPool::new(usize::MAX),
             },
         }
@@ -201,7 +201,7 @@ impl LoaderBuilder {
     /// [`slice_with`](Self::slice_with), [`shard`](Self::shard): give each device its own),
     /// caller memory, mapped views or verification.
     pub fn devices(mut self, plans: impl IntoIterator<Item = DevicePlan>) -> Self {
-        self.cfg.devices = plans.into_iter().collect();
+        self.cfg.devices = Some(plans.into_iter().collect());
         self
     }
     /// Places tensors in memory the caller owns: `rule` (a closure
@@ -295,8 +295,9 @@ impl LoaderBuilder {
     /// Builds the loader: probes the environment once and starts the I/O workers.
     pub fn build(self) -> Result<Loader, LoadError> {
         let filter = compile_filter(&self.cfg.filter)?;
-        if !self.cfg.devices.is_empty() {
-            return self.build_devices(filter);
+        if let Some(plans) = &self.cfg.devices {
+            let devices: Vec<Device> = plans.iter().map(|p| p.device).collect();
+            return self.build_devices(devices, filter);
         }
         let mut requested = match self.cfg.device {
             Some(d) => (d, "requested".to_owned()),
@@ -364,9 +365,10 @@ impl LoaderBuilder {
 
 impl LoaderBuilder {
     /// [`build`](Self::build) for a loader onto several devices.
-    fn build_devices(self, filter: Option<GlobSet>) -> Result<Loader, LoadError> {
-        let devices: Vec<Device> = self.cfg.devices.iter().map(|p| p.device).collect();
-        let refused = if self.cfg.device.is_some() {
+    fn build_devices(self, devices: Vec<Device>, filter: Option<GlobSet>) -> Result<Loader, LoadError> {
+        let refused = if devices.is_empty() {
+            Some("devices() with no device".to_owned())
+        } else if self.cfg.device.is_some() {
             Some("device() with devices() (each device plan names its device)".to_owned())
         } else if !self.cfg.slices.is_empty() {
             Some("loader-wide slices with devices() (give each device plan its slices)".to_owned())
@@ -457,9 +459,9 @@ impl Loader {
     /// The devices tensors go to: the one of [`device`](Self::device), or those of
     /// [`LoaderBuilder::devices`], in order.
     pub fn devices(&self) -> Vec<Device> {
-        match self.cfg.devices.is_empty() {
-            true => vec![self.device],
-            false => self.cfg.devices.iter().map(|p| p.device).collect(),
+        match &self.cfg.devices {
+            None => vec![self.device],
+            Some(plans) => plans.iter().map(|p| p.device).collect(),
         }
     }
 
@@ -494,7 +496,8 @@ impl Loader {
         &self.device_reason
     }
 
-    /// Free and total memory of the loader's CUDA device, in bytes; `None` on the host.
+    /// Free and total memory of the loader's CUDA device (the first, for a loader onto
+    /// several), in bytes; `None` on the host.
     pub fn device_memory(&self) -> Option<(u64, u64)> {
         match &self.target {
             Target::Cuda(c) => c.gpu.memory_info().ok(),
@@ -688,8 +691,9 @@ impl Loader {
     /// Loads every (selected) tensor of `path` onto each device, reading each byte once: a
     /// model per device, in the order of [`devices`](Self::devices), each with that
     /// device's tensors (its part of each) and the load's statistics, where `device`,
-    /// `bytes` and `tensors` are that device's and the rest the load's (`bytes_read`: the
-    /// bytes read once for every device). A loader onto one device gives one model.
+    /// `bytes` (as stored) and `tensors` are that device's and the rest the load's
+    /// (`bytes_read`: the bytes read once for every device; `wall`: the whole load's). A
+    /// loader onto one device gives one model.
     pub async fn load_devices(&self, path: impl AsRef<Path>) -> Result<Vec<Model>, LoadError> {
         let started = Instant::now();
         let mut stream = self.start_planning(path.as_ref(), started).await?;
@@ -706,10 +710,12 @@ impl Loader {
         Ok(devices
             .iter()
             .zip(each)
-            .map(|(&device, tensors)| {
+            .enumerate()
+            .map(|(k, (&device, tensors))| {
                 let mut stats = load.clone();
                 stats.device = device;
-                stats.bytes = tensors.iter().map(|t| t.len() as u64).sum();
+                // As stored, as a load onto one device counts them.
+                stats.bytes = stream.device_bytes().get(k).copied().unwrap_or(load.bytes);
                 stats.tensors = tensors.len();
                 Model::new(tensors, stats, stream.plan())
             })
@@ -723,7 +729,7 @@ impl Loader {
 
     /// Refuses to gather a load onto several devices into one model (names would repeat).
     fn one_device(&self) -> Result<(), LoadError> {
-        match self.cfg.devices.len() {
+        match self.cfg.devices.as_ref().map_or(1, Vec::len) {
             0 | 1 => Ok(()),
             n => Err(LoadError::Unsupported(format!(
                 "one model from a load onto {n} devices (its tensors' names repeat): use load_devices, or stream"

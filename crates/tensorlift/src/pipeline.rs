@@ -98,6 +98,8 @@ pub struct TensorStream {
     stats: LoadStats,
     /// While planning goes on ([`start_early`](Self::start_early)): what it reports.
     planning: Option<tokio::sync::mpsc::UnboundedReceiver<PlanEvent>>,
+    /// For a load onto several devices: the bytes each device's tensors take, as stored.
+    device_bytes: Vec<u64>,
 }
 
 /// What the planning thread of a load that starts early reports, in this order: the plan of
@@ -139,6 +141,7 @@ impl TensorStream {
             stats,
             plan,
             planning: None,
+            device_bytes: Vec::new(),
         }
     }
 
@@ -154,13 +157,19 @@ impl TensorStream {
     ) -> Result<TensorStream, LoadError> {
         let _span =
             tracing::info_span!("plan_io", tensors = plan.tensors().len(), shards = plan.shards().len()).entered();
-        tensors_fit(&plan)?;
+        tensors_fit(&plan, 1)?;
         // Where every tensor lands, decided here once (the caller's placement checked)
         // before anything is read or allocated.
         let landing = Landing::decide(cfg, target, &plan)?;
         // Onto several devices: each one's plan, and the plan narrowed to what they need.
         let mut device_plans = match landing {
-            Landing::Devices(_) => Some(crate::dest_devices::plans(&mut plan, &cfg.devices)?),
+            Landing::Devices(_) => {
+                let shares = cfg.devices.as_deref().unwrap_or_default();
+                let plans = crate::dest_devices::plans(&mut plan, shares)?;
+                // Each device's tensors cost their few allocations too.
+                tensors_fit(&plan, plans.len())?;
+                Some(plans)
+            }
             _ => None,
         };
         // A verified load reads every shard whole (its build refused what would not).
@@ -189,7 +198,8 @@ impl TensorStream {
         plan_stats(&mut stream.stats, &stream.plan, &spans);
         if let Some(plans) = &device_plans {
             // The bytes that land: each device's.
-            stream.stats.bytes = plans.iter().map(LoadPlan::total_bytes).sum();
+            stream.device_bytes = plans.iter().map(LoadPlan::total_bytes).collect();
+            stream.stats.bytes = stream.device_bytes.iter().sum();
         }
         stream.stats.unverified_bytes = unverified;
         let reads = layout::reads(&spans, cfg.chunk_size, read_window(cfg));
@@ -341,7 +351,7 @@ impl TensorStream {
         if !same_shards {
             return Err(LoadError::PlanningFailed);
         }
-        tensors_fit(&plan)?;
+        tensors_fit(&plan, 1)?;
         let spans = layout::spans(&plan, |_| false);
         plan_stats(&mut self.stats, &plan, &spans);
         // Shards with no tensors have nothing to read after all.
@@ -480,7 +490,14 @@ impl TensorStream {
         &self.stats
     }
 
-    /// The plan being loaded. A load that starts before planning ends (see
+    /// For a load onto several devices, the bytes each device's tensors take as stored (in
+    /// the order of the loader's devices); empty for a load onto one.
+    pub(crate) fn device_bytes(&self) -> &[u64] {
+        &self.device_bytes
+    }
+
+    /// The plan being loaded; for a load onto several devices, the plan of what is read
+    /// (each tensor narrowed to the slice that holds every device's part). A load that starts before planning ends (see
     /// [`LoaderBuilder::read_while_planning`](crate::LoaderBuilder::read_while_planning))
     /// has, until the plan stands (before its first tensor), a plan of its shards alone: no
     /// tensors, metadata or index metadata. The same type as [`Loader::plan`](crate::Loader::plan)'s
@@ -682,10 +699,11 @@ impl<S: Sink> Scheduler<S> {
     }
 }
 
-/// Each tensor costs a few small allocations (its name, shape, the model's index): whether
-/// their total can be had, checked before they are made, since each alone would abort.
-fn tensors_fit(plan: &LoadPlan) -> Result<(), LoadError> {
-    let per_tensor = plan.tensors().len() as u64 * TENSOR_OVERHEAD;
+/// Each tensor costs a few small allocations (its name, shape, the model's index), on each
+/// of `copies` devices: whether their total can be had, checked before they are made, since
+/// each alone would abort.
+fn tensors_fit(plan: &LoadPlan, copies: usize) -> Result<(), LoadError> {
+    let per_tensor = (plan.tensors().len() as u64).saturating_mul(copies as u64).saturating_mul(TENSOR_OVERHEAD);
     if !tensorlift_io::can_allocate(per_tensor) {
         return Err(LoadError::OutOfMemory { file: plan_file(plan), bytes: per_tensor });
     }

@@ -191,6 +191,22 @@ impl SliceRule for Sharding {
     }
 }
 
+/// Narrows each tensor of `plan` to its slice in `chosen` (by index; `None`: whole).
+pub(crate) fn apply_chosen(
+    plan: &mut tensorlift_format::LoadPlan,
+    chosen: &[Option<TensorSlice>],
+) -> Result<(), LoadError> {
+    let file = crate::error::plan_file(plan);
+    let mut i = 0;
+    plan.slice_with(
+        |_| {
+            i += 1;
+            Ok(chosen.get(i - 1).cloned().flatten())
+        },
+        |t, e| LoadError::Slice { file: file.clone(), tensor: t.name.clone(), message: e.to_string() },
+    )
+}
+
 /// The slices a loader applies: exact names first, then the rule.
 #[derive(Clone, Default)]
 pub(crate) struct Slices {
@@ -209,15 +225,7 @@ impl Slices {
             return Ok(());
         }
         let chosen = self.choose(plan)?;
-        let file = crate::error::plan_file(plan);
-        let mut i = 0;
-        plan.slice_with(
-            |_| {
-                i += 1;
-                Ok(chosen[i - 1].clone())
-            },
-            |t, e| LoadError::Slice { file: file.clone(), tensor: t.name.clone(), message: e.to_string() },
-        )
+        apply_chosen(plan, &chosen)
     }
 
     /// The slice of each tensor of `plan` (`None`: all of it): by its exact name, else as

@@ -27,7 +27,8 @@
 //!   `TLEMU_REFUSE_REGISTER=1`, `TLEMU_COPY_DELAY_US=N` (each copy waits first),
 //!   `TLEMU_DEVICES=N`, `TLEMU_FAULT_DEVICE=D+1` (the memory, out-of-memory and copy faults
 //!   hit device D alone, whose copies are then counted on their own; 0, the default: every
-//!   device); read at `cuInit`, and settable later with `tlemu_set_fault`.
+//!   device); read at `cuInit`, and settable later with `tlemu_set_fault`. (The sticky error
+//!   of an asynchronous fault is the process's, where a real driver keeps one a context.)
 //!
 //! It is a test double, never shipped: `scripts/test` builds it
 //! (`target/debug/libtensorlift_cuda_emulator.so`, SONAME `libcuda.so`), and the CUDA tests

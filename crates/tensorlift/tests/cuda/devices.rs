@@ -25,8 +25,15 @@ fn devices(n: usize) -> Option<Vec<Device>> {
     Some((0..n).map(Device::Cuda).collect())
 }
 
-/// Every tensor of `model` on `device`, 256-byte aligned, with exactly the bytes `want` has.
+/// Every tensor of `model` on `device`, 256-byte aligned, with exactly the bytes `want` has,
+/// and the model's bytes theirs.
 fn assert_model(model: &Model, device: Device, want: &BTreeMap<String, Vec<u8>>, what: &str) {
+    assert_tensors(model, device, want, what);
+    assert_eq!(model.stats().bytes, want.values().map(|b| b.len() as u64).sum::<u64>(), "{what}: bytes");
+}
+
+/// Every tensor of `model` on `device`, 256-byte aligned, with exactly the bytes `want` has.
+fn assert_tensors(model: &Model, device: Device, want: &BTreeMap<String, Vec<u8>>, what: &str) {
     assert_eq!(model.len(), want.len(), "{what}: tensor count");
     assert_eq!(model.stats().device, device, "{what}");
     for (name, bytes) in want {
@@ -36,7 +43,6 @@ fn assert_model(model: &Model, device: Device, want: &BTreeMap<String, Vec<u8>>,
         let got = t.to_host().unwrap();
         assert!(got.as_ref() == bytes.as_slice(), "{what}: {name} differs ({} vs {} bytes)", got.len(), bytes.len());
     }
-    assert_eq!(model.stats().bytes, want.values().map(|b| b.len() as u64).sum::<u64>(), "{what}: bytes");
 }
 
 /// Tensors by name, dtype and shape.
@@ -113,6 +119,7 @@ fn replicas_land_on_every_device_from_one_read() {
         let what = format!("chunk {chunk}");
         let one = Loader::builder().device(Device::Cuda(0)).chunk_size(chunk).build().unwrap();
         let read_once = one.load_blocking(&path).unwrap().stats().bytes_read;
+        let registered = emulator::live().map(|l| l.registrations);
         let loader = Loader::builder()
             .devices(devs.iter().map(|&d| DevicePlan::replica(d)))
             .chunk_size(chunk)
@@ -120,7 +127,10 @@ fn replicas_land_on_every_device_from_one_read() {
             .build()
             .unwrap();
         assert_eq!(loader.devices(), devs);
-        assert_eq!(loader.pinned_staging(), Some(3 * chunk as u64), "{what}: one pool for every device");
+        assert_eq!(loader.pinned_staging(), Some(3 * chunk as u64), "{what}");
+        // One pinned pool for every device: one more host registration, not four.
+        let more = emulator::live().map(|l| l.registrations).zip(registered).map(|(a, b)| a - b);
+        assert!(more.is_none_or(|m| m == 1), "{what}: {more:?} pools pinned");
         let models = loader.load_devices_blocking(&path).unwrap();
         assert_eq!(models.len(), devs.len());
         for (m, &d) in models.iter().zip(&devs) {
@@ -227,9 +237,13 @@ fn replicas_and_shards_mix_and_convert_on_each_device() {
             .collect()
     };
     let models = loader.load_devices_blocking(&dir).unwrap();
-    assert_model(&models[0], devs[0], &to_f32(full.clone()), "replica");
+    let stored = |want: &BTreeMap<String, Vec<u8>>| want.values().map(|b| b.len() as u64).sum::<u64>();
+    assert_tensors(&models[0], devs[0], &to_f32(full.clone()), "replica");
+    assert_eq!(models[0].stats().bytes, stored(&full), "replica: bytes as stored");
     for rank in 0..2 {
-        assert_model(&models[rank + 1], devs[rank + 1], &to_f32(rank_truth(&full, &specs, rank, 2)), "shard");
+        let want = rank_truth(&full, &specs, rank, 2);
+        assert_tensors(&models[rank + 1], devs[rank + 1], &to_f32(want.clone()), "shard");
+        assert_eq!(models[rank + 1].stats().bytes, stored(&want), "shard: bytes as stored");
     }
     assert!(models.iter().all(|m| m.tensors().iter().all(|t| t.dtype() == Dtype::F32)));
 }
@@ -279,25 +293,23 @@ fn a_fault_on_one_device_ends_the_load_on_every_device() {
 #[test]
 fn one_device_plan_is_todays_load_and_misuse_is_refused() {
     let _d = driver();
-    let Some(devs) = devices(2) else { return };
+    // (One device: this runs on a one-GPU host too, where it is the no-regression check.)
+    let Some(devs) = devices(1) else { return };
     let dir = scratch();
     let (full, _) = llama(&dir);
-    // One device plan: the same as a loader for that device, load() included.
-    let loader = Loader::builder().devices([DevicePlan::replica(devs[1])]).build().unwrap();
-    assert_eq!(loader.device(), devs[1]);
-    assert_model(&loader.load_blocking(&dir).unwrap(), devs[1], &full, "one device plan");
-    let two = Loader::builder().devices(devs.iter().map(|&d| DevicePlan::replica(d))).build().unwrap();
+    // One device plan: what a loader for that device loads and reads, load() included.
+    let last = *devs.last().unwrap();
+    let today = Loader::builder().device(last).chunk_size(64 << 10).build().unwrap().load_blocking(&dir).unwrap();
+    let loader = Loader::builder().devices([DevicePlan::replica(last)]).chunk_size(64 << 10).build().unwrap();
+    assert_eq!(loader.device(), last);
+    let model = loader.load_blocking(&dir).unwrap();
+    assert_model(&model, last, &full, "one device plan");
+    assert_model(&today, last, &full, "one device");
+    assert_eq!(model.stats().bytes_read, today.stats().bytes_read);
     let refused = |r: Result<Loader, LoadError>| match r {
         Err(LoadError::Unsupported(what)) => what,
         other => panic!("{other:?}"),
     };
-    assert_eq!(
-        two.load_blocking(&dir).unwrap_err().to_string(),
-        LoadError::Unsupported(
-            "one model from a load onto 2 devices (its tensors' names repeat): use load_devices, or stream".into()
-        )
-        .to_string()
-    );
     let r = |p: Vec<DevicePlan>| Loader::builder().devices(p);
     let rep = DevicePlan::replica;
     assert_eq!(refused(r(vec![rep(devs[0]), rep(devs[0])]).build()), "cuda:0 twice in devices()");
@@ -313,10 +325,18 @@ fn one_device_plan_is_todays_load_and_misuse_is_refused() {
         refused(r(vec![rep(devs[0])]).shard(Sharding::llama(0, 2, 8).unwrap()).build()),
         "loader-wide slices with devices() (give each device plan its slices)"
     );
+    assert_eq!(refused(r(Vec::new()).build()), "devices() with no device");
     match Loader::builder().devices([rep(Device::Cuda(64))]).build() {
         Err(LoadError::CudaUnavailable { ordinal: 64, .. }) => {}
         other => panic!("{other:?}"),
     }
+    // Several devices: one model would repeat names.
+    let Some(devs) = devices(2) else { return };
+    let two = Loader::builder().devices(devs.iter().map(|&d| DevicePlan::replica(d))).build().unwrap();
+    assert_eq!(
+        two.load_blocking(&dir).unwrap_err().to_string(),
+        "not supported: one model from a load onto 2 devices (its tensors' names repeat): use load_devices, or stream"
+    );
 }
 
 #[test]
@@ -355,5 +375,74 @@ fn each_device_takes_its_own_slices_empty_ones_included() {
         }
         assert_eq!(models[0].get("m").unwrap().shape(), &[0, 30]);
         assert_eq!(models[1].get("m").unwrap().shape(), &[40, 12]);
+    }
+}
+
+#[test]
+fn the_read_starts_where_an_empty_part_lies_and_filters_and_progress_hold() {
+    use std::sync::{Arc, Mutex};
+    use tensorlift::TensorSlice;
+    let _d = driver();
+    let Some(devs) = devices(2) else { return };
+    let dir = scratch();
+    let path = dir.join("m.safetensors");
+    let specs: &[Spec<'static>] =
+        &[("big", Dtype::F32, &[4000, 1024]), ("small", Dtype::U8, &[1000]), ("other", Dtype::BF16, &[2000, 512])];
+    let full = tensorlift_testkit::write_shard(&path, specs);
+    let rows = |r: Range<usize>| slice_bytes(&full["big"], &[4000, 1024], 4, &[r, 0..1024]);
+    // No rows of big on device 0 (an empty part, at big's first byte), rows 30..40 on device
+    // 1: the load reads big's rows 0..40 and small, not the 16 MB of big's other rows.
+    let plans = [
+        DevicePlan::replica(devs[0]).slice("big", TensorSlice::rows(12..12)),
+        DevicePlan::replica(devs[1]).slice("big", TensorSlice::rows(30..40)),
+    ];
+    let last = Arc::new(Mutex::new((0u64, 0u64)));
+    let seen = Arc::clone(&last);
+    let loader = Loader::builder()
+        .devices(plans)
+        .filter(["big", "small"])
+        .chunk_size(64 << 10)
+        .progress(move |p| *seen.lock().unwrap() = (p.done, p.total))
+        .build()
+        .unwrap();
+    let models = loader.load_devices_blocking(&path).unwrap();
+    let want = |big: Vec<u8>| BTreeMap::from([("big".to_owned(), big), ("small".to_owned(), full["small"].clone())]);
+    assert_model(&models[0], devs[0], &want(Vec::new()), "device 0");
+    assert_model(&models[1], devs[1], &want(rows(30..40)), "device 1");
+    let read = models[0].stats().bytes_read;
+    assert!(read < 1 << 20, "{read} bytes read");
+    let (done, total) = *last.lock().unwrap();
+    assert_eq!((done, total), (read, read), "progress ends at every read byte, on every device");
+}
+
+/// A PyTorch file whose `lm_head.weight` is `embed.weight` (tied), beside views of one
+/// storage, onto two devices: every name on each, the twins sharing one place on each.
+#[test]
+fn tied_pytorch_weights_on_every_device() {
+    let _d = driver();
+    let Some(devs) = devices(2) else { return };
+    let expect: serde_json::Value =
+        serde_json::from_str(include_str!("../../../tensorlift-pickle/tests/fixtures/tied.expect.json")).unwrap();
+    let hex = |s: &str| (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect();
+    let truth: BTreeMap<String, Vec<u8>> =
+        expect.as_object().unwrap().iter().map(|(k, t)| (k.clone(), hex(t["hex"].as_str().unwrap()))).collect();
+    let dir = scratch();
+    std::fs::write(
+        dir.join("pytorch_model.bin"),
+        include_bytes!("../../../tensorlift-pickle/tests/fixtures/tied.zip.bin"),
+    )
+    .unwrap();
+    let loader =
+        Loader::builder().devices(devs.iter().map(|&d| DevicePlan::replica(d))).chunk_size(4096).build().unwrap();
+    let models = loader.load_devices_blocking(&dir).unwrap();
+    for (m, &d) in models.iter().zip(&devs) {
+        assert_eq!(m.len(), truth.len());
+        for (name, want) in &truth {
+            let t = m.get(name).unwrap();
+            assert_eq!(t.location(), d, "{name}");
+            assert!(t.to_host().unwrap().as_ref() == want.as_slice(), "{name} on {d}");
+        }
+        let ptr = |name: &str| m.get(name).unwrap().device_ptr().unwrap();
+        assert_eq!(ptr("embed.weight"), ptr("lm_head.weight"), "on {d}");
     }
 }
