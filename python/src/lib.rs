@@ -260,6 +260,32 @@ fn load_devices(
     Ok(list.unbind())
 }
 
+/// A slice as Python takes it: a `(start, end)` range for each leading dimension.
+type Ranges = Vec<(usize, usize)>;
+
+/// The part of each of `tensors` (name, shape) that tensor-parallel rank `rank` of `world`
+/// loads, split as vLLM splits a Llama-family model with `kv_heads` key/value heads
+/// (`tensorlift::Sharding::llama`): `None` for all of it, else a `(start, end)` range for
+/// each leading dimension (the others whole). For processes that share a load
+/// (`tensorlift.load_group`), so that every rank slices as a one-rank load does.
+#[pyfunction]
+fn _tp_slices(
+    tensors: Vec<(String, Vec<usize>)>,
+    rank: usize,
+    world: usize,
+    kv_heads: usize,
+) -> PyResult<Vec<Option<Ranges>>> {
+    use tensorlift::SliceRule;
+    let rule = tensorlift::Sharding::llama(rank, world, kv_heads).map_err(|e| PyValueError::new_err(e.to_string()))?;
+    tensors
+        .iter()
+        .map(|(name, shape)| {
+            let slice = rule.slice(name, shape).map_err(|m| PyValueError::new_err(format!("tensor '{name}': {m}")))?;
+            Ok(slice.map(|s| s.ranges().iter().map(|r| (r.start, r.end)).collect()))
+        })
+        .collect()
+}
+
 /// Puts a load's statistics into `dict` (as `json.loads` reads their JSON).
 fn fill_stats(dict: &Bound<'_, PyDict>, stats: &tensorlift::LoadStats) -> PyResult<()> {
     let py = dict.py();
@@ -614,8 +640,10 @@ impl PyCheckpoint {
         Ok((t.dtype.to_string(), t.shape.clone(), t.len()))
     }
 
-    /// Loads the named tensors (GIL released, interruptible): a dict of name to `Tensor`.
-    fn load(&self, py: Python<'_>, names: Vec<String>) -> PyResult<Py<PyDict>> {
+    /// Loads the named tensors (GIL released, interruptible): a dict of name to `Tensor`;
+    /// `stats`, a dict filled with the load's statistics.
+    #[pyo3(signature = (names, stats=None))]
+    fn load(&self, py: Python<'_>, names: Vec<String>, stats: Option<Bound<'_, PyDict>>) -> PyResult<Py<PyDict>> {
         for n in &names {
             self.find(n)?;
         }
@@ -623,6 +651,9 @@ impl PyCheckpoint {
         let mut plan = self.plan.clone();
         plan.retain(|t| refs.contains(t.name.as_str()));
         let model = wait(py, self.loader.load_plan(plan), &Raised::default())?.map_err(py_err)?;
+        if let Some(d) = stats {
+            fill_stats(&d, model.stats())?;
+        }
         tensors_dict(py, model.into_tensors())
     }
 
@@ -815,6 +846,7 @@ fn _tensorlift(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyTensorIterator>()?;
     m.add_function(wrap_pyfunction!(load, m)?)?;
     m.add_function(wrap_pyfunction!(load_devices, m)?)?;
+    m.add_function(wrap_pyfunction!(_tp_slices, m)?)?;
     m.add_function(wrap_pyfunction!(iter_tensors, m)?)?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
     m.add_function(wrap_pyfunction!(is_remote, m)?)?;

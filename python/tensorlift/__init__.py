@@ -41,6 +41,7 @@ __all__ = [
     "load",
     "load_devices",
     "load_file",
+    "load_group",
     "patch",
     "release_host_memory",
     "resolve_device",
@@ -256,6 +257,25 @@ def load_devices(path, devices, framework="pt", *, dtype=None, tp=None, stats=No
         cache_dir=None if cache_dir is None else str(cache_dir),
     )
     return [{name: _convert(t, framework) for name, t in m.items()} for m in models]
+
+
+def load_group(path, group=None, device="cpu", *, tp=None, stats=None):
+    """Loads ``path`` across the ranks of a ``torch.distributed`` process group (default:
+    the world), reading each byte of the checkpoint once on the whole group: each rank reads
+    a disjoint part (a contiguous run of tensors, about ``1/world`` of the bytes) onto
+    ``device`` (its own GPU with NCCL, ``"cpu"`` with gloo), and sends every other rank only
+    that rank's slice of each tensor. Call it on every rank of the group; returns a dict of
+    name to torch tensor, this rank's part.
+
+    ``tp=num_key_value_heads``: rank ``r`` of the group gets tensor-parallel rank ``r``'s
+    part of each tensor, split as ``load_file``'s ``tp`` splits a Llama-family model;
+    without it every rank gets every tensor whole. ``stats``: a dict, filled with this rank's
+    read (the keys of ``load_file``'s) and what it exchanged: ``bytes_sent``,
+    ``bytes_received``, and ``sent_to`` / ``received_from`` (global rank to bytes).
+    """
+    from ._group import load_group as _load_group
+
+    return _load_group(_Checkpoint, _to_torch, path, group, _device(device), tp, stats)
 
 
 def iter_tensors(

@@ -61,6 +61,14 @@ def load_devices(
     stats: Optional[Dict[str, Any]] = None,
     cache_dir: Optional[_Path] = None,
 ) -> List[Dict[str, Any]]: ...
+def load_group(
+    path: _Path,
+    group: Any = None,
+    device: _Device = "cpu",
+    *,
+    tp: Optional[int] = None,
+    stats: Optional[Dict[str, Any]] = None,
+) -> Dict[str, Any]: ...
 def load_file(
     path: _Path,
     device: _Device = "cpu",
