@@ -13,28 +13,11 @@ tensors: a rank receives only what it keeps. Sends go in rounds of at most
 
 _ROUND_BYTES = 256 << 20
 
-# Stored dtypes as torch names them; the bytes travel as uint8 (every backend sends those).
-_TORCH_DTYPES = {
-    "BOOL": "bool",
-    "U8": "uint8",
-    "I8": "int8",
-    "U16": "uint16",
-    "I16": "int16",
-    "U32": "uint32",
-    "I32": "int32",
-    "U64": "uint64",
-    "I64": "int64",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "F32": "float32",
-    "F64": "float64",
-    "C64": "complex64",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-    "F8_E4M3FNUZ": "float8_e4m3fnuz",
-    "F8_E5M2FNUZ": "float8_e5m2fnuz",
-    "F8_E8M0": "float8_e8m0fnu",
-}
+from . import _NUMPY, _TORCH_RAW
+
+# Stored dtypes as torch names them (numpy's names are torch's for the types numpy has); the
+# bytes travel as uint8, which every backend sends.
+_TORCH_DTYPES = {**_NUMPY, "BF16": "bfloat16", **_TORCH_RAW}
 
 
 def _torch_dtype(torch, name, dtype):

@@ -166,10 +166,7 @@ impl Sink for DevicesSink {
     type Buf = PinnedChunk;
 
     fn buffer(&mut self, _read: &Read, cx: &mut Context<'_>) -> Option<PinnedChunk> {
-        match self.pool.poll_acquire(cx) {
-            Poll::Ready(c) => Some(c),
-            Poll::Pending => None,
-        }
+        crate::dest_cuda::lend(&self.pool, cx)
     }
 
     fn landed(

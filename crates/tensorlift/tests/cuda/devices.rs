@@ -421,17 +421,7 @@ fn the_read_starts_where_an_empty_part_lies_and_filters_and_progress_hold() {
 fn tied_pytorch_weights_on_every_device() {
     let _d = driver();
     let Some(devs) = devices(2) else { return };
-    let expect: serde_json::Value =
-        serde_json::from_str(include_str!("../../../tensorlift-pickle/tests/fixtures/tied.expect.json")).unwrap();
-    let hex = |s: &str| (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect();
-    let truth: BTreeMap<String, Vec<u8>> =
-        expect.as_object().unwrap().iter().map(|(k, t)| (k.clone(), hex(t["hex"].as_str().unwrap()))).collect();
-    let dir = scratch();
-    std::fs::write(
-        dir.join("pytorch_model.bin"),
-        include_bytes!("../../../tensorlift-pickle/tests/fixtures/tied.zip.bin"),
-    )
-    .unwrap();
+    let (dir, truth) = super::tied_pytorch_checkpoint();
     let loader =
         Loader::builder().devices(devs.iter().map(|&d| DevicePlan::replica(d))).chunk_size(4096).build().unwrap();
     let models = loader.load_devices_blocking(&dir).unwrap();

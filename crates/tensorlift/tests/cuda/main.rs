@@ -126,21 +126,27 @@ fn every_dtype_and_layout_lands_on_the_device() {
 #[test]
 fn tied_pytorch_weights_share_device_memory() {
     let _d = driver();
+    let (dir, truth) = tied_pytorch_checkpoint();
+    let model = base().chunk_size(4096).build().unwrap().load_blocking(&dir).unwrap();
+    assert_on_device(&model, &truth, "tied");
+    let ptr = |name: &str| model.get(name).unwrap().device_ptr().unwrap();
+    assert_eq!(ptr("embed.weight"), ptr("lm_head.weight"));
+}
+
+/// A folder with the tied PyTorch fixture as `pytorch_model.bin`, and each tensor's bytes as
+/// torch reads them.
+fn tied_pytorch_checkpoint() -> (PathBuf, BTreeMap<String, Vec<u8>>) {
     let expect: serde_json::Value =
         serde_json::from_str(include_str!("../../../tensorlift-pickle/tests/fixtures/tied.expect.json")).unwrap();
     let hex = |s: &str| (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect();
-    let truth: BTreeMap<String, Vec<u8>> =
-        expect.as_object().unwrap().iter().map(|(k, t)| (k.clone(), hex(t["hex"].as_str().unwrap()))).collect();
+    let truth = expect.as_object().unwrap().iter().map(|(k, t)| (k.clone(), hex(t["hex"].as_str().unwrap()))).collect();
     let dir = scratch();
     std::fs::write(
         dir.join("pytorch_model.bin"),
         include_bytes!("../../../tensorlift-pickle/tests/fixtures/tied.zip.bin"),
     )
     .unwrap();
-    let model = base().chunk_size(4096).build().unwrap().load_blocking(&dir).unwrap();
-    assert_on_device(&model, &truth, "tied");
-    let ptr = |name: &str| model.get(name).unwrap().device_ptr().unwrap();
-    assert_eq!(ptr("embed.weight"), ptr("lm_head.weight"));
+    (dir, truth)
 }
 
 #[test]
