@@ -243,13 +243,13 @@ fn run(args: &Args) -> anyhow::Result<()> {
         Err(_) => 0,
     };
     let bar = progress(modes.len() as u64 * args.runs.max(1) as u64 * (2 + cpu_baselines + gpu_entries));
-    // Each rank loading alone, all at once: what one process a GPU reads today.
+    // Each rank loading alone onto its device, all at once, as one process a GPU loads today
+    // (a plain loader for that device and rank: with one device, the no-regression check).
     let per_rank = match args.devices {
         Some(n) => Some(
             (0..n)
                 .map(|r| {
-                    let plan = rank_plans(n)?.swap_remove(r);
-                    let b = builder(args)?.devices([plan]);
+                    let b = builder(args)?.device(Device::Cuda(r)).shard(tensorlift::Sharding::llama(r, n, n)?);
                     Ok(Arc::new(b.build()?))
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?,
