@@ -269,9 +269,14 @@ def load_group(path, group=None, device="cpu", *, tp=None, stats=None):
 
     ``tp=num_key_value_heads``: rank ``r`` of the group gets tensor-parallel rank ``r``'s
     part of each tensor, split as ``load_file``'s ``tp`` splits a Llama-family model;
-    without it every rank gets every tensor whole. ``stats``: a dict, filled with this rank's
-    read (the keys of ``load_file``'s) and what it exchanged: ``bytes_sent``,
+    without it every rank gets every tensor whole. ``device``: ``"cpu"`` or ``"cuda:N"``
+    (``"cuda"``: torch's current device); a NCCL group needs a GPU. ``stats``: a dict, filled
+    with what this rank read (``bytes_read``) and exchanged: ``bytes_sent``,
     ``bytes_received``, and ``sent_to`` / ``received_from`` (global rank to bytes).
+
+    The load goes in rounds of about 256 MiB of the checkpoint, so that a rank holds at most
+    a round of loaded tensors beside those it keeps. A rank that fails (a read, memory)
+    raises its error and the others raise too, naming it, rather than wait.
     """
     from ._group import load_group as _load_group
 

@@ -2,18 +2,23 @@
 a disjoint part of the checkpoint and send every other rank only its own slices.
 
 Each rank owns a contiguous run of tensors, about ``1/world`` of the checkpoint's bytes, in
-file order (so a rank's reads are a few long ranges), and loads those tensors whole with
-tensorlift, onto its device. Then, tensor by tensor, the owner keeps its own slice and
-sends each other rank that rank's slice (tensor-parallel slices, as ``load_file``'s ``tp``
-cuts them, or the whole tensor for replicas), by point-to-point sends on the group: NCCL
-between GPUs, gloo between CPUs. This is a scatter of slices, not an all-gather of
-tensors: a rank receives only what it keeps. Sends go in rounds of at most
-``_ROUND_BYTES`` of the checkpoint, so the slices in flight stay bounded.
+file order (so a rank's reads are a few long ranges). The load goes in rounds of about
+``_ROUND_BYTES`` of the checkpoint (more where one tensor is larger): in each, the owners
+load their tensors of the round with tensorlift, onto their devices, keep a copy of their
+own slice of each and send each other rank that rank's slice (tensor-parallel slices, as
+``load_file``'s ``tp`` cuts them, or the whole tensor for replicas), by point-to-point sends
+on the group: NCCL between GPUs, gloo between CPUs. This is a scatter of slices, not an
+all-gather of tensors: a rank receives only what it keeps, and holds at most a round of
+loaded tensors beside what it keeps.
+
+Before each round's exchange the ranks agree that every one of them got ready (one small
+all-reduce): a rank that failed (a read, memory) raises its error, and the others raise
+too, naming it, rather than wait for sends that will not come.
 """
 
-_ROUND_BYTES = 256 << 20
-
 from . import _NUMPY, _TORCH_RAW
+
+_ROUND_BYTES = 256 << 20
 
 # Stored dtypes as torch names them (numpy's names are torch's for the types numpy has); the
 # bytes travel as uint8, which every backend sends.
@@ -37,6 +42,20 @@ def _owners(sizes, world):
     return owners
 
 
+def _rounds(sizes, limit):
+    """The tensors of each round, as index ranges: every rank cuts the same rounds, by the
+    checkpoint's bytes."""
+    rounds, start, acc = [], 0, 0
+    for i, n in enumerate(sizes):
+        acc += n
+        if acc >= limit:
+            rounds.append(range(start, i + 1))
+            start, acc = i + 1, 0
+    if start < len(sizes) or not rounds:
+        rounds.append(range(start, len(sizes)))
+    return rounds
+
+
 def _part_shape(shape, ranges):
     if ranges is None:
         return list(shape)
@@ -45,6 +64,35 @@ def _part_shape(shape, ranges):
 
 def _index(ranges):
     return tuple(slice(a, b) for a, b in ranges)
+
+
+def _device(torch, dist, group, device):
+    """The device this rank loads onto and receives into, one name for tensorlift and torch:
+    ``"cuda"`` is torch's current device, as torch reads it; NCCL needs a GPU."""
+    if str(device) == "auto":
+        raise ValueError("load_group needs the device of this rank: 'cpu' or 'cuda:N'")
+    d = torch.device(device)
+    if d.type == "cuda":
+        d = torch.device("cuda", torch.cuda.current_device() if d.index is None else d.index)
+    elif d.type != "cpu":
+        raise ValueError(f"load_group loads onto 'cpu' or a CUDA device, not {device!r}")
+    if dist.get_backend(group) == "nccl" and d.type != "cuda":
+        raise ValueError("a NCCL group sends between GPUs: give this rank's CUDA device (device='cuda:N')")
+    return str(d)
+
+
+def _agree(torch, dist, group, device, error, me, world):
+    """Every rank says whether it is ready; if one is not, every rank raises (the failed one
+    its own error)."""
+    flags = torch.zeros(world, dtype=torch.int32, device=device)
+    if error is not None:
+        flags[me] = 1
+    dist.all_reduce(flags, group=group)
+    failed = [r for r, f in enumerate(flags.tolist()) if f]
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError(f"load_group: rank {failed[0]} of the group failed (its own error says why)")
 
 
 def load_group(ckpt_class, convert, path, group, device, tp, stats):
@@ -56,65 +104,75 @@ def load_group(ckpt_class, convert, path, group, device, tp, stats):
     if group is None:
         group = dist.group.WORLD
     world, me = dist.get_world_size(group), dist.get_rank(group)
-    ckpt = ckpt_class(str(path), device)
-    names = ckpt.keys()
-    infos = [ckpt.info(n) for n in names]
-    shapes = [list(shape) for _, shape, _ in infos]
-    dtypes = [_torch_dtype(torch, n, d) for n, (d, _, _) in zip(names, infos)]
-    owners = _owners([nbytes for _, _, nbytes in infos], world)
-    if tp is None:
-        parts = [[None] * len(names) for _ in range(world)]
-    else:
-        parts = [_tp_slices(list(zip(names, shapes)), r, world, tp) for r in range(world)]
-    read = {}
-    mine = ckpt.load([n for n, o in zip(names, owners) if o == me], stats=read)
+    if me < 0:
+        raise ValueError("load_group: this process is not a rank of the group")
+    device = _device(torch, dist, group, device)
+    error, plan = None, None
+    try:
+        ckpt = ckpt_class(str(path), device)
+        names = ckpt.keys()
+        infos = [ckpt.info(n) for n in names]
+        shapes = [list(shape) for _, shape, _ in infos]
+        sizes = [nbytes for _, _, nbytes in infos]
+        dtypes = [_torch_dtype(torch, n, d) for n, (d, _, _) in zip(names, infos)]
+        if tp is None:
+            parts = [[None] * len(names) for _ in range(world)]
+        else:
+            parts = [_tp_slices(list(zip(names, shapes)), r, world, tp) for r in range(world)]
+        plan = (ckpt, names, shapes, sizes, dtypes, parts)
+    except Exception as e:  # noqa: BLE001 - every rank must hear of it, then it is raised
+        error = e
+    _agree(torch, dist, group, device, error, me, world)
+    ckpt, names, shapes, sizes, dtypes, parts = plan
+    owners = _owners(sizes, world)
     peer = [dist.get_global_rank(group, r) for r in range(world)]
-    # One collective on every rank first: NCCL sets up the group's communicator there, which
-    # its point-to-point batches need (a batch may leave a rank out).
-    dist.barrier(group=group)
     sent, received = [0] * world, [0] * world
-    out, ops, pending, in_round = {}, [], [], 0
-
-    def flush():
+    read = {"bytes_read": 0}
+    # In file order, whatever order the tensors arrive in.
+    out = dict.fromkeys(names)
+    for tensors in _rounds(sizes, _ROUND_BYTES):
+        ops, pending, error = [], [], None
+        try:
+            owned = [names[i] for i in tensors if owners[i] == me]
+            round_stats = {}
+            mine = ckpt.load(owned, stats=round_stats) if owned else {}
+            read["bytes_read"] += round_stats.get("bytes_read", 0)
+            for i in tensors:
+                name, owner, dtype = names[i], owners[i], dtypes[i]
+                if owner == me:
+                    full = convert(mine.pop(name))
+                    for r in range(world):
+                        part = full if parts[r][i] is None else full[_index(parts[r][i])]
+                        if r == me:
+                            # A copy: the loaded memory goes when the round ends.
+                            out[name] = part.clone()
+                        elif part.numel() > 0:
+                            data = part.contiguous().reshape(-1).view(torch.uint8)
+                            ops.append(dist.P2POp(dist.isend, data, peer[r], group))
+                            sent[r] += data.numel()
+                    del full
+                else:
+                    shape = _part_shape(shapes[i], parts[me][i])
+                    count = 1
+                    for n in shape:
+                        count *= n
+                    size = count * torch.empty((), dtype=dtype).element_size()
+                    buf = torch.empty(size, dtype=torch.uint8, device=device)
+                    if size > 0:
+                        ops.append(dist.P2POp(dist.irecv, buf, peer[owner], group))
+                        received[owner] += size
+                    pending.append((name, buf, dtype, shape))
+            del mine
+        except Exception as e:  # noqa: BLE001 - every rank must hear of it, then it is raised
+            error = e
+        # Every rank ready (this also sets up a NCCL group's communicator, which its
+        # point-to-point batches need), then the round's sends and receives.
+        _agree(torch, dist, group, device, error, me, world)
         if ops:
             for req in dist.batch_isend_irecv(ops):
                 req.wait()
         for name, buf, dtype, shape in pending:
             out[name] = buf.view(dtype).reshape(shape)
-        ops.clear()
-        pending.clear()
-
-    for i, (name, (_, _, nbytes)) in enumerate(zip(names, infos)):
-        owner, dtype = owners[i], dtypes[i]
-        if owner == me:
-            full = convert(mine.pop(name))
-            for r in range(world):
-                part = full if parts[r][i] is None else full[_index(parts[r][i])]
-                if r == me:
-                    # A slice is copied out, so that the whole tensor is freed.
-                    out[name] = part if parts[r][i] is None else part.clone()
-                elif part.numel() > 0:
-                    data = part.contiguous().reshape(-1).view(torch.uint8)
-                    ops.append(dist.P2POp(dist.isend, data, peer[r], group))
-                    sent[r] += data.numel()
-            del full
-        else:
-            shape = _part_shape(shapes[i], parts[me][i])
-            count = 1
-            for n in shape:
-                count *= n
-            size = count * torch.empty((), dtype=dtype).element_size()
-            buf = torch.empty(size, dtype=torch.uint8, device=device)
-            if size > 0:
-                ops.append(dist.P2POp(dist.irecv, buf, peer[owner], group))
-                received[owner] += size
-            pending.append((name, buf, dtype, shape))
-        # Every rank ends its rounds at the same tensors: by the checkpoint's bytes.
-        in_round += nbytes
-        if in_round >= _ROUND_BYTES:
-            flush()
-            in_round = 0
-    flush()
     if stats is not None:
         stats.update(read)
         stats["bytes_sent"] = sum(sent)

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -16,54 +17,78 @@ from safetensors.torch import load_file as reference_load  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 import tensorlift  # noqa: E402
+import tensorlift._group  # noqa: E402
 
 RANK = textwrap.dedent(
     """
-    import json, os, sys
+    import datetime, json, os, sys
     import torch, torch.distributed as dist
-    import tensorlift
+    import tensorlift, tensorlift._group
 
-    path, out, tp, rendezvous = sys.argv[1:5]
+    path, out, tp, rendezvous, round_bytes = sys.argv[1:6]
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    if rank == int(os.environ.get("BROKEN_RANK", "-1")):
+        path += "-missing"
+    tensorlift._group._ROUND_BYTES = int(round_bytes)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
     stats = {}
     got = tensorlift.load_group(path, tp=None if tp == "none" else int(tp), stats=stats)
     torch.save(got, os.path.join(out, f"rank{rank}.pt"))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump(stats, f)
+        json.dump({"stats": stats, "order": list(got)}, f)
     dist.destroy_process_group()
     """
 )
 
 
-def run_group(path, world, tp, tmp_path):
-    """Runs ``load_group`` on ``world`` processes; returns each rank's tensors and stats."""
-    out = tmp_path / f"out-{world}-{tp}"
+def start_group(path, world, tp, tmp_path, round_bytes=256 << 20, env=None):
+    """Starts ``load_group`` on ``world`` processes; returns them and their output folder."""
+    out = tmp_path / f"out-{world}-{tp}-{round_bytes}"
     out.mkdir()
-    rendezvous = tmp_path / f"rendezvous-{world}-{tp}"
+    rendezvous = tmp_path / f"rendezvous-{world}-{tp}-{round_bytes}"
+    args = [sys.executable, "-c", RANK, str(path), str(out), str(tp), str(rendezvous), str(round_bytes)]
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", RANK, str(path), str(out), str(tp), str(rendezvous)],
-            env=dict(os.environ, RANK=str(r), WORLD_SIZE=str(world)),
+            args,
+            env=dict(os.environ, RANK=str(r), WORLD_SIZE=str(world), **(env or {})),
             stderr=subprocess.PIPE,
             text=True,
         )
         for r in range(world)
     ]
-    errors = []
-    for r, p in enumerate(procs):
-        try:
-            _, err = p.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail(f"rank {r} of {world} did not finish")
-        if p.returncode != 0:
-            errors.append(f"rank {r}: {err}")
+    return procs, out
+
+
+def finish(procs, limit=240):
+    """Waits for every rank, within one deadline; returns each one's (exit code, stderr).
+    Every process is ended and waited for, whatever happens."""
+    deadline = time.monotonic() + limit
+    try:
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        late = [r for r, p in enumerate(procs) if p.poll() is None]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        results = [(p.wait(), p.stderr.read()) for p in procs]
+    assert not late, f"ranks {late} did not finish: " + "\n".join(err for _, err in results)
+    return results
+
+
+def run_group(path, world, tp, tmp_path, round_bytes=256 << 20):
+    """Runs ``load_group`` on ``world`` processes; returns each rank's tensors, stats and
+    the order of its dict."""
+    procs, out = start_group(path, world, tp, tmp_path, round_bytes)
+    results = finish(procs)
+    errors = [f"rank {r}: {err}" for r, (code, err) in enumerate(results) if code != 0]
     assert not errors, "\n".join(errors)
     tensors = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
-    stats = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
-    return tensors, stats
+    reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+    return tensors, [r["stats"] for r in reports], [r["order"] for r in reports]
 
 
 def llama(tmp_path):
@@ -81,6 +106,8 @@ def llama(tmp_path):
         "model.mask": torch.rand(40) > 0.5,
         "model.step": torch.tensor(7, dtype=torch.int64),
         "lm_head.weight": torch.randn(1000, 64).to(torch.float16),
+        # 40 rows padded to 64: at 4 ranks, rank 2 gets 8 and rank 3 none.
+        "model.extra.embed_tokens.weight": torch.randn(40, 8),
     }
     folder = tmp_path / "llama"
     folder.mkdir()
@@ -116,21 +143,25 @@ def same(a, b):
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(raw(a), raw(b))
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_ranks_get_exactly_their_slices_from_one_read(tmp_path, world):
+@pytest.mark.parametrize("world, round_bytes", [(2, 256 << 20), (4, 256 << 20), (4, 1), (2, 20_000)])
+def test_ranks_get_exactly_their_slices_from_one_read(tmp_path, world, round_bytes):
     folder, written = llama(tmp_path)
     ref = {}
     for f in sorted(folder.glob("*.safetensors")):
         ref.update(reference_load(str(f)))
     assert sorted(ref) == sorted(written)
-    tensors, stats = run_group(folder, world, 8, tmp_path)
+    tensors, stats, orders = run_group(folder, world, 8, tmp_path, round_bytes)
+    in_file_order = [t["name"] for t in tensorlift.inspect(str(folder))["tensors"]]
     for rank, got in enumerate(tensors):
-        assert sorted(got) == sorted(ref)
+        assert orders[rank] == in_file_order
         for name, full in ref.items():
             want = rank_part(name, full, rank, world)
             assert same(got[name], want), f"{name}, rank {rank} of {world}"
-    # The group read the checkpoint once (less a little for the header pages): no more than
-    # one whole load reads, and less than the ranks read loading alone.
+    if world == 4:
+        assert got["model.extra.embed_tokens.weight"].shape == (0, 8)
+    # The group read the checkpoint once: no more than one whole load reads (and a page a
+    # tensor, where rounds of one tensor each start their reads on a page), and less than
+    # the ranks read loading alone.
     whole, alone = {}, 0
     tensorlift.load_file(str(folder), stats=whole)
     for rank in range(world):
@@ -138,22 +169,34 @@ def test_ranks_get_exactly_their_slices_from_one_read(tmp_path, world):
         tensorlift.load_file(str(folder), tp=(rank, world, 8), stats=s)
         alone += s["bytes_read"]
     read = sum(s["bytes_read"] for s in stats)
-    assert whole["checkpoint_bytes"] <= read <= whole["bytes_read"] + world * 4096, (read, whole)
+    assert whole["checkpoint_bytes"] <= read <= whole["bytes_read"] + 4096 * len(ref), (read, whole)
     assert read < alone
-    # Each rank received its parts of the tensors others own, no more (a rank that owns no
-    # whole tensor receives all of its part): what it sent and what the others received
-    # from it agree.
+    # Each rank received exactly its parts of the tensors the others own (the owners are
+    # contiguous runs of about 1/world of the bytes, in file order), and what it sent and
+    # what the others received from it agree.
+    info = {t["name"]: t for t in tensorlift.inspect(str(folder))["tensors"]}
+    sizes = [info[n]["data_offsets"][1] - info[n]["data_offsets"][0] for n in in_file_order]
+    owners = tensorlift._group._owners(sizes, world)
     for rank, s in enumerate(stats):
-        mine = sum(rank_part(n, f, rank, world).numel() * f.element_size() for n, f in ref.items())
-        assert 0 < s["bytes_received"] <= mine
+        others = [n for n, o in zip(in_file_order, owners) if o != rank]
+        want = sum(rank_part(n, ref[n], rank, world).numel() * ref[n].element_size() for n in others)
+        assert s["bytes_received"] == want, f"rank {rank}"
         for peer, n in s["sent_to"].items():
             assert stats[int(peer)]["received_from"][str(rank)] == n
     assert sum(s["bytes_sent"] for s in stats) == sum(s["bytes_received"] for s in stats)
 
 
+def test_a_rank_that_fails_ends_the_load_on_every_rank(tmp_path):
+    folder, _ = llama(tmp_path)
+    procs, _ = start_group(folder, 2, 8, tmp_path, env={"BROKEN_RANK": "1"})
+    (code0, err0), (code1, err1) = finish(procs, limit=120)
+    assert code1 != 0 and "FileNotFoundError" in err1, err1
+    assert code0 != 0 and "load_group: rank 1 of the group failed" in err0, err0
+
+
 def test_replicas_on_every_rank(tmp_path):
     folder, written = llama(tmp_path)
-    tensors, stats = run_group(folder, 2, "none", tmp_path)
+    tensors, stats, _ = run_group(folder, 2, "none", tmp_path)
     for got in tensors:
         assert sorted(got) == sorted(written)
         for name, full in written.items():
