@@ -181,3 +181,18 @@ def test_errors_carry_the_servers_word(bucket):
             tensorlift.load_file("s3://bucket/model")
     finally:
         os.environ["AWS_SECRET_ACCESS_KEY"] = KEYS[1]
+
+
+def test_a_process_group_reads_a_bucket_once(bucket, tmp_path):
+    """Two processes over gloo share one load of the bucket (``load_group``): each GETs its
+    own part of the objects, and both end with every tensor as the reference reads it."""
+    from test_group import run_group
+
+    want = _reference(bucket / "bucket" / "model")
+    tensors, stats, _ = run_group("s3://bucket/model", 2, "none", tmp_path)
+    for got in tensors:
+        _same(got, want)
+    whole = {}
+    tensorlift.load_file("s3://bucket/model", stats=whole)
+    read = [s["bytes_read"] for s in stats]
+    assert all(r > 0 for r in read) and sum(read) <= whole["bytes_read"] + 2 * 4096, (read, whole)
