@@ -16,6 +16,8 @@ all-reduce): a rank that failed (a read, memory) raises its error, and the other
 too, naming it, rather than wait for sends that will not come.
 """
 
+import math
+
 from . import _NUMPY, _TORCH_RAW
 
 _ROUND_BYTES = 256 << 20
@@ -153,10 +155,7 @@ def load_group(ckpt_class, convert, path, group, device, tp, stats):
                     del full
                 else:
                     shape = _part_shape(shapes[i], parts[me][i])
-                    count = 1
-                    for n in shape:
-                        count *= n
-                    size = count * torch.empty((), dtype=dtype).element_size()
+                    size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
                     buf = torch.empty(size, dtype=torch.uint8, device=device)
                     if size > 0:
                         ops.append(dist.P2POp(dist.irecv, buf, peer[owner], group))

@@ -382,20 +382,15 @@ impl CudaSink {
     }
 }
 
-/// A free chunk of `pool`, or `None` with `cx` woken when one comes back: the pool is the
-/// loader's, and other loads may hold every chunk for now.
-pub(crate) fn lend(pool: &Arc<PinnedPool>, cx: &mut Context<'_>) -> Option<PinnedChunk> {
-    match pool.poll_acquire(cx) {
-        Poll::Ready(c) => Some(c),
-        Poll::Pending => None,
-    }
-}
-
 impl Sink for CudaSink {
     type Buf = PinnedChunk;
 
     fn buffer(&mut self, _read: &Read, cx: &mut Context<'_>) -> Option<PinnedChunk> {
-        lend(&self.pool, cx)
+        // The pool is the loader's: other loads may hold every chunk for now.
+        match self.pool.poll_acquire(cx) {
+            Poll::Ready(c) => Some(c),
+            Poll::Pending => None,
+        }
     }
 
     fn landed(

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use tensorlift_cuda::{PinnedChunk, PinnedPool};
+use tensorlift_cuda::PinnedChunk;
 use tensorlift_format::LoadPlan;
 use tensorlift_io::Checkpoint;
 
@@ -35,7 +35,7 @@ struct OnDevice {
 }
 
 pub(crate) struct DevicesSink {
-    pool: Arc<PinnedPool>,
+    /// At least one (the builder refused none).
     devices: Vec<OnDevice>,
     /// Bytes reported as landed: those every device has.
     reported: u64,
@@ -112,9 +112,6 @@ impl DevicesSink {
         reads: &[Read],
         ready: &mut VecDeque<Tensor>,
     ) -> Result<DevicesSink, LoadError> {
-        let Some(first) = targets.first() else {
-            return Err(LoadError::Unsupported("a load onto several devices with none".into()));
-        };
         let mut devices = Vec::with_capacity(targets.len());
         for (target, plan) in targets.iter().zip(plans) {
             let own = spans_of(&plan, spans).map_err(|shard| {
@@ -127,7 +124,7 @@ impl DevicesSink {
             let sink = CudaSink::new(target, &plan, own, Vec::new(), cfg, reads, None, ready)?;
             devices.push(OnDevice { plan, sink, done: 0 });
         }
-        Ok(DevicesSink { pool: Arc::clone(&first.pool), devices, reported: 0 })
+        Ok(DevicesSink { devices, reported: 0 })
     }
 
     /// From the first copy queued on any device to the last one completed on any.
@@ -165,8 +162,9 @@ fn spans_of(plan: &LoadPlan, spans: &[Span]) -> Result<Vec<Span>, usize> {
 impl Sink for DevicesSink {
     type Buf = PinnedChunk;
 
-    fn buffer(&mut self, _read: &Read, cx: &mut Context<'_>) -> Option<PinnedChunk> {
-        crate::dest_cuda::lend(&self.pool, cx)
+    fn buffer(&mut self, read: &Read, cx: &mut Context<'_>) -> Option<PinnedChunk> {
+        // Every device's sink lends from the one pool of the loader.
+        self.devices.first_mut()?.sink.buffer(read, cx)
     }
 
     fn landed(

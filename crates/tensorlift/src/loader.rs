@@ -390,8 +390,10 @@ impl LoaderBuilder {
         if let Some(what) = refused {
             return Err(LoadError::Unsupported(what));
         }
+        let ordinals: Vec<usize> =
+            devices.iter().filter_map(|d| if let Device::Cuda(n) = d { Some(*n) } else { None }).collect();
         let reader = Arc::new(self.reader_builder().build());
-        let target = open_devices(&devices, &self.cfg, &reader)?;
+        let target = open_devices(&ordinals, &self.cfg, &reader)?;
         let device = devices[0];
         let device_reason = "requested".to_owned();
         Ok(Loader { reader, cfg: self.cfg, filter, device, device_reason, target })

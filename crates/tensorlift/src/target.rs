@@ -48,17 +48,12 @@ pub(crate) fn resolve_device(
     }
 }
 
-/// Opens the CUDA devices of a load onto several (`devices`, each a `Device::Cuda`, none
-/// twice: the builder checked), with one pinned staging pool for all of them, made on the
-/// first (its memory is registered PORTABLE: pinned for every device's copies).
-pub(crate) fn open_devices(devices: &[Device], cfg: &Config, reader: &Reader) -> Result<Target, LoadError> {
-    let mut opened: Vec<Arc<CudaTarget>> = Vec::with_capacity(devices.len());
-    for &d in devices {
-        let Device::Cuda(ordinal) = d else {
-            return Err(LoadError::Unsupported(format!(
-                "a load onto several devices with {d} (they are CUDA devices)"
-            )));
-        };
+/// Opens the CUDA devices of a load onto several (by ordinal, none twice: the builder
+/// checked), with one pinned staging pool for all of them, made on the first (its memory is
+/// registered PORTABLE: pinned for every device's copies).
+pub(crate) fn open_devices(ordinals: &[usize], cfg: &Config, reader: &Reader) -> Result<Target, LoadError> {
+    let mut opened: Vec<Arc<CudaTarget>> = Vec::with_capacity(ordinals.len());
+    for &ordinal in ordinals {
         let pool = opened.first().map(|t| Arc::clone(&t.pool));
         match open_cuda(ordinal, cfg, reader, pool) {
             Ok(t) => opened.push(Arc::new(t)),
