@@ -27,6 +27,7 @@ use tensorlift_format::{
     LoadPlan, Shard, TensorInfo, HEADER_PREFIX_LEN, INDEX_FILE_NAME, MAX_INDEX_LEN,
 };
 
+use crate::file::kind_name;
 use crate::remote::get::RemoteFolder;
 use crate::remote::{RemoteObject, RemoteOptions};
 use crate::IoError;
@@ -1155,23 +1156,4 @@ pub fn identity_change(was: &FileIdentity, now: &FileIdentity) -> Option<String>
         return Some("it was changed after planning (its status change time moved)".into());
     }
     None
-}
-
-/// What a non-regular file is, in words.
-pub(crate) fn kind_name(m: &std::fs::Metadata) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    let t = m.file_type();
-    if t.is_dir() {
-        "directory"
-    } else if t.is_fifo() {
-        "FIFO"
-    } else if t.is_char_device() {
-        "character device"
-    } else if t.is_block_device() {
-        "block device"
-    } else if t.is_socket() {
-        "socket"
-    } else {
-        "special file"
-    }
 }

@@ -62,7 +62,7 @@ impl OpenFile {
         let open_err = |source| IoError::Open { file: path.to_path_buf(), source };
         let meta = buffered.metadata().map_err(open_err)?;
         if !meta.is_file() {
-            let kind = crate::checkpoint::kind_name(&meta);
+            let kind = kind_name(&meta);
             return Err(open_err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("is a {kind}, not a regular file"),
@@ -192,6 +192,25 @@ fn dio_align(file: &File) -> io::Result<Option<DioAlign>> {
     Ok(Some(DioAlign { memory: stx.stx_dio_mem_align, offset: stx.stx_dio_offset_align }))
 }
 
+/// What a non-regular file is, in words.
+pub(crate) fn kind_name(m: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = m.file_type();
+    if t.is_dir() {
+        "directory"
+    } else if t.is_fifo() {
+        "FIFO"
+    } else if t.is_char_device() {
+        "character device"
+    } else if t.is_block_device() {
+        "block device"
+    } else if t.is_socket() {
+        "socket"
+    } else {
+        "special file"
+    }
+}
+
 /// Whether O_DIRECT works for a path, found by doing it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirectSupport {
@@ -201,63 +220,4 @@ pub struct DirectSupport {
     pub align: DioAlign,
     /// `None` if a direct read worked, else why not.
     pub refused: Option<String>,
-}
-
-/// Tries a direct read on `path`: the file itself, or for a folder its first
-/// `.safetensors` file, or else a scratch file created there (and removed).
-pub fn direct_io_support(path: &Path) -> Result<DirectSupport, IoError> {
-    let open_err = |source| IoError::Open { file: path.to_path_buf(), source };
-    let meta = std::fs::metadata(path).map_err(open_err)?;
-    let mut scratch = None;
-    let file = if meta.is_dir() {
-        // A regular file of the folder itself (links are not followed out of it).
-        let found = std::fs::read_dir(path)
-            .map_err(open_err)?
-            .filter_map(Result::ok)
-            .find(|e| {
-                e.path().extension().is_some_and(|x| x == "safetensors") && e.file_type().is_ok_and(|t| t.is_file())
-            })
-            .map(|e| e.path());
-        match found {
-            Some(f) => f,
-            None => {
-                // A new file, never an existing one or a link planted under its name.
-                use std::io::Write;
-                use std::os::unix::fs::OpenOptionsExt;
-                let f = path.join(format!(".tensorlift-direct-probe-{}", std::process::id()));
-                let mut out = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                    .open(&f)
-                    .map_err(open_err)?;
-                if let Err(e) = out.write_all(&[0u8; 8192]) {
-                    let _ = std::fs::remove_file(&f);
-                    return Err(open_err(e));
-                }
-                scratch = Some(f.clone());
-                f
-            }
-        }
-    } else {
-        path.to_path_buf()
-    };
-    let result = try_direct(&file);
-    if let Some(s) = scratch {
-        let _ = std::fs::remove_file(s);
-    }
-    result
-}
-
-fn try_direct(file: &Path) -> Result<DirectSupport, IoError> {
-    let reader = crate::Reader::builder().backend(crate::BackendKind::Pread).pread_threads(1).build();
-    let f = Arc::new(OpenFile::open(file, true, false)?);
-    if f.is_direct() && f.len() >= f.align.offset as u64 {
-        let n = f.align.offset as usize;
-        let buf = crate::AlignedBuf::zeroed(n, (f.align.memory as usize).max(crate::PAGE)).ok_or_else(|| {
-            IoError::Open { file: file.to_path_buf(), source: io::Error::from(io::ErrorKind::OutOfMemory) }
-        })?;
-        reader.read(&f, 0, buf, 0, n).wait().map_err(|e| e.error)?;
-    }
-    Ok(DirectSupport { tried: file.to_path_buf(), align: f.align, refused: f.buffered_reason() })
 }

@@ -57,13 +57,14 @@ pub use checkpoint::{
     DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_OPEN_FILES, TORCH_INDEX, TORCH_SINGLE, USE_SAFETENSORS_ENV,
 };
 pub use error::{IoError, ReadFailed, ReadResult};
-pub use file::{direct_io_support, DioAlign, DirectSupport, OpenFile};
+pub use file::{DioAlign, DirectSupport, OpenFile};
 pub use mmap::{MapContract, MappedFile};
 pub use open::{open_checkpoint, open_checkpoint_observed};
 pub use probe::{
     can_allocate, host_memory_available, kernel_release, memlock, page_probe, uring_status, Memlock, PageChoice,
     UringStatus,
 };
-pub use reader::{block_on, BackendKind, Faults, FixedBuffers, IoReport, ReadFuture, Reader, ReaderBuilder, IO_ENV};
+pub use reader::{
+    block_on, direct_io_support, BackendKind, Faults, FixedBuffers, IoReport, ReadFuture, Reader, ReaderBuilder, IO_ENV,
+};
 pub use remote::{is_remote, read_object, RemoteObject, RemoteOptions};
-pub use remote_plan::HEADER_GUESS;

@@ -14,7 +14,7 @@ use crate::op::{ReadOp, SendPtr};
 use crate::pread::{run_to_end, PreadPool};
 use crate::probe::{unavailable, unavailable_reason, uring_status, UringStatus};
 use crate::uring::UringPool;
-use crate::{IoBufMut, IoError, OpenFile, ReadFailed, ReadResult};
+use crate::{DirectSupport, IoBufMut, IoError, OpenFile, ReadFailed, ReadResult};
 
 /// An I/O backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -460,4 +460,63 @@ impl<B> Future for ReadFuture<B> {
             },
         }
     }
+}
+
+/// Tries a direct read on `path`: the file itself, or for a folder its first
+/// `.safetensors` file, or else a scratch file created there (and removed).
+pub fn direct_io_support(path: &Path) -> Result<DirectSupport, IoError> {
+    let open_err = |source| IoError::Open { file: path.to_path_buf(), source };
+    let meta = std::fs::metadata(path).map_err(open_err)?;
+    let mut scratch = None;
+    let file = if meta.is_dir() {
+        // A regular file of the folder itself (links are not followed out of it).
+        let found = std::fs::read_dir(path)
+            .map_err(open_err)?
+            .filter_map(Result::ok)
+            .find(|e| {
+                e.path().extension().is_some_and(|x| x == "safetensors") && e.file_type().is_ok_and(|t| t.is_file())
+            })
+            .map(|e| e.path());
+        match found {
+            Some(f) => f,
+            None => {
+                // A new file, never an existing one or a link planted under its name.
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
+                let f = path.join(format!(".tensorlift-direct-probe-{}", std::process::id()));
+                let mut out = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                    .open(&f)
+                    .map_err(open_err)?;
+                if let Err(e) = out.write_all(&[0u8; 8192]) {
+                    let _ = std::fs::remove_file(&f);
+                    return Err(open_err(e));
+                }
+                scratch = Some(f.clone());
+                f
+            }
+        }
+    } else {
+        path.to_path_buf()
+    };
+    let result = try_direct(&file);
+    if let Some(s) = scratch {
+        let _ = std::fs::remove_file(s);
+    }
+    result
+}
+
+fn try_direct(file: &Path) -> Result<DirectSupport, IoError> {
+    let reader = Reader::builder().backend(BackendKind::Pread).pread_threads(1).build();
+    let f = Arc::new(OpenFile::open(file, true, false)?);
+    if f.is_direct() && f.len() >= f.dio_align().offset as u64 {
+        let n = f.dio_align().offset as usize;
+        let buf = crate::AlignedBuf::zeroed(n, (f.dio_align().memory as usize).max(crate::PAGE)).ok_or_else(|| {
+            IoError::Open { file: file.to_path_buf(), source: std::io::Error::from(std::io::ErrorKind::OutOfMemory) }
+        })?;
+        reader.read(&f, 0, buf, 0, n).wait().map_err(|e| e.error)?;
+    }
+    Ok(DirectSupport { tried: file.to_path_buf(), align: f.dio_align(), refused: f.buffered_reason() })
 }

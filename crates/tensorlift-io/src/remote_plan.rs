@@ -26,7 +26,7 @@ use crate::remote::store::{self, store_error, Place, RemoteObject};
 
 /// Bytes of a shard read at once to find its header: most headers fit, and the rest of a
 /// longer one is read by a second GET.
-pub const HEADER_GUESS: u64 = 64 << 10;
+pub(crate) const HEADER_GUESS: u64 = 64 << 10;
 
 /// Shards whose first bytes are fetched at once while planning.
 const HEADER_FETCHES: usize = 16;

@@ -1,25 +1,34 @@
-//! The engine crate's modules import one way: no module imports from a module that
-//! imports it, directly or through others (docs/ARCHITECTURE.md, "No import cycles").
+//! The engine crate's modules import one way, and so do the I/O crate's: no module imports
+//! from a module that imports it, directly or through others (docs/ARCHITECTURE.md).
 //!
 //! Read from the sources: every `crate::` path outside comments (in `use` lines and in
 //! code, test modules included), with names that the crate root re-exports
 //! (`crate::Tensor`, `pub use m::{A as B}`) followed to the module that defines them.
 //! Not read: `super::` paths (top-level modules here write `crate::`), `$crate::` in
-//! macros, and modules in subfolders (there are none: the test fails if one appears).
+//! macros. A module in a folder (`remote/`) is read as one module, all its files together.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-/// The modules each module of `crates/tensorlift/src` names.
-fn graph() -> BTreeMap<String, BTreeSet<String>> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut sources = BTreeMap::new();
+/// The modules each module of the crate whose sources are in `src` (beside this crate's
+/// folder) names.
+fn graph(src: &str) -> BTreeMap<String, BTreeSet<String>> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(src);
+    let mut sources: BTreeMap<String, String> = BTreeMap::new();
     for entry in std::fs::read_dir(&src).expect("src") {
         let path = entry.expect("entry").path();
-        assert!(!path.is_dir(), "{}: modules in folders are not read by this test", path.display());
-        if path.extension().is_some_and(|e| e == "rs") {
-            let stem = path.file_stem().expect("stem").to_string_lossy().into_owned();
-            sources.insert(stem, std::fs::read_to_string(&path).expect("read"));
+        let stem = path.file_stem().expect("stem").to_string_lossy().into_owned();
+        if path.is_dir() {
+            // One module: its files together (paths among them name the module itself).
+            for file in std::fs::read_dir(&path).expect("module folder") {
+                let file = file.expect("entry").path();
+                if file.extension().is_some_and(|e| e == "rs") {
+                    let text = std::fs::read_to_string(&file).expect("read");
+                    sources.entry(stem.clone()).or_default().push_str(&text);
+                }
+            }
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            sources.entry(stem).or_default().push_str(&std::fs::read_to_string(&path).expect("read"));
         }
     }
     let lib = sources.remove("lib").expect("lib.rs");
@@ -191,14 +200,23 @@ fn cycle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
     None
 }
 
-#[test]
-fn the_engine_modules_have_no_import_cycle() {
-    let graph = graph();
+fn assert_acyclic(src: &str) {
+    let graph = graph(src);
     assert!(graph.len() >= 10, "the modules were not found: {graph:?}");
     if let Some(c) = cycle(&graph) {
         let edges: Vec<String> = graph.iter().map(|(k, v)| format!("{k} -> {v:?}")).collect();
-        panic!("import cycle: {}\n\nthe graph:\n{}", c.join(" -> "), edges.join("\n"));
+        panic!("{src}: import cycle: {}\n\nthe graph:\n{}", c.join(" -> "), edges.join("\n"));
     }
+}
+
+#[test]
+fn the_engine_modules_have_no_import_cycle() {
+    assert_acyclic("src");
+}
+
+#[test]
+fn the_io_modules_have_no_import_cycle() {
+    assert_acyclic("../tensorlift-io/src");
 }
 
 /// The reading itself: paths through groups and root re-exports, comments skipped, and a
