@@ -14,7 +14,7 @@ use cudarc::driver::{sys, CudaEvent, CudaStream};
 
 use crate::error::{check, Call};
 use crate::kernels::{KernelType, Kernels};
-use crate::{CudaError, DeviceArena, Gpu, PinnedChunk};
+use crate::{CudaError, DeviceArena, Gpu, PageCacheRange, PinnedChunk};
 
 /// One piece of a chunk: `rows` rows of `len` bytes; row `k` at `src_offset + k *
 /// src_pitch` in the chunk goes to `dst_offset + k * dst_pitch` in the arena. One row is a
@@ -61,8 +61,9 @@ pub type OnCopied = Box<dyn Fn(u64, Result<(), CudaError>) + Send>;
 
 /// Work queued on a stream: what it holds until it is done.
 struct Work {
-    /// The chunk copied from (none for a kernel launch); other devices' copies may share it.
-    chunk: Option<Arc<PinnedChunk>>,
+    /// What the copies read (none for a kernel launch): a pinned chunk, which other devices'
+    /// copies may share, or a range of the page cache.
+    chunk: Option<Box<dyn Send>>,
     /// Device memory the work reads or writes, and the kernels it runs: kept until it is done.
     arenas: Vec<Arc<DeviceArena>>,
     kernels: Option<Arc<Kernels>>,
@@ -157,10 +158,42 @@ impl CopyEngine {
         targets: &[(&Arc<DeviceArena>, &[Piece])],
         tag: u64,
     ) -> Result<(), CudaError> {
+        let (src, cap) = (chunk.ptr(), chunk.as_slice().len());
+        self.copy_host(src, cap, Box::new(chunk), targets, tag)
+    }
+
+    /// [`copy_to`](Self::copy_to) from a range of the page cache registered with this
+    /// engine's device: the copies read the file's pages by DMA, and the range is unpinned
+    /// once they have completed. A piece's `src_offset` counts from the range's start.
+    pub fn copy_from_page_cache(
+        &mut self,
+        range: PageCacheRange,
+        targets: &[(&Arc<DeviceArena>, &[Piece])],
+        tag: u64,
+    ) -> Result<(), CudaError> {
+        if range.gpu().ordinal() != self.gpu.ordinal() {
+            return Err(CudaError::OutOfBounds {
+                what: "host memory registered with another device",
+                len: range.len(),
+            });
+        }
+        let (src, cap) = (range.ptr(), range.len());
+        self.copy_host(src, cap, Box::new(range), targets, tag)
+    }
+
+    /// Queues copies of `pieces` from the `cap` bytes of registered host memory at `src`,
+    /// which `keep` holds registered (and unwritten) until it is dropped, after the copies.
+    fn copy_host(
+        &mut self,
+        src: *const u8,
+        cap: usize,
+        keep: Box<dyn Send>,
+        targets: &[(&Arc<DeviceArena>, &[Piece])],
+        tag: u64,
+    ) -> Result<(), CudaError> {
         if let Some(e) = self.failure.lock().ok().and_then(|mut f| f.take()) {
             return Err(e);
         }
-        let cap = chunk.as_slice().len();
         for (arena, p) in targets.iter().flat_map(|&(a, ps)| ps.iter().map(move |p| (a, p))) {
             if arena.gpu().ordinal() != self.gpu.ordinal() {
                 return Err(CudaError::OutOfBounds { what: "another device's memory", len: p.len });
@@ -170,7 +203,7 @@ impl CopyEngine {
             let dst_ok = ends.is_some_and(|(_, d)| d <= arena.len());
             if !src_ok || !dst_ok {
                 return Err(CudaError::OutOfBounds {
-                    what: if src_ok { "device arena" } else { "pinned chunk" },
+                    what: if src_ok { "device arena" } else { "host source" },
                     len: p.len,
                 });
             }
@@ -181,14 +214,14 @@ impl CopyEngine {
         let mut failed = None;
         let all = targets.iter().flat_map(|&(a, ps)| ps.iter().map(move |p| (a, p)));
         for (arena, p) in all.filter(|(_, p)| p.len > 0 && p.rows > 0) {
-            // SAFETY: src_offset + len <= the chunk's capacity was checked above.
-            let src = unsafe { chunk.ptr().add(p.src_offset) };
+            // SAFETY: src_offset + len <= the source's capacity was checked above.
+            let src = unsafe { src.add(p.src_offset) };
             let dst = arena.device_ptr() + p.dst_offset as u64;
             let (r, call) = if p.rows == 1 {
-                // SAFETY: both ranges were checked against the chunk and the arena; the chunk
-                // is page-locked (registered) memory that this engine keeps, unmoved and
-                // unwritten (engines sharing it only read it), until the event recorded after
-                // this copy completes; the arena is kept alive alongside it.
+                // SAFETY: both ranges were checked against the source and the arena; the source
+                // is page-locked (registered) memory that this engine keeps (`keep`), unmoved
+                // and unwritten (engines sharing a chunk only read it), until the event
+                // recorded after this copy completes; the arena is kept alive alongside it.
                 (unsafe { sys::cuMemcpyHtoDAsync_v2(dst, src.cast(), p.len, stream.cu_stream()) }, "cuMemcpyHtoDAsync")
             } else {
                 let copy = sys::CUDA_MEMCPY2D {
@@ -223,7 +256,7 @@ impl CopyEngine {
         // Even after a failure, copies queued before it still read the chunk: the chunk goes
         // back only behind an event.
         let arenas = targets.iter().map(|(a, _)| Arc::clone(a)).collect();
-        self.track(&stream, Work { chunk: Some(chunk), arenas, kernels: None, tag, failed })
+        self.track(&stream, Work { chunk: Some(keep), arenas, kernels: None, tag, failed })
     }
 
     /// Queues a conversion of `n` elements of `from` at `src_offset` in `src` into `to` at

@@ -42,6 +42,9 @@ pub enum Fault {
     /// The memory, out-of-memory and copy faults hit this device alone (`None`: every
     /// device), and `FailCopy(n)` counts that device's copies alone.
     OnDevice(Option<usize>),
+    /// The devices cannot register host memory read-only (their attribute reads 0, and such
+    /// a registration is `CUDA_ERROR_NOT_SUPPORTED`), as on drivers before CUDA 11.1.
+    NoReadOnlyRegister(bool),
 }
 
 fn symbol<T: Copy>(name: &[u8]) -> Option<T> {
@@ -82,6 +85,7 @@ pub fn set_fault(fault: Fault) -> bool {
         Fault::RefuseRegister(on) => (3, u64::from(on)),
         Fault::CopyDelayMicros(us) => (4, us),
         Fault::OnDevice(d) => (6, d.map_or(0, |d| d as u64 + 1)),
+        Fault::NoReadOnlyRegister(on) => (7, u64::from(on)),
     };
     f(which, value) == 0
 }
@@ -99,6 +103,7 @@ pub fn reset() {
         Fault::RefuseRegister(false),
         Fault::CopyDelayMicros(0),
         Fault::OnDevice(None),
+        Fault::NoReadOnlyRegister(false),
     ] {
         set_fault(fault);
     }
@@ -107,6 +112,12 @@ pub fn reset() {
 /// Asynchronous copies made since the last [`reset`]; `None` on a real driver.
 pub fn copies() -> Option<u64> {
     symbol::<extern "C" fn() -> u64>(b"tlemu_copies").map(|f| f())
+}
+
+/// Copies (rows of a 2D copy each) that read host memory registered read-only, since the
+/// process started; `None` on a real driver.
+pub fn read_only_copies() -> Option<u64> {
+    symbol::<extern "C" fn() -> u64>(b"tlemu_read_only_copies").map(|f| f())
 }
 
 /// The calling thread's current CUDA context handle (0: none); `None` on a real driver.

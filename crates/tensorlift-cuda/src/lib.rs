@@ -14,8 +14,9 @@
 //! The copy layer: [`Gpu`] (a device's primary context), [`PinnedPool`] (registered staging
 //! memory in chunks, io_uring fixed buffers), [`DeviceArena`] (one allocation, freed with
 //! its last holder), [`CopyEngine`] (asynchronous copies on several streams, chunks back in
-//! their pool only after their copies' events). The engine's CUDA destination is built on
-//! it. CI runs it against the emulated driver ([`emulator`]); `scripts/gpu-host` against a
+//! their pool only after their copies' events), [`PageCacheRange`] (a file's range in the
+//! page cache, registered read-only, that copies read by DMA with no staging copy). The
+//! engine's CUDA destination is built on it. CI runs it against the emulated driver ([`emulator`]); `scripts/gpu-host` against a
 //! real one.
 #![deny(clippy::undocumented_unsafe_blocks)]
 
@@ -26,6 +27,7 @@ pub mod dlpack;
 pub mod emulator;
 mod error;
 mod kernels;
+mod page_cache;
 mod pinned;
 mod probe;
 
@@ -34,6 +36,7 @@ pub use copy::{CopyEngine, OnCopied, Piece};
 pub use device::Gpu;
 pub use error::CudaError;
 pub use kernels::{KernelType, Kernels};
+pub use page_cache::PageCacheRange;
 pub use pinned::{PinnedChunk, PinnedPool};
 pub use probe::{
     cuda_status, probe_library, use_driver_library, CudaStatus, DeviceInfo, DriverInfo, LIBCUDA_ENV, LIBCUDA_NAMES,

@@ -24,6 +24,10 @@ pub struct DeviceInfo {
     pub pci_bus_id: Option<String>,
     /// Current PCIe link from sysfs, when readable: (speed, width), e.g. ("32.0 GT/s PCIe", 16).
     pub pcie_link: Option<(String, u32)>,
+    /// Whether the device can read host memory registered read-only
+    /// (`CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED`): what copying a warm shard
+    /// by DMA straight from the page cache needs. `None` when the driver did not say.
+    pub read_only_host_register: Option<bool>,
 }
 
 /// What the driver reported.
@@ -113,6 +117,7 @@ type CuDeviceGet = unsafe extern "C" fn(*mut c_int, c_int) -> CuResult;
 type CuDeviceGetName = unsafe extern "C" fn(*mut c_char, c_int, c_int) -> CuResult;
 type CuDeviceTotalMem = unsafe extern "C" fn(*mut usize, c_int) -> CuResult;
 type CuDeviceGetPciBusId = unsafe extern "C" fn(*mut c_char, c_int, c_int) -> CuResult;
+type CuDeviceGetAttribute = unsafe extern "C" fn(*mut c_int, c_int, c_int) -> CuResult;
 type CuGetErrorName = unsafe extern "C" fn(CuResult, *mut *const c_char) -> CuResult;
 
 /// Probes the first library of `candidates` that opens. Never panics: every failure
@@ -202,6 +207,7 @@ fn query(lib: &libloading::Library, library: PathBuf) -> Result<DriverInfo, Stri
     let name_fn: CuDeviceGetName = symbol(lib, "cuDeviceGetName")?;
     let mem_fn: CuDeviceTotalMem = symbol(lib, "cuDeviceTotalMem_v2")?;
     let bus_fn: Option<CuDeviceGetPciBusId> = symbol(lib, "cuDeviceGetPCIBusId").ok();
+    let attribute_fn: Option<CuDeviceGetAttribute> = symbol(lib, "cuDeviceGetAttribute").ok();
     let mut devices = Vec::new();
     for ordinal in 0..count.max(0) {
         let mut dev = 0;
@@ -219,12 +225,20 @@ fn query(lib: &libloading::Library, library: PathBuf) -> Result<DriverInfo, Stri
             (unsafe { f(id.as_mut_ptr(), id.len() as c_int, dev) } == 0).then(|| c_string(&id).to_ascii_lowercase())
         });
         let pcie_link = pci_bus_id.as_deref().and_then(pcie_link);
+        let read_only_host_register = attribute_fn.and_then(|f| {
+            let mut v = 0;
+            let attribute =
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED;
+            // SAFETY: writes one int into `v`, for a valid device handle and attribute.
+            (unsafe { f(&mut v, attribute as c_int, dev) } == 0).then_some(v != 0)
+        });
         devices.push(DeviceInfo {
             ordinal: ordinal as usize,
             name: c_string(&name),
             total_memory: mem as u64,
             pci_bus_id,
             pcie_link,
+            read_only_host_register,
         });
     }
     Ok(DriverInfo { library, version, devices })

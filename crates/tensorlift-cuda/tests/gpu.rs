@@ -6,8 +6,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tensorlift_cuda::emulator::{self, Fault};
-use tensorlift_cuda::{cuda_status, CopyEngine, CudaError, CudaStatus, DeviceArena, Gpu, Piece, PinnedPool};
-use tensorlift_io::{BackendKind, Reader};
+use tensorlift_cuda::{
+    cuda_status, CopyEngine, CudaError, CudaStatus, DeviceArena, Gpu, PageCacheRange, Piece, PinnedPool,
+};
+use tensorlift_io::{BackendKind, DmaWindow, Reader};
 use tensorlift_testkit::pattern;
 
 /// One test at a time: the driver's counts and faults are the process's.
@@ -107,7 +109,7 @@ fn out_of_bounds_copies_are_refused() {
     let e = engine.copy(pool.acquire(), &arena, &[Piece::flat(0, 4000, 200)]).unwrap_err();
     assert!(matches!(e, CudaError::OutOfBounds { what: "device arena", .. }));
     let e = engine.copy(pool.acquire(), &arena, &[Piece::flat((1 << 20) - 10, 0, 20)]).unwrap_err();
-    assert!(matches!(e, CudaError::OutOfBounds { what: "pinned chunk", .. }));
+    assert!(matches!(e, CudaError::OutOfBounds { what: "host source", .. }));
     assert!(matches!(arena.copy_to_host(4090, &mut [0u8; 10]), Err(CudaError::OutOfBounds { .. })));
     // The refused copies gave their chunks back.
     wait_all_free(&pool);
@@ -263,4 +265,102 @@ fn conversion_kernels_run_and_misuse_is_refused() {
     if let Some(live) = emulator::live() {
         assert_eq!(live.modules, 0, "the module is unloaded with the kernels");
     }
+}
+
+/// A file's ranges in the page cache, registered read-only, copy to the device by DMA with
+/// the file's bytes: ranges that start and end inside pages (as a shard's chunks do), plain
+/// and 2D, each unpinned once its copies have completed.
+#[test]
+fn ranges_of_the_page_cache_copy_to_the_device() {
+    let (_driver, gpu) = gpu();
+    let dir = tempfile::tempdir().unwrap();
+    let data = pattern((3 << 20) + 777, 5);
+    let path = dir.path().join("f.bin");
+    std::fs::write(&path, &data).unwrap();
+    let reader = Reader::builder().backend(BackendKind::Pread).build();
+    let file = reader.open(&path).unwrap();
+    let arena = Arc::new(DeviceArena::new(&gpu, data.len()).unwrap());
+    let mut engine = CopyEngine::new(&gpu, 2).unwrap();
+    let before = emulator::read_only_copies();
+    let (mut offset, mut copies) = (0usize, 0u64);
+    for n in [1usize, 4095, 1 << 20, 12_345, 4096, usize::MAX].into_iter().cycle() {
+        let n = n.min(data.len() - offset);
+        let window = DmaWindow::map(&file, offset as u64, n).unwrap();
+        let range = match PageCacheRange::register(&gpu, window) {
+            Ok(r) => r,
+            Err(e) if !emulator::is_emulated() => {
+                eprintln!("skipped: this device does not register the page cache read-only: {e}");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(range.len(), n);
+        // Past the range: refused before anything is queued.
+        let past = engine.copy_from_page_cache(range, &[(&arena, &[Piece::flat(1, offset, n)])], 0);
+        assert!(matches!(past, Err(CudaError::OutOfBounds { what: "host source", .. })), "{past:?}");
+        let range = PageCacheRange::register(&gpu, DmaWindow::map(&file, offset as u64, n).unwrap()).unwrap();
+        engine.copy_from_page_cache(range, &[(&arena, &[Piece::flat(0, offset, n)])], 0).unwrap();
+        copies += 1;
+        offset += n;
+        if offset == data.len() {
+            break;
+        }
+    }
+    // Rows of 100 bytes, 300 apart in the file, packed on the device.
+    let rows = 1000;
+    let gathered = Arc::new(DeviceArena::new(&gpu, rows * 100).unwrap());
+    let range = PageCacheRange::register(&gpu, DmaWindow::map(&file, 5, rows * 300).unwrap()).unwrap();
+    let piece = Piece { src_offset: 0, dst_offset: 0, len: 100, rows, src_pitch: 300, dst_pitch: 100 };
+    engine.copy_from_page_cache(range, &[(&gathered, &[piece])], 0).unwrap();
+    engine.synchronize().unwrap();
+    let mut back = vec![0u8; data.len()];
+    arena.copy_to_host(0, &mut back).unwrap();
+    assert!(back == data);
+    let mut rows_back = vec![0u8; rows * 100];
+    gathered.copy_to_host(0, &mut rows_back).unwrap();
+    let want: Vec<u8> = (0..rows).flat_map(|r| data[5 + r * 300..5 + r * 300 + 100].iter().copied()).collect();
+    assert!(rows_back == want);
+    // The device read them where they were registered read-only: every copy, every row.
+    if let (Some(a), Some(b)) = (before, emulator::read_only_copies()) {
+        assert_eq!(b - a, copies + rows as u64);
+    }
+    drop(engine);
+}
+
+/// The emulated driver pins as a real one: a read-only mapping is refused unless it is
+/// registered read-only, a device write into memory registered read-only faults, and a
+/// device without read-only registration says `CUDA_ERROR_NOT_SUPPORTED`.
+#[test]
+fn the_emulator_pins_read_only_memory_as_the_driver_does() {
+    use cudarc::driver::sys;
+    let (_driver, gpu) = gpu();
+    if !emulator::is_emulated() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f.bin");
+    std::fs::write(&path, pattern(3 * 4096, 1)).unwrap();
+    let file = Reader::builder().backend(BackendKind::Pread).build().open(&path).unwrap();
+    let window = DmaWindow::map(&file, 100, 8000).unwrap();
+    let (base, len) = window.pages();
+    assert_eq!((base as usize % 4096, len), (0, 8192));
+    // SAFETY: registers a live mapping of `len` bytes (refused, so nothing to undo).
+    let r = unsafe { sys::cuMemHostRegister_v2(base.cast_mut().cast(), len, 0) };
+    assert_eq!(r, sys::CUresult::CUDA_ERROR_INVALID_VALUE);
+    let range = PageCacheRange::register(&gpu, window).unwrap();
+    let arena = DeviceArena::new(&gpu, 4096).unwrap();
+    // SAFETY: the emulator refuses the write before touching the host range (which is a live,
+    // read-only mapping: the write would fault if it were made).
+    let r = unsafe { sys::cuMemcpyDtoH_v2(base.cast_mut().cast(), arena.device_ptr(), 16) };
+    assert_eq!(r, sys::CUresult::CUDA_ERROR_ILLEGAL_ADDRESS);
+    emulator::reset();
+    drop(range);
+    emulator::set_fault(Fault::NoReadOnlyRegister(true));
+    let e = PageCacheRange::register(&gpu, DmaWindow::map(&file, 0, 4096).unwrap()).unwrap_err();
+    assert!(e.to_string().contains("CUDA_ERROR_NOT_SUPPORTED"), "{e}");
+    let info = match cuda_status() {
+        CudaStatus::Available(d) => d.devices[0].read_only_host_register,
+        CudaStatus::Unavailable(why) => panic!("{why}"),
+    };
+    assert_eq!(info, Some(true), "probed before the fault, when the device had it");
 }

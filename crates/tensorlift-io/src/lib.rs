@@ -58,7 +58,7 @@ pub use checkpoint::{
 };
 pub use error::{IoError, ReadFailed, ReadResult};
 pub use file::{DioAlign, DirectSupport, OpenFile};
-pub use mmap::{MapContract, MappedFile};
+pub use mmap::{DmaWindow, MapContract, MappedFile};
 pub use open::{open_checkpoint, open_checkpoint_observed};
 pub use probe::{
     can_allocate, host_memory_available, kernel_release, memlock, page_probe, uring_status, Memlock, PageChoice,

@@ -5,7 +5,9 @@
 //! - copies out of a mapping ([`MappedFile::copy_to`]) go through `process_vm_readv` on this
 //!   process, which turns such a fault into an `EFAULT` error;
 //! - zero-copy views ([`MappedFile::view`]) need a [`MapContract`], which only an `unsafe`
-//!   call creates: the caller promises what the kernel cannot check.
+//!   call creates: the caller promises what the kernel cannot check;
+//! - a [`DmaWindow`] is a read-only mapping that the CPU never reads: it only gives its
+//!   addresses, for a device to register and read by DMA (`tensorlift-cuda`).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -122,5 +124,87 @@ impl MappedFile {
     /// The mapped bytes, without a copy, under the caller's [`MapContract`].
     pub fn view(&self, _contract: MapContract) -> &[u8] {
         &self.map
+    }
+}
+
+/// A range of a file mapped shared and read-only, which no code of the CPU reads: it only
+/// gives its addresses, so that a device can pin the file's pages (registered read-only with
+/// CUDA) and copy them by DMA straight from the page cache, with no CPU copy.
+///
+/// Pinning keeps the pages for as long as they are registered: a file truncated or written
+/// meanwhile changes what the device reads, never the safety of the process (the loader
+/// checks each file is unchanged after its copies, as it does after its reads).
+#[derive(Debug)]
+pub struct DmaWindow {
+    map: memmap2::Mmap,
+    /// Where the range asked for starts in the mapping (which starts on a page).
+    skip: usize,
+    len: usize,
+    /// The kernel's page size.
+    page: usize,
+}
+
+// SAFETY: the mapping is never read through this value, only its addresses handed out, and
+// it is unmapped once, on drop.
+unsafe impl Send for DmaWindow {}
+// SAFETY: as above: shared access only reads addresses.
+unsafe impl Sync for DmaWindow {}
+
+impl DmaWindow {
+    /// Maps `len` bytes of `file` at `offset` (within its length). Mapping touches no page.
+    pub fn map(file: &OpenFile, offset: u64, len: usize) -> Result<DmaWindow, IoError> {
+        let map_err = |source| IoError::Map { file: file.path().to_path_buf(), source };
+        let end = offset.checked_add(len as u64).filter(|&e| e <= file.len() && len > 0);
+        if end.is_none() {
+            return Err(map_err(io::Error::from(io::ErrorKind::InvalidInput)));
+        }
+        let page = crate::cache::page_size() as u64;
+        let start = offset - offset % page;
+        let skip = (offset - start) as usize;
+        // SAFETY: a shared read-only mapping of bytes inside the file. Nothing ever reads it
+        // through a reference: `DmaWindow` hands out addresses only, and a device reads them
+        // after pinning the pages, so a truncated file cannot raise SIGBUS in this process.
+        let map =
+            unsafe { memmap2::MmapOptions::new().offset(start).len(skip + len).map(file.file()) }.map_err(map_err)?;
+        Ok(DmaWindow { map, skip, len, page: page as usize })
+    }
+
+    /// The whole pages the range lies in: their start (page-aligned) and length, what a
+    /// registration pins. Never to be read by the CPU.
+    pub fn pages(&self) -> (*const u8, usize) {
+        (self.map.as_ptr(), (self.skip + self.len).next_multiple_of(self.page))
+    }
+
+    /// The address of the range's first byte. Never to be read by the CPU.
+    pub fn start(&self) -> *const u8 {
+        self.map.as_ptr().wrapping_add(self.skip)
+    }
+
+    /// The range's length.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether every page of the range is in the page cache now (`mincore`, which touches
+    /// no page): a device pinning a page that is not would read it from the file first, one
+    /// fault at a time.
+    pub fn resident(&self) -> io::Result<bool> {
+        let (base, len) = self.pages();
+        let pages = len.div_ceil(self.page);
+        let mut vec = Vec::new();
+        vec.try_reserve_exact(pages).map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        vec.resize(pages, 0u8);
+        // SAFETY: [base, base + len) is the live mapping this value owns, and vec has a byte
+        // for each of its pages; mincore only looks at the page tables.
+        let rc = unsafe { libc::mincore(base.cast_mut().cast(), len, vec.as_mut_ptr()) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(vec.iter().all(|&b| b & 1 == 1))
+    }
+
+    /// Whether the range is empty (never: an empty range is not mapped).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }

@@ -8,6 +8,15 @@
 //! - An asynchronous copy's source must lie in memory registered with `cuMemHostRegister`,
 //!   and must still be registered when the copy executes; a 2D copy's rows likewise, with
 //!   pitches no shorter than a row.
+//! - Registration pins what is mapped, as the driver does: a range not wholly mapped is
+//!   refused, and so is a range with pages the process may not write unless it is
+//!   registered read-only (`CU_MEMHOSTREGISTER_READ_ONLY`, for a read-only mapping of a file
+//!   in the page cache). A read-only registration is read as a device would read it, never
+//!   by dereferencing it (a page it cannot read is an illegal address, not a SIGBUS), and a
+//!   device-to-host copy into it faults. Copies from read-only registrations are counted
+//!   (`tlemu_read_only_copies`). A page that cannot be read when a copy runs (its file was
+//!   truncated since it was registered) is an illegal address, where a real device would
+//!   read the stale page it pinned: either way the load fails, on its check of the file.
 //! - Device memory is real memory, at addresses (from `1 << 62` up) that no host pointer
 //!   uses: dereferencing one on the host faults.
 //! - Kernels are implemented by name on the CPU: `cuModuleLoadData` takes PTX text (refusing
@@ -25,6 +34,8 @@
 //! - Faults: `TLEMU_DEVICE_MEMORY` (bytes a device, default 8 GiB), `TLEMU_OOM=1` (every
 //!   allocation fails), `TLEMU_FAIL_COPY=N` (the Nth asynchronous copy fails),
 //!   `TLEMU_REFUSE_REGISTER=1`, `TLEMU_COPY_DELAY_US=N` (each copy waits first),
+//!   `TLEMU_NO_READ_ONLY_REGISTER=1` (the devices lack read-only registration: its
+//!   attribute reads 0 and such a registration is `CUDA_ERROR_NOT_SUPPORTED`),
 //!   `TLEMU_DEVICES=N`, `TLEMU_FAULT_DEVICE=D+1` (the memory, out-of-memory and copy faults
 //!   hit device D alone, whose copies are then counted on their own; 0, the default: every
 //!   device); read at `cuInit`, and settable later with `tlemu_set_fault`. (The sticky error
@@ -63,6 +74,7 @@ const MISALIGNED_ADDRESS: CUresult = 716;
 const HOST_MEMORY_ALREADY_REGISTERED: CUresult = 712;
 const HOST_MEMORY_NOT_REGISTERED: CUresult = 713;
 const NOT_PERMITTED: CUresult = 800;
+const NOT_SUPPORTED: CUresult = 801;
 const UNKNOWN: CUresult = 999;
 
 /// Device addresses start here: far above any user-space host address.
@@ -90,7 +102,13 @@ const FAULT_REFUSE_REGISTER: c_uint = 3;
 const FAULT_COPY_DELAY_US: c_uint = 4;
 const FAULT_DEVICES: c_uint = 5;
 const FAULT_DEVICE: c_uint = 6;
-const FAULT_COUNT: usize = 7;
+const FAULT_NO_READ_ONLY_REGISTER: c_uint = 7;
+const FAULT_COUNT: usize = 8;
+
+/// `CU_MEMHOSTREGISTER_READ_ONLY`.
+const REGISTER_READ_ONLY: c_uint = 0x08;
+/// `CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED`.
+const ATTRIBUTE_READ_ONLY_HOST_REGISTER: c_int = 113;
 
 /// The most devices the emulator has (`TLEMU_DEVICES` beyond it is this many).
 const MAX_DEVICES: usize = 64;
@@ -106,8 +124,10 @@ struct Emu {
     allocs: Mutex<BTreeMap<u64, Alloc>>,
     recycled: Mutex<Vec<Vec<u8>>>,
     next_addr: AtomicU64,
-    registered: Mutex<BTreeMap<usize, usize>>,
+    /// Registered host ranges: start -> (length, read-only).
+    registered: Mutex<BTreeMap<usize, (usize, bool)>>,
     copies: AtomicU64,
+    read_only_copies: AtomicU64,
     /// Each device's copies (for `TLEMU_FAULT_DEVICE`) and allocated bytes.
     device_copies: [AtomicU64; MAX_DEVICES],
     device_bytes: [AtomicU64; MAX_DEVICES],
@@ -126,6 +146,7 @@ fn emu() -> &'static Emu {
             next_addr: AtomicU64::new(DEVICE_BASE),
             registered: Mutex::new(BTreeMap::new()),
             copies: AtomicU64::new(0),
+            read_only_copies: AtomicU64::new(0),
             device_copies: std::array::from_fn(|_| AtomicU64::new(0)),
             device_bytes: std::array::from_fn(|_| AtomicU64::new(0)),
             live: Default::default(),
@@ -137,6 +158,7 @@ fn emu() -> &'static Emu {
                 AtomicU64::new(env("TLEMU_COPY_DELAY_US", 0)),
                 AtomicU64::new(env("TLEMU_DEVICES", 4)),
                 AtomicU64::new(env("TLEMU_FAULT_DEVICE", 0)),
+                AtomicU64::new(env("TLEMU_NO_READ_ONLY_REGISTER", 0)),
             ],
             sticky: AtomicI32::new(SUCCESS),
         }
@@ -261,13 +283,18 @@ pub unsafe extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, dev: c_int) -> C
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuDeviceGetAttribute(value: *mut c_int, _attribute: c_int, dev: c_int) -> CUresult {
+pub unsafe extern "C" fn cuDeviceGetAttribute(value: *mut c_int, attribute: c_int, dev: c_int) -> CUresult {
     if !valid_device(dev) {
         return INVALID_DEVICE;
     }
-    // Every attribute reads 0: no memory pools, no unified addressing; enough for cudarc.
+    // Every other attribute reads 0: no memory pools, no unified addressing; enough for
+    // cudarc.
+    let v = match attribute {
+        ATTRIBUTE_READ_ONLY_HOST_REGISTER => c_int::from(fault(FAULT_NO_READ_ONLY_REGISTER) == 0),
+        _ => 0,
+    };
     // SAFETY: as above.
-    unsafe { put(value, 0) }
+    unsafe { put(value, v) }
 }
 
 #[no_mangle]
@@ -287,6 +314,7 @@ pub unsafe extern "C" fn cuGetErrorName(error: CUresult, text: *mut *const c_cha
         HOST_MEMORY_ALREADY_REGISTERED => b"CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED\0",
         HOST_MEMORY_NOT_REGISTERED => b"CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED\0",
         NOT_PERMITTED => b"CUDA_ERROR_NOT_PERMITTED\0",
+        NOT_SUPPORTED => b"CUDA_ERROR_NOT_SUPPORTED\0",
         _ => b"CUDA_ERROR_UNKNOWN\0",
     };
     // SAFETY: as above; the string is static.
@@ -484,10 +512,71 @@ fn on_other_device(dev: c_int, ptr: CUdeviceptr) -> bool {
     allocs.range(..=ptr).next_back().is_some_and(|(&base, a)| ptr < base + a.mem.len() as u64 && a.device != dev)
 }
 
-/// Whether `[p, p + len)` lies in one registered host range.
-fn registered(p: usize, len: usize) -> bool {
+/// Whether `[p, p + len)` lies in one registered host range: `Some(read_only)` if it does.
+fn registered(p: usize, len: usize) -> Option<bool> {
     let reg = lock(&emu().registered);
-    reg.range(..=p).next_back().is_some_and(|(&start, &rlen)| p.checked_add(len).is_some_and(|e| e <= start + rlen))
+    reg.range(..=p)
+        .next_back()
+        .filter(|(&start, &(rlen, _))| p.checked_add(len).is_some_and(|e| e <= start + rlen))
+        .map(|(_, &(_, read_only))| read_only)
+}
+
+/// Whether `[p, p + len)` overlaps a read-only registration.
+fn overlaps_read_only(p: usize, len: usize) -> bool {
+    let reg = lock(&emu().registered);
+    reg.range(..p.saturating_add(len)).any(|(&start, &(rlen, read_only))| read_only && start + rlen > p)
+}
+
+/// Whether every page of `[p, p + len)` is mapped in this process, readable, and, unless
+/// `read_only`, writable (`/proc/self/maps`): what pinning the range needs. A range
+/// registered read-only (a file's pages) must also be brought in: each page is read
+/// through `/proc/self/mem`, and a page past the file's end cannot be.
+fn pinnable(p: usize, len: usize, read_only: bool) -> bool {
+    let start = p & !4095;
+    let pages = (p - start + len).div_ceil(4096);
+    mapped(p, len, read_only) && (!read_only || (0..pages).all(|k| read_as_device(start + k * 4096, 1).is_some()))
+}
+
+fn mapped(p: usize, len: usize, read_only: bool) -> bool {
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else { return false };
+    let mut vmas: Vec<(usize, usize, bool, bool)> = maps
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (range, perms) = (fields.next()?, fields.next()?);
+            let (a, b) = range.split_once('-')?;
+            let (a, b) = (usize::from_str_radix(a, 16).ok()?, usize::from_str_radix(b, 16).ok()?);
+            let perms = perms.as_bytes();
+            Some((a, b, perms.first() == Some(&b'r'), perms.get(1) == Some(&b'w')))
+        })
+        .collect();
+    vmas.sort_unstable();
+    let (mut at, end) = (p & !4095, p.saturating_add(len));
+    for (a, b, readable, writable) in vmas {
+        if b <= at {
+            continue;
+        }
+        if a > at || !readable || !(writable || read_only) {
+            return false;
+        }
+        at = b;
+        if at >= end {
+            return true;
+        }
+    }
+    false
+}
+
+/// Reads `len` bytes of this process's memory at `p` as a device would through a pinned
+/// mapping: through `/proc/self/mem`, so that a page that cannot be read (a file truncated
+/// under its mapping) is an error, never a SIGBUS.
+fn read_as_device(p: usize, len: usize) -> Option<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    static MEM: OnceLock<Option<std::fs::File>> = OnceLock::new();
+    let mem = MEM.get_or_init(|| std::fs::File::open("/proc/self/mem").ok()).as_ref()?;
+    let mut out = vec![0u8; len];
+    mem.read_exact_at(&mut out, p as u64).ok()?;
+    Some(out)
 }
 
 #[no_mangle]
@@ -510,6 +599,11 @@ pub unsafe extern "C" fn cuMemcpyDtoH_v2(dst: *mut c_void, src: CUdeviceptr, len
     }
     if dst.is_null() {
         return INVALID_VALUE;
+    }
+    // The device writing memory pinned read-only: the fault a real device would take.
+    if overlaps_read_only(dst as usize, len) {
+        emu().sticky.store(ILLEGAL_ADDRESS, Ordering::Release);
+        return ILLEGAL_ADDRESS;
     }
     // SAFETY: the caller's host buffer holds `len` writable bytes (driver API contract).
     let dst = unsafe { std::slice::from_raw_parts_mut(dst.cast::<u8>(), len) };
@@ -552,20 +646,29 @@ pub unsafe extern "C" fn cuPointerGetAttribute(data: *mut c_void, attribute: c_i
 // ---- Page-locked host memory ----------------------------------------------------------
 
 #[no_mangle]
-pub extern "C" fn cuMemHostRegister_v2(p: *mut c_void, len: usize, _flags: c_uint) -> CUresult {
+pub extern "C" fn cuMemHostRegister_v2(p: *mut c_void, len: usize, flags: c_uint) -> CUresult {
     if p.is_null() || len == 0 {
         return INVALID_VALUE;
     }
     if fault(FAULT_REFUSE_REGISTER) != 0 {
         return NOT_PERMITTED;
     }
+    let read_only = flags & REGISTER_READ_ONLY != 0;
+    if read_only && fault(FAULT_NO_READ_ONLY_REGISTER) != 0 {
+        return NOT_SUPPORTED;
+    }
     let start = p as usize;
+    // The driver pins the pages: unmapped ones cannot be, nor, without READ_ONLY, pages the
+    // process may not write.
+    if !pinnable(start, len, read_only) {
+        return INVALID_VALUE;
+    }
     let mut reg = lock(&emu().registered);
-    let overlaps = reg.range(..start.saturating_add(len)).next_back().is_some_and(|(&s, &l)| s + l > start);
+    let overlaps = reg.range(..start.saturating_add(len)).next_back().is_some_and(|(&s, &(l, _))| s + l > start);
     if overlaps {
         return HOST_MEMORY_ALREADY_REGISTERED;
     }
-    reg.insert(start, len);
+    reg.insert(start, (len, read_only));
     count(LIVE_REGISTRATIONS, 1);
     SUCCESS
 }
@@ -728,14 +831,21 @@ fn apply(op: Op) {
             }
             // The source must still be registered when the copy runs: memory unregistered
             // (or freed) with a copy still queued is the bug this catches.
-            if !registered(src, len) {
-                emu().sticky.store(ILLEGAL_ADDRESS, Ordering::Release);
-                return;
-            }
-            // SAFETY: the range was registered (checked just now), so it is live host memory
-            // that the registrant promised to keep until unregistering it.
-            let bytes = unsafe { std::slice::from_raw_parts(src as *const u8, len) };
-            if with_device(dst, len, |d| d.copy_from_slice(bytes)).is_none() {
+            let done = match registered(src, len) {
+                None => None,
+                // A file's pages in the page cache: read as the device reads them.
+                Some(true) => read_as_device(src, len).and_then(|bytes| {
+                    emu().read_only_copies.fetch_add(1, Ordering::AcqRel);
+                    with_device(dst, len, |d| d.copy_from_slice(&bytes))
+                }),
+                Some(false) => {
+                    // SAFETY: the range was registered (checked just now), so it is live host
+                    // memory that the registrant promised to keep until unregistering it.
+                    let bytes = unsafe { std::slice::from_raw_parts(src as *const u8, len) };
+                    with_device(dst, len, |d| d.copy_from_slice(bytes))
+                }
+            };
+            if done.is_none() {
                 emu().sticky.store(ILLEGAL_ADDRESS, Ordering::Release);
             }
         }
@@ -1008,7 +1118,7 @@ pub unsafe extern "C" fn cuMemcpyHtoDAsync_v2(
     if len == 0 {
         return SUCCESS;
     }
-    if src.is_null() || !registered(src as usize, len) {
+    if src.is_null() || registered(src as usize, len).is_none() {
         // The real driver would stage pageable memory synchronously; tensorlift promises it
         // never copies from pageable memory on the load path.
         return INVALID_VALUE;
@@ -1078,7 +1188,9 @@ pub unsafe extern "C" fn cuMemcpy2DAsync_v2(copy: *const Memcpy2D, handle: *mut 
     let (src, dst) = (c.src_host as usize + c.src_y * c.src_pitch, c.dst_device + (c.dst_y * c.dst_pitch) as u64);
     let extent = |pitch: usize| (rows - 1).checked_mul(pitch).and_then(|e| e.checked_add(len));
     let (Some(src_len), Some(dst_len)) = (extent(c.src_pitch), extent(c.dst_pitch)) else { return INVALID_VALUE };
-    if c.src_host.is_null() || !registered(src, src_len) || with_device_of(Some(device), dst, dst_len, |_| ()).is_none()
+    if c.src_host.is_null()
+        || registered(src, src_len).is_none()
+        || with_device_of(Some(device), dst, dst_len, |_| ()).is_none()
     {
         return INVALID_VALUE;
     }
@@ -1235,6 +1347,13 @@ pub extern "C" fn tlemu_reset() -> CUresult {
 #[no_mangle]
 pub extern "C" fn tlemu_copies() -> u64 {
     emu().copies.load(Ordering::Acquire)
+}
+
+/// Copies (rows, for a 2D copy) that read a read-only registration, since the process
+/// started.
+#[no_mangle]
+pub extern "C" fn tlemu_read_only_copies() -> u64 {
+    emu().read_only_copies.load(Ordering::Acquire)
 }
 
 /// The calling thread's current context handle (0 for none), for tests that check a
