@@ -63,6 +63,14 @@ pub fn tensorlift(loader: Arc<Loader>, reuse_host_memory: bool, report_read: boo
                 s.reused_host_bytes as f64 / 1e9,
                 s.prefaulted_bytes as f64 / 1e9,
             );
+            if s.device != tensorlift::Device::Cpu {
+                let refused =
+                    s.page_cache_dma_refused.as_deref().map_or_else(String::new, |w| format!(" (refused: {w})"));
+                eprintln!(
+                    "tensorlift: {:.3} GB copied by DMA from the page cache{refused}",
+                    s.page_cache_dma_bytes as f64 / 1e9
+                );
+            }
             if report_read {
                 eprintln!(
                     "tensorlift: loaded {} bytes, read {} of the checkpoint's {} ({:.1}%)",

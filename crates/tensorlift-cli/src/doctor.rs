@@ -65,6 +65,7 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
                 "devices": d.devices.iter().map(|x| json!({
                     "ordinal": x.ordinal, "name": x.name, "memory_bytes": x.total_memory, "pci_bus_id": x.pci_bus_id,
                     "pcie_link": x.pcie_link.as_ref().map(|(s, w)| json!({"speed": s, "width": w})),
+                    "read_only_host_register": x.read_only_host_register,
                 })).collect::<Vec<_>>(),
             }),
             CudaStatus::Unavailable(why) => json!({"available": false, "reason": why}),
@@ -97,6 +98,7 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
                 "io_workers": loader.settings().io_workers,
                 "prefault_threads": loader.settings().prefault_threads,
                 "read_while_planning": loader.settings().read_while_planning.to_string(),
+                "page_cache_dma": loader.settings().page_cache_dma,
             },
         });
         crate::text::write_json(out, &v)?;
@@ -116,6 +118,14 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
                     crate::text::printable(&x.name),
                     crate::text::memory(x.total_memory)
                 )?;
+                let dma = match x.read_only_host_register {
+                    Some(true) => "warm shards copy by DMA from the page cache (read-only registration)",
+                    Some(false) => {
+                        "warm shards read into staging (the device cannot register the page cache read-only)"
+                    }
+                    None => "read-only registration unknown (the driver did not say)",
+                };
+                writeln!(out, "              {dma}")?;
             }
         }
         CudaStatus::Unavailable(why) => writeln!(out, "gpu         none: {why}")?,
@@ -174,6 +184,12 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
             _ => "not io_uring fixed buffers".to_owned(),
         };
         writeln!(out, "            pinned staging {} ({fixed})", crate::text::memory(p))?;
+        let dma = if loader.settings().page_cache_dma {
+            "on: ranges in the page cache go to the device by DMA, pinned read-only"
+        } else {
+            "off: every read goes through staging"
+        };
+        writeln!(out, "            page-cache DMA {dma}")?;
     }
     // Workers are io_uring rings; the pread fallback has a thread pool of its own.
     let workers = match io.backend {

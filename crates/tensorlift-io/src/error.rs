@@ -27,7 +27,8 @@ pub enum IoError {
     /// The destination buffer cannot hold the requested bytes.
     #[error("{}: a {capacity}-byte buffer cannot take {len} bytes at buffer offset {buf_offset}", file.display())]
     BufferTooSmall { file: PathBuf, buf_offset: usize, len: usize, capacity: usize },
-    /// The worker serving the read went away before completing it (a bug, never an environment fact).
+    /// The worker serving the read went away before completing it (a bug, never an
+    /// environment fact), or the load it was for was dropped first.
     #[error("{}: the I/O worker stopped before the read of {len} bytes at offset {offset} completed", file.display())]
     WorkerGone { file: PathBuf, offset: u64, len: u64 },
     /// Registering fixed buffers with io_uring failed.

@@ -127,6 +127,7 @@ pub(crate) struct Config {
     pub streams: usize,
     pub huge_pages: HugePages,
     pub prefault: bool,
+    pub page_cache_dma: bool,
     pub read_while_planning: ReadWhilePlanning,
     pub verify: Verify,
     pub convert_to: Option<tensorlift_format::Dtype>,
@@ -194,6 +195,9 @@ pub struct Settings {
     /// Threads that fault in new host memory ahead of the reads (0: none, see
     /// [`LoaderBuilder::prefault`](crate::LoaderBuilder::prefault)).
     pub prefault_threads: usize,
+    /// Whether shards in the page cache are copied to the device by DMA straight from it
+    /// (see [`LoaderBuilder::page_cache_dma`](crate::LoaderBuilder::page_cache_dma)).
+    pub page_cache_dma: bool,
     /// Whether a host load of a whole checkpoint reads while planning goes on (see
     /// [`LoaderBuilder::read_while_planning`](crate::LoaderBuilder::read_while_planning)).
     pub read_while_planning: ReadWhilePlanning,

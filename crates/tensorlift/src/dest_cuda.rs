@@ -17,21 +17,35 @@
 //! A verified load ([`crate::LoaderBuilder::verify`]) hashes each shard's pinned chunks in
 //! file order before it copies them ([`crate::hashing`]), and holds the shard's tensors
 //! until its whole file checked out.
+//!
+//! A shard in the page cache is not read into staging: the sink takes each of its reads
+//! ([`Sink::serve`]) and hands it to registering threads, which map the read's range of the
+//! file read-only and register it with CUDA read-only (pinning its pages, while earlier
+//! ranges copy); the copies then read the page cache by DMA, and the range is unpinned once
+//! they have completed ([`crate::LoaderBuilder::page_cache_dma`]). Where a registration is
+//! refused, that thread reads the range into a pinned chunk instead, and the rest of the
+//! load reads into staging. After each range's copies, the file is checked to be the one
+//! planned, unchanged, as the scheduler checks a shard after its last read.
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use tensorlift_cuda::{CopyEngine, CudaError, DeviceArena, Gpu, KernelType, Kernels, PinnedChunk, PinnedPool};
+use tensorlift_cuda::{
+    CopyEngine, CudaError, DeviceArena, Gpu, KernelType, Kernels, PageCacheRange, PinnedChunk, PinnedPool,
+};
 use tensorlift_format::{Dtype, LoadPlan};
+use tensorlift_io::{DmaWindow, IoError, OpenFile};
 
 use crate::config::Config;
 use crate::digest::{DigestSource, Sha256};
-use crate::error::plan_file;
+use crate::error::{plan_file, read_error};
 use crate::hashing::{Check, Hashed, Hashers, Landed};
 use crate::layout::{self, chunks_to_wait_for, completed_by, Place, Read, Span};
-use crate::sink::Sink;
+use crate::open::ShardIo;
+use crate::sink::{Serve, Sink};
 use crate::{Device, LoadError, Tensor};
 
 /// A CUDA device chosen by a loader, with its staging memory.
@@ -63,25 +77,172 @@ fn kernel_type(d: Dtype) -> Option<KernelType> {
 /// A chunk's tag and how its copies went.
 type Copied = (u64, Result<(), CudaError>);
 
-/// Copies that finished, reported by the copy engine's completion thread, and the waker of
-/// the load waiting for them.
+/// Copies that finished, reported by the copy engine's completion thread, ranges the
+/// registering threads are done with, and the waker of the load waiting for either.
 #[derive(Default)]
 struct Completions {
-    state: Mutex<(VecDeque<Copied>, Option<Waker>)>,
+    state: Mutex<Done>,
+}
+
+#[derive(Default)]
+struct Done {
+    copied: VecDeque<Copied>,
+    registered: VecDeque<Registered>,
+    waker: Option<Waker>,
 }
 
 impl Completions {
     fn push(&self, tag: u64, result: Result<(), CudaError>) {
-        let waker = match self.state.lock() {
-            Ok(mut s) => {
-                s.0.push_back((tag, result));
-                s.1.take()
-            }
-            Err(_) => None,
-        };
+        self.wake_with(|d| d.copied.push_back((tag, result)));
+    }
+
+    fn push_registered(&self, r: Registered) {
+        self.wake_with(|d| d.registered.push_back(r));
+    }
+
+    fn wake_with(&self, add: impl FnOnce(&mut Done)) {
+        // A poisoned lock (a panic while it was held: a bug) still takes the news: the load
+        // waits for it.
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        add(&mut s);
+        let waker = s.waker.take();
+        drop(s);
         if let Some(w) = waker {
             w.wake();
         }
+    }
+}
+
+/// What a registering thread did with a read the sink took.
+enum Registered {
+    /// Its range of the file, pinned in the page cache for the device to read; with the
+    /// pool chunk that stands for it in the staging budget.
+    Dma { read: Read, range: PageCacheRange, token: PinnedChunk },
+    /// The driver would not register it (why): the range was read into its chunk instead.
+    Staged { read: Read, chunk: PinnedChunk, refused: String },
+    /// Neither could be done: the read failed, or the load was dropped meanwhile.
+    Failed { read: Read, error: IoError },
+}
+
+/// A read the sink took: the file it is of, until its copies have completed and the file
+/// has been checked.
+struct Taken {
+    shard: usize,
+    file: Arc<OpenFile>,
+    len: u64,
+    /// Whether its copies read the page cache (rather than a chunk it was read into).
+    dma: bool,
+    /// The pool chunk that stands for its pinned pages in the staging budget, until its
+    /// copies have completed.
+    token: Option<PinnedChunk>,
+}
+
+/// Copying shards in the page cache straight from it (see the module's docs).
+struct PageCacheDma {
+    registrar: Option<Registrar>,
+    /// Whether registering threads could not be had (then every read goes to staging).
+    no_threads: bool,
+    taken: HashMap<u64, Taken>,
+    /// Bytes of the reads taken whose copies have not completed.
+    in_flight: u64,
+    /// Reads taken and not yet completed, by shard: the sink keeps their files open.
+    held: HashMap<usize, usize>,
+    /// Shards whose taken reads all completed since the scheduler last asked.
+    released: Vec<usize>,
+    /// Bytes whose copies read the page cache.
+    bytes: u64,
+    /// The first registration the driver refused, after which reads go to staging.
+    refused: Option<String>,
+}
+
+/// A read for the registering threads: its range of the file mapped, and a pool chunk.
+struct Job {
+    read: Read,
+    file: Arc<OpenFile>,
+    window: DmaWindow,
+    token: PinnedChunk,
+}
+
+/// Threads that register the ranges of the reads the sink takes: pinning pages costs the
+/// driver time on the CPU, which they spend while earlier ranges copy. Dropping it stops
+/// them without waiting: each finishes the job in hand (one registration, or one read of a
+/// resident range), answers the jobs still queued as failed, and ends; what they hand back
+/// is released with the last holder of the queue they push to.
+struct Registrar {
+    jobs: Option<mpsc::Sender<Job>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Registrar {
+    /// Registering threads: a quarter of the CPUs, one to four (a guess until a GPU host
+    /// has measured it). `None` when no thread can be had.
+    fn start(gpu: &Gpu, done: &Arc<Completions>) -> Option<Registrar> {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get() / 4).clamp(1, 4);
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut started = 0;
+        for _ in 0..n {
+            let (rx, gpu, done, stop) = (Arc::clone(&rx), gpu.clone(), Arc::clone(done), Arc::clone(&stop));
+            let spawned = std::thread::Builder::new().name("tensorlift-register".into()).spawn(move || loop {
+                let job = match rx.lock() {
+                    Ok(rx) => rx.recv(),
+                    Err(_) => return,
+                };
+                let Ok(job) = job else { return };
+                let (read, path) = (job.read, job.file.path().to_path_buf());
+                // A panic (a bug) must not lose the job: the load waits for every one.
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| register(&gpu, &stop, job)));
+                let gone = || IoError::WorkerGone { file: path, offset: read.file_offset, len: read.len as u64 };
+                done.push_registered(r.unwrap_or_else(|_| Registered::Failed { read, error: gone() }));
+            });
+            started += usize::from(spawned.is_ok());
+        }
+        (started > 0).then_some(Registrar { jobs: Some(tx), stop })
+    }
+}
+
+impl Drop for Registrar {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.jobs.take();
+    }
+}
+
+/// Pins `job`'s range of its file for `gpu`, or, where the driver refuses, reads it into
+/// the job's chunk.
+fn register(gpu: &Gpu, stop: &AtomicBool, job: Job) -> Registered {
+    let Job { read, file, window, token } = job;
+    if stop.load(Ordering::Relaxed) {
+        let error =
+            IoError::WorkerGone { file: file.path().to_path_buf(), offset: read.file_offset, len: read.len as u64 };
+        return Registered::Failed { read, error };
+    }
+    let refused = match PageCacheRange::register(gpu, window) {
+        Ok(range) => return Registered::Dma { read, range, token },
+        Err(why) => why.to_string(),
+    };
+    let mut chunk = token;
+    let capacity = chunk.as_slice().len();
+    let Some(dst) = chunk.as_mut_slice().get_mut(..read.len) else {
+        let file = file.path().to_path_buf();
+        return Registered::Failed {
+            read,
+            error: IoError::BufferTooSmall { file, buf_offset: 0, len: read.len, capacity },
+        };
+    };
+    use std::os::unix::fs::FileExt;
+    match file.file().read_exact_at(dst, read.file_offset) {
+        Ok(()) => Registered::Staged { read, chunk, refused },
+        Err(source) => Registered::Failed {
+            read,
+            error: IoError::Read {
+                file: file.path().to_path_buf(),
+                offset: read.file_offset,
+                len: read.len as u64,
+                source,
+            },
+        },
     }
 }
 
@@ -108,6 +269,15 @@ pub(crate) struct CudaSink {
     last_done: Option<Instant>,
     /// For a verified load.
     verify: Option<Verifying>,
+    gpu: Gpu,
+    /// Copies straight from the page cache, unless the loader turned them off or verifies.
+    dma: Option<PageCacheDma>,
+}
+
+/// What a chunk's copies read.
+enum Source {
+    Chunk(Arc<PinnedChunk>),
+    PageCache(PageCacheRange),
 }
 
 /// A verified load's shards: hashed in their pinned chunks before the copies, and their
@@ -231,6 +401,17 @@ impl CudaSink {
             first_copy: None,
             last_done: None,
             verify: None,
+            gpu: cuda.gpu.clone(),
+            dma: (cfg.page_cache_dma && checks.is_none()).then(|| PageCacheDma {
+                registrar: None,
+                no_threads: false,
+                taken: HashMap::new(),
+                in_flight: 0,
+                held: HashMap::new(),
+                released: Vec::new(),
+                bytes: 0,
+                refused: None,
+            }),
         };
         if let Some(checks) = checks {
             let (checks, hashers) = crate::hashing::verify_spans(plan, &spans, reads, &checks, true);
@@ -303,6 +484,56 @@ impl CudaSink {
         self.verify.as_ref().map_or(0, |v| v.verified_bytes)
     }
 
+    /// Bytes copied straight from the page cache, and why that stopped, if it did.
+    pub(crate) fn page_cache_dma(&self) -> (u64, Option<String>) {
+        self.dma.as_ref().map_or((0, None), |d| (d.bytes, d.refused.clone()))
+    }
+
+    /// A read a registering thread is done with: its copies are queued, or its error is the
+    /// load's.
+    fn registered(&mut self, plan: &LoadPlan, r: Registered) -> Result<(), LoadError> {
+        match r {
+            Registered::Dma { read, range, token } => {
+                if let Some(t) = self.dma.as_mut().and_then(|d| d.taken.get_mut(&Self::tag(&read))) {
+                    t.token = Some(token);
+                }
+                self.copy_from(plan, &read, Source::PageCache(range))
+            }
+            Registered::Staged { read, chunk, refused } => {
+                if let Some(d) = self.dma.as_mut() {
+                    // The rest of the load reads into staging; this read's copies are not DMA.
+                    d.refused.get_or_insert(refused);
+                    if let Some(t) = d.taken.get_mut(&Self::tag(&read)) {
+                        t.dma = false;
+                    }
+                }
+                self.copy_from(plan, &read, Source::Chunk(Arc::new(chunk)))
+            }
+            Registered::Failed { read, error } => Err(read_error(plan, &read, error)),
+        }
+    }
+
+    /// A taken read's copies completed: its bytes are counted, and its file checked to be
+    /// the one planned, unchanged (a write while the device read its pages would not show in
+    /// the bytes).
+    fn taken_done(&mut self, plan: &LoadPlan, tag: u64) -> Result<(), LoadError> {
+        let Some(d) = self.dma.as_mut() else { return Ok(()) };
+        let Some(t) = d.taken.remove(&tag) else { return Ok(()) };
+        d.in_flight -= t.len;
+        if t.dma {
+            d.bytes += t.len;
+        }
+        let checked = crate::open::still_as_planned(plan, t.shard, &ShardIo::File(t.file));
+        if let Some(n) = d.held.get_mut(&t.shard) {
+            *n -= 1;
+            if *n == 0 {
+                d.held.remove(&t.shard);
+                d.released.push(t.shard);
+            }
+        }
+        checked
+    }
+
     /// Tensor `t`'s bytes have all landed: yields it, or launches its conversion.
     fn converted_or_ready(&mut self, plan: &LoadPlan, t: usize, ready: &mut VecDeque<Tensor>) -> Result<(), LoadError> {
         let launch = self.conversion.as_ref().and_then(|c| Some((c, c.kinds[t]?, c.raw[t]?, self.places[t]?)));
@@ -329,7 +560,12 @@ impl CudaSink {
     /// may copy from the same chunk ([`crate::dest_devices`]): it goes back to the pool once
     /// the last of their copies has completed.
     pub(crate) fn copy(&mut self, plan: &LoadPlan, read: &Read, buf: Arc<PinnedChunk>) -> Result<u64, LoadError> {
-        let Some(span) = self.spans.get(read.span) else { return Ok(0) };
+        self.copy_from(plan, read, Source::Chunk(buf)).map(|()| 0)
+    }
+
+    /// Queues the copies of `read`'s bytes, in `source`, to their places.
+    fn copy_from(&mut self, plan: &LoadPlan, read: &Read, source: Source) -> Result<(), LoadError> {
+        let Some(span) = self.spans.get(read.span) else { return Ok(()) };
         // Tensors to convert go to the scratch allocation, the others to their places; the
         // pieces are grouped by allocation.
         let mut by_target: Vec<Vec<tensorlift_cuda::Piece>> = vec![Vec::new(); self.targets.len()];
@@ -345,14 +581,17 @@ impl CudaSink {
         }
         let targets: Vec<(&Arc<DeviceArena>, &[tensorlift_cuda::Piece])> =
             self.targets.iter().zip(&by_target).filter(|(_, p)| !p.is_empty()).map(|(a, p)| (a, &p[..])).collect();
-        let Some(engine) = self.engine.as_mut() else { return Ok(0) };
+        let Some(engine) = self.engine.as_mut() else { return Ok(()) };
         self.first_copy.get_or_insert_with(Instant::now);
         let tag = Self::tag(read);
-        let copied = engine.copy_shared(buf, &targets, tag);
+        let copied = match source {
+            Source::Chunk(buf) => engine.copy_shared(buf, &targets, tag),
+            Source::PageCache(range) => engine.copy_from_page_cache(range, &targets, tag),
+        };
         match copied {
             Ok(()) => {
                 self.pending += 1;
-                Ok(0)
+                Ok(())
             }
             Err(e) => Err(self.copy_error(plan, tag, e)),
         }
@@ -391,6 +630,52 @@ impl Sink for CudaSink {
             Poll::Ready(c) => Some(c),
             Poll::Pending => None,
         }
+    }
+
+    fn serve(&mut self, _plan: &LoadPlan, read: &Read, file: &ShardIo, cx: &mut Context<'_>) -> Serve {
+        // Ranges of shards read buffered that are wholly in the page cache, until the driver
+        // refuses a registration.
+        let (Some(d), ShardIo::File(file)) = (self.dma.as_mut(), file) else { return Serve::Read };
+        if file.is_direct() || d.refused.is_some() || d.no_threads || read.len == 0 {
+            return Serve::Read;
+        }
+        // Pinned pages count against the staging budget as a chunk of the pool: the
+        // loader's loads together never pin more than twice the budget.
+        let Poll::Ready(token) = self.pool.poll_acquire(cx) else { return Serve::Later };
+        let Ok(window) = DmaWindow::map(file, read.file_offset, read.len) else { return Serve::Read };
+        if !window.resident().unwrap_or(false) {
+            // Reads at depth bring it in faster than faults under a registration would.
+            return Serve::Read;
+        }
+        if d.registrar.is_none() {
+            d.registrar = Registrar::start(&self.gpu, &self.done);
+            d.no_threads = d.registrar.is_none();
+        }
+        let Some(jobs) = d.registrar.as_ref().and_then(|r| r.jobs.as_ref()) else { return Serve::Read };
+        if jobs.send(Job { read: *read, file: Arc::clone(file), window, token }).is_err() {
+            return Serve::Read;
+        }
+        d.in_flight += read.len as u64;
+        *d.held.entry(read.shard).or_insert(0) += 1;
+        let taken = Taken { shard: read.shard, file: Arc::clone(file), len: read.len as u64, dma: true, token: None };
+        d.taken.insert(Self::tag(read), taken);
+        // Counted until its copies complete.
+        self.pending += 1;
+        Serve::Taken
+    }
+
+    fn holds(&self, shard: usize) -> bool {
+        self.dma.as_ref().is_some_and(|d| d.held.contains_key(&shard))
+    }
+
+    fn released(&mut self, out: &mut Vec<usize>) {
+        if let Some(d) = self.dma.as_mut() {
+            out.append(&mut d.released);
+        }
+    }
+
+    fn taken_bytes(&self) -> u64 {
+        self.dma.as_ref().map_or(0, |d| d.in_flight)
     }
 
     fn landed(
@@ -449,19 +734,34 @@ impl Sink for CudaSink {
             }
         }
         loop {
-            let next = match self.done.state.lock() {
-                Ok(mut s) => match s.0.pop_front() {
-                    Some(x) => Some(x),
-                    None => {
-                        if self.pending > 0 && bytes == 0 {
-                            s.1 = Some(cx.waker().clone());
+            // Ranges registered go on to their copies; then copies completed.
+            let next = {
+                let mut s = self.done.state.lock().unwrap_or_else(|p| p.into_inner());
+                match s.registered.pop_front() {
+                    Some(r) => Some(Err(r)),
+                    None => match s.copied.pop_front() {
+                        Some(x) => Some(Ok(x)),
+                        None => {
+                            if self.pending > 0 && bytes == 0 {
+                                s.waker = Some(cx.waker().clone());
+                            }
+                            None
                         }
-                        None
-                    }
-                },
-                Err(_) => None,
+                    },
+                }
             };
-            let Some((tag, result)) = next else { break };
+            let (tag, result) = match next {
+                None => break,
+                Some(Ok(copied)) => copied,
+                Some(Err(registered)) => {
+                    // The read taken becomes its copies (counted as they are queued).
+                    self.pending = self.pending.saturating_sub(1);
+                    if let Err(e) = self.registered(plan, registered) {
+                        return Poll::Ready(Err(e));
+                    }
+                    continue;
+                }
+            };
             self.pending = self.pending.saturating_sub(1);
             self.last_done = Some(Instant::now());
             if let Err(e) = result {
@@ -473,6 +773,9 @@ impl Sink for CudaSink {
                 let tensor = self.make(plan, t, true);
                 self.emit(t, tensor, ready);
                 continue;
+            }
+            if let Err(e) = self.taken_done(plan, tag) {
+                return Poll::Ready(Err(e));
             }
             let (si, index) = ((tag >> 32) as usize, (tag & 0xffff_ffff) as usize);
             let Some(span) = self.spans.get(si) else { continue };
@@ -497,10 +800,11 @@ impl Sink for CudaSink {
     }
 
     fn abort(&mut self) {
-        // The hashing threads stop and give their chunks back; dropping the engine waits for
-        // every copy in flight; then chunks are back in the pool and nothing reads or writes
-        // the device allocation any more.
+        // The hashing and registering threads stop and give their chunks back; dropping the
+        // engine waits for every copy in flight; then chunks are back in the pool, ranges of
+        // the page cache unpinned, and nothing reads or writes the device allocation any more.
         self.verify.take();
+        self.dma.take();
         self.engine.take();
         self.pending = 0;
     }
@@ -509,6 +813,7 @@ impl Sink for CudaSink {
 impl Drop for CudaSink {
     fn drop(&mut self) {
         self.verify.take();
+        self.dma.take();
         self.engine.take();
     }
 }

@@ -147,3 +147,29 @@ pub(crate) fn plan_file(plan: &tensorlift_format::LoadPlan) -> std::path::PathBu
         _ => plan.root().to_path_buf(),
     }
 }
+
+/// The error of a failed read, naming the first tensor it holds.
+pub(crate) fn read_error(
+    plan: &tensorlift_format::LoadPlan,
+    read: &crate::layout::Read,
+    source: tensorlift_io::IoError,
+) -> LoadError {
+    let range = read.file_offset..read.file_offset + read.len as u64;
+    let tensor = plan
+        .tensors()
+        .iter()
+        .find(|t| t.shard == read.shard && t.file_range.end > range.start && t.file_range.start < range.end)
+        .map_or_else(
+            || match plan.tensors() {
+                // Read before the plan stood, which would name the tensor.
+                [] => format!("<bytes {}..{}, read before the plan stood>", range.start, range.end),
+                _ => "<padding>".to_owned(),
+            },
+            |t| t.name.clone(),
+        );
+    match source {
+        // A remote object replaced or cut during the load.
+        tensorlift_io::IoError::Changed { file, what } => LoadError::ShardChanged { file, what },
+        source => LoadError::Read { file: plan.shards()[read.shard].path.clone(), tensor, source },
+    }
+}

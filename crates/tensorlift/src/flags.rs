@@ -7,7 +7,7 @@ use crate::config::{DirectIo, HugePages, ReadWhilePlanning};
 use crate::loader::LoaderBuilder;
 
 /// `--chunk-mib`, `--budget-mib`, `--queue-depth`, `--io`, `--io-workers`, `--direct`,
-/// `--huge-pages`, `--no-prefault`, `--read-while-planning`: each left out keeps the
+/// `--huge-pages`, `--no-prefault`, `--no-page-cache-dma`, `--read-while-planning`: each left out keeps the
 /// loader's default.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct Tuning {
@@ -36,6 +36,11 @@ pub struct Tuning {
     /// `LoaderBuilder::prefault`).
     #[arg(long)]
     pub no_prefault: bool,
+    /// On a GPU, read shards that are in the page cache into staging, rather than copying
+    /// them to the device by DMA straight from the page cache (see
+    /// `LoaderBuilder::page_cache_dma`).
+    #[arg(long)]
+    pub no_page_cache_dma: bool,
     /// Whether a load to the CPU reads each shard once its own header is validated, while
     /// the rest is planned: auto (where it pays: 4+ CPUs, or a largest shard not in the page
     /// cache), always, never.
@@ -69,6 +74,9 @@ impl Tuning {
         }
         if self.no_prefault {
             builder = builder.prefault(false);
+        }
+        if self.no_page_cache_dma {
+            builder = builder.page_cache_dma(false);
         }
         if let Some(p) = self.read_while_planning {
             builder = builder.read_while_planning(p);

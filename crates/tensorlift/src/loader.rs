@@ -57,6 +57,7 @@ impl Default for LoaderBuilder {
                 streams: DEFAULT_STREAMS,
                 huge_pages: HugePages::Auto,
                 prefault: true,
+                page_cache_dma: true,
                 read_while_planning: ReadWhilePlanning::Auto,
                 verify: Verify::Off,
                 convert_to: None,
@@ -233,6 +234,20 @@ impl LoaderBuilder {
     /// CPU, four at most). [`LoadStats::prefaulted_bytes`] says how much it did.
     pub fn prefault(mut self, on: bool) -> Self {
         self.cfg.prefault = on;
+        self
+    }
+    /// Whether a load onto a GPU copies the shards that are in the page cache to the device
+    /// by DMA straight from it (default on). Each chunk's range of the file is mapped
+    /// read-only and registered with CUDA read-only (pinning its pages, on threads of their
+    /// own, while earlier chunks copy), and copied from there: no CPU copy into staging, which
+    /// is what bounds a warm load otherwise. A pinned range holds a chunk of the staging pool
+    /// until its copies complete. Where the device or the driver refuses the registration,
+    /// the load reads into staging instead, and [`LoadStats::page_cache_dma_refused`] says
+    /// why. Loads that verify checksums (which read every byte on the CPU anyway), loads
+    /// onto several devices, shards read with O_DIRECT, and ranges not wholly in the page
+    /// cache use staging. [`LoadStats::page_cache_dma_bytes`] counts what went by DMA.
+    pub fn page_cache_dma(mut self, on: bool) -> Self {
+        self.cfg.page_cache_dma = on;
         self
     }
     /// Whether a host load of a whole checkpoint starts reading before planning ends
@@ -488,6 +503,7 @@ impl Loader {
             streams: self.cfg.streams,
             huge_pages: self.cfg.huge_pages,
             prefault_threads: self.cfg.prefault_threads(),
+            page_cache_dma: self.cfg.page_cache_dma,
             read_while_planning: self.cfg.read_while_planning,
             verify: self.cfg.verify,
         }
@@ -599,6 +615,8 @@ impl Loader {
             huge_pages: None,
             prefaulted_bytes: 0,
             prefault_failure: None,
+            page_cache_dma_bytes: 0,
+            page_cache_dma_refused: None,
             first_read: None,
             planned: None,
             reused_host_bytes: 0,

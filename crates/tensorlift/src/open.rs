@@ -197,7 +197,8 @@ pub(crate) fn recheck(plan: &Checkpoint, i: usize, fresh: bool) -> Recheck {
 
 /// Refuses shard `i` when the file read is no longer as planned: its identity, length,
 /// modification or status change time moved (a rewrite in place, even of the same length,
-/// moves the last). Called after the shard's last read.
+/// moves the last). Called after the shard's last read, and after the copies of each read
+/// the CUDA destination took to copy from the page cache.
 pub(crate) fn still_as_planned(plan: &LoadPlan, i: usize, file: &ShardIo) -> Result<(), LoadError> {
     // Each GET of a remote shard checked the object already.
     let ShardIo::File(file) = file else { return Ok(()) };

@@ -5,8 +5,9 @@
 //! allow, asking the destination ([`Sink`]) for a buffer for each and handing the filled
 //! buffer back; it does not know where bytes end up. The host destination lends the final
 //! memory itself (no staging copy); the CUDA destination lends pinned chunks and copies
-//! them to the device. Shards are opened when their first read is issued and closed after
-//! their last one lands ([`crate::open`]).
+//! them to the device, or takes a read to copy it straight from the page cache
+//! ([`Sink::serve`]). Shards are opened when their first read is issued and closed after
+//! their last one lands, or after the sink let go of the reads it took ([`crate::open`]).
 //!
 //! A host load of a whole checkpoint starts before planning ends ([`TensorStream::start_early`]):
 //! once every header is read, each shard's data section is known (it runs from the header's
@@ -26,10 +27,10 @@ use tensorlift_format::LoadPlan;
 use tensorlift_io::{Checkpoint, ReadFuture, Reader};
 
 use crate::config::{Config, DirectIo};
-use crate::error::plan_file;
+use crate::error::{plan_file, read_error};
 use crate::layout::{self, Read, Span};
 use crate::open::ShardIo;
-use crate::sink::Sink;
+use crate::sink::{Serve, Sink};
 use crate::target::{Landing, Target};
 use crate::{LoadError, LoadStats, Progress, Tensor};
 
@@ -53,9 +54,13 @@ struct Scheduler<S: Sink> {
     queue_depth: usize,
     budget: u64,
     in_flight_bytes: u64,
-    /// Shards open for reading now, and the most that may be.
+    /// Shards open for reading now (or kept open by the sink for reads it took), and the
+    /// most that may be.
     open: usize,
     window: usize,
+    /// Shards this scheduler is done with that the sink still holds open (see
+    /// [`Sink::holds`]): counted in `open` until the sink lets them go.
+    held_by_sink: Vec<bool>,
     /// When the load started (for [`LoadStats::first_read`]).
     started: Instant,
     /// Whether this load made its plan (see [`crate::open::Recheck`]).
@@ -475,6 +480,7 @@ impl TensorStream {
             Dest::Cuda(s) => {
                 self.stats.copy = s.sink.copy_time();
                 self.stats.verified_bytes = s.sink.verified_bytes();
+                (self.stats.page_cache_dma_bytes, self.stats.page_cache_dma_refused) = s.sink.page_cache_dma();
             }
             Dest::Devices(s) => self.stats.copy = s.sink.copy_time(),
             Dest::Host(s) => {
@@ -541,6 +547,7 @@ impl<S: Sink> Scheduler<S> {
             in_flight_bytes: 0,
             open: 0,
             window: read_window(cfg),
+            held_by_sink: vec![false; plan.shards().len()],
             started,
             fresh,
             validated: None,
@@ -579,6 +586,30 @@ impl<S: Sink> Scheduler<S> {
         dropped
     }
 
+    /// Closes shard `i` for this scheduler: it leaves the open count now, or, while the sink
+    /// still holds it open for reads it took, once the sink lets it go.
+    fn close(&mut self, i: usize) {
+        if self.files[i].take().is_some() {
+            if self.sink.holds(i) {
+                self.held_by_sink[i] = true;
+            } else {
+                self.open -= 1;
+            }
+        }
+    }
+
+    /// Takes back the open count of the shards the sink has let go.
+    fn release_held(&mut self) {
+        let mut released = Vec::new();
+        self.sink.released(&mut released);
+        for i in released {
+            if let Some(h) = self.held_by_sink.get_mut(i).filter(|h| **h) {
+                *h = false;
+                self.open -= 1;
+            }
+        }
+    }
+
     /// Issues reads while the queue depth, the budget and the sink's buffers allow,
     /// opening each shard when its first read is issued.
     fn fill(
@@ -589,6 +620,7 @@ impl<S: Sink> Scheduler<S> {
         direct: DirectIo,
         stats: &mut LoadStats,
     ) -> Result<(), LoadError> {
+        self.release_held();
         while self.in_flight.len() < self.queue_depth {
             let Some(read) = self.reads.get(self.next).copied() else { break };
             if self.in_flight_bytes + read.len as u64 > self.budget {
@@ -613,13 +645,34 @@ impl<S: Sink> Scheduler<S> {
                     f
                 }
             };
+            match self.sink.serve(plan, &read, &file, cx) {
+                Serve::Read => {}
+                Serve::Later => break,
+                Serve::Taken => {
+                    // The sink moves the bytes itself, and checks the file once they have
+                    // moved: the shard closes here if this was its last read.
+                    if self.next == 0 {
+                        stats.first_read = Some(self.started.elapsed());
+                    }
+                    stats.bytes_read += read.len as u64;
+                    let taken = self.in_flight_bytes + self.sink.taken_bytes();
+                    stats.max_in_flight_bytes = stats.max_in_flight_bytes.max(taken);
+                    self.next += 1;
+                    self.reads_left[read.shard] -= 1;
+                    if self.reads_left[read.shard] == 0 {
+                        self.close(read.shard);
+                    }
+                    continue;
+                }
+            }
             let Some(buf) = self.sink.buffer(&read, cx) else { break };
             let fut = file.read(reader, read.file_offset, buf, read.len);
             if self.next == 0 {
                 stats.first_read = Some(self.started.elapsed());
             }
             self.in_flight_bytes += read.len as u64;
-            stats.max_in_flight_bytes = stats.max_in_flight_bytes.max(self.in_flight_bytes);
+            let in_flight = self.in_flight_bytes + self.sink.taken_bytes();
+            stats.max_in_flight_bytes = stats.max_in_flight_bytes.max(in_flight);
             self.in_flight.push_back(InFlight { read: self.next, fut });
             self.next += 1;
         }
@@ -663,8 +716,8 @@ impl<S: Sink> Scheduler<S> {
         // handed out.
         self.reads_left[read.shard] -= 1;
         if self.reads_left[read.shard] == 0 {
-            if let Some(file) = self.files[read.shard].take() {
-                self.open -= 1;
+            if let Some(file) = self.files[read.shard].clone() {
+                self.close(read.shard);
                 if let Err(e) = crate::open::still_as_planned(plan.plan(), read.shard, &file) {
                     return Poll::Ready(Err(e));
                 }
@@ -693,6 +746,7 @@ impl<S: Sink> Scheduler<S> {
             self.in_flight.pop_front();
         }
         self.files.iter_mut().for_each(|f| *f = None);
+        self.held_by_sink.iter_mut().for_each(|h| *h = false);
         self.open = 0;
         self.sink.abort();
         Poll::Ready(())
@@ -724,26 +778,4 @@ fn plan_stats(stats: &mut LoadStats, plan: &LoadPlan, spans: &[Span]) {
 /// load takes them.
 fn read_window(cfg: &Config) -> usize {
     (cfg.limits.open_files_bound() / 4).max(1)
-}
-
-/// The error of a failed read, naming the first tensor it holds.
-fn read_error(plan: &LoadPlan, read: &Read, source: tensorlift_io::IoError) -> LoadError {
-    let range = read.file_offset..read.file_offset + read.len as u64;
-    let tensor = plan
-        .tensors()
-        .iter()
-        .find(|t| t.shard == read.shard && t.file_range.end > range.start && t.file_range.start < range.end)
-        .map_or_else(
-            || match plan.tensors() {
-                // Read before the plan stood, which would name the tensor.
-                [] => format!("<bytes {}..{}, read before the plan stood>", range.start, range.end),
-                _ => "<padding>".to_owned(),
-            },
-            |t| t.name.clone(),
-        );
-    match source {
-        // A remote object replaced or cut during the load.
-        tensorlift_io::IoError::Changed { file, what } => LoadError::ShardChanged { file, what },
-        source => LoadError::Read { file: plan.shards()[read.shard].path.clone(), tensor, source },
-    }
 }

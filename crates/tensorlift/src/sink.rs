@@ -10,7 +10,19 @@ use tensorlift_format::LoadPlan;
 use tensorlift_io::IoBufMut;
 
 use crate::layout::Read;
+use crate::open::ShardIo;
 use crate::{LoadError, Tensor};
+
+/// How a sink takes a read (see [`Sink::serve`]).
+pub(crate) enum Serve {
+    /// Read it into a buffer the sink lends, as usual.
+    Read,
+    /// The sink moves its bytes itself.
+    Taken,
+    /// The sink would move its bytes itself, but has too much in flight now: the scheduler
+    /// waits, and the sink's background work wakes it.
+    Later,
+}
 
 /// Where the bytes of a load go. The scheduler asks for a buffer for each read and hands
 /// it back filled.
@@ -19,6 +31,25 @@ pub(crate) trait Sink {
     /// A buffer for `read`, or `None` when none is free now, with `cx` woken when one is
     /// (the scheduler then waits).
     fn buffer(&mut self, read: &Read, cx: &mut Context<'_>) -> Option<Self::Buf>;
+    /// Whether the sink moves `read`'s bytes from `file` itself, with no read into a lent
+    /// buffer (the CUDA sink copies a shard in the page cache to the device by DMA straight
+    /// from it). A read it takes reaches its destination as background work
+    /// ([`poll_progress`](Sink::poll_progress)), which also checks that the file did not
+    /// change while it was read, and is never handed to [`landed`](Sink::landed).
+    fn serve(&mut self, _plan: &LoadPlan, _read: &Read, _file: &ShardIo, _cx: &mut Context<'_>) -> Serve {
+        Serve::Read
+    }
+    /// Whether reads of shard `shard` that the sink took are still in flight: it holds the
+    /// file open until they are done.
+    fn holds(&self, _shard: usize) -> bool {
+        false
+    }
+    /// Appends the shards whose taken reads have all completed since the last call.
+    fn released(&mut self, _out: &mut Vec<usize>) {}
+    /// Bytes of taken reads still in flight.
+    fn taken_bytes(&self) -> u64 {
+        0
+    }
     /// `read` filled `buf`; tensors that are complete go to `ready`.
     fn landed(
         &mut self,

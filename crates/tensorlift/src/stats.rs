@@ -74,6 +74,13 @@ pub struct LoadStats {
     /// Why prefaulting stopped early, if it did (a kernel before 5.14 has no
     /// `MADV_POPULATE_WRITE`).
     pub prefault_failure: Option<String>,
+    /// Bytes copied to the device by DMA straight from the page cache (see
+    /// [`LoaderBuilder::page_cache_dma`](crate::LoaderBuilder::page_cache_dma)); they are
+    /// counted in `bytes_read` too.
+    pub page_cache_dma_bytes: u64,
+    /// Why a load that could have copied from the page cache by DMA read into staging
+    /// instead: the error of the first range the driver would not register.
+    pub page_cache_dma_refused: Option<String>,
 }
 
 impl LoadStats {
@@ -101,6 +108,8 @@ impl LoadStats {
             "unverified_bytes": self.unverified_bytes,
             "prefaulted_bytes": self.prefaulted_bytes,
             "prefault_failure": self.prefault_failure,
+            "page_cache_dma_bytes": self.page_cache_dma_bytes,
+            "page_cache_dma_refused": self.page_cache_dma_refused,
             "first_read_seconds": secs(self.first_read),
             "planned_seconds": secs(self.planned),
             "read_wait_seconds": self.read_wait.as_secs_f64(),

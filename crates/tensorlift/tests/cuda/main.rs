@@ -13,6 +13,7 @@ use tensorlift_cuda::emulator::{self, Fault};
 use tensorlift_testkit::{write_shard, write_sharded, Spec};
 
 mod devices;
+mod page_cache;
 
 /// One test at a time (the driver's counts and faults are the process's); on drop, checks
 /// that the test left nothing alive on the device, and clears the faults.
@@ -100,11 +101,13 @@ fn every_dtype_and_layout_lands_on_the_device() {
     emulator::set_fault(Fault::CopyDelayMicros(300));
     for chunk in [4096usize, 64 << 10, 1 << 20] {
         for backend in [BackendKind::Uring, BackendKind::Pread] {
-            for direct in [DirectIo::Always, DirectIo::Never] {
-                let what = format!("{backend}/{direct:?}/chunk {chunk}");
+            // Buffered reads, into staging or copied from the page cache.
+            for (direct, dma) in [(DirectIo::Always, false), (DirectIo::Never, false), (DirectIo::Never, true)] {
+                let what = format!("{backend}/{direct:?}/dma {dma}/chunk {chunk}");
                 let loader = base()
                     .io_backend(backend)
                     .direct_io(direct)
+                    .page_cache_dma(dma)
                     .chunk_size(chunk)
                     .staging_budget(3 * chunk)
                     .build()
@@ -263,21 +266,32 @@ fn truncation_and_changes_end_the_load_cleanly() {
         &path,
         &[("first", Dtype::U8, &[64 << 10]), ("second", Dtype::U8, &[1 << 20]), ("third", Dtype::U8, &[100])],
     );
-    let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (c, p) = (cut.clone(), path.clone());
-    let loader = base()
-        .chunk_size(4096)
-        .staging_budget(4096)
-        .progress(move |_| {
-            if !c.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(200_000).unwrap();
-            }
-        })
-        .build()
-        .unwrap();
-    match loader.load_blocking(&path) {
-        Err(LoadError::Read { tensor, .. }) => assert_eq!(tensor, "second"),
-        other => panic!("{other:?}"),
+    // Read into staging, the read past the new end fails; copied from the page cache, the
+    // file is seen to have changed after the first copies (or, where the pages past the end
+    // cannot be pinned, the read into staging that replaces them fails).
+    for dma in [false, true] {
+        let specs: [Spec<'_>; 3] =
+            [("first", Dtype::U8, &[64 << 10]), ("second", Dtype::U8, &[1 << 20]), ("third", Dtype::U8, &[100])];
+        write_shard(&path, &specs);
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (c, p) = (cut.clone(), path.clone());
+        let loader = base()
+            .chunk_size(4096)
+            .staging_budget(4096)
+            .page_cache_dma(dma)
+            .progress(move |_| {
+                if !c.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(200_000).unwrap();
+                }
+            })
+            .build()
+            .unwrap();
+        match loader.load_blocking(&path) {
+            Err(LoadError::Read { tensor, .. }) => assert_eq!(tensor, "second", "dma: {dma}"),
+            Err(LoadError::ShardChanged { what, .. }) if dma => assert!(what.contains("length is 200000"), "{what}"),
+            other => panic!("dma: {dma}: {other:?}"),
+        }
+        emulator::reset();
     }
     // Changed between planning and loading.
     write_shard(&path, &[("a", Dtype::F32, &[100])]);
@@ -371,7 +385,11 @@ fn loads_of_one_loader_share_its_staging() {
     let specs: Vec<Spec<'_>> = names.iter().map(|n| (n.as_str(), Dtype::U8, &[600_000usize][..])).collect();
     let truth = write_shard(&path, &specs);
     emulator::set_fault(Fault::CopyDelayMicros(500));
-    let loader = std::sync::Arc::new(base().chunk_size(64 << 10).staging_budget(2 * (64 << 10)).build().unwrap());
+    // Read into staging (rather than copied from the page cache): the chunks are what the
+    // loads share.
+    let loader = std::sync::Arc::new(
+        base().chunk_size(64 << 10).staging_budget(2 * (64 << 10)).page_cache_dma(false).build().unwrap(),
+    );
     let threads: Vec<_> = (0..3)
         .map(|_| {
             let (l, p) = (std::sync::Arc::clone(&loader), path.clone());
