@@ -163,11 +163,13 @@ impl CopyEngine {
     }
 
     /// [`copy_to`](Self::copy_to) from a range of the page cache registered with this
-    /// engine's device: the copies read the file's pages by DMA, and the range is unpinned
-    /// once they have completed. A piece's `src_offset` counts from the range's start.
+    /// engine's device: the copies read the file's pages by DMA, and the range is unpinned,
+    /// and `with` dropped (a token that stands for the pinned pages in a budget), once they
+    /// have completed. A piece's `src_offset` counts from the range's start.
     pub fn copy_from_page_cache(
         &mut self,
         range: PageCacheRange,
+        with: Box<dyn Send>,
         targets: &[(&Arc<DeviceArena>, &[Piece])],
         tag: u64,
     ) -> Result<(), CudaError> {
@@ -178,7 +180,7 @@ impl CopyEngine {
             });
         }
         let (src, cap) = (range.ptr(), range.len());
-        self.copy_host(src, cap, Box::new(range), targets, tag)
+        self.copy_host(src, cap, Box::new((range, with)), targets, tag)
     }
 
     /// Queues copies of `pieces` from the `cap` bytes of registered host memory at `src`,
@@ -219,9 +221,11 @@ impl CopyEngine {
             let dst = arena.device_ptr() + p.dst_offset as u64;
             let (r, call) = if p.rows == 1 {
                 // SAFETY: both ranges were checked against the source and the arena; the source
-                // is page-locked (registered) memory that this engine keeps (`keep`), unmoved
-                // and unwritten (engines sharing a chunk only read it), until the event
-                // recorded after this copy completes; the arena is kept alive alongside it.
+                // is page-locked (registered) memory that this engine keeps (`keep`), unmoved,
+                // until the event recorded after this copy completes, and only the device reads
+                // it (a pinned chunk is unwritten meanwhile: engines sharing one only read it; a
+                // range of the page cache changes only with its file, which the loader checks
+                // after the copies); the arena is kept alive alongside it.
                 (unsafe { sys::cuMemcpyHtoDAsync_v2(dst, src.cast(), p.len, stream.cu_stream()) }, "cuMemcpyHtoDAsync")
             } else {
                 let copy = sys::CUDA_MEMCPY2D {
@@ -242,10 +246,10 @@ impl CopyEngine {
                     WidthInBytes: p.len,
                     Height: p.rows,
                 };
-                // SAFETY: every row of both sides was checked against the chunk and the arena
-                // (pitches at least the row length, no overflow); the chunk stays pinned and
-                // untouched until the event after this copy completes, as for a plain copy,
-                // and the descriptor is read by the call, which does not keep it.
+                // SAFETY: every row of both sides was checked against the source and the arena
+                // (pitches at least the row length, no overflow); the source stays pinned and
+                // is read only by the device until the event after this copy completes, as for
+                // a plain copy, and the descriptor is read by the call, which does not keep it.
                 (unsafe { sys::cuMemcpy2DAsync_v2(&copy, stream.cu_stream()) }, "cuMemcpy2DAsync")
             };
             if let Err(e) = check(r, call) {

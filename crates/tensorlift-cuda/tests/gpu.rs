@@ -296,10 +296,10 @@ fn ranges_of_the_page_cache_copy_to_the_device() {
         };
         assert_eq!(range.len(), n);
         // Past the range: refused before anything is queued.
-        let past = engine.copy_from_page_cache(range, &[(&arena, &[Piece::flat(1, offset, n)])], 0);
+        let past = engine.copy_from_page_cache(range, Box::new(()), &[(&arena, &[Piece::flat(1, offset, n)])], 0);
         assert!(matches!(past, Err(CudaError::OutOfBounds { what: "host source", .. })), "{past:?}");
         let range = PageCacheRange::register(&gpu, DmaWindow::map(&file, offset as u64, n).unwrap()).unwrap();
-        engine.copy_from_page_cache(range, &[(&arena, &[Piece::flat(0, offset, n)])], 0).unwrap();
+        engine.copy_from_page_cache(range, Box::new(()), &[(&arena, &[Piece::flat(0, offset, n)])], 0).unwrap();
         copies += 1;
         offset += n;
         if offset == data.len() {
@@ -311,7 +311,7 @@ fn ranges_of_the_page_cache_copy_to_the_device() {
     let gathered = Arc::new(DeviceArena::new(&gpu, rows * 100).unwrap());
     let range = PageCacheRange::register(&gpu, DmaWindow::map(&file, 5, rows * 300).unwrap()).unwrap();
     let piece = Piece { src_offset: 0, dst_offset: 0, len: 100, rows, src_pitch: 300, dst_pitch: 100 };
-    engine.copy_from_page_cache(range, &[(&gathered, &[piece])], 0).unwrap();
+    engine.copy_from_page_cache(range, Box::new(()), &[(&gathered, &[piece])], 0).unwrap();
     engine.synchronize().unwrap();
     let mut back = vec![0u8; data.len()];
     arena.copy_to_host(0, &mut back).unwrap();

@@ -131,9 +131,10 @@ impl MappedFile {
 /// gives its addresses, so that a device can pin the file's pages (registered read-only with
 /// CUDA) and copy them by DMA straight from the page cache, with no CPU copy.
 ///
-/// Pinning keeps the pages for as long as they are registered: a file truncated or written
-/// meanwhile changes what the device reads, never the safety of the process (the loader
-/// checks each file is unchanged after its copies, as it does after its reads).
+/// Pinning keeps the pages for as long as they are registered: a file written meanwhile
+/// changes what the device reads (a truncated one leaves it the stale pages it pinned), never
+/// the safety of the process; the loader checks each file is unchanged after its copies, as
+/// it does after its reads.
 #[derive(Debug)]
 pub struct DmaWindow {
     map: memmap2::Mmap,
@@ -142,6 +143,9 @@ pub struct DmaWindow {
     len: usize,
     /// The kernel's page size.
     page: usize,
+    /// Whether the kernel shows this process which of the file's pages are cached (see
+    /// [`resident`](Self::resident)).
+    residency_visible: bool,
 }
 
 // SAFETY: the mapping is never read through this value, only its addresses handed out, and
@@ -166,7 +170,7 @@ impl DmaWindow {
         // after pinning the pages, so a truncated file cannot raise SIGBUS in this process.
         let map =
             unsafe { memmap2::MmapOptions::new().offset(start).len(skip + len).map(file.file()) }.map_err(map_err)?;
-        Ok(DmaWindow { map, skip, len, page: page as usize })
+        Ok(DmaWindow { map, skip, len, page: page as usize, residency_visible: residency_visible(file.file()) })
     }
 
     /// The whole pages the range lies in: their start (page-aligned) and length, what a
@@ -187,8 +191,16 @@ impl DmaWindow {
 
     /// Whether every page of the range is in the page cache now (`mincore`, which touches
     /// no page): a device pinning a page that is not would read it from the file first, one
-    /// fault at a time.
+    /// fault at a time. An error where the kernel does not say: for a file this process
+    /// neither owns nor may write, `mincore` reports every page cached (since Linux 5.0, so
+    /// as not to leak another user's accesses), which would be a lie here.
     pub fn resident(&self) -> io::Result<bool> {
+        if !self.residency_visible {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "the kernel hides which pages of a file this process neither owns nor may write are cached",
+            ));
+        }
         let (base, len) = self.pages();
         let pages = len.div_ceil(self.page);
         let mut vec = Vec::new();
@@ -207,4 +219,19 @@ impl DmaWindow {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+}
+
+/// Whether `mincore` on a mapping of `file` tells the truth: the process owns the file, may
+/// write it, or is privileged (the kernel's `can_do_mincore`).
+fn residency_visible(file: &std::fs::File) -> bool {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if euid == 0 || file.metadata().is_ok_and(|m| m.uid() == euid) {
+        return true;
+    }
+    let Ok(path) = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())) else { return false };
+    // SAFETY: a NUL-terminated path; faccessat only checks permissions.
+    unsafe { libc::faccessat(libc::AT_FDCWD, path.as_ptr(), libc::W_OK, libc::AT_EACCESS) == 0 }
 }

@@ -23,8 +23,8 @@
 //! file read-only and register it with CUDA read-only (pinning its pages, while earlier
 //! ranges copy); the copies then read the page cache by DMA, and the range is unpinned once
 //! they have completed ([`crate::LoaderBuilder::page_cache_dma`]). Where a registration is
-//! refused, that thread reads the range into a pinned chunk instead, and the rest of the
-//! load reads into staging. After each range's copies, the file is checked to be the one
+//! refused, that thread reads the range into a pinned chunk instead, and the sink takes no
+//! more reads (those already taken still try to register). After each range's copies, the file is checked to be the one
 //! planned, unchanged, as the scheduler checks a shard after its last read.
 
 use std::collections::{HashMap, VecDeque};
@@ -132,9 +132,6 @@ struct Taken {
     len: u64,
     /// Whether its copies read the page cache (rather than a chunk it was read into).
     dma: bool,
-    /// The pool chunk that stands for its pinned pages in the staging budget, until its
-    /// copies have completed.
-    token: Option<PinnedChunk>,
 }
 
 /// Copying shards in the page cache straight from it (see the module's docs).
@@ -143,7 +140,8 @@ struct PageCacheDma {
     /// Whether registering threads could not be had (then every read goes to staging).
     no_threads: bool,
     taken: HashMap<u64, Taken>,
-    /// Bytes of the reads taken whose copies have not completed.
+    /// Bytes of the reads taken and not yet registered (or read): what stands for reads in
+    /// flight, as a read into staging is until it lands.
     in_flight: u64,
     /// Reads taken and not yet completed, by shard: the sink keeps their files open.
     held: HashMap<usize, usize>,
@@ -151,7 +149,7 @@ struct PageCacheDma {
     released: Vec<usize>,
     /// Bytes whose copies read the page cache.
     bytes: u64,
-    /// The first registration the driver refused, after which reads go to staging.
+    /// The first registration the driver refused, after which reads are no longer taken.
     refused: Option<String>,
 }
 
@@ -165,12 +163,12 @@ struct Job {
 
 /// Threads that register the ranges of the reads the sink takes: pinning pages costs the
 /// driver time on the CPU, which they spend while earlier ranges copy. Dropping it stops
-/// them without waiting: each finishes the job in hand (one registration, or one read of a
-/// resident range), answers the jobs still queued as failed, and ends; what they hand back
-/// is released with the last holder of the queue they push to.
+/// them and waits for them: each finishes the job in hand (one registration of pages that
+/// were resident, or one read of them), answers the jobs still queued as failed, and ends.
 struct Registrar {
     jobs: Option<mpsc::Sender<Job>>,
     stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Registrar {
@@ -181,7 +179,7 @@ impl Registrar {
         let (tx, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
         let stop = Arc::new(AtomicBool::new(false));
-        let mut started = 0;
+        let mut threads = Vec::new();
         for _ in 0..n {
             let (rx, gpu, done, stop) = (Arc::clone(&rx), gpu.clone(), Arc::clone(done), Arc::clone(&stop));
             let spawned = std::thread::Builder::new().name("tensorlift-register".into()).spawn(move || loop {
@@ -196,9 +194,9 @@ impl Registrar {
                 let gone = || IoError::WorkerGone { file: path, offset: read.file_offset, len: read.len as u64 };
                 done.push_registered(r.unwrap_or_else(|_| Registered::Failed { read, error: gone() }));
             });
-            started += usize::from(spawned.is_ok());
+            threads.extend(spawned);
         }
-        (started > 0).then_some(Registrar { jobs: Some(tx), stop })
+        (!threads.is_empty()).then_some(Registrar { jobs: Some(tx), stop, threads })
     }
 }
 
@@ -206,6 +204,9 @@ impl Drop for Registrar {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         self.jobs.take();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
     }
 }
 
@@ -277,7 +278,9 @@ pub(crate) struct CudaSink {
 /// What a chunk's copies read.
 enum Source {
     Chunk(Arc<PinnedChunk>),
-    PageCache(PageCacheRange),
+    /// A range of the page cache, and the pool chunk that stands for it in the staging
+    /// budget until its copies complete.
+    PageCache(PageCacheRange, PinnedChunk),
 }
 
 /// A verified load's shards: hashed in their pinned chunks before the copies, and their
@@ -492,13 +495,14 @@ impl CudaSink {
     /// A read a registering thread is done with: its copies are queued, or its error is the
     /// load's.
     fn registered(&mut self, plan: &LoadPlan, r: Registered) -> Result<(), LoadError> {
+        let read = match &r {
+            Registered::Dma { read, .. } | Registered::Staged { read, .. } | Registered::Failed { read, .. } => *read,
+        };
+        if let Some(d) = self.dma.as_mut() {
+            d.in_flight -= d.taken.get(&Self::tag(&read)).map_or(0, |t| t.len);
+        }
         match r {
-            Registered::Dma { read, range, token } => {
-                if let Some(t) = self.dma.as_mut().and_then(|d| d.taken.get_mut(&Self::tag(&read))) {
-                    t.token = Some(token);
-                }
-                self.copy_from(plan, &read, Source::PageCache(range))
-            }
+            Registered::Dma { read, range, token } => self.copy_from(plan, &read, Source::PageCache(range, token)),
             Registered::Staged { read, chunk, refused } => {
                 if let Some(d) = self.dma.as_mut() {
                     // The rest of the load reads into staging; this read's copies are not DMA.
@@ -513,25 +517,23 @@ impl CudaSink {
         }
     }
 
-    /// A taken read's copies completed: its bytes are counted, and its file checked to be
-    /// the one planned, unchanged (a write while the device read its pages would not show in
-    /// the bytes).
+    /// A taken read's copies completed: its bytes are counted, and once none of its shard's
+    /// is in flight, the file is checked to be the one planned, unchanged (a write while the
+    /// device read its pages would not show in the bytes).
     fn taken_done(&mut self, plan: &LoadPlan, tag: u64) -> Result<(), LoadError> {
         let Some(d) = self.dma.as_mut() else { return Ok(()) };
         let Some(t) = d.taken.remove(&tag) else { return Ok(()) };
-        d.in_flight -= t.len;
         if t.dma {
             d.bytes += t.len;
         }
-        let checked = crate::open::still_as_planned(plan, t.shard, &ShardIo::File(t.file));
-        if let Some(n) = d.held.get_mut(&t.shard) {
-            *n -= 1;
-            if *n == 0 {
-                d.held.remove(&t.shard);
-                d.released.push(t.shard);
-            }
+        let Some(n) = d.held.get_mut(&t.shard) else { return Ok(()) };
+        *n -= 1;
+        if *n > 0 {
+            return Ok(());
         }
-        checked
+        d.held.remove(&t.shard);
+        d.released.push(t.shard);
+        crate::open::still_as_planned(plan, t.shard, &ShardIo::File(t.file))
     }
 
     /// Tensor `t`'s bytes have all landed: yields it, or launches its conversion.
@@ -586,7 +588,7 @@ impl CudaSink {
         let tag = Self::tag(read);
         let copied = match source {
             Source::Chunk(buf) => engine.copy_shared(buf, &targets, tag),
-            Source::PageCache(range) => engine.copy_from_page_cache(range, &targets, tag),
+            Source::PageCache(range, token) => engine.copy_from_page_cache(range, Box::new(token), &targets, tag),
         };
         match copied {
             Ok(()) => {
@@ -639,14 +641,16 @@ impl Sink for CudaSink {
         if file.is_direct() || d.refused.is_some() || d.no_threads || read.len == 0 {
             return Serve::Read;
         }
-        // Pinned pages count against the staging budget as a chunk of the pool: the
-        // loader's loads together never pin more than twice the budget.
-        let Poll::Ready(token) = self.pool.poll_acquire(cx) else { return Serve::Later };
         let Ok(window) = DmaWindow::map(file, read.file_offset, read.len) else { return Serve::Read };
         if !window.resident().unwrap_or(false) {
-            // Reads at depth bring it in faster than faults under a registration would.
+            // Reads at depth bring it in faster than faults under a registration would; and
+            // where the kernel does not say, staging is the safe guess.
             return Serve::Read;
         }
+        // Pinned pages count against the staging budget as a chunk of the pool: the
+        // loader's loads together pin at most about twice the budget (ranges are pinned in
+        // whole pages).
+        let Poll::Ready(token) = self.pool.poll_acquire(cx) else { return Serve::Later };
         if d.registrar.is_none() {
             d.registrar = Registrar::start(&self.gpu, &self.done);
             d.no_threads = d.registrar.is_none();
@@ -657,7 +661,7 @@ impl Sink for CudaSink {
         }
         d.in_flight += read.len as u64;
         *d.held.entry(read.shard).or_insert(0) += 1;
-        let taken = Taken { shard: read.shard, file: Arc::clone(file), len: read.len as u64, dma: true, token: None };
+        let taken = Taken { shard: read.shard, file: Arc::clone(file), len: read.len as u64, dma: true };
         d.taken.insert(Self::tag(read), taken);
         // Counted until its copies complete.
         self.pending += 1;
@@ -800,11 +804,13 @@ impl Sink for CudaSink {
     }
 
     fn abort(&mut self) {
-        // The hashing and registering threads stop and give their chunks back; dropping the
+        // The hashing and registering threads stop (each after the job in hand) and give their
+        // chunks back; the ranges they registered and no copy took are unpinned; dropping the
         // engine waits for every copy in flight; then chunks are back in the pool, ranges of
         // the page cache unpinned, and nothing reads or writes the device allocation any more.
         self.verify.take();
         self.dma.take();
+        self.done.state.lock().unwrap_or_else(|p| p.into_inner()).registered.clear();
         self.engine.take();
         self.pending = 0;
     }
@@ -814,6 +820,7 @@ impl Drop for CudaSink {
     fn drop(&mut self) {
         self.verify.take();
         self.dma.take();
+        self.done.state.lock().unwrap_or_else(|p| p.into_inner()).registered.clear();
         self.engine.take();
     }
 }

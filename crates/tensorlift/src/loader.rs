@@ -244,8 +244,9 @@ impl LoaderBuilder {
     /// until its copies complete. Where the device or the driver refuses the registration,
     /// the load reads into staging instead, and [`LoadStats::page_cache_dma_refused`] says
     /// why. Loads that verify checksums (which read every byte on the CPU anyway), loads
-    /// onto several devices, shards read with O_DIRECT, and ranges not wholly in the page
-    /// cache use staging. [`LoadStats::page_cache_dma_bytes`] counts what went by DMA.
+    /// onto several devices, shards read with O_DIRECT, ranges not wholly in the page cache,
+    /// and files this process neither owns nor may write (whose cached pages the kernel
+    /// does not show) use staging. [`LoadStats::page_cache_dma_bytes`] counts what went by DMA.
     pub fn page_cache_dma(mut self, on: bool) -> Self {
         self.cfg.page_cache_dma = on;
         self

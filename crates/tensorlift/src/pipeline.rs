@@ -578,8 +578,8 @@ impl<S: Sink> Scheduler<S> {
             } else {
                 dropped += r.len as u64;
                 self.reads_left[r.shard] -= 1;
-                if self.reads_left[r.shard] == 0 && self.files[r.shard].take().is_some() {
-                    self.open -= 1;
+                if self.reads_left[r.shard] == 0 {
+                    self.close(r.shard);
                 }
             }
         }

@@ -20,7 +20,7 @@ pub(crate) enum Serve {
     /// The sink moves its bytes itself.
     Taken,
     /// The sink would move its bytes itself, but has too much in flight now: the scheduler
-    /// waits, and the sink's background work wakes it.
+    /// waits, and what the sink waits for (its staging pool) wakes it.
     Later,
 }
 

@@ -572,10 +572,16 @@ fn mapped(p: usize, len: usize, read_only: bool) -> bool {
 /// under its mapping) is an error, never a SIGBUS.
 fn read_as_device(p: usize, len: usize) -> Option<Vec<u8>> {
     use std::os::unix::fs::FileExt;
-    static MEM: OnceLock<Option<std::fs::File>> = OnceLock::new();
-    let mem = MEM.get_or_init(|| std::fs::File::open("/proc/self/mem").ok()).as_ref()?;
+    // Opened once a process: a forked child opens its own (the file reads the memory of the
+    // process that opened it).
+    static MEM: Mutex<Option<(u32, std::fs::File)>> = Mutex::new(None);
+    let mut mem = lock(&MEM);
+    if mem.as_ref().is_none_or(|(pid, _)| *pid != std::process::id()) {
+        *mem = Some((std::process::id(), std::fs::File::open("/proc/self/mem").ok()?));
+    }
+    let (_, file) = mem.as_ref()?;
     let mut out = vec![0u8; len];
-    mem.read_exact_at(&mut out, p as u64).ok()?;
+    file.read_exact_at(&mut out, p as u64).ok()?;
     Some(out)
 }
 
