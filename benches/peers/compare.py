@@ -8,10 +8,28 @@ creation), synchronizing before the clock stops; with --tensorlift, also
 so that figure includes process start and CUDA context creation):
 
   tensorlift            tensorlift.load_file(FOLDER, device=..., framework="pt") in process
-  safetensors           safe_open(..., device=...) + get_tensor (the reference)
-  fastsafetensors       SafeTensorsFileLoader(...).copy_files_to_device()
-  instanttensor         instanttensor.safe_open(..., device=...) + tensors(), cloned
-  runai-model-streamer  SafetensorsStreamer().stream_file() + get_tensors(), .to(device)
+  safetensors           safe_open(..., device=...) + get_tensor (the reference, 0.8)
+  fastsafetensors       SafeTensorsFileLoader(...).copy_files_to_device(), tuned as its
+                        repository's perf script tunes it (below)
+  instanttensor         instanttensor.safe_open([every shard], device=...) + tensors(), as
+                        its README recommends (below)
+  runai-model-streamer  SafetensorsStreamer().stream_files(..., device=...) + get_tensors(),
+                        with the settings its docs recommend (below)
+
+The peers run with the settings their own documentation recommends for one GPU (the
+`settings` of each in the JSON output; each peer's defaults with --peer-defaults):
+  - instanttensor 0.2.2 (README): every shard in one safe_open; warm, the buffered backend
+    (BackendPolicy.BUFFERED: io_uring buffered, else mmap); cold, its default (io_uring or
+    AIO with O_DIRECT); buffer, chunk, depth and concurrency automatic.
+  - fastsafetensors 0.5.0 (perf/fastsafetensors_perf/perf.py): max_threads = the CPUs (16 at
+    most, its default), a 16 MiB bounce buffer, and with fewer shards than threads a copy
+    block of the checkpoint's bytes over the threads; nogds (no GDS here); O_DIRECT cold,
+    buffered warm (FASTSAFETENSORS_ODIRECT).
+  - runai-model-streamer 0.17.0 (docs: usage, env-vars, benchmarks):
+    RUNAI_STREAMER_MEMORY_LIMIT=-1 (its fastest), RUNAI_STREAMER_CONCURRENCY=16 (8-16 best
+    on SSDs), RUNAI_STREAMER_FS_STRATEGY io_uring_direct cold, io_uring_buffered warm. Its
+    strategy is set once a process: a run with --cache both times run:ai in the first mode
+    only, so time warm and cold in processes of their own (--cache warm, --cache cold).
 
 With --device cpu, every engine materializes every byte in private host memory (no
 engine may leave tensors as views of a memory map or of a loader's internal buffer;
@@ -108,6 +126,54 @@ def load_runai(paths, device):
 
 
 FRESH = False
+# The cache mode of the run in progress (warm, cold, warm-idle): the tuned peers read
+# buffered warm and with O_DIRECT cold, as their docs say.
+MODE = "warm"
+SETTINGS = {}
+
+
+def load_fastsafetensors_tuned(paths, device):
+    os.environ["FASTSAFETENSORS_ODIRECT"] = "1" if MODE == "cold" else "0"
+    import torch
+    from fastsafetensors import SafeTensorsFileLoader, SingleGroup
+    threads = max(1, min(16, len(os.sched_getaffinity(0))))
+    bbuf_kb = 16 * 1024
+    total = sum(os.path.getsize(p) for p in paths)
+    unit = bbuf_kb * 1024
+    block = 16 << 30 if len(paths) >= threads else max(-(-(total // threads) // unit) * unit, unit)
+    SETTINGS["fastsafetensors"] = {"max_threads": threads, "bbuf_size_kb": bbuf_kb, "max_copy_block_size": block,
+                                   "nogds": True, "FASTSAFETENSORS_ODIRECT": os.environ["FASTSAFETENSORS_ODIRECT"]}
+    loader = SafeTensorsFileLoader(SingleGroup(), torch.device(device), bbuf_size_kb=bbuf_kb, max_threads=threads,
+                                   nogds=True)
+    loader.add_filenames({0: paths})
+    fb = loader.copy_files_to_device(max_copy_block_size=block)
+    # The tensors are views of the loader's device buffer, freed by close(): copied out.
+    out = [fb.get_tensor(k).clone() for k in loader.get_keys()]
+    fb.close()
+    loader.close()
+    return out
+
+
+def load_instanttensor_tuned(paths, device):
+    from instanttensor import BackendPolicy, safe_open
+    index = int(device.split(":")[1]) if ":" in device else 0
+    kw = {} if MODE == "cold" else {"backend": BackendPolicy.BUFFERED}
+    SETTINGS["instanttensor"] = {"one_safe_open": True, "backend": "default (O_DIRECT)" if MODE == "cold" else "BUFFERED"}
+    # copy=True (its default): the tensors own their memory.
+    with safe_open(sorted(paths), framework="pt", device=index, **kw) as f:
+        return [t for _, t in f.tensors()]
+
+
+def load_runai_tuned(paths, device):
+    strategy = "io_uring_direct,libaio_direct,sync_buffered" if MODE == "cold" else "io_uring_buffered,sync_buffered"
+    env = {"RUNAI_STREAMER_MEMORY_LIMIT": "-1", "RUNAI_STREAMER_CONCURRENCY": "16", "RUNAI_STREAMER_FS_STRATEGY": strategy}
+    os.environ.update(env)
+    SETTINGS["runai-model-streamer"] = env
+    from runai_model_streamer import SafetensorsStreamer
+    with SafetensorsStreamer() as streamer:
+        streamer.stream_files(list(paths), device=device)
+        # Tensors still in the host ring are copied to the device; those already there stay.
+        return [t.to(device) for _, t in streamer.get_tensors()]
 
 
 def load_tensorlift_cpu(paths, device):
@@ -164,6 +230,15 @@ CPU_PEERS = {
 PEERS = {
     "tensorlift": ("tensorlift", load_tensorlift),
     "safetensors": ("safetensors", load_safetensors),
+    "fastsafetensors": ("fastsafetensors", load_fastsafetensors_tuned),
+    "instanttensor": ("instanttensor", load_instanttensor_tuned),
+    "runai-model-streamer": ("runai_model_streamer", load_runai_tuned),
+}
+
+# Each peer with its defaults (--peer-defaults).
+PEER_DEFAULTS = {
+    "tensorlift": ("tensorlift", load_tensorlift),
+    "safetensors": ("safetensors", load_safetensors),
     "fastsafetensors": ("fastsafetensors", load_fastsafetensors),
     "instanttensor": ("instanttensor", load_instanttensor),
     "runai-model-streamer": ("runai_model_streamer", load_runai),
@@ -179,9 +254,10 @@ def main():
     ap.add_argument("--tensorlift-fresh", action="store_true", help="--device cpu: tensorlift loads into new memory every run (no reuse_host_memory)")
     ap.add_argument("--idle-secs", type=float, default=0, help="also run warm-idle: warm, then wait this long before each run")
     ap.add_argument("--tensorlift", help="path to the tensorlift binary, to time it in the same run")
+    ap.add_argument("--peer-defaults", action="store_true", help="on a GPU, run each peer with its defaults rather than tuned")
     ap.add_argument("--json-out")
     a = ap.parse_args()
-    global FRESH
+    global FRESH, MODE
     FRESH = a.tensorlift_fresh
     cpu = a.device == "cpu"
     torch = None
@@ -203,16 +279,19 @@ def main():
     print(f"{a.folder}: {len(paths)} shards, {total / 1e9:.2f} GB; device {device_name}")
     import importlib.util
     engines, notes = {}, {}
-    for name, (module, fn) in (CPU_PEERS if cpu else PEERS).items():
+    for name, (module, fn) in (CPU_PEERS if cpu else PEER_DEFAULTS if a.peer_defaults else PEERS).items():
         if importlib.util.find_spec(module) is None:
             notes[name] = f"skipped: python package '{module}' is not installed"
         else:
             engines[name] = fn
-    results = {"folder": a.folder, "bytes": total, "device": device_name, "modes": {}, "notes": notes}
+    results = {"folder": a.folder, "bytes": total, "device": device_name, "modes": {}, "notes": notes,
+               "peers": "defaults" if a.peer_defaults or cpu else "tuned as their docs recommend"}
     modes = ["warm", "cold"] if a.cache == "both" else [a.cache]
     if a.idle_secs > 0 and a.cache != "cold":
         modes.insert(modes.index("warm") + 1, "warm-idle")
     for mode in modes:
+        MODE = mode
+        SETTINGS.clear()
         times = {n: [] for n in engines}
         if a.tensorlift:
             times["tensorlift-cli"] = []
@@ -239,10 +318,11 @@ def main():
                 except Exception as e:  # a peer's API changed, or it does not run here
                     notes[name] = f"failed: {type(e).__name__}: {e}"
                     times.pop(name)
-        results["modes"][mode] = {n: {"median_s": statistics.median(v), "gbps": moved[n] / statistics.median(v) / 1e9, "runs_s": v} for n, v in times.items() if v}
+        results["modes"][mode] = {n: {"median_s": statistics.median(v), "gbps": moved[n] / statistics.median(v) / 1e9, "runs_s": v,
+                                      "settings": SETTINGS.get(n, "defaults")} for n, v in times.items() if v}
         print(f"\n{mode} cache, median of {a.runs} runs")
         for n, r in sorted(results["modes"][mode].items(), key=lambda kv: kv[1]["median_s"]):
-            print(f"  {n:<22} {r['median_s']:8.3f} s {r['gbps']:8.2f} GB/s")
+            print(f"  {n:<22} {r['median_s']:8.3f} s {r['gbps']:8.2f} GB/s  {r['settings'] if r['settings'] != 'defaults' else ''}")
     for n, why in notes.items():
         print(f"{n}: {why}")
     if a.json_out:
