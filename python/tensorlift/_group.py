@@ -11,12 +11,17 @@ on the group: NCCL between GPUs, gloo between CPUs. This is a scatter of slices,
 all-gather of tensors: a rank receives only what it keeps, and holds at most a round of
 loaded tensors beside what it keeps.
 
+Each rank reads its part of the next round while the current one is exchanged (a thread
+of its own, which tensorlift's load leaves the interpreter to): the reads and the sends
+overlap, and a rank holds at most two rounds of loaded tensors beside what it keeps.
+
 Before each round's exchange the ranks agree that every one of them got ready (one small
 all-reduce): a rank that failed (a read, memory) raises its error, and the others raise
 too, naming it, rather than wait for sends that will not come.
 """
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 from . import _NUMPY, _TORCH_RAW
 
@@ -132,46 +137,58 @@ def load_group(ckpt_class, convert, path, group, device, tp, stats):
     read = {"bytes_read": 0}
     # In file order, whatever order the tensors arrive in.
     out = dict.fromkeys(names)
-    for tensors in _rounds(sizes, _ROUND_BYTES):
-        ops, pending, error = [], [], None
-        try:
-            owned = [names[i] for i in tensors if owners[i] == me]
-            round_stats = {}
-            mine = ckpt.load(owned, stats=round_stats) if owned else {}
-            read["bytes_read"] += round_stats.get("bytes_read", 0)
-            for i in tensors:
-                name, owner, dtype = names[i], owners[i], dtypes[i]
-                if owner == me:
-                    full = convert(mine.pop(name))
-                    for r in range(world):
-                        part = full if parts[r][i] is None else full[_index(parts[r][i])]
-                        if r == me:
-                            # A copy: the loaded memory goes when the round ends.
-                            out[name] = part.clone()
-                        elif part.numel() > 0:
-                            data = part.contiguous().reshape(-1).view(torch.uint8)
-                            ops.append(dist.P2POp(dist.isend, data, peer[r], group))
-                            sent[r] += data.numel()
-                    del full
-                else:
-                    shape = _part_shape(shapes[i], parts[me][i])
-                    size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-                    buf = torch.empty(size, dtype=torch.uint8, device=device)
-                    if size > 0:
-                        ops.append(dist.P2POp(dist.irecv, buf, peer[owner], group))
-                        received[owner] += size
-                    pending.append((name, buf, dtype, shape))
-            del mine
-        except Exception as e:  # noqa: BLE001 - every rank must hear of it, then it is raised
-            error = e
-        # Every rank ready (this also sets up a NCCL group's communicator, which its
-        # point-to-point batches need), then the round's sends and receives.
-        _agree(torch, dist, group, device, error, me, world)
-        if ops:
-            for req in dist.batch_isend_irecv(ops):
-                req.wait()
-        for name, buf, dtype, shape in pending:
-            out[name] = buf.view(dtype).reshape(shape)
+    rounds = _rounds(sizes, _ROUND_BYTES)
+
+    def load(k):
+        """This rank's tensors of round ``k``, read while round ``k - 1`` is exchanged."""
+        owned = [names[i] for i in rounds[k] if owners[i] == me]
+        round_stats = {}
+        mine = ckpt.load(owned, stats=round_stats) if owned else {}
+        read["bytes_read"] += round_stats.get("bytes_read", 0)
+        return mine
+
+    # Leaving the block (an error included) waits for a read in flight before going on.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tensorlift-group") as reader:
+        ahead = reader.submit(load, 0)
+        for k, tensors in enumerate(rounds):
+            ops, pending, error = [], [], None
+            try:
+                mine = ahead.result()
+                ahead = reader.submit(load, k + 1) if k + 1 < len(rounds) else None
+                for i in tensors:
+                    name, owner, dtype = names[i], owners[i], dtypes[i]
+                    if owner == me:
+                        full = convert(mine.pop(name))
+                        for r in range(world):
+                            part = full if parts[r][i] is None else full[_index(parts[r][i])]
+                            if r == me:
+                                # A copy: the loaded memory goes when the round ends.
+                                out[name] = part.clone()
+                            elif part.numel() > 0:
+                                data = part.contiguous().reshape(-1).view(torch.uint8)
+                                ops.append(dist.P2POp(dist.isend, data, peer[r], group))
+                                sent[r] += data.numel()
+                        del full
+                    else:
+                        shape = _part_shape(shapes[i], parts[me][i])
+                        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+                        buf = torch.empty(size, dtype=torch.uint8, device=device)
+                        if size > 0:
+                            ops.append(dist.P2POp(dist.irecv, buf, peer[owner], group))
+                            received[owner] += size
+                        pending.append((name, buf, dtype, shape))
+                del mine
+            except Exception as e:  # noqa: BLE001 - every rank must hear of it, then it is raised
+                error = e
+            # Every rank ready (this also sets up a NCCL group's communicator, which its
+            # point-to-point batches need), then the round's sends and receives, while this
+            # rank reads its part of the next round.
+            _agree(torch, dist, group, device, error, me, world)
+            if ops:
+                for req in dist.batch_isend_irecv(ops):
+                    req.wait()
+            for name, buf, dtype, shape in pending:
+                out[name] = buf.view(dtype).reshape(shape)
     if stats is not None:
         stats.update(read)
         stats["bytes_sent"] = sum(sent)

@@ -30,6 +30,26 @@ RANK = textwrap.dedent(
     if rank == int(os.environ.get("BROKEN_RANK", "-1")):
         path += "-missing"
     tensorlift._group._ROUND_BYTES = int(round_bytes)
+    if rank == int(os.environ.get("FAILING_READ_RANK", "-1")):
+        # This rank's second read fails: one made while the round before it is exchanged.
+        Real = tensorlift._Checkpoint
+
+        class Failing:
+            reads = 0
+
+            def __init__(self, *args):
+                self.real = Real(*args)
+
+            def __getattr__(self, name):
+                return getattr(self.real, name)
+
+            def load(self, names, stats=None):
+                Failing.reads += 1
+                if Failing.reads == 2:
+                    raise OSError("injected: a read of the next round failed")
+                return self.real.load(names, stats=stats)
+
+        tensorlift._Checkpoint = Failing
     dist.init_process_group(
         "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
         timeout=datetime.timedelta(seconds=60),
@@ -192,6 +212,15 @@ def test_a_rank_that_fails_ends_the_load_on_every_rank(tmp_path):
     (code0, err0), (code1, err1) = finish(procs, limit=120)
     assert code1 != 0 and "FileNotFoundError" in err1, err1
     assert code0 != 0 and "load_group: rank 1 of the group failed" in err0, err0
+
+
+def test_a_read_ahead_that_fails_ends_the_load_on_every_rank(tmp_path):
+    # Rounds of 64 KiB: each rank reads several, each one while the one before is exchanged.
+    folder, _ = llama(tmp_path)
+    procs, _ = start_group(folder, 2, 2, tmp_path, round_bytes=64 << 10, env={"FAILING_READ_RANK": "0"})
+    (code0, err0), (code1, err1) = finish(procs, limit=120)
+    assert code0 != 0 and "injected: a read of the next round failed" in err0, err0
+    assert code1 != 0 and "load_group: rank 0 of the group failed" in err1, err1
 
 
 def test_replicas_on_every_rank(tmp_path):
