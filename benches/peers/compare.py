@@ -237,8 +237,7 @@ PEERS = {
 
 # Each peer with its defaults (--peer-defaults).
 PEER_DEFAULTS = {
-    "tensorlift": ("tensorlift", load_tensorlift),
-    "safetensors": ("safetensors", load_safetensors),
+    **PEERS,
     "fastsafetensors": ("fastsafetensors", load_fastsafetensors),
     "instanttensor": ("instanttensor", load_instanttensor),
     "runai-model-streamer": ("runai_model_streamer", load_runai),

@@ -134,6 +134,21 @@ fn file_len(f: &File) -> io::Result<usize> {
     usize::try_from(f.metadata()?.len()).map_err(io::Error::other)
 }
 
+/// Whether `mincore` on a mapping of `file` tells the truth: the process owns the file, may
+/// write it, or is privileged (the kernel's `can_do_mincore`; since Linux 5.0 it reports every
+/// page of any other file as cached).
+pub(crate) fn residency_visible(file: &File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if euid == 0 || file.metadata().is_ok_and(|m| m.uid() == euid) {
+        return true;
+    }
+    let Ok(path) = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())) else { return false };
+    // SAFETY: a NUL-terminated path; faccessat only checks permissions.
+    unsafe { libc::faccessat(libc::AT_FDCWD, path.as_ptr(), libc::W_OK, libc::AT_EACCESS) == 0 }
+}
+
 pub(crate) fn page_size() -> usize {
     // SAFETY: sysconf has no preconditions.
     unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize

@@ -6,7 +6,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::IoError;
 
@@ -38,6 +38,8 @@ pub struct OpenFile {
     buffered_reason: Mutex<Option<String>>,
     align: DioAlign,
     len: u64,
+    /// Whether the kernel shows this process which of its pages are cached, found once.
+    residency_visible: OnceLock<bool>,
 }
 
 impl OpenFile {
@@ -96,12 +98,20 @@ impl OpenFile {
             buffered_reason: Mutex::new(reason),
             align,
             len: meta.len(),
+            residency_visible: OnceLock::new(),
         })
     }
 
     /// The path it was opened with.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether the kernel tells this process which of the file's pages are in the page
+    /// cache (`mincore`): not for a file it neither owns nor may write, unless privileged.
+    /// Found on the first call, then remembered.
+    pub fn residency_visible(&self) -> bool {
+        *self.residency_visible.get_or_init(|| crate::cache::residency_visible(&self.buffered))
     }
 
     /// Length when opened.

@@ -170,7 +170,7 @@ impl DmaWindow {
         // after pinning the pages, so a truncated file cannot raise SIGBUS in this process.
         let map =
             unsafe { memmap2::MmapOptions::new().offset(start).len(skip + len).map(file.file()) }.map_err(map_err)?;
-        Ok(DmaWindow { map, skip, len, page: page as usize, residency_visible: residency_visible(file.file()) })
+        Ok(DmaWindow { map, skip, len, page: page as usize, residency_visible: file.residency_visible() })
     }
 
     /// The whole pages the range lies in: their start (page-aligned) and length, what a
@@ -219,19 +219,4 @@ impl DmaWindow {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
-}
-
-/// Whether `mincore` on a mapping of `file` tells the truth: the process owns the file, may
-/// write it, or is privileged (the kernel's `can_do_mincore`).
-fn residency_visible(file: &std::fs::File) -> bool {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::fs::MetadataExt;
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    if euid == 0 || file.metadata().is_ok_and(|m| m.uid() == euid) {
-        return true;
-    }
-    let Ok(path) = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())) else { return false };
-    // SAFETY: a NUL-terminated path; faccessat only checks permissions.
-    unsafe { libc::faccessat(libc::AT_FDCWD, path.as_ptr(), libc::W_OK, libc::AT_EACCESS) == 0 }
 }

@@ -114,42 +114,51 @@ impl Completions {
 }
 
 /// What a registering thread did with a read the sink took.
-enum Registered {
-    /// Its range of the file, pinned in the page cache for the device to read; with the
-    /// pool chunk that stands for it in the staging budget.
-    Dma { read: Read, range: PageCacheRange, token: PinnedChunk },
-    /// The driver would not register it (why): the range was read into its chunk instead.
-    Staged { read: Read, chunk: PinnedChunk, refused: String },
-    /// Neither could be done: the read failed, or the load was dropped meanwhile.
-    Failed { read: Read, error: IoError },
+struct Registered {
+    read: Read,
+    outcome: Outcome,
 }
 
-/// A read the sink took: the file it is of, until its copies have completed and the file
-/// has been checked.
+enum Outcome {
+    /// Its range of the file, pinned in the page cache for the device to read; with the
+    /// pool chunk that stands for it in the staging budget.
+    Dma { range: PageCacheRange, token: PinnedChunk },
+    /// The driver would not register it (why): the range was read into its chunk instead.
+    Staged { chunk: PinnedChunk, refused: String },
+    /// Neither could be done: the read failed, or the load was dropped meanwhile.
+    Failed(IoError),
+}
+
+/// Where a read the sink took is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// With the registering threads: it stands for a read in flight, as a read into staging
+    /// does until it lands.
+    Registering,
+    /// Its copies read the page cache.
+    Dma,
+    /// Its copies read the chunk it was read into.
+    Staged,
+}
+
+/// A read the sink took: the file it is of (kept open), until its copies have completed and
+/// the file has been checked.
 struct Taken {
     shard: usize,
     file: Arc<OpenFile>,
     len: u64,
-    /// Whether its copies read the page cache (rather than a chunk it was read into).
-    dma: bool,
+    stage: Stage,
 }
 
 /// Copying shards in the page cache straight from it (see the module's docs).
 struct PageCacheDma {
     registrar: Option<Registrar>,
-    /// Whether registering threads could not be had (then every read goes to staging).
-    no_threads: bool,
+    /// The reads taken whose copies have not completed, by tag.
     taken: HashMap<u64, Taken>,
-    /// Bytes of the reads taken and not yet registered (or read): what stands for reads in
-    /// flight, as a read into staging is until it lands.
-    in_flight: u64,
-    /// Reads taken and not yet completed, by shard: the sink keeps their files open.
-    held: HashMap<usize, usize>,
-    /// Shards whose taken reads all completed since the scheduler last asked.
-    released: Vec<usize>,
     /// Bytes whose copies read the page cache.
     bytes: u64,
-    /// The first registration the driver refused, after which reads are no longer taken.
+    /// Why reads are no longer taken: the first registration the driver refused, or no
+    /// registering thread could be started.
     refused: Option<String>,
 }
 
@@ -188,11 +197,11 @@ impl Registrar {
                     Err(_) => return,
                 };
                 let Ok(job) = job else { return };
-                let (read, path) = (job.read, job.file.path().to_path_buf());
+                let (read, gone) = (job.read, gone(&job));
                 // A panic (a bug) must not lose the job: the load waits for every one.
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| register(&gpu, &stop, job)));
-                let gone = || IoError::WorkerGone { file: path, offset: read.file_offset, len: read.len as u64 };
-                done.push_registered(r.unwrap_or_else(|_| Registered::Failed { read, error: gone() }));
+                let outcome = r.unwrap_or(Outcome::Failed(gone));
+                done.push_registered(Registered { read, outcome });
             });
             threads.extend(spawned);
         }
@@ -210,40 +219,37 @@ impl Drop for Registrar {
     }
 }
 
+/// The error of a job that was never done: its load went first.
+fn gone(job: &Job) -> IoError {
+    IoError::WorkerGone { file: job.file.path().to_path_buf(), offset: job.read.file_offset, len: job.read.len as u64 }
+}
+
 /// Pins `job`'s range of its file for `gpu`, or, where the driver refuses, reads it into
 /// the job's chunk.
-fn register(gpu: &Gpu, stop: &AtomicBool, job: Job) -> Registered {
-    let Job { read, file, window, token } = job;
+fn register(gpu: &Gpu, stop: &AtomicBool, job: Job) -> Outcome {
     if stop.load(Ordering::Relaxed) {
-        let error =
-            IoError::WorkerGone { file: file.path().to_path_buf(), offset: read.file_offset, len: read.len as u64 };
-        return Registered::Failed { read, error };
+        return Outcome::Failed(gone(&job));
     }
+    let Job { read, file, window, token } = job;
     let refused = match PageCacheRange::register(gpu, window) {
-        Ok(range) => return Registered::Dma { read, range, token },
+        Ok(range) => return Outcome::Dma { range, token },
         Err(why) => why.to_string(),
     };
     let mut chunk = token;
     let capacity = chunk.as_slice().len();
     let Some(dst) = chunk.as_mut_slice().get_mut(..read.len) else {
         let file = file.path().to_path_buf();
-        return Registered::Failed {
-            read,
-            error: IoError::BufferTooSmall { file, buf_offset: 0, len: read.len, capacity },
-        };
+        return Outcome::Failed(IoError::BufferTooSmall { file, buf_offset: 0, len: read.len, capacity });
     };
     use std::os::unix::fs::FileExt;
     match file.file().read_exact_at(dst, read.file_offset) {
-        Ok(()) => Registered::Staged { read, chunk, refused },
-        Err(source) => Registered::Failed {
-            read,
-            error: IoError::Read {
-                file: file.path().to_path_buf(),
-                offset: read.file_offset,
-                len: read.len as u64,
-                source,
-            },
-        },
+        Ok(()) => Outcome::Staged { chunk, refused },
+        Err(source) => Outcome::Failed(IoError::Read {
+            file: file.path().to_path_buf(),
+            offset: read.file_offset,
+            len: read.len as u64,
+            source,
+        }),
     }
 }
 
@@ -407,11 +413,7 @@ impl CudaSink {
             gpu: cuda.gpu.clone(),
             dma: (cfg.page_cache_dma && checks.is_none()).then(|| PageCacheDma {
                 registrar: None,
-                no_threads: false,
                 taken: HashMap::new(),
-                in_flight: 0,
-                held: HashMap::new(),
-                released: Vec::new(),
                 bytes: 0,
                 refused: None,
             }),
@@ -494,45 +496,41 @@ impl CudaSink {
 
     /// A read a registering thread is done with: its copies are queued, or its error is the
     /// load's.
-    fn registered(&mut self, plan: &LoadPlan, r: Registered) -> Result<(), LoadError> {
-        let read = match &r {
-            Registered::Dma { read, .. } | Registered::Staged { read, .. } | Registered::Failed { read, .. } => *read,
-        };
-        if let Some(d) = self.dma.as_mut() {
-            d.in_flight -= d.taken.get(&Self::tag(&read)).map_or(0, |t| t.len);
-        }
-        match r {
-            Registered::Dma { read, range, token } => self.copy_from(plan, &read, Source::PageCache(range, token)),
-            Registered::Staged { read, chunk, refused } => {
+    fn registered(&mut self, plan: &LoadPlan, Registered { read, outcome }: Registered) -> Result<(), LoadError> {
+        let taken = self.dma.as_mut().and_then(|d| d.taken.get_mut(&Self::tag(&read)));
+        match outcome {
+            Outcome::Dma { range, token } => {
+                if let Some(t) = taken {
+                    t.stage = Stage::Dma;
+                }
+                self.copy_from(plan, &read, Source::PageCache(range, token))
+            }
+            Outcome::Staged { chunk, refused } => {
+                if let Some(t) = taken {
+                    t.stage = Stage::Staged;
+                }
+                // No more reads are taken.
                 if let Some(d) = self.dma.as_mut() {
-                    // The rest of the load reads into staging; this read's copies are not DMA.
                     d.refused.get_or_insert(refused);
-                    if let Some(t) = d.taken.get_mut(&Self::tag(&read)) {
-                        t.dma = false;
-                    }
                 }
                 self.copy_from(plan, &read, Source::Chunk(Arc::new(chunk)))
             }
-            Registered::Failed { read, error } => Err(read_error(plan, &read, error)),
+            Outcome::Failed(error) => Err(read_error(plan, &read, error)),
         }
     }
 
-    /// A taken read's copies completed: its bytes are counted, and once none of its shard's
-    /// is in flight, the file is checked to be the one planned, unchanged (a write while the
-    /// device read its pages would not show in the bytes).
+    /// A taken read's copies completed: its bytes are counted, and once no other read of its
+    /// shard is in flight, the file is checked to be the one planned, unchanged (a write
+    /// while the device read its pages would not show in the bytes).
     fn taken_done(&mut self, plan: &LoadPlan, tag: u64) -> Result<(), LoadError> {
         let Some(d) = self.dma.as_mut() else { return Ok(()) };
         let Some(t) = d.taken.remove(&tag) else { return Ok(()) };
-        if t.dma {
+        if t.stage == Stage::Dma {
             d.bytes += t.len;
         }
-        let Some(n) = d.held.get_mut(&t.shard) else { return Ok(()) };
-        *n -= 1;
-        if *n > 0 {
+        if d.taken.values().any(|o| o.shard == t.shard) {
             return Ok(());
         }
-        d.held.remove(&t.shard);
-        d.released.push(t.shard);
         crate::open::still_as_planned(plan, t.shard, &ShardIo::File(t.file))
     }
 
@@ -638,7 +636,7 @@ impl Sink for CudaSink {
         // Ranges of shards read buffered that are wholly in the page cache, until the driver
         // refuses a registration.
         let (Some(d), ShardIo::File(file)) = (self.dma.as_mut(), file) else { return Serve::Read };
-        if file.is_direct() || d.refused.is_some() || d.no_threads || read.len == 0 {
+        if file.is_direct() || d.refused.is_some() || read.len == 0 {
             return Serve::Read;
         }
         let Ok(window) = DmaWindow::map(file, read.file_offset, read.len) else { return Serve::Read };
@@ -653,15 +651,16 @@ impl Sink for CudaSink {
         let Poll::Ready(token) = self.pool.poll_acquire(cx) else { return Serve::Later };
         if d.registrar.is_none() {
             d.registrar = Registrar::start(&self.gpu, &self.done);
-            d.no_threads = d.registrar.is_none();
+            if d.registrar.is_none() {
+                d.refused = Some("no thread to register ranges of the page cache could be started".into());
+            }
         }
         let Some(jobs) = d.registrar.as_ref().and_then(|r| r.jobs.as_ref()) else { return Serve::Read };
         if jobs.send(Job { read: *read, file: Arc::clone(file), window, token }).is_err() {
             return Serve::Read;
         }
-        d.in_flight += read.len as u64;
-        *d.held.entry(read.shard).or_insert(0) += 1;
-        let taken = Taken { shard: read.shard, file: Arc::clone(file), len: read.len as u64, dma: true };
+        let taken =
+            Taken { shard: read.shard, file: Arc::clone(file), len: read.len as u64, stage: Stage::Registering };
         d.taken.insert(Self::tag(read), taken);
         // Counted until its copies complete.
         self.pending += 1;
@@ -669,17 +668,13 @@ impl Sink for CudaSink {
     }
 
     fn holds(&self, shard: usize) -> bool {
-        self.dma.as_ref().is_some_and(|d| d.held.contains_key(&shard))
-    }
-
-    fn released(&mut self, out: &mut Vec<usize>) {
-        if let Some(d) = self.dma.as_mut() {
-            out.append(&mut d.released);
-        }
+        self.dma.as_ref().is_some_and(|d| d.taken.values().any(|t| t.shard == shard))
     }
 
     fn taken_bytes(&self) -> u64 {
-        self.dma.as_ref().map_or(0, |d| d.in_flight)
+        let registering =
+            |d: &PageCacheDma| d.taken.values().filter(|t| t.stage == Stage::Registering).map(|t| t.len).sum();
+        self.dma.as_ref().map_or(0, registering)
     }
 
     fn landed(
@@ -804,23 +799,27 @@ impl Sink for CudaSink {
     }
 
     fn abort(&mut self) {
-        // The hashing and registering threads stop (each after the job in hand) and give their
-        // chunks back; the ranges they registered and no copy took are unpinned; dropping the
-        // engine waits for every copy in flight; then chunks are back in the pool, ranges of
-        // the page cache unpinned, and nothing reads or writes the device allocation any more.
+        self.shut_down();
+        self.pending = 0;
+    }
+}
+
+impl CudaSink {
+    /// Ends the sink's background work: the hashing and registering threads stop (each after
+    /// the job in hand) and give their chunks back; the ranges they registered and no copy
+    /// took are unpinned; dropping the engine waits for every copy in flight; then chunks are
+    /// back in the pool, ranges of the page cache unpinned, and nothing reads or writes the
+    /// device allocation any more.
+    fn shut_down(&mut self) {
         self.verify.take();
         self.dma.take();
         self.done.state.lock().unwrap_or_else(|p| p.into_inner()).registered.clear();
         self.engine.take();
-        self.pending = 0;
     }
 }
 
 impl Drop for CudaSink {
     fn drop(&mut self) {
-        self.verify.take();
-        self.dma.take();
-        self.done.state.lock().unwrap_or_else(|p| p.into_inner()).registered.clear();
-        self.engine.take();
+        self.shut_down();
     }
 }

@@ -60,7 +60,7 @@ struct Scheduler<S: Sink> {
     window: usize,
     /// Shards this scheduler is done with that the sink still holds open (see
     /// [`Sink::holds`]): counted in `open` until the sink lets them go.
-    held_by_sink: Vec<bool>,
+    held_by_sink: Vec<usize>,
     /// When the load started (for [`LoadStats::first_read`]).
     started: Instant,
     /// Whether this load made its plan (see [`crate::open::Recheck`]).
@@ -547,7 +547,7 @@ impl<S: Sink> Scheduler<S> {
             in_flight_bytes: 0,
             open: 0,
             window: read_window(cfg),
-            held_by_sink: vec![false; plan.shards().len()],
+            held_by_sink: Vec::new(),
             started,
             fresh,
             validated: None,
@@ -591,7 +591,7 @@ impl<S: Sink> Scheduler<S> {
     fn close(&mut self, i: usize) {
         if self.files[i].take().is_some() {
             if self.sink.holds(i) {
-                self.held_by_sink[i] = true;
+                self.held_by_sink.push(i);
             } else {
                 self.open -= 1;
             }
@@ -600,14 +600,20 @@ impl<S: Sink> Scheduler<S> {
 
     /// Takes back the open count of the shards the sink has let go.
     fn release_held(&mut self) {
-        let mut released = Vec::new();
-        self.sink.released(&mut released);
-        for i in released {
-            if let Some(h) = self.held_by_sink.get_mut(i).filter(|h| **h) {
-                *h = false;
-                self.open -= 1;
-            }
+        let before = self.held_by_sink.len();
+        let sink = &self.sink;
+        self.held_by_sink.retain(|&i| sink.holds(i));
+        self.open -= before - self.held_by_sink.len();
+    }
+
+    /// A read (or a read the sink took) was issued: when the first was, and the most bytes in
+    /// flight.
+    fn issued(&mut self, stats: &mut LoadStats) {
+        if self.next == 0 {
+            stats.first_read = Some(self.started.elapsed());
         }
+        let in_flight = self.in_flight_bytes + self.sink.taken_bytes();
+        stats.max_in_flight_bytes = stats.max_in_flight_bytes.max(in_flight);
     }
 
     /// Issues reads while the queue depth, the budget and the sink's buffers allow,
@@ -651,12 +657,8 @@ impl<S: Sink> Scheduler<S> {
                 Serve::Taken => {
                     // The sink moves the bytes itself, and checks the file once they have
                     // moved: the shard closes here if this was its last read.
-                    if self.next == 0 {
-                        stats.first_read = Some(self.started.elapsed());
-                    }
+                    self.issued(stats);
                     stats.bytes_read += read.len as u64;
-                    let taken = self.in_flight_bytes + self.sink.taken_bytes();
-                    stats.max_in_flight_bytes = stats.max_in_flight_bytes.max(taken);
                     self.next += 1;
                     self.reads_left[read.shard] -= 1;
                     if self.reads_left[read.shard] == 0 {
@@ -667,12 +669,8 @@ impl<S: Sink> Scheduler<S> {
             }
             let Some(buf) = self.sink.buffer(&read, cx) else { break };
             let fut = file.read(reader, read.file_offset, buf, read.len);
-            if self.next == 0 {
-                stats.first_read = Some(self.started.elapsed());
-            }
             self.in_flight_bytes += read.len as u64;
-            let in_flight = self.in_flight_bytes + self.sink.taken_bytes();
-            stats.max_in_flight_bytes = stats.max_in_flight_bytes.max(in_flight);
+            self.issued(stats);
             self.in_flight.push_back(InFlight { read: self.next, fut });
             self.next += 1;
         }
@@ -746,7 +744,7 @@ impl<S: Sink> Scheduler<S> {
             self.in_flight.pop_front();
         }
         self.files.iter_mut().for_each(|f| *f = None);
-        self.held_by_sink.iter_mut().for_each(|h| *h = false);
+        self.held_by_sink.clear();
         self.open = 0;
         self.sink.abort();
         Poll::Ready(())

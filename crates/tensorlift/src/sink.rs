@@ -44,8 +44,6 @@ pub(crate) trait Sink {
     fn holds(&self, _shard: usize) -> bool {
         false
     }
-    /// Appends the shards whose taken reads have all completed since the last call.
-    fn released(&mut self, _out: &mut Vec<usize>) {}
     /// Bytes of taken reads still in flight.
     fn taken_bytes(&self) -> u64 {
         0

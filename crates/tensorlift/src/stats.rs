@@ -79,7 +79,8 @@ pub struct LoadStats {
     /// counted in `bytes_read` too.
     pub page_cache_dma_bytes: u64,
     /// Why a load that could have copied from the page cache by DMA read into staging
-    /// instead: the error of the first range the driver would not register.
+    /// instead: the error of the first range the driver would not register (or that no
+    /// thread to register ranges could be started).
     pub page_cache_dma_refused: Option<String>,
 }
 

@@ -529,12 +529,10 @@ fn overlaps_read_only(p: usize, len: usize) -> bool {
 
 /// Whether every page of `[p, p + len)` is mapped in this process, readable, and, unless
 /// `read_only`, writable (`/proc/self/maps`): what pinning the range needs. A range
-/// registered read-only (a file's pages) must also be brought in: each page is read
-/// through `/proc/self/mem`, and a page past the file's end cannot be.
+/// registered read-only (a file's pages) must also be brought in: it is read through
+/// `/proc/self/mem`, which fails at a page past the file's end.
 fn pinnable(p: usize, len: usize, read_only: bool) -> bool {
-    let start = p & !4095;
-    let pages = (p - start + len).div_ceil(4096);
-    mapped(p, len, read_only) && (!read_only || (0..pages).all(|k| read_as_device(start + k * 4096, 1).is_some()))
+    mapped(p, len, read_only) && (!read_only || read_as_device(p, len).is_some())
 }
 
 fn mapped(p: usize, len: usize, read_only: bool) -> bool {
