@@ -1,8 +1,8 @@
 //! Device memory: one allocation per load, freed when the last holder drops it.
 
-use cudarc::driver::sys;
+use cudarc::driver::{sys, CudaSlice, DevicePtr, DeviceRepr};
 
-use crate::error::check;
+use crate::error::{check, Call};
 use crate::{CudaError, Gpu};
 
 /// Device memory a caller owns (a framework's tensor, a caching allocator's block), lent
@@ -32,6 +32,25 @@ impl LentMemory {
         LentMemory { ptr, len, owner: Box::new(owner) }
     }
 
+    /// Lends a cudarc allocation (a framework's storage: candle's CUDA tensors are
+    /// `CudaSlice`s). Safe, unlike [`LentMemory::new`]: the slice owns its memory, and once
+    /// it is moved here nothing but tensorlift can reach that memory until it is handed back
+    /// ([`LentMemory::into_owner`], `tensorlift::place::DeviceBuffer::into_inner`).
+    ///
+    /// Waits for the slice's stream first: the allocation (stream-ordered where the device
+    /// has memory pools) and whatever was queued before it (a zeroing) are done before
+    /// tensorlift's copies, on its own streams, write there. Which device the slice is on is
+    /// checked when a load first uses it.
+    pub fn from_cuda_slice<T: DeviceRepr + Send + Sync + 'static>(
+        slice: CudaSlice<T>,
+    ) -> Result<LentMemory, CudaError> {
+        let stream = std::sync::Arc::clone(slice.stream());
+        stream.synchronize().call("cuStreamSynchronize")?;
+        // The guard records a read on the slice's stream when it drops: nothing is pending.
+        let ptr = slice.device_ptr(&stream).0;
+        Ok(LentMemory { ptr, len: slice.num_bytes(), owner: Box::new(slice) })
+    }
+
     /// The device address of byte 0.
     pub fn device_ptr(&self) -> u64 {
         self.ptr
@@ -46,6 +65,11 @@ impl LentMemory {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// The owner back, unused (downcast it to the type lent).
+    pub fn into_owner(self) -> Box<dyn std::any::Any + Send + Sync> {
+        self.owner
+    }
 }
 
 /// One `cuMemAlloc` allocation on a device, or device memory a caller lent.
@@ -53,8 +77,16 @@ pub struct DeviceArena {
     gpu: Gpu,
     ptr: sys::CUdeviceptr,
     len: usize,
-    /// For lent memory: what keeps it allocated (dropped instead of freeing).
-    owner: Option<Box<dyn std::any::Any + Send + Sync>>,
+    backing: Backing,
+}
+
+/// Who frees an arena's memory.
+enum Backing {
+    /// tensorlift's `cuMemAlloc`, freed when the arena drops.
+    Allocated,
+    /// A caller's: what keeps it allocated, dropped instead of a free (`None` once handed
+    /// back by [`DeviceArena::take_owner`]).
+    Lent(Option<Box<dyn std::any::Any + Send + Sync>>),
 }
 
 impl std::fmt::Debug for DeviceArena {
@@ -63,7 +95,7 @@ impl std::fmt::Debug for DeviceArena {
             .field("device", &self.gpu.ordinal())
             .field("ptr", &format_args!("{:#x}", self.ptr))
             .field("len", &self.len)
-            .field("lent", &self.owner.is_some())
+            .field("lent", &matches!(self.backing, Backing::Lent(_)))
             .finish()
     }
 }
@@ -79,7 +111,7 @@ impl DeviceArena {
             return Err(CudaError::OutOfMemory { what: "device memory", bytes: len as u64 });
         }
         check(r, "cuMemAlloc")?;
-        Ok(DeviceArena { gpu: gpu.clone(), ptr, len, owner: None })
+        Ok(DeviceArena { gpu: gpu.clone(), ptr, len, backing: Backing::Allocated })
     }
 
     /// An arena over device memory a caller lent ([`LentMemory`]), for loads to place
@@ -114,7 +146,18 @@ impl DeviceArena {
         if end > start + size as u64 {
             return Err(foreign(format!("its allocation ends at {:#x}", start + size as u64)));
         }
-        Ok(DeviceArena { gpu: gpu.clone(), ptr, len, owner: Some(owner) })
+        Ok(DeviceArena { gpu: gpu.clone(), ptr, len, backing: Backing::Lent(Some(owner)) })
+    }
+
+    /// For lent memory, its owner back (once: `None` after, and for tensorlift's own
+    /// allocations). The caller must know that no copy into the memory is still running:
+    /// the engine holds an arena until its copies have completed, so an arena no one else
+    /// holds has none.
+    pub fn take_owner(&mut self) -> Option<Box<dyn std::any::Any + Send + Sync>> {
+        match &mut self.backing {
+            Backing::Lent(owner) => owner.take(),
+            Backing::Allocated => None,
+        }
     }
 
     /// The device address of byte 0.
@@ -174,7 +217,7 @@ impl DeviceArena {
 
 impl Drop for DeviceArena {
     fn drop(&mut self) {
-        if self.owner.is_some() {
+        if let Backing::Lent(_) = self.backing {
             // Lent memory goes back to its owner, with the owner's value.
             return;
         }

@@ -45,6 +45,9 @@ pub enum Fault {
     /// The devices cannot register host memory read-only (their attribute reads 0, and such
     /// a registration is `CUDA_ERROR_NOT_SUPPORTED`), as on drivers before CUDA 11.1.
     NoReadOnlyRegister(bool),
+    /// Each `cuMemsetD8Async` waits this many microseconds before it runs: work on other
+    /// streams that is not ordered after it runs first.
+    MemsetDelayMicros(u64),
 }
 
 fn symbol<T: Copy>(name: &[u8]) -> Option<T> {
@@ -86,6 +89,7 @@ pub fn set_fault(fault: Fault) -> bool {
         Fault::CopyDelayMicros(us) => (4, us),
         Fault::OnDevice(d) => (6, d.map_or(0, |d| d as u64 + 1)),
         Fault::NoReadOnlyRegister(on) => (7, u64::from(on)),
+        Fault::MemsetDelayMicros(us) => (8, us),
     };
     f(which, value) == 0
 }
@@ -104,6 +108,7 @@ pub fn reset() {
         Fault::CopyDelayMicros(0),
         Fault::OnDevice(None),
         Fault::NoReadOnlyRegister(false),
+        Fault::MemsetDelayMicros(0),
     ] {
         set_fault(fault);
     }

@@ -141,6 +141,21 @@ impl DeviceBuffer {
         self.0.len == 0
     }
 
+    /// The memory's owner back (downcast it to the type lent: the `CudaSlice` of
+    /// [`LentMemory::from_cuda_slice`], say), once no clone of this buffer and no tensor
+    /// placed in it is alive, so that no copy into it runs; else the buffer again. Also the
+    /// buffer again if the driver refused the memory when a load first used it: its owner
+    /// was dropped then.
+    pub fn into_inner(mut self) -> Result<Box<dyn Any + Send + Sync>, DeviceBuffer> {
+        let Some(inner) = Arc::get_mut(&mut self.0) else { return Err(self) };
+        let owner = match inner.arena.get_mut() {
+            // A load made the arena; the load's engine holds it until its copies complete.
+            Some(arena) => Arc::get_mut(arena).and_then(|a| a.take_owner()),
+            None => inner.memory.get_mut().unwrap_or_else(|p| p.into_inner()).take().map(LentMemory::into_owner),
+        };
+        owner.ok_or(self)
+    }
+
     /// The arena over this memory on `gpu`, made (and checked with the driver) once.
     pub(crate) fn arena(&self, gpu: &tensorlift_cuda::Gpu) -> Result<Arc<tensorlift_cuda::DeviceArena>, String> {
         if let Some(a) = self.0.arena.get() {

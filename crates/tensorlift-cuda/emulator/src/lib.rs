@@ -17,6 +17,11 @@
 //!   (`tlemu_read_only_copies`). A page that cannot be read when a copy runs (its file was
 //!   truncated since it was registered) is an illegal address, where a real device would
 //!   read the stale page it pinned: either way the load fails, on its check of the file.
+//! - `cuMemsetD8Async` runs in stream order (`TLEMU_MEMSET_DELAY_US=N`: each waits first, so
+//!   that work on other streams not ordered after it runs first); `cuMemcpyDtoHAsync` waits
+//!   for its stream and copies before it returns (the driver's behaviour with pageable
+//!   memory). These serve cudarc's own allocations, as a framework lending them to a load
+//!   makes them.
 //! - Device memory is real memory, at addresses (from `1 << 62` up) that no host pointer
 //!   uses: dereferencing one on the host faults.
 //! - Kernels are implemented by name on the CPU: `cuModuleLoadData` takes PTX text (refusing
@@ -103,7 +108,8 @@ const FAULT_COPY_DELAY_US: c_uint = 4;
 const FAULT_DEVICES: c_uint = 5;
 const FAULT_DEVICE: c_uint = 6;
 const FAULT_NO_READ_ONLY_REGISTER: c_uint = 7;
-const FAULT_COUNT: usize = 8;
+const FAULT_MEMSET_DELAY_US: c_uint = 8;
+const FAULT_COUNT: usize = 9;
 
 /// `CU_MEMHOSTREGISTER_READ_ONLY`.
 const REGISTER_READ_ONLY: c_uint = 0x08;
@@ -159,6 +165,7 @@ fn emu() -> &'static Emu {
                 AtomicU64::new(env("TLEMU_DEVICES", 4)),
                 AtomicU64::new(env("TLEMU_FAULT_DEVICE", 0)),
                 AtomicU64::new(env("TLEMU_NO_READ_ONLY_REGISTER", 0)),
+                AtomicU64::new(env("TLEMU_MEMSET_DELAY_US", 0)),
             ],
             sticky: AtomicI32::new(SUCCESS),
         }
@@ -778,6 +785,12 @@ enum Op {
         src: usize,
         len: usize,
     },
+    /// `cuMemsetD8Async`: `len` bytes of device memory set to `value`.
+    Memset {
+        dst: CUdeviceptr,
+        value: u8,
+        len: usize,
+    },
     /// `rows` rows of `len` bytes, `src_pitch` apart on the host and `dst_pitch` on the device.
     Copy2D {
         dst: CUdeviceptr,
@@ -792,6 +805,9 @@ enum Op {
         generation: u64,
     },
     Marker(Arc<Event>, u64),
+    /// `cuStreamWaitEvent`: the stream's later work waits until the event reaches the
+    /// generation it had when the wait was queued.
+    Wait(Arc<Event>, u64),
 }
 
 /// A stream: a worker thread that applies its operations in order, later.
@@ -858,6 +874,15 @@ fn apply(op: Op) {
                 apply(Op::Copy { dst: dst + (k * dst_pitch) as u64, src: src + k * src_pitch, len });
             }
         }
+        Op::Memset { dst, value, len } => {
+            let delay = fault(FAULT_MEMSET_DELAY_US);
+            if delay > 0 {
+                std::thread::sleep(Duration::from_micros(delay));
+            }
+            if with_device(dst, len, |d| d.fill(value)).is_none() {
+                emu().sticky.store(ILLEGAL_ADDRESS, Ordering::Release);
+            }
+        }
         Op::Launch { kernel, src, dst, n } => {
             // A kernel reads and writes only device memory: an address outside a live
             // allocation is the illegal access a real kernel would fault on.
@@ -880,6 +905,7 @@ fn apply(op: Op) {
             }
         }
         Op::Record { event, generation } | Op::Marker(event, generation) => event.complete(generation),
+        Op::Wait(event, generation) => event.wait(generation),
     }
 }
 
@@ -1134,6 +1160,41 @@ pub unsafe extern "C" fn cuMemcpyHtoDAsync_v2(
     enqueue(handle, op)
 }
 
+/// Zeroes (or fills) device memory in stream order, as cudarc's `alloc_zeros` asks (what a
+/// framework that lends its allocations to a load, candle, calls).
+#[no_mangle]
+pub extern "C" fn cuMemsetD8Async(dst: CUdeviceptr, value: u8, len: usize, handle: *mut c_void) -> CUresult {
+    let device = match stream_device(handle) {
+        Ok(d) => d,
+        Err(e) => return e,
+    };
+    if len == 0 {
+        return SUCCESS;
+    }
+    if with_device_of(Some(device), dst, len, |_| ()).is_none() {
+        return INVALID_VALUE;
+    }
+    enqueue(handle, Op::Memset { dst, value, len })
+}
+
+/// A device-to-host copy on a stream (cudarc's `memcpy_dtoh`, which tests read back a
+/// framework's memory with): done once the stream's earlier work is, before returning, as
+/// the driver does for pageable memory.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyDtoHAsync_v2(
+    dst: *mut c_void,
+    src: CUdeviceptr,
+    len: usize,
+    handle: *mut c_void,
+) -> CUresult {
+    let r = cuStreamSynchronize(handle);
+    if r != SUCCESS {
+        return r;
+    }
+    // SAFETY: the caller's contract is cuMemcpyDtoH's: `len` writable bytes at `dst`.
+    unsafe { cuMemcpyDtoH_v2(dst, src, len) }
+}
+
 /// `CUDA_MEMCPY2D`, field for field.
 #[repr(C)]
 #[derive(Debug)]
@@ -1297,15 +1358,13 @@ pub extern "C" fn cuEventQuery(handle: *mut c_void) -> CUresult {
 
 #[no_mangle]
 pub extern "C" fn cuStreamWaitEvent(handle: *mut c_void, event_handle: *mut c_void, _flags: c_uint) -> CUresult {
-    // Cross-stream waits are applied eagerly: the waiting stream's later work is queued
-    // after the event has completed, which is stricter than the driver, never looser.
+    // The wait is queued on the stream, as the driver queues it: the caller's thread goes
+    // on, so a caller that needs the event's work done before its own host code (or before
+    // work on a stream that does not wait) must synchronise, and a test sees it if it does
+    // not. On the null stream, the caller waits.
     let Some(e) = event(event_handle) else { return INVALID_HANDLE };
-    if !handle.is_null() && stream(handle).is_none() {
-        return INVALID_HANDLE;
-    }
     let generation = lock(&e.state).0;
-    e.wait(generation);
-    SUCCESS
+    enqueue(handle, Op::Wait(e, generation))
 }
 
 // ---- Control, for tests ---------------------------------------------------------------

@@ -727,6 +727,80 @@ fn tensors_land_in_the_callers_device_memory() {
     assert_eq!(std::sync::Arc::strong_count(&mem), 1);
 }
 
+/// cudarc allocations lent to a load, as candle's CUDA tensors are
+/// (`LentMemory::from_cuda_slice`): the bytes land in them (a slice gathered by 2D copies, a
+/// conversion written by the kernel), and each slice comes back to its owner, read back on
+/// its own stream with the file's bytes; not while a tensor placed in it is alive.
+#[test]
+fn cudarc_slices_lent_to_a_load_come_back_with_the_files_bytes() {
+    use cudarc::driver::{CudaContext, CudaSlice};
+    use tensorlift::place::{Destination, DeviceBuffer, LentMemory, TensorRequest};
+    use tensorlift::TensorSlice;
+    let _d = driver();
+    let dir = scratch();
+    let path = dir.join("model.safetensors");
+    let specs: &[Spec<'static>] = &[
+        ("w", Dtype::F32, &[16, 8]),
+        ("m", Dtype::F32, &[6, 10]),
+        ("h", Dtype::F16, &[33]),
+        ("ids", Dtype::I64, &[9]),
+    ];
+    let full = write_shard(&path, specs);
+    // The framework's side: its own context handle and stream, as candle's CudaDevice has.
+    // Its zeroing of each slice runs late: the load's copies must wait for it.
+    emulator::set_fault(Fault::MemsetDelayMicros(20_000));
+    let ctx = CudaContext::new(0).unwrap();
+    let stream = ctx.new_stream().unwrap();
+    let f32s = |n: usize| LentMemory::from_cuda_slice(stream.alloc_zeros::<f32>(n).unwrap()).unwrap();
+    let lent: BTreeMap<&str, DeviceBuffer> = [
+        ("w", f32s(128)),
+        ("m", f32s(4 * 7)),
+        ("h", f32s(33)),
+        ("ids", LentMemory::from_cuda_slice(stream.alloc_zeros::<i64>(9).unwrap()).unwrap()),
+    ]
+    .into_iter()
+    .map(|(name, memory)| (name, DeviceBuffer::new(Device::Cuda(0), memory)))
+    .collect();
+    let ptrs: BTreeMap<&str, u64> = lent.iter().map(|(n, b)| (*n, b.device_ptr())).collect();
+    let bufs = lent.clone();
+    let rule = move |t: &TensorRequest<'_>| -> Result<Option<Destination>, String> {
+        Ok(bufs.get(t.name).map(|b| Destination::device(b, 0)))
+    };
+    emulator::set_fault(Fault::CopyDelayMicros(200));
+    let loader = base()
+        .chunk_size(4096)
+        .staging_budget(8192)
+        .place_with(rule)
+        .slice("m", TensorSlice::new([1..5, 2..9]))
+        .convert_to(Dtype::F32)
+        .build()
+        .unwrap();
+    let model = loader.load_blocking(&path).unwrap();
+    for (name, ptr) in &ptrs {
+        assert_eq!(model.get(name).unwrap().device_ptr(), Some(*ptr), "{name} is in the lent slice");
+    }
+    let mut lent = lent;
+    let w = lent.remove("w").unwrap();
+    let w = w.into_inner().expect_err("a tensor placed in it is alive");
+    drop((model, loader));
+    let back = |b: DeviceBuffer| b.into_inner().unwrap_or_else(|_| panic!("the slice comes back"));
+    let as_bytes = |v: Vec<f32>| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let w = back(w).downcast::<CudaSlice<f32>>().unwrap();
+    assert!(as_bytes(stream.clone_dtoh(&*w).unwrap()) == full["w"]);
+    let m = back(lent.remove("m").unwrap()).downcast::<CudaSlice<f32>>().unwrap();
+    assert!(
+        as_bytes(stream.clone_dtoh(&*m).unwrap())
+            == tensorlift_testkit::slice_bytes(&full["m"], &[6, 10], 4, &[1..5, 2..9])
+    );
+    let h = back(lent.remove("h").unwrap()).downcast::<CudaSlice<f32>>().unwrap();
+    let want: Vec<f32> = full["h"].chunks(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect();
+    assert!(as_bytes(stream.clone_dtoh(&*h).unwrap()) == as_bytes(want), "h, converted");
+    let ids = back(lent.remove("ids").unwrap()).downcast::<CudaSlice<i64>>().unwrap();
+    let ids: Vec<u8> = stream.clone_dtoh(&*ids).unwrap().iter().flat_map(|x| x.to_le_bytes()).collect();
+    assert!(ids == full["ids"]);
+    drop((w, m, h, stream, ctx));
+}
+
 /// Two shards of several 4 KiB chunks, with SHA256SUMS written by coreutils' `sha256sum`.
 fn verified_checkpoint() -> (PathBuf, BTreeMap<String, Vec<u8>>, [PathBuf; 2]) {
     let dir = scratch();

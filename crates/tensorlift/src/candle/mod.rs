@@ -17,12 +17,18 @@
 //! load as caller memory ([`crate::place`]), and hands the `Vec` to candle: no copy
 //! ([`Handover::Moved`]). Types candle keeps as raw bytes (fp8, fp6, fp4) are copied once.
 //!
-//! **CUDA.** candle's `cuda` feature cannot be built with tensorlift: candle links cudarc to
-//! the CUDA libraries at build time (`dynamic-linking`, and nvcc for its kernels), while
-//! tensorlift loads the driver at run time (`dynamic-loading`, no toolkit), and cudarc
-//! refuses both at once. So a load onto a GPU is copied back to host memory for candle, one
-//! tensor at a time ([`Handover::CopiedFromDevice`]); share device memory with a CUDA build
-//! of candle through DLPack or [`crate::place::DeviceBuffer`] instead.
+//! **CUDA** (cargo feature `candle-cuda`). [`load_onto`] a candle CUDA device allocates each
+//! tensor's `CudaSlice` with that device (its context and stream), lends it to the load as
+//! caller device memory ([`LentMemory::from_cuda_slice`](crate::place::LentMemory::from_cuda_slice)),
+//! and wraps it as the candle tensor's storage once its bytes have landed: no copy, and
+//! the tensor belongs to candle's device like any other. candle's `cuda` feature links the
+//! CUDA libraries and builds its kernels with nvcc, whose version picks the bindings of
+//! cudarc, the crate both sides drive the GPU with: build tensorlift with
+//! `default-features = false, features = ["candle-cuda"]` (docs/CANDLE.md). Without the
+//! feature, a load onto a GPU is copied back to host memory for candle, one tensor at a
+//! time ([`Handover::CopiedFromDevice`]), and [`load_onto`] a device other than the host
+//! loads into host memory and lets candle copy each tensor there
+//! ([`Handover::CopiedToDevice`]).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -34,36 +40,6 @@ use candle_nn::var_builder::{SimpleBackend, VarBuilder};
 use tensorlift_format::Dtype;
 
 use crate::place::{Destination, HostBuffer, TensorRequest};
-use crate::{LoadError, LoadStats, LoaderBuilder};
-
-/// Why a checkpoint could not be handed to candle.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum CandleError {
-    /// The load failed.
-    #[error(transparent)]
-    Load(#[from] LoadError),
-    /// candle has no element type for a tensor's dtype.
-    #[error("tensor '{tensor}': candle has no {dtype} type (LoaderBuilder::convert_to converts floats)")]
-    Unsupported { tensor: String, dtype: Dtype },
-    /// candle refused a tensor.
-    #[error("tensor '{tensor}': {source}")]
-    Candle {
-        tensor: String,
-        #[source]
-        source: candle_core::Error,
-    },
-}
-
-/// How the tensors reached candle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Handover {
-    /// Read straight into memory candle now owns: no copy (raw-byte types aside).
-    Moved,
-    /// Loaded onto a CUDA device, and copied back to host memory for candle.
-    CopiedFromDevice,
-}
 
 /// A `Vec` of one element type, lent to a load as bytes.
 struct Typed<T>(Vec<T>);
@@ -120,6 +96,82 @@ macro_rules! with_vec_type {
     };
 }
 
+#[cfg(feature = "candle-cuda")]
+mod cuda;
+/// Without `candle-cuda`, no candle device is one tensorlift lends memory on.
+#[cfg(not(feature = "candle-cuda"))]
+mod cuda {
+    use tensorlift_format::Dtype;
+
+    use super::CandleError;
+    use crate::place::Destination;
+
+    #[derive(Clone)]
+    pub(super) enum CudaDevice {}
+
+    pub(super) enum Lent {}
+
+    impl Lent {
+        pub(super) fn destination(&self) -> Destination {
+            match *self {}
+        }
+
+        pub(super) fn into_tensor(self, _: &str, _: Dtype, _: &[usize]) -> Result<candle_core::Tensor, CandleError> {
+            match self {}
+        }
+    }
+
+    pub(super) fn of(_: &candle_core::Device) -> Option<CudaDevice> {
+        None
+    }
+
+    pub(super) fn ordinal(_: &candle_core::Device) -> usize {
+        0
+    }
+
+    pub(super) fn device(dev: CudaDevice) -> candle_core::Device {
+        match dev {}
+    }
+
+    pub(super) fn lend(dev: &CudaDevice, _: Dtype, _: u64) -> Result<Option<Lent>, String> {
+        match *dev {}
+    }
+}
+
+use crate::{LoadError, LoadStats, LoaderBuilder};
+
+/// Why a checkpoint could not be handed to candle.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CandleError {
+    /// The load failed.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// candle has no element type for a tensor's dtype.
+    #[error("tensor '{tensor}': candle has no {dtype} type (LoaderBuilder::convert_to converts floats)")]
+    Unsupported { tensor: String, dtype: Dtype },
+    /// candle refused a tensor.
+    #[error("tensor '{tensor}': {source}")]
+    Candle {
+        tensor: String,
+        #[source]
+        source: candle_core::Error,
+    },
+}
+
+/// How the tensors reached candle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Handover {
+    /// Read straight into memory candle now owns (a `Vec` on the host, a `CudaSlice` of
+    /// candle's CUDA device): no copy (raw-byte types aside).
+    Moved,
+    /// Loaded onto a CUDA device, and copied back to host memory for candle.
+    CopiedFromDevice,
+    /// Loaded into host memory, and copied to candle's device by candle.
+    CopiedToDevice,
+}
+
 /// A host buffer of `bytes` zeroed bytes as a `Vec` of `dtype`'s element type (lazily zeroed
 /// pages, no pass over the memory), or `None` for a type candle keeps as raw bytes.
 fn typed_buffer(dtype: Dtype, bytes: u64) -> Option<HostBuffer> {
@@ -132,18 +184,50 @@ fn typed_buffer(dtype: Dtype, bytes: u64) -> Option<HostBuffer> {
 
 /// The candle tensor over a buffer's memory, once the load is done with it.
 fn from_buffer(name: &str, dtype: Dtype, shape: &[usize], buf: HostBuffer) -> Result<candle_core::Tensor, CandleError> {
-    let fail = |source| CandleError::Candle { tensor: name.to_owned(), source };
-    let inner =
-        buf.into_inner().map_err(|_| fail(candle_core::Error::Msg("the tensor's memory is still in use".into())))?;
+    let inner = buf.into_inner().map_err(|_| still_in_use(name))?;
     with_vec_type!(dtype, T => {
-        let v = inner
-            .downcast::<Typed<T>>()
-            .map_err(|_| fail(candle_core::Error::Msg("the tensor's memory changed type".into())))?;
-        candle_core::Tensor::from_vec(v.0, shape, &candle_core::Device::Cpu).map_err(fail)
+        let v = inner.downcast::<Typed<T>>().map_err(|_| changed_type(name))?;
+        candle_core::Tensor::from_vec(v.0, shape, &candle_core::Device::Cpu).map_err(|source| CandleError::Candle { tensor: name.to_owned(), source })
     }, _ => Err(CandleError::Unsupported { tensor: name.to_owned(), dtype }))
 }
 
-/// A checkpoint's tensors, as candle tensors on the host.
+fn still_in_use(name: &str) -> CandleError {
+    CandleError::Candle {
+        tensor: name.to_owned(),
+        source: candle_core::Error::Msg("the tensor's memory is still in use".into()),
+    }
+}
+
+fn changed_type(name: &str) -> CandleError {
+    CandleError::Candle {
+        tensor: name.to_owned(),
+        source: candle_core::Error::Msg("the tensor's memory changed type".into()),
+    }
+}
+
+/// Memory lent to a load for one tensor, which becomes the candle tensor's.
+enum Lent {
+    Host(HostBuffer),
+    Cuda(cuda::Lent),
+}
+
+impl Lent {
+    fn destination(&self) -> Destination {
+        match self {
+            Lent::Host(buf) => Destination::host(buf, 0),
+            Lent::Cuda(lent) => lent.destination(),
+        }
+    }
+
+    fn into_tensor(self, name: &str, dtype: Dtype, shape: &[usize]) -> Result<candle_core::Tensor, CandleError> {
+        match self {
+            Lent::Host(buf) => from_buffer(name, dtype, shape, buf),
+            Lent::Cuda(lent) => lent.into_tensor(name, dtype, shape),
+        }
+    }
+}
+
+/// A checkpoint's tensors, as candle tensors.
 #[derive(Debug)]
 pub struct CandleModel {
     tensors: HashMap<String, candle_core::Tensor>,
@@ -152,36 +236,75 @@ pub struct CandleModel {
 }
 
 /// Loads `path` with a loader built from `builder` (its device, filters, slices, dtype
-/// conversion and tuning), as candle tensors.
+/// conversion and tuning), as candle tensors on the host.
 pub fn load(builder: LoaderBuilder, path: impl AsRef<Path>) -> Result<CandleModel, CandleError> {
-    // The rule lends each tensor a `Vec` of its type, on a host load only: it learns which
-    // load it serves once the loader has chosen its device.
-    let on_host = Arc::new(AtomicBool::new(false));
-    let lent: Arc<Mutex<HashMap<String, HostBuffer>>> = Arc::default();
-    let (host, bufs) = (Arc::clone(&on_host), Arc::clone(&lent));
-    let rule = move |t: &TensorRequest<'_>| -> Result<Option<Destination>, String> {
-        if !host.load(Ordering::Acquire) {
-            return Ok(None);
+    load_lending(builder, path, None)
+}
+
+/// Loads `path` as candle tensors on candle's `device`, with a loader built from `builder`
+/// (its filters, slices, dtype conversion and tuning; its device is `device`'s). On the
+/// host and, with the `candle-cuda` feature, on a CUDA device, each tensor is read into
+/// memory candle then owns ([`Handover::Moved`]); on other devices, into host memory that
+/// candle copies to `device` ([`Handover::CopiedToDevice`]).
+pub fn load_onto(
+    builder: LoaderBuilder,
+    path: impl AsRef<Path>,
+    device: &candle_core::Device,
+) -> Result<CandleModel, CandleError> {
+    if let Some(dev) = cuda::of(device) {
+        let ordinal = cuda::ordinal(device);
+        return load_lending(builder.device(crate::Device::Cuda(ordinal)), path, Some(dev));
+    }
+    let mut model = load_lending(builder.device(crate::Device::Cpu), path, None)?;
+    if !device.is_cpu() {
+        for (name, t) in &mut model.tensors {
+            *t = t.to_device(device).map_err(|source| CandleError::Candle { tensor: name.clone(), source })?;
         }
-        let Some(buf) = typed_buffer(t.dtype, t.bytes) else { return Ok(None) };
-        let dest = Destination::host(&buf, 0);
+        model.handover = Handover::CopiedToDevice;
+    }
+    Ok(model)
+}
+
+/// The load: lends each tensor memory of its type on candle's CUDA device `cuda` when
+/// given, else on the host when the loader chose the host.
+fn load_lending(
+    builder: LoaderBuilder,
+    path: impl AsRef<Path>,
+    cuda: Option<cuda::CudaDevice>,
+) -> Result<CandleModel, CandleError> {
+    // The rule learns whether it serves a host load once the loader has chosen its device.
+    let on_host = Arc::new(AtomicBool::new(false));
+    let lent: Arc<Mutex<HashMap<String, Lent>>> = Arc::default();
+    let (host, bufs, on_cuda) = (Arc::clone(&on_host), Arc::clone(&lent), cuda.clone());
+    let rule = move |t: &TensorRequest<'_>| -> Result<Option<Destination>, String> {
+        let buf = match &on_cuda {
+            Some(dev) => cuda::lend(dev, t.dtype, t.bytes)?.map(Lent::Cuda),
+            None if host.load(Ordering::Acquire) => typed_buffer(t.dtype, t.bytes).map(Lent::Host),
+            None => None,
+        };
+        let Some(buf) = buf else { return Ok(None) };
+        let dest = buf.destination();
         bufs.lock().unwrap_or_else(|p| p.into_inner()).insert(t.name.to_owned(), buf);
         Ok(Some(dest))
     };
     let loader = builder.place_with(rule).build()?;
-    on_host.store(loader.device() == crate::Device::Cpu, Ordering::Release);
+    let host = loader.device() == crate::Device::Cpu;
+    on_host.store(host, Ordering::Release);
     let model = loader.load_blocking(path)?;
     let stats = model.stats().clone();
-    let handover = if loader.device() == crate::Device::Cpu { Handover::Moved } else { Handover::CopiedFromDevice };
+    let handover = if host || cuda.is_some() { Handover::Moved } else { Handover::CopiedFromDevice };
+    // Tensors not lent memory (raw-byte types, empty ones) are copied once, to where the
+    // others are.
+    let device = cuda.map_or(candle_core::Device::Cpu, cuda::device);
     let mut lent = std::mem::take(&mut *lent.lock().unwrap_or_else(|p| p.into_inner()));
     let mut tensors = HashMap::with_capacity(model.len());
     for t in model.into_tensors() {
         let (name, dtype, shape) = (t.name().to_owned(), t.dtype(), t.shape().to_vec());
         let ct = match lent.remove(&name) {
             Some(buf) => {
-                // The tensor's claim on the buffer ends with it; then the `Vec` is candle's.
+                // The tensor's claim on the buffer ends with it; then the memory is candle's.
                 drop(t);
-                from_buffer(&name, dtype, &shape, buf)?
+                buf.into_tensor(&name, dtype, &shape)?
             }
             None => {
                 let cdtype =
@@ -190,7 +313,7 @@ pub fn load(builder: LoaderBuilder, path: impl AsRef<Path>) -> Result<CandleMode
                     tensor: name.clone(),
                     source: candle_core::Error::Msg(e.to_string()),
                 })?;
-                candle_core::Tensor::from_raw_buffer(&bytes, cdtype, &shape, &candle_core::Device::Cpu)
+                candle_core::Tensor::from_raw_buffer(&bytes, cdtype, &shape, &device)
                     .map_err(|source| CandleError::Candle { tensor: name.clone(), source })?
             }
         };

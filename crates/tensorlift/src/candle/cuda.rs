@@ -1,0 +1,80 @@
+//! candle's CUDA devices (feature `candle-cuda`): each tensor is read into a `CudaSlice`
+//! that candle's device allocated, lent to the load, and handed back to candle as the
+//! tensor's storage once its bytes have landed.
+
+use candle_core::cuda_backend::cudarc::driver::CudaSlice;
+pub(super) use candle_core::cuda_backend::CudaDevice;
+use candle_core::cuda_backend::CudaStorage;
+use candle_core::op::BackpropOp;
+use candle_core::{DeviceLocation, Storage};
+use tensorlift_format::Dtype;
+
+use super::{changed_type, still_in_use, CandleError};
+use crate::place::{Destination, DeviceBuffer, LentMemory};
+
+/// One tensor's memory on candle's device.
+pub(super) struct Lent {
+    buffer: DeviceBuffer,
+    device: CudaDevice,
+}
+
+/// candle's CUDA device, if `device` is one.
+pub(super) fn of(device: &candle_core::Device) -> Option<CudaDevice> {
+    match device {
+        candle_core::Device::Cuda(dev) => Some(dev.clone()),
+        _ => None,
+    }
+}
+
+/// The ordinal of a CUDA device (`cuda:N`).
+pub(super) fn ordinal(device: &candle_core::Device) -> usize {
+    match device.location() {
+        DeviceLocation::Cuda { gpu_id } => gpu_id,
+        _ => 0,
+    }
+}
+
+pub(super) fn device(dev: CudaDevice) -> candle_core::Device {
+    candle_core::Device::Cuda(dev)
+}
+
+/// A `CudaSlice` of `dtype`'s element type for `bytes` bytes, allocated by candle's device
+/// on its stream and lent to the load; `None` for empty tensors and the types candle keeps
+/// as raw bytes. Zeroed (`alloc_zeros`; candle's `alloc` is unsafe): a device memset costs
+/// little beside the copy that follows.
+pub(super) fn lend(dev: &CudaDevice, dtype: Dtype, bytes: u64) -> Result<Option<Lent>, String> {
+    let Ok(bytes) = usize::try_from(bytes) else { return Ok(None) };
+    if bytes == 0 {
+        return Ok(None);
+    }
+    let device = crate::Device::Cuda(ordinal(&candle_core::Device::Cuda(dev.clone())));
+    with_vec_type!(dtype, T => {
+        let slice = dev
+            .alloc_zeros::<T>(bytes / std::mem::size_of::<T>())
+            .map_err(|e| format!("candle's device could not allocate {bytes} bytes: {e}"))?;
+        let memory = LentMemory::from_cuda_slice(slice).map_err(|e| e.to_string())?;
+        Ok(Some(Lent { buffer: DeviceBuffer::new(device, memory), device: dev.clone() }))
+    }, _ => Ok(None))
+}
+
+impl Lent {
+    pub(super) fn destination(&self) -> Destination {
+        Destination::device(&self.buffer, 0)
+    }
+
+    /// The candle tensor whose storage is this memory, once the load is done with it (its
+    /// copies have completed: a tensor is yielded only then).
+    pub(super) fn into_tensor(
+        self,
+        name: &str,
+        dtype: Dtype,
+        shape: &[usize],
+    ) -> Result<candle_core::Tensor, CandleError> {
+        let inner = self.buffer.into_inner().map_err(|_| still_in_use(name))?;
+        with_vec_type!(dtype, T => {
+            let slice = inner.downcast::<CudaSlice<T>>().map_err(|_| changed_type(name))?;
+            let storage = CudaStorage::wrap_cuda_slice(*slice, self.device);
+            Ok(candle_core::Tensor::from_storage(Storage::Cuda(storage), shape.to_vec(), BackpropOp::none(), false))
+        }, _ => Err(CandleError::Unsupported { tensor: name.to_owned(), dtype }))
+    }
+}
