@@ -118,3 +118,54 @@ fn an_http_folder_loads_to_the_reference_digests() {
     let out = run(0, &["load", &url, "--digest", "sha256", "--json", "--device", "cpu"], &[]);
     assert_digests(&out, &manifest, "http");
 }
+
+/// PyTorch files in a bucket (the pickle fixtures, whose tensors numpy wrote beside them):
+/// `tensorlift load` gives numpy's bytes on the host and the (emulated) device, from one
+/// file and from a folder's `pytorch_model.bin`, and `inspect` lists the tensors.
+#[test]
+fn pytorch_files_in_a_bucket_load_to_numpys_bytes() {
+    use sha2::{Digest, Sha256};
+    let root = tensorlift_testkit::scratch_in(&std::env::temp_dir(), "tl-cli-s3-torch-");
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tensorlift-pickle/tests/fixtures");
+    let folder = root.join("bucket/tied");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::copy(fixtures.join("tied.zip.bin"), folder.join("pytorch_model.bin")).unwrap();
+    std::fs::copy(fixtures.join("every_dtype.legacy.bin"), root.join("bucket/every_dtype.pt")).unwrap();
+    // name -> sha256 of the bytes numpy wrote beside each fixture.
+    let expected = |case: &str| -> Vec<serde_json::Value> {
+        let v: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&std::fs::read(fixtures.join(format!("{case}.expect.json"))).unwrap()).unwrap();
+        v.into_iter()
+            .map(|(name, t)| {
+                let hex = t["hex"].as_str().unwrap();
+                let bytes: Vec<u8> =
+                    (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+                serde_json::json!({"name": name, "sha256": format!("{:x}", Sha256::digest(&bytes))})
+            })
+            .collect()
+    };
+    let Some(bin) = tensorlift_testkit::net::s3s_fs() else {
+        assert!(std::env::var_os("TENSORLIFT_REQUIRE_S3").is_none(), "s3s-fs is not installed");
+        eprintln!("skipped: s3s-fs is not installed (./scripts/test installs it)");
+        return;
+    };
+    let s3 = S3Server::start(&bin, &root).unwrap();
+    let emulator = tensorlift_testkit::emulated_driver();
+    let driver: Vec<(&str, &str)> = if tensorlift_testkit::real_driver() {
+        Vec::new()
+    } else {
+        vec![("TENSORLIFT_LIBCUDA", emulator.to_str().unwrap())]
+    };
+    for (url, case) in [("s3://bucket/tied", "tied"), ("s3://bucket/every_dtype.pt", "every_dtype")] {
+        let want = expected(case);
+        for (device, env) in [("cpu", &[][..]), ("cuda:0", &driver[..])] {
+            let out = run(s3.port, &["load", url, "--digest", "sha256", "--json", "--device", device], env);
+            let v = assert_digests(&out, &want, &format!("{url} on {device}"));
+            assert_eq!(v["remote_shards"], 1, "{v}");
+        }
+    }
+    let out = run(s3.port, &["inspect", "s3://bucket/tied"], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(expected("tied").iter().all(|m| text.contains(m["name"].as_str().unwrap())), "{text}");
+}

@@ -376,9 +376,9 @@ pub const USE_SAFETENSORS_ENV: &str = "TENSORLIFT_USE_SAFETENSORS";
 pub const TORCH_INDEX: &str = "pytorch_model.bin.index.json";
 /// A single-file PyTorch checkpoint, as the hub names it.
 pub const TORCH_SINGLE: &str = "pytorch_model.bin";
-const SAFETENSORS_ONLY: &str = "TENSORLIFT_USE_SAFETENSORS=1 asks for safetensors only";
+pub(crate) const SAFETENSORS_ONLY: &str = "TENSORLIFT_USE_SAFETENSORS=1 asks for safetensors only";
 
-fn safetensors_only() -> bool {
+pub(crate) fn safetensors_only() -> bool {
     std::env::var(USE_SAFETENSORS_ENV).is_ok_and(|v| matches!(v.trim(), "1" | "true" | "TRUE" | "True" | "yes"))
 }
 
@@ -781,70 +781,9 @@ impl<'a> Planner<'a> {
         spend_header_budget(&mut self.header_bytes, self.limits, context, bytes)
     }
 
-    /// A PyTorch checkpoint (`torch.save`), read by tensorlift-pickle without executing
-    /// anything: a header whose tensors are the state_dict's, each a byte range of its
-    /// storage in the file, and whose "header bytes" are everything before the first
-    /// tensor (the zip's directory entries and the pickle), hashed like a safetensors
-    /// header so that a load notices a changed file.
+    /// A PyTorch checkpoint, read whole ([`torch_header`]).
     fn read_torch(&mut self, context: &Path, opened: &Opened) -> Result<(Header, u64), FormatError> {
-        let path = &opened.path;
-        let pytorch = |message: String| FormatError::PyTorch { file: path.clone(), message };
-        let left = self.limits.max_header_bytes.saturating_sub(self.header_bytes);
-        let limits = tensorlift_pickle::Limits::default().max_pickle_bytes(left);
-        let ck = tensorlift_pickle::TorchCheckpoint::read(&opened.file, path, &limits)
-            .map_err(|e| pytorch(format!("read as a PyTorch checkpoint (nothing in it was executed): {}", e.kind)))?;
-        tracing::info!(
-            "{}: a PyTorch checkpoint ({:?} layout), read by tensorlift's pickle reader, which executes nothing",
-            path.display(),
-            ck.layout
-        );
-        // The tensors, moved out of the checkpoint, at absolute file offsets first.
-        let mut tensors = Vec::new();
-        tensors.try_reserve_exact(ck.tensors.len()).map_err(|_| FormatError::OutOfMemory {
-            file: path.clone(),
-            what: "the PyTorch checkpoint's tensors",
-            bytes: ck.tensors.len() as u64 * 64,
-        })?;
-        for t in ck.tensors {
-            if !t.is_contiguous() {
-                return Err(pytorch(format!(
-                    "tensor '{}' is a strided view of its storage and cannot be loaded as one byte range; \
-                     `tensorlift convert` writes it contiguous, as safetensors",
-                    t.name
-                )));
-            }
-            let st =
-                ck.storages.get(&t.storage).ok_or_else(|| pytorch(format!("storage '{}' is missing", t.storage)))?;
-            let start = (t.storage_offset as u64)
-                .checked_mul((t.dtype.bitsize() / 8) as u64)
-                .and_then(|b| b.checked_add(st.offset))
-                .ok_or_else(|| pytorch(format!("tensor '{}': its offset overflows", t.name)))?;
-            let len = t.nbytes() as u64;
-            tensors.push(TensorInfo {
-                name: t.name,
-                dtype: t.dtype,
-                shape: t.shape,
-                data_offsets: (start, start + len),
-            });
-        }
-        tensors.sort_by_key(|t| t.data_offsets.0);
-        let data_start = tensors
-            .first()
-            .map_or(HEADER_PREFIX_LEN, |t| t.data_offsets.0)
-            .max(HEADER_PREFIX_LEN)
-            .min(opened.identity.len);
-        self.spend_header_budget(context, data_start)?;
-        // Then relative to where the "header" ends, as a safetensors header's are.
-        for t in &mut tensors {
-            let (start, end) = t.data_offsets;
-            let begin = start
-                .checked_sub(data_start)
-                .ok_or_else(|| pytorch(format!("tensor '{}' starts at byte {start}", t.name)))?;
-            t.data_offsets = (begin, end - data_start);
-        }
-        let bytes = read_exact_at(&opened.file, path, 0, data_start as usize, "the PyTorch checkpoint's header")?;
-        let header = Header { header_len: data_start - HEADER_PREFIX_LEN, metadata: None, tensors };
-        Ok((header, tensorlift_format::header_hash(&bytes)))
+        torch_header(&opened.file, &opened.path, opened.identity.len, self.limits, &mut self.header_bytes, context)
     }
 
     /// Parses every header read (telling the observer, which first gets a plan of the
@@ -1055,6 +994,77 @@ pub fn open_pytorch(path: &Path, limits: &PlanLimits) -> Result<PyTorchFiles, Fo
 }
 
 /// `len` bytes at `offset`, into memory allocated fallibly.
+/// A PyTorch checkpoint (`torch.save`) of `len` bytes in `src` (a local file, a remote
+/// object), read by tensorlift-pickle without executing anything: a header whose tensors
+/// are the state_dict's, each a byte range of its storage in the file, and whose "header
+/// bytes" are everything before the first tensor (the zip's directory entries and the
+/// pickle), hashed like a safetensors header so that a load notices a changed file. The
+/// pickle and the header bytes are spent against the plan's header budget (`spent` so far).
+pub(crate) fn torch_header<R: tensorlift_pickle::ReadAt + ?Sized>(
+    src: &R,
+    path: &Path,
+    len: u64,
+    limits: &PlanLimits,
+    spent: &mut u64,
+    context: &Path,
+) -> Result<(Header, u64), FormatError> {
+    let pytorch = |message: String| FormatError::PyTorch { file: path.to_path_buf(), message };
+    let left = limits.max_header_bytes.saturating_sub(*spent);
+    let pickle_limits = tensorlift_pickle::Limits::default().max_pickle_bytes(left);
+    let ck = tensorlift_pickle::TorchCheckpoint::read(src, path, &pickle_limits)
+        .map_err(|e| pytorch(format!("read as a PyTorch checkpoint (nothing in it was executed): {}", e.kind)))?;
+    tracing::info!(
+        "{}: a PyTorch checkpoint ({:?} layout), read by tensorlift's pickle reader, which executes nothing",
+        path.display(),
+        ck.layout
+    );
+    // The tensors, moved out of the checkpoint, at absolute file offsets first.
+    let mut tensors = Vec::new();
+    tensors.try_reserve_exact(ck.tensors.len()).map_err(|_| FormatError::OutOfMemory {
+        file: path.to_path_buf(),
+        what: "the PyTorch checkpoint's tensors",
+        bytes: ck.tensors.len() as u64 * 64,
+    })?;
+    for t in ck.tensors {
+        if !t.is_contiguous() {
+            return Err(pytorch(format!(
+                "tensor '{}' is a strided view of its storage and cannot be loaded as one byte range; \
+                 `tensorlift convert` writes it contiguous, as safetensors",
+                t.name
+            )));
+        }
+        let st = ck.storages.get(&t.storage).ok_or_else(|| pytorch(format!("storage '{}' is missing", t.storage)))?;
+        let start = (t.storage_offset as u64)
+            .checked_mul((t.dtype.bitsize() / 8) as u64)
+            .and_then(|b| b.checked_add(st.offset))
+            .ok_or_else(|| pytorch(format!("tensor '{}': its offset overflows", t.name)))?;
+        let len = t.nbytes() as u64;
+        tensors.push(TensorInfo { name: t.name, dtype: t.dtype, shape: t.shape, data_offsets: (start, start + len) });
+    }
+    tensors.sort_by_key(|t| t.data_offsets.0);
+    let data_start = tensors.first().map_or(HEADER_PREFIX_LEN, |t| t.data_offsets.0).max(HEADER_PREFIX_LEN).min(len);
+    spend_header_budget(spent, limits, context, data_start)?;
+    // Then relative to where the "header" ends, as a safetensors header's are.
+    for t in &mut tensors {
+        let (start, end) = t.data_offsets;
+        let begin = start
+            .checked_sub(data_start)
+            .ok_or_else(|| pytorch(format!("tensor '{}' starts at byte {start}", t.name)))?;
+        t.data_offsets = (begin, end - data_start);
+    }
+    let mut bytes = Vec::new();
+    let n = data_start as usize;
+    bytes.try_reserve_exact(n).map_err(|_| FormatError::OutOfMemory {
+        file: path.to_path_buf(),
+        what: "the PyTorch checkpoint's header",
+        bytes: data_start,
+    })?;
+    bytes.resize(n, 0);
+    src.read_exact_at(&mut bytes, 0).map_err(|source| FormatError::Io { file: path.to_path_buf(), source })?;
+    let header = Header { header_len: data_start - HEADER_PREFIX_LEN, metadata: None, tensors };
+    Ok((header, tensorlift_format::header_hash(&bytes)))
+}
+
 fn read_exact_at(
     file: &File,
     path: &Path,

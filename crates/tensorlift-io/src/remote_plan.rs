@@ -15,8 +15,8 @@ use tensorlift_format::{
 };
 
 use crate::checkpoint::{
-    assemble, header_fits, index_fits, index_shards, open_local, spend_header_budget, Checkpoint, HeaderWork, Pending,
-    PlanLimits, Quiet,
+    assemble, header_fits, index_fits, index_shards, open_local, safetensors_only, spend_header_budget, torch_header,
+    Checkpoint, HeaderWork, Pending, PlanLimits, Quiet, SAFETENSORS_ONLY, TORCH_INDEX, TORCH_SINGLE,
 };
 use crate::remote::cache;
 use crate::remote::get::{body, body_into, RemoteFolder};
@@ -37,8 +37,10 @@ const MAX_LISTED: usize = 100_000;
 /// A single file checkpoint is named by its URL.
 const SINGLE_FILE: &str = "model.safetensors";
 
-/// Why a PyTorch file in a store is refused.
-const TORCH_REMOTE: &str = "PyTorch files are read from local disk only: download it, or convert it to safetensors";
+/// The blocks a PyTorch file's small reads (its zip directory, each record's header) are
+/// fetched in while planning, and how many are kept.
+const TORCH_BLOCK: u64 = 16 << 10;
+const TORCH_BLOCKS_KEPT: usize = 256;
 
 /// What a remote URL names, in the folder it resolves to.
 enum Named {
@@ -46,7 +48,7 @@ enum Named {
     Index(String),
     /// One shard (`….safetensors`).
     Shard(String),
-    /// A PyTorch file, refused.
+    /// A PyTorch file (`….bin`, `….pt`, `….pth`).
     Torch(String),
     /// The folder itself: its index, else its listing.
     Folder,
@@ -64,9 +66,10 @@ fn resolve(place: Place, last: Option<String>) -> io::Result<(Place, Named)> {
     })
 }
 
-/// Plans the remote checkpoint at `path`: an `…/x.safetensors` object, an `…/x.json` index,
-/// or a folder (its `model.safetensors.index.json`, else its `*.safetensors` objects in
-/// natural order; over HTTP, which lists nothing, its `model.safetensors`).
+/// Plans the remote checkpoint at `path`: an `…/x.safetensors` object or a PyTorch file, an
+/// `…/x.json` index, or a folder (its `model.safetensors.index.json`, else its
+/// `*.safetensors` objects in natural order, else its `pytorch_model.bin.index.json` or
+/// `pytorch_model.bin`; over HTTP, which lists nothing, its `model.safetensors`).
 pub(crate) fn open_remote(path: &Path, limits: &PlanLimits) -> Result<Checkpoint, FormatError> {
     let io_err = |source| FormatError::Io { file: path.to_path_buf(), source };
     let text = path.to_str().ok_or_else(|| FormatError::NotACheckpoint { file: path.to_path_buf() })?;
@@ -171,22 +174,37 @@ async fn plan(place: Place, named: Named, limits: PlanLimits) -> Result<Checkpoi
             let index = fetch_index(&place, &name).await?.ok_or_else(|| not_found(&place, &name))?;
             plan_index(&place, &name, index, &limits).await
         }
-        Named::Shard(name) => {
+        Named::Shard(name) | Named::Torch(name) => {
             let context = place.child(&name).map_err(|e| io(&place, e))?.1;
             shards(&place, &context, None, vec![(name, Vec::new())], &limits).await
         }
-        Named::Torch(name) => Err(FormatError::PyTorchCheckpoint {
-            file: place.child(&name).map_err(|e| io(&place, e))?.1,
-            layout: TORCH_REMOTE,
-        }),
         Named::Folder => {
             if let Some(index) = fetch_index(&place, INDEX_FILE_NAME).await? {
                 return plan_index(&place, INDEX_FILE_NAME, index, &limits).await;
             }
-            let names = list_safetensors(&place, &limits).await?;
+            let (names, torch) = list_safetensors(&place, &limits).await?;
             let root = PathBuf::from(&place.url);
             if names.is_empty() {
-                return Err(FormatError::NoShards { file: root });
+                // Where there are no safetensors, the hub's PyTorch names, as in a local folder.
+                let first = torch.first().map(|n| root.join(n));
+                if let Some(file) = first.filter(|_| safetensors_only()) {
+                    return Err(FormatError::PyTorchCheckpoint { file, layout: SAFETENSORS_ONLY });
+                }
+                if torch.iter().any(|n| n == TORCH_INDEX) {
+                    let index =
+                        fetch_index(&place, TORCH_INDEX).await?.ok_or_else(|| not_found(&place, TORCH_INDEX))?;
+                    return plan_index(&place, TORCH_INDEX, index, &limits).await;
+                }
+                if torch.iter().any(|n| n == TORCH_SINGLE) {
+                    return shards(&place, &root, None, vec![(TORCH_SINGLE.to_owned(), Vec::new())], &limits).await;
+                }
+                return Err(match torch.first() {
+                    Some(name) => FormatError::PyTorchCheckpoint {
+                        file: root.join(name),
+                        layout: "the folder holds PyTorch files but neither pytorch_model.bin nor its index, and no .safetensors files",
+                    },
+                    None => FormatError::NoShards { file: root },
+                });
             }
             let names = names.into_iter().map(|n| (n, Vec::new())).collect();
             shards(&place, &root, None, names, &limits).await
@@ -228,19 +246,20 @@ async fn plan_index(
     shards(place, &context, Some((index, identity(&meta))), names, limits).await
 }
 
-/// The names of the `*.safetensors` objects directly under the folder, in natural order;
-/// over HTTP, which cannot list, `model.safetensors` where it exists.
-async fn list_safetensors(place: &Place, limits: &PlanLimits) -> Result<Vec<String>, FormatError> {
+/// The names of the `*.safetensors` objects directly under the folder, in natural order
+/// (over HTTP, which cannot list, `model.safetensors` where it exists), and of its PyTorch
+/// files and index, sorted.
+async fn list_safetensors(place: &Place, limits: &PlanLimits) -> Result<(Vec<String>, Vec<String>), FormatError> {
     let root = || PathBuf::from(&place.url);
     // A plain HTTP server lists nothing (object_store lists only WebDAV servers, and reads
     // other replies as an empty folder).
     if place.http {
-        return Ok(vec![SINGLE_FILE.to_owned()]);
+        return Ok((vec![SINGLE_FILE.to_owned()], Vec::new()));
     }
     let prefix = (!place.prefix.as_ref().is_empty()).then_some(&place.prefix);
     // Page by page, stopping at a bound: a prefix may hold millions of objects.
     let mut listing = place.shared.store.list(prefix);
-    let (mut names, mut scanned, mut torch) = (Vec::new(), 0usize, false);
+    let (mut names, mut scanned, mut torch) = (Vec::new(), 0usize, Vec::new());
     while let Some(meta) = listing.next().await {
         let meta = meta.map_err(|e| FormatError::Io { file: root(), source: store_error(e) })?;
         scanned += 1;
@@ -254,7 +273,10 @@ async fn list_safetensors(place: &Place, limits: &PlanLimits) -> Result<Vec<Stri
         }
         match meta.location.filename() {
             Some(n) if n.ends_with(".safetensors") => names.push(n.to_owned()),
-            Some(n) if n.ends_with(".bin") => torch = true,
+            // The names kept are bounded as the shards are.
+            Some(n) if (n.ends_with(".bin") || n == TORCH_INDEX) && torch.len() < limits.max_shards => {
+                torch.push(n.to_owned());
+            }
             _ => {}
         }
         if names.len() > limits.max_shards {
@@ -265,10 +287,8 @@ async fn list_safetensors(place: &Place, limits: &PlanLimits) -> Result<Vec<Stri
         }
     }
     names.sort_by(|a, b| natural_cmp(a, b));
-    if names.is_empty() && torch {
-        return Err(FormatError::PyTorchCheckpoint { file: root(), layout: TORCH_REMOTE });
-    }
-    Ok(names)
+    torch.sort();
+    Ok((names, torch))
 }
 
 /// Reads every named shard's header (a few at once, each spent against the plan's header
@@ -294,12 +314,21 @@ async fn shards(
     let mut pending = Vec::new();
     let mut objects = Vec::new();
     while let Some((name, spellings, location, url, (meta, mut bytes))) = fetches.try_next().await? {
-        let n = header_len(&url, &bytes, meta.size).map_err(|e| match e {
-            FormatError::PyTorchCheckpoint { file, .. } => {
-                FormatError::PyTorchCheckpoint { file, layout: TORCH_REMOTE }
+        let aliases = spellings.into_iter().filter(|s| *s != name).collect();
+        let n = match header_len(&url, &bytes, meta.size) {
+            Err(FormatError::PyTorchCheckpoint { file, .. }) if safetensors_only() => {
+                return Err(FormatError::PyTorchCheckpoint { file, layout: SAFETENSORS_ONLY });
             }
-            e => e,
-        })?;
+            Err(FormatError::PyTorchCheckpoint { .. }) => {
+                let object = Arc::new(RemoteObject::uncached(Arc::clone(&place.shared), location, url.clone(), &meta));
+                let (header, hash) = torch(&object, bytes, limits, &mut header_bytes, context).await?;
+                let work = HeaderWork::Done(header, hash);
+                pending.push(Pending { name, aliases, path: url, identity: identity(&meta), work });
+                objects.push(object);
+                continue;
+            }
+            other => other?,
+        };
         let wanted = HEADER_PREFIX_LEN + n;
         spend_header_budget(&mut header_bytes, limits, context, wanted)?;
         header_fits(&url, n)?;
@@ -315,7 +344,6 @@ async fn shards(
             }
         }
         bytes.truncate(wanted as usize);
-        let aliases = spellings.into_iter().filter(|s| *s != name).collect();
         pending.push(Pending { name, aliases, path: url, identity: identity(&meta), work: HeaderWork::Parse(bytes) });
         objects.push(object);
     }
@@ -323,6 +351,99 @@ async fn shards(
     let (plan, index_identity) = assemble(context, PathBuf::from(&place.url), index, pending, &Quiet)?;
     let folder = RemoteFolder { place: place.clone() };
     Ok(Checkpoint::remote(plan, index_identity, objects, folder))
+}
+
+/// A PyTorch file's header ([`torch_header`]), read by the pickle reader from the object on
+/// a blocking thread ([`TorchObject`]), `head` being its first bytes as planning fetched them.
+async fn torch(
+    object: &Arc<RemoteObject>,
+    head: Vec<u8>,
+    limits: &PlanLimits,
+    spent: &mut u64,
+    context: &Path,
+) -> Result<(tensorlift_format::Header, u64), FormatError> {
+    let reader = TorchObject { object: Arc::clone(object), head, blocks: std::sync::Mutex::default() };
+    let (limits, context, mut left) = (limits.clone(), context.to_path_buf(), *spent);
+    let read = tokio::task::spawn_blocking(move || {
+        let url = reader.object.url().to_path_buf();
+        let header = torch_header(&reader, &url, reader.object.len(), &limits, &mut left, &context);
+        header.map(|h| (h, left))
+    });
+    let (header, now) = read.await.map_err(|e| FormatError::Io {
+        file: object.url().to_path_buf(),
+        source: io::Error::other(format!("reading a PyTorch file failed: {e}")),
+    })??;
+    *spent = now;
+    Ok(header)
+}
+
+/// A remote PyTorch file as the pickle reader reads it: at many small offsets (its zip
+/// directory, each record's header) and a few large ones (the pickle). Small reads come from
+/// blocks of [`TORCH_BLOCK`] bytes, fetched once by a ranged GET each and kept (a few
+/// hundred, then dropped all at once), large ones by a GET of their own; every GET is
+/// checked against the object as planned (its ETag, its length). Each read waits for its
+/// GET: it runs on a blocking thread.
+struct TorchObject {
+    object: Arc<RemoteObject>,
+    head: Vec<u8>,
+    blocks: std::sync::Mutex<std::collections::HashMap<u64, Arc<Vec<u8>>>>,
+}
+
+impl TorchObject {
+    /// `len` bytes at `offset`, by one ranged GET.
+    fn fetch(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        buf.try_reserve_exact(len).map_err(|_| io::Error::new(io::ErrorKind::OutOfMemory, format!("{len} bytes")))?;
+        buf.resize(len, 0);
+        crate::block_on(crate::remote::read_object(&self.object, offset, buf, 0, len))
+            .map_err(|failed| io::Error::other(failed.error))
+    }
+
+    /// The block that starts at `start`.
+    fn block(&self, start: u64) -> io::Result<Arc<Vec<u8>>> {
+        let mut blocks = self.blocks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = blocks.get(&start) {
+            return Ok(Arc::clone(b));
+        }
+        let len = TORCH_BLOCK.min(self.object.len() - start) as usize;
+        let block = Arc::new(self.fetch(start, len)?);
+        if blocks.len() >= TORCH_BLOCKS_KEPT {
+            blocks.clear();
+        }
+        blocks.insert(start, Arc::clone(&block));
+        Ok(block)
+    }
+}
+
+impl tensorlift_pickle::ReadAt for TorchObject {
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.object.len())
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let end = offset.checked_add(buf.len() as u64).filter(|&end| end <= self.object.len());
+        let Some(end) = end else {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "read past the end"));
+        };
+        if end <= self.head.len() as u64 {
+            buf.copy_from_slice(&self.head[offset as usize..end as usize]);
+            return Ok(());
+        }
+        if buf.len() as u64 > TORCH_BLOCK {
+            buf.copy_from_slice(&self.fetch(offset, buf.len())?);
+            return Ok(());
+        }
+        let (mut at, mut done) = (offset, 0);
+        while done < buf.len() {
+            let start = at / TORCH_BLOCK * TORCH_BLOCK;
+            let block = self.block(start)?;
+            let from = (at - start) as usize;
+            let n = (block.len() - from).min(buf.len() - done);
+            buf[done..done + n].copy_from_slice(&block[from..from + n]);
+            (at, done) = (at + n as u64, done + n);
+        }
+        Ok(())
+    }
 }
 
 /// The first [`HEADER_GUESS`] bytes of a shard (fewer for a smaller one), with its meta.

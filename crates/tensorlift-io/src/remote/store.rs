@@ -186,6 +186,14 @@ impl RemoteObject {
         RemoteObject { shared, location, url, size, e_tag, modified_ns: modified_ns(meta), cache }
     }
 
+    /// An object of which no local copy is made: a PyTorch file, whose tensors need not
+    /// cover every byte, so that a copy made as a load reads it would never be whole (and
+    /// whose local copy the next load could not plan from).
+    pub(crate) fn uncached(shared: Arc<Shared>, location: ObjectPath, url: PathBuf, meta: &ObjectMeta) -> Self {
+        let (size, e_tag) = (meta.size, meta.e_tag.clone());
+        RemoteObject { shared, location, url, size, e_tag, modified_ns: modified_ns(meta), cache: None }
+    }
+
     /// Its URL, which names it in errors.
     pub fn url(&self) -> &Path {
         &self.url

@@ -192,14 +192,60 @@ fn a_bucket_without_an_index_loads_its_shards_in_natural_order() {
     assert_identical(&loader.load_plan_blocking(plan).unwrap(), &truth, "scan");
 }
 
+/// PyTorch files (`torch.save`, zip and legacy layouts) in a bucket: each tensor as the local
+/// load of the same files gives it (itself held to torch's own reading elsewhere), by file
+/// name, by a folder's `pytorch_model.bin`, and through `pytorch_model.bin.index.json`.
 #[test]
-fn remote_loads_refuse_what_needs_a_local_file_by_name() {
+fn pytorch_files_in_a_bucket_load_as_from_a_local_folder() {
     let r = Remote::new();
-    sharded(&r.root);
-    std::fs::write(r.root.join("bucket/model/pytorch_model.bin"), b"PK\x03\x04 not read").unwrap();
+    let fixture = |name: &str| {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tensorlift-pickle/tests/fixtures").join(name)
+    };
+    let put = |from: &str, to: &str| {
+        let to = r.root.join("bucket/torch").join(to);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(fixture(from), to).unwrap();
+    };
+    put("tied.zip.bin", "single/pytorch_model.bin");
+    put("every_dtype.legacy.bin", "legacy/every_dtype.pt");
+    put("every_dtype.zip.bin", "sharded/pytorch_model-00001-of-00002.bin");
+    put("second_shard.zip.bin", "sharded/pytorch_model-00002-of-00002.bin");
+    put("views.zip.bin", "strided/pytorch_model.bin");
+    // The index names every tensor's shard, as transformers writes it.
+    let loader = base().build().unwrap();
+    let first = contents(&loader.load_blocking(fixture("every_dtype.zip.bin")).unwrap());
+    let mut map: serde_json::Map<String, serde_json::Value> =
+        first.keys().map(|k| (k.clone(), "pytorch_model-00001-of-00002.bin".into())).collect();
+    map.insert("extra.weight".into(), "pytorch_model-00002-of-00002.bin".into());
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(r.root.join("bucket/torch/sharded/pytorch_model.bin.index.json"), index.to_string()).unwrap();
     let Some(_s3) = r.s3() else { return };
-    let err = base().build().unwrap().load_blocking("s3://bucket/model/pytorch_model.bin").unwrap_err();
-    assert!(matches!(err, LoadError::Format(FormatError::PyTorchCheckpoint { .. })), "{err:?}");
+    for (url, local) in [
+        ("s3://bucket/torch/single", "single"),
+        ("s3://bucket/torch/single/pytorch_model.bin", "single/pytorch_model.bin"),
+        ("s3://bucket/torch/legacy/every_dtype.pt", "legacy/every_dtype.pt"),
+        ("s3://bucket/torch/sharded", "sharded"),
+        ("s3://bucket/torch/sharded/pytorch_model.bin.index.json", "sharded"),
+    ] {
+        let want = contents(&loader.load_blocking(r.root.join("bucket/torch").join(local)).unwrap());
+        let model = loader.load_blocking(url).unwrap();
+        assert!(want.len() > 1, "{url}");
+        assert_eq!(contents(&model), want, "{url}");
+        let s = model.stats();
+        assert_eq!((s.remote_shards, s.direct_shards, s.buffered_shards), (s.shards, 0, 0), "{url}");
+    }
+    // Converted as it lands, as from local disk.
+    let f32s = base().convert_to(Dtype::F32).build().unwrap();
+    let want = contents(&f32s.load_blocking(r.root.join("bucket/torch/sharded")).unwrap());
+    assert_eq!(contents(&f32s.load_blocking("s3://bucket/torch/sharded").unwrap()), want);
+    // What a local load refuses, a remote one refuses alike.
+    let err = loader.load_blocking("s3://bucket/torch/strided").unwrap_err().to_string();
+    assert!(err.contains("tensor 'transposed' is a strided view"), "{err}");
+    std::env::set_var("TENSORLIFT_USE_SAFETENSORS", "1");
+    let refused = loader.load_blocking("s3://bucket/torch/single").unwrap_err();
+    std::env::remove_var("TENSORLIFT_USE_SAFETENSORS");
+    assert!(matches!(refused, LoadError::Format(FormatError::PyTorchCheckpoint { .. })), "{refused:?}");
+    assert!(refused.to_string().contains("safetensors only"), "{refused}");
 }
 
 #[test]
