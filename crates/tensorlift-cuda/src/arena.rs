@@ -1,7 +1,8 @@
 //! Device memory: one allocation per load, freed when the last holder drops it.
 
-use cudarc::driver::{sys, CudaSlice, DevicePtr, DeviceRepr};
+use cudarc::driver::{sys, CudaSlice, DevicePtrMut, DeviceRepr};
 
+use crate::device::Current;
 use crate::error::{check, Call};
 use crate::{CudaError, Gpu};
 
@@ -33,21 +34,29 @@ impl LentMemory {
     }
 
     /// Lends a cudarc allocation (a framework's storage: candle's CUDA tensors are
-    /// `CudaSlice`s). Safe, unlike [`LentMemory::new`]: the slice owns its memory, and once
-    /// it is moved here nothing but tensorlift can reach that memory until it is handed back
-    /// ([`LentMemory::into_owner`], `tensorlift::place::DeviceBuffer::into_inner`).
+    /// `CudaSlice`s). Safe, unlike [`LentMemory::new`]: the slice owns its memory, it is moved
+    /// here, and it comes back only once tensorlift is done with it
+    /// ([`LentMemory::into_owner`], [`DeviceArena::into_owner`],
+    /// `tensorlift::place::DeviceBuffer::into_inner`). Its elements are plain data
+    /// (`bytemuck::Pod`): whatever bytes a load writes there are valid values.
     ///
-    /// Waits for the slice's stream first: the allocation (stream-ordered where the device
-    /// has memory pools) and whatever was queued before it (a zeroing) are done before
-    /// tensorlift's copies, on its own streams, write there. Which device the slice is on is
-    /// checked when a load first uses it.
-    pub fn from_cuda_slice<T: DeviceRepr + Send + Sync + 'static>(
-        slice: CudaSlice<T>,
+    /// Everything cudarc has queued that uses the slice is waited for first: the allocation
+    /// (stream-ordered where the device has memory pools), what was queued on its stream
+    /// before (a zeroing), and, where cudarc tracks the slice's uses across streams, reads
+    /// and writes on other streams. Then nothing but tensorlift's copies, on its own streams,
+    /// touches the memory. Which device and context the memory belongs to is checked when a
+    /// load first uses it ([`DeviceArena::lent`]). The calling thread's current context is
+    /// left as it was.
+    pub fn from_cuda_slice<T: DeviceRepr + bytemuck::Pod + Send + Sync>(
+        mut slice: CudaSlice<T>,
     ) -> Result<LentMemory, CudaError> {
+        // cudarc binds the slice's context to this thread: the caller's comes back after.
+        let _restore = Current::save();
         let stream = std::sync::Arc::clone(slice.stream());
+        // Asking for the pointer to write makes the slice's stream wait for its tracked uses
+        // on other streams; the guard records this write there when it drops, at once.
+        let ptr = slice.device_ptr_mut(&stream).0;
         stream.synchronize().call("cuStreamSynchronize")?;
-        // The guard records a read on the slice's stream when it drops: nothing is pending.
-        let ptr = slice.device_ptr(&stream).0;
         Ok(LentMemory { ptr, len: slice.num_bytes(), owner: Box::new(slice) })
     }
 
@@ -84,8 +93,8 @@ pub struct DeviceArena {
 enum Backing {
     /// tensorlift's `cuMemAlloc`, freed when the arena drops.
     Allocated,
-    /// A caller's: what keeps it allocated, dropped instead of a free (`None` once handed
-    /// back by [`DeviceArena::take_owner`]).
+    /// A caller's: what keeps it allocated, dropped instead of a free (`None` while
+    /// [`DeviceArena::into_owner`] hands it back).
     Lent(Option<Box<dyn std::any::Any + Send + Sync>>),
 }
 
@@ -116,11 +125,17 @@ impl DeviceArena {
 
     /// An arena over device memory a caller lent ([`LentMemory`]), for loads to place
     /// tensors in. The driver is asked what the address is: memory that is not one
-    /// allocation of `gpu` covering the whole range is refused. The memory's owner is kept
+    /// allocation of `gpu` covering the whole range, or that belongs to another context
+    /// than `gpu`'s (its primary context; memory of no one context, such as memory-pool
+    /// allocations, is the device's), is refused, and its owner dropped. The owner is kept
     /// until the arena drops, and dropped then instead of a free.
     pub fn lent(gpu: &Gpu, memory: LentMemory) -> Result<DeviceArena, CudaError> {
         let LentMemory { ptr, len, owner } = memory;
-        let _restore = gpu.enter()?;
+        // Dropped last: a refused owner's drop (a CudaSlice binds its context) comes before
+        // the caller's context is restored.
+        let _restore = Current::save();
+        let owner = owner;
+        let _enter = gpu.enter()?;
         let foreign = |why: String| CudaError::Foreign(format!("{ptr:#x} + {len} bytes: {why}"));
         let attribute = |attr: sys::CUpointer_attribute, out: *mut std::ffi::c_void| {
             // SAFETY: `out` points at a value of the type the attribute writes (below).
@@ -142,6 +157,15 @@ impl DeviceArena {
         if usize::try_from(ordinal).ok() != Some(gpu.ordinal()) {
             return Err(foreign(format!("on device {ordinal}, not cuda:{}", gpu.ordinal())));
         }
+        let mut context: sys::CUcontext = std::ptr::null_mut();
+        attribute(sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_CONTEXT, (&raw mut context).cast())
+            .map_err(|e| foreign(format!("its context is unknown ({e})")))?;
+        if !context.is_null() && context != gpu.context().cu_ctx() {
+            return Err(foreign(format!(
+                "allocated in another context than cuda:{}'s primary context, where the load's copies run",
+                gpu.ordinal()
+            )));
+        }
         let end = ptr.checked_add(len as u64).ok_or_else(|| foreign("overflows".into()))?;
         if end > start + size as u64 {
             return Err(foreign(format!("its allocation ends at {:#x}", start + size as u64)));
@@ -149,15 +173,15 @@ impl DeviceArena {
         Ok(DeviceArena { gpu: gpu.clone(), ptr, len, backing: Backing::Lent(Some(owner)) })
     }
 
-    /// For lent memory, its owner back (once: `None` after, and for tensorlift's own
-    /// allocations). The caller must know that no copy into the memory is still running:
-    /// the engine holds an arena until its copies have completed, so an arena no one else
-    /// holds has none.
-    pub fn take_owner(&mut self) -> Option<Box<dyn std::any::Any + Send + Sync>> {
-        match &mut self.backing {
+    /// For lent memory, its owner back, the arena consumed; tensorlift's own allocations
+    /// come back as `Err`. An arena that is the caller's alone has no copy into it running:
+    /// the copy engine holds an arena until the copies into it have completed.
+    pub fn into_owner(mut self) -> Result<Box<dyn std::any::Any + Send + Sync>, DeviceArena> {
+        let owner = match &mut self.backing {
             Backing::Lent(owner) => owner.take(),
             Backing::Allocated => None,
-        }
+        };
+        owner.ok_or(self)
     }
 
     /// The device address of byte 0.
@@ -217,8 +241,11 @@ impl DeviceArena {
 
 impl Drop for DeviceArena {
     fn drop(&mut self) {
-        if let Backing::Lent(_) = self.backing {
-            // Lent memory goes back to its owner, with the owner's value.
+        if let Backing::Lent(owner) = &mut self.backing {
+            // Lent memory goes back to its owner, with the owner's value; an owner's drop (a
+            // CudaSlice's free) may bind its context to this thread, whose own comes back.
+            let _restore = Current::save();
+            drop(owner.take());
             return;
         }
         if let Ok(_restore) = self.gpu.enter_for_release() {

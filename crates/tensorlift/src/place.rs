@@ -148,9 +148,17 @@ impl DeviceBuffer {
     /// was dropped then.
     pub fn into_inner(mut self) -> Result<Box<dyn Any + Send + Sync>, DeviceBuffer> {
         let Some(inner) = Arc::get_mut(&mut self.0) else { return Err(self) };
-        let owner = match inner.arena.get_mut() {
+        let owner = match inner.arena.take() {
             // A load made the arena; the load's engine holds it until its copies complete.
-            Some(arena) => Arc::get_mut(arena).and_then(|a| a.take_owner()),
+            Some(arena) => match Arc::try_unwrap(arena) {
+                Ok(arena) => arena.into_owner().map_err(Arc::new),
+                Err(shared) => Err(shared),
+            }
+            .map_err(|arena| {
+                // Still in use (or not lent): the buffer keeps it.
+                let _ = inner.arena.set(arena);
+            })
+            .ok(),
             None => inner.memory.get_mut().unwrap_or_else(|p| p.into_inner()).take().map(LentMemory::into_owner),
         };
         owner.ok_or(self)

@@ -621,6 +621,7 @@ pub unsafe extern "C" fn cuMemcpyDtoH_v2(dst: *mut c_void, src: CUdeviceptr, len
     with_device(src, len, |d| dst.copy_from_slice(d)).map_or(INVALID_VALUE, |()| SUCCESS)
 }
 
+const POINTER_ATTRIBUTE_CONTEXT: c_int = 1;
 const POINTER_ATTRIBUTE_MEMORY_TYPE: c_int = 2;
 const POINTER_ATTRIBUTE_DEVICE_ORDINAL: c_int = 9;
 const POINTER_ATTRIBUTE_RANGE_START_ADDR: c_int = 11;
@@ -650,6 +651,11 @@ pub unsafe extern "C" fn cuPointerGetAttribute(data: *mut c_void, attribute: c_i
         POINTER_ATTRIBUTE_RANGE_START_ADDR => unsafe { put(data.cast::<CUdeviceptr>(), base) },
         // SAFETY: as above.
         POINTER_ATTRIBUTE_RANGE_SIZE => unsafe { put(data.cast::<usize>(), size) },
+        // Memory is allocated in its device's primary context, the one context a device has.
+        // SAFETY: as above.
+        POINTER_ATTRIBUTE_CONTEXT => unsafe {
+            put(data.cast::<*mut c_void>(), (CONTEXT + device as usize * CONTEXT_STRIDE) as *mut c_void)
+        },
         _ => INVALID_VALUE,
     }
 }
@@ -1276,6 +1282,10 @@ impl Event {
         s.0 += 1;
         s.0
     }
+    /// Generations complete in order: a record reached completes the earlier ones too. (An
+    /// event recorded again on a faster stream before an earlier record has run so
+    /// completes that one early, looser than the driver; tensorlift records each event on
+    /// one stream.)
     fn complete(&self, generation: u64) {
         let mut s = lock(&self.state);
         s.1 = s.1.max(generation);
@@ -1326,15 +1336,20 @@ pub extern "C" fn cuEventDestroy_v2(handle: *mut c_void) -> CUresult {
 #[no_mangle]
 pub extern "C" fn cuEventRecord(handle: *mut c_void, stream_handle: *mut c_void) -> CUresult {
     let Some(e) = event(handle) else { return INVALID_HANDLE };
-    let generation = e.bump();
     if stream_handle.is_null() {
+        let generation = e.bump();
         e.complete(generation);
         return SUCCESS;
     }
-    match stream(stream_handle) {
-        Some(s) => s.push(Op::Record { event: e, generation }),
-        None => INVALID_HANDLE,
+    // The stream first: a record refused leaves the event as it was, so that no wait queued
+    // after it waits for a record that never runs.
+    let Some(s) = stream(stream_handle) else { return INVALID_HANDLE };
+    let generation = e.bump();
+    let r = s.push(Op::Record { event: Arc::clone(&e), generation });
+    if r != SUCCESS {
+        e.complete(generation);
     }
+    r
 }
 
 #[no_mangle]

@@ -73,6 +73,12 @@ impl Lent {
         let inner = self.buffer.into_inner().map_err(|_| still_in_use(name))?;
         with_vec_type!(dtype, T => {
             let slice = inner.downcast::<CudaSlice<T>>().map_err(|_| changed_type(name))?;
+            // candle's kernels trust the shape over the storage: they must agree.
+            let elements = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+            if elements != Some(slice.len()) {
+                let msg = format!("{} elements of memory for shape {shape:?}", slice.len());
+                return Err(CandleError::Candle { tensor: name.to_owned(), source: candle_core::Error::Msg(msg) });
+            }
             let storage = CudaStorage::wrap_cuda_slice(*slice, self.device);
             Ok(candle_core::Tensor::from_storage(Storage::Cuda(storage), shape.to_vec(), BackpropOp::none(), false))
         }, _ => Err(CandleError::Unsupported { tensor: name.to_owned(), dtype }))

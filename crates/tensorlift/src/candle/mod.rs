@@ -293,8 +293,9 @@ fn load_lending(
     let model = loader.load_blocking(path)?;
     let stats = model.stats().clone();
     let handover = if host || cuda.is_some() { Handover::Moved } else { Handover::CopiedFromDevice };
-    // Tensors not lent memory (raw-byte types, empty ones) are copied once, to where the
-    // others are.
+    // Tensors not lent memory (raw-byte types, empty ones) go where the others are: from
+    // host memory (one copy), or for a CUDA load back from the device and then to candle's
+    // device (two; they are rare).
     let device = cuda.map_or(candle_core::Device::Cpu, cuda::device);
     let mut lent = std::mem::take(&mut *lent.lock().unwrap_or_else(|p| p.into_inner()));
     let mut tensors = HashMap::with_capacity(model.len());

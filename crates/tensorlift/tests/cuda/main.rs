@@ -752,15 +752,19 @@ fn cudarc_slices_lent_to_a_load_come_back_with_the_files_bytes() {
     let ctx = CudaContext::new(0).unwrap();
     let stream = ctx.new_stream().unwrap();
     let f32s = |n: usize| LentMemory::from_cuda_slice(stream.alloc_zeros::<f32>(n).unwrap()).unwrap();
-    let lent: BTreeMap<&str, DeviceBuffer> = [
-        ("w", f32s(128)),
+    let mut lent = vec![
         ("m", f32s(4 * 7)),
         ("h", f32s(33)),
         ("ids", LentMemory::from_cuda_slice(stream.alloc_zeros::<i64>(9).unwrap()).unwrap()),
-    ]
-    .into_iter()
-    .map(|(name, memory)| (name, DeviceBuffer::new(Device::Cuda(0), memory)))
-    .collect();
+    ];
+    // Last, a slice last written on another of the framework's streams (cudarc tracks it
+    // with events): that write too must be done before the load's copies.
+    let other = ctx.new_stream().unwrap();
+    let mut w = stream.alloc_zeros::<f32>(128).unwrap();
+    other.memset_zeros(&mut w).unwrap();
+    lent.push(("w", LentMemory::from_cuda_slice(w).unwrap()));
+    let lent: BTreeMap<&str, DeviceBuffer> =
+        lent.into_iter().map(|(name, memory)| (name, DeviceBuffer::new(Device::Cuda(0), memory))).collect();
     let ptrs: BTreeMap<&str, u64> = lent.iter().map(|(n, b)| (*n, b.device_ptr())).collect();
     let bufs = lent.clone();
     let rule = move |t: &TensorRequest<'_>| -> Result<Option<Destination>, String> {
@@ -798,7 +802,13 @@ fn cudarc_slices_lent_to_a_load_come_back_with_the_files_bytes() {
     let ids = back(lent.remove("ids").unwrap()).downcast::<CudaSlice<i64>>().unwrap();
     let ids: Vec<u8> = stream.clone_dtoh(&*ids).unwrap().iter().flat_map(|x| x.to_le_bytes()).collect();
     assert!(ids == full["ids"]);
-    drop((w, m, h, stream, ctx));
+    // An arena of lent memory gives its owner back; one of tensorlift's own has none.
+    let gpu = tensorlift_cuda::Gpu::open(0).unwrap();
+    let lent = LentMemory::from_cuda_slice(stream.alloc_zeros::<u32>(64).unwrap()).unwrap();
+    let arena = tensorlift_cuda::DeviceArena::lent(&gpu, lent).unwrap();
+    assert_eq!(arena.into_owner().unwrap().downcast::<CudaSlice<u32>>().unwrap().len(), 64);
+    assert!(tensorlift_cuda::DeviceArena::new(&gpu, 64).unwrap().into_owner().is_err());
+    drop((w, m, h, gpu, other, stream, ctx));
 }
 
 /// Two shards of several 4 KiB chunks, with SHA256SUMS written by coreutils' `sha256sum`.
