@@ -993,13 +993,13 @@ pub fn open_pytorch(path: &Path, limits: &PlanLimits) -> Result<PyTorchFiles, Fo
     Ok(out)
 }
 
-/// `len` bytes at `offset`, into memory allocated fallibly.
 /// A PyTorch checkpoint (`torch.save`) of `len` bytes in `src` (a local file, a remote
 /// object), read by tensorlift-pickle without executing anything: a header whose tensors
 /// are the state_dict's, each a byte range of its storage in the file, and whose "header
 /// bytes" are everything before the first tensor (the zip's directory entries and the
 /// pickle), hashed like a safetensors header so that a load notices a changed file. The
-/// pickle and the header bytes are spent against the plan's header budget (`spent` so far).
+/// pickle may take what is left of the plan's header budget (`spent` so far), and the
+/// header bytes are spent against it.
 pub(crate) fn torch_header<R: tensorlift_pickle::ReadAt + ?Sized>(
     src: &R,
     path: &Path,
@@ -1065,6 +1065,7 @@ pub(crate) fn torch_header<R: tensorlift_pickle::ReadAt + ?Sized>(
     Ok((header, tensorlift_format::header_hash(&bytes)))
 }
 
+/// `len` bytes at `offset`, into memory allocated fallibly.
 fn read_exact_at(
     file: &File,
     path: &Path,

@@ -273,9 +273,15 @@ async fn list_safetensors(place: &Place, limits: &PlanLimits) -> Result<(Vec<Str
         }
         match meta.location.filename() {
             Some(n) if n.ends_with(".safetensors") => names.push(n.to_owned()),
-            // The names kept are bounded as the shards are.
-            Some(n) if (n.ends_with(".bin") || n == TORCH_INDEX) && torch.len() < limits.max_shards => {
+            // The names a local folder counts as PyTorch files, bounded as the shards are.
+            Some(n) if [".bin", ".pt", ".pth", ".bin.index.json"].iter().any(|x| n.ends_with(x)) => {
                 torch.push(n.to_owned());
+                if torch.len() > limits.max_shards {
+                    return Err(too_many(
+                        root(),
+                        format!("more than {} PyTorch files (PlanLimits::max_shards)", limits.max_shards),
+                    ));
+                }
             }
             _ => {}
         }
@@ -300,14 +306,25 @@ async fn shards(
     names: Vec<(String, Vec<String>)>,
     limits: &PlanLimits,
 ) -> Result<Checkpoint, FormatError> {
-    let mut fetches = futures_util::stream::iter(names.into_iter().map(|(name, spellings)| async move {
-        let (location, url) = place.child(&name).map_err(|e| FormatError::ShardUnreadable {
-            file: context.to_path_buf(),
-            shard: name.clone(),
-            source: e,
-        })?;
-        let first = first_bytes(place, &location, &url, context, &name).await?;
-        Ok::<_, FormatError>((name, spellings, location, url, first))
+    // Each fetch is a task of its own, so that it completes (and its request's timeout does
+    // not run out) while an earlier PyTorch file is planned, which takes a while.
+    let mut fetches = futures_util::stream::iter(names.into_iter().map(|(name, spellings)| {
+        let (place, file) = (place.clone(), context.to_path_buf());
+        let context = file.clone();
+        let task = tokio::spawn(async move {
+            let (location, url) = place.child(&name).map_err(|e| FormatError::ShardUnreadable {
+                file: context.clone(),
+                shard: name.clone(),
+                source: e,
+            })?;
+            let first = first_bytes(&place, &location, &url, &context, &name).await?;
+            Ok::<_, FormatError>((name, spellings, location, url, first))
+        });
+        async move {
+            task.await.unwrap_or_else(|e| {
+                Err(FormatError::Io { file, source: io::Error::other(format!("planning a shard failed: {e}")) })
+            })
+        }
     }))
     .buffered(HEADER_FETCHES);
     let mut header_bytes = 0u64;
@@ -362,12 +379,24 @@ async fn torch(
     spent: &mut u64,
     context: &Path,
 ) -> Result<(tensorlift_format::Header, u64), FormatError> {
-    let reader = TorchObject { object: Arc::clone(object), head, blocks: std::sync::Mutex::default() };
+    let reader = TorchObject {
+        object: Arc::clone(object),
+        head,
+        blocks: std::sync::Mutex::default(),
+        gets: std::sync::atomic::AtomicUsize::new(0),
+        failed: std::sync::Mutex::new(None),
+    };
     let (limits, context, mut left) = (limits.clone(), context.to_path_buf(), *spent);
     let read = tokio::task::spawn_blocking(move || {
         let url = reader.object.url().to_path_buf();
         let header = torch_header(&reader, &url, reader.object.len(), &limits, &mut left, &context);
-        header.map(|h| (h, left))
+        // The pickle reader names a read that failed as a flaw of the file: a failed GET (a
+        // changed object, a server that gave up) is said as what it was.
+        let failed = reader.failed.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match (header, failed) {
+            (Err(_), Some(source)) => Err(FormatError::Io { file: url, source }),
+            (header, _) => header.map(|h| (h, left)),
+        }
     });
     let (header, now) = read.await.map_err(|e| FormatError::Io {
         file: object.url().to_path_buf(),
@@ -381,22 +410,40 @@ async fn torch(
 /// directory, each record's header) and a few large ones (the pickle). Small reads come from
 /// blocks of [`TORCH_BLOCK`] bytes, fetched once by a ranged GET each and kept (a few
 /// hundred, then dropped all at once), large ones by a GET of their own; every GET is
-/// checked against the object as planned (its ETag, its length). Each read waits for its
-/// GET: it runs on a blocking thread.
+/// checked against the object as planned (its ETag, its length), and there are at most
+/// [`RemoteOptions::pytorch_reads`](crate::RemoteOptions::pytorch_reads): a zip archive
+/// takes about one a record whose data lies more than a block from the last (a few hundred
+/// for the largest models). Each read waits for its GET: it runs on a blocking thread.
 struct TorchObject {
     object: Arc<RemoteObject>,
     head: Vec<u8>,
     blocks: std::sync::Mutex<std::collections::HashMap<u64, Arc<Vec<u8>>>>,
+    gets: std::sync::atomic::AtomicUsize,
+    /// The first GET that failed, as it failed.
+    failed: std::sync::Mutex<Option<io::Error>>,
 }
 
 impl TorchObject {
     /// `len` bytes at `offset`, by one ranged GET.
     fn fetch(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let fail = |e: io::Error| {
+            let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+            let said = io::Error::new(e.kind(), e.to_string());
+            failed.get_or_insert(e);
+            said
+        };
+        let most = self.object.options().pytorch_reads;
+        if self.gets.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= most {
+            return Err(fail(io::Error::other(format!(
+                "planning this PyTorch file takes more than {most} reads (about one a record; \
+                 RemoteOptions::pytorch_reads): convert it to safetensors (`tensorlift convert`) or download it"
+            ))));
+        }
         let mut buf = Vec::new();
         buf.try_reserve_exact(len).map_err(|_| io::Error::new(io::ErrorKind::OutOfMemory, format!("{len} bytes")))?;
         buf.resize(len, 0);
         crate::block_on(crate::remote::read_object(&self.object, offset, buf, 0, len))
-            .map_err(|failed| io::Error::other(failed.error))
+            .map_err(|failed| fail(io::Error::other(failed.error)))
     }
 
     /// The block that starts at `start`.

@@ -2,10 +2,11 @@
 //! `abfs://`), `http://` and `https://`.
 //!
 //! A remote checkpoint is planned like a local one (by `remote_plan`, which
-//! [`open_checkpoint`](crate::open_checkpoint) sends such a path to): its index, or the `*.safetensors` objects under the prefix, then
-//! each shard's header by ranged GETs (the first 64 KiB at once, then the
-//! rest where the header is longer), validated by the same parser under the same
-//! [`PlanLimits`](crate::PlanLimits). A load then reads each shard's byte ranges by
+//! [`open_checkpoint`](crate::open_checkpoint) sends such a path to): its index, or the `*.safetensors` objects under the prefix (else
+//! its PyTorch files), then each shard's header by ranged GETs (the first 64 KiB at once,
+//! then the rest where the header is longer; a PyTorch file's zip directory, record headers
+//! and pickle by as many as the pickle reader asks for, bounded), validated by the same
+//! parser under the same [`PlanLimits`](crate::PlanLimits). A load then reads each shard's byte ranges by
 //! concurrent ranged GETs ([`read_object`]) whose bodies are written straight into the
 //! buffers the load lends: its final host memory, or its pinned staging chunks.
 //!

@@ -32,6 +32,11 @@ pub struct RemoteOptions {
     /// store says they are unchanged (length, and ETag or modification time). A copy is
     /// kept only of shards a load read whole.
     pub cache_dir: Option<std::sync::Arc<Path>>,
+    /// Ranged reads the planning of one PyTorch file (`.bin`, `.pt`) may make (default
+    /// 4,096): about one a record of its zip archive. A file that needs more is refused (say
+    /// to convert it to safetensors), so that a hostile object stating a million records
+    /// cannot take a million round trips.
+    pub pytorch_reads: usize,
 }
 
 impl Default for RemoteOptions {
@@ -43,6 +48,7 @@ impl Default for RemoteOptions {
             timeout: Duration::from_secs(60),
             retry_window: Duration::from_secs(180),
             cache_dir: None,
+            pytorch_reads: 4096,
         }
     }
 }

@@ -241,11 +241,67 @@ fn pytorch_files_in_a_bucket_load_as_from_a_local_folder() {
     // What a local load refuses, a remote one refuses alike.
     let err = loader.load_blocking("s3://bucket/torch/strided").unwrap_err().to_string();
     assert!(err.contains("tensor 'transposed' is a strided view"), "{err}");
+    // The stores read the environment too: this test holds the lock on it (`Remote`).
+    struct Unset;
+    impl Drop for Unset {
+        fn drop(&mut self) {
+            std::env::remove_var("TENSORLIFT_USE_SAFETENSORS");
+        }
+    }
+    let unset = Unset;
     std::env::set_var("TENSORLIFT_USE_SAFETENSORS", "1");
     let refused = loader.load_blocking("s3://bucket/torch/single").unwrap_err();
-    std::env::remove_var("TENSORLIFT_USE_SAFETENSORS");
+    drop(unset);
     assert!(matches!(refused, LoadError::Format(FormatError::PyTorchCheckpoint { .. })), "{refused:?}");
     assert!(refused.to_string().contains("safetensors only"), "{refused}");
+}
+
+/// A PyTorch file written by torch itself, large enough that planning goes past the first
+/// GET: a pickle longer than it, a zip directory longer than a block, record headers each in
+/// a block of its own. Each tensor holds the values torch was given. And a file of more
+/// records than planning may take GETs for is refused, saying why.
+#[test]
+fn a_large_pytorch_file_is_planned_by_ranged_gets_and_bounded() {
+    let r = Remote::new();
+    let dir = r.root.join("bucket/large");
+    std::fs::create_dir_all(&dir).unwrap();
+    let save = |path: &std::path::Path, n: usize, cols: usize| {
+        let script = format!(
+            "import sys, torch\n\
+             sd = {{f'model.layers.{{i}}.self_attn.a_projection_whose_name_is_long_enough_that_the_pickle_\
+             of_three_hundred_of_them_outgrows_the_first_get.weight': \
+             torch.arange(i, i + 32 * {cols}, dtype=torch.float32).reshape(32, {cols}) for i in range({n})}}\n\
+             torch.save(sd, sys.argv[1])"
+        );
+        let out = std::process::Command::new("python3").args(["-c", &script]).arg(path).output().unwrap();
+        assert!(out.status.success(), "torch writes the file: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    // 300 records of 20 KiB: a block each.
+    save(&dir.join("pytorch_model.bin"), 300, 160);
+    let (pickle, archive) = {
+        let bytes = std::fs::read(dir.join("pytorch_model.bin")).unwrap();
+        let at = |name: &[u8]| bytes.windows(name.len()).position(|w| w == name).unwrap();
+        (at(b"data/0"), bytes.len())
+    };
+    assert!(pickle > 64 << 10, "the pickle ({pickle} bytes) must outgrow the first GET ({archive} bytes)");
+    let Some(_s3) = r.s3() else { return };
+    let model = base().build().unwrap().load_blocking("s3://bucket/large").unwrap();
+    assert_eq!(model.len(), 300);
+    for i in [0usize, 1, 150, 299] {
+        let name = format!(
+            "model.layers.{i}.self_attn.a_projection_whose_name_is_long_enough_that_the_pickle_\
+             of_three_hundred_of_them_outgrows_the_first_get.weight"
+        );
+        let t = model.get(&name).unwrap_or_else(|| panic!("{name}"));
+        let want: Vec<u8> = (0..32 * 160).flat_map(|k| ((i + k) as f32).to_le_bytes()).collect();
+        assert_eq!(t.shape(), &[32, 160]);
+        assert!(t.to_host().unwrap().as_ref() == want.as_slice(), "tensor {i}");
+    }
+    // More records than planning may GET: refused, naming the way out.
+    let mut few = crate::quick();
+    few.pytorch_reads = 100;
+    let err = base().remote(few).build().unwrap().load_blocking("s3://bucket/large").unwrap_err().to_string();
+    assert!(err.contains("more than 100 reads") && err.contains("tensorlift convert"), "{err}");
 }
 
 #[test]
