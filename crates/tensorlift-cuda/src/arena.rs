@@ -130,11 +130,10 @@ impl DeviceArena {
     /// allocations, is the device's), is refused, and its owner dropped. The owner is kept
     /// until the arena drops, and dropped then instead of a free.
     pub fn lent(gpu: &Gpu, memory: LentMemory) -> Result<DeviceArena, CudaError> {
-        let LentMemory { ptr, len, owner } = memory;
         // Dropped last: a refused owner's drop (a CudaSlice binds its context) comes before
         // the caller's context is restored.
         let _restore = Current::save();
-        let owner = owner;
+        let LentMemory { ptr, len, owner } = memory;
         let _enter = gpu.enter()?;
         let foreign = |why: String| CudaError::Foreign(format!("{ptr:#x} + {len} bytes: {why}"));
         let attribute = |attr: sys::CUpointer_attribute, out: *mut std::ffi::c_void| {

@@ -376,6 +376,21 @@ pub const USE_SAFETENSORS_ENV: &str = "TENSORLIFT_USE_SAFETENSORS";
 pub const TORCH_INDEX: &str = "pytorch_model.bin.index.json";
 /// A single-file PyTorch checkpoint, as the hub names it.
 pub const TORCH_SINGLE: &str = "pytorch_model.bin";
+/// Whether a folder entry is a PyTorch file or index, as a folder without safetensors is
+/// scanned for them (locally and in a store).
+pub(crate) fn is_torch_entry(name: &str) -> bool {
+    [".bin", ".pt", ".pth", ".bin.index.json"].iter().any(|x| name.ends_with(x))
+}
+
+/// A folder holding PyTorch files (`first` of them) but none of the hub's weights names:
+/// other pickles (`training_args.bin`) are not weights.
+pub(crate) fn no_torch_weights(first: PathBuf) -> FormatError {
+    FormatError::PyTorchCheckpoint {
+        file: first,
+        layout: "the folder holds PyTorch files but neither pytorch_model.bin nor its index, and no .safetensors files",
+    }
+}
+
 pub(crate) const SAFETENSORS_ONLY: &str = "TENSORLIFT_USE_SAFETENSORS=1 asks for safetensors only";
 
 pub(crate) fn safetensors_only() -> bool {
@@ -628,7 +643,7 @@ impl<'a> Planner<'a> {
             let Ok(name) = entry.map_err(io_err)?.file_name().into_string() else { continue };
             if name.ends_with(".safetensors") {
                 names.push(name);
-            } else if [".bin", ".pt", ".pth", ".bin.index.json"].iter().any(|x| name.ends_with(x)) {
+            } else if is_torch_entry(&name) {
                 pytorch.push(name);
             }
         }
@@ -650,10 +665,7 @@ impl<'a> Planner<'a> {
             if pytorch.iter().any(|n| n == TORCH_SINGLE) {
                 names.push(TORCH_SINGLE.to_owned());
             } else {
-                return Err(FormatError::PyTorchCheckpoint {
-                    file: root.join(first),
-                    layout: "the folder holds PyTorch files but neither pytorch_model.bin nor its index, and no .safetensors files",
-                });
+                return Err(no_torch_weights(root.join(first)));
             }
         }
         let mut added = Vec::with_capacity(names.len());

@@ -15,8 +15,9 @@ use tensorlift_format::{
 };
 
 use crate::checkpoint::{
-    assemble, header_fits, index_fits, index_shards, open_local, safetensors_only, spend_header_budget, torch_header,
-    Checkpoint, HeaderWork, Pending, PlanLimits, Quiet, SAFETENSORS_ONLY, TORCH_INDEX, TORCH_SINGLE,
+    assemble, header_fits, index_fits, index_shards, is_torch_entry, no_torch_weights, open_local, safetensors_only,
+    spend_header_budget, torch_header, Checkpoint, HeaderWork, Pending, PlanLimits, Quiet, SAFETENSORS_ONLY,
+    TORCH_INDEX, TORCH_SINGLE,
 };
 use crate::remote::cache;
 use crate::remote::get::{body, body_into, RemoteFolder};
@@ -185,26 +186,23 @@ async fn plan(place: Place, named: Named, limits: PlanLimits) -> Result<Checkpoi
             let (names, torch) = list_safetensors(&place, &limits).await?;
             let root = PathBuf::from(&place.url);
             if names.is_empty() {
-                // Where there are no safetensors, the hub's PyTorch names, as in a local folder.
-                let first = torch.first().map(|n| root.join(n));
-                if let Some(file) = first.filter(|_| safetensors_only()) {
-                    return Err(FormatError::PyTorchCheckpoint { file, layout: SAFETENSORS_ONLY });
+                // Where there are no safetensors, the hub's PyTorch names, as in a local folder:
+                // its index (while it is there), else its single file.
+                let Some(first) = torch.first().map(|n| root.join(n)) else {
+                    return Err(FormatError::NoShards { file: root });
+                };
+                if safetensors_only() {
+                    return Err(FormatError::PyTorchCheckpoint { file: first, layout: SAFETENSORS_ONLY });
                 }
                 if torch.iter().any(|n| n == TORCH_INDEX) {
-                    let index =
-                        fetch_index(&place, TORCH_INDEX).await?.ok_or_else(|| not_found(&place, TORCH_INDEX))?;
-                    return plan_index(&place, TORCH_INDEX, index, &limits).await;
+                    if let Some(index) = fetch_index(&place, TORCH_INDEX).await? {
+                        return plan_index(&place, TORCH_INDEX, index, &limits).await;
+                    }
                 }
                 if torch.iter().any(|n| n == TORCH_SINGLE) {
                     return shards(&place, &root, None, vec![(TORCH_SINGLE.to_owned(), Vec::new())], &limits).await;
                 }
-                return Err(match torch.first() {
-                    Some(name) => FormatError::PyTorchCheckpoint {
-                        file: root.join(name),
-                        layout: "the folder holds PyTorch files but neither pytorch_model.bin nor its index, and no .safetensors files",
-                    },
-                    None => FormatError::NoShards { file: root },
-                });
+                return Err(no_torch_weights(first));
             }
             let names = names.into_iter().map(|n| (n, Vec::new())).collect();
             shards(&place, &root, None, names, &limits).await
@@ -274,7 +272,7 @@ async fn list_safetensors(place: &Place, limits: &PlanLimits) -> Result<(Vec<Str
         match meta.location.filename() {
             Some(n) if n.ends_with(".safetensors") => names.push(n.to_owned()),
             // The names a local folder counts as PyTorch files, bounded as the shards are.
-            Some(n) if [".bin", ".pt", ".pth", ".bin.index.json"].iter().any(|x| n.ends_with(x)) => {
+            Some(n) if is_torch_entry(n) => {
                 torch.push(n.to_owned());
                 if torch.len() > limits.max_shards {
                     return Err(too_many(

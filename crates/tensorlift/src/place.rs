@@ -150,15 +150,19 @@ impl DeviceBuffer {
         let Some(inner) = Arc::get_mut(&mut self.0) else { return Err(self) };
         let owner = match inner.arena.take() {
             // A load made the arena; the load's engine holds it until its copies complete.
-            Some(arena) => match Arc::try_unwrap(arena) {
-                Ok(arena) => arena.into_owner().map_err(Arc::new),
-                Err(shared) => Err(shared),
-            }
-            .map_err(|arena| {
-                // Still in use (or not lent): the buffer keeps it.
-                let _ = inner.arena.set(arena);
-            })
-            .ok(),
+            Some(arena) => match Arc::try_unwrap(arena).map(tensorlift_cuda::DeviceArena::into_owner) {
+                Ok(Ok(owner)) => Some(owner),
+                // Still in use: the buffer keeps it.
+                Err(shared) => {
+                    let _ = inner.arena.set(shared);
+                    None
+                }
+                // Not lent (a buffer's arena always is).
+                Ok(Err(arena)) => {
+                    let _ = inner.arena.set(Arc::new(arena));
+                    None
+                }
+            },
             None => inner.memory.get_mut().unwrap_or_else(|p| p.into_inner()).take().map(LentMemory::into_owner),
         };
         owner.ok_or(self)

@@ -182,8 +182,9 @@ impl RemoteObject {
             let note = super::cache::Note::of(url.to_str()?, meta);
             super::cache::CacheFile::create(root, local, note).map(Arc::new)
         });
-        let (size, e_tag) = (meta.size, meta.e_tag.clone());
-        RemoteObject { shared, location, url, size, e_tag, modified_ns: modified_ns(meta), cache }
+        let mut object = Self::uncached(shared, location, url, meta);
+        object.cache = cache;
+        object
     }
 
     /// An object of which no local copy is made: a PyTorch file, whose tensors need not

@@ -2,6 +2,7 @@
 //! that candle's device allocated, lent to the load, and handed back to candle as the
 //! tensor's storage once its bytes have landed.
 
+use candle_core::backend::BackendDevice;
 use candle_core::cuda_backend::cudarc::driver::CudaSlice;
 pub(super) use candle_core::cuda_backend::CudaDevice;
 use candle_core::cuda_backend::CudaStorage;
@@ -26,9 +27,9 @@ pub(super) fn of(device: &candle_core::Device) -> Option<CudaDevice> {
     }
 }
 
-/// The ordinal of a CUDA device (`cuda:N`).
-pub(super) fn ordinal(device: &candle_core::Device) -> usize {
-    match device.location() {
+/// The ordinal of candle's CUDA device (`cuda:N`).
+pub(super) fn ordinal(dev: &CudaDevice) -> usize {
+    match dev.location() {
         DeviceLocation::Cuda { gpu_id } => gpu_id,
         _ => 0,
     }
@@ -47,7 +48,7 @@ pub(super) fn lend(dev: &CudaDevice, dtype: Dtype, bytes: u64) -> Result<Option<
     if bytes == 0 {
         return Ok(None);
     }
-    let device = crate::Device::Cuda(ordinal(&candle_core::Device::Cuda(dev.clone())));
+    let device = crate::Device::Cuda(ordinal(dev));
     with_vec_type!(dtype, T => {
         let slice = dev
             .alloc_zeros::<T>(bytes / std::mem::size_of::<T>())

@@ -125,8 +125,8 @@ mod cuda {
         None
     }
 
-    pub(super) fn ordinal(_: &candle_core::Device) -> usize {
-        0
+    pub(super) fn ordinal(dev: &CudaDevice) -> usize {
+        match *dev {}
     }
 
     pub(super) fn device(dev: CudaDevice) -> candle_core::Device {
@@ -252,7 +252,7 @@ pub fn load_onto(
     device: &candle_core::Device,
 ) -> Result<CandleModel, CandleError> {
     if let Some(dev) = cuda::of(device) {
-        let ordinal = cuda::ordinal(device);
+        let ordinal = cuda::ordinal(&dev);
         return load_lending(builder.device(crate::Device::Cuda(ordinal)), path, Some(dev));
     }
     let mut model = load_lending(builder.device(crate::Device::Cpu), path, None)?;
