@@ -615,7 +615,9 @@ impl PyCheckpoint {
     fn new(py: Python<'_>, path: std::path::PathBuf, device: &str, mapped: bool) -> PyResult<Self> {
         let options = Options { mapped, ..Options::default() };
         let loader = loader(device, None, None, &Raised::default(), options)?;
-        let plan = py.detach(|| loader.plan(&path)).map_err(py_err)?;
+        // Interruptible (Ctrl-C), as a load is: a remote checkpoint's planning may wait on
+        // its store.
+        let plan = wait(py, loader.plan_async(&path), &Raised::default())?.map_err(py_err)?;
         Ok(PyCheckpoint { plan, loader })
     }
 

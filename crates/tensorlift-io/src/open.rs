@@ -18,15 +18,16 @@ pub fn open_checkpoint(path: &Path, limits: &PlanLimits) -> Result<Checkpoint, F
 /// [`open_checkpoint`], telling `observer` when every header has been read and as each is
 /// validated, so that a load can start reading a shard while the rest are planned. Headers
 /// are all read first (one after another, within the header budget), then parsed on up to
-/// one thread per CPU, then checked across shards. (A remote checkpoint's planning tells the
-/// observer nothing: its load waits for the whole plan.)
+/// one thread per CPU, then checked across shards. (A remote checkpoint's planning only asks
+/// the observer whether it is [cancelled](PlanObserver::cancelled), and then drops its
+/// requests in flight: its load waits for the whole plan.)
 pub fn open_checkpoint_observed(
     path: &Path,
     limits: &PlanLimits,
     observer: &dyn PlanObserver,
 ) -> Result<Checkpoint, FormatError> {
     if crate::remote::is_remote(path) {
-        return crate::remote_plan::open_remote(path, limits);
+        return crate::remote_plan::open_remote(path, limits, observer);
     }
     open_local(path, limits, observer)
 }

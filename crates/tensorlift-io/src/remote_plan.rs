@@ -16,13 +16,13 @@ use tensorlift_format::{
 
 use crate::checkpoint::{
     assemble, header_fits, index_fits, index_shards, is_torch_entry, no_torch_weights, open_local, safetensors_only,
-    spend_header_budget, torch_header, Checkpoint, HeaderWork, Pending, PlanLimits, Quiet, SAFETENSORS_ONLY,
-    TORCH_INDEX, TORCH_SINGLE,
+    spend_header_budget, torch_header, Checkpoint, HeaderWork, Pending, PlanLimits, PlanObserver, Quiet,
+    SAFETENSORS_ONLY, TORCH_INDEX, TORCH_SINGLE,
 };
 use crate::remote::cache;
 use crate::remote::get::{body, body_into, RemoteFolder};
 use crate::remote::meta::{identity, modified_ns};
-use crate::remote::runtime::run;
+use crate::remote::runtime::run_until;
 use crate::remote::store::{self, store_error, Place, RemoteObject};
 
 /// Bytes of a shard read at once to find its header: most headers fit, and the rest of a
@@ -71,7 +71,15 @@ fn resolve(place: Place, last: Option<String>) -> io::Result<(Place, Named)> {
 /// `…/x.json` index, or a folder (its `model.safetensors.index.json`, else its
 /// `*.safetensors` objects in natural order, else its `pytorch_model.bin.index.json` or
 /// `pytorch_model.bin`; over HTTP, which lists nothing, its `model.safetensors`).
-pub(crate) fn open_remote(path: &Path, limits: &PlanLimits) -> Result<Checkpoint, FormatError> {
+///
+/// Planning stops when `observer` says it is [cancelled](PlanObserver::cancelled) (a load
+/// that was dropped), its requests in flight dropped with it.
+pub(crate) fn open_remote(
+    path: &Path,
+    limits: &PlanLimits,
+    observer: &dyn PlanObserver,
+) -> Result<Checkpoint, FormatError> {
+    let cancelled = || observer.cancelled();
     let io_err = |source| FormatError::Io { file: path.to_path_buf(), source };
     let text = path.to_str().ok_or_else(|| FormatError::NotACheckpoint { file: path.to_path_buf() })?;
     let (place, last) = store::connect(text, &limits.remote).map_err(io_err)?;
@@ -88,9 +96,9 @@ pub(crate) fn open_remote(path: &Path, limits: &PlanLimits) -> Result<Checkpoint
     });
     if let Some(root) = cache_dir {
         let (p, name, lim) = (place.clone(), cached_entry(&named), limits.clone());
-        let found = name.map(|n| run(async move { cached(&p, &n, &root, &lim).await })).transpose();
+        let found = name.map(|n| run_until(async move { cached(&p, &n, &root, &lim).await }, &cancelled)).transpose();
         if let Some((local, files)) = found.map_err(io_err)?.flatten() {
-            match open_local(&local, limits, &Quiet) {
+            match open_local(&local, limits, observer) {
                 // The plan holds the very files that were checked (its descriptors are read).
                 Ok(plan) if planned_files(&plan) == files => {
                     tracing::info!("{}: read from its local copy {}", path.display(), local.display());
@@ -102,7 +110,7 @@ pub(crate) fn open_remote(path: &Path, limits: &PlanLimits) -> Result<Checkpoint
         }
     }
     let limits = limits.clone();
-    run(async move { plan(place, named, limits).await }).map_err(io_err)?
+    run_until(async move { plan(place, named, limits).await }, &cancelled).map_err(io_err)?
 }
 
 /// The object whose local copy stands for what `named` names: the index or shard named, a
@@ -295,6 +303,16 @@ async fn list_safetensors(place: &Place, limits: &PlanLimits) -> Result<(Vec<Str
     Ok((names, torch))
 }
 
+/// A spawned task that is aborted when this is dropped (planning given up), its requests in
+/// flight dropped with it, rather than left to run on its own.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Reads every named shard's header (a few at once, each spent against the plan's header
 /// budget in order), then plans them.
 async fn shards(
@@ -319,7 +337,8 @@ async fn shards(
             Ok::<_, FormatError>((name, spellings, location, url, first))
         });
         async move {
-            task.await.unwrap_or_else(|e| {
+            let mut task = AbortOnDrop(task);
+            (&mut task.0).await.unwrap_or_else(|e| {
                 Err(FormatError::Io { file, source: io::Error::other(format!("planning a shard failed: {e}")) })
             })
         }
@@ -377,12 +396,15 @@ async fn torch(
     spent: &mut u64,
     context: &Path,
 ) -> Result<(tensorlift_format::Header, u64), FormatError> {
+    // Dropped with this future (planning given up, or done): the reader's GETs then stop.
+    let (_planning, watched) = tokio::sync::watch::channel(());
     let reader = TorchObject {
         object: Arc::clone(object),
         head,
         blocks: std::sync::Mutex::default(),
         gets: std::sync::atomic::AtomicUsize::new(0),
         failed: std::sync::Mutex::new(None),
+        planning: watched,
     };
     let (limits, context, mut left) = (limits.clone(), context.to_path_buf(), *spent);
     let read = tokio::task::spawn_blocking(move || {
@@ -419,6 +441,9 @@ struct TorchObject {
     gets: std::sync::atomic::AtomicUsize,
     /// The first GET that failed, as it failed.
     failed: std::sync::Mutex<Option<io::Error>>,
+    /// Closed when planning is given up (a dropped load): the GET in flight is dropped and
+    /// no other is made.
+    planning: tokio::sync::watch::Receiver<()>,
 }
 
 impl TorchObject {
@@ -440,8 +465,25 @@ impl TorchObject {
         let mut buf = Vec::new();
         buf.try_reserve_exact(len).map_err(|_| io::Error::new(io::ErrorKind::OutOfMemory, format!("{len} bytes")))?;
         buf.resize(len, 0);
-        crate::block_on(crate::remote::read_object(&self.object, offset, buf, 0, len))
-            .map_err(|failed| fail(io::Error::other(failed.error)))
+        let mut planning = self.planning.clone();
+        let given_up =
+            || io::Error::new(io::ErrorKind::Interrupted, "planning was cancelled: nobody waits for the plan");
+        if planning.has_changed().is_err() {
+            return Err(fail(given_up()));
+        }
+        let read = crate::remote::read_object(&self.object, offset, buf, 0, len);
+        let got = crate::block_on(async move {
+            tokio::select! {
+                biased;
+                // Nothing is ever sent: this is the sender dropped.
+                _ = planning.changed() => None,
+                got = read => Some(got),
+            }
+        });
+        match got {
+            Some(got) => got.map_err(|failed| fail(io::Error::other(failed.error))),
+            None => Err(fail(given_up())),
+        }
     }
 
     /// The block that starts at `start`.

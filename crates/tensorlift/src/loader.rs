@@ -553,6 +553,39 @@ impl Loader {
         self.planner().plan(path.as_ref())
     }
 
+    /// [`plan`](Self::plan) on a planning thread of its own, which the returned future
+    /// waits for without blocking its executor's thread. Dropping the future stops the
+    /// planning at its next header, or at once for a remote checkpoint, whose requests in
+    /// flight are dropped (a caller's timeout, or Ctrl-C in Python, ends it).
+    pub async fn plan_async(&self, path: impl AsRef<Path>) -> Result<Checkpoint, LoadError> {
+        let Some(mut events) = self.spawn_planner(path.as_ref(), false) else {
+            // No thread to be had: plan on this one.
+            return self.plan(path);
+        };
+        loop {
+            match events.recv().await {
+                Some(PlanEvent::Done(plan, _)) => return plan,
+                Some(_) => {}
+                // No answer means the thread panicked: a bug, reported as such.
+                None => return Err(LoadError::PlanningFailed),
+            }
+        }
+    }
+
+    /// Plans `path` on a thread of its own, which reports to the receiver returned (`None`
+    /// where no thread could be had) and stops once the receiver is dropped; `early` when
+    /// the load may start before planning ends.
+    fn spawn_planner(&self, path: &Path, early: bool) -> Option<tokio::sync::mpsc::UnboundedReceiver<PlanEvent>> {
+        let planner = self.planner();
+        let owned = path.to_path_buf();
+        let (tx, events) = tokio::sync::mpsc::unbounded_channel();
+        let spawned = std::thread::Builder::new().name("tensorlift-plan".into()).spawn(move || {
+            let plan = planner.plan_observed(&owned, Some(&Forward { events: tx.clone(), early }));
+            let _ = tx.send(PlanEvent::Done(plan, Instant::now()));
+        });
+        spawned.ok().map(|_| events)
+    }
+
     fn planner(&self) -> Planner {
         Planner {
             limits: self.cfg.limits.clone(),
@@ -638,18 +671,10 @@ impl Loader {
     /// each shard once its own header is validated (where
     /// [`reads_while_planning`](Self::reads_while_planning) allows; else after planning).
     async fn start_planning(&self, path: &Path, started: Instant) -> Result<TensorStream, LoadError> {
-        let planner = self.planner();
-        let owned = path.to_path_buf();
-        let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-        let early = self.reads_while_planning();
-        let spawned = std::thread::Builder::new().name("tensorlift-plan".into()).spawn(move || {
-            let plan = planner.plan_observed(&owned, Some(&Forward { events: tx.clone(), early }));
-            let _ = tx.send(PlanEvent::Done(plan, Instant::now()));
-        });
-        if spawned.is_err() {
+        let Some(mut events) = self.spawn_planner(path, self.reads_while_planning()) else {
             // No thread to be had: plan on this one.
             return self.start(self.plan(path)?, started, true);
-        }
+        };
         loop {
             match events.recv().await {
                 // Where it would not pay, the load waits for the whole plan.

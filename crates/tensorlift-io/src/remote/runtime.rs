@@ -44,3 +44,39 @@ where
     let handle = runtime()?.spawn(fut);
     crate::block_on(handle).map_err(|e| std::io::Error::other(format!("a network task failed: {e}")))
 }
+
+/// How often [`run_until`] asks whether its caller still waits.
+const CANCEL_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// [`run`], given up when `cancelled` says nobody waits any more (asked every 20 ms): the
+/// task is then aborted, which drops its requests in flight, and the error is
+/// `Interrupted`.
+pub(crate) fn run_until<F>(fut: F, cancelled: &dyn Fn() -> bool) -> Result<F::Output, std::io::Error>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let (done, result) = std::sync::mpsc::sync_channel(1);
+    let handle = runtime()?.spawn(async move {
+        // The receiver is gone only once the caller has given up.
+        let _ = done.send(fut.await);
+    });
+    loop {
+        match result.recv_timeout(CANCEL_POLL) {
+            Ok(output) => return Ok(output),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) if cancelled() => {
+                handle.abort();
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::Interrupted,
+                    "planning was cancelled: nobody waits for the plan",
+                ));
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            // The task ended without a result: it panicked.
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                let why = crate::block_on(handle).err().map_or_else(|| "no result".to_owned(), |e| e.to_string());
+                return Err(std::io::Error::other(format!("a network task failed: {why}")));
+            }
+        }
+    }
+}

@@ -3,9 +3,10 @@
 //! replaced during a load fails it; a dropped load lets go of its requests.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
-use tensorlift::{IoError, LoadError};
+use tensorlift::{IoError, LoadError, Loader};
 use tensorlift_testkit::net::{Fault, FaultProxy, Rule};
 
 use crate::{assert_identical, base, point_at, quick, sharded, Remote};
@@ -147,4 +148,72 @@ fn a_reply_longer_than_its_range_is_refused_not_kept() {
     let err = base().remote(o).build().unwrap().load_blocking("s3://bucket/model").unwrap_err().to_string();
     assert!(err.contains("more than it was asked"), "{err}");
     assert!(proxy.log().iter().any(|(_, f)| matches!(f, Some(Fault::Pad(_)))));
+}
+
+/// A load dropped while it is still planning (listing the folder, reading headers, reading
+/// a PyTorch file's directory on a blocking thread) lets go of planning's requests too; so
+/// does a plan asked for by `plan_async`.
+#[test]
+fn a_load_dropped_while_planning_cancels_its_requests() {
+    let r = Remote::new();
+    sharded(&r.root);
+    // A PyTorch file past the first GET (64 KiB): its zip directory comes by GETs of the
+    // pickle reader's own.
+    let torch_dir = r.root.join("bucket/torch");
+    std::fs::create_dir_all(&torch_dir).unwrap();
+    let script = "import sys, torch\n\
+                  torch.save({f'w{i}': torch.full((32, 160), float(i)) for i in range(6)}, sys.argv[1])";
+    let file = torch_dir.join("pytorch_model.bin");
+    let out = std::process::Command::new("python3").args(["-c", script]).arg(&file).output().unwrap();
+    assert!(out.status.success(), "torch writes the file: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(std::fs::metadata(&file).unwrap().len() > 96 << 10);
+    let Some(s3) = r.s3() else { return };
+    type Start = for<'a> fn(&'a Loader, &'static str) -> Pin<Box<dyn Future<Output = ()> + 'a>>;
+    let starts: [(&str, Start); 2] = [
+        ("stream", |l, url| Box::pin(async move { drop(l.stream(url).await) })),
+        ("plan_async", |l, url| Box::pin(async move { drop(l.plan_async(url).await) })),
+    ];
+    for (url, nth) in [
+        // Every request is held: the folder's listing, or a shard's first GET (a task of
+        // planning's own).
+        ("s3://bucket/model", 0),
+        ("s3://bucket/model/model-00002-of-00003.safetensors", 0),
+        // The first bytes come; the pickle reader's GETs are held.
+        ("s3://bucket/torch/pytorch_model.bin", 2),
+    ] {
+        for (how, start) in starts {
+            let held_from = match nth {
+                0 => Rule { needle: String::new(), nth: 1, every: true, fault: hold() },
+                n => rule(n, true, hold()),
+            };
+            let proxy = FaultProxy::start(s3.port, vec![held_from]).unwrap();
+            point_at(proxy.port);
+            let mut o = quick();
+            o.timeout = Duration::from_secs(120);
+            let loader = base().remote(o).build().unwrap();
+            let held = |p: &FaultProxy| p.log().iter().filter(|(_, f)| f.is_some()).count();
+            {
+                // Polled once, planning starts; wait until the proxy holds a request.
+                let mut planning = start(&loader, url);
+                let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                assert!(planning.as_mut().poll(&mut cx).is_pending(), "{url}, {how}");
+                let t = Instant::now();
+                while held(&proxy) == 0 && t.elapsed() < Duration::from_secs(20) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                assert!(held(&proxy) > 0, "{url}, {how}: planning issued no request");
+            }
+            // Dropped: every held request sees its client go, well before its minute is up.
+            let t = Instant::now();
+            while proxy.abandoned() < held(&proxy) && t.elapsed() < Duration::from_secs(30) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            assert_eq!(proxy.abandoned(), held(&proxy), "{url}, {how}: planning's requests outlived it");
+            assert!(t.elapsed() < Duration::from_secs(10), "{url}, {how}: let go only after {:?}", t.elapsed());
+        }
+    }
+}
+
+fn hold() -> Fault {
+    Fault::Delay(Duration::from_secs(60))
 }
