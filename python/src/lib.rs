@@ -643,15 +643,31 @@ impl PyCheckpoint {
     }
 
     /// Loads the named tensors (GIL released, interruptible): a dict of name to `Tensor`;
-    /// `stats`, a dict filled with the load's statistics.
-    #[pyo3(signature = (names, stats=None))]
-    fn load(&self, py: Python<'_>, names: Vec<String>, stats: Option<Bound<'_, PyDict>>) -> PyResult<Py<PyDict>> {
+    /// `stats`, a dict filled with the load's statistics; `rows`, a dict of name to
+    /// `(start, end)`: of that tensor, only rows `start..end` of its first dimension are
+    /// read and returned (a slice as `get_slice` takes one; the name must be in `names`).
+    #[pyo3(signature = (names, stats=None, rows=None))]
+    fn load(
+        &self,
+        py: Python<'_>,
+        names: Vec<String>,
+        stats: Option<Bound<'_, PyDict>>,
+        rows: Option<std::collections::HashMap<String, (usize, usize)>>,
+    ) -> PyResult<Py<PyDict>> {
         for n in &names {
             self.find(n)?;
         }
         let refs: std::collections::HashSet<&str> = names.iter().map(String::as_str).collect();
+        let rows = rows.unwrap_or_default();
+        if let Some(n) = rows.keys().find(|n| !refs.contains(n.as_str())) {
+            return Err(PyValueError::new_err(format!("rows of tensor '{n}', which is not among the names loaded")));
+        }
         let mut plan = self.plan.clone();
         plan.retain(|t| refs.contains(t.name.as_str()));
+        plan.slice_with(
+            |t| Ok(rows.get(&t.name).map(|&(a, b)| tensorlift::TensorSlice::rows(a..b))),
+            |t, e| PyValueError::new_err(format!("rows of tensor '{}': {e}", t.name)),
+        )?;
         let model = wait(py, self.loader.load_plan(plan), &Raised::default())?.map_err(py_err)?;
         if let Some(d) = stats {
             fill_stats(&d, model.stats())?;

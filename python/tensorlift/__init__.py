@@ -262,7 +262,7 @@ def load_devices(path, devices, framework="pt", *, dtype=None, tp=None, stats=No
 def load_group(path, group=None, device="cpu", *, tp=None, stats=None):
     """Loads ``path`` across the ranks of a ``torch.distributed`` process group (default:
     the world), reading each byte of the checkpoint once on the whole group: each rank reads
-    a disjoint part (a contiguous run of tensors, about ``1/world`` of the bytes) onto
+    a disjoint part (about ``1/world`` of the bytes, cut at row boundaries) onto
     ``device`` (its own GPU with NCCL, ``"cpu"`` with gloo), and sends every other rank only
     that rank's slice of each tensor. Call it on every rank of the group; returns a dict of
     name to torch tensor, this rank's part.
@@ -274,8 +274,9 @@ def load_group(path, group=None, device="cpu", *, tp=None, stats=None):
     with what this rank read (``bytes_read``) and exchanged: ``bytes_sent``,
     ``bytes_received``, and ``sent_to`` / ``received_from`` (global rank to bytes).
 
-    The load goes in rounds of about 256 MiB of the checkpoint, so that a rank holds at most
-    a round of loaded tensors beside those it keeps. A rank that fails (a read, memory)
+    The load goes in rounds of about ``world`` x 256 MiB of the checkpoint, every rank
+    reading about ``1/world`` of each (a large tensor in blocks of rows), so that a rank
+    holds at most two rounds' pieces (about 512 MiB) beside the tensors it keeps. A rank that fails (a read, memory)
     raises its error and the others raise too, naming it, rather than wait.
     """
     from ._group import load_group as _load_group

@@ -1,19 +1,25 @@
 """Processes that share one load: the ranks of a torch.distributed process group each read
 a disjoint part of the checkpoint and send every other rank only its own slices.
 
-Each rank owns a contiguous run of tensors, about ``1/world`` of the checkpoint's bytes, in
-file order (so a rank's reads are a few long ranges). The load goes in rounds of about
-``_ROUND_BYTES`` of the checkpoint (more where one tensor is larger): in each, the owners
-load their tensors of the round with tensorlift, onto their devices, keep a copy of their
-own slice of each and send each other rank that rank's slice (tensor-parallel slices, as
-``load_file``'s ``tp`` cuts them, or the whole tensor for replicas), by point-to-point sends
-on the group: NCCL between GPUs, gloo between CPUs. This is a scatter of slices, not an
-all-gather of tensors: a rank receives only what it keeps, and holds at most a round of
-loaded tensors beside what it keeps.
+The load goes in rounds of about ``world * _ROUND_BYTES`` of the checkpoint, in file order
+(more where one tensor is larger), the same rounds on every rank. Each round's bytes are cut
+into ``world`` runs of equal size, one a rank, at the nearest boundary between rows of the
+first dimension: a tensor that a cut falls in is read by several ranks, each its own block
+of rows (a tensor of no dimensions goes whole to the rank its middle byte falls to). So every
+rank reads about ``1/world`` of every round, as a few long ranges, and the ranks read at
+once; a tensor larger than a round is still split ``world`` ways.
 
-Each rank reads its part of the next round while the current one is exchanged (a thread
+In each round the ranks load their pieces with tensorlift, onto their devices, and send each
+other rank the part of each piece that rank keeps (its tensor-parallel slice, as
+``load_file``'s ``tp`` cuts them, or the whole tensor for replicas), by point-to-point sends
+on the group: NCCL between GPUs, gloo between CPUs. Each rank receives straight into its own
+tensors. This is a scatter of slices, not an all-gather of tensors: a rank receives only
+what it keeps.
+
+Each rank reads its pieces of the next round while the current one is exchanged (a thread
 of its own, which tensorlift's load leaves the interpreter to): the reads and the sends
-overlap, and a rank holds at most two rounds of loaded tensors beside what it keeps.
+overlap, and a rank holds at most two rounds' pieces (about ``2 * _ROUND_BYTES``) beside
+what it keeps.
 
 Before each round's exchange the ranks agree that every one of them got ready (one small
 all-reduce): a rank that failed (a read, memory) raises its error, and the others raise
@@ -39,14 +45,46 @@ def _torch_dtype(torch, name, dtype):
     return getattr(torch, torch_name)
 
 
-def _owners(sizes, world):
-    """Each tensor's owner: contiguous runs of about ``1/world`` of the bytes, in order."""
-    total = max(sum(sizes), 1)
-    owners, at = [], 0
-    for n in sizes:
-        owners.append(min(world - 1, at * world // total))
+def _pieces(shapes, sizes, tensors, world):
+    """Who reads what of one round's ``tensors`` (indexes, in file order): for each, a list
+    of ``(rank, rows)``, in rank order, where ``rows`` is a ``(start, end)`` range of the
+    first dimension or ``None`` for the whole tensor. The round's bytes are cut into
+    ``world`` equal runs; each cut moves to the nearest row boundary of the tensor it falls
+    in. A tensor of no bytes has no pieces: each rank makes its (empty) part itself."""
+    total = sum(sizes[i] for i in tensors)
+    cuts = [total * r // world for r in range(world + 1)]
+    pieces, at = {}, 0
+    for i in tensors:
+        n, shape = sizes[i], shapes[i]
+        if n == 0:
+            pieces[i] = []
+        elif shape and n % shape[0] == 0:
+            # Rows of whole bytes (every type torch can send): each cut to its nearest row.
+            rows, row = shape[0], n // shape[0]
+            bounds = [min(rows, max(0, (c - at + row // 2) // row)) for c in cuts]
+            bounds[0], bounds[-1] = 0, rows
+            pieces[i] = [(r, (bounds[r], bounds[r + 1])) for r in range(world) if bounds[r] < bounds[r + 1]]
+        else:
+            middle = at + n // 2
+            pieces[i] = [(next(r for r in range(world) if middle < cuts[r + 1]), None)]
         at += n
-    return owners
+    return pieces
+
+
+def _overlap(rows, part, shape):
+    """Where a piece (``rows`` of a tensor of ``shape``, ``None``: all of it) meets a rank's
+    part (ranges of the leading dimensions, ``None``: all of it): the index of the meeting
+    into the piece and into the part, or ``None`` where they do not meet. Both are blocks
+    of rows: contiguous in a contiguous part."""
+    if rows is None:
+        return (_index(part) if part else ()), ()
+    a, b = rows
+    lo, hi = part[0] if part else (0, shape[0])
+    x0, x1 = max(a, lo), min(b, hi)
+    if x0 >= x1:
+        return None
+    rest = _index(part[1:]) if part else ()
+    return (slice(x0 - a, x1 - a),) + rest, (slice(x0 - lo, x1 - lo),)
 
 
 def _rounds(sizes, limit):
@@ -131,19 +169,22 @@ def load_group(ckpt_class, convert, path, group, device, tp, stats):
         error = e
     _agree(torch, dist, group, device, error, me, world)
     ckpt, names, shapes, sizes, dtypes, parts = plan
-    owners = _owners(sizes, world)
     peer = [dist.get_global_rank(group, r) for r in range(world)]
     sent, received = [0] * world, [0] * world
     read = {"bytes_read": 0}
     # In file order, whatever order the tensors arrive in.
     out = dict.fromkeys(names)
-    rounds = _rounds(sizes, _ROUND_BYTES)
+    rounds = _rounds(sizes, world * _ROUND_BYTES)
+    pieces = [_pieces(shapes, sizes, tensors, world) for tensors in rounds]
 
     def load(k):
-        """This rank's tensors of round ``k``, read while round ``k - 1`` is exchanged."""
-        owned = [names[i] for i in rounds[k] if owners[i] == me]
+        """This rank's pieces of round ``k``, read while round ``k - 1`` is exchanged."""
+        owned = [(i, rows) for i in rounds[k] for r, rows in pieces[k][i] if r == me]
+        if not owned:
+            return {}
         round_stats = {}
-        mine = ckpt.load(owned, stats=round_stats) if owned else {}
+        blocks = {names[i]: rows for i, rows in owned if rows is not None and rows != (0, shapes[i][0])}
+        mine = ckpt.load([names[i] for i, _ in owned], stats=round_stats, rows=blocks)
         read["bytes_read"] += round_stats.get("bytes_read", 0)
         return mine
 
@@ -151,32 +192,38 @@ def load_group(ckpt_class, convert, path, group, device, tp, stats):
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tensorlift-group") as reader:
         ahead = reader.submit(load, 0)
         for k, tensors in enumerate(rounds):
-            ops, pending, error = [], [], None
+            ops, error = [], None
             try:
                 mine = ahead.result()
                 ahead = reader.submit(load, k + 1) if k + 1 < len(rounds) else None
                 for i in tensors:
-                    name, owner, dtype = names[i], owners[i], dtypes[i]
-                    if owner == me:
-                        full = convert(mine.pop(name))
-                        for r in range(world):
-                            part = full if parts[r][i] is None else full[_index(parts[r][i])]
-                            if r == me:
-                                # A copy: the loaded memory goes when the round ends.
-                                out[name] = part.clone()
-                            elif part.numel() > 0:
-                                data = part.contiguous().reshape(-1).view(torch.uint8)
-                                ops.append(dist.P2POp(dist.isend, data, peer[r], group))
-                                sent[r] += data.numel()
-                        del full
-                    else:
-                        shape = _part_shape(shapes[i], parts[me][i])
-                        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-                        buf = torch.empty(size, dtype=torch.uint8, device=device)
-                        if size > 0:
-                            ops.append(dist.P2POp(dist.irecv, buf, peer[owner], group))
-                            received[owner] += size
-                        pending.append((name, buf, dtype, shape))
+                    name, shape, dtype = names[i], shapes[i], dtypes[i]
+                    # This rank's part, received or copied into, block by block.
+                    keep = torch.empty(_part_shape(shape, parts[me][i]), dtype=dtype, device=device)
+                    out[name] = keep
+                    for owner, rows in pieces[k][i]:
+                        if owner == me:
+                            piece = convert(mine.pop(name))
+                            for r in range(world):
+                                meet = _overlap(rows, parts[r][i], shape)
+                                if meet is None:
+                                    continue
+                                block = piece[meet[0]]
+                                if r == me:
+                                    keep[meet[1]].copy_(block)
+                                elif block.numel() > 0:
+                                    data = block.contiguous().reshape(-1).view(torch.uint8)
+                                    ops.append(dist.P2POp(dist.isend, data, peer[r], group))
+                                    sent[r] += data.numel()
+                            del piece
+                        else:
+                            meet = _overlap(rows, parts[me][i], shape)
+                            if meet is None or keep[meet[1]].numel() == 0:
+                                continue
+                            # Rows of a contiguous tensor: the bytes land in place.
+                            data = keep[meet[1]].reshape(-1).view(torch.uint8)
+                            ops.append(dist.P2POp(dist.irecv, data, peer[owner], group))
+                            received[owner] += data.numel()
                 del mine
             except Exception as e:  # noqa: BLE001 - every rank must hear of it, then it is raised
                 error = e
@@ -187,8 +234,6 @@ def load_group(ckpt_class, convert, path, group, device, tp, stats):
             if ops:
                 for req in dist.batch_isend_irecv(ops):
                     req.wait()
-            for name, buf, dtype, shape in pending:
-                out[name] = buf.view(dtype).reshape(shape)
     if stats is not None:
         stats.update(read)
         stats["bytes_sent"] = sum(sent)

@@ -189,7 +189,7 @@ def test_a_process_group_reads_a_bucket_once(bucket, tmp_path):
     from test_group import run_group
 
     want = _reference(bucket / "bucket" / "model")
-    tensors, stats, _ = run_group("s3://bucket/model", 2, "none", tmp_path)
+    tensors, stats, _, _ = run_group("s3://bucket/model", 2, "none", tmp_path)
     for got in tensors:
         _same(got, want)
     whole = {}
