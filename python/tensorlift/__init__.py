@@ -276,7 +276,8 @@ def load_group(path, group=None, device="cpu", *, tp=None, stats=None):
 
     The load goes in rounds of about ``world`` x 256 MiB of the checkpoint, every rank
     reading about ``1/world`` of each (a large tensor in blocks of rows), so that a rank
-    holds at most two rounds' pieces (about 512 MiB) beside the tensors it keeps. A rank that fails (a read, memory)
+    holds at most two rounds' pieces (about 512 MiB; more where one tensor is larger than
+    ``world`` x 256 MiB: two of its ``1/world`` blocks) beside the tensors it keeps. A rank that fails (a read, memory)
     raises its error and the others raise too, naming it, rather than wait.
     """
     from ._group import load_group as _load_group

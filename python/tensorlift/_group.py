@@ -2,12 +2,14 @@
 a disjoint part of the checkpoint and send every other rank only its own slices.
 
 The load goes in rounds of about ``world * _ROUND_BYTES`` of the checkpoint, in file order
-(more where one tensor is larger), the same rounds on every rank. Each round's bytes are cut
+(a round ends with the tensor that brings it to that size, so a large tensor makes its
+round larger), the same rounds on every rank. Each round's bytes are cut
 into ``world`` runs of equal size, one a rank, at the nearest boundary between rows of the
 first dimension: a tensor that a cut falls in is read by several ranks, each its own block
 of rows (a tensor of no dimensions goes whole to the rank its middle byte falls to). So every
 rank reads about ``1/world`` of every round, as a few long ranges, and the ranks read at
-once; a tensor larger than a round is still split ``world`` ways.
+once; a tensor larger than a round is split among them too, as far as its rows allow (one
+of a single row is read by one rank).
 
 In each round the ranks load their pieces with tensorlift, onto their devices, and send each
 other rank the part of each piece that rank keeps (its tensor-parallel slice, as
@@ -18,8 +20,9 @@ what it keeps.
 
 Each rank reads its pieces of the next round while the current one is exchanged (a thread
 of its own, which tensorlift's load leaves the interpreter to): the reads and the sends
-overlap, and a rank holds at most two rounds' pieces (about ``2 * _ROUND_BYTES``) beside
-what it keeps.
+overlap, and a rank holds at most two rounds' pieces (about ``2 * _ROUND_BYTES``, or
+``2 * T / world`` where one tensor of ``T`` bytes is larger than a round) beside what it
+keeps.
 
 Before each round's exchange the ranks agree that every one of them got ready (one small
 all-reduce): a rank that failed (a read, memory) raises its error, and the others raise
@@ -234,6 +237,8 @@ def load_group(ckpt_class, convert, path, group, device, tp, stats):
             if ops:
                 for req in dist.batch_isend_irecv(ops):
                     req.wait()
+            # Nothing of this round's pieces outlives it (the sends held some).
+            ops = piece = block = data = None
     if stats is not None:
         stats.update(read)
         stats["bytes_sent"] = sum(sent)

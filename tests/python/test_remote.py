@@ -198,17 +198,19 @@ def test_a_process_group_reads_a_bucket_once(bucket, tmp_path):
     assert all(r > 0 for r in read) and sum(read) <= whole["bytes_read"] + 2 * 4096, (read, whole)
 
 
-def test_ctrl_c_interrupts_safe_open_of_a_server_that_never_answers():
-    # A server that takes connections and says nothing: planning waits on its first GET,
-    # far longer than this test. Ctrl-C ends safe_open at once, and its connection is let go.
+def test_ctrl_c_interrupts_safe_open_of_a_server_that_never_answers(monkeypatch):
+    # A server that takes connections and says nothing: planning waits on its first GET for
+    # the default timeout (a minute), far longer than this test. Ctrl-C ends safe_open at
+    # once, and its connection is let go.
     import signal
     import threading
 
+    monkeypatch.delenv("TENSORLIFT_REMOTE_TIMEOUT_SECS", raising=False)
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(8)
     port = listener.getsockname()[1]
-    taken, closed = [], threading.Event()
+    taken, asked, closed = [], threading.Event(), threading.Event()
 
     def serve():
         conn, _ = listener.accept()
@@ -216,25 +218,31 @@ def test_ctrl_c_interrupts_safe_open_of_a_server_that_never_answers():
         conn.settimeout(60)
         try:
             while conn.recv(4096):
-                pass
+                asked.set()
             closed.set()  # The client closed its end.
         except OSError:
             pass
 
+    def interrupt():
+        # Once the request has come: Ctrl-C while planning waits for its reply.
+        if asked.wait(30):
+            time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGINT)
+
     threading.Thread(target=serve, daemon=True).start()
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    timer = threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT))
-    started = time.monotonic()
+    timer = threading.Thread(target=interrupt, daemon=True)
     timer.start()
     try:
         with pytest.raises(KeyboardInterrupt):
             tensorlift.safe_open(f"http://127.0.0.1:{port}/model.safetensors", framework="pt")
+        interrupted = time.monotonic()
     finally:
-        timer.cancel()
+        timer.join()
         signal.signal(signal.SIGINT, previous)
-    assert time.monotonic() - started < 10
-    assert taken, "safe_open made no request"
+    assert asked.is_set(), "safe_open made no request"
     assert closed.wait(10), "the request outlived the interrupted safe_open"
+    assert time.monotonic() - interrupted < 10
     for c in taken:
         c.close()
     listener.close()

@@ -98,19 +98,31 @@ pub(crate) fn open_remote(
         let (p, name, lim) = (place.clone(), cached_entry(&named), limits.clone());
         let found = name.map(|n| run_until(async move { cached(&p, &n, &root, &lim).await }, &cancelled)).transpose();
         if let Some((local, files)) = found.map_err(io_err)?.flatten() {
-            match open_local(&local, limits, observer) {
+            // Told only to stop: a load that started reading the copy early could not go on
+            // with the store's plan, should the copy turn out unusable.
+            match open_local(&local, limits, &OnlyCancel(observer)) {
                 // The plan holds the very files that were checked (its descriptors are read).
                 Ok(plan) if planned_files(&plan) == files => {
                     tracing::info!("{}: read from its local copy {}", path.display(), local.display());
                     return Ok(plan);
                 }
                 Ok(_) => tracing::warn!("{}: its local copy changed while it was checked", path.display()),
+                Err(e) if observer.cancelled() => return Err(e),
                 Err(e) => tracing::warn!("{}: its local copy cannot be planned: {e}", path.display()),
             }
         }
     }
     let limits = limits.clone();
     run_until(async move { plan(place, named, limits).await }, &cancelled).map_err(io_err)?
+}
+
+/// An observer that passes on only whether planning is [cancelled](PlanObserver::cancelled).
+struct OnlyCancel<'a>(&'a dyn PlanObserver);
+
+impl PlanObserver for OnlyCancel<'_> {
+    fn cancelled(&self) -> bool {
+        self.0.cancelled()
+    }
 }
 
 /// The object whose local copy stands for what `named` names: the index or shard named, a
@@ -327,7 +339,8 @@ async fn shards(
     let mut fetches = futures_util::stream::iter(names.into_iter().map(|(name, spellings)| {
         let (place, file) = (place.clone(), context.to_path_buf());
         let context = file.clone();
-        let task = tokio::spawn(async move {
+        // Guarded from the start: a buffered future may be dropped before its first poll.
+        let task = AbortOnDrop(tokio::spawn(async move {
             let (location, url) = place.child(&name).map_err(|e| FormatError::ShardUnreadable {
                 file: context.clone(),
                 shard: name.clone(),
@@ -335,9 +348,9 @@ async fn shards(
             })?;
             let first = first_bytes(&place, &location, &url, &context, &name).await?;
             Ok::<_, FormatError>((name, spellings, location, url, first))
-        });
+        }));
         async move {
-            let mut task = AbortOnDrop(task);
+            let mut task = task;
             (&mut task.0).await.unwrap_or_else(|e| {
                 Err(FormatError::Io { file, source: io::Error::other(format!("planning a shard failed: {e}")) })
             })

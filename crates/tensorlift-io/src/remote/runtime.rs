@@ -56,6 +56,11 @@ where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
+    let given_up =
+        || std::io::Error::new(std::io::ErrorKind::Interrupted, "planning was cancelled: nobody waits for the plan");
+    if cancelled() {
+        return Err(given_up());
+    }
     let (done, result) = std::sync::mpsc::sync_channel(1);
     let handle = runtime()?.spawn(async move {
         // The receiver is gone only once the caller has given up.
@@ -66,10 +71,7 @@ where
             Ok(output) => return Ok(output),
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) if cancelled() => {
                 handle.abort();
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::Interrupted,
-                    "planning was cancelled: nobody waits for the plan",
-                ));
+                return Err(given_up());
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
             // The task ended without a result: it panicked.
