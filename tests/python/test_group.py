@@ -49,7 +49,8 @@ RANK = textwrap.dedent(
                 raise OSError("injected: a read of the next round failed")
             own = {}
             got = self.real.load(names, stats=own, rows=rows)
-            reads.append((own["bytes_read"], len(names)))
+            # Bytes read, and the rows of each tensor asked for (None: all of it).
+            reads.append((own["bytes_read"], {n: (rows or {}).get(n) for n in names}))
             if stats is not None:
                 stats.update(own)
             return got
@@ -194,16 +195,35 @@ def test_ranks_get_exactly_their_slices_from_one_read(tmp_path, world, round_byt
         tensorlift.load_file(str(folder), tp=(rank, world, 8), stats=s)
         alone += s["bytes_read"]
     read = sum(s["bytes_read"] for s in stats)
-    pieces = sum(n for r in reads for _, n in r)
+    pieces = sum(len(asked) for r in reads for _, asked in r)
     assert len(ref) <= pieces <= world * len(ref)
     assert whole["checkpoint_bytes"] <= read <= whole["checkpoint_bytes"] + 2 * 4096 * pieces, (read, pieces, whole)
     assert read < alone
-    # Each rank received its part of what it did not read itself, no more: at most its part,
-    # at least the part less what it read; and what it sent and what the others received
-    # from it agree.
+    # Every row of every tensor was read by exactly one rank, and each rank received exactly
+    # the elements of its part that lie in rows it did not read (its part cut here from a
+    # tensor of row numbers); what it sent and what the others received from it agree.
+    readers = {}
+    for rank, r in enumerate(reads):
+        for _, asked in r:
+            for name, rows in asked.items():
+                a, b = rows if rows is not None else (0, max(ref[name].shape[:1], default=1))
+                readers.setdefault(name, []).extend((row, rank) for row in range(a, b))
+    for name, full in ref.items():
+        rows = full.shape[0] if full.dim() else 1
+        if full.numel():
+            assert sorted(row for row, _ in readers[name]) == list(range(rows)), name
     for rank, s in enumerate(stats):
-        part = sum(rank_part(n, ref[n], rank, world).numel() * ref[n].element_size() for n in ref)
-        assert part - s["bytes_read"] <= s["bytes_received"] <= part, f"rank {rank}"
+        want = 0
+        for name, full in ref.items():
+            mine = {row for row, r in readers.get(name, []) if r == rank}
+            if full.dim() == 0:
+                want += 0 if 0 in mine else full.element_size()
+                continue
+            row_of = torch.arange(full.shape[0]).reshape(-1, *[1] * (full.dim() - 1)).expand(full.shape)
+            part = rank_part(name, row_of, rank, world)
+            others = sum(1 for row in part.reshape(-1).tolist() if row not in mine)
+            want += others * full.element_size()
+        assert s["bytes_received"] == want, f"rank {rank}"
         for peer, n in s["sent_to"].items():
             assert stats[int(peer)]["received_from"][str(rank)] == n
     assert sum(s["bytes_sent"] for s in stats) == sum(s["bytes_received"] for s in stats)
