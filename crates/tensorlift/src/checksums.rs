@@ -18,15 +18,16 @@ pub use crate::digest::{
 };
 use crate::digest::{open_existing, plain, read_sums, sha256_of};
 
+/// Each shard's expected digest and where it was found (`None`: none found, where the
+/// policy allows it).
+pub(crate) type Digests = Vec<Option<(Sha256, DigestSource)>>;
+
 /// What a verifying load of `plan` checks each shard against (see
 /// [`LoaderBuilder::verify`](crate::LoaderBuilder::verify)): the expected digests, after
 /// the index is checked (where a digest of it is known: the file planning read, unchanged
 /// since, and while it is hashed) and, under [`Verify::Required`], every shard is seen to
 /// have one.
-pub(crate) fn for_load(
-    plan: &tensorlift_io::Checkpoint,
-    policy: crate::Verify,
-) -> Result<Vec<Option<(Sha256, DigestSource)>>, crate::LoadError> {
+pub(crate) fn for_load(plan: &tensorlift_io::Checkpoint, policy: crate::Verify) -> Result<Digests, crate::LoadError> {
     // A remote checkpoint's SHA256SUMS and index are fetched from its folder in the store;
     // the shards' bytes are hashed as they land either way.
     let e = if plan.is_remote() { remote_expected(plan)? } else { expected(plan)? };

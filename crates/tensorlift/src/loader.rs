@@ -618,14 +618,64 @@ impl Loader {
     /// Starts loading a plan made earlier (by [`plan`](Self::plan) or [`crate::plan`]). A
     /// shard that changed since is refused with [`LoadError::ShardChanged`].
     pub fn stream_plan(&self, plan: Checkpoint) -> Result<TensorStream, LoadError> {
-        self.start(plan, Instant::now(), false)
+        let checks = self.expected_digests(&plan)?;
+        self.start(plan, Instant::now(), false, checks)
     }
 
     /// `started` is when the load began (before planning, where the caller planned), so that
     /// the wall time in the stats covers planning, opening and reading. `fresh` when this
-    /// load made the plan (a plan made earlier has each shard's header read again).
-    fn start(&self, plan: Checkpoint, started: Instant, fresh: bool) -> Result<TensorStream, LoadError> {
-        TensorStream::start(Arc::clone(&self.reader), plan, &self.cfg, &self.target, self.new_stats(), started, fresh)
+    /// load made the plan (a plan made earlier has each shard's header read again);
+    /// `checks`, what [`expected_digests`](Self::expected_digests) found.
+    fn start(
+        &self,
+        plan: Checkpoint,
+        started: Instant,
+        fresh: bool,
+        checks: Option<crate::checksums::Digests>,
+    ) -> Result<TensorStream, LoadError> {
+        let stats = self.new_stats();
+        TensorStream::start(Arc::clone(&self.reader), plan, &self.cfg, &self.target, stats, started, fresh, checks)
+    }
+
+    /// The digests a verified load of `plan` checks its shards against (`None` for an
+    /// unverified load): read from the `SHA256SUMS` beside them or the hub cache's names,
+    /// the index hashed (a remote checkpoint's fetched from its store).
+    fn expected_digests(&self, plan: &Checkpoint) -> Result<Option<crate::checksums::Digests>, LoadError> {
+        match self.cfg.verify {
+            Verify::Off => Ok(None),
+            policy => crate::checksums::for_load(plan, policy).map(Some),
+        }
+    }
+
+    /// [`expected_digests`](Self::expected_digests) on a thread of its own, which the
+    /// returned future waits for: a remote checkpoint's come from its store, which an async
+    /// caller's thread must not wait for.
+    async fn expected_digests_async(&self, plan: &Checkpoint) -> Result<Option<crate::checksums::Digests>, LoadError> {
+        let policy = self.cfg.verify;
+        if policy == Verify::Off {
+            return Ok(None);
+        }
+        let owned = plan.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new().name("tensorlift-digests".into()).spawn(move || {
+            let _ = tx.send(crate::checksums::for_load(&owned, policy));
+        });
+        match spawned {
+            Ok(_) => rx.await.map_err(|_| LoadError::PlanningFailed)?.map(Some),
+            // No thread to be had: on this one.
+            Err(_) => self.expected_digests(plan),
+        }
+    }
+
+    /// Starts a load of the plan its planning thread made.
+    async fn start_planned(
+        &self,
+        plan: Result<Checkpoint, LoadError>,
+        started: Instant,
+    ) -> Result<TensorStream, LoadError> {
+        let plan = plan?;
+        let checks = self.expected_digests_async(&plan).await?;
+        self.start(plan, started, true, checks)
     }
 
     /// The statistics of a load that has not started.
@@ -673,7 +723,9 @@ impl Loader {
     async fn start_planning(&self, path: &Path, started: Instant) -> Result<TensorStream, LoadError> {
         let Some(mut events) = self.spawn_planner(path, self.reads_while_planning()) else {
             // No thread to be had: plan on this one.
-            return self.start(self.plan(path)?, started, true);
+            let plan = self.plan(path)?;
+            let checks = self.expected_digests(&plan)?;
+            return self.start(plan, started, true, checks);
         };
         loop {
             match events.recv().await {
@@ -689,7 +741,7 @@ impl Loader {
                         // no tensors, and says exactly what it needs).
                         Err(e) => loop {
                             match events.recv().await {
-                                Some(PlanEvent::Done(plan, _)) => break self.start(plan?, started, true),
+                                Some(PlanEvent::Done(plan, _)) => break self.start_planned(plan, started).await,
                                 None => break Err(e),
                                 Some(_) => {}
                             }
@@ -699,7 +751,7 @@ impl Loader {
                 // Headers of a load that does not start early (a plan first, PyTorch files,
                 // or where it would not pay).
                 Some(PlanEvent::Validated(..)) => {}
-                Some(PlanEvent::Done(plan, _)) => return self.start(plan?, started, true),
+                Some(PlanEvent::Done(plan, _)) => return self.start_planned(plan, started).await,
                 // No answer means the thread panicked: a bug, reported as such.
                 None => return Err(LoadError::PlanningFailed),
             }
@@ -795,7 +847,8 @@ impl Loader {
     /// Loads a plan made earlier.
     pub async fn load_plan(&self, plan: Checkpoint) -> Result<Model, LoadError> {
         self.one_device()?;
-        collect(self.stream_plan(plan)?).await
+        let checks = self.expected_digests_async(&plan).await?;
+        collect(self.start(plan, Instant::now(), false, checks)?).await
     }
 
     /// [`load_plan`](Self::load_plan) for callers without an async runtime.

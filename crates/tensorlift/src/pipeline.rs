@@ -150,7 +150,10 @@ impl TensorStream {
         }
     }
 
-    /// Starts loading a whole plan. `fresh` when this load made it.
+    /// Starts loading a whole plan. `fresh` when this load made it; `checks`, each shard's
+    /// expected digest for a verified load (`None`: an unverified load), from
+    /// [`crate::checksums::for_load`].
+    #[allow(clippy::too_many_arguments)] // One call site: the loader's.
     pub(crate) fn start(
         reader: Arc<Reader>,
         mut plan: Checkpoint,
@@ -159,6 +162,7 @@ impl TensorStream {
         stats: LoadStats,
         started: Instant,
         fresh: bool,
+        checks: Option<crate::checksums::Digests>,
     ) -> Result<TensorStream, LoadError> {
         let _span =
             tracing::info_span!("plan_io", tensors = plan.tensors().len(), shards = plan.shards().len()).entered();
@@ -178,10 +182,6 @@ impl TensorStream {
             _ => None,
         };
         // A verified load reads every shard whole (its build refused what would not).
-        let checks = match cfg.verify {
-            crate::Verify::Off => None,
-            policy => Some(crate::checksums::for_load(&plan, policy)?),
-        };
         let unverified: u64 = match &checks {
             Some(c) => plan.shards().iter().zip(c).filter(|(_, c)| c.is_none()).map(|(s, _)| s.file_len).sum(),
             None => 0,

@@ -217,3 +217,37 @@ fn a_load_dropped_while_planning_cancels_its_requests() {
 fn hold() -> Fault {
     Fault::Delay(Duration::from_secs(60))
 }
+
+/// A verified load fetches its `SHA256SUMS` and index from the store once planned: on a
+/// thread of its own, so that an async caller's thread goes on serving its other tasks
+/// meanwhile (here a one-thread runtime whose other task counts while the fetch is held).
+#[test]
+fn a_verified_load_waits_for_its_digests_without_holding_its_callers_thread() {
+    let r = Remote::new();
+    let truth = sharded(&r.root);
+    crate::loads::with_sums(&r.root);
+    let Some(s3) = r.s3() else { return };
+    let held = Duration::from_secs(2);
+    let rules = vec![Rule { needle: "SHA256SUMS".into(), nth: 1, every: false, fault: Fault::Delay(held) }];
+    let proxy = FaultProxy::start(s3.port, rules).unwrap();
+    point_at(proxy.port);
+    let loader = base().verify(tensorlift::Verify::Required).build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    let (model, ticks) = rt.block_on(async {
+        let ticks = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counting = std::sync::Arc::clone(&ticks);
+        let counter = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                counting.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        let model = loader.load("s3://bucket/model").await;
+        counter.abort();
+        (model, ticks.load(std::sync::atomic::Ordering::Relaxed))
+    });
+    assert_identical(&model.unwrap(), &truth, "verified");
+    assert!(proxy.log().iter().any(|(_, f)| f.is_some()), "the SHA256SUMS GET was not held");
+    // Two seconds held: about 40 ticks, where a blocked thread would give none then.
+    assert!(ticks >= 20, "the caller's thread ticked {ticks} times while the digests were fetched");
+}

@@ -520,7 +520,7 @@ fn gcs_and_azure_urls_go_through_their_stores_clients() {
 }
 
 /// The shards and index of `bucket/model`, and a `SHA256SUMS` of them written by coreutils.
-fn with_sums(root: &std::path::Path) {
+pub(crate) fn with_sums(root: &std::path::Path) {
     let dir = root.join("bucket/model");
     let names = [
         "model-00001-of-00003.safetensors",
