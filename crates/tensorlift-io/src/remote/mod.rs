@@ -18,10 +18,14 @@
 //! an object replaced during a load fails it ([`IoError::Changed`](crate::IoError::Changed)).
 //! The requests run on one small runtime of this crate's own, so that callers need none.
 //!
-//! The modules here import one way: `options`, `meta` and `runtime` import nothing of the
-//! others; `cache` imports `meta`; `store` imports those; `get` and `read` import `store`;
+//! Every store's HTTP client bounds what a server sends before `object_store` reads it
+//! (`bounded`): error bodies, listing pages, how many pages.
+//!
+//! The modules here import one way: `options`, `meta`, `runtime` and `bounded` import
+//! nothing of the others; `cache` imports `meta`; `store` imports those; `get` and `read` import `store`;
 //! and planning (`crate::remote_plan`, beside `crate::checkpoint`) imports them all.
 
+pub(crate) mod bounded;
 pub(crate) mod cache;
 pub(crate) mod get;
 pub(crate) mod meta;

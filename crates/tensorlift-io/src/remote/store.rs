@@ -93,6 +93,7 @@ fn build(scheme: ObjectStoreScheme, url: &url::Url, o: &RemoteOptions) -> Result
         ($builder:ty, $key:path) => {
             Arc::new(
                 <$builder>::from_env()
+                    .with_http_connector(super::bounded::Bounded)
                     .with_url(text)
                     .with_retry(retry)
                     .with_config($key(ClientConfigKey::Timeout), timeout)
@@ -116,6 +117,7 @@ fn build(scheme: ObjectStoreScheme, url: &url::Url, o: &RemoteOptions) -> Result
             let base = &url[..url::Position::BeforePath];
             Arc::new(
                 object_store::http::HttpBuilder::new()
+                    .with_http_connector(super::bounded::Bounded)
                     .with_url(base)
                     .with_retry(retry)
                     // The user named an http:// URL: plain HTTP is what they asked for.
