@@ -5,12 +5,14 @@
 //! listing page, a credential. It sizes its buffer by the reply's `Content-Length`, so a
 //! hostile or broken server could make one allocation of any size (and abort the process)
 //! or send an endless body. Here every reply that is not a ranged GET's data is bounded:
-//! - an error reply keeps at most [`ERROR_BODY_MAX`] bytes of its body (its message; the
-//!   rest is dropped with the connection);
-//! - a listing page, or any other reply to a request with a query or of another method than
-//!   GET, may hold at most [`PAGE_MAX`] bytes, else the request fails;
-//! - a whole object (an index, a `SHA256SUMS`) at most [`WHOLE_MAX`], more than any the
-//!   planner accepts (it checks the length first);
+//! - an error reply keeps at most [`ERROR_BODY_MAX`] bytes of its body, as one piece of
+//!   valid UTF-8 (its message, which `object_store` reads as text; the rest is dropped with
+//!   the connection);
+//! - a listing page, or any other reply to a request of another method than GET, may hold
+//!   at most [`PAGE_MAX`] bytes, else the request fails;
+//! - a GET of a whole object at most [`WHOLE_MAX`]: more than any the planner reads (an
+//!   index, a `SHA256SUMS`), whose own bound is its check of the length before it reads
+//!   (and a whole GET that breaks off is resumed by `object_store` as a ranged one);
 //! - one store makes at most [`LIST_PAGES_MAX`] listing requests, however many pages a
 //!   server says follow.
 //!
@@ -93,19 +95,20 @@ impl HttpService for BoundedService {
                 return Err(HttpError::new(HttpErrorKind::Decode, Bound::Pages));
             }
             let ranged = req.headers().contains_key("range");
-            let whole = req.method() == "GET" && req.uri().query().is_none();
+            // (A query does not tell: Azure's SAS credentials ride in every request's.)
+            let get = req.method() == "GET" && !listing;
             let reply = self.inner.execute(req).await?;
             let (max, past) = if !reply.status().is_success() {
                 (ERROR_BODY_MAX, Past::Cut)
-            } else if ranged && !listing {
+            } else if get && ranged {
                 return Ok(reply);
-            } else if whole {
+            } else if get {
                 (WHOLE_MAX, Past::Fail)
             } else {
                 (PAGE_MAX, Past::Fail)
             };
             let (parts, body) = reply.into_parts();
-            let body = HttpResponseBody::new(Capped { inner: body, seen: 0, max, past });
+            let body = HttpResponseBody::new(Capped { inner: body, seen: 0, max, past, kept: Vec::new(), done: false });
             Ok(HttpResponse::from_parts(parts, body))
         })
     }
@@ -114,7 +117,9 @@ impl HttpService for BoundedService {
 /// What a [`Capped`] body does past its bound.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Past {
-    /// Ends there (an error reply's message, cut short).
+    /// Ends there: the body is read to its end or its bound and given as one piece of
+    /// valid UTF-8 (an error reply's message, which `object_store` reads as text: a
+    /// character cut in two would lose the reply's status).
     Cut,
     /// Fails the request.
     Fail,
@@ -126,6 +131,20 @@ struct Capped {
     seen: usize,
     max: usize,
     past: Past,
+    /// What a [`Past::Cut`] body has read so far.
+    kept: Vec<u8>,
+    /// Ended: nothing more is read.
+    done: bool,
+}
+
+impl Capped {
+    /// A [`Past::Cut`] body's one piece: what it kept, as valid UTF-8.
+    fn message(&mut self) -> Poll<Option<Result<Frame<Bytes>, HttpError>>> {
+        self.done = true;
+        let text = String::from_utf8_lossy(&self.kept).into_owned();
+        self.kept = Vec::new();
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from(text)))))
+    }
 }
 
 impl Body for Capped {
@@ -133,37 +152,64 @@ impl Body for Capped {
     type Error = HttpError;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, HttpError>>> {
-        if self.past == Past::Cut && self.seen >= self.max {
-            return Poll::Ready(None);
-        }
-        let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => frame,
-            other => return other,
-        };
-        let Some(data) = frame.data_ref() else { return Poll::Ready(Some(Ok(frame))) };
-        let left = self.max - self.seen;
-        if data.len() <= left {
-            self.seen += data.len();
-            return Poll::Ready(Some(Ok(frame)));
-        }
-        match self.past {
-            Past::Cut => {
-                let kept = data.slice(..left);
-                self.seen = self.max;
-                Poll::Ready(Some(Ok(Frame::data(kept))))
+        loop {
+            if self.done {
+                return Poll::Ready(None);
             }
-            Past::Fail => Poll::Ready(Some(Err(HttpError::new(HttpErrorKind::Decode, Bound::Reply(self.max))))),
+            let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => frame,
+                // The end, or a body that broke off: a message ends with what it kept (the
+                // reply's status is what counts).
+                Poll::Ready(None | Some(Err(_))) if self.past == Past::Cut => return self.message(),
+                Poll::Ready(other) => {
+                    self.done = other.as_ref().is_none_or(Result::is_err);
+                    return Poll::Ready(other);
+                }
+                Poll::Pending => return Poll::Pending,
+            };
+            let Some(data) = frame.data_ref() else {
+                match self.past {
+                    // Trailers: a message has ended.
+                    Past::Cut => return self.message(),
+                    Past::Fail => return Poll::Ready(Some(Ok(frame))),
+                }
+            };
+            let left = self.max - self.seen;
+            let n = data.len().min(left);
+            match self.past {
+                Past::Cut => {
+                    self.kept.extend_from_slice(&data[..n]);
+                    self.seen += n;
+                    if self.seen >= self.max {
+                        return self.message();
+                    }
+                }
+                Past::Fail if data.len() <= left => {
+                    self.seen += n;
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                Past::Fail => {
+                    self.done = true;
+                    return Poll::Ready(Some(Err(HttpError::new(HttpErrorKind::Decode, Bound::Reply(self.max)))));
+                }
+            }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        (self.past == Past::Cut && self.seen >= self.max) || self.inner.is_end_stream()
+        self.done || (self.past == Past::Fail && self.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
         // What the server says, never past the bound: buffers are sized by this.
+        let left = (self.max - self.seen) as u64;
+        let inner = self.inner.size_hint();
         let mut hint = SizeHint::new();
-        hint.set_lower(self.inner.size_hint().lower().min((self.max - self.seen) as u64));
+        // (A message's valid UTF-8 may be longer than the bytes it kept: no upper bound.)
+        if let (Some(upper), Past::Fail) = (inner.upper(), self.past) {
+            hint.set_upper(upper.min(left));
+        }
+        hint.set_lower(inner.lower().min(hint.upper().unwrap_or(left)));
         hint
     }
 }
