@@ -87,6 +87,30 @@ def _child(url, **env):
     return run.returncode, run.stdout + run.stderr, time.monotonic() - started
 
 
+def _run(handler, path, s3=False, **env):
+    """Loads ``path`` from a raw server answering with ``handler`` (as the S3 endpoint, with
+    ``s3``), in a child process that must end by itself; what it printed, the seconds, and
+    the requests' targets."""
+    port, seen, close = _serve(handler)
+    if s3:
+        env = {
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "AWS_ALLOW_HTTP": "true",
+            "AWS_SKIP_SIGNATURE": "true",
+            "AWS_REGION": "us-east-1",
+            **env,
+        }
+        url = f"s3://bucket/{path}"
+    else:
+        url = f"http://127.0.0.1:{port}/{path}"
+    try:
+        code, out, secs = _child(url, **env)
+    finally:
+        close()
+    assert code == 0, f"the child died (exit {code}): {out}"
+    return out, secs, seen
+
+
 def _rss_mb(out):
     return int(out.rsplit("rss_mb", 1)[1].split()[0])
 
@@ -101,12 +125,7 @@ def test_an_error_reply_that_claims_a_petabyte_is_read_as_a_message():
         conn.sendall(b"y" * 1000)
         conn.shutdown(socket.SHUT_RDWR)
 
-    port, seen, close = _serve(handler)
-    try:
-        code, out, _ = _child(f"http://127.0.0.1:{port}/model/")
-    finally:
-        close()
-    assert code == 0, f"the child died (exit {code}): {out}"
+    out, _, seen = _run(handler, "model/")
     assert "error:" in out and seen, out
     assert _rss_mb(out) < 400, out
 
@@ -119,12 +138,7 @@ def test_an_endless_error_reply_is_cut_short():
         while True:
             conn.sendall(chunk)
 
-    port, seen, close = _serve(handler)
-    try:
-        code, out, secs = _child(f"http://127.0.0.1:{port}/model/", TENSORLIFT_REMOTE_TIMEOUT_SECS="5")
-    finally:
-        close()
-    assert code == 0, f"the child died (exit {code}): {out}"
+    out, secs, seen = _run(handler, "model/", TENSORLIFT_REMOTE_TIMEOUT_SECS="5")
     assert "error:" in out and seen, out
     # Its message is kept, 8 KiB at most; the rest is never read.
     assert secs < 60 and int(out.split("error_len", 1)[1].split()[0]) < (8 << 10) + 1000, out
@@ -147,12 +161,7 @@ def test_a_listing_that_never_ends_is_refused():
             body, head = b"", b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
         conn.sendall(head + body)
 
-    env, close = _s3(handler)
-    try:
-        code, out, secs = _child("s3://bucket/model/", **env)
-    finally:
-        close()
-    assert code == 0, f"the child died (exit {code}): {out}"
+    out, _, _ = _run(handler, "model/", s3=True)
     assert "listing goes on past 1000 pages" in out, out
     assert len(pages) == 1000, len(pages)
 
@@ -185,25 +194,8 @@ def test_a_long_not_found_page_is_still_not_found():
             page = "\u20ac".encode() * 4000
             conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: %d\r\n\r\n" % len(page) + page)
 
-    port, seen, close = _serve(handler)
-    try:
-        code, out, _ = _child(f"http://127.0.0.1:{port}/model/")
-    finally:
-        close()
-    assert code == 0 and "loaded {'w': [1.0, 2.0, 3.0]}" in out, out
-
-
-def _s3(handler):
-    """A raw server as the S3 endpoint: the environment that points a child at it, and the
-    function that stops it."""
-    port, _, close = _serve(handler)
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ALLOW_HTTP": "true",
-        "AWS_SKIP_SIGNATURE": "true",
-        "AWS_REGION": "us-east-1",
-    }
-    return env, close
+    out, _, _ = _run(handler, "model/")
+    assert "loaded {'w': [1.0, 2.0, 3.0]}" in out, out
 
 
 def test_a_listing_page_past_its_bound_is_refused():
@@ -224,12 +216,7 @@ def test_a_listing_page_past_its_bound_is_refused():
             body = start + pad + b"</ListBucketResult>"
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
 
-        env, close = _s3(handler)
-        try:
-            code, out, _ = _child("s3://bucket/model/", **env)
-        finally:
-            close()
-        assert code == 0, f"the child died (exit {code}): {out}"
+        out, _, _ = _run(handler, "model/", s3=True)
         assert "error:" in out and _rss_mb(out) < 400, out
         if claim is None:
             assert "longer than the 16777216 bytes read of such a reply" in out, out
