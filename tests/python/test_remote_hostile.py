@@ -79,9 +79,11 @@ def _child(url, **env):
     base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "TENSORLIFT_REMOTE_"))}
     run = subprocess.run(
         [sys.executable, "-c", CHILD, url],
-        env={**base, "TENSORLIFT_REMOTE_RETRIES": "0", **env},
+        env={**base, "TENSORLIFT_REMOTE_RETRIES": "0", "PYTHONIOENCODING": "utf-8", **env},
         capture_output=True,
-        text=True,
+        # The server's words may be anything: read as UTF-8 whatever the locale.
+        encoding="utf-8",
+        errors="replace",
         timeout=180,
     )
     return run.returncode, run.stdout + run.stderr, time.monotonic() - started
