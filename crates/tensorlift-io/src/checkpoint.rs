@@ -490,10 +490,7 @@ fn parse_all(pending: &[Pending], observer: &dyn PlanObserver) -> Vec<Option<Res
 
 /// The error planning stops with when its observer is [cancelled](PlanObserver::cancelled).
 fn cancelled(file: &Path) -> FormatError {
-    FormatError::Io {
-        file: file.to_path_buf(),
-        source: io::Error::new(io::ErrorKind::Interrupted, "planning was cancelled: nobody waits for the plan"),
-    }
+    FormatError::Io { file: file.to_path_buf(), source: crate::remote::runtime::planning_cancelled() }
 }
 
 /// A shard whose header has been read (and not yet parsed), under its first name.

@@ -22,7 +22,7 @@ use crate::checkpoint::{
 use crate::remote::cache;
 use crate::remote::get::{body, body_into, RemoteFolder};
 use crate::remote::meta::{identity, modified_ns};
-use crate::remote::runtime::run_until;
+use crate::remote::runtime::{planning_cancelled, run_until};
 use crate::remote::store::{self, store_error, Place, RemoteObject};
 
 /// Bytes of a shard read at once to find its header: most headers fit, and the rest of a
@@ -479,10 +479,8 @@ impl TorchObject {
         buf.try_reserve_exact(len).map_err(|_| io::Error::new(io::ErrorKind::OutOfMemory, format!("{len} bytes")))?;
         buf.resize(len, 0);
         let mut planning = self.planning.clone();
-        let given_up =
-            || io::Error::new(io::ErrorKind::Interrupted, "planning was cancelled: nobody waits for the plan");
         if planning.has_changed().is_err() {
-            return Err(fail(given_up()));
+            return Err(fail(planning_cancelled()));
         }
         let read = crate::remote::read_object(&self.object, offset, buf, 0, len);
         let got = crate::block_on(async move {
@@ -495,7 +493,7 @@ impl TorchObject {
         });
         match got {
             Some(got) => got.map_err(|failed| fail(io::Error::other(failed.error))),
-            None => Err(fail(given_up())),
+            None => Err(fail(planning_cancelled())),
         }
     }
 

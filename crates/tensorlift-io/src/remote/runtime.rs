@@ -45,6 +45,12 @@ where
     crate::block_on(handle).map_err(|e| std::io::Error::other(format!("a network task failed: {e}")))
 }
 
+/// The error planning stops with once nobody waits for the plan (a dropped load), local or
+/// remote.
+pub(crate) fn planning_cancelled() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::Interrupted, "planning was cancelled: nobody waits for the plan")
+}
+
 /// How often [`run_until`] asks whether its caller still waits.
 const CANCEL_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
@@ -56,10 +62,8 @@ where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
-    let given_up =
-        || std::io::Error::new(std::io::ErrorKind::Interrupted, "planning was cancelled: nobody waits for the plan");
     if cancelled() {
-        return Err(given_up());
+        return Err(planning_cancelled());
     }
     let (done, result) = std::sync::mpsc::sync_channel(1);
     let handle = runtime()?.spawn(async move {
@@ -71,7 +75,7 @@ where
             Ok(output) => return Ok(output),
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) if cancelled() => {
                 handle.abort();
-                return Err(given_up());
+                return Err(planning_cancelled());
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
             // The task ended without a result: it panicked.
