@@ -164,8 +164,7 @@ fn a_load_dropped_while_planning_cancels_its_requests() {
     let script = "import sys, torch\n\
                   torch.save({f'w{i}': torch.full((32, 160), float(i)) for i in range(6)}, sys.argv[1])";
     let file = torch_dir.join("pytorch_model.bin");
-    let out = std::process::Command::new("python3").args(["-c", script]).arg(&file).output().unwrap();
-    assert!(out.status.success(), "torch writes the file: {}", String::from_utf8_lossy(&out.stderr));
+    crate::torch_writes(script, &file);
     assert!(std::fs::metadata(&file).unwrap().len() > 96 << 10);
     let Some(s3) = r.s3() else { return };
     type Start = for<'a> fn(&'a Loader, &'static str) -> Pin<Box<dyn Future<Output = ()> + 'a>>;

@@ -273,8 +273,7 @@ fn a_large_pytorch_file_is_planned_by_ranged_gets_and_bounded() {
              torch.arange(i, i + 32 * {cols}, dtype=torch.float32).reshape(32, {cols}) for i in range({n})}}\n\
              torch.save(sd, sys.argv[1])"
         );
-        let out = std::process::Command::new("python3").args(["-c", &script]).arg(path).output().unwrap();
-        assert!(out.status.success(), "torch writes the file: {}", String::from_utf8_lossy(&out.stderr));
+        crate::torch_writes(&script, path);
     };
     // 300 records of 20 KiB: a block each.
     save(&dir.join("pytorch_model.bin"), 300, 160);

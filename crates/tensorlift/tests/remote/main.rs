@@ -73,6 +73,13 @@ pub fn quick() -> RemoteOptions {
     o
 }
 
+/// Runs `script` (Python, with torch: the test command's environment) with `path` as its
+/// argument: how the tests have torch itself write a PyTorch file.
+pub fn torch_writes(script: &str, path: &Path) {
+    let out = std::process::Command::new("python3").args(["-c", script]).arg(path).output().unwrap();
+    assert!(out.status.success(), "torch writes the file: {}", String::from_utf8_lossy(&out.stderr));
+}
+
 pub fn base() -> LoaderBuilder {
     Loader::builder().device(Device::Cpu).queue_depth(8).chunk_size(256 << 10).remote(quick())
 }
