@@ -15,6 +15,9 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
         std::fs::symlink_metadata(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     }
     let cuda = tensorlift_cuda::cuda_status();
+    // NCCL, which group loads of one process per GPU exchange slices over.
+    let nccl = tensorlift_cuda::nccl::status();
+    let nccl_version = |v: i32| format!("{}.{}.{}", v / 10_000, v / 100 % 100, v % 100);
     // What a load would choose, decided by the Loader itself (no second probe). A device it
     // cannot use is reported, never a failure of doctor: then the host's facts are shown.
     let (loader, refused) = match tensorlift::Loader::builder().build() {
@@ -81,6 +84,10 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
         let v = json!({
             "kernel": kernel,
             "gpu": gpu,
+            "nccl": match &nccl {
+                Ok((library, v)) => json!({"available": true, "version": nccl_version(*v), "library": library.display().to_string()}),
+                Err(why) => json!({"available": false, "reason": why}),
+            },
             "io_uring": {"available": matches!(io.uring, tensorlift::UringStatus::Available), "status": io.uring.to_string()},
             "o_direct": direct,
             "remote": remote.as_ref().map(|r| &r.0),
@@ -129,6 +136,10 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
             }
         }
         CudaStatus::Unavailable(why) => writeln!(out, "gpu         none: {why}")?,
+    }
+    match &nccl {
+        Ok((library, v)) => writeln!(out, "nccl        {} ({})", nccl_version(*v), library.display())?,
+        Err(why) => writeln!(out, "nccl        none (group loads need it): {}", crate::text::printable(why))?,
     }
     writeln!(out, "io_uring    {}", io.uring)?;
     match &direct {

@@ -19,7 +19,7 @@ fn doctor(env: &[(&str, &str)], args: &[&str]) -> serde_json::Value {
 fn reports_every_fact() {
     let dir = tempfile::tempdir().unwrap();
     let v = doctor(&[], &["--path", dir.path().to_str().unwrap()]);
-    for key in ["kernel", "gpu", "io_uring", "o_direct", "memlock", "would_use"] {
+    for key in ["kernel", "gpu", "nccl", "io_uring", "o_direct", "memlock", "would_use"] {
         assert!(!v[key].is_null(), "{key} missing: {v}");
     }
     if v["gpu"]["available"] == false {
@@ -40,6 +40,20 @@ fn overrides_are_honoured_and_explained() {
     let v = doctor(&[("TENSORLIFT_LIBCUDA", "/nonexistent/libcuda.so.1")], &[]);
     assert_eq!(v["gpu"]["available"], false);
     assert!(v["gpu"]["reason"].as_str().unwrap().contains("/nonexistent/libcuda.so.1"));
+}
+
+#[test]
+fn nccl_is_reported_where_it_loads_and_explained_where_not() {
+    let v = doctor(&[("TENSORLIFT_LIBNCCL", "/nonexistent/libnccl.so.2")], &[]);
+    assert_eq!(v["nccl"]["available"], false, "{v}");
+    let why = v["nccl"]["reason"].as_str().unwrap();
+    assert!(why.contains("/nonexistent/libnccl.so.2") && why.contains("TENSORLIFT_LIBNCCL"), "{why}");
+    // The emulated driver carries an emulated NCCL (2.28.0).
+    let emulator = tensorlift_testkit::emulated_driver();
+    let v = doctor(&[("TENSORLIFT_LIBNCCL", emulator.to_str().unwrap())], &[]);
+    assert_eq!(v["nccl"]["available"], true, "{v}");
+    assert_eq!(v["nccl"]["version"], "2.28.0");
+    assert_eq!(v["nccl"]["library"], emulator.to_str().unwrap());
 }
 
 #[test]

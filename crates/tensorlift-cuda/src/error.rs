@@ -23,6 +23,9 @@ pub enum CudaError {
     /// Memory a caller lent is not what it was said to be.
     #[error("caller's device memory at {0}")]
     Foreign(String),
+    /// An NCCL call failed, or NCCL could not be loaded.
+    #[error("{call} failed: {message}")]
+    Nccl { call: &'static str, message: String },
     /// A copy named bytes outside its source chunk or its device arena.
     #[error("copy of {len} bytes out of bounds ({what})")]
     OutOfBounds { what: &'static str, len: usize },

@@ -27,6 +27,7 @@ pub mod dlpack;
 pub mod emulator;
 mod error;
 mod kernels;
+pub mod nccl;
 mod page_cache;
 mod pinned;
 mod probe;

@@ -128,6 +128,9 @@ pub enum LoadError {
     /// The `SHA256SUMS` beside the checkpoint cannot be read.
     #[error(transparent)]
     Sums(#[from] crate::digest::SumsError),
+    /// A group load failed on another rank, or the ranks could not agree.
+    #[error("group load: {0}")]
+    Group(String),
     /// A device string could not be parsed.
     #[error("invalid device '{0}' (expected auto, cpu, cuda or cuda:N)")]
     InvalidDevice(String),

@@ -42,6 +42,7 @@ mod digest;
 mod error;
 #[cfg(feature = "clap")]
 pub mod flags;
+pub mod group;
 mod hashing;
 mod layout;
 mod loader;

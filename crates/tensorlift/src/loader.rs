@@ -446,9 +446,9 @@ fn compile_filter(patterns: &[String]) -> Result<Option<GlobSet>, LoadError> {
 /// thread, and owns the I/O workers.
 pub struct Loader {
     reader: Arc<Reader>,
-    cfg: Config,
+    pub(crate) cfg: Config,
     filter: Option<GlobSet>,
-    device: Device,
+    pub(crate) device: Device,
     device_reason: String,
     target: Target,
 }
@@ -679,7 +679,7 @@ impl Loader {
     }
 
     /// The statistics of a load that has not started.
-    fn new_stats(&self) -> LoadStats {
+    pub(crate) fn new_stats(&self) -> LoadStats {
         LoadStats {
             bytes: 0,
             bytes_read: 0,
@@ -706,6 +706,8 @@ impl Loader {
             reused_host_bytes: 0,
             verified_bytes: 0,
             unverified_bytes: 0,
+            sent_to: Vec::new(),
+            received_from: Vec::new(),
         }
     }
 

@@ -82,6 +82,12 @@ pub struct LoadStats {
     /// instead: the error of the first range the driver would not register (or that no
     /// thread to register ranges could be started).
     pub page_cache_dma_refused: Option<String>,
+    /// Of a group load ([`Loader::load_group_blocking`](crate::Loader::load_group_blocking)),
+    /// the bytes this rank sent to each rank, by rank (empty for other loads).
+    pub sent_to: Vec<u64>,
+    /// Of a group load, the bytes this rank received from each rank, by rank (empty for
+    /// other loads).
+    pub received_from: Vec<u64>,
 }
 
 impl LoadStats {
@@ -111,6 +117,8 @@ impl LoadStats {
             "prefault_failure": self.prefault_failure,
             "page_cache_dma_bytes": self.page_cache_dma_bytes,
             "page_cache_dma_refused": self.page_cache_dma_refused,
+            "sent_to": self.sent_to,
+            "received_from": self.received_from,
             "first_read_seconds": secs(self.first_read),
             "planned_seconds": secs(self.planned),
             "read_wait_seconds": self.read_wait.as_secs_f64(),

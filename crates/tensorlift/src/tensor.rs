@@ -172,6 +172,14 @@ impl Tensor {
         })
     }
 
+    /// The device allocation holding the tensor, and the tensor's offset in it.
+    pub(crate) fn device_memory(&self) -> Option<(&Arc<DeviceArena>, usize)> {
+        match &self.storage {
+            Storage::Device { arena, offset, .. } => Some((arena, *offset as usize)),
+            _ => None,
+        }
+    }
+
     /// Where the tensor's bytes are: [`Device::Cpu`] or [`Device::Cuda`].
     pub fn location(&self) -> Device {
         match &self.storage {

@@ -806,6 +806,30 @@ enum Op {
         len: usize,
         rows: usize,
     },
+    /// `cuMemcpy2DAsync` or `cuMemcpyDtoDAsync` between device addresses (`rows` rows of
+    /// `len` bytes).
+    DeviceCopy2D {
+        dst: CUdeviceptr,
+        dst_pitch: usize,
+        src: CUdeviceptr,
+        src_pitch: usize,
+        len: usize,
+        rows: usize,
+    },
+    /// `ncclSend`: `len` bytes of device memory at `src` to rank `peer`.
+    Send {
+        comm: Arc<nccl::Comm>,
+        peer: usize,
+        src: CUdeviceptr,
+        len: usize,
+    },
+    /// `ncclRecv`: the next message from rank `peer` into `len` bytes at `dst`.
+    Recv {
+        comm: Arc<nccl::Comm>,
+        peer: usize,
+        dst: CUdeviceptr,
+        len: usize,
+    },
     Record {
         event: Arc<Event>,
         generation: u64,
@@ -878,6 +902,28 @@ fn apply(op: Op) {
         Op::Copy2D { dst, dst_pitch, src, src_pitch, len, rows } => {
             for k in 0..rows {
                 apply(Op::Copy { dst: dst + (k * dst_pitch) as u64, src: src + k * src_pitch, len });
+            }
+        }
+        Op::DeviceCopy2D { dst, dst_pitch, src, src_pitch, len, rows } => {
+            for k in 0..rows {
+                let (s, d) = (src + (k * src_pitch) as u64, dst + (k * dst_pitch) as u64);
+                let done =
+                    with_device(s, len, |b| b.to_vec()).and_then(|b| with_device(d, len, |o| o.copy_from_slice(&b)));
+                if done.is_none() {
+                    emu().sticky.store(ILLEGAL_ADDRESS, Ordering::Release);
+                    return;
+                }
+            }
+        }
+        Op::Send { comm, peer, src, len } => match with_device(src, len, |b| b.to_vec()) {
+            Some(bytes) => comm.send(peer, &bytes),
+            None => emu().sticky.store(ILLEGAL_ADDRESS, Ordering::Release),
+        },
+        Op::Recv { comm, peer, dst, len } => {
+            if let Some(bytes) = comm.recv(peer, len) {
+                if with_device(dst, len, |o| o.copy_from_slice(&bytes)).is_none() {
+                    emu().sticky.store(ILLEGAL_ADDRESS, Ordering::Release);
+                }
             }
         }
         Op::Memset { dst, value, len } => {
@@ -1226,8 +1272,9 @@ pub struct Memcpy2D {
 const MEMORYTYPE_HOST: c_uint = 1;
 const MEMORYTYPE_DEVICE: c_uint = 2;
 
-/// A 2D copy, host to device only (the one kind tensorlift makes): every row's source must
-/// be registered host memory, and every row's destination inside one allocation, with
+/// A 2D copy, host to device or device to device (the kinds tensorlift makes): every row's
+/// host source must be registered host memory, a device source inside one allocation of the
+/// stream's device, and every row's destination inside one allocation, with
 /// pitches at least the row's width, as the driver requires.
 #[no_mangle]
 pub unsafe extern "C" fn cuMemcpy2DAsync_v2(copy: *const Memcpy2D, handle: *mut c_void) -> CUresult {
@@ -1243,7 +1290,8 @@ pub unsafe extern "C" fn cuMemcpy2DAsync_v2(copy: *const Memcpy2D, handle: *mut 
     }
     // SAFETY: not null; the caller's descriptor is valid for reads during the call.
     let c = unsafe { &*copy };
-    if c.src_memory_type != MEMORYTYPE_HOST || c.dst_memory_type != MEMORYTYPE_DEVICE {
+    let from_device = c.src_memory_type == MEMORYTYPE_DEVICE;
+    if !(c.src_memory_type == MEMORYTYPE_HOST || from_device) || c.dst_memory_type != MEMORYTYPE_DEVICE {
         return INVALID_VALUE;
     }
     let (len, rows) = (c.width_in_bytes, c.height);
@@ -1259,6 +1307,16 @@ pub unsafe extern "C" fn cuMemcpy2DAsync_v2(copy: *const Memcpy2D, handle: *mut 
     let (src, dst) = (c.src_host as usize + c.src_y * c.src_pitch, c.dst_device + (c.dst_y * c.dst_pitch) as u64);
     let extent = |pitch: usize| (rows - 1).checked_mul(pitch).and_then(|e| e.checked_add(len));
     let (Some(src_len), Some(dst_len)) = (extent(c.src_pitch), extent(c.dst_pitch)) else { return INVALID_VALUE };
+    if from_device {
+        let src = c.src_device + (c.src_y * c.src_pitch) as u64;
+        if with_device_of(Some(device), src, src_len, |_| ()).is_none()
+            || with_device_of(Some(device), dst, dst_len, |_| ()).is_none()
+        {
+            return INVALID_VALUE;
+        }
+        let op = Op::DeviceCopy2D { dst, dst_pitch: c.dst_pitch, src, src_pitch: c.src_pitch, len, rows };
+        return enqueue(handle, op);
+    }
     if c.src_host.is_null()
         || registered(src, src_len).is_none()
         || with_device_of(Some(device), dst, dst_len, |_| ()).is_none()
@@ -1446,4 +1504,444 @@ pub extern "C" fn tlemu_current_context() -> u64 {
 #[no_mangle]
 pub extern "C" fn tlemu_set_current_context(handle: u64) {
     CURRENT.with(|c| c.set(handle as usize));
+}
+
+/// A device-to-device copy in stream order, within the stream's device.
+#[no_mangle]
+pub extern "C" fn cuMemcpyDtoDAsync_v2(
+    dst: CUdeviceptr,
+    src: CUdeviceptr,
+    len: usize,
+    handle: *mut c_void,
+) -> CUresult {
+    let device = match stream_device(handle) {
+        Ok(d) => d,
+        Err(e) => return e,
+    };
+    if len == 0 {
+        return SUCCESS;
+    }
+    if with_device_of(Some(device), src, len, |_| ()).is_none()
+        || with_device_of(Some(device), dst, len, |_| ()).is_none()
+    {
+        return INVALID_VALUE;
+    }
+    enqueue(handle, Op::DeviceCopy2D { dst, dst_pitch: len, src, src_pitch: len, len, rows: 1 })
+}
+
+// ---- NCCL -----------------------------------------------------------------------------
+
+/// The NCCL calls tensorlift makes, between processes on one machine: each rank of a
+/// communicator is a process with this library as its `libnccl` (tests point
+/// `TENSORLIFT_LIBNCCL` at this file), its device memory the emulator's. Ranks connect over
+/// Unix sockets in a directory that the unique id names; each pair's messages arrive in the
+/// order they were sent, as NCCL matches a pair's sends and receives. Sends and receives run
+/// in stream order, like the driver's other work: a receive waits on its stream's worker
+/// until its message comes. A reader thread a peer drains that peer's socket, so sends never
+/// wait for the receiver (no deadlock in any order of a group's calls). A peer that goes
+/// away fails the receives still waiting for it with `ncclRemoteError`, which
+/// `ncclCommGetAsyncError` then reports; `ncclCommAbort` fails them at once.
+mod nccl {
+    use std::collections::VecDeque;
+    use std::ffi::{c_char, c_int, c_void};
+    use std::io::{Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+    use std::sync::{Arc, Condvar, Mutex, OnceLock};
+    use std::time::{Duration, Instant};
+
+    use super::{current_device, enqueue, lock, stream_device, with_device_of, CUdeviceptr, Op};
+
+    pub type NcclResult = c_int;
+    const SUCCESS: NcclResult = 0;
+    const UNHANDLED_CUDA_ERROR: NcclResult = 1;
+    const SYSTEM_ERROR: NcclResult = 2;
+    const INVALID_ARGUMENT: NcclResult = 4;
+    const INVALID_USAGE: NcclResult = 5;
+    const REMOTE_ERROR: NcclResult = 6;
+
+    /// `NCCL_UNIQUE_ID_BYTES`.
+    const ID_BYTES: usize = 128;
+    const ID_PREFIX: &[u8] = b"tlemu-nccl:";
+    /// How long a rank waits for the others to come up.
+    const CONNECT_WAIT: Duration = Duration::from_secs(60);
+
+    #[derive(Default)]
+    struct Inbox {
+        /// Messages arrived, in order, and whether the peer has gone.
+        state: Mutex<(VecDeque<Vec<u8>>, bool)>,
+        arrived: Condvar,
+    }
+
+    struct Peer {
+        out: Mutex<UnixStream>,
+        inbox: Arc<Inbox>,
+    }
+
+    /// A communicator: this process's rank and a connection to every other rank.
+    pub(crate) struct Comm {
+        rank: usize,
+        world: usize,
+        device: c_int,
+        peers: Vec<Option<Peer>>,
+        error: AtomicI32,
+    }
+
+    impl Comm {
+        fn fail(&self, code: NcclResult) {
+            let _ = self.error.compare_exchange(SUCCESS, code, Ordering::AcqRel, Ordering::Acquire);
+        }
+
+        pub(crate) fn send(&self, peer: usize, bytes: &[u8]) {
+            let Some(Some(p)) = self.peers.get(peer) else { return self.fail(INVALID_ARGUMENT) };
+            let mut out = lock(&p.out);
+            let sent = out.write_all(&(bytes.len() as u64).to_le_bytes()).and_then(|()| out.write_all(bytes));
+            if sent.is_err() {
+                self.fail(REMOTE_ERROR);
+            }
+        }
+
+        /// The next message from `peer`, which must be `len` bytes; `None` (the
+        /// communicator failed) when the peer went away, was aborted, or sent another length.
+        pub(crate) fn recv(&self, peer: usize, len: usize) -> Option<Vec<u8>> {
+            let Some(Some(p)) = self.peers.get(peer) else {
+                self.fail(INVALID_ARGUMENT);
+                return None;
+            };
+            let mut state = lock(&p.inbox.state);
+            loop {
+                if let Some(m) = state.0.pop_front() {
+                    if m.len() != len {
+                        self.fail(INVALID_USAGE);
+                        return None;
+                    }
+                    return Some(m);
+                }
+                if state.1 {
+                    self.fail(REMOTE_ERROR);
+                    return None;
+                }
+                state = p.inbox.arrived.wait(state).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+
+        fn close(&self) {
+            for p in self.peers.iter().flatten() {
+                let _ = lock(&p.out).shutdown(std::net::Shutdown::Both);
+                lock(&p.inbox.state).1 = true;
+                p.inbox.arrived.notify_all();
+            }
+        }
+    }
+
+    fn comms() -> &'static Mutex<std::collections::BTreeMap<usize, Arc<Comm>>> {
+        static COMMS: OnceLock<Mutex<std::collections::BTreeMap<usize, Arc<Comm>>>> = OnceLock::new();
+        COMMS.get_or_init(Default::default)
+    }
+
+    fn comm(handle: *mut c_void) -> Option<Arc<Comm>> {
+        lock(comms()).get(&(handle as usize)).cloned()
+    }
+
+    fn reader(mut stream: UnixStream, inbox: Arc<Inbox>) {
+        loop {
+            let mut len = [0u8; 8];
+            if stream.read_exact(&mut len).is_err() {
+                break;
+            }
+            let mut m = vec![0u8; u64::from_le_bytes(len) as usize];
+            if stream.read_exact(&mut m).is_err() {
+                break;
+            }
+            lock(&inbox.state).0.push_back(m);
+            inbox.arrived.notify_all();
+        }
+        lock(&inbox.state).1 = true;
+        inbox.arrived.notify_all();
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn ncclGetVersion(version: *mut c_int) -> NcclResult {
+        if version.is_null() {
+            return INVALID_ARGUMENT;
+        }
+        // SAFETY: checked not null; the API's out-parameter.
+        unsafe { version.write(22_800) };
+        SUCCESS
+    }
+
+    /// A fresh directory for the ranks' sockets, named in the id.
+    #[no_mangle]
+    pub unsafe extern "C" fn ncclGetUniqueId(id: *mut u8) -> NcclResult {
+        if id.is_null() {
+            return INVALID_ARGUMENT;
+        }
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        let dir = std::env::temp_dir().join(format!(
+            "tlemu-nccl-{}-{}-{nanos}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let name = dir.as_os_str().as_encoded_bytes();
+        if ID_PREFIX.len() + name.len() >= ID_BYTES || std::fs::create_dir(&dir).is_err() {
+            return SYSTEM_ERROR;
+        }
+        let mut bytes = [0u8; ID_BYTES];
+        bytes[..ID_PREFIX.len()].copy_from_slice(ID_PREFIX);
+        bytes[ID_PREFIX.len()..ID_PREFIX.len() + name.len()].copy_from_slice(name);
+        // SAFETY: checked not null; `ncclUniqueId` is 128 bytes.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), id, ID_BYTES) };
+        SUCCESS
+    }
+
+    fn id_dir(id: &[u8; ID_BYTES]) -> Option<PathBuf> {
+        let rest = id.strip_prefix(ID_PREFIX)?;
+        let end = rest.iter().position(|&b| b == 0)?;
+        let s = std::str::from_utf8(&rest[..end]).ok()?;
+        Some(PathBuf::from(s))
+    }
+
+    fn connect(dir: &Path, rank: usize, world: usize) -> std::io::Result<Vec<Option<UnixStream>>> {
+        let listener = UnixListener::bind(dir.join(rank.to_string()))?;
+        let mut peers: Vec<Option<UnixStream>> = (0..world).map(|_| None).collect();
+        let deadline = Instant::now() + CONNECT_WAIT;
+        for (other, slot) in peers.iter_mut().enumerate().take(rank) {
+            let path = dir.join(other.to_string());
+            let mut s = loop {
+                match UnixStream::connect(&path) {
+                    Ok(s) => break s,
+                    Err(e) if Instant::now() > deadline => return Err(e),
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            };
+            s.write_all(&(rank as u32).to_le_bytes())?;
+            *slot = Some(s);
+        }
+        listener.set_nonblocking(true)?;
+        let mut waiting = world - 1 - rank;
+        // Once every rank is in, nothing more connects: the last rank out removes the folder.
+        let tidy = || {
+            let _ = std::fs::remove_file(dir.join(rank.to_string()));
+            let _ = std::fs::remove_dir(dir);
+        };
+        while waiting > 0 {
+            match listener.accept() {
+                Ok((mut s, _)) => {
+                    s.set_nonblocking(false)?;
+                    let mut who = [0u8; 4];
+                    s.read_exact(&mut who)?;
+                    let who = u32::from_le_bytes(who) as usize;
+                    match peers.get_mut(who) {
+                        Some(slot @ None) if who > rank => *slot = Some(s),
+                        _ => return Err(std::io::Error::other("a rank connected twice")),
+                    }
+                    waiting -= 1;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => {
+                    tidy();
+                    return Err(e);
+                }
+            }
+        }
+        tidy();
+        Ok(peers)
+    }
+
+    /// `ncclUniqueId`, which `ncclCommInitRank` takes by value.
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    pub struct UniqueId {
+        internal: [u8; ID_BYTES],
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn ncclCommInitRank(
+        out: *mut *mut c_void,
+        world: c_int,
+        id: UniqueId,
+        rank: c_int,
+    ) -> NcclResult {
+        if out.is_null() || world < 1 || rank < 0 || rank >= world {
+            return INVALID_ARGUMENT;
+        }
+        let Some(device) = current_device() else { return UNHANDLED_CUDA_ERROR };
+        let Some(dir) = id_dir(&id.internal) else { return INVALID_ARGUMENT };
+        let (rank, world) = (rank as usize, world as usize);
+        let Ok(streams) = connect(&dir, rank, world) else { return SYSTEM_ERROR };
+        let mut peers = Vec::with_capacity(world);
+        for s in streams {
+            let Some(s) = s else {
+                peers.push(None);
+                continue;
+            };
+            let (Ok(read_half), inbox) = (s.try_clone(), Arc::new(Inbox::default())) else { return SYSTEM_ERROR };
+            let feed = Arc::clone(&inbox);
+            if std::thread::Builder::new().name("tlemu-nccl".into()).spawn(move || reader(read_half, feed)).is_err() {
+                return SYSTEM_ERROR;
+            }
+            peers.push(Some(Peer { out: Mutex::new(s), inbox }));
+        }
+        let comm = Arc::new(Comm { rank, world, device, peers, error: AtomicI32::new(SUCCESS) });
+        let handle = Arc::as_ptr(&comm) as usize;
+        lock(comms()).insert(handle, comm);
+        // SAFETY: checked not null; the API's out-parameter.
+        unsafe { out.write(handle as *mut c_void) };
+        SUCCESS
+    }
+
+    fn end(handle: *mut c_void) -> NcclResult {
+        let Some(c) = lock(comms()).remove(&(handle as usize)) else { return INVALID_ARGUMENT };
+        c.close();
+        SUCCESS
+    }
+
+    #[no_mangle]
+    pub extern "C" fn ncclCommDestroy(handle: *mut c_void) -> NcclResult {
+        end(handle)
+    }
+
+    #[no_mangle]
+    pub extern "C" fn ncclCommAbort(handle: *mut c_void) -> NcclResult {
+        end(handle)
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn ncclCommGetAsyncError(handle: *mut c_void, result: *mut NcclResult) -> NcclResult {
+        let Some(c) = comm(handle) else { return INVALID_ARGUMENT };
+        if result.is_null() {
+            return INVALID_ARGUMENT;
+        }
+        // SAFETY: checked not null; the API's out-parameter.
+        unsafe { result.write(c.error.load(Ordering::Acquire)) };
+        SUCCESS
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn ncclCommCount(handle: *mut c_void, count: *mut c_int) -> NcclResult {
+        let Some(c) = comm(handle) else { return INVALID_ARGUMENT };
+        if count.is_null() {
+            return INVALID_ARGUMENT;
+        }
+        // SAFETY: checked not null.
+        unsafe { count.write(c.world as c_int) };
+        SUCCESS
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn ncclCommUserRank(handle: *mut c_void, rank: *mut c_int) -> NcclResult {
+        let Some(c) = comm(handle) else { return INVALID_ARGUMENT };
+        if rank.is_null() {
+            return INVALID_ARGUMENT;
+        }
+        // SAFETY: checked not null.
+        unsafe { rank.write(c.rank as c_int) };
+        SUCCESS
+    }
+
+    #[no_mangle]
+    pub extern "C" fn ncclGroupStart() -> NcclResult {
+        SUCCESS
+    }
+
+    #[no_mangle]
+    pub extern "C" fn ncclGroupEnd() -> NcclResult {
+        SUCCESS
+    }
+
+    /// Bytes of one element of NCCL data type `dtype`.
+    fn width(dtype: c_int) -> Option<usize> {
+        Some(match dtype {
+            0 | 1 | 10 | 11 => 1,
+            6 | 9 => 2,
+            2 | 3 | 7 => 4,
+            4 | 5 | 8 => 8,
+            _ => return None,
+        })
+    }
+
+    /// The checks `ncclSend` and `ncclRecv` share: a known peer and type, and `count`
+    /// elements inside one allocation of the communicator's device, on a stream of it.
+    fn checked(
+        handle: *mut c_void,
+        peer: c_int,
+        ptr: CUdeviceptr,
+        count: usize,
+        dtype: c_int,
+        stream: *mut c_void,
+    ) -> Result<(Arc<Comm>, usize, usize), NcclResult> {
+        let c = comm(handle).ok_or(INVALID_ARGUMENT)?;
+        let peer = usize::try_from(peer).ok().filter(|&p| p < c.world && p != c.rank).ok_or(INVALID_ARGUMENT)?;
+        let len = width(dtype).and_then(|w| w.checked_mul(count)).ok_or(INVALID_ARGUMENT)?;
+        match stream_device(stream) {
+            Ok(d) if d == c.device => {}
+            _ => return Err(INVALID_USAGE),
+        }
+        if len > 0 && with_device_of(Some(c.device), ptr, len, |_| ()).is_none() {
+            return Err(INVALID_ARGUMENT);
+        }
+        Ok((c, peer, len))
+    }
+
+    #[no_mangle]
+    pub extern "C" fn ncclSend(
+        src: *const c_void,
+        count: usize,
+        dtype: c_int,
+        peer: c_int,
+        handle: *mut c_void,
+        stream: *mut c_void,
+    ) -> NcclResult {
+        let (comm, peer, len) = match checked(handle, peer, src as CUdeviceptr, count, dtype, stream) {
+            Ok(c) => c,
+            Err(e) => return e,
+        };
+        match enqueue(stream, Op::Send { comm, peer, src: src as CUdeviceptr, len }) {
+            0 => SUCCESS,
+            _ => UNHANDLED_CUDA_ERROR,
+        }
+    }
+
+    #[no_mangle]
+    pub extern "C" fn ncclRecv(
+        dst: *mut c_void,
+        count: usize,
+        dtype: c_int,
+        peer: c_int,
+        handle: *mut c_void,
+        stream: *mut c_void,
+    ) -> NcclResult {
+        let (comm, peer, len) = match checked(handle, peer, dst as CUdeviceptr, count, dtype, stream) {
+            Ok(c) => c,
+            Err(e) => return e,
+        };
+        match enqueue(stream, Op::Recv { comm, peer, dst: dst as CUdeviceptr, len }) {
+            0 => SUCCESS,
+            _ => UNHANDLED_CUDA_ERROR,
+        }
+    }
+
+    #[no_mangle]
+    pub extern "C" fn ncclGetErrorString(result: NcclResult) -> *const c_char {
+        let text: &'static [u8] = match result {
+            SUCCESS => b"no error\0",
+            UNHANDLED_CUDA_ERROR => b"unhandled cuda error\0",
+            SYSTEM_ERROR => b"unhandled system error\0",
+            INVALID_ARGUMENT => b"invalid argument\0",
+            INVALID_USAGE => b"invalid usage\0",
+            REMOTE_ERROR => b"remote process exited or there was a network error\0",
+            _ => b"unknown result code\0",
+        };
+        text.as_ptr().cast()
+    }
+
+    /// Communicators alive in this process (for leak checks).
+    #[no_mangle]
+    pub extern "C" fn tlemu_nccl_live() -> u64 {
+        lock(comms()).len() as u64
+    }
 }

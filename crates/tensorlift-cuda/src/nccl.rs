@@ -1,0 +1,579 @@
+//! NCCL, loaded at run time like the driver: communicators between processes, one GPU each,
+//! and the point-to-point exchanges that a cooperative load sends each rank its slices with.
+//!
+//! The library is `TENSORLIFT_LIBNCCL` where that names a path, else the first of
+//! [`LIBNCCL_NAMES`] the dynamic loader finds (PyTorch's wheels put NCCL at
+//! `site-packages/nvidia/nccl/lib/libnccl.so.2`, outside its search path: name it then). It
+//! is opened once, on the first use, and every symbol used is looked up then, so that a
+//! missing or older library is an error ([`CudaError::Nccl`]), never a panic.
+//!
+//! The calls are bound here rather than through cudarc's `nccl` module, whose loader panics
+//! when it finds no library, does not look for NCCL's own soname (`libnccl.so.2`), and types
+//! results as Rust enums (a code that a newer NCCL adds would be undefined behaviour).
+//!
+//! ```no_run
+//! use tensorlift_cuda::{nccl, Gpu};
+//! # fn main() -> Result<(), tensorlift_cuda::CudaError> {
+//! // Rank 0 makes the id and hands its bytes to the other ranks (a file, a TCP store, MPI).
+//! let id = nccl::UniqueId::new()?;
+//! let comm = nccl::Comm::new(&Gpu::open(0)?, &id, 0, 2)?;
+//! assert_eq!((comm.rank(), comm.world()), (0, 2));
+//! # Ok(()) }
+//! ```
+
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use cudarc::driver::sys;
+use cudarc::driver::CudaStream;
+
+use crate::error::{check, Call};
+use crate::{CudaError, DeviceArena, Gpu};
+
+/// The environment variable naming the NCCL library to load (a path).
+pub const LIBNCCL_ENV: &str = "TENSORLIFT_LIBNCCL";
+
+/// The library names tried, in order, unless [`LIBNCCL_ENV`] names a path.
+pub const LIBNCCL_NAMES: [&str; 2] = ["libnccl.so.2", "libnccl.so"];
+
+/// `NCCL_UNIQUE_ID_BYTES`.
+const ID_BYTES: usize = 128;
+
+/// `ncclUniqueId`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RawId {
+    internal: [c_char; ID_BYTES],
+}
+
+type NcclResult = c_int;
+type Comm_ = *mut c_void;
+/// `ncclUint8`: every exchange moves bytes.
+const UINT8: c_int = 1;
+/// `ncclInProgress`, which a non-blocking communicator answers; tensorlift's block.
+const IN_PROGRESS: NcclResult = 7;
+
+struct Api {
+    _lib: libloading::Library,
+    library: PathBuf,
+    version: c_int,
+    get_unique_id: unsafe extern "C" fn(*mut RawId) -> NcclResult,
+    init_rank: unsafe extern "C" fn(*mut Comm_, c_int, RawId, c_int) -> NcclResult,
+    destroy: unsafe extern "C" fn(Comm_) -> NcclResult,
+    abort: unsafe extern "C" fn(Comm_) -> NcclResult,
+    async_error: unsafe extern "C" fn(Comm_, *mut NcclResult) -> NcclResult,
+    send: unsafe extern "C" fn(*const c_void, usize, c_int, c_int, Comm_, sys::CUstream) -> NcclResult,
+    recv: unsafe extern "C" fn(*mut c_void, usize, c_int, c_int, Comm_, sys::CUstream) -> NcclResult,
+    group_start: unsafe extern "C" fn() -> NcclResult,
+    group_end: unsafe extern "C" fn() -> NcclResult,
+    error_string: unsafe extern "C" fn(NcclResult) -> *const c_char,
+}
+
+impl Api {
+    fn error(&self, call: &'static str, code: NcclResult) -> CudaError {
+        // SAFETY: ncclGetErrorString returns a static NUL-terminated string for any code.
+        let text = unsafe { (self.error_string)(code) };
+        let message = if text.is_null() {
+            format!("NCCL error {code}")
+        } else {
+            // SAFETY: not null; a static string, as above.
+            format!("{} ({code})", unsafe { CStr::from_ptr(text) }.to_string_lossy())
+        };
+        CudaError::Nccl { call, message }
+    }
+
+    fn check(&self, call: &'static str, code: NcclResult) -> Result<(), CudaError> {
+        match code {
+            0 => Ok(()),
+            c => Err(self.error(call, c)),
+        }
+    }
+}
+
+/// The process's NCCL, opened once; the reason where it could not be.
+fn api() -> Result<&'static Api, CudaError> {
+    static API: OnceLock<Result<Api, String>> = OnceLock::new();
+    API.get_or_init(|| {
+        let candidates: Vec<PathBuf> = match std::env::var_os(LIBNCCL_ENV) {
+            Some(p) => vec![PathBuf::from(p)],
+            None => LIBNCCL_NAMES.map(PathBuf::from).to_vec(),
+        };
+        let mut errors = Vec::new();
+        for path in &candidates {
+            // SAFETY: loading NCCL runs its initialisers, as every NCCL program does; nothing
+            // in it is called before its symbols are resolved.
+            match unsafe { libloading::Library::new(path) } {
+                Ok(lib) => return open(lib, path.clone()),
+                Err(e) => {
+                    // dlerror's text, without the name it starts with.
+                    let text = std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string());
+                    let name = format!("{}: ", path.display());
+                    errors.push(text.strip_prefix(&name).map(str::to_owned).unwrap_or(text));
+                }
+            }
+        }
+        let names: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
+        let why = match errors.first() {
+            Some(first) if errors.iter().all(|e| e == first) => first.clone(),
+            _ => errors.join("; "),
+        };
+        Err(format!(
+            "no NCCL library could be loaded (tried {}: {why}); set {LIBNCCL_ENV} to its path",
+            names.join(", ")
+        ))
+    })
+    .as_ref()
+    .map_err(|why| CudaError::Nccl { call: "loading NCCL", message: why.clone() })
+}
+
+fn open(lib: libloading::Library, library: PathBuf) -> Result<Api, String> {
+    fn get<T: Copy>(lib: &libloading::Library, name: &str) -> Result<T, String> {
+        // SAFETY: every name below is looked up with its exact C signature from nccl.h.
+        unsafe { lib.get::<T>(name.as_bytes()) }.map(|s| *s).map_err(|e| format!("the NCCL library lacks {name}: {e}"))
+    }
+    let get_version: unsafe extern "C" fn(*mut c_int) -> NcclResult = get(&lib, "ncclGetVersion")?;
+    let mut version = 0;
+    // SAFETY: writes one int.
+    if unsafe { get_version(&mut version) } != 0 {
+        return Err(format!("{}: ncclGetVersion failed", library.display()));
+    }
+    Ok(Api {
+        version,
+        get_unique_id: get(&lib, "ncclGetUniqueId")?,
+        init_rank: get(&lib, "ncclCommInitRank")?,
+        destroy: get(&lib, "ncclCommDestroy")?,
+        abort: get(&lib, "ncclCommAbort")?,
+        async_error: get(&lib, "ncclCommGetAsyncError")?,
+        send: get(&lib, "ncclSend")?,
+        recv: get(&lib, "ncclRecv")?,
+        group_start: get(&lib, "ncclGroupStart")?,
+        group_end: get(&lib, "ncclGroupEnd")?,
+        error_string: get(&lib, "ncclGetErrorString")?,
+        library,
+        _lib: lib,
+    })
+}
+
+/// The NCCL library the process loaded and its version (`22800` is 2.28.0), or why none
+/// could be (for `tensorlift doctor`).
+pub fn status() -> Result<(PathBuf, i32), String> {
+    match api() {
+        Ok(a) => Ok((a.library.clone(), a.version)),
+        Err(CudaError::Nccl { message, .. }) => Err(message),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A communicator's id (`ncclUniqueId`): made by one rank, handed to every other rank out of
+/// band, as bytes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct UniqueId([u8; ID_BYTES]);
+
+impl std::fmt::Debug for UniqueId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UniqueId(..)")
+    }
+}
+
+impl UniqueId {
+    /// A new id (`ncclGetUniqueId`), from the rank that hands it to the others.
+    pub fn new() -> Result<UniqueId, CudaError> {
+        let api = api()?;
+        let mut raw = RawId { internal: [0; ID_BYTES] };
+        // SAFETY: writes one ncclUniqueId.
+        api.check("ncclGetUniqueId", unsafe { (api.get_unique_id)(&mut raw) })?;
+        Ok(UniqueId(raw.internal.map(|c| c as u8)))
+    }
+
+    /// The id as bytes, to send to the other ranks.
+    pub fn to_bytes(&self) -> [u8; 128] {
+        self.0
+    }
+
+    /// An id received from the rank that made it.
+    pub fn from_bytes(bytes: [u8; 128]) -> UniqueId {
+        UniqueId(bytes)
+    }
+}
+
+/// One rank's communicator on its GPU, and the stream its exchanges run on. Destroyed when
+/// dropped; aborted instead once an exchange has failed, so that no rank waits on it.
+pub struct Comm {
+    api: &'static Api,
+    raw: Comm_,
+    gpu: Gpu,
+    stream: Arc<CudaStream>,
+    rank: usize,
+    world: usize,
+    failed: bool,
+}
+
+// SAFETY: a communicator may be used from any thread, one at a time (`&mut self` for every
+// call that enqueues work); NCCL forbids only concurrent use.
+unsafe impl Send for Comm {}
+
+impl std::fmt::Debug for Comm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Comm")
+            .field("rank", &self.rank)
+            .field("world", &self.world)
+            .field("device", &self.gpu.ordinal())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Comm {
+    /// Rank `rank` of `world` ranks on `gpu` (`ncclCommInitRank`): every rank calls this with
+    /// the same id, and it returns once all have.
+    pub fn new(gpu: &Gpu, id: &UniqueId, rank: usize, world: usize) -> Result<Comm, CudaError> {
+        let api = api()?;
+        let (Ok(n), Ok(r)) = (c_int::try_from(world), c_int::try_from(rank)) else {
+            return Err(CudaError::Nccl { call: "ncclCommInitRank", message: format!("rank {rank} of {world}") });
+        };
+        if rank >= world {
+            return Err(CudaError::Nccl { call: "ncclCommInitRank", message: format!("rank {rank} of {world}") });
+        }
+        let stream = gpu.new_stream()?;
+        let _restore = gpu.enter()?;
+        let mut raw: Comm_ = std::ptr::null_mut();
+        let id = RawId { internal: id.0.map(|b| b as c_char) };
+        // SAFETY: writes one communicator handle; the id is passed by value, as nccl.h takes
+        // it; the device's context is current, which NCCL takes the device from.
+        api.check("ncclCommInitRank", unsafe { (api.init_rank)(&mut raw, n, id, r) })?;
+        Ok(Comm { api, raw, gpu: gpu.clone(), stream, rank, world, failed: false })
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// How many ranks.
+    pub fn world(&self) -> usize {
+        self.world
+    }
+
+    /// The device.
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    /// Starts an exchange: copies, sends and receives that [`Exchange::run`] queues together.
+    pub fn exchange(&mut self) -> Exchange<'_> {
+        Exchange { comm: self, ops: Vec::new() }
+    }
+
+    /// Whether every rank is ready: each says so (`ok`) to every other, and the ranks that
+    /// are not are returned, in order (this rank among them when `!ok`). Every rank must
+    /// call it at the same point.
+    pub fn agree(&mut self, ok: bool) -> Result<Vec<usize>, CudaError> {
+        let (world, me) = (self.world, self.rank);
+        let flags = Arc::new(DeviceArena::new(&self.gpu, world)?);
+        let mut mine = vec![0u8; world];
+        mine[me] = u8::from(!ok);
+        flags.copy_from_host(0, &mine)?;
+        let mut x = self.exchange();
+        for peer in (0..world).filter(|&p| p != me) {
+            x.send(peer, Block::flat(&flags, me, 1))?;
+            x.recv(peer, Block::flat(&flags, peer, 1))?;
+        }
+        x.run()?;
+        let mut all = vec![0u8; world];
+        flags.copy_to_host(0, &mut all)?;
+        Ok(all.iter().enumerate().filter(|(_, &f)| f != 0).map(|(r, _)| r).collect())
+    }
+
+    /// Aborts the communicator (after a failure): its work in flight is stopped, the other
+    /// ranks' calls on it fail rather than wait, and every later exchange on it fails.
+    pub fn abort(&mut self) {
+        self.fail();
+    }
+
+    fn fail(&mut self) {
+        if !self.failed {
+            self.failed = true;
+            let _restore = self.gpu.enter_for_release();
+            // SAFETY: the handle is live; after an abort it is used for nothing but this.
+            let _ = unsafe { (self.api.abort)(self.raw) };
+        }
+    }
+}
+
+impl Drop for Comm {
+    fn drop(&mut self) {
+        if self.failed {
+            return;
+        }
+        let _restore = self.gpu.enter_for_release();
+        // SAFETY: the handle is live and dropped once; every exchange waited for its work.
+        let _ = unsafe { (self.api.destroy)(self.raw) };
+    }
+}
+
+/// Part of a device arena: `rows` rows of `width` bytes, `pitch` bytes apart, from `offset`.
+#[derive(Debug, Clone)]
+pub struct Block {
+    /// The arena.
+    pub arena: Arc<DeviceArena>,
+    /// Where the first row starts.
+    pub offset: usize,
+    /// Rows.
+    pub rows: usize,
+    /// Bytes a row.
+    pub width: usize,
+    /// Bytes from one row's start to the next (at least `width` where there are two rows).
+    pub pitch: usize,
+}
+
+impl Block {
+    /// `len` contiguous bytes at `offset`.
+    pub fn flat(arena: &Arc<DeviceArena>, offset: usize, len: usize) -> Block {
+        Block { arena: Arc::clone(arena), offset, rows: 1, width: len, pitch: len }
+    }
+
+    fn bytes(&self) -> usize {
+        self.rows * self.width
+    }
+
+    fn contiguous(&self) -> bool {
+        self.rows <= 1 || self.pitch == self.width
+    }
+
+    fn ptr(&self) -> u64 {
+        self.arena.device_ptr() + self.offset as u64
+    }
+
+    /// Whether every row lies inside the arena, on `gpu`.
+    fn check(&self, gpu: &Gpu, what: &'static str) -> Result<(), CudaError> {
+        let out = || CudaError::OutOfBounds { what, len: self.rows.saturating_mul(self.width) };
+        if self.arena.gpu().ordinal() != gpu.ordinal() || (self.rows > 1 && self.pitch < self.width) {
+            return Err(out());
+        }
+        let end = match self.rows {
+            0 => Some(self.offset),
+            r => (r - 1)
+                .checked_mul(self.pitch)
+                .and_then(|e| e.checked_add(self.width))
+                .and_then(|e| e.checked_add(self.offset)),
+        };
+        match end {
+            Some(end) if end <= self.arena.len() => Ok(()),
+            _ => Err(out()),
+        }
+    }
+}
+
+enum Step {
+    Copy { dst: Block, src: Block },
+    Send { peer: usize, src: Block },
+    Recv { peer: usize, dst: Block },
+}
+
+/// Copies, sends and receives on one communicator, queued together by [`run`](Self::run):
+/// first the copies (blocks that are not contiguous are gathered into temporary memory
+/// first), then every send and receive in one NCCL group, then the scattering of strided
+/// receives. Every block's bounds are checked as it is added. A rank's sends to a peer and
+/// that peer's receives from it match in the order each adds them.
+pub struct Exchange<'c> {
+    comm: &'c mut Comm,
+    ops: Vec<Step>,
+}
+
+impl std::fmt::Debug for Exchange<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exchange").field("comm", &self.comm).field("steps", &self.ops.len()).finish()
+    }
+}
+
+impl Exchange<'_> {
+    /// Copies `src` into `dst` on this device (the same rows and width).
+    pub fn copy(&mut self, dst: Block, src: Block) -> Result<(), CudaError> {
+        src.check(&self.comm.gpu, "exchange copy source")?;
+        dst.check(&self.comm.gpu, "exchange copy destination")?;
+        if (src.rows, src.width) != (dst.rows, dst.width) {
+            return Err(CudaError::OutOfBounds { what: "exchange copy of blocks of other shapes", len: src.bytes() });
+        }
+        self.ops.push(Step::Copy { dst, src });
+        Ok(())
+    }
+
+    /// Sends `src` to rank `peer`.
+    pub fn send(&mut self, peer: usize, src: Block) -> Result<(), CudaError> {
+        src.check(&self.comm.gpu, "exchange send")?;
+        self.peer(peer)?;
+        self.ops.push(Step::Send { peer, src });
+        Ok(())
+    }
+
+    /// Receives into `dst` what rank `peer` sends it (as many bytes as `dst` holds).
+    pub fn recv(&mut self, peer: usize, dst: Block) -> Result<(), CudaError> {
+        dst.check(&self.comm.gpu, "exchange receive")?;
+        self.peer(peer)?;
+        self.ops.push(Step::Recv { peer, dst });
+        Ok(())
+    }
+
+    fn peer(&self, peer: usize) -> Result<(), CudaError> {
+        if peer >= self.comm.world || peer == self.comm.rank {
+            return Err(CudaError::Nccl {
+                call: "exchange",
+                message: format!("no peer rank {peer} of {}", self.comm.world),
+            });
+        }
+        Ok(())
+    }
+
+    /// Queues every step and waits for them, watching the communicator for errors (a peer
+    /// that went away): on one, the communicator is aborted, and this and every later
+    /// exchange on it fail.
+    pub fn run(self) -> Result<(), CudaError> {
+        let Exchange { comm, ops } = self;
+        if comm.failed {
+            return Err(CudaError::Nccl { call: "exchange", message: "the communicator failed earlier".into() });
+        }
+        let _restore = comm.gpu.enter()?;
+        // Every block and temporary allocation is held until the stream has done with it:
+        // the copies' blocks, then the strided receives' (`scatter[copies..]`).
+        let mut temps: Vec<Arc<DeviceArena>> = Vec::new();
+        let (copies, ops): (Vec<Step>, Vec<Step>) = ops.into_iter().partition(|s| matches!(s, Step::Copy { .. }));
+        let copies_len = copies.len();
+        let ops = copies.into_iter().chain(ops);
+        let mut scatter: Vec<(Block, Block)> = Vec::with_capacity(copies_len);
+        let mut wire: Vec<(bool, usize, Block)> = Vec::new();
+        let result = (|| -> Result<(), CudaError> {
+            for op in ops {
+                match op {
+                    Step::Copy { dst, src } => {
+                        copy_2d(&comm.stream, &dst, &src)?;
+                        scatter.push((dst, src));
+                    }
+                    Step::Send { peer, src } if !src.contiguous() => {
+                        let t = Arc::new(DeviceArena::new(&comm.gpu, src.bytes())?);
+                        let packed = Block::flat(&t, 0, src.bytes());
+                        let rows = Block {
+                            arena: Arc::clone(&t),
+                            offset: 0,
+                            rows: src.rows,
+                            width: src.width,
+                            pitch: src.width,
+                        };
+                        copy_2d(&comm.stream, &rows, &src)?;
+                        temps.push(t);
+                        wire.push((true, peer, packed));
+                    }
+                    Step::Send { peer, src } => wire.push((true, peer, src)),
+                    Step::Recv { peer, dst } if !dst.contiguous() => {
+                        let t = Arc::new(DeviceArena::new(&comm.gpu, dst.bytes())?);
+                        let packed = Block::flat(&t, 0, dst.bytes());
+                        let rows = Block {
+                            arena: Arc::clone(&t),
+                            offset: 0,
+                            rows: dst.rows,
+                            width: dst.width,
+                            pitch: dst.width,
+                        };
+                        scatter.push((dst.clone(), rows));
+                        temps.push(t);
+                        wire.push((false, peer, packed));
+                    }
+                    Step::Recv { peer, dst } => wire.push((false, peer, dst)),
+                }
+            }
+            let api = comm.api;
+            // SAFETY: opens a group; closed below on every path.
+            api.check("ncclGroupStart", unsafe { (api.group_start)() })?;
+            let mut queued = Ok(());
+            for (sending, peer, b) in &wire {
+                let (len, ptr, peer) = (b.bytes(), b.ptr(), *peer as c_int);
+                if len == 0 {
+                    continue;
+                }
+                let cu = comm.stream.cu_stream();
+                queued = if *sending {
+                    // SAFETY: the block was checked inside its arena on this device; the arena
+                    // is held (in `wire`) until the stream has completed, waited for below.
+                    api.check("ncclSend", unsafe { (api.send)(ptr as *const c_void, len, UINT8, peer, comm.raw, cu) })
+                } else {
+                    // SAFETY: as for the send; the block is written by this stream alone.
+                    api.check("ncclRecv", unsafe { (api.recv)(ptr as *mut c_void, len, UINT8, peer, comm.raw, cu) })
+                };
+                if queued.is_err() {
+                    break;
+                }
+            }
+            // SAFETY: closes the group opened above.
+            let ended = api.check("ncclGroupEnd", unsafe { (api.group_end)() });
+            queued.and(ended)?;
+            for (dst, src) in &scatter[copies_len..] {
+                copy_2d(&comm.stream, dst, src)?;
+            }
+            Ok(())
+        })();
+        let waited = result.and_then(|()| wait(comm));
+        if waited.is_err() {
+            comm.fail();
+        }
+        // Nothing queued may outlive the memory it uses: after a failure, wait for the
+        // stream (an aborted communicator's work ends) before the blocks are released.
+        if comm.failed {
+            let _ = comm.stream.synchronize();
+        }
+        drop((temps, scatter, wire));
+        waited
+    }
+}
+
+/// Waits for the stream's work, checking the communicator's error state as it goes.
+fn wait(comm: &Comm) -> Result<(), CudaError> {
+    let done = comm.stream.record_event(None).call("cuEventRecord")?;
+    let mut pause = Duration::from_micros(50);
+    loop {
+        if done.try_is_complete().call("cuEventQuery")? {
+            return Ok(());
+        }
+        let mut state: NcclResult = 0;
+        // SAFETY: writes one result code; the handle is live.
+        comm.api.check("ncclCommGetAsyncError", unsafe { (comm.api.async_error)(comm.raw, &mut state) })?;
+        if state != 0 && state != IN_PROGRESS {
+            return Err(comm.api.error("ncclCommGetAsyncError", state));
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(2));
+    }
+}
+
+/// Queues a device-to-device copy of `src` into `dst` (shapes checked by the caller).
+fn copy_2d(stream: &CudaStream, dst: &Block, src: &Block) -> Result<(), CudaError> {
+    if src.bytes() == 0 {
+        return Ok(());
+    }
+    if src.contiguous() && dst.contiguous() {
+        // SAFETY: both blocks were checked inside their arenas on this device, which are
+        // held until the stream has completed.
+        let r = unsafe { sys::cuMemcpyDtoDAsync_v2(dst.ptr(), src.ptr(), src.bytes(), stream.cu_stream()) };
+        return check(r, "cuMemcpyDtoDAsync");
+    }
+    let copy = sys::CUDA_MEMCPY2D {
+        srcXInBytes: 0,
+        srcY: 0,
+        srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+        srcHost: std::ptr::null(),
+        srcDevice: src.ptr(),
+        srcArray: std::ptr::null_mut(),
+        srcPitch: if src.rows > 1 { src.pitch } else { src.width },
+        dstXInBytes: 0,
+        dstY: 0,
+        dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+        dstHost: std::ptr::null_mut(),
+        dstDevice: dst.ptr(),
+        dstArray: std::ptr::null_mut(),
+        dstPitch: if dst.rows > 1 { dst.pitch } else { dst.width },
+        WidthInBytes: src.width,
+        Height: src.rows,
+    };
+    // SAFETY: every row of both blocks was checked inside its arena (pitches at least the
+    // width); the descriptor is read by the call, which does not keep it.
+    check(unsafe { sys::cuMemcpy2DAsync_v2(&copy, stream.cu_stream()) }, "cuMemcpy2DAsync")
+}

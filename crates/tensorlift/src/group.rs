@@ -1,0 +1,517 @@
+//! Processes that share one load, one GPU each, over NCCL: every rank reads a disjoint part
+//! of the checkpoint and sends each other rank only the slices that rank keeps
+//! ([`Loader::load_group_blocking`]). This is how a node of one process per GPU reads each
+//! byte of a checkpoint once, where each rank reading its own slices would read row-parallel
+//! tensors whole on every rank.
+//!
+//! The load goes in rounds of about `world` × the loader's
+//! [`staging_budget`](crate::LoaderBuilder::staging_budget) (256 MiB unless set) of the
+//! checkpoint, in file order (a
+//! round ends with the tensor that brings it to that size), the same rounds on every rank.
+//! Each round's bytes are cut into `world` runs of equal size, one a rank, at the nearest
+//! boundary between rows of the first dimension: a tensor that a cut falls in is read by
+//! several ranks, each its own block of rows (a tensor that cannot be cut into rows of whole
+//! bytes, or one of no dimensions, goes whole to the rank its middle byte falls to). So every
+//! rank reads about `1/world` of every round, and all read at once.
+//!
+//! In each round each rank loads its pieces onto its GPU with the loader, then sends each
+//! other rank the part of each piece that rank keeps (its slice, or the whole tensor for a
+//! replica), by NCCL sends and receives in one group. A receiver gets a block of rows of its
+//! own part straight into place: rows of a part are contiguous. A sender gathers a block
+//! that is not contiguous (the columns of a row-parallel slice) with a 2D copy first. The
+//! rank reads its pieces of the next round while the current one is exchanged: at most two
+//! rounds' pieces are held beside what it keeps.
+//!
+//! Before each exchange the ranks agree that every one is ready (a byte to every other rank):
+//! a rank that failed (a read, memory) returns its error, and the others an error naming it,
+//! rather than wait for sends that will not come.
+//!
+//! This is the Rust side of the Python package's `load_group`, which does the same over a
+//! torch.distributed process group (NCCL on GPUs, gloo on CPUs); both cut the same rounds.
+//!
+//! ```no_run
+//! use tensorlift::group::{NcclComm, NcclId};
+//! use tensorlift::{Device, DevicePlan, Loader, Sharding};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let (rank, world) = (0, 2);
+//! # let id_bytes = [0u8; 128];
+//! // In each process: rank `rank` of `world`, on GPU `rank`; rank 0 made the id
+//! // (`NcclId::new()`) and sent its bytes to the others.
+//! let gpu = tensorlift::group::Gpu::open(rank)?;
+//! let mut comm = NcclComm::new(&gpu, &NcclId::from_bytes(id_bytes), rank, world)?;
+//! let parts = (0..world)
+//!     .map(|r| Ok(DevicePlan::shard(Device::Cuda(r), Sharding::llama(r, world, 8)?)))
+//!     .collect::<Result<Vec<_>, tensorlift::LoadError>>()?;
+//! let loader = Loader::builder().device(Device::Cuda(rank)).build()?;
+//! let model = loader.load_group_blocking("models/llama", &mut comm, &parts)?;
+//! println!("read {} bytes, sent {:?}", model.stats().bytes_read, model.stats().sent_to);
+//! # Ok(()) }
+//! ```
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tensorlift_cuda::nccl::Block;
+pub use tensorlift_cuda::nccl::{Comm as NcclComm, UniqueId as NcclId};
+use tensorlift_cuda::DeviceArena;
+pub use tensorlift_cuda::Gpu;
+use tensorlift_format::PlannedTensor;
+
+use crate::{Device, DevicePlan, LoadError, Loader, Model, Tensor, TensorSlice};
+
+/// Device memory of one tensor's part within a round's allocation.
+const ALIGN: usize = 256;
+
+/// How a tensor is cut into rows: `rows` of `row_bytes` (one row, the whole tensor, where its
+/// rows are not whole bytes or it has no dimension).
+#[derive(Debug, Clone, Copy)]
+struct Rows {
+    rows: usize,
+    row_bytes: usize,
+}
+
+/// One rank's part of a tensor: rows `rows` of the first dimension and, where it slices an
+/// inner dimension `j`, indices `cols` of it, with `outer` the product of the dimensions
+/// between the first and `j`, `inner` the bytes of one index of `j`, `stride` the bytes from
+/// one index of the dimension before `j` to the next.
+#[derive(Debug, Clone)]
+struct Part {
+    rows: Range<usize>,
+    cols: Option<(Range<usize>, usize, usize, usize)>,
+    shape: Vec<usize>,
+}
+
+impl Part {
+    /// Bytes of one of the part's rows.
+    fn row_bytes(&self, t: &Rows) -> usize {
+        match &self.cols {
+            None => t.row_bytes,
+            Some((c, outer, inner, _)) => outer * (c.end - c.start) * inner,
+        }
+    }
+
+    fn bytes(&self, t: &Rows) -> usize {
+        (self.rows.end - self.rows.start) * self.row_bytes(t)
+    }
+}
+
+fn rows_of(t: &PlannedTensor) -> Rows {
+    let n = t.len() as usize;
+    match t.shape.first() {
+        Some(&r) if r > 0 && n % r == 0 => Rows { rows: r, row_bytes: n / r },
+        _ => Rows { rows: 1, row_bytes: n },
+    }
+}
+
+/// The part `slice` chooses of `t` (`None`: all of it), if group loads can send it: a range of
+/// the first dimension and of at most one other.
+fn part_of(t: &PlannedTensor, r: &Rows, slice: Option<&TensorSlice>) -> Result<Part, String> {
+    let whole = Part { rows: 0..r.rows, cols: None, shape: t.shape.clone() };
+    let Some(slice) = slice else { return Ok(whole) };
+    let layout = slice.layout(&t.shape, t.dtype.bitsize()).map_err(|e| e.to_string())?;
+    let ranges = slice.ranges();
+    let is_whole = |d: usize| ranges[d] == (0..t.shape[d]);
+    if r.rows != t.shape.first().copied().unwrap_or(1) {
+        // One row, the whole tensor: it goes whole or not at all.
+        return match (0..ranges.len()).all(is_whole) {
+            true => Ok(whole),
+            false => Err("its rows are not whole bytes, so it cannot be split".into()),
+        };
+    }
+    let partial: Vec<usize> = (1..ranges.len()).filter(|&d| !is_whole(d)).collect();
+    let rows = ranges.first().cloned().unwrap_or(0..r.rows);
+    let cols = match partial.as_slice() {
+        [] => None,
+        &[j] => {
+            let n = t.len() as usize;
+            let through_j: usize = t.shape[..=j].iter().product();
+            if n % through_j != 0 {
+                return Err(format!("an index of dimension {j} is not whole bytes"));
+            }
+            let inner = n / through_j;
+            let outer: usize = t.shape[1..j].iter().product();
+            Some((ranges[j].clone(), outer, inner, t.shape[j] * inner))
+        }
+        _ => return Err("a group load sends slices of the first dimension and one other at most".into()),
+    };
+    Ok(Part { rows, cols, shape: layout.shape })
+}
+
+/// The tensors of each round, as index ranges of the plan's tensors (file order).
+fn rounds(sizes: &[u64], limit: u64) -> Vec<Range<usize>> {
+    let (mut out, mut start, mut acc) = (Vec::new(), 0, 0u64);
+    for (i, &n) in sizes.iter().enumerate() {
+        acc += n;
+        if acc >= limit {
+            out.push(start..i + 1);
+            (start, acc) = (i + 1, 0);
+        }
+    }
+    if start < sizes.len() || out.is_empty() {
+        out.push(start..sizes.len());
+    }
+    out
+}
+
+/// Who reads what of one round: for each tensor of it, `(rank, rows)` pieces in rank order.
+/// The round's bytes are cut into `world` equal runs; each cut moves to the nearest row
+/// boundary of the tensor it falls in. A tensor of no bytes has no pieces.
+fn pieces(rows: &[Rows], sizes: &[u64], round: Range<usize>, world: usize) -> Vec<Vec<(usize, Range<usize>)>> {
+    let total: u64 = sizes[round.clone()].iter().sum();
+    let cuts: Vec<u64> = (0..=world as u64).map(|r| total * r / world as u64).collect();
+    let mut at = 0u64;
+    round
+        .map(|i| {
+            let (n, r) = (sizes[i], rows[i]);
+            let out = if n == 0 {
+                Vec::new()
+            } else if r.rows > 1 {
+                let row = r.row_bytes as u64;
+                let mut bounds: Vec<usize> = cuts
+                    .iter()
+                    .map(|&c| {
+                        (c.saturating_sub(at) + row / 2).checked_div(row).unwrap_or(0).min(r.rows as u64) as usize
+                    })
+                    .collect();
+                (bounds[0], bounds[world]) = (0, r.rows);
+                (0..world).filter(|&k| bounds[k] < bounds[k + 1]).map(|k| (k, bounds[k]..bounds[k + 1])).collect()
+            } else {
+                let middle = at + n / 2;
+                let owner = (0..world).find(|&k| middle < cuts[k + 1]).unwrap_or(world - 1);
+                vec![(owner, 0..r.rows)]
+            };
+            at += n;
+            out
+        })
+        .collect()
+}
+
+/// Where rows of a tensor read by one rank (a piece) meet a rank's part of it.
+#[derive(Debug, PartialEq, Eq)]
+struct Meet {
+    /// The block of the piece, in the piece's memory (its rows whole, from its first).
+    src_offset: usize,
+    rows: usize,
+    width: usize,
+    pitch: usize,
+    /// Where the block goes in the part's memory, contiguous: rows of a part are.
+    dst_offset: usize,
+    dst_len: usize,
+}
+
+/// Where rows `piece` of a tensor meet `part`; `None` where they do not.
+fn overlap(t: &Rows, piece: &Range<usize>, part: &Part) -> Option<Meet> {
+    let (x0, x1) = (piece.start.max(part.rows.start), piece.end.min(part.rows.end));
+    if x0 >= x1 {
+        return None;
+    }
+    let first = (x0 - piece.start) * t.row_bytes;
+    let (src_offset, rows, width, pitch) = match &part.cols {
+        None => (first, 1, (x1 - x0) * t.row_bytes, 0),
+        Some((c, outer, inner, stride)) => {
+            (first + c.start * inner, (x1 - x0) * outer, (c.end - c.start) * inner, *stride)
+        }
+    };
+    let (dst_offset, dst_len) = ((x0 - part.rows.start) * part.row_bytes(t), (x1 - x0) * part.row_bytes(t));
+    (dst_len > 0).then_some(Meet { src_offset, rows, width, pitch, dst_offset, dst_len })
+}
+
+impl Loader {
+    /// This rank's part of the checkpoint at `path`, loaded with the other ranks of `comm`,
+    /// each reading a disjoint part of it once (see [the module](crate::group)). `parts[r]`
+    /// is rank `r`'s device and part of each tensor ([`DevicePlan::shard`] for tensor
+    /// parallelism, [`DevicePlan::replica`] for every tensor whole); every rank passes the
+    /// same parts. This loader loads onto this rank's device (`parts[comm.rank()]`'s, and the
+    /// communicator's), with no loader-wide slices, conversion or placement of its own.
+    ///
+    /// Every rank calls this at the same point. The stats count this rank's reads in
+    /// [`bytes_read`](crate::LoadStats::bytes_read), and what it sent to and received from
+    /// each rank in [`sent_to`](crate::LoadStats::sent_to) and
+    /// [`received_from`](crate::LoadStats::received_from). A failure on any rank fails the
+    /// load on every rank; a communicator that failed during an exchange is aborted, and
+    /// no later load can use it.
+    pub fn load_group_blocking(
+        &self,
+        path: impl AsRef<Path>,
+        comm: &mut NcclComm,
+        parts: &[DevicePlan],
+    ) -> Result<Model, LoadError> {
+        let started = Instant::now();
+        let (me, world) = (comm.rank(), comm.world());
+        // Any failure before the first round must reach every rank.
+        let prepared = self.prepare_group(path.as_ref(), comm, parts);
+        let failed = comm.agree(prepared.is_ok()).map_err(|e| LoadError::Group(format!("rank {me}: {e}")))?;
+        let (plan, rows, owned) = prepared?;
+        if let Some(r) = failed.first() {
+            return Err(LoadError::Group(format!("rank {r} of the group failed (its own error says why)")));
+        }
+        let file = crate::error::plan_file(&plan);
+        let cuda = |e: tensorlift_cuda::CudaError| LoadError::Cuda { file: file.clone(), source: e };
+        let sizes: Vec<u64> = plan.tensors().iter().map(PlannedTensor::len).collect();
+        let rounds = rounds(&sizes, (world * self.cfg.staging_budget) as u64);
+        let cuts: Vec<_> = rounds.iter().map(|r| pieces(&rows, &sizes, r.clone(), world)).collect();
+        let mut stats = self.new_stats();
+        let (mut sent, mut received) = (vec![0u64; world], vec![0u64; world]);
+        let mut out: Vec<Tensor> = Vec::with_capacity(plan.tensors().len());
+
+        // This rank's pieces of round `k`: its tensors, by name, in device memory.
+        let load = |k: usize| -> Result<(HashMap<String, Tensor>, u64), LoadError> {
+            let mine: HashMap<&str, Range<usize>> = rounds[k]
+                .clone()
+                .zip(&cuts[k])
+                .flat_map(|(i, ps)| ps.iter().filter(|(r, _)| *r == me).map(move |(_, rs)| (i, rs)))
+                .map(|(i, rs)| (plan.tensors()[i].name.as_str(), rs.clone()))
+                .collect();
+            if mine.is_empty() {
+                return Ok((HashMap::new(), 0));
+            }
+            let mut p = plan.clone();
+            p.retain(|t| mine.contains_key(t.name.as_str()));
+            let whole = |t: &PlannedTensor| rows_of(t).rows == t.shape.first().copied().unwrap_or(1);
+            p.slice_with(
+                |t| {
+                    let rs = &mine[t.name.as_str()];
+                    Ok((whole(t) && *rs != (0..rows_of(t).rows)).then(|| TensorSlice::rows(rs.clone())))
+                },
+                |t, e| LoadError::Slice { file: file.clone(), tensor: t.name.clone(), message: e.to_string() },
+            )?;
+            let model = self.load_plan_blocking(p)?;
+            let read = model.stats().bytes_read;
+            Ok((model.into_tensors().into_iter().map(|t| (t.name().to_owned(), t)).collect(), read))
+        };
+
+        let load = &load;
+        std::thread::scope(|s| -> Result<(), LoadError> {
+            let mut ahead = Some(s.spawn(move || load(0)));
+            for (k, round) in rounds.iter().enumerate() {
+                let mut steps = || -> Result<(Vec<Tensor>, Vec<Step>), LoadError> {
+                    let (mine, read) = match ahead.take().map(|h| h.join()) {
+                        Some(Ok(r)) => r?,
+                        _ => return Err(LoadError::Group("this rank's reading thread stopped (a bug)".into())),
+                    };
+                    stats.bytes_read += read;
+                    if k + 1 < rounds.len() {
+                        ahead = Some(s.spawn(move || load(k + 1)));
+                    }
+                    self.round_steps(&plan, &rows, &owned, round.clone(), &cuts[k], mine, comm.gpu(), me)
+                };
+                let prepared = steps();
+                let failed = comm.agree(prepared.is_ok()).map_err(&cuda)?;
+                let (kept, steps) = prepared?;
+                if let Some(r) = failed.first() {
+                    return Err(LoadError::Group(format!("rank {r} of the group failed (its own error says why)")));
+                }
+                let mut x = comm.exchange();
+                let mut added = Ok(());
+                for step in steps {
+                    let r = match step {
+                        Step::Copy(dst, src) => x.copy(dst, src),
+                        Step::Send(peer, src) => {
+                            sent[peer] += (src.rows * src.width) as u64;
+                            x.send(peer, src)
+                        }
+                        Step::Recv(peer, dst) => {
+                            received[peer] += (dst.rows * dst.width) as u64;
+                            x.recv(peer, dst)
+                        }
+                    };
+                    if let Err(e) = r {
+                        added = Err(e);
+                        break;
+                    }
+                }
+                // A step refused (a bug) must not leave the other ranks waiting for it.
+                if let Err(e) = added {
+                    drop(x);
+                    comm.abort();
+                    return Err(cuda(e));
+                }
+                x.run().map_err(&cuda)?;
+                out.extend(kept);
+            }
+            Ok(())
+        })?;
+        stats.bytes = out.iter().map(|t| t.len() as u64).sum();
+        stats.tensors = out.len();
+        stats.shards = plan.shards().len();
+        stats.checkpoint_bytes = plan.checkpoint_bytes();
+        stats.wall = started.elapsed();
+        stats.sent_to = sent;
+        stats.received_from = received;
+        Ok(Model::new(out, stats, &plan))
+    }
+
+    /// The plan, each tensor's rows, and every rank's part of each tensor; or why not.
+    #[allow(clippy::type_complexity)]
+    fn prepare_group(
+        &self,
+        path: &Path,
+        comm: &NcclComm,
+        parts: &[DevicePlan],
+    ) -> Result<(tensorlift_io::Checkpoint, Vec<Rows>, Vec<Vec<Part>>), LoadError> {
+        let (me, world) = (comm.rank(), comm.world());
+        let refuse = |why: String| Err(LoadError::Unsupported(format!("group load: {why}")));
+        if parts.len() != world {
+            return refuse(format!("{} parts for a group of {world} ranks", parts.len()));
+        }
+        let ordinal = comm.gpu().ordinal();
+        if self.device != Device::Cuda(ordinal) || parts[me].device != Device::Cuda(ordinal) {
+            return refuse(format!(
+                "rank {me}'s communicator is on cuda:{ordinal}, its part on {}, and this loader loads onto {}",
+                parts[me].device, self.device
+            ));
+        }
+        let cfg = &self.cfg;
+        if !cfg.slices.is_empty() || cfg.convert_to.is_some() || cfg.place.is_some() || cfg.devices.is_some() {
+            return refuse("the loader has slices, a conversion, a placement or devices of its own (give each rank's part in `parts`)".into());
+        }
+        let plan = self.plan(path)?;
+        let file = crate::error::plan_file(&plan);
+        let rows: Vec<Rows> = plan.tensors().iter().map(rows_of).collect();
+        let owned = parts
+            .iter()
+            .map(|p| {
+                let chosen = p.slices.choose(&plan)?;
+                plan.tensors()
+                    .iter()
+                    .zip(&rows)
+                    .zip(&chosen)
+                    .map(|((t, r), s)| {
+                        part_of(t, r, s.as_ref()).map_err(|message| LoadError::Slice {
+                            file: file.clone(),
+                            tensor: t.name.clone(),
+                            message,
+                        })
+                    })
+                    .collect::<Result<Vec<Part>, LoadError>>()
+            })
+            .collect::<Result<Vec<_>, LoadError>>()?;
+        Ok((plan, rows, owned))
+    }
+
+    /// This rank's parts of one round's tensors (device memory of their own, one allocation),
+    /// and the copies, sends and receives that fill them and the other ranks' parts.
+    #[allow(clippy::too_many_arguments)]
+    fn round_steps(
+        &self,
+        plan: &tensorlift_io::Checkpoint,
+        rows: &[Rows],
+        owned: &[Vec<Part>],
+        round: Range<usize>,
+        cuts: &[Vec<(usize, Range<usize>)>],
+        mut mine: HashMap<String, Tensor>,
+        gpu: &tensorlift_cuda::Gpu,
+        me: usize,
+    ) -> Result<(Vec<Tensor>, Vec<Step>), LoadError> {
+        let file = crate::error::plan_file(plan);
+        let cuda = |e: tensorlift_cuda::CudaError| LoadError::Cuda { file: file.clone(), source: e };
+        let mut offsets = Vec::with_capacity(round.len());
+        let mut len = 0usize;
+        for i in round.clone() {
+            offsets.push(len);
+            len = (len + owned[me][i].bytes(&rows[i])).next_multiple_of(ALIGN);
+        }
+        let arena = Arc::new(DeviceArena::new(gpu, len).map_err(|e| match e {
+            tensorlift_cuda::CudaError::OutOfMemory { bytes, .. } => LoadError::DeviceMemory {
+                file: file.clone(),
+                device: Device::Cuda(gpu.ordinal()),
+                needed: bytes,
+                free: gpu.memory_info().map_or(0, |(free, _)| free),
+            },
+            e => cuda(e),
+        })?);
+        let mut kept = Vec::with_capacity(round.len());
+        let mut steps = Vec::new();
+        for (k, i) in round.enumerate() {
+            let t = &plan.tensors()[i];
+            let part = &owned[me][i];
+            let at = offsets[k];
+            kept.push(Tensor::device(
+                &t.name,
+                t.dtype,
+                &part.shape,
+                Arc::clone(&arena),
+                at as u64,
+                part.bytes(&rows[i]),
+            ));
+            for (owner, piece) in &cuts[k] {
+                if *owner == me {
+                    let loaded = mine.remove(&t.name).ok_or_else(|| {
+                        LoadError::Group(format!("tensor '{}': this rank's piece did not load", t.name))
+                    })?;
+                    let (src_arena, base) = loaded.device_memory().ok_or_else(|| {
+                        LoadError::Group(format!("tensor '{}': its piece loaded outside device memory", t.name))
+                    })?;
+                    for (r, part) in owned.iter().enumerate().map(|(r, p)| (r, &p[i])) {
+                        let Some(m) = overlap(&rows[i], piece, part) else { continue };
+                        let (rows, width) = (m.rows, m.width);
+                        let src = Block {
+                            arena: Arc::clone(src_arena),
+                            offset: base + m.src_offset,
+                            rows,
+                            width,
+                            pitch: m.pitch,
+                        };
+                        if r == me {
+                            let dst = Block {
+                                arena: Arc::clone(&arena),
+                                offset: at + m.dst_offset,
+                                rows,
+                                width,
+                                pitch: width,
+                            };
+                            steps.push(Step::Copy(dst, src));
+                        } else {
+                            steps.push(Step::Send(r, src));
+                        }
+                    }
+                } else if let Some(m) = overlap(&rows[i], piece, part) {
+                    steps.push(Step::Recv(*owner, Block::flat(&arena, at + m.dst_offset, m.dst_len)));
+                }
+            }
+        }
+        Ok((kept, steps))
+    }
+}
+
+/// One step of a round's exchange.
+enum Step {
+    Copy(Block, Block),
+    Send(usize, Block),
+    Recv(usize, Block),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounds_end_with_the_tensor_that_fills_them() {
+        assert_eq!(rounds(&[5, 5, 5, 1], 10), vec![0..2, 2..4]);
+        assert_eq!(rounds(&[20, 1], 10), vec![0..1, 1..2]);
+        assert_eq!(rounds(&[], 10), vec![0..0]);
+    }
+
+    #[test]
+    fn every_rank_reads_its_share_of_a_round_at_row_boundaries() {
+        // One tensor of 8 rows of 4 bytes, 2 ranks: 4 rows each.
+        let rows = [Rows { rows: 8, row_bytes: 4 }, Rows { rows: 1, row_bytes: 3 }];
+        let p = pieces(&rows, &[32, 3], 0..2, 2);
+        assert_eq!(p[0], vec![(0, 0..4), (1, 4..8)]);
+        // The 3-byte tensor's middle byte (33) is past the cut at 17: rank 1's.
+        assert_eq!(p[1], vec![(1, 0..1)]);
+    }
+
+    #[test]
+    fn a_piece_meets_a_column_slice_as_a_strided_block() {
+        // [4, 6] of 2-byte elements; the part is columns 2..4 of every row; the piece rows 1..3.
+        let t = Rows { rows: 4, row_bytes: 12 };
+        let part = Part { rows: 0..4, cols: Some((2..4, 1, 2, 12)), shape: vec![4, 2] };
+        let m = overlap(&t, &(1..3), &part).unwrap();
+        assert_eq!(m, Meet { src_offset: 4, rows: 2, width: 4, pitch: 12, dst_offset: 4, dst_len: 8 });
+        assert!(overlap(&t, &(1..3), &Part { rows: 3..4, cols: None, shape: vec![1, 6] }).is_none());
+    }
+}

@@ -1,0 +1,318 @@
+//! Group loads over NCCL (`Loader::load_group_blocking`): one process a rank, each on its
+//! own device, against the emulated driver and the emulated NCCL it carries (CI has neither
+//! a GPU nor NCCL). Each rank is this test executable run again as `rank_child`, which does
+//! nothing in a plain test run. Every rank's tensors are checked against the file's bytes,
+//! sliced by the test's own code, and against a load of that rank's part alone.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tensorlift::group::{Gpu, NcclComm, NcclId};
+use tensorlift::{Device, DevicePlan, DirectIo, Dtype, Loader, Sharding, SliceRule};
+use tensorlift_testkit::{pattern_for, slice_bytes, write_sharded, Spec};
+
+const RANK: &str = "TLG_RANK";
+const WORLD: &str = "TLG_WORLD";
+const DIR: &str = "TLG_DIR";
+const MODE: &str = "TLG_MODE";
+const KV_HEADS: usize = 4;
+
+/// A Llama-shaped checkpoint in two shards, with tensors of other kinds beside it (replicas
+/// of every dtype, scalars, empty ones), all of them given to every rank whole.
+fn checkpoint(dir: &Path) {
+    let mut first: Vec<Spec<'static>> = vec![
+        ("model.embed_tokens.weight", Dtype::F16, &[100, 64]),
+        ("model.norm.weight", Dtype::F32, &[64]),
+        ("lm_head.weight", Dtype::BF16, &[100, 64]),
+    ];
+    let layers: [[Spec<'static>; 8]; 2] = [0, 1].map(|l| {
+        let name = |n: &str| -> &'static str { Box::leak(format!("model.layers.{l}.{n}").into_boxed_str()) };
+        [
+            (name("self_attn.q_proj.weight"), Dtype::F16, &[64, 64][..]),
+            (name("self_attn.k_proj.weight"), Dtype::F16, &[32, 64][..]),
+            (name("self_attn.v_proj.weight"), Dtype::BF16, &[32, 64][..]),
+            (name("self_attn.o_proj.weight"), Dtype::F32, &[64, 64][..]),
+            (name("mlp.gate_proj.weight"), Dtype::F16, &[128, 64][..]),
+            (name("mlp.up_proj.weight"), Dtype::F16, &[128, 64][..]),
+            (name("mlp.down_proj.weight"), Dtype::BF16, &[64, 128][..]),
+            (name("input_layernorm.weight"), Dtype::F32, &[64][..]),
+        ]
+    });
+    first.extend(layers[0].iter().copied());
+    let mut second: Vec<Spec<'static>> = layers[1].to_vec();
+    second.extend(tensorlift_testkit::quirky());
+    write_sharded(dir, &[&first, &second]);
+}
+
+fn parts(world: usize) -> Vec<DevicePlan> {
+    (0..world).map(|r| DevicePlan::shard(Device::Cuda(r), Sharding::llama(r, world, KV_HEADS).unwrap())).collect()
+}
+
+/// What one rank reports on its last line of output.
+#[derive(Debug)]
+struct Report {
+    outcome: Result<(), String>,
+    read: u64,
+    /// What a load of the rank's part alone read.
+    alone: u64,
+    sent: Vec<u64>,
+    received: Vec<u64>,
+}
+
+/// The rank's side: runs only when started by a test below.
+#[test]
+fn rank_child() {
+    let Ok(rank) = std::env::var(RANK) else { return };
+    let rank: usize = rank.parse().unwrap();
+    let world: usize = std::env::var(WORLD).unwrap().parse().unwrap();
+    let dir = PathBuf::from(std::env::var_os(DIR).unwrap());
+    let mode = std::env::var(MODE).unwrap_or_default();
+    if !tensorlift_testkit::real_driver() {
+        tensorlift_cuda::use_driver_library(tensorlift_testkit::emulated_driver());
+    }
+    // Rank 0 makes the id and hands it over through a file, as a launcher would.
+    let id_file = dir.join("nccl-id");
+    let id = if rank == 0 {
+        let id = NcclId::new().unwrap();
+        std::fs::write(dir.join("nccl-id.tmp"), id.to_bytes()).unwrap();
+        std::fs::rename(dir.join("nccl-id.tmp"), &id_file).unwrap();
+        id
+    } else {
+        let t = Instant::now();
+        loop {
+            if let Ok(b) = std::fs::read(&id_file) {
+                break NcclId::from_bytes(b.try_into().unwrap());
+            }
+            assert!(t.elapsed() < Duration::from_secs(60), "no id from rank 0");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    let gpu = Gpu::open(rank).unwrap();
+    let mut comm = NcclComm::new(&gpu, &id, rank, world).unwrap();
+    if mode == "vanish" && rank == 1 {
+        // Gone without a word once the communicator stands.
+        std::process::exit(0);
+    }
+    let budget: usize = std::env::var("TLG_BUDGET").map_or(64 << 10, |b| b.parse().unwrap());
+    let loader =
+        Loader::builder().device(Device::Cuda(rank)).staging_budget(budget).direct_io(DirectIo::Never).build().unwrap();
+    let ckpt = dir.join("ckpt");
+    let model = match loader.load_group_blocking(&ckpt, &mut comm, &parts(world)) {
+        Ok(m) => m,
+        Err(e) => {
+            println!("RESULT err {e}");
+            return;
+        }
+    };
+    // The file's bytes, sliced by this test: independent of tensorlift's slicing.
+    let sharding = Sharding::llama(rank, world, KV_HEADS).unwrap();
+    let plan = loader.plan(&ckpt).unwrap();
+    assert_eq!(model.len(), plan.tensors().len());
+    for t in plan.tensors() {
+        let got = model.get(&t.name).unwrap_or_else(|| panic!("rank {rank}: no {}", t.name));
+        assert_eq!(got.location(), Device::Cuda(rank));
+        let full = pattern_for(&t.name, t.len() as usize);
+        let want = match sharding.slice(&t.name, &t.shape).unwrap() {
+            None => full,
+            Some(s) => slice_bytes(&full, &t.shape, t.dtype.bitsize() / 8, s.ranges()),
+        };
+        assert_eq!(got.dtype(), t.dtype, "{}", t.name);
+        assert!(got.to_host().unwrap() == want, "rank {rank}: tensor {} differs from the file's slice", t.name);
+    }
+    // And what a load of this rank's part alone gives.
+    let alone =
+        Loader::builder().device(Device::Cuda(rank)).shard(sharding).build().unwrap().load_blocking(&ckpt).unwrap();
+    for t in alone.tensors() {
+        let got = model.get(t.name()).unwrap();
+        assert_eq!((got.shape(), got.dtype()), (t.shape(), t.dtype()), "{}", t.name());
+        assert!(got.to_host().unwrap() == t.to_host().unwrap(), "{}", t.name());
+    }
+    let s = model.stats();
+    let list = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+    println!("RESULT ok {} {} {} {}", s.bytes_read, list(&s.sent_to), list(&s.received_from), alone.stats().bytes_read);
+}
+
+/// Starts `world` ranks on a checkpoint in `dir`, with `env` for some of them, and waits for
+/// every one (60 s at most: a hang is a failure).
+fn run_group(dir: &Path, world: usize, mode: &str, env: &[(usize, &str, &str)]) -> Vec<Report> {
+    let exe = std::env::current_exe().unwrap();
+    let driver = tensorlift_testkit::emulated_driver();
+    let mut children: Vec<Child> = (0..world)
+        .map(|rank| {
+            let mut c = Command::new(&exe);
+            c.args(["rank_child", "--exact", "--nocapture", "--test-threads=1"])
+                .env(RANK, rank.to_string())
+                .env(WORLD, world.to_string())
+                .env(DIR, dir)
+                .env(MODE, mode)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            if !tensorlift_testkit::real_driver() {
+                c.env(tensorlift_cuda::nccl::LIBNCCL_ENV, &driver);
+            }
+            for (r, k, v) in env {
+                if *r == rank {
+                    c.env(k, v);
+                }
+            }
+            c.spawn().unwrap()
+        })
+        .collect();
+    let t = Instant::now();
+    let mut reports = Vec::new();
+    for (rank, child) in children.iter_mut().enumerate() {
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break Some(s);
+            }
+            if t.elapsed() > Duration::from_secs(60) {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let Some(status) = status else {
+            for c in &mut *children {
+                let _ = c.kill();
+            }
+            panic!("rank {rank} did not finish within 60 s");
+        };
+        let (mut out, mut err) = (String::new(), String::new());
+        child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+        child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        if mode == "vanish" && rank == 1 {
+            reports.push(Report { outcome: Ok(()), read: 0, alone: 0, sent: vec![], received: vec![] });
+            continue;
+        }
+        assert!(status.success(), "rank {rank}: {status}\n{out}\n{err}");
+        if std::env::var_os("TLG_SHOW").is_some() {
+            eprintln!("rank {rank}: {out}\n{err}");
+        }
+        let line = out
+            .lines()
+            .find_map(|l| l.split_once("RESULT ").map(|(_, r)| r))
+            .unwrap_or_else(|| panic!("rank {rank}: {out}\n{err}"));
+        let report = match line.split_once(' ') {
+            Some(("err", e)) => {
+                Report { outcome: Err(e.to_owned()), read: 0, alone: 0, sent: vec![], received: vec![] }
+            }
+            Some(("ok", rest)) => {
+                let f: Vec<&str> = rest.split(' ').collect();
+                let list = |s: &str| s.split(',').map(|n| n.parse().unwrap()).collect::<Vec<u64>>();
+                let (read, alone) = (f[0].parse().unwrap(), f[3].parse().unwrap());
+                Report { outcome: Ok(()), read, alone, sent: list(f[1]), received: list(f[2]) }
+            }
+            _ => panic!("rank {rank}: {line}"),
+        };
+        reports.push(report);
+    }
+    reports
+}
+
+fn scratch_with_checkpoint() -> PathBuf {
+    let dir = tensorlift_testkit::scratch_in(&std::env::temp_dir(), "tl-group-");
+    std::fs::create_dir(dir.join("ckpt")).unwrap();
+    checkpoint(&dir.join("ckpt"));
+    dir
+}
+
+fn checkpoint_tensor_bytes(dir: &Path) -> u64 {
+    let plan = tensorlift::plan(dir.join("ckpt")).unwrap();
+    plan.tensors().iter().map(|t| t.len()).sum()
+}
+
+/// Reads are of whole pages where a range does not start or end on one: what a rank may
+/// read past its tensors' bytes, for each run of them it reads (at most two in a round: its
+/// run of the round's bytes, broken where the round crosses into the next shard).
+const PAGE_SLACK: u64 = 2 * 4096;
+
+/// How many rounds a group of `world` with `budget` bytes each cuts the checkpoint into:
+/// each ends with the tensor that brings it to `world * budget` bytes (the module's rule).
+fn rounds(dir: &Path, world: usize, budget: u64) -> u64 {
+    let plan = tensorlift::plan(dir.join("ckpt")).unwrap();
+    let (mut n, mut acc) = (0, 0);
+    for t in plan.tensors() {
+        acc += t.len();
+        if acc >= world as u64 * budget {
+            (n, acc) = (n + 1, 0);
+        }
+    }
+    n + u64::from(acc > 0)
+}
+
+/// Every rank's tensors are checked in the rank itself; here, what was read and sent.
+fn check_reads(dir: &Path, world: usize, budget: u64, reports: &[Report]) {
+    let total = checkpoint_tensor_bytes(dir);
+    let mut sent = BTreeMap::new();
+    for (rank, r) in reports.iter().enumerate() {
+        assert_eq!(r.outcome, Ok(()), "rank {rank} of {world}");
+        // Every rank reads a share: the rounds are cut among all of them.
+        assert!(r.read > total / world as u64 / 2, "rank {rank} of {world} read {} of {total}", r.read);
+        for (peer, &n) in r.sent.iter().enumerate() {
+            sent.insert((rank, peer), n);
+        }
+    }
+    // Each byte of the checkpoint is read once, by one rank, give or take the pages around
+    // each run a rank reads; each rank loading its own part reads far more.
+    let read: u64 = reports.iter().map(|r| r.read).sum();
+    let slack = rounds(dir, world, budget) * world as u64 * 2 * PAGE_SLACK;
+    assert!(
+        read >= total && read - total <= slack,
+        "{world} ranks read {read} of {total} (slack {slack}): {reports:?}"
+    );
+    let alone: u64 = reports.iter().map(|r| r.alone).sum();
+    assert!(alone > read + total / 2, "{world} ranks alone read {alone}, together {read}, of {total}");
+    // What each rank says it received from a peer is what that peer says it sent it.
+    for (rank, r) in reports.iter().enumerate() {
+        for (peer, &n) in r.received.iter().enumerate() {
+            assert_eq!(n, sent[&(peer, rank)], "{peer} -> {rank} of {world}");
+        }
+        assert_eq!(r.sent[rank] + r.received[rank], 0, "rank {rank} sends itself nothing");
+    }
+}
+
+#[test]
+fn every_rank_gets_its_slices_and_each_byte_is_read_once() {
+    if std::env::var_os(RANK).is_some() || tensorlift_testkit::real_driver() {
+        return;
+    }
+    // Rounds of a few tensors, of one tensor or less, and one round for the whole checkpoint.
+    for (world, budget) in [(2, 64 << 10), (4, 64 << 10), (2, 4096), (2, 256 << 20)] {
+        let dir = scratch_with_checkpoint();
+        let b = budget.to_string();
+        let env: Vec<(usize, &str, &str)> = (0..world).map(|r| (r, "TLG_BUDGET", b.as_str())).collect();
+        let reports = run_group(&dir, world, "", &env);
+        check_reads(&dir, world, budget, &reports);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[test]
+fn a_rank_that_fails_fails_the_load_on_every_rank() {
+    if std::env::var_os(RANK).is_some() || tensorlift_testkit::real_driver() {
+        return;
+    }
+    let dir = scratch_with_checkpoint();
+    // Rank 1's device has room for its staging memory and little more.
+    let reports = run_group(&dir, 4, "", &[(1, "TLEMU_DEVICE_MEMORY", "4096")]);
+    let errors: Vec<String> = reports.iter().map(|r| r.outcome.clone().unwrap_err()).collect();
+    assert!(errors[1].contains("cuda:1"), "{errors:?}");
+    for r in [0, 2, 3] {
+        assert!(errors[r].contains("rank 1 of the group failed"), "{errors:?}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_rank_that_goes_away_fails_the_others_rather_than_hang() {
+    if std::env::var_os(RANK).is_some() || tensorlift_testkit::real_driver() {
+        return;
+    }
+    let dir = scratch_with_checkpoint();
+    let reports = run_group(&dir, 2, "vanish", &[]);
+    let error = reports[0].outcome.clone().unwrap_err();
+    assert!(error.contains("remote process exited"), "{error}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
