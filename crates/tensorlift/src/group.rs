@@ -27,7 +27,8 @@
 //! rather than wait for sends that will not come.
 //!
 //! This is the Rust side of the Python package's `load_group`, which does the same over a
-//! torch.distributed process group (NCCL on GPUs, gloo on CPUs); both cut the same rounds.
+//! torch.distributed process group (NCCL on GPUs, gloo on CPUs); with the default staging
+//! budget both cut the same rounds.
 //!
 //! ```no_run
 //! use tensorlift::group::{NcclComm, NcclId};
