@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 mod engines;
+mod group;
 mod report;
 mod synthetic;
 
@@ -93,6 +94,13 @@ struct Args {
     /// the one load's for the whole run). GB/s counts the bytes landed on every device.
     #[arg(long, value_name = "N", conflicts_with_all = ["tp", "verify", "device"])]
     devices: Option<usize>,
+    /// tensorlift: N processes, one on each of the first N CUDA devices, as tensor-parallel
+    /// ranks (Llama rules, N key/value heads) of one load over NCCL, each byte read once
+    /// (`Loader::load_group_blocking`); `per-rank` beside it has each process load its own
+    /// part alone, all at once, as one process a GPU loads today. NCCL is
+    /// `TENSORLIFT_LIBNCCL` or `libnccl.so.2`. GB/s counts the bytes landed on every device.
+    #[arg(long, value_name = "N", conflicts_with_all = ["tp", "verify", "device", "devices", "convert_to"])]
+    group: Option<usize>,
 }
 
 fn parse_dtype(s: &str) -> Result<tensorlift::Dtype, String> {
@@ -129,7 +137,12 @@ fn main() -> ExitCode {
             return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
         }
     };
-    match run(&args) {
+    // A rank of `--group`, started by the process that measures.
+    let outcome = match group::rank() {
+        Some(_) => group::serve(|| builder(&args)),
+        None => run(&args),
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -147,9 +160,12 @@ fn run(args: &Args) -> anyhow::Result<()> {
             bail!("unknown baseline '{b}' (known: {}, none)", KNOWN.join(", "));
         }
     }
-    let mut b = match args.devices {
-        Some(n) => builder(args)?.devices(rank_plans(n)?),
-        None => builder(args)?.device(args.device.parse::<Device>()?),
+    let mut b = match (args.devices, args.group) {
+        (Some(n), _) => builder(args)?.devices(rank_plans(n)?),
+        // The ranks load in processes of their own; this one measures the limits on cuda:0.
+        (_, Some(n)) if n > 0 => builder(args)?.device(Device::Cuda(0)),
+        (_, Some(_)) => bail!("--group needs at least one rank"),
+        _ => builder(args)?.device(args.device.parse::<Device>()?),
     };
     if args.dir.as_deref().is_some_and(tensorlift::is_remote) {
         // Every run reads the store: a local copy would make the next runs local.
@@ -256,10 +272,24 @@ fn run(args: &Args) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let group = match args.group {
+        Some(n) => {
+            report.note(&format!(
+                "--group {n}: `tensorlift` is one load by {n} processes over NCCL, one on each of cuda:0-{}, each \
+                 byte read once; `per-rank` each process loading its own part alone, all at once",
+                n - 1
+            ));
+            Some(group::Ranks::start(n, &dir)?)
+        }
+        None => None,
+    };
     for mode in modes {
-        let mut entries: Vec<Entry> = match &per_rank {
-            Some(ranks) => vec![engines::tensorlift_devices(Arc::clone(&loader)), engines::per_rank(ranks.clone())],
-            None => vec![engines::tensorlift(Arc::clone(&loader), args.reuse_host_memory, args.tp.is_some())],
+        let mut entries: Vec<Entry> = match (&per_rank, &group) {
+            (Some(ranks), _) => {
+                vec![engines::tensorlift_devices(Arc::clone(&loader)), engines::per_rank(ranks.clone())]
+            }
+            (_, Some(g)) => vec![group::together(Arc::clone(g)), group::per_rank(Arc::clone(g))],
+            _ => vec![engines::tensorlift(Arc::clone(&loader), args.reuse_host_memory, args.tp.is_some())],
         };
         for b in &baselines {
             match b.as_str() {
@@ -341,7 +371,7 @@ fn builder(args: &Args) -> anyhow::Result<tensorlift::LoaderBuilder> {
 }
 
 /// Rank `r` of `n` on `cuda:r`, for each rank (Llama rules, one key/value head a rank).
-fn rank_plans(n: usize) -> anyhow::Result<Vec<tensorlift::DevicePlan>> {
+pub(crate) fn rank_plans(n: usize) -> anyhow::Result<Vec<tensorlift::DevicePlan>> {
     (0..n).map(|r| Ok(tensorlift::DevicePlan::shard(Device::Cuda(r), tensorlift::Sharding::llama(r, n, n)?))).collect()
 }
 

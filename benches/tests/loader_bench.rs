@@ -121,3 +121,46 @@ fn both_copy_limits_are_measured_on_a_device() {
     assert!(limits["h2d-limit-streams"]["bytes"].as_u64().unwrap() >= 4 << 30, "{limits}");
     assert!(limits["h2d-limit-streams"]["gbps"].as_f64().unwrap() > 0.0, "{limits}");
 }
+
+#[test]
+fn a_group_of_processes_reads_each_byte_once() {
+    // Two processes on the emulated driver's cuda:0 and cuda:1, over its emulated NCCL: the
+    // bytes, not the speed (copies of host memory here).
+    if tensorlift_testkit::real_driver() {
+        return;
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let emulator = tensorlift_testkit::emulated_driver();
+    let out = Command::new(env!("CARGO_BIN_EXE_loader-bench"))
+        .args(["--synthetic", "24M", "--runs", "2", "--cache", "warm", "--baselines", "none", "--group", "2"])
+        .args(["--json", "--cache-dir"])
+        .arg(cache.path())
+        .env("TENSORLIFT_LIBCUDA", &emulator)
+        .env("TENSORLIFT_LIBNCCL", &emulator)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let bytes = v["checkpoint"]["bytes"].as_u64().unwrap();
+    let engines = &v["modes"]["warm"]["engines"];
+    let landed = engines["tensorlift"]["bytes"].as_u64().unwrap();
+    // Both land every rank's part (the replicated tensors on both ranks).
+    assert_eq!(engines["per-rank"]["bytes"].as_u64(), Some(landed), "{engines}");
+    assert!(landed > bytes && landed < bytes * 2, "{landed} of {bytes}");
+    assert_eq!(engines["tensorlift"]["runs_seconds"].as_array().unwrap().len(), 2);
+    // What the ranks read: the checkpoint once together (give or take a few pages), more alone.
+    let read = |name: &str| -> Vec<u64> {
+        stderr
+            .lines()
+            .filter_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .map(|l| l.split(" the ranks read ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap())
+            .collect()
+    };
+    let (together, alone) = (read("tensorlift"), read("per-rank"));
+    assert_eq!((together.len(), alone.len()), (2, 2), "{stderr}");
+    for (t, a) in together.iter().zip(&alone) {
+        assert!(*t >= bytes && *t < bytes + (1 << 20), "together {t} of {bytes}");
+        assert!(*a > *t + bytes / 8, "alone {a}, together {t}");
+    }
+}
