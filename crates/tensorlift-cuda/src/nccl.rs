@@ -7,6 +7,11 @@
 //! is opened once, on the first use, and every symbol used is looked up then, so that a
 //! missing or older library is an error ([`CudaError::Nccl`]), never a panic.
 //!
+//! An exchange waits for its work while watching NCCL's error state, and checks it again
+//! once the work is done; it gives up after the communicator's timeout ([`DEFAULT_TIMEOUT`]
+//! unless [`Comm::set_timeout`] says otherwise), since NCCL within a node does not report a
+//! rank that exited. A failed exchange aborts the communicator.
+//!
 //! The calls are bound here rather than through cudarc's `nccl` module, whose loader panics
 //! when it finds no library, does not look for NCCL's own soname (`libnccl.so.2`), and types
 //! results as Rust enums (a code that a newer NCCL adds would be undefined behaviour).
@@ -198,8 +203,19 @@ impl UniqueId {
     }
 }
 
+/// How long an exchange waits for its work before it gives up, unless
+/// [`Comm::set_timeout`] says otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Bytes a rank says in [`Comm::agree`]: its flag, then its token.
+const SAY: usize = 9;
+
 /// One rank's communicator on its GPU, and the stream its exchanges run on. Destroyed when
-/// dropped; aborted instead once an exchange has failed, so that no rank waits on it.
+/// dropped; aborted instead once an exchange on it has failed.
+///
+/// NCCL reports a rank that went away over the network, not within a node: there, ranks
+/// waiting on one that exited wait until their exchange's timeout
+/// ([`set_timeout`](Self::set_timeout), [`DEFAULT_TIMEOUT`]), then abort.
 pub struct Comm {
     api: &'static Api,
     raw: Comm_,
@@ -208,6 +224,10 @@ pub struct Comm {
     rank: usize,
     world: usize,
     failed: bool,
+    timeout: Duration,
+    /// Where [`agree`](Self::agree) gathers what each rank says: allocated with the
+    /// communicator, so that agreeing needs no memory a failing rank may not have.
+    said: Arc<DeviceArena>,
 }
 
 // SAFETY: a communicator may be used from any thread, one at a time (`&mut self` for every
@@ -236,13 +256,14 @@ impl Comm {
             return Err(CudaError::Nccl { call: "ncclCommInitRank", message: format!("rank {rank} of {world}") });
         }
         let stream = gpu.new_stream()?;
+        let said = Arc::new(DeviceArena::new(gpu, world * SAY)?);
         let _restore = gpu.enter()?;
         let mut raw: Comm_ = std::ptr::null_mut();
         let id = RawId { internal: id.0.map(|b| b as c_char) };
         // SAFETY: writes one communicator handle; the id is passed by value, as nccl.h takes
         // it; the device's context is current, which NCCL takes the device from.
         api.check("ncclCommInitRank", unsafe { (api.init_rank)(&mut raw, n, id, r) })?;
-        Ok(Comm { api, raw, gpu: gpu.clone(), stream, rank, world, failed: false })
+        Ok(Comm { api, raw, gpu: gpu.clone(), stream, rank, world, failed: false, timeout: DEFAULT_TIMEOUT, said })
     }
 
     /// This rank.
@@ -265,28 +286,60 @@ impl Comm {
         Exchange { comm: self, ops: Vec::new() }
     }
 
-    /// Whether every rank is ready: each says so (`ok`) to every other, and the ranks that
-    /// are not are returned, in order (this rank among them when `!ok`). Every rank must
-    /// call it at the same point.
-    pub fn agree(&mut self, ok: bool) -> Result<Vec<usize>, CudaError> {
-        let (world, me) = (self.world, self.rank);
-        let flags = Arc::new(DeviceArena::new(&self.gpu, world)?);
-        let mut mine = vec![0u8; world];
-        mine[me] = u8::from(!ok);
-        flags.copy_from_host(0, &mine)?;
-        let mut x = self.exchange();
-        for peer in (0..world).filter(|&p| p != me) {
-            x.send(peer, Block::flat(&flags, me, 1))?;
-            x.recv(peer, Block::flat(&flags, peer, 1))?;
-        }
-        x.run()?;
-        let mut all = vec![0u8; world];
-        flags.copy_to_host(0, &mut all)?;
-        Ok(all.iter().enumerate().filter(|(_, &f)| f != 0).map(|(r, _)| r).collect())
+    /// How long each exchange waits for its work (the slowest rank included) before it
+    /// aborts the communicator and fails.
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
     }
 
-    /// Aborts the communicator (after a failure): its work in flight is stopped, the other
-    /// ranks' calls on it fail rather than wait, and every later exchange on it fails.
+    /// Whether every rank is ready, and agrees: each rank says whether it is (`ok`) and a
+    /// `token` (a digest of what it is about to do) to every other. Returns the ranks that
+    /// are not ready (this one among them when `!ok`), or an error naming the ranks whose
+    /// token differs from this rank's. A rank not heard from counts as not ready. Every rank
+    /// must call it at the same point; on an error the communicator is aborted.
+    pub fn agree(&mut self, ok: bool, token: u64) -> Result<Vec<usize>, CudaError> {
+        let (world, me) = (self.world, self.rank);
+        let said = Arc::clone(&self.said);
+        let mine: Vec<u8> = std::iter::once(u8::from(!ok)).chain(token.to_le_bytes()).collect();
+        // In the stream's order, before the sends: every rank not ready until it says
+        // otherwise, then this rank's word.
+        let written = (|| {
+            let _restore = self.gpu.enter()?;
+            memset(&self.stream, &said, 0, world * SAY, 1)?;
+            mine.iter().enumerate().try_for_each(|(k, &b)| memset(&self.stream, &said, me * SAY + k, 1, b))
+        })();
+        if let Err(e) = written {
+            self.fail();
+            return Err(e);
+        }
+        let mut x = self.exchange();
+        for peer in (0..world).filter(|&p| p != me) {
+            x.send(peer, Block::flat(&said, me * SAY, SAY))?;
+            x.recv(peer, Block::flat(&said, peer * SAY, SAY))?;
+        }
+        x.run()?;
+        let mut all = vec![0u8; world * SAY];
+        if let Err(e) = said.copy_to_host(0, &mut all) {
+            self.fail();
+            return Err(e);
+        }
+        let words: Vec<&[u8]> = all.chunks_exact(SAY).collect();
+        let failed: Vec<usize> = (0..world).filter(|&r| words[r][0] != 0).collect();
+        let differ: Vec<usize> = (0..world).filter(|&r| !failed.contains(&r) && words[r][1..] != mine[1..]).collect();
+        if ok && !differ.is_empty() {
+            return Err(CudaError::Nccl {
+                call: "agree",
+                message: format!(
+                    "ranks {differ:?} are about to do something else than rank {me} (another plan or other parts)"
+                ),
+            });
+        }
+        Ok(failed)
+    }
+
+    /// Aborts the communicator (after a failure): its work in flight is stopped, and every
+    /// later exchange on it fails. The other ranks learn of it over the network; within a
+    /// node, only by their own timeout.
     pub fn abort(&mut self) {
         self.fail();
     }
@@ -525,23 +578,49 @@ impl Exchange<'_> {
     }
 }
 
-/// Waits for the stream's work, checking the communicator's error state as it goes.
+/// Waits for the stream's work, checking the communicator's error state as it goes and
+/// once more when the work is done (a receive that failed completes without its bytes), for
+/// at most the communicator's timeout.
 fn wait(comm: &Comm) -> Result<(), CudaError> {
     let done = comm.stream.record_event(None).call("cuEventRecord")?;
+    let started = std::time::Instant::now();
     let mut pause = Duration::from_micros(50);
     loop {
-        if done.try_is_complete().call("cuEventQuery")? {
-            return Ok(());
-        }
+        let complete = done.try_is_complete().call("cuEventQuery")?;
         let mut state: NcclResult = 0;
         // SAFETY: writes one result code; the handle is live.
         comm.api.check("ncclCommGetAsyncError", unsafe { (comm.api.async_error)(comm.raw, &mut state) })?;
         if state != 0 && state != IN_PROGRESS {
             return Err(comm.api.error("ncclCommGetAsyncError", state));
         }
+        if complete {
+            return Ok(());
+        }
+        if started.elapsed() > comm.timeout {
+            return Err(CudaError::Nccl {
+                call: "exchange",
+                message: format!(
+                    "no answer from the other ranks within {} s: one may have stopped (NCCL within a node does not \
+                     report a rank that exits)",
+                    comm.timeout.as_secs_f64()
+                ),
+            });
+        }
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(2));
     }
+}
+
+/// Queues a fill of `len` bytes at `offset` of `arena` with `value` on `stream` (the
+/// arena's device current).
+fn memset(stream: &CudaStream, arena: &DeviceArena, offset: usize, len: usize, value: u8) -> Result<(), CudaError> {
+    if offset.checked_add(len).is_none_or(|end| end > arena.len()) {
+        return Err(CudaError::OutOfBounds { what: "agreement memory", len });
+    }
+    // SAFETY: the range lies inside the arena, which the communicator holds for as long as
+    // it lives, and every exchange waits for its stream before returning.
+    let r = unsafe { sys::cuMemsetD8Async(arena.device_ptr() + offset as u64, value, len, stream.cu_stream()) };
+    check(r, "cuMemsetD8Async")
 }
 
 /// Queues a device-to-device copy of `src` into `dst` (shapes checked by the caller).

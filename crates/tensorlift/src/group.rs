@@ -6,13 +6,15 @@
 //!
 //! The load goes in rounds of about `world` × the loader's
 //! [`staging_budget`](crate::LoaderBuilder::staging_budget) (256 MiB unless set) of the
-//! checkpoint, in file order (a
-//! round ends with the tensor that brings it to that size), the same rounds on every rank.
-//! Each round's bytes are cut into `world` runs of equal size, one a rank, at the nearest
-//! boundary between rows of the first dimension: a tensor that a cut falls in is read by
-//! several ranks, each its own block of rows (a tensor that cannot be cut into rows of whole
-//! bytes, or one of no dimensions, goes whole to the rank its middle byte falls to). So every
-//! rank reads about `1/world` of every round, and all read at once.
+//! checkpoint, in file order (a round ends with the tensor that brings it to that size), the
+//! same rounds on every rank: the ranks check, before the first byte is read, that they
+//! planned the same checkpoint, rounds and parts (a digest of them, exchanged), and refuse
+//! to load otherwise. Each round's bytes are cut into `world` runs of equal size, one a
+//! rank, at the nearest boundary between rows of the first dimension (between groups of rows
+//! that are whole bytes, for types narrower than a byte): a tensor that a cut falls in is
+//! read by several ranks, each its own block of rows (one of no dimensions goes whole to
+//! the rank its middle byte falls to). So every rank reads about `1/world` of every round,
+//! and all read at once.
 //!
 //! In each round each rank loads its pieces onto its GPU with the loader, then sends each
 //! other rank the part of each piece that rank keeps (its slice, or the whole tensor for a
@@ -20,11 +22,16 @@
 //! own part straight into place: rows of a part are contiguous. A sender gathers a block
 //! that is not contiguous (the columns of a row-parallel slice) with a 2D copy first. The
 //! rank reads its pieces of the next round while the current one is exchanged: at most two
-//! rounds' pieces are held beside what it keeps.
+//! rounds' pieces are held beside what it keeps, and the gathered copies of the blocks it
+//! sends (up to one round's pieces again, for row-parallel tensors).
 //!
-//! Before each exchange the ranks agree that every one is ready (a byte to every other rank):
-//! a rank that failed (a read, memory) returns its error, and the others an error naming it,
-//! rather than wait for sends that will not come.
+//! Before each exchange the ranks agree that every one is ready (a few bytes to every other
+//! rank, in memory the communicator holds): a rank that failed (a read, memory) returns its
+//! error, and the others an error naming it, rather than wait for sends that will not come.
+//! A rank that goes away in the middle of an exchange fails it on the others: at once where
+//! NCCL reports it (across nodes), else when the exchange's timeout ends
+//! ([`NcclComm::set_timeout`], 10 minutes unless set), since NCCL within a node does not.
+//! An exchange that failed aborts the communicator, and no later load can use it.
 //!
 //! This is the Rust side of the Python package's `load_group`, which does the same over a
 //! torch.distributed process group (NCCL on GPUs, gloo on CPUs); with the default staging
@@ -55,6 +62,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
+use sha2::Digest;
 use tensorlift_cuda::nccl::Block;
 pub use tensorlift_cuda::nccl::{Comm as NcclComm, UniqueId as NcclId};
 use tensorlift_cuda::DeviceArena;
@@ -66,79 +74,106 @@ use crate::{Device, DevicePlan, LoadError, Loader, Model, Tensor, TensorSlice};
 /// Device memory of one tensor's part within a round's allocation.
 const ALIGN: usize = 256;
 
-/// How a tensor is cut into rows: `rows` of `row_bytes` (one row, the whole tensor, where its
-/// rows are not whole bytes or it has no dimension).
-#[derive(Debug, Clone, Copy)]
+/// How a tensor is cut into rows: `rows` of `row_bits` bits, cut only at multiples of
+/// `group` rows (the fewest that are whole bytes; all of them where the tensor's bits are not
+/// whole bytes). A tensor of no dimensions is one row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Rows {
     rows: usize,
-    row_bytes: usize,
+    row_bits: u64,
+    group: usize,
 }
 
 /// One rank's part of a tensor: rows `rows` of the first dimension and, where it slices an
-/// inner dimension `j`, indices `cols` of it, with `outer` the product of the dimensions
-/// between the first and `j`, `inner` the bytes of one index of `j`, `stride` the bytes from
-/// one index of the dimension before `j` to the next.
-#[derive(Debug, Clone)]
+/// inner dimension `j`, indices `cols` of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Part {
     rows: Range<usize>,
-    cols: Option<(Range<usize>, usize, usize, usize)>,
+    cols: Option<Cols>,
     shape: Vec<usize>,
 }
 
+/// Indices `range` of an inner dimension `j`: `outer` is the product of the dimensions
+/// between the first and `j`, `inner_bits` the bits of one index of `j`, `stride_bits` the
+/// bits from one index of the dimension before `j` to the next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Cols {
+    range: Range<usize>,
+    outer: usize,
+    inner_bits: u64,
+    stride_bits: u64,
+}
+
 impl Part {
-    /// Bytes of one of the part's rows.
-    fn row_bytes(&self, t: &Rows) -> usize {
+    /// Bits of one of the part's rows.
+    fn row_bits(&self, t: &Rows) -> u64 {
         match &self.cols {
-            None => t.row_bytes,
-            Some((c, outer, inner, _)) => outer * (c.end - c.start) * inner,
+            None => t.row_bits,
+            Some(c) => c.outer as u64 * (c.range.end - c.range.start) as u64 * c.inner_bits,
         }
     }
 
     fn bytes(&self, t: &Rows) -> usize {
-        (self.rows.end - self.rows.start) * self.row_bytes(t)
+        ((self.rows.end - self.rows.start) as u64 * self.row_bits(t)).div_ceil(8) as usize
     }
 }
 
 fn rows_of(t: &PlannedTensor) -> Rows {
-    let n = t.len() as usize;
-    match t.shape.first() {
-        Some(&r) if r > 0 && n % r == 0 => Rows { rows: r, row_bytes: n / r },
-        _ => Rows { rows: 1, row_bytes: n },
-    }
+    let bits = t.dtype.bitsize() as u64;
+    let (rows, row_bits) = match t.shape.split_first() {
+        None => (1, bits),
+        Some((&r, rest)) => (r, rest.iter().fold(bits, |a, &d| a.saturating_mul(d as u64))),
+    };
+    // The fewest rows that are whole bytes (8 always are); all of them where the whole
+    // tensor is not.
+    let group = (1..=8usize).find(|&g| (g as u64 * row_bits) % 8 == 0).unwrap_or(8);
+    let group = if (rows as u64).saturating_mul(row_bits) % 8 != 0 { rows.max(1) } else { group };
+    Rows { rows, row_bits, group }
 }
 
-/// The part `slice` chooses of `t` (`None`: all of it), if group loads can send it: a range of
-/// the first dimension and of at most one other.
+/// The part `slice` chooses of `t` (`None`: all of it), if a group load can send it: a range
+/// of the first dimension and of at most one other, starting and ending on whole bytes.
 fn part_of(t: &PlannedTensor, r: &Rows, slice: Option<&TensorSlice>) -> Result<Part, String> {
-    let whole = Part { rows: 0..r.rows, cols: None, shape: t.shape.clone() };
-    let Some(slice) = slice else { return Ok(whole) };
+    let Some(slice) = slice else { return Ok(Part { rows: 0..r.rows, cols: None, shape: t.shape.clone() }) };
     let layout = slice.layout(&t.shape, t.dtype.bitsize()).map_err(|e| e.to_string())?;
     let ranges = slice.ranges();
-    let is_whole = |d: usize| ranges[d] == (0..t.shape[d]);
-    if r.rows != t.shape.first().copied().unwrap_or(1) {
-        // One row, the whole tensor: it goes whole or not at all.
-        return match (0..ranges.len()).all(is_whole) {
-            true => Ok(whole),
-            false => Err("its rows are not whole bytes, so it cannot be split".into()),
-        };
-    }
-    let partial: Vec<usize> = (1..ranges.len()).filter(|&d| !is_whole(d)).collect();
     let rows = ranges.first().cloned().unwrap_or(0..r.rows);
+    // A tensor of no elements: nothing to send, only its shape to make.
+    if t.shape.contains(&0) {
+        return Ok(Part { rows, cols: None, shape: layout.shape });
+    }
+    let partial: Vec<usize> = (1..ranges.len()).filter(|&d| ranges[d] != (0..t.shape[d])).collect();
+    let whole_bytes = |bits: u64| bits % 8 == 0;
     let cols = match partial.as_slice() {
         [] => None,
         &[j] => {
-            let n = t.len() as usize;
-            let through_j: usize = t.shape[..=j].iter().product();
-            if n % through_j != 0 {
-                return Err(format!("an index of dimension {j} is not whole bytes"));
+            let inner_bits = t.shape[j + 1..].iter().fold(t.dtype.bitsize() as u64, |a, &d| a * d as u64);
+            let c = Cols {
+                range: ranges[j].clone(),
+                outer: t.shape[1..j].iter().product(),
+                inner_bits,
+                stride_bits: t.shape[j] as u64 * inner_bits,
+            };
+            let (start, len) = (c.range.start as u64 * inner_bits, (c.range.end - c.range.start) as u64 * inner_bits);
+            if !(whole_bytes(start) && whole_bytes(len) && whole_bytes(c.stride_bits)) {
+                return Err(format!("indices {:?} of dimension {j} do not start and end on whole bytes", c.range));
             }
-            let inner = n / through_j;
-            let outer: usize = t.shape[1..j].iter().product();
-            Some((ranges[j].clone(), outer, inner, t.shape[j] * inner))
+            Some(c)
         }
-        _ => return Err("a group load sends slices of the first dimension and one other at most".into()),
+        _ => return Err("a group load sends slices of the first dimension and of one other at most".into()),
     };
-    Ok(Part { rows, cols, shape: layout.shape })
+    let part = Part { rows, cols, shape: layout.shape };
+    if part.rows == (0..r.rows) {
+        return Ok(part);
+    }
+    if r.group == r.rows && r.rows > 1 {
+        return Err("its bits are not whole bytes, so it cannot be split".into());
+    }
+    let aligned = |row: usize| whole_bytes(row as u64 * r.row_bits);
+    match aligned(part.rows.start) && aligned(part.rows.end) {
+        true => Ok(part),
+        false => Err(format!("rows {:?} do not start and end on whole bytes", part.rows)),
+    }
 }
 
 /// The tensors of each round, as index ranges of the plan's tensors (file order).
@@ -158,8 +193,8 @@ fn rounds(sizes: &[u64], limit: u64) -> Vec<Range<usize>> {
 }
 
 /// Who reads what of one round: for each tensor of it, `(rank, rows)` pieces in rank order.
-/// The round's bytes are cut into `world` equal runs; each cut moves to the nearest row
-/// boundary of the tensor it falls in. A tensor of no bytes has no pieces.
+/// The round's bytes are cut into `world` equal runs; each cut moves to the nearest boundary
+/// between groups of rows of the tensor it falls in. A tensor of no bytes has no pieces.
 fn pieces(rows: &[Rows], sizes: &[u64], round: Range<usize>, world: usize) -> Vec<Vec<(usize, Range<usize>)>> {
     let total: u64 = sizes[round.clone()].iter().sum();
     let cuts: Vec<u64> = (0..=world as u64).map(|r| total * r / world as u64).collect();
@@ -167,22 +202,21 @@ fn pieces(rows: &[Rows], sizes: &[u64], round: Range<usize>, world: usize) -> Ve
     round
         .map(|i| {
             let (n, r) = (sizes[i], rows[i]);
-            let out = if n == 0 {
+            let out = if n == 0 || r.rows == 0 {
                 Vec::new()
-            } else if r.rows > 1 {
-                let row = r.row_bytes as u64;
+            } else {
+                // Units of `group` rows (the last one may be short), `unit` bits each.
+                let unit = (r.group as u64 * r.row_bits).max(1);
+                let units = r.rows.div_ceil(r.group) as u64;
                 let mut bounds: Vec<usize> = cuts
                     .iter()
                     .map(|&c| {
-                        (c.saturating_sub(at) + row / 2).checked_div(row).unwrap_or(0).min(r.rows as u64) as usize
+                        let u = ((c.saturating_sub(at) * 8).saturating_add(unit / 2) / unit).min(units);
+                        (u as usize * r.group).min(r.rows)
                     })
                     .collect();
                 (bounds[0], bounds[world]) = (0, r.rows);
                 (0..world).filter(|&k| bounds[k] < bounds[k + 1]).map(|k| (k, bounds[k]..bounds[k + 1])).collect()
-            } else {
-                let middle = at + n / 2;
-                let owner = (0..world).find(|&k| middle < cuts[k + 1]).unwrap_or(world - 1);
-                vec![(owner, 0..r.rows)]
             };
             at += n;
             out
@@ -203,37 +237,74 @@ struct Meet {
     dst_len: usize,
 }
 
-/// Where rows `piece` of a tensor meet `part`; `None` where they do not.
+/// Where rows `piece` of a tensor meet `part`; `None` where they do not. Every offset is
+/// whole bytes: pieces start at multiples of the tensor's group of rows, and
+/// [`part_of`] checked the part's bounds.
 fn overlap(t: &Rows, piece: &Range<usize>, part: &Part) -> Option<Meet> {
     let (x0, x1) = (piece.start.max(part.rows.start), piece.end.min(part.rows.end));
     if x0 >= x1 {
         return None;
     }
-    let first = (x0 - piece.start) * t.row_bytes;
+    let bytes = |bits: u64| bits.div_ceil(8) as usize;
+    let n = (x1 - x0) as u64;
+    let first = (x0 - piece.start) as u64 * t.row_bits;
     let (src_offset, rows, width, pitch) = match &part.cols {
-        None => (first, 1, (x1 - x0) * t.row_bytes, 0),
-        Some((c, outer, inner, stride)) => {
-            (first + c.start * inner, (x1 - x0) * outer, (c.end - c.start) * inner, *stride)
-        }
+        None => (bytes(first), 1, bytes(n * t.row_bits), 0),
+        Some(c) => (
+            bytes(first + c.range.start as u64 * c.inner_bits),
+            (x1 - x0) * c.outer,
+            bytes((c.range.end - c.range.start) as u64 * c.inner_bits),
+            bytes(c.stride_bits),
+        ),
     };
-    let (dst_offset, dst_len) = ((x0 - part.rows.start) * part.row_bytes(t), (x1 - x0) * part.row_bytes(t));
+    let row_bits = part.row_bits(t);
+    let (dst_offset, dst_len) = (bytes((x0 - part.rows.start) as u64 * row_bits), bytes(n * row_bits));
     (dst_len > 0).then_some(Meet { src_offset, rows, width, pitch, dst_offset, dst_len })
+}
+
+/// A digest of what a rank is about to do: the group's size, the rounds' size, every tensor
+/// (name, type, shape, bytes) and every rank's part of it. Ranks that differ in any of these
+/// would cut other rounds or expect other bytes.
+fn fingerprint(world: usize, limit: u64, plan: &tensorlift_io::Checkpoint, owned: &[Vec<Part>]) -> u64 {
+    let mut h = sha2::Sha256::new();
+    h.update(format!("{world} {limit}\n"));
+    for t in plan.tensors() {
+        h.update(format!("{} {} {:?} {}\n", t.name.len(), t.dtype, t.shape, t.len()));
+        h.update(t.name.as_bytes());
+    }
+    for part in owned.iter().flatten() {
+        h.update(format!("{part:?}\n"));
+    }
+    let d = h.finalize();
+    u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+}
+
+/// The error of a rank whose group failed: `failed` ranks, this one among them or not.
+fn group_failed(me: usize, failed: &[usize]) -> Option<LoadError> {
+    let others: Vec<usize> = failed.iter().copied().filter(|&r| r != me).collect();
+    (!others.is_empty()).then(|| {
+        LoadError::Group(format!("rank {me}: ranks {others:?} of the group failed (their own errors say why)"))
+    })
 }
 
 impl Loader {
     /// This rank's part of the checkpoint at `path`, loaded with the other ranks of `comm`,
     /// each reading a disjoint part of it once (see [the module](crate::group)). `parts[r]`
     /// is rank `r`'s device and part of each tensor ([`DevicePlan::shard`] for tensor
-    /// parallelism, [`DevicePlan::replica`] for every tensor whole); every rank passes the
-    /// same parts. This loader loads onto this rank's device (`parts[comm.rank()]`'s, and the
-    /// communicator's), with no loader-wide slices, conversion or placement of its own.
+    /// parallelism, [`DevicePlan::replica`] for every tensor whole): slices of the first
+    /// dimension and of at most one other. This loader loads onto this rank's device
+    /// (`parts[comm.rank()]`'s, and the communicator's), with no loader-wide slices,
+    /// conversion, placement or verification of its own.
     ///
-    /// Every rank calls this at the same point. The stats count this rank's reads in
+    /// Every rank calls this at the same point, with the same checkpoint, the same parts and
+    /// the same staging budget (which sizes the rounds): the ranks compare a digest of these
+    /// first and refuse to load if they differ. The stats count this rank's reads in
     /// [`bytes_read`](crate::LoadStats::bytes_read), and what it sent to and received from
     /// each rank in [`sent_to`](crate::LoadStats::sent_to) and
-    /// [`received_from`](crate::LoadStats::received_from). A failure on any rank fails the
-    /// load on every rank; a communicator that failed during an exchange is aborted, and
-    /// no later load can use it.
+    /// [`received_from`](crate::LoadStats::received_from). A failure on one rank fails the
+    /// load on every rank (one that goes away in an exchange, on a node, only once the
+    /// communicator's timeout ends); a communicator that failed during an exchange is
+    /// aborted, and no later load can use it.
     pub fn load_group_blocking(
         &self,
         path: impl AsRef<Path>,
@@ -242,21 +313,24 @@ impl Loader {
     ) -> Result<Model, LoadError> {
         let started = Instant::now();
         let (me, world) = (comm.rank(), comm.world());
-        // Any failure before the first round must reach every rank.
+        let limit = (world * self.cfg.staging_budget) as u64;
+        let exchange = |k: usize, e: tensorlift_cuda::CudaError| LoadError::Group(format!("rank {me}, round {k}: {e}"));
+        // Any failure before the first round must reach every rank, and every rank must be
+        // about to cut the same rounds.
         let prepared = self.prepare_group(path.as_ref(), comm, parts);
-        let failed = comm.agree(prepared.is_ok()).map_err(|e| LoadError::Group(format!("rank {me}: {e}")))?;
+        let token = prepared.as_ref().map_or(0, |(plan, _, owned)| fingerprint(world, limit, plan, owned));
+        let failed = comm.agree(prepared.is_ok(), token).map_err(|e| exchange(0, e))?;
         let (plan, rows, owned) = prepared?;
-        if let Some(r) = failed.first() {
-            return Err(LoadError::Group(format!("rank {r} of the group failed (its own error says why)")));
+        if let Some(e) = group_failed(me, &failed) {
+            return Err(e);
         }
-        let file = crate::error::plan_file(&plan);
-        let cuda = |e: tensorlift_cuda::CudaError| LoadError::Cuda { file: file.clone(), source: e };
         let sizes: Vec<u64> = plan.tensors().iter().map(PlannedTensor::len).collect();
-        let rounds = rounds(&sizes, (world * self.cfg.staging_budget) as u64);
+        let rounds = rounds(&sizes, limit);
         let cuts: Vec<_> = rounds.iter().map(|r| pieces(&rows, &sizes, r.clone(), world)).collect();
         let mut stats = self.new_stats();
         let (mut sent, mut received) = (vec![0u64; world], vec![0u64; world]);
         let mut out: Vec<Tensor> = Vec::with_capacity(plan.tensors().len());
+        let file = crate::error::plan_file(&plan);
 
         // This rank's pieces of round `k`: its tensors, by name, in device memory.
         let load = |k: usize| -> Result<(HashMap<String, Tensor>, u64), LoadError> {
@@ -271,11 +345,10 @@ impl Loader {
             }
             let mut p = plan.clone();
             p.retain(|t| mine.contains_key(t.name.as_str()));
-            let whole = |t: &PlannedTensor| rows_of(t).rows == t.shape.first().copied().unwrap_or(1);
             p.slice_with(
                 |t| {
-                    let rs = &mine[t.name.as_str()];
-                    Ok((whole(t) && *rs != (0..rows_of(t).rows)).then(|| TensorSlice::rows(rs.clone())))
+                    let (rs, r) = (&mine[t.name.as_str()], rows_of(t));
+                    Ok((!t.shape.is_empty() && *rs != (0..r.rows)).then(|| TensorSlice::rows(rs.clone())))
                 },
                 |t, e| LoadError::Slice { file: file.clone(), tensor: t.name.clone(), message: e.to_string() },
             )?;
@@ -283,39 +356,46 @@ impl Loader {
             let read = model.stats().bytes_read;
             Ok((model.into_tensors().into_iter().map(|t| (t.name().to_owned(), t)).collect(), read))
         };
-
         let load = &load;
         std::thread::scope(|s| -> Result<(), LoadError> {
-            let mut ahead = Some(s.spawn(move || load(0)));
+            let spawn = |k: usize| {
+                std::thread::Builder::new()
+                    .name("tensorlift-group".into())
+                    .spawn_scoped(s, move || load(k))
+                    .map_err(|e| LoadError::Group(format!("rank {me}: no thread to read with: {e}")))
+            };
+            let mut ahead = Some(spawn(0));
             for (k, round) in rounds.iter().enumerate() {
                 let mut steps = || -> Result<(Vec<Tensor>, Vec<Step>), LoadError> {
-                    let (mine, read) = match ahead.take().map(|h| h.join()) {
-                        Some(Ok(r)) => r?,
-                        _ => return Err(LoadError::Group("this rank's reading thread stopped (a bug)".into())),
+                    let (mine, read) = match ahead.take().map(|h| h.map(|h| h.join())) {
+                        Some(Ok(Ok(r))) => r?,
+                        Some(Err(e)) => return Err(e),
+                        _ => return Err(LoadError::Group(format!("rank {me}: its reading thread stopped (a bug)"))),
                     };
                     stats.bytes_read += read;
                     if k + 1 < rounds.len() {
-                        ahead = Some(s.spawn(move || load(k + 1)));
+                        ahead = Some(spawn(k + 1));
                     }
                     self.round_steps(&plan, &rows, &owned, round.clone(), &cuts[k], mine, comm.gpu(), me)
                 };
                 let prepared = steps();
-                let failed = comm.agree(prepared.is_ok()).map_err(&cuda)?;
+                let failed = comm.agree(prepared.is_ok(), token).map_err(|e| exchange(k, e))?;
                 let (kept, steps) = prepared?;
-                if let Some(r) = failed.first() {
-                    return Err(LoadError::Group(format!("rank {r} of the group failed (its own error says why)")));
+                if let Some(e) = group_failed(me, &failed) {
+                    return Err(e);
                 }
                 let mut x = comm.exchange();
                 let mut added = Ok(());
+                let (mut to, mut from) = (vec![0u64; world], vec![0u64; world]);
                 for step in steps {
                     let r = match step {
                         Step::Copy(dst, src) => x.copy(dst, src),
                         Step::Send(peer, src) => {
-                            sent[peer] += (src.rows * src.width) as u64;
+                            to[peer] += (src.rows * src.width) as u64;
                             x.send(peer, src)
                         }
                         Step::Recv(peer, dst) => {
-                            received[peer] += (dst.rows * dst.width) as u64;
+                            from[peer] += (dst.rows * dst.width) as u64;
                             x.recv(peer, dst)
                         }
                     };
@@ -328,9 +408,12 @@ impl Loader {
                 if let Err(e) = added {
                     drop(x);
                     comm.abort();
-                    return Err(cuda(e));
+                    return Err(exchange(k, e));
                 }
-                x.run().map_err(&cuda)?;
+                x.run().map_err(|e| exchange(k, e))?;
+                // Counted once they have moved.
+                sent.iter_mut().zip(to).for_each(|(a, b)| *a += b);
+                received.iter_mut().zip(from).for_each(|(a, b)| *a += b);
                 out.extend(kept);
             }
             Ok(())
@@ -368,6 +451,9 @@ impl Loader {
         let cfg = &self.cfg;
         if !cfg.slices.is_empty() || cfg.convert_to.is_some() || cfg.place.is_some() || cfg.devices.is_some() {
             return refuse("the loader has slices, a conversion, a placement or devices of its own (give each rank's part in `parts`)".into());
+        }
+        if cfg.verify != crate::Verify::Off {
+            return refuse("a verified load reads whole shards, which ranks that split the reading do not: verify the checkpoint once (`tensorlift load --verify`), then load it as a group".into());
         }
         let plan = self.plan(path)?;
         let file = crate::error::plan_file(&plan);
@@ -496,10 +582,22 @@ mod tests {
         assert_eq!(rounds(&[], 10), vec![0..0]);
     }
 
+    fn tensor(dtype: tensorlift_format::Dtype, shape: &[usize]) -> PlannedTensor {
+        let bits = shape.iter().fold(dtype.bitsize() as u64, |a, &d| a * d as u64);
+        PlannedTensor {
+            name: "t".into(),
+            dtype,
+            shape: shape.to_vec(),
+            shard: 0,
+            file_range: 0..bits.div_ceil(8),
+            gather: None,
+        }
+    }
+
     #[test]
     fn every_rank_reads_its_share_of_a_round_at_row_boundaries() {
         // One tensor of 8 rows of 4 bytes, 2 ranks: 4 rows each.
-        let rows = [Rows { rows: 8, row_bytes: 4 }, Rows { rows: 1, row_bytes: 3 }];
+        let rows = [Rows { rows: 8, row_bits: 32, group: 1 }, Rows { rows: 1, row_bits: 24, group: 1 }];
         let p = pieces(&rows, &[32, 3], 0..2, 2);
         assert_eq!(p[0], vec![(0, 0..4), (1, 4..8)]);
         // The 3-byte tensor's middle byte (33) is past the cut at 17: rank 1's.
@@ -507,10 +605,43 @@ mod tests {
     }
 
     #[test]
+    fn rows_narrower_than_a_byte_are_cut_in_whole_bytes() {
+        use tensorlift_format::Dtype;
+        // F4 [6, 3]: 12 bits a row, whole bytes every 2 rows.
+        let r = rows_of(&tensor(Dtype::F4, &[6, 3]));
+        assert_eq!(r, Rows { rows: 6, row_bits: 12, group: 2 });
+        // 9 bytes over 3 ranks: cuts at 3 and 6 bytes, rows 2 and 4.
+        assert_eq!(pieces(&[r], &[9], 0..1, 3)[0], vec![(0, 0..2), (1, 2..4), (2, 4..6)]);
+        // F4 [3]: 12 bits in all, not whole bytes: one piece, never split.
+        let odd = rows_of(&tensor(Dtype::F4, &[3]));
+        assert_eq!(odd.group, 3);
+        assert_eq!(pieces(&[odd], &[2], 0..1, 2)[0].len(), 1);
+        let half = TensorSlice::rows(0..2);
+        assert!(part_of(&tensor(Dtype::F4, &[3]), &odd, Some(&half)).unwrap_err().contains("not whole bytes"));
+        // F4 [8]: rows 0..4 are 2 whole bytes; rows 0..3 are not.
+        let r8 = rows_of(&tensor(Dtype::F4, &[8]));
+        assert!(part_of(&tensor(Dtype::F4, &[8]), &r8, Some(&TensorSlice::rows(0..4))).is_ok());
+        assert!(part_of(&tensor(Dtype::F4, &[8]), &r8, Some(&TensorSlice::rows(0..3))).is_err());
+    }
+
+    #[test]
+    fn an_empty_tensor_has_a_part_of_its_own_shape() {
+        use tensorlift_format::Dtype;
+        let t = tensor(Dtype::F32, &[4, 0, 8]);
+        let slice = TensorSlice::along(&t.shape, 2, 0..4);
+        let part = part_of(&t, &rows_of(&t), Some(&slice)).unwrap();
+        assert_eq!((part.shape.as_slice(), part.bytes(&rows_of(&t))), ([4, 0, 4].as_slice(), 0));
+        let t = tensor(Dtype::F32, &[0, 8]);
+        let part = part_of(&t, &rows_of(&t), Some(&TensorSlice::along(&t.shape, 1, 0..4))).unwrap();
+        assert_eq!(part.shape, [0, 4]);
+    }
+
+    #[test]
     fn a_piece_meets_a_column_slice_as_a_strided_block() {
         // [4, 6] of 2-byte elements; the part is columns 2..4 of every row; the piece rows 1..3.
-        let t = Rows { rows: 4, row_bytes: 12 };
-        let part = Part { rows: 0..4, cols: Some((2..4, 1, 2, 12)), shape: vec![4, 2] };
+        let t = Rows { rows: 4, row_bits: 96, group: 1 };
+        let cols = Cols { range: 2..4, outer: 1, inner_bits: 16, stride_bits: 96 };
+        let part = Part { rows: 0..4, cols: Some(cols), shape: vec![4, 2] };
         let m = overlap(&t, &(1..3), &part).unwrap();
         assert_eq!(m, Meet { src_offset: 4, rows: 2, width: 4, pitch: 12, dst_offset: 4, dst_len: 8 });
         assert!(overlap(&t, &(1..3), &Part { rows: 3..4, cols: None, shape: vec![1, 6] }).is_none());

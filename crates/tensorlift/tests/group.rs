@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tensorlift::group::{Gpu, NcclComm, NcclId};
-use tensorlift::{Device, DevicePlan, DirectIo, Dtype, Loader, Sharding, SliceRule};
+use tensorlift::{Device, DevicePlan, DirectIo, Dtype, Loader, Sharding, SliceRule, Split};
 use tensorlift_testkit::{pattern_for, slice_bytes, write_sharded, Spec};
 
 const RANK: &str = "TLG_RANK";
@@ -44,11 +44,64 @@ fn checkpoint(dir: &Path) {
     first.extend(layers[0].iter().copied());
     let mut second: Vec<Spec<'static>> = layers[1].to_vec();
     second.extend(tensorlift_testkit::quirky());
+    // Splits beyond Llama's (the rules in `sharding`): inner dimensions of 3-D tensors, types
+    // narrower than a byte split by rows and by columns, an empty tensor, and a vocabulary
+    // whose padding leaves the last of 4 ranks nothing.
+    second.extend([
+        ("extra.dim2.weight", Dtype::F16, &[4, 6, 8][..]),
+        ("extra.dim1.weight", Dtype::BF16, &[6, 8, 4][..]),
+        ("extra.f4_rows.weight", Dtype::F4, &[16, 8][..]),
+        ("extra.f4_cols.weight", Dtype::F4, &[16, 8][..]),
+        ("extra.empty.weight", Dtype::F32, &[4, 0, 8][..]),
+        ("mtp.embed_tokens.weight", Dtype::F16, &[40, 64][..]),
+    ]);
     write_sharded(dir, &[&first, &second]);
 }
 
+/// Rank `rank`'s slices: Llama's rules, and the splits of the extra tensors.
+fn sharding(rank: usize, world: usize) -> Sharding {
+    [
+        ("extra.dim2.*", Split::Dim(2)),
+        ("extra.dim1.*", Split::Dim(1)),
+        ("extra.f4_rows.*", Split::Column),
+        ("extra.f4_cols.*", Split::Row),
+        ("extra.empty.*", Split::Row),
+    ]
+    .into_iter()
+    .try_fold(Sharding::llama(rank, world, KV_HEADS).unwrap(), |s, (p, split)| s.rule(p, split))
+    .unwrap()
+}
+
 fn parts(world: usize) -> Vec<DevicePlan> {
-    (0..world).map(|r| DevicePlan::shard(Device::Cuda(r), Sharding::llama(r, world, KV_HEADS).unwrap())).collect()
+    (0..world).map(|r| DevicePlan::shard(Device::Cuda(r), sharding(r, world))).collect()
+}
+
+/// The bits of `ranges` of a tensor of `shape` whose elements are `bits` wide, packed, by
+/// visiting every element: an independent reading for types narrower than a byte too.
+fn slice_bits(full: &[u8], shape: &[usize], bits: usize, ranges: &[std::ops::Range<usize>]) -> Vec<u8> {
+    if bits % 8 == 0 {
+        return slice_bytes(full, shape, bits / 8, ranges);
+    }
+    let count: usize = shape.iter().product();
+    let bit = |k: usize| (full[k / 8] >> (k % 8)) & 1;
+    let mut out = vec![0u8; (count * bits).div_ceil(8)];
+    let mut at = 0;
+    let mut idx = vec![0usize; shape.len()];
+    for e in 0..count {
+        let mut rem = e;
+        for d in (0..shape.len()).rev() {
+            idx[d] = rem % shape[d];
+            rem /= shape[d];
+        }
+        if ranges.iter().zip(&idx).all(|(r, i)| r.contains(i)) {
+            for b in 0..bits {
+                out[at / 8] |= bit(e * bits + b) << (at % 8);
+                at += 1;
+            }
+        }
+    }
+    out.truncate(at.div_ceil(8));
+    out
 }
 
 /// What one rank reports on its last line of output.
@@ -92,6 +145,9 @@ fn rank_child() {
     };
     let gpu = Gpu::open(rank).unwrap();
     let mut comm = NcclComm::new(&gpu, &id, rank, world).unwrap();
+    if let Ok(secs) = std::env::var("TLG_TIMEOUT") {
+        comm.set_timeout(Duration::from_secs(secs.parse().unwrap()));
+    }
     if mode == "vanish" && rank == 1 {
         // Gone without a word once the communicator stands.
         std::process::exit(0);
@@ -108,7 +164,7 @@ fn rank_child() {
         }
     };
     // The file's bytes, sliced by this test: independent of tensorlift's slicing.
-    let sharding = Sharding::llama(rank, world, KV_HEADS).unwrap();
+    let sharding = sharding(rank, world);
     let plan = loader.plan(&ckpt).unwrap();
     assert_eq!(model.len(), plan.tensors().len());
     for t in plan.tensors() {
@@ -117,9 +173,14 @@ fn rank_child() {
         let full = pattern_for(&t.name, t.len() as usize);
         let want = match sharding.slice(&t.name, &t.shape).unwrap() {
             None => full,
-            Some(s) => slice_bytes(&full, &t.shape, t.dtype.bitsize() / 8, s.ranges()),
+            Some(s) => slice_bits(&full, &t.shape, t.dtype.bitsize(), s.ranges()),
         };
         assert_eq!(got.dtype(), t.dtype, "{}", t.name);
+        if let Some(s) = sharding.slice(&t.name, &t.shape).unwrap() {
+            let shape: Vec<usize> =
+                t.shape.iter().enumerate().map(|(d, &n)| s.ranges().get(d).map_or(n, |r| r.end - r.start)).collect();
+            assert_eq!(got.shape(), shape.as_slice(), "{}", t.name);
+        }
         assert!(got.to_host().unwrap() == want, "rank {rank}: tensor {} differs from the file's slice", t.name);
     }
     // And what a load of this rank's part alone gives.
@@ -136,7 +197,8 @@ fn rank_child() {
 }
 
 /// Starts `world` ranks on a checkpoint in `dir`, with `env` for some of them, and waits for
-/// every one (60 s at most: a hang is a failure).
+/// every one (60 s at most: a hang is a failure). A rank that exits with status 3 (the
+/// emulated NCCL ending it mid-exchange) reports `Err("died")`.
 fn run_group(dir: &Path, world: usize, mode: &str, env: &[(usize, &str, &str)]) -> Vec<Report> {
     let exe = std::env::current_exe().unwrap();
     let mut children: Vec<Child> = (0..world)
@@ -183,6 +245,10 @@ fn run_group(dir: &Path, world: usize, mode: &str, env: &[(usize, &str, &str)]) 
         child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
         if mode == "vanish" && rank == 1 {
             reports.push(Report { outcome: Ok(()), read: 0, alone: 0, sent: vec![], received: vec![] });
+            continue;
+        }
+        if status.code() == Some(3) {
+            reports.push(Report { outcome: Err("died".into()), read: 0, alone: 0, sent: vec![], received: vec![] });
             continue;
         }
         assert!(status.success(), "rank {rank}: {status}\n{out}\n{err}");
@@ -319,7 +385,7 @@ fn a_rank_that_fails_fails_the_load_on_every_rank() {
     let errors: Vec<String> = reports.iter().map(|r| r.outcome.clone().unwrap_err()).collect();
     assert!(errors[1].contains("cuda:1"), "{errors:?}");
     for r in [0, 2, 3] {
-        assert!(errors[r].contains("rank 1 of the group failed"), "{errors:?}");
+        assert!(errors[r].contains("ranks [1] of the group failed"), "{errors:?}");
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -333,5 +399,46 @@ fn a_rank_that_goes_away_fails_the_others_rather_than_hang() {
     let reports = run_group(&dir, 2, "vanish", &[]);
     let error = reports[0].outcome.clone().unwrap_err();
     assert!(error.contains("remote process exited"), "{error}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_rank_that_dies_in_an_exchange_fails_the_others_without_wrong_tensors() {
+    if std::env::var_os(RANK).is_some() || tensorlift_testkit::real_driver() {
+        return;
+    }
+    // Rank 1 ends as it makes its 6th send: after the first agreement and a round or two,
+    // in the middle of an exchange (one round for the whole checkpoint, then rounds of a few
+    // tensors). Across nodes NCCL reports it at once; within a node it does not, and the
+    // survivor gives up when its timeout ends.
+    for budget in ["268435456", "65536"] {
+        for silent in [false, true] {
+            let dir = scratch_with_checkpoint();
+            let mut env =
+                vec![(0, "TLG_BUDGET", budget), (1, "TLG_BUDGET", budget), (1, "TLEMU_NCCL_EXIT_AFTER_SENDS", "6")];
+            if silent {
+                env.extend([(0, "TLEMU_NCCL_SILENT_PEERS", "1"), (0, "TLG_TIMEOUT", "3")]);
+            }
+            let reports = run_group(&dir, 2, "", &env);
+            assert_eq!(reports[1].outcome, Err("died".into()));
+            let error = reports[0].outcome.clone().unwrap_err();
+            let expected = if silent { "no answer from the other ranks within 3 s" } else { "remote process exited" };
+            assert!(error.contains(expected) && error.contains("rank 0, round"), "budget {budget}: {error}");
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
+}
+
+#[test]
+fn ranks_that_would_cut_other_rounds_refuse_to_load() {
+    if std::env::var_os(RANK).is_some() || tensorlift_testkit::real_driver() {
+        return;
+    }
+    let dir = scratch_with_checkpoint();
+    let reports = run_group(&dir, 2, "", &[(0, "TLG_BUDGET", "4096"), (1, "TLG_BUDGET", "100000")]);
+    for (rank, r) in reports.iter().enumerate() {
+        let error = r.outcome.clone().unwrap_err();
+        assert!(error.contains("about to do something else"), "rank {rank}: {error}");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -1540,7 +1540,10 @@ pub extern "C" fn cuMemcpyDtoDAsync_v2(
 /// until its message comes. A reader thread a peer drains that peer's socket, so sends never
 /// wait for the receiver (no deadlock in any order of a group's calls). A peer that goes
 /// away fails the receives still waiting for it with `ncclRemoteError`, which
-/// `ncclCommGetAsyncError` then reports; `ncclCommAbort` fails them at once.
+/// `ncclCommGetAsyncError` then reports, as NCCL does over a network; with
+/// `TLEMU_NCCL_SILENT_PEERS=1` they wait on, as NCCL's do within a node. `ncclCommAbort`
+/// fails this process's own at once. `TLEMU_NCCL_EXIT_AFTER_SENDS=N` ends the process
+/// (exit status 3) as it makes its Nth send: a rank that dies in the middle of an exchange.
 mod nccl {
     use std::collections::VecDeque;
     use std::ffi::{c_char, c_int, c_void};
@@ -1594,6 +1597,11 @@ mod nccl {
         }
 
         pub(crate) fn send(&self, peer: usize, bytes: &[u8]) {
+            static SENDS: AtomicU64 = AtomicU64::new(0);
+            let exit_at = std::env::var("TLEMU_NCCL_EXIT_AFTER_SENDS").ok().and_then(|v| v.parse::<u64>().ok());
+            if exit_at.is_some_and(|n| SENDS.fetch_add(1, Ordering::Relaxed) + 1 >= n) {
+                std::process::exit(3);
+            }
             let Some(Some(p)) = self.peers.get(peer) else { return self.fail(INVALID_ARGUMENT) };
             let mut out = lock(&p.out);
             let sent = out.write_all(&(bytes.len() as u64).to_le_bytes()).and_then(|()| out.write_all(bytes));
@@ -1645,6 +1653,7 @@ mod nccl {
     }
 
     fn reader(mut stream: UnixStream, inbox: Arc<Inbox>) {
+        let silent = std::env::var("TLEMU_NCCL_SILENT_PEERS").is_ok_and(|v| v == "1");
         loop {
             let mut len = [0u8; 8];
             if stream.read_exact(&mut len).is_err() {
@@ -1657,8 +1666,11 @@ mod nccl {
             lock(&inbox.state).0.push_back(m);
             inbox.arrived.notify_all();
         }
-        lock(&inbox.state).1 = true;
-        inbox.arrived.notify_all();
+        // Within a node NCCL does not notice a peer that is gone: its receives wait on.
+        if !silent {
+            lock(&inbox.state).1 = true;
+            inbox.arrived.notify_all();
+        }
     }
 
     #[no_mangle]
