@@ -207,6 +207,9 @@ impl UniqueId {
 /// [`Comm::set_timeout`] says otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// How long a failed exchange waits for NCCL's abort, then for its stream to finish.
+const ABORT_WAIT: Duration = Duration::from_secs(10);
+
 /// Bytes a rank says in [`Comm::agree`]: its flag, then its token.
 const SAY: usize = 9;
 
@@ -256,13 +259,21 @@ impl Comm {
             return Err(CudaError::Nccl { call: "ncclCommInitRank", message: format!("rank {rank} of {world}") });
         }
         let stream = gpu.new_stream()?;
-        let said = Arc::new(DeviceArena::new(gpu, world * SAY)?);
         let _restore = gpu.enter()?;
         let mut raw: Comm_ = std::ptr::null_mut();
         let id = RawId { internal: id.0.map(|b| b as c_char) };
         // SAFETY: writes one communicator handle; the id is passed by value, as nccl.h takes
         // it; the device's context is current, which NCCL takes the device from.
         api.check("ncclCommInitRank", unsafe { (api.init_rank)(&mut raw, n, id, r) })?;
+        // After the communicator stands (a failure before would leave the others in their
+        // init); a communicator that cannot have it aborts, which its first exchange reports.
+        let said = match DeviceArena::new(gpu, world * SAY) {
+            Ok(a) => Arc::new(a),
+            Err(e) => {
+                abort(api, raw, gpu);
+                return Err(e);
+            }
+        };
         Ok(Comm { api, raw, gpu: gpu.clone(), stream, rank, world, failed: false, timeout: DEFAULT_TIMEOUT, said })
     }
 
@@ -296,7 +307,8 @@ impl Comm {
     /// `token` (a digest of what it is about to do) to every other. Returns the ranks that
     /// are not ready (this one among them when `!ok`), or an error naming the ranks whose
     /// token differs from this rank's. A rank not heard from counts as not ready. Every rank
-    /// must call it at the same point; on an error the communicator is aborted.
+    /// must call it at the same point. An error of the exchange itself aborts the
+    /// communicator; ranks that disagree do not (nothing was sent but the word).
     pub fn agree(&mut self, ok: bool, token: u64) -> Result<Vec<usize>, CudaError> {
         let (world, me) = (self.world, self.rank);
         let said = Arc::clone(&self.said);
@@ -347,9 +359,34 @@ impl Comm {
     fn fail(&mut self) {
         if !self.failed {
             self.failed = true;
-            let _restore = self.gpu.enter_for_release();
-            // SAFETY: the handle is live; after an abort it is used for nothing but this.
-            let _ = unsafe { (self.api.abort)(self.raw) };
+            abort(self.api, self.raw, &self.gpu);
+        }
+    }
+}
+
+/// Aborts `raw` on a thread of its own, waiting for it at most [`ABORT_WAIT`]: within a node
+/// NCCL's abort may wait for every rank to abort too, which a rank that exited never does;
+/// the thread is then left to it. The handle is used for nothing after this.
+fn abort(api: &'static Api, raw: Comm_, gpu: &Gpu) {
+    let (handle, gpu2) = (raw as usize, gpu.clone());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new().name("tensorlift-nccl-abort".into()).spawn(move || {
+        let _restore = gpu2.enter_for_release();
+        // SAFETY: the handle is live, and after this abort nothing uses it (the caller's
+        // contract: a failed communicator makes no exchange and is not destroyed).
+        let _ = unsafe { (api.abort)(handle as Comm_) };
+        let _ = tx.send(());
+    });
+    match spawned {
+        Ok(_) => {
+            if rx.recv_timeout(ABORT_WAIT).is_err() {
+                tracing::warn!("ncclCommAbort did not return within {ABORT_WAIT:?}; going on without it");
+            }
+        }
+        Err(_) => {
+            let _restore = gpu.enter_for_release();
+            // SAFETY: as above, on this thread, there being no other.
+            let _ = unsafe { (api.abort)(raw) };
         }
     }
 }
@@ -419,9 +456,24 @@ impl Block {
 }
 
 enum Step {
-    Copy { dst: Block, src: Block },
-    Send { peer: usize, src: Block },
-    Recv { peer: usize, dst: Block },
+    Copy {
+        dst: Block,
+        src: Block,
+    },
+    Send {
+        peer: usize,
+        src: Block,
+    },
+    /// A strided send gathered into `via` (contiguous, as many bytes) first.
+    SendVia {
+        peer: usize,
+        src: Block,
+        via: Block,
+    },
+    Recv {
+        peer: usize,
+        dst: Block,
+    },
 }
 
 /// Copies, sends and receives on one communicator, queued together by [`run`](Self::run):
@@ -460,6 +512,20 @@ impl Exchange<'_> {
         Ok(())
     }
 
+    /// Sends `src` to rank `peer`, gathered first into `via` (as many contiguous bytes), memory
+    /// the caller allocated (before agreeing with the other ranks, where a failure to get it
+    /// can still be said) rather than the exchange.
+    pub fn send_via(&mut self, peer: usize, src: Block, via: Block) -> Result<(), CudaError> {
+        src.check(&self.comm.gpu, "exchange send")?;
+        via.check(&self.comm.gpu, "exchange send staging")?;
+        self.peer(peer)?;
+        if !via.contiguous() || via.bytes() != src.bytes() {
+            return Err(CudaError::OutOfBounds { what: "exchange send staging of another size", len: via.bytes() });
+        }
+        self.ops.push(Step::SendVia { peer, src, via });
+        Ok(())
+    }
+
     /// Receives into `dst` what rank `peer` sends it (as many bytes as `dst` holds).
     pub fn recv(&mut self, peer: usize, dst: Block) -> Result<(), CudaError> {
         dst.check(&self.comm.gpu, "exchange receive")?;
@@ -494,6 +560,7 @@ impl Exchange<'_> {
         let copies_len = copies.len();
         let ops = copies.into_iter().chain(ops);
         let mut scatter: Vec<(Block, Block)> = Vec::with_capacity(copies_len);
+        let mut held: Vec<Block> = Vec::new();
         let mut wire: Vec<(bool, usize, Block)> = Vec::new();
         let result = (|| -> Result<(), CudaError> {
             for op in ops {
@@ -501,6 +568,12 @@ impl Exchange<'_> {
                     Step::Copy { dst, src } => {
                         copy_2d(&comm.stream, &dst, &src)?;
                         scatter.push((dst, src));
+                    }
+                    Step::SendVia { peer, src, via } => {
+                        let rows = Block { rows: src.rows, width: src.width, pitch: src.width, ..via.clone() };
+                        copy_2d(&comm.stream, &rows, &src)?;
+                        held.push(src);
+                        wire.push((true, peer, via));
                     }
                     Step::Send { peer, src } if !src.contiguous() => {
                         let t = Arc::new(DeviceArena::new(&comm.gpu, src.bytes())?);
@@ -568,12 +641,16 @@ impl Exchange<'_> {
         if waited.is_err() {
             comm.fail();
         }
-        // Nothing queued may outlive the memory it uses: after a failure, wait for the
-        // stream (an aborted communicator's work ends) before the blocks are released.
-        if comm.failed {
-            let _ = comm.stream.synchronize();
+        // Nothing queued may outlive the memory it uses: after a failure, the blocks are
+        // released once the stream is seen done (an aborted communicator's work ends), and
+        // leaked if it is not within a bounded wait (a wedged NCCL), never freed under it.
+        let blocks = (temps, scatter, wire, held);
+        if comm.failed && !drained(&comm.stream, ABORT_WAIT) {
+            tracing::warn!("an aborted exchange's stream did not finish: its device memory is left allocated");
+            std::mem::forget(blocks);
+        } else {
+            drop(blocks);
         }
-        drop((temps, scatter, wire));
         waited
     }
 }
@@ -608,6 +685,21 @@ fn wait(comm: &Comm) -> Result<(), CudaError> {
         }
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(2));
+    }
+}
+
+/// Whether the stream's work completes within `limit` (`false` also when it cannot be
+/// asked).
+fn drained(stream: &CudaStream, limit: Duration) -> bool {
+    let _restore = crate::device::Current::save();
+    let Ok(done) = stream.record_event(None) else { return false };
+    let started = std::time::Instant::now();
+    loop {
+        match done.try_is_complete() {
+            Ok(true) => return true,
+            Ok(false) if started.elapsed() < limit => std::thread::sleep(Duration::from_millis(1)),
+            _ => return false,
+        }
     }
 }
 

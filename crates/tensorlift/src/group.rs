@@ -8,8 +8,9 @@
 //! [`staging_budget`](crate::LoaderBuilder::staging_budget) (256 MiB unless set) of the
 //! checkpoint, in file order (a round ends with the tensor that brings it to that size), the
 //! same rounds on every rank: the ranks check, before the first byte is read, that they
-//! planned the same checkpoint, rounds and parts (a digest of them, exchanged), and refuse
-//! to load otherwise. Each round's bytes are cut into `world` runs of equal size, one a
+//! planned the same layout (every tensor's name, type, shape and size), rounds and parts (a
+//! digest of them, exchanged), and refuse to load otherwise. The digest does not cover the
+//! weights themselves: ranks on several nodes must load identical copies. Each round's bytes are cut into `world` runs of equal size, one a
 //! rank, at the nearest boundary between rows of the first dimension (between groups of rows
 //! that are whole bytes, for types narrower than a byte): a tensor that a cut falls in is
 //! read by several ranks, each its own block of rows (one of no dimensions goes whole to
@@ -23,7 +24,8 @@
 //! that is not contiguous (the columns of a row-parallel slice) with a 2D copy first. The
 //! rank reads its pieces of the next round while the current one is exchanged: at most two
 //! rounds' pieces are held beside what it keeps, and the gathered copies of the blocks it
-//! sends (up to one round's pieces again, for row-parallel tensors).
+//! sends (up to one round's pieces again, for row-parallel tensors), allocated with the
+//! round's memory before the ranks agree, so that a rank without room says so.
 //!
 //! Before each exchange the ranks agree that every one is ready (a few bytes to every other
 //! rank, in memory the communicator holds): a rank that failed (a read, memory) returns its
@@ -155,7 +157,7 @@ fn part_of(t: &PlannedTensor, r: &Rows, slice: Option<&TensorSlice>) -> Result<P
                 stride_bits: t.shape[j] as u64 * inner_bits,
             };
             let (start, len) = (c.range.start as u64 * inner_bits, (c.range.end - c.range.start) as u64 * inner_bits);
-            if !(whole_bytes(start) && whole_bytes(len) && whole_bytes(c.stride_bits)) {
+            if len > 0 && !(whole_bytes(start) && whole_bytes(len) && whole_bytes(c.stride_bits)) {
                 return Err(format!("indices {:?} of dimension {j} do not start and end on whole bytes", c.range));
             }
             Some(c)
@@ -163,7 +165,7 @@ fn part_of(t: &PlannedTensor, r: &Rows, slice: Option<&TensorSlice>) -> Result<P
         _ => return Err("a group load sends slices of the first dimension and of one other at most".into()),
     };
     let part = Part { rows, cols, shape: layout.shape };
-    if part.rows == (0..r.rows) {
+    if part.rows == (0..r.rows) || part.rows.is_empty() {
         return Ok(part);
     }
     if r.group == r.rows && r.rows > 1 {
@@ -298,7 +300,7 @@ impl Loader {
     ///
     /// Every rank calls this at the same point, with the same checkpoint, the same parts and
     /// the same staging budget (which sizes the rounds): the ranks compare a digest of these
-    /// first and refuse to load if they differ. The stats count this rank's reads in
+    /// (the checkpoint's layout, not its weights) first and refuse to load if they differ. The stats count this rank's reads in
     /// [`bytes_read`](crate::LoadStats::bytes_read), and what it sent to and received from
     /// each rank in [`sent_to`](crate::LoadStats::sent_to) and
     /// [`received_from`](crate::LoadStats::received_from). A failure on one rank fails the
@@ -313,14 +315,17 @@ impl Loader {
     ) -> Result<Model, LoadError> {
         let started = Instant::now();
         let (me, world) = (comm.rank(), comm.world());
-        let limit = (world * self.cfg.staging_budget) as u64;
+        let limit = (world as u64).saturating_mul(self.cfg.staging_budget as u64);
         let exchange = |k: usize, e: tensorlift_cuda::CudaError| LoadError::Group(format!("rank {me}, round {k}: {e}"));
+        let before = |e: tensorlift_cuda::CudaError| LoadError::Group(format!("rank {me}, before reading: {e}"));
         // Any failure before the first round must reach every rank, and every rank must be
         // about to cut the same rounds.
         let prepared = self.prepare_group(path.as_ref(), comm, parts);
         let token = prepared.as_ref().map_or(0, |(plan, _, owned)| fingerprint(world, limit, plan, owned));
-        let failed = comm.agree(prepared.is_ok(), token).map_err(|e| exchange(0, e))?;
+        // This rank's own error first, if it has one: it says more than the agreement's.
+        let agreed = comm.agree(prepared.is_ok(), token);
         let (plan, rows, owned) = prepared?;
+        let failed = agreed.map_err(before)?;
         if let Some(e) = group_failed(me, &failed) {
             return Err(e);
         }
@@ -379,8 +384,9 @@ impl Loader {
                     self.round_steps(&plan, &rows, &owned, round.clone(), &cuts[k], mine, comm.gpu(), me)
                 };
                 let prepared = steps();
-                let failed = comm.agree(prepared.is_ok(), token).map_err(|e| exchange(k, e))?;
+                let agreed = comm.agree(prepared.is_ok(), token);
                 let (kept, steps) = prepared?;
+                let failed = agreed.map_err(|e| exchange(k, e))?;
                 if let Some(e) = group_failed(me, &failed) {
                     return Err(e);
                 }
@@ -394,6 +400,10 @@ impl Loader {
                             to[peer] += (src.rows * src.width) as u64;
                             x.send(peer, src)
                         }
+                        Step::SendVia(peer, src, via) => {
+                            to[peer] += (src.rows * src.width) as u64;
+                            x.send_via(peer, src, via)
+                        }
                         Step::Recv(peer, dst) => {
                             from[peer] += (dst.rows * dst.width) as u64;
                             x.recv(peer, dst)
@@ -404,7 +414,8 @@ impl Loader {
                         break;
                     }
                 }
-                // A step refused (a bug) must not leave the other ranks waiting for it.
+                // A step refused (a bug): abort, so that the other ranks' exchanges fail (at once
+                // across nodes, at their timeout within one) rather than wait for it for good.
                 if let Err(e) = added {
                     drop(x);
                     comm.abort();
@@ -501,7 +512,7 @@ impl Loader {
             offsets.push(len);
             len = (len + owned[me][i].bytes(&rows[i])).next_multiple_of(ALIGN);
         }
-        let arena = Arc::new(DeviceArena::new(gpu, len).map_err(|e| match e {
+        let memory = |e| match e {
             tensorlift_cuda::CudaError::OutOfMemory { bytes, .. } => LoadError::DeviceMemory {
                 file: file.clone(),
                 device: Device::Cuda(gpu.ordinal()),
@@ -509,7 +520,9 @@ impl Loader {
                 free: gpu.memory_info().map_or(0, |(free, _)| free),
             },
             e => cuda(e),
-        })?);
+        };
+        let arena = Arc::new(DeviceArena::new(gpu, len).map_err(memory)?);
+        let mut gathered: Vec<(usize, usize)> = Vec::new();
         let mut kept = Vec::with_capacity(round.len());
         let mut steps = Vec::new();
         for (k, i) in round.enumerate() {
@@ -551,6 +564,9 @@ impl Loader {
                                 pitch: width,
                             };
                             steps.push(Step::Copy(dst, src));
+                        } else if rows > 1 && m.pitch != width {
+                            gathered.push((steps.len(), rows * width));
+                            steps.push(Step::Send(r, src));
                         } else {
                             steps.push(Step::Send(r, src));
                         }
@@ -560,6 +576,31 @@ impl Loader {
                 }
             }
         }
+        // The gathered copies of strided sends, in memory of their own allocated now: before
+        // the ranks agree, where a rank that cannot have it can still say so.
+        if !gathered.is_empty() {
+            let mut end = 0;
+            let offsets: Vec<usize> = gathered
+                .iter()
+                .map(|&(_, len)| {
+                    let at = end;
+                    end = (end + len).next_multiple_of(ALIGN);
+                    at
+                })
+                .collect();
+            let staging = Arc::new(DeviceArena::new(gpu, end).map_err(memory)?);
+            let mut next = gathered.iter().zip(offsets).peekable();
+            steps = steps
+                .into_iter()
+                .enumerate()
+                .map(|(k, step)| match (step, next.next_if(|((j, _), _)| *j == k)) {
+                    (Step::Send(peer, src), Some((&(_, len), at))) => {
+                        Step::SendVia(peer, src, Block::flat(&staging, at, len))
+                    }
+                    (step, _) => step,
+                })
+                .collect();
+        }
         Ok((kept, steps))
     }
 }
@@ -568,6 +609,8 @@ impl Loader {
 enum Step {
     Copy(Block, Block),
     Send(usize, Block),
+    /// A strided send, gathered into memory allocated with the round's.
+    SendVia(usize, Block, Block),
     Recv(usize, Block),
 }
 
@@ -622,6 +665,9 @@ mod tests {
         let r8 = rows_of(&tensor(Dtype::F4, &[8]));
         assert!(part_of(&tensor(Dtype::F4, &[8]), &r8, Some(&TensorSlice::rows(0..4))).is_ok());
         assert!(part_of(&tensor(Dtype::F4, &[8]), &r8, Some(&TensorSlice::rows(0..3))).is_err());
+        // An empty part (a vocabulary's padding leaves the last rank none) is whole bytes.
+        assert!(part_of(&tensor(Dtype::F4, &[8]), &r8, Some(&TensorSlice::rows(1..1))).is_ok());
+        assert!(part_of(&tensor(Dtype::F4, &[3]), &odd, Some(&TensorSlice::rows(3..3))).is_ok());
     }
 
     #[test]
