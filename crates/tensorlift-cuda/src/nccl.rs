@@ -266,7 +266,8 @@ impl Comm {
         // it; the device's context is current, which NCCL takes the device from.
         api.check("ncclCommInitRank", unsafe { (api.init_rank)(&mut raw, n, id, r) })?;
         // After the communicator stands (a failure before would leave the others in their
-        // init); a communicator that cannot have it aborts, which its first exchange reports.
+        // init). Without it this rank aborts and returns the error; the others learn of it in
+        // their first exchange across nodes, and at its timeout within one.
         let said = match DeviceArena::new(gpu, world * SAY) {
             Ok(a) => Arc::new(a),
             Err(e) => {
@@ -311,6 +312,10 @@ impl Comm {
     /// communicator; ranks that disagree do not (nothing was sent but the word).
     pub fn agree(&mut self, ok: bool, token: u64) -> Result<Vec<usize>, CudaError> {
         let (world, me) = (self.world, self.rank);
+        // Nothing is queued on a failed communicator's stream, which may not finish.
+        if self.failed {
+            return Err(CudaError::Nccl { call: "agree", message: "the communicator failed earlier".into() });
+        }
         let said = Arc::clone(&self.said);
         let mine: Vec<u8> = std::iter::once(u8::from(!ok)).chain(token.to_le_bytes()).collect();
         // In the stream's order, before the sends: every rank not ready until it says
@@ -349,8 +354,8 @@ impl Comm {
         Ok(failed)
     }
 
-    /// Aborts the communicator (after a failure): its work in flight is stopped, and every
-    /// later exchange on it fails. The other ranks learn of it over the network; within a
+    /// Aborts the communicator (after a failure): NCCL is asked to stop its work in flight
+    /// (waiting at most 10 s for the abort to return), and every later exchange on it fails. The other ranks learn of it over the network; within a
     /// node, only by their own timeout.
     pub fn abort(&mut self) {
         self.fail();
@@ -644,6 +649,8 @@ impl Exchange<'_> {
         // Nothing queued may outlive the memory it uses: after a failure, the blocks are
         // released once the stream is seen done (an aborted communicator's work ends), and
         // leaked if it is not within a bounded wait (a wedged NCCL), never freed under it.
+        // (This avoids a use after free; it does not promise that freeing other memory of
+        // the device returns while such a stream runs.)
         let blocks = (temps, scatter, wire, held);
         if comm.failed && !drained(&comm.stream, ABORT_WAIT) {
             tracing::warn!("an aborted exchange's stream did not finish: its device memory is left allocated");
