@@ -282,6 +282,12 @@ fn run_group(dir: &Path, world: usize, mode: &str, env: &[(usize, &str, &str)]) 
     reports
 }
 
+/// Whether this is a test itself (not a rank it started) on the emulated driver: most tests
+/// need several devices and its NCCL.
+fn emulated_test() -> bool {
+    std::env::var_os(RANK).is_none() && !tensorlift_testkit::real_driver()
+}
+
 fn scratch_with_checkpoint() -> PathBuf {
     let dir = tensorlift_testkit::scratch_in(&std::env::temp_dir(), "tl-group-");
     std::fs::create_dir(dir.join("ckpt")).unwrap();
@@ -346,7 +352,7 @@ fn check_reads(dir: &Path, world: usize, budget: u64, reports: &[Report]) {
 
 #[test]
 fn every_rank_gets_its_slices_and_each_byte_is_read_once() {
-    if std::env::var_os(RANK).is_some() || tensorlift_testkit::real_driver() {
+    if !emulated_test() {
         return;
     }
     // Rounds of a few tensors, of one tensor or less, and one round for the whole checkpoint.
@@ -382,7 +388,7 @@ fn a_group_of_one_loads_the_whole_checkpoint() {
 
 #[test]
 fn a_rank_that_fails_fails_the_load_on_every_rank() {
-    if std::env::var_os(RANK).is_some() || tensorlift_testkit::real_driver() {
+    if !emulated_test() {
         return;
     }
     let dir = scratch_with_checkpoint();
@@ -398,7 +404,7 @@ fn a_rank_that_fails_fails_the_load_on_every_rank() {
 
 #[test]
 fn a_rank_that_goes_away_fails_the_others_rather_than_hang() {
-    if std::env::var_os(RANK).is_some() || tensorlift_testkit::real_driver() {
+    if !emulated_test() {
         return;
     }
     let dir = scratch_with_checkpoint();
@@ -410,7 +416,7 @@ fn a_rank_that_goes_away_fails_the_others_rather_than_hang() {
 
 #[test]
 fn a_rank_that_dies_in_an_exchange_fails_the_others_without_wrong_tensors() {
-    if std::env::var_os(RANK).is_some() || tensorlift_testkit::real_driver() {
+    if !emulated_test() {
         return;
     }
     // Rank 1 ends as it makes its 6th send: after the first agreement and a round or two,
@@ -443,7 +449,7 @@ fn a_rank_that_dies_in_an_exchange_fails_the_others_without_wrong_tensors() {
 
 #[test]
 fn ranks_that_would_cut_other_rounds_refuse_to_load() {
-    if std::env::var_os(RANK).is_some() || tensorlift_testkit::real_driver() {
+    if !emulated_test() {
         return;
     }
     let dir = scratch_with_checkpoint();

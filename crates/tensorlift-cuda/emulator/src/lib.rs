@@ -1834,28 +1834,6 @@ mod nccl {
     }
 
     #[no_mangle]
-    pub unsafe extern "C" fn ncclCommCount(handle: *mut c_void, count: *mut c_int) -> NcclResult {
-        let Some(c) = comm(handle) else { return INVALID_ARGUMENT };
-        if count.is_null() {
-            return INVALID_ARGUMENT;
-        }
-        // SAFETY: checked not null.
-        unsafe { count.write(c.world as c_int) };
-        SUCCESS
-    }
-
-    #[no_mangle]
-    pub unsafe extern "C" fn ncclCommUserRank(handle: *mut c_void, rank: *mut c_int) -> NcclResult {
-        let Some(c) = comm(handle) else { return INVALID_ARGUMENT };
-        if rank.is_null() {
-            return INVALID_ARGUMENT;
-        }
-        // SAFETY: checked not null.
-        unsafe { rank.write(c.rank as c_int) };
-        SUCCESS
-    }
-
-    #[no_mangle]
     pub extern "C" fn ncclGroupStart() -> NcclResult {
         SUCCESS
     }
@@ -1899,6 +1877,21 @@ mod nccl {
         Ok((c, peer, len))
     }
 
+    /// Checks a send or receive ([`checked`]) and queues the operation `op` makes of it.
+    fn queue(
+        (handle, peer, ptr, count, dtype, stream): (*mut c_void, c_int, CUdeviceptr, usize, c_int, *mut c_void),
+        op: impl FnOnce(Arc<Comm>, usize, usize) -> Op,
+    ) -> NcclResult {
+        let (comm, peer, len) = match checked(handle, peer, ptr, count, dtype, stream) {
+            Ok(c) => c,
+            Err(e) => return e,
+        };
+        match enqueue(stream, op(comm, peer, len)) {
+            0 => SUCCESS,
+            _ => UNHANDLED_CUDA_ERROR,
+        }
+    }
+
     #[no_mangle]
     pub extern "C" fn ncclSend(
         src: *const c_void,
@@ -1908,14 +1901,8 @@ mod nccl {
         handle: *mut c_void,
         stream: *mut c_void,
     ) -> NcclResult {
-        let (comm, peer, len) = match checked(handle, peer, src as CUdeviceptr, count, dtype, stream) {
-            Ok(c) => c,
-            Err(e) => return e,
-        };
-        match enqueue(stream, Op::Send { comm, peer, src: src as CUdeviceptr, len }) {
-            0 => SUCCESS,
-            _ => UNHANDLED_CUDA_ERROR,
-        }
+        let src = src as CUdeviceptr;
+        queue((handle, peer, src, count, dtype, stream), |comm, peer, len| Op::Send { comm, peer, src, len })
     }
 
     #[no_mangle]
@@ -1927,14 +1914,8 @@ mod nccl {
         handle: *mut c_void,
         stream: *mut c_void,
     ) -> NcclResult {
-        let (comm, peer, len) = match checked(handle, peer, dst as CUdeviceptr, count, dtype, stream) {
-            Ok(c) => c,
-            Err(e) => return e,
-        };
-        match enqueue(stream, Op::Recv { comm, peer, dst: dst as CUdeviceptr, len }) {
-            0 => SUCCESS,
-            _ => UNHANDLED_CUDA_ERROR,
-        }
+        let dst = dst as CUdeviceptr;
+        queue((handle, peer, dst, count, dtype, stream), |comm, peer, len| Op::Recv { comm, peer, dst, len })
     }
 
     #[no_mangle]
