@@ -482,10 +482,11 @@ enum Step {
 }
 
 /// Copies, sends and receives on one communicator, queued together by [`run`](Self::run):
-/// first the copies (blocks that are not contiguous are gathered into temporary memory
-/// first), then every send and receive in one NCCL group, then the scattering of strided
-/// receives. Every block's bounds are checked as it is added. A rank's sends to a peer and
-/// that peer's receives from it match in the order each adds them.
+/// first the copies and the gathers of strided sends (into memory the caller gave,
+/// [`send_via`](Self::send_via)), then every send and receive in one NCCL group. NCCL moves
+/// contiguous blocks only, and an exchange allocates nothing. Every block's bounds are
+/// checked as it is added. A rank's sends to a peer and that peer's receives from it match
+/// in the order each adds them.
 pub struct Exchange<'c> {
     comm: &'c mut Comm,
     ops: Vec<Step>,
@@ -509,9 +510,10 @@ impl Exchange<'_> {
         Ok(())
     }
 
-    /// Sends `src` to rank `peer`.
+    /// Sends `src` (contiguous; a strided block goes by [`send_via`](Self::send_via)) to rank
+    /// `peer`.
     pub fn send(&mut self, peer: usize, src: Block) -> Result<(), CudaError> {
-        src.check(&self.comm.gpu, "exchange send")?;
+        self.wire(&src, "exchange send (a strided one goes by send_via)")?;
         self.peer(peer)?;
         self.ops.push(Step::Send { peer, src });
         Ok(())
@@ -522,21 +524,31 @@ impl Exchange<'_> {
     /// can still be said) rather than the exchange.
     pub fn send_via(&mut self, peer: usize, src: Block, via: Block) -> Result<(), CudaError> {
         src.check(&self.comm.gpu, "exchange send")?;
-        via.check(&self.comm.gpu, "exchange send staging")?;
+        self.wire(&via, "exchange send staging")?;
         self.peer(peer)?;
-        if !via.contiguous() || via.bytes() != src.bytes() {
+        if via.bytes() != src.bytes() {
             return Err(CudaError::OutOfBounds { what: "exchange send staging of another size", len: via.bytes() });
         }
         self.ops.push(Step::SendVia { peer, src, via });
         Ok(())
     }
 
-    /// Receives into `dst` what rank `peer` sends it (as many bytes as `dst` holds).
+    /// Receives into `dst` (contiguous) what rank `peer` sends it (as many bytes as `dst`
+    /// holds).
     pub fn recv(&mut self, peer: usize, dst: Block) -> Result<(), CudaError> {
-        dst.check(&self.comm.gpu, "exchange receive")?;
+        self.wire(&dst, "exchange receive into a strided block")?;
         self.peer(peer)?;
         self.ops.push(Step::Recv { peer, dst });
         Ok(())
+    }
+
+    /// Whether NCCL can move `b` as it is: inside its arena on this device, and contiguous.
+    fn wire(&self, b: &Block, what: &'static str) -> Result<(), CudaError> {
+        b.check(&self.comm.gpu, what)?;
+        match b.contiguous() {
+            true => Ok(()),
+            false => Err(CudaError::OutOfBounds { what, len: b.bytes() }),
+        }
     }
 
     fn peer(&self, peer: usize) -> Result<(), CudaError> {
@@ -558,21 +570,16 @@ impl Exchange<'_> {
             return Err(CudaError::Nccl { call: "exchange", message: "the communicator failed earlier".into() });
         }
         let _restore = comm.gpu.enter()?;
-        // Every block and temporary allocation is held until the stream has done with it:
-        // the copies' blocks, then the strided receives' (`scatter[copies..]`).
-        let mut temps: Vec<Arc<DeviceArena>> = Vec::new();
-        let (copies, ops): (Vec<Step>, Vec<Step>) = ops.into_iter().partition(|s| matches!(s, Step::Copy { .. }));
-        let copies_len = copies.len();
-        let ops = copies.into_iter().chain(ops);
-        let mut scatter: Vec<(Block, Block)> = Vec::with_capacity(copies_len);
+        // Every block is held until the stream has done with it.
         let mut held: Vec<Block> = Vec::new();
         let mut wire: Vec<(bool, usize, Block)> = Vec::new();
         let result = (|| -> Result<(), CudaError> {
+            // The copies and gathers first, in the stream's order before the group.
             for op in ops {
                 match op {
                     Step::Copy { dst, src } => {
                         copy_2d(&comm.stream, &dst, &src)?;
-                        scatter.push((dst, src));
+                        held.extend([dst, src]);
                     }
                     Step::SendVia { peer, src, via } => {
                         let rows = Block { rows: src.rows, width: src.width, pitch: src.width, ..via.clone() };
@@ -580,35 +587,7 @@ impl Exchange<'_> {
                         held.push(src);
                         wire.push((true, peer, via));
                     }
-                    Step::Send { peer, src } if !src.contiguous() => {
-                        let t = Arc::new(DeviceArena::new(&comm.gpu, src.bytes())?);
-                        let packed = Block::flat(&t, 0, src.bytes());
-                        let rows = Block {
-                            arena: Arc::clone(&t),
-                            offset: 0,
-                            rows: src.rows,
-                            width: src.width,
-                            pitch: src.width,
-                        };
-                        copy_2d(&comm.stream, &rows, &src)?;
-                        temps.push(t);
-                        wire.push((true, peer, packed));
-                    }
                     Step::Send { peer, src } => wire.push((true, peer, src)),
-                    Step::Recv { peer, dst } if !dst.contiguous() => {
-                        let t = Arc::new(DeviceArena::new(&comm.gpu, dst.bytes())?);
-                        let packed = Block::flat(&t, 0, dst.bytes());
-                        let rows = Block {
-                            arena: Arc::clone(&t),
-                            offset: 0,
-                            rows: dst.rows,
-                            width: dst.width,
-                            pitch: dst.width,
-                        };
-                        scatter.push((dst.clone(), rows));
-                        temps.push(t);
-                        wire.push((false, peer, packed));
-                    }
                     Step::Recv { peer, dst } => wire.push((false, peer, dst)),
                 }
             }
@@ -636,11 +615,7 @@ impl Exchange<'_> {
             }
             // SAFETY: closes the group opened above.
             let ended = api.check("ncclGroupEnd", unsafe { (api.group_end)() });
-            queued.and(ended)?;
-            for (dst, src) in &scatter[copies_len..] {
-                copy_2d(&comm.stream, dst, src)?;
-            }
-            Ok(())
+            queued.and(ended)
         })();
         let waited = result.and_then(|()| wait(comm));
         if waited.is_err() {
@@ -651,7 +626,7 @@ impl Exchange<'_> {
         // leaked if it is not within a bounded wait (a wedged NCCL), never freed under it.
         // (This avoids a use after free; it does not promise that freeing other memory of
         // the device returns while such a stream runs.)
-        let blocks = (temps, scatter, wire, held);
+        let blocks = (wire, held);
         if comm.failed && !drained(&comm.stream, ABORT_WAIT) {
             tracing::warn!("an aborted exchange's stream did not finish: its device memory is left allocated");
             std::mem::forget(blocks);

@@ -175,20 +175,39 @@ pub fn coreutils_sha256sums(dir: &Path, files: &[&str]) -> String {
 /// `shape` whose elements are `elem` bytes, by visiting every element: an independent
 /// reading to hold slicing code to.
 pub fn slice_bytes(full: &[u8], shape: &[usize], elem: usize, ranges: &[std::ops::Range<usize>]) -> Vec<u8> {
-    let count: usize = shape.iter().product();
-    let mut out = Vec::new();
-    let mut idx = vec![0usize; shape.len()];
-    for k in 0..count {
-        let mut rem = k;
-        for d in (0..shape.len()).rev() {
-            idx[d] = rem % shape[d];
-            rem /= shape[d];
-        }
-        if ranges.iter().zip(&idx).all(|(r, i)| r.contains(i)) {
-            out.extend_from_slice(&full[k * elem..(k + 1) * elem]);
+    selected(shape, ranges).flat_map(|k| &full[k * elem..(k + 1) * elem]).copied().collect()
+}
+
+/// [`slice_bytes`] for elements `bits` wide, narrower than a byte too: the selected elements'
+/// bits, packed from the lowest bit of each byte, as safetensors stores them.
+pub fn slice_bits(full: &[u8], shape: &[usize], bits: usize, ranges: &[std::ops::Range<usize>]) -> Vec<u8> {
+    if bits % 8 == 0 {
+        return slice_bytes(full, shape, bits / 8, ranges);
+    }
+    let bit = |k: usize| (full[k / 8] >> (k % 8)) & 1;
+    let mut out = vec![0u8; (shape.iter().product::<usize>() * bits).div_ceil(8)];
+    let mut at = 0;
+    for e in selected(shape, ranges) {
+        for b in 0..bits {
+            out[at / 8] |= bit(e * bits + b) << (at % 8);
+            at += 1;
         }
     }
+    out.truncate(at.div_ceil(8));
     out
+}
+
+/// The row-major indices of the elements of a tensor of `shape` that `ranges` select.
+fn selected<'a>(shape: &'a [usize], ranges: &'a [std::ops::Range<usize>]) -> impl Iterator<Item = usize> + 'a {
+    let count: usize = shape.iter().product();
+    (0..count).filter(move |&k| {
+        let mut rem = k;
+        (0..shape.len()).rev().all(|d| {
+            let i = rem % shape[d];
+            rem /= shape[d];
+            ranges.get(d).is_none_or(|r| r.contains(&i))
+        })
+    })
 }
 
 /// Every dtype, scalars, zero-size tensors, odd sizes that misalign what follows.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use tensorlift::group::{Gpu, NcclComm, NcclId};
 use tensorlift::{Device, DevicePlan, DirectIo, Dtype, Loader, Sharding, SliceRule, Split};
-use tensorlift_testkit::{pattern_for, slice_bytes, write_sharded, Spec};
+use tensorlift_testkit::{pattern_for, slice_bits, write_sharded, Spec};
 
 const RANK: &str = "TLG_RANK";
 const WORLD: &str = "TLG_WORLD";
@@ -74,34 +74,6 @@ fn sharding(rank: usize, world: usize) -> Sharding {
 
 fn parts(world: usize) -> Vec<DevicePlan> {
     (0..world).map(|r| DevicePlan::shard(Device::Cuda(r), sharding(r, world))).collect()
-}
-
-/// The bits of `ranges` of a tensor of `shape` whose elements are `bits` wide, packed, by
-/// visiting every element: an independent reading for types narrower than a byte too.
-fn slice_bits(full: &[u8], shape: &[usize], bits: usize, ranges: &[std::ops::Range<usize>]) -> Vec<u8> {
-    if bits % 8 == 0 {
-        return slice_bytes(full, shape, bits / 8, ranges);
-    }
-    let count: usize = shape.iter().product();
-    let bit = |k: usize| (full[k / 8] >> (k % 8)) & 1;
-    let mut out = vec![0u8; (count * bits).div_ceil(8)];
-    let mut at = 0;
-    let mut idx = vec![0usize; shape.len()];
-    for e in 0..count {
-        let mut rem = e;
-        for d in (0..shape.len()).rev() {
-            idx[d] = rem % shape[d];
-            rem /= shape[d];
-        }
-        if ranges.iter().zip(&idx).all(|(r, i)| r.contains(i)) {
-            for b in 0..bits {
-                out[at / 8] |= bit(e * bits + b) << (at % 8);
-                at += 1;
-            }
-        }
-    }
-    out.truncate(at.div_ceil(8));
-    out
 }
 
 /// What one rank reports on its last line of output.
