@@ -57,11 +57,13 @@ pub fn tensorlift(loader: Arc<Loader>, reuse_host_memory: bool, report_read: boo
             let model = loader.load_blocking(&c.dir)?;
             let s = model.stats();
             eprintln!(
-                "tensorlift: first read at +{:.1} ms, plan whole at +{:.1} ms; {:.3} GB new host memory reused, {:.3} GB prefaulted",
+                "tensorlift: first read at +{:.1} ms, plan whole at +{:.1} ms; {:.3} GB new host memory reused, {:.3} GB prefaulted, {:.3} GB filled by copy{}",
                 s.first_read.unwrap_or_default().as_secs_f64() * 1e3,
                 s.planned.unwrap_or_default().as_secs_f64() * 1e3,
                 s.reused_host_bytes as f64 / 1e9,
                 s.prefaulted_bytes as f64 / 1e9,
+                s.copied_bytes as f64 / 1e9,
+                s.fill_by_copy_refused.as_deref().map_or_else(String::new, |w| format!(" (refused: {w})")),
             );
             if s.device != tensorlift::Device::Cpu {
                 let refused =

@@ -227,6 +227,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         "direct": format!("{:?}", loader.settings().direct_io).to_lowercase(),
         "streams": loader.settings().streams,
         "prefault_threads": loader.settings().prefault_threads,
+        "fill_by_copy": loader.settings().fill_by_copy,
     });
     let mut report = Report::new(&ckpt, &loader, args.runs.max(1), settings);
     report.note(&format!("tensorlift loads to {} ({})", loader.device(), loader.device_reason()));

@@ -373,3 +373,34 @@ def test_backend_mmap_serves_views_of_the_mapped_file_and_pread_copies(tmp_path)
         tensorlift.safe_open(path, framework="pt", backend="fast")
     with pytest.raises(TypeError):
         tensorlift.safe_open(path, framework="pt", backend=1)
+
+
+def test_host_loads_fill_by_copy_and_a_forked_child_reads_its_own(tmp_path):
+    """A cached file's host load fills new memory by copying its pages in, where userfaultfd
+    allows it; a process forked afterwards cannot use the descriptor it inherited (it serves
+    the parent's memory), so its loads read, and give the file's bytes all the same."""
+    rng = np.random.default_rng(7)
+    want = {"w": rng.standard_normal((512, 1024), dtype=np.float32), "b": np.arange(7, dtype=np.int16)}
+    path = tmp_path / "m.safetensors"
+    save_file(want, str(path))
+    stats = {}
+    got = tensorlift.load_file(path, framework="np", stats=stats)
+    assert all(same(got[k], reference_load(str(path))[k]) for k in want)
+    if stats["fill_by_copy_refused"] is None:
+        assert stats["copied_bytes"] == stats["bytes_read"] > 0
+    else:
+        assert os.environ.get("TENSORLIFT_REQUIRE_FILL") is None, stats["fill_by_copy_refused"]
+    pid = os.fork()
+    if pid == 0:  # the child: report by exit status only
+        code = 1
+        try:
+            child = {}
+            again = tensorlift.load_file(path, framework="np", stats=child)
+            ok = all(same(again[k], want[k]) for k in want) and all(same(got[k], want[k]) for k in want)
+            if stats["fill_by_copy_refused"] is None:
+                ok = ok and child["copied_bytes"] == 0 and "forked" in child["fill_by_copy_refused"]
+            code = 0 if ok else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

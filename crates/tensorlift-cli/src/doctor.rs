@@ -31,6 +31,7 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
     let direct = remote.is_none().then(|| direct_io_support(path));
     let memlock = memlock();
     let pages = tensorlift_io::page_probe();
+    let fill = tensorlift_io::fill::status();
     let residency = tensorlift_io::cache::residency_probe();
     let kernel = kernel_release().unwrap_or_else(|| "unknown".into());
     let limit = |v: Option<u64>| v.map_or_else(|| "unlimited".to_owned(), crate::text::memory);
@@ -93,6 +94,10 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
             "remote": remote.as_ref().map(|r| &r.0),
             "page_cache_residency": {"cachestat": residency == tensorlift_io::cache::ResidencyProbe::Cachestat, "method": residency.to_string()},
             "host_pages": {"huge": loader.settings().huge_pages == tensorlift::HugePages::Always, "sample_favors_huge": pages.huge, "huge_first_touch_gbps": pages.huge_gbps, "base_first_touch_gbps": pages.base_gbps},
+            "fill_by_copy": match &fill {
+                Ok(()) => json!({"available": true}),
+                Err(why) => json!({"available": false, "reason": why}),
+            },
             "memlock": memlock.map(|Memlock { soft, hard }| json!({"soft_bytes": soft, "hard_bytes": hard, "note": memlock_note})),
             "would_use": {
                 "device": if refused.is_some() { "none".to_owned() } else { loader.device().to_string() },
@@ -172,6 +177,18 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
         pages.huge_gbps,
         pages.base_gbps
     )?;
+    match &fill {
+        Ok(()) => writeln!(
+            out,
+            "fill        by copy: new host memory for cached shards is filled by copying their pages in \
+             (userfaultfd, user-mode faults), never zeroed first"
+        )?,
+        Err(why) => writeln!(
+            out,
+            "fill        by reads (userfaultfd unavailable: {}): new host memory is zeroed, then read into",
+            crate::text::printable(why)
+        )?,
+    }
     match memlock {
         Some(m) => writeln!(out, "memlock     soft {}, hard {}: {memlock_note}", limit(m.soft), limit(m.hard))?,
         None => writeln!(out, "memlock     unknown")?,
@@ -212,7 +229,8 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
         0 => writeln!(out, "            new host memory faulted in by the reads (prefault off)")?,
         n => writeln!(
             out,
-            "            new host memory faulted in ahead of the reads by {n} thread(s) (MADV_POPULATE_WRITE)"
+            "            new host memory {}faulted in ahead of the reads by {n} thread(s) (MADV_POPULATE_WRITE)",
+            if fill.is_ok() { "not filled by copy " } else { "" }
         )?,
     }
     let cpus = tensorlift::ReadWhilePlanning::AUTO_CPUS;

@@ -23,18 +23,22 @@ fn image_builds_with_the_command_ci_runs() {
 fn seccomp_profile_allows_io_uring_and_what_we_use() {
     let v: serde_json::Value = serde_json::from_str(&repo("docker/seccomp-io-uring.json")).unwrap();
     assert_eq!(v["defaultAction"], "SCMP_ACT_ERRNO");
-    let allowed: HashSet<String> = v["syscalls"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|g| g["action"] == "SCMP_ACT_ALLOW")
-        .flat_map(|g| g["names"].as_array().unwrap().iter().map(|n| n.as_str().unwrap().to_owned()))
-        .collect();
+    let names = |conditional: bool| -> HashSet<String> {
+        v["syscalls"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|g| g["action"] == "SCMP_ACT_ALLOW" && (conditional || g.get("args").is_none()))
+            .flat_map(|g| g["names"].as_array().unwrap().iter().map(|n| n.as_str().unwrap().to_owned()))
+            .collect()
+    };
+    // Allowed whatever the arguments; and allowed at all (some only with certain arguments).
+    let (allowed, allowed_at_all) = (names(false), names(true));
     for n in ["io_uring_setup", "io_uring_enter", "io_uring_register"] {
         assert!(allowed.contains(n), "{n}");
     }
     for n in repo("docker/observed-syscalls.txt").lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
-        assert!(allowed.contains(n), "observed syscall {n} is not allowed");
+        assert!(allowed_at_all.contains(n), "observed syscall {n} is not allowed");
     }
     for n in [
         "mount",
@@ -53,6 +57,21 @@ fn seccomp_profile_allows_io_uring_and_what_we_use() {
     ] {
         assert!(!allowed.contains(n), "{n} must stay denied");
     }
+    // userfaultfd only with UFFD_USER_MODE_ONLY (flags & 1 == 1): a descriptor whose faults
+    // taken by the kernel could be made to wait stays denied.
+    let uffd: Vec<_> = v["syscalls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|g| g["names"].as_array().unwrap().iter().any(|n| n == "userfaultfd"))
+        .collect();
+    assert_eq!(uffd.len(), 1);
+    assert_eq!(uffd[0]["action"], "SCMP_ACT_ALLOW");
+    assert_eq!(uffd[0]["names"], serde_json::json!(["userfaultfd"]));
+    assert_eq!(
+        uffd[0]["args"],
+        serde_json::json!([{"index": 0, "value": 1, "valueTwo": 1, "op": "SCMP_CMP_MASKED_EQ"}])
+    );
 }
 
 #[test]
@@ -88,4 +107,7 @@ fn default_profile_plus_io_uring_is_made_at_use_time() {
     assert_eq!(v["syscalls"][1], input["syscalls"][1]);
     assert_eq!(v["syscalls"][2]["names"], serde_json::json!(["io_uring_enter", "io_uring_register", "io_uring_setup"]));
     assert_eq!(v["syscalls"][2]["action"], "SCMP_ACT_ALLOW");
+    assert_eq!(v["syscalls"][3]["names"], serde_json::json!(["userfaultfd"]));
+    assert_eq!(v["syscalls"][3]["args"][0]["op"], "SCMP_CMP_MASKED_EQ");
+    assert_eq!(v["syscalls"].as_array().unwrap().len(), 4);
 }

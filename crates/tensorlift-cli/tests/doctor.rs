@@ -28,6 +28,16 @@ fn reports_every_fact() {
     }
     assert_eq!(v["o_direct"]["path"], dir.path().to_str().unwrap());
     assert_eq!(v["would_use"]["read_while_planning"], "auto");
+    // Filling by copy: available, or why not (the test command requires it where the
+    // kernel has user-mode userfaultfd).
+    match v["fill_by_copy"]["available"].as_bool() {
+        Some(true) => assert!(v["fill_by_copy"].get("reason").is_none()),
+        Some(false) => {
+            assert!(!v["fill_by_copy"]["reason"].as_str().unwrap().is_empty(), "{v}");
+            assert!(std::env::var_os("TENSORLIFT_REQUIRE_FILL").is_none(), "filling by copy required: {v}");
+        }
+        None => panic!("fill_by_copy missing: {v}"),
+    }
     // The probe's scratch file is gone afterwards.
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }

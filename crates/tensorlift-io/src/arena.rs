@@ -27,6 +27,19 @@ pub struct HostArena {
     chunk: usize,
     handed_out: AtomicBool,
     filled: Box<[AtomicBool]>,
+    /// Whether `mem` is a mapping of its own that nothing has touched (not reused memory).
+    fresh: bool,
+    /// Whether `mem` is registered with the process's userfaultfd, its chunks filled by
+    /// copies (see [`crate::fill`]); set before any chunk is handed out (`setup` orders
+    /// the two).
+    registered: AtomicBool,
+    /// Held while the arena is registered and while its chunks are handed out.
+    setup: Mutex<()>,
+    /// Of an arena filled by copies, by chunk: whether every page of the chunk is present
+    /// (copied in, or its missing pages mapped as zero pages), so that anything may touch it.
+    present: Box<[AtomicBool]>,
+    /// Bytes that landed by copying cached pages in.
+    copied: AtomicUsize,
 }
 
 // SAFETY: the memory is only written through ArenaChunks, which are disjoint and each owned
@@ -46,7 +59,8 @@ impl HostArena {
     pub fn with_pages(len: usize, chunk: usize, huge: bool) -> Option<Arc<HostArena>> {
         // Large arenas are lazily zeroed maps (see AlignedBuf): no pass over memory.
         let mem = AlignedBuf::zeroed_pages(len, PAGE, huge)?;
-        Self::from_mem(mem, None, len, chunk)
+        let fresh = mem.is_mapped() && !huge;
+        Self::from_mem(mem, None, len, chunk, fresh)
     }
 
     /// [`with_pages`](Self::with_pages), taking memory a dropped arena left in `pool` when
@@ -62,11 +76,15 @@ impl HostArena {
         chunk: usize,
         huge: bool,
     ) -> Option<Arc<HostArena>> {
-        let mem = match kept {
-            Some(m) if m.len() >= len => m,
-            _ => AlignedBuf::zeroed_pages(len, PAGE, huge)?,
+        let (mem, fresh) = match kept {
+            Some(m) if m.len() >= len => (m, false),
+            _ => {
+                let m = AlignedBuf::zeroed_pages(len, PAGE, huge)?;
+                let fresh = m.is_mapped() && !huge;
+                (m, fresh)
+            }
         };
-        Self::from_mem(mem, Some(Arc::downgrade(pool)), len, chunk)
+        Self::from_mem(mem, Some(Arc::downgrade(pool)), len, chunk, fresh)
     }
 
     fn from_mem(
@@ -74,6 +92,7 @@ impl HostArena {
         pool: Option<Weak<ArenaPool>>,
         len: usize,
         chunk: usize,
+        fresh: bool,
     ) -> Option<Arc<HostArena>> {
         if mem.len() < len {
             return None;
@@ -93,7 +112,61 @@ impl HostArena {
             chunk,
             handed_out: AtomicBool::new(false),
             filled: (0..chunks).map(|_| AtomicBool::new(false)).collect(),
+            fresh,
+            registered: AtomicBool::new(false),
+            setup: Mutex::new(()),
+            present: (0..chunks).map(|_| AtomicBool::new(false)).collect(),
+            copied: AtomicUsize::new(0),
         }))
+    }
+
+    /// Makes the arena's chunks fill by copying cached file pages in, where a read allows
+    /// it (see [`crate::fill`]): a read of a file read buffered into a whole chunk then
+    /// copies the file's pages into the chunk's fresh memory, which the kernel need not
+    /// zero first. Only for fresh memory of base pages, before any chunk is handed out; a
+    /// prefaulter then leaves the arena alone. `Err` says why not (the arena reads as
+    /// before).
+    pub fn fill_by_copy(&self) -> Result<(), String> {
+        if !self.fresh {
+            return Err("not a fresh mapping of base pages (reused, heap or huge-page memory)".into());
+        }
+        // take_chunks waits for this, so a chunk is never handed out while it registers.
+        let _setup = self.setup.lock().unwrap_or_else(|p| p.into_inner());
+        if self.handed_out.load(Ordering::Acquire) || self.registered.load(Ordering::Acquire) {
+            return Err("chunks already handed out".into());
+        }
+        let fd = crate::fill::fill_fd().map_err(str::to_owned)?;
+        // The mapping is page-rounded beyond `len` (see AlignedBuf::mapped).
+        let len = self.len.next_multiple_of(PAGE);
+        if len == 0 {
+            return Err("empty".into());
+        }
+        fd.register(self.base, len).map_err(|e| format!("userfaultfd registration: {e}"))?;
+        self.registered.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Whether the arena's chunks fill by copies ([`fill_by_copy`](Self::fill_by_copy)).
+    pub fn fills_by_copy(&self) -> bool {
+        self.registered.load(Ordering::Acquire)
+    }
+
+    /// Bytes that landed in this arena by copying cached pages in.
+    pub fn copied_bytes(&self) -> u64 {
+        self.copied.load(Ordering::Relaxed) as u64
+    }
+
+    /// Counts `bytes` that landed by copies in chunk `k`, every page of which is present.
+    pub(crate) fn copied_into(&self, k: usize, bytes: usize) {
+        self.copied.fetch_add(bytes, Ordering::Relaxed);
+        self.mark_present(k);
+    }
+
+    /// Notes that every page of chunk `k` is present.
+    pub(crate) fn mark_present(&self, k: usize) {
+        if let Some(p) = self.present.get(k) {
+            p.store(true, Ordering::Release);
+        }
     }
 
     /// Number of arenas alive in this process (for leak tests).
@@ -113,6 +186,7 @@ impl HostArena {
 
     /// Every chunk, once: later calls return an empty list, so no range is ever writable twice.
     pub fn take_chunks(self: &Arc<Self>) -> Vec<ArenaChunk> {
+        let _setup = self.setup.lock().unwrap_or_else(|p| p.into_inner());
         if self.handed_out.swap(true, Ordering::AcqRel) {
             return Vec::new();
         }
@@ -131,6 +205,10 @@ impl HostArena {
         if !std::ptr::eq(self, &*chunk.arena) {
             return Err(chunk);
         }
+        // A chunk of an arena filled by copies that nothing wrote (an empty read, a
+        // failed one) still has missing pages: present them before anyone may read them.
+        let mut chunk = chunk;
+        chunk.release();
         self.filled[chunk.index].store(true, Ordering::Release);
         Ok(chunk.index)
     }
@@ -142,8 +220,9 @@ impl HostArena {
 
     /// Whether the arena is fresh mapped memory whose pages a [`Prefaulter`] can fault in
     /// (a small arena is a heap block, which the allocator may already have touched).
+    /// An arena filled by copies is left alone: its pages must stay missing for the copies.
     pub fn can_prefault(&self) -> bool {
-        self.mem.as_ref().is_some_and(AlignedBuf::is_mapped)
+        self.mem.as_ref().is_some_and(AlignedBuf::is_mapped) && !self.fills_by_copy()
     }
 
     /// Faults in chunk `k`'s pages, writable, in steps of 2 MiB (`MADV_POPULATE_WRITE`,
@@ -208,6 +287,16 @@ impl HostArena {
 impl Drop for HostArena {
     fn drop(&mut self) {
         LIVE.fetch_sub(1, Ordering::Relaxed);
+        // Registered memory is unregistered before it serves anything else; where that
+        // fails, it is unmapped rather than pooled (a page left missing would wait).
+        if self.fills_by_copy() {
+            let unregistered = crate::fill::fill_fd()
+                .is_ok_and(|fd| fd.unregister(self.base, self.len.next_multiple_of(PAGE)).is_ok());
+            if !unregistered {
+                drop(self.mem.take());
+                return;
+            }
+        }
         // No chunk or reader is left (they hold the Arc): the memory can serve another arena.
         if let (Some(mem), Some(pool)) = (self.mem.take(), self.pool.as_ref().and_then(Weak::upgrade)) {
             pool.give(mem);
@@ -419,6 +508,51 @@ pub struct ArenaChunk {
 }
 
 impl ArenaChunk {
+    fn start(&self) -> *mut u8 {
+        // range.start <= len: inside the allocation.
+        self.arena.base.wrapping_add(self.range.start)
+    }
+
+    /// The chunk's page-rounded span, for copies into it.
+    fn pages(&self) -> usize {
+        // The mapping is page-rounded beyond the arena's `len`.
+        self.range.len().next_multiple_of(PAGE)
+    }
+
+    /// For a chunk of an arena filled by copies whose pages are still missing: its index,
+    /// start, page-rounded length and arena, for [`crate::fill`]'s copy into it. The copy
+    /// makes every page of it present, or the reader [`release`](Self::release)s it.
+    pub(crate) fn copy_target(&self) -> Option<(usize, *mut u8, usize, Arc<HostArena>)> {
+        (self.arena.fills_by_copy() && !self.is_present() && !self.range.is_empty())
+            .then(|| (self.index, self.start(), self.pages(), Arc::clone(&self.arena)))
+    }
+
+    fn is_present(&self) -> bool {
+        self.arena.present.get(self.index).is_some_and(|p| p.load(Ordering::Acquire))
+    }
+
+    /// Readies a chunk of an arena filled by copies for any other reader or writer: its
+    /// missing pages are mapped as zero pages, which writes then copy as usual (a touch of a
+    /// missing page of a registered range would wait for a fault handler there is none of).
+    fn release(&mut self) {
+        if !self.arena.fills_by_copy() || self.is_present() {
+            return;
+        }
+        let ok = crate::fill::fill_fd().is_ok_and(|fd| {
+            // Zero pages need no change to the mapping; unregistering the chunk (which
+            // splits the mapping, so needs memory) is the way left.
+            fd.zero(self.start(), self.pages()).is_ok() || fd.unregister(self.start(), self.pages()).is_ok()
+        });
+        // Where both failed (the kernel out of memory for page tables), the chunk stays
+        // missing: a read's write there fails with EFAULT (the descriptor is user-mode
+        // only), and this is tried again at the next call. In a process forked after the
+        // arena was registered, the copy's pages are its own and not registered (fill_fd
+        // refuses there): nothing is needed.
+        if ok || crate::fill::fill_fd().is_err() {
+            self.arena.present[self.index].store(true, Ordering::Release);
+        }
+    }
+
     /// Position in the arena.
     pub fn range(&self) -> Range<usize> {
         self.range.clone()
@@ -428,6 +562,7 @@ impl ArenaChunk {
     /// memory).
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         let len = self.range.len();
+        // Through stable_mut_ptr, which readies a chunk of an arena filled by copies.
         let ptr = self.stable_mut_ptr();
         // SAFETY: the chunk's bytes lie inside the live arena allocation (the chunk holds
         // its Arc) and are initialised (zero pages, or bytes written before); chunks are
@@ -442,8 +577,8 @@ impl ArenaChunk {
 // arena exposes no view of them before `complete` consumes the chunk.
 unsafe impl IoBufMut for ArenaChunk {
     fn stable_mut_ptr(&mut self) -> *mut u8 {
-        // SAFETY: range.start <= len, inside the allocation.
-        unsafe { self.arena.base.add(self.range.start) }
+        self.release();
+        self.start()
     }
     fn capacity(&self) -> usize {
         self.range.len()

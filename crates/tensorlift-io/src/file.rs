@@ -40,6 +40,9 @@ pub struct OpenFile {
     len: u64,
     /// Whether the kernel shows this process which of its pages are cached, found once.
     residency_visible: OnceLock<bool>,
+    /// The whole file mapped read-only, at the first copy out of it ([`Self::copy_source`]);
+    /// never read through (see there).
+    copy_source: OnceLock<Option<memmap2::Mmap>>,
 }
 
 impl OpenFile {
@@ -99,7 +102,29 @@ impl OpenFile {
             align,
             len: meta.len(),
             residency_visible: OnceLock::new(),
+            copy_source: OnceLock::new(),
         })
+    }
+
+    /// Where the kernel can copy the file's cached pages from, into an arena filled by
+    /// copies ([`crate::fill`]): a read-only shared mapping of the whole file as opened,
+    /// made at the first call, whose address only the kernel ever reads (a page it cannot
+    /// read fails the copy with EFAULT). Its start and page-rounded length; `None` for a file
+    /// read with O_DIRECT (not cached: a copy would read it page by page), an empty one, or
+    /// one that cannot be mapped.
+    pub(crate) fn copy_source(&self) -> Option<(*const u8, usize)> {
+        if self.is_direct() || self.len == 0 {
+            return None;
+        }
+        let len = usize::try_from(self.len).ok()?;
+        let map = self.copy_source.get_or_init(|| {
+            // SAFETY: a shared read-only mapping of the file, which nothing in this crate
+            // reads through: only its address goes to the kernel (UFFDIO_COPY), which fails
+            // with EFAULT where a page cannot be read, so a file truncated meanwhile cannot
+            // raise SIGBUS in this process.
+            unsafe { memmap2::MmapOptions::new().len(len).map(&*self.buffered) }.ok()
+        });
+        map.as_ref().map(|m| (m.as_ptr(), len.next_multiple_of(crate::cache::page_size())))
     }
 
     /// The path it was opened with.

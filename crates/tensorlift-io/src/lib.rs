@@ -39,6 +39,7 @@ mod caller;
 mod checkpoint;
 mod error;
 mod file;
+pub mod fill;
 mod mmap;
 mod op;
 mod open;

@@ -29,7 +29,24 @@ pub(crate) struct ReadOp {
     pub done: usize,
     pub fixed: Option<u16>,
     pub max_segment: usize,
+    /// For a whole chunk of an arena filled by copies: where the copy comes from
+    /// ([`crate::fill`]). Tried first; reads fill what it does not.
+    pub fill: Option<FillTarget>,
     pub complete: Option<Completion>,
+}
+
+/// A chunk of an arena filled by copies, and the file's cached pages to copy in.
+pub(crate) struct FillTarget {
+    /// The chunk's index in its arena.
+    pub index: usize,
+    /// The chunk's page-rounded length, from `ReadOp::dst`.
+    pub pages: usize,
+    /// The file's read-only mapping ([`OpenFile::copy_source`]), only ever read by the kernel.
+    pub src: SendPtr,
+    /// Its page-rounded length.
+    pub src_len: usize,
+    /// The chunk's arena, which counts what was copied.
+    pub arena: Arc<crate::HostArena>,
 }
 
 /// One system call's worth of a read.

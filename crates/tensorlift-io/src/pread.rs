@@ -5,7 +5,8 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use crate::op::{ReadOp, Step};
+use crate::op::{FillTarget, ReadOp, Step};
+use crate::PAGE;
 
 pub(crate) struct PreadPool {
     tx: Option<Sender<ReadOp>>,
@@ -20,13 +21,17 @@ impl std::fmt::Debug for PreadPool {
 
 impl PreadPool {
     pub fn new(threads: usize) -> io::Result<PreadPool> {
+        Self::named(threads, "tensorlift-pread")
+    }
+
+    /// A pool whose threads are named `name-N`.
+    pub fn named(threads: usize, name: &str) -> io::Result<PreadPool> {
         let (tx, rx) = mpsc::channel();
         let rx = Arc::new(Mutex::new(rx));
         let mut pool = PreadPool { tx: Some(tx), threads: Vec::new() };
         for i in 0..threads.max(1) {
             let rx = Arc::clone(&rx);
-            pool.threads
-                .push(std::thread::Builder::new().name(format!("tensorlift-pread-{i}")).spawn(move || worker(&rx))?);
+            pool.threads.push(std::thread::Builder::new().name(format!("{name}-{i}")).spawn(move || worker(&rx))?);
         }
         Ok(pool)
     }
@@ -60,8 +65,19 @@ fn worker(rx: &Mutex<Receiver<ReadOp>>) {
     }
 }
 
-/// Drives one op with blocking reads until it finishes.
+/// Drives one op with blocking reads until it finishes: a copy of cached pages first,
+/// where the op has one to try ([`ReadOp::fill`]).
 pub(crate) fn run_to_end(mut op: ReadOp) {
+    if let Some(fill) = op.fill.take() {
+        if copy_whole(&op, &fill) {
+            fill.arena.copied_into(fill.index, op.len);
+            op.done = op.len;
+            // The arena is let go before the result is: the reader may drop its last
+            // reference right after, and expects its memory back in the pool then.
+            drop(fill);
+            return op.finish(Ok(()));
+        }
+    }
     loop {
         let seg = op.next_segment();
         // SAFETY: seg.dst points to seg.len writable bytes of the buffer the op owns, and
@@ -73,4 +89,48 @@ pub(crate) fn run_to_end(mut op: ReadOp) {
             Step::Done(r) => return op.finish(r),
         }
     }
+}
+
+/// Fills the op's chunk by copying the file's cached pages in: its bytes (the last page's
+/// bytes past them zeroed, as a read leaves them), then the rest of the chunk's pages as zero
+/// pages, so that every page of it is present. Where that cannot be done (the file cut
+/// short: EFAULT, or a length now short of the bytes copied), the chunk's missing pages
+/// become zero pages for the reads to fill (and find the file's end), and `false`.
+fn copy_whole(op: &ReadOp, fill: &FillTarget) -> bool {
+    // The arena was registered with this descriptor, so it opened.
+    let Ok(fd) = crate::fill::fill_fd() else { return false };
+    let dst = op.dst.0;
+    let copy = op.len.next_multiple_of(PAGE);
+    let fits = op.offset % PAGE as u64 == 0
+        && (dst as usize) % PAGE == 0
+        && copy <= fill.pages
+        && op.offset.checked_add(copy as u64).is_some_and(|end| end <= fill.src_len as u64);
+    if fits {
+        // SAFETY: [dst, dst + copy) lies in the chunk the op owns (copy <= its pages), whose
+        // pages are registered and nothing else touches; the source lies inside the file's
+        // mapping, which the op's OpenFile keeps, and only the kernel reads it.
+        let copied = unsafe { fd.copy(dst, fill.src.0.wrapping_add(op.offset as usize), copy) };
+        // A file cut inside the last page copied reads as zeroes there, not EFAULT: its
+        // length now says whether every byte copied was the file's.
+        let end = op.offset + op.len as u64;
+        let whole = || op.file.current_len().is_ok_and(|now| now >= end);
+        match copied {
+            Ok(()) if whole() && fd.zero(dst.wrapping_add(copy), fill.pages - copy).is_ok() => {
+                // SAFETY: [dst + len, dst + copy) lies in the chunk the op owns, whose pages
+                // the copy just made present (so this write cannot wait on a fault).
+                unsafe { std::ptr::write_bytes(dst.wrapping_add(op.len), 0, copy - op.len) };
+                return true;
+            }
+            Ok(()) => {}
+            Err(e) => tracing::debug!(file = %op.file.path().display(), offset = op.offset, error = %e,
+                "copying cached pages failed; reading instead"),
+        }
+    }
+    // Reads write through the kernel, which fails (EFAULT) rather than wait on a missing
+    // registered page: each becomes a zero page first (or, failing that, the chunk is
+    // unregistered).
+    if fd.zero(dst, fill.pages).is_ok() || fd.unregister(dst, fill.pages).is_ok() {
+        fill.arena.mark_present(fill.index);
+    }
+    false
 }

@@ -5,12 +5,12 @@ use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, Wake, Waker};
 
 use tokio::sync::oneshot;
 
-use crate::op::{ReadOp, SendPtr};
+use crate::op::{FillTarget, ReadOp, SendPtr};
 use crate::pread::{run_to_end, PreadPool};
 use crate::probe::{unavailable, unavailable_reason, uring_status, UringStatus};
 use crate::uring::UringPool;
@@ -189,6 +189,7 @@ impl ReaderBuilder {
             direct: self.direct,
             faults: self.faults,
             report: Mutex::new(IoReport { backend: kind, reason, uring, fixed_buffers: FixedBuffers::None }),
+            copiers: OnceLock::new(),
             registered_owners: Mutex::new(Vec::new()),
         }
     }
@@ -230,6 +231,10 @@ pub struct Reader {
     direct: bool,
     faults: Faults,
     report: Mutex<IoReport>,
+    /// Threads that fill arenas by copying cached pages in ([`crate::fill`]), one a CPU
+    /// (sixteen at most, as io_uring workers), started at the first such read; `None` if
+    /// none could be.
+    copiers: OnceLock<Option<PreadPool>>,
     /// Owners of memory registered as fixed buffers. Declared last, so dropped after the
     /// rings (`backend`) that registered it.
     registered_owners: Mutex<Vec<Arc<dyn std::any::Any + Send + Sync>>>,
@@ -330,8 +335,22 @@ impl Reader {
             Ok(buf) => buf,
             Err(done) => return done,
         };
-        // SAFETY: buf_offset + len <= capacity was checked above.
-        let dst = unsafe { buf.stable_mut_ptr().add(buf_offset) };
+        // A whole chunk of an arena filled by copies, from a cached file: copied in on the
+        // copying threads. Anything else readies the buffer for writes (stable_mut_ptr).
+        // (Not with short reads injected: those test the reads.)
+        let fill = match (buf_offset, self.faults.max_read) {
+            (0, None) => copy_target(&buf, file).filter(|_| self.copiers().is_some()),
+            _ => None,
+        };
+        let dst = match &fill {
+            Some((dst, _)) => *dst,
+            // SAFETY: buf_offset + len <= capacity was checked above.
+            None => unsafe { buf.stable_mut_ptr().add(buf_offset) },
+        };
+        let (fill, copier) = match fill {
+            Some((_, target)) => (Some(target), self.copiers()),
+            None => (None, None),
+        };
         let fixed = buf.fixed_slot();
         let (tx, rx) = oneshot::channel();
         let op = ReadOp {
@@ -342,18 +361,46 @@ impl Reader {
             done: 0,
             fixed,
             max_segment: self.faults.max_read.unwrap_or(usize::MAX).max(1),
+            fill,
             complete: Some(Box::new(move |r: Result<(), IoError>| {
                 let _ = tx.send(with_buf(r, buf));
             })),
         };
         let pending = Pending { rx, file: file.path().to_path_buf(), offset, len: len as u64 };
-        match &self.backend {
-            Backend::Uring(pool) => pool.submit(op),
-            Backend::Pread(Some(pool)) => pool.submit(op),
-            Backend::Pread(None) => run_to_end(op),
+        match (copier, &self.backend) {
+            (Some(copier), _) => copier.submit(op),
+            (None, Backend::Uring(pool)) => pool.submit(op),
+            (None, Backend::Pread(Some(pool))) => pool.submit(op),
+            (None, Backend::Pread(None)) => run_to_end(op),
         }
         ReadFuture { state: State::Waiting(pending) }
     }
+}
+
+impl Reader {
+    /// The threads that copy cached pages into arenas, started at the first call.
+    fn copiers(&self) -> Option<&PreadPool> {
+        self.copiers
+            .get_or_init(|| {
+                let cpus = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 16);
+                PreadPool::named(cpus, "tensorlift-copy").ok()
+            })
+            .as_ref()
+    }
+}
+
+/// For a read into a whole chunk of an arena filled by copies ([`crate::fill`]) from a file
+/// read buffered: the chunk's start, and what to copy into it.
+fn copy_target<B: IoBufMut>(buf: &B, file: &OpenFile) -> Option<(*mut u8, FillTarget)> {
+    let any: &dyn std::any::Any = buf;
+    let chunk = match any.downcast_ref::<crate::HostChunk>() {
+        Some(crate::HostChunk::Arena(c)) => c,
+        Some(crate::HostChunk::Caller(_)) => return None,
+        None => any.downcast_ref::<crate::ArenaChunk>()?,
+    };
+    let (index, dst, pages, arena) = chunk.copy_target()?;
+    let (src, src_len) = file.copy_source()?;
+    Some((dst, FillTarget { index, pages, src: SendPtr(src.cast_mut()), src_len, arena }))
 }
 
 /// The buffer back for a read of `len` bytes into `buf[buf_offset..]` that has I/O to do;

@@ -127,6 +127,7 @@ pub(crate) struct Config {
     pub streams: usize,
     pub huge_pages: HugePages,
     pub prefault: bool,
+    pub fill_by_copy: bool,
     pub page_cache_dma: bool,
     pub read_while_planning: ReadWhilePlanning,
     pub verify: Verify,
@@ -195,6 +196,9 @@ pub struct Settings {
     /// Threads that fault in new host memory ahead of the reads (0: none, see
     /// [`LoaderBuilder::prefault`](crate::LoaderBuilder::prefault)).
     pub prefault_threads: usize,
+    /// Whether new host memory for cached shards is filled by copying their pages in (see
+    /// [`LoaderBuilder::fill_by_copy`](crate::LoaderBuilder::fill_by_copy)).
+    pub fill_by_copy: bool,
     /// Whether shards in the page cache are copied to the device by DMA straight from it
     /// (see [`LoaderBuilder::page_cache_dma`](crate::LoaderBuilder::page_cache_dma)).
     pub page_cache_dma: bool,

@@ -105,6 +105,7 @@ impl HostSink {
     #[allow(clippy::too_many_arguments)] // The load's parts, each used once here.
     pub(crate) fn new(
         plan: &LoadPlan,
+        copies: &[bool],
         spans: Vec<Span>,
         dests: Vec<Option<Resolved>>,
         cfg: &Config,
@@ -205,11 +206,22 @@ impl HostSink {
                     (Memory::Caller(Arc::clone(claim)), chunks)
                 }
                 None => {
+                    let fresh = kept.is_none();
                     let arena = HostArena::pooled(pool, kept.take(), len.next_multiple_of(PAGE), chunk, huge)
                         .ok_or_else(|| LoadError::OutOfMemory {
                             file: plan.shards()[span.shard].path.clone(),
                             bytes: len as u64,
                         })?;
+                    // New memory for a cached shard: filled by copying its pages in, where
+                    // userfaultfd allows it (not prefaulted then).
+                    if fresh && !huge && len > 0 && copies.get(span.shard).copied().unwrap_or(false) {
+                        if let Err(why) = arena.fill_by_copy() {
+                            // Small arenas are heap blocks, which may share pages: read into.
+                            if arena.can_prefault() && stats.fill_by_copy_refused.is_none() {
+                                stats.fill_by_copy_refused = Some(why);
+                            }
+                        }
+                    }
                     let chunks = arena.take_chunks().into_iter().map(|c| Some(HostChunk::Arena(c))).collect();
                     (Memory::Arena(arena), chunks)
                 }
@@ -300,6 +312,17 @@ impl HostSink {
         if let Some((work, threads)) = self.prefault_work.take() {
             self.prefault = tensorlift_io::Prefaulter::start(work, threads);
         }
+    }
+
+    /// Bytes that landed by copying cached pages in, over every arena.
+    pub(crate) fn copied_bytes(&self) -> u64 {
+        self.extents
+            .iter()
+            .map(|e| match &e.memory {
+                Memory::Arena(a) => a.copied_bytes(),
+                Memory::Caller(_) => 0,
+            })
+            .sum()
     }
 
     /// Stops the prefaulting threads (every chunk has landed: they have nothing left) and

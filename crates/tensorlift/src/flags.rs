@@ -36,6 +36,10 @@ pub struct Tuning {
     /// `LoaderBuilder::prefault`).
     #[arg(long)]
     pub no_prefault: bool,
+    /// Do not fill new host memory by copying cached pages in (on by default; see
+    /// `LoaderBuilder::fill_by_copy`).
+    #[arg(long)]
+    pub no_fill_by_copy: bool,
     /// On a GPU, read shards that are in the page cache into staging, rather than copying
     /// them to the device by DMA straight from the page cache (see
     /// `LoaderBuilder::page_cache_dma`).
@@ -74,6 +78,9 @@ impl Tuning {
         }
         if self.no_prefault {
             builder = builder.prefault(false);
+        }
+        if self.no_fill_by_copy {
+            builder = builder.fill_by_copy(false);
         }
         if self.no_page_cache_dma {
             builder = builder.page_cache_dma(false);

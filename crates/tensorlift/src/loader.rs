@@ -57,6 +57,7 @@ impl Default for LoaderBuilder {
                 streams: DEFAULT_STREAMS,
                 huge_pages: HugePages::Auto,
                 prefault: true,
+                fill_by_copy: true,
                 page_cache_dma: true,
                 read_while_planning: ReadWhilePlanning::Auto,
                 verify: Verify::Off,
@@ -234,6 +235,20 @@ impl LoaderBuilder {
     /// CPU, four at most). [`LoadStats::prefaulted_bytes`] says how much it did.
     pub fn prefault(mut self, on: bool) -> Self {
         self.cfg.prefault = on;
+        self
+    }
+    /// Whether new host memory for shards in the page cache is filled by copying their
+    /// cached pages in (default true; userfaultfd's `UFFDIO_COPY`, Linux 5.11, no privilege
+    /// needed). A read into fresh memory costs the kernel a zeroed page before the copy;
+    /// a copy into a missing page allocates it and fills it, never zeroing it: about a fifth
+    /// less CPU for a warm host load (docs/BENCHMARKS.md). Applies to the loader's own
+    /// memory (not reused, not huge pages) for shards read buffered because cached; the
+    /// pages filled are the process's own, so a tensor never depends on the file
+    /// afterwards. Where userfaultfd is refused, loads read as before and
+    /// [`LoadStats::fill_by_copy_refused`] says why; [`LoadStats::copied_bytes`] counts
+    /// what was copied. Such memory is not prefaulted ([`prefault`](Self::prefault)).
+    pub fn fill_by_copy(mut self, on: bool) -> Self {
+        self.cfg.fill_by_copy = on;
         self
     }
     /// Whether a load onto a GPU copies the shards that are in the page cache to the device
@@ -504,6 +519,7 @@ impl Loader {
             streams: self.cfg.streams,
             huge_pages: self.cfg.huge_pages,
             prefault_threads: self.cfg.prefault_threads(),
+            fill_by_copy: self.cfg.fill_by_copy,
             page_cache_dma: self.cfg.page_cache_dma,
             read_while_planning: self.cfg.read_while_planning,
             verify: self.cfg.verify,
@@ -701,6 +717,8 @@ impl Loader {
             prefault_failure: None,
             page_cache_dma_bytes: 0,
             page_cache_dma_refused: None,
+            copied_bytes: 0,
+            fill_by_copy_refused: None,
             first_read: None,
             planned: None,
             reused_host_bytes: 0,

@@ -261,8 +261,10 @@ impl TensorStream {
         fresh: bool,
         checks: Option<Vec<Option<(crate::digest::Sha256, crate::digest::DigestSource)>>>,
     ) -> Result<Scheduler<crate::dest_host::HostSink>, LoadError> {
+        let copies = copy_shards(&self.plan, cfg);
         let sink = crate::dest_host::HostSink::new(
             &self.plan,
+            &copies,
             spans,
             dests,
             cfg,
@@ -485,6 +487,7 @@ impl TensorStream {
             Dest::Devices(s) => self.stats.copy = s.sink.copy_time(),
             Dest::Host(s) => {
                 (self.stats.prefaulted_bytes, self.stats.prefault_failure) = s.sink.finish_prefault();
+                self.stats.copied_bytes = s.sink.copied_bytes();
                 self.stats.verified_bytes = s.sink.verified_bytes();
             }
             Dest::Mapped => {}
@@ -769,6 +772,18 @@ fn plan_stats(stats: &mut LoadStats, plan: &LoadPlan, spans: &[Span]) {
     stats.bytes = plan.total_bytes();
     stats.checkpoint_bytes = plan.checkpoint_bytes();
     stats.shards = shards.len();
+}
+
+/// By shard, whether its reads may fill new host memory by copying its cached pages in
+/// ([`Config::fill_by_copy`]): a local file read buffered because it is cached, as
+/// [`crate::open::open_shard`] decides. Empty when the load allows none.
+fn copy_shards(plan: &Checkpoint, cfg: &Config) -> Vec<bool> {
+    if !cfg.fill_by_copy || cfg.huge_pages == crate::HugePages::Always || cfg.direct == crate::DirectIo::Always {
+        return Vec::new();
+    }
+    (0..plan.shards().len())
+        .map(|i| plan.shard_file(i).is_some_and(|f| tensorlift_io::cache::resident_estimate(f).is_ok_and(|r| r >= 0.5)))
+        .collect()
 }
 
 /// Shards a load reads at once: a quarter of the open-file bound, since each shard read can

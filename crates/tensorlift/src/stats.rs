@@ -82,6 +82,13 @@ pub struct LoadStats {
     /// instead: the error of the first range the driver would not register (or that no
     /// thread to register ranges could be started).
     pub page_cache_dma_refused: Option<String>,
+    /// Bytes that landed in new host memory by copying the shards' cached pages in (see
+    /// [`LoaderBuilder::fill_by_copy`](crate::LoaderBuilder::fill_by_copy)); they are
+    /// counted in `bytes_read` too.
+    pub copied_bytes: u64,
+    /// Why a host load that could have filled new memory by copying cached pages in did
+    /// not (userfaultfd refused: the process, its sandbox or its kernel).
+    pub fill_by_copy_refused: Option<String>,
     /// Of a group load ([`Loader::load_group_blocking`](crate::Loader::load_group_blocking)),
     /// the bytes this rank sent to each rank, by rank (empty for other loads).
     pub sent_to: Vec<u64>,
@@ -117,6 +124,8 @@ impl LoadStats {
             "prefault_failure": self.prefault_failure,
             "page_cache_dma_bytes": self.page_cache_dma_bytes,
             "page_cache_dma_refused": self.page_cache_dma_refused,
+            "copied_bytes": self.copied_bytes,
+            "fill_by_copy_refused": self.fill_by_copy_refused,
             "sent_to": self.sent_to,
             "received_from": self.received_from,
             "first_read_seconds": secs(self.first_read),

@@ -3,6 +3,7 @@
 mod backends;
 mod checkpoint;
 mod faults;
+mod fill;
 mod hardening;
 mod lifecycle;
 mod prefault;

@@ -128,6 +128,7 @@ fn statistics_are_measured() {
 /// New host memory is faulted in ahead of the reads: while the reads wait (the progress
 /// callback holds the load after its first chunk, one read in flight), the prefaulting
 /// thread goes on; the bytes are the file's all the same. Off, nothing is prefaulted.
+/// (Memory filled by copy is never prefaulted: that is off here, see the next test.)
 #[test]
 fn new_memory_is_prefaulted_ahead_of_the_reads() {
     let dir = scratch();
@@ -140,6 +141,7 @@ fn new_memory_is_prefaulted_ahead_of_the_reads() {
             .queue_depth(1)
             .chunk_size(4 << 20)
             .prefault(on)
+            .fill_by_copy(false)
             .progress(move |_| {
                 if p.fetch_add(1, Ordering::Relaxed) == 0 {
                     std::thread::sleep(Duration::from_millis(300));
@@ -166,6 +168,81 @@ fn new_memory_is_prefaulted_ahead_of_the_reads() {
     let m = load(false);
     assert_identical(&m, &truth, "not prefaulted");
     assert_eq!(m.stats().prefaulted_bytes, 0);
+}
+
+/// A cached shard's new host memory is filled by copying its pages in (userfaultfd), not
+/// prefaulted, with the file's bytes; off, or for a shard not cached, or in memory an earlier
+/// load left, it is read as before, with the same bytes.
+#[test]
+fn cached_shards_fill_new_memory_by_copy() {
+    // A touch of a missing page of memory registered for copies would wait forever: the
+    // test binary fails after two minutes rather than hang.
+    let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let f = Arc::clone(&finished);
+    std::thread::spawn(move || {
+        for _ in 0..120 {
+            std::thread::sleep(Duration::from_secs(1));
+            if f.load(Ordering::Relaxed) {
+                return;
+            }
+        }
+        eprintln!("cached_shards_fill_new_memory_by_copy: still loading after two minutes (a missing page touched?)");
+        std::process::exit(101);
+    });
+    let dir = scratch();
+    let mut spec: Vec<tensorlift_testkit::Spec<'_>> = vec![
+        ("fill_big", Dtype::U8, &[(24 << 20) + 4095]),
+        ("fill_f32", Dtype::F32, &[3, 5]),
+        ("fill_bf16", Dtype::BF16, &[7, 1001]),
+    ];
+    spec.extend(quirky());
+    let path = dir.join("m.safetensors");
+    let truth = write_shard(&path, &spec);
+    let available = match tensorlift_io::fill::status() {
+        Ok(()) => true,
+        Err(why) => {
+            assert!(std::env::var_os("TENSORLIFT_REQUIRE_FILL").is_none(), "filling by copy required: {why}");
+            eprintln!("filling by copy unavailable here ({why}): only the fallback checked");
+            false
+        }
+    };
+    let loader = base().chunk_size(4 << 20).build().unwrap();
+    assert!(loader.settings().fill_by_copy);
+    let m = loader.load_blocking(&path).unwrap();
+    assert_identical(&m, &truth, "filled by copy");
+    let s = m.stats().clone();
+    assert_eq!(s.buffered_shards, 1, "the shard was just written: cached");
+    if available {
+        assert_eq!(s.copied_bytes, s.bytes_read, "every byte read was copied in");
+        assert_eq!(s.prefaulted_bytes, 0, "memory filled by copy is not prefaulted");
+        assert_eq!(s.fill_by_copy_refused, None);
+    } else {
+        assert_eq!(s.copied_bytes, 0);
+        assert!(s.fill_by_copy_refused.is_some());
+    }
+    // The same loader again: the memory the first load left is reused, read into.
+    drop(m);
+    let m = loader.load_blocking(&path).unwrap();
+    assert_identical(&m, &truth, "reused memory");
+    assert!(m.stats().reused_host_bytes > 0);
+    assert_eq!(m.stats().copied_bytes, 0, "reused memory is read into, not filled by copy");
+    drop(m);
+    // Off.
+    let m = base().fill_by_copy(false).build().unwrap().load_blocking(&path).unwrap();
+    assert_identical(&m, &truth, "fill by copy off");
+    assert_eq!((m.stats().copied_bytes, m.stats().fill_by_copy_refused.as_deref()), (0, None));
+    // Huge pages: read into.
+    let m = base().huge_pages(tensorlift::HugePages::Always).build().unwrap().load_blocking(&path).unwrap();
+    assert_identical(&m, &truth, "huge pages");
+    assert_eq!(m.stats().copied_bytes, 0);
+    // Not cached: read from the disk (O_DIRECT where the file system allows), not copied.
+    tensorlift_io::cache::evict(&path).unwrap();
+    if tensorlift_io::cache::resident_fraction(&path).unwrap() < 0.5 {
+        let m = base().build().unwrap().load_blocking(&path).unwrap();
+        assert_identical(&m, &truth, "not cached");
+        assert_eq!(m.stats().copied_bytes, 0);
+    }
+    finished.store(true, Ordering::Relaxed);
 }
 
 /// A loader's second load takes the memory its first load's dropped tensors left (already
