@@ -137,3 +137,55 @@ fn cuda_digests_equal_the_cpu_path() {
     assert!(v["would_use"]["device_memory"]["total_bytes"].as_u64().unwrap() > 0, "{v}");
     assert!(v["would_use"]["pinned_staging_bytes"].as_u64().unwrap() > 0, "{v}");
 }
+
+/// Runs `tensorlift ARGS` and returns whether it succeeded, its standard output, and its
+/// peak resident memory in bytes. Measured by a small Python parent (`ru_maxrss` of its
+/// children): a child of this test process would count the test process's own peak, which
+/// the kernel carries over into a child that execs from a shared address space.
+fn tensorlift_peak_memory(args: &[&str]) -> (bool, Vec<u8>, u64) {
+    let script = "import resource, subprocess, sys\n\
+                  r = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE)\n\
+                  sys.stderr.write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))\n\
+                  sys.stdout.buffer.write(r.stdout)\n\
+                  sys.exit(r.returncode)\n";
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(env!("CARGO_BIN_EXE_tensorlift"))
+        .args(args)
+        .output()
+        .expect("python3 is needed for the reference tests");
+    let kib: u64 = String::from_utf8_lossy(&out.stderr).trim().rsplit('\n').next().unwrap().parse().unwrap();
+    (out.status.success(), out.stdout, kib * 1024)
+}
+
+/// A host load's peak resident memory is its tensors' and the process's own, whether new
+/// memory for the cached shard is filled by copy (whose source, the file's mapping, must not
+/// stay resident in the process) or read into.
+#[test]
+fn a_host_loads_peak_memory_is_its_tensors() {
+    let dir = tensorlift_testkit::scratch_in(Path::new(env!("CARGO_TARGET_TMPDIR")), "tl-cli-rss-");
+    let path = dir.join("big.safetensors");
+    let size: usize = 160 << 20;
+    tensorlift_testkit::write_shard(&path, &[("w", tensorlift_format::Dtype::U8, &[size])]);
+    // Cached: it was just written.
+    let p = path.to_str().unwrap();
+    let (ok, _, base) = tensorlift_peak_memory(&["inspect", p]);
+    assert!(ok);
+    for args in
+        [&["load", "--device", "cpu", "--json", p][..], &["load", "--device", "cpu", "--json", "--no-fill-by-copy", p]]
+    {
+        let (ok, stdout, peak) = tensorlift_peak_memory(args);
+        assert!(ok, "{args:?}");
+        let v: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
+        if args.len() == 5 && std::env::var_os("TENSORLIFT_REQUIRE_FILL").is_some() {
+            assert_eq!(v["copied_bytes"], v["bytes_read"], "{v}");
+        }
+        // The tensor, the process as `inspect` needs it, and 32 MiB for the load's own.
+        assert!(
+            peak < size as u64 + base + (32 << 20),
+            "{args:?}: peak {peak} bytes for a {size}-byte tensor (inspect: {base})"
+        );
+        assert!(peak >= size as u64, "{peak}: the tensor was resident");
+    }
+}

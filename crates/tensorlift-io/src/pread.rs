@@ -106,10 +106,18 @@ fn copy_whole(op: &ReadOp, fill: &FillTarget) -> bool {
         && copy <= fill.pages
         && op.offset.checked_add(copy as u64).is_some_and(|end| end <= fill.src_len as u64);
     if fits {
+        let src = fill.src.0.wrapping_add(op.offset as usize);
         // SAFETY: [dst, dst + copy) lies in the chunk the op owns (copy <= its pages), whose
         // pages are registered and nothing else touches; the source lies inside the file's
         // mapping, which the op's OpenFile keeps, and only the kernel reads it.
-        let copied = unsafe { fd.copy(dst, fill.src.0.wrapping_add(op.offset as usize), copy) };
+        let copied = unsafe { fd.copy(dst, src, copy) };
+        // The copy mapped the file's pages into this process (shared page cache, not new
+        // memory, but counted in its resident size): unmapped again, so that a load's
+        // resident size is its tensors', as when it reads.
+        // SAFETY: [src, src + copy) lies inside the file's read-only shared mapping, which
+        // the op's OpenFile keeps and nothing reads through; dropping its page-table entries
+        // changes no byte of the file or of any memory of ours.
+        unsafe { libc::madvise(src.cast(), copy, libc::MADV_DONTNEED) };
         // A file cut inside the last page copied reads as zeroes there, not EFAULT: its
         // length now says whether every byte copied was the file's.
         let end = op.offset + op.len as u64;
