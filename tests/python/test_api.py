@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -386,10 +387,10 @@ def test_host_loads_fill_by_copy_and_a_forked_child_reads_its_own(tmp_path):
     stats = {}
     got = tensorlift.load_file(path, framework="np", stats=stats)
     assert all(same(got[k], reference_load(str(path))[k]) for k in want)
-    if stats["fill_by_copy_refused"] is None:
-        assert stats["copied_bytes"] == stats["bytes_read"] > 0
-    else:
-        assert os.environ.get("TENSORLIFT_REQUIRE_FILL") is None, stats["fill_by_copy_refused"]
+    copied = stats["copied_bytes"] > 0
+    if copied or os.environ.get("TENSORLIFT_REQUIRE_FILL"):
+        assert stats["copied_bytes"] == stats["bytes_read"] > 0, stats
+        assert stats["fill_by_copy_refused"] is None
     pid = os.fork()
     if pid == 0:  # the child: report by exit status only
         code = 1
@@ -397,10 +398,19 @@ def test_host_loads_fill_by_copy_and_a_forked_child_reads_its_own(tmp_path):
             child = {}
             again = tensorlift.load_file(path, framework="np", stats=child)
             ok = all(same(again[k], want[k]) for k in want) and all(same(got[k], want[k]) for k in want)
-            if stats["fill_by_copy_refused"] is None:
-                ok = ok and child["copied_bytes"] == 0 and "forked" in child["fill_by_copy_refused"]
+            if copied:
+                ok = ok and child["copied_bytes"] == 0 and "forked" in (child["fill_by_copy_refused"] or "")
             code = 0 if ok else 3
         finally:
             os._exit(code)
-    _, status = os.waitpid(pid, 0)
+    # A child that hangs fails the test (and is killed) rather than stalling the suite.
+    for _ in range(1200):
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child's load did not end in two minutes")
     assert os.waitstatus_to_exitcode(status) == 0

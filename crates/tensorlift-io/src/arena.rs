@@ -200,7 +200,9 @@ impl HostArena {
     }
 
     /// Marks a chunk's bytes as final and returns its index. A chunk of another arena is
-    /// handed back untouched: completing it here would expose bytes its owner may still write.
+    /// handed back untouched: completing it here would expose bytes its owner may still
+    /// write. So is a chunk of an arena filled by copies whose pages could not be made
+    /// present (the kernel out of memory): its bytes stay unreadable.
     pub fn complete(&self, chunk: ArenaChunk) -> Result<usize, ArenaChunk> {
         if !std::ptr::eq(self, &*chunk.arena) {
             return Err(chunk);
@@ -208,9 +210,26 @@ impl HostArena {
         // A chunk of an arena filled by copies that nothing wrote (an empty read, a
         // failed one) still has missing pages: present them before anyone may read them.
         let mut chunk = chunk;
-        chunk.release();
+        if !chunk.release() {
+            return Err(chunk);
+        }
         self.filled[chunk.index].store(true, Ordering::Release);
         Ok(chunk.index)
+    }
+
+    /// Stops filling this arena by copies (a file that cannot be copied from): it is
+    /// unregistered whole, and its chunks are then written as in any other arena. Chunks
+    /// already readied for writing keep their zero pages.
+    pub(crate) fn stop_filling(&self) {
+        if !self.fills_by_copy() {
+            return;
+        }
+        // Under `setup`, so that two callers do not both unregister.
+        let _setup = self.setup.lock().unwrap_or_else(|p| p.into_inner());
+        let Ok(fd) = crate::fill::fill_fd() else { return };
+        if self.fills_by_copy() && fd.unregister(self.base, self.len.next_multiple_of(PAGE)).is_ok() {
+            self.registered.store(false, Ordering::Release);
+        }
     }
 
     /// Number of chunks.
@@ -534,23 +553,27 @@ impl ArenaChunk {
     /// Readies a chunk of an arena filled by copies for any other reader or writer: its
     /// missing pages are mapped as zero pages, which writes then copy as usual (a touch of a
     /// missing page of a registered range would wait for a fault handler there is none of).
-    fn release(&mut self) {
+    /// Whether the chunk may now be touched: `false` only where the kernel could neither
+    /// map the pages nor unregister them (out of memory), and then nothing may touch it.
+    fn release(&mut self) -> bool {
         if !self.arena.fills_by_copy() || self.is_present() {
-            return;
+            return true;
         }
-        let ok = crate::fill::fill_fd().is_ok_and(|fd| {
-            // Zero pages need no change to the mapping; unregistering the chunk (which
-            // splits the mapping, so needs memory) is the way left.
-            fd.zero(self.start(), self.pages()).is_ok() || fd.unregister(self.start(), self.pages()).is_ok()
+        // In a process forked after the arena was registered, its copy of the memory is not
+        // registered (fill_fd refuses there): nothing is needed.
+        let ok = crate::fill::fill_fd().map_or(true, |fd| {
+            // Zero pages need no change to the mapping; unregistering the chunk splits the
+            // mapping (which needs memory); unregistering the whole arena, which is the
+            // mapping it registered, needs no split.
+            fd.zero(self.start(), self.pages()).is_ok() || fd.unregister(self.start(), self.pages()).is_ok() || {
+                self.arena.stop_filling();
+                !self.arena.fills_by_copy()
+            }
         });
-        // Where both failed (the kernel out of memory for page tables), the chunk stays
-        // missing: a read's write there fails with EFAULT (the descriptor is user-mode
-        // only), and this is tried again at the next call. In a process forked after the
-        // arena was registered, the copy's pages are its own and not registered (fill_fd
-        // refuses there): nothing is needed.
-        if ok || crate::fill::fill_fd().is_err() {
+        if ok {
             self.arena.present[self.index].store(true, Ordering::Release);
         }
+        ok
     }
 
     /// Position in the arena.
@@ -559,10 +582,13 @@ impl ArenaChunk {
     }
 
     /// The chunk's bytes, to write (zeroes in new memory, an earlier load's bytes in reused
-    /// memory).
+    /// memory). Empty for a chunk of an arena filled by copies whose pages could not be made
+    /// present (the kernel out of memory); `complete` then refuses it.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        if !self.release() {
+            return &mut [];
+        }
         let len = self.range.len();
-        // Through stable_mut_ptr, which readies a chunk of an arena filled by copies.
         let ptr = self.stable_mut_ptr();
         // SAFETY: the chunk's bytes lie inside the live arena allocation (the chunk holds
         // its Arc) and are initialised (zero pages, or bytes written before); chunks are
@@ -577,6 +603,8 @@ impl ArenaChunk {
 // arena exposes no view of them before `complete` consumes the chunk.
 unsafe impl IoBufMut for ArenaChunk {
     fn stable_mut_ptr(&mut self) -> *mut u8 {
+        // Where the pages cannot be made present, a read's write into them fails (EFAULT:
+        // the descriptor is user-mode only) and `complete` refuses the chunk.
         self.release();
         self.start()
     }

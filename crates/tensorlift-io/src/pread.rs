@@ -107,29 +107,20 @@ fn copy_whole(op: &ReadOp, fill: &FillTarget) -> bool {
         && op.offset.checked_add(copy as u64).is_some_and(|end| end <= fill.src_len as u64);
     if fits {
         let src = fill.src.0.wrapping_add(op.offset as usize);
-        // SAFETY: [dst, dst + copy) lies in the chunk the op owns (copy <= its pages), whose
-        // pages are registered and nothing else touches; the source lies inside the file's
-        // mapping, which the op's OpenFile keeps, and only the kernel reads it.
-        let copied = unsafe { fd.copy(dst, src, copy) };
-        // The copy mapped the file's pages into this process (shared page cache, not new
-        // memory, but counted in its resident size): unmapped again, so that a load's
-        // resident size is its tensors', as when it reads.
-        // SAFETY: [src, src + copy) lies inside the file's read-only shared mapping, which
-        // the op's OpenFile keeps and nothing reads through; dropping its page-table entries
-        // changes no byte of the file or of any memory of ours.
-        unsafe { libc::madvise(src.cast(), copy, libc::MADV_DONTNEED) };
-        // A file cut inside the last page copied reads as zeroes there, not EFAULT: its
-        // length now says whether every byte copied was the file's.
-        let end = op.offset + op.len as u64;
-        let whole = || op.file.current_len().is_ok_and(|now| now >= end);
-        match copied {
-            Ok(()) if whole() && fd.zero(dst.wrapping_add(copy), fill.pages - copy).is_ok() => {
+        match copy_in_steps(fd, dst, src, copy) {
+            Ok(()) => {
                 // SAFETY: [dst + len, dst + copy) lies in the chunk the op owns, whose pages
-                // the copy just made present (so this write cannot wait on a fault).
+                // the copy just made present (so this write cannot wait on a fault): what
+                // the last page holds past the read's bytes is zeroes, as a read leaves it.
                 unsafe { std::ptr::write_bytes(dst.wrapping_add(op.len), 0, copy - op.len) };
-                return true;
+                // A file cut inside the last page copied reads as zeroes there, not EFAULT:
+                // its length now says whether every byte copied was the file's.
+                let end = op.offset + op.len as u64;
+                let whole = op.file.current_len().is_ok_and(|now| now >= end);
+                if whole && fd.zero(dst.wrapping_add(copy), fill.pages - copy).is_ok() {
+                    return true;
+                }
             }
-            Ok(()) => {}
             Err(e) => tracing::debug!(file = %op.file.path().display(), offset = op.offset, error = %e,
                 "copying cached pages failed; reading instead"),
         }
@@ -141,4 +132,27 @@ fn copy_whole(op: &ReadOp, fill: &FillTarget) -> bool {
         fill.arena.mark_present(fill.index);
     }
     false
+}
+
+/// Copies `len` bytes from the file's mapping at `src` into the registered `dst` (page
+/// multiples), 2 MiB at a time, dropping each step's source pages from the process after it:
+/// the copy maps them in (shared page cache, not new memory, but counted in the process's
+/// resident size), so a load's resident size stays its tensors', plus a step a thread.
+fn copy_in_steps(fd: &crate::fill::FillFd, dst: *mut u8, src: *mut u8, len: usize) -> std::io::Result<()> {
+    const STEP: usize = 2 << 20;
+    let mut at = 0;
+    while at < len {
+        let n = STEP.min(len - at);
+        // SAFETY: [dst + at, + n) lies in the chunk the op owns (len <= its pages), whose
+        // pages are registered and nothing else touches; the source lies inside the file's
+        // mapping, which the op's OpenFile keeps, and only the kernel reads it.
+        let copied = unsafe { fd.copy(dst.wrapping_add(at), src.wrapping_add(at), n) };
+        // SAFETY: [src + at, + n) lies inside the file's read-only shared mapping, which the
+        // op's OpenFile keeps and nothing reads through; dropping its page-table entries
+        // changes no byte of the file or of any memory of ours.
+        unsafe { libc::madvise(src.wrapping_add(at).cast(), n, libc::MADV_DONTNEED) };
+        copied?;
+        at += n;
+    }
+    Ok(())
 }

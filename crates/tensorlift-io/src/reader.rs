@@ -339,7 +339,7 @@ impl Reader {
         // copying threads. Anything else readies the buffer for writes (stable_mut_ptr).
         // (Not with short reads injected: those test the reads.)
         let fill = match (buf_offset, self.faults.max_read) {
-            (0, None) => copy_target(&buf, file).filter(|_| self.copiers().is_some()),
+            (0, None) => copy_target(&buf, file, self.copiers().is_some()),
             _ => None,
         };
         let dst = match &fill {
@@ -390,8 +390,10 @@ impl Reader {
 }
 
 /// For a read into a whole chunk of an arena filled by copies ([`crate::fill`]) from a file
-/// read buffered: the chunk's start, and what to copy into it.
-fn copy_target<B: IoBufMut>(buf: &B, file: &OpenFile) -> Option<(*mut u8, FillTarget)> {
+/// read buffered: the chunk's start, and what to copy into it. Where the file cannot be
+/// copied from (read with O_DIRECT, not mappable) or no copying thread could be started,
+/// the arena stops being filled by copies: its chunks are then read into like any other's.
+fn copy_target<B: IoBufMut>(buf: &B, file: &OpenFile, copiers: bool) -> Option<(*mut u8, FillTarget)> {
     let any: &dyn std::any::Any = buf;
     let chunk = match any.downcast_ref::<crate::HostChunk>() {
         Some(crate::HostChunk::Arena(c)) => c,
@@ -399,8 +401,13 @@ fn copy_target<B: IoBufMut>(buf: &B, file: &OpenFile) -> Option<(*mut u8, FillTa
         None => any.downcast_ref::<crate::ArenaChunk>()?,
     };
     let (index, dst, pages, arena) = chunk.copy_target()?;
-    let (src, src_len) = file.copy_source()?;
-    Some((dst, FillTarget { index, pages, src: SendPtr(src.cast_mut()), src_len, arena }))
+    match file.copy_source().filter(|_| copiers) {
+        Some((src, src_len)) => Some((dst, FillTarget { index, pages, src: SendPtr(src.cast_mut()), src_len, arena })),
+        None => {
+            arena.stop_filling();
+            None
+        }
+    }
 }
 
 /// The buffer back for a read of `len` bytes into `buf[buf_offset..]` that has I/O to do;

@@ -437,7 +437,13 @@ impl Sink for HostSink {
             // Every chunk of an extent was cut from its own memory.
             (Memory::Arena(a), HostChunk::Arena(c)) => match a.complete(c) {
                 Ok(i) => i,
-                Err(_) => return Ok(0),
+                // Its pages could not be made readable (see HostArena::complete).
+                Err(c) => {
+                    return Err(LoadError::OutOfMemory {
+                        file: plan.shards()[e.span.shard].path.clone(),
+                        bytes: c.range().len() as u64,
+                    })
+                }
             },
             (Memory::Caller(claim), HostChunk::Caller(c)) => {
                 claim.complete(c);

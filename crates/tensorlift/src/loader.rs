@@ -242,7 +242,7 @@ impl LoaderBuilder {
     /// needed). A read into fresh memory costs the kernel a zeroed page before the copy;
     /// a copy into a missing page allocates it and fills it, never zeroing it: about a fifth
     /// less CPU for a warm host load (docs/BENCHMARKS.md). Applies to the loader's own
-    /// memory (not reused, not huge pages) for shards read buffered because cached; the
+    /// memory (not reused, not huge pages) for shards all but wholly cached (99%); the
     /// pages filled are the process's own, so a tensor never depends on the file
     /// afterwards. Where userfaultfd is refused, loads read as before and
     /// [`LoadStats::fill_by_copy_refused`] says why; [`LoadStats::copied_bytes`] counts

@@ -775,14 +775,17 @@ fn plan_stats(stats: &mut LoadStats, plan: &LoadPlan, spans: &[Span]) {
 }
 
 /// By shard, whether its reads may fill new host memory by copying its cached pages in
-/// ([`Config::fill_by_copy`]): a local file read buffered because it is cached, as
-/// [`crate::open::open_shard`] decides. Empty when the load allows none.
+/// ([`Config::fill_by_copy`]): a local file all but wholly cached (99%; a page not cached
+/// would be read by a fault of its own, where a buffered read reads ahead), which
+/// [`crate::open::open_shard`] then opens buffered. Empty when the load allows none.
 fn copy_shards(plan: &Checkpoint, cfg: &Config) -> Vec<bool> {
     if !cfg.fill_by_copy || cfg.huge_pages == crate::HugePages::Always || cfg.direct == crate::DirectIo::Always {
         return Vec::new();
     }
     (0..plan.shards().len())
-        .map(|i| plan.shard_file(i).is_some_and(|f| tensorlift_io::cache::resident_estimate(f).is_ok_and(|r| r >= 0.5)))
+        .map(|i| {
+            plan.shard_file(i).is_some_and(|f| tensorlift_io::cache::resident_estimate(f).is_ok_and(|r| r >= 0.99))
+        })
         .collect()
 }
 

@@ -238,3 +238,33 @@ fn a_short_read_leaves_the_rest_of_its_pages_zero_and_unwritten_chunks_read_as_z
         assert_eq!(arena.copied_bytes(), 5000);
     });
 }
+
+#[test]
+fn a_file_read_with_o_direct_stops_the_copies_and_reads() {
+    if !available() {
+        return;
+    }
+    let dir = scratch(false).unwrap();
+    let len = 3 * MIB;
+    let bytes = pattern(len, 17);
+    let path = write_file(&dir, "direct.bin", &bytes);
+    let b = bytes.clone();
+    within_a_minute("reads of a file opened O_DIRECT", move || {
+        let reader = Reader::builder().backend(BackendKind::Uring).build();
+        let file = reader.open_with(&path, true).unwrap();
+        if !file.is_direct() {
+            eprintln!("O_DIRECT refused here: not checked");
+            return;
+        }
+        let arena = HostArena::with_pages(len, MIB, false).unwrap();
+        arena.fill_by_copy().unwrap();
+        for c in arena.take_chunks() {
+            let at = c.range().start as u64;
+            let c = reader.read(&file, at, c, 0, MIB).wait().map_err(|f| f.error).unwrap();
+            arena.complete(c).unwrap();
+        }
+        assert!(!arena.fills_by_copy(), "a file read with O_DIRECT is not copied from: the arena is unregistered");
+        assert_eq!(arena.copied_bytes(), 0);
+        assert_eq!(arena.get(0..len).unwrap(), &b[..]);
+    });
+}
