@@ -40,6 +40,8 @@ pub struct HostArena {
     present: Box<[AtomicBool]>,
     /// Bytes that landed by copying cached pages in.
     copied: AtomicUsize,
+    /// Why this arena stopped being filled by copies, if it did ([`Self::stop_filling`]).
+    stopped: std::sync::OnceLock<String>,
 }
 
 // SAFETY: the memory is only written through ArenaChunks, which are disjoint and each owned
@@ -117,6 +119,7 @@ impl HostArena {
             setup: Mutex::new(()),
             present: (0..chunks).map(|_| AtomicBool::new(false)).collect(),
             copied: AtomicUsize::new(0),
+            stopped: std::sync::OnceLock::new(),
         }))
     }
 
@@ -149,6 +152,13 @@ impl HostArena {
     /// Whether the arena's chunks fill by copies ([`fill_by_copy`](Self::fill_by_copy)).
     pub fn fills_by_copy(&self) -> bool {
         self.registered.load(Ordering::Acquire)
+    }
+
+    /// Why this arena, registered to be filled by copies, stopped being filled so, if it did
+    /// (its file could not be copied from, or the kernel could not make a chunk's pages
+    /// present).
+    pub fn fill_stopped(&self) -> Option<&str> {
+        self.stopped.get().map(String::as_str)
     }
 
     /// Bytes that landed in this arena by copying cached pages in.
@@ -217,13 +227,14 @@ impl HostArena {
         Ok(chunk.index)
     }
 
-    /// Stops filling this arena by copies (a file that cannot be copied from): it is
+    /// Stops filling this arena by copies (a file that cannot be copied from: `why`): it is
     /// unregistered whole, and its chunks are then written as in any other arena. Chunks
     /// already readied for writing keep their zero pages.
-    pub(crate) fn stop_filling(&self) {
+    pub(crate) fn stop_filling(&self, why: &str) {
         if !self.fills_by_copy() {
             return;
         }
+        let _ = self.stopped.set(why.to_owned());
         // Under `setup`, so that two callers do not both unregister.
         let _setup = self.setup.lock().unwrap_or_else(|p| p.into_inner());
         let Ok(fd) = crate::fill::fill_fd() else { return };
@@ -564,9 +575,9 @@ impl ArenaChunk {
         let ok = crate::fill::fill_fd().map_or(true, |fd| {
             // Zero pages need no change to the mapping; unregistering the chunk splits the
             // mapping (which needs memory); unregistering the whole arena, which is the
-            // mapping it registered, needs no split.
+            // mapping it registered, needs no split (merging may still need a little).
             fd.zero(self.start(), self.pages()).is_ok() || fd.unregister(self.start(), self.pages()).is_ok() || {
-                self.arena.stop_filling();
+                self.arena.stop_filling("the kernel could not map a chunk's pages (out of memory)");
                 !self.arena.fills_by_copy()
             }
         });

@@ -128,7 +128,11 @@ fn copy_whole(op: &ReadOp, fill: &FillTarget) -> bool {
     // Reads write through the kernel, which fails (EFAULT) rather than wait on a missing
     // registered page: each becomes a zero page first (or, failing that, the chunk is
     // unregistered).
-    if fd.zero(dst, fill.pages).is_ok() || fd.unregister(dst, fill.pages).is_ok() {
+    let ready = fd.zero(dst, fill.pages).is_ok() || fd.unregister(dst, fill.pages).is_ok() || {
+        fill.arena.stop_filling("the kernel could not map a chunk's pages (out of memory)");
+        !fill.arena.fills_by_copy()
+    };
+    if ready {
         fill.arena.mark_present(fill.index);
     }
     false

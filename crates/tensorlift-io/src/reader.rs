@@ -401,10 +401,17 @@ fn copy_target<B: IoBufMut>(buf: &B, file: &OpenFile, copiers: bool) -> Option<(
         None => any.downcast_ref::<crate::ArenaChunk>()?,
     };
     let (index, dst, pages, arena) = chunk.copy_target()?;
-    match file.copy_source().filter(|_| copiers) {
+    if !copiers {
+        arena.stop_filling("no copying thread could be started");
+        return None;
+    }
+    match file.copy_source() {
         Some((src, src_len)) => Some((dst, FillTarget { index, pages, src: SendPtr(src.cast_mut()), src_len, arena })),
         None => {
-            arena.stop_filling();
+            arena.stop_filling(match file.is_direct() {
+                true => "the shard was read with O_DIRECT (not cached)",
+                false => "the shard could not be mapped to copy from",
+            });
             None
         }
     }

@@ -314,6 +314,14 @@ impl HostSink {
         }
     }
 
+    /// Why an arena registered to be filled by copies stopped being filled so, if one did.
+    pub(crate) fn fill_stopped(&self) -> Option<String> {
+        self.extents.iter().find_map(|e| match &e.memory {
+            Memory::Arena(a) => a.fill_stopped().map(str::to_owned),
+            Memory::Caller(_) => None,
+        })
+    }
+
     /// Bytes that landed by copying cached pages in, over every arena.
     pub(crate) fn copied_bytes(&self) -> u64 {
         self.extents

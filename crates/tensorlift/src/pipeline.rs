@@ -488,6 +488,9 @@ impl TensorStream {
             Dest::Host(s) => {
                 (self.stats.prefaulted_bytes, self.stats.prefault_failure) = s.sink.finish_prefault();
                 self.stats.copied_bytes = s.sink.copied_bytes();
+                if self.stats.fill_by_copy_refused.is_none() {
+                    self.stats.fill_by_copy_refused = s.sink.fill_stopped();
+                }
                 self.stats.verified_bytes = s.sink.verified_bytes();
             }
             Dest::Mapped => {}

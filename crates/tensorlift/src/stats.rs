@@ -87,7 +87,8 @@ pub struct LoadStats {
     /// counted in `bytes_read` too.
     pub copied_bytes: u64,
     /// Why a host load that could have filled new memory by copying cached pages in did
-    /// not (userfaultfd refused: the process, its sandbox or its kernel).
+    /// not, or stopped (userfaultfd refused: the process, its sandbox or its kernel; a shard
+    /// read with O_DIRECT after all).
     pub fill_by_copy_refused: Option<String>,
     /// Of a group load ([`Loader::load_group_blocking`](crate::Loader::load_group_blocking)),
     /// the bytes this rank sent to each rank, by rank (empty for other loads).

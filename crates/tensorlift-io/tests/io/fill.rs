@@ -264,6 +264,7 @@ fn a_file_read_with_o_direct_stops_the_copies_and_reads() {
             arena.complete(c).unwrap();
         }
         assert!(!arena.fills_by_copy(), "a file read with O_DIRECT is not copied from: the arena is unregistered");
+        assert_eq!(arena.fill_stopped(), Some("the shard was read with O_DIRECT (not cached)"));
         assert_eq!(arena.copied_bytes(), 0);
         assert_eq!(arena.get(0..len).unwrap(), &b[..]);
     });
