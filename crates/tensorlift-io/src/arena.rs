@@ -130,7 +130,7 @@ impl HostArena {
     /// prefaulter then leaves the arena alone. `Err` says why not (the arena reads as
     /// before).
     pub fn fill_by_copy(&self) -> Result<(), String> {
-        if !self.fresh {
+        if !self.can_fill_by_copy() {
             return Err("not a fresh mapping of base pages (reused, heap or huge-page memory)".into());
         }
         // take_chunks waits for this, so a chunk is never handed out while it registers.
@@ -139,14 +139,65 @@ impl HostArena {
             return Err("chunks already handed out".into());
         }
         let fd = crate::fill::fill_fd().map_err(str::to_owned)?;
-        // The mapping is page-rounded beyond `len` (see AlignedBuf::mapped).
-        let len = self.len.next_multiple_of(PAGE);
-        if len == 0 {
-            return Err("empty".into());
-        }
-        fd.register(self.base, len).map_err(|e| format!("userfaultfd registration: {e}"))?;
+        fd.register(self.base, self.span()).map_err(|e| format!("userfaultfd registration: {e}"))?;
         self.registered.store(true, Ordering::Release);
         Ok(())
+    }
+
+    /// Whether the arena's memory could be filled by copies: a fresh mapping of base pages
+    /// of its own, of some bytes ([`fill_by_copy`](Self::fill_by_copy) may still be
+    /// refused by the kernel).
+    pub fn can_fill_by_copy(&self) -> bool {
+        self.fresh && self.len > 0
+    }
+
+    /// The arena's bytes rounded up to the page: what is registered (the mapping is
+    /// page-rounded beyond `len`, see AlignedBuf::mapped).
+    fn span(&self) -> usize {
+        self.len.next_multiple_of(PAGE)
+    }
+
+    /// Unregisters the whole arena; whether that succeeded (also where it was not
+    /// registered in this process: a forked one refuses the descriptor).
+    fn unregister_all(&self) -> bool {
+        crate::fill::fill_fd().is_ok_and(|fd| fd.unregister(self.base, self.span()).is_ok())
+    }
+
+    /// Chunk `k`'s start and page-rounded length.
+    pub(crate) fn chunk_pages(&self, k: usize) -> (*mut u8, usize) {
+        let start = k * self.chunk;
+        // start <= len: inside the allocation, whose mapping is page-rounded beyond len.
+        (
+            self.base.wrapping_add(start),
+            ((k + 1) * self.chunk).min(self.len).saturating_sub(start).next_multiple_of(PAGE),
+        )
+    }
+
+    /// Makes every page of chunk `k` of an arena filled by copies present (its missing pages
+    /// mapped as zero pages), so that anything may touch it: a touch of a missing page of a
+    /// registered range would wait for a fault handler there is none of. Where that fails
+    /// (the kernel out of memory), the chunk is unregistered, then the whole arena. Whether
+    /// the chunk may now be touched: `false` only where all of those failed, and then
+    /// nothing may touch it. In a process forked after the arena was registered, its copy
+    /// of the memory is not registered (fill_fd refuses there): nothing is needed.
+    pub(crate) fn ready_chunk(&self, k: usize) -> bool {
+        if !self.fills_by_copy() || self.present.get(k).is_none_or(|p| p.load(Ordering::Acquire)) {
+            return true;
+        }
+        let (start, pages) = self.chunk_pages(k);
+        let ok = crate::fill::fill_fd().map_or(true, |fd| {
+            // Zero pages need no change to the mapping; unregistering the chunk splits the
+            // mapping (which needs memory); unregistering the whole arena, which is the
+            // mapping it registered, needs no split (merging may still need a little).
+            fd.zero(start, pages).is_ok() || fd.unregister(start, pages).is_ok() || {
+                self.stop_filling("the kernel could not map a chunk's pages (out of memory)");
+                !self.fills_by_copy()
+            }
+        });
+        if ok {
+            self.mark_present(k);
+        }
+        ok
     }
 
     /// Whether the arena's chunks fill by copies ([`fill_by_copy`](Self::fill_by_copy)).
@@ -237,8 +288,7 @@ impl HostArena {
         let _ = self.stopped.set(why.to_owned());
         // Under `setup`, so that two callers do not both unregister.
         let _setup = self.setup.lock().unwrap_or_else(|p| p.into_inner());
-        let Ok(fd) = crate::fill::fill_fd() else { return };
-        if self.fills_by_copy() && fd.unregister(self.base, self.len.next_multiple_of(PAGE)).is_ok() {
+        if self.fills_by_copy() && self.unregister_all() {
             self.registered.store(false, Ordering::Release);
         }
     }
@@ -319,13 +369,9 @@ impl Drop for HostArena {
         LIVE.fetch_sub(1, Ordering::Relaxed);
         // Registered memory is unregistered before it serves anything else; where that
         // fails, it is unmapped rather than pooled (a page left missing would wait).
-        if self.fills_by_copy() {
-            let unregistered = crate::fill::fill_fd()
-                .is_ok_and(|fd| fd.unregister(self.base, self.len.next_multiple_of(PAGE)).is_ok());
-            if !unregistered {
-                drop(self.mem.take());
-                return;
-            }
+        if self.fills_by_copy() && !self.unregister_all() {
+            drop(self.mem.take());
+            return;
         }
         // No chunk or reader is left (they hold the Arc): the memory can serve another arena.
         if let (Some(mem), Some(pool)) = (self.mem.take(), self.pool.as_ref().and_then(Weak::upgrade)) {
@@ -543,48 +589,18 @@ impl ArenaChunk {
         self.arena.base.wrapping_add(self.range.start)
     }
 
-    /// The chunk's page-rounded span, for copies into it.
-    fn pages(&self) -> usize {
-        // The mapping is page-rounded beyond the arena's `len`.
-        self.range.len().next_multiple_of(PAGE)
-    }
-
     /// For a chunk of an arena filled by copies whose pages are still missing: its index,
-    /// start, page-rounded length and arena, for [`crate::fill`]'s copy into it. The copy
-    /// makes every page of it present, or the reader [`release`](Self::release)s it.
-    pub(crate) fn copy_target(&self) -> Option<(usize, *mut u8, usize, Arc<HostArena>)> {
-        (self.arena.fills_by_copy() && !self.is_present() && !self.range.is_empty())
-            .then(|| (self.index, self.start(), self.pages(), Arc::clone(&self.arena)))
+    /// start and arena, for [`crate::fill`]'s copy into it. The copy makes every page of it
+    /// present, or the copying thread readies it ([`HostArena::ready_chunk`]).
+    pub(crate) fn copy_target(&self) -> Option<(usize, *mut u8, Arc<HostArena>)> {
+        let missing = self.arena.present.get(self.index).is_some_and(|p| !p.load(Ordering::Acquire));
+        (self.arena.fills_by_copy() && missing && !self.range.is_empty())
+            .then(|| (self.index, self.start(), Arc::clone(&self.arena)))
     }
 
-    fn is_present(&self) -> bool {
-        self.arena.present.get(self.index).is_some_and(|p| p.load(Ordering::Acquire))
-    }
-
-    /// Readies a chunk of an arena filled by copies for any other reader or writer: its
-    /// missing pages are mapped as zero pages, which writes then copy as usual (a touch of a
-    /// missing page of a registered range would wait for a fault handler there is none of).
-    /// Whether the chunk may now be touched: `false` only where the kernel could neither
-    /// map the pages nor unregister them (out of memory), and then nothing may touch it.
+    /// Readies the chunk for any other reader or writer ([`HostArena::ready_chunk`]).
     fn release(&mut self) -> bool {
-        if !self.arena.fills_by_copy() || self.is_present() {
-            return true;
-        }
-        // In a process forked after the arena was registered, its copy of the memory is not
-        // registered (fill_fd refuses there): nothing is needed.
-        let ok = crate::fill::fill_fd().map_or(true, |fd| {
-            // Zero pages need no change to the mapping; unregistering the chunk splits the
-            // mapping (which needs memory); unregistering the whole arena, which is the
-            // mapping it registered, needs no split (merging may still need a little).
-            fd.zero(self.start(), self.pages()).is_ok() || fd.unregister(self.start(), self.pages()).is_ok() || {
-                self.arena.stop_filling("the kernel could not map a chunk's pages (out of memory)");
-                !self.arena.fills_by_copy()
-            }
-        });
-        if ok {
-            self.arena.present[self.index].store(true, Ordering::Release);
-        }
-        ok
+        self.arena.ready_chunk(self.index)
     }
 
     /// Position in the arena.

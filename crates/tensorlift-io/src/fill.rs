@@ -202,8 +202,7 @@ impl FillFd {
     /// descriptor, owned by the caller, not referenced by anything else); `src` is only
     /// read by the kernel, which fails with `EFAULT` where it cannot read.
     pub(crate) unsafe fn copy(&self, dst: *mut u8, src: *const u8, len: usize) -> io::Result<()> {
-        let (mut done, mut idle) = (0usize, 0u32);
-        while done < len {
+        whole_range(len, false, |done| {
             let mut c = sys::Copy {
                 dst: dst as u64 + done as u64,
                 src: src as u64 + done as u64,
@@ -214,31 +213,15 @@ impl FillFd {
             // SAFETY: UFFDIO_COPY reads and writes `c`, a live struct of the kernel's layout;
             // it writes only missing pages of the destination, which the caller owns.
             let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), sys::UFFDIO_COPY as _, &mut c as *mut sys::Copy) };
-            if rc == 0 {
-                if c.copy <= 0 {
-                    return Err(io::Error::from_raw_os_error(libc::EIO));
-                }
-                done += c.copy as usize;
-                continue;
-            }
-            let e = io::Error::last_os_error();
-            // EAGAIN: a partial copy, or the address space changing meanwhile; `copy` says
-            // how far it got.
-            if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) && keep_trying(&mut idle, c.copy) {
-                done += c.copy.max(0) as usize;
-                continue;
-            }
-            return Err(e);
-        }
-        Ok(())
+            (rc, c.copy)
+        })
     }
 
     /// Maps the missing pages `[dst, dst + len)` of a registered range (page multiples) as
     /// zero pages, which a later write copies on write as usual; pages already present are
     /// left as they are.
     pub(crate) fn zero(&self, dst: *mut u8, len: usize) -> io::Result<()> {
-        let (mut done, mut idle) = (0usize, 0u32);
-        while done < len {
+        whole_range(len, true, |done| {
             let mut z = sys::ZeroPage {
                 range: sys::Range { start: dst as u64 + done as u64, len: (len - done) as u64 },
                 mode: 0,
@@ -249,30 +232,40 @@ impl FillFd {
             // no byte (missing pages read as zeroes).
             let rc =
                 unsafe { libc::ioctl(self.fd.as_raw_fd(), sys::UFFDIO_ZEROPAGE as _, &mut z as *mut sys::ZeroPage) };
-            if rc == 0 {
-                if z.zeropage <= 0 {
-                    return Err(io::Error::from_raw_os_error(libc::EIO));
-                }
-                done += z.zeropage as usize;
-                continue;
-            }
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EAGAIN | libc::EINTR) if keep_trying(&mut idle, z.zeropage) => {
-                    done += z.zeropage.max(0) as usize
-                }
-                // A page already present (filled): left as it is, and on to the next.
-                Some(libc::EEXIST) => done += z.zeropage.max(0) as usize + PAGE,
-                _ => return Err(e),
-            }
-        }
-        Ok(())
+            (rc, z.zeropage)
+        })
     }
 }
 
-/// Whether to go on after an `EAGAIN` that got `progress` bytes done: yes, unless it got
-/// none a thousand times in a row.
-fn keep_trying(idle: &mut u32, progress: i64) -> bool {
-    *idle = if progress > 0 { 0 } else { *idle + 1 };
-    *idle < 1000
+/// Runs a ranged userfaultfd ioctl over `len` bytes until all are done: `step(done)` issues
+/// it for `[done, len)` and returns its result and the bytes it reports done (negative: an
+/// error). On EAGAIN (a partial operation, or the address space changing meanwhile) or
+/// EINTR it goes on from there, unless nothing got done a thousand times in a row; on
+/// EEXIST (a page already present) it skips that page where `skip_present`; any other error
+/// ends it, some pages perhaps done.
+fn whole_range(len: usize, skip_present: bool, mut step: impl FnMut(usize) -> (libc::c_int, i64)) -> io::Result<()> {
+    let (mut done, mut idle) = (0usize, 0u32);
+    while done < len {
+        let (rc, progress) = step(done);
+        if rc == 0 {
+            if progress <= 0 {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            done += progress as usize;
+            continue;
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EAGAIN | libc::EINTR) => {
+                idle = if progress > 0 { 0 } else { idle + 1 };
+                if idle >= 1000 {
+                    return Err(e);
+                }
+                done += progress.max(0) as usize;
+            }
+            Some(libc::EEXIST) if skip_present => done += progress.max(0) as usize + PAGE,
+            _ => return Err(e),
+        }
+    }
+    Ok(())
 }

@@ -37,15 +37,13 @@ pub(crate) struct ReadOp {
 
 /// A chunk of an arena filled by copies, and the file's cached pages to copy in.
 pub(crate) struct FillTarget {
-    /// The chunk's index in its arena.
+    /// The chunk's index in its arena (which gives its pages, from `ReadOp::dst`).
     pub index: usize,
-    /// The chunk's page-rounded length, from `ReadOp::dst`.
-    pub pages: usize,
     /// The file's read-only mapping ([`OpenFile::copy_source`]), only ever read by the kernel.
     pub src: SendPtr,
     /// Its page-rounded length.
     pub src_len: usize,
-    /// The chunk's arena, which counts what was copied.
+    /// The chunk's arena, which counts what was copied and readies what was not.
     pub arena: Arc<crate::HostArena>,
 }
 

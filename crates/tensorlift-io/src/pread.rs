@@ -97,13 +97,14 @@ pub(crate) fn run_to_end(mut op: ReadOp) {
 /// short: EFAULT, or a length now short of the bytes copied), the chunk's missing pages
 /// become zero pages for the reads to fill (and find the file's end), and `false`.
 fn copy_whole(op: &ReadOp, fill: &FillTarget) -> bool {
-    // The arena was registered with this descriptor, so it opened.
+    // The arena was registered with this descriptor, so it opened (a forked process
+    // refuses it, and reads into memory of its own that is not registered).
     let Ok(fd) = crate::fill::fill_fd() else { return false };
-    let dst = op.dst.0;
+    let (dst, pages) = fill.arena.chunk_pages(fill.index);
     let copy = op.len.next_multiple_of(PAGE);
     let fits = op.offset % PAGE as u64 == 0
-        && (dst as usize) % PAGE == 0
-        && copy <= fill.pages
+        && dst == op.dst.0
+        && copy <= pages
         && op.offset.checked_add(copy as u64).is_some_and(|end| end <= fill.src_len as u64);
     if fits {
         let src = fill.src.0.wrapping_add(op.offset as usize);
@@ -117,7 +118,7 @@ fn copy_whole(op: &ReadOp, fill: &FillTarget) -> bool {
                 // its length now says whether every byte copied was the file's.
                 let end = op.offset + op.len as u64;
                 let whole = op.file.current_len().is_ok_and(|now| now >= end);
-                if whole && fd.zero(dst.wrapping_add(copy), fill.pages - copy).is_ok() {
+                if whole && fd.zero(dst.wrapping_add(copy), pages - copy).is_ok() {
                     return true;
                 }
             }
@@ -126,15 +127,9 @@ fn copy_whole(op: &ReadOp, fill: &FillTarget) -> bool {
         }
     }
     // Reads write through the kernel, which fails (EFAULT) rather than wait on a missing
-    // registered page: each becomes a zero page first (or, failing that, the chunk is
-    // unregistered).
-    let ready = fd.zero(dst, fill.pages).is_ok() || fd.unregister(dst, fill.pages).is_ok() || {
-        fill.arena.stop_filling("the kernel could not map a chunk's pages (out of memory)");
-        !fill.arena.fills_by_copy()
-    };
-    if ready {
-        fill.arena.mark_present(fill.index);
-    }
+    // registered page: the chunk is readied for them first (where even that fails, the
+    // read fails with EFAULT).
+    fill.arena.ready_chunk(fill.index);
     false
 }
 

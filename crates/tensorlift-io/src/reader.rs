@@ -339,17 +339,13 @@ impl Reader {
         // copying threads. Anything else readies the buffer for writes (stable_mut_ptr).
         // (Not with short reads injected: those test the reads.)
         let fill = match (buf_offset, self.faults.max_read) {
-            (0, None) => copy_target(&buf, file, self.copiers().is_some()),
+            (0, None) => copy_target(&buf, file, || self.copiers()),
             _ => None,
         };
-        let dst = match &fill {
-            Some((dst, _)) => *dst,
+        let (dst, fill, copier) = match fill {
+            Some((dst, target, copier)) => (dst, Some(target), Some(copier)),
             // SAFETY: buf_offset + len <= capacity was checked above.
-            None => unsafe { buf.stable_mut_ptr().add(buf_offset) },
-        };
-        let (fill, copier) = match fill {
-            Some((_, target)) => (Some(target), self.copiers()),
-            None => (None, None),
+            None => (unsafe { buf.stable_mut_ptr().add(buf_offset) }, None, None),
         };
         let fixed = buf.fixed_slot();
         let (tx, rx) = oneshot::channel();
@@ -393,20 +389,27 @@ impl Reader {
 /// read buffered: the chunk's start, and what to copy into it. Where the file cannot be
 /// copied from (read with O_DIRECT, not mappable) or no copying thread could be started,
 /// the arena stops being filled by copies: its chunks are then read into like any other's.
-fn copy_target<B: IoBufMut>(buf: &B, file: &OpenFile, copiers: bool) -> Option<(*mut u8, FillTarget)> {
+/// The copying threads (`copiers`) are started only for such a read.
+fn copy_target<'a, B: IoBufMut>(
+    buf: &B,
+    file: &OpenFile,
+    copiers: impl FnOnce() -> Option<&'a PreadPool>,
+) -> Option<(*mut u8, FillTarget, &'a PreadPool)> {
     let any: &dyn std::any::Any = buf;
     let chunk = match any.downcast_ref::<crate::HostChunk>() {
         Some(crate::HostChunk::Arena(c)) => c,
         Some(crate::HostChunk::Caller(_)) => return None,
         None => any.downcast_ref::<crate::ArenaChunk>()?,
     };
-    let (index, dst, pages, arena) = chunk.copy_target()?;
-    if !copiers {
+    let (index, dst, arena) = chunk.copy_target()?;
+    let Some(copiers) = copiers() else {
         arena.stop_filling("no copying thread could be started");
         return None;
-    }
+    };
     match file.copy_source() {
-        Some((src, src_len)) => Some((dst, FillTarget { index, pages, src: SendPtr(src.cast_mut()), src_len, arena })),
+        Some((src, src_len)) => {
+            Some((dst, FillTarget { index, src: SendPtr(src.cast_mut()), src_len, arena }, copiers))
+        }
         None => {
             arena.stop_filling(match file.is_direct() {
                 true => "the shard was read with O_DIRECT (not cached)",

@@ -206,20 +206,17 @@ impl HostSink {
                     (Memory::Caller(Arc::clone(claim)), chunks)
                 }
                 None => {
-                    let fresh = kept.is_none();
                     let arena = HostArena::pooled(pool, kept.take(), len.next_multiple_of(PAGE), chunk, huge)
                         .ok_or_else(|| LoadError::OutOfMemory {
                             file: plan.shards()[span.shard].path.clone(),
                             bytes: len as u64,
                         })?;
-                    // New memory for a cached shard: filled by copying its pages in, where
-                    // userfaultfd allows it (not prefaulted then).
-                    if fresh && !huge && len > 0 && copies.get(span.shard).copied().unwrap_or(false) {
+                    // New memory of base pages for a cached shard (not reused, not a small
+                    // heap block): filled by copying its pages in, where userfaultfd allows
+                    // it (not prefaulted then).
+                    if arena.can_fill_by_copy() && copies.get(span.shard).copied().unwrap_or(false) {
                         if let Err(why) = arena.fill_by_copy() {
-                            // Small arenas are heap blocks, which may share pages: read into.
-                            if arena.can_prefault() && stats.fill_by_copy_refused.is_none() {
-                                stats.fill_by_copy_refused = Some(why);
-                            }
+                            stats.fill_by_copy_refused.get_or_insert(why);
                         }
                     }
                     let chunks = arena.take_chunks().into_iter().map(|c| Some(HostChunk::Arena(c))).collect();

@@ -43,12 +43,19 @@ fn within_a_minute<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send +
     }
 }
 
+/// A fresh arena of base pages of `len` bytes in chunks of `chunk`, registered to be filled
+/// by copies.
+fn registered(len: usize, chunk: usize) -> Arc<HostArena> {
+    let arena = HostArena::with_pages(len, chunk, false).unwrap();
+    arena.fill_by_copy().unwrap();
+    arena
+}
+
 /// Reads `file` (buffered, so cached) into an arena of `chunk`-byte chunks filled by copies,
 /// each chunk read whole, and returns the arena with every chunk landed.
 fn load(reader: &Reader, path: &std::path::Path, len: usize, chunk: usize) -> Arc<HostArena> {
     let file = reader.open_with(path, false).unwrap();
-    let arena = HostArena::with_pages(len.next_multiple_of(PAGE), chunk, false).unwrap();
-    arena.fill_by_copy().unwrap();
+    let arena = registered(len.next_multiple_of(PAGE), chunk);
     assert!(arena.fills_by_copy() && !arena.can_prefault());
     for c in arena.take_chunks() {
         let r = c.range();
@@ -94,8 +101,7 @@ fn a_file_cut_short_fails_the_read_and_never_waits() {
     let err = within_a_minute("a read of a cut file", move || {
         let reader = Reader::builder().backend(BackendKind::Pread).build();
         let file = reader.open_with(&p, false).unwrap();
-        let arena = HostArena::with_pages(len, MIB, false).unwrap();
-        arena.fill_by_copy().unwrap();
+        let arena = registered(len, MIB);
         let mut chunks = arena.take_chunks();
         let first = chunks.remove(0);
         let first = reader.read(&file, 0, first, 0, MIB).wait().map_err(|f| f.error).unwrap();
@@ -195,8 +201,7 @@ fn a_file_cut_inside_the_last_page_copied_is_its_end_not_zeroes() {
     let (err, copied) = within_a_minute("a read of a file cut inside its last page", move || {
         let reader = Reader::builder().backend(BackendKind::Pread).build();
         let file = reader.open_with(&p, false).unwrap();
-        let arena = HostArena::with_pages(len, len, false).unwrap();
-        arena.fill_by_copy().unwrap();
+        let arena = registered(len, len);
         let chunk = arena.take_chunks().pop().unwrap();
         // 100 bytes go: the last page still maps (reading zeroes past the end).
         std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len((len - 100) as u64).unwrap();
@@ -220,8 +225,7 @@ fn a_short_read_leaves_the_rest_of_its_pages_zero_and_unwritten_chunks_read_as_z
     within_a_minute("short reads and empty chunks", move || {
         let reader = Reader::builder().backend(BackendKind::Uring).build();
         let file = reader.open_with(&path, false).unwrap();
-        let arena = HostArena::with_pages(len, MIB, false).unwrap();
-        arena.fill_by_copy().unwrap();
+        let arena = registered(len, MIB);
         let mut chunks = arena.take_chunks();
         // Chunk 0: 5000 bytes of it read (copied: two pages, the second partly the file's).
         let c0 = chunks.remove(0);
@@ -256,8 +260,7 @@ fn a_file_read_with_o_direct_stops_the_copies_and_reads() {
             eprintln!("O_DIRECT refused here: not checked");
             return;
         }
-        let arena = HostArena::with_pages(len, MIB, false).unwrap();
-        arena.fill_by_copy().unwrap();
+        let arena = registered(len, MIB);
         for c in arena.take_chunks() {
             let at = c.range().start as u64;
             let c = reader.read(&file, at, c, 0, MIB).wait().map_err(|f| f.error).unwrap();
