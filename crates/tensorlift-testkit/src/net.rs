@@ -294,6 +294,9 @@ pub enum Fault {
     /// Forwards the reply with this many bytes more in its body than the server sent, its
     /// `Content-Length` raised to match (a server that sends more than it was asked).
     Pad(usize),
+    /// Forwards the reply with its `Content-Range` header's value replaced by this one (a
+    /// server that names another range than it sends, or a number past any file's).
+    ContentRange(&'static str),
 }
 
 /// A rule: the `nth` (from 1) request whose head contains `needle` (any request where it is
@@ -477,6 +480,22 @@ fn forward(
         let mut out = padded.into_bytes();
         out.extend_from_slice(&reply[body_at..]);
         out.extend(std::iter::repeat_n(b'x', n));
+        reply = out;
+    }
+    if let Some(Fault::ContentRange(value)) = fault {
+        let head = String::from_utf8_lossy(&reply[..body_at]).into_owned();
+        let mut out = String::new();
+        for line in head.split("\r\n").filter(|l| !l.is_empty()) {
+            match line.split_once(':') {
+                Some((k, _)) if k.eq_ignore_ascii_case("content-range") => {
+                    out += &format!("Content-Range: {value}\r\n")
+                }
+                _ => out += &format!("{line}\r\n"),
+            }
+        }
+        out += "\r\n";
+        let mut out = out.into_bytes();
+        out.extend_from_slice(&reply[body_at..]);
         reply = out;
     }
     let delivered = w.write_all(&reply);

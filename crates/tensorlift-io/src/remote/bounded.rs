@@ -18,7 +18,9 @@
 //!
 //! Each bounded body reports no more than its bound as its size, so no buffer is sized past
 //! it. Ranged GETs (shard data, headers) are passed through: their lengths are checked
-//! against the range asked as they are read.
+//! against the range asked as they are read, and a `Content-Range` that is no byte range
+//! (its end before its start, or past the object's length or any number's) is refused
+//! before `object_store` does arithmetic on it.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -72,6 +74,8 @@ enum Bound {
          name the index or the file instead"
     )]
     Pages,
+    #[error("the server's reply says its bytes are `Content-Range: {0}`, which is no object's byte range")]
+    ContentRange(String),
 }
 
 /// Whether a request lists objects (S3 and GCS: `list-type=2`; Azure: `comp=list`).
@@ -101,7 +105,7 @@ impl HttpService for BoundedService {
             let (max, past) = if !reply.status().is_success() {
                 (ERROR_BODY_MAX, Past::Cut)
             } else if get && ranged {
-                return Ok(reply);
+                return content_range_checked(reply);
             } else if get {
                 (WHOLE_MAX, Past::Fail)
             } else {
@@ -111,6 +115,29 @@ impl HttpService for BoundedService {
             let body = HttpResponseBody::new(Capped { inner: body, seen: 0, max, past, kept: Vec::new(), done: false });
             Ok(HttpResponse::from_parts(parts, body))
         })
+    }
+}
+
+/// A ranged GET's reply, refused where its `Content-Range` is one `object_store` would read
+/// as numbers but no byte range of any object can be: its first byte after its last, its
+/// last at or past the object's length, or its last the largest number (`object_store`
+/// makes the end exclusive by adding one, which overflows: a panic in a debug build).
+/// Anything else is `object_store`'s to judge (a missing or malformed header, or another
+/// range than asked, is its error).
+fn content_range_checked(reply: HttpResponse) -> Result<HttpResponse, HttpError> {
+    let Some(value) = reply.headers().get("content-range").and_then(|v| v.to_str().ok()) else {
+        return Ok(reply);
+    };
+    let numbers = value.trim().strip_prefix("bytes ").and_then(|rest| {
+        let (range, size) = rest.split_once('/')?;
+        let (first, last) = range.split_once('-')?;
+        Some((first.parse::<u64>().ok()?, last.parse::<u64>().ok()?, size.parse::<u64>().ok()))
+    });
+    match numbers {
+        Some((first, last, size)) if first > last || last == u64::MAX || size.is_some_and(|n| last >= n) => {
+            Err(HttpError::new(HttpErrorKind::Decode, Bound::ContentRange(value.to_owned())))
+        }
+        _ => Ok(reply),
     }
 }
 

@@ -150,6 +150,38 @@ fn a_reply_longer_than_its_range_is_refused_not_kept() {
     assert!(proxy.log().iter().any(|(_, f)| matches!(f, Some(Fault::Pad(_)))));
 }
 
+/// A reply whose `Content-Range` is not the range asked for, or names bytes past any
+/// file's (a number that overflows when its end is made exclusive), fails the load with
+/// the server's header named, never a panic and never other bytes.
+#[test]
+fn a_content_range_that_is_not_the_range_asked_is_refused() {
+    let r = Remote::new();
+    sharded(&r.root);
+    let Some(s3) = r.s3() else { return };
+    let cases = [
+        ("bytes 0-18446744073709551615/18446744073709551615", "Content-Range"),
+        ("bytes 18446744073709551615-18446744073709551615/*", "Content-Range"),
+        ("bytes 9-3/100", "Content-Range"),
+        ("bytes 0-65535/4", "Content-Range"),
+        ("bytes 1-65536/99999999", "Requested"),
+    ];
+    for (value, says) in cases {
+        // Planning's first GET of a shard, then a load's data GET.
+        for needle in ["range: bytes=0-65535", DATA_GET] {
+            let nth = if needle == DATA_GET { 5 } else { 1 };
+            let fault = Rule { needle: needle.into(), nth, every: true, fault: Fault::ContentRange(value) };
+            let proxy = FaultProxy::start(s3.port, vec![fault]).unwrap();
+            point_at(proxy.port);
+            let mut o = quick();
+            o.retries = 0;
+            let err = base().remote(o).build().unwrap().load_blocking("s3://bucket/model").unwrap_err();
+            let text = format!("{err}: {err:?}");
+            assert!(text.contains(says), "{value} at {needle}: {text}");
+            assert!(proxy.log().iter().any(|(_, f)| matches!(f, Some(Fault::ContentRange(_)))), "{value}");
+        }
+    }
+}
+
 /// A load dropped while it is still planning (listing the folder, reading headers, reading
 /// a PyTorch file's directory on a blocking thread) lets go of planning's requests too; so
 /// does a plan asked for by `plan_async`.
