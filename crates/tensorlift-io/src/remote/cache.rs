@@ -199,15 +199,39 @@ fn check_root(root: &Path) -> io::Result<()> {
 }
 
 /// Whether copies under `root` may be read: it is a folder this process's user owns, and
-/// no one else may write to it.
+/// no one else may write to it or move it. So, as OpenSSH checks a key's folder:
+/// - every link on the way to it was made by this user or root (a link another user planted,
+///   in a folder anyone may write to such as `/tmp`, would send copies where they choose);
+/// - every folder above it is this user's or root's, and others may not write to it (unless
+///   it is sticky, as `/tmp` is: then they may not move what is ours), the group only where
+///   it is this process's own.
 pub(crate) fn trusted(root: &Path) -> io::Result<()> {
+    let refuse = |what: String| Err(io::Error::new(io::ErrorKind::PermissionDenied, what));
     let meta = std::fs::metadata(root)?;
-    let probe = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(meta.uid());
-    if meta.uid() != probe || meta.mode() & 0o022 != 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            "the cache folder belongs to another user or others may write to it",
-        ));
+    // /proc/self is owned by the process's effective user and group.
+    let (me, my_group) = std::fs::metadata("/proc/self").map_or((meta.uid(), meta.gid()), |m| (m.uid(), m.gid()));
+    if meta.uid() != me || meta.mode() & 0o022 != 0 {
+        return refuse("the cache folder belongs to another user or others may write to it".to_owned());
+    }
+    let ours = |m: &std::fs::Metadata| m.uid() == me || m.uid() == 0;
+    let named = std::env::current_dir().map(|d| d.join(root)).unwrap_or_else(|_| root.to_path_buf());
+    for at in named.ancestors() {
+        let m = std::fs::symlink_metadata(at)?;
+        if m.file_type().is_symlink() && !ours(&m) {
+            return refuse(format!("{} is a link another user made", at.display()));
+        }
+    }
+    let real = std::fs::canonicalize(root)?;
+    for at in real.ancestors().skip(1) {
+        let m = std::fs::metadata(at)?;
+        let sticky = m.mode() & 0o1000 != 0;
+        let others_write = m.mode() & 0o002 != 0 || (m.mode() & 0o020 != 0 && m.gid() != my_group);
+        if !ours(&m) || (others_write && !sticky) {
+            return refuse(format!(
+                "{} (above the cache folder) belongs to another user or others may write to it",
+                at.display()
+            ));
+        }
     }
     Ok(())
 }

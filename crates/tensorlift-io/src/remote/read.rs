@@ -3,7 +3,7 @@
 use std::io;
 use std::sync::Arc;
 
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use object_store::{GetOptions, GetRange};
 use tokio::sync::oneshot;
 
@@ -83,6 +83,32 @@ async fn fill(object: &RemoteObject, offset: u64, dst: SendPtr, len: usize) -> R
 
 /// One ranged GET of `len` bytes at `offset`, its body written to `dst[..len]`.
 async fn fetch(object: &RemoteObject, offset: u64, dst: SendPtr, len: usize) -> Result<(), IoError> {
+    fetch_with(object, offset, len, move |done, bytes| {
+        let dst = dst;
+        // SAFETY: done < len here (bytes is not empty, or it is a no-op at done <= len), and
+        // `dst` is valid for `len` bytes.
+        let at = unsafe { dst.0.add(done) };
+        // SAFETY: done + bytes.len() <= len (`fetch_with` checks it first); `dst`'s buffer is
+        // owned by this read's task until it completes, and no other part writes this part's
+        // bytes.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), at, bytes.len()) };
+        if let Some(copy) = &object.cache {
+            copy.write(offset + done as u64, bytes.clone());
+        }
+    })
+    .await
+}
+
+/// One ranged GET of `len` bytes at `offset`, each piece of its body handed to `land` with
+/// the bytes before it, in order, never past `len`: the GET names the ETag planning saw,
+/// and a reply from a changed object, for another range, or longer or shorter than asked
+/// is an error.
+async fn fetch_with(
+    object: &RemoteObject,
+    offset: u64,
+    len: usize,
+    mut land: impl FnMut(usize, &bytes::Bytes),
+) -> Result<(), IoError> {
     let file = || object.url().to_path_buf();
     let range = offset..offset + len as u64;
     // The semaphore is never closed.
@@ -114,15 +140,7 @@ async fn fetch(object: &RemoteObject, offset: u64, dst: SendPtr, len: usize) -> 
                 source: io::Error::new(io::ErrorKind::InvalidData, "the server sent more bytes than the range asked"),
             });
         }
-        // SAFETY: done < len here (bytes is not empty, or it is a no-op at done <= len), and
-        // `dst` is valid for `len` bytes.
-        let at = unsafe { dst.0.add(done) };
-        // SAFETY: done + bytes.len() <= len (checked above); `dst`'s buffer is owned by this
-        // read's task until it completes, and no other part writes this part's bytes.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), at, bytes.len()) };
-        if let Some(copy) = &object.cache {
-            copy.write(offset + done as u64, bytes.clone());
-        }
+        land(done, &bytes);
         done += bytes.len();
     }
     if done != len {
@@ -161,29 +179,23 @@ pub fn fetch_discarding(objects: &[Arc<RemoteObject>]) -> Result<u64, IoError> {
         runtime().map_err(|source| IoError::Read { file: first.url().to_path_buf(), offset: 0, len: 0, source })?;
     let objects: Vec<Arc<RemoteObject>> = objects.to_vec();
     let task = runtime.spawn(async move {
-        let mut parts = Vec::new();
-        for o in &objects {
-            let part = o.options().part_size();
-            let mut at = 0;
-            while at < o.len() {
-                parts.push((Arc::clone(o), at, part.min(o.len() - at)));
-                at += part;
-            }
-        }
-        let fetches = parts.into_iter().map(|(o, offset, len)| async move {
-            let range = offset..offset + len;
-            let _permit = o.shared.permits.acquire().await;
-            let options = GetOptions { range: Some(GetRange::Bounded(range.clone())), ..GetOptions::default() };
-            let reply =
-                o.shared.store.get_opts(&o.location, options).await.map_err(|e| request_error(&o, &range, e))?;
-            let mut body = reply.into_stream();
-            let mut n = 0u64;
-            while let Some(bytes) = body.next().await {
-                n += bytes.map_err(|e| request_error(&o, &range, e))?.len() as u64;
-            }
-            Ok::<u64, IoError>(n)
+        // Parts are made as the GETs go (an object may say it is of any length), each GET
+        // checked as a load's are, its bytes counted and dropped; the store's permits bound
+        // the GETs in flight, and this the parts waiting for one.
+        let window = objects.iter().map(|o| o.options().concurrency).max().unwrap_or(1).max(1);
+        let parts = objects.into_iter().flat_map(|o| {
+            let (part, end) = (o.options().part_size(), o.len());
+            let step = usize::try_from(part).unwrap_or(usize::MAX);
+            (0..end).step_by(step).map(move |at| (Arc::clone(&o), at, part.min(end - at)))
         });
-        futures_util::future::try_join_all(fetches).await.map(|n| n.iter().sum())
+        futures_util::stream::iter(parts)
+            .map(|(o, offset, len)| async move {
+                let len = usize::try_from(len).unwrap_or(usize::MAX);
+                fetch_with(&o, offset, len, |_, _| ()).await.map(|()| len as u64)
+            })
+            .buffer_unordered(window)
+            .try_fold(0u64, |sum, n| async move { Ok(sum.saturating_add(n)) })
+            .await
     });
     crate::block_on(task).unwrap_or_else(|e| {
         Err(IoError::Read {

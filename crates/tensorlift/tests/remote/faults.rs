@@ -282,3 +282,36 @@ fn a_verified_load_waits_for_its_digests_without_holding_its_callers_thread() {
     // Two seconds held: about 40 ticks, where a blocked thread would give none then.
     assert!(ticks >= 20, "the caller's thread ticked {ticks} times while the digests were fetched");
 }
+
+/// loader-bench's GET limit fetches each shard's every byte once, by GETs checked as a
+/// load's are: each names the ETag planned, and an object replaced since fails it.
+#[test]
+fn the_get_limit_fetches_every_byte_once_and_sees_a_replaced_object() {
+    let r = Remote::new();
+    sharded(&r.root);
+    let Some(s3) = r.s3() else { return };
+    let proxy = FaultProxy::start(s3.port, vec![]).unwrap();
+    point_at(proxy.port);
+    let mut limits = tensorlift::PlanLimits::default();
+    limits.remote = quick();
+    let plan = tensorlift_io::open_checkpoint(std::path::Path::new("s3://bucket/model"), &limits).unwrap();
+    let objects: Vec<_> = (0..plan.shards().len()).filter_map(|i| plan.remote_object(i).cloned()).collect();
+    let lens: Vec<u64> = objects.iter().map(|o| o.len()).collect();
+    let before = proxy.log().len();
+    let fetched = tensorlift_io::remote::fetch_discarding(&objects).unwrap();
+    assert_eq!(fetched, lens.iter().sum::<u64>());
+    let gets: Vec<_> = proxy.log()[before..].iter().map(|(r, _)| r.clone()).collect();
+    let part = quick().part_size();
+    assert_eq!(gets.len() as u64, lens.iter().map(|n| n.div_ceil(part)).sum::<u64>());
+    assert!(gets.iter().all(|g| g.header("range").is_some() && g.header("if-match").is_some()), "{gets:?}");
+    // Same length, other bytes: the ETag tells.
+    let shard = r.root.join("bucket/model/model-00002-of-00003.safetensors");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    bytes[0] ^= 0xff;
+    std::fs::write(&shard, &bytes).unwrap();
+    let err = tensorlift_io::remote::fetch_discarding(&objects).unwrap_err();
+    assert!(
+        matches!(&err, IoError::Changed { file, .. } if file.ends_with("model-00002-of-00003.safetensors")),
+        "{err:?}"
+    );
+}

@@ -442,6 +442,25 @@ fn a_cache_that_others_could_redirect_is_not_written() {
     let model = base().remote_cache(&cache).build().unwrap().load_blocking("s3://bucket/model").unwrap();
     assert_identical(&model, &truth, "through a planted link");
     assert_eq!(std::fs::read_dir(&victim).unwrap().count(), 0, "written through the link");
+    // The cache folder itself a link that another user made (where anyone may make one, as
+    // in /tmp), to a folder of ours: nothing is written through it. (Only root can make a
+    // link that another user owns.)
+    let (planted, ours) = (r.root.join("cache-link"), r.root.join("ours"));
+    std::fs::create_dir_all(&ours).unwrap();
+    std::fs::set_permissions(&ours, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::os::unix::fs::symlink(&ours, &planted).unwrap();
+    match std::os::unix::fs::lchown(&planted, Some(65534), Some(65534)) {
+        Ok(()) => {
+            let model = base().remote_cache(&planted).build().unwrap().load_blocking("s3://bucket/model").unwrap();
+            assert_identical(&model, &truth, "through a link another user made");
+            assert_eq!(std::fs::read_dir(&ours).unwrap().count(), 0, "written through another user's link");
+            // The same link, ours: used.
+            std::os::unix::fs::lchown(&planted, Some(0), Some(0)).unwrap();
+            base().remote_cache(&planted).build().unwrap().load_blocking("s3://bucket/model").unwrap();
+            assert_eq!(std::fs::read_dir(&ours).unwrap().count(), 1, "our own link is a cache folder");
+        }
+        Err(e) => eprintln!("a link another user owns needs root to make ({e}): that case is not checked"),
+    }
     // A cache folder others may write to is neither written nor read: a whole, noted copy
     // planted there (cache-a's, which matches the store) is not used.
     let open = r.root.join("cache-c");
