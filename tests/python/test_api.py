@@ -404,14 +404,45 @@ def test_host_loads_fill_by_copy_and_a_forked_child_reads_its_own(tmp_path):
             code = 0 if ok else 3
         finally:
             os._exit(code)
-    # A child that hangs fails the test (and is killed) rather than stalling the suite.
-    for _ in range(1200):
+    assert wait_child(pid, 120) == 0
+
+
+def wait_child(pid, seconds):
+    """The exit code of forked child `pid`; a child that hangs fails the test (and is
+    killed) rather than stalling the suite."""
+    for _ in range(seconds * 10):
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
-            break
+            return os.waitstatus_to_exitcode(status)
         time.sleep(0.1)
-    else:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        pytest.fail("the forked child's load did not end in two minutes")
-    assert os.waitstatus_to_exitcode(status) == 0
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    pytest.fail(f"the forked child did not end in {seconds} s")
+
+
+@pytest.mark.parametrize("backend", ["pread", "mmap"])
+def test_a_handle_opened_before_a_fork_reads_and_closes_in_the_child(tmp_path, backend):
+    """A `safe_open` handle opened (and read) in the parent serves a forked child, as the
+    reference's does (a data loader's workers): its reads in the child do not wait on the
+    parent's threads, and closing it there does not either; the parent's handle still reads."""
+    rng = np.random.default_rng(11)
+    want = {"w": rng.standard_normal((256, 512), dtype=np.float32), "b": np.arange(9, dtype=np.int16)}
+    path = tmp_path / "m.safetensors"
+    save_file(want, str(path))
+    f = tensorlift.safe_open(path, framework="np", backend=backend)
+    assert same(f.get_tensor("b"), want["b"])
+    pid = os.fork()
+    if pid == 0:  # the child: report by exit status only
+        code = 1
+        try:
+            ok = same(f.get_tensor("w"), want["w"]) and same(f.get_slice("w")[3:9, 100:], want["w"][3:9, 100:])
+            f.__exit__(None, None, None)
+            g = tensorlift.safe_open(path, framework="np", backend=backend)
+            ok = ok and same(g.get_tensor("b"), want["b"])
+            del g
+            code = 0 if ok else 3
+        finally:
+            os._exit(code)
+    assert wait_child(pid, 60) == 0
+    assert same(f.get_tensor("w"), want["w"])
+    f.__exit__(None, None, None)

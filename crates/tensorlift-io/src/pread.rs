@@ -11,6 +11,8 @@ use crate::PAGE;
 pub(crate) struct PreadPool {
     tx: Option<Sender<ReadOp>>,
     threads: Vec<JoinHandle<()>>,
+    /// The process whose threads these are.
+    pid: u32,
 }
 
 impl std::fmt::Debug for PreadPool {
@@ -28,7 +30,7 @@ impl PreadPool {
     pub fn named(threads: usize, name: &str) -> io::Result<PreadPool> {
         let (tx, rx) = mpsc::channel();
         let rx = Arc::new(Mutex::new(rx));
-        let mut pool = PreadPool { tx: Some(tx), threads: Vec::new() };
+        let mut pool = PreadPool { tx: Some(tx), threads: Vec::new(), pid: std::process::id() };
         for i in 0..threads.max(1) {
             let rx = Arc::clone(&rx);
             pool.threads.push(std::thread::Builder::new().name(format!("{name}-{i}")).spawn(move || worker(&rx))?);
@@ -48,6 +50,10 @@ impl Drop for PreadPool {
     fn drop(&mut self) {
         // Closing the channel lets each thread finish its current read and exit.
         self.tx.take();
+        if std::process::id() != self.pid {
+            // A forked process has none of the threads: there is nothing to wait for.
+            return;
+        }
         for t in self.threads.drain(..) {
             let _ = t.join();
         }

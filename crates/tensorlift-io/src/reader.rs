@@ -191,6 +191,7 @@ impl ReaderBuilder {
             report: Mutex::new(IoReport { backend: kind, reason, uring, fixed_buffers: FixedBuffers::None }),
             copiers: OnceLock::new(),
             registered_owners: Mutex::new(Vec::new()),
+            pid: std::process::id(),
         }
     }
 }
@@ -235,9 +236,12 @@ pub struct Reader {
     /// (sixteen at most, as io_uring workers), started at the first such read; `None` if
     /// none could be.
     copiers: OnceLock<Option<PreadPool>>,
-    /// Owners of memory registered as fixed buffers. Declared last, so dropped after the
-    /// rings (`backend`) that registered it.
+    /// Owners of memory registered as fixed buffers. Declared after the rings (`backend`)
+    /// that registered it, so dropped after them.
     registered_owners: Mutex<Vec<Arc<dyn std::any::Any + Send + Sync>>>,
+    /// The process that built it. A process forked from that one has none of its threads,
+    /// and shares its rings with it: there, reads run on the caller's thread.
+    pid: u32,
 }
 
 impl Reader {
@@ -288,6 +292,8 @@ impl Reader {
         let plain: Vec<(usize, usize)> = regions.iter().map(|&(p, l)| (p as usize, l)).collect();
         let result = match self.faults.refuse_register {
             Some(errno) => Err(std::io::Error::from_raw_os_error(errno)),
+            // The rings are the parent's (and its threads are not here).
+            None if self.forked() => Err(std::io::Error::other("a process forked from the reader's registers nothing")),
             None => pool.register(&plain),
         };
         let state = match &result {
@@ -338,8 +344,9 @@ impl Reader {
         // A whole chunk of an arena filled by copies, from a cached file: copied in on the
         // copying threads. Anything else readies the buffer for writes (stable_mut_ptr).
         // (Not with short reads injected: those test the reads.)
+        let forked = self.forked();
         let fill = match (buf_offset, self.faults.max_read) {
-            (0, None) => copy_target(&buf, file, || self.copiers()),
+            (0, None) if !forked => copy_target(&buf, file, || self.copiers()),
             _ => None,
         };
         let (dst, fill, copier) = match fill {
@@ -364,6 +371,8 @@ impl Reader {
         };
         let pending = Pending { rx, file: file.path().to_path_buf(), offset, len: len as u64 };
         match (copier, &self.backend) {
+            // No thread of the reader's is in a forked process.
+            _ if forked => run_to_end(op),
             (Some(copier), _) => copier.submit(op),
             (None, Backend::Uring(pool)) => pool.submit(op),
             (None, Backend::Pread(Some(pool))) => pool.submit(op),
@@ -374,6 +383,13 @@ impl Reader {
 }
 
 impl Reader {
+    /// Whether this is a process forked from the one that built the reader (a data
+    /// loader's worker, say): it has none of the reader's threads, and the rings it
+    /// inherited are the parent's, so reads there run on the caller's thread.
+    fn forked(&self) -> bool {
+        std::process::id() != self.pid
+    }
+
     /// The threads that copy cached pages into arenas, started at the first call.
     fn copiers(&self) -> Option<&PreadPool> {
         self.copiers

@@ -34,6 +34,8 @@ pub(crate) struct UringPool {
     workers: Vec<Worker>,
     next: AtomicUsize,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// The process whose threads (and rings) these are.
+    pid: u32,
 }
 
 impl std::fmt::Debug for UringPool {
@@ -45,7 +47,12 @@ impl std::fmt::Debug for UringPool {
 impl UringPool {
     /// Starts `workers` rings of `depth` entries each.
     pub fn new(workers: usize, depth: u32) -> io::Result<UringPool> {
-        let mut pool = UringPool { workers: Vec::new(), next: AtomicUsize::new(0), threads: Mutex::new(Vec::new()) };
+        let mut pool = UringPool {
+            workers: Vec::new(),
+            next: AtomicUsize::new(0),
+            threads: Mutex::new(Vec::new()),
+            pid: std::process::id(),
+        };
         for i in 0..workers.max(1) {
             let ring = IoUring::builder().build(depth.next_power_of_two().max(8))?;
             // SAFETY: eventfd has no memory-safety preconditions.
@@ -95,6 +102,11 @@ impl Drop for UringPool {
     fn drop(&mut self) {
         // Closing the channels tells each worker to finish what is in flight and exit.
         let wakes: Vec<OwnedFd> = self.workers.drain(..).map(|w| w.wake).collect();
+        if std::process::id() != self.pid {
+            // A forked process has none of the workers, and its wake descriptors are the
+            // parent's: nothing to wake or wait for.
+            return;
+        }
         for w in &wakes {
             wake(w);
         }

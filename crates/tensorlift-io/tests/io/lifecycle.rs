@@ -83,3 +83,54 @@ fn page_cache_eviction_and_residency() {
     let left = tensorlift_io::cache::resident_fraction(&path).unwrap();
     assert!(left < 0.01, "{left} of the file still cached");
 }
+
+/// A process forked from the one that built a reader (a data loader's worker, with the
+/// parent's open files) reads through it, on its own thread, since none of the reader's
+/// threads are there; and drops it without waiting for them. The parent's reader still reads.
+#[test]
+fn a_forked_process_reads_through_the_parents_reader_and_drops_it() {
+    let dir = scratch(false).unwrap();
+    let data = pattern(4 << 20, 13);
+    let path = write_file(&dir, "f.bin", &data);
+    let readers: Vec<_> = [BackendKind::Uring, BackendKind::Pread].map(|b| reader(b, Faults::default())).into();
+    let files: Vec<_> = readers.iter().map(|r| r.open(&path).unwrap()).collect();
+    let read_all = |r: &tensorlift_io::Reader, f: &Arc<tensorlift_io::OpenFile>| {
+        let buf = r.read(f, 0, AlignedBuf::zeroed(4 << 20, 4096).unwrap(), 0, 4 << 20).wait().map_err(|e| e.error);
+        buf.is_ok_and(|b| b.as_slice()[..] == data[..])
+    };
+    // The parent's threads have work behind them before the fork.
+    assert!(readers.iter().zip(&files).all(|(r, f)| read_all(r, f)));
+    // SAFETY: the child runs only this reading and dropping (glibc's malloc is fork-safe),
+    // and leaves by _exit, running nothing of the parent's at exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let ok = readers.iter().zip(&files).all(|(r, f)| read_all(r, f));
+            drop(files.clone());
+            drop(readers);
+            ok
+        }));
+        // SAFETY: ends the child without running the parent's exit handlers.
+        unsafe { libc::_exit(if matches!(ok, Ok(true)) { 0 } else { 3 }) };
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut status = 0;
+    loop {
+        // SAFETY: waits for our own child, writing its status to a local.
+        let done = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if done == pid {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            // SAFETY: kills our own child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            // SAFETY: reaps it, writing its status to a local.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+            panic!("the forked process did not end within a minute (waiting on its parent's threads)");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "the child's status: {status:#x}");
+    assert!(readers.iter().zip(&files).all(|(r, f)| read_all(r, f)));
+}
