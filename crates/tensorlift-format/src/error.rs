@@ -60,7 +60,7 @@ pub enum FormatError {
     InvalidOffsets { file: PathBuf, tensor: String, begin: u64, end: u64, expected_begin: u64 },
 
     /// The data section does not end exactly at the end of the file.
-    #[error("{}: header describes {data_len} data bytes after a {header_len}-byte header, but the file has {file_len} bytes", file.display())]
+    #[error("{}: header describes {data_len} data bytes after the 8-byte length and the {header_len}-byte header ({} bytes in all), but the file has {file_len} bytes", file.display(), data_len.saturating_add(*header_len).saturating_add(8))]
     DataLengthMismatch { file: PathBuf, header_len: u64, data_len: u64, file_len: u64 },
 
     /// The index file is not valid JSON of the expected shape.

@@ -159,7 +159,9 @@ impl SliceRule for Sharding {
             (Split::Replicated, _) | (_, 0) | (Split::Row, 1) => return Ok(None),
             (Split::Vocab, _) => {
                 // vLLM pads the vocabulary to a multiple of 64 and splits the padded rows.
-                let padded = shape[0].next_multiple_of(64);
+                let Some(padded) = shape[0].checked_next_multiple_of(64) else {
+                    return Err(format!("a vocabulary of {} rows is past any that can be padded", shape[0]));
+                };
                 if padded % self.world_size != 0 {
                     return Err(format!(
                         "the padded vocabulary ({padded}) does not divide evenly into {} ranks",

@@ -218,4 +218,9 @@ fn vocabulary_shares_are_padded_as_vllm_pads_them() {
         assert_eq!(s.split_of(name), Split::Replicated, "{name}");
     }
     assert_eq!(s.split_of("model.layers.0.self_attn.o_proj.bias"), Split::Replicated);
+    // A header may state an empty tensor of any number of rows: one past what can be padded
+    // is refused, not an overflow.
+    use tensorlift::SliceRule;
+    let err = s.slice("lm_head.weight", &[usize::MAX - 3, 0]).unwrap_err();
+    assert!(err.contains("vocabulary"), "{err}");
 }
