@@ -284,6 +284,23 @@ impl LoadPlan {
     pub fn retain(&mut self, mut keep: impl FnMut(&PlannedTensor) -> bool) {
         self.tensors.retain(|t| keep(t));
     }
+    /// The plan of the tensors at `indices` into [`tensors`](Self::tensors) only, in the
+    /// plan's order (an index given twice counts once; one past the end, not at all): what
+    /// [`retain`](Self::retain) would leave of a clone, without cloning the other tensors
+    /// (a file's tensors read one at a time would otherwise cost a whole plan each).
+    pub fn subset(&self, indices: impl IntoIterator<Item = usize>) -> LoadPlan {
+        let mut keep: Vec<usize> = indices.into_iter().filter(|&i| i < self.tensors.len()).collect();
+        keep.sort_unstable();
+        keep.dedup();
+        LoadPlan {
+            root: self.root.clone(),
+            index: self.index.clone(),
+            index_metadata: self.index_metadata.clone(),
+            shards: self.shards.clone(),
+            tensors: keep.into_iter().map(|i| self.tensors[i].clone()).collect(),
+            checkpoint_bytes: self.checkpoint_bytes,
+        }
+    }
     /// Narrows tensors to slices: `choose` gives each tensor's slice (or `None` to keep it
     /// whole), and a slice that does not fit its tensor is `refused`'s error. Stops at the
     /// first error, leaving the tensors before it sliced.

@@ -169,6 +169,20 @@ impl Checkpoint {
         &self.plan
     }
 
+    /// The checkpoint with only the tensors at `indices` into its plan's tensors, sharing
+    /// its descriptors ([`LoadPlan::subset`]): a clone that does not copy the rest of a
+    /// large plan.
+    pub fn subset(&self, indices: impl IntoIterator<Item = usize>) -> Checkpoint {
+        Checkpoint {
+            plan: self.plan.subset(indices),
+            dir: self.dir.clone(),
+            files: self.files.clone(),
+            index_identity: self.index_identity,
+            remote: self.remote.clone(),
+            remote_root: self.remote_root.clone(),
+        }
+    }
+
     /// The plan, without the descriptors.
     pub fn into_plan(self) -> LoadPlan {
         self.plan

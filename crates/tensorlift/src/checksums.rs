@@ -171,7 +171,7 @@ pub fn manifest(path: impl AsRef<Path>) -> Result<Manifest, ManifestError> {
             sha256_of(&f, len).map_err(|e| io(p, e))
         }
     };
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, count.max(1));
+    let threads = crate::config::cpus().unwrap_or(1).clamp(1, count.max(1));
     let next = std::sync::atomic::AtomicUsize::new(0);
     let digests: Vec<std::sync::Mutex<Option<Result<Sha256, ManifestError>>>> =
         (0..count).map(|_| std::sync::Mutex::new(None)).collect();

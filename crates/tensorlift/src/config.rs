@@ -149,8 +149,16 @@ impl Config {
         // One a CPU: a cold load's I/O workers mostly wait on the disk, and a warm load's
         // copies would fault the same pages themselves (on the development VM, two threads
         // on its 2 CPUs did as well warm as one, and better cold).
-        std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4)
+        cpus().unwrap_or(1).clamp(1, 4)
     }
+}
+
+/// CPUs this process may run on (affinity and cgroup quota counted), asked once: the
+/// question reads several files each time (std's `available_parallelism`), and a load of
+/// one small tensor asks it.
+pub(crate) fn cpus() -> Option<usize> {
+    static CPUS: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *CPUS.get_or_init(|| std::thread::available_parallelism().ok().map(|n| n.get()))
 }
 
 /// Default staging budget: bytes in flight at once.
@@ -172,7 +180,7 @@ pub const MAX_DEFAULT_IO_WORKERS: usize = 16;
 /// 2 workers loaded 8.98 GB/s and 16 loaded 22.96-28.14 GB/s, against a host-to-device limit
 /// of 28.9-34.5 GB/s measured in the same runs (docs/BENCHMARKS.md). Reads from the disk need few workers; more cost them nothing.
 pub fn default_io_workers() -> usize {
-    std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, MAX_DEFAULT_IO_WORKERS)
+    cpus().unwrap_or(2).clamp(2, MAX_DEFAULT_IO_WORKERS)
 }
 
 /// The settings a loader runs with, after defaults and clamping.

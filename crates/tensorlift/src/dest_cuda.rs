@@ -184,7 +184,7 @@ impl Registrar {
     /// Registering threads: a quarter of the CPUs, one to four (a guess until a GPU host
     /// has measured it). `None` when no thread can be had.
     fn start(gpu: &Gpu, done: &Arc<Completions>) -> Option<Registrar> {
-        let n = std::thread::available_parallelism().map_or(1, |n| n.get() / 4).clamp(1, 4);
+        let n = crate::config::cpus().map_or(1, |n| n / 4).clamp(1, 4);
         let (tx, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
         let stop = Arc::new(AtomicBool::new(false));

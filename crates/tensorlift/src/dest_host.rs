@@ -28,6 +28,10 @@ use crate::place::Resolved;
 use crate::sink::Sink;
 use crate::{LoadError, Tensor};
 
+/// New host memory from which a load first checks that the process can have it (the
+/// system's available memory, and its cgroup's headroom).
+const MEMORY_CHECK_FROM: u64 = 64 << 20;
+
 /// Where a span's reads land.
 enum Memory {
     Arena(Arc<HostArena>),
@@ -148,10 +152,15 @@ impl HostSink {
         let reused: u64 = kept.iter().zip(&lens).filter(|(k, _)| k.is_some()).map(|(_, &l)| l as u64).sum();
         stats.reused_host_bytes = reused;
         // Memory is committed when touched: a load larger than what the process can get
-        // would be killed midway, so it is refused before anything is allocated.
+        // would be killed midway, so it is refused before anything is allocated. (Not asked
+        // for a small load, which reading the system's and the cgroup's figures would cost
+        // more than the load: a file's tensors read one at a time.)
         let total: u64 = lens.iter().map(|&l| l as u64).sum();
         let needed = total.saturating_sub(reused);
-        if let Some(available) = tensorlift_io::host_memory_available().filter(|&a| needed > a) {
+        let worth_asking = needed >= MEMORY_CHECK_FROM;
+        if let Some(available) =
+            worth_asking.then(tensorlift_io::host_memory_available).flatten().filter(|&a| needed > a)
+        {
             return Err(LoadError::HostMemory { file: plan_file(plan), needed, available });
         }
         // Huge pages only when asked for (see HugePages::Auto).

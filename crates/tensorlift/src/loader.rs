@@ -785,7 +785,7 @@ impl Loader {
         if self.cfg.read_while_planning == ReadWhilePlanning::Always {
             return true;
         }
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cpus = crate::config::cpus().unwrap_or(1);
         // The largest shard planning kept open stands for the checkpoint (a small one is
         // mostly the header planning just read, which is cached).
         let resident = || {

@@ -61,6 +61,11 @@ pub(crate) fn open_shard(
     let file = plan.take_shard(i).map_err(open_error)?;
     let shard = &plan.shards()[i];
     let header = match recheck {
+        // The descriptor planning read the header from, with the identity it had then
+        // (length, modification and status change times: no write leaves the last as it
+        // was): the header is as planned, without reading it again. (A plan's tensors
+        // loaded one at a time, as a Python handle's are, would each read it whole.)
+        Recheck::Always if !reopened && unchanged_since_planning(shard, &file) => None,
         Recheck::Always => Some(shard.header_hash),
         Recheck::Reopened(hash) => reopened.then_some(hash),
     };
@@ -85,6 +90,7 @@ pub(crate) fn open_shard(
 /// parallel, and hands out nothing unless every digest is the expected one.
 #[allow(clippy::too_many_arguments)] // The load's parts, each used once here.
 pub(crate) fn map_all(
+    reader: &Reader,
     plan: &mut Checkpoint,
     spans: &[Span],
     contract: MapContract,
@@ -94,7 +100,6 @@ pub(crate) fn map_all(
     ready: &mut VecDeque<Tensor>,
     stats: &mut LoadStats,
 ) -> Result<(), LoadError> {
-    let reader = Reader::builder().backend(tensorlift_io::BackendKind::Pread).pread_threads(1).build();
     let mut maps: Vec<Arc<MappedFile>> = Vec::with_capacity(spans.len());
     for e in spans {
         let map = match maps.last() {
@@ -102,7 +107,7 @@ pub(crate) fn map_all(
             _ => {
                 // The mapping keeps no descriptor: the file closes once it is mapped.
                 let recheck = recheck(plan, e.shard, fresh);
-                let ShardIo::File(file) = open_shard(&reader, plan, e.shard, DirectIo::Never, recheck, stats)? else {
+                let ShardIo::File(file) = open_shard(reader, plan, e.shard, DirectIo::Never, recheck, stats)? else {
                     return Err(LoadError::Unsupported(
                         "mapped views of a remote checkpoint (a view maps a local file; load it into memory)".into(),
                     ));
@@ -150,7 +155,7 @@ fn verify_mapped(
         .zip(maps)
         .filter_map(|(e, m)| Some((plan.shards().get(e.shard)?, &**m, checks.get(e.shard)?.as_ref()?)))
         .collect();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, work.len().max(1));
+    let threads = crate::config::cpus().unwrap_or(1).clamp(1, work.len().max(1));
     let hash = |map: &MappedFile| Sha256(sha2::Sha256::digest(map.view(contract)).into());
     // Each work item's digest by its index, from helpers and this thread; one a helper lost
     // (a panic: a bug) is hashed below, so that no shard is handed out unchecked.
@@ -209,6 +214,13 @@ pub(crate) fn still_as_planned(plan: &LoadPlan, i: usize, file: &ShardIo) -> Res
         Some(what) => Err(changed(format!("{what}, while it was being read"))),
         None => Ok(()),
     }
+}
+
+/// Whether the open `file` still has the identity shard planning saw: same file, length,
+/// and modification and status change times.
+fn unchanged_since_planning(shard: &Shard, file: &std::fs::File) -> bool {
+    file.metadata()
+        .is_ok_and(|now| tensorlift_io::identity_change(&shard.identity, &tensorlift_io::file_identity(&now)).is_none())
 }
 
 /// A shard that is no longer the planned file is [`LoadError::ShardChanged`].

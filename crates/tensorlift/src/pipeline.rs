@@ -212,7 +212,9 @@ impl TensorStream {
         match landing {
             Landing::Mapped(contract) => {
                 // Nothing is read: the tensors are views of the files.
+                // (The loader's reader only opens the files: a view reads nothing.)
                 crate::open::map_all(
+                    &stream.reader,
                     &mut stream.plan,
                     &spans,
                     contract,
