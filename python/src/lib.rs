@@ -139,6 +139,24 @@ fn device_of(device: &str) -> PyResult<Device> {
 /// The Python exception for a load error: `FileNotFoundError` for a missing path,
 /// `RuntimeError` for an unusable device, `ValueError` for an invalid checkpoint (with the
 /// command line's message).
+/// The class a checkpoint that is not valid is raised as: the package's `SafetensorError`
+/// that is also a `ValueError` (what the reference raises, and what tensorlift raised
+/// before), given by the package when it is imported (`_set_format_error`).
+static FORMAT_ERROR: pyo3::sync::PyOnceLock<Py<pyo3::types::PyType>> = pyo3::sync::PyOnceLock::new();
+
+/// Sets the class invalid checkpoints are raised as (the package does, once).
+#[pyfunction]
+fn _set_format_error(py: Python<'_>, cls: Bound<'_, pyo3::types::PyType>) {
+    let _ = FORMAT_ERROR.set(py, cls.unbind());
+}
+
+fn format_error(msg: String) -> PyErr {
+    Python::attach(|py| match FORMAT_ERROR.get(py) {
+        Some(cls) => PyErr::from_type(cls.bind(py).clone(), msg),
+        None => PyValueError::new_err(msg),
+    })
+}
+
 fn py_err(e: LoadError) -> PyErr {
     let msg = e.to_string();
     match &e {
@@ -164,6 +182,8 @@ fn py_err(e: LoadError) -> PyErr {
         | LoadError::Cuda { .. }
         | LoadError::HostMemory { .. }
         | LoadError::OutOfMemory { .. } => PyRuntimeError::new_err(msg),
+        // The checkpoint itself is not valid (its header, its index, its layout).
+        LoadError::Format(_) => format_error(msg),
         _ => PyValueError::new_err(msg),
     }
 }
@@ -605,7 +625,34 @@ fn tensors_dict(py: Python<'_>, tensors: Vec<tensorlift::Tensor>) -> PyResult<Py
 #[pyclass(module = "tensorlift", name = "Checkpoint", frozen)]
 struct PyCheckpoint {
     plan: tensorlift::Checkpoint,
-    loader: Loader,
+    /// Each tensor's place in the plan, by name: tensors are asked for one at a time.
+    by_name: std::collections::HashMap<String, usize>,
+    loader: Arc<Loader>,
+}
+
+/// Loaders that `Checkpoint`s share, by device, backend and host memory pool (while one of
+/// them lives): a library that keeps a handle open per shard (transformers keeps every
+/// shard's open while it loads a model) would otherwise start a reader's threads and rings
+/// for each.
+#[allow(clippy::type_complexity)]
+static SHARED_LOADERS: std::sync::Mutex<Vec<(String, bool, usize, std::sync::Weak<Loader>)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// The loader `Checkpoint`s on `device` (mapped or not) share: one that lives, else a new
+/// one.
+fn shared_loader(device: &str, mapped: bool) -> PyResult<Arc<Loader>> {
+    let pool = host_pool().map_or(0, |p| Arc::as_ptr(&p) as usize);
+    let mut shared = SHARED_LOADERS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    shared.retain(|(.., l)| l.strong_count() > 0);
+    let same =
+        |(d, m, p, _): &&(String, bool, usize, std::sync::Weak<Loader>)| d == device && *m == mapped && *p == pool;
+    if let Some(l) = shared.iter().find(same).and_then(|(.., l)| l.upgrade()) {
+        return Ok(l);
+    }
+    let options = Options { mapped, ..Options::default() };
+    let l = Arc::new(loader(device, None, None, &Raised::default(), options)?);
+    shared.push((device.to_owned(), mapped, pool, Arc::downgrade(&l)));
+    Ok(l)
 }
 
 #[pymethods]
@@ -613,12 +660,12 @@ impl PyCheckpoint {
     #[new]
     #[pyo3(signature = (path, device="cpu", mapped=false))]
     fn new(py: Python<'_>, path: std::path::PathBuf, device: &str, mapped: bool) -> PyResult<Self> {
-        let options = Options { mapped, ..Options::default() };
-        let loader = loader(device, None, None, &Raised::default(), options)?;
+        let loader = shared_loader(device, mapped)?;
         // Interruptible (Ctrl-C), as a load is: a remote checkpoint's planning may wait on
         // its store.
         let plan = wait(py, loader.plan_async(&path), &Raised::default())?.map_err(py_err)?;
-        Ok(PyCheckpoint { plan, loader })
+        let by_name = plan.tensors().iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+        Ok(PyCheckpoint { plan, by_name, loader })
     }
 
     /// Tensor names, in file order.
@@ -654,16 +701,12 @@ impl PyCheckpoint {
         stats: Option<Bound<'_, PyDict>>,
         rows: Option<std::collections::HashMap<String, (usize, usize)>>,
     ) -> PyResult<Py<PyDict>> {
-        for n in &names {
-            self.find(n)?;
-        }
-        let refs: std::collections::HashSet<&str> = names.iter().map(String::as_str).collect();
+        let indices = names.iter().map(|n| self.index(n)).collect::<PyResult<Vec<usize>>>()?;
         let rows = rows.unwrap_or_default();
-        if let Some(n) = rows.keys().find(|n| !refs.contains(n.as_str())) {
+        if let Some(n) = rows.keys().find(|n| !names.contains(n)) {
             return Err(PyValueError::new_err(format!("rows of tensor '{n}', which is not among the names loaded")));
         }
-        let mut plan = self.plan.clone();
-        plan.retain(|t| refs.contains(t.name.as_str()));
+        let mut plan = self.plan.subset(indices);
         plan.slice_with(
             |t| Ok(rows.get(&t.name).map(|&(a, b)| tensorlift::TensorSlice::rows(a..b))),
             |t, e| PyValueError::new_err(format!("rows of tensor '{}': {e}", t.name)),
@@ -691,7 +734,8 @@ impl PyCheckpoint {
         let shard = t.shard;
         let at = t.file_range.start + start;
         let path = self.plan.shards()[shard].path.clone();
-        let mut plan = self.plan.clone();
+        // Its descriptors, none of its tensors.
+        let mut plan = self.plan.subset([]);
         let bytes = py
             .detach(|| -> Result<Vec<u8>, String> {
                 let mut buf = Vec::new();
@@ -717,12 +761,13 @@ impl PyCheckpoint {
 }
 
 impl PyCheckpoint {
+    /// The place of tensor `name` in the plan (`KeyError` if it has none).
+    fn index(&self, name: &str) -> PyResult<usize> {
+        self.by_name.get(name).copied().ok_or_else(|| pyo3::exceptions::PyKeyError::new_err(name.to_owned()))
+    }
+
     fn find(&self, name: &str) -> PyResult<&tensorlift::PlannedTensor> {
-        self.plan
-            .tensors()
-            .iter()
-            .find(|t| t.name == name)
-            .ok_or_else(|| pyo3::exceptions::PyKeyError::new_err(name.to_owned()))
+        Ok(&self.plan.tensors()[self.index(name)?])
     }
 }
 
@@ -865,6 +910,7 @@ fn _tensorlift(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(load, m)?)?;
     m.add_function(wrap_pyfunction!(load_devices, m)?)?;
     m.add_function(wrap_pyfunction!(_tp_slices, m)?)?;
+    m.add_function(wrap_pyfunction!(_set_format_error, m)?)?;
     m.add_function(wrap_pyfunction!(iter_tensors, m)?)?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
     m.add_function(wrap_pyfunction!(is_remote, m)?)?;

@@ -25,6 +25,7 @@ from ._tensorlift import (
     retained_host_memory,
     reuse_host_memory,
 )
+from ._tensorlift import _set_format_error
 from ._tensorlift import is_remote as _is_remote
 from ._tensorlift import iter_tensors as _iter_tensors
 from ._tensorlift import load_devices as _load_devices
@@ -61,6 +62,15 @@ class SafetensorError(_ReferenceError):
     """What the reference raises as ``safetensors.SafetensorError`` (a subclass of it when
     ``safetensors`` is installed, so that code catching the reference's error catches
     tensorlift's)."""
+
+
+class _InvalidFile(SafetensorError, ValueError):
+    """A file that is not a valid checkpoint (its header, index or layout):
+    ``SafetensorError`` as the reference raises (so that code falling back on it, as
+    diffusers does, still does), and ``ValueError`` as tensorlift raised before."""
+
+
+_set_format_error(_InvalidFile)
 
 
 class _NoTensor(SafetensorError, KeyError):
@@ -630,8 +640,8 @@ class safe_open:
         return False
 
     def _take_whole(self, name):
-        """Tensor ``name``, whole, for ``get_slice(name)[...]`` of a mapped file: the first such
-        call maps every tensor of the file in one load (views cost no memory; a reader that
+        """Tensor ``name``, whole, for ``get_tensor(name)`` and ``get_slice(name)[...]`` of a
+        mapped file: the first such call maps every tensor of the file in one load (views cost no memory; a reader that
         asks one whole tensor of a file, as transformers does, asks them all), and each is
         handed out once from it. ``None`` where the file is not mapped (each tensor is then
         loaded alone, so that one does not hold the others' memory), once the file is
@@ -673,10 +683,14 @@ class safe_open:
         return ckpt.metadata() if ckpt.has_metadata() else None
 
     def get_tensor(self, name):
-        """Loads one tensor (only its bytes are read)."""
+        """Loads one tensor (only its bytes are read; of a mapped file, a view, the first
+        taken from one mapping of every tensor, see ``_take_whole``)."""
         ckpt = self._open()
         self._has(name)
-        return _convert(ckpt.load([name])[name], self._framework)
+        t = self._take_whole(name)
+        if t is None:
+            t = ckpt.load([name])[name]
+        return _convert(t, self._framework)
 
     def get_tensors(self):
         """Every tensor, in one load, as a dict in the order of their data in the file (what

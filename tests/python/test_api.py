@@ -446,3 +446,80 @@ def test_a_handle_opened_before_a_fork_reads_and_closes_in_the_child(tmp_path, b
     assert wait_child(pid, 60) == 0
     assert same(f.get_tensor("w"), want["w"])
     f.__exit__(None, None, None)
+
+
+def test_an_invalid_file_raises_the_references_error_class(tmp_path):
+    """A file that is not a valid checkpoint raises what the reference raises,
+    ``safetensors.SafetensorError`` (code that falls back on it, as diffusers' LoRA loader
+    does, still does), which is also a ``ValueError``; a missing file stays
+    ``FileNotFoundError``."""
+    import safetensors
+
+    files = {
+        "short.safetensors": b"\0" * 4,
+        "json.safetensors": b"\x10\0\0\0\0\0\0\0{not json}      ",
+        "cut.safetensors": None,
+    }
+    save_file({"a": np.zeros(100, np.float32)}, str(tmp_path / "ok.safetensors"))
+    whole = (tmp_path / "ok.safetensors").read_bytes()
+    for name, data in files.items():
+        path = tmp_path / "bad" / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(whole[:-8] if data is None else data)
+        for call in (
+            lambda: tensorlift.safe_open(path, framework="np"),
+            lambda: tensorlift.safe_open(path, framework="np", backend="mmap"),
+            lambda: tensorlift.load_file(path, framework="np"),
+        ):
+            with pytest.raises(safetensors.SafetensorError) as e:
+                call()
+            assert isinstance(e.value, ValueError) and str(path) in str(e.value), e.value
+            with pytest.raises(safetensors.SafetensorError):
+                safetensors.safe_open(str(path), framework="np")
+    with pytest.raises(FileNotFoundError):
+        tensorlift.safe_open(tmp_path / "none.safetensors", framework="np")
+
+
+def test_handles_held_open_share_their_reader(tmp_path):
+    """Handles held open at once (transformers holds every shard's of a model while it
+    loads) share one reader's threads: twenty cost no more threads than one, and their
+    tensors are the files'."""
+    want = {}
+    for i in range(20):
+        want[i] = {"w": np.full((64, 8), i, dtype=np.float32)}
+        save_file(want[i], str(tmp_path / f"s{i}.safetensors"))
+
+    def threads():
+        return len(os.listdir("/proc/self/task"))
+
+    gc.collect()
+    before = threads()
+    first = tensorlift.safe_open(tmp_path / "s0.safetensors", framework="np")
+    one = threads() - before
+    handles = [first] + [tensorlift.safe_open(tmp_path / f"s{i}.safetensors", framework="np") for i in range(1, 20)]
+    assert threads() - before <= one, (before, one, threads())
+    for i, f in enumerate(handles):
+        assert same(f.get_tensor("w"), want[i]["w"])
+    del first, handles, f
+    gc.collect()
+
+
+def test_a_mapped_files_tensors_read_one_by_one_share_one_mapping(tmp_path):
+    """``get_tensor`` of every tensor of a mapped file, one at a time (as accelerate and
+    transformers read a state dict), maps the file once, not once a tensor."""
+    want = {f"t{i}": np.full((16,), i, dtype=np.int32) for i in range(300)}
+    path = tmp_path / "many.safetensors"
+    save_file(want, str(path))
+
+    def mappings():
+        with open("/proc/self/maps") as m:
+            return sum(1 for line in m if line.rstrip().endswith(str(path)))
+
+    with tensorlift.safe_open(path, framework="np", backend="mmap") as f:
+        got = {k: f.get_tensor(k) for k in f.keys()}
+        assert all(same(got[k], want[k]) for k in want)
+        assert 1 <= mappings() <= 2, mappings()
+        # Asked for again, a tensor is a view of its own.
+        assert same(f.get_tensor("t7"), want["t7"])
+    del got
+    gc.collect()
