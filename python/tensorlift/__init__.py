@@ -199,7 +199,9 @@ def _check_framework(framework, device="cpu"):
         _frameworks.check(framework, device)
 
 
-def load_file(path, device="cpu", framework="pt", *, dtype=None, tp=None, stats=None, verify=None, cache_dir=None):
+def load_file(
+    path, device="cpu", framework="pt", *, dtype=None, tp=None, stats=None, verify=None, cache_dir=None, backend="pread"
+):
     """Loads every tensor of ``path`` (a ``.safetensors`` file, an index, or a folder).
 
     A drop-in for ``safetensors.torch.load_file`` (``framework="pt"``) and
@@ -227,8 +229,19 @@ def load_file(path, device="cpu", framework="pt", *, dtype=None, tp=None, stats=
     ``cache_dir``: for a remote ``path`` (``s3://``, ``gs://``, ``az://``, ``http(s)://``), a
     folder where it is copied as it is read; the next load reads that copy once the store
     says the objects are unchanged (default: ``TENSORLIFT_REMOTE_CACHE``, else no copy).
+
+    ``backend``: as the reference's, ``"pread"`` (the default here) reads the tensors into
+    memory of their own; ``"mmap"`` serves them as views of the memory-mapped files (on the
+    host, of local files, with none of ``dtype``, ``tp``, ``stats``, ``verify``; elsewhere it
+    reads), under the reference's contract for such views: the files must not be truncated
+    or written while the tensors live.
     """
     _check_framework(framework, _device(device))
+    _check_backend(backend)
+    plain = dtype is None and tp is None and stats is None and verify is None
+    if backend == "mmap" and plain and _device(device) == "cpu" and not _is_remote(str(path)):
+        with safe_open(path, framework=framework, device="cpu", backend="mmap") as f:
+            return f.get_tensors()
     tensors = load(
         str(path),
         device=_device(device),
@@ -718,12 +731,22 @@ _PATCHED = []
 _OWN_DEVICES = ("cpu", "cuda", "auto")
 
 
+def _torch_on_rocm():
+    """Whether the torch this process has imported is a ROCm build, whose ``"cuda"``
+    devices are AMD GPUs (HIP)."""
+    torch = sys.modules.get("torch")
+    return bool(getattr(getattr(torch, "version", None), "hip", None))
+
+
 def _patched_safe_open(filename, framework, device="cpu", *, backend="mmap"):
     """``safe_open`` as the reference's signature has it, for ``patch()``: tensorlift's for
     what tensorlift reads (torch and numpy on the host or a CUDA device, JAX, TensorFlow,
     Paddle and MLX on the host), the reference's for the rest (other devices)."""
     _check_backend(backend)
     name = "cuda" if isinstance(device, int) and not isinstance(device, bool) else str(device).split(":")[0]
+    if name == "cuda" and _torch_on_rocm():
+        # torch's "cuda" is an AMD GPU here, which tensorlift does not load to.
+        return _REFERENCE[0](filename, framework, device, backend=backend)
     if framework in _TORCH_NAMES + _NUMPY_NAMES and name in _OWN_DEVICES:
         framework = "pt" if framework in _TORCH_NAMES else "np"
         return safe_open(filename, framework=framework, device=device, backend=backend)

@@ -79,6 +79,7 @@ def load_file(
     stats: Optional[Dict[str, Any]] = None,
     verify: Union[bool, Literal["required", "if-known"], None] = None,
     cache_dir: Optional[_Path] = None,
+    backend: Literal["mmap", "pread"] = "pread",
 ) -> Dict[str, Any]: ...
 def iter_tensors(
     path: _Path,

@@ -523,3 +523,32 @@ def test_a_mapped_files_tensors_read_one_by_one_share_one_mapping(tmp_path):
         assert same(f.get_tensor("t7"), want["t7"])
     del got
     gc.collect()
+
+
+def test_load_file_takes_the_references_backend(tmp_path):
+    """``load_file(..., backend=)`` as the reference's: ``"pread"`` reads into memory,
+    ``"mmap"`` serves views of the mapped file (the same bytes, the file mapped while they
+    live), anything else is the reference's error."""
+    import safetensors
+
+    want = {"w": np.arange(4096, dtype=np.float32).reshape(64, 64), "b": np.arange(3, dtype=np.int8)}
+    path = tmp_path / "m.safetensors"
+    save_file(want, str(path))
+
+    def mapped():
+        with open("/proc/self/maps") as m:
+            return any(line.rstrip().endswith(str(path)) for line in m)
+
+    gc.collect()
+    for backend, views in (("pread", False), ("mmap", True)):
+        got = tensorlift.load_file(path, framework="np", backend=backend)
+        assert set(got) == set(want) and all(same(got[k], want[k]) for k in want), backend
+        assert mapped() == views, backend
+        del got
+        gc.collect()
+    # With what a view cannot do (a conversion), "mmap" reads.
+    got = tensorlift.load_file(path, framework="np", backend="mmap", stats={})
+    assert all(same(got[k], want[k]) for k in want)
+    for bad in ("fast", "MMAP"):
+        with pytest.raises(safetensors.SafetensorError, match=f'backend "{bad}" is invalid'):
+            tensorlift.load_file(path, framework="np", backend=bad)

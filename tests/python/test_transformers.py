@@ -128,6 +128,14 @@ def test_patch_is_undone_and_falls_back_for_what_tensorlift_does_not_load(tmp_pa
         # A device tensorlift does not load to: the reference's safe_open serves it.
         with safetensors.safe_open(str(tmp_path / "a.safetensors"), framework="pt", device="xpu") as f:
             assert type(f) is type(original(str(tmp_path / "a.safetensors"), framework="np"))
+        # On a ROCm build of torch, "cuda" is an AMD GPU: the reference serves it.
+        real_hip = torch.version.hip
+        try:
+            torch.version.hip = "6.4.0"
+            with safetensors.safe_open(str(tmp_path / "a.safetensors"), framework="pt", device="cuda:0") as f:
+                assert type(f) is type(original(str(tmp_path / "a.safetensors"), framework="np"))
+        finally:
+            torch.version.hip = real_hip
         # Other frameworks on the host are tensorlift's where they are installed
         # (tests/frameworks tests them); here JAX is not, and the reference answers.
         with safetensors.safe_open(str(tmp_path / "a.safetensors"), framework="flax") as f:
