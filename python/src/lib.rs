@@ -136,9 +136,6 @@ fn device_of(device: &str) -> PyResult<Device> {
     device.parse().map_err(|e: tensorlift::InvalidDevice| PyValueError::new_err(e.to_string()))
 }
 
-/// The Python exception for a load error: `FileNotFoundError` for a missing path,
-/// `RuntimeError` for an unusable device, `ValueError` for an invalid checkpoint (with the
-/// command line's message).
 /// The class a checkpoint that is not valid is raised as: the package's `SafetensorError`
 /// that is also a `ValueError` (what the reference raises, and what tensorlift raised
 /// before), given by the package when it is imported (`_set_format_error`).
@@ -157,6 +154,10 @@ fn format_error(msg: String) -> PyErr {
     })
 }
 
+/// The Python exception for a load error: `FileNotFoundError` for a missing path,
+/// `OSError` for a file that cannot be read or changed, `RuntimeError` for an unusable
+/// device or memory that does not suffice, [`FORMAT_ERROR`]'s class for an invalid
+/// checkpoint, `ValueError` for the rest (with the command line's message).
 fn py_err(e: LoadError) -> PyErr {
     let msg = e.to_string();
     match &e {
@@ -173,6 +174,7 @@ fn py_err(e: LoadError) -> PyErr {
         }
         // Reading failed, or the files changed: the file system's fault, not the checkpoint's.
         LoadError::Format(tensorlift::FormatError::Io { .. })
+        | LoadError::Format(tensorlift::FormatError::ShardUnreadable { .. })
         | LoadError::Open(_)
         | LoadError::Read { .. }
         | LoadError::ShardChanged { .. } => pyo3::exceptions::PyOSError::new_err(msg),
@@ -218,7 +220,7 @@ fn load(
     if let Some(d) = stats {
         fill_stats(&d, model.stats())?;
     }
-    tensors_dict(py, model.into_tensors())
+    tensors_dict(py, model.tensors_in_file_order().cloned())
 }
 
 /// Loads every tensor of `path` onto each of `devices` (`"cuda:N"`, each once), reading
@@ -275,7 +277,7 @@ fn load_devices(
     }
     let list = PyList::empty(py);
     for m in models {
-        list.append(tensors_dict(py, m.into_tensors())?)?;
+        list.append(tensors_dict(py, m.tensors_in_file_order().cloned())?)?;
     }
     Ok(list.unbind())
 }
@@ -611,7 +613,7 @@ fn configure(
     b.build().map_err(py_err)
 }
 
-fn tensors_dict(py: Python<'_>, tensors: Vec<tensorlift::Tensor>) -> PyResult<Py<PyDict>> {
+fn tensors_dict(py: Python<'_>, tensors: impl IntoIterator<Item = tensorlift::Tensor>) -> PyResult<Py<PyDict>> {
     let dict = PyDict::new(py);
     for t in tensors {
         let name = t.name().to_owned();
@@ -630,28 +632,36 @@ struct PyCheckpoint {
     loader: Arc<Loader>,
 }
 
-/// Loaders that `Checkpoint`s share, by device, backend and host memory pool (while one of
-/// them lives): a library that keeps a handle open per shard (transformers keeps every
-/// shard's open while it loads a model) would otherwise start a reader's threads and rings
-/// for each.
-#[allow(clippy::type_complexity)]
-static SHARED_LOADERS: std::sync::Mutex<Vec<(String, bool, usize, std::sync::Weak<Loader>)>> =
-    std::sync::Mutex::new(Vec::new());
+/// Loaders that `Checkpoint`s share (while one of them lives): a library that keeps a
+/// handle open per shard (transformers keeps every shard's open while it loads a model)
+/// would otherwise start a reader's threads and rings for each.
+static SHARED_LOADERS: std::sync::Mutex<Vec<(LoaderKey, std::sync::Weak<Loader>)>> = std::sync::Mutex::new(Vec::new());
+
+/// What a shared loader is shared by.
+#[derive(PartialEq, Eq)]
+struct LoaderKey {
+    device: String,
+    mapped: bool,
+    /// The host memory pool's address (0: none), which a live loader keeps alive.
+    pool: usize,
+    /// The process that built it: a forked child builds its own (the parent's has no
+    /// threads there, and reads on the caller's thread).
+    pid: u32,
+}
 
 /// The loader `Checkpoint`s on `device` (mapped or not) share: one that lives, else a new
 /// one.
 fn shared_loader(device: &str, mapped: bool) -> PyResult<Arc<Loader>> {
     let pool = host_pool().map_or(0, |p| Arc::as_ptr(&p) as usize);
+    let key = LoaderKey { device: device.to_owned(), mapped, pool, pid: std::process::id() };
     let mut shared = SHARED_LOADERS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    shared.retain(|(.., l)| l.strong_count() > 0);
-    let same =
-        |(d, m, p, _): &&(String, bool, usize, std::sync::Weak<Loader>)| d == device && *m == mapped && *p == pool;
-    if let Some(l) = shared.iter().find(same).and_then(|(.., l)| l.upgrade()) {
+    shared.retain(|(_, l)| l.strong_count() > 0);
+    if let Some(l) = shared.iter().find(|(k, _)| *k == key).and_then(|(_, l)| l.upgrade()) {
         return Ok(l);
     }
     let options = Options { mapped, ..Options::default() };
     let l = Arc::new(loader(device, None, None, &Raised::default(), options)?);
-    shared.push((device.to_owned(), mapped, pool, Arc::downgrade(&l)));
+    shared.push((key, Arc::downgrade(&l)));
     Ok(l)
 }
 
@@ -715,7 +725,7 @@ impl PyCheckpoint {
         if let Some(d) = stats {
             fill_stats(&d, model.stats())?;
         }
-        tensors_dict(py, model.into_tensors())
+        tensors_dict(py, model.tensors_in_file_order().cloned())
     }
 
     /// `length` bytes at `start` of a tensor's data, read on their own (GIL released).

@@ -148,7 +148,15 @@ pub struct Checkpoint {
     remote: Vec<Arc<RemoteObject>>,
     /// A remote checkpoint's folder in its store.
     remote_root: Option<Arc<RemoteFolder>>,
+    /// When planning began, in nanoseconds since the epoch (`None` for a remote checkpoint).
+    planned_ns: Option<i128>,
 }
+
+/// How long before planning a file's last status change must be for its unchanged times to
+/// prove it unchanged: file systems keep times in ticks (a few milliseconds on kernels
+/// without fine-grained timestamps, seconds on some file systems), and a write within the
+/// tick that planning saw moves no time (as git's "racily clean" entries).
+pub const SETTLED_NS: i128 = 2_000_000_000;
 
 impl std::ops::Deref for Checkpoint {
     type Target = LoadPlan;
@@ -180,7 +188,18 @@ impl Checkpoint {
             index_identity: self.index_identity,
             remote: self.remote.clone(),
             remote_root: self.remote_root.clone(),
+            planned_ns: self.planned_ns,
         }
+    }
+
+    /// Whether shard `i`, whose open descriptor now has the identity `now`, is certainly the
+    /// file planned: it has the planned identity (file, length, modification and status
+    /// change times), and its status last changed at least [`SETTLED_NS`] before planning
+    /// began, so that a write since would have moved it. Where this is not so, only the
+    /// file's bytes can tell.
+    pub fn certainly_unchanged(&self, i: usize, now: &FileIdentity) -> bool {
+        let (Some(planned), Some(shard)) = (self.planned_ns, self.plan.shards().get(i)) else { return false };
+        identity_change(&shard.identity, now).is_none() && shard.identity.changed_ns < planned - SETTLED_NS
     }
 
     /// The plan, without the descriptors.
@@ -226,7 +245,7 @@ impl Checkpoint {
     ) -> Self {
         let files = vec![None; objects.len()];
         let remote_root = Some(Arc::new(folder));
-        Checkpoint { plan, dir: None, files, index_identity, remote: objects, remote_root }
+        Checkpoint { plan, dir: None, files, index_identity, remote: objects, remote_root, planned_ns: None }
     }
 
     /// Number of shard descriptors held open.
@@ -535,6 +554,8 @@ struct Planner<'a> {
     files: Vec<Option<Arc<File>>>,
     kept: usize,
     by_identity: HashMap<(u64, u64), usize>,
+    /// When planning began, in nanoseconds since the epoch.
+    started_ns: i128,
 }
 
 impl<'a> Planner<'a> {
@@ -548,6 +569,9 @@ impl<'a> Planner<'a> {
             files: Vec::new(),
             kept: 0,
             by_identity: HashMap::new(),
+            started_ns: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as i128),
         }
     }
 
@@ -845,8 +869,10 @@ impl<'a> Planner<'a> {
                 index_identity,
                 remote: Vec::new(),
                 remote_root: None,
+                planned_ns: Some(self.started_ns),
             });
         }
+        let started_ns = self.started_ns;
         let (plan, index_identity) = assemble(context, root, index, self.pending, self.observer)?;
         Ok(Checkpoint {
             plan,
@@ -855,6 +881,7 @@ impl<'a> Planner<'a> {
             index_identity,
             remote: Vec::new(),
             remote_root: None,
+            planned_ns: Some(started_ns),
         })
     }
 }

@@ -641,7 +641,8 @@ impl Loader {
 
     /// `started` is when the load began (before planning, where the caller planned), so that
     /// the wall time in the stats covers planning, opening and reading. `fresh` when this
-    /// load made the plan (a plan made earlier has each shard's header read again);
+    /// load made the plan (a plan made earlier has each shard's header read again, unless
+    /// the shard is certainly unchanged since: `Checkpoint::certainly_unchanged`);
     /// `checks`, what [`expected_digests`](Self::expected_digests) found.
     fn start(
         &self,

@@ -18,7 +18,9 @@ use crate::{LoadError, LoadStats, Tensor};
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Recheck {
     /// The plan was made before this load (by [`crate::Loader::plan`]): the file may have
-    /// changed since, so every shard's header is read again and compared.
+    /// changed since, so every shard's header is read again and compared, unless the shard
+    /// is read through the descriptor planning opened and is certainly unchanged since
+    /// ([`Checkpoint::certainly_unchanged`]).
     Always,
     /// The plan was made by this load, which reads the descriptors planning read the headers
     /// from: only a shard reopened by its name is compared, with the header hash given.
@@ -61,11 +63,12 @@ pub(crate) fn open_shard(
     let file = plan.take_shard(i).map_err(open_error)?;
     let shard = &plan.shards()[i];
     let header = match recheck {
-        // The descriptor planning read the header from, with the identity it had then
-        // (length, modification and status change times: no write leaves the last as it
-        // was): the header is as planned, without reading it again. (A plan's tensors
-        // loaded one at a time, as a Python handle's are, would each read it whole.)
-        Recheck::Always if !reopened && unchanged_since_planning(shard, &file) => None,
+        // The descriptor planning read the header from, certainly unchanged since (the
+        // identity it had then, last changed well before planning: see
+        // Checkpoint::certainly_unchanged): the header is as planned, without reading it
+        // again. (A plan's tensors loaded one at a time, as a Python handle's are, would
+        // each read it whole.)
+        Recheck::Always if !reopened && certainly_unchanged(plan, i, &file) => None,
         Recheck::Always => Some(shard.header_hash),
         Recheck::Reopened(hash) => reopened.then_some(hash),
     };
@@ -216,11 +219,10 @@ pub(crate) fn still_as_planned(plan: &LoadPlan, i: usize, file: &ShardIo) -> Res
     }
 }
 
-/// Whether the open `file` still has the identity shard planning saw: same file, length,
-/// and modification and status change times.
-fn unchanged_since_planning(shard: &Shard, file: &std::fs::File) -> bool {
-    file.metadata()
-        .is_ok_and(|now| tensorlift_io::identity_change(&shard.identity, &tensorlift_io::file_identity(&now)).is_none())
+/// Whether shard `i`, open as `file`, is certainly the file planned
+/// ([`Checkpoint::certainly_unchanged`]).
+fn certainly_unchanged(plan: &Checkpoint, i: usize, file: &std::fs::File) -> bool {
+    file.metadata().is_ok_and(|now| plan.certainly_unchanged(i, &tensorlift_io::file_identity(&now)))
 }
 
 /// A shard that is no longer the planned file is [`LoadError::ShardChanged`].
@@ -232,8 +234,8 @@ pub(crate) fn open_error(e: IoError) -> LoadError {
 }
 
 /// Refuses a shard whose length differs from what was planned, or whose header differs
-/// from the one hashed as `header` (when given): an edit in place can keep the
-/// modification time that [`Checkpoint::take_shard`] compares.
+/// from the one hashed as `header` (when given): an edit in place within the tick of the
+/// times [`Checkpoint::take_shard`] compares leaves them as they were.
 fn check_unchanged(shard: &Shard, header: Option<u64>, file: &OpenFile) -> Result<(), LoadError> {
     use std::os::unix::fs::FileExt;
     let changed = |what: String| LoadError::ShardChanged { file: shard.path.clone(), what };

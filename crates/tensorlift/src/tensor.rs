@@ -414,6 +414,9 @@ fn dlpack_dtype(d: Dtype) -> Option<dlpack::DLDataType> {
 pub struct Model {
     tensors: Vec<Tensor>,
     by_name: HashMap<Arc<str>, usize>,
+    /// Indices into `tensors` in the order of their data in the checkpoint (shard, then
+    /// offset).
+    file_order: Vec<usize>,
     stats: LoadStats,
     metadata: BTreeMap<String, String>,
     shard_metadata: Vec<(String, BTreeMap<String, String>)>,
@@ -424,12 +427,22 @@ impl Model {
     pub(crate) fn new(mut tensors: Vec<Tensor>, stats: LoadStats, plan: &tensorlift_format::LoadPlan) -> Model {
         // Names are unique in a load: an unstable sort gives the same order, without a buffer.
         tensors.sort_unstable_by(|a, b| a.name.cmp(&b.name));
-        let by_name = tensors.iter().enumerate().map(|(i, t)| (Arc::clone(&t.name), i)).collect();
+        let by_name: HashMap<Arc<str>, usize> =
+            tensors.iter().enumerate().map(|(i, t)| (Arc::clone(&t.name), i)).collect();
+        let mut planned: Vec<&tensorlift_format::PlannedTensor> = plan.tensors().iter().collect();
+        planned.sort_by_key(|t| (t.shard, t.file_range.start));
+        let mut file_order: Vec<usize> = planned.iter().filter_map(|t| by_name.get(t.name.as_str()).copied()).collect();
+        if file_order.len() != tensors.len() {
+            // Every tensor is planned; should one not be, it still comes, last.
+            let listed: std::collections::HashSet<usize> = file_order.iter().copied().collect();
+            file_order.extend((0..tensors.len()).filter(|i| !listed.contains(i)));
+        }
         let shard_metadata: Vec<(String, BTreeMap<String, String>)> =
             plan.shards().iter().map(|s| (s.name.clone(), s.metadata.clone().unwrap_or_default())).collect();
         Model {
             tensors,
             by_name,
+            file_order,
             stats,
             metadata: plan.metadata(),
             shard_metadata,
@@ -459,6 +472,11 @@ impl Model {
     /// All tensors, sorted by name.
     pub fn tensors(&self) -> &[Tensor] {
         &self.tensors
+    }
+    /// All tensors in the order of their data in the checkpoint (by shard, then by offset
+    /// in it): the order of the reference's `load_file` and `get_tensors()`.
+    pub fn tensors_in_file_order(&self) -> impl Iterator<Item = &Tensor> + '_ {
+        self.file_order.iter().map(|&i| &self.tensors[i])
     }
     /// Number of tensors.
     pub fn len(&self) -> usize {

@@ -202,14 +202,15 @@ fn check_root(root: &Path) -> io::Result<()> {
 /// no one else may write to it or move it. So, as OpenSSH checks a key's folder:
 /// - every link on the way to it was made by this user or root (a link another user planted,
 ///   in a folder anyone may write to such as `/tmp`, would send copies where they choose);
-/// - every folder above it is this user's or root's, and others may not write to it (unless
-///   it is sticky, as `/tmp` is: then they may not move what is ours), the group only where
-///   it is this process's own.
+/// - every folder above it is this user's or root's, and not writable by every user
+///   unless it is sticky, as `/tmp` is (then they may not move what is ours). A folder its
+///   group may write to is allowed (a Kubernetes volume's `fsGroup`, a team's folder): a
+///   copy's note names the file it was written to, so a copy swapped in later is not read.
 pub(crate) fn trusted(root: &Path) -> io::Result<()> {
     let refuse = |what: String| Err(io::Error::new(io::ErrorKind::PermissionDenied, what));
     let meta = std::fs::metadata(root)?;
-    // /proc/self is owned by the process's effective user and group.
-    let (me, my_group) = std::fs::metadata("/proc/self").map_or((meta.uid(), meta.gid()), |m| (m.uid(), m.gid()));
+    // /proc/self is owned by the process's effective user.
+    let me = std::fs::metadata("/proc/self").map_or(meta.uid(), |m| m.uid());
     if meta.uid() != me || meta.mode() & 0o022 != 0 {
         return refuse("the cache folder belongs to another user or others may write to it".to_owned());
     }
@@ -224,9 +225,8 @@ pub(crate) fn trusted(root: &Path) -> io::Result<()> {
     let real = std::fs::canonicalize(root)?;
     for at in real.ancestors().skip(1) {
         let m = std::fs::metadata(at)?;
-        let sticky = m.mode() & 0o1000 != 0;
-        let others_write = m.mode() & 0o002 != 0 || (m.mode() & 0o020 != 0 && m.gid() != my_group);
-        if !ours(&m) || (others_write && !sticky) {
+        let (anyone_writes, sticky) = (m.mode() & 0o002 != 0, m.mode() & 0o1000 != 0);
+        if !ours(&m) || (anyone_writes && !sticky) {
             return refuse(format!(
                 "{} (above the cache folder) belongs to another user or others may write to it",
                 at.display()

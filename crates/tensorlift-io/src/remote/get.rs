@@ -88,6 +88,7 @@ impl RemoteFolder {
         name: &str,
         max: u64,
     ) -> std::io::Result<Option<(Vec<u8>, tensorlift_format::FileIdentity)>> {
+        self.place.shared.same_process()?;
         let place = self.place.clone();
         let name = name.to_owned();
         run(async move { fetch_file(&place, &name, max).await })?

@@ -34,7 +34,7 @@ pub fn read_object<B: IoBufMut>(
         Ok(buf) => buf,
         Err(done) => return done,
     };
-    let runtime = match runtime() {
+    let runtime = match object.shared.same_process().and_then(|()| runtime()) {
         Ok(rt) => rt,
         Err(source) => {
             let error = IoError::Read { file: url, offset, len: len as u64, source };
@@ -175,8 +175,12 @@ pub(crate) fn request_error(object: &RemoteObject, range: &std::ops::Range<u64>,
 /// never copied. What `loader-bench` compares a remote load with. Returns the bytes fetched.
 pub fn fetch_discarding(objects: &[Arc<RemoteObject>]) -> Result<u64, IoError> {
     let Some(first) = objects.first() else { return Ok(0) };
-    let runtime =
-        runtime().map_err(|source| IoError::Read { file: first.url().to_path_buf(), offset: 0, len: 0, source })?;
+    let runtime = first.shared.same_process().and_then(|()| runtime()).map_err(|source| IoError::Read {
+        file: first.url().to_path_buf(),
+        offset: 0,
+        len: 0,
+        source,
+    })?;
     let objects: Vec<Arc<RemoteObject>> = objects.to_vec();
     let task = runtime.spawn(async move {
         // Parts are made as the GETs go (an object may say it is of any length), each GET

@@ -73,7 +73,8 @@ pub(crate) fn connect(url: &str, options: &RemoteOptions) -> Result<(Place, Opti
         }
     }
     let permits = tokio::sync::Semaphore::new(options.concurrency.max(1));
-    let shared = Arc::new(Shared { store, options: options.clone(), permits, cache_key });
+    let pid = std::process::id();
+    let shared = Arc::new(Shared { store, options: options.clone(), permits, cache_key, pid });
     Ok((Place { shared, prefix, url: folder.as_str().trim_end_matches('/').to_owned(), http }, last))
 }
 
@@ -170,7 +171,8 @@ impl Drop for RemoteObject {
     fn drop(&mut self) {
         // The load is done with the object: its copy is made whole (its last writes land)
         // or given up, so that a copy is never left half made by a process that exits.
-        if let Some(copy) = &self.cache {
+        // (Not in a forked child: the copy's writer is the parent's thread.)
+        if let Some(copy) = self.cache.as_ref().filter(|_| self.shared.same_process().is_ok()) {
             copy.settle(std::time::Duration::from_secs(60));
         }
     }
@@ -259,4 +261,22 @@ pub(crate) struct Shared {
     pub(crate) permits: tokio::sync::Semaphore,
     /// The folder of this store's copies in a cache folder ([`super::cache::store_key`]).
     pub(crate) cache_key: String,
+    /// The process that connected: its connections (and the permits its requests hold)
+    /// are that process's, which a forked child must not use.
+    pub(crate) pid: u32,
+}
+
+impl Shared {
+    /// An error where this is a process forked from the one that planned the checkpoint
+    /// (its pooled connections are the parent's sockets, its permits may be held by the
+    /// parent's requests): such a child plans the checkpoint again.
+    pub(crate) fn same_process(&self) -> Result<(), io::Error> {
+        match std::process::id() == self.pid {
+            true => Ok(()),
+            false => Err(io::Error::other(
+                "a remote checkpoint planned before a fork is not read in the forked process (its connections are \
+                 the parent's): plan or open it again there",
+            )),
+        }
+    }
 }

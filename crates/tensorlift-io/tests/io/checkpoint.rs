@@ -606,3 +606,30 @@ fn an_earlier_bad_header_comes_before_a_later_file_that_cannot_be_opened() {
     let err = open_checkpoint(&dir, &limits).unwrap_err();
     assert!(matches!(&err, FormatError::UnknownDtype { file, .. } if file.ends_with("a-2.safetensors")), "{err:?}");
 }
+
+/// A shard is certainly the file planned only when its identity is as planned and its
+/// status last changed well before planning began: a file written just before planning
+/// (whose next write could fall in the same tick of its times) is not, nor a file written
+/// since, nor another file.
+#[test]
+fn a_shard_is_certainly_unchanged_only_when_settled_before_planning() {
+    let d = dir();
+    let path = d.join("m.safetensors");
+    write_shard(&path, &[("a", Dtype::F32, &[4])]);
+    let identity = |p: &Path| tensorlift_io::file_identity(&fs::metadata(p).unwrap());
+    // Written just now: its times prove nothing.
+    let fresh = open(&path).unwrap();
+    assert!(!fresh.certainly_unchanged(0, &identity(&path)));
+    // Settled before planning: its unchanged times prove it unchanged.
+    std::thread::sleep(std::time::Duration::from_nanos(tensorlift_io::SETTLED_NS as u64 + 100_000_000));
+    let plan = open(&path).unwrap();
+    assert!(plan.certainly_unchanged(0, &identity(&path)));
+    assert!(!plan.certainly_unchanged(1, &identity(&path)), "no shard 1");
+    // Rewritten in place, same length: its status change time moved.
+    let bytes = fs::read(&path).unwrap();
+    fs::write(&path, &bytes).unwrap();
+    assert!(!plan.certainly_unchanged(0, &identity(&path)));
+    // A subset keeps what it knows.
+    let again = open(&path).unwrap();
+    assert!(!again.subset([0]).certainly_unchanged(0, &identity(&path)), "written since, under 2 s before planning");
+}
