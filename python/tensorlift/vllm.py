@@ -6,11 +6,15 @@ entry point, so that, unchanged::
     vllm serve MODEL --load-format tensorlift
     LLM(MODEL, load_format="tensorlift")
 
-load the checkpoint's safetensors files through tensorlift (io_uring, file by file, as
-vLLM reads them, straight onto the rank's device) and hand ``model.load_weights()`` the tensors
-already on that device. Which files are read, how they are downloaded, and the check that
-every parameter was loaded are vLLM's own (``DefaultModelLoader``, as for
-``--load-format safetensors``).
+load the checkpoint's files through tensorlift (io_uring, file by file, as vLLM reads
+them, straight onto the rank's device) and hand ``model.load_weights()`` the tensors already
+on that device. Which files are read, how they are downloaded, and the check that every
+parameter was loaded are vLLM's own (``DefaultModelLoader``, as for ``--load-format auto``:
+safetensors files, or Mistral's ``consolidated*.safetensors`` where a repository has them,
+else PyTorch ``.bin``/``.pt`` files, which tensorlift reads without running their pickle; a
+``.bin``/``.pt`` file tensorlift refuses is read as vLLM reads it, by
+``torch.load(weights_only=True)``). With expert parallelism, the experts of other ranks
+are not read.
 
 With tensor parallelism the ranks of a tensor-parallel group split the files: each rank
 reads its own files onto its device, and every tensor reaches the other ranks by a
@@ -26,6 +30,8 @@ Options, through ``--model-loader-extra-config`` (JSON) or ``model_loader_extra_
 ``enable_weights_track`` (bool)
     vLLM's own: check (or not) that every parameter was loaded; by default checked for
     models that are not quantized, as vLLM's default loader does.
+``enable_multithread_load``, ``num_threads``
+    vLLM's own, taken and not needed: tensorlift reads with threads of its own.
 
 This module imports vLLM; ``import tensorlift`` does not.
 """
@@ -33,6 +39,7 @@ This module imports vLLM; ``import tensorlift`` does not.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import re
 import time
@@ -51,7 +58,7 @@ LOAD_FORMAT = "tensorlift"
 
 # The options tensorlift takes, and vLLM's own that keep their meaning here.
 _OPTIONS = {"distributed": bool}
-_VLLM_OPTIONS = {"enable_weights_track"}
+_VLLM_OPTIONS = {"enable_weights_track", "enable_multithread_load", "num_threads"}
 
 # What the last load in this process did: the files it read and the tensors it handed over
 # (read here, or received from another rank). For logs and tests.
@@ -92,10 +99,8 @@ class TensorliftModelLoader(DefaultModelLoader):
         super().__init__(dataclasses.replace(load_config, model_loader_extra_config=ours))
         self.load_config = load_config
         self.distributed = extra.get("distributed", True)
-        # vLLM finds and downloads the files as for --load-format safetensors.
-        self._files_config = dataclasses.replace(
-            load_config, load_format="safetensors", model_loader_extra_config=ours
-        )
+        # vLLM finds and downloads the files as for --load-format auto.
+        self._files_config = dataclasses.replace(load_config, load_format="auto", model_loader_extra_config=ours)
         self._device = None
         # Whether tensors land on the device the parameters are on (else on the host).
         self._native = True
@@ -121,7 +126,9 @@ class TensorliftModelLoader(DefaultModelLoader):
         return super().get_all_weights(model_config, model)
 
     def _get_weights_iterator(self, source):
-        _, files, _, _ = self._prepare_weights(
+        from vllm.model_executor.model_loader import weight_utils
+
+        folder, files, use_safetensors, index_file = self._prepare_weights(
             source.model_or_path,
             source.subfolder,
             source.revision,
@@ -130,12 +137,22 @@ class TensorliftModelLoader(DefaultModelLoader):
         )
         if self.load_config.safetensors_load_strategy == "torchao":
             raise ValueError("load format tensorlift does not rebuild torchao tensors; use --load-format safetensors")
-        if self._encoder_only_lm_prefixes is not None:
-            raise ValueError("load format tensorlift does not take --mm-encoder-only; use --load-format safetensors")
-        if source.is_unused_weight is not None:
-            from vllm.model_executor.model_loader.weight_utils import filter_safetensors_files_by_weight_name
-
-            files = filter_safetensors_files_by_weight_name(files, source.is_unused_weight)
+        # The files vLLM's default loader would read (default_loader.py).
+        if self._encoder_only_lm_prefixes is not None and use_safetensors and files:
+            files = weight_utils.filter_mm_encoder_only_safetensors_files(
+                files,
+                folder,
+                index_file,
+                self._encoder_only_lm_prefixes,
+                weights_mapper=self._encoder_only_weights_mapper,
+            )
+            if not files:
+                raise RuntimeError(
+                    "mm-encoder-only shard filter removed all weight files for "
+                    f"`{source.model_or_path}`; check language_model prefixes {self._encoder_only_lm_prefixes}"
+                )
+        if source.is_unused_weight is not None and use_safetensors:
+            files = weight_utils.filter_safetensors_files_by_weight_name(files, source.is_unused_weight)
         files = sorted(files, key=_natural_key)
         if self.counter_before_loading_weights == 0.0:
             self.counter_before_loading_weights = time.perf_counter()
@@ -159,13 +176,13 @@ class TensorliftModelLoader(DefaultModelLoader):
             yield from _split_and_broadcast(files, device, group, keep)
         else:
             # File by file, as vLLM reads them: every tensor of each file (whatever an index
-            # says), and at most one file's memory beyond the model's on the device.
+            # says; with expert parallelism, not other ranks' experts, which are not read),
+            # and at most one file's memory beyond the model's on the device.
             for path in files:
-                for name, t in tensorlift.iter_tensors(path, device=device):
-                    if keep is None or keep(name):
-                        LAST_LOAD["tensors"] += 1
-                        LAST_LOAD["bytes"] += t.nbytes
-                        yield name, t
+                for name, t in _file_tensors(path, device, keep):
+                    LAST_LOAD["tensors"] += 1
+                    LAST_LOAD["bytes"] += t.nbytes
+                    yield name, t
                     t = None
                 LAST_LOAD["files"].append(path)
         LAST_LOAD["seconds"] = time.perf_counter() - start
@@ -177,6 +194,65 @@ class TensorliftModelLoader(DefaultModelLoader):
             device,
             LAST_LOAD["seconds"],
         )
+
+
+def _is_pytorch_file(path):
+    return path.endswith((".bin", ".pt", ".pth"))
+
+
+def _torch_load(path, device):
+    """A PyTorch file as vLLM's default loader reads it (``torch.load(weights_only=True)``):
+    for one that tensorlift's reader refuses."""
+    state = torch.load(path, map_location=device, weights_only=True)
+    return {name: t for name, t in state.items()}
+
+
+def _literal(name):
+    """A tensor name as a glob that matches only it (filters take globs; ``None`` for a name
+    with a backslash, which a glob class does not hold plainly)."""
+    if "\\" in name:
+        return None
+    return "".join(f"[{c}]" if c in "*?[]{}" else c for c in name)
+
+
+def _file_tensors(path, device, keep):
+    """``(name, tensor)`` of every tensor of the file at ``path`` that ``keep`` (if given)
+    keeps, as they land on ``device``: the others are not read."""
+    try:
+        patterns = None
+        if keep is not None:
+            patterns = [_literal(t["name"]) for t in tensorlift.inspect(path)["tensors"] if keep(t["name"])]
+            if not patterns:
+                return
+            if None in patterns:
+                patterns = None  # read whole, and kept below
+        it = tensorlift.iter_tensors(path, device=device, filter=patterns)
+        first = next(it)
+    except StopIteration:
+        return
+    except tensorlift.SafetensorError as e:
+        if not _is_pytorch_file(path):
+            raise
+        logger.warning("tensorlift: %s: %s; reading it with torch.load(weights_only=True), as vLLM does", path, e)
+        for name, t in _torch_load(path, device).items():
+            if keep is None or keep(name):
+                yield name, t
+        return
+    for name, t in itertools.chain([first], it):
+        if keep is None or keep(name):
+            yield name, t
+
+
+def _load_whole(path, device):
+    """Every tensor of the file at ``path`` on ``device``, as a dict: read by tensorlift, or
+    for a PyTorch file it refuses, by ``torch.load(weights_only=True)`` as vLLM reads it."""
+    try:
+        return tensorlift.load_file(path, device=device)
+    except tensorlift.SafetensorError as e:
+        if not _is_pytorch_file(path):
+            raise
+        logger.warning("tensorlift: %s: %s; reading it with torch.load(weights_only=True), as vLLM does", path, e)
+        return _torch_load(path, device)
 
 
 def _rank_device(model):
@@ -226,7 +302,7 @@ def _split_and_broadcast(files, device, group, keep):
         if me < len(batch):
             LAST_LOAD["files"].append(batch[me])
             try:
-                mine = tensorlift.load_file(batch[me], device=device)
+                mine = _load_whole(batch[me], device)
                 status["tensors"] = [(n, str(t.dtype), list(t.shape)) for n, t in mine.items()]
             except Exception as e:  # every rank raises it below
                 mine, status["error"] = {}, f"{type(e).__name__}: {e}"

@@ -120,8 +120,11 @@ def test_options_are_checked():
 
     import tensorlift.vllm
 
-    with pytest.raises(ValueError, match=r"Unexpected extra config keys for load format tensorlift: \['num_threads'\]"):
-        tensorlift.vllm.TensorliftModelLoader(LoadConfig(load_format="tensorlift", model_loader_extra_config={"num_threads": 4}))
+    with pytest.raises(ValueError, match=r"Unexpected extra config keys for load format tensorlift: \['threads'\]"):
+        tensorlift.vllm.TensorliftModelLoader(LoadConfig(load_format="tensorlift", model_loader_extra_config={"threads": 4}))
+    # vLLM's default loader's own options are taken (tensorlift has threads of its own).
+    extra = {"enable_multithread_load": True, "num_threads": 4}
+    tensorlift.vllm.TensorliftModelLoader(LoadConfig(load_format="tensorlift", model_loader_extra_config=extra))
     with pytest.raises(ValueError, match="distributed must be a bool, got 'yes'"):
         tensorlift.vllm.TensorliftModelLoader(LoadConfig(load_format="tensorlift", model_loader_extra_config={"distributed": "yes"}))
 
@@ -278,3 +281,70 @@ def test_weights_for_a_reload_without_load_weights(model):
     assert sorted(got) == sorted(want)
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert tensorlift.vllm.LAST_LOAD["tensors"] == len(want) and tensorlift.vllm.LAST_LOAD["device"] == "cpu"
+
+
+def test_a_pytorch_bin_model_loads_as_auto_loads_it(tmp_path):
+    """A model with only a ``pytorch_model.bin`` (as older hub repositories have): vLLM's
+    file choice (``auto``) finds it, and tensorlift reads it (its pickle interpreted, never
+    run) to the same tensors and tokens as vLLM's ``torch.load``."""
+    from safetensors.torch import load_file
+
+    path = write_model(tmp_path / "m", max_shard_size="10GB")
+    state = load_file(path / "model.safetensors")
+    torch.save(state, path / "pytorch_model.bin")
+    os.remove(path / "model.safetensors")
+    stock, ours = engine(path, "auto"), engine(path, "tensorlift")
+    assert ours["tokens"] == stock["tokens"] and all(len(t) == 8 for t in ours["tokens"])
+    (s,), (o,) = stock["ranks"], ours["ranks"]
+    assert sorted(o["weights"]) == sorted(s["weights"]) == sorted(state)
+    for name in o["weights"]:
+        assert o["weights"][name] == s["weights"][name], name
+    assert o["load"]["files"] == [str(path / "pytorch_model.bin")]
+    assert o["load"]["tensors"] == len(state)
+
+
+def test_other_ranks_experts_are_not_read_and_a_refused_pytorch_file_is_read_as_vllm_does(tmp_path, monkeypatch):
+    """With expert parallelism (``keep``), only the kept tensors are asked of tensorlift (the
+    others are not read); a ``.bin`` that tensorlift refuses is read by
+    ``torch.load(weights_only=True)``, as vLLM's default loader reads it; a safetensors file
+    it refuses stays an error."""
+    from safetensors.torch import save_file
+
+    import tensorlift
+    import tensorlift.vllm as tv
+
+    tensors = {f"layers.0.experts.{e}.w[{e}]": torch.full((4,), float(e)) for e in range(4)}
+    tensors["norm.weight"] = torch.ones(3)
+    path = str(tmp_path / "m.safetensors")
+    save_file(tensors, path)
+    asked = []
+    real = tensorlift.iter_tensors
+
+    def recording(p, **kw):
+        asked.append(kw.get("filter"))
+        return real(p, **kw)
+
+    monkeypatch.setattr(tensorlift, "iter_tensors", recording)
+
+    def keep(name):
+        return "experts" not in name or name.endswith(("w[1]", "w[3]"))
+
+    got = dict(tv._file_tensors(path, "cpu", keep))
+    assert sorted(got) == sorted(n for n in tensors if keep(n))
+    assert all(torch.equal(got[n], tensors[n]) for n in got)
+    assert len(asked) == 1 and len(asked[0]) == 3, asked
+    assert all(torch.equal(t, tensors[n]) for n, t in tv._file_tensors(path, "cpu", None))
+
+    def refusing(p, **kw):
+        raise tensorlift.SafetensorError(f"{p}: refused")
+
+    monkeypatch.setattr(tensorlift, "iter_tensors", refusing)
+    monkeypatch.setattr(tensorlift, "load_file", lambda p, **kw: refusing(p))
+    bin_path = str(tmp_path / "pytorch_model.bin")
+    torch.save(tensors, bin_path)
+    for got in (dict(tv._file_tensors(bin_path, "cpu", None)), tv._load_whole(bin_path, "cpu")):
+        assert sorted(got) == sorted(tensors) and all(torch.equal(got[n], tensors[n]) for n in got)
+    with pytest.raises(tensorlift.SafetensorError, match="refused"):
+        dict(tv._file_tensors(path, "cpu", None))
+    with pytest.raises(tensorlift.SafetensorError, match="refused"):
+        tv._load_whole(path, "cpu")
