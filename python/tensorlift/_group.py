@@ -29,6 +29,8 @@ all-reduce): a rank that failed (a read, memory) raises its error, and the other
 too, naming it, rather than wait for sends that will not come.
 """
 
+import hashlib
+import json
 import math
 from concurrent.futures import ThreadPoolExecutor
 
@@ -124,23 +126,43 @@ def _device(torch, dist, group, device):
         d = torch.device("cuda", torch.cuda.current_device() if d.index is None else d.index)
     elif d.type != "cpu":
         raise ValueError(f"load_group loads onto 'cpu' or a CUDA device, not {device!r}")
-    if dist.get_backend(group) == "nccl" and d.type != "cuda":
+    backend = dist.get_backend(group)
+    if backend == "nccl" and d.type != "cuda":
         raise ValueError("a NCCL group sends between GPUs: give this rank's CUDA device (device='cuda:N')")
+    if backend == "gloo" and d.type != "cpu":
+        # gloo sends and receives host tensors only.
+        raise ValueError("a gloo group sends between host memory: give device='cpu', or use a NCCL group for GPUs")
     return str(d)
 
 
-def _agree(torch, dist, group, device, error, me, world):
+def _agree(torch, dist, group, device, error, me, world, digest=0):
     """Every rank says whether it is ready; if one is not, every rank raises (the failed one
-    its own error)."""
-    flags = torch.zeros(world, dtype=torch.int32, device=device)
-    if error is not None:
-        flags[me] = 1
+    its own error). With ``digest`` (of what a rank planned), ranks that planned otherwise
+    than the others make every rank raise too."""
+    flags = torch.zeros((world, 2), dtype=torch.int64, device=device)
+    flags[me, 0] = int(error is not None)
+    flags[me, 1] = digest
     dist.all_reduce(flags, group=group)
-    failed = [r for r, f in enumerate(flags.tolist()) if f]
+    failed = [r for r, (f, _) in enumerate(flags.tolist()) if f]
     if error is not None:
         raise error
     if failed:
         raise RuntimeError(f"load_group: rank {failed[0]} of the group failed (its own error says why)")
+    digests = [d for _, d in flags.tolist()]
+    if any(d != digests[0] for d in digests):
+        other = next(r for r, d in enumerate(digests) if d != digests[0])
+        raise RuntimeError(
+            f"load_group: ranks 0 and {other} planned different checkpoints (tensor names, types, shapes or "
+            "parts differ): every rank must load the same one"
+        )
+
+
+def _digest(names, dtypes, shapes, sizes, parts):
+    """A digest of a rank's plan (63 bits): ranks that differ in it would cut other rounds
+    or expect other bytes. (It covers the layout, not the weights: ranks on several nodes
+    must load identical copies.)"""
+    text = json.dumps([names, [str(d) for d in dtypes], shapes, sizes, parts])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
 
 def load_group(ckpt_class, convert, path, group, device, tp, stats):
@@ -168,9 +190,10 @@ def load_group(ckpt_class, convert, path, group, device, tp, stats):
         else:
             parts = [_tp_slices(list(zip(names, shapes)), r, world, tp) for r in range(world)]
         plan = (ckpt, names, shapes, sizes, dtypes, parts)
+        digest = _digest(names, dtypes, shapes, sizes, parts)
     except Exception as e:  # noqa: BLE001 - every rank must hear of it, then it is raised
-        error = e
-    _agree(torch, dist, group, device, error, me, world)
+        error, digest = e, 0
+    _agree(torch, dist, group, device, error, me, world, digest)
     ckpt, names, shapes, sizes, dtypes, parts = plan
     peer = [dist.get_global_rank(group, r) for r in range(world)]
     sent, received = [0] * world, [0] * world

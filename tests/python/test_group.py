@@ -29,6 +29,8 @@ RANK = textwrap.dedent(
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if rank == int(os.environ.get("BROKEN_RANK", "-1")):
         path += "-missing"
+    if rank == int(os.environ.get("OTHER_PATH_RANK", "-1")):
+        path += "-other"
     tensorlift._group._ROUND_BYTES = int(round_bytes)
     failing = rank == int(os.environ.get("FAILING_READ_RANK", "-1"))
     Real = tensorlift._Checkpoint
@@ -315,3 +317,34 @@ def test_checkpoint_reads_a_block_of_rows_alone(tmp_path):
         ckpt.load(["model.odd"], rows={"model.odd": (2, 9)})
     with pytest.raises(ValueError, match="rows of tensor 'model.step': 1 ranges for a tensor of 0 dimensions"):
         ckpt.load(["model.step"], rows={"model.step": (0, 1)})
+
+
+def test_ranks_that_planned_different_checkpoints_stop_on_every_rank(tmp_path):
+    """Ranks whose checkpoints differ in layout (a copy of another version, here one tensor
+    of another shape) would cut other rounds and wait for other bytes: every rank stops,
+    saying so, before anything is exchanged."""
+    import shutil
+
+    folder, _ = llama(tmp_path)
+    other = tmp_path / "llama-other"
+    shutil.copytree(folder, other)
+    second = reference_load(str(other / "model-00002-of-00002.safetensors"))
+    second["model.norm.weight"] = torch.randn(65)
+    save_file(second, str(other / "model-00002-of-00002.safetensors"))
+    procs, _ = start_group(folder, 2, "none", tmp_path, env={"OTHER_PATH_RANK": "1"})
+    for code, err in finish(procs, limit=120):
+        assert code != 0 and "planned different checkpoints" in err, err
+
+
+def test_a_gloo_group_is_refused_a_cuda_device(tmp_path):
+    """gloo sends and receives host tensors only: a CUDA device with it is refused before
+    anything is read."""
+    import torch.distributed as dist
+
+    folder, _ = llama(tmp_path)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="a gloo group sends between host memory"):
+            tensorlift.load_group(folder, device="cuda:0")
+    finally:
+        dist.destroy_process_group()
