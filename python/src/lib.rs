@@ -138,19 +138,33 @@ fn device_of(device: &str) -> PyResult<Device> {
 
 /// The class a checkpoint that is not valid is raised as: the package's `SafetensorError`
 /// that is also a `ValueError` (what the reference raises, and what tensorlift raised
-/// before), given by the package when it is imported (`_set_format_error`).
+/// before), given by the package when it is imported (`_set_error_classes`).
 static FORMAT_ERROR: pyo3::sync::PyOnceLock<Py<pyo3::types::PyType>> = pyo3::sync::PyOnceLock::new();
+/// The class device memory that does not suffice is raised as (a `RuntimeError`), so that a
+/// caller can read to the host instead (the vLLM loader does).
+static DEVICE_MEMORY_ERROR: pyo3::sync::PyOnceLock<Py<pyo3::types::PyType>> = pyo3::sync::PyOnceLock::new();
 
-/// Sets the class invalid checkpoints are raised as (the package does, once).
+/// Sets the classes invalid checkpoints and short device memory are raised as (the package
+/// does, once).
 #[pyfunction]
-fn _set_format_error(py: Python<'_>, cls: Bound<'_, pyo3::types::PyType>) {
-    let _ = FORMAT_ERROR.set(py, cls.unbind());
+fn _set_error_classes(
+    py: Python<'_>,
+    invalid: Bound<'_, pyo3::types::PyType>,
+    device_memory: Bound<'_, pyo3::types::PyType>,
+) {
+    let _ = FORMAT_ERROR.set(py, invalid.unbind());
+    let _ = DEVICE_MEMORY_ERROR.set(py, device_memory.unbind());
 }
 
-fn format_error(msg: String) -> PyErr {
-    Python::attach(|py| match FORMAT_ERROR.get(py) {
+/// An error of the class in `slot`, else of `fallback`'s.
+fn raised_as(
+    slot: &pyo3::sync::PyOnceLock<Py<pyo3::types::PyType>>,
+    msg: String,
+    fallback: fn(String) -> PyErr,
+) -> PyErr {
+    Python::attach(|py| match slot.get(py) {
         Some(cls) => PyErr::from_type(cls.bind(py).clone(), msg),
-        None => PyValueError::new_err(msg),
+        None => fallback(msg),
     })
 }
 
@@ -178,14 +192,14 @@ fn py_err(e: LoadError) -> PyErr {
         | LoadError::Open(_)
         | LoadError::Read { .. }
         | LoadError::ShardChanged { .. } => pyo3::exceptions::PyOSError::new_err(msg),
+        LoadError::DeviceMemory { .. } => raised_as(&DEVICE_MEMORY_ERROR, msg, PyRuntimeError::new_err),
         LoadError::CudaUnavailable { .. }
-        | LoadError::DeviceMemory { .. }
         | LoadError::Copy { .. }
         | LoadError::Cuda { .. }
         | LoadError::HostMemory { .. }
         | LoadError::OutOfMemory { .. } => PyRuntimeError::new_err(msg),
         // The checkpoint itself is not valid (its header, its index, its layout).
-        LoadError::Format(_) => format_error(msg),
+        LoadError::Format(_) => raised_as(&FORMAT_ERROR, msg, PyValueError::new_err),
         _ => PyValueError::new_err(msg),
     }
 }
@@ -920,7 +934,7 @@ fn _tensorlift(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(load, m)?)?;
     m.add_function(wrap_pyfunction!(load_devices, m)?)?;
     m.add_function(wrap_pyfunction!(_tp_slices, m)?)?;
-    m.add_function(wrap_pyfunction!(_set_format_error, m)?)?;
+    m.add_function(wrap_pyfunction!(_set_error_classes, m)?)?;
     m.add_function(wrap_pyfunction!(iter_tensors, m)?)?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
     m.add_function(wrap_pyfunction!(is_remote, m)?)?;

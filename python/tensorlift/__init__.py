@@ -25,13 +25,14 @@ from ._tensorlift import (
     retained_host_memory,
     reuse_host_memory,
 )
-from ._tensorlift import _set_format_error
+from ._tensorlift import _set_error_classes
 from ._tensorlift import is_remote as _is_remote
 from ._tensorlift import iter_tensors as _iter_tensors
 from ._tensorlift import load_devices as _load_devices
 from . import _frameworks
 
 __all__ = [
+    "DeviceMemoryError",
     "SafetensorError",
     "Tensor",
     "TensorIterator",
@@ -70,7 +71,12 @@ class _InvalidFile(SafetensorError, ValueError):
     diffusers does, still does), and ``ValueError`` as tensorlift raised before."""
 
 
-_set_format_error(_InvalidFile)
+class DeviceMemoryError(RuntimeError):
+    """The device has too little free memory for a load (``RuntimeError``, as before): a
+    caller may read to the host instead."""
+
+
+_set_error_classes(_InvalidFile, DeviceMemoryError)
 
 
 class _NoTensor(SafetensorError, KeyError):

@@ -219,6 +219,21 @@ def _file_tensors(path, device, keep):
     """``(name, tensor)`` of every tensor of the file at ``path`` that ``keep`` (if given)
     keeps, as they land on ``device``: the others are not read."""
     try:
+        yield from _file_tensors_on(path, device, keep)
+    except _DeviceShort as short:
+        # The device's free memory (torch's cache is not free to another allocator) does
+        # not hold the file beside the model: read to the host, from where vLLM's weight
+        # loaders copy each tensor into its parameter, as with its default loader.
+        logger.warning("tensorlift: %s; reading %s to the host", short.args[0], path)
+        yield from _file_tensors_on(path, "cpu", keep)
+
+
+class _DeviceShort(Exception):
+    """A file that did not fit on the device, before any of its tensors was handed over."""
+
+
+def _file_tensors_on(path, device, keep):
+    try:
         patterns = None
         if keep is not None:
             patterns = [_literal(t["name"]) for t in tensorlift.inspect(path)["tensors"] if keep(t["name"])]
@@ -230,6 +245,8 @@ def _file_tensors(path, device, keep):
         first = next(it)
     except StopIteration:
         return
+    except tensorlift.DeviceMemoryError as e:
+        raise _DeviceShort(str(e)) from e
     except tensorlift.SafetensorError as e:
         if not _is_pytorch_file(path):
             raise
@@ -248,6 +265,11 @@ def _load_whole(path, device):
     for a PyTorch file it refuses, by ``torch.load(weights_only=True)`` as vLLM reads it."""
     try:
         return tensorlift.load_file(path, device=device)
+    except tensorlift.DeviceMemoryError as e:
+        # As in _file_tensors: read to the host; each tensor goes to the device as it is
+        # broadcast (through torch's allocator, which may hold what tensorlift's could not).
+        logger.warning("tensorlift: %s; reading %s to the host", e, path)
+        return _load_whole(path, "cpu")
     except tensorlift.SafetensorError as e:
         if not _is_pytorch_file(path):
             raise
@@ -315,7 +337,9 @@ def _split_and_broadcast(files, device, group, keep):
         for owner, st in enumerate(statuses[: len(batch)]):
             for name, dtype, shape in st["tensors"]:
                 if owner == me:
-                    t = mine.pop(name)
+                    # (On the host where the device had no room for the file: sent from the
+                    # device, as the group's backend wants.)
+                    t = mine.pop(name).to(device)
                     LAST_LOAD["bytes"] += t.nbytes
                 else:
                     # torch dtypes print as "torch.bfloat16".

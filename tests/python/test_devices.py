@@ -18,7 +18,7 @@ from conftest import ROOT
 EMULATOR = os.path.join(ROOT, "target", "debug", "libtensorlift_cuda_emulator.so")
 
 
-def run_emulated(code, *args):
+def run_emulated(code, *args, env=None):
     """Runs ``code`` in a Python process whose CUDA driver is the emulator; returns what it
     printed as JSON."""
     if not os.path.exists(EMULATOR):
@@ -26,7 +26,7 @@ def run_emulated(code, *args):
         if os.environ.get("TENSORLIFT_REQUIRE_EMULATOR"):
             pytest.fail(f"{EMULATOR} is missing: cargo build -p tensorlift-cuda-emulator")
         pytest.skip(f"no emulated driver at {EMULATOR} (cargo build -p tensorlift-cuda-emulator)")
-    env = dict(os.environ, TENSORLIFT_LIBCUDA=EMULATOR, TLEMU_DEVICES="4")
+    env = dict(os.environ, TENSORLIFT_LIBCUDA=EMULATOR, TLEMU_DEVICES="4", **(env or {}))
     out = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code), *map(str, args)], env=env, capture_output=True, text=True
     )
@@ -149,3 +149,27 @@ def test_numpy_is_refused_for_device_tensors(fixture):
         "np",
     )
     assert got is not None and "cuda:0" in got
+
+
+def test_a_device_without_room_raises_device_memory_error(tmp_path):
+    """A device whose free memory does not hold the load raises ``DeviceMemoryError`` (a
+    ``RuntimeError``), which a caller such as the vLLM loader catches to read to the host."""
+    from safetensors.numpy import save_file
+
+    big = tmp_path / "big.safetensors"
+    save_file({"w": np.zeros((1024, 1024), dtype=np.float32)}, str(big))
+    got = run_emulated(
+        """
+    import json, sys
+    import tensorlift
+    try:
+        tensorlift.load_file(sys.argv[1], device="cuda:0", framework=None)
+        print(json.dumps(None))
+    except tensorlift.DeviceMemoryError as e:
+        print(json.dumps([type(e).__name__, isinstance(e, RuntimeError), str(e)]))
+    """,
+        big,
+        env={"TLEMU_DEVICE_MEMORY": str(1 << 20)},
+    )
+    assert got is not None and got[:2] == ["DeviceMemoryError", True], got
+    assert "cuda:0" in got[2], got

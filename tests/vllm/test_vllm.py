@@ -348,3 +348,41 @@ def test_other_ranks_experts_are_not_read_and_a_refused_pytorch_file_is_read_as_
         dict(tv._file_tensors(path, "cpu", None))
     with pytest.raises(tensorlift.SafetensorError, match="refused"):
         tv._load_whole(path, "cpu")
+
+
+def test_a_file_the_device_cannot_hold_is_read_to_the_host(tmp_path, monkeypatch):
+    """Where the device has too little free memory for a file (torch's cache is not free to
+    another allocator), the file is read to the host instead, from where vLLM's weight
+    loaders copy each tensor in, as with its default loader; no tensor is handed over twice."""
+    from safetensors.torch import save_file
+
+    import tensorlift
+    import tensorlift.vllm as tv
+
+    tensors = {"a": torch.arange(6.0), "b": torch.ones(2, 3)}
+    path = str(tmp_path / "m.safetensors")
+    save_file(tensors, path)
+    real_iter, real_load = tensorlift.iter_tensors, tensorlift.load_file
+    devices = []
+
+    def short(device):
+        devices.append(device)
+        if device != "cpu":
+            raise tensorlift.DeviceMemoryError(f"{path}: cuda:0 has 1 MiB free, the load needs 2 MiB")
+
+    def iter_tensors(p, device="cpu", **kw):
+        short(device)
+        return real_iter(p, device=device, **kw)
+
+    def load_file(p, device="cpu", **kw):
+        short(device)
+        return real_load(p, device=device, **kw)
+
+    monkeypatch.setattr(tensorlift, "iter_tensors", iter_tensors)
+    monkeypatch.setattr(tensorlift, "load_file", load_file)
+    got = list(tv._file_tensors(path, "cuda:0", None))
+    assert [n for n, _ in got] == list(tensors) and all(torch.equal(t, tensors[n]) for n, t in got)
+    assert all(t.device.type == "cpu" for _, t in got) and devices == ["cuda:0", "cpu"]
+    whole = tv._load_whole(path, "cuda:0")
+    assert sorted(whole) == sorted(tensors) and all(t.device.type == "cpu" for t in whole.values())
+    assert issubclass(tensorlift.DeviceMemoryError, RuntimeError)
