@@ -314,12 +314,17 @@ def _split_and_broadcast(files, device, group, keep):
 
     world, me = group.world_size, group.rank_in_group
     # One list for every rank, rank 0's: ranks that globbed their own folders in another
-    # order would otherwise call the collectives below out of step.
-    agreed = [files]
+    # order would otherwise call the collectives below out of step. It names the files by
+    # their place in the model folder, each rank reading its own copy (on another node, the
+    # same snapshot may be in another folder).
+    folder = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0])
+    local = {os.path.relpath(f, folder): f for f in files}
+    agreed = [list(local)]
     dist.broadcast_object_list(agreed, src=group.ranks[0], group=group.cpu_group)
-    files = agreed[0]
-    for first in range(0, len(files), world):
-        batch = files[first : first + world]
+    names = agreed[0]
+    for first in range(0, len(names), world):
+        # A file this rank does not have is its read's error, heard by every rank below.
+        batch = [local.get(n, os.path.join(folder, n)) for n in names[first : first + world]]
         mine, status = {}, {"error": None, "tensors": []}
         if me < len(batch):
             LAST_LOAD["files"].append(batch[me])
