@@ -11,10 +11,11 @@ them, straight onto the rank's device) and hand ``model.load_weights()`` the ten
 on that device. Which files are read, how they are downloaded, and the check that every
 parameter was loaded are vLLM's own (``DefaultModelLoader``, as for ``--load-format auto``:
 safetensors files, or Mistral's ``consolidated*.safetensors`` where a repository has them,
-else PyTorch ``.bin``/``.pt`` files, which tensorlift reads without running their pickle; a
-``.bin``/``.pt`` file tensorlift refuses is read as vLLM reads it, by
-``torch.load(weights_only=True)``). With expert parallelism, the experts of other ranks
-are not read.
+else PyTorch ``.bin``/``.pt`` files, which tensorlift reads without running their pickle; such
+a file tensorlift refuses is read as vLLM reads it, by ``torch.load(weights_only=True)`` onto
+``pt_load_map_location``, unless ``TENSORLIFT_USE_SAFETENSORS`` is set). With expert
+parallelism, a rank that reads the files on its own does not read other ranks' experts; ranks
+that split the files read and broadcast every tensor, and each keeps its own.
 
 With tensor parallelism the ranks of a tensor-parallel group split the files: each rank
 reads its own files onto its device, and every tensor reaches the other ranks by a
@@ -135,7 +136,7 @@ class TensorliftModelLoader(DefaultModelLoader):
             source.fall_back_to_pt,
             source.allow_patterns_overrides,
         )
-        if self.load_config.safetensors_load_strategy == "torchao":
+        if use_safetensors and self.load_config.safetensors_load_strategy == "torchao":
             raise ValueError("load format tensorlift does not rebuild torchao tensors; use --load-format safetensors")
         # The files vLLM's default loader would read (default_loader.py).
         if self._encoder_only_lm_prefixes is not None and use_safetensors and files:
@@ -156,10 +157,15 @@ class TensorliftModelLoader(DefaultModelLoader):
         files = sorted(files, key=_natural_key)
         if self.counter_before_loading_weights == 0.0:
             self.counter_before_loading_weights = time.perf_counter()
-        weights = self._weights(files)
+        # PyTorch files (where there are no safetensors files) that tensorlift refuses are
+        # read as vLLM reads them, unless TENSORLIFT_USE_SAFETENSORS refuses them all.
+        torch_load = None
+        if not use_safetensors and os.environ.get("TENSORLIFT_USE_SAFETENSORS", "").strip() not in _TRUE:
+            torch_load = _TorchLoad(self.load_config.pt_load_map_location)
+        weights = self._weights(files, torch_load)
         return ((source.prefix + name, tensor) for name, tensor in weights)
 
-    def _weights(self, files):
+    def _weights(self, files, torch_load=None):
         device = self._device or "cpu"
         group = _tp_group()
         keep = None
@@ -173,13 +179,13 @@ class TensorliftModelLoader(DefaultModelLoader):
 
         start = time.perf_counter()
         if group is not None and group.world_size > 1 and self.distributed and self._native:
-            yield from _split_and_broadcast(files, device, group, keep)
+            yield from _split_and_broadcast(files, device, group, keep, torch_load)
         else:
             # File by file, as vLLM reads them: every tensor of each file (whatever an index
             # says; with expert parallelism, not other ranks' experts, which are not read),
             # and at most one file's memory beyond the model's on the device.
             for path in files:
-                for name, t in _file_tensors(path, device, keep):
+                for name, t in _file_tensors(path, device, keep, torch_load):
                     LAST_LOAD["tensors"] += 1
                     LAST_LOAD["bytes"] += t.nbytes
                     yield name, t
@@ -196,15 +202,22 @@ class TensorliftModelLoader(DefaultModelLoader):
         )
 
 
-def _is_pytorch_file(path):
-    return path.endswith((".bin", ".pt", ".pth"))
+# What TENSORLIFT_USE_SAFETENSORS takes as set (as tensorlift's reader does).
+_TRUE = ("1", "true", "TRUE", "True", "yes")
 
 
-def _torch_load(path, device):
-    """A PyTorch file as vLLM's default loader reads it (``torch.load(weights_only=True)``):
-    for one that tensorlift's reader refuses."""
-    state = torch.load(path, map_location=device, weights_only=True)
-    return {name: t for name, t in state.items()}
+class _TorchLoad:
+    """Reads a PyTorch file as vLLM's default loader does, ``torch.load(weights_only=True)``
+    onto its ``pt_load_map_location``: for one that tensorlift's reader refuses."""
+
+    def __init__(self, map_location):
+        self.map_location = map_location
+
+    def __call__(self, path, error):
+        logger.warning("tensorlift: %s: %s; reading it with torch.load(weights_only=True), as vLLM does", path, error)
+        LAST_LOAD.setdefault("torch_loaded", []).append(path)
+        state = torch.load(path, map_location=self.map_location, weights_only=True)
+        return dict(state.items())
 
 
 def _literal(name):
@@ -215,24 +228,25 @@ def _literal(name):
     return "".join(f"[{c}]" if c in "*?[]{}" else c for c in name)
 
 
-def _file_tensors(path, device, keep):
+def _file_tensors(path, device, keep, torch_load=None):
     """``(name, tensor)`` of every tensor of the file at ``path`` that ``keep`` (if given)
-    keeps, as they land on ``device``: the others are not read."""
+    keeps, as they land on ``device``: the others are not read. A PyTorch file tensorlift
+    refuses is read by ``torch_load`` where given."""
     try:
-        yield from _file_tensors_on(path, device, keep)
+        yield from _file_tensors_on(path, device, keep, torch_load)
     except _DeviceShort as short:
         # The device's free memory (torch's cache is not free to another allocator) does
         # not hold the file beside the model: read to the host, from where vLLM's weight
         # loaders copy each tensor into its parameter, as with its default loader.
         logger.warning("tensorlift: %s; reading %s to the host", short.args[0], path)
-        yield from _file_tensors_on(path, "cpu", keep)
+        yield from _file_tensors_on(path, "cpu", keep, torch_load)
 
 
 class _DeviceShort(Exception):
     """A file that did not fit on the device, before any of its tensors was handed over."""
 
 
-def _file_tensors_on(path, device, keep):
+def _file_tensors_on(path, device, keep, torch_load):
     try:
         patterns = None
         if keep is not None:
@@ -248,10 +262,9 @@ def _file_tensors_on(path, device, keep):
     except tensorlift.DeviceMemoryError as e:
         raise _DeviceShort(str(e)) from e
     except tensorlift.SafetensorError as e:
-        if not _is_pytorch_file(path):
+        if torch_load is None:
             raise
-        logger.warning("tensorlift: %s: %s; reading it with torch.load(weights_only=True), as vLLM does", path, e)
-        for name, t in _torch_load(path, device).items():
+        for name, t in torch_load(path, e).items():
             if keep is None or keep(name):
                 yield name, t
         return
@@ -260,21 +273,22 @@ def _file_tensors_on(path, device, keep):
             yield name, t
 
 
-def _load_whole(path, device):
+def _load_whole(path, device, torch_load=None):
     """Every tensor of the file at ``path`` on ``device``, as a dict: read by tensorlift, or
-    for a PyTorch file it refuses, by ``torch.load(weights_only=True)`` as vLLM reads it."""
+    for a PyTorch file it refuses, by ``torch_load`` where given. Where the device has no
+    room for the file in tensorlift's allocations, it is read to the host and moved to the
+    device by torch, tensor by tensor (torch's allocator may hold what tensorlift's could
+    not); that failing too is this call's error, which every rank hears before any
+    broadcast."""
     try:
         return tensorlift.load_file(path, device=device)
     except tensorlift.DeviceMemoryError as e:
-        # As in _file_tensors: read to the host; each tensor goes to the device as it is
-        # broadcast (through torch's allocator, which may hold what tensorlift's could not).
         logger.warning("tensorlift: %s; reading %s to the host", e, path)
-        return _load_whole(path, "cpu")
+        return {n: t.to(device) for n, t in _load_whole(path, "cpu", torch_load).items()}
     except tensorlift.SafetensorError as e:
-        if not _is_pytorch_file(path):
+        if torch_load is None:
             raise
-        logger.warning("tensorlift: %s: %s; reading it with torch.load(weights_only=True), as vLLM does", path, e)
-        return _torch_load(path, device)
+        return {n: t.to(device) for n, t in torch_load(path, e).items()}
 
 
 def _rank_device(model):
@@ -304,7 +318,7 @@ def _natural_key(path):
     return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", os.path.basename(path))]
 
 
-def _split_and_broadcast(files, device, group, keep):
+def _split_and_broadcast(files, device, group, keep, torch_load=None):
     """Each rank of ``group`` reads every ``world_size``-th file (in rounds of one file per
     rank) onto its device; then, rank by rank, each tensor of the round goes from the rank
     that read it to the others by a broadcast on the group's device group. Every rank first
@@ -329,7 +343,7 @@ def _split_and_broadcast(files, device, group, keep):
         if me < len(batch):
             LAST_LOAD["files"].append(batch[me])
             try:
-                mine = _load_whole(batch[me], device)
+                mine = _load_whole(batch[me], device, torch_load)
                 status["tensors"] = [(n, str(t.dtype), list(t.shape)) for n, t in mine.items()]
             except Exception as e:  # every rank raises it below
                 mine, status["error"] = {}, f"{type(e).__name__}: {e}"
@@ -342,9 +356,7 @@ def _split_and_broadcast(files, device, group, keep):
         for owner, st in enumerate(statuses[: len(batch)]):
             for name, dtype, shape in st["tensors"]:
                 if owner == me:
-                    # (On the host where the device had no room for the file: sent from the
-                    # device, as the group's backend wants.)
-                    t = mine.pop(name).to(device)
+                    t = mine.pop(name)
                     LAST_LOAD["bytes"] += t.nbytes
                 else:
                     # torch dtypes print as "torch.bfloat16".
