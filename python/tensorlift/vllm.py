@@ -127,6 +127,23 @@ class TensorliftModelLoader(DefaultModelLoader):
         return super().get_all_weights(model_config, model)
 
     def _get_weights_iterator(self, source):
+        if self._split_group() is None:
+            return self._weights_of(source)
+        # Ranks that split the files meet in collectives: a rank that cannot find its files
+        # (a download that failed on one node) says so there, so that no rank waits.
+        try:
+            return self._weights_of(source)
+        except Exception as e:  # noqa: BLE001 - raised on every rank, by the iterator
+            return self._weights(e, None)
+
+    def _split_group(self):
+        """The tensor-parallel group whose ranks split the files, or ``None``."""
+        group = _tp_group()
+        if group is not None and group.world_size > 1 and self.distributed and self._native:
+            return group
+        return None
+
+    def _weights_of(self, source):
         from vllm.model_executor.model_loader import weight_utils
 
         folder, files, use_safetensors, index_file = self._prepare_weights(
@@ -166,8 +183,10 @@ class TensorliftModelLoader(DefaultModelLoader):
         return ((source.prefix + name, tensor) for name, tensor in weights)
 
     def _weights(self, files, torch_load=None):
+        """The tensors of ``files`` (a list; or, with split reading, the exception that kept
+        this rank from finding them, raised on every rank)."""
         device = self._device or "cpu"
-        group = _tp_group()
+        group = self._split_group()
         keep = None
         if self.local_expert_ids is not None:
             from vllm.model_executor.model_loader.weight_utils import should_skip_weight
@@ -178,7 +197,7 @@ class TensorliftModelLoader(DefaultModelLoader):
                 return not should_skip_weight(name, local)
 
         start = time.perf_counter()
-        if group is not None and group.world_size > 1 and self.distributed and self._native:
+        if group is not None:
             yield from _split_and_broadcast(files, device, group, keep, torch_load)
         else:
             # File by file, as vLLM reads them: every tensor of each file (whatever an index
@@ -322,8 +341,9 @@ def _split_and_broadcast(files, device, group, keep, torch_load=None):
     """Each rank of ``group`` reads every ``world_size``-th file (in rounds of one file per
     rank) onto its device; then, rank by rank, each tensor of the round goes from the rank
     that read it to the others by a broadcast on the group's device group. Every rank first
-    learns whether the others read their file, and what tensors it holds, so that a failed
-    read is raised on every rank instead of leaving the others waiting."""
+    learns whether the others found their files (``files`` is the exception of a rank that
+    did not) and, each round, read their file and what tensors it holds, so that a failure
+    is raised on every rank instead of leaving the others waiting."""
     import torch.distributed as dist
 
     world, me = group.world_size, group.rank_in_group
@@ -331,11 +351,22 @@ def _split_and_broadcast(files, device, group, keep, torch_load=None):
     # order would otherwise call the collectives below out of step. It names the files by
     # their place in the model folder, each rank reading its own copy (on another node, the
     # same snapshot may be in another folder).
-    folder = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0])
-    local = {os.path.relpath(f, folder): f for f in files}
-    agreed = [list(local)]
-    dist.broadcast_object_list(agreed, src=group.ranks[0], group=group.cpu_group)
-    names = agreed[0]
+    found = {"error": None, "names": []}
+    if isinstance(files, BaseException):
+        found["error"] = f"{type(files).__name__}: {files}"
+    else:
+        folder = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0])
+        local = {os.path.relpath(f, folder): f for f in files}
+        found["names"] = list(local)
+    everyone = [None] * world
+    dist.all_gather_object(everyone, found, group=group.cpu_group)
+    if isinstance(files, BaseException):
+        raise files
+    failed = [(r, s["error"]) for r, s in enumerate(everyone) if s["error"] is not None]
+    if failed:
+        r, error = failed[0]
+        raise RuntimeError(f"tensorlift: rank {r} could not find the checkpoint's files: {error}")
+    names = everyone[0]["names"]
     for first in range(0, len(names), world):
         # A file this rank does not have is its read's error, heard by every rank below.
         batch = [local.get(n, os.path.join(folder, n)) for n in names[first : first + world]]

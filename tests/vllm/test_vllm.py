@@ -397,3 +397,66 @@ def test_a_file_the_device_cannot_hold_is_read_to_the_host(tmp_path, monkeypatch
     assert devices == ["meta", "cpu"] and sorted(whole) == sorted(tensors)
     assert all(t.device.type == "meta" and t.shape == tensors[n].shape for n, t in whole.items())
     assert issubclass(tensorlift.DeviceMemoryError, RuntimeError)
+
+
+SPLIT_RANK = """
+import datetime, json, os, sys
+import torch, torch.distributed as dist
+import tensorlift.vllm as tv
+
+folder, rendezvous, out, fail_rank = sys.argv[1:5]
+rank = int(os.environ["RANK"])
+dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2,
+                        timeout=datetime.timedelta(seconds=60))
+
+class Group:  # what _split_and_broadcast asks of vLLM's GroupCoordinator
+    world_size, rank_in_group, ranks, cpu_group = 2, rank, [0, 1], dist.group.WORLD
+
+    def broadcast(self, t, src):
+        dist.broadcast(t, src=src)
+
+# Each rank's own copy of the files, in a folder of its own (another node's snapshot).
+mine = os.path.join(folder, f"copy{rank}")
+files = sorted(os.path.join(mine, f) for f in os.listdir(mine))
+if rank == int(fail_rank):
+    files = FileNotFoundError(f"rank {rank}: no snapshot here")
+tv.LAST_LOAD.update(files=[], tensors=0, bytes=0, received=0, seconds=0.0)  # as load_weights sets it
+try:
+    got = {n: t.tolist() for n, t in tv._split_and_broadcast(files, "cpu", Group(), None)}
+    result = {"tensors": got}
+except Exception as e:
+    result = {"error": f"{type(e).__name__}: {e}"}
+with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+    json.dump(result, f)
+dist.destroy_process_group()
+"""
+
+
+def run_split(tmp_path, fail_rank):
+    out = tmp_path / f"out{fail_rank}"
+    out.mkdir()
+    args = [sys.executable, "-c", SPLIT_RANK, str(tmp_path), str(tmp_path / f"rv{fail_rank}"), str(out), str(fail_rank)]
+    procs = [subprocess.Popen(args, env=dict(os.environ, RANK=str(r))) for r in range(2)]
+    for p in procs:
+        assert p.wait(timeout=240) == 0
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_split_reading_agrees_on_files_by_name_and_a_rank_without_them_stops_every_rank(tmp_path):
+    """Ranks that split the files name them by their place in the model folder, each reading
+    its own copy (here in two folders), and every rank gets every tensor; a rank that could
+    not find its files (a failed download on one node) says so in the first collective, so
+    every rank raises instead of waiting."""
+    from safetensors.torch import save_file
+
+    want = {f"t{i}": [float(i)] * 3 for i in range(6)}
+    for r in range(2):
+        (tmp_path / f"copy{r}").mkdir()
+        for k in range(3):
+            names = [f"t{i}" for i in range(6) if i % 3 == k]
+            save_file({n: torch.tensor(want[n]) for n in names}, str(tmp_path / f"copy{r}" / f"m-{k}.safetensors"))
+    ok = run_split(tmp_path, -1)
+    assert ok[0] == ok[1] == {"tensors": want}, ok
+    failed = run_split(tmp_path, 1)
+    assert failed[1] == {"error": "FileNotFoundError: rank 1: no snapshot here"}, failed
+    assert "rank 1 could not find the checkpoint's files" in failed[0]["error"], failed
