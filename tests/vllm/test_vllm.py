@@ -449,12 +449,16 @@ def test_split_reading_agrees_on_files_by_name_and_a_rank_without_them_stops_eve
     every rank raises instead of waiting."""
     from safetensors.torch import save_file
 
-    want = {f"t{i}": [float(i)] * 3 for i in range(6)}
+    # Rank 1's copy differs from rank 0's (by 100), so that the tensors rank 1 reads and
+    # sends show whose copy it read: its own.
+    files = {k: [f"t{i}" for i in range(6) if i % 3 == k] for k in range(3)}
     for r in range(2):
         (tmp_path / f"copy{r}").mkdir()
-        for k in range(3):
-            names = [f"t{i}" for i in range(6) if i % 3 == k]
-            save_file({n: torch.tensor(want[n]) for n in names}, str(tmp_path / f"copy{r}" / f"m-{k}.safetensors"))
+        for k, names in files.items():
+            data = {n: torch.tensor([float(n[1:]) + 100 * r] * 3) for n in names}
+            save_file(data, str(tmp_path / f"copy{r}" / f"m-{k}.safetensors"))
+    # Two ranks, three files: rank 0 reads m-0 and m-2, rank 1 reads m-1.
+    want = {n: [float(n[1:]) + (100 if k == 1 else 0)] * 3 for k, names in files.items() for n in names}
     ok = run_split(tmp_path, -1)
     assert ok[0] == ok[1] == {"tensors": want}, ok
     failed = run_split(tmp_path, 1)

@@ -27,6 +27,7 @@
 //! Where userfaultfd is refused (`vm.unprivileged_userfaultfd`, a seccomp profile, an older
 //! kernel, another page size), [`status`] says why and loads read as before.
 
+use crate::process::MadeIn;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::OnceLock;
@@ -99,7 +100,7 @@ pub(crate) struct FillFd {
     fd: OwnedFd,
     /// The process that opened it: a userfaultfd serves the address space it was opened in,
     /// so a process forked since must not use the descriptor it inherited.
-    pid: u32,
+    made: MadeIn,
 }
 
 static FILL: OnceLock<Result<FillFd, String>> = OnceLock::new();
@@ -107,7 +108,7 @@ static FILL: OnceLock<Result<FillFd, String>> = OnceLock::new();
 /// The process's userfaultfd for filling by copy, or why there is none.
 pub(crate) fn fill_fd() -> Result<&'static FillFd, &'static str> {
     let fd = FILL.get_or_init(FillFd::open).as_ref().map_err(String::as_str)?;
-    if fd.pid != std::process::id() {
+    if fd.made.elsewhere() {
         return Err("this process was forked from the one that opened userfaultfd (whose address space it serves)");
     }
     Ok(fd)
@@ -151,7 +152,7 @@ impl FillFd {
         if rc != 0 {
             return Err(format!("userfaultfd handshake (UFFDIO_API): {}", io::Error::last_os_error()));
         }
-        Ok(FillFd { fd, pid: std::process::id() })
+        Ok(FillFd { fd, made: MadeIn::here() })
     }
 
     /// Registers `[start, start + len)` for filling: its missing pages are then filled by

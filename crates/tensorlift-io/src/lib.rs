@@ -45,6 +45,7 @@ mod op;
 mod open;
 mod pread;
 mod probe;
+mod process;
 mod reader;
 pub mod remote;
 mod remote_plan;

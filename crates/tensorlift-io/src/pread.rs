@@ -1,5 +1,6 @@
 //! The pread backend: a pool of threads doing positional reads, for when io_uring is refused.
 
+use crate::process::MadeIn;
 use std::io;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
@@ -12,7 +13,7 @@ pub(crate) struct PreadPool {
     tx: Option<Sender<ReadOp>>,
     threads: Vec<JoinHandle<()>>,
     /// The process whose threads these are.
-    pid: u32,
+    made: MadeIn,
 }
 
 impl std::fmt::Debug for PreadPool {
@@ -30,7 +31,7 @@ impl PreadPool {
     pub fn named(threads: usize, name: &str) -> io::Result<PreadPool> {
         let (tx, rx) = mpsc::channel();
         let rx = Arc::new(Mutex::new(rx));
-        let mut pool = PreadPool { tx: Some(tx), threads: Vec::new(), pid: std::process::id() };
+        let mut pool = PreadPool { tx: Some(tx), threads: Vec::new(), made: MadeIn::here() };
         for i in 0..threads.max(1) {
             let rx = Arc::clone(&rx);
             pool.threads.push(std::thread::Builder::new().name(format!("{name}-{i}")).spawn(move || worker(&rx))?);
@@ -50,7 +51,7 @@ impl Drop for PreadPool {
     fn drop(&mut self) {
         // Closing the channel lets each thread finish its current read and exit.
         self.tx.take();
-        if std::process::id() != self.pid {
+        if self.made.elsewhere() {
             // A forked process has none of the threads: there is nothing to wait for.
             return;
         }

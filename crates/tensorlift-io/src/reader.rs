@@ -1,5 +1,6 @@
 //! The front end: choosing a backend, opening files, issuing reads.
 
+use crate::process::MadeIn;
 use std::fmt;
 use std::future::Future;
 use std::path::Path;
@@ -191,7 +192,7 @@ impl ReaderBuilder {
             report: Mutex::new(IoReport { backend: kind, reason, uring, fixed_buffers: FixedBuffers::None }),
             copiers: OnceLock::new(),
             registered_owners: Mutex::new(Vec::new()),
-            pid: std::process::id(),
+            made: MadeIn::here(),
         }
     }
 }
@@ -241,7 +242,7 @@ pub struct Reader {
     registered_owners: Mutex<Vec<Arc<dyn std::any::Any + Send + Sync>>>,
     /// The process that built it. A process forked from that one has none of its threads,
     /// and shares its rings with it: there, reads run on the caller's thread.
-    pid: u32,
+    made: MadeIn,
 }
 
 impl Reader {
@@ -387,7 +388,7 @@ impl Reader {
     /// loader's worker, say): it has none of the reader's threads, and the rings it
     /// inherited are the parent's, so reads there run on the caller's thread.
     fn forked(&self) -> bool {
-        std::process::id() != self.pid
+        self.made.elsewhere()
     }
 
     /// The threads that copy cached pages into arenas, started at the first call.

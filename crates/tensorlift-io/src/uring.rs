@@ -5,6 +5,7 @@
 //! new work and completions. A worker keeps every in-flight op (and so its buffer) until the
 //! kernel completes it, and drains all of them before it exits.
 
+use crate::process::MadeIn;
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -35,7 +36,7 @@ pub(crate) struct UringPool {
     next: AtomicUsize,
     threads: Mutex<Vec<JoinHandle<()>>>,
     /// The process whose threads (and rings) these are.
-    pid: u32,
+    made: MadeIn,
 }
 
 impl std::fmt::Debug for UringPool {
@@ -51,7 +52,7 @@ impl UringPool {
             workers: Vec::new(),
             next: AtomicUsize::new(0),
             threads: Mutex::new(Vec::new()),
-            pid: std::process::id(),
+            made: MadeIn::here(),
         };
         for i in 0..workers.max(1) {
             let ring = IoUring::builder().build(depth.next_power_of_two().max(8))?;
@@ -102,7 +103,7 @@ impl Drop for UringPool {
     fn drop(&mut self) {
         // Closing the channels tells each worker to finish what is in flight and exit.
         let wakes: Vec<OwnedFd> = self.workers.drain(..).map(|w| w.wake).collect();
-        if std::process::id() != self.pid {
+        if self.made.elsewhere() {
             // A forked process has none of the workers, and its wake descriptors are the
             // parent's: nothing to wake or wait for.
             return;

@@ -464,39 +464,15 @@ fn forward(
         let _ = w.shutdown(Shutdown::Both);
         return Err(io::Error::from(io::ErrorKind::ConnectionAborted));
     }
-    if let Some(Fault::Pad(n)) = fault {
-        let head = String::from_utf8_lossy(&reply[..body_at]).into_owned();
-        let mut padded = String::new();
-        for line in head.split("\r\n").filter(|l| !l.is_empty()) {
-            match line.split_once(':') {
-                Some((k, v)) if k.eq_ignore_ascii_case("content-length") => {
-                    let len: usize = v.trim().parse().unwrap_or(0);
-                    padded += &format!("content-length: {}\r\n", len + n);
-                }
-                _ => padded += &format!("{line}\r\n"),
-            }
+    match fault {
+        Some(Fault::Pad(n)) => {
+            reply = with_header(&reply, body_at, "content-length", |v| {
+                (v.trim().parse::<usize>().unwrap_or(0) + n).to_string()
+            });
+            reply.extend(std::iter::repeat_n(b'x', n));
         }
-        padded += "\r\n";
-        let mut out = padded.into_bytes();
-        out.extend_from_slice(&reply[body_at..]);
-        out.extend(std::iter::repeat_n(b'x', n));
-        reply = out;
-    }
-    if let Some(Fault::ContentRange(value)) = fault {
-        let head = String::from_utf8_lossy(&reply[..body_at]).into_owned();
-        let mut out = String::new();
-        for line in head.split("\r\n").filter(|l| !l.is_empty()) {
-            match line.split_once(':') {
-                Some((k, _)) if k.eq_ignore_ascii_case("content-range") => {
-                    out += &format!("Content-Range: {value}\r\n")
-                }
-                _ => out += &format!("{line}\r\n"),
-            }
-        }
-        out += "\r\n";
-        let mut out = out.into_bytes();
-        out.extend_from_slice(&reply[body_at..]);
-        reply = out;
+        Some(Fault::ContentRange(value)) => reply = with_header(&reply, body_at, "content-range", |_| value.to_owned()),
+        _ => {}
     }
     let delivered = w.write_all(&reply);
     if delivered.is_err() {
@@ -506,6 +482,23 @@ fn forward(
     // The server closes after its reply: so does the proxy, for the client.
     let _ = w.shutdown(Shutdown::Both);
     Err(io::Error::from(io::ErrorKind::ConnectionAborted))
+}
+
+/// `reply` (its body from `body_at`) with header `name`'s value replaced by what `value`
+/// makes of it.
+fn with_header(reply: &[u8], body_at: usize, name: &str, value: impl Fn(&str) -> String) -> Vec<u8> {
+    let head = String::from_utf8_lossy(&reply[..body_at]).into_owned();
+    let mut out = String::new();
+    for line in head.split("\r\n").filter(|l| !l.is_empty()) {
+        match line.split_once(':') {
+            Some((k, v)) if k.eq_ignore_ascii_case(name) => out += &format!("{k}: {}\r\n", value(v)),
+            _ => out += &format!("{line}\r\n"),
+        }
+    }
+    out += "\r\n";
+    let mut out = out.into_bytes();
+    out.extend_from_slice(&reply[body_at..]);
+    out
 }
 
 /// Whether the client closed its connection (a read would see the end of the stream).

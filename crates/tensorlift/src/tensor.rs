@@ -427,16 +427,12 @@ impl Model {
     pub(crate) fn new(mut tensors: Vec<Tensor>, stats: LoadStats, plan: &tensorlift_format::LoadPlan) -> Model {
         // Names are unique in a load: an unstable sort gives the same order, without a buffer.
         tensors.sort_unstable_by(|a, b| a.name.cmp(&b.name));
-        let by_name: HashMap<Arc<str>, usize> =
-            tensors.iter().enumerate().map(|(i, t)| (Arc::clone(&t.name), i)).collect();
-        let mut planned: Vec<&tensorlift_format::PlannedTensor> = plan.tensors().iter().collect();
-        planned.sort_by_key(|t| (t.shard, t.file_range.start));
-        let mut file_order: Vec<usize> = planned.iter().filter_map(|t| by_name.get(t.name.as_str()).copied()).collect();
-        if file_order.len() != tensors.len() {
-            // Every tensor is planned; should one not be, it still comes, last.
-            let listed: std::collections::HashSet<usize> = file_order.iter().copied().collect();
-            file_order.extend((0..tensors.len()).filter(|i| !listed.contains(i)));
-        }
+        let by_name = tensors.iter().enumerate().map(|(i, t)| (Arc::clone(&t.name), i)).collect();
+        // Each tensor's place in the files, by name (a tensor not planned would come last).
+        let place: HashMap<&str, (usize, u64)> =
+            plan.tensors().iter().map(|t| (t.name.as_str(), (t.shard, t.file_range.start))).collect();
+        let mut file_order: Vec<usize> = (0..tensors.len()).collect();
+        file_order.sort_by_key(|&i| place.get(&*tensors[i].name).copied().unwrap_or((usize::MAX, u64::MAX)));
         let shard_metadata: Vec<(String, BTreeMap<String, String>)> =
             plan.shards().iter().map(|s| (s.name.clone(), s.metadata.clone().unwrap_or_default())).collect();
         Model {

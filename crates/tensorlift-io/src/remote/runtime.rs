@@ -1,6 +1,7 @@
 //! The small runtime of this crate's own that every remote request runs on, so that callers
 //! need none.
 
+use crate::process::MadeIn;
 use std::future::Future;
 use std::sync::Mutex;
 
@@ -13,11 +14,10 @@ const NET_THREADS: usize = 4;
 /// parent's threads, so it makes its own (the parent's is left alone, never dropped there).
 /// An error (with why) where the process cannot make its threads.
 pub(crate) fn runtime() -> Result<&'static tokio::runtime::Runtime, std::io::Error> {
-    static RT: Mutex<Option<(u32, &'static tokio::runtime::Runtime)>> = Mutex::new(None);
+    static RT: Mutex<Option<(MadeIn, &'static tokio::runtime::Runtime)>> = Mutex::new(None);
     let mut rt = RT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let pid = std::process::id();
     match *rt {
-        Some((owner, runtime)) if owner == pid => Ok(runtime),
+        Some((made, runtime)) if !made.elsewhere() => Ok(runtime),
         _ => {
             let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, NET_THREADS);
             let built = tokio::runtime::Builder::new_multi_thread()
@@ -28,7 +28,7 @@ pub(crate) fn runtime() -> Result<&'static tokio::runtime::Runtime, std::io::Err
                 .map_err(|e| std::io::Error::other(format!("cannot start the network runtime: {e}")))?;
             // One per process, for the process's life.
             let runtime: &'static tokio::runtime::Runtime = Box::leak(Box::new(built));
-            *rt = Some((pid, runtime));
+            *rt = Some((MadeIn::here(), runtime));
             Ok(runtime)
         }
     }

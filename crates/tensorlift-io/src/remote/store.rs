@@ -1,6 +1,7 @@
 //! From a URL to an `object_store` store, configured from the environment, and the objects
 //! of a plan.
 
+use crate::process::MadeIn;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -73,8 +74,7 @@ pub(crate) fn connect(url: &str, options: &RemoteOptions) -> Result<(Place, Opti
         }
     }
     let permits = tokio::sync::Semaphore::new(options.concurrency.max(1));
-    let pid = std::process::id();
-    let shared = Arc::new(Shared { store, options: options.clone(), permits, cache_key, pid });
+    let shared = Arc::new(Shared { store, options: options.clone(), permits, cache_key, made: MadeIn::here() });
     Ok((Place { shared, prefix, url: folder.as_str().trim_end_matches('/').to_owned(), http }, last))
 }
 
@@ -263,7 +263,7 @@ pub(crate) struct Shared {
     pub(crate) cache_key: String,
     /// The process that connected: its connections (and the permits its requests hold)
     /// are that process's, which a forked child must not use.
-    pub(crate) pid: u32,
+    pub(crate) made: MadeIn,
 }
 
 impl Shared {
@@ -271,9 +271,9 @@ impl Shared {
     /// (its pooled connections are the parent's sockets, its permits may be held by the
     /// parent's requests): such a child plans the checkpoint again.
     pub(crate) fn same_process(&self) -> Result<(), io::Error> {
-        match std::process::id() == self.pid {
-            true => Ok(()),
-            false => Err(io::Error::other(
+        match self.made.elsewhere() {
+            false => Ok(()),
+            true => Err(io::Error::other(
                 "a remote checkpoint planned before a fork is not read in the forked process (its connections are \
                  the parent's): plan or open it again there",
             )),
