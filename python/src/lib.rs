@@ -66,7 +66,15 @@ impl PyTensor {
 
     /// The tensor's bytes as a one-dimensional `uint8` DLPack producer, without a copy.
     fn raw_bytes(&self) -> PyRawBytes {
-        PyRawBytes { inner: self.inner.clone() }
+        PyRawBytes { inner: self.inner.clone(), view: View::Bytes, writable: false }
+    }
+
+    /// A DLPack producer of the tensor (or, with `raw`, of its bytes) that does not mark host
+    /// memory read-only: for the numpy arrays `safe_open` and `load_file` hand out, which
+    /// the reference's are writable. Each such array views memory of its own (a tensor's
+    /// range of its load, or a private copy-on-write map), which tensorlift no longer reads.
+    fn _writable(&self, raw: bool) -> PyRawBytes {
+        PyRawBytes { inner: self.inner.clone(), view: if raw { View::Bytes } else { View::Typed }, writable: true }
     }
 
     /// `(device_type, device_id)` as DLPack numbers them: `(1, 0)` for the host, `(2, N)`
@@ -89,7 +97,7 @@ impl PyTensor {
         copy: Option<bool>,
     ) -> PyResult<Py<PyAny>> {
         let _ = stream;
-        export(py, &self.inner, View::Typed, max_version, dl_device, copy)
+        export(py, &self.inner, View::Typed, false, max_version, dl_device, copy)
     }
 
     fn __repr__(&self) -> String {
@@ -340,10 +348,13 @@ fn resolve_device(py: Python<'_>, device: &str) -> PyResult<(String, String)> {
 }
 
 /// A tensor's bytes as a one-dimensional DLPack tensor of `uint8` (for dtypes a consumer
-/// does not know, such as bfloat16 in numpy: it reinterprets them).
+/// does not know, such as bfloat16 in numpy: it reinterprets them), or, from
+/// `Tensor._writable`, the tensor as itself, writable.
 #[pyclass(module = "tensorlift", name = "RawBytes", frozen)]
 struct PyRawBytes {
     inner: tensorlift::Tensor,
+    view: View,
+    writable: bool,
 }
 
 #[pymethods]
@@ -362,7 +373,7 @@ impl PyRawBytes {
         copy: Option<bool>,
     ) -> PyResult<Py<PyAny>> {
         let _ = stream;
-        export(py, &self.inner, View::Bytes, max_version, dl_device, copy)
+        export(py, &self.inner, self.view, self.writable, max_version, dl_device, copy)
     }
 }
 
@@ -375,10 +386,12 @@ enum View {
 
 /// The one `__dlpack__` of `Tensor` and of its `raw_bytes()`: the request checked, then a
 /// DLPack 1.x capsule when the consumer takes `max_version >= (1, 0)`, else a legacy one.
+/// Host memory is marked read-only (tensorlift's contract) unless `writable`.
 fn export(
     py: Python<'_>,
     t: &tensorlift::Tensor,
     view: View,
+    writable: bool,
     max_version: Option<(u32, u32)>,
     dl_device: Option<(i32, i32)>,
     copy: Option<bool>,
@@ -387,11 +400,21 @@ fn export(
     let err = |e: tensorlift::ViewError| PyBufferError::new_err(e.to_string());
     let versioned = max_version.is_some_and(|(major, _)| major >= 1);
     match (view, versioned) {
-        (View::Typed, true) => versioned_capsule(py, t.to_dlpack().map_err(err)?),
+        (View::Typed, true) => versioned_capsule(py, writable_if(t.to_dlpack().map_err(err)?, writable)),
         (View::Typed, false) => legacy_capsule(py, t.to_dlpack_legacy().map_err(err)?),
-        (View::Bytes, true) => versioned_capsule(py, t.to_dlpack_bytes().map_err(err)?),
+        (View::Bytes, true) => versioned_capsule(py, writable_if(t.to_dlpack_bytes().map_err(err)?, writable)),
         (View::Bytes, false) => legacy_capsule(py, t.to_dlpack_bytes_legacy().map_err(err)?),
     }
+}
+
+/// Clears the read-only flag of `p` when asked (DLPack before 1.0 has no such flag).
+fn writable_if(p: *mut DLManagedTensorVersioned, writable: bool) -> *mut DLManagedTensorVersioned {
+    if writable {
+        // SAFETY: p was just made by `to_dlpack*` (a live, boxed managed tensor no consumer
+        // holds yet), and only this thread has it.
+        unsafe { (*p).flags &= !tensorlift::dlpack::FLAG_READ_ONLY };
+    }
+    p
 }
 
 /// `(device_type, device_id)` as DLPack numbers them: `(1, 0)` for the host, `(2, N)` for

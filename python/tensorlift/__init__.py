@@ -157,15 +157,18 @@ def _numpy_dtype(dtype):
     raise TypeError(f"numpy has no type for {dtype} (a sub-byte type): use framework=None for raw tensors")
 
 
-def _to_numpy(t):
+def _to_numpy(t, writable=False):
+    """``t`` as a numpy array viewing its memory; ``writable`` for the arrays the reference's
+    numpy reader hands out (copies of their own there), read-only otherwise."""
     import numpy
 
     if t.device != "cpu":
         raise ValueError(f"tensor '{t.name}' is on {t.device}: numpy arrays live in host memory (use framework='pt')")
     if t.dtype in _NUMPY:
-        return numpy.from_dlpack(t)
+        return numpy.from_dlpack(t._writable(False) if writable else t)
     dtype = _numpy_dtype(t.dtype)
-    return numpy.from_dlpack(t.raw_bytes()).view(dtype).reshape(t.shape)
+    raw = t._writable(True) if writable else t.raw_bytes()
+    return numpy.from_dlpack(raw).view(dtype).reshape(t.shape)
 
 
 def _to_torch(t):
@@ -189,7 +192,7 @@ def _convert(t, framework):
     if framework is None:
         return t
     if framework in _NUMPY_NAMES:
-        return _to_numpy(t)
+        return _to_numpy(t, writable=True)
     if framework in _TORCH_NAMES:
         return _to_torch(t)
     if framework in _frameworks.FRAMEWORKS:

@@ -26,10 +26,45 @@ def test_numpy_arrays_view_the_loaded_memory(fixture):
         assert arr.dtype == ref.dtype, name
         assert arr.shape == ref.shape, name
         assert arr.tobytes() == ref.tobytes(), name
-        # A view of tensorlift's memory, read-only (the DLPack 1.x read-only flag); numpy
-        # makes its own empty array for a tensor of no elements.
-        if arr.size:
-            assert not arr.flags.writeable, name
+        # Writable, as the reference's arrays are (copies of their own there).
+        assert arr.flags.writeable == ref.flags.writeable, name
+
+
+def test_numpy_arrays_are_writable_as_the_references_and_their_own(tmp_path):
+    """The reference's numpy arrays are copies, so a caller may write into them; tensorlift's
+    are views, writable too, and a write reaches neither the file, nor another array, nor
+    a later read. Its plain DLPack export of host memory stays read-only."""
+    import ml_dtypes
+    from safetensors import safe_open as reference_open
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "w.safetensors"
+    save_file(
+        {
+            "f32": np.arange(64, dtype=np.float32).reshape(8, 8),
+            "bf16": np.arange(16, dtype=np.float32).astype(ml_dtypes.bfloat16),
+            "i8": np.arange(-4, 4, dtype=np.int8),
+        },
+        str(path),
+    )
+    before = path.read_bytes()
+    for backend in ("pread", "mmap"):
+        loaded = tensorlift.load_file(path, framework="np", backend=backend)
+        with tensorlift.safe_open(path, framework="np", backend=backend) as f:
+            one, two = f.get_tensor("f32"), f.get_tensor("f32")
+        with reference_open(str(path), framework="np") as f:
+            want = {k: f.get_tensor(k) for k in f.keys()}
+        for name, arr in [*loaded.items(), ("f32", one)]:
+            assert arr.flags.writeable and want[name].flags.writeable, (backend, name)
+            arr[...] = arr + arr.dtype.type(1)
+            assert arr.tobytes() == (want[name] + want[name].dtype.type(1)).tobytes(), (backend, name)
+        assert two.tobytes() == want["f32"].tobytes(), backend
+        assert path.read_bytes() == before, backend
+        again = tensorlift.load_file(path, framework="np", backend=backend)
+        assert all(again[k].tobytes() == want[k].tobytes() for k in want), backend
+    t = tensorlift.load(str(path))["f32"]
+    assert not np.from_dlpack(t).flags.writeable
+    assert not np.from_dlpack(t.raw_bytes()).flags.writeable
 
 
 def test_sharded_folders_and_indexes(fixture, sharded_reference):
