@@ -205,7 +205,8 @@ fn serve_files(conn: TcpStream, root: &Path, validators: Validators) {
     let mut r = BufReader::new(read_half);
     let mut w = conn;
     while let Ok(Some(req)) = read_request(&mut r) {
-        if reply_file(&mut w, root, &req, validators).is_err() {
+        let close = req.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
+        if reply_file(&mut w, root, &req, validators).is_err() || close {
             return;
         }
     }
@@ -254,6 +255,10 @@ fn reply_file(w: &mut TcpStream, root: &Path, req: &Request, validators: Validat
     if validators == Validators::Both {
         head += &format!("ETag: {etag}\r\n");
     }
+    if validators == Validators::Weak {
+        // Of the length alone: a server's word that two versions mean the same.
+        head += &format!("ETag: W/\"{len:x}\"\r\n");
+    }
     if validators != Validators::Neither {
         head += &format!("Last-Modified: {}\r\n", http_date(mtime.as_secs()));
     }
@@ -278,6 +283,9 @@ pub enum Validators {
     Both,
     /// `Last-Modified` only.
     LastModified,
+    /// `Last-Modified` and a weak `ETag` (`W/"..."`) made of the length alone, which no
+    /// `If-Match` matches.
+    Weak,
     /// Neither: changes cannot be seen.
     Neither,
 }

@@ -16,6 +16,8 @@
 //! - one store makes at most [`LIST_PAGES_MAX`] listing requests, however many pages a
 //!   server says follow.
 //!
+//! A weak `ETag` is removed from an object's reply (see [`drop_weak_etag`]).
+//!
 //! Each bounded body reports no more than its bound as its size, so no buffer is sized past
 //! it. Ranged GETs (shard data, headers) are passed through: their lengths are checked
 //! against the range asked as they are read, and a `Content-Range` that is no byte range
@@ -101,7 +103,11 @@ impl HttpService for BoundedService {
             let ranged = req.headers().contains_key("range");
             // (A query does not tell: Azure's SAS credentials ride in every request's.)
             let get = req.method() == "GET" && !listing;
-            let reply = self.inner.execute(req).await?;
+            let head = req.method() == "HEAD";
+            let mut reply = self.inner.execute(req).await?;
+            if (get || head) && reply.status().is_success() {
+                drop_weak_etag(&mut reply);
+            }
             let (max, past) = if !reply.status().is_success() {
                 (ERROR_BODY_MAX, Past::Cut)
             } else if get && ranged {
@@ -115,6 +121,19 @@ impl HttpService for BoundedService {
             let body = HttpResponseBody::new(Capped { inner: body, seen: 0, max, past, kept: Vec::new(), done: false });
             Ok(HttpResponse::from_parts(parts, body))
         })
+    }
+}
+
+/// Removes a weak `ETag` (`W/"..."`) from an object's reply: it says two versions mean the
+/// same, not that their bytes are, so it cannot tell a replaced object's bytes from the
+/// planned ones. `object_store` would take it as the object's identity: it resumes a body
+/// that broke off with a GET of the rest, accepted when the weak ETag matches (bytes of two
+/// versions spliced in one tensor). Without it, the object is known by its length and
+/// `Last-Modified` (or refused where it has neither), and a broken body fails its part.
+fn drop_weak_etag(reply: &mut HttpResponse) {
+    let weak = reply.headers().get("etag").is_some_and(|v| v.as_bytes().starts_with(b"W/"));
+    if weak {
+        reply.headers_mut().remove("etag");
     }
 }
 

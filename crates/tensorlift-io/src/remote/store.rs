@@ -245,8 +245,9 @@ impl RemoteObject {
         }
     }
 
-    /// The ETag to ask for with `If-Match`: a strong one only (a weak ETag, `W/"..."`, never
-    /// matches there; it is compared in [`change`](Self::change) instead).
+    /// The ETag to ask for with `If-Match`: a strong one. (The HTTP client drops weak ETags,
+    /// which cannot tell bytes apart, before `object_store` sees them: see
+    /// `bounded::drop_weak_etag`. One would never match there.)
     pub(crate) fn if_match(&self) -> Option<String> {
         self.e_tag.as_ref().filter(|t| !t.starts_with("W/")).cloned()
     }

@@ -315,3 +315,49 @@ fn the_get_limit_fetches_every_byte_once_and_sees_a_replaced_object() {
         "{err:?}"
     );
 }
+
+#[test]
+fn a_broken_body_is_resumed_only_where_a_strong_etag_names_the_bytes() {
+    use tensorlift_testkit::net::{HttpServer, Validators};
+    let r = Remote::new();
+    let single = r.root.join("bucket/single");
+    std::fs::create_dir_all(&single).unwrap();
+    let truth = tensorlift_testkit::write_shard(&single.join("model.safetensors"), &crate::quirky());
+    for validators in [Validators::Both, Validators::Weak] {
+        let http = HttpServer::start_with(&r.root, validators).unwrap();
+        // The 2nd ranged GET (past planning's one) breaks off halfway through its body.
+        let proxy = FaultProxy::start(http.port, vec![rule(2, false, Fault::DropMidBody)]).unwrap();
+        let url = format!("http://127.0.0.1:{}/bucket/single/model.safetensors", proxy.port);
+        let result = base().build().unwrap().load_blocking(&url);
+        let log = proxy.log();
+        let broken = log.iter().find(|(_, f)| *f == Some(Fault::DropMidBody)).expect("a GET broke off");
+        let range = broken.0.header("range").unwrap().trim_start_matches("bytes=").to_owned();
+        let (first, last) = range.split_once('-').unwrap();
+        let (first, last): (u64, u64) = (first.parse().unwrap(), last.parse().unwrap());
+        // What the proxy let through (half the body), and so where a resumed GET starts.
+        let rest = format!("bytes={}-{last}", first + (last + 1 - first) / 2);
+        let resumed = log.iter().any(|(req, _)| req.header("range") == Some(rest.as_str()));
+        match validators {
+            // object_store resumes with a GET of the rest, which the ETag ties to the bytes
+            // already read.
+            Validators::Both => {
+                assert_identical(&result.unwrap(), &truth, "a strong ETag");
+                assert!(resumed, "no GET of {rest}: {log:?}");
+            }
+            // A weak ETag says nothing of the bytes: the rest could come from another
+            // version, spliced to this one's. The part fails instead, naming its range.
+            _ => {
+                let err = result.unwrap_err();
+                assert!(
+                    matches!(&err, LoadError::Read { source: IoError::Remote { offset, .. }, .. } if *offset == first),
+                    "{err:?}"
+                );
+                assert!(!resumed, "a GET of {rest} resumed a body of a weak ETag");
+            }
+        }
+    }
+    // Without a fault, a weak ETag's object loads, known by its length and Last-Modified.
+    let http = HttpServer::start_with(&r.root, Validators::Weak).unwrap();
+    let url = format!("http://127.0.0.1:{}/bucket/single/model.safetensors", http.port);
+    assert_identical(&base().build().unwrap().load_blocking(&url).unwrap(), &truth, "a weak ETag");
+}
