@@ -16,7 +16,8 @@
 //! - one store makes at most [`LIST_PAGES_MAX`] listing requests, however many pages a
 //!   server says follow.
 //!
-//! A weak `ETag` is removed from an object's reply (see [`drop_weak_etag`]).
+//! A weak `ETag` is removed from an object's reply (see [`drop_weak_etag`]), and a
+//! credential's lifetime is bounded (see [`credential_bounded`]).
 //!
 //! Each bounded body reports no more than its bound as its size, so no buffer is sized past
 //! it. Ranged GETs (shard data, headers) are passed through: their lengths are checked
@@ -47,6 +48,10 @@ pub(crate) const WHOLE_MAX: usize = 128 << 20;
 /// The most listing requests one store makes: a listing of the most objects a folder may
 /// have (100,000) takes 100 pages of 1,000.
 pub(crate) const LIST_PAGES_MAX: usize = 1_000;
+
+/// The longest a credential is taken to last, from when it is fetched: longer than any
+/// provider's tokens (an hour, at most a day), so it only cuts a server's nonsense.
+pub(crate) const CREDENTIAL_TTL_MAX: u64 = 24 * 3600;
 
 /// Makes the bounded client from `object_store`'s own, with the store's options.
 #[derive(Debug, Default)]
@@ -104,7 +109,16 @@ impl HttpService for BoundedService {
             // (A query does not tell: Azure's SAS credentials ride in every request's.)
             let get = req.method() == "GET" && !listing;
             let head = req.method() == "HEAD";
+            let credential = is_credential_request(&req);
             let mut reply = self.inner.execute(req).await?;
+            if credential && reply.status().is_success() {
+                let (mut parts, body) = reply.into_parts();
+                let body =
+                    Capped { inner: body, seen: 0, max: PAGE_MAX, past: Past::Fail, kept: Vec::new(), done: false };
+                let body = credential_bounded(HttpResponseBody::new(body).bytes().await?);
+                parts.headers.remove("content-length");
+                return Ok(HttpResponse::from_parts(parts, body.into()));
+            }
             if (get || head) && reply.status().is_success() {
                 drop_weak_etag(&mut reply);
             }
@@ -121,6 +135,44 @@ impl HttpService for BoundedService {
             let body = HttpResponseBody::new(Capped { inner: body, seen: 0, max, past, kept: Vec::new(), done: false });
             Ok(HttpResponse::from_parts(parts, body))
         })
+    }
+}
+
+/// Whether a request asks for a credential, as `object_store`'s providers do: of a cloud
+/// instance's metadata service (GCE's `Metadata-Flavor` header, Azure's `Metadata`) or of an
+/// OAuth token endpoint (a form POST; a store's own requests never post forms).
+fn is_credential_request(req: &HttpRequest) -> bool {
+    let h = req.headers();
+    let form = h.get("content-type").is_some_and(|v| v.as_bytes().starts_with(b"application/x-www-form-urlencoded"));
+    h.contains_key("metadata-flavor") || h.contains_key("metadata") || (req.method() == "POST" && form)
+}
+
+/// A credential reply's body with its lifetime bounded by [`CREDENTIAL_TTL_MAX`]:
+/// `expires_in` (seconds from now) and `expires_on` (Azure's, seconds since the epoch), a
+/// number or a string of digits, each as the reply wrote it. `object_store` adds them to the
+/// clock, which panics past its range (`expires_in` of 2^63 seconds): a panic in its task,
+/// or an abort in a program built with `panic = "abort"`. Anything else (not JSON, no such
+/// field, a value that is no whole number) is left for `object_store` to judge.
+fn credential_bounded(body: bytes::Bytes) -> bytes::Bytes {
+    use serde_json::Value;
+    let Ok(Value::Object(mut reply)) = serde_json::from_slice::<Value>(&body) else { return body };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let mut changed = false;
+    for (field, max) in [("expires_in", CREDENTIAL_TTL_MAX), ("expires_on", now.saturating_add(CREDENTIAL_TTL_MAX))] {
+        let Some(value) = reply.get_mut(field) else { continue };
+        let past = match value {
+            Value::Number(n) => n.as_u64().is_some_and(|n| n > max),
+            Value::String(s) => s.parse::<u64>().is_ok_and(|n| n > max),
+            _ => false,
+        };
+        if past {
+            *value = if value.is_string() { Value::String(max.to_string()) } else { Value::from(max) };
+            changed = true;
+        }
+    }
+    match changed {
+        true => serde_json::to_vec(&reply).map_or(body, bytes::Bytes::from),
+        false => body,
     }
 }
 
@@ -257,5 +309,33 @@ impl Body for Capped {
         }
         hint.set_lower(inner.lower().min(hint.upper().unwrap_or(left)));
         hint
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bounded(json: &str) -> serde_json::Value {
+        serde_json::from_slice(&credential_bounded(bytes::Bytes::from(json.to_owned()))).unwrap()
+    }
+
+    #[test]
+    fn a_credentials_lifetime_is_cut_to_a_day_as_it_was_written() {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        // GCE's metadata server and OAuth endpoints: a number of seconds.
+        let got = bounded(r#"{"access_token": "t", "expires_in": 18446744073709551615, "token_type": "Bearer"}"#);
+        assert_eq!((got["access_token"].as_str(), got["expires_in"].as_u64()), (Some("t"), Some(CREDENTIAL_TTL_MAX)));
+        // Azure's instance metadata: strings, and a time since the epoch.
+        let got = bounded(
+            r#"{"access_token": "t", "expires_in": "99999999999999999999", "expires_on": "18446744073709551615"}"#,
+        );
+        assert_eq!(got["expires_in"].as_str(), Some("99999999999999999999"), "past u64: object_store's error");
+        let on: u64 = got["expires_on"].as_str().unwrap().parse().unwrap();
+        assert!(on >= now + CREDENTIAL_TTL_MAX && on < now + CREDENTIAL_TTL_MAX + 60, "{on}");
+        // What a provider sends is untouched, byte for byte.
+        for json in [r#"{"access_token": "t", "expires_in": 3599}"#, r#"{"expires_on": "1506484173"}"#, "not json"] {
+            assert_eq!(credential_bounded(bytes::Bytes::from(json)), json.as_bytes(), "{json}");
+        }
     }
 }

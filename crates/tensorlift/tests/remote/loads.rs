@@ -634,3 +634,37 @@ fn without_etags_a_change_shows_by_the_modification_time() {
         "{err:?}"
     );
 }
+
+#[test]
+fn a_credential_that_expires_past_any_clock_lasts_a_day() {
+    use std::io::{BufRead, BufReader, Write};
+    let r = Remote::new();
+    let truth = sharded(&r.root);
+    let http = HttpServer::start(&r.root).unwrap();
+    // GCE's metadata server (where `GCE_METADATA_HOST` says), whose token expires in 2^64 - 1
+    // seconds: object_store adds that to the clock, which overflows (a panic in its task).
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = std::sync::Arc::clone(&asked);
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let mut r = BufReader::new(conn.try_clone().unwrap());
+            let mut line = String::new();
+            while r.read_line(&mut line).is_ok_and(|n| n > 2) {
+                line.clear();
+            }
+            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let body = r#"{"access_token": "t", "expires_in": 18446744073709551615, "token_type": "Bearer"}"#;
+            let head = "HTTP/1.1 200 OK\r\nMetadata-Flavor: Google\r\nContent-Type: application/json\r\nConnection: close";
+            let _ = write!(&conn, "{head}\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        }
+    });
+    std::env::set_var("GCE_METADATA_HOST", format!("127.0.0.1:{port}"));
+    std::env::set_var("GOOGLE_BASE_URL", format!("http://127.0.0.1:{}", http.port));
+    let model = base().build().unwrap().load_blocking("gs://bucket/model");
+    std::env::remove_var("GCE_METADATA_HOST");
+    std::env::remove_var("GOOGLE_BASE_URL");
+    assert_identical(&model.unwrap(), &truth, "gs:// with the metadata server's token");
+    assert!(asked.load(std::sync::atomic::Ordering::Relaxed) >= 1, "the token came from the metadata server");
+}
