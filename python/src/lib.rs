@@ -691,13 +691,22 @@ struct LoaderKey {
 fn shared_loader(device: &str, mapped: bool) -> PyResult<Arc<Loader>> {
     let pool = host_pool().map_or(0, |p| Arc::as_ptr(&p) as usize);
     let key = LoaderKey { device: device.to_owned(), mapped, pool, pid: std::process::id() };
-    let mut shared = SHARED_LOADERS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    shared.retain(|(_, l)| l.strong_count() > 0);
-    if let Some(l) = shared.iter().find(|(k, _)| *k == key).and_then(|(_, l)| l.upgrade()) {
+    let live = |shared: &mut Vec<(LoaderKey, std::sync::Weak<Loader>)>| {
+        shared.retain(|(_, l)| l.strong_count() > 0);
+        shared.iter().find(|(k, _)| *k == key).and_then(|(_, l)| l.upgrade())
+    };
+    let lock = || SHARED_LOADERS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(l) = live(&mut lock()) {
         return Ok(l);
     }
+    // Built without the lock held: building probes the hardware (CUDA's first call can take
+    // seconds), and a process forked meanwhile would find the lock held forever.
     let options = Options { mapped, ..Options::default() };
     let l = Arc::new(loader(device, None, None, &Raised::default(), options)?);
+    let mut shared = lock();
+    if let Some(other) = live(&mut shared) {
+        return Ok(other); // another thread's, built meanwhile: one loader per key
+    }
     shared.push((key, Arc::downgrade(&l)));
     Ok(l)
 }

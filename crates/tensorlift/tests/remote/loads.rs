@@ -656,7 +656,8 @@ fn a_credential_that_expires_past_any_clock_lasts_a_day() {
             }
             count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let body = r#"{"access_token": "t", "expires_in": 18446744073709551615, "token_type": "Bearer"}"#;
-            let head = "HTTP/1.1 200 OK\r\nMetadata-Flavor: Google\r\nContent-Type: application/json\r\nConnection: close";
+            let head =
+                "HTTP/1.1 200 OK\r\nMetadata-Flavor: Google\r\nContent-Type: application/json\r\nConnection: close";
             let _ = write!(&conn, "{head}\r\nContent-Length: {}\r\n\r\n{body}", body.len());
         }
     });
