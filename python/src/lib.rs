@@ -71,10 +71,13 @@ impl PyTensor {
 
     /// A DLPack producer of the tensor (or, with `raw`, of its bytes) that does not mark host
     /// memory read-only: for the numpy arrays `safe_open` and `load_file` hand out, which
-    /// the reference's are writable. Each such array views memory of its own (a tensor's
-    /// range of its load, or a private copy-on-write map), which tensorlift no longer reads.
+    /// the reference's are writable. Such an array views memory no other array views (a
+    /// tensor's range of its load, or a private copy-on-write map) and that tensorlift no
+    /// longer reads; a tensor that shares its bytes with another (a PyTorch file's tied
+    /// weights) stays read-only.
     fn _writable(&self, raw: bool) -> PyRawBytes {
-        PyRawBytes { inner: self.inner.clone(), view: if raw { View::Bytes } else { View::Typed }, writable: true }
+        let view = if raw { View::Bytes } else { View::Typed };
+        PyRawBytes { inner: self.inner.clone(), view, writable: !self.inner.shares_bytes() }
     }
 
     /// `(device_type, device_id)` as DLPack numbers them: `(1, 0)` for the host, `(2, N)`

@@ -146,3 +146,24 @@ def test_errors_have_python_types(tmp_path):
         tensorlift.load_file(str(bad))
     with pytest.raises(ValueError):
         tensorlift.load_file(str(bad), device="gpu")
+
+
+def test_numpy_arrays_of_tied_pytorch_weights_stay_read_only(tmp_path):
+    """A PyTorch file's tied weights are one storage, as torch.load gives them: their arrays
+    view the same memory, so they stay read-only (a write to one would change the other),
+    while an array of a storage of its own is writable."""
+    import torch
+
+    embed = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({"embed.weight": embed, "lm_head.weight": embed, "norm": torch.ones(6)}, str(path))
+    want = torch.load(str(path), weights_only=True)
+    assert want["embed.weight"].untyped_storage().data_ptr() == want["lm_head.weight"].untyped_storage().data_ptr()
+    for backend in ("pread", "mmap"):
+        got = tensorlift.load_file(path, framework="np", backend=backend)
+        for name, t in want.items():
+            assert got[name].tobytes() == t.numpy().tobytes(), (backend, name)
+        assert not got["embed.weight"].flags.writeable and not got["lm_head.weight"].flags.writeable, backend
+        assert got["norm"].flags.writeable, backend
+        got["norm"][...] = 2
+        assert (got["norm"] == 2).all() and got["embed.weight"].tobytes() == embed.numpy().tobytes(), backend

@@ -88,6 +88,8 @@ pub(crate) struct HostSink {
     extents: Vec<Extent>,
     /// Each tensor's claim on caller memory, for tensors the caller placed.
     claims: Vec<Option<Arc<Claim>>>,
+    /// Which tensors share bytes with another ([`crate::layout::sharing_bytes`]).
+    shared: Vec<bool>,
     /// For each gathered or converted tensor (by plan index; empty when there are none),
     /// the memory it is written into as loaded, until it is.
     outputs: Vec<Option<(Arc<HostArena>, ArenaChunk)>>,
@@ -170,6 +172,7 @@ impl HostSink {
         let mut sink = HostSink {
             extents: Vec::with_capacity(spans.len()),
             claims,
+            shared: crate::layout::sharing_bytes(plan),
             outputs: Vec::new(),
             convert_to,
             chunk,
@@ -397,7 +400,8 @@ impl HostSink {
         let (dtype, _) = crate::place::loaded_as(pt, self.convert_to);
         let Some(claim) = self.claims.get(t).and_then(Option::as_ref) else {
             if pt.gather.is_none() && dtype == pt.dtype {
-                return Ok(Tensor::host(&pt.name, pt.dtype, &pt.shape, Arc::clone(arena), range));
+                let shared = self.shared.get(t).copied().unwrap_or(false);
+                return Ok(Tensor::host(&pt.name, pt.dtype, &pt.shape, Arc::clone(arena), range).sharing(shared));
             }
             let stored = arena.get(range).unwrap_or_default();
             let Some((memory, mut chunk)) = out else { return Tensor::produced(plan, pt, dtype, stored) };

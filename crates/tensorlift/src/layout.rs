@@ -78,6 +78,37 @@ pub(crate) fn spans(plan: &LoadPlan, solo: impl Fn(usize) -> bool) -> Vec<Span> 
     out
 }
 
+/// Which of the plan's tensors share bytes with another of its tensors (a PyTorch file's
+/// tied weights, views of one storage: file ranges that overlap in one shard), whose views
+/// then share memory. Tensors chained by overlaps all count, even two that do not overlap
+/// each other. A safetensors file's tensors never overlap; empty tensors share nothing.
+pub(crate) fn sharing_bytes(plan: &LoadPlan) -> Vec<bool> {
+    let ts = plan.tensors();
+    let mut shared = vec![false; ts.len()];
+    let mut order: Vec<usize> = (0..ts.len()).filter(|&i| !ts[i].file_range.is_empty()).collect();
+    order.sort_unstable_by_key(|&i| (ts[i].shard, ts[i].file_range.start));
+    // Runs of overlapping ranges, in order of their starts: a run of more than one shares.
+    let mut run: Vec<usize> = Vec::new();
+    let mut run_end = 0;
+    for i in order {
+        let t = &ts[i];
+        let joins = run.last().is_some_and(|&l| ts[l].shard == t.shard && t.file_range.start < run_end);
+        if !joins {
+            if run.len() > 1 {
+                run.iter().for_each(|&r| shared[r] = true);
+            }
+            run.clear();
+            run_end = 0;
+        }
+        run.push(i);
+        run_end = run_end.max(t.file_range.end);
+    }
+    if run.len() > 1 {
+        run.iter().for_each(|&r| shared[r] = true);
+    }
+    shared
+}
+
 /// The spans of a plan whose headers are not parsed yet ([`LoadPlan::unparsed`]): each
 /// shard's whole data section, from the page its header ends in to the end of the file.
 /// A validated header's tensors cover exactly that (contiguous from its end, ending at the

@@ -123,13 +123,14 @@ pub(crate) fn map_all(
     if let Some(checks) = checks {
         stats.verified_bytes = verify_mapped(plan.plan(), spans, &maps, &checks, contract)?;
     }
+    let shared = crate::layout::sharing_bytes(plan.plan());
     for (e, map) in spans.iter().zip(maps) {
         for &t in &e.tensors {
             let pt = &plan.tensors()[t];
             let range = pt.file_range.start as usize..pt.file_range.end as usize;
             let (dtype, _) = crate::place::loaded_as(pt, convert_to);
             let tensor = if pt.gather.is_none() && dtype == pt.dtype {
-                Tensor::mapped(&pt.name, pt.dtype, &pt.shape, Arc::clone(&map), range, contract)
+                Tensor::mapped(&pt.name, pt.dtype, &pt.shape, Arc::clone(&map), range, contract).sharing(shared[t])
             } else {
                 // A gathered slice is not one range of the file, nor a converted tensor the
                 // file's bytes: they are written out of the mapping.

@@ -55,11 +55,15 @@ enum Storage {
     Host {
         arena: Arc<HostArena>,
         range: Range<usize>,
+        /// Another tensor of the load views (some of) the same bytes.
+        shared: bool,
     },
     Mapped {
         map: Arc<MappedFile>,
         range: Range<usize>,
         contract: MapContract,
+        /// Another tensor of the load views (some of) the same bytes.
+        shared: bool,
     },
     Device {
         arena: Arc<DeviceArena>,
@@ -69,14 +73,9 @@ enum Storage {
         claim: Option<Arc<crate::place::DeviceClaim>>,
     },
     /// The caller's host memory ([`crate::place::HostBuffer`]).
-    Caller {
-        claim: Arc<tensorlift_io::Claim>,
-    },
+    Caller { claim: Arc<tensorlift_io::Claim> },
     /// Host memory of its own (a tensor converted to another dtype as it landed).
-    Owned {
-        buf: Arc<tensorlift_io::AlignedBuf>,
-        len: usize,
-    },
+    Owned { buf: Arc<tensorlift_io::AlignedBuf>, len: usize },
 }
 
 /// A loaded tensor: name, dtype, shape, and its bytes in host memory or on a CUDA device.
@@ -99,7 +98,7 @@ impl Tensor {
         arena: Arc<HostArena>,
         range: Range<usize>,
     ) -> Tensor {
-        Tensor { name: name.into(), dtype, shape: shape.into(), storage: Storage::Host { arena, range } }
+        Tensor { name: name.into(), dtype, shape: shape.into(), storage: Storage::Host { arena, range, shared: false } }
     }
 
     pub(crate) fn mapped(
@@ -110,7 +109,8 @@ impl Tensor {
         range: Range<usize>,
         contract: MapContract,
     ) -> Tensor {
-        Tensor { name: name.into(), dtype, shape: shape.into(), storage: Storage::Mapped { map, range, contract } }
+        let storage = Storage::Mapped { map, range, contract, shared: false };
+        Tensor { name: name.into(), dtype, shape: shape.into(), storage }
     }
 
     pub(crate) fn device(
@@ -256,6 +256,23 @@ impl Tensor {
         })
     }
 
+    /// Marks a view of a load's memory as sharing its bytes with another tensor's view (see
+    /// [`shares_bytes`](Self::shares_bytes)).
+    pub(crate) fn sharing(mut self, yes: bool) -> Tensor {
+        if let Storage::Host { shared, .. } | Storage::Mapped { shared, .. } = &mut self.storage {
+            *shared = yes;
+        }
+        self
+    }
+
+    /// Whether another tensor of the same load views some of the same memory: a PyTorch
+    /// file's tied weights and views of one storage, which share their bytes as
+    /// `torch.load`'s do. A write through one (by a consumer that writes) shows in the
+    /// other. Never for a safetensors file's tensors.
+    pub fn shares_bytes(&self) -> bool {
+        matches!(self.storage, Storage::Host { shared: true, .. } | Storage::Mapped { shared: true, .. })
+    }
+
     /// The tensor's name.
     pub fn name(&self) -> &str {
         &self.name
@@ -283,9 +300,11 @@ impl Tensor {
     pub fn bytes(&self) -> Result<&[u8], ViewError> {
         match &self.storage {
             // A tensor is only made once every chunk covering it has landed, so `get` succeeds.
-            Storage::Host { arena, range } => Ok(arena.get(range.clone()).unwrap_or_default()),
+            Storage::Host { arena, range, .. } => Ok(arena.get(range.clone()).unwrap_or_default()),
             // The plan checked the range against the file's length, which the load checked again.
-            Storage::Mapped { map, range, contract } => Ok(map.view(*contract).get(range.clone()).unwrap_or_default()),
+            Storage::Mapped { map, range, contract, .. } => {
+                Ok(map.view(*contract).get(range.clone()).unwrap_or_default())
+            }
             Storage::Device { .. } => {
                 Err(ViewError::OnDevice { tensor: self.name.to_string(), device: self.location() })
             }

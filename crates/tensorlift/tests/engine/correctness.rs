@@ -205,6 +205,11 @@ fn tied_pytorch_weights_are_read_once_and_share_memory() {
             assert_identical(&model, &truth, &what);
             let ptr = |name: &str| model.get(name).unwrap().bytes().unwrap().as_ptr();
             assert_eq!(ptr("embed.weight"), ptr("lm_head.weight"), "{what}");
+            // Each twin says it shares its bytes (a consumer that writes one changes the
+            // other); a tensor of a storage of its own, or of no bytes, does not.
+            let shares = |name: &str| model.get(name).unwrap().shares_bytes();
+            assert!(shares("embed.weight") && shares("lm_head.weight"), "{what}");
+            assert!(!shares("other") && !shares("empty"), "{what}");
             if model.stats().bytes_read > 0 {
                 assert!(model.stats().bytes_read <= 2 * pass, "{what}: read {} of {pass}", model.stats().bytes_read);
             }
