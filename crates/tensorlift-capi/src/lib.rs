@@ -649,14 +649,14 @@ pub unsafe extern "C" fn tl_model_to_dlpack(
     out: *mut *mut DLManagedTensorVersioned,
 ) -> TlStatus {
     guard(|| {
+        // SAFETY: the caller's contract for `out`.
+        unsafe { clear_out(out) }?;
         // SAFETY: the caller's contract for `model`.
         let m = unsafe { handle(model, "model") }?;
         let held = m
             .tensors
             .get(index)
             .ok_or_else(|| invalid(format!("index {index}: the model has {} tensors", m.tensors.len())))?;
-        // SAFETY: the caller's contract for `out`.
-        unsafe { clear_out(out) }?;
         let managed = held.to_dlpack()?;
         // SAFETY: the caller's contract for `out`, checked not null above (so the export is
         // not lost).
@@ -777,10 +777,10 @@ pub unsafe extern "C" fn tl_tensor_to_dlpack(
     out: *mut *mut DLManagedTensorVersioned,
 ) -> TlStatus {
     guard(|| {
-        // SAFETY: the caller's contract for `tensor`.
-        let t = unsafe { handle(tensor, "tensor") }?;
         // SAFETY: the caller's contract for `out`.
         unsafe { clear_out(out) }?;
+        // SAFETY: the caller's contract for `tensor`.
+        let t = unsafe { handle(tensor, "tensor") }?;
         let managed = t.held.to_dlpack()?;
         // SAFETY: the caller's contract for `out` (checked not null).
         unsafe { put(out, managed, "out") }?;

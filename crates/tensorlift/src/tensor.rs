@@ -37,6 +37,10 @@ pub enum ViewError {
     /// DLPack has no element type for this dtype.
     #[error("tensor '{tensor}': DLPack has no type for {dtype}")]
     NoDlpackType { tensor: String, dtype: Dtype },
+    /// A dimension past DLPack's (a signed 64-bit number): a tensor with no elements whose
+    /// file names such a size.
+    #[error("tensor '{tensor}': DLPack cannot describe its shape {shape:?} (a dimension past 2^63 - 1)")]
+    NoDlpackShape { tensor: String, shape: Vec<usize> },
     /// Copying a device tensor back to the host failed.
     #[error("tensor '{tensor}': copy from {device} failed: {source}")]
     CopyBack {
@@ -226,18 +230,23 @@ impl Tensor {
     }
 
     fn bytes_export(&self) -> Result<dlpack::Export, ViewError> {
-        let mut e = self.dlpack_export_as(dlpack::DLDataType { code: dlpack::code::UINT, bits: 8, lanes: 1 })?;
-        e.shape = vec![self.len() as i64];
-        Ok(e)
+        let dtype = dlpack::DLDataType { code: dlpack::code::UINT, bits: 8, lanes: 1 };
+        // (A tensor's bytes are memory this process holds: fewer than 2^63.)
+        self.dlpack_export_as(dtype, vec![self.len() as i64])
     }
 
     fn dlpack_export(&self) -> Result<dlpack::Export, ViewError> {
         let dtype = dlpack_dtype(self.dtype)
             .ok_or_else(|| ViewError::NoDlpackType { tensor: self.name.to_string(), dtype: self.dtype })?;
-        self.dlpack_export_as(dtype)
+        // A file may name any size for a dimension of a tensor with no elements (another is
+        // 0); DLPack's sizes are signed.
+        let shape: Option<Vec<i64>> = self.shape.iter().map(|&d| i64::try_from(d).ok()).collect();
+        let shape = shape
+            .ok_or_else(|| ViewError::NoDlpackShape { tensor: self.name.to_string(), shape: self.shape.to_vec() })?;
+        self.dlpack_export_as(dtype, shape)
     }
 
-    fn dlpack_export_as(&self, dtype: dlpack::DLDataType) -> Result<dlpack::Export, ViewError> {
+    fn dlpack_export_as(&self, dtype: dlpack::DLDataType, shape: Vec<i64>) -> Result<dlpack::Export, ViewError> {
         let (data, device) = match &self.storage {
             Storage::Device { arena, offset, .. } => (
                 arena.device_ptr() + offset,
@@ -249,7 +258,7 @@ impl Tensor {
             data,
             device,
             dtype,
-            shape: self.shape.iter().map(|&d| d as i64).collect(),
+            shape,
             owner: Box::new(self.clone()),
             // Host tensors are shared `&[u8]` views; device memory is the consumer's to use.
             read_only: !matches!(self.storage, Storage::Device { .. }),

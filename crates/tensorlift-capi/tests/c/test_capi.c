@@ -230,6 +230,17 @@ int main(int argc, char **argv) {
     EXPECT(tl_load(loader, NULL, &none) == TL_STATUS_INVALID_ARGUMENT);
     EXPECT(tl_load(NULL, path, &none) == TL_STATUS_INVALID_ARGUMENT);
     EXPECT(tl_model_tensor(NULL, 0, NULL) == TL_STATUS_INVALID_ARGUMENT);
+    /* An export refused (no model or tensor, an index past the end) leaves null too. */
+    DLManagedTensorVersioned *no_export = (DLManagedTensorVersioned *)&missing;
+    EXPECT(tl_model_to_dlpack(NULL, 0, &no_export) == TL_STATUS_INVALID_ARGUMENT && no_export == NULL);
+    TlModel *again = NULL;
+    CHECK(tl_load(loader, path, &again));
+    no_export = (DLManagedTensorVersioned *)&missing;
+    EXPECT(tl_model_to_dlpack(again, tl_model_len(again), &no_export) == TL_STATUS_INVALID_ARGUMENT);
+    EXPECT(no_export == NULL);
+    tl_model_free(again);
+    no_export = (DLManagedTensorVersioned *)&missing;
+    EXPECT(tl_tensor_to_dlpack(NULL, &no_export) == TL_STATUS_INVALID_ARGUMENT && no_export == NULL);
     EXPECT(tl_model_len(NULL) == 0);
     tl_model_free(NULL);
     tl_tensor_free(NULL);

@@ -41,3 +41,23 @@ fn typed_views() {
     let start = raw.len() - model.tensors().iter().map(|t| t.len()).sum::<usize>();
     assert_eq!(&raw[start..start + 16], f.bytes().unwrap());
 }
+
+/// A tensor with no elements may name any size for another dimension (as the reference
+/// reads it); DLPack's sizes are signed, so its export is refused, never a negative size.
+#[test]
+fn a_dimension_past_dlpacks_is_refused_by_its_export() {
+    let dir = scratch();
+    let path = dir.join("e.safetensors");
+    let json = br#"{"e":{"dtype":"F32","shape":[0,18446744073709551615],"data_offsets":[0,0]},"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
+    let mut file = (json.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(json);
+    file.extend_from_slice(&[0u8; 8]);
+    std::fs::write(&path, file).unwrap();
+    let model = base().build().unwrap().load_blocking(&path).unwrap();
+    let e = model.get("e").unwrap();
+    assert_eq!((e.shape(), e.len()), (&[0, usize::MAX][..], 0));
+    let refused =
+        |r: Result<(), ViewError>| matches!(r, Err(ViewError::NoDlpackShape { ref tensor, .. }) if tensor == "e");
+    assert!(refused(e.to_dlpack().map(|_| ())), "versioned");
+    assert!(refused(e.to_dlpack_legacy().map(|_| ())), "legacy");
+}
