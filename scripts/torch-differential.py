@@ -29,6 +29,7 @@ import sys
 import types
 import warnings
 import zipfile
+import zlib
 
 import torch
 import torch.serialization
@@ -415,8 +416,89 @@ def main():
     case("rt_unhashable_tuple_key", zipped(sd(("w", rebuild()), ("n", b"}(](t\x85K\x01u"))), names="unhashable")
     case("rt_set_of_lists", zipped(sd(("w", rebuild()), ("s", b"c__builtin__\nset\n]]a\x85R"))), names="builtins.set")
 
+    # Record names: torch finds them ignoring ASCII case. Names that differ only so are one
+    # name twice (torch reads one of them): refused. One record of each, in capitals: read.
+    def records(entries):
+        def write(path):
+            with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+                for n, b in entries:
+                    z.writestr(n, b)
+        return write
+
+    plain = sd(("w", rebuild()))
+    four = struct.pack("<4f", 1, 2, 3, 4)
+    case("rt_records_in_capitals", records([("archive/data.pkl", plain), ("archive/BYTEORDER", "little"),
+                                            ("archive/DATA/0", four), ("archive/VERSION", "3\n")]))
+    case("rt_byteorder_in_capitals_says_big", records([("archive/data.pkl", plain), ("archive/BYTEORDER", "big"),
+                                                       ("archive/data/0", four), ("archive/version", "3\n")]),
+         tensorlift_refuses="big-endian")
+    case("rt_storage_twice_in_two_cases", records([("archive/data.pkl", plain), ("archive/byteorder", "little"),
+                                                   ("archive/data/0", four), ("archive/DATA/0", struct.pack("<4f", 9, 9, 9, 9)),
+                                                   ("archive/version", "3\n")]),
+         tensorlift_refuses="appears twice")
+    case("rt_pickle_twice_in_two_cases", records([("archive/data.pkl", plain), ("archive/DATA.PKL", sd(("v", rebuild()))),
+                                                  ("archive/byteorder", "little"), ("archive/data/0", four),
+                                                  ("archive/version", "3\n")]),
+         tensorlift_refuses="appears twice")
+    # The zip64 end record (which torch.save always writes, and torch reads the directory
+    # from) names a second central directory, where data/0 is other bytes: refused.
+    case("rt_zip64_names_another_directory", zip64_other_directory, tensorlift_refuses="two central directories")
+    # A legacy file whose GLOBAL line crosses the reader's first 1 MiB window.
+    case("legacy_global_across_the_first_window", legacy_global_across)
+
     with open(os.path.join(out, "expect.json"), "w") as f:
         json.dump(expect, f, indent=1, sort_keys=True)
+
+
+def zip64_other_directory(path):
+    """A torch.save archive followed by a second central directory, in which data/0 is
+    another record (4 nines), named by the zip64 end record; the end record names the first."""
+    buf = io.BytesIO()
+    torch.save({"w": torch.arange(4, dtype=torch.float32)}, buf)
+    raw = buf.getvalue()
+    eocd = raw.rfind(b"PK\x05\x06")
+    count, cd_len, cd_at = struct.unpack("<HII", raw[eocd + 10 : eocd + 20])
+    cd = raw[cd_at : cd_at + cd_len]
+    prefix = raw[30 : 30 + struct.unpack("<H", raw[26:28])[0]].split(b"/")[0]
+    name, data = prefix + b"/data/0", struct.pack("<4f", 9, 9, 9, 9)
+    local = struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 0, 0, 0, zlib.crc32(data), 4 * 4, 4 * 4, len(name), 0)
+    other, p = bytearray(), 0
+    while p < len(cd):
+        n, e, c = struct.unpack("<HHH", cd[p + 28 : p + 34])
+        entry = bytearray(cd[p : p + 46 + n + e + c])
+        if bytes(entry[46 : 46 + n]) == name:
+            struct.pack_into("<I", entry, 16, zlib.crc32(data))
+            struct.pack_into("<I", entry, 42, cd_at)
+        other += entry
+        p += 46 + n + e + c
+    body = raw[:cd_at] + local + name + data
+    first_at = len(body)
+    body += cd
+    other_at = len(body)
+    body += other
+    z64 = struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, count, count, len(other), other_at)
+    locator = struct.pack("<IIQI", 0x07064B50, 0, len(body), 1)
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, count, count, len(cd), first_at, 0)
+    with open(path, "wb") as f:
+        f.write(body + z64 + locator + end)
+
+
+def legacy_global_across(path):
+    """A legacy (pre-zip) torch.save whose `ctorch\nLongStorage\n` line spans byte 2^20."""
+    def build(pad):
+        sd = collections.OrderedDict((f"layer.{i}.weight", torch.zeros(1)) for i in range(9000))
+        sd["x" * (1 + pad)] = torch.zeros(1)
+        sd["late.ids"] = torch.arange(3)
+        buf = io.BytesIO()
+        torch.save(sd, buf, _use_new_zipfile_serialization=False)
+        return buf.getvalue()
+
+    at = build(0).find(b"ctorch\nLongStorage\n")
+    data = build((1 << 20) - at - 10)
+    at = data.find(b"ctorch\nLongStorage\n")
+    assert at < 1 << 20 < at + 19, at
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def _at(tag, path, obj, **kw):

@@ -201,6 +201,21 @@ pub fn convert(src: &Path, dst: &Path, max_shard: u64, out: &mut dyn Write) -> a
             todo.push((i, t));
         }
     }
+    // Values that are not tensors are not written; with no tensor at all, the checkpoint
+    // is most likely one that nests its state_dict (Lightning's `{"state_dict": ...}`,
+    // `{"model": ...}`), which is refused rather than written as an empty model.
+    let skipped: Vec<&String> = opened.iter().flat_map(|o| o.ck.skipped.iter()).collect();
+    if opened.iter().all(|o| o.ck.tensors.is_empty()) {
+        let what = match skipped.is_empty() {
+            true => "it holds nothing".to_owned(),
+            false => format!("at its top are values that are not tensors: {}", printable(&join_names(&skipped))),
+        };
+        bail!(
+            "{}: no tensors to convert ({what}); a state_dict nested under a key is not read: save the state_dict \
+             itself (nothing was written)",
+            src.display()
+        );
+    }
     // Shards in order: a new one when the next tensor would pass the limit (a tensor
     // larger than the limit gets a shard of its own).
     let mut shards: Vec<Vec<(usize, &TorchTensor)>> = vec![Vec::new()];
@@ -278,8 +293,20 @@ pub fn convert(src: &Path, dst: &Path, max_shard: u64, out: &mut dyn Write) -> a
             printable(first)
         )?;
     }
+    if !skipped.is_empty() {
+        writeln!(out, "not tensors, not written: {}", printable(&join_names(&skipped)))?;
+    }
     writeln!(out, "{tensors} tensors, {total} bytes, from {} PyTorch file(s)", opened.len())?;
     Ok(())
+}
+
+/// Names for a message: the first 20, and how many more.
+fn join_names(names: &[&String]) -> String {
+    let mut s = names.iter().take(20).map(|n| n.as_str()).collect::<Vec<_>>().join(", ");
+    if names.len() > 20 {
+        s += &format!(" and {} more", names.len() - 20);
+    }
+    s
 }
 
 /// Whether the reference readers can hold a tensor of this shape: numpy refuses an array

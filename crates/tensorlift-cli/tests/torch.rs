@@ -392,3 +392,27 @@ fn folders_left_by_a_killed_convert_are_removed_by_the_next() {
     assert!(running.exists());
     assert_eq!(loaded(&d.join("out")), expected("every_dtype"));
 }
+
+/// A checkpoint that nests its state_dict (as Lightning's do) has no tensor at its top:
+/// `convert` says so and writes nothing, rather than an empty model; values beside
+/// top-level tensors are named as not written.
+#[test]
+fn a_nested_state_dict_is_refused_by_convert_and_other_values_are_named() {
+    let dir = tensorlift_testkit::scratch_in(&std::env::temp_dir(), "tl-cli-");
+    let script = "import sys, torch\n\
+        w = torch.arange(6, dtype=torch.float32)\n\
+        torch.save({'state_dict': {'w': w}, 'epoch': 3}, sys.argv[1] + '/nested.pt')\n\
+        torch.save({'w': w, 'step': 5}, sys.argv[1] + '/beside.pt')\n";
+    let made = std::process::Command::new("python3").args(["-c", script]).arg(&dir).output().unwrap();
+    assert!(made.status.success(), "torch writes them: {}", String::from_utf8_lossy(&made.stderr));
+    let out = tensorlift(&["convert", s(&dir.join("nested.pt")), s(&dir.join("nested-out"))]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("no tensors to convert") && err.contains("state_dict, epoch"), "{err}");
+    assert!(!dir.join("nested-out").exists());
+    let out = tensorlift(&["convert", s(&dir.join("beside.pt")), s(&dir.join("beside-out"))]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("not tensors, not written: step") && text.contains("1 tensors"), "{text}");
+    assert_eq!(loaded(&dir.join("beside-out")).len(), 1);
+}

@@ -395,10 +395,11 @@ fn read_zip<R: ReadAt + ?Sized>(src: &R, limits: &Limits) -> Result<TorchCheckpo
         return Err(ErrorKind::Zip(format!("two pickles, {prefix}data.pkl and {other}data.pkl")));
     }
     // PyTorch's reader requires the archive's version record.
-    if !entries.contains_key(&format!("{prefix}version")) && !entries.contains_key(&format!("{prefix}.data/version")) {
+    let has = |name: String| entries.contains_key(&zip::key(&name));
+    if !has(format!("{prefix}version")) && !has(format!("{prefix}.data/version")) {
         return Err(ErrorKind::Zip(format!("no {prefix}version record (PyTorch refuses such an archive)")));
     }
-    if let Some(e) = entries.get(&format!("{prefix}byteorder")) {
+    if let Some(e) = entries.get(&zip::key(&format!("{prefix}byteorder"))) {
         let b = read_vec(src, e.offset, e.len.min(16))?;
         if b.as_slice() == b"big" {
             return Err(ErrorKind::BigEndian);
@@ -421,7 +422,7 @@ fn read_zip<R: ReadAt + ?Sized>(src: &R, limits: &Limits) -> Result<TorchCheckpo
     let mut storages = BTreeMap::new();
     for (key, s) in &st.seen {
         let e = entries
-            .get(&format!("{prefix}data/{key}"))
+            .get(&zip::key(&format!("{prefix}data/{key}")))
             .ok_or_else(|| ErrorKind::Zip(format!("storage '{key}' has no entry {prefix}data/{key}")))?;
         let es = s.dtype.bitsize() as u64 / 8;
         let need =
@@ -620,12 +621,36 @@ fn state_dict(
     let mut skipped = Vec::new();
     let most = file_len.saturating_mul(limits.max_expansion);
     let mut total = 0u64;
+    // Each entry's name, storage key, shape and strides are copied out of the pickle's
+    // values, which may share them (one long key, or one long shape, under a million
+    // names): the copies count against what is left of the pickle's memory budget.
+    let room = vm.room();
+    let mut listed = 0u64;
+    let mut list = |bytes: u64| {
+        listed = listed.saturating_add(bytes);
+        match listed > room {
+            true => Err(ErrorKind::Limit {
+                what: format!("a state_dict whose list of tensors takes more than {room} bytes"),
+                limit: room,
+                setting: "pickle_memory_per_byte",
+            }),
+            false => Ok(()),
+        }
+    };
     for (k, v) in &d.items {
         let Value::Str(name) = k else { return Err(ErrorKind::NotStateDict("a key is not a string".into())) };
         let Value::Tensor(t) = v else {
+            list(crate::vm::heap(name.len()) + size_of::<String>() as u64)?;
             skipped.push(name.to_string());
             continue;
         };
+        let dims = (t.shape().len() + t.stride().len()) * size_of::<usize>();
+        list(
+            crate::vm::heap(name.len())
+                + crate::vm::heap(t.storage.key.len())
+                + crate::vm::heap(dims)
+                + size_of::<TorchTensor>() as u64 * 3 / 2,
+        )?;
         let tensor_err = |m: String| ErrorKind::Tensor { tensor: name.to_string(), message: m };
         let s = &t.storage;
         let (base, mut avail) = match s.view {

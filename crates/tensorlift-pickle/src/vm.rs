@@ -468,6 +468,12 @@ impl Vm {
         self.read.saturating_mul(self.memory_per_byte).saturating_add(MEMORY_FLOOR)
     }
 
+    /// Bytes the budget has left (for what is made from the values once the pickle is
+    /// read, such as the list of its tensors).
+    pub fn room(&self) -> u64 {
+        self.max_memory().saturating_sub(self.memory)
+    }
+
     /// Counts `bytes` of new values against the budget, refusing past it.
     pub fn charge(&mut self, bytes: u64) -> Result<(), ErrorKind> {
         self.memory = self.memory.saturating_add(bytes);
@@ -1405,11 +1411,15 @@ impl<'a> Cursor<'a> {
     }
     fn line(&mut self, at: usize) -> Result<String, ErrorKind> {
         let rest = &self.code[self.at..];
-        let n = rest
-            .iter()
-            .take(256)
-            .position(|&c| c == b'\n')
-            .ok_or_else(|| ErrorKind::pickle(at, "GLOBAL name without a newline"))?;
+        let n = rest.iter().take(256).position(|&c| c == b'\n').ok_or_else(|| {
+            // A name cut by the end of the bytes at hand (a legacy file's pickle is read in
+            // windows, which a longer read continues) is the pickle's end, not a bad name.
+            let message = match rest.len() < 256 {
+                true => format!("a GLOBAL name, the pickle ends {} bytes on", rest.len()),
+                false => "GLOBAL name without a newline".to_owned(),
+            };
+            ErrorKind::pickle(at, message)
+        })?;
         let s =
             std::str::from_utf8(&rest[..n]).map_err(|_| ErrorKind::pickle(at, "GLOBAL name is not UTF-8"))?.to_owned();
         self.at += n + 1;

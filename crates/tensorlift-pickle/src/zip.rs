@@ -36,14 +36,20 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     b.get(at..at + 8).map_or(0, |s| u64::from_le_bytes(s.try_into().unwrap_or([0; 8])))
 }
 
+/// The name [`entries`] keys a record by.
+pub fn key(name: &str) -> String {
+    name.to_ascii_lowercase()
+}
+
 /// Whether the source starts like a zip archive.
 pub fn is_zip<R: ReadAt + ?Sized>(src: &R) -> bool {
     let mut m = [0u8; 4];
     src.read_exact_at(&mut m, 0).is_ok() && u32::from_le_bytes(m) == LOCAL
 }
 
-/// The archive's entries by name. `max_entries` and `max_directory` bound the memory the
-/// central directory may take.
+/// The archive's entries by name, in ASCII lower case (PyTorch's reader finds records
+/// ignoring case: look names up with [`key`]). `max_entries` and `max_directory` bound the
+/// memory the central directory may take.
 pub fn entries<R: ReadAt + ?Sized>(
     src: &R,
     max_entries: usize,
@@ -64,20 +70,33 @@ pub fn entries<R: ReadAt + ?Sized>(
     if u16_at(&tail, at + 4) != 0 || u16_at(&tail, at + 6) != 0 {
         return Err(bad("multi-disk archives are not supported"));
     }
-    if count == 0xFFFF || dir_len == 0xFFFF_FFFF || dir_at == 0xFFFF_FFFF {
-        // Zip64: the locator sits just before the end record.
-        let loc = eocd_pos.checked_sub(20).ok_or_else(|| bad("zip64 locator missing"))?;
-        let l = read_vec(src, loc, 20)?;
-        if u32_at(&l, 0) != ZIP64_LOCATOR {
-            return Err(bad("zip64 locator missing"));
+    // Zip64: a locator just before the end record points to the zip64 end record, which
+    // PyTorch's reader (miniz) then takes the directory from, whatever the end record says
+    // (`torch.save` always writes one). Where the end record's own fields are not the zip64
+    // marks, they must agree with it: an archive that shows two directories to two readers
+    // is refused.
+    let marked = count == 0xFFFF || dir_len == 0xFFFF_FFFF || dir_at == 0xFFFF_FFFF;
+    let locator = eocd_pos.checked_sub(20).and_then(|loc| read_vec(src, loc, 20).ok());
+    match locator.filter(|l| u32_at(l, 0) == ZIP64_LOCATOR) {
+        Some(l) => {
+            let z = read_vec(src, u64_at(&l, 8), 56).map_err(|_| bad("zip64 end record out of the file"))?;
+            if u32_at(&z, 0) != ZIP64_EOCD {
+                return Err(bad("zip64 end record missing"));
+            }
+            let (count64, len64, at64) = (u64_at(&z, 32), u64_at(&z, 40), u64_at(&z, 48));
+            let disagree = (count != 0xFFFF && count != count64)
+                || (dir_len != 0xFFFF_FFFF && dir_len != len64)
+                || (dir_at != 0xFFFF_FFFF && dir_at != at64);
+            if disagree {
+                return Err(bad(format!(
+                    "the end record ({count} entries, {dir_len} bytes at {dir_at}) and the zip64 end record ({count64} \
+                     entries, {len64} bytes at {at64}) name two central directories"
+                )));
+            }
+            (count, dir_len, dir_at) = (count64, len64, at64);
         }
-        let z = read_vec(src, u64_at(&l, 8), 56).map_err(|_| bad("zip64 end record out of the file"))?;
-        if u32_at(&z, 0) != ZIP64_EOCD {
-            return Err(bad("zip64 end record missing"));
-        }
-        count = u64_at(&z, 32);
-        dir_len = u64_at(&z, 40);
-        dir_at = u64_at(&z, 48);
+        None if marked => return Err(bad("zip64 locator missing")),
+        None => {}
     }
     if count > max_entries as u64 {
         return Err(ErrorKind::Limit {
@@ -159,8 +178,12 @@ pub fn entries<R: ReadAt + ?Sized>(
             )));
         }
         spans.push((local, data + csize, name.clone()));
-        if out.insert(name.clone(), Entry { offset: data, len: csize }).is_some() {
-            return Err(bad(format!("entry '{name}' appears twice")));
+        // PyTorch's reader finds a record by its name ignoring ASCII case: two names that
+        // differ only so are one name twice (which of them it reads is not ours to guess).
+        if out.insert(name.to_ascii_lowercase(), Entry { offset: data, len: csize }).is_some() {
+            return Err(bad(format!(
+                "entry '{name}' appears twice (names are compared ignoring case, as PyTorch does)"
+            )));
         }
         p += 46 + name_len + extra_len + comment_len;
     }

@@ -407,6 +407,54 @@ fn red_team_shapes_are_refused_quickly() {
     assert!(e.to_string().contains("max_pickle_containers"), "{e}");
 }
 
+/// One tensor, kept in the memo, under `names` names, of a storage whose key is `key_len`
+/// bytes long: a legacy file.
+fn one_tensor_many_names(names: usize, key_len: usize) -> Vec<u8> {
+    let key = "k".repeat(key_len);
+    let text = |p: &mut Vec<u8>, s: &str| {
+        p.push(b'X');
+        p.extend_from_slice(&(s.len() as u32).to_le_bytes());
+        p.extend_from_slice(s.as_bytes());
+    };
+    let mut p = b"\x80\x02}(".to_vec();
+    text(&mut p, "n0");
+    p.extend_from_slice(b"ctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00storagectorch\nFloatStorage\n");
+    text(&mut p, &key);
+    p.extend_from_slice(b"X\x03\x00\x00\x00cpu");
+    p.extend(long(4));
+    p.extend_from_slice(b"NtQ");
+    p.extend(long(0));
+    p.extend(ints(&[4]));
+    p.extend(ints(&[1]));
+    p.extend_from_slice(b"\x89}tRq\x01");
+    for i in 1..names {
+        text(&mut p, &format!("n{i}"));
+        p.extend_from_slice(b"h\x01");
+    }
+    p.extend_from_slice(b"u.");
+    let mut v = legacy(&p);
+    v.truncate(v.len() - 4); // the empty key list `legacy` wrote
+    v.extend_from_slice(b"\x80\x02]");
+    text(&mut v, &key);
+    v.extend_from_slice(b"a.");
+    v.extend_from_slice(&4u64.to_le_bytes());
+    v.extend_from_slice(&[0u8; 16]);
+    v
+}
+
+/// The list of tensors copies each one's name, storage key and shape out of the pickle's
+/// values, which may share them: a 60 KB key under 20,000 names would be 1.2 GB of copies
+/// from a 0.3 MB file. They count against the pickle's memory budget.
+#[test]
+fn copies_of_shared_keys_count_against_the_pickles_budget() {
+    let ck = read_bytes(&one_tensor_many_names(3, 60_000)).unwrap();
+    assert_eq!(ck_names(&ck), ["n0", "n1", "n2"]);
+    assert!(ck.tensors.iter().all(|t| t.storage.len() == 60_000 && t.shape == [4]));
+    let (k, s) = kind(read_bytes(&one_tensor_many_names(20_000, 60_000)));
+    assert!(matches!(k, ErrorKind::Limit { setting: "pickle_memory_per_byte", .. }), "{s}");
+    assert!(s.contains("list of tensors"), "{s}");
+}
+
 fn ck_names(ck: &TorchCheckpoint) -> Vec<&str> {
     ck.tensors.iter().map(|t| t.name.as_str()).collect()
 }
