@@ -54,13 +54,26 @@ pub(crate) const LIST_PAGES_MAX: usize = 1_000;
 pub(crate) const CREDENTIAL_TTL_MAX: u64 = 24 * 3600;
 
 /// Makes the bounded client from `object_store`'s own, with the store's options.
-#[derive(Debug, Default)]
-pub(crate) struct Bounded;
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Bounded {
+    /// What a weak ETag in an object's reply does.
+    pub(crate) weak_etag: WeakEtag,
+}
+
+/// What a weak ETag in an object's reply does (see [`drop_weak_etag`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WeakEtag {
+    /// It is removed: the object is known by its length and `Last-Modified` (S3, HTTP).
+    Drop,
+    /// The reply is refused: the store's client requires an ETag of every reply (GCS and
+    /// Azure, whose own ETags are strong; a weak one comes from something in between).
+    Refuse,
+}
 
 impl HttpConnector for Bounded {
     fn connect(&self, options: &ClientOptions) -> object_store::Result<HttpClient> {
         let inner = ReqwestConnector::default().connect(options)?;
-        Ok(HttpClient::new(BoundedService { inner, listings: AtomicUsize::new(0) }))
+        Ok(HttpClient::new(BoundedService { inner, listings: AtomicUsize::new(0), weak_etag: self.weak_etag }))
     }
 }
 
@@ -69,6 +82,7 @@ struct BoundedService {
     inner: HttpClient,
     /// Listing requests made so far.
     listings: AtomicUsize,
+    weak_etag: WeakEtag,
 }
 
 /// A reply that went past its bound.
@@ -83,6 +97,16 @@ enum Bound {
     Pages,
     #[error("the server's reply says its bytes are `Content-Range: {0}`, which is no object's byte range")]
     ContentRange(String),
+    #[error(
+        "the reply's ETag is weak ({0}): it cannot tell two versions' bytes apart, and this store's client needs \
+         one that can (something between tensorlift and the store, such as a compressing proxy, may have made it weak)"
+    )]
+    WeakEtag(String),
+    #[error(
+        "the credential service's token says it expires at {0} seconds past the epoch, more than a day from now \
+         (tensorlift takes a credential to last at most a day)"
+    )]
+    TokenLifetime(u64),
 }
 
 /// Whether a request lists objects (S3 and GCS: `list-type=2`; Azure: `comp=list`).
@@ -109,18 +133,29 @@ impl HttpService for BoundedService {
             // (A query does not tell: Azure's SAS credentials ride in every request's.)
             let get = req.method() == "GET" && !listing;
             let head = req.method() == "HEAD";
-            let credential = is_credential_request(&req);
+            let credential = credential_request(&req);
             let mut reply = self.inner.execute(req).await?;
-            if credential && reply.status().is_success() {
+            if let Some(kind) = credential.filter(|_| reply.status().is_success()) {
                 let (mut parts, body) = reply.into_parts();
                 let body =
                     Capped { inner: body, seen: 0, max: PAGE_MAX, past: Past::Fail, kept: Vec::new(), done: false };
-                let body = credential_bounded(HttpResponseBody::new(body).bytes().await?);
+                let body = HttpResponseBody::new(body).bytes().await?;
+                let body = match kind {
+                    Credential::Json => credential_bounded(body),
+                    Credential::Jwt => jwt_checked(body).map_err(|e| HttpError::new(HttpErrorKind::Decode, e))?,
+                };
                 parts.headers.remove("content-length");
                 return Ok(HttpResponse::from_parts(parts, body.into()));
             }
             if (get || head) && reply.status().is_success() {
-                drop_weak_etag(&mut reply);
+                match self.weak_etag {
+                    WeakEtag::Drop => drop_weak_etag(&mut reply),
+                    WeakEtag::Refuse => {
+                        if let Some(tag) = weak_etag(&reply) {
+                            return Err(HttpError::new(HttpErrorKind::Decode, Bound::WeakEtag(tag)));
+                        }
+                    }
+                }
             }
             let (max, past) = if !reply.status().is_success() {
                 (ERROR_BODY_MAX, Past::Cut)
@@ -138,13 +173,50 @@ impl HttpService for BoundedService {
     }
 }
 
-/// Whether a request asks for a credential, as `object_store`'s providers do: of a cloud
-/// instance's metadata service (GCE's `Metadata-Flavor` header, Azure's `Metadata`) or of an
-/// OAuth token endpoint (a form POST; a store's own requests never post forms).
-fn is_credential_request(req: &HttpRequest) -> bool {
+/// How a credential reply tells its lifetime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Credential {
+    /// A JSON object with `expires_in` or `expires_on`.
+    Json,
+    /// A bare JWT, whose `exp` claim says it (Azure Fabric's token service).
+    Jwt,
+}
+
+/// Whether a request asks for a credential, as `object_store`'s providers do, and how its
+/// reply tells the credential's lifetime: of a cloud instance's metadata service (GCE's
+/// `Metadata-Flavor` header, Azure's `Metadata`), of an OAuth token endpoint (a form POST; a
+/// store's own requests never post forms), or of Azure Fabric's token service (its
+/// `x-ms-partner-token` header). AWS's credentials give an expiry date, which cannot overflow.
+fn credential_request(req: &HttpRequest) -> Option<Credential> {
     let h = req.headers();
     let form = h.get("content-type").is_some_and(|v| v.as_bytes().starts_with(b"application/x-www-form-urlencoded"));
-    h.contains_key("metadata-flavor") || h.contains_key("metadata") || (req.method() == "POST" && form)
+    if h.contains_key("x-ms-partner-token") {
+        Some(Credential::Jwt)
+    } else if h.contains_key("metadata-flavor") || h.contains_key("metadata") || (req.method() == "POST" && form) {
+        Some(Credential::Json)
+    } else {
+        None
+    }
+}
+
+/// A bare JWT reply, refused where its `exp` claim (seconds since the epoch) lies more than
+/// [`CREDENTIAL_TTL_MAX`] ahead: `object_store` adds what is left of it to the clock, and a
+/// signed token cannot be rewritten. Read as `object_store` reads it (the second of its
+/// dot-separated parts, base64url without padding, a JSON object); one it cannot read is its
+/// to judge (it takes such a token to last an hour).
+fn jwt_checked(body: bytes::Bytes) -> Result<bytes::Bytes, Bound> {
+    use base64::Engine as _;
+    let exp = std::str::from_utf8(&body)
+        .ok()
+        .and_then(|token| token.split('.').nth(1))
+        .and_then(|payload| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).ok())
+        .and_then(|claims| serde_json::from_slice::<serde_json::Value>(&claims).ok())
+        .and_then(|claims| claims.get("exp").and_then(serde_json::Value::as_u64));
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    match exp {
+        Some(exp) if exp > now.saturating_add(CREDENTIAL_TTL_MAX) => Err(Bound::TokenLifetime(exp)),
+        _ => Ok(body),
+    }
 }
 
 /// A credential reply's body with its lifetime bounded by [`CREDENTIAL_TTL_MAX`]:
@@ -182,11 +254,18 @@ fn credential_bounded(body: bytes::Bytes) -> bytes::Bytes {
 /// that broke off with a GET of the rest, accepted when the weak ETag matches (bytes of two
 /// versions spliced in one tensor). Without it, the object is known by its length and
 /// `Last-Modified` (or refused where it has neither), and a broken body fails its part.
+/// (Where the store's client requires an ETag of every reply, the reply is refused instead:
+/// see [`WeakEtag`].)
 fn drop_weak_etag(reply: &mut HttpResponse) {
-    let weak = reply.headers().get("etag").is_some_and(|v| v.as_bytes().starts_with(b"W/"));
-    if weak {
+    if weak_etag(reply).is_some() {
         reply.headers_mut().remove("etag");
     }
+}
+
+/// The reply's ETag, where it is weak.
+fn weak_etag(reply: &HttpResponse) -> Option<String> {
+    let tag = reply.headers().get("etag")?;
+    tag.as_bytes().starts_with(b"W/").then(|| String::from_utf8_lossy(tag.as_bytes()).into_owned())
 }
 
 /// A ranged GET's reply, refused where its `Content-Range` is one `object_store` would read
@@ -336,6 +415,23 @@ mod tests {
         // What a provider sends is untouched, byte for byte.
         for json in [r#"{"access_token": "t", "expires_in": 3599}"#, r#"{"expires_on": "1506484173"}"#, "not json"] {
             assert_eq!(credential_bounded(bytes::Bytes::from(json)), json.as_bytes(), "{json}");
+        }
+    }
+
+    #[test]
+    fn a_fabric_token_past_a_day_is_refused_and_others_pass_untouched() {
+        use base64::Engine as _;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let jwt = |claims: &str| {
+            let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+            bytes::Bytes::from(format!("{}.{}.sig", b64(r#"{"alg":"RS256"}"#), b64(claims)))
+        };
+        let far = jwt(&format!(r#"{{"exp": {}}}"#, u64::MAX));
+        assert!(matches!(jwt_checked(far), Err(Bound::TokenLifetime(e)) if e == u64::MAX));
+        let hour = jwt(&format!(r#"{{"exp": {}, "aud": "storage"}}"#, now + 3600));
+        assert_eq!(jwt_checked(hour.clone()).unwrap(), hour);
+        for other in [bytes::Bytes::from("not a token"), jwt("not json"), jwt(r#"{"exp": "soon"}"#)] {
+            assert_eq!(jwt_checked(other.clone()).unwrap(), other);
         }
     }
 }

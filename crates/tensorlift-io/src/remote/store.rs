@@ -90,11 +90,12 @@ fn build(scheme: ObjectStoreScheme, url: &url::Url, o: &RemoteOptions) -> Result
     let connect = format!("{}ms", (o.timeout.as_millis() / 10).max(1));
     let text = url.as_str();
     // The cloud stores' builders share these steps (and nothing else: no trait of theirs).
+    use super::bounded::{Bounded, WeakEtag};
     macro_rules! cloud {
-        ($builder:ty, $key:path) => {
+        ($builder:ty, $key:path, $weak:expr) => {
             Arc::new(
                 <$builder>::from_env()
-                    .with_http_connector(super::bounded::Bounded)
+                    .with_http_connector(Bounded { weak_etag: $weak })
                     .with_url(text)
                     .with_retry(retry)
                     .with_config($key(ClientConfigKey::Timeout), timeout)
@@ -106,19 +107,27 @@ fn build(scheme: ObjectStoreScheme, url: &url::Url, o: &RemoteOptions) -> Result
     }
     let store: Arc<dyn ObjectStore> = match scheme {
         ObjectStoreScheme::AmazonS3 => {
-            cloud!(object_store::aws::AmazonS3Builder, object_store::aws::AmazonS3ConfigKey::Client)
+            cloud!(object_store::aws::AmazonS3Builder, object_store::aws::AmazonS3ConfigKey::Client, WeakEtag::Drop)
         }
         ObjectStoreScheme::GoogleCloudStorage => {
-            cloud!(object_store::gcp::GoogleCloudStorageBuilder, object_store::gcp::GoogleConfigKey::Client)
+            cloud!(
+                object_store::gcp::GoogleCloudStorageBuilder,
+                object_store::gcp::GoogleConfigKey::Client,
+                WeakEtag::Refuse
+            )
         }
         ObjectStoreScheme::MicrosoftAzure => {
-            cloud!(object_store::azure::MicrosoftAzureBuilder, object_store::azure::AzureConfigKey::Client)
+            cloud!(
+                object_store::azure::MicrosoftAzureBuilder,
+                object_store::azure::AzureConfigKey::Client,
+                WeakEtag::Refuse
+            )
         }
         ObjectStoreScheme::Http => {
             let base = &url[..url::Position::BeforePath];
             Arc::new(
                 object_store::http::HttpBuilder::new()
-                    .with_http_connector(super::bounded::Bounded)
+                    .with_http_connector(Bounded { weak_etag: WeakEtag::Drop })
                     .with_url(base)
                     .with_retry(retry)
                     // The user named an http:// URL: plain HTTP is what they asked for.

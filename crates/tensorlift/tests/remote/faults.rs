@@ -360,4 +360,14 @@ fn a_broken_body_is_resumed_only_where_a_strong_etag_names_the_bytes() {
     let http = HttpServer::start_with(&r.root, Validators::Weak).unwrap();
     let url = format!("http://127.0.0.1:{}/bucket/single/model.safetensors", http.port);
     assert_identical(&base().build().unwrap().load_blocking(&url).unwrap(), &truth, "a weak ETag");
+    // GCS's client requires an ETag of every reply: a weak one is refused, saying so.
+    let key = format!(
+        r#"{{"gcs_base_url": "http://127.0.0.1:{}", "disable_oauth": true, "client_email": "", "private_key": "", "private_key_id": ""}}"#,
+        http.port
+    );
+    std::env::set_var("GOOGLE_SERVICE_ACCOUNT_KEY", key);
+    let gcs = base().build().unwrap().load_blocking("gs://bucket/single/model.safetensors");
+    std::env::remove_var("GOOGLE_SERVICE_ACCOUNT_KEY");
+    let err = gcs.unwrap_err().to_string();
+    assert!(err.contains("ETag is weak (W/"), "{err}");
 }
