@@ -603,9 +603,12 @@ fn configure(
     options: Options<'_>,
 ) -> PyResult<Loader> {
     if options.mapped {
-        // SAFETY: the Python caller chose backend="mmap", whose documented contract
-        // (docs/PYTHON.md, as the reference safetensors' own mmap backend) is MapContract's:
-        // the files are not truncated or written while any tensor viewing them lives.
+        // SAFETY: the Python caller chose backend="mmap" (directly, or through
+        // `tensorlift.patch()`, whose safe_open takes the reference's default, "mmap", as the
+        // libraries it serves expect), whose documented contract (docs/PYTHON.md, the
+        // reference safetensors' own for its mmap backend) is MapContract's: the files are
+        // not truncated or written while any tensor viewing them lives, and their file
+        // system does not fail reads of them.
         b = b.map_views(unsafe { tensorlift::MapContract::new() });
     }
     if let Some(dir) = &options.cache_dir {
