@@ -10,6 +10,10 @@ pub struct TorchError {
     pub kind: ErrorKind,
 }
 
+/// How many items of its values the reader may look at per byte of a pickle (each
+/// container it checks counts its items), past a floor of 16 Mi.
+pub const SCANS_PER_BYTE: u64 = 64;
+
 /// Every way a PyTorch checkpoint can be refused.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -20,6 +24,14 @@ pub enum ErrorKind {
     /// Neither a zip archive nor the legacy pickle layout.
     #[error("not a PyTorch checkpoint: {0}")]
     NotTorch(String),
+    /// The pickle makes the reader look at its values again and again (a large value,
+    /// kept in the memo, checked by each of many small calls): past [`SCANS_PER_BYTE`]
+    /// items per byte of pickle, it is refused rather than read for hours.
+    #[error(
+        "the pickle has had its values looked at {scanned} times by byte {at} (at most {SCANS_PER_BYTE} per byte \
+         and 16 Mi more): one value checked again by many calls, which no torch.save writes"
+    )]
+    Rescans { at: usize, scanned: u64 },
     /// The zip archive is malformed, or uses a feature `torch.save` never writes.
     #[error("invalid zip archive: {0}")]
     Zip(String),

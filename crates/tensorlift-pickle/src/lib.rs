@@ -34,7 +34,7 @@ mod torch;
 mod vm;
 mod zip;
 
-pub use error::{ErrorKind, TorchError};
+pub use error::{ErrorKind, TorchError, SCANS_PER_BYTE};
 pub use source::ReadAt;
 pub use torch::{Layout, Limits, Storage, TorchCheckpoint, TorchTensor};
 

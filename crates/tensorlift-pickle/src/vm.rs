@@ -454,14 +454,27 @@ pub(crate) struct Vm {
     read: u64,
     /// Bytes the values made so far take, as counted.
     memory: u64,
+    /// Items of containers looked at by checks so far (see [`ErrorKind::Rescans`]).
+    scanned: std::cell::Cell<u64>,
 }
+
+/// Items the checks may look at whatever the pickle's length.
+const SCAN_FLOOR: u64 = 16 << 20;
 
 impl Vm {
     /// A machine that builds at most `max_containers` lists, tuples and dicts, and values of
     /// at most `memory_per_byte` bytes per byte of pickle it has read (and 64 KiB more),
     /// across every pickle it runs.
     pub fn new(max_containers: usize, memory_per_byte: u64) -> Vm {
-        Vm { arena: Vec::new(), max_containers, memory_per_byte, read_before: 0, read: 0, memory: 0 }
+        Vm {
+            arena: Vec::new(),
+            max_containers,
+            memory_per_byte,
+            read_before: 0,
+            read: 0,
+            memory: 0,
+            scanned: std::cell::Cell::new(0),
+        }
     }
 
     fn max_memory(&self) -> u64 {
@@ -472,6 +485,12 @@ impl Vm {
     /// read, such as the list of its tensors).
     pub fn room(&self) -> u64 {
         self.max_memory().saturating_sub(self.memory)
+    }
+
+    /// Counts `n` items looked at by a check; the interpreter refuses the pickle once they
+    /// pass their budget ([`ErrorKind::Rescans`]), between opcodes.
+    fn scan(&self, n: usize) {
+        self.scanned.set(self.scanned.get().saturating_add(n as u64));
     }
 
     /// Counts `bytes` of new values against the budget, refusing past it.
@@ -620,6 +639,10 @@ impl Vm {
         loop {
             let at = r.at;
             self.read = self.read_before + at as u64 + 1;
+            let scanned = self.scanned.get();
+            if scanned > self.read.saturating_mul(crate::error::SCANS_PER_BYTE).saturating_add(SCAN_FLOOR) {
+                return Err(ErrorKind::Rescans { at, scanned });
+            }
             let op = r.u8()?;
             if stack.depth > limits.max_stack {
                 return Err(ErrorKind::Limit {
@@ -992,6 +1015,7 @@ impl Vm {
         let mut seen = 0usize;
         while let Some(v) = todo.pop() {
             seen += 1;
+            self.scan(1);
             if seen > 1 << 16 {
                 return false;
             }
@@ -1021,7 +1045,9 @@ impl Vm {
             match part {
                 Value::None => {}
                 Value::Dict(_) => {
-                    for (k, _) in self.dict(part).map(|d| d.items.as_slice()).unwrap_or_default() {
+                    let items = self.dict(part).map(|d| d.items.as_slice()).unwrap_or_default();
+                    self.scan(items.len());
+                    for (k, _) in items {
                         match k {
                             Value::Str(name)
                                 if !TENSOR_DESCRIPTORS.contains(&name.as_str()) && !name.starts_with("__") => {}
@@ -1046,7 +1072,9 @@ impl Vm {
         match m {
             Value::None | Value::Bool(false) | Value::Int(0) => Ok(()),
             Value::Dict(_) => {
-                for (k, v) in self.dict(m).map(|d| d.items.as_slice()).unwrap_or_default() {
+                let items = self.dict(m).map(|d| d.items.as_slice()).unwrap_or_default();
+                self.scan(items.len());
+                for (k, v) in items {
                     if let Value::Str(name) = k {
                         if matches!(name.as_str(), "neg" | "conj") && !matches!(v, Value::Bool(false) | Value::None) {
                             return Err(format!("its metadata sets '{name}', which tensorlift does not apply"));

@@ -455,6 +455,33 @@ fn copies_of_shared_keys_count_against_the_pickles_budget() {
     assert!(s.contains("list of tensors"), "{s}");
 }
 
+/// A large list kept in the memo, made a set again and again by calls of a few bytes each:
+/// each call checks every item (Python hashes them), so the work grew with the square of
+/// the file. It is bounded by the pickle's length, and refused quickly.
+#[test]
+fn values_checked_again_and_again_are_refused_quickly() {
+    // set (memo 0), a list of 100,000 ints (memo 1), then a list of set(list) calls.
+    let mut p = b"\x80\x02cbuiltins\nset\nq\x00]q\x01(".to_vec();
+    for i in 0..100_000u32 {
+        p.push(b'J');
+        p.extend_from_slice(&i.to_le_bytes());
+    }
+    p.extend_from_slice(b"e]");
+    for _ in 0..20 {
+        p.push(b'(');
+        for _ in 0..1000 {
+            p.extend_from_slice(b"h\x00h\x01\x85R");
+        }
+        p.push(b'e');
+    }
+    p.push(b'.');
+    let started = std::time::Instant::now();
+    let (k, s) = kind(read_bytes(&legacy(&p)));
+    assert!(matches!(k, ErrorKind::Rescans { scanned, .. } if scanned > 1 << 24), "{s}");
+    // (Not a timing test: a bound that holds on any machine, against hours unbounded.)
+    assert!(started.elapsed() < std::time::Duration::from_secs(120), "{:?}", started.elapsed());
+}
+
 fn ck_names(ck: &TorchCheckpoint) -> Vec<&str> {
     ck.tensors.iter().map(|t| t.name.as_str()).collect()
 }
