@@ -197,3 +197,28 @@ fn load_verify_checks_what_manifest_wrote() {
     let err = text(&out.stderr);
     assert!(err.contains("model-00002-of-00002.safetensors: its SHA-256 is ") && err.contains(&now), "{err}");
 }
+
+/// The lines of an existing `SHA256SUMS` for other files are kept byte for byte (a name
+/// that is not UTF-8, a comment, the tagged form), and `sha256sum -c` passes on the result.
+#[test]
+fn other_lines_of_an_existing_sha256sums_are_kept_as_they_are() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = scratch_in(&std::env::temp_dir(), "tl-manifest-");
+    write_shard(&dir.join("model.safetensors"), &[("w", Dtype::F32, &[5])]);
+    let odd = std::ffi::OsStr::from_bytes(b"caf\xe9.txt");
+    std::fs::write(dir.join(odd), b"not a shard").unwrap();
+    std::fs::write(dir.join("tokenizer.json"), b"{}").unwrap();
+    let listed = Command::new("sha256sum").arg(odd).current_dir(&dir).output().unwrap().stdout;
+    let tagged = sha256sum(&dir, &["--tag", "tokenizer.json"]).stdout;
+    let before =
+        [b"# kept\n".as_slice(), &listed, &tagged, format!("{}  model.safetensors\n", "0".repeat(64)).as_bytes()]
+            .concat();
+    std::fs::write(dir.join("SHA256SUMS"), &before).unwrap();
+    let out = tensorlift(&["manifest", dir.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let after = std::fs::read(dir.join("SHA256SUMS")).unwrap();
+    let mine = sha256sum(&dir, &["model.safetensors"]).stdout;
+    assert_eq!(after, [b"# kept\n".as_slice(), &listed, &tagged, &mine].concat());
+    let check = sha256sum(&dir, &["-c", "SHA256SUMS"]);
+    assert!(check.status.success(), "{}{}", text(&check.stdout), text(&check.stderr));
+}

@@ -461,6 +461,13 @@ impl LinkPolicy {
     }
 }
 
+/// Whether a link in `folder` (an opened model folder, canonical) that resolves to `real`
+/// may be followed, by the rule shards' links follow: it stays in the folder, or, for a
+/// Hugging Face hub cache snapshot, it leads into that repository's `blobs/`.
+pub fn link_allowed(folder: &Path, real: &Path) -> bool {
+    LinkPolicy::for_root(folder).allows(real)
+}
+
 /// A shard's header as read: bytes to parse, or (a PyTorch file) already read.
 pub(crate) enum HeaderWork {
     Parse(Vec<u8>),

@@ -16,7 +16,7 @@ pub use crate::digest::{
     expected, format_sums, hub_blob_digest, parse_sums, sha256_file, DigestSource, Expected, Sha256, SumsError,
     SUMS_FILE,
 };
-use crate::digest::{open_existing, plain, read_sums, sha256_of};
+use crate::digest::{open_existing, plain, read_sums_bytes, sha256_of, sums_text};
 
 /// Each shard's expected digest and where it was found (`None`: none found, where the
 /// policy allows it).
@@ -77,10 +77,10 @@ fn remote_expected(plan: &tensorlift_io::Checkpoint) -> Result<crate::digest::Ex
     let fail = |message: String| crate::digest::SumsError { file: sums_file.clone(), line: 0, message };
     let fetched = plan.fetch_remote_file(SUMS_FILE, crate::digest::MAX_SUMS_BYTES).map_err(|e| fail(e.to_string()))?;
     let listed = match fetched {
-        Some((bytes, _)) => crate::digest::parse_lines(&String::from_utf8_lossy(&bytes), &sums_file)?,
+        Some((bytes, _)) => crate::digest::parse_lines(&crate::digest::sums_text(&bytes), &sums_file)?,
         None => Vec::new(),
     };
-    Ok(crate::digest::expected_from(plan, &listed, sums_file)?)
+    Ok(crate::digest::expected_from(plan, &listed, sums_file, true)?)
 }
 
 /// The digest of a remote checkpoint's index, fetched again: the object planning read (its
@@ -200,25 +200,36 @@ pub fn manifest(path: impl AsRef<Path>) -> Result<Manifest, ManifestError> {
 }
 
 impl Manifest {
-    /// Writes the manifest as `SHA256SUMS` in the checkpoint's folder. The entries of a
-    /// `SHA256SUMS` already there for other files (a tokenizer, a config) are kept, before
-    /// this manifest's; one that cannot be read is an error, and is left as it is. The file
-    /// is written beside it under a new name, then renamed over it: a reader never sees half
-    /// a file, and no link at either name is followed. Returns its path.
+    /// Writes the manifest as `SHA256SUMS` in the checkpoint's folder. The lines of a
+    /// `SHA256SUMS` already there for other files (a tokenizer, a config), and its comments,
+    /// are kept as they are, byte for byte, before this manifest's; one that cannot be read
+    /// is an error, and is left as it is. The file is written beside it under a new name,
+    /// then renamed over it: a reader never sees half a file, and no link at either name is
+    /// followed (the new file replaces a link). Returns its path.
     pub fn write(&self) -> Result<PathBuf, ManifestError> {
         let path = self.folder.join(SUMS_FILE);
         let io = |file: &Path, source: std::io::Error| ManifestError::Io { file: file.to_path_buf(), source };
         let ours: std::collections::HashSet<String> = self.entries.iter().map(|(n, _)| plain(n)).collect();
-        let kept = read_sums(&path).map_err(|e| {
-            io(&path, std::io::Error::other(format!("its other entries cannot be kept: {}", e.message)))
-        })?;
-        let mut all: Vec<(String, Sha256)> = kept
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|(_, n, _)| !ours.contains(&plain(n)))
-            .map(|(_, n, d)| (n, d))
-            .collect();
-        all.extend(self.entries.iter().cloned());
+        let cannot_keep = |e: SumsError| {
+            io(
+                &path,
+                std::io::Error::other(format!("its other entries cannot be kept: {} (line {})", e.message, e.line)),
+            )
+        };
+        let mut text: Vec<u8> = Vec::new();
+        if let Some(bytes) = read_sums_bytes(&path).map_err(cannot_keep)? {
+            crate::digest::parse_lines(&sums_text(&bytes), &path).map_err(cannot_keep)?;
+            let lines: Vec<&[u8]> = bytes.strip_suffix(b"\n").unwrap_or(&bytes).split(|&b| b == b'\n').collect();
+            for raw in lines {
+                // A line of this manifest's files is replaced; any other is kept as it is.
+                let names = std::str::from_utf8(raw).ok().and_then(|l| crate::digest::parse_lines(l, &path).ok());
+                if !names.unwrap_or_default().iter().any(|(_, n, _)| ours.contains(&plain(n))) {
+                    text.extend_from_slice(raw);
+                    text.push(b'\n');
+                }
+            }
+        }
+        text.extend_from_slice(format_sums(&self.entries).as_bytes());
         let mut created = None;
         for n in 0..100 {
             let p = self.folder.join(format!(".{SUMS_FILE}.partial-{}-{n}", std::process::id()));
@@ -236,7 +247,7 @@ impl Manifest {
             return Err(io(&path, std::io::Error::other("no free name for the file written beside it")));
         };
         let result = (|| {
-            f.write_all(format_sums(&all).as_bytes())?;
+            f.write_all(&text)?;
             f.sync_all()?;
             std::fs::rename(&partial, &path)?;
             std::fs::File::open(&self.folder)?.sync_all()

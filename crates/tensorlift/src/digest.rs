@@ -32,7 +32,7 @@ impl FromStr for Sha256 {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(format!("'{}' is not a SHA-256 digest (64 hex digits)", s.escape_debug()));
+            return Err(format!("'{}' is not a SHA-256 digest (64 hex digits)", shown(s)));
         }
         let mut out = [0u8; 32];
         for (i, o) in out.iter_mut().enumerate() {
@@ -209,23 +209,76 @@ pub(crate) fn sha256_of(f: &std::fs::File, len: u64) -> std::io::Result<Sha256> 
 /// The largest `SHA256SUMS` read (a line a file: 64 MiB is about 700,000 files).
 pub(crate) const MAX_SUMS_BYTES: u64 = 64 << 20;
 
-/// The entries of the `SHA256SUMS` at `path`, with line numbers; `None` where there is none.
-pub(crate) fn read_sums(path: &Path) -> Result<Option<Vec<Line>>, SumsError> {
+/// The bytes of the `SHA256SUMS` at `path`; `None` where there is none. A link there is
+/// followed only where a shard's would be ([`tensorlift_io::link_allowed`]): in a Hugging
+/// Face hub cache snapshot, every file, `SHA256SUMS` too, is a link into the repository's
+/// `blobs/`.
+pub(crate) fn read_sums_bytes(path: &Path) -> Result<Option<Vec<u8>>, SumsError> {
     let fail = |message: String| SumsError { file: path.to_path_buf(), line: 0, message };
-    let Some((f, len)) = open_regular(path, false).map_err(|e| fail(e.to_string()))? else { return Ok(None) };
+    let is_link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+    let target = match is_link {
+        false => path.to_path_buf(),
+        true => {
+            let folder = path.parent().and_then(|p| std::fs::canonicalize(p).ok());
+            let real = std::fs::canonicalize(path).ok();
+            match (folder, real) {
+                (Some(folder), Some(real)) if tensorlift_io::link_allowed(&folder, &real) => real,
+                // (A link that leads nowhere is a file that is not there.)
+                (_, None) => return Ok(None),
+                _ => {
+                    return Err(fail(
+                        "it is a symbolic link that leads out of its folder, which is not followed".into(),
+                    ))
+                }
+            }
+        }
+    };
+    // The link's target, resolved: opened without following any link it has become since.
+    let Some((f, len)) = open_regular(&target, false).map_err(|e| fail(e.to_string()))? else { return Ok(None) };
     if len > MAX_SUMS_BYTES {
         return Err(fail(format!("{len} bytes, more than the {MAX_SUMS_BYTES} read")));
     }
     let mut bytes = Vec::new();
     f.take(MAX_SUMS_BYTES).read_to_end(&mut bytes).map_err(|e| fail(e.to_string()))?;
-    // Names that are not UTF-8 name no shard (shard names are): they are read, not matched.
-    parse_lines(&String::from_utf8_lossy(&bytes), path).map(Some)
+    Ok(Some(bytes))
+}
+
+/// A `SHA256SUMS` file's bytes as text for [`parse_lines`]: a line that is not UTF-8 names
+/// no shard (shard names are UTF-8) and is left out, blank (so that lines keep their
+/// numbers), rather than read with replacement characters, which would match a name that
+/// has them, or make two such lines one name listed twice.
+pub(crate) fn sums_text(bytes: &[u8]) -> String {
+    let lines: Vec<&str> = bytes.split(|&b| b == b'\n').map(|l| std::str::from_utf8(l).unwrap_or("")).collect();
+    lines.join("\n")
+}
+
+/// The entries of the `SHA256SUMS` at `path`, with line numbers; `None` where there is none.
+pub(crate) fn read_sums(path: &Path) -> Result<Option<Vec<Line>>, SumsError> {
+    match read_sums_bytes(path)? {
+        Some(bytes) => parse_lines(&sums_text(&bytes), path).map(Some),
+        None => Ok(None),
+    }
 }
 
 /// A name as `sha256sum -c` resolves it against the folder: `./`, `a//b` and `a/./b` are
 /// the same file as `a/b`.
 pub(crate) fn plain(name: &str) -> String {
     name.split('/').filter(|c| !c.is_empty() && *c != ".").collect::<Vec<_>>().join("/")
+}
+
+/// [`plain`], for a name that can be a file in the folder: `None` for an absolute name
+/// (`sha256sum -c` checks `/model.safetensors`, not the folder's) or one that ends with `/`
+/// (a folder's, which `sha256sum -c` cannot read).
+pub(crate) fn relative(name: &str) -> Option<String> {
+    (!name.starts_with('/') && !name.ends_with('/')).then(|| plain(name))
+}
+
+/// Text from a `SHA256SUMS` file for an error message: escaped, and cut to 100 characters
+/// (a line may be megabytes long).
+pub(crate) fn shown(text: &str) -> String {
+    let cut: String = text.chars().take(100).collect();
+    let more = if cut.len() < text.len() { "..." } else { "" };
+    format!("{}{more}", cut.escape_debug())
 }
 
 /// Where a shard's expected digest was found.
@@ -266,7 +319,7 @@ pub struct Expected {
 pub fn expected(plan: &tensorlift_format::LoadPlan) -> Result<Expected, SumsError> {
     let sums_file = plan.root().join(SUMS_FILE);
     let listed = read_sums(&sums_file)?.unwrap_or_default();
-    expected_from(plan, &listed, sums_file)
+    expected_from(plan, &listed, sums_file, false)
 }
 
 /// [`expected`], from the entries of the `SHA256SUMS` at `sums_file` (read already: a
@@ -275,15 +328,18 @@ pub(crate) fn expected_from(
     plan: &tensorlift_format::LoadPlan,
     listed: &[Line],
     sums_file: PathBuf,
+    remote: bool,
 ) -> Result<Expected, SumsError> {
     let mut by_name: std::collections::HashMap<String, Sha256> = std::collections::HashMap::new();
     for (line, name, digest) in listed {
-        if let Some(other) = by_name.insert(plain(name), *digest) {
+        // An absolute name is not the folder's file: it is not matched.
+        let Some(key) = relative(name) else { continue };
+        if let Some(other) = by_name.insert(key, *digest) {
             if other != *digest {
                 return Err(SumsError {
                     file: sums_file.clone(),
                     line: *line,
-                    message: format!("'{}' is listed twice, with two digests", name.escape_debug()),
+                    message: format!("'{}' is listed twice, with two digests", shown(name)),
                 });
             }
         }
@@ -291,7 +347,9 @@ pub(crate) fn expected_from(
     let mut shards = Vec::with_capacity(plan.shards().len());
     for s in plan.shards() {
         let listed = std::iter::once(&s.name).chain(&s.aliases).find_map(|n| by_name.get(&plain(n)));
-        let found = match (hub_blob_digest(&s.path), listed) {
+        // A remote shard's path is its URL: no hub cache blob (nor anything local) it is.
+        let hub = if remote { None } else { hub_blob_digest(&s.path) };
+        let found = match (hub, listed) {
             // Both say: they must agree.
             (Some(hub), Some(sums)) if hub != *sums => {
                 return Err(SumsError {
@@ -312,7 +370,7 @@ pub(crate) fn expected_from(
     }
     let index = plan.index_file().and_then(|p| {
         let name = p.strip_prefix(plan.root()).unwrap_or(p).to_string_lossy().into_owned();
-        by_name.get(&plain(&name)).map(|d| (*d, DigestSource::SumsFile(sums_file.clone())))
+        relative(&name).and_then(|n| by_name.get(&n)).map(|d| (*d, DigestSource::SumsFile(sums_file.clone())))
     });
     Ok(Expected { shards, index, sums_file })
 }

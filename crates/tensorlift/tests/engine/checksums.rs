@@ -348,3 +348,61 @@ fn a_verified_load_refuses_tensors_that_share_bytes() {
     let want = expect.as_object().unwrap().len();
     assert_eq!(base().build().unwrap().load_blocking(&dir).unwrap().len(), want);
 }
+
+/// In a hub cache snapshot every file is a link into the repository's `blobs/`, a
+/// `SHA256SUMS` the repository ships too: it is read through that link (as a shard is),
+/// never through one that leads out of the folder.
+#[test]
+fn a_sha256sums_in_a_hub_snapshot_is_read_through_its_link() {
+    let (snapshot, _, digest) = hub_snapshot(("w", Dtype::F32, &[3]), false);
+    let blobs = snapshot.join("../../blobs");
+    // A listed digest other than the blob's: the disagreement shows the file was read.
+    let sums = format!("{}  m.safetensors\n", "1".repeat(64));
+    std::fs::write(blobs.join("b".repeat(40)), &sums).unwrap();
+    std::os::unix::fs::symlink(format!("../../blobs/{}", "b".repeat(40)), snapshot.join("SHA256SUMS")).unwrap();
+    let plan = tensorlift::plan(&snapshot).unwrap();
+    let err = expected(&plan).unwrap_err();
+    assert!(err.message.contains("but the hub cache blob it is") && err.message.contains(&digest.to_string()), "{err}");
+    std::fs::write(blobs.join("b".repeat(40)), format!("{digest}  m.safetensors\n")).unwrap();
+    assert!(expected(&plan).unwrap().shards[0].is_some());
+    // A link out of the snapshot and its repository's blobs is not followed.
+    let outside = scratch().join("SHA256SUMS");
+    std::fs::write(&outside, &sums).unwrap();
+    std::fs::remove_file(snapshot.join("SHA256SUMS")).unwrap();
+    std::os::unix::fs::symlink(&outside, snapshot.join("SHA256SUMS")).unwrap();
+    let err = expected(&plan).unwrap_err();
+    assert!(err.message.contains("symbolic link that leads out of its folder"), "{err}");
+}
+
+/// Names match as `sha256sum -c` resolves them: an absolute name, or one that ends with
+/// `/`, is not the folder's file; a line whose name is not UTF-8 names no shard, and two
+/// such lines are not one name listed twice; a long line is cut short in an error.
+#[test]
+fn sums_lines_name_what_sha256sum_would_check() {
+    let dir = scratch();
+    write_shard(&dir.join("m.safetensors"), &[("w", Dtype::F32, &[3])]);
+    let d = sha256_file(&dir.join("m.safetensors")).unwrap();
+    let plan = tensorlift::plan(&dir).unwrap();
+    for name in ["/m.safetensors", "m.safetensors/", "//m.safetensors"] {
+        std::fs::write(dir.join("SHA256SUMS"), format!("{d}  {name}\n")).unwrap();
+        assert_eq!(expected(&plan).unwrap().shards, [None], "{name}");
+    }
+    let mut bytes = format!("{}  caf", "1".repeat(64)).into_bytes();
+    bytes.extend_from_slice(b"\xe9\n");
+    bytes.extend_from_slice(format!("{}  caf", "2".repeat(64)).as_bytes());
+    bytes.extend_from_slice(b"\xe8\n");
+    bytes.extend_from_slice(format!("{d}  ./m.safetensors\n").as_bytes());
+    std::fs::write(dir.join("SHA256SUMS"), &bytes).unwrap();
+    let sums_file = expected(&plan).unwrap().sums_file;
+    assert_eq!(expected(&plan).unwrap().shards, [Some((d, DigestSource::SumsFile(sums_file)))]);
+    // A shard whose name holds U+FFFD is not the one a line of invalid UTF-8 names.
+    let odd = scratch();
+    write_shard(&odd.join("m\u{FFFD}.safetensors"), &[("w", Dtype::F32, &[3])]);
+    let d = sha256_file(&odd.join("m\u{FFFD}.safetensors")).unwrap();
+    std::fs::write(odd.join("SHA256SUMS"), [format!("{d}  m").as_bytes(), b"\xff.safetensors\n"].concat()).unwrap();
+    assert_eq!(expected(&tensorlift::plan(&odd).unwrap()).unwrap().shards, [None]);
+    // A tagged line with a megabyte where its digest should be.
+    std::fs::write(dir.join("SHA256SUMS"), format!("SHA256 (m.safetensors) = {}\n", "a".repeat(1 << 20))).unwrap();
+    let err = expected(&plan).unwrap_err();
+    assert!(err.to_string().len() < 400 && err.message.contains("..."), "{} bytes", err.to_string().len());
+}
