@@ -435,14 +435,30 @@ def main():
     case("rt_storage_twice_in_two_cases", records([("archive/data.pkl", plain), ("archive/byteorder", "little"),
                                                    ("archive/data/0", four), ("archive/DATA/0", struct.pack("<4f", 9, 9, 9, 9)),
                                                    ("archive/version", "3\n")]),
-         tensorlift_refuses="appears twice")
+         tensorlift_refuses="differ only in case")
     case("rt_pickle_twice_in_two_cases", records([("archive/data.pkl", plain), ("archive/DATA.PKL", sd(("v", rebuild()))),
                                                   ("archive/byteorder", "little"), ("archive/data/0", four),
                                                   ("archive/version", "3\n")]),
-         tensorlift_refuses="appears twice")
+         tensorlift_refuses="differ only in case")
+    # Two names in two cases that no reader looks up: read.
+    case("rt_other_files_in_two_cases", records([("archive/data.pkl", plain), ("archive/byteorder", "little"),
+                                                 ("archive/data/0", four), ("archive/version", "3\n"),
+                                                 ("archive/extra/README", "a"), ("archive/extra/readme", "b")]))
+    # 65,535 entries: Python's zipfile marks the count (0xFFFF) and writes no zip64 records.
+    case("rt_65535_entries", records([("archive/data.pkl", plain), ("archive/byteorder", "little"),
+                                      ("archive/data/0", four), ("archive/version", "3\n")]
+                                     + [(f"archive/extra/{i}", "") for i in range(65535 - 4)]))
     # The zip64 end record (which torch.save always writes, and torch reads the directory
     # from) names a second central directory, where data/0 is other bytes: refused.
     case("rt_zip64_names_another_directory", zip64_other_directory, tensorlift_refuses="two central directories")
+    # A zip64 end record without its signature: ignored, the end record read (as miniz does).
+    case("rt_zip64_record_unsigned", zip64_unsigned)
+    # Many small tensors, whose list (names, keys, shapes) is large beside their pickle.
+    case("many_scalars.zip", lambda p: save(p, {str(i): torch.tensor(float(i)) for i in range(20000)}))
+    case("many_scalars.legacy", lambda p: save(p, {str(i): torch.tensor(float(i)) for i in range(20000)},
+                                               _use_new_zipfile_serialization=False))
+    rows = torch.arange(20000, dtype=torch.float32).reshape(20000, 1)
+    case("many_rows_of_one_storage.zip", lambda p: save(p, {f"r{i}": rows[i] for i in range(20000)}))
     # A legacy file whose GLOBAL line crosses the reader's first 1 MiB window.
     case("legacy_global_across_the_first_window", legacy_global_across)
 
@@ -481,6 +497,18 @@ def zip64_other_directory(path):
     end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, count, count, len(cd), first_at, 0)
     with open(path, "wb") as f:
         f.write(body + z64 + locator + end)
+
+
+def zip64_unsigned(path):
+    """A torch.save archive whose zip64 end record's signature is spoiled."""
+    buf = io.BytesIO()
+    torch.save({"w": torch.arange(4, dtype=torch.float32)}, buf)
+    raw = bytearray(buf.getvalue())
+    at = raw.rfind(b"PK\x06\x06")
+    assert at > 0 and raw.rfind(b"PK\x06\x07") > at, "torch.save writes zip64 records"
+    raw[at : at + 4] = b"XX\x06\x06"
+    with open(path, "wb") as f:
+        f.write(raw)
 
 
 def legacy_global_across(path):

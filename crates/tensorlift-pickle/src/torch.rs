@@ -386,7 +386,7 @@ fn read_zip<R: ReadAt + ?Sized>(src: &R, limits: &Limits) -> Result<TorchCheckpo
     let mut pickles = entries.iter().filter_map(|(name, e)| {
         name.strip_suffix("data.pkl")
             .filter(|p| p.ends_with('/') && !p[..p.len() - 1].contains('/'))
-            .map(|p| (p.to_owned(), *e))
+            .map(|p| (p.to_owned(), e))
     });
     let (prefix, pkl) =
         pickles.next().ok_or_else(|| ErrorKind::NotTorch("a zip archive without ARCHIVE/data.pkl".into()))?;
@@ -395,11 +395,12 @@ fn read_zip<R: ReadAt + ?Sized>(src: &R, limits: &Limits) -> Result<TorchCheckpo
         return Err(ErrorKind::Zip(format!("two pickles, {prefix}data.pkl and {other}data.pkl")));
     }
     // PyTorch's reader requires the archive's version record.
-    let has = |name: String| entries.contains_key(&zip::key(&name));
-    if !has(format!("{prefix}version")) && !has(format!("{prefix}.data/version")) {
+    let pkl = zip::find(&entries, &pkl.name)?.unwrap_or(pkl);
+    let has = |name: String| zip::find(&entries, &name).map(|e| e.is_some());
+    if !has(format!("{prefix}version"))? && !has(format!("{prefix}.data/version"))? {
         return Err(ErrorKind::Zip(format!("no {prefix}version record (PyTorch refuses such an archive)")));
     }
-    if let Some(e) = entries.get(&zip::key(&format!("{prefix}byteorder"))) {
+    if let Some(e) = zip::find(&entries, &format!("{prefix}byteorder"))? {
         let b = read_vec(src, e.offset, e.len.min(16))?;
         if b.as_slice() == b"big" {
             return Err(ErrorKind::BigEndian);
@@ -421,8 +422,7 @@ fn read_zip<R: ReadAt + ?Sized>(src: &R, limits: &Limits) -> Result<TorchCheckpo
     let (root, _) = vm.run(&code, vm_limits(limits), &mut st)?;
     let mut storages = BTreeMap::new();
     for (key, s) in &st.seen {
-        let e = entries
-            .get(&zip::key(&format!("{prefix}data/{key}")))
+        let e = zip::find(&entries, &format!("{prefix}data/{key}"))?
             .ok_or_else(|| ErrorKind::Zip(format!("storage '{key}' has no entry {prefix}data/{key}")))?;
         let es = s.dtype.bitsize() as u64 / 8;
         let need =
@@ -623,14 +623,19 @@ fn state_dict(
     let mut total = 0u64;
     // Each entry's name, storage key, shape and strides are copied out of the pickle's
     // values, which may share them (one long key, or one long shape, under a million
-    // names): the copies count against what is left of the pickle's memory budget.
-    let room = vm.room();
+    // names): the copies may take as much as the values may (a budget of their own, as
+    // large: a state_dict torch.save writes lists its tensors in about 4 bytes per byte
+    // of its pickle, where its values may already take most of theirs).
+    let room = vm.budget();
     let mut listed = 0u64;
     let mut list = |bytes: u64| {
         listed = listed.saturating_add(bytes);
         match listed > room {
             true => Err(ErrorKind::Limit {
-                what: format!("a state_dict whose list of tensors takes more than {room} bytes"),
+                what: format!(
+                    "a state_dict whose list of tensors (their names, storage keys and shapes) takes more than {room} \
+                     bytes"
+                ),
                 limit: room,
                 setting: "pickle_memory_per_byte",
             }),

@@ -481,10 +481,11 @@ impl Vm {
         self.read.saturating_mul(self.memory_per_byte).saturating_add(MEMORY_FLOOR)
     }
 
-    /// Bytes the budget has left (for what is made from the values once the pickle is
-    /// read, such as the list of its tensors).
-    pub fn room(&self) -> u64 {
-        self.max_memory().saturating_sub(self.memory)
+    /// The budget for what the pickle's values may take, from the bytes of it read: also
+    /// the allowance of what is made from them once it is read (the list of its tensors),
+    /// counted apart from them.
+    pub fn budget(&self) -> u64 {
+        self.max_memory()
     }
 
     /// Counts `n` items looked at by a check; the interpreter refuses the pickle once they

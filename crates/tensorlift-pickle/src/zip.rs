@@ -14,12 +14,30 @@ const CENTRAL: u32 = 0x0201_4b50;
 const LOCAL: u32 = 0x0403_4b50;
 
 /// Where one entry's bytes lie in the file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     /// Offset of the first data byte.
     pub offset: u64,
     /// Bytes of data.
     pub len: u64,
+    /// Its name, as the archive spells it.
+    pub name: String,
+    /// Another entry whose name differs from this one's only in case: PyTorch's reader,
+    /// which finds records ignoring case, could read either, so such a record is not read
+    /// ([`find`]).
+    pub twin: Option<String>,
+}
+
+/// The record `name` (found ignoring ASCII case, as PyTorch finds it); an error where two
+/// entries differ only in case.
+pub fn find<'a>(entries: &'a BTreeMap<String, Entry>, name: &str) -> Result<Option<&'a Entry>, ErrorKind> {
+    match entries.get(&key(name)) {
+        Some(Entry { name, twin: Some(twin), .. }) => Err(bad(format!(
+            "entries '{name}' and '{twin}' differ only in case: PyTorch's reader, which finds records ignoring case, \
+             could read either"
+        ))),
+        found => Ok(found),
+    }
 }
 
 fn bad(message: impl Into<String>) -> ErrorKind {
@@ -75,28 +93,29 @@ pub fn entries<R: ReadAt + ?Sized>(
     // (`torch.save` always writes one). Where the end record's own fields are not the zip64
     // marks, they must agree with it: an archive that shows two directories to two readers
     // is refused.
-    let marked = count == 0xFFFF || dir_len == 0xFFFF_FFFF || dir_at == 0xFFFF_FFFF;
+    // As miniz reads them: a locator that says other than one disk is refused; a zip64 end
+    // record without its signature is ignored, and so is a missing one: the end record's
+    // fields are then used as they are (Python's zipfile writes 65,535 entries so).
     let locator = eocd_pos.checked_sub(20).and_then(|loc| read_vec(src, loc, 20).ok());
-    match locator.filter(|l| u32_at(l, 0) == ZIP64_LOCATOR) {
-        Some(l) => {
-            let z = read_vec(src, u64_at(&l, 8), 56).map_err(|_| bad("zip64 end record out of the file"))?;
-            if u32_at(&z, 0) != ZIP64_EOCD {
-                return Err(bad("zip64 end record missing"));
-            }
-            let (count64, len64, at64) = (u64_at(&z, 32), u64_at(&z, 40), u64_at(&z, 48));
-            let disagree = (count != 0xFFFF && count != count64)
-                || (dir_len != 0xFFFF_FFFF && dir_len != len64)
-                || (dir_at != 0xFFFF_FFFF && dir_at != at64);
-            if disagree {
-                return Err(bad(format!(
-                    "the end record ({count} entries, {dir_len} bytes at {dir_at}) and the zip64 end record ({count64} \
-                     entries, {len64} bytes at {at64}) name two central directories"
-                )));
-            }
-            (count, dir_len, dir_at) = (count64, len64, at64);
+    let zip64 = match locator.filter(|l| u32_at(l, 0) == ZIP64_LOCATOR) {
+        Some(l) if u32_at(&l, 16) != 1 => return Err(bad("multi-disk archives are not supported (zip64 locator)")),
+        Some(l) => read_vec(src, u64_at(&l, 8), 56).ok().filter(|z| u32_at(z, 0) == ZIP64_EOCD),
+        None => None,
+    };
+    // (Without zip64 records, a field that holds a zip64 mark is taken as it is: a directory
+    // it misplaces is refused below, out of the file or malformed.)
+    if let Some(z) = zip64 {
+        let (count64, len64, at64) = (u64_at(&z, 32), u64_at(&z, 40), u64_at(&z, 48));
+        let disagree = (count != 0xFFFF && count != count64)
+            || (dir_len != 0xFFFF_FFFF && dir_len != len64)
+            || (dir_at != 0xFFFF_FFFF && dir_at != at64);
+        if disagree {
+            return Err(bad(format!(
+                "the end record ({count} entries, {dir_len} bytes at {dir_at}) and the zip64 end record ({count64} \
+                 entries, {len64} bytes at {at64}) name two central directories"
+            )));
         }
-        None if marked => return Err(bad("zip64 locator missing")),
-        None => {}
+        (count, dir_len, dir_at) = (count64, len64, at64);
     }
     if count > max_entries as u64 {
         return Err(ErrorKind::Limit {
@@ -179,11 +198,18 @@ pub fn entries<R: ReadAt + ?Sized>(
         }
         spans.push((local, data + csize, name.clone()));
         // PyTorch's reader finds a record by its name ignoring ASCII case: two names that
-        // differ only so are one name twice (which of them it reads is not ours to guess).
-        if out.insert(name.to_ascii_lowercase(), Entry { offset: data, len: csize }).is_some() {
-            return Err(bad(format!(
-                "entry '{name}' appears twice (names are compared ignoring case, as PyTorch does)"
-            )));
+        // differ only so are kept as one, marked (which of them it reads is not ours to
+        // guess: such a record is refused where it is looked up).
+        match out.entry(key(&name)) {
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(Entry { offset: data, len: csize, name: name.clone(), twin: None });
+            }
+            std::collections::btree_map::Entry::Occupied(o) if o.get().name == name => {
+                return Err(bad(format!("entry '{name}' appears twice")));
+            }
+            std::collections::btree_map::Entry::Occupied(mut o) => {
+                o.get_mut().twin.get_or_insert_with(|| name.clone());
+            }
         }
         p += 46 + name_len + extra_len + comment_len;
     }

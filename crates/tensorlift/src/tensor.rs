@@ -274,10 +274,13 @@ impl Tensor {
         self
     }
 
-    /// Whether another tensor of the same load views some of the same memory: a PyTorch
-    /// file's tied weights and views of one storage, which share their bytes as
-    /// `torch.load`'s do. A write through one (by a consumer that writes) shows in the
-    /// other. Never for a safetensors file's tensors.
+    /// Whether another tensor of the same load may view some of the same host memory (of a
+    /// load's arena or a mapped file): a PyTorch file's tied weights and views of one
+    /// storage, which share their bytes as `torch.load`'s do, so that a write through one
+    /// (by a consumer that writes) shows in the other. Never for a safetensors file's
+    /// tensors. It errs on the side of sharing (a twin that was converted, gathered or read
+    /// again into memory of its own still counts), and says nothing of device memory, where
+    /// twins share too.
     pub fn shares_bytes(&self) -> bool {
         matches!(self.storage, Storage::Host { shared: true, .. } | Storage::Mapped { shared: true, .. })
     }
