@@ -48,8 +48,8 @@ enum Command {
         max_shard_size: u64,
     },
     /// Write SHA256SUMS in a checkpoint's folder: the SHA-256 of every shard and of the
-    /// index, in coreutils' format (`sha256sum -c SHA256SUMS` checks it), replacing one
-    /// that is there.
+    /// index, in coreutils' format (`sha256sum -c SHA256SUMS` checks it). The lines of one
+    /// already there for other files are kept as they are; its lines for these are replaced.
     Manifest {
         /// The checkpoint (a .safetensors file, an index JSON or a folder).
         path: PathBuf,

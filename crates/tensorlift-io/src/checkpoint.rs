@@ -150,6 +150,9 @@ pub struct Checkpoint {
     remote_root: Option<Arc<RemoteFolder>>,
     /// When planning began, in nanoseconds since the epoch (`None` for a remote checkpoint).
     planned_ns: Option<i128>,
+    /// The remote checkpoint (its URL) this one is the local copy of, where planning found
+    /// a copy in a cache folder.
+    copy_of: Option<PathBuf>,
 }
 
 /// How long before planning a file's last status change must be for its unchanged times to
@@ -189,6 +192,7 @@ impl Checkpoint {
             remote: self.remote.clone(),
             remote_root: self.remote_root.clone(),
             planned_ns: self.planned_ns,
+            copy_of: self.copy_of.clone(),
         }
     }
 
@@ -211,6 +215,17 @@ impl Checkpoint {
     /// checkpoint planned from an index: a later reading of the index can be held to it.
     pub fn index_identity(&self) -> Option<&FileIdentity> {
         self.index_identity.as_ref()
+    }
+
+    /// The remote checkpoint (its URL) whose local copy, in a cache folder, this plan was
+    /// made from, in place of the store's objects; `None` otherwise.
+    pub fn copy_of(&self) -> Option<&Path> {
+        self.copy_of.as_deref()
+    }
+
+    /// Marks the plan as made from the local copy of the remote checkpoint `url`.
+    pub(crate) fn mark_copy_of(&mut self, url: &Path) {
+        self.copy_of = Some(url.to_path_buf());
     }
 
     /// Whether the checkpoint is remote (object storage or HTTP): its shards are read by
@@ -245,7 +260,16 @@ impl Checkpoint {
     ) -> Self {
         let files = vec![None; objects.len()];
         let remote_root = Some(Arc::new(folder));
-        Checkpoint { plan, dir: None, files, index_identity, remote: objects, remote_root, planned_ns: None }
+        Checkpoint {
+            plan,
+            dir: None,
+            files,
+            index_identity,
+            remote: objects,
+            remote_root,
+            planned_ns: None,
+            copy_of: None,
+        }
     }
 
     /// Number of shard descriptors held open.
@@ -877,6 +901,7 @@ impl<'a> Planner<'a> {
                 remote: Vec::new(),
                 remote_root: None,
                 planned_ns: Some(self.started_ns),
+                copy_of: None,
             });
         }
         let started_ns = self.started_ns;
@@ -889,6 +914,7 @@ impl<'a> Planner<'a> {
             remote: Vec::new(),
             remote_root: None,
             planned_ns: Some(started_ns),
+            copy_of: None,
         })
     }
 }

@@ -102,8 +102,9 @@ pub(crate) fn open_remote(
             // with the store's plan, should the copy turn out unusable.
             match open_local(&local, limits, &OnlyCancel(observer)) {
                 // The plan holds the very files that were checked (its descriptors are read).
-                Ok(plan) if planned_files(&plan) == files => {
+                Ok(mut plan) if planned_files(&plan) == files => {
                     tracing::info!("{}: read from its local copy {}", path.display(), local.display());
+                    plan.mark_copy_of(path);
                     return Ok(plan);
                 }
                 Ok(_) => tracing::warn!("{}: its local copy changed while it was checked", path.display()),

@@ -28,6 +28,15 @@ pub(crate) type Digests = Vec<Option<(Sha256, DigestSource)>>;
 /// since, and while it is hashed) and, under [`Verify::Required`], every shard is seen to
 /// have one.
 pub(crate) fn for_load(plan: &tensorlift_io::Checkpoint, policy: crate::Verify) -> Result<Digests, crate::LoadError> {
+    // A plan made from a remote checkpoint's local copy would check the copy against the
+    // cache folder (which holds no SHA256SUMS): a verified load reads the store.
+    if let Some(url) = plan.copy_of() {
+        return Err(crate::LoadError::Unsupported(format!(
+            "a verified load of {}: this plan was made from its local copy in a cache folder, and a verified load \
+             reads the store (plan it with the loader that verifies, or without a cache folder)",
+            url.display()
+        )));
+    }
     // A remote checkpoint's SHA256SUMS and index are fetched from its folder in the store;
     // the shards' bytes are hashed as they land either way.
     let e = if plan.is_remote() { remote_expected(plan)? } else { expected(plan)? };
@@ -211,10 +220,8 @@ impl Manifest {
         let io = |file: &Path, source: std::io::Error| ManifestError::Io { file: file.to_path_buf(), source };
         let ours: std::collections::HashSet<String> = self.entries.iter().map(|(n, _)| plain(n)).collect();
         let cannot_keep = |e: SumsError| {
-            io(
-                &path,
-                std::io::Error::other(format!("its other entries cannot be kept: {} (line {})", e.message, e.line)),
-            )
+            let at = if e.line > 0 { format!(" (line {})", e.line) } else { String::new() };
+            io(&path, std::io::Error::other(format!("its other entries cannot be kept: {}{at}", e.message)))
         };
         let mut text: Vec<u8> = Vec::new();
         if let Some(bytes) = read_sums_bytes(&path).map_err(cannot_keep)? {

@@ -720,7 +720,7 @@ impl Sink for CudaSink {
                         continue;
                     };
                     let shard = &plan.shards()[s.shard];
-                    match check.settle(shard, digest, header) {
+                    match check.settle(plan.root(), shard, digest, header) {
                         Ok(held) => ready.extend(held),
                         Err(e) => return Poll::Ready(Err(e)),
                     }

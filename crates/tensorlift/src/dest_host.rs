@@ -512,7 +512,7 @@ impl Sink for HostSink {
             let Some(e) = self.extents.get_mut(k) else { continue };
             let Some(check) = e.check.take() else { continue };
             let shard = &plan.shards()[e.span.shard];
-            match check.settle(shard, actual, header) {
+            match check.settle(plan.root(), shard, actual, header) {
                 Ok(held) => ready.extend(held),
                 Err(e) => return Poll::Ready(Err(e)),
             }

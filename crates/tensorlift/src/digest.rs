@@ -44,18 +44,29 @@ impl FromStr for Sha256 {
 
 /// A `SHA256SUMS` file that cannot be read as coreutils writes them.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}: line {line}: {message}", file.display())]
+#[error("{}{}: {message}", file.display(), at_line(*line))]
 pub struct SumsError {
     pub file: PathBuf,
-    /// 1-based.
+    /// 1-based; 0 for an error of the whole file (not readable, a link, two digests for one
+    /// shard from it and the hub cache).
     pub line: usize,
     pub message: String,
+}
+
+/// `: line N`, or nothing for an error of the whole file (line 0).
+fn at_line(line: usize) -> String {
+    if line == 0 {
+        String::new()
+    } else {
+        format!(": line {line}")
+    }
 }
 
 /// The entries of a `SHA256SUMS` file (`file` names it in errors), in order: each a file
 /// name, as written (relative to the file's folder), and its digest. Takes what
 /// `sha256sum -c` takes: `<digest>  <name>` (text mode), `<digest> *<name>` (binary) or
-/// `<digest> <name>`, leading blanks, a leading `\` for a name with `\\`, `\n` or `\r`
+/// `<digest> <name>` (BSD's reversed form; as in coreutils, the file's first such line
+/// decides between the two for every line after it), leading blanks, a leading `\` for a name with `\\`, `\n` or `\r`
 /// escapes, the tagged form `SHA256 (<name>) = <digest>` (spaces around `=` and before `(`
 /// optional), CRLF line ends; `#` comment lines and empty lines are skipped. Anything else is
 /// an error naming the line.
@@ -69,6 +80,9 @@ pub(crate) type Line = (usize, String, Sha256);
 /// [`parse_sums`], each entry with its line number.
 pub(crate) fn parse_lines(text: &str, file: &Path) -> Result<Vec<Line>, SumsError> {
     let mut out = Vec::new();
+    // Whether the file's untagged lines have one blank between digest and name (BSD's
+    // reversed form), as its first such line says: coreutils' `bsd_reversed`.
+    let mut reversed: Option<bool> = None;
     for (i, raw) in text.split('\n').enumerate() {
         let line = raw.strip_suffix('\r').unwrap_or(raw).trim_start_matches([' ', '\t']);
         if line.is_empty() || line.starts_with('#') {
@@ -88,11 +102,32 @@ pub(crate) fn parse_lines(text: &str, file: &Path) -> Result<Vec<Line>, SumsErro
             tagged.ok_or_else(|| fail("a tagged line is `SHA256 (<name>) = <digest>`".into()))?
         } else {
             let (hex, rest) = line.split_at_checked(64).ok_or_else(|| fail("shorter than a digest".into()))?;
-            // As coreutils: a blank after the digest, then a space or `*` (binary), or the name.
+            // As coreutils: a blank after the digest, then a space or `*` (binary) and the
+            // name, or (BSD's reversed form) the name. The first line decides which for the
+            // whole file: after one-space lines, a name may start with a space or `*`, and a
+            // one-space line after two-space ones is one coreutils does not read.
             let rest = rest
                 .strip_prefix([' ', '\t'])
                 .ok_or_else(|| fail("the digest is not followed by a blank and a name".into()))?;
-            (hex, rest.strip_prefix([' ', '*']).unwrap_or(rest))
+            let marked = rest.len() > 1 && rest.starts_with([' ', '*']);
+            let name =
+                match (marked, reversed) {
+                    (true, Some(true)) => rest,
+                    (true, _) => {
+                        reversed = Some(false);
+                        &rest[1..]
+                    }
+                    (false, Some(false)) => return Err(fail(
+                        "one space between digest and name, after lines with two (sha256sum -c does not read such a \
+                         line)"
+                            .into(),
+                    )),
+                    (false, _) => {
+                        reversed = Some(true);
+                        rest
+                    }
+                };
+            (hex, name)
         };
         let digest = hex.parse::<Sha256>().map_err(fail)?;
         let name = if escaped { unescape(name).map_err(fail)? } else { name.to_owned() };
@@ -383,13 +418,19 @@ mod tests {
     fn sums_parse_and_format_as_coreutils() {
         let d = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
         let text = format!(
-            "{d}  a.safetensors\n{}  b c\r\n\n# a comment\n\\{d}  x\\\\y\\nz\nSHA256 (t) = {d}\n{d} *bin\n  {d} one\nSHA256(u)={d}\n{d}\ttab\n",
+            "{d}  a.safetensors\n{}  b c\r\n\n# a comment\n\\{d}  x\\\\y\\nz\nSHA256 (t) = {d}\n{d} *bin\n  {d}  one\nSHA256(u)={d}\n",
             d.to_uppercase()
         );
         let got = parse_sums(&text, Path::new("S")).unwrap();
         let names: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(names, ["a.safetensors", "b c", "x\\y\nz", "t", "bin", "one", "u", "tab"]);
+        assert_eq!(names, ["a.safetensors", "b c", "x\\y\nz", "t", "bin", "one", "u"]);
         assert!(got.iter().all(|(_, g)| g.to_string() == d));
+        // BSD's reversed form (one blank), as the first line sets it for the file: then a
+        // name may start with a space or `*` (as `sha256sum -c` reads such a file).
+        let text = format!("{d} a\n{d}  b\n{d} *c\n{d}\ttab\n");
+        let got = parse_sums(&text, Path::new("S")).unwrap();
+        let names: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["a", " b", "*c", "tab"]);
         let entries = vec![("a".to_owned(), d.parse().unwrap()), ("x\\y\nz".to_owned(), d.parse().unwrap())];
         assert_eq!(format_sums(&entries), format!("{d}  a\n\\{d}  x\\\\y\\nz\n"));
         assert_eq!(parse_sums(&format_sums(&entries), Path::new("S")).unwrap(), entries);
@@ -402,7 +443,8 @@ mod tests {
             (format!("{d}  ok\nshort  x\n"), 2, "shorter than a digest"),
             (format!("{d}x\n"), 1, "the digest is not followed by a blank"),
             (format!("{}g  x\n", &d[..63]), 1, "is not a SHA-256 digest"),
-            (format!("{d}  \n"), 1, "no file name"),
+            (format!("{d} \n"), 1, "no file name"),
+            (format!("{d}  a\n{d} b\n"), 2, "one space between digest and name, after lines with two"),
             (format!("\\{d}  a\\qb\n"), 1, "unknown escape '\\q'"),
             ("SHA256 (x = 00\n".to_owned(), 1, "a tagged line is"),
         ];

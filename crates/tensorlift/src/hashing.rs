@@ -367,15 +367,24 @@ impl Check {
     /// held tensors, if the digest is the expected one and the header the one planning
     /// parsed (else the file was rewritten after planning, and the tensors laid out by the
     /// planned header are not the file's).
+    /// (`root`: the checkpoint's folder, where the shard has its name.)
     pub(crate) fn settle(
         self,
+        root: &std::path::Path,
         shard: &tensorlift_format::Shard,
         digest: Sha256,
         header: Option<u64>,
     ) -> Result<Vec<crate::Tensor>, crate::LoadError> {
         if digest != self.expected {
+            // Named as the folder names it: a hub cache snapshot's file resolves to a blob
+            // named by a digest, which would not say which shard it is (the blob is named
+            // where the expected digest came from).
+            let file = match shard.path.ends_with(&shard.name) {
+                true => shard.path.clone(),
+                false => root.join(&shard.name),
+            };
             return Err(crate::LoadError::Checksum {
-                file: shard.path.clone(),
+                file,
                 expected: self.expected,
                 actual: digest,
                 expected_by: self.expected_by,

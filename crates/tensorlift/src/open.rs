@@ -190,7 +190,7 @@ fn verify_mapped(
     for (&(shard, map, (expected, by)), digest) in work.iter().zip(digests) {
         let digest = digest.unwrap_or_else(|| hash(map));
         let header = map.view(contract).get(..shard.data_start() as usize).map(tensorlift_format::header_hash);
-        crate::hashing::Check::new(*expected, by.clone()).settle(shard, digest, header)?;
+        crate::hashing::Check::new(*expected, by.clone()).settle(plan.root(), shard, digest, header)?;
         verified += shard.file_len;
     }
     Ok(verified)

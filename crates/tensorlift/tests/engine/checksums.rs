@@ -310,10 +310,18 @@ fn shards_without_a_digest_fail_a_required_load_and_are_counted_under_if_known()
 fn a_hub_blob_whose_content_is_not_its_name_fails() {
     // The blob's content changed after it was named (bit rot).
     let (snapshot, _, named) = hub_snapshot(("w", Dtype::F32, &[300]), true);
-    let err = base().verify(Verify::Required).build().unwrap().load_blocking(&snapshot).unwrap_err();
-    match err {
-        LoadError::Checksum { expected, expected_by: DigestSource::HubBlob(_), .. } => assert_eq!(expected, named),
-        other => panic!("{other}"),
+    for loader in [base(), base().map_views(map_contract())] {
+        let err = loader.verify(Verify::Required).build().unwrap().load_blocking(&snapshot).unwrap_err();
+        match err {
+            // Named as the snapshot names it (the blob's name is a digest), the blob where
+            // the expected digest came from.
+            LoadError::Checksum { expected, expected_by: DigestSource::HubBlob(blob), file, .. } => {
+                assert_eq!(expected, named);
+                assert_eq!(file, snapshot.canonicalize().unwrap().join("m.safetensors"));
+                assert!(blob.parent().unwrap().ends_with("blobs"), "{}", blob.display());
+            }
+            other => panic!("{other}"),
+        }
     }
 }
 

@@ -385,6 +385,12 @@ fn a_cached_copy_makes_the_next_load_local_until_the_object_changes() {
     assert_identical(&second, &truth, "second load");
     let s = second.stats();
     assert_eq!((s.remote_shards, s.direct_shards + s.buffered_shards), (0, 3));
+    // A plan made from the copy says so, and a verified load, which reads the store, does
+    // not take it (it would check the copy against a cache folder that lists no digest).
+    let plan = loader.plan("s3://bucket/model").unwrap();
+    assert_eq!(plan.copy_of(), Some(std::path::Path::new("s3://bucket/model")));
+    let err = base().verify(tensorlift::Verify::IfKnown).build().unwrap().load_plan_blocking(plan).unwrap_err();
+    assert!(matches!(&err, LoadError::Unsupported(m) if m.contains("its local copy")), "{err:?}");
     // A shard changed on the store: its copy is not used; the load reads the store again,
     // and copies the new object.
     let shard = r.root.join("bucket/model/model-00002-of-00003.safetensors");
