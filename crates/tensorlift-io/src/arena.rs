@@ -392,6 +392,8 @@ pub struct Prefaulter {
     bytes: Arc<AtomicUsize>,
     failed: Arc<Mutex<Option<String>>>,
     threads: Vec<std::thread::JoinHandle<()>>,
+    /// The process that started the threads (a forked one has none of them).
+    made: crate::process::MadeIn,
 }
 
 impl Prefaulter {
@@ -441,7 +443,7 @@ impl Prefaulter {
         if handles.is_empty() {
             return None;
         }
-        Some(Prefaulter { stop, bytes, failed, threads: handles })
+        Some(Prefaulter { stop, bytes, failed, threads: handles, made: crate::process::MadeIn::here() })
     }
 
     /// Bytes faulted in so far.
@@ -456,19 +458,15 @@ impl Prefaulter {
 
     /// Waits for the threads to go through all the work, and returns the bytes faulted in.
     pub fn wait(&mut self) -> u64 {
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
+        crate::process::join_threads(self.made, self.threads.drain(..));
         self.bytes()
     }
 
     /// Stops the threads and waits for them (at most one 2 MiB step each).
     pub fn stop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            // A panic in a thread (a bug) is not the load's failure: the reads fault the rest.
-            let _ = t.join();
-        }
+        // A panic in a thread (a bug) is not the load's failure: the reads fault the rest.
+        crate::process::join_threads(self.made, self.threads.drain(..));
     }
 }
 
@@ -631,11 +629,18 @@ impl ArenaChunk {
 unsafe impl IoBufMut for ArenaChunk {
     fn stable_mut_ptr(&mut self) -> *mut u8 {
         // Where the pages cannot be made present, a read's write into them fails (EFAULT:
-        // the descriptor is user-mode only) and `complete` refuses the chunk.
+        // the descriptor is user-mode only) and `complete` refuses the chunk; a write of
+        // this process's own asks `ready_for_cpu_writes` first.
         self.release();
         self.start()
     }
     fn capacity(&self) -> usize {
         self.range.len()
+    }
+    /// Where the pages cannot be made present (an arena filled by copies, the kernel out of
+    /// memory), a kernel's write into them fails (EFAULT: the descriptor is user-mode only),
+    /// but this process's own would wait forever for a copy that never comes: refused.
+    fn ready_for_cpu_writes(&mut self) -> bool {
+        self.release()
     }
 }

@@ -27,6 +27,13 @@ pub unsafe trait IoBufMut: Send + 'static {
     fn fixed_slot(&self) -> Option<u16> {
         None
     }
+    /// Readies the bytes for writes by this process's own code (a remote read copies into
+    /// them), not only by the kernel's: `false` where they cannot be (an arena chunk filled
+    /// by copies whose pages the kernel could not make present, where such a write would
+    /// wait forever), and then no such write may be made.
+    fn ready_for_cpu_writes(&mut self) -> bool {
+        true
+    }
 }
 
 // SAFETY: a Vec's heap storage does not move when the Vec is moved, and the read owns it.

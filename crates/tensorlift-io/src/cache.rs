@@ -203,7 +203,8 @@ fn cachestat(_: &File) -> io::Result<u64> {
 /// every page when the file has no more, else runs of 16 pages spread evenly.
 fn mincore_sampled(f: &File, len: usize, budget: usize) -> io::Result<f64> {
     const RUN: usize = 16;
-    // SAFETY: a read-only private mapping of a file we hold open; only mincore looks at it.
+    // SAFETY: a read-only shared mapping of a file we hold open; no byte of it is read (only
+    // mincore looks at it), so a file truncated meanwhile cannot fault this process.
     let map = unsafe { memmap2::MmapOptions::new().len(len).map(f) }?;
     let page = page_size();
     let pages = len.div_ceil(page);

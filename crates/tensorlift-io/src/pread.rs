@@ -51,13 +51,7 @@ impl Drop for PreadPool {
     fn drop(&mut self) {
         // Closing the channel lets each thread finish its current read and exit.
         self.tx.take();
-        if self.made.elsewhere() {
-            // A forked process has none of the threads: there is nothing to wait for.
-            return;
-        }
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
+        crate::process::join_threads(self.made, self.threads.drain(..));
     }
 }
 

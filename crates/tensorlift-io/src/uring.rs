@@ -103,20 +103,25 @@ impl Drop for UringPool {
     fn drop(&mut self) {
         // Closing the channels tells each worker to finish what is in flight and exit.
         let wakes: Vec<OwnedFd> = self.workers.drain(..).map(|w| w.wake).collect();
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
         if self.made.elsewhere() {
             // A forked process has none of the workers, and its wake descriptors are the
             // parent's: nothing to wake or wait for.
+            crate::process::join_threads(self.made, threads);
             return;
         }
         for w in &wakes {
             wake(w);
         }
-        if let Ok(mut threads) = self.threads.lock() {
-            for t in threads.drain(..) {
-                let _ = t.join();
-            }
+        // Dropped on one of its own workers (by a buffer's drop there): that worker goes on
+        // until its reads are done, and writes to its wake descriptor as it ends, which must
+        // stay open (not closed and its number reused) until then.
+        let me = std::thread::current().id();
+        let on_worker = threads.iter().any(|t| t.thread().id() == me);
+        crate::process::join_threads(self.made, threads);
+        if on_worker {
+            std::mem::forget(wakes);
         }
-        drop(wakes);
     }
 }
 
@@ -136,6 +141,17 @@ struct State {
     slots: Vec<Option<InFlight>>,
     free: Vec<usize>,
     registered: bool,
+}
+
+impl Drop for State {
+    fn drop(&mut self) {
+        // Reads still in flight (a panic unwinding the worker: the loop ends only when none
+        // is): closing the ring cancels them in the background, and the kernel may still
+        // write into their buffers, which are leaked rather than freed.
+        if self.in_flight() > 0 {
+            std::mem::take(&mut self.slots).into_iter().for_each(std::mem::forget);
+        }
+    }
 }
 
 impl State {
@@ -158,8 +174,9 @@ impl State {
 
     fn push(&mut self, entry: io_uring::squeue::Entry) {
         loop {
-            // SAFETY: the entry's buffer belongs to an op held in `slots` (or the worker's wake
-            // buffer) until its completion is reaped, so it outlives the kernel's use of it.
+            // SAFETY: the entry's buffer belongs to an op held in `slots` until its completion
+            // is reaped, or leaked with them should the worker unwind first (State's drop), or
+            // is the worker's leaked wake buffer: it outlives the kernel's use of it.
             if unsafe { self.ring.submission().push(&entry) }.is_ok() {
                 return;
             }
@@ -176,12 +193,15 @@ impl State {
 fn run(ring: IoUring, rx: Receiver<Msg>, wake_fd: i32, depth: usize) {
     let mut st =
         State { ring, slots: (0..depth).map(|_| None).collect(), free: (0..depth).rev().collect(), registered: false };
-    let mut wake_buf = [0u8; 8];
+    // The wake read's buffer, which the kernel may write into until its completion is seen:
+    // leaked (8 bytes a worker), so that no way out of this function (a panic, a ring that
+    // stops answering) leaves the kernel a freed or reused buffer.
+    let wake_buf: &'static mut [u8; 8] = Box::leak(Box::new([0u8; 8]));
     let arm_wake = |st: &mut State, buf: &mut [u8; 8]| {
         let e = opcode::Read::new(types::Fd(wake_fd), buf.as_mut_ptr(), 8).build().user_data(WAKE);
         st.push(e);
     };
-    arm_wake(&mut st, &mut wake_buf);
+    arm_wake(&mut st, wake_buf);
     let mut wake_armed = true;
     let mut backlog: VecDeque<ReadOp> = VecDeque::new();
     let mut open = true;
@@ -225,7 +245,7 @@ fn run(ring: IoUring, rx: Receiver<Msg>, wake_fd: i32, depth: usize) {
             if token == WAKE {
                 wake_armed = open;
                 if open {
-                    arm_wake(&mut st, &mut wake_buf);
+                    arm_wake(&mut st, wake_buf);
                 }
                 continue;
             }
@@ -239,18 +259,20 @@ fn run(ring: IoUring, rx: Receiver<Msg>, wake_fd: i32, depth: usize) {
             }
         }
     }
-    // The wake read may still be armed: complete it so the kernel is done with `wake_buf`
-    // before it goes out of scope.
+    // The wake read may still be armed: complete it, so that the ring ends with nothing in
+    // flight (its buffer is leaked: this is not what keeps it safe).
     if !wake_armed {
         return;
     }
     let one = 1u64;
     // SAFETY: writes 8 bytes from a valid u64 to the eventfd, which the pool keeps open until
-    // this thread has been joined.
+    // this thread has been joined (or, dropped on this thread, leaves open).
     unsafe { libc::write(wake_fd, (&one as *const u64).cast(), 8) };
     loop {
-        if st.ring.submit_and_wait(1).is_err() {
-            break;
+        match st.ring.submit_and_wait(1) {
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(_) => break,
+            Ok(_) => {}
         }
         if st.ring.completion().any(|c| c.user_data() == WAKE) {
             break;

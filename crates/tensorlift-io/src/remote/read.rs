@@ -34,6 +34,11 @@ pub fn read_object<B: IoBufMut>(
         Ok(buf) => buf,
         Err(done) => return done,
     };
+    if !buf.ready_for_cpu_writes() {
+        let source = io::Error::new(io::ErrorKind::OutOfMemory, "the kernel could not make the buffer's pages present");
+        let error = IoError::Read { file: url, offset, len: len as u64, source };
+        return ReadFuture::ready(Err(ReadFailed { error, buf: Some(buf) }));
+    }
     let runtime = match object.shared.same_process().and_then(|()| runtime()) {
         Ok(rt) => rt,
         Err(source) => {

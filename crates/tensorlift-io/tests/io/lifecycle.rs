@@ -46,6 +46,51 @@ fn dropped_futures_keep_buffers_until_the_kernel_is_done() {
     }
 }
 
+/// A buffer that holds a reference to its reader: where its read's future was dropped, it
+/// is dropped on the reader's worker, and the last one drops the reader there.
+struct Holding(AlignedBuf, Option<Arc<tensorlift_io::Reader>>, Arc<AtomicUsize>);
+// SAFETY: delegates to AlignedBuf.
+unsafe impl IoBufMut for Holding {
+    fn stable_mut_ptr(&mut self) -> *mut u8 {
+        self.0.stable_mut_ptr()
+    }
+    fn capacity(&self) -> usize {
+        self.0.capacity()
+    }
+}
+impl Drop for Holding {
+    fn drop(&mut self) {
+        self.1.take();
+        self.2.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// The reader's last reference dropped on one of its own workers: the worker does not join
+/// itself (a panic there, which would free the buffers of reads still in flight), and every
+/// buffer is dropped.
+#[test]
+fn a_reader_dropped_on_its_own_worker_lets_every_read_finish() {
+    let dir = scratch(false).unwrap();
+    let path = write_file(&dir, "big.bin", &pattern(8 << 20, 13));
+    for backend in [BackendKind::Uring, BackendKind::Pread] {
+        let drops = Arc::new(AtomicUsize::new(0));
+        let r = Arc::new(reader(backend, Faults::default()));
+        let file = r.open(&path).unwrap();
+        let n = 64usize;
+        for i in 0..n as u64 {
+            let buf = Holding(AlignedBuf::zeroed(1 << 20, 4096).unwrap(), Some(Arc::clone(&r)), Arc::clone(&drops));
+            drop(r.read(&file, (i % 8) << 20, buf, 0, 1 << 20));
+        }
+        drop(file);
+        drop(r);
+        let until = std::time::Instant::now() + Duration::from_secs(60);
+        while drops.load(Ordering::SeqCst) < n && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(drops.load(Ordering::SeqCst), n, "{backend:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelled_mid_flight_in_async_code() {
     let dir = scratch(false).unwrap();
