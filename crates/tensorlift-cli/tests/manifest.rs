@@ -222,3 +222,24 @@ fn other_lines_of_an_existing_sha256sums_are_kept_as_they_are() {
     let check = sha256sum(&dir, &["-c", "SHA256SUMS"]);
     assert!(check.status.success(), "{}{}", text(&check.stdout), text(&check.stderr));
 }
+
+/// A `SHA256SUMS` in BSD's reversed form (one blank between digest and name, as
+/// `sha256 -r` writes it): its first line sets the form for every line, so the manifest's
+/// lines are written in it too, and both `sha256sum -c` and a verified load read them.
+#[test]
+fn a_sha256sums_in_the_one_space_form_is_kept_in_it() {
+    let dir = scratch_in(&std::env::temp_dir(), "tl-manifest-");
+    write_shard(&dir.join("model.safetensors"), &[("w", Dtype::F32, &[5])]);
+    std::fs::write(dir.join("tokenizer.json"), b"{}").unwrap();
+    let theirs = text(&sha256sum(&dir, &["tokenizer.json"]).stdout).replacen("  ", " ", 1);
+    std::fs::write(dir.join("SHA256SUMS"), &theirs).unwrap();
+    let out = tensorlift(&["manifest", dir.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let written = std::fs::read_to_string(dir.join("SHA256SUMS")).unwrap();
+    let mine = text(&sha256sum(&dir, &["model.safetensors"]).stdout).replacen("  ", " ", 1);
+    assert_eq!(written, format!("{theirs}{mine}"));
+    let check = sha256sum(&dir, &["-c", "--strict", "SHA256SUMS"]);
+    assert!(check.status.success(), "{}{}", text(&check.stdout), text(&check.stderr));
+    let out = tensorlift(&["load", dir.to_str().unwrap(), "--device", "cpu", "--verify"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}

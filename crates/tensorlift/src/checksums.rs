@@ -16,7 +16,7 @@ pub use crate::digest::{
     expected, format_sums, hub_blob_digest, parse_sums, sha256_file, DigestSource, Expected, Sha256, SumsError,
     SUMS_FILE,
 };
-use crate::digest::{open_existing, plain, read_sums_bytes, sha256_of, sums_text};
+use crate::digest::{format_sums_in, open_existing, parse_sums_bytes, plain, read_sums_bytes, sha256_of};
 
 /// Each shard's expected digest and where it was found (`None`: none found, where the
 /// policy allows it).
@@ -86,7 +86,7 @@ fn remote_expected(plan: &tensorlift_io::Checkpoint) -> Result<crate::digest::Ex
     let fail = |message: String| crate::digest::SumsError { file: sums_file.clone(), line: 0, message };
     let fetched = plan.fetch_remote_file(SUMS_FILE, crate::digest::MAX_SUMS_BYTES).map_err(|e| fail(e.to_string()))?;
     let listed = match fetched {
-        Some((bytes, _)) => crate::digest::parse_lines(&crate::digest::sums_text(&bytes), &sums_file)?,
+        Some((bytes, _)) => crate::digest::parse_sums_bytes(&bytes, &sums_file)?.0,
         None => Vec::new(),
     };
     Ok(crate::digest::expected_from(plan, &listed, sums_file, true)?)
@@ -224,19 +224,24 @@ impl Manifest {
             io(&path, std::io::Error::other(format!("its other entries cannot be kept: {}{at}", e.message)))
         };
         let mut text: Vec<u8> = Vec::new();
+        let mut one_space = false;
         if let Some(bytes) = read_sums_bytes(&path).map_err(cannot_keep)? {
-            crate::digest::parse_lines(&sums_text(&bytes), &path).map_err(cannot_keep)?;
-            let lines: Vec<&[u8]> = bytes.strip_suffix(b"\n").unwrap_or(&bytes).split(|&b| b == b'\n').collect();
-            for raw in lines {
-                // A line of this manifest's files is replaced; any other is kept as it is.
-                let names = std::str::from_utf8(raw).ok().and_then(|l| crate::digest::parse_lines(l, &path).ok());
-                if !names.unwrap_or_default().iter().any(|(_, n, _)| ours.contains(&plain(n))) {
+            // Its entries read as a whole (the first line sets the form for the rest); the
+            // lines of this manifest's files are replaced, any other is kept as it is.
+            let (entries, form) = parse_sums_bytes(&bytes, &path).map_err(cannot_keep)?;
+            one_space = form == Some(true);
+            let replaced: std::collections::HashSet<usize> =
+                entries.iter().filter(|(_, n, _)| ours.contains(&plain(n))).map(|(line, _, _)| *line).collect();
+            let lines = bytes.strip_suffix(b"\n").unwrap_or(&bytes).split(|&b| b == b'\n');
+            for (i, raw) in lines.enumerate() {
+                if !replaced.contains(&(i + 1)) {
                     text.extend_from_slice(raw);
                     text.push(b'\n');
                 }
             }
         }
-        text.extend_from_slice(format_sums(&self.entries).as_bytes());
+        // In the file's form: lines of the other form after its first would not be read.
+        text.extend_from_slice(format_sums_in(&self.entries, one_space).as_bytes());
         let mut created = None;
         for n in 0..100 {
             let p = self.folder.join(format!(".{SUMS_FILE}.partial-{}-{n}", std::process::id()));

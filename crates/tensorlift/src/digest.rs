@@ -79,9 +79,14 @@ pub(crate) type Line = (usize, String, Sha256);
 
 /// [`parse_sums`], each entry with its line number.
 pub(crate) fn parse_lines(text: &str, file: &Path) -> Result<Vec<Line>, SumsError> {
+    parse_with_form(text, file).map(|(lines, _)| lines)
+}
+
+/// [`parse_lines`], and the file's form: whether its untagged lines have one blank between
+/// digest and name (BSD's reversed form), as its first such line says (coreutils'
+/// `bsd_reversed`); `None` where it has no untagged line.
+pub(crate) fn parse_with_form(text: &str, file: &Path) -> Result<(Vec<Line>, Option<bool>), SumsError> {
     let mut out = Vec::new();
-    // Whether the file's untagged lines have one blank between digest and name (BSD's
-    // reversed form), as its first such line says: coreutils' `bsd_reversed`.
     let mut reversed: Option<bool> = None;
     for (i, raw) in text.split('\n').enumerate() {
         let line = raw.strip_suffix('\r').unwrap_or(raw).trim_start_matches([' ', '\t']);
@@ -136,7 +141,7 @@ pub(crate) fn parse_lines(text: &str, file: &Path) -> Result<Vec<Line>, SumsErro
         }
         out.push((i + 1, name, digest));
     }
-    Ok(out)
+    Ok((out, reversed))
 }
 
 fn unescape(name: &str) -> Result<String, String> {
@@ -162,13 +167,21 @@ fn unescape(name: &str) -> Result<String, String> {
 /// `entries` as `sha256sum` writes them: `<digest>  <name>\n` each, a name with `\`, a
 /// newline or a carriage return escaped and its line marked with a leading `\`.
 pub fn format_sums(entries: &[(String, Sha256)]) -> String {
+    format_sums_in(entries, false)
+}
+
+/// [`format_sums`], with one blank between digest and name where `one_space` (BSD's
+/// reversed form: what lines appended to a file in that form must have, since its first
+/// line decides for all).
+pub(crate) fn format_sums_in(entries: &[(String, Sha256)], one_space: bool) -> String {
+    let gap = if one_space { " " } else { "  " };
     let mut out = String::new();
     for (name, digest) in entries {
         if name.contains(['\\', '\n', '\r']) {
             let escaped = name.replace('\\', "\\\\").replace('\n', "\\n").replace('\r', "\\r");
-            out.push_str(&format!("\\{digest}  {escaped}\n"));
+            out.push_str(&format!("\\{digest}{gap}{escaped}\n"));
         } else {
-            out.push_str(&format!("{digest}  {name}\n"));
+            out.push_str(&format!("{digest}{gap}{name}\n"));
         }
     }
     out
@@ -278,19 +291,32 @@ pub(crate) fn read_sums_bytes(path: &Path) -> Result<Option<Vec<u8>>, SumsError>
     Ok(Some(bytes))
 }
 
-/// A `SHA256SUMS` file's bytes as text for [`parse_lines`]: a line that is not UTF-8 names
-/// no shard (shard names are UTF-8) and is left out, blank (so that lines keep their
-/// numbers), rather than read with replacement characters, which would match a name that
-/// has them, or make two such lines one name listed twice.
-pub(crate) fn sums_text(bytes: &[u8]) -> String {
-    let lines: Vec<&str> = bytes.split(|&b| b == b'\n').map(|l| std::str::from_utf8(l).unwrap_or("")).collect();
-    lines.join("\n")
+/// The entries of a `SHA256SUMS` file's bytes, and its form ([`parse_with_form`]). A line
+/// whose name is not UTF-8 names no shard (shard names are UTF-8): it is read (its form
+/// counts, as in coreutils) but its entry left out, rather than kept with replacement
+/// characters, which would match a name that has them, or make two such lines one name
+/// listed twice.
+pub(crate) fn parse_sums_bytes(bytes: &[u8], file: &Path) -> Result<(Vec<Line>, Option<bool>), SumsError> {
+    let mut invalid = std::collections::HashSet::new();
+    let lines: Vec<std::borrow::Cow<'_, str>> = bytes
+        .split(|&b| b == b'\n')
+        .enumerate()
+        .map(|(i, l)| {
+            let text = String::from_utf8_lossy(l);
+            if matches!(text, std::borrow::Cow::Owned(_)) {
+                invalid.insert(i + 1);
+            }
+            text
+        })
+        .collect();
+    let (entries, form) = parse_with_form(&lines.join("\n"), file)?;
+    Ok((entries.into_iter().filter(|(line, _, _)| !invalid.contains(line)).collect(), form))
 }
 
 /// The entries of the `SHA256SUMS` at `path`, with line numbers; `None` where there is none.
 pub(crate) fn read_sums(path: &Path) -> Result<Option<Vec<Line>>, SumsError> {
     match read_sums_bytes(path)? {
-        Some(bytes) => parse_lines(&sums_text(&bytes), path).map(Some),
+        Some(bytes) => parse_sums_bytes(&bytes, path).map(|(lines, _)| Some(lines)),
         None => Ok(None),
     }
 }
@@ -434,6 +460,16 @@ mod tests {
         let entries = vec![("a".to_owned(), d.parse().unwrap()), ("x\\y\nz".to_owned(), d.parse().unwrap())];
         assert_eq!(format_sums(&entries), format!("{d}  a\n\\{d}  x\\\\y\\nz\n"));
         assert_eq!(parse_sums(&format_sums(&entries), Path::new("S")).unwrap(), entries);
+    }
+
+    #[test]
+    fn a_line_whose_name_is_not_utf8_sets_the_form_and_names_nothing() {
+        let d = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+        let bytes = [format!("{d} caf").as_bytes(), b"\xe9\n", format!("{d}  m.safetensors\n").as_bytes()].concat();
+        let (lines, form) = parse_sums_bytes(&bytes, Path::new("S")).unwrap();
+        // As coreutils reads it: one-space form, so the second name starts with a space.
+        assert_eq!(form, Some(true));
+        assert_eq!(lines.iter().map(|(l, n, _)| (*l, n.as_str())).collect::<Vec<_>>(), [(2, " m.safetensors")]);
     }
 
     #[test]
