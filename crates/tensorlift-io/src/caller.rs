@@ -283,6 +283,18 @@ unsafe impl IoBufMut for HostChunk {
             HostChunk::Caller(c) => c.capacity(),
         }
     }
+    fn fixed_slot(&self) -> Option<u16> {
+        match self {
+            HostChunk::Arena(c) => c.fixed_slot(),
+            HostChunk::Caller(c) => c.fixed_slot(),
+        }
+    }
+    fn ready_for_cpu_writes(&mut self) -> bool {
+        match self {
+            HostChunk::Arena(c) => c.ready_for_cpu_writes(),
+            HostChunk::Caller(c) => c.ready_for_cpu_writes(),
+        }
+    }
 }
 
 #[cfg(test)]

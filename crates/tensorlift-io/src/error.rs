@@ -61,7 +61,9 @@ pub enum IoError {
 /// A failed read: the error, and the caller's buffer back.
 ///
 /// `buf` is `None` only if the worker itself is gone ([`IoError::WorkerGone`]), which the
-/// design rules out; the buffer was then dropped safely on the worker's side.
+/// design rules out: the buffer was then dropped safely on the worker's side, or, where the
+/// worker unwound with the read still in the kernel's hands, leaked (the kernel may still
+/// write into it).
 #[derive(Debug)]
 pub struct ReadFailed<B> {
     /// What went wrong.

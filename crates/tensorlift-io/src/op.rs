@@ -18,7 +18,17 @@ pub(crate) struct SendPtr(pub *mut u8);
 // carries it also owns the buffer it points into, which is Send.
 unsafe impl Send for SendPtr {}
 
-pub(crate) type Completion = Box<dyn FnOnce(Result<(), IoError>) + Send>;
+pub(crate) type Completion = Box<dyn FnOnce(Finish) + Send>;
+
+/// How a read ends for its caller.
+pub(crate) enum Finish {
+    /// With this result, the buffer handed back.
+    Done(Result<(), IoError>),
+    /// Given up with the read still in the kernel's hands (the worker unwound): the caller
+    /// gets this error without the buffer, which is leaked, since the kernel may still
+    /// write into it.
+    Abandoned(IoError),
+}
 
 /// A read in progress. Owns the destination buffer (inside `complete`) until it finishes.
 pub(crate) struct ReadOp {
@@ -127,7 +137,17 @@ impl ReadOp {
     /// Hands the result (and so the buffer) back to the caller.
     pub fn finish(mut self, result: Result<(), IoError>) {
         if let Some(complete) = self.complete.take() {
-            complete(result);
+            complete(Finish::Done(result));
+        }
+    }
+
+    /// Gives the read up while the kernel may still write into its buffer (its worker
+    /// unwound): the caller hears of it, and the buffer is leaked, not freed.
+    pub fn abandon(mut self) {
+        let error =
+            IoError::WorkerGone { file: self.file.path().to_path_buf(), offset: self.offset, len: self.len as u64 };
+        if let Some(complete) = self.complete.take() {
+            complete(Finish::Abandoned(error));
         }
     }
 }

@@ -26,12 +26,14 @@ extern "C" fn forked_child() {
 }
 
 fn forks() -> u64 {
-    static HANDLER: std::sync::Once = std::sync::Once::new();
-    HANDLER.call_once(|| {
+    // Registered once, without a lock (a `Once` caught running by a fork would block every
+    // later call in the child).
+    static REGISTERED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !REGISTERED.swap(true, Ordering::AcqRel) {
         // SAFETY: registers a child handler that only adds to an atomic; a failure (ENOMEM)
         // leaves the process id alone to tell a fork, as before.
         let _ = unsafe { libc::pthread_atfork(None, None, Some(forked_child)) };
-    });
+    }
     FORKS.load(Ordering::Relaxed)
 }
 

@@ -366,8 +366,14 @@ impl Reader {
             fixed,
             max_segment: self.faults.max_read.unwrap_or(usize::MAX).max(1),
             fill,
-            complete: Some(Box::new(move |r: Result<(), IoError>| {
-                let _ = tx.send(with_buf(r, buf));
+            complete: Some(Box::new(move |f: crate::op::Finish| match f {
+                crate::op::Finish::Done(r) => {
+                    let _ = tx.send(with_buf(r, buf));
+                }
+                crate::op::Finish::Abandoned(error) => {
+                    std::mem::forget(buf);
+                    let _ = tx.send(Err(ReadFailed { error, buf: None }));
+                }
             })),
         };
         let pending = Pending { rx, file: file.path().to_path_buf(), offset, len: len as u64 };

@@ -115,12 +115,14 @@ impl Drop for UringPool {
         }
         // Dropped on one of its own workers (by a buffer's drop there): that worker goes on
         // until its reads are done, and writes to its wake descriptor as it ends, which must
-        // stay open (not closed and its number reused) until then.
+        // stay open (not closed and its number reused) until then. (Workers and their
+        // threads are in the same order.)
         let me = std::thread::current().id();
-        let on_worker = threads.iter().any(|t| t.thread().id() == me);
+        let mine = threads.iter().position(|t| t.thread().id() == me);
         crate::process::join_threads(self.made, threads);
-        if on_worker {
-            std::mem::forget(wakes);
+        let mut wakes = wakes;
+        if let Some(i) = mine.filter(|&i| i < wakes.len()) {
+            std::mem::forget(wakes.swap_remove(i));
         }
     }
 }
@@ -147,9 +149,10 @@ impl Drop for State {
     fn drop(&mut self) {
         // Reads still in flight (a panic unwinding the worker: the loop ends only when none
         // is): closing the ring cancels them in the background, and the kernel may still
-        // write into their buffers, which are leaked rather than freed.
-        if self.in_flight() > 0 {
-            std::mem::take(&mut self.slots).into_iter().for_each(std::mem::forget);
+        // write into their buffers, which are leaked rather than freed; their callers hear
+        // that the worker is gone.
+        for InFlight { op, .. } in std::mem::take(&mut self.slots).into_iter().flatten() {
+            op.abandon();
         }
     }
 }

@@ -91,6 +91,53 @@ fn a_reader_dropped_on_its_own_worker_lets_every_read_finish() {
     }
 }
 
+/// A buffer whose drop panics (a caller's type may): dropped on an io_uring worker, whose
+/// read's future was dropped, it unwinds that worker.
+struct Boom(AlignedBuf);
+// SAFETY: delegates to AlignedBuf.
+unsafe impl IoBufMut for Boom {
+    fn stable_mut_ptr(&mut self) -> *mut u8 {
+        self.0.stable_mut_ptr()
+    }
+    fn capacity(&self) -> usize {
+        self.0.capacity()
+    }
+}
+impl Drop for Boom {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            panic!("a caller's buffer panics as it is dropped (on the io_uring worker)");
+        }
+    }
+}
+
+/// A worker unwound with reads in flight: their buffers, which the kernel may still write
+/// into, are not freed, and their callers hear that the worker is gone (no read waits
+/// forever).
+#[test]
+fn reads_in_flight_on_a_worker_that_unwinds_end_with_an_error() {
+    let dir = scratch(false).unwrap();
+    let path = write_file(&dir, "big.bin", &pattern(8 << 20, 14));
+    let r = tensorlift_io::Reader::builder().backend(BackendKind::Uring).workers(1).queue_depth(16).build();
+    let file = r.open(&path).unwrap();
+    // A small read first, its future dropped: its completion drops the buffer, which panics.
+    drop(r.read(&file, 0, Boom(AlignedBuf::zeroed(4096, 4096).unwrap()), 0, 4096));
+    let reads: Vec<_> = (0..64u64)
+        .map(|i| r.read(&file, (i % 8) << 20, AlignedBuf::zeroed(1 << 20, 4096).unwrap(), 0, 1 << 20))
+        .collect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let gone = reads
+            .into_iter()
+            .map(tensorlift_io::block_on)
+            .filter(|r| matches!(r, Err(f) if matches!(f.error, tensorlift_io::IoError::WorkerGone { .. })))
+            .count();
+        let _ = tx.send(gone);
+    });
+    let gone = rx.recv_timeout(Duration::from_secs(60)).expect("a read still waits after a minute");
+    assert!(gone > 0, "no read was in flight when the worker unwound");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelled_mid_flight_in_async_code() {
     let dir = scratch(false).unwrap();
