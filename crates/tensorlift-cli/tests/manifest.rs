@@ -243,3 +243,29 @@ fn a_sha256sums_in_the_one_space_form_is_kept_in_it() {
     let out = tensorlift(&["load", dir.to_str().unwrap(), "--device", "cpu", "--verify"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }
+
+/// The line that set a one-space file's form may be one the manifest replaces: the form is
+/// then the kept lines', and where they would read otherwise without it (a name that starts
+/// with a space), nothing is written.
+#[test]
+fn a_form_that_only_a_replaced_line_set_is_not_silently_changed() {
+    let dir = scratch_in(&std::env::temp_dir(), "tl-manifest-");
+    write_shard(&dir.join("model.safetensors"), &[("w", Dtype::F32, &[5])]);
+    std::fs::write(dir.join(" notes.txt"), b"notes").unwrap();
+    let model = text(&sha256sum(&dir, &["model.safetensors"]).stdout)[..64].to_owned();
+    let notes = text(&sha256sum(&dir, &[" notes.txt"]).stdout)[..64].to_owned();
+    // One-space form: the second line names " notes.txt" (sha256sum -c agrees).
+    let before = format!("{} model.safetensors\n{notes}  notes.txt\n", "0".repeat(64));
+    std::fs::write(dir.join("SHA256SUMS"), &before).unwrap();
+    std::fs::write(dir.join("SHA256SUMS.ok"), format!("{model} model.safetensors\n{notes}  notes.txt\n")).unwrap();
+    assert!(sha256sum(&dir, &["-c", "--strict", "SHA256SUMS.ok"]).status.success());
+    let out = tensorlift(&["manifest", dir.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(text(&out.stderr).contains("cannot be kept with this manifest's in one form"), "{}", text(&out.stderr));
+    assert_eq!(std::fs::read_to_string(dir.join("SHA256SUMS")).unwrap(), before);
+    // An empty SHA256SUMS: the manifest's lines, and nothing before them.
+    std::fs::write(dir.join("SHA256SUMS"), b"").unwrap();
+    let out = tensorlift(&["manifest", dir.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(std::fs::read_to_string(dir.join("SHA256SUMS")).unwrap().starts_with(&model));
+}

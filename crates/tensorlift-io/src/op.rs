@@ -134,10 +134,12 @@ impl ReadOp {
         self.finish(Err(err));
     }
 
-    /// Hands the result (and so the buffer) back to the caller.
+    /// Hands the result (and so the buffer) back to the caller. A panic there (the
+    /// caller's buffer type, dropped here where its read's future was dropped) is caught:
+    /// it must not unwind the worker, whose other reads are in the kernel's hands.
     pub fn finish(mut self, result: Result<(), IoError>) {
         if let Some(complete) = self.complete.take() {
-            complete(Finish::Done(result));
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| complete(Finish::Done(result))));
         }
     }
 

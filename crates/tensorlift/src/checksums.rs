@@ -224,24 +224,42 @@ impl Manifest {
             io(&path, std::io::Error::other(format!("its other entries cannot be kept: {}{at}", e.message)))
         };
         let mut text: Vec<u8> = Vec::new();
+        let mut kept: Vec<(String, Sha256)> = Vec::new();
         let mut one_space = false;
         if let Some(bytes) = read_sums_bytes(&path).map_err(cannot_keep)? {
             // Its entries read as a whole (the first line sets the form for the rest); the
             // lines of this manifest's files are replaced, any other is kept as it is.
-            let (entries, form) = parse_sums_bytes(&bytes, &path).map_err(cannot_keep)?;
-            one_space = form == Some(true);
+            let (entries, _) = parse_sums_bytes(&bytes, &path).map_err(cannot_keep)?;
             let replaced: std::collections::HashSet<usize> =
                 entries.iter().filter(|(_, n, _)| ours.contains(&plain(n))).map(|(line, _, _)| *line).collect();
-            let lines = bytes.strip_suffix(b"\n").unwrap_or(&bytes).split(|&b| b == b'\n');
-            for (i, raw) in lines.enumerate() {
-                if !replaced.contains(&(i + 1)) {
-                    text.extend_from_slice(raw);
-                    text.push(b'\n');
+            kept = entries.into_iter().filter(|(l, _, _)| !replaced.contains(l)).map(|(_, n, d)| (n, d)).collect();
+            if !bytes.is_empty() {
+                let lines = bytes.strip_suffix(b"\n").unwrap_or(&bytes).split(|&b| b == b'\n');
+                for (i, raw) in lines.enumerate() {
+                    if !replaced.contains(&(i + 1)) {
+                        text.extend_from_slice(raw);
+                        text.push(b'\n');
+                    }
                 }
             }
+            // The form is the kept lines' (a replaced line may have been the one that set
+            // it); with none, two spaces, as sha256sum writes.
+            one_space = parse_sums_bytes(&text, &path).map_err(cannot_keep)?.1 == Some(true);
         }
         // In the file's form: lines of the other form after its first would not be read.
         text.extend_from_slice(format_sums_in(&self.entries, one_space).as_bytes());
+        // What is written must read back as the kept entries, then this manifest's.
+        let reread = parse_sums_bytes(&text, &path).map_err(cannot_keep)?.0;
+        let reread: Vec<(String, Sha256)> = reread.into_iter().map(|(_, n, d)| (n, d)).collect();
+        if reread != [kept, self.entries.clone()].concat() {
+            return Err(io(
+                &path,
+                std::io::Error::other(
+                    "its other entries cannot be kept with this manifest's in one form (a name that starts with a \
+                     space or `*`): nothing was written",
+                ),
+            ));
+        }
         let mut created = None;
         for n in 0..100 {
             let p = self.folder.join(format!(".{SUMS_FILE}.partial-{}-{n}", std::process::id()));
