@@ -178,8 +178,9 @@ impl State {
     fn push(&mut self, entry: io_uring::squeue::Entry) {
         loop {
             // SAFETY: the entry's buffer belongs to an op held in `slots` until its completion
-            // is reaped, or leaked with them should the worker unwind first (State's drop), or
-            // is the worker's leaked wake buffer: it outlives the kernel's use of it.
+            // is reaped, or leaked with it should the worker unwind first (State's drop), or
+            // is the worker's wake buffer, freed only once its read completed (WakeBuf): it
+            // outlives the kernel's use of it.
             if unsafe { self.ring.submission().push(&entry) }.is_ok() {
                 return;
             }
@@ -196,16 +197,18 @@ impl State {
 fn run(ring: IoUring, rx: Receiver<Msg>, wake_fd: i32, depth: usize) {
     let mut st =
         State { ring, slots: (0..depth).map(|_| None).collect(), free: (0..depth).rev().collect(), registered: false };
-    // The wake read's buffer, which the kernel may write into until its completion is seen:
-    // leaked (8 bytes a worker), so that no way out of this function (a panic, a ring that
-    // stops answering) leaves the kernel a freed or reused buffer.
-    let wake_buf: &'static mut [u8; 8] = Box::leak(Box::new([0u8; 8]));
-    let arm_wake = |st: &mut State, buf: &mut [u8; 8]| {
-        let e = opcode::Read::new(types::Fd(wake_fd), buf.as_mut_ptr(), 8).build().user_data(WAKE);
-        st.push(e);
+    // The wake read's buffer, on the heap: freed where the function ends with no wake read
+    // in the kernel's hands, else leaked (no way out of this function, a panic or a ring
+    // that stops answering, leaves the kernel a freed or reused buffer).
+    let mut wake = WakeBuf { buf: Some(Box::new([0u8; 8])), in_kernel: false };
+    let arm_wake = |st: &mut State, wake: &mut WakeBuf| {
+        if let Some(buf) = wake.buf.as_mut() {
+            let e = opcode::Read::new(types::Fd(wake_fd), buf.as_mut_ptr(), 8).build().user_data(WAKE);
+            st.push(e);
+            wake.in_kernel = true;
+        }
     };
-    arm_wake(&mut st, wake_buf);
-    let mut wake_armed = true;
+    arm_wake(&mut st, &mut wake);
     let mut backlog: VecDeque<ReadOp> = VecDeque::new();
     let mut open = true;
     loop {
@@ -246,9 +249,9 @@ fn run(ring: IoUring, rx: Receiver<Msg>, wake_fd: i32, depth: usize) {
         let done: Vec<(u64, i32)> = st.ring.completion().map(|c| (c.user_data(), c.result())).collect();
         for (token, res) in done {
             if token == WAKE {
-                wake_armed = open;
+                wake.in_kernel = false;
                 if open {
-                    arm_wake(&mut st, wake_buf);
+                    arm_wake(&mut st, &mut wake);
                 }
                 continue;
             }
@@ -262,9 +265,8 @@ fn run(ring: IoUring, rx: Receiver<Msg>, wake_fd: i32, depth: usize) {
             }
         }
     }
-    // The wake read may still be armed: complete it, so that the ring ends with nothing in
-    // flight (its buffer is leaked: this is not what keeps it safe).
-    if !wake_armed {
+    // The wake read may still be armed: complete it, so that its buffer can be freed.
+    if !wake.in_kernel {
         return;
     }
     let one = 1u64;
@@ -278,7 +280,23 @@ fn run(ring: IoUring, rx: Receiver<Msg>, wake_fd: i32, depth: usize) {
             Ok(_) => {}
         }
         if st.ring.completion().any(|c| c.user_data() == WAKE) {
+            wake.in_kernel = false;
             break;
+        }
+    }
+}
+
+/// The worker's wake read's 8-byte buffer: dropped as any box where no wake read is in the
+/// kernel's hands, leaked where one may be.
+struct WakeBuf {
+    buf: Option<Box<[u8; 8]>>,
+    in_kernel: bool,
+}
+
+impl Drop for WakeBuf {
+    fn drop(&mut self) {
+        if self.in_kernel {
+            std::mem::forget(self.buf.take());
         }
     }
 }
