@@ -71,18 +71,13 @@ fn at_line(line: usize) -> String {
 /// optional), CRLF line ends; `#` comment lines and empty lines are skipped. Anything else is
 /// an error naming the line.
 pub fn parse_sums(text: &str, file: &Path) -> Result<Vec<(String, Sha256)>, SumsError> {
-    Ok(parse_lines(text, file)?.into_iter().map(|(_, n, d)| (n, d)).collect())
+    Ok(parse_with_form(text, file)?.0.into_iter().map(|(_, n, d)| (n, d)).collect())
 }
 
 /// An entry of a `SHA256SUMS` file: its 1-based line, the name, the digest.
 pub(crate) type Line = (usize, String, Sha256);
 
-/// [`parse_sums`], each entry with its line number.
-pub(crate) fn parse_lines(text: &str, file: &Path) -> Result<Vec<Line>, SumsError> {
-    parse_with_form(text, file).map(|(lines, _)| lines)
-}
-
-/// [`parse_lines`], and the file's form: whether its untagged lines have one blank between
+/// [`parse_sums`], each entry with its line number, and the file's form: whether its untagged lines have one blank between
 /// digest and name (BSD's reversed form), as its first such line says (coreutils'
 /// `bsd_reversed`); `None` where it has no untagged line.
 pub(crate) fn parse_with_form(text: &str, file: &Path) -> Result<(Vec<Line>, Option<bool>), SumsError> {

@@ -8,10 +8,11 @@ use tensorlift_io::{AlignedBuf, BackendKind, Faults, IoBufMut};
 
 use crate::support::{pattern, reader, scratch, write_file};
 
-/// A buffer that counts its drops.
-struct Counted(AlignedBuf, Arc<AtomicUsize>);
+/// A buffer that runs `then` as it is dropped (wherever that is: a worker, where its read's
+/// future was dropped).
+struct OnDrop(AlignedBuf, Option<Box<dyn FnOnce() + Send>>);
 // SAFETY: delegates to AlignedBuf.
-unsafe impl IoBufMut for Counted {
+unsafe impl IoBufMut for OnDrop {
     fn stable_mut_ptr(&mut self) -> *mut u8 {
         self.0.stable_mut_ptr()
     }
@@ -19,10 +20,25 @@ unsafe impl IoBufMut for Counted {
         self.0.capacity()
     }
 }
-impl Drop for Counted {
+impl Drop for OnDrop {
     fn drop(&mut self) {
-        self.1.fetch_add(1, Ordering::SeqCst);
+        if let Some(then) = self.1.take() {
+            then();
+        }
     }
+}
+
+/// A buffer of `len` bytes that runs `then` as it is dropped.
+fn on_drop(len: usize, then: impl FnOnce() + Send + 'static) -> OnDrop {
+    OnDrop(AlignedBuf::zeroed(len, 4096).unwrap(), Some(Box::new(then)))
+}
+
+/// A buffer of `len` bytes that counts its drops in `drops`.
+fn counted(len: usize, drops: &Arc<AtomicUsize>) -> OnDrop {
+    let drops = Arc::clone(drops);
+    on_drop(len, move || {
+        drops.fetch_add(1, Ordering::SeqCst);
+    })
 }
 
 #[test]
@@ -35,7 +51,7 @@ fn dropped_futures_keep_buffers_until_the_kernel_is_done() {
         let file = r.open(&path).unwrap();
         let n = 256;
         for i in 0..n {
-            let buf = Counted(AlignedBuf::zeroed(1 << 20, 4096).unwrap(), Arc::clone(&drops));
+            let buf = counted(1 << 20, &drops);
             // The future is dropped at once, with the read queued or in flight.
             drop(r.read(&file, (i % 8) << 20, buf, 0, 1 << 20));
         }
@@ -43,25 +59,6 @@ fn dropped_futures_keep_buffers_until_the_kernel_is_done() {
         // Dropping the reader drains what is in flight; then every buffer has been freed.
         drop(r);
         assert_eq!(drops.load(Ordering::SeqCst), n as usize, "{backend:?}");
-    }
-}
-
-/// A buffer that holds a reference to its reader: where its read's future was dropped, it
-/// is dropped on the reader's worker, and the last one drops the reader there.
-struct Holding(AlignedBuf, Option<Arc<tensorlift_io::Reader>>, Arc<AtomicUsize>);
-// SAFETY: delegates to AlignedBuf.
-unsafe impl IoBufMut for Holding {
-    fn stable_mut_ptr(&mut self) -> *mut u8 {
-        self.0.stable_mut_ptr()
-    }
-    fn capacity(&self) -> usize {
-        self.0.capacity()
-    }
-}
-impl Drop for Holding {
-    fn drop(&mut self) {
-        self.1.take();
-        self.2.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -78,7 +75,13 @@ fn a_reader_dropped_on_its_own_worker_lets_every_read_finish() {
         let file = r.open(&path).unwrap();
         let n = 64usize;
         for i in 0..n as u64 {
-            let buf = Holding(AlignedBuf::zeroed(1 << 20, 4096).unwrap(), Some(Arc::clone(&r)), Arc::clone(&drops));
+            // The buffer holds a reference to its reader: where its read's future was dropped,
+            // it is dropped on the reader's worker, and the last one drops the reader there.
+            let (held, counted) = (Arc::clone(&r), Arc::clone(&drops));
+            let buf = on_drop(1 << 20, move || {
+                drop(held);
+                counted.fetch_add(1, Ordering::SeqCst);
+            });
             drop(r.read(&file, (i % 8) << 20, buf, 0, 1 << 20));
         }
         drop(file);
@@ -88,26 +91,6 @@ fn a_reader_dropped_on_its_own_worker_lets_every_read_finish() {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert_eq!(drops.load(Ordering::SeqCst), n, "{backend:?}");
-    }
-}
-
-/// A buffer whose drop panics (a caller's type may): dropped on an io_uring worker, whose
-/// read's future was dropped, it unwinds that worker.
-struct Boom(AlignedBuf);
-// SAFETY: delegates to AlignedBuf.
-unsafe impl IoBufMut for Boom {
-    fn stable_mut_ptr(&mut self) -> *mut u8 {
-        self.0.stable_mut_ptr()
-    }
-    fn capacity(&self) -> usize {
-        self.0.capacity()
-    }
-}
-impl Drop for Boom {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            panic!("a caller's buffer panics as it is dropped (on the io_uring worker)");
-        }
     }
 }
 
@@ -122,7 +105,13 @@ fn a_buffer_whose_drop_panics_on_the_worker_leaves_the_other_reads_whole() {
     let r = tensorlift_io::Reader::builder().backend(BackendKind::Uring).workers(1).queue_depth(16).build();
     let file = r.open(&path).unwrap();
     // A small read first, its future dropped: its completion drops the buffer, which panics.
-    drop(r.read(&file, 0, Boom(AlignedBuf::zeroed(4096, 4096).unwrap()), 0, 4096));
+    // (A caller's type may panic so; on the worker, where its read's future was dropped.)
+    let boom = on_drop(4096, || {
+        if !std::thread::panicking() {
+            panic!("a caller's buffer panics as it is dropped (on the io_uring worker)");
+        }
+    });
+    drop(r.read(&file, 0, boom, 0, 4096));
     let reads: Vec<_> = (0..64u64)
         .map(|i| r.read(&file, (i % 8) << 20, AlignedBuf::zeroed(1 << 20, 4096).unwrap(), 0, 1 << 20))
         .collect();
@@ -150,11 +139,7 @@ async fn cancelled_mid_flight_in_async_code() {
     let drops = Arc::new(AtomicUsize::new(0));
     let r = reader(BackendKind::Uring, Faults::default());
     let file = r.open(&path).unwrap();
-    let futs: Vec<_> = (0..32)
-        .map(|i| {
-            r.read(&file, i << 20, Counted(AlignedBuf::zeroed(1 << 20, 4096).unwrap(), Arc::clone(&drops)), 0, 1 << 20)
-        })
-        .collect();
+    let futs: Vec<_> = (0..32).map(|i| r.read(&file, i << 20, counted(1 << 20, &drops), 0, 1 << 20)).collect();
     let all = async {
         for f in futs {
             let _ = f.await;
