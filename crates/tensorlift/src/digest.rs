@@ -93,15 +93,24 @@ pub(crate) fn parse_with_form(text: &str, file: &Path) -> Result<(Vec<Line>, Opt
             Some(rest) => (true, rest),
             None => (false, line),
         };
-        let (hex, name) = if let Some(rest) = line.strip_prefix("SHA256") {
+        let (digest, name) = if let Some(rest) = line.strip_prefix("SHA256") {
             let rest = rest.strip_prefix(' ').unwrap_or(rest);
             let tagged = rest
                 .strip_prefix('(')
                 .and_then(|r| r.rsplit_once(')'))
                 .and_then(|(name, tail)| Some((tail.trim_start().strip_prefix('=')?.trim_start(), name)));
-            tagged.ok_or_else(|| fail("a tagged line is `SHA256 (<name>) = <digest>`".into()))?
+            let (hex, name) = tagged.ok_or_else(|| fail("a tagged line is `SHA256 (<name>) = <digest>`".into()))?;
+            (hex.parse::<Sha256>().map_err(fail)?, name)
         } else {
-            let (hex, rest) = line.split_at_checked(64).ok_or_else(|| fail("shorter than a digest".into()))?;
+            if line.len() < 64 {
+                return Err(fail("shorter than a digest".into()));
+            }
+            // The digest is the first 64 bytes. A character there that is not ASCII (or a
+            // byte that was not UTF-8) may run past them: the field then ends after it, and
+            // is refused as no digest before anything after it is looked at.
+            let cut = (64..=line.len()).find(|&i| line.is_char_boundary(i)).unwrap_or(line.len());
+            let (hex, rest) = line.split_at(cut);
+            let digest = hex.parse::<Sha256>().map_err(fail)?;
             // As coreutils: a blank after the digest, then a space or `*` (binary) and the
             // name, or (BSD's reversed form) the name. The first line decides which for the
             // whole file: after one-space lines, a name may start with a space or `*`, and a
@@ -127,9 +136,8 @@ pub(crate) fn parse_with_form(text: &str, file: &Path) -> Result<(Vec<Line>, Opt
                         rest
                     }
                 };
-            (hex, name)
+            (digest, name)
         };
-        let digest = hex.parse::<Sha256>().map_err(fail)?;
         let name = if escaped { unescape(name).map_err(fail)? } else { name.to_owned() };
         if name.is_empty() {
             return Err(fail("no file name".into()));
@@ -468,12 +476,28 @@ mod tests {
     }
 
     #[test]
+    fn a_byte_not_utf8_in_a_digest_is_no_digest() {
+        let d = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+        for at in [0, 40, 63] {
+            let mut line = format!("{d}  m.safetensors\n").into_bytes();
+            line[at] = 0xff;
+            let e = parse_sums_bytes(&line, Path::new("S")).unwrap_err();
+            assert_eq!(e.line, 1, "{e}");
+            assert!(e.message.ends_with("is not a SHA-256 digest (64 hex digits)"), "{at}: {e}");
+        }
+    }
+
+    #[test]
     fn malformed_sums_lines_are_refused_by_line() {
         let d = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
         let cases = [
             (format!("{d}  ok\nshort  x\n"), 2, "shorter than a digest"),
             (format!("{d}x\n"), 1, "the digest is not followed by a blank"),
             (format!("{}g  x\n", &d[..63]), 1, "is not a SHA-256 digest"),
+            // Not hex, and not ASCII: at the digest's end, and early (where byte 64 falls in
+            // the name).
+            (format!("{}\u{e9}  x\n", &d[..63]), 1, "is not a SHA-256 digest"),
+            (format!("{}\u{e9}{}  x\n", &d[..9], &d[11..]), 1, "is not a SHA-256 digest"),
             (format!("{d} \n"), 1, "no file name"),
             (format!("{d}  a\n{d} b\n"), 2, "one space between digest and name, after lines with two"),
             (format!("\\{d}  a\\qb\n"), 1, "unknown escape '\\q'"),
