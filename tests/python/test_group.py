@@ -68,6 +68,11 @@ RANK = textwrap.dedent(
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"stats": stats, "order": list(got), "reads": reads}, f)
     dist.destroy_process_group()
+    # The results are written. A gloo worker thread may still be dropping the last
+    # collective's tensors, and were the interpreter finalizing then, taking the GIL would
+    # abort the process ("terminate called without an active exception",
+    # pytorch/pytorch#179291): so the rank leaves without finalizing.
+    os._exit(0)
     """
 )
 

@@ -69,6 +69,11 @@ def worker(rank, init, paths, results):
             results[rank] = {"error": str(e)}
     finally:
         dist.destroy_process_group()
+    # The results are sent. A gloo worker thread may still be dropping the last collective's
+    # tensors, and were the interpreter finalizing then, taking the GIL would abort the
+    # process ("terminate called without an active exception", pytorch/pytorch#179291): so
+    # the rank leaves without finalizing.
+    os._exit(0)
 
 
 def run(paths):
