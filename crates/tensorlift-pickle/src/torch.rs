@@ -475,14 +475,14 @@ fn read_legacy_window<R: ReadAt + ?Sized>(
         }
     }
     let next = |vm: &mut Vm, at: &mut usize, p: &mut dyn Persistent| -> Result<Value, ErrorKind> {
-        let (v, n) = vm.run(&head[*at..], vm_limits(limits), p).map_err(|e| match e {
-            ErrorKind::Pickle { message, at: a } if head_len < len && message.contains("the pickle ends") => {
-                ErrorKind::Limit {
-                    what: format!("pickles longer than {head_len} bytes (at byte {})", *at + a),
-                    limit: limits.max_pickle_bytes,
-                    setting: "max_pickle_bytes",
-                }
-            }
+        let run = vm.run(&head[*at..], vm_limits(limits), p);
+        let ran_out = vm.ran_out;
+        let (v, n) = run.map_err(|e| match e {
+            ErrorKind::Pickle { message: _, at: a } if head_len < len && ran_out => ErrorKind::Limit {
+                what: format!("pickles longer than {head_len} bytes (at byte {})", *at + a),
+                limit: limits.max_pickle_bytes,
+                setting: "max_pickle_bytes",
+            },
             ErrorKind::Pickle { message, at: a } => ErrorKind::Pickle { message, at: *at + a },
             other => other,
         })?;

@@ -456,6 +456,9 @@ pub(crate) struct Vm {
     memory: u64,
     /// Items of containers looked at by checks so far (see [`ErrorKind::Rescans`]).
     scanned: std::cell::Cell<u64>,
+    /// Whether the last [`Vm::run`] failed because its bytes ended: more bytes (a longer
+    /// window of a file) may hold the rest of the pickle.
+    pub ran_out: bool,
 }
 
 /// Items the checks may look at whatever the pickle's length.
@@ -474,6 +477,7 @@ impl Vm {
             read: 0,
             memory: 0,
             scanned: std::cell::Cell::new(0),
+            ran_out: false,
         }
     }
 
@@ -623,9 +627,11 @@ impl Vm {
         limits: VmLimits,
         persistent: &mut dyn Persistent,
     ) -> Result<(Value, usize), ErrorKind> {
-        let mut r = Cursor { code, at: 0 };
+        let mut r = Cursor { code, at: 0, ran_out: false };
         let result = self.interpret(&mut r, limits, persistent);
         self.read_before = self.read;
+        // A cursor's error is always the run's (each is passed up as it comes).
+        self.ran_out = result.is_err() && r.ran_out;
         result
     }
 
@@ -1410,11 +1416,14 @@ fn opcode_name(op: u8) -> &'static str {
 struct Cursor<'a> {
     code: &'a [u8],
     at: usize,
+    /// Whether a read went past the end of `code`.
+    ran_out: bool,
 }
 
 impl<'a> Cursor<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], ErrorKind> {
         let end = self.at.checked_add(n).filter(|&e| e <= self.code.len()).ok_or_else(|| {
+            self.ran_out = true;
             ErrorKind::pickle(
                 self.at,
                 format!("{n} bytes wanted, the pickle ends {} bytes on", self.code.len() - self.at),
@@ -1443,7 +1452,8 @@ impl<'a> Cursor<'a> {
         let n = rest.iter().take(256).position(|&c| c == b'\n').ok_or_else(|| {
             // A name cut by the end of the bytes at hand (a legacy file's pickle is read in
             // windows, which a longer read continues) is the pickle's end, not a bad name.
-            let message = match rest.len() < 256 {
+            self.ran_out = rest.len() < 256;
+            let message = match self.ran_out {
                 true => format!("a GLOBAL name, the pickle ends {} bytes on", rest.len()),
                 false => "GLOBAL name without a newline".to_owned(),
             };
