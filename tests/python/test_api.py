@@ -557,3 +557,29 @@ def test_load_file_takes_the_references_backend(tmp_path):
     for bad in ("fast", "MMAP"):
         with pytest.raises(safetensors.SafetensorError, match=f'backend "{bad}" is invalid'):
             tensorlift.load_file(path, framework="np", backend=bad)
+
+
+@pytest.mark.parametrize("backend", ["pread", "mmap"])
+def test_a_handle_reads_the_file_it_opened_after_its_name_changes(tmp_path, backend):
+    """A handle reads the file it opened, as the reference's does, after a ``chmod``, a hard
+    link made and removed, and an atomic replace of its name (what a new revision written
+    beside it does): each changes the file's status, none its bytes. A handle opened after
+    reads the new file."""
+    path = tmp_path / "m.safetensors"
+    old = {"a": np.arange(6, dtype=np.float32), "b": np.arange(3, dtype=np.uint8)}
+    new = {"a": np.full(6, 9, dtype=np.float32), "b": np.zeros(3, dtype=np.uint8)}
+    save_file(old, str(path))
+    with tensorlift.safe_open(path, framework="np", backend=backend) as ours, safetensors.safe_open(
+        str(path), framework="np"
+    ) as ref:
+        # Past the file system's clock tick, so that each change moves the status time.
+        time.sleep(0.02)
+        os.chmod(path, 0o600)
+        os.link(path, tmp_path / "link")
+        os.unlink(tmp_path / "link")
+        save_file(new, str(tmp_path / "new"))
+        os.replace(tmp_path / "new", path)
+        for name in old:
+            assert ours.get_tensor(name).tobytes() == ref.get_tensor(name).tobytes() == old[name].tobytes(), name
+    with tensorlift.safe_open(path, framework="np", backend=backend) as again:
+        assert all(same(again.get_tensor(k), new[k]) for k in new)

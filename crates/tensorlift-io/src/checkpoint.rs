@@ -27,7 +27,7 @@ use tensorlift_format::{
     LoadPlan, Shard, TensorInfo, HEADER_PREFIX_LEN, INDEX_FILE_NAME, MAX_INDEX_LEN,
 };
 
-use crate::file::kind_name;
+use crate::file::{file_identity, kind_name};
 use crate::remote::get::RemoteFolder;
 use crate::remote::{RemoteObject, RemoteOptions};
 use crate::IoError;
@@ -298,9 +298,14 @@ impl Checkpoint {
         }
     }
 
-    /// The descriptor of shard `i`, checked to be the planned file, unchanged: the one
-    /// planning read (it is released by this call), or, for a shard closed after planning,
-    /// reopened by its name relative to the model folder.
+    /// The descriptor of shard `i`, checked to be the planned file, of the planned length
+    /// and modification time ([`content_change`]): the one planning read (it is released by
+    /// this call), or, for a shard closed after planning, reopened by its name relative to
+    /// the model folder. Its status change time is not compared: a file moved away, linked
+    /// or `chmod`ed after planning reads as planned through the descriptor held, as it would
+    /// through the reference's mapping. The caller reads its header again where that time
+    /// moved ([`certainly_unchanged`](Self::certainly_unchanged) is then false), and checks
+    /// that it does not move while the file is read.
     pub fn take_shard(&mut self, i: usize) -> Result<Arc<File>, IoError> {
         let shard = self.plan.shards().get(i).ok_or_else(|| IoError::Open {
             file: self.plan.root().to_path_buf(),
@@ -327,7 +332,7 @@ impl Checkpoint {
             }
         };
         let now = file_identity(&file.metadata().map_err(|e| changed(format!("cannot stat it: {e}")))?);
-        if let Some(what) = identity_change(&shard.identity, &now) {
+        if let Some(what) = content_change(&shard.identity, &now) {
             return Err(changed(what));
         }
         Ok(file)
@@ -1224,19 +1229,22 @@ impl Located {
     }
 }
 
-/// A file's identity and state, as [`FileIdentity`] records them.
-pub fn file_identity(m: &std::fs::Metadata) -> FileIdentity {
-    FileIdentity {
-        dev: m.dev(),
-        ino: m.ino(),
-        len: m.len(),
-        modified_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
-        changed_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
-    }
-}
-
 /// How `now` differs from the planned identity `was`, in words; `None` when it does not.
 pub fn identity_change(was: &FileIdentity, now: &FileIdentity) -> Option<String> {
+    if let Some(what) = content_change(was, now) {
+        return Some(what);
+    }
+    if now.changed_ns != was.changed_ns {
+        return Some("it was changed after planning (its status change time moved)".into());
+    }
+    None
+}
+
+/// [`identity_change`] but for the status change time: how `now` is another file, or one
+/// whose length or modification time moved. A status change alone may be no write (a
+/// `chmod`, a hard link, a rename, an unlink of a file still open), or a write whose
+/// modification time was set back: only the file's bytes can tell.
+pub fn content_change(was: &FileIdentity, now: &FileIdentity) -> Option<String> {
     if (now.dev, now.ino) != (was.dev, was.ino) {
         return Some("another file has taken its name".into());
     }
@@ -1245,9 +1253,6 @@ pub fn identity_change(was: &FileIdentity, now: &FileIdentity) -> Option<String>
     }
     if now.modified_ns != was.modified_ns {
         return Some("it was modified after planning".into());
-    }
-    if now.changed_ns != was.changed_ns {
-        return Some("it was changed after planning (its status change time moved)".into());
     }
     None
 }

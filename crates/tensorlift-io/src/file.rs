@@ -38,6 +38,8 @@ pub struct OpenFile {
     buffered_reason: Mutex<Option<String>>,
     align: DioAlign,
     len: u64,
+    /// The file's identity as it was opened ([`Self::identity_at_open`]).
+    opened: tensorlift_format::FileIdentity,
     /// Whether the kernel shows this process which of its pages are cached, found once.
     residency_visible: OnceLock<bool>,
     /// The whole file mapped read-only, at the first copy out of it ([`Self::copy_source`]);
@@ -101,6 +103,7 @@ impl OpenFile {
             buffered_reason: Mutex::new(reason),
             align,
             len: meta.len(),
+            opened: file_identity(&meta),
             residency_visible: OnceLock::new(),
             copy_source: OnceLock::new(),
         })
@@ -142,6 +145,12 @@ impl OpenFile {
     /// Length when opened.
     pub fn len(&self) -> u64 {
         self.len
+    }
+
+    /// The file's identity (device, inode, length, times) when it was opened: a read can
+    /// be checked to have seen the file as it was then.
+    pub fn identity_at_open(&self) -> &tensorlift_format::FileIdentity {
+        &self.opened
     }
 
     /// Whether the file was empty when opened.
@@ -255,4 +264,17 @@ pub struct DirectSupport {
     pub align: DioAlign,
     /// `None` if a direct read worked, else why not.
     pub refused: Option<String>,
+}
+
+/// A file's identity and state, as [`FileIdentity`](tensorlift_format::FileIdentity)
+/// records them.
+pub fn file_identity(m: &std::fs::Metadata) -> tensorlift_format::FileIdentity {
+    use std::os::unix::fs::MetadataExt;
+    tensorlift_format::FileIdentity {
+        dev: m.dev(),
+        ino: m.ino(),
+        len: m.len(),
+        modified_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        changed_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+    }
 }

@@ -55,11 +55,11 @@ pub use arena::{ArenaChunk, ArenaPool, HostArena, Prefaulter};
 pub use buf::{AlignedBuf, IoBufMut, MAP_THRESHOLD, PAGE};
 pub use caller::{CallerChunk, CallerMemory, CallerRegion, Claim, ClaimError, HostChunk};
 pub use checkpoint::{
-    file_identity, identity_change, link_allowed, open_pytorch, Checkpoint, PlanLimits, PlanObserver, PyTorchFiles,
+    content_change, identity_change, link_allowed, open_pytorch, Checkpoint, PlanLimits, PlanObserver, PyTorchFiles,
     DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_OPEN_FILES, SETTLED_NS, TORCH_INDEX, TORCH_SINGLE, USE_SAFETENSORS_ENV,
 };
 pub use error::{IoError, ReadFailed, ReadResult};
-pub use file::{DioAlign, DirectSupport, OpenFile};
+pub use file::{file_identity, DioAlign, DirectSupport, OpenFile};
 pub use mmap::{DmaWindow, MapContract, MappedFile};
 pub use open::{open_checkpoint, open_checkpoint_observed};
 pub use probe::{

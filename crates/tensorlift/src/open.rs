@@ -62,6 +62,10 @@ pub(crate) fn open_shard(
     let reopened = plan.reopens(i);
     let file = plan.take_shard(i).map_err(open_error)?;
     let shard = &plan.shards()[i];
+    // Its status changed since planning (a chmod, a link, moved away; or a write whose
+    // modification time was set back, which only the bytes tell): its header is read again.
+    let status_moved =
+        || file.metadata().map_or(true, |m| tensorlift_io::file_identity(&m).changed_ns != shard.identity.changed_ns);
     let header = match recheck {
         // The descriptor planning read the header from, certainly unchanged since (the
         // identity it had then, last changed well before planning: see
@@ -70,7 +74,7 @@ pub(crate) fn open_shard(
         // each read it whole.)
         Recheck::Always if !reopened && certainly_unchanged(plan, i, &file) => None,
         Recheck::Always => Some(shard.header_hash),
-        Recheck::Reopened(hash) => reopened.then_some(hash),
+        Recheck::Reopened(hash) => (reopened || status_moved()).then_some(hash),
     };
     // A shard already in the page cache reads faster buffered; O_DIRECT would go to disk.
     let direct = match direct {
@@ -204,17 +208,21 @@ pub(crate) fn recheck(plan: &Checkpoint, i: usize, fresh: bool) -> Recheck {
     }
 }
 
-/// Refuses shard `i` when the file read is no longer as planned: its identity, length,
-/// modification or status change time moved (a rewrite in place, even of the same length,
-/// moves the last). Called after the shard's last read, and after the copies of each read
-/// the CUDA destination took to copy from the page cache.
+/// Refuses shard `i` when the file read is no longer as planned (its identity, length or
+/// modification time moved), or its status changed since it was opened for this load (a
+/// rewrite in place, even of the same length and with its modification time set back,
+/// moves the status change time). Called after the shard's last read, and after the copies
+/// of each read the CUDA destination took to copy from the page cache.
 pub(crate) fn still_as_planned(plan: &LoadPlan, i: usize, file: &ShardIo) -> Result<(), LoadError> {
     // Each GET of a remote shard checked the object already.
     let ShardIo::File(file) = file else { return Ok(()) };
     let Some(shard) = plan.shards().get(i) else { return Ok(()) };
     let changed = |what: String| LoadError::ShardChanged { file: shard.path.clone(), what };
     let now = file.file().metadata().map_err(|e| changed(format!("cannot stat it after reading it: {e}")))?;
-    match tensorlift_io::identity_change(&shard.identity, &tensorlift_io::file_identity(&now)) {
+    let now = tensorlift_io::file_identity(&now);
+    let moved = tensorlift_io::content_change(&shard.identity, &now)
+        .or_else(|| tensorlift_io::identity_change(file.identity_at_open(), &now));
+    match moved {
         Some(what) => Err(changed(format!("{what}, while it was being read"))),
         None => Ok(()),
     }
