@@ -174,6 +174,18 @@ def _to_numpy(t, writable=False):
 def _to_torch(t):
     import torch
 
+    if t.dtype == "F4":
+        # As the reference: torch holds F4 values in pairs (float4_e2m1fn_x2), two a byte,
+        # so the last dimension is halved.
+        shape = list(t.shape)
+        if not hasattr(torch, "float4_e2m1fn_x2"):
+            raise TypeError(f"tensor '{t.name}' is F4: this torch has no float4_e2m1fn_x2 (torch 2.8 or later has)")
+        if not shape or shape[-1] % 2:
+            raise SafetensorError(
+                f"f4_x2 dtype requires that the last dim be divisible by 2 in torch: got {shape} (tensor '{t.name}')"
+            )
+        shape[-1] //= 2
+        return torch.from_dlpack(t.raw_bytes()).view(torch.float4_e2m1fn_x2).reshape(shape)
     if t.dtype in _TORCH_RAW:
         raw = torch.from_dlpack(t.raw_bytes())
         return raw.view(getattr(torch, _TORCH_RAW[t.dtype])).reshape(t.shape)
@@ -248,17 +260,17 @@ def load_file(
     _check_framework(framework, _device(device))
     _check_backend(backend)
     plain = dtype is None and tp is None and stats is None and verify is None
-    if backend == "mmap" and plain and _device(device) == "cpu" and not _is_remote(str(path)):
+    if backend == "mmap" and plain and _device(device) == "cpu" and not _is_remote(_path(path)):
         with safe_open(path, framework=framework, device="cpu", backend="mmap") as f:
             return f.get_tensors()
     tensors = load(
-        str(path),
+        _path(path),
         device=_device(device),
         dtype=_dtype(dtype),
         tp=tp,
         stats=stats,
         verify=_verify(verify),
-        cache_dir=None if cache_dir is None else str(cache_dir),
+        cache_dir=None if cache_dir is None else _path(cache_dir),
     )
     return {name: _convert(t, framework) for name, t in tensors.items()}
 
@@ -281,12 +293,12 @@ def load_devices(path, devices, framework="pt", *, dtype=None, tp=None, stats=No
     for d in devices:
         _check_framework(framework, d)
     models = _load_devices(
-        str(path),
+        _path(path),
         devices,
         dtype=_dtype(dtype),
         tp=tp,
         stats=stats,
-        cache_dir=None if cache_dir is None else str(cache_dir),
+        cache_dir=None if cache_dir is None else _path(cache_dir),
     )
     return [{name: _convert(t, framework) for name, t in m.items()} for m in models]
 
@@ -339,7 +351,7 @@ def iter_tensors(
     """
     _check_framework(framework, _device(device))
     it = _iter_tensors(
-        str(path),
+        _path(path),
         device=_device(device),
         filter=filter,
         progress=progress,
@@ -347,7 +359,7 @@ def iter_tensors(
         tp=tp,
         stats=stats,
         verify=_verify(verify),
-        cache_dir=None if cache_dir is None else str(cache_dir),
+        cache_dir=None if cache_dir is None else _path(cache_dir),
     )
     try:
         for name, t in it:
@@ -379,10 +391,19 @@ def _dtype(dtype):
 
 
 def _device(device):
-    # An ordinal means a CUDA device, as in torch; torch.device objects print as "cuda:0".
+    # An ordinal means a CUDA device, as in torch; torch.device objects print as "cuda:0";
+    # None is the host, as the reference takes it.
+    if device is None:
+        return "cpu"
     if isinstance(device, int) and not isinstance(device, bool):
         return f"cuda:{device}"
     return str(device)
+
+
+def _path(path):
+    """A path (``str``, ``bytes`` or ``os.PathLike``) or URL as text: what ``os.fspath``
+    gives, as the reference opens it, not what ``str()`` of the object says."""
+    return os.fsdecode(os.fspath(path))
 
 
 def _slice_bound(b):
@@ -619,8 +640,13 @@ class _Slice:
         import numpy
 
         # A copy of its own: writable, C-ordered, and of the shape numpy gives (a scalar for
-        # an index in every dimension), as the reference returns.
-        out = numpy.array(arr[key], order="C", copy=True)
+        # an index in every dimension), as the reference returns. Bools are indexed as their
+        # bytes: a numpy bool scalar would make a stored 2 or 255 a 1 (the reference keeps
+        # the byte).
+        if arr.dtype == numpy.bool_:
+            out = numpy.array(arr.view(numpy.uint8)[key], order="C", copy=True).view(numpy.bool_)
+        else:
+            out = numpy.array(arr[key], order="C", copy=True)
         if self._framework in _TORCH_NAMES:
             import torch
 
@@ -644,8 +670,9 @@ class safe_open:
         _check_backend(backend)
         self._framework = framework
         device = _device(device)
-        self._mapped = backend == "mmap" and device == "cpu" and not is_remote(str(filename))
-        self._ckpt = _Checkpoint(str(filename), device=device, mapped=self._mapped)
+        filename = _path(filename)
+        self._mapped = backend == "mmap" and device == "cpu" and not is_remote(filename)
+        self._ckpt = _Checkpoint(filename, device=device, mapped=self._mapped)
         self._device = self._ckpt.device()[0]
         self._names = None
         # Whole tensors loaded together for get_slice(name)[...] (see _take_whole).

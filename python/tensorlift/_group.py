@@ -34,7 +34,7 @@ import json
 import math
 from concurrent.futures import ThreadPoolExecutor
 
-from . import _NUMPY, _TORCH_RAW
+from . import _NUMPY, _TORCH_RAW, _path
 
 _ROUND_BYTES = 256 << 20
 
@@ -179,7 +179,7 @@ def load_group(ckpt_class, convert, path, group, device, tp, stats):
     device = _device(torch, dist, group, device)
     error, plan = None, None
     try:
-        ckpt = ckpt_class(str(path), device)
+        ckpt = ckpt_class(_path(path), device)
         names = ckpt.keys()
         infos = [ckpt.info(n) for n in names]
         shapes = [list(shape) for _, shape, _ in infos]

@@ -583,3 +583,45 @@ def test_a_handle_reads_the_file_it_opened_after_its_name_changes(tmp_path, back
             assert ours.get_tensor(name).tobytes() == ref.get_tensor(name).tobytes() == old[name].tobytes(), name
     with tensorlift.safe_open(path, framework="np", backend=backend) as again:
         assert all(same(again.get_tensor(k), new[k]) for k in new)
+
+
+def test_paths_and_devices_as_the_reference_takes_them(tmp_path):
+    """A path is what ``os.fspath`` gives (not ``str()`` of the object), ``bytes`` included;
+    ``device=None`` is the host. Each as the reference reads it."""
+    want = {"w": np.arange(6, dtype=np.float32)}
+    save_file(want, str(tmp_path / "m.safetensors"))
+
+    class Named(os.PathLike):
+        def __fspath__(self):
+            return str(tmp_path / "m.safetensors")
+
+        def __str__(self):
+            return "not the path"
+
+    for path in (Named(), os.fsencode(tmp_path / "m.safetensors")):
+        with tensorlift.safe_open(path, framework="np", device=None) as f:
+            assert same(f.get_tensor("w"), want["w"]), path
+        assert same(tensorlift.load_file(path, framework="np", device=None)["w"], want["w"]), path
+        assert [n for n, _ in tensorlift.iter_tensors(path, framework="np")] == ["w"], path
+    with safetensors.safe_open(Named(), framework="np", device=None) as ref:
+        assert same(ref.get_tensor("w"), want["w"])
+
+
+def test_a_bool_picked_by_index_keeps_its_byte(tmp_path):
+    """A slice down to one bool gives the stored byte, as the reference does (numpy's bool
+    scalar would make 2 or 255 a 1)."""
+    path = tmp_path / "b.safetensors"
+    raw_file(
+        path,
+        [("b", "BOOL", [3], b"\x00\x02\xff"), ("s", "BOOL", [], b"\x07"), ("m", "BOOL", [2, 2], b"\x03\x00\x09\x01")],
+    )
+    keys = {"b": [1, 2, -1, slice(1, 3), ...], "s": [(), ...], "m": [(0, 1), (1, 0), 1, (slice(None), 0), (..., 1)]}
+    with safetensors.safe_open(str(path), framework="np") as ref, tensorlift.safe_open(path, framework="np") as ours:
+        for name, ks in keys.items():
+            for k in ks:
+                want, got = np.asarray(ref.get_slice(name)[k]), np.asarray(ours.get_slice(name)[k])
+                assert want.shape == got.shape and want.view(np.uint8).tobytes() == got.view(np.uint8).tobytes(), (
+                    name,
+                    k,
+                )
+    assert np.asarray(tensorlift.safe_open(path, framework="np").get_slice("b")[2]).view(np.uint8) == 255

@@ -270,3 +270,39 @@ def test_bf16_and_float8_with_torch(tmp_path):
             raw = whole.view(torch.int16 if whole.element_size() == 2 else torch.uint8)
             want = raw.flip(0).flip(1)[:, ::2].contiguous().view(whole.dtype)
             assert _same(ours.get_slice(name)[::-1, ::-2], want), name
+
+
+def test_f4_tensors_as_the_reference_gives_them_to_torch(tmp_path):
+    """F4 (two 4-bit floats a byte) goes to torch as the reference gives it:
+    ``float4_e2m1fn_x2``, the last dimension halved, the file's bytes; an odd last
+    dimension is the reference's error."""
+    if torch is None or not hasattr(torch, "float4_e2m1fn_x2"):
+        pytest.skip("torch with float4_e2m1fn_x2 is not installed")
+    import json
+    import struct
+
+    from safetensors.torch import load_file as reference_load
+
+    cases = {"v": ([2], b"\x12"), "m": ([4, 6], bytes(range(12))), "e": ([0], b""), "odd": ([2, 3], b"\x12\x34\x56")}
+    header, data = {}, b""
+    for name, (shape, payload) in cases.items():
+        header[name] = {"dtype": "F4", "shape": shape, "data_offsets": [len(data), len(data) + len(payload)]}
+        data += payload
+    h = json.dumps(header).encode()
+    p = tmp_path / "f4.safetensors"
+    p.write_bytes(struct.pack("<Q", len(h)) + h + data)
+
+    def raw(t):
+        return t.dtype, tuple(t.shape), bytes(t.reshape(-1).view(torch.uint8).tolist())
+
+    with safetensors.safe_open(str(p), framework="pt") as ref, tensorlift.safe_open(p, framework="pt") as ours:
+        for name in ("v", "m", "e"):
+            assert raw(ours.get_tensor(name)) == raw(ref.get_tensor(name)), name
+        with pytest.raises(safetensors.SafetensorError, match="last dim be divisible by 2"):
+            ref.get_tensor("odd")
+        with pytest.raises(safetensors.SafetensorError, match="last dim be divisible by 2"):
+            ours.get_tensor("odd")
+    with pytest.raises(safetensors.SafetensorError, match="last dim be divisible by 2"):
+        reference_load(str(p))
+    with pytest.raises(safetensors.SafetensorError, match="last dim be divisible by 2"):
+        tensorlift.load_file(p)
