@@ -72,11 +72,31 @@ struct Work {
     failed: Option<CudaError>,
 }
 
+impl Work {
+    /// Never releases what the work holds: where the device may still be reading or writing
+    /// it (a wait for it failed), its memory must never be handed out again.
+    fn leak(self) {
+        std::mem::forget(self.chunk);
+        std::mem::forget(self.arenas);
+        std::mem::forget(self.kernels);
+    }
+}
+
 /// Work and the event recorded behind it: the completion thread releases the work once
 /// the event has completed.
 struct Pending {
     event: CudaEvent,
     work: Work,
+}
+
+/// Waits until `event` has completed, with the driver's own call: cudarc's
+/// `CudaEvent::synchronize` first returns any error an earlier call recorded on the
+/// context (a failed destroy anywhere on it), without waiting, and work released on that
+/// answer would still be in flight.
+fn wait_for(event: &CudaEvent) -> Result<(), CudaError> {
+    // SAFETY: the event is live (the caller owns it) and was recorded on a stream of this
+    // engine's context, which the engine keeps retained.
+    check(unsafe { sys::cuEventSynchronize(event.cu_event()) }, "cuEventSynchronize")
 }
 
 /// Asynchronous copies on several streams with completion tracking.
@@ -325,12 +345,13 @@ impl CopyEngine {
             Ok(e) => e,
             Err(e) => {
                 // No event: wait for the stream here, so that the memory is free to go back.
+                let failed = work.failed.take();
                 if stream.synchronize().is_err() {
-                    // The stream's state is unknown: never hand this memory out again.
-                    std::mem::forget(work.chunk.take());
-                    std::mem::forget(std::mem::take(&mut work.arenas));
+                    // The stream's state is unknown: never hand this memory (or the kernels
+                    // a launch may still run) out again.
+                    work.leak();
                 }
-                return Err(work.failed.unwrap_or(e));
+                return Err(failed.unwrap_or(e));
             }
         };
         let err = work.failed.clone();
@@ -340,8 +361,16 @@ impl CopyEngine {
             None => Err(pending),
         };
         if let Err(p) = sent {
-            // The completion thread is gone: wait here instead.
-            let _ = p.event.synchronize();
+            // The completion thread is gone: wait here instead, and release the work only
+            // once the wait says it is done.
+            let _restore = self.gpu.enter_for_release();
+            match wait_for(&p.event) {
+                Ok(()) => drop(p),
+                Err(_) => {
+                    std::mem::forget(p.event);
+                    p.work.leak();
+                }
+            }
             return Err(CudaError::Unavailable("the completion thread stopped".into()));
         }
         match err {
@@ -387,6 +416,9 @@ impl Drop for CopyEngine {
     }
 }
 
+/// The completion thread: releases each pending work, in order, once its event has
+/// completed, and reports its tag. Nothing it calls may unwind it: the work queued behind
+/// (in the channel) would be dropped with its copies in flight.
 fn complete(
     gpu: &Gpu,
     rx: &Receiver<Pending>,
@@ -394,24 +426,41 @@ fn complete(
     events: &Mutex<Vec<CudaEvent>>,
     on_copied: &OnCopied,
 ) {
-    let _ = gpu.bind();
-    for Pending { event, work: p } in rx {
-        let mut result = match event.synchronize() {
-            Ok(()) => Ok(()),
-            Err(source) => Err(CudaError::Driver { call: "cuEventSynchronize", source }),
-        };
-        if let (Err(e), Ok(mut f)) = (&result, failure.lock()) {
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    let fail = |e: &CudaError| {
+        if let Ok(mut f) = failure.lock() {
             f.get_or_insert(e.clone());
         }
-        if let Some(e) = p.failed {
+    };
+    // Held for the thread's life (its guard restores nothing that matters here).
+    let _current = gpu.enter_for_release();
+    for Pending { event, work: mut p } in rx {
+        let (tag, failed) = (p.tag, p.failed.take());
+        let mut result = wait_for(&event);
+        match &result {
+            // The work is done: the chunk may go back to its pool, the memory and the
+            // kernels be released, and the event reused. A drop that panics (a waker, a
+            // caller's owner of lent memory) is contained.
+            Ok(()) => {
+                if catch_unwind(AssertUnwindSafe(|| drop(p))).is_err() {
+                    fail(&CudaError::Unavailable("releasing a finished copy's memory panicked".into()));
+                }
+                if let Ok(mut pool) = events.lock() {
+                    pool.push(event);
+                }
+            }
+            // Its state is unknown: what it holds is never handed out again.
+            Err(e) => {
+                fail(e);
+                std::mem::forget(event);
+                p.leak();
+            }
+        }
+        if let Some(e) = failed {
             result = Err(e);
         }
-        // The work is done: the chunk may go back to its pool, the memory and the kernels be
-        // released, and the event reused.
-        drop((p.chunk, p.arenas, p.kernels));
-        if let Ok(mut pool) = events.lock() {
-            pool.push(event);
+        if catch_unwind(AssertUnwindSafe(|| on_copied(tag, result))).is_err() {
+            fail(&CudaError::Unavailable("the completion callback panicked".into()));
         }
-        on_copied(p.tag, result);
     }
 }

@@ -79,8 +79,10 @@ impl Gpu {
         // with it every first stream of a context waits for the whole device
         // (cuCtxSynchronize): tensorlift orders its copies with its own events and uses no
         // CudaSlice, so a load must not wait for the caller's unrelated GPU work.
-        // SAFETY: no CudaSlice is ever made on this context by tensorlift; cudarc requires
-        // only that slices made without tracking are synchronised by their user.
+        // SAFETY: no CudaSlice is ever made on this context by tensorlift, and no stream or
+        // handle of it reaches a caller (`new_stream` and `context` are crate-private);
+        // cudarc requires only that slices made without tracking are synchronised by their
+        // user.
         unsafe { ctx.disable_event_tracking() };
         Ok(Gpu { ctx: std::mem::ManuallyDrop::new(ctx), name: dev.name.clone() })
     }
@@ -102,8 +104,10 @@ impl Gpu {
         Ok((free as u64, total as u64))
     }
 
-    /// A new non-default stream.
-    pub fn new_stream(&self) -> Result<Arc<CudaStream>, CudaError> {
+    /// A new non-default stream. Crate-private: the context has cudarc's event tracking
+    /// off, so a `CudaSlice` made through a stream of it (or its `context()`) would not be
+    /// ordered across streams; no such stream may reach a caller.
+    pub(crate) fn new_stream(&self) -> Result<Arc<CudaStream>, CudaError> {
         let _restore = Current::save();
         self.ctx.new_stream().call("cuStreamCreate")
     }
@@ -118,11 +122,6 @@ impl Gpu {
         let restore = Current::save();
         self.ctx.bind_to_thread().call("cuCtxSetCurrent")?;
         Ok(restore)
-    }
-
-    /// Makes the context current for good, on a thread of tensorlift's own.
-    pub(crate) fn bind(&self) -> Result<(), CudaError> {
-        self.ctx.bind_to_thread().call("cuCtxSetCurrent")
     }
 
     /// Makes the context current for a release (a free, an unregistration): directly, so

@@ -14,7 +14,8 @@ use crate::{CudaError, Gpu};
 #[derive(Debug)]
 pub struct PageCacheRange {
     gpu: Gpu,
-    window: DmaWindow,
+    /// Unmapped by Drop once unregistered; leaked where it may still be registered.
+    window: std::mem::ManuallyDrop<DmaWindow>,
 }
 
 impl PageCacheRange {
@@ -30,7 +31,7 @@ impl PageCacheRange {
         // Drop, before the window is unmapped.
         let r = unsafe { sys::cuMemHostRegister_v2(base.cast_mut().cast(), len, sys::CU_MEMHOSTREGISTER_READ_ONLY) };
         check(r, "cuMemHostRegister")?;
-        Ok(PageCacheRange { gpu: gpu.clone(), window })
+        Ok(PageCacheRange { gpu: gpu.clone(), window: std::mem::ManuallyDrop::new(window) })
     }
 
     /// The device it is registered with.
@@ -56,10 +57,16 @@ impl PageCacheRange {
 
 impl Drop for PageCacheRange {
     fn drop(&mut self) {
-        if let Ok(_restore) = self.gpu.enter_for_release() {
+        let unregistered = self.gpu.enter_for_release().is_ok_and(|_restore| {
             // SAFETY: unregisters exactly the range registered in `register`, once; the copy
             // engine drops this value only after the copies from it have completed.
-            let _ = unsafe { sys::cuMemHostUnregister(self.window.pages().0.cast_mut().cast()) };
+            let r = unsafe { sys::cuMemHostUnregister(self.window.pages().0.cast_mut().cast()) };
+            check(r, "cuMemHostUnregister").is_ok()
+        });
+        if unregistered {
+            // SAFETY: dropped once, here, and never used after; the pages are no longer
+            // registered, so unmapping them leaves no registration behind.
+            unsafe { std::mem::ManuallyDrop::drop(&mut self.window) };
         }
     }
 }

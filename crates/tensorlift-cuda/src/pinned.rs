@@ -18,8 +18,9 @@ use crate::{CudaError, Gpu};
 #[derive(Debug)]
 pub struct PinnedPool {
     gpu: Gpu,
-    // Freed after Drop::drop has unregistered it (fields drop after the struct's Drop).
-    _mem: AlignedBuf,
+    // Freed by Drop::drop once it is unregistered; leaked where it may still be registered
+    // (a later mapping at its address must not inherit a stale registration).
+    mem: std::mem::ManuallyDrop<AlignedBuf>,
     base: *mut u8,
     chunk: usize,
     count: usize,
@@ -39,9 +40,10 @@ unsafe impl Sync for PinnedPool {}
 impl PinnedPool {
     /// `budget` bytes (rounded down to whole chunks, at least one) in chunks of `chunk` bytes.
     pub fn new(gpu: &Gpu, budget: usize, chunk: usize) -> Result<Arc<PinnedPool>, CudaError> {
-        let chunk = chunk.max(PAGE).next_multiple_of(PAGE);
+        let too_big = CudaError::OutOfMemory { what: "staging memory", bytes: budget.max(chunk) as u64 };
+        let chunk = chunk.max(PAGE).checked_next_multiple_of(PAGE).ok_or(too_big.clone())?;
         let count = (budget / chunk).max(1);
-        let len = count * chunk;
+        let len = count.checked_mul(chunk).ok_or(too_big)?;
         let mut mem = AlignedBuf::zeroed(len, PAGE)
             .ok_or(CudaError::OutOfMemory { what: "staging memory", bytes: len as u64 })?;
         let base = mem.stable_mut_ptr();
@@ -52,7 +54,7 @@ impl PinnedPool {
         check(r, "cuMemHostRegister")?;
         Ok(Arc::new(PinnedPool {
             gpu: gpu.clone(),
-            _mem: mem,
+            mem: std::mem::ManuallyDrop::new(mem),
             base,
             chunk,
             count,
@@ -147,9 +149,14 @@ impl Drop for PinnedPool {
     fn drop(&mut self) {
         // Every chunk holds an Arc to the pool, so none is lent out (and no copy from one is
         // in flight: the copy engine holds chunks until their copies complete).
-        if let Ok(_restore) = self.gpu.enter_for_release() {
+        let unregistered = self.gpu.enter_for_release().is_ok_and(|_restore| {
             // SAFETY: unregisters exactly the range registered in `new`, once.
-            let _ = unsafe { sys::cuMemHostUnregister(self.base.cast()) };
+            check(unsafe { sys::cuMemHostUnregister(self.base.cast()) }, "cuMemHostUnregister").is_ok()
+        });
+        if unregistered {
+            // SAFETY: dropped once, here, and never used after; no chunk (each holds the pool)
+            // and no registration refers to it any more.
+            unsafe { std::mem::ManuallyDrop::drop(&mut self.mem) };
         }
     }
 }

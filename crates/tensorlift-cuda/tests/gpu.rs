@@ -100,6 +100,58 @@ fn pieces_scatter_one_chunk() {
     assert_eq!(b, want[100..]);
 }
 
+/// Defect: a completion callback that panicked unwound the completion thread, which
+/// dropped every copy queued behind it (its chunk back in the pool while the device still
+/// read it) and never reported their tags. The panic is contained: the copies behind it
+/// complete and are reported, their chunks come back after them, and the engine reports
+/// the panic.
+#[test]
+fn a_panicking_completion_callback_releases_nothing_early() {
+    let (_driver, gpu) = gpu();
+    const MIB: usize = 1 << 20;
+    let pool = PinnedPool::new(&gpu, 4 * MIB, MIB).unwrap();
+    let arena = Arc::new(DeviceArena::new(&gpu, 4 * MIB).unwrap());
+    let reported = Arc::new(Mutex::new(Vec::new()));
+    let r = Arc::clone(&reported);
+    let on_copied = Box::new(move |tag: u64, result: Result<(), CudaError>| {
+        r.lock().unwrap().push((tag, result.is_ok()));
+        assert_ne!(tag, 0, "the caller's callback panics on tag 0");
+    });
+    let mut engine = CopyEngine::with_completion(&gpu, 2, on_copied).unwrap();
+    // Slow copies: those behind the first are still in flight when its callback panics.
+    emulator::set_fault(Fault::CopyDelayMicros(20_000));
+    let data = pattern(4 * MIB, 5);
+    for i in 0..4 {
+        let mut c = pool.acquire();
+        c.as_mut_slice().copy_from_slice(&data[i * MIB..(i + 1) * MIB]);
+        engine.copy_tagged(c, &arena, &[Piece::flat(0, i * MIB, MIB)], i as u64).unwrap();
+    }
+    let t = Instant::now();
+    while reported.lock().unwrap().len() < 4 {
+        assert!(t.elapsed() < Duration::from_secs(10), "reported: {:?}", reported.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(*reported.lock().unwrap(), [(0, true), (1, true), (2, true), (3, true)]);
+    let err = engine.synchronize().unwrap_err();
+    assert!(err.to_string().contains("the completion callback panicked"), "{err}");
+    wait_all_free(&pool);
+    let mut back = vec![0u8; 4 * MIB];
+    arena.copy_to_host(0, &mut back).unwrap();
+    assert!(back == data);
+}
+
+/// A chunk size or budget near the address space's end is an error, not an overflow.
+#[test]
+fn a_staging_pool_too_large_to_address_is_refused() {
+    let (_driver, gpu) = gpu();
+    for (budget, chunk) in [(usize::MAX, usize::MAX - 5), (usize::MAX, usize::MAX / 2 + 4096)] {
+        match PinnedPool::new(&gpu, budget, chunk) {
+            Err(CudaError::OutOfMemory { what: "staging memory", .. }) => {}
+            other => panic!("{budget} {chunk}: {other:?}"),
+        }
+    }
+}
+
 #[test]
 fn out_of_bounds_copies_are_refused() {
     let (_driver, gpu) = gpu();
