@@ -808,8 +808,17 @@ impl PyCheckpoint {
                     let len = length as usize;
                     return tensorlift_io::read_object(object, at, buf, 0, len).wait().map_err(|f| f.error.to_string());
                 }
-                let file = plan.take_shard(shard).map_err(|e| e.to_string())?;
+                // Checked as a load checks it: the planned file, its header read again where
+                // its status changed, and the same after the read as when it was taken.
+                let (file, taken) = plan.take_shard_as(shard).map_err(|e| e.to_string())?;
                 file.read_exact_at(&mut buf, at).map_err(|e| format!("{}: {e}", path.display()))?;
+                let now = file.metadata().map_err(|e| format!("{}: cannot stat it: {e}", path.display()))?;
+                if let Some(what) = tensorlift_io::identity_change(&taken, &tensorlift_io::file_identity(&now)) {
+                    return Err(format!(
+                        "{}: shard changed since it was planned: {what}, while it was being read",
+                        path.display()
+                    ));
+                }
                 Ok(buf)
             })
             .map_err(pyo3::exceptions::PyOSError::new_err)?;

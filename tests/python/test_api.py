@@ -625,3 +625,24 @@ def test_a_bool_picked_by_index_keeps_its_byte(tmp_path):
                     k,
                 )
     assert np.asarray(tensorlift.safe_open(path, framework="np").get_slice("b")[2]).view(np.uint8) == 255
+
+
+@pytest.mark.parametrize("backend", ["pread", "mmap"])
+def test_a_file_rewritten_under_a_handle_is_refused_not_misread(tmp_path, backend):
+    """A file rewritten in place under an open handle (same length, its modification time
+    set back, so that only its status change time and its bytes tell) is refused by
+    ``get_tensor`` and by ``get_slice``, rather than read at the old places."""
+    path = tmp_path / "m.safetensors"
+    save_file({"a": np.zeros(4, dtype=np.float32), "b": np.ones(4, dtype=np.int32)}, str(path))
+    with tensorlift.safe_open(path, framework="np", backend=backend) as f:
+        time.sleep(0.02)
+        before = os.stat(path)
+        save_file({"a": np.full(4, 7, dtype=np.int32), "b": np.full(4, 9, dtype=np.float32)}, str(tmp_path / "new"))
+        new = (tmp_path / "new").read_bytes()
+        assert len(new) == before.st_size
+        with open(path, "r+b") as w:
+            w.write(new)
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        for read in (lambda: f.get_tensor("a"), lambda: f.get_slice("a")[:], lambda: f.get_slice("b")[1:3]):
+            with pytest.raises(OSError, match="header differs from the planned one"):
+                read()

@@ -298,15 +298,25 @@ impl Checkpoint {
         }
     }
 
-    /// The descriptor of shard `i`, checked to be the planned file, of the planned length
-    /// and modification time ([`content_change`]): the one planning read (it is released by
-    /// this call), or, for a shard closed after planning, reopened by its name relative to
-    /// the model folder. Its status change time is not compared: a file moved away, linked
-    /// or `chmod`ed after planning reads as planned through the descriptor held, as it would
-    /// through the reference's mapping. The caller reads its header again where that time
-    /// moved ([`certainly_unchanged`](Self::certainly_unchanged) is then false), and checks
-    /// that it does not move while the file is read.
+    /// The descriptor of shard `i`, checked to be the planned file, unchanged: the one
+    /// planning read (it is released by this call), or, for a shard closed after planning,
+    /// reopened by its name relative to the model folder. See
+    /// [`take_shard_as`](Self::take_shard_as).
     pub fn take_shard(&mut self, i: usize) -> Result<Arc<File>, IoError> {
+        self.take_shard_as(i).map(|(file, _)| file)
+    }
+
+    /// [`take_shard`](Self::take_shard), and the identity the checks found it with: a
+    /// reader of the descriptor checks after its reads that it still has that identity
+    /// (status change time included), so that a write meanwhile is refused.
+    ///
+    /// The file must have the planned device, inode, length and modification time
+    /// ([`content_change`]). Its status change time may have moved since planning: a file
+    /// moved away, linked or `chmod`ed reads as planned through the descriptor held, as it
+    /// would through the reference's mapping. Since a write whose modification time was
+    /// set back moves it too, the header is then read again through the descriptor and
+    /// compared with the planned one's hash.
+    pub fn take_shard_as(&mut self, i: usize) -> Result<(Arc<File>, FileIdentity), IoError> {
         let shard = self.plan.shards().get(i).ok_or_else(|| IoError::Open {
             file: self.plan.root().to_path_buf(),
             source: io::Error::new(io::ErrorKind::InvalidInput, format!("no shard {i} in the plan")),
@@ -335,7 +345,21 @@ impl Checkpoint {
         if let Some(what) = content_change(&shard.identity, &now) {
             return Err(changed(what));
         }
-        Ok(file)
+        if now.changed_ns != shard.identity.changed_ns {
+            // Read after the identity was taken: a write before the read shows in the hash,
+            // one after it in the reader's check of that identity.
+            let n = shard.data_start() as usize;
+            let mut header = Vec::new();
+            header
+                .try_reserve_exact(n)
+                .map_err(|_| changed(format!("cannot allocate {n} bytes to re-read its header")))?;
+            header.resize(n, 0);
+            file.read_exact_at(&mut header, 0).map_err(|e| changed(format!("cannot re-read its header: {e}")))?;
+            if tensorlift_format::header_hash(&header) != shard.header_hash {
+                return Err(changed("its header differs from the planned one".into()));
+            }
+        }
+        Ok((file, now))
     }
 }
 

@@ -60,21 +60,22 @@ pub(crate) fn open_shard(
         return Ok(ShardIo::Object(Arc::clone(object)));
     }
     let reopened = plan.reopens(i);
-    let file = plan.take_shard(i).map_err(open_error)?;
+    // One look at the file decides what is checked, and is what it must still be after
+    // its reads (see still_as_planned). Where its status changed since planning (a chmod, a
+    // link, moved away; or a write whose modification time was set back), take_shard_as
+    // has read its header again.
+    let (file, taken) = plan.take_shard_as(i).map_err(open_error)?;
     let shard = &plan.shards()[i];
-    // Its status changed since planning (a chmod, a link, moved away; or a write whose
-    // modification time was set back, which only the bytes tell): its header is read again.
-    let status_moved =
-        || file.metadata().map_or(true, |m| tensorlift_io::file_identity(&m).changed_ns != shard.identity.changed_ns);
     let header = match recheck {
+        _ if taken.changed_ns != shard.identity.changed_ns => None,
         // The descriptor planning read the header from, certainly unchanged since (the
         // identity it had then, last changed well before planning: see
         // Checkpoint::certainly_unchanged): the header is as planned, without reading it
         // again. (A plan's tensors loaded one at a time, as a Python handle's are, would
         // each read it whole.)
-        Recheck::Always if !reopened && certainly_unchanged(plan, i, &file) => None,
+        Recheck::Always if !reopened && plan.certainly_unchanged(i, &taken) => None,
         Recheck::Always => Some(shard.header_hash),
-        Recheck::Reopened(hash) => (reopened || status_moved()).then_some(hash),
+        Recheck::Reopened(hash) => reopened.then_some(hash),
     };
     // A shard already in the page cache reads faster buffered; O_DIRECT would go to disk.
     let direct = match direct {
@@ -83,6 +84,10 @@ pub(crate) fn open_shard(
         DirectIo::Auto => cache::resident_estimate(&file).map_or(true, |f| f < 0.5),
     };
     let file = reader.open_file(&shard.path, file, direct).map_err(open_error)?;
+    // Its reads are checked against the identity it was opened with: the one decided on.
+    if let Some(what) = tensorlift_io::identity_change(&taken, file.identity_at_open()) {
+        return Err(LoadError::ShardChanged { file: shard.path.clone(), what: format!("{what}, while it was opened") });
+    }
     check_unchanged(shard, header, &file)?;
     if file.is_direct() {
         stats.direct_shards += 1;
@@ -226,12 +231,6 @@ pub(crate) fn still_as_planned(plan: &LoadPlan, i: usize, file: &ShardIo) -> Res
         Some(what) => Err(changed(format!("{what}, while it was being read"))),
         None => Ok(()),
     }
-}
-
-/// Whether shard `i`, open as `file`, is certainly the file planned
-/// ([`Checkpoint::certainly_unchanged`]).
-fn certainly_unchanged(plan: &Checkpoint, i: usize, file: &std::fs::File) -> bool {
-    file.metadata().is_ok_and(|now| plan.certainly_unchanged(i, &tensorlift_io::file_identity(&now)))
 }
 
 /// A shard that is no longer the planned file is [`LoadError::ShardChanged`].

@@ -632,3 +632,54 @@ fn a_shard_is_certainly_unchanged_only_when_settled_before_planning() {
     let again = open(&path).unwrap();
     assert!(!again.subset([0]).certainly_unchanged(0, &identity(&path)), "written since, under 2 s before planning");
 }
+
+/// A shard whose status changed after planning is taken with its header read again: a
+/// chmod (no write) gives the descriptor, with the identity it was found with; a header
+/// rewritten in place with its modification time set back is refused, by name or held.
+#[test]
+fn a_shard_whose_status_changed_is_taken_with_its_header_read_again() {
+    use std::os::unix::fs::{FileExt, PermissionsExt};
+    let d = dir();
+    let path = d.join("m.safetensors");
+    write_shard(&path, &[("a", Dtype::F32, &[4]), ("b", Dtype::I32, &[4])]);
+    for reopened in [false, true] {
+        let mut plan = open(&path).unwrap();
+        if reopened {
+            plan.release_shard(0); // as a plan closes a shard to bound open files
+        }
+        assert_eq!(plan.reopens(0), reopened);
+        let planned = plan.shards()[0].identity;
+        // Past the file system's clock tick, so that the change moves the status time.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        let (_, taken) = plan.subset([0, 1]).take_shard_as(0).unwrap();
+        assert_ne!(taken.changed_ns, planned.changed_ns, "reopened: {reopened}");
+        assert_eq!((taken.ino, taken.len, taken.modified_ns), (planned.ino, planned.len, planned.modified_ns));
+
+        // The header's bytes changed (every a and b swapped), same length, the modification
+        // time set back.
+        let mtime = fs::metadata(&path).unwrap().modified().unwrap();
+        let bytes = fs::read(&path).unwrap();
+        let swapped: Vec<u8> = bytes
+            .iter()
+            .map(|&c| {
+                if c == b'a' {
+                    b'b'
+                } else if c == b'b' {
+                    b'a'
+                } else {
+                    c
+                }
+            })
+            .collect();
+        let n = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&swapped[..n], 0).unwrap();
+        f.set_times(fs::FileTimes::new().set_modified(mtime)).unwrap();
+        match plan.take_shard_as(0) {
+            Err(IoError::Changed { what, .. }) => assert!(what.contains("header differs"), "{reopened}: {what}"),
+            other => panic!("{reopened}: {other:?}"),
+        }
+        f.write_all_at(&bytes[..n], 0).unwrap();
+    }
+}
