@@ -373,7 +373,7 @@ def is_remote(path):
     ``s3://``, ``gs://``, ``az://``, ``http(s)://`` and the other schemes tensorlift reads by
     ranged GETs. (Give URLs as ``str``: ``pathlib.Path("s3://b/x")`` becomes ``s3:/b/x``,
     a local path.)"""
-    return _is_remote(os.fspath(path))
+    return _is_remote(_path(path))
 
 
 def _verify(verify):

@@ -67,6 +67,10 @@ RANK = textwrap.dedent(
     torch.save(got, os.path.join(out, f"rank{rank}.pt"))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"stats": stats, "order": list(got), "reads": reads}, f)
+    # tensorlift's memory is given back here, where a fault in that would still show.
+    del got
+    import gc
+    gc.collect()
     dist.destroy_process_group()
     # The results are written. A gloo worker thread may still be dropping the last
     # collective's tensors, and were the interpreter finalizing then, taking the GIL would

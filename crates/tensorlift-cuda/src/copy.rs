@@ -388,9 +388,12 @@ impl CopyEngine {
 
     /// Waits until every queued copy has completed; reports the first failure.
     pub fn synchronize(&self) -> Result<(), CudaError> {
-        let _restore = crate::device::Current::save();
+        // The driver's own call, as in `wait_for`: cudarc's would first return an error
+        // recorded earlier on the context, without waiting.
+        let _restore = self.gpu.enter_for_release()?;
         for s in &self.streams {
-            s.synchronize().call("cuStreamSynchronize")?;
+            // SAFETY: the stream is live (the engine owns it) and on this context.
+            check(unsafe { sys::cuStreamSynchronize(s.cu_stream()) }, "cuStreamSynchronize")?;
         }
         match self.failure.lock().ok().and_then(|mut f| f.take()) {
             Some(e) => Err(e),
