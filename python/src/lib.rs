@@ -808,10 +808,16 @@ impl PyCheckpoint {
                     let len = length as usize;
                     return tensorlift_io::read_object(object, at, buf, 0, len).wait().map_err(|f| f.error.to_string());
                 }
-                // Checked as a load checks it: the planned file, its header read again where
-                // its status changed, and the same after the read as when it was taken.
-                let (file, taken) = plan.take_shard_as(shard).map_err(|e| e.to_string())?;
-                file.read_exact_at(&mut buf, at).map_err(|e| format!("{}: {e}", path.display()))?;
+                // Checked as a load of a plan made before it checks it: the planned file, its
+                // header read again unless it is certainly unchanged since planning, and the
+                // same after the read as when it was taken.
+                let hash = plan.shards()[shard].header_hash;
+                let (file, taken) = plan.take_shard_as(shard, hash).map_err(|e| e.to_string())?;
+                let status_moved = taken.changed_ns != plan.shards()[shard].identity.changed_ns;
+                if !status_moved && !plan.certainly_unchanged(shard, &taken) {
+                    plan.check_header(shard, &file, hash).map_err(|e| e.to_string())?;
+                }
+                let read = file.read_exact_at(&mut buf, at);
                 let now = file.metadata().map_err(|e| format!("{}: cannot stat it: {e}", path.display()))?;
                 if let Some(what) = tensorlift_io::identity_change(&taken, &tensorlift_io::file_identity(&now)) {
                     return Err(format!(
@@ -819,6 +825,7 @@ impl PyCheckpoint {
                         path.display()
                     ));
                 }
+                read.map_err(|e| format!("{}: {e}", path.display()))?;
                 Ok(buf)
             })
             .map_err(pyo3::exceptions::PyOSError::new_err)?;
@@ -962,8 +969,8 @@ fn inspect(py: Python<'_>, path: std::path::PathBuf) -> PyResult<Py<PyDict>> {
 /// Whether `path` names a remote checkpoint (`s3://`, `gs://`, `az://`, `http(s)://`, ...),
 /// read by ranged GETs rather than from a local file.
 #[pyfunction]
-fn is_remote(path: &str) -> bool {
-    tensorlift::is_remote(std::path::Path::new(path))
+fn is_remote(path: std::path::PathBuf) -> bool {
+    tensorlift::is_remote(&path)
 }
 
 /// Host arenas alive in this process (for tests that check memory is freed).

@@ -303,7 +303,8 @@ impl Checkpoint {
     /// reopened by its name relative to the model folder. See
     /// [`take_shard_as`](Self::take_shard_as).
     pub fn take_shard(&mut self, i: usize) -> Result<Arc<File>, IoError> {
-        self.take_shard_as(i).map(|(file, _)| file)
+        let header = self.plan.shards().get(i).map_or(0, |s| s.header_hash);
+        self.take_shard_as(i, header).map(|(file, _)| file)
     }
 
     /// [`take_shard`](Self::take_shard), and the identity the checks found it with: a
@@ -315,8 +316,9 @@ impl Checkpoint {
     /// moved away, linked or `chmod`ed reads as planned through the descriptor held, as it
     /// would through the reference's mapping. Since a write whose modification time was
     /// set back moves it too, the header is then read again through the descriptor and
-    /// compared with the planned one's hash.
-    pub fn take_shard_as(&mut self, i: usize) -> Result<(Arc<File>, FileIdentity), IoError> {
+    /// compared with `header`, the planned header's hash (the shard's, or, for a plan still
+    /// being made, the one its validation found).
+    pub fn take_shard_as(&mut self, i: usize, header: u64) -> Result<(Arc<File>, FileIdentity), IoError> {
         let shard = self.plan.shards().get(i).ok_or_else(|| IoError::Open {
             file: self.plan.root().to_path_buf(),
             source: io::Error::new(io::ErrorKind::InvalidInput, format!("no shard {i} in the plan")),
@@ -348,18 +350,27 @@ impl Checkpoint {
         if now.changed_ns != shard.identity.changed_ns {
             // Read after the identity was taken: a write before the read shows in the hash,
             // one after it in the reader's check of that identity.
-            let n = shard.data_start() as usize;
-            let mut header = Vec::new();
-            header
-                .try_reserve_exact(n)
-                .map_err(|_| changed(format!("cannot allocate {n} bytes to re-read its header")))?;
-            header.resize(n, 0);
-            file.read_exact_at(&mut header, 0).map_err(|e| changed(format!("cannot re-read its header: {e}")))?;
-            if tensorlift_format::header_hash(&header) != shard.header_hash {
-                return Err(changed("its header differs from the planned one".into()));
-            }
+            self.check_header(i, &file, header)?;
         }
         Ok((file, now))
+    }
+
+    /// Reads shard `i`'s header through `file` and compares it with `header`, the planned
+    /// header's hash: "its header differs from the planned one" where it does not match.
+    pub fn check_header(&self, i: usize, file: &File, header: u64) -> Result<(), IoError> {
+        let Some(shard) = self.plan.shards().get(i) else {
+            return Err(IoError::Changed { file: self.plan.root().to_path_buf(), what: format!("no shard {i}") });
+        };
+        let changed = |what: String| IoError::Changed { file: shard.path.clone(), what };
+        let n = shard.data_start() as usize;
+        let mut bytes = Vec::new();
+        bytes.try_reserve_exact(n).map_err(|_| changed(format!("cannot allocate {n} bytes to re-read its header")))?;
+        bytes.resize(n, 0);
+        file.read_exact_at(&mut bytes, 0).map_err(|e| changed(format!("cannot re-read its header: {e}")))?;
+        if tensorlift_format::header_hash(&bytes) != header {
+            return Err(changed("its header differs from the planned one".into()));
+        }
+        Ok(())
     }
 }
 

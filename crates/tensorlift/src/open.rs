@@ -64,7 +64,11 @@ pub(crate) fn open_shard(
     // its reads (see still_as_planned). Where its status changed since planning (a chmod, a
     // link, moved away; or a write whose modification time was set back), take_shard_as
     // has read its header again.
-    let (file, taken) = plan.take_shard_as(i).map_err(open_error)?;
+    let planned_header = match recheck {
+        Recheck::Reopened(hash) => hash,
+        Recheck::Always => plan.shards()[i].header_hash,
+    };
+    let (file, taken) = plan.take_shard_as(i, planned_header).map_err(open_error)?;
     let shard = &plan.shards()[i];
     let header = match recheck {
         _ if taken.changed_ns != shard.identity.changed_ns => None,
@@ -124,7 +128,11 @@ pub(crate) fn map_all(
                         "mapped views of a remote checkpoint (a view maps a local file; load it into memory)".into(),
                     ));
                 };
-                Arc::new(MappedFile::map(&file).map_err(LoadError::Open)?)
+                let map = MappedFile::map(&file).map_err(LoadError::Open)?;
+                // Mapped as it was checked: a write between the checks and the mapping is
+                // refused (after it, the caller's contract holds).
+                still_as_planned(plan.plan(), e.shard, &ShardIo::File(Arc::clone(&file)))?;
+                Arc::new(map)
             }
         };
         maps.push(map);

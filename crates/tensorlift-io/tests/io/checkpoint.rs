@@ -652,7 +652,13 @@ fn a_shard_whose_status_changed_is_taken_with_its_header_read_again() {
         // Past the file system's clock tick, so that the change moves the status time.
         std::thread::sleep(std::time::Duration::from_millis(20));
         fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
-        let (_, taken) = plan.subset([0, 1]).take_shard_as(0).unwrap();
+        // Compared with the hash given (a plan still being made has none of its own yet).
+        let hash = plan.shards()[0].header_hash;
+        match plan.subset([0, 1]).take_shard_as(0, hash ^ 1) {
+            Err(IoError::Changed { what, .. }) => assert!(what.contains("header differs"), "{reopened}: {what}"),
+            other => panic!("{reopened}: {other:?}"),
+        }
+        let (_, taken) = plan.subset([0, 1]).take_shard_as(0, hash).unwrap();
         assert_ne!(taken.changed_ns, planned.changed_ns, "reopened: {reopened}");
         assert_eq!((taken.ino, taken.len, taken.modified_ns), (planned.ino, planned.len, planned.modified_ns));
 
@@ -676,7 +682,7 @@ fn a_shard_whose_status_changed_is_taken_with_its_header_read_again() {
         let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
         f.write_all_at(&swapped[..n], 0).unwrap();
         f.set_times(fs::FileTimes::new().set_modified(mtime)).unwrap();
-        match plan.take_shard_as(0) {
+        match plan.take_shard_as(0, hash) {
             Err(IoError::Changed { what, .. }) => assert!(what.contains("header differs"), "{reopened}: {what}"),
             other => panic!("{reopened}: {other:?}"),
         }
