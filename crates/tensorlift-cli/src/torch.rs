@@ -177,8 +177,18 @@ type ViewKey = (usize, String, String, usize, Vec<usize>, Vec<usize>);
 /// strided views are written contiguous.
 pub fn convert(src: &Path, dst: &Path, max_shard: u64, out: &mut dyn Write) -> anyhow::Result<()> {
     let opened = open_all(src)?;
-    if dst.exists() && std::fs::read_dir(dst).map(|mut d| d.next().is_some()).unwrap_or(true) {
-        bail!("{}: exists and is not an empty folder (nothing was written)", dst.display());
+    // DST is renamed into place at the end: it must be a name of its own (not `.`), and
+    // nothing there but an empty folder; a link, even to an empty folder, is not replaced.
+    if dst.file_name().is_none() {
+        bail!("{}: name the folder to write, not `.`, `..` or `/` (nothing was written)", dst.display());
+    }
+    match std::fs::symlink_metadata(dst) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Ok(m) if m.file_type().is_symlink() => {
+            bail!("{}: is a symbolic link; name the folder itself (nothing was written)", dst.display())
+        }
+        Ok(m) if m.is_dir() && std::fs::read_dir(dst).is_ok_and(|mut d| d.next().is_none()) => {}
+        _ => bail!("{}: exists and is not an empty folder (nothing was written)", dst.display()),
     }
     // Every tensor to write, in order; tied duplicates dropped.
     let mut seen: HashMap<ViewKey, String> = HashMap::new();
@@ -266,8 +276,7 @@ pub fn convert(src: &Path, dst: &Path, max_shard: u64, out: &mut dyn Write) -> a
     };
     let base = dst.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
     remove_stale_partials(&parent, &base, out)?;
-    let staging = parent.join(format!(".{base}.partial-{}", std::process::id()));
-    std::fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
+    let staging = new_staging(&parent, &base)?;
     let written = write_shards(&staging, &shards, headers, &opened, out);
     let result = written.and_then(|(tensors, total)| {
         if dst.exists() {
@@ -319,16 +328,32 @@ fn reference_can_hold(t: &TorchTensor) -> bool {
     t.shape.iter().try_fold(es, |a, &d| a.checked_mul((d as u64).max(1))).is_some_and(|n| n <= i64::MAX as u64)
 }
 
-/// Removes the staging folders (`.BASE.partial-PID`) that earlier runs of `convert` into
-/// the same destination left behind when they were killed: their process is gone. A folder
-/// whose process still runs is another convert's, and stays.
+/// A new, empty staging folder beside DST, `.BASE.partial-PID-N`: made by this call (never
+/// one that was there, nor a link, which another process or an earlier one with this
+/// process id may have left), the first free N.
+fn new_staging(parent: &Path, base: &str) -> anyhow::Result<PathBuf> {
+    for n in 0..1000 {
+        let staging = parent.join(format!(".{base}.partial-{}-{n}", std::process::id()));
+        match std::fs::create_dir(&staging) {
+            Ok(()) => return Ok(staging),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e).with_context(|| format!("creating {}", staging.display())),
+        }
+    }
+    bail!("{}: no free name for a staging folder beside it (.{base}.partial-*)", parent.display())
+}
+
+/// Removes the staging folders (`.BASE.partial-PID-N`, or `.BASE.partial-PID` as earlier
+/// versions named them) that earlier runs of `convert` into the same destination left
+/// behind when they were killed: their process is gone. A folder whose process still runs
+/// is another convert's, and stays.
 fn remove_stale_partials(parent: &Path, base: &str, out: &mut dyn Write) -> anyhow::Result<()> {
     let prefix = format!(".{base}.partial-");
     let Ok(entries) = std::fs::read_dir(parent) else { return Ok(()) };
     for e in entries.flatten() {
         let name = e.file_name();
-        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(&prefix)) else { continue };
-        let Ok(pid) = pid.parse::<u32>() else { continue };
+        let Some(tail) = name.to_str().and_then(|n| n.strip_prefix(&prefix)) else { continue };
+        let Ok(pid) = tail.split('-').next().unwrap_or(tail).parse::<u32>() else { continue };
         if Path::new(&format!("/proc/{pid}")).exists() || !e.file_type().is_ok_and(|t| t.is_dir()) {
             continue;
         }

@@ -393,6 +393,51 @@ fn folders_left_by_a_killed_convert_are_removed_by_the_next() {
     assert_eq!(loaded(&d.join("out")), expected("every_dtype"));
 }
 
+/// Defect: convert wrote into a staging folder that was already there (`create_dir_all`
+/// of `.out.partial-PID`): a folder left with other files under a reused process id put
+/// them in the output, and a link there sent the output elsewhere, DST becoming that link.
+/// The staging folder is always made new, at the first free name; DST given as a link, or
+/// as `.`, is refused before anything is written.
+#[test]
+fn convert_stages_in_a_folder_of_its_own_and_writes_only_there() {
+    let d = tensorlift_testkit::scratch_in(&std::env::temp_dir(), "tl-cli-");
+    let elsewhere = d.join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    // Planted at the names this convert would take, and at the one it took before: its
+    // process id is the shell's ($$), which exec hands over.
+    let script = r#"ln -s "$1" ".out.partial-$$" && ln -s "$1" ".out.partial-$$-0" && mkdir ".out.partial-$$-1" && echo junk > ".out.partial-$$-1/model-00009-of-00009.safetensors" && exec "$2" convert "$3" out"#;
+    let out = Command::new("bash")
+        .args(["-c", script, "_", s(&elsewhere), env!("CARGO_BIN_EXE_tensorlift"), s(&fixture("every_dtype.zip.bin"))])
+        .current_dir(&d)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let written = d.join("out");
+    assert!(std::fs::symlink_metadata(&written).unwrap().is_dir());
+    let names: Vec<_> = std::fs::read_dir(&written).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, ["model.safetensors"]);
+    assert_eq!(loaded(&written), expected("every_dtype"));
+    assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+
+    // DST a link to an empty folder, a dangling link, or `.`: refused, nothing written.
+    let empty = d.join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    std::os::unix::fs::symlink(&empty, d.join("lnk")).unwrap();
+    std::os::unix::fs::symlink(d.join("nowhere"), d.join("dangling")).unwrap();
+    for (dst, says) in [("lnk", "symbolic link"), ("dangling", "symbolic link"), (".", "name the folder")] {
+        let out = Command::new(env!("CARGO_BIN_EXE_tensorlift"))
+            .args(["convert", s(&fixture("every_dtype.zip.bin")), dst])
+            .current_dir(&d)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{dst}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains(says), "{dst}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(out.stdout.is_empty(), "{dst}: {}", String::from_utf8_lossy(&out.stdout));
+    }
+    assert_eq!(std::fs::read_dir(&empty).unwrap().count(), 0);
+    assert!(!d.join("nowhere").exists());
+}
+
 /// A checkpoint that nests its state_dict (as Lightning's do) has no tensor at its top:
 /// `convert` says so and writes nothing, rather than an empty model; values beside
 /// top-level tensors are named as not written.
