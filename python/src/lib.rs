@@ -811,12 +811,8 @@ impl PyCheckpoint {
                 // Checked as a load of a plan made before it checks it: the planned file, its
                 // header read again unless it is certainly unchanged since planning, and the
                 // same after the read as when it was taken.
-                let hash = plan.shards()[shard].header_hash;
-                let (file, taken) = plan.take_shard_as(shard, hash).map_err(|e| e.to_string())?;
-                let status_moved = taken.changed_ns != plan.shards()[shard].identity.changed_ns;
-                if !status_moved && !plan.certainly_unchanged(shard, &taken) {
-                    plan.check_header(shard, &file, hash).map_err(|e| e.to_string())?;
-                }
+                let checked = plan.take_checked(shard, tensorlift_io::HeaderCheck::Planned);
+                let (file, taken) = checked.map_err(|e| e.to_string())?;
                 let read = file.read_exact_at(&mut buf, at);
                 let now = file.metadata().map_err(|e| format!("{}: cannot stat it: {e}", path.display()))?;
                 if let Some(what) = tensorlift_io::identity_change(&taken, &tensorlift_io::file_identity(&now)) {

@@ -278,12 +278,12 @@ impl Checkpoint {
     }
 
     /// The descriptor planning kept for shard `i`, if it kept one, without taking it (to
-    /// look at the file, not to read it: see [`take_shard`](Self::take_shard)).
+    /// look at the file, not to read it: see [`take_checked`](Self::take_checked)).
     pub fn shard_file(&self, i: usize) -> Option<&File> {
         self.files.get(i)?.as_deref()
     }
 
-    /// Whether [`take_shard`](Self::take_shard) would open shard `i` again by its name
+    /// Whether [`take_checked`](Self::take_checked) would open shard `i` again by its name
     /// (planning closed it, or it was taken already), rather than hand over the descriptor
     /// planning read its header from.
     pub fn reopens(&self, i: usize) -> bool {
@@ -298,32 +298,30 @@ impl Checkpoint {
         }
     }
 
-    /// The descriptor of shard `i`, checked to be the planned file, unchanged: the one
-    /// planning read (it is released by this call), or, for a shard closed after planning,
-    /// reopened by its name relative to the model folder. See
-    /// [`take_shard_as`](Self::take_shard_as).
-    pub fn take_shard(&mut self, i: usize) -> Result<Arc<File>, IoError> {
-        let header = self.plan.shards().get(i).map_or(0, |s| s.header_hash);
-        self.take_shard_as(i, header).map(|(file, _)| file)
-    }
-
-    /// [`take_shard`](Self::take_shard), and the identity the checks found it with: a
-    /// reader of the descriptor checks after its reads that it still has that identity
-    /// (status change time included), so that a write meanwhile is refused.
+    /// The descriptor of shard `i`, checked to be the planned file, unchanged, and the
+    /// identity the checks found it with: the descriptor planning read (it is released by
+    /// this call), or, for a shard closed after planning, the file reopened by its name
+    /// relative to the model folder. A reader of the descriptor checks after its reads that
+    /// the file still has that identity (status change time included), so that a write
+    /// meanwhile is refused.
     ///
     /// The file must have the planned device, inode, length and modification time
     /// ([`content_change`]). Its status change time may have moved since planning: a file
     /// moved away, linked or `chmod`ed reads as planned through the descriptor held, as it
     /// would through the reference's mapping. Since a write whose modification time was
     /// set back moves it too, the header is then read again through the descriptor and
-    /// compared with `header`, the planned header's hash (the shard's, or, for a plan still
-    /// being made, the one its validation found).
-    pub fn take_shard_as(&mut self, i: usize, header: u64) -> Result<(Arc<File>, FileIdentity), IoError> {
+    /// compared with the planned one; `check` says when else it is (see [`HeaderCheck`]).
+    pub fn take_checked(&mut self, i: usize, check: HeaderCheck) -> Result<(Arc<File>, FileIdentity), IoError> {
         let shard = self.plan.shards().get(i).ok_or_else(|| IoError::Open {
             file: self.plan.root().to_path_buf(),
             source: io::Error::new(io::ErrorKind::InvalidInput, format!("no shard {i} in the plan")),
         })?;
         let changed = |what: String| IoError::Changed { file: shard.path.clone(), what };
+        let hash = match check {
+            HeaderCheck::Planned => shard.header_hash,
+            HeaderCheck::Fresh(hash) => hash,
+        };
+        let reopened = self.reopens(i);
         let file = match self.files.get_mut(i).and_then(Option::take) {
             Some(f) => f,
             None => {
@@ -347,24 +345,27 @@ impl Checkpoint {
         if let Some(what) = content_change(&shard.identity, &now) {
             return Err(changed(what));
         }
-        if now.changed_ns != shard.identity.changed_ns {
-            // Read after the identity was taken: a write before the read shows in the hash,
-            // one after it in the reader's check of that identity.
-            self.check_header(i, &file, header)?;
+        // Read after the identity was taken: a write before the read shows in the hash, one
+        // after it in the reader's check of that identity.
+        let read_again = now.changed_ns != shard.identity.changed_ns
+            || reopened
+            || (check == HeaderCheck::Planned && !self.certainly_unchanged(i, &now));
+        if read_again {
+            self.check_header(i, &file, hash)?;
         }
         Ok((file, now))
     }
 
     /// Reads shard `i`'s header through `file` and compares it with `header`, the planned
     /// header's hash: "its header differs from the planned one" where it does not match.
-    pub fn check_header(&self, i: usize, file: &File, header: u64) -> Result<(), IoError> {
+    fn check_header(&self, i: usize, file: &File, header: u64) -> Result<(), IoError> {
         let Some(shard) = self.plan.shards().get(i) else {
             return Err(IoError::Changed { file: self.plan.root().to_path_buf(), what: format!("no shard {i}") });
         };
         let changed = |what: String| IoError::Changed { file: shard.path.clone(), what };
         let n = shard.data_start() as usize;
         let mut bytes = Vec::new();
-        bytes.try_reserve_exact(n).map_err(|_| changed(format!("cannot allocate {n} bytes to re-read its header")))?;
+        bytes.try_reserve_exact(n).map_err(|_| IoError::OutOfMemory { file: shard.path.clone(), bytes: n as u64 })?;
         bytes.resize(n, 0);
         file.read_exact_at(&mut bytes, 0).map_err(|e| changed(format!("cannot re-read its header: {e}")))?;
         if tensorlift_format::header_hash(&bytes) != header {
@@ -372,6 +373,22 @@ impl Checkpoint {
         }
         Ok(())
     }
+}
+
+/// When [`Checkpoint::take_checked`] reads a shard's header again, and which hash it is
+/// compared with. It always is where the file was reopened by its name, or its status
+/// changed since planning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderCheck {
+    /// For a plan made before the reading began (the file may have changed since): with the
+    /// shard's planned hash, also where the shard comes through the descriptor planning
+    /// read it from, unless it is certainly unchanged since
+    /// ([`Checkpoint::certainly_unchanged`]). A plan's tensors read one at a time, as a
+    /// Python handle's are, would otherwise each read the header whole.
+    Planned,
+    /// For a plan being made by the reader, which reads the descriptors planning read the
+    /// headers from: with this hash, the one validation found (the plan holds none yet).
+    Fresh(u64),
 }
 
 /// Plans the local checkpoint at `path` (see [`crate::open_checkpoint_observed`]).

@@ -37,6 +37,9 @@ pub enum IoError {
         #[source]
         source: io::Error,
     },
+    /// Memory sized by the file (a header read again) could not be had.
+    #[error("{}: cannot allocate {bytes} bytes", file.display())]
+    OutOfMemory { file: PathBuf, bytes: u64 },
     /// A shard is not the file that was planned, or it changed since.
     #[error("{}: shard changed since it was planned: {what}", file.display())]
     Changed { file: PathBuf, what: String },

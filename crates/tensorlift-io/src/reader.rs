@@ -274,7 +274,7 @@ impl Reader {
     }
 
     /// Reads through a descriptor the caller already opened and checked (a shard from
-    /// [`Checkpoint::take_shard`](crate::Checkpoint::take_shard)): no path is looked up
+    /// [`Checkpoint::take_checked`](crate::Checkpoint::take_checked)): no path is looked up
     /// again. `path` names it in errors.
     pub fn open_file(&self, path: &Path, file: Arc<std::fs::File>, direct: bool) -> Result<Arc<OpenFile>, IoError> {
         OpenFile::from_file(path, file, direct && self.direct, self.faults.refuse_direct).map(Arc::new)

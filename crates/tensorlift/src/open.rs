@@ -6,26 +6,14 @@ use std::sync::Arc;
 
 use tensorlift_format::{LoadPlan, Shard};
 use tensorlift_io::{
-    cache, Checkpoint, IoBufMut, IoError, MapContract, MappedFile, OpenFile, ReadFuture, Reader, RemoteObject,
+    cache, Checkpoint, HeaderCheck, IoBufMut, IoError, MapContract, MappedFile, OpenFile, ReadFuture, Reader,
+    RemoteObject,
 };
 
 use crate::config::DirectIo;
 use crate::digest::{DigestSource, Sha256};
 use crate::layout::Span;
 use crate::{LoadError, LoadStats, Tensor};
-
-/// Whether a load reads a shard's header again, to compare it with the one planned.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Recheck {
-    /// The plan was made before this load (by [`crate::Loader::plan`]): the file may have
-    /// changed since, so every shard's header is read again and compared, unless the shard
-    /// is read through the descriptor planning opened and is certainly unchanged since
-    /// ([`Checkpoint::certainly_unchanged`]).
-    Always,
-    /// The plan was made by this load, which reads the descriptors planning read the headers
-    /// from: only a shard reopened by its name is compared, with the header hash given.
-    Reopened(u64),
-}
 
 /// A shard open for reading: a local file, or a remote object read by ranged GETs.
 #[derive(Debug, Clone)]
@@ -50,7 +38,7 @@ pub(crate) fn open_shard(
     plan: &mut Checkpoint,
     i: usize,
     direct: DirectIo,
-    recheck: Recheck,
+    check: HeaderCheck,
     stats: &mut LoadStats,
 ) -> Result<ShardIo, LoadError> {
     // A remote shard needs no opening: each of its GETs names the object planned (its ETag)
@@ -59,28 +47,10 @@ pub(crate) fn open_shard(
         stats.remote_shards += 1;
         return Ok(ShardIo::Object(Arc::clone(object)));
     }
-    let reopened = plan.reopens(i);
     // One look at the file decides what is checked, and is what it must still be after
-    // its reads (see still_as_planned). Where its status changed since planning (a chmod, a
-    // link, moved away; or a write whose modification time was set back), take_shard_as
-    // has read its header again.
-    let planned_header = match recheck {
-        Recheck::Reopened(hash) => hash,
-        Recheck::Always => plan.shards()[i].header_hash,
-    };
-    let (file, taken) = plan.take_shard_as(i, planned_header).map_err(open_error)?;
+    // its reads (see still_as_planned).
+    let (file, taken) = plan.take_checked(i, check).map_err(open_error)?;
     let shard = &plan.shards()[i];
-    let header = match recheck {
-        _ if taken.changed_ns != shard.identity.changed_ns => None,
-        // The descriptor planning read the header from, certainly unchanged since (the
-        // identity it had then, last changed well before planning: see
-        // Checkpoint::certainly_unchanged): the header is as planned, without reading it
-        // again. (A plan's tensors loaded one at a time, as a Python handle's are, would
-        // each read it whole.)
-        Recheck::Always if !reopened && plan.certainly_unchanged(i, &taken) => None,
-        Recheck::Always => Some(shard.header_hash),
-        Recheck::Reopened(hash) => reopened.then_some(hash),
-    };
     // A shard already in the page cache reads faster buffered; O_DIRECT would go to disk.
     let direct = match direct {
         DirectIo::Always => true,
@@ -92,7 +62,10 @@ pub(crate) fn open_shard(
     if let Some(what) = tensorlift_io::identity_change(&taken, file.identity_at_open()) {
         return Err(LoadError::ShardChanged { file: shard.path.clone(), what: format!("{what}, while it was opened") });
     }
-    check_unchanged(shard, header, &file)?;
+    if file.len() != shard.file_len {
+        let what = format!("length is {} bytes, planned {}", file.len(), shard.file_len);
+        return Err(LoadError::ShardChanged { file: shard.path.clone(), what });
+    }
     if file.is_direct() {
         stats.direct_shards += 1;
     } else {
@@ -122,8 +95,8 @@ pub(crate) fn map_all(
             Some(m) if spans[maps.len() - 1].shard == e.shard => Arc::clone(m),
             _ => {
                 // The mapping keeps no descriptor: the file closes once it is mapped.
-                let recheck = recheck(plan, e.shard, fresh);
-                let ShardIo::File(file) = open_shard(reader, plan, e.shard, DirectIo::Never, recheck, stats)? else {
+                let check = header_check(plan, e.shard, fresh);
+                let ShardIo::File(file) = open_shard(reader, plan, e.shard, DirectIo::Never, check, stats)? else {
                     return Err(LoadError::Unsupported(
                         "mapped views of a remote checkpoint (a view maps a local file; load it into memory)".into(),
                     ));
@@ -214,10 +187,10 @@ fn verify_mapped(
 }
 
 /// How a shard of a whole plan is checked: `fresh` when this load made the plan.
-pub(crate) fn recheck(plan: &Checkpoint, i: usize, fresh: bool) -> Recheck {
+pub(crate) fn header_check(plan: &Checkpoint, i: usize, fresh: bool) -> HeaderCheck {
     match plan.shards().get(i) {
-        Some(shard) if fresh => Recheck::Reopened(shard.header_hash),
-        _ => Recheck::Always,
+        Some(shard) if fresh => HeaderCheck::Fresh(shard.header_hash),
+        _ => HeaderCheck::Planned,
     }
 }
 
@@ -245,28 +218,7 @@ pub(crate) fn still_as_planned(plan: &LoadPlan, i: usize, file: &ShardIo) -> Res
 pub(crate) fn open_error(e: IoError) -> LoadError {
     match e {
         IoError::Changed { file, what } => LoadError::ShardChanged { file, what },
+        IoError::OutOfMemory { file, bytes } => LoadError::OutOfMemory { file, bytes },
         e => LoadError::Open(e),
     }
-}
-
-/// Refuses a shard whose length differs from what was planned, or whose header differs
-/// from the one hashed as `header` (when given): an edit in place within the tick of the
-/// times [`Checkpoint::take_shard`] compares leaves them as they were.
-fn check_unchanged(shard: &Shard, header: Option<u64>, file: &OpenFile) -> Result<(), LoadError> {
-    use std::os::unix::fs::FileExt;
-    let changed = |what: String| LoadError::ShardChanged { file: shard.path.clone(), what };
-    if file.len() != shard.file_len {
-        return Err(changed(format!("length is {} bytes, planned {}", file.len(), shard.file_len)));
-    }
-    let Some(header) = header else { return Ok(()) };
-    // The bytes are compared with the planned header's hash: no second parse.
-    let n = shard.data_start() as usize;
-    let mut buf = Vec::new();
-    buf.try_reserve_exact(n).map_err(|_| LoadError::OutOfMemory { file: shard.path.clone(), bytes: n as u64 })?;
-    buf.resize(n, 0);
-    file.file().read_exact_at(&mut buf, 0).map_err(|e| changed(format!("cannot re-read its header: {e}")))?;
-    if tensorlift_format::header_hash(&buf) != header {
-        return Err(changed("its header differs from the planned one".into()));
-    }
-    Ok(())
 }

@@ -63,7 +63,7 @@ struct Scheduler<S: Sink> {
     held_by_sink: Vec<usize>,
     /// When the load started (for [`LoadStats::first_read`]).
     started: Instant,
-    /// Whether this load made its plan (see [`crate::open::Recheck`]).
+    /// Whether this load made its plan (see [`tensorlift_io::HeaderCheck`]).
     fresh: bool,
     /// While planning goes on: each shard's header hash once it is validated, and how many
     /// are not yet. Reads wait for their shard's.
@@ -645,15 +645,15 @@ impl<S: Sink> Scheduler<S> {
                 // A new shard waits until one of the window closes.
                 None if self.open >= self.window => break,
                 None => {
-                    let recheck = match &self.validated {
+                    let check = match &self.validated {
                         // Planning goes on: a shard is read once its header is validated.
                         Some(v) => match v.get(read.shard).copied().flatten() {
-                            Some(hash) => crate::open::Recheck::Reopened(hash),
+                            Some(hash) => tensorlift_io::HeaderCheck::Fresh(hash),
                             None => break,
                         },
-                        None => crate::open::recheck(plan, read.shard, self.fresh),
+                        None => crate::open::header_check(plan, read.shard, self.fresh),
                     };
-                    let f = crate::open::open_shard(reader, plan, read.shard, direct, recheck, stats)?;
+                    let f = crate::open::open_shard(reader, plan, read.shard, direct, check, stats)?;
                     self.files[read.shard] = Some(f.clone());
                     self.open += 1;
                     f

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use tensorlift_format::{Dtype, FormatError};
-use tensorlift_io::{open_checkpoint, Checkpoint, IoError, PlanLimits};
+use tensorlift_io::{open_checkpoint, Checkpoint, HeaderCheck, IoError, PlanLimits};
 use tensorlift_testkit::{write_index, write_shard};
 
 use crate::support::scratch;
@@ -37,7 +37,7 @@ fn read_all(mut ck: Checkpoint) -> Vec<(String, Vec<u8>)> {
     use std::os::unix::fs::FileExt;
     let mut out = Vec::new();
     for i in 0..ck.shards().len() {
-        let f = ck.take_shard(i).unwrap();
+        let (f, _) = ck.take_checked(i, HeaderCheck::Planned).unwrap();
         for t in ck.tensors().iter().filter(|t| t.shard == i) {
             let mut b = vec![0; t.len() as usize];
             f.read_exact_at(&mut b, t.file_range.start).unwrap();
@@ -238,9 +238,9 @@ fn shards_are_read_through_the_descriptors_planning_opened() {
     assert_eq!(plan.open_files(), 2);
     fs::rename(dir.join("s-1.safetensors"), outside.join("moved.safetensors")).unwrap();
     mkfifo(&dir.join("s-1.safetensors"));
-    let moved = plan.take_shard(0).unwrap();
+    let (moved, _) = plan.take_checked(0, HeaderCheck::Planned).unwrap();
     assert!(!plan.certainly_unchanged(0, &tensorlift_io::file_identity(&moved.metadata().unwrap())));
-    let f = plan.take_shard(1).unwrap();
+    let (f, _) = plan.take_checked(1, HeaderCheck::Planned).unwrap();
     for (f, name) in [(&moved, "a"), (&f, "c")] {
         let t = plan.tensors().iter().find(|t| t.name == name).unwrap();
         let mut b = vec![0; t.len() as usize];
@@ -258,7 +258,7 @@ fn shards_are_read_through_the_descriptors_planning_opened() {
     assert_eq!(plan.open_files(), 1);
     fs::rename(dir.join("s-2.safetensors"), outside.join("s-2.safetensors")).unwrap();
     mkfifo(&dir.join("s-2.safetensors"));
-    match plan.take_shard(1) {
+    match plan.take_checked(1, HeaderCheck::Planned) {
         Err(IoError::Changed { what, .. }) => assert!(what.contains("FIFO"), "{what}"),
         other => panic!("{other:?}"),
     }
@@ -266,12 +266,12 @@ fn shards_are_read_through_the_descriptors_planning_opened() {
     // A link to a copy outside the folder: same bytes, another file.
     fs::copy(outside.join("s-2.safetensors"), outside.join("copy.safetensors")).unwrap();
     symlink(outside.join("copy.safetensors"), dir.join("s-2.safetensors")).unwrap();
-    match plan.take_shard(1) {
+    match plan.take_checked(1, HeaderCheck::Planned) {
         Err(IoError::Changed { what, .. }) => assert!(what.contains("another file"), "{what}"),
         other => panic!("{other:?}"),
     }
     // The held one is still fine.
-    assert!(plan.take_shard(0).is_ok());
+    assert!(plan.take_checked(0, HeaderCheck::Planned).is_ok());
 }
 
 #[test]
@@ -414,7 +414,7 @@ fn open_files_stay_bounded() {
     // Half the bound is held for the load; the load's window takes the other half.
     assert_eq!(plan.open_files(), 8);
     for i in 0..300 {
-        plan.take_shard(i).unwrap();
+        plan.take_checked(i, HeaderCheck::Planned).unwrap();
     }
     assert_eq!(plan.open_files(), 0);
 }
@@ -654,11 +654,11 @@ fn a_shard_whose_status_changed_is_taken_with_its_header_read_again() {
         fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
         // Compared with the hash given (a plan still being made has none of its own yet).
         let hash = plan.shards()[0].header_hash;
-        match plan.subset([0, 1]).take_shard_as(0, hash ^ 1) {
+        match plan.subset([0, 1]).take_checked(0, HeaderCheck::Fresh(hash ^ 1)) {
             Err(IoError::Changed { what, .. }) => assert!(what.contains("header differs"), "{reopened}: {what}"),
             other => panic!("{reopened}: {other:?}"),
         }
-        let (_, taken) = plan.subset([0, 1]).take_shard_as(0, hash).unwrap();
+        let (_, taken) = plan.subset([0, 1]).take_checked(0, HeaderCheck::Fresh(hash)).unwrap();
         assert_ne!(taken.changed_ns, planned.changed_ns, "reopened: {reopened}");
         assert_eq!((taken.ino, taken.len, taken.modified_ns), (planned.ino, planned.len, planned.modified_ns));
 
@@ -682,7 +682,7 @@ fn a_shard_whose_status_changed_is_taken_with_its_header_read_again() {
         let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
         f.write_all_at(&swapped[..n], 0).unwrap();
         f.set_times(fs::FileTimes::new().set_modified(mtime)).unwrap();
-        match plan.take_shard_as(0, hash) {
+        match plan.take_checked(0, HeaderCheck::Planned) {
             Err(IoError::Changed { what, .. }) => assert!(what.contains("header differs"), "{reopened}: {what}"),
             other => panic!("{reopened}: {other:?}"),
         }
