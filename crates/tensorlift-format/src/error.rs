@@ -121,6 +121,11 @@ pub enum FormatError {
     #[error("{}: not a .safetensors file, a .json index or a folder", file.display())]
     NotACheckpoint { file: PathBuf },
 
+    /// A checkpoint file whose name is not UTF-8: shards are named by UTF-8 names, as an
+    /// index names them.
+    #[error("{}: the file's name is not UTF-8, which shard names must be (rename it)", file.display())]
+    NameNotUtf8 { file: PathBuf },
+
     /// Reading a file failed.
     #[error("{}: {source}", file.display())]
     Io {
@@ -162,6 +167,7 @@ impl FormatError {
             | OutOfMemory { file, .. }
             | NoShards { file }
             | NotACheckpoint { file }
+            | NameNotUtf8 { file }
             | Io { file, .. } => file,
         }
     }

@@ -436,11 +436,8 @@ pub(crate) fn open_local(
 /// the parent of the path as given, not of where a link resolves.
 fn named_file(path: &Path) -> Result<(String, PathBuf, File), FormatError> {
     let io_err = |source| FormatError::Io { file: path.to_path_buf(), source };
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .map(str::to_owned)
-        .ok_or_else(|| FormatError::NotACheckpoint { file: path.to_path_buf() })?;
+    let name = path.file_name().ok_or_else(|| FormatError::NotACheckpoint { file: path.to_path_buf() })?;
+    let name = name.to_str().ok_or_else(|| FormatError::NameNotUtf8 { file: path.to_path_buf() })?.to_owned();
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -762,8 +759,15 @@ impl<'a> Planner<'a> {
         let mut names = Vec::new();
         let mut pytorch = Vec::new();
         for entry in std::fs::read_dir(&root).map_err(io_err)? {
-            // Names that are not UTF-8 cannot be shard names; skip them in a folder scan.
-            let Ok(name) = entry.map_err(io_err)?.file_name().into_string() else { continue };
+            let name = match entry.map_err(io_err)?.file_name().into_string() {
+                Ok(name) => name,
+                // Names that are not UTF-8 cannot be shard names: a shard named so is refused
+                // (skipped, the checkpoint would load without it), other files are not ours.
+                Err(name) if std::os::unix::ffi::OsStrExt::as_bytes(&*name).ends_with(b".safetensors") => {
+                    return Err(FormatError::NameNotUtf8 { file: root.join(name) });
+                }
+                Err(_) => continue,
+            };
             if name.ends_with(".safetensors") {
                 names.push(name);
             } else if is_torch_entry(&name) {

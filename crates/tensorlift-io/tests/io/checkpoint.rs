@@ -689,3 +689,30 @@ fn a_shard_whose_status_changed_is_taken_with_its_header_read_again() {
         f.write_all_at(&bytes[..n], 0).unwrap();
     }
 }
+
+/// Defect: a shard whose file name is not UTF-8 was skipped by a folder scan (the checkpoint
+/// loaded without it) and, named directly, called "not a .safetensors file".
+#[test]
+fn a_shard_named_in_bytes_that_are_not_utf8_is_refused_by_name() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let d = dir();
+    write_shard(&d.join("a.safetensors"), &[("a", Dtype::U8, &[1])]);
+    let odd = d.join(OsStr::from_bytes(b"b\xff.safetensors"));
+    write_shard(&odd, &[("b", Dtype::U8, &[1])]);
+    // Another file named so is not a shard: the scan passes it by.
+    fs::write(d.join(OsStr::from_bytes(b"notes\xff.txt")), b"x").unwrap();
+    for path in [d.clone(), odd.clone()] {
+        match open(&path) {
+            Err(e @ FormatError::NameNotUtf8 { .. }) => {
+                let FormatError::NameNotUtf8 { file } = &e else { unreachable!() };
+                assert_eq!(file, &odd);
+                assert!(e.to_string().contains("name is not UTF-8"), "{e}");
+            }
+            other => panic!("{}: {other:?}", path.display()),
+        }
+    }
+    fs::remove_file(&odd).unwrap();
+    let plan = open(&d).unwrap();
+    assert_eq!(plan.tensors().iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["a"]);
+}
