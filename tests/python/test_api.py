@@ -646,3 +646,37 @@ def test_a_file_rewritten_under_a_handle_is_refused_not_misread(tmp_path, backen
         for read in (lambda: f.get_tensor("a"), lambda: f.get_slice("a")[:], lambda: f.get_slice("b")[1:3]):
             with pytest.raises(OSError, match="header differs from the planned one"):
                 read()
+
+
+@pytest.mark.parametrize("backend", ["pread", "mmap"])
+def test_an_open_handle_holds_one_descriptor(tmp_path, backend):
+    """transformers keeps a handle a shard open while it loads a model: each handle holds one
+    descriptor, its file's, as the reference's pread handle does. (Each held the model
+    folder's too: a model of 510 shards ran out of descriptors under ``ulimit -n 1024``,
+    which the reference loads.) A handle on a folder of shards holds one a shard."""
+    files = []
+    for i in range(12):
+        files.append(tmp_path / f"s{i}.safetensors")
+        save_file({f"t{i}": np.full(3, i, dtype=np.int32)}, str(files[-1]))
+
+    def fds():
+        return len(os.listdir("/proc/self/fd"))
+
+    # The shared loader's own descriptors (rings, threads' events) are there once.
+    warm = tensorlift.safe_open(files[0], framework="np", backend=backend)
+    before = fds()
+    handles = [tensorlift.safe_open(p, framework="np", backend=backend) for p in files]
+    assert [int(h.get_tensor(f"t{i}")[0]) for i, h in enumerate(handles)] == list(range(12))
+    assert fds() - before == len(files)
+    del handles
+    gc.collect()
+    assert fds() == before
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for p in files[:5]:
+        os.link(p, folder / p.name)
+    handle = tensorlift.safe_open(folder, framework="np", backend=backend)
+    assert [int(handle.get_tensor(f"t{i}")[0]) for i in range(5)] == list(range(5))
+    assert fds() - before == 5
+    del handle, warm

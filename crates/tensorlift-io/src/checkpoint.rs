@@ -130,16 +130,19 @@ pub(crate) struct Quiet;
 
 impl PlanObserver for Quiet {}
 
-/// A planned checkpoint and the descriptors its planning opened: the model folder, and the
-/// shards it keeps open. A load reads these same descriptors; shards that were closed to
-/// bound open files are reopened relative to the folder and must be the same files. A
+/// A planned checkpoint and the descriptors its planning opened: the shards it keeps open,
+/// and the model folder where it closed some. A load reads these same descriptors; shards
+/// that were closed to bound open files are reopened relative to the folder and must be the
+/// same files. A
 /// remote checkpoint holds its objects instead ([`remote_object`](Self::remote_object)).
 ///
 /// It dereferences to its [`LoadPlan`]. Clones share the descriptors.
 #[derive(Debug, Clone)]
 pub struct Checkpoint {
     plan: LoadPlan,
-    /// The model folder; `None` for a remote checkpoint.
+    /// The model folder, to reopen shards whose descriptors were closed to bound open files;
+    /// `None` for a remote checkpoint, and where every shard's is held (a process that keeps
+    /// many plans, as transformers keeps a handle a shard, would hold two descriptors each).
     dir: Option<Arc<File>>,
     files: Vec<Option<Arc<File>>>,
     /// The index file planning read, as it was then.
@@ -231,8 +234,7 @@ impl Checkpoint {
     /// Whether the checkpoint is remote (object storage or HTTP): its shards are read by
     /// [`remote_object`](Self::remote_object), not from descriptors.
     pub fn is_remote(&self) -> bool {
-        // Only a remote checkpoint has no model folder.
-        self.dir.is_none()
+        self.remote_root.is_some()
     }
 
     /// A file of a remote checkpoint's folder (`name` relative to it, as an index names its
@@ -292,6 +294,8 @@ impl Checkpoint {
 
     /// Closes the descriptor held for shard `i`, if any: a load that took the shard from
     /// another plan of the same files (one made while planning went on) has no use for it.
+    /// The shard can be taken from this plan after that only where the plan holds the model
+    /// folder (planning closed some shards): a path is never looked up again.
     pub fn release_shard(&mut self, i: usize) {
         if let Some(f) = self.files.get_mut(i) {
             *f = None;
@@ -329,7 +333,13 @@ impl Checkpoint {
                 // planned file before it is opened for reading, so a file swapped in under
                 // the name (a device, a FIFO, a link out of the folder) is never opened.
                 let Some(dir) = &self.dir else {
-                    return Err(changed("a remote shard is read through its object, not a descriptor".into()));
+                    let what = if self.is_remote() {
+                        "a remote shard is read through its object, not a descriptor"
+                    } else {
+                        // Never looked up by its path again: see release_shard.
+                        "its descriptor was released, and the plan holds no folder to reopen it from"
+                    };
+                    return Err(changed(what.into()));
                 };
                 let l = locate(dir, &shard.name).map_err(|e| changed(format!("cannot reopen it: {e}")))?;
                 if !l.meta.is_file() {
@@ -506,6 +516,19 @@ pub(crate) const SAFETENSORS_ONLY: &str = "TENSORLIFT_USE_SAFETENSORS=1 asks for
 
 pub(crate) fn safetensors_only() -> bool {
     std::env::var(USE_SAFETENSORS_ENV).is_ok_and(|v| matches!(v.trim(), "1" | "true" | "TRUE" | "True" | "yes"))
+}
+
+/// Why the PyTorch checkpoint named `file` (as it was looked up, not where its links lead) is
+/// not read, if it is not: safetensors only were asked for, or its name says it is a
+/// safetensors file. (A check that a file is safetensors by
+/// opening it, as the reference's `safe_open` refuses anything else, must not pass a pickle
+/// so named.)
+pub(crate) fn torch_refused(file: &Path) -> Option<&'static str> {
+    if safetensors_only() {
+        return Some(SAFETENSORS_ONLY);
+    }
+    let named = file.file_name().is_some_and(|n| n.as_encoded_bytes().ends_with(b".safetensors"));
+    named.then_some("named .safetensors, so read as nothing else: rename it .bin to read it as PyTorch")
 }
 
 /// Where links may lead.
@@ -847,7 +870,7 @@ impl<'a> Planner<'a> {
                 slots.push(i);
                 continue;
             }
-            let work = match self.read_header(&context, &opened) {
+            let work = match self.read_header(&context, &name, &opened) {
                 Ok(w) => w,
                 // The first error in the files' order: a header read in an earlier batch
                 // that does not parse comes before this one.
@@ -895,18 +918,19 @@ impl<'a> Planner<'a> {
     /// 8 bytes, then N, never the data; N is checked against the file's length and the
     /// plan's header budget before anything is allocated. A safetensors header is left to
     /// parse; a PyTorch file is read whole here.
-    fn read_header(&mut self, context: &Path, opened: &Opened) -> Result<HeaderWork, FormatError> {
+    ///
+    /// `name`: the shard's name as looked up (where links lead is `opened.path`: a hub
+    /// cache's `model.safetensors` is a link to a blob of no such name).
+    fn read_header(&mut self, context: &Path, name: &str, opened: &Opened) -> Result<HeaderWork, FormatError> {
         let path = &opened.path;
         let file_len = opened.identity.len;
         let prefix_len = HEADER_PREFIX_LEN.min(file_len) as usize;
         let prefix = read_exact_at(&opened.file, path, 0, prefix_len, "a header")?;
         let n = match header_len(path, &prefix, file_len) {
-            Err(FormatError::PyTorchCheckpoint { .. }) if !safetensors_only() => {
-                return self.read_torch(context, opened).map(|(h, hash)| HeaderWork::Done(h, hash))
-            }
-            Err(FormatError::PyTorchCheckpoint { file, .. }) => {
-                return Err(FormatError::PyTorchCheckpoint { file, layout: SAFETENSORS_ONLY });
-            }
+            Err(FormatError::PyTorchCheckpoint { file, .. }) => match torch_refused(Path::new(name)) {
+                Some(layout) => return Err(FormatError::PyTorchCheckpoint { file, layout }),
+                None => return self.read_torch(context, opened).map(|(h, hash)| HeaderWork::Done(h, hash)),
+            },
             other => other?,
         };
         self.spend_header_budget(context, HEADER_PREFIX_LEN + n)?;
@@ -967,9 +991,11 @@ impl<'a> Planner<'a> {
         }
         let started_ns = self.started_ns;
         let (plan, index_identity) = assemble(context, root, index, self.pending, self.observer)?;
+        // The folder is kept only to reopen shards closed to bound open files.
+        let dir = self.files.iter().any(Option::is_none).then_some(dir);
         Ok(Checkpoint {
             plan,
-            dir: Some(dir),
+            dir,
             files: self.files,
             index_identity,
             remote: Vec::new(),

@@ -16,7 +16,7 @@ use tensorlift_format::{
 
 use crate::checkpoint::{
     assemble, header_fits, index_fits, index_shards, is_torch_entry, no_torch_weights, open_local, safetensors_only,
-    spend_header_budget, torch_header, Checkpoint, HeaderWork, Pending, PlanLimits, PlanObserver, Quiet,
+    spend_header_budget, torch_header, torch_refused, Checkpoint, HeaderWork, Pending, PlanLimits, PlanObserver, Quiet,
     SAFETENSORS_ONLY, TORCH_INDEX, TORCH_SINGLE,
 };
 use crate::remote::cache;
@@ -364,10 +364,10 @@ async fn shards(
     while let Some((name, spellings, location, url, (meta, mut bytes))) = fetches.try_next().await? {
         let aliases = spellings.into_iter().filter(|s| *s != name).collect();
         let n = match header_len(&url, &bytes, meta.size) {
-            Err(FormatError::PyTorchCheckpoint { file, .. }) if safetensors_only() => {
-                return Err(FormatError::PyTorchCheckpoint { file, layout: SAFETENSORS_ONLY });
-            }
-            Err(FormatError::PyTorchCheckpoint { .. }) => {
+            Err(FormatError::PyTorchCheckpoint { file, .. }) => {
+                if let Some(layout) = torch_refused(&file) {
+                    return Err(FormatError::PyTorchCheckpoint { file, layout });
+                }
                 let object = Arc::new(RemoteObject::uncached(Arc::clone(&place.shared), location, url.clone(), &meta));
                 let (header, hash) = torch(&object, bytes, limits, &mut header_bytes, context).await?;
                 let work = HeaderWork::Done(header, hash);

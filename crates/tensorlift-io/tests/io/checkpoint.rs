@@ -642,8 +642,21 @@ fn a_shard_whose_status_changed_is_taken_with_its_header_read_again() {
     let d = dir();
     let path = d.join("m.safetensors");
     write_shard(&path, &[("a", Dtype::F32, &[4]), ("b", Dtype::I32, &[4])]);
+    // A plan that holds every shard's descriptor holds no folder: a shard released is never
+    // looked up by its path again.
+    let mut plan = open(&path).unwrap();
+    plan.release_shard(0);
+    match plan.take_checked(0, HeaderCheck::Planned) {
+        Err(IoError::Changed { what, .. }) => assert!(what.contains("descriptor was released"), "{what}"),
+        other => panic!("{other:?}"),
+    }
+    // One that closed a shard to bound open files holds the folder, and reopens from it.
+    write_shard(&d.join("z.safetensors"), &[("z", Dtype::U8, &[1])]);
+    let mut limits = PlanLimits::default();
+    limits.max_open_files = 2;
     for reopened in [false, true] {
-        let mut plan = open(&path).unwrap();
+        let mut plan = open_checkpoint(&d, &limits).unwrap();
+        assert_eq!((plan.open_files(), plan.shards()[0].name.as_str()), (1, "m.safetensors"));
         if reopened {
             plan.release_shard(0); // as a plan closes a shard to bound open files
         }
@@ -715,4 +728,40 @@ fn a_shard_named_in_bytes_that_are_not_utf8_is_refused_by_name() {
     fs::remove_file(&odd).unwrap();
     let plan = open(&d).unwrap();
     assert_eq!(plan.tensors().iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["a"]);
+}
+
+/// Defect: a PyTorch file named `.safetensors` was read as PyTorch, so a check that a file
+/// is safetensors by opening it (the reference refuses anything else) passed a pickle. Its
+/// name is its claim: it is refused, named directly or found by a folder scan, and read as
+/// PyTorch once named so.
+#[test]
+fn a_pytorch_file_named_safetensors_is_refused() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tensorlift-pickle/tests/fixtures/tied.zip.bin");
+    let d = dir();
+    let named = d.join("model.safetensors");
+    fs::copy(&fixture, &named).unwrap();
+    for path in [named.clone(), d.clone()] {
+        match open(&path) {
+            Err(e @ FormatError::PyTorchCheckpoint { .. }) => {
+                let FormatError::PyTorchCheckpoint { file, layout } = &e else { unreachable!() };
+                assert_eq!(file, &named);
+                assert!(layout.contains("named .safetensors"), "{e}");
+            }
+            other => panic!("{}: {other:?}", path.display()),
+        }
+    }
+    // Its name as looked up is its claim, not the name of the file a link leads to: a hub
+    // cache's model.safetensors is a link to a blob.
+    fs::rename(&named, d.join("blob")).unwrap();
+    symlink("blob", &named).unwrap();
+    for path in [named.clone(), d.clone()] {
+        match open(&path) {
+            Err(FormatError::PyTorchCheckpoint { layout, .. }) => assert!(layout.contains("named .safetensors")),
+            other => panic!("{}: {other:?}", path.display()),
+        }
+    }
+    fs::remove_file(&named).unwrap();
+    fs::rename(d.join("blob"), d.join("pytorch_model.bin")).unwrap();
+    let plan = open(&d).unwrap();
+    assert!(!plan.tensors().is_empty());
 }
