@@ -187,8 +187,13 @@ def _to_torch(t):
         shape[-1] //= 2
         return torch.from_dlpack(t.raw_bytes()).view(torch.float4_e2m1fn_x2).reshape(shape)
     if t.dtype in _TORCH_RAW:
+        if not hasattr(torch, _TORCH_RAW[t.dtype]):
+            raise SafetensorError(f"tensor '{t.name}' is {t.dtype}: this torch has no {_TORCH_RAW[t.dtype]}")
         raw = torch.from_dlpack(t.raw_bytes())
         return raw.view(getattr(torch, _TORCH_RAW[t.dtype])).reshape(t.shape)
+    if t.dtype not in _NUMPY and t.dtype != "BF16":
+        # As the reference (F6_E2M3, F6_E3M2: torch has no such type).
+        raise SafetensorError(f"Dtype not understood: {t.dtype} (tensor '{t.name}'; framework=None gives it raw)")
     return torch.from_dlpack(t)
 
 
@@ -221,9 +226,10 @@ def _check_framework(framework, device="cpu"):
 
 
 def load_file(
-    path, device="cpu", framework="pt", *, dtype=None, tp=None, stats=None, verify=None, cache_dir=None, backend="pread"
+    filename, device="cpu", framework="pt", *, dtype=None, tp=None, stats=None, verify=None, cache_dir=None, backend="pread"
 ):
-    """Loads every tensor of ``path`` (a ``.safetensors`` file, an index, or a folder).
+    """Loads every tensor of ``filename`` (a ``.safetensors`` file, an index, or a folder;
+    named as the reference names it, so that callers passing it by keyword work).
 
     A drop-in for ``safetensors.torch.load_file`` (``framework="pt"``) and
     ``safetensors.numpy.load_file`` (``framework="np"``): returns a dict of name to tensor,
@@ -247,7 +253,7 @@ def load_file(
     device (each pinned chunk is hashed before its copy); not with ``tp`` (it reads parts of
     shards).
 
-    ``cache_dir``: for a remote ``path`` (``s3://``, ``gs://``, ``az://``, ``http(s)://``), a
+    ``cache_dir``: for a remote ``filename`` (``s3://``, ``gs://``, ``az://``, ``http(s)://``), a
     folder where it is copied as it is read; the next load reads that copy once the store
     says the objects are unchanged (default: ``TENSORLIFT_REMOTE_CACHE``, else no copy).
 
@@ -260,11 +266,11 @@ def load_file(
     _check_framework(framework, _device(device))
     _check_backend(backend)
     plain = dtype is None and tp is None and stats is None and verify is None
-    if backend == "mmap" and plain and _device(device) == "cpu" and not _is_remote(_path(path)):
-        with safe_open(path, framework=framework, device="cpu", backend="mmap") as f:
+    if backend == "mmap" and plain and _device(device) == "cpu" and not _is_remote(_path(filename)):
+        with safe_open(filename, framework=framework, device="cpu", backend="mmap") as f:
             return f.get_tensors()
     tensors = load(
-        _path(path),
+        _path(filename),
         device=_device(device),
         dtype=_dtype(dtype),
         tp=tp,
@@ -597,6 +603,13 @@ class _Slice:
     def _np_dtype(self):
         import numpy
 
+        if self._framework in _TORCH_NAMES and self._dtype == "F4":
+            raise SafetensorError(
+                f"tensor '{self._name}' is F4, its values packed two a byte: it is read whole "
+                "([:] or [...] of get_slice, or get_tensor), not sliced"
+            )
+        if self._framework in _TORCH_NAMES and self._dtype.startswith("F6"):
+            raise SafetensorError(f"Dtype not understood: {self._dtype} (tensor '{self._name}')")
         if self._framework in _TORCH_NAMES and self._dtype in _ML_DTYPES:
             return numpy.dtype("uint8") if self._dtype.startswith("F8") else numpy.dtype("uint16")
         return _numpy_dtype(self._dtype)

@@ -70,7 +70,7 @@ def load_group(
     stats: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]: ...
 def load_file(
-    path: _Path,
+    filename: _Path,
     device: _Device = "cpu",
     framework: _Framework = "pt",
     *,

@@ -44,6 +44,11 @@ _TORCH_DTYPES = {**_NUMPY, "BF16": "bfloat16", **_TORCH_RAW}
 
 
 def _torch_dtype(torch, name, dtype):
+    if dtype == "F4" or dtype.startswith("F6"):
+        raise ValueError(
+            f"tensor '{name}': {dtype} values are packed below a byte, which load_group does not cut "
+            "between ranks (load the file with load_file)"
+        )
     torch_name = _TORCH_DTYPES.get(dtype)
     if torch_name is None or not hasattr(torch, torch_name):
         raise ValueError(f"tensor '{name}': {dtype} cannot be shared between processes (torch has no such type)")

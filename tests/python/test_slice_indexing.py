@@ -306,3 +306,45 @@ def test_f4_tensors_as_the_reference_gives_them_to_torch(tmp_path):
         reference_load(str(p))
     with pytest.raises(safetensors.SafetensorError, match="last dim be divisible by 2"):
         tensorlift.load_file(p)
+
+
+def test_sub_byte_types_are_refused_as_the_reference_refuses_them(tmp_path):
+    """F6 tensors (torch has no such type) are the reference's ``SafetensorError`` "Dtype not
+    understood" with torch, where the DLPack hand-over raised a ``BufferError``; a slice of
+    an F4 tensor (read whole only: its values are packed two a byte) is a
+    ``SafetensorError`` that says so, not numpy's advice; ``load_group`` says it does not cut
+    them between ranks, where it said torch has no such type."""
+    if torch is None:
+        pytest.skip("torch is not installed")
+    import json
+    import struct
+
+    header = {
+        "x": {"dtype": "F6_E2M3", "shape": [4], "data_offsets": [0, 3]},
+        "m": {"dtype": "F4", "shape": [4, 6], "data_offsets": [3, 15]},
+    }
+    h = json.dumps(header).encode()
+    p = tmp_path / "sub.safetensors"
+    p.write_bytes(struct.pack("<Q", len(h)) + h + bytes(range(1, 16)))
+    for backend in ("pread", "mmap"):
+        with safetensors.safe_open(str(p), framework="pt", backend=backend) as ref:
+            with pytest.raises(safetensors.SafetensorError, match="Dtype not understood: F6_E2M3"):
+                ref.get_tensor("x")
+        with tensorlift.safe_open(p, framework="pt", backend=backend) as ours:
+            with pytest.raises(safetensors.SafetensorError, match="Dtype not understood: F6_E2M3"):
+                ours.get_tensor("x")
+            with pytest.raises(safetensors.SafetensorError, match="Dtype not understood: F6_E2M3"):
+                ours.get_slice("x")[1:]
+            if hasattr(torch, "float4_e2m1fn_x2"):
+                assert tuple(ours.get_slice("m")[:].shape) == (4, 3)
+            with pytest.raises(safetensors.SafetensorError, match="F4, its values packed two a byte"):
+                ours.get_slice("m")[0:2]
+    with pytest.raises(safetensors.SafetensorError, match="Dtype not understood: F6_E2M3"):
+        tensorlift.load_file(p)
+
+
+def test_load_file_takes_the_reference_s_keyword(tmp_path):
+    """``load_file(filename=...)``, as callers of the reference's ``load_file`` pass it."""
+    save_file({"a": np.arange(3, dtype=np.int32)}, str(tmp_path / "a.safetensors"))
+    got = tensorlift.load_file(filename=tmp_path / "a.safetensors", framework="np")
+    assert got["a"].tolist() == [0, 1, 2]
