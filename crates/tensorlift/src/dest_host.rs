@@ -399,11 +399,21 @@ impl HostSink {
         let range = r.start as usize..r.end as usize;
         let (dtype, _) = crate::place::loaded_as(pt, self.convert_to);
         let Some(claim) = self.claims.get(t).and_then(Option::as_ref) else {
+            let stored = arena.get(range.clone()).unwrap_or_default();
             if pt.gather.is_none() && dtype == pt.dtype {
+                // Where the file placed it (a page-aligned read mirrors the file), unless that
+                // is no multiple of its element's size: a writer other than the reference's
+                // (which aligns every tensor) may put a float32 at an odd offset. Such a
+                // tensor is copied to memory of its own, aligned, as the reference's reads are
+                // (but for tied twins of a PyTorch file, which share their memory as
+                // torch.load's do).
+                let align = (pt.dtype.bitsize() / 8).clamp(1, 8);
                 let shared = self.shared.get(t).copied().unwrap_or(false);
+                if (stored.as_ptr() as usize) % align != 0 && !shared {
+                    return Tensor::produced(plan, pt, dtype, stored);
+                }
                 return Ok(Tensor::host(&pt.name, pt.dtype, &pt.shape, Arc::clone(arena), range).sharing(shared));
             }
-            let stored = arena.get(range).unwrap_or_default();
             let Some((memory, mut chunk)) = out else { return Tensor::produced(plan, pt, dtype, stored) };
             let len = crate::place::loaded_as(pt, Some(dtype)).1 as usize;
             let written = chunk.as_mut_slice().get_mut(..len).map(|o| crate::tensor::produce(pt, dtype, stored, o));
