@@ -144,7 +144,9 @@ fn drop_capsule<T>(capsule: *mut ffi::PyObject, name: &CStr, delete: impl FnOnce
 }
 
 fn device_of(device: &str) -> PyResult<Device> {
-    device.parse().map_err(|e: tensorlift::InvalidDevice| PyValueError::new_err(e.to_string()))
+    device
+        .parse()
+        .map_err(|e: tensorlift::InvalidDevice| raised_as(&ARGUMENT_ERROR, e.to_string(), PyValueError::new_err))
 }
 
 /// The class a checkpoint that is not valid is raised as: the package's `SafetensorError`
@@ -154,17 +156,22 @@ static FORMAT_ERROR: pyo3::sync::PyOnceLock<Py<pyo3::types::PyType>> = pyo3::syn
 /// The class device memory that does not suffice is raised as (a `RuntimeError`), so that a
 /// caller can read to the host instead (the vLLM loader does).
 static DEVICE_MEMORY_ERROR: pyo3::sync::PyOnceLock<Py<pyo3::types::PyType>> = pyo3::sync::PyOnceLock::new();
+/// The class an argument the reference also refuses (a device) is raised as: a
+/// `SafetensorError`, as the reference raises, and a `ValueError`, as tensorlift raised.
+static ARGUMENT_ERROR: pyo3::sync::PyOnceLock<Py<pyo3::types::PyType>> = pyo3::sync::PyOnceLock::new();
 
-/// Sets the classes invalid checkpoints and short device memory are raised as (the package
-/// does, once).
+/// Sets the classes invalid checkpoints, short device memory and invalid arguments are
+/// raised as (the package does, once).
 #[pyfunction]
 fn _set_error_classes(
     py: Python<'_>,
     invalid: Bound<'_, pyo3::types::PyType>,
     device_memory: Bound<'_, pyo3::types::PyType>,
+    argument: Bound<'_, pyo3::types::PyType>,
 ) {
     let _ = FORMAT_ERROR.set(py, invalid.unbind());
     let _ = DEVICE_MEMORY_ERROR.set(py, device_memory.unbind());
+    let _ = ARGUMENT_ERROR.set(py, argument.unbind());
 }
 
 /// An error of the class in `slot`, else of `fallback`'s.

@@ -76,7 +76,12 @@ class DeviceMemoryError(RuntimeError):
     caller may read to the host instead."""
 
 
-_set_error_classes(_InvalidFile, DeviceMemoryError)
+class _InvalidArgument(SafetensorError, ValueError):
+    """An argument the reference refuses too (a device, a framework): ``SafetensorError`` as
+    the reference raises, and ``ValueError`` as tensorlift raised before."""
+
+
+_set_error_classes(_InvalidFile, DeviceMemoryError, _InvalidArgument)
 
 
 class _NoTensor(SafetensorError, KeyError):
@@ -220,7 +225,7 @@ def _convert(t, framework):
 def _check_framework(framework, device="cpu"):
     if framework is not None and framework not in _FRAMEWORK_NAMES:
         names = ", ".join(repr(n) for n in _FRAMEWORK_NAMES)
-        raise ValueError(f"unknown framework {framework!r} (expected one of {names}, or None)")
+        raise _InvalidArgument(f"unknown framework {framework!r} (expected one of {names}, or None)")
     if framework in _frameworks.FRAMEWORKS:
         _frameworks.check(framework, device)
 

@@ -680,3 +680,25 @@ def test_an_open_handle_holds_one_descriptor(tmp_path, backend):
     assert [int(handle.get_tensor(f"t{i}")[0]) for i in range(5)] == list(range(5))
     assert fds() - before == 5
     del handle, warm
+
+
+@pytest.mark.parametrize("device", ["meta", "cpu:0", "disk", -1])
+def test_a_device_or_framework_the_reference_refuses_is_its_error(tmp_path, device):
+    """An unknown device or framework is the reference's ``SafetensorError`` (caught where
+    code catches the reference's), and a ``ValueError`` as before."""
+    p = tmp_path / "a.safetensors"
+    save_file({"a": np.zeros(2, dtype=np.float32)}, str(p))
+    with pytest.raises(safetensors.SafetensorError):
+        safetensors.safe_open(str(p), framework="pt", device=device)
+    for call in (
+        lambda: tensorlift.safe_open(p, framework="pt", device=device),
+        lambda: tensorlift.load_file(p, device=device),
+    ):
+        with pytest.raises(safetensors.SafetensorError, match="invalid device") as e:
+            call()
+        assert isinstance(e.value, ValueError)
+    with pytest.raises(safetensors.SafetensorError):
+        safetensors.safe_open(str(p), framework="xla")
+    with pytest.raises(safetensors.SafetensorError, match="unknown framework 'xla'") as e:
+        tensorlift.safe_open(p, framework="xla")
+    assert isinstance(e.value, ValueError)
