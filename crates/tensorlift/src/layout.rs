@@ -161,12 +161,17 @@ pub(crate) struct Read {
 
 /// Every span cut into chunks of `chunk` bytes (the last one shorter), ordered so that the
 /// shards of a window of `window` shards are read round-robin (several files at once) and
-/// windows one after another (open files stay bounded).
-pub(crate) fn reads(spans: &[Span], chunk: usize, window: usize) -> Vec<Read> {
+/// windows one after another (open files stay bounded). The list is sized by the file (a
+/// header may claim exabytes of a sparse file, or a store an object's size): allocated
+/// fallibly, `Err` with the bytes it needed where it cannot be had.
+pub(crate) fn reads(spans: &[Span], chunk: usize, window: usize) -> Result<Vec<Read>, u64> {
     let chunk = chunk.max(1) as u64;
+    let counts: Vec<u64> = spans.iter().map(|s| s.len().div_ceil(chunk)).collect();
+    let total = counts.iter().try_fold(0u64, |a, &n| a.checked_add(n)).unwrap_or(u64::MAX);
+    let needed = total.saturating_mul(std::mem::size_of::<Read>() as u64);
+    let total = usize::try_from(total).map_err(|_| needed)?;
     let mut by_shard: Vec<(usize, Vec<Read>)> = Vec::new();
-    for (si, s) in spans.iter().enumerate() {
-        let n = s.len().div_ceil(chunk);
+    for (si, (s, &n)) in spans.iter().zip(&counts).enumerate() {
         let reads = (0..n).map(|k| Read {
             span: si,
             shard: s.shard,
@@ -174,12 +179,16 @@ pub(crate) fn reads(spans: &[Span], chunk: usize, window: usize) -> Vec<Read> {
             file_offset: s.base + k * chunk,
             len: (s.len() - k * chunk).min(chunk) as usize,
         });
-        match by_shard.last_mut() {
-            Some((shard, list)) if *shard == s.shard => list.extend(reads),
-            _ => by_shard.push((s.shard, reads.collect())),
+        if !matches!(by_shard.last(), Some((shard, _)) if *shard == s.shard) {
+            by_shard.push((s.shard, Vec::new()));
+        }
+        if let Some((_, list)) = by_shard.last_mut() {
+            list.try_reserve_exact(n as usize).map_err(|_| needed)?;
+            list.extend(reads);
         }
     }
-    let mut out = Vec::with_capacity(by_shard.iter().map(|(_, l)| l.len()).sum());
+    let mut out = Vec::new();
+    out.try_reserve_exact(total).map_err(|_| needed)?;
     for group in by_shard.chunks(window.max(1)) {
         let mut cursors = vec![0usize; group.len()];
         loop {
@@ -196,7 +205,7 @@ pub(crate) fn reads(spans: &[Span], chunk: usize, window: usize) -> Vec<Read> {
             }
         }
     }
-    out
+    Ok(out)
 }
 
 /// Indices of the chunks of `chunk` bytes that overlap `range` (relative to the span).
@@ -494,7 +503,7 @@ mod tests {
         for chunk_len in [4096, 32] {
             let mut device = vec![0u8; total as usize];
             let mut copies = 0;
-            for r in reads(&s, chunk_len, 1) {
+            for r in reads(&s, chunk_len, 1).unwrap() {
                 let chunk = &file[r.file_offset as usize..r.file_offset as usize + r.len];
                 for (_, q) in pieces(&p, &s[r.span], |i| at[i].map(|o| (0, o)), &r) {
                     apply(&q, chunk, &mut device);
@@ -514,7 +523,7 @@ mod tests {
             for (si, span) in s.iter().enumerate() {
                 let mut remaining = chunks_to_wait_for(&p, span, chunk_len, |_| {});
                 let mut done = Vec::new();
-                for r in reads(&s, chunk_len, 1).iter().filter(|r| r.span == si) {
+                for r in reads(&s, chunk_len, 1).unwrap().iter().filter(|r| r.span == si) {
                     done.extend(completed_by(&p, span, &mut remaining, r.index, chunk_len));
                 }
                 done.sort_unstable();
@@ -529,7 +538,7 @@ mod tests {
         let s = spans(&p, |_| false);
         assert_eq!(s.len(), 1);
         assert_eq!((s[0].base, s[0].end), (4096, 5000 + 10_107));
-        let r = reads(&s, 4096, 4);
+        let r = reads(&s, 4096, 4).unwrap();
         assert_eq!(r.len(), (s[0].len() as usize).div_ceil(4096));
         assert_eq!(r.iter().map(|r| r.len as u64).sum::<u64>(), s[0].len());
         assert!(r.iter().all(|r| r.file_offset % 4096 == 0));
@@ -559,7 +568,7 @@ mod tests {
         let (at, total) = device_layout(&p, &s, |_| Place::AsLoaded);
         assert_eq!(at, vec![Some(0), Some(256), Some(1280), Some(5376)]);
         assert_eq!(total, 5888);
-        for r in reads(&s, 4096, 1) {
+        for r in reads(&s, 4096, 1).unwrap() {
             assert_eq!(pieces(&p, &s[0], |i| at[i].map(|o| (0, o)), &r).len(), 1, "{r:?}");
         }
     }
@@ -593,7 +602,7 @@ mod tests {
         for chunk in [4096usize, 8192, 1 << 20] {
             let mut device = vec![0u8; total as usize];
             let file: Vec<u8> = (0..p.shards()[0].file_len).map(|i| (i % 251) as u8).collect();
-            for r in reads(&s, chunk, 1) {
+            for r in reads(&s, chunk, 1).unwrap() {
                 let buf = &file[r.file_offset as usize..r.file_offset as usize + r.len];
                 for (_, q) in pieces(&p, &s[0], |i| at[i].map(|o| (0, o)), &r) {
                     apply(&q, buf, &mut device);
@@ -611,7 +620,7 @@ mod tests {
     fn windows_bound_the_shards_read_at_once() {
         let spans: Vec<Span> =
             (0..10).map(|i| Span { shard: i, base: 0, end: 3 * 4096, tensors: vec![], solo: false }).collect();
-        let r = reads(&spans, 4096, 3);
+        let r = reads(&spans, 4096, 3).unwrap();
         assert_eq!(r.len(), 30);
         // The first 9 reads are shards 0..3 round-robin; shard 3 starts only after.
         assert_eq!(r[..9].iter().map(|r| r.shard).collect::<Vec<_>>(), [0, 1, 2, 0, 1, 2, 0, 1, 2]);

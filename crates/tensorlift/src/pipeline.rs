@@ -207,7 +207,7 @@ impl TensorStream {
             stream.stats.bytes = stream.device_bytes.iter().sum();
         }
         stream.stats.unverified_bytes = unverified;
-        let reads = layout::reads(&spans, cfg.chunk_size, read_window(cfg));
+        let reads = read_list(&stream.plan, &spans, cfg)?;
         stream.total_bytes = reads.iter().map(|r| r.len as u64).sum();
         match landing {
             Landing::Mapped(contract) => {
@@ -295,7 +295,7 @@ impl TensorStream {
         let _span = tracing::info_span!("plan_io_early", shards = early.shards().len()).entered();
         let mut stream = TensorStream::new(reader, early, cfg, stats, started);
         let spans = layout::shard_spans(&stream.plan);
-        let reads = layout::reads(&spans, cfg.chunk_size, read_window(cfg));
+        let reads = read_list(&stream.plan, &spans, cfg)?;
         stream.total_bytes = reads.iter().map(|r| r.len as u64).sum();
         let mut scheduler = stream.host_scheduler(cfg, spans, Vec::new(), reads, true, None)?;
         scheduler.validated = Some(vec![None; stream.plan.shards().len()]);
@@ -799,4 +799,12 @@ fn copy_shards(plan: &Checkpoint, cfg: &Config) -> Vec<bool> {
 /// load takes them.
 fn read_window(cfg: &Config) -> usize {
     (cfg.limits.open_files_bound() / 4).max(1)
+}
+
+/// The load's reads ([`layout::reads`]): a list the memory for which cannot be had (a
+/// header claiming exabytes) is [`LoadError::OutOfMemory`], before anything else is
+/// allocated for the data.
+fn read_list(plan: &Checkpoint, spans: &[Span], cfg: &Config) -> Result<Vec<Read>, LoadError> {
+    layout::reads(spans, cfg.chunk_size, read_window(cfg))
+        .map_err(|bytes| LoadError::OutOfMemory { file: plan.root().to_path_buf(), bytes })
 }

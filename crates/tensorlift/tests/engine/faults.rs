@@ -242,3 +242,40 @@ fn many_shards_few_open_files() {
     assert_identical(&model, &truth, "200 shards, 8 open");
     assert_eq!(model.stats().shards, 200);
 }
+
+/// Found by an audit for panics: a header claiming exabytes of a sparse file (or a store
+/// an object's size) made the list of reads, 40 bytes a chunk, an allocation that failed and
+/// aborted the process, before any memory was checked. It is an `OutOfMemory` error now,
+/// for a host load, a mapped one and one reading while it plans.
+#[test]
+fn a_checkpoint_claiming_exabytes_is_an_error_not_an_abort() {
+    // A file of 2^60 bytes takes no memory on tmpfs, which allows such lengths (ext4 stops
+    // at 16 TiB, whose list of reads could be had).
+    let shm = std::path::Path::new("/dev/shm");
+    if !shm.is_dir() {
+        eprintln!("skipped: no /dev/shm to hold a sparse file of 2^60 bytes");
+        return;
+    }
+    let dir = tensorlift_testkit::scratch_in(shm, "tl-huge-");
+    let path = dir.join("huge.safetensors");
+    let json = format!(r#"{{"w":{{"dtype":"U8","shape":[{}],"data_offsets":[0,{}]}}}}"#, 1u64 << 60, 1u64 << 60);
+    let mut head = (json.len() as u64).to_le_bytes().to_vec();
+    head.extend_from_slice(json.as_bytes());
+    let f = std::fs::File::create(&path).unwrap();
+    f.write_all_at(&head, 0).unwrap();
+    f.set_len(head.len() as u64 + (1 << 60)).unwrap();
+    for (what, loader) in [
+        ("host", base().chunk_size(4096).build().unwrap()),
+        ("mapped", base().map_views(map_contract()).chunk_size(4096).build().unwrap()),
+        (
+            "reading while planning",
+            base().chunk_size(4096).read_while_planning(tensorlift::ReadWhilePlanning::Always).build().unwrap(),
+        ),
+    ] {
+        match loader.load_blocking(&path) {
+            Err(LoadError::OutOfMemory { bytes, .. }) => assert!(bytes >= 1 << 40, "{what}: {bytes}"),
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
