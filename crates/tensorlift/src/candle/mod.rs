@@ -173,13 +173,16 @@ pub enum Handover {
 }
 
 /// A host buffer of `bytes` zeroed bytes as a `Vec` of `dtype`'s element type (lazily zeroed
-/// pages, no pass over the memory), or `None` for a type candle keeps as raw bytes.
-fn typed_buffer(dtype: Dtype, bytes: u64) -> Option<HostBuffer> {
-    let bytes = usize::try_from(bytes).ok()?;
+/// pages, no pass over the memory), or `None` for a type candle keeps as raw bytes. Sized
+/// by the file: an allocation that fails is an error, never a panic.
+fn typed_buffer(dtype: Dtype, bytes: u64) -> Result<Option<HostBuffer>, String> {
+    let failed = || format!("cannot allocate {bytes} bytes of host memory");
+    let bytes = usize::try_from(bytes).map_err(|_| failed())?;
     with_vec_type!(dtype, T => {
         let n = bytes / std::mem::size_of::<T>();
-        Some(HostBuffer::new(Typed(bytemuck::allocation::zeroed_vec::<T>(n))))
-    }, _ => None)
+        let v = bytemuck::allocation::try_zeroed_vec::<T>(n).map_err(|()| failed())?;
+        Ok(Some(HostBuffer::new(Typed(v))))
+    }, _ => Ok(None))
 }
 
 /// The candle tensor over a buffer's memory, once the load is done with it.
@@ -276,10 +279,25 @@ fn load_lending(
     let on_host = Arc::new(AtomicBool::new(false));
     let lent: Arc<Mutex<HashMap<String, Lent>>> = Arc::default();
     let (host, bufs, on_cuda) = (Arc::clone(&on_host), Arc::clone(&lent), cuda.clone());
+    // Host memory lent so far, and what the process can fill: memory is committed when the
+    // reads touch it, so a load larger than that is refused before it is killed midway, as
+    // the loader refuses its own (which does not count what a rule lends).
+    let lent_bytes = std::sync::atomic::AtomicU64::new(0);
+    let available = std::sync::OnceLock::new();
     let rule = move |t: &TensorRequest<'_>| -> Result<Option<Destination>, String> {
         let buf = match &on_cuda {
             Some(dev) => cuda::lend(dev, t.dtype, t.bytes)?.map(Lent::Cuda),
-            None if host.load(Ordering::Acquire) => typed_buffer(t.dtype, t.bytes).map(Lent::Host),
+            None if host.load(Ordering::Acquire) => {
+                let needed = lent_bytes.fetch_add(t.bytes, Ordering::Relaxed).saturating_add(t.bytes);
+                if let Some(available) = *available.get_or_init(tensorlift_io::host_memory_available) {
+                    if needed > available {
+                        return Err(format!(
+                            "the tensors need {needed} bytes of host memory so far, and {available} are available"
+                        ));
+                    }
+                }
+                typed_buffer(t.dtype, t.bytes)?.map(Lent::Host)
+            }
             None => None,
         };
         let Some(buf) = buf else { return Ok(None) };
