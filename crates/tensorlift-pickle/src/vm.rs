@@ -362,6 +362,12 @@ pub(crate) struct Dict {
     by_str: Option<Box<HashMap<Rc<String>, usize>>>,
 }
 
+/// Whether `codec` names an encoding tensorlift knows, in any case (compared in place: no
+/// lowercase copy of a long memoized string per call).
+fn known_codec(codec: &str) -> bool {
+    KNOWN_CODECS.iter().any(|k| codec.eq_ignore_ascii_case(k))
+}
+
 /// Items a dict finds its string keys among by a scan, before it builds a table.
 const DICT_SCAN: usize = 8;
 
@@ -498,6 +504,15 @@ impl Vm {
         self.scanned.set(self.scanned.get().saturating_add(n as u64));
     }
 
+    /// [`ErrorKind::Rescans`] where the items looked at so far are past their budget.
+    fn check_scans(&self, at: usize) -> Result<(), ErrorKind> {
+        let scanned = self.scanned.get();
+        if scanned > self.read.saturating_mul(crate::error::SCANS_PER_BYTE).saturating_add(SCAN_FLOOR) {
+            return Err(ErrorKind::Rescans { at, scanned });
+        }
+        Ok(())
+    }
+
     /// Counts `bytes` of new values against the budget, refusing past it.
     pub fn charge(&mut self, bytes: u64) -> Result<(), ErrorKind> {
         self.memory = self.memory.saturating_add(bytes);
@@ -592,6 +607,14 @@ impl Vm {
                 return Err(ErrorKind::pickle(at, format!("{op} with {} as a key (unhashable)", pair[0].kind())));
             }
         }
+        // Each string key is hashed (or compared) whole: a long memoized key inserted again
+        // and again, a few bytes of pickle each time, costs its length each time. Counted as
+        // a check's items are, a byte an item, so that such a pickle is refused, not read for
+        // hours.
+        let key_bytes = items.iter().step_by(2).map(|k| if let Value::Str(s) = k { s.len() } else { 1 }).sum();
+        self.scan(key_bytes);
+        // Checked before the keys are hashed: one SETITEMS may carry many of them.
+        self.check_scans(at)?;
         let Container::Dict(d) = &mut self.arena[i] else {
             return Err(ErrorKind::pickle(at, format!("{op} on a non-dict")));
         };
@@ -646,10 +669,7 @@ impl Vm {
         loop {
             let at = r.at;
             self.read = self.read_before + at as u64 + 1;
-            let scanned = self.scanned.get();
-            if scanned > self.read.saturating_mul(crate::error::SCANS_PER_BYTE).saturating_add(SCAN_FLOOR) {
-                return Err(ErrorKind::Rescans { at, scanned });
-            }
+            self.check_scans(at)?;
             let op = r.u8()?;
             if stack.depth > limits.max_stack {
                 return Err(ErrorKind::Limit {
@@ -972,7 +992,7 @@ impl Vm {
             Global::Encode => match a.as_slice() {
                 [Value::Str(_)] => Ok(Value::Bytes),
                 [Value::Str(_), Value::Str(codec)] | [Value::Str(_), Value::Str(codec), Value::Str(_)]
-                    if KNOWN_CODECS.contains(&codec.to_ascii_lowercase().as_str()) =>
+                    if known_codec(codec) =>
                 {
                     Ok(Value::Bytes)
                 }
@@ -992,9 +1012,7 @@ impl Vm {
                             || matches!(x, Value::Int(n) if (0..1 << 20).contains(n))
                             || self.ints(x).is_some_and(|v| v.iter().all(|&b| b < 256))
                     }
-                    (Opaque::ByteArray, [Value::Str(_), Value::Str(codec)]) => {
-                        KNOWN_CODECS.contains(&codec.to_ascii_lowercase().as_str())
-                    }
+                    (Opaque::ByteArray, [Value::Str(_), Value::Str(codec)]) => known_codec(codec),
                     (Opaque::Complex, xs) if xs.len() <= 2 => {
                         xs.iter().all(|x| matches!(x, Value::Int(_) | Value::Float | Value::Bool(_)))
                     }

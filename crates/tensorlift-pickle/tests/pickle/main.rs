@@ -482,6 +482,37 @@ fn values_checked_again_and_again_are_refused_quickly() {
     assert!(started.elapsed() < std::time::Duration::from_secs(120), "{:?}", started.elapsed());
 }
 
+/// Found by an audit: a long string kept in the memo, set again and again as a dict's key
+/// by calls of a few bytes each, was hashed whole each time (hours of CPU from a file of a
+/// few hundred MB). The key's bytes count as items looked at, and the pickle is refused.
+#[test]
+fn a_long_key_set_again_and_again_is_refused() {
+    // 1,500 strings of 255 bytes (the memory budget grows with the bytes read, so that it
+    // holds a key of 4 MB), a dict (memo 0) of 8 short keys, then a key of 4 MB (memo 1),
+    // then one SETITEMS of 20,000 times `key: 0` (h1 K0).
+    let mut p = b"\x80\x02".to_vec();
+    for _ in 0..1500 {
+        p.extend_from_slice(&[b'U', 255]);
+        p.extend_from_slice(&[b'x'; 255]);
+    }
+    p.extend_from_slice(b"}q\x00(");
+    for i in 0..8u8 {
+        p.extend_from_slice(&[b'X', 1, 0, 0, 0, b'a' + i, b'K', i]);
+    }
+    p.push(b'u');
+    let key = vec![b'k'; 4 << 20];
+    p.push(b'X');
+    p.extend_from_slice(&(key.len() as u32).to_le_bytes());
+    p.extend_from_slice(&key);
+    p.extend_from_slice(b"q\x01h\x00(");
+    for _ in 0..20_000 {
+        p.extend_from_slice(b"h\x01K\x00");
+    }
+    p.extend_from_slice(b"u.");
+    let (k, s) = kind(read_bytes(&legacy(&p)));
+    assert!(matches!(k, ErrorKind::Rescans { .. }), "{s}");
+}
+
 fn ck_names(ck: &TorchCheckpoint) -> Vec<&str> {
     ck.tensors.iter().map(|t| t.name.as_str()).collect()
 }
