@@ -215,7 +215,7 @@ impl LoadPlan {
             let start = shard.data_start();
             // Names and shapes move from the header into the plan: no copy of either.
             for t in infos {
-                checkpoint_bytes += t.len();
+                checkpoint_bytes = checkpoint_bytes.saturating_add(t.len());
                 let first = start + t.data_offsets.0;
                 tensors.push(PlannedTensor {
                     file_range: first..first + t.len(),

@@ -184,17 +184,21 @@ pub fn manifest(path: impl AsRef<Path>) -> Result<Manifest, ManifestError> {
     let next = std::sync::atomic::AtomicUsize::new(0);
     let digests: Vec<std::sync::Mutex<Option<Result<Sha256, ManifestError>>>> =
         (0..count).map(|_| std::sync::Mutex::new(None)).collect();
-    std::thread::scope(|scope| {
-        for _ in 0..threads {
-            scope.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if i >= count {
-                    break;
-                }
-                let d = hash(i);
-                *digests[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(d);
-            });
+    let work = || loop {
+        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if i >= count {
+            break;
         }
+        let d = hash(i);
+        *digests[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(d);
+    };
+    // Helpers where threads can be had (a refused one is no panic), and this thread, which
+    // hashes whatever they leave.
+    std::thread::scope(|scope| {
+        for _ in 1..threads {
+            let _ = std::thread::Builder::new().spawn_scoped(scope, work);
+        }
+        work();
     });
     let mut names: Vec<String> = plan.shards().iter().map(|s| s.name.clone()).collect();
     if let Some(index) = &index {

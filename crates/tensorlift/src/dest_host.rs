@@ -157,7 +157,7 @@ impl HostSink {
         // would be killed midway, so it is refused before anything is allocated. (Not asked
         // for a small load, which reading the system's and the cgroup's figures would cost
         // more than the load: a file's tensors read one at a time.)
-        let total: u64 = lens.iter().map(|&l| l as u64).sum();
+        let total = lens.iter().fold(0u64, |a, &l| a.saturating_add(l as u64));
         let needed = total.saturating_sub(reused);
         let worth_asking = needed >= MEMORY_CHECK_FROM;
         if let Some(available) =

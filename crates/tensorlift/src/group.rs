@@ -128,7 +128,7 @@ fn rows_of(t: &PlannedTensor) -> Rows {
     };
     // The fewest rows that are whole bytes (8 always are); all of them where the whole
     // tensor is not.
-    let group = (1..=8usize).find(|&g| (g as u64 * row_bits) % 8 == 0).unwrap_or(8);
+    let group = (1..=8usize).find(|&g| (g as u64).wrapping_mul(row_bits) % 8 == 0).unwrap_or(8);
     let group = if (rows as u64).saturating_mul(row_bits) % 8 != 0 { rows.max(1) } else { group };
     Rows { rows, row_bits, group }
 }

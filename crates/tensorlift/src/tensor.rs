@@ -379,7 +379,14 @@ impl Tensor {
     /// alignment.
     pub fn to_vec<T: Element>(&self) -> Result<Vec<T>, ViewError> {
         self.check::<T>()?;
-        Ok(self.to_host()?.chunks_exact(std::mem::size_of::<T>()).map(bytemuck::pod_read_unaligned).collect())
+        let bytes = self.to_host()?;
+        let n = bytes.len() / std::mem::size_of::<T>();
+        // Sized by the file (a mapped view's memory was never checked): fallibly.
+        let mut out = Vec::new();
+        out.try_reserve_exact(n)
+            .map_err(|_| ViewError::OutOfMemory { tensor: self.name.to_string(), bytes: bytes.len() })?;
+        out.extend(bytes.chunks_exact(std::mem::size_of::<T>()).map(bytemuck::pod_read_unaligned::<T>));
+        Ok(out)
     }
 }
 

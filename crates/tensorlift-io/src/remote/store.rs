@@ -73,7 +73,7 @@ pub(crate) fn connect(url: &str, options: &RemoteOptions) -> Result<(Place, Opti
             segments.pop();
         }
     }
-    let permits = tokio::sync::Semaphore::new(options.concurrency.max(1));
+    let permits = tokio::sync::Semaphore::new(options.concurrency.clamp(1, tokio::sync::Semaphore::MAX_PERMITS));
     let shared = Arc::new(Shared { store, options: options.clone(), permits, cache_key, made: MadeIn::here() });
     Ok((Place { shared, prefix, url: folder.as_str().trim_end_matches('/').to_owned(), http }, last))
 }
