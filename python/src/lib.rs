@@ -805,33 +805,35 @@ impl PyCheckpoint {
         let path = self.plan.shards()[shard].path.clone();
         // Its descriptors, none of its tensors.
         let mut plan = self.plan.subset([]);
-        let bytes = py
-            .detach(|| -> Result<Vec<u8>, String> {
-                let mut buf = Vec::new();
-                buf.try_reserve_exact(length as usize).map_err(|_| format!("cannot allocate {length} bytes"))?;
-                buf.resize(length as usize, 0);
-                // A remote shard: one ranged read of its planned object (same ETag, same length).
-                if let Some(object) = plan.remote_object(shard) {
-                    let len = length as usize;
-                    return tensorlift_io::read_object(object, at, buf, 0, len).wait().map_err(|f| f.error.to_string());
-                }
-                // Checked as a load of a plan made before it checks it: the planned file, its
-                // header read again unless it is certainly unchanged since planning, and the
-                // same after the read as when it was taken.
-                let checked = plan.take_checked(shard, tensorlift_io::HeaderCheck::Planned);
-                let (file, taken) = checked.map_err(|e| e.to_string())?;
-                let read = file.read_exact_at(&mut buf, at);
-                let now = file.metadata().map_err(|e| format!("{}: cannot stat it: {e}", path.display()))?;
-                if let Some(what) = tensorlift_io::identity_change(&taken, &tensorlift_io::file_identity(&now)) {
-                    return Err(format!(
-                        "{}: shard changed since it was planned: {what}, while it was being read",
-                        path.display()
-                    ));
-                }
-                read.map_err(|e| format!("{}: {e}", path.display()))?;
-                Ok(buf)
-            })
-            .map_err(pyo3::exceptions::PyOSError::new_err)?;
+        let bytes = py.detach(|| -> PyResult<Vec<u8>> {
+            use pyo3::exceptions::{PyMemoryError, PyOSError};
+            let os = |e: String| PyOSError::new_err(e);
+            let mut buf = Vec::new();
+            buf.try_reserve_exact(length as usize)
+                .map_err(|_| PyMemoryError::new_err(format!("cannot allocate {length} bytes")))?;
+            buf.resize(length as usize, 0);
+            // A remote shard: one ranged read of its planned object (same ETag, same length).
+            if let Some(object) = plan.remote_object(shard) {
+                let len = length as usize;
+                return tensorlift_io::read_object(object, at, buf, 0, len).wait().map_err(|f| os(f.error.to_string()));
+            }
+            // Checked as a load of a plan made before it checks it: the planned file, its
+            // header read again where it was reopened or is not certainly unchanged since
+            // planning, and the same after the read as when it was taken.
+            let (file, taken) = plan.take_checked(shard, tensorlift_io::HeaderCheck::Planned).map_err(|e| match e {
+                e @ tensorlift_io::IoError::OutOfMemory { .. } => PyMemoryError::new_err(e.to_string()),
+                e => os(e.to_string()),
+            })?;
+            let read = file.read_exact_at(&mut buf, at);
+            let now = file.metadata().map_err(|e| os(format!("{}: cannot stat it: {e}", path.display())))?;
+            if let Some(what) = tensorlift_io::identity_change(&taken, &tensorlift_io::file_identity(&now)) {
+                let what =
+                    format!("{}: shard changed since it was planned: {what}, while it was being read", path.display());
+                return Err(os(what));
+            }
+            read.map_err(|e| os(format!("{}: {e}", path.display())))?;
+            Ok(buf)
+        })?;
         Ok(pyo3::types::PyBytes::new(py, &bytes))
     }
 

@@ -731,6 +731,10 @@ class safe_open:
         return self._ckpt
 
     def _has(self, name):
+        if not isinstance(name, str):
+            # The reference's error for a name that is not a str (an int, None, bytes).
+            what = "'None'" if name is None else f"'{type(name).__name__}' object"
+            raise TypeError(f"argument 'name': {what} is not an instance of 'str'")
         if self._names is None:
             self._names = frozenset(self._open().keys())
         if name not in self._names:

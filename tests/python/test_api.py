@@ -702,3 +702,18 @@ def test_a_device_or_framework_the_reference_refuses_is_its_error(tmp_path, devi
     with pytest.raises(safetensors.SafetensorError, match="unknown framework 'xla'") as e:
         tensorlift.safe_open(p, framework="xla")
     assert isinstance(e.value, ValueError)
+
+
+def test_a_name_that_is_not_a_str_is_the_reference_s_type_error(tmp_path):
+    """``get_tensor(1)``, ``get_slice(None)``, ``get_tensor(b"a")``: the reference's
+    ``TypeError`` (it was "does not contain tensor 1", a ``KeyError``)."""
+    p = str(tmp_path / "a.safetensors")
+    save_file({"a": np.zeros(2, dtype=np.float32)}, p)
+    with safetensors.safe_open(p, framework="np") as ref, tensorlift.safe_open(p, framework="np") as ours:
+        for key in (1, None, b"a"):
+            for method in ("get_tensor", "get_slice"):
+                with pytest.raises(TypeError) as want:
+                    getattr(ref, method)(key)
+                with pytest.raises(TypeError) as got:
+                    getattr(ours, method)(key)
+                assert str(got.value) == str(want.value), (method, key)
