@@ -16,7 +16,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use tensorlift_format::{Dtype, LoadPlan};
+use tensorlift_format::{Dtype, LoadPlan, PlannedTensor};
 use tensorlift_io::{ArenaChunk, Claim, HostArena, HostChunk, PAGE};
 
 use crate::config::Config;
@@ -129,17 +129,20 @@ impl HostSink {
                 *claim = Some(c);
             }
         }
-        // Gathered slices and converted tensors are written once more, into memory of
-        // their own (unless the caller placed them): an arena of one chunk each, sized as
-        // loaded, taken from the pool like the spans' and counted with them.
+        // Gathered slices, converted tensors and misaligned ones (see `copied`) are written
+        // once more, into memory of their own (unless the caller placed them): an arena of
+        // one chunk each, sized as loaded, taken from the pool like the spans' and counted
+        // with them.
+        let shared = crate::layout::sharing_bytes(plan);
         let outputs: Vec<(usize, usize)> = spans
             .iter()
             .flat_map(|s| &s.tensors)
             .filter(|&&t| claims[t].is_none())
             .filter_map(|&t| {
                 let pt = &plan.tensors()[t];
-                let (dtype, len) = crate::place::loaded_as(pt, convert_to);
-                (len > 0 && (pt.gather.is_some() || dtype != pt.dtype)).then_some((t, len as usize))
+                let (_, len) = crate::place::loaded_as(pt, convert_to);
+                let shared = shared.get(t).copied().unwrap_or(false);
+                (len > 0 && copied(pt, convert_to, shared)).then_some((t, len as usize))
             })
             .collect();
         // Memory an earlier load left, where it fits a span; the rest of it is given back
@@ -172,7 +175,7 @@ impl HostSink {
         let mut sink = HostSink {
             extents: Vec::with_capacity(spans.len()),
             claims,
-            shared: crate::layout::sharing_bytes(plan),
+            shared,
             outputs: Vec::new(),
             convert_to,
             chunk,
@@ -399,21 +402,11 @@ impl HostSink {
         let range = r.start as usize..r.end as usize;
         let (dtype, _) = crate::place::loaded_as(pt, self.convert_to);
         let Some(claim) = self.claims.get(t).and_then(Option::as_ref) else {
-            let stored = arena.get(range.clone()).unwrap_or_default();
-            if pt.gather.is_none() && dtype == pt.dtype {
-                // Where the file placed it (a page-aligned read mirrors the file), unless that
-                // is no multiple of its element's size: a writer other than the reference's
-                // (which aligns every tensor) may put a float32 at an odd offset. Such a
-                // tensor is copied to memory of its own, aligned, as the reference's reads are
-                // (but for tied twins of a PyTorch file, which share their memory as
-                // torch.load's do).
-                let align = (pt.dtype.bitsize() / 8).clamp(1, 8);
-                let shared = self.shared.get(t).copied().unwrap_or(false);
-                if (stored.as_ptr() as usize) % align != 0 && !shared {
-                    return Tensor::produced(plan, pt, dtype, stored);
-                }
+            let shared = self.shared.get(t).copied().unwrap_or(false);
+            if !copied(pt, self.convert_to, shared) {
                 return Ok(Tensor::host(&pt.name, pt.dtype, &pt.shape, Arc::clone(arena), range).sharing(shared));
             }
+            let stored = arena.get(range).unwrap_or_default();
             let Some((memory, mut chunk)) = out else { return Tensor::produced(plan, pt, dtype, stored) };
             let len = crate::place::loaded_as(pt, Some(dtype)).1 as usize;
             let written = chunk.as_mut_slice().get_mut(..len).map(|o| crate::tensor::produce(pt, dtype, stored, o));
@@ -444,6 +437,19 @@ impl HostSink {
         produced.map_err(|e| LoadError::Convert { tensor: pt.name.clone(), to: dtype, source: e.into() })?;
         Ok(Tensor::in_caller_host(&pt.name, dtype, &pt.shape, Arc::clone(claim)))
     }
+}
+
+/// Whether tensor `pt` is written once more into memory of its own rather than handed out
+/// where its read landed: a gathered slice, a converted tensor, or one the file places at an
+/// offset its element's size does not divide (reads mirror the file from page-aligned
+/// offsets; a writer other than the reference's, which aligns every tensor, or a legacy
+/// PyTorch file may put a float32 at an odd one), which is copied aligned, as the
+/// reference's reads are. Tied twins of a PyTorch file (`shared`) keep sharing their
+/// memory, as torch.load's do.
+fn copied(pt: &PlannedTensor, convert_to: Option<Dtype>, shared: bool) -> bool {
+    let (dtype, _) = crate::place::loaded_as(pt, convert_to);
+    let align = (pt.dtype.bitsize() / 8).clamp(1, 8) as u64;
+    pt.gather.is_some() || dtype != pt.dtype || (pt.file_range.start % align != 0 && !shared)
 }
 
 impl Sink for HostSink {
