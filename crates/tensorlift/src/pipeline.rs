@@ -803,8 +803,17 @@ fn read_window(cfg: &Config) -> usize {
 
 /// The load's reads ([`layout::reads`]): a list the memory for which cannot be had (a
 /// header claiming exabytes) is [`LoadError::OutOfMemory`], before anything else is
-/// allocated for the data.
+/// allocated for the data. A large one is first held to the memory the process can fill:
+/// where memory is overcommitted its allocation succeeds, and filling it would get the
+/// process killed.
 fn read_list(plan: &Checkpoint, spans: &[Span], cfg: &Config) -> Result<Vec<Read>, LoadError> {
-    layout::reads(spans, cfg.chunk_size, read_window(cfg))
-        .map_err(|bytes| LoadError::OutOfMemory { file: plan.root().to_path_buf(), bytes })
+    let out_of_memory = |bytes| LoadError::OutOfMemory { file: plan.root().to_path_buf(), bytes };
+    let chunk = cfg.chunk_size.max(1) as u64;
+    let entries = spans.iter().fold(0u64, |a, s| a.saturating_add(s.len().div_ceil(chunk)));
+    let bytes = entries.saturating_mul(std::mem::size_of::<Read>() as u64);
+    // (64 MiB: the list of 13 TB read in chunks of 8 MiB.)
+    if bytes >= 64 << 20 && tensorlift_io::host_memory_available().is_some_and(|a| bytes > a) {
+        return Err(out_of_memory(bytes));
+    }
+    layout::reads(spans, cfg.chunk_size, read_window(cfg)).map_err(out_of_memory)
 }
