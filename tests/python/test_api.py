@@ -493,7 +493,18 @@ def test_handles_held_open_share_their_reader(tmp_path):
         save_file(want[i], str(tmp_path / f"s{i}.safetensors"))
 
     def threads():
-        return len(os.listdir("/proc/self/task"))
+        # The process's own threads that stay: not the kernel's io_uring workers (iou-wrk-N,
+        # iou-sqp-N), which it starts for reads that would block (more under load) and ends
+        # when idle, nor a plan's threads (tensorlift-plan), which end with it (one just
+        # joined may still be listed a moment).
+        n = 0
+        for t in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{t}/comm") as f:
+                    n += not f.read().startswith(("iou-", "tensorlift-plan"))
+            except OSError:
+                pass  # gone
+        return n
 
     gc.collect()
     before = threads()
