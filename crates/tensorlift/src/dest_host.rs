@@ -4,11 +4,13 @@
 //! file offset, so aligned file offsets land at aligned addresses and O_DIRECT reads go
 //! straight into the final memory: there is no staging copy on the CPU path.
 //!
-//! A gathered slice or a converted tensor lands in an arena like the others, and is then
-//! written once, gathered and converted in one pass ([`crate::tensor::produce`]), into the
-//! caller's memory or an arena of its own: one chunk sized as loaded, taken from the
-//! loader's pool with the spans' arenas (so a loader's next load reuses it, already faulted
-//! in) and prefaulted with them. A tensor the caller placed in its own memory
+//! A gathered slice, a converted tensor or one the file misaligns for its elements lands in
+//! an arena like the others, and is then written once, gathered and converted in one pass
+//! ([`crate::tensor::produce`]), into the caller's memory or an arena of its own: one chunk
+//! sized as loaded, taken from the loader's pool with the spans' arenas (so a loader's next
+//! load reuses it, already faulted in) and prefaulted with them. (A load that reads while it
+//! plans learns of misaligned tensors once the plan stands: their memory is checked then,
+//! and allocated as each is written.) A tensor the caller placed in its own memory
 //! ([`crate::place`]) and that needs neither is a span of its own, read straight into its
 //! claim of that memory.
 
@@ -90,8 +92,8 @@ pub(crate) struct HostSink {
     claims: Vec<Option<Arc<Claim>>>,
     /// Which tensors share bytes with another ([`crate::layout::sharing_bytes`]).
     shared: Vec<bool>,
-    /// For each gathered or converted tensor (by plan index; empty when there are none),
-    /// the memory it is written into as loaded, until it is.
+    /// For each tensor written into memory of its own ([`copied`]; by plan index, empty when
+    /// there are none), that memory, until it is written.
     outputs: Vec<Option<(Arc<HostArena>, ArenaChunk)>>,
     convert_to: Option<Dtype>,
     chunk: usize,
@@ -296,6 +298,30 @@ impl HostSink {
         ready: &mut VecDeque<Tensor>,
     ) -> Result<(), LoadError> {
         let chunk = self.chunk;
+        self.shared = crate::layout::sharing_bytes(plan);
+        // Tensors the file misaligns are written into memory of their own (`copied`), which
+        // the start could not plan: checked now, with the memory the reads still have to
+        // touch, as HostSink::new checks a planned load's.
+        let copies = spans
+            .iter()
+            .flat_map(|s| &s.tensors)
+            .filter(|&&t| self.claims.get(t).is_none_or(Option::is_none))
+            .filter(|&&t| copied(&plan.tensors()[t], self.convert_to, self.shared.get(t).copied().unwrap_or(false)))
+            .fold(0u64, |a, &t| a.saturating_add(crate::place::loaded_as(&plan.tensors()[t], self.convert_to).1));
+        if copies > 0 {
+            let unlanded = self.extents.iter().fold(0u64, |a, e| {
+                let left = e.landed.iter().filter(|&&l| !l).count() as u64;
+                a.saturating_add(left.saturating_mul(chunk as u64).min(e.span.len()))
+            });
+            let needed = copies.saturating_add(unlanded);
+            if let Some(available) = (needed >= MEMORY_CHECK_FROM)
+                .then(tensorlift_io::host_memory_available)
+                .flatten()
+                .filter(|&a| needed > a)
+            {
+                return Err(LoadError::HostMemory { file: plan_file(plan), needed, available });
+            }
+        }
         for span in spans {
             let e = match self.extents.get_mut(span.shard) {
                 Some(e) if e.span.shard == span.shard && e.span.base == span.base && span.end <= e.span.end => e,
@@ -380,7 +406,8 @@ impl HostSink {
     }
 
     /// Tensor `t`, whose bytes have all landed in the extent's memory: a view of them, or,
-    /// for a gathered slice or a converted tensor, its bytes as loaded in memory of its own;
+    /// for a gathered slice, a converted or a misaligned tensor ([`copied`]), its bytes as
+    /// loaded in memory of its own;
     /// for a tensor in caller memory, that memory (written by the reads, or here).
     /// `out`: the memory of its own it is written into, when it needs it (taken from
     /// `outputs`).

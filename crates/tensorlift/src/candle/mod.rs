@@ -172,11 +172,6 @@ pub enum Handover {
     CopiedToDevice,
 }
 
-/// Whether candle holds `dtype` in a `Vec` of its element type (the others, as raw bytes).
-fn typed(dtype: Dtype) -> bool {
-    with_vec_type!(dtype, T => std::mem::size_of::<T>() > 0, _ => false)
-}
-
 /// A host buffer of `bytes` zeroed bytes as a `Vec` of `dtype`'s element type (lazily zeroed
 /// pages, no pass over the memory), or `None` for a type candle keeps as raw bytes. Sized
 /// by the file: an allocation that fails is an error, never a panic.
@@ -292,9 +287,9 @@ fn load_lending(
     let rule = move |t: &TensorRequest<'_>| -> Result<Option<Destination>, String> {
         let buf = match &on_cuda {
             Some(dev) => cuda::lend(dev, t.dtype, t.bytes)?.map(Lent::Cuda),
-            // (Types candle keeps as raw bytes are read into the loader's memory, which
-            // its own check counts.)
-            None if host.load(Ordering::Acquire) && typed(t.dtype) => {
+            // (Every tensor counts: those of types candle keeps as raw bytes are read into
+            // the loader's memory, whose own check does not count what is lent here.)
+            None if host.load(Ordering::Acquire) => {
                 let needed = lent_bytes.fetch_add(t.bytes, Ordering::Relaxed).saturating_add(t.bytes);
                 if let Some(available) = *available.get_or_init(tensorlift_io::host_memory_available) {
                     if needed > available {

@@ -17,7 +17,11 @@ fn single_file_every_dtype_every_backend() {
     let path = dir.join("quirky.safetensors");
     let truth = write_shard(&path, &quirky());
     for chunk in [4096, 1 << 20] {
-        for (what, loader) in loaders(chunk) {
+        // Also a load that reads while it plans, which learns of misaligned tensors late.
+        let early = base().read_while_planning(tensorlift::ReadWhilePlanning::Always).chunk_size(chunk);
+        let mut all = loaders(chunk);
+        all.push((format!("reading while planning/chunk {chunk}"), early.build().unwrap()));
+        for (what, loader) in all {
             let model = loader.load_blocking(&path).unwrap_or_else(|e| panic!("{what}: {e}"));
             assert_identical(&model, &truth, &what);
             assert_eq!(model.get("scalar_f32").unwrap().shape(), &[] as &[usize]);
