@@ -827,9 +827,8 @@ impl PyCheckpoint {
             let read = file.read_exact_at(&mut buf, at);
             let now = file.metadata().map_err(|e| os(format!("{}: cannot stat it: {e}", path.display())))?;
             if let Some(what) = tensorlift_io::identity_change(&taken, &tensorlift_io::file_identity(&now)) {
-                let what =
-                    format!("{}: shard changed since it was planned: {what}, while it was being read", path.display());
-                return Err(os(what));
+                let what = format!("{what}, while it was being read");
+                return Err(os(tensorlift_io::IoError::Changed { file: path.clone(), what }.to_string()));
             }
             read.map_err(|e| os(format!("{}: {e}", path.display())))?;
             Ok(buf)

@@ -133,8 +133,8 @@ impl PlanObserver for Quiet {}
 /// A planned checkpoint and the descriptors its planning opened: the shards it keeps open,
 /// and the model folder where it closed some. A load reads these same descriptors; shards
 /// that were closed to bound open files are reopened relative to the folder and must be the
-/// same files. A
-/// remote checkpoint holds its objects instead ([`remote_object`](Self::remote_object)).
+/// same files. A remote checkpoint holds its objects instead
+/// ([`remote_object`](Self::remote_object)).
 ///
 /// It dereferences to its [`LoadPlan`]. Clones share the descriptors.
 #[derive(Debug, Clone)]
@@ -361,28 +361,25 @@ impl Checkpoint {
             || reopened
             || (check == HeaderCheck::Planned && !self.certainly_unchanged(i, &now));
         if read_again {
-            self.check_header(i, &file, hash)?;
+            check_header(shard, &file, hash)?;
         }
         Ok((file, now))
     }
+}
 
-    /// Reads shard `i`'s header through `file` and compares it with `header`, the planned
-    /// header's hash: "its header differs from the planned one" where it does not match.
-    fn check_header(&self, i: usize, file: &File, header: u64) -> Result<(), IoError> {
-        let Some(shard) = self.plan.shards().get(i) else {
-            return Err(IoError::Changed { file: self.plan.root().to_path_buf(), what: format!("no shard {i}") });
-        };
-        let changed = |what: String| IoError::Changed { file: shard.path.clone(), what };
-        let n = shard.data_start() as usize;
-        let mut bytes = Vec::new();
-        bytes.try_reserve_exact(n).map_err(|_| IoError::OutOfMemory { file: shard.path.clone(), bytes: n as u64 })?;
-        bytes.resize(n, 0);
-        file.read_exact_at(&mut bytes, 0).map_err(|e| changed(format!("cannot re-read its header: {e}")))?;
-        if tensorlift_format::header_hash(&bytes) != header {
-            return Err(changed("its header differs from the planned one".into()));
-        }
-        Ok(())
+/// Reads `shard`'s header through `file` and compares it with `header`, the planned
+/// header's hash: "its header differs from the planned one" where it does not match.
+fn check_header(shard: &Shard, file: &File, header: u64) -> Result<(), IoError> {
+    let changed = |what: String| IoError::Changed { file: shard.path.clone(), what };
+    let n = shard.data_start() as usize;
+    let mut bytes = Vec::new();
+    bytes.try_reserve_exact(n).map_err(|_| IoError::OutOfMemory { file: shard.path.clone(), bytes: n as u64 })?;
+    bytes.resize(n, 0);
+    file.read_exact_at(&mut bytes, 0).map_err(|e| changed(format!("cannot re-read its header: {e}")))?;
+    if tensorlift_format::header_hash(&bytes) != header {
+        return Err(changed("its header differs from the planned one".into()));
     }
+    Ok(())
 }
 
 /// When [`Checkpoint::take_checked`] reads a shard's header again, and which hash it is
@@ -520,9 +517,8 @@ pub(crate) fn safetensors_only() -> bool {
 
 /// Why the PyTorch checkpoint named `file` (as it was looked up, not where its links lead) is
 /// not read, if it is not: safetensors only were asked for, or its name says it is a
-/// safetensors file. (A check that a file is safetensors by
-/// opening it, as the reference's `safe_open` refuses anything else, must not pass a pickle
-/// so named.)
+/// safetensors file. (A check that a file is safetensors by opening it, as the reference's
+/// `safe_open` refuses anything else, must not pass a pickle so named.)
 pub(crate) fn torch_refused(file: &Path) -> Option<&'static str> {
     if safetensors_only() {
         return Some(SAFETENSORS_ONLY);

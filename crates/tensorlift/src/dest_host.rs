@@ -136,17 +136,8 @@ impl HostSink {
         // one chunk each, sized as loaded, taken from the pool like the spans' and counted
         // with them.
         let shared = crate::layout::sharing_bytes(plan);
-        let outputs: Vec<(usize, usize)> = spans
-            .iter()
-            .flat_map(|s| &s.tensors)
-            .filter(|&&t| claims[t].is_none())
-            .filter_map(|&t| {
-                let pt = &plan.tensors()[t];
-                let (_, len) = crate::place::loaded_as(pt, convert_to);
-                let shared = shared.get(t).copied().unwrap_or(false);
-                (len > 0 && copied(pt, convert_to, shared)).then_some((t, len as usize))
-            })
-            .collect();
+        let outputs: Vec<(usize, usize)> =
+            own_memory(plan, &spans, &claims, &shared, convert_to).map(|(t, len)| (t, len as usize)).collect();
         // Memory an earlier load left, where it fits a span; the rest of it is given back
         // before anything new is allocated. Solo spans need none: they read into the caller's.
         let lens: Vec<usize> = spans
@@ -158,18 +149,10 @@ impl HostSink {
         // A kept buffer may be larger than its span; only the span's bytes are spared.
         let reused: u64 = kept.iter().zip(&lens).filter(|(k, _)| k.is_some()).map(|(_, &l)| l as u64).sum();
         stats.reused_host_bytes = reused;
-        // Memory is committed when touched: a load larger than what the process can get
-        // would be killed midway, so it is refused before anything is allocated. (Not asked
-        // for a small load, which reading the system's and the cgroup's figures would cost
-        // more than the load: a file's tensors read one at a time.)
+        // Refused before anything is allocated where the process cannot fill it.
         let total = lens.iter().fold(0u64, |a, &l| a.saturating_add(l as u64));
         let needed = total.saturating_sub(reused);
-        let worth_asking = needed >= MEMORY_CHECK_FROM;
-        if let Some(available) =
-            worth_asking.then(tensorlift_io::host_memory_available).flatten().filter(|&a| needed > a)
-        {
-            return Err(LoadError::HostMemory { file: plan_file(plan), needed, available });
-        }
+        check_memory(plan, needed)?;
         // Huge pages only when asked for (see HugePages::Auto).
         let huge = pages == crate::HugePages::Always;
         // Reused memory keeps whatever pages it had: the choice is reported for new memory.
@@ -302,25 +285,14 @@ impl HostSink {
         // Tensors the file misaligns are written into memory of their own (`copied`), which
         // the start could not plan: checked now, with the memory the reads still have to
         // touch, as HostSink::new checks a planned load's.
-        let copies = spans
-            .iter()
-            .flat_map(|s| &s.tensors)
-            .filter(|&&t| self.claims.get(t).is_none_or(Option::is_none))
-            .filter(|&&t| copied(&plan.tensors()[t], self.convert_to, self.shared.get(t).copied().unwrap_or(false)))
-            .fold(0u64, |a, &t| a.saturating_add(crate::place::loaded_as(&plan.tensors()[t], self.convert_to).1));
+        let copies = own_memory(plan, &spans, &self.claims, &self.shared, self.convert_to)
+            .fold(0u64, |a, (_, len)| a.saturating_add(len));
         if copies > 0 {
             let unlanded = self.extents.iter().fold(0u64, |a, e| {
                 let left = e.landed.iter().filter(|&&l| !l).count() as u64;
                 a.saturating_add(left.saturating_mul(chunk as u64).min(e.span.len()))
             });
-            let needed = copies.saturating_add(unlanded);
-            if let Some(available) = (needed >= MEMORY_CHECK_FROM)
-                .then(tensorlift_io::host_memory_available)
-                .flatten()
-                .filter(|&a| needed > a)
-            {
-                return Err(LoadError::HostMemory { file: plan_file(plan), needed, available });
-            }
+            check_memory(plan, copies.saturating_add(unlanded))?;
         }
         for span in spans {
             let e = match self.extents.get_mut(span.shard) {
@@ -477,6 +449,40 @@ fn copied(pt: &PlannedTensor, convert_to: Option<Dtype>, shared: bool) -> bool {
     let (dtype, _) = crate::place::loaded_as(pt, convert_to);
     let align = (pt.dtype.bitsize() / 8).clamp(1, 8) as u64;
     pt.gather.is_some() || dtype != pt.dtype || (pt.file_range.start % align != 0 && !shared)
+}
+
+/// The tensors of `spans` written into memory of their own ([`copied`]; not those the
+/// caller placed), with their bytes as loaded.
+fn own_memory<'a>(
+    plan: &'a LoadPlan,
+    spans: &'a [Span],
+    claims: &'a [Option<Arc<Claim>>],
+    shared: &'a [bool],
+    convert_to: Option<Dtype>,
+) -> impl Iterator<Item = (usize, u64)> + 'a {
+    spans.iter().flat_map(|s| &s.tensors).filter_map(move |&t| {
+        let pt = &plan.tensors()[t];
+        let len = crate::place::loaded_as(pt, convert_to).1;
+        let placed = claims.get(t).is_some_and(Option::is_some);
+        let shared = shared.get(t).copied().unwrap_or(false);
+        (!placed && len > 0 && copied(pt, convert_to, shared)).then_some((t, len))
+    })
+}
+
+/// Refuses a load whose `needed` bytes of new host memory are more than the process can
+/// fill now (memory is committed when touched: it would be killed midway). Not asked for a
+/// small load, which reading the system's and the cgroup's figures would cost more than (a
+/// file's tensors read one at a time).
+fn check_memory(plan: &LoadPlan, needed: u64) -> Result<(), LoadError> {
+    if needed < MEMORY_CHECK_FROM {
+        return Ok(());
+    }
+    match tensorlift_io::host_memory_available() {
+        Some(available) if needed > available => {
+            Err(LoadError::HostMemory { file: plan_file(plan), needed, available })
+        }
+        _ => Ok(()),
+    }
 }
 
 impl Sink for HostSink {

@@ -165,11 +165,10 @@ pub(crate) struct Read {
 /// header may claim exabytes of a sparse file, or a store an object's size): allocated
 /// fallibly, `Err` with the bytes it needed where it cannot be had.
 pub(crate) fn reads(spans: &[Span], chunk: usize, window: usize) -> Result<Vec<Read>, u64> {
+    let needed = reads_bytes(spans, chunk);
     let chunk = chunk.max(1) as u64;
     let counts: Vec<u64> = spans.iter().map(|s| s.len().div_ceil(chunk)).collect();
-    let total = counts.iter().try_fold(0u64, |a, &n| a.checked_add(n)).unwrap_or(u64::MAX);
-    let needed = total.saturating_mul(std::mem::size_of::<Read>() as u64);
-    let total = usize::try_from(total).map_err(|_| needed)?;
+    let total = usize::try_from(counts.iter().fold(0u64, |a, &n| a.saturating_add(n))).map_err(|_| needed)?;
     let mut by_shard: Vec<(usize, Vec<Read>)> = Vec::new();
     for (si, (s, &n)) in spans.iter().zip(&counts).enumerate() {
         let reads = (0..n).map(|k| Read {
@@ -206,6 +205,13 @@ pub(crate) fn reads(spans: &[Span], chunk: usize, window: usize) -> Result<Vec<R
         }
     }
     Ok(out)
+}
+
+/// The bytes of [`reads`]' list (saturating): known before it is made.
+pub(crate) fn reads_bytes(spans: &[Span], chunk: usize) -> u64 {
+    let chunk = chunk.max(1) as u64;
+    let entries = spans.iter().fold(0u64, |a, s| a.saturating_add(s.len().div_ceil(chunk)));
+    entries.saturating_mul(std::mem::size_of::<Read>() as u64)
 }
 
 /// Indices of the chunks of `chunk` bytes that overlap `range` (relative to the span).

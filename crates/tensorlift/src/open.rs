@@ -58,13 +58,10 @@ pub(crate) fn open_shard(
         DirectIo::Auto => cache::resident_estimate(&file).map_or(true, |f| f < 0.5),
     };
     let file = reader.open_file(&shard.path, file, direct).map_err(open_error)?;
-    // Its reads are checked against the identity it was opened with: the one decided on.
+    // Its reads are checked against the identity it was opened with: the one decided on
+    // (the planned length among it).
     if let Some(what) = tensorlift_io::identity_change(&taken, file.identity_at_open()) {
         return Err(LoadError::ShardChanged { file: shard.path.clone(), what: format!("{what}, while it was opened") });
-    }
-    if file.len() != shard.file_len {
-        let what = format!("length is {} bytes, planned {}", file.len(), shard.file_len);
-        return Err(LoadError::ShardChanged { file: shard.path.clone(), what });
     }
     if file.is_direct() {
         stats.direct_shards += 1;

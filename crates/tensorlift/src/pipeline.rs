@@ -808,9 +808,7 @@ fn read_window(cfg: &Config) -> usize {
 /// process killed.
 fn read_list(plan: &Checkpoint, spans: &[Span], cfg: &Config) -> Result<Vec<Read>, LoadError> {
     let out_of_memory = |bytes| LoadError::OutOfMemory { file: plan.root().to_path_buf(), bytes };
-    let chunk = cfg.chunk_size.max(1) as u64;
-    let entries = spans.iter().fold(0u64, |a, s| a.saturating_add(s.len().div_ceil(chunk)));
-    let bytes = entries.saturating_mul(std::mem::size_of::<Read>() as u64);
+    let bytes = layout::reads_bytes(spans, cfg.chunk_size);
     // (64 MiB: the list of 14 TB read in chunks of 8 MiB. The list is built from lists by
     // shard: twice its size at its peak.)
     if bytes >= 64 << 20 && tensorlift_io::host_memory_available().is_some_and(|a| bytes.saturating_mul(2) > a) {
