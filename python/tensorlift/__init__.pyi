@@ -4,7 +4,9 @@ from os import PathLike
 from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Sequence, Tuple, Union
 
 _Path = Union[str, PathLike]
-_Framework = Optional[Literal["pt", "torch", "np", "numpy"]]
+_Framework = Optional[
+    Literal["pt", "torch", "pytorch", "np", "numpy", "flax", "jax", "tf", "tensorflow", "paddle", "mlx"]
+]
 _Device = Union[str, Any]
 
 __version__: str

@@ -7,8 +7,8 @@ use crate::config::{DirectIo, HugePages, ReadWhilePlanning};
 use crate::loader::LoaderBuilder;
 
 /// `--chunk-mib`, `--budget-mib`, `--queue-depth`, `--io`, `--io-workers`, `--direct`,
-/// `--huge-pages`, `--no-prefault`, `--no-page-cache-dma`, `--read-while-planning`: each left out keeps the
-/// loader's default.
+/// `--huge-pages`, `--no-prefault`, `--no-fill-by-copy`, `--no-page-cache-dma`,
+/// `--read-while-planning`: each left out keeps the loader's default.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct Tuning {
     /// Bytes per read, in MiB (default 8).
