@@ -443,10 +443,13 @@ fn complete(
         match &result {
             // The work is done: the chunk may go back to its pool, the memory and the
             // kernels be released, and the event reused. A drop that panics (a waker, a
-            // caller's owner of lent memory) is contained.
+            // caller's owner of lent memory) is contained, and is this work's failure: the
+            // callback hears of it, so the load that queued the work's last copy does too.
             Ok(()) => {
                 if catch_unwind(AssertUnwindSafe(|| drop(p))).is_err() {
-                    fail(&CudaError::Unavailable("releasing a finished copy's memory panicked".into()));
+                    let e = CudaError::Unavailable("releasing a finished copy's memory panicked".into());
+                    fail(&e);
+                    result = Err(e);
                 }
                 if let Ok(mut pool) = events.lock() {
                     pool.push(event);

@@ -74,7 +74,13 @@ static PROCESS_DRIVER: OnceLock<libloading::Library> = OnceLock::new();
 /// Makes the process's probe load the driver library at `path` (as `TENSORLIFT_LIBCUDA`
 /// does, without touching the environment). Effective only before the first
 /// [`cuda_status`]; returns whether it took effect. Tests use it for the emulated driver.
-pub fn use_driver_library(path: PathBuf) -> bool {
+///
+/// # Safety
+///
+/// `path` names a CUDA driver library, or tensorlift's emulated one: loading it runs its
+/// initialisers, and tensorlift calls its functions as the driver API's C signatures have
+/// them (`TENSORLIFT_LIBCUDA` is trusted the same way, as `LD_LIBRARY_PATH` is).
+pub unsafe fn use_driver_library(path: PathBuf) -> bool {
     let wanted = path.clone();
     let _ = DRIVER_OVERRIDE.set(path);
     let status = cuda_status();
@@ -122,7 +128,13 @@ type CuGetErrorName = unsafe extern "C" fn(CuResult, *mut *const c_char) -> CuRe
 
 /// Probes the first library of `candidates` that opens. Never panics: every failure
 /// becomes [`CudaStatus::Unavailable`] with the reason.
-pub fn probe_library(candidates: &[PathBuf]) -> CudaStatus {
+///
+/// # Safety
+///
+/// Each of `candidates` that exists is a CUDA driver library (or one whose functions of the
+/// driver API's names have its C signatures): loading it runs its initialisers, and the
+/// probe calls those functions.
+pub unsafe fn probe_library(candidates: &[PathBuf]) -> CudaStatus {
     probe_candidates(candidates).0
 }
 
@@ -130,8 +142,11 @@ pub fn probe_library(candidates: &[PathBuf]) -> CudaStatus {
 fn probe_candidates(candidates: &[PathBuf]) -> (CudaStatus, Option<libloading::Library>) {
     let mut errors = Vec::new();
     for path in candidates {
-        // SAFETY: loading the NVIDIA driver library runs its initialisers, which is what
-        // every CUDA program does; we call nothing in it before resolving symbols.
+        // SAFETY: the candidates are the driver's names, or paths a caller of the unsafe
+        // `probe_library` or `use_driver_library`, or the environment (`TENSORLIFT_LIBCUDA`,
+        // trusted as `LD_LIBRARY_PATH` is), vouches are CUDA driver libraries: loading one runs
+        // its initialisers, which is what every CUDA program does; we call nothing in it
+        // before resolving symbols.
         match unsafe { libloading::Library::new(path) } {
             Ok(lib) => {
                 let status = probe_loaded(&lib, path.clone());

@@ -39,7 +39,8 @@ fn gpu() -> (Driver, Gpu) {
     static ONE: Mutex<()> = Mutex::new(());
     let guard = Driver(ONE.lock().unwrap_or_else(|p| p.into_inner()));
     if !tensorlift_testkit::real_driver() {
-        tensorlift_cuda::use_driver_library(tensorlift_testkit::emulated_driver());
+        // SAFETY: tensorlift's emulated driver, which defines the driver API as it is.
+        unsafe { tensorlift_cuda::use_driver_library(tensorlift_testkit::emulated_driver()) };
         assert!(emulator::is_emulated(), "{}", cuda_status());
         emulator::reset();
     }
@@ -317,6 +318,47 @@ fn conversion_kernels_run_and_misuse_is_refused() {
     if let Some(live) = emulator::live() {
         assert_eq!(live.modules, 0, "the module is unloaded with the kernels");
     }
+}
+
+/// Defect: what a finished copy held was released on the completion thread, and a panic in
+/// its drop (a token of the caller's, an owner of lent memory) was recorded only for the
+/// engine's next call, which a load's last copy never makes: the callback heard "done". It
+/// now hears the failure.
+#[test]
+fn a_panic_releasing_the_last_copys_memory_reaches_the_callback() {
+    struct PanicsOnDrop;
+    impl Drop for PanicsOnDrop {
+        fn drop(&mut self) {
+            panic!("the caller's token panics when dropped");
+        }
+    }
+    let (_driver, gpu) = gpu();
+    let dir = tempfile::tempdir().unwrap();
+    let data = pattern(8192, 3);
+    let path = dir.path().join("f.bin");
+    std::fs::write(&path, &data).unwrap();
+    let file = Reader::builder().backend(BackendKind::Pread).build().open(&path).unwrap();
+    let arena = Arc::new(DeviceArena::new(&gpu, data.len()).unwrap());
+    let reported = Arc::new(Mutex::new(Vec::new()));
+    let r = Arc::clone(&reported);
+    let on_copied = Box::new(move |tag: u64, result: Result<(), CudaError>| {
+        r.lock().unwrap().push((tag, result.map_err(|e| e.to_string())));
+    });
+    let mut engine = CopyEngine::with_completion(&gpu, 1, on_copied).unwrap();
+    let range = PageCacheRange::register(&gpu, DmaWindow::map(&file, 0, data.len()).unwrap()).unwrap();
+    let pieces = [Piece::flat(0, 0, data.len())];
+    engine.copy_from_page_cache(range, Box::new(PanicsOnDrop), &[(&arena, &pieces)], 7).unwrap();
+    let t = Instant::now();
+    while reported.lock().unwrap().is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(10), "no report");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let reported = reported.lock().unwrap().clone();
+    assert_eq!(reported, [(7, Err("CUDA is unavailable: releasing a finished copy's memory panicked".to_owned()))]);
+    // The copy itself completed: the bytes are there.
+    let mut back = vec![0u8; data.len()];
+    arena.copy_to_host(0, &mut back).unwrap();
+    assert!(back == data);
 }
 
 /// A file's ranges in the page cache, registered read-only, copy to the device by DMA with

@@ -6,6 +6,13 @@ use std::process::Command;
 
 use tensorlift_cuda::{probe_library, CudaStatus};
 
+/// The probe, on the libraries these tests name: none, or fake drivers built from C whose
+/// driver functions have the driver API's signatures.
+fn probe(candidates: &[PathBuf]) -> CudaStatus {
+    // SAFETY: every candidate that exists is one of the fake drivers `fake_libcuda` builds.
+    unsafe { probe_library(candidates) }
+}
+
 /// Compiles `body` into a shared library exporting the driver calls the probe uses.
 fn fake_libcuda(dir: &Path, name: &str, body: &str) -> PathBuf {
     let src = dir.join(format!("{name}.c"));
@@ -27,7 +34,7 @@ int cuGetErrorName(int e, const char **s) { *s = e == 100 ? "CUDA_ERROR_NO_DEVIC
 
 #[test]
 fn missing_library_is_a_reason() {
-    match probe_library(&[PathBuf::from("/nonexistent/libcuda.so.1")]) {
+    match probe(&[PathBuf::from("/nonexistent/libcuda.so.1")]) {
         CudaStatus::Unavailable(why) => {
             assert!(why.contains("no NVIDIA driver library") && why.contains("/nonexistent/libcuda.so.1"), "{why}")
         }
@@ -61,7 +68,7 @@ fn this_machine_has_a_status_and_never_panics() {
 fn init_failure_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let so = fake_libcuda(dir.path(), "noinit", &format!("{NAMES}\nint cuInit(unsigned f) {{ return 100; }}\nint cuDriverGetVersion(int *v) {{ *v = 12080; return 0; }}\nint cuDeviceGetCount(int *c) {{ *c = 0; return 0; }}\n"));
-    match probe_library(&[so]) {
+    match probe(&[so]) {
         CudaStatus::Unavailable(why) => assert_eq!(why, "cuInit failed: CUDA_ERROR_NO_DEVICE (100)"),
         other => panic!("{other:?}"),
     }
@@ -71,7 +78,7 @@ fn init_failure_is_named() {
 fn missing_symbol_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let so = fake_libcuda(dir.path(), "nosym", "int cuInit(unsigned f) { return 0; }\n");
-    match probe_library(&[so]) {
+    match probe(&[so]) {
         CudaStatus::Unavailable(why) => assert!(why.contains("lacks cuDriverGetVersion"), "{why}"),
         other => panic!("{other:?}"),
     }
@@ -81,7 +88,7 @@ fn missing_symbol_is_named() {
 fn zero_devices_is_unavailable() {
     let dir = tempfile::tempdir().unwrap();
     let so = fake_libcuda(dir.path(), "nodev", &format!("{NAMES}\nint cuInit(unsigned f) {{ return 0; }}\nint cuDriverGetVersion(int *v) {{ *v = 13000; return 0; }}\nint cuDeviceGetCount(int *c) {{ *c = 0; return 0; }}\nint cuDeviceGet(int *d, int o) {{ return 0; }}\nint cuDeviceGetName(char *n, int l, int d) {{ return 0; }}\nint cuDeviceTotalMem_v2(size_t *m, int d) {{ return 0; }}\n"));
-    match probe_library(&[so]) {
+    match probe(&[so]) {
         CudaStatus::Unavailable(why) => assert!(why.starts_with("the driver sees no CUDA device"), "{why}"),
         other => panic!("{other:?}"),
     }
@@ -102,7 +109,7 @@ int cuDeviceGetPCIBusId(char *b, int l, int d) {{ strncpy(b, \"0000:FF:00.0\", l
 "
     );
     let so = fake_libcuda(dir.path(), "twodev", &body);
-    let CudaStatus::Available(info) = probe_library(&[PathBuf::from("/nonexistent/libcuda.so.1"), so.clone()]) else {
+    let CudaStatus::Available(info) = probe(&[PathBuf::from("/nonexistent/libcuda.so.1"), so.clone()]) else {
         panic!("not available")
     };
     assert_eq!(info.library, so);

@@ -96,7 +96,8 @@ fn rank_child() {
     let dir = PathBuf::from(std::env::var_os(DIR).unwrap());
     let mode = std::env::var(MODE).unwrap_or_default();
     if !tensorlift_testkit::real_driver() {
-        tensorlift_cuda::use_driver_library(tensorlift_testkit::emulated_driver());
+        // SAFETY: tensorlift's emulated driver, which defines the driver API as it is.
+        unsafe { tensorlift_cuda::use_driver_library(tensorlift_testkit::emulated_driver()) };
     }
     // Rank 0 makes the id and hands it over through a file, as a launcher would.
     let id_file = dir.join("nccl-id");

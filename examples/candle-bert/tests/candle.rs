@@ -141,7 +141,8 @@ fn what_candle_cannot_hold_is_an_error_naming_the_tensor() {
 #[test]
 fn a_device_load_is_copied_back_for_candle() {
     if !tensorlift_testkit::real_driver() {
-        tensorlift_cuda::use_driver_library(tensorlift_testkit::emulated_driver());
+        // SAFETY: tensorlift's emulated driver, which defines the driver API as it is.
+        unsafe { tensorlift_cuda::use_driver_library(tensorlift_testkit::emulated_driver()) };
     }
     let dir = scratch();
     let path = dir.join("m.safetensors");

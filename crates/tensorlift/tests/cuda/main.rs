@@ -41,7 +41,8 @@ fn driver() -> Driver {
     static ONE: Mutex<()> = Mutex::new(());
     let guard = Driver(ONE.lock().unwrap_or_else(|p| p.into_inner()));
     if !tensorlift_testkit::real_driver() {
-        tensorlift_cuda::use_driver_library(tensorlift_testkit::emulated_driver());
+        // SAFETY: tensorlift's emulated driver, which defines the driver API as it is.
+        unsafe { tensorlift_cuda::use_driver_library(tensorlift_testkit::emulated_driver()) };
         assert!(emulator::is_emulated(), "{}", tensorlift_cuda::cuda_status());
         emulator::reset();
     }
