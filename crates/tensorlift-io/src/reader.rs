@@ -342,6 +342,13 @@ impl Reader {
             Ok(buf) => buf,
             Err(done) => return done,
         };
+        // Offsets are signed in the kernel: io_uring takes -1 for "the file's position" (and
+        // pread refuses it); a read's end past 2^63 - 1 is refused the same way by both.
+        if offset.checked_add(len as u64).is_none_or(|end| end > i64::MAX as u64) {
+            let source = std::io::Error::from_raw_os_error(libc::EINVAL);
+            let error = IoError::Read { file: file.path().to_path_buf(), offset, len: len as u64, source };
+            return ReadFuture::ready(Err(ReadFailed { error, buf: Some(buf) }));
+        }
         // A whole chunk of an arena filled by copies, from a cached file: copied in on the
         // copying threads. Anything else readies the buffer for writes (stable_mut_ptr).
         // (Not with short reads injected: those test the reads.)

@@ -36,6 +36,30 @@ fn refused_o_direct_reads_buffered_with_the_reason() {
     }
 }
 
+/// Defect: io_uring takes offset -1 (2^64 - 1) as "the file's position": a read there
+/// returned the file's first bytes, where pread refuses it. Every backend refuses a read
+/// whose end is past 2^63 - 1.
+#[test]
+fn a_read_past_the_largest_signed_offset_is_refused() {
+    let dir = scratch(false).unwrap();
+    let path = write_file(&dir, "o.bin", &pattern(8192, 6));
+    for backend in BACKENDS {
+        let r = reader(backend, Faults::default());
+        let file = r.open(&path).unwrap();
+        for (offset, len) in [(u64::MAX, 100), (i64::MAX as u64 - 10, 100), (i64::MAX as u64, 1)] {
+            let err = r.read(&file, offset, vec![0u8; 100], 0, len).wait().unwrap_err();
+            assert!(err.buf.is_some(), "the buffer comes back");
+            match err.error {
+                IoError::Read { offset: o, len: l, ref source, .. } => {
+                    assert_eq!((o, l), (offset, len as u64), "{backend:?}");
+                    assert_eq!(source.raw_os_error(), Some(libc::EINVAL), "{backend:?}");
+                }
+                ref other => panic!("{backend:?}: {other}"),
+            }
+        }
+    }
+}
+
 #[test]
 fn truncated_file_is_an_exact_error() {
     let dir = scratch(false).unwrap();
