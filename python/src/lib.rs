@@ -58,8 +58,11 @@ impl PyTensor {
     }
 
     /// A copy of the tensor's bytes in host memory (from the device, for a device tensor).
+    /// Host memory is copied by the kernel, never read through a reference: a torch tensor
+    /// or numpy array over it may be written meanwhile, by a thread that need not hold the
+    /// GIL, and a mapped file cut short is an error, not a SIGBUS.
     fn tobytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, pyo3::types::PyBytes>> {
-        let bytes = py.detach(|| self.inner.to_host().map(|b| b.into_owned()));
+        let bytes = py.detach(|| self.inner.copy_bytes());
         let bytes = bytes.map_err(|e| PyRuntimeError::new_err(format!("{}: {e}", self.inner.name())))?;
         Ok(pyo3::types::PyBytes::new(py, &bytes))
     }
@@ -71,10 +74,12 @@ impl PyTensor {
 
     /// A DLPack producer of the tensor (or, with `raw`, of its bytes) that does not mark host
     /// memory read-only: for the numpy arrays `safe_open` and `load_file` hand out, which
-    /// the reference's are writable. Such an array views memory no other array views (a
-    /// tensor's range of its load, or a private copy-on-write map) and that tensorlift no
-    /// longer reads; a tensor that shares its bytes with another (a PyTorch file's tied
-    /// weights) stays read-only.
+    /// the reference's are writable. Such an array views memory no other tensor's views (a
+    /// tensor's range of its load, or a private copy-on-write map); tensorlift reads it from
+    /// then on only through the kernel (`tobytes`, a tied twin copied from it), never through
+    /// a reference. A tensor that shares its bytes with another (a PyTorch file's tied
+    /// weights) stays read-only. (torch ignores DLPack's read-only flag: its tensors over
+    /// host memory are writable whatever the flag says, and read the same way.)
     fn _writable(&self, raw: bool) -> PyRawBytes {
         let view = if raw { View::Bytes } else { View::Typed };
         PyRawBytes { inner: self.inner.clone(), view, writable: !self.inner.shares_bytes() }
@@ -418,6 +423,13 @@ fn export(
 }
 
 /// Clears the read-only flag of `p` when asked (DLPack before 1.0 has no such flag).
+///
+/// Memory lent writable (here, or read-only to torch, which ignores the flag) may be written
+/// by the consumer at any time, by a thread that need not hold the GIL: from then on this
+/// binding reads a tensor's host memory only through the kernel (`Tensor::copy_bytes`, for
+/// `tobytes`), never as `Tensor::bytes` gives it, and the engine copies a tied twin's bytes
+/// the same way (`dest_host::stored_bytes`). The one exception is a sandbox refusing both of
+/// the kernel's ways (`tensor::copy_host`'s last resort).
 fn writable_if(p: *mut DLManagedTensorVersioned, writable: bool) -> *mut DLManagedTensorVersioned {
     if writable {
         // SAFETY: p was just made by `to_dlpack*` (a live, boxed managed tensor no consumer
@@ -554,21 +566,24 @@ fn host_pool() -> Option<Arc<tensorlift::ArenaPool>> {
 /// gives it back). Off by default: memory goes back to the system when tensors are dropped.
 #[pyfunction]
 #[pyo3(signature = (enable=true))]
-fn reuse_host_memory(enable: bool) {
-    if let Ok(mut g) = HOST_POOL.lock() {
-        if enable {
-            g.get_or_insert_with(|| tensorlift::ArenaPool::new(usize::MAX));
-        } else if let Some(p) = g.take() {
-            p.release();
-        }
+fn reuse_host_memory(py: Python<'_>, enable: bool) {
+    let Ok(mut g) = HOST_POOL.lock() else { return };
+    if enable {
+        g.get_or_insert_with(|| tensorlift::ArenaPool::new(usize::MAX));
+    } else if let Some(p) = g.take() {
+        // Given back with the lock released (and the GIL: unmapping many GB takes a while):
+        // a process forked meanwhile would find the lock held forever.
+        drop(g);
+        py.detach(|| p.release());
     }
 }
 
 /// Gives kept host memory back to the system now.
 #[pyfunction]
-fn release_host_memory() {
+fn release_host_memory(py: Python<'_>) {
     if let Some(p) = host_pool() {
-        p.release();
+        // Unmapping many GB takes a while: other threads run meanwhile.
+        py.detach(|| p.release());
     }
 }
 
@@ -983,7 +998,9 @@ fn _live_host_arenas() -> usize {
     tensorlift_io::HostArena::live_count()
 }
 
-#[pymodule]
+/// Declared to need the GIL: a free-threaded CPython (3.14t) keeps the GIL on for this module
+/// (and says so when importing it), since nothing here is tested without one.
+#[pymodule(gil_used = true)]
 fn _tensorlift(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyTensor>()?;
     m.add_class::<PyRawBytes>()?;

@@ -376,6 +376,100 @@ def test_backend_mmap_serves_views_of_the_mapped_file_and_pread_copies(tmp_path)
         tensorlift.safe_open(path, framework="pt", backend=1)
 
 
+def test_tobytes_of_a_mapped_tensor_whose_file_was_cut_is_an_error_not_a_sigbus(tmp_path):
+    """``Tensor.tobytes`` copies through the kernel: a mapped file cut short under a tensor
+    is a RuntimeError naming it (the reference's arrays would raise SIGBUS on access), and
+    nothing of tensorlift reads the mapped pages. In a child, which SIGBUS would kill."""
+    path = tmp_path / "m.safetensors"
+    want = np.arange(1 << 20, dtype=np.float32)
+    save_file({"w": want}, str(path))
+    child = (
+        "import os, sys, tensorlift\n"
+        "f = tensorlift.safe_open(sys.argv[1], framework=None, backend='mmap')\n"
+        "t = f.get_tensor('w')\n"
+        "data = open(sys.argv[1], 'rb').read()\n"
+        "assert t.tobytes() == data[len(data) - t.nbytes :], 'bytes'\n"
+        "os.truncate(sys.argv[1], 4096)\n"
+        "try:\n"
+        "    t.tobytes()\n"
+        "except RuntimeError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", child, str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, (out.returncode, out.stderr)
+    assert "w: tensor 'w': its bytes could not be read: a page could not be read" in out.stdout, out.stdout
+
+
+# A launcher that runs a command under a seccomp filter refusing process_vm_readv with
+# EPERM, as a sandbox's profile may.
+_NO_PROCESS_VM_READV = r"""
+#include <errno.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+int main(int argc, char **argv) {
+    struct sock_filter f[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_process_vm_readv, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    struct sock_fprog prog = {sizeof f / sizeof f[0], f};
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) || prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog)) {
+        perror("seccomp");
+        return 99;
+    }
+    execvp(argv[1], argv + 1);
+    perror("exec");
+    return 98;
+}
+"""
+
+
+def test_tobytes_copies_where_a_sandbox_refuses_process_vm_readv(tmp_path):
+    """Where a seccomp filter refuses ``process_vm_readv`` (EPERM), ``Tensor.tobytes`` copies
+    through ``/proc/self/mem``: the bytes of a mapped tensor and of one read into memory, and
+    a mapped file cut short is still an error, not a SIGBUS. The child checks the filter is
+    in place, then compares with the file."""
+    import shutil
+
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler (cc) to build the seccomp launcher")
+    src, launcher = tmp_path / "sandbox.c", tmp_path / "sandbox"
+    src.write_text(_NO_PROCESS_VM_READV)
+    subprocess.run(["cc", "-o", str(launcher), str(src)], check=True)
+    path = tmp_path / "m.safetensors"
+    save_file({"w": np.arange(1 << 16, dtype=np.float32)}, str(path))
+    child = (
+        "import ctypes, os, sys, tensorlift\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "assert libc.process_vm_readv(os.getpid(), None, 0, None, 0, 0) == -1\n"
+        "assert ctypes.get_errno() == 1, ctypes.get_errno()\n"
+        "data = open(sys.argv[1], 'rb').read()\n"
+        "for backend in ('pread', 'mmap'):\n"
+        "    t = tensorlift.safe_open(sys.argv[1], framework=None, backend=backend).get_tensor('w')\n"
+        "    assert t.tobytes() == data[len(data) - t.nbytes :], backend\n"
+        "os.truncate(sys.argv[1], 4096)\n"
+        "try:\n"
+        "    t.tobytes()\n"
+        "except RuntimeError as e:\n"
+        "    assert 'a page could not be read' in str(e), e\n"
+        "    print('ok')\n"
+    )
+    out = subprocess.run(
+        [str(launcher), sys.executable, "-c", child, str(path)], capture_output=True, text=True, timeout=120
+    )
+    if out.returncode == 99:
+        pytest.skip(f"seccomp filters are refused here: {out.stderr}")
+    assert (out.returncode, out.stdout) == (0, "ok\n"), out.stderr
+
+
 def test_host_loads_fill_by_copy_and_a_forked_child_reads_its_own(tmp_path):
     """A cached file's host load fills new memory by copying its pages in, where userfaultfd
     allows it; a process forked afterwards cannot use the descriptor it inherited (it serves

@@ -349,18 +349,27 @@ impl HostArena {
 
     /// The bytes of `range`, if every chunk covering it has completed.
     pub fn get(&self, range: Range<usize>) -> Option<&[u8]> {
+        let start = self.addr(range.clone())?;
+        // SAFETY: the range is inside the allocation, which lives as long as self; every chunk
+        // covering it completed (Acquire pairs with the Release in `complete`), and a completed
+        // chunk's owner gave it up, so nothing safe writes these bytes any more. (Memory lent
+        // writable through an FFI edge is that edge's to keep from views: the Python
+        // binding's `writable_if` says how.)
+        Some(unsafe { std::slice::from_raw_parts(start, range.len()) })
+    }
+
+    /// The address of `range`'s bytes, if every chunk covering it has completed, for a
+    /// consumer handed the memory itself, or a copy by [`crate::copy_by_kernel`]: nothing
+    /// here reads them.
+    pub fn addr(&self, range: Range<usize>) -> Option<*const u8> {
         if range.start > range.end || range.end > self.len {
             return None;
         }
         if !self.chunks_covering(&range).all(|i| self.filled[i].load(Ordering::Acquire)) {
             return None;
         }
-        // SAFETY: range.start <= len, so the pointer stays inside the allocation.
-        let start = unsafe { self.base.add(range.start) };
-        // SAFETY: the range is inside the allocation, which lives as long as self; every chunk
-        // covering it completed (Acquire pairs with the Release in `complete`), and a completed
-        // chunk's owner gave it up, so nobody writes these bytes any more.
-        Some(unsafe { std::slice::from_raw_parts(start, range.len()) })
+        // range.start <= len: the address is inside the allocation (or one past its end).
+        Some(self.base.wrapping_add(range.start).cast_const())
     }
 }
 

@@ -155,6 +155,12 @@ impl AlignedBuf {
         self.len == 0
     }
 
+    /// The address of the bytes, for a consumer handed the memory itself, or a copy by
+    /// [`crate::copy_by_kernel`]: nothing here reads them.
+    pub fn addr(&self) -> *const u8 {
+        self.ptr.as_ptr().cast_const()
+    }
+
     /// The bytes.
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: ptr points to len initialised (zeroed, then written) bytes owned by self.

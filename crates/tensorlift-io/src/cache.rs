@@ -205,7 +205,7 @@ fn mincore_sampled(f: &File, len: usize, budget: usize) -> io::Result<f64> {
     const RUN: usize = 16;
     // SAFETY: a read-only shared mapping of a file we hold open; no byte of it is read (only
     // mincore looks at it), so a file truncated meanwhile cannot fault this process.
-    let map = unsafe { memmap2::MmapOptions::new().len(len).map(f) }?;
+    let map = memmap2::MmapRaw::from(unsafe { memmap2::MmapOptions::new().len(len).map(f) }?);
     let page = page_size();
     let pages = len.div_ceil(page);
     let (runs, run) = if pages <= budget { (1, pages) } else { ((budget / RUN).max(1), RUN) };

@@ -216,6 +216,17 @@ impl Claim {
 
     /// The claim's bytes, once every one of them has been written; `None` before.
     pub fn get(&self) -> Option<&[u8]> {
+        let start = self.addr()?;
+        // SAFETY: every byte of the claim was written (`addr`), by completed chunks (whose
+        // writers have handed them back) or by `write`; nothing writes it any more, and it
+        // lies in the region, which this claim keeps alive.
+        Some(unsafe { std::slice::from_raw_parts(start, self.len()) })
+    }
+
+    /// The address of the claim's bytes, once every one of them has been written (`None`
+    /// before), for a consumer handed the memory itself, or a copy by
+    /// [`crate::copy_by_kernel`]: nothing here reads them.
+    pub fn addr(&self) -> Option<*const u8> {
         if !self.written.load(Ordering::Acquire) {
             let mut filled = self.filled.lock().unwrap_or_else(|p| p.into_inner());
             filled.sort_by_key(|r| r.start);
@@ -225,10 +236,7 @@ impl Claim {
             }
             self.written.store(true, Ordering::Release);
         }
-        // SAFETY: every byte of the claim was written, by completed chunks (whose writers
-        // have handed them back) or by `write`; nothing writes it any more, and it lies in
-        // the region, which this claim keeps alive.
-        Some(unsafe { std::slice::from_raw_parts(self.start(), self.len()) })
+        Some(self.start().cast_const())
     }
 }
 

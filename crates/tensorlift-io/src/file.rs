@@ -44,7 +44,7 @@ pub struct OpenFile {
     residency_visible: OnceLock<bool>,
     /// The whole file mapped read-only, at the first copy out of it ([`Self::copy_source`]);
     /// never read through (see there).
-    copy_source: OnceLock<Option<memmap2::Mmap>>,
+    copy_source: OnceLock<Option<memmap2::MmapRaw>>,
 }
 
 impl OpenFile {
@@ -125,7 +125,7 @@ impl OpenFile {
             // reads through: only its address goes to the kernel (UFFDIO_COPY), which fails
             // with EFAULT where a page cannot be read, so a file truncated meanwhile cannot
             // raise SIGBUS in this process.
-            unsafe { memmap2::MmapOptions::new().len(len).map(&*self.buffered) }.ok()
+            unsafe { memmap2::MmapOptions::new().len(len).map(&*self.buffered) }.ok().map(memmap2::MmapRaw::from)
         });
         map.as_ref().map(|m| (m.as_ptr(), len.next_multiple_of(crate::cache::page_size())))
     }

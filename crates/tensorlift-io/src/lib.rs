@@ -61,7 +61,7 @@ pub use checkpoint::{
 };
 pub use error::{IoError, ReadFailed, ReadResult};
 pub use file::{file_identity, DioAlign, DirectSupport, OpenFile};
-pub use mmap::{DmaWindow, MapContract, MappedFile};
+pub use mmap::{copy_by_kernel, DmaWindow, MapContract, MappedFile};
 pub use open::{open_checkpoint, open_checkpoint_observed};
 pub use probe::{
     can_allocate, host_memory_available, kernel_release, memlock, page_probe, uring_status, Memlock, PageChoice,

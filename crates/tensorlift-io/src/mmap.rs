@@ -40,9 +40,12 @@ impl MapContract {
 /// A file's bytes, mapped private to this process (copy on write): tensorlift only reads
 /// them, and a consumer that writes through a view (torch, in place) writes its own copy of
 /// the page, never the file, as with the reference `safetensors`' maps.
+///
+/// Held as a raw mapping: nothing here makes a reference to its bytes (not even for
+/// `Debug`) except [`view`](MappedFile::view), under the caller's contract.
 #[derive(Debug)]
 pub struct MappedFile {
-    map: memmap2::MmapMut,
+    map: memmap2::MmapRaw,
     path: PathBuf,
 }
 
@@ -56,6 +59,7 @@ impl MappedFile {
         // cannot fault) or through `view`, which requires the caller's MapContract; writes
         // by a consumer land in private copies of pages, never in the file.
         let map = unsafe { memmap2::MmapOptions::new().len(len).map_copy(file.file()) }.map_err(map_err)?;
+        let map = memmap2::MmapRaw::from(map);
         let _ = map.advise(memmap2::Advice::Sequential);
         Ok(MappedFile { map, path: file.path().to_path_buf() })
     }
@@ -67,7 +71,7 @@ impl MappedFile {
 
     /// Whether the mapping is empty.
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.map.len() == 0
     }
 
     /// The file it maps.
@@ -84,47 +88,115 @@ impl MappedFile {
         if end > self.map.len() as u64 {
             return Err(eof(self.map.len() as u64));
         }
-        let mut done = 0usize;
-        while done < len {
-            let n = (len - done).min(1 << 30);
-            let local = libc::iovec { iov_base: dst[done..].as_mut_ptr().cast(), iov_len: n };
-            // The remote side is this process's own mapping; the kernel reads it with fault
-            // handling, so a page it cannot bring in is EFAULT here.
-            let remote = libc::iovec {
-                // A raw pointer, never a slice of the map: a reference to pages that may have
-                // been truncated away would let the compiler assume they can be read.
-                iov_base: self.map.as_ptr().wrapping_add(offset as usize + done).cast_mut().cast(),
-                iov_len: n,
-            };
-            let pid = std::process::id() as libc::pid_t;
-            // SAFETY: `local` covers n writable bytes of `dst`, `remote` n bytes inside the
-            // live mapping; process_vm_readv only copies between them and reports faults.
-            let rc = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
-            if rc <= 0 {
-                let source =
-                    if rc == 0 { io::Error::from(io::ErrorKind::UnexpectedEof) } else { io::Error::last_os_error() };
-                let at = offset + done as u64;
-                return Err(match source.raw_os_error() {
-                    Some(libc::EFAULT) => IoError::Read {
-                        file: self.path.clone(),
-                        offset: at,
-                        len: (len - done) as u64,
-                        source: io::Error::other(
-                            "a mapped page could not be read (the file was truncated, or the file system failed)",
-                        ),
-                    },
-                    _ => IoError::Read { file: self.path.clone(), offset: at, len: (len - done) as u64, source },
-                });
-            }
-            done += rc as usize;
-        }
-        Ok(())
+        // A raw pointer, never a slice of the map: a reference to pages that may have been
+        // truncated away would let the compiler assume they can be read.
+        copy_by_kernel(self.map.as_ptr().wrapping_add(offset as usize), dst).map_err(|(done, source)| {
+            let (at, len) = (offset + done as u64, (len - done) as u64);
+            IoError::Read { file: self.path.clone(), offset: at, len, source }
+        })
+    }
+
+    /// The address of the byte at `offset` (within the mapping), for a consumer handed the
+    /// mapped memory itself: nothing here reads it.
+    pub fn addr(&self, offset: usize) -> Option<*const u8> {
+        (offset <= self.map.len()).then(|| self.map.as_ptr().wrapping_add(offset))
     }
 
     /// The mapped bytes, without a copy, under the caller's [`MapContract`].
-    pub fn view(&self, _contract: MapContract) -> &[u8] {
-        &self.map
+    pub fn view(&self, contract: MapContract) -> &[u8] {
+        self.view_range(contract, 0..self.map.len()).unwrap_or_default()
     }
+
+    /// The mapped bytes of `range` (`None` past the mapping), without a copy, under the
+    /// caller's [`MapContract`]: a reference to those bytes alone.
+    pub fn view_range(&self, _contract: MapContract, range: std::ops::Range<usize>) -> Option<&[u8]> {
+        if range.start > range.end || range.end > self.map.len() {
+            return None;
+        }
+        // SAFETY: the range lies in the mapping, which lives as long as self; the caller's
+        // MapContract promises that the file is neither cut short nor written, and that its
+        // file system does not fail, while the view lives, so every byte can be read and the
+        // file does not change them. (Pages of the mapping lent writable to a consumer, as
+        // the Python binding lends them, are that lender's to keep from a view.)
+        Some(unsafe { std::slice::from_raw_parts(self.map.as_ptr().wrapping_add(range.start), range.len()) })
+    }
+}
+
+/// Copies `dst.len()` bytes from `src`, an address in this process, with the kernel:
+/// `process_vm_readv` on this process, or, where a sandbox's seccomp filter refuses that
+/// call (`EPERM`, `ENOSYS`), `pread` of `/proc/self/mem`. The bytes are never read through a
+/// reference, so
+/// - a page that cannot be read (a mapped file cut short, or its file system failing) is an
+///   error, never a SIGBUS;
+/// - memory that a consumer may write meanwhile (host memory lent to one writable, as the
+///   Python binding lends tensors to torch and numpy) is copied as it is at that moment, its
+///   bytes torn by such a write, but it is no data race of this process's Rust code.
+///
+/// An address that is not this process's memory is an error too. On failure: the bytes
+/// copied before it, and the error; `EPERM` or `ENOSYS` with none copied where the process
+/// may use neither way.
+pub fn copy_by_kernel(src: *const u8, dst: &mut [u8]) -> Result<(), (usize, io::Error)> {
+    match copy_by_process_vm_readv(src, dst) {
+        Err((0, e)) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::ENOSYS)) => {
+            copy_by_proc_self_mem(src, dst).map_err(|(done, other)| match done {
+                // Neither way: the first refusal says why.
+                0 if other.kind() == io::ErrorKind::NotFound || other.raw_os_error() == Some(libc::EACCES) => (0, e),
+                _ => (done, other),
+            })
+        }
+        r => r,
+    }
+}
+
+/// What a page that cannot be read gives.
+fn unreadable() -> io::Error {
+    io::Error::other("a page could not be read (a mapped file cut short, a failing file system, or no memory there)")
+}
+
+fn copy_by_process_vm_readv(src: *const u8, dst: &mut [u8]) -> Result<(), (usize, io::Error)> {
+    let len = dst.len();
+    let mut done = 0usize;
+    while done < len {
+        let n = (len - done).min(1 << 30);
+        let local = libc::iovec { iov_base: dst[done..].as_mut_ptr().cast(), iov_len: n };
+        // The remote side is this process's own memory; the kernel reads it with fault
+        // handling, so a page it cannot bring in is EFAULT here.
+        let remote = libc::iovec { iov_base: src.wrapping_add(done).cast_mut().cast(), iov_len: n };
+        let pid = std::process::id() as libc::pid_t;
+        // SAFETY: `local` covers n writable bytes of `dst`; the kernel only reads `remote` (an
+        // address it checks, reporting a fault as EFAULT) and writes `local`.
+        let rc = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+        if rc <= 0 {
+            let source =
+                if rc == 0 { io::Error::from(io::ErrorKind::UnexpectedEof) } else { io::Error::last_os_error() };
+            return Err((done, if source.raw_os_error() == Some(libc::EFAULT) { unreadable() } else { source }));
+        }
+        done += rc as usize;
+    }
+    Ok(())
+}
+
+/// The same copy through `/proc/self/mem`, opened for this call (a descriptor kept across a
+/// `fork` would read the parent's memory): a page that cannot be read is `EIO` there.
+fn copy_by_proc_self_mem(src: *const u8, dst: &mut [u8]) -> Result<(), (usize, io::Error)> {
+    use std::os::unix::fs::FileExt;
+    let mem = std::fs::File::open("/proc/self/mem").map_err(|e| (0, e))?;
+    let len = dst.len();
+    let mut done = 0usize;
+    while done < len {
+        // Addresses are file offsets here; one past 2^63 - 1 is none of this process's.
+        let at = (src as u64).checked_add(done as u64).filter(|&a| a <= i64::MAX as u64);
+        let Some(at) = at else { return Err((done, unreadable())) };
+        let n = (len - done).min(1 << 30);
+        match mem.read_at(&mut dst[done..done + n], at) {
+            Ok(0) => return Err((done, unreadable())),
+            Ok(k) => done += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EIO | libc::EFAULT)) => return Err((done, unreadable())),
+            Err(e) => return Err((done, e)),
+        }
+    }
+    Ok(())
 }
 
 /// A range of a file mapped shared and read-only, which no code of the CPU reads: it only
@@ -137,7 +209,8 @@ impl MappedFile {
 /// it does after its reads.
 #[derive(Debug)]
 pub struct DmaWindow {
-    map: memmap2::Mmap,
+    /// Raw: nothing makes a reference to its bytes, not even `Debug`.
+    map: memmap2::MmapRaw,
     /// Where the range asked for starts in the mapping (which starts on a page).
     skip: usize,
     len: usize,
@@ -147,12 +220,6 @@ pub struct DmaWindow {
     /// [`resident`](Self::resident)).
     residency_visible: bool,
 }
-
-// SAFETY: the mapping is never read through this value, only its addresses handed out, and
-// it is unmapped once, on drop.
-unsafe impl Send for DmaWindow {}
-// SAFETY: as above: shared access only reads addresses.
-unsafe impl Sync for DmaWindow {}
 
 impl DmaWindow {
     /// Maps `len` bytes of `file` at `offset` (within its length). Mapping touches no page.
@@ -170,6 +237,7 @@ impl DmaWindow {
         // after pinning the pages, so a truncated file cannot raise SIGBUS in this process.
         let map =
             unsafe { memmap2::MmapOptions::new().offset(start).len(skip + len).map(file.file()) }.map_err(map_err)?;
+        let map = memmap2::MmapRaw::from(map);
         Ok(DmaWindow { map, skip, len, page: page as usize, residency_visible: file.residency_visible() })
     }
 

@@ -400,12 +400,13 @@ impl HostSink {
         let r = e.span.range_of(pt);
         let range = r.start as usize..r.end as usize;
         let (dtype, _) = crate::place::loaded_as(pt, self.convert_to);
+        let shared = self.shared.get(t).copied().unwrap_or(false);
         let Some(claim) = self.claims.get(t).and_then(Option::as_ref) else {
-            let shared = self.shared.get(t).copied().unwrap_or(false);
             if !copied(pt, self.convert_to, shared) {
                 return Ok(Tensor::host(&pt.name, pt.dtype, &pt.shape, Arc::clone(arena), range).sharing(shared));
             }
-            let stored = arena.get(range).unwrap_or_default();
+            let stored = stored_bytes(plan, pt, arena, range, shared)?;
+            let stored = &stored[..];
             let Some((memory, mut chunk)) = out else { return Tensor::produced(plan, pt, dtype, stored) };
             let len = crate::place::loaded_as(pt, Some(dtype)).1 as usize;
             let written = chunk.as_mut_slice().get_mut(..len).map(|o| crate::tensor::produce(pt, dtype, stored, o));
@@ -424,9 +425,9 @@ impl HostSink {
             }
             return Ok(Tensor::host(&pt.name, dtype, &pt.shape, memory, 0..len));
         };
-        let stored = arena.get(range).unwrap_or_default();
+        let stored = stored_bytes(plan, pt, arena, range, shared)?;
         let mut produced = Ok(());
-        if !claim.write(|out| produced = crate::tensor::produce(pt, dtype, stored, out)) {
+        if !claim.write(|out| produced = crate::tensor::produce(pt, dtype, &stored, out)) {
             return Err(LoadError::Destination {
                 file: plan.shards()[pt.shard].path.clone(),
                 tensor: pt.name.clone(),
@@ -436,6 +437,36 @@ impl HostSink {
         produced.map_err(|e| LoadError::Convert { tensor: pt.name.clone(), to: dtype, source: e.into() })?;
         Ok(Tensor::in_caller_host(&pt.name, dtype, &pt.shape, Arc::clone(claim)))
     }
+}
+
+/// Tensor `pt`'s stored bytes, `range` of `arena`, to be written once more (gathered,
+/// converted, aligned): a view of them, or, for a tied twin (`shared`), whose bytes may
+/// already be lent with another twin to a consumer that writes them (the Python binding's
+/// torch tensors), a copy made by the kernel ([`crate::tensor::copy_host`]).
+fn stored_bytes<'a>(
+    plan: &LoadPlan,
+    pt: &PlannedTensor,
+    arena: &'a HostArena,
+    range: std::ops::Range<usize>,
+    shared: bool,
+) -> Result<std::borrow::Cow<'a, [u8]>, LoadError> {
+    // A tensor is only made once its bytes have all landed: `None` is never met.
+    let Some(addr) = arena.addr(range.clone()) else { return Ok(Default::default()) };
+    if !shared {
+        return Ok(arena.get(range).unwrap_or_default().into());
+    }
+    let file = || plan.shards()[pt.shard].path.clone();
+    let mut out = Vec::new();
+    if out.try_reserve_exact(range.len()).is_err() {
+        return Err(LoadError::OutOfMemory { file: file(), bytes: range.len() as u64 });
+    }
+    out.resize(range.len(), 0);
+    crate::tensor::copy_host(addr, &mut out, || arena.get(range)).map_err(|source| {
+        // The bytes are the file's range, as loaded.
+        let source = tensorlift_io::IoError::Read { file: file(), offset: pt.file_range.start, len: pt.len(), source };
+        LoadError::Read { file: file(), tensor: pt.name.clone(), source }
+    })?;
+    Ok(out.into())
 }
 
 /// Whether tensor `pt` is written once more into memory of its own rather than handed out

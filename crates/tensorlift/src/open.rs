@@ -121,7 +121,7 @@ pub(crate) fn map_all(
             } else {
                 // A gathered slice is not one range of the file, nor a converted tensor the
                 // file's bytes: they are written out of the mapping.
-                Tensor::produced(plan.plan(), pt, dtype, map.view(contract).get(range).unwrap_or_default())?
+                Tensor::produced(plan.plan(), pt, dtype, map.view_range(contract, range).unwrap_or_default())?
             };
             ready.push_back(tensor);
         }

@@ -21,6 +21,30 @@ macro_rules! element {
 element!(u8 => U8, i8 => I8, u16 => U16, i16 => I16, u32 => U32, i32 => I32, u64 => U64, i64 => I64,
     f32 => F32, f64 => F64, half::f16 => F16, half::bf16 => BF16);
 
+/// Fills `dst` from host memory at `src` by the kernel ([`tensorlift_io::copy_by_kernel`]);
+/// as a last resort, where a sandbox refuses the process both ways the kernel copies
+/// (`process_vm_readv` and `/proc/self/mem`), from the same bytes as `view` gives them,
+/// read through a reference as any view reads them.
+pub(crate) fn copy_host<'a>(
+    src: *const u8,
+    dst: &mut [u8],
+    view: impl FnOnce() -> Option<&'a [u8]>,
+) -> Result<(), std::io::Error> {
+    match tensorlift_io::copy_by_kernel(src, dst) {
+        Ok(()) => Ok(()),
+        Err((0, e)) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::ENOSYS)) => {
+            match view().filter(|v| v.len() == dst.len()) {
+                Some(v) => {
+                    dst.copy_from_slice(v);
+                    Ok(())
+                }
+                None => Err(e),
+            }
+        }
+        Err((_, e)) => Err(e),
+    }
+}
+
 /// Why a typed view was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -52,6 +76,9 @@ pub enum ViewError {
     /// Host memory for a copy of the tensor could not be had.
     #[error("tensor '{tensor}': cannot allocate {bytes} bytes of host memory for a copy")]
     OutOfMemory { tensor: String, bytes: usize },
+    /// The tensor's host memory could not be read (a mapped file that was cut short).
+    #[error("tensor '{tensor}': its bytes could not be read: {message}")]
+    Unreadable { tensor: String, message: String },
 }
 
 #[derive(Debug, Clone)]
@@ -252,7 +279,9 @@ impl Tensor {
                 arena.device_ptr() + offset,
                 dlpack::DLDevice { device_type: dlpack::DEVICE_CUDA, device_id: arena.gpu().ordinal() as i32 },
             ),
-            _ => (self.bytes()?.as_ptr() as u64, dlpack::DLDevice { device_type: dlpack::DEVICE_CPU, device_id: 0 }),
+            // The address alone: the consumer may be lent the memory writable (the Python
+            // binding's numpy and torch views), and nothing here reads it.
+            _ => (self.host_addr()? as u64, dlpack::DLDevice { device_type: dlpack::DEVICE_CPU, device_id: 0 }),
         };
         Ok(dlpack::Export {
             data,
@@ -315,7 +344,7 @@ impl Tensor {
             Storage::Host { arena, range, .. } => Ok(arena.get(range.clone()).unwrap_or_default()),
             // The plan checked the range against the file's length, which the load checked again.
             Storage::Mapped { map, range, contract, .. } => {
-                Ok(map.view(*contract).get(range.clone()).unwrap_or_default())
+                Ok(map.view_range(*contract, range.clone()).unwrap_or_default())
             }
             Storage::Device { .. } => {
                 Err(ViewError::OnDevice { tensor: self.name.to_string(), device: self.location() })
@@ -324,6 +353,51 @@ impl Tensor {
             // A caller tensor is only made once its whole claim is written.
             Storage::Caller { claim } => Ok(claim.get().unwrap_or_default()),
         }
+    }
+
+    /// The address of a host tensor's bytes, read by nothing here.
+    fn host_addr(&self) -> Result<*const u8, ViewError> {
+        let addr = match &self.storage {
+            Storage::Host { arena, range, .. } => arena.addr(range.clone()),
+            Storage::Mapped { map, range, .. } => map.addr(range.start),
+            Storage::Owned { buf, .. } => Some(buf.addr()),
+            Storage::Caller { claim } => claim.addr(),
+            Storage::Device { .. } => {
+                return Err(ViewError::OnDevice { tensor: self.name.to_string(), device: self.location() })
+            }
+        };
+        match addr {
+            Some(addr) => Ok(addr),
+            // An empty tensor needs none (DLPack's is null then).
+            None if self.is_empty() => Ok(std::ptr::NonNull::dangling().as_ptr()),
+            // A tensor is only made once its bytes have all landed: never here.
+            None => Err(ViewError::Unreadable {
+                tensor: self.name.to_string(),
+                message: "its bytes have not all landed".into(),
+            }),
+        }
+    }
+
+    /// A copy of the bytes: copied back for a device tensor; for a host tensor, copied by
+    /// the kernel ([`tensorlift_io::copy_by_kernel`]), not read through a reference, so that
+    /// a mapped file cut short is an error ([`ViewError::Unreadable`]), not a SIGBUS, and
+    /// memory lent to a consumer that writes it (a DLPack export whose consumer ignores the
+    /// read-only flag) is copied as it is, with no data race. (Only where a sandbox refuses
+    /// the process both ways the kernel copies is it read as [`bytes`](Self::bytes) reads
+    /// it.)
+    pub fn copy_bytes(&self) -> Result<Vec<u8>, ViewError> {
+        if matches!(self.storage, Storage::Device { .. }) {
+            return self.to_host().map(Cow::into_owned);
+        }
+        let len = self.len();
+        let mut out = Vec::new();
+        out.try_reserve_exact(len).map_err(|_| ViewError::OutOfMemory { tensor: self.name.to_string(), bytes: len })?;
+        out.resize(len, 0);
+        if len > 0 {
+            copy_host(self.host_addr()?, &mut out, || self.bytes().ok())
+                .map_err(|e| ViewError::Unreadable { tensor: self.name.to_string(), message: e.to_string() })?;
+        }
+        Ok(out)
     }
 
     /// The bytes in host memory: borrowed for a host tensor, copied back for a device

@@ -15,23 +15,35 @@ const NET_THREADS: usize = 4;
 /// An error (with why) where the process cannot make its threads.
 pub(crate) fn runtime() -> Result<&'static tokio::runtime::Runtime, std::io::Error> {
     static RT: Mutex<Option<(MadeIn, &'static tokio::runtime::Runtime)>> = Mutex::new(None);
-    let mut rt = RT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    match *rt {
-        Some((made, runtime)) if !made.elsewhere() => Ok(runtime),
-        _ => {
-            let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, NET_THREADS);
-            let built = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(threads)
-                .thread_name("tensorlift-net")
-                .enable_all()
-                .build()
-                .map_err(|e| std::io::Error::other(format!("cannot start the network runtime: {e}")))?;
-            // One per process, for the process's life.
-            let runtime: &'static tokio::runtime::Runtime = Box::leak(Box::new(built));
-            *rt = Some((MadeIn::here(), runtime));
-            Ok(runtime)
-        }
+    let lock = || RT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let ours = |rt: &Option<(MadeIn, &'static tokio::runtime::Runtime)>| match *rt {
+        Some((made, runtime)) if !made.elsewhere() => Some(runtime),
+        _ => None,
+    };
+    if let Some(runtime) = ours(&lock()) {
+        return Ok(runtime);
     }
+    // Built with the lock released: starting threads takes a while, and a process forked
+    // meanwhile (by another thread) would find the lock held forever.
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, NET_THREADS);
+    let built = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .thread_name("tensorlift-net")
+        .enable_all()
+        .build()
+        .map_err(|e| std::io::Error::other(format!("cannot start the network runtime: {e}")))?;
+    let mut rt = lock();
+    if let Some(runtime) = ours(&rt) {
+        // Another thread's, made meanwhile: one per process. Ours stops without waiting,
+        // which is allowed on an async runtime's thread too.
+        drop(rt);
+        built.shutdown_background();
+        return Ok(runtime);
+    }
+    // One per process, for the process's life.
+    let runtime: &'static tokio::runtime::Runtime = Box::leak(Box::new(built));
+    *rt = Some((MadeIn::here(), runtime));
+    Ok(runtime)
 }
 
 /// Runs `fut` on the network runtime and blocks this thread until it is done: safe on any

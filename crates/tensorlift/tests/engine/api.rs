@@ -125,6 +125,44 @@ fn statistics_are_measured() {
     assert_eq!(model.stats().first_read, None);
 }
 
+/// `copy_bytes` copies a host tensor through the kernel, never reading it through a
+/// reference: the bytes of every kind of host tensor, and, for a mapped view whose file was
+/// cut short, an error where a read of the view would raise SIGBUS. (This breaks the
+/// contract of mapped views on purpose, and touches the tensor only through `copy_bytes`.)
+#[test]
+fn copy_bytes_copies_through_the_kernel_and_a_cut_mapped_file_is_an_error() {
+    let dir = scratch();
+    let spec: Vec<tensorlift_testkit::Spec<'_>> = vec![("a", Dtype::U8, &[3 << 20]), ("b", Dtype::F32, &[3, 5])];
+    let path = dir.join("m.safetensors");
+    let truth = write_shard(&path, &spec);
+    for loader in [base(), base().convert_to(Dtype::F16), base().map_views(map_contract())] {
+        let model = loader.build().unwrap().load_blocking(&path).unwrap();
+        for t in model.tensors() {
+            let want = t.to_host().unwrap().into_owned();
+            assert_eq!(t.copy_bytes().unwrap(), want, "{}", t.name());
+        }
+        assert_eq!(model.get("a").unwrap().copy_bytes().unwrap(), truth["a"]);
+    }
+    // Where a sandbox refuses both of the kernel's ways, copy_bytes reads as a view does,
+    // which a file cut short would kill with SIGBUS.
+    let mut probe = [0u8; 8];
+    if let Err((_, e)) = tensorlift_io::copy_by_kernel([7u8; 8].as_ptr(), &mut probe) {
+        eprintln!("skipped: the kernel copies nothing here: {e}");
+        return;
+    }
+    let model = base().map_views(map_contract()).build().unwrap().load_blocking(&path).unwrap();
+    let a = model.get("a").unwrap();
+    assert!(a.is_mapped());
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(4096).unwrap();
+    match a.copy_bytes() {
+        Err(tensorlift::ViewError::Unreadable { tensor, message }) => {
+            assert_eq!(tensor, "a");
+            assert!(message.contains("a page could not be read"), "{message}");
+        }
+        other => panic!("{:?}", other.map(|b| b.len())),
+    }
+}
+
 /// New host memory is faulted in ahead of the reads: while the reads wait (the progress
 /// callback holds the load after its first chunk, one read in flight), the prefaulting
 /// thread goes on; the bytes are the file's all the same. Off, nothing is prefaulted.
