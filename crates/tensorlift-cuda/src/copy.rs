@@ -325,8 +325,10 @@ impl CopyEngine {
         self.next = self.next.wrapping_add(1);
         let _restore = self.gpu.enter()?;
         // SAFETY: both ranges were checked to lie in their arenas, on this device, and not to
-        // overlap; the arenas (and the kernels) are kept by the pending entry below until the
-        // event recorded after the launch has completed.
+        // overlap within one arena (two arenas over the same memory can only be made through
+        // the unsafe `LentMemory::new`, whose caller keeps them apart); the arenas (and the
+        // kernels) are kept by the pending entry below until the event recorded after the
+        // launch has completed.
         let failed = unsafe { kernels.launch_convert(stream.cu_stream(), from, to, s, d, n as u64) }.err();
         let pending = Work {
             chunk: None,

@@ -219,7 +219,10 @@ fn run(ring: IoUring, rx: Receiver<Msg>, wake_fd: i32, depth: usize) {
                     let iov: Vec<libc::iovec> =
                         regions.iter().map(|&(p, l)| libc::iovec { iov_base: p as *mut _, iov_len: l }).collect();
                     // SAFETY: the caller of Reader::register_buffers promised these regions stay
-                    // valid while the reader lives, and the ring does not outlive the reader.
+                    // valid while the reader lives (an owner the reader keeps until its rings
+                    // are gone). A ring can outlive its reader only where the reader was dropped
+                    // on this worker, which then runs on: the kernel keeps registered pages
+                    // pinned, and reads in flight hold their buffers' owners.
                     let r = unsafe { st.ring.submitter().register_buffers(&iov) };
                     st.registered = r.is_ok();
                     let _ = reply.send(r);
