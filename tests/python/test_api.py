@@ -384,7 +384,10 @@ def test_tobytes_of_a_mapped_tensor_whose_file_was_cut_is_an_error_not_a_sigbus(
     want = np.arange(1 << 20, dtype=np.float32)
     save_file({"w": want}, str(path))
     child = (
-        "import os, sys, tensorlift\n"
+        "import ctypes, os, sys, tensorlift\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "if libc.process_vm_readv(os.getpid(), None, 0, None, 0, 0) != 0 and not os.access('/proc/self/mem', os.R_OK):\n"
+        "    print('skip: the kernel copies nothing here'); sys.exit(0)\n"
         "f = tensorlift.safe_open(sys.argv[1], framework=None, backend='mmap')\n"
         "t = f.get_tensor('w')\n"
         "data = open(sys.argv[1], 'rb').read()\n"
@@ -399,6 +402,8 @@ def test_tobytes_of_a_mapped_tensor_whose_file_was_cut_is_an_error_not_a_sigbus(
         [sys.executable, "-c", child, str(path)], capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0, (out.returncode, out.stderr)
+    if out.stdout.startswith("skip:"):
+        pytest.skip(out.stdout)
     assert "w: tensor 'w': its bytes could not be read: a page could not be read" in out.stdout, out.stdout
 
 
@@ -443,7 +448,9 @@ def test_tobytes_copies_where_a_sandbox_refuses_process_vm_readv(tmp_path):
         pytest.skip("no C compiler (cc) to build the seccomp launcher")
     src, launcher = tmp_path / "sandbox.c", tmp_path / "sandbox"
     src.write_text(_NO_PROCESS_VM_READV)
-    subprocess.run(["cc", "-o", str(launcher), str(src)], check=True)
+    built = subprocess.run(["cc", "-o", str(launcher), str(src)], capture_output=True, text=True)
+    if built.returncode != 0:
+        pytest.skip(f"the seccomp launcher does not build here (no kernel headers?): {built.stderr}")
     path = tmp_path / "m.safetensors"
     save_file({"w": np.arange(1 << 16, dtype=np.float32)}, str(path))
     child = (
@@ -462,10 +469,13 @@ def test_tobytes_copies_where_a_sandbox_refuses_process_vm_readv(tmp_path):
         "    assert 'a page could not be read' in str(e), e\n"
         "    print('ok')\n"
     )
-    out = subprocess.run(
-        [str(launcher), sys.executable, "-c", child, str(path)], capture_output=True, text=True, timeout=120
-    )
-    if out.returncode == 99:
+    try:
+        out = subprocess.run(
+            [str(launcher), sys.executable, "-c", child, str(path)], capture_output=True, text=True, timeout=120
+        )
+    except PermissionError as e:  # a temporary folder mounted noexec
+        pytest.skip(f"the seccomp launcher cannot run here: {e}")
+    if out.returncode in (98, 99):
         pytest.skip(f"seccomp filters are refused here: {out.stderr}")
     assert (out.returncode, out.stdout) == (0, "ok\n"), out.stderr
 

@@ -148,6 +148,25 @@ def test_errors_have_python_types(tmp_path):
         tensorlift.load_file(str(bad), device="gpu")
 
 
+def test_a_gathered_twin_of_a_viewed_storage_has_the_storage_bytes(tmp_path):
+    """One storage saved under two names, one of which tensor parallelism splits by columns
+    (gathered into memory of its own, its stored bytes copied by the kernel, since the
+    other name is handed out as a view of them) and one it leaves whole: each as torch.load
+    reads it, the split one as vLLM splits it."""
+    import torch
+
+    w = torch.linspace(-3, 3, 64, dtype=torch.float32).reshape(8, 8)
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({"model.layers.0.self_attn.o_proj.weight": w, "tied.weight": w}, str(path))
+    want = torch.load(str(path), weights_only=True)
+    for backend in ("pread", "mmap"):
+        for rank in (0, 1):
+            got = tensorlift.load_file(path, tp=(rank, 2, 2), backend=backend)
+            part = got["model.layers.0.self_attn.o_proj.weight"]
+            assert torch.equal(part, w[:, rank * 4 : (rank + 1) * 4]), (backend, rank)
+            assert torch.equal(got["tied.weight"], want["tied.weight"]), (backend, rank)
+
+
 def test_numpy_arrays_of_tied_pytorch_weights_stay_read_only(tmp_path):
     """A PyTorch file's tied weights are one storage, as torch.load gives them: their arrays
     view the same memory, so they stay read-only (a write to one would change the other),

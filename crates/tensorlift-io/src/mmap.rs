@@ -176,11 +176,17 @@ fn copy_by_process_vm_readv(src: *const u8, dst: &mut [u8]) -> Result<(), (usize
     Ok(())
 }
 
-/// The same copy through `/proc/self/mem`, opened for this call (a descriptor kept across a
-/// `fork` would read the parent's memory): a page that cannot be read is `EIO` there.
+/// The same copy through `/proc/thread-self/mem` (`/proc/self/mem` before Linux 3.17: that
+/// names the main thread, which has no memory to read once it has exited), opened for this
+/// call (a descriptor kept across a `fork` would read the parent's memory): a page that
+/// cannot be read is `EIO` there.
 fn copy_by_proc_self_mem(src: *const u8, dst: &mut [u8]) -> Result<(), (usize, io::Error)> {
     use std::os::unix::fs::FileExt;
-    let mem = std::fs::File::open("/proc/self/mem").map_err(|e| (0, e))?;
+    let mem = match std::fs::File::open("/proc/thread-self/mem") {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::File::open("/proc/self/mem"),
+        r => r,
+    };
+    let mem = mem.map_err(|e| (0, e))?;
     let len = dst.len();
     let mut done = 0usize;
     while done < len {

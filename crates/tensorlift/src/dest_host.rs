@@ -92,6 +92,9 @@ pub(crate) struct HostSink {
     claims: Vec<Option<Arc<Claim>>>,
     /// Which tensors share bytes with another ([`crate::layout::sharing_bytes`]).
     shared: Vec<bool>,
+    /// Which tensors share bytes with one the load hands out as a view of the same memory
+    /// ([`twins`]).
+    lent: Vec<bool>,
     /// For each tensor written into memory of its own ([`copied`]; by plan index, empty when
     /// there are none), that memory, until it is written.
     outputs: Vec<Option<(Arc<HostArena>, ArenaChunk)>>,
@@ -135,7 +138,7 @@ impl HostSink {
         // once more, into memory of their own (unless the caller placed them): an arena of
         // one chunk each, sized as loaded, taken from the pool like the spans' and counted
         // with them.
-        let shared = crate::layout::sharing_bytes(plan);
+        let (shared, lent) = twins(plan, &claims, convert_to);
         let outputs: Vec<(usize, usize)> =
             own_memory(plan, &spans, &claims, &shared, convert_to).map(|(t, len)| (t, len as usize)).collect();
         // Memory an earlier load left, where it fits a span; the rest of it is given back
@@ -161,6 +164,7 @@ impl HostSink {
             extents: Vec::with_capacity(spans.len()),
             claims,
             shared,
+            lent,
             outputs: Vec::new(),
             convert_to,
             chunk,
@@ -281,7 +285,7 @@ impl HostSink {
         ready: &mut VecDeque<Tensor>,
     ) -> Result<(), LoadError> {
         let chunk = self.chunk;
-        self.shared = crate::layout::sharing_bytes(plan);
+        (self.shared, self.lent) = twins(plan, &self.claims, self.convert_to);
         // Tensors the file misaligns are written into memory of their own (`copied`), which
         // the start could not plan: checked now, with the memory the reads still have to
         // touch, as HostSink::new checks a planned load's.
@@ -405,7 +409,8 @@ impl HostSink {
             if !copied(pt, self.convert_to, shared) {
                 return Ok(Tensor::host(&pt.name, pt.dtype, &pt.shape, Arc::clone(arena), range).sharing(shared));
             }
-            let stored = stored_bytes(plan, pt, arena, range, shared)?;
+            let lent = self.lent.get(t).copied().unwrap_or(false);
+            let stored = stored_bytes(plan, pt, arena, range, lent)?;
             let stored = &stored[..];
             let Some((memory, mut chunk)) = out else { return Tensor::produced(plan, pt, dtype, stored) };
             let len = crate::place::loaded_as(pt, Some(dtype)).1 as usize;
@@ -425,7 +430,8 @@ impl HostSink {
             }
             return Ok(Tensor::host(&pt.name, dtype, &pt.shape, memory, 0..len));
         };
-        let stored = stored_bytes(plan, pt, arena, range, shared)?;
+        let lent = self.lent.get(t).copied().unwrap_or(false);
+        let stored = stored_bytes(plan, pt, arena, range, lent)?;
         let mut produced = Ok(());
         if !claim.write(|out| produced = crate::tensor::produce(pt, dtype, &stored, out)) {
             return Err(LoadError::Destination {
@@ -439,20 +445,36 @@ impl HostSink {
     }
 }
 
+/// Which tensors share bytes with another ([`crate::layout::sharing_bytes`]), and which
+/// share them with one the load hands out as a view of that memory (not placed by the
+/// caller, not [`copied`]), to a consumer that may write it.
+fn twins(plan: &LoadPlan, claims: &[Option<Arc<Claim>>], convert_to: Option<Dtype>) -> (Vec<bool>, Vec<bool>) {
+    let runs = crate::layout::sharing_runs(plan);
+    let mut viewed = vec![false; runs.iter().flatten().max().map_or(0, |&m| m + 1)];
+    for (t, run) in runs.iter().enumerate() {
+        let placed = claims.get(t).is_some_and(Option::is_some);
+        if let Some(r) = run.filter(|_| !placed && !copied(&plan.tensors()[t], convert_to, true)) {
+            viewed[r] = true;
+        }
+    }
+    let lent = runs.iter().map(|r| r.is_some_and(|r| viewed[r])).collect();
+    (runs.iter().map(Option::is_some).collect(), lent)
+}
+
 /// Tensor `pt`'s stored bytes, `range` of `arena`, to be written once more (gathered,
-/// converted, aligned): a view of them, or, for a tied twin (`shared`), whose bytes may
-/// already be lent with another twin to a consumer that writes them (the Python binding's
-/// torch tensors), a copy made by the kernel ([`crate::tensor::copy_host`]).
+/// converted, aligned): a view of them, or, for a tied twin of one handed out as a view
+/// (`lent`), whose bytes a consumer may write meanwhile (the Python binding's torch
+/// tensors), a copy made by the kernel ([`crate::tensor::copy_host`]).
 fn stored_bytes<'a>(
     plan: &LoadPlan,
     pt: &PlannedTensor,
     arena: &'a HostArena,
     range: std::ops::Range<usize>,
-    shared: bool,
+    lent: bool,
 ) -> Result<std::borrow::Cow<'a, [u8]>, LoadError> {
     // A tensor is only made once its bytes have all landed: `None` is never met.
     let Some(addr) = arena.addr(range.clone()) else { return Ok(Default::default()) };
-    if !shared {
+    if !lent {
         return Ok(arena.get(range).unwrap_or_default().into());
     }
     let file = || plan.shards()[pt.shard].path.clone();

@@ -83,30 +83,37 @@ pub(crate) fn spans(plan: &LoadPlan, solo: impl Fn(usize) -> bool) -> Vec<Span> 
 /// then share memory. Tensors chained by overlaps all count, even two that do not overlap
 /// each other. A safetensors file's tensors never overlap; empty tensors share nothing.
 pub(crate) fn sharing_bytes(plan: &LoadPlan) -> Vec<bool> {
+    sharing_runs(plan).iter().map(Option::is_some).collect()
+}
+
+/// [`sharing_bytes`], naming each sharing tensor's run (tensors chained by overlaps): runs
+/// are numbered from 0.
+pub(crate) fn sharing_runs(plan: &LoadPlan) -> Vec<Option<usize>> {
     let ts = plan.tensors();
-    let mut shared = vec![false; ts.len()];
+    let mut runs = vec![None; ts.len()];
     let mut order: Vec<usize> = (0..ts.len()).filter(|&i| !ts[i].file_range.is_empty()).collect();
     order.sort_unstable_by_key(|&i| (ts[i].shard, ts[i].file_range.start));
     // Runs of overlapping ranges, in order of their starts: a run of more than one shares.
-    let mut run: Vec<usize> = Vec::new();
-    let mut run_end = 0;
+    let (mut run, mut run_end, mut next): (Vec<usize>, u64, usize) = (Vec::new(), 0, 0);
+    let mut close = |run: &mut Vec<usize>| {
+        if run.len() > 1 {
+            run.iter().for_each(|&r| runs[r] = Some(next));
+            next += 1;
+        }
+        run.clear();
+    };
     for i in order {
         let t = &ts[i];
         let joins = run.last().is_some_and(|&l| ts[l].shard == t.shard && t.file_range.start < run_end);
         if !joins {
-            if run.len() > 1 {
-                run.iter().for_each(|&r| shared[r] = true);
-            }
-            run.clear();
+            close(&mut run);
             run_end = 0;
         }
         run.push(i);
         run_end = run_end.max(t.file_range.end);
     }
-    if run.len() > 1 {
-        run.iter().for_each(|&r| shared[r] = true);
-    }
-    shared
+    close(&mut run);
+    runs
 }
 
 /// The spans of a plan whose headers are not parsed yet ([`LoadPlan::unparsed`]): each
