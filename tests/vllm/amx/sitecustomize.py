@@ -4,15 +4,40 @@ PYTHONPATH by engine.py and vllm_cli.py).
 
 On a host with AMX, vLLM 0.32's CPU attention runs AMX kernels for bfloat16 without asking
 for AMX state: it relies on oneDNN having done so in the same process, which it does not
-always, and the worker dies of SIGILL in `cpu_attention_with_kv_cache`. Elsewhere the call
-fails and changes nothing."""
+always, and the worker dies of SIGILL in `cpu_attention_with_kv_cache`. On an x86-64 host
+without AMX the call fails and changes nothing; on other machines it is not made. The
+`sitecustomize` this one shadows, if any, is run after it."""
 import ctypes
+import importlib
+import os
+import platform
+import sys
 
 _SYS_ARCH_PRCTL = 158  # x86-64
 _ARCH_REQ_XCOMP_PERM = 0x1023
 _XFEATURE_XTILEDATA = 18
 
-try:
-    ctypes.CDLL(None).syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA)
-except (OSError, AttributeError):
-    pass
+if platform.machine() in ("x86_64", "AMD64"):
+    try:
+        ctypes.CDLL(None).syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA)
+    except (OSError, AttributeError):
+        pass
+
+
+def _chain():
+    """Runs the next `sitecustomize` on the path (a distribution's, or a Nix Python's)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    saved = sys.path[:]
+    mine = sys.modules.pop("sitecustomize", None)
+    try:
+        sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
+        importlib.import_module("sitecustomize")
+    except ImportError:
+        if mine is not None:
+            sys.modules["sitecustomize"] = mine
+    finally:
+        sys.path[:] = saved
+
+
+if __name__ == "sitecustomize":
+    _chain()
