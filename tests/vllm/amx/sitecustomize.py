@@ -8,7 +8,6 @@ always, and the worker dies of SIGILL in `cpu_attention_with_kv_cache`. On an x8
 without AMX the call fails and changes nothing; on other machines it is not made. The
 `sitecustomize` this one shadows, if any, is run after it."""
 import ctypes
-import importlib
 import os
 import platform
 import sys
@@ -25,18 +24,24 @@ if platform.machine() in ("x86_64", "AMD64"):
 
 
 def _chain():
-    """Runs the next `sitecustomize` on the path (a distribution's, or a Nix Python's)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    saved = sys.path[:]
-    mine = sys.modules.pop("sitecustomize", None)
+    """Runs the next `sitecustomize` on the path (a distribution's, or a Nix Python's), as
+    the interpreter would have, leaving what it does to `sys.path` in place."""
+    import importlib.machinery
+    import importlib.util
+
+    here = os.path.realpath(os.path.dirname(os.path.abspath(__file__)))
+    rest = [p for p in sys.path if os.path.realpath(os.path.abspath(p or ".")) != here]
+    spec = importlib.machinery.PathFinder.find_spec("sitecustomize", rest)
+    if spec is None or spec.loader is None:
+        return
+    module = importlib.util.module_from_spec(spec)
+    mine = sys.modules.get("sitecustomize")
+    sys.modules["sitecustomize"] = module
     try:
-        sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
-        importlib.import_module("sitecustomize")
-    except ImportError:
-        if mine is not None:
-            sys.modules["sitecustomize"] = mine
-    finally:
-        sys.path[:] = saved
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules["sitecustomize"] = mine
+        raise
 
 
 if __name__ == "sitecustomize":
