@@ -15,10 +15,10 @@ os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 # collective_rpc with a function of ours crosses vLLM's engine process by pickle.
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# AMX state for vLLM's CPU attention, in this process and the engine's (amx/sitecustomize.py).
-_AMX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "amx")
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_AMX, os.environ.get("PYTHONPATH")) if p)
-__import__("runpy").run_path(os.path.join(_AMX, "sitecustomize.py"))
+# AMX state for vLLM's CPU attention, in this process and the engine's (amx_state.py).
+import amx_state  # noqa: E402
+
+amx_state.ask()
 
 PROMPTS = ["w1 w2 w3 w4", "w9 w8 w7 w100 w200", "w42"]
 

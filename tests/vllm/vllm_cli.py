@@ -7,13 +7,12 @@ GPU wheel, named vllm, needs no shim.
     python vllm_cli.py serve MODEL --load-format tensorlift ...
 """
 import importlib.metadata
-import os
 import sys
 
-# AMX state for vLLM's CPU attention, in this process and the server's (amx/sitecustomize.py).
-_AMX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "amx")
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_AMX, os.environ.get("PYTHONPATH")) if p)
-__import__("runpy").run_path(os.path.join(_AMX, "sitecustomize.py"))
+# AMX state for vLLM's CPU attention, in this process and the server's (amx_state.py).
+import amx_state  # noqa: E402
+
+amx_state.ask()
 
 _version = importlib.metadata.version
 

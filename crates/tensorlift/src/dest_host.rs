@@ -472,11 +472,11 @@ fn stored_bytes<'a>(
     range: std::ops::Range<usize>,
     lent: bool,
 ) -> Result<std::borrow::Cow<'a, [u8]>, LoadError> {
-    // A tensor is only made once its bytes have all landed: `None` is never met.
-    let Some(addr) = arena.addr(range.clone()) else { return Ok(Default::default()) };
     if !lent {
         return Ok(arena.get(range).unwrap_or_default().into());
     }
+    // A tensor is only made once its bytes have all landed: `None` is never met.
+    let Some(addr) = arena.addr(range.clone()) else { return Ok(Default::default()) };
     let file = || plan.shards()[pt.shard].path.clone();
     let mut out = Vec::new();
     if out.try_reserve_exact(range.len()).is_err() {

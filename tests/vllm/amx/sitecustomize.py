@@ -1,6 +1,6 @@
 """Asks the kernel for AMX state in every Python process of a vLLM test engine (its engine
 core and workers are new processes, which start without it; this folder is put on their
-PYTHONPATH by engine.py and vllm_cli.py).
+PYTHONPATH by ../amx_state.py).
 
 On a host with AMX, vLLM 0.32's CPU attention runs AMX kernels for bfloat16 without asking
 for AMX state: it relies on oneDNN having done so in the same process, which it does not
