@@ -91,8 +91,8 @@ int cuDeviceTotalMem_v2(size_t *m, int d) { *m = (size_t)80 << 30; return 0; }
     assert_eq!(v["gpu"]["driver_version"], "12.8");
     assert_eq!(v["gpu"]["devices"][0]["name"], "Fake GPU");
     assert_eq!(v["gpu"]["devices"][0]["memory_bytes"], 80u64 << 30);
-    // This stand-in answers the probe but not the copy layer (and cudarc cannot load it by
-    // name): auto falls back to the host and says why.
+    // This stand-in answers the probe but lacks the functions loads call: auto falls back to
+    // the host and says why.
     assert_eq!(v["would_use"]["device"], "cpu");
     assert!(v["would_use"]["device_reason"].as_str().unwrap().starts_with("auto: "), "{v}");
     let human =

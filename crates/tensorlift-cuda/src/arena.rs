@@ -3,7 +3,7 @@
 use cudarc::driver::{sys, CudaSlice, DevicePtrMut, DeviceRepr};
 
 use crate::device::Current;
-use crate::error::{check, Call};
+use crate::driver::{self, pointer};
 use crate::{CudaError, Gpu};
 
 /// Device memory a caller owns (a framework's tensor, a caching allocator's block), lent
@@ -56,7 +56,10 @@ impl LentMemory {
         // Asking for the pointer to write makes the slice's stream wait for its tracked uses
         // on other streams; the guard records this write there when it drops, at once.
         let ptr = slice.device_ptr_mut(&stream).0;
-        stream.synchronize().call("cuStreamSynchronize")?;
+        // The wait is tensorlift's own call (an integer result), on cudarc's stream.
+        let api = driver::api()?;
+        // SAFETY: the stream is live: the slice holds it.
+        api.check(unsafe { (api.cuStreamSynchronize)(stream.cu_stream()) }, "cuStreamSynchronize")?;
         Ok(LentMemory { ptr, len: slice.num_bytes(), owner: Box::new(slice) })
     }
 
@@ -115,11 +118,11 @@ impl DeviceArena {
         let _restore = gpu.enter()?;
         let mut ptr: sys::CUdeviceptr = 0;
         // SAFETY: writes one device pointer into `ptr`; a zero-length request asks for one byte.
-        let r = unsafe { sys::cuMemAlloc_v2(&mut ptr, len.max(1)) };
-        if r == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+        let r = unsafe { (gpu.api().cuMemAlloc_v2)(&mut ptr, len.max(1)) };
+        if r == driver::ERROR_OUT_OF_MEMORY {
             return Err(CudaError::OutOfMemory { what: "device memory", bytes: len as u64 });
         }
-        check(r, "cuMemAlloc")?;
+        gpu.api().check(r, "cuMemAlloc")?;
         Ok(DeviceArena { gpu: gpu.clone(), ptr, len, backing: Backing::Allocated })
     }
 
@@ -136,30 +139,27 @@ impl DeviceArena {
         let LentMemory { ptr, len, owner } = memory;
         let _enter = gpu.enter()?;
         let foreign = |why: String| CudaError::Foreign(format!("{ptr:#x} + {len} bytes: {why}"));
-        let attribute = |attr: sys::CUpointer_attribute, out: *mut std::ffi::c_void| {
+        let api = gpu.api();
+        let attribute = |attr: std::ffi::c_int, out: *mut std::ffi::c_void| {
             // SAFETY: `out` points at a value of the type the attribute writes (below).
-            check(unsafe { sys::cuPointerGetAttribute(out, attr, ptr) }, "cuPointerGetAttribute")
+            api.check(unsafe { (api.cuPointerGetAttribute)(out, attr, ptr) }, "cuPointerGetAttribute")
         };
         let (mut start, mut size, mut ordinal): (sys::CUdeviceptr, usize, std::ffi::c_int) = (0, 0, -1);
         let mut kind: std::ffi::c_uint = 0;
-        let known = attribute(sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE, (&raw mut kind).cast())
-            .and_then(|()| {
-                attribute(sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR, (&raw mut start).cast())
-            })
-            .and_then(|()| attribute(sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_SIZE, (&raw mut size).cast()))
-            .and_then(|()| {
-                attribute(sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, (&raw mut ordinal).cast())
-            });
-        if known.is_err() || kind != sys::CUmemorytype::CU_MEMORYTYPE_DEVICE as std::ffi::c_uint {
+        let known = attribute(pointer::MEMORY_TYPE, (&raw mut kind).cast())
+            .and_then(|()| attribute(pointer::RANGE_START_ADDR, (&raw mut start).cast()))
+            .and_then(|()| attribute(pointer::RANGE_SIZE, (&raw mut size).cast()))
+            .and_then(|()| attribute(pointer::DEVICE_ORDINAL, (&raw mut ordinal).cast()));
+        if known.is_err() || kind != driver::MEMORYTYPE_DEVICE {
             return Err(foreign("not device memory the driver knows".into()));
         }
         if usize::try_from(ordinal).ok() != Some(gpu.ordinal()) {
             return Err(foreign(format!("on device {ordinal}, not cuda:{}", gpu.ordinal())));
         }
         let mut context: sys::CUcontext = std::ptr::null_mut();
-        attribute(sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_CONTEXT, (&raw mut context).cast())
+        attribute(pointer::CONTEXT, (&raw mut context).cast())
             .map_err(|e| foreign(format!("its context is unknown ({e})")))?;
-        if !context.is_null() && context != gpu.context().cu_ctx() {
+        if !context.is_null() && context != gpu.raw_context() {
             return Err(foreign(format!(
                 "allocated in another context than cuda:{}'s primary context, where the load's copies run",
                 gpu.ordinal()
@@ -213,10 +213,11 @@ impl DeviceArena {
             return Ok(());
         }
         let _restore = self.gpu.enter()?;
+        let api = self.gpu.api();
         // SAFETY: [offset, offset + len) lies inside the allocation, which lives as long as
         // self, and dst is a writable host buffer of exactly len bytes.
-        let r = unsafe { sys::cuMemcpyDtoH_v2(dst.as_mut_ptr().cast(), self.ptr + offset as u64, dst.len()) };
-        check(r, "cuMemcpyDtoH")
+        let r = unsafe { (api.cuMemcpyDtoH_v2)(dst.as_mut_ptr().cast(), self.ptr + offset as u64, dst.len()) };
+        api.check(r, "cuMemcpyDtoH")
     }
 }
 
@@ -231,10 +232,11 @@ impl DeviceArena {
             return Ok(());
         }
         let _restore = self.gpu.enter()?;
+        let api = self.gpu.api();
         // SAFETY: [offset, offset + len) lies inside the allocation, and src is a readable host
         // buffer of exactly len bytes; the call returns once the copy is done.
-        let r = unsafe { sys::cuMemcpyHtoD_v2(self.ptr + offset as u64, src.as_ptr().cast(), src.len()) };
-        check(r, "cuMemcpyHtoD")
+        let r = unsafe { (api.cuMemcpyHtoD_v2)(self.ptr + offset as u64, src.as_ptr().cast(), src.len()) };
+        api.check(r, "cuMemcpyHtoD")
     }
 }
 
@@ -247,10 +249,10 @@ impl Drop for DeviceArena {
             drop(owner.take());
             return;
         }
-        if let Ok(_restore) = self.gpu.enter_for_release() {
+        if let Ok(_restore) = self.gpu.enter() {
             // SAFETY: frees the allocation made in `new`, once; copies into it were
             // synchronised before the arena could be dropped (the engine holds it until then).
-            let _ = unsafe { sys::cuMemFree_v2(self.ptr) };
+            let _ = unsafe { (self.gpu.api().cuMemFree_v2)(self.ptr) };
         }
     }
 }

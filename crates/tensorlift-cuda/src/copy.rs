@@ -10,9 +10,10 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use cudarc::driver::{sys, CudaEvent, CudaStream};
+use cudarc::driver::sys;
 
-use crate::error::{check, Call};
+use crate::device::{Event, Stream};
+use crate::driver;
 use crate::kernels::{KernelType, Kernels};
 use crate::{CudaError, DeviceArena, Gpu, PageCacheRange, PinnedChunk};
 
@@ -85,29 +86,19 @@ impl Work {
 /// Work and the event recorded behind it: the completion thread releases the work once
 /// the event has completed.
 struct Pending {
-    event: CudaEvent,
+    event: Event,
     work: Work,
-}
-
-/// Waits until `event` has completed, with the driver's own call: cudarc's
-/// `CudaEvent::synchronize` first returns any error an earlier call recorded on the
-/// context (a failed destroy anywhere on it), without waiting, and work released on that
-/// answer would still be in flight.
-fn wait_for(event: &CudaEvent) -> Result<(), CudaError> {
-    // SAFETY: the event is live (the caller owns it) and was recorded on a stream of this
-    // engine's context, which the engine keeps retained.
-    check(unsafe { sys::cuEventSynchronize(event.cu_event()) }, "cuEventSynchronize")
 }
 
 /// Asynchronous copies on several streams with completion tracking.
 pub struct CopyEngine {
     gpu: Gpu,
-    streams: Vec<Arc<CudaStream>>,
+    streams: Vec<Arc<Stream>>,
     next: usize,
     tx: Option<Sender<Pending>>,
     done: Option<JoinHandle<()>>,
     failure: Arc<Mutex<Option<CudaError>>>,
-    events: Arc<Mutex<Vec<CudaEvent>>>,
+    events: Arc<Mutex<Vec<Event>>>,
 }
 
 impl std::fmt::Debug for CopyEngine {
@@ -233,6 +224,7 @@ impl CopyEngine {
         let stream = Arc::clone(&self.streams[self.next % self.streams.len()]);
         self.next = self.next.wrapping_add(1);
         let _restore = self.gpu.enter()?;
+        let api = self.gpu.api();
         let mut failed = None;
         let all = targets.iter().flat_map(|&(a, ps)| ps.iter().map(move |p| (a, p)));
         for (arena, p) in all.filter(|(_, p)| p.len > 0 && p.rows > 0) {
@@ -246,7 +238,7 @@ impl CopyEngine {
                 // it (a pinned chunk is unwritten meanwhile: engines sharing one only read it; a
                 // range of the page cache changes only with its file, which the loader checks
                 // after the copies); the arena is kept alive alongside it.
-                (unsafe { sys::cuMemcpyHtoDAsync_v2(dst, src.cast(), p.len, stream.cu_stream()) }, "cuMemcpyHtoDAsync")
+                (unsafe { (api.cuMemcpyHtoDAsync_v2)(dst, src.cast(), p.len, stream.raw()) }, "cuMemcpyHtoDAsync")
             } else {
                 let copy = sys::CUDA_MEMCPY2D {
                     srcXInBytes: 0,
@@ -270,9 +262,9 @@ impl CopyEngine {
                 // (pitches at least the row length, no overflow); the source stays pinned and
                 // is read only by the device until the event after this copy completes, as for
                 // a plain copy, and the descriptor is read by the call, which does not keep it.
-                (unsafe { sys::cuMemcpy2DAsync_v2(&copy, stream.cu_stream()) }, "cuMemcpy2DAsync")
+                (unsafe { (api.cuMemcpy2DAsync_v2)(&copy, stream.raw()) }, "cuMemcpy2DAsync")
             };
-            if let Err(e) = check(r, call) {
+            if let Err(e) = api.check(r, call) {
                 failed = Some(e);
                 break;
             }
@@ -329,7 +321,7 @@ impl CopyEngine {
         // the unsafe `LentMemory::new`, whose caller keeps them apart); the arenas (and the
         // kernels) are kept by the pending entry below until the event recorded after the
         // launch has completed.
-        let failed = unsafe { kernels.launch_convert(stream.cu_stream(), from, to, s, d, n as u64) }.err();
+        let failed = unsafe { kernels.launch_convert(stream.raw(), from, to, s, d, n as u64) }.err();
         let pending = Work {
             chunk: None,
             arenas: vec![Arc::clone(src), Arc::clone(dst)],
@@ -342,8 +334,8 @@ impl CopyEngine {
 
     /// Records an event after the work just queued on `stream` and hands `pending` to the
     /// completion thread, which releases what it holds once the event has completed.
-    fn track(&mut self, stream: &Arc<CudaStream>, mut work: Work) -> Result<(), CudaError> {
-        let event = match self.event().and_then(|e| e.record(stream).call("cuEventRecord").map(|()| e)) {
+    fn track(&mut self, stream: &Arc<Stream>, mut work: Work) -> Result<(), CudaError> {
+        let event = match self.event().and_then(|e| e.record(stream).map(|()| e)) {
             Ok(e) => e,
             Err(e) => {
                 // No event: wait for the stream here, so that the memory is free to go back.
@@ -365,8 +357,7 @@ impl CopyEngine {
         if let Err(p) = sent {
             // The completion thread is gone: wait here instead, and release the work only
             // once the wait says it is done.
-            let _restore = self.gpu.enter_for_release();
-            match wait_for(&p.event) {
+            match p.event.synchronize() {
                 Ok(()) => drop(p),
                 Err(_) => {
                     std::mem::forget(p.event);
@@ -381,21 +372,17 @@ impl CopyEngine {
         }
     }
 
-    fn event(&self) -> Result<CudaEvent, CudaError> {
+    fn event(&self) -> Result<Event, CudaError> {
         if let Some(e) = self.events.lock().ok().and_then(|mut p| p.pop()) {
             return Ok(e);
         }
-        self.gpu.context().new_event(Some(sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC)).call("cuEventCreate")
+        self.gpu.new_event(driver::EVENT_BLOCKING_SYNC | driver::EVENT_DISABLE_TIMING)
     }
 
     /// Waits until every queued copy has completed; reports the first failure.
     pub fn synchronize(&self) -> Result<(), CudaError> {
-        // The driver's own call, as in `wait_for`: cudarc's would first return an error
-        // recorded earlier on the context, without waiting.
-        let _restore = self.gpu.enter_for_release()?;
         for s in &self.streams {
-            // SAFETY: the stream is live (the engine owns it) and on this context.
-            check(unsafe { sys::cuStreamSynchronize(s.cu_stream()) }, "cuStreamSynchronize")?;
+            s.synchronize()?;
         }
         match self.failure.lock().ok().and_then(|mut f| f.take()) {
             Some(e) => Err(e),
@@ -411,9 +398,8 @@ impl Drop for CopyEngine {
         if let Some(t) = self.done.take() {
             let _ = t.join();
         }
-        // Streams and events bind the context when they are destroyed: do it here, with the
-        // thread's own context restored after.
-        let _restore = crate::device::Current::save();
+        // Streams and events bind their context when they are destroyed, and restore the
+        // thread's own after.
         self.streams.clear();
         if let Ok(mut pool) = self.events.lock() {
             pool.clear();
@@ -428,7 +414,7 @@ fn complete(
     gpu: &Gpu,
     rx: &Receiver<Pending>,
     failure: &Mutex<Option<CudaError>>,
-    events: &Mutex<Vec<CudaEvent>>,
+    events: &Mutex<Vec<Event>>,
     on_copied: &OnCopied,
 ) {
     use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -437,11 +423,12 @@ fn complete(
             f.get_or_insert(e.clone());
         }
     };
-    // Held for the thread's life (its guard restores nothing that matters here).
-    let _current = gpu.enter_for_release();
+    // Held for the thread's life (its guard restores nothing that matters here): the
+    // releases below (events, streams, frees) find their context current already.
+    let _current = gpu.enter();
     for Pending { event, work: mut p } in rx {
         let (tag, failed) = (p.tag, p.failed.take());
-        let mut result = wait_for(&event);
+        let mut result = event.synchronize();
         match &result {
             // The work is done: the chunk may go back to its pool, the memory and the
             // kernels be released, and the event reused. A drop that panics (a waker, a

@@ -48,6 +48,9 @@ pub enum Fault {
     /// Each `cuMemsetD8Async` waits this many microseconds before it runs: work on other
     /// streams that is not ordered after it runs first.
     MemsetDelayMicros(u64),
+    /// Every device allocation returns this `CUresult` code (0: none), which may be one
+    /// that no CUDA version defines: what a newer driver's codes are to older bindings.
+    AllocResult(u32),
 }
 
 fn symbol<T: Copy>(name: &[u8]) -> Option<T> {
@@ -90,6 +93,7 @@ pub fn set_fault(fault: Fault) -> bool {
         Fault::OnDevice(d) => (6, d.map_or(0, |d| d as u64 + 1)),
         Fault::NoReadOnlyRegister(on) => (7, u64::from(on)),
         Fault::MemsetDelayMicros(us) => (8, us),
+        Fault::AllocResult(code) => (9, u64::from(code)),
     };
     f(which, value) == 0
 }
@@ -109,6 +113,7 @@ pub fn reset() {
         Fault::OnDevice(None),
         Fault::NoReadOnlyRegister(false),
         Fault::MemsetDelayMicros(0),
+        Fault::AllocResult(0),
     ] {
         set_fault(fault);
     }

@@ -1,4 +1,4 @@
-use cudarc::driver::DriverError;
+use crate::driver::DriverCode;
 
 /// A CUDA failure, naming the driver call.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -10,12 +10,12 @@ pub enum CudaError {
     /// The ordinal names no visible device.
     #[error("CUDA device {ordinal} does not exist ({count} visible)")]
     NoSuchDevice { ordinal: usize, count: usize },
-    /// A driver call failed.
+    /// A driver call failed: the call, and the code it returned.
     #[error("{call} failed: {source}")]
     Driver {
         call: &'static str,
         #[source]
-        source: DriverError,
+        source: DriverCode,
     },
     /// Host or device memory could not be had.
     #[error("cannot allocate {bytes} bytes of {what}")]
@@ -29,24 +29,4 @@ pub enum CudaError {
     /// A copy named bytes outside its source chunk or its device arena.
     #[error("copy of {len} bytes out of bounds ({what})")]
     OutOfBounds { what: &'static str, len: usize },
-}
-
-/// Names the driver call of a failed result.
-pub(crate) trait Call<T> {
-    fn call(self, call: &'static str) -> Result<T, CudaError>;
-}
-
-impl<T> Call<T> for Result<T, DriverError> {
-    fn call(self, call: &'static str) -> Result<T, CudaError> {
-        self.map_err(|source| CudaError::Driver { call, source })
-    }
-}
-
-/// Turns a raw CUresult into a Result.
-pub(crate) fn check(r: cudarc::driver::sys::CUresult, call: &'static str) -> Result<(), CudaError> {
-    if r == cudarc::driver::sys::CUresult::CUDA_SUCCESS {
-        Ok(())
-    } else {
-        Err(CudaError::Driver { call, source: DriverError(r) })
-    }
 }

@@ -7,9 +7,8 @@
 
 use std::ffi::{c_void, CString};
 
-use cudarc::driver::{result, sys};
+use cudarc::driver::sys;
 
-use crate::error::{check, Call};
 use crate::{CudaError, Gpu};
 
 /// `kernels/convert.ptx`: element type conversions (`tl_convert_<from>_<to>`).
@@ -81,16 +80,22 @@ impl Kernels {
     pub fn load(gpu: &Gpu) -> Result<Kernels, CudaError> {
         let _restore = gpu.enter()?;
         let image = CString::new(CONVERT_PTX).map_err(|_| CudaError::Unavailable("the PTX holds a NUL".into()))?;
-        // SAFETY: a NUL-terminated PTX image, which the call reads and does not keep.
-        let module = unsafe { result::module::load_data(image.as_ptr().cast()) }.call("cuModuleLoadData")?;
+        let api = gpu.api();
+        let mut module: sys::CUmodule = std::ptr::null_mut();
+        // SAFETY: writes one module handle; the image is NUL-terminated PTX, which the call
+        // reads and does not keep.
+        api.check(unsafe { (api.cuModuleLoadData)(&mut module, image.as_ptr().cast()) }, "cuModuleLoadData")?;
         let mut kernels = Kernels { gpu: gpu.clone(), module, convert: Vec::new() };
         for from in SOURCES {
             for to in TARGETS.into_iter().filter(|&t| t != from) {
                 let name = format!("tl_convert_{}_{}", from.name(), to.name());
                 let cname =
                     CString::new(name).map_err(|_| CudaError::Unavailable("a kernel name holds a NUL".into()))?;
-                // SAFETY: the module is loaded (above) and stays loaded while `kernels` lives.
-                let f = unsafe { result::module::get_function(kernels.module, cname) }.call("cuModuleGetFunction")?;
+                let mut f: sys::CUfunction = std::ptr::null_mut();
+                // SAFETY: writes one function handle; the module is loaded (above) and stays
+                // loaded while `kernels` lives; the name is NUL-terminated and not kept.
+                let r = unsafe { (api.cuModuleGetFunction)(&mut f, kernels.module, cname.as_ptr()) };
+                api.check(r, "cuModuleGetFunction")?;
                 kernels.convert.push((from, to, f));
             }
         }
@@ -135,19 +140,23 @@ impl Kernels {
         let blocks = n.div_ceil(BLOCK).min(65_535) as u32;
         let (mut s, mut d, mut count) = (src, dst, n);
         let mut params: [*mut c_void; 3] = [(&raw mut s).cast(), (&raw mut d).cast(), (&raw mut count).cast()];
+        let api = self.gpu.api();
+        let (grid, block, shared) = (blocks, BLOCK as u32, 0);
+        let extra = std::ptr::null_mut();
         // SAFETY: the kernel takes (const u8*, u8*, u64), which `params` points at (read by
-        // the call); the caller promised the memory is valid until the stream's work is done.
-        let r = unsafe { result::launch_kernel(f, (blocks, 1, 1), (BLOCK as u32, 1, 1), 0, stream, &mut params) };
-        r.call("cuLaunchKernel")
+        // the call, no `extra`); the caller promised the memory is valid until the stream's
+        // work is done.
+        let r = unsafe { (api.cuLaunchKernel)(f, grid, 1, 1, block, 1, 1, shared, stream, params.as_mut_ptr(), extra) };
+        api.check(r, "cuLaunchKernel")
     }
 }
 
 impl Drop for Kernels {
     fn drop(&mut self) {
-        if let Ok(_restore) = self.gpu.enter_for_release() {
+        if let Ok(_restore) = self.gpu.enter() {
             // SAFETY: the module was loaded by this value and nothing launches from it any
             // more (launches keep the kernels alive until they complete).
-            let _ = check(unsafe { sys::cuModuleUnload(self.module) }, "cuModuleUnload");
+            let _ = unsafe { (self.gpu.api().cuModuleUnload)(self.module) };
         }
     }
 }

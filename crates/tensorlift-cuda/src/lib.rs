@@ -1,8 +1,10 @@
-//! The CUDA side of tensorlift, and the only crate that names cudarc.
+//! The CUDA side of tensorlift, and the only crate that calls the CUDA driver.
 //!
 //! Everything here is decided at run time: [`cuda_status`] opens the driver library
-//! itself (cudarc panics when it is missing) and reports either the driver and its devices
-//! or the reason CUDA cannot be used. No build needs the CUDA toolkit or a GPU.
+//! itself and reports either the driver and its devices or the reason CUDA cannot be used.
+//! No build needs the CUDA toolkit or a GPU. The driver's functions are called through a
+//! table resolved from that library, with every result read as the integer the driver
+//! returns ([`DriverCode`]); cudarc supplies the types, and the `CudaSlice`s a caller lends.
 //!
 //! ```
 //! match tensorlift_cuda::cuda_status() {
@@ -24,6 +26,7 @@ mod arena;
 mod copy;
 mod device;
 pub mod dlpack;
+mod driver;
 pub mod emulator;
 mod error;
 mod kernels;
@@ -35,6 +38,7 @@ mod probe;
 pub use arena::{DeviceArena, LentMemory};
 pub use copy::{CopyEngine, OnCopied, Piece};
 pub use device::Gpu;
+pub use driver::DriverCode;
 pub use error::CudaError;
 pub use kernels::{KernelType, Kernels};
 pub use page_cache::PageCacheRange;

@@ -31,10 +31,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use crate::device::Stream;
 use cudarc::driver::sys;
-use cudarc::driver::CudaStream;
 
-use crate::error::{check, Call};
 use crate::{CudaError, DeviceArena, Gpu};
 
 /// The environment variable naming the NCCL library to load (a path).
@@ -223,7 +222,7 @@ pub struct Comm {
     api: &'static Api,
     raw: Comm_,
     gpu: Gpu,
-    stream: Arc<CudaStream>,
+    stream: Arc<Stream>,
     rank: usize,
     world: usize,
     failed: bool,
@@ -376,7 +375,7 @@ fn abort(api: &'static Api, raw: Comm_, gpu: &Gpu) {
     let (handle, gpu2) = (raw as usize, gpu.clone());
     let (tx, rx) = std::sync::mpsc::channel();
     let spawned = std::thread::Builder::new().name("tensorlift-nccl-abort".into()).spawn(move || {
-        let _restore = gpu2.enter_for_release();
+        let _restore = gpu2.enter();
         // SAFETY: the handle is live, and after this abort nothing uses it (the caller's
         // contract: a failed communicator makes no exchange and is not destroyed).
         let _ = unsafe { (api.abort)(handle as Comm_) };
@@ -389,7 +388,7 @@ fn abort(api: &'static Api, raw: Comm_, gpu: &Gpu) {
             }
         }
         Err(_) => {
-            let _restore = gpu.enter_for_release();
+            let _restore = gpu.enter();
             // SAFETY: as above, on this thread, there being no other.
             let _ = unsafe { (api.abort)(raw) };
         }
@@ -401,7 +400,7 @@ impl Drop for Comm {
         if self.failed {
             return;
         }
-        let _restore = self.gpu.enter_for_release();
+        let _restore = self.gpu.enter();
         // SAFETY: the handle is live and dropped once; every exchange waited for its work.
         let _ = unsafe { (self.api.destroy)(self.raw) };
     }
@@ -600,7 +599,7 @@ impl Exchange<'_> {
                 if len == 0 {
                     continue;
                 }
-                let cu = comm.stream.cu_stream();
+                let cu = comm.stream.raw();
                 queued = if *sending {
                     // SAFETY: the block was checked inside its arena on this device; the arena
                     // is held (in `wire`) until the stream has completed, waited for below.
@@ -641,11 +640,11 @@ impl Exchange<'_> {
 /// once more when the work is done (a receive that failed completes without its bytes), for
 /// at most the communicator's timeout.
 fn wait(comm: &Comm) -> Result<(), CudaError> {
-    let done = comm.stream.record_event(None).call("cuEventRecord")?;
+    let done = comm.stream.record_event()?;
     let started = std::time::Instant::now();
     let mut pause = Duration::from_micros(50);
     loop {
-        let complete = done.try_is_complete().call("cuEventQuery")?;
+        let complete = done.is_complete()?;
         let mut state: NcclResult = 0;
         // SAFETY: writes one result code; the handle is live.
         comm.api.check("ncclCommGetAsyncError", unsafe { (comm.api.async_error)(comm.raw, &mut state) })?;
@@ -672,12 +671,11 @@ fn wait(comm: &Comm) -> Result<(), CudaError> {
 
 /// Whether the stream's work completes within `limit` (`false` also when it cannot be
 /// asked).
-fn drained(stream: &CudaStream, limit: Duration) -> bool {
-    let _restore = crate::device::Current::save();
-    let Ok(done) = stream.record_event(None) else { return false };
+fn drained(stream: &Stream, limit: Duration) -> bool {
+    let Ok(done) = stream.record_event() else { return false };
     let started = std::time::Instant::now();
     loop {
-        match done.try_is_complete() {
+        match done.is_complete() {
             Ok(true) => return true,
             Ok(false) if started.elapsed() < limit => std::thread::sleep(Duration::from_millis(1)),
             _ => return false,
@@ -687,26 +685,28 @@ fn drained(stream: &CudaStream, limit: Duration) -> bool {
 
 /// Queues a fill of `len` bytes at `offset` of `arena` with `value` on `stream` (the
 /// arena's device current).
-fn memset(stream: &CudaStream, arena: &DeviceArena, offset: usize, len: usize, value: u8) -> Result<(), CudaError> {
+fn memset(stream: &Stream, arena: &DeviceArena, offset: usize, len: usize, value: u8) -> Result<(), CudaError> {
     if offset.checked_add(len).is_none_or(|end| end > arena.len()) {
         return Err(CudaError::OutOfBounds { what: "agreement memory", len });
     }
+    let api = arena.gpu().api();
     // SAFETY: the range lies inside the arena, which the communicator holds for as long as
     // it lives, and every exchange waits for its stream before returning.
-    let r = unsafe { sys::cuMemsetD8Async(arena.device_ptr() + offset as u64, value, len, stream.cu_stream()) };
-    check(r, "cuMemsetD8Async")
+    let r = unsafe { (api.cuMemsetD8Async)(arena.device_ptr() + offset as u64, value, len, stream.raw()) };
+    api.check(r, "cuMemsetD8Async")
 }
 
 /// Queues a device-to-device copy of `src` into `dst` (shapes checked by the caller).
-fn copy_2d(stream: &CudaStream, dst: &Block, src: &Block) -> Result<(), CudaError> {
+fn copy_2d(stream: &Stream, dst: &Block, src: &Block) -> Result<(), CudaError> {
     if src.bytes() == 0 {
         return Ok(());
     }
+    let api = dst.arena.gpu().api();
     if src.contiguous() && dst.contiguous() {
         // SAFETY: both blocks were checked inside their arenas on this device, which are
         // held until the stream has completed.
-        let r = unsafe { sys::cuMemcpyDtoDAsync_v2(dst.ptr(), src.ptr(), src.bytes(), stream.cu_stream()) };
-        return check(r, "cuMemcpyDtoDAsync");
+        let r = unsafe { (api.cuMemcpyDtoDAsync_v2)(dst.ptr(), src.ptr(), src.bytes(), stream.raw()) };
+        return api.check(r, "cuMemcpyDtoDAsync");
     }
     let copy = sys::CUDA_MEMCPY2D {
         srcXInBytes: 0,
@@ -728,5 +728,5 @@ fn copy_2d(stream: &CudaStream, dst: &Block, src: &Block) -> Result<(), CudaErro
     };
     // SAFETY: every row of both blocks was checked inside its arena (pitches at least the
     // width); the descriptor is read by the call, which does not keep it.
-    check(unsafe { sys::cuMemcpy2DAsync_v2(&copy, stream.cu_stream()) }, "cuMemcpy2DAsync")
+    api.check(unsafe { (api.cuMemcpy2DAsync_v2)(&copy, stream.raw()) }, "cuMemcpy2DAsync")
 }

@@ -2,10 +2,9 @@
 //! file's range ([`DmaWindow`]), pinned by registering it with CUDA read-only, is a source
 //! of copies like a pinned chunk, with no CPU copy into staging.
 
-use cudarc::driver::sys;
 use tensorlift_io::DmaWindow;
 
-use crate::error::check;
+use crate::driver;
 use crate::{CudaError, Gpu};
 
 /// A file's range in the page cache, registered read-only with one device's context:
@@ -26,11 +25,12 @@ impl PageCacheRange {
     pub fn register(gpu: &Gpu, window: DmaWindow) -> Result<PageCacheRange, CudaError> {
         let (base, len) = window.pages();
         let _restore = gpu.enter()?;
+        let api = gpu.api();
         // SAFETY: [base, base + len) is the live mapping `window` owns, whole pages of it;
         // the registration only pins them for the device to read (READ_ONLY), and is undone in
         // Drop, before the window is unmapped.
-        let r = unsafe { sys::cuMemHostRegister_v2(base.cast_mut().cast(), len, sys::CU_MEMHOSTREGISTER_READ_ONLY) };
-        check(r, "cuMemHostRegister")?;
+        let r = unsafe { (api.cuMemHostRegister_v2)(base.cast_mut().cast(), len, driver::MEMHOSTREGISTER_READ_ONLY) };
+        api.check(r, "cuMemHostRegister")?;
         Ok(PageCacheRange { gpu: gpu.clone(), window: std::mem::ManuallyDrop::new(window) })
     }
 
@@ -57,11 +57,11 @@ impl PageCacheRange {
 
 impl Drop for PageCacheRange {
     fn drop(&mut self) {
-        let unregistered = self.gpu.enter_for_release().is_ok_and(|_restore| {
+        let unregistered = self.gpu.enter().is_ok_and(|_restore| {
             // SAFETY: unregisters exactly the range registered in `register`, once; the copy
             // engine drops this value only after the copies from it have completed.
-            let r = unsafe { sys::cuMemHostUnregister(self.window.pages().0.cast_mut().cast()) };
-            check(r, "cuMemHostUnregister").is_ok()
+            let r = unsafe { (self.gpu.api().cuMemHostUnregister)(self.window.pages().0.cast_mut().cast()) };
+            r == driver::SUCCESS
         });
         if unregistered {
             // SAFETY: dropped once, here, and never used after; the pages are no longer

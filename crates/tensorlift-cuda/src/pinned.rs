@@ -4,10 +4,9 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
-use cudarc::driver::sys;
 use tensorlift_io::{AlignedBuf, IoBufMut, IoError, Reader, PAGE};
 
-use crate::error::check;
+use crate::driver;
 use crate::{CudaError, Gpu};
 
 /// A fixed budget of page-locked host memory in equal chunks.
@@ -50,8 +49,8 @@ impl PinnedPool {
         let _restore = gpu.enter()?;
         // SAFETY: [base, base + len) is a live mapping owned by `mem`, which the pool keeps
         // until Drop unregisters it first.
-        let r = unsafe { sys::cuMemHostRegister_v2(base.cast(), len, sys::CU_MEMHOSTREGISTER_PORTABLE) };
-        check(r, "cuMemHostRegister")?;
+        let r = unsafe { (gpu.api().cuMemHostRegister_v2)(base.cast(), len, driver::MEMHOSTREGISTER_PORTABLE) };
+        gpu.api().check(r, "cuMemHostRegister")?;
         Ok(Arc::new(PinnedPool {
             gpu: gpu.clone(),
             mem: std::mem::ManuallyDrop::new(mem),
@@ -149,9 +148,9 @@ impl Drop for PinnedPool {
     fn drop(&mut self) {
         // Every chunk holds an Arc to the pool, so none is lent out (and no copy from one is
         // in flight: the copy engine holds chunks until their copies complete).
-        let unregistered = self.gpu.enter_for_release().is_ok_and(|_restore| {
+        let unregistered = self.gpu.enter().is_ok_and(|_restore| {
             // SAFETY: unregisters exactly the range registered in `new`, once.
-            check(unsafe { sys::cuMemHostUnregister(self.base.cast()) }, "cuMemHostUnregister").is_ok()
+            (unsafe { (self.gpu.api().cuMemHostUnregister)(self.base.cast()) }) == driver::SUCCESS
         });
         if unregistered {
             // SAFETY: dropped once, here, and never used after; no chunk (each holds the pool)

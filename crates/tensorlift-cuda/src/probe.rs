@@ -1,5 +1,5 @@
-//! The driver probe: opens libcuda itself, before anything touches cudarc (which panics
-//! when the library is missing), and turns every failure into a reason.
+//! The driver probe: opens libcuda itself (cudarc's loader panics when the library is
+//! missing), and turns every failure into a reason.
 
 use std::ffi::{c_char, c_int, c_uint, CStr};
 use std::fmt;
@@ -91,7 +91,8 @@ pub unsafe fn use_driver_library(path: PathBuf) -> bool {
 }
 
 /// The process's CUDA status, probed once. The driver library it loaded stays loaded for
-/// the life of the process: cudarc then finds that same library by its name.
+/// the life of the process: tensorlift's calls resolve from it (`driver.rs`), and cudarc,
+/// where a caller's `CudaSlice` uses it, finds that same library by its name.
 pub fn cuda_status() -> &'static CudaStatus {
     static STATUS: OnceLock<CudaStatus> = OnceLock::new();
     STATUS.get_or_init(|| {

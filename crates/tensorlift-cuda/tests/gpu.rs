@@ -240,6 +240,32 @@ fn device_memory_is_reported_and_runs_out_cleanly() {
     assert!(matches!(e, CudaError::OutOfMemory { .. }), "{e}");
 }
 
+/// A driver result that the CUDA 12.8 bindings have no value for (917, which CUDA 13 added;
+/// 12345, which no version defines) is an error carrying its number, named by the driver
+/// where it names it: tensorlift reads results as integers, never as an enum a newer driver
+/// could hand an invalid value of.
+#[test]
+fn a_result_code_the_bindings_do_not_know_is_an_error_with_its_number() {
+    let (_driver, gpu) = gpu();
+    if !emulator::is_emulated() {
+        eprintln!("skipped on a real driver: needs the emulator's injected result");
+        return;
+    }
+    for code in [917u32, 12_345] {
+        emulator::set_fault(Fault::AllocResult(code));
+        let e = DeviceArena::new(&gpu, 1 << 20).unwrap_err();
+        let CudaError::Driver { call: "cuMemAlloc", source } = &e else { panic!("{e}") };
+        assert_eq!((source.code(), source.name()), (code as i32, None), "{e}");
+        assert_eq!(e.to_string(), format!("cuMemAlloc failed: CUDA error {code} (a code this driver does not name)"));
+    }
+    // A code the driver names is named by it.
+    emulator::set_fault(Fault::AllocResult(201));
+    let e = DeviceArena::new(&gpu, 1 << 20).unwrap_err();
+    assert_eq!(e.to_string(), "cuMemAlloc failed: CUDA_ERROR_INVALID_CONTEXT (201)");
+    emulator::set_fault(Fault::AllocResult(0));
+    drop(DeviceArena::new(&gpu, 1 << 20).unwrap());
+}
+
 #[test]
 fn async_copies_from_pageable_memory_are_refused_by_the_emulator() {
     let (_driver, gpu) = gpu();

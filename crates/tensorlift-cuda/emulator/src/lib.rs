@@ -1,5 +1,6 @@
-//! A test-only stand-in for `libcuda.so`: the driver calls tensorlift makes (through cudarc
-//! and its own probe), with the semantics that catch real bugs.
+//! A test-only stand-in for `libcuda.so`: the driver calls tensorlift makes (its probe and
+//! its table of the driver's functions), and those cudarc makes for the allocations tests
+//! lend to loads, with the semantics that catch real bugs.
 //!
 //! - Each stream is a worker thread that applies its operations later, in order.
 //! - An event completes when its stream reaches it; `cuEventSynchronize` waits for that.
@@ -41,6 +42,8 @@
 //!   `TLEMU_REFUSE_REGISTER=1`, `TLEMU_COPY_DELAY_US=N` (each copy waits first),
 //!   `TLEMU_NO_READ_ONLY_REGISTER=1` (the devices lack read-only registration: its
 //!   attribute reads 0 and such a registration is `CUDA_ERROR_NOT_SUPPORTED`),
+//!   `TLEMU_ALLOC_RESULT=N` (every allocation returns the code N, which may be one no CUDA
+//!   version defines, as a newer driver's codes are to older bindings),
 //!   `TLEMU_DEVICES=N`, `TLEMU_FAULT_DEVICE=D+1` (the memory, out-of-memory and copy faults
 //!   hit device D alone, whose copies are then counted on their own; 0, the default: every
 //!   device); read at `cuInit`, and settable later with `tlemu_set_fault`. (The sticky error
@@ -109,7 +112,8 @@ const FAULT_DEVICES: c_uint = 5;
 const FAULT_DEVICE: c_uint = 6;
 const FAULT_NO_READ_ONLY_REGISTER: c_uint = 7;
 const FAULT_MEMSET_DELAY_US: c_uint = 8;
-const FAULT_COUNT: usize = 9;
+const FAULT_ALLOC_RESULT: c_uint = 9;
+const FAULT_COUNT: usize = 10;
 
 /// `CU_MEMHOSTREGISTER_READ_ONLY`.
 const REGISTER_READ_ONLY: c_uint = 0x08;
@@ -166,6 +170,7 @@ fn emu() -> &'static Emu {
                 AtomicU64::new(env("TLEMU_FAULT_DEVICE", 0)),
                 AtomicU64::new(env("TLEMU_NO_READ_ONLY_REGISTER", 0)),
                 AtomicU64::new(env("TLEMU_MEMSET_DELAY_US", 0)),
+                AtomicU64::new(env("TLEMU_ALLOC_RESULT", 0)),
             ],
             sticky: AtomicI32::new(SUCCESS),
         }
@@ -322,7 +327,15 @@ pub unsafe extern "C" fn cuGetErrorName(error: CUresult, text: *mut *const c_cha
         HOST_MEMORY_NOT_REGISTERED => b"CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED\0",
         NOT_PERMITTED => b"CUDA_ERROR_NOT_PERMITTED\0",
         NOT_SUPPORTED => b"CUDA_ERROR_NOT_SUPPORTED\0",
-        _ => b"CUDA_ERROR_UNKNOWN\0",
+        INVALID_CONTEXT => b"CUDA_ERROR_INVALID_CONTEXT\0",
+        UNKNOWN => b"CUDA_ERROR_UNKNOWN\0",
+        // A code this driver does not know: the driver's answer (cuda.h), which leaves the
+        // caller to name it by number.
+        _ => {
+            // SAFETY: as above.
+            unsafe { put(text, std::ptr::null()) };
+            return INVALID_VALUE;
+        }
     };
     // SAFETY: as above; the string is static.
     unsafe { put(text, s.as_ptr().cast()) }
@@ -414,6 +427,10 @@ pub unsafe extern "C" fn cuMemAlloc_v2(out: *mut CUdeviceptr, size: usize) -> CU
         return INVALID_VALUE;
     }
     let Some(device) = current_device() else { return INVALID_CONTEXT };
+    let forced = fault(FAULT_ALLOC_RESULT);
+    if forced != 0 && faulty(device) {
+        return forced as CUresult;
+    }
     let e = emu();
     let in_use = e.device_bytes[device as usize].load(Ordering::Relaxed);
     let oom = fault(FAULT_OOM) != 0 && faulty(device);
