@@ -50,14 +50,19 @@ impl LentMemory {
     pub fn from_cuda_slice<T: DeviceRepr + bytemuck::Pod + Send + Sync>(
         mut slice: CudaSlice<T>,
     ) -> Result<LentMemory, CudaError> {
-        // cudarc binds the slice's context to this thread: the caller's comes back after.
+        // The slice's context is made current here (by cudarc, and for the wait below): the
+        // caller's comes back after.
         let _restore = Current::save();
         let stream = std::sync::Arc::clone(slice.stream());
         // Asking for the pointer to write makes the slice's stream wait for its tracked uses
         // on other streams; the guard records this write there when it drops, at once.
         let ptr = slice.device_ptr_mut(&stream).0;
-        // The wait is tensorlift's own call (an integer result), on cudarc's stream.
+        // The wait is tensorlift's own call (an integer result), on cudarc's stream, with the
+        // slice's context current: cudarc's default stream is the null handle, which names
+        // the legacy stream of whatever context is current (the guard restores the caller's).
         let api = driver::api()?;
+        // SAFETY: the context is live: the slice's stream holds it.
+        api.check(unsafe { (api.cuCtxSetCurrent)(stream.context().cu_ctx()) }, "cuCtxSetCurrent")?;
         // SAFETY: the stream is live: the slice holds it.
         api.check(unsafe { (api.cuStreamSynchronize)(stream.cu_stream()) }, "cuStreamSynchronize")?;
         Ok(LentMemory { ptr, len: slice.num_bytes(), owner: Box::new(slice) })

@@ -212,7 +212,8 @@ impl Event {
         self.gpu.api().check(unsafe { (self.gpu.api().cuEventRecord)(self.raw, stream.raw) }, "cuEventRecord")
     }
 
-    /// Whether the work the event was recorded behind has completed.
+    /// Whether the work the event was recorded behind has completed. (An event handle
+    /// carries its context: no context need be current to ask, or to wait.)
     pub(crate) fn is_complete(&self) -> Result<bool, CudaError> {
         // SAFETY: the event is live (owned by self).
         match unsafe { (self.gpu.api().cuEventQuery)(self.raw) } {

@@ -73,7 +73,9 @@ macro_rules! driver_api {
                     $($name: {
                         let name = concat!(stringify!($name), "\0");
                         // SAFETY: the symbol is the driver API function of that name, whose C
-                        // signature (cuda.h) the field's type spells, with its result as an int.
+                        // signature (cuda.h) the field's type spells, with its result as an int;
+                        // the pointer is copied out of the borrow because the library stays
+                        // loaded for the life of the process (`process_driver` is 'static).
                         let f = unsafe { lib.get::<unsafe extern "C" fn($($arg),*) -> CuResult>(name.as_bytes()) };
                         *f.map_err(|e| format!("the driver library lacks {}: {e}", stringify!($name)))?
                     },)*

@@ -240,7 +240,7 @@ fn device_memory_is_reported_and_runs_out_cleanly() {
     assert!(matches!(e, CudaError::OutOfMemory { .. }), "{e}");
 }
 
-/// A driver result that the CUDA 12.8 bindings have no value for (917, which CUDA 13 added;
+/// A driver result that the CUDA 12.8 bindings have no value for (917, which CUDA 13.1 added;
 /// 12345, which no version defines) is an error carrying its number, named by the driver
 /// where it names it: tensorlift reads results as integers, never as an enum a newer driver
 /// could hand an invalid value of.
@@ -264,6 +264,31 @@ fn a_result_code_the_bindings_do_not_know_is_an_error_with_its_number() {
     assert_eq!(e.to_string(), "cuMemAlloc failed: CUDA_ERROR_INVALID_CONTEXT (201)");
     emulator::set_fault(Fault::AllocResult(0));
     drop(DeviceArena::new(&gpu, 1 << 20).unwrap());
+}
+
+/// A cudarc slice on its context's default stream (the null handle, which names the legacy
+/// stream of whatever context is current), lent from a thread with no context current: the
+/// wait for its allocation and zeroing runs in the slice's own context, and the thread is
+/// left with none, as it was.
+#[test]
+fn a_slice_on_cudarcs_default_stream_is_waited_for_in_its_own_context() {
+    use cudarc::driver::{sys, CudaContext, CudaSlice};
+    let (_driver, gpu) = gpu();
+    let ctx = CudaContext::new(0).unwrap();
+    let slice = ctx.default_stream().alloc_zeros::<u32>(1024).unwrap();
+    // SAFETY: unbinds this thread's context; nothing of the test's is left using it.
+    assert_eq!(unsafe { sys::cuCtxSetCurrent(std::ptr::null_mut()) }, sys::CUresult::CUDA_SUCCESS);
+    let lent = tensorlift_cuda::LentMemory::from_cuda_slice(slice).unwrap();
+    let mut current = std::ptr::null_mut();
+    // SAFETY: writes one context handle.
+    assert_eq!(unsafe { sys::cuCtxGetCurrent(&mut current) }, sys::CUresult::CUDA_SUCCESS);
+    assert!(current.is_null(), "the thread's (absent) context is restored");
+    let arena = DeviceArena::lent(&gpu, lent).unwrap();
+    let mut back = vec![1u8; 4096];
+    arena.copy_to_host(0, &mut back).unwrap();
+    assert!(back.iter().all(|&b| b == 0), "the zeroing is done");
+    assert_eq!(arena.into_owner().unwrap().downcast::<CudaSlice<u32>>().unwrap().len(), 1024);
+    drop(ctx);
 }
 
 #[test]

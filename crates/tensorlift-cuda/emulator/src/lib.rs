@@ -412,7 +412,9 @@ pub unsafe extern "C" fn cuCtxGetDevice(dev: *mut c_int) -> CUresult {
 
 #[no_mangle]
 pub extern "C" fn cuCtxSynchronize() -> CUresult {
-    let streams: Vec<Arc<Stream>> = lock(streams()).values().cloned().collect();
+    // The current context's work, as the driver waits for it; none current is an error.
+    let Some(device) = current_device() else { return INVALID_CONTEXT };
+    let streams: Vec<Arc<Stream>> = lock(streams()).values().filter(|s| s.device == device).cloned().collect();
     for s in streams {
         s.drain();
     }
