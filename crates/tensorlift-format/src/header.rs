@@ -69,9 +69,11 @@ impl Header {
         HEADER_PREFIX_LEN + self.header_len
     }
 
-    /// Length of the data section.
+    /// Length of the data section: where the tensor that ends last ends. (In a safetensors
+    /// file that is the last one; a PyTorch file's views of one storage may overlap, and a
+    /// later one end first.)
     pub fn data_len(&self) -> u64 {
-        self.tensors.last().map_or(0, |t| t.data_offsets.1)
+        self.tensors.iter().map(|t| t.data_offsets.1).max().unwrap_or(0)
     }
 }
 
@@ -347,6 +349,18 @@ impl<'de: 'a, 'a> Deserialize<'de> for Entries<'a> {
 #[cfg(test)]
 mod fast_and_checked {
     use super::*;
+
+    /// The data section ends where its last-ending tensor ends, not where the last-starting
+    /// one does: a PyTorch file's views of one storage overlap (found by an audit, where
+    /// `inspect` said 30 bytes of a storage of 100).
+    #[test]
+    fn the_data_section_ends_with_the_tensor_that_ends_last() {
+        let t =
+            |name: &str, data_offsets| TensorInfo { name: name.into(), dtype: Dtype::U8, shape: vec![], data_offsets };
+        let header = Header { header_len: 8, metadata: None, tensors: vec![t("whole", (0, 100)), t("view", (10, 30))] };
+        assert_eq!(header.data_len(), 100);
+        assert_eq!(Header { header_len: 8, metadata: None, tensors: vec![] }.data_len(), 0);
+    }
 
     /// The one-pass reading accepts exactly what the two-pass reading accepts, with the
     /// same result, and declines (for the two-pass reading to report) everything else.

@@ -332,7 +332,7 @@ fn storage_pid(vm: &mut Vm, pid: &Value, at: usize, legacy: bool) -> Result<(Sto
         _ => return Err(bad("the storage type is not a torch storage class")),
     };
     let key = match &t[2] {
-        Value::Str(s) => s.to_string(),
+        Value::Str(s) => Rc::clone(s),
         _ => return Err(bad("the key is not a string")),
     };
     let numel = match t[4] {
@@ -344,7 +344,7 @@ fn storage_pid(vm: &mut Vm, pid: &Value, at: usize, legacy: bool) -> Result<(Sto
             Value::None => None,
             v => match vm.tuple(v) {
                 Some([Value::Str(k), Value::Int(off), Value::Int(n)]) if *off >= 0 && *n >= 0 => {
-                    Some((k.to_string(), *off as u64, *n as u64))
+                    Some((Rc::clone(k), *off as u64, *n as u64))
                 }
                 _ => return Err(bad("the view is not (key, offset, size)")),
             },
@@ -352,8 +352,13 @@ fn storage_pid(vm: &mut Vm, pid: &Value, at: usize, legacy: bool) -> Result<(Sto
     } else {
         None
     };
-    vm.charge(STORAGE_COST + vm::heap(key.len()))?;
-    Ok((StorageRef { dtype, key, numel, view: None, untyped }, view))
+    // Every id is charged for the keys it copies and looks up (a long key, kept in the memo
+    // and named by many ids of a few bytes each, is work and memory each time), before they
+    // are copied.
+    let view_len = view.as_ref().map_or(0, |(k, _, _)| vm::heap(k.len()));
+    vm.charge(STORAGE_COST + vm::heap(key.len()) + view_len)?;
+    let view = view.map(|(k, off, n)| (k.to_string(), off, n));
+    Ok((StorageRef { dtype, key: key.to_string(), numel, view: None, untyped }, view))
 }
 
 /// What a storage's description takes in memory (in its reference-counted box), besides
@@ -554,25 +559,28 @@ fn read_legacy_window<R: ReadAt + ?Sized>(
     let mut lg = Legacy { roots: BTreeMap::new(), views: BTreeMap::new() };
     let root = next(&mut vm, &mut at, &mut lg)?;
     let keys = next(&mut vm, &mut at, &mut NoPersistent)?;
-    let keys: Vec<String> = match &keys {
+    // The keys are read where the pickle keeps them, not copied: one long key listed again
+    // and again (a few bytes of pickle each time) would otherwise be copied each time.
+    let keys = match &keys {
         Value::List(i) => match &vm.arena[*i] {
-            vm::Container::List(l) => l
-                .iter()
-                .map(|k| match k {
-                    Value::Str(s) => Ok(s.to_string()),
-                    _ => Err(ErrorKind::pickle(at, "a storage key is not a string")),
-                })
-                .collect::<Result<_, _>>()?,
+            vm::Container::List(l) => l,
             _ => return Err(ErrorKind::pickle(at, "storage keys are not a list")),
         },
         _ => return Err(ErrorKind::pickle(at, "storage keys are not a list")),
     };
     let mut pos = at as u64;
     let mut storages = BTreeMap::new();
-    for key in &keys {
+    for key in keys {
+        let Value::Str(key) = key else { return Err(ErrorKind::pickle(at, "a storage key is not a string")) };
+        let key = key.as_str();
         let s = lg.roots.get(key).ok_or_else(|| {
             ErrorKind::NotTorch(format!("storage '{key}' is listed but no tensor names it as a storage"))
         })?;
+        // torch.save lists each storage once; a key listed again would have its storage read
+        // twice. Refused, which also bounds the loop by the storages the pickle named.
+        if storages.contains_key(key) {
+            return Err(ErrorKind::NotTorch(format!("storage '{key}' is listed twice")));
+        }
         let mut n = [0u8; 8];
         src.read_exact_at(&mut n, pos)
             .map_err(|_| ErrorKind::NotTorch(format!("storage '{key}' starts past the end of the file")))?;
@@ -592,7 +600,7 @@ fn read_legacy_window<R: ReadAt + ?Sized>(
                 s.numel
             )));
         }
-        storages.insert(key.clone(), Storage { dtype: s.dtype, offset: pos + 8, len: bytes });
+        storages.insert(key.to_owned(), Storage { dtype: s.dtype, offset: pos + 8, len: bytes });
         pos += 8 + bytes;
     }
     if let Some(k) = lg.roots.keys().find(|k| !storages.contains_key(*k)) {

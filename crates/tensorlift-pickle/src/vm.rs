@@ -603,7 +603,7 @@ impl Vm {
         for pair in items.chunks_exact(2) {
             // Python hashes a key before storing it: lists, dicts and sets cannot be keys,
             // nor tuples that hold one.
-            if !self.hashable(&pair[0]) {
+            if !self.hashable(&pair[0], at)? {
                 return Err(ErrorKind::pickle(at, format!("{op} with {} as a key (unhashable)", pair[0].kind())));
             }
         }
@@ -613,7 +613,8 @@ impl Vm {
         // hours.
         let key_bytes = items.iter().step_by(2).map(|k| if let Value::Str(s) = k { s.len() } else { 1 }).sum();
         self.scan(key_bytes);
-        // Checked before the keys are hashed: one SETITEMS may carry many of them.
+        // Checked before the keys are hashed (their hashability was checked, within the same
+        // budget, as it went): one SETITEMS may carry many of them.
         self.check_scans(at)?;
         let Container::Dict(d) = &mut self.arena[i] else {
             return Err(ErrorKind::pickle(at, format!("{op} on a non-dict")));
@@ -1003,7 +1004,14 @@ impl Vm {
                     (_, []) => true,
                     // A set's items must be hashable.
                     (Opaque::Set, [x @ (Value::List(_) | Value::Tuple(_))]) => {
-                        self.sequence(x).unwrap_or_default().iter().all(|v| self.hashable(v))
+                        let mut all = true;
+                        for v in self.sequence(x).unwrap_or_default() {
+                            if !self.hashable(v, at)? {
+                                all = false;
+                                break;
+                            }
+                        }
+                        all
                     }
                     (Opaque::Set, [x]) => matches!(x, Value::Dict(_) | Value::Str(_) | Value::Bytes | Value::Opaque(_)),
                     // bytearray(str) needs an encoding.
@@ -1034,23 +1042,29 @@ impl Vm {
     }
 
     /// Whether Python could hash `v`: not a list, dict, set or bytearray, nor a tuple that
-    /// holds one, however deep (walked without recursion, and bounded).
-    fn hashable(&self, v: &Value) -> bool {
+    /// holds one, however deep (walked without recursion, and bounded). Each item looked
+    /// at counts against the pickle's budget of checks, which is enforced as the walk goes:
+    /// tuples that share their items (a tree of 2^16 items from a hundred bytes) checked
+    /// for each of many keys are refused, not walked for hours.
+    fn hashable(&self, v: &Value, at: usize) -> Result<bool, ErrorKind> {
         let mut todo = vec![v];
         let mut seen = 0usize;
         while let Some(v) = todo.pop() {
             seen += 1;
             self.scan(1);
+            if seen % 1024 == 0 {
+                self.check_scans(at)?;
+            }
             if seen > 1 << 16 {
-                return false;
+                return Ok(false);
             }
             match v {
-                Value::List(_) | Value::Dict(_) | Value::Opaque(Opaque::Set | Opaque::ByteArray) => return false,
+                Value::List(_) | Value::Dict(_) | Value::Opaque(Opaque::Set | Opaque::ByteArray) => return Ok(false),
                 Value::Tuple(_) => todo.extend(self.tuple(v).unwrap_or_default()),
                 _ => {}
             }
         }
-        true
+        Ok(true)
     }
 
     /// A tensor's Python attributes (`_rebuild_from_type_v2`'s state, a parameter's):
@@ -1322,7 +1336,12 @@ const TENSOR_DESCRIPTORS: [&str; 49] = [
 ];
 
 /// Whether `s` names a device PyTorch knows: a type, with `:N` where `whole` allows it.
+/// Longer names than any device's are refused before they are looked at: a long string
+/// kept in the memo, named by many calls of a few bytes each, would be scanned each time.
 fn device_name(s: &str, whole: bool) -> bool {
+    if s.len() > 64 {
+        return false;
+    }
     // PyTorch 2.13's list ("Expected one of ... device type").
     const TYPES: [&str; 20] = [
         "cpu",

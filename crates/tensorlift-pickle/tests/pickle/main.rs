@@ -513,6 +513,106 @@ fn a_long_key_set_again_and_again_is_refused() {
     assert!(matches!(k, ErrorKind::Rescans { .. }), "{s}");
 }
 
+/// Found by an audit: a legacy file's list of storage keys naming one long key again and
+/// again (two bytes of pickle each time) was copied whole for each name before any was
+/// checked: 500 GB from a 2 MB file. The keys are read where the pickle keeps them, and a
+/// key listed twice is refused (torch.save lists each storage once).
+#[test]
+fn a_storage_key_listed_again_and_again_is_refused_without_copies() {
+    let mut v = one_tensor_many_names(1, 1 << 20);
+    // Replace the key list (`]`, the key, `a.`, then the storage) with 100,000 names of it.
+    let list_at = v.len() - (1 + 5 + (1 << 20) + 2) - 24;
+    v.truncate(list_at);
+    v.extend_from_slice(b"]q\x00(X");
+    v.extend_from_slice(&(1u32 << 20).to_le_bytes());
+    v.extend(std::iter::repeat_n(b'k', 1 << 20));
+    v.extend_from_slice(b"q\x01");
+    for _ in 0..100_000 {
+        v.extend_from_slice(b"h\x01");
+    }
+    v.extend_from_slice(b"e.");
+    v.extend_from_slice(&4u64.to_le_bytes());
+    v.extend_from_slice(&[0u8; 16]);
+    let (k, s) = kind(read_bytes(&v));
+    assert!(matches!(k, ErrorKind::NotTorch(_)), "{s}");
+    assert!(s.ends_with("k' is listed twice"), "{}", &s[s.len().saturating_sub(200)..]);
+    // Listed once, the same file reads.
+    let ck = read_bytes(&one_tensor_many_names(1, 1 << 20)).unwrap();
+    assert_eq!(ck_names(&ck), ["n0"]);
+}
+
+/// Found by an audit: tuples that share their items (2^16 of them from a hundred bytes of
+/// pickle) made a set's items, many times over, were each walked whole (Python hashes
+/// them) before the budget of checks was looked at: hours of CPU in one opcode. The budget
+/// holds within the walk, and the pickle is refused close to it.
+#[test]
+fn shared_tuples_hashed_again_and_again_are_refused_within_the_budget() {
+    // A mark, then T0 = () and Ti = (Ti-1, Ti-1) in the memo up to T15, closed as one tuple;
+    // then set([T15] * 2000).
+    let mut p = b"\x80\x02()q\x00".to_vec();
+    for i in 1u8..=15 {
+        p.extend_from_slice(&[b'h', i - 1, b'h', i - 1, 0x86, b'q', i]);
+    }
+    p.extend_from_slice(b"tcbuiltins\nset\n](");
+    for _ in 0..2000 {
+        p.extend_from_slice(b"h\x0f");
+    }
+    p.extend_from_slice(b"e\x85R.");
+    let file = legacy(&p);
+    let (k, s) = kind(read_bytes(&file));
+    let ErrorKind::Rescans { scanned, .. } = k else { panic!("{s}") };
+    // The budget is 16 Mi items and 64 a byte read; 2000 walks of 2^16 would be 131 M.
+    let most = (16u64 << 20) + 64 * file.len() as u64;
+    assert!(scanned > 16 << 20 && scanned < most + (1 << 17), "{scanned} items looked at, at most {most} allowed");
+}
+
+/// Found by an audit: `torch.device` of a long string kept in the memo, called many times by
+/// a few bytes of pickle each, scanned the string each time. A name longer than any
+/// device's is refused before it is looked at.
+#[test]
+fn a_long_device_name_is_refused_at_once() {
+    let mut p = b"\x80\x02ctorch\ndevice\nq\x00X".to_vec();
+    let name = format!("cpu:{}", "0".repeat(1 << 20));
+    p.extend_from_slice(&(name.len() as u32).to_le_bytes());
+    p.extend_from_slice(name.as_bytes());
+    p.extend_from_slice(b"q\x01](");
+    for _ in 0..100 {
+        p.extend_from_slice(b"h\x00h\x01\x85R");
+    }
+    p.extend_from_slice(b"e.");
+    let (_, s) = kind(read_bytes(&legacy(&p)));
+    assert!(s.contains("torch.device with wrong arguments"), "{s}");
+    // A device as torch.save writes it is read (here, as a state_dict's non-tensor value).
+    let ck = read_bytes(&legacy(b"\x80\x02}X\x01\x00\x00\x00dctorch\ndevice\nX\x06\x00\x00\x00cuda:1\x85Rs.")).unwrap();
+    assert_eq!(ck.skipped, ["d"]);
+}
+
+/// Found by an audit: a legacy persistent id's view key was copied (and compared) for each
+/// id that named it, uncharged: a long view key kept in the memo, named by many ids of a
+/// few bytes each, was copied again and again. Each id is charged for the keys it copies.
+#[test]
+fn a_long_view_key_named_again_and_again_counts_against_the_budget() {
+    // Padding raises the budget (16 bytes a byte read), then one persistent id whose view
+    // key is 256 KiB, kept in the memo and loaded 2,000 times.
+    let mut p = b"\x80\x02](".to_vec();
+    for _ in 0..4000 {
+        p.extend_from_slice(&[b'U', 255]);
+        p.extend_from_slice(&[b'x'; 255]);
+    }
+    p.extend_from_slice(
+        b"e(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x04\x00\x00\x00rootX\x03\x00\x00\x00cpuK\x04(X",
+    );
+    p.extend_from_slice(&(256u32 << 10).to_le_bytes());
+    p.extend(std::iter::repeat_n(b'v', 256 << 10));
+    p.extend_from_slice(b"K\x00K\x04ttq\x01](");
+    for _ in 0..2000 {
+        p.extend_from_slice(b"h\x01Q");
+    }
+    p.extend_from_slice(b"e.");
+    let (k, s) = kind(read_bytes(&legacy(&p)));
+    assert!(matches!(k, ErrorKind::Limit { setting: "pickle_memory_per_byte", .. }), "{s}");
+}
+
 fn ck_names(ck: &TorchCheckpoint) -> Vec<&str> {
     ck.tensors.iter().map(|t| t.name.as_str()).collect()
 }
