@@ -197,8 +197,9 @@ impl Drop for PinnedChunk {
 }
 
 // SAFETY: the chunk's bytes lie in the pool's mapping, which the chunk keeps alive and which
-// never moves; the free list lends each index to one chunk at a time; when `fixed`, chunk
-// `i` is exactly the region registered as slot `i`.
+// never moves; the free list lends each index to one chunk at a time. (When `fixed`, chunk
+// `i` is the region registered as slot `i` with the reader it was registered with; a reader
+// checks that against its own registration before it reads into a slot.)
 unsafe impl IoBufMut for PinnedChunk {
     fn stable_mut_ptr(&mut self) -> *mut u8 {
         self.pool.chunk_ptr(self.index)

@@ -15,15 +15,17 @@ use std::ptr::NonNull;
 /// pointer to [`capacity`](IoBufMut::capacity) bytes that are valid for writes, that those
 /// bytes do not move for as long as the value exists (moving the value itself must not move
 /// them: heap storage, a mapping, pinned memory), and that no other code reads or writes
-/// them while the value is lent to a read. If [`fixed_slot`](IoBufMut::fixed_slot) returns
-/// `Some(i)`, the bytes must lie inside region `i` of the regions registered with
-/// [`Reader::register_buffers`](crate::Reader::register_buffers).
+/// them while the value is lent to a read. [`fixed_slot`](IoBufMut::fixed_slot) is a hint:
+/// a reader reads into the bytes as fixed buffer `i` only where they lie inside region `i`
+/// of the regions it registered ([`Reader::register_buffers`](crate::Reader::register_buffers)),
+/// and as any other buffer elsewhere.
 pub unsafe trait IoBufMut: Send + 'static {
     /// Start of the writable bytes.
     fn stable_mut_ptr(&mut self) -> *mut u8;
     /// Number of writable bytes.
     fn capacity(&self) -> usize;
-    /// The io_uring fixed-buffer slot covering these bytes, if registered.
+    /// The io_uring fixed-buffer slot covering these bytes, if registered (checked by the
+    /// reader against what it registered).
     fn fixed_slot(&self) -> Option<u16> {
         None
     }

@@ -192,6 +192,7 @@ impl ReaderBuilder {
             report: Mutex::new(IoReport { backend: kind, reason, uring, fixed_buffers: FixedBuffers::None }),
             copiers: OnceLock::new(),
             registered_owners: Mutex::new(Vec::new()),
+            fixed_regions: Mutex::new(Vec::new()),
             made: MadeIn::here(),
         }
     }
@@ -240,6 +241,10 @@ pub struct Reader {
     /// Owners of memory registered as fixed buffers. Declared after the rings (`backend`)
     /// that registered it, so dropped after them.
     registered_owners: Mutex<Vec<Arc<dyn std::any::Any + Send + Sync>>>,
+    /// The regions registered as fixed buffers (address, length), by slot: a buffer whose
+    /// [`IoBufMut::fixed_slot`] names a slot is read into as a fixed buffer only where it lies
+    /// in that slot's region here (not another reader's, or an earlier registration's).
+    fixed_regions: Mutex<Vec<(usize, usize)>>,
     /// The process that built it. A process forked from that one has none of its threads,
     /// and shares its rings with it: there, reads run on the caller's thread.
     made: MadeIn,
@@ -301,6 +306,9 @@ impl Reader {
             Ok(()) => FixedBuffers::Registered { regions: plain.len(), bytes: plain.iter().map(|r| r.1 as u64).sum() },
             Err(e) => FixedBuffers::Refused(format!("{e}")),
         };
+        if let Ok(mut fixed) = self.fixed_regions.lock() {
+            *fixed = if result.is_ok() { plain } else { Vec::new() };
+        }
         if let Ok(mut r) = self.report.lock() {
             r.fixed_buffers = state;
         }
@@ -362,7 +370,7 @@ impl Reader {
             // SAFETY: buf_offset + len <= capacity was checked above.
             None => (unsafe { buf.stable_mut_ptr().add(buf_offset) }, None, None),
         };
-        let fixed = buf.fixed_slot();
+        let fixed = buf.fixed_slot().filter(|&slot| self.in_fixed_region(slot, dst as usize, len));
         let (tx, rx) = oneshot::channel();
         let op = ReadOp {
             file: Arc::clone(file),
@@ -397,6 +405,15 @@ impl Reader {
 }
 
 impl Reader {
+    /// Whether `[start, start + len)` lies in the region this reader registered as fixed
+    /// buffer `slot`.
+    fn in_fixed_region(&self, slot: u16, start: usize, len: usize) -> bool {
+        let region = self.fixed_regions.lock().ok().and_then(|r| r.get(usize::from(slot)).copied());
+        region.is_some_and(|(base, size)| {
+            start >= base && start.checked_add(len).is_some_and(|end| end <= base.saturating_add(size))
+        })
+    }
+
     /// Whether this is a process forked from the one that built the reader (a data
     /// loader's worker, say): it has none of the reader's threads, and the rings it
     /// inherited are the parent's, so reads there run on the caller's thread.

@@ -147,6 +147,37 @@ fn fixed_buffers_registered_and_read_into() {
     assert_eq!(state, FixedBuffers::Registered { regions: 1, bytes: 1 << 20 });
 }
 
+/// A buffer that names a fixed slot another reader registered (or this reader's slot of
+/// other memory) is read into as any buffer: it used to be a fixed read of the wrong
+/// region, which the kernel refuses (EFAULT), failing the read.
+#[test]
+fn a_slot_of_another_readers_registration_still_reads() {
+    if r_is_pread() {
+        eprintln!("skipped: io_uring unavailable here");
+        return;
+    }
+    let dir = scratch(false).unwrap();
+    let data = pattern(1 << 20, 11);
+    let path = write_file(&dir, "f.bin", &data);
+    let mut buf = Fixed(AlignedBuf::zeroed(1 << 20, 4096).unwrap());
+    let mut other = AlignedBuf::zeroed(1 << 20, 4096).unwrap();
+    let (first, second) =
+        (reader(BackendKind::Uring, Faults::default()), reader(BackendKind::Uring, Faults::default()));
+    // SAFETY: the buffer is declared before the reader, so it outlives it.
+    unsafe { first.register_buffers(&[(buf.stable_mut_ptr(), buf.capacity())]) }.unwrap();
+    // SAFETY: as above.
+    unsafe { second.register_buffers(&[(other.stable_mut_ptr(), other.capacity())]) }.unwrap();
+    let file = second.open(&path).unwrap();
+    for (off, len) in [(0u64, 1usize << 20), (4096, 8192)] {
+        buf = second.read(&file, off, buf, 0, len).wait().unwrap_or_else(|f| panic!("{}", f.error));
+        assert!(buf.0.as_slice()[..len] == data[off as usize..off as usize + len]);
+    }
+    // The reader that registered it reads into it as its fixed buffer.
+    let file = first.open(&path).unwrap();
+    buf = first.read(&file, 3, buf, 0, 1000).wait().unwrap_or_else(|f| panic!("{}", f.error));
+    assert!(buf.0.as_slice()[..1000] == data[3..1003]);
+}
+
 #[test]
 fn refused_registration_still_reads() {
     if r_is_pread() {
