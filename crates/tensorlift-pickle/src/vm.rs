@@ -1052,9 +1052,8 @@ impl Vm {
         while let Some(v) = todo.pop() {
             seen += 1;
             self.scan(1);
-            if seen % 1024 == 0 {
-                self.check_scans(at)?;
-            }
+            // The process's count, not this walk's: many short walks add up too.
+            self.check_scans(at)?;
             if seen > 1 << 16 {
                 return Ok(false);
             }

@@ -547,23 +547,32 @@ fn a_storage_key_listed_again_and_again_is_refused_without_copies() {
 /// holds within the walk, and the pickle is refused close to it.
 #[test]
 fn shared_tuples_hashed_again_and_again_are_refused_within_the_budget() {
-    // A mark, then T0 = () and Ti = (Ti-1, Ti-1) in the memo up to T15, closed as one tuple;
-    // then set([T15] * 2000).
-    let mut p = b"\x80\x02()q\x00".to_vec();
-    for i in 1u8..=15 {
-        p.extend_from_slice(&[b'h', i - 1, b'h', i - 1, 0x86, b'q', i]);
+    // 40 KB of strings (they raise the memory budget, 16 bytes a byte read, for the list
+    // below), a mark, then T0 = () and Ti = (Ti-1, Ti-1) in the memo up to T`depth`, closed
+    // as one tuple; then set([T`depth`] * n). Trees of 2^16 items, and many trees of 2^10
+    // (walks too short to reach a check of their own, were the walk's count checked).
+    for (depth, n) in [(15u8, 2000), (9, 30_000)] {
+        let mut p = b"\x80\x02](".to_vec();
+        for _ in 0..160 {
+            p.extend_from_slice(&[b'U', 255]);
+            p.extend_from_slice(&[b'x'; 255]);
+        }
+        p.extend_from_slice(b"e()q\x00");
+        for i in 1..=depth {
+            p.extend_from_slice(&[b'h', i - 1, b'h', i - 1, 0x86, b'q', i]);
+        }
+        p.extend_from_slice(b"tcbuiltins\nset\n](");
+        for _ in 0..n {
+            p.extend_from_slice(&[b'h', depth]);
+        }
+        p.extend_from_slice(b"e\x85R.");
+        let file = legacy(&p);
+        let (k, s) = kind(read_bytes(&file));
+        let ErrorKind::Rescans { scanned, .. } = k else { panic!("{s}") };
+        // The budget is 16 Mi items and 64 a byte read; the walks would be 131 M and 31 M.
+        let most = (16u64 << 20) + 64 * file.len() as u64;
+        assert!(scanned > 16 << 20 && scanned < most + 8, "{scanned} items looked at, at most {most} allowed");
     }
-    p.extend_from_slice(b"tcbuiltins\nset\n](");
-    for _ in 0..2000 {
-        p.extend_from_slice(b"h\x0f");
-    }
-    p.extend_from_slice(b"e\x85R.");
-    let file = legacy(&p);
-    let (k, s) = kind(read_bytes(&file));
-    let ErrorKind::Rescans { scanned, .. } = k else { panic!("{s}") };
-    // The budget is 16 Mi items and 64 a byte read; 2000 walks of 2^16 would be 131 M.
-    let most = (16u64 << 20) + 64 * file.len() as u64;
-    assert!(scanned > 16 << 20 && scanned < most + (1 << 17), "{scanned} items looked at, at most {most} allowed");
 }
 
 /// Found by an audit: `torch.device` of a long string kept in the memo, called many times by
