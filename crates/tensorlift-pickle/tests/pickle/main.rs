@@ -491,10 +491,7 @@ fn a_long_key_set_again_and_again_is_refused() {
     // holds a key of 4 MB), a dict (memo 0) of 8 short keys, then a key of 4 MB (memo 1),
     // then one SETITEMS of 20,000 times `key: 0` (h1 K0).
     let mut p = b"\x80\x02".to_vec();
-    for _ in 0..1500 {
-        p.extend_from_slice(&[b'U', 255]);
-        p.extend_from_slice(&[b'x'; 255]);
-    }
+    pad(&mut p, 1500);
     p.extend_from_slice(b"}q\x00(");
     for i in 0..8u8 {
         p.extend_from_slice(&[b'X', 1, 0, 0, 0, b'a' + i, b'K', i]);
@@ -554,10 +551,7 @@ fn shared_tuples_hashed_again_and_again_are_refused_within_the_budget() {
     // (walks too short to reach a check of their own, were the walk's count checked).
     for (depth, n) in [(15u8, 2000), (9, 30_000)] {
         let mut p = b"\x80\x02](".to_vec();
-        for _ in 0..160 {
-            p.extend_from_slice(&[b'U', 255]);
-            p.extend_from_slice(&[b'x'; 255]);
-        }
+        pad(&mut p, 160);
         p.extend_from_slice(b"e()q\x00");
         for i in 1..=depth {
             p.extend_from_slice(&[b'h', i - 1, b'h', i - 1, 0x86, b'q', i]);
@@ -605,10 +599,7 @@ fn a_long_view_key_named_again_and_again_counts_against_the_budget() {
     // Padding raises the budget (16 bytes a byte read), then one persistent id whose view
     // key is 256 KiB, kept in the memo and loaded 2,000 times.
     let mut p = b"\x80\x02](".to_vec();
-    for _ in 0..4000 {
-        p.extend_from_slice(&[b'U', 255]);
-        p.extend_from_slice(&[b'x'; 255]);
-    }
+    pad(&mut p, 4000);
     p.extend_from_slice(
         b"e(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x04\x00\x00\x00rootX\x03\x00\x00\x00cpuK\x04(X",
     );
@@ -621,6 +612,15 @@ fn a_long_view_key_named_again_and_again_counts_against_the_budget() {
     p.extend_from_slice(b"e.");
     let (k, s) = kind(read_bytes(&legacy(&p)));
     assert!(matches!(k, ErrorKind::Limit { setting: "pickle_memory_per_byte", .. }), "{s}");
+}
+
+/// Appends `strings` strings of 255 bytes (`SHORT_BINSTRING`): bytes that raise the
+/// memory budget (16 bytes a byte read) by more than the strings take.
+fn pad(p: &mut Vec<u8>, strings: usize) {
+    for _ in 0..strings {
+        p.extend_from_slice(&[b'U', 255]);
+        p.extend_from_slice(&[b'x'; 255]);
+    }
 }
 
 fn ck_names(ck: &TorchCheckpoint) -> Vec<&str> {
