@@ -97,6 +97,8 @@ pub struct CopyEngine {
     next: usize,
     tx: Option<Sender<Pending>>,
     done: Option<JoinHandle<()>>,
+    /// The process that started the completion thread (a forked one has none of it).
+    made: tensorlift_io::MadeIn,
     failure: Arc<Mutex<Option<CudaError>>>,
     events: Arc<Mutex<Vec<Event>>>,
 }
@@ -124,7 +126,8 @@ impl CopyEngine {
             .name("tensorlift-cuda-done".into())
             .spawn(move || complete(&g, &rx, &f, &e, &on_copied))
             .map_err(|_| CudaError::OutOfMemory { what: "a completion thread", bytes: 0 })?;
-        Ok(CopyEngine { gpu: gpu.clone(), streams, next: 0, tx: Some(tx), done: Some(done), failure, events })
+        let made = tensorlift_io::MadeIn::here();
+        Ok(CopyEngine { gpu: gpu.clone(), streams, next: 0, tx: Some(tx), done: Some(done), made, failure, events })
     }
 
     /// Number of streams.
@@ -395,9 +398,7 @@ impl Drop for CopyEngine {
     fn drop(&mut self) {
         // Drain: the completion thread releases every chunk once its copies are done.
         self.tx.take();
-        if let Some(t) = self.done.take() {
-            let _ = t.join();
-        }
+        tensorlift_io::join_threads(self.made, self.done.take());
         // Streams and events bind their context when they are destroyed, and restore the
         // thread's own after.
         self.streams.clear();

@@ -67,6 +67,7 @@ pub use probe::{
     can_allocate, host_memory_available, kernel_release, memlock, page_probe, uring_status, Memlock, PageChoice,
     UringStatus,
 };
+pub use process::{join_threads, MadeIn};
 pub use reader::{
     block_on, direct_io_support, BackendKind, Faults, FixedBuffers, IoReport, ReadFuture, Reader, ReaderBuilder, IO_ENV,
 };

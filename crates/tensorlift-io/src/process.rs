@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 /// each child: a child in a new PID namespace can have its parent's id (the parent is 1 in
 /// a container, and so is the child in its own namespace).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct MadeIn {
+pub struct MadeIn {
     pid: u32,
     forks: u64,
 }
@@ -39,12 +39,12 @@ fn forks() -> u64 {
 
 impl MadeIn {
     /// This process.
-    pub(crate) fn here() -> MadeIn {
+    pub fn here() -> MadeIn {
         MadeIn { pid: std::process::id(), forks: forks() }
     }
 
     /// Whether this is another process than the one it was made in (a forked one).
-    pub(crate) fn elsewhere(self) -> bool {
+    pub fn elsewhere(self) -> bool {
         self != MadeIn::here()
     }
 }
@@ -53,7 +53,7 @@ impl MadeIn {
 /// their handles are forgotten (a handle's drop would detach a thread of this process that
 /// reuses the parent's thread's descriptor); a thread does not join itself (the value's
 /// last reference can be dropped on one of its own threads: it is left to end on its own).
-pub(crate) fn join_threads(made: MadeIn, threads: impl IntoIterator<Item = JoinHandle<()>>) {
+pub fn join_threads(made: MadeIn, threads: impl IntoIterator<Item = JoinHandle<()>>) {
     if made.elsewhere() {
         threads.into_iter().for_each(std::mem::forget);
         return;

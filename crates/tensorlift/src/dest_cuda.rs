@@ -178,6 +178,8 @@ struct Registrar {
     jobs: Option<mpsc::Sender<Job>>,
     stop: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
+    /// The process that started the threads (a forked one has none of them).
+    made: tensorlift_io::MadeIn,
 }
 
 impl Registrar {
@@ -205,7 +207,12 @@ impl Registrar {
             });
             threads.extend(spawned);
         }
-        (!threads.is_empty()).then_some(Registrar { jobs: Some(tx), stop, threads })
+        (!threads.is_empty()).then_some(Registrar {
+            jobs: Some(tx),
+            stop,
+            threads,
+            made: tensorlift_io::MadeIn::here(),
+        })
     }
 }
 
@@ -213,9 +220,7 @@ impl Drop for Registrar {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         self.jobs.take();
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
+        tensorlift_io::join_threads(self.made, self.threads.drain(..));
     }
 }
 
