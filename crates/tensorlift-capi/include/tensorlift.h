@@ -111,7 +111,7 @@ typedef struct TlTensorInfo {
    */
   int32_t device_id;
   /*
-   The bytes in host memory (read-only), or null for a device tensor.
+   The bytes in host memory (read-only), or null for a device tensor or an empty one.
    */
   const void *host_data;
   /*
@@ -189,6 +189,8 @@ enum TlStatus tl_options_set_dtype(struct TlOptions *options, const char *dtype)
  Loads only part of tensor `name`: `[starts[d], stops[d])` of each of its first `dims`
  dimensions, the others whole (only the bytes it needs are read). One thread at a time
  per options.
+
+ `dims` over 1,024 is refused (`TL_STATUS_INVALID_ARGUMENT`) before the arrays are read.
 
  # Safety
  `options` is live options; `name` a NUL-terminated string; `starts` and `stops` each

@@ -69,7 +69,7 @@ pub struct TlTensorInfo {
     pub device_type: i32,
     /// The CUDA device's ordinal (0 on the host).
     pub device_id: i32,
-    /// The bytes in host memory (read-only), or null for a device tensor.
+    /// The bytes in host memory (read-only), or null for a device tensor or an empty one.
     pub host_data: *const c_void,
     /// The device pointer (a `CUdeviceptr`) of a device tensor, or 0 for a host tensor.
     pub device_ptr: u64,
@@ -128,7 +128,11 @@ impl Held {
             Device::Cuda(i) => (2, i as i32),
             _ => (1, 0),
         };
-        let host_data = self.tensor.bytes().map_or(std::ptr::null(), |b| b.as_ptr().cast());
+        // The address alone, never a slice: a DLPack consumer may be writing the memory.
+        let host_data = match self.tensor.host_addr() {
+            Ok(p) if !self.tensor.is_empty() => p.cast(),
+            _ => std::ptr::null(),
+        };
         TlTensorInfo {
             name: self.name.as_ptr(),
             dtype: self.dtype.as_ptr(),
@@ -401,9 +405,14 @@ pub unsafe extern "C" fn tl_options_set_dtype(options: *mut TlOptions, dtype: *c
     })
 }
 
+/// The most dimensions a slice may name (far more than any tensor has).
+const MAX_SLICE_DIMS: usize = 1024;
+
 /// Loads only part of tensor `name`: `[starts[d], stops[d])` of each of its first `dims`
 /// dimensions, the others whole (only the bytes it needs are read). One thread at a time
 /// per options.
+///
+/// `dims` over 1,024 is refused (`TL_STATUS_INVALID_ARGUMENT`) before the arrays are read.
 ///
 /// # Safety
 /// `options` is live options; `name` a NUL-terminated string; `starts` and `stops` each
@@ -421,6 +430,11 @@ pub unsafe extern "C" fn tl_options_add_slice(
         let name = unsafe { text(name, "name") }?.to_owned();
         if dims > 0 && (starts.is_null() || stops.is_null()) {
             return Err(invalid("starts or stops is null"));
+        }
+        // Refused before the arrays are read: a count no tensor has (a caller's bug, such as
+        // `(size_t)-1`) would read past them, or ask for memory that cannot be had.
+        if dims > MAX_SLICE_DIMS {
+            return Err(invalid(format!("slice of '{name}': {dims} dimensions, more than {MAX_SLICE_DIMS}")));
         }
         let (starts, stops): (&[u64], &[u64]) = if dims == 0 {
             (&[], &[])

@@ -355,8 +355,12 @@ impl Tensor {
         }
     }
 
-    /// The address of a host tensor's bytes, read by nothing here.
-    fn host_addr(&self) -> Result<*const u8, ViewError> {
+    /// The address of a host tensor's bytes, without making a slice over them: what a
+    /// foreign caller is handed (the C API's `host_data`, DLPack's `data`), whose memory a
+    /// consumer may be writing (torch ignores DLPack's read-only flag), where a `&[u8]`
+    /// ([`bytes`](Self::bytes)) would assert that nothing is. Dangling (never read) for an
+    /// empty tensor; [`ViewError::OnDevice`] for a device tensor.
+    pub fn host_addr(&self) -> Result<*const u8, ViewError> {
         let addr = match &self.storage {
             Storage::Host { arena, range, .. } => arena.addr(range.clone()),
             Storage::Mapped { map, range, .. } => map.addr(range.start),

@@ -111,7 +111,8 @@ int main(int argc, char **argv) {
         EXPECT((int)t->device.device_type == info.device_type && t->ndim == (int32_t)info.ndim);
         for (size_t d = 0; d < info.ndim; d++) EXPECT(t->shape[d] == (int64_t)info.shape[d]);
         uintptr_t data = (uintptr_t)t->data + (uintptr_t)t->byte_offset;
-        /* (An empty tensor's address means nothing.) */
+        /* (An empty tensor's address means nothing: its host_data is null.) */
+        if (info.nbytes == 0) EXPECT(info.host_data == NULL);
         if (info.nbytes > 0)
             EXPECT(info.device_type == 1 ? data == (uintptr_t)info.host_data : data == (uintptr_t)info.device_ptr);
         if (info.device_type == 1) EXPECT((exports[i]->flags & DLPACK_FLAG_BITMASK_READ_ONLY) != 0);
@@ -130,6 +131,9 @@ int main(int argc, char **argv) {
         uint64_t start = 0, stop = 1;
         CHECK(tl_options_add_slice(o, info.name, &start, &stop, 1));
         EXPECT(tl_options_add_slice(o, info.name, &stop, &start, 1) == TL_STATUS_INVALID_ARGUMENT);
+        /* A count no tensor has (a caller's bug) is refused before the arrays are read. */
+        EXPECT(tl_options_add_slice(o, info.name, &start, &stop, (size_t)-1) == TL_STATUS_INVALID_ARGUMENT);
+        EXPECT(strstr(tl_last_error(), "more than 1024") != NULL);
         TlLoader *l = NULL;
         CHECK(tl_loader_new(o, &l));
         tl_options_free(o);
