@@ -37,7 +37,9 @@ enum Command {
     /// Load every tensor through the engine and report the speed (and digests).
     Load(load::Args),
     /// Convert a PyTorch checkpoint (a .bin/.pt file, or a folder with pytorch_model.bin or
-    /// its index) to safetensors, without executing anything in it.
+    /// its index) to safetensors, without executing anything in it. Tied weights are written
+    /// once, under the first of their names in sorted order, the others named in the
+    /// metadata (as the reference convert.py does); every tensor is aligned to its element.
     Convert {
         /// The PyTorch checkpoint.
         src: PathBuf,

@@ -173,8 +173,11 @@ type ViewKey = (usize, String, String, usize, Vec<usize>, Vec<usize>);
 /// Writes `src` (a PyTorch checkpoint) to `dst` as safetensors: one `model.safetensors`,
 /// or shards of at most `max_shard` bytes named as the hub names them with
 /// `model.safetensors.index.json`. Tied weights (several names over the same storage and
-/// view) are written once, under the first name, as the reference `convert.py` does;
-/// strided views are written contiguous.
+/// view) are written once, as the reference `convert.py` writes them: under the first of
+/// their names in sorted order, each other name recorded in `__metadata__` as
+/// `{"removed": "kept"}`. Strided views are written contiguous. In each shard the tensors
+/// lie as the reference writer lays them out, the widest element type first and then by
+/// name, so that every tensor's data is aligned to its element size.
 pub fn convert(src: &Path, dst: &Path, max_shard: u64, out: &mut dyn Write) -> anyhow::Result<()> {
     let opened = open_all(src)?;
     // DST is renamed into place at the end: it must be a name of its own (not `.`), and
@@ -190,26 +193,37 @@ pub fn convert(src: &Path, dst: &Path, max_shard: u64, out: &mut dyn Write) -> a
         Ok(m) if m.is_dir() && std::fs::read_dir(dst).is_ok_and(|mut d| d.next().is_none()) => {}
         _ => bail!("{}: exists and is not an empty folder (nothing was written)", dst.display()),
     }
-    // Every tensor to write, in order; tied duplicates dropped.
-    let mut seen: HashMap<ViewKey, String> = HashMap::new();
+    // Every tensor, grouped with the names tied to it (the same storage and view), in the
+    // order of each group's first name.
+    let mut group_of: HashMap<ViewKey, usize> = HashMap::new();
     let mut names = std::collections::HashSet::new();
-    let mut todo: Vec<(usize, &TorchTensor)> = Vec::new();
-    let mut dropped = Vec::new();
+    let mut groups: Vec<Vec<(usize, &TorchTensor)>> = Vec::new();
     for (i, o) in opened.iter().enumerate() {
         for t in &o.ck.tensors {
             if !names.insert(t.name.clone()) {
                 bail!("tensor '{}' appears in more than one file", printable(&t.name));
             }
-            let key = (i, t.storage.clone(), t.dtype.to_string(), t.storage_offset, t.shape.clone(), t.strides.clone());
             if t.nbytes() > 0 {
-                if let Some(first) = seen.get(&key) {
-                    dropped.push((t.name.clone(), first.clone()));
+                let key =
+                    (i, t.storage.clone(), t.dtype.to_string(), t.storage_offset, t.shape.clone(), t.strides.clone());
+                if let Some(&g) = group_of.get(&key) {
+                    groups[g].push((i, t));
                     continue;
                 }
-                seen.insert(key, t.name.clone());
+                group_of.insert(key, groups.len());
             }
-            todo.push((i, t));
+            groups.push(vec![(i, t)]);
         }
+    }
+    // Each group written once, under its first name in sorted order (`convert.py`'s
+    // `sorted(names)[0]`); the others are recorded as removed in favour of it.
+    let mut todo: Vec<(usize, &TorchTensor)> = Vec::with_capacity(groups.len());
+    let mut dropped: Vec<(String, String)> = Vec::new();
+    for mut g in groups {
+        g.sort_by(|a, b| a.1.name.cmp(&b.1.name));
+        let kept = g[0];
+        dropped.extend(g[1..].iter().map(|(_, t)| (t.name.clone(), kept.1.name.clone())));
+        todo.push(kept);
     }
     // Values that are not tensors are not written; with no tensor at all, the checkpoint
     // is most likely one that nests its state_dict (Lightning's `{"state_dict": ...}`,
@@ -227,7 +241,9 @@ pub fn convert(src: &Path, dst: &Path, max_shard: u64, out: &mut dyn Write) -> a
         );
     }
     // Shards in order: a new one when the next tensor would pass the limit (a tensor
-    // larger than the limit gets a shard of its own).
+    // larger than the limit gets a shard of its own); in each, the reference writer's
+    // layout (element width, widest first, then name): every tensor's data starts at a
+    // multiple of its element size, as zero-copy readers need.
     let mut shards: Vec<Vec<(usize, &TorchTensor)>> = vec![Vec::new()];
     let mut size = 0u64;
     for (i, t) in todo {
@@ -239,8 +255,10 @@ pub fn convert(src: &Path, dst: &Path, max_shard: u64, out: &mut dyn Write) -> a
         size += n;
         shards.last_mut().expect("one shard at least").push((i, t));
     }
+    for shard in &mut shards {
+        shard.sort_by(|a, b| b.1.dtype.bitsize().cmp(&a.1.dtype.bitsize()).then_with(|| a.1.name.cmp(&b.1.name)));
+    }
     let count = shards.len();
-    let metadata: BTreeMap<String, String> = [("format".to_owned(), "pt".to_owned())].into();
     // Every header is made and checked before anything is written: what is written must
     // read back, so names the format cannot hold (`__metadata__`) are refused up front.
     let mut headers = Vec::with_capacity(count);
@@ -258,6 +276,13 @@ pub fn convert(src: &Path, dst: &Path, max_shard: u64, out: &mut dyn Write) -> a
                     printable(&t.name),
                     t.shape
                 );
+            }
+        }
+        // The reference writer's metadata, and each name removed in favour of one here.
+        let mut metadata: BTreeMap<String, String> = [("format".to_owned(), "pt".to_owned())].into();
+        for (removed, kept) in &dropped {
+            if shard.iter().any(|(_, t)| t.name == *kept) {
+                metadata.entry(removed.clone()).or_insert_with(|| kept.clone());
             }
         }
         let specs: Vec<(&str, tensorlift_format::Dtype, &[usize])> =
@@ -285,6 +310,10 @@ pub fn convert(src: &Path, dst: &Path, max_shard: u64, out: &mut dyn Write) -> a
         }
         std::fs::rename(&staging, dst)
             .with_context(|| format!("renaming {} to {}", staging.display(), dst.display()))?;
+        // The rename itself made durable: a success reported is one a power loss keeps.
+        File::open(&parent)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("syncing {} after renaming {} into it", parent.display(), dst.display()))?;
         Ok((tensors, total))
     });
     let (tensors, total) = match result {

@@ -58,6 +58,11 @@ fn converted_checkpoints_load_back_to_numpys_bytes() {
             let out = tensorlift(&["convert", s(&fixture(file)), s(&dst), "--max-shard-size", max]);
             assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
             assert_eq!(loaded(&dst), expected("every_dtype"), "{file} {max}");
+            for shard in std::fs::read_dir(&dst).unwrap().map(|e| e.unwrap().path()) {
+                if shard.extension().is_some_and(|e| e == "safetensors") {
+                    assert_aligned(&shard);
+                }
+            }
             let leftovers: Vec<_> =
                 std::fs::read_dir(dst.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
             assert_eq!(leftovers, [std::ffi::OsString::from("out")], "written in a folder beside, then renamed");
@@ -85,9 +90,67 @@ fn tied_weights_are_written_once_and_views_made_contiguous() {
         let mut want = expected("views");
         want.remove("lm_head.weight");
         assert_eq!(loaded(&dst), want, "{file}");
-        // The reference writer's metadata.
-        let header = std::fs::read(dst.join("model.safetensors")).unwrap();
-        assert!(String::from_utf8_lossy(&header[..200]).contains(r#""__metadata__":{"format":"pt"}"#));
+        // The reference writer's metadata and `convert.py`'s record of the name removed, as
+        // the reference reads them; and the tensors, as it reads them.
+        let script = "import hashlib, json, sys\n\
+                      from safetensors import safe_open\n\
+                      with safe_open(sys.argv[1], framework='np') as f:\n\
+                      \x20   got = {k: hashlib.sha256(f.get_tensor(k).tobytes()).hexdigest() for k in f.keys()}\n\
+                      \x20   print(json.dumps({'metadata': f.metadata(), 'tensors': got}))\n";
+        let model = dst.join("model.safetensors");
+        let out = Command::new("python3").args(["-c", script, s(&model)]).output().expect("python3 is needed");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["metadata"], serde_json::json!({"format": "pt", "lm_head.weight": "embed.weight"}), "{file}");
+        let by_reference: BTreeMap<String, String> = serde_json::from_value(v["tensors"].clone()).unwrap();
+        assert_eq!(by_reference, want, "{file}");
+        assert_aligned(&model);
+    }
+}
+
+/// Tied weights are kept under the first of their names in sorted order, as `convert.py`
+/// keeps `sorted(names)[0]`, whatever order torch.save wrote them in; a file torch.save
+/// writes here (torch from the test environment).
+#[test]
+fn tied_weights_keep_their_first_name_in_sorted_order() {
+    let d = tensorlift_testkit::scratch_in(&std::env::temp_dir(), "tl-cli-");
+    let src = d.join("tied.bin");
+    let script = "import sys, torch\n\
+                  t = torch.arange(6, dtype=torch.float32)\n\
+                  torch.save({'z.weight': t, 'b': torch.ones(3, dtype=torch.float16), 'a.weight': t}, sys.argv[1])\n";
+    let out = Command::new("python3").args(["-c", script, s(&src)]).output().expect("python3 is needed");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let dst = d.join("out");
+    let out = tensorlift(&["convert", s(&src), s(&dst)]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("tied: 'z.weight' shares its data with 'a.weight'"), "{text}");
+    let model = dst.join("model.safetensors");
+    let bytes = std::fs::read(&model).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    assert_eq!(header["__metadata__"], serde_json::json!({"format": "pt", "z.weight": "a.weight"}));
+    assert!(header.get("z.weight").is_none() && header.get("a.weight").is_some(), "{header}");
+    // F32 before F16 (the reference's layout), whatever the state_dict's order.
+    assert_eq!(header["a.weight"]["data_offsets"], serde_json::json!([0, 24]));
+    assert_eq!(header["b"]["data_offsets"], serde_json::json!([24, 30]));
+}
+
+/// Every tensor's data in a safetensors file starts at a multiple of its element size (the
+/// reference writer's layout, which zero-copy readers need).
+fn assert_aligned(path: &Path) {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    for (name, t) in header.iter().filter(|(k, _)| *k != "__metadata__") {
+        let width = match t["dtype"].as_str().unwrap() {
+            "F64" | "I64" | "U64" | "C64" => 8,
+            "F32" | "I32" | "U32" => 4,
+            "F16" | "BF16" | "I16" | "U16" => 2,
+            _ => 1,
+        };
+        let start = 8 + n as u64 + t["data_offsets"][0].as_u64().unwrap();
+        assert_eq!(start % width, 0, "{}: '{name}' ({}) starts at byte {start}", path.display(), t["dtype"]);
     }
 }
 
