@@ -393,6 +393,22 @@ fn remove_stale_partials(parent: &Path, base: &str, out: &mut dyn Write) -> anyh
     Ok(())
 }
 
+/// The buffer a contiguous tensor is copied through.
+const COPY_BUFFER: usize = 8 << 20;
+
+/// Copies `len` bytes at `offset` of `src` to `w`, through `buf`; returns `len`.
+fn copy_range(src: &File, offset: u64, len: u64, w: &mut dyn Write, buf: &mut [u8]) -> std::io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(buf.len() as u64) as usize;
+        src.read_exact_at(&mut buf[..n], offset + done)?;
+        w.write_all(&buf[..n])?;
+        done += n as u64;
+    }
+    Ok(len)
+}
+
 /// Writes every shard (and the index, for more than one) into `dir`, synced; returns the
 /// tensors and bytes written.
 fn write_shards(
@@ -404,6 +420,7 @@ fn write_shards(
 ) -> anyhow::Result<(usize, u64)> {
     let mut weight_map = BTreeMap::new();
     let mut total = 0u64;
+    let mut buf = vec![0u8; COPY_BUFFER];
     for (shard, (name, enc)) in shards.iter().zip(headers) {
         let path = dir.join(&name);
         let mut w = BufWriter::with_capacity(
@@ -413,9 +430,17 @@ fn write_shards(
         w.write_all(&enc.bytes)?;
         for (i, t) in shard {
             let o = &opened[*i];
-            let bytes = o.ck.tensor_bytes(&o.file, &o.path, t)?;
-            w.write_all(&bytes)?;
-            total += bytes.len() as u64;
+            // A contiguous tensor is copied through a buffer of 8 MiB (a tensor of tens of
+            // GB needs no memory of its size); a strided view is gathered whole.
+            total += match o.ck.contiguous_range(&o.file, &o.path, t)? {
+                Some((offset, len)) => copy_range(&o.file, offset, len, &mut w, &mut buf)
+                    .with_context(|| format!("copying tensor '{}' from {}", printable(&t.name), o.path.display()))?,
+                None => {
+                    let bytes = o.ck.tensor_bytes(&o.file, &o.path, t)?;
+                    w.write_all(&bytes)?;
+                    bytes.len() as u64
+                }
+            };
             weight_map.insert(t.name.clone(), name.clone());
         }
         w.into_inner().map_err(|e| e.into_error())?.sync_all()?;

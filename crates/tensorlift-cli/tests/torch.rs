@@ -136,6 +136,32 @@ fn tied_weights_keep_their_first_name_in_sorted_order() {
     assert_eq!(header["b"]["data_offsets"], serde_json::json!([24, 30]));
 }
 
+/// A tensor larger than the 8 MiB buffer `convert` copies through comes out whole, as
+/// torch.load reads the source and the reference safetensors reads the output.
+#[test]
+fn a_tensor_larger_than_the_copy_buffer_is_written_whole() {
+    let d = tensorlift_testkit::scratch_in(&std::env::temp_dir(), "tl-cli-");
+    let (src, dst) = (d.join("big.bin"), d.join("out"));
+    let save = "import sys, torch\n\
+                g = torch.Generator().manual_seed(5)\n\
+                big = torch.randn(3 << 20, generator=g)\n\
+                torch.save({'big': big, 'part': big[5:3000000], 'small': torch.arange(7)}, sys.argv[1])\n";
+    let out = Command::new("python3").args(["-c", save, s(&src)]).output().expect("python3 is needed");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = tensorlift(&["convert", s(&src), s(&dst)]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let check = "import sys, torch\n\
+                 from safetensors.torch import load_file\n\
+                 want = torch.load(sys.argv[1], weights_only=True)\n\
+                 got = load_file(sys.argv[2])\n\
+                 assert sorted(got) == sorted(want), (sorted(got), sorted(want))\n\
+                 assert all(torch.equal(got[k], want[k]) for k in want)\n\
+                 print('same')\n";
+    let model = dst.join("model.safetensors");
+    let out = Command::new("python3").args(["-c", check, s(&src), s(&model)]).output().expect("python3 is needed");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "same\n", "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 /// Every tensor's data in a safetensors file starts at a multiple of its element size (the
 /// reference writer's layout, which zero-copy readers need).
 fn assert_aligned(path: &Path) {

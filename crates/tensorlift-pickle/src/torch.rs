@@ -177,6 +177,30 @@ impl TorchCheckpoint {
         read(src, limits).map_err(|kind| TorchError { file: file.to_owned(), kind })
     }
 
+    /// Where a contiguous tensor's bytes lie in the file: `(offset, length)`, checked
+    /// against the file's length as [`tensor_bytes`](Self::tensor_bytes) checks them; `None`
+    /// for a strided view (its bytes must be gathered) or an empty tensor.
+    pub fn contiguous_range<R: ReadAt + ?Sized>(
+        &self,
+        src: &R,
+        file: &Path,
+        t: &TorchTensor,
+    ) -> Result<Option<(u64, u64)>, TorchError> {
+        let err = |kind| TorchError { file: file.to_owned(), kind };
+        let st = self.storages.get(&t.storage).ok_or_else(|| {
+            err(ErrorKind::Tensor { tensor: t.name.clone(), message: format!("storage '{}' is missing", t.storage) })
+        })?;
+        let es = t.dtype.bitsize() / 8;
+        let Some((first, last)) = t.element_span().filter(|_| t.is_contiguous()) else { return Ok(None) };
+        let (offset, len) = (st.offset + (first * es) as u64, ((last - first + 1) * es) as u64);
+        let total = src.size().map_err(|e| err(e.into()))?;
+        if offset.checked_add(len).is_none_or(|end| end > total) {
+            let message = format!("{len} bytes at {offset} run past the end of the {total}-byte file");
+            return Err(err(ErrorKind::Tensor { tensor: t.name.clone(), message }));
+        }
+        Ok(Some((offset, len)))
+    }
+
     /// The tensor's bytes, contiguous, in the file's (little-endian) byte order. A
     /// contiguous tensor is one read; a strided view is gathered from the rows it touches,
     /// through a window of at most 8 MiB of the file, so that memory is
