@@ -252,7 +252,7 @@ fn load(
 ) -> PyResult<Py<PyDict>> {
     let raised = Raised::default();
     let options = Options { dtype, verify, tp, mapped: false, cache_dir };
-    let loader = loader(py, device, filter, progress, &raised, options)?;
+    let loader = loader(device, filter, progress, &raised, options)?;
     let model = wait(py, loader.load(&path), &raised)?.map_err(py_err)?;
     if let Some(d) = stats {
         fill_stats(&d, model.stats())?;
@@ -300,7 +300,7 @@ fn load_devices(
         .collect::<PyResult<Vec<_>>>()?;
     let raised = Raised::default();
     let options = Options { dtype, cache_dir, ..Options::default() };
-    let loader = configure(py, Loader::builder().devices(plans), filter, progress, &raised, options)?;
+    let loader = configure(Loader::builder().devices(plans), filter, progress, &raised, options)?;
     let models = wait(py, loader.load_devices(&path), &raised)?.map_err(py_err)?;
     if let (Some(d), Some(m)) = (stats, models.first()) {
         fill_stats(&d, m.stats())?;
@@ -607,19 +607,17 @@ struct Options<'a> {
 }
 
 fn loader(
-    py: Python<'_>,
     device: &str,
     filter: Option<Vec<String>>,
     progress: Option<Py<PyAny>>,
     raised: &Raised,
     options: Options<'_>,
 ) -> PyResult<Loader> {
-    configure(py, Loader::builder().device(device_of(device)?), filter, progress, raised, options)
+    configure(Loader::builder().device(device_of(device)?), filter, progress, raised, options)
 }
 
 /// Builds a loader from `b` (its devices chosen) with the rest of a Python call's options.
 fn configure(
-    py: Python<'_>,
     mut b: tensorlift::LoaderBuilder,
     filter: Option<Vec<String>>,
     progress: Option<Py<PyAny>>,
@@ -677,9 +675,7 @@ fn configure(
             })
         });
     }
-    // Without the GIL: building chooses and probes the device (CUDA's first call can take
-    // seconds), which other Python threads need not wait for.
-    py.detach(move || b.build()).map_err(py_err)
+    b.build().map_err(py_err)
 }
 
 fn tensors_dict(py: Python<'_>, tensors: impl IntoIterator<Item = tensorlift::Tensor>) -> PyResult<Py<PyDict>> {
@@ -720,7 +716,7 @@ struct LoaderKey {
 
 /// The loader `Checkpoint`s on `device` (mapped or not) share: one that lives, else a new
 /// one.
-fn shared_loader(py: Python<'_>, device: &str, mapped: bool) -> PyResult<Arc<Loader>> {
+fn shared_loader(device: &str, mapped: bool) -> PyResult<Arc<Loader>> {
     let pool = host_pool().map_or(0, |p| Arc::as_ptr(&p) as usize);
     let key = LoaderKey { device: device.to_owned(), mapped, pool, pid: std::process::id() };
     let live = |shared: &mut Vec<(LoaderKey, std::sync::Weak<Loader>)>| {
@@ -734,7 +730,7 @@ fn shared_loader(py: Python<'_>, device: &str, mapped: bool) -> PyResult<Arc<Loa
     // Built without the lock held: building probes the hardware (CUDA's first call can take
     // seconds), and a process forked meanwhile would find the lock held forever.
     let options = Options { mapped, ..Options::default() };
-    let l = Arc::new(loader(py, device, None, None, &Raised::default(), options)?);
+    let l = Arc::new(loader(device, None, None, &Raised::default(), options)?);
     let mut shared = lock();
     if let Some(other) = live(&mut shared) {
         return Ok(other); // another thread's, built meanwhile: one loader per key
@@ -748,7 +744,7 @@ impl PyCheckpoint {
     #[new]
     #[pyo3(signature = (path, device="cpu", mapped=false))]
     fn new(py: Python<'_>, path: std::path::PathBuf, device: &str, mapped: bool) -> PyResult<Self> {
-        let loader = shared_loader(py, device, mapped)?;
+        let loader = shared_loader(device, mapped)?;
         // Interruptible (Ctrl-C), as a load is: a remote checkpoint's planning may wait on
         // its store.
         let plan = wait(py, loader.plan_async(&path), &Raised::default())?.map_err(py_err)?;
@@ -950,7 +946,7 @@ fn iter_tensors(
 ) -> PyResult<PyTensorIterator> {
     let raised = Raised::default();
     let options = Options { dtype, verify, tp, mapped: false, cache_dir };
-    let loader = loader(py, device, filter, progress, &raised, options)?;
+    let loader = loader(device, filter, progress, &raised, options)?;
     let stream = py.detach(|| loader.stream_blocking(&path)).map_err(py_err)?;
     Ok(PyTensorIterator { stream: Some(stream), raised, stats })
 }
