@@ -176,8 +176,9 @@ type ViewKey = (usize, String, String, usize, Vec<usize>, Vec<usize>);
 /// view) are written once, as the reference `convert.py` writes them: under the first of
 /// their names in sorted order, each other name recorded in `__metadata__` as
 /// `{"removed": "kept"}`. Strided views are written contiguous. In each shard the tensors
-/// lie as the reference writer lays them out, the widest element type first and then by
-/// name, so that every tensor's data is aligned to its element size.
+/// lie widest element type first and then by name, as the reference writer orders them
+/// (it orders types of one width by its own list of them), so that every tensor's data is
+/// aligned to its element size.
 pub fn convert(src: &Path, dst: &Path, max_shard: u64, out: &mut dyn Write) -> anyhow::Result<()> {
     let opened = open_all(src)?;
     // DST is renamed into place at the end: it must be a name of its own (not `.`), and
@@ -241,8 +242,8 @@ pub fn convert(src: &Path, dst: &Path, max_shard: u64, out: &mut dyn Write) -> a
         );
     }
     // Shards in order: a new one when the next tensor would pass the limit (a tensor
-    // larger than the limit gets a shard of its own); in each, the reference writer's
-    // layout (element width, widest first, then name): every tensor's data starts at a
+    // larger than the limit gets a shard of its own); in each, widest element type first,
+    // then by name, as the reference writer orders them: every tensor's data starts at a
     // multiple of its element size, as zero-copy readers need.
     let mut shards: Vec<Vec<(usize, &TorchTensor)>> = vec![Vec::new()];
     let mut size = 0u64;

@@ -83,7 +83,9 @@ enum Dest {
 ///
 /// Dropping the stream cancels the load: reads in flight finish in the I/O workers, copies
 /// in flight finish on the device, and then their memory is freed; nothing is left running
-/// or allocated.
+/// or allocated. (In a process forked from the one that made it, which has none of the
+/// load's threads and whose locks they may have held at the fork, dropping it releases
+/// nothing: what it holds is left as the fork copied it.)
 pub struct TensorStream {
     reader: Arc<Reader>,
     plan: Checkpoint,
@@ -105,6 +107,21 @@ pub struct TensorStream {
     planning: Option<tokio::sync::mpsc::UnboundedReceiver<PlanEvent>>,
     /// For a load onto several devices: the bytes each device's tensors take, as stored.
     device_bytes: Vec<u64>,
+    /// The process that made it.
+    made: tensorlift_io::MadeIn,
+}
+
+impl Drop for TensorStream {
+    fn drop(&mut self) {
+        if self.made.elsewhere() {
+            // The load's threads (hashing, registering, completing copies) are the parent's:
+            // waiting for them, or taking a lock one of them held at the fork, would wait
+            // forever, and the device's state is the parent's. Left as it is.
+            std::mem::forget(std::mem::replace(&mut self.dest, Dest::Mapped));
+            std::mem::forget(std::mem::take(&mut self.ready));
+            std::mem::forget(self.planning.take());
+        }
+    }
 }
 
 /// What the planning thread of a load that starts early reports, in this order: the plan of
@@ -147,6 +164,7 @@ impl TensorStream {
             plan,
             planning: None,
             device_bytes: Vec::new(),
+            made: tensorlift_io::MadeIn::here(),
         }
     }
 

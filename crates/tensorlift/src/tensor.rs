@@ -372,7 +372,8 @@ impl Tensor {
         };
         match addr {
             Some(addr) => Ok(addr),
-            // An empty tensor needs none (DLPack's is null then).
+            // An empty tensor needs none: never read (DLPack's export and the C API's
+            // `host_data` give null for it).
             None if self.is_empty() => Ok(std::ptr::NonNull::dangling().as_ptr()),
             // A tensor is only made once its bytes have all landed: never here.
             None => Err(ViewError::Unreadable {
