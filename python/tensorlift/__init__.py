@@ -796,12 +796,25 @@ def _torch_on_rocm():
     return bool(getattr(getattr(torch, "version", None), "hip", None))
 
 
+def _device_type(device):
+    """The type of device ``device`` names, as the reference's ``safe_open`` has torch read
+    it: an index alone is torch's current accelerator (CUDA where torch has it; an XPU or
+    another on a host whose torch has that instead)."""
+    if isinstance(device, int) and not isinstance(device, bool):
+        torch = sys.modules.get("torch")
+        try:
+            return torch.device(device).type
+        except Exception:  # no torch imported, or one that refuses an index
+            return "cuda"
+    return str(device).split(":")[0]
+
+
 def _patched_safe_open(filename, framework, device="cpu", *, backend="mmap"):
     """``safe_open`` as the reference's signature has it, for ``patch()``: tensorlift's for
     what tensorlift reads (torch and numpy on the host or a CUDA device, JAX, TensorFlow,
     Paddle and MLX on the host), the reference's for the rest (other devices)."""
     _check_backend(backend)
-    name = "cuda" if isinstance(device, int) and not isinstance(device, bool) else str(device).split(":")[0]
+    name = _device_type(device)
     if name == "cuda" and _torch_on_rocm():
         # torch's "cuda" is an AMD GPU here, which tensorlift does not load to.
         return _REFERENCE[0](filename, framework, device, backend=backend)
@@ -822,17 +835,23 @@ _PATCH_LOCK = threading.Lock()
 
 
 class _Patched:
-    """What ``patch()`` returns: ``with tensorlift.patch():`` undoes it at the end."""
+    """What ``patch()`` returns: ``with tensorlift.patch():`` undoes it at the end, when this
+    call is the one that patched (a ``with`` inside another leaves the outer one's patch)."""
+
+    def __init__(self, patched):
+        self._patched = patched
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        unpatch()
+        self.close()
         return False
 
     def close(self):
-        unpatch()
+        if self._patched:
+            self._patched = False
+            unpatch()
 
 
 def patch():
@@ -844,7 +863,8 @@ def patch():
     to the reference for frameworks and devices tensorlift does not load to.
     ``safetensors.torch.load_file`` and ``load_model`` go through it too. Call it before or
     after importing those libraries; ``unpatch()`` (or the end of ``with tensorlift.patch():``)
-    puts the reference back. Calling it twice patches once."""
+    puts the reference back. Calling it twice patches once, and the end of a ``with`` inside
+    another leaves the patch to the outer one."""
     import safetensors
 
     try:
@@ -854,10 +874,10 @@ def patch():
 
     with _PATCH_LOCK:
         if _PATCHED:
-            return _Patched()
+            return _Patched(False)
         original = safetensors.safe_open
         if original is _patched_safe_open:  # patched, and its record lost: nothing to do
-            return _Patched()
+            return _Patched(False)
         _REFERENCE[:] = [original]
         for module in _other_modules():
             for attr, value in list(module.__dict__.items()):
@@ -867,7 +887,7 @@ def patch():
                     except Exception:  # a module that refuses the change keeps the reference
                         continue
                     _PATCHED.append((module, attr, original))
-    return _Patched()
+    return _Patched(True)
 
 
 def unpatch():

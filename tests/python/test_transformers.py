@@ -155,6 +155,44 @@ def test_patch_is_undone_and_falls_back_for_what_tensorlift_does_not_load(tmp_pa
     assert modeling_utils.safe_open is original and safetensors.torch.safe_open is original
 
 
+def test_a_patch_inside_another_leaves_the_outer_one(tmp_path):
+    """The end of a ``with tensorlift.patch():`` inside another (a library that patches
+    around its own load, called by an application that patched) does not undo the outer
+    patch; the outer one's end does."""
+    import safetensors
+
+    original = safetensors.safe_open
+    with tensorlift.patch():
+        with tensorlift.patch():
+            assert safetensors.safe_open is not original
+        assert safetensors.safe_open is not original
+        outer = tensorlift.patch()
+        outer.close()  # not the one that patched
+        assert safetensors.safe_open is not original
+    assert safetensors.safe_open is original
+
+
+def test_a_device_index_under_patch_is_the_device_torch_makes_of_it(tmp_path, monkeypatch):
+    """The reference has torch read a device given as an index alone: torch's current
+    accelerator, which is CUDA on a CUDA host and an XPU (say) on an XPU host, where the
+    patched ``safe_open`` hands it to the reference rather than fail."""
+    import safetensors
+    from safetensors.numpy import save_file
+
+    import numpy as np
+
+    save_file({"x": np.arange(4, dtype=np.float32)}, str(tmp_path / "a.safetensors"))
+    original = safetensors.safe_open
+    with tensorlift.patch():
+        real = torch.device
+        monkeypatch.setattr(torch, "device", lambda d, *a: real("xpu", d) if isinstance(d, int) else real(d, *a))
+        with safetensors.safe_open(str(tmp_path / "a.safetensors"), framework="pt", device=0) as f:
+            assert type(f) is type(original(str(tmp_path / "a.safetensors"), framework="np"))
+        monkeypatch.setattr(torch, "device", lambda d, *a: real("cuda", d) if isinstance(d, int) else real(d, *a))
+        assert tensorlift._device_type(0) == "cuda"
+    assert tensorlift._device_type("cuda:1") == "cuda" and tensorlift._device_type("cpu") == "cpu"
+
+
 def test_a_model_loaded_through_tensorlift_trains(tmp_path):
     """transformers keeps the tensors of a mapped file as parameters: a training step writes
     them in place (in a child process: a read-only map would kill it)."""
