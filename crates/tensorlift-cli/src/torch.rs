@@ -433,7 +433,7 @@ fn write_shards(
             let o = &opened[*i];
             // A contiguous tensor is copied through a buffer of 8 MiB (a tensor of tens of
             // GB needs no memory of its size); a strided view is gathered whole.
-            total += match o.ck.contiguous_range(&o.file, &o.path, t)? {
+            total += match o.ck.contiguous_range(&o.path, t)? {
                 Some((offset, len)) => copy_range(&o.file, offset, len, &mut w, &mut buf)
                     .with_context(|| format!("copying tensor '{}' from {}", printable(&t.name), o.path.display()))?,
                 None => {

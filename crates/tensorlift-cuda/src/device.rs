@@ -175,6 +175,7 @@ impl Stream {
 
     /// A new event recorded behind the work queued on the stream so far.
     pub(crate) fn record_event(&self) -> Result<Event, CudaError> {
+        let _restore = self.gpu.enter()?;
         let event = self.gpu.new_event(driver::EVENT_DISABLE_TIMING)?;
         event.record(self)?;
         Ok(event)
@@ -205,9 +206,10 @@ unsafe impl Send for Event {}
 unsafe impl Sync for Event {}
 
 impl Event {
-    /// Records the event behind the work queued on `stream` so far (of the same device).
+    /// Records the event behind the work queued on `stream` so far (of the same device),
+    /// with the device's context current on this thread (the caller's `Gpu::enter`: the copy
+    /// engine records one a chunk, inside the context it queued the chunk's copies in).
     pub(crate) fn record(&self, stream: &Stream) -> Result<(), CudaError> {
-        let _restore = self.gpu.enter()?;
         // SAFETY: both handles are live and of this device's context.
         self.gpu.api().check(unsafe { (self.gpu.api().cuEventRecord)(self.raw, stream.raw) }, "cuEventRecord")
     }

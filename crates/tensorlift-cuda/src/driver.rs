@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 
 use cudarc::driver::sys;
 
-use crate::CudaError;
+use crate::error::{CudaError, DriverCode};
 
 /// A driver call's result, as the driver returns it.
 pub(crate) type CuResult = c_int;
@@ -150,40 +150,10 @@ impl Driver {
         if r == SUCCESS {
             Ok(())
         } else {
-            Err(CudaError::Driver { call, source: DriverCode { code: r, name: self.error_name(r) } })
+            Err(CudaError::Driver { call, source: DriverCode::new(r, self.error_name(r)) })
         }
     }
 }
-
-/// A result other than success from a driver call: the code, and the driver's name for it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DriverCode {
-    code: i32,
-    name: Option<String>,
-}
-
-impl DriverCode {
-    /// The `CUresult` code (2 is `CUDA_ERROR_OUT_OF_MEMORY`).
-    pub fn code(&self) -> i32 {
-        self.code
-    }
-
-    /// The driver's name for the code, where it has one.
-    pub fn name(&self) -> Option<&str> {
-        self.name.as_deref()
-    }
-}
-
-impl std::fmt::Display for DriverCode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.name {
-            Some(name) => write!(f, "{name} ({})", self.code),
-            None => write!(f, "CUDA error {} (a code this driver does not name)", self.code),
-        }
-    }
-}
-
-impl std::error::Error for DriverCode {}
 
 /// The process's driver functions, resolved from the library the probe loaded; the probe's
 /// reason (or the missing function) when there is none.

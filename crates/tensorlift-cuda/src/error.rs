@@ -1,5 +1,3 @@
-use crate::driver::DriverCode;
-
 /// A CUDA failure, naming the driver call.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -30,3 +28,37 @@ pub enum CudaError {
     #[error("copy of {len} bytes out of bounds ({what})")]
     OutOfBounds { what: &'static str, len: usize },
 }
+
+/// A result other than success from a driver call: the code, and the driver's name for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriverCode {
+    code: i32,
+    name: Option<String>,
+}
+
+impl DriverCode {
+    pub(crate) fn new(code: i32, name: Option<String>) -> DriverCode {
+        DriverCode { code, name }
+    }
+
+    /// The `CUresult` code (2 is `CUDA_ERROR_OUT_OF_MEMORY`).
+    pub fn code(&self) -> i32 {
+        self.code
+    }
+
+    /// The driver's name for the code, where it has one.
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+}
+
+impl std::fmt::Display for DriverCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.name {
+            Some(name) => write!(f, "{name} ({})", self.code),
+            None => write!(f, "CUDA error {} (a code this driver does not name)", self.code),
+        }
+    }
+}
+
+impl std::error::Error for DriverCode {}

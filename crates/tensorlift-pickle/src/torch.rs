@@ -177,28 +177,23 @@ impl TorchCheckpoint {
         read(src, limits).map_err(|kind| TorchError { file: file.to_owned(), kind })
     }
 
-    /// Where a contiguous tensor's bytes lie in the file: `(offset, length)`, checked
-    /// against the file's length as [`tensor_bytes`](Self::tensor_bytes) checks them; `None`
-    /// for a strided view (its bytes must be gathered) or an empty tensor.
-    pub fn contiguous_range<R: ReadAt + ?Sized>(
-        &self,
-        src: &R,
-        file: &Path,
-        t: &TorchTensor,
-    ) -> Result<Option<(u64, u64)>, TorchError> {
-        let err = |kind| TorchError { file: file.to_owned(), kind };
-        let st = self.storages.get(&t.storage).ok_or_else(|| {
-            err(ErrorKind::Tensor { tensor: t.name.clone(), message: format!("storage '{}' is missing", t.storage) })
-        })?;
+    /// The storage `t` is a view of.
+    fn storage_of(&self, file: &Path, t: &TorchTensor) -> Result<&Storage, TorchError> {
+        self.storages.get(&t.storage).ok_or_else(|| TorchError {
+            file: file.to_owned(),
+            kind: ErrorKind::Tensor { tensor: t.name.clone(), message: format!("storage '{}' is missing", t.storage) },
+        })
+    }
+
+    /// Where a contiguous tensor's bytes lie in the file: `(offset, length)` (within its
+    /// storage, which was checked against the file when the checkpoint was read; a file cut
+    /// short since fails the read of them); `None` for a strided view (its bytes must be
+    /// gathered) or an empty tensor.
+    pub fn contiguous_range(&self, file: &Path, t: &TorchTensor) -> Result<Option<(u64, u64)>, TorchError> {
+        let st = self.storage_of(file, t)?;
         let es = t.dtype.bitsize() / 8;
         let Some((first, last)) = t.element_span().filter(|_| t.is_contiguous()) else { return Ok(None) };
-        let (offset, len) = (st.offset + (first * es) as u64, ((last - first + 1) * es) as u64);
-        let total = src.size().map_err(|e| err(e.into()))?;
-        if offset.checked_add(len).is_none_or(|end| end > total) {
-            let message = format!("{len} bytes at {offset} run past the end of the {total}-byte file");
-            return Err(err(ErrorKind::Tensor { tensor: t.name.clone(), message }));
-        }
-        Ok(Some((offset, len)))
+        Ok(Some((st.offset + (first * es) as u64, ((last - first + 1) * es) as u64)))
     }
 
     /// The tensor's bytes, contiguous, in the file's (little-endian) byte order. A
@@ -212,15 +207,12 @@ impl TorchCheckpoint {
         t: &TorchTensor,
     ) -> Result<Vec<u8>, TorchError> {
         let err = |kind| TorchError { file: file.to_owned(), kind };
-        let st = self.storages.get(&t.storage).ok_or_else(|| {
-            err(ErrorKind::Tensor { tensor: t.name.clone(), message: format!("storage '{}' is missing", t.storage) })
-        })?;
-        let es = t.dtype.bitsize() / 8;
-        let Some((first, last)) = t.element_span() else { return Ok(Vec::new()) };
-        if t.is_contiguous() {
-            return read_vec(src, st.offset + (first * es) as u64, ((last - first + 1) * es) as u64)
-                .map_err(|e| err(e.into()));
+        if let Some((offset, len)) = self.contiguous_range(file, t)? {
+            return read_vec(src, offset, len).map_err(|e| err(e.into()));
         }
+        let st = self.storage_of(file, t)?;
+        let es = t.dtype.bitsize() / 8;
+        let Some((_, last)) = t.element_span() else { return Ok(Vec::new()) };
         let mut out = Vec::new();
         out.try_reserve_exact(t.nbytes()).map_err(|_| {
             err(ErrorKind::Tensor {

@@ -178,8 +178,6 @@ struct Registrar {
     jobs: Option<mpsc::Sender<Job>>,
     stop: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
-    /// The process that started the threads (a forked one has none of them).
-    made: tensorlift_io::MadeIn,
 }
 
 impl Registrar {
@@ -207,12 +205,7 @@ impl Registrar {
             });
             threads.extend(spawned);
         }
-        (!threads.is_empty()).then_some(Registrar {
-            jobs: Some(tx),
-            stop,
-            threads,
-            made: tensorlift_io::MadeIn::here(),
-        })
+        (!threads.is_empty()).then_some(Registrar { jobs: Some(tx), stop, threads })
     }
 }
 
@@ -220,7 +213,9 @@ impl Drop for Registrar {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         self.jobs.take();
-        tensorlift_io::join_threads(self.made, self.threads.drain(..));
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
     }
 }
 

@@ -171,9 +171,7 @@ pub(crate) struct Hashers<T> {
     waker: Arc<Mutex<Option<Waker>>>,
     /// Set when the load ends early: a hashing thread stops at its next chunk.
     cancel: Arc<AtomicBool>,
-    /// The threads, each with the process that started it: a process forked while they ran
-    /// has none of them, and must not wait for them.
-    threads: Vec<(tensorlift_io::MadeIn, std::thread::JoinHandle<()>)>,
+    threads: Vec<std::thread::JoinHandle<()>>,
     /// Chunks sent that have not come back yet (where they come back), by span.
     chunks_out: Vec<usize>,
     /// Tests: hash on the load's thread, as where no thread can be had.
@@ -262,7 +260,7 @@ impl<T: Landed> Hashers<T> {
         });
         match spawned {
             Ok(t) => {
-                self.threads.push((tensorlift_io::MadeIn::here(), t));
+                self.threads.push(t);
                 Route::Thread(tx)
             }
             Err(e) => {
@@ -306,8 +304,11 @@ impl<T> Hashers<T> {
         self.cancel.store(true, Ordering::Relaxed);
         // A thread waiting for its next chunk sees its channel closed.
         self.routes.iter_mut().for_each(|r| *r = None);
-        for (made, t) in self.threads.drain(..) {
-            tensorlift_io::join_threads(made, [t]);
+        let me = std::thread::current().id();
+        for t in self.threads.drain(..) {
+            if t.thread().id() != me {
+                let _ = t.join();
+            }
         }
         // Chunks handed back but not taken.
         self.results.lock().unwrap_or_else(|p| p.into_inner()).try_iter().for_each(drop);

@@ -219,6 +219,11 @@ fn the_io_modules_have_no_import_cycle() {
     assert_acyclic("../tensorlift-io/src");
 }
 
+#[test]
+fn the_cuda_modules_have_no_import_cycle() {
+    assert_acyclic("../tensorlift-cuda/src");
+}
+
 /// The reading itself: paths through groups and root re-exports, comments skipped, and a
 /// cycle found where there is one.
 #[test]

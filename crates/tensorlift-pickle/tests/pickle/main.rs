@@ -350,9 +350,7 @@ fn ints(v: &[u64]) -> Vec<u8> {
 fn views_file(numel: u64, tensors: &[(&str, u64, Vec<u64>, Vec<u64>)]) -> Vec<u8> {
     let mut p = b"\x80\x02}".to_vec();
     for (name, offset, size, stride) in tensors {
-        p.push(b'X');
-        p.extend_from_slice(&(name.len() as u32).to_le_bytes());
-        p.extend_from_slice(name.as_bytes());
+        text(&mut p, name.as_bytes());
         p.extend_from_slice(b"ctorch._utils\n_rebuild_tensor_v2\n(");
         p.extend_from_slice(b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpu");
         p.extend(long(numel));
@@ -411,15 +409,10 @@ fn red_team_shapes_are_refused_quickly() {
 /// bytes long: a legacy file.
 fn one_tensor_many_names(names: usize, key_len: usize) -> Vec<u8> {
     let key = "k".repeat(key_len);
-    let text = |p: &mut Vec<u8>, s: &str| {
-        p.push(b'X');
-        p.extend_from_slice(&(s.len() as u32).to_le_bytes());
-        p.extend_from_slice(s.as_bytes());
-    };
     let mut p = b"\x80\x02}(".to_vec();
-    text(&mut p, "n0");
+    text(&mut p, b"n0");
     p.extend_from_slice(b"ctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00storagectorch\nFloatStorage\n");
-    text(&mut p, &key);
+    text(&mut p, key.as_bytes());
     p.extend_from_slice(b"X\x03\x00\x00\x00cpu");
     p.extend(long(4));
     p.extend_from_slice(b"NtQ");
@@ -428,14 +421,14 @@ fn one_tensor_many_names(names: usize, key_len: usize) -> Vec<u8> {
     p.extend(ints(&[1]));
     p.extend_from_slice(b"\x89}tRq\x01");
     for i in 1..names {
-        text(&mut p, &format!("n{i}"));
+        text(&mut p, format!("n{i}").as_bytes());
         p.extend_from_slice(b"h\x01");
     }
     p.extend_from_slice(b"u.");
     let mut v = legacy(&p);
     v.truncate(v.len() - 4); // the empty key list `legacy` wrote
     v.extend_from_slice(b"\x80\x02]");
-    text(&mut v, &key);
+    text(&mut v, key.as_bytes());
     v.extend_from_slice(b"a.");
     v.extend_from_slice(&4u64.to_le_bytes());
     v.extend_from_slice(&[0u8; 16]);
@@ -497,10 +490,7 @@ fn a_long_key_set_again_and_again_is_refused() {
         p.extend_from_slice(&[b'X', 1, 0, 0, 0, b'a' + i, b'K', i]);
     }
     p.push(b'u');
-    let key = vec![b'k'; 4 << 20];
-    p.push(b'X');
-    p.extend_from_slice(&(key.len() as u32).to_le_bytes());
-    p.extend_from_slice(&key);
+    text(&mut p, &[b'k'; 4 << 20]);
     p.extend_from_slice(b"q\x01h\x00(");
     for _ in 0..20_000 {
         p.extend_from_slice(b"h\x01K\x00");
@@ -521,9 +511,8 @@ fn a_storage_key_listed_again_and_again_is_refused_without_copies() {
     // GB of copies before: enough to show, not so much that the old code is killed).
     let list_at = v.len() - (1 + 5 + (1 << 20) + 2) - 24;
     v.truncate(list_at);
-    v.extend_from_slice(b"]q\x00(X");
-    v.extend_from_slice(&(1u32 << 20).to_le_bytes());
-    v.extend(std::iter::repeat_n(b'k', 1 << 20));
+    v.extend_from_slice(b"]q\x00(");
+    text(&mut v, &[b'k'; 1 << 20]);
     v.extend_from_slice(b"q\x01");
     for _ in 0..1000 {
         v.extend_from_slice(b"h\x01");
@@ -575,10 +564,8 @@ fn shared_tuples_hashed_again_and_again_are_refused_within_the_budget() {
 /// device's is refused before it is looked at.
 #[test]
 fn a_long_device_name_is_refused_at_once() {
-    let mut p = b"\x80\x02ctorch\ndevice\nq\x00X".to_vec();
-    let name = format!("cpu:{}", "0".repeat(1 << 20));
-    p.extend_from_slice(&(name.len() as u32).to_le_bytes());
-    p.extend_from_slice(name.as_bytes());
+    let mut p = b"\x80\x02ctorch\ndevice\nq\x00".to_vec();
+    text(&mut p, format!("cpu:{}", "0".repeat(1 << 20)).as_bytes());
     p.extend_from_slice(b"q\x01](");
     for _ in 0..100 {
         p.extend_from_slice(b"h\x00h\x01\x85R");
@@ -601,10 +588,9 @@ fn a_long_view_key_named_again_and_again_counts_against_the_budget() {
     let mut p = b"\x80\x02](".to_vec();
     pad(&mut p, 4000);
     p.extend_from_slice(
-        b"e(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x04\x00\x00\x00rootX\x03\x00\x00\x00cpuK\x04(X",
+        b"e(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x04\x00\x00\x00rootX\x03\x00\x00\x00cpuK\x04(",
     );
-    p.extend_from_slice(&(256u32 << 10).to_le_bytes());
-    p.extend(std::iter::repeat_n(b'v', 256 << 10));
+    text(&mut p, &[b'v'; 256 << 10]);
     p.extend_from_slice(b"K\x00K\x04ttq\x01](");
     for _ in 0..2000 {
         p.extend_from_slice(b"h\x01Q");
@@ -612,6 +598,13 @@ fn a_long_view_key_named_again_and_again_counts_against_the_budget() {
     p.extend_from_slice(b"e.");
     let (k, s) = kind(read_bytes(&legacy(&p)));
     assert!(matches!(k, ErrorKind::Limit { setting: "pickle_memory_per_byte", .. }), "{s}");
+}
+
+/// Appends `s` as a pickle's `BINUNICODE` string: `X`, its length, its bytes.
+fn text(p: &mut Vec<u8>, s: &[u8]) {
+    p.push(b'X');
+    p.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    p.extend_from_slice(s);
 }
 
 /// Appends `strings` strings of 255 bytes (`SHORT_BINSTRING`): bytes that raise the
