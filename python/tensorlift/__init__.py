@@ -119,6 +119,9 @@ _ML_DTYPES = {
     "F8_E5M2FNUZ": "float8_e5m2fnuz",
     "F8_E8M0": "float8_e8m0fnu",
 }
+# Dtypes of six-bit values, packed four to three bytes (torch has no type for them; "F64" is
+# not one).
+_SIX_BIT = ("F6_E2M3", "F6_E3M2")
 # numpy types of the dtypes it has.
 _NUMPY = {
     "BOOL": "bool",
@@ -613,7 +616,7 @@ class _Slice:
                 f"tensor '{self._name}' is F4, its values packed two a byte: it is read whole "
                 "([:] or [...] of get_slice, or get_tensor), not sliced"
             )
-        if self._framework in _TORCH_NAMES and self._dtype.startswith("F6"):
+        if self._framework in _TORCH_NAMES and self._dtype in _SIX_BIT:
             raise SafetensorError(f"Dtype not understood: {self._dtype} (tensor '{self._name}')")
         if self._framework in _TORCH_NAMES and self._dtype in _ML_DTYPES:
             return numpy.dtype("uint8") if self._dtype.startswith("F8") else numpy.dtype("uint16")

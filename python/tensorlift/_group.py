@@ -34,7 +34,7 @@ import json
 import math
 from concurrent.futures import ThreadPoolExecutor
 
-from . import _NUMPY, _TORCH_RAW, _path
+from . import _NUMPY, _SIX_BIT, _TORCH_RAW, _path
 
 _ROUND_BYTES = 256 << 20
 
@@ -44,7 +44,7 @@ _TORCH_DTYPES = {**_NUMPY, "BF16": "bfloat16", **_TORCH_RAW}
 
 
 def _torch_dtype(torch, name, dtype):
-    if dtype == "F4" or dtype.startswith("F6"):
+    if dtype == "F4" or dtype in _SIX_BIT:
         raise ValueError(
             f"tensor '{name}': {dtype} values are packed below a byte, which load_group does not cut "
             "between ranks (load the file with load_file)"

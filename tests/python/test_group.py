@@ -142,6 +142,8 @@ def llama(tmp_path):
         "model.norm.weight": torch.randn(64),
         "model.mask": torch.rand(40) > 0.5,
         "model.step": torch.tensor(7, dtype=torch.int64),
+        # F64: its name begins as a six-bit type's does, and it is shared all the same.
+        "model.rope.inv_freq": torch.rand(32, dtype=torch.float64),
         "lm_head.weight": torch.randn(1000, 64).to(torch.float16),
         # 40 rows padded to 64: at 4 ranks, rank 2 gets 8 and rank 3 none.
         "model.extra.embed_tokens.weight": torch.randn(40, 8),

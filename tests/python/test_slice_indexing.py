@@ -40,6 +40,8 @@ TENSORS = {
     "c": np.arange(24, dtype=np.int32).reshape(2, 3, 4) - 5,
     "h": np.linspace(-1, 1, 6, dtype=np.float16).reshape(3, 2),
     "b": (np.arange(6).reshape(2, 3) % 2).astype(np.bool_),
+    # F64, whose name begins as the six-bit types' do (F6_E2M3), which torch has no type for
+    "d": np.linspace(-3, 3, 6, dtype=np.float64).reshape(2, 3),
 }
 
 KEYS = [
