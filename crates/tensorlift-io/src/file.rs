@@ -75,6 +75,11 @@ impl OpenFile {
                 format!("is a {kind}, not a regular file"),
             )));
         }
+        // Opened without blocking (a FIFO would have waited for a writer), read blocking: a
+        // read of a file with O_NONBLOCK on a file system that cannot read without waiting
+        // (NFS, FUSE; any file before Linux 5.12) is refused by io_uring with EAGAIN, again
+        // and again, rather than handed to its workers.
+        set_blocking(&buffered).map_err(open_err)?;
         // SAFETY: advice only; the descriptor is open and owned by `buffered`.
         unsafe { libc::posix_fadvise(buffered.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
         let (align, mut reason) = match dio_align(&buffered) {
@@ -216,7 +221,24 @@ fn reopen_direct(file: &File, meta: &std::fs::Metadata) -> io::Result<File> {
     if (m.dev(), m.ino()) != (meta.dev(), meta.ino()) {
         return Err(io::Error::other("/proc/self/fd did not lead back to the same file"));
     }
+    set_blocking(&f)?;
     Ok(f)
+}
+
+/// Clears `O_NONBLOCK` of `file`'s open file (see [`OpenFile::from_file`]).
+fn set_blocking(file: &File) -> io::Result<()> {
+    // SAFETY: F_GETFL reads the flags of an open descriptor that `file` owns.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if flags & libc::O_NONBLOCK != 0 {
+        // SAFETY: F_SETFL changes the status flags of an open descriptor that `file` owns.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// The file's direct-I/O alignment from statx, `None` when the kernel does not report it.
@@ -276,5 +298,34 @@ pub fn file_identity(m: &std::fs::Metadata) -> tensorlift_format::FileIdentity {
         len: m.len(),
         modified_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
         changed_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nonblocking(fd: RawFd) -> bool {
+        // SAFETY: F_GETFL reads the flags of a descriptor the test's OpenFile holds open.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        assert!(flags >= 0, "{}", io::Error::last_os_error());
+        flags & libc::O_NONBLOCK != 0
+    }
+
+    /// Both descriptors read blocking: io_uring refuses a read of an O_NONBLOCK file on a
+    /// file system that cannot read without waiting (EAGAIN), every time it is resubmitted.
+    #[test]
+    fn the_descriptors_read_blocking_though_opened_without_blocking() {
+        // (Where /tmp is a tmpfs, which refuses O_DIRECT, only the buffered one is checked.)
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![7u8; 1 << 16]).unwrap();
+        for want_direct in [false, true] {
+            let f = OpenFile::open(&path, want_direct, false).unwrap();
+            assert!(!nonblocking(f.buffered_fd()), "buffered, want_direct {want_direct}");
+            if let Some(fd) = f.direct.as_ref().map(AsRawFd::as_raw_fd) {
+                assert!(!nonblocking(fd), "direct");
+            }
+        }
     }
 }

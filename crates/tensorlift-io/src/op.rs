@@ -11,6 +11,11 @@ use crate::{IoError, OpenFile};
 /// Largest single read handed to the kernel (Linux caps one read near 2 GiB).
 const MAX_SEGMENT: usize = 1 << 30;
 
+/// Times in a row a read may be refused with EAGAIN before it fails. The descriptors read
+/// blocking, so the kernel should never refuse; were it to, resubmitting for ever would spin
+/// a worker and never end the load.
+const MAX_REFUSED: u32 = 1000;
+
 /// A raw destination pointer that travels to a worker thread with the buffer that owns it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct SendPtr(pub *mut u8);
@@ -37,6 +42,8 @@ pub(crate) struct ReadOp {
     pub offset: u64,
     pub len: usize,
     pub done: usize,
+    /// EAGAIN answers since the last bytes read ([`MAX_REFUSED`]).
+    pub refused: u32,
     pub fixed: Option<u16>,
     pub max_segment: usize,
     /// For a whole chunk of an arena filled by copies: where the copy comes from
@@ -106,6 +113,7 @@ impl ReadOp {
                 at: self.file.current_len().map_or(seg.offset, |now| now.min(seg.offset)),
             })),
             Ok(n) => {
+                self.refused = 0;
                 self.done += n.min(seg.len as usize);
                 if self.done >= self.len {
                     Step::Done(Ok(()))
@@ -113,7 +121,11 @@ impl ReadOp {
                     Step::Continue
                 }
             }
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) => Step::Continue,
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => Step::Continue,
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && self.refused < MAX_REFUSED => {
+                self.refused += 1;
+                Step::Continue
+            }
             Err(e) if seg.direct && e.raw_os_error() == Some(libc::EINVAL) => {
                 self.file.disable_direct(format!("O_DIRECT read refused: {e}"));
                 Step::Continue
@@ -151,5 +163,51 @@ impl ReadOp {
         if let Some(complete) = self.complete.take() {
             complete(Finish::Abandoned(error));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A read the kernel keeps refusing with EAGAIN fails, rather than being resubmitted
+    /// for ever; bytes read in between start the count again.
+    #[test]
+    fn a_read_refused_again_and_again_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, [1u8; 64]).unwrap();
+        let file = Arc::new(OpenFile::open(&path, false, false).unwrap());
+        let mut buf = [0u8; 64];
+        let mut op = ReadOp {
+            file,
+            dst: SendPtr(buf.as_mut_ptr()),
+            offset: 0,
+            len: 64,
+            done: 0,
+            refused: 0,
+            fixed: None,
+            max_segment: 8,
+            fill: None,
+            complete: None,
+        };
+        let again = || Err(io::Error::from_raw_os_error(libc::EAGAIN));
+        let seg = op.next_segment();
+        for _ in 0..MAX_REFUSED {
+            assert!(matches!(op.advance(&seg, again()), Step::Continue));
+        }
+        assert!(matches!(op.advance(&seg, Ok(8)), Step::Continue));
+        let seg = op.next_segment();
+        for _ in 0..MAX_REFUSED {
+            assert!(matches!(op.advance(&seg, again()), Step::Continue));
+        }
+        match op.advance(&seg, again()) {
+            Step::Done(Err(IoError::Read { offset: 0, len: 64, source, .. })) => {
+                assert_eq!(source.raw_os_error(), Some(libc::EAGAIN))
+            }
+            _ => panic!("not failed with EAGAIN"),
+        }
+        // An interrupted read is always resubmitted.
+        assert!(matches!(op.advance(&seg, Err(io::Error::from_raw_os_error(libc::EINTR))), Step::Continue));
     }
 }

@@ -378,6 +378,7 @@ impl Reader {
             offset,
             len,
             done: 0,
+            refused: 0,
             fixed,
             max_segment: self.faults.max_read.unwrap_or(usize::MAX).max(1),
             fill,
