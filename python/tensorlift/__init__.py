@@ -651,6 +651,11 @@ class _Slice:
     def _torch_view(self, t):
         import torch
 
+        if t.numel() == 0:
+            # numpy gives an empty copy strides of 0, which torch keeps (and .contiguous()
+            # too), and then cannot view as a dtype of another width: the reference's
+            # has torch's C layout.
+            t = torch.empty(t.shape, dtype=t.dtype)
         if self._dtype == "BF16":
             return t.view(torch.bfloat16)
         if self._dtype in _TORCH_RAW:

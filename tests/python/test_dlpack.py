@@ -186,3 +186,26 @@ def test_numpy_arrays_of_tied_pytorch_weights_stay_read_only(tmp_path):
         assert got["norm"].flags.writeable, backend
         got["norm"][...] = 2
         assert (got["norm"] == 2).all() and got["embed.weight"].tobytes() == embed.numpy().tobytes(), backend
+
+
+@pytest.mark.parametrize("backend", ["pread", "mmap"])
+def test_empty_tensors_have_the_strides_torch_gives_its_own(tmp_path, backend):
+    # An empty tensor's strides count a dimension of 0 as 1, as torch's (and the reference's)
+    # do: strides of 0 keep torch from viewing it as a dtype of another width.
+    torch = pytest.importorskip("torch")
+    import safetensors
+    from safetensors.torch import save_file
+
+    path = str(tmp_path / "empty.safetensors")
+    shapes = {"a": (0, 3), "b": (2, 0, 4), "c": (3, 4, 0), "d": (0,)}
+    save_file({k: torch.zeros(s, dtype=torch.float32) for k, s in shapes.items()}, path)
+    loaded = tensorlift.load_file(path)
+    with safetensors.safe_open(path, "pt") as ref, tensorlift.safe_open(path, "pt", backend=backend) as f:
+        for name, shape in shapes.items():
+            want = ref.get_tensor(name)
+            assert want.stride() == torch.empty(shape).stride(), name
+            for got in (loaded[name], f.get_tensor(name), f.get_slice(name)[...], f.get_slice(name)[..., ...]):
+                assert (got.shape, got.stride()) == (want.shape, want.stride()), name
+                assert got.view(torch.uint8).shape == want.view(torch.uint8).shape, name
+            # Partial slices that come out empty, cut on the host.
+            assert f.get_slice(name)[1:1].stride() == ref.get_slice(name)[1:1].stride(), name

@@ -115,9 +115,18 @@ def _bytes(x):
     return x.tobytes()
 
 
+def _c_layout(x):
+    """Whether ``x`` (tensorlift's answer, a copy of its own) has a C layout's strides, as the
+    reference's copies have: an empty one too, or it cannot be viewed as another dtype."""
+    if torch is not None and isinstance(x, torch.Tensor):
+        return x.stride() == torch.empty(x.shape).stride()
+    return True
+
+
 def _same(got, want):
     return (
-        type(got) is type(want)
+        _c_layout(got)
+        and type(got) is type(want)
         and got.dtype == want.dtype
         and tuple(got.shape) == tuple(want.shape)
         and _bytes(got) == _bytes(want)

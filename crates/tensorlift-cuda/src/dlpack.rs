@@ -156,10 +156,13 @@ struct Context {
 }
 
 fn tensor(e: Export) -> (DLTensor, Box<Context>) {
-    // Row-major (C-contiguous) strides, in elements.
+    // Row-major (C-contiguous) strides, in elements; a dimension of 0 counts as 1, as torch
+    // and numpy count it, so that an empty tensor has the strides their own empty ones have
+    // (torch views one as another dtype only where its last stride is 1 and the others
+    // divide by the width: zeros would not).
     let mut strides = vec![1i64; e.shape.len()];
     for i in (0..e.shape.len().saturating_sub(1)).rev() {
-        strides[i] = strides[i + 1].saturating_mul(e.shape[i + 1]);
+        strides[i] = strides[i + 1].saturating_mul(e.shape[i + 1].max(1));
     }
     let empty = e.shape.contains(&0);
     let mut ctx = Box::new(Context { _owner: e.owner, shape: e.shape, strides });
@@ -282,7 +285,7 @@ mod tests {
             data: 0,
             device: DLDevice { device_type: DEVICE_CPU, device_id: 0 },
             dtype: DLDataType { code: code::UINT, bits: 8, lanes: 1 },
-            shape: vec![0, 4],
+            shape: vec![2, 0, 4],
             owner: Box::new(Counted(Arc::clone(&drops))),
             read_only: false,
         };
@@ -290,6 +293,9 @@ mod tests {
         // SAFETY: as above.
         let t = unsafe { &*p };
         assert!(t.dl_tensor.data.is_null(), "no elements: null data");
+        // SAFETY: as above.
+        let strides = unsafe { std::slice::from_raw_parts(t.dl_tensor.strides, 3) };
+        assert_eq!(strides, [4, 4, 1], "torch's strides of an empty tensor of this shape");
         // SAFETY: as above.
         unsafe { delete_legacy(p) };
         assert_eq!(drops.load(Ordering::SeqCst), 2);
