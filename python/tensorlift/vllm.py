@@ -293,21 +293,28 @@ def _file_tensors_on(path, device, keep, torch_load):
 
 
 def _load_whole(path, device, torch_load=None):
-    """Every tensor of the file at ``path`` on ``device``, as a dict: read by tensorlift, or
-    for a PyTorch file it refuses, by ``torch_load`` where given. Where the device has no
-    room for the file in tensorlift's allocations, it is read to the host and moved to the
-    device by torch, tensor by tensor (torch's allocator may hold what tensorlift's could
-    not); that failing too is this call's error, which every rank hears before any
-    broadcast."""
+    """Every tensor of the file at ``path``, as a dict: on ``device``, read by tensorlift;
+    where the device has no room for the file beside the model, views of the file mapped on
+    the host, as vLLM's default loader reads it (the caller moves each to the device in
+    turn, so that the device never holds the whole file); for a PyTorch file tensorlift
+    refuses, ``torch_load``'s, where given (on its map location). Its error is the call's,
+    which every rank hears before any broadcast."""
     try:
         return tensorlift.load_file(path, device=device)
     except tensorlift.DeviceMemoryError as e:
+        if device == "cpu":
+            raise
         logger.warning("tensorlift: %s; reading %s to the host", e, path)
-        return {n: t.to(device) for n, t in _load_whole(path, "cpu", torch_load).items()}
+        try:
+            return tensorlift.load_file(path, device="cpu", backend="mmap")
+        except tensorlift.SafetensorError as e:
+            if torch_load is None:
+                raise
+            return torch_load(path, e)
     except tensorlift.SafetensorError as e:
         if torch_load is None:
             raise
-        return {n: t.to(device) for n, t in torch_load(path, e).items()}
+        return torch_load(path, e)
 
 
 def _rank_device(model):
@@ -387,7 +394,8 @@ def _split_and_broadcast(files, device, group, keep, torch_load=None):
         for owner, st in enumerate(statuses[: len(batch)]):
             for name, dtype, shape in st["tensors"]:
                 if owner == me:
-                    t = mine.pop(name)
+                    # (Already there, unless the file was read to the host: one at a time.)
+                    t = mine.pop(name).to(device)
                     LAST_LOAD["bytes"] += t.nbytes
                 else:
                     # torch dtypes print as "torch.bfloat16".

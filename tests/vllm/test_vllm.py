@@ -390,12 +390,28 @@ def test_a_file_the_device_cannot_hold_is_read_to_the_host(tmp_path, monkeypatch
     got = list(tv._file_tensors(path, "cuda:0", None))
     assert [n for n, _ in got] == list(tensors) and all(torch.equal(t, tensors[n]) for n, t in got)
     assert all(t.device.type == "cpu" for _, t in got) and devices == ["cuda:0", "cpu"]
-    # For a broadcast, read to the host then moved by torch, before any rank sends (torch's
-    # "meta" device stands for the GPU this machine lacks).
+    # For a broadcast, the file is mapped on the host (as vLLM's default loader reads it),
+    # and each tensor moved to the device by torch as it is sent, never the whole file at once
+    # (torch's "meta" device stands for the GPU this machine lacks).
     devices.clear()
     whole = tv._load_whole(path, "meta")
     assert devices == ["meta", "cpu"] and sorted(whole) == sorted(tensors)
-    assert all(t.device.type == "meta" and t.shape == tensors[n].shape for n, t in whole.items())
+    assert all(t.device.type == "cpu" and torch.equal(t, tensors[n]) for n, t in whole.items())
+    devices.clear()
+    sent = []
+
+    class OneRank:  # a group of one: its broadcasts send nothing
+        world_size, rank_in_group, cpu_group = 1, 0, None
+
+        def broadcast(self, t, src):
+            sent.append((t.device.type, t.nbytes))
+
+    monkeypatch.setattr(torch.distributed, "all_gather_object", lambda out, obj, group=None: out.__setitem__(0, obj))
+    monkeypatch.setattr(tv, "LAST_LOAD", {"files": [], "tensors": 0, "bytes": 0, "received": 0})
+    got = list(tv._split_and_broadcast([path], "meta", OneRank(), None))
+    assert devices == ["meta", "cpu"] and [n for n, _ in got] == list(tensors)
+    assert all(t.device.type == "meta" and t.shape == tensors[n].shape for n, t in got)
+    assert sent == [("meta", t.nbytes) for t in tensors.values()]
     assert issubclass(tensorlift.DeviceMemoryError, RuntimeError)
 
 
