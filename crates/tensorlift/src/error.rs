@@ -37,7 +37,10 @@ pub enum LoadError {
         #[source]
         source: IoError,
     },
-    /// A shard changed between planning and loading (different length or header).
+    /// A shard changed between planning and loading (different length or header), or while
+    /// it was read: each read is checked (the file's identity, length and times) before any
+    /// tensor it completes is handed out, so a stream never hands out a tensor read after
+    /// such a change.
     #[error("{}: shard changed since it was planned: {what}", file.display())]
     ShardChanged { file: PathBuf, what: String },
     /// Host memory for the tensors could not be allocated.

@@ -194,8 +194,9 @@ pub(crate) fn header_check(plan: &Checkpoint, i: usize, fresh: bool) -> HeaderCh
 /// Refuses shard `i` when the file read is no longer as planned (its identity, length or
 /// modification time moved), or its status changed since it was opened for this load (a
 /// rewrite in place, even of the same length and with its modification time set back,
-/// moves the status change time). Called after the shard's last read, and after the copies
-/// of each read the CUDA destination took to copy from the page cache.
+/// moves the status change time). Called after each read lands, before the tensors it
+/// completes are handed out, and after the copies of each read the CUDA destination took to
+/// copy from the page cache.
 pub(crate) fn still_as_planned(plan: &LoadPlan, i: usize, file: &ShardIo) -> Result<(), LoadError> {
     // Each GET of a remote shard checked the object already.
     let ShardIo::File(file) = file else { return Ok(()) };

@@ -735,16 +735,17 @@ impl<S: Sink> Scheduler<S> {
         let Some(f) = self.in_flight.pop_front() else { return Poll::Pending };
         let read = self.reads[f.read];
         self.in_flight_bytes -= read.len as u64;
-        // The shard's last read has landed: close it, once it is seen to be the file that was
-        // planned, unchanged, so that no tensor of a shard rewritten while it was read is
-        // handed out.
+        // Each read, once landed, before any tensor it completes is handed out (tensors go
+        // out as their chunks land, not when the shard is done): the file must be seen to be
+        // the one that was planned, unchanged, so that no tensor of a shard rewritten while
+        // it was read is handed out. (One fstat a chunk.) The shard's last read closes it.
         self.reads_left[read.shard] -= 1;
-        if self.reads_left[read.shard] == 0 {
-            if let Some(file) = self.files[read.shard].clone() {
+        if let Some(file) = self.files[read.shard].clone() {
+            if self.reads_left[read.shard] == 0 {
                 self.close(read.shard);
-                if let Err(e) = crate::open::still_as_planned(plan.plan(), read.shard, &file) {
-                    return Poll::Ready(Err(e));
-                }
+            }
+            if let Err(e) = crate::open::still_as_planned(plan.plan(), read.shard, &file) {
+                return Poll::Ready(Err(e));
             }
         }
         match result {
