@@ -19,7 +19,8 @@ pub fn evict(path: &Path) -> io::Result<()> {
 }
 
 /// Fraction of a file's pages resident in the page cache (0.0 to 1.0), exactly: from
-/// `cachestat(2)` where the kernel has it, else `mincore` over the whole file.
+/// `cachestat(2)` where the kernel has it, else `mincore` over the whole file (an error where
+/// `mincore` would not tell this process the truth: see [`resident_estimate`]).
 pub fn resident_fraction(path: &Path) -> io::Result<f64> {
     resident_fraction_of(&File::open(path)?)
 }
@@ -91,8 +92,9 @@ fn probe() -> &'static ResidencyProbe {
 }
 
 /// The fraction of `f` in the page cache as the engine estimates it before reading: exact
-/// with `cachestat`, else from [`SAMPLED_PAGES`] sampled pages. Never a scan of every page
-/// on the load's path: a multi-GB shard takes microseconds either way.
+/// with `cachestat`, else from [`SAMPLED_PAGES`] sampled pages (an error where `mincore`
+/// would not tell this process the truth). Never a scan of every page on the load's path: a
+/// multi-GB shard takes microseconds either way.
 pub fn resident_estimate(f: &File) -> io::Result<f64> {
     residency(f, SAMPLED_PAGES)
 }
@@ -117,6 +119,13 @@ fn residency(f: &File, budget: usize) -> io::Result<f64> {
         if let Ok(cached) = cachestat(f) {
             return Ok(fraction(cached, len));
         }
+    }
+    // mincore says every page of a file this process neither owns nor may write is cached
+    // (the kernel hides the truth): such a reading would have cold shards read buffered.
+    if !residency_visible(f) {
+        return Err(io::Error::other(
+            "mincore does not show this process which pages of a file it neither owns nor may write are cached",
+        ));
     }
     mincore_sampled(f, len, budget)
 }
