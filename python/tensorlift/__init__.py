@@ -231,6 +231,11 @@ def _check_framework(framework, device="cpu"):
         raise _InvalidArgument(f"unknown framework {framework!r} (expected one of {names}, or None)")
     if framework in _frameworks.FRAMEWORKS:
         _frameworks.check(framework, device)
+    if framework in _NUMPY_NAMES and str(device).split(":")[0] not in ("cpu", "auto"):
+        # Before anything is loaded, with the reference's error (numpy arrays live in host
+        # memory; "auto" is checked where its tensors land).
+        shown = "cuda:0" if device == "cuda" else device
+        raise _InvalidArgument(f"Device {shown} is not supported for framework numpy")
 
 
 def load_file(

@@ -832,3 +832,24 @@ def test_a_name_that_is_not_a_str_is_the_reference_s_type_error(tmp_path):
                 with pytest.raises(TypeError) as got:
                     getattr(ours, method)(key)
                 assert str(got.value) == str(want.value), (method, key)
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", 1])
+def test_numpy_on_a_device_is_the_references_error_before_anything_is_loaded(tmp_path, device):
+    # The reference refuses numpy arrays off the host as the handle opens, with its error
+    # (a SafetensorError), whether or not there is a GPU: so does tensorlift, and load_file
+    # and iter_tensors refuse as early (a ValueError too, as before).
+    path = str(tmp_path / "m.safetensors")
+    save_file({"a": np.arange(4, dtype=np.float32)}, path)
+    with pytest.raises(safetensors.SafetensorError) as want:
+        safetensors.safe_open(path, framework="np", device=device)
+    with pytest.raises(safetensors.SafetensorError) as got:
+        tensorlift.safe_open(path, framework="np", device=device)
+    if isinstance(device, str):
+        assert str(got.value) == str(want.value)
+    for call in (
+        lambda: tensorlift.load_file(path, device=device, framework="np"),
+        lambda: next(tensorlift.iter_tensors(path, device=device, framework="np")),
+    ):
+        with pytest.raises(ValueError, match="not supported for framework numpy"):
+            call()
