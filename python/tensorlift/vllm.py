@@ -293,28 +293,29 @@ def _file_tensors_on(path, device, keep, torch_load):
 
 
 def _load_whole(path, device, torch_load=None):
-    """Every tensor of the file at ``path``, as a dict: on ``device``, read by tensorlift;
-    where the device has no room for the file beside the model, views of the file mapped on
-    the host, as vLLM's default loader reads it (the caller moves each to the device in
-    turn, so that the device never holds the whole file); for a PyTorch file tensorlift
-    refuses, ``torch_load``'s, where given (on its map location). Its error is the call's,
-    which every rank hears before any broadcast."""
+    """Every tensor of the file at ``path``, as a dict, and whether they are still to be
+    moved to ``device``: on ``device``, read by tensorlift; where the device has no room for
+    the file beside the model, views of the file mapped on the host, as vLLM's default
+    loader reads it (the caller moves each to the device in turn, so that the device never
+    holds the whole file); for a PyTorch file tensorlift refuses, ``torch_load``'s, where
+    given (on its map location). Its error is the call's, which every rank hears before any
+    broadcast."""
     try:
-        return tensorlift.load_file(path, device=device)
+        return tensorlift.load_file(path, device=device), False
     except tensorlift.DeviceMemoryError as e:
         if device == "cpu":
             raise
         logger.warning("tensorlift: %s; reading %s to the host", e, path)
         try:
-            return tensorlift.load_file(path, device="cpu", backend="mmap")
+            return tensorlift.load_file(path, device="cpu", backend="mmap"), True
         except tensorlift.SafetensorError as e:
             if torch_load is None:
                 raise
-            return torch_load(path, e)
+            return torch_load(path, e), True
     except tensorlift.SafetensorError as e:
         if torch_load is None:
             raise
-        return torch_load(path, e)
+        return torch_load(path, e), device != "cpu"
 
 
 def _rank_device(model):
@@ -377,11 +378,11 @@ def _split_and_broadcast(files, device, group, keep, torch_load=None):
     for first in range(0, len(names), world):
         # A file this rank does not have is its read's error, heard by every rank below.
         batch = [local.get(n, os.path.join(folder, n)) for n in names[first : first + world]]
-        mine, status = {}, {"error": None, "tensors": []}
+        mine, status = {}, {"error": None, "tensors": [], "to_move": False}
         if me < len(batch):
             LAST_LOAD["files"].append(batch[me])
             try:
-                mine = _load_whole(batch[me], device, torch_load)
+                mine, status["to_move"] = _load_whole(batch[me], device, torch_load)
                 status["tensors"] = [(n, str(t.dtype), list(t.shape)) for n, t in mine.items()]
             except Exception as e:  # every rank raises it below
                 mine, status["error"] = {}, f"{type(e).__name__}: {e}"
@@ -393,13 +394,31 @@ def _split_and_broadcast(files, device, group, keep, torch_load=None):
             raise RuntimeError(f"tensorlift: rank {r} could not read {batch[r]}: {error}")
         for owner, st in enumerate(statuses[: len(batch)]):
             for name, dtype, shape in st["tensors"]:
+                error = None
+                try:
+                    if owner == me:
+                        # Already there, unless the file was read to the host: moved one at a
+                        # time.
+                        t = mine.pop(name).to(device)
+                    else:
+                        # torch dtypes print as "torch.bfloat16".
+                        t = torch.empty(shape, dtype=getattr(torch, dtype.rpartition(".")[2]), device=device)
+                except Exception as e:
+                    if not st["to_move"]:
+                        raise
+                    error = f"{type(e).__name__}: {e}"
+                if st["to_move"]:
+                    # The owner's device had no room for the file: moving a tensor there may
+                    # fail too, which every rank hears before the broadcast it would wait in.
+                    errors = [None] * world
+                    dist.all_gather_object(errors, error, group=group.cpu_group)
+                    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+                    if failed:
+                        r, e = failed[0]
+                        raise RuntimeError(f"tensorlift: rank {r} could not place '{name}' of {batch[owner]} on its device: {e}")
                 if owner == me:
-                    # (Already there, unless the file was read to the host: one at a time.)
-                    t = mine.pop(name).to(device)
                     LAST_LOAD["bytes"] += t.nbytes
                 else:
-                    # torch dtypes print as "torch.bfloat16".
-                    t = torch.empty(shape, dtype=getattr(torch, dtype.rpartition(".")[2]), device=device)
                     LAST_LOAD["received"] += 1
                 if t.nbytes:
                     # As bytes: every dtype crosses gloo and NCCL alike.

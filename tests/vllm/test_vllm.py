@@ -348,7 +348,7 @@ def test_other_ranks_experts_are_not_read_and_a_refused_pytorch_file_is_read_as_
     bin_path = str(tmp_path / "pytorch_model.bin")
     torch.save(tensors, bin_path)
     torch_load = tv._TorchLoad("cpu")
-    for got in (dict(tv._file_tensors(bin_path, "cpu", None, torch_load)), tv._load_whole(bin_path, "cpu", torch_load)):
+    for got in (dict(tv._file_tensors(bin_path, "cpu", None, torch_load)), tv._load_whole(bin_path, "cpu", torch_load)[0]):
         assert sorted(got) == sorted(tensors) and all(torch.equal(got[n], tensors[n]) for n in got)
     # Where vLLM reads safetensors files (no torch_load), a refusal stays an error.
     with pytest.raises(tensorlift.SafetensorError, match="refused"):
@@ -394,8 +394,8 @@ def test_a_file_the_device_cannot_hold_is_read_to_the_host(tmp_path, monkeypatch
     # and each tensor moved to the device by torch as it is sent, never the whole file at once
     # (torch's "meta" device stands for the GPU this machine lacks).
     devices.clear()
-    whole = tv._load_whole(path, "meta")
-    assert devices == ["meta", "cpu"] and sorted(whole) == sorted(tensors)
+    whole, to_move = tv._load_whole(path, "meta")
+    assert to_move and devices == ["meta", "cpu"] and sorted(whole) == sorted(tensors)
     assert all(t.device.type == "cpu" and torch.equal(t, tensors[n]) for n, t in whole.items())
     devices.clear()
     sent = []
@@ -420,8 +420,25 @@ import datetime, json, os, sys
 import torch, torch.distributed as dist
 import tensorlift.vllm as tv
 
-folder, rendezvous, out, fail_rank = sys.argv[1:5]
+folder, rendezvous, out, fail_rank, unmovable = sys.argv[1:6]
 rank = int(os.environ["RANK"])
+if rank == int(unmovable):
+    # This rank's device had no room for its file (read to the host instead), and has none
+    # for its first tensor either.
+    class Unmovable:
+        def __init__(self, t):
+            self.dtype, self.shape, self.nbytes = t.dtype, t.shape, t.nbytes
+
+        def to(self, device):
+            raise RuntimeError("no room on the device for it (simulated)")
+
+    load_whole = tv._load_whole
+
+    def _load_whole(path, device, torch_load=None):
+        tensors, _ = load_whole(path, device, torch_load)
+        return {n: Unmovable(t) for n, t in tensors.items()}, True
+
+    tv._load_whole = _load_whole
 dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2,
                         timeout=datetime.timedelta(seconds=60))
 
@@ -453,10 +470,11 @@ os._exit(0)
 """
 
 
-def run_split(tmp_path, fail_rank):
-    out = tmp_path / f"out{fail_rank}"
+def run_split(tmp_path, fail_rank, unmovable=-1):
+    out = tmp_path / f"out{fail_rank}{unmovable}"
     out.mkdir()
-    args = [sys.executable, "-c", SPLIT_RANK, str(tmp_path), str(tmp_path / f"rv{fail_rank}"), str(out), str(fail_rank)]
+    rendezvous = str(tmp_path / f"rv{fail_rank}{unmovable}")
+    args = [sys.executable, "-c", SPLIT_RANK, str(tmp_path), rendezvous, str(out), str(fail_rank), str(unmovable)]
     procs = [subprocess.Popen(args, env=dict(os.environ, RANK=str(r))) for r in range(2)]
     for p in procs:
         assert p.wait(timeout=240) == 0
@@ -485,3 +503,9 @@ def test_split_reading_agrees_on_files_by_name_and_a_rank_without_them_stops_eve
     failed = run_split(tmp_path, 1)
     assert failed[1] == {"error": "FileNotFoundError: rank 1: no snapshot here"}, failed
     assert "rank 1 could not find the checkpoint's files" in failed[0]["error"], failed
+    # A rank whose file went to the host (its device had no room) and that cannot move a
+    # tensor of it to the device says so before the broadcast the other would wait in.
+    stuck = run_split(tmp_path, -1, unmovable=0)
+    for r in range(2):
+        assert "rank 0 could not place 't0' of" in stuck[r]["error"], stuck
+        assert "no room on the device for it (simulated)" in stuck[r]["error"], stuck
