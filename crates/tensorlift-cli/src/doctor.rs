@@ -33,6 +33,13 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
     let pages = tensorlift_io::page_probe();
     let fill = tensorlift_io::fill::status();
     let residency = tensorlift_io::cache::residency_probe();
+    // The file O_DIRECT was tried on, where the kernel hides which of its pages are cached
+    // (loads of such files read buffered: see DirectIo::Auto).
+    let hidden = direct.as_ref().and_then(|d| d.as_ref().ok()).map(|d| d.tried.clone()).filter(|tried| {
+        std::fs::File::open(tried).is_ok_and(|f| {
+            tensorlift_io::cache::resident_estimate(&f).is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied)
+        })
+    });
     let kernel = kernel_release().unwrap_or_else(|| "unknown".into());
     let limit = |v: Option<u64>| v.map_or_else(|| "unlimited".to_owned(), crate::text::memory);
     let budget = loader.settings().staging_budget as u64;
@@ -92,7 +99,7 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
             "io_uring": {"available": matches!(io.uring, tensorlift::UringStatus::Available), "status": io.uring.to_string()},
             "o_direct": direct,
             "remote": remote.as_ref().map(|r| &r.0),
-            "page_cache_residency": {"cachestat": residency == tensorlift_io::cache::ResidencyProbe::Cachestat, "method": residency.to_string()},
+            "page_cache_residency": {"cachestat": residency == tensorlift_io::cache::ResidencyProbe::Cachestat, "method": residency.to_string(), "hidden_for": hidden.as_ref().map(|p| p.display().to_string())},
             "host_pages": {"huge": loader.settings().huge_pages == tensorlift::HugePages::Always, "sample_favors_huge": pages.huge, "huge_first_touch_gbps": pages.huge_gbps, "base_first_touch_gbps": pages.base_gbps},
             "fill_by_copy": match &fill {
                 Ok(()) => json!({"available": true}),
@@ -169,6 +176,14 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
         writeln!(out, "remote      {}", crate::text::printable(line))?;
     }
     writeln!(out, "page cache  residency by {residency}")?;
+    if let Some(tried) = &hidden {
+        writeln!(
+            out,
+            "            not for {}: {} (such shards are read buffered)",
+            crate::text::path(tried),
+            tensorlift_io::cache::HIDDEN
+        )?;
+    }
     writeln!(
         out,
         "host pages  {} (a 32 MiB sample of fresh memory fills at {:.2} GB/s with huge pages, {:.2} GB/s with base \

@@ -100,3 +100,84 @@ int cuDeviceTotalMem_v2(size_t *m, int d) { *m = (size_t)80 << 30; return 0; }
     let text = String::from_utf8(human.stdout).unwrap();
     assert!(text.contains("cuda:0 Fake GPU, 80.0 GiB"), "{text}");
 }
+
+/// A C program that runs a command as `nobody` under a seccomp filter (one that allows
+/// everything), as in a container: `cachestat` is not tried under a filter, and `mincore`
+/// hides from a process which pages of a file it neither owns nor may write are cached.
+const SANDBOX_C: &str = r#"
+#define _GNU_SOURCE
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <stdio.h>
+#include <sys/prctl.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    struct sock_filter allow[] = {BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW)};
+    struct sock_fprog prog = {1, allow};
+    if (argc < 2) return 2;
+    if (setresgid(65534, 65534, 65534) || setresuid(65534, 65534, 65534)) { perror("setresuid"); return 77; }
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) || prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog)) {
+        perror("seccomp");
+        return 78;
+    }
+    execv(argv[1], argv + 1);
+    perror("execv");
+    return 79;
+}
+"#;
+
+/// Where the kernel hides residency (no cachestat under a seccomp filter, a file owned by
+/// another user and not writable: a read-only model volume in a container), doctor says so
+/// and a load reads the shard buffered, without filling memory by copy, which on a cold
+/// file would fault page by page (mincore says every page is cached there).
+#[test]
+fn hidden_residency_is_reported_and_read_buffered() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = dir.path().join("sandbox");
+    let built = Command::new("cc")
+        .args(["-O1", "-o"])
+        .arg(&sandbox)
+        .args(["-x", "c", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            std::io::Write::write_all(c.stdin.as_mut().unwrap(), SANDBOX_C.as_bytes())?;
+            drop(c.stdin.take());
+            c.wait()
+        })
+        .is_ok_and(|s| s.success());
+    if !root || !built {
+        eprintln!("skipped: needs root (to become nobody) and a C compiler (root {root}, compiled {built})");
+        return;
+    }
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = dir.path().join("m.safetensors");
+    tensorlift_testkit::write_shard(&path, &[("a", tensorlift_format::Dtype::F32, &[1 << 20])]);
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(&sandbox).arg(env!("CARGO_BIN_EXE_tensorlift")).args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let p = path.to_str().unwrap();
+    let v = run(&["doctor", "--json", "--path", p]);
+    let residency = &v["page_cache_residency"];
+    assert_eq!(residency["cachestat"], false, "{residency}");
+    assert_eq!(residency["hidden_for"], p, "{residency}");
+    let s = run(&["load", p, "--device", "cpu", "--json"]);
+    assert_eq!(
+        (&s["buffered_shards"], &s["direct_shards"], &s["copied_bytes"]),
+        (&1.into(), &0.into(), &0.into()),
+        "{s}"
+    );
+    // Unhidden (this process, root), the same cached file is filled by copy where that is
+    // available: the case above differs by the residency alone.
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_tensorlift")).args(["load", p, "--device", "cpu", "--json"]).output().unwrap();
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    if std::env::var_os("TENSORLIFT_REQUIRE_FILL").is_some() {
+        assert!(s["copied_bytes"].as_u64().unwrap() > 0, "{s}");
+    }
+}

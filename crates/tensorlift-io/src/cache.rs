@@ -91,10 +91,16 @@ fn probe() -> &'static ResidencyProbe {
     })
 }
 
+/// Why residency is not known where `mincore` would not tell this process the truth (the
+/// message of the [`io::ErrorKind::PermissionDenied`] error [`resident_estimate`] returns).
+pub const HIDDEN: &str =
+    "mincore does not show this process which pages of a file it neither owns nor may write are cached";
+
 /// The fraction of `f` in the page cache as the engine estimates it before reading: exact
-/// with `cachestat`, else from [`SAMPLED_PAGES`] sampled pages (an error where `mincore`
-/// would not tell this process the truth). Never a scan of every page on the load's path: a
-/// multi-GB shard takes microseconds either way.
+/// with `cachestat`, else from [`SAMPLED_PAGES`] sampled pages; without `cachestat`, a file
+/// this process neither owns nor may write is an [`io::ErrorKind::PermissionDenied`] error
+/// ([`HIDDEN`]: `mincore` would say all of it is cached). Never a scan of every page on the
+/// load's path: a multi-GB shard takes microseconds either way.
 pub fn resident_estimate(f: &File) -> io::Result<f64> {
     residency(f, SAMPLED_PAGES)
 }
@@ -123,9 +129,7 @@ fn residency(f: &File, budget: usize) -> io::Result<f64> {
     // mincore says every page of a file this process neither owns nor may write is cached
     // (the kernel hides the truth): such a reading would have cold shards read buffered.
     if !residency_visible(f) {
-        return Err(io::Error::other(
-            "mincore does not show this process which pages of a file it neither owns nor may write are cached",
-        ));
+        return Err(io::Error::new(io::ErrorKind::PermissionDenied, HIDDEN));
     }
     mincore_sampled(f, len, budget)
 }

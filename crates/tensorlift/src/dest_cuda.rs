@@ -24,8 +24,9 @@
 //! ranges copy); the copies then read the page cache by DMA, and the range is unpinned once
 //! they have completed ([`crate::LoaderBuilder::page_cache_dma`]). Where a registration is
 //! refused, that thread reads the range into a pinned chunk instead, and the sink takes no
-//! more reads (those already taken still try to register). After each range's copies, the file is checked to be the one
-//! planned, unchanged, as the scheduler checks a shard after its last read.
+//! more reads (those already taken still try to register). After each range's copies, the
+//! file is checked to be the one planned, unchanged, as the scheduler checks a shard after
+//! each read, before the tensors the range completes go out.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -519,17 +520,15 @@ impl CudaSink {
         }
     }
 
-    /// A taken read's copies completed: its bytes are counted, and once no other read of its
-    /// shard is in flight, the file is checked to be the one planned, unchanged (a write
-    /// while the device read its pages would not show in the bytes).
+    /// A taken read's copies completed: its bytes are counted, and the file is checked to be
+    /// the one planned, unchanged (a write while the device read its pages would not show in
+    /// the bytes), before any tensor the read completes goes out: after every read, not only
+    /// a shard's last, since tensors go out as their reads complete.
     fn taken_done(&mut self, plan: &LoadPlan, tag: u64) -> Result<(), LoadError> {
         let Some(d) = self.dma.as_mut() else { return Ok(()) };
         let Some(t) = d.taken.remove(&tag) else { return Ok(()) };
         if t.stage == Stage::Dma {
             d.bytes += t.len;
-        }
-        if d.taken.values().any(|o| o.shard == t.shard) {
-            return Ok(());
         }
         crate::open::still_as_planned(plan, t.shard, &ShardIo::File(t.file))
     }

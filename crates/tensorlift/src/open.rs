@@ -52,10 +52,16 @@ pub(crate) fn open_shard(
     let (file, taken) = plan.take_checked(i, check).map_err(open_error)?;
     let shard = &plan.shards()[i];
     // A shard already in the page cache reads faster buffered; O_DIRECT would go to disk.
+    // Where the kernel hides which pages are cached (no cachestat, a file this process
+    // neither owns nor may write: a read-only model volume in a container), buffered: a
+    // warm shard read with O_DIRECT would be read from the disk again on every start.
     let direct = match direct {
         DirectIo::Always => true,
         DirectIo::Never => false,
-        DirectIo::Auto => cache::resident_estimate(&file).map_or(true, |f| f < 0.5),
+        DirectIo::Auto => match cache::resident_estimate(&file) {
+            Ok(fraction) => fraction < 0.5,
+            Err(e) => e.kind() != std::io::ErrorKind::PermissionDenied,
+        },
     };
     let file = reader.open_file(&shard.path, file, direct).map_err(open_error)?;
     // Its reads are checked against the identity it was opened with: the one decided on

@@ -130,6 +130,55 @@ fn a_shard_rewritten_while_the_device_reads_it_fails_the_load() {
     assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
 }
 
+/// Defect: a stream handed out a tensor whose bytes the device copied from the page cache of
+/// a shard rewritten meanwhile, when other ranges of the shard were still being copied (the
+/// file was checked only after the shard's last range). Every range is checked now before
+/// the tensors it completes go out.
+#[test]
+fn a_stream_hands_out_nothing_copied_after_a_rewrite() {
+    let _d = driver();
+    if !emulator::is_emulated() {
+        return; // the timing comes from the emulator's slow copies
+    }
+    let dir = scratch();
+    let path = dir.join("rewritten.safetensors");
+    let truth = write_shard(
+        &path,
+        &[("a", Dtype::U8, &[4096]), ("b", Dtype::U8, &[512 << 10]), ("c", Dtype::U8, &[512 << 10])],
+    );
+    let original = std::fs::read(&path).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20)); // past the clock's tick
+                                                              // Each copy runs 20 ms after it is queued: "b"'s last copies read the file well after
+                                                              // "a" is out, when it has been rewritten.
+    emulator::set_fault(Fault::CopyDelayMicros(20_000));
+    let before = emulator::read_only_copies();
+    let loader = base().chunk_size(64 << 10).staging_budget(128 << 10).build().unwrap();
+    let mut stream = loader.stream_blocking(&path).unwrap();
+    let first = tensorlift::block_on(stream.next()).unwrap().unwrap();
+    assert_eq!((first.name(), first.to_host().unwrap().as_ref()), ("a", truth["a"].as_slice()));
+    let mut bytes = original.clone();
+    let n = bytes.len();
+    bytes[n - (1 << 20)..].iter_mut().for_each(|b| *b = !*b);
+    std::os::unix::fs::FileExt::write_all_at(&std::fs::OpenOptions::new().write(true).open(&path).unwrap(), &bytes, 0)
+        .unwrap();
+    let err = loop {
+        match tensorlift::block_on(stream.next()) {
+            Some(Ok(t)) => {
+                assert!(t.to_host().unwrap().as_ref() == truth[t.name()].as_slice(), "{} as rewritten", t.name())
+            }
+            Some(Err(e)) => break e,
+            None => panic!("the stream ended without an error"),
+        }
+    };
+    match err {
+        LoadError::ShardChanged { what, .. } => assert!(what.contains("while it was being read"), "{what}"),
+        other => panic!("{other:?}"),
+    }
+    drop(stream);
+    assert!(emulator::read_only_copies() > before, "copied from the page cache");
+    emulator::set_fault(Fault::CopyDelayMicros(0));
+}
+
 /// Descriptors of files under `dir` this process holds now.
 fn open_under(dir: &std::path::Path) -> usize {
     std::fs::read_dir("/proc/self/fd")
