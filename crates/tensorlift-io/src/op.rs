@@ -126,6 +126,13 @@ impl ReadOp {
                 self.refused += 1;
                 Step::Continue
             }
+            // A direct read refused that often: the rest of the file is read buffered, as
+            // where O_DIRECT is refused outright.
+            Err(e) if seg.direct && e.raw_os_error() == Some(libc::EAGAIN) => {
+                self.refused = 0;
+                self.file.disable_direct(format!("O_DIRECT read refused {MAX_REFUSED} times in a row: {e}"));
+                Step::Continue
+            }
             Err(e) if seg.direct && e.raw_os_error() == Some(libc::EINVAL) => {
                 self.file.disable_direct(format!("O_DIRECT read refused: {e}"));
                 Step::Continue
@@ -170,6 +177,26 @@ impl ReadOp {
 mod tests {
     use super::*;
 
+    fn again() -> io::Result<usize> {
+        Err(io::Error::from_raw_os_error(libc::EAGAIN))
+    }
+
+    fn op(file: OpenFile, dst: *mut u8, len: usize) -> ReadOp {
+        let file = Arc::new(file);
+        ReadOp {
+            file,
+            dst: SendPtr(dst),
+            offset: 0,
+            len,
+            done: 0,
+            refused: 0,
+            fixed: None,
+            max_segment: 8192,
+            fill: None,
+            complete: None,
+        }
+    }
+
     /// A read the kernel keeps refusing with EAGAIN fails, rather than being resubmitted
     /// for ever; bytes read in between start the count again.
     #[test]
@@ -177,21 +204,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         std::fs::write(&path, [1u8; 64]).unwrap();
-        let file = Arc::new(OpenFile::open(&path, false, false).unwrap());
         let mut buf = [0u8; 64];
-        let mut op = ReadOp {
-            file,
-            dst: SendPtr(buf.as_mut_ptr()),
-            offset: 0,
-            len: 64,
-            done: 0,
-            refused: 0,
-            fixed: None,
-            max_segment: 8,
-            fill: None,
-            complete: None,
-        };
-        let again = || Err(io::Error::from_raw_os_error(libc::EAGAIN));
+        let mut op = op(OpenFile::open(&path, false, false).unwrap(), buf.as_mut_ptr(), 64);
+        op.max_segment = 8;
         let seg = op.next_segment();
         for _ in 0..MAX_REFUSED {
             assert!(matches!(op.advance(&seg, again()), Step::Continue));
@@ -209,5 +224,33 @@ mod tests {
         }
         // An interrupted read is always resubmitted.
         assert!(matches!(op.advance(&seg, Err(io::Error::from_raw_os_error(libc::EINTR))), Step::Continue));
+    }
+
+    /// A direct read refused as often goes on buffered, as where O_DIRECT is refused.
+    #[test]
+    fn a_direct_read_refused_again_and_again_goes_on_buffered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![1u8; 16384]).unwrap();
+        let file = OpenFile::open(&path, true, false).unwrap();
+        if !file.is_direct() {
+            eprintln!("skipped: no O_DIRECT here ({:?})", file.buffered_reason());
+            return;
+        }
+        let mut buf = vec![0u8; 3 * 8192];
+        let skip = buf.as_ptr().align_offset(8192);
+        // SAFETY: skip < 8192, so 8192 bytes from it lie in the buffer.
+        let mut op = op(file, unsafe { buf.as_mut_ptr().add(skip) }, 8192);
+        let seg = op.next_segment();
+        assert!(seg.direct);
+        for _ in 0..=MAX_REFUSED {
+            assert!(matches!(op.advance(&seg, again()), Step::Continue));
+        }
+        assert!(!op.file.is_direct() && !op.next_segment().direct);
+        assert!(
+            op.file.buffered_reason().is_some_and(|r| r.contains("refused 1000 times")),
+            "{:?}",
+            op.file.buffered_reason()
+        );
     }
 }

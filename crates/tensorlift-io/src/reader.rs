@@ -280,7 +280,10 @@ impl Reader {
 
     /// Reads through a descriptor the caller already opened and checked (a shard from
     /// [`Checkpoint::take_checked`](crate::Checkpoint::take_checked)): no path is looked up
-    /// again. `path` names it in errors.
+    /// again. `path` names it in errors. A descriptor opened with `O_NONBLOCK` is made
+    /// blocking (of its open file, which descriptors duplicated from it share): io_uring
+    /// refuses a read of a non-blocking file on a file system that cannot read without
+    /// waiting.
     pub fn open_file(&self, path: &Path, file: Arc<std::fs::File>, direct: bool) -> Result<Arc<OpenFile>, IoError> {
         OpenFile::from_file(path, file, direct && self.direct, self.faults.refuse_direct).map(Arc::new)
     }
