@@ -99,6 +99,21 @@ impl Gpu {
         &self.name
     }
 
+    /// Whether the device reads pageable host memory through the host's page tables
+    /// (`CU_DEVICE_ATTRIBUTE_PAGEABLE_MEMORY_ACCESS_USES_HOST_PAGE_TABLES`, Grace Hopper):
+    /// there `cuMemHostRegister` does not pin a range, only faults its pages in, so a range
+    /// of a file's page cache that the kernel drops, or a file cut, while the device copies
+    /// from it is a fault on the device, not stale bytes.
+    pub fn reads_pageable_memory_through_host_page_tables(&self) -> Result<bool, CudaError> {
+        let attribute =
+            sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_PAGEABLE_MEMORY_ACCESS_USES_HOST_PAGE_TABLES as c_int;
+        let mut v: c_int = 0;
+        // SAFETY: writes one int, for the device handle this context was retained for.
+        let r = unsafe { (self.api().cuDeviceGetAttribute)(&mut v, attribute, self.ctx.device) };
+        self.api().check(r, "cuDeviceGetAttribute")?;
+        Ok(v != 0)
+    }
+
     /// Free and total device memory, in bytes (`cuMemGetInfo`).
     pub fn memory_info(&self) -> Result<(u64, u64), CudaError> {
         let _restore = self.enter()?;

@@ -90,6 +90,7 @@ macro_rules! driver_api {
 driver_api! {
     cuInit(c_uint);
     cuDeviceGet(*mut c_int, c_int);
+    cuDeviceGetAttribute(*mut c_int, c_int, c_int);
     cuDevicePrimaryCtxRetain(*mut sys::CUcontext, c_int);
     cuDevicePrimaryCtxRelease_v2(c_int);
     cuCtxGetCurrent(*mut sys::CUcontext);

@@ -51,6 +51,9 @@ pub enum Fault {
     /// Every device allocation returns this `CUresult` code (0: none), which may be one
     /// that no CUDA version defines: what a newer driver's codes are to older bindings.
     AllocResult(u32),
+    /// The devices read pageable memory through the host's page tables (Grace Hopper):
+    /// `CU_DEVICE_ATTRIBUTE_PAGEABLE_MEMORY_ACCESS_USES_HOST_PAGE_TABLES` reads 1.
+    HostPageTables(bool),
 }
 
 fn symbol<T: Copy>(name: &[u8]) -> Option<T> {
@@ -94,6 +97,7 @@ pub fn set_fault(fault: Fault) -> bool {
         Fault::NoReadOnlyRegister(on) => (7, u64::from(on)),
         Fault::MemsetDelayMicros(us) => (8, us),
         Fault::AllocResult(code) => (9, u64::from(code)),
+        Fault::HostPageTables(on) => (10, u64::from(on)),
     };
     f(which, value) == 0
 }
@@ -114,6 +118,7 @@ pub fn reset() {
         Fault::NoReadOnlyRegister(false),
         Fault::MemsetDelayMicros(0),
         Fault::AllocResult(0),
+        Fault::HostPageTables(false),
     ] {
         set_fault(fault);
     }

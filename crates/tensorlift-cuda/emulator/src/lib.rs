@@ -44,6 +44,8 @@
 //!   attribute reads 0 and such a registration is `CUDA_ERROR_NOT_SUPPORTED`),
 //!   `TLEMU_ALLOC_RESULT=N` (every allocation returns the code N, which may be one no CUDA
 //!   version defines, as a newer driver's codes are to older bindings),
+//!   `TLEMU_HOST_PAGE_TABLES=1` (the devices read pageable memory through the host's page
+//!   tables, as on Grace Hopper: that attribute reads 1),
 //!   `TLEMU_DEVICES=N`, `TLEMU_FAULT_DEVICE=D+1` (the memory, out-of-memory and copy faults
 //!   hit device D alone, whose copies are then counted on their own; 0, the default: every
 //!   device); read at `cuInit`, and settable later with `tlemu_set_fault`. (The sticky error
@@ -113,12 +115,15 @@ const FAULT_DEVICE: c_uint = 6;
 const FAULT_NO_READ_ONLY_REGISTER: c_uint = 7;
 const FAULT_MEMSET_DELAY_US: c_uint = 8;
 const FAULT_ALLOC_RESULT: c_uint = 9;
-const FAULT_COUNT: usize = 10;
+const FAULT_HOST_PAGE_TABLES: c_uint = 10;
+const FAULT_COUNT: usize = 11;
 
 /// `CU_MEMHOSTREGISTER_READ_ONLY`.
 const REGISTER_READ_ONLY: c_uint = 0x08;
 /// `CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED`.
 const ATTRIBUTE_READ_ONLY_HOST_REGISTER: c_int = 113;
+/// `CU_DEVICE_ATTRIBUTE_PAGEABLE_MEMORY_ACCESS_USES_HOST_PAGE_TABLES`.
+const ATTRIBUTE_HOST_PAGE_TABLES: c_int = 100;
 
 /// The most devices the emulator has (`TLEMU_DEVICES` beyond it is this many).
 const MAX_DEVICES: usize = 64;
@@ -171,6 +176,7 @@ fn emu() -> &'static Emu {
                 AtomicU64::new(env("TLEMU_NO_READ_ONLY_REGISTER", 0)),
                 AtomicU64::new(env("TLEMU_MEMSET_DELAY_US", 0)),
                 AtomicU64::new(env("TLEMU_ALLOC_RESULT", 0)),
+                AtomicU64::new(env("TLEMU_HOST_PAGE_TABLES", 0)),
             ],
             sticky: AtomicI32::new(SUCCESS),
         }
@@ -303,6 +309,7 @@ pub unsafe extern "C" fn cuDeviceGetAttribute(value: *mut c_int, attribute: c_in
     // cudarc.
     let v = match attribute {
         ATTRIBUTE_READ_ONLY_HOST_REGISTER => c_int::from(fault(FAULT_NO_READ_ONLY_REGISTER) == 0),
+        ATTRIBUTE_HOST_PAGE_TABLES => c_int::from(fault(FAULT_HOST_PAGE_TABLES) != 0),
         _ => 0,
     };
     // SAFETY: as above.

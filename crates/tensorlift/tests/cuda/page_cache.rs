@@ -98,6 +98,29 @@ fn a_refused_registration_reads_into_staging_and_says_why() {
     assert_eq!(emulator::read_only_copies(), before);
 }
 
+/// Where the device reads pageable memory through the host's page tables (Grace Hopper),
+/// registering does not pin: warm shards are read into staging, and the load says why.
+#[test]
+fn a_device_that_reads_through_host_page_tables_copies_from_staging() {
+    let _d = driver();
+    if !emulator::is_emulated() {
+        return;
+    }
+    let dir = scratch();
+    let path = dir.join("gh200.safetensors");
+    let truth = write_shard(&path, &quirky());
+    emulator::set_fault(Fault::HostPageTables(true));
+    let before = emulator::read_only_copies();
+    let model = base().chunk_size(64 << 10).staging_budget(128 << 10).build().unwrap().load_blocking(&path).unwrap();
+    emulator::set_fault(Fault::HostPageTables(false));
+    assert_on_device(&model, &truth, "through host page tables");
+    let s = model.stats();
+    assert_eq!(s.page_cache_dma_bytes, 0);
+    let why = s.page_cache_dma_refused.as_deref().unwrap_or_default();
+    assert!(why.contains("PAGEABLE_MEMORY_ACCESS_USES_HOST_PAGE_TABLES"), "{why}");
+    assert_eq!(emulator::read_only_copies(), before);
+}
+
 #[test]
 fn a_shard_rewritten_while_the_device_reads_it_fails_the_load() {
     let _d = driver();
