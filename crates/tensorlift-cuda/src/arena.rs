@@ -251,6 +251,14 @@ impl Drop for DeviceArena {
             // Lent memory goes back to its owner, with the owner's value; an owner's drop (a
             // CudaSlice's free) may bind its context to this thread, whose own comes back.
             let _restore = Current::save();
+            // A CudaSlice frees stream-ordered (cuMemFreeAsync on cudarc's stream), which is
+            // not ordered after work a consumer queued on its own stream (a tensor exported
+            // by DLPack): the context's work is waited for first, as cuMemFree_v2 does for
+            // tensorlift's own memory below.
+            if let Ok(_entered) = self.gpu.enter() {
+                // SAFETY: waits for the work of the context entered; no memory is touched.
+                let _ = unsafe { (self.gpu.api().cuCtxSynchronize)() };
+            }
             drop(owner.take());
             return;
         }

@@ -95,6 +95,7 @@ driver_api! {
     cuDevicePrimaryCtxRelease_v2(c_int);
     cuCtxGetCurrent(*mut sys::CUcontext);
     cuCtxSetCurrent(sys::CUcontext);
+    cuCtxSynchronize();
     cuMemGetInfo_v2(*mut usize, *mut usize);
     cuStreamCreate(*mut sys::CUstream, c_uint);
     cuStreamDestroy_v2(sys::CUstream);
