@@ -52,6 +52,14 @@ fn parse_device(s: &str) -> Result<Device, String> {
 }
 
 pub fn run(args: &Args, out: &mut dyn Write) -> anyhow::Result<()> {
+    if args.verify.is_some_and(|v| v != tensorlift::Verify::Off) && !args.filters.is_empty() {
+        // A usage error (exit 2), as clap's own: a verified load hashes whole shards.
+        clap::Error::raw(
+            clap::error::ErrorKind::ArgumentConflict,
+            "--verify reads whole shards to check them: it cannot be used with --filter\n",
+        )
+        .exit();
+    }
     // The flag wins over TENSORLIFT_DEVICE, which the builder reads when no device is set.
     let mut builder = Loader::builder().filter(args.filters.iter().cloned());
     if let Some(d) = args.device {

@@ -129,9 +129,11 @@ fn chain(e: &anyhow::Error) -> String {
 fn manifest(path: &std::path::Path, out: &mut dyn Write) -> anyhow::Result<()> {
     let m = tensorlift::checksums::manifest(path)?;
     let written = m.write()?;
-    for (name, digest) in &m.entries {
-        writeln!(out, "{digest}  {}", name.escape_debug())?;
+    // The lines as written (a name with `\\`, a newline or a carriage return escaped, its
+    // line marked with a leading `\\`), other control characters made printable.
+    for line in tensorlift::checksums::format_sums(&m.entries).lines() {
+        writeln!(out, "{}", text::printable(line))?;
     }
-    writeln!(out, "wrote {} digests to {}", m.entries.len(), written.display())?;
+    writeln!(out, "wrote {} digests to {}", m.entries.len(), text::path(&written))?;
     Ok(())
 }

@@ -74,6 +74,8 @@ fn names_that_need_escaping_round_trip_through_coreutils() {
     let theirs = sha256sum(&dir, &[name]);
     assert_eq!(ours, text(&theirs.stdout));
     assert!(ours.starts_with('\\'), "{ours}");
+    // What it prints is the line it wrote (the name escaped as sha256sum escapes it).
+    assert!(text(&out.stdout).starts_with(&ours), "{}", text(&out.stdout));
     let check = sha256sum(&dir, &["-c", "--strict", "SHA256SUMS"]);
     assert!(check.status.success(), "{}{}", text(&check.stdout), text(&check.stderr));
     // What coreutils wrote parses back to the file's name and digest.

@@ -53,7 +53,8 @@ pub(crate) fn for_load(plan: &tensorlift_io::Checkpoint, policy: crate::Verify) 
     }
     if policy == crate::Verify::Required {
         if let Some(i) = e.shards.iter().position(Option::is_none) {
-            return Err(crate::LoadError::NoDigest { file: plan.shards()[i].path.clone(), sums_file: e.sums_file });
+            let file = crate::digest::named_path(plan.root(), &plan.shards()[i]);
+            return Err(crate::LoadError::NoDigest { file, sums_file: e.sums_file });
         }
     }
     Ok(e.shards)

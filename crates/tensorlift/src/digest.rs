@@ -81,10 +81,20 @@ pub(crate) type Line = (usize, String, Sha256);
 /// digest and name (BSD's reversed form), as its first such line says (coreutils'
 /// `bsd_reversed`); `None` where it has no untagged line.
 pub(crate) fn parse_with_form(text: &str, file: &Path) -> Result<(Vec<Line>, Option<bool>), SumsError> {
+    parse_lines(text.split('\n').map(|l| (std::borrow::Cow::Borrowed(l), true)), file)
+}
+
+/// [`parse_with_form`] of lines given one at a time, each with whether its entry is kept
+/// (a line that was not UTF-8 is read for its form, and left out: [`parse_sums_bytes`]), so
+/// that a file of millions of lines is never held as a list of them.
+fn parse_lines<'a>(
+    lines: impl Iterator<Item = (std::borrow::Cow<'a, str>, bool)>,
+    file: &Path,
+) -> Result<(Vec<Line>, Option<bool>), SumsError> {
     let mut out = Vec::new();
     let mut reversed: Option<bool> = None;
-    for (i, raw) in text.split('\n').enumerate() {
-        let line = raw.strip_suffix('\r').unwrap_or(raw).trim_start_matches([' ', '\t']);
+    for (i, (raw, keep)) in lines.enumerate() {
+        let line = raw.strip_suffix('\r').unwrap_or(&raw).trim_start_matches([' ', '\t']);
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
@@ -95,10 +105,11 @@ pub(crate) fn parse_with_form(text: &str, file: &Path) -> Result<(Vec<Line>, Opt
         };
         let (digest, name) = if let Some(rest) = line.strip_prefix("SHA256") {
             let rest = rest.strip_prefix(' ').unwrap_or(rest);
-            let tagged = rest
-                .strip_prefix('(')
-                .and_then(|r| r.rsplit_once(')'))
-                .and_then(|(name, tail)| Some((tail.trim_start().strip_prefix('=')?.trim_start(), name)));
+            let tagged = rest.strip_prefix('(').and_then(|r| r.rsplit_once(')')).and_then(|(name, tail)| {
+                // Blanks around `=` are spaces and tabs, as coreutils takes them.
+                let hex = tail.trim_start_matches([' ', '\t']).strip_prefix('=')?.trim_start_matches([' ', '\t']);
+                Some((hex, name))
+            });
             let (hex, name) = tagged.ok_or_else(|| fail("a tagged line is `SHA256 (<name>) = <digest>`".into()))?;
             (hex.parse::<Sha256>().map_err(fail)?, name)
         } else {
@@ -142,7 +153,9 @@ pub(crate) fn parse_with_form(text: &str, file: &Path) -> Result<(Vec<Line>, Opt
         if name.is_empty() {
             return Err(fail("no file name".into()));
         }
-        out.push((i + 1, name, digest));
+        if keep {
+            out.push((i + 1, name, digest));
+        }
     }
     Ok((out, reversed))
 }
@@ -257,6 +270,17 @@ pub(crate) fn sha256_of(f: &std::fs::File, len: u64) -> std::io::Result<Sha256> 
     Ok(Sha256(hasher.finalize().into()))
 }
 
+/// A shard's path as the checkpoint's folder names it (`root` joined with its name), for
+/// errors about its digest: a hub cache snapshot's file resolves to a blob named by a digest,
+/// and a link in the folder to another name, neither of which says which shard it is, nor
+/// which line of `SHA256SUMS` names it.
+pub(crate) fn named_path(root: &Path, shard: &tensorlift_format::Shard) -> PathBuf {
+    match shard.path.ends_with(&shard.name) {
+        true => shard.path.clone(),
+        false => root.join(&shard.name),
+    }
+}
+
 /// The largest `SHA256SUMS` read (a line a file: 64 MiB is about 700,000 files).
 pub(crate) const MAX_SUMS_BYTES: u64 = 64 << 20;
 
@@ -300,20 +324,12 @@ pub(crate) fn read_sums_bytes(path: &Path) -> Result<Option<Vec<u8>>, SumsError>
 /// characters, which would match a name that has them, or make two such lines one name
 /// listed twice.
 pub(crate) fn parse_sums_bytes(bytes: &[u8], file: &Path) -> Result<(Vec<Line>, Option<bool>), SumsError> {
-    let mut invalid = std::collections::HashSet::new();
-    let lines: Vec<std::borrow::Cow<'_, str>> = bytes
-        .split(|&b| b == b'\n')
-        .enumerate()
-        .map(|(i, l)| {
-            let text = String::from_utf8_lossy(l);
-            if matches!(text, std::borrow::Cow::Owned(_)) {
-                invalid.insert(i + 1);
-            }
-            text
-        })
-        .collect();
-    let (entries, form) = parse_with_form(&lines.join("\n"), file)?;
-    Ok((entries.into_iter().filter(|(line, _, _)| !invalid.contains(line)).collect(), form))
+    let lines = bytes.split(|&b| b == b'\n').map(|l| {
+        let text = String::from_utf8_lossy(l);
+        let valid = matches!(text, std::borrow::Cow::Borrowed(_));
+        (text, valid)
+    });
+    parse_lines(lines, file)
 }
 
 /// The entries of the `SHA256SUMS` at `path`, with line numbers; `None` where there is none.
@@ -332,9 +348,10 @@ pub(crate) fn plain(name: &str) -> String {
 
 /// [`plain`], for a name that can be a file in the folder: `None` for an absolute name
 /// (`sha256sum -c` checks `/model.safetensors`, not the folder's) or one that ends with `/`
-/// (a folder's, which `sha256sum -c` cannot read).
+/// or `/.` (a folder's, which `sha256sum -c` cannot read).
 pub(crate) fn relative(name: &str) -> Option<String> {
-    (!name.starts_with('/') && !name.ends_with('/')).then(|| plain(name))
+    let folder = name.ends_with('/') || name == "." || name.ends_with("/.");
+    (!name.starts_with('/') && !folder).then(|| plain(name))
 }
 
 /// Text from a `SHA256SUMS` file for an error message: escaped, and cut to 100 characters
@@ -476,6 +493,14 @@ mod tests {
     }
 
     #[test]
+    fn a_folders_name_is_no_files() {
+        for name in ["m/", "m/.", ".", "/m", "a/b/."] {
+            assert_eq!(relative(name), None, "{name}");
+        }
+        assert_eq!(relative("./a//b/./m.safetensors").as_deref(), Some("a/b/m.safetensors"));
+    }
+
+    #[test]
     fn a_byte_not_utf8_in_a_digest_is_no_digest() {
         let d = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
         for at in [0, 40, 63] {
@@ -502,6 +527,9 @@ mod tests {
             (format!("{d}  a\n{d} b\n"), 2, "one space between digest and name, after lines with two"),
             (format!("\\{d}  a\\qb\n"), 1, "unknown escape '\\q'"),
             ("SHA256 (x = 00\n".to_owned(), 1, "a tagged line is"),
+            // Blanks around `=` are spaces and tabs only, as coreutils takes them.
+            (format!("SHA256 (x)\u{b}= {d}\n"), 1, "a tagged line is"),
+            (format!("SHA256 (x) =\u{a0}{d}\n"), 1, "is not a SHA-256 digest"),
         ];
         for (text, line, message) in cases {
             let e = parse_sums(&text, Path::new("SUMS")).unwrap_err();

@@ -376,15 +376,10 @@ impl Check {
         header: Option<u64>,
     ) -> Result<Vec<crate::Tensor>, crate::LoadError> {
         if digest != self.expected {
-            // Named as the folder names it: a hub cache snapshot's file resolves to a blob
-            // named by a digest, which would not say which shard it is (the blob is named
-            // where the expected digest came from).
-            let file = match shard.path.ends_with(&shard.name) {
-                true => shard.path.clone(),
-                false => root.join(&shard.name),
-            };
+            // Named as the folder names it (the blob a hub cache snapshot's file resolves
+            // to is named where the expected digest came from).
             return Err(crate::LoadError::Checksum {
-                file,
+                file: crate::digest::named_path(root, shard),
                 expected: self.expected,
                 actual: digest,
                 expected_by: self.expected_by,

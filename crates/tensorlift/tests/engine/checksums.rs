@@ -304,6 +304,19 @@ fn shards_without_a_digest_fail_a_required_load_and_are_counted_under_if_known()
     // An unverified load reads neither, and reports no verification.
     let model = base().build().unwrap().load_blocking(&dir).unwrap();
     assert_eq!((model.stats().verified_bytes, model.stats().unverified_bytes), (0, 0));
+    // A shard that is a link to another file of the folder, SHA256SUMS listing the file it
+    // leads to but not the name the index gives: the error names the index's name, the
+    // line SHA256SUMS lacks (not the file it leads to, which SHA256SUMS does list).
+    std::fs::rename(&second, dir.join("real.safetensors")).unwrap();
+    std::os::unix::fs::symlink("real.safetensors", &second).unwrap();
+    let listed = ["model-00001-of-00002.safetensors", "real.safetensors"];
+    std::fs::write(dir.join("SHA256SUMS"), coreutils_sums(&dir, &listed)).unwrap();
+    match base().verify(Verify::Required).build().unwrap().load_blocking(&dir).unwrap_err() {
+        LoadError::NoDigest { file, .. } => {
+            assert_eq!(file, dir.canonicalize().unwrap().join("model-00002-of-00002.safetensors"))
+        }
+        other => panic!("{other}"),
+    }
 }
 
 #[test]
