@@ -251,7 +251,9 @@ def load_file(
     ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
 
     ``dtype``: convert floating-point tensors to ``"bfloat16"``, ``"float16"`` or
-    ``"float32"`` (or the torch dtype) as they land. ``tp=(rank, world_size,
+    ``"float32"`` (or the torch dtype) as they land, to the values torch's ``.to()`` gives
+    (rounded to nearest, ties to even; a NaN stays a NaN of its sign, its payload's top bits
+    kept, where torch's CPU conversion may give its own NaN). ``tp=(rank, world_size,
     num_key_value_heads)``: load only that tensor-parallel rank's part of each tensor, split
     as vLLM splits a Llama-family model (only the bytes it needs are read).
 
