@@ -315,7 +315,9 @@ def _load_whole(path, device, torch_load=None):
     except tensorlift.SafetensorError as e:
         if torch_load is None:
             raise
-        return torch_load(path, e), device != "cpu"
+        tensors = torch_load(path, e)
+        # (On its map location, which may be the device already.)
+        return tensors, any(t.device != torch.device(device) for t in tensors.values())
 
 
 def _rank_device(model):

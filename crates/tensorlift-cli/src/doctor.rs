@@ -33,10 +33,11 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
     let pages = tensorlift_io::page_probe();
     let fill = tensorlift_io::fill::status();
     let residency = tensorlift_io::cache::residency_probe();
-    // The file O_DIRECT was tried on, where the kernel hides which of its pages are cached
-    // (loads of such files read buffered: see DirectIo::Auto).
-    let hidden = direct.as_ref().and_then(|d| d.as_ref().ok()).map(|d| d.tried.clone()).filter(|tried| {
-        std::fs::File::open(tried).is_ok_and(|f| {
+    // The checkpoint file (--path, or the first .safetensors file of a --path folder)
+    // where the kernel hides which of its pages are cached (loads of such files read
+    // buffered: see DirectIo::Auto).
+    let hidden = remote.is_none().then(|| residency_sample(path)).flatten().filter(|file| {
+        std::fs::File::open(file).is_ok_and(|f| {
             tensorlift_io::cache::resident_estimate(&f).is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied)
         })
     });
@@ -77,6 +78,7 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
                     "ordinal": x.ordinal, "name": x.name, "memory_bytes": x.total_memory, "pci_bus_id": x.pci_bus_id,
                     "pcie_link": x.pcie_link.as_ref().map(|(s, w)| json!({"speed": s, "width": w})),
                     "read_only_host_register": x.read_only_host_register,
+                    "host_page_tables": x.host_page_tables,
                 })).collect::<Vec<_>>(),
             }),
             CudaStatus::Unavailable(why) => json!({"available": false, "reason": why}),
@@ -138,6 +140,10 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
                     crate::text::memory(x.total_memory)
                 )?;
                 let dma = match x.read_only_host_register {
+                    _ if x.host_page_tables == Some(true) => {
+                        "warm shards read into staging (the device reads pageable memory through the host's page \
+                         tables, where registering does not pin)"
+                    }
                     Some(true) => "warm shards copy by DMA from the page cache (read-only registration)",
                     Some(false) => {
                         "warm shards read into staging (the device cannot register the page cache read-only)"
@@ -263,6 +269,22 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
 
 /// A remote checkpoint's facts: whether its headers can be read (planned), and how it would
 /// be read; as JSON and as a line of text.
+/// A file of the checkpoint at `path` to tell residency by: `path` itself, or a folder's
+/// first `.safetensors` file by name.
+fn residency_sample(path: &Path) -> Option<std::path::PathBuf> {
+    if !path.is_dir() {
+        return path.is_file().then(|| path.to_path_buf());
+    }
+    let mut files: Vec<_> = std::fs::read_dir(path)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors") && p.is_file())
+        .take(10_000)
+        .collect();
+    files.sort();
+    files.into_iter().next()
+}
+
 fn remote_source(path: &Path) -> (serde_json::Value, String) {
     let o = tensorlift::RemoteOptions::from_env();
     let how = format!(

@@ -180,12 +180,31 @@ impl DeviceArena {
     /// For lent memory, its owner back, the arena consumed; tensorlift's own allocations
     /// come back as `Err`. An arena that is the caller's alone has no copy into it running:
     /// the copy engine holds an arena until the copies into it have completed.
+    ///
+    /// The device's work is waited for first ([`DeviceArena::lent_settled`]): the owner may
+    /// free the memory stream-ordered, not after a consumer's stream.
     pub fn into_owner(mut self) -> Result<Box<dyn std::any::Any + Send + Sync>, DeviceArena> {
+        if matches!(self.backing, Backing::Allocated) {
+            return Err(self);
+        }
+        // (A device whose work cannot be waited for has failed: nothing of it runs.)
+        let _ = self.lent_settled();
         let owner = match &mut self.backing {
             Backing::Lent(owner) => owner.take(),
             Backing::Allocated => None,
         };
         owner.ok_or(self)
+    }
+
+    /// Waits for the work of the device's context, before lent memory goes back to its
+    /// owner: a cudarc `CudaSlice` frees stream-ordered (`cuMemFreeAsync` on cudarc's
+    /// stream), which is not ordered after work a consumer queued on a stream of its own on a
+    /// tensor exported by DLPack; `cuMemFree_v2`, which frees tensorlift's own memory, waits
+    /// so itself. Whether the wait succeeded.
+    fn lent_settled(&self) -> bool {
+        let Ok(_entered) = self.gpu.enter() else { return false };
+        // SAFETY: waits for the work of the context entered; no memory is touched.
+        unsafe { (self.gpu.api().cuCtxSynchronize)() == crate::driver::SUCCESS }
     }
 
     /// The device address of byte 0.
@@ -251,15 +270,20 @@ impl Drop for DeviceArena {
             // Lent memory goes back to its owner, with the owner's value; an owner's drop (a
             // CudaSlice's free) may bind its context to this thread, whose own comes back.
             let _restore = Current::save();
-            // A CudaSlice frees stream-ordered (cuMemFreeAsync on cudarc's stream), which is
-            // not ordered after work a consumer queued on its own stream (a tensor exported
-            // by DLPack): the context's work is waited for first, as cuMemFree_v2 does for
-            // tensorlift's own memory below.
-            if let Ok(_entered) = self.gpu.enter() {
-                // SAFETY: waits for the work of the context entered; no memory is touched.
-                let _ = unsafe { (self.gpu.api().cuCtxSynchronize)() };
+            let Some(owner) = owner.take() else { return };
+            if self.lent_settled() {
+                drop(owner);
+            } else {
+                // Work that may still use the memory could not be waited for: the owner is
+                // leaked rather than let free it (as the copy engine leaks what it cannot
+                // wait for).
+                tracing::warn!(
+                    ptr = self.ptr,
+                    len = self.len,
+                    "lent device memory leaked: the device's work could not be waited for"
+                );
+                std::mem::forget(owner);
             }
-            drop(owner.take());
             return;
         }
         if let Ok(_restore) = self.gpu.enter() {

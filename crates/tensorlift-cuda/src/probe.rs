@@ -13,6 +13,7 @@ pub const LIBCUDA_ENV: &str = "TENSORLIFT_LIBCUDA";
 
 /// One CUDA device as the driver describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DeviceInfo {
     /// Ordinal, as `cuda:N` names it.
     pub ordinal: usize,
@@ -28,6 +29,11 @@ pub struct DeviceInfo {
     /// (`CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED`): what copying a warm shard
     /// by DMA straight from the page cache needs. `None` when the driver did not say.
     pub read_only_host_register: Option<bool>,
+    /// Whether the device reads pageable host memory through the host's page tables
+    /// (`CU_DEVICE_ATTRIBUTE_PAGEABLE_MEMORY_ACCESS_USES_HOST_PAGE_TABLES`, Grace Hopper),
+    /// where registering a range does not pin it, so that copies from the page cache by DMA
+    /// are not made. `None` when the driver did not say.
+    pub host_page_tables: Option<bool>,
 }
 
 /// What the driver reported.
@@ -241,13 +247,16 @@ fn query(lib: &libloading::Library, library: PathBuf) -> Result<DriverInfo, Stri
             (unsafe { f(id.as_mut_ptr(), id.len() as c_int, dev) } == 0).then(|| c_string(&id).to_ascii_lowercase())
         });
         let pcie_link = pci_bus_id.as_deref().and_then(pcie_link);
-        let read_only_host_register = attribute_fn.and_then(|f| {
-            let mut v = 0;
-            let attribute =
-                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED;
-            // SAFETY: writes one int into `v`, for a valid device handle and attribute.
-            (unsafe { f(&mut v, attribute as c_int, dev) } == 0).then_some(v != 0)
-        });
+        let attribute = |attribute: cudarc::driver::sys::CUdevice_attribute| {
+            attribute_fn.and_then(|f| {
+                let mut v = 0;
+                // SAFETY: writes one int into `v`, for a valid device handle and attribute.
+                (unsafe { f(&mut v, attribute as c_int, dev) } == 0).then_some(v != 0)
+            })
+        };
+        use cudarc::driver::sys::CUdevice_attribute as A;
+        let read_only_host_register = attribute(A::CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED);
+        let host_page_tables = attribute(A::CU_DEVICE_ATTRIBUTE_PAGEABLE_MEMORY_ACCESS_USES_HOST_PAGE_TABLES);
         devices.push(DeviceInfo {
             ordinal: ordinal as usize,
             name: c_string(&name),
@@ -255,6 +264,7 @@ fn query(lib: &libloading::Library, library: PathBuf) -> Result<DriverInfo, Stri
             pci_bus_id,
             pcie_link,
             read_only_host_register,
+            host_page_tables,
         });
     }
     Ok(DriverInfo { library, version, devices })

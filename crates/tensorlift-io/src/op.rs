@@ -11,9 +11,9 @@ use crate::{IoError, OpenFile};
 /// Largest single read handed to the kernel (Linux caps one read near 2 GiB).
 const MAX_SEGMENT: usize = 1 << 30;
 
-/// Times in a row a read may be refused with EAGAIN before it fails. The descriptors read
-/// blocking, so the kernel should never refuse; were it to, resubmitting for ever would spin
-/// a worker and never end the load.
+/// Times in a row a read may be refused with EAGAIN before a direct read goes on buffered
+/// and a buffered one fails. The descriptors read blocking, so the kernel should never
+/// refuse; were it to, resubmitting for ever would spin a worker and never end the load.
 const MAX_REFUSED: u32 = 1000;
 
 /// A raw destination pointer that travels to a worker thread with the buffer that owns it.

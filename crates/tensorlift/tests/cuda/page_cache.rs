@@ -170,9 +170,10 @@ fn a_stream_hands_out_nothing_copied_after_a_rewrite() {
         &[("a", Dtype::U8, &[4096]), ("b", Dtype::U8, &[512 << 10]), ("c", Dtype::U8, &[512 << 10])],
     );
     let original = std::fs::read(&path).unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(20)); // past the clock's tick
-                                                              // Each copy runs 20 ms after it is queued: "b"'s last copies read the file well after
-                                                              // "a" is out, when it has been rewritten.
+    // Past the clock's tick, so that the rewrite moves the file's times.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    // Each copy runs 20 ms after it is queued: "b"'s last copies read the file well after
+    // "a" is out, when it has been rewritten.
     emulator::set_fault(Fault::CopyDelayMicros(20_000));
     let before = emulator::read_only_copies();
     let loader = base().chunk_size(64 << 10).staging_budget(128 << 10).build().unwrap();
