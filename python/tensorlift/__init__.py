@@ -97,10 +97,12 @@ class _Closed(SafetensorError, ValueError):
 
 
 # What ``backend=`` takes, as in the reference (safetensors 0.8): on the host, "mmap" serves
-# tensors as views of the memory-mapped file (the reference's contract: the file must not
-# shrink or change while they live), "pread" reads them into memory of their own; on a
-# GPU both read, and so do both for a remote checkpoint (s3://, gs://, az://, http(s)://),
-# which has no file to map (see docs/PYTHON.md).
+# torch tensors (and tensorlift's own) as views of the memory-mapped file (the reference's
+# contract: the file must not shrink or change while they live), "pread" reads them into
+# memory of their own; numpy and the other frameworks' arrays are memory of their own with
+# either, as the reference's are copies (a view would die of SIGBUS where the reference's
+# copy lives on); on a GPU both read, and so do both for a remote checkpoint (s3://,
+# gs://, az://, http(s)://), which has no file to map (see docs/PYTHON.md).
 _BACKENDS = ("mmap", "pread")
 
 
@@ -273,15 +275,17 @@ def load_file(
     says the objects are unchanged (default: ``TENSORLIFT_REMOTE_CACHE``, else no copy).
 
     ``backend``: as the reference's, ``"pread"`` (the default here) reads the tensors into
-    memory of their own; ``"mmap"`` serves them as views of the memory-mapped files (on the
-    host, of local files, with none of ``dtype``, ``tp``, ``stats``, ``verify``; elsewhere it
-    reads), under the reference's contract for such views: the files must not be truncated
-    or written while the tensors live.
+    memory of their own; ``"mmap"`` serves torch tensors (and ``framework=None``'s) as views
+    of the memory-mapped files (on the host, of local files, with none of ``dtype``, ``tp``,
+    ``stats``, ``verify``; elsewhere it reads), under the reference's contract for such
+    views: the files must not be truncated or written while the tensors live. Arrays of the
+    other frameworks are memory of their own with either, as the reference's are copies.
     """
     _check_framework(framework, _device(device))
     _check_backend(backend)
     plain = dtype is None and tp is None and stats is None and verify is None
-    if backend == "mmap" and plain and _device(device) == "cpu" and not _is_remote(_path(filename)):
+    viewed = framework is None or framework in _TORCH_NAMES
+    if backend == "mmap" and plain and viewed and _device(device) == "cpu" and not _is_remote(_path(filename)):
         with safe_open(filename, framework=framework, device="cpu", backend="mmap") as f:
             return f.get_tensors()
     tensors = load(
@@ -704,7 +708,12 @@ class safe_open:
         self._framework = framework
         device = _device(device)
         filename = _path(filename)
-        self._mapped = backend == "mmap" and device == "cpu" and not is_remote(filename)
+        self._mapped = (
+            backend == "mmap"
+            and device == "cpu"
+            and not is_remote(filename)
+            and (framework is None or framework in _TORCH_NAMES)
+        )
         self._ckpt = _Checkpoint(filename, device=device, mapped=self._mapped)
         self._device = self._ckpt.device()[0]
         self._names = None

@@ -15,9 +15,10 @@ reference's does (Paddle takes DLPack, but aborts the process when two of its DL
 share a data pointer). bfloat16 and float8, which numpy lacks, go through ml_dtypes or the
 raw bytes.
 
-Memory handed over without a copy is tensorlift's, shared by every array made from it (the
-mapped file, with ``backend="mmap"``): do not donate such arrays (JAX's ``donate_argnums``),
-which lets the framework write into them.
+Memory handed over without a copy is tensorlift's, shared by every array made from it
+(never the mapped file: with ``backend="mmap"`` too, these frameworks get memory of their
+own, as the reference's arrays are copies): do not donate such arrays (JAX's
+``donate_argnums``), which lets the framework write into them.
 """
 
 # Each name ``framework=`` takes, to the framework it means.
@@ -207,8 +208,8 @@ def load_file_for(framework):
     load_file.__doc__ = (
         f"Loads every tensor of a ``.safetensors`` file as ``safetensors.{_MODULES[framework]}.load_file`` "
         "does, reading through tensorlift: a dict of name to tensor. ``backend``: ``\"mmap\"`` (the "
-        "reference's default: on the host, tensors handed over without a copy are views of the mapped file, "
-        "which must not change while they live) or ``\"pread\"`` (memory of their own)."
+        "reference's default) or ``\"pread\"``, taken as the reference takes them; the tensors are memory of "
+        "their own either way (never views of the mapped file, as the reference's are copies)."
     )
     return load_file
 

@@ -853,3 +853,28 @@ def test_numpy_on_a_device_is_the_references_error_before_anything_is_loaded(tmp
     ):
         with pytest.raises(ValueError, match="not supported for framework numpy"):
             call()
+
+
+def test_arrays_of_a_mapped_file_outlive_its_truncation_as_the_references_copies_do(tmp_path):
+    """With ``backend="mmap"``, numpy's arrays (and those of the frameworks built on them) are
+    memory of their own, as the reference's are copies: a file cut short afterwards leaves
+    them readable, where views of the mapping would kill the process with SIGBUS. Under
+    ``patch()``, the reference's own ``safetensors.numpy.load_file`` too. In a child, which
+    SIGBUS would kill."""
+    path = tmp_path / "m.safetensors"
+    save_file({"w": np.arange(1 << 20, dtype=np.float32)}, str(path))
+    child = (
+        "import os, sys, numpy as np, safetensors.numpy, tensorlift\n"
+        "tensorlift.patch()\n"
+        "arrays = [safetensors.numpy.load_file(sys.argv[1])['w'],\n"
+        "          tensorlift.load_file(sys.argv[1], framework='np', backend='mmap')['w']]\n"
+        "with tensorlift.safe_open(sys.argv[1], framework='np', backend='mmap') as f:\n"
+        "    arrays.append(f.get_tensor('w'))\n"
+        "    arrays.append(f.get_slice('w')[:])\n"
+        "os.truncate(sys.argv[1], 4096)\n"
+        "for a in arrays:\n"
+        "    assert np.array_equal(a, np.arange(1 << 20, dtype=np.float32))\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", child, str(path)], capture_output=True, text=True, timeout=120)
+    assert (out.returncode, out.stdout) == (0, "ok\n"), (out.returncode, out.stderr)
