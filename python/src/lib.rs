@@ -510,7 +510,13 @@ where
             self.0.unpark();
         }
     }
-    let mut fut = std::pin::pin!(fut);
+    // Boxed, so that a load given up is dropped (its reads drained, its memory freed, which
+    // can take a while) with the GIL released, not holding up the process's other threads.
+    let mut fut = Box::pin(fut);
+    let give_up = |fut: std::pin::Pin<Box<F>>, e: PyErr| {
+        py.detach(move || drop(fut));
+        Err(e)
+    };
     loop {
         let polled = py.detach(|| {
             let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
@@ -528,11 +534,15 @@ where
             }
         });
         if let Some(e) = raised.take() {
-            return Err(e);
+            return give_up(fut, e);
         }
         match polled {
             Some(v) => return Ok(v),
-            None => py.check_signals()?,
+            None => {
+                if let Err(e) = py.check_signals() {
+                    return give_up(fut, e);
+                }
+            }
         }
     }
 }
@@ -889,7 +899,7 @@ impl PyTensorIterator {
         match next {
             Err(interrupted) => {
                 // Dropping the stream cancels the load and frees its memory.
-                self.stream = None;
+                self.close(py);
                 Err(interrupted)
             }
             Ok(None) => {
@@ -901,7 +911,7 @@ impl PyTensorIterator {
                 Ok(None)
             }
             Ok(Some(Err(e))) => {
-                self.stream = None;
+                self.close(py);
                 Err(py_err(e))
             }
             Ok(Some(Ok(t))) => Ok(Some((t.name().to_owned(), Py::new(py, PyTensor { inner: t })?))),
@@ -910,8 +920,10 @@ impl PyTensorIterator {
 
     /// Stops the load: what is in flight finishes, and everything is freed. The `stats`
     /// dict, if any, is left as it is: only a load that completes fills it.
-    fn close(&mut self) {
-        self.stream = None;
+    fn close(&mut self, py: Python<'_>) {
+        // With the GIL released: what is in flight is waited for, which can take a while.
+        let stream = self.stream.take();
+        py.detach(move || drop(stream));
     }
 
     // The `stats` dict is a Python object this one holds: the garbage collector sees it.
