@@ -67,6 +67,17 @@ impl PyTensor {
         Ok(pyo3::types::PyBytes::new(py, &bytes))
     }
 
+    /// A copy of the tensor's bytes in a new `bytearray`, made by the kernel as `tobytes`
+    /// makes it, and without a second copy: for the arrays of a mapped file handed to numpy
+    /// and the other frameworks, which the reference's are copies (a mapped file cut short
+    /// is a `RuntimeError` here, and the array lives on whatever becomes of the file).
+    fn _copy<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, pyo3::types::PyByteArray>> {
+        let inner = &self.inner;
+        pyo3::types::PyByteArray::new_with(py, inner.len(), |buf| {
+            py.detach(|| inner.copy_bytes_into(buf)).map_err(|e| PyRuntimeError::new_err(e.to_string()))
+        })
+    }
+
     /// The tensor's bytes as a one-dimensional `uint8` DLPack producer, without a copy.
     fn raw_bytes(&self) -> PyRawBytes {
         PyRawBytes { inner: self.inner.clone(), view: View::Bytes, writable: false }
@@ -534,6 +545,8 @@ where
             }
         });
         if let Some(e) = raised.take() {
+            // (A load that finished meanwhile is let go the same way.)
+            py.detach(move || drop(polled));
             return give_up(fut, e);
         }
         match polled {
@@ -885,6 +898,16 @@ struct PyTensorIterator {
     raised: Raised,
     /// Filled with the load's statistics once the last tensor has come.
     stats: Option<Py<PyDict>>,
+}
+
+impl Drop for PyTensorIterator {
+    fn drop(&mut self) {
+        // Abandoned mid-load (a `break`, an exception, `del`): let go with the GIL released,
+        // as `close` does, since what is in flight is waited for.
+        if let Some(stream) = self.stream.take() {
+            Python::attach(|py| py.detach(move || drop(stream)));
+        }
+    }
 }
 
 #[pymethods]

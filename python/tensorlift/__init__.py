@@ -100,8 +100,8 @@ class _Closed(SafetensorError, ValueError):
 # torch tensors (and tensorlift's own) as views of the memory-mapped file (the reference's
 # contract: the file must not shrink or change while they live), "pread" reads them into
 # memory of their own; numpy and the other frameworks' arrays are memory of their own with
-# either, as the reference's are copies (a view would die of SIGBUS where the reference's
-# copy lives on); on a GPU both read, and so do both for a remote checkpoint (s3://,
+# either (with "mmap", copies out of the mapping made by the kernel), as the reference's are
+# copies (a view would die of SIGBUS where the reference's copy lives on); on a GPU both read, and so do both for a remote checkpoint (s3://,
 # gs://, az://, http(s)://), which has no file to map (see docs/PYTHON.md).
 _BACKENDS = ("mmap", "pread")
 
@@ -215,9 +215,27 @@ _NUMPY_NAMES = ("np", "numpy")
 _FRAMEWORK_NAMES = _TORCH_NAMES + _NUMPY_NAMES + tuple(_frameworks.FRAMEWORKS)
 
 
-def _convert(t, framework):
+def _copied_numpy(t):
+    """``t`` as a numpy array of its own (writable), its bytes copied by the kernel: what the
+    reference's numpy reader hands out of a mapped file (copies), which neither dies of
+    SIGBUS when the file is cut short nor changes when it is rewritten."""
+    import numpy
+
+    if t.device != "cpu":
+        raise ValueError(f"tensor '{t.name}' is on {t.device}: numpy arrays live in host memory (use framework='pt')")
+    dtype = _numpy_dtype(t.dtype)
+    return numpy.frombuffer(t._copy(), dtype=numpy.uint8).view(dtype).reshape(t.shape)
+
+
+def _convert(t, framework, copy=False):
+    """``t`` as ``framework`` has it; with ``copy`` (a tensor of a mapped file), numpy's and
+    the other frameworks' arrays are copies of their own, as the reference's are (torch's
+    tensors are views of the file there, as the reference's are)."""
     if framework is None:
         return t
+    if copy and (framework in _NUMPY_NAMES or framework in _frameworks.FRAMEWORKS):
+        arr = _copied_numpy(t)
+        return arr if framework in _NUMPY_NAMES else _frameworks.from_numpy(arr, t.dtype, framework)
     if framework in _NUMPY_NAMES:
         return _to_numpy(t, writable=True)
     if framework in _TORCH_NAMES:
@@ -284,8 +302,7 @@ def load_file(
     _check_framework(framework, _device(device))
     _check_backend(backend)
     plain = dtype is None and tp is None and stats is None and verify is None
-    viewed = framework is None or framework in _TORCH_NAMES
-    if backend == "mmap" and plain and viewed and _device(device) == "cpu" and not _is_remote(_path(filename)):
+    if backend == "mmap" and plain and _device(device) == "cpu" and not _is_remote(_path(filename)):
         with safe_open(filename, framework=framework, device="cpu", backend="mmap") as f:
             return f.get_tensors()
     tensors = load(
@@ -708,12 +725,7 @@ class safe_open:
         self._framework = framework
         device = _device(device)
         filename = _path(filename)
-        self._mapped = (
-            backend == "mmap"
-            and device == "cpu"
-            and not is_remote(filename)
-            and (framework is None or framework in _TORCH_NAMES)
-        )
+        self._mapped = backend == "mmap" and device == "cpu" and not is_remote(filename)
         self._ckpt = _Checkpoint(filename, device=device, mapped=self._mapped)
         self._device = self._ckpt.device()[0]
         self._names = None
@@ -779,13 +791,14 @@ class safe_open:
 
     def get_tensor(self, name):
         """Loads one tensor (only its bytes are read; of a mapped file, a view, the first
-        taken from one mapping of every tensor, see ``_take_whole``)."""
+        taken from one mapping of every tensor, see ``_take_whole``, which numpy and the
+        other frameworks get a copy of, as the reference's)."""
         ckpt = self._open()
         self._has(name)
         t = self._take_whole(name)
         if t is None:
             t = ckpt.load([name])[name]
-        return _convert(t, self._framework)
+        return _convert(t, self._framework, copy=self._mapped)
 
     def get_tensors(self):
         """Every tensor, in one load, as a dict in the order of their data in the file (what
@@ -793,7 +806,7 @@ class safe_open:
         ckpt = self._open()
         names = ckpt.keys()
         tensors = ckpt.load(names)
-        return {n: _convert(tensors[n], self._framework) for n in names}
+        return {n: _convert(tensors[n], self._framework, copy=self._mapped) for n in names}
 
     def get_slice(self, name):
         """A slice object: ``get_shape()``, ``get_dtype()``, and ``[...]`` indexing that reads

@@ -640,6 +640,15 @@ def test_a_mapped_files_tensors_read_one_by_one_share_one_mapping(tmp_path):
         assert 1 <= mappings() <= 2, mappings()
         # Asked for again, a tensor is a view of its own.
         assert same(np.from_dlpack(f.get_tensor("t7")), want["t7"])
+    # numpy's arrays are copies out of the one mapping (as the reference's are copies),
+    # which lives while tensors of it are still to be taken.
+    with tensorlift.safe_open(path, framework="np", backend="mmap") as f:
+        keys = f.keys()
+        got = {keys[0]: f.get_tensor(keys[0])}
+        assert mappings() == 1, mappings()
+        got.update({k: f.get_tensor(k) for k in keys[1:]})
+        assert all(same(got[k], want[k]) for k in want)
+        assert mappings() <= 1, mappings()
     del got
     gc.collect()
 

@@ -32,8 +32,9 @@ def test_numpy_arrays_view_the_loaded_memory(fixture):
 
 def test_numpy_arrays_are_writable_as_the_references_and_their_own(tmp_path):
     """The reference's numpy arrays are copies, so a caller may write into them; tensorlift's
-    are views, writable too, and a write reaches neither the file, nor another array, nor
-    a later read. Its plain DLPack export of host memory stays read-only."""
+    are writable too (views of a load's memory, or, of a mapped file, copies out of it), and
+    a write reaches neither the file, nor another array, nor a later read. Its plain DLPack
+    export of host memory stays read-only."""
     import ml_dtypes
     from safetensors import safe_open as reference_open
     from safetensors.numpy import save_file
@@ -170,7 +171,8 @@ def test_a_gathered_twin_of_a_viewed_storage_has_the_storage_bytes(tmp_path):
 def test_numpy_arrays_of_tied_pytorch_weights_stay_read_only(tmp_path):
     """A PyTorch file's tied weights are one storage, as torch.load gives them: their arrays
     view the same memory, so they stay read-only (a write to one would change the other),
-    while an array of a storage of its own is writable."""
+    while an array of a storage of its own is writable. (Of a mapped file, numpy's arrays
+    are copies, each its own and writable, as the reference's arrays are.)"""
     import torch
 
     embed = torch.arange(24, dtype=torch.float32).reshape(4, 6)
@@ -182,10 +184,14 @@ def test_numpy_arrays_of_tied_pytorch_weights_stay_read_only(tmp_path):
         got = tensorlift.load_file(path, framework="np", backend=backend)
         for name, t in want.items():
             assert got[name].tobytes() == t.numpy().tobytes(), (backend, name)
-        assert not got["embed.weight"].flags.writeable and not got["lm_head.weight"].flags.writeable, backend
+        tied = got["embed.weight"].flags.writeable or got["lm_head.weight"].flags.writeable
+        assert tied == (backend == "mmap"), backend
         assert got["norm"].flags.writeable, backend
         got["norm"][...] = 2
-        assert (got["norm"] == 2).all() and got["embed.weight"].tobytes() == embed.numpy().tobytes(), backend
+        if backend == "mmap":
+            got["embed.weight"][...] = 3
+            assert (got["lm_head.weight"] == embed.numpy()).all(), "copies of their own"
+        assert (got["norm"] == 2).all() and got["lm_head.weight"].tobytes() == embed.numpy().tobytes(), backend
 
 
 @pytest.mark.parametrize("backend", ["pread", "mmap"])

@@ -144,6 +144,9 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
                         "warm shards read into staging (the device reads pageable memory through the host's page \
                          tables, where registering does not pin)"
                     }
+                    _ if x.host_page_tables.is_none() => {
+                        "warm shards read into staging (the driver does not say whether registering pins)"
+                    }
                     Some(true) => "warm shards copy by DMA from the page cache (read-only registration)",
                     Some(false) => {
                         "warm shards read into staging (the device cannot register the page cache read-only)"
@@ -267,24 +270,23 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A remote checkpoint's facts: whether its headers can be read (planned), and how it would
-/// be read; as JSON and as a line of text.
-/// A file of the checkpoint at `path` to tell residency by: `path` itself, or a folder's
-/// first `.safetensors` file by name.
+/// A file of the checkpoint at `path` to tell residency by: `path` itself, or the first by
+/// name of the `.safetensors` files among a folder's first 10,000 entries (a bare `doctor`
+/// looks at `.`, which may be a large folder).
 fn residency_sample(path: &Path) -> Option<std::path::PathBuf> {
     if !path.is_dir() {
         return path.is_file().then(|| path.to_path_buf());
     }
-    let mut files: Vec<_> = std::fs::read_dir(path)
+    std::fs::read_dir(path)
         .ok()?
+        .take(10_000)
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "safetensors") && p.is_file())
-        .take(10_000)
-        .collect();
-    files.sort();
-    files.into_iter().next()
+        .min()
 }
 
+/// A remote checkpoint's facts: whether its headers can be read (planned), and how it would
+/// be read; as JSON and as a line of text.
 fn remote_source(path: &Path) -> (serde_json::Value, String) {
     let o = tensorlift::RemoteOptions::from_env();
     let how = format!(

@@ -182,13 +182,13 @@ impl DeviceArena {
     /// the copy engine holds an arena until the copies into it have completed.
     ///
     /// The device's work is waited for first ([`DeviceArena::lent_settled`]): the owner may
-    /// free the memory stream-ordered, not after a consumer's stream.
+    /// free the memory stream-ordered, not after a consumer's stream. Where that wait fails,
+    /// the arena comes back too (and, dropped, leaks the memory rather than let it be freed
+    /// under work that may still use it).
     pub fn into_owner(mut self) -> Result<Box<dyn std::any::Any + Send + Sync>, DeviceArena> {
-        if matches!(self.backing, Backing::Allocated) {
+        if matches!(self.backing, Backing::Allocated) || !self.lent_settled() {
             return Err(self);
         }
-        // (A device whose work cannot be waited for has failed: nothing of it runs.)
-        let _ = self.lent_settled();
         let owner = match &mut self.backing {
             Backing::Lent(owner) => owner.take(),
             Backing::Allocated => None,

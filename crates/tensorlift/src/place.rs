@@ -157,7 +157,8 @@ impl DeviceBuffer {
                     let _ = inner.arena.set(shared);
                     None
                 }
-                // Not lent (a buffer's arena always is).
+                // Not lent (a buffer's arena always is), or the device's work could not be
+                // waited for (the arena, dropped, leaks the memory).
                 Ok(Err(arena)) => {
                     let _ = inner.arena.set(Arc::new(arena));
                     None

@@ -79,6 +79,9 @@ pub enum ViewError {
     /// The tensor's host memory could not be read (a mapped file that was cut short).
     #[error("tensor '{tensor}': its bytes could not be read: {message}")]
     Unreadable { tensor: String, message: String },
+    /// A buffer to copy the tensor into is not the tensor's length.
+    #[error("tensor '{tensor}' is {len} bytes, the buffer {buffer}")]
+    Length { tensor: String, len: usize, buffer: usize },
 }
 
 #[derive(Debug, Clone)]
@@ -398,11 +401,26 @@ impl Tensor {
         let mut out = Vec::new();
         out.try_reserve_exact(len).map_err(|_| ViewError::OutOfMemory { tensor: self.name.to_string(), bytes: len })?;
         out.resize(len, 0);
-        if len > 0 {
-            copy_host(self.host_addr()?, &mut out, || self.bytes().ok())
-                .map_err(|e| ViewError::Unreadable { tensor: self.name.to_string(), message: e.to_string() })?;
-        }
+        self.copy_bytes_into(&mut out)?;
         Ok(out)
+    }
+
+    /// [`copy_bytes`](Self::copy_bytes) into `dst`, which must be exactly the tensor's
+    /// length ([`ViewError::Length`] otherwise): a host tensor's bytes copied by the kernel,
+    /// a device tensor's copied back.
+    pub fn copy_bytes_into(&self, dst: &mut [u8]) -> Result<(), ViewError> {
+        if dst.len() != self.len() {
+            return Err(ViewError::Length { tensor: self.name.to_string(), len: self.len(), buffer: dst.len() });
+        }
+        if matches!(self.storage, Storage::Device { .. }) {
+            dst.copy_from_slice(&self.to_host()?);
+            return Ok(());
+        }
+        if dst.is_empty() {
+            return Ok(());
+        }
+        copy_host(self.host_addr()?, dst, || self.bytes().ok())
+            .map_err(|e| ViewError::Unreadable { tensor: self.name.to_string(), message: e.to_string() })
     }
 
     /// The bytes in host memory: borrowed for a host tensor, copied back for a device

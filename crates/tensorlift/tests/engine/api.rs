@@ -140,6 +140,17 @@ fn copy_bytes_copies_through_the_kernel_and_a_cut_mapped_file_is_an_error() {
         for t in model.tensors() {
             let want = t.to_host().unwrap().into_owned();
             assert_eq!(t.copy_bytes().unwrap(), want, "{}", t.name());
+            // Into a buffer of the caller's, of exactly the tensor's length.
+            let mut into = vec![0u8; t.len()];
+            t.copy_bytes_into(&mut into).unwrap();
+            assert_eq!(into, want, "{}", t.name());
+            let mut short = vec![0u8; t.len() - 1];
+            match t.copy_bytes_into(&mut short) {
+                Err(tensorlift::ViewError::Length { len, buffer, .. }) => {
+                    assert_eq!((len, buffer), (t.len(), t.len() - 1))
+                }
+                other => panic!("{other:?}"),
+            }
         }
         assert_eq!(model.get("a").unwrap().copy_bytes().unwrap(), truth["a"]);
     }
