@@ -870,7 +870,7 @@ def test_numpy_on_a_device_is_the_references_error_before_anything_is_loaded(tmp
 
 def test_arrays_of_a_mapped_file_outlive_its_truncation_as_the_references_copies_do(tmp_path):
     """With ``backend="mmap"``, numpy's arrays (and those of the frameworks built on them) are
-    memory of their own, as the reference's are copies: a file cut short afterwards leaves
+    copies out of the mapping, as the reference's are copies: a file cut short afterwards leaves
     them readable, where views of the mapping would kill the process with SIGBUS. Under
     ``patch()``, the reference's own ``safetensors.numpy.load_file`` too. In a child, which
     SIGBUS would kill."""
