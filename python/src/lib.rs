@@ -68,9 +68,10 @@ impl PyTensor {
     }
 
     /// A copy of the tensor's bytes in a new `bytearray`, made by the kernel as `tobytes`
-    /// makes it, and without a second copy: for the arrays of a mapped file handed to numpy
-    /// and the other frameworks, which the reference's are copies (a mapped file cut short
-    /// is a `RuntimeError` here, and the array lives on whatever becomes of the file).
+    /// makes it (with the GIL released; the bytearray is zeroed first, with it held), and
+    /// without a second copy: for the arrays of a mapped file handed to numpy and the other
+    /// frameworks, which the reference's are copies (a mapped file cut short is a
+    /// `RuntimeError` here, and the array lives on whatever becomes of the file).
     fn _copy<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, pyo3::types::PyByteArray>> {
         let inner = &self.inner;
         pyo3::types::PyByteArray::new_with(py, inner.len(), |buf| {

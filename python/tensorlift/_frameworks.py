@@ -79,7 +79,8 @@ def convert(t, framework, to_numpy):
 
 def from_numpy(arr, dtype, framework):
     """A numpy array of a tensor's values (``dtype``: the safetensors dtype; bfloat16 and
-    float8 as ml_dtypes arrays) as ``framework`` has it: what a slice is handed over as."""
+    float8 as ml_dtypes arrays) as ``framework`` has it: what a slice, and a tensor of a
+    mapped file (a copy out of it), are handed over as."""
     kind = FRAMEWORKS[framework]
     if kind == "jax":
         import jax.numpy as jnp

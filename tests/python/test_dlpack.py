@@ -168,7 +168,7 @@ def test_a_gathered_twin_of_a_viewed_storage_has_the_storage_bytes(tmp_path):
             assert torch.equal(got["tied.weight"], want["tied.weight"]), (backend, rank)
 
 
-def test_numpy_arrays_of_tied_pytorch_weights_stay_read_only(tmp_path):
+def test_numpy_arrays_of_tied_pytorch_weights_read_into_memory_stay_read_only(tmp_path):
     """A PyTorch file's tied weights are one storage, as torch.load gives them: their arrays
     view the same memory, so they stay read-only (a write to one would change the other),
     while an array of a storage of its own is writable. (Of a mapped file, numpy's arrays

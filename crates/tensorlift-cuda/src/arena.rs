@@ -181,7 +181,7 @@ impl DeviceArena {
     /// come back as `Err`. An arena that is the caller's alone has no copy into it running:
     /// the copy engine holds an arena until the copies into it have completed.
     ///
-    /// The device's work is waited for first ([`DeviceArena::lent_settled`]): the owner may
+    /// The device's work is waited for first (`cuCtxSynchronize`): the owner may
     /// free the memory stream-ordered, not after a consumer's stream. Where that wait fails,
     /// the arena comes back too (and, dropped, leaks the memory rather than let it be freed
     /// under work that may still use it).

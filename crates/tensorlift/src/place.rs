@@ -144,8 +144,9 @@ impl DeviceBuffer {
     /// The memory's owner back (downcast it to the type lent: the `CudaSlice` of
     /// [`LentMemory::from_cuda_slice`], say), once no clone of this buffer and no tensor
     /// placed in it is alive, so that no copy into it runs; else the buffer again. Also the
-    /// buffer again if the driver refused the memory when a load first used it: its owner
-    /// was dropped then.
+    /// buffer again if the driver refused the memory when a load first used it (its owner
+    /// was dropped then), or if the device's work could not be waited for (dropped, the
+    /// buffer then leaks the memory rather than let it be freed under that work).
     pub fn into_inner(mut self) -> Result<Box<dyn Any + Send + Sync>, DeviceBuffer> {
         let Some(inner) = Arc::get_mut(&mut self.0) else { return Err(self) };
         let owner = match inner.arena.take() {
