@@ -525,10 +525,6 @@ where
     // Boxed, so that a load given up is dropped (its reads drained, its memory freed, which
     // can take a while) with the GIL released, not holding up the process's other threads.
     let mut fut = Box::pin(fut);
-    let give_up = |fut: std::pin::Pin<Box<F>>, e: PyErr| {
-        py.detach(move || drop(fut));
-        Err(e)
-    };
     loop {
         let polled = py.detach(|| {
             let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
@@ -546,19 +542,26 @@ where
             }
         });
         if let Some(e) = raised.take() {
-            // (A load that finished meanwhile is let go the same way.)
-            py.detach(move || drop(polled));
-            return give_up(fut, e);
+            // (With a load that finished meanwhile.)
+            let_go(py, (fut, polled));
+            return Err(e);
         }
         match polled {
             Some(v) => return Ok(v),
             None => {
                 if let Err(e) = py.check_signals() {
-                    return give_up(fut, e);
+                    let_go(py, fut);
+                    return Err(e);
                 }
             }
         }
     }
+}
+
+/// Drops `value` (a load given up, or its stream) with the GIL released: its teardown
+/// waits for the reads in flight, which would hold up the process's other threads.
+fn let_go<T: Send>(py: Python<'_>, value: T) {
+    py.detach(move || drop(value));
 }
 
 /// An exception raised by a Python callback during a load (a progress callback, or Ctrl-C
@@ -903,10 +906,9 @@ struct PyTensorIterator {
 
 impl Drop for PyTensorIterator {
     fn drop(&mut self) {
-        // Abandoned mid-load (a `break`, an exception, `del`): let go with the GIL released,
-        // as `close` does, since what is in flight is waited for.
+        // Abandoned mid-load (a `break`, an exception, `del`): let go as `close` does.
         if let Some(stream) = self.stream.take() {
-            Python::attach(|py| py.detach(move || drop(stream)));
+            Python::attach(|py| let_go(py, stream));
         }
     }
 }
@@ -945,9 +947,7 @@ impl PyTensorIterator {
     /// Stops the load: what is in flight finishes, and everything is freed. The `stats`
     /// dict, if any, is left as it is: only a load that completes fills it.
     fn close(&mut self, py: Python<'_>) {
-        // With the GIL released: what is in flight is waited for, which can take a while.
-        let stream = self.stream.take();
-        py.detach(move || drop(stream));
+        let_go(py, self.stream.take());
     }
 
     // The `stats` dict is a Python object this one holds: the garbage collector sees it.
