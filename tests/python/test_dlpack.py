@@ -117,6 +117,33 @@ def test_legacy_and_versioned_capsules(fixture):
     assert np.from_dlpack(Legacy()).tobytes() == np.from_dlpack(t).tobytes()
 
 
+def _capsule_version(capsule):
+    """The `(major, minor)` a `dltensor_versioned` capsule's managed tensor says it follows
+    (`DLPackVersion` is the struct's first member, two `uint32_t`s)."""
+    get = ctypes.pythonapi.PyCapsule_GetPointer
+    get.restype = ctypes.c_void_p
+    get.argtypes = [ctypes.py_object, ctypes.c_char_p]
+    version = (ctypes.c_uint32 * 2).from_address(get(capsule, b"dltensor_versioned"))
+    return tuple(version)
+
+
+def test_a_capsule_says_the_lowest_dlpack_version_that_describes_its_type(tmp_path):
+    """torch and numpy ask for at most DLPack 1.0: every type 1.0 has is exported as 1.0; the
+    float8 types, whose codes came with 1.1, say 1.1 (and torch still takes them)."""
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path / "v.safetensors"
+    save_file({"f32": torch.arange(4.0), "f8": torch.arange(4.0).to(torch.float8_e4m3fn)}, str(path))
+    tensors = tensorlift.load(str(path))
+    assert _capsule_version(tensors["f32"].__dlpack__(max_version=(1, 0))) == (1, 0)
+    assert _capsule_version(tensors["f32"].raw_bytes().__dlpack__(max_version=(1, 1))) == (1, 0)
+    assert _capsule_version(tensors["f8"].__dlpack__(max_version=(1, 0))) == (1, 1)
+    got = torch.from_dlpack(tensors["f8"])
+    assert got.dtype == torch.float8_e4m3fn
+    assert got.view(torch.uint8).tolist() == torch.arange(4.0).to(torch.float8_e4m3fn).view(torch.uint8).tolist()
+
+
 def test_types_and_devices_numpy_cannot_take_are_refused(fixture, tmp_path):
     import json
     import struct

@@ -21,6 +21,18 @@ pub const FLAG_READ_ONLY: u64 = 1;
 /// The DLPack version these structs follow (1.1: the float8, float6 and float4 codes).
 pub const VERSION: DLPackVersion = DLPackVersion { major: 1, minor: 1 };
 
+/// The DLPack version a managed tensor of `dtype` says it follows: the lowest that describes
+/// it, so that a consumer asking for at most 1.0 (torch, numpy) is told 1.0 for every type
+/// 1.0 has, and 1.1 only for the float8, float6 and float4 codes 1.1 added (which only a
+/// consumer that knows them can read, whatever the version says; the structs are the same).
+pub fn version_for(dtype: DLDataType) -> DLPackVersion {
+    if dtype.code > code::BOOL {
+        VERSION
+    } else {
+        DLPackVersion { major: 1, minor: 0 }
+    }
+}
+
 /// `DLDevice`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,9 +197,10 @@ fn tensor(e: Export) -> (DLTensor, Box<Context>) {
 /// consumer, which calls its deleter exactly once.
 pub fn export_versioned(e: Export) -> *mut DLManagedTensorVersioned {
     let flags = if e.read_only { FLAG_READ_ONLY } else { 0 };
+    let version = version_for(e.dtype);
     let (dl_tensor, ctx) = tensor(e);
     Box::into_raw(Box::new(DLManagedTensorVersioned {
-        version: VERSION,
+        version,
         manager_ctx: Box::into_raw(ctx).cast(),
         deleter: Some(delete_versioned),
         flags,
@@ -269,7 +282,8 @@ mod tests {
         let p = export_versioned(e);
         // SAFETY: p was just made and not deleted; the consumer's side reads the struct.
         let t = unsafe { &*p };
-        assert_eq!((t.version, t.flags, t.dl_tensor.ndim), (VERSION, FLAG_READ_ONLY, 2));
+        let v1_0 = DLPackVersion { major: 1, minor: 0 };
+        assert_eq!((t.version, t.flags, t.dl_tensor.ndim), (v1_0, FLAG_READ_ONLY, 2));
         // SAFETY: shape points at ndim values that live until the deleter runs.
         let shape = unsafe { std::slice::from_raw_parts(t.dl_tensor.shape, 2) };
         // SAFETY: as for shape.
