@@ -68,15 +68,37 @@ impl PyTensor {
     }
 
     /// A copy of the tensor's bytes in a new `bytearray`, made by the kernel as `tobytes`
-    /// makes it (with the GIL released; the bytearray is zeroed first, with it held), and
-    /// without a second copy: for the arrays of a mapped file handed to numpy and the other
-    /// frameworks, which the reference's are copies (a mapped file cut short is a
-    /// `RuntimeError` here, and the array lives on whatever becomes of the file).
+    /// makes it, and without a second copy: for the arrays of a mapped file handed to numpy
+    /// and the other frameworks, which the reference's are copies (a mapped file cut short
+    /// is a `RuntimeError` here, and the array lives on whatever becomes of the file). The
+    /// bytearray is made uninitialised with the GIL held, then zeroed and filled with it
+    /// released: other Python threads do not wait on a large tensor's page faults.
     fn _copy<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, pyo3::types::PyByteArray>> {
         let inner = &self.inner;
-        pyo3::types::PyByteArray::new_with(py, inner.len(), |buf| {
-            py.detach(|| inner.copy_bytes_into(buf)).map_err(|e| PyRuntimeError::new_err(e.to_string()))
+        let len = inner.len();
+        let size = isize::try_from(len).map_err(|_| PyValueError::new_err(format!("{len} bytes")))?;
+        // SAFETY: a null source asks for a new bytearray of `size` uninitialised bytes; the
+        // call returns a new reference, or null with an exception set.
+        let made = unsafe { ffi::PyByteArray_FromStringAndSize(std::ptr::null(), size) };
+        // SAFETY: as above: owned, or null with an exception set (which becomes the error).
+        let array = unsafe { Bound::from_owned_ptr_or_err(py, made)? };
+        // SAFETY: `array` is the bytearray just made.
+        let array = unsafe { array.cast_into_unchecked::<pyo3::types::PyByteArray>() };
+        // SAFETY: a bytearray's buffer: `len` bytes (and a NUL) that stay where they are until
+        // the bytearray is resized or freed.
+        let data = unsafe { ffi::PyByteArray_AsString(array.as_ptr()) } as usize;
+        py.detach(|| {
+            // SAFETY: `data` is the new bytearray's buffer of `len` bytes, which no other code
+            // can reach while this call holds the one reference to it (nothing else can
+            // resize or free it).
+            unsafe { std::ptr::write_bytes(data as *mut u8, 0, len) };
+            // SAFETY: the same buffer, now initialised (zeroed), and reached only through this
+            // slice until the call returns.
+            let buf = unsafe { std::slice::from_raw_parts_mut(data as *mut u8, len) };
+            inner.copy_bytes_into(buf)
         })
+        .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+        Ok(array)
     }
 
     /// The tensor's bytes as a one-dimensional `uint8` DLPack producer, without a copy.
