@@ -23,8 +23,8 @@ typedef enum TlStatus {
    */
   TL_STATUS_OK = 0,
   /*
-   A null pointer, a string that is not UTF-8, an index out of range, or an option value
-   that is not one of those documented.
+   A null pointer, a string that is not UTF-8 (paths may be any bytes), an index out of
+   range, or an option value that is not one of those documented.
    */
   TL_STATUS_INVALID_ARGUMENT = 1,
   /*
@@ -158,8 +158,9 @@ enum TlStatus tl_options_new(struct TlOptions **out);
 void tl_options_free(struct TlOptions *options);
 
 /*
- Where loads go: `"auto"`, `"cpu"`, `"cuda"` or `"cuda:N"` (`TL_STATUS_INVALID_ARGUMENT`
- for anything else). One thread at a time per options.
+ Where loads go: `"auto"`, `"cpu"`, `"cuda"` or `"cuda:N"`, in any case and with blanks
+ around it ignored (`TL_STATUS_INVALID_ARGUMENT` for anything else). One thread at a
+ time per options.
 
  # Safety
  `options` is live options; `device` a NUL-terminated string.

@@ -34,8 +34,8 @@ use tensorlift::{Device, Dtype, Loader, LoaderBuilder, Model, Tensor, TensorSlic
 pub enum TlStatus {
     /// Success.
     Ok = 0,
-    /// A null pointer, a string that is not UTF-8, an index out of range, or an option value
-    /// that is not one of those documented.
+    /// A null pointer, a string that is not UTF-8 (paths may be any bytes), an index out of
+    /// range, or an option value that is not one of those documented.
     InvalidArgument = 1,
     /// No tensor of that name.
     NotFound = 2,
@@ -114,13 +114,23 @@ struct Held {
 }
 
 impl Held {
-    fn new(tensor: Tensor) -> Held {
-        // A name from a header is UTF-8 with no NUL (safetensors' names are JSON strings;
-        // a NUL in one is cut there, which no real checkpoint has).
-        let name = CString::new(tensor.name().split('\0').next().unwrap_or_default()).unwrap_or_default();
+    /// The tensor, with its info's strings. A name with a NUL (a JSON string may hold one,
+    /// as `"w\u0000x"`) cannot be a C string: such a tensor fails the load
+    /// (`TL_STATUS_LOAD_FAILED`), rather than reaching C under a shorter name that another
+    /// tensor may have.
+    fn new(tensor: Tensor) -> Result<Held, Failure> {
+        let name = CString::new(tensor.name()).map_err(|_| {
+            (
+                TlStatus::LoadFailed,
+                format!(
+                    "tensor '{}' has a NUL in its name, which a C string cannot hold",
+                    tensor.name().escape_debug()
+                ),
+            )
+        })?;
         let dtype = CString::new(tensor.dtype().to_string()).unwrap_or_default();
         let shape = tensor.shape().iter().map(|&d| d as u64).collect();
-        Held { tensor, name, dtype, shape }
+        Ok(Held { tensor, name, dtype, shape })
     }
 
     fn info(&self) -> TlTensorInfo {
@@ -163,7 +173,9 @@ pub struct TlModel {
 /// by `tl_stream_free` (which stops the load). One thread at a time.
 #[derive(Debug)]
 pub struct TlStream {
-    stream: TensorStream,
+    /// `None` once a tensor failed here (its name): the stream is then over, as after the
+    /// load's failure, and the rest of its load let go.
+    stream: Option<TensorStream>,
     stats: CString,
 }
 
@@ -240,6 +252,21 @@ unsafe fn text<'a>(p: *const c_char, what: &str) -> Result<&'a str, Failure> {
     // SAFETY: not null, and the caller passes a NUL-terminated string (the function's contract).
     let s = unsafe { CStr::from_ptr(p) };
     s.to_str().map_err(|_| invalid(format!("{what} is not UTF-8")))
+}
+
+/// A NUL-terminated path argument: any bytes but NUL, as the system takes paths (a path
+/// need not be UTF-8).
+///
+/// # Safety
+/// As [`text`].
+unsafe fn path_arg<'a>(p: *const c_char) -> Result<&'a std::path::Path, Failure> {
+    use std::os::unix::ffi::OsStrExt;
+    if p.is_null() {
+        return Err(invalid("path is null"));
+    }
+    // SAFETY: not null, and the caller passes a NUL-terminated string (the function's contract).
+    let s = unsafe { CStr::from_ptr(p) };
+    Ok(std::path::Path::new(std::ffi::OsStr::from_bytes(s.to_bytes())))
 }
 
 /// A handle argument.
@@ -346,13 +373,14 @@ pub unsafe extern "C" fn tl_options_free(options: *mut TlOptions) {
 unsafe fn change(options: *mut TlOptions, f: impl FnOnce(LoaderBuilder) -> LoaderBuilder) -> Result<TlStatus, Failure> {
     // SAFETY: the caller's contract for `options`.
     let o = unsafe { handle_mut(options, "options") }?;
-    let builder = std::mem::replace(&mut o.builder, Loader::builder());
-    o.builder = f(builder);
+    // Changed as a copy: a panic in `f` (a bug) leaves the options as they were.
+    o.builder = f(o.builder.clone());
     Ok(TlStatus::Ok)
 }
 
-/// Where loads go: `"auto"`, `"cpu"`, `"cuda"` or `"cuda:N"` (`TL_STATUS_INVALID_ARGUMENT`
-/// for anything else). One thread at a time per options.
+/// Where loads go: `"auto"`, `"cpu"`, `"cuda"` or `"cuda:N"`, in any case and with blanks
+/// around it ignored (`TL_STATUS_INVALID_ARGUMENT` for anything else). One thread at a
+/// time per options.
 ///
 /// # Safety
 /// `options` is live options; `device` a NUL-terminated string.
@@ -558,10 +586,10 @@ pub unsafe extern "C" fn tl_load(loader: *const TlLoader, path: *const c_char, o
         // SAFETY: the caller's contract for `loader`.
         let l = unsafe { handle(loader, "loader") }?;
         // SAFETY: the caller's contract for `path`.
-        let p = unsafe { text(path, "path") }?;
+        let p = unsafe { path_arg(path) }?;
         let model: Model = l.loader.load_blocking(p).map_err(load_failed)?;
         let stats = CString::new(model.stats().to_json().to_string()).unwrap_or_default();
-        let tensors = model.into_tensors().into_iter().map(Held::new).collect();
+        let tensors = model.into_tensors().into_iter().map(Held::new).collect::<Result<_, _>>()?;
         // SAFETY: the caller's contract for `out`.
         unsafe { put(out, Box::into_raw(Box::new(TlModel { tensors, stats })), "out") }?;
         Ok(TlStatus::Ok)
@@ -620,14 +648,11 @@ pub unsafe extern "C" fn tl_model_find(model: *const TlModel, name: *const c_cha
         let m = unsafe { handle(model, "model") }?;
         // SAFETY: the caller's contract for `name`.
         let n = unsafe { text(name, "name") }?;
-        // The tensors are in name order (a binary search); a name the info cut at a NUL is
-        // found by what the info says.
+        // The tensors are in name order (a binary search).
         let i = m
             .tensors
             .binary_search_by(|h| h.tensor.name().cmp(n))
-            .ok()
-            .or_else(|| m.tensors.iter().position(|h| h.name.as_bytes() == n.as_bytes()))
-            .ok_or_else(|| (TlStatus::NotFound, format!("no tensor named '{n}'")))?;
+            .map_err(|_| (TlStatus::NotFound, format!("no tensor named '{n}'")))?;
         // SAFETY: the caller's contract for `out`.
         unsafe { put(out, i, "out") }?;
         Ok(TlStatus::Ok)
@@ -696,9 +721,9 @@ pub unsafe extern "C" fn tl_stream_open(
         // SAFETY: the caller's contract for `loader`.
         let l = unsafe { handle(loader, "loader") }?;
         // SAFETY: the caller's contract for `path`.
-        let p = unsafe { text(path, "path") }?;
+        let p = unsafe { path_arg(path) }?;
         let stream = l.loader.stream_blocking(p).map_err(load_failed)?;
-        let s = TlStream { stream, stats: CString::default() };
+        let s = TlStream { stream: Some(stream), stats: CString::default() };
         // SAFETY: the caller's contract for `out`.
         unsafe { put(out, Box::into_raw(Box::new(s)), "out") }?;
         Ok(TlStatus::Ok)
@@ -718,16 +743,22 @@ pub unsafe extern "C" fn tl_stream_next(stream: *mut TlStream, out: *mut *mut Tl
         unsafe { clear_out(out) }?;
         // SAFETY: the caller's contract for `stream`.
         let s = unsafe { handle_mut(stream, "stream") }?;
-        match tensorlift::block_on(s.stream.next()) {
-            Some(Ok(t)) => {
+        let next = s.stream.as_mut().and_then(|st| tensorlift::block_on(st.next()));
+        match next.map(|r| r.map_err(load_failed).and_then(Held::new)) {
+            Some(Ok(held)) => {
                 // SAFETY: the caller's contract for `out` (checked not null).
-                unsafe { put(out, Box::into_raw(Box::new(TlTensor { held: Held::new(t) })), "out") }?;
+                unsafe { put(out, Box::into_raw(Box::new(TlTensor { held })), "out") }?;
                 Ok(TlStatus::Ok)
             }
             Some(Err(e)) => {
+                // The engine's stream ends after its failure; one of a tensor's name here
+                // ends it the same way, with what it still reads let go (its stats kept).
+                if let Some(st) = s.stream.take() {
+                    s.stats = stats_json(&st);
+                }
                 // SAFETY: as above.
                 unsafe { put(out, std::ptr::null_mut(), "out") }?;
-                Err(load_failed(e))
+                Err(e)
             }
             None => {
                 // SAFETY: as above.
@@ -736,6 +767,11 @@ pub unsafe extern "C" fn tl_stream_next(stream: *mut TlStream, out: *mut *mut Tl
             }
         }
     })
+}
+
+/// A stream's stats as the JSON `tl_stream_stats_json` gives.
+fn stats_json(stream: &TensorStream) -> CString {
+    CString::new(stream.stats().to_json().to_string()).unwrap_or_default()
 }
 
 /// What the stream's load did so far (complete once `tl_stream_next` returned
@@ -748,7 +784,9 @@ pub unsafe extern "C" fn tl_stream_stats_json(stream: *mut TlStream, out: *mut *
     guard(|| {
         // SAFETY: the caller's contract for `stream`.
         let s = unsafe { handle_mut(stream, "stream") }?;
-        s.stats = CString::new(s.stream.stats().to_json().to_string()).unwrap_or_default();
+        if let Some(st) = &s.stream {
+            s.stats = stats_json(st);
+        }
         // SAFETY: the caller's contract for `out`.
         unsafe { put(out, s.stats.as_ptr(), "out") }?;
         Ok(TlStatus::Ok)

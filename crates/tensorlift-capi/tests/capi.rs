@@ -167,3 +167,26 @@ fn the_cpp_example_builds_and_runs() {
     let (ok, _, stderr) = run(&exe, &[dir.join("missing").to_str().unwrap(), "cpu"], &[]);
     assert!(!ok && stderr.contains("error 3: ") && stderr.contains("missing"), "{stderr}");
 }
+
+#[test]
+fn a_name_with_a_nul_fails_and_a_path_need_not_be_utf8() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = scratch_in(&std::env::temp_dir(), "tl-capi-names-");
+    // "w" and "w\u0000x": the second would reach C as "w" were its name cut at the NUL.
+    let header = br#"{"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"w\u0000x":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#;
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(header);
+    file.extend_from_slice(b"RF");
+    let nul = dir.join("nul.safetensors");
+    std::fs::write(&nul, &file).unwrap();
+    // A folder whose name is Latin-1, not UTF-8, holding a plain checkpoint.
+    let latin = dir.join(std::ffi::OsStr::from_bytes(b"caf\xe9"));
+    std::fs::create_dir_all(&latin).unwrap();
+    write_sharded(&latin, &[&[("x", Dtype::F32, &[3])]]);
+
+    let exe = dir.join("test_names");
+    compile("cc", &[crate_dir().join("tests/c/test_names.c")], &exe, &["-std=c11", "-Wall", "-Werror"]);
+    let out = Command::new(&exe).arg(&nul).arg(&latin).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && stdout.contains("ok"), "{stdout}\n{stderr}");
+}
