@@ -40,7 +40,9 @@ const MAX_NOTE: u64 = 64 << 10;
 /// the scheme, host, port and the environment that points the same scheme and host at
 /// another store (an S3 endpoint, an Azure account).
 pub(crate) fn store_key(url: &url::Url) -> String {
-    let mut identity = format!("{}://{}:{:?}", url.scheme(), url.host_str().unwrap_or(""), url.port());
+    // (The user part is an `abfss://` URL's container: the one place a URL names one.)
+    let mut identity =
+        format!("{}://{}@{}:{:?}", url.scheme(), url.username(), url.host_str().unwrap_or(""), url.port());
     // Every variable of the providers that can point a URL at another store: endpoints,
     // accounts, emulators, and the service-account keys that carry a base URL.
     let mut vars: Vec<(String, String)> = std::env::vars_os()
@@ -146,16 +148,43 @@ impl Note {
     }
 
     /// Whether a copy noted as `self` is a copy of the object as `now` describes it: the same
-    /// URL and length, and the same strong ETag or, without ETags, the same (known)
-    /// modification time.
+    /// URL and length, and the same strong ETag. Without one, nothing tells: an object
+    /// replaced by one of its length with its time kept (`cp -p`, `rsync -t`, or within the
+    /// second HTTP dates count) would be served from its old copy for as long as the copy
+    /// lasts, so such objects are not kept ([`CacheFile::create`]).
     pub(crate) fn matches(&self, now: &Note) -> bool {
-        self.url == now.url
-            && self.size == now.size
-            && match (&self.e_tag, &now.e_tag) {
-                (Some(a), Some(b)) => a == b && !a.starts_with("W/"),
-                (None, None) => self.modified_ns == now.modified_ns && self.modified_ns != 0,
-                _ => false,
-            }
+        self.url == now.url && self.size == now.size && strong(&self.e_tag) && self.e_tag == now.e_tag
+    }
+}
+
+/// Whether `e_tag` is a strong ETag (one that changes with the bytes).
+fn strong(e_tag: &Option<String>) -> bool {
+    e_tag.as_deref().is_some_and(|t| !t.is_empty() && !t.starts_with("W/"))
+}
+
+/// How long a temporary copy may go unwritten before it is taken for one a process left
+/// behind (killed while writing it) and removed as another copy of its object starts: far
+/// past any live writer's pause (a request times out, and retries give up, in minutes).
+const ABANDONED: Duration = Duration::from_secs(3600);
+
+/// Removes the temporary copies of the object at `path` that no one has written for
+/// [`ABANDONED`] (a process killed while writing leaves its own; nothing else removes
+/// them, and each may be a whole shard). Best effort: what cannot be read or removed stays.
+fn sweep_abandoned(path: &Path) {
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else { return };
+    let mut prefix = name.to_owned();
+    prefix.push(PARTIAL);
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    for entry in entries.flatten() {
+        use std::os::unix::ffi::OsStrExt;
+        if !entry.file_name().as_bytes().starts_with(prefix.as_bytes()) {
+            continue;
+        }
+        // (Not followed: a regular file of ours, idle for long enough.)
+        let idle = entry.metadata().ok().filter(std::fs::Metadata::is_file).and_then(|m| m.modified().ok());
+        if idle.and_then(|t| t.elapsed().ok()).is_some_and(|e| e > ABANDONED) {
+            let _ = std::fs::remove_file(entry.path());
+        }
     }
 }
 
@@ -269,11 +298,19 @@ impl CacheFile {
     /// (logged) where it cannot be made.
     pub(crate) fn create(root: &Path, path: PathBuf, mut note: Note) -> Option<CacheFile> {
         static MADE: AtomicU64 = AtomicU64::new(0);
+        if !strong(&note.e_tag) {
+            tracing::debug!(
+                "{}: not cached: the store gives no strong ETag, by which a later load could tell the copy \
+                 is still the object",
+                path.display()
+            );
+            return None;
+        }
         let mut partial = path.as_os_str().to_owned();
         let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
         partial.push(format!("{PARTIAL}{}-{}-{stamp:x}", std::process::id(), MADE.fetch_add(1, Ordering::Relaxed)));
         let partial = PathBuf::from(partial);
-        let made = (|| -> io::Result<File> {
+        let made = (|| -> io::Result<(File, (u64, u64))> {
             check_root(root)?;
             let parent = path.parent().ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
             let rel = parent.strip_prefix(root).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
@@ -291,16 +328,23 @@ impl CacheFile {
                     Err(e) => return Err(e),
                 }
             }
+            sweep_abandoned(&path);
             let file = File::options()
                 .write(true)
                 .create_new(true)
                 .mode(0o600)
                 .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
                 .open(&partial)?;
-            file.set_len(note.size)?;
-            Ok(file)
+            // (Made: removed if it cannot be sized, as no `CacheFile` will remove it.)
+            match file.set_len(note.size).and_then(|()| file.metadata()) {
+                Ok(m) => Ok((file, (m.dev(), m.ino()))),
+                Err(e) => {
+                    let _ = std::fs::remove_file(&partial);
+                    Err(e)
+                }
+            }
         })();
-        match made.and_then(|f| f.metadata().map(|m| (f, (m.dev(), m.ino())))) {
+        match made {
             Ok((file, id)) => {
                 note.file = id;
                 let w = Writing { file, written: Vec::new(), queued: Vec::new() };
@@ -542,6 +586,11 @@ mod tests {
         // Another endpoint, port or scheme is another folder.
         let a = store_key(&url::Url::parse("s3://b/x").unwrap());
         assert_ne!(a, store_key(&url::Url::parse("gs://b/x").unwrap()));
+        // Two containers of one Azure account.
+        assert_ne!(
+            store_key(&url::Url::parse("abfss://c1@a.dfs.core.windows.net/x").unwrap()),
+            store_key(&url::Url::parse("abfss://c2@a.dfs.core.windows.net/x").unwrap())
+        );
         assert_ne!(
             store_key(&url::Url::parse("http://h:8080/x").unwrap()),
             store_key(&url::Url::parse("http://h_8080/x").unwrap())
@@ -549,7 +598,7 @@ mod tests {
     }
 
     #[test]
-    fn notes_round_trip_and_match_on_strong_etag_or_time() {
+    fn notes_round_trip_and_match_on_a_strong_etag_alone() {
         let n = Note { url: "s3://b/x".into(), size: 5, e_tag: Some("\"e\"".into()), modified_ns: 7, file: (1, 2) };
         assert_eq!(Note::parse(&n.text()), Some(n.clone()));
         assert!(n.matches(&Note { modified_ns: 8, ..n.clone() }));
@@ -557,8 +606,47 @@ mod tests {
         assert!(!n.matches(&Note { size: 6, ..n.clone() }));
         let weak = Note { e_tag: Some("W/\"e\"".into()), ..n.clone() };
         assert!(!weak.matches(&weak.clone()));
+        // Without an ETag, the same length and time may be other bytes.
         let untagged = Note { e_tag: None, ..n.clone() };
-        assert!(untagged.matches(&untagged.clone()));
-        assert!(!untagged.matches(&Note { modified_ns: 8, ..untagged.clone() }));
+        assert!(!untagged.matches(&untagged.clone()));
+    }
+
+    fn names_in(dir: &Path) -> Vec<String> {
+        let mut names: Vec<_> =
+            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn copies_are_made_of_objects_with_a_strong_etag_and_leave_no_temporary_file_behind() {
+        let root = tensorlift_testkit::scratch_in(&std::env::temp_dir(), "tl-cache-");
+        let path = root.join("k").join("m.safetensors");
+        let note = Note { url: "s3://b/m.safetensors".into(), size: 4, e_tag: None, modified_ns: 7, file: (0, 0) };
+        assert!(CacheFile::create(&root, path.clone(), note.clone()).is_none(), "no ETag");
+        let weak = Note { e_tag: Some("W/\"e\"".into()), ..note.clone() };
+        assert!(CacheFile::create(&root, path.clone(), weak).is_none(), "a weak ETag");
+        // A length no file can have: nothing is left of the attempt.
+        let huge = Note { e_tag: Some("\"e\"".into()), size: u64::MAX, ..note.clone() };
+        assert!(CacheFile::create(&root, path.clone(), huge).is_none());
+        assert_eq!(names_in(&root.join("k")), Vec::<String>::new());
+        // Temporary copies a killed process left: an idle one is removed as another copy of
+        // the object starts; one written lately (a live writer's) stays, as do other files.
+        let left = |n: &str| root.join("k").join(format!("m.safetensors{PARTIAL}{n}"));
+        for n in ["1-0-a", "2-0-b"] {
+            std::fs::write(left(n), b"xx").unwrap();
+        }
+        std::fs::write(root.join("k").join("other.safetensors.partial-1-0-a"), b"x").unwrap();
+        let old = std::time::SystemTime::now() - ABANDONED - Duration::from_secs(60);
+        for f in [left("1-0-a"), root.join("k").join("other.safetensors.partial-1-0-a")] {
+            File::options().write(true).open(f).unwrap().set_modified(old).unwrap();
+        }
+        let strong = Note { e_tag: Some("\"e\"".into()), ..note };
+        let copy = CacheFile::create(&root, path, strong).expect("a strong ETag's object is copied");
+        let names = names_in(&root.join("k"));
+        assert!(!names.contains(&"m.safetensors.partial-1-0-a".to_owned()), "{names:?}");
+        assert!(names.contains(&"m.safetensors.partial-2-0-b".to_owned()), "{names:?}");
+        assert!(names.contains(&"other.safetensors.partial-1-0-a".to_owned()), "{names:?}");
+        drop(copy);
     }
 }

@@ -55,7 +55,10 @@ pub(crate) fn connect(url: &str, options: &RemoteOptions) -> Result<(Place, Opti
     if parsed.query().is_some() || parsed.fragment().is_some() {
         return Err(invalid("a query string or fragment is not read: settings come from the environment"));
     }
-    if !parsed.username().is_empty() || parsed.password().is_some() {
+    // (Azure Data Lake's `abfss://CONTAINER@ACCOUNT.dfs.core.windows.net/` names its
+    // container where a user would be: a name, not a credential.)
+    let container_as_user = matches!(parsed.scheme(), "abfs" | "abfss") && parsed.password().is_none();
+    if (!parsed.username().is_empty() && !container_as_user) || parsed.password().is_some() {
         return Err(invalid("credentials in a URL are refused: give them in the environment (AWS_ACCESS_KEY_ID, ...)"));
     }
     let (scheme, path) = ObjectStoreScheme::parse(&parsed)

@@ -310,6 +310,8 @@ fn urls_that_carry_more_than_a_place_are_refused() {
     for (url, says) in [
         ("s3://bucket/model?versionId=3", "query string"),
         ("https://user:secret@example.invalid/model/", "credentials in a URL"),
+        ("https://user@example.invalid/model/", "credentials in a URL"),
+        ("abfss://container:secret@account.dfs.core.windows.net/model/", "credentials in a URL"),
     ] {
         let err = loader.load_blocking(url).unwrap_err().to_string();
         assert!(err.contains(says), "{url}: {err}");
@@ -538,9 +540,13 @@ fn gcs_and_azure_urls_go_through_their_stores_clients() {
     std::env::set_var("AZURE_STORAGE_USE_EMULATOR", "true");
     std::env::set_var("AZURITE_BLOB_STORAGE_URL", &base_url);
     let azure = base().build().unwrap().load_blocking("az://container/model/model.safetensors.index.json");
+    // Azure Data Lake's URL names the container where a user would be (not a credential).
+    let adls = "abfss://container@devstoreaccount1.dfs.core.windows.net/model/model.safetensors.index.json";
+    let data_lake = base().build().unwrap().load_blocking(adls);
     std::env::remove_var("AZURE_STORAGE_USE_EMULATOR");
     std::env::remove_var("AZURITE_BLOB_STORAGE_URL");
     assert_identical(&azure.unwrap(), &truth, "az://");
+    assert_identical(&data_lake.unwrap(), &truth, "abfss://");
 }
 
 /// The shards and index of `bucket/model`, and a `SHA256SUMS` of them written by coreutils.
