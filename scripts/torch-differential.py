@@ -369,16 +369,23 @@ def main():
         body = b"".join(b"X" + struct.pack("<I", len(k)) + k.encode() + v for k, v in items)
         return b"\x80\x02}(" + body + b"u."
 
-    def zipped(pk, records=None, version=True):
+    def zipped(pk, records=None, version=True, first=None, more=None):
+        """A zip of `pk` and `records` under archive/; `version` True for "3\n", or the
+        version record's text; `first` an entry written before all others; `more` other
+        records under archive/."""
         records = {"0": struct.pack("<4f", 1, 2, 3, 4), "1": struct.pack("<4i", 10, 20, 30, 40)} if records is None else records
         def write(path):
             with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+                if first:
+                    z.writestr(first, b"x")
+                for k, v in (more or {}).items():
+                    z.writestr(f"archive/{k}", v)
                 z.writestr("archive/data.pkl", pk)
                 z.writestr("archive/byteorder", "little")
                 for k, v in records.items():
                     z.writestr(f"archive/data/{k}", v)
                 if version:
-                    z.writestr("archive/version", "3\n")
+                    z.writestr("archive/version", "3\n" if version is True else version)
         return write
 
     from_type = b"ctorch._tensor\n_rebuild_from_type_v2\n"
@@ -395,6 +402,26 @@ def main():
     # Metadata's negative bit changes the values in torch: refused by name.
     neg = rebuild(extra=b"}X\x03\x00\x00\x00neg\x88s")
     case("rt_metadata_neg", zipped(sd(("w", neg))), tensorlift_refuses="'neg'")
+    # torch negates where the key is there at all, whatever its value.
+    for tag, value in (("false", b"\x89"), ("none", b"N")):
+        neg = rebuild(extra=b"}X\x03\x00\x00\x00neg" + value + b"s")
+        case(f"rt_metadata_neg_{tag}", zipped(sd(("w", neg))), tensorlift_refuses="'neg'")
+    case("rt_metadata_conj_on_floats", zipped(sd(("w", rebuild(extra=b"}X\x04\x00\x00\x00conj\x89s")))), names="'conj'")
+    case("rt_metadata_int_key", zipped(sd(("w", rebuild(extra=b"}K\x01\x89s")))), names="not a string")
+    # A storage key with a NUL: torch's record look-up (a C string) reads data/0.
+    nul_key = rebuild().replace(b"X\x01\x00\x00\x000", b"X\x03\x00\x00\x000\x00x", 1)
+    case("rt_storage_key_nul", zipped(sd(("w", nul_key)), records={"0": struct.pack("<4f", 1, 2, 3, 4), "0Qx": struct.pack("<4f", 9, 9, 9, 9)}),
+         tensorlift_refuses="NUL")
+    # The archive's folder is the first entry's, wherever data.pkl is.
+    case("rt_first_entry_elsewhere", zipped(sd(("w", rebuild())), first="zzz/foo"), names="zzz/")
+    case("rt_first_entry_in_no_folder", zipped(sd(("w", rebuild())), first="foo"), names="in no folder")
+    # The version record, as std::stoull reads it, from 1 to 10.
+    case("rt_version_padded", zipped(sd(("w", rebuild())), version=" 3 and more"))
+    case("rt_version_too_new", zipped(sd(("w", rebuild())), version="99999\n"), names="format version")
+    case("rt_version_zero", zipped(sd(("w", rebuild())), version="0\n"), names="format version")
+    case("rt_version_text", zipped(sd(("w", rebuild())), version="three"), names="format version")
+    # A TorchScript archive's constants.
+    case("rt_torchscript", zipped(sd(("w", rebuild())), more={"constants.pkl": b"\x80\x02)."}), names="TorchScript")
     case("rt_metadata_not_dict", zipped(sd(("w", rebuild(extra=b"K\x05")))), names="not a dict")
     # A record larger than its storage, and an archive without a version record.
     case("rt_record_too_long", zipped(sd(("w", rebuild().replace(b"K\x04tQ", b"K\x03tQ").replace(b"J\x04\x00", b"J\x03\x00")))),

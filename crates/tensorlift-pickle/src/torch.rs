@@ -348,6 +348,9 @@ fn storage_pid(vm: &mut Vm, pid: &Value, at: usize, legacy: bool) -> Result<(Sto
         _ => return Err(bad("the storage type is not a torch storage class")),
     };
     let key = match &t[2] {
+        // PyTorch looks a record up by a C string, which ends at a NUL: `"0\0x"` reads
+        // `data/0`. Such a key is refused rather than read as either.
+        Value::Str(s) if s.contains('\0') => return Err(bad("the key holds a NUL")),
         Value::Str(s) => Rc::clone(s),
         _ => return Err(bad("the key is not a string")),
     };
@@ -403,23 +406,55 @@ impl Persistent for ZipStorages {
 
 fn read_zip<R: ReadAt + ?Sized>(src: &R, limits: &Limits) -> Result<TorchCheckpoint, ErrorKind> {
     let entries = zip::entries(src, limits.max_tensors.saturating_add(16), limits.max_pickle_bytes)?;
-    // Every entry lives under one top-level folder whose name the writer chose.
-    let mut pickles = entries.iter().filter_map(|(name, e)| {
-        name.strip_suffix("data.pkl")
-            .filter(|p| p.ends_with('/') && !p[..p.len() - 1].contains('/'))
-            .map(|p| (p.to_owned(), e))
-    });
-    let (prefix, pkl) =
-        pickles.next().ok_or_else(|| ErrorKind::NotTorch("a zip archive without ARCHIVE/data.pkl".into()))?;
-    // Two archives in one zip: readers could disagree on which is the checkpoint.
-    if let Some((other, _)) = pickles.next() {
-        return Err(ErrorKind::Zip(format!("two pickles, {prefix}data.pkl and {other}data.pkl")));
+    // The archive's folder, as PyTorch's reader finds it: the first entry's name up to its
+    // first '/' (every record is looked up under it).
+    let first = entries.values().min_by_key(|e| e.index).map(|e| e.name.as_str()).unwrap_or_default();
+    let prefix = match first.find('/') {
+        Some(slash) => first[..=slash].to_owned(),
+        None => {
+            return Err(ErrorKind::NotTorch(format!(
+                "a zip archive whose first entry '{}' is in no folder",
+                first.escape_debug()
+            )))
+        }
+    };
+    let pkl = zip::find(&entries, &format!("{prefix}data.pkl"))?
+        .ok_or_else(|| ErrorKind::NotTorch(format!("a zip archive without {prefix}data.pkl")))?;
+    // Another archive's pickle beside it: readers could disagree on which is the checkpoint.
+    let top_level =
+        |name: &str| name.strip_suffix("data.pkl").is_some_and(|p| p.ends_with('/') && p.matches('/').count() == 1);
+    if let Some(other) = entries.values().find(|e| top_level(&e.name) && e.name != pkl.name) {
+        return Err(ErrorKind::Zip(format!("two pickles, {} and {}", pkl.name, other.name)));
     }
-    // PyTorch's reader requires the archive's version record.
-    let pkl = zip::find(&entries, &pkl.name)?.unwrap_or(pkl);
-    let has = |name: String| zip::find(&entries, &name).map(|e| e.is_some());
-    if !has(format!("{prefix}version"))? && !has(format!("{prefix}.data/version"))? {
-        return Err(ErrorKind::Zip(format!("no {prefix}version record (PyTorch refuses such an archive)")));
+    // PyTorch's reader requires the archive's version record (`.data/version` first), and
+    // reads it as `std::stoull` does: blanks, then digits (what follows is ignored), from 1
+    // to the newest format it knows, 10.
+    let version = match zip::find(&entries, &format!("{prefix}.data/version"))? {
+        Some(e) => Some(e),
+        None => zip::find(&entries, &format!("{prefix}version"))?,
+    };
+    let version = version
+        .ok_or_else(|| ErrorKind::Zip(format!("no {prefix}version record (PyTorch refuses such an archive)")))?;
+    let text = read_vec(src, version.offset, version.len.min(64))?;
+    let digits: String = String::from_utf8_lossy(&text)
+        .trim_start()
+        .trim_start_matches('+')
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    match digits.parse::<u64>() {
+        Ok(1..=10) => {}
+        _ => {
+            return Err(ErrorKind::Zip(format!(
+                "{} says '{}', not a format version from 1 to 10 (PyTorch refuses it)",
+                version.name,
+                String::from_utf8_lossy(&text).escape_debug()
+            )))
+        }
+    }
+    // A TorchScript archive, which `torch.load(weights_only=True)` refuses.
+    if zip::find(&entries, &format!("{prefix}constants.pkl"))?.is_some() {
+        return Err(ErrorKind::NotTorch("a TorchScript archive (it has constants.pkl), not a saved state dict".into()));
     }
     if let Some(e) = zip::find(&entries, &format!("{prefix}byteorder"))? {
         let b = read_vec(src, e.offset, e.len.min(16))?;

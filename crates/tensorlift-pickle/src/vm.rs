@@ -1103,20 +1103,27 @@ impl Vm {
         Ok(())
     }
 
-    /// `_rebuild_tensor_v2`'s metadata: PyTorch applies a dict's `neg` and `conj` bits, which
-    /// change the values; tensorlift refuses them set. Anything else truthy that is not a
-    /// dict PyTorch refuses.
+    /// `_rebuild_tensor_v2`'s metadata: PyTorch sets a tensor's `neg` and `conj` bits, which
+    /// change its values, where the dict has the key, whatever its value (`{"neg": False}`
+    /// negates too: `setTensorMetadata` looks the keys up); tensorlift refuses either key.
+    /// A key that is not a string, or anything else truthy that is not a dict, PyTorch
+    /// refuses.
     fn tensor_metadata(&self, m: &Value) -> Result<(), String> {
         match m {
             Value::None | Value::Bool(false) | Value::Int(0) => Ok(()),
             Value::Dict(_) => {
                 let items = self.dict(m).map(|d| d.items.as_slice()).unwrap_or_default();
                 self.scan(items.len());
-                for (k, v) in items {
-                    if let Value::Str(name) = k {
-                        if matches!(name.as_str(), "neg" | "conj") && !matches!(v, Value::Bool(false) | Value::None) {
-                            return Err(format!("its metadata sets '{name}', which tensorlift does not apply"));
+                for (k, _) in items {
+                    match k {
+                        Value::Str(name) if matches!(name.as_str(), "neg" | "conj") => {
+                            return Err(format!(
+                                "its metadata has '{name}', which PyTorch applies whatever its value, and \
+                                 tensorlift does not"
+                            ));
                         }
+                        Value::Str(_) => {}
+                        other => return Err(format!("its metadata has a key that is {}, not a string", other.kind())),
                     }
                 }
                 Ok(())

@@ -22,6 +22,9 @@ pub struct Entry {
     pub len: u64,
     /// Its name, as the archive spells it.
     pub name: String,
+    /// Its place in the central directory (0: the first, whose folder PyTorch's reader
+    /// takes for the archive's).
+    pub index: usize,
     /// Another entry whose name differs from this one's only in case: PyTorch's reader,
     /// which finds records ignoring case, could read either, so such a record is not read
     /// ([`find`]).
@@ -88,6 +91,10 @@ pub fn entries<R: ReadAt + ?Sized>(
     if u16_at(&tail, at + 4) != 0 || u16_at(&tail, at + 6) != 0 {
         return Err(bad("multi-disk archives are not supported"));
     }
+    // miniz refuses an end record whose entries on this disk are not all of them.
+    if u16_at(&tail, at + 8) != u16_at(&tail, at + 10) {
+        return Err(bad("the end record's entry counts disagree"));
+    }
     // Zip64: a locator just before the end record points to the zip64 end record, which
     // PyTorch's reader (miniz) then takes the directory from, whatever the end record says
     // (`torch.save` always writes one). Where the end record's own fields are not the zip64
@@ -135,7 +142,7 @@ pub fn entries<R: ReadAt + ?Sized>(
     let mut out = BTreeMap::new();
     let mut spans: Vec<(u64, u64, String)> = Vec::new();
     let mut p = 0usize;
-    for _ in 0..count {
+    for index in 0..count as usize {
         if u32_at(&dir, p) != CENTRAL || p + 46 > dir.len() {
             return Err(bad(format!("central directory entry at {} is malformed", dir_at + p as u64)));
         }
@@ -149,6 +156,11 @@ pub fn entries<R: ReadAt + ?Sized>(
         let mut local = u64::from(u32_at(&dir, p + 42));
         let name_bytes = dir.get(p + 46..p + 46 + name_len).ok_or_else(|| bad("entry name runs past the directory"))?;
         let name = std::str::from_utf8(name_bytes).map_err(|_| bad("entry name is not UTF-8"))?.to_owned();
+        // No lookup of PyTorch's (by C string) can name such an entry: it could only be
+        // taken for another.
+        if name.contains('\0') {
+            return Err(bad(format!("entry name '{}' holds a NUL", name.escape_debug())));
+        }
         let extra = dir
             .get(p + 46 + name_len..p + 46 + name_len + extra_len)
             .ok_or_else(|| bad("extra field runs past the directory"))?;
@@ -202,7 +214,7 @@ pub fn entries<R: ReadAt + ?Sized>(
         // guess: such a record is refused where it is looked up).
         match out.entry(key(&name)) {
             std::collections::btree_map::Entry::Vacant(v) => {
-                v.insert(Entry { offset: data, len: csize, name: name.clone(), twin: None });
+                v.insert(Entry { offset: data, len: csize, name: name.clone(), index, twin: None });
             }
             std::collections::btree_map::Entry::Occupied(o) if o.get().name == name => {
                 return Err(bad(format!("entry '{name}' appears twice")));
