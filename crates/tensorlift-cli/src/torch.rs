@@ -288,7 +288,10 @@ pub fn convert(src: &Path, dst: &Path, max_shard: u64, out: &mut dyn Write) -> a
         }
         let specs: Vec<(&str, tensorlift_format::Dtype, &[usize])> =
             shard.iter().map(|(_, t)| (t.name.as_str(), t.dtype, t.shape.as_slice())).collect();
-        let enc = tensorlift_format::encode_header(&specs, Some(&metadata)).context("a header size overflows")?;
+        let enc = tensorlift_format::encode_header(&specs, Some(&metadata)).context(
+            "these tensors cannot be written as safetensors (a size overflows, a name repeats, or a sub-byte tensor \
+             does not fill whole bytes; nothing was written)",
+        )?;
         let written_len = enc.bytes.len() as u64 + enc.data_len();
         tensorlift_format::parse_header(&dst.join(&name), &enc.bytes, written_len)
             .context("these tensors cannot be written as safetensors (nothing was written)")?;

@@ -347,8 +347,9 @@ fn hub_cache(root: &Path) -> (PathBuf, Vec<(String, Vec<u8>)>) {
     );
     for (k, entry) in fs::read_dir(&staging).unwrap().enumerate() {
         let entry = entry.unwrap();
+        // (A SHA-256's 64 hex digits, as the hub names an LFS file's blob.)
         let blob =
-            format!("{k:02}{}", "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b8".get(2..).unwrap());
+            format!("{k:02}{}", "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855".get(2..).unwrap());
         fs::rename(entry.path(), repo.join("blobs").join(&blob)).unwrap();
         symlink(format!("../../blobs/{blob}"), snap.join(entry.file_name())).unwrap();
     }
@@ -397,6 +398,33 @@ fn hugging_face_hub_cache_folders_load() {
     fs::remove_file(&stray).unwrap();
     write_index(&snap, &[("a", "../../blobs/x")]);
     assert!(matches!(open(&snap), Err(FormatError::ShardOutsideFolder { .. })));
+}
+
+#[test]
+fn a_local_dir_of_links_into_a_hub_cache_loads() {
+    // What `snapshot_download(local_dir=...)` wrote before huggingface_hub 0.23: a plain
+    // folder whose files are links to the hub cache's blobs (named by 64-hex hashes here).
+    let root = dir();
+    let (snap, truth) = hub_cache(&root);
+    let local = root.join("local");
+    fs::create_dir(&local).unwrap();
+    for entry in fs::read_dir(&snap).unwrap() {
+        let entry = entry.unwrap();
+        let blob = fs::canonicalize(entry.path()).unwrap();
+        symlink(&blob, local.join(entry.file_name())).unwrap();
+    }
+    assert_eq!(read_all(open(&local).unwrap()), truth);
+    // A link to a file in a blobs folder that is not named by a hash, or to a hash-named
+    // file elsewhere, is still refused.
+    let blobs = root.join("models--org--tiny/blobs");
+    let shard = local.join("model-00002-of-00002.safetensors");
+    for target in [blobs.join("notahash"), root.join("elsewhere").join("e".repeat(64))] {
+        fs::create_dir_all(target.parent().unwrap()).unwrap();
+        fs::copy(fs::canonicalize(&shard).unwrap(), &target).unwrap();
+        fs::remove_file(&shard).unwrap();
+        symlink(&target, &shard).unwrap();
+        assert!(matches!(open(&local), Err(FormatError::ShardOutsideFolder { .. })), "{}", target.display());
+    }
 }
 
 /// Defect: every shard was opened at once, so 3000 shards ran out of descriptors.
@@ -483,6 +511,20 @@ fn links_out_are_refused_before_anything_is_opened() {
         Err(FormatError::InvalidIndex { message, .. }) => assert!(message.contains("max_shards"), "{message}"),
         other => panic!("{other:?}"),
     }
+    // A folder without an index, of more files than that: refused as its names are listed,
+    // before any is opened (these are not even safetensors: one as many as the limit is
+    // opened, and refused for what it holds).
+    let dir = self::dir();
+    for s in &shards[..11] {
+        fs::write(dir.join(s), b"not opened").unwrap();
+    }
+    match open_checkpoint(&dir, &limits) {
+        Err(FormatError::InvalidIndex { message, .. }) => assert!(message.contains("max_shards"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    fs::remove_file(dir.join(&shards[0])).unwrap();
+    let ten = open_checkpoint(&dir, &limits);
+    assert!(matches!(ten, Err(FormatError::HeaderTooLarge { .. })), "{ten:?}");
 }
 
 #[test]
