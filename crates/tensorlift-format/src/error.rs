@@ -117,6 +117,14 @@ pub enum FormatError {
     #[error("{}: no model.safetensors.index.json and no .safetensors files in this folder", file.display())]
     NoShards { file: PathBuf },
 
+    /// A folder (or a store's folder) without an index holds more checkpoint files than a
+    /// plan opens ([`PlanLimits::max_shards`](../tensorlift_io/struct.PlanLimits.html)).
+    #[error(
+        "{}: {what}, over the limit of {limit} (PlanLimits::max_shards): name its index or one file instead",
+        file.display()
+    )]
+    TooManyFiles { file: PathBuf, what: String, limit: usize },
+
     /// The path is not a `.safetensors` file, an index JSON file or a folder.
     #[error("{}: not a .safetensors file, a .json index or a folder", file.display())]
     NotACheckpoint { file: PathBuf },
@@ -166,6 +174,7 @@ impl FormatError {
             | HeaderBudget { file, .. }
             | OutOfMemory { file, .. }
             | NoShards { file }
+            | TooManyFiles { file, .. }
             | NotACheckpoint { file }
             | NameNotUtf8 { file }
             | Io { file, .. } => file,

@@ -6,9 +6,8 @@
 //! - a shard name in an index is a plain relative name: no absolute path, no `..`;
 //! - a link (the index file, or a shard) may resolve inside the model folder, or, for a
 //!   Hugging Face hub cache snapshot (`models--ORG--NAME/snapshots/REV/`), into that same
-//!   repository's `blobs/` folder; from a folder that is no snapshot (what
-//!   `snapshot_download(local_dir=...)` wrote, as links, before huggingface_hub 0.23), into
-//!   any repository's `blobs/`, to a file named by its hash; anywhere else is refused;
+//!   repository's `blobs/` folder; anywhere else is refused (even a hub cache's blobs from
+//!   a folder that is no snapshot: a hostile folder could name another repository's);
 //! - the path the user gives is theirs: links in it are followed, and a single file named
 //!   directly is read wherever it lives;
 //! - a FIFO, device, socket or directory where a shard or the index should be is an error
@@ -61,10 +60,11 @@ pub struct PlanLimits {
     /// they are the same files); a load reads a window of a quarter of them at a time (each
     /// shard can take two, with O_DIRECT).
     pub max_open_files: usize,
-    /// Distinct shard names an index may list (default 10,000; the largest real
-    /// checkpoints have a few hundred shards). Each name is looked up before the index is
-    /// checked against the headers, so the bound keeps a hostile index from making planning
-    /// take minutes.
+    /// Distinct shard names an index may list, and `.safetensors` files a folder without one
+    /// may hold (default 10,000; the largest real checkpoints have a few hundred shards).
+    /// Each name is looked up (a folder's are opened) before the index is checked against
+    /// the headers, so the bound keeps a hostile index or folder from making planning take
+    /// minutes.
     pub max_shards: usize,
     /// How a remote checkpoint (`s3://`, `gs://`, `az://`, `http(s)://`) is read: request
     /// sizes, concurrency, retries and timeouts (default [`RemoteOptions::from_env`]).
@@ -553,24 +553,11 @@ impl LinkPolicy {
     fn allows(&self, real: &Path) -> bool {
         match self {
             LinkPolicy::Anywhere => true,
-            LinkPolicy::Within { root, blobs: Some(blobs) } => {
-                real.starts_with(root) || real.parent() == Some(blobs.as_path())
+            LinkPolicy::Within { root, blobs } => {
+                real.starts_with(root) || blobs.as_ref().is_some_and(|b| real.parent() == Some(b.as_path()))
             }
-            LinkPolicy::Within { root, blobs: None } => real.starts_with(root) || hub_blob(real),
         }
     }
-}
-
-/// Whether `real` is a blob of a Hugging Face hub cache: `models--ORG--NAME/blobs/HASH`, the
-/// hash a git SHA-1 (40 hex digits) or an LFS SHA-256 (64).
-fn hub_blob(real: &Path) -> bool {
-    let named = |p: Option<&Path>, f: &dyn Fn(&str) -> bool| {
-        p.and_then(Path::file_name).and_then(|n| n.to_str()).is_some_and(f)
-    };
-    let blobs = real.parent();
-    named(Some(real), &|n| matches!(n.len(), 40 | 64) && n.bytes().all(|b| b.is_ascii_hexdigit()))
-        && named(blobs, &|n| n == "blobs")
-        && named(blobs.and_then(Path::parent), &|n| n.starts_with("models--"))
 }
 
 /// Whether a link in `folder` (an opened model folder, canonical) that resolves to `real`
@@ -807,16 +794,14 @@ impl<'a> Planner<'a> {
             } else if is_torch_entry(&name) {
                 pytorch.push(name);
             }
-            // Each name is an open and a header read: a folder of millions is refused as an
-            // index naming them would be.
-            if names.len().max(pytorch.len()) > self.limits.max_shards {
-                return Err(FormatError::InvalidIndex {
+            // Each .safetensors name is an open and a header read: a folder of millions is
+            // refused as an index naming them would be. (Of PyTorch files only the hub's
+            // names are ever opened.)
+            if names.len() > self.limits.max_shards {
+                return Err(FormatError::TooManyFiles {
                     file: root,
-                    message: format!(
-                        "the folder has more than {} .safetensors (or PyTorch) files (PlanLimits::max_shards): \
-                         name its index or one file instead",
-                        self.limits.max_shards
-                    ),
+                    what: "the folder has more .safetensors files".into(),
+                    limit: self.limits.max_shards,
                 });
             }
         }

@@ -283,7 +283,13 @@ async fn list_safetensors(place: &Place, limits: &PlanLimits) -> Result<(Vec<Str
         let meta = meta.map_err(|e| FormatError::Io { file: root(), source: store_error(e) })?;
         scanned += 1;
         if scanned > MAX_LISTED {
-            return Err(too_many(root(), format!("more than {MAX_LISTED} objects under it")));
+            return Err(FormatError::InvalidIndex {
+                file: root(),
+                message: format!(
+                    "more than {MAX_LISTED} objects under it; name its model.safetensors.index.json or one file in \
+                     the URL instead"
+                ),
+            });
         }
         // Objects in the folder itself, not in folders below it.
         let depth = meta.location.parts().count();
@@ -296,19 +302,13 @@ async fn list_safetensors(place: &Place, limits: &PlanLimits) -> Result<(Vec<Str
             Some(n) if is_torch_entry(n) => {
                 torch.push(n.to_owned());
                 if torch.len() > limits.max_shards {
-                    return Err(too_many(
-                        root(),
-                        format!("more than {} PyTorch files (PlanLimits::max_shards)", limits.max_shards),
-                    ));
+                    return Err(too_many(root(), "the folder lists more PyTorch files", limits.max_shards));
                 }
             }
             _ => {}
         }
         if names.len() > limits.max_shards {
-            return Err(too_many(
-                root(),
-                format!("more than {} .safetensors files (PlanLimits::max_shards)", limits.max_shards),
-            ));
+            return Err(too_many(root(), "the folder lists more .safetensors files", limits.max_shards));
         }
     }
     names.sort_by(|a, b| natural_cmp(a, b));
@@ -595,11 +595,8 @@ async fn rest_of_header(object: &RemoteObject, from: u64, to: u64, out: &mut Vec
 }
 
 /// A folder too large to list: name its index or a file instead.
-fn too_many(root: PathBuf, what: String) -> FormatError {
-    FormatError::InvalidIndex {
-        file: root,
-        message: format!("{what}; name its model.safetensors.index.json or one file in the URL instead"),
-    }
+fn too_many(root: PathBuf, what: &str, limit: usize) -> FormatError {
+    FormatError::TooManyFiles { file: root, what: what.to_owned(), limit }
 }
 
 fn not_found(place: &Place, name: &str) -> FormatError {

@@ -40,9 +40,11 @@ const MAX_NOTE: u64 = 64 << 10;
 /// the scheme, host, port and the environment that points the same scheme and host at
 /// another store (an S3 endpoint, an Azure account).
 pub(crate) fn store_key(url: &url::Url) -> String {
-    // (The user part is an `abfss://` URL's container: the one place a URL names one.)
-    let mut identity =
-        format!("{}://{}@{}:{:?}", url.scheme(), url.username(), url.host_str().unwrap_or(""), url.port());
+    // (The user part is an `abfss://` URL's container: the one place a URL names one. Where
+    // there is none, the identity is what it was before containers counted, so that copies
+    // already made keep their folder.)
+    let user = if url.username().is_empty() { String::new() } else { format!("{}@", url.username()) };
+    let mut identity = format!("{}://{user}{}:{:?}", url.scheme(), url.host_str().unwrap_or(""), url.port());
     // Every variable of the providers that can point a URL at another store: endpoints,
     // accounts, emulators, and the service-account keys that carry a base URL.
     let mut vars: Vec<(String, String)> = std::env::vars_os()
@@ -162,27 +164,44 @@ fn strong(e_tag: &Option<String>) -> bool {
     e_tag.as_deref().is_some_and(|t| !t.is_empty() && !t.starts_with("W/"))
 }
 
-/// How long a temporary copy may go unwritten before it is taken for one a process left
-/// behind (killed while writing it) and removed as another copy of its object starts: far
-/// past any live writer's pause (a request times out, and retries give up, in minutes).
+/// How long a temporary copy may go unwritten before it may be taken for one a process left
+/// behind (killed while writing it): past the moment between its making and its lock.
 const ABANDONED: Duration = Duration::from_secs(3600);
 
-/// Removes the temporary copies of the object at `path` that no one has written for
-/// [`ABANDONED`] (a process killed while writing leaves its own; nothing else removes
-/// them, and each may be a whole shard). Best effort: what cannot be read or removed stays.
-fn sweep_abandoned(path: &Path) {
-    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else { return };
-    let mut prefix = name.to_owned();
-    prefix.push(PARTIAL);
-    let Ok(entries) = std::fs::read_dir(parent) else { return };
+/// Takes `flock(2)` `how` (`LOCK_SH` or `LOCK_EX`, never waiting) on `f`; false where it is
+/// held otherwise, or cannot be had.
+fn lock(f: &File, how: libc::c_int) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor `f` owns, open for the call; no memory is passed.
+    unsafe { libc::flock(f.as_raw_fd(), how | libc::LOCK_NB) == 0 }
+}
+
+/// Removes, once per folder a process copies into, the temporary copies there that no live
+/// writer holds: each writer holds a shared lock on its own for as long as it has it open,
+/// so one that can be locked exclusively (and has not been written for [`ABANDONED`]) was
+/// left by a process killed while writing it. Nothing else would remove them, and each may
+/// be a whole shard. Best effort: what cannot be read, locked or removed stays.
+fn sweep_abandoned(folder: &Path) {
+    static SWEPT: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+    match SWEPT.lock() {
+        Ok(mut swept) if !swept.iter().any(|f| f == folder) => swept.push(folder.to_path_buf()),
+        _ => return,
+    }
+    let Ok(entries) = std::fs::read_dir(folder) else { return };
     for entry in entries.flatten() {
         use std::os::unix::ffi::OsStrExt;
-        if !entry.file_name().as_bytes().starts_with(prefix.as_bytes()) {
+        let name = entry.file_name();
+        let name = name.as_bytes();
+        if !name.windows(PARTIAL.len()).any(|w| w == PARTIAL.as_bytes()) {
             continue;
         }
-        // (Not followed: a regular file of ours, idle for long enough.)
-        let idle = entry.metadata().ok().filter(std::fs::Metadata::is_file).and_then(|m| m.modified().ok());
-        if idle.and_then(|t| t.elapsed().ok()).is_some_and(|e| e > ABANDONED) {
+        // (Not followed, not waited on: a regular file, idle long enough, no one's.)
+        let Ok(f) = File::options().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(entry.path())
+        else {
+            continue;
+        };
+        let idle = f.metadata().ok().filter(std::fs::Metadata::is_file).and_then(|m| m.modified().ok());
+        if idle.and_then(|t| t.elapsed().ok()).is_some_and(|e| e > ABANDONED) && lock(&f, libc::LOCK_EX) {
             let _ = std::fs::remove_file(entry.path());
         }
     }
@@ -328,13 +347,20 @@ impl CacheFile {
                     Err(e) => return Err(e),
                 }
             }
-            sweep_abandoned(&path);
+            sweep_abandoned(parent);
             let file = File::options()
                 .write(true)
                 .create_new(true)
                 .mode(0o600)
                 .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
                 .open(&partial)?;
+            // Held, shared, as long as this copy has it open: a sweep leaves it be. (Where
+            // locks cannot be had, as on some network file systems, copies are not made: a
+            // sweep there could take a live one.)
+            if !lock(&file, libc::LOCK_SH) {
+                let _ = std::fs::remove_file(&partial);
+                return Err(io::Error::other("its temporary file cannot be locked"));
+            }
             // (Made: removed if it cannot be sized, as no `CacheFile` will remove it.)
             match file.set_len(note.size).and_then(|()| file.metadata()) {
                 Ok(m) => Ok((file, (m.dev(), m.ino()))),
@@ -630,23 +656,33 @@ mod tests {
         let huge = Note { e_tag: Some("\"e\"".into()), size: u64::MAX, ..note.clone() };
         assert!(CacheFile::create(&root, path.clone(), huge).is_none());
         assert_eq!(names_in(&root.join("k")), Vec::<String>::new());
-        // Temporary copies a killed process left: an idle one is removed as another copy of
-        // the object starts; one written lately (a live writer's) stays, as do other files.
-        let left = |n: &str| root.join("k").join(format!("m.safetensors{PARTIAL}{n}"));
-        for n in ["1-0-a", "2-0-b"] {
-            std::fs::write(left(n), b"xx").unwrap();
-        }
-        std::fs::write(root.join("k").join("other.safetensors.partial-1-0-a"), b"x").unwrap();
+        // Temporary copies a killed process left: an idle one no one holds is removed as a
+        // copy starts in its folder; one written lately, or held (a live writer's, paused on
+        // a slow network), stays, as do other files.
+        // (Another folder: each is swept once a process, and `k` was, by the attempts above.)
+        let k = root.join("j");
+        std::fs::create_dir(&k).unwrap();
+        let path = k.join("m.safetensors");
         let old = std::time::SystemTime::now() - ABANDONED - Duration::from_secs(60);
-        for f in [left("1-0-a"), root.join("k").join("other.safetensors.partial-1-0-a")] {
-            File::options().write(true).open(f).unwrap().set_modified(old).unwrap();
+        for n in ["m.safetensors.partial-1-0-a", "o.safetensors.partial-1-0-a", "held.partial-3-0-c", "x.tlcache"] {
+            std::fs::write(k.join(n), b"xx").unwrap();
+            File::options().write(true).open(k.join(n)).unwrap().set_modified(old).unwrap();
         }
+        std::fs::write(k.join("m.safetensors.partial-2-0-b"), b"xx").unwrap();
+        let held = File::open(k.join("held.partial-3-0-c")).unwrap();
+        assert!(lock(&held, libc::LOCK_SH));
         let strong = Note { e_tag: Some("\"e\"".into()), ..note };
         let copy = CacheFile::create(&root, path, strong).expect("a strong ETag's object is copied");
-        let names = names_in(&root.join("k"));
-        assert!(!names.contains(&"m.safetensors.partial-1-0-a".to_owned()), "{names:?}");
-        assert!(names.contains(&"m.safetensors.partial-2-0-b".to_owned()), "{names:?}");
-        assert!(names.contains(&"other.safetensors.partial-1-0-a".to_owned()), "{names:?}");
+        let names = names_in(&k);
+        for gone in ["m.safetensors.partial-1-0-a", "o.safetensors.partial-1-0-a"] {
+            assert!(!names.contains(&gone.to_owned()), "{gone}: {names:?}");
+        }
+        for kept in ["m.safetensors.partial-2-0-b", "held.partial-3-0-c", "x.tlcache"] {
+            assert!(names.contains(&kept.to_owned()), "{kept}: {names:?}");
+        }
+        // The copy's own temporary file is held: another process's sweep would leave it.
+        let own = names.iter().find(|n| n.starts_with("m.safetensors.partial-") && !n.ends_with("-2-0-b")).unwrap();
+        assert!(!lock(&File::open(k.join(own)).unwrap(), libc::LOCK_EX), "{own} is not held");
         drop(copy);
     }
 }

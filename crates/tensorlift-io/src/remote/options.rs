@@ -29,8 +29,8 @@ pub struct RemoteOptions {
     pub retry_window: Duration,
     /// A folder where remote checkpoints are copied as they are read (default none;
     /// `TENSORLIFT_REMOTE_CACHE`): the next load of the same objects reads the copy, once the
-    /// store says they are unchanged (length, and ETag or modification time). A copy is
-    /// kept only of shards a load read whole.
+    /// store says they are unchanged (length and strong ETag). A copy is kept only of shards
+    /// a load read whole, of objects with a strong ETag.
     pub cache_dir: Option<std::sync::Arc<Path>>,
     /// Ranged reads the planning of one PyTorch file (`.bin`, `.pt`) may make (default
     /// 4,096): about one a record of its zip archive. A file that needs more is refused (say
