@@ -369,10 +369,10 @@ def main():
         body = b"".join(b"X" + struct.pack("<I", len(k)) + k.encode() + v for k, v in items)
         return b"\x80\x02}(" + body + b"u."
 
-    def zipped(pk, records=None, version=True, first=None, more=None):
+    def zipped(pk, records=None, version=True, first=None, more=None, last=None):
         """A zip of `pk` and `records` under archive/; `version` True for "3\n", or the
-        version record's text; `first` an entry written before all others; `more` other
-        records under archive/."""
+        version record's text; `first` an entry written before all others, `last` one after
+        all others; `more` other records under archive/."""
         records = {"0": struct.pack("<4f", 1, 2, 3, 4), "1": struct.pack("<4i", 10, 20, 30, 40)} if records is None else records
         def write(path):
             with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
@@ -386,6 +386,8 @@ def main():
                     z.writestr(f"archive/data/{k}", v)
                 if version:
                     z.writestr("archive/version", "3\n" if version is True else version)
+                if last:
+                    z.writestr(last, b"x")
         return write
 
     from_type = b"ctorch._tensor\n_rebuild_from_type_v2\n"
@@ -420,6 +422,28 @@ def main():
     case("rt_version_too_new", zipped(sd(("w", rebuild())), version="99999\n"), names="format version")
     case("rt_version_zero", zipped(sd(("w", rebuild())), version="0\n"), names="format version")
     case("rt_version_text", zipped(sd(("w", rebuild())), version="three"), names="format version")
+    case("rt_version_two_signs", zipped(sd(("w", rebuild())), version="++3"), names="format version")
+    case("rt_version_nbsp", zipped(sd(("w", rebuild())), version="\u00a03"), names="format version")
+    case("rt_version_c_blanks", zipped(sd(("w", rebuild())), version="\v\f +3x"))
+    # Every record is under the archive's folder, spelled as it is.
+    case("rt_entry_outside", zipped(sd(("w", rebuild())), last="other/foo"), names="outside the archive's folder")
+    case("rt_entry_other_case", zipped(sd(("w", rebuild())), last="ARCHIVE/foo"), names="outside the archive's folder")
+    # Metadata values torch takes as C++ bools, and one it cannot.
+    case("rt_metadata_int_value", zipped(sd(("w", rebuild(extra=b"}X\x03\x00\x00\x00fooK\x01s")))))
+    case("rt_metadata_str_value", zipped(sd(("w", rebuild(extra=b"}X\x03\x00\x00\x00fooX\x01\x00\x00\x00xs")))),
+         names="not a bool")
+    # The end records' entries-on-this-disk counts: miniz reads the zip64 record's where there
+    # is one (torch.save writes one), and ignores the plain one's then.
+    def bumped(signature, at, width):
+        def write(path):
+            save(path, state_dict([torch.float32]))
+            data = bytearray(open(path, "rb").read())
+            i = data.rfind(signature) + at
+            data[i:i + width] = (int.from_bytes(data[i:i + width], "little") + 1).to_bytes(width, "little")
+            open(path, "wb").write(bytes(data))
+        return write
+    case("rt_eocd_disk_count", bumped(b"PK\x05\x06", 8, 2))
+    case("rt_zip64_disk_count", bumped(b"PK\x06\x06", 24, 8), names="entry counts disagree")
     # A TorchScript archive's constants.
     case("rt_torchscript", zipped(sd(("w", rebuild())), more={"constants.pkl": b"\x80\x02)."}), names="TorchScript")
     case("rt_metadata_not_dict", zipped(sd(("w", rebuild(extra=b"K\x05")))), names="not a dict")

@@ -418,14 +418,16 @@ fn read_zip<R: ReadAt + ?Sized>(src: &R, limits: &Limits) -> Result<TorchCheckpo
             )))
         }
     };
+    // PyTorch lists every record (`get_all_records`, on each load) and refuses one outside
+    // the folder, whose name it compares as written.
+    if let Some(out) = entries.values().find(|e| !e.name.starts_with(&prefix)) {
+        return Err(ErrorKind::Zip(format!(
+            "entry '{}' is outside the archive's folder {prefix}",
+            out.name.escape_debug()
+        )));
+    }
     let pkl = zip::find(&entries, &format!("{prefix}data.pkl"))?
         .ok_or_else(|| ErrorKind::NotTorch(format!("a zip archive without {prefix}data.pkl")))?;
-    // Another archive's pickle beside it: readers could disagree on which is the checkpoint.
-    let top_level =
-        |name: &str| name.strip_suffix("data.pkl").is_some_and(|p| p.ends_with('/') && p.matches('/').count() == 1);
-    if let Some(other) = entries.values().find(|e| top_level(&e.name) && e.name != pkl.name) {
-        return Err(ErrorKind::Zip(format!("two pickles, {} and {}", pkl.name, other.name)));
-    }
     // PyTorch's reader requires the archive's version record (`.data/version` first), and
     // reads it as `std::stoull` does: blanks, then digits (what follows is ignored), from 1
     // to the newest format it knows, 10.
@@ -436,12 +438,10 @@ fn read_zip<R: ReadAt + ?Sized>(src: &R, limits: &Limits) -> Result<TorchCheckpo
     let version = version
         .ok_or_else(|| ErrorKind::Zip(format!("no {prefix}version record (PyTorch refuses such an archive)")))?;
     let text = read_vec(src, version.offset, version.len.min(64))?;
-    let digits: String = String::from_utf8_lossy(&text)
-        .trim_start()
-        .trim_start_matches('+')
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
+    // (C's blanks: space, \t, \n, \v, \f, \r; then one sign.)
+    let start = text.iter().position(|b| !matches!(b, b' ' | b'\t'..=b'\r')).unwrap_or(text.len());
+    let unsigned = text[start..].strip_prefix(b"+").unwrap_or(&text[start..]);
+    let digits: String = unsigned.iter().take_while(|b| b.is_ascii_digit()).map(|&b| char::from(b)).collect();
     match digits.parse::<u64>() {
         Ok(1..=10) => {}
         _ => {

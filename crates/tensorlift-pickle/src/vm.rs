@@ -1114,7 +1114,11 @@ impl Vm {
             Value::Dict(_) => {
                 let items = self.dict(m).map(|d| d.items.as_slice()).unwrap_or_default();
                 self.scan(items.len());
-                for (k, _) in items {
+                for (k, v) in items {
+                    // (PyTorch takes the values as C++ bools: what Python can make one of.)
+                    if !matches!(v, Value::Bool(_) | Value::None | Value::Int(_) | Value::BigInt(_) | Value::Float) {
+                        return Err(format!("its metadata has a value that is {}, not a bool", v.kind()));
+                    }
                     match k {
                         Value::Str(name) if matches!(name.as_str(), "neg" | "conj") => {
                             return Err(format!(

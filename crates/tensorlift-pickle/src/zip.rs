@@ -91,10 +91,6 @@ pub fn entries<R: ReadAt + ?Sized>(
     if u16_at(&tail, at + 4) != 0 || u16_at(&tail, at + 6) != 0 {
         return Err(bad("multi-disk archives are not supported"));
     }
-    // miniz refuses an end record whose entries on this disk are not all of them.
-    if u16_at(&tail, at + 8) != u16_at(&tail, at + 10) {
-        return Err(bad("the end record's entry counts disagree"));
-    }
     // Zip64: a locator just before the end record points to the zip64 end record, which
     // PyTorch's reader (miniz) then takes the directory from, whatever the end record says
     // (`torch.save` always writes one). Where the end record's own fields are not the zip64
@@ -111,6 +107,15 @@ pub fn entries<R: ReadAt + ?Sized>(
     };
     // (Without zip64 records, a field that holds a zip64 mark is taken as it is: a directory
     // it misplaces is refused below, out of the file or malformed.)
+    // miniz refuses an end record whose entries on this disk are not all of them: the zip64
+    // one's where there is one (the plain one's are then not looked at), else the plain one's.
+    let on_disk = match &zip64 {
+        Some(z) => u64_at(z, 24) == u64_at(z, 32),
+        None => u16_at(&tail, at + 8) == u16_at(&tail, at + 10),
+    };
+    if !on_disk {
+        return Err(bad("the end record's entry counts disagree"));
+    }
     if let Some(z) = zip64 {
         let (count64, len64, at64) = (u64_at(&z, 32), u64_at(&z, 40), u64_at(&z, 48));
         let disagree = (count != 0xFFFF && count != count64)

@@ -622,9 +622,10 @@ fn ck_names(ck: &TorchCheckpoint) -> Vec<&str> {
 
 #[test]
 fn zips_whose_entries_borrow_or_overlap_are_refused() {
-    for (file, want) in
-        [("zip_alias.bin", "its local header names another entry"), ("zip_two_archives.bin", "two pickles")]
-    {
+    for (file, want) in [
+        ("zip_alias.bin", "its local header names another entry"),
+        ("zip_two_archives.bin", "outside the archive's folder"),
+    ] {
         let (k, s) = kind(read(file));
         assert!(matches!(k, ErrorKind::Zip(_)), "{s}");
         assert!(s.contains(want), "{s}");
