@@ -172,11 +172,12 @@ fn the_cpp_example_builds_and_runs() {
 fn a_name_with_a_nul_fails_and_a_path_need_not_be_utf8() {
     use std::os::unix::ffi::OsStrExt;
     let dir = scratch_in(&std::env::temp_dir(), "tl-capi-names-");
-    // "w" and "w\u0000x": the second would reach C as "w" were its name cut at the NUL.
-    let header = br#"{"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"w\u0000x":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#;
+    // "w\u0000x", "w" and "z", in the file in that order: the first would reach C as "w" were
+    // its name cut at the NUL; a stream fails there, and gives nothing after.
+    let header = br#"{"w\u0000x":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"w":{"dtype":"U8","shape":[1],"data_offsets":[1,2]},"z":{"dtype":"U8","shape":[1],"data_offsets":[2,3]}}"#;
     let mut file = (header.len() as u64).to_le_bytes().to_vec();
     file.extend_from_slice(header);
-    file.extend_from_slice(b"RF");
+    file.extend_from_slice(b"FRZ");
     let nul = dir.join("nul.safetensors");
     std::fs::write(&nul, &file).unwrap();
     // A folder whose name is Latin-1, not UTF-8, holding a plain checkpoint.

@@ -79,7 +79,15 @@ pub fn run(args: &Args, out: &mut dyn Write) -> anyhow::Result<()> {
             bar.set_position(p.done);
         });
     }
-    let loader = builder.build()?;
+    let loader = match builder.build() {
+        // A pattern given on the command line that is no glob: a usage error (exit 2).
+        Err(e @ tensorlift::LoadError::InvalidFilter { .. }) => clap::Error::raw(
+            clap::error::ErrorKind::ValueValidation,
+            format!("{}\n", crate::text::printable(&e.to_string())),
+        )
+        .exit(),
+        built => built?,
+    };
     let model = loader.load_blocking(&args.path).with_context(|| format!("loading {}", args.path.display()))?;
     if let Some(bar) = bar {
         bar.finish_and_clear();

@@ -9,11 +9,33 @@ use std::fmt::Write;
 use std::path::Path;
 
 /// Characters a terminal or a viewer acts on rather than shows: control characters (C0,
-/// DEL, C1), and the invisible format characters that reorder or hide text (bidirectional
-/// overrides and isolates, zero-width characters, line and paragraph separators).
+/// DEL, C1), the invisible format characters that reorder or hide text (bidirectional
+/// overrides and isolates, zero-width characters, line and paragraph separators), and the
+/// other characters Unicode says to show as nothing (its default-ignorable code points:
+/// the soft hyphen, fillers, variation selectors, the tag characters of "ASCII
+/// smuggling"), by which two names that differ would print alike.
 pub fn is_unsafe(c: char) -> bool {
     c.is_control()
-        || matches!(c, '\u{061c}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}' | '\u{fff9}'..='\u{fffb}')
+        || matches!(
+            c,
+            '\u{00ad}'
+                | '\u{034f}'
+                | '\u{061c}'
+                | '\u{115f}'..='\u{1160}'
+                | '\u{17b4}'..='\u{17b5}'
+                | '\u{180b}'..='\u{180f}'
+                | '\u{200b}'..='\u{200f}'
+                | '\u{2028}'..='\u{202e}'
+                | '\u{2060}'..='\u{206f}'
+                | '\u{3164}'
+                | '\u{fe00}'..='\u{fe0f}'
+                | '\u{feff}'
+                | '\u{ffa0}'
+                | '\u{fff0}'..='\u{fffb}'
+                | '\u{1bca0}'..='\u{1bca3}'
+                | '\u{1d173}'..='\u{1d17a}'
+                | '\u{e0000}'..='\u{e0fff}'
+        )
 }
 
 /// `s` with every [unsafe](is_unsafe) character written as an escape: `\n`, `\t`, `\r`, or
@@ -131,6 +153,9 @@ mod tests {
         );
         assert_eq!(printable("ünïcödé ✓"), "ünïcödé ✓");
         assert_eq!(printable("a\u{202e}gnp.exe"), "a\\u{202e}gnp.exe");
+        // Shown as nothing: a tag character, a variation selector, a soft hyphen, a filler.
+        assert_eq!(printable("e\u{e0041}tag"), "e\\u{e0041}tag");
+        assert_eq!(printable("a\u{fe0f}\u{ad}\u{3164}b"), "a\\u{fe0f}\\u{ad}\\u{3164}b");
     }
 
     #[test]

@@ -289,8 +289,8 @@ pub fn convert(src: &Path, dst: &Path, max_shard: u64, out: &mut dyn Write) -> a
         let specs: Vec<(&str, tensorlift_format::Dtype, &[usize])> =
             shard.iter().map(|(_, t)| (t.name.as_str(), t.dtype, t.shape.as_slice())).collect();
         let enc = tensorlift_format::encode_header(&specs, Some(&metadata)).context(
-            "these tensors cannot be written as safetensors (a size overflows, a name repeats, or a sub-byte tensor \
-             does not fill whole bytes; nothing was written)",
+            "these tensors cannot be written as safetensors (nothing was written): a size overflows, a name \
+             repeats or is __metadata__, or a sub-byte tensor does not fill whole bytes",
         )?;
         let written_len = enc.bytes.len() as u64 + enc.data_len();
         tensorlift_format::parse_header(&dst.join(&name), &enc.bytes, written_len)
@@ -305,7 +305,9 @@ pub fn convert(src: &Path, dst: &Path, max_shard: u64, out: &mut dyn Write) -> a
     };
     let base = dst.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
     remove_stale_partials(&parent, &base, out)?;
-    let staging = new_staging(&parent, &base)?;
+    // (Held, as a shared lock on the folder, until this convert is over: another convert
+    // tells a live one's staging folder by it, wherever that one runs.)
+    let (staging, _held) = new_staging(&parent, &base)?;
     let written = write_shards(&staging, &shards, headers, &opened, out);
     let result = written.and_then(|(tensors, total)| {
         if dst.exists() {
@@ -363,12 +365,16 @@ fn reference_can_hold(t: &TorchTensor) -> bool {
 
 /// A new, empty staging folder beside DST, `.BASE.partial-PID-N`: made by this call (never
 /// one that was there, nor a link, which another process or an earlier one with this
-/// process id may have left), the first free N.
-fn new_staging(parent: &Path, base: &str) -> anyhow::Result<PathBuf> {
+/// process id may have left), the first free N; with the folder open and locked (shared)
+/// for as long as the returned file lives.
+fn new_staging(parent: &Path, base: &str) -> anyhow::Result<(PathBuf, Option<File>)> {
     for n in 0..1000 {
         let staging = parent.join(format!(".{base}.partial-{}-{n}", std::process::id()));
         match std::fs::create_dir(&staging) {
-            Ok(()) => return Ok(staging),
+            Ok(()) => {
+                let held = File::open(&staging).ok().filter(|f| tensorlift_io::try_lock(f, false));
+                return Ok((staging, held));
+            }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(e).with_context(|| format!("creating {}", staging.display())),
         }
@@ -378,21 +384,42 @@ fn new_staging(parent: &Path, base: &str) -> anyhow::Result<PathBuf> {
 
 /// Removes the staging folders (`.BASE.partial-PID-N`, or `.BASE.partial-PID` as earlier
 /// versions named them) that earlier runs of `convert` into the same destination left
-/// behind when they were killed: their process is gone. A folder whose process still runs
-/// is another convert's, and stays.
+/// behind when they were killed: their process is gone here, and no one holds the folder's
+/// lock (a live convert in another PID namespace or on another host holds its own). One
+/// that cannot be removed (another user's) is left, saying so: it is not this convert's
+/// business.
 fn remove_stale_partials(parent: &Path, base: &str, out: &mut dyn Write) -> anyhow::Result<()> {
     let prefix = format!(".{base}.partial-");
     let Ok(entries) = std::fs::read_dir(parent) else { return Ok(()) };
     for e in entries.flatten() {
         let name = e.file_name();
         let Some(tail) = name.to_str().and_then(|n| n.strip_prefix(&prefix)) else { continue };
-        let Ok(pid) = tail.split('-').next().unwrap_or(tail).parse::<u32>() else { continue };
+        // `PID` or `PID-N`, digits only: nothing else is a staging folder of ours.
+        let mut parts = tail.splitn(2, '-');
+        let pid = parts.next().unwrap_or_default();
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        if !digits(pid) || parts.next().is_some_and(|n| !digits(n)) {
+            continue;
+        }
         if Path::new(&format!("/proc/{pid}")).exists() || !e.file_type().is_ok_and(|t| t.is_dir()) {
             continue;
         }
-        std::fs::remove_dir_all(e.path())
-            .with_context(|| format!("removing {}, left by an interrupted convert", e.path().display()))?;
-        writeln!(out, "removed {}, left by an interrupted convert (process {pid})", e.path().display())?;
+        // (A folder, not a link, as checked above; held by no one.)
+        if !File::open(e.path()).is_ok_and(|f| tensorlift_io::try_lock(&f, true)) {
+            continue;
+        }
+        match std::fs::remove_dir_all(e.path()) {
+            Ok(()) => writeln!(
+                out,
+                "removed {}, left by an interrupted convert (process {pid})",
+                crate::text::path(&e.path())
+            )?,
+            Err(why) => writeln!(
+                out,
+                "warning: {} was left by an interrupted convert (process {pid}) and cannot be removed: {why}",
+                crate::text::path(&e.path())
+            )?,
+        }
     }
     Ok(())
 }

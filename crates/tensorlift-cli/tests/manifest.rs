@@ -225,6 +225,23 @@ fn other_lines_of_an_existing_sha256sums_are_kept_as_they_are() {
     assert!(check.status.success(), "{}{}", text(&check.stdout), text(&check.stderr));
 }
 
+/// A line of an absolute name is not the folder's file (`sha256sum -c` reads
+/// `/model.safetensors` from the root): it is another file's line, kept; the folder's own
+/// line is replaced.
+#[test]
+fn a_line_of_an_absolute_name_is_kept() {
+    let dir = scratch_in(&std::env::temp_dir(), "tl-manifest-");
+    write_shard(&dir.join("model.safetensors"), &[("w", Dtype::F32, &[5])]);
+    let absolute = format!("{}  /model.safetensors\n", "1".repeat(64));
+    let before = format!("{absolute}{}  model.safetensors\n", "0".repeat(64));
+    std::fs::write(dir.join("SHA256SUMS"), &before).unwrap();
+    let out = tensorlift(&["manifest", dir.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let after = std::fs::read(dir.join("SHA256SUMS")).unwrap();
+    let mine = sha256sum(&dir, &["model.safetensors"]).stdout;
+    assert_eq!(after, [absolute.as_bytes(), &mine].concat());
+}
+
 /// A `SHA256SUMS` in BSD's reversed form (one blank between digest and name, as
 /// `sha256 -r` writes it): its first line sets the form for every line, so the manifest's
 /// lines are written in it too, and both `sha256sum -c` and a verified load read them.

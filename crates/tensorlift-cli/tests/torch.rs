@@ -459,8 +459,10 @@ fn shapes_the_reference_cannot_hold_are_refused() {
 }
 
 /// A convert killed mid-way (an OOM kill, say) leaves its staging folder behind; the next
-/// convert into the same destination recognises it (its process is gone) and removes it,
-/// and leaves alone one whose process still runs.
+/// convert into the same destination recognises it (its process is gone, and no one holds
+/// its lock) and removes it, and leaves alone one whose process still runs, one whose lock
+/// is held (a live convert in another PID namespace, or on another host), and a name that
+/// is not a staging folder's.
 #[test]
 fn folders_left_by_a_killed_convert_are_removed_by_the_next() {
     let d = tensorlift_testkit::scratch_in(&std::env::temp_dir(), "tl-cli-");
@@ -469,16 +471,21 @@ fn folders_left_by_a_killed_convert_are_removed_by_the_next() {
     gone.wait().unwrap();
     let stale = d.join(format!(".out.partial-{dead}"));
     let running = d.join(format!(".out.partial-{}", std::process::id()));
-    for dir in [&stale, &running] {
+    let elsewhere = d.join(format!(".out.partial-{dead}-7"));
+    let hostile = d.join(format!(".out.partial-{dead}-\u{1b}]0;pwned\u{7}"));
+    for dir in [&stale, &running, &elsewhere, &hostile] {
         std::fs::create_dir(dir).unwrap();
         std::fs::write(dir.join("model.safetensors"), b"half written").unwrap();
     }
+    let held = std::fs::File::open(&elsewhere).unwrap();
+    assert!(tensorlift_io::try_lock(&held, false));
     let out = tensorlift(&["convert", s(&fixture("every_dtype.zip.bin")), s(&d.join("out"))]);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&format!("left by an interrupted convert (process {dead})")), "{text}");
+    assert!(!text.contains('\u{1b}'), "{text}");
     assert!(!stale.exists());
-    assert!(running.exists());
+    assert!(running.exists() && elsewhere.exists() && hostile.exists());
     assert_eq!(loaded(&d.join("out")), expected("every_dtype"));
 }
 

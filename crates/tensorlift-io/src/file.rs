@@ -301,6 +301,19 @@ pub fn file_identity(m: &std::fs::Metadata) -> tensorlift_format::FileIdentity {
     }
 }
 
+/// Takes an advisory `flock(2)` lock on `file` (shared, or `exclusive`) without waiting:
+/// false where another open file description holds a lock that excludes it, or where the
+/// file system gives none. It lasts until `file` (every descriptor of its description) is
+/// closed: a process killed while holding it lets it go. For files several processes make
+/// and clean up (a cache's temporary copies, `convert`'s staging folders), so that one
+/// tells a live owner's from one left behind, across PID namespaces and hosts alike.
+pub fn try_lock(file: &std::fs::File, exclusive: bool) -> bool {
+    use std::os::fd::AsRawFd;
+    let how = if exclusive { libc::LOCK_EX } else { libc::LOCK_SH };
+    // SAFETY: flock on a descriptor `file` owns, open for the call; no memory is passed.
+    unsafe { libc::flock(file.as_raw_fd(), how | libc::LOCK_NB) == 0 }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

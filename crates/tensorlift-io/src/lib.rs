@@ -60,7 +60,7 @@ pub use checkpoint::{
     USE_SAFETENSORS_ENV,
 };
 pub use error::{IoError, ReadFailed, ReadResult};
-pub use file::{file_identity, DioAlign, DirectSupport, OpenFile};
+pub use file::{file_identity, try_lock, DioAlign, DirectSupport, OpenFile};
 pub use mmap::{copy_by_kernel, DmaWindow, MapContract, MappedFile};
 pub use open::{open_checkpoint, open_checkpoint_observed};
 pub use probe::{

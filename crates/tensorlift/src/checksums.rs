@@ -16,7 +16,7 @@ pub use crate::digest::{
     expected, format_sums, hub_blob_digest, parse_sums, sha256_file, DigestSource, Expected, Sha256, SumsError,
     SUMS_FILE,
 };
-use crate::digest::{format_sums_in, open_existing, parse_sums_bytes, plain, read_sums_bytes, sha256_of};
+use crate::digest::{format_sums_in, open_existing, parse_sums_bytes, plain, read_sums_bytes, relative, sha256_of};
 
 /// Each shard's expected digest and where it was found (`None`: none found, where the
 /// policy allows it).
@@ -233,10 +233,14 @@ impl Manifest {
         let mut one_space = false;
         if let Some(bytes) = read_sums_bytes(&path).map_err(cannot_keep)? {
             // Its entries read as a whole (the first line sets the form for the rest); the
-            // lines of this manifest's files are replaced, any other is kept as it is.
+            // lines of this manifest's files are replaced, any other is kept as it is (an
+            // absolute name, `/model.safetensors`, is not the folder's file: kept).
             let (entries, _) = parse_sums_bytes(&bytes, &path).map_err(cannot_keep)?;
-            let replaced: std::collections::HashSet<usize> =
-                entries.iter().filter(|(_, n, _)| ours.contains(&plain(n))).map(|(line, _, _)| *line).collect();
+            let replaced: std::collections::HashSet<usize> = entries
+                .iter()
+                .filter(|(_, n, _)| relative(n).is_some_and(|n| ours.contains(&n)))
+                .map(|(line, _, _)| *line)
+                .collect();
             kept = entries.into_iter().filter(|(l, _, _)| !replaced.contains(l)).map(|(_, n, d)| (n, d)).collect();
             if !bytes.is_empty() {
                 let lines = bytes.strip_suffix(b"\n").unwrap_or(&bytes).split(|&b| b == b'\n');

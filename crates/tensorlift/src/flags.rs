@@ -12,10 +12,10 @@ use crate::loader::LoaderBuilder;
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct Tuning {
     /// Bytes per read, in MiB (default 8).
-    #[arg(long, value_name = "MIB")]
+    #[arg(long, value_name = "MIB", value_parser = mib)]
     pub chunk_mib: Option<usize>,
     /// Bytes in flight at most, in MiB (default 256).
-    #[arg(long, value_name = "MIB")]
+    #[arg(long, value_name = "MIB", value_parser = mib)]
     pub budget_mib: Option<usize>,
     /// Reads in flight at most (default 64).
     #[arg(long)]
@@ -50,6 +50,12 @@ pub struct Tuning {
     /// cache), always, never.
     #[arg(long, value_parser = |s: &str| s.parse::<ReadWhilePlanning>())]
     pub read_while_planning: Option<ReadWhilePlanning>,
+}
+
+/// A number of MiB whose bytes a `usize` holds (else a usage error, not a wrapped number).
+fn mib(s: &str) -> Result<usize, String> {
+    let m: usize = s.parse().map_err(|e| format!("{e}"))?;
+    m.checked_mul(1 << 20).map(|_| m).ok_or_else(|| format!("{m} MiB is more bytes than a usize holds"))
 }
 
 impl Tuning {

@@ -156,6 +156,9 @@ impl Sharding {
 impl SliceRule for Sharding {
     fn slice(&self, name: &str, shape: &[usize]) -> Result<Option<TensorSlice>, String> {
         let dim = match (self.split_of(name), shape.len()) {
+            // A scalar has nothing to split, but only a rule that names no dimension may
+            // say so: `Dim(d)` of one is no dimension of it.
+            (Split::Dim(d), 0) => return Err(format!("a scalar has no dimension {d} to split")),
             (Split::Replicated, _) | (_, 0) | (Split::Row, 1) => return Ok(None),
             (Split::Vocab, _) => {
                 // vLLM pads the vocabulary to a multiple of 64 and splits the padded rows.

@@ -168,14 +168,6 @@ fn strong(e_tag: &Option<String>) -> bool {
 /// behind (killed while writing it): past the moment between its making and its lock.
 const ABANDONED: Duration = Duration::from_secs(3600);
 
-/// Takes `flock(2)` `how` (`LOCK_SH` or `LOCK_EX`, never waiting) on `f`; false where it is
-/// held otherwise, or cannot be had.
-fn lock(f: &File, how: libc::c_int) -> bool {
-    use std::os::fd::AsRawFd;
-    // SAFETY: flock on a descriptor `f` owns, open for the call; no memory is passed.
-    unsafe { libc::flock(f.as_raw_fd(), how | libc::LOCK_NB) == 0 }
-}
-
 /// Removes, once per folder a process copies into, the temporary copies there that no live
 /// writer holds: each writer holds a shared lock on its own for as long as it has it open,
 /// so one that can be locked exclusively (and has not been written for [`ABANDONED`]) was
@@ -201,7 +193,7 @@ fn sweep_abandoned(folder: &Path) {
             continue;
         };
         let idle = f.metadata().ok().filter(std::fs::Metadata::is_file).and_then(|m| m.modified().ok());
-        if idle.and_then(|t| t.elapsed().ok()).is_some_and(|e| e > ABANDONED) && lock(&f, libc::LOCK_EX) {
+        if idle.and_then(|t| t.elapsed().ok()).is_some_and(|e| e > ABANDONED) && crate::try_lock(&f, true) {
             let _ = std::fs::remove_file(entry.path());
         }
     }
@@ -357,7 +349,7 @@ impl CacheFile {
             // Held, shared, as long as this copy has it open: a sweep leaves it be. (Where
             // locks cannot be had, as on some network file systems, copies are not made: a
             // sweep there could take a live one.)
-            if !lock(&file, libc::LOCK_SH) {
+            if !crate::try_lock(&file, false) {
                 let _ = std::fs::remove_file(&partial);
                 return Err(io::Error::other("its temporary file cannot be locked"));
             }
@@ -670,7 +662,7 @@ mod tests {
         }
         std::fs::write(k.join("m.safetensors.partial-2-0-b"), b"xx").unwrap();
         let held = File::open(k.join("held.partial-3-0-c")).unwrap();
-        assert!(lock(&held, libc::LOCK_SH));
+        assert!(crate::try_lock(&held, false));
         let strong = Note { e_tag: Some("\"e\"".into()), ..note };
         let copy = CacheFile::create(&root, path, strong).expect("a strong ETag's object is copied");
         let names = names_in(&k);
@@ -682,7 +674,7 @@ mod tests {
         }
         // The copy's own temporary file is held: another process's sweep would leave it.
         let own = names.iter().find(|n| n.starts_with("m.safetensors.partial-") && !n.ends_with("-2-0-b")).unwrap();
-        assert!(!lock(&File::open(k.join(own)).unwrap(), libc::LOCK_EX), "{own} is not held");
+        assert!(!crate::try_lock(&File::open(k.join(own)).unwrap(), true), "{own} is not held");
         drop(copy);
     }
 }

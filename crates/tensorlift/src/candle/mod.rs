@@ -239,7 +239,13 @@ pub struct CandleModel {
 }
 
 /// Loads `path` with a loader built from `builder` (its device, filters, slices, dtype
-/// conversion and tuning), as candle tensors on the host.
+/// conversion and tuning), as candle tensors on the host. Where each tensor lands is this
+/// function's to say (it lends the load memory candle then owns): a placement rule the
+/// builder has ([`LoaderBuilder::place_with`]) is replaced. Unlike candle's own lazy
+/// `MmapedSafetensors`, the load is whole: a tensor of a type candle has no `DType` for
+/// (BOOL or U16, say, which candle's reader widens to U32) fails it, naming the tensor;
+/// leave such tensors out with a filter, or convert them
+/// ([`LoaderBuilder::convert_to`]).
 pub fn load(builder: LoaderBuilder, path: impl AsRef<Path>) -> Result<CandleModel, CandleError> {
     load_lending(builder, path, None)
 }

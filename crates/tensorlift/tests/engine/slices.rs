@@ -173,7 +173,7 @@ fn slices_and_conversion_combine() {
 fn bad_slices_are_refused_before_reading_naming_the_tensor() {
     let dir = scratch();
     let path = dir.join("model.safetensors");
-    write_shard(&path, &[("m", Dtype::F32, &[6, 10]), ("v", Dtype::F32, &[7])]);
+    write_shard(&path, &[("m", Dtype::F32, &[6, 10]), ("v", Dtype::F32, &[7]), ("s", Dtype::F32, &[])]);
     let err = |b: tensorlift::LoaderBuilder| b.build().unwrap().load_blocking(&path).unwrap_err();
     let cases = [
         (base().slice("m", TensorSlice::rows(0..7)), "m", "range 0..7 of dimension 0 is outside 0..6"),
@@ -181,6 +181,8 @@ fn bad_slices_are_refused_before_reading_naming_the_tensor() {
         (base().slice("nope", TensorSlice::rows(0..1)), "nope", "no such tensor"),
         (base().shard(Sharding::new(0, 2).unwrap().rule("v", Split::Column).unwrap()), "v", "divide evenly"),
         (base().shard(Sharding::new(0, 2).unwrap().rule("m", Split::Dim(2)).unwrap()), "m", "dimension 2"),
+        // A scalar is whole on every rank, but a rule that names a dimension of it is wrong.
+        (base().shard(Sharding::new(0, 2).unwrap().rule("s", Split::Dim(0)).unwrap()), "s", "no dimension 0"),
         (base().slice_with(|n: &str, _: &[usize]| Err(format!("no {n} today"))), "m", "no m today"),
     ];
     for (b, tensor, says) in cases {
