@@ -428,6 +428,9 @@ def main():
     # Every record is under the archive's folder, spelled as it is.
     case("rt_entry_outside", zipped(sd(("w", rebuild())), last="other/foo"), names="outside the archive's folder")
     case("rt_entry_other_case", zipped(sd(("w", rebuild())), last="ARCHIVE/foo"), names="outside the archive's folder")
+    # ... also where the same name, in the folder's case, came first.
+    case("rt_entry_case_twin_outside", zipped(sd(("w", rebuild())), more={"extra": b"x"}, last="ARCHIVE/extra"),
+         names="outside the archive's folder")
     # Metadata values torch takes as C++ bools, and one it cannot.
     case("rt_metadata_int_value", zipped(sd(("w", rebuild(extra=b"}X\x03\x00\x00\x00fooK\x01s")))))
     case("rt_metadata_str_value", zipped(sd(("w", rebuild(extra=b"}X\x03\x00\x00\x00fooX\x01\x00\x00\x00xs")))),
@@ -444,6 +447,29 @@ def main():
         return write
     case("rt_eocd_disk_count", bumped(b"PK\x05\x06", 8, 2))
     case("rt_zip64_disk_count", bumped(b"PK\x06\x06", 24, 8), names="entry counts disagree")
+    # The disk numbers too: the zip64 record's where there is one, the plain one's unread.
+    def disks(signature, at, width, value):
+        def write(path):
+            save(path, state_dict([torch.float32]))
+            data = bytearray(open(path, "rb").read())
+            i = data.rfind(signature) + at
+            for k in (0, width):
+                data[i + k:i + k + width] = value.to_bytes(width, "little")
+            open(path, "wb").write(bytes(data))
+        return write
+    case("rt_eocd_disks_marked", disks(b"PK\x05\x06", 4, 2, 0xFFFF))
+    case("rt_zip64_disks_two", disks(b"PK\x06\x06", 16, 4, 2), names="multi-disk")
+    case("rt_zip64_disks_one", disks(b"PK\x06\x06", 16, 4, 1), names="multi-disk")
+    def plain_disks(value):
+        def write(path):
+            zipped(sd(("w", rebuild())))(path)
+            data = bytearray(open(path, "rb").read())
+            i = data.rfind(b"PK\x05\x06") + 4
+            data[i:i + 4] = value.to_bytes(2, "little") * 2
+            open(path, "wb").write(bytes(data))
+        return write
+    case("rt_plain_disks_one", plain_disks(1), names="multi-disk")
+    case("rt_plain_disks_two", plain_disks(2), names="multi-disk")
     # A TorchScript archive's constants.
     case("rt_torchscript", zipped(sd(("w", rebuild())), more={"constants.pkl": b"\x80\x02)."}), names="TorchScript")
     case("rt_metadata_not_dict", zipped(sd(("w", rebuild(extra=b"K\x05")))), names="not a dict")

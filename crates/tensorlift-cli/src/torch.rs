@@ -366,14 +366,36 @@ fn reference_can_hold(t: &TorchTensor) -> bool {
 /// A new, empty staging folder beside DST, `.BASE.partial-PID-N`: made by this call (never
 /// one that was there, nor a link, which another process or an earlier one with this
 /// process id may have left), the first free N; with the folder open and locked (shared)
-/// for as long as the returned file lives.
+/// for as long as the returned file lives. It is made under another name, locked, and only
+/// then given its own: another convert never sees it unlocked.
 fn new_staging(parent: &Path, base: &str) -> anyhow::Result<(PathBuf, Option<File>)> {
     for n in 0..1000 {
+        let making = parent.join(format!(".{base}.making-{}-{n}", std::process::id()));
         let staging = parent.join(format!(".{base}.partial-{}-{n}", std::process::id()));
-        match std::fs::create_dir(&staging) {
+        if std::fs::symlink_metadata(&staging).is_ok() {
+            continue;
+        }
+        match std::fs::create_dir(&making) {
             Ok(()) => {
-                let held = File::open(&staging).ok().filter(|f| tensorlift_io::try_lock(f, false));
-                return Ok((staging, held));
+                let held = File::open(&making).ok().filter(|f| tensorlift_io::try_lock(f, false));
+                // (Taken meanwhile: the next N.)
+                if std::fs::symlink_metadata(&staging).is_ok() {
+                    let _ = std::fs::remove_dir(&making);
+                    continue;
+                }
+                match std::fs::rename(&making, &staging) {
+                    Ok(()) => return Ok((staging, held)),
+                    // (Something took the name meanwhile: the next N.)
+                    Err(_) if std::fs::symlink_metadata(&staging).is_ok() => {
+                        let _ = std::fs::remove_dir(&making);
+                        continue;
+                    }
+                    Err(e) => {
+                        let _ = std::fs::remove_dir(&making);
+                        return Err(e)
+                            .with_context(|| format!("renaming {} to {}", making.display(), staging.display()));
+                    }
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(e).with_context(|| format!("creating {}", staging.display())),
@@ -404,10 +426,9 @@ fn remove_stale_partials(parent: &Path, base: &str, out: &mut dyn Write) -> anyh
         if Path::new(&format!("/proc/{pid}")).exists() || !e.file_type().is_ok_and(|t| t.is_dir()) {
             continue;
         }
-        // (A folder, not a link, as checked above; held by no one.)
-        if !File::open(e.path()).is_ok_and(|f| tensorlift_io::try_lock(&f, true)) {
-            continue;
-        }
+        // (A folder, not a link, as checked above; held by no one, and held by this convert
+        // until it is removed.)
+        let Some(_held) = File::open(e.path()).ok().filter(|f| tensorlift_io::try_lock(f, true)) else { continue };
         match std::fs::remove_dir_all(e.path()) {
             Ok(()) => writeln!(
                 out,

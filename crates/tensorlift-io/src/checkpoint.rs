@@ -778,7 +778,10 @@ impl<'a> Planner<'a> {
     fn plan_scan(mut self, dir: File, root: PathBuf, policy: &LinkPolicy) -> Result<Checkpoint, FormatError> {
         let io_err = |source| FormatError::Io { file: root.clone(), source };
         let mut names = Vec::new();
-        let mut pytorch = Vec::new();
+        // Of PyTorch files, what is needed: the least name (for messages), and whether the
+        // hub's two names are there (only they are ever opened). Not every name: a folder
+        // of training output may hold millions.
+        let (mut least_torch, mut torch_index, mut torch_single): (Option<String>, bool, bool) = (None, false, false);
         for entry in std::fs::read_dir(&root).map_err(io_err)? {
             let name = match entry.map_err(io_err)?.file_name().into_string() {
                 Ok(name) => name,
@@ -792,7 +795,11 @@ impl<'a> Planner<'a> {
             if name.ends_with(".safetensors") {
                 names.push(name);
             } else if is_torch_entry(&name) {
-                pytorch.push(name);
+                torch_index |= name == TORCH_INDEX;
+                torch_single |= name == TORCH_SINGLE;
+                if least_torch.as_ref().is_none_or(|l| name < *l) {
+                    least_torch = Some(name);
+                }
             }
             // Each .safetensors name is an open and a header read: a folder of millions is
             // refused as an index naming them would be. (Of PyTorch files only the hub's
@@ -807,20 +814,19 @@ impl<'a> Planner<'a> {
         }
         names.sort_by(|a, b| natural_cmp(a, b));
         if names.is_empty() {
-            pytorch.sort();
-            let Some(first) = pytorch.first() else { return Err(FormatError::NoShards { file: root }) };
+            let Some(first) = least_torch else { return Err(FormatError::NoShards { file: root }) };
             if safetensors_only() {
                 return Err(FormatError::PyTorchCheckpoint { file: root.join(first), layout: SAFETENSORS_ONLY });
             }
             // The hub's names only: a folder also holds other pickles (training_args.bin)
             // that are not weights.
-            if pytorch.iter().any(|n| n == TORCH_INDEX) {
+            if torch_index {
                 let context = root.join(TORCH_INDEX);
                 if let Some(opened) = self.open_entry(&dir, &root, policy, TORCH_INDEX, &context)? {
                     return self.plan_index(dir, root, TORCH_INDEX, opened, policy);
                 }
             }
-            if pytorch.iter().any(|n| n == TORCH_SINGLE) {
+            if torch_single {
                 names.push(TORCH_SINGLE.to_owned());
             } else {
                 return Err(no_torch_weights(root.join(first)));

@@ -405,26 +405,21 @@ impl Persistent for ZipStorages {
 }
 
 fn read_zip<R: ReadAt + ?Sized>(src: &R, limits: &Limits) -> Result<TorchCheckpoint, ErrorKind> {
-    let entries = zip::entries(src, limits.max_tensors.saturating_add(16), limits.max_pickle_bytes)?;
+    let zip::Entries { by_key: entries, folder, outside } =
+        zip::entries(src, limits.max_tensors.saturating_add(16), limits.max_pickle_bytes)?;
     // The archive's folder, as PyTorch's reader finds it: the first entry's name up to its
     // first '/' (every record is looked up under it).
-    let first = entries.values().min_by_key(|e| e.index).map(|e| e.name.as_str()).unwrap_or_default();
-    let prefix = match first.find('/') {
-        Some(slash) => first[..=slash].to_owned(),
-        None => {
-            return Err(ErrorKind::NotTorch(format!(
-                "a zip archive whose first entry '{}' is in no folder",
-                first.escape_debug()
-            )))
-        }
+    let Some(prefix) = folder else {
+        let first = entries.values().min_by_key(|e| e.index).map(|e| e.name.as_str()).unwrap_or_default();
+        return Err(ErrorKind::NotTorch(format!(
+            "a zip archive whose first entry '{}' is in no folder",
+            first.escape_debug()
+        )));
     };
     // PyTorch lists every record (`get_all_records`, on each load) and refuses one outside
-    // the folder, whose name it compares as written.
-    if let Some(out) = entries.values().find(|e| !e.name.starts_with(&prefix)) {
-        return Err(ErrorKind::Zip(format!(
-            "entry '{}' is outside the archive's folder {prefix}",
-            out.name.escape_debug()
-        )));
+    // the folder, whose name it compares as written (any spelling of it).
+    if let Some(out) = outside {
+        return Err(ErrorKind::Zip(format!("entry '{}' is outside the archive's folder {prefix}", out.escape_debug())));
     }
     let pkl = zip::find(&entries, &format!("{prefix}data.pkl"))?
         .ok_or_else(|| ErrorKind::NotTorch(format!("a zip archive without {prefix}data.pkl")))?;

@@ -68,14 +68,24 @@ pub fn is_zip<R: ReadAt + ?Sized>(src: &R) -> bool {
     src.read_exact_at(&mut m, 0).is_ok() && u32::from_le_bytes(m) == LOCAL
 }
 
-/// The archive's entries by name, in ASCII lower case (PyTorch's reader finds records
-/// ignoring case: look names up with [`key`]). `max_entries` and `max_directory` bound the
-/// memory the central directory may take.
-pub fn entries<R: ReadAt + ?Sized>(
-    src: &R,
-    max_entries: usize,
-    max_directory: u64,
-) -> Result<BTreeMap<String, Entry>, ErrorKind> {
+/// An archive's entries ([`entries`]).
+#[derive(Debug)]
+pub struct Entries {
+    /// By name, in ASCII lower case (PyTorch's reader finds records ignoring case: look
+    /// names up with [`key`]).
+    pub by_key: BTreeMap<String, Entry>,
+    /// The folder of the first entry in the central directory, with its `/` (PyTorch's
+    /// reader takes it for the archive's); `None` where that entry is in no folder, or there
+    /// is none.
+    pub folder: Option<String>,
+    /// The first name, of all of them (spellings that differ only in case included), that
+    /// is not under `folder` as written: PyTorch lists every record and refuses such a one.
+    pub outside: Option<String>,
+}
+
+/// The archive's entries. `max_entries` and `max_directory` bound the memory the central
+/// directory may take.
+pub fn entries<R: ReadAt + ?Sized>(src: &R, max_entries: usize, max_directory: u64) -> Result<Entries, ErrorKind> {
     let len = src.size()?;
     // The end record is in the last 22 + 65535 bytes (its comment is at most 65535).
     let tail_len = len.min(22 + 65535);
@@ -88,9 +98,6 @@ pub fn entries<R: ReadAt + ?Sized>(
     let mut count = u64::from(u16_at(&tail, at + 10));
     let mut dir_len = u64::from(u32_at(&tail, at + 12));
     let mut dir_at = u64::from(u32_at(&tail, at + 16));
-    if u16_at(&tail, at + 4) != 0 || u16_at(&tail, at + 6) != 0 {
-        return Err(bad("multi-disk archives are not supported"));
-    }
     // Zip64: a locator just before the end record points to the zip64 end record, which
     // PyTorch's reader (miniz) then takes the directory from, whatever the end record says
     // (`torch.save` always writes one). Where the end record's own fields are not the zip64
@@ -107,12 +114,20 @@ pub fn entries<R: ReadAt + ?Sized>(
     };
     // (Without zip64 records, a field that holds a zip64 mark is taken as it is: a directory
     // it misplaces is refused below, out of the file or malformed.)
-    // miniz refuses an end record whose entries on this disk are not all of them: the zip64
-    // one's where there is one (the plain one's are then not looked at), else the plain one's.
-    let on_disk = match &zip64 {
-        Some(z) => u64_at(z, 24) == u64_at(z, 32),
-        None => u16_at(&tail, at + 8) == u16_at(&tail, at + 10),
+    // miniz reads the disk numbers and the entries on this disk from the zip64 end record
+    // where there is one (the plain record's are then not looked at), else from the plain
+    // one: this disk and the directory's both 0 (PyTorch's miniz refuses 1 and 1 too), and
+    // the entries on this disk all of them.
+    let (disks, on_disk) = match &zip64 {
+        Some(z) => ((u64::from(u32_at(z, 16)), u64::from(u32_at(z, 20))), u64_at(z, 24) == u64_at(z, 32)),
+        None => (
+            (u64::from(u16_at(&tail, at + 4)), u64::from(u16_at(&tail, at + 6))),
+            u16_at(&tail, at + 8) == u16_at(&tail, at + 10),
+        ),
     };
+    if disks != (0, 0) {
+        return Err(bad("multi-disk archives are not supported"));
+    }
     if !on_disk {
         return Err(bad("the end record's entry counts disagree"));
     }
@@ -145,6 +160,7 @@ pub fn entries<R: ReadAt + ?Sized>(
     }
     let dir = read_vec(src, dir_at, dir_len).map_err(|_| bad("central directory out of the file"))?;
     let mut out = BTreeMap::new();
+    let (mut folder, mut outside): (Option<String>, Option<String>) = (None, None);
     let mut spans: Vec<(u64, u64, String)> = Vec::new();
     let mut p = 0usize;
     for index in 0..count as usize {
@@ -165,6 +181,12 @@ pub fn entries<R: ReadAt + ?Sized>(
         // taken for another.
         if name.contains('\0') {
             return Err(bad(format!("entry name '{}' holds a NUL", name.escape_debug())));
+        }
+        if index == 0 {
+            folder = name.find('/').map(|slash| name[..=slash].to_owned());
+        }
+        if outside.is_none() && !folder.as_deref().is_some_and(|f| name.starts_with(f)) {
+            outside = Some(name.clone());
         }
         let extra = dir
             .get(p + 46 + name_len..p + 46 + name_len + extra_len)
@@ -237,5 +259,5 @@ pub fn entries<R: ReadAt + ?Sized>(
             return Err(bad(format!("entries '{}' and '{}' overlap", w[0].2, w[1].2)));
         }
     }
-    Ok(out)
+    Ok(Entries { by_key: out, folder, outside })
 }
