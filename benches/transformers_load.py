@@ -5,7 +5,9 @@ with --device-map cuda:0).
 Writes (once) a Llama-shaped model of about 1.1 GB in bfloat16 with transformers' own
 save_pretrained, then alternates fresh Python processes that import torch and transformers
 and time `AutoModelForCausalLM.from_pretrained(FOLDER, dtype=torch.bfloat16)`, stock or
-after `tensorlift.patch()`, warm (the files read once first). Prints each run and the
+after `tensorlift.patch()`, warm (the files read once first). Onto a GPU, CUDA is started
+(its context made) before the clock, and how long that took is printed beside: both engines
+pay it alike. Prints each run as it ends (a child that fails, with its stderr) and the
 medians.
 
   python3 benches/transformers_load.py --runs 5
@@ -27,12 +29,17 @@ if sys.argv[2] == "tensorlift":
     import tensorlift
     tensorlift.patch()
 t = time.perf_counter()
+if sys.argv[3].startswith("cuda"):
+    torch.empty(1, device=sys.argv[3])
+    torch.cuda.synchronize()
+init = time.perf_counter() - t
+t = time.perf_counter()
 kwargs = {"device_map": sys.argv[3]} if sys.argv[3] != "none" else {}
 m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16, **kwargs)
-if torch.cuda.is_available():
+if sys.argv[3].startswith("cuda"):
     torch.cuda.synchronize()
 dt = time.perf_counter() - t
-print(dt, sum(p.numel() * p.element_size() for p in m.parameters()))
+print(dt, sum(p.numel() * p.element_size() for p in m.parameters()), init)
 """
 
 
@@ -67,15 +74,21 @@ def main():
     print(f"{a.dir}: {sum(os.path.getsize(p) for p in paths) / 1e9:.2f} GB in {len(paths)} file(s), "
           f"device_map={a.device_map}")
     times = {"stock": [], "tensorlift": []}
-    for _ in range(a.runs):
+    nbytes = 0
+    for run in range(a.runs):
         for engine in times:
             warm(paths)
-            out = subprocess.run([sys.executable, "-c", CHILD, a.dir, engine, a.device_map], check=True, capture_output=True, text=True)
-            dt, nbytes = out.stdout.split()
+            out = subprocess.run([sys.executable, "-c", CHILD, a.dir, engine, a.device_map], capture_output=True, text=True)
+            if out.returncode != 0:
+                print(f"run {run + 1} {engine}: failed ({out.returncode})\n{out.stderr[-4000:]}", flush=True)
+                sys.exit(1)
+            dt, nbytes, init = out.stdout.split()[-3:]
             times[engine].append(float(dt))
+            print(f"run {run + 1} {engine:>10}: {float(dt):.3f} s (CUDA start before it: {float(init):.3f} s)", flush=True)
     for engine, ts in times.items():
         print(f"{engine:>10}: median {statistics.median(ts):.3f} s ({int(nbytes) / statistics.median(ts) / 1e9:.2f} GB/s); "
               f"runs {' '.join(f'{t:.3f}' for t in ts)}")
+    print(f"stock / tensorlift (medians): {statistics.median(times['stock']) / statistics.median(times['tensorlift']):.2f}x")
 
 
 if __name__ == "__main__":
