@@ -29,14 +29,17 @@ if sys.argv[2] == "tensorlift":
     import tensorlift
     tensorlift.patch()
 t = time.perf_counter()
-if sys.argv[3].startswith("cuda"):
-    torch.empty(1, device=sys.argv[3])
+# A device map that may put weights on a GPU ("cuda:0", "auto", "0", ...): CUDA is started
+# first, and the copies are waited for inside the clock.
+on_gpu = sys.argv[3] not in ("none", "cpu") and torch.cuda.is_available()
+if on_gpu:
+    torch.empty(1, device="cuda")
     torch.cuda.synchronize()
 init = time.perf_counter() - t
 t = time.perf_counter()
 kwargs = {"device_map": sys.argv[3]} if sys.argv[3] != "none" else {}
 m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16, **kwargs)
-if sys.argv[3].startswith("cuda"):
+if on_gpu:
     torch.cuda.synchronize()
 dt = time.perf_counter() - t
 print(dt, sum(p.numel() * p.element_size() for p in m.parameters()), init)

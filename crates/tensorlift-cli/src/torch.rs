@@ -398,7 +398,7 @@ fn new_staging(parent: &Path, base: &str) -> anyhow::Result<(PathBuf, Option<Fil
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e).with_context(|| format!("creating {}", staging.display())),
+            Err(e) => return Err(e).with_context(|| format!("creating {}", making.display())),
         }
     }
     bail!("{}: no free name for a staging folder beside it (.{base}.partial-*)", parent.display())

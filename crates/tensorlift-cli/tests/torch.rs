@@ -486,6 +486,16 @@ fn folders_left_by_a_killed_convert_are_removed_by_the_next() {
     assert!(!stale.exists());
     assert!(running.exists() && elsewhere.exists() && hostile.exists());
     assert_eq!(loaded(&d.join("out")), expected("every_dtype"));
+    // A destination whose name holds a terminal escape: the stale folder's name, printed as
+    // it is removed, is escaped.
+    let name = "o\u{1b}]0;pwned\u{7}";
+    let stale = d.join(format!(".{name}.partial-{dead}"));
+    std::fs::create_dir(&stale).unwrap();
+    let out = tensorlift(&["convert", s(&fixture("every_dtype.zip.bin")), s(&d.join(name))]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("left by an interrupted convert") && text.contains("\\u{1b}"), "{text}");
+    assert!(!text.contains('\u{1b}') && !stale.exists(), "{text}");
 }
 
 /// Defect: convert wrote into a staging folder that was already there (`create_dir_all`
