@@ -16,23 +16,7 @@
 /* DLPack's structs as PyTorch ships them (torch/include/ATen/dlpack.h): not ours. */
 #include "ATen/dlpack.h"
 
-#define CHECK(call)                                                                          \
-    do {                                                                                     \
-        TlStatus s_ = (call);                                                                \
-        if (s_ != TL_STATUS_OK) {                                                            \
-            fprintf(stderr, "%s:%d: %s returned %d: %s\n", __FILE__, __LINE__, #call, (int)s_, \
-                    tl_last_error());                                                        \
-            return 1;                                                                        \
-        }                                                                                    \
-    } while (0)
-
-#define EXPECT(cond)                                                                      \
-    do {                                                                                  \
-        if (!(cond)) {                                                                    \
-            fprintf(stderr, "%s:%d: expected %s (%s)\n", __FILE__, __LINE__, #cond, tl_last_error()); \
-            return 1;                                                                     \
-        }                                                                                 \
-    } while (0)
+#include "expect.h"
 
 enum { MAX = 64 };
 

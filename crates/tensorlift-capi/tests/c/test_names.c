@@ -11,13 +11,7 @@
 
 #include "tensorlift.h"
 
-#define EXPECT(cond)                                                                      \
-    do {                                                                                  \
-        if (!(cond)) {                                                                    \
-            fprintf(stderr, "%s:%d: expected %s (%s)\n", __FILE__, __LINE__, #cond, tl_last_error()); \
-            return 1;                                                                     \
-        }                                                                                 \
-    } while (0)
+#include "expect.h"
 
 int main(int argc, char **argv) {
     if (argc != 3) {
