@@ -378,11 +378,6 @@ fn new_staging(parent: &Path, base: &str) -> anyhow::Result<(PathBuf, Option<Fil
         match std::fs::create_dir(&making) {
             Ok(()) => {
                 let held = File::open(&making).ok().filter(|f| tensorlift_io::try_lock(f, false));
-                // (Taken meanwhile: the next N.)
-                if std::fs::symlink_metadata(&staging).is_ok() {
-                    let _ = std::fs::remove_dir(&making);
-                    continue;
-                }
                 match std::fs::rename(&making, &staging) {
                     Ok(()) => return Ok((staging, held)),
                     // (Something took the name meanwhile: the next N.)

@@ -410,10 +410,9 @@ fn read_zip<R: ReadAt + ?Sized>(src: &R, limits: &Limits) -> Result<TorchCheckpo
     // The archive's folder, as PyTorch's reader finds it: the first entry's name up to its
     // first '/' (every record is looked up under it).
     let Some(prefix) = folder else {
-        let first = entries.values().min_by_key(|e| e.index).map(|e| e.name.as_str()).unwrap_or_default();
         return Err(ErrorKind::NotTorch(format!(
             "a zip archive whose first entry '{}' is in no folder",
-            first.escape_debug()
+            outside.unwrap_or_default().escape_debug()
         )));
     };
     // PyTorch lists every record (`get_all_records`, on each load) and refuses one outside

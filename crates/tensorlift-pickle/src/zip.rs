@@ -22,9 +22,6 @@ pub struct Entry {
     pub len: u64,
     /// Its name, as the archive spells it.
     pub name: String,
-    /// Its place in the central directory (0: the first, whose folder PyTorch's reader
-    /// takes for the archive's).
-    pub index: usize,
     /// Another entry whose name differs from this one's only in case: PyTorch's reader,
     /// which finds records ignoring case, could read either, so such a record is not read
     /// ([`find`]).
@@ -80,6 +77,7 @@ pub struct Entries {
     pub folder: Option<String>,
     /// The first name, of all of them (spellings that differ only in case included), that
     /// is not under `folder` as written: PyTorch lists every record and refuses such a one.
+    /// (Where `folder` is `None`, the first entry's name.)
     pub outside: Option<String>,
 }
 
@@ -241,7 +239,7 @@ pub fn entries<R: ReadAt + ?Sized>(src: &R, max_entries: usize, max_directory: u
         // guess: such a record is refused where it is looked up).
         match out.entry(key(&name)) {
             std::collections::btree_map::Entry::Vacant(v) => {
-                v.insert(Entry { offset: data, len: csize, name: name.clone(), index, twin: None });
+                v.insert(Entry { offset: data, len: csize, name: name.clone(), twin: None });
             }
             std::collections::btree_map::Entry::Occupied(o) if o.get().name == name => {
                 return Err(bad(format!("entry '{name}' appears twice")));

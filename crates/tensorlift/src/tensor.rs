@@ -394,9 +394,6 @@ impl Tensor {
     /// the process both ways the kernel copies is it read as [`bytes`](Self::bytes) reads
     /// it.)
     pub fn copy_bytes(&self) -> Result<Vec<u8>, ViewError> {
-        if matches!(self.storage, Storage::Device { .. }) {
-            return self.to_host().map(Cow::into_owned);
-        }
         let len = self.len();
         let mut out = Vec::new();
         out.try_reserve_exact(len).map_err(|_| ViewError::OutOfMemory { tensor: self.name.to_string(), bytes: len })?;
@@ -412,9 +409,12 @@ impl Tensor {
         if dst.len() != self.len() {
             return Err(ViewError::Length { tensor: self.name.to_string(), len: self.len(), buffer: dst.len() });
         }
-        if matches!(self.storage, Storage::Device { .. }) {
-            dst.copy_from_slice(&self.to_host()?);
-            return Ok(());
+        if let Storage::Device { arena, offset, .. } = &self.storage {
+            return arena.copy_to_host(*offset as usize, dst).map_err(|source| ViewError::CopyBack {
+                tensor: self.name.to_string(),
+                device: self.location(),
+                source,
+            });
         }
         if dst.is_empty() {
             return Ok(());
@@ -427,18 +427,7 @@ impl Tensor {
     /// tensor (synchronously; for checks and digests, not for serving).
     pub fn to_host(&self) -> Result<Cow<'_, [u8]>, ViewError> {
         match &self.storage {
-            Storage::Device { arena, offset, len, .. } => {
-                let mut out = Vec::new();
-                out.try_reserve_exact(*len)
-                    .map_err(|_| ViewError::OutOfMemory { tensor: self.name.to_string(), bytes: *len })?;
-                out.resize(*len, 0);
-                arena.copy_to_host(*offset as usize, &mut out).map_err(|source| ViewError::CopyBack {
-                    tensor: self.name.to_string(),
-                    device: self.location(),
-                    source,
-                })?;
-                Ok(Cow::Owned(out))
-            }
+            Storage::Device { .. } => self.copy_bytes().map(Cow::Owned),
             _ => self.bytes().map(Cow::Borrowed),
         }
     }
