@@ -77,13 +77,16 @@ impl LoaderBuilder {
         self.cfg.device = Some(device);
         self
     }
-    /// Bytes the pipeline may have in flight at once (default 256 MiB). Memory for staging
-    /// never exceeds it, however large the checkpoint.
+    /// Bytes the pipeline may have in flight at once (default 256 MiB, at least a page).
+    /// Memory for staging never exceeds it, however large the checkpoint; a budget smaller
+    /// than the chunk size makes chunks that size. (On a GPU, page-cache DMA pins as much
+    /// again of the page cache: [`LoaderBuilder::page_cache_dma`].)
     pub fn staging_budget(mut self, bytes: usize) -> Self {
         self.cfg.staging_budget = bytes.max(tensorlift_io::PAGE);
         self
     }
-    /// Bytes per read (default 8 MiB), rounded up to a whole page, at most 1 GiB.
+    /// Bytes per read (default 8 MiB), rounded up to a whole page, at most 1 GiB and at most
+    /// the staging budget.
     pub fn chunk_size(mut self, bytes: usize) -> Self {
         self.cfg.chunk_size = bytes.clamp(tensorlift_io::PAGE, 1 << 30).next_multiple_of(tensorlift_io::PAGE);
         self
@@ -223,7 +226,8 @@ impl LoaderBuilder {
         self.cfg.convert_to = Some(dtype);
         self
     }
-    /// Whether host memory for tensors uses transparent huge pages (default: measured).
+    /// Whether host memory for tensors uses transparent huge pages (default: base pages,
+    /// [`HugePages::Auto`]).
     pub fn huge_pages(mut self, pages: HugePages) -> Self {
         self.cfg.huge_pages = pages;
         self
@@ -325,7 +329,11 @@ impl LoaderBuilder {
     }
 
     /// Builds the loader: probes the environment once and starts the I/O workers.
-    pub fn build(self) -> Result<Loader, LoadError> {
+    pub fn build(mut self) -> Result<Loader, LoadError> {
+        // One chunk in flight is the least a load can do: a budget smaller than a chunk
+        // makes chunks smaller, so that it still holds (a page at least).
+        let page = tensorlift_io::PAGE;
+        self.cfg.chunk_size = self.cfg.chunk_size.min(self.cfg.staging_budget / page * page).max(page);
         let filter = compile_filter(&self.cfg.filter)?;
         if let Some(plans) = &self.cfg.devices {
             let devices: Vec<Device> = plans.iter().map(|p| p.device).collect();
@@ -633,7 +641,10 @@ impl Loader {
     }
 
     /// Starts loading a plan made earlier (by [`plan`](Self::plan) or [`crate::plan`]). A
-    /// shard that changed since is refused with [`LoadError::ShardChanged`].
+    /// shard that changed since (another file, its length, its modification time, or, where
+    /// only its status changed, its header) is refused with [`LoadError::ShardChanged`]. A
+    /// rewrite of tensor bytes alone, in place, with the modification time set back, is not
+    /// seen: only the bytes tell (a checksum, [`LoaderBuilder::verify`]).
     pub fn stream_plan(&self, plan: Checkpoint) -> Result<TensorStream, LoadError> {
         let checks = self.expected_digests(&plan)?;
         self.start(plan, Instant::now(), false, checks)
@@ -861,9 +872,11 @@ impl Loader {
     /// not globs), reusing the plan's open shards: how a reader that keeps a checkpoint open
     /// (like Python's `safe_open`) loads one tensor at a time.
     pub fn load_named_blocking(&self, plan: &Checkpoint, names: &[&str]) -> Result<Model, LoadError> {
-        let mut plan = plan.clone();
-        plan.retain(|t| names.contains(&t.name.as_str()));
-        self.load_plan_blocking(plan)
+        // A subset, not a clone of every tensor's entry narrowed after: one call per tensor
+        // of a large checkpoint must not cost the whole plan each time.
+        let wanted: std::collections::HashSet<&str> = names.iter().copied().collect();
+        let keep = plan.tensors().iter().enumerate().filter(|(_, t)| wanted.contains(t.name.as_str())).map(|(i, _)| i);
+        self.load_plan_blocking(plan.subset(keep))
     }
 
     /// Loads a plan made earlier.

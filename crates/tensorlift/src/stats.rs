@@ -15,7 +15,8 @@ pub struct Progress {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct LoadStats {
-    /// Bytes of tensor data loaded.
+    /// Bytes of tensor data loaded, as the files store them (a dtype conversion's output may
+    /// be larger or smaller; slices count only their own bytes).
     pub bytes: u64,
     /// Bytes read from files (tensor data plus alignment padding and gaps read through).
     pub bytes_read: u64,
@@ -138,7 +139,8 @@ impl LoadStats {
         })
     }
 
-    /// Tensor bytes per second of wall time, in GB/s (10^9).
+    /// Tensor bytes per second of wall time ([`bytes`](Self::bytes), as stored), in GB/s
+    /// (10^9).
     pub fn gbps(&self) -> f64 {
         let s = self.wall.as_secs_f64();
         if s > 0.0 {

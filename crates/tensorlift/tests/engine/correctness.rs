@@ -115,13 +115,17 @@ fn stream_yields_tensors_before_the_load_ends() {
 fn staging_budget_bounds_bytes_in_flight() {
     let dir = scratch();
     let path = dir.join("m.safetensors");
-    write_shard(&path, &[("a", Dtype::U8, &[5 << 20]), ("b", Dtype::U8, &[3 << 20])]);
-    for budget in [64 << 10, 1 << 20, 3 << 20] {
+    let full = write_shard(&path, &[("a", Dtype::U8, &[5 << 20]), ("b", Dtype::U8, &[3 << 20])]);
+    // A budget smaller than a chunk (64 KiB, 12 KiB) holds too: the chunks shrink to it.
+    for budget in [12 << 10, 64 << 10, 1 << 20, 3 << 20] {
         let loader = base().chunk_size(256 << 10).staging_budget(budget).queue_depth(1024).build().unwrap();
         let model = loader.load_blocking(&path).unwrap();
         let peak = model.stats().max_in_flight_bytes;
-        assert!(peak <= budget.max(256 << 10) as u64, "budget {budget}: peak {peak}");
+        assert!(peak <= budget as u64, "budget {budget}: peak {peak}");
         assert!(peak > 0);
+        for name in ["a", "b"] {
+            assert!(model.get(name).unwrap().bytes().unwrap() == full[name].as_slice(), "budget {budget}: {name}");
+        }
     }
 }
 
@@ -227,4 +231,26 @@ fn tied_pytorch_weights_are_read_once_and_share_memory() {
             }
         }
     }
+}
+
+/// A plan kept open (as Python's `safe_open` keeps one) loads named tensors, one call at a
+/// time or several at once, each with the file's bytes; a name the plan lacks loads nothing.
+#[test]
+fn named_tensors_load_from_a_plan_made_earlier() {
+    let dir = scratch();
+    let path = dir.join("m.safetensors");
+    let full = write_shard(&path, &[("a", Dtype::U8, &[3000]), ("b", Dtype::F32, &[7, 3]), ("c", Dtype::I64, &[5])]);
+    let loader = base().build().unwrap();
+    let plan = loader.plan(&path).unwrap();
+    for name in ["c", "a", "b"] {
+        let model = loader.load_named_blocking(&plan, &[name]).unwrap();
+        assert_eq!(model.len(), 1);
+        assert!(model.get(name).unwrap().bytes().unwrap() == full[name].as_slice(), "{name}");
+    }
+    let model = loader.load_named_blocking(&plan, &["b", "nope", "a", "b"]).unwrap();
+    let names: Vec<&str> = model.tensors().iter().map(|t| t.name()).collect();
+    assert_eq!(names, ["a", "b"]);
+    assert!(loader.load_named_blocking(&plan, &["nope"]).unwrap().is_empty());
+    // The plan is as it was: every tensor still there.
+    assert_eq!(plan.tensors().len(), 3);
 }
