@@ -42,7 +42,9 @@ impl LentMemory {
     ///
     /// Everything cudarc has queued that uses the slice is waited for first: the allocation
     /// (stream-ordered where the device has memory pools), what was queued on its stream
-    /// before (a zeroing), and, where cudarc tracks the slice's uses across streams, reads
+    /// before (a zeroing; where the stream is the legacy or per-thread default stream,
+    /// candle's, which a handle names only for the calling thread, all the work of the
+    /// slice's context, from any thread), and, where cudarc tracks the slice's uses across streams, reads
     /// and writes on other streams. Then nothing but tensorlift's copies, on its own streams,
     /// touches the memory. Which device and context the memory belongs to is checked when a
     /// load first uses it ([`DeviceArena::lent`]). The calling thread's current context is
@@ -57,14 +59,24 @@ impl LentMemory {
         // Asking for the pointer to write makes the slice's stream wait for its tracked uses
         // on other streams; the guard records this write there when it drops, at once.
         let ptr = slice.device_ptr_mut(&stream).0;
-        // The wait is tensorlift's own call (an integer result), on cudarc's stream, with the
-        // slice's context current: cudarc's default stream is the null handle, which names
-        // the legacy stream of whatever context is current (the guard restores the caller's).
+        // The wait is tensorlift's own call (an integer result), with the slice's context
+        // current (the guard restores the caller's). A stream of its own is waited for as
+        // such. The null handle and CU_STREAM_LEGACY name the legacy stream of whatever
+        // context is current, and CU_STREAM_PER_THREAD (candle's default) the calling
+        // thread's own stream: work queued on such a handle by another thread (where the
+        // slice was allocated and zeroed) is not on the stream it names here, so for those
+        // the whole context is waited for.
         let api = driver::api()?;
         // SAFETY: the context is live: the slice's stream holds it.
         api.check(unsafe { (api.cuCtxSetCurrent)(stream.context().cu_ctx()) }, "cuCtxSetCurrent")?;
-        // SAFETY: the stream is live: the slice holds it.
-        api.check(unsafe { (api.cuStreamSynchronize)(stream.cu_stream()) }, "cuStreamSynchronize")?;
+        let handle = stream.cu_stream();
+        if (handle as usize) <= 2 {
+            // SAFETY: a plain wait on the context made current above.
+            api.check(unsafe { (api.cuCtxSynchronize)() }, "cuCtxSynchronize")?;
+        } else {
+            // SAFETY: the stream is live: the slice holds it.
+            api.check(unsafe { (api.cuStreamSynchronize)(handle) }, "cuStreamSynchronize")?;
+        }
         Ok(LentMemory { ptr, len: slice.num_bytes(), owner: Box::new(slice) })
     }
 

@@ -328,6 +328,23 @@ impl LoaderBuilder {
         self
     }
 
+    /// This builder, loading into host memory unless it or `TENSORLIFT_DEVICE` names a
+    /// device (`auto` names none): for callers whose tensors end up on the host anyway,
+    /// which a GPU on the way would only cost a copy back (and its memory).
+    #[cfg(feature = "candle")]
+    pub(crate) fn host_unless_named(self) -> Self {
+        let named = match self.cfg.device {
+            Some(d) => d != Device::Auto,
+            // (A value that is no device is named: the build says so.)
+            None => std::env::var(DEVICE_ENV).is_ok_and(|v| !matches!(v.parse::<Device>(), Ok(Device::Auto))),
+        };
+        if named || self.cfg.devices.is_some() {
+            self
+        } else {
+            self.device(Device::Cpu)
+        }
+    }
+
     /// Builds the loader: probes the environment once and starts the I/O workers.
     pub fn build(mut self) -> Result<Loader, LoadError> {
         // One chunk in flight is the least a load can do: a budget smaller than a chunk

@@ -48,6 +48,7 @@ fn tensors_reach_candle_as_the_file_holds_them() {
         ("f64", Dtype::F64, &[2]),
         ("e4m3", Dtype::F8_E4M3, &[6]),
         ("empty", Dtype::F32, &[0, 3]),
+        ("u16", Dtype::U16, &[2, 3]),
     ];
     let full = write_shard(&path, specs);
     let model = tensorlift::candle::load(host(), &path).unwrap();
@@ -56,6 +57,13 @@ fn tensors_reach_candle_as_the_file_holds_them() {
     for &(name, dtype, shape) in specs {
         let t = model.get(name).unwrap();
         assert_eq!(t.dims(), shape, "{name}");
+        if dtype == Dtype::U16 {
+            // candle has no u16: its own reader widens them to u32, and so does tensorlift.
+            assert_eq!(t.dtype(), DType::U32);
+            let want: Vec<u32> = full[name].chunks(2).map(|b| u32::from(u16::from_le_bytes([b[0], b[1]]))).collect();
+            assert_eq!(t.flatten_all().unwrap().to_vec1::<u32>().unwrap(), want);
+            continue;
+        }
         assert_eq!(t.dtype(), DType::try_from(dtype).unwrap(), "{name}");
         // The bytes candle holds, read back through its own F32/U8 views.
         let bytes: Vec<u8> = match dtype {
@@ -84,7 +92,7 @@ fn tensors_reach_candle_as_the_file_holds_them() {
             Dtype::F64 => {
                 t.flatten_all().unwrap().to_vec1::<f64>().unwrap().iter().flat_map(|v| v.to_le_bytes()).collect()
             }
-            // fp8 is raw bytes in candle: compare its F32 values with the file's, decoded.
+            // fp8: compare its F32 values with the file's, decoded.
             _ => {
                 let got = t.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
                 let want: Vec<f32> = full[name].iter().map(|&b| tensorlift::convert::f8_e4m3fn_to_f32(b)).collect();
@@ -155,6 +163,36 @@ fn a_device_load_is_copied_back_for_candle() {
     let want: Vec<f32> = full["w"].chunks(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect();
     let got = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())));
+}
+
+/// `load` gives host tensors: with no device named, it loads into host memory, not onto a
+/// GPU that `auto` would choose (to copy each tensor back, and fail where the model is larger
+/// than the GPU).
+#[test]
+fn a_load_that_names_no_device_goes_straight_to_the_host() {
+    if !tensorlift_testkit::real_driver() {
+        // SAFETY: tensorlift's emulated driver, which defines the driver API as it is.
+        unsafe { tensorlift_cuda::use_driver_library(tensorlift_testkit::emulated_driver()) };
+    }
+    let dir = scratch();
+    let path = dir.join("m.safetensors");
+    let full = write_shard(&path, &[("w", Dtype::F32, &[3, 4])]);
+    for builder in [Loader::builder(), Loader::builder().device(tensorlift::Device::Auto)] {
+        let model = tensorlift::candle::load(builder, &path).unwrap();
+        assert_eq!(model.handover(), Handover::Moved);
+        assert_eq!(model.stats().device, tensorlift::Device::Cpu);
+        let got: Vec<u8> = model
+            .get("w")
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        assert_eq!(got, full["w"]);
+    }
 }
 
 /// Found by an audit for panics: a tensor the file claims is larger than the host's memory

@@ -15,7 +15,8 @@
 //! **How tensors reach candle.** candle's CPU tensors own their memory (a `Vec` of their
 //! element type): a host load reads each tensor straight into such a `Vec`, lent to the
 //! load as caller memory ([`crate::place`]), and hands the `Vec` to candle: no copy
-//! ([`Handover::Moved`]). Types candle keeps as raw bytes (fp8, fp6, fp4) are copied once.
+//! ([`Handover::Moved`]), fp8 (E4M3) included. Types candle keeps as raw bytes (fp6, fp4,
+//! E8M0) and U16 (which candle holds as U32) are copied once.
 //!
 //! **CUDA** (cargo feature `candle-cuda`). [`load_onto`] a candle CUDA device allocates each
 //! tensor's `CudaSlice` with that device (its context and stream), lends it to the load as
@@ -148,7 +149,9 @@ pub enum CandleError {
     #[error(transparent)]
     Load(#[from] LoadError),
     /// candle has no element type for a tensor's dtype.
-    #[error("tensor '{tensor}': candle has no {dtype} type (LoaderBuilder::convert_to converts floats)")]
+    #[error(
+        "tensor '{tensor}': candle has no {dtype} type (leave it out with a filter; LoaderBuilder::convert_to converts floats)"
+    )]
     Unsupported { tensor: String, dtype: Dtype },
     /// candle refused a tensor.
     #[error("tensor '{tensor}': {source}")]
@@ -173,25 +176,39 @@ pub enum Handover {
 }
 
 /// A host buffer of `bytes` zeroed bytes as a `Vec` of `dtype`'s element type (lazily zeroed
-/// pages, no pass over the memory), or `None` for a type candle keeps as raw bytes. Sized
-/// by the file: an allocation that fails is an error, never a panic.
+/// pages, no pass over the memory), or `None` for a type candle keeps as raw bytes (or
+/// widens). Sized by the file: an allocation that fails is an error, never a panic.
 fn typed_buffer(dtype: Dtype, bytes: u64) -> Result<Option<HostBuffer>, String> {
     let failed = || format!("cannot allocate {bytes} bytes of host memory");
     let bytes = usize::try_from(bytes).map_err(|_| failed())?;
-    with_vec_type!(dtype, T => {
-        let n = bytes / std::mem::size_of::<T>();
-        let v = bytemuck::allocation::try_zeroed_vec::<T>(n).map_err(|()| failed())?;
-        Ok(Some(HostBuffer::new(Typed(v))))
-    }, _ => Ok(None))
+    fn zeroed<T: bytemuck::Pod + Send + Sync>(bytes: usize) -> Option<HostBuffer> {
+        let v = bytemuck::allocation::try_zeroed_vec::<T>(bytes / std::mem::size_of::<T>()).ok()?;
+        Some(HostBuffer::new(Typed(v)))
+    }
+    // candle's host tensors hold fp8 (E4M3) typed, so it is lent like the types of the macro
+    // (which its CUDA side shares, where this one is not lent).
+    if dtype == Dtype::F8_E4M3 {
+        return zeroed::<float8::F8E4M3>(bytes).map(Some).ok_or_else(failed);
+    }
+    with_vec_type!(dtype, T => zeroed::<T>(bytes).map(Some).ok_or_else(failed), _ => Ok(None))
 }
 
 /// The candle tensor over a buffer's memory, once the load is done with it.
 fn from_buffer(name: &str, dtype: Dtype, shape: &[usize], buf: HostBuffer) -> Result<candle_core::Tensor, CandleError> {
     let inner = buf.into_inner().map_err(|_| still_in_use(name))?;
-    with_vec_type!(dtype, T => {
+    fn tensor<T: candle_core::WithDType>(
+        name: &str,
+        shape: &[usize],
+        inner: Box<dyn std::any::Any + Send + Sync>,
+    ) -> Result<candle_core::Tensor, CandleError> {
         let v = inner.downcast::<Typed<T>>().map_err(|_| changed_type(name))?;
-        candle_core::Tensor::from_vec(v.0, shape, &candle_core::Device::Cpu).map_err(|source| CandleError::Candle { tensor: name.to_owned(), source })
-    }, _ => Err(CandleError::Unsupported { tensor: name.to_owned(), dtype }))
+        candle_core::Tensor::from_vec(v.0, shape, &candle_core::Device::Cpu)
+            .map_err(|source| CandleError::Candle { tensor: name.to_owned(), source })
+    }
+    if dtype == Dtype::F8_E4M3 {
+        return tensor::<float8::F8E4M3>(name, shape, inner);
+    }
+    with_vec_type!(dtype, T => tensor::<T>(name, shape, inner), _ => Err(CandleError::Unsupported { tensor: name.to_owned(), dtype }))
 }
 
 fn still_in_use(name: &str) -> CandleError {
@@ -238,16 +255,20 @@ pub struct CandleModel {
     stats: LoadStats,
 }
 
-/// Loads `path` with a loader built from `builder` (its device, filters, slices, dtype
-/// conversion and tuning), as candle tensors on the host. Where each tensor lands is this
-/// function's to say (it lends the load memory candle then owns): a placement rule the
-/// builder has ([`LoaderBuilder::place_with`]) is replaced. Unlike candle's own lazy
-/// `MmapedSafetensors`, the load is whole: a tensor of a type candle has no `DType` for
-/// (BOOL or U16, say, which candle's reader widens to U32) fails it, naming the tensor;
-/// leave such tensors out with a filter, or convert them
-/// ([`LoaderBuilder::convert_to`]).
+/// Loads `path` with a loader built from `builder` (its filters, slices, dtype conversion
+/// and tuning), as candle tensors on the host. The load goes straight into host memory
+/// unless the builder (or `TENSORLIFT_DEVICE`) names a GPU: then it is loaded there and
+/// each tensor copied back ([`Handover::CopiedFromDevice`]); `Device::Auto` names none.
+/// Where each tensor lands is this function's to say (it lends the load memory candle then
+/// owns): a placement rule the builder has ([`LoaderBuilder::place_with`]) is replaced,
+/// and loads that take none (verified loads, mapped views, several devices) are refused.
+/// A tensor of a type candle has no `DType` for (BOOL, I8, U64, F8_E5M2, say) fails the
+/// load as it is planned, naming the tensor, where candle's own lazy `MmapedSafetensors`
+/// fails only when the model asks for it: leave such tensors out with a filter, or
+/// convert floats ([`LoaderBuilder::convert_to`]). U16 tensors become U32 ones, as
+/// candle's reader widens them.
 pub fn load(builder: LoaderBuilder, path: impl AsRef<Path>) -> Result<CandleModel, CandleError> {
-    load_lending(builder, path, None)
+    load_lending(builder.host_unless_named(), path, None)
 }
 
 /// Loads `path` as candle tensors on candle's `device`, with a loader built from `builder`
@@ -290,7 +311,15 @@ fn load_lending(
     // the loader refuses its own (which does not count what a rule lends).
     let lent_bytes = std::sync::atomic::AtomicU64::new(0);
     let available = std::sync::OnceLock::new();
+    // The first tensor of a type candle cannot hold, which fails the load as it is planned
+    // (not once every byte is read).
+    let refused: Arc<Mutex<Option<(String, Dtype)>>> = Arc::default();
+    let refusal = Arc::clone(&refused);
     let rule = move |t: &TensorRequest<'_>| -> Result<Option<Destination>, String> {
+        if !candle_holds(t.dtype) {
+            refusal.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(|| (t.name.to_owned(), t.dtype));
+            return Err(format!("candle has no {} type", t.dtype));
+        }
         let buf = match &on_cuda {
             Some(dev) => cuda::lend(dev, t.dtype, t.bytes)?.map(Lent::Cuda),
             // (Every tensor counts: those of types candle keeps as raw bytes are read into
@@ -316,7 +345,15 @@ fn load_lending(
     let loader = builder.place_with(rule).build()?;
     let host = loader.device() == crate::Device::Cpu;
     on_host.store(host, Ordering::Release);
-    let model = loader.load_blocking(path)?;
+    let model = match loader.load_blocking(path) {
+        Ok(model) => model,
+        Err(e) => {
+            return Err(match refused.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                Some((tensor, dtype)) => CandleError::Unsupported { tensor, dtype },
+                None => e.into(),
+            })
+        }
+    };
     let stats = model.stats().clone();
     let handover = if host || cuda.is_some() { Handover::Moved } else { Handover::CopiedFromDevice };
     // Tensors not lent memory (raw-byte types, empty ones) go where the others are: from
@@ -334,19 +371,32 @@ fn load_lending(
                 buf.into_tensor(&name, dtype, &shape)?
             }
             None => {
-                let cdtype =
-                    DType::try_from(dtype).map_err(|_| CandleError::Unsupported { tensor: name.clone(), dtype })?;
                 let bytes = t.to_host().map_err(|e| CandleError::Candle {
                     tensor: name.clone(),
                     source: candle_core::Error::Msg(e.to_string()),
                 })?;
-                candle_core::Tensor::from_raw_buffer(&bytes, cdtype, &shape, &device)
-                    .map_err(|source| CandleError::Candle { tensor: name.clone(), source })?
+                let made = if dtype == Dtype::U16 {
+                    // candle has no u16: its reader widens them to u32, and so does this.
+                    let wide: Vec<u32> =
+                        bytes.chunks_exact(2).map(|b| u32::from(u16::from_le_bytes([b[0], b[1]]))).collect();
+                    candle_core::Tensor::from_vec(wide, shape.as_slice(), &device)
+                } else {
+                    let cdtype =
+                        DType::try_from(dtype).map_err(|_| CandleError::Unsupported { tensor: name.clone(), dtype })?;
+                    candle_core::Tensor::from_raw_buffer(&bytes, cdtype, &shape, &device)
+                };
+                made.map_err(|source| CandleError::Candle { tensor: name.clone(), source })?
             }
         };
         tensors.insert(name, ct);
     }
     Ok(CandleModel { tensors, handover, stats })
+}
+
+/// Whether candle has a type for `dtype` (its own, or, for U16, the u32 its reader widens
+/// them to).
+fn candle_holds(dtype: Dtype) -> bool {
+    dtype == Dtype::U16 || DType::try_from(dtype).is_ok()
 }
 
 impl CandleModel {
