@@ -114,9 +114,13 @@ impl Sharding {
     /// MLP gate/up weights and biases are column-parallel, attention output and MLP down
     /// weights row-parallel (their biases replicated), the token embedding and the LM head
     /// vocabulary-parallel ([`Split::Vocab`]); everything else (norms, and tensors of other
-    /// layouts: quantized `qweight`s, scales, LoRA adapters) is replicated. Fewer key/value
-    /// heads than ranks, or a number the ranks do not divide, is refused (vLLM replicates
-    /// such heads across ranks; that layout is not built here).
+    /// layouts: quantized `qweight`s, scales, LoRA adapters) is replicated. A float8
+    /// checkpoint's `weight`s are split like any other, but their `weight_scale` and
+    /// `weight_scale_inv` tensors are whole on every rank: a server takes its own part of
+    /// per-channel and block scales, or builds its sharding with [`Sharding::new`] and
+    /// rules of its own for the scales ahead of these (the first rule that matches decides).
+    /// Fewer key/value heads than ranks, or a number the ranks do not divide, is refused
+    /// (vLLM replicates such heads across ranks; that layout is not built here).
     pub fn llama(rank: usize, world_size: usize, num_key_value_heads: usize) -> Result<Sharding, LoadError> {
         let mut s = Sharding::new(rank, world_size)?;
         if num_key_value_heads < world_size || num_key_value_heads % world_size != 0 {
