@@ -551,7 +551,12 @@ impl CudaSink {
                 self.pending += 1;
                 Ok(())
             }
-            Err(source) => Err(LoadError::Convert { tensor: pt.name.clone(), to: c.to, source: source.into() }),
+            Err(source) => Err(LoadError::Convert {
+                file: plan.shards()[pt.shard].path.clone(),
+                tensor: pt.name.clone(),
+                to: c.to,
+                source: source.into(),
+            }),
         }
     }
 
@@ -603,9 +608,11 @@ impl CudaSink {
     /// The error of a failed copy, naming the first tensor the chunk holds.
     fn copy_error(&self, plan: &LoadPlan, tag: u64, source: CudaError) -> LoadError {
         if tag & CONVERTED != 0 {
-            let tensor = plan.tensors().get((tag & !CONVERTED) as usize).map_or_else(String::new, |t| t.name.clone());
+            let pt = plan.tensors().get((tag & !CONVERTED) as usize);
+            let tensor = pt.map_or_else(String::new, |t| t.name.clone());
+            let file = pt.and_then(|t| plan.shards().get(t.shard)).map_or_else(|| plan_file(plan), |s| s.path.clone());
             let to = self.conversion.as_ref().map_or(Dtype::F32, |c| c.to);
-            return LoadError::Convert { tensor, to, source: source.into() };
+            return LoadError::Convert { file, tensor, to, source: source.into() };
         }
         let (span, index) = ((tag >> 32) as usize, (tag & 0xffff_ffff) as usize);
         let Some(s) = self.spans.get(span) else { return LoadError::Cuda { file: plan_file(plan), source } };

@@ -415,8 +415,12 @@ impl HostSink {
             let Some((memory, mut chunk)) = out else { return Tensor::produced(plan, pt, dtype, stored) };
             let len = crate::place::loaded_as(pt, Some(dtype)).1 as usize;
             let written = chunk.as_mut_slice().get_mut(..len).map(|o| crate::tensor::produce(pt, dtype, stored, o));
-            let converted =
-                |source: ConversionFailure| LoadError::Convert { tensor: pt.name.clone(), to: dtype, source };
+            let converted = |source: ConversionFailure| LoadError::Convert {
+                file: plan.shards()[pt.shard].path.clone(),
+                tensor: pt.name.clone(),
+                to: dtype,
+                source,
+            };
             match written {
                 Some(r) => r.map_err(|e| converted(e.into()))?,
                 None => {
@@ -440,7 +444,12 @@ impl HostSink {
                 message: "its memory was already being written".into(),
             });
         }
-        produced.map_err(|e| LoadError::Convert { tensor: pt.name.clone(), to: dtype, source: e.into() })?;
+        produced.map_err(|e| LoadError::Convert {
+            file: plan.shards()[pt.shard].path.clone(),
+            tensor: pt.name.clone(),
+            to: dtype,
+            source: e.into(),
+        })?;
         Ok(Tensor::in_caller_host(&pt.name, dtype, &pt.shape, Arc::clone(claim)))
     }
 }

@@ -90,8 +90,9 @@ pub enum LoadError {
     #[error("not supported: {0}")]
     Unsupported(String),
     /// Converting a landed tensor to another dtype failed.
-    #[error("tensor '{tensor}': conversion to {to} failed: {source}")]
+    #[error("{}: tensor '{tensor}': conversion to {to} failed: {source}", file.display())]
     Convert {
+        file: PathBuf,
         tensor: String,
         to: tensorlift_format::Dtype,
         #[source]

@@ -194,6 +194,7 @@ impl Tensor {
             crate::LoadError::OutOfMemory { file: plan.shards()[pt.shard].path.clone(), bytes: len as u64 }
         })?;
         produce(pt, dtype, stored, &mut buf.as_mut_slice()[..len]).map_err(|e| crate::LoadError::Convert {
+            file: plan.shards()[pt.shard].path.clone(),
             tensor: pt.name.clone(),
             to: dtype,
             source: e.into(),
