@@ -1,7 +1,7 @@
 """Type stubs for tensorlift (see __init__.py and docs/PYTHON.md)."""
 
 from os import PathLike
-from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Sequence, Tuple, Union, final
 
 _Path = Union[str, PathLike]
 _Framework = Optional[
@@ -9,8 +9,32 @@ _Framework = Optional[
 ]
 _Device = Union[str, Any]
 
+__all__ = [
+    "DeviceMemoryError",
+    "SafetensorError",
+    "Tensor",
+    "TensorIterator",
+    "__version__",
+    "inspect",
+    "is_remote",
+    "iter_tensors",
+    "load",
+    "load_devices",
+    "load_file",
+    "load_group",
+    "patch",
+    "release_host_memory",
+    "resolve_device",
+    "retained_host_memory",
+    "reuse_host_memory",
+    "safe_open",
+    "unpatch",
+]
+
 __version__: str
 
+# Made by the Rust extension: neither can be subclassed.
+@final
 class Tensor:
     """A loaded tensor; numpy and torch take it through DLPack without a copy."""
 
@@ -36,6 +60,7 @@ class Tensor:
         copy: Optional[bool] = None,
     ) -> Any: ...
 
+@final
 class TensorIterator:
     def __iter__(self) -> "TensorIterator": ...
     def __next__(self) -> Tuple[str, Tensor]: ...
