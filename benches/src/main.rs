@@ -284,7 +284,11 @@ fn run(args: &Args) -> anyhow::Result<()> {
         }
         None => None,
     };
-    for mode in modes {
+    // The tensors are the files' own only without conversion or slicing; a remote
+    // checkpoint's files are not here to read.
+    let check_bytes = args.convert_to.is_none() && args.tp.is_none() && !tensorlift::is_remote(&ckpt.dir);
+    let (mut checked_modes, mut most_cached) = (0usize, 0.0f64);
+    for &mode in &modes {
         let mut entries: Vec<Entry> = match (&per_rank, &group) {
             (Some(ranks), _) => {
                 vec![engines::tensorlift_devices(Arc::clone(&loader)), engines::per_rank(ranks.clone())]
@@ -307,7 +311,10 @@ fn run(args: &Args) -> anyhow::Result<()> {
         }
         entries.push(if remote { engines::get_limit() } else { engines::read_limit(mode == Mode::Cold) });
         if let Ok(g) = &gpu {
-            entries.push(engines::h2d_limit(g.clone()));
+            match engines::h2d_limit(g.clone()) {
+                Ok(e) => entries.push(e),
+                Err(e) => report.skip("h2d-limit", &format!("{e:#}")),
+            }
             // Beside it, the copy engines' limit as nvbandwidth measures it (pinning 1 GiB
             // may be refused: the bar then counts a run that does not come).
             match engines::h2d_limit_streams(g.clone()) {
@@ -315,10 +322,11 @@ fn run(args: &Args) -> anyhow::Result<()> {
                 Err(e) => report.skip("h2d-limit-streams", &format!("{e:#}")),
             }
         }
-        for _ in 0..args.runs.max(1) {
+        for round in 0..args.runs.max(1) {
             // Engines alternate within each round, so all of them meet the same conditions.
             for e in &entries {
-                prepare(&ckpt, mode)?;
+                let cached = prepare(&ckpt, mode)?;
+                most_cached = most_cached.max(cached);
                 if mode == Mode::WarmIdle {
                     // The previous run's memory was freed when it was dropped; left idle, a
                     // VM's host may take it (and memory like it) back.
@@ -327,6 +335,13 @@ fn run(args: &Args) -> anyhow::Result<()> {
                 let t = Instant::now();
                 let (bytes, held) = (e.run)(&ckpt).with_context(|| format!("{} ({})", e.name, mode.name()))?;
                 let secs = t.elapsed().as_secs_f64();
+                // A fast load of the wrong bytes must not count: tensorlift's first run in
+                // each mode is checked against the safetensors crate's reading of the files.
+                if round == 0 && e.name == "tensorlift" && check_bytes {
+                    let checked = engines::check_tensorlift(&ckpt, &*held)
+                        .with_context(|| format!("tensorlift's tensors ({})", mode.name()))?;
+                    checked_modes += usize::from(checked);
+                }
                 drop(held);
                 report.record(mode, e.name, e.kind, bytes, secs);
                 match &bar {
@@ -346,6 +361,19 @@ fn run(args: &Args) -> anyhow::Result<()> {
     }
     if let Some(b) = bar {
         b.finish_and_clear();
+    }
+    if checked_modes > 0 {
+        report.note(&format!(
+            "tensorlift's tensors were checked byte for byte against the safetensors crate's reading of the files \
+             (its first run in {checked_modes} cache mode(s))"
+        ));
+    }
+    if modes.contains(&Mode::Cold) {
+        report.note(&format!(
+            "cold runs began with at most {:.2}% of any shard in the page cache (checked after each eviction; \
+             in a VM, the host's own cache is not seen)",
+            100.0 * most_cached
+        ));
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report.to_json())?);
@@ -376,20 +404,38 @@ pub(crate) fn rank_plans(n: usize) -> anyhow::Result<Vec<tensorlift::DevicePlan>
     (0..n).map(|r| Ok(tensorlift::DevicePlan::shard(Device::Cuda(r), tensorlift::Sharding::llama(r, n, n)?))).collect()
 }
 
-/// Puts every shard in the page-cache state the mode needs (a remote one's is its server's).
-fn prepare(ckpt: &Checkpoint, mode: Mode) -> anyhow::Result<()> {
+/// Puts every shard in the page-cache state the mode needs (a remote one's is its server's),
+/// and returns, for a cold run, the largest fraction of a shard still cached after eviction.
+/// A shard that stays cached (another process maps it, say) fails the run: its figure
+/// would not be a cold one.
+fn prepare(ckpt: &Checkpoint, mode: Mode) -> anyhow::Result<f64> {
     if tensorlift::is_remote(&ckpt.dir) {
-        return Ok(());
+        return Ok(0.0);
     }
+    let mut most = 0.0f64;
     for p in &ckpt.shards {
         match mode {
-            Mode::Cold => tensorlift_io::cache::evict(p).with_context(|| format!("evicting {}", p.display()))?,
+            Mode::Cold => {
+                tensorlift_io::cache::evict(p).with_context(|| format!("evicting {}", p.display()))?;
+                // (Where the kernel would not tell, for a file this process may not write,
+                // the eviction is trusted.)
+                if let Ok(cached) = tensorlift_io::cache::resident_fraction(p) {
+                    anyhow::ensure!(
+                        cached <= 0.01,
+                        "{}: {:.1}% of it is still in the page cache after eviction (is another process mapping \
+                         it?): a cold run would not be cold",
+                        p.display(),
+                        100.0 * cached
+                    );
+                    most = most.max(cached);
+                }
+            }
             Mode::Warm | Mode::WarmIdle => {
                 std::io::copy(&mut std::fs::File::open(p)?, &mut std::io::sink())?;
             }
         }
     }
-    Ok(())
+    Ok(most)
 }
 
 fn default_cache() -> PathBuf {

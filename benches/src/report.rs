@@ -47,6 +47,16 @@ impl Measured {
     fn gbps(&self) -> f64 {
         self.bytes as f64 / self.median() / 1e9
     }
+    /// The fastest and slowest runs' seconds, for a table's spread column ("" for one run).
+    fn spread(&self) -> String {
+        let min = self.secs.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = self.secs.iter().copied().fold(0.0, f64::max);
+        if self.secs.len() < 2 {
+            String::new()
+        } else {
+            format!("{min:.3}-{max:.3}")
+        }
+    }
 }
 
 pub struct Report {
@@ -118,19 +128,25 @@ impl Report {
             let tl = Self::tensorlift(list).unwrap_or(f64::NAN);
             let runs = if self.runs == 1 { "1 run".to_owned() } else { format!("median of {} runs", self.runs) };
             let _ = writeln!(s, "\n{} cache, {runs}", mode.name());
-            let _ = writeln!(s, "  {:<20} {:>9} {:>10}   tensorlift is", "engine", "seconds", "GB/s");
+            let _ =
+                writeln!(s, "  {:<20} {:>9} {:>10} {:>14}   tensorlift is", "engine", "seconds", "GB/s", "runs (s)");
             for (name, m) in list.iter().filter(|(_, m)| m.kind == Kind::Engine) {
                 let vs = if *name == "tensorlift" { "-".to_owned() } else { ratio(tl / m.gbps()) };
-                let _ = writeln!(s, "  {:<20} {:>9.3} {:>10.2}   {vs}", name, m.median(), m.gbps());
+                let _ = writeln!(s, "  {:<20} {:>9.3} {:>10.2} {:>14}   {vs}", name, m.median(), m.gbps(), m.spread());
             }
-            let _ = writeln!(s, "  {:<20} {:>9} {:>10} {:>14}", "limit", "seconds", "GB/s", "tensorlift at");
+            let _ = writeln!(
+                s,
+                "  {:<20} {:>9} {:>10} {:>14} {:>14}",
+                "limit", "seconds", "GB/s", "runs (s)", "tensorlift at"
+            );
             for (name, m) in list.iter().filter(|(_, m)| m.kind == Kind::Limit) {
                 let _ = writeln!(
                     s,
-                    "  {:<20} {:>9.3} {:>10.2} {:>13.0}%",
+                    "  {:<20} {:>9.3} {:>10.2} {:>14} {:>13.0}%",
                     name,
                     m.median(),
                     m.gbps(),
+                    m.spread(),
                     100.0 * tl / m.gbps()
                 );
             }

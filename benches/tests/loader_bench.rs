@@ -33,6 +33,11 @@ fn json_report_has_engines_limits_and_skips() {
         assert!(limit["bytes"].as_u64().unwrap() >= bytes, "reads whole files");
         assert!(limit["tensorlift_fraction"].as_f64().unwrap() > 0.0);
     }
+    // tensorlift's tensors were checked against the files in both modes, and the cold runs
+    // began cold.
+    let notes: Vec<&str> = v["notes"].as_array().unwrap().iter().map(|n| n.as_str().unwrap()).collect();
+    assert!(notes.iter().any(|n| n.contains("checked byte for byte") && n.contains("2 cache mode(s)")), "{notes:?}");
+    assert!(notes.iter().any(|n| n.starts_with("cold runs began with at most")), "{notes:?}");
     // No GPU here: the GPU entries say why they did not run.
     assert!(v["skipped"]["per-tensor-htod"].as_str().unwrap().starts_with("no usable GPU: "));
     assert!(v["skipped"]["h2d-limit"].as_str().unwrap().starts_with("no usable GPU: "));
@@ -163,4 +168,45 @@ fn a_group_of_processes_reads_each_byte_once() {
         assert!(*t >= bytes && *t < bytes + (1 << 20), "together {t} of {bytes}");
         assert!(*a > *t + bytes / 8, "alone {a}, together {t}");
     }
+}
+
+/// A shard another process keeps mapped stays in the page cache whatever the eviction: a
+/// cold run then fails, saying so, rather than report a warm figure as a cold one.
+#[test]
+fn a_cold_run_that_cannot_start_cold_fails() {
+    let cache = tempfile::tempdir().unwrap();
+    let args = ["--synthetic", "8M", "--shards", "2", "--runs", "1", "--device", "cpu", "--baselines", "none"];
+    let out = bench(&[&args[..], &["--cache", "warm"]].concat(), cache.path());
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut shards: Vec<std::path::PathBuf> =
+        walk(cache.path()).into_iter().filter(|p| p.extension().is_some_and(|e| e == "safetensors")).collect();
+    shards.sort();
+    assert_eq!(shards.len(), 2, "{shards:?}");
+    // This process maps the first shard and touches every page of it.
+    let r = tensorlift_io::Reader::builder().backend(tensorlift_io::BackendKind::Pread).pread_threads(1).build();
+    let file = r.open_with(&shards[0], false).unwrap();
+    let map = tensorlift_io::MappedFile::map(&file).unwrap();
+    let mut all = vec![0u8; std::fs::metadata(&shards[0]).unwrap().len() as usize];
+    map.copy_to(0, &mut all).unwrap();
+    let out = bench(&[&args[..], &["--cache", "cold"]].concat(), cache.path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("still in the page cache after eviction"), "{err}");
+    drop(map);
+    // Unmapped, it can be evicted: the same run succeeds.
+    let out = bench(&[&args[..], &["--cache", "cold"]].concat(), cache.path());
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }
