@@ -4,11 +4,14 @@ with --device-map cuda:0).
 
 Writes (once) a Llama-shaped model of about 1.1 GB in bfloat16 with transformers' own
 save_pretrained, then alternates fresh Python processes that import torch and transformers
-and time `AutoModelForCausalLM.from_pretrained(FOLDER, dtype=torch.bfloat16)`, stock or
-after `tensorlift.patch()`, warm (the files read once first). Onto a GPU, CUDA is started
-(its context made) before the clock, and how long that took is printed beside: both engines
-pay it alike. Prints each run as it ends (a child that fails, with its stderr) and the
-medians.
+(its modeling code, and so safetensors, included) and time
+`AutoModelForCausalLM.from_pretrained(FOLDER, dtype=torch.bfloat16)`, stock or after
+`import tensorlift; tensorlift.patch()` (inside the clock: a user pays it), warm (the files
+read once first), the engines' order swapped each run. Onto a GPU, CUDA is started (its
+context made) before the clock, and how long that took is printed beside: both engines pay
+it alike. The first run of each engine hashes every parameter after its clock, and the two
+digests must agree (a fast load of other bytes must not count). Prints each run as it ends
+(a child that fails, with its stderr) and the medians.
 
   python3 benches/transformers_load.py --runs 5
 """
@@ -24,10 +27,8 @@ from pagecache import shard_paths, warm  # noqa: E402
 CHILD = r"""
 import os, sys, time
 os.environ["HF_HUB_OFFLINE"] = "1"
-import torch, transformers
-if sys.argv[2] == "tensorlift":
-    import tensorlift
-    tensorlift.patch()
+import hashlib
+import torch, transformers, transformers.modeling_utils
 t = time.perf_counter()
 # A device map that may put weights on a GPU ("cuda:0", "auto", "0", ...): CUDA is started
 # first, and the copies are waited for inside the clock.
@@ -37,12 +38,22 @@ if on_gpu:
     torch.cuda.synchronize()
 init = time.perf_counter() - t
 t = time.perf_counter()
+if sys.argv[2] == "tensorlift":
+    import tensorlift
+    tensorlift.patch()
 kwargs = {"device_map": sys.argv[3]} if sys.argv[3] != "none" else {}
 m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16, **kwargs)
 if on_gpu:
     torch.cuda.synchronize()
 dt = time.perf_counter() - t
-print(dt, sum(p.numel() * p.element_size() for p in m.parameters()), init)
+digest = "-"
+if sys.argv[4] == "check":
+    h = hashlib.sha256()
+    for name, p in sorted(m.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest = h.hexdigest()
+print(dt, sum(p.numel() * p.element_size() for p in m.parameters()), init, digest)
 """
 
 
@@ -77,17 +88,28 @@ def main():
     print(f"{a.dir}: {sum(os.path.getsize(p) for p in paths) / 1e9:.2f} GB in {len(paths)} file(s), "
           f"device_map={a.device_map}")
     times = {"stock": [], "tensorlift": []}
+    digests = {}
     nbytes = 0
     for run in range(a.runs):
-        for engine in times:
+        # Swapped each run: the one that goes second may find the other's leftovers.
+        for engine in list(times) if run % 2 == 0 else list(times)[::-1]:
             warm(paths)
-            out = subprocess.run([sys.executable, "-c", CHILD, a.dir, engine, a.device_map], capture_output=True, text=True)
+            check = "check" if engine not in digests else "-"
+            out = subprocess.run([sys.executable, "-c", CHILD, a.dir, engine, a.device_map, check],
+                                 capture_output=True, text=True)
             if out.returncode != 0:
                 print(f"run {run + 1} {engine}: failed ({out.returncode})\n{out.stderr[-4000:]}", flush=True)
                 sys.exit(1)
-            dt, nbytes, init = out.stdout.split()[-3:]
+            dt, nbytes, init, digest = out.stdout.split()[-4:]
+            if digest != "-":
+                digests[engine] = digest
             times[engine].append(float(dt))
             print(f"run {run + 1} {engine:>10}: {float(dt):.3f} s (CUDA start before it: {float(init):.3f} s)", flush=True)
+    if len(set(digests.values())) > 1:
+        print(f"the parameters differ between the engines: {digests}", flush=True)
+        sys.exit(1)
+    if len(digests) == 2:
+        print(f"parameters identical (sha256 {next(iter(digests.values()))[:16]}...)")
     for engine, ts in times.items():
         print(f"{engine:>10}: median {statistics.median(ts):.3f} s ({int(nbytes) / statistics.median(ts) / 1e9:.2f} GB/s); "
               f"runs {' '.join(f'{t:.3f}' for t in ts)}")

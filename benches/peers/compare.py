@@ -50,8 +50,11 @@ reporting) makes the next first touch of memory much slower, and this is the sta
 server's cold start often meets.
 
 A package that is not installed is skipped with a note; one whose API differs from what
-this script expects is reported as failed, with the exception. Cold runs evict every
-shard from the page cache first (posix_fadvise DONTNEED); warm runs read them once first.
+this script expects is reported as failed, with the exception, as is one that hands back
+fewer or more tensor bytes than the files' headers hold. Every engine's package is imported
+before any clock starts, and the engines' order rotates from round to round. Cold runs
+evict every shard from the page cache first (posix_fadvise DONTNEED); warm runs read them
+once first. Each figure is printed with its fastest and slowest runs.
 
   python3 benches/peers/compare.py /models/llama --tensorlift ./tensorlift --runs 3
   python3 benches/peers/compare.py /models/llama --device cpu --runs 5
@@ -66,6 +69,18 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pagecache import evict, shard_paths, warm  # noqa: E402
+
+
+def header_bytes(paths):
+    """The tensor bytes the files' headers declare (read here, with no loader's help)."""
+    import struct
+    total = 0
+    for p in paths:
+        with open(p, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        total += sum(end - begin for k, v in header.items() if k != "__metadata__" for begin, end in [v["data_offsets"]])
+    return total
 
 
 def nbytes(tensors):
@@ -281,8 +296,15 @@ def main():
     for name, (module, fn) in (CPU_PEERS if cpu else PEER_DEFAULTS if a.peer_defaults else PEERS).items():
         if importlib.util.find_spec(module) is None:
             notes[name] = f"skipped: python package '{module}' is not installed"
-        else:
-            engines[name] = fn
+            continue
+        try:
+            # Imported now: no engine's first run pays for its import.
+            importlib.import_module(module)
+        except Exception as e:
+            notes[name] = f"failed: importing {module}: {type(e).__name__}: {e}"
+            continue
+        engines[name] = fn
+    expected = header_bytes(paths)
     results = {"folder": a.folder, "bytes": total, "device": device_name, "modes": {}, "notes": notes,
                "peers": "defaults" if a.peer_defaults or cpu else "tuned as their docs recommend"}
     modes = ["warm", "cold"] if a.cache == "both" else [a.cache]
@@ -295,8 +317,13 @@ def main():
         if a.tensorlift:
             times["tensorlift-cli"] = []
         moved = {}
-        for _ in range(a.runs):
-            for name in list(times):
+        for round_ in range(a.runs):
+            names = list(times)
+            # Rotated each round: no engine always goes first.
+            k = round_ % max(len(names), 1)
+            for name in names[k:] + names[:k]:
+                if name not in times:
+                    continue
                 evict(paths) if mode == "cold" else warm(paths)
                 if mode == "warm-idle":
                     time.sleep(a.idle_secs)
@@ -310,7 +337,10 @@ def main():
                         if not cpu:
                             torch.cuda.synchronize()
                         moved[name] = nbytes(tensors)
-                    times[name].append(time.perf_counter() - t)
+                    elapsed = time.perf_counter() - t
+                    if moved[name] != expected:
+                        raise RuntimeError(f"it handed back {moved[name]} tensor bytes of the files' {expected}")
+                    times[name].append(elapsed)
                     tensors = None
                     if not cpu:
                         torch.cuda.empty_cache()
@@ -319,9 +349,11 @@ def main():
                     times.pop(name)
         results["modes"][mode] = {n: {"median_s": statistics.median(v), "gbps": moved[n] / statistics.median(v) / 1e9, "runs_s": v,
                                       "settings": SETTINGS.get(n, "defaults")} for n, v in times.items() if v}
-        print(f"\n{mode} cache, median of {a.runs} runs")
+        print(f"\n{mode} cache, median of {a.runs} runs (fastest-slowest)")
         for n, r in sorted(results["modes"][mode].items(), key=lambda kv: kv[1]["median_s"]):
-            print(f"  {n:<22} {r['median_s']:8.3f} s {r['gbps']:8.2f} GB/s  {r['settings'] if r['settings'] != 'defaults' else ''}")
+            spread = f"({min(r['runs_s']):.3f}-{max(r['runs_s']):.3f})"
+            print(f"  {n:<22} {r['median_s']:8.3f} s {spread:>15} {r['gbps']:8.2f} GB/s  "
+                  f"{r['settings'] if r['settings'] != 'defaults' else ''}")
     for n, why in notes.items():
         print(f"{n}: {why}")
     if a.json_out:
