@@ -127,3 +127,20 @@ fn load_json_says_what_it_did() {
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains(" GB in ") && text.contains("GB/s"), "{text}");
 }
+
+/// The tuning flags take whole MiB, at least one: 0 (which the loader would round up to
+/// reads of one page) and values past a usize are usage errors naming the flag.
+#[test]
+fn tuning_flags_refuse_zero_and_overflow() {
+    let m = model();
+    let p = m.to_str().unwrap();
+    for flag in ["--chunk-mib", "--budget-mib"] {
+        for value in ["0", "18446744073709551615"] {
+            let out = run(&[], &["load", p, "--device", "cpu", flag, value]);
+            assert_eq!(out.status.code(), Some(2), "{flag} {value}: {}", stderr(&out));
+            assert!(stderr(&out).contains(flag), "{flag} {value}: {}", stderr(&out));
+        }
+        let out = run(&[], &["load", p, "--device", "cpu", flag, "1"]);
+        assert_eq!(out.status.code(), Some(0), "{flag} 1: {}", stderr(&out));
+    }
+}

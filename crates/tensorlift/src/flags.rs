@@ -11,10 +11,10 @@ use crate::loader::LoaderBuilder;
 /// `--read-while-planning`: each left out keeps the loader's default.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct Tuning {
-    /// Bytes per read, in MiB (default 8).
+    /// Bytes per read, in MiB (default 8; at least 1).
     #[arg(long, value_name = "MIB", value_parser = mib)]
     pub chunk_mib: Option<usize>,
-    /// Bytes in flight at most, in MiB (default 256).
+    /// Bytes in flight at most, in MiB (default 256; at least 1).
     #[arg(long, value_name = "MIB", value_parser = mib)]
     pub budget_mib: Option<usize>,
     /// Reads in flight at most (default 64).
@@ -55,6 +55,11 @@ pub struct Tuning {
 /// A number of MiB whose bytes a `usize` holds (else a usage error, not a wrapped number).
 fn mib(s: &str) -> Result<usize, String> {
     let m: usize = s.parse().map_err(|e| format!("{e}"))?;
+    if m == 0 {
+        // (The loader would round it up to a page: reads of 4 KiB, a read list too long
+        // to hold for a large checkpoint.)
+        return Err("at least 1 MiB".into());
+    }
     m.checked_mul(1 << 20).map(|_| m).ok_or_else(|| format!("{m} MiB is more bytes than a usize holds"))
 }
 

@@ -79,7 +79,7 @@ impl LoaderBuilder {
     }
     /// Bytes the pipeline may have in flight at once (default 256 MiB, at least a page).
     /// Memory for staging never exceeds it, however large the checkpoint; a budget smaller
-    /// than the chunk size makes chunks that size. (On a GPU, page-cache DMA pins as much
+    /// than the chunk size makes chunks of half the budget. (On a GPU, page-cache DMA pins as much
     /// again of the page cache: [`LoaderBuilder::page_cache_dma`].)
     pub fn staging_budget(mut self, bytes: usize) -> Self {
         self.cfg.staging_budget = bytes.max(tensorlift_io::PAGE);
@@ -347,10 +347,12 @@ impl LoaderBuilder {
 
     /// Builds the loader: probes the environment once and starts the I/O workers.
     pub fn build(mut self) -> Result<Loader, LoadError> {
-        // One chunk in flight is the least a load can do: a budget smaller than a chunk
-        // makes chunks smaller, so that it still holds (a page at least).
+        // A budget smaller than a chunk makes chunks of half the budget (a page at least),
+        // so that it still holds and two reads (or a read and a copy) can overlap.
         let page = tensorlift_io::PAGE;
-        self.cfg.chunk_size = self.cfg.chunk_size.min(self.cfg.staging_budget / page * page).max(page);
+        if self.cfg.chunk_size > self.cfg.staging_budget {
+            self.cfg.chunk_size = (self.cfg.staging_budget / 2 / page * page).max(page);
+        }
         let filter = compile_filter(&self.cfg.filter)?;
         if let Some(plans) = &self.cfg.devices {
             let devices: Vec<Device> = plans.iter().map(|p| p.device).collect();
@@ -889,8 +891,8 @@ impl Loader {
     /// not globs), reusing the plan's open shards: how a reader that keeps a checkpoint open
     /// (like Python's `safe_open`) loads one tensor at a time.
     pub fn load_named_blocking(&self, plan: &Checkpoint, names: &[&str]) -> Result<Model, LoadError> {
-        // A subset, not a clone of every tensor's entry narrowed after: one call per tensor
-        // of a large checkpoint must not cost the whole plan each time.
+        // A subset, not a clone of every entry narrowed after: one call per tensor of a large
+        // checkpoint walks the plan's names once, and copies only what it loads.
         let wanted: std::collections::HashSet<&str> = names.iter().copied().collect();
         let keep = plan.tensors().iter().enumerate().filter(|(_, t)| wanted.contains(t.name.as_str())).map(|(i, _)| i);
         self.load_plan_blocking(plan.subset(keep))
