@@ -917,13 +917,12 @@ def patch():
             return _Patched(False)
         _REFERENCE[:] = [original]
         for module in _other_modules():
-            for attr, value in list(module.__dict__.items()):
-                if value is original:
-                    try:
-                        setattr(module, attr, _patched_safe_open)
-                    except Exception:  # a module that refuses the change keeps the reference
-                        continue
-                    _PATCHED.append((module, attr, original))
+            for attr in _names_of(module, original):
+                try:
+                    setattr(module, attr, _patched_safe_open)
+                except Exception:  # a module that refuses the change keeps the reference
+                    continue
+                _PATCHED.append((module, attr, original))
     return _Patched(True)
 
 
@@ -938,12 +937,23 @@ def unpatch():
         # Modules imported while patched bound tensorlift's too (transformers imports lazily).
         if _REFERENCE:
             for module in _other_modules():
-                for attr, value in list(module.__dict__.items()):
-                    if value is _patched_safe_open:
-                        try:
-                            setattr(module, attr, _REFERENCE[0])
-                        except Exception:
-                            continue
+                for attr in _names_of(module, _patched_safe_open):
+                    try:
+                        setattr(module, attr, _REFERENCE[0])
+                    except Exception:
+                        continue
+
+
+def _names_of(module, value):
+    """The names under which ``module`` holds ``value`` (by identity). After torch and
+    transformers are imported there are thousands of modules: this is the cost of
+    ``patch()``, so no copy of each namespace is made unless another thread changes it
+    meanwhile."""
+    d = module.__dict__
+    try:
+        return [k for k, v in d.items() if v is value]
+    except RuntimeError:  # changed while read (an import on another thread): read a copy
+        return [k for k, v in list(d.items()) if v is value]
 
 
 def _other_modules():
