@@ -42,13 +42,17 @@ impl LentMemory {
     ///
     /// Everything cudarc has queued that uses the slice is waited for first: the allocation
     /// (stream-ordered where the device has memory pools), what was queued on its stream
-    /// before (a zeroing; where the stream is the legacy or per-thread default stream,
-    /// candle's, which a handle names only for the calling thread, all the work of the
-    /// slice's context, from any thread), and, where cudarc tracks the slice's uses across streams, reads
+    /// before (a zeroing), and, where cudarc tracks the slice's uses across streams, reads
     /// and writes on other streams. Then nothing but tensorlift's copies, on its own streams,
     /// touches the memory. Which device and context the memory belongs to is checked when a
     /// load first uses it ([`DeviceArena::lent`]). The calling thread's current context is
     /// left as it was.
+    ///
+    /// A slice whose stream is the per-thread default stream (`CU_STREAM_PER_THREAD`,
+    /// candle's) must be lent from the thread that queued its allocation and zeroing: that
+    /// handle names the calling thread's own stream, so work another thread queued on its
+    /// own is not waited for (a late zeroing would then overwrite the loaded bytes).
+    /// candle's integration lends each slice on the thread that allocated it.
     pub fn from_cuda_slice<T: DeviceRepr + bytemuck::Pod + Send + Sync>(
         mut slice: CudaSlice<T>,
     ) -> Result<LentMemory, CudaError> {
@@ -59,24 +63,15 @@ impl LentMemory {
         // Asking for the pointer to write makes the slice's stream wait for its tracked uses
         // on other streams; the guard records this write there when it drops, at once.
         let ptr = slice.device_ptr_mut(&stream).0;
-        // The wait is tensorlift's own call (an integer result), with the slice's context
-        // current (the guard restores the caller's). A stream of its own is waited for as
-        // such. The null handle and CU_STREAM_LEGACY name the legacy stream of whatever
-        // context is current, and CU_STREAM_PER_THREAD (candle's default) the calling
-        // thread's own stream: work queued on such a handle by another thread (where the
-        // slice was allocated and zeroed) is not on the stream it names here, so for those
-        // the whole context is waited for.
+        // The wait is tensorlift's own call (an integer result), on cudarc's stream, with the
+        // slice's context current: the null handle names the legacy stream of whatever
+        // context is current (the guard restores the caller's), and CU_STREAM_PER_THREAD
+        // (candle's default stream) the calling thread's own stream.
         let api = driver::api()?;
         // SAFETY: the context is live: the slice's stream holds it.
         api.check(unsafe { (api.cuCtxSetCurrent)(stream.context().cu_ctx()) }, "cuCtxSetCurrent")?;
-        let handle = stream.cu_stream();
-        if (handle as usize) <= 2 {
-            // SAFETY: a plain wait on the context made current above.
-            api.check(unsafe { (api.cuCtxSynchronize)() }, "cuCtxSynchronize")?;
-        } else {
-            // SAFETY: the stream is live: the slice holds it.
-            api.check(unsafe { (api.cuStreamSynchronize)(handle) }, "cuStreamSynchronize")?;
-        }
+        // SAFETY: the stream is live: the slice holds it.
+        api.check(unsafe { (api.cuStreamSynchronize)(stream.cu_stream()) }, "cuStreamSynchronize")?;
         Ok(LentMemory { ptr, len: slice.num_bytes(), owner: Box::new(slice) })
     }
 

@@ -133,11 +133,18 @@ fn slices_and_conversion_reach_candle_through_the_var_builder() {
 fn what_candle_cannot_hold_is_an_error_naming_the_tensor() {
     let dir = scratch();
     let path = dir.join("m.safetensors");
-    write_shard(&path, &[("flags", Dtype::BOOL, &[4]), ("w", Dtype::F32, &[2])]);
-    match tensorlift::candle::load(host(), &path) {
+    write_shard(&path, &[("w", Dtype::F32, &[1 << 16]), ("flags", Dtype::BOOL, &[4])]);
+    // Refused as the load is planned: not a byte of the file is read first.
+    let read = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let r = std::sync::Arc::clone(&read);
+    let builder = host().progress(move |p| {
+        r.fetch_max(p.done, std::sync::atomic::Ordering::SeqCst);
+    });
+    match tensorlift::candle::load(builder, &path) {
         Err(CandleError::Unsupported { tensor, dtype }) => assert_eq!((tensor.as_str(), dtype), ("flags", Dtype::BOOL)),
         other => panic!("{other:?}"),
     }
+    assert_eq!(read.load(std::sync::atomic::Ordering::SeqCst), 0, "bytes were read before the refusal");
     match tensorlift::candle::load(host(), dir.join("missing")) {
         Err(CandleError::Load(_)) => {}
         other => panic!("{other:?}"),

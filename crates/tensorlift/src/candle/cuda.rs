@@ -3,9 +3,9 @@
 //! tensor's storage once its bytes have landed.
 
 use candle_core::backend::BackendDevice;
-use candle_core::cuda_backend::cudarc::driver::CudaSlice;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 pub(super) use candle_core::cuda_backend::CudaDevice;
-use candle_core::cuda_backend::CudaStorage;
+use candle_core::cuda_backend::{CudaDType, CudaStorage};
 use candle_core::op::BackpropOp;
 use candle_core::{DeviceLocation, Storage};
 use tensorlift_format::Dtype;
@@ -41,21 +41,32 @@ pub(super) fn device(dev: CudaDevice) -> candle_core::Device {
 
 /// A `CudaSlice` of `dtype`'s element type for `bytes` bytes, allocated by candle's device
 /// on its stream and lent to the load; `None` for empty tensors and the types candle keeps
-/// as raw bytes. Zeroed (`alloc_zeros`; candle's `alloc` is unsafe): a device memset costs
-/// little beside the copy that follows.
+/// as raw bytes (or widens). Zeroed (`alloc_zeros`; candle's `alloc` is unsafe): a device
+/// memset costs little beside the copy that follows. Lent here, on the thread that
+/// allocated it: candle's stream is the per-thread default stream, whose handle names the
+/// calling thread's.
 pub(super) fn lend(dev: &CudaDevice, dtype: Dtype, bytes: u64) -> Result<Option<Lent>, String> {
     let Ok(bytes) = usize::try_from(bytes) else { return Ok(None) };
     if bytes == 0 {
         return Ok(None);
     }
-    let device = crate::Device::Cuda(ordinal(dev));
-    with_vec_type!(dtype, T => {
+    fn typed<T>(dev: &CudaDevice, bytes: usize) -> Result<Option<Lent>, String>
+    where
+        T: DeviceRepr + ValidAsZeroBits + bytemuck::Pod + Send + Sync,
+    {
         let slice = dev
             .alloc_zeros::<T>(bytes / std::mem::size_of::<T>())
             .map_err(|e| format!("candle's device could not allocate {bytes} bytes: {e}"))?;
         let memory = LentMemory::from_cuda_slice(slice).map_err(|e| e.to_string())?;
+        let device = crate::Device::Cuda(ordinal(dev));
         Ok(Some(Lent { buffer: DeviceBuffer::new(device, memory), device: dev.clone() }))
-    }, _ => Ok(None))
+    }
+    // candle holds fp8 (E4M3) typed on its devices too (cudarc's `f8` feature, which its
+    // `cuda` feature turns on).
+    if dtype == Dtype::F8_E4M3 {
+        return typed::<float8::F8E4M3>(dev, bytes);
+    }
+    with_vec_type!(dtype, T => typed::<T>(dev, bytes), _ => Ok(None))
 }
 
 impl Lent {
@@ -72,7 +83,12 @@ impl Lent {
         shape: &[usize],
     ) -> Result<candle_core::Tensor, CandleError> {
         let inner = self.buffer.into_inner().map_err(|_| still_in_use(name))?;
-        with_vec_type!(dtype, T => {
+        fn typed<T: CudaDType + DeviceRepr + 'static>(
+            name: &str,
+            shape: &[usize],
+            inner: Box<dyn std::any::Any + Send + Sync>,
+            device: CudaDevice,
+        ) -> Result<candle_core::Tensor, CandleError> {
             let slice = inner.downcast::<CudaSlice<T>>().map_err(|_| changed_type(name))?;
             // candle's kernels trust the shape over the storage: they must agree.
             let elements = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
@@ -80,8 +96,12 @@ impl Lent {
                 let msg = format!("{} elements of memory for shape {shape:?}", slice.len());
                 return Err(CandleError::Candle { tensor: name.to_owned(), source: candle_core::Error::Msg(msg) });
             }
-            let storage = CudaStorage::wrap_cuda_slice(*slice, self.device);
+            let storage = CudaStorage::wrap_cuda_slice(*slice, device);
             Ok(candle_core::Tensor::from_storage(Storage::Cuda(storage), shape.to_vec(), BackpropOp::none(), false))
-        }, _ => Err(CandleError::Unsupported { tensor: name.to_owned(), dtype }))
+        }
+        if dtype == Dtype::F8_E4M3 {
+            return typed::<float8::F8E4M3>(name, shape, inner, self.device);
+        }
+        with_vec_type!(dtype, T => typed::<T>(name, shape, inner, self.device), _ => Err(CandleError::Unsupported { tensor: name.to_owned(), dtype }))
     }
 }

@@ -167,7 +167,9 @@ pub enum CandleError {
 #[non_exhaustive]
 pub enum Handover {
     /// Read straight into memory candle now owns (a `Vec` on the host, a `CudaSlice` of
-    /// candle's CUDA device): no copy (raw-byte types aside).
+    /// candle's CUDA device): no copy, but for the tensors that are not lent (types candle
+    /// keeps as raw bytes, U16, which candle holds as U32, and, on a CUDA device, empty
+    /// ones), which are copied.
     Moved,
     /// Loaded onto a CUDA device, and copied back to host memory for candle.
     CopiedFromDevice,
@@ -323,9 +325,11 @@ fn load_lending(
         let buf = match &on_cuda {
             Some(dev) => cuda::lend(dev, t.dtype, t.bytes)?.map(Lent::Cuda),
             // (Every tensor counts: those of types candle keeps as raw bytes are read into
-            // the loader's memory, whose own check does not count what is lent here.)
+            // the loader's memory, whose own check does not count what is lent here, and
+            // copied for candle; U16 ones are copied at twice their size.)
             None if host.load(Ordering::Acquire) => {
-                let needed = lent_bytes.fetch_add(t.bytes, Ordering::Relaxed).saturating_add(t.bytes);
+                let bytes = if t.dtype == Dtype::U16 { t.bytes.saturating_mul(2) } else { t.bytes };
+                let needed = lent_bytes.fetch_add(bytes, Ordering::Relaxed).saturating_add(bytes);
                 if let Some(available) = *available.get_or_init(tensorlift_io::host_memory_available) {
                     if needed > available {
                         return Err(format!(
@@ -356,9 +360,9 @@ fn load_lending(
     };
     let stats = model.stats().clone();
     let handover = if host || cuda.is_some() { Handover::Moved } else { Handover::CopiedFromDevice };
-    // Tensors not lent memory (raw-byte types, empty ones) go where the others are: from
-    // host memory (one copy), or for a CUDA load back from the device and then to candle's
-    // device (two; they are rare).
+    // Tensors not lent memory (raw-byte types, U16, and on a CUDA device empty ones) go
+    // where the others are: from host memory (one copy), or for a CUDA load back from the
+    // device and then to candle's device (two; they are rare).
     let device = cuda.map_or(candle_core::Device::Cpu, cuda::device);
     let mut lent = std::mem::take(&mut *lent.lock().unwrap_or_else(|p| p.into_inner()));
     let mut tensors = HashMap::with_capacity(model.len());
