@@ -293,10 +293,37 @@ fn a_slice_on_cudarcs_default_stream_is_waited_for_in_its_own_context() {
 
 #[test]
 fn async_copies_from_pageable_memory_are_refused_by_the_emulator() {
+    use cudarc::driver::{sys, CudaContext};
     let (_driver, gpu) = gpu();
     if !emulator::is_emulated() {
         return;
     }
+    // The guard that lets every CUDA test catch a copy from pageable memory (which the load
+    // path promises never to make): refused; the same bytes registered first are copied.
+    let arena = DeviceArena::new(&gpu, 4096).unwrap();
+    let ctx = CudaContext::new(0).unwrap();
+    ctx.bind_to_thread().unwrap();
+    let mut pageable = vec![7u8; 4096];
+    let copy = |src: &[u8]| {
+        // SAFETY: `src` is live for the call and the synchronize after it; the device range
+        // is the arena's, 4096 bytes.
+        let r =
+            unsafe { sys::cuMemcpyHtoDAsync_v2(arena.device_ptr(), src.as_ptr().cast(), 4096, std::ptr::null_mut()) };
+        // SAFETY: a wait on the context bound above.
+        assert_eq!(unsafe { sys::cuCtxSynchronize() }, sys::CUresult::CUDA_SUCCESS);
+        r
+    };
+    assert_eq!(copy(&pageable), sys::CUresult::CUDA_ERROR_INVALID_VALUE);
+    // SAFETY: registers (then unregisters) a live Vec of 4096 bytes that outlives both.
+    let r = unsafe { sys::cuMemHostRegister_v2(pageable.as_mut_ptr().cast(), 4096, 0) };
+    assert_eq!(r, sys::CUresult::CUDA_SUCCESS);
+    assert_eq!(copy(&pageable), sys::CUresult::CUDA_SUCCESS);
+    // SAFETY: registered above; no copy from it is in flight (synchronized).
+    assert_eq!(unsafe { sys::cuMemHostUnregister(pageable.as_mut_ptr().cast()) }, sys::CUresult::CUDA_SUCCESS);
+    let mut back = vec![0u8; 4096];
+    arena.copy_to_host(0, &mut back).unwrap();
+    assert!(back.iter().all(|&b| b == 7), "the registered copy landed");
+    drop(ctx);
     let pool = PinnedPool::new(&gpu, 1 << 20, 1 << 20).unwrap();
     drop(pool);
     // Registration refused: the pool reports it and allocates nothing.

@@ -36,9 +36,27 @@ fn cancelled_loads_free_everything() {
         let builder = Loader::builder().device(Device::Cpu).io_backend(backend).read_while_planning(policy);
         let loader = builder.chunk_size(1 << 20).build().unwrap();
         let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
-        // A load future dropped with reads in flight.
-        let r = rt.block_on(async { tokio::time::timeout(Duration::from_micros(300), loader.load(&path)).await });
-        assert!(r.is_err() || r.is_ok_and(|m| m.is_ok()));
+        // A load future dropped with reads in flight: its first chunk has landed (the
+        // progress callback says so), and the timeout, not the load, ends the wait.
+        let landed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let l = std::sync::Arc::clone(&landed);
+        let slow = Loader::builder()
+            .device(Device::Cpu)
+            .io_backend(backend)
+            .read_while_planning(policy)
+            .chunk_size(1 << 20)
+            .queue_depth(1)
+            .progress(move |p| {
+                l.store(p.done, std::sync::atomic::Ordering::SeqCst);
+                // Each chunk holds the load back, so the timeout comes first.
+                std::thread::sleep(Duration::from_millis(20));
+            })
+            .build()
+            .unwrap();
+        let r = rt.block_on(async { tokio::time::timeout(Duration::from_millis(100), slow.load(&path)).await });
+        assert!(r.is_err(), "the load finished before the timeout");
+        assert!(landed.load(std::sync::atomic::Ordering::SeqCst) > 0, "nothing was read before the drop");
+        drop(slow);
         // A stream dropped after its first tensor.
         let mut stream = loader.stream_blocking(&path).unwrap();
         let first = tensorlift::block_on(stream.next()).unwrap().unwrap();

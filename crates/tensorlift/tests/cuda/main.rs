@@ -207,6 +207,10 @@ fn reference_fixtures_have_the_reference_digests() {
     let loader = base().chunk_size(4096).build().unwrap();
     for (what, path) in [("single", dir.join("single.safetensors")), ("sharded", dir.join("sharded"))] {
         let model = loader.load_blocking(&path).unwrap();
+        // Every tensor the reference wrote there, none missing.
+        let written = manifest.iter().filter(|m| m["file"].as_str().unwrap().starts_with(what)).count();
+        assert_eq!(model.len(), written, "{what}");
+        assert!(written > 0, "{what}");
         for t in model.tensors() {
             let m = manifest.iter().find(|m| m["name"] == t.name()).unwrap();
             assert_eq!(format!("{:x}", Sha256::digest(t.to_host().unwrap())), m["sha256"].as_str().unwrap(), "{what}");
