@@ -249,8 +249,8 @@ def test_errors_have_the_documented_types(fixture, tmp_path):
     bad.write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}x")
     with pytest.raises(ValueError, match="bad.safetensors"):
         tensorlift.load_file(bad, framework="np")
-    with pytest.raises(ValueError):
-        tensorlift.load_file(bad, device="tpu")
+    with pytest.raises(ValueError, match="invalid device 'tpu'"):
+        tensorlift.load_file(str(fixture / "single.safetensors"), device="tpu")
     with pytest.raises(RuntimeError, match="CUDA device 7 is unavailable|cuda:7"):
         tensorlift.load_file(str(fixture / "single.safetensors"), device="cuda:7", framework=None)
     with pytest.raises(ValueError, match="unknown framework 'xla'"):
@@ -324,7 +324,10 @@ def test_tensor_parallel_shares_and_dtype_conversion(tmp_path):
     assert got["model.embed_tokens.weight"].dtype == np.float32
     assert np.array_equal(got["model.embed_tokens.weight"], t["model.embed_tokens.weight"].astype(np.float32))
     streamed = dict(tensorlift.iter_tensors(path, framework="np", dtype="float32", tp=(1, 2, 2)))
-    assert streamed["model.embed_tokens.weight"].shape == (36, 8)  # rows 64..100 of the padded 128
+    # Rows 64..100 of the padded 128, converted exactly.
+    e = streamed["model.embed_tokens.weight"]
+    assert e.dtype == np.float32 and e.shape == (36, 8)
+    assert e.tobytes() == t["model.embed_tokens.weight"][64:100].astype(np.float32).tobytes()
     with pytest.raises(ValueError, match="bfloat16"):
         tensorlift.load_file(path, dtype="int8")
     with pytest.raises(ValueError, match="key/value heads"):

@@ -59,8 +59,9 @@ def test_replicas_on_every_device_from_one_read(fixture, sharded_reference):
     for k, model in enumerate(got["models"]):
         assert sorted(model) == sorted(sharded_reference)
         for name, want in sharded_reference.items():
-            device, _, shape, data = model[name]
+            device, dtype, shape, data = model[name]
             assert device == f"cuda:{k}", name
+            assert dtype == {"float16": "F16", "float32": "F32"}[str(want.dtype)], name
             assert shape == list(want.shape), name
             assert bytes.fromhex(data) == want.tobytes(), f"{name} on cuda:{k}"
     # Read once for the four devices: what one device's load reads; the load's bytes and
@@ -92,6 +93,7 @@ def test_tensor_parallel_ranks_get_their_slices(tmp_path):
     """,
         tmp_path / "model.safetensors",
     )
+    assert len(got["models"]) == world
     for rank, model in enumerate(got["models"]):
 
         def part(n):

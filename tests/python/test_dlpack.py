@@ -172,8 +172,11 @@ def test_errors_have_python_types(tmp_path):
     bad.write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}x")
     with pytest.raises(ValueError, match="bad.safetensors"):
         tensorlift.load_file(str(bad))
-    with pytest.raises(ValueError):
-        tensorlift.load_file(str(bad), device="gpu")
+    from safetensors.numpy import save_file as np_save
+
+    np_save({"a": np.arange(3, dtype=np.float32)}, str(tmp_path / "ok.safetensors"))
+    with pytest.raises(ValueError, match="invalid device 'gpu'"):
+        tensorlift.load_file(str(tmp_path / "ok.safetensors"), device="gpu")
 
 
 def test_a_gathered_twin_of_a_viewed_storage_has_the_storage_bytes(tmp_path):

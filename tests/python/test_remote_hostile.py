@@ -128,7 +128,10 @@ def test_an_error_reply_that_claims_a_petabyte_is_read_as_a_message():
         conn.shutdown(socket.SHUT_RDWR)
 
     out, _, seen = _run(handler, "model/")
+    # The server's own words: its status, and the body it sent, from both writes (as much of
+    # the second as came before the connection closed).
     assert "error:" in out and seen, out
+    assert "404 Not Found: " + "x" * 1000 + "y" in out, out[-3000:]
     assert _rss_mb(out) < 400, out
 
 

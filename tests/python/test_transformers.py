@@ -19,6 +19,11 @@ else:
 import tensorlift
 
 
+def bits(t):
+    """A tensor's bytes, to compare bit for bit (-0.0 is not 0.0; NaNs compare by payload)."""
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
 def llama():
     config = transformers.LlamaConfig(
         vocab_size=256,
@@ -82,8 +87,8 @@ def test_from_pretrained_through_tensorlift_equals_stock(tmp_path, make, dtype, 
     assert sorted(got) == sorted(want)
     for name, t in want.items():
         assert got[name].dtype == t.dtype and got[name].shape == t.shape, name
-        assert torch.equal(got[name].view(torch.uint8) if t.dtype == torch.bool else got[name], t), name
-    assert torch.equal(outputs(ours), outputs(stock))
+        assert torch.equal(bits(got[name]), bits(t)), name
+    assert torch.equal(bits(outputs(ours)), bits(outputs(stock)))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu-host runs it)")
@@ -101,13 +106,13 @@ def test_from_pretrained_onto_a_gpu_through_tensorlift_equals_stock(tmp_path, ma
     assert sorted(got) == sorted(want)
     for name, t in want.items():
         assert t.device.type == "cuda" and got[name].device == t.device, name
-        assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+        assert got[name].dtype == t.dtype and torch.equal(bits(got[name]), bits(t)), name
     ids = torch.tensor([[1, 5, 9, 17, 33, 65, 3, 2]], device="cuda:0")
     with torch.no_grad():
         a, b = ours(input_ids=ids), stock(input_ids=ids)
     a = a.logits if hasattr(a, "logits") else a.last_hidden_state
     b = b.logits if hasattr(b, "logits") else b.last_hidden_state
-    assert torch.equal(a, b)
+    assert torch.equal(bits(a), bits(b))
 
 
 def test_patch_is_undone_and_falls_back_for_what_tensorlift_does_not_load(tmp_path):
@@ -203,14 +208,27 @@ def test_a_model_loaded_through_tensorlift_trains(tmp_path):
     torch.manual_seed(0)
     llama()[0].save_pretrained(tmp_path)
     child = (
-        "import sys, torch, transformers, tensorlift\n"
+        "import os, sys, torch, transformers, safetensors, tensorlift\n"
+        "def mapped(t):\n"
+        "    a = t.data_ptr()\n"
+        "    for line in open('/proc/self/maps'):\n"
+        "        f = line.split()\n"
+        "        lo, hi = (int(x, 16) for x in f[0].split('-'))\n"
+        "        if lo <= a < hi:\n"
+        "            return len(f) > 5 and f[5].endswith('model.safetensors')\n"
+        "    return False\n"
         "with tensorlift.patch():\n"
+        "    assert safetensors.safe_open is tensorlift._patched_safe_open\n"
         "    m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)\n"
+        "views = [p for p in m.parameters() if mapped(p)]\n"
+        "assert views, 'no parameter is a view of the mapped file'\n"
+        "before = views[0].detach().clone()\n"
         "opt = torch.optim.SGD(m.parameters(), lr=0.1)\n"
         "ids = torch.tensor([[1, 2, 3]])\n"
         "m(input_ids=ids, labels=ids).loss.backward()\n"
         "opt.step()\n"
-        "print('trained')\n"
+        "assert not torch.equal(views[0].detach(), before), 'the step left the mapped parameter as it was'\n"
+        "print('trained', len(views))\n"
     )
     before = (tmp_path / "model.safetensors").read_bytes()
     out = subprocess.run([sys.executable, "-c", child, str(tmp_path)], capture_output=True, encoding="utf-8", errors="replace",

@@ -95,6 +95,9 @@ def test_every_rank_gets_every_tensor_as_the_reference_reads_it(tmp_path):
         got = results[rank]["tensors"]
         # Each file's tensors, in the order of the files (rank 0's list).
         assert sorted(n for n, _ in got) == sorted(n for n, _ in want)
+        file_of = {n: i for i, p in enumerate(paths) for n in load_file(p)}
+        order = [file_of[n] for n, _ in got]
+        assert order == sorted(order), order
         got = dict(got)
         for name, t in want:
             g = got[name]
