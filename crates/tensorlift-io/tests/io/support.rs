@@ -23,7 +23,15 @@ pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
 pub const BACKENDS: [BackendKind; 2] = [BackendKind::Uring, BackendKind::Pread];
 
 pub fn reader(backend: BackendKind, faults: Faults) -> Reader {
-    Reader::builder().backend(backend).queue_depth(16).faults(faults).build()
+    let refused = faults.refuse_uring.is_some();
+    let r = Reader::builder().backend(backend).queue_depth(16).faults(faults).build();
+    // io_uring falls back to pread quietly; where the test command knows the kernel has it
+    // (TENSORLIFT_REQUIRE_URING), a fallback would turn io_uring's tests into pread's.
+    if backend == BackendKind::Uring && !refused && std::env::var_os("TENSORLIFT_REQUIRE_URING").is_some() {
+        let report = r.report();
+        assert_eq!(report.backend, BackendKind::Uring, "io_uring was asked for and refused: {}", report.reason);
+    }
+    r
 }
 
 pub fn faults(f: impl FnOnce(&mut Faults)) -> Faults {

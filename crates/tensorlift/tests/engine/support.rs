@@ -47,6 +47,12 @@ pub fn reading_loaders_with(chunk: usize, more: impl Fn(LoaderBuilder) -> Loader
     for backend in [BackendKind::Uring, BackendKind::Pread] {
         for direct in [DirectIo::Always, DirectIo::Never, DirectIo::Auto] {
             let l = more(base().io_backend(backend).direct_io(direct).chunk_size(chunk)).build().unwrap();
+            // (Where the test command knows the kernel has io_uring, a quiet fallback to pread
+            // would make these pread's loads twice.)
+            if backend == BackendKind::Uring && std::env::var_os("TENSORLIFT_REQUIRE_URING").is_some() {
+                let io = l.io_report();
+                assert_eq!(io.backend, BackendKind::Uring, "io_uring was asked for and refused: {}", io.reason);
+            }
             out.push((format!("{backend}/{direct:?}/chunk {chunk}"), l));
         }
     }
