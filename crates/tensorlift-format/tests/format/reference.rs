@@ -27,24 +27,38 @@ pub fn reference_fixture() -> std::path::PathBuf {
 
 #[test]
 fn reference_files_read_identically() {
+    use sha2::{Digest, Sha256};
     let dir = reference_fixture();
     let manifest: Vec<serde_json::Value> =
         serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
-    let single = dir.join("single.safetensors");
-    let bytes = std::fs::read(&single).unwrap();
-    let header = parse_header(&single, &bytes, bytes.len() as u64).unwrap();
-    assert_eq!(header.metadata.as_ref().unwrap()["who"], "reference");
-
-    // The sharded half of the fixture is planned by tensorlift-io's tests (it opens files).
+    // Every file the reference wrote (the single file and each shard): each tensor's dtype,
+    // shape and size, and its bytes where the parsed offsets put them, by the reference's
+    // digest of the array it read.
+    let mut files: Vec<&str> = manifest.iter().map(|w| w["file"].as_str().unwrap()).collect();
+    files.dedup();
+    assert_eq!(files.len(), 3, "{files:?}");
     let mut checked = 0;
-    for want in manifest.iter().filter(|w| w["file"] == "single.safetensors") {
-        let name = want["name"].as_str().unwrap();
-        let t = header.tensors.iter().find(|t| t.name == name).unwrap();
-        assert_eq!(t.dtype.to_string(), want["dtype"].as_str().unwrap(), "{name}");
-        let want_shape: Vec<usize> = serde_json::from_value(want["shape"].clone()).unwrap();
-        assert_eq!(t.shape, want_shape, "{name}");
-        assert_eq!(t.len(), want["nbytes"].as_u64().unwrap(), "{name}");
-        checked += 1;
+    for file in files {
+        let path = dir.join(file);
+        let bytes = std::fs::read(&path).unwrap();
+        let header = parse_header(&path, &bytes, bytes.len() as u64).unwrap();
+        if file == "single.safetensors" {
+            assert_eq!(header.metadata.as_ref().unwrap()["who"], "reference");
+        }
+        let wanted: Vec<&serde_json::Value> = manifest.iter().filter(|w| w["file"] == file).collect();
+        assert_eq!(wanted.len(), header.tensors.len(), "{file}");
+        for want in wanted {
+            let name = want["name"].as_str().unwrap();
+            let t = header.tensors.iter().find(|t| t.name == name).unwrap();
+            assert_eq!(t.dtype.to_string(), want["dtype"].as_str().unwrap(), "{name}");
+            let want_shape: Vec<usize> = serde_json::from_value(want["shape"].clone()).unwrap();
+            assert_eq!(t.shape, want_shape, "{name}");
+            assert_eq!(t.len(), want["nbytes"].as_u64().unwrap(), "{name}");
+            let start = (header.data_start() + t.data_offsets.0) as usize;
+            let data = &bytes[start..start + t.len() as usize];
+            assert_eq!(format!("{:x}", Sha256::digest(data)), want["sha256"].as_str().unwrap(), "{file}: {name}");
+            checked += 1;
+        }
     }
-    assert_eq!(checked, header.tensors.len());
+    assert_eq!(checked, manifest.len());
 }
