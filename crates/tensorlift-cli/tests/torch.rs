@@ -33,6 +33,27 @@ fn sha256_of_hex(hex: &str) -> String {
     format!("{:x}", Sha256::digest(&bytes))
 }
 
+/// name -> sha256 of each tensor the reference `safetensors` (with torch, from the test
+/// environment's python3) reads from the files `convert` wrote in `dir`, following its index.
+fn by_reference(dir: &Path) -> BTreeMap<String, String> {
+    let script = "import hashlib, json, os, sys, torch\n\
+                  from safetensors import safe_open\n\
+                  d = sys.argv[1]\n\
+                  index = os.path.join(d, 'model.safetensors.index.json')\n\
+                  files = sorted(set(json.load(open(index))['weight_map'].values())) if os.path.exists(index) \
+                  else ['model.safetensors']\n\
+                  got = {}\n\
+                  for f in files:\n\
+                  \x20   with safe_open(os.path.join(d, f), framework='pt') as st:\n\
+                  \x20       for k in st.keys():\n\
+                  \x20           t = st.get_tensor(k).contiguous().reshape(-1).view(torch.uint8)\n\
+                  \x20           got[k] = hashlib.sha256(t.numpy().tobytes()).hexdigest()\n\
+                  print(json.dumps(got))\n";
+    let out = Command::new("python3").args(["-c", script, s(dir)]).output().expect("python3 is needed");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// name -> sha256 of each tensor `tensorlift load` reads from `dir`.
 fn loaded(dir: &Path) -> BTreeMap<String, String> {
     digests(&tensorlift(&["load", "--device", "cpu", "--digest", "sha256", "--json", s(dir)]))
@@ -58,6 +79,8 @@ fn converted_checkpoints_load_back_to_numpys_bytes() {
             let out = tensorlift(&["convert", s(&fixture(file)), s(&dst), "--max-shard-size", max]);
             assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
             assert_eq!(loaded(&dst), expected("every_dtype"), "{file} {max}");
+            // And as the reference reads what convert wrote, its index followed.
+            assert_eq!(by_reference(&dst), expected("every_dtype"), "{file} {max}: the reference's reading");
             for shard in std::fs::read_dir(&dst).unwrap().map(|e| e.unwrap().path()) {
                 if shard.extension().is_some_and(|e| e == "safetensors") {
                     assert_aligned(&shard);
