@@ -3,7 +3,16 @@ import os
 
 
 def shard_paths(folder):
-    """The .safetensors files of a checkpoint folder, sorted."""
+    """The .safetensors files of a checkpoint folder, sorted: those its
+    model.safetensors.index.json names where it has one (a folder may hold other files
+    beside the shards, such as Mistral's consolidated.safetensors), else every one."""
+    import json
+
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            names = set(json.load(f)["weight_map"].values())
+        return sorted(os.path.join(folder, n) for n in names)
     return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors"))
 
 

@@ -327,6 +327,7 @@ def main():
                 evict(paths) if mode == "cold" else warm(paths)
                 if mode == "warm-idle":
                     time.sleep(a.idle_secs)
+                tensors = None
                 try:
                     t = time.perf_counter()
                     if name == "tensorlift-cli":
@@ -341,12 +342,14 @@ def main():
                     if moved[name] != expected:
                         raise RuntimeError(f"it handed back {moved[name]} tensor bytes of the files' {expected}")
                     times[name].append(elapsed)
-                    tensors = None
-                    if not cpu:
-                        torch.cuda.empty_cache()
                 except Exception as e:  # a peer's API changed, or it does not run here
                     notes[name] = f"failed: {type(e).__name__}: {e}"
                     times.pop(name)
+                finally:
+                    # Freed before the next engine's run, whatever happened in this one.
+                    tensors = None
+                    if not cpu:
+                        torch.cuda.empty_cache()
         results["modes"][mode] = {n: {"median_s": statistics.median(v), "gbps": moved[n] / statistics.median(v) / 1e9, "runs_s": v,
                                       "settings": SETTINGS.get(n, "defaults")} for n, v in times.items() if v}
         print(f"\n{mode} cache, median of {a.runs} runs (fastest-slowest)")

@@ -401,23 +401,37 @@ pub fn h2d_limit(gpu: tensorlift_cuda::Gpu) -> anyhow::Result<Entry> {
     })
 }
 
-/// Checks the tensors a `tensorlift` run holds against the safetensors crate's reading of
-/// each shard (a parser and a read path that are not tensorlift's), copying device tensors
-/// back: every tensor of every shard, and nothing else. `Ok(false)` where `held` is not a
-/// plain load's (several devices, a group).
+/// Checks the tensors a `tensorlift` run holds against the files read here, without
+/// tensorlift: each shard's header parsed as plain JSON, and each tensor's bytes read at its
+/// offsets (one tensor in memory at a time), device tensors copied back. Every tensor of
+/// every shard, and nothing else. `Ok(false)` where `held` is not a plain load's (several
+/// devices, a group).
 pub fn check_tensorlift(c: &Checkpoint, held: &dyn Any) -> anyhow::Result<bool> {
+    use std::os::unix::fs::FileExt;
     let Some(model) = held.downcast_ref::<Held>().and_then(|h| h.model.as_ref()) else { return Ok(false) };
     let mut seen = 0usize;
-    let mut host = Vec::new();
+    let (mut got, mut want) = (Vec::new(), Vec::new());
     for path in &c.shards {
-        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        let st =
-            safetensors::SafeTensors::deserialize(&bytes).with_context(|| format!("parsing {}", path.display()))?;
-        for (name, view) in st.tensors() {
-            let t = model.get(&name).with_context(|| format!("{}: tensor '{name}' was not loaded", path.display()))?;
-            host.resize(t.len(), 0);
-            t.copy_bytes_into(&mut host).with_context(|| format!("tensor '{name}': copying it back"))?;
-            anyhow::ensure!(host == view.data(), "{}: tensor '{name}' differs from the file's bytes", path.display());
+        let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let mut n = [0u8; 8];
+        f.read_exact_at(&mut n, 0)?;
+        let n = u64::from_le_bytes(n);
+        let mut header = vec![0u8; usize::try_from(n)?];
+        f.read_exact_at(&mut header, 8)?;
+        let header: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&header).with_context(|| format!("{}: its header", path.display()))?;
+        for (name, entry) in header.iter().filter(|(k, _)| *k != "__metadata__") {
+            let offsets =
+                entry["data_offsets"].as_array().and_then(|o| Some((o.first()?.as_u64()?, o.get(1)?.as_u64()?)));
+            let Some((begin, end)) = offsets else {
+                anyhow::bail!("{}: tensor '{name}' has no offsets", path.display())
+            };
+            want.resize(usize::try_from(end - begin)?, 0);
+            f.read_exact_at(&mut want, 8 + n + begin)?;
+            let t = model.get(name).with_context(|| format!("{}: tensor '{name}' was not loaded", path.display()))?;
+            got.resize(t.len(), 0);
+            t.copy_bytes_into(&mut got).with_context(|| format!("tensor '{name}': copying it back"))?;
+            anyhow::ensure!(got == want, "{}: tensor '{name}' differs from the file's bytes", path.display());
             seen += 1;
         }
     }

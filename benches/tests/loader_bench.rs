@@ -9,7 +9,7 @@ fn bench(args: &[&str], cache: &std::path::Path) -> std::process::Output {
 
 #[test]
 fn json_report_has_engines_limits_and_skips() {
-    let cache = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let out = bench(
         &["--synthetic", "24M", "--shards", "3", "--dtype", "mixed", "--runs", "2", "--device", "cpu", "--json"],
         cache.path(),
@@ -67,7 +67,7 @@ fn json_report_has_engines_limits_and_skips() {
 
 #[test]
 fn bad_arguments() {
-    let cache = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     assert_eq!(bench(&["--baselines", "torch"], cache.path()).status.code(), Some(1));
     assert_eq!(bench(&["--synthetic", "lots"], cache.path()).status.code(), Some(2));
     assert_eq!(bench(&["--dir", "/nonexistent/model"], cache.path()).status.code(), Some(1));
@@ -78,7 +78,7 @@ fn bad_arguments() {
 
 #[test]
 fn idle_memory_is_a_mode_of_its_own() {
-    let cache = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let out = bench(
         &[
             "--synthetic",
@@ -108,7 +108,7 @@ fn idle_memory_is_a_mode_of_its_own() {
 fn both_copy_limits_are_measured_on_a_device() {
     // The emulated driver (a real one with TENSORLIFT_TEST_DRIVER=real): the limits are
     // copies of memory here, and only their shape is checked.
-    let cache = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_loader-bench"));
     cmd.args(["--synthetic", "24M", "--runs", "1", "--cache", "warm", "--baselines", "none", "--device", "cuda:0"])
         .args(["--json", "--cache-dir"])
@@ -134,7 +134,7 @@ fn a_group_of_processes_reads_each_byte_once() {
     if tensorlift_testkit::real_driver() {
         return;
     }
-    let cache = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let emulator = tensorlift_testkit::emulated_driver();
     let out = Command::new(env!("CARGO_BIN_EXE_loader-bench"))
         .args(["--synthetic", "24M", "--runs", "2", "--cache", "warm", "--baselines", "none", "--group", "2"])
@@ -174,7 +174,7 @@ fn a_group_of_processes_reads_each_byte_once() {
 /// cold run then fails, saying so, rather than report a warm figure as a cold one.
 #[test]
 fn a_cold_run_that_cannot_start_cold_fails() {
-    let cache = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let args = ["--synthetic", "8M", "--shards", "2", "--runs", "1", "--device", "cpu", "--baselines", "none"];
     let out = bench(&[&args[..], &["--cache", "warm"]].concat(), cache.path());
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
