@@ -116,7 +116,7 @@ fn staging_budget_bounds_bytes_in_flight() {
     let dir = scratch();
     let path = dir.join("m.safetensors");
     let full = write_shard(&path, &[("a", Dtype::U8, &[5 << 20]), ("b", Dtype::U8, &[3 << 20])]);
-    // A budget smaller than a chunk (64 KiB, 12 KiB) holds too: the chunks shrink to it.
+    // A budget smaller than a chunk (64 KiB, 12 KiB) holds too: the chunks shrink to half of it.
     for budget in [12 << 10, 64 << 10, 1 << 20, 3 << 20] {
         let loader = base().chunk_size(256 << 10).staging_budget(budget).queue_depth(1024).build().unwrap();
         let model = loader.load_blocking(&path).unwrap();
