@@ -27,6 +27,10 @@ def run_emulated(code, *args, env=None):
             pytest.fail(f"{EMULATOR} is missing: cargo build -p tensorlift-cuda-emulator")
         pytest.skip(f"no emulated driver at {EMULATOR} (cargo build -p tensorlift-cuda-emulator)")
     env = dict(os.environ, TENSORLIFT_LIBCUDA=EMULATOR, TLEMU_DEVICES="4", **(env or {}))
+    # Unbuffered, Python's stdout hands each print to one write(2) and drops what a partial
+    # write leaves (a pipe fills at 64 KiB); buffered, it writes the rest. The JSON printed
+    # here is larger than a pipe holds.
+    env.pop("PYTHONUNBUFFERED", None)
     out = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code), *map(str, args)], env=env, capture_output=True, text=True
     )
