@@ -15,6 +15,14 @@ fn scratch() -> PathBuf {
     tensorlift_testkit::scratch_in(&std::env::temp_dir(), "tl-candle-")
 }
 
+/// The CUDA driver the tests use: the emulated one here, the real one on a GPU host.
+fn use_test_driver() {
+    if !tensorlift_testkit::real_driver() {
+        // SAFETY: tensorlift's emulated driver, which defines the driver API as it is.
+        unsafe { tensorlift_cuda::use_driver_library(tensorlift_testkit::emulated_driver()) };
+    }
+}
+
 fn host() -> tensorlift::LoaderBuilder {
     Loader::builder().device(tensorlift::Device::Cpu)
 }
@@ -155,10 +163,7 @@ fn what_candle_cannot_hold_is_an_error_naming_the_tensor() {
 /// the host for candle, and says so.
 #[test]
 fn a_device_load_is_copied_back_for_candle() {
-    if !tensorlift_testkit::real_driver() {
-        // SAFETY: tensorlift's emulated driver, which defines the driver API as it is.
-        unsafe { tensorlift_cuda::use_driver_library(tensorlift_testkit::emulated_driver()) };
-    }
+    use_test_driver();
     let dir = scratch();
     let path = dir.join("m.safetensors");
     let full = write_shard(&path, &[("w", Dtype::F16, &[3, 4])]);
@@ -177,10 +182,7 @@ fn a_device_load_is_copied_back_for_candle() {
 /// than the GPU).
 #[test]
 fn a_load_that_names_no_device_goes_straight_to_the_host() {
-    if !tensorlift_testkit::real_driver() {
-        // SAFETY: tensorlift's emulated driver, which defines the driver API as it is.
-        unsafe { tensorlift_cuda::use_driver_library(tensorlift_testkit::emulated_driver()) };
-    }
+    use_test_driver();
     let dir = scratch();
     let path = dir.join("m.safetensors");
     let full = write_shard(&path, &[("w", Dtype::F32, &[3, 4])]);

@@ -61,11 +61,6 @@ pub(super) fn lend(dev: &CudaDevice, dtype: Dtype, bytes: u64) -> Result<Option<
         let device = crate::Device::Cuda(ordinal(dev));
         Ok(Some(Lent { buffer: DeviceBuffer::new(device, memory), device: dev.clone() }))
     }
-    // candle holds fp8 (E4M3) typed on its devices too (cudarc's `f8` feature, which its
-    // `cuda` feature turns on).
-    if dtype == Dtype::F8_E4M3 {
-        return typed::<float8::F8E4M3>(dev, bytes);
-    }
     with_vec_type!(dtype, T => typed::<T>(dev, bytes), _ => Ok(None))
 }
 
@@ -98,9 +93,6 @@ impl Lent {
             }
             let storage = CudaStorage::wrap_cuda_slice(*slice, device);
             Ok(candle_core::Tensor::from_storage(Storage::Cuda(storage), shape.to_vec(), BackpropOp::none(), false))
-        }
-        if dtype == Dtype::F8_E4M3 {
-            return typed::<float8::F8E4M3>(name, shape, inner, self.device);
         }
         with_vec_type!(dtype, T => typed::<T>(name, shape, inner, self.device), _ => Err(CandleError::Unsupported { tensor: name.to_owned(), dtype }))
     }

@@ -52,7 +52,8 @@ impl<T: bytemuck::Pod> AsMut<[u8]> for Typed<T> {
 }
 
 /// Calls `$body` with `$t` bound to the Rust element type candle stores `$dtype` in, for the
-/// types whose tensors candle builds from a `Vec` of them.
+/// types whose tensors candle builds from a `Vec` of them (fp8 E4M3 among them: candle's own
+/// `float8::F8E4M3`, on the host and, through cudarc's `f8` feature, on its CUDA devices).
 macro_rules! with_vec_type {
     ($dtype:expr, $t:ident => $body:expr, _ => $other:expr) => {
         match $dtype {
@@ -90,6 +91,10 @@ macro_rules! with_vec_type {
             }
             Dtype::F64 => {
                 type $t = f64;
+                $body
+            }
+            Dtype::F8_E4M3 => {
+                type $t = float8::F8E4M3;
                 $body
             }
             _ => $other,
@@ -187,11 +192,6 @@ fn typed_buffer(dtype: Dtype, bytes: u64) -> Result<Option<HostBuffer>, String> 
         let v = bytemuck::allocation::try_zeroed_vec::<T>(bytes / std::mem::size_of::<T>()).ok()?;
         Some(HostBuffer::new(Typed(v)))
     }
-    // candle's host tensors hold fp8 (E4M3) typed, so it is lent like the types of the macro
-    // (which its CUDA side shares, where this one is not lent).
-    if dtype == Dtype::F8_E4M3 {
-        return zeroed::<float8::F8E4M3>(bytes).map(Some).ok_or_else(failed);
-    }
     with_vec_type!(dtype, T => zeroed::<T>(bytes).map(Some).ok_or_else(failed), _ => Ok(None))
 }
 
@@ -206,9 +206,6 @@ fn from_buffer(name: &str, dtype: Dtype, shape: &[usize], buf: HostBuffer) -> Re
         let v = inner.downcast::<Typed<T>>().map_err(|_| changed_type(name))?;
         candle_core::Tensor::from_vec(v.0, shape, &candle_core::Device::Cpu)
             .map_err(|source| CandleError::Candle { tensor: name.to_owned(), source })
-    }
-    if dtype == Dtype::F8_E4M3 {
-        return tensor::<float8::F8E4M3>(name, shape, inner);
     }
     with_vec_type!(dtype, T => tensor::<T>(name, shape, inner), _ => Err(CandleError::Unsupported { tensor: name.to_owned(), dtype }))
 }
