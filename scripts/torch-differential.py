@@ -294,6 +294,21 @@ def main():
         plain = {"a": torch.ones(2), "b": torch.arange(3)}
         case(f"plain_dict.{layout}", lambda p, kw=kw, d=plain: save(p, d, **kw))
         case(f"empty.{layout}", lambda p, kw=kw: save(p, collections.OrderedDict(), **kw))
+    # as_strided views, whose dimensions may overlap or interleave. Close together, they are
+    # read whole; spread wider than 8 MiB beyond their own size, they are read through a
+    # window that moves forward only: a slice so spread is read as torch reads it, and a
+    # view whose walk through the storage would go back is refused.
+    small = torch.arange(64, dtype=torch.uint8)
+    close = {"overlap": small.as_strided([2] * 5, [3] * 5), "interleave": small.as_strided([3, 2], [2, 3])}
+    case("as_strided_close.zip", lambda p: save(p, close))
+    mib = 1 << 20
+    wide = torch.arange(14 * mib + 1, dtype=torch.int64).to(torch.uint8)
+    case("as_strided_wide_slice.zip", lambda p: save(p, {"w": wide.as_strided([2, 3], [9 * mib, 2])}))
+    case(
+        "as_strided_wide_back.zip",
+        lambda p: save(p, {"w": wide.as_strided([3, 2], [4 * mib, 6 * mib])}),
+        tensorlift_refuses="overlap or interleave",
+    )
     # What torch reads and tensorlift cannot hold.
     case("complex128.zip", lambda p: save(p, {"c": torch.ones(2, dtype=torch.complex128)}), tensorlift_refuses="complex128")
     case(
@@ -528,6 +543,7 @@ def main():
     # The zip64 end record (which torch.save always writes, and torch reads the directory
     # from) names a second central directory, where data/0 is other bytes: refused.
     case("rt_zip64_names_another_directory", zip64_other_directory, tensorlift_refuses="two central directories")
+    case("rt_zip64_two_offset_fields", zip64_two_fields, names="local header out of the file")
     # A zip64 end record without its signature: ignored, the end record read (as miniz does).
     case("rt_zip64_record_unsigned", zip64_unsigned)
     # Many small tensors, whose list (names, keys, shapes) is large beside their pickle.
@@ -572,6 +588,40 @@ def zip64_other_directory(path):
     z64 = struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, count, count, len(other), other_at)
     locator = struct.pack("<IIQI", 0x07064B50, 0, len(body), 1)
     end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, count, count, len(cd), first_at, 0)
+    with open(path, "wb") as f:
+        f.write(body + z64 + locator + end)
+
+
+def zip64_two_fields(path):
+    """A torch.save archive whose data/0 has its local header's offset in a zip64 extra
+    field, twice: the first names 0xFFFFFFFF (past the file's end), the second its own
+    bytes. miniz, torch's reader, takes the first zip64 field only, and fails."""
+    buf = io.BytesIO()
+    torch.save({"w": torch.arange(4, dtype=torch.float32)}, buf)
+    raw = buf.getvalue()
+    eocd = raw.rfind(b"PK\x05\x06")
+    count, cd_len, cd_at = struct.unpack("<HII", raw[eocd + 10 : eocd + 20])
+    cd = raw[cd_at : cd_at + cd_len]
+    prefix = raw[30 : 30 + struct.unpack("<H", raw[26:28])[0]].split(b"/")[0]
+    name = prefix + b"/data/0"
+    body = raw[:cd_at]
+    new_cd, p = bytearray(), 0
+    while p < len(cd):
+        n, e, c = struct.unpack("<HHH", cd[p + 28 : p + 34])
+        entry = bytearray(cd[p : p + 46 + n + e + c])
+        if bytes(entry[46 : 46 + n]) == name:
+            own = struct.unpack("<I", entry[42:46])[0]
+            struct.pack_into("<I", entry, 42, 0xFFFFFFFF)
+            fields = struct.pack("<HHQ", 1, 8, 0xFFFFFFFF) + struct.pack("<HHQ", 1, 8, own)
+            struct.pack_into("<H", entry, 30, e + len(fields))
+            entry = entry[: 46 + n + e] + fields + entry[46 + n + e :]
+        new_cd += entry
+        p += 46 + n + e + c
+    cd_start = len(body)
+    body += new_cd
+    z64 = struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, count, count, len(new_cd), cd_start)
+    locator = struct.pack("<IIQI", 0x07064B50, 0, len(body), 1)
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, count, count, len(new_cd), 0xFFFFFFFF, 0)
     with open(path, "wb") as f:
         f.write(body + z64 + locator + end)
 

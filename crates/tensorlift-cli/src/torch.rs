@@ -478,11 +478,22 @@ fn write_shards(
         for (i, t) in shard {
             let o = &opened[*i];
             // A contiguous tensor is copied through a buffer of 8 MiB (a tensor of tens of
-            // GB needs no memory of its size); a strided view is gathered whole.
+            // GB needs no memory of its size); a strided view is gathered in memory.
             total += match o.ck.contiguous_range(&o.path, t)? {
                 Some((offset, len)) => copy_range(&o.file, offset, len, &mut w, &mut buf)
                     .with_context(|| format!("copying tensor '{}' from {}", printable(&t.name), o.path.display()))?,
                 None => {
+                    // Memory is committed as it is touched: more than the host has would get
+                    // the process killed midway instead of this error.
+                    let needed = o.ck.gather_memory(&o.path, t)?;
+                    if !tensorlift_io::can_allocate(needed) {
+                        bail!(
+                            "{}: tensor '{}' is a strided view, gathered in memory: it needs {needed} bytes, more \
+                             than this host has available",
+                            o.path.display(),
+                            printable(&t.name)
+                        );
+                    }
                     let bytes = o.ck.tensor_bytes(&o.file, &o.path, t)?;
                     w.write_all(&bytes)?;
                     bytes.len() as u64

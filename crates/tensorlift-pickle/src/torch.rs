@@ -119,18 +119,18 @@ pub struct TorchTensor {
 }
 
 impl TorchTensor {
-    /// Elements.
+    /// Elements (saturating: the product of a shape read from a file fits, checked when
+    /// read, but the fields are public).
     pub fn numel(&self) -> usize {
-        // Checked when read: the non-zero dimensions' product fits.
         if self.shape.contains(&0) {
             0
         } else {
-            self.shape.iter().product()
+            self.shape.iter().fold(1usize, |n, &d| n.saturating_mul(d))
         }
     }
-    /// Bytes once made contiguous.
+    /// Bytes once made contiguous (saturating).
     pub fn nbytes(&self) -> usize {
-        self.numel() * self.dtype.bitsize() / 8
+        self.numel().saturating_mul(self.dtype.bitsize()) / 8
     }
     /// Whether its elements lie in row-major order with no gaps (dimensions of size 1 may
     /// have any stride).
@@ -152,8 +152,12 @@ impl TorchTensor {
         if self.numel() == 0 {
             return None;
         }
-        let last = self.shape.iter().zip(&self.strides).map(|(&d, &s)| (d - 1) * s).sum::<usize>();
-        Some((self.storage_offset, self.storage_offset + last))
+        let last = self
+            .shape
+            .iter()
+            .zip(&self.strides)
+            .fold(0usize, |a, (&d, &s)| a.saturating_add((d - 1).saturating_mul(s)));
+        Some((self.storage_offset, self.storage_offset.saturating_add(last)))
     }
 }
 
@@ -190,16 +194,21 @@ impl TorchCheckpoint {
     /// short since fails the read of them); `None` for a strided view (its bytes must be
     /// gathered) or an empty tensor.
     pub fn contiguous_range(&self, file: &Path, t: &TorchTensor) -> Result<Option<(u64, u64)>, TorchError> {
-        let st = self.storage_of(file, t)?;
-        let es = t.dtype.bitsize() / 8;
-        let Some((first, last)) = t.element_span().filter(|_| t.is_contiguous()) else { return Ok(None) };
-        Ok(Some((st.offset + (first * es) as u64, ((last - first + 1) * es) as u64)))
+        let view = self.view(file, t)?;
+        Ok((view.nbytes > 0 && t.is_contiguous()).then_some((view.start, view.nbytes)))
     }
 
     /// The tensor's bytes, contiguous, in the file's (little-endian) byte order. A
-    /// contiguous tensor is one read; a strided view is gathered from the rows it touches,
-    /// through a window of at most 8 MiB of the file, so that memory is
-    /// the tensor plus a window however far apart its elements lie in the storage.
+    /// contiguous tensor is one read. A strided view is gathered in the storage's order:
+    /// one whose elements lie close together (the bytes from its first to its last element
+    /// are at most its own size plus 8 MiB, as for a transpose or an `expand`) is read whole,
+    /// once; one spread wider (a slice of a larger storage) is read through a window of at
+    /// most 8 MiB that only moves forward, so that no byte of the file is read twice. A
+    /// view spread wide whose elements also overlap (an `as_strided` view that would be
+    /// read back and forth) is refused.
+    ///
+    /// The memory it takes is [`TorchCheckpoint::gather_memory`]; memory is committed as it
+    /// is touched, so a caller compares that with what the host has first.
     pub fn tensor_bytes<R: ReadAt + ?Sized>(
         &self,
         src: &R,
@@ -207,43 +216,136 @@ impl TorchCheckpoint {
         t: &TorchTensor,
     ) -> Result<Vec<u8>, TorchError> {
         let err = |kind| TorchError { file: file.to_owned(), kind };
-        if let Some((offset, len)) = self.contiguous_range(file, t)? {
-            return read_vec(src, offset, len).map_err(|e| err(e.into()));
+        let view = self.view(file, t)?;
+        if view.nbytes == 0 {
+            return Ok(Vec::new());
         }
-        let st = self.storage_of(file, t)?;
-        let es = t.dtype.bitsize() / 8;
-        let Some((_, last)) = t.element_span() else { return Ok(Vec::new()) };
+        if t.is_contiguous() {
+            return read_vec(src, view.start, view.nbytes).map_err(|e| err(e.into()));
+        }
         let mut out = Vec::new();
-        out.try_reserve_exact(t.nbytes()).map_err(|_| {
+        out.try_reserve_exact(view.nbytes as usize).map_err(|_| {
             err(ErrorKind::Tensor {
                 tensor: t.name.clone(),
-                message: format!("{} bytes could not be allocated", t.nbytes()),
+                message: format!("{} bytes could not be allocated", view.nbytes),
             })
         })?;
-        out.resize(t.nbytes(), 0);
-        gather(src, st.offset, es, t, (last + 1) * es, GATHER_WINDOW, &mut out).map_err(|e| err(e.into()))?;
+        out.resize(view.nbytes as usize, 0);
+        gather_view(src, &view, t, GATHER_WINDOW, &mut out).map_err(|e| match e {
+            Gather::Io(e) => err(e.into()),
+            Gather::Overlapping => err(ErrorKind::Tensor { tensor: t.name.clone(), message: overlapping(&view) }),
+        })?;
         Ok(out)
+    }
+
+    /// The host memory [`TorchCheckpoint::tensor_bytes`] takes for `t`: its bytes, and for a
+    /// strided view read whole the bytes it spans, else a window.
+    pub fn gather_memory(&self, file: &Path, t: &TorchTensor) -> Result<u64, TorchError> {
+        let view = self.view(file, t)?;
+        Ok(match () {
+            _ if view.nbytes == 0 || t.is_contiguous() => view.nbytes,
+            _ if view.dense(GATHER_WINDOW) => view.nbytes + view.span,
+            _ => view.nbytes + GATHER_WINDOW as u64,
+        })
+    }
+
+    /// Where `t`'s bytes lie, checked again against its storage (the fields are public).
+    fn view(&self, file: &Path, t: &TorchTensor) -> Result<View, TorchError> {
+        let st = self.storage_of(file, t)?;
+        let bad = |message: &str| TorchError {
+            file: file.to_owned(),
+            kind: ErrorKind::Tensor { tensor: t.name.clone(), message: message.to_owned() },
+        };
+        if t.shape.len() != t.strides.len() {
+            return Err(bad("its shape and strides differ in length"));
+        }
+        let es = (t.dtype.bitsize() / 8) as u64;
+        if es == 0 {
+            return Err(bad("its type is packed below a byte"));
+        }
+        let numel = if t.shape.contains(&0) {
+            0
+        } else {
+            t.shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64)).ok_or_else(|| bad("its size overflows"))?
+        };
+        let nbytes =
+            numel.checked_mul(es).filter(|&n| usize::try_from(n).is_ok()).ok_or_else(|| bad("its size overflows"))?;
+        if numel == 0 {
+            return Ok(View { start: st.offset, nbytes: 0, span: 0, es: es as usize });
+        }
+        let last = t
+            .shape
+            .iter()
+            .zip(&t.strides)
+            .try_fold(t.storage_offset as u64, |at, (&d, &s)| at.checked_add((d as u64 - 1).checked_mul(s as u64)?))
+            .and_then(|last| last.checked_add(1)?.checked_mul(es))
+            .filter(|&end| end <= st.len)
+            .ok_or_else(|| bad("its elements run past the end of its storage"))?;
+        let first = t.storage_offset as u64 * es;
+        Ok(View { start: st.offset + first, nbytes, span: last - first, es: es as usize })
     }
 }
 
-/// The most bytes of a storage held at once while a strided view is gathered from it.
+/// Where a tensor's elements lie in the file.
+struct View {
+    /// File offset of its first element.
+    start: u64,
+    /// Its bytes, contiguous.
+    nbytes: u64,
+    /// The bytes from its first element to the end of its last.
+    span: u64,
+    /// Bytes per element.
+    es: usize,
+}
+
+impl View {
+    /// Whether its elements lie close enough together to be read whole (gathering through a
+    /// window of `window` bytes).
+    fn dense(&self, window: usize) -> bool {
+        self.span <= self.nbytes + window as u64
+    }
+}
+
+fn overlapping(view: &View) -> String {
+    format!(
+        "a view whose dimensions overlap or interleave, spread over {} bytes of its storage for {} bytes of \
+         its own, is not gathered (it would be read back and forth): save a contiguous copy of it (`.contiguous()`)",
+        view.span, view.nbytes
+    )
+}
+
+enum Gather {
+    Io(std::io::Error),
+    Overlapping,
+}
+
+/// The most bytes of a storage held at once while a strided view spread wide is gathered.
 const GATHER_WINDOW: usize = 8 << 20;
 
-/// Gathers `t`'s elements (`es` bytes each) from the storage at file offset `base`, whose
-/// bytes the view touches end at `span_end` (relative to `base`), into `out` in row-major
-/// order. Elements are visited in storage order where the strides allow it (dimensions
-/// sorted by stride), so that each window of the file is read once; a row of the output
-/// that is contiguous in the storage is one copy.
-fn gather<R: ReadAt + ?Sized>(
+/// Gathers a strided view (`view` of `t`) into `out`: read whole when dense, else through a
+/// forward-moving window of `window` bytes (refused where its elements overlap).
+fn gather_view<R: ReadAt + ?Sized>(
     src: &R,
-    base: u64,
-    es: usize,
+    view: &View,
     t: &TorchTensor,
-    span_end: usize,
-    window_len: usize,
+    window: usize,
     out: &mut [u8],
-) -> std::io::Result<()> {
-    // (size, stride in the storage, stride in the output) of each dimension that moves.
+) -> Result<(), Gather> {
+    let dims = walk_dims(t);
+    if view.dense(window) {
+        let whole = read_vec(src, view.start, view.span).map_err(Gather::Io)?;
+        // Each run copied straight from memory.
+        gather(&whole[..], 0, view.es, &dims, view.span as usize, 0, out).map_err(Gather::Io)
+    } else if goes_back(&dims) {
+        Err(Gather::Overlapping)
+    } else {
+        gather(src, view.start, view.es, &dims, view.span as usize, window, out).map_err(Gather::Io)
+    }
+}
+
+/// The dimensions of `t` that move, as `(size, stride in the storage, stride in the output)`
+/// in elements, outermost (largest storage stride) first.
+fn walk_dims(t: &TorchTensor) -> Vec<(usize, usize, usize)> {
     let mut dst_stride = 1usize;
     let mut dims: Vec<(usize, usize, usize)> = Vec::with_capacity(t.shape.len());
     for (&n, &s) in t.shape.iter().zip(&t.strides).rev() {
@@ -253,6 +355,39 @@ fn gather<R: ReadAt + ?Sized>(
         dst_stride *= n;
     }
     dims.sort_by(|a, b| b.1.cmp(&a.1).then(b.2.cmp(&a.2)));
+    dims
+}
+
+/// Whether a walk over `dims` (outermost first) goes back in the storage: a dimension's
+/// stride is less than the extent of the dimensions inside it.
+fn goes_back(dims: &[(usize, usize, usize)]) -> bool {
+    let mut extent = 0usize; // elements spanned by the dimensions inside, minus one
+    for &(n, s, _) in dims.iter().rev() {
+        if s < extent {
+            return true;
+        }
+        extent += (n - 1) * s;
+    }
+    false
+}
+
+/// Gathers the elements (`es` bytes each) of a view, whose dimensions that move are `dims`
+/// (from [`walk_dims`]) and whose first element is at file offset `base`, into `out` in
+/// row-major order. The bytes it touches end at `span_end` (relative to `base`). Elements
+/// are visited in storage order (dimensions sorted by stride), and a row of the output that
+/// is contiguous in the storage is one copy; runs shorter than `window` are copied from a
+/// window of the file read at the first run outside it (with `window` 0, each run is read
+/// on its own).
+fn gather<R: ReadAt + ?Sized>(
+    src: &R,
+    base: u64,
+    es: usize,
+    dims: &[(usize, usize, usize)],
+    span_end: usize,
+    window_len: usize,
+    out: &mut [u8],
+) -> std::io::Result<()> {
+    let mut dims = dims.to_vec();
     // The innermost dimension is one run when it is contiguous on both sides.
     let run = match dims.last() {
         Some(&(n, 1, 1)) => {
@@ -265,7 +400,7 @@ fn gather<R: ReadAt + ?Sized>(
     let mut window: Vec<u8> = Vec::new();
     let (mut win_start, mut win_len) = (0usize, 0usize);
     let mut idx = vec![0usize; dims.len()];
-    let (mut at, mut to) = (t.storage_offset * es, 0usize);
+    let (mut at, mut to) = (0usize, 0usize);
     loop {
         let dst = &mut out[to * es..to * es + run_bytes];
         if run_bytes >= window_len {
@@ -757,14 +892,25 @@ fn state_dict(
                 setting: "max_expansion",
             });
         }
-        tensors.push(TorchTensor {
+        let tensor = TorchTensor {
             name: name.to_string(),
             dtype,
             shape,
             strides,
             storage: s.key.clone(),
             storage_offset: to_usize(base.checked_add(offset).ok_or_else(|| tensor_err("offset overflows".into()))?)?,
-        });
+        };
+        if numel > 0 {
+            // Refused now rather than when its bytes are asked for: a view that would be read
+            // back and forth (within the storage, checked above, so nothing overflows).
+            let es = (dtype.bitsize() / 8).max(1) as u64;
+            let last = tensor.element_span().map_or(0, |(first, last)| last - first) as u64;
+            let view = View { start: 0, nbytes: numel * es, span: (last + 1) * es, es: es as usize };
+            if !view.dense(GATHER_WINDOW) && goes_back(&walk_dims(&tensor)) {
+                return Err(tensor_err(overlapping(&view)));
+            }
+        }
+        tensors.push(tensor);
     }
     Ok((tensors, skipped))
 }
@@ -773,6 +919,41 @@ fn state_dict(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// The row-major indexes of `t`'s elements in the order of a walk through the storage:
+    /// sorted by their indexes in the dimensions that move, taken from the largest storage
+    /// stride to the smallest (ties: the outer dimension first).
+    fn walk_order(t: &TorchTensor) -> Vec<usize> {
+        let mut moving: Vec<usize> = (0..t.shape.len()).filter(|&d| t.shape[d] > 1).collect();
+        moving.sort_by(|&a, &b| t.strides[b].cmp(&t.strides[a]).then(a.cmp(&b)));
+        let index = |mut flat: usize| {
+            let mut idx = vec![0usize; t.shape.len()];
+            for d in (0..t.shape.len()).rev() {
+                idx[d] = flat % t.shape[d];
+                flat /= t.shape[d];
+            }
+            moving.iter().map(|&d| idx[d]).collect::<Vec<_>>()
+        };
+        let mut order: Vec<usize> = (0..t.numel()).collect();
+        order.sort_by_key(|&i| index(i));
+        order
+    }
+
+    /// A slice that counts the bytes read from it.
+    struct Counting<'a> {
+        data: &'a [u8],
+        read: std::cell::Cell<u64>,
+    }
+
+    impl ReadAt for Counting<'_> {
+        fn size(&self) -> std::io::Result<u64> {
+            self.data.size()
+        }
+        fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            self.read.set(self.read.get() + buf.len() as u64);
+            self.data.read_exact_at(buf, offset)
+        }
+    }
 
     proptest! {
         /// Any view of a small storage gathers to the bytes an element-by-element walk
@@ -804,9 +985,34 @@ mod tests {
                     idx[d] = 0;
                 }
             }
+            let view = View { start: (offset * es) as u64, nbytes: t.nbytes() as u64, span: ((last + 1 - offset) * es) as u64, es };
+            let src = Counting { data: &storage, read: std::cell::Cell::new(0) };
             let mut out = vec![0u8; t.nbytes()];
-            gather(&storage[..], 0, es, &t, (last + 1) * es, window.max(es), &mut out).unwrap();
-            prop_assert_eq!(out, want);
+            match gather_view(&src, &view, &t, window.max(es), &mut out) {
+                Ok(()) => {
+                    prop_assert_eq!(out, want);
+                    // No byte read twice but where a window's read ends within a run.
+                    prop_assert!(src.read.get() <= view.span + view.nbytes, "{} read", src.read.get());
+                }
+                Err(Gather::Overlapping) => {
+                    // Only views spread wide are refused, and only where the walk in storage
+                    // order would go back.
+                    prop_assert!(view.span > view.nbytes + window.max(es) as u64);
+                    let mut places = Vec::new();
+                    let mut idx = vec![0usize; shape.len()];
+                    for _ in 0..t.numel() {
+                        places.push(offset + idx.iter().zip(&strides).map(|(i, s)| i * s).sum::<usize>());
+                        for d in (0..idx.len()).rev() {
+                            idx[d] += 1;
+                            if idx[d] < shape[d] { break; }
+                            idx[d] = 0;
+                        }
+                    }
+                    let walk: Vec<usize> = walk_order(&t).iter().map(|&i| places[i]).collect();
+                    prop_assert!(walk.windows(2).any(|w| w[1] < w[0]));
+                }
+                Err(Gather::Io(e)) => prop_assert!(false, "{e}"),
+            }
         }
     }
 }

@@ -432,6 +432,9 @@ pub(crate) const MAX_DIMS: usize = 64;
 /// A value in a vector that grows (the stack, a list, the memo), which holds half again
 /// its length on average:
 const VALUE_COST: u64 = size_of::<Value>() as u64 * 3 / 2;
+/// A frame a mark opens: its place in the stack of frames (which grows by doubling), and
+/// the vector of four values its first item allocates.
+const FRAME_COST: u64 = size_of::<Vec<Value>>() as u64 * 3 / 2 + heap(4 * size_of::<Value>());
 /// A container's place in the arena, which grows the same way.
 const SLOT_COST: u64 = size_of::<Container>() as u64 * 3 / 2;
 /// A dict item: a key and a value, and its place in the dict's name table.
@@ -441,8 +444,13 @@ const DICT_ITEM_COST: u64 = 2 * VALUE_COST + 24;
 const MEMO_COST: u64 = 96;
 
 /// What the allocator takes for `n` bytes: a header word, rounded to 16, 32 at least.
-pub(crate) fn heap(n: usize) -> u64 {
-    ((n as u64 + 8).div_ceil(16) * 16).max(32)
+pub(crate) const fn heap(n: usize) -> u64 {
+    let rounded = (n as u64 + 8).div_ceil(16) * 16;
+    if rounded < 32 {
+        32
+    } else {
+        rounded
+    }
 }
 
 /// Bytes of values any pickle may make, however short: a few containers cost more than
@@ -679,10 +687,15 @@ impl Vm {
                     setting: "max_pickle_stack",
                 });
             }
-            // The deepest the stack has been is what it holds in memory.
+            // The deepest the stack has been is what it holds in memory: its values, and each
+            // frame that a mark opened (its place, and the vector its first item allocates).
             if stack.depth > stack.peak {
                 self.charge((stack.depth - stack.peak) as u64 * VALUE_COST)?;
                 stack.peak = stack.depth;
+            }
+            if stack.frames.len() > stack.frame_peak {
+                self.charge((stack.frames.len() - stack.frame_peak) as u64 * FRAME_COST)?;
+                stack.frame_peak = stack.frames.len();
             }
             let underflow = || ErrorKind::pickle(at, format!("stack underflow at opcode 0x{op:02x}"));
             let v = match op {
@@ -1219,6 +1232,8 @@ struct Stack {
     depth: usize,
     /// The deepest it has been, counted against the memory budget.
     peak: usize,
+    /// The most frames it has held, counted against the memory budget.
+    frame_peak: usize,
 }
 
 impl Stack {

@@ -189,9 +189,19 @@ pub fn entries<R: ReadAt + ?Sized>(src: &R, max_entries: usize, max_directory: u
         let extra = dir
             .get(p + 46 + name_len..p + 46 + name_len + extra_len)
             .ok_or_else(|| bad("extra field runs past the directory"))?;
-        // Zip64 sizes and offset, for the fields that hold 0xFFFFFFFF, in this order.
+        // Zip64 sizes and offset, for the fields that hold 0xFFFFFFFF, in this order, from
+        // the first zip64 field only, as miniz (torch's reader) takes them: a second one
+        // must not make us read other bytes than torch. Where one is needed, the extra
+        // fields must fit their area, as miniz requires.
+        let needs_zip64 = [usize_, csize, local].contains(&0xFFFF_FFFF);
         let mut e = 0;
-        while e + 4 <= extra.len() {
+        while e < extra.len() {
+            if needs_zip64 && (e + 4 > extra.len() || e + 4 + usize::from(u16_at(extra, e + 2)) > extra.len()) {
+                return Err(bad(format!("entry '{name}': an extra field runs past its area")));
+            }
+            if e + 4 > extra.len() {
+                break;
+            }
             let (id, n) = (u16_at(extra, e), usize::from(u16_at(extra, e + 2)));
             if id == 1 {
                 let mut q = e + 4;
@@ -204,6 +214,7 @@ pub fn entries<R: ReadAt + ?Sized>(src: &R, max_entries: usize, max_directory: u
                         q += 8;
                     }
                 }
+                break;
             }
             e += 4 + n;
         }
