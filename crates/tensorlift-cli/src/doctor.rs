@@ -297,7 +297,7 @@ fn remote_source(path: &Path) -> (serde_json::Value, String) {
         o.timeout.as_secs_f64()
     );
     let mut v = json!({
-        "url": path.display().to_string(),
+        "url": tensorlift::redact_url(path).display().to_string(),
         "part_size_bytes": o.part_size(),
         "concurrency": o.concurrency,
         "retries": o.retries,

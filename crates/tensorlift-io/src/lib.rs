@@ -71,4 +71,4 @@ pub use process::{join_threads, MadeIn};
 pub use reader::{
     block_on, direct_io_support, BackendKind, Faults, FixedBuffers, IoReport, ReadFuture, Reader, ReaderBuilder, IO_ENV,
 };
-pub use remote::{is_remote, read_object, RemoteObject, RemoteOptions};
+pub use remote::{is_remote, read_object, redact_url, RemoteObject, RemoteOptions};

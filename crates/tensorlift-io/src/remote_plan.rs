@@ -80,7 +80,8 @@ pub(crate) fn open_remote(
     observer: &dyn PlanObserver,
 ) -> Result<Checkpoint, FormatError> {
     let cancelled = || observer.cancelled();
-    let io_err = |source| FormatError::Io { file: path.to_path_buf(), source };
+    // (The URL as printed: one that carries credentials is refused, and the refusal names it.)
+    let io_err = |source| FormatError::Io { file: crate::remote::redact_url(path).into_owned(), source };
     let text = path.to_str().ok_or_else(|| FormatError::NotACheckpoint { file: path.to_path_buf() })?;
     let (place, last) = store::connect(text, &limits.remote).map_err(io_err)?;
     let (place, named) = resolve(place, last).map_err(io_err)?;
@@ -335,6 +336,15 @@ async fn shards(
     names: Vec<(String, Vec<String>)>,
     limits: &PlanLimits,
 ) -> Result<Checkpoint, FormatError> {
+    if index.is_some() {
+        for (name, _) in &names {
+            place.check_indexed(name).map_err(|source| FormatError::ShardUnreadable {
+                file: context.to_path_buf(),
+                shard: name.clone(),
+                source,
+            })?;
+        }
+    }
     // Each fetch is a task of its own, so that it completes (and its request's timeout does
     // not run out) while an earlier PyTorch file is planned, which takes a while.
     let mut fetches = futures_util::stream::iter(names.into_iter().map(|(name, spellings)| {

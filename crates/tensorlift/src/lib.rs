@@ -75,7 +75,7 @@ pub use tensorlift_cuda::{dlpack, CudaError};
 pub use tensorlift_format::Dtype;
 pub use tensorlift_format::{FormatError, LoadPlan, PlannedTensor, Shard};
 pub use tensorlift_io::{
-    block_on, is_remote, BackendKind, Checkpoint, FixedBuffers, IoError, IoReport, MapContract, PlanLimits,
+    block_on, is_remote, redact_url, BackendKind, Checkpoint, FixedBuffers, IoError, IoReport, MapContract, PlanLimits,
     RemoteOptions, UringStatus,
 };
 #[doc(hidden)]

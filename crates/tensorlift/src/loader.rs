@@ -969,7 +969,7 @@ impl Planner {
     }
 
     fn plan_observed(&self, path: &Path, observer: Option<&dyn PlanObserver>) -> Result<Checkpoint, LoadError> {
-        let _span = tracing::info_span!("plan", path = %path.display()).entered();
+        let _span = tracing::info_span!("plan", path = %tensorlift_io::redact_url(path).display()).entered();
         let uncached;
         let limits = if self.verify && self.limits.remote.cache_dir.is_some() && tensorlift_io::is_remote(path) {
             let mut l = self.limits.clone();

@@ -293,6 +293,8 @@ pub(crate) struct CacheFile {
     state: Mutex<Option<Writing>>,
     /// Signalled as writes land, and when the copy is whole or given up.
     landed: Condvar,
+    /// The process writing it: a forked child that drops it leaves the parent's copy be.
+    made: crate::process::MadeIn,
 }
 
 #[derive(Debug)]
@@ -366,7 +368,14 @@ impl CacheFile {
             Ok((file, id)) => {
                 note.file = id;
                 let w = Writing { file, written: Vec::new(), queued: Vec::new() };
-                Some(CacheFile { path, partial, note, state: Mutex::new(Some(w)), landed: Condvar::new() })
+                Some(CacheFile {
+                    path,
+                    partial,
+                    note,
+                    state: Mutex::new(Some(w)),
+                    landed: Condvar::new(),
+                    made: crate::process::MadeIn::here(),
+                })
             }
             Err(e) => {
                 tracing::warn!("{}: not cached: {e}", path.display());
@@ -499,8 +508,9 @@ impl CacheFile {
 
 impl Drop for CacheFile {
     fn drop(&mut self) {
-        // Not whole: nothing to keep.
-        if self.state.get_mut().is_ok_and(|s| s.is_some()) {
+        // Not whole: nothing to keep (unless this is a forked child, whose parent is still
+        // writing it).
+        if self.state.get_mut().is_ok_and(|s| s.is_some()) && !self.made.elsewhere() {
             let _ = std::fs::remove_file(&self.partial);
         }
     }

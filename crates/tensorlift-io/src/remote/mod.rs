@@ -34,6 +34,7 @@ pub(crate) mod read;
 pub(crate) mod runtime;
 pub(crate) mod store;
 
+use std::borrow::Cow;
 use std::path::Path;
 
 pub use options::{RemoteOptions, MIN_PART_SIZE};
@@ -51,4 +52,65 @@ pub fn is_remote(path: &Path) -> bool {
         let lower = p.get(..8).unwrap_or(p).to_ascii_lowercase();
         SCHEMES.iter().any(|s| lower.starts_with(s))
     })
+}
+
+/// `path` as it may be printed: for the URL of a remote checkpoint, without what could be a
+/// credential (a user and password, a query string such as a signed URL's or a SAS token,
+/// a fragment), each replaced by `REDACTED`; anything else as it is. Such URLs are refused,
+/// and the refusal, logs and reports name them through this.
+pub fn redact_url(path: &Path) -> Cow<'_, Path> {
+    let Some(text) = path.to_str().filter(|_| is_remote(path)) else { return Cow::Borrowed(path) };
+    let Ok(mut url) = url::Url::parse(text) else {
+        // Not parsed, so not split: nothing after the scheme is shown.
+        let scheme = text.split("://").next().unwrap_or("");
+        return Cow::Owned(format!("{scheme}://REDACTED (not a URL)").into());
+    };
+    // (Azure Data Lake's `abfss://CONTAINER@ACCOUNT...` names its container where a user
+    // would be: a name, kept.)
+    let container_as_user = matches!(url.scheme(), "abfs" | "abfss") && url.password().is_none();
+    let mut changed = false;
+    if url.password().is_some() {
+        changed |= url.set_password(Some("REDACTED")).is_ok();
+    }
+    if !url.username().is_empty() && !container_as_user {
+        changed |= url.set_username("REDACTED").is_ok();
+    }
+    if url.query().is_some() {
+        url.set_query(Some("REDACTED"));
+        changed = true;
+    }
+    if url.fragment().is_some() {
+        url.set_fragment(Some("REDACTED"));
+        changed = true;
+    }
+    if changed {
+        Cow::Owned(url.as_str().into())
+    } else {
+        Cow::Borrowed(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_are_redacted_and_places_kept() {
+        let r = |s: &str| redact_url(Path::new(s)).to_str().unwrap().to_owned();
+        assert_eq!(r("https://user:TOKEN@host/m/"), "https://REDACTED:REDACTED@host/m/");
+        assert_eq!(r("https://:TOKEN@host/m/"), "https://:REDACTED@host/m/");
+        assert_eq!(
+            r("https://acct.blob.core.windows.net/c/m.safetensors?sv=1&sig=SECRET"),
+            "https://acct.blob.core.windows.net/c/m.safetensors?REDACTED"
+        );
+        assert_eq!(r("s3://bucket/m#SECRET"), "s3://bucket/m#REDACTED");
+        assert_eq!(r("abfss://container@acct.dfs.core.windows.net/m"), "abfss://container@acct.dfs.core.windows.net/m");
+        assert_eq!(
+            r("abfss://container:SECRET@acct.dfs.core.windows.net/m"),
+            "abfss://REDACTED:REDACTED@acct.dfs.core.windows.net/m"
+        );
+        assert_eq!(r("s3://bucket/model/"), "s3://bucket/model/");
+        assert_eq!(r("/local/path?sig=x"), "/local/path?sig=x");
+        assert_eq!(r("https://user:SECRET@[bad/x"), "https://REDACTED (not a URL)");
+    }
 }

@@ -20,7 +20,8 @@ use crate::{IoBufMut, IoError, ReadFailed, ReadFuture};
 /// [`concurrency`](super::RemoteOptions::concurrency) in flight per checkpoint), each body
 /// written straight into its place in the buffer. Each GET asks for the ETag planning saw and
 /// checks the object's length: an object replaced or cut since is
-/// [`IoError::Changed`]. Dropping the future cancels the requests still in flight; the
+/// [`IoError::Changed`]. A range past the end of the object as planned is an error at once.
+/// Dropping the future cancels the requests still in flight; the
 /// buffer is dropped once they have let go of it.
 pub fn read_object<B: IoBufMut>(
     object: &Arc<RemoteObject>,
@@ -34,6 +35,15 @@ pub fn read_object<B: IoBufMut>(
         Ok(buf) => buf,
         Err(done) => return done,
     };
+    // A range past the object's end is no GET's: refused here, with the buffer handed back.
+    if offset.checked_add(len as u64).is_none_or(|end| end > object.len()) {
+        let source = io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("{len} bytes at {offset} run past the end of the {}-byte object", object.len()),
+        );
+        let error = IoError::Read { file: url, offset, len: len as u64, source };
+        return ReadFuture::ready(Err(ReadFailed { error, buf: Some(buf) }));
+    }
     if !buf.ready_for_cpu_writes() {
         let source = io::Error::new(io::ErrorKind::OutOfMemory, "the kernel could not make the buffer's pages present");
         let error = IoError::Read { file: url, offset, len: len as u64, source };

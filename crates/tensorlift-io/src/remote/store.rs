@@ -26,6 +26,20 @@ pub(crate) struct Place {
 }
 
 impl Place {
+    /// An error where `name`, a shard's name from an index, could name something outside
+    /// this folder on a plain HTTP server, which may read more into a path than its parts:
+    /// `..;` (a path parameter, to Tomcat and Spring), `..\\` (a separator, to IIS) or
+    /// `%2e%2e` decoded twice. (The object stores encode every such character.)
+    pub(crate) fn check_indexed(&self, name: &str) -> Result<(), io::Error> {
+        match name.chars().find(|c| matches!(c, '\\' | ';' | '%' | '?' | '#' | ':')) {
+            Some(c) if self.http => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("not read over HTTP: a server could read its '{c}' as more than a name"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// The location and URL of `name` (a relative name, already checked) in this folder.
     pub(crate) fn child(&self, name: &str) -> Result<(ObjectPath, PathBuf), io::Error> {
         let joined = match self.prefix.as_ref() {
@@ -267,7 +281,6 @@ impl RemoteObject {
 
 /// What every object of one remote checkpoint shares: its store, its options, and the bound
 /// on its requests in flight.
-#[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) store: Arc<dyn object_store::ObjectStore>,
     pub(crate) options: RemoteOptions,
@@ -277,6 +290,19 @@ pub(crate) struct Shared {
     /// The process that connected: its connections (and the permits its requests hold)
     /// are that process's, which a forked child must not use.
     pub(crate) made: MadeIn,
+}
+
+impl std::fmt::Debug for Shared {
+    /// The store as it displays itself (its kind and place), never as its `Debug` would
+    /// show it: some stores' credentials (an Azure account key or SAS token, a Google
+    /// bearer token) print their secrets there.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("store", &format_args!("{}", self.store))
+            .field("options", &self.options)
+            .field("cache_key", &self.cache_key)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Shared {
@@ -291,5 +317,32 @@ impl Shared {
                  the parent's): plan or open it again there",
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plans_debug_shows_no_store_credentials() {
+        let store = object_store::azure::MicrosoftAzureBuilder::new()
+            .with_account("account")
+            .with_container_name("container")
+            .with_access_key("U0VDUkVUS0VZU0VDUkVUS0VZ")
+            .build()
+            .unwrap();
+        // What Debug of the store itself would show, which is why Shared does not use it.
+        assert!(format!("{store:?}").contains("U0VDUkVUS0VZ") || format!("{store:?}").contains("83, 69, 67"));
+        let shared = Shared {
+            store: Arc::new(store),
+            options: RemoteOptions::default(),
+            permits: tokio::sync::Semaphore::new(1),
+            cache_key: "key".into(),
+            made: MadeIn::here(),
+        };
+        let shown = format!("{shared:?}");
+        assert!(shown.contains("MicrosoftAzure") && shown.contains("account"), "{shown}");
+        assert!(!shown.contains("U0VDUkVUS0VZ") && !shown.contains("83, 69, 67"), "{shown}");
     }
 }

@@ -39,6 +39,19 @@ fn a_bucket_loads_to_the_files_bytes_by_folder_index_and_file() {
     let plan = loader.plan("s3://bucket/model").unwrap();
     assert!(plan.is_remote());
     assert_eq!(plan.shards()[0].path.to_str(), Some("s3://bucket/model/model-00001-of-00003.safetensors"));
+    // A read of a planned object: its bytes; a range past its end (or whose end overflows)
+    // an error at once, the buffer handed back.
+    let object = plan.remote_object(0).unwrap();
+    let file = std::fs::read(r.root.join("bucket/model/model-00001-of-00003.safetensors")).unwrap();
+    let read = |offset: u64, len: usize| {
+        tensorlift::block_on(tensorlift_io::read_object(object, offset, vec![0u8; len], 0, len))
+    };
+    assert_eq!(read(3, 100).unwrap(), file[3..103]);
+    for (offset, len) in [(file.len() as u64 - 10, 11), (u64::MAX - 4, 8)] {
+        let failed = read(offset, len).unwrap_err();
+        assert!(failed.error.to_string().contains("run past the end of the"), "{}", failed.error);
+        assert_eq!(failed.buf.map(|b| b.len()), Some(len));
+    }
 }
 
 /// Header bytes of every shard in `dir` (8 + N each): what a load does not read again.
@@ -123,6 +136,20 @@ fn an_index_cannot_reach_outside_its_prefix() {
         r.root.join("bucket/secret.safetensors"),
     )
     .unwrap();
+    tensorlift_testkit::write_index(&dir, &[("bool", "../secret.safetensors")]);
+    // Over plain HTTP, names a lenient server could resolve outside the folder (`..;` to
+    // Tomcat, `..\` to IIS, `%2e%2e` decoded twice) are refused before any GET of them.
+    let http = HttpServer::start(&r.root).unwrap();
+    let loader = base().build().unwrap();
+    for shard in ["..;/secret.safetensors", "..\\secret.safetensors", "%2e%2e/secret.safetensors"] {
+        tensorlift_testkit::write_index(&dir, &[("bool", shard)]);
+        let err = loader.load_blocking(format!("http://127.0.0.1:{}/bucket/escape", http.port)).unwrap_err();
+        assert!(
+            matches!(&err, LoadError::Format(FormatError::ShardUnreadable { shard: s, .. }) if s == shard)
+                && err.to_string().contains("not read over HTTP"),
+            "{shard}: {err:?}"
+        );
+    }
     tensorlift_testkit::write_index(&dir, &[("bool", "../secret.safetensors")]);
     let Some(_s3) = r.s3() else { return };
     let err = base().build().unwrap().load_blocking("s3://bucket/escape").unwrap_err();
@@ -309,12 +336,15 @@ fn urls_that_carry_more_than_a_place_are_refused() {
     let loader = base().build().unwrap();
     for (url, says) in [
         ("s3://bucket/model?versionId=3", "query string"),
+        ("https://account.blob.core.windows.net/c/model/?sv=2024&sig=secret", "query string"),
         ("https://user:secret@example.invalid/model/", "credentials in a URL"),
-        ("https://user@example.invalid/model/", "credentials in a URL"),
+        ("https://secret@example.invalid/model/", "credentials in a URL"),
         ("abfss://container:secret@account.dfs.core.windows.net/model/", "credentials in a URL"),
     ] {
         let err = loader.load_blocking(url).unwrap_err().to_string();
         assert!(err.contains(says), "{url}: {err}");
+        // The refusal names the URL without what it refuses.
+        assert!(!err.contains("secret") && err.contains("REDACTED"), "{url}: {err}");
     }
 }
 
