@@ -198,19 +198,24 @@ static DEVICE_MEMORY_ERROR: pyo3::sync::PyOnceLock<Py<pyo3::types::PyType>> = py
 /// The class an argument the reference also refuses (a device) is raised as: a
 /// `SafetensorError`, as the reference raises, and a `ValueError`, as tensorlift raised.
 static ARGUMENT_ERROR: pyo3::sync::PyOnceLock<Py<pyo3::types::PyType>> = pyo3::sync::PyOnceLock::new();
+/// The class a file that cannot be read, or changed, is raised as: an `OSError`, as
+/// tensorlift raised, and a `SafetensorError`, as the reference raises for a read that fails.
+static READ_ERROR: pyo3::sync::PyOnceLock<Py<pyo3::types::PyType>> = pyo3::sync::PyOnceLock::new();
 
-/// Sets the classes invalid checkpoints, short device memory and invalid arguments are
-/// raised as (the package does, once).
+/// Sets the classes invalid checkpoints, short device memory, invalid arguments and failed
+/// reads are raised as (the package does, once).
 #[pyfunction]
 fn _set_error_classes(
     py: Python<'_>,
     invalid: Bound<'_, pyo3::types::PyType>,
     device_memory: Bound<'_, pyo3::types::PyType>,
     argument: Bound<'_, pyo3::types::PyType>,
+    read: Bound<'_, pyo3::types::PyType>,
 ) {
     let _ = FORMAT_ERROR.set(py, invalid.unbind());
     let _ = DEVICE_MEMORY_ERROR.set(py, device_memory.unbind());
     let _ = ARGUMENT_ERROR.set(py, argument.unbind());
+    let _ = READ_ERROR.set(py, read.unbind());
 }
 
 /// An error of the class in `slot`, else of `fallback`'s.
@@ -226,7 +231,7 @@ fn raised_as(
 }
 
 /// The Python exception for a load error: `FileNotFoundError` for a missing path,
-/// `OSError` for a file that cannot be read or changed, `RuntimeError` for an unusable
+/// [`READ_ERROR`]'s class (an `OSError`) for a file that cannot be read or changed, `RuntimeError` for an unusable
 /// device or memory that does not suffice, [`FORMAT_ERROR`]'s class for an invalid
 /// checkpoint, `ValueError` for the rest (with the command line's message).
 fn py_err(e: LoadError) -> PyErr {
@@ -248,7 +253,7 @@ fn py_err(e: LoadError) -> PyErr {
         | LoadError::Format(tensorlift::FormatError::ShardUnreadable { .. })
         | LoadError::Open(_)
         | LoadError::Read { .. }
-        | LoadError::ShardChanged { .. } => pyo3::exceptions::PyOSError::new_err(msg),
+        | LoadError::ShardChanged { .. } => raised_as(&READ_ERROR, msg, pyo3::exceptions::PyOSError::new_err),
         LoadError::DeviceMemory { .. } => raised_as(&DEVICE_MEMORY_ERROR, msg, PyRuntimeError::new_err),
         LoadError::CudaUnavailable { .. }
         | LoadError::Copy { .. }
@@ -286,7 +291,9 @@ fn load(
 ) -> PyResult<Py<PyDict>> {
     let raised = Raised::default();
     let options = Options { dtype, verify, tp, mapped: false, cache_dir };
-    let loader = loader(device, filter, progress, &raised, options)?;
+    // Built without the GIL: building probes the hardware (CUDA's first call can take
+    // seconds), while other threads and Ctrl-C go on.
+    let loader = py.detach(|| loader(device, filter, progress, &raised, options))?;
     let model = wait(py, loader.load(&path), &raised)?.map_err(py_err)?;
     if let Some(d) = stats {
         fill_stats(&d, model.stats())?;
@@ -334,7 +341,7 @@ fn load_devices(
         .collect::<PyResult<Vec<_>>>()?;
     let raised = Raised::default();
     let options = Options { dtype, cache_dir, ..Options::default() };
-    let loader = configure(Loader::builder().devices(plans), filter, progress, &raised, options)?;
+    let loader = py.detach(|| configure(Loader::builder().devices(plans), filter, progress, &raised, options))?;
     let models = wait(py, loader.load_devices(&path), &raised)?.map_err(py_err)?;
     if let (Some(d), Some(m)) = (stats, models.first()) {
         fill_stats(&d, m.stats())?;
@@ -793,7 +800,8 @@ impl PyCheckpoint {
     #[new]
     #[pyo3(signature = (path, device="cpu", mapped=false))]
     fn new(py: Python<'_>, path: std::path::PathBuf, device: &str, mapped: bool) -> PyResult<Self> {
-        let loader = shared_loader(device, mapped)?;
+        // (Built without the GIL, as any loader: its first may probe CUDA.)
+        let loader = py.detach(|| shared_loader(device, mapped))?;
         // Interruptible (Ctrl-C), as a load is: a remote checkpoint's planning may wait on
         // its store.
         let plan = wait(py, loader.plan_async(&path), &Raised::default())?.map_err(py_err)?;
@@ -1004,7 +1012,9 @@ fn iter_tensors(
 ) -> PyResult<PyTensorIterator> {
     let raised = Raised::default();
     let options = Options { dtype, verify, tp, mapped: false, cache_dir };
-    let loader = loader(device, filter, progress, &raised, options)?;
+    // Built without the GIL: building probes the hardware (CUDA's first call can take
+    // seconds), while other threads and Ctrl-C go on.
+    let loader = py.detach(|| loader(device, filter, progress, &raised, options))?;
     let stream = py.detach(|| loader.stream_blocking(&path)).map_err(py_err)?;
     Ok(PyTensorIterator { stream: Some(stream), raised, stats })
 }

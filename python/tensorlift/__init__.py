@@ -81,7 +81,12 @@ class _InvalidArgument(SafetensorError, ValueError):
     the reference raises, and ``ValueError`` as tensorlift raised before."""
 
 
-_set_error_classes(_InvalidFile, DeviceMemoryError, _InvalidArgument)
+class _ReadFailed(SafetensorError, OSError):
+    """A file that cannot be read, or that changed during the load: ``OSError`` as tensorlift
+    raised, and ``SafetensorError`` as the reference raises for a read that fails."""
+
+
+_set_error_classes(_InvalidFile, DeviceMemoryError, _InvalidArgument, _ReadFailed)
 
 
 class _NoTensor(SafetensorError, KeyError):
@@ -250,7 +255,7 @@ def _check_framework(framework, device="cpu"):
         names = ", ".join(repr(n) for n in _FRAMEWORK_NAMES)
         raise _InvalidArgument(f"unknown framework {framework!r} (expected one of {names}, or None)")
     if framework in _frameworks.FRAMEWORKS:
-        _frameworks.check(framework, device)
+        _frameworks.check(framework, device, _InvalidArgument)
     if framework in _NUMPY_NAMES and str(device).split(":")[0] not in ("cpu", "auto"):
         # Before anything is loaded, with the reference's error (numpy arrays live in host
         # memory; "auto" is checked where its tensors land).

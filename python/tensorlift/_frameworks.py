@@ -48,20 +48,21 @@ def installed(framework):
     return importlib.util.find_spec(top) is not None
 
 
-def check(framework, device):
-    """Before a load: the framework's package is importable, and TensorFlow, Paddle and MLX
-    are asked for host tensors only (tensorlift hands them over from host memory)."""
+def check(framework, device, invalid=ValueError):
+    """Before a load: TensorFlow, Paddle and MLX are asked for host tensors only (tensorlift
+    hands them over from host memory; else ``invalid``, the package's error for an argument
+    the reference refuses too, is raised), and the framework's package is importable."""
     import importlib
 
     kind = FRAMEWORKS[framework]
-    importlib.import_module(_MODULE[kind])
     # ("auto" may well be the host; a load that lands on a GPU is refused when it lands.)
     name = str(device).split(":")[0]
     if kind != "jax" and name not in ("cpu", "auto"):
-        raise ValueError(
+        raise invalid(
             f"framework={framework!r}: tensorlift hands {kind} tensors over from host memory only "
             f"(device='cpu', not {device!r})"
         )
+    importlib.import_module(_MODULE[kind])
 
 
 def convert(t, framework, to_numpy):

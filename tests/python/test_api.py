@@ -779,6 +779,20 @@ def test_a_file_rewritten_under_a_handle_is_refused_not_misread(tmp_path, backen
                 read()
 
 
+def test_a_file_cut_short_under_a_pread_handle_is_the_references_error_class(tmp_path):
+    """The reference raises a SafetensorError for a read that fails; tensorlift raises one
+    too (also an OSError, as it raised before, naming the change)."""
+    path = str(tmp_path / "m.safetensors")
+    save_file({"a": np.zeros(4, dtype=np.float32), "b": np.ones(1 << 16, dtype=np.int32)}, path)
+    with safetensors.safe_open(path, framework="np", backend="pread") as ref, tensorlift.safe_open(path, framework="np") as ours:
+        os.truncate(path, 4096)
+        with pytest.raises(safetensors.SafetensorError):
+            ref.get_tensor("b")
+        with pytest.raises(safetensors.SafetensorError, match="changed since it was planned") as e:
+            ours.get_tensor("b")
+        assert isinstance(e.value, OSError)
+
+
 @pytest.mark.parametrize("backend", ["pread", "mmap"])
 def test_an_open_handle_holds_one_descriptor(tmp_path, backend):
     """transformers keeps a handle a shard open while it loads a model: each handle holds one
@@ -869,6 +883,25 @@ def test_numpy_on_a_device_is_the_references_error_before_anything_is_loaded(tmp
     ):
         with pytest.raises(ValueError, match="not supported for framework numpy"):
             call()
+
+
+@pytest.mark.parametrize("framework", ["mlx", "tf", "paddle"])
+def test_host_only_frameworks_on_a_device_are_a_safetensor_error_before_any_import(tmp_path, framework):
+    # The reference refuses them off the host with a SafetensorError as the handle opens;
+    # tensorlift too, before it imports the framework (not installed here: the refusal, not
+    # a ModuleNotFoundError).
+    path = str(tmp_path / "m.safetensors")
+    save_file({"a": np.arange(4, dtype=np.float32)}, path)
+    if framework != "paddle":  # (the reference imports paddle first)
+        with pytest.raises(safetensors.SafetensorError, match="not supported for framework"):
+            safetensors.safe_open(path, framework=framework, device="cuda:0")
+    for call in (
+        lambda: tensorlift.safe_open(path, framework=framework, device="cuda:0"),
+        lambda: tensorlift.load_file(path, device="cuda", framework=framework),
+    ):
+        with pytest.raises(safetensors.SafetensorError, match="from host memory only") as e:
+            call()
+        assert isinstance(e.value, ValueError)
 
 
 def test_arrays_of_a_mapped_file_outlive_its_truncation_as_the_references_copies_do(tmp_path):
