@@ -211,18 +211,34 @@ fn note_path(path: &Path) -> PathBuf {
 pub(crate) fn usable(path: &Path, now: &Note) -> Option<(u64, u64)> {
     let mut text = String::new();
     let note = File::options().read(true).custom_flags(libc::O_NOFOLLOW).open(note_path(path)).ok()?;
+    if !written_by_me(&note.metadata().ok()?) {
+        return None;
+    }
     note.take(MAX_NOTE).read_to_string(&mut text).ok()?;
     let noted = Note::parse(&text)?;
     let meta = std::fs::symlink_metadata(path).ok()?;
     let here = (meta.dev(), meta.ino());
-    (noted.matches(now) && meta.is_file() && meta.len() == now.size && noted.file == here).then_some(here)
+    (noted.matches(now) && meta.is_file() && written_by_me(&meta) && meta.len() == now.size && noted.file == here)
+        .then_some(here)
+}
+
+/// The effective user of this process (`/proc/self` is owned by it).
+fn my_uid() -> Option<u32> {
+    std::fs::metadata("/proc/self").ok().map(|m| m.uid())
+}
+
+/// Whether a note or copy is this user's, and no one else may write it: one another user
+/// made (who swapped the cache folder between its check and its use, through a folder above
+/// it that they may write to) is never read.
+fn written_by_me(meta: &std::fs::Metadata) -> bool {
+    my_uid() == Some(meta.uid()) && meta.mode() & 0o022 == 0
 }
 
 /// Reads the copy at `path` whole, at most `max` bytes (an index, `usable` first).
 pub(crate) fn read_small(path: &Path, file: (u64, u64), max: u64) -> Option<Vec<u8>> {
     let f = File::options().read(true).custom_flags(libc::O_NOFOLLOW).open(path).ok()?;
     let meta = f.metadata().ok()?;
-    if (meta.dev(), meta.ino()) != file || meta.len() > max {
+    if (meta.dev(), meta.ino()) != file || !written_by_me(&meta) || meta.len() > max {
         return None;
     }
     let mut out = Vec::new();
@@ -245,12 +261,13 @@ fn check_root(root: &Path) -> io::Result<()> {
 /// - every folder above it is this user's or root's, and not writable by every user
 ///   unless it is sticky, as `/tmp` is (then they may not move what is ours). A folder its
 ///   group may write to is allowed (a Kubernetes volume's `fsGroup`, a team's folder): a
-///   copy's note names the file it was written to, so a copy swapped in later is not read.
+///   copy's note names the file it was written to, and a note or copy is read only where
+///   it is this user's and no one else may write it, so neither a copy nor a whole folder
+///   swapped in later is read.
 pub(crate) fn trusted(root: &Path) -> io::Result<()> {
     let refuse = |what: String| Err(io::Error::new(io::ErrorKind::PermissionDenied, what));
     let meta = std::fs::metadata(root)?;
-    // /proc/self is owned by the process's effective user.
-    let me = std::fs::metadata("/proc/self").map_or(meta.uid(), |m| m.uid());
+    let me = my_uid().unwrap_or(meta.uid());
     if meta.uid() != me || meta.mode() & 0o022 != 0 {
         return refuse("the cache folder belongs to another user or others may write to it".to_owned());
     }
@@ -291,6 +308,9 @@ pub(crate) struct CacheFile {
     partial: PathBuf,
     note: Note,
     state: Mutex<Option<Writing>>,
+    /// Set (under `state`'s lock) while the whole copy is being synced and named, with no
+    /// lock held: `state` is `None` by then, and `settle` waits for this to clear.
+    finishing: std::sync::atomic::AtomicBool,
     /// Signalled as writes land, and when the copy is whole or given up.
     landed: Condvar,
     /// The process writing it: a forked child that drops it leaves the parent's copy be.
@@ -299,7 +319,9 @@ pub(crate) struct CacheFile {
 
 #[derive(Debug)]
 struct Writing {
-    file: File,
+    /// Written without the lock held (shared with a write in progress), so that a slow disk
+    /// never holds the network's threads, which queue bytes under the lock.
+    file: Arc<File>,
     /// Byte ranges written, sorted and merged.
     written: Vec<Range<u64>>,
     /// Byte ranges queued for the writer (written ones included).
@@ -367,12 +389,13 @@ impl CacheFile {
         match made {
             Ok((file, id)) => {
                 note.file = id;
-                let w = Writing { file, written: Vec::new(), queued: Vec::new() };
+                let w = Writing { file: Arc::new(file), written: Vec::new(), queued: Vec::new() };
                 Some(CacheFile {
                     path,
                     partial,
                     note,
                     state: Mutex::new(Some(w)),
+                    finishing: std::sync::atomic::AtomicBool::new(false),
                     landed: Condvar::new(),
                     made: crate::process::MadeIn::here(),
                 })
@@ -407,7 +430,19 @@ impl CacheFile {
         let deadline = Instant::now() + limit;
         let Ok(mut state) = self.state.lock() else { return };
         loop {
-            let Some(w) = state.as_ref() else { return };
+            let Some(w) = state.as_ref() else {
+                // Whole, and being synced and named: waited for as for the last writes.
+                if self.finishing.load(Ordering::Acquire) {
+                    if let Some(left) = deadline.checked_duration_since(Instant::now()).filter(|l| !l.is_zero()) {
+                        state = match self.landed.wait_timeout(state, left) {
+                            Ok((s, _)) => s,
+                            Err(_) => return,
+                        };
+                        continue;
+                    }
+                }
+                return;
+            };
             let why = if w.queued.first() != Some(&(0..self.note.size)) {
                 "the load read part of it"
             } else {
@@ -432,25 +467,43 @@ impl CacheFile {
     pub(crate) fn write_now(&self, offset: u64, bytes: &[u8]) {
         let end = offset.saturating_add(bytes.len() as u64).min(self.note.size);
         let keep = end.saturating_sub(offset) as usize;
-        let Ok(mut state) = self.state.lock() else { return };
-        let Some(w) = state.as_mut() else { return };
         if keep == 0 {
             return;
         }
-        if let Err(e) = w.file.write_all_at(&bytes[..keep], offset) {
-            drop(state);
+        // The file, taken under the lock and written without it: the network's threads
+        // queue bytes under this lock, and a disk may stall.
+        let file = match self.state.lock() {
+            Ok(state) => match state.as_ref() {
+                Some(w) => Arc::clone(&w.file),
+                None => return,
+            },
+            Err(_) => return,
+        };
+        if let Err(e) = file.write_all_at(&bytes[..keep], offset) {
             return self.drop_copy(&e.to_string(), true);
         }
+        drop(file);
+        let Ok(mut state) = self.state.lock() else { return };
+        // (Given up meanwhile: nothing more to do.)
+        let Some(w) = state.as_mut() else { return };
         add(&mut w.written, offset..end);
         if w.written.first() != Some(&(0..self.note.size)) {
+            drop(state);
             self.landed.notify_all();
             return;
         }
         let Some(done) = state.take() else { return };
-        if let Err(e) = self.finish(done.file) {
+        self.finishing.store(true, Ordering::Release);
+        drop(state);
+        // Whole: synced and named without the lock held. (Only this thread writes, so the
+        // file is this one's alone now.)
+        if let Err(e) = self.finish(&done.file) {
             tracing::warn!("{}: not cached: {e}", self.path.display());
             let _ = std::fs::remove_file(&self.partial);
         }
+        drop(done);
+        let state = self.state.lock();
+        self.finishing.store(false, Ordering::Release);
         drop(state);
         self.landed.notify_all();
     }
@@ -472,7 +525,7 @@ impl CacheFile {
 
     /// The whole copy, synced, takes its name (the old note removed first, so that no note
     /// ever describes other bytes), then its note is written, synced, and named.
-    fn finish(&self, file: File) -> io::Result<()> {
+    fn finish(&self, file: &File) -> io::Result<()> {
         file.sync_all()?;
         let now = std::fs::symlink_metadata(&self.partial)?;
         if (now.dev(), now.ino()) != self.note.file {

@@ -511,6 +511,32 @@ fn a_cache_that_others_could_redirect_is_not_written() {
     std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o700)).unwrap();
     let model = base().remote_cache(&open).build().unwrap().load_blocking("s3://bucket/model").unwrap();
     assert_eq!(model.stats().remote_shards, 0);
+    // A note or copy that others may write, or that another user made (as one who swapped
+    // the whole folder, through a folder above it that they may write to, would have), is
+    // not read: the checkpoint comes from the store (a plan is local only where every
+    // object's copy is usable).
+    let shard = store_folder(&open).join("model/model-00002-of-00003.safetensors");
+    let note = shard.with_extension("safetensors.tlcache");
+    for file in [&shard, &note] {
+        let mode = std::fs::metadata(file).unwrap().permissions().mode();
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(mode | 0o020)).unwrap();
+        let model = base().remote_cache(&open).build().unwrap().load_blocking("s3://bucket/model").unwrap();
+        assert_identical(&model, &truth, "a copy others may write");
+        assert_eq!(model.stats().remote_shards, 3, "{} others may write was read", file.display());
+        // (Read again from the store, it is copied anew: ours, and used.)
+        let model = base().remote_cache(&open).build().unwrap().load_blocking("s3://bucket/model").unwrap();
+        assert_eq!(model.stats().remote_shards, 0);
+    }
+    for file in [&shard, &note] {
+        match std::os::unix::fs::chown(file, Some(65534), None) {
+            Ok(()) => {
+                let model = base().remote_cache(&open).build().unwrap().load_blocking("s3://bucket/model").unwrap();
+                assert_identical(&model, &truth, "another user's copy");
+                assert_eq!(model.stats().remote_shards, 3, "{} of another user was read", file.display());
+            }
+            Err(e) => eprintln!("a file another user owns needs root to make ({e}): that case is not checked"),
+        }
+    }
 }
 
 /// Copies a folder tree (files and folders only), keeping each file's inode new: a copy's
