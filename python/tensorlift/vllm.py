@@ -40,7 +40,9 @@ This module imports vLLM; ``import tensorlift`` does not.
 from __future__ import annotations
 
 import dataclasses
+import collections
 import itertools
+import math
 import os
 import re
 import time
@@ -221,6 +223,11 @@ class TensorliftModelLoader(DefaultModelLoader):
         )
 
 
+# How many bytes of one rank's tensors every rank makes room for before it hears that all
+# could: what split reading holds on a device beyond the model and the file read there (one
+# tensor, where a tensor is larger), and one all-reduce on the CPU group per this many bytes.
+_PLACE_BYTES = 128 << 20
+
 # What TENSORLIFT_USE_SAFETENSORS takes as set (as tensorlift's reader does).
 _TRUE = ("1", "true", "TRUE", "True", "yes")
 
@@ -347,12 +354,28 @@ def _natural_key(path):
     return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", os.path.basename(path))]
 
 
+def _chunks(tensors, size):
+    """``tensors`` (``(name, dtype, shape)``, with ``dtype`` as torch prints it) in runs of
+    about ``size`` bytes: each run ends with the tensor that brings it to ``size`` (so a
+    large tensor ends one)."""
+    run, total = [], 0
+    for name, dtype, shape in tensors:
+        run.append((name, dtype, shape))
+        total += math.prod(shape) * getattr(torch, dtype.rpartition(".")[2]).itemsize
+        if total >= size:
+            yield run
+            run, total = [], 0
+    if run:
+        yield run
+
+
 def _split_and_broadcast(files, device, group, keep, torch_load=None):
     """Each rank of ``group`` reads every ``world_size``-th file (in rounds of one file per
     rank) onto its device; then, rank by rank, each tensor of the round goes from the rank
     that read it to the others by a broadcast on the group's device group. Every rank first
     learns whether the others found their files (``files`` is the exception of a rank that
-    did not) and, each round, read their file and what tensors it holds, so that a failure
+    did not), each round, read their file and what tensors it holds, and, every
+    ``_PLACE_BYTES`` of a file, had room on the device for those tensors, so that a failure
     is raised on every rank instead of leaving the others waiting."""
     import torch.distributed as dist
 
@@ -395,38 +418,43 @@ def _split_and_broadcast(files, device, group, keep, torch_load=None):
             r, error = failed[0]
             raise RuntimeError(f"tensorlift: rank {r} could not read {batch[r]}: {error}")
         for owner, st in enumerate(statuses[: len(batch)]):
-            for name, dtype, shape in st["tensors"]:
-                error = None
+            for chunk in _chunks(st["tensors"], _PLACE_BYTES):
+                # Every rank makes room for a chunk of the owner's tensors (the owner moves
+                # them to its device if it read the file to the host; the others allocate
+                # what they receive into), and every rank hears whether all of them could
+                # before any broadcast: one that could not would leave the others waiting
+                # in a broadcast it never joins.
+                placed, error = collections.deque(), None
                 try:
-                    if owner == me:
-                        # Already there, unless the file was read to the host: moved one at a
-                        # time.
-                        t = mine.pop(name).to(device)
-                    else:
-                        # torch dtypes print as "torch.bfloat16".
-                        t = torch.empty(shape, dtype=getattr(torch, dtype.rpartition(".")[2]), device=device)
+                    for name, dtype, shape in chunk:
+                        if owner == me:
+                            # Already there, unless the file was read to the host.
+                            placed.append((name, mine.pop(name).to(device)))
+                        else:
+                            # torch dtypes print as "torch.bfloat16".
+                            dtype = getattr(torch, dtype.rpartition(".")[2])
+                            placed.append((name, torch.empty(shape, dtype=dtype, device=device)))
                 except Exception as e:
-                    if not st["to_move"]:
-                        raise
-                    error = f"{type(e).__name__}: {e}"
-                if st["to_move"]:
-                    # The owner's device had no room for the file: moving a tensor there may
-                    # fail too, which every rank hears before the broadcast it would wait in.
+                    placed, error = None, (name, f"{type(e).__name__}: {e}")
+                failed = torch.tensor([int(error is not None)])
+                dist.all_reduce(failed, group=group.cpu_group)
+                if failed.item():
                     errors = [None] * world
                     dist.all_gather_object(errors, error, group=group.cpu_group)
-                    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
-                    if failed:
-                        r, e = failed[0]
-                        raise RuntimeError(f"tensorlift: rank {r} could not place '{name}' of {batch[owner]} on its device: {e}")
-                if owner == me:
-                    LAST_LOAD["bytes"] += t.nbytes
-                else:
-                    LAST_LOAD["received"] += 1
-                if t.nbytes:
-                    # As bytes: every dtype crosses gloo and NCCL alike.
-                    group.broadcast(t.reshape(-1).view(torch.uint8), src=owner)
-                LAST_LOAD["tensors"] += 1
-                if keep is None or keep(name):
-                    yield name, t
+                    r, (name, e) = next((r, e) for r, e in enumerate(errors) if e is not None)
+                    raise RuntimeError(f"tensorlift: rank {r} could not place '{name}' of {batch[owner]} on its device: {e}")
+                while placed:
+                    name, t = placed.popleft()
+                    if owner == me:
+                        LAST_LOAD["bytes"] += t.nbytes
+                    else:
+                        LAST_LOAD["received"] += 1
+                    if t.nbytes:
+                        # As bytes: every dtype crosses gloo and NCCL alike.
+                        group.broadcast(t.reshape(-1).view(torch.uint8), src=owner)
+                    LAST_LOAD["tensors"] += 1
+                    if keep is None or keep(name):
+                        yield name, t
+                    t = None
         # Nothing of this round outlives it (its last tensor would hold a whole file).
         t = mine = None

@@ -1,10 +1,12 @@
 """The tensor-parallel path of the vLLM plugin, alone: two processes in a real gloo group
 split the files and broadcast, and each hands over exactly the tensors the reference reader
 reads from every file (every dtype torch has, a 0-d tensor, empty tensors, a rank with no
-file in the last round), in vLLM's order of files. A read that fails on one rank is raised
-on both, naming the rank and the file, instead of leaving the other waiting."""
+file in the last round), in vLLM's order of files. A read that fails on one rank, or a
+tensor one rank has no room to receive, is raised on both, naming the rank and the file,
+instead of leaving the other waiting."""
 import os
 import tempfile
+from datetime import timedelta
 
 import pytest
 import torch
@@ -53,10 +55,22 @@ def write_files(folder):
     return paths
 
 
-def worker(rank, init, paths, results):
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+def worker(rank, init, paths, results, short=None):
+    # A regression that leaves a rank waiting fails in a minute, not gloo's default half hour.
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
     try:
         import tensorlift.vllm as plugin
+
+        if short is not None and rank == short[0]:
+            # This rank's device has no room for a tensor of that shape.
+            empty = torch.empty
+
+            def no_room(*args, **kwargs):
+                if args and isinstance(args[0], (list, tuple)) and list(args[0]) == short[1]:
+                    raise torch.OutOfMemoryError("simulated: no room")
+                return empty(*args, **kwargs)
+
+            torch.empty = no_room
 
         plugin.LAST_LOAD.clear()
         plugin.LAST_LOAD.update(files=[], tensors=0, bytes=0, received=0)
@@ -76,12 +90,12 @@ def worker(rank, init, paths, results):
     os._exit(0)
 
 
-def run(paths):
+def run(paths, short=None):
     with tempfile.TemporaryDirectory() as d:
         init = f"file://{d}/store"
         with mp.Manager() as m:
             results = m.dict()
-            mp.spawn(worker, args=(init, paths, results), nprocs=WORLD, join=True)
+            mp.spawn(worker, args=(init, paths, results, short), nprocs=WORLD, join=True)
             return dict(results)
 
 
@@ -115,6 +129,16 @@ def test_a_failed_read_is_raised_on_every_rank(tmp_path):
     results = run(paths)
     for rank in range(WORLD):
         assert f"tensorlift: rank 1 could not read {paths[1]}" in results[rank]["error"], results[rank]
+
+
+def test_a_rank_without_room_for_a_received_tensor_stops_every_rank(tmp_path):
+    # Rank 1 receives "bf16" (7x3) from rank 0's first file and cannot allocate it: rank 0,
+    # which would broadcast it, hears so instead of waiting for rank 1 in the broadcast.
+    paths = write_files(str(tmp_path))
+    results = run(paths, short=(1, [7, 3]))
+    for rank in range(WORLD):
+        error = results[rank].get("error", "")
+        assert f"tensorlift: rank 1 could not place 'bf16' of {paths[0]} on its device: OutOfMemoryError: simulated: no room" == error, results[rank]
 
 
 if __name__ == "__main__":
