@@ -6,8 +6,10 @@
 //! store, part by part as `object_store` spells it (never `.`, `..` or a separator). Beside
 //! it, `PATH.tlcache` notes what it is a copy of (URL, length, ETag, modification time) and
 //! which file the copy is (device, inode). Bytes land in a temporary file of this copy's own
-//! (created exclusively, never through a link, readable by the owner only) as the load's
-//! GETs bring them, written by a writer thread so that a slow disk never holds a request;
+//! (created exclusively at the first write, never through a link, readable by the owner
+//! only, and opened for each write, so that a plan of many shards holds no descriptor for
+//! their copies) as the load's GETs bring them, written by a writer thread so that a slow
+//! disk never holds a request;
 //! once every byte is there it is synced, any old note is removed, it takes its name, and
 //! then the note is written and synced. A copy is used only when its note matches what the
 //! store says of the object now, and the file planned is the file noted. A load that reads
@@ -168,11 +170,13 @@ fn strong(e_tag: &Option<String>) -> bool {
 /// behind (killed while writing it): past the moment between its making and its lock.
 const ABANDONED: Duration = Duration::from_secs(3600);
 
-/// Removes, once per folder a process copies into, the temporary copies there that no live
-/// writer holds: each writer holds a shared lock on its own for as long as it has it open,
-/// so one that can be locked exclusively (and has not been written for [`ABANDONED`]) was
-/// left by a process killed while writing it. Nothing else would remove them, and each may
-/// be a whole shard. Best effort: what cannot be read, locked or removed stays.
+/// Removes, once per folder a process copies into, the temporary copies there that have not
+/// been written for [`ABANDONED`] and that no write holds (each holds a shared lock on its
+/// file while it writes): left by a process killed while writing them. Nothing else would
+/// remove them, and each may be a whole shard. (A live copy idle that long, of a plan kept
+/// for an hour between reads, is given up by its own process when it next writes or
+/// finishes it and finds it gone.) Best effort: what cannot be read, locked or removed
+/// stays.
 fn sweep_abandoned(folder: &Path) {
     static SWEPT: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
     match SWEPT.lock() {
@@ -319,9 +323,11 @@ pub(crate) struct CacheFile {
 
 #[derive(Debug)]
 struct Writing {
-    /// Written without the lock held (shared with a write in progress), so that a slow disk
-    /// never holds the network's threads, which queue bytes under the lock.
-    file: Arc<File>,
+    /// The device and inode of the temporary file, made at the first write. It is opened
+    /// for each write and closed after (a plan of thousands of shards holds no descriptor
+    /// for their copies), and written without the lock held, so that a slow disk never
+    /// holds the network's threads, which queue bytes under the lock.
+    file: Option<(u64, u64)>,
     /// Byte ranges written, sorted and merged.
     written: Vec<Range<u64>>,
     /// Byte ranges queued for the writer (written ones included).
@@ -331,7 +337,7 @@ struct Writing {
 impl CacheFile {
     /// Starts the copy at `path` (under `root`) of the object `note` describes; `None`
     /// (logged) where it cannot be made.
-    pub(crate) fn create(root: &Path, path: PathBuf, mut note: Note) -> Option<CacheFile> {
+    pub(crate) fn create(root: &Path, path: PathBuf, note: Note) -> Option<CacheFile> {
         static MADE: AtomicU64 = AtomicU64::new(0);
         if !strong(&note.e_tag) {
             tracing::debug!(
@@ -345,7 +351,7 @@ impl CacheFile {
         let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
         partial.push(format!("{PARTIAL}{}-{}-{stamp:x}", std::process::id(), MADE.fetch_add(1, Ordering::Relaxed)));
         let partial = PathBuf::from(partial);
-        let made = (|| -> io::Result<(File, (u64, u64))> {
+        let made = (|| -> io::Result<()> {
             check_root(root)?;
             let parent = path.parent().ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
             let rel = parent.strip_prefix(root).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
@@ -364,32 +370,11 @@ impl CacheFile {
                 }
             }
             sweep_abandoned(parent);
-            let file = File::options()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                .open(&partial)?;
-            // Held, shared, as long as this copy has it open: a sweep leaves it be. (Where
-            // locks cannot be had, as on some network file systems, copies are not made: a
-            // sweep there could take a live one.)
-            if !crate::try_lock(&file, false) {
-                let _ = std::fs::remove_file(&partial);
-                return Err(io::Error::other("its temporary file cannot be locked"));
-            }
-            // (Made: removed if it cannot be sized, as no `CacheFile` will remove it.)
-            match file.set_len(note.size).and_then(|()| file.metadata()) {
-                Ok(m) => Ok((file, (m.dev(), m.ino()))),
-                Err(e) => {
-                    let _ = std::fs::remove_file(&partial);
-                    Err(e)
-                }
-            }
+            Ok(())
         })();
         match made {
-            Ok((file, id)) => {
-                note.file = id;
-                let w = Writing { file: Arc::new(file), written: Vec::new(), queued: Vec::new() };
+            Ok(()) => {
+                let w = Writing { file: None, written: Vec::new(), queued: Vec::new() };
                 Some(CacheFile {
                     path,
                     partial,
@@ -405,6 +390,42 @@ impl CacheFile {
                 None
             }
         }
+    }
+
+    /// Makes the temporary file, exclusively, never through a link, readable by the owner
+    /// only, of the object's length; returns its device and inode.
+    fn make_partial(&self) -> io::Result<(u64, u64)> {
+        let file = File::options()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&self.partial)?;
+        // (Made: removed if it cannot be sized.)
+        match file.set_len(self.note.size).and_then(|()| file.metadata()) {
+            Ok(m) => Ok((m.dev(), m.ino())),
+            Err(e) => {
+                let _ = std::fs::remove_file(&self.partial);
+                Err(e)
+            }
+        }
+    }
+
+    /// The temporary file made as `id`, opened again (never through a link) and locked
+    /// (shared) while it is open, so that no sweep takes it meanwhile: an error where it is
+    /// gone or another file has its name (a sweep took it for abandoned), or it cannot be
+    /// locked (as on some network file systems, where copies are not made: a sweep there
+    /// could take a live one).
+    fn open_partial(&self, id: (u64, u64)) -> io::Result<File> {
+        let file = File::options().write(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(&self.partial)?;
+        if !crate::try_lock(&file, false) {
+            return Err(io::Error::other("its temporary file cannot be locked"));
+        }
+        let m = file.metadata()?;
+        if (m.dev(), m.ino()) != id {
+            return Err(io::Error::other("its temporary file was replaced"));
+        }
+        Ok(file)
     }
 
     /// Queues `bytes` for the writer thread, to land at `offset` of the copy; the copy is
@@ -472,17 +493,36 @@ impl CacheFile {
         }
         // The file, taken under the lock and written without it: the network's threads
         // queue bytes under this lock, and a disk may stall.
-        let file = match self.state.lock() {
+        let made = match self.state.lock() {
             Ok(state) => match state.as_ref() {
-                Some(w) => Arc::clone(&w.file),
+                Some(w) => w.file,
                 None => return,
             },
             Err(_) => return,
         };
-        if let Err(e) = file.write_all_at(&bytes[..keep], offset) {
+        // The first write makes the file (only one thread writes a copy: the writer, or
+        // planning's whole write of an index).
+        let id = match made {
+            Some(id) => id,
+            None => match self.make_partial() {
+                Ok(id) => {
+                    let Ok(mut state) = self.state.lock() else { return };
+                    match state.as_mut() {
+                        Some(w) => w.file = Some(id),
+                        // Given up meanwhile: the file just made goes too.
+                        None => {
+                            let _ = std::fs::remove_file(&self.partial);
+                            return;
+                        }
+                    }
+                    id
+                }
+                Err(e) => return self.drop_copy(&e.to_string(), true),
+            },
+        };
+        if let Err(e) = self.open_partial(id).and_then(|f| f.write_all_at(&bytes[..keep], offset)) {
             return self.drop_copy(&e.to_string(), true);
         }
-        drop(file);
         let Ok(mut state) = self.state.lock() else { return };
         // (Given up meanwhile: nothing more to do.)
         let Some(w) = state.as_mut() else { return };
@@ -497,7 +537,11 @@ impl CacheFile {
         drop(state);
         // Whole: synced and named without the lock held. (Only this thread writes, so the
         // file is this one's alone now.)
-        if let Err(e) = self.finish(&done.file) {
+        let finished = match done.file {
+            Some(id) => self.finish(id),
+            None => Err(io::Error::other("its temporary file was never made")),
+        };
+        if let Err(e) = finished {
             tracing::warn!("{}: not cached: {e}", self.path.display());
             let _ = std::fs::remove_file(&self.partial);
         }
@@ -525,10 +569,10 @@ impl CacheFile {
 
     /// The whole copy, synced, takes its name (the old note removed first, so that no note
     /// ever describes other bytes), then its note is written, synced, and named.
-    fn finish(&self, file: &File) -> io::Result<()> {
-        file.sync_all()?;
+    fn finish(&self, id: (u64, u64)) -> io::Result<()> {
+        self.open_partial(id)?.sync_all()?;
         let now = std::fs::symlink_metadata(&self.partial)?;
-        if (now.dev(), now.ino()) != self.note.file {
+        if (now.dev(), now.ino()) != id {
             return Err(io::Error::other("its temporary file was replaced"));
         }
         let note = note_path(&self.path);
@@ -546,7 +590,8 @@ impl CacheFile {
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&tmp)?;
-        let written = f.write_all(self.note.text().as_bytes()).and_then(|()| f.sync_all());
+        let note_text = Note { file: id, ..self.note.clone() }.text();
+        let written = f.write_all(note_text.as_bytes()).and_then(|()| f.sync_all());
         if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, &note)) {
             let _ = std::fs::remove_file(&tmp);
             return Err(e);
@@ -707,9 +752,12 @@ mod tests {
         assert!(CacheFile::create(&root, path.clone(), note.clone()).is_none(), "no ETag");
         let weak = Note { e_tag: Some("W/\"e\"".into()), ..note.clone() };
         assert!(CacheFile::create(&root, path.clone(), weak).is_none(), "a weak ETag");
-        // A length no file can have: nothing is left of the attempt.
+        // A length no file can have: nothing is left of the attempt, at its first write.
         let huge = Note { e_tag: Some("\"e\"".into()), size: u64::MAX, ..note.clone() };
-        assert!(CacheFile::create(&root, path.clone(), huge).is_none());
+        let copy = CacheFile::create(&root, path.clone(), huge).unwrap();
+        copy.write_now(0, b"xx");
+        assert!(copy.state.lock().unwrap().is_none(), "not given up");
+        drop(copy);
         assert_eq!(names_in(&root.join("k")), Vec::<String>::new());
         // Temporary copies a killed process left: an idle one no one holds is removed as a
         // copy starts in its folder; one written lately, or held (a live writer's, paused on
@@ -727,7 +775,7 @@ mod tests {
         let held = File::open(k.join("held.partial-3-0-c")).unwrap();
         assert!(crate::try_lock(&held, false));
         let strong = Note { e_tag: Some("\"e\"".into()), ..note };
-        let copy = CacheFile::create(&root, path, strong).expect("a strong ETag's object is copied");
+        let copy = CacheFile::create(&root, path.clone(), strong).expect("a strong ETag's object is copied");
         let names = names_in(&k);
         for gone in ["m.safetensors.partial-1-0-a", "o.safetensors.partial-1-0-a"] {
             assert!(!names.contains(&gone.to_owned()), "{gone}: {names:?}");
@@ -735,9 +783,26 @@ mod tests {
         for kept in ["m.safetensors.partial-2-0-b", "held.partial-3-0-c", "x.tlcache"] {
             assert!(names.contains(&kept.to_owned()), "{kept}: {names:?}");
         }
-        // The copy's own temporary file is held: another process's sweep would leave it.
-        let own = names.iter().find(|n| n.starts_with("m.safetensors.partial-") && !n.ends_with("-2-0-b")).unwrap();
-        assert!(!crate::try_lock(&File::open(k.join(own)).unwrap(), true), "{own} is not held");
+        // The copy's own temporary file is made at its first write, and holds no descriptor
+        // between writes; whole, it takes its name and its note names it.
+        let ours = |names: &[String]| {
+            names.iter().filter(|n| n.starts_with("m.safetensors.partial-") && !n.ends_with("-2-0-b")).count()
+        };
+        assert_eq!(ours(&names), 0, "{names:?}");
+        copy.write_now(0, b"ab");
+        assert_eq!(ours(&names_in(&k)), 1);
+        let open = std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|t| t.starts_with(&k) && t.to_string_lossy().contains("m.safetensors.partial-"))
+            .count();
+        assert_eq!(open, 0, "a descriptor is held between writes");
+        copy.write_now(2, b"cd");
+        assert_eq!(ours(&names_in(&k)), 0);
+        assert_eq!(std::fs::read(&path).unwrap(), b"abcd");
+        let id = std::fs::metadata(&path).map(|m| (m.dev(), m.ino())).unwrap();
+        let noted = Note::parse(&std::fs::read_to_string(note_path(&path)).unwrap()).unwrap();
+        assert_eq!(noted.file, id);
         drop(copy);
     }
 }

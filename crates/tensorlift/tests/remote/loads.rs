@@ -454,6 +454,41 @@ fn a_cached_copy_makes_the_next_load_local_until_the_object_changes() {
     );
 }
 
+/// Descriptors this process holds open on temporary copies (`*.partial-*`) under `dir`.
+fn partial_copies_open(dir: &std::path::Path) -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.starts_with(dir) && target.to_string_lossy().contains(".partial-"))
+        .count()
+}
+
+#[test]
+fn a_plan_of_many_shards_holds_no_descriptor_for_copies_not_yet_written() {
+    let r = Remote::new();
+    let dir = r.root.join("bucket/many-shards");
+    std::fs::create_dir_all(&dir).unwrap();
+    let names: Vec<String> = (0..40).map(|i| format!("t{i}")).collect();
+    let specs: Vec<Vec<tensorlift_testkit::Spec<'_>>> =
+        names.iter().map(|n| vec![(n.as_str(), Dtype::F32, &[70_000usize][..])]).collect();
+    let shards: Vec<&[tensorlift_testkit::Spec<'_>]> = specs.iter().map(Vec::as_slice).collect();
+    let truth = tensorlift_testkit::write_sharded(&dir, &shards);
+    let Some(_s3) = r.s3() else { return };
+    let cache = r.root.join("cache-many");
+    let loader = base().remote_cache(&cache).build().unwrap();
+    // Planned: 40 shards, each to be copied as it is read, and no copy's file made yet.
+    let plan = loader.plan("s3://bucket/many-shards").unwrap();
+    assert_eq!(plan.shards().len(), 40);
+    assert_eq!(partial_copies_open(&cache), 0, "a plan holds a descriptor per shard's copy");
+    let model = loader.load_plan_blocking(plan).unwrap();
+    assert_identical(&model, &truth, "many shards");
+    drop(model);
+    assert_eq!(partial_copies_open(&cache), 0);
+    // Every copy whole: the next load is local.
+    let again = loader.load_blocking("s3://bucket/many-shards").unwrap();
+    assert_eq!(again.stats().remote_shards, 0);
+}
+
 /// The one folder of a store's copies in a cache folder (`s3-bucket-HASH`).
 fn store_folder(cache: &std::path::Path) -> std::path::PathBuf {
     let found: Vec<_> = std::fs::read_dir(cache).unwrap().map(|e| e.unwrap().path()).collect();
