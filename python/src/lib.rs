@@ -750,7 +750,14 @@ struct PyCheckpoint {
     plan: tensorlift::Checkpoint,
     /// Each tensor's place in the plan, by name: tensors are asked for one at a time.
     by_name: std::collections::HashMap<String, usize>,
-    loader: Arc<Loader>,
+    /// The device its tensors load to, as the caller named it.
+    device: String,
+    mapped: bool,
+    /// The loader of `device`: for the host, the one that planned it; for another device,
+    /// made at the first load, so that a handle opened for a device that cannot be used
+    /// opens (its names, shapes and metadata are there) and fails at its first tensor, as
+    /// the reference's does.
+    loader: std::sync::Mutex<Option<Arc<Loader>>>,
 }
 
 /// Loaders that `Checkpoint`s share (while one of them lives): a library that keeps a
@@ -800,13 +807,19 @@ impl PyCheckpoint {
     #[new]
     #[pyo3(signature = (path, device="cpu", mapped=false))]
     fn new(py: Python<'_>, path: std::path::PathBuf, device: &str, mapped: bool) -> PyResult<Self> {
+        // A device name that is no device is refused now, as the reference refuses it; one
+        // that cannot be used, at the first load.
+        device_of(device)?;
+        // Planned on the host whatever the device (a plan is the files', not a device's).
         // (Built without the GIL, as any loader: its first may probe CUDA.)
-        let loader = py.detach(|| shared_loader(device, mapped))?;
+        let host = device == "cpu";
+        let planner = py.detach(|| shared_loader("cpu", mapped && host))?;
         // Interruptible (Ctrl-C), as a load is: a remote checkpoint's planning may wait on
         // its store.
-        let plan = wait(py, loader.plan_async(&path), &Raised::default())?.map_err(py_err)?;
+        let plan = wait(py, planner.plan_async(&path), &Raised::default())?.map_err(py_err)?;
         let by_name = plan.tensors().iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
-        Ok(PyCheckpoint { plan, by_name, loader })
+        let loader = std::sync::Mutex::new(host.then_some(planner));
+        Ok(PyCheckpoint { plan, by_name, device: device.to_owned(), mapped, loader })
     }
 
     /// Tensor names, in file order.
@@ -852,7 +865,8 @@ impl PyCheckpoint {
             |t| Ok(rows.get(&t.name).map(|&(a, b)| tensorlift::TensorSlice::rows(a..b))),
             |t, e| PyValueError::new_err(format!("rows of tensor '{}': {e}", t.name)),
         )?;
-        let model = wait(py, self.loader.load_plan(plan), &Raised::default())?.map_err(py_err)?;
+        let loader = self.device_loader(py)?;
+        let model = wait(py, loader.load_plan(plan), &Raised::default())?.map_err(py_err)?;
         if let Some(d) = stats {
             fill_stats(&d, model.stats())?;
         }
@@ -908,13 +922,25 @@ impl PyCheckpoint {
         Ok(pyo3::types::PyBytes::new(py, &bytes))
     }
 
-    /// The device its tensors load to, and why.
-    fn device(&self) -> (String, String) {
-        (self.loader.device().to_string(), self.loader.device_reason().to_owned())
+    /// The device its tensors load to, and why (an error where that device cannot be used).
+    fn device(&self, py: Python<'_>) -> PyResult<(String, String)> {
+        let loader = self.device_loader(py)?;
+        Ok((loader.device().to_string(), loader.device_reason().to_owned()))
     }
 }
 
 impl PyCheckpoint {
+    /// The loader of its device: made (without the GIL) at the first call, and an error
+    /// each call while that device cannot be used.
+    fn device_loader(&self, py: Python<'_>) -> PyResult<Arc<Loader>> {
+        let lock = || self.loader.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(l) = lock().as_ref() {
+            return Ok(Arc::clone(l));
+        }
+        let made = py.detach(|| shared_loader(&self.device, self.mapped))?;
+        Ok(Arc::clone(lock().get_or_insert(made)))
+    }
+
     /// The place of tensor `name` in the plan (`KeyError` if it has none).
     fn index(&self, name: &str) -> PyResult<usize> {
         self.by_name.get(name).copied().ok_or_else(|| pyo3::exceptions::PyKeyError::new_err(name.to_owned()))

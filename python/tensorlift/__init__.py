@@ -576,9 +576,12 @@ class _Slice:
                 t = self._ckpt.load([self._name])[self._name]
             return _convert(t, self._framework)
         out = self._index(key)
-        # As the reference: a slice is cut on the host and moved to the file's device.
+        # As the reference: a slice is cut on the host and moved to the file's device (the
+        # one the handle resolved "cuda" or "auto" to).
         if self._device != "cpu" and self._framework in _TORCH_NAMES:
-            out = out.to(self._device)
+            device = self._ckpt.device()[0]
+            if device != "cpu":
+                out = out.to(device)
         return out
 
     def _index(self, key):
@@ -732,7 +735,9 @@ class safe_open:
         filename = _path(filename)
         self._mapped = backend == "mmap" and device == "cpu" and not is_remote(filename)
         self._ckpt = _Checkpoint(filename, device=device, mapped=self._mapped)
-        self._device = self._ckpt.device()[0]
+        # (Resolved at the first load: a device that cannot be used fails there, as the
+        # reference's handles do, while names, shapes and metadata are read.)
+        self._device = device
         self._names = None
         # Whole tensors loaded together for get_slice(name)[...] (see _take_whole).
         self._whole = None
