@@ -282,7 +282,8 @@ impl TorchCheckpoint {
             .filter(|&end| end <= st.len)
             .ok_or_else(|| bad("its elements run past the end of its storage"))?;
         let first = t.storage_offset as u64 * es;
-        Ok(View { start: st.offset + first, nbytes, span: last - first, es: es as usize })
+        let start = st.offset.checked_add(first).ok_or_else(|| bad("its offset overflows"))?;
+        Ok(View { start, nbytes, span: last - first, es: es as usize })
     }
 }
 
@@ -356,6 +357,24 @@ fn walk_dims(t: &TorchTensor) -> Vec<(usize, usize, usize)> {
     }
     dims.sort_by(|a, b| b.1.cmp(&a.1).then(b.2.cmp(&a.2)));
     dims
+}
+
+/// The most bytes [`gather_view`] reads for a view whose dimensions that move are `dims`:
+/// its span, read whole where dense; else a window (or the run, where longer) at most for
+/// each run, and no more than its span and a run for each window (a window's read begins at
+/// a run inside the last).
+fn gather_reads(view: &View, dims: &[(usize, usize, usize)], window: usize) -> u64 {
+    if view.dense(window) {
+        return view.span;
+    }
+    let run = match dims.last() {
+        Some(&(n, 1, 1)) => n as u64,
+        _ => 1,
+    };
+    let runs = (view.nbytes / view.es as u64 / run).max(1);
+    // (A run longer than a window is read on its own.)
+    let per_run = (window as u64).max(run.saturating_mul(view.es as u64));
+    runs.saturating_mul(per_run).min(view.span.saturating_add(view.nbytes))
 }
 
 /// Whether a walk over `dims` (outermost first) goes back in the storage: a dimension's
@@ -809,6 +828,10 @@ fn state_dict(
     let mut skipped = Vec::new();
     let most = file_len.saturating_mul(limits.max_expansion);
     let mut total = 0u64;
+    // What gathering the strided views will read (each read whole, or its windows), bounded
+    // as their sizes are: views of one storage, each read on its own, could read it again
+    // and again.
+    let mut gathered = 0u64;
     // Each entry's name, storage key, shape and strides are copied out of the pickle's
     // values, which may share them (one long key, or one long shape, under a million
     // names): the copies may take as much as the values may (a budget of their own, as
@@ -905,9 +928,27 @@ fn state_dict(
             // back and forth (within the storage, checked above, so nothing overflows).
             let es = (dtype.bitsize() / 8).max(1) as u64;
             let last = tensor.element_span().map_or(0, |(first, last)| last - first) as u64;
-            let view = View { start: 0, nbytes: numel * es, span: (last + 1) * es, es: es as usize };
-            if !view.dense(GATHER_WINDOW) && goes_back(&walk_dims(&tensor)) {
+            let view = View {
+                start: 0,
+                nbytes: numel.saturating_mul(es),
+                span: (last + 1).saturating_mul(es),
+                es: es as usize,
+            };
+            let dims = walk_dims(&tensor);
+            if !view.dense(GATHER_WINDOW) && goes_back(&dims) {
                 return Err(tensor_err(overlapping(&view)));
+            }
+            if !tensor.is_contiguous() {
+                gathered = gathered.saturating_add(gather_reads(&view, &dims, GATHER_WINDOW));
+                if gathered > most {
+                    return Err(ErrorKind::Limit {
+                        what: format!(
+                            "strided views whose gathering reads more than {gathered} bytes of a {file_len}-byte file"
+                        ),
+                        limit: most,
+                        setting: "max_expansion",
+                    });
+                }
             }
         }
         tensors.push(tensor);
@@ -993,6 +1034,9 @@ mod tests {
                     prop_assert_eq!(out, want);
                     // No byte read twice but where a window's read ends within a run.
                     prop_assert!(src.read.get() <= view.span + view.nbytes, "{} read", src.read.get());
+                    // What the reader charges a view against its file's bound.
+                    let bound = gather_reads(&view, &walk_dims(&t), window.max(es));
+                    prop_assert!(src.read.get() <= bound, "{} read, {bound} charged", src.read.get());
                 }
                 Err(Gather::Overlapping) => {
                     // Only views spread wide are refused, and only where the walk in storage
