@@ -226,9 +226,10 @@ pub(crate) fn usable(path: &Path, now: &Note) -> Option<(u64, u64)> {
         .then_some(here)
 }
 
-/// The effective user of this process (`/proc/self` is owned by it).
+/// The effective user of this process.
 fn my_uid() -> Option<u32> {
-    std::fs::metadata("/proc/self").ok().map(|m| m.uid())
+    // SAFETY: geteuid takes nothing, cannot fail, and only returns a number.
+    Some(unsafe { libc::geteuid() })
 }
 
 /// Whether a note or copy is this user's, and no one else may write it: one another user
@@ -311,6 +312,9 @@ pub(crate) struct CacheFile {
     path: PathBuf,
     partial: PathBuf,
     note: Note,
+    /// The device and inode of the folder it is made in, as checked when it was planned
+    /// (made through no link): the temporary file, made later, is made only in that folder.
+    folder: (u64, u64),
     state: Mutex<Option<Writing>>,
     /// Set (under `state`'s lock) while the whole copy is being synced and named, with no
     /// lock held: `state` is `None` by then, and `settle` waits for this to clear.
@@ -351,7 +355,7 @@ impl CacheFile {
         let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
         partial.push(format!("{PARTIAL}{}-{}-{stamp:x}", std::process::id(), MADE.fetch_add(1, Ordering::Relaxed)));
         let partial = PathBuf::from(partial);
-        let made = (|| -> io::Result<()> {
+        let made = (|| -> io::Result<(u64, u64)> {
             check_root(root)?;
             let parent = path.parent().ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
             let rel = parent.strip_prefix(root).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
@@ -370,15 +374,17 @@ impl CacheFile {
                 }
             }
             sweep_abandoned(parent);
-            Ok(())
+            let m = std::fs::symlink_metadata(parent)?;
+            Ok((m.dev(), m.ino()))
         })();
         match made {
-            Ok(()) => {
+            Ok(folder) => {
                 let w = Writing { file: None, written: Vec::new(), queued: Vec::new() };
                 Some(CacheFile {
                     path,
                     partial,
                     note,
+                    folder,
                     state: Mutex::new(Some(w)),
                     finishing: std::sync::atomic::AtomicBool::new(false),
                     landed: Condvar::new(),
@@ -395,6 +401,11 @@ impl CacheFile {
     /// Makes the temporary file, exclusively, never through a link, readable by the owner
     /// only, of the object's length; returns its device and inode.
     fn make_partial(&self) -> io::Result<(u64, u64)> {
+        let parent = self.partial.parent().ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let m = std::fs::symlink_metadata(parent)?;
+        if !m.is_dir() || (m.dev(), m.ino()) != self.folder {
+            return Err(io::Error::other("its folder was replaced since it was planned"));
+        }
         let file = File::options()
             .write(true)
             .create_new(true)
@@ -486,6 +497,13 @@ impl CacheFile {
     /// Writes `bytes` at `offset` of the copy now; the copy is made whole (synced, renamed,
     /// its note written) once its bytes cover the object.
     pub(crate) fn write_now(&self, offset: u64, bytes: &[u8]) {
+        self.write_with(offset, bytes, &mut None);
+    }
+
+    /// [`write_now`](Self::write_now) through `held`: this copy's temporary file, opened by
+    /// an earlier write and kept open by the writer while writes of this copy follow (one
+    /// open, lock and close for a run of writes rather than for each), or `None`.
+    fn write_with(&self, offset: u64, bytes: &[u8], held: &mut Option<File>) {
         let end = offset.saturating_add(bytes.len() as u64).min(self.note.size);
         let keep = end.saturating_sub(offset) as usize;
         if keep == 0 {
@@ -520,7 +538,13 @@ impl CacheFile {
                 Err(e) => return self.drop_copy(&e.to_string(), true),
             },
         };
-        if let Err(e) = self.open_partial(id).and_then(|f| f.write_all_at(&bytes[..keep], offset)) {
+        if held.is_none() {
+            match self.open_partial(id) {
+                Ok(f) => *held = Some(f),
+                Err(e) => return self.drop_copy(&e.to_string(), true),
+            }
+        }
+        if let Some(Err(e)) = held.as_ref().map(|f| f.write_all_at(&bytes[..keep], offset)) {
             return self.drop_copy(&e.to_string(), true);
         }
         let Ok(mut state) = self.state.lock() else { return };
@@ -554,15 +578,16 @@ impl CacheFile {
 
     /// Gives the copy up: its temporary file is removed.
     fn drop_copy(&self, why: &str, warn: bool) {
-        if let Ok(mut state) = self.state.lock() {
-            if state.take().is_some() {
-                if warn {
-                    tracing::warn!("{}: not cached: {why}", self.path.display());
-                } else {
-                    tracing::debug!("{}: not cached: {why}", self.path.display());
-                }
-                let _ = std::fs::remove_file(&self.partial);
+        let taken = self.state.lock().map(|mut state| state.take()).ok().flatten();
+        // (Removed with the lock let go: unlinking a file of gigabytes may take a while, and
+        // the network's threads queue bytes under it.)
+        if taken.is_some() {
+            if warn {
+                tracing::warn!("{}: not cached: {why}", self.path.display());
+            } else {
+                tracing::debug!("{}: not cached: {why}", self.path.display());
             }
+            let _ = std::fs::remove_file(&self.partial);
         }
         self.landed.notify_all();
     }
@@ -651,8 +676,28 @@ mod writer {
         std::thread::Builder::new()
             .name("tensorlift-cache".into())
             .spawn(move || {
-                for (copy, offset, bytes) in rx {
-                    copy.write_now(offset, &bytes);
+                // The copy written last and its file, kept open while writes of it follow,
+                // closed when another copy's come or the queue is empty (so that no
+                // descriptor outlives a burst of writes).
+                let mut held: Option<(Arc<CacheFile>, Option<File>)> = None;
+                loop {
+                    let (copy, offset, bytes) = match rx.try_recv() {
+                        Ok(job) => job,
+                        Err(std::sync::mpsc::TryRecvError::Empty) => {
+                            held = None;
+                            match rx.recv() {
+                                Ok(job) => job,
+                                Err(_) => return,
+                            }
+                        }
+                        Err(std::sync::mpsc::TryRecvError::Disconnected) => return,
+                    };
+                    if !held.as_ref().is_some_and(|(c, _)| Arc::ptr_eq(c, &copy)) {
+                        held = Some((Arc::clone(&copy), None));
+                    }
+                    if let Some((_, file)) = held.as_mut() {
+                        copy.write_with(offset, &bytes, file);
+                    }
                     QUEUED.fetch_sub(bytes.len() as u64, Ordering::Relaxed);
                 }
             })
@@ -804,5 +849,17 @@ mod tests {
         let noted = Note::parse(&std::fs::read_to_string(note_path(&path)).unwrap()).unwrap();
         assert_eq!(noted.file, id);
         drop(copy);
+        // A folder replaced between planning and the first write (through a parent others
+        // may write to): nothing is made in the new one, and the copy is given up.
+        let i = root.join("i");
+        std::fs::create_dir(&i).unwrap();
+        let strong = Note { e_tag: Some("\"e\"".into()), ..noted };
+        let copy = CacheFile::create(&root, i.join("m.safetensors"), strong).unwrap();
+        std::fs::rename(&i, root.join("i-moved")).unwrap();
+        std::fs::create_dir(&i).unwrap();
+        copy.write_now(0, b"ab");
+        assert!(copy.state.lock().unwrap().is_none(), "not given up");
+        assert_eq!(names_in(&i), Vec::<String>::new());
+        assert_eq!(names_in(&root.join("i-moved")), Vec::<String>::new());
     }
 }

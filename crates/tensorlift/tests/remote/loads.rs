@@ -454,13 +454,25 @@ fn a_cached_copy_makes_the_next_load_local_until_the_object_changes() {
     );
 }
 
-/// Descriptors this process holds open on temporary copies (`*.partial-*`) under `dir`.
+/// Descriptors this process holds open on temporary copies (`*.partial-*`) under `dir`,
+/// once the cache's writer has none open (it keeps one open through a burst of writes):
+/// waits for that, up to 20 s.
 fn partial_copies_open(dir: &std::path::Path) -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .unwrap()
-        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-        .filter(|target| target.starts_with(dir) && target.to_string_lossy().contains(".partial-"))
-        .count()
+    let dir = std::fs::canonicalize(dir).unwrap();
+    let count = || {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|target| target.starts_with(&dir) && target.to_string_lossy().contains(".partial-"))
+            .count()
+    };
+    for _ in 0..200 {
+        if count() == 0 {
+            return 0;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    count()
 }
 
 #[test]
@@ -476,10 +488,28 @@ fn a_plan_of_many_shards_holds_no_descriptor_for_copies_not_yet_written() {
     let Some(_s3) = r.s3() else { return };
     let cache = r.root.join("cache-many");
     let loader = base().remote_cache(&cache).build().unwrap();
-    // Planned: 40 shards, each to be copied as it is read, and no copy's file made yet.
+    // Planned: 40 shards, each to be copied as it is read (planning's first GET of each
+    // already written to its copy), and no descriptor held for them.
     let plan = loader.plan("s3://bucket/many-shards").unwrap();
     assert_eq!(plan.shards().len(), 40);
     assert_eq!(partial_copies_open(&cache), 0, "a plan holds a descriptor per shard's copy");
+    // (The count sees a descriptor that is held.)
+    let store = store_folder(&cache).join("many-shards");
+    let partials = std::fs::read_dir(&store)
+        .unwrap()
+        .filter(|e| e.as_ref().is_ok_and(|e| e.file_name().to_string_lossy().contains(".partial-")));
+    assert_eq!(partials.count(), 40, "planning's first bytes are not in the copies");
+    let control = store.join("control.partial-0");
+    let held = std::fs::File::create(&control).unwrap();
+    let dir = std::fs::canonicalize(&cache).unwrap();
+    let seen = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|t| t.starts_with(&dir) && t.to_string_lossy().contains(".partial-"))
+        .count();
+    assert!(seen >= 1, "a held descriptor is not counted");
+    drop(held);
+    std::fs::remove_file(&control).unwrap();
     let model = loader.load_plan_blocking(plan).unwrap();
     assert_identical(&model, &truth, "many shards");
     drop(model);
