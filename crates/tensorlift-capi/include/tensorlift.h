@@ -129,8 +129,10 @@ extern "C" {
 #endif // __cplusplus
 
 /*
- The message of the last call that failed on this thread (empty if none has): valid
- until the next call into tensorlift on this thread. Thread-safe (each thread has its own).
+ The message of the last call that failed on this thread (empty if none has), at most
+ 8 KiB. The pointer stays valid as long as the thread lives; the text it points to is
+ replaced by the next call that fails on this thread (copy it to keep it). Thread-safe
+ (each thread has its own).
  */
 const char *tl_last_error(void);
 
@@ -340,7 +342,9 @@ enum TlStatus tl_stream_next(struct TlStream *stream, struct TlTensor **out);
 
 /*
  What the stream's load did so far (complete once `tl_stream_next` returned
- `TL_STATUS_END`), as `tl_model_stats_json`; valid until the next call on the stream.
+ `TL_STATUS_END`), as `tl_model_stats_json`; valid until the next `tl_stream_next` or
+ `tl_stream_free` on the stream, or the next `tl_stream_stats_json` that finds the stats
+ changed.
 
  # Safety
  `stream` is a live stream; `out` valid for a write of a pointer.

@@ -187,17 +187,37 @@ pub struct TlTensor {
 
 type Failure = (TlStatus, String);
 
+/// The longest last-error message kept, in bytes with its NUL (a longer one is cut at a
+/// character's boundary and ends with `...`).
+const ERROR_MAX: usize = 8192;
+
 thread_local! {
-    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+    /// This thread's last error, NUL-terminated, in storage of its own that is never freed
+    /// or moved while the thread lives: `tl_last_error`'s pointer never dangles, whatever
+    /// is called after it (a later failure changes the text it points to).
+    static LAST_ERROR: RefCell<[u8; ERROR_MAX]> = const { RefCell::new([0; ERROR_MAX]) };
 }
 
 /// Keeps `message` as this thread's last error (nothing where the thread's storage is
 /// being torn down).
 fn set_error(message: &str) {
-    let c = CString::new(message.replace('\0', " ")).unwrap_or_default();
     let _ = LAST_ERROR.try_with(|e| {
         if let Ok(mut e) = e.try_borrow_mut() {
-            *e = c;
+            let text = message.replace('\0', " ");
+            let (text, cut) = match text.len() < ERROR_MAX {
+                true => (text.as_str(), ""),
+                false => {
+                    let mut end = ERROR_MAX - 4;
+                    while !text.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    (&text[..end], "...")
+                }
+            };
+            let n = text.len() + cut.len();
+            e[..text.len()].copy_from_slice(text.as_bytes());
+            e[text.len()..n].copy_from_slice(cut.as_bytes());
+            e[n] = 0;
         }
     });
 }
@@ -323,13 +343,15 @@ unsafe fn free<T>(p: *mut T) {
     }
 }
 
-/// The message of the last call that failed on this thread (empty if none has): valid
-/// until the next call into tensorlift on this thread. Thread-safe (each thread has its own).
+/// The message of the last call that failed on this thread (empty if none has), at most
+/// 8 KiB. The pointer stays valid as long as the thread lives; the text it points to is
+/// replaced by the next call that fails on this thread (copy it to keep it). Thread-safe
+/// (each thread has its own).
 #[no_mangle]
 pub extern "C" fn tl_last_error() -> *const c_char {
-    // The pointer stays valid until set_error replaces the string (the next call on this
-    // thread); a thread whose storage is going away gets a static empty string.
-    LAST_ERROR.try_with(|e| e.try_borrow().map(|s| s.as_ptr()).ok()).ok().flatten().unwrap_or(c"".as_ptr())
+    // The thread's buffer, which stays where it is while the thread lives (set_error only
+    // writes into it); a thread whose storage is going away gets a static empty string.
+    LAST_ERROR.try_with(|e| e.as_ptr().cast::<c_char>().cast_const()).unwrap_or(c"".as_ptr())
 }
 
 /// tensorlift's version, as a static NUL-terminated string. Thread-safe.
@@ -648,6 +670,10 @@ pub unsafe extern "C" fn tl_model_find(model: *const TlModel, name: *const c_cha
         let m = unsafe { handle(model, "model") }?;
         // SAFETY: the caller's contract for `name`.
         let n = unsafe { text(name, "name") }?;
+        // (A null `out` is refused whether or not the name is found.)
+        if out.is_null() {
+            return Err(invalid("out is null"));
+        }
         // The tensors are in name order (a binary search).
         let i = m
             .tensors
@@ -775,7 +801,9 @@ fn stats_json(stream: &TensorStream) -> CString {
 }
 
 /// What the stream's load did so far (complete once `tl_stream_next` returned
-/// `TL_STATUS_END`), as `tl_model_stats_json`; valid until the next call on the stream.
+/// `TL_STATUS_END`), as `tl_model_stats_json`; valid until the next `tl_stream_next` or
+/// `tl_stream_free` on the stream, or the next `tl_stream_stats_json` that finds the stats
+/// changed.
 ///
 /// # Safety
 /// `stream` is a live stream; `out` valid for a write of a pointer.
@@ -784,8 +812,13 @@ pub unsafe extern "C" fn tl_stream_stats_json(stream: *mut TlStream, out: *mut *
     guard(|| {
         // SAFETY: the caller's contract for `stream`.
         let s = unsafe { handle_mut(stream, "stream") }?;
+        // Made again only where the stats changed: a pointer given before stays valid
+        // while they have not (and always until `tl_stream_next` or `tl_stream_free`).
         if let Some(st) = &s.stream {
-            s.stats = stats_json(st);
+            let now = stats_json(st);
+            if now != s.stats {
+                s.stats = now;
+            }
         }
         // SAFETY: the caller's contract for `out`.
         unsafe { put(out, s.stats.as_ptr(), "out") }?;

@@ -168,6 +168,13 @@ int main(int argc, char **argv) {
     }
     size_t missing = 0;
     EXPECT(tl_model_find(model, "no such tensor", &missing) == TL_STATUS_NOT_FOUND);
+    /* Nowhere to put the index: refused, whether or not the name is found. */
+    {
+        TlTensorInfo first;
+        CHECK(tl_model_tensor(model, 0, &first));
+        EXPECT(tl_model_find(model, first.name, NULL) == TL_STATUS_INVALID_ARGUMENT);
+        EXPECT(tl_model_find(model, "no such tensor", NULL) == TL_STATUS_INVALID_ARGUMENT);
+    }
     const char *stats = NULL;
     CHECK(tl_model_stats_json(model, &stats));
     EXPECT(strstr(stats, "\"seconds\"") != NULL);
@@ -222,6 +229,11 @@ int main(int argc, char **argv) {
     EXPECT(streamed == n);
     CHECK(tl_stream_stats_json(stream, &stats));
     EXPECT(strstr(stats, "\"tensors_loaded\"") != NULL);
+    /* The stats are final: asked again, the same string, and the first pointer still
+     * readable (under AddressSanitizer). */
+    const char *stats_again = NULL;
+    CHECK(tl_stream_stats_json(stream, &stats_again));
+    EXPECT(stats_again == stats && strstr(stats, "\"tensors_loaded\"") != NULL);
     tl_stream_free(stream);
 
     /* A stream dropped midway stops its load. */
@@ -244,6 +256,12 @@ int main(int argc, char **argv) {
     TlModel *none = (TlModel *)&missing;
     EXPECT(tl_load(loader, "/nonexistent/model.safetensors", &none) == TL_STATUS_LOAD_FAILED);
     EXPECT(strstr(tl_last_error(), "/nonexistent") != NULL && none == NULL);
+    /* The last error's pointer outlives later failures, which change what it says (as in
+     * `printf("%d %s", tl_load(...), tl_last_error())`, whichever C evaluates first): read
+     * under AddressSanitizer, it is the next failure's message. */
+    const char *said = tl_last_error();
+    EXPECT(tl_load(loader, "/nonexistent/other.safetensors", &none) == TL_STATUS_LOAD_FAILED);
+    EXPECT(strstr(said, "other.safetensors") != NULL && said == tl_last_error());
     EXPECT(tl_load(loader, path, NULL) == TL_STATUS_INVALID_ARGUMENT);
     EXPECT(tl_stream_open(loader, path, NULL) == TL_STATUS_INVALID_ARGUMENT);
     EXPECT(tl_loader_new(NULL, NULL) == TL_STATUS_INVALID_ARGUMENT);
