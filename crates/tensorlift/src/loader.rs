@@ -365,7 +365,10 @@ impl LoaderBuilder {
                     v.parse().map_err(|_| LoadError::InvalidDevice(format!("{DEVICE_ENV}={v}")))?,
                     format!("{DEVICE_ENV}={v}"),
                 ),
-                Err(_) => (Device::Auto, "default".to_owned()),
+                Err(std::env::VarError::NotUnicode(v)) => {
+                    return Err(LoadError::InvalidDevice(format!("{DEVICE_ENV}={}", v.to_string_lossy())));
+                }
+                Err(std::env::VarError::NotPresent) => (Device::Auto, "default".to_owned()),
             },
         };
         if let Some(to) = self.cfg.convert_to {
