@@ -333,7 +333,8 @@ enum TlStatus tl_stream_open(const struct TlLoader *loader,
 /*
  The next tensor of a stream, once it has landed (blocking until then): `TL_STATUS_OK`
  with a tensor, `TL_STATUS_END` when there is none left (`*out` is then null), or the
- load's failure (the stream is then over). One thread at a time per stream.
+ load's failure (the stream is then over; after `TL_STATUS_PANIC` too). One thread at a
+ time per stream.
 
  # Safety
  `stream` is a live stream; `out` valid for a write of a pointer.

@@ -758,7 +758,8 @@ pub unsafe extern "C" fn tl_stream_open(
 
 /// The next tensor of a stream, once it has landed (blocking until then): `TL_STATUS_OK`
 /// with a tensor, `TL_STATUS_END` when there is none left (`*out` is then null), or the
-/// load's failure (the stream is then over). One thread at a time per stream.
+/// load's failure (the stream is then over; after `TL_STATUS_PANIC` too). One thread at a
+/// time per stream.
 ///
 /// # Safety
 /// `stream` is a live stream; `out` valid for a write of a pointer.
@@ -769,7 +770,17 @@ pub unsafe extern "C" fn tl_stream_next(stream: *mut TlStream, out: *mut *mut Tl
         unsafe { clear_out(out) }?;
         // SAFETY: the caller's contract for `stream`.
         let s = unsafe { handle_mut(stream, "stream") }?;
-        let next = s.stream.as_mut().and_then(|st| tensorlift::block_on(st.next()));
+        // A panic midway (a tensorlift bug) leaves the stream half through a step: it is
+        // let go, so that later calls end (`TL_STATUS_END`) rather than drive it on.
+        let next =
+            match catch_unwind(AssertUnwindSafe(|| s.stream.as_mut().and_then(|st| tensorlift::block_on(st.next())))) {
+                Ok(next) => next,
+                Err(payload) => {
+                    let stream = s.stream.take();
+                    let _ = catch_unwind(AssertUnwindSafe(move || drop(stream)));
+                    std::panic::resume_unwind(payload)
+                }
+            };
         match next.map(|r| r.map_err(load_failed).and_then(Held::new)) {
             Some(Ok(held)) => {
                 // SAFETY: the caller's contract for `out` (checked not null).
