@@ -40,6 +40,9 @@ struct Opened {
     path: PathBuf,
     file: File,
     ck: TorchCheckpoint,
+    /// The file as it was opened: checked again once everything is written, so that a file
+    /// rewritten during the convert fails it rather than be written out mixed.
+    identity: tensorlift_format::FileIdentity,
 }
 
 /// Opens the checkpoint's files under the rules a load applies (links kept inside the
@@ -50,13 +53,14 @@ fn open_all(path: &Path) -> anyhow::Result<Vec<Opened>> {
     let mut opened = Vec::new();
     let mut held: HashMap<String, String> = HashMap::new();
     for (name, p, file) in found.files {
+        let identity = tensorlift_io::file_identity(&file.metadata().with_context(|| format!("{}", p.display()))?);
         let ck = TorchCheckpoint::read(&file, &p, &Limits::default())?;
         for t in &ck.tensors {
             if let Some(first) = held.insert(t.name.clone(), name.clone()) {
                 bail!("tensor '{}' is in both {} and {name}", printable(&t.name), printable(&first));
             }
         }
-        opened.push(Opened { path: p, file, ck });
+        opened.push(Opened { path: p, file, ck, identity });
     }
     if let Some(map) = &found.weight_map {
         for (tensor, file) in map {
@@ -310,6 +314,15 @@ pub fn convert(src: &Path, dst: &Path, max_shard: u64, out: &mut dyn Write) -> a
     let (staging, _held) = new_staging(&parent, &base)?;
     let written = write_shards(&staging, &shards, headers, &opened, out);
     let result = written.and_then(|(tensors, total)| {
+        for o in &opened {
+            let now = tensorlift_io::file_identity(&o.file.metadata()?);
+            if let Some(what) = tensorlift_io::identity_change(&o.identity, &now) {
+                bail!(
+                    "{} changed while it was converted ({what}): nothing was written; convert it again",
+                    o.path.display()
+                );
+            }
+        }
         if dst.exists() {
             // Empty (checked above): rename replaces an empty folder.
             std::fs::remove_dir(dst).with_context(|| format!("replacing {}", dst.display()))?;
