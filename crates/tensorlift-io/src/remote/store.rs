@@ -91,7 +91,14 @@ pub(crate) fn connect(url: &str, options: &RemoteOptions) -> Result<(Place, Opti
         }
     }
     let permits = tokio::sync::Semaphore::new(options.concurrency.clamp(1, tokio::sync::Semaphore::MAX_PERMITS));
-    let shared = Arc::new(Shared { store, options: options.clone(), permits, cache_key, made: MadeIn::here() });
+    let shared = Arc::new(Shared {
+        store,
+        options: options.clone(),
+        permits,
+        cache_key,
+        made: MadeIn::here(),
+        settle_by: std::sync::Mutex::new(None),
+    });
     Ok((Place { shared, prefix, url: folder.as_str().trim_end_matches('/').to_owned(), http }, last))
 }
 
@@ -198,8 +205,17 @@ impl Drop for RemoteObject {
         // The load is done with the object: its copy is made whole (its last writes land)
         // or given up, so that a copy is never left half made by a process that exits.
         // (Not in a forked child: the copy's writer is the parent's thread.)
+        // (A minute for all of a checkpoint's copies together, from the first object let
+        // go: not a minute each, one after another, on a slow disk.)
         if let Some(copy) = self.cache.as_ref().filter(|_| self.shared.same_process().is_ok()) {
-            copy.settle(std::time::Duration::from_secs(60));
+            let now = std::time::Instant::now();
+            let by = *self
+                .shared
+                .settle_by
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get_or_insert(now + std::time::Duration::from_secs(60));
+            copy.settle(by.saturating_duration_since(now));
         }
     }
 }
@@ -290,6 +306,9 @@ pub(crate) struct Shared {
     /// The process that connected: its connections (and the permits its requests hold)
     /// are that process's, which a forked child must not use.
     pub(crate) made: MadeIn,
+    /// When the load's copies being written must be whole, set as the first object is let
+    /// go (see `RemoteObject`'s drop).
+    pub(crate) settle_by: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -340,6 +359,7 @@ mod tests {
             permits: tokio::sync::Semaphore::new(1),
             cache_key: "key".into(),
             made: MadeIn::here(),
+            settle_by: std::sync::Mutex::new(None),
         };
         let shown = format!("{shared:?}");
         assert!(shown.contains("MicrosoftAzure") && shown.contains("account"), "{shown}");
