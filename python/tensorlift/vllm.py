@@ -224,8 +224,9 @@ class TensorliftModelLoader(DefaultModelLoader):
 
 
 # How many bytes of one rank's tensors every rank makes room for before it hears that all
-# could: what split reading holds on a device beyond the model and the file read there (one
-# tensor, where a tensor is larger), and one all-reduce on the CPU group per this many bytes.
+# could: what split reading holds on a device beyond the model and the file read there (a
+# chunk ends with the tensor that brings it to this size, so it holds at most this much and
+# one tensor more), and one all-reduce on the CPU group per this many bytes.
 _PLACE_BYTES = 128 << 20
 
 # What TENSORLIFT_USE_SAFETENSORS takes as set (as tensorlift's reader does).
@@ -428,8 +429,10 @@ def _split_and_broadcast(files, device, group, keep, torch_load=None):
                 try:
                     for name, dtype, shape in chunk:
                         if owner == me:
-                            # Already there, unless the file was read to the host.
-                            placed.append((name, mine.pop(name).to(device)))
+                            # Already there, unless the file was read to the host; contiguous,
+                            # as the broadcast sends it (a view a PyTorch file holds would be
+                            # copied after the ranks agreed, where it could fail alone).
+                            placed.append((name, mine.pop(name).to(device).contiguous()))
                         else:
                             # torch dtypes print as "torch.bfloat16".
                             dtype = getattr(torch, dtype.rpartition(".")[2])
