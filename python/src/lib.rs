@@ -753,11 +753,15 @@ struct PyCheckpoint {
     /// The device its tensors load to, as the caller named it.
     device: String,
     mapped: bool,
+    /// The host loader that planned it, kept so that handles open at once share it.
+    _planner: Arc<Loader>,
     /// The loader of `device`: for the host, the one that planned it; for another device,
     /// made at the first load, so that a handle opened for a device that cannot be used
     /// opens (its names, shapes and metadata are there) and fails at its first tensor, as
     /// the reference's does.
     loader: std::sync::Mutex<Option<Arc<Loader>>>,
+    /// Held while the device's loader is made: threads that load at once make one.
+    making: std::sync::Mutex<()>,
 }
 
 /// Loaders that `Checkpoint`s share (while one of them lives): a library that keeps a
@@ -809,17 +813,17 @@ impl PyCheckpoint {
     fn new(py: Python<'_>, path: std::path::PathBuf, device: &str, mapped: bool) -> PyResult<Self> {
         // A device name that is no device is refused now, as the reference refuses it; one
         // that cannot be used, at the first load.
-        device_of(device)?;
+        let host = matches!(device_of(device)?, Device::Cpu);
         // Planned on the host whatever the device (a plan is the files', not a device's).
         // (Built without the GIL, as any loader: its first may probe CUDA.)
-        let host = device == "cpu";
         let planner = py.detach(|| shared_loader("cpu", mapped && host))?;
         // Interruptible (Ctrl-C), as a load is: a remote checkpoint's planning may wait on
         // its store.
         let plan = wait(py, planner.plan_async(&path), &Raised::default())?.map_err(py_err)?;
         let by_name = plan.tensors().iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
-        let loader = std::sync::Mutex::new(host.then_some(planner));
-        Ok(PyCheckpoint { plan, by_name, device: device.to_owned(), mapped, loader })
+        let loader = std::sync::Mutex::new(host.then(|| Arc::clone(&planner)));
+        let (device, making) = (device.to_owned(), std::sync::Mutex::new(()));
+        Ok(PyCheckpoint { plan, by_name, device, mapped, _planner: planner, loader, making })
     }
 
     /// Tensor names, in file order.
@@ -937,8 +941,15 @@ impl PyCheckpoint {
         if let Some(l) = lock().as_ref() {
             return Ok(Arc::clone(l));
         }
-        let made = py.detach(|| shared_loader(&self.device, self.mapped))?;
-        Ok(Arc::clone(lock().get_or_insert(made)))
+        py.detach(|| {
+            // One thread makes it; the others wait for it, and take it.
+            let _making = self.making.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(l) = lock().as_ref() {
+                return Ok(Arc::clone(l));
+            }
+            let made = shared_loader(&self.device, self.mapped)?;
+            Ok(Arc::clone(lock().get_or_insert(made)))
+        })
     }
 
     /// The place of tensor `name` in the plan (`KeyError` if it has none).

@@ -192,17 +192,19 @@ type Failure = (TlStatus, String);
 const ERROR_MAX: usize = 8192;
 
 thread_local! {
-    /// This thread's last error, NUL-terminated, in storage of its own that is never freed
-    /// or moved while the thread lives: `tl_last_error`'s pointer never dangles, whatever
-    /// is called after it (a later failure changes the text it points to).
-    static LAST_ERROR: RefCell<[u8; ERROR_MAX]> = const { RefCell::new([0; ERROR_MAX]) };
+    /// This thread's last error, NUL-terminated, in storage of its own (made at the
+    /// thread's first failure, so that threads that never fail carry none of it) that is
+    /// never freed or moved while the thread lives: `tl_last_error`'s pointer never dangles,
+    /// whatever is called after it (a later failure changes the text it points to).
+    static LAST_ERROR: RefCell<Option<Box<[u8]>>> = const { RefCell::new(None) };
 }
 
 /// Keeps `message` as this thread's last error (nothing where the thread's storage is
 /// being torn down).
 fn set_error(message: &str) {
     let _ = LAST_ERROR.try_with(|e| {
-        if let Ok(mut e) = e.try_borrow_mut() {
+        if let Ok(mut slot) = e.try_borrow_mut() {
+            let e = slot.get_or_insert_with(|| vec![0u8; ERROR_MAX].into_boxed_slice());
             let text = message.replace('\0', " ");
             let (text, cut) = match text.len() < ERROR_MAX {
                 true => (text.as_str(), ""),
@@ -351,7 +353,11 @@ unsafe fn free<T>(p: *mut T) {
 pub extern "C" fn tl_last_error() -> *const c_char {
     // The thread's buffer, which stays where it is while the thread lives (set_error only
     // writes into it); a thread whose storage is going away gets a static empty string.
-    LAST_ERROR.try_with(|e| e.as_ptr().cast::<c_char>().cast_const()).unwrap_or(c"".as_ptr())
+    LAST_ERROR
+        .try_with(|e| e.try_borrow().ok().and_then(|b| b.as_ref().map(|b| b.as_ptr().cast::<c_char>())))
+        .ok()
+        .flatten()
+        .unwrap_or(c"".as_ptr())
 }
 
 /// tensorlift's version, as a static NUL-terminated string. Thread-safe.
@@ -776,8 +782,10 @@ pub unsafe extern "C" fn tl_stream_next(stream: *mut TlStream, out: *mut *mut Tl
             match catch_unwind(AssertUnwindSafe(|| s.stream.as_mut().and_then(|st| tensorlift::block_on(st.next())))) {
                 Ok(next) => next,
                 Err(payload) => {
-                    let stream = s.stream.take();
-                    let _ = catch_unwind(AssertUnwindSafe(move || drop(stream)));
+                    if let Some(st) = s.stream.take() {
+                        s.stats = catch_unwind(AssertUnwindSafe(|| stats_json(&st))).unwrap_or_else(|_| c"{}".into());
+                        let _ = catch_unwind(AssertUnwindSafe(move || drop(st)));
+                    }
                     std::panic::resume_unwind(payload)
                 }
             };

@@ -316,9 +316,12 @@ pub fn convert(src: &Path, dst: &Path, max_shard: u64, out: &mut dyn Write) -> a
     let result = written.and_then(|(tensors, total)| {
         for o in &opened {
             let now = tensorlift_io::file_identity(&o.file.metadata()?);
-            if let Some(what) = tensorlift_io::identity_change(&o.identity, &now) {
+            // (Its bytes, by length and modification time: a rename or chmod meanwhile is
+            // not a change of what was read.)
+            if now.len != o.identity.len || now.modified_ns != o.identity.modified_ns {
                 bail!(
-                    "{} changed while it was converted ({what}): nothing was written; convert it again",
+                    "{} was written while it was converted (its length or modification time moved): nothing was \
+                     written; convert it again",
                     o.path.display()
                 );
             }

@@ -26,7 +26,9 @@ pub struct Limits {
     pub max_pickle_containers: usize,
     /// Bytes of tensors (made contiguous) per byte of file (default 16): overlapping views
     /// of one storage cannot make a small file expand without bound. Tied weights count
-    /// once per name.
+    /// once per name. It bounds, apart, the bytes that gathering the strided views reads
+    /// (each view's span where read whole, else a window or run per run): many views of one
+    /// storage, each read on its own, cannot make a small file read without bound.
     pub max_expansion: u64,
     /// Bytes the pickle's values may take in memory per byte of pickle read (default 16,
     /// as a safetensors header's parse is counted, and 1 MiB more): a pickle that builds
@@ -51,7 +53,8 @@ impl Limits {
         self.max_pickle_containers = n;
         self
     }
-    /// With at most this many tensor bytes per file byte.
+    /// With at most this many tensor bytes (and bytes read gathering strided views) per
+    /// file byte.
     pub fn max_expansion(mut self, n: u64) -> Self {
         self.max_expansion = n;
         self
@@ -943,7 +946,7 @@ fn state_dict(
                 if gathered > most {
                     return Err(ErrorKind::Limit {
                         what: format!(
-                            "strided views whose gathering reads more than {gathered} bytes of a {file_len}-byte file"
+                            "strided views whose gathering reads {gathered} bytes (so far) of a {file_len}-byte file"
                         ),
                         limit: most,
                         setting: "max_expansion",

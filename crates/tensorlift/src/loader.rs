@@ -335,8 +335,9 @@ impl LoaderBuilder {
     pub(crate) fn host_unless_named(self) -> Self {
         let named = match self.cfg.device {
             Some(d) => d != Device::Auto,
-            // (A value that is no device is named: the build says so.)
-            None => std::env::var(DEVICE_ENV).is_ok_and(|v| !matches!(v.parse::<Device>(), Ok(Device::Auto))),
+            // (A value that is no device, or not text, is named: the build says so.)
+            None => std::env::var_os(DEVICE_ENV)
+                .is_some_and(|v| !matches!(v.to_str().map(str::parse::<Device>), Some(Ok(Device::Auto)))),
         };
         if named || self.cfg.devices.is_some() {
             self

@@ -7,7 +7,7 @@
 //! it, `PATH.tlcache` notes what it is a copy of (URL, length, ETag, modification time) and
 //! which file the copy is (device, inode). Bytes land in a temporary file of this copy's own
 //! (created exclusively at the first write, never through a link, readable by the owner
-//! only, and opened for each write, so that a plan of many shards holds no descriptor for
+//! only, and open only through a burst of writes to it, so that a plan of many shards holds no descriptor for
 //! their copies) as the load's GETs bring them, written by a writer thread so that a slow
 //! disk never holds a request;
 //! once every byte is there it is synced, any old note is removed, it takes its name, and
@@ -328,7 +328,7 @@ pub(crate) struct CacheFile {
 #[derive(Debug)]
 struct Writing {
     /// The device and inode of the temporary file, made at the first write. It is opened
-    /// for each write and closed after (a plan of thousands of shards holds no descriptor
+    /// by the writer for a burst of writes and closed after (a plan of thousands of shards holds no descriptor
     /// for their copies), and written without the lock held, so that a slow disk never
     /// holds the network's threads, which queue bytes under the lock.
     file: Option<(u64, u64)>,

@@ -492,13 +492,23 @@ fn a_plan_of_many_shards_holds_no_descriptor_for_copies_not_yet_written() {
     // already written to its copy), and no descriptor held for them.
     let plan = loader.plan("s3://bucket/many-shards").unwrap();
     assert_eq!(plan.shards().len(), 40);
+    // (The writer writes them as it gets to them: waited for, up to 20 s.)
+    let store = store_folder(&cache).join("many-shards");
+    let partials = || {
+        std::fs::read_dir(&store)
+            .unwrap()
+            .filter(|e| e.as_ref().is_ok_and(|e| e.file_name().to_string_lossy().contains(".partial-")))
+            .count()
+    };
+    for _ in 0..200 {
+        if partials() == 40 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(partials(), 40, "planning's first bytes are not in the copies");
     assert_eq!(partial_copies_open(&cache), 0, "a plan holds a descriptor per shard's copy");
     // (The count sees a descriptor that is held.)
-    let store = store_folder(&cache).join("many-shards");
-    let partials = std::fs::read_dir(&store)
-        .unwrap()
-        .filter(|e| e.as_ref().is_ok_and(|e| e.file_name().to_string_lossy().contains(".partial-")));
-    assert_eq!(partials.count(), 40, "planning's first bytes are not in the copies");
     let control = store.join("control.partial-0");
     let held = std::fs::File::create(&control).unwrap();
     let dir = std::fs::canonicalize(&cache).unwrap();
