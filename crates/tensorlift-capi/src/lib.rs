@@ -808,6 +808,9 @@ pub unsafe extern "C" fn tl_stream_next(stream: *mut TlStream, out: *mut *mut Tl
             None => {
                 // SAFETY: as above.
                 unsafe { put(out, std::ptr::null_mut(), "out") }?;
+                // (Said, so that a caller that reports any status but OK with the last
+                // error does not report an older failure's.)
+                set_error("the stream has no tensor left");
                 Ok(TlStatus::End)
             }
         }
