@@ -80,6 +80,13 @@ pub(crate) fn open_remote(
     observer: &dyn PlanObserver,
 ) -> Result<Checkpoint, FormatError> {
     let cancelled = || observer.cancelled();
+    // One bound on the whole planning's time, whatever each request's.
+    let timeout = limits.remote.plan_timeout;
+    let what = format!("its plan_timeout ({} s; TENSORLIFT_REMOTE_PLAN_TIMEOUT_SECS)", timeout.as_secs_f64());
+    let now = std::time::Instant::now();
+    // (A time past what the clock counts is a year: never, for a plan.)
+    let at = now.checked_add(timeout).unwrap_or(now + std::time::Duration::from_secs(365 * 86_400));
+    let deadline = (at, what.as_str());
     // (The URL as printed: one that carries credentials is refused, and the refusal names it.)
     let io_err = |source| FormatError::Io { file: crate::remote::redact_url(path).into_owned(), source };
     let text = path.to_str().ok_or_else(|| FormatError::NotACheckpoint { file: path.to_path_buf() })?;
@@ -97,7 +104,8 @@ pub(crate) fn open_remote(
     });
     if let Some(root) = cache_dir {
         let (p, name, lim) = (place.clone(), cached_entry(&named), limits.clone());
-        let found = name.map(|n| run_until(async move { cached(&p, &n, &root, &lim).await }, &cancelled)).transpose();
+        let found =
+            name.map(|n| run_until(async move { cached(&p, &n, &root, &lim).await }, &cancelled, deadline)).transpose();
         if let Some((local, files)) = found.map_err(io_err)?.flatten() {
             // Told only to stop: a load that started reading the copy early could not go on
             // with the store's plan, should the copy turn out unusable.
@@ -115,7 +123,7 @@ pub(crate) fn open_remote(
         }
     }
     let limits = limits.clone();
-    run_until(async move { plan(place, named, limits).await }, &cancelled).map_err(io_err)?
+    run_until(async move { plan(place, named, limits).await }, &cancelled, deadline).map_err(io_err)?
 }
 
 /// An observer that passes on only whether planning is [cancelled](PlanObserver::cancelled).

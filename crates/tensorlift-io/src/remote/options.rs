@@ -8,7 +8,8 @@ use std::time::Duration;
 /// The defaults and how they were measured are in docs/BENCHMARKS.md ("Remote checkpoints":
 /// on one machine the settings could not be told apart; a host with a real network should
 /// set them). Each can also be set from the environment for a whole process
-/// (`TENSORLIFT_REMOTE_PART_SIZE`, `_CONCURRENCY`, `_RETRIES`, `_TIMEOUT_SECS`, `_CACHE`).
+/// (`TENSORLIFT_REMOTE_PART_SIZE`, `_CONCURRENCY`, `_RETRIES`, `_TIMEOUT_SECS`,
+/// `_PLAN_TIMEOUT_SECS`, `_CACHE`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RemoteOptions {
@@ -37,6 +38,11 @@ pub struct RemoteOptions {
     /// to convert it to safetensors), so that a hostile object stating a million records
     /// cannot take a million round trips.
     pub pytorch_reads: usize,
+    /// Time the planning of one checkpoint may take, all its requests together (default 15
+    /// minutes; `TENSORLIFT_REMOTE_PLAN_TIMEOUT_SECS`): each request is bounded on its own,
+    /// but a server that answers every one of thousands slowly, within its timeout, would
+    /// hold planning for hours.
+    pub plan_timeout: Duration,
 }
 
 impl Default for RemoteOptions {
@@ -49,6 +55,7 @@ impl Default for RemoteOptions {
             retry_window: Duration::from_secs(180),
             cache_dir: None,
             pytorch_reads: 4096,
+            plan_timeout: Duration::from_secs(15 * 60),
         }
     }
 }
@@ -56,7 +63,8 @@ impl Default for RemoteOptions {
 impl RemoteOptions {
     /// The defaults, with what the environment sets (`TENSORLIFT_REMOTE_PART_SIZE` in bytes,
     /// `TENSORLIFT_REMOTE_CONCURRENCY`, `TENSORLIFT_REMOTE_RETRIES`,
-    /// `TENSORLIFT_REMOTE_TIMEOUT_SECS`, `TENSORLIFT_REMOTE_CACHE`); a value that does not
+    /// `TENSORLIFT_REMOTE_TIMEOUT_SECS`, `TENSORLIFT_REMOTE_PLAN_TIMEOUT_SECS`,
+    /// `TENSORLIFT_REMOTE_CACHE`); a value that does not
     /// parse is ignored with a warning.
     pub fn from_env() -> Self {
         fn var<T: std::str::FromStr>(name: &str) -> Option<T> {
@@ -80,10 +88,15 @@ impl RemoteOptions {
         if let Some(dir) = std::env::var_os("TENSORLIFT_REMOTE_CACHE").filter(|d| !d.is_empty()) {
             o.cache_dir = Some(Path::new(&dir).into());
         }
-        if let Some(v) = var::<f64>("TENSORLIFT_REMOTE_TIMEOUT_SECS") {
-            match Duration::try_from_secs_f64(v) {
-                Ok(d) if !d.is_zero() => o.timeout = d,
-                _ => tracing::warn!("TENSORLIFT_REMOTE_TIMEOUT_SECS={v} is not a usable time; ignored"),
+        for (name, slot) in [
+            ("TENSORLIFT_REMOTE_TIMEOUT_SECS", &mut o.timeout),
+            ("TENSORLIFT_REMOTE_PLAN_TIMEOUT_SECS", &mut o.plan_timeout),
+        ] {
+            if let Some(v) = var::<f64>(name) {
+                match Duration::try_from_secs_f64(v) {
+                    Ok(d) if !d.is_zero() => *slot = d,
+                    _ => tracing::warn!("{name}={v} is not a usable time; ignored"),
+                }
             }
         }
         o

@@ -66,10 +66,14 @@ pub(crate) fn planning_cancelled() -> std::io::Error {
 /// How often [`run_until`] asks whether its caller still waits.
 const CANCEL_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
-/// [`run`], given up when `cancelled` says nobody waits any more (asked every 20 ms): the
-/// task is then aborted, which drops its requests in flight, and the error is
-/// `Interrupted`.
-pub(crate) fn run_until<F>(fut: F, cancelled: &dyn Fn() -> bool) -> Result<F::Output, std::io::Error>
+/// [`run`], given up when `cancelled` says nobody waits any more (asked every 20 ms), with
+/// the error `Interrupted`, or at `deadline` (`TimedOut`, naming `what` sets it): the task
+/// is then aborted, which drops its requests in flight.
+pub(crate) fn run_until<F>(
+    fut: F,
+    cancelled: &dyn Fn() -> bool,
+    deadline: (std::time::Instant, &str),
+) -> Result<F::Output, std::io::Error>
 where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
@@ -88,6 +92,13 @@ where
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) if cancelled() => {
                 handle.abort();
                 return Err(planning_cancelled());
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) if std::time::Instant::now() >= deadline.0 => {
+                handle.abort();
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("planning took longer than {} allows", deadline.1),
+                ));
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
             // The task ended without a result: it panicked.

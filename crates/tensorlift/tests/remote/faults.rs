@@ -371,3 +371,23 @@ fn a_broken_body_is_resumed_only_where_a_strong_etag_names_the_bytes() {
     let err = gcs.unwrap_err().to_string();
     assert!(err.contains("ETag is weak (W/"), "{err}");
 }
+
+#[test]
+fn planning_that_outlasts_its_plan_timeout_is_given_up() {
+    let r = Remote::new();
+    sharded(&r.root);
+    let Some(s3) = r.s3() else { return };
+    // Every request answered slowly, each within its own timeout: planning's requests
+    // together take longer than its bound.
+    let every = Rule { needle: String::new(), nth: 1, every: true, fault: Fault::Delay(Duration::from_millis(700)) };
+    let proxy = FaultProxy::start(s3.port, vec![every]).unwrap();
+    point_at(proxy.port);
+    let mut o = quick();
+    o.plan_timeout = Duration::from_secs(1);
+    let err = base().remote(o).build().unwrap().plan("s3://bucket/model").unwrap_err();
+    assert!(err.to_string().contains("planning took longer than its plan_timeout (1 s"), "{err}");
+    // With room, the same server is planned.
+    let mut o = quick();
+    o.plan_timeout = Duration::from_secs(120);
+    assert_eq!(base().remote(o).build().unwrap().plan("s3://bucket/model").unwrap().shards().len(), 3);
+}
