@@ -289,7 +289,7 @@ def _file_tensors_on(path, device, keep, torch_load):
     except tensorlift.DeviceMemoryError as e:
         raise _DeviceShort(str(e)) from e
     except tensorlift.SafetensorError as e:
-        if torch_load is None:
+        if torch_load is None or _unreadable(e):
             raise
         for name, t in torch_load(path, e).items():
             if keep is None or keep(name):
@@ -298,6 +298,12 @@ def _file_tensors_on(path, device, keep, torch_load):
     for name, t in itertools.chain([first], it):
         if keep is None or keep(name):
             yield name, t
+
+
+def _unreadable(error):
+    """Whether a tensorlift error is a file that could not be read (or changed during the
+    load), which torch.load would not read better, rather than one tensorlift refuses."""
+    return isinstance(error, OSError)
 
 
 def _load_whole(path, device, torch_load=None):
@@ -317,11 +323,11 @@ def _load_whole(path, device, torch_load=None):
         try:
             return tensorlift.load_file(path, device="cpu", backend="mmap"), True
         except tensorlift.SafetensorError as e:
-            if torch_load is None:
+            if torch_load is None or _unreadable(e):
                 raise
             return torch_load(path, e), True
     except tensorlift.SafetensorError as e:
-        if torch_load is None:
+        if torch_load is None or _unreadable(e):
             raise
         tensors = torch_load(path, e)
         # (On its map location, which may be the device already.)

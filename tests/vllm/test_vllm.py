@@ -364,6 +364,44 @@ def test_other_ranks_experts_are_not_read_and_a_refused_pytorch_file_is_read_as_
         tv._load_whole(path, "cpu")
 
 
+def test_a_file_that_cannot_be_read_is_not_read_again_by_torch_load(tmp_path, monkeypatch):
+    """torch.load reads a PyTorch file tensorlift refuses; a file tensorlift could not read
+    (an I/O error, a file changed during the load: a SafetensorError too, as the reference
+    raises) is the load's error, not read again by torch.load."""
+    import tensorlift
+    import tensorlift.vllm as tv
+
+    path = str(tmp_path / "m.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.arange(4.0)}, path)
+    asked = []
+
+    def torch_load(p, error):
+        asked.append(p)
+        return {}
+
+    def unreadable(*args, **kwargs):
+        raise tensorlift._ReadFailed(f"{path}: shard changed since it was planned (simulated)")
+
+    monkeypatch.setattr(tensorlift, "load_file", unreadable)
+    monkeypatch.setattr(tensorlift, "iter_tensors", unreadable)
+    with pytest.raises(OSError, match="simulated"):
+        tv._load_whole(path, "cpu", torch_load)
+    with pytest.raises(OSError, match="simulated"):
+        list(tv._file_tensors(path, "cpu", None, torch_load))
+    assert asked == []
+    # A file tensorlift refuses is torch.load's.
+    def refused(*args, **kwargs):
+        raise tensorlift._InvalidFile(f"{path}: not a checkpoint (simulated)")
+
+    monkeypatch.setattr(tensorlift, "load_file", refused)
+    monkeypatch.setattr(tensorlift, "iter_tensors", refused)
+    tv._load_whole(path, "cpu", torch_load)
+    list(tv._file_tensors(path, "cpu", None, torch_load))
+    assert asked == [path, path]
+
+
 def test_a_file_the_device_cannot_hold_is_read_to_the_host(tmp_path, monkeypatch):
     """Where the device has too little free memory for a file (torch's cache is not free to
     another allocator), the file is read to the host instead, from where vLLM's weight

@@ -129,10 +129,11 @@ extern "C" {
 #endif // __cplusplus
 
 /*
- The message of the last call that failed on this thread (empty if none has), at most
- 8 KiB. The pointer stays valid as long as the thread lives; the text it points to is
- replaced by the next call that fails on this thread (copy it to keep it). Thread-safe
- (each thread has its own).
+ The message of the last call on this thread that returned a status other than
+ `TL_STATUS_OK` (`TL_STATUS_END` included; empty if none has), at most 8 KiB. The pointer
+ stays valid as long as the thread lives, from its first call on; the text it points to
+ is replaced by the next such call on this thread (copy it to keep it). Thread-safe (each
+ thread has its own).
  */
 const char *tl_last_error(void);
 

@@ -14,8 +14,8 @@
 //!   device pointer; `tl_model_to_dlpack` / `tl_tensor_to_dlpack`: a DLPack
 //!   `DLManagedTensorVersioned` whose deleter keeps the memory alive after the handle is
 //!   freed.
-//! - Every function returns a [`TlStatus`]; the message of the last failure on the calling
-//!   thread is `tl_last_error()`. No panic crosses the boundary: one is caught and returned
+//! - Every function returns a [`TlStatus`]; the message of the last status other than
+//!   `TL_STATUS_OK` on the calling thread is `tl_last_error()`. No panic crosses the boundary: one is caught and returned
 //!   as `TL_STATUS_PANIC`.
 //!
 //! This file is the C API's FFI edge: the only `unsafe` here turns the caller's pointers
@@ -193,7 +193,7 @@ const ERROR_MAX: usize = 8192;
 
 thread_local! {
     /// This thread's last error, NUL-terminated, in storage of its own (made at the
-    /// thread's first failure, so that threads that never fail carry none of it) that is
+    /// thread's first failure or `tl_last_error`, so that other threads carry none of it) that is
     /// never freed or moved while the thread lives: `tl_last_error`'s pointer never dangles,
     /// whatever is called after it (a later failure changes the text it points to).
     static LAST_ERROR: RefCell<Option<Box<[u8]>>> = const { RefCell::new(None) };
@@ -345,16 +345,23 @@ unsafe fn free<T>(p: *mut T) {
     }
 }
 
-/// The message of the last call that failed on this thread (empty if none has), at most
-/// 8 KiB. The pointer stays valid as long as the thread lives; the text it points to is
-/// replaced by the next call that fails on this thread (copy it to keep it). Thread-safe
-/// (each thread has its own).
+/// The message of the last call on this thread that returned a status other than
+/// `TL_STATUS_OK` (`TL_STATUS_END` included; empty if none has), at most 8 KiB. The pointer
+/// stays valid as long as the thread lives, from its first call on; the text it points to
+/// is replaced by the next such call on this thread (copy it to keep it). Thread-safe (each
+/// thread has its own).
 #[no_mangle]
 pub extern "C" fn tl_last_error() -> *const c_char {
     // The thread's buffer, which stays where it is while the thread lives (set_error only
     // writes into it); a thread whose storage is going away gets a static empty string.
+    // (Made here too, empty, so that the pointer taken before a thread's first failure is
+    // the one that failure writes.)
     LAST_ERROR
-        .try_with(|e| e.try_borrow().ok().and_then(|b| b.as_ref().map(|b| b.as_ptr().cast::<c_char>())))
+        .try_with(|e| {
+            e.try_borrow_mut()
+                .ok()
+                .map(|mut b| b.get_or_insert_with(|| vec![0u8; ERROR_MAX].into_boxed_slice()).as_ptr().cast::<c_char>())
+        })
         .ok()
         .flatten()
         .unwrap_or(c"".as_ptr())

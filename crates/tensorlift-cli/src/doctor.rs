@@ -315,7 +315,7 @@ fn remote_source(path: &Path) -> (serde_json::Value, String) {
             v["etags"] = json!(tagged);
             format!(
                 "{}: {} shards, {} ({}; {how})",
-                path.display(),
+                tensorlift::redact_url(path).display(),
                 plan.shards().len(),
                 crate::text::memory(plan.checkpoint_bytes()),
                 if tagged {
@@ -328,7 +328,7 @@ fn remote_source(path: &Path) -> (serde_json::Value, String) {
         Err(e) => {
             v["reachable"] = json!(false);
             v["error"] = json!(e.to_string());
-            format!("{}: cannot plan it: {e} ({how})", path.display())
+            format!("{}: cannot plan it: {e} ({how})", tensorlift::redact_url(path).display())
         }
     };
     (v, line)

@@ -88,7 +88,9 @@ pub fn run(args: &Args, out: &mut dyn Write) -> anyhow::Result<()> {
         .exit(),
         built => built?,
     };
-    let model = loader.load_blocking(&args.path).with_context(|| format!("loading {}", args.path.display()))?;
+    let model = loader
+        .load_blocking(&args.path)
+        .with_context(|| format!("loading {}", tensorlift::redact_url(&args.path).display()))?;
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }

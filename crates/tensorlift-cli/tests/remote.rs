@@ -107,6 +107,15 @@ fn a_bucket_loads_to_the_reference_digests_on_the_host_and_the_device() {
     let out = run(s3.port, &["load", url], &[("AWS_SECRET_ACCESS_KEY", "wrong")]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("SignatureDoesNotMatch"), "{out:?}");
+    // A URL that carries credentials is refused, and named without them, by load and by
+    // doctor (its JSON and its text).
+    let secret = "https://user:secret@127.0.0.1:1/model/?sig=secret";
+    for args in [&["load", secret][..], &["doctor", "--path", secret], &["doctor", "--json", "--path", secret]] {
+        let out = run(s3.port, args, &[]);
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(!stdout.contains("secret") && !stderr.contains("secret"), "{args:?}: {stdout}\n{stderr}");
+        assert!(stdout.contains("REDACTED") || stderr.contains("REDACTED"), "{args:?}: {stdout}\n{stderr}");
+    }
 }
 
 #[test]

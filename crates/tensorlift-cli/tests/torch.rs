@@ -444,7 +444,8 @@ fn sha256_of(bytes: &[u8]) -> String {
 
 /// Defect: a view of two elements whose stride spans a 1 GiB storage (8 KB on disk) made
 /// `convert` read the whole span (1.05 GB resident; an OOM kill in a 1 GiB cgroup). Now the
-/// view is gathered from the rows it touches, within a 300 MB address space.
+/// view, spread wide, is gathered through a window that moves forward, within a 300 MB
+/// address space.
 #[test]
 fn a_sparse_strided_view_converts_in_bounded_memory() {
     let d = tensorlift_testkit::scratch_in(&std::env::temp_dir(), "tl-cli-");

@@ -30,7 +30,8 @@ pub struct Limits {
     /// (each view's span where read whole, else a window or run per run): many views of one
     /// storage, each read on its own, cannot make a small file read without bound.
     pub max_expansion: u64,
-    /// Bytes the pickle's values may take in memory per byte of pickle read (default 16,
+    /// Bytes the pickle's values (and the frames its marks open) may take in memory per byte
+    /// of pickle read (default 16,
     /// as a safetensors header's parse is counted, and 1 MiB more): a pickle that builds
     /// more than that is refused as it runs. A `torch.save` state_dict takes 11 to 14
     /// (short names the most; `tests/memory` measures it).
@@ -206,9 +207,10 @@ impl TorchCheckpoint {
     /// one whose elements lie close together (the bytes from its first to its last element
     /// are at most its own size plus 8 MiB, as for a transpose or an `expand`) is read whole,
     /// once; one spread wider (a slice of a larger storage) is read through a window of at
-    /// most 8 MiB that only moves forward, so that no byte of the file is read twice. A
-    /// view spread wide whose elements also overlap (an `as_strided` view that would be
-    /// read back and forth) is refused.
+    /// most 8 MiB that only moves forward, so that no byte of the file is read twice (but
+    /// for a run that straddles a window's end). A view spread wide whose dimensions overlap
+    /// or interleave (an `as_strided` view whose walk through the storage would go back) is
+    /// refused.
     ///
     /// The memory it takes is [`TorchCheckpoint::gather_memory`]; memory is committed as it
     /// is touched, so a caller compares that with what the host has first.

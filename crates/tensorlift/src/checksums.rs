@@ -141,7 +141,7 @@ pub fn manifest(path: impl AsRef<Path>) -> Result<Manifest, ManifestError> {
     // The manifest is written beside the files: a remote checkpoint has none here.
     if tensorlift_io::is_remote(path) {
         return Err(ManifestError::Io {
-            file: path.to_path_buf(),
+            file: tensorlift_io::redact_url(path).into_owned(),
             source: std::io::Error::new(
                 std::io::ErrorKind::Unsupported,
                 "a manifest is written beside local files; run it where the checkpoint is on disk",

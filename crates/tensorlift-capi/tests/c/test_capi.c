@@ -29,13 +29,18 @@ struct Job {
     TlStatus status;
     size_t tensors;
     int error_was_empty;
+    /* Whether the pointer taken before the thread's first call names its load's path
+     * afterwards (for a load that fails). */
+    int first_pointer_names_path;
 };
 
 static void *load_in_thread(void *arg) {
     struct Job *job = arg;
-    job->error_was_empty = tl_last_error()[0] == 0;
+    const char *first = tl_last_error();
+    job->error_was_empty = first[0] == 0;
     TlModel *m = NULL;
     job->status = tl_load(job->loader, job->path, &m);
+    job->first_pointer_names_path = strstr(first, job->path) != NULL;
     job->tensors = tl_model_len(m);
     tl_model_free(m);
     return NULL;
@@ -244,12 +249,12 @@ int main(int argc, char **argv) {
     tl_tensor_free(first);
 
     /* Two threads load with one loader at once; each thread has its own last error. */
-    struct Job jobs[2] = {{loader, path, 0, 0}, {loader, "/nonexistent/model.safetensors", 0, 0}};
+    struct Job jobs[2] = {{loader, path, 0, 0, 0, 0}, {loader, "/nonexistent/model.safetensors", 0, 0, 0, 0}};
     pthread_t threads[2];
     for (int j = 0; j < 2; j++) EXPECT(pthread_create(&threads[j], NULL, load_in_thread, &jobs[j]) == 0);
     for (int j = 0; j < 2; j++) EXPECT(pthread_join(threads[j], NULL) == 0);
     EXPECT(jobs[0].status == TL_STATUS_OK && jobs[0].tensors == n && jobs[0].error_was_empty);
-    EXPECT(jobs[1].status == TL_STATUS_LOAD_FAILED);
+    EXPECT(jobs[1].status == TL_STATUS_LOAD_FAILED && jobs[1].first_pointer_names_path);
 
     /* Errors: a missing checkpoint names itself and leaves null; nulls are refused, not
      * followed, and a call with nowhere to put its result makes nothing. */

@@ -257,7 +257,9 @@ pub struct CandleModel {
 /// Loads `path` with a loader built from `builder` (its filters, slices, dtype conversion
 /// and tuning), as candle tensors on the host. The load goes straight into host memory
 /// unless the builder (or `TENSORLIFT_DEVICE`) names a GPU: then it is loaded there and
-/// each tensor copied back ([`Handover::CopiedFromDevice`]); `Device::Auto` names none.
+/// each tensor copied back ([`Handover::CopiedFromDevice`]); `Device::Auto` names none (a
+/// `TENSORLIFT_DEVICE` that is no device, or not text, fails the load:
+/// [`LoadError::InvalidDevice`]).
 /// Where each tensor lands is this function's to say (it lends the load memory candle then
 /// owns): a placement rule the builder has ([`LoaderBuilder::place_with`]) is replaced,
 /// and loads that take none (verified loads, mapped views, several devices) are refused.
