@@ -563,16 +563,22 @@ def main():
         json.dump(expect, f, indent=1, sort_keys=True)
 
 
-def zip64_other_directory(path):
-    """A torch.save archive followed by a second central directory, in which data/0 is
-    another record (4 nines), named by the zip64 end record; the end record names the first."""
+def _saved_archive():
+    """A torch.save archive of one 4-float tensor, and its parts: the bytes, the number of
+    entries, the central directory and where it starts, and its records' folder."""
     buf = io.BytesIO()
     torch.save({"w": torch.arange(4, dtype=torch.float32)}, buf)
     raw = buf.getvalue()
     eocd = raw.rfind(b"PK\x05\x06")
     count, cd_len, cd_at = struct.unpack("<HII", raw[eocd + 10 : eocd + 20])
-    cd = raw[cd_at : cd_at + cd_len]
     prefix = raw[30 : 30 + struct.unpack("<H", raw[26:28])[0]].split(b"/")[0]
+    return raw, count, raw[cd_at : cd_at + cd_len], cd_at, prefix
+
+
+def zip64_other_directory(path):
+    """A torch.save archive followed by a second central directory, in which data/0 is
+    another record (4 nines), named by the zip64 end record; the end record names the first."""
+    raw, count, cd, cd_at, prefix = _saved_archive()
     name, data = prefix + b"/data/0", struct.pack("<4f", 9, 9, 9, 9)
     local = struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 0, 0, 0, zlib.crc32(data), 4 * 4, 4 * 4, len(name), 0)
     other, p = bytearray(), 0
@@ -600,13 +606,7 @@ def zip64_two_fields(path):
     """A torch.save archive whose data/0 has its local header's offset in a zip64 extra
     field, twice: the first names 0xFFFFFFFF (past the file's end), the second its own
     bytes. miniz, torch's reader, takes the first zip64 field only, and fails."""
-    buf = io.BytesIO()
-    torch.save({"w": torch.arange(4, dtype=torch.float32)}, buf)
-    raw = buf.getvalue()
-    eocd = raw.rfind(b"PK\x05\x06")
-    count, cd_len, cd_at = struct.unpack("<HII", raw[eocd + 10 : eocd + 20])
-    cd = raw[cd_at : cd_at + cd_len]
-    prefix = raw[30 : 30 + struct.unpack("<H", raw[26:28])[0]].split(b"/")[0]
+    raw, count, cd, cd_at, prefix = _saved_archive()
     name = prefix + b"/data/0"
     body = raw[:cd_at]
     new_cd, p = bytearray(), 0
