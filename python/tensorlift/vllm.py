@@ -362,13 +362,14 @@ def _natural_key(path):
 
 
 def _chunks(tensors, size):
-    """``tensors`` (``(name, dtype, shape)``, with ``dtype`` as torch prints it) in runs of
-    about ``size`` bytes: each run ends with the tensor that brings it to ``size`` (so a
-    large tensor ends one)."""
+    """``tensors`` (``(name, dtype, shape)``, with ``dtype`` as torch prints it, such as
+    ``"torch.bfloat16"``) in runs of about ``size`` bytes, each dtype as torch's own: each run
+    ends with the tensor that brings it to ``size`` (so a large tensor ends one)."""
     run, total = [], 0
     for name, dtype, shape in tensors:
+        dtype = getattr(torch, dtype.rpartition(".")[2])
         run.append((name, dtype, shape))
-        total += math.prod(shape) * getattr(torch, dtype.rpartition(".")[2]).itemsize
+        total += math.prod(shape) * dtype.itemsize
         if total >= size:
             yield run
             run, total = [], 0
@@ -440,8 +441,6 @@ def _split_and_broadcast(files, device, group, keep, torch_load=None):
                             # copied after the ranks agreed, where it could fail alone).
                             placed.append((name, mine.pop(name).to(device).contiguous()))
                         else:
-                            # torch dtypes print as "torch.bfloat16".
-                            dtype = getattr(torch, dtype.rpartition(".")[2])
                             placed.append((name, torch.empty(shape, dtype=dtype, device=device)))
                 except Exception as e:
                     placed, error = None, (name, f"{type(e).__name__}: {e}")

@@ -199,12 +199,17 @@ thread_local! {
     static LAST_ERROR: RefCell<Option<Box<[u8]>>> = const { RefCell::new(None) };
 }
 
+/// This thread's error buffer, made (empty) at its first use.
+fn error_buffer(slot: &mut Option<Box<[u8]>>) -> &mut [u8] {
+    slot.get_or_insert_with(|| vec![0u8; ERROR_MAX].into_boxed_slice())
+}
+
 /// Keeps `message` as this thread's last error (nothing where the thread's storage is
 /// being torn down).
 fn set_error(message: &str) {
     let _ = LAST_ERROR.try_with(|e| {
         if let Ok(mut slot) = e.try_borrow_mut() {
-            let e = slot.get_or_insert_with(|| vec![0u8; ERROR_MAX].into_boxed_slice());
+            let e = error_buffer(&mut slot);
             let text = message.replace('\0', " ");
             let (text, cut) = match text.len() < ERROR_MAX {
                 true => (text.as_str(), ""),
@@ -357,11 +362,7 @@ pub extern "C" fn tl_last_error() -> *const c_char {
     // (Made here too, empty, so that the pointer taken before a thread's first failure is
     // the one that failure writes.)
     LAST_ERROR
-        .try_with(|e| {
-            e.try_borrow_mut()
-                .ok()
-                .map(|mut b| b.get_or_insert_with(|| vec![0u8; ERROR_MAX].into_boxed_slice()).as_ptr().cast::<c_char>())
-        })
+        .try_with(|e| e.try_borrow_mut().ok().map(|mut b| error_buffer(&mut b).as_ptr().cast::<c_char>()))
         .ok()
         .flatten()
         .unwrap_or(c"".as_ptr())

@@ -227,16 +227,16 @@ pub(crate) fn usable(path: &Path, now: &Note) -> Option<(u64, u64)> {
 }
 
 /// The effective user of this process.
-fn my_uid() -> Option<u32> {
+fn my_uid() -> u32 {
     // SAFETY: geteuid takes nothing, cannot fail, and only returns a number.
-    Some(unsafe { libc::geteuid() })
+    unsafe { libc::geteuid() }
 }
 
 /// Whether a note or copy is this user's, and no one else may write it: one another user
 /// made (who swapped the cache folder between its check and its use, through a folder above
 /// it that they may write to) is never read.
 fn written_by_me(meta: &std::fs::Metadata) -> bool {
-    my_uid() == Some(meta.uid()) && meta.mode() & 0o022 == 0
+    my_uid() == meta.uid() && meta.mode() & 0o022 == 0
 }
 
 /// Reads the copy at `path` whole, at most `max` bytes (an index, `usable` first).
@@ -272,7 +272,7 @@ fn check_root(root: &Path) -> io::Result<()> {
 pub(crate) fn trusted(root: &Path) -> io::Result<()> {
     let refuse = |what: String| Err(io::Error::new(io::ErrorKind::PermissionDenied, what));
     let meta = std::fs::metadata(root)?;
-    let me = my_uid().unwrap_or(meta.uid());
+    let me = my_uid();
     if meta.uid() != me || meta.mode() & 0o022 != 0 {
         return refuse("the cache folder belongs to another user or others may write to it".to_owned());
     }

@@ -458,21 +458,23 @@ fn a_cached_copy_makes_the_next_load_local_until_the_object_changes() {
 /// once the cache's writer has none open (it keeps one open through a burst of writes):
 /// waits for that, up to 20 s.
 fn partial_copies_open(dir: &std::path::Path) -> usize {
-    let dir = std::fs::canonicalize(dir).unwrap();
-    let count = || {
-        std::fs::read_dir("/proc/self/fd")
-            .unwrap()
-            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-            .filter(|target| target.starts_with(&dir) && target.to_string_lossy().contains(".partial-"))
-            .count()
-    };
     for _ in 0..200 {
-        if count() == 0 {
+        if partial_fds(dir) == 0 {
             return 0;
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    count()
+    partial_fds(dir)
+}
+
+/// Descriptors this process holds open now on files named `*.partial-*` under `dir`.
+fn partial_fds(dir: &std::path::Path) -> usize {
+    let dir = std::fs::canonicalize(dir).unwrap();
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.starts_with(&dir) && target.to_string_lossy().contains(".partial-"))
+        .count()
 }
 
 #[test]
@@ -511,13 +513,7 @@ fn a_plan_of_many_shards_holds_no_descriptor_for_copies_not_yet_written() {
     // (The count sees a descriptor that is held.)
     let control = store.join("control.partial-0");
     let held = std::fs::File::create(&control).unwrap();
-    let dir = std::fs::canonicalize(&cache).unwrap();
-    let seen = std::fs::read_dir("/proc/self/fd")
-        .unwrap()
-        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-        .filter(|t| t.starts_with(&dir) && t.to_string_lossy().contains(".partial-"))
-        .count();
-    assert!(seen >= 1, "a held descriptor is not counted");
+    assert!(partial_fds(&cache) >= 1, "a held descriptor is not counted");
     drop(held);
     std::fs::remove_file(&control).unwrap();
     let model = loader.load_plan_blocking(plan).unwrap();
