@@ -270,3 +270,73 @@ def test_ctrl_c_interrupts_safe_open_of_a_server_that_never_answers(monkeypatch)
     for c in taken:
         c.close()
     listener.close()
+
+
+def _serve_in_this_process(root):
+    """An HTTP server with ``Range`` and ``ETag`` over ``root``, run by a thread of this
+    process: it can answer only while the caller's thread has let go of the GIL. Returns its
+    port, the paths it answered, and the server (to shut down)."""
+    import http.server
+    import threading
+
+    answered = []
+
+    class Files(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_HEAD(self):
+            self._reply(body=False)
+
+        def do_GET(self):
+            self._reply(body=True)
+
+        def _reply(self, body):
+            path = root / self.path.lstrip("/")
+            if ".." in self.path or not path.is_file():
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            data = path.read_bytes()
+            start, end, code = 0, len(data), 200
+            spec = self.headers.get("Range", "")
+            if spec.startswith("bytes="):
+                a, b = spec[len("bytes=") :].split("-")
+                start, end, code = int(a), min(int(b) + 1 if b else len(data), len(data)), 206
+            answered.append(self.path)
+            self.send_response(code)
+            self.send_header("Content-Length", str(end - start))
+            self.send_header("Accept-Ranges", "bytes")
+            self.send_header("ETag", f'"{len(data):x}-{path.stat().st_mtime_ns:x}"')
+            if code == 206:
+                self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
+            self.end_headers()
+            if body:
+                self.wfile.write(data[start:end])
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Files)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server.server_address[1], answered, server
+
+
+def test_loads_let_this_processs_other_threads_run(bucket, monkeypatch):
+    # The server runs on a thread of this process, so each call below finishes only if it
+    # lets go of the GIL while it waits on the network; holding it, the call would wait for
+    # a reply that cannot come until its timeout, and fail.
+    monkeypatch.setenv("TENSORLIFT_REMOTE_TIMEOUT_SECS", "20")
+    monkeypatch.setenv("TENSORLIFT_REMOTE_RETRIES", "0")
+    port, answered, server = _serve_in_this_process(bucket / "bucket")
+    url = f"http://127.0.0.1:{port}/model/model.safetensors.index.json"
+    want = _reference(bucket / "bucket" / "model")
+    try:
+        _same(tensorlift.load_file(url), want)
+        _same(dict(tensorlift.iter_tensors(url)), want)
+        with tensorlift.safe_open(url, framework="pt") as f:
+            assert sorted(f.keys()) == sorted(want)
+            assert torch.equal(f.get_tensor("layer.0.bias"), want["layer.0.bias"])
+            assert torch.equal(f.get_slice("embed.weight")[3:7], want["embed.weight"][3:7])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert any(p.endswith("model-00002-of-00002.safetensors") for p in answered), answered
