@@ -42,7 +42,7 @@ typedef enum TlStatus {
   TL_STATUS_END = 4,
   /*
    What was asked is not possible: an option combination the loader refuses (a
-   verified load with a filter or slices, ...), or a DLPack export of a dtype DLPack
+   verified load with slices, ...), or a DLPack export of a dtype DLPack
    cannot describe.
    */
   TL_STATUS_UNSUPPORTED = 5,

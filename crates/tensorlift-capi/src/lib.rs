@@ -45,7 +45,7 @@ pub enum TlStatus {
     /// A stream has no tensor left.
     End = 4,
     /// What was asked is not possible: an option combination the loader refuses (a
-    /// verified load with a filter or slices, ...), or a DLPack export of a dtype DLPack
+    /// verified load with slices, ...), or a DLPack export of a dtype DLPack
     /// cannot describe.
     Unsupported = 5,
     /// A bug in tensorlift: a panic was caught at the boundary (please report the message).

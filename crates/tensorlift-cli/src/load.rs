@@ -31,7 +31,8 @@ pub struct Args {
     tuning: tensorlift::flags::Tuning,
     /// Check each shard's SHA-256 as it is read, against the hub cache blob it is or its
     /// line in SHA256SUMS beside it (`tensorlift manifest` writes one): `--verify` needs a
-    /// digest for every shard, `--verify=if-known` checks those that have one.
+    /// digest for every shard, `--verify=if-known` checks those that have one. With
+    /// `--filter`, the shards that hold a matching tensor are read whole and checked.
     #[arg(long, value_name = "POLICY", num_args = 0..=1, require_equals = true, default_missing_value = "required",
           value_parser = |s: &str| s.parse::<tensorlift::Verify>())]
     verify: Option<tensorlift::Verify>,
@@ -52,14 +53,6 @@ fn parse_device(s: &str) -> Result<Device, String> {
 }
 
 pub fn run(args: &Args, out: &mut dyn Write) -> anyhow::Result<()> {
-    if args.verify.is_some_and(|v| v != tensorlift::Verify::Off) && !args.filters.is_empty() {
-        // A usage error (exit 2), as clap's own: a verified load hashes whole shards.
-        clap::Error::raw(
-            clap::error::ErrorKind::ArgumentConflict,
-            "--verify reads whole shards to check them: it cannot be used with --filter\n",
-        )
-        .exit();
-    }
     // The flag wins over TENSORLIFT_DEVICE, which the builder reads when no device is set.
     let mut builder = Loader::builder().filter(args.filters.iter().cloned());
     if let Some(d) = args.device {

@@ -52,7 +52,13 @@ pub(crate) fn for_load(plan: &tensorlift_io::Checkpoint, policy: crate::Verify) 
         }
     }
     if policy == crate::Verify::Required {
-        if let Some(i) = e.shards.iter().position(Option::is_none) {
+        // Only the shards the load reads need one: a plan narrowed to a few tensors reads
+        // their shards alone.
+        let mut read = vec![false; plan.shards().len()];
+        for t in plan.tensors() {
+            read[t.shard] = true;
+        }
+        if let Some(i) = (e.shards.iter().zip(&read)).position(|(d, &read)| read && d.is_none()) {
             let file = crate::digest::named_path(plan.root(), &plan.shards()[i]);
             return Err(crate::LoadError::NoDigest { file, sums_file: e.sums_file });
         }

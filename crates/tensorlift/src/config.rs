@@ -225,7 +225,7 @@ pub enum Verify {
     /// No checks (the default).
     #[default]
     Off,
-    /// Every shard is checked; a shard with no expected digest fails the load.
+    /// Every shard the load reads is checked; one with no expected digest fails the load.
     Required,
     /// The shards with an expected digest are checked; the others load unverified, and
     /// [`LoadStats::unverified_bytes`](crate::LoadStats::unverified_bytes) counts them.

@@ -132,8 +132,9 @@ pub(crate) fn shard_spans(plan: &LoadPlan) -> Vec<Span> {
         .collect()
 }
 
-/// Every shard whole, from its first byte to its last, with all its tensors: what a
-/// verified load reads, so that the bytes it hashes are the file's own. A span's tensors are
+/// Every shard the plan takes a tensor from whole, from its first byte to its last, with
+/// all its tensors: what a verified load reads, so that the bytes it hashes are the file's
+/// own (a plan narrowed to a few tensors reads only their shards). A span's tensors are
 /// counted down chunk by chunk in file order ([`completed_by`]), which tensors that share
 /// bytes (views of one PyTorch storage) break: `Err(shard)` names the first such shard.
 pub(crate) fn whole_files(plan: &LoadPlan) -> Result<Vec<Span>, usize> {
@@ -153,6 +154,7 @@ pub(crate) fn whole_files(plan: &LoadPlan) -> Result<Vec<Span>, usize> {
         }
         span.tensors.push(t);
     }
+    spans.retain(|s| !s.tensors.is_empty());
     Ok(spans)
 }
 

@@ -290,11 +290,13 @@ impl LoaderBuilder {
     /// tensors are handed out only once its whole file checked out (whole-shard
     /// verification, see docs/ARCHITECTURE.md); a mismatch fails the load with
     /// [`LoadError::Checksum`], naming the file and both digests. A verified load reads
-    /// every shard whole; each is hashed while it is read (in file order, on a thread of its
-    /// own: on its final host memory, or, for a CUDA device, on each pinned chunk before the
-    /// chunk is copied); with [mapped views](Self::map_views), each mapped file is hashed
-    /// whole before any view is handed out. [`build`](Self::build) refuses it with caller
-    /// memory, a filter or slices.
+    /// whole every shard it takes a tensor from (with a filter, or
+    /// [`load_named`](Loader::load_named_blocking), only the shards that hold the tensors
+    /// asked for are read, and only they need a digest); each is hashed while it is read (in
+    /// file order, on a thread of its own: on its final host memory, or, for a CUDA device,
+    /// on each pinned chunk before the chunk is copied); with [mapped views](Self::map_views),
+    /// each mapped file is hashed whole before any view is handed out.
+    /// [`build`](Self::build) refuses it with caller memory or slices.
     pub fn verify(mut self, policy: Verify) -> Self {
         self.cfg.verify = policy;
         self
@@ -413,8 +415,8 @@ impl LoaderBuilder {
         if self.cfg.verify != Verify::Off {
             let refused = if self.cfg.place.is_some() {
                 Some("verified loads into caller memory".to_owned())
-            } else if !self.cfg.filter.is_empty() || !self.cfg.slices.is_empty() {
-                Some("verified loads with a filter or slices (a verified load reads whole shards)".to_owned())
+            } else if !self.cfg.slices.is_empty() {
+                Some("verified loads with slices (a verified load reads whole shards)".to_owned())
             } else {
                 None
             };

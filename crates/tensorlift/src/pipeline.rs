@@ -199,11 +199,8 @@ impl TensorStream {
             }
             _ => None,
         };
-        // A verified load reads every shard whole (its build refused what would not).
-        let unverified: u64 = match &checks {
-            Some(c) => plan.shards().iter().zip(c).filter(|(_, c)| c.is_none()).map(|(s, _)| s.file_len).sum(),
-            None => 0,
-        };
+        // A verified load reads every shard it takes a tensor from whole (its build refused
+        // what would not).
         let spans = match checks {
             Some(_) => layout::whole_files(&plan).map_err(|shard| {
                 LoadError::Unsupported(format!(
@@ -213,6 +210,14 @@ impl TensorStream {
                 ))
             })?,
             None => layout::spans(&plan, |i| landing.read_into_caller(&plan, i, cfg)),
+        };
+        let unverified: u64 = match &checks {
+            Some(c) => spans
+                .iter()
+                .filter(|s| c.get(s.shard).is_none_or(Option::is_none))
+                .map(|s| plan.shards()[s.shard].file_len)
+                .sum(),
+            None => 0,
         };
         let mut stream = TensorStream::new(reader, plan, cfg, stats, started);
         if fresh {

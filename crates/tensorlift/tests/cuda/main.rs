@@ -853,6 +853,15 @@ fn verified_loads_hash_pinned_chunks_before_their_copies() {
         assert_on_device(&model, &truth, what);
         assert_eq!((model.stats().verified_bytes, model.stats().unverified_bytes), (total, 0), "{what}");
     }
+    // Filtered: the one shard that holds the tensors asked for is read whole and checked.
+    let loader = base().chunk_size(4096).filter(["b.*"]).verify(Verify::Required).build().unwrap();
+    let model = loader.load_blocking(&dir).unwrap();
+    let b: BTreeMap<_, _> =
+        truth.iter().filter(|(k, _)| k.starts_with("b.")).map(|(k, v)| (k.clone(), v.clone())).collect();
+    assert_on_device(&model, &b, "filtered");
+    let second = std::fs::metadata(&paths[1]).unwrap().len();
+    let s = model.stats();
+    assert_eq!((s.verified_bytes, s.unverified_bytes, s.bytes_read), (second, 0, second), "filtered");
     emulator::reset();
     let model = base().chunk_size(4096).convert_to(Dtype::F32).verify(Verify::Required).build().unwrap();
     let model = model.load_blocking(&dir).unwrap();

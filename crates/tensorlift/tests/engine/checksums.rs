@@ -339,14 +339,10 @@ fn a_hub_blob_whose_content_is_not_its_name_fails() {
 }
 
 #[test]
-fn verified_loads_refuse_what_does_not_read_whole_shards() {
-    for (what, b) in [
-        ("filter", base().filter(["a.*"])),
-        ("slices", base().slice("a.0", tensorlift::TensorSlice::new(std::iter::once(0..10)))),
-    ] {
-        let err = b.verify(Verify::Required).build().unwrap_err();
-        assert!(matches!(&err, LoadError::Unsupported(m) if m.starts_with("verified loads")), "{what}: {err}");
-    }
+fn verified_loads_refuse_slices() {
+    let b = base().slice("a.0", tensorlift::TensorSlice::new(std::iter::once(0..10)));
+    let err = b.verify(Verify::Required).build().unwrap_err();
+    assert!(matches!(&err, LoadError::Unsupported(m) if m.starts_with("verified loads with slices")), "{err}");
 }
 
 #[test]
@@ -426,4 +422,65 @@ fn sums_lines_name_what_sha256sum_would_check() {
     std::fs::write(dir.join("SHA256SUMS"), format!("SHA256 (m.safetensors) = {}\n", "a".repeat(1 << 20))).unwrap();
     let err = expected(&plan).unwrap_err();
     assert!(err.to_string().len() < 400 && err.message.contains("..."), "{} bytes", err.to_string().len());
+}
+
+#[test]
+fn a_verified_load_of_a_few_tensors_reads_and_checks_only_their_shards() {
+    // A plan narrowed to tensors of the second shard (as a handle loading one tensor at a
+    // time does) reads that shard whole and hashes it; the first is neither read, nor
+    // held in memory, nor asked for a digest.
+    let (dir, truth) = verified_checkpoint();
+    let second = dir.join("model-00002-of-00002.safetensors");
+    std::fs::write(dir.join("SHA256SUMS"), coreutils_sums(&dir, &["model-00002-of-00002.safetensors"])).unwrap();
+    for (what, loader) in reading_loaders_with(4096, |b| b.verify(Verify::Required)) {
+        let plan = loader.plan(&dir).unwrap();
+        let model = loader.load_named_blocking(&plan, &["b.0", "b.2"]).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let want: std::collections::BTreeMap<_, _> = truth
+            .iter()
+            .filter(|(k, _)| ["b.0", "b.2"].contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        assert_identical(&model, &want, &what);
+        let stats = model.stats();
+        assert_eq!((stats.verified_bytes, stats.unverified_bytes), (file_len(&second), 0), "{what}");
+        assert_eq!(stats.bytes_read, file_len(&second), "{what}");
+        // A tensor of the first shard, which SHA256SUMS does not list, is refused.
+        match loader.load_named_blocking(&plan, &["a.1"]).unwrap_err() {
+            LoadError::NoDigest { file, .. } => {
+                assert_eq!(file, dir.canonicalize().unwrap().join("model-00001-of-00002.safetensors"), "{what}")
+            }
+            other => panic!("{what}: {other}"),
+        }
+    }
+}
+
+#[test]
+fn a_filtered_verified_load_reads_and_checks_the_shards_it_takes_tensors_from() {
+    let (dir, truth) = verified_checkpoint();
+    let second = dir.join("model-00002-of-00002.safetensors");
+    let want: std::collections::BTreeMap<_, _> =
+        truth.iter().filter(|(k, _)| k.starts_with("b.")).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut loaders = reading_loaders_with(4096, |b| b.verify(Verify::Required).filter(["b.*"]));
+    let mapped = base().map_views(map_contract()).verify(Verify::Required).filter(["b.*"]).build().unwrap();
+    loaders.push(("mapped views".to_owned(), mapped));
+    for (what, loader) in loaders {
+        let model = loader.load_blocking(&dir).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_identical(&model, &want, &what);
+        let stats = model.stats();
+        assert_eq!(
+            (stats.verified_bytes, stats.unverified_bytes, stats.bytes_read),
+            // (Views read nothing: their files were hashed whole.)
+            (file_len(&second), 0, if what == "mapped views" { 0 } else { file_len(&second) }),
+            "{what}"
+        );
+    }
+    // A byte flipped in the shard the filter reads fails the load; in the other, it does not.
+    let mut bytes = std::fs::read(&second).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&second, &bytes).unwrap();
+    let err = base().verify(Verify::Required).filter(["b.*"]).build().unwrap().load_blocking(&dir).unwrap_err();
+    assert!(matches!(&err, LoadError::Checksum { file, .. } if file == &second.canonicalize().unwrap()), "{err}");
+    let model = base().verify(Verify::Required).filter(["a.*"]).build().unwrap().load_blocking(&dir).unwrap();
+    assert_eq!(model.stats().unverified_bytes, 0);
 }
