@@ -365,20 +365,21 @@ impl CudaSink {
                 claims[i] = Some(claim);
             }
         }
-        let (own, total) = layout::device_layout(plan, &spans, |i| match (caller[i], kinds[i]) {
+        let own = layout::device_layout(plan, &spans, |i| match (caller[i], kinds[i]) {
             (Some(_), _) => Place::No,
             (None, Some(_)) => Place::Packed(crate::place::loaded_as(&plan.tensors()[i], cfg.convert_to).1),
             (None, None) => Place::AsLoaded,
         });
-        let (raw, scratch_len) =
-            layout::device_layout(plan, &spans, |i| if kinds[i].is_some() { Place::AsLoaded } else { Place::No });
-        // Before a byte is read: does the device have room for the whole load?
+        let raw = layout::device_layout(plan, &spans, |i| if kinds[i].is_some() { Place::AsLoaded } else { Place::No });
+        // Before a byte is read: does the device have room for the whole load? (A layout
+        // past a u64, sized by the files, needs more than any device has.)
         let (free, _) = cuda.gpu.memory_info().map_err(cuda_err)?;
-        let needed = total + scratch_len;
+        let sized = own.zip(raw).and_then(|(own, raw)| Some((own.1.checked_add(raw.1)?, own, raw)));
+        let needed = sized.as_ref().map_or(u64::MAX, |s| s.0);
         let no_room = || LoadError::DeviceMemory { file: plan_file(plan), device, needed, free };
-        if needed > free {
+        let Some((_, (own, total), (raw, scratch_len))) = sized.filter(|s| s.0 <= free) else {
             return Err(no_room());
-        }
+        };
         let alloc = |len: u64| match DeviceArena::new(&cuda.gpu, len as usize) {
             Ok(a) => Ok(Arc::new(a)),
             Err(CudaError::OutOfMemory { .. }) => Err(no_room()),

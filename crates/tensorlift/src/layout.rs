@@ -247,12 +247,14 @@ pub(crate) enum Place {
 /// [`DEVICE_ALIGN`], mirroring the file (the gap between two tensors kept) wherever that
 /// keeps the alignment, so that runs of such tensors are one copy. Returns the offset of
 /// each plan tensor (`None` for tensors not selected, or placed [`Place::No`]) and the
-/// allocation's length.
+/// allocation's length; `None` where that length does not fit in a `u64` (sizes come from
+/// the files: views of one storage placed apart, or tensors widened by a conversion, can
+/// add up past it).
 pub(crate) fn device_layout(
     plan: &LoadPlan,
     spans: &[Span],
     place: impl Fn(usize) -> Place,
-) -> (Vec<Option<u64>>, u64) {
+) -> Option<(Vec<Option<u64>>, u64)> {
     let mut at = vec![None; plan.tensors().len()];
     let mut end = 0u64;
     // The tensor placed last as loaded, and its offset.
@@ -260,12 +262,12 @@ pub(crate) fn device_layout(
     for s in spans {
         for &i in &s.tensors {
             let t = &plan.tensors()[i];
-            let aligned = end.next_multiple_of(DEVICE_ALIGN);
+            let aligned = end.checked_next_multiple_of(DEVICE_ALIGN)?;
             let len = match place(i) {
                 Place::No => continue,
                 Place::Packed(len) => {
                     at[i] = Some(aligned);
-                    end = aligned + len;
+                    end = aligned.checked_add(len)?;
                     prev = None;
                     continue;
                 }
@@ -280,7 +282,7 @@ pub(crate) fn device_layout(
                     continue;
                 }
                 Some((p, _)) if p.shard == t.shard && t.file_range.start >= p.file_range.end => {
-                    let mirrored = end + (t.file_range.start - p.file_range.end);
+                    let mirrored = end.checked_add(t.file_range.start - p.file_range.end)?;
                     if mirrored % DEVICE_ALIGN == 0 && mirrored - end < DEVICE_ALIGN.max(MAX_GAP.min(64 << 10)) {
                         mirrored
                     } else {
@@ -290,11 +292,11 @@ pub(crate) fn device_layout(
                 _ => aligned,
             };
             at[i] = Some(offset);
-            end = offset + len;
+            end = offset.checked_add(len)?;
             prev = Some((t, offset));
         }
     }
-    (at, end)
+    Some((at, end))
 }
 
 /// One copy from a chunk to the device: `rows` rows of `len` bytes, row `k` from
@@ -500,6 +502,21 @@ mod tests {
         LoadPlan::assemble(Path::new("/m"), PathBuf::from("/m"), None, vec![shard]).unwrap()
     }
 
+    /// Views of one storage each get a place of their own: sized by a file, their places can
+    /// add up past a u64, which is refused rather than wrapped onto earlier places.
+    #[test]
+    fn a_layout_past_a_u64_is_refused() {
+        let views = |n: u64| (0..n).map(|i| (i * 8, (1 << 62) + i * 8)).collect::<Vec<_>>();
+        let p = plan_of_ranges(4096, &views(3));
+        let (at, total) = device_layout(&p, &spans(&p, |_| false), |_| Place::AsLoaded).unwrap();
+        assert_eq!((at[2], total), (Some(1 << 63), 3 << 62));
+        let p = plan_of_ranges(4096, &views(4));
+        assert_eq!(device_layout(&p, &spans(&p, |_| false), |_| Place::AsLoaded), None);
+        let p = plan(4096, &[64, 64]);
+        let packed = |i| if i == 0 { Place::AsLoaded } else { Place::Packed(u64::MAX - 16) };
+        assert_eq!(device_layout(&p, &spans(&p, |_| false), packed), None);
+    }
+
     /// Tied weights and overlapping views of one storage: a tensor that overlaps the span's
     /// bytes joins it while starts and ends stay in order (its bytes are read once), else
     /// it starts a span; a tied twin shares its place on the device and is not copied
@@ -510,7 +527,7 @@ mod tests {
         let s = spans(&p, |_| false);
         let grouped: Vec<Vec<usize>> = s.iter().map(|s| s.tensors.clone()).collect();
         assert_eq!(grouped, vec![vec![0, 1], vec![2, 3]]);
-        let (at, total) = device_layout(&p, &s, |_| Place::AsLoaded);
+        let (at, total) = device_layout(&p, &s, |_| Place::AsLoaded).unwrap();
         assert_eq!(at[0], at[1], "tied twins share a place");
         assert!(at[2] != at[0] && at[3] != at[2]);
         let file: Vec<u8> = (0..4096 + 96).map(|i| (i * 7 % 251) as u8).collect();
@@ -563,7 +580,7 @@ mod tests {
     fn device_placements_are_aligned_and_disjoint() {
         let p = plan(5003, &[100, 10_000, 0, 7, 256, 512]);
         let s = spans(&p, |_| false);
-        let (at, total) = device_layout(&p, &s, |_| Place::AsLoaded);
+        let (at, total) = device_layout(&p, &s, |_| Place::AsLoaded).unwrap();
         let mut prev_end = 0;
         for (i, t) in p.tensors().iter().enumerate() {
             let o = at[i].unwrap();
@@ -580,7 +597,7 @@ mod tests {
         // the file, so each chunk is one piece.
         let p = plan(4096, &[256, 1024, 4096, 512]);
         let s = spans(&p, |_| false);
-        let (at, total) = device_layout(&p, &s, |_| Place::AsLoaded);
+        let (at, total) = device_layout(&p, &s, |_| Place::AsLoaded).unwrap();
         assert_eq!(at, vec![Some(0), Some(256), Some(1280), Some(5376)]);
         assert_eq!(total, 5888);
         for r in reads(&s, 4096, 1).unwrap() {
@@ -613,7 +630,7 @@ mod tests {
     fn pieces_move_every_byte_once() {
         let p = plan(5003, &[100, 10_000, 0, 7, 256, 513, 3]);
         let s = spans(&p, |_| false);
-        let (at, total) = device_layout(&p, &s, |_| Place::AsLoaded);
+        let (at, total) = device_layout(&p, &s, |_| Place::AsLoaded).unwrap();
         for chunk in [4096usize, 8192, 1 << 20] {
             let mut device = vec![0u8; total as usize];
             let file: Vec<u8> = (0..p.shards()[0].file_len).map(|i| (i % 251) as u8).collect();

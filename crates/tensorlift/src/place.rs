@@ -290,7 +290,8 @@ pub(crate) enum Resolved {
 pub(crate) fn loaded_as(t: &tensorlift_format::PlannedTensor, convert_to: Option<Dtype>) -> (Dtype, u64) {
     match convert_to {
         Some(to) if t.dtype != to && crate::convert::can_convert(t.dtype, to) => {
-            (to, t.len() / (t.dtype.bitsize() / 8) as u64 * (to.bitsize() / 8) as u64)
+            // (Saturating: a size past a u64 is refused where it is placed.)
+            (to, (t.len() / (t.dtype.bitsize() / 8) as u64).saturating_mul((to.bitsize() / 8) as u64))
         }
         _ => (t.dtype, t.len()),
     }
