@@ -8,7 +8,7 @@ use std::path::Path;
 /// Drops a file's clean pages from the page cache (`posix_fadvise(POSIX_FADV_DONTNEED)`),
 /// after flushing dirty ones, so the next read comes from the storage device.
 pub fn evict(path: &Path) -> io::Result<()> {
-    let f = File::open(path)?;
+    let f = open_regular(path)?;
     f.sync_data()?;
     // SAFETY: advice on a descriptor we own; no memory is involved.
     let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
@@ -22,7 +22,22 @@ pub fn evict(path: &Path) -> io::Result<()> {
 /// `cachestat(2)` where the kernel has it, else `mincore` over the whole file (an error where
 /// `mincore` would not tell this process the truth: see [`resident_estimate`]).
 pub fn resident_fraction(path: &Path) -> io::Result<f64> {
-    resident_fraction_of(&File::open(path)?)
+    resident_fraction_of(&open_regular(path)?)
+}
+
+/// `path` opened for reading if it is a regular file: a FIFO's open would wait for a writer,
+/// and a device's may act on the device, so neither is opened to be waited on.
+fn open_regular(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{}: not a regular file", path.display())));
+    }
+    // Without blocking all the same, should it have been swapped for a FIFO since.
+    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{}: not a regular file", path.display())));
+    }
+    Ok(f)
 }
 
 /// [`resident_fraction`] of an open file. `mincore` never touches the mapped pages, so a

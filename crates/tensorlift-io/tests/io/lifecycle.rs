@@ -163,6 +163,14 @@ fn page_cache_eviction_and_residency() {
     tensorlift_io::cache::evict(&path).unwrap();
     let left = tensorlift_io::cache::resident_fraction(&path).unwrap();
     assert!(left < 0.01, "{left} of the file still cached");
+    // A FIFO (no writer: opening it to read would wait forever) is refused at once.
+    let fifo = dir.join("fifo");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    for e in
+        [tensorlift_io::cache::evict(&fifo).unwrap_err(), tensorlift_io::cache::resident_fraction(&fifo).unwrap_err()]
+    {
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{e}");
+    }
 }
 
 /// A process forked from the one that built a reader (a data loader's worker, with the
