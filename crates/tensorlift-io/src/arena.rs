@@ -6,6 +6,7 @@
 //! handed out once); readers only see ranges whose chunks all came back through
 //! [`HostArena::complete`].
 
+use std::io;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -359,7 +360,7 @@ impl HostArena {
     }
 
     /// The address of `range`'s bytes, if every chunk covering it has completed, for a
-    /// consumer handed the memory itself, or a copy by [`crate::copy_by_kernel`]: nothing
+    /// consumer handed the memory itself ([`copy_out`](Self::copy_out) copies it): nothing
     /// here reads them.
     pub fn addr(&self, range: Range<usize>) -> Option<*const u8> {
         if range.start > range.end || range.end > self.len {
@@ -370,6 +371,22 @@ impl HostArena {
         }
         // range.start <= len: the address is inside the allocation (or one past its end).
         Some(self.base.wrapping_add(range.start).cast_const())
+    }
+
+    /// Copies `range`'s bytes into `dst` (of the same length) by the kernel
+    /// ([`crate::copy_by_kernel`]), not through a reference: memory lent to a consumer that
+    /// writes it is copied as it is, torn by such a write but with no data race. On
+    /// failure, the bytes copied before it and the error (`InvalidInput` with none copied
+    /// where `range` has not all landed, lies outside the arena, or is not `dst`'s length).
+    pub fn copy_out(&self, range: Range<usize>, dst: &mut [u8]) -> Result<(), (usize, io::Error)> {
+        let addr = self.addr(range.clone()).filter(|_| range.len() == dst.len());
+        let Some(addr) = addr else {
+            return Err((0, io::Error::new(io::ErrorKind::InvalidInput, "not a landed range of the arena's length")));
+        };
+        // SAFETY: `addr` is `range` of this arena, which `self` keeps mapped through the call;
+        // its chunks have all landed, so no read or `&mut` of the arena's covers them any more,
+        // and `dst` is the caller's own `&mut`, not this memory.
+        unsafe { crate::copy_by_kernel(addr, dst) }
     }
 }
 

@@ -48,15 +48,9 @@ unsafe impl IoBufMut for Vec<u8> {
     }
 }
 
-// SAFETY: as for Vec: boxed storage stays put while the box moves.
-unsafe impl IoBufMut for Box<[u8]> {
-    fn stable_mut_ptr(&mut self) -> *mut u8 {
-        self.as_mut_ptr()
-    }
-    fn capacity(&self) -> usize {
-        self.len()
-    }
-}
+// (No impl for `Box<[u8]>`: moving a `Box` into the read's completion asserts that it is the
+// only way to its bytes, which the kernel's writes through the pointer taken before would
+// contradict under Rust's aliasing rules. A `Vec`'s pointer makes no such claim.)
 
 /// A zero-filled buffer aligned for direct I/O (a page, by default).
 ///
@@ -157,10 +151,24 @@ impl AlignedBuf {
         self.len == 0
     }
 
-    /// The address of the bytes, for a consumer handed the memory itself, or a copy by
-    /// [`crate::copy_by_kernel`]: nothing here reads them.
+    /// The address of the bytes, for a consumer handed the memory itself
+    /// ([`copy_out`](Self::copy_out) copies it): nothing here reads them.
     pub fn addr(&self) -> *const u8 {
         self.ptr.as_ptr().cast_const()
+    }
+
+    /// Copies the first `dst.len()` bytes into `dst` by the kernel ([`crate::copy_by_kernel`]),
+    /// not through a reference: memory lent to a consumer that writes it is copied as it is,
+    /// torn by such a write but with no data race. On failure, the bytes copied before it
+    /// and the error (`InvalidInput` with none copied where `dst` is longer than the buffer).
+    pub fn copy_out(&self, dst: &mut [u8]) -> Result<(), (usize, std::io::Error)> {
+        if dst.len() > self.len {
+            return Err((0, std::io::Error::new(std::io::ErrorKind::InvalidInput, "longer than the buffer")));
+        }
+        // SAFETY: the first dst.len() bytes are this buffer's, which `self` keeps allocated
+        // through the call; `&self` rules out a `&mut` to them from `as_mut_slice`, and `dst`
+        // is the caller's own `&mut`, not this memory.
+        unsafe { crate::copy_by_kernel(self.addr(), dst) }
     }
 
     /// The bytes.

@@ -224,8 +224,8 @@ impl Claim {
     }
 
     /// The address of the claim's bytes, once every one of them has been written (`None`
-    /// before), for a consumer handed the memory itself, or a copy by
-    /// [`crate::copy_by_kernel`]: nothing here reads them.
+    /// before), for a consumer handed the memory itself ([`copy_out`](Self::copy_out)
+    /// copies it): nothing here reads them.
     pub fn addr(&self) -> Option<*const u8> {
         if !self.written.load(Ordering::Acquire) {
             let mut filled = self.filled.lock().unwrap_or_else(|p| p.into_inner());
@@ -237,6 +237,22 @@ impl Claim {
             self.written.store(true, Ordering::Release);
         }
         Some(self.start().cast_const())
+    }
+
+    /// Copies the claim's bytes into `dst` (of the same length) by the kernel
+    /// ([`crate::copy_by_kernel`]), not through a reference: memory the caller writes
+    /// meanwhile is copied as it is, torn by such a write but with no data race. On failure,
+    /// the bytes copied before it and the error (`InvalidInput` with none copied where not
+    /// every byte has been written yet, or `dst` is not the claim's length).
+    pub fn copy_out(&self, dst: &mut [u8]) -> Result<(), (usize, std::io::Error)> {
+        let Some(addr) = self.addr().filter(|_| dst.len() == self.len()) else {
+            let e = std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a written claim of the buffer's length");
+            return Err((0, e));
+        };
+        // SAFETY: the claim's bytes lie in its region, which the claim keeps alive through
+        // the call; all have been written, so no writer of ours holds them, and `dst` is the
+        // caller's own `&mut` (a caller's region is lent to us, not handed back as `&mut`).
+        unsafe { crate::copy_by_kernel(addr, dst) }
     }
 }
 

@@ -88,12 +88,25 @@ impl MappedFile {
         if end > self.map.len() as u64 {
             return Err(eof(self.map.len() as u64));
         }
-        // A raw pointer, never a slice of the map: a reference to pages that may have been
-        // truncated away would let the compiler assume they can be read.
-        copy_by_kernel(self.map.as_ptr().wrapping_add(offset as usize), dst).map_err(|(done, source)| {
+        self.copy_out(offset as usize, dst).map_err(|(done, source)| {
             let (at, len) = (offset + done as u64, (len - done) as u64);
             IoError::Read { file: self.path.clone(), offset: at, len, source }
         })
+    }
+
+    /// [`copy_to`](Self::copy_to) as [`copy_by_kernel`] reports it: on failure, the bytes
+    /// copied before it and the error (`InvalidInput` with none copied for a range past the
+    /// mapping).
+    pub fn copy_out(&self, offset: usize, dst: &mut [u8]) -> Result<(), (usize, io::Error)> {
+        if offset.checked_add(dst.len()).is_none_or(|end| end > self.map.len()) {
+            return Err((0, io::Error::new(io::ErrorKind::InvalidInput, "past the end of the mapping")));
+        }
+        // A raw pointer, never a slice of the map: a reference to pages that may have been
+        // truncated away would let the compiler assume they can be read.
+        // SAFETY: the range lies in this mapping, which `self` keeps mapped through the call;
+        // the mapping is read-only and no `&mut` to it is ever made, and `dst` is the caller's
+        // own `&mut`, so not this memory. Pages the file no longer backs are an error.
+        unsafe { copy_by_kernel(self.map.as_ptr().wrapping_add(offset), dst) }
     }
 
     /// The address of the byte at `offset` (within the mapping), for a consumer handed the
@@ -135,7 +148,20 @@ impl MappedFile {
 /// An address that is not this process's memory is an error too. On failure: the bytes
 /// copied before it, and the error; `EPERM` or `ENOSYS` with none copied where the process
 /// may use neither way.
-pub fn copy_by_kernel(src: *const u8, dst: &mut [u8]) -> Result<(), (usize, io::Error)> {
+///
+/// The owners of such memory copy it out safely: [`MappedFile::copy_to`],
+/// [`HostArena::copy_out`](crate::HostArena::copy_out),
+/// [`AlignedBuf::copy_out`](crate::AlignedBuf::copy_out),
+/// [`Claim::copy_out`](crate::Claim::copy_out).
+///
+/// # Safety
+/// Each page of `src..src + dst.len()` is either mapped by nothing (an error) or host
+/// memory that the caller may read (its own, or memory lent to it) and that no `&mut`
+/// reference covers meanwhile (`dst` included). Its pages need not be readable: a page
+/// that cannot be read is an error. (`/proc/self/mem` reads even pages mapped without read permission, and a device's
+/// memory mapped into the process through its driver: such memory is never the caller's to
+/// read this way.)
+pub unsafe fn copy_by_kernel(src: *const u8, dst: &mut [u8]) -> Result<(), (usize, io::Error)> {
     match copy_by_process_vm_readv(src, dst) {
         Err((0, e)) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::ENOSYS)) => {
             copy_by_proc_self_mem(src, dst).map_err(|(done, other)| match done {

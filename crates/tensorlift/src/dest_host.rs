@@ -484,19 +484,20 @@ fn stored_bytes<'a>(
     if !lent {
         return Ok(arena.get(range).unwrap_or_default().into());
     }
-    // A tensor is only made once its bytes have all landed: `None` is never met.
-    let Some(addr) = arena.addr(range.clone()) else { return Ok(Default::default()) };
     let file = || plan.shards()[pt.shard].path.clone();
     let mut out = Vec::new();
     if out.try_reserve_exact(range.len()).is_err() {
         return Err(LoadError::OutOfMemory { file: file(), bytes: range.len() as u64 });
     }
     out.resize(range.len(), 0);
-    crate::tensor::copy_host(addr, &mut out, || arena.get(range)).map_err(|source| {
-        // The bytes are the file's range, as loaded.
-        let source = tensorlift_io::IoError::Read { file: file(), offset: pt.file_range.start, len: pt.len(), source };
-        LoadError::Read { file: file(), tensor: pt.name.clone(), source }
-    })?;
+    crate::tensor::copy_host(|d| arena.copy_out(range.clone(), d), &mut out, || arena.get(range.clone())).map_err(
+        |source| {
+            // The bytes are the file's range, as loaded.
+            let source =
+                tensorlift_io::IoError::Read { file: file(), offset: pt.file_range.start, len: pt.len(), source };
+            LoadError::Read { file: file(), tensor: pt.name.clone(), source }
+        },
+    )?;
     Ok(out.into())
 }
 

@@ -21,16 +21,16 @@ macro_rules! element {
 element!(u8 => U8, i8 => I8, u16 => U16, i16 => I16, u32 => U32, i32 => I32, u64 => U64, i64 => I64,
     f32 => F32, f64 => F64, half::f16 => F16, half::bf16 => BF16);
 
-/// Fills `dst` from host memory at `src` by the kernel ([`tensorlift_io::copy_by_kernel`]);
-/// as a last resort, where a sandbox refuses the process both ways the kernel copies
-/// (`process_vm_readv` and `/proc/self/mem`), from the same bytes as `view` gives them,
-/// read through a reference as any view reads them.
+/// Fills `dst` by `copy`, a copy by the kernel from host memory (the owner's `copy_out`,
+/// through [`tensorlift_io::copy_by_kernel`]); as a last resort, where a sandbox refuses the
+/// process both ways the kernel copies (`process_vm_readv` and `/proc/self/mem`), from the
+/// same bytes as `view` gives them, read through a reference as any view reads them.
 pub(crate) fn copy_host<'a>(
-    src: *const u8,
+    copy: impl FnOnce(&mut [u8]) -> Result<(), (usize, std::io::Error)>,
     dst: &mut [u8],
     view: impl FnOnce() -> Option<&'a [u8]>,
 ) -> Result<(), std::io::Error> {
-    match tensorlift_io::copy_by_kernel(src, dst) {
+    match copy(dst) {
         Ok(()) => Ok(()),
         Err((0, e)) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::ENOSYS)) => {
             match view().filter(|v| v.len() == dst.len()) {
@@ -420,8 +420,21 @@ impl Tensor {
         if dst.is_empty() {
             return Ok(());
         }
-        copy_host(self.host_addr()?, dst, || self.bytes().ok())
-            .map_err(|e| ViewError::Unreadable { tensor: self.name.to_string(), message: e.to_string() })
+        let copied = match &self.storage {
+            Storage::Host { arena, range, .. } => {
+                copy_host(|d| arena.copy_out(range.clone(), d), dst, || self.bytes().ok())
+            }
+            Storage::Mapped { map, range, .. } => {
+                copy_host(|d| map.copy_out(range.start, d), dst, || self.bytes().ok())
+            }
+            Storage::Owned { buf, .. } => copy_host(|d| buf.copy_out(d), dst, || self.bytes().ok()),
+            Storage::Caller { claim } => copy_host(|d| claim.copy_out(d), dst, || self.bytes().ok()),
+            // (Copied back above.)
+            Storage::Device { .. } => {
+                return Err(ViewError::OnDevice { tensor: self.name.to_string(), device: self.location() })
+            }
+        };
+        copied.map_err(|e| ViewError::Unreadable { tensor: self.name.to_string(), message: e.to_string() })
     }
 
     /// The bytes in host memory: borrowed for a host tensor, copied back for a device
