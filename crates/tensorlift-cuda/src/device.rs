@@ -229,8 +229,10 @@ impl Event {
         self.gpu.api().check(unsafe { (self.gpu.api().cuEventRecord)(self.raw, stream.raw) }, "cuEventRecord")
     }
 
-    /// Whether the work the event was recorded behind has completed. (An event handle
-    /// carries its context: no context need be current to ask, or to wait.)
+    /// Whether the work the event was recorded behind has completed, with the device's
+    /// context current on this thread (the caller's `Gpu::enter`: the driver may answer
+    /// `CUDA_ERROR_INVALID_CONTEXT` without one; the copy engine and the completion thread
+    /// ask, and wait, inside it).
     pub(crate) fn is_complete(&self) -> Result<bool, CudaError> {
         // SAFETY: the event is live (owned by self).
         match unsafe { (self.gpu.api().cuEventQuery)(self.raw) } {
@@ -239,7 +241,8 @@ impl Event {
         }
     }
 
-    /// Waits until the work the event was recorded behind has completed.
+    /// Waits until the work the event was recorded behind has completed, with the device's
+    /// context current on this thread (as for [`is_complete`](Self::is_complete)).
     pub(crate) fn synchronize(&self) -> Result<(), CudaError> {
         // SAFETY: the event is live (owned by self).
         self.gpu.api().check(unsafe { (self.gpu.api().cuEventSynchronize)(self.raw) }, "cuEventSynchronize")

@@ -40,7 +40,7 @@ pub use copy::{CopyEngine, OnCopied, Piece};
 pub use device::Gpu;
 pub use error::{CudaError, DriverCode};
 pub use kernels::{KernelType, Kernels};
-pub use page_cache::PageCacheRange;
+pub use page_cache::{page_cache_dma_refused, PageCacheRange};
 pub use pinned::{PinnedChunk, PinnedPool};
 pub use probe::{
     cuda_status, probe_library, use_driver_library, CudaStatus, DeviceInfo, DriverInfo, LIBCUDA_ENV, LIBCUDA_NAMES,

@@ -17,12 +17,35 @@ pub struct PageCacheRange {
     window: std::mem::ManuallyDrop<DmaWindow>,
 }
 
+/// Why `gpu`'s copies must not read the page cache by DMA, if they must not: where the
+/// device reads pageable memory through the host's page tables (Grace Hopper), registering
+/// a range does not pin it, and a page the kernel drops or a file cut while the device
+/// copies would fault the device (a sticky error of the context, which every user of the
+/// context shares), not leave it stale bytes. [`PageCacheRange::register`] refuses such a
+/// device; a caller asks first to say why it will not try.
+pub fn page_cache_dma_refused(gpu: &Gpu) -> Option<String> {
+    match gpu.reads_pageable_memory_through_host_page_tables() {
+        Ok(false) => None,
+        Ok(true) => Some(
+            "the device reads pageable memory through the host's page tables \
+             (CU_DEVICE_ATTRIBUTE_PAGEABLE_MEMORY_ACCESS_USES_HOST_PAGE_TABLES): registering a range of \
+             the page cache would not pin it"
+                .into(),
+        ),
+        Err(e) => Some(format!("cannot tell whether registering pins host memory: {e}")),
+    }
+}
+
 impl PageCacheRange {
     /// Pins `window`'s pages for `gpu` (`cuMemHostRegister` with
     /// `CU_MEMHOSTREGISTER_READ_ONLY`). The pages not yet in the page cache are read from the
     /// file first, on this thread. Refused where the device cannot read read-only host memory
-    /// (`CUDA_ERROR_NOT_SUPPORTED`) or the file's pages cannot be pinned.
+    /// (`CUDA_ERROR_NOT_SUPPORTED`), where registering would not pin the pages
+    /// ([`page_cache_dma_refused`]), or where the file's pages cannot be pinned.
     pub fn register(gpu: &Gpu, window: DmaWindow) -> Result<PageCacheRange, CudaError> {
+        if let Some(why) = page_cache_dma_refused(gpu) {
+            return Err(CudaError::Unavailable(why));
+        }
         let (base, len) = window.pages();
         let _restore = gpu.enter()?;
         let api = gpu.api();

@@ -133,9 +133,9 @@ impl PinnedPool {
     }
 
     fn release(&self, index: usize) {
-        if let Ok(mut free) = self.free.lock() {
-            free.push(index);
-        }
+        // Pushed back even past a panic elsewhere (as acquire takes it): a chunk dropped
+        // here would leave a waiter of a one-chunk pool blocked for good.
+        self.free.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(index);
         self.returned.notify_one();
         let wakers = self.waiting.lock().map(|mut w| std::mem::take(&mut *w)).unwrap_or_default();
         for w in wakers {

@@ -530,6 +530,13 @@ fn the_emulator_pins_read_only_memory_as_the_driver_does() {
     emulator::set_fault(Fault::NoReadOnlyRegister(true));
     let e = PageCacheRange::register(&gpu, DmaWindow::map(&file, 0, 4096).unwrap()).unwrap_err();
     assert!(e.to_string().contains("CUDA_ERROR_NOT_SUPPORTED"), "{e}");
+    // Where registering would not pin (the device reads through the host's page tables),
+    // it is refused before it is made.
+    emulator::reset();
+    emulator::set_fault(Fault::HostPageTables(true));
+    let e = PageCacheRange::register(&gpu, DmaWindow::map(&file, 0, 4096).unwrap()).unwrap_err();
+    emulator::reset();
+    assert!(e.to_string().contains("PAGEABLE_MEMORY_ACCESS_USES_HOST_PAGE_TABLES"), "{e}");
     let info = match cuda_status() {
         CudaStatus::Available(d) => d.devices[0].read_only_host_register,
         CudaStatus::Unavailable(why) => panic!("{why}"),

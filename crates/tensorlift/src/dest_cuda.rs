@@ -417,7 +417,7 @@ impl CudaSink {
                 registrar: None,
                 taken: HashMap::new(),
                 bytes: 0,
-                refused: page_cache_dma_unsafe(&cuda.gpu),
+                refused: tensorlift_cuda::page_cache_dma_refused(&cuda.gpu),
             }),
         };
         if let Some(checks) = checks {
@@ -828,23 +828,5 @@ impl CudaSink {
 impl Drop for CudaSink {
     fn drop(&mut self) {
         self.shut_down();
-    }
-}
-
-/// Why a device's copies must not read the page cache by DMA, if they must not: where the
-/// device reads pageable memory through the host's page tables (Grace Hopper), registering
-/// a range does not pin it, and a page the kernel drops or a file cut while the device
-/// copies would fault the device (a sticky error of the context, which torch shares), not
-/// leave it stale bytes.
-fn page_cache_dma_unsafe(gpu: &Gpu) -> Option<String> {
-    match gpu.reads_pageable_memory_through_host_page_tables() {
-        Ok(false) => None,
-        Ok(true) => Some(
-            "the device reads pageable memory through the host's page tables \
-             (CU_DEVICE_ATTRIBUTE_PAGEABLE_MEMORY_ACCESS_USES_HOST_PAGE_TABLES): registering a range of \
-             the page cache would not pin it"
-                .into(),
-        ),
-        Err(e) => Some(format!("cannot tell whether registering pins host memory: {e}")),
     }
 }
