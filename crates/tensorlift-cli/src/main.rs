@@ -129,8 +129,9 @@ fn chain(e: &anyhow::Error) -> String {
 fn manifest(path: &std::path::Path, out: &mut dyn Write) -> anyhow::Result<()> {
     let m = tensorlift::checksums::manifest(path)?;
     let written = m.write()?;
-    // The lines as written (a name with `\\`, a newline or a carriage return escaped, its
-    // line marked with a leading `\\`), other control characters made printable.
+    // The manifest's lines in sha256sum's form (a name with `\\`, a newline or a carriage
+    // return escaped, its line marked with a leading `\\`; the file keeps the one-space form
+    // where the SHA256SUMS it replaced had it), other control characters made printable.
     for line in tensorlift::checksums::format_sums(&m.entries).lines() {
         writeln!(out, "{}", text::printable(line))?;
     }

@@ -64,6 +64,24 @@ fn sha256sum_checks_the_manifest_of_a_sharded_checkpoint() {
 }
 
 #[test]
+fn a_shard_the_index_names_twice_gets_a_line_for_each_name() {
+    // `y` is a hard link to `x`: one shard, reached by two names of the index. A stale line
+    // for `y` is replaced, not kept beside the new one.
+    let dir = scratch_in(&std::env::temp_dir(), "tl-manifest-");
+    write_shard(&dir.join("x.safetensors"), &[("a", Dtype::F32, &[9]), ("b", Dtype::U8, &[3])]);
+    std::fs::hard_link(dir.join("x.safetensors"), dir.join("y.safetensors")).unwrap();
+    let index = r#"{"metadata":{},"weight_map":{"a":"x.safetensors","b":"y.safetensors"}}"#;
+    std::fs::write(dir.join("model.safetensors.index.json"), index).unwrap();
+    std::fs::write(dir.join("SHA256SUMS"), format!("{}  y.safetensors\n", "0".repeat(64))).unwrap();
+    let out = tensorlift(&["manifest", dir.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let theirs = sha256sum(&dir, &["x.safetensors", "y.safetensors", "model.safetensors.index.json"]);
+    assert_eq!(std::fs::read_to_string(dir.join("SHA256SUMS")).unwrap(), text(&theirs.stdout));
+    let check = sha256sum(&dir, &["-c", "--strict", "SHA256SUMS"]);
+    assert!(check.status.success(), "{}{}", text(&check.stdout), text(&check.stderr));
+}
+
+#[test]
 fn names_that_need_escaping_round_trip_through_coreutils() {
     let dir = scratch_in(&std::env::temp_dir(), "tl-manifest-");
     let name = "we ird\\name.safetensors";

@@ -69,19 +69,32 @@ pub(crate) fn for_load(plan: &tensorlift_io::Checkpoint, policy: crate::Verify) 
 /// The digest of the index file at `path`, which must be the file planning read, unchanged
 /// since and while it is hashed (the plan's shards are the ones it named).
 fn index_digest(plan: &tensorlift_io::Checkpoint, path: &Path) -> Result<Sha256, crate::LoadError> {
-    let io = |source: std::io::Error| {
-        crate::LoadError::Open(tensorlift_io::IoError::Open { file: path.to_path_buf(), source })
-    };
-    let changed = |what: String| crate::LoadError::ShardChanged { file: path.to_path_buf(), what };
-    let (f, len) = open_existing(path, true).map_err(io)?;
-    let identity = |f: &std::fs::File| f.metadata().map(|m| tensorlift_io::file_identity(&m)).map_err(io);
+    index_sha256(plan, path).map_err(|e| match e {
+        IndexHash::Io(source) => {
+            crate::LoadError::Open(tensorlift_io::IoError::Open { file: path.to_path_buf(), source })
+        }
+        IndexHash::Changed(what) => crate::LoadError::ShardChanged { file: path.to_path_buf(), what },
+    })
+}
+
+/// Why the index could not be hashed as planning read it.
+enum IndexHash {
+    Io(std::io::Error),
+    /// How it changed since planning, or while it was hashed.
+    Changed(String),
+}
+
+/// [`index_digest`]'s work, for loads and manifests alike.
+fn index_sha256(plan: &tensorlift_io::Checkpoint, path: &Path) -> Result<Sha256, IndexHash> {
+    let (f, len) = open_existing(path, true).map_err(IndexHash::Io)?;
+    let identity = |f: &std::fs::File| f.metadata().map(|m| tensorlift_io::file_identity(&m)).map_err(IndexHash::Io);
     let before = identity(&f)?;
     if let Some(what) = plan.index_identity().and_then(|planned| tensorlift_io::identity_change(planned, &before)) {
-        return Err(changed(format!("the index: {what}")));
+        return Err(IndexHash::Changed(format!("the index: {what}")));
     }
-    let actual = sha256_of(&f, len).map_err(io)?;
+    let actual = sha256_of(&f, len).map_err(IndexHash::Io)?;
     if let Some(what) = tensorlift_io::identity_change(&before, &identity(&f)?) {
-        return Err(changed(format!("the index, while it was hashed: {what}")));
+        return Err(IndexHash::Changed(format!("the index, while it was hashed: {what}")));
     }
     Ok(actual)
 }
@@ -182,9 +195,14 @@ pub fn manifest(path: impl AsRef<Path>) -> Result<Manifest, ManifestError> {
             }
             Ok(digest)
         } else {
+            // The index planning read, so that its digest goes with the shards it named.
             let p = index.as_deref().unwrap_or(&folder);
-            let (f, len) = open(p, true)?;
-            sha256_of(&f, len).map_err(|e| io(p, e))
+            index_sha256(&plan, p).map_err(|e| match e {
+                IndexHash::Io(e) => io(p, e),
+                IndexHash::Changed(what) => {
+                    io(p, std::io::Error::other(format!("changed since it was planned: {what}")))
+                }
+            })
         }
     };
     let threads = crate::config::cpus().unwrap_or(1).clamp(1, count.max(1));
@@ -207,14 +225,19 @@ pub fn manifest(path: impl AsRef<Path>) -> Result<Manifest, ManifestError> {
         }
         work();
     });
-    let mut names: Vec<String> = plan.shards().iter().map(|s| s.name.clone()).collect();
+    // Each file under every name the index gives it (the same file reached by two names is
+    // one shard with aliases): `sha256sum -c` checks each name, and a line left for an alias
+    // would keep its old digest.
+    let mut names: Vec<Vec<String>> =
+        plan.shards().iter().map(|s| std::iter::once(&s.name).chain(&s.aliases).cloned().collect()).collect();
     if let Some(index) = &index {
-        names.push(index.strip_prefix(&folder).unwrap_or(index).to_string_lossy().into_owned());
+        names.push(vec![index.strip_prefix(&folder).unwrap_or(index).to_string_lossy().into_owned()]);
     }
     let mut entries = Vec::with_capacity(count);
-    for (name, d) in names.into_iter().zip(digests) {
+    for (names, d) in names.into_iter().zip(digests) {
         let d = d.into_inner().unwrap_or_else(|p| p.into_inner());
-        entries.push((name, d.unwrap_or_else(|| Err(io(&folder, std::io::Error::other("not hashed"))))?));
+        let d = d.unwrap_or_else(|| Err(io(&folder, std::io::Error::other("not hashed"))))?;
+        entries.extend(names.into_iter().map(|n| (n, d)));
     }
     Ok(Manifest { folder, entries })
 }
