@@ -24,7 +24,8 @@ pub(crate) type Digests = Vec<Option<(Sha256, DigestSource)>>;
 
 /// What a verifying load of `plan` checks each shard against (see
 /// [`LoaderBuilder::verify`](crate::LoaderBuilder::verify)): the expected digests, after
-/// the index is checked (where a digest of it is known: the file planning read, unchanged
+/// the index is checked (where a digest of it is known, or a hub cache names its blob by
+/// git's SHA-1 of it: the file planning read, unchanged
 /// since, and while it is hashed) and, under [`Verify::Required`], every shard is seen to
 /// have one.
 pub(crate) fn for_load(plan: &tensorlift_io::Checkpoint, policy: crate::Verify) -> Result<Digests, crate::LoadError> {
@@ -51,6 +52,22 @@ pub(crate) fn for_load(plan: &tensorlift_io::Checkpoint, policy: crate::Verify) 
             });
         }
     }
+    // In a hub cache the index is a git blob, named by git's SHA-1 of it: checked by that
+    // where SHA256SUMS does not list it (a remote checkpoint has no local blob).
+    if let (Some(path), None, false) = (plan.index_file(), &e.index, plan.is_remote()) {
+        if let Some((blob, want)) = crate::digest::hub_git_blob(path) {
+            let actual = index_hashed(plan, path, crate::digest::git_blob_sha1_of).map_err(|e| index_error(path, e))?;
+            if actual != want {
+                let hex = |d: &[u8; 20]| d.iter().map(|b| format!("{b:02x}")).collect::<String>();
+                return Err(crate::LoadError::IndexBlob {
+                    file: path.to_path_buf(),
+                    blob,
+                    expected: hex(&want),
+                    actual: hex(&actual),
+                });
+            }
+        }
+    }
     if policy == crate::Verify::Required {
         // Only the shards the load reads need one: a plan narrowed to a few tensors reads
         // their shards alone.
@@ -69,12 +86,16 @@ pub(crate) fn for_load(plan: &tensorlift_io::Checkpoint, policy: crate::Verify) 
 /// The digest of the index file at `path`, which must be the file planning read, unchanged
 /// since and while it is hashed (the plan's shards are the ones it named).
 fn index_digest(plan: &tensorlift_io::Checkpoint, path: &Path) -> Result<Sha256, crate::LoadError> {
-    index_sha256(plan, path).map_err(|e| match e {
+    index_hashed(plan, path, sha256_of).map_err(|e| index_error(path, e))
+}
+
+fn index_error(path: &Path, e: IndexHash) -> crate::LoadError {
+    match e {
         IndexHash::Io(source) => {
             crate::LoadError::Open(tensorlift_io::IoError::Open { file: path.to_path_buf(), source })
         }
         IndexHash::Changed(what) => crate::LoadError::ShardChanged { file: path.to_path_buf(), what },
-    })
+    }
 }
 
 /// Why the index could not be hashed as planning read it.
@@ -84,15 +105,20 @@ enum IndexHash {
     Changed(String),
 }
 
-/// [`index_digest`]'s work, for loads and manifests alike.
-fn index_sha256(plan: &tensorlift_io::Checkpoint, path: &Path) -> Result<Sha256, IndexHash> {
+/// The index at `path` hashed by `hash`, which must be the file planning read, unchanged
+/// since and while it is hashed: for loads and manifests alike.
+fn index_hashed<T>(
+    plan: &tensorlift_io::Checkpoint,
+    path: &Path,
+    hash: impl FnOnce(&std::fs::File, u64) -> std::io::Result<T>,
+) -> Result<T, IndexHash> {
     let (f, len) = open_existing(path, true).map_err(IndexHash::Io)?;
     let identity = |f: &std::fs::File| f.metadata().map(|m| tensorlift_io::file_identity(&m)).map_err(IndexHash::Io);
     let before = identity(&f)?;
     if let Some(what) = plan.index_identity().and_then(|planned| tensorlift_io::identity_change(planned, &before)) {
         return Err(IndexHash::Changed(format!("the index: {what}")));
     }
-    let actual = sha256_of(&f, len).map_err(IndexHash::Io)?;
+    let actual = hash(&f, len).map_err(IndexHash::Io)?;
     if let Some(what) = tensorlift_io::identity_change(&before, &identity(&f)?) {
         return Err(IndexHash::Changed(format!("the index, while it was hashed: {what}")));
     }
@@ -197,7 +223,7 @@ pub fn manifest(path: impl AsRef<Path>) -> Result<Manifest, ManifestError> {
         } else {
             // The index planning read, so that its digest goes with the shards it named.
             let p = index.as_deref().unwrap_or(&folder);
-            index_sha256(&plan, p).map_err(|e| match e {
+            index_hashed(&plan, p, sha256_of).map_err(|e| match e {
                 IndexHash::Io(e) => io(p, e),
                 IndexHash::Changed(what) => {
                     io(p, std::io::Error::other(format!("changed since it was planned: {what}")))

@@ -215,6 +215,11 @@ pub fn sha256_file(path: &Path) -> std::io::Result<Sha256> {
 /// name is the file's SHA-256. `None` where `path` does not resolve to such a blob (a plain
 /// file, or a small file whose blob is named by its git SHA-1).
 pub fn hub_blob_digest(path: &Path) -> Option<Sha256> {
+    hub_blob(path)?.1.parse().ok()
+}
+
+/// The blob of a Hugging Face hub cache the file at `path` resolves to, and its name.
+fn hub_blob(path: &Path) -> Option<(PathBuf, String)> {
     let resolved = std::fs::canonicalize(path).ok()?;
     let blobs = resolved.parent()?;
     let repo = blobs.parent()?.file_name()?.to_str()?;
@@ -223,7 +228,33 @@ pub fn hub_blob_digest(path: &Path) -> Option<Sha256> {
     if blobs.file_name()? != "blobs" || !in_cache {
         return None;
     }
-    resolved.file_name()?.to_str()?.parse().ok()
+    let name = resolved.file_name()?.to_str()?.to_owned();
+    Some((resolved, name))
+}
+
+/// The git SHA-1 a Hugging Face hub cache names the file at `path` by, and the blob: a file
+/// stored in git itself, not with LFS (an index, a config), is a blob named by git's
+/// object name for it, the SHA-1 of `blob <length>\0` and its bytes. `None` where `path`
+/// does not resolve to a blob so named.
+pub(crate) fn hub_git_blob(path: &Path) -> Option<(PathBuf, [u8; 20])> {
+    let (blob, name) = hub_blob(path)?;
+    let bytes = name.as_bytes();
+    if bytes.len() != 40 || !bytes.iter().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b)) {
+        return None;
+    }
+    let mut sha1 = [0u8; 20];
+    for (i, pair) in bytes.chunks(2).enumerate() {
+        sha1[i] = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+    }
+    Some((blob, sha1))
+}
+
+/// Git's object name for the first `len` bytes of `f` as a blob (positional reads).
+pub(crate) fn git_blob_sha1_of(f: &std::fs::File, len: u64) -> std::io::Result<[u8; 20]> {
+    use sha1::Digest;
+    let mut hasher = sha1::Sha1::new();
+    hasher.update(format!("blob {len}\0").as_bytes());
+    Ok(hash_of(f, len, hasher)?.into())
 }
 
 /// Opens a file that a checkpoint names, for reading, as untrusted input: links not
@@ -254,8 +285,12 @@ pub(crate) fn open_existing(path: &Path, follow: bool) -> std::io::Result<(std::
 
 /// The SHA-256 of the first `len` bytes of `f` (positional reads: the file may be shared).
 pub(crate) fn sha256_of(f: &std::fs::File, len: u64) -> std::io::Result<Sha256> {
+    Ok(Sha256(hash_of(f, len, sha2::Sha256::new())?.into()))
+}
+
+/// The first `len` bytes of `f` fed to `hasher` after what it holds, and its digest.
+fn hash_of<D: sha2::Digest>(f: &std::fs::File, len: u64, mut hasher: D) -> std::io::Result<sha2::digest::Output<D>> {
     use std::os::unix::fs::FileExt;
-    let mut hasher = sha2::Sha256::new();
     let mut buf = vec![0u8; 4 << 20];
     let mut at = 0u64;
     while at < len {
@@ -267,7 +302,7 @@ pub(crate) fn sha256_of(f: &std::fs::File, len: u64) -> std::io::Result<Sha256> 
         hasher.update(&buf[..n]);
         at += n as u64;
     }
-    Ok(Sha256(hasher.finalize().into()))
+    Ok(hasher.finalize())
 }
 
 /// A shard's path as the checkpoint's folder names it (`root` joined with its name), for

@@ -117,6 +117,16 @@ pub enum LoadError {
         /// Where the expected digest was found.
         expected_by: crate::digest::DigestSource,
     },
+    /// The index is a Hugging Face hub cache blob whose bytes are not what its name, git's
+    /// SHA-1 object name for them, says (in a hub cache the index is stored in git, not with
+    /// LFS, so its blob has no SHA-256 name).
+    #[error(
+        "{}: its bytes are not the hub cache blob {} they should be: git's SHA-1 of them is {actual}, the blob's \
+         name {expected}",
+        file.display(),
+        blob.display()
+    )]
+    IndexBlob { file: PathBuf, blob: PathBuf, expected: String, actual: String },
     /// A shard's hashing ended before its digest (its thread ended early: a bug in
     /// tensorlift, please report it); its tensors are never handed out.
     #[error("{}: its SHA-256 was not computed: the hashing stopped early (a bug in tensorlift: please report it)", file.display())]

@@ -286,7 +286,8 @@ impl LoaderBuilder {
     /// Checks each shard's SHA-256 as a load reads it (default [`Verify::Off`]). The
     /// expected digest is the name of the Hugging Face hub cache blob the shard's file is,
     /// else its line in `SHA256SUMS` beside the checkpoint (coreutils' format; `tensorlift
-    /// manifest` writes one); the index is checked too where `SHA256SUMS` lists it. A shard's
+    /// manifest` writes one); the index is checked too where `SHA256SUMS` lists it, or, in a hub
+    /// cache, against its blob's name, git's SHA-1 of it ([`LoadError::IndexBlob`]). A shard's
     /// tensors are handed out only once its whole file checked out (whole-shard
     /// verification, see docs/ARCHITECTURE.md); a mismatch fails the load with
     /// [`LoadError::Checksum`], naming the file and both digests. A verified load reads

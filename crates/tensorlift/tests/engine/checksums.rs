@@ -484,3 +484,68 @@ fn a_filtered_verified_load_reads_and_checks_the_shards_it_takes_tensors_from() 
     let model = base().verify(Verify::Required).filter(["a.*"]).build().unwrap().load_blocking(&dir).unwrap();
     assert_eq!(model.stats().unverified_bytes, 0);
 }
+
+/// A sharded hub cache snapshot: each shard a link to `blobs/<its SHA-256>`, the index a
+/// link to `blobs/<git's SHA-1 of it>` (named by `git hash-object`), as the hub lays out a
+/// file stored in git. Returns the snapshot, the index's blob, and the truth.
+fn hub_sharded_snapshot() -> (std::path::PathBuf, std::path::PathBuf, std::collections::BTreeMap<String, Vec<u8>>) {
+    let cache = scratch();
+    let repo = cache.join("models--org--sharded");
+    let (blobs, snapshot) = (repo.join("blobs"), repo.join("snapshots/r"));
+    std::fs::create_dir_all(&blobs).unwrap();
+    std::fs::create_dir_all(&snapshot).unwrap();
+    let made = cache.join("made");
+    std::fs::create_dir(&made).unwrap();
+    let a: &[Spec<'_>] = &[("a.0", Dtype::F32, &[300]), ("a.1", Dtype::U8, &[5])];
+    let b: &[Spec<'_>] = &[("b.0", Dtype::BF16, &[77])];
+    let truth = write_sharded(&made, &[a, b]);
+    let mut index_blob = None;
+    for entry in std::fs::read_dir(&made).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        let blob_name = if name.ends_with(".json") {
+            let out = std::process::Command::new("git").arg("hash-object").arg(&path).output().expect("git");
+            assert!(out.status.success());
+            String::from_utf8(out.stdout).unwrap().trim().to_owned()
+        } else {
+            sha256_file(&path).unwrap().to_string()
+        };
+        std::fs::rename(&path, blobs.join(&blob_name)).unwrap();
+        std::os::unix::fs::symlink(format!("../../blobs/{blob_name}"), snapshot.join(&name)).unwrap();
+        if name.ends_with(".json") {
+            index_blob = Some(blobs.join(&blob_name));
+        }
+    }
+    (snapshot, index_blob.unwrap(), truth)
+}
+
+#[test]
+fn a_hub_cache_index_is_checked_by_its_git_name() {
+    let (snapshot, index_blob, truth) = hub_sharded_snapshot();
+    let loader = base().verify(Verify::Required).build().unwrap();
+    let model = loader.load_blocking(&snapshot).unwrap();
+    assert_identical(&model, &truth, "hub snapshot");
+    assert_eq!(model.stats().unverified_bytes, 0);
+    // The index's blob changed after it was named: its second shard left out (a valid
+    // index, which would load the first shard's tensors alone, both verified), and the load
+    // fails naming both SHA-1s, the one git gives the new bytes among them.
+    let text = std::fs::read_to_string(&index_blob).unwrap();
+    let fewer = text.replace(r#","b.0":"model-00002-of-00002.safetensors""#, "");
+    assert_ne!(fewer, text, "{text}");
+    std::fs::write(&index_blob, &fewer).unwrap();
+    let out = std::process::Command::new("git").arg("hash-object").arg(&index_blob).output().unwrap();
+    let git_says = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    for policy in [Verify::Required, Verify::IfKnown] {
+        match base().verify(policy).build().unwrap().load_blocking(&snapshot).unwrap_err() {
+            LoadError::IndexBlob { file, blob, expected, actual } => {
+                assert_eq!(file, snapshot.canonicalize().unwrap().join("model.safetensors.index.json"));
+                assert_eq!(blob, index_blob.canonicalize().unwrap());
+                assert_eq!(expected, index_blob.file_name().unwrap().to_str().unwrap());
+                assert_eq!(actual, git_says);
+            }
+            other => panic!("{policy:?}: {other}"),
+        }
+    }
+    // An unverified load does not look.
+    assert_eq!(base().build().unwrap().load_blocking(&snapshot).unwrap().len(), 2);
+}
