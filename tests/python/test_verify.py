@@ -66,6 +66,20 @@ def test_a_changed_byte_fails_with_both_digests(tmp_path):
         tensorlift.load_file(path, verify="sometimes")
 
 
+def test_a_filtered_verified_load_checks_the_shards_it_reads(tmp_path):
+    # A folder of two files, SHA256SUMS listing the second alone: tensors of the second
+    # load verified, the first is neither read nor asked for a digest.
+    names = write(tmp_path)
+    sums(tmp_path, names[1:])
+    stats = {}
+    got = dict(tensorlift.iter_tensors(tmp_path, framework="np", filter=["b"], verify=True, stats=stats))
+    assert list(got) == ["b"] and got["b"].tobytes() == np.arange(9000, dtype=np.uint8).tobytes()
+    size = os.path.getsize(tmp_path / names[1])
+    assert (stats["verified_bytes"], stats["unverified_bytes"], stats["bytes_read"]) == (size, 0, size)
+    with pytest.raises(ValueError, match="one.safetensors: no expected SHA-256 to verify it with"):
+        list(tensorlift.iter_tensors(tmp_path, filter=["a"], verify=True))
+
+
 def thread_names():
     """This process's threads' names (a thread that ends while they are read is left out)."""
     names = []
