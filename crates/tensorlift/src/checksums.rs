@@ -26,8 +26,8 @@ pub(crate) type Digests = Vec<Option<(Sha256, DigestSource)>>;
 /// [`LoaderBuilder::verify`](crate::LoaderBuilder::verify)): the expected digests, after
 /// the index is checked (where a digest of it is known, or a hub cache names its blob by
 /// git's SHA-1 of it: the file planning read, unchanged
-/// since, and while it is hashed) and, under [`Verify::Required`], every shard is seen to
-/// have one.
+/// since, and while it is hashed) and, under [`Verify::Required`], every shard the load
+/// reads is seen to have one.
 pub(crate) fn for_load(plan: &tensorlift_io::Checkpoint, policy: crate::Verify) -> Result<Digests, crate::LoadError> {
     // A plan made from a remote checkpoint's local copy would check the copy against the
     // cache folder (which holds no SHA256SUMS): a verified load reads the store.
@@ -55,7 +55,20 @@ pub(crate) fn for_load(plan: &tensorlift_io::Checkpoint, policy: crate::Verify) 
     // In a hub cache the index is a git blob, named by git's SHA-1 of it: checked by that
     // where SHA256SUMS does not list it (a remote checkpoint has no local blob).
     if let (Some(path), None, false) = (plan.index_file(), &e.index, plan.is_remote()) {
-        if let Some((blob, want)) = crate::digest::hub_git_blob(path) {
+        // (An index large enough to be stored with LFS is named by its SHA-256.)
+        if let Some(want) = crate::digest::hub_blob_digest(path) {
+            let actual = index_digest(plan, path)?;
+            if actual != want {
+                let blob = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+                let expected_by = crate::digest::DigestSource::HubBlob(blob);
+                return Err(crate::LoadError::Checksum {
+                    file: path.to_path_buf(),
+                    expected: want,
+                    actual,
+                    expected_by,
+                });
+            }
+        } else if let Some((blob, want)) = crate::digest::hub_git_blob(path) {
             let actual = index_hashed(plan, path, crate::digest::git_blob_sha1_of).map_err(|e| index_error(path, e))?;
             if actual != want {
                 let hex = |d: &[u8; 20]| d.iter().map(|b| format!("{b:02x}")).collect::<String>();
@@ -70,8 +83,10 @@ pub(crate) fn for_load(plan: &tensorlift_io::Checkpoint, policy: crate::Verify) 
     }
     if policy == crate::Verify::Required {
         // Only the shards the load reads need one: a plan narrowed to a few tensors reads
-        // their shards alone.
-        let mut read = vec![false; plan.shards().len()];
+        // their shards alone (the others' headers were parsed, not verified: their
+        // metadata is not checked).
+        // (And a shard with no tensor at all, whose header is read.)
+        let mut read: Vec<bool> = plan.shards().iter().map(|s| s.tensor_count == 0).collect();
         for t in plan.tensors() {
             read[t.shard] = true;
         }
@@ -158,7 +173,8 @@ fn remote_index_digest(plan: &tensorlift_io::Checkpoint, path: &Path) -> Result<
 pub struct Manifest {
     /// The checkpoint's folder, which the names are relative to.
     pub folder: PathBuf,
-    /// Every shard, then the index (where there is one), with its digest.
+    /// Every shard, under each name the index gives it, then the index (where there is
+    /// one), with its digest.
     pub entries: Vec<(String, Sha256)>,
 }
 
@@ -254,8 +270,12 @@ pub fn manifest(path: impl AsRef<Path>) -> Result<Manifest, ManifestError> {
     // Each file under every name the index gives it (the same file reached by two names is
     // one shard with aliases): `sha256sum -c` checks each name, and a line left for an alias
     // would keep its old digest.
-    let mut names: Vec<Vec<String>> =
-        plan.shards().iter().map(|s| std::iter::once(&s.name).chain(&s.aliases).cloned().collect()).collect();
+    // (Spellings of one name, `./x` and `x`, are one line.)
+    let names_of = |s: &tensorlift_format::Shard| {
+        let mut seen = std::collections::HashSet::new();
+        std::iter::once(&s.name).chain(&s.aliases).filter(|n| seen.insert(plain(n))).cloned().collect::<Vec<_>>()
+    };
+    let mut names: Vec<Vec<String>> = plan.shards().iter().map(names_of).collect();
     if let Some(index) = &index {
         names.push(vec![index.strip_prefix(&folder).unwrap_or(index).to_string_lossy().into_owned()]);
     }

@@ -132,9 +132,10 @@ pub(crate) fn shard_spans(plan: &LoadPlan) -> Vec<Span> {
         .collect()
 }
 
-/// Every shard the plan takes a tensor from whole, from its first byte to its last, with
-/// all its tensors: what a verified load reads, so that the bytes it hashes are the file's
-/// own (a plan narrowed to a few tensors reads only their shards). A span's tensors are
+/// Every shard the plan takes a tensor from (and every shard with no tensor at all) whole,
+/// from its first byte to its last, with all its tensors: what a verified load reads, so
+/// that the bytes it hashes are the file's own (a plan narrowed to a few tensors reads only
+/// their shards). A span's tensors are
 /// counted down chunk by chunk in file order ([`completed_by`]), which tensors that share
 /// bytes (views of one PyTorch storage) break: `Err(shard)` names the first such shard.
 pub(crate) fn whole_files(plan: &LoadPlan) -> Result<Vec<Span>, usize> {
@@ -154,7 +155,9 @@ pub(crate) fn whole_files(plan: &LoadPlan) -> Result<Vec<Span>, usize> {
         }
         span.tensors.push(t);
     }
-    spans.retain(|s| !s.tensors.is_empty());
+    // A shard whose header lists no tensor at all is read too (its header alone): otherwise
+    // a file emptied to `{}` would load, as verified, nothing.
+    spans.retain(|s| !s.tensors.is_empty() || plan.shards()[s.shard].tensor_count == 0);
     Ok(spans)
 }
 
@@ -282,11 +285,10 @@ pub(crate) fn device_layout(
                     continue;
                 }
                 Some((p, _)) if p.shard == t.shard && t.file_range.start >= p.file_range.end => {
-                    let mirrored = end.checked_add(t.file_range.start - p.file_range.end)?;
-                    if mirrored % DEVICE_ALIGN == 0 && mirrored - end < DEVICE_ALIGN.max(MAX_GAP.min(64 << 10)) {
-                        mirrored
-                    } else {
-                        aligned
+                    let gap = t.file_range.start - p.file_range.end;
+                    match end.checked_add(gap) {
+                        Some(m) if m % DEVICE_ALIGN == 0 && gap < DEVICE_ALIGN.max(MAX_GAP.min(64 << 10)) => m,
+                        _ => aligned,
                     }
                 }
                 _ => aligned,

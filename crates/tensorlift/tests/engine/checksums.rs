@@ -548,4 +548,44 @@ fn a_hub_cache_index_is_checked_by_its_git_name() {
     }
     // An unverified load does not look.
     assert_eq!(base().build().unwrap().load_blocking(&snapshot).unwrap().len(), 2);
+    // An index stored with LFS is a blob named by its SHA-256: checked by that.
+    let tmp = index_blob.with_file_name("tmp");
+    std::fs::write(&tmp, &text).unwrap();
+    let lfs = index_blob.with_file_name(sha256_file(&tmp).unwrap().to_string());
+    std::fs::rename(&tmp, &lfs).unwrap();
+    let link = snapshot.join("model.safetensors.index.json");
+    std::fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink(format!("../../blobs/{}", lfs.file_name().unwrap().to_str().unwrap()), &link).unwrap();
+    assert_eq!(base().verify(Verify::Required).build().unwrap().load_blocking(&snapshot).unwrap().len(), 3);
+    std::fs::write(&lfs, &fewer).unwrap();
+    match base().verify(Verify::Required).build().unwrap().load_blocking(&snapshot).unwrap_err() {
+        LoadError::Checksum { file, expected_by: DigestSource::HubBlob(blob), .. } => {
+            let named = snapshot.canonicalize().unwrap().join("model.safetensors.index.json");
+            assert_eq!((file, blob), (named, lfs.canonicalize().unwrap()))
+        }
+        other => panic!("{other}"),
+    }
+}
+
+#[test]
+fn a_shard_with_no_tensors_is_still_checked() {
+    // A file emptied to a header of no tensors (a valid safetensors file) after its digest
+    // was listed: a verified load reads its header, and fails, rather than load nothing.
+    let dir = scratch();
+    let path = dir.join("model.safetensors");
+    write_shard(&path, &[("w", Dtype::F32, &[64])]);
+    std::fs::write(dir.join("SHA256SUMS"), coreutils_sums(&dir, &["model.safetensors"])).unwrap();
+    write_shard(&path, &[]);
+    for builder in [base(), base().map_views(map_contract())] {
+        match builder.verify(Verify::Required).build().unwrap().load_blocking(&path).unwrap_err() {
+            LoadError::Checksum { file, .. } => assert_eq!(file, path.canonicalize().unwrap()),
+            other => panic!("{other}"),
+        }
+    }
+    // With no digest for it, a required load fails as for any shard, filtered or not.
+    std::fs::remove_file(dir.join("SHA256SUMS")).unwrap();
+    for builder in [base(), base().filter(["w"])] {
+        let err = builder.verify(Verify::Required).build().unwrap().load_blocking(&dir).unwrap_err();
+        assert!(matches!(&err, LoadError::NoDigest { file, .. } if file == &path.canonicalize().unwrap()), "{err}");
+    }
 }
