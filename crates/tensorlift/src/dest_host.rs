@@ -145,8 +145,9 @@ impl HostSink {
         // before anything new is allocated. Solo spans need none: they read into the caller's.
         let lens: Vec<usize> = spans
             .iter()
-            .map(|s| if s.solo { 0 } else { (s.len() as usize).next_multiple_of(PAGE) })
-            .chain(outputs.iter().map(|&(_, len)| len.next_multiple_of(PAGE)))
+            // (Saturating: a size sized past the address space by a file is refused below.)
+            .map(|s| if s.solo { 0 } else { page_up(s.len() as usize) })
+            .chain(outputs.iter().map(|&(_, len)| page_up(len)))
             .collect();
         let mut kept = pool.take_for(&lens);
         // A kept buffer may be larger than its span; only the span's bytes are spared.
@@ -650,4 +651,10 @@ impl Sink for HostSink {
         self.claims.clear();
         self.outputs.clear();
     }
+}
+
+/// `len` rounded up to whole pages, or `usize::MAX` past the address space (which no
+/// memory check lets through).
+fn page_up(len: usize) -> usize {
+    len.checked_next_multiple_of(PAGE).unwrap_or(usize::MAX)
 }

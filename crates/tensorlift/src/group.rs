@@ -510,7 +510,7 @@ impl Loader {
         let mut len = 0usize;
         for i in round.clone() {
             offsets.push(len);
-            len = (len + owned[me][i].bytes(&rows[i])).next_multiple_of(ALIGN);
+            len = align_up(len.saturating_add(owned[me][i].bytes(&rows[i])));
         }
         let memory = |e| match e {
             tensorlift_cuda::CudaError::OutOfMemory { bytes, .. } => LoadError::DeviceMemory {
@@ -579,12 +579,12 @@ impl Loader {
         // The gathered copies of strided sends, in memory of their own allocated now: before
         // the ranks agree, where a rank that cannot have it can still say so.
         if !gathered.is_empty() {
-            let mut end = 0;
+            let mut end = 0usize;
             let offsets: Vec<usize> = gathered
                 .iter()
                 .map(|&(_, len)| {
                     let at = end;
-                    end = (end + len).next_multiple_of(ALIGN);
+                    end = align_up(end.saturating_add(len));
                     at
                 })
                 .collect();
@@ -612,6 +612,12 @@ enum Step {
     /// A strided send, gathered into memory allocated with the round's.
     SendVia(usize, Block, Block),
     Recv(usize, Block),
+}
+
+/// `len` rounded up to [`ALIGN`], or `usize::MAX` past the address space (sized by the
+/// files: an allocation of it fails, as the device has no room).
+fn align_up(len: usize) -> usize {
+    len.checked_next_multiple_of(ALIGN).unwrap_or(usize::MAX)
 }
 
 #[cfg(test)]
