@@ -401,6 +401,35 @@ pub fn h2d_limit(gpu: tensorlift_cuda::Gpu) -> anyhow::Result<Entry> {
     })
 }
 
+/// The safetensors files of the checkpoint at `dir`, found without tensorlift: the files
+/// its index maps tensors to, else the file itself, else every `.safetensors` file in the
+/// folder.
+fn files_of(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let index = if dir.is_dir() {
+        std::fs::read_dir(dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.to_str().is_some_and(|n| n.ends_with(".safetensors.index.json")))
+    } else {
+        Some(dir.to_path_buf()).filter(|p| p.to_str().is_some_and(|n| n.ends_with(".json")))
+    };
+    let folder = if dir.is_dir() { dir } else { dir.parent().unwrap_or(Path::new(".")) };
+    let mut files: Vec<PathBuf> = match index {
+        Some(index) => {
+            let text: serde_json::Value = serde_json::from_slice(&std::fs::read(&index)?)?;
+            let map = text["weight_map"].as_object().context("the index has no weight_map")?;
+            map.values().filter_map(|v| v.as_str()).map(|n| folder.join(n)).collect()
+        }
+        None if !dir.is_dir() => vec![dir.to_path_buf()],
+        None => std::fs::read_dir(dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .collect(),
+    };
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
+
 /// Checks the tensors a `tensorlift` run holds against the files read here, without
 /// tensorlift: each shard's header parsed as plain JSON, and each tensor's bytes read at its
 /// offsets (one tensor in memory at a time), device tensors copied back. Every tensor of
@@ -411,7 +440,7 @@ pub fn check_tensorlift(c: &Checkpoint, held: &dyn Any) -> anyhow::Result<bool> 
     let Some(model) = held.downcast_ref::<Held>().and_then(|h| h.model.as_ref()) else { return Ok(false) };
     let mut seen = 0usize;
     let (mut got, mut want) = (Vec::new(), Vec::new());
-    for path in &c.shards {
+    for path in &files_of(&c.dir)? {
         let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
         let mut n = [0u8; 8];
         f.read_exact_at(&mut n, 0)?;
@@ -437,4 +466,37 @@ pub fn check_tensorlift(c: &Checkpoint, held: &dyn Any) -> anyhow::Result<bool> 
     }
     anyhow::ensure!(seen == model.len(), "{} tensors loaded, {seen} in the files", model.len());
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tensorlift::Dtype;
+
+    /// The check finds a tensor whose bytes differ from the file's, one the file has that
+    /// was not loaded, and passes the loaded ones.
+    #[test]
+    fn the_byte_check_fails_where_a_load_differs_from_the_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let a: &[tensorlift_testkit::Spec<'_>] = &[("a", Dtype::F32, &[300]), ("b", Dtype::U8, &[77])];
+        let b: &[tensorlift_testkit::Spec<'_>] = &[("c", Dtype::BF16, &[9, 9])];
+        tensorlift_testkit::write_sharded(dir.path(), &[a, b]);
+        let c = Checkpoint::open(dir.path()).unwrap();
+        let loader = Arc::new(Loader::builder().device(tensorlift::Device::Cpu).build().unwrap());
+        let load = |l: &Loader| l.load_blocking(dir.path()).unwrap();
+        let held = |model| Held { model: Some(model), loader: Arc::clone(&loader), reuse_host_memory: false };
+        assert!(check_tensorlift(&c, &held(load(&loader))).unwrap());
+        // The last byte of the second shard (tensor c's) changed after the load.
+        let model = load(&loader);
+        let path = dir.path().join("model-00002-of-00002.safetensors");
+        let mut bytes = std::fs::read(&path).unwrap();
+        *bytes.last_mut().unwrap() ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let err = check_tensorlift(&c, &held(model)).unwrap_err();
+        assert!(err.to_string().contains("tensor 'c' differs from the file's bytes"), "{err:#}");
+        // A load of part of the files misses a tensor they have.
+        let part = Loader::builder().device(tensorlift::Device::Cpu).filter(["a", "c"]).build().unwrap();
+        let err = check_tensorlift(&c, &held(load(&part))).unwrap_err();
+        assert!(err.to_string().contains("tensor 'b' was not loaded"), "{err:#}");
+    }
 }

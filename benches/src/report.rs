@@ -68,6 +68,8 @@ pub struct Report {
     modes: BTreeMap<Mode, Vec<(&'static str, Measured)>>,
     skipped: Vec<(String, String)>,
     notes: Vec<String>,
+    /// tensorlift's runs whose tensors were checked against the files, of those made.
+    pub byte_checked: (usize, usize),
 }
 
 impl Report {
@@ -82,6 +84,7 @@ impl Report {
             modes: BTreeMap::new(),
             skipped: Vec::new(),
             notes: Vec::new(),
+            byte_checked: (0, 0),
         }
     }
 
@@ -205,6 +208,7 @@ impl Report {
             "modes": modes,
             "skipped": skipped,
             "notes": self.notes,
+            "byte_checked": {"runs": self.byte_checked.0, "of": self.byte_checked.1},
         })
     }
 }

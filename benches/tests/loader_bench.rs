@@ -36,7 +36,8 @@ fn json_report_has_engines_limits_and_skips() {
     // tensorlift's tensors were checked against the files in both modes, and the cold runs
     // began cold.
     let notes: Vec<&str> = v["notes"].as_array().unwrap().iter().map(|n| n.as_str().unwrap()).collect();
-    assert!(notes.iter().any(|n| n.contains("checked byte for byte") && n.contains("2 cache mode(s)")), "{notes:?}");
+    assert!(notes.iter().any(|n| n.contains("checked byte for byte") && n.contains("each of its 4 runs")), "{notes:?}");
+    assert_eq!(v["byte_checked"], serde_json::json!({"runs": 4, "of": 4}));
     assert!(notes.iter().any(|n| n.starts_with("cold runs began with at most")), "{notes:?}");
     // No GPU here: the GPU entries say why they did not run.
     assert!(v["skipped"]["per-tensor-htod"].as_str().unwrap().starts_with("no usable GPU: "));
