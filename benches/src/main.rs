@@ -304,7 +304,8 @@ fn run(args: &Args) -> anyhow::Result<()> {
     } else {
         None
     };
-    let (mut most_cached, mut unchecked) = (0.0f64, 0usize);
+    let (mut most_cached, mut unchecked, mut least_warm) = (0.0f64, 0usize, 1.0f64);
+    let mut beyond: Option<&'static str> = None;
     let mut not_plain = false;
     // A mode whose cache cannot be made cold, or whose tensors are not the files' bytes,
     // stops there; the others are still measured and reported, and the run fails at the end.
@@ -350,6 +351,8 @@ fn run(args: &Args) -> anyhow::Result<()> {
                     Ok(cached) => {
                         most_cached = most_cached.max(cached.most);
                         unchecked = unchecked.max(cached.unchecked);
+                        least_warm = least_warm.min(cached.least);
+                        beyond = beyond.or(cached.beyond);
                     }
                     Err(e) => {
                         failures.push(format!("{} cache: {e:#}", mode.name()));
@@ -422,6 +425,18 @@ fn run(args: &Args) -> anyhow::Result<()> {
             100.0 * most_cached
         ));
     }
+    if let Some(fs) = beyond {
+        report.note(&format!(
+            "the checkpoint is on {fs}: eviction drops only the page cache, so cold runs may have read from memory"
+        ));
+    }
+    if least_warm < 0.99 {
+        report.note(&format!(
+            "warm runs began with as little as {:.1}% of a shard in the page cache (read just before; memory \
+             pressure evicted the rest): partly cold",
+            100.0 * least_warm
+        ));
+    }
     for f in &failures {
         report.note(&format!("FAILED: {f}"));
     }
@@ -463,13 +478,18 @@ pub(crate) fn rank_plans(n: usize) -> anyhow::Result<Vec<tensorlift::DevicePlan>
 struct Cached {
     most: f64,
     unchecked: usize,
+    /// For a warm run: the smallest fraction of a shard found in the page cache after it
+    /// was read (memory pressure, or a checkpoint larger than the memory, evicts it again).
+    least: f64,
+    /// For a cold run: a file system whose own cache eviction does not drop.
+    beyond: Option<&'static str>,
 }
 
 /// Puts every shard in the page-cache state the mode needs (a remote one's is its server's).
 /// A shard that stays cached after eviction (another process maps it, or it lives on tmpfs,
 /// whose pages cannot be dropped) fails the cold run: its figure would not be a cold one.
 fn prepare(ckpt: &Checkpoint, mode: Mode) -> anyhow::Result<Cached> {
-    let mut cached = Cached { most: 0.0, unchecked: 0 };
+    let mut cached = Cached { most: 0.0, unchecked: 0, least: 1.0, beyond: None };
     if tensorlift::is_remote(&ckpt.dir) {
         return Ok(cached);
     }
@@ -490,9 +510,13 @@ fn prepare(ckpt: &Checkpoint, mode: Mode) -> anyhow::Result<Cached> {
                     }
                     Err(_) => cached.unchecked += 1,
                 }
+                cached.beyond = cached.beyond.or(tensorlift_io::cache::cache_beyond_page_cache(p).ok().flatten());
             }
             Mode::Warm | Mode::WarmIdle => {
                 std::io::copy(&mut std::fs::File::open(p)?, &mut std::io::sink())?;
+                if let Ok(f) = tensorlift_io::cache::resident_fraction(p) {
+                    cached.least = cached.least.min(f);
+                }
             }
         }
     }

@@ -18,6 +18,32 @@ pub fn evict(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Where the file at `path` lives on a file system that keeps file data in a cache of its
+/// own, beyond the page cache that [`evict`] drops and [`resident_fraction`] sees: its name
+/// and that cache (ZFS's ARC; a network or cluster file system's client or server cache).
+/// `None` for the others (ext4, XFS, btrfs, tmpfs, ...). A cold read there may come from
+/// memory all the same.
+pub fn cache_beyond_page_cache(path: &Path) -> io::Result<Option<&'static str>> {
+    let f = open_regular(path)?;
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: fstatfs writes one statfs into `st`, for a descriptor we own.
+    if unsafe { libc::fstatfs(f.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fstatfs succeeded, so it filled `st` (zeroed before, so every byte is set).
+    let magic = unsafe { st.assume_init() }.f_type as u64;
+    Ok(match magic {
+        0x2fc1_2fc1 => Some("ZFS, whose ARC caches file data apart from the page cache"),
+        0x6969 => Some("NFS, whose server caches file data"),
+        0xff53_4d42 | 0xfe53_4d42 => Some("SMB, whose server caches file data"),
+        0x6573_5546 => Some("a FUSE file system (virtiofs among them), whose daemon or host may cache file data"),
+        0x4750_4653 => Some("GPFS, whose page pool caches file data apart from the page cache"),
+        0x0bd0_0bd0 => Some("Lustre, whose servers cache file data"),
+        0x00c3_6400 => Some("CephFS, whose servers cache file data"),
+        _ => None,
+    })
+}
+
 /// Fraction of a file's pages resident in the page cache (0.0 to 1.0), exactly: from
 /// `cachestat(2)` where the kernel has it, else `mincore` over the whole file (an error where
 /// `mincore` would not tell this process the truth: see [`resident_estimate`]).

@@ -172,6 +172,13 @@ fn page_cache_eviction_and_residency() {
     std::thread::spawn(move || {
         let _ = tx.send([tensorlift_io::cache::evict(&f).err(), tensorlift_io::cache::resident_fraction(&f).err()]);
     });
+    // The file system's type as coreutils' stat reads it: a cache beyond the page cache is
+    // named for those that have one, and only for those.
+    let out = std::process::Command::new("stat").args(["-f", "-c", "%t"]).arg(&path).output().unwrap();
+    let magic = u64::from_str_radix(String::from_utf8(out.stdout).unwrap().trim(), 16).unwrap();
+    let own = [0x2fc1_2fc1, 0x6969, 0xff53_4d42, 0xfe53_4d42, 0x6573_5546, 0x4750_4653, 0x0bd0_0bd0, 0x00c3_6400];
+    let beyond = tensorlift_io::cache::cache_beyond_page_cache(&path).unwrap();
+    assert_eq!(beyond.is_some(), own.contains(&magic), "{magic:x}: {beyond:?}");
     let errors = rx.recv_timeout(std::time::Duration::from_secs(30)).expect("a FIFO was waited on");
     for e in errors {
         assert_eq!(e.map(|e| e.kind()), Some(std::io::ErrorKind::InvalidInput));
