@@ -46,6 +46,9 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
     let budget = loader.settings().staging_budget as u64;
     // io_uring pins registered fixed buffers against RLIMIT_MEMLOCK (unless CAP_IPC_LOCK).
     let memlock_note = match memlock {
+        _ if tensorlift_io::has_cap_ipc_lock() == Some(true) => {
+            "not counted: the process holds CAP_IPC_LOCK (io_uring's fixed buffers are not charged to it)".to_owned()
+        }
         Some(Memlock { soft: Some(soft), .. }) if soft < budget => format!(
             "below the {} staging budget: staging chunks cannot all be io_uring fixed buffers (reads still work, \
              each pinning its pages); raise it with `ulimit -l` or `--ulimit memlock=-1`",

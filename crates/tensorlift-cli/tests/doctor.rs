@@ -216,3 +216,29 @@ fn hidden_residency_is_reported_and_read_buffered() {
         assert!(s["copied_bytes"].as_u64().unwrap() > 0, "{s}");
     }
 }
+
+/// The memlock note says whether the limit counts: not for a process with CAP_IPC_LOCK (as
+/// `capsh --decode` reads the capability set), and it does once util-linux's `setpriv` takes
+/// the capability away.
+#[test]
+fn the_memlock_note_knows_cap_ipc_lock() {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let caps = status.lines().find_map(|l| l.strip_prefix("CapEff:")).unwrap().trim().to_owned();
+    let Ok(decoded) = Command::new("capsh").arg(format!("--decode={caps}")).output() else {
+        eprintln!("skipped: no capsh here");
+        return;
+    };
+    let held = String::from_utf8_lossy(&decoded.stdout).contains("cap_ipc_lock");
+    let note = |v: serde_json::Value| v["memlock"]["note"].as_str().unwrap().to_owned();
+    let here = note(doctor(&[], &[]));
+    assert_eq!(here.starts_with("not counted: the process holds CAP_IPC_LOCK"), held, "{here}");
+    if held {
+        let out = Command::new("setpriv")
+            .args(["--bounding-set=-ipc_lock", env!("CARGO_BIN_EXE_tensorlift"), "doctor", "--json"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let without = note(serde_json::from_slice(&out.stdout).unwrap());
+        assert!(!without.contains("CAP_IPC_LOCK"), "{without}");
+    }
+}

@@ -64,8 +64,8 @@ pub use file::{file_identity, try_lock, DioAlign, DirectSupport, OpenFile};
 pub use mmap::{copy_by_kernel, DmaWindow, MapContract, MappedFile};
 pub use open::{open_checkpoint, open_checkpoint_observed};
 pub use probe::{
-    can_allocate, host_memory_available, kernel_release, memlock, page_probe, uring_status, Memlock, PageChoice,
-    UringStatus,
+    can_allocate, has_cap_ipc_lock, host_memory_available, kernel_release, memlock, page_probe, uring_status, Memlock,
+    PageChoice, UringStatus,
 };
 pub use process::{join_threads, MadeIn};
 pub use reader::{

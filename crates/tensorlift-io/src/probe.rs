@@ -92,6 +92,17 @@ pub fn memlock() -> Option<Memlock> {
     Some(Memlock { soft: v(lim.rlim_cur), hard: v(lim.rlim_max) })
 }
 
+/// Whether this process holds `CAP_IPC_LOCK` in its effective set (from `/proc/self/status`;
+/// `None` where that cannot be read): then memory it locks, and io_uring's registered
+/// buffers, are not counted against RLIMIT_MEMLOCK.
+pub fn has_cap_ipc_lock() -> Option<bool> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim();
+    let caps = u64::from_str_radix(hex, 16).ok()?;
+    // CAP_IPC_LOCK is capability 14 (linux/capability.h).
+    Some(caps & (1 << 14) != 0)
+}
+
 /// The running kernel's release string (`uname -r`).
 pub fn kernel_release() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/osrelease").ok().map(|s| s.trim().to_owned())
