@@ -28,7 +28,10 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
     let device_memory = loader.device_memory();
     let pinned = loader.pinned_staging();
     let io = loader.io_report();
-    let direct = remote.is_none().then(|| direct_io_support(path));
+    // A checkpoint file of the folder (a hub cache snapshot's blob, where its weights are
+    // links into blobs/, which may be another file system), else the folder itself (a
+    // scratch file made there).
+    let direct = remote.is_none().then(|| direct_io_support(&residency_sample(path).unwrap_or_else(|| path.into())));
     let memlock = memlock();
     let pages = tensorlift_io::page_probe();
     let fill = tensorlift_io::fill::status();
@@ -280,12 +283,18 @@ fn residency_sample(path: &Path) -> Option<std::path::PathBuf> {
     if !path.is_dir() {
         return path.is_file().then(|| path.to_path_buf());
     }
+    // A regular file of the folder, or one a link of it leads to where a load would follow
+    // it (within the folder, or from a hub cache snapshot into its repository's blobs/).
+    let folder = std::fs::canonicalize(path).ok()?;
     std::fs::read_dir(path)
         .ok()?
         .take(10_000)
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors") && p.is_file())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .filter_map(|p| std::fs::canonicalize(&p).ok().filter(|real| real.is_file()).map(|real| (p, real)))
+        .filter(|(_, real)| tensorlift_io::link_allowed(&folder, real))
         .min()
+        .map(|(_, real)| real)
 }
 
 /// A remote checkpoint's facts: whether its headers can be read (planned), and how it would

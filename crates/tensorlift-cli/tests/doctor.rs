@@ -242,3 +242,28 @@ fn the_memlock_note_knows_cap_ipc_lock() {
         assert!(!without.contains("CAP_IPC_LOCK"), "{without}");
     }
 }
+
+/// In a hub cache snapshot the weights are links into the repository's `blobs/`: the O_DIRECT
+/// check reads the blob a load would read, not a scratch file written into the snapshot; a
+/// link out of the folder is not followed.
+#[test]
+fn o_direct_is_tried_on_the_blob_a_snapshot_links_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("models--org--m");
+    std::fs::create_dir_all(repo.join("blobs")).unwrap();
+    std::fs::create_dir_all(repo.join("snapshots/r")).unwrap();
+    let blob = repo.join("blobs").join("ab".repeat(32));
+    std::fs::write(&blob, vec![7u8; 1 << 16]).unwrap();
+    let snapshot = repo.join("snapshots/r");
+    std::os::unix::fs::symlink(format!("../../blobs/{}", "ab".repeat(32)), snapshot.join("m.safetensors")).unwrap();
+    let v = doctor(&[], &["--path", snapshot.to_str().unwrap()]);
+    assert_eq!(v["o_direct"]["tried"], blob.canonicalize().unwrap().to_str().unwrap(), "{v}");
+    // A link elsewhere is not the folder's file: a scratch file there is tried, and removed.
+    let other = dir.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    std::os::unix::fs::symlink(&blob, other.join("m.safetensors")).unwrap();
+    let v = doctor(&[], &["--path", other.to_str().unwrap()]);
+    let tried = v["o_direct"]["tried"].as_str().unwrap();
+    assert!(tried.starts_with(other.to_str().unwrap()) && !tried.ends_with("m.safetensors"), "{v}");
+    assert_eq!(std::fs::read_dir(&other).unwrap().count(), 1);
+}
