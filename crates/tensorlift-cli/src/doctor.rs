@@ -83,6 +83,7 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
                 "devices": d.devices.iter().map(|x| json!({
                     "ordinal": x.ordinal, "name": x.name, "memory_bytes": x.total_memory, "pci_bus_id": x.pci_bus_id,
                     "pcie_link": x.pcie_link.as_ref().map(|(s, w)| json!({"speed": s, "width": w})),
+                    "pcie_link_max": x.pcie_link_max.as_ref().map(|(s, w)| json!({"speed": s, "width": w})),
                     "read_only_host_register": x.read_only_host_register,
                     "host_page_tables": x.host_page_tables,
                 })).collect::<Vec<_>>(),
@@ -136,7 +137,15 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
         CudaStatus::Available(d) => {
             writeln!(out, "gpu         CUDA driver {} ({})", d.version_string(), d.library.display())?;
             for x in &d.devices {
-                let link = x.pcie_link.as_ref().map_or_else(String::new, |(s, w)| format!(", PCIe {s} x{w}"));
+                // The current link runs slower while the GPU idles: the most it can run at beside.
+                let link = match (&x.pcie_link, &x.pcie_link_max) {
+                    (Some((s, w)), Some((ms, mw))) if (s, w) != (ms, mw) => {
+                        format!(", PCIe {s} x{w} now (idle links slow down), up to {ms} x{mw}")
+                    }
+                    (Some((s, w)), _) => format!(", PCIe {s} x{w}"),
+                    (None, Some((ms, mw))) => format!(", PCIe up to {ms} x{mw}"),
+                    (None, None) => String::new(),
+                };
                 let bus = x.pci_bus_id.as_deref().map_or_else(String::new, |b| format!(" at {b}"));
                 writeln!(
                     out,

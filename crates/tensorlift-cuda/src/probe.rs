@@ -24,7 +24,10 @@ pub struct DeviceInfo {
     /// PCI address (`0000:1b:00.0`), when the driver reports it.
     pub pci_bus_id: Option<String>,
     /// Current PCIe link from sysfs, when readable: (speed, width), e.g. ("32.0 GT/s PCIe", 16).
+    /// An idle GPU's link runs slower (down to 2.5 GT/s) until it carries traffic.
     pub pcie_link: Option<(String, u32)>,
+    /// The most the link can run at, from sysfs (`max_link_speed`, `max_link_width`).
+    pub pcie_link_max: Option<(String, u32)>,
     /// Whether the device can read host memory registered read-only
     /// (`CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED`): what copying a warm shard
     /// by DMA straight from the page cache needs. `None` when the driver did not say.
@@ -246,7 +249,8 @@ fn query(lib: &libloading::Library, library: PathBuf) -> Result<DriverInfo, Stri
             // SAFETY: the driver writes at most `len` bytes, NUL-terminated, into `id`.
             (unsafe { f(id.as_mut_ptr(), id.len() as c_int, dev) } == 0).then(|| c_string(&id).to_ascii_lowercase())
         });
-        let pcie_link = pci_bus_id.as_deref().and_then(pcie_link);
+        let pcie_link_max = pci_bus_id.as_deref().and_then(|b| pcie_link_of(b, "max"));
+        let pcie_link = pci_bus_id.as_deref().and_then(|b| pcie_link_of(b, "current"));
         let attribute = |attribute: cudarc::driver::sys::CUdevice_attribute| {
             attribute_fn.and_then(|f| {
                 let mut v = 0;
@@ -263,6 +267,7 @@ fn query(lib: &libloading::Library, library: PathBuf) -> Result<DriverInfo, Stri
             total_memory: mem as u64,
             pci_bus_id,
             pcie_link,
+            pcie_link_max,
             read_only_host_register,
             host_page_tables,
         });
@@ -275,10 +280,10 @@ fn c_string(buf: &[c_char]) -> String {
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
-/// The current PCIe link speed and width from sysfs.
-fn pcie_link(bus_id: &str) -> Option<(String, u32)> {
+/// The PCIe link speed and width from sysfs: `which` is `current` or `max`.
+fn pcie_link_of(bus_id: &str, which: &str) -> Option<(String, u32)> {
     let dir = PathBuf::from("/sys/bus/pci/devices").join(bus_id);
-    let speed = std::fs::read_to_string(dir.join("current_link_speed")).ok()?.trim().to_owned();
-    let width = std::fs::read_to_string(dir.join("current_link_width")).ok()?.trim().parse().ok()?;
+    let speed = std::fs::read_to_string(dir.join(format!("{which}_link_speed"))).ok()?.trim().to_owned();
+    let width = std::fs::read_to_string(dir.join(format!("{which}_link_width"))).ok()?.trim().parse().ok()?;
     Some((speed, width))
 }

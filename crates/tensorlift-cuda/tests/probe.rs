@@ -122,4 +122,5 @@ int cuDeviceGetPCIBusId(char *b, int l, int d) {{ strncpy(b, \"0000:FF:00.0\", l
     assert_eq!((info.devices[1].name.as_str(), info.devices[1].total_memory), ("Fake H200", 2 << 30));
     assert_eq!(info.devices[0].pci_bus_id.as_deref(), Some("0000:ff:00.0"));
     assert_eq!(info.devices[0].pcie_link, None, "no such PCI device in sysfs");
+    assert_eq!(info.devices[0].pcie_link_max, None, "no such PCI device in sysfs");
 }
