@@ -181,14 +181,15 @@ fn probe_candidates(candidates: &[PathBuf]) -> (CudaStatus, Option<libloading::L
 }
 
 fn probe_loaded(lib: &libloading::Library, path: PathBuf) -> CudaStatus {
+    // (cuInit fails with CUDA_ERROR_NO_DEVICE where the variable names no device: said too.)
+    let visible = std::env::var("CUDA_VISIBLE_DEVICES")
+        .map_or_else(|_| String::new(), |v| format!(" (CUDA_VISIBLE_DEVICES={v})"));
     match query(lib, path) {
         Ok(info) if info.devices.is_empty() => {
-            let visible = std::env::var("CUDA_VISIBLE_DEVICES")
-                .map_or_else(|_| String::new(), |v| format!(" (CUDA_VISIBLE_DEVICES={v})"));
             CudaStatus::Unavailable(format!("the driver sees no CUDA device{visible}"))
         }
         Ok(info) => CudaStatus::Available(info),
-        Err(why) => CudaStatus::Unavailable(why),
+        Err(why) => CudaStatus::Unavailable(format!("{why}{visible}")),
     }
 }
 

@@ -68,9 +68,23 @@ fn this_machine_has_a_status_and_never_panics() {
 fn init_failure_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let so = fake_libcuda(dir.path(), "noinit", &format!("{NAMES}\nint cuInit(unsigned f) {{ return 100; }}\nint cuDriverGetVersion(int *v) {{ *v = 12080; return 0; }}\nint cuDeviceGetCount(int *c) {{ *c = 0; return 0; }}\n"));
+    // The variable that most often makes cuInit find no device is named where it is set:
+    // checked in a run of this test with it set (the environment is read at the probe).
+    let visible = std::env::var("CUDA_VISIBLE_DEVICES")
+        .map_or_else(|_| String::new(), |v| format!(" (CUDA_VISIBLE_DEVICES={v})"));
     match probe(&[so]) {
-        CudaStatus::Unavailable(why) => assert_eq!(why, "cuInit failed: CUDA_ERROR_NO_DEVICE (100)"),
+        CudaStatus::Unavailable(why) => assert_eq!(why, format!("cuInit failed: CUDA_ERROR_NO_DEVICE (100){visible}")),
         other => panic!("{other:?}"),
+    }
+    if std::env::var_os("TL_PROBE_CHILD").is_none() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "init_failure_is_named", "--test-threads", "1"])
+            .env("TL_PROBE_CHILD", "1")
+            .env("CUDA_VISIBLE_DEVICES", "GPU-none")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("1 passed"), "{}", String::from_utf8_lossy(&out.stdout));
     }
 }
 
