@@ -8,8 +8,9 @@
 //! - `per-rank`: each rank loading its own part with a plain loader, all at once, as such
 //!   servers load today.
 //!
-//! A rank keeps its tensors until the next command, so that they are freed after the clock
-//! stopped, as the other engines' are.
+//! A rank keeps its tensors until the parent lets go of the run's result, after the clock
+//! stopped (it sends `release`), so that they are freed off the clock, as the other
+//! engines' are.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -139,8 +140,21 @@ fn entry(ranks: Arc<Ranks>, name: &'static str, command: &'static str) -> Entry 
                 "{name}: {} bytes onto {n} devices, the ranks read {} together, sent {}",
                 t.landed, t.read, t.sent
             );
-            Ok((t.landed, Box::new(())))
+            // The ranks free their tensors when this is dropped, after the clock, as the
+            // other engines' tensors are freed (not when the next command comes, inside it).
+            Ok((t.landed, Box::new(Release(Arc::clone(&ranks)))))
         }),
+    }
+}
+
+/// Asks the ranks to free the tensors they hold, when dropped.
+struct Release(Arc<Ranks>);
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.ask("release") {
+            eprintln!("releasing the ranks' tensors: {e:#}");
+        }
     }
 }
 
@@ -189,7 +203,8 @@ pub fn serve(builder: impl Fn() -> anyhow::Result<tensorlift::LoaderBuilder>) ->
         let line = line?;
         held = None;
         let loaded = match line.trim() {
-            "ready" => {
+            // (`release`: the tensors were let go above.)
+            "ready" | "release" => {
                 writeln!(out.lock(), "ok 0 0 0")?;
                 out.lock().flush()?;
                 continue;

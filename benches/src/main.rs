@@ -291,6 +291,13 @@ fn run(args: &Args) -> anyhow::Result<()> {
     };
     // The tensors are the files' own only without conversion or slicing, of safetensors
     // files (not PyTorch ones); a remote checkpoint's files are not here to read.
+    if per_rank.is_some() || group.is_some() {
+        report.several_devices = true;
+        report.note(
+            "tensorlift's figure is the bytes landed on every device together: no limit here (one device's copies, \
+             one reading of the files) bounds it, so no fraction of one is given",
+        );
+    }
     let not_checked = if args.no_byte_check {
         Some("--no-byte-check")
     } else if args.convert_to.is_some() {

@@ -70,6 +70,9 @@ pub struct Report {
     notes: Vec<String>,
     /// tensorlift's runs whose tensors were checked against the files, of those made.
     pub byte_checked: (usize, usize),
+    /// tensorlift's bytes land on several devices (`--devices`, `--group`): its figure is
+    /// their sum, which no limit here (one device's copies, one reading of the files) bounds.
+    pub several_devices: bool,
 }
 
 impl Report {
@@ -85,6 +88,7 @@ impl Report {
             skipped: Vec::new(),
             notes: Vec::new(),
             byte_checked: (0, 0),
+            several_devices: false,
         }
     }
 
@@ -106,6 +110,11 @@ impl Report {
 
     fn tensorlift(list: &[(&'static str, Measured)]) -> Option<f64> {
         list.iter().find(|(n, _)| *n == "tensorlift").map(|(_, m)| m.gbps())
+    }
+
+    /// tensorlift's rate as a fraction of a limit's, where the two compare.
+    fn fraction(&self, tl: Option<f64>, limit: &Measured) -> Option<f64> {
+        tl.filter(|_| !self.several_devices).map(|t| t / limit.gbps())
     }
 
     pub fn to_text(&self) -> String {
@@ -143,15 +152,9 @@ impl Report {
                 "limit", "seconds", "GB/s", "runs (s)", "tensorlift at"
             );
             for (name, m) in list.iter().filter(|(_, m)| m.kind == Kind::Limit) {
-                let _ = writeln!(
-                    s,
-                    "  {:<20} {:>9.3} {:>10.2} {:>14} {:>13.0}%",
-                    name,
-                    m.median(),
-                    m.gbps(),
-                    m.spread(),
-                    100.0 * tl / m.gbps()
-                );
+                let at = self.fraction(Some(tl), m).map_or_else(|| "-".to_owned(), |f| format!("{:.0}%", 100.0 * f));
+                let _ =
+                    writeln!(s, "  {:<20} {:>9.3} {:>10.2} {:>14} {:>14}", name, m.median(), m.gbps(), m.spread(), at);
             }
         }
         for n in &self.notes {
@@ -193,7 +196,7 @@ impl Report {
                 .filter(|(_, m)| m.kind == Kind::Limit)
                 .map(|(n, m)| {
                     let mut e = entry(m);
-                    e["tensorlift_fraction"] = json!(tl.map(|t| t / m.gbps()));
+                    e["tensorlift_fraction"] = json!(self.fraction(tl, m));
                     ((*n).to_owned(), e)
                 })
                 .collect();
