@@ -256,10 +256,13 @@ pub fn read_limit(direct: bool) -> Entry {
     const CHUNK: usize = 4 << 20;
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let window = (4 * workers).max(32);
+    // (Where io_uring is refused, the reader falls back to pread: as many threads as reads
+    // in flight, so the limit is not one of a few threads.)
     let r = Reader::builder()
         .backend(BackendKind::Uring)
         .workers(workers)
         .queue_depth(window as u32)
+        .pread_threads(window)
         .direct(direct)
         .build();
     let mut buffers: Vec<AlignedBuf> = (0..window).filter_map(|_| AlignedBuf::zeroed(CHUNK, 4096)).collect();

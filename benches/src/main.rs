@@ -298,6 +298,9 @@ fn run(args: &Args) -> anyhow::Result<()> {
              one reading of the files) bounds it, so no fraction of one is given",
         );
     }
+    if let (false, tensorlift_io::UringStatus::Unavailable { reason, .. }) = (remote, tensorlift_io::uring_status()) {
+        report.note(&format!("read-limit read through a pool of pread threads: io_uring is unavailable ({reason})"));
+    }
     let not_checked = if args.no_byte_check {
         Some("--no-byte-check")
     } else if args.convert_to.is_some() {
