@@ -47,7 +47,10 @@ def test_verified_loads_and_their_stats(tmp_path):
     got = dict(tensorlift.iter_tensors(tmp_path / names[1], framework="np", verify="required"))
     want = np.arange(9000, dtype=np.uint8)
     assert got["b"].dtype == want.dtype and got["b"].tobytes() == want.tobytes()
-    assert size > 0
+    # The folder: both files, each checked whole.
+    stats = {}
+    tensorlift.load_file(tmp_path, verify=True, stats=stats)
+    assert (stats["verified_bytes"], stats["unverified_bytes"]) == (size, 0)
 
 
 def test_a_changed_byte_fails_with_both_digests(tmp_path):

@@ -19,6 +19,8 @@ fn devices(n: usize) -> Option<Vec<Device>> {
         tensorlift_cuda::CudaStatus::Unavailable(_) => 0,
     };
     if have < n {
+        // (The emulated driver has four: a test of fewer may not skip there.)
+        assert!(!emulator::is_emulated(), "the emulated driver has {have} devices, fewer than {n}");
         eprintln!("skipped: needs {n} CUDA devices, this host has {have}");
         return None;
     }

@@ -324,9 +324,24 @@ fn cancelled_loads_leave_nothing_on_the_device() {
     assert!(first.to_host().unwrap().as_ref() == truth[first.name()].as_slice());
     drop(first);
     // A load future dropped mid-flight.
-    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
-    let r = rt.block_on(async { tokio::time::timeout(Duration::from_millis(3), loader.load(&path)).await });
-    drop(r);
+    // Polled until the emulator has made a copy of it (32 copies of 2 ms each: most are
+    // still to come), then dropped.
+    let before = emulator::copies();
+    let mut load = Box::pin(loader.load(&path));
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(
+            std::future::Future::poll(load.as_mut(), &mut cx).is_pending(),
+            "the load ended before a copy was seen"
+        );
+        if !emulator::is_emulated() || emulator::copies() > before {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no copy was made in a minute");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    drop(load);
     // The loader still loads everything, and Driver's drop checks nothing is left.
     let m = loader.load_blocking(&path).unwrap();
     assert_on_device(&m, &truth, "after cancellations");
