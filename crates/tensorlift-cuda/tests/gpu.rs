@@ -516,9 +516,27 @@ fn the_emulator_pins_read_only_memory_as_the_driver_does() {
     let window = DmaWindow::map(&file, 100, 8000).unwrap();
     let (base, len) = window.pages();
     assert_eq!((base as usize % 4096, len), (0, 8192));
-    // SAFETY: registers a live mapping of `len` bytes (refused, so nothing to undo).
+    // SAFETY: registers a live mapping of `len` bytes (refused, so nothing to undo): with no
+    // context current, as a registration needs one, then in device 0's primary context.
+    let r = unsafe { sys::cuMemHostRegister_v2(base.cast_mut().cast(), len, 0) };
+    assert_eq!(r, sys::CUresult::CUDA_ERROR_INVALID_CONTEXT);
+    // So does an event.
+    let mut event = std::ptr::null_mut();
+    // SAFETY: an out-parameter of the driver API (refused: nothing is made).
+    let r = unsafe { sys::cuEventCreate(&mut event, 0) };
+    assert_eq!(r, sys::CUresult::CUDA_ERROR_INVALID_CONTEXT);
+    let mut ctx = std::ptr::null_mut();
+    // SAFETY: a driver API out-parameter, for device 0, which exists.
+    assert_eq!(unsafe { sys::cuDevicePrimaryCtxRetain(&mut ctx, 0) }, sys::CUresult::CUDA_SUCCESS);
+    // SAFETY: the context just retained.
+    assert_eq!(unsafe { sys::cuCtxSetCurrent(ctx) }, sys::CUresult::CUDA_SUCCESS);
+    // SAFETY: as above.
     let r = unsafe { sys::cuMemHostRegister_v2(base.cast_mut().cast(), len, 0) };
     assert_eq!(r, sys::CUresult::CUDA_ERROR_INVALID_VALUE);
+    // SAFETY: no context current on this thread, as before.
+    unsafe { sys::cuCtxSetCurrent(std::ptr::null_mut()) };
+    // SAFETY: the reference retained above, let go.
+    unsafe { sys::cuDevicePrimaryCtxRelease_v2(0) };
     let range = PageCacheRange::register(&gpu, window).unwrap();
     let arena = DeviceArena::new(&gpu, 4096).unwrap();
     // SAFETY: the emulator refuses the write before touching the host range (which is a live,

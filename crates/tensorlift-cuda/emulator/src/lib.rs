@@ -36,7 +36,9 @@
 //!   memory and streams: memory is allocated on the current context's device, a stream
 //!   belongs to the device current when it was made, and a copy or kernel on a stream of one
 //!   device that touches another device's memory fails, as work queued on the wrong device
-//!   would on a real one.
+//!   would on a real one. An event, a module or a host registration made with no context
+//!   current is `CUDA_ERROR_INVALID_CONTEXT`, and an event belongs to its context: recorded
+//!   on another device's stream, it is `CUDA_ERROR_INVALID_HANDLE`.
 //! - Faults: `TLEMU_DEVICE_MEMORY` (bytes a device, default 8 GiB), `TLEMU_OOM=1` (every
 //!   allocation fails), `TLEMU_FAIL_COPY=N` (the Nth asynchronous copy fails),
 //!   `TLEMU_REFUSE_REGISTER=1`, `TLEMU_COPY_DELAY_US=N` (each copy waits first),
@@ -693,6 +695,10 @@ pub extern "C" fn cuMemHostRegister_v2(p: *mut c_void, len: usize, flags: c_uint
     if p.is_null() || len == 0 {
         return INVALID_VALUE;
     }
+    // Registered with the current context (and, PORTABLE, with every other).
+    if current_device().is_none() {
+        return INVALID_CONTEXT;
+    }
     if fault(FAULT_REFUSE_REGISTER) != 0 {
         return NOT_PERMITTED;
     }
@@ -1014,6 +1020,10 @@ const PTX_ISA_MAX: (u32, u32) = (8, 7);
 pub unsafe extern "C" fn cuModuleLoadData(module: *mut *mut c_void, image: *const c_void) -> CUresult {
     if module.is_null() || image.is_null() {
         return INVALID_VALUE;
+    }
+    // A module is loaded into the current context.
+    if current_device().is_none() {
+        return INVALID_CONTEXT;
     }
     // SAFETY: a PTX image is NUL-terminated text (driver API contract).
     let text = unsafe { std::ffi::CStr::from_ptr(image.cast()) };
@@ -1358,6 +1368,9 @@ pub unsafe extern "C" fn cuMemcpy2DAsync_v2(copy: *const Memcpy2D, handle: *mut 
 struct Event {
     state: Mutex<(u64, u64)>,
     reached: Condvar,
+    /// The device whose context was current when it was made (a stream's own event: none),
+    /// whose streams alone may record it, as a real event belongs to its context.
+    device: Option<c_int>,
 }
 
 impl Event {
@@ -1397,7 +1410,9 @@ pub unsafe extern "C" fn cuEventCreate(out: *mut *mut c_void, _flags: c_uint) ->
     if out.is_null() {
         return INVALID_VALUE;
     }
-    let e = Arc::new(Event::default());
+    // Made in the current context, as a real driver makes it: none is an error.
+    let Some(device) = current_device() else { return INVALID_CONTEXT };
+    let e = Arc::new(Event { device: Some(device), ..Event::default() });
     let handle = Arc::as_ptr(&e) as usize;
     lock(events()).insert(handle, e);
     count(LIVE_EVENTS, 1);
@@ -1428,6 +1443,10 @@ pub extern "C" fn cuEventRecord(handle: *mut c_void, stream_handle: *mut c_void)
     // The stream first: a record refused leaves the event as it was, so that no wait queued
     // after it waits for a record that never runs.
     let Some(s) = stream(stream_handle) else { return INVALID_HANDLE };
+    // An event and a stream of two contexts do not go together.
+    if e.device.is_some_and(|d| d != s.device) {
+        return INVALID_HANDLE;
+    }
     let generation = e.bump();
     let r = s.push(Op::Record { event: Arc::clone(&e), generation });
     if r != SUCCESS {
