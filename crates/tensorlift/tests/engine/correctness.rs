@@ -151,6 +151,29 @@ fn filter_reads_only_selected_tensors() {
     assert!(matches!(base().filter(["[oops"]).build(), Err(tensorlift::LoadError::InvalidFilter { .. })));
 }
 
+/// The files the other tests write (with tensorlift's header encoder, and the truth the
+/// writer keeps) are the reference's: Python `safetensors` reads every tensor of `quirky()`
+/// to the same dtype, shape and bytes as the truth holds.
+#[test]
+fn the_reference_reads_the_test_fixtures_as_their_truth() {
+    let dir = scratch();
+    let path = dir.join("quirky.safetensors");
+    let truth = write_shard(&path, &quirky());
+    let script = "import hashlib, json, sys, safetensors\n\
+        got = safetensors.deserialize(open(sys.argv[1], 'rb').read())\n\
+        print(json.dumps({n: [t['dtype'], t['shape'], hashlib.sha256(bytes(t['data'])).hexdigest()] for n, t in got}))";
+    let out = Command::new("python3").args(["-c", script]).arg(&path).output().expect("python3 is needed");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got: BTreeMap<String, (String, Vec<usize>, String)> = serde_json::from_slice(&out.stdout).unwrap();
+    let want: BTreeMap<String, (String, Vec<usize>, String)> = quirky()
+        .into_iter()
+        .map(|(n, d, shape)| {
+            (n.to_owned(), (d.to_string(), shape.to_vec(), format!("{:x}", Sha256::digest(&truth[n]))))
+        })
+        .collect();
+    assert_eq!(got, want);
+}
+
 #[test]
 fn reference_python_files_load_identically() {
     let dir = scratch();
