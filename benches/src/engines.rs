@@ -405,13 +405,11 @@ pub fn h2d_limit(gpu: tensorlift_cuda::Gpu) -> anyhow::Result<Entry> {
 }
 
 /// The safetensors files of the checkpoint at `dir`, found without tensorlift: the files
-/// its index maps tensors to, else the file itself, else every `.safetensors` file in the
-/// folder.
+/// its index (`model.safetensors.index.json`, the one a folder is loaded by) maps tensors
+/// to, else the file itself, else every `.safetensors` file in the folder.
 fn files_of(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let index = if dir.is_dir() {
-        std::fs::read_dir(dir)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| p.to_str().is_some_and(|n| n.ends_with(".safetensors.index.json")))
+        Some(dir.join("model.safetensors.index.json")).filter(|p| p.is_file())
     } else {
         Some(dir.to_path_buf()).filter(|p| p.to_str().is_some_and(|n| n.ends_with(".json")))
     };

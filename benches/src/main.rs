@@ -73,7 +73,7 @@ struct Args {
     /// that loads again does); by default every run loads into fresh memory.
     #[arg(long)]
     reuse_host_memory: bool,
-    /// Skip the byte check of tensorlift's first run in each mode (the files read again and
+    /// Skip the byte check of each of tensorlift's runs (the files read again and
     /// device tensors copied back, after the clock): for repeated runs of a checkpoint
     /// already checked.
     #[arg(long)]
@@ -291,7 +291,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
     };
     // The tensors are the files' own only without conversion or slicing, of safetensors
     // files (not PyTorch ones); a remote checkpoint's files are not here to read.
-    if per_rank.is_some() || group.is_some() {
+    if args.devices.is_some_and(|n| n > 1) || args.group.is_some_and(|n| n > 1) {
         report.several_devices = true;
         report.note(
             "tensorlift's figure is the bytes landed on every device together: no limit here (one device's copies, \
@@ -524,9 +524,17 @@ fn prepare(ckpt: &Checkpoint, mode: Mode) -> anyhow::Result<Cached> {
             }
             Mode::Warm | Mode::WarmIdle => {
                 std::io::copy(&mut std::fs::File::open(p)?, &mut std::io::sink())?;
-                if let Ok(f) = tensorlift_io::cache::resident_fraction(p) {
-                    cached.least = cached.least.min(f);
-                }
+            }
+        }
+    }
+    // Once every shard was read (reading a later one may evict an earlier), what is still
+    // in the page cache; not on a file system that caches reads elsewhere (ZFS's ARC).
+    if mode != Mode::Cold && !tensorlift::is_remote(&ckpt.dir) {
+        for p in &ckpt.shards {
+            if let (Ok(None), Ok(f)) =
+                (tensorlift_io::cache::cache_beyond_page_cache(p), tensorlift_io::cache::resident_fraction(p))
+            {
+                cached.least = cached.least.min(f);
             }
         }
     }

@@ -138,9 +138,13 @@ pub fn run(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
             writeln!(out, "gpu         CUDA driver {} ({})", d.version_string(), d.library.display())?;
             for x in &d.devices {
                 // The current link runs slower while the GPU idles: the most it can run at beside.
+                // A narrower link than the device's is no idle state: its slot or riser.
                 let link = match (&x.pcie_link, &x.pcie_link_max) {
+                    (Some((s, w)), Some((_, mw))) if w < mw => {
+                        format!(", PCIe {s} x{w}: NARROWER than the device's x{mw} (check its slot)")
+                    }
                     (Some((s, w)), Some((ms, mw))) if (s, w) != (ms, mw) => {
-                        format!(", PCIe {s} x{w} now (idle links slow down), up to {ms} x{mw}")
+                        format!(", PCIe {s} x{w} now (idle links slow down), the device's most {ms} x{mw}")
                     }
                     (Some((s, w)), _) => format!(", PCIe {s} x{w}"),
                     (None, Some((ms, mw))) => format!(", PCIe up to {ms} x{mw}"),

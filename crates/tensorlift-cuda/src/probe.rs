@@ -181,7 +181,8 @@ fn probe_candidates(candidates: &[PathBuf]) -> (CudaStatus, Option<libloading::L
 }
 
 fn probe_loaded(lib: &libloading::Library, path: PathBuf) -> CudaStatus {
-    // (cuInit fails with CUDA_ERROR_NO_DEVICE where the variable names no device: said too.)
+    // (Said with any failure: cuInit fails with CUDA_ERROR_NO_DEVICE where the variable
+    // names no device.)
     let visible = std::env::var("CUDA_VISIBLE_DEVICES")
         .map_or_else(|_| String::new(), |v| format!(" (CUDA_VISIBLE_DEVICES={v})"));
     match query(lib, path) {

@@ -31,7 +31,8 @@ pub fn cache_beyond_page_cache(path: &Path) -> io::Result<Option<&'static str>> 
         return Err(io::Error::last_os_error());
     }
     // SAFETY: fstatfs succeeded, so it filled `st` (zeroed before, so every byte is set).
-    let magic = unsafe { st.assume_init() }.f_type as u64;
+    // (Every magic is 32 bits; `f_type` is signed on some targets: compared as the u32 it is.)
+    let magic = unsafe { st.assume_init() }.f_type as u32;
     Ok(match magic {
         0x2fc1_2fc1 => Some("ZFS, whose ARC caches file data apart from the page cache"),
         0x6969 => Some("NFS, whose server caches file data"),
@@ -40,6 +41,7 @@ pub fn cache_beyond_page_cache(path: &Path) -> io::Result<Option<&'static str>> 
         0x4750_4653 => Some("GPFS, whose page pool caches file data apart from the page cache"),
         0x0bd0_0bd0 => Some("Lustre, whose servers cache file data"),
         0x00c3_6400 => Some("CephFS, whose servers cache file data"),
+        0x0102_1997 => Some("9p (a VM's or WSL's share), whose host may cache file data"),
         _ => None,
     })
 }

@@ -92,15 +92,20 @@ pub fn memlock() -> Option<Memlock> {
     Some(Memlock { soft: v(lim.rlim_cur), hard: v(lim.rlim_max) })
 }
 
-/// Whether this process holds `CAP_IPC_LOCK` in its effective set (from `/proc/self/status`;
-/// `None` where that cannot be read): then memory it locks, and io_uring's registered
-/// buffers, are not counted against RLIMIT_MEMLOCK.
+/// Whether this process holds `CAP_IPC_LOCK` where the kernel looks for it (`None` where
+/// that cannot be read): then memory it locks, and io_uring's registered buffers, are not
+/// counted against RLIMIT_MEMLOCK. The kernel asks in the initial user namespace, so a
+/// process in another (a rootless or unprivileged container, `unshare -r`), whose effective
+/// set is its own namespace's, holds it only there: not counted as holding it.
 pub fn has_cap_ipc_lock() -> Option<bool> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim();
     let caps = u64::from_str_radix(hex, 16).ok()?;
+    // The initial namespace maps every id to itself.
+    let uid_map = std::fs::read_to_string("/proc/self/uid_map").ok()?;
+    let initial = uid_map.split_whitespace().collect::<Vec<_>>() == ["0", "0", "4294967295"];
     // CAP_IPC_LOCK is capability 14 (linux/capability.h).
-    Some(caps & (1 << 14) != 0)
+    Some(initial && caps & (1 << 14) != 0)
 }
 
 /// The running kernel's release string (`uname -r`).

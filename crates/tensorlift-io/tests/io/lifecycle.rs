@@ -175,8 +175,19 @@ fn page_cache_eviction_and_residency() {
     // The file system's type as coreutils' stat reads it: a cache beyond the page cache is
     // named for those that have one, and only for those.
     let out = std::process::Command::new("stat").args(["-f", "-c", "%t"]).arg(&path).output().unwrap();
+    assert!(out.status.success(), "stat: {}", String::from_utf8_lossy(&out.stderr));
     let magic = u64::from_str_radix(String::from_utf8(out.stdout).unwrap().trim(), 16).unwrap();
-    let own = [0x2fc1_2fc1, 0x6969, 0xff53_4d42, 0xfe53_4d42, 0x6573_5546, 0x4750_4653, 0x0bd0_0bd0, 0x00c3_6400];
+    let own = [
+        0x2fc1_2fc1,
+        0x6969,
+        0xff53_4d42,
+        0xfe53_4d42,
+        0x6573_5546,
+        0x4750_4653,
+        0x0bd0_0bd0,
+        0x00c3_6400,
+        0x0102_1997,
+    ];
     let beyond = tensorlift_io::cache::cache_beyond_page_cache(&path).unwrap();
     assert_eq!(beyond.is_some(), own.contains(&magic), "{magic:x}: {beyond:?}");
     let errors = rx.recv_timeout(std::time::Duration::from_secs(30)).expect("a FIFO was waited on");

@@ -886,6 +886,26 @@ fn verified_loads_hash_pinned_chunks_before_their_copies() {
 }
 
 #[test]
+fn a_shard_emptied_of_tensors_is_still_checked_on_the_device() {
+    // Its digest listed, then the file rewritten with no tensors: a verified load onto the
+    // device reads its header and fails, rather than load, as verified, nothing.
+    use tensorlift::Verify;
+    let _d = driver();
+    let dir = scratch();
+    let path = dir.join("model.safetensors");
+    write_shard(&path, &[("w", Dtype::F32, &[64])]);
+    std::fs::write(dir.join("SHA256SUMS"), tensorlift_testkit::coreutils_sha256sums(&dir, &["model.safetensors"]))
+        .unwrap();
+    write_shard(&path, &[]);
+    // (A statement: the loader is dropped here, before the driver's check that nothing is
+    // left.)
+    match base().verify(Verify::Required).build().unwrap().load_blocking(&path).unwrap_err() {
+        LoadError::Checksum { file, .. } => assert_eq!(file, path.canonicalize().unwrap()),
+        other => panic!("{other}"),
+    };
+}
+
+#[test]
 fn a_corrupted_shard_hands_out_none_of_its_tensors_from_the_device() {
     use tensorlift::Verify;
     let _d = driver();
