@@ -533,10 +533,30 @@ fn the_emulator_pins_read_only_memory_as_the_driver_does() {
     // SAFETY: as above.
     let r = unsafe { sys::cuMemHostRegister_v2(base.cast_mut().cast(), len, 0) };
     assert_eq!(r, sys::CUresult::CUDA_ERROR_INVALID_VALUE);
+    // An event of device 0's context, recorded on a stream of device 1's: refused, as a real
+    // driver refuses an event and a stream of two contexts.
+    // SAFETY: an out-parameter of the driver API, in the context made current above.
+    assert_eq!(unsafe { sys::cuEventCreate(&mut event, 0) }, sys::CUresult::CUDA_SUCCESS);
+    let mut other = std::ptr::null_mut();
+    // SAFETY: a driver API out-parameter, for device 1, which the emulator has.
+    assert_eq!(unsafe { sys::cuDevicePrimaryCtxRetain(&mut other, 1) }, sys::CUresult::CUDA_SUCCESS);
+    // SAFETY: the context just retained.
+    assert_eq!(unsafe { sys::cuCtxSetCurrent(other) }, sys::CUresult::CUDA_SUCCESS);
+    let mut stream = std::ptr::null_mut();
+    // SAFETY: an out-parameter of the driver API, in device 1's context.
+    assert_eq!(unsafe { sys::cuStreamCreate(&mut stream, 0) }, sys::CUresult::CUDA_SUCCESS);
+    // SAFETY: both handles are live.
+    assert_eq!(unsafe { sys::cuEventRecord(event, stream) }, sys::CUresult::CUDA_ERROR_INVALID_HANDLE);
+    // SAFETY: the handles made above, destroyed once.
+    assert_eq!(unsafe { sys::cuStreamDestroy_v2(stream) }, sys::CUresult::CUDA_SUCCESS);
+    // SAFETY: as above.
+    assert_eq!(unsafe { sys::cuEventDestroy_v2(event) }, sys::CUresult::CUDA_SUCCESS);
     // SAFETY: no context current on this thread, as before.
     unsafe { sys::cuCtxSetCurrent(std::ptr::null_mut()) };
-    // SAFETY: the reference retained above, let go.
+    // SAFETY: the references retained above, let go.
     unsafe { sys::cuDevicePrimaryCtxRelease_v2(0) };
+    // SAFETY: as above.
+    unsafe { sys::cuDevicePrimaryCtxRelease_v2(1) };
     let range = PageCacheRange::register(&gpu, window).unwrap();
     let arena = DeviceArena::new(&gpu, 4096).unwrap();
     // SAFETY: the emulator refuses the write before touching the host range (which is a live,
