@@ -288,10 +288,12 @@ def load_file(
 
     ``verify``: ``True`` (or ``"required"``) checks each shard's SHA-256 as it is read
     against the hub cache blob it is or its line in ``SHA256SUMS`` beside it (``tensorlift
-    manifest`` writes one), and fails (``ValueError``) on a mismatch or a shard with no
-    expected digest; ``"if-known"`` checks the shards that have one. On the host or a CUDA
-    device (each pinned chunk is hashed before its copy); not with ``tp`` (it reads parts of
-    shards).
+    manifest`` writes one), and the index where ``SHA256SUMS`` lists it or a hub cache
+    names its blob (by git's SHA-1), and fails (``ValueError``) on a mismatch or a shard with
+    no expected digest; ``"if-known"`` checks the shards that have one. With ``filter``
+    (``iter_tensors``), only the shards that hold a matching tensor (and any with no tensor
+    at all) are read, whole, and need a digest. On the host or a CUDA device (each pinned
+    chunk is hashed before its copy); not with ``tp`` (it reads parts of shards).
 
     ``cache_dir``: for a remote ``filename`` (``s3://``, ``gs://``, ``az://``, ``http(s)://``), a
     folder where it is copied as it is read; the next load reads that copy once the store

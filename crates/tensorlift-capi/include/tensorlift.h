@@ -207,8 +207,9 @@ enum TlStatus tl_options_add_slice(struct TlOptions *options,
                                    size_t dims);
 
 /*
- Checks each shard's SHA-256 as it is read: `"required"` (every shard must have an
- expected digest) or `"if-known"`; `"off"` does not. One thread at a time per options.
+ Checks each shard's SHA-256 as it is read: `"required"` (every shard the load reads must
+ have an expected digest: with a filter, the shards that hold its tensors) or
+ `"if-known"`; `"off"` does not. One thread at a time per options.
 
  # Safety
  `options` is live options; `policy` a NUL-terminated string.

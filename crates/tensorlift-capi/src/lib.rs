@@ -522,8 +522,9 @@ pub unsafe extern "C" fn tl_options_add_slice(
     })
 }
 
-/// Checks each shard's SHA-256 as it is read: `"required"` (every shard must have an
-/// expected digest) or `"if-known"`; `"off"` does not. One thread at a time per options.
+/// Checks each shard's SHA-256 as it is read: `"required"` (every shard the load reads must
+/// have an expected digest: with a filter, the shards that hold its tensors) or
+/// `"if-known"`; `"off"` does not. One thread at a time per options.
 ///
 /// # Safety
 /// `options` is live options; `policy` a NUL-terminated string.

@@ -50,15 +50,18 @@ enum Command {
         max_shard_size: u64,
     },
     /// Write SHA256SUMS in a checkpoint's folder: the SHA-256 of every shard and of the
-    /// index, in coreutils' format (`sha256sum -c SHA256SUMS` checks it). The lines of one
-    /// already there for other files are kept as they are; its lines for these are replaced.
+    /// index, in coreutils' format (`sha256sum -c SHA256SUMS` checks it; a shard the index
+    /// names under two names gets a line for each). The lines of one already there for other
+    /// files are kept as they are; its lines for these are replaced.
     Manifest {
         /// The checkpoint (a .safetensors file, an index JSON or a folder).
         path: PathBuf,
     },
     /// Report the GPU, io_uring, O_DIRECT, memlock, and what a load would choose.
     Doctor {
-        /// Where checkpoints live, to test O_DIRECT on (a file or a folder).
+        /// Where checkpoints live, to test O_DIRECT on: a file, or a folder (its first
+        /// .safetensors file, in a hub cache snapshot the blob it links to, else a scratch
+        /// file written there and removed).
         #[arg(long, default_value = ".")]
         path: PathBuf,
         /// Print one JSON object.

@@ -26,7 +26,8 @@ pub struct DeviceInfo {
     /// Current PCIe link from sysfs, when readable: (speed, width), e.g. ("32.0 GT/s PCIe", 16).
     /// An idle GPU's link runs slower (down to 2.5 GT/s) until it carries traffic.
     pub pcie_link: Option<(String, u32)>,
-    /// The most the link can run at, from sysfs (`max_link_speed`, `max_link_width`).
+    /// The most the device's link can run at, from sysfs (`max_link_speed`,
+    /// `max_link_width`): the device's own, not what its slot allows.
     pub pcie_link_max: Option<(String, u32)>,
     /// Whether the device can read host memory registered read-only
     /// (`CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED`): what copying a warm shard

@@ -6,7 +6,8 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 
 /// Drops a file's clean pages from the page cache (`posix_fadvise(POSIX_FADV_DONTNEED)`),
-/// after flushing dirty ones, so the next read comes from the storage device.
+/// after flushing dirty ones, so the next read comes from the storage device. Anything but a
+/// regular file is `InvalidInput` (a FIFO is not opened).
 pub fn evict(path: &Path) -> io::Result<()> {
     let f = open_regular(path)?;
     f.sync_data()?;
@@ -48,7 +49,8 @@ pub fn cache_beyond_page_cache(path: &Path) -> io::Result<Option<&'static str>> 
 
 /// Fraction of a file's pages resident in the page cache (0.0 to 1.0), exactly: from
 /// `cachestat(2)` where the kernel has it, else `mincore` over the whole file (an error where
-/// `mincore` would not tell this process the truth: see [`resident_estimate`]).
+/// `mincore` would not tell this process the truth: see [`resident_estimate`]). Anything but
+/// a regular file is `InvalidInput` (a FIFO is not opened).
 pub fn resident_fraction(path: &Path) -> io::Result<f64> {
     resident_fraction_of(&open_regular(path)?)
 }

@@ -137,7 +137,7 @@ impl MappedFile {
 
 /// Copies `dst.len()` bytes from `src`, an address in this process, with the kernel:
 /// `process_vm_readv` on this process, or, where a sandbox's seccomp filter refuses that
-/// call (`EPERM`, `ENOSYS`), `pread` of `/proc/self/mem`. The bytes are never read through a
+/// call (`EPERM`, `ENOSYS`), `pread` of `/proc/thread-self/mem` (else `/proc/self/mem`). The bytes are never read through a
 /// reference, so
 /// - a page that cannot be read (a mapped file cut short, or its file system failing) is an
 ///   error, never a SIGBUS;
@@ -158,7 +158,7 @@ impl MappedFile {
 /// Each page of `src..src + dst.len()` is either mapped by nothing (an error) or host
 /// memory that the caller may read (its own, or memory lent to it) and that no `&mut`
 /// reference covers meanwhile (`dst` included). Its pages need not be readable: a page
-/// that cannot be read is an error. (`/proc/self/mem` reads even pages mapped without read permission, and a device's
+/// that cannot be read is an error. (`/proc`'s `mem` reads even pages mapped without read permission, and a device's
 /// memory mapped into the process through its driver: such memory is never the caller's to
 /// read this way.)
 pub unsafe fn copy_by_kernel(src: *const u8, dst: &mut [u8]) -> Result<(), (usize, io::Error)> {

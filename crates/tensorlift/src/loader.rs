@@ -293,7 +293,8 @@ impl LoaderBuilder {
     /// [`LoadError::Checksum`], naming the file and both digests. A verified load reads
     /// whole every shard it takes a tensor from (with a filter, or
     /// [`load_named`](Loader::load_named_blocking), only the shards that hold the tensors
-    /// asked for are read, and only they need a digest; on the host, the tensors of a shard
+    /// asked for, and any shard that holds no tensor at all, are read, and only they need a
+    /// digest; on the host, the tensors of a shard
     /// keep its whole file in memory while any of them lives); each is hashed while it is read (in
     /// file order, on a thread of its own: on its final host memory, or, for a CUDA device,
     /// on each pinned chunk before the chunk is copied); with [mapped views](Self::map_views),
