@@ -225,3 +225,6 @@ def test_a_listing_page_past_its_bound_is_refused():
         assert "error:" in out and _rss_mb(out) < 400, out
         if claim is None:
             assert "longer than the 16777216 bytes read of such a reply" in out, out
+        else:
+            # The claim is not believed: the body is read as it comes, and ends short.
+            assert "Error getting list response body" in out, out

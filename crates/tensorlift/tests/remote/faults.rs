@@ -234,13 +234,13 @@ fn a_load_dropped_while_planning_cancels_its_requests() {
                 }
                 assert!(held(&proxy) > 0, "{url}, {how}: planning issued no request");
             }
-            // Dropped: every held request sees its client go, well before its minute is up.
+            // Dropped: every held request sees its client go, well before its minute is up
+            // (within the 30 s waited here: no tighter bound, which a loaded machine could miss).
             let t = Instant::now();
             while proxy.abandoned() < held(&proxy) && t.elapsed() < Duration::from_secs(30) {
                 std::thread::sleep(Duration::from_millis(20));
             }
             assert_eq!(proxy.abandoned(), held(&proxy), "{url}, {how}: planning's requests outlived it");
-            assert!(t.elapsed() < Duration::from_secs(10), "{url}, {how}: let go only after {:?}", t.elapsed());
         }
     }
 }
