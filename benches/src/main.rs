@@ -315,7 +315,12 @@ fn run(args: &Args) -> anyhow::Result<()> {
         None
     };
     let (mut most_cached, mut unchecked, mut least_warm) = (0.0f64, 0usize, 1.0f64);
-    let mut beyond: Option<&'static str> = None;
+    // A file system that caches file data beyond the page cache (looked up once: it does not
+    // change between runs).
+    let beyond: Option<&'static str> = match tensorlift::is_remote(&ckpt.dir) {
+        true => None,
+        false => ckpt.shards.iter().find_map(|p| tensorlift_io::cache::cache_beyond_page_cache(p).ok().flatten()),
+    };
     let mut not_plain = false;
     // A mode whose cache cannot be made cold, or whose tensors are not the files' bytes,
     // stops there; the others are still measured and reported, and the run fails at the end.
@@ -357,12 +362,11 @@ fn run(args: &Args) -> anyhow::Result<()> {
         for _ in 0..args.runs.max(1) {
             // Engines alternate within each round, so all of them meet the same conditions.
             for e in &entries {
-                match prepare(&ckpt, mode) {
+                match prepare(&ckpt, mode, beyond.is_some()) {
                     Ok(cached) => {
                         most_cached = most_cached.max(cached.most);
                         unchecked = unchecked.max(cached.unchecked);
                         least_warm = least_warm.min(cached.least);
-                        beyond = beyond.or(cached.beyond);
                     }
                     Err(e) => {
                         failures.push(format!("{} cache: {e:#}", mode.name()));
@@ -435,7 +439,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             100.0 * most_cached
         ));
     }
-    if let Some(fs) = beyond {
+    if let (Some(fs), true) = (beyond, modes.contains(&Mode::Cold)) {
         report.note(&format!(
             "the checkpoint is on {fs}: eviction drops only the page cache, so cold runs may have read from memory"
         ));
@@ -491,15 +495,13 @@ struct Cached {
     /// For a warm run: the smallest fraction of a shard found in the page cache after it
     /// was read (memory pressure, or a checkpoint larger than the memory, evicts it again).
     least: f64,
-    /// For a cold run: a file system whose own cache eviction does not drop.
-    beyond: Option<&'static str>,
 }
 
 /// Puts every shard in the page-cache state the mode needs (a remote one's is its server's).
 /// A shard that stays cached after eviction (another process maps it, or it lives on tmpfs,
 /// whose pages cannot be dropped) fails the cold run: its figure would not be a cold one.
-fn prepare(ckpt: &Checkpoint, mode: Mode) -> anyhow::Result<Cached> {
-    let mut cached = Cached { most: 0.0, unchecked: 0, least: 1.0, beyond: None };
+fn prepare(ckpt: &Checkpoint, mode: Mode, beyond_page_cache: bool) -> anyhow::Result<Cached> {
+    let mut cached = Cached { most: 0.0, unchecked: 0, least: 1.0 };
     if tensorlift::is_remote(&ckpt.dir) {
         return Ok(cached);
     }
@@ -520,7 +522,6 @@ fn prepare(ckpt: &Checkpoint, mode: Mode) -> anyhow::Result<Cached> {
                     }
                     Err(_) => cached.unchecked += 1,
                 }
-                cached.beyond = cached.beyond.or(tensorlift_io::cache::cache_beyond_page_cache(p).ok().flatten());
             }
             Mode::Warm | Mode::WarmIdle => {
                 std::io::copy(&mut std::fs::File::open(p)?, &mut std::io::sink())?;
@@ -529,11 +530,9 @@ fn prepare(ckpt: &Checkpoint, mode: Mode) -> anyhow::Result<Cached> {
     }
     // Once every shard was read (reading a later one may evict an earlier), what is still
     // in the page cache; not on a file system that caches reads elsewhere (ZFS's ARC).
-    if mode != Mode::Cold && !tensorlift::is_remote(&ckpt.dir) {
+    if mode != Mode::Cold && !beyond_page_cache && !tensorlift::is_remote(&ckpt.dir) {
         for p in &ckpt.shards {
-            if let (Ok(None), Ok(f)) =
-                (tensorlift_io::cache::cache_beyond_page_cache(p), tensorlift_io::cache::resident_fraction(p))
-            {
+            if let Ok(f) = tensorlift_io::cache::resident_fraction(p) {
                 cached.least = cached.least.min(f);
             }
         }

@@ -85,11 +85,7 @@ pub(crate) fn for_load(plan: &tensorlift_io::Checkpoint, policy: crate::Verify) 
         // Only the shards the load reads need one: a plan narrowed to a few tensors reads
         // their shards alone (the others' headers were parsed, not verified: their
         // metadata is not checked).
-        // (And a shard with no tensor at all, whose header is read.)
-        let mut read: Vec<bool> = plan.shards().iter().map(|s| s.tensor_count == 0).collect();
-        for t in plan.tensors() {
-            read[t.shard] = true;
-        }
+        let read = crate::layout::verified_shards(plan);
         if let Some(i) = (e.shards.iter().zip(&read)).position(|(d, &read)| read && d.is_none()) {
             let file = crate::digest::named_path(plan.root(), &plan.shards()[i]);
             return Err(crate::LoadError::NoDigest { file, sums_file: e.sums_file });

@@ -155,10 +155,20 @@ pub(crate) fn whole_files(plan: &LoadPlan) -> Result<Vec<Span>, usize> {
         }
         span.tensors.push(t);
     }
-    // A shard whose header lists no tensor at all is read too (its header alone): otherwise
-    // a file emptied to `{}` would load, as verified, nothing.
-    spans.retain(|s| !s.tensors.is_empty() || plan.shards()[s.shard].tensor_count == 0);
+    let read = verified_shards(plan);
+    spans.retain(|s| read[s.shard]);
     Ok(spans)
+}
+
+/// The shards a verified load of `plan` reads whole, by shard: those it takes a tensor
+/// from, and those whose header lists no tensor at all (their header alone: otherwise a
+/// file emptied to `{}` would load, as verified, nothing).
+pub(crate) fn verified_shards(plan: &LoadPlan) -> Vec<bool> {
+    let mut read: Vec<bool> = plan.shards().iter().map(|s| s.tensor_count == 0).collect();
+    for t in plan.tensors() {
+        read[t.shard] = true;
+    }
+    read
 }
 
 /// One read: chunk `index` of span `span`.
