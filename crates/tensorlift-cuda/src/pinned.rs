@@ -14,6 +14,11 @@ use crate::{CudaError, Gpu};
 /// The memory is an anonymous mapping registered with `cuMemHostRegister` (PORTABLE, not
 /// write-combined), which io_uring can register as fixed buffers too; memory from
 /// `cuMemHostAlloc` cannot be registered with io_uring on every kernel.
+///
+/// The loads of one loader share the pool. A load that holds none of its chunks while
+/// others hold them all (a stream not being read holds its landed chunks until it is) may
+/// take a [`spare`](Self::spare) chunk, beyond the budget, so that no load waits on another
+/// that may never go on. Spares are kept for the next load that needs one.
 #[derive(Debug)]
 pub struct PinnedPool {
     gpu: Gpu,
@@ -28,6 +33,8 @@ pub struct PinnedPool {
     returned: Condvar,
     /// Async waiters for a chunk (see `poll_acquire`), woken when one comes back.
     waiting: Mutex<Vec<std::task::Waker>>,
+    /// Spare chunks not lent out (see `spare`), each registered on its own.
+    spares: Mutex<Vec<Spare>>,
 }
 
 // SAFETY: the memory is only written through PinnedChunks, each owned by one holder at a
@@ -61,6 +68,7 @@ impl PinnedPool {
             free: Mutex::new((0..count).rev().collect()),
             returned: Condvar::new(),
             waiting: Mutex::new(Vec::new()),
+            spares: Mutex::new(Vec::new()),
         }))
     }
 
@@ -92,7 +100,7 @@ impl PinnedPool {
         let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if let Some(index) = free.pop() {
-                return PinnedChunk { pool: Arc::clone(self), index };
+                return PinnedChunk { pool: Arc::clone(self), index, own: None };
             }
             free = self.returned.wait(free).unwrap_or_else(|p| p.into_inner());
         }
@@ -101,7 +109,7 @@ impl PinnedPool {
     /// A free chunk if one is available now.
     pub fn try_acquire(self: &Arc<Self>) -> Option<PinnedChunk> {
         let index = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop()?;
-        Some(PinnedChunk { pool: Arc::clone(self), index })
+        Some(PinnedChunk { pool: Arc::clone(self), index, own: None })
     }
 
     /// A free chunk, or `Pending` with `cx`'s waker kept until one is returned: how an async
@@ -120,6 +128,30 @@ impl PinnedPool {
             Some(c) => std::task::Poll::Ready(c),
             None => std::task::Poll::Pending,
         }
+    }
+
+    /// A spare chunk, beyond the pool's budget, page-locked like the pool's: for a load that
+    /// holds no chunk while every one of the pool's is lent out, which would otherwise wait
+    /// on loads that may never give one back (a stream on the same thread that is not being
+    /// read). One kept from an earlier load if there is one, else a new one, which the pool
+    /// keeps once it comes back (freed with the pool). A load holds at most one at a time, so
+    /// the pool pins at most the budget plus a chunk for each load running at once.
+    pub fn spare(self: &Arc<Self>) -> Result<PinnedChunk, CudaError> {
+        let kept = self.spares.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
+        if let Some(spare) = kept {
+            return Ok(PinnedChunk { pool: Arc::clone(self), index: usize::MAX, own: Some(spare) });
+        }
+        let mut mem = AlignedBuf::zeroed(self.chunk, PAGE)
+            .ok_or(CudaError::OutOfMemory { what: "a spare staging chunk", bytes: self.chunk as u64 })?;
+        let base = mem.stable_mut_ptr();
+        let _restore = self.gpu.enter()?;
+        // SAFETY: [base, base + chunk) is a live mapping owned by `mem`, which the spare
+        // keeps until the pool's Drop unregisters it first.
+        let r =
+            unsafe { (self.gpu.api().cuMemHostRegister_v2)(base.cast(), self.chunk, driver::MEMHOSTREGISTER_PORTABLE) };
+        // (Refused, `mem` is freed unregistered.)
+        self.gpu.api().check(r, "cuMemHostRegister")?;
+        Ok(PinnedChunk { pool: Arc::clone(self), index: usize::MAX, own: Some(Spare { mem }) })
     }
 
     /// Chunks not currently lent out.
@@ -146,6 +178,18 @@ impl PinnedPool {
 
 impl Drop for PinnedPool {
     fn drop(&mut self) {
+        // Every spare is back (a lent one holds the pool): each unregistered, then freed, or
+        // leaked where it may still be registered.
+        let spares = std::mem::take(self.spares.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner));
+        for spare in spares {
+            let unregistered = self.gpu.enter().is_ok_and(|_restore| {
+                // SAFETY: unregisters exactly the range `spare` registered, once.
+                (unsafe { (self.gpu.api().cuMemHostUnregister)(spare.mem.addr().cast_mut().cast()) }) == driver::SUCCESS
+            });
+            if !unregistered {
+                std::mem::forget(spare);
+            }
+        }
         // Every chunk holds an Arc to the pool, so none is lent out (and no copy from one is
         // in flight: the copy engine holds chunks until their copies complete).
         let unregistered = self.gpu.enter().is_ok_and(|_restore| {
@@ -160,54 +204,83 @@ impl Drop for PinnedPool {
     }
 }
 
-/// One chunk of a [`PinnedPool`], returned to the pool when dropped.
+/// One chunk of a [`PinnedPool`] (or a [spare](PinnedPool::spare)), returned to the pool
+/// when dropped.
 #[derive(Debug)]
 pub struct PinnedChunk {
     pool: Arc<PinnedPool>,
     index: usize,
+    own: Option<Spare>,
+}
+
+/// A spare chunk's own memory, registered with the driver on its own.
+#[derive(Debug)]
+struct Spare {
+    mem: AlignedBuf,
 }
 
 impl PinnedChunk {
-    /// The chunk's index in its pool.
-    pub fn index(&self) -> usize {
-        self.index
+    /// The chunk's index in its pool; `None` for a spare.
+    pub fn index(&self) -> Option<usize> {
+        self.own.is_none().then_some(self.index)
+    }
+
+    /// Whether this is a spare chunk, beyond the pool's budget.
+    pub fn is_spare(&self) -> bool {
+        self.own.is_some()
     }
 
     pub(crate) fn ptr(&self) -> *const u8 {
-        self.pool.chunk_ptr(self.index)
+        match &self.own {
+            Some(s) => s.mem.addr(),
+            None => self.pool.chunk_ptr(self.index),
+        }
     }
 
     /// The chunk's bytes.
     pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: the chunk is owned by this value; nobody writes it while it is borrowed here.
+        // SAFETY: the chunk's `pool.chunk` bytes are owned by this value (a pool chunk lent
+        // once, or a spare's own memory); nobody writes them while borrowed here.
         unsafe { std::slice::from_raw_parts(self.ptr(), self.pool.chunk) }
     }
 
     /// The chunk's bytes, mutably.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        let ptr = self.stable_mut_ptr();
         // SAFETY: as in as_slice, and &mut self makes this the only access.
-        unsafe { std::slice::from_raw_parts_mut(self.pool.chunk_ptr(self.index), self.pool.chunk) }
+        unsafe { std::slice::from_raw_parts_mut(ptr, self.pool.chunk) }
     }
 }
 
 impl Drop for PinnedChunk {
     fn drop(&mut self) {
-        self.pool.release(self.index);
+        match self.own.take() {
+            // Kept for the next load that needs one (its copies are complete: the copy
+            // engine holds a chunk until they are).
+            Some(spare) => self.pool.spares.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(spare),
+            None => self.pool.release(self.index),
+        }
     }
 }
 
 // SAFETY: the chunk's bytes lie in the pool's mapping, which the chunk keeps alive and which
-// never moves; the free list lends each index to one chunk at a time. (When `fixed`, chunk
+// never moves, or in a spare's own mapping, which the chunk owns while lent; the free lists
+// lend each index, and each spare, to one chunk at a time. (When `fixed`, chunk
 // `i` is the region registered as slot `i` with the reader it was registered with; a reader
 // checks that against its own registration before it reads into a slot.)
 unsafe impl IoBufMut for PinnedChunk {
     fn stable_mut_ptr(&mut self) -> *mut u8 {
-        self.pool.chunk_ptr(self.index)
+        match &mut self.own {
+            Some(s) => s.mem.stable_mut_ptr(),
+            None => self.pool.chunk_ptr(self.index),
+        }
     }
     fn capacity(&self) -> usize {
         self.pool.chunk
     }
     fn fixed_slot(&self) -> Option<u16> {
-        (self.pool.fixed.load(Ordering::Acquire) && self.index <= u16::MAX as usize).then_some(self.index as u16)
+        // (A spare is registered with no reader.)
+        let pooled = self.own.is_none() && self.pool.fixed.load(Ordering::Acquire);
+        (pooled && self.index <= u16::MAX as usize).then_some(self.index as u16)
     }
 }

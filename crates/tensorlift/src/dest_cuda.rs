@@ -272,6 +272,8 @@ pub(crate) struct CudaSink {
     /// Chunks whose copies are still to complete, for each tensor of each span.
     remaining: Vec<Vec<usize>>,
     pending: usize,
+    /// Spare staging chunks taken (see `buffer`).
+    pub(crate) spares: usize,
     chunk: usize,
     first_copy: Option<Instant>,
     last_done: Option<Instant>,
@@ -408,6 +410,7 @@ impl CudaSink {
             done: Arc::new(Completions::default()),
             remaining: Vec::new(),
             pending: 0,
+            spares: 0,
             chunk: cfg.chunk_size,
             first_copy: None,
             last_done: None,
@@ -631,15 +634,29 @@ impl CudaSink {
 impl Sink for CudaSink {
     type Buf = PinnedChunk;
 
-    fn buffer(&mut self, _read: &Read, cx: &mut Context<'_>) -> Option<PinnedChunk> {
-        // The pool is the loader's: other loads may hold every chunk for now.
+    fn buffer(
+        &mut self,
+        plan: &LoadPlan,
+        read: &Read,
+        idle: bool,
+        cx: &mut Context<'_>,
+    ) -> Result<Option<PinnedChunk>, LoadError> {
+        // The pool is the loader's: other loads may hold every chunk for now. Waiting is for
+        // a chunk of this load's own to come back; one that holds none (its chunks all with
+        // others, say a stream not being read on the thread that waits here) takes a spare.
         match self.pool.poll_acquire(cx) {
-            Poll::Ready(c) => Some(c),
-            Poll::Pending => None,
+            Poll::Ready(c) => Ok(Some(c)),
+            Poll::Pending if idle => {
+                let file = plan.shards()[read.shard].path.clone();
+                let spare = self.pool.spare().map_err(|source| LoadError::Cuda { file, source })?;
+                self.spares += 1;
+                Ok(Some(spare))
+            }
+            Poll::Pending => Ok(None),
         }
     }
 
-    fn serve(&mut self, _plan: &LoadPlan, read: &Read, file: &ShardIo, cx: &mut Context<'_>) -> Serve {
+    fn serve(&mut self, _plan: &LoadPlan, read: &Read, file: &ShardIo, idle: bool, cx: &mut Context<'_>) -> Serve {
         // Ranges of shards read buffered that are wholly in the page cache, until the driver
         // refuses a registration.
         let (Some(d), ShardIo::File(file)) = (self.dma.as_mut(), file) else { return Serve::Read };
@@ -655,7 +672,10 @@ impl Sink for CudaSink {
         // Pinned pages count against the staging budget as a chunk of the pool: the
         // loader's loads together pin at most about twice the budget (ranges are pinned in
         // whole pages).
-        let Poll::Ready(token) = self.pool.poll_acquire(cx) else { return Serve::Later };
+        let Poll::Ready(token) = self.pool.poll_acquire(cx) else {
+            // Read into a spare rather than wait on other loads (see `buffer`).
+            return if idle { Serve::Read } else { Serve::Later };
+        };
         if d.registrar.is_none() {
             d.registrar = Registrar::start(&self.gpu, &self.done);
             if d.registrar.is_none() {

@@ -127,6 +127,11 @@ impl DevicesSink {
         Ok(DevicesSink { devices, reported: 0 })
     }
 
+    /// Spare staging chunks taken (see `CudaSink::buffer`; only the first device's sink lends).
+    pub(crate) fn spares(&self) -> usize {
+        self.devices.iter().map(|d| d.sink.spares).sum()
+    }
+
     /// From the first copy queued on any device to the last one completed on any.
     pub(crate) fn copy_time(&self) -> Duration {
         let windows = self.devices.iter().map(|d| d.sink.copy_window());
@@ -162,9 +167,18 @@ fn spans_of(plan: &LoadPlan, spans: &[Span]) -> Result<Vec<Span>, usize> {
 impl Sink for DevicesSink {
     type Buf = PinnedChunk;
 
-    fn buffer(&mut self, read: &Read, cx: &mut Context<'_>) -> Option<PinnedChunk> {
+    fn buffer(
+        &mut self,
+        plan: &LoadPlan,
+        read: &Read,
+        idle: bool,
+        cx: &mut Context<'_>,
+    ) -> Result<Option<PinnedChunk>, LoadError> {
         // Every device's sink lends from the one pool of the loader.
-        self.devices.first_mut()?.sink.buffer(read, cx)
+        match self.devices.first_mut() {
+            Some(d) => d.sink.buffer(plan, read, idle, cx),
+            None => Ok(None),
+        }
     }
 
     fn landed(

@@ -552,8 +552,14 @@ fn check_memory(plan: &LoadPlan, needed: u64) -> Result<(), LoadError> {
 impl Sink for HostSink {
     type Buf = HostChunk;
 
-    fn buffer(&mut self, read: &Read, _cx: &mut Context<'_>) -> Option<HostChunk> {
-        self.extents.get_mut(read.span)?.chunks.get_mut(read.index)?.take()
+    fn buffer(
+        &mut self,
+        _plan: &LoadPlan,
+        read: &Read,
+        _idle: bool,
+        _cx: &mut Context<'_>,
+    ) -> Result<Option<HostChunk>, LoadError> {
+        Ok(self.extents.get_mut(read.span).and_then(|e| e.chunks.get_mut(read.index)?.take()))
     }
 
     fn landed(

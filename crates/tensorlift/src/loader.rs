@@ -78,9 +78,14 @@ impl LoaderBuilder {
         self
     }
     /// Bytes the pipeline may have in flight at once (default 256 MiB, at least a page).
-    /// Memory for staging never exceeds it, however large the checkpoint; a budget smaller
+    /// A load's staging never exceeds it, however large the checkpoint; a budget smaller
     /// than the chunk size makes chunks of half the budget. (On a GPU, page-cache DMA pins as much
-    /// again of the page cache: [`LoaderBuilder::page_cache_dma`].)
+    /// again of the page cache: [`LoaderBuilder::page_cache_dma`].) The loads of one loader
+    /// onto a GPU share the budget; a load that holds none of it while the others hold it
+    /// all (a stream not being read keeps what landed for it) takes a spare chunk beyond it,
+    /// one at a time, rather than wait on them ([`LoadStats::spare_staging_chunks`]); the
+    /// loader keeps spares for its later loads, so it pins at most the budget plus a chunk
+    /// for each load running at once.
     pub fn staging_budget(mut self, bytes: usize) -> Self {
         self.cfg.staging_budget = bytes.max(tensorlift_io::PAGE);
         self
@@ -758,6 +763,7 @@ impl Loader {
             prefault_failure: None,
             page_cache_dma_bytes: 0,
             page_cache_dma_refused: None,
+            spare_staging_chunks: 0,
             copied_bytes: 0,
             fill_by_copy_refused: None,
             first_read: None,

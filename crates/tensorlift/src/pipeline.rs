@@ -508,8 +508,12 @@ impl TensorStream {
                 self.stats.copy = s.sink.copy_time();
                 self.stats.verified_bytes = s.sink.verified_bytes();
                 (self.stats.page_cache_dma_bytes, self.stats.page_cache_dma_refused) = s.sink.page_cache_dma();
+                self.stats.spare_staging_chunks = s.sink.spares;
             }
-            Dest::Devices(s) => self.stats.copy = s.sink.copy_time(),
+            Dest::Devices(s) => {
+                self.stats.copy = s.sink.copy_time();
+                self.stats.spare_staging_chunks = s.sink.spares();
+            }
             Dest::Host(s) => {
                 (self.stats.prefaulted_bytes, self.stats.prefault_failure) = s.sink.finish_prefault();
                 self.stats.copied_bytes = s.sink.copied_bytes();
@@ -682,7 +686,9 @@ impl<S: Sink> Scheduler<S> {
                     f
                 }
             };
-            match self.sink.serve(plan, &read, &file, cx) {
+            // (Holding no buffer, the load must not wait for one on other loads alone.)
+            let idle = self.in_flight.is_empty() && !self.sink.busy();
+            match self.sink.serve(plan, &read, &file, idle, cx) {
                 Serve::Read => {}
                 Serve::Later => break,
                 Serve::Taken => {
@@ -698,7 +704,7 @@ impl<S: Sink> Scheduler<S> {
                     continue;
                 }
             }
-            let Some(buf) = self.sink.buffer(&read, cx) else { break };
+            let Some(buf) = self.sink.buffer(plan, &read, idle, cx)? else { break };
             let fut = file.read(reader, read.file_offset, buf, read.len);
             self.in_flight_bytes += read.len as u64;
             self.issued(stats);

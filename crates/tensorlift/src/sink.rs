@@ -29,14 +29,24 @@ pub(crate) enum Serve {
 pub(crate) trait Sink {
     type Buf: IoBufMut;
     /// A buffer for `read`, or `None` when none is free now, with `cx` woken when one is
-    /// (the scheduler then waits).
-    fn buffer(&mut self, read: &Read, cx: &mut Context<'_>) -> Option<Self::Buf>;
+    /// (the scheduler then waits). `idle`: the load holds no buffer (no read of its in
+    /// flight, the sink not [`busy`](Sink::busy)), so that waiting would be on other loads
+    /// alone, which may never give one back: a sink whose buffers are shared gives it one.
+    fn buffer(
+        &mut self,
+        plan: &LoadPlan,
+        read: &Read,
+        idle: bool,
+        cx: &mut Context<'_>,
+    ) -> Result<Option<Self::Buf>, LoadError>;
     /// Whether the sink moves `read`'s bytes from `file` itself, with no read into a lent
     /// buffer (the CUDA sink copies a shard in the page cache to the device by DMA straight
     /// from it). A read it takes reaches its destination as background work
     /// ([`poll_progress`](Sink::poll_progress)), which also checks that the file did not
     /// change while it was read, and is never handed to [`landed`](Sink::landed).
-    fn serve(&mut self, _plan: &LoadPlan, _read: &Read, _file: &ShardIo, _cx: &mut Context<'_>) -> Serve {
+    /// `idle` as for [`buffer`](Sink::buffer): a sink that would wait for one answers
+    /// [`Serve::Read`] instead.
+    fn serve(&mut self, _plan: &LoadPlan, _read: &Read, _file: &ShardIo, _idle: bool, _cx: &mut Context<'_>) -> Serve {
         Serve::Read
     }
     /// Whether reads of shard `shard` that the sink took are still in flight: it holds the

@@ -83,6 +83,11 @@ pub struct LoadStats {
     /// instead: the error of the first range the driver would not register (or that no
     /// thread to register ranges could be started).
     pub page_cache_dma_refused: Option<String>,
+    /// Staging chunks this load took beyond the loader's staging budget (see
+    /// [`LoaderBuilder::staging_budget`](crate::LoaderBuilder::staging_budget)), one at a
+    /// time: a load that held none while the loader's other loads held every one (a stream
+    /// not being read holds its landed chunks) takes one of its own rather than wait on them.
+    pub spare_staging_chunks: usize,
     /// Bytes that landed in new host memory by copying the shards' cached pages in (see
     /// [`LoaderBuilder::fill_by_copy`](crate::LoaderBuilder::fill_by_copy)); they are
     /// counted in `bytes_read` too.
@@ -126,6 +131,7 @@ impl LoadStats {
             "prefault_failure": self.prefault_failure,
             "page_cache_dma_bytes": self.page_cache_dma_bytes,
             "page_cache_dma_refused": self.page_cache_dma_refused,
+            "spare_staging_chunks": self.spare_staging_chunks,
             "copied_bytes": self.copied_bytes,
             "fill_by_copy_refused": self.fill_by_copy_refused,
             "sent_to": self.sent_to,

@@ -395,8 +395,9 @@ fn tensor_without_its_loader(path: &std::path::Path) -> tensorlift::Tensor {
     loader.load_blocking(path).unwrap().get("b").unwrap().clone()
 }
 
-/// Loads of one loader share its pinned staging: when another load holds every chunk, a
-/// load waits for one rather than failing.
+/// Loads of one loader share its pinned staging: when others hold every chunk, a load that
+/// holds one waits for it to come back, and one that holds none takes a spare, rather than
+/// failing; every load has the file's bytes.
 #[test]
 fn loads_of_one_loader_share_its_staging() {
     let _d = driver();
@@ -433,6 +434,60 @@ fn loads_of_one_loader_share_its_staging() {
     let _ = tensorlift::block_on(s.next());
     drop(s);
     assert_eq!(loader.load_blocking(&path).unwrap().len(), 6);
+}
+
+/// A stream that is not being read holds the staging its reads landed in (the loader's only
+/// chunk here: it takes the chunk a copy gives back for its next read before it hands out the
+/// tensor). A load on the same thread, which would wait for that chunk for ever, takes a
+/// spare one of its own instead; both load the files' bytes, and the spare is given back
+/// (the driver's check at the end finds no registration left).
+#[test]
+fn a_load_does_not_wait_on_a_stream_that_is_not_read() {
+    let _d = driver();
+    // A load that waits for ever fails the test binary after two minutes rather than hang it
+    // (the guard stands the watch down however the test ends).
+    struct Finished(std::sync::Arc<std::sync::atomic::AtomicBool>);
+    impl Drop for Finished {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let finished = Finished(std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)));
+    let f = std::sync::Arc::clone(&finished.0);
+    std::thread::spawn(move || {
+        for _ in 0..120 {
+            std::thread::sleep(Duration::from_secs(1));
+            if f.load(std::sync::atomic::Ordering::Relaxed) {
+                return;
+            }
+        }
+        eprintln!("a_load_does_not_wait_on_a_stream_that_is_not_read: still waiting after two minutes");
+        std::process::exit(101);
+    });
+    let dir = scratch();
+    let names: Vec<String> = (0..8).map(|i| format!("t{i}")).collect();
+    let specs: Vec<Spec<'_>> = names.iter().map(|n| (n.as_str(), Dtype::U8, &[100_000usize][..])).collect();
+    let streamed = write_shard(&dir.join("a.safetensors"), &specs);
+    let loaded = write_shard(&dir.join("b.safetensors"), &[("u", Dtype::F32, &[3, 50_000]), ("v", Dtype::U8, &[7])]);
+    for budget in [64 << 10, 2 * (64 << 10)] {
+        let loader = base().chunk_size(64 << 10).staging_budget(budget).page_cache_dma(false).build().unwrap();
+        let mut stream = loader.stream_blocking(dir.join("a.safetensors")).unwrap();
+        let first = tensorlift::block_on(stream.next()).unwrap().unwrap();
+        let model = loader.load_blocking(dir.join("b.safetensors")).unwrap();
+        let bytes: BTreeMap<String, Vec<u8>> =
+            model.tensors().iter().map(|t| (t.name().to_owned(), t.to_host().unwrap().into_owned())).collect();
+        assert!(bytes == loaded, "the load beside the stream");
+        if budget == 64 << 10 {
+            assert!(model.stats().spare_staging_chunks > 0, "{:?}", model.stats());
+        }
+        let mut got = BTreeMap::from([(first.name().to_owned(), first.to_host().unwrap().into_owned())]);
+        while let Some(t) = tensorlift::block_on(stream.next()) {
+            let t = t.unwrap();
+            got.insert(t.name().to_owned(), t.to_host().unwrap().into_owned());
+        }
+        assert!(got == streamed, "the stream, read on after the load");
+    }
+    drop(finished);
 }
 
 /// A load leaves the calling thread's current CUDA context as it found it (a Python thread
