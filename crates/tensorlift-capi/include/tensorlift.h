@@ -355,8 +355,9 @@ enum TlStatus tl_stream_next(struct TlStream *stream, struct TlTensor **out);
 enum TlStatus tl_stream_stats_json(struct TlStream *stream, const char **out);
 
 /*
- Frees a stream (null: nothing): a load still going on stops, its reads and copies are
- waited for, and what it held is freed. Tensors it gave stay valid.
+ Frees a stream (null: nothing): a load still going on stops, its copies are waited for,
+ its reads not yet started are given up and those under way end on the I/O threads (which
+ free their buffers), and what it held is freed. Tensors it gave stay valid.
 
  # Safety
  `stream` is null or a stream from `tl_stream_open`, not freed yet.

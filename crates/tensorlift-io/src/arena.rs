@@ -538,8 +538,14 @@ impl ArenaPool {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Frees everything kept.
+    /// Frees everything kept, and keeps nothing given back until the next load: memory of
+    /// tensors dropped later, or of a dropped load's reads that land later, is freed too.
     pub fn release(&self) {
+        self.lock().peak = 0;
+        self.free_kept();
+    }
+
+    fn free_kept(&self) {
         let bufs = {
             let mut s = self.lock();
             s.bytes = 0;
@@ -557,7 +563,7 @@ impl ArenaPool {
             s.peak = s.peak.max(lens.iter().fold(0usize, |a, &l| a.saturating_add(l)));
         }
         let out = lens.iter().map(|&l| self.take(l)).collect();
-        self.release();
+        self.free_kept();
         out
     }
 

@@ -4,6 +4,7 @@
 
 use std::io;
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::{IoError, OpenFile};
@@ -50,6 +51,9 @@ pub(crate) struct ReadOp {
     /// ([`crate::fill`]). Tried first; reads fill what it does not.
     pub fill: Option<FillTarget>,
     pub complete: Option<Completion>,
+    /// Set when the read's future is dropped before it completed: no one waits for the
+    /// bytes, so the read ends before its next segment goes to the kernel.
+    pub given_up: Arc<AtomicBool>,
 }
 
 /// A chunk of an arena filled by copies, and the file's cached pages to copy in.
@@ -117,6 +121,8 @@ impl ReadOp {
                 self.done += n.min(seg.len as usize);
                 if self.done >= self.len {
                     Step::Done(Ok(()))
+                } else if self.is_given_up() {
+                    Step::Done(Err(self.worker_gone()))
                 } else {
                     Step::Continue
                 }
@@ -146,10 +152,19 @@ impl ReadOp {
         }
     }
 
-    /// Fails the read because no worker can serve it (a bug, never an environment fact).
+    /// Whether the read's future was dropped: nobody waits for its bytes.
+    pub fn is_given_up(&self) -> bool {
+        self.given_up.load(Ordering::Acquire)
+    }
+
+    fn worker_gone(&self) -> IoError {
+        IoError::WorkerGone { file: self.file.path().to_path_buf(), offset: self.offset, len: self.len as u64 }
+    }
+
+    /// Fails the read because no worker can serve it (a bug, never an environment fact),
+    /// or because its future was dropped before a worker started it.
     pub fn fail_worker_gone(self) {
-        let err =
-            IoError::WorkerGone { file: self.file.path().to_path_buf(), offset: self.offset, len: self.len as u64 };
+        let err = self.worker_gone();
         self.finish(Err(err));
     }
 
@@ -194,6 +209,7 @@ mod tests {
             max_segment: 8192,
             fill: None,
             complete: None,
+            given_up: Arc::default(),
         }
     }
 

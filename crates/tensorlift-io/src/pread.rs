@@ -69,6 +69,10 @@ fn worker(rx: &Mutex<Receiver<ReadOp>>) {
 /// Drives one op with blocking reads until it finishes: a copy of cached pages first,
 /// where the op has one to try ([`ReadOp::fill`]).
 pub(crate) fn run_to_end(mut op: ReadOp) {
+    // Its future dropped while it waited for a worker: the buffer goes back unread.
+    if op.is_given_up() {
+        return op.fail_worker_gone();
+    }
     if let Some(fill) = op.fill.take() {
         if copy_whole(&op, &fill) {
             fill.arena.copied_into(fill.index, op.len);

@@ -339,8 +339,9 @@ impl Reader {
     }
 
     /// Reads `len` bytes at `offset` of `file` into `buf[buf_offset..]`, taking the buffer
-    /// and handing it back when done. Dropping the returned future does not cancel the
-    /// kernel's read: the buffer stays with the worker until it completes.
+    /// and handing it back when done. Dropping the returned future gives the read up: what
+    /// is not yet with the kernel is not read (the buffer is dropped on the worker's side);
+    /// what is stays with it until the kernel is done with the buffer.
     pub fn read<B: IoBufMut>(
         &self,
         file: &Arc<OpenFile>,
@@ -375,6 +376,7 @@ impl Reader {
         };
         let fixed = buf.fixed_slot().filter(|&slot| self.in_fixed_region(slot, dst as usize, len));
         let (tx, rx) = oneshot::channel();
+        let given_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let op = ReadOp {
             file: Arc::clone(file),
             dst: SendPtr(dst),
@@ -394,8 +396,10 @@ impl Reader {
                     let _ = tx.send(Err(ReadFailed { error, buf: None }));
                 }
             })),
+            given_up: Arc::clone(&given_up),
         };
-        let pending = Pending { rx, file: file.path().to_path_buf(), offset, len: len as u64 };
+        let pending =
+            Pending { rx, file: file.path().to_path_buf(), offset, len: len as u64, given_up: Some(given_up) };
         match (copier, &self.backend) {
             // No thread of the reader's is in a forked process.
             _ if forked => run_to_end(op),
@@ -509,6 +513,17 @@ struct Pending<B> {
     file: std::path::PathBuf,
     offset: u64,
     len: u64,
+    /// The read's flag that nobody waits for it any more, set when this is dropped: a read
+    /// not yet in the kernel's hands then ends unread, its buffer handed back.
+    given_up: Option<Arc<std::sync::atomic::AtomicBool>>,
+}
+
+impl<B> Drop for Pending<B> {
+    fn drop(&mut self) {
+        if let Some(g) = &self.given_up {
+            g.store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
 }
 
 impl<B> ReadFuture<B> {
@@ -523,7 +538,7 @@ impl<B> ReadFuture<B> {
         offset: u64,
         len: u64,
     ) -> Self {
-        ReadFuture { state: State::Waiting(Pending { rx, file, offset, len }) }
+        ReadFuture { state: State::Waiting(Pending { rx, file, offset, len, given_up: None }) }
     }
 
     /// Blocks the current thread until the read completes. Safe to call anywhere, also

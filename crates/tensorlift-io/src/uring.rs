@@ -233,6 +233,11 @@ fn run(ring: IoUring, rx: Receiver<Msg>, wake_fd: i32, depth: usize) {
         }
         while !st.free.is_empty() {
             let Some(op) = backlog.pop_front() else { break };
+            // Its future dropped while it waited: the buffer goes back unread.
+            if op.is_given_up() {
+                op.fail_worker_gone();
+                continue;
+            }
             st.start(op);
         }
         if !open && backlog.is_empty() && st.in_flight() == 0 {

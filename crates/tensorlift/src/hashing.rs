@@ -82,7 +82,14 @@ impl<T: Landed> InOrder<T> {
             }
             let bytes = item.bytes();
             self.header_part(bytes);
-            self.hasher.update(bytes);
+            // In steps of 1 MiB, with the cancel checked between them: a chunk may be up to
+            // 1 GiB, and a dropped load waits for its hashing threads to stop.
+            for step in bytes.chunks(1 << 20) {
+                if cancel.load(Ordering::Relaxed) {
+                    return true;
+                }
+                self.hasher.update(step);
+            }
             self.hashed += bytes.len();
             self.next += 1;
             if self.give_back {

@@ -545,7 +545,8 @@ impl Loader {
         self.cfg.host_pool.retained_bytes()
     }
 
-    /// Gives kept host memory back to the system now.
+    /// Gives kept host memory back to the system now; memory of tensors dropped after this
+    /// is not kept until the next load.
     pub fn release_host_memory(&self) {
         self.cfg.host_pool.release();
     }

@@ -81,8 +81,9 @@ enum Dest {
 
 /// Tensors of one load, yielded as their bytes land (on the device, for a CUDA load).
 ///
-/// Dropping the stream cancels the load: reads in flight finish in the I/O workers, copies
-/// in flight finish on the device, and then their memory is freed; nothing is left running
+/// Dropping the stream cancels the load: reads not yet started are given up, reads in the
+/// kernel's hands finish in the I/O workers, copies in flight finish on the device, and then
+/// their memory is freed; nothing is left running
 /// or allocated. (In a process forked from the one that made it, which has none of the
 /// load's threads and whose locks they may have held at the fork, dropping it releases
 /// nothing: what it holds is left as the fork copied it.)

@@ -246,3 +246,85 @@ fn a_forked_process_reads_through_the_parents_reader_and_drops_it() {
     assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "the child's status: {status:#x}");
     assert!(readers.iter().zip(&files).all(|(r, f)| read_all(r, f)));
 }
+
+/// A buffer that, as it is dropped, says whether a read wrote into it (its bytes start
+/// zero; the file's are not all zero).
+struct Inspected(AlignedBuf, std::sync::mpsc::Sender<bool>);
+// SAFETY: delegates to AlignedBuf.
+unsafe impl IoBufMut for Inspected {
+    fn stable_mut_ptr(&mut self) -> *mut u8 {
+        self.0.stable_mut_ptr()
+    }
+    fn capacity(&self) -> usize {
+        self.0.capacity()
+    }
+}
+impl Drop for Inspected {
+    fn drop(&mut self) {
+        let _ = self.1.send(self.0.as_slice().iter().any(|&b| b != 0));
+    }
+}
+
+/// Reads whose futures are dropped before a worker starts them are not read: their buffers
+/// go back unwritten (a dropped load does not go on reading what it had queued), and the
+/// reader serves the next read as before.
+#[test]
+fn reads_given_up_before_they_start_are_not_read() {
+    let dir = scratch(false).unwrap();
+    let data = pattern(1 << 20, 7);
+    assert!(data[..4096].iter().any(|&b| b != 0));
+    let path = write_file(&dir, "f.bin", &data);
+    for backend in [BackendKind::Uring, BackendKind::Pread] {
+        let r = tensorlift_io::Reader::builder().backend(backend).workers(1).pread_threads(1).queue_depth(16).build();
+        if backend == BackendKind::Uring && std::env::var_os("TENSORLIFT_REQUIRE_URING").is_some() {
+            assert_eq!(r.report().backend, BackendKind::Uring, "{}", r.report().reason);
+        }
+        let file = r.open(&path).unwrap();
+        // The first read's buffer holds the one worker as it is dropped there (its future is
+        // dropped at once), until the gate opens: the reads after it wait, given up. (Where
+        // the read was done before its future was dropped, the buffer is dropped here, and
+        // holds nothing: tried again.)
+        let main = std::thread::current().id();
+        let (gate, held) = std::sync::mpsc::channel::<()>();
+        let mut held = Some(held);
+        for _ in 0..100 {
+            let (entered, on) = std::sync::mpsc::channel();
+            let wait = held.take().unwrap();
+            let (back, again) = std::sync::mpsc::channel();
+            drop(r.read(
+                &file,
+                0,
+                on_drop(4096, move || {
+                    let worker = std::thread::current().id() != main;
+                    if worker {
+                        let _ = entered.send(true);
+                        let _ = wait.recv();
+                    } else {
+                        let _ = back.send(wait);
+                        let _ = entered.send(false);
+                    }
+                }),
+                0,
+                4096,
+            ));
+            if on.recv_timeout(Duration::from_secs(60)).expect("the first read's buffer was kept") {
+                break;
+            }
+            held = again.recv().ok();
+        }
+        assert!(held.is_none(), "{backend:?}: the first read was always done before its future was dropped");
+        let (tx, written) = std::sync::mpsc::channel();
+        let n = 8;
+        for i in 0..n {
+            let buf = Inspected(AlignedBuf::zeroed(4096, 4096).unwrap(), tx.clone());
+            drop(r.read(&file, i * 4096, buf, 0, 4096));
+        }
+        gate.send(()).unwrap();
+        for _ in 0..n {
+            let was = written.recv_timeout(Duration::from_secs(60)).expect("a given-up read's buffer was kept");
+            assert!(!was, "{backend:?}: a read given up before it started was read");
+        }
+        let got = r.read(&file, 4096, AlignedBuf::zeroed(4096, 4096).unwrap(), 0, 4096).wait().unwrap();
+        assert_eq!(got.as_slice(), &data[4096..8192], "{backend:?}");
+    }
+}

@@ -354,7 +354,12 @@ fn host_memory_is_reused_across_loads_and_given_back() {
         loader.retained_host_memory()
     );
     assert!(loader.retained_host_memory() > 0);
+    // Released while a load's memory is still out: when it comes back, it is freed, not kept
+    // (as a dropped load's reads that land after the release are).
+    let m = loader.load_blocking(dir.join("one.safetensors")).unwrap();
     loader.release_host_memory();
+    drop(m);
+    assert_eq!(loader.retained_host_memory(), 0, "memory given back after a release was kept");
     // Turned off, nothing is kept.
     let off = base().reuse_host_memory(false).build().unwrap();
     drop(off.load_blocking(dir.join("one.safetensors")).unwrap());
