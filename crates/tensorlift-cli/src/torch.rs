@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use serde_json::json;
-use tensorlift_pickle::{Limits, TorchCheckpoint, TorchTensor};
+use tensorlift_pickle::{ErrorKind, Limits, TorchCheckpoint, TorchTensor};
 
 use crate::text::printable;
 
@@ -52,9 +52,22 @@ fn open_all(path: &Path) -> anyhow::Result<Vec<Opened>> {
     let found = tensorlift_io::open_pytorch(path, &tensorlift_io::PlanLimits::default())?;
     let mut opened = Vec::new();
     let mut held: HashMap<String, String> = HashMap::new();
+    // Every file's tensors are held at once: their pickles share one budget, as a load's do.
+    let budget = tensorlift_io::DEFAULT_MAX_HEADER_BYTES;
+    let mut spent = 0u64;
     for (name, p, file) in found.files {
         let identity = tensorlift_io::file_identity(&file.metadata().with_context(|| format!("{}", p.display()))?);
-        let ck = TorchCheckpoint::read(&file, &p, &Limits::default())?;
+        let ck = match TorchCheckpoint::read(&file, &p, &Limits::default().max_pickle_bytes(budget - spent)) {
+            Ok(ck) => ck,
+            Err(e) if spent > 0 && matches!(e.kind, ErrorKind::Limit { setting: "max_pickle_bytes", .. }) => {
+                return Err(anyhow::Error::from(e).context(format!(
+                    "the files' pickles may hold {budget} bytes together; {spent} were read before {}",
+                    p.display()
+                )))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        spent += ck.pickle_bytes.min(budget - spent);
         for t in &ck.tensors {
             if let Some(first) = held.insert(t.name.clone(), name.clone()) {
                 bail!("tensor '{}' is in both {} and {name}", printable(&t.name), printable(&first));
@@ -184,6 +197,12 @@ type ViewKey = (usize, String, String, usize, Vec<usize>, Vec<usize>);
 /// (it orders types of one width by its own list of them), so that every tensor's data is
 /// aligned to its element size.
 pub fn convert(src: &Path, dst: &Path, max_shard: u64, out: &mut dyn Write) -> anyhow::Result<()> {
+    if tensorlift::is_remote(src) {
+        bail!(
+            "{}: convert reads local PyTorch files; download them first (nothing was written)",
+            tensorlift::redact_url(src).display()
+        );
+    }
     let opened = open_all(src)?;
     // DST is renamed into place at the end: it must be a name of its own (not `.`), and
     // nothing there but an empty folder; a link, even to an empty folder, is not replaced.
@@ -264,6 +283,16 @@ pub fn convert(src: &Path, dst: &Path, max_shard: u64, out: &mut dyn Write) -> a
         shard.sort_by(|a, b| b.1.dtype.bitsize().cmp(&a.1.dtype.bitsize()).then_with(|| a.1.name.cmp(&b.1.name)));
     }
     let count = shards.len();
+    // Each name removed in favour of a kept one, by the kept one's shard (found by one
+    // look-up each: tied views may be many).
+    let shard_of: std::collections::HashMap<&str, usize> =
+        shards.iter().enumerate().flat_map(|(k, shard)| shard.iter().map(move |(_, t)| (t.name.as_str(), k))).collect();
+    let mut removed_in: Vec<Vec<(&String, &String)>> = vec![Vec::new(); count];
+    for (removed, kept) in &dropped {
+        if let Some(&k) = shard_of.get(kept.as_str()) {
+            removed_in[k].push((removed, kept));
+        }
+    }
     // Every header is made and checked before anything is written: what is written must
     // read back, so names the format cannot hold (`__metadata__`) are refused up front.
     let mut headers = Vec::with_capacity(count);
@@ -285,10 +314,8 @@ pub fn convert(src: &Path, dst: &Path, max_shard: u64, out: &mut dyn Write) -> a
         }
         // The reference writer's metadata, and each name removed in favour of one here.
         let mut metadata: BTreeMap<String, String> = [("format".to_owned(), "pt".to_owned())].into();
-        for (removed, kept) in &dropped {
-            if shard.iter().any(|(_, t)| t.name == *kept) {
-                metadata.entry(removed.clone()).or_insert_with(|| kept.clone());
-            }
+        for &(removed, kept) in &removed_in[k] {
+            metadata.entry(removed.clone()).or_insert_with(|| kept.clone());
         }
         let specs: Vec<(&str, tensorlift_format::Dtype, &[usize])> =
             shard.iter().map(|(_, t)| (t.name.as_str(), t.dtype, t.shape.as_slice())).collect();

@@ -590,3 +590,17 @@ fn a_nested_state_dict_is_refused_by_convert_and_other_values_are_named() {
     assert!(text.contains("not tensors, not written: step") && text.contains("1 tensors"), "{text}");
     assert_eq!(loaded(&dir.join("beside-out")).len(), 1);
 }
+
+/// `convert` reads local files: a URL is refused as one, with its credentials left out, and
+/// nothing is written.
+#[test]
+fn convert_refuses_a_url_without_echoing_its_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let dst = dir.path().join("out");
+    let out = tensorlift(&["convert", "https://user:s3cr3t-T0KEN@example.com/m/pytorch_model.bin", s(&dst)]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("convert reads local PyTorch files; download them first (nothing was written)"), "{err}");
+    assert!(!err.contains("s3cr3t-T0KEN"), "{err}");
+    assert!(!dst.exists());
+}

@@ -203,6 +203,11 @@ pub fn parse_index(file: &Path, bytes: &[u8]) -> Result<Index, FormatError> {
     let text = std::str::from_utf8(bytes).map_err(|e| invalid(format!("not UTF-8: {e}")))?;
     let raw: RawIndex<'_> = serde_json::from_str(text).map_err(|e| invalid(e.to_string()))?;
     let Pairs { names, entries, shards, .. } = raw.weight_map;
+    // An index names the shards to load: one naming none would make a checkpoint of nothing
+    // (and a verified load of nothing) where the folder's files are a model.
+    if entries.is_empty() {
+        return Err(invalid("weight_map lists no tensors".into()));
+    }
     for shard in &shards {
         check_relative(file, shard)?;
     }

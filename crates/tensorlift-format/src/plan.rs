@@ -4,6 +4,7 @@
 use hashbrown::HashMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use safetensors::Dtype;
 
@@ -168,8 +169,10 @@ impl PlannedTensor {
 pub struct LoadPlan {
     root: PathBuf,
     index: Option<PathBuf>,
-    index_metadata: Option<serde_json::Value>,
-    shards: Vec<Shard>,
+    // Shared, not copied, by the plans `subset` makes (a file's tensors read one at a time
+    // make one each): the metadata a header or index holds may be most of its bytes.
+    index_metadata: Option<Arc<serde_json::Value>>,
+    shards: Arc<[Shard]>,
     tensors: Vec<PlannedTensor>,
     checkpoint_bytes: u64,
 }
@@ -232,7 +235,14 @@ impl LoadPlan {
             Some((path, index)) => (Some(path), index.metadata),
             None => (None, None),
         };
-        Ok(LoadPlan { root, index, index_metadata, shards: kept, tensors, checkpoint_bytes })
+        Ok(LoadPlan {
+            root,
+            index,
+            index_metadata: index_metadata.map(Arc::new),
+            shards: kept.into(),
+            tensors,
+            checkpoint_bytes,
+        })
     }
 
     /// A plan of shards whose headers have been read but not yet parsed: no tensors, and
@@ -241,7 +251,7 @@ impl LoadPlan {
     /// soon as its header is validated, while the rest of planning goes on; the plan that
     /// [`assemble`](Self::assemble) makes later says which tensors those bytes hold.
     pub fn unparsed(root: PathBuf, index: Option<PathBuf>, shards: Vec<Shard>) -> LoadPlan {
-        LoadPlan { root, index, index_metadata: None, shards, tensors: Vec::new(), checkpoint_bytes: 0 }
+        LoadPlan { root, index, index_metadata: None, shards: shards.into(), tensors: Vec::new(), checkpoint_bytes: 0 }
     }
 
     /// The model folder.
@@ -254,13 +264,13 @@ impl LoadPlan {
     }
     /// The index's `metadata` object as written (often `{"total_size": ...}`).
     pub fn index_metadata(&self) -> Option<&serde_json::Value> {
-        self.index_metadata.as_ref()
+        self.index_metadata.as_deref()
     }
     /// Every shard's `__metadata__`, merged: where shards disagree on a key, the first shard
     /// (in load order) that has it wins.
     pub fn metadata(&self) -> std::collections::BTreeMap<String, String> {
         let mut out = std::collections::BTreeMap::new();
-        for s in &self.shards {
+        for s in self.shards.iter() {
             for (k, v) in s.metadata.iter().flatten() {
                 out.entry(k.clone()).or_insert_with(|| v.clone());
             }
@@ -277,7 +287,8 @@ impl LoadPlan {
     }
     /// Sum of every tensor's bytes.
     pub fn total_bytes(&self) -> u64 {
-        self.tensors.iter().map(PlannedTensor::len).sum()
+        // Each shard's tensors fit in its file, but files together may pass 2^64 bytes.
+        self.tensors.iter().map(PlannedTensor::len).fold(0, u64::saturating_add)
     }
     /// A plan of only the tensors `keep` accepts; shards left with none are kept (their
     /// headers are still part of the checkpoint) but have nothing to read.
@@ -296,7 +307,7 @@ impl LoadPlan {
             root: self.root.clone(),
             index: self.index.clone(),
             index_metadata: self.index_metadata.clone(),
-            shards: self.shards.clone(),
+            shards: Arc::clone(&self.shards),
             tensors: keep.into_iter().map(|i| self.tensors[i].clone()).collect(),
             checkpoint_bytes: self.checkpoint_bytes,
         }

@@ -44,8 +44,10 @@ pub const DEFAULT_MAX_OPEN_FILES: usize = 128;
 /// least about 50 bytes of JSON and costs about 350 bytes parsed and planned; a metadata
 /// entry (`"k":""`, 7 bytes) about 100.
 const PARSE_BYTES_PER_HEADER_BYTE: u64 = 16;
-/// The same for an index, whose values are parsed into a JSON tree.
-const PARSE_BYTES_PER_INDEX_BYTE: u64 = 24;
+/// The same for an index, whose values are parsed into a JSON tree: an array element of 2
+/// bytes (`0,`) is a 32-byte value, in a vector that may hold twice its length while it
+/// grows, and the text itself is held too.
+const PARSE_BYTES_PER_INDEX_BYTE: u64 = 40;
 
 /// Bounds on what planning may hold, whatever the checkpoint says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1183,7 +1185,8 @@ pub fn open_pytorch(path: &Path, limits: &PlanLimits) -> Result<PyTorchFiles, Fo
 /// bytes" are everything before the first tensor (the zip's directory entries and the
 /// pickle), hashed like a safetensors header so that a load notices a changed file. The
 /// pickle may take what is left of the plan's header budget (`spent` so far), and the
-/// header bytes are spent against it.
+/// header bytes (or the pickle's, if more: a zip may store it after the data) are spent
+/// against it.
 pub(crate) fn torch_header<R: tensorlift_pickle::ReadAt + ?Sized>(
     src: &R,
     path: &Path,
@@ -1202,6 +1205,7 @@ pub(crate) fn torch_header<R: tensorlift_pickle::ReadAt + ?Sized>(
         path.display(),
         ck.layout
     );
+    let pickle_bytes = ck.pickle_bytes;
     // The tensors, moved out of the checkpoint, at absolute file offsets first.
     let mut tensors = Vec::new();
     tensors.try_reserve_exact(ck.tensors.len()).map_err(|_| FormatError::OutOfMemory {
@@ -1227,7 +1231,9 @@ pub(crate) fn torch_header<R: tensorlift_pickle::ReadAt + ?Sized>(
     }
     tensors.sort_by_key(|t| t.data_offsets.0);
     let data_start = tensors.first().map_or(HEADER_PREFIX_LEN, |t| t.data_offsets.0).max(HEADER_PREFIX_LEN).min(len);
-    spend_header_budget(spent, limits, context, data_start)?;
+    // What planning holds came from the pickle, which a zip may store after the data: the
+    // budget is charged for it, not only for the bytes before the first tensor.
+    spend_header_budget(spent, limits, context, data_start.max(pickle_bytes))?;
     // Then relative to where the "header" ends, as a safetensors header's are.
     for t in &mut tensors {
         let (start, end) = t.data_offsets;

@@ -176,6 +176,9 @@ pub struct TorchCheckpoint {
     pub storages: BTreeMap<String, Storage>,
     /// Keys of the state_dict whose values are not tensors (skipped).
     pub skipped: Vec<String>,
+    /// Bytes of pickle read and run: what its names and shapes were made from, wherever in
+    /// the file it lies (a zip may store its pickle after the tensors' data).
+    pub pickle_bytes: u64,
 }
 
 impl TorchCheckpoint {
@@ -646,7 +649,7 @@ fn read_zip<R: ReadAt + ?Sized>(src: &R, limits: &Limits) -> Result<TorchCheckpo
         storages.insert(key.clone(), Storage { dtype: s.dtype, offset: e.offset, len: need });
     }
     let (tensors, skipped) = state_dict(&vm, &root, limits, src.size()?)?;
-    Ok(TorchCheckpoint { layout: Layout::Zip, tensors, storages, skipped })
+    Ok(TorchCheckpoint { layout: Layout::Zip, tensors, storages, skipped, pickle_bytes: pkl.len })
 }
 
 /// The legacy layout: a magic number, a protocol version and system information, each
@@ -811,7 +814,7 @@ fn read_legacy_window<R: ReadAt + ?Sized>(
         return Err(ErrorKind::NotTorch(format!("storage '{k}' is named by a tensor but the file does not store it")));
     }
     let (tensors, skipped) = state_dict(&vm, &root, limits, src.size()?)?;
-    Ok(TorchCheckpoint { layout: Layout::Legacy, tensors, storages, skipped })
+    Ok(TorchCheckpoint { layout: Layout::Legacy, tensors, storages, skipped, pickle_bytes: at as u64 })
 }
 
 /// The state_dict's tensors, in order, checked against their storages' sizes.

@@ -281,6 +281,13 @@ fn index_rules() {
         Err(InvalidIndex { message, .. }) => assert!(message.contains("'a' twice"), "{message}"),
         other => panic!("{other:?}"),
     }
+    // An index of nothing is refused, not a checkpoint of no tensors.
+    for empty in [&br#"{"weight_map":{}}"#[..], br#"{"metadata":{"total_size":0},"weight_map":{}}"#] {
+        match parse_index(p, empty) {
+            Err(InvalidIndex { message, .. }) => assert_eq!(message, "weight_map lists no tensors"),
+            other => panic!("{other:?}"),
+        }
+    }
     // Null metadata is fine; a name that names no file is not.
     assert!(parse_index(p, br#"{"metadata":null,"weight_map":{"a":"x.safetensors"}}"#).is_ok());
     for bad in [".", "./", "./."] {

@@ -803,3 +803,53 @@ fn a_pytorch_file_named_safetensors_is_refused() {
     let plan = open(&d).unwrap();
     assert!(!plan.tensors().is_empty());
 }
+
+/// A zip may store its pickle after the tensors' data (PyTorch reads such a file, and so
+/// does tensorlift): each file's pickle is charged to the plan's header budget all the
+/// same, not only the bytes before its first tensor, so that files together cannot hold more
+/// than the budget in names and shapes. Two such files written by torch and reordered by
+/// Python's zipfile: planned within a budget of both pickles, refused within less.
+#[test]
+fn pickles_stored_after_the_data_are_charged_to_the_header_budget() {
+    let d = dir();
+    let script = r#"
+import io, json, sys, zipfile
+import torch
+folder, sizes, weight_map = sys.argv[1], {}, {}
+for i in range(2):
+    state = {f"t{i}_" + "x" * 200 + f"_{k}": torch.arange(4, dtype=torch.float32) + k for k in range(20)}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    src = zipfile.ZipFile(buf)
+    names = sorted(src.namelist(), key=lambda n: n.endswith("/data.pkl"))
+    name = f"pytorch_model-0000{i + 1}-of-00002.bin"
+    with zipfile.ZipFile(f"{folder}/{name}", "w") as out:
+        for n in names:
+            out.writestr(src.getinfo(n), src.read(n))
+    sizes[name] = src.getinfo(names[-1]).file_size
+    weight_map.update({k: name for k in state})
+json.dump({"weight_map": weight_map}, open(f"{folder}/pytorch_model.bin.index.json", "w"))
+print(json.dumps(sizes))
+"#;
+    let out = match Command::new("python3").args(["-c", script]).arg(&d).output() {
+        Ok(o) if o.status.success() => o,
+        other => {
+            let why = other.map_or_else(|e| e.to_string(), |o| String::from_utf8_lossy(&o.stderr).into_owned());
+            let required = std::env::var_os("CI").is_some() || std::env::var_os("TENSORLIFT_REQUIRE_DEPS").is_some();
+            assert!(!required && why.contains("No module named 'torch'"), "python3 with torch: {why}");
+            eprintln!("skipped: torch is not installed here (./scripts/test installs it)");
+            return;
+        }
+    };
+    let sizes: std::collections::BTreeMap<String, u64> = serde_json::from_slice(&out.stdout).unwrap();
+    let pickles: u64 = sizes.values().sum();
+    let mut limits = PlanLimits::default();
+    limits.max_header_bytes = pickles + (64 << 10);
+    let plan = open_checkpoint(&d, &limits).unwrap();
+    assert_eq!(plan.tensors().len(), 40);
+    // Each pickle fits the budget alone; both do not.
+    assert!(sizes.values().all(|&p| p < pickles - 1));
+    limits.max_header_bytes = pickles - 1;
+    let err = open_checkpoint(&d, &limits).map(|_| ()).unwrap_err().to_string();
+    assert!(err.contains("max_header_bytes") || err.contains("max_pickle_bytes"), "{err}");
+}
