@@ -102,6 +102,12 @@ pub(crate) fn connect(url: &str, options: &RemoteOptions) -> Result<(Place, Opti
     Ok((Place { shared, prefix, url: folder.as_str().trim_end_matches('/').to_owned(), http }, last))
 }
 
+/// Whether an HTTP header value may hold `v`: no control character but tab (what `http`'s
+/// `HeaderValue::from_str` accepts).
+fn fits_a_header(v: &str) -> bool {
+    !v.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f)
+}
+
 /// The store for `scheme`, with the provider's configuration from the environment and this
 /// crate's retry and timeout options on top.
 fn build(scheme: ObjectStoreScheme, url: &url::Url, o: &RemoteOptions) -> Result<Arc<dyn ObjectStore>, io::Error> {
@@ -116,9 +122,9 @@ fn build(scheme: ObjectStoreScheme, url: &url::Url, o: &RemoteOptions) -> Result
     // The cloud stores' builders share these steps (and nothing else: no trait of theirs).
     use super::bounded::{Bounded, WeakEtag};
     macro_rules! cloud {
-        ($builder:ty, $key:path, $weak:expr) => {
+        ($builder:expr, $key:path, $weak:expr) => {
             Arc::new(
-                <$builder>::from_env()
+                $builder
                     .with_http_connector(Bounded { weak_etag: $weak })
                     .with_url(text)
                     .with_retry(retry)
@@ -131,21 +137,46 @@ fn build(scheme: ObjectStoreScheme, url: &url::Url, o: &RemoteOptions) -> Result
     }
     let store: Arc<dyn ObjectStore> = match scheme {
         ObjectStoreScheme::AmazonS3 => {
-            cloud!(object_store::aws::AmazonS3Builder, object_store::aws::AmazonS3ConfigKey::Client, WeakEtag::Drop)
+            use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+            let env = AmazonS3Builder::from_env();
+            // The signer puts these in headers and panics on a character a header cannot hold
+            // (a secret made from a file often ends in a newline): refused here, unechoed.
+            let headed = [
+                (AmazonS3ConfigKey::AccessKeyId, "AWS_ACCESS_KEY_ID"),
+                (AmazonS3ConfigKey::Token, "AWS_SESSION_TOKEN"),
+                (AmazonS3ConfigKey::Region, "AWS_REGION"),
+                (AmazonS3ConfigKey::DefaultRegion, "AWS_DEFAULT_REGION"),
+            ];
+            for (key, name) in headed {
+                if env.get_config_value(&key).is_some_and(|v| !fits_a_header(&v)) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!(
+                            "{name} holds a control character (a trailing newline?), which no HTTP header may hold"
+                        ),
+                    ));
+                }
+            }
+            cloud!(env, AmazonS3ConfigKey::Client, WeakEtag::Drop)
         }
         ObjectStoreScheme::GoogleCloudStorage => {
             cloud!(
-                object_store::gcp::GoogleCloudStorageBuilder,
+                object_store::gcp::GoogleCloudStorageBuilder::from_env(),
                 object_store::gcp::GoogleConfigKey::Client,
                 WeakEtag::Refuse
             )
         }
         ObjectStoreScheme::MicrosoftAzure => {
-            cloud!(
-                object_store::azure::MicrosoftAzureBuilder,
-                object_store::azure::AzureConfigKey::Client,
-                WeakEtag::Refuse
-            )
+            use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
+            let env = MicrosoftAzureBuilder::from_env();
+            // A bearer token goes into a header as it is (see the S3 case).
+            if env.get_config_value(&AzureConfigKey::Token).is_some_and(|v| !fits_a_header(&v)) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "AZURE_STORAGE_TOKEN holds a control character (a trailing newline?), which no HTTP header may hold",
+                ));
+            }
+            cloud!(env, object_store::azure::AzureConfigKey::Client, WeakEtag::Refuse)
         }
         ObjectStoreScheme::Http => {
             let base = &url[..url::Position::BeforePath];

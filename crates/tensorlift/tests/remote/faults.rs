@@ -391,3 +391,25 @@ fn planning_that_outlasts_its_plan_timeout_is_given_up() {
     o.plan_timeout = Duration::from_secs(120);
     assert_eq!(base().remote(o).build().unwrap().plan("s3://bucket/model").unwrap().shards().len(), 3);
 }
+
+/// A credential an HTTP header cannot hold (a secret made from a file often ends in a
+/// newline), on which the request signer would panic, is refused by its variable's name,
+/// without its value.
+#[test]
+fn a_credential_a_header_cannot_hold_is_refused_by_name() {
+    let r = Remote::new();
+    sharded(&r.root);
+    let Some(s3) = r.s3() else { return };
+    let key = tensorlift_testkit::net::S3_KEYS.0;
+    for (var, value) in [("AWS_ACCESS_KEY_ID", format!("{key}\n")), ("AWS_SESSION_TOKEN", "s3cr3t-t0ken\r".to_owned())]
+    {
+        std::env::set_var(var, &value);
+        let err = base().build().unwrap().plan("s3://bucket/model").map(|_| ()).unwrap_err().to_string();
+        std::env::remove_var("AWS_SESSION_TOKEN");
+        point_at(s3.port);
+        assert!(err.contains(&format!("{var} holds a control character")), "{err}");
+        assert!(!err.contains(value.trim_end()), "the value is echoed: {err}");
+    }
+    // Mended, the same server is planned.
+    assert_eq!(base().build().unwrap().plan("s3://bucket/model").unwrap().shards().len(), 3);
+}

@@ -808,3 +808,26 @@ fn a_credential_that_expires_past_any_clock_lasts_a_day() {
     assert_identical(&model.unwrap(), &truth, "gs:// with the metadata server's token");
     assert!(asked.load(std::sync::atomic::Ordering::Relaxed) >= 1, "the token came from the metadata server");
 }
+
+/// An empty shard is refused as the same file is locally (too short for a header), not with
+/// the store's answer to a range of nothing (a 416), on S3 and over HTTP.
+#[test]
+fn an_empty_shard_is_refused_as_it_is_locally() {
+    let r = Remote::new();
+    let dir = r.root.join("bucket/empty");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("model.safetensors"), b"").unwrap();
+    let Some(_s3) = r.s3() else { return };
+    let http = HttpServer::start(&r.root).unwrap();
+    let loader = base().build().unwrap();
+    let local = dir.join("model.safetensors");
+    let s3 = "s3://bucket/empty/model.safetensors".to_owned();
+    let web = format!("http://127.0.0.1:{}/bucket/empty/model.safetensors", http.port);
+    for source in [local.display().to_string(), s3, web] {
+        match loader.plan(&source) {
+            Err(LoadError::Format(FormatError::HeaderTooSmall { len: 0, .. })) => {}
+            Err(other) => panic!("{source}: {other:?}"),
+            Ok(_) => panic!("{source}: an empty file planned"),
+        }
+    }
+}
