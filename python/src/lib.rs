@@ -593,6 +593,26 @@ fn let_go<T: Send>(py: Python<'_>, value: T) {
     py.detach(move || drop(value));
 }
 
+/// A value dropped with the GIL released: a remote checkpoint's plan, when it goes, waits
+/// for the copies it queued for the local cache to be written (`safe_open`'s `__exit__`),
+/// and Python's other threads run meanwhile.
+struct DropsWithoutGil<T: Send>(Option<T>);
+
+impl<T: Send> std::ops::Deref for DropsWithoutGil<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        self.0.as_ref().expect("taken only when dropped")
+    }
+}
+
+impl<T: Send> Drop for DropsWithoutGil<T> {
+    fn drop(&mut self) {
+        if let Some(value) = self.0.take() {
+            Python::attach(|py| let_go(py, value));
+        }
+    }
+}
+
 /// An exception raised by a Python callback during a load (a progress callback, or Ctrl-C
 /// delivered while it ran): the load stops and the exception is raised to the caller.
 #[derive(Clone, Default)]
@@ -747,7 +767,7 @@ fn tensors_dict(py: Python<'_>, tensors: impl IntoIterator<Item = tensorlift::Te
 /// one or a few at a time, and byte ranges of a tensor can be read on their own (slices).
 #[pyclass(module = "tensorlift", name = "Checkpoint", frozen)]
 struct PyCheckpoint {
-    plan: tensorlift::Checkpoint,
+    plan: DropsWithoutGil<tensorlift::Checkpoint>,
     /// Each tensor's place in the plan, by name: tensors are asked for one at a time.
     by_name: std::collections::HashMap<String, usize>,
     /// The device its tensors load to, as the caller named it.
@@ -823,6 +843,7 @@ impl PyCheckpoint {
         let by_name = plan.tensors().iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
         let loader = std::sync::Mutex::new(host.then(|| Arc::clone(&planner)));
         let (device, making) = (device.to_owned(), std::sync::Mutex::new(()));
+        let plan = DropsWithoutGil(Some(plan));
         Ok(PyCheckpoint { plan, by_name, device, mapped, _planner: planner, loader, making })
     }
 
@@ -895,18 +916,24 @@ impl PyCheckpoint {
         let path = self.plan.shards()[shard].path.clone();
         // Its descriptors, none of its tensors.
         let mut plan = self.plan.subset([]);
-        let bytes = py.detach(|| -> PyResult<Vec<u8>> {
-            use pyo3::exceptions::{PyMemoryError, PyOSError};
-            let os = |e: String| PyOSError::new_err(e);
+        use pyo3::exceptions::{PyMemoryError, PyOSError};
+        let os = |e: String| PyOSError::new_err(e);
+        let buffer = || -> PyResult<Vec<u8>> {
             let mut buf = Vec::new();
             buf.try_reserve_exact(length as usize)
                 .map_err(|_| PyMemoryError::new_err(format!("cannot allocate {length} bytes")))?;
             buf.resize(length as usize, 0);
-            // A remote shard: one ranged read of its planned object (same ETag, same length).
-            if let Some(object) = plan.remote_object(shard) {
-                let len = length as usize;
-                return tensorlift_io::read_object(object, at, buf, 0, len).wait().map_err(|f| os(f.error.to_string()));
-            }
+            Ok(buf)
+        };
+        // A remote shard: one ranged read of its planned object (same ETag, same length),
+        // waited for as a load is (Ctrl-C stops it, and its GETs).
+        if let Some(object) = plan.remote_object(shard) {
+            let read = tensorlift_io::read_object(object, at, py.detach(buffer)?, 0, length as usize);
+            let bytes = wait(py, read, &Raised::default())?.map_err(|f| os(f.error.to_string()))?;
+            return Ok(pyo3::types::PyBytes::new(py, &bytes));
+        }
+        let bytes = py.detach(|| -> PyResult<Vec<u8>> {
+            let mut buf = buffer()?;
             // Checked as a load of a plan made before it checks it: the planned file, its
             // header read again where it was reopened or is not certainly unchanged since
             // planning, and the same after the read as when it was taken.

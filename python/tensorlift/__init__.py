@@ -180,10 +180,21 @@ def _to_numpy(t, writable=False):
     if t.device != "cpu":
         raise ValueError(f"tensor '{t.name}' is on {t.device}: numpy arrays live in host memory (use framework='pt')")
     if t.dtype in _NUMPY:
-        return numpy.from_dlpack(t._writable(False) if writable else t)
-    dtype = _numpy_dtype(t.dtype)
-    raw = t._writable(True) if writable else t.raw_bytes()
-    return numpy.from_dlpack(raw).view(dtype).reshape(t.shape)
+        arr = numpy.from_dlpack(t._writable(False) if writable else t)
+    else:
+        dtype = _numpy_dtype(t.dtype)
+        raw = t._writable(True) if writable else t.raw_bytes()
+        arr = numpy.from_dlpack(raw).view(dtype).reshape(t.shape)
+    if writable and not arr.flags.writeable and _numpy_takes_dlpack_read_only(numpy):
+        # A copy of its own, writeable, as the reference's arrays are (also of tied weights,
+        # which are read-only views of one memory where numpy takes DLPack as exported).
+        arr = arr.copy()
+    return arr
+
+
+def _numpy_takes_dlpack_read_only(numpy):
+    """Whether this numpy makes every array it takes by DLPack read-only (before 2.2.5)."""
+    return numpy.lib.NumpyVersion(numpy.__version__) < "2.2.5"
 
 
 def _to_torch(t):

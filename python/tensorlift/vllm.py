@@ -396,7 +396,9 @@ def _split_and_broadcast(files, device, group, keep, torch_load=None):
     if isinstance(files, BaseException):
         found["error"] = f"{type(files).__name__}: {files}"
     else:
-        folder = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0])
+        # (No files, where vLLM's filters left none of a source: nothing to read, on every
+        # rank, as on vLLM's own path.)
+        folder = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0]) if files else ""
         local = {os.path.relpath(f, folder): f for f in files}
         found["names"] = list(local)
     everyone = [None] * world

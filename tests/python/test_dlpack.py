@@ -69,6 +69,34 @@ def test_numpy_arrays_are_writable_as_the_references_and_their_own(tmp_path):
     assert not np.from_dlpack(t.raw_bytes()).flags.writeable
 
 
+def test_numpy_arrays_are_writeable_where_numpy_takes_dlpack_read_only(tmp_path, monkeypatch):
+    # numpy before 2.2.5 makes every array it takes by DLPack read-only: stood in for here by
+    # a from_dlpack that does so, the arrays handed out are writeable copies all the same.
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "w.safetensors"
+    save_file({"f32": np.arange(12, dtype=np.float32).reshape(3, 4), "u8": np.arange(5, dtype=np.uint8)}, str(path))
+    real = np.from_dlpack
+
+    def read_only(x, *args, **kwargs):
+        arr = real(x, *args, **kwargs)
+        arr.flags.writeable = False
+        return arr
+
+    monkeypatch.setattr(np, "from_dlpack", read_only)
+    monkeypatch.setattr(tensorlift, "_numpy_takes_dlpack_read_only", lambda numpy: True)
+    want = reference_load(str(path))
+    loaded = tensorlift.load_file(path, framework="np")
+    with tensorlift.safe_open(path, framework="np") as f:
+        opened = {k: f.get_tensor(k) for k in f.keys()}
+    for got in (loaded, opened):
+        assert sorted(got) == sorted(want)
+        for name, arr in got.items():
+            assert arr.flags.writeable, name
+            arr += 1
+            assert arr.tobytes() == (want[name] + 1).tobytes(), name
+
+
 def test_sharded_folders_and_indexes(fixture, sharded_reference):
     folder = fixture / "sharded"
     want = sharded_reference

@@ -141,5 +141,14 @@ def test_a_rank_without_room_for_a_received_tensor_stops_every_rank(tmp_path):
         assert f"tensorlift: rank 1 could not place 'bf16' of {paths[0]} on its device: OutOfMemoryError: simulated: no room" == error, results[rank]
 
 
+def test_no_files_is_nothing_on_every_rank():
+    # vLLM's filters may leave a source no file (its unused-weight filter, say): every rank
+    # gets nothing, as vLLM's own iterator gives, rather than an IndexError.
+    results = run([])
+    for rank in range(WORLD):
+        assert results[rank].get("tensors") == [], results[rank]
+        assert results[rank]["load"]["files"] == []
+
+
 if __name__ == "__main__":
     pytest.main([__file__])
