@@ -245,9 +245,17 @@ impl Checkpoint {
     /// shards), read whole if it is at most `max` bytes: its bytes and identity (length,
     /// modification time, and its ETag's hash for the inode, as planning records the
     /// index's), or `None` where there is no such object. An error for a local checkpoint.
-    pub fn fetch_remote_file(&self, name: &str, max: u64) -> io::Result<Option<(Vec<u8>, FileIdentity)>> {
+    /// Given up (an `Interrupted` error, its requests dropped) once `cancelled` says nobody
+    /// waits for it, asked every 20 ms, or (`TimedOut`) past the remote options'
+    /// `plan_timeout`.
+    pub fn fetch_remote_file(
+        &self,
+        name: &str,
+        max: u64,
+        cancelled: &dyn Fn() -> bool,
+    ) -> io::Result<Option<(Vec<u8>, FileIdentity)>> {
         match &self.remote_root {
-            Some(folder) => folder.fetch(name, max),
+            Some(folder) => folder.fetch(name, max, cancelled),
             None => Err(io::Error::new(io::ErrorKind::InvalidInput, "a local checkpoint has no remote folder")),
         }
     }

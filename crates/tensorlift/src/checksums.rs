@@ -27,8 +27,13 @@ pub(crate) type Digests = Vec<Option<(Sha256, DigestSource)>>;
 /// the index is checked (where a digest of it is known, or a hub cache names its blob by
 /// git's SHA-1 of it: the file planning read, unchanged
 /// since, and while it is hashed) and, under [`Verify::Required`], every shard the load
-/// reads is seen to have one.
-pub(crate) fn for_load(plan: &tensorlift_io::Checkpoint, policy: crate::Verify) -> Result<Digests, crate::LoadError> {
+/// reads is seen to have one. `cancelled` says when nobody waits for them any more: a
+/// remote checkpoint's fetches are then given up.
+pub(crate) fn for_load(
+    plan: &tensorlift_io::Checkpoint,
+    policy: crate::Verify,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<Digests, crate::LoadError> {
     // A plan made from a remote checkpoint's local copy would check the copy against the
     // cache folder (which holds no SHA256SUMS): a verified load reads the store.
     if let Some(url) = plan.copy_of() {
@@ -40,9 +45,12 @@ pub(crate) fn for_load(plan: &tensorlift_io::Checkpoint, policy: crate::Verify) 
     }
     // A remote checkpoint's SHA256SUMS and index are fetched from its folder in the store;
     // the shards' bytes are hashed as they land either way.
-    let e = if plan.is_remote() { remote_expected(plan)? } else { expected(plan)? };
+    let e = if plan.is_remote() { remote_expected(plan, cancelled)? } else { expected(plan)? };
     if let (Some(path), Some((want, from))) = (plan.index_file(), &e.index) {
-        let actual = if plan.is_remote() { remote_index_digest(plan, path)? } else { index_digest(plan, path)? };
+        let actual = match plan.is_remote() {
+            true => remote_index_digest(plan, path, cancelled)?,
+            false => index_digest(plan, path)?,
+        };
         if actual != *want {
             return Err(crate::LoadError::Checksum {
                 file: path.to_path_buf(),
@@ -138,10 +146,14 @@ fn index_hashed<T>(
 
 /// The expected digests of a remote checkpoint, from the `SHA256SUMS` object beside its
 /// shards (fetched, bounded), if there is one.
-fn remote_expected(plan: &tensorlift_io::Checkpoint) -> Result<crate::digest::Expected, crate::LoadError> {
+fn remote_expected(
+    plan: &tensorlift_io::Checkpoint,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<crate::digest::Expected, crate::LoadError> {
     let sums_file = plan.root().join(SUMS_FILE);
     let fail = |message: String| crate::digest::SumsError { file: sums_file.clone(), line: 0, message };
-    let fetched = plan.fetch_remote_file(SUMS_FILE, crate::digest::MAX_SUMS_BYTES).map_err(|e| fail(e.to_string()))?;
+    let fetched =
+        plan.fetch_remote_file(SUMS_FILE, crate::digest::MAX_SUMS_BYTES, cancelled).map_err(|e| fail(e.to_string()))?;
     let listed = match fetched {
         Some((bytes, _)) => crate::digest::parse_sums_bytes(&bytes, &sums_file)?.0,
         None => Vec::new(),
@@ -151,11 +163,15 @@ fn remote_expected(plan: &tensorlift_io::Checkpoint) -> Result<crate::digest::Ex
 
 /// The digest of a remote checkpoint's index, fetched again: the object planning read (its
 /// length, modification time and ETag).
-fn remote_index_digest(plan: &tensorlift_io::Checkpoint, path: &Path) -> Result<Sha256, crate::LoadError> {
+fn remote_index_digest(
+    plan: &tensorlift_io::Checkpoint,
+    path: &Path,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<Sha256, crate::LoadError> {
     let changed = |what: String| crate::LoadError::ShardChanged { file: path.to_path_buf(), what };
     let name = path.strip_prefix(plan.root()).unwrap_or(path).to_string_lossy().into_owned();
     let fetched = plan
-        .fetch_remote_file(&name, tensorlift_format::MAX_INDEX_LEN)
+        .fetch_remote_file(&name, tensorlift_format::MAX_INDEX_LEN, cancelled)
         .map_err(|source| crate::LoadError::Open(tensorlift_io::IoError::Open { file: path.to_path_buf(), source }))?;
     let Some((bytes, now)) = fetched else { return Err(changed("the index is gone".into())) };
     if let Some(what) = plan.index_identity().and_then(|planned| tensorlift_io::identity_change(planned, &now)) {

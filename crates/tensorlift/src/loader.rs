@@ -706,13 +706,14 @@ impl Loader {
     fn expected_digests(&self, plan: &Checkpoint) -> Result<Option<crate::checksums::Digests>, LoadError> {
         match self.cfg.verify {
             Verify::Off => Ok(None),
-            policy => crate::checksums::for_load(plan, policy).map(Some),
+            policy => crate::checksums::for_load(plan, policy, &|| false).map(Some),
         }
     }
 
     /// [`expected_digests`](Self::expected_digests) on a thread of its own, which the
     /// returned future waits for: a remote checkpoint's come from its store, which an async
-    /// caller's thread must not wait for.
+    /// caller's thread must not wait for. Dropped, the thread gives up its requests to the
+    /// store (within 20 ms) and lets go of the plan's copy.
     async fn expected_digests_async(&self, plan: &Checkpoint) -> Result<Option<crate::checksums::Digests>, LoadError> {
         let policy = self.cfg.verify;
         if policy == Verify::Off {
@@ -721,7 +722,8 @@ impl Loader {
         let owned = plan.clone();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let spawned = std::thread::Builder::new().name("tensorlift-digests".into()).spawn(move || {
-            let _ = tx.send(crate::checksums::for_load(&owned, policy));
+            let digests = crate::checksums::for_load(&owned, policy, &|| tx.is_closed());
+            let _ = tx.send(digests);
         });
         match spawned {
             Ok(_) => rx.await.map_err(|_| LoadError::PlanningFailed)?.map(Some),

@@ -8,7 +8,7 @@ use object_store::GetOptions;
 use tensorlift_format::{FileIdentity, FormatError};
 
 use super::meta::identity;
-use super::runtime::run;
+use super::runtime::run_until;
 use super::store::{store_error, Place};
 
 /// A reply's body, which must be exactly `len` bytes: read as it comes, into memory
@@ -83,14 +83,18 @@ pub(crate) struct RemoteFolder {
 
 impl RemoteFolder {
     /// `name` under the folder, whole, if it is at most `max` bytes; `None` if absent.
+    /// Given up (`Interrupted`) once `cancelled` says nobody waits for it, or (`TimedOut`)
+    /// past the options' `plan_timeout`, its requests dropped.
     pub(crate) fn fetch(
         &self,
         name: &str,
         max: u64,
+        cancelled: &dyn Fn() -> bool,
     ) -> std::io::Result<Option<(Vec<u8>, tensorlift_format::FileIdentity)>> {
         self.place.shared.same_process()?;
         let place = self.place.clone();
         let name = name.to_owned();
-        run(async move { fetch_file(&place, &name, max).await })?
+        let deadline = std::time::Instant::now() + self.place.shared.options.plan_timeout;
+        run_until(async move { fetch_file(&place, &name, max).await }, cancelled, (deadline, "plan_timeout"))?
     }
 }

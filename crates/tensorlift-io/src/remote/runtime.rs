@@ -46,17 +46,6 @@ pub(crate) fn runtime() -> Result<&'static tokio::runtime::Runtime, std::io::Err
     Ok(runtime)
 }
 
-/// Runs `fut` on the network runtime and blocks this thread until it is done: safe on any
-/// thread, an async runtime's included (planning blocks as reading a local header does).
-pub(crate) fn run<F>(fut: F) -> Result<F::Output, std::io::Error>
-where
-    F: Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    let handle = runtime()?.spawn(fut);
-    crate::block_on(handle).map_err(|e| std::io::Error::other(format!("a network task failed: {e}")))
-}
-
 /// The error planning stops with once nobody waits for the plan (a dropped load), local or
 /// remote.
 pub(crate) fn planning_cancelled() -> std::io::Error {
@@ -66,9 +55,11 @@ pub(crate) fn planning_cancelled() -> std::io::Error {
 /// How often [`run_until`] asks whether its caller still waits.
 const CANCEL_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
-/// [`run`], given up when `cancelled` says nobody waits any more (asked every 20 ms), with
-/// the error `Interrupted`, or at `deadline` (`TimedOut`, naming `what` sets it): the task
-/// is then aborted, which drops its requests in flight.
+/// Runs `fut` on the network runtime and blocks this thread until it is done (safe on any
+/// thread, an async runtime's included: planning blocks as reading a local header does),
+/// or until `cancelled` says nobody waits any more (asked every 20 ms), with the error
+/// `Interrupted`, or until `deadline` (`TimedOut`, naming `what` sets it): the task is
+/// then aborted, which drops its requests in flight.
 pub(crate) fn run_until<F>(
     fut: F,
     cancelled: &dyn Fn() -> bool,

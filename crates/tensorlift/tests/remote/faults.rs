@@ -283,6 +283,44 @@ fn a_verified_load_waits_for_its_digests_without_holding_its_callers_thread() {
     assert!(ticks >= 20, "the caller's thread ticked {ticks} times while the digests were fetched");
 }
 
+/// A verified load dropped while its `SHA256SUMS` GET is held lets go of the request (the
+/// digests' thread gives it up), well before the server's minute is up: nothing is left
+/// talking to the store for a load nobody waits for.
+#[test]
+fn a_dropped_verified_load_gives_up_fetching_its_digests() {
+    let r = Remote::new();
+    sharded(&r.root);
+    crate::loads::with_sums(&r.root);
+    let Some(s3) = r.s3() else { return };
+    let rules =
+        vec![Rule { needle: "SHA256SUMS".into(), nth: 1, every: true, fault: Fault::Delay(Duration::from_secs(60)) }];
+    let proxy = FaultProxy::start(s3.port, rules).unwrap();
+    point_at(proxy.port);
+    let mut o = quick();
+    o.timeout = Duration::from_secs(120);
+    let loader = base().remote(o).verify(tensorlift::Verify::Required).build().unwrap();
+    let held = |p: &FaultProxy| p.log().iter().filter(|(_, f)| f.is_some()).count();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    rt.block_on(async {
+        let load = loader.load("s3://bucket/model");
+        tokio::pin!(load);
+        // Polled until the digests' GET is held, then dropped.
+        let t = Instant::now();
+        while held(&proxy) == 0 {
+            assert!(t.elapsed() < Duration::from_secs(30), "the SHA256SUMS GET was never made");
+            tokio::select! {
+                _ = &mut load => panic!("the load ended while its SHA256SUMS GET was held"),
+                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+            }
+        }
+    });
+    let t = Instant::now();
+    while proxy.abandoned() < held(&proxy) && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(proxy.abandoned(), held(&proxy), "the digests' request was left running after the load was dropped");
+}
+
 /// loader-bench's GET limit fetches each shard's every byte once, by GETs checked as a
 /// load's are: each names the ETag planned, and an object replaced since fails it.
 #[test]
