@@ -15,6 +15,14 @@ struct DLManagedTensorVersioned;
 
 
 /*
+ The ABI this header declares: raised with every change to a struct, an enum's values or
+ a function's signature. A program checks `tl_abi_version() == TL_ABI_VERSION` once at
+ start: a library of another ABI (the shared library has no SONAME yet) then refuses to
+ run instead of misreading its structs.
+ */
+#define TL_ABI_VERSION 1
+
+/*
  What every function of the API returns.
  */
 typedef enum TlStatus {
@@ -141,6 +149,11 @@ const char *tl_last_error(void);
  tensorlift's version, as a static NUL-terminated string. Thread-safe.
  */
 const char *tl_version(void);
+
+/*
+ The ABI of this library (`TL_ABI_VERSION` as it was built). Thread-safe.
+ */
+uint32_t tl_abi_version(void);
 
 /*
  New options, with every default (the device: `TENSORLIFT_DEVICE` where it is set, else

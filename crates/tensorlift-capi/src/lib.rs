@@ -374,6 +374,18 @@ pub extern "C" fn tl_version() -> *const c_char {
     concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
 }
 
+/// The ABI this header declares: raised with every change to a struct, an enum's values or
+/// a function's signature. A program checks `tl_abi_version() == TL_ABI_VERSION` once at
+/// start: a library of another ABI (the shared library has no SONAME yet) then refuses to
+/// run instead of misreading its structs.
+pub const TL_ABI_VERSION: u32 = 1;
+
+/// The ABI of this library (`TL_ABI_VERSION` as it was built). Thread-safe.
+#[no_mangle]
+pub extern "C" fn tl_abi_version() -> u32 {
+    TL_ABI_VERSION
+}
+
 /// New options, with every default (the device: `TENSORLIFT_DEVICE` where it is set, else
 /// `"auto"`, a CUDA device when one is usable, else the host). `*out` is null on failure.
 /// Thread-safe.

@@ -123,6 +123,11 @@ fn a_c_program_loads_on_the_host_and_the_device_and_under_asan() {
         &["-std=c11", "-fsanitize=address", "-fno-omit-frame-pointer"],
     );
     let model = dir.join("model");
+    // Several reads of the default 8 MiB, for a stream dropped after its first tensor.
+    let names = ["big.0", "big.1", "big.2", "big.3"];
+    let specs: Vec<Spec<'_>> = names.iter().map(|n| (*n, Dtype::U8, &[6usize << 20][..])).collect();
+    let big = dir.join("big.safetensors");
+    let big_truth = tensorlift_testkit::write_shard(&big, &specs);
     for (what, program, device) in
         [("host", &exe, "cpu"), ("cuda", &exe, "cuda:0"), ("host, asan", &asan, "cpu"), ("cuda, asan", &asan, "cuda:0")]
     {
@@ -137,7 +142,8 @@ fn a_c_program_loads_on_the_host_and_the_device_and_under_asan() {
         let gap = if real_cuda { ":protect_shadow_gap=0" } else { "" };
         let options = format!("detect_leaks={leaks}:abort_on_error=0:exitcode=99{gap}");
         let env = [("ASAN_OPTIONS", options.as_str())];
-        let (ok, stdout, stderr) = run(program, &[model.to_str().unwrap(), device, out.to_str().unwrap()], &env);
+        let args = [model.to_str().unwrap(), device, out.to_str().unwrap(), big.to_str().unwrap()];
+        let (ok, stdout, stderr) = run(program, &args, &env);
         assert!(ok, "{what}: {stdout}\n{stderr}");
         assert!(stdout.contains(&format!("ok {} tensors", truth.len())), "{what}: {stdout}");
         assert!(stdout.contains("tensor a.w BF16 [64,33] "), "{what}: {stdout}");
@@ -151,6 +157,10 @@ fn a_c_program_loads_on_the_host_and_the_device_and_under_asan() {
             let got = std::fs::read(out.join(format!("{name}.bin"))).unwrap();
             assert!(&got == want, "{what}: {name} differs");
         }
+        // The first tensor of the stream dropped midway, as the program read it.
+        let first = stdout.lines().find_map(|l| l.strip_prefix("midway ")).expect("no midway line");
+        let got = std::fs::read(out.join("midway.bin")).unwrap();
+        assert!(big_truth.get(first) == Some(&got), "{what}: the midway stream's {first} differs");
     }
 }
 

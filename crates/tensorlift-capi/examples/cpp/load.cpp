@@ -71,6 +71,12 @@ int main(int argc, char **argv) {
         std::fprintf(stderr, "usage: load PATH [DEVICE]\n");
         return 2;
     }
+    // Built against this header, run with a library of its ABI.
+    if (tl_abi_version() != TL_ABI_VERSION) {
+        std::fprintf(stderr, "libtensorlift_c has ABI %u, this program was built for %u\n", tl_abi_version(),
+                     TL_ABI_VERSION);
+        return 2;
+    }
     try {
         tl::Loader loader(argc > 2 ? argv[2] : "auto");
         tl::Model model = loader.load(argv[1]);
