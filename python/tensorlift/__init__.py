@@ -316,10 +316,20 @@ def load_file(
     ``stats``, ``verify``; elsewhere it reads), under the reference's contract for such
     views: the files must not be truncated or written while the tensors live. Arrays of the
     other frameworks are memory of their own with either, as the reference's are copies.
+
+    A device tensorlift does not load to (an XPU, MPS, ...; ``"cuda"`` on a ROCm build of
+    torch) is the reference's, with torch and none of tensorlift's own options, as under
+    ``patch()``.
     """
+    plain = dtype is None and tp is None and stats is None and verify is None
+    if framework in _TORCH_NAMES and plain and cache_dir is None and _foreign_device(device):
+        reference = _reference_safe_open()
+        if reference is not None:
+            # The reference's load_file, which opens through safetensors.safe_open.
+            with reference(_path(filename), framework="pt", device=device, backend=backend) as f:
+                return {k: f.get_tensor(k) for k in f.keys()}
     _check_framework(framework, _device(device))
     _check_backend(backend)
-    plain = dtype is None and tp is None and stats is None and verify is None
     if backend == "mmap" and plain and _device(device) == "cpu" and not _is_remote(_path(filename)):
         with safe_open(filename, framework=framework, device="cpu", backend="mmap") as f:
             return f.get_tensors()
@@ -738,7 +748,18 @@ class safe_open:
     ``get_slice(name)[...]``, ``metadata()``; also folders and indexes.
 
     ``with tensorlift.safe_open(path, framework="pt", device="cpu") as f: ...``
+
+    A device tensorlift does not load to (an XPU, MPS, ...; ``"cuda"`` on a ROCm build of
+    torch), with torch, gets the reference's handle, as under ``patch()``.
     """
+
+    def __new__(cls, filename, framework="pt", device="cpu", *, backend="pread"):
+        if framework in _TORCH_NAMES and _foreign_device(device):
+            reference = _reference_safe_open()
+            if reference is not None:
+                _check_backend(backend)
+                return reference(_path(filename), framework, device, backend=backend)
+        return super().__new__(cls)
 
     def __init__(self, filename, framework="pt", device="cpu", *, backend="pread"):
         _check_framework(framework, _device(device))
@@ -854,6 +875,27 @@ def _torch_on_rocm():
     devices are AMD GPUs (HIP)."""
     torch = sys.modules.get("torch")
     return bool(getattr(getattr(torch, "version", None), "hip", None))
+
+
+def _foreign_device(device):
+    """Whether ``device`` is one tensorlift does not load to: neither the host nor a CUDA
+    device (a ROCm build of torch's ``"cuda"`` is an AMD GPU)."""
+    if device is None:
+        return False
+    name = _device_type(device)
+    return name not in _OWN_DEVICES or (name == "cuda" and _torch_on_rocm())
+
+
+def _reference_safe_open():
+    """The reference's ``safe_open`` (as it was before ``patch()``), or ``None`` where
+    safetensors is not installed."""
+    if _REFERENCE:
+        return _REFERENCE[0]
+    try:
+        import safetensors
+    except ImportError:
+        return None
+    return safetensors.safe_open
 
 
 def _device_type(device):

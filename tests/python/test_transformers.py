@@ -161,6 +161,34 @@ def test_patch_is_undone_and_falls_back_for_what_tensorlift_does_not_load(tmp_pa
     assert modeling_utils.safe_open is original and safetensors.torch.safe_open is original
 
 
+def test_devices_tensorlift_does_not_load_to_are_the_references_without_patch(tmp_path):
+    """``tensorlift.safe_open`` and ``load_file`` called directly hand a device tensorlift
+    does not load to (an XPU here) to the reference, as ``patch()`` does, rather than refuse
+    it: the reference's handle, and the reference's own error where this torch has no XPU."""
+    import safetensors
+    import safetensors.torch
+    from safetensors.numpy import save_file
+
+    import numpy as np
+
+    path = tmp_path / "a.safetensors"
+    save_file({"x": np.arange(4, dtype=np.float32)}, str(path))
+    reference = type(safetensors.safe_open(str(path), framework="np"))
+    with tensorlift.safe_open(path, framework="pt", device="xpu") as f:
+        assert type(f) is reference and list(f.keys()) == ["x"]
+    with pytest.raises(Exception) as want:
+        safetensors.torch.load_file(str(path), device="xpu")
+    with pytest.raises(type(want.value)) as got:
+        tensorlift.load_file(path, device="xpu")
+    assert str(got.value) == str(want.value)
+    # tensorlift's own options are not the reference's: refused as before.
+    with pytest.raises(ValueError, match="xpu"):
+        tensorlift.load_file(path, device="xpu", dtype="float16")
+    # Its own devices stay its own.
+    with tensorlift.safe_open(path, framework="pt", device="cpu") as f:
+        assert type(f) is tensorlift.safe_open
+
+
 def test_a_patch_inside_another_leaves_the_outer_one(tmp_path):
     """The end of a ``with tensorlift.patch():`` inside another (a library that patches
     around its own load, called by an application that patched) does not undo the outer
