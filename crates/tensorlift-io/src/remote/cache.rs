@@ -39,14 +39,22 @@ const MAX_QUEUED: u64 = 256 << 20;
 const MAX_NOTE: u64 = 64 << 10;
 
 /// The folder of one store's copies under `root`: `SCHEME-HOST-HASH`, where the hash covers
-/// the scheme, host, port and the environment that points the same scheme and host at
-/// another store (an S3 endpoint, an Azure account).
-pub(crate) fn store_key(url: &url::Url) -> String {
+/// the scheme, host, port, the part of the URL's path the store takes for itself rather
+/// than for the object (`path`, the object's path, is the rest: a path-style URL's bucket,
+/// `https://s3.REGION.amazonaws.com/BUCKET/...`, or container) and the environment that
+/// points the same scheme and host at another store (an S3 endpoint, an Azure account).
+pub(crate) fn store_key(url: &url::Url, path: &ObjectPath) -> String {
     // (The user part is an `abfss://` URL's container: the one place a URL names one. Where
     // there is none, the identity is what it was before containers counted, so that copies
     // already made keep their folder.)
     let user = if url.username().is_empty() { String::new() } else { format!("{}@", url.username()) };
     let mut identity = format!("{}://{user}{}:{:?}", url.scheme(), url.host_str().unwrap_or(""), url.port());
+    // (Added only where there is such a part, so that other URLs' copies keep their folder.)
+    let segments: Vec<&str> = url.path_segments().map(|s| s.filter(|p| !p.is_empty()).collect()).unwrap_or_default();
+    let own = segments.len().saturating_sub(path.parts().count());
+    if own > 0 {
+        identity += &format!("\n/{}", segments[..own].join("/"));
+    }
     // Every variable of the providers that can point a URL at another store: endpoints,
     // accounts, emulators, and the service-account keys that carry a base URL.
     let mut vars: Vec<(String, String)> = std::env::vars_os()
@@ -754,18 +762,27 @@ mod tests {
         }
         assert_eq!(base_url_in(r#"{"gcs_base_url": "http://h:1", "private_key": "x"}"#).as_deref(), Some("http://h:1"));
         assert_eq!(base_url_in(r#"{"private_key": "x"}"#), None);
+        // The key of a URL, with its object's path as object_store reads it.
+        let key = |u: &str| {
+            let url = url::Url::parse(u).unwrap();
+            store_key(&url, &object_store::ObjectStoreScheme::parse(&url).unwrap().1)
+        };
         // Another endpoint, port or scheme is another folder.
-        let a = store_key(&url::Url::parse("s3://b/x").unwrap());
-        assert_ne!(a, store_key(&url::Url::parse("gs://b/x").unwrap()));
+        let a = key("s3://b/x");
+        assert_ne!(a, key("gs://b/x"));
+        assert_eq!(a, key("s3://b/m/y.safetensors"), "one bucket, one folder");
         // Two containers of one Azure account.
-        assert_ne!(
-            store_key(&url::Url::parse("abfss://c1@a.dfs.core.windows.net/x").unwrap()),
-            store_key(&url::Url::parse("abfss://c2@a.dfs.core.windows.net/x").unwrap())
-        );
-        assert_ne!(
-            store_key(&url::Url::parse("http://h:8080/x").unwrap()),
-            store_key(&url::Url::parse("http://h_8080/x").unwrap())
-        );
+        assert_ne!(key("abfss://c1@a.dfs.core.windows.net/x"), key("abfss://c2@a.dfs.core.windows.net/x"));
+        assert_ne!(key("http://h:8080/x"), key("http://h_8080/x"));
+        // Path-style URLs name the bucket or container first, which the store strips from
+        // the object's path: two buckets are two folders, one bucket's objects one.
+        let s3 = "https://s3.us-east-1.amazonaws.com";
+        assert_ne!(key(&format!("{s3}/bucket-a/m/x")), key(&format!("{s3}/bucket-b/m/x")));
+        assert_eq!(key(&format!("{s3}/bucket-a/m/x")), key(&format!("{s3}/bucket-a/n/y/z")));
+        let blob = "https://acct.blob.core.windows.net";
+        assert_ne!(key(&format!("{blob}/c1/m/x")), key(&format!("{blob}/c2/m/x")));
+        // A plain HTTP server's path is all the object's.
+        assert_eq!(key("http://h/a/x"), key("http://h/b/y"));
     }
 
     #[test]

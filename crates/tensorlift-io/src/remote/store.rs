@@ -78,7 +78,7 @@ pub(crate) fn connect(url: &str, options: &RemoteOptions) -> Result<(Place, Opti
     let (scheme, path) = ObjectStoreScheme::parse(&parsed)
         .map_err(|e| invalid(&format!("not a URL of a store tensorlift reads: {e}")))?;
     let http = scheme == ObjectStoreScheme::Http;
-    let cache_key = super::cache::store_key(&parsed);
+    let cache_key = super::cache::store_key(&parsed, &path);
     let store = build(scheme, &parsed, options)?;
     // The path's parts as the store spells them (already encoded: joined, not encoded again).
     let mut parts: Vec<String> = path.parts().map(|p| p.as_ref().to_owned()).collect();
