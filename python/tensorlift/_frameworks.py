@@ -220,10 +220,11 @@ def load_file_for(framework):
 _MODULES = {"flax": "flax", "tf": "tensorflow", "paddle": "paddle", "mlx": "mlx"}
 
 
-def reference_attr(module, name):
-    """``load``, ``save`` and ``save_file`` of the reference's ``module`` (they turn bytes in
-    memory into tensors, and tensors into bytes or files: nothing tensorlift reads)."""
-    if name in ("load", "save", "save_file"):
+def reference_attr(module, name, names=("load", "save", "save_file")):
+    """``names`` of the reference's ``module``: ``load``, ``save`` and ``save_file`` (they
+    turn bytes in memory into tensors, and tensors into bytes or files: nothing tensorlift
+    reads), and torch's ``save_model`` and ``load_model``."""
+    if name in names:
         import importlib
 
         try:

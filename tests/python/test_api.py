@@ -967,3 +967,45 @@ def test_arrays_of_a_mapped_file_outlive_its_truncation_as_the_references_copies
     )
     out = subprocess.run([sys.executable, "-c", child, str(path)], capture_output=True, text=True, timeout=120)
     assert (out.returncode, out.stdout) == (0, "ok\n"), (out.returncode, out.stderr)
+
+
+def test_torch_and_numpy_modules_mirror_the_references(tmp_path):
+    """``tensorlift.torch`` and ``tensorlift.numpy`` stand in for ``safetensors.torch`` and
+    ``safetensors.numpy``: ``load_file`` (the reference's signature) reads through tensorlift
+    (a folder too, which the reference does not read), to the reference's tensors; the
+    functions that write, or read bytes in memory, are the reference's own."""
+    import safetensors.numpy
+    import safetensors.torch
+    import torch
+
+    import tensorlift.numpy
+    import tensorlift.torch
+
+    tensors = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(3, dtype=torch.bfloat16)}
+    path = tmp_path / "model.safetensors"
+    for name in ("save", "save_file", "save_model", "load_model", "load"):
+        assert getattr(tensorlift.torch, name) is getattr(safetensors.torch, name), name
+    for name in ("save", "save_file", "load"):
+        assert getattr(tensorlift.numpy, name) is getattr(safetensors.numpy, name), name
+    with pytest.raises(AttributeError):
+        tensorlift.torch.no_such_function
+    tensorlift.torch.save_file(tensors, str(path))
+    want = safetensors.torch.load_file(str(path))
+    for source in (path, tmp_path):
+        for backend in ("mmap", "pread"):
+            got = tensorlift.torch.load_file(source, "cpu", backend=backend)
+            assert sorted(got) == sorted(want)
+            for k in want:
+                assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), (source, backend, k)
+    arrays = {"x": np.arange(5, dtype=np.int16), "y": np.ones((2, 2), dtype=np.float64)}
+    np_path = tmp_path / "arrays" / "a.safetensors"
+    np_path.parent.mkdir()
+    tensorlift.numpy.save_file(arrays, str(np_path))
+    want = safetensors.numpy.load_file(str(np_path))
+    for backend in ("mmap", "pread"):
+        got = tensorlift.numpy.load_file(np_path.parent, backend=backend)
+        assert sorted(got) == sorted(want)
+        for k in want:
+            assert got[k].dtype == want[k].dtype and got[k].tobytes() == want[k].tobytes(), (backend, k)
+            assert got[k].flags.writeable, (backend, k)
+    assert tensorlift.torch.load(tensorlift.torch.save(tensors))["a"].tolist() == tensors["a"].tolist()
