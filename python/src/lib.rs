@@ -654,7 +654,8 @@ fn reuse_host_memory(py: Python<'_>, enable: bool) {
     }
 }
 
-/// Gives kept host memory back to the system now.
+/// Gives kept host memory back to the system now; memory of tensors dropped after this is
+/// not kept until the next load.
 #[pyfunction]
 fn release_host_memory(py: Python<'_>) {
     if let Some(p) = host_pool() {
@@ -1079,7 +1080,9 @@ fn iter_tensors(
     // Built without the GIL: building probes the hardware (CUDA's first call can take
     // seconds), while other threads and Ctrl-C go on.
     let loader = py.detach(|| loader(device, filter, progress, &raised, options))?;
-    let stream = py.detach(|| loader.stream_blocking(&path)).map_err(py_err)?;
+    // Planned as a load waits (Ctrl-C stops it: a remote checkpoint's planning may wait on
+    // its store).
+    let stream = wait(py, loader.stream(&path), &raised)?.map_err(py_err)?;
     Ok(PyTensorIterator { stream: Some(stream), raised, stats })
 }
 

@@ -282,7 +282,8 @@ def load_file(
 
     A drop-in for ``safetensors.torch.load_file`` (``framework="pt"``) and
     ``safetensors.numpy.load_file`` (``framework="np"``): returns a dict of name to tensor,
-    viewing the loaded memory without a copy. ``framework=None`` returns tensorlift
+    viewing the loaded memory without a copy (numpy before 2.2.5 gets arrays of its own).
+    ``framework=None`` returns tensorlift
     ``Tensor`` objects, which any DLPack consumer takes. ``device``: ``"cpu"``,
     ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
 
@@ -877,13 +878,19 @@ def _torch_on_rocm():
     return bool(getattr(getattr(torch, "version", None), "hip", None))
 
 
+# The devices the reference loads to besides the host and CUDA (safetensors 0.8's
+# `Device`): given to tensorlift's own `safe_open` or `load_file`, they go to the reference;
+# a name that is none of these is tensorlift's error.
+_REFERENCE_DEVICES = ("mps", "npu", "xpu", "xla", "mlu", "musa", "hpu")
+
+
 def _foreign_device(device):
-    """Whether ``device`` is one tensorlift does not load to: neither the host nor a CUDA
-    device (a ROCm build of torch's ``"cuda"`` is an AMD GPU)."""
+    """Whether ``device`` is one the reference loads to and tensorlift does not: an XPU,
+    MPS, ... (a ROCm build of torch's ``"cuda"`` is an AMD GPU)."""
     if device is None:
         return False
     name = _device_type(device)
-    return name not in _OWN_DEVICES or (name == "cuda" and _torch_on_rocm())
+    return name in _REFERENCE_DEVICES or (name == "cuda" and _torch_on_rocm())
 
 
 def _reference_safe_open():

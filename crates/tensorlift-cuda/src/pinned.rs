@@ -35,6 +35,8 @@ pub struct PinnedPool {
     waiting: Mutex<Vec<std::task::Waker>>,
     /// Spare chunks not lent out (see `spare`), each registered on its own.
     spares: Mutex<Vec<Spare>>,
+    /// Spare chunks made, lent out or not (each kept until the pool is dropped).
+    spares_made: std::sync::atomic::AtomicUsize,
 }
 
 // SAFETY: the memory is only written through PinnedChunks, each owned by one holder at a
@@ -69,6 +71,7 @@ impl PinnedPool {
             returned: Condvar::new(),
             waiting: Mutex::new(Vec::new()),
             spares: Mutex::new(Vec::new()),
+            spares_made: std::sync::atomic::AtomicUsize::new(0),
         }))
     }
 
@@ -93,6 +96,11 @@ impl PinnedPool {
     /// Number of chunks.
     pub fn chunks(&self) -> usize {
         self.count
+    }
+
+    /// Number of spare chunks made (see [`spare`](Self::spare)), which the pool keeps.
+    pub fn spare_chunks(&self) -> usize {
+        self.spares_made.load(Ordering::Relaxed)
     }
 
     /// A free chunk, waiting until one is returned: back-pressure, never growth.
@@ -151,6 +159,7 @@ impl PinnedPool {
             unsafe { (self.gpu.api().cuMemHostRegister_v2)(base.cast(), self.chunk, driver::MEMHOSTREGISTER_PORTABLE) };
         // (Refused, `mem` is freed unregistered.)
         self.gpu.api().check(r, "cuMemHostRegister")?;
+        self.spares_made.fetch_add(1, Ordering::Relaxed);
         Ok(PinnedChunk { pool: Arc::clone(self), index: usize::MAX, own: Some(Spare { mem }) })
     }
 

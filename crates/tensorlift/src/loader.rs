@@ -133,7 +133,7 @@ impl LoaderBuilder {
         self
     }
     /// Most header bytes one plan may hold, all shards together (default 256 MiB, far over
-    /// any real checkpoint's). A checkpoint over it fails to plan with
+    /// any real checkpoint's; a PyTorch file's pickle counts by its length). A checkpoint over it fails to plan with
     /// [`FormatError::HeaderBudget`](crate::FormatError::HeaderBudget), before its memory is used.
     pub fn max_header_bytes(mut self, bytes: u64) -> Self {
         self.cfg.limits.max_header_bytes = bytes;
@@ -584,14 +584,17 @@ impl Loader {
         }
     }
 
-    /// Bytes of pinned staging memory the loader holds (registered with CUDA); `None` on the
-    /// host. Whether its chunks are also io_uring fixed buffers is in
-    /// [`io_report`](Self::io_report)'s `fixed_buffers`.
+    /// Bytes of pinned staging memory the loader holds (registered with CUDA): its pool (the
+    /// staging budget) and the spare chunks its loads took beyond it
+    /// ([`LoadStats::spare_staging_chunks`]), which it keeps; `None` on the host. Whether
+    /// its chunks are also io_uring fixed buffers is in [`io_report`](Self::io_report)'s
+    /// `fixed_buffers`.
     pub fn pinned_staging(&self) -> Option<u64> {
+        let held = |p: &tensorlift_cuda::PinnedPool| ((p.chunks() + p.spare_chunks()) * p.chunk_size()) as u64;
         match &self.target {
-            Target::Cuda(c) => Some((c.pool.chunks() * c.pool.chunk_size()) as u64),
+            Target::Cuda(c) => Some(held(&c.pool)),
             // One pool serves every device.
-            Target::Devices(d) => d.first().map(|c| (c.pool.chunks() * c.pool.chunk_size()) as u64),
+            Target::Devices(d) => d.first().map(|c| held(&c.pool)),
             Target::Host => None,
         }
     }

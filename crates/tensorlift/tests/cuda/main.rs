@@ -479,6 +479,8 @@ fn a_load_does_not_wait_on_a_stream_that_is_not_read() {
         assert!(bytes == loaded, "the load beside the stream");
         if budget == 64 << 10 {
             assert!(model.stats().spare_staging_chunks > 0, "{:?}", model.stats());
+            // The spare is kept, and counted in what the loader pins.
+            assert_eq!(loader.pinned_staging(), Some(2 * (64 << 10)));
         }
         let mut got = BTreeMap::from([(first.name().to_owned(), first.to_host().unwrap().into_owned())]);
         while let Some(t) = tensorlift::block_on(stream.next()) {
