@@ -13,7 +13,7 @@ parameter was loaded are vLLM's own (``DefaultModelLoader``, as for ``--load-for
 safetensors files, or Mistral's ``consolidated*.safetensors`` where a repository has them,
 else PyTorch ``.bin``/``.pt`` files, which tensorlift reads without running their pickle; such
 a file tensorlift refuses is read as vLLM reads it, by ``torch.load(weights_only=True)`` onto
-``pt_load_map_location``, unless ``TENSORLIFT_USE_SAFETENSORS`` is set). With expert
+``pt_load_map_location``, unless ``TENSORLIFT_USE_SAFETENSORS`` is set to 1, true or yes). With expert
 parallelism, a rank that reads the files on its own does not read other ranks' experts; ranks
 that split the files read and broadcast every tensor, and each keeps its own.
 

@@ -535,7 +535,8 @@ pub unsafe extern "C" fn tl_options_add_slice(
 }
 
 /// Checks each shard's SHA-256 as it is read: `"required"` (every shard the load reads must
-/// have an expected digest: with a filter, the shards that hold its tensors) or
+/// have an expected digest: with a filter, the shards that hold its tensors, and any that
+/// lists no tensor) or
 /// `"if-known"`; `"off"` does not. One thread at a time per options.
 ///
 /// # Safety
@@ -606,7 +607,8 @@ pub unsafe extern "C" fn tl_loader_device(loader: *const TlLoader, out: *mut *co
 
 /// Gives back to the system the host memory a loader keeps from its dropped loads (a load
 /// reuses it, already faulted in, when it fits; the loader keeps at most its largest load's
-/// memory). Thread-safe.
+/// memory); memory of tensors freed after this is not kept until the next load.
+/// Thread-safe.
 ///
 /// # Safety
 /// `loader` is a live loader.

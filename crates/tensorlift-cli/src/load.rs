@@ -33,8 +33,8 @@ pub struct Args {
     /// line in SHA256SUMS beside it (`tensorlift manifest` writes one), and the index where
     /// SHA256SUMS lists it or a hub cache names its blob: `--verify` needs a digest for every
     /// shard it reads, `--verify=if-known` checks those that have one. With
-    /// `--filter`, the shards that hold a matching tensor are read whole and checked (on the
-    /// host, into memory that holds each one whole).
+    /// `--filter`, the shards that hold a matching tensor (and any that lists no tensor) are
+    /// read whole and checked (on the host, into memory that holds each one whole).
     #[arg(long, value_name = "POLICY", num_args = 0..=1, require_equals = true, default_missing_value = "required",
           value_parser = |s: &str| s.parse::<tensorlift::Verify>())]
     verify: Option<tensorlift::Verify>,

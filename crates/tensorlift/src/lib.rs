@@ -22,8 +22,9 @@
 //! validated and the shards are checked against each other; shards must stay inside the
 //! model folder (see `docs/ENVIRONMENT.md` for the folder and link policy), each shard is
 //! opened once and that descriptor is read, header memory is bounded ([`PlanLimits`]), and
-//! host memory is the tensors' own size plus page padding (and, between loads, what a
-//! loader keeps for its next one: at most its largest load's); reads in flight never exceed
+//! host memory is the tensors' own size plus page padding (a verified load with a filter:
+//! the whole files of the shards it reads; and, between loads, what a loader keeps for its
+//! next one: at most its largest load's); reads in flight never exceed
 //! the staging budget. No safe API can reach a SIGBUS: memory-mapped views are an opt-in
 //! that takes an `unsafe`-made [`MapContract`].
 #![forbid(unsafe_code)]
