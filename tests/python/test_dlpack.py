@@ -120,6 +120,21 @@ def test_memory_lives_as_long_as_an_array_does(fixture):
     assert arr.tobytes() == want.tobytes()
 
 
+def test_float8_is_refused_to_consumers_older_than_dlpack_1(tmp_path):
+    # DLPack 1.1 gave float8 its codes; a consumer older than 1.0 would take them for another
+    # type: refused there (BufferError), versioned for the rest, raw bytes for anyone.
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path / "f8.safetensors"
+    save_file({"w": torch.arange(8, dtype=torch.float32).to(torch.float8_e4m3fn)}, str(path))
+    t = tensorlift.load(str(path))["w"]
+    with pytest.raises(BufferError, match="DLPack has no type for F8_E4M3"):
+        t.__dlpack__()
+    t.__dlpack__(max_version=(1, 1))
+    assert np.from_dlpack(t.raw_bytes()).tobytes() == path.read_bytes()[-8:]
+
+
 def test_legacy_and_versioned_capsules(fixture):
     t = tensorlift.load(str(fixture / "single.safetensors"))["f32"]
     assert t.__dlpack_device__() == (1, 0)

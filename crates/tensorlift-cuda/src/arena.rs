@@ -293,10 +293,13 @@ impl Drop for DeviceArena {
             }
             return;
         }
-        if let Ok(_restore) = self.gpu.enter() {
+        let freed = self.gpu.enter().map(|_restore| {
             // SAFETY: frees the allocation made in `new`, once; copies into it were
             // synchronised before the arena could be dropped (the engine holds it until then).
-            let _ = unsafe { (self.gpu.api().cuMemFree_v2)(self.ptr) };
+            unsafe { (self.gpu.api().cuMemFree_v2)(self.ptr) }
+        });
+        if !freed.as_ref().is_ok_and(|&r| r == driver::SUCCESS) {
+            tracing::warn!(ptr = self.ptr, len = self.len, "device memory not freed: the driver refused ({freed:?})");
         }
     }
 }

@@ -245,7 +245,13 @@ impl Tensor {
     /// `DLManagedTensor` (capsule name `dltensor`), which has no read-only flag: consumers
     /// must not write through host tensors.
     pub fn to_dlpack_legacy(&self) -> Result<*mut dlpack::DLManagedTensor, ViewError> {
-        Ok(dlpack::export_legacy(self.dlpack_export()?))
+        let e = self.dlpack_export()?;
+        // The float8, float6 and float4 codes are DLPack 1.1's: a consumer older than 1.0
+        // would take them for another type.
+        if e.dtype.code > dlpack::code::BOOL {
+            return Err(ViewError::NoDlpackType { tensor: self.name().to_owned(), dtype: self.dtype });
+        }
+        Ok(dlpack::export_legacy(e))
     }
 
     /// The tensor's bytes as a DLPack tensor of `uint8`, one dimension of [`len`](Self::len)
