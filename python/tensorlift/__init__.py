@@ -326,9 +326,9 @@ def load_file(
     if framework in _TORCH_NAMES and plain and cache_dir is None and _foreign_device(device):
         reference = _reference_safe_open()
         if reference is not None:
-            # The reference's load_file, which opens through safetensors.safe_open.
+            # What the reference's load_file does with its safe_open.
             with reference(_path(filename), framework="pt", device=device, backend=backend) as f:
-                return {k: f.get_tensor(k) for k in f.keys()}
+                return f.get_tensors()
     _check_framework(framework, _device(device))
     _check_backend(backend)
     if backend == "mmap" and plain and _device(device) == "cpu" and not _is_remote(_path(filename)):
@@ -754,12 +754,12 @@ class safe_open:
     torch), with torch, gets the reference's handle, as under ``patch()``.
     """
 
-    def __new__(cls, filename, framework="pt", device="cpu", *, backend="pread"):
-        if framework in _TORCH_NAMES and _foreign_device(device):
-            reference = _reference_safe_open()
-            if reference is not None:
-                _check_backend(backend)
-                return reference(_path(filename), framework, device, backend=backend)
+    def __new__(cls, *args, **kwargs):
+        # (A subclass, and copy's argument-less call, are made as any object is.)
+        if cls is safe_open and args:
+            route = _reference_route(*args, **kwargs)
+            if route is not None:
+                return route()
         return super().__new__(cls)
 
     def __init__(self, filename, framework="pt", device="cpu", *, backend="pread"):
@@ -895,14 +895,27 @@ def _foreign_device(device):
 
 def _reference_safe_open():
     """The reference's ``safe_open`` (as it was before ``patch()``), or ``None`` where
-    safetensors is not installed."""
+    safetensors is not installed (or its ``safe_open`` is tensorlift's, put there by hand)."""
     if _REFERENCE:
         return _REFERENCE[0]
     try:
         import safetensors
     except ImportError:
         return None
-    return safetensors.safe_open
+    reference = safetensors.safe_open
+    return None if reference in (safe_open, _patched_safe_open) else reference
+
+
+def _reference_route(filename, framework="pt", device="cpu", *, backend="pread"):
+    """For ``safe_open(...)``'s arguments: a call that opens the reference's handle where
+    the device is one the reference loads to and tensorlift does not, else ``None``."""
+    if framework not in _TORCH_NAMES or not _foreign_device(device):
+        return None
+    reference = _reference_safe_open()
+    if reference is None:
+        return None
+    _check_backend(backend)
+    return lambda: reference(_path(filename), framework, device, backend=backend)
 
 
 def _device_type(device):

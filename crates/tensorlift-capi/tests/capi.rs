@@ -53,6 +53,50 @@ fn the_committed_header_is_what_cbindgen_writes() {
     );
 }
 
+/// The ABI the header's declarations were last checked at: `TL_ABI_VERSION`, and a hash
+/// of every declaration in the header (comments and spacing left out, the version's own
+/// `#define` too).
+const CHECKED_ABI: (u32, u64) = (1, 0xd716_880e_fef4_799d);
+
+/// A change to the header's declarations (a struct's fields, an enum's values, a function's
+/// signature, one added) fails this test until `TL_ABI_VERSION` is raised for it where it
+/// breaks programs built against the old header, and `CHECKED_ABI` records the new state:
+/// so that `tl_abi_version() == TL_ABI_VERSION` means what it says.
+#[test]
+fn a_change_to_the_headers_declarations_is_an_abi_decision() {
+    let text = std::fs::read_to_string(crate_dir().join("include/tensorlift.h")).unwrap();
+    // Comments out, then every run of spacing one space.
+    let mut code = String::new();
+    let mut rest = text.as_str();
+    while let Some(start) = rest.find("/*") {
+        code.push_str(&rest[..start]);
+        rest = rest[start..].find("*/").map_or("", |end| &rest[start + end + 2..]);
+    }
+    code.push_str(rest);
+    let version: u32 = code
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("#define TL_ABI_VERSION "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the header defines TL_ABI_VERSION");
+    let declarations: Vec<&str> = code
+        .lines()
+        .filter(|l| !l.trim().starts_with("#define TL_ABI_VERSION"))
+        .flat_map(str::split_whitespace)
+        .collect();
+    // FNV-1a, 64 bits: stable across Rust versions, as std's hasher is not.
+    let hash = declarations
+        .join(" ")
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    assert_eq!(
+        (version, hash),
+        CHECKED_ABI,
+        "the header's declarations changed: raise TL_ABI_VERSION (src/lib.rs) if the change breaks programs built \
+         against the old header (a struct's fields, an enum's values, a signature), then set CHECKED_ABI in \
+         tests/capi.rs to ({version}, {hash:#018x})"
+    );
+}
+
 /// Where PyTorch keeps its C headers (`ATen/dlpack.h`: DLPack as PyTorch ships it), from
 /// the test environment's python.
 fn torch_include() -> PathBuf {

@@ -298,8 +298,15 @@ impl Drop for DeviceArena {
             // synchronised before the arena could be dropped (the engine holds it until then).
             unsafe { (self.gpu.api().cuMemFree_v2)(self.ptr) }
         });
-        if !freed.as_ref().is_ok_and(|&r| r == driver::SUCCESS) {
-            tracing::warn!(ptr = self.ptr, len = self.len, "device memory not freed: the driver refused ({freed:?})");
+        // (At the process's exit the driver may be shut down already: nothing to say then.)
+        let deinitialized = sys::CUresult::CUDA_ERROR_DEINITIALIZED as driver::CuResult;
+        match freed {
+            Ok(r) if r == driver::SUCCESS || r == deinitialized => {}
+            _ => tracing::warn!(
+                ptr = self.ptr,
+                len = self.len,
+                "device memory not freed: the driver refused ({freed:?})"
+            ),
         }
     }
 }

@@ -61,6 +61,13 @@ pub enum ViewError {
     /// DLPack has no element type for this dtype.
     #[error("tensor '{tensor}': DLPack has no type for {dtype}")]
     NoDlpackType { tensor: String, dtype: Dtype },
+    /// DLPack names this dtype from version 1.1 on: a consumer of DLPack before 1.0 (an
+    /// unversioned capsule) is not given it.
+    #[error(
+        "tensor '{tensor}' is {dtype}, which DLPack names from version 1.1 on: export it versioned (Python: \
+         max_version=(1, 1)), or as raw bytes"
+    )]
+    DlpackTooOld { tensor: String, dtype: Dtype },
     /// A dimension past DLPack's (a signed 64-bit number): a tensor with no elements whose
     /// file names such a size.
     #[error("tensor '{tensor}': DLPack cannot describe its shape {shape:?} (a dimension past 2^63 - 1)")]
@@ -246,10 +253,10 @@ impl Tensor {
     /// must not write through host tensors.
     pub fn to_dlpack_legacy(&self) -> Result<*mut dlpack::DLManagedTensor, ViewError> {
         let e = self.dlpack_export()?;
-        // The float8, float6 and float4 codes are DLPack 1.1's: a consumer older than 1.0
-        // would take them for another type.
+        // The float8, float6 and float4 codes are DLPack 1.1's, which a consumer of DLPack
+        // before 1.0 does not know: refused here, saying how to have them.
         if e.dtype.code > dlpack::code::BOOL {
-            return Err(ViewError::NoDlpackType { tensor: self.name().to_owned(), dtype: self.dtype });
+            return Err(ViewError::DlpackTooOld { tensor: self.name().to_owned(), dtype: self.dtype });
         }
         Ok(dlpack::export_legacy(e))
     }

@@ -277,9 +277,9 @@ int main(int argc, char **argv) {
     EXPECT(stats_again == stats && strstr(stats, "\"tensors_loaded\"") != NULL);
     tl_stream_free(stream);
 
-    /* A stream dropped midway stops its load: BIG is several reads, most of them still to
-     * land or to be issued after its first tensor; its first tensor stays valid, and the
-     * loader loads it whole afterwards. (Under AddressSanitizer, nothing leaks.) */
+    /* A stream freed after its first tensor, of BIG's four reads (the others may still be in
+     * flight then, or done): its first tensor stays valid, and the loader loads BIG whole
+     * afterwards. (Under AddressSanitizer, nothing leaks.) */
     CHECK(tl_stream_open(loader, big, &stream));
     TlTensor *first = NULL;
     CHECK(tl_stream_next(stream, &first));

@@ -41,7 +41,8 @@ pub struct RemoteOptions {
     /// Time the planning of one checkpoint may take, all its requests together (default 15
     /// minutes; `TENSORLIFT_REMOTE_PLAN_TIMEOUT_SECS`): each request is bounded on its own,
     /// but a server that answers every one of thousands slowly, within its timeout, would
-    /// hold planning for hours.
+    /// hold planning for hours. Each of a verified load's fetches of `SHA256SUMS` and the
+    /// index, after planning, has this bound too.
     pub plan_timeout: Duration,
 }
 
