@@ -323,12 +323,11 @@ def load_file(
     ``patch()``.
     """
     plain = dtype is None and tp is None and stats is None and verify is None
-    if framework in _TORCH_NAMES and plain and cache_dir is None and _foreign_device(device):
-        reference = _reference_safe_open()
-        if reference is not None:
-            # What the reference's load_file does with its safe_open.
-            with reference(_path(filename), framework="pt", device=device, backend=backend) as f:
-                return f.get_tensors()
+    route = _reference_route(filename, framework, device, backend=backend) if plain and cache_dir is None else None
+    if route is not None:
+        # What the reference's load_file does with its safe_open.
+        with route() as f:
+            return f.get_tensors()
     _check_framework(framework, _device(device))
     _check_backend(backend)
     if backend == "mmap" and plain and _device(device) == "cpu" and not _is_remote(_path(filename)):

@@ -185,27 +185,35 @@ impl PinnedPool {
     }
 }
 
+impl PinnedPool {
+    /// Unregisters the range registered at `base`; whether the driver did.
+    ///
+    /// # Safety
+    ///
+    /// `base` is a range this pool registered and has not unregistered yet.
+    unsafe fn unregister(&self, base: *mut u8) -> bool {
+        self.gpu.enter().is_ok_and(|_restore| {
+            // SAFETY: the caller's contract: a registered range, unregistered once.
+            (unsafe { (self.gpu.api().cuMemHostUnregister)(base.cast()) }) == driver::SUCCESS
+        })
+    }
+}
+
 impl Drop for PinnedPool {
     fn drop(&mut self) {
         // Every spare is back (a lent one holds the pool): each unregistered, then freed, or
         // leaked where it may still be registered.
         let spares = std::mem::take(self.spares.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner));
         for spare in spares {
-            let unregistered = self.gpu.enter().is_ok_and(|_restore| {
-                // SAFETY: unregisters exactly the range `spare` registered, once.
-                (unsafe { (self.gpu.api().cuMemHostUnregister)(spare.mem.addr().cast_mut().cast()) }) == driver::SUCCESS
-            });
-            if !unregistered {
+            // SAFETY: the range `spare` registered in `spare()`, once.
+            if !unsafe { self.unregister(spare.mem.addr().cast_mut()) } {
                 std::mem::forget(spare);
             }
         }
         // Every chunk holds an Arc to the pool, so none is lent out (and no copy from one is
         // in flight: the copy engine holds chunks until their copies complete).
-        let unregistered = self.gpu.enter().is_ok_and(|_restore| {
-            // SAFETY: unregisters exactly the range registered in `new`, once.
-            (unsafe { (self.gpu.api().cuMemHostUnregister)(self.base.cast()) }) == driver::SUCCESS
-        });
-        if unregistered {
+        // SAFETY: the range registered in `new`, once.
+        if unsafe { self.unregister(self.base) } {
             // SAFETY: dropped once, here, and never used after; no chunk (each holds the pool)
             // and no registration refers to it any more.
             unsafe { std::mem::ManuallyDrop::drop(&mut self.mem) };
@@ -232,11 +240,6 @@ impl PinnedChunk {
     /// The chunk's index in its pool; `None` for a spare.
     pub fn index(&self) -> Option<usize> {
         self.own.is_none().then_some(self.index)
-    }
-
-    /// Whether this is a spare chunk, beyond the pool's budget.
-    pub fn is_spare(&self) -> bool {
-        self.own.is_some()
     }
 
     pub(crate) fn ptr(&self) -> *const u8 {

@@ -102,10 +102,19 @@ pub(crate) fn connect(url: &str, options: &RemoteOptions) -> Result<(Place, Opti
     Ok((Place { shared, prefix, url: folder.as_str().trim_end_matches('/').to_owned(), http }, last))
 }
 
-/// Whether an HTTP header value may hold `v`: no control character but tab (what `http`'s
-/// `HeaderValue::from_str` accepts).
-fn fits_a_header(v: &str) -> bool {
-    !v.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f)
+/// Refuses the first of `values` (a setting's value from the environment, and the variable
+/// it came from) that an HTTP header cannot hold, a control character but tab (what `http`'s
+/// `HeaderValue::from_str` refuses): the stores' request signers put them in headers and
+/// panic on one (a secret made from a file often ends in a newline). Named, not echoed.
+fn refuse_unheadable(values: impl IntoIterator<Item = (Option<String>, &'static str)>) -> Result<(), io::Error> {
+    let unfit = |v: &str| v.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f);
+    match values.into_iter().find(|(v, _)| v.as_deref().is_some_and(unfit)) {
+        Some((_, name)) => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{name} holds a control character (a trailing newline?), which no HTTP header may hold"),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// The store for `scheme`, with the provider's configuration from the environment and this
@@ -139,24 +148,15 @@ fn build(scheme: ObjectStoreScheme, url: &url::Url, o: &RemoteOptions) -> Result
         ObjectStoreScheme::AmazonS3 => {
             use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
             let env = AmazonS3Builder::from_env();
-            // The signer puts these in headers and panics on a character a header cannot hold
-            // (a secret made from a file often ends in a newline): refused here, unechoed.
-            let headed = [
-                (AmazonS3ConfigKey::AccessKeyId, "AWS_ACCESS_KEY_ID"),
-                (AmazonS3ConfigKey::Token, "AWS_SESSION_TOKEN"),
-                (AmazonS3ConfigKey::Region, "AWS_REGION"),
-                (AmazonS3ConfigKey::DefaultRegion, "AWS_DEFAULT_REGION"),
-            ];
-            for (key, name) in headed {
-                if env.get_config_value(&key).is_some_and(|v| !fits_a_header(&v)) {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        format!(
-                            "{name} holds a control character (a trailing newline?), which no HTTP header may hold"
-                        ),
-                    ));
-                }
-            }
+            refuse_unheadable(
+                [
+                    (AmazonS3ConfigKey::AccessKeyId, "AWS_ACCESS_KEY_ID"),
+                    (AmazonS3ConfigKey::Token, "AWS_SESSION_TOKEN"),
+                    (AmazonS3ConfigKey::Region, "AWS_REGION"),
+                    (AmazonS3ConfigKey::DefaultRegion, "AWS_DEFAULT_REGION"),
+                ]
+                .map(|(key, name)| (env.get_config_value(&key), name)),
+            )?;
             cloud!(env, AmazonS3ConfigKey::Client, WeakEtag::Drop)
         }
         ObjectStoreScheme::GoogleCloudStorage => {
@@ -169,13 +169,7 @@ fn build(scheme: ObjectStoreScheme, url: &url::Url, o: &RemoteOptions) -> Result
         ObjectStoreScheme::MicrosoftAzure => {
             use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
             let env = MicrosoftAzureBuilder::from_env();
-            // A bearer token goes into a header as it is (see the S3 case).
-            if env.get_config_value(&AzureConfigKey::Token).is_some_and(|v| !fits_a_header(&v)) {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    "AZURE_STORAGE_TOKEN holds a control character (a trailing newline?), which no HTTP header may hold",
-                ));
-            }
+            refuse_unheadable([(env.get_config_value(&AzureConfigKey::Token), "AZURE_STORAGE_TOKEN")])?;
             cloud!(env, object_store::azure::AzureConfigKey::Client, WeakEtag::Refuse)
         }
         ObjectStoreScheme::Http => {
