@@ -82,7 +82,10 @@ pub(crate) fn open_remote(
     let cancelled = || observer.cancelled();
     // One bound on the whole planning's time, whatever each request's.
     let timeout = limits.remote.plan_timeout;
-    let what = format!("its plan_timeout ({} s; TENSORLIFT_REMOTE_PLAN_TIMEOUT_SECS)", timeout.as_secs_f64());
+    let what = format!(
+        "planning took longer than its plan_timeout ({} s; TENSORLIFT_REMOTE_PLAN_TIMEOUT_SECS) allows",
+        timeout.as_secs_f64()
+    );
     let now = std::time::Instant::now();
     // (A time past what the clock counts is a year: never, for a plan.)
     let at = now.checked_add(timeout).unwrap_or(now + std::time::Duration::from_secs(365 * 86_400));

@@ -94,7 +94,14 @@ impl RemoteFolder {
         self.place.shared.same_process()?;
         let place = self.place.clone();
         let name = name.to_owned();
-        let deadline = std::time::Instant::now() + self.place.shared.options.plan_timeout;
-        run_until(async move { fetch_file(&place, &name, max).await }, cancelled, (deadline, "plan_timeout"))?
+        let timeout = self.place.shared.options.plan_timeout;
+        let now = std::time::Instant::now();
+        // (A time past what the clock counts is a year: never, for one file.)
+        let at = now.checked_add(timeout).unwrap_or(now + std::time::Duration::from_secs(365 * 86_400));
+        let what = format!(
+            "fetching {name} took longer than its plan_timeout ({} s; TENSORLIFT_REMOTE_PLAN_TIMEOUT_SECS) allows",
+            timeout.as_secs_f64()
+        );
+        run_until(async move { fetch_file(&place, &name, max).await }, cancelled, (at, what.as_str()))?
     }
 }

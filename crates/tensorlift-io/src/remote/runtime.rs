@@ -58,8 +58,9 @@ const CANCEL_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 /// Runs `fut` on the network runtime and blocks this thread until it is done (safe on any
 /// thread, an async runtime's included: planning blocks as reading a local header does),
 /// or until `cancelled` says nobody waits any more (asked every 20 ms), with the error
-/// `Interrupted`, or until `deadline` (`TimedOut`, naming `what` sets it): the task is
-/// then aborted, which drops its requests in flight.
+/// `Interrupted`, or until `deadline.0` (`TimedOut`, with the message `deadline.1`, which
+/// names what ran long and what set the bound): the task is then aborted, which drops its
+/// requests in flight.
 pub(crate) fn run_until<F>(
     fut: F,
     cancelled: &dyn Fn() -> bool,
@@ -86,10 +87,7 @@ where
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) if std::time::Instant::now() >= deadline.0 => {
                 handle.abort();
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("planning took longer than {} allows", deadline.1),
-                ));
+                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, deadline.1.to_owned()));
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
             // The task ended without a result: it panicked.

@@ -321,6 +321,28 @@ fn a_dropped_verified_load_gives_up_fetching_its_digests() {
     assert_eq!(proxy.abandoned(), held(&proxy), "the digests' request was left running after the load was dropped");
 }
 
+/// A digests' fetch that outlasts `plan_timeout` fails the verified load, and the error
+/// names that fetch (planning itself ended well within its bound).
+#[test]
+fn a_digest_fetch_that_outlasts_its_plan_timeout_says_so() {
+    let r = Remote::new();
+    sharded(&r.root);
+    crate::loads::with_sums(&r.root);
+    let Some(s3) = r.s3() else { return };
+    let rules =
+        vec![Rule { needle: "SHA256SUMS".into(), nth: 1, every: true, fault: Fault::Delay(Duration::from_secs(60)) }];
+    let proxy = FaultProxy::start(s3.port, rules).unwrap();
+    point_at(proxy.port);
+    let mut o = quick();
+    o.timeout = Duration::from_secs(120);
+    o.plan_timeout = Duration::from_secs(2);
+    let loader = base().remote(o).verify(tensorlift::Verify::Required).build().unwrap();
+    let err = loader.load_blocking("s3://bucket/model").unwrap_err();
+    let text = format!("{err:#}");
+    assert!(text.contains("fetching SHA256SUMS took longer than its plan_timeout (2 s"), "{text}");
+    assert!(!text.contains("planning took longer"), "{text}");
+}
+
 /// loader-bench's GET limit fetches each shard's every byte once, by GETs checked as a
 /// load's are: each names the ETag planned, and an object replaced since fails it.
 #[test]
