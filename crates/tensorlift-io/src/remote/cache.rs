@@ -51,7 +51,16 @@ pub(crate) fn store_key(url: &url::Url, path: &ObjectPath) -> String {
     let mut identity = format!("{}://{user}{}:{:?}", url.scheme(), url.host_str().unwrap_or(""), url.port());
     // (Added only where there is such a part, so that other URLs' copies keep their folder.)
     let segments: Vec<&str> = url.path_segments().map(|s| s.filter(|p| !p.is_empty()).collect()).unwrap_or_default();
-    let own = segments.len().saturating_sub(path.parts().count());
+    // The object's parts are the URL's last segments, decoded: a segment holding an encoded
+    // `/` is as many parts as it has pieces, so the store's own part is found by counting
+    // the object's parts off the end, not by comparing the numbers of each.
+    let mut parts = path.parts().count();
+    let mut own = segments.len();
+    while own > 0 && parts > 0 {
+        let pieces = 1 + segments[own - 1].to_ascii_lowercase().matches("%2f").count();
+        parts = parts.saturating_sub(pieces);
+        own -= 1;
+    }
     if own > 0 {
         identity += &format!("\n/{}", segments[..own].join("/"));
     }
@@ -779,6 +788,10 @@ mod tests {
         let s3 = "https://s3.us-east-1.amazonaws.com";
         assert_ne!(key(&format!("{s3}/bucket-a/m/x")), key(&format!("{s3}/bucket-b/m/x")));
         assert_eq!(key(&format!("{s3}/bucket-a/m/x")), key(&format!("{s3}/bucket-a/n/y/z")));
+        // An object name holding an encoded `/` is one URL segment but two of its parts:
+        // the bucket still counts.
+        assert_ne!(key(&format!("{s3}/bucket-a/m%2Fx")), key(&format!("{s3}/bucket-b/m%2Fx")));
+        assert_eq!(key(&format!("{s3}/bucket-a/m%2Fx")), key(&format!("{s3}/bucket-a/m/x")));
         let blob = "https://acct.blob.core.windows.net";
         assert_ne!(key(&format!("{blob}/c1/m/x")), key(&format!("{blob}/c2/m/x")));
         // A plain HTTP server's path is all the object's.
