@@ -852,7 +852,9 @@ impl Loader {
 
     /// Loads every (selected) tensor of `path`. Headers are read and parsed on a planning
     /// thread of the load's own, reads by the loader's I/O workers: the caller's thread only
-    /// waits. A loader onto several devices loads with [`load_devices`](Self::load_devices).
+    /// waits, and hands landed chunks on (checks, conversions, progress), at most 16 a poll
+    /// before it gives its executor the thread back. A loader onto several devices loads with
+    /// [`load_devices`](Self::load_devices).
     pub async fn load(&self, path: impl AsRef<Path>) -> Result<Model, LoadError> {
         let started = Instant::now();
         self.one_device()?;

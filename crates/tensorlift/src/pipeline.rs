@@ -110,7 +110,19 @@ pub struct TensorStream {
     device_bytes: Vec<u64>,
     /// The process that made it.
     made: tensorlift_io::MadeIn,
+    /// Steps (reads landed, copies done) since the stream last gave its executor back its
+    /// thread: see [`STEPS_PER_TURN`].
+    steps: u32,
 }
+
+/// How many steps a stream takes before it hands its executor back its thread, even with
+/// more work ready. Reads that land as fast as they are handled (cached files, a deep queue)
+/// would otherwise keep one poll going for the whole load (checks, conversions, the progress
+/// callback, all on the executor's thread), and other tasks on that thread would wait for
+/// it. A turn is then at most this many chunks' handling; giving the thread back costs one
+/// wake-up, a few microseconds, per turn. (Counted across tensors handed out, so that a
+/// caller that takes each tensor as it comes, as `load` does, is bounded too.)
+const STEPS_PER_TURN: u32 = 16;
 
 impl Drop for TensorStream {
     fn drop(&mut self) {
@@ -166,6 +178,7 @@ impl TensorStream {
             planning: None,
             device_bytes: Vec::new(),
             made: tensorlift_io::MadeIn::here(),
+            steps: 0,
         }
     }
 
@@ -478,6 +491,7 @@ impl TensorStream {
             match step {
                 Poll::Pending => {
                     self.waiting_since.get_or_insert_with(Instant::now);
+                    self.steps = 0;
                     return Poll::Pending;
                 }
                 Poll::Ready(Ok(Step::Progress { bytes, read })) => {
@@ -490,6 +504,13 @@ impl TensorStream {
                         if let Some(p) = &self.progress {
                             p(Progress { done: self.done_bytes, total: self.total_bytes });
                         }
+                    }
+                    self.steps += 1;
+                    if self.steps >= STEPS_PER_TURN {
+                        // Woken at once: the executor runs its other tasks, then this one.
+                        self.steps = 0;
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
                     }
                 }
                 // Every read landed before planning ended: its end wakes the stream.

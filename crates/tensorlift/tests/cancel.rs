@@ -69,7 +69,10 @@ fn cancelled_loads_free_everything() {
                 }
             }
         });
-        // (Each chunk holds it back 20 ms: 64 of them cannot all land before the first is seen.)
+        // (A poll hands its thread back after at most 16 chunks, however fast reads land, and
+        // the timer is then seen: 64 chunks cannot all land before the first is seen. Before
+        // that bound, a poll whose reads all landed by the time each was looked at finished
+        // the whole load, and this failed now and then on a busy machine.)
         assert_eq!(finished, None, "the load finished before it could be dropped");
         drop(slow);
         // A stream dropped after its first tensor.

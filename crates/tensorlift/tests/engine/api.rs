@@ -1,6 +1,7 @@
 //! The library's API does what it says: metadata on the model, the stream as a
 //! `futures_core::Stream`, an async caller's thread kept free, measured statistics.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -99,6 +100,49 @@ fn an_async_callers_thread_keeps_serving_while_headers_are_parsed() {
             "the timer ticked {ticked} times while headers were parsed (streamed: {streamed})"
         );
     }
+}
+
+/// Defect: a poll of a load went on for as long as reads kept landing by the time they were
+/// looked at (cached files, a deep queue), up to the whole load, holding its executor's
+/// thread all along. Here each chunk's progress callback waits long enough for the reads
+/// queued behind it to land, so every read is done when polled: a poll must still hand the
+/// thread back after a bounded number of chunks, and the bytes are the file's.
+#[test]
+fn a_poll_of_a_load_handles_a_bounded_number_of_chunks() {
+    let dir = scratch();
+    let names: Vec<String> = (0..16).map(|i| format!("t{i}")).collect();
+    let specs: Vec<Spec<'_>> = names.iter().map(|n| (n.as_str(), Dtype::U8, &[4usize << 20][..])).collect();
+    let path = dir.join("m.safetensors");
+    let truth = write_shard(&path, &specs);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = Arc::clone(&calls);
+    let loader = base()
+        .chunk_size(1 << 20)
+        .queue_depth(4)
+        .progress(move |_| {
+            c.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(3));
+        })
+        .build()
+        .unwrap();
+    let mut load = Box::pin(loader.load(&path));
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let (mut most, mut polls) = (0, 0);
+    let model = loop {
+        let before = calls.load(Ordering::SeqCst);
+        let polled = load.as_mut().poll(&mut cx);
+        most = most.max(calls.load(Ordering::SeqCst) - before);
+        polls += 1;
+        match polled {
+            std::task::Poll::Ready(m) => break m.unwrap(),
+            std::task::Poll::Pending => std::thread::sleep(Duration::from_micros(200)),
+        }
+    };
+    assert_identical(&model, &truth, "loaded a few chunks a poll");
+    // (A report a chunk: 64 MiB and the header's page.)
+    let chunks = calls.load(Ordering::SeqCst);
+    assert!(chunks >= 64, "{chunks} progress reports");
+    assert!(most <= 16, "one poll handled {most} chunks (of {chunks}, in {polls} polls)");
 }
 
 #[test]
