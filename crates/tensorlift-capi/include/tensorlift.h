@@ -20,7 +20,7 @@ struct DLManagedTensorVersioned;
  start: a library of another ABI (the shared library has no SONAME yet) then refuses to
  run instead of misreading its structs.
  */
-#define TL_ABI_VERSION 1
+#define TL_ABI_VERSION 2
 
 /*
  What every function of the API returns.
@@ -58,6 +58,10 @@ typedef enum TlStatus {
    A bug in tensorlift: a panic was caught at the boundary (please report the message).
    */
   TL_STATUS_PANIC = 6,
+  /*
+   The stream was cancelled (`tl_stream_cancel`): it gives no more tensors.
+   */
+  TL_STATUS_CANCELLED = 7,
 } TlStatus;
 
 /*
@@ -80,7 +84,8 @@ typedef struct TlOptions TlOptions;
 
 /*
  A load whose tensors come one at a time, as they land: made by `tl_stream_open`, freed
- by `tl_stream_free` (which stops the load). One thread at a time.
+ by `tl_stream_free` (which stops the load). One thread at a time, but for
+ `tl_stream_cancel`, which any thread may call at any time before the free.
  */
 typedef struct TlStream TlStream;
 
@@ -349,9 +354,11 @@ enum TlStatus tl_stream_open(const struct TlLoader *loader,
 
 /*
  The next tensor of a stream, once it has landed (blocking until then): `TL_STATUS_OK`
- with a tensor, `TL_STATUS_END` when there is none left (`*out` is then null), or the
- load's failure (the stream is then over; after `TL_STATUS_PANIC` too). One thread at a
- time per stream.
+ with a tensor, `TL_STATUS_END` when there is none left (`*out` is then null), the load's
+ failure (the stream is then over; after `TL_STATUS_PANIC` too), or
+ `TL_STATUS_CANCELLED` once `tl_stream_cancel` was called (before, or while this waits:
+ the load is then stopped as by `tl_stream_free`, and every later call says the same).
+ One thread at a time per stream.
 
  # Safety
  `stream` is a live stream; `out` valid for a write of a pointer.
@@ -368,6 +375,19 @@ enum TlStatus tl_stream_next(struct TlStream *stream, struct TlTensor **out);
  `stream` is a live stream; `out` valid for a write of a pointer.
  */
 enum TlStatus tl_stream_stats_json(struct TlStream *stream, const char **out);
+
+/*
+ Cancels a stream: a `tl_stream_next` waiting on it returns `TL_STATUS_CANCELLED` without
+ waiting for its tensor (once the load has stopped, as by `tl_stream_free`, on that call's
+ thread), and so does every later one. The one call on a stream that any thread may make at any time, while another is in
+ `tl_stream_next` included, until `tl_stream_free` begins; calling it again changes
+ nothing. Tensors the stream gave stay valid. (`tl_load` cannot be cancelled: a load that
+ may need to stop is read through a stream.)
+
+ # Safety
+ `stream` is a live stream (not freed, nor being freed).
+ */
+enum TlStatus tl_stream_cancel(const struct TlStream *stream);
 
 /*
  Frees a stream (null: nothing): a load still going on stops, its copies are waited for,

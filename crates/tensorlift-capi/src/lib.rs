@@ -50,6 +50,8 @@ pub enum TlStatus {
     Unsupported = 5,
     /// A bug in tensorlift: a panic was caught at the boundary (please report the message).
     Panic = 6,
+    /// The stream was cancelled (`tl_stream_cancel`): it gives no more tensors.
+    Cancelled = 7,
 }
 
 /// Where a tensor's bytes are, and what they are. The pointers are valid as long as the
@@ -170,13 +172,81 @@ pub struct TlModel {
 }
 
 /// A load whose tensors come one at a time, as they land: made by `tl_stream_open`, freed
-/// by `tl_stream_free` (which stops the load). One thread at a time.
+/// by `tl_stream_free` (which stops the load). One thread at a time, but for
+/// `tl_stream_cancel`, which any thread may call at any time before the free.
 #[derive(Debug)]
 pub struct TlStream {
-    /// `None` once a tensor failed here (its name): the stream is then over, as after the
-    /// load's failure, and the rest of its load let go.
+    /// What `tl_stream_cancel` touches, alone: shared with a thread in `tl_stream_next`.
+    cancel: Cancel,
+    /// The rest, taken by one call at a time (a lock never contended but by a caller that
+    /// breaks the one-thread rule, which it then makes safe).
+    state: std::sync::Mutex<StreamState>,
+}
+
+#[derive(Debug)]
+struct StreamState {
+    /// `None` once a tensor failed here (its name), or the stream was cancelled: the stream
+    /// is then over, as after the load's failure, and the rest of its load let go.
     stream: Option<TensorStream>,
     stats: CString,
+}
+
+/// A stream's cancellation: asked once, from any thread; the thread waiting in
+/// `tl_stream_next` (if any) is woken to see it.
+#[derive(Debug, Default)]
+struct Cancel {
+    asked: std::sync::atomic::AtomicBool,
+    /// The waker of the `tl_stream_next` under way.
+    waiting: std::sync::Mutex<Option<std::task::Waker>>,
+}
+
+impl Cancel {
+    fn ask(&self) {
+        self.asked.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(w) = self.waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref() {
+            w.wake_by_ref();
+        }
+    }
+
+    fn asked(&self) -> bool {
+        self.asked.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// `stream`'s next item, waited for on this thread; `None` once cancellation is asked
+    /// (before or while it waits).
+    fn next(&self, stream: &mut TensorStream) -> Option<Option<Result<Tensor, tensorlift::LoadError>>> {
+        use std::future::Future;
+        use std::task::{Context, Poll, Wake, Waker};
+        struct Unpark(std::thread::Thread);
+        impl Wake for Unpark {
+            fn wake(self: std::sync::Arc<Self>) {
+                self.0.unpark();
+            }
+        }
+        let waker = Waker::from(std::sync::Arc::new(Unpark(std::thread::current())));
+        let slot = || self.waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Set before `asked` is looked at: a cancel either is seen here, or finds the waker.
+        *slot() = Some(waker.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut next = std::pin::pin!(stream.next());
+        let item = loop {
+            if self.asked() {
+                break None;
+            }
+            if let Poll::Ready(item) = next.as_mut().poll(&mut cx) {
+                break Some(item);
+            }
+            std::thread::park();
+        };
+        *slot() = None;
+        item
+    }
+}
+
+impl TlStream {
+    fn state(&self) -> std::sync::MutexGuard<'_, StreamState> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// One tensor from a stream: made by `tl_stream_next`, freed by `tl_tensor_free`. Read-only.
@@ -378,7 +448,7 @@ pub extern "C" fn tl_version() -> *const c_char {
 /// a function's signature. A program checks `tl_abi_version() == TL_ABI_VERSION` once at
 /// start: a library of another ABI (the shared library has no SONAME yet) then refuses to
 /// run instead of misreading its structs.
-pub const TL_ABI_VERSION: u32 = 1;
+pub const TL_ABI_VERSION: u32 = 2;
 
 /// The ABI of this library (`TL_ABI_VERSION` as it was built). Thread-safe.
 #[no_mangle]
@@ -778,7 +848,10 @@ pub unsafe extern "C" fn tl_stream_open(
         // SAFETY: the caller's contract for `path`.
         let p = unsafe { path_arg(path) }?;
         let stream = l.loader.stream_blocking(p).map_err(load_failed)?;
-        let s = TlStream { stream: Some(stream), stats: CString::default() };
+        let s = TlStream {
+            cancel: Cancel::default(),
+            state: std::sync::Mutex::new(StreamState { stream: Some(stream), stats: CString::default() }),
+        };
         // SAFETY: the caller's contract for `out`.
         unsafe { put(out, Box::into_raw(Box::new(s)), "out") }?;
         Ok(TlStatus::Ok)
@@ -786,9 +859,11 @@ pub unsafe extern "C" fn tl_stream_open(
 }
 
 /// The next tensor of a stream, once it has landed (blocking until then): `TL_STATUS_OK`
-/// with a tensor, `TL_STATUS_END` when there is none left (`*out` is then null), or the
-/// load's failure (the stream is then over; after `TL_STATUS_PANIC` too). One thread at a
-/// time per stream.
+/// with a tensor, `TL_STATUS_END` when there is none left (`*out` is then null), the load's
+/// failure (the stream is then over; after `TL_STATUS_PANIC` too), or
+/// `TL_STATUS_CANCELLED` once `tl_stream_cancel` was called (before, or while this waits:
+/// the load is then stopped as by `tl_stream_free`, and every later call says the same).
+/// One thread at a time per stream.
 ///
 /// # Safety
 /// `stream` is a live stream; `out` valid for a write of a pointer.
@@ -797,21 +872,40 @@ pub unsafe extern "C" fn tl_stream_next(stream: *mut TlStream, out: *mut *mut Tl
     guard(|| {
         // SAFETY: the caller's contract for `out`.
         unsafe { clear_out(out) }?;
-        // SAFETY: the caller's contract for `stream`.
-        let s = unsafe { handle_mut(stream, "stream") }?;
+        // SAFETY: the caller's contract for `stream` (shared: `tl_stream_cancel` may hold it
+        // too; what this call changes is behind the state's lock).
+        let s = unsafe { handle(stream.cast_const(), "stream") }?;
+        let mut state = s.state();
+        let state = &mut *state;
         // A panic midway (a tensorlift bug) leaves the stream half through a step: it is
         // let go, so that later calls end (`TL_STATUS_END`) rather than drive it on.
-        let next =
-            match catch_unwind(AssertUnwindSafe(|| s.stream.as_mut().and_then(|st| tensorlift::block_on(st.next())))) {
-                Ok(next) => next,
-                Err(payload) => {
-                    if let Some(st) = s.stream.take() {
-                        s.stats = catch_unwind(AssertUnwindSafe(|| stats_json(&st))).unwrap_or_else(|_| c"{}".into());
-                        let _ = catch_unwind(AssertUnwindSafe(move || drop(st)));
-                    }
-                    std::panic::resume_unwind(payload)
+        let next = match catch_unwind(AssertUnwindSafe(|| match state.stream.as_mut() {
+            Some(st) => s.cancel.next(st),
+            None => Some(None),
+        })) {
+            Ok(next) => next,
+            Err(payload) => {
+                if let Some(st) = state.stream.take() {
+                    state.stats = catch_unwind(AssertUnwindSafe(|| stats_json(&st))).unwrap_or_else(|_| c"{}".into());
+                    let _ = catch_unwind(AssertUnwindSafe(move || drop(st)));
                 }
-            };
+                std::panic::resume_unwind(payload)
+            }
+        };
+        // Cancelled (now or before): the load stops here, as in `tl_stream_free`, its stats
+        // kept.
+        let next = match next {
+            Some(next) if !s.cancel.asked() => next,
+            _ => {
+                if let Some(st) = state.stream.take() {
+                    state.stats = stats_json(&st);
+                    drop(st);
+                }
+                // SAFETY: as below.
+                unsafe { put(out, std::ptr::null_mut(), "out") }?;
+                return Err((TlStatus::Cancelled, "the stream was cancelled (tl_stream_cancel)".to_owned()));
+            }
+        };
         match next.map(|r| r.map_err(load_failed).and_then(Held::new)) {
             Some(Ok(held)) => {
                 // SAFETY: the caller's contract for `out` (checked not null).
@@ -821,8 +915,8 @@ pub unsafe extern "C" fn tl_stream_next(stream: *mut TlStream, out: *mut *mut Tl
             Some(Err(e)) => {
                 // The engine's stream ends after its failure; one of a tensor's name here
                 // ends it the same way, with what it still reads let go (its stats kept).
-                if let Some(st) = s.stream.take() {
-                    s.stats = stats_json(&st);
+                if let Some(st) = state.stream.take() {
+                    state.stats = stats_json(&st);
                 }
                 // SAFETY: as above.
                 unsafe { put(out, std::ptr::null_mut(), "out") }?;
@@ -855,18 +949,41 @@ fn stats_json(stream: &TensorStream) -> CString {
 #[no_mangle]
 pub unsafe extern "C" fn tl_stream_stats_json(stream: *mut TlStream, out: *mut *const c_char) -> TlStatus {
     guard(|| {
-        // SAFETY: the caller's contract for `stream`.
-        let s = unsafe { handle_mut(stream, "stream") }?;
+        // SAFETY: the caller's contract for `stream` (shared, as in `tl_stream_next`).
+        let s = unsafe { handle(stream.cast_const(), "stream") }?;
+        let mut state = s.state();
         // Made again only where the stats changed: a pointer given before stays valid
         // while they have not (and always until `tl_stream_next` or `tl_stream_free`).
-        if let Some(st) = &s.stream {
+        if let Some(st) = &state.stream {
             let now = stats_json(st);
-            if now != s.stats {
-                s.stats = now;
+            if now != state.stats {
+                state.stats = now;
             }
         }
+        // (The text lives in the stream, not in the lock's guard: valid as said above.)
+        let text = state.stats.as_ptr();
+        drop(state);
         // SAFETY: the caller's contract for `out`.
-        unsafe { put(out, s.stats.as_ptr(), "out") }?;
+        unsafe { put(out, text, "out") }?;
+        Ok(TlStatus::Ok)
+    })
+}
+
+/// Cancels a stream: a `tl_stream_next` waiting on it returns `TL_STATUS_CANCELLED` without
+/// waiting for its tensor (once the load has stopped, as by `tl_stream_free`, on that call's
+/// thread), and so does every later one. The one call on a stream that any thread may make at any time, while another is in
+/// `tl_stream_next` included, until `tl_stream_free` begins; calling it again changes
+/// nothing. Tensors the stream gave stay valid. (`tl_load` cannot be cancelled: a load that
+/// may need to stop is read through a stream.)
+///
+/// # Safety
+/// `stream` is a live stream (not freed, nor being freed).
+#[no_mangle]
+pub unsafe extern "C" fn tl_stream_cancel(stream: *const TlStream) -> TlStatus {
+    guard(|| {
+        // SAFETY: the caller's contract for `stream`; `cancel` is shared with `tl_stream_next`.
+        let s = unsafe { handle(stream, "stream") }?;
+        s.cancel.ask();
         Ok(TlStatus::Ok)
     })
 }

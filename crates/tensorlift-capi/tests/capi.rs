@@ -56,7 +56,7 @@ fn the_committed_header_is_what_cbindgen_writes() {
 /// The ABI the header's declarations were last checked at: `TL_ABI_VERSION`, and a hash
 /// of every declaration in the header (comments and spacing left out, the version's own
 /// `#define` too).
-const CHECKED_ABI: (u32, u64) = (1, 0xd716_880e_fef4_799d);
+const CHECKED_ABI: (u32, u64) = (2, 0xc496_a600_25f2_47c5);
 
 /// A change to the header's declarations (a struct's fields, an enum's values, a function's
 /// signature, one added) fails this test until `TL_ABI_VERSION` is raised for it where it
@@ -247,4 +247,146 @@ fn a_name_with_a_nul_fails_and_a_path_need_not_be_utf8() {
     let out = Command::new(&exe).arg(&nul).arg(&latin).output().unwrap();
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && stdout.contains("ok"), "{stdout}\n{stderr}");
+}
+
+/// The C calls of the cancellation test, each a safe function over one call under its
+/// contract: the handles passed are live (made by these functions, freed once, last),
+/// strings are NUL-terminated and outlive the call, and out-parameters are locals.
+mod c {
+    use std::ffi::{CStr, CString};
+    use std::ptr::null_mut;
+    use tensorlift_c::*;
+
+    /// A stream handle that a second thread may use for `tl_stream_next` while this one
+    /// calls `tl_stream_cancel`, the one call the API allows alongside it.
+    #[derive(Clone, Copy)]
+    pub struct Stream(*mut TlStream);
+    // SAFETY: the API lets one thread wait in `tl_stream_next` while another cancels.
+    unsafe impl Send for Stream {}
+
+    pub fn last_error() -> String {
+        // SAFETY: the text is NUL-terminated and lives as long as the thread.
+        unsafe { CStr::from_ptr(tl_last_error()) }.to_string_lossy().into_owned()
+    }
+
+    /// A CPU loader, with its options.
+    pub fn cpu_loader() -> (*mut TlOptions, *mut TlLoader) {
+        let (mut options, mut loader) = (null_mut(), null_mut());
+        // SAFETY: as the module says.
+        assert_eq!(unsafe { tl_options_new(&mut options) }, TlStatus::Ok);
+        // SAFETY: as the module says.
+        assert_eq!(unsafe { tl_options_set_device(options, c"cpu".as_ptr()) }, TlStatus::Ok);
+        // SAFETY: as the module says.
+        assert_eq!(unsafe { tl_loader_new(options, &mut loader) }, TlStatus::Ok);
+        (options, loader)
+    }
+
+    pub fn free_loader((options, loader): (*mut TlOptions, *mut TlLoader)) {
+        // SAFETY: as the module says.
+        unsafe { tl_loader_free(loader) };
+        // SAFETY: as the module says.
+        unsafe { tl_options_free(options) };
+    }
+
+    pub fn open(loader: *mut TlLoader, path: &CString) -> Stream {
+        let mut stream = null_mut();
+        // SAFETY: as the module says.
+        let status = unsafe { tl_stream_open(loader, path.as_ptr(), &mut stream) };
+        assert_eq!(status, TlStatus::Ok, "{}", last_error());
+        Stream(stream)
+    }
+
+    /// `tl_stream_next`'s status, whether it gave no tensor, and the message it left.
+    pub fn next(s: Stream) -> (TlStatus, bool, String) {
+        let mut tensor = null_mut();
+        // SAFETY: as the module says.
+        let status = unsafe { tl_stream_next(s.0, &mut tensor) };
+        let none = tensor.is_null();
+        // SAFETY: as the module says (null is allowed).
+        unsafe { tl_tensor_free(tensor) };
+        (status, none, last_error())
+    }
+
+    pub fn cancel(s: Stream) -> TlStatus {
+        // SAFETY: as the module says.
+        unsafe { tl_stream_cancel(s.0) }
+    }
+
+    pub fn stats(s: Stream) -> serde_json::Value {
+        let mut text = std::ptr::null();
+        // SAFETY: as the module says.
+        assert_eq!(unsafe { tl_stream_stats_json(s.0, &mut text) }, TlStatus::Ok);
+        // SAFETY: a NUL-terminated text, valid until the stream's next call.
+        serde_json::from_str(&unsafe { CStr::from_ptr(text) }.to_string_lossy()).unwrap()
+    }
+
+    pub fn free(s: Stream) {
+        // SAFETY: as the module says.
+        unsafe { tl_stream_free(s.0) };
+    }
+}
+
+/// `tl_stream_cancel`, from another thread, ends a `tl_stream_next` that waits for data the
+/// server holds back (for a minute): the call returns `TL_STATUS_CANCELLED` with no tensor,
+/// every later call says the same, the stats stay readable, and the held requests are given
+/// up with the load. A stream cancelled before its first `tl_stream_next` gives nothing.
+#[test]
+fn a_stream_cancelled_from_another_thread_stops_its_waiting_next() {
+    use std::ffi::CString;
+    use std::time::{Duration, Instant};
+    use tensorlift_c::TlStatus;
+    use tensorlift_testkit::net::{Fault, FaultProxy, HttpServer, Rule};
+
+    let dir = scratch_in(&std::env::temp_dir(), "tl-capi-cancel-");
+    let truth = tensorlift_testkit::write_shard(
+        &dir.join("m.safetensors"),
+        &[("a", Dtype::U8, &[1 << 20]), ("b", Dtype::F32, &[1000])],
+    );
+    assert_eq!(truth.len(), 2);
+    let http = HttpServer::start(&dir).unwrap();
+    // Planning's ranged GET goes through; every later one (the data) is held for a minute.
+    let hold =
+        Rule { needle: "range: bytes=".into(), nth: 2, every: true, fault: Fault::Delay(Duration::from_secs(60)) };
+    let proxy = FaultProxy::start(http.port, vec![hold]).unwrap();
+    let held = |p: &FaultProxy| p.log().iter().filter(|(_, f)| f.is_some()).count();
+    let url = CString::new(format!("http://127.0.0.1:{}/m.safetensors", proxy.port)).unwrap();
+    let local = CString::new(dir.join("m.safetensors").into_os_string().into_encoded_bytes()).unwrap();
+    let loader = c::cpu_loader();
+
+    // Cancelled before its first tensor: nothing comes, and the stream is still freed.
+    let stream = c::open(loader.1, &local);
+    assert_eq!(c::cancel(stream), TlStatus::Ok);
+    let (status, none, _) = c::next(stream);
+    assert_eq!((status, none), (TlStatus::Cancelled, true));
+    c::free(stream);
+
+    // Cancelled while another thread waits in tl_stream_next.
+    let stream = c::open(loader.1, &url);
+    let waiting = std::thread::spawn(move || c::next(stream));
+    // The data GETs are made only by that call's load: once one is held, it waits.
+    let t = Instant::now();
+    while held(&proxy) == 0 {
+        assert!(t.elapsed() < Duration::from_secs(30), "no data GET was made");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let cancelled = Instant::now();
+    assert_eq!(c::cancel(stream), TlStatus::Ok);
+    let (status, none, message) = waiting.join().unwrap();
+    // (Not a speed check: a call not woken would wait for the held minute.)
+    assert!(cancelled.elapsed() < Duration::from_secs(30), "tl_stream_next went on waiting");
+    assert_eq!((status, none), (TlStatus::Cancelled, true), "{message}");
+    assert!(message.contains("cancelled (tl_stream_cancel)"), "{message}");
+    // Every later call says the same; a second cancel changes nothing.
+    assert_eq!(c::cancel(stream), TlStatus::Ok);
+    assert_eq!(c::next(stream).0, TlStatus::Cancelled);
+    let stats = c::stats(stream);
+    assert_eq!((&stats["tensors_loaded"], &stats["bytes_read"]), (&0.into(), &0.into()), "{stats}");
+    c::free(stream);
+    c::free_loader(loader);
+    // The load's held requests went with it, well before their minute was up.
+    let t = Instant::now();
+    while proxy.abandoned() < held(&proxy) && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(proxy.abandoned(), held(&proxy), "requests left running after the cancelled load");
 }

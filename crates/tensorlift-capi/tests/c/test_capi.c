@@ -277,12 +277,19 @@ int main(int argc, char **argv) {
     EXPECT(stats_again == stats && strstr(stats, "\"tensors_loaded\"") != NULL);
     tl_stream_free(stream);
 
-    /* A stream freed after its first tensor, of BIG's four reads (the others may still be in
-     * flight then, or done): its first tensor stays valid, and the loader loads BIG whole
-     * afterwards. (Under AddressSanitizer, nothing leaks.) */
+    /* A stream cancelled and freed after its first tensor, of BIG's four reads (the others
+     * may still be in flight then, or done): its first tensor stays valid, and the loader
+     * loads BIG whole afterwards. (Under AddressSanitizer, nothing leaks.) */
     CHECK(tl_stream_open(loader, big, &stream));
     TlTensor *first = NULL;
     CHECK(tl_stream_next(stream, &first));
+    /* Cancelled after it: the next call gives nothing and says so, as does every later one;
+     * the first tensor stays valid. */
+    CHECK(tl_stream_cancel(stream));
+    TlTensor *after = first;
+    EXPECT(tl_stream_next(stream, &after) == TL_STATUS_CANCELLED && after == NULL);
+    EXPECT(strstr(tl_last_error(), "cancelled") != NULL);
+    EXPECT(tl_stream_next(stream, &after) == TL_STATUS_CANCELLED && after == NULL);
     tl_stream_free(stream);
     TlTensorInfo first_info;
     CHECK(tl_tensor_info(first, &first_info));
