@@ -117,6 +117,27 @@ fn refuse_unheadable(values: impl IntoIterator<Item = (Option<String>, &'static 
     }
 }
 
+/// Refuses the first of `values` (an endpoint's URL from the environment, and the variable it
+/// came from) that carries more than a place: a user, a password, a query or a fragment.
+/// Stores sign their requests with credentials of their own variables, and the endpoint's
+/// URL is printed whole in every error the store's client reports: what such a URL
+/// carries (a password, a signed query) would be printed with it. Named, not echoed.
+fn refuse_secret_in_endpoint(
+    values: impl IntoIterator<Item = (Option<String>, &'static str)>,
+) -> Result<(), io::Error> {
+    let carries = |v: &str| v.contains(['@', '?', '#']);
+    match values.into_iter().find(|(v, _)| v.as_deref().is_some_and(carries)) {
+        Some((_, name)) => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{name} holds a user, password, query or fragment ('@', '?' or '#'): an endpoint is a scheme, \
+                 host, port and path, and credentials go in their own variables"
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// The store for `scheme`, with the provider's configuration from the environment and this
 /// crate's retry and timeout options on top.
 fn build(scheme: ObjectStoreScheme, url: &url::Url, o: &RemoteOptions) -> Result<Arc<dyn ObjectStore>, io::Error> {
@@ -157,19 +178,29 @@ fn build(scheme: ObjectStoreScheme, url: &url::Url, o: &RemoteOptions) -> Result
                 ]
                 .map(|(key, name)| (env.get_config_value(&key), name)),
             )?;
+            refuse_secret_in_endpoint(
+                [
+                    (AmazonS3ConfigKey::Endpoint, "AWS_ENDPOINT_URL (or AWS_ENDPOINT)"),
+                    (AmazonS3ConfigKey::S3Endpoint, "AWS_ENDPOINT_URL_S3"),
+                ]
+                .map(|(key, name)| (env.get_config_value(&key), name)),
+            )?;
             cloud!(env, AmazonS3ConfigKey::Client, WeakEtag::Drop)
         }
         ObjectStoreScheme::GoogleCloudStorage => {
-            cloud!(
-                object_store::gcp::GoogleCloudStorageBuilder::from_env(),
-                object_store::gcp::GoogleConfigKey::Client,
-                WeakEtag::Refuse
-            )
+            use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
+            let env = GoogleCloudStorageBuilder::from_env();
+            refuse_secret_in_endpoint([(env.get_config_value(&GoogleConfigKey::BaseUrl), "GOOGLE_BASE_URL")])?;
+            cloud!(env, GoogleConfigKey::Client, WeakEtag::Refuse)
         }
         ObjectStoreScheme::MicrosoftAzure => {
             use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
             let env = MicrosoftAzureBuilder::from_env();
             refuse_unheadable([(env.get_config_value(&AzureConfigKey::Token), "AZURE_STORAGE_TOKEN")])?;
+            refuse_secret_in_endpoint([(
+                env.get_config_value(&AzureConfigKey::Endpoint),
+                "AZURE_STORAGE_ENDPOINT (or AZURE_ENDPOINT)",
+            )])?;
             cloud!(env, object_store::azure::AzureConfigKey::Client, WeakEtag::Refuse)
         }
         ObjectStoreScheme::Http => {

@@ -470,6 +470,20 @@ fn a_credential_a_header_cannot_hold_is_refused_by_name() {
         assert!(err.contains(&format!("{var} holds a control character")), "{err}");
         assert!(!err.contains(value.trim_end()), "the value is echoed: {err}");
     }
+    // An endpoint with a password or a query in it, which every error of the store's client
+    // would print: refused by name, its secret not echoed.
+    let endpoint = format!("http://user:EPSECRET@127.0.0.1:{}", s3.port);
+    for (var, value) in
+        [("AWS_ENDPOINT_URL", endpoint), ("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:1/?x=QSECRET".to_owned())]
+    {
+        std::env::set_var(var, &value);
+        let err = base().build().unwrap().plan("s3://bucket/model").map(|_| ()).unwrap_err();
+        std::env::remove_var("AWS_ENDPOINT_URL_S3");
+        point_at(s3.port);
+        let err = format!("{err:#} {err:?}");
+        assert!(err.contains(&format!("{var} ")) && err.contains("holds a user, password, query"), "{err}");
+        assert!(!err.contains("SECRET"), "the value is echoed: {err}");
+    }
     // Mended, the same server is planned.
     assert_eq!(base().build().unwrap().plan("s3://bucket/model").unwrap().shards().len(), 3);
 }
