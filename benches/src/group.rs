@@ -153,7 +153,7 @@ struct Release(Arc<Ranks>);
 impl Drop for Release {
     fn drop(&mut self) {
         if let Err(e) = self.0.ask("release") {
-            eprintln!("releasing the ranks' tensors: {e:#}");
+            eprintln!("releasing the ranks' tensors: {}", tensorlift::terminal::printable(&format!("{e:#}")));
         }
     }
 }

@@ -157,8 +157,10 @@ impl Report {
                     writeln!(s, "  {:<20} {:>9.3} {:>10.2} {:>14} {:>14}", name, m.median(), m.gbps(), m.spread(), at);
             }
         }
+        // (Notes and reasons may quote a checkpoint's names or a file's path: escaped.)
+        let printable = tensorlift::terminal::printable;
         for n in &self.notes {
-            let _ = writeln!(s, "\nnote: {n}");
+            let _ = writeln!(s, "\nnote: {}", printable(n));
         }
         if !self.skipped.is_empty() {
             let _ = writeln!(s);
@@ -171,7 +173,7 @@ impl Report {
                 }
             }
             for (why, names) in reasons {
-                let _ = writeln!(s, "skipped {}: {why}", names.join(", "));
+                let _ = writeln!(s, "skipped {}: {}", names.join(", "), printable(why));
             }
         }
         s

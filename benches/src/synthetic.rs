@@ -51,11 +51,13 @@ impl SynthDtype {
 
 /// The tensors of a Llama-shaped model of about `bytes`, in file order.
 fn tensors(bytes: u64, dtype: SynthDtype) -> Vec<(String, Dtype, Vec<usize>)> {
-    // Llama-7B shapes for large sizes, TinyLlama's for medium ones, and a toy for tests.
+    // Llama-7B shapes for large sizes, TinyLlama's for medium ones, and toys for tests (the
+    // smallest about 1.4 MB).
     let (hidden, inter, vocab) = match bytes {
         b if b >= 8 << 30 => (4096, 11008, 32000),
         b if b >= 512 << 20 => (2048, 5632, 32000),
-        _ => (512, 1408, 8000),
+        b if b >= 16 << 20 => (512, 1408, 8000),
+        _ => (128, 352, 2000),
     };
     let size = |d: Dtype, s: &[usize]| s.iter().product::<usize>() as u64 * d.bitsize() as u64 / 8;
     let w = dtype.weight();
@@ -90,9 +92,19 @@ pub fn ensure(cache: &Path, bytes: u64, shards: usize, dtype: SynthDtype) -> any
     if marker.exists() {
         return Ok(dir);
     }
+    // The model's smallest shape is larger than a few bytes: a smaller size is not what was
+    // asked for, and is said rather than made.
+    let smallest: u64 = tensors(1, dtype).iter().map(nbytes).sum();
+    if bytes < smallest {
+        bail!("--synthetic {bytes}: the smallest synthetic checkpoint is {smallest} bytes");
+    }
+    // Checked before the tensors are listed: their list grows with the size asked for.
+    let free = tensorlift_io::cache::free_space(cache.parent().unwrap_or(cache)).unwrap_or(u64::MAX);
+    if bytes > free {
+        bail!("{}: needs {bytes} bytes for the synthetic checkpoint, {free} free", cache.display());
+    }
     let all = tensors(bytes, dtype);
     let total: u64 = all.iter().map(nbytes).sum();
-    let free = tensorlift_io::cache::free_space(cache.parent().unwrap_or(cache)).unwrap_or(u64::MAX);
     if total > free {
         bail!("{}: needs {} bytes for the synthetic checkpoint, {} free", cache.display(), total, free);
     }
@@ -191,10 +203,15 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         _ => (t, 1),
     };
     let v: f64 = num.trim().parse().map_err(|_| format!("'{s}' is not a size (like 512M or 2G)"))?;
-    if v.is_nan() || v <= 0.0 {
-        return Err(format!("'{s}' must be positive"));
+    if !v.is_finite() || v <= 0.0 {
+        return Err(format!("'{s}' must be a positive number of bytes"));
     }
-    Ok((v * mul as f64) as u64)
+    let bytes = v * mul as f64;
+    // (u64::MAX as f64 is 2^64, past every u64: the cast below would saturate.)
+    if bytes >= u64::MAX as f64 {
+        return Err(format!("'{s}' is more bytes than a file can hold"));
+    }
+    Ok(bytes as u64)
 }
 
 #[cfg(test)]
@@ -217,6 +234,20 @@ mod tests {
         }
     }
 
+    /// A checkpoint is the size asked for, to within a layer, down to the smallest one; a
+    /// smaller size is refused before anything is made.
+    #[test]
+    fn checkpoints_are_the_size_asked_for() {
+        for bytes in [2u64 << 20, 8 << 20, 24 << 20, 600 << 20] {
+            let total: u64 = tensors(bytes, SynthDtype::Bf16).iter().map(nbytes).sum();
+            assert!(total <= bytes && total + (bytes / 8).max(1 << 20) > bytes, "{total} for {bytes}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let err = ensure(dir.path(), 4096, 1, SynthDtype::Bf16).unwrap_err().to_string();
+        assert!(err.contains("the smallest synthetic checkpoint is"), "{err}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "made something");
+    }
+
     #[test]
     fn sizes_parse() {
         assert_eq!(parse_size("512M"), Ok(512 << 20));
@@ -224,5 +255,9 @@ mod tests {
         assert_eq!(parse_size("1.5g"), Ok(3 << 29));
         assert_eq!(parse_size("4096"), Ok(4096));
         assert!(parse_size("0").is_err() && parse_size("big").is_err() && parse_size("-1G").is_err());
+        // Not a number of bytes a file can have: refused, not saturated to 16 EiB.
+        for s in ["inf", "NaN", "1e30G", "16777216T"] {
+            assert!(parse_size(s).is_err(), "{s}");
+        }
     }
 }

@@ -75,12 +75,48 @@ fn json_report_has_engines_limits_and_skips() {
 #[test]
 fn bad_arguments() {
     let cache = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    assert_eq!(bench(&["--baselines", "torch"], cache.path()).status.code(), Some(1));
-    assert_eq!(bench(&["--synthetic", "lots"], cache.path()).status.code(), Some(2));
+    // Usage errors are 2, as clap's own are: every flag's value is checked by clap.
+    for args in [
+        &["--baselines", "torch"][..],
+        &["--synthetic", "lots"],
+        &["--synthetic", "inf"],
+        &["--device", "gpu"],
+        &["--group", "0"],
+        &["--devices", "0"],
+    ] {
+        let out = bench(args, cache.path());
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // A size below the smallest synthetic checkpoint is said, not made larger.
+    let out = bench(&["--synthetic", "1k"], cache.path());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the smallest synthetic checkpoint is"));
     assert_eq!(bench(&["--dir", "/nonexistent/model"], cache.path()).status.code(), Some(1));
     let out = bench(&["--synthetic", "24M", "--device", "cuda:0"], cache.path());
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("CUDA"));
+}
+
+/// An error quoting a tensor's name, which the checkpoint chose, prints its escape
+/// sequences escaped, not for the terminal to act on.
+#[test]
+fn a_checkpoints_names_cannot_drive_the_terminal() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    // Two bytes of shape, one of data: refused, naming the tensor.
+    let header = br#"{"\u001b]0;PWNED\u0007\u001b[31mevil":{"dtype":"U8","shape":[2],"data_offsets":[0,1]}}"#;
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(header);
+    file.push(7);
+    let path = dir.path().join("m.safetensors");
+    std::fs::write(&path, file).unwrap();
+    let out = bench(
+        &["--dir", path.to_str().unwrap(), "--device", "cpu", "--runs", "1", "--cache", "warm", "--baselines", "none"],
+        dir.path(),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("\\u{1b}]0;PWNED\\u{7}\\u{1b}[31mevil"), "{err}");
+    assert!(!err.contains('\u{1b}') && !err.contains('\u{7}'), "{err}");
 }
 
 #[test]

@@ -55,6 +55,8 @@ pub mod slicing;
 mod stats;
 mod target;
 mod tensor;
+#[cfg(feature = "clap")]
+pub mod terminal;
 
 use std::path::Path;
 
