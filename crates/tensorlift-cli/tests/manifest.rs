@@ -81,6 +81,33 @@ fn a_shard_the_index_names_twice_gets_a_line_for_each_name() {
     assert!(check.status.success(), "{}{}", text(&check.stdout), text(&check.stderr));
 }
 
+/// Stale lines naming a shard another way (its absolute path, a path through a folder and
+/// back, a link to it), written by coreutils before the shard changed, would fail
+/// `sha256sum -c` if kept: they are replaced; another file's line stays.
+#[test]
+fn stale_lines_naming_a_shard_another_way_are_replaced() {
+    let dir = scratch_in(&std::env::temp_dir(), "tl-manifest-");
+    let shard = dir.join("model.safetensors");
+    write_shard(&shard, &[("a", Dtype::F32, &[9])]);
+    std::fs::create_dir(dir.join("sub")).unwrap();
+    std::os::unix::fs::symlink("model.safetensors", dir.join("alias.safetensors")).unwrap();
+    std::fs::write(dir.join("config.json"), "{}").unwrap();
+    let absolute = shard.to_str().unwrap();
+    let old = sha256sum(&dir, &[absolute, "sub/../model.safetensors", "alias.safetensors", "config.json"]);
+    assert!(old.status.success());
+    std::fs::write(dir.join("SHA256SUMS"), &old.stdout).unwrap();
+    // The shard changes: its old lines are stale.
+    write_shard(&shard, &[("a", Dtype::F32, &[9]), ("b", Dtype::U8, &[2])]);
+    let out = tensorlift(&["manifest", dir.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let check = sha256sum(&dir, &["-c", "--strict", "SHA256SUMS"]);
+    assert!(check.status.success(), "{}{}", text(&check.stdout), text(&check.stderr));
+    let written = std::fs::read_to_string(dir.join("SHA256SUMS")).unwrap();
+    // (The link is a name of the folder's one shard: the manifest has a line for it.)
+    let ours = sha256sum(&dir, &["alias.safetensors", "model.safetensors"]);
+    assert_eq!(written, format!("{}{}", text(&sha256sum(&dir, &["config.json"]).stdout), text(&ours.stdout)));
+}
+
 #[test]
 fn names_that_need_escaping_round_trip_through_coreutils() {
     let dir = scratch_in(&std::env::temp_dir(), "tl-manifest-");

@@ -303,7 +303,8 @@ pub fn manifest(path: impl AsRef<Path>) -> Result<Manifest, ManifestError> {
 impl Manifest {
     /// Writes the manifest as `SHA256SUMS` in the checkpoint's folder. The lines of a
     /// `SHA256SUMS` already there for other files (a tokenizer, a config), and its comments,
-    /// are kept as they are, byte for byte, before this manifest's; one that cannot be read
+    /// are kept as they are, byte for byte, before this manifest's (a line that names one of
+    /// this manifest's files by another name, an absolute path or a link, is not kept); one that cannot be read
     /// is an error, and is left as it is. The file is written beside it under a new name,
     /// then renamed over it: a reader never sees half a file, and no link at either name is
     /// followed (the new file replaces a link). Returns its path.
@@ -323,9 +324,18 @@ impl Manifest {
             // lines of this manifest's files are replaced, any other is kept as it is (an
             // absolute name, `/model.safetensors`, is not the folder's file: kept).
             let (entries, _) = parse_sums_bytes(&bytes, &path).map_err(cannot_keep)?;
+            // A line that names one of this manifest's files another way (an absolute path,
+            // `a/../b`, a link to it) would be checked against the file, old digest and all,
+            // by `sha256sum -c`: replaced too. (Files are told apart as the system does, by
+            // device and inode, following links as `sha256sum -c` does.)
+            use std::os::unix::fs::MetadataExt;
+            let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+            let ids: std::collections::HashSet<(u64, u64)> =
+                self.entries.iter().filter_map(|(n, _)| id(&self.folder.join(n))).collect();
+            let same_file = |n: &str| !n.is_empty() && id(&self.folder.join(n)).is_some_and(|i| ids.contains(&i));
             let replaced: std::collections::HashSet<usize> = entries
                 .iter()
-                .filter(|(_, n, _)| relative(n).is_some_and(|n| ours.contains(&n)))
+                .filter(|(_, n, _)| relative(n).is_some_and(|n| ours.contains(&n)) || same_file(n))
                 .map(|(line, _, _)| *line)
                 .collect();
             kept = entries.into_iter().filter(|(l, _, _)| !replaced.contains(l)).map(|(_, n, d)| (n, d)).collect();
