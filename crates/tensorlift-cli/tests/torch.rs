@@ -220,6 +220,20 @@ fn inspect_reads_pytorch_files_and_folders() {
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("22 tensors, 453 bytes, 1 PyTorch file(s) (legacy)"), "{text}");
+    // A file is told by its bytes, as `load` tells it, not by its name: a PyTorch zip with
+    // no extension is inspected as PyTorch, and a safetensors file named `.bin` as
+    // safetensors.
+    std::fs::copy(fixture("views.zip.bin"), d.join("weights")).unwrap();
+    let out = tensorlift(&["inspect", "--json", s(&d.join("weights"))]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["format"], "pytorch");
+    tensorlift_testkit::write_shard(&d.join("st.bin"), &[("w", tensorlift::Dtype::F32, &[3, 2])]);
+    let out = tensorlift(&["inspect", "--json", s(&d.join("st.bin"))]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((v["tensors"][0]["name"].as_str(), v["format"].as_str()), (Some("w"), None), "{v}");
+    let out = tensorlift(&["load", "--json", "--device", "cpu", s(&d.join("st.bin"))]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]
@@ -584,6 +598,14 @@ fn a_nested_state_dict_is_refused_by_convert_and_other_values_are_named() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("no tensors to convert") && err.contains("state_dict, epoch"), "{err}");
     assert!(!dir.join("nested-out").exists());
+    // Loaded, it is an error too, not a model of no tensors.
+    let out = tensorlift(&["load", "--device", "cpu", s(&dir.join("nested.pt"))]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("only other values (state_dict, epoch): a state_dict nested under a key is not read"),
+        "{err}"
+    );
     let out = tensorlift(&["convert", s(&dir.join("beside.pt")), s(&dir.join("beside-out"))]);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);

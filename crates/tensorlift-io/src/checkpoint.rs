@@ -1214,6 +1214,19 @@ pub(crate) fn torch_header<R: tensorlift_pickle::ReadAt + ?Sized>(
         ck.layout
     );
     let pickle_bytes = ck.pickle_bytes;
+    // No tensor, only other values: most likely a state_dict nested under a key (Lightning's
+    // `{"state_dict": ...}`, `{"model": ...}`), which would load as an empty model.
+    if ck.tensors.is_empty() && !ck.skipped.is_empty() {
+        let mut names: Vec<&str> = ck.skipped.iter().take(5).map(String::as_str).collect();
+        if ck.skipped.len() > names.len() {
+            names.push("...");
+        }
+        return Err(pytorch(format!(
+            "no tensors at its top, only other values ({}): a state_dict nested under a key is not read; save \
+             the state_dict itself",
+            names.join(", ")
+        )));
+    }
     // The tensors, moved out of the checkpoint, at absolute file offsets first.
     let mut tensors = Vec::new();
     tensors.try_reserve_exact(ck.tensors.len()).map_err(|_| FormatError::OutOfMemory {
