@@ -20,6 +20,8 @@ pub struct Checkpoint {
     pub bytes: u64,
     pub file_bytes: u64,
     pub tensors: usize,
+    /// Whether a shard is a PyTorch file (read through the plan, not as safetensors).
+    pub pytorch: bool,
 }
 
 impl Checkpoint {
@@ -31,6 +33,7 @@ impl Checkpoint {
             bytes: plan.total_bytes(),
             file_bytes: plan.shards().iter().map(|s| s.file_len).sum(),
             tensors: plan.tensors().len(),
+            pytorch: plan.shards().iter().any(|s| tensorlift_io::is_pytorch_file(&s.path)),
         })
     }
 }

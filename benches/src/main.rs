@@ -261,6 +261,14 @@ fn run(args: &Args) -> anyhow::Result<()> {
             report.skip(b, "reads local files; the checkpoint is remote");
         }
         Vec::new()
+    } else if ckpt.pytorch {
+        // These two read safetensors with the reference crate; the others read by the plan.
+        let (safetensors_only, rest): (Vec<String>, Vec<String>) =
+            args.baselines.iter().cloned().partition(|b| b == "std-read" || b == "safetensors-crate");
+        for b in &safetensors_only {
+            report.skip(b, "reads safetensors with the reference crate; the checkpoint is a PyTorch one");
+        }
+        rest
     } else {
         args.baselines.clone()
     };

@@ -119,6 +119,27 @@ fn a_checkpoints_names_cannot_drive_the_terminal() {
     assert!(!err.contains('\u{1b}') && !err.contains('\u{7}'), "{err}");
 }
 
+/// A PyTorch checkpoint is measured: the baselines that read safetensors with the reference
+/// crate are skipped, saying why, and the one that reads by the plan runs.
+#[test]
+fn a_pytorch_checkpoint_skips_the_safetensors_baselines() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/tensorlift-pickle/tests/fixtures");
+    let path = dir.path().join("weights");
+    std::fs::copy(fixture.join("every_dtype.zip.bin"), &path).unwrap();
+    let out = bench(
+        &["--dir", path.to_str().unwrap(), "--device", "cpu", "--runs", "1", "--cache", "warm", "--json"],
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for b in ["std-read", "safetensors-crate"] {
+        assert!(v["skipped"][b].as_str().unwrap().contains("the checkpoint is a PyTorch one"), "{v}");
+    }
+    let engines = &v["modes"]["warm"]["engines"];
+    assert!(engines["mmap-copy"]["bytes"].as_u64().unwrap() > 0 && engines["tensorlift"].is_object(), "{v}");
+}
+
 #[test]
 fn idle_memory_is_a_mode_of_its_own() {
     let cache = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();

@@ -20,20 +20,7 @@ use tensorlift_io::{TORCH_INDEX, TORCH_SINGLE};
 /// nothing else), or a folder with `pytorch_model.bin` (or its index) and no safetensors.
 pub fn is_torch(path: &Path) -> bool {
     if path.is_file() {
-        if path.file_name().is_some_and(|n| n.as_encoded_bytes().ends_with(b".safetensors")) {
-            return false;
-        }
-        // (A file that cannot be read is left to the safetensors path, which says why.)
-        let Ok(file) = File::open(path) else { return false };
-        let len = file.metadata().map_or(0, |m| m.len());
-        let mut prefix = vec![0u8; tensorlift_format::HEADER_PREFIX_LEN.min(len) as usize];
-        if std::io::Read::read_exact(&mut &file, &mut prefix).is_err() {
-            return false;
-        }
-        return matches!(
-            tensorlift_format::header_len(path, &prefix, len),
-            Err(tensorlift_format::FormatError::PyTorchCheckpoint { .. })
-        );
+        return tensorlift_io::is_pytorch_file(path);
     }
     if !path.is_dir() {
         return false;

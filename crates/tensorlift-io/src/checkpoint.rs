@@ -1120,6 +1120,24 @@ pub struct PyTorchFiles {
     pub weight_map: Option<std::collections::BTreeMap<String, String>>,
 }
 
+/// Whether the regular file at `path` is read as a PyTorch checkpoint, as a plan tells it:
+/// by its first bytes (a zip archive's or a pickle's, not a safetensors header), whatever
+/// its name, but for a file named `.safetensors`, which is read as nothing else. `false` for
+/// anything that cannot be opened and read (a plan of it says why), and for what is not a
+/// regular file (never opened: a FIFO would block).
+pub fn is_pytorch_file(path: &Path) -> bool {
+    if !path.is_file() || path.file_name().is_some_and(|n| n.as_encoded_bytes().ends_with(b".safetensors")) {
+        return false;
+    }
+    let Ok(file) = File::open(path) else { return false };
+    let len = file.metadata().map_or(0, |m| m.len());
+    let mut prefix = vec![0u8; HEADER_PREFIX_LEN.min(len) as usize];
+    if std::io::Read::read_exact(&mut &file, &mut prefix).is_err() {
+        return false;
+    }
+    matches!(header_len(path, &prefix, len), Err(FormatError::PyTorchCheckpoint { .. }))
+}
+
 /// Opens the PyTorch files of `path` for a tool that reads them itself (`tensorlift
 /// inspect` and `convert`, which also take tensors no plan can hold, strided views): a
 /// file named directly, or a folder's `pytorch_model.bin.index.json` shards, or its

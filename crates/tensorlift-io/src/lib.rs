@@ -55,9 +55,9 @@ pub use arena::{ArenaChunk, ArenaPool, HostArena, Prefaulter};
 pub use buf::{AlignedBuf, IoBufMut, MAP_THRESHOLD, PAGE};
 pub use caller::{CallerChunk, CallerMemory, CallerRegion, Claim, ClaimError, HostChunk};
 pub use checkpoint::{
-    content_change, identity_change, link_allowed, open_pytorch, Checkpoint, HeaderCheck, PlanLimits, PlanObserver,
-    PyTorchFiles, DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_OPEN_FILES, SETTLED_NS, TORCH_INDEX, TORCH_SINGLE,
-    USE_SAFETENSORS_ENV,
+    content_change, identity_change, is_pytorch_file, link_allowed, open_pytorch, Checkpoint, HeaderCheck, PlanLimits,
+    PlanObserver, PyTorchFiles, DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_OPEN_FILES, SETTLED_NS, TORCH_INDEX,
+    TORCH_SINGLE, USE_SAFETENSORS_ENV,
 };
 pub use error::{IoError, ReadFailed, ReadResult};
 pub use file::{file_identity, try_lock, DioAlign, DirectSupport, OpenFile};
