@@ -36,12 +36,17 @@ impl TensorSlice {
         TensorSlice { ranges: vec![range] }
     }
 
-    /// Indices `range` of dimension `dim`, every other dimension whole (`shape` is the
-    /// tensor's, for the dimensions before `dim`).
-    pub fn along(shape: &[usize], dim: usize, range: Range<usize>) -> Self {
+    /// Indices `range` of dimension `dim`, every other dimension whole: `shape` is the
+    /// tensor's (at least its dimensions before `dim`, each then whole). A `shape` of fewer
+    /// dimensions is [`SliceError::Rank`]: the range would otherwise fall on another
+    /// dimension than `dim`.
+    pub fn along(shape: &[usize], dim: usize, range: Range<usize>) -> Result<Self, SliceError> {
+        if shape.len() < dim {
+            return Err(SliceError::Rank { given: dim + 1, dims: shape.len() });
+        }
         let mut ranges: Vec<Range<usize>> = shape.iter().take(dim).map(|&n| 0..n).collect();
         ranges.push(range);
-        TensorSlice { ranges }
+        Ok(TensorSlice { ranges })
     }
 
     /// The ranges given, by dimension.
@@ -289,13 +294,16 @@ mod tests {
     fn leading_slices_are_one_run_and_inner_ones_gather() {
         let l = TensorSlice::rows(2..4).layout(&[8, 16], 16).unwrap();
         assert_eq!((l.first, l.len, l.gather), (64, 64, None));
-        let l = TensorSlice::along(&[8, 16], 1, 4..12).layout(&[8, 16], 16).unwrap();
+        let l = TensorSlice::along(&[8, 16], 1, 4..12).unwrap().layout(&[8, 16], 16).unwrap();
         let g = l.gather.unwrap();
         assert_eq!((l.first, g.run, g.runs(), l.len), (8, 16, 8, 7 * 32 + 16));
         assert_eq!(g.first_run_ending_after(0), 0);
         assert_eq!(g.first_run_ending_after(16), 1);
         assert_eq!(g.first_run_ending_after(17), 1);
         assert_eq!(g.first_run_ending_after(10_000), 8);
+        // A shape too short for the dimension asked for is refused, not a slice of another.
+        assert_eq!(TensorSlice::along(&[], 1, 0..4), Err(SliceError::Rank { given: 2, dims: 0 }));
+        assert_eq!(TensorSlice::along(&[8], 1, 0..4).unwrap().ranges(), [0..8, 0..4]);
         // Whole dimensions before the partial one merge into one stride.
         let g = TensorSlice::new([0..2, 0..3, 1..2]).layout(&[2, 3, 4], 8).unwrap().gather.unwrap();
         assert_eq!(g.outer, vec![(6, 4)]);

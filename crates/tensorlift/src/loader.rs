@@ -677,8 +677,12 @@ impl Loader {
         tensorlift_io::block_on(self.stream(path))
     }
 
-    /// Starts loading a plan made earlier (by [`plan`](Self::plan) or [`crate::plan`]). A
-    /// shard that changed since (another file, its length, its modification time, or, where
+    /// Starts loading a plan made earlier (by [`plan`](Self::plan) or [`crate::plan`]), as it
+    /// is: this loader's [filter](LoaderBuilder::filter) and slices
+    /// ([`shard`](LoaderBuilder::shard), [`slice`](LoaderBuilder::slice)) are applied by
+    /// planning through it ([`plan`](Self::plan)), not here, so that a plan made by
+    /// [`crate::plan`] loads every tensor, whole, whatever the loader's. A shard that changed
+    /// since (another file, its length, its modification time, or, where
     /// only its status changed, its header) is refused with [`LoadError::ShardChanged`]. A
     /// rewrite of tensor bytes alone, in place, with the modification time set back, is not
     /// seen: only the bytes tell (a checksum, [`LoaderBuilder::verify`]).
@@ -921,7 +925,7 @@ impl Loader {
         self.load_plan_blocking(plan.subset(keep))
     }
 
-    /// Loads a plan made earlier.
+    /// Loads a plan made earlier, as it is (see [`stream_plan`](Self::stream_plan)).
     pub async fn load_plan(&self, plan: Checkpoint) -> Result<Model, LoadError> {
         self.one_device()?;
         let checks = self.expected_digests_async(&plan).await?;

@@ -196,7 +196,8 @@ impl SliceRule for Sharding {
             ));
         }
         let share = n / self.world_size;
-        Ok(Some(TensorSlice::along(shape, dim, self.rank * share..(self.rank + 1) * share)))
+        let slice = TensorSlice::along(shape, dim, self.rank * share..(self.rank + 1) * share);
+        slice.map(Some).map_err(|e| e.to_string())
     }
 }
 
