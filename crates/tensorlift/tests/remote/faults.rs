@@ -283,19 +283,27 @@ fn a_verified_load_waits_for_its_digests_without_holding_its_callers_thread() {
     assert!(ticks >= 20, "the caller's thread ticked {ticks} times while the digests were fetched");
 }
 
+/// A sharded checkpoint with its `SHA256SUMS` on the S3 server, behind a proxy that holds
+/// every GET of `SHA256SUMS` for a minute, the environment pointed at the proxy (`None`
+/// where there is no S3 server); the server and the folder live as long as what is returned.
+fn digests_held() -> Option<(Remote, tensorlift_testkit::net::S3Server, FaultProxy)> {
+    let r = Remote::new();
+    sharded(&r.root);
+    crate::loads::with_sums(&r.root);
+    let s3 = r.s3()?;
+    let rules =
+        vec![Rule { needle: "SHA256SUMS".into(), nth: 1, every: true, fault: Fault::Delay(Duration::from_secs(60)) }];
+    let proxy = FaultProxy::start(s3.port, rules).unwrap();
+    point_at(proxy.port);
+    Some((r, s3, proxy))
+}
+
 /// A verified load dropped while its `SHA256SUMS` GET is held lets go of the request (the
 /// digests' thread gives it up), well before the server's minute is up: nothing is left
 /// talking to the store for a load nobody waits for.
 #[test]
 fn a_dropped_verified_load_gives_up_fetching_its_digests() {
-    let r = Remote::new();
-    sharded(&r.root);
-    crate::loads::with_sums(&r.root);
-    let Some(s3) = r.s3() else { return };
-    let rules =
-        vec![Rule { needle: "SHA256SUMS".into(), nth: 1, every: true, fault: Fault::Delay(Duration::from_secs(60)) }];
-    let proxy = FaultProxy::start(s3.port, rules).unwrap();
-    point_at(proxy.port);
+    let Some((_r, _s3, proxy)) = digests_held() else { return };
     let mut o = quick();
     o.timeout = Duration::from_secs(120);
     let loader = base().remote(o).verify(tensorlift::Verify::Required).build().unwrap();
@@ -325,14 +333,7 @@ fn a_dropped_verified_load_gives_up_fetching_its_digests() {
 /// names that fetch (planning itself ended well within its bound).
 #[test]
 fn a_digest_fetch_that_outlasts_its_plan_timeout_says_so() {
-    let r = Remote::new();
-    sharded(&r.root);
-    crate::loads::with_sums(&r.root);
-    let Some(s3) = r.s3() else { return };
-    let rules =
-        vec![Rule { needle: "SHA256SUMS".into(), nth: 1, every: true, fault: Fault::Delay(Duration::from_secs(60)) }];
-    let proxy = FaultProxy::start(s3.port, rules).unwrap();
-    point_at(proxy.port);
+    let Some((_r, _s3, _proxy)) = digests_held() else { return };
     let mut o = quick();
     o.timeout = Duration::from_secs(120);
     o.plan_timeout = Duration::from_secs(2);
