@@ -49,34 +49,78 @@ impl SynthDtype {
     }
 }
 
+/// A Llama-shaped model: its widths, and how many layers of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Shape {
+    hidden: usize,
+    inter: usize,
+    vocab: usize,
+    layers: u64,
+}
+
+/// Llama-7B's widths, TinyLlama's, and two toys for tests, from the widest: the widest whose
+/// threshold `bytes` reaches and whose one layer (with the embeddings) fits in `bytes`.
+const WIDTHS: [(u64, (usize, usize, usize)); 4] =
+    [(8 << 30, (4096, 11008, 32000)), (512 << 20, (2048, 5632, 32000)), (0, (512, 1408, 8000)), (0, (128, 352, 2000))];
+
+impl Shape {
+    /// The model of at most `bytes` (as close as whole layers come), or of one layer of the
+    /// smallest widths where `bytes` is less than that.
+    fn of(bytes: u64, dtype: SynthDtype) -> Shape {
+        let mut shape = Shape { hidden: 0, inter: 0, vocab: 0, layers: 1 };
+        for &(threshold, (hidden, inter, vocab)) in &WIDTHS {
+            shape = Shape { hidden, inter, vocab, layers: 1 };
+            if bytes >= threshold && shape.total(dtype) <= bytes {
+                break;
+            }
+        }
+        let per_layer = shape.per_layer(dtype);
+        shape.layers = (bytes.saturating_sub(shape.edges(dtype)) / per_layer).max(1);
+        shape
+    }
+
+    /// Each layer's tensors: name, dtype, shape.
+    fn layer(&self, dtype: SynthDtype) -> [(&'static str, Dtype, Vec<usize>); 9] {
+        let (h, i, w, n) = (self.hidden, self.inter, dtype.weight(), dtype.norm());
+        [
+            ("input_layernorm.weight", n, vec![h]),
+            ("self_attn.q_proj.weight", w, vec![h, h]),
+            ("self_attn.k_proj.weight", w, vec![h, h]),
+            ("self_attn.v_proj.weight", w, vec![h, h]),
+            ("self_attn.o_proj.weight", w, vec![h, h]),
+            ("post_attention_layernorm.weight", n, vec![h]),
+            ("mlp.gate_proj.weight", w, vec![i, h]),
+            ("mlp.up_proj.weight", w, vec![i, h]),
+            ("mlp.down_proj.weight", w, vec![h, i]),
+        ]
+    }
+
+    fn per_layer(&self, dtype: SynthDtype) -> u64 {
+        self.layer(dtype).iter().map(|(_, d, s)| size(*d, s)).sum()
+    }
+
+    /// The embeddings, the final norm and the head.
+    fn edges(&self, dtype: SynthDtype) -> u64 {
+        2 * size(dtype.embed(), &[self.vocab, self.hidden]) + size(dtype.norm(), &[self.hidden])
+    }
+
+    /// The tensors' bytes, all told.
+    fn total(&self, dtype: SynthDtype) -> u64 {
+        self.edges(dtype) + self.layers * self.per_layer(dtype)
+    }
+}
+
+fn size(d: Dtype, s: &[usize]) -> u64 {
+    s.iter().product::<usize>() as u64 * d.bitsize() as u64 / 8
+}
+
 /// The tensors of a Llama-shaped model of about `bytes`, in file order.
 fn tensors(bytes: u64, dtype: SynthDtype) -> Vec<(String, Dtype, Vec<usize>)> {
-    // Llama-7B shapes for large sizes, TinyLlama's for medium ones, and toys for tests (the
-    // smallest about 1.4 MB).
-    let (hidden, inter, vocab) = match bytes {
-        b if b >= 8 << 30 => (4096, 11008, 32000),
-        b if b >= 512 << 20 => (2048, 5632, 32000),
-        b if b >= 16 << 20 => (512, 1408, 8000),
-        _ => (128, 352, 2000),
-    };
-    let size = |d: Dtype, s: &[usize]| s.iter().product::<usize>() as u64 * d.bitsize() as u64 / 8;
-    let w = dtype.weight();
-    let layer: Vec<(&str, Dtype, Vec<usize>)> = vec![
-        ("input_layernorm.weight", dtype.norm(), vec![hidden]),
-        ("self_attn.q_proj.weight", w, vec![hidden, hidden]),
-        ("self_attn.k_proj.weight", w, vec![hidden, hidden]),
-        ("self_attn.v_proj.weight", w, vec![hidden, hidden]),
-        ("self_attn.o_proj.weight", w, vec![hidden, hidden]),
-        ("post_attention_layernorm.weight", dtype.norm(), vec![hidden]),
-        ("mlp.gate_proj.weight", w, vec![inter, hidden]),
-        ("mlp.up_proj.weight", w, vec![inter, hidden]),
-        ("mlp.down_proj.weight", w, vec![hidden, inter]),
-    ];
-    let per_layer: u64 = layer.iter().map(|(_, d, s)| size(*d, s)).sum();
-    let edges = 2 * size(dtype.embed(), &[vocab, hidden]) + size(dtype.norm(), &[hidden]);
-    let layers = (bytes.saturating_sub(edges) / per_layer).max(1);
+    let shape = Shape::of(bytes, dtype);
+    let (hidden, vocab) = (shape.hidden, shape.vocab);
+    let layer = shape.layer(dtype);
     let mut out = vec![("model.embed_tokens.weight".to_owned(), dtype.embed(), vec![vocab, hidden])];
-    for i in 0..layers {
+    for i in 0..shape.layers {
         out.extend(layer.iter().map(|(n, d, s)| (format!("model.layers.{i}.{n}"), *d, s.clone())));
     }
     out.push(("model.norm.weight".into(), dtype.norm(), vec![hidden]));
@@ -85,29 +129,33 @@ fn tensors(bytes: u64, dtype: SynthDtype) -> Vec<(String, Dtype, Vec<usize>)> {
 }
 
 /// The folder of a synthetic checkpoint of `bytes` in `shards` shards, generating it first
-/// if the cache does not hold a complete one.
+/// if the cache does not hold a complete one of that size. (Named by MiB where `bytes` is
+/// whole MiB, as before, else by bytes; a folder whose index says another size, made by an
+/// older version or for a size in the same MiB, is made again.)
 pub fn ensure(cache: &Path, bytes: u64, shards: usize, dtype: SynthDtype) -> anyhow::Result<PathBuf> {
-    let dir = cache.join(format!("llama-{}MiB-{shards}shards-{}", bytes >> 20, dtype.name()));
+    let size = match bytes % (1 << 20) {
+        0 => format!("{}MiB", bytes >> 20),
+        _ => format!("{bytes}B"),
+    };
+    let dir = cache.join(format!("llama-{size}-{shards}shards-{}", dtype.name()));
     let marker = dir.join(".complete");
-    if marker.exists() {
-        return Ok(dir);
-    }
     // The model's smallest shape is larger than a few bytes: a smaller size is not what was
     // asked for, and is said rather than made.
-    let smallest: u64 = tensors(1, dtype).iter().map(nbytes).sum();
+    let smallest = Shape::of(1, dtype).total(dtype);
     if bytes < smallest {
         bail!("--synthetic {bytes}: the smallest synthetic checkpoint is {smallest} bytes");
     }
+    let total = Shape::of(bytes, dtype).total(dtype);
+    if marker.exists() && indexed_total(&dir) == Some(total) {
+        return Ok(dir);
+    }
+    let _ = std::fs::remove_file(&marker);
     // Checked before the tensors are listed: their list grows with the size asked for.
     let free = tensorlift_io::cache::free_space(cache.parent().unwrap_or(cache)).unwrap_or(u64::MAX);
-    if bytes > free {
-        bail!("{}: needs {bytes} bytes for the synthetic checkpoint, {free} free", cache.display());
+    if total > free {
+        bail!("{}: needs {total} bytes for the synthetic checkpoint, {free} free", cache.display());
     }
     let all = tensors(bytes, dtype);
-    let total: u64 = all.iter().map(nbytes).sum();
-    if total > free {
-        bail!("{}: needs {} bytes for the synthetic checkpoint, {} free", cache.display(), total, free);
-    }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     eprintln!("generating a {:.2} GB synthetic checkpoint in {} (once)", total as f64 / 1e9, dir.display());
     let groups = split(&all, shards.clamp(1, all.len()), total);
@@ -138,6 +186,12 @@ pub fn ensure(cache: &Path, bytes: u64, shards: usize, dtype: SynthDtype) -> any
 
 fn nbytes(t: &(String, Dtype, Vec<usize>)) -> u64 {
     t.2.iter().product::<usize>() as u64 * t.1.bitsize() as u64 / 8
+}
+
+/// The `total_size` the index of the synthetic checkpoint in `dir` records.
+fn indexed_total(dir: &Path) -> Option<u64> {
+    let text = std::fs::read(dir.join("model.safetensors.index.json")).ok()?;
+    serde_json::from_slice::<serde_json::Value>(&text).ok()?["metadata"]["total_size"].as_u64()
 }
 
 /// Cuts the tensors, in order, into exactly `shards` non-empty groups of about equal bytes:
@@ -234,18 +288,45 @@ mod tests {
         }
     }
 
-    /// A checkpoint is the size asked for, to within a layer, down to the smallest one; a
-    /// smaller size is refused before anything is made.
+    /// A checkpoint is the size asked for, to within a layer, down to the smallest one (the
+    /// widths are the widest of which one layer fits); a smaller size is refused before
+    /// anything is made.
     #[test]
     fn checkpoints_are_the_size_asked_for() {
-        for bytes in [2u64 << 20, 8 << 20, 24 << 20, 600 << 20] {
-            let total: u64 = tensors(bytes, SynthDtype::Bf16).iter().map(nbytes).sum();
-            assert!(total <= bytes && total + (bytes / 8).max(1 << 20) > bytes, "{total} for {bytes}");
+        for dtype in [SynthDtype::Bf16, SynthDtype::F32, SynthDtype::Mixed] {
+            for bytes in [2u64 << 20, 8 << 20, 16 << 20, 20 << 20, 22 << 20, 24 << 20, 600 << 20, 9 << 30] {
+                if bytes < Shape::of(1, dtype).total(dtype) {
+                    continue; // (refused by `ensure`, below)
+                }
+                let (total, shape): (u64, _) =
+                    (tensors(bytes, dtype).iter().map(nbytes).sum(), Shape::of(bytes, dtype));
+                assert_eq!(total, shape.total(dtype));
+                // Under the size, by less than a layer.
+                assert!(total <= bytes && bytes - total < shape.per_layer(dtype), "{total} for {bytes}");
+            }
         }
         let dir = tempfile::tempdir().unwrap();
         let err = ensure(dir.path(), 4096, 1, SynthDtype::Bf16).unwrap_err().to_string();
         assert!(err.contains("the smallest synthetic checkpoint is"), "{err}");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "made something");
+        // Two sizes in one MiB are two checkpoints; a folder of another size (an older
+        // version's) is made again.
+        let (a, b) = (2_300_000, 2_900_000);
+        let (da, db) =
+            (ensure(dir.path(), a, 1, SynthDtype::Bf16).unwrap(), ensure(dir.path(), b, 1, SynthDtype::Bf16).unwrap());
+        assert_ne!(da, db);
+        assert_eq!(
+            (indexed_total(&da), indexed_total(&db)),
+            (
+                Some(Shape::of(a, SynthDtype::Bf16).total(SynthDtype::Bf16)),
+                Some(Shape::of(b, SynthDtype::Bf16).total(SynthDtype::Bf16))
+            )
+        );
+        let mib = ensure(dir.path(), 2 << 20, 1, SynthDtype::Bf16).unwrap();
+        let index = mib.join("model.safetensors.index.json");
+        std::fs::write(&index, r#"{"metadata": {"total_size": 22809600}, "weight_map": {}}"#).unwrap();
+        let again = ensure(dir.path(), 2 << 20, 1, SynthDtype::Bf16).unwrap();
+        assert_eq!(indexed_total(&again), Some(Shape::of(2 << 20, SynthDtype::Bf16).total(SynthDtype::Bf16)));
     }
 
     #[test]
