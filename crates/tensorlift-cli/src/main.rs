@@ -52,8 +52,8 @@ enum Command {
     /// Write SHA256SUMS in a checkpoint's folder: the SHA-256 of every shard and of the
     /// index, in coreutils' format (`sha256sum -c SHA256SUMS` checks it; a shard the index
     /// names under two names gets a line for each). The lines of one already there for other
-    /// files are kept as they are; its lines for these, under any name (an absolute path, a
-    /// link), are replaced.
+    /// files are kept as they are; its lines for these are replaced, and those that name
+    /// them another way (an absolute path, a link) get their new digests.
     Manifest {
         /// The checkpoint (a .safetensors file, an index JSON or a folder).
         path: PathBuf,

@@ -82,10 +82,11 @@ fn a_shard_the_index_names_twice_gets_a_line_for_each_name() {
 }
 
 /// Stale lines naming a shard another way (its absolute path, a path through a folder and
-/// back, a link to it), written by coreutils before the shard changed, would fail
-/// `sha256sum -c` if kept: they are replaced; another file's line stays.
+/// back), written by coreutils before the shard changed, would fail `sha256sum -c` if kept
+/// as they were: they keep their names with the shard's new digest, in place; another
+/// file's line stays as it was.
 #[test]
-fn stale_lines_naming_a_shard_another_way_are_replaced() {
+fn stale_lines_naming_a_shard_another_way_get_its_new_digest() {
     let dir = scratch_in(&std::env::temp_dir(), "tl-manifest-");
     let shard = dir.join("model.safetensors");
     write_shard(&shard, &[("a", Dtype::F32, &[9])]);
@@ -93,7 +94,8 @@ fn stale_lines_naming_a_shard_another_way_are_replaced() {
     std::os::unix::fs::symlink("model.safetensors", dir.join("alias.safetensors")).unwrap();
     std::fs::write(dir.join("config.json"), "{}").unwrap();
     let absolute = shard.to_str().unwrap();
-    let old = sha256sum(&dir, &[absolute, "sub/../model.safetensors", "alias.safetensors", "config.json"]);
+    let other_ways = [absolute, "sub/../model.safetensors"];
+    let old = sha256sum(&dir, &[&other_ways[..], &["alias.safetensors", "config.json"]].concat());
     assert!(old.status.success());
     std::fs::write(dir.join("SHA256SUMS"), &old.stdout).unwrap();
     // The shard changes: its old lines are stale.
@@ -102,10 +104,13 @@ fn stale_lines_naming_a_shard_another_way_are_replaced() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let check = sha256sum(&dir, &["-c", "--strict", "SHA256SUMS"]);
     assert!(check.status.success(), "{}{}", text(&check.stdout), text(&check.stderr));
-    let written = std::fs::read_to_string(dir.join("SHA256SUMS")).unwrap();
-    // (The link is a name of the folder's one shard: the manifest has a line for it.)
-    let ours = sha256sum(&dir, &["alias.safetensors", "model.safetensors"]);
-    assert_eq!(written, format!("{}{}", text(&sha256sum(&dir, &["config.json"]).stdout), text(&ours.stdout)));
+    assert!(text(&check.stdout).contains(&format!("{absolute}: OK")), "{}", text(&check.stdout));
+    // The link is a name of the folder's one shard: the manifest's own line for it is
+    // replaced (moved to its lines, at the end); the others stay in place.
+    let want = [&other_ways[..], &["config.json"], &["alias.safetensors", "model.safetensors"]]
+        .map(|names| text(&sha256sum(&dir, names).stdout))
+        .concat();
+    assert_eq!(std::fs::read_to_string(dir.join("SHA256SUMS")).unwrap(), want);
 }
 
 #[test]

@@ -304,7 +304,8 @@ impl Manifest {
     /// Writes the manifest as `SHA256SUMS` in the checkpoint's folder. The lines of a
     /// `SHA256SUMS` already there for other files (a tokenizer, a config), and its comments,
     /// are kept as they are, byte for byte, before this manifest's (a line that names one of
-    /// this manifest's files by another name, an absolute path or a link, is not kept); one that cannot be read
+    /// this manifest's files by another name, an absolute path or a link, is kept under that
+    /// name with the file's new digest); one that cannot be read
     /// is an error, and is left as it is. The file is written beside it under a new name,
     /// then renamed over it: a reader never sees half a file, and no link at either name is
     /// followed (the new file replaces a link). Returns its path.
@@ -326,31 +327,56 @@ impl Manifest {
             let (entries, _) = parse_sums_bytes(&bytes, &path).map_err(cannot_keep)?;
             // A line that names one of this manifest's files another way (an absolute path,
             // `a/../b`, a link to it) would be checked against the file, old digest and all,
-            // by `sha256sum -c`: replaced too. (Files are told apart as the system does, by
-            // device and inode, following links as `sha256sum -c` does.)
+            // by `sha256sum -c`: it is kept under its name with the file's digest. (Files are
+            // told apart as the system does, by device and inode, following links as
+            // `sha256sum -c` does.)
             use std::os::unix::fs::MetadataExt;
             let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
-            let ids: std::collections::HashSet<(u64, u64)> =
-                self.entries.iter().filter_map(|(n, _)| id(&self.folder.join(n))).collect();
-            let same_file = |n: &str| !n.is_empty() && id(&self.folder.join(n)).is_some_and(|i| ids.contains(&i));
-            let replaced: std::collections::HashSet<usize> = entries
-                .iter()
-                .filter(|(_, n, _)| relative(n).is_some_and(|n| ours.contains(&n)) || same_file(n))
-                .map(|(line, _, _)| *line)
-                .collect();
-            kept = entries.into_iter().filter(|(l, _, _)| !replaced.contains(l)).map(|(_, n, d)| (n, d)).collect();
-            if !bytes.is_empty() {
-                let lines = bytes.strip_suffix(b"\n").unwrap_or(&bytes).split(|&b| b == b'\n');
-                for (i, raw) in lines.enumerate() {
-                    if !replaced.contains(&(i + 1)) {
+            let digests: std::collections::HashMap<(u64, u64), Sha256> =
+                self.entries.iter().filter_map(|(n, d)| Some((id(&self.folder.join(n))?, *d))).collect();
+            let digest_of = |n: &str| id(&self.folder.join(n)).and_then(|i| digests.get(&i).copied());
+            let mut replaced = std::collections::HashSet::new();
+            let mut rewritten = std::collections::HashMap::new();
+            for (line, n, d) in entries {
+                if relative(&n).is_some_and(|n| ours.contains(&n)) {
+                    replaced.insert(line);
+                    continue;
+                }
+                let d = match digest_of(&n).filter(|_| !n.is_empty()) {
+                    Some(new) => {
+                        rewritten.insert(line, (n.clone(), new));
+                        new
+                    }
+                    None => d,
+                };
+                kept.push((n, d));
+            }
+            let raw_lines: Vec<&[u8]> = match bytes.is_empty() {
+                true => Vec::new(),
+                false => bytes.strip_suffix(b"\n").unwrap_or(&bytes).split(|&b| b == b'\n').collect(),
+            };
+            // The form is the lines' left (a replaced line may have been the one that set
+            // it); with none, two spaces, as sha256sum writes.
+            let mut left: Vec<u8> = Vec::new();
+            for (i, raw) in raw_lines.iter().enumerate() {
+                if !replaced.contains(&(i + 1)) {
+                    left.extend_from_slice(raw);
+                    left.push(b'\n');
+                }
+            }
+            one_space = parse_sums_bytes(&left, &path).map_err(cannot_keep)?.1 == Some(true);
+            for (i, raw) in raw_lines.iter().enumerate() {
+                match rewritten.get(&(i + 1)) {
+                    _ if replaced.contains(&(i + 1)) => {}
+                    Some(entry) => {
+                        text.extend_from_slice(format_sums_in(std::slice::from_ref(entry), one_space).as_bytes())
+                    }
+                    None => {
                         text.extend_from_slice(raw);
                         text.push(b'\n');
                     }
                 }
             }
-            // The form is the kept lines' (a replaced line may have been the one that set
-            // it); with none, two spaces, as sha256sum writes.
-            one_space = parse_sums_bytes(&text, &path).map_err(cannot_keep)?.1 == Some(true);
         }
         // In the file's form: lines of the other form after its first would not be read.
         text.extend_from_slice(format_sums_in(&self.entries, one_space).as_bytes());
