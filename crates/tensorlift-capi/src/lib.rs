@@ -102,6 +102,8 @@ const _: fn() = || {
     shared::<Loader>();
     shared::<Tensor>();
     shared::<TlModel>();
+    // `tl_stream_cancel` shares a stream with the thread in `tl_stream_next`.
+    shared::<TlStream>();
     movable::<TensorStream>();
     movable::<LoaderBuilder>();
 };
@@ -974,7 +976,8 @@ pub unsafe extern "C" fn tl_stream_stats_json(stream: *mut TlStream, out: *mut *
 /// thread), and so does every later one. The one call on a stream that any thread may make at any time, while another is in
 /// `tl_stream_next` included, until `tl_stream_free` begins; calling it again changes
 /// nothing. Tensors the stream gave stay valid. (`tl_load` cannot be cancelled: a load that
-/// may need to stop is read through a stream.)
+/// may need to stop is read through a stream.) Not for a signal handler: it takes a lock;
+/// a handler that wants a load stopped tells a thread of the program's, which calls it.
 ///
 /// # Safety
 /// `stream` is a live stream (not freed, nor being freed).

@@ -1122,11 +1122,12 @@ pub struct PyTorchFiles {
 
 /// Whether the regular file at `path` is read as a PyTorch checkpoint, as a plan tells it:
 /// by its first bytes (a zip archive's or a pickle's, not a safetensors header), whatever
-/// its name, but for a file named `.safetensors`, which is read as nothing else. `false` for
-/// anything that cannot be opened and read (a plan of it says why), and for what is not a
-/// regular file (never opened: a FIFO would block).
+/// its name, but for a file named `.safetensors`, which is read as nothing else, and never
+/// with `TENSORLIFT_USE_SAFETENSORS=1`. `false` for anything that cannot be opened and read
+/// (a plan of it says why), and for what is not a regular file (never opened: a FIFO would
+/// block).
 pub fn is_pytorch_file(path: &Path) -> bool {
-    if !path.is_file() || path.file_name().is_some_and(|n| n.as_encoded_bytes().ends_with(b".safetensors")) {
+    if !path.is_file() || torch_refused(path).is_some() {
         return false;
     }
     let Ok(file) = File::open(path) else { return false };

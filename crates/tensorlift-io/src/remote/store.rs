@@ -118,14 +118,20 @@ fn refuse_unheadable(values: impl IntoIterator<Item = (Option<String>, &'static 
 }
 
 /// Refuses the first of `values` (an endpoint's URL from the environment, and the variable it
-/// came from) that carries more than a place: a user, a password, a query or a fragment.
+/// came from) that carries more than a place: a user, a password, a query or a fragment
+/// (an `@` in a URL's path is a place's).
 /// Stores sign their requests with credentials of their own variables, and the endpoint's
 /// URL is printed whole in every error the store's client reports: what such a URL
 /// carries (a password, a signed query) would be printed with it. Named, not echoed.
 fn refuse_secret_in_endpoint(
     values: impl IntoIterator<Item = (Option<String>, &'static str)>,
 ) -> Result<(), io::Error> {
-    let carries = |v: &str| v.contains(['@', '?', '#']);
+    let carries = |v: &str| match url::Url::parse(v) {
+        Ok(u) => !u.username().is_empty() || u.password().is_some() || u.query().is_some() || u.fragment().is_some(),
+        // Not a URL, which the store's error would print as it is: refused if it could be
+        // one of those.
+        Err(_) => v.contains(['@', '?', '#']),
+    };
     match values.into_iter().find(|(v, _)| v.as_deref().is_some_and(carries)) {
         Some((_, name)) => Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -182,6 +188,8 @@ fn build(scheme: ObjectStoreScheme, url: &url::Url, o: &RemoteOptions) -> Result
                 [
                     (AmazonS3ConfigKey::Endpoint, "AWS_ENDPOINT_URL (or AWS_ENDPOINT)"),
                     (AmazonS3ConfigKey::S3Endpoint, "AWS_ENDPOINT_URL_S3"),
+                    (AmazonS3ConfigKey::StsEndpoint, "AWS_ENDPOINT_URL_STS"),
+                    (AmazonS3ConfigKey::MetadataEndpoint, "AWS_METADATA_ENDPOINT"),
                 ]
                 .map(|(key, name)| (env.get_config_value(&key), name)),
             )?;
@@ -197,10 +205,10 @@ fn build(scheme: ObjectStoreScheme, url: &url::Url, o: &RemoteOptions) -> Result
             use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
             let env = MicrosoftAzureBuilder::from_env();
             refuse_unheadable([(env.get_config_value(&AzureConfigKey::Token), "AZURE_STORAGE_TOKEN")])?;
-            refuse_secret_in_endpoint([(
-                env.get_config_value(&AzureConfigKey::Endpoint),
-                "AZURE_STORAGE_ENDPOINT (or AZURE_ENDPOINT)",
-            )])?;
+            refuse_secret_in_endpoint([
+                (env.get_config_value(&AzureConfigKey::Endpoint), "AZURE_STORAGE_ENDPOINT (or AZURE_ENDPOINT)"),
+                (env.get_config_value(&AzureConfigKey::MsiEndpoint), "AZURE_MSI_ENDPOINT"),
+            ])?;
             cloud!(env, object_store::azure::AzureConfigKey::Client, WeakEtag::Refuse)
         }
         ObjectStoreScheme::Http => {
