@@ -101,6 +101,30 @@ class _Closed(SafetensorError, ValueError):
     """A ``safe_open`` used after it was closed."""
 
 
+class _BadIndex(SafetensorError, IndexError):
+    """A key a slice refuses (``framework="np"``): ``SafetensorError`` as the reference
+    raises, and ``IndexError`` as numpy's indexing raises."""
+
+
+class _BadIndexValue(SafetensorError, ValueError):
+    """A key a slice refuses for a value numpy refuses (a step of 0): ``SafetensorError`` as
+    the reference raises, and ``ValueError`` as numpy raises."""
+
+
+class _IndexOverflow(SafetensorError, OverflowError):
+    """An index past what an index can hold: ``SafetensorError`` as the reference raises,
+    and ``OverflowError`` as numpy raises."""
+
+
+def _as_reference_error(e):
+    """``e``, a key's error from numpy's indexing, as an error that is also the reference's
+    ``SafetensorError`` (the reference's slices raise only that with ``framework="np"``)."""
+    for base, cls in ((IndexError, _BadIndex), (OverflowError, _IndexOverflow), (ValueError, _BadIndexValue)):
+        if isinstance(e, base) and not isinstance(e, SafetensorError):
+            return cls(*e.args)
+    return None
+
+
 # What ``backend=`` takes, as in the reference (safetensors 0.8): on the host, "mmap" serves
 # torch tensors (and tensorlift's own) as views of the memory-mapped file (the reference's
 # contract: the file must not shrink or change while they live), "pread" reads them into
@@ -598,7 +622,13 @@ class _Slice:
             if t is None:
                 t = self._ckpt.load([self._name])[self._name]
             return _convert(t, self._framework)
-        out = self._index(key)
+        try:
+            out = self._index(key)
+        except (IndexError, OverflowError, ValueError) as e:
+            as_reference = None if self._framework in _TORCH_NAMES else _as_reference_error(e)
+            if as_reference is None:
+                raise
+            raise as_reference from None
         # As the reference: a slice is cut on the host and moved to the file's device (the
         # one the handle resolved "cuda" or "auto" to).
         if self._device != "cpu" and self._framework in _TORCH_NAMES:
