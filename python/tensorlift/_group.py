@@ -38,6 +38,11 @@ from . import _NUMPY, _SIX_BIT, _TORCH_RAW, _path
 
 _ROUND_BYTES = 256 << 20
 
+# How ranks cut a load into rounds and pieces and exchange them: in every rank's plan digest,
+# with the round size, so that ranks that would cut otherwise (another version of this
+# module) stop before anything is exchanged. Raised with every change to the cutting.
+_PROTOCOL = 1
+
 # Stored dtypes as torch names them (numpy's names are torch's for the types numpy has); the
 # bytes travel as uint8, which every backend sends.
 _TORCH_DTYPES = {**_NUMPY, "BF16": "bfloat16", **_TORCH_RAW}
@@ -140,19 +145,34 @@ def _device(torch, dist, group, device):
     return str(d)
 
 
-def _agree(torch, dist, group, device, error, me, world, digest=0):
+def _flags_device(torch, dist, group):
+    """Where the ranks' agreement is reduced: the host for gloo, this rank's current GPU for
+    NCCL (the device a rank loads onto may be the very thing it failed on)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _agree(torch, dist, group, flags, error, me, world, digest=0):
     """Every rank says whether it is ready; if one is not, every rank raises (the failed one
-    its own error). With ``digest`` (of what a rank planned), ranks that planned otherwise
-    than the others make every rank raise too."""
-    flags = torch.zeros((world, 2), dtype=torch.int64, device=device)
+    its own error, the others naming the ranks that failed and why). With ``digest`` (of
+    what a rank planned), ranks that planned otherwise than the others make every rank raise
+    too. ``flags``: a ``(world, 2)`` int64 tensor on ``_flags_device``, made once before the
+    load (a rank short of memory can still agree)."""
+    flags.zero_()
     flags[me, 0] = int(error is not None)
     flags[me, 1] = digest
     dist.all_reduce(flags, group=group)
     failed = [r for r, (f, _) in enumerate(flags.tolist()) if f]
-    if error is not None:
-        raise error
     if failed:
-        raise RuntimeError(f"load_group: rank {failed[0]} of the group failed (its own error says why)")
+        # Every rank asks the same question here: each one's reason, to name it.
+        why = [None] * world
+        mine = None if error is None else f"{type(error).__name__}: {error}"[:2000]
+        dist.all_gather_object(why, mine, group=group)
+        if error is not None:
+            raise error
+        reasons = "; ".join(f"rank {r}: {why[r]}" for r in failed)
+        raise RuntimeError(f"load_group: rank {failed[0]} of the group failed ({reasons})")
     digests = [d for _, d in flags.tolist()]
     if any(d != digests[0] for d in digests):
         other = next(r for r, d in enumerate(digests) if d != digests[0])
@@ -162,11 +182,11 @@ def _agree(torch, dist, group, device, error, me, world, digest=0):
         )
 
 
-def _digest(names, dtypes, shapes, sizes, parts):
-    """A digest of a rank's plan (63 bits): ranks that differ in it would cut other rounds
-    or expect other bytes. (It covers the layout, not the weights: ranks on several nodes
-    must load identical copies.)"""
-    text = json.dumps([names, [str(d) for d in dtypes], shapes, sizes, parts])
+def _digest(names, dtypes, shapes, sizes, parts, round_bytes):
+    """A digest of a rank's plan (63 bits) and of how it cuts rounds (``_PROTOCOL``, the
+    round size): ranks that differ in it would cut other rounds or expect other bytes. (It
+    covers the layout, not the weights: ranks on several nodes must load identical copies.)"""
+    text = json.dumps([_PROTOCOL, round_bytes, names, [str(d) for d in dtypes], shapes, sizes, parts])
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
 
@@ -181,9 +201,12 @@ def load_group(ckpt_class, convert, path, group, device, tp, stats):
     world, me = dist.get_world_size(group), dist.get_rank(group)
     if me < 0:
         raise ValueError("load_group: this process is not a rank of the group")
-    device = _device(torch, dist, group, device)
+    # Made before anything can fail: every failure from here is agreed on, so that no rank
+    # is left waiting for the others' collective until the group's timeout.
+    flags = torch.zeros((world, 2), dtype=torch.int64, device=_flags_device(torch, dist, group))
     error, plan = None, None
     try:
+        device = _device(torch, dist, group, device)
         ckpt = ckpt_class(_path(path), device)
         names = ckpt.keys()
         infos = [ckpt.info(n) for n in names]
@@ -195,10 +218,10 @@ def load_group(ckpt_class, convert, path, group, device, tp, stats):
         else:
             parts = [_tp_slices(list(zip(names, shapes)), r, world, tp) for r in range(world)]
         plan = (ckpt, names, shapes, sizes, dtypes, parts)
-        digest = _digest(names, dtypes, shapes, sizes, parts)
-    except Exception as e:  # noqa: BLE001 - every rank must hear of it, then it is raised
+        digest = _digest(names, dtypes, shapes, sizes, parts, world * _ROUND_BYTES)
+    except BaseException as e:  # noqa: BLE001 - every rank must hear of it (Ctrl-C too), then it is raised
         error, digest = e, 0
-    _agree(torch, dist, group, device, error, me, world, digest)
+    _agree(torch, dist, group, flags, error, me, world, digest)
     ckpt, names, shapes, sizes, dtypes, parts = plan
     peer = [dist.get_global_rank(group, r) for r in range(world)]
     sent, received = [0] * world, [0] * world
@@ -256,12 +279,18 @@ def load_group(ckpt_class, convert, path, group, device, tp, stats):
                             ops.append(dist.P2POp(dist.irecv, data, peer[owner], group))
                             received[owner] += data.numel()
                 del mine
-            except Exception as e:  # noqa: BLE001 - every rank must hear of it, then it is raised
+            except BaseException as e:  # noqa: BLE001 - every rank must hear of it (Ctrl-C too), then it is raised
                 error = e
             # Every rank ready (this also sets up a NCCL group's communicator, which its
             # point-to-point batches need), then the round's sends and receives, while this
-            # rank reads its part of the next round.
-            _agree(torch, dist, group, device, error, me, world)
+            # rank reads its part of the next round. A failure lets go of what this rank
+            # holds of the load first: the error's traceback keeps this frame alive.
+            try:
+                _agree(torch, dist, group, flags, error, me, world)
+            except BaseException:
+                out.clear()
+                ahead = mine = keep = ops = None
+                raise
             if ops:
                 for req in dist.batch_isend_irecv(ops):
                     req.wait()

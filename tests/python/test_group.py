@@ -36,6 +36,8 @@ RANK = textwrap.dedent(
     if rank == int(os.environ.get("OTHER_PATH_RANK", "-1")):
         path += "-other"
     tensorlift._group._ROUND_BYTES = int(round_bytes)
+    if rank == int(os.environ.get("OTHER_ROUND_RANK", "-1")):
+        tensorlift._group._ROUND_BYTES *= 2  # as another version of the module might cut
     failing = rank == int(os.environ.get("FAILING_READ_RANK", "-1"))
     Real = tensorlift._Checkpoint
     reads = []
@@ -67,6 +69,16 @@ RANK = textwrap.dedent(
         timeout=datetime.timedelta(seconds=60),
     )
     stats = {}
+    if rank == int(os.environ.get("BAD_DEVICE_RANK", "-1")):
+        # A rank that fails before anything is read and stays alive (a notebook, a caller
+        # that catches the error): the others must not wait for it.
+        try:
+            tensorlift.load_group(path, device="cuda:0", tp=None if tp == "none" else int(tp))
+        except Exception as e:
+            print(f"caught: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            import time
+            time.sleep(30)
+            os._exit(3)
     got = tensorlift.load_group(path, tp=None if tp == "none" else int(tp), stats=stats)
     torch.save(got, os.path.join(out, f"rank{rank}.pt"))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
@@ -290,7 +302,36 @@ def test_a_rank_that_fails_ends_the_load_on_every_rank(tmp_path):
     procs, _ = start_group(folder, 2, 8, tmp_path, env={"BROKEN_RANK": "1"})
     (code0, err0), (code1, err1) = finish(procs, limit=120)
     assert code1 != 0 and "FileNotFoundError" in err1, err1
-    assert code0 != 0 and "load_group: rank 1 of the group failed" in err0, err0
+    # The others say which rank failed, and why.
+    assert code0 != 0 and "load_group: rank 1 of the group failed (rank 1: FileNotFoundError: " in err0, err0
+
+
+def test_a_rank_that_fails_before_reading_and_lives_on_does_not_hold_the_others(tmp_path):
+    """A rank whose device is refused (gloo takes host memory only) fails before anything is
+    read, and its process goes on (it sleeps 30 s): the other ranks fail at once, naming it
+    and its reason, not after the group's timeout (60 s here)."""
+    folder, _ = llama(tmp_path)
+    procs, _ = start_group(folder, 2, "none", tmp_path, env={"BAD_DEVICE_RANK": "1"})
+    start = time.monotonic()
+    while procs[0].poll() is None and time.monotonic() - start < 20:
+        time.sleep(0.1)
+    # (Not a speed check: rank 0 left waiting would wait for its 60 s timeout, or for rank 1
+    # to exit after its 30 s.)
+    ended = procs[0].poll() is not None
+    (code0, err0), (code1, err1) = finish(procs, limit=60)
+    assert ended, f"rank 0 was still waiting for the failed rank after 20 s: {err0}"
+    assert code1 == 3 and "caught: ValueError: a gloo group sends between host memory" in err1, err1
+    assert code0 != 0 and "rank 1: ValueError: a gloo group sends between host memory" in err0, err0
+
+
+def test_ranks_that_would_cut_other_rounds_stop_on_every_rank(tmp_path):
+    """A rank that cuts the load into other rounds (another version of tensorlift, here a
+    round size twice the others') would send and wait for other bytes: every rank stops,
+    saying so, before anything is exchanged."""
+    folder, _ = llama(tmp_path)
+    procs, _ = start_group(folder, 2, 2, tmp_path, round_bytes=64 << 10, env={"OTHER_ROUND_RANK": "1"})
+    for code, err in finish(procs, limit=120):
+        assert code != 0 and "planned different checkpoints" in err, err
 
 
 def test_a_read_ahead_that_fails_ends_the_load_on_every_rank(tmp_path):

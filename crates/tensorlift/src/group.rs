@@ -264,12 +264,17 @@ fn overlap(t: &Rows, piece: &Range<usize>, part: &Part) -> Option<Meet> {
     (dst_len > 0).then_some(Meet { src_offset, rows, width, pitch, dst_offset, dst_len })
 }
 
-/// A digest of what a rank is about to do: the group's size, the rounds' size, every tensor
-/// (name, type, shape, bytes) and every rank's part of it. Ranks that differ in any of these
-/// would cut other rounds or expect other bytes.
+/// How ranks cut a load into rounds and parts and exchange them: in every rank's
+/// [`fingerprint`], so that ranks of another version that would cut otherwise stop before
+/// anything is exchanged. Raised with every change to the cutting or the exchange.
+const GROUP_PROTOCOL: u32 = 1;
+
+/// A digest of what a rank is about to do: the protocol, the group's size, the rounds' size,
+/// every tensor (name, type, shape, bytes) and every rank's part of it. Ranks that differ in
+/// any of these would cut other rounds or expect other bytes.
 fn fingerprint(world: usize, limit: u64, plan: &tensorlift_io::Checkpoint, owned: &[Vec<Part>]) -> u64 {
     let mut h = sha2::Sha256::new();
-    h.update(format!("{world} {limit}\n"));
+    h.update(format!("tensorlift group {GROUP_PROTOCOL} {world} {limit}\n"));
     for t in plan.tensors() {
         h.update(format!("{} {} {:?} {}\n", t.name.len(), t.dtype, t.shape, t.len()));
         h.update(t.name.as_bytes());
