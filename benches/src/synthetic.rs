@@ -185,7 +185,7 @@ pub fn ensure(cache: &Path, bytes: u64, shards: usize, dtype: SynthDtype) -> any
 }
 
 fn nbytes(t: &(String, Dtype, Vec<usize>)) -> u64 {
-    t.2.iter().product::<usize>() as u64 * t.1.bitsize() as u64 / 8
+    size(t.1, &t.2)
 }
 
 /// The `total_size` the index of the synthetic checkpoint in `dir` records.

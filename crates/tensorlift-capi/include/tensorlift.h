@@ -379,9 +379,9 @@ enum TlStatus tl_stream_stats_json(struct TlStream *stream, const char **out);
 /*
  Cancels a stream: a `tl_stream_next` waiting on it returns `TL_STATUS_CANCELLED` without
  waiting for its tensor (once the load has stopped, as by `tl_stream_free`, on that call's
- thread), and so does every later one. The one call on a stream that any thread may make at any time, while another is in
- `tl_stream_next` included, until `tl_stream_free` begins; calling it again changes
- nothing. Tensors the stream gave stay valid. (`tl_load` cannot be cancelled: a load that
+ thread), and so does every later one. The one call on a stream that any thread may make
+ at any time, while another is in `tl_stream_next` included, until `tl_stream_free`
+ begins; calling it again changes nothing. Tensors the stream gave stay valid. (`tl_load` cannot be cancelled: a load that
  may need to stop is read through a stream.) Not for a signal handler: it takes a lock;
  a handler that wants a load stopped tells a thread of the program's, which calls it.
 

@@ -217,31 +217,31 @@ impl Cancel {
     /// `stream`'s next item, waited for on this thread; `None` once cancellation is asked
     /// (before or while it waits).
     fn next(&self, stream: &mut TensorStream) -> Option<Option<Result<Tensor, tensorlift::LoadError>>> {
-        use std::future::Future;
-        use std::task::{Context, Poll, Wake, Waker};
-        struct Unpark(std::thread::Thread);
-        impl Wake for Unpark {
-            fn wake(self: std::sync::Arc<Self>) {
-                self.0.unpark();
-            }
-        }
-        let waker = Waker::from(std::sync::Arc::new(Unpark(std::thread::current())));
         let slot = || self.waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        // Set before `asked` is looked at: a cancel either is seen here, or finds the waker.
-        *slot() = Some(waker.clone());
-        let mut cx = Context::from_waker(&waker);
         let mut next = std::pin::pin!(stream.next());
-        let item = loop {
+        let item = tensorlift::block_on(std::future::poll_fn(|cx| {
+            // Set before `asked` is looked at: a cancel either is seen here, or finds the waker.
+            let mut waiting = slot();
+            if !waiting.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *waiting = Some(cx.waker().clone());
+            }
+            drop(waiting);
             if self.asked() {
-                break None;
+                return std::task::Poll::Ready(None);
             }
-            if let Poll::Ready(item) = next.as_mut().poll(&mut cx) {
-                break Some(item);
-            }
-            std::thread::park();
-        };
+            std::future::Future::poll(next.as_mut(), cx).map(Some)
+        }));
         *slot() = None;
         item
+    }
+}
+
+impl StreamState {
+    /// Ends the stream: what its load still reads is let go, its stats kept.
+    fn end(&mut self) {
+        if let Some(st) = self.stream.take() {
+            self.stats = stats_json(&st);
+        }
     }
 }
 
@@ -899,10 +899,7 @@ pub unsafe extern "C" fn tl_stream_next(stream: *mut TlStream, out: *mut *mut Tl
         let next = match next {
             Some(next) if !s.cancel.asked() => next,
             _ => {
-                if let Some(st) = state.stream.take() {
-                    state.stats = stats_json(&st);
-                    drop(st);
-                }
+                state.end();
                 // SAFETY: as below.
                 unsafe { put(out, std::ptr::null_mut(), "out") }?;
                 return Err((TlStatus::Cancelled, "the stream was cancelled (tl_stream_cancel)".to_owned()));
@@ -917,9 +914,7 @@ pub unsafe extern "C" fn tl_stream_next(stream: *mut TlStream, out: *mut *mut Tl
             Some(Err(e)) => {
                 // The engine's stream ends after its failure; one of a tensor's name here
                 // ends it the same way, with what it still reads let go (its stats kept).
-                if let Some(st) = state.stream.take() {
-                    state.stats = stats_json(&st);
-                }
+                state.end();
                 // SAFETY: as above.
                 unsafe { put(out, std::ptr::null_mut(), "out") }?;
                 Err(e)
@@ -973,9 +968,9 @@ pub unsafe extern "C" fn tl_stream_stats_json(stream: *mut TlStream, out: *mut *
 
 /// Cancels a stream: a `tl_stream_next` waiting on it returns `TL_STATUS_CANCELLED` without
 /// waiting for its tensor (once the load has stopped, as by `tl_stream_free`, on that call's
-/// thread), and so does every later one. The one call on a stream that any thread may make at any time, while another is in
-/// `tl_stream_next` included, until `tl_stream_free` begins; calling it again changes
-/// nothing. Tensors the stream gave stay valid. (`tl_load` cannot be cancelled: a load that
+/// thread), and so does every later one. The one call on a stream that any thread may make
+/// at any time, while another is in `tl_stream_next` included, until `tl_stream_free`
+/// begins; calling it again changes nothing. Tensors the stream gave stay valid. (`tl_load` cannot be cancelled: a load that
 /// may need to stop is read through a stream.) Not for a signal handler: it takes a lock;
 /// a handler that wants a load stopped tells a thread of the program's, which calls it.
 ///

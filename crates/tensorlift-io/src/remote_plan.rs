@@ -22,7 +22,7 @@ use crate::checkpoint::{
 use crate::remote::cache;
 use crate::remote::get::{body, body_into, RemoteFolder};
 use crate::remote::meta::{identity, modified_ns};
-use crate::remote::runtime::{planning_cancelled, run_until};
+use crate::remote::runtime::{planning_cancelled, run_until, Deadline};
 use crate::remote::store::{self, store_error, Place, RemoteObject};
 
 /// Bytes of a shard read at once to find its header: most headers fit, and the rest of a
@@ -81,15 +81,7 @@ pub(crate) fn open_remote(
 ) -> Result<Checkpoint, FormatError> {
     let cancelled = || observer.cancelled();
     // One bound on the whole planning's time, whatever each request's.
-    let timeout = limits.remote.plan_timeout;
-    let what = format!(
-        "planning took longer than its plan_timeout ({} s; TENSORLIFT_REMOTE_PLAN_TIMEOUT_SECS) allows",
-        timeout.as_secs_f64()
-    );
-    let now = std::time::Instant::now();
-    // (A time past what the clock counts is a year: never, for a plan.)
-    let at = now.checked_add(timeout).unwrap_or(now + std::time::Duration::from_secs(365 * 86_400));
-    let deadline = (at, what.as_str());
+    let deadline = &Deadline::plan_timeout(limits.remote.plan_timeout, "planning");
     // (The URL as printed: one that carries credentials is refused, and the refusal names it.)
     let io_err = |source| FormatError::Io { file: crate::remote::redact_url(path).into_owned(), source };
     let text = path.to_str().ok_or_else(|| FormatError::NotACheckpoint { file: path.to_path_buf() })?;

@@ -342,7 +342,7 @@ impl Manifest {
                     replaced.insert(line);
                     continue;
                 }
-                let d = match digest_of(&n).filter(|_| !n.is_empty()) {
+                let d = match digest_of(&n) {
                     Some(new) => {
                         rewritten.insert(line, (n.clone(), new));
                         new

@@ -120,8 +120,9 @@ pub struct TensorStream {
 /// would otherwise keep one poll going for the whole load (checks, conversions, the progress
 /// callback, all on the executor's thread), and other tasks on that thread would wait for
 /// it. A turn is then at most this many chunks' handling; giving the thread back costs one
-/// wake-up, a few microseconds, per turn. (Counted across tensors handed out, so that a
-/// caller that takes each tensor as it comes, as `load` does, is bounded too.)
+/// wake-up per turn (loader-bench's A/B saw no change: docs/BENCHMARKS.md). (Counted across
+/// tensors handed out, so that a caller that takes each tensor as it comes, as `load` does,
+/// is bounded too.)
 const STEPS_PER_TURN: u32 = 16;
 
 impl Drop for TensorStream {

@@ -8,7 +8,7 @@ use object_store::GetOptions;
 use tensorlift_format::{FileIdentity, FormatError};
 
 use super::meta::identity;
-use super::runtime::run_until;
+use super::runtime::{run_until, Deadline};
 use super::store::{store_error, Place};
 
 /// A reply's body, which must be exactly `len` bytes: read as it comes, into memory
@@ -94,14 +94,7 @@ impl RemoteFolder {
         self.place.shared.same_process()?;
         let place = self.place.clone();
         let name = name.to_owned();
-        let timeout = self.place.shared.options.plan_timeout;
-        let now = std::time::Instant::now();
-        // (A time past what the clock counts is a year: never, for one file.)
-        let at = now.checked_add(timeout).unwrap_or(now + std::time::Duration::from_secs(365 * 86_400));
-        let what = format!(
-            "fetching {name} took longer than its plan_timeout ({} s; TENSORLIFT_REMOTE_PLAN_TIMEOUT_SECS) allows",
-            timeout.as_secs_f64()
-        );
-        run_until(async move { fetch_file(&place, &name, max).await }, cancelled, (at, what.as_str()))?
+        let deadline = Deadline::plan_timeout(self.place.shared.options.plan_timeout, &format!("fetching {name}"));
+        run_until(async move { fetch_file(&place, &name, max).await }, cancelled, &deadline)?
     }
 }

@@ -52,19 +52,39 @@ pub(crate) fn planning_cancelled() -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::Interrupted, "planning was cancelled: nobody waits for the plan")
 }
 
+/// A bound on remote work from the options' `plan_timeout`: when it ends, and the error
+/// that says so, naming the work.
+pub(crate) struct Deadline {
+    at: std::time::Instant,
+    message: String,
+}
+
+impl Deadline {
+    /// `timeout` from now, for `what` ("planning", "fetching SHA256SUMS").
+    pub(crate) fn plan_timeout(timeout: std::time::Duration, what: &str) -> Deadline {
+        let now = std::time::Instant::now();
+        // (A time past what the clock counts is a year: never, for one plan or file.)
+        let at = now.checked_add(timeout).unwrap_or(now + std::time::Duration::from_secs(365 * 86_400));
+        let message = format!(
+            "{what} took longer than its plan_timeout ({} s; TENSORLIFT_REMOTE_PLAN_TIMEOUT_SECS) allows",
+            timeout.as_secs_f64()
+        );
+        Deadline { at, message }
+    }
+}
+
 /// How often [`run_until`] asks whether its caller still waits.
 const CANCEL_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Runs `fut` on the network runtime and blocks this thread until it is done (safe on any
 /// thread, an async runtime's included: planning blocks as reading a local header does),
 /// or until `cancelled` says nobody waits any more (asked every 20 ms), with the error
-/// `Interrupted`, or until `deadline.0` (`TimedOut`, with the message `deadline.1`, which
-/// names what ran long and what set the bound): the task is then aborted, which drops its
-/// requests in flight.
+/// `Interrupted`, or until `deadline` (`TimedOut`, naming what ran long and what set the
+/// bound): the task is then aborted, which drops its requests in flight.
 pub(crate) fn run_until<F>(
     fut: F,
     cancelled: &dyn Fn() -> bool,
-    deadline: (std::time::Instant, &str),
+    deadline: &Deadline,
 ) -> Result<F::Output, std::io::Error>
 where
     F: Future + Send + 'static,
@@ -85,9 +105,9 @@ where
                 handle.abort();
                 return Err(planning_cancelled());
             }
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) if std::time::Instant::now() >= deadline.0 => {
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) if std::time::Instant::now() >= deadline.at => {
                 handle.abort();
-                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, deadline.1.to_owned()));
+                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, deadline.message.clone()));
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
             // The task ended without a result: it panicked.

@@ -103,46 +103,44 @@ pub(crate) fn connect(url: &str, options: &RemoteOptions) -> Result<(Place, Opti
 }
 
 /// Refuses the first of `values` (a setting's value from the environment, and the variable
-/// it came from) that an HTTP header cannot hold, a control character but tab (what `http`'s
-/// `HeaderValue::from_str` refuses): the stores' request signers put them in headers and
-/// panic on one (a secret made from a file often ends in a newline). Named, not echoed.
-fn refuse_unheadable(values: impl IntoIterator<Item = (Option<String>, &'static str)>) -> Result<(), io::Error> {
-    let unfit = |v: &str| v.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f);
+/// it came from) for which `unfit` holds, naming the variable and `what` is wrong with it,
+/// never the value.
+fn refuse_setting(
+    values: impl IntoIterator<Item = (Option<String>, &'static str)>,
+    unfit: fn(&str) -> bool,
+    what: &str,
+) -> Result<(), io::Error> {
     match values.into_iter().find(|(v, _)| v.as_deref().is_some_and(unfit)) {
-        Some((_, name)) => Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{name} holds a control character (a trailing newline?), which no HTTP header may hold"),
-        )),
+        Some((_, name)) => Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{name} holds {what}"))),
         None => Ok(()),
     }
 }
 
-/// Refuses the first of `values` (an endpoint's URL from the environment, and the variable it
-/// came from) that carries more than a place: a user, a password, a query or a fragment
-/// (an `@` in a URL's path is a place's).
-/// Stores sign their requests with credentials of their own variables, and the endpoint's
-/// URL is printed whole in every error the store's client reports: what such a URL
-/// carries (a password, a signed query) would be printed with it. Named, not echoed.
-fn refuse_secret_in_endpoint(
-    values: impl IntoIterator<Item = (Option<String>, &'static str)>,
-) -> Result<(), io::Error> {
-    let carries = |v: &str| match url::Url::parse(v) {
+/// What an HTTP header cannot hold: a control character but tab (what `http`'s
+/// `HeaderValue::from_str` refuses). The stores' request signers put credentials in headers
+/// and panic on one (a secret made from a file often ends in a newline).
+fn unheadable(v: &str) -> bool {
+    v.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f)
+}
+
+const UNHEADABLE: &str = "a control character (a trailing newline?), which no HTTP header may hold";
+
+/// An endpoint's URL that carries more than a place: a user, a password, a query or a
+/// fragment (an `@` in a URL's path is a place's). Stores sign their requests with
+/// credentials of their own variables, and the endpoint's URL is printed whole in every
+/// error the store's client reports: what such a URL carries (a password, a signed query)
+/// would be printed with it.
+fn carries_secret(v: &str) -> bool {
+    match url::Url::parse(v) {
         Ok(u) => !u.username().is_empty() || u.password().is_some() || u.query().is_some() || u.fragment().is_some(),
         // Not a URL, which the store's error would print as it is: refused if it could be
         // one of those.
         Err(_) => v.contains(['@', '?', '#']),
-    };
-    match values.into_iter().find(|(v, _)| v.as_deref().is_some_and(carries)) {
-        Some((_, name)) => Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!(
-                "{name} holds a user, password, query or fragment ('@', '?' or '#'): an endpoint is a scheme, \
-                 host, port and path, and credentials go in their own variables"
-            ),
-        )),
-        None => Ok(()),
     }
 }
+
+const SECRET: &str = "a user, password, query or fragment ('@', '?' or '#'): an endpoint is a scheme, host, port \
+                      and path, and credentials go in their own variables";
 
 /// The store for `scheme`, with the provider's configuration from the environment and this
 /// crate's retry and timeout options on top.
@@ -175,40 +173,48 @@ fn build(scheme: ObjectStoreScheme, url: &url::Url, o: &RemoteOptions) -> Result
         ObjectStoreScheme::AmazonS3 => {
             use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
             let env = AmazonS3Builder::from_env();
-            refuse_unheadable(
-                [
-                    (AmazonS3ConfigKey::AccessKeyId, "AWS_ACCESS_KEY_ID"),
-                    (AmazonS3ConfigKey::Token, "AWS_SESSION_TOKEN"),
-                    (AmazonS3ConfigKey::Region, "AWS_REGION"),
-                    (AmazonS3ConfigKey::DefaultRegion, "AWS_DEFAULT_REGION"),
-                ]
-                .map(|(key, name)| (env.get_config_value(&key), name)),
-            )?;
-            refuse_secret_in_endpoint(
-                [
-                    (AmazonS3ConfigKey::Endpoint, "AWS_ENDPOINT_URL (or AWS_ENDPOINT)"),
-                    (AmazonS3ConfigKey::S3Endpoint, "AWS_ENDPOINT_URL_S3"),
-                    (AmazonS3ConfigKey::StsEndpoint, "AWS_ENDPOINT_URL_STS"),
-                    (AmazonS3ConfigKey::MetadataEndpoint, "AWS_METADATA_ENDPOINT"),
-                ]
-                .map(|(key, name)| (env.get_config_value(&key), name)),
-            )?;
+            let settings = |keys: &[(AmazonS3ConfigKey, &'static str)]| {
+                keys.iter().map(|(key, name)| (env.get_config_value(key), *name)).collect::<Vec<_>>()
+            };
+            let credentials = settings(&[
+                (AmazonS3ConfigKey::AccessKeyId, "AWS_ACCESS_KEY_ID"),
+                (AmazonS3ConfigKey::Token, "AWS_SESSION_TOKEN"),
+                (AmazonS3ConfigKey::Region, "AWS_REGION"),
+                (AmazonS3ConfigKey::DefaultRegion, "AWS_DEFAULT_REGION"),
+            ]);
+            refuse_setting(credentials, unheadable, UNHEADABLE)?;
+            let endpoints = settings(&[
+                (AmazonS3ConfigKey::Endpoint, "AWS_ENDPOINT_URL (or AWS_ENDPOINT)"),
+                (AmazonS3ConfigKey::S3Endpoint, "AWS_ENDPOINT_URL_S3"),
+                (AmazonS3ConfigKey::StsEndpoint, "AWS_ENDPOINT_URL_STS"),
+                (AmazonS3ConfigKey::MetadataEndpoint, "AWS_METADATA_ENDPOINT"),
+            ]);
+            refuse_setting(endpoints, carries_secret, SECRET)?;
             cloud!(env, AmazonS3ConfigKey::Client, WeakEtag::Drop)
         }
         ObjectStoreScheme::GoogleCloudStorage => {
             use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
             let env = GoogleCloudStorageBuilder::from_env();
-            refuse_secret_in_endpoint([(env.get_config_value(&GoogleConfigKey::BaseUrl), "GOOGLE_BASE_URL")])?;
+            refuse_setting(
+                [(env.get_config_value(&GoogleConfigKey::BaseUrl), "GOOGLE_BASE_URL")],
+                carries_secret,
+                SECRET,
+            )?;
             cloud!(env, GoogleConfigKey::Client, WeakEtag::Refuse)
         }
         ObjectStoreScheme::MicrosoftAzure => {
             use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
             let env = MicrosoftAzureBuilder::from_env();
-            refuse_unheadable([(env.get_config_value(&AzureConfigKey::Token), "AZURE_STORAGE_TOKEN")])?;
-            refuse_secret_in_endpoint([
+            refuse_setting(
+                [(env.get_config_value(&AzureConfigKey::Token), "AZURE_STORAGE_TOKEN")],
+                unheadable,
+                UNHEADABLE,
+            )?;
+            let endpoints = [
                 (env.get_config_value(&AzureConfigKey::Endpoint), "AZURE_STORAGE_ENDPOINT (or AZURE_ENDPOINT)"),
                 (env.get_config_value(&AzureConfigKey::MsiEndpoint), "AZURE_MSI_ENDPOINT"),
-            ])?;
+            ];
+            refuse_setting(endpoints, carries_secret, SECRET)?;
             cloud!(env, object_store::azure::AzureConfigKey::Client, WeakEtag::Refuse)
         }
         ObjectStoreScheme::Http => {
